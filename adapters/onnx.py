@@ -1,0 +1,158 @@
+"""The ONNX adapter: load ``.onnx`` files, bytes, ``onnx.ModelProto`` and ``onnx_ir.Model``.
+
+Loading validates: an empty, truncated or non-ONNX file, a model that fails the ONNX checker or
+strict shape inference, and external data that points outside the model's folder are each a
+:class:`modelpress.InvalidModelError` naming the file. Weights in external data are not read:
+onnx_ir memory-maps them when a pass needs them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+from google.protobuf.message import DecodeError
+from onnx.external_data_helper import ExternalDataInfo
+
+from modelpress.adapter import Adapter
+from modelpress.errors import InvalidModelError, UnsafeExternalDataError
+from modelpress.hookspecs import hookimpl
+from modelpress.model import Model
+from modelpress.provenance import Provenance
+
+__all__ = ["load_onnx"]
+
+# Suffixes other adapters own; any other existing file is tried as ONNX.
+_FOREIGN_SUFFIXES = {".pt", ".pt2", ".pth", ".ts", ".keras", ".h5", ".hdf5", ".pb", ".tflite", ".npz", ".npy"}
+
+
+def _accepts(source: Any) -> bool:
+    if isinstance(source, (bytes, bytearray, onnx.ModelProto, ir.Model)):
+        return True
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return path.suffix.lower() == ".onnx" or (path.is_file() and path.suffix.lower() not in _FOREIGN_SUFFIXES)
+    return False
+
+
+@hookimpl
+def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
+    register(Adapter(name="onnx", accepts=_accepts, load=load_onnx, summary="ONNX files, bytes, ModelProto, onnx_ir.Model"))
+
+
+def _all_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
+    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _all_tensors(attr.g)
+            for g in attr.graphs:
+                yield from _all_tensors(g)
+
+
+def check_external_data(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
+    """Refuse external data that escapes ``base_dir``, is missing, or is shorter than declared."""
+    base = base_dir.resolve()
+    for tensor in _all_tensors(proto.graph):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        info = ExternalDataInfo(tensor)
+        location = info.location
+        what = f"{label}: initializer {tensor.name!r} has external data at {location!r}"
+        if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
+            raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model (a relative path in its folder)")
+        full = (base / location).resolve()
+        if full != base and base not in full.parents:
+            raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder {str(base)!r} (../ or a symlink); refusing to read it")
+        if not full.is_file():
+            raise InvalidModelError(f"{what}, but that file does not exist next to the model")
+        offset = int(info.offset or 0)
+        length = info.length
+        size = full.stat().st_size
+        if length is None or length < 0:
+            # NOTE: no length means "to the end of the file"; dims tell what must fit.
+            count = 1
+            for d in tensor.dims:
+                count *= int(d)
+            length = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+        if offset + int(length) > size:
+            raise InvalidModelError(f"{what} (offset {offset}, length {length}), but the file has only {size} bytes (truncated?)")
+
+
+def _parse(data: bytes, label: str) -> onnx.ModelProto:
+    if not data:
+        raise InvalidModelError(f"{label}: the file is empty (0 bytes); it is not an ONNX model")
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except (DecodeError, RuntimeError, ValueError) as exc:
+        raise InvalidModelError(
+            f"{label}: not a valid ONNX model (the protobuf cannot be parsed: {exc}); the file is truncated, corrupt or not ONNX"
+        ) from None
+    if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
+        raise InvalidModelError(f"{label}: not an ONNX model (no ir_version, graph or opset_import); the file is probably another format renamed .onnx")
+    return proto
+
+
+def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelProto:
+    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
+    try:
+        # NOTE: the checker resolves external data relative to the model file, so give it the path.
+        onnx.checker.check_model(str(path) if has_external and path is not None else proto)
+    except onnx.checker.ValidationError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{label}: fails the ONNX checker: {first}") from None
+    try:
+        return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InvalidModelError(f"{label}: fails ONNX shape inference: {first}") from None
+
+
+def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
+    """Load and validate an ONNX model (see the module docstring)."""
+    path: Path | None = None
+    if isinstance(source, ir.Model):
+        proto = ir.serde.serialize_model(source)
+        label = "onnx_ir.Model"
+    elif isinstance(source, onnx.ModelProto):
+        proto = onnx.ModelProto()
+        proto.CopyFrom(source)  # NOTE: never touch the caller's proto
+        label = "ModelProto"
+    elif isinstance(source, (bytes, bytearray)):
+        proto = _parse(bytes(source), "ONNX bytes")
+        label = "ONNX bytes"
+    else:
+        path = Path(source)
+        label = str(path)
+        if path.is_dir():
+            raise InvalidModelError(f"{label}: is a folder, not an ONNX file")
+        try:
+            data = path.read_bytes()
+        except OSError as exc:
+            raise InvalidModelError(f"{label}: cannot be read: {exc.strerror}") from None
+        proto = _parse(data, label)
+        check_external_data(proto, path.parent, label)
+    if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph)):
+        raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+    if check:
+        proto = _check(proto, label, path)
+    model = ir.serde.deserialize_model(proto)
+    if path is not None:
+        ir.external_data.set_base_dir(model.graph, path.parent)
+    provenance = None
+    if "modelpress.provenance" not in model.metadata_props:
+        provenance = Provenance(
+            source_framework="onnx",
+            source_version=f"opset {model.opset_imports.get('', 0)}, producer {proto.producer_name or '?'} {proto.producer_version}".strip(),
+            source=str(path) if path else label,
+            importer="modelpress.adapters.onnx",
+        )
+    return Model(model, provenance=provenance, path=path)

@@ -1,0 +1,82 @@
+"""modelpress: plugin-based, framework-agnostic model compression, verified on ONNX Runtime.
+
+The public API is what ``__all__`` lists; everything else is private to the package.
+"""
+
+from __future__ import annotations
+
+from importlib import metadata as _metadata
+
+try:
+    __version__ = _metadata.version("modelpress")
+except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+    __version__ = "0.0.0+unknown"
+
+from modelpress.adapter import Adapter
+from modelpress.data import Dataset, load_dataset, sample_inputs
+from modelpress.errors import (
+    DataError,
+    DuplicateMethodError,
+    ExportError,
+    InvalidModelError,
+    ModelpressError,
+    OptionsError,
+    PluginError,
+    UnknownMethodError,
+    UnsafeExternalDataError,
+    UnsupportedModelError,
+    VerificationError,
+)
+from modelpress.export import ExportResult, export, verify
+from modelpress.hookspecs import hookimpl
+from modelpress.inspection import describe
+from modelpress.layers import WeightedLayer
+from modelpress.loading import load
+from modelpress.methods import KINDS, Method, Options, PassContext
+from modelpress.model import Model
+from modelpress.pipeline import apply
+from modelpress.plugins import Registry, create_registry, get_registry, reset_registry
+from modelpress.provenance import PassRecord, Provenance
+from modelpress.signature import Signature, TensorSpec
+from modelpress.verify import Comparison
+
+__all__ = [
+    "KINDS",
+    "Adapter",
+    "Comparison",
+    "DataError",
+    "Dataset",
+    "DuplicateMethodError",
+    "ExportError",
+    "ExportResult",
+    "InvalidModelError",
+    "Method",
+    "Model",
+    "ModelpressError",
+    "Options",
+    "OptionsError",
+    "PassContext",
+    "PassRecord",
+    "PluginError",
+    "Provenance",
+    "Registry",
+    "Signature",
+    "TensorSpec",
+    "UnknownMethodError",
+    "UnsafeExternalDataError",
+    "UnsupportedModelError",
+    "VerificationError",
+    "WeightedLayer",
+    "__version__",
+    "apply",
+    "create_registry",
+    "describe",
+    "export",
+    "get_registry",
+    "hookimpl",
+    "load",
+    "load_dataset",
+    "reset_registry",
+    "sample_inputs",
+    "verify",
+]

@@ -1,0 +1,247 @@
+"""The ``modelpress`` command line.
+
+Every error a user can cause prints one line (``modelpress: error: ...``) and exits non-zero;
+``--verbose`` prints the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import traceback
+from collections.abc import Sequence
+from typing import Any
+
+from rich.markup import escape
+
+from modelpress.errors import ModelpressError, OptionsError
+
+__all__ = ["main"]
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
+    from rich.console import Console
+
+    stream = sys.stderr if stderr else sys.stdout
+    # NOTE: piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
+    width = None if stream.isatty() else 160
+    return Console(stderr=stderr, highlight=False, width=width)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    size = float(n)
+    for unit in ("B", "KB", "MB", "GB"):
+        if size < 1000 or unit == "GB":
+            return f"{size:.1f} {unit}" if unit != "B" else f"{int(size)} B"
+        size /= 1000
+    return f"{size:.1f} GB"
+
+
+def parse_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
+    """``["bits=4", "exclude=[\\"a\\"]", "name=x"]`` -> ``{"bits": 4, "exclude": ["a"], "name": "x"}``."""
+    options: dict[str, Any] = {}
+    for pair in pairs or ():
+        key, sep, text = pair.partition("=")
+        if not sep or not key.strip():
+            raise OptionsError(f"option {pair!r} must look like NAME=VALUE")
+        try:
+            value: Any = json.loads(text)
+        except json.JSONDecodeError:
+            value = text
+        options[key.strip().replace("-", "_")] = value
+    return options
+
+
+# -- commands ---------------------------------------------------------------------------------
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import modelpress
+
+    model = modelpress.load(args.model)
+    info = modelpress.describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    console.print(f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from {info['source_framework']}, producer {info['producer'] or '?'})")
+    console.print(
+        f"parameters {info['parameters']:,}   weights {_human_bytes(info['weight_bytes'])}   "
+        f"on disk {_human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
+    )
+    io = Table(title="inputs / outputs", title_justify="left")
+    io.add_column("")
+    io.add_column("name")
+    io.add_column("dtype")
+    io.add_column("shape")
+    for role in ("inputs", "outputs"):
+        for spec in info[role]:
+            shape = "?" if spec["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
+            io.add_row(role[:-1], escape(spec["name"]), spec["dtype"], escape(shape))
+    console.print(io)
+    ops = Table(title="ops", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in info["ops"].items():
+        ops.add_row(escape(op), str(count))
+    console.print(ops)
+    if info["passes"]:
+        console.print("passes applied: " + " -> ".join(info["passes"]))
+    return 0
+
+
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from modelpress.plugins import get_registry
+
+    registry = get_registry()
+    if args.json:
+        data = [
+            {
+                "name": p.name,
+                "distribution": p.distribution,
+                "version": p.version,
+                "builtin": p.builtin,
+                "adapters": [a.name for a in p.adapters],
+                "methods": [
+                    {"kind": m.kind, "name": m.name, "summary": m.summary, "mutates": m.mutates, "options": m.option_rows()}
+                    for m in p.methods
+                ],
+            }
+            for p in registry.plugins.values()
+        ]
+        print(json.dumps({"plugins": data, "skipped": registry.skipped}, indent=2))
+        return 0
+    from rich.table import Table
+
+    console = _console()
+    table = Table(title="installed plugins", title_justify="left")
+    for col in ("plugin", "distribution", "version", "provides"):
+        table.add_column(col)
+    for p in registry.plugins.values():
+        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods]
+        table.add_row(p.name + (" (built-in)" if p.builtin else ""), p.distribution, p.version, ", ".join(provides) or "-")
+    console.print(table)
+    for kind in ("quantize", "prune", "distill"):
+        methods = registry.methods(kind)
+        if not methods:
+            continue
+        console.print(f"\n[bold]{kind}[/bold] methods")
+        for m in methods:
+            console.print(f"  [bold]{m.name}[/bold]  ({m.plugin} {m.plugin_version}) {m.summary}")
+            rows = m.option_rows()
+            if rows:
+                opts = Table(show_header=True, box=None, pad_edge=False, padding=(0, 2))
+                for col in ("option", "type", "default", "help"):
+                    opts.add_column(col)
+                for row in rows:
+                    opts.add_row("    " + row["name"], escape(row["type"]), escape(row["default"]), escape(row["help"]))
+                console.print(opts)
+    for name, why in registry.skipped.items():
+        console.print(f"[dim]skipped plugin {name}: {why}[/dim]")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    import modelpress
+
+    options = parse_option_pairs(args.option)
+    model = modelpress.load(args.model)
+    result = modelpress.apply(
+        model,
+        args.method,
+        kind=args.kind,
+        options=options,
+        calibration=args.calib,
+        train=args.data,
+        show_progress=not args.quiet,
+    )
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=args.sample)
+    console = _console()
+    record = result.provenance.passes[-1]
+    console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
+    for key, value in record.figures.items():
+        console.print(f"  {key}: {value}")
+    console.print(f"wrote {exported.path} ({_human_bytes(exported.size_bytes)})")
+    if exported.verification is not None:
+        console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
+    return 0
+
+
+# -- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from modelpress import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="modelpress",
+        description="Compress PyTorch, Keras and ONNX models (quantize, prune, distill); every output is verified in ONNX Runtime.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("inspect", help="op histogram, parameters, size, opset, inputs/outputs of a model")
+    p.add_argument("model", help="model file (.onnx; other formats with their extras)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "apply",
+        help="apply one method (built-in or from a plugin) and export verified ONNX",
+        description="Apply one compression method to MODEL and write the result to OUT, verified in ONNX Runtime against MODEL.",
+    )
+    p.add_argument("model", help="input model")
+    p.add_argument("-m", "--method", required=True, help="method name (see `modelpress plugins`)")
+    p.add_argument("-k", "--kind", choices=("quantize", "prune", "distill"), help="method kind, when a name exists in several")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="method option; VALUE is JSON or a plain string (repeatable)")
+    p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
+    p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
+    p.add_argument("--sample", help=".npz inputs for the verification run (default: random inputs from the signature)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_apply)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return int(args.func(args) or 0)
+    except ModelpressError as exc:
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        print(f"modelpress: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("modelpress: interrupted; nothing was written for the unfinished step", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:  # NOTE: a bug, not bad input: still one line unless --verbose
+        if args.verbose:
+            traceback.print_exc()
+        message = " ".join(str(exc).split())
+        print(f"modelpress: internal error: {type(exc).__name__}: {message} (run with --verbose for the traceback)", file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

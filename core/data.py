@@ -1,0 +1,179 @@
+"""Data for calibration, training, evaluation and verification.
+
+One convention everywhere in modelpress: a dataset is a set of arrays named after the model's
+inputs, plus optionally an array named ``labels``. It can be given as
+
+* a path to an ``.npz`` file (arrays named after the inputs, optionally ``labels``) or an
+  ``.npy`` file (for a single-input model);
+* a dict ``{input_name: array, ..., "labels": array}``, or one array for a single-input model;
+* an iterable of batches, each a dict, an array, or an ``(inputs, labels)`` tuple — this covers
+  a torch ``DataLoader`` and a ``tf.data.Dataset`` (tensors are converted with ``.numpy()``).
+
+Problems (empty data, a missing input, a wrong rank, size or dtype, NaN or inf) are a
+:class:`modelpress.DataError` raised before any work starts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpress.errors import DataError
+from modelpress.signature import Signature, TensorSpec
+
+__all__ = ["LABELS", "Dataset", "load_dataset", "sample_inputs"]
+
+LABELS = "labels"
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Validated arrays, one per model input (all with the same number of samples), and labels."""
+
+    inputs: dict[str, np.ndarray]
+    labels: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(next(iter(self.inputs.values())))
+
+    def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        n = len(self)
+        step = n if not batch_size else batch_size
+        for start in range(0, n, step):
+            yield {k: v[start : start + step] for k, v in self.inputs.items()}
+
+    def take(self, n: int) -> Dataset:
+        labels = self.labels[:n] if self.labels is not None else None
+        return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels)
+
+
+def _to_numpy(obj: Any) -> np.ndarray:
+    if hasattr(obj, "detach"):  # torch tensor
+        obj = obj.detach().cpu()
+    if hasattr(obj, "numpy") and not isinstance(obj, np.ndarray):
+        obj = obj.numpy()
+    return np.asarray(obj)
+
+
+def _read_file(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
+    if not path.exists():
+        raise DataError(f"{what} data file {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".npz":
+            with np.load(path, allow_pickle=False) as npz:
+                return {k: npz[k] for k in npz.files}
+        if path.suffix == ".npy":
+            return np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise DataError(f"{what} data file {str(path)!r} cannot be read as numpy data: {exc}") from None
+    raise DataError(f"{what} data file {str(path)!r}: expected a .npz or .npy file")
+
+
+def _collect(source: Any, signature: Signature, what: str) -> dict[str, np.ndarray]:
+    """Turn any accepted source into one dict of full arrays (inputs and maybe labels)."""
+    names = signature.input_names
+    if isinstance(source, (str, os.PathLike)):
+        source = _read_file(Path(source), what)
+    if isinstance(source, Mapping):
+        return {str(k): _to_numpy(v) for k, v in source.items()}
+    if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not hasattr(source, "__iter__")):
+        if len(names) != 1:
+            raise DataError(f"{what} data is a single array but the model has {len(names)} inputs ({', '.join(names)}); give a dict or .npz named after them")
+        return {names[0]: _to_numpy(source)}
+    if hasattr(source, "__iter__"):
+        parts: dict[str, list[np.ndarray]] = {}
+        for i, batch in enumerate(source):
+            if isinstance(batch, Mapping):
+                items = {str(k): _to_numpy(v) for k, v in batch.items()}
+            elif isinstance(batch, (tuple, list)):
+                if len(batch) == len(names) + 1:
+                    items = {**{n: _to_numpy(b) for n, b in zip(names, batch[:-1], strict=True)}, LABELS: _to_numpy(batch[-1])}
+                elif len(batch) == len(names):
+                    items = {n: _to_numpy(b) for n, b in zip(names, batch, strict=True)}
+                else:
+                    raise DataError(f"{what} data batch {i} has {len(batch)} parts; expected {len(names)} inputs (+ labels)")
+            else:
+                if len(names) != 1:
+                    raise DataError(f"{what} data batch {i} is one array but the model has inputs {', '.join(names)}")
+                items = {names[0]: _to_numpy(batch)}
+            for k, v in items.items():
+                parts.setdefault(k, []).append(v if v.ndim else v.reshape(1))
+        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+    raise DataError(f"{what} data of type {type(source).__name__} is not supported; give a .npz path, a dict of arrays or an iterable of batches")
+
+
+def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
+    if spec.shape is not None:
+        if array.ndim != len(spec.shape):
+            raise DataError(f"{what} data for input {spec.name!r} has shape {array.shape}; the model expects {spec.describe()}")
+        for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
+            if isinstance(want, int) and want >= 0 and got != want:
+                raise DataError(f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}")
+    want_dtype = spec.dtype
+    if array.dtype != want_dtype:
+        if np.issubdtype(want_dtype, np.floating) and (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+            array = array.astype(want_dtype)
+        elif np.issubdtype(want_dtype, np.integer) and np.issubdtype(array.dtype, np.integer):
+            array = array.astype(want_dtype)
+        elif want_dtype == np.bool_ and array.dtype == np.bool_:
+            pass
+        else:
+            raise DataError(f"{what} data for input {spec.name!r} is {array.dtype}; the model expects {want_dtype}")
+    if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
+        bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
+        raise DataError(f"{what} data for input {spec.name!r} has {bad} NaN or infinite values")
+    return array
+
+
+def load_dataset(source: Any, signature: Signature, *, what: str = "input", need_labels: bool = False) -> Dataset:
+    """Validate ``source`` against the model's ``signature`` (see the module docstring)."""
+    if source is None:
+        raise DataError(f"no {what} data was given")
+    if isinstance(source, Dataset):
+        return source
+    arrays = _collect(source, signature, what)
+    labels = arrays.pop(LABELS, None)
+    missing = [n for n in signature.input_names if n not in arrays]
+    if missing:
+        have = ", ".join(arrays) or "nothing"
+        raise DataError(f"{what} data has no array for model input(s) {', '.join(missing)} (it has {have})")
+    unknown = [k for k in arrays if k not in signature.input_names]
+    if unknown:
+        raise DataError(f"{what} data has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}")
+    inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
+    counts = {k: len(v) for k, v in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{what} data inputs have different numbers of samples: {counts}")
+    n = next(iter(counts.values())) if counts else 0
+    if n == 0:
+        raise DataError(f"{what} data is empty (0 samples)")
+    if labels is not None and len(labels) != n:
+        raise DataError(f"{what} data has {len(labels)} labels for {n} samples")
+    if need_labels and labels is None:
+        raise DataError(f"{what} data needs an array named {LABELS!r}")
+    return Dataset(inputs, labels)
+
+
+def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
+    """Random inputs that fit ``signature``; symbolic dims become ``batch``.
+
+    Floats are standard normal; integers are drawn from [0, 10) (safe as token ids or indices).
+    """
+    rng = np.random.default_rng(seed)
+    feeds: dict[str, np.ndarray] = {}
+    for spec in signature.inputs:
+        shape = spec.concrete_shape(dynamic_size=batch)
+        if np.issubdtype(spec.dtype, np.floating):
+            feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
+        elif np.issubdtype(spec.dtype, np.integer):
+            feeds[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
+        elif spec.dtype == np.bool_:
+            feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
+        else:
+            raise DataError(f"cannot generate sample data for input {spec.describe()}; pass sample inputs")
+    return feeds

@@ -1,0 +1,71 @@
+"""The exceptions modelpress raises.
+
+Every error a user can cause is a :class:`ModelpressError` subclass whose message names the
+file, node, op, plugin or option at fault and says what to do. The CLI prints the message as
+one line; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "DataError",
+    "DuplicateMethodError",
+    "ExportError",
+    "InvalidModelError",
+    "ModelpressError",
+    "OptionsError",
+    "PluginError",
+    "UnknownMethodError",
+    "UnsafeExternalDataError",
+    "UnsupportedModelError",
+    "VerificationError",
+]
+
+
+class ModelpressError(Exception):
+    """Base class of every error modelpress raises on purpose."""
+
+
+class InvalidModelError(ModelpressError):
+    """A model file or object is empty, truncated, corrupt or fails the ONNX checker."""
+
+
+class UnsafeExternalDataError(InvalidModelError):
+    """A model's external data points outside the model's folder (``../``, absolute path, symlink)."""
+
+
+class UnsupportedModelError(ModelpressError):
+    """No installed adapter can load this object, or it uses ops a lowering does not support."""
+
+
+class PluginError(ModelpressError):
+    """A plugin failed to load, or raised while it ran; the message names the plugin."""
+
+    def __init__(self, message: str, *, plugin: str | None = None, method: str | None = None):
+        super().__init__(message)
+        self.plugin = plugin
+        self.method = method
+
+
+class DuplicateMethodError(PluginError):
+    """Two plugins registered a method under the same kind and name."""
+
+
+class UnknownMethodError(ModelpressError):
+    """No installed plugin provides the method asked for."""
+
+
+class OptionsError(ModelpressError):
+    """Options for a method (or a recipe) do not validate against its schema."""
+
+
+class DataError(ModelpressError):
+    """Calibration, training or sample data is missing, empty, mis-shaped or not finite."""
+
+
+class ExportError(ModelpressError):
+    """Writing a model failed, or ONNX Runtime cannot load what was written (nothing is left)."""
+
+
+class VerificationError(ExportError):
+    """The exported model runs, but its outputs are outside the asked tolerance of the reference."""

@@ -1,0 +1,111 @@
+"""Hook specifications: the plugin author's reference.
+
+A modelpress plugin is a Python module (or object) with functions decorated by
+``modelpress.hookimpl`` and named after the specs below. Expose it under the ``modelpress``
+entry-point group of your distribution::
+
+    [project.entry-points.modelpress]
+    my-plugin = "my_package.plugin"
+
+modelpress's own adapters and methods are plugins registered through this same group, so
+everything they do, a third-party plugin can do too.
+
+Rules that hold for every hook:
+
+* hooks are always called with keyword arguments; implementations may accept any subset of
+  the documented arguments (pluggy matches them by name);
+* a misspelt ``modelpress_*`` function is an error at load time, not silently ignored;
+* an exception raised by a hook becomes a :class:`modelpress.PluginError` naming the plugin.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from modelpress.adapter import Adapter
+    from modelpress.export import ExportResult
+    from modelpress.methods import Method
+    from modelpress.model import Model
+    from modelpress.provenance import PassRecord
+
+__all__ = ["PROJECT_NAME", "hookimpl", "hookspec"]
+
+PROJECT_NAME = "modelpress"
+
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+
+# -- discovery -----------------------------------------------------------------------------
+
+
+@hookspec
+def modelpress_register_methods(register: Callable[[Method], None]) -> None:
+    """Register compression methods by calling ``register(method)`` once per method.
+
+    ``method`` is a :class:`modelpress.Method`: a ``name`` (unique within its ``kind``), a
+    ``kind`` (``"quantize"``, ``"prune"`` or ``"distill"``), an ``options`` schema (a subclass of
+    :class:`modelpress.Options`, a pydantic model: its fields, types, defaults and descriptions
+    are what ``modelpress plugins`` shows and what recipes are validated against), an ``apply``
+    callable and ``mutates``:
+
+    * ``mutates=True``: ``apply(model, options, context)`` edits ``model`` in place and returns
+      ``None`` (or the same model). The host hands it a clone, so the caller's model is never
+      changed; the clone shares weight tensors, so replace tensors, never write into them.
+    * ``mutates=False``: ``apply`` must leave ``model`` untouched and return a new
+      :class:`modelpress.Model`. The host checks both.
+
+    ``context`` is a :class:`modelpress.PassContext`: the data the caller gave (``calibration``,
+    ``train``, ``eval``), ``figures`` (a dict the method fills with what it measured, e.g.
+    ``{"sparsity": 0.5}``; it ends up in the report and in the model's provenance), and
+    ``progress(...)`` for progress bars.
+
+    Registering two methods with the same kind and name, from the same or different plugins,
+    is a :class:`modelpress.DuplicateMethodError` naming both plugins.
+    """
+
+
+@hookspec
+def modelpress_register_adapters(register: Callable[[Adapter], None]) -> None:
+    """Register importers for source frameworks by calling ``register(adapter)``.
+
+    ``adapter`` is a :class:`modelpress.Adapter`: a ``name``, an ``accepts(source) -> bool``
+    predicate (a path, bytes or an in-memory object from the framework) and a
+    ``load(source, **options) -> Model``. ``modelpress.load`` asks adapters in descending
+    ``priority`` order and uses the first that accepts the source. An adapter must import its
+    framework lazily, inside ``accepts``/``load``, and only when the source could be one of its
+    objects: ``import modelpress`` never imports torch or TensorFlow.
+    """
+
+
+# -- observation (logging, experiment tracking) -----------------------------------------------
+
+
+@hookspec
+def modelpress_pass_start(method: Method, model: Model, options: Any) -> None:
+    """Called before a method runs. ``options`` is the validated options object.
+
+    Observers must not change ``model``. Every implementation is called; return values are
+    ignored.
+    """
+
+
+@hookspec
+def modelpress_pass_finish(method: Method, model: Model, record: PassRecord) -> None:
+    """Called after a method succeeded, with the resulting ``model`` and its ``record``
+    (options, wall time in ``record.seconds`` and the method's ``record.figures``)."""
+
+
+@hookspec
+def modelpress_pass_error(method: Method, model: Model, error: BaseException) -> None:
+    """Called when a method raised (or was interrupted); ``model`` is the input model."""
+
+
+@hookspec
+def modelpress_export_finish(model: Model, result: ExportResult) -> None:
+    """Called after a model was written and verified; ``result.path`` is the final file and
+    ``result.verification`` holds the numerical check's figures."""

@@ -1,0 +1,85 @@
+"""Finding the layers that carry weights: Conv, ConvTranspose, Gemm and MatMul with a constant weight."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+__all__ = ["WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers"]
+
+WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+
+@dataclass(frozen=True)
+class WeightedLayer:
+    """A node with a constant weight (and optionally a constant bias).
+
+    ``weight_input`` is the index of the weight among the node's inputs. ``out_axis`` /
+    ``in_axis`` are the axes of the weight tensor that index output and input channels
+    (features), whatever the op's layout: Conv ``[O, I/g, kH, kW]``, ConvTranspose
+    ``[I, O/g, kH, kW]``, Gemm ``[O, I]`` with ``transB=1`` else ``[I, O]``, MatMul ``[I, O]``.
+    """
+
+    node: ir.Node
+    weight: ir.Value
+    bias: ir.Value | None
+    weight_input: int
+    out_axis: int
+    in_axis: int
+
+    @property
+    def name(self) -> str:
+        return self.node.name or self.weight.name or self.node.op_type
+
+    @property
+    def op_type(self) -> str:
+        return self.node.op_type
+
+    @property
+    def group(self) -> int:
+        attr = self.node.attributes.get("group")
+        return int(attr.as_int()) if attr is not None else 1
+
+    def weight_array(self) -> np.ndarray:
+        assert self.weight.const_value is not None
+        return self.weight.const_value.numpy()
+
+    def bias_array(self) -> np.ndarray | None:
+        if self.bias is None or self.bias.const_value is None:
+            return None
+        return self.bias.const_value.numpy()
+
+
+def _const_initializer(value: ir.Value | None) -> bool:
+    return value is not None and value.const_value is not None and value.is_initializer()
+
+
+def find_weighted_layers(graph: ir.Graph, op_types: frozenset[str] = WEIGHTED_OPS) -> list[WeightedLayer]:
+    layers: list[WeightedLayer] = []
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
+            continue
+        inputs = list(node.inputs)
+        if node.op_type in ("Conv", "ConvTranspose"):
+            if len(inputs) < 2 or not _const_initializer(inputs[1]):
+                continue
+            bias = inputs[2] if len(inputs) > 2 and _const_initializer(inputs[2]) else None
+            out_axis, in_axis = (0, 1) if node.op_type == "Conv" else (1, 0)
+            layers.append(WeightedLayer(node, inputs[1], bias, 1, out_axis, in_axis))  # type: ignore[arg-type]
+        elif node.op_type == "Gemm":
+            if len(inputs) < 2 or not _const_initializer(inputs[1]):
+                continue
+            trans_b = node.attributes.get("transB")
+            transposed = trans_b is not None and trans_b.as_int() == 1
+            bias = inputs[2] if len(inputs) > 2 and _const_initializer(inputs[2]) else None
+            out_axis, in_axis = (0, 1) if transposed else (1, 0)
+            layers.append(WeightedLayer(node, inputs[1], bias, 1, out_axis, in_axis))  # type: ignore[arg-type]
+        elif node.op_type == "MatMul":
+            if len(inputs) == 2 and _const_initializer(inputs[1]):
+                weight = inputs[1]
+                assert weight is not None
+                rank = len(weight.shape) if weight.shape is not None else 2
+                layers.append(WeightedLayer(node, weight, None, 1, rank - 1, rank - 2))
+    return layers

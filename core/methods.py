@@ -1,0 +1,118 @@
+"""Compression methods: what a plugin registers, and the context a method runs in."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import pydantic
+
+from modelpress.errors import OptionsError
+
+if TYPE_CHECKING:
+    from modelpress.model import Model
+
+__all__ = ["KINDS", "Method", "Options", "PassContext"]
+
+KINDS: tuple[str, ...] = ("quantize", "prune", "distill")
+Kind = Literal["quantize", "prune", "distill"]
+
+
+class Options(pydantic.BaseModel):
+    """Base class of every method's options schema.
+
+    Declare fields with types, defaults and ``pydantic.Field(description=...)``; the
+    description is the help text ``modelpress plugins`` prints. Unknown options are errors.
+    """
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass
+class PassContext:
+    """What a running method can use besides the model and its options.
+
+    Attributes:
+        calibration / train / eval: data sources as the caller gave them (see
+            :func:`modelpress.data.as_batches` to iterate them as feed dicts).
+        figures: the method records what it measured here (sparsity, agreement, ...).
+        show_progress: whether progress bars should be drawn.
+    """
+
+    calibration: Any = None
+    train: Any = None
+    eval: Any = None
+    figures: dict[str, Any] = field(default_factory=dict)
+    show_progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @contextmanager
+    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+        """``with ctx.progress("calibrating", total=n) as advance: ... advance(1)``."""
+        from modelpress.progress import progress_bar
+
+        with progress_bar(description, total=total, enabled=self.show_progress) as advance:
+            yield advance
+
+
+@dataclass(frozen=True)
+class Method:
+    """A compression method a plugin provides. See ``modelpress_register_methods``."""
+
+    name: str
+    kind: str
+    apply: Callable[..., Model | None]
+    options: type[Options] = Options
+    mutates: bool = True
+    summary: str = ""
+    plugin: str = ""
+    plugin_version: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        if not (isinstance(self.options, type) and issubclass(self.options, Options)):
+            raise TypeError(f"method {self.name!r}: options must be a modelpress.Options subclass")
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.kind}/{self.name}"
+
+    def attributed(self, plugin: str, plugin_version: str) -> Method:
+        return replace(self, plugin=plugin, plugin_version=plugin_version)
+
+    def validate_options(self, options: dict[str, Any] | Options | None) -> Options:
+        """Validate ``options`` against the schema; errors name the option and the closest valid one."""
+        if isinstance(options, self.options):
+            return options
+        raw = dict(options or {})
+        fields = list(self.options.model_fields)
+        unknown = [k for k in raw if k not in fields]
+        if unknown:
+            hints = []
+            for key in unknown:
+                close = difflib.get_close_matches(key, fields, n=1)
+                hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+            valid = ", ".join(fields) or "none"
+            raise OptionsError(f"{self.qualname}: unknown option {', '.join(hints)}; valid options: {valid}")
+        try:
+            return self.options(**raw)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"option {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} (got {err.get('input')!r})"
+                for err in exc.errors()
+            )
+            raise OptionsError(f"{self.qualname}: {problems}") from None
+
+    def option_rows(self) -> list[dict[str, str]]:
+        """Name, type, default and help of each option, for listings."""
+        rows = []
+        for name, info in self.options.model_fields.items():
+            annotation = info.annotation
+            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
+            rows.append({"name": name, "type": type_name, "default": default, "help": info.description or ""})
+        return rows

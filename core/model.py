@@ -1,0 +1,237 @@
+"""``modelpress.Model``: the intermediate representation every adapter produces and every pass edits.
+
+A thin layer over :class:`onnx_ir.Model` (the graph, with lazy memory-mapped weights) that adds
+what compression needs: the model's :class:`~modelpress.Signature`, its
+:class:`~modelpress.Provenance`, the *reference* model it is verified against, and small helpers
+to find weighted layers and edit tensors and nodes.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from modelpress.errors import ModelpressError
+from modelpress.layers import WEIGHTED_OPS, WeightedLayer, find_weighted_layers
+from modelpress.provenance import PROVENANCE_KEY, Provenance
+from modelpress.signature import Signature
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["Model"]
+
+
+class Model:
+    """A model in modelpress's IR.
+
+    Attributes:
+        ir: the underlying :class:`onnx_ir.Model`. Passes edit it through onnx_ir's API.
+        provenance: source framework and the passes applied so far.
+        path: the file it was loaded from, if any (for messages).
+        reference: the model as it was imported, before any pass; exports are verified
+            against it. ``None`` on a freshly imported model (it is its own reference).
+    """
+
+    __slots__ = ("ir", "path", "provenance", "reference")
+
+    def __init__(
+        self,
+        ir_model: ir.Model,
+        *,
+        provenance: Provenance | None = None,
+        path: str | os.PathLike[str] | None = None,
+        reference: Model | None = None,
+    ) -> None:
+        self.ir = ir_model
+        if provenance is None:
+            stored = ir_model.metadata_props.get(PROVENANCE_KEY)
+            provenance = Provenance.from_json(stored) if stored else Provenance()
+        self.provenance = provenance
+        self.path = os.fspath(path) if path is not None else None
+        self.reference = reference
+
+    # -- reading ---------------------------------------------------------------------------
+    @property
+    def graph(self) -> ir.Graph:
+        return self.ir.graph
+
+    @property
+    def signature(self) -> Signature:
+        return Signature.from_graph(self.ir.graph)
+
+    @property
+    def opset(self) -> int:
+        return int(self.ir.opset_imports.get("", 0))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(self.path) if self.path else (self.ir.graph.name or "model")
+
+    def initializers(self) -> dict[str, ir.Value]:
+        return dict(self.ir.graph.initializers)
+
+    def initializer(self, name: str) -> ir.Value:
+        try:
+            return self.ir.graph.initializers[name]
+        except KeyError:
+            raise ModelpressError(f"model {self.name!r} has no initializer named {name!r}") from None
+
+    def node(self, name: str) -> ir.Node:
+        for node in self.ir.graph.all_nodes():
+            if node.name == name:
+                return node
+        raise ModelpressError(f"model {self.name!r} has no node named {name!r}")
+
+    def weighted_layers(self, op_types: frozenset[str] = WEIGHTED_OPS) -> list[WeightedLayer]:
+        """Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant initializer."""
+        return find_weighted_layers(self.ir.graph, op_types)
+
+    def parameter_count(self) -> int:
+        """Elements in all initializers (no weight is read: shapes only)."""
+        return sum(int(v.const_value.size) for v in self.ir.graph.initializers.values() if v.const_value is not None)
+
+    def weight_bytes(self) -> int:
+        """Bytes of all initializers as stored (no weight is read)."""
+        return sum(int(v.const_value.nbytes) for v in self.ir.graph.initializers.values() if v.const_value is not None)
+
+    def op_histogram(self) -> dict[str, int]:
+        counts = collections.Counter(
+            f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
+            for n in self.ir.graph.all_nodes()
+        )
+        return dict(counts.most_common())
+
+    def nodes(self) -> Iterator[ir.Node]:
+        return iter(self.ir.graph)
+
+    # -- editing ---------------------------------------------------------------------------
+    def replace_initializer(self, name: str, array: ArrayLike) -> ir.Value:
+        """Give initializer ``name`` a new value (dtype and shape may change); returns its Value."""
+        value = self.initializer(name)
+        data = np.asarray(array)
+        value.const_value = ir.tensor(data, name=name)
+        # NOTE: assign new type/shape objects: a clone shares them with the model it came from.
+        value.type = ir.TensorType(ir.DataType.from_numpy(data.dtype))
+        value.shape = ir.Shape(data.shape)
+        return value
+
+    def add_initializer(self, name: str, array: ArrayLike) -> ir.Value:
+        """Add a new constant initializer; the name is made unique if it is taken."""
+        data = np.asarray(array)
+        unique = self._unique_name(name)
+        value = ir.Value(
+            name=unique,
+            shape=ir.Shape(data.shape),
+            type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
+            const_value=ir.tensor(data, name=unique),
+        )
+        self.ir.graph.register_initializer(value)
+        return value
+
+    def insert_after(
+        self,
+        value: ir.Value,
+        op_type: str,
+        extra_inputs: list[ir.Value | None] | None = None,
+        *,
+        attributes: dict[str, Any] | None = None,
+        domain: str = "",
+        name: str | None = None,
+        dtype: ir.DataType | None = None,
+    ) -> ir.Value:
+        """Insert ``op_type(value, *extra_inputs)`` on every edge leaving ``value``.
+
+        Every consumer of ``value`` (and the graph output, if it is one) is rewired to the new
+        node's output, which is returned. Used to put Cast, QuantizeLinear/DequantizeLinear and
+        similar nodes on an edge. The output keeps ``value``'s shape; its element type is
+        ``dtype`` if given, Cast's ``to``, or else ``value``'s.
+        """
+        node = ir.node(
+            op_type,
+            inputs=[value, *(extra_inputs or [])],
+            attributes=attributes or {},
+            domain=domain,
+            name=self._unique_name(name or f"{value.name}/{op_type}", nodes=True),
+        )
+        out = node.outputs[0]
+        out.name = self._unique_name(f"{value.name}_{op_type.lower()}")
+        out.shape = value.shape.copy() if value.shape is not None else None
+        if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
+            dtype = ir.DataType(int(attributes["to"]))
+        out.type = ir.TensorType(dtype) if dtype is not None else value.type
+        uses = [(user, idx) for user, idx in value.uses() if user is not node]
+        for user, idx in uses:
+            user.replace_input_with(idx, out)
+        graph = self.ir.graph
+        if value.is_graph_output():
+            # NOTE: keep the public output name; the new node's output takes it over.
+            old_name = value.name
+            value.name = self._unique_name(f"{old_name}_pre_{op_type.lower()}")
+            out.name = old_name
+            for i, o in enumerate(graph.outputs):
+                if o is value:
+                    graph.outputs[i] = out
+        producer = value.producer()
+        if producer is not None and producer.graph is graph:
+            graph.insert_after(producer, node)
+        elif len(graph):
+            graph.insert_before(graph[0], node)  # a graph input or initializer: put it first
+        else:
+            graph.append(node)
+        return out
+
+    def _unique_name(self, base: str, *, nodes: bool = False) -> str:
+        graph = self.ir.graph
+        if nodes:
+            taken = {n.name for n in graph.all_nodes()}
+        else:
+            taken = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
+            taken |= {o.name for n in graph.all_nodes() for o in n.outputs}
+        if base not in taken:
+            return base
+        i = 1
+        while f"{base}_{i}" in taken:
+            i += 1
+        return f"{base}_{i}"
+
+    # -- copying and serialising -----------------------------------------------------------
+    def clone(self) -> Model:
+        """A structural copy: new graph, nodes and values; weight tensors are shared, not copied.
+
+        Passes replace tensors rather than write into them, so sharing is safe and a clone of a
+        multi-GB model costs no weight memory.
+        """
+        return Model(
+            self.ir.clone(),
+            provenance=self.provenance,
+            path=self.path,
+            reference=self.reference if self.reference is not None else self,
+        )
+
+    def stamped(self) -> ir.Model:
+        """The onnx_ir model with provenance written into ``metadata_props``."""
+        from modelpress import __version__
+
+        self.ir.metadata_props[PROVENANCE_KEY] = self.provenance.to_json()
+        self.ir.metadata_props["modelpress.version"] = __version__
+        return self.ir
+
+    def to_proto(self) -> onnx.ModelProto:
+        """Serialise to an in-memory ``ModelProto`` (weights included; use export for > 2 GB)."""
+        return ir.serde.serialize_model(self.stamped())
+
+    def __repr__(self) -> str:
+        sig = self.signature
+        ins = ", ".join(s.describe() for s in sig.inputs)
+        outs = ", ".join(s.describe() for s in sig.outputs)
+        return (
+            f"<modelpress.Model {self.name!r} from {self.provenance.source_framework}: "
+            f"{len(self.ir.graph)} nodes, {self.parameter_count():,} parameters; ({ins}) -> ({outs})>"
+        )

@@ -1,0 +1,97 @@
+"""Running one method on a model: option validation, isolation of the input, provenance, hooks."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from modelpress.errors import ModelpressError, PluginError
+from modelpress.methods import Method, Options, PassContext
+from modelpress.model import Model
+from modelpress.plugins import Registry, get_registry
+from modelpress.provenance import PassRecord
+
+__all__ = ["apply"]
+
+
+def _fingerprint(model: Model) -> tuple[object, ...]:
+    """Cheap structural identity of a model: its nodes, their wiring and initializer tensors."""
+    graph = model.ir.graph
+    nodes = tuple(
+        (id(n), n.op_type, tuple(id(v) for v in n.inputs), tuple(v.name for v in n.outputs)) for n in graph
+    )
+    inits = tuple((name, id(v.const_value)) for name, v in graph.initializers.items())
+    return nodes, inits, tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs)
+
+
+def apply(
+    model: Model,
+    method: str | Method,
+    *,
+    kind: str | None = None,
+    options: dict[str, Any] | Options | None = None,
+    calibration: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    show_progress: bool = True,
+    registry: Registry | None = None,
+    **more_options: Any,
+) -> Model:
+    """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
+
+    ``options`` (or keyword arguments) are validated against the method's schema before any
+    work starts. Errors raised inside a plugin become :class:`PluginError` naming the plugin and
+    method. The result's provenance records the method, its options, its plugin and version,
+    its wall time and the figures it reported.
+    """
+    registry = registry or get_registry()
+    if not isinstance(model, Model):
+        raise TypeError(f"apply() takes a modelpress.Model, not {type(model).__name__}; use modelpress.load() first")
+    m = method if isinstance(method, Method) else registry.method(method, kind)
+    raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
+    raw.update(more_options)
+    opts = m.validate_options(raw)
+    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress)
+    label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
+
+    work = model.clone() if m.mutates else model
+    before = None if m.mutates else _fingerprint(model)
+    registry.hook.modelpress_pass_start(method=m, model=model, options=opts)
+    start = time.perf_counter()
+    try:
+        returned = m.apply(work, opts, ctx)
+    except (KeyboardInterrupt, ModelpressError) as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        if isinstance(exc, ModelpressError) and m.plugin and m.plugin not in str(exc):
+            exc.args = (f"{label}: {exc}", *exc.args[1:])
+        raise
+    except Exception as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        raise PluginError(f"{label} failed: {type(exc).__name__}: {exc}", plugin=m.plugin, method=m.name) from exc
+    seconds = time.perf_counter() - start
+
+    if m.mutates:
+        if returned is not None and returned is not work:
+            raise PluginError(f"{label} declares mutates=True but returned a new model; edit the model it was given and return None", plugin=m.plugin, method=m.name)
+        result = work
+    else:
+        if not isinstance(returned, Model):
+            raise PluginError(f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model", plugin=m.plugin, method=m.name)
+        if returned is model or _fingerprint(model) != before:
+            raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
+        result = returned
+
+    record = PassRecord(
+        kind=m.kind,
+        method=m.name,
+        options=opts.model_dump(mode="json"),
+        plugin=m.plugin or "local",
+        plugin_version=m.plugin_version,
+        seconds=round(seconds, 4),
+        figures=dict(ctx.figures),
+    )
+    result.provenance = model.provenance.with_pass(record)
+    result.reference = model.reference if model.reference is not None else model
+    result.path = model.path
+    registry.hook.modelpress_pass_finish(method=m, model=result, record=record)
+    return result

@@ -1,0 +1,265 @@
+"""Plugin discovery and the registry of methods and adapters.
+
+Plugins are found through the ``modelpress`` entry-point group. modelpress's own adapters and
+methods are entry points of the ``modelpress`` distribution and go through exactly the same
+path as third-party ones; the only difference is that the switches below never turn them off
+(they are what makes modelpress work), though ``MODELPRESS_BLOCK_PLUGINS`` can.
+
+Environment switches:
+
+``MODELPRESS_DISABLE_PLUGIN_AUTOLOAD=1``
+    load no third-party plugin (built-ins still load).
+``MODELPRESS_PLUGINS=name[,name...]``
+    allowlist: load only these third-party plugins (entry-point or distribution names).
+``MODELPRESS_BLOCK_PLUGINS=name[,name...]``
+    never load these plugins (entry-point or distribution names), built-ins included.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as importlib_metadata
+import os
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pluggy
+
+from modelpress import hookspecs
+from modelpress.adapter import Adapter
+from modelpress.errors import DuplicateMethodError, PluginError, UnknownMethodError
+from modelpress.methods import KINDS, Method
+
+__all__ = [
+    "ALLOW_ENV",
+    "BLOCK_ENV",
+    "DISABLE_AUTOLOAD_ENV",
+    "ENTRY_POINT_GROUP",
+    "PluginInfo",
+    "Registry",
+    "create_registry",
+    "get_registry",
+    "reset_registry",
+]
+
+ENTRY_POINT_GROUP = "modelpress"
+DISABLE_AUTOLOAD_ENV = "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD"
+ALLOW_ENV = "MODELPRESS_PLUGINS"
+BLOCK_ENV = "MODELPRESS_BLOCK_PLUGINS"
+_BUILTIN_DISTRIBUTION = "modelpress"
+
+
+@dataclass
+class PluginInfo:
+    """One loaded plugin: where it came from and what it registered."""
+
+    name: str
+    distribution: str
+    version: str
+    builtin: bool
+    module: str
+    methods: list[Method] = field(default_factory=list)
+    adapters: list[Adapter] = field(default_factory=list)
+
+    @property
+    def label(self) -> str:
+        return f"{self.name} ({self.distribution} {self.version})"
+
+
+class Registry:
+    """Every loaded plugin, and the methods and adapters they registered."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: dict[str, PluginInfo] = {}
+        self.skipped: dict[str, str] = {}
+        self._methods: dict[tuple[str, str], tuple[Method, PluginInfo]] = {}
+        self._adapters: list[Adapter] = []
+
+    # -- registration ----------------------------------------------------------------------
+    def register(
+        self,
+        plugin: object,
+        *,
+        name: str | None = None,
+        distribution: str = "local",
+        version: str = "",
+        builtin: bool = False,
+    ) -> PluginInfo:
+        """Register a plugin object (a module or any object with hook implementations)."""
+        name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
+        if name in self.plugins:
+            raise PluginError(f"a plugin named {name!r} is already registered ({self.plugins[name].label})", plugin=name)
+        info = PluginInfo(name, distribution, version, builtin, getattr(plugin, "__name__", type(plugin).__name__))
+        try:
+            self.pm.register(plugin, name=name)
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=name)
+            raise PluginError(f"plugin {info.label} is invalid: {exc}", plugin=name) from None
+        self.plugins[name] = info
+        try:
+            self._collect(name, info)
+        except BaseException:
+            self.unregister(name)
+            raise
+        return info
+
+    def unregister(self, name: str) -> None:
+        self.pm.unregister(name=name)
+        info = self.plugins.pop(name, None)
+        if info is None:
+            return
+        self._methods = {k: v for k, v in self._methods.items() if v[1] is not info}
+        self._adapters = [a for a in self._adapters if a.plugin != name]
+
+    def _collect(self, name: str, info: PluginInfo) -> None:
+        """Call this plugin's register hooks with callbacks that attribute what it registers."""
+
+        def register_method(method: Method) -> None:
+            if not isinstance(method, Method):
+                raise PluginError(f"plugin {info.label} registered {method!r}, which is not a modelpress.Method", plugin=name)
+            method = method.attributed(info.name, info.version)
+            key = (method.kind, method.name)
+            if key in self._methods:
+                _, other = self._methods[key]
+                raise DuplicateMethodError(
+                    f"method {method.qualname!r} is registered by both {other.label} and {info.label}; "
+                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                    plugin=name,
+                    method=method.name,
+                )
+            self._methods[key] = (method, info)
+            info.methods.append(method)
+
+        def register_adapter(adapter: Adapter) -> None:
+            if not isinstance(adapter, Adapter):
+                raise PluginError(f"plugin {info.label} registered {adapter!r}, which is not a modelpress.Adapter", plugin=name)
+            adapter = adapter.attributed(info.name, info.version)
+            self._adapters.append(adapter)
+            info.adapters.append(adapter)
+
+        plugin = self.pm.get_plugin(name)
+        for hook_name, callback in (
+            ("modelpress_register_methods", register_method),
+            ("modelpress_register_adapters", register_adapter),
+        ):
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is not plugin:
+                    continue
+                try:
+                    impl.function(register=callback)
+                except (PluginError, DuplicateMethodError):
+                    raise
+                except Exception as exc:
+                    raise PluginError(
+                        f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {exc}", plugin=name
+                    ) from exc
+
+    # -- lookup ----------------------------------------------------------------------------
+    def methods(self, kind: str | None = None) -> list[Method]:
+        return [m for (k, _), (m, _) in sorted(self._methods.items()) if kind is None or k == kind]
+
+    def method(self, name: str, kind: str | None = None) -> Method:
+        """The method called ``name`` (of ``kind``, if given); a clear error lists what exists."""
+        if kind is not None and kind not in KINDS:
+            raise UnknownMethodError(f"unknown method kind {kind!r}; kinds are {', '.join(KINDS)}")
+        matches = [m for m in self.methods(kind) if m.name == name]
+        if len(matches) == 1:
+            return matches[0]
+        if len(matches) > 1:
+            options = ", ".join(m.qualname for m in matches)
+            raise UnknownMethodError(f"method {name!r} exists in several kinds ({options}); say which kind")
+        installed = ", ".join(m.qualname for m in self.methods(kind)) or "none"
+        where = f" of kind {kind!r}" if kind else ""
+        raise UnknownMethodError(
+            f"no installed plugin provides a method {name!r}{where}; installed: {installed} "
+            f"(see `modelpress plugins`)"
+        )
+
+    def adapters(self) -> list[Adapter]:
+        return sorted(self._adapters, key=lambda a: -a.priority)
+
+    @property
+    def hook(self) -> Any:
+        return self.pm.hook
+
+
+def _split_env(name: str) -> set[str]:
+    return {part.strip() for part in os.environ.get(name, "").split(",") if part.strip()}
+
+
+def _entry_points() -> Iterable[importlib_metadata.EntryPoint]:
+    return importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+def create_registry(
+    *,
+    autoload: bool | None = None,
+    allow: Iterable[str] | None = None,
+    block: Iterable[str] | None = None,
+    plugins: Iterable[object] = (),
+) -> Registry:
+    """Build a registry from the ``modelpress`` entry points and any extra ``plugins`` objects.
+
+    ``autoload``/``allow``/``block`` default to the environment switches (module docstring).
+    """
+    if autoload is None:
+        autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+    allowed = set(allow) if allow is not None else _split_env(ALLOW_ENV)
+    blocked = set(block) if block is not None else _split_env(BLOCK_ENV)
+
+    registry = Registry()
+    seen: set[str] = set()
+    for ep in sorted(_entry_points(), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else "unknown"
+        version = ep.dist.version if ep.dist is not None else ""
+        builtin = dist.lower() == _BUILTIN_DISTRIBUTION
+        if ep.name in seen:
+            # NOTE: the same distribution visible twice on sys.path (e.g. editable + --target).
+            continue
+        seen.add(ep.name)
+        if ep.name in blocked or dist in blocked:
+            registry.skipped[ep.name] = f"blocked by {BLOCK_ENV}"
+            continue
+        if not builtin:
+            if not autoload:
+                registry.skipped[ep.name] = f"autoload disabled by {DISABLE_AUTOLOAD_ENV}"
+                continue
+            if allowed and ep.name not in allowed and dist not in allowed:
+                registry.skipped[ep.name] = f"not in {ALLOW_ENV}"
+                continue
+        try:
+            module = ep.load()
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {ep.name!r} from {dist} {version} failed to load ({ep.value}): {type(exc).__name__}: {exc}; "
+                f"fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}",
+                plugin=ep.name,
+            ) from exc
+        registry.register(module, name=ep.name, distribution=dist, version=version, builtin=builtin)
+    for obj in plugins:
+        registry.register(obj)
+    return registry
+
+
+_lock = threading.Lock()
+_default: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry, created on first use."""
+    global _default
+    with _lock:
+        if _default is None:
+            _default = create_registry()
+        return _default
+
+
+def reset_registry() -> None:
+    """Forget the process-wide registry (after installing a plugin, or in tests)."""
+    global _default
+    with _lock:
+        _default = None

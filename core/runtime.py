@@ -1,0 +1,77 @@
+"""Running models in ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from modelpress.errors import InvalidModelError
+from modelpress.model import Model
+
+__all__ = ["INLINE_LIMIT_BYTES", "make_session", "run", "run_dataset"]
+
+# NOTE: protobuf cannot serialise more than 2 GiB; past this, go through a file with external data.
+INLINE_LIMIT_BYTES = 1_500_000_000
+
+
+def _options(threads: int | None) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # ORT prefixes messages with "[ONNXRuntimeError] : 1 : FAIL : "; keep the informative part.
+    return " ".join(text.splitlines()[:2])[:600]
+
+
+def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
+    """An ORT CPU session for a model or a file."""
+    opts = _options(threads)
+    providers = ["CPUExecutionProvider"]
+    try:
+        if not isinstance(model, Model):
+            return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+        if model.weight_bytes() < INLINE_LIMIT_BYTES:
+            data = ir.serde.serialize_model(model.ir).SerializeToString()
+            return ort.InferenceSession(data, opts, providers=providers)
+        tmp = Path(tempfile.mkdtemp(prefix="modelpress-session-"))
+        try:
+            ir.save(model.ir, tmp / "model.onnx", external_data="model.onnx.data")
+            return ort.InferenceSession(str(tmp / "model.onnx"), opts, providers=providers)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:
+        name = model.name if isinstance(model, Model) else os.fspath(model)
+        raise InvalidModelError(f"ONNX Runtime cannot load model {name!r}: {_first_line(exc)}") from exc
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """Run once; returns the outputs in graph order."""
+    try:
+        return [np.asarray(o) for o in session.run(None, dict(feeds))]
+    except Exception as exc:
+        raise InvalidModelError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+
+
+def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Run over an iterable of feed dicts and concatenate each output along axis 0."""
+    collected: list[list[np.ndarray]] = []
+    for feeds in batches:
+        outs = run(session, feeds)
+        if not collected:
+            collected = [[] for _ in outs]
+        for acc, out in zip(collected, outs, strict=True):
+            acc.append(out)
+    return [np.concatenate(parts, axis=0) for parts in collected]

@@ -1,0 +1,111 @@
+"""Numerical comparison of a model's outputs with a reference's."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Comparison", "OutputComparison", "compare_outputs"]
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    name: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_rel_diff: float
+    cosine: float
+    top1_agreement: float | None
+    finite: bool
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """Figures of one model against a reference on the same inputs.
+
+    ``top1_agreement`` is the share of samples whose arg-max class matches (for outputs that
+    look like classifier logits: float, rank 2, more than one class), else ``None``.
+    """
+
+    samples: int
+    outputs: tuple[OutputComparison, ...] = field(default_factory=tuple)
+
+    @property
+    def max_abs_diff(self) -> float:
+        return max((o.max_abs_diff for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel_diff(self) -> float:
+        return max((o.max_rel_diff for o in self.outputs), default=0.0)
+
+    @property
+    def cosine(self) -> float:
+        return min((o.cosine for o in self.outputs), default=1.0)
+
+    @property
+    def top1_agreement(self) -> float | None:
+        values = [o.top1_agreement for o in self.outputs if o.top1_agreement is not None]
+        return min(values) if values else None
+
+    @property
+    def finite(self) -> bool:
+        return all(o.finite for o in self.outputs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "samples": self.samples,
+            "max_abs_diff": self.max_abs_diff,
+            "max_rel_diff": self.max_rel_diff,
+            "cosine": self.cosine,
+            "top1_agreement": self.top1_agreement,
+            "outputs": [asdict(o) for o in self.outputs],
+        }
+
+    def summary(self) -> str:
+        text = f"max |diff| {self.max_abs_diff:.3g}, cosine {self.cosine:.6f}"
+        if self.top1_agreement is not None:
+            text += f", top-1 agreement {self.top1_agreement:.2%}"
+        return text + f" on {self.samples} samples"
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a = a.astype(np.float64).ravel()
+    b = b.astype(np.float64).ravel()
+    na, nb = np.linalg.norm(a), np.linalg.norm(b)
+    if na == 0 and nb == 0:
+        return 1.0
+    if na == 0 or nb == 0:
+        return 0.0
+    return float(np.dot(a, b) / (na * nb))
+
+
+def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[np.ndarray]) -> Comparison:
+    results = []
+    samples = 0
+    for name, ref, out in zip(names, reference, actual, strict=True):
+        samples = max(samples, int(ref.shape[0]) if ref.ndim else 1)
+        finite = bool(np.all(np.isfinite(out))) if np.issubdtype(out.dtype, np.floating) else True
+        if ref.shape != out.shape:
+            results.append(OutputComparison(name, float("inf"), float("inf"), float("inf"), 0.0, None, finite))
+            continue
+        r = ref.astype(np.float64)
+        o = out.astype(np.float64)
+        diff = np.abs(r - o)
+        scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12)
+        top1 = None
+        if np.issubdtype(ref.dtype, np.floating) and ref.ndim == 2 and ref.shape[1] > 1:
+            top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
+        results.append(
+            OutputComparison(
+                name=name,
+                max_abs_diff=float(diff.max()) if diff.size else 0.0,
+                mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
+                max_rel_diff=float(diff.max() / scale) if diff.size else 0.0,
+                cosine=_cosine(r, o),
+                top1_agreement=top1,
+                finite=finite,
+            )
+        )
+    return Comparison(samples=samples, outputs=tuple(results))

@@ -1,0 +1,116 @@
+"""Shared fixtures: real data (scikit-learn's digits), models trained in the session, the example plugin."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import modelpress
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_registry():
+    """Each test sees the plugins installed at that moment (and no state from other tests)."""
+    modelpress.reset_registry()
+    yield
+    modelpress.reset_registry()
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """scikit-learn's digits (ships with the package): 8x8 images scaled to [0, 1], fixed split."""
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    x = (data.data / 16.0).astype(np.float32)
+    y = data.target.astype(np.int64)
+    rng = np.random.default_rng(0)
+    order = rng.permutation(len(x))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(x))
+    return {"x_train": x[:split], "y_train": y[:split], "x_test": x[split:], "y_test": y[split:]}
+
+
+def _mlp_proto(coefs: list[np.ndarray], intercepts: list[np.ndarray]) -> onnx.ModelProto:
+    nodes, inits = [], []
+    current = "x"
+    for i, (w, b) in enumerate(zip(coefs, intercepts, strict=True)):
+        inits += [numpy_helper.from_array(w.astype(np.float32), f"fc{i}.weight"), numpy_helper.from_array(b.astype(np.float32), f"fc{i}.bias")]
+        out = "logits" if i == len(coefs) - 1 else f"h{i}"
+        nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [out], name=f"fc{i}"))
+        if i < len(coefs) - 1:
+            nodes.append(helper.make_node("Relu", [out], [f"{out}_relu"], name=f"relu{i}"))
+            current = f"{out}_relu"
+    graph = helper.make_graph(
+        nodes,
+        "digits_mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 64])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    proto.ir_version = 8
+    return proto
+
+
+@pytest.fixture(scope="session")
+def digits_mlp_path(digits, tmp_path_factory) -> Path:
+    """An MLP trained on digits with scikit-learn, written as ONNX (Gemm -> Relu -> Gemm)."""
+    from sklearn.neural_network import MLPClassifier
+
+    clf = MLPClassifier(hidden_layer_sizes=(64,), max_iter=400, random_state=0)
+    clf.fit(digits["x_train"], digits["y_train"])
+    assert clf.score(digits["x_test"], digits["y_test"]) > 0.93
+    path = tmp_path_factory.mktemp("models") / "digits_mlp.onnx"
+    onnx.save(_mlp_proto(clf.coefs_, clf.intercepts_), path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def digits_npz(digits, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "digits_test.npz"
+    np.savez(path, x=digits["x_test"], labels=digits["y_test"])
+    return path
+
+
+@pytest.fixture(scope="session")
+def example_plugin_site(tmp_path_factory) -> Path:
+    """pip-install examples/plugin-template into a private folder (no network, no build isolation)."""
+    target = tmp_path_factory.mktemp("plugin-site")
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+         "--target", str(target), str(ROOT / "examples" / "plugin-template")],
+        check=True,
+        env={**os.environ, "PIP_CONSTRAINT": ""},
+    )
+    return target
+
+
+@pytest.fixture
+def example_plugin(example_plugin_site, monkeypatch) -> Path:
+    """The example plugin importable and discoverable in this process (and subprocesses via PYTHONPATH)."""
+    monkeypatch.syspath_prepend(str(example_plugin_site))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(example_plugin_site), os.environ.get("PYTHONPATH")])))
+    modelpress.reset_registry()
+    return example_plugin_site
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed `modelpress` command in a subprocess, as a user would."""
+    return subprocess.run(
+        [sys.executable, "-m", "modelpress.cli", *args],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        timeout=600,
+    )

@@ -1,0 +1,99 @@
+"""The command line, run as a user runs it (a subprocess)."""
+
+import json
+
+import pytest
+from onnx import TensorProto, helper
+
+from tests.conftest import run_cli
+
+
+def _one_line_error(result, *fragments):
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("modelpress: error: ")
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_help_everywhere():
+    for args in ([], ["inspect"], ["plugins"], ["apply"]):
+        result = run_cli(*args, "--help")
+        assert result.returncode == 0 and "usage: modelpress" in result.stdout
+
+
+def test_inspect_tables_and_json(digits_mlp_path):
+    result = run_cli("inspect", str(digits_mlp_path))
+    assert result.returncode == 0, result.stderr
+    for fragment in ("digits_mlp.onnx", "opset 17", "parameters 4,810", "Gemm", "logits", "batch"):
+        assert fragment in result.stdout
+    info = json.loads(run_cli("inspect", str(digits_mlp_path), "--json").stdout)
+    assert info["ops"] == {"Gemm": 2, "Relu": 1}
+    assert info["size_on_disk"] == digits_mlp_path.stat().st_size
+
+
+def test_plugins_lists_builtins():
+    data = json.loads(run_cli("plugins", "--json").stdout)
+    builtin = {p["name"] for p in data["plugins"] if p["builtin"]}
+    assert "onnx" in builtin
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [(b"", "empty"), (b"hello, this is text\n" * 3, "not"), (None, "truncated")],
+    ids=["empty", "text", "truncated"],
+)
+def test_bad_model_files_one_line_error_and_nothing_written(tmp_path, digits_mlp_path, content, fragment):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(content if content is not None else digits_mlp_path.read_bytes()[:300])
+    for args in (["inspect", str(bad)], ["apply", str(bad), "-m", "fp16-weights", "-o", str(tmp_path / "out.onnx")]):
+        _one_line_error(run_cli(*args), "bad.onnx", fragment)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
+
+
+def test_external_data_escape_via_cli(tmp_path):
+    tensor = TensorProto(name="w", data_type=TensorProto.FLOAT, dims=[4])
+    tensor.data_location = TensorProto.EXTERNAL
+    entry = tensor.external_data.add()
+    entry.key, entry.value = "location", "../../etc/passwd"
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor],
+    )
+    path = tmp_path / "evil.onnx"
+    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
+    _one_line_error(run_cli("inspect", str(path)), "evil.onnx", "../../etc/passwd", "outside the model's folder")
+
+
+def test_op_ort_does_not_know(tmp_path, example_plugin):
+    graph = helper.make_graph(
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example", name="frob")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    proto.ir_version = 8
+    path = tmp_path / "custom.onnx"
+    path.write_bytes(proto.SerializeToString())
+    out = tmp_path / "out.onnx"
+    _one_line_error(run_cli("apply", str(path), "-m", "fp16-weights", "-o", str(out)), "Frobnicate", "nothing was written")
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
+
+
+def test_unknown_method_and_bad_option(digits_mlp_path, tmp_path, example_plugin):
+    _one_line_error(run_cli("apply", str(digits_mlp_path), "-m", "nosuch", "-o", str(tmp_path / "o.onnx")), "nosuch", "installed:")
+    _one_line_error(
+        run_cli("apply", str(digits_mlp_path), "-m", "fp16-weights", "-O", "min_elemnts=3", "-o", str(tmp_path / "o.onnx")),
+        "did you mean 'min_elements'",
+    )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_verbose_shows_the_traceback(tmp_path):
+    bad = tmp_path / "bad.onnx"
+    bad.write_bytes(b"")
+    result = run_cli("--verbose", "inspect", str(bad))
+    assert result.returncode != 0 and "Traceback" in result.stderr

@@ -1,0 +1,37 @@
+import subprocess
+import sys
+
+import modelpress
+
+# The public surface is deliberate: changing it is an API change, so it is pinned here.
+PUBLIC = {
+    "KINDS", "Adapter", "Comparison", "DataError", "Dataset", "DuplicateMethodError", "ExportError",
+    "ExportResult", "InvalidModelError", "Method", "Model", "ModelpressError", "Options", "OptionsError",
+    "PassContext", "PassRecord", "PluginError", "Provenance", "Registry", "Signature", "TensorSpec",
+    "UnknownMethodError", "UnsafeExternalDataError", "UnsupportedModelError", "VerificationError",
+    "WeightedLayer", "__version__", "apply", "create_registry", "describe", "export", "get_registry",
+    "hookimpl", "load", "load_dataset", "reset_registry", "sample_inputs", "verify",
+}
+
+
+def test_public_names_are_pinned():
+    assert set(modelpress.__all__) == PUBLIC
+    for name in PUBLIC:
+        assert hasattr(modelpress, name), name
+
+
+def test_import_does_not_import_frameworks():
+    code = (
+        "import sys, modelpress\n"
+        "modelpress.get_registry()\n"
+        "bad = [m for m in ('torch', 'tensorflow', 'keras', 'tf2onnx') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_every_error_is_a_modelpress_error():
+    for name in PUBLIC:
+        obj = getattr(modelpress, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, modelpress.ModelpressError), name

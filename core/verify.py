@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-__all__ = ["Comparison", "OutputComparison", "compare_outputs"]
+from modelpress.errors import VerificationError
+
+if TYPE_CHECKING:
+    from modelpress.model import Model
+
+__all__ = ["Comparison", "OutputComparison", "check_import", "compare_outputs"]
 
 
 @dataclass(frozen=True)
@@ -109,3 +114,25 @@ def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[
             )
         )
     return Comparison(samples=samples, outputs=tuple(results))
+
+
+def check_import(reference_outputs: list[np.ndarray], model: Model, feeds: dict[str, np.ndarray], rtol: float, what: str) -> dict[str, float]:
+    """Run the imported model in ORT and compare with the source framework's outputs."""
+    from modelpress.runtime import make_session, run
+
+    outputs = run(make_session(model), feeds)
+    if len(outputs) != len(reference_outputs):
+        raise VerificationError(f"{what}: the import has {len(outputs)} outputs, the source {len(reference_outputs)}")
+    worst_abs, worst_rel = 0.0, 0.0
+    for ref, out in zip(reference_outputs, outputs, strict=True):
+        if ref.shape != out.shape:
+            raise VerificationError(f"{what}: output shape {out.shape} differs from the source's {ref.shape}")
+        diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))) if ref.size else 0.0
+        scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
+        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
+    if not worst_rel <= rtol:
+        raise VerificationError(
+            f"{what}: the imported model differs from the source by {worst_abs:.3g} (relative {worst_rel:.3g} > "
+            f"rtol {rtol:g}) on the example inputs; the export is not faithful"
+        )
+    return {"max_abs_diff": worst_abs, "max_rel_diff": worst_rel}

@@ -1,0 +1,236 @@
+"""The TensorFlow/Keras adapter (extra ``tensorflow``): Keras 3 models, ``.keras``/``.h5`` files,
+SavedModel folders and ``tf.function``s.
+
+tf2onnx's ``from_keras`` does not work with Keras 3, so every source is wrapped in a
+``tf.function`` with an explicit ``input_signature`` (batch dimension dynamic) and converted with
+``tf2onnx.convert.from_function``. Keras models keep their layout at the model boundary (NHWC
+images stay NHWC; tf2onnx inserts the transposes inside). Every import is verified against
+TensorFlow on example inputs, like the torch import.
+
+TensorFlow is imported only inside these functions: ``import modelpress`` never imports it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpress.adapter import Adapter
+from modelpress.errors import DataError, InvalidModelError, UnsupportedModelError
+from modelpress.hookspecs import hookimpl
+from modelpress.model import Model
+from modelpress.provenance import Provenance
+from modelpress.verify import check_import
+
+__all__ = ["load_tensorflow"]
+
+_SUFFIXES = {".keras", ".h5", ".hdf5"}
+
+
+def _is_tf_object(source: Any) -> bool:
+    keras = sys.modules.get("keras")
+    if keras is not None and isinstance(source, keras.Model):
+        return True
+    tf = sys.modules.get("tensorflow")
+    if tf is None:
+        return False
+    return isinstance(source, (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction))
+
+
+def _accepts(source: Any) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        return path.suffix.lower() in _SUFFIXES or (path.is_dir() and (path / "saved_model.pb").is_file())
+    return _is_tf_object(source)
+
+
+@hookimpl
+def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
+    register(
+        Adapter(
+            name="tensorflow",
+            accepts=_accepts,
+            load=load_tensorflow,
+            priority=10,
+            summary="Keras 3 models, .keras/.h5 files, SavedModel folders, tf.function",
+        )
+    )
+
+
+def _require_tf() -> Any:
+    try:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        raise UnsupportedModelError(
+            "loading TensorFlow/Keras models needs the tensorflow extra: pip install -c constraints.txt 'modelpress[tensorflow]'"
+        ) from None
+    return tf
+
+
+def _keras_specs(model: Any, input_shape: Any, label: str) -> list[Any]:
+    tf = _require_tf()
+    inputs = None
+    try:
+        inputs = model.inputs
+    except (AttributeError, ValueError):
+        inputs = None
+    if inputs:
+        return [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=_clean(getattr(t, "name", None) or f"input_{i}"))
+                for i, t in enumerate(inputs)]
+    if input_shape is None:
+        raise DataError(
+            f"{label}: the Keras model has no defined input shape (a subclassed model that was never called, or a "
+            f"Sequential without keras.Input); pass input_shape=(None, 8, 8, 1) (--input-shape) or build the model first"
+        )
+    shapes = input_shape if isinstance(input_shape[0], (tuple, list)) else [input_shape]
+    return [tf.TensorSpec((None, *tuple(s)[1:]), tf.float32, name=f"input_{i}") for i, s in enumerate(shapes)]
+
+
+def _clean(name: str) -> str:
+    return name.split(":")[0].replace("/", "_")
+
+
+def _tidy_names(model: Model, output_names: list[str]) -> None:
+    """tf2onnx names outputs ``Identity:0`` and the batch ``unk__N``: use the model's names and ``batch``."""
+    import onnx_ir as ir
+
+    graph = model.ir.graph
+    if not output_names and any(":" in (v.name or "") for v in graph.outputs):
+        output_names = [f"output_{i}" for i in range(len(graph.outputs))]
+    if len(output_names) == len(graph.outputs) and len(set(output_names)) == len(output_names):
+        taken = {v.name for v in graph.inputs}
+        for value, name in zip(graph.outputs, output_names, strict=True):
+            if name and name not in taken:
+                value.name = name
+    for value in [*graph.inputs, *graph.outputs]:
+        shape = value.shape
+        if shape is not None and len(shape) and not isinstance(shape[0], int):
+            if shape[0].value is None or str(shape[0].value).startswith("unk__"):
+                dims = list(shape)
+                dims[0] = ir.SymbolicDim("batch")
+                value.shape = ir.Shape(dims)
+
+
+def _load_path(path: Path, label: str) -> tuple[Any, str]:
+    tf = _require_tf()
+    if path.is_dir():
+        try:
+            loaded = tf.saved_model.load(str(path))
+        except Exception as exc:
+            raise InvalidModelError(f"{label}: not a loadable SavedModel: {str(exc).splitlines()[0][:300]}") from None
+        signatures = getattr(loaded, "signatures", {})
+        if "serving_default" not in signatures:
+            raise InvalidModelError(f"{label}: the SavedModel has no 'serving_default' signature")
+        signature = signatures["serving_default"]
+        # NOTE: the signature's variables live as long as the loaded object: keep it alive.
+        signature._modelpress_owner = loaded
+        return signature, "savedmodel"
+    if not path.is_file():
+        raise InvalidModelError(f"{label}: no such file")
+    import keras
+
+    try:
+        return keras.models.load_model(str(path), compile=False), "keras"
+    except Exception as exc:
+        raise InvalidModelError(f"{label}: cannot be loaded by Keras: {str(exc).splitlines()[0][:300]}") from None
+
+
+def load_tensorflow(
+    source: Any,
+    *,
+    input_shape: Any = None,
+    input_signature: list[Any] | None = None,
+    example_inputs: Any = None,
+    opset: int = 17,
+    rtol: float = 1e-4,
+    **_: Any,
+) -> Model:
+    """Import a TensorFlow/Keras model (see the module docstring).
+
+    Args:
+        input_shape: for Keras models without defined inputs, e.g. ``(None, 8, 8, 1)``.
+        input_signature: ``tf.TensorSpec``s, for a ``tf.function`` without one.
+        example_inputs: arrays for the import check (default: random, batch 2).
+    """
+    tf = _require_tf()
+    import keras
+    import tf2onnx
+
+    label = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    kind = "object"
+    if isinstance(source, (str, os.PathLike)):
+        source, kind = _load_path(Path(source), label)
+    if not _is_tf_object(source):
+        raise UnsupportedModelError(f"{label}: not a Keras model, tf.function or SavedModel")
+
+    if isinstance(source, keras.Model):
+        specs = _keras_specs(source, input_shape, label)
+        multi = len(specs) > 1
+
+        def call(*args: Any) -> Any:
+            return source(list(args) if multi else args[0], training=False)
+
+        names = [s.name for s in specs]
+        output_names = [_clean(n) for n in (getattr(source, "output_names", None) or [])]
+    else:
+        concrete = source
+        if isinstance(source, tf.types.experimental.GenericFunction):
+            if input_signature is None and source.input_signature is None:
+                raise DataError(f"{label}: a tf.function needs an input_signature to be converted")
+            concrete = source.get_concrete_function(*(input_signature or source.input_signature))
+        args_sig, kwargs_sig = concrete.structured_input_signature
+        flat = list(args_sig) + [kwargs_sig[k] for k in sorted(kwargs_sig)]
+        names = [_clean(s.name or f"input_{i}") for i, s in enumerate(flat)]
+        specs = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(flat, names, strict=True)]
+        keyword = bool(kwargs_sig)
+        kw_names = sorted(kwargs_sig)
+        structured = concrete.structured_outputs
+        output_names = sorted(structured) if isinstance(structured, dict) else []
+
+        def call(*args: Any) -> Any:
+            out = concrete(**dict(zip(kw_names, args, strict=True))) if keyword else concrete(*args)
+            if isinstance(out, dict):
+                return [out[k] for k in sorted(out)]
+            return out
+
+    function = tf.function(call, input_signature=specs)
+    if example_inputs is None:
+        rng = np.random.default_rng(0)
+        example = [rng.standard_normal([2 if d is None else d for d in s.shape]).astype(s.dtype.as_numpy_dtype) for s in specs]
+    else:
+        example = list(example_inputs.values()) if isinstance(example_inputs, dict) else (
+            list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs])
+        example = [np.asarray(e) for e in example]
+    try:
+        reference = function(*[tf.constant(e) for e in example])
+    except Exception as exc:
+        shapes = ", ".join(str(e.shape) for e in example)
+        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {str(exc).splitlines()[0][:300]}") from None
+    reference_list = reference if isinstance(reference, (list, tuple)) else [reference]
+    reference_np = [np.asarray(r) for r in reference_list]
+
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+
+    from modelpress.adapters.onnx import load_onnx
+
+    model = load_onnx(proto)
+    _tidy_names(model, output_names)
+    feeds = {spec.name: e for spec, e in zip(model.signature.inputs, example, strict=True)}
+    figures = check_import(reference_np, model, feeds, rtol, f"{label} (converted with tf2onnx)")
+    model.provenance = Provenance(
+        source_framework="tensorflow" if kind != "keras" and not isinstance(source, keras.Model) else "keras",
+        source_version=f"tensorflow {tf.__version__}, keras {keras.__version__}",
+        source=label,
+        importer=f"tf2onnx {tf2onnx.__version__} from_function",
+        extra={"import_check": figures, "kind": kind},
+    )
+    return model

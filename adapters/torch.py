@@ -1,0 +1,250 @@
+"""The PyTorch adapter (extra ``torch``): ``nn.Module``, ``torch.export`` programs, TorchScript.
+
+Import goes through ``torch.onnx.export(dynamo=True)`` (needs onnxscript) and falls back to the
+TorchScript-based exporter when the dynamo path fails; the provenance says which was used.
+Every import is verified: the module and the imported model (run in ONNX Runtime) on the
+example inputs; a relative difference over ``rtol`` (default 1e-4) is an error.
+
+torch is imported only inside these functions: ``import modelpress`` never imports it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpress.adapter import Adapter
+from modelpress.errors import DataError, InvalidModelError, UnsupportedModelError
+from modelpress.hookspecs import hookimpl
+from modelpress.model import Model
+from modelpress.provenance import Provenance
+from modelpress.verify import check_import
+
+__all__ = ["load_torch"]
+
+_SUFFIXES = {".pt2", ".pt", ".pth", ".ts"}
+
+
+def _is_torch_object(source: Any) -> bool:
+    torch = sys.modules.get("torch")
+    if torch is None:  # NOTE: an object of torch cannot exist before torch was imported
+        return False
+    return isinstance(source, (torch.nn.Module, torch.export.ExportedProgram, torch.jit.ScriptModule))
+
+
+def _accepts(source: Any) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        return Path(source).suffix.lower() in _SUFFIXES
+    return _is_torch_object(source)
+
+
+@hookimpl
+def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
+    register(
+        Adapter(
+            name="torch",
+            accepts=_accepts,
+            load=load_torch,
+            priority=10,
+            summary="torch.nn.Module, torch.export programs (.pt2), TorchScript (.pt)",
+        )
+    )
+
+
+def _require_torch() -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise UnsupportedModelError(
+            "loading PyTorch models needs the torch extra: pip install -c constraints.txt 'modelpress[torch]'"
+        ) from None
+    return torch
+
+
+def _read_file(path: Path, trust_pickle: bool) -> Any:
+    torch = _require_torch()
+    if not path.is_file():
+        raise InvalidModelError(f"{str(path)!r}: no such file")
+    if path.suffix.lower() == ".pt2":
+        try:
+            return torch.export.load(str(path))
+        except Exception as exc:
+            raise InvalidModelError(f"{str(path)!r}: not a torch.export program (.pt2): {exc}") from None
+    try:
+        return torch.jit.load(str(path), map_location="cpu")
+    except Exception as jit_error:
+        if not trust_pickle:
+            raise InvalidModelError(
+                f"{str(path)!r}: not a TorchScript file ({str(jit_error).splitlines()[0][:200]}). If it is a pickled "
+                f"full module, loading it runs code from the file: pass trust_pickle=True (--trust-pickle) only if you trust it"
+            ) from None
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise InvalidModelError(f"{str(path)!r}: cannot be unpickled as a torch module: {exc}") from None
+    if not isinstance(obj, torch.nn.Module):
+        raise InvalidModelError(
+            f"{str(path)!r}: holds a {type(obj).__name__}, not a torch.nn.Module (a state dict needs its model class: "
+            f"build the module, load_state_dict, and pass the module)"
+        )
+    return obj
+
+
+def _as_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    torch = _require_torch()
+    if example_inputs is None:
+        return ()
+    if isinstance(example_inputs, dict):
+        example_inputs = tuple(example_inputs.values())
+    if not isinstance(example_inputs, (tuple, list)):
+        example_inputs = (example_inputs,)
+    out = []
+    for item in example_inputs:
+        if isinstance(item, np.ndarray):
+            item = torch.from_numpy(item)
+        out.append(item)
+    return tuple(out)
+
+
+def _to_numpy_list(outputs: Any) -> list[np.ndarray]:
+    if isinstance(outputs, dict):
+        outputs = list(outputs.values())
+    if not isinstance(outputs, (tuple, list)):
+        outputs = [outputs]
+    return [o.detach().cpu().numpy() for o in outputs]
+
+
+def load_torch(
+    source: Any,
+    *,
+    example_inputs: Any = None,
+    input_names: list[str] | None = None,
+    output_names: list[str] | None = None,
+    dynamic_batch: bool = True,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+    opset: int | None = None,
+    rtol: float = 1e-4,
+    trust_pickle: bool = False,
+    exporter: str = "auto",
+    **_: Any,
+) -> Model:
+    """Import a PyTorch model (see the module docstring).
+
+    Args:
+        example_inputs: a tensor, array or tuple of them; required unless ``source`` is a
+            ``torch.export`` program that carries its own.
+        input_names / output_names: ONNX names (default: the forward's argument names / the
+            exporter's).
+        dynamic_batch: make axis 0 of every input dynamic (``"batch"``).
+        dynamic_axes: more dynamic axes, ``{"tokens": {1: "seq"}}``.
+        exporter: ``"auto"`` (dynamo, then TorchScript), ``"dynamo"`` or ``"torchscript"``.
+    """
+    torch = _require_torch()
+    label = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    if isinstance(source, (str, os.PathLike)):
+        source = _read_file(Path(source), trust_pickle)
+    if not _is_torch_object(source):
+        raise UnsupportedModelError(f"{label}: not a torch.nn.Module, torch.export program or TorchScript module")
+
+    args = _as_tuple(example_inputs)
+    is_program = isinstance(source, torch.export.ExportedProgram)
+    if not args and is_program and source.example_inputs is not None:
+        args = tuple(source.example_inputs[0])
+    if not args:
+        raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
+
+    runnable = source.module() if is_program else source
+    if isinstance(runnable, torch.nn.Module):
+        runnable.eval()
+    try:
+        with torch.no_grad():
+            reference = _to_numpy_list(runnable(*args))
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args)
+        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+
+    names = input_names
+    if names is None:
+        try:
+            import inspect
+
+            params = list(inspect.signature(runnable.forward).parameters)
+            names = params[: len(args)] if len(params) >= len(args) else None
+        except (TypeError, ValueError):
+            names = None
+    names = names or [f"input_{i}" for i in range(len(args))]
+    axes: dict[str, dict[int, str]] = {}
+    for name, arg in zip(names, args, strict=True):
+        if dynamic_batch and getattr(arg, "dim", lambda: 0)() > 0:
+            axes.setdefault(name, {})[0] = "batch"
+    for name, extra in (dynamic_axes or {}).items():
+        axes.setdefault(name, {}).update(extra)
+
+    errors: list[str] = []
+    proto = None
+    used = ""
+    if exporter in ("auto", "dynamo"):
+        try:
+            dims: dict[str, Any] = {}
+            shapes = tuple(
+                {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()} or None
+                for name in names
+            )
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                program = torch.onnx.export(
+                    source, args, dynamo=True, input_names=names, output_names=output_names,
+                    dynamic_shapes=None if is_program else shapes, opset_version=opset, verbose=False,
+                )
+            proto = program.model_proto
+            used = "torch.onnx.export(dynamo=True)"
+        except Exception as exc:
+            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+    if proto is None and exporter in ("auto", "torchscript") and not is_program:
+        try:
+            buffer = io.BytesIO()
+            with warnings.catch_warnings(), _quiet():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(
+                    source, args, buffer, dynamo=False, input_names=names, output_names=output_names,
+                    dynamic_axes=axes or None, opset_version=opset or 17,
+                )
+            import onnx
+
+            proto = onnx.load_from_string(buffer.getvalue())
+            used = "torch.onnx.export(dynamo=False) (TorchScript fallback)"
+        except Exception as exc:
+            errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+    if proto is None:
+        raise UnsupportedModelError(f"{label}: PyTorch could not export the model to ONNX: " + "; ".join(errors))
+
+    from modelpress.adapters.onnx import load_onnx
+
+    model = load_onnx(proto)
+    feeds = {spec.name: np.asarray(a.detach().cpu().numpy()) for spec, a in zip(model.signature.inputs, args, strict=False)}
+    figures = check_import(reference, model, feeds, rtol, f"{label} (exported with {used})")
+    model.provenance = Provenance(
+        source_framework="torch",
+        source_version=torch.__version__,
+        source=label,
+        importer=used,
+        extra={"import_check": figures, "fallback_reasons": errors},
+    )
+    return model
+
+
+class _quiet:
+    """Silence exporters that print progress to stdout."""
+
+    def __enter__(self) -> None:
+        self._stdout = sys.stdout
+        sys.stdout = io.StringIO()
+
+    def __exit__(self, *exc: object) -> None:
+        sys.stdout = self._stdout

@@ -1,0 +1,213 @@
+"""A small training engine for lowered models: pruning recovery, distillation and QAT use it.
+
+``fit`` trains any ``torch.nn.Module`` (usually a :class:`GraphModule` from ``to_torch``) on
+numpy arrays: deterministic (seeded shuffling and initialisation), with a progress bar, early
+stopping on a validation metric, gradient masks (pruned weights stay exactly zero) and a clean
+stop on Ctrl-C that keeps the best weights seen so far.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from modelpress.errors import DataError, OptionsError
+from modelpress.progress import progress_bar
+
+__all__ = ["FitResult", "accuracy", "fit", "predict", "seed_everything"]
+
+LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
+"""``loss(outputs, batch) -> scalar``; ``batch`` holds every target array for the batch (``labels``, ...)."""
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)
+    best_epoch: int = -1
+    best_metric: float | None = None
+    interrupted: bool = False
+    stopped_early: bool = False
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def _first(outputs: Any) -> torch.Tensor:
+    return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
+
+
+def cross_entropy(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    if "labels" not in batch:
+        raise DataError("cross-entropy needs labels: add an array named 'labels' to the data")
+    return F.cross_entropy(_first(outputs), batch["labels"].long())
+
+
+def mse(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    return F.mse_loss(_first(outputs), batch["labels"].to(_first(outputs).dtype))
+
+
+LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+
+
+def predict(module: nn.Module, inputs: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
+    """The first output of ``module`` over numpy inputs, in eval mode, batched."""
+    was_training = module.training
+    module.eval()
+    outs = []
+    n = len(inputs[0])
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            batch = [torch.from_numpy(np.ascontiguousarray(a[start : start + batch_size])) for a in inputs]
+            outs.append(_first(module(*batch)).cpu().numpy())
+    module.train(was_training)
+    return np.concatenate(outs, axis=0)
+
+
+def accuracy(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray) -> float:
+    return float(np.mean(predict(module, inputs).argmax(axis=1) == labels))
+
+
+def _apply_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, mask in masks.items():
+            param = module.get_parameter(name)
+            param.mul_(mask)
+
+
+def fit(
+    module: nn.Module,
+    inputs: Sequence[np.ndarray],
+    targets: Mapping[str, np.ndarray],
+    *,
+    loss: str | LossFn = "cross_entropy",
+    epochs: int = 5,
+    batch_size: int = 64,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "cosine",
+    seed: int = 0,
+    validation: tuple[Sequence[np.ndarray], np.ndarray] | None = None,
+    metric: Callable[[nn.Module], float] | None = None,
+    patience: int | None = None,
+    masks: Mapping[str, np.ndarray | torch.Tensor] | None = None,
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]] = (),
+    extra_loss: Callable[[nn.Module, list[torch.Tensor], Any], torch.Tensor] | None = None,
+    parameters: Sequence[nn.Parameter] | None = None,
+    show_progress: bool = True,
+) -> FitResult:
+    """Train ``module`` in place and leave it holding the best weights (by validation metric).
+
+    Args:
+        inputs: one array per module input (same number of samples).
+        targets: arrays indexed like the inputs and passed to ``loss`` per batch
+            (``labels``, teacher logits, ...).
+        loss: ``"cross_entropy"``, ``"mse"`` or ``loss(outputs, batch) -> tensor``.
+        optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9); ``schedule``:
+            ``"cosine"`` or ``"constant"``.
+        validation: ``(inputs, labels)`` for the default metric (accuracy), or give ``metric``
+            (higher is better). The best epoch's weights are kept.
+        patience: stop after this many epochs without improvement.
+        masks: ``{parameter name: 0/1 array}``; masked weights are zeroed after every step.
+        callbacks: ``callback(epoch, logs)`` after each epoch.
+        extra_loss: ``extra_loss(module, batch_inputs, outputs)`` added to the loss (feature
+            distillation uses it).
+    """
+    if epochs < 0:
+        raise OptionsError(f"epochs must be >= 0, got {epochs}")
+    n = len(inputs[0])
+    if n == 0:
+        raise DataError("no training samples")
+    for name, array in targets.items():
+        if len(array) != n:
+            raise DataError(f"training data has {n} samples but {len(array)} {name}")
+    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    seed_everything(seed)
+    params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    elif optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        opt = cls(params, lr=lr, weight_decay=weight_decay)
+    else:
+        raise OptionsError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {optimizer!r}")
+    steps_per_epoch = math.ceil(n / batch_size)
+    total = max(1, epochs * steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        opt, (lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))) if schedule == "cosine" else (lambda step: 1.0)
+    )
+    mask_tensors = {k: torch.as_tensor(v, dtype=module.get_parameter(k).dtype) for k, v in (masks or {}).items()}
+    _apply_masks(module, mask_tensors)
+    if metric is None and validation is not None:
+        val_inputs, val_labels = validation
+
+        def metric(m: nn.Module) -> float:
+            return accuracy(m, val_inputs, val_labels)
+
+    tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+    tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
+    generator = torch.Generator().manual_seed(seed)
+    result = FitResult()
+    best_state = copy.deepcopy(module.state_dict())
+    if metric is not None:
+        result.best_metric = metric(module)
+        result.best_epoch = 0
+    since_best = 0
+    try:
+        with progress_bar("training", total=epochs * steps_per_epoch, enabled=show_progress) as advance:
+            for epoch in range(1, epochs + 1):
+                module.train()
+                order = torch.randperm(n, generator=generator)
+                running, seen = 0.0, 0
+                for start in range(0, n, batch_size):
+                    idx = order[start : start + batch_size]
+                    batch_in = [t[idx] for t in tensors_in]
+                    batch_t = {k: v[idx] for k, v in tensors_t.items()}
+                    outputs = module(*batch_in)
+                    value = loss_fn(outputs, batch_t)
+                    if extra_loss is not None:
+                        value = value + extra_loss(module, batch_in, outputs)
+                    opt.zero_grad(set_to_none=True)
+                    value.backward()
+                    opt.step()
+                    scheduler.step()
+                    _apply_masks(module, mask_tensors)
+                    running += float(value.detach()) * len(idx)
+                    seen += len(idx)
+                    advance(1)
+                logs = {"epoch": float(epoch), "loss": running / max(seen, 1)}
+                if metric is not None:
+                    score = metric(module)
+                    logs["metric"] = score
+                    if result.best_metric is None or score > result.best_metric:
+                        result.best_metric, result.best_epoch = score, epoch
+                        best_state = copy.deepcopy(module.state_dict())
+                        since_best = 0
+                    else:
+                        since_best += 1
+                else:
+                    best_state = copy.deepcopy(module.state_dict())
+                    result.best_epoch = epoch
+                result.history.append(logs)
+                for callback in callbacks:
+                    callback(epoch, logs)
+                if patience is not None and since_best >= patience:
+                    result.stopped_early = True
+                    break
+    except KeyboardInterrupt:
+        result.interrupted = True
+    module.load_state_dict(best_state)
+    module.eval()
+    return result

@@ -96,6 +96,23 @@ def _clean(name: str) -> str:
     return name.split(":")[0].replace("/", "_")
 
 
+def _freeze_captured_constants(proto: Any, function: Any, specs: list[Any], label: str) -> None:
+    """tf2onnx turns eager tensors captured by a tf.function into graph inputs; make them initializers."""
+    from onnx import numpy_helper
+
+    tf = _require_tf()
+    wanted = {s.name for s in specs}
+    extra = [i for i in proto.graph.input if i.name not in wanted]
+    if not extra:
+        return
+    captured = [t for t in function.get_concrete_function().captured_inputs if t.dtype != tf.resource]
+    if len(captured) != len(extra):
+        raise UnsupportedModelError(f"{label}: tf2onnx left inputs {[i.name for i in extra]} that are not the model's inputs")
+    for value_info, tensor in zip(extra, captured, strict=True):
+        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(tensor.numpy()), value_info.name))
+        proto.graph.input.remove(value_info)
+
+
 def _tidy_names(model: Model, output_names: list[str]) -> None:
     """tf2onnx names outputs ``Identity:0`` and the batch ``unk__N``: use the model's names and ``batch``."""
     import onnx_ir as ir
@@ -219,6 +236,8 @@ def load_tensorflow(
         proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:
         raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+
+    _freeze_captured_constants(proto, function, specs, label)
 
     from modelpress.adapters.onnx import load_onnx
 

@@ -160,7 +160,7 @@ def load_torch(
         raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
 
     runnable = source.module() if is_program else source
-    if isinstance(runnable, torch.nn.Module):
+    if isinstance(runnable, torch.nn.Module) and not is_program:  # NOTE: programs refuse .eval()
         runnable.eval()
     try:
         with torch.no_grad():
@@ -192,7 +192,7 @@ def load_torch(
     if exporter in ("auto", "dynamo"):
         try:
             dims: dict[str, Any] = {}
-            shapes = tuple(
+            dyn_shapes = tuple(
                 {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()} or None
                 for name in names
             )
@@ -200,7 +200,7 @@ def load_torch(
                 warnings.simplefilter("ignore")
                 program = torch.onnx.export(
                     source, args, dynamo=True, input_names=names, output_names=output_names,
-                    dynamic_shapes=None if is_program else shapes, opset_version=opset, verbose=False,
+                    dynamic_shapes=None if is_program else dyn_shapes, opset_version=opset, verbose=False,
                 )
             proto = program.model_proto
             used = "torch.onnx.export(dynamo=True)"

@@ -65,15 +65,18 @@ def torch_dtype(dtype: ir.DataType | int) -> torch.dtype:
 class Node:
     """What the interpreter keeps of an ONNX node: plain Python, no IR objects."""
 
-    __slots__ = ("attrs", "domain", "inputs", "name", "op_type", "outputs")
+    __slots__ = ("attrs", "consts", "domain", "inputs", "name", "op_type", "outputs")
 
     def __init__(self, node: ir.Node):
         self.op_type = node.op_type
         self.domain = node.domain if node.domain != "ai.onnx" else ""
         self.name = node.name or node.op_type
-        self.inputs = [v.name if v is not None else "" for v in node.inputs]
+        self.inputs = [(v.name or "") if v is not None else "" for v in node.inputs]
         self.outputs = [v.name or "" for v in node.outputs]
         self.attrs = {k: _attr_value(a) for k, a in node.attributes.items()}
+        # Integer inputs known when the graph is lowered (shapes, axes, starts...), as Python ints:
+        # using them instead of tensor values keeps the module traceable by torch.export.
+        self.consts: dict[int, list[int]] = {}
 
     def attr(self, name: str, default: Any = None) -> Any:
         return self.attrs.get(name, default)
@@ -209,7 +212,7 @@ def _pool(node: Node, data: torch.Tensor, kind: str) -> torch.Tensor:
         if not _symmetric(pads) or any(p > k // 2 for p, k in zip(pads[:rank], kernel, strict=True)):
             data = F.pad(data, _torch_pad(pads), value=float("-inf"))
             padding = 0
-        fn = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
+        fn: Any = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
         return fn(data, kernel, strides, padding, dilations, ceil_mode=ceil_mode)
     count_pad = bool(node.attr("count_include_pad", 0))
     padding = pads[:rank]
@@ -218,8 +221,8 @@ def _pool(node: Node, data: torch.Tensor, kind: str) -> torch.Tensor:
             raise UnsupportedModelError(f"AveragePool node {node.name!r}: asymmetric padding without count_include_pad")
         data = F.pad(data, _torch_pad(pads))
         padding = 0
-    fn = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
-    return fn(data, kernel, strides, padding, ceil_mode=ceil_mode, count_include_pad=count_pad)
+    avg: Any = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
+    return avg(data, kernel, strides, padding, ceil_mode=ceil_mode, count_include_pad=count_pad)
 
 
 @handles("MaxPool")
@@ -394,17 +397,17 @@ def _layer_norm(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     return out + bias if bias is not None else out
 
 
-def _reduce_axes(node: Node, x: list[Any]) -> list[int] | None:
+def _reduce_axes(m: GraphModule, node: Node, x: list[Any]) -> list[int] | None:
     axes = node.attr("axes")
     if axes is None and len(x) > 1 and x[1] is not None:
-        axes = _ints(x[1])
+        axes = m.ints(node, x, 1)
     return axes if axes else None
 
 
 @handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")
 def _reduce(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
-    axes = _reduce_axes(node, x)
+    axes = _reduce_axes(m, node, x)
     keep = bool(node.attr("keepdims", 1))
     if axes is None:
         if node.attr("noop_with_empty_axes", 0):
@@ -439,7 +442,7 @@ def _argmax(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 @handles("Reshape")
 def _reshape(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
-    shape = _ints(x[1])
+    shape = m.ints(node, x, 1)
     if not node.attr("allowzero", 0):
         shape = [data.shape[i] if s == 0 else s for i, s in enumerate(shape)]
     return data.reshape(shape)
@@ -471,7 +474,7 @@ def _gather(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     axis = axis + data.dim() if axis < 0 else axis
     indices = torch.where(indices < 0, indices + data.shape[axis], indices)
     picked = data.index_select(axis, indices.reshape(-1))
-    return picked.reshape(*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :])
+    return picked.reshape((*data.shape[:axis], *indices.shape, *data.shape[axis + 1 :]))
 
 
 @handles("GatherElements")
@@ -486,9 +489,9 @@ def _gather_elements(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 def _slice(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
     if len(x) > 1:
-        starts, ends = _ints(x[1]), _ints(x[2])
-        axes = _ints(x[3]) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
-        steps = _ints(x[4]) if len(x) > 4 and x[4] is not None else [1] * len(starts)
+        starts, ends = m.ints(node, x, 1), m.ints(node, x, 2)
+        axes = m.ints(node, x, 3) if len(x) > 3 and x[3] is not None else list(range(len(starts)))
+        steps = m.ints(node, x, 4) if len(x) > 4 and x[4] is not None else [1] * len(starts)
     else:  # opset < 10: attributes
         starts, ends = node.attr("starts"), node.attr("ends")
         axes = node.attr("axes", list(range(len(starts))))
@@ -515,7 +518,7 @@ def _concat(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 @handles("Unsqueeze")
 def _unsqueeze(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
-    axes = node.attr("axes") if node.attr("axes") is not None else _ints(x[1])
+    axes = node.attr("axes") if node.attr("axes") is not None else m.ints(node, x, 1)
     rank = data.dim() + len(axes)
     for axis in sorted(a + rank if a < 0 else a for a in axes):
         data = data.unsqueeze(axis)
@@ -527,7 +530,7 @@ def _squeeze(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
     axes = node.attr("axes")
     if axes is None and len(x) > 1 and x[1] is not None:
-        axes = _ints(x[1])
+        axes = m.ints(node, x, 1)
     if not axes:
         return data.squeeze()
     for axis in sorted((a + data.dim() if a < 0 else a for a in axes), reverse=True):
@@ -537,13 +540,13 @@ def _squeeze(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 @handles("Expand")
 def _expand(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
-    shape = torch.broadcast_shapes(tuple(x[0].shape), tuple(_ints(x[1])))
+    shape = torch.broadcast_shapes(tuple(x[0].shape), tuple(m.ints(node, x, 1)))
     return x[0].expand(shape)
 
 
 @handles("Tile")
 def _tile(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
-    return x[0].repeat(_ints(x[1]))
+    return x[0].repeat(m.ints(node, x, 1))
 
 
 @handles("Where")
@@ -562,7 +565,7 @@ def _cast_like(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(array).copy())
+    return torch.from_numpy(np.array(array, copy=True, order="C"))  # NOTE: ascontiguousarray makes 0-d arrays 1-d
 
 
 @handles("Constant")
@@ -574,7 +577,8 @@ def _constant(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 def _constant_of_shape(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     value = node.attr("value")
     fill = _as_tensor(np.asarray(value).reshape(-1)[:1]) if value is not None else torch.zeros(1, dtype=torch.float32)
-    return fill.expand(_ints(x[0])).clone() if _ints(x[0]) else fill.reshape(()).clone()
+    shape = m.ints(node, x, 0)
+    return fill.expand(shape).clone() if shape else fill.reshape(()).clone()
 
 
 @handles("Range")
@@ -589,7 +593,7 @@ def _split(m: GraphModule, node: Node, x: list[Any]) -> tuple[torch.Tensor, ...]
     axis = node.attr("axis", 0)
     sizes = node.attr("split")
     if sizes is None and len(x) > 1 and x[1] is not None:
-        sizes = _ints(x[1])
+        sizes = m.ints(node, x, 1)
     if not sizes:
         parts = len(node.outputs)
         size = data.shape[axis]
@@ -601,10 +605,10 @@ def _split(m: GraphModule, node: Node, x: list[Any]) -> tuple[torch.Tensor, ...]
 @handles("Pad")
 def _pad(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
-    pads = _ints(x[1]) if len(x) > 1 else node.attr("pads")
+    pads = m.ints(node, x, 1) if len(x) > 1 else node.attr("pads")
     value = x[2].item() if len(x) > 2 and x[2] is not None and x[2].numel() else node.attr("value", 0.0)
     if len(x) > 3 and x[3] is not None:
-        axes = [a % data.dim() for a in _ints(x[3])]
+        axes = [a % data.dim() for a in m.ints(node, x, 3)]
         full = [0] * (2 * data.dim())
         for i, a in enumerate(axes):
             full[a], full[a + data.dim()] = pads[i], pads[i + len(axes)]
@@ -670,6 +674,7 @@ def _dequantize(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 
 # -- the module ----------------------------------------------------------------------------------
+_SHAPE_OPS = frozenset({"Shape", "Constant", "Cast", "Identity", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div"})
 _BUFFER_INPUTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 
 
@@ -738,6 +743,22 @@ class GraphModule(nn.Module):
                 if out.dtype is not None and out.name:
                     self._dtypes[out.name] = out.dtype
         self._constants: dict[str, torch.Tensor] = {}
+        self._symbolic: dict[str, tuple[list[Any], bool]] = {}
+        self._known_constants: dict[str, tuple[list[Any], bool]] = {}
+        known: dict[str, list[int]] = {}
+        for name, value in graph.initializers.items():
+            tensor = value.const_value
+            if tensor is not None and tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32) and tensor.size <= 64:
+                known[name] = [int(v) for v in tensor.numpy().reshape(-1)]
+        for node in self._nodes:
+            if node.op_type == "Constant" and isinstance(node.attrs.get("value"), np.ndarray):
+                array = node.attrs["value"]
+                if array.dtype in (np.int64, np.int32) and array.size <= 64:
+                    known[node.outputs[0]] = [int(v) for v in array.reshape(-1)]
+                    self._known_constants[node.outputs[0]] = (known[node.outputs[0]], array.ndim == 0)
+            elif node.op_type == "Constant" and "value_ints" in node.attrs:
+                known[node.outputs[0]] = [int(v) for v in node.attrs["value_ints"]]
+            node.consts = {i: known[name] for i, name in enumerate(node.inputs) if name in known}
 
     # -- extension points ------------------------------------------------------------------
     def run_node(self, node: Node, inputs: list[Any]) -> Any:
@@ -760,6 +781,78 @@ class GraphModule(nn.Module):
                 raise UnsupportedModelError(f"Constant node {node.name!r}: unsupported value attribute {list(node.attrs)}")
         return self._constants[key]
 
+    def ints(self, node: Node, x: list[Any], i: int) -> list[Any]:
+        """Input ``i`` of ``node`` as a list of ints without reading tensor data when possible:
+        a lowering-time constant, or a value computed from tensor shapes (see ``_track_shapes``),
+        so that ``torch.export`` can trace shape arithmetic (dims stay symbolic)."""
+        if i in node.consts:
+            return node.consts[i]
+        name = node.inputs[i]
+        if name in self._symbolic:
+            return list(self._symbolic[name][0])
+        return _ints(x[i])
+
+    def _track_shapes(self, node: Node, inputs: list[Any]) -> None:
+        """Record the Python value of small integer tensors derived from shapes and constants."""
+        sym = self._symbolic
+
+        def known(i: int) -> tuple[list[Any], bool] | None:
+            if i >= len(node.inputs) or not node.inputs[i]:
+                return None
+            if i in node.consts:
+                array = node.consts[i]
+                tensor = inputs[i]
+                return list(array), bool(tensor is not None and tensor.dim() == 0)
+            return sym.get(node.inputs[i])
+
+        op = node.op_type
+        out = node.outputs[0] if node.outputs else ""
+        if op == "Shape":
+            dims = list(inputs[0].shape)
+            sym[out] = (dims[node.attr("start", 0) : node.attr("end", len(dims))], False)
+            return
+        if op == "Constant" and node.outputs[0] in self._known_constants:
+            value = self._known_constants[node.outputs[0]]
+            sym[out] = value
+            return
+        first = known(0)
+        if first is None:
+            return
+        values, scalar = first
+        if op in ("Cast", "Identity") and (op == "Identity" or torch_dtype(node.attr("to")) in (torch.int64, torch.int32)):
+            sym[out] = (values, scalar)
+        elif op == "Gather" and not scalar:
+            idx = known(1)
+            if idx is not None:
+                picked = [values[j] for j in idx[0]]
+                sym[out] = (picked, idx[1])
+        elif op == "Slice" and not scalar:
+            starts, ends = known(1), known(2)
+            steps = known(4) if len(node.inputs) > 4 else None
+            if starts is not None and ends is not None:
+                start, end = starts[0][0], ends[0][0]
+                step = steps[0][0] if steps is not None else 1
+                sym[out] = (values[slice(max(start, -len(values) - 1), min(end, len(values) + 1), step)], False)
+        elif op == "Concat":
+            parts = [known(i) for i in range(len(node.inputs))]
+            if all(p is not None and not p[1] for p in parts):
+                sym[out] = ([v for p in parts for v in p[0]], False)  # type: ignore[index]
+        elif op == "Unsqueeze" and scalar:
+            sym[out] = (values, False)
+        elif op == "Squeeze" and len(values) == 1:
+            sym[out] = (values, True)
+        elif op in ("Add", "Sub", "Mul", "Div"):
+            second = known(1)
+            if second is not None:
+                a, b = values, second[0]
+                if len(a) == 1 and len(b) > 1:
+                    a = a * len(b)
+                if len(b) == 1 and len(a) > 1:
+                    b = b * len(a)
+                if len(a) == len(b):
+                    fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q, "Mul": lambda p, q: p * q, "Div": lambda p, q: p // q}[op]
+                    sym[out] = ([fn(p, q) for p, q in zip(a, b, strict=True)], scalar and second[1])
+
     def dtype_of(self, name: str) -> ir.DataType:
         return self._dtypes.get(name, ir.DataType.FLOAT)
 
@@ -778,9 +871,12 @@ class GraphModule(nn.Module):
         return self._run(env, self.output_names)
 
     def _run(self, env: dict[str, Any], wanted: Sequence[str]) -> Any:
+        self._symbolic = {}
         for node in self._nodes:
             inputs = [env[name] if name else None for name in node.inputs]
             result = self.run_node(node, inputs)
+            if node.op_type in _SHAPE_OPS:
+                self._track_shapes(node, inputs)
             if len(node.outputs) == 1:
                 env[node.outputs[0]] = result
             else:

@@ -13,6 +13,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 from modelpress.adapter import Adapter
+from modelpress.convert import ConvertResult, convert
 from modelpress.data import Dataset, load_dataset, sample_inputs
 from modelpress.errors import (
     DataError,
@@ -28,6 +29,7 @@ from modelpress.errors import (
     VerificationError,
 )
 from modelpress.export import ExportResult, export, verify
+from modelpress.frameworks import fit, to_torch, update_weights
 from modelpress.hookspecs import hookimpl
 from modelpress.inspection import describe
 from modelpress.layers import WeightedLayer
@@ -44,6 +46,7 @@ __all__ = [
     "KINDS",
     "Adapter",
     "Comparison",
+    "ConvertResult",
     "DataError",
     "Dataset",
     "DuplicateMethodError",
@@ -69,14 +72,18 @@ __all__ = [
     "WeightedLayer",
     "__version__",
     "apply",
+    "convert",
     "create_registry",
     "describe",
     "export",
+    "fit",
     "get_registry",
     "hookimpl",
     "load",
     "load_dataset",
     "reset_registry",
     "sample_inputs",
+    "to_torch",
+    "update_weights",
     "verify",
 ]

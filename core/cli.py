@@ -11,6 +11,7 @@ import json
 import sys
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -176,6 +177,46 @@ def cmd_apply(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
+    except ValueError:
+        raise OptionsError(f"--input-shape {text!r} must be comma-separated integers, e.g. 1,3,32,32") from None
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    import modelpress
+
+    options: dict[str, Any] = {}
+    if args.input_shape:
+        shape = _shape(args.input_shape)
+        options["input_shape"] = (None, *shape[1:])
+        options["example_inputs"] = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    if args.example:
+        from modelpress.data import read_arrays
+
+        data = read_arrays(Path(args.example), "example")
+        options["example_inputs"] = tuple(data.values()) if isinstance(data, dict) else data
+    if args.trust_pickle:
+        options["trust_pickle"] = True
+    if args.opset:
+        options["opset"] = args.opset
+    result = modelpress.convert(args.source, args.output, to=args.to, sample=args.sample, **options)
+    console = _console()
+    prov = result.model.provenance
+    check = prov.extra.get("import_check")
+    console.print(f"imported {escape(str(args.source))} from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}")
+    if check:
+        console.print(f"  import verified against {prov.source_framework}: max |diff| {check['max_abs_diff']:.3g}")
+    size = Path(result.path).stat().st_size
+    console.print(f"wrote {escape(str(result.path))} ({result.target}{', ' + result.note if result.note else ''}, {_human_bytes(size)})")
+    if result.verification is not None:
+        console.print(f"verified against the imported model in ONNX Runtime: {result.verification.summary()}")
+    return 0
+
+
 # -- parser -------------------------------------------------------------------------------------
 
 
@@ -198,6 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_plugins)
+
+    p = sub.add_parser(
+        "convert",
+        help="convert between frameworks: torch / Keras / SavedModel / ONNX in, ONNX or PyTorch out",
+        description=(
+            "Import SRC (.onnx, .keras/.h5, a SavedModel folder, .pt2 torch.export program, .pt TorchScript) "
+            "and write OUT: .onnx (verified in ONNX Runtime), .pt2 (torch.export program) or .pt (pickled "
+            "nn.Module). Every import is checked against the source framework."
+        ),
+    )
+    p.add_argument("source", help="source model file or SavedModel folder")
+    p.add_argument("-o", "--output", required=True, help="output path: .onnx, .pt2 or .pt")
+    p.add_argument("--to", choices=("onnx", "torch"), help="output format (default: from the output suffix)")
+    p.add_argument("--input-shape", help="example input shape for sources without one, e.g. 1,3,32,32 (first axis: batch)")
+    p.add_argument("--example", help=".npy/.npz example inputs (TorchScript sources need these or --input-shape)")
+    p.add_argument("--sample", help=".npz inputs for the output's verification run")
+    p.add_argument("--opset", type=int, help="ONNX opset for the import")
+    p.add_argument("--trust-pickle", action="store_true", help="allow .pt files holding a pickled full module (unpickling runs code)")
+    p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
         "apply",

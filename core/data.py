@@ -60,7 +60,7 @@ def _to_numpy(obj: Any) -> np.ndarray:
     return np.asarray(obj)
 
 
-def _read_file(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
+def read_arrays(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
     if not path.exists():
         raise DataError(f"{what} data file {str(path)!r} does not exist")
     try:
@@ -78,7 +78,7 @@ def _collect(source: Any, signature: Signature, what: str) -> dict[str, np.ndarr
     """Turn any accepted source into one dict of full arrays (inputs and maybe labels)."""
     names = signature.input_names
     if isinstance(source, (str, os.PathLike)):
-        source = _read_file(Path(source), what)
+        source = read_arrays(Path(source), what)
     if isinstance(source, Mapping):
         return {str(k): _to_numpy(v) for k, v in source.items()}
     if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not hasattr(source, "__iter__")):

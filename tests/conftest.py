@@ -114,3 +114,46 @@ def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = No
         cwd=cwd,
         timeout=600,
     )
+
+
+# -- framework models, trained once per session ------------------------------------------------
+@pytest.fixture(scope="session")
+def torch_digits(digits):
+    """Trained torch models on digits: {"cnn": (module, x_test), "mlp": ..., "transformer": ...}."""
+    pytest.importorskip("torch", reason="needs the torch extra")
+    import torch
+
+    from tests import torch_models as tm
+    from tests.models import images
+
+    torch.manual_seed(0)
+    out = {
+        "cnn": (tm.train_torch(tm.DigitsCNN(), images(digits["x_train"], "nchw"), digits["y_train"], epochs=6), images(digits["x_test"], "nchw")),
+        "mlp": (tm.train_torch(tm.DigitsMLP(), digits["x_train"], digits["y_train"], epochs=15), digits["x_test"]),
+        "transformer": (
+            tm.train_torch(tm.DigitsTransformer(), digits["x_train"].reshape(-1, 8, 8), digits["y_train"], epochs=12),
+            digits["x_test"].reshape(-1, 8, 8),
+        ),
+    }
+    for name, (module, x_test) in out.items():
+        accuracy = float(np.mean(tm.torch_predict(module, x_test).argmax(1) == digits["y_test"]))
+        assert accuracy > 0.85, f"{name} trained to only {accuracy:.2%}"
+    return out
+
+
+@pytest.fixture(scope="session")
+def keras_digits(digits):
+    """Trained Keras models on digits: {"cnn": (model, x_test), "mlp": (model, x_test)}."""
+    pytest.importorskip("tensorflow", reason="needs the tensorflow extra")
+    pytest.importorskip("tf2onnx", reason="needs the tensorflow extra")
+    from tests import models
+
+    out = {
+        "cnn": (models.train_keras(models.keras_cnn(), models.images(digits["x_train"], "nhwc"), digits["y_train"], epochs=6),
+                models.images(digits["x_test"], "nhwc")),
+        "mlp": (models.train_keras(models.keras_mlp(), digits["x_train"], digits["y_train"], epochs=15), digits["x_test"]),
+    }
+    for name, (model, x_test) in out.items():
+        accuracy = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == digits["y_test"]))
+        assert accuracy > 0.85, f"keras {name} trained to only {accuracy:.2%}"
+    return out

@@ -33,6 +33,7 @@ elapsed = time.perf_counter() - start
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"seconds": elapsed, "peak_rss": int(hwm.split()[1]) * 1024,
                   "max_abs_diff": result.verification.max_abs_diff if result.verification else None,
+                  "import_diff": result.model.provenance.extra.get("import_check", {}).get("max_abs_diff"),
                   "importer": result.model.provenance.importer}))
 """
 
@@ -78,18 +79,21 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         table = Table(title="modelpress convert: cold-start time and peak memory (one process per row)")
-        for col in ("conversion", "time (s)", "peak RSS (MB)", "output (KB)", "max |diff| vs source", "importer"):
+        for col in ("conversion", "time (s)", "peak RSS (MB)", "output (KB)", "import |diff| vs source", "output |diff| vs import", "importer"):
             table.add_column(col)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         for name, source, output, options in _sources(folder):
             done = subprocess.run([sys.executable, "-c", CHILD, str(source), str(output), json.dumps(options)],
                                   capture_output=True, text=True, env=env, check=False)
             if done.returncode != 0:
-                table.add_row(name, "failed", "", "", done.stderr.strip().splitlines()[-1][:60], "")
+                table.add_row(name, "failed", "", "", "", done.stderr.strip().splitlines()[-1][:60], "")
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
+            def fmt(value: float | None) -> str:
+                return f"{value:.2e}" if value is not None else "-"
+
             table.add_row(name, f"{row['seconds']:.2f}", f"{row['peak_rss'] / 1e6:.0f}", f"{output.stat().st_size / 1e3:.1f}",
-                          f"{row['max_abs_diff']:.2e}" if row["max_abs_diff"] is not None else "-", row["importer"])
+                          fmt(row["import_diff"]), fmt(row["max_abs_diff"]), row["importer"])
         Console(width=160).print(table)
 
 

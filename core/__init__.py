@@ -37,7 +37,7 @@ from modelpress.loading import load
 from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.pipeline import apply
-from modelpress.plugins import Registry, create_registry, get_registry, reset_registry
+from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.provenance import PassRecord, Provenance
 from modelpress.signature import Signature, TensorSpec
 from modelpress.verify import Comparison

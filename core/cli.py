@@ -101,7 +101,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from modelpress.plugins import get_registry
+    from modelpress.registry import get_registry
 
     registry = get_registry()
     if args.json:

@@ -7,7 +7,7 @@ from typing import Any
 
 from modelpress.errors import InvalidModelError, UnsupportedModelError
 from modelpress.model import Model
-from modelpress.plugins import Registry, get_registry
+from modelpress.registry import Registry, get_registry
 
 __all__ = ["load"]
 

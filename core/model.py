@@ -145,13 +145,15 @@ class Model:
         domain: str = "",
         name: str | None = None,
         dtype: ir.DataType | None = None,
+        consumers: list[ir.Node] | None = None,
     ) -> ir.Value:
         """Insert ``op_type(value, *extra_inputs)`` on every edge leaving ``value``.
 
         Every consumer of ``value`` (and the graph output, if it is one) is rewired to the new
         node's output, which is returned. Used to put Cast, QuantizeLinear/DequantizeLinear and
         similar nodes on an edge. The output keeps ``value``'s shape; its element type is
-        ``dtype`` if given, Cast's ``to``, or else ``value``'s.
+        ``dtype`` if given, Cast's ``to``, or else ``value``'s. With ``consumers``, only those
+        nodes are rewired (and the graph output is left alone).
         """
         node = ir.node(
             op_type,
@@ -167,10 +169,12 @@ class Model:
             dtype = ir.DataType(int(attributes["to"]))
         out.type = ir.TensorType(dtype) if dtype is not None else value.type
         uses = [(user, idx) for user, idx in value.uses() if user is not node]
+        if consumers is not None:
+            uses = [(user, idx) for user, idx in uses if any(user is c for c in consumers)]
         for user, idx in uses:
             user.replace_input_with(idx, out)
         graph = self.ir.graph
-        if value.is_graph_output():
+        if value.is_graph_output() and consumers is None:
             # NOTE: keep the public output name; the new node's output takes it over.
             old_name = value.name
             value.name = self._unique_name(f"{old_name}_pre_{op_type.lower()}")

@@ -8,7 +8,7 @@ from typing import Any
 from modelpress.errors import ModelpressError, PluginError
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.plugins import Registry, get_registry
+from modelpress.registry import Registry, get_registry
 from modelpress.provenance import PassRecord
 
 __all__ = ["apply"]

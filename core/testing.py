@@ -21,7 +21,7 @@ from modelpress.data import sample_inputs
 from modelpress.methods import Method
 from modelpress.model import Model
 from modelpress.pipeline import apply
-from modelpress.plugins import Registry
+from modelpress.registry import Registry
 from modelpress.runtime import make_session, run
 
 __all__ = ["assert_valid", "check_method", "make_model", "tiny_cnn", "tiny_mlp"]

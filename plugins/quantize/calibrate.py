@@ -1,0 +1,172 @@
+"""Calibration: activation statistics from one ONNX Runtime session, and the range calibrators.
+
+All tensors to calibrate are added as outputs of *one* session, which sweeps the calibration
+data once for min/max (and per-channel means, for bias correction) and, for the histogram-based
+calibrators, once more for a 2048-bin histogram of ``|x|``. Calibrators then pick a clipping
+threshold ``T`` per tensor; the range used is ``[max(min, -T), min(max, T)]``:
+
+* ``minmax``: no clipping;
+* ``percentile``: ``T`` is the given percentile of ``|x|`` (e.g. 99.99);
+* ``entropy``: the ``T`` minimising the KL divergence between the histogram and its quantized
+  version (TensorRT's algorithm, also ONNX Runtime's);
+* ``mse``: the ``T`` minimising the expected squared quantization error (rounding inside the
+  range, clipping outside), estimated from the histogram.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.data import Dataset
+from modelpress.methods import PassContext
+from modelpress.model import Model
+from modelpress.runtime import make_session
+
+__all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
+
+CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
+BINS = 2048
+
+
+@dataclass
+class TensorStats:
+    min: float = float("inf")
+    max: float = float("-inf")
+    channel_sum: np.ndarray | None = None
+    count: int = 0
+    hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+
+    @property
+    def absmax(self) -> float:
+        return max(abs(self.min), abs(self.max))
+
+    @property
+    def channel_mean(self) -> np.ndarray | None:
+        return None if self.channel_sum is None or not self.count else self.channel_sum / self.count
+
+
+def _with_outputs(model: Model, names: list[str]) -> Model:
+    probe = model.clone()
+    graph = probe.ir.graph
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    existing = {v.name for v in graph.outputs}
+    for name in names:
+        if name not in existing and name in values:
+            graph.outputs.append(values[name])
+    return probe
+
+
+def collect_stats(
+    model: Model,
+    names: list[str],
+    data: Dataset,
+    ctx: PassContext,
+    *,
+    histogram: bool,
+    channel_axes: dict[str, int] | None = None,
+    batch_size: int = 64,
+) -> dict[str, TensorStats]:
+    """Statistics of the named tensors over ``data``, from one ORT session.
+
+    ``channel_axes`` names the axis whose per-channel means are kept (bias correction needs the
+    mean of each input channel of a layer: axis 1 for Conv, the last axis for Gemm/MatMul).
+    """
+    channel_axes = channel_axes or {}
+    names = list(dict.fromkeys(names))
+    session = make_session(_with_outputs(model, names))
+    outputs = [o.name for o in session.get_outputs()]
+    index = {name: outputs.index(name) for name in names if name in outputs}
+    stats = {name: TensorStats() for name in index}
+    batches = list(data.batches(batch_size))
+    sweeps = 2 if histogram else 1
+    with ctx.progress("calibrating", total=len(batches) * sweeps) as advance:
+        for feeds in batches:
+            results = session.run(None, feeds)
+            for name, i in index.items():
+                x = np.asarray(results[i], np.float32)
+                s = stats[name]
+                if x.size == 0:
+                    continue
+                s.min, s.max = min(s.min, float(x.min())), max(s.max, float(x.max()))
+                if name in channel_axes and x.ndim >= 2:
+                    channel = channel_axes[name] % x.ndim
+                    axes = tuple(a for a in range(x.ndim) if a != channel)
+                    per_channel = x.sum(axis=axes, dtype=np.float64)
+                    s.channel_sum = per_channel if s.channel_sum is None else s.channel_sum + per_channel
+                    s.count += int(x.size // per_channel.size)
+            advance(1)
+        if histogram:
+            for feeds in batches:
+                results = session.run(None, feeds)
+                for name, i in index.items():
+                    s = stats[name]
+                    if s.absmax > 0:
+                        h, _ = np.histogram(np.abs(np.asarray(results[i], np.float32)), bins=BINS, range=(0.0, s.absmax))
+                        s.hist += h
+                advance(1)
+    return stats
+
+
+def _entropy_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
+    hist = hist.astype(np.float64)
+    width = absmax / len(hist)
+    best, best_kl = len(hist), np.inf
+    for i in range(levels, len(hist) + 1, 16):
+        reference = hist[:i].copy()
+        reference[i - 1] += hist[i:].sum()
+        nonzero = reference > 0
+        # quantize the first i bins into `levels` bins, then expand back over the non-empty bins
+        edges = np.linspace(0, i, levels + 1).astype(int)
+        candidate = np.zeros(i)
+        for a, b in zip(edges[:-1], edges[1:], strict=True):
+            chunk = hist[a:b]
+            mask = nonzero[a:b]
+            if mask.any():
+                candidate[a:b][mask] = chunk.sum() / mask.sum()
+        p = reference / reference.sum()
+        q = candidate / max(candidate.sum(), 1e-12)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(nonzero & (q > 0), p * np.log(p / q), np.where(nonzero, np.inf, 0.0))
+        kl = float(terms.sum())
+        if kl < best_kl:
+            best_kl, best = kl, i
+    return (best + 0.5) * width
+
+
+def _mse_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
+    hist = hist.astype(np.float64)
+    centers = (np.arange(len(hist)) + 0.5) * absmax / len(hist)
+    best_t, best_err = absmax, np.inf
+    for t in np.linspace(absmax / 64, absmax, 128):
+        step = t / levels
+        inside = centers <= t
+        err = (hist[inside].sum() * step * step / 12.0) + float(np.sum(hist[~inside] * (centers[~inside] - t) ** 2))
+        if err < best_err:
+            best_err, best_t = err, t
+    return float(best_t)
+
+
+def choose_range(stats: TensorStats, calibrator: str, *, percentile: float = 99.99, signed: bool = False) -> tuple[float, float]:
+    """The ``[rmin, rmax]`` to quantize a tensor with, by ``calibrator``."""
+    if calibrator == "minmax" or stats.absmax == 0 or not stats.hist.any():
+        return stats.min, stats.max
+    nonnegative = stats.min >= 0 and not signed
+    levels = 255 if nonnegative else 127
+    if calibrator == "percentile":
+        cdf = np.cumsum(stats.hist) / stats.hist.sum()
+        idx = int(np.searchsorted(cdf, percentile / 100.0))
+        threshold = (min(idx, len(cdf) - 1) + 1) * stats.absmax / len(cdf)
+    elif calibrator == "entropy":
+        threshold = _entropy_threshold(stats.hist, stats.absmax, 128 if not nonnegative else 255)
+    elif calibrator == "mse":
+        threshold = _mse_threshold(stats.hist, stats.absmax, levels)
+    else:
+        raise ValueError(calibrator)
+    return max(stats.min, -threshold), min(stats.max, threshold)

@@ -1,0 +1,278 @@
+"""``int8-static``: QDQ static quantization with calibration and sensitivity-guided fallback.
+
+The graph gets QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer
+kernels: weights int8 symmetric (per output channel by default) behind a DequantizeLinear,
+biases int32 (scale = input scale x weight scale), activations uint8 asymmetric (or int8) on
+the input and output edges of each quantized node (the output taken after a following
+Relu/Clip, which ORT folds into the quantization).
+
+Quantizing everything can wreck accuracy on real models. So the method measures, on the
+calibration data, how far the fully quantized model is from float (top-1 agreement for
+classifier-like outputs, cosine of the outputs); if it misses the target, it measures each
+node's *sensitivity* (the output error when that node alone is quantized), and keeps the most
+sensitive nodes in float, the fewest that meets the target. The figures say which nodes stayed
+in float and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import onnx_ir as ir
+from pydantic import Field
+
+from modelpress.data import Dataset, load_dataset
+from modelpress.errors import DataError, OptionsError
+from modelpress.layers import WeightedLayer
+from modelpress.methods import Options, PassContext
+from modelpress.model import Model
+from modelpress.plugins.quantize.affine import QRange, affine_params, dequantize, per_axis, quantize, symmetric_params
+from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, choose_range, collect_stats
+from modelpress.plugins.quantize.evaluate import Scorer
+
+__all__ = ["Int8StaticOptions", "int8_static"]
+
+_FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
+
+
+class Int8StaticOptions(Options):
+    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = Field("percentile", description="how activation ranges are chosen: " + ", ".join(CALIBRATORS))
+    percentile: float = Field(99.999, gt=50, le=100, description="percentile of |x| kept by the percentile calibrator")
+    per_channel: bool = Field(True, description="one weight scale per output channel (False: per tensor)")
+    activation_type: Literal["uint8", "int8"] = Field("uint8", description="integer type of activations")
+    symmetric_activations: bool = Field(False, description="symmetric activation ranges (zero point 0 / 128)")
+    op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="op types to quantize (weighted layers)")
+    exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
+    exclude_op_types: list[str] = Field(default_factory=list, description="op types to keep in float")
+    keep_first_last: bool = Field(False, description="keep the first and last quantizable layers in float")
+    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause")
+    quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
+    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (classifiers)")
+    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target cosine between float and quantized outputs")
+    sensitivity: bool = Field(True, description="keep the most sensitive nodes in float until the targets are met")
+    max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
+    batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
+
+
+@dataclass
+class _Plan:
+    """How one node gets quantized: its activation tensors and quantized weight/bias."""
+
+    layer: WeightedLayer
+    act_in: str
+    act_out: str | None
+    weight_q: np.ndarray
+    weight_scale: np.ndarray
+    weight_zero: np.ndarray
+    bias_q: np.ndarray | None
+    bias_scale: np.ndarray | None
+    bias_float: np.ndarray | None
+
+
+def _fused_output(layer: WeightedLayer) -> ir.Value:
+    """The tensor to quantize after ``layer``: its output, or that of a sole Relu/Clip consumer."""
+    out = layer.node.outputs[0]
+    users = list(out.uses())
+    if len(users) == 1 and not out.is_graph_output():
+        user = users[0][0]
+        if user.op_type in _FUSABLE_ACTIVATIONS and user.domain in ("", "ai.onnx"):
+            return user.outputs[0]
+    return out
+
+
+def _act_params(stats: TensorStats, opts: Int8StaticOptions, grid: QRange) -> tuple[np.ndarray, np.ndarray]:
+    rmin, rmax = choose_range(stats, opts.calibrator, percentile=opts.percentile, signed=grid.signed)
+    if opts.symmetric_activations:
+        bound = max(abs(rmin), abs(rmax))
+        if grid.signed:
+            return symmetric_params(bound, grid)
+        scale = np.float32(max(bound, 1e-12) * 2 / (grid.qmax - grid.qmin))
+        return np.asarray(scale, np.float32), np.asarray(128, grid.dtype)
+    scale, zero = affine_params(rmin, rmax, grid)
+    return np.asarray(scale, np.float32), np.asarray(zero, grid.dtype)
+
+
+def _plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.ndarray, opts: Int8StaticOptions, act_out: str | None) -> _Plan:
+    w = layer.weight_array().astype(np.float32)
+    grid = QRange(8, True, restricted=True)
+    if opts.per_channel:
+        axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
+        scale, zero = symmetric_params(np.abs(w).max(axis=axes), grid)
+        s_b = per_axis(scale, w.ndim, layer.out_axis)
+        z_b = per_axis(zero, w.ndim, layer.out_axis)
+    else:
+        scale, zero = symmetric_params(float(np.abs(w).max()), grid)
+        s_b, z_b = scale, zero
+    wq = quantize(w, s_b, z_b, grid)
+    bias = layer.bias_array()
+    bias_q = bias_scale = None
+    act_in = layer.node.inputs[0].name or ""
+    if bias is not None:
+        bias = bias.astype(np.float32)
+        if opts.bias_correction and stats.get(act_in) is not None and stats[act_in].channel_mean is not None:
+            mean = stats[act_in].channel_mean
+            error = dequantize(wq, s_b, z_b) - w
+            # expected output error per output channel = sum over inputs (and kernel) of error * input mean
+            moved = np.moveaxis(error, (layer.out_axis, layer.in_axis), (0, 1))
+            per_in = moved.reshape(moved.shape[0], moved.shape[1], -1).sum(axis=2)
+            if mean is not None and per_in.shape[1] == mean.shape[0]:
+                bias = bias - (per_in @ mean).astype(np.float32)
+        bias_scale = (act_scale.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
+        bias_q = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+    return _Plan(layer, act_in, act_out, wq, scale, zero, bias_q, bias_scale, bias)
+
+
+def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], grid: QRange, per_channel: bool) -> Model:
+    """A clone of ``model`` with QDQ for the ``selected`` nodes."""
+    result = model.clone()
+    graph = result.ir.graph
+    by_name = {n.name: n for n in graph}
+    values = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    act_dtype = ir.DataType.UINT8 if not grid.signed else ir.DataType.INT8
+
+    def qdq(tensor: str, consumers: list[ir.Node] | None) -> None:
+        value = values[tensor]
+        scale, zero = act[tensor]
+        s = result.add_initializer(f"{tensor}_scale", np.asarray(scale, np.float32))
+        z = result.add_initializer(f"{tensor}_zero_point", np.asarray(zero, grid.dtype))
+        q = result.insert_after(value, "QuantizeLinear", [s, z], dtype=act_dtype, consumers=consumers, name=f"{tensor}_QuantizeLinear")
+        result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DequantizeLinear")
+
+    nodes = [by_name[name] for name in selected]
+    outputs = {plans[n].act_out for n in selected if plans[n].act_out}
+    inputs: dict[str, list[ir.Node]] = {}
+    for name, node in zip(selected, nodes, strict=True):
+        tensor = plans[name].act_in
+        if tensor not in outputs:
+            inputs.setdefault(tensor, []).append(node)
+    for tensor in sorted(outputs):  # type: ignore[type-var]
+        value = values[tensor]
+        users = [u for u, _ in value.uses()]
+        if users:
+            qdq(tensor, users)
+    for tensor, users in inputs.items():
+        qdq(tensor, users)
+
+    for name, node in zip(selected, nodes, strict=True):
+        plan = plans[name]
+        layer = plan.layer
+        w_name = layer.weight.name or f"{name}_weight"
+        wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
+        ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
+        wz = result.add_initializer(f"{w_name}_zero_point", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
+        attrs = {"axis": layer.out_axis} if per_channel else {}
+        dq = ir.node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_DequantizeLinear")
+        dq.outputs[0].name = f"{w_name}_dequantized"
+        dq.outputs[0].dtype = ir.DataType.FLOAT
+        dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
+        graph.insert_before(node, dq)
+        node.replace_input_with(layer.weight_input, dq.outputs[0])
+        if plan.bias_q is not None and layer.bias is not None:
+            b_name = layer.bias.name or f"{name}_bias"
+            bq = result.add_initializer(f"{b_name}_quantized", plan.bias_q)
+            bias_per_channel = per_channel or np.ndim(plan.bias_scale) > 0
+            bs = result.add_initializer(f"{b_name}_scale", np.asarray(plan.bias_scale, np.float32) if bias_per_channel else np.asarray(plan.bias_scale, np.float32).reshape(()))
+            bdq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {}, name=f"{b_name}_DequantizeLinear")
+            bdq.outputs[0].name = f"{b_name}_dequantized"
+            bdq.outputs[0].dtype = ir.DataType.FLOAT
+            bdq.outputs[0].shape = ir.Shape(plan.bias_q.shape)
+            graph.insert_before(node, bdq)
+            node.replace_input_with(2, bdq.outputs[0])
+    # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
+    for name in selected:
+        for value in (plans[name].layer.weight, plans[name].layer.bias):
+            if value is not None and value.name in graph.initializers and not list(value.uses()):
+                graph.initializers.pop(value.name)
+    return result
+
+
+def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
+    if ctx.calibration is None:
+        raise DataError("int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs")
+    data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+    layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
+    unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
+    if unknown:
+        raise OptionsError(f"int8-static: exclude names nodes that do not exist: {', '.join(unknown)}")
+    float_nodes: dict[str, str] = {}
+    candidates: list[WeightedLayer] = []
+    for i, layer in enumerate(layers):
+        if layer.name in opts.exclude:
+            float_nodes[layer.name] = "excluded by option"
+        elif layer.op_type in opts.exclude_op_types:
+            float_nodes[layer.name] = f"op type {layer.op_type} excluded by option"
+        elif opts.keep_first_last and (i == 0 or i == len(layers) - 1):
+            float_nodes[layer.name] = "first/last layer kept in float by option"
+        elif layer.node.inputs[0] is None or layer.node.inputs[0].const_value is not None:
+            float_nodes[layer.name] = "input is not an activation"
+        else:
+            candidates.append(layer)
+    if not candidates:
+        raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
+
+    grid = QRange(8, opts.activation_type == "int8")
+    out_tensors = {layer.name: (_fused_output(layer).name if opts.quantize_outputs else None) for layer in candidates}
+    names = [layer.node.inputs[0].name or "" for layer in candidates] + [t for t in out_tensors.values() if t]
+    graph_outputs = {v.name for v in model.graph.outputs}
+    out_tensors = {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
+    axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in candidates}
+    stats = collect_stats(model, names, data, ctx, histogram=opts.calibrator != "minmax", channel_axes=axes, batch_size=opts.batch_size)
+    act = {name: _act_params(s, opts, grid) for name, s in stats.items()}
+    plans = {
+        layer.name: _plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name])
+        for layer in candidates
+    }
+
+    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=opts.batch_size)
+    order = [layer.name for layer in candidates]
+
+    def build(selected: list[str]) -> Model:
+        return _build(model, plans, selected, act, grid, opts.per_channel)
+
+    full = build(order)
+    score = scorer.score(full)
+    chosen, result = order, full
+    sensitivities: dict[str, dict[str, float]] = {}
+    if not scorer.meets(score) and opts.sensitivity:
+        with ctx.progress("sensitivity", total=len(order)) as advance:
+            for name in order:
+                sensitivities[name] = scorer.score(build([name]))
+                advance(1)
+        ranked = sorted(order, key=lambda n: scorer.loss(sensitivities[n]), reverse=True)
+        low, high = 1, len(ranked)  # keep `k` most sensitive in float: find the smallest k that meets the target
+        best: tuple[list[str], Model, dict[str, float]] | None = None
+        while low <= high:
+            k = (low + high) // 2
+            keep = [n for n in order if n not in ranked[:k]]
+            candidate = build(keep) if keep else model.clone()
+            candidate_score = scorer.score(candidate)
+            if scorer.meets(candidate_score):
+                best = (keep, candidate, candidate_score)
+                high = k - 1
+            else:
+                low = k + 1
+        if best is not None:
+            chosen, result, score = best
+        else:  # nothing met the target: keep everything in float rather than ship a broken model
+            chosen, result, score = [], model.clone(), scorer.score(model)
+        for name in order:
+            if name not in chosen:
+                s = sensitivities[name]
+                detail = ", ".join(f"{k} {v:.4f}" for k, v in s.items())
+                float_nodes[name] = f"sensitive: quantized alone it gives {detail}"
+    ctx.figures.update(
+        {
+            "quantized_nodes": len(chosen),
+            "float_nodes": float_nodes,
+            "calibration_samples": len(data),
+            "calibrator": opts.calibrator,
+            **{f"calibration_{k}": round(v, 6) for k, v in score.items()},
+        }
+    )
+    return result

@@ -151,6 +151,18 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+def _capped_sample(path: str | None, limit: int = 256) -> Any:
+    """The first ``limit`` samples of a data file, for the verification run (labels dropped)."""
+    if not path:
+        return None
+    from modelpress.data import LABELS, read_arrays
+
+    data = read_arrays(Path(path), "sample")
+    if isinstance(data, dict):
+        return {k: v[:limit] for k, v in data.items() if k != LABELS}
+    return data[:limit]
+
+
 def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
@@ -165,7 +177,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         train=args.data,
         show_progress=not args.quiet,
     )
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=args.sample)
+    sample = args.sample or _capped_sample(args.calib or args.data)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
     console = _console()
     record = result.provenance.passes[-1]
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
@@ -175,6 +188,19 @@ def cmd_apply(args: argparse.Namespace) -> int:
     if exported.verification is not None:
         console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    options = parse_option_pairs(args.option)
+    if args.calibrator:
+        options["calibrator"] = args.calibrator
+    if args.per_tensor:
+        options["per_channel"] = False
+    if args.exclude:
+        options["exclude"] = args.exclude
+    args.kind, args.data = "quantize", None
+    args.option = [f"{k}={json.dumps(v)}" for k, v in options.items()]
+    return cmd_apply(args)
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -258,6 +284,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, help="ONNX opset for the import")
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt files holding a pickled full module (unpickling runs code)")
     p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "quantize",
+        help="quantize (int8-static, int8-dynamic, int4-weight-only, int8-weight-only, fp16, codebook, plugins')",
+        description="Quantize MODEL and write OUT, verified in ONNX Runtime against MODEL. Options of each method: `modelpress plugins`.",
+    )
+    p.add_argument("model", help="input model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    p.add_argument("-m", "--method", default="int8-static", help="quantize method (default: int8-static)")
+    p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
+    p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"), help="int8-static: activation range calibrator")
+    p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
+    p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
+    p.add_argument("--sample", help=".npz inputs for the verification run (default: the calibration data, else random)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
         "apply",

@@ -16,8 +16,8 @@ import onnx_ir as ir
 from modelpress.data import load_dataset, sample_inputs
 from modelpress.errors import ExportError, InvalidModelError, ModelpressError, VerificationError
 from modelpress.model import Model
-from modelpress.registry import get_registry
 from modelpress.provenance import PROVENANCE_KEY
+from modelpress.registry import get_registry
 from modelpress.runtime import INLINE_LIMIT_BYTES, make_session, run
 from modelpress.verify import Comparison, compare_outputs
 

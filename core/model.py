@@ -212,8 +212,18 @@ class Model:
         Passes replace tensors rather than write into them, so sharing is safe and a clone of a
         multi-GB model costs no weight memory.
         """
+        cloned = self.ir.clone()
+        # NOTE: onnx_ir's clone shares type and shape objects between the two models, so setting
+        # `value.dtype` on the clone would retype the original too; give the clone its own.
+        for graph in cloned.graphs():
+            values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
+            for value in values:
+                if isinstance(value.type, ir.TensorType):
+                    value.type = ir.TensorType(value.type.dtype)
+                if value.shape is not None:
+                    value.shape = value.shape.copy()
         return Model(
-            self.ir.clone(),
+            cloned,
             provenance=self.provenance,
             path=self.path,
             reference=self.reference if self.reference is not None else self,

@@ -8,10 +8,10 @@ from typing import Any
 from modelpress.errors import ModelpressError, PluginError
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.registry import Registry, get_registry
 from modelpress.provenance import PassRecord
+from modelpress.registry import Registry, get_registry
 
-__all__ = ["apply"]
+__all__ = ["apply", "quantize"]
 
 
 def _fingerprint(model: Model) -> tuple[object, ...]:
@@ -95,3 +95,10 @@ def apply(
     result.path = model.path
     registry.hook.modelpress_pass_finish(method=m, model=result, record=record)
     return result
+
+
+def quantize(model: Model, method: str = "int8-static", *, calibration: Any = None, **options: Any) -> Model:
+    """``apply(model, method, kind="quantize", ...)``: quantize with an installed method
+    (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
+    ``codebook``, or one from a plugin). ``calibration`` is data in the usual convention."""
+    return apply(model, method, kind="quantize", calibration=calibration, **options)

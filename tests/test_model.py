@@ -116,3 +116,12 @@ def test_replacing_a_weight_dtype_in_a_clone_leaves_the_original_typed():
     clone.replace_initializer("fc1.weight", clone.initializer("fc1.weight").const_value.numpy().astype(np.float16))
     assert model.initializer("fc1.weight").dtype == ir.DataType.FLOAT
     assert clone.initializer("fc1.weight").dtype == ir.DataType.FLOAT16
+
+
+def test_setting_dtype_on_a_clone_does_not_retype_the_original():
+    model = tiny_mlp()
+    clone = model.clone()
+    next(iter(clone.nodes())).outputs[0].dtype = ir.DataType.FLOAT16
+    clone.graph.inputs[0].shape = None
+    assert next(iter(model.nodes())).outputs[0].dtype == ir.DataType.FLOAT
+    assert model.signature.inputs[0].shape == ("batch", 8)

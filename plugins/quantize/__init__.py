@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
+from pydantic import Field
+
 from modelpress.hookspecs import hookimpl
 from modelpress.methods import Method
+from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
+from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
+from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
+from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, weight_only
+
+
+class Int8WeightOnlyOptions(WeightOnlyOptions):
+    bits: int = Field(8, ge=8, le=8, description="weight bits (8 for this method)")  # type: ignore[assignment]
 
 
 @hookimpl
@@ -12,4 +24,24 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
         name="int8-static", kind="quantize", apply=int8_static, options=Int8StaticOptions, mutates=False,
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
+    ))
+    register(Method(
+        name="int8-dynamic", kind="quantize", apply=int8_dynamic, options=Int8DynamicOptions, mutates=True,
+        summary="INT8 weights, activations quantized at run time (MatMul/Gemm)",
+    ))
+    register(Method(
+        name="int4-weight-only", kind="quantize", apply=weight_only, options=WeightOnlyOptions, mutates=False,
+        summary="block-wise INT4 MatMul/Gemm weights (RTN, HQQ or GPTQ), DequantizeLinear or MatMulNBits",
+    ))
+    register(Method(
+        name="int8-weight-only", kind="quantize", apply=partial(weight_only), options=Int8WeightOnlyOptions, mutates=False,
+        summary="block-wise INT8 MatMul/Gemm weights, activations stay float",
+    ))
+    register(Method(
+        name="fp16", kind="quantize", apply=fp16, options=Fp16Options, mutates=True,
+        summary="float16 compute and weights, fragile ops kept in float32",
+    ))
+    register(Method(
+        name="codebook", kind="quantize", apply=codebook, options=CodebookOptions, mutates=True,
+        summary="non-uniform: k-means weight sharing, uint8 indices + float codebook",
     ))

@@ -15,6 +15,7 @@ threshold ``T`` per tensor; the range used is ``[max(min, -T), min(max, T)]``:
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -125,7 +126,7 @@ def _entropy_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
         # quantize the first i bins into `levels` bins, then expand back over the non-empty bins
         edges = np.linspace(0, i, levels + 1).astype(int)
         candidate = np.zeros(i)
-        for a, b in zip(edges[:-1], edges[1:], strict=True):
+        for a, b in itertools.pairwise(edges):
             chunk = hist[a:b]
             mask = nonzero[a:b]
             if mask.any():

@@ -28,8 +28,20 @@ from modelpress.errors import DataError, OptionsError
 from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
-from modelpress.plugins.quantize.affine import QRange, affine_params, dequantize, per_axis, quantize, symmetric_params
-from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, choose_range, collect_stats
+from modelpress.plugins.quantize.affine import (
+    QRange,
+    affine_params,
+    dequantize,
+    per_axis,
+    quantize,
+    symmetric_params,
+)
+from modelpress.plugins.quantize.calibrate import (
+    CALIBRATORS,
+    TensorStats,
+    choose_range,
+    collect_stats,
+)
 from modelpress.plugins.quantize.evaluate import Scorer
 
 __all__ = ["Int8StaticOptions", "int8_static"]
@@ -145,13 +157,13 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
         result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DequantizeLinear")
 
     nodes = [by_name[name] for name in selected]
-    outputs = {plans[n].act_out for n in selected if plans[n].act_out}
+    outputs: set[str] = {out for n in selected if (out := plans[n].act_out)}
     inputs: dict[str, list[ir.Node]] = {}
     for name, node in zip(selected, nodes, strict=True):
         tensor = plans[name].act_in
         if tensor not in outputs:
             inputs.setdefault(tensor, []).append(node)
-    for tensor in sorted(outputs):  # type: ignore[type-var]
+    for tensor in sorted(outputs):
         value = values[tensor]
         users = [u for u, _ in value.uses()]
         if users:
@@ -173,7 +185,7 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
         dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
         graph.insert_before(node, dq)
         node.replace_input_with(layer.weight_input, dq.outputs[0])
-        if plan.bias_q is not None and layer.bias is not None:
+        if plan.bias_q is not None and plan.bias_scale is not None and layer.bias is not None:
             b_name = layer.bias.name or f"{name}_bias"
             bq = result.add_initializer(f"{b_name}_quantized", plan.bias_q)
             bias_per_channel = per_channel or np.ndim(plan.bias_scale) > 0

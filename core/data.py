@@ -116,7 +116,8 @@ def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
                 raise DataError(f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}")
     want_dtype = spec.dtype
     if array.dtype != want_dtype:
-        if np.issubdtype(want_dtype, np.floating) and (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_
+        if np.issubdtype(want_dtype, np.floating) and real:
             array = array.astype(want_dtype)
         elif np.issubdtype(want_dtype, np.integer) and np.issubdtype(array.dtype, np.integer):
             array = array.astype(want_dtype)

@@ -171,9 +171,11 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
     for tensor, users in inputs.items():
         qdq(tensor, users)
 
+    replaced: list[ir.Value] = []
     for name, node in zip(selected, nodes, strict=True):
         plan = plans[name]
         layer = plan.layer
+        replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
         w_name = layer.weight.name or f"{name}_weight"
         wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
         ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
@@ -197,10 +199,9 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
             graph.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])
     # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
-    for name in selected:
-        for value in (plans[name].layer.weight, plans[name].layer.bias):
-            if value is not None and value.name in graph.initializers and not list(value.uses()):
-                graph.initializers.pop(value.name)
+    for value in replaced:
+        if value.name in graph.initializers and not list(value.uses()):
+            graph.initializers.pop(value.name)
     return result
 
 

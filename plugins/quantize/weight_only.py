@@ -35,7 +35,7 @@ __all__ = ["WeightOnlyOptions", "weight_only"]
 
 class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
-    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="rows of K sharing one scale")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
     algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="rtn: round to nearest; hqq: optimise zero points (no data); gptq: error compensation with calibration data")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")

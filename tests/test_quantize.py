@@ -1,0 +1,291 @@
+"""The built-in quantize methods: exact arithmetic, real accuracy, valid ORT models, clear errors."""
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from onnx import TensorProto, helper
+
+import modelpress
+from modelpress.plugins.quantize.affine import QRange, affine_params, dequantize, quantize, symmetric_params
+from modelpress.plugins.quantize.codebook import kmeans_1d
+from modelpress.runtime import make_session, run
+from modelpress.testing import check_method, make_model, tiny_cnn, tiny_mlp
+from tests.conftest import run_cli
+
+
+def _agreement(model, reference, feeds):
+    a = run(make_session(model), feeds)[0]
+    b = run(make_session(reference), feeds)[0]
+    return float(np.mean(a.argmax(1) == b.argmax(1)))
+
+
+# -- arithmetic -----------------------------------------------------------------------------------
+def test_affine_uint8_exact_values():
+    grid = QRange(8, signed=False)
+    scale, zero = affine_params(-1.0, 2.0, grid)
+    assert scale == pytest.approx(3.0 / 255) and int(zero) == 85
+    q = quantize(np.array([-1.0, 0.0, 0.5, 2.0], np.float32), scale, zero, grid)
+    assert q.dtype == np.uint8 and q.tolist() == [0, 85, 127, 255]  # 0.5/scale = 42.5 rounds half to even
+
+
+def test_symmetric_int8_exact_values():
+    grid = QRange(8, signed=True, restricted=True)
+    scale, zero = symmetric_params(1.27, grid)
+    assert scale == pytest.approx(0.01) and int(zero) == 0
+    assert quantize(np.array([-1.27, 0.5, 1.0, 3.0], np.float32), scale, zero, grid).tolist() == [-127, 50, 100, 127]
+
+
+@pytest.mark.parametrize(("bits", "signed"), [(8, False), (8, True), (4, False), (4, True)])
+def test_round_trip_error_is_at_most_half_a_step(bits, signed):
+    rng = np.random.default_rng(bits)
+    grid = QRange(bits, signed=signed, restricted=signed)
+    for _ in range(20):
+        x = rng.standard_normal(1000).astype(np.float32) * rng.uniform(0.01, 10)
+        scale, zero = symmetric_params(np.abs(x).max(), grid) if signed else affine_params(x.min(), x.max(), grid)
+        error = np.abs(dequantize(quantize(x, scale, zero, grid), scale, zero) - x)
+        assert error.max() <= scale / 2 * (1 + 1e-5)
+
+
+def test_kmeans_codebook():
+    values = np.concatenate([np.full(50, -1.0), np.full(30, 0.25), np.full(20, 3.0)]) + np.random.default_rng(0).normal(0, 0.01, 100)
+    table, idx = kmeans_1d(values, 4)
+    assert idx.dtype == np.uint8 and idx.max() < 4
+    assert np.abs(table[idx] - values).max() < 0.05
+
+
+# -- int8-static ----------------------------------------------------------------------------------
+def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
+    model = tiny_cnn(channels=4)
+    calibration = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
+    result = check_method("int8-static", model, calibration=calibration, min_agreement=None, min_cosine=None)
+    ops = result.op_histogram()
+    assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 6
+    w = model.initializer("conv2.weight").const_value.numpy()
+    scale = np.abs(w).reshape(8, -1).max(axis=1) / 127
+    expected = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    np.testing.assert_array_equal(result.initializer("conv2.weight_quantized").const_value.numpy(), expected)
+    np.testing.assert_allclose(result.initializer("conv2.weight_scale").const_value.numpy(), scale, rtol=1e-6)
+    assert result.initializer("conv2.bias_quantized").const_value.dtype == ir.DataType.INT32
+    assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
+    figures = result.provenance.passes[-1].figures
+    assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
+
+
+@pytest.mark.torch
+@pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
+def test_int8_static_on_trained_digits_cnn(torch_digits, digits, tmp_path, calibrator):
+    module, x_test = torch_digits["cnn"]
+    from tests.models import images
+
+    model = modelpress.load(module, example_inputs=x_test[:4])
+    calibration = {"x": images(digits["x_train"][:256], "nchw")}
+    quantized = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator=calibrator, show_progress=False)
+    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"x": x_test[:64]})
+    assert exported.verification.top1_agreement >= 0.95
+    float_acc = float(np.mean(run(make_session(model), {"x": x_test})[0].argmax(1) == digits["y_test"]))
+    q_acc = float(np.mean(run(make_session(exported.path), {"x": x_test})[0].argmax(1) == digits["y_test"]))
+    assert float_acc - q_acc <= 0.005
+    assert quantized.provenance.passes[-1].figures["quantized_nodes"] >= 2
+
+
+def _outlier_mlp():
+    """An MLP whose first layer sees one huge feature: quantizing that input erases the others."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((16, 8)).astype(np.float32)
+    w1[:, 0] = 1e-4  # the outlier feature barely matters...
+    w2 = rng.standard_normal((4, 16)).astype(np.float32)
+    nodes = [
+        helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], {"w1": w1, "w2": w2})
+    x = rng.standard_normal((256, 8)).astype(np.float32) * 0.05
+    x[:, 0] = 500.0 * rng.standard_normal(256)  # ...but its range dominates the input's scale
+    return model, {"x": x}
+
+
+def test_sensitive_nodes_stay_float_to_meet_the_target():
+    model, calibration = _outlier_mlp()
+    naive = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator="minmax", sensitivity=False, show_progress=False)
+    assert _agreement(naive, model, calibration) < 0.9
+    guarded = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator="minmax", show_progress=False)
+    figures = guarded.provenance.passes[-1].figures
+    assert figures["calibration_agreement"] >= 0.99 and _agreement(guarded, model, calibration) >= 0.99
+    assert "fc1" in figures["float_nodes"] and figures["float_nodes"]["fc1"].startswith("sensitive")
+    assert figures["quantized_nodes"] == 1  # fc2 is still quantized
+
+
+def test_int8_static_options():
+    model = tiny_cnn()
+    calibration = {"x": np.random.default_rng(1).standard_normal((32, 1, 8, 8)).astype(np.float32)}
+    result = modelpress.quantize(model, calibration=calibration, exclude=["fc"], keep_first_last=False, per_channel=False,
+                                 activation_type="int8", bias_correction=True, min_agreement=None, min_cosine=None, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["float_nodes"] == {"fc": "excluded by option"} and figures["quantized_nodes"] == 2
+    assert result.initializer("conv1.weight_scale").const_value.numpy().shape == ()
+    assert result.initializer("x_zero_point").const_value.dtype == ir.DataType.INT8
+    first_last = modelpress.quantize(model, calibration=calibration, keep_first_last=True, min_agreement=None, min_cosine=None, show_progress=False)
+    assert set(first_last.provenance.passes[-1].figures["float_nodes"]) == {"conv1", "fc"}
+
+
+# -- the other methods ----------------------------------------------------------------------------
+def test_int8_dynamic_on_trained_mlp(digits_mlp_path, digits):
+    model = modelpress.load(digits_mlp_path)
+    result = check_method("int8-dynamic", model, min_elements=16)
+    assert result.op_histogram()["MatMulInteger"] == 2 and "Gemm" not in result.op_histogram()
+    assert _agreement(result, model, {"x": digits["x_test"]}) >= 0.99
+
+
+def _matmul_model(k=128, n=64, seed=0):
+    rng = np.random.default_rng(seed)
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+                      {"w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)})
+
+
+@pytest.mark.parametrize("algorithm", ["rtn", "hqq", "gptq"])
+def test_int4_weight_only_algorithms(algorithm):
+    model = _matmul_model()
+    rng = np.random.default_rng(1)
+    calibration = {"x": (rng.standard_normal((256, 128)) * np.linspace(0.1, 3, 128)).astype(np.float32)}
+    result = check_method("int4-weight-only", model, calibration=calibration, algorithm=algorithm, block_size=32)
+    figures = result.provenance.passes[-1].figures
+    assert figures["weight_compression"] >= 6.2  # 4 bits + a float32 scale and a 4-bit zero point per 32 weights
+    assert result.opset == 21 and result.op_histogram()["DequantizeLinear"] == 1
+    wq = next(v for v in result.graph.initializers.values() if v.name.endswith("_q4"))
+    assert wq.const_value.dtype == ir.DataType.UINT4
+    out = run(make_session(result), calibration)[0]
+    ref = run(make_session(model), calibration)[0]
+    relative = float(np.linalg.norm(out - ref) / np.linalg.norm(ref))
+    assert relative < 0.15
+    test_int4_weight_only_algorithms.errors = {**getattr(test_int4_weight_only_algorithms, "errors", {}), algorithm: relative}
+
+
+def test_gptq_beats_round_to_nearest_on_output_error():
+    model = _matmul_model(seed=3)
+    rng = np.random.default_rng(4)
+    # correlated features, as real activations are: GPTQ moves each row's error onto correlated rows
+    mixed = rng.standard_normal((512, 32)) @ rng.standard_normal((32, 128)) + 0.1 * rng.standard_normal((512, 128))
+    calibration = {"x": mixed.astype(np.float32)}
+    ref = run(make_session(model), calibration)[0]
+    errors = {}
+    for algorithm in ("rtn", "gptq"):
+        q = modelpress.quantize(model, "int4-weight-only", calibration=calibration, algorithm=algorithm, symmetric=True, show_progress=False)
+        errors[algorithm] = float(np.linalg.norm(run(make_session(q), calibration)[0] - ref))
+    assert errors["gptq"] < 0.7 * errors["rtn"]
+
+
+def test_int4_matmulnbits_is_exact_and_qdq_close():
+    from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, _rtn
+
+    model = _matmul_model()
+    x = {"x": np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)}
+    q, s, z = _rtn(model.initializer("w").const_value.numpy(), WeightOnlyOptions())
+    reference = np.maximum(x["x"] @ ((q - z) * s), 0)
+    nbits = check_method("int4-weight-only", model, format="matmulnbits")
+    assert nbits.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
+    np.testing.assert_allclose(run(make_session(nbits), x)[0], reference, atol=1e-5)  # accuracy_level 0: float compute
+    # ORT fuses the QDQ form into MatMulNBits with its default accuracy level (int8 activations)
+    qdq = modelpress.quantize(model, "int4-weight-only", show_progress=False)
+    np.testing.assert_allclose(run(make_session(qdq), x)[0], reference, atol=0.05)
+
+
+def test_int8_weight_only():
+    result = check_method("int8-weight-only", _matmul_model())
+    assert result.provenance.passes[-1].figures["mean_relative_weight_error"] < 0.01
+
+
+def test_fp16_keeps_fragile_ops_in_float32():
+    rng = np.random.default_rng(0)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("LayerNormalization", ["h", "s", "b"], ["n"], name="ln"),
+        helper.make_node("Softmax", ["n"], ["y"], name="sm"),
+    ]
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+                       {"w": rng.standard_normal((16, 16)).astype(np.float32), "s": np.ones(16, np.float32), "b": np.zeros(16, np.float32)})
+    result = check_method("fp16", model)
+    ops = {n.name: n for n in result.nodes()}
+    assert ops["mm"].outputs[0].dtype == ir.DataType.FLOAT16
+    assert ops["ln"].outputs[0].dtype == ir.DataType.FLOAT and ops["sm"].outputs[0].dtype == ir.DataType.FLOAT
+    assert result.signature.inputs[0].dtype == np.float32 and result.signature.outputs[0].dtype == np.float32
+    assert result.initializer("w_fp16").const_value.dtype == ir.DataType.FLOAT16
+    assert modelpress.verify(result).cosine > 0.999
+
+
+def test_fp16_on_a_cnn_halves_the_file(tmp_path):
+    model = tiny_cnn(channels=16)
+    result = check_method("fp16", model)
+    modelpress.export(model, tmp_path / "f32.onnx")
+    exported = modelpress.export(result, tmp_path / "f16.onnx")
+    assert exported.size_bytes < 0.6 * (tmp_path / "f32.onnx").stat().st_size
+    assert exported.verification.cosine > 0.999
+
+
+def test_codebook_shares_weights(tmp_path, digits_mlp_path, digits):
+    model = modelpress.load(digits_mlp_path)
+    result = check_method("codebook", model, bits=4, min_elements=256)
+    assert "Gather" in result.op_histogram()
+    indices = next(v for v in result.graph.initializers.values() if v.name.endswith("_indices"))
+    assert indices.const_value.dtype == ir.DataType.UINT8 and indices.const_value.numpy().max() < 16
+    exported = modelpress.export(result, tmp_path / "cb.onnx", sample={"x": digits["x_test"]})
+    assert exported.size_bytes < 0.45 * digits_mlp_path.stat().st_size
+    assert exported.verification.top1_agreement >= 0.97
+
+
+# -- data sources and bad inputs --------------------------------------------------------------------
+def test_calibration_data_problems_are_clear(tmp_path):
+    model = tiny_mlp()
+    with pytest.raises(modelpress.DataError, match="needs calibration data"):
+        modelpress.quantize(model, "int8-static")
+    with pytest.raises(modelpress.DataError, match=r"input 'x' has size 5 on axis 1"):
+        modelpress.quantize(model, calibration={"x": np.zeros((4, 5), np.float32)})
+    with pytest.raises(modelpress.DataError, match="NaN or infinite"):
+        modelpress.quantize(model, calibration={"x": np.full((4, 8), np.inf, np.float32)})
+    with pytest.raises(modelpress.DataError, match="empty"):
+        modelpress.quantize(model, calibration={"x": np.zeros((0, 8), np.float32)})
+    with pytest.raises(modelpress.DataError, match="is complex64; the model expects float32"):
+        modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.complex64)})
+    np.savez(tmp_path / "wrong.npz", image=np.zeros((4, 8), np.float32))
+    with pytest.raises(modelpress.DataError, match=r"no array for model input\(s\) x \(it has image\)"):
+        modelpress.quantize(model, calibration=tmp_path / "wrong.npz")
+    with pytest.raises(modelpress.DataError, match="does not exist"):
+        modelpress.quantize(model, calibration=tmp_path / "missing.npz")
+    with pytest.raises(modelpress.OptionsError, match=r"unknown option 'calibrater' \(did you mean 'calibrator'\?\)"):
+        modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.float32)}, calibrater="mse")
+    with pytest.raises(modelpress.OptionsError, match="exclude names nodes that do not exist: nope"):
+        modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.float32)}, exclude=["nope"])
+
+
+@pytest.mark.torch
+def test_calibration_from_a_torch_dataloader():
+    torch = pytest.importorskip("torch")
+    x = torch.randn(64, 8)
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64)), batch_size=16)
+    result = modelpress.quantize(tiny_mlp(), calibration=loader, min_agreement=None, min_cosine=None, show_progress=False)
+    assert result.provenance.passes[-1].figures["calibration_samples"] == 64
+
+
+@pytest.mark.tensorflow
+def test_calibration_from_tf_data():
+    tf = pytest.importorskip("tensorflow")
+    data = tf.data.Dataset.from_tensor_slices(np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)).batch(8)
+    result = modelpress.quantize(tiny_mlp(), calibration=data, min_agreement=None, min_cosine=None, show_progress=False)
+    assert result.provenance.passes[-1].figures["calibration_samples"] == 40
+
+
+def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
+    out = tmp_path / "q.onnx"
+    result = run_cli("quantize", str(digits_mlp_path), "-o", str(out), "--calib", str(digits_npz), "--calibrator", "mse", "-q")
+    assert result.returncode == 0, result.stderr
+    assert "quantize/int8-static" in result.stdout and "verified in ONNX Runtime" in result.stdout
+    model = modelpress.load(out)
+    assert model.provenance.passes[-1].options["calibrator"] == "mse"
+    assert any(t.data_type == TensorProto.INT8 for t in onnx.load(out).graph.initializer)
+    bad = run_cli("quantize", str(digits_mlp_path), "-o", str(tmp_path / "n.onnx"))
+    assert bad.returncode != 0 and "needs calibration data" in bad.stderr and not (tmp_path / "n.onnx").exists()

@@ -7,7 +7,13 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.plugins.quantize.affine import QRange, affine_params, dequantize, quantize, symmetric_params
+from modelpress.plugins.quantize.affine import (
+    QRange,
+    affine_params,
+    dequantize,
+    quantize,
+    symmetric_params,
+)
 from modelpress.plugins.quantize.codebook import kmeans_1d
 from modelpress.runtime import make_session, run
 from modelpress.testing import check_method, make_model, tiny_cnn, tiny_mlp

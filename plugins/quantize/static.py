@@ -47,6 +47,9 @@ from modelpress.plugins.quantize.evaluate import Scorer
 __all__ = ["Int8StaticOptions", "int8_static"]
 
 _FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
+# Ops that only move or select values: a quantized input stays exactly on the same grid, so their
+# outputs get Q/DQ with the input's scale (no accuracy cost) and ORT keeps them in int8.
+_TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
 
 
 class Int8StaticOptions(Options):
@@ -61,6 +64,8 @@ class Int8StaticOptions(Options):
     keep_first_last: bool = Field(False, description="keep the first and last quantizable layers in float")
     bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause")
     quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
+    activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
+    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types also quantized (ORT has integer kernels for them); sensitivity guards them like the rest")
     min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (classifiers)")
     min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target cosine between float and quantized outputs")
     sensitivity: bool = Field(True, description="keep the most sensitive nodes in float until the targets are met")
@@ -72,20 +77,20 @@ class Int8StaticOptions(Options):
 class _Plan:
     """How one node gets quantized: its activation tensors and quantized weight/bias."""
 
-    layer: WeightedLayer
-    act_in: str
+    layer: WeightedLayer | None  # None: a MatMul between two activations, or an element-wise op
+    act_ins: list[str]
     act_out: str | None
-    weight_q: np.ndarray
-    weight_scale: np.ndarray
-    weight_zero: np.ndarray
-    bias_q: np.ndarray | None
-    bias_scale: np.ndarray | None
-    bias_float: np.ndarray | None
+    constants: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # input index -> (q, scale, zero)
+    weight_q: np.ndarray | None = None
+    weight_scale: np.ndarray | None = None
+    weight_zero: np.ndarray | None = None
+    bias_q: np.ndarray | None = None
+    bias_scale: np.ndarray | None = None
 
 
-def _fused_output(layer: WeightedLayer) -> ir.Value:
-    """The tensor to quantize after ``layer``: its output, or that of a sole Relu/Clip consumer."""
-    out = layer.node.outputs[0]
+def _fused_output(node: ir.Node) -> ir.Value:
+    """The tensor to quantize after ``node``: its output, or that of a sole Relu/Clip consumer."""
+    out = node.outputs[0]
     users = list(out.uses())
     if len(users) == 1 and not out.is_graph_output():
         user = users[0][0]
@@ -133,7 +138,7 @@ def _plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.nda
                 bias = bias - (per_in @ mean).astype(np.float32)
         bias_scale = (act_scale.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
         bias_q = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-    return _Plan(layer, act_in, act_out, wq, scale, zero, bias_q, bias_scale, bias)
+    return _Plan(layer, [act_in], act_out, weight_q=wq, weight_scale=scale, weight_zero=zero, bias_q=bias_q, bias_scale=bias_scale)
 
 
 def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], grid: QRange, per_channel: bool) -> Model:
@@ -148,26 +153,42 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
                 values[out.name] = out
     act_dtype = ir.DataType.UINT8 if not grid.signed else ir.DataType.INT8
 
-    def qdq(tensor: str, consumers: list[ir.Node] | None) -> None:
+    act = dict(act)
+
+    def qdq(tensor: str, consumers: list[ir.Node] | None) -> ir.Value:
         value = values[tensor]
         scale, zero = act[tensor]
         s = result.add_initializer(f"{tensor}_scale", np.asarray(scale, np.float32))
         z = result.add_initializer(f"{tensor}_zero_point", np.asarray(zero, grid.dtype))
         q = result.insert_after(value, "QuantizeLinear", [s, z], dtype=act_dtype, consumers=consumers, name=f"{tensor}_QuantizeLinear")
-        result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DequantizeLinear")
+        return result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DequantizeLinear")
 
     nodes = [by_name[name] for name in selected]
     outputs: set[str] = {out for n in selected if (out := plans[n].act_out)}
+    covered: set[str] = set()
+
+    def spread(dq_out: ir.Value, params: tuple[np.ndarray, np.ndarray]) -> None:
+        """Give the outputs of value-preserving ops after a quantized tensor the same Q/DQ."""
+        for user, index in list(dq_out.uses()):
+            out = user.outputs[0] if user.outputs else None
+            if user.op_type not in _TRANSPARENT or index != 0 or out is None or not out.name or out.name in covered or out.is_graph_output():
+                continue
+            act[out.name] = params
+            covered.add(out.name)
+            users = [u for u, _ in out.uses()]
+            if users:
+                spread(qdq(out.name, users), params)
+
+    for tensor in sorted(outputs):
+        users = [u for u, _ in values[tensor].uses()]
+        if users:
+            covered.add(tensor)
+            spread(qdq(tensor, users), act[tensor])
     inputs: dict[str, list[ir.Node]] = {}
     for name, node in zip(selected, nodes, strict=True):
-        tensor = plans[name].act_in
-        if tensor not in outputs:
-            inputs.setdefault(tensor, []).append(node)
-    for tensor in sorted(outputs):
-        value = values[tensor]
-        users = [u for u, _ in value.uses()]
-        if users:
-            qdq(tensor, users)
+        for tensor in plans[name].act_ins:
+            if tensor not in covered:
+                inputs.setdefault(tensor, []).append(node)
     for tensor, users in inputs.items():
         qdq(tensor, users)
 
@@ -175,6 +196,21 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
     for name, node in zip(selected, nodes, strict=True):
         plan = plans[name]
         layer = plan.layer
+        for index, (cq, cs, cz) in (plan.constants or {}).items():
+            original = node.inputs[index]
+            assert original is not None
+            base = original.name or f"{name}_{index}"
+            inputs_c = [result.add_initializer(f"{base}_quantized", cq), result.add_initializer(f"{base}_scale", cs),
+                        result.add_initializer(f"{base}_zero_point", cz)]
+            cdq = ir.node("DequantizeLinear", inputs_c, name=f"{base}_{name}_DequantizeLinear")
+            cdq.outputs[0].name = f"{base}_{name}_dequantized"
+            cdq.outputs[0].dtype = ir.DataType.FLOAT
+            cdq.outputs[0].shape = ir.Shape(cq.shape)
+            graph.insert_before(node, cdq)
+            node.replace_input_with(index, cdq.outputs[0])
+            replaced.append(original)
+        if layer is None or plan.weight_q is None or plan.weight_scale is None or plan.weight_zero is None:
+            continue
         replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
         w_name = layer.weight.name or f"{name}_weight"
         wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
@@ -226,12 +262,36 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             float_nodes[layer.name] = "input is not an activation"
         else:
             candidates.append(layer)
-    if not candidates:
+    act_matmuls: list[ir.Node] = []
+    if opts.activation_matmuls and "MatMul" in opts.op_types and "MatMul" not in opts.exclude_op_types:
+        for node in model.nodes():
+            ins = list(node.inputs)
+            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(ins) == 2 and node.name and all(
+                v is not None and v.const_value is None and v.dtype == ir.DataType.FLOAT for v in ins
+            ):
+                if node.name in opts.exclude:
+                    float_nodes[node.name] = "excluded by option"
+                else:
+                    act_matmuls.append(node)
+    elementwise: list[ir.Node] = []
+    for node in model.nodes():
+        ins = [v for v in node.inputs if v is not None]
+        if node.op_type in opts.elementwise_ops and node.domain in ("", "ai.onnx") and node.name and len(ins) == 2 and all(
+            v.dtype == ir.DataType.FLOAT for v in ins) and any(v.const_value is None for v in ins):
+            if node.name in opts.exclude or node.op_type in opts.exclude_op_types:
+                float_nodes[node.name] = "excluded by option"
+            elif node.outputs[0].is_graph_output():
+                float_nodes[node.name] = "produces a model output"
+            else:
+                elementwise.append(node)
+    if not candidates and not act_matmuls and not elementwise:
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 
     grid = QRange(8, opts.activation_type == "int8")
-    out_tensors = {layer.name: (_fused_output(layer).name if opts.quantize_outputs else None) for layer in candidates}
-    names = [layer.node.inputs[0].name or "" for layer in candidates] + [t for t in out_tensors.values() if t]
+    all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise
+    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs else None) for node in all_nodes}
+    names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
+    names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}
     out_tensors = {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
     axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in candidates}
@@ -241,9 +301,20 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         layer.name: _plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name])
         for layer in candidates
     }
+    for node in act_matmuls:
+        plans[node.name] = _Plan(None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name])
+    for node in elementwise:
+        constants = {}
+        for index, value in enumerate(node.inputs):
+            if value is not None and value.const_value is not None:
+                array = value.const_value.numpy().astype(np.float32)
+                scale, zero = affine_params(float(array.min()), float(array.max()), grid)
+                constants[index] = (quantize(array, scale, zero, grid), np.asarray(scale, np.float32), np.asarray(zero, grid.dtype))
+        act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
+        plans[node.name] = _Plan(None, act_ins, out_tensors[node.name], constants=constants)
 
     scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=opts.batch_size)
-    order = [layer.name for layer in candidates]
+    order = [node.name for node in all_nodes]
 
     def build(selected: list[str]) -> Model:
         return _build(model, plans, selected, act, grid, opts.per_channel)

@@ -36,7 +36,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.loading import load
 from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.pipeline import apply, quantize
+from modelpress.pipeline import apply, prune, quantize
 from modelpress.provenance import PassRecord, Provenance
 from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.signature import Signature, TensorSpec
@@ -81,6 +81,7 @@ __all__ = [
     "hookimpl",
     "load",
     "load_dataset",
+    "prune",
     "quantize",
     "reset_registry",
     "sample_inputs",

@@ -203,6 +203,17 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     return cmd_apply(args)
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    options = parse_option_pairs(args.option)
+    for name in ("ratio", "sparsity", "criterion", "fine_tune_epochs"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    args.kind, args.calib = "prune", None
+    args.option = [f"{k}={json.dumps(v)}" for k, v in options.items()]
+    return cmd_apply(args)
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
@@ -302,6 +313,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_quantize)
+
+    p = sub.add_parser(
+        "prune",
+        help="prune (magnitude, n:m, channel, plugins')",
+        description="Prune MODEL and write OUT, verified in ONNX Runtime against MODEL. Options of each method: `modelpress plugins`.",
+    )
+    p.add_argument("model", help="input model")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    p.add_argument("-m", "--method", default="magnitude", help="prune method (default: magnitude)")
+    p.add_argument("--ratio", type=float, help="channel: fraction of channels to remove")
+    p.add_argument("--sparsity", type=float, help="magnitude: fraction of weights to zero")
+    p.add_argument("--criterion", help="channel: l1, l2, bn-scale, taylor, activation")
+    p.add_argument("--data", help=".npz training data: arrays named after the inputs, optionally `labels`")
+    p.add_argument("--fine-tune-epochs", type=int, dest="fine_tune_epochs", help="fine-tune after pruning (needs --data)")
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
+    p.add_argument("--sample", help=".npz inputs for the verification run (default: the data, else random)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
         "apply",

@@ -11,7 +11,7 @@ from modelpress.model import Model
 from modelpress.provenance import PassRecord
 from modelpress.registry import Registry, get_registry
 
-__all__ = ["apply", "quantize"]
+__all__ = ["apply", "prune", "quantize"]
 
 
 def _fingerprint(model: Model) -> tuple[object, ...]:
@@ -102,3 +102,10 @@ def quantize(model: Model, method: str = "int8-static", *, calibration: Any = No
     (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
     ``codebook``, or one from a plugin). ``calibration`` is data in the usual convention."""
     return apply(model, method, kind="quantize", calibration=calibration, **options)
+
+
+def prune(model: Model, method: str = "magnitude", *, data: Any = None, **options: Any) -> Model:
+    """``apply(model, method, kind="prune", ...)``: prune with an installed method (``magnitude``,
+    ``n:m``, ``channel``, or one from a plugin). ``data`` (inputs and optionally ``labels``) feeds
+    fine-tuning and the data-driven criteria."""
+    return apply(model, method, kind="prune", train=data, **options)

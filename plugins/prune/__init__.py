@@ -1,0 +1,326 @@
+"""Built-in prune methods, registered through the ``modelpress`` entry-point group like any plugin.
+
+* ``magnitude``: unstructured; zeros the smallest weights (per layer or globally), or those under
+  a threshold rule (``median`` of |W| per layer, or a fixed value). Sparsity is *masked*: the
+  tensors keep their shape, the zeros are in them.
+* ``n:m``: semi-structured; in every group of M consecutive weights along the input dimension,
+  keeps the N largest (2:4 by default). Masked too.
+* ``channel``: structured; removes whole output channels of Conv/Gemm/MatMul layers and the
+  matching input channels of every consumer, following the dependency chain (see
+  :mod:`.channels`). Sparsity is *physical*: the tensors shrink and ONNX Runtime runs faster.
+
+All three can fine-tune to recover (``fine_tune_epochs``) through the IR -> torch training engine,
+on labelled data (``labels``) or, without labels, on the unpruned model's outputs; masks hold the
+pruned weights at exactly zero. ``schedule="iterative"`` prunes in ``steps`` steps along a
+polynomial (cubic) ramp from ``initial`` to the final sparsity, fine-tuning between steps.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from modelpress.data import Dataset, load_dataset
+from modelpress.errors import DataError, OptionsError
+from modelpress.hookspecs import hookimpl
+from modelpress.layers import WeightedLayer
+from modelpress.methods import Method, Options, PassContext
+from modelpress.model import Model
+from modelpress.plugins.prune.channels import ChannelSpace, find_spaces, remove_channels
+from modelpress.plugins.prune.importance import CRITERIA, channel_scores
+
+__all__ = ["ChannelOptions", "MagnitudeOptions", "NMOptions"]
+
+
+class _Recovery(Options):
+    fine_tune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (needs data=...)")
+    lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
+    batch_size: int = Field(64, ge=1, description="fine-tuning batch size")
+    schedule: Literal["oneshot", "iterative"] = Field("oneshot", description="prune at once, or in steps with fine-tuning between")
+    steps: int = Field(3, ge=1, description="iterative: number of pruning steps")
+    initial: float = Field(0.0, ge=0, lt=1, description="iterative: sparsity of the first step's ramp start")
+    op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune")
+    layers: list[str] = Field(default_factory=list, description="prune only these layers (node names); default: all")
+    exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
+
+
+class MagnitudeOptions(_Recovery):
+    sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights to zero, in [0, 1)")
+    scope: Literal["layer", "global"] = Field("layer", description="each layer to `sparsity`, or one threshold across layers")
+    rule: Literal["fraction", "median", "threshold"] = Field("fraction", description="fraction: `sparsity`; median: |w| below the layer's median; threshold: |w| < `threshold`")
+    threshold: float = Field(0.0, ge=0, description="rule=threshold: absolute value below which weights are zeroed")
+    min_elements: int = Field(64, ge=1, description="skip weights smaller than this")
+
+
+class NMOptions(_Recovery):
+    n: int = Field(2, ge=1, description="weights kept per group")
+    m: int = Field(4, ge=2, description="group size along the input dimension")
+    min_elements: int = Field(64, ge=1, description="skip weights smaller than this")
+
+    @model_validator(mode="after")
+    def _n_below_m(self) -> NMOptions:
+        if self.n >= self.m:
+            raise ValueError(f"n ({self.n}) must be smaller than m ({self.m})")
+        return self
+
+
+class ChannelOptions(_Recovery):
+    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of output channels to remove per channel group, in [0, 1)")
+    criterion: Literal["l1", "l2", "bn-scale", "taylor", "activation"] = Field("l1", description="channel importance: " + ", ".join(CRITERIA))
+    round_to: int = Field(1, ge=1, description="keep a multiple of this many channels (e.g. 8 for SIMD-friendly shapes)")
+
+
+# -- shared helpers ---------------------------------------------------------------------------------
+def _select(model: Model, opts: _Recovery, min_elements: int = 1) -> tuple[list[WeightedLayer], dict[str, str]]:
+    names = {n.name for n in model.nodes()}
+    unknown = sorted(set(opts.layers) - names) + sorted(set(opts.exclude) - names)
+    if unknown:
+        raise OptionsError(f"no layer named {', '.join(map(repr, unknown))} in {model.name!r}; layers: {', '.join(x.name for x in model.weighted_layers())}")
+    skipped: dict[str, str] = {}
+    chosen = []
+    for layer in model.weighted_layers(frozenset(opts.op_types)):
+        if opts.layers and layer.name not in opts.layers:
+            continue
+        if layer.name in opts.exclude:
+            skipped[layer.name] = "excluded by option"
+        elif layer.weight.const_value is None or layer.weight.const_value.size < min_elements:
+            skipped[layer.name] = f"fewer than {min_elements} weights"
+        else:
+            chosen.append(layer)
+    if not chosen:
+        raise OptionsError(f"{model.name!r} has no prunable layers ({', '.join(opts.op_types)} with constant weights){': ' + str(skipped) if skipped else ''}")
+    return chosen, skipped
+
+
+def _ramp(final: float, opts: _Recovery) -> list[float]:
+    if opts.schedule == "oneshot":
+        return [final]
+    start = min(opts.initial, final)
+    return [final + (start - final) * (1 - (t + 1) / opts.steps) ** 3 for t in range(opts.steps)]
+
+
+def _training_data(model: Model, ctx: PassContext, opts: _Recovery) -> Dataset | None:
+    if not opts.fine_tune_epochs:
+        return None
+    if ctx.train is None:
+        raise DataError("fine-tuning needs training data (data=... / --data train.npz with arrays named after the inputs, optionally 'labels')")
+    return load_dataset(ctx.train, model.signature, what="training")
+
+
+def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
+    """Recover accuracy: train the lowered model (masks hold pruned weights at zero), write back."""
+    from modelpress.frameworks import fit, to_torch, update_weights
+
+    module = to_torch(model)
+    inputs = [data.inputs[n] for n in model.signature.input_names]
+    n = len(inputs[0])
+    held = max(1, n // 10)
+    train_idx, val_idx = np.arange(held, n), np.arange(held)
+    if data.labels is not None:
+        targets = {"labels": data.labels}
+        loss: Any = "cross_entropy"
+    else:
+        from modelpress.runtime import make_session, run_dataset
+
+        targets = {"teacher": run_dataset(make_session(teacher), data.batches(256))[0]}
+
+        def loss(outputs: Any, batch: Any) -> Any:
+            import torch.nn.functional as F
+
+            out = outputs[0] if isinstance(outputs, tuple) else outputs
+            return F.mse_loss(out, batch["teacher"])
+
+    validation = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
+    attr_masks = {module._attr_for[name]: mask for name, mask in (masks or {}).items() if name in module._attr_for}
+    result = fit(
+        module, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
+        epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size, validation=validation, masks=attr_masks,
+        show_progress=ctx.show_progress,
+    )
+    figures = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted}
+    if result.best_metric is not None:
+        figures["validation_accuracy"] = round(float(result.best_metric), 4)
+    return update_weights(model, module), figures
+
+
+def _rebuild(model: Model) -> Model:
+    """Re-validate after shapes changed: clear intermediate shapes and rerun shape inference."""
+    from modelpress.adapters.onnx import load_onnx
+
+    keep = {id(v) for v in [*model.graph.inputs, *model.graph.outputs]}
+    for node in model.graph:
+        for out in node.outputs:
+            if id(out) not in keep:
+                out.shape = None
+    rebuilt = load_onnx(model.to_proto())
+    return Model(rebuilt.ir, provenance=model.provenance, path=model.path, reference=model.reference)
+
+
+# -- masked pruning ---------------------------------------------------------------------------------
+def _magnitude_masks(layers: list[WeightedLayer], opts: MagnitudeOptions, sparsity: float) -> dict[str, np.ndarray]:
+    masks: dict[str, np.ndarray] = {}
+    if opts.rule == "median":
+        for layer in layers:
+            w = np.abs(layer.weight_array())
+            masks[layer.weight.name or ""] = (w >= np.median(w)).astype(np.float32)
+        return masks
+    if opts.rule == "threshold":
+        return {layer.weight.name or "": (np.abs(layer.weight_array()) >= opts.threshold).astype(np.float32) for layer in layers}
+    if opts.scope == "global":
+        flat = np.concatenate([np.abs(layer.weight_array()).ravel() for layer in layers])
+        k = round(sparsity * flat.size)
+        order = np.argsort(flat, kind="stable")
+        global_mask = np.ones(flat.size, np.float32)
+        global_mask[order[:k]] = 0
+        offset = 0
+        for layer in layers:
+            size = layer.weight_array().size
+            masks[layer.weight.name or ""] = global_mask[offset : offset + size].reshape(layer.weight_array().shape)
+            offset += size
+        return masks
+    for layer in layers:
+        w = np.abs(layer.weight_array()).ravel()
+        k = round(sparsity * w.size)
+        mask = np.ones(w.size, np.float32)
+        mask[np.argsort(w, kind="stable")[:k]] = 0
+        masks[layer.weight.name or ""] = mask.reshape(layer.weight_array().shape)
+    return masks
+
+
+def _nm_mask(layer: WeightedLayer, n: int, m: int) -> np.ndarray | None:
+    w = np.abs(layer.weight_array())
+    moved = np.moveaxis(w, layer.in_axis, -1)
+    if moved.shape[-1] % m:
+        return None
+    groups = moved.reshape(*moved.shape[:-1], moved.shape[-1] // m, m)
+    ranks = np.argsort(np.argsort(-groups, axis=-1, kind="stable"), axis=-1)
+    mask = (ranks < n).astype(np.float32).reshape(moved.shape)
+    return np.moveaxis(mask, -1, layer.in_axis)
+
+
+def _apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
+    for name, mask in masks.items():
+        model.replace_initializer(name, model.initializer(name).const_value.numpy() * mask)  # type: ignore[union-attr]
+
+
+def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, make: Any) -> Model:
+    layers, skipped = _select(model, opts, opts.min_elements)
+    data = _training_data(model, ctx, opts)
+    result = model.clone()
+    masks: dict[str, np.ndarray] = {}
+    figures: dict[str, Any] = {}
+    targets = _ramp(getattr(opts, "sparsity", 0.0), opts) if isinstance(opts, MagnitudeOptions) else [0.0] * (opts.steps if opts.schedule == "iterative" else 1)
+    for target in targets:
+        current = {x.name: x for x in result.weighted_layers(frozenset(opts.op_types))}
+        chosen = [current[x.name] for x in layers if x.name in current]
+        masks = make(chosen, target)
+        for name in [x.name for x in chosen]:
+            if current[name].weight.name not in masks:
+                skipped[name] = "its input dimension is not a multiple of m" if isinstance(opts, NMOptions) else "skipped"
+        _apply_masks(result, masks)
+        if data is not None:
+            result, figures = _fine_tune(result, data, opts, ctx, masks, model)
+    if len(targets) > 1:
+        ctx.figures["schedule"] = [round(t, 4) for t in targets]
+    per_layer = {}
+    total = zeros = 0
+    for layer in result.weighted_layers(frozenset(opts.op_types)):
+        if layer.weight.name in masks:
+            w = layer.weight_array()
+            per_layer[layer.name] = {"sparsity": round(float(np.mean(w == 0)), 4), "kind": "masked", "parameters": int(w.size)}
+            total += w.size
+            zeros += int(np.sum(w == 0))
+    ctx.figures.update({"layers": per_layer, "sparsity": round(zeros / max(total, 1), 4), "skipped": skipped,
+                        "parameters_before": model.parameter_count(), "parameters_after": result.parameter_count(), **figures})
+    return result
+
+
+def magnitude(model: Model, opts: MagnitudeOptions, ctx: PassContext) -> Model:
+    return _masked(model, opts, ctx, lambda layers, sparsity: _magnitude_masks(layers, opts, sparsity))
+
+
+def n_m(model: Model, opts: NMOptions, ctx: PassContext) -> Model:
+    def make(layers: list[WeightedLayer], _: float) -> dict[str, np.ndarray]:
+        masks = {}
+        for layer in layers:
+            mask = _nm_mask(layer, opts.n, opts.m)
+            if mask is not None:
+                masks[layer.weight.name or ""] = mask
+        return masks
+
+    result = _masked(model, opts, ctx, make)
+    ctx.figures["pattern"] = f"{opts.n}:{opts.m}"
+    return result
+
+
+# -- structured pruning -----------------------------------------------------------------------------
+def _keep_count(channels: int, original: int, ratio: float, round_to: int) -> int:
+    keep = max(1, math.ceil(original * (1 - ratio)))
+    if round_to > 1:
+        keep = max(round_to, round(keep / round_to) * round_to)
+    return min(keep, channels)
+
+
+def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
+    layers, skipped = _select(model, opts)
+    names = {x.name for x in layers}
+    data = _training_data(model, ctx, opts)
+    criterion_data = None
+    if opts.criterion in ("taylor", "activation"):
+        source = ctx.train if ctx.train is not None else ctx.calibration
+        if source is None:
+            raise DataError(f"the {opts.criterion} criterion needs data (data=... / --data train.npz{' with labels' if opts.criterion == 'taylor' else ''})")
+        criterion_data = load_dataset(source, model.signature, what="criterion").take(512)
+    result = model.clone()
+    original: dict[str, int] = {}
+    report: dict[str, dict[str, Any]] = {}
+    figures: dict[str, Any] = {}
+    for ratio in _ramp(opts.ratio, opts):
+        spaces = [s for s in find_spaces(result, [x for x in result.weighted_layers() if x.name in names])]
+        prunable: list[ChannelSpace] = []
+        for space in spaces:
+            if not space.prunable:
+                for layer in space.sources:
+                    skipped[layer.name] = "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
+            elif any(x.name not in names for x in space.sources):
+                for layer in space.sources:
+                    skipped[layer.name] = "coupled (residual) with a layer that is not selected"
+            else:
+                prunable.append(space)
+        if not prunable:
+            break
+        scores = channel_scores(result, prunable, opts.criterion, criterion_data)
+        for index, space in enumerate(prunable):
+            key = space.name
+            original.setdefault(key, space.channels)
+            keep_n = _keep_count(space.channels, original[key], ratio, opts.round_to)
+            if keep_n >= space.channels:
+                continue
+            keep = np.sort(np.argsort(-scores[index], kind="stable")[:keep_n])
+            remove_channels(result, space, keep)
+            report[key] = {"kind": "physical", "channels_before": original[key], "channels_after": keep_n,
+                           "removed": original[key] - keep_n, "criterion": opts.criterion}
+        result = _rebuild(result)
+        if data is not None:
+            result, figures = _fine_tune(result, data, opts, ctx, None, model)
+    if not report:
+        raise OptionsError(f"channel: nothing could be pruned in {model.name!r}: {skipped}")
+    for name in list(skipped):
+        if any(name in key.split("+") for key in report):
+            skipped.pop(name)
+    ctx.figures.update({"layers": report, "skipped": skipped, "parameters_before": model.parameter_count(),
+                        "parameters_after": result.parameter_count(), **figures})
+    return result
+
+
+@hookimpl
+def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
+    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False,
+                    summary="unstructured: zero the smallest weights (masked sparsity)"))
+    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False,
+                    summary="semi-structured N:M sparsity along the input dimension (2:4 default)"))
+    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False,
+                    summary="structured: remove channels and their consumers' inputs (smaller, faster model)"))

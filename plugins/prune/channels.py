@@ -1,0 +1,287 @@
+"""Channel dependency analysis and physical channel removal.
+
+Removing output channel ``c`` of a Conv/Gemm/MatMul changes every tensor that carries that
+channel, up to the layers that *consume* it. Tensors that must keep the same channels form a
+*channel space*, found with a union-find over the graph:
+
+* value-preserving ops (Relu and other activations, BatchNormalization, pooling, Dropout,
+  depthwise Conv, Add/Sub/Mul with a per-channel constant) keep their input's channels;
+* a residual ``Add``/``Sub``/``Mul`` of two activations joins both inputs and its output into one
+  space: channels coupled across a residual are pruned together or not at all;
+* a ``Concat`` along the channel axis makes each input a slice of its output's channels.
+
+A space is prunable when every tensor in it is produced by a weighted layer (a *source*) or a
+value-preserving op, and every other consumer is a *sink* that can drop input channels: a
+Conv (group 1), a Gemm/MatMul with a constant weight, or Flatten/Reshape feeding one. Graph
+inputs/outputs, other ops and Concat (conservatively) block a space.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.layers import WeightedLayer
+from modelpress.model import Model
+
+__all__ = ["ChannelSpace", "find_spaces", "remove_channels"]
+
+_UNARY = {
+    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "Clip", "Elu", "Selu", "Gelu", "Erf",
+    "Softplus", "Mish", "Identity", "Dropout", "Neg", "Abs",
+}
+_POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
+_BINARY = {"Add", "Sub", "Mul", "Div"}
+
+
+@dataclass
+class ChannelSpace:
+    """Tensors sharing one set of channels, and what must change when channels are removed."""
+
+    tensors: set[str] = field(default_factory=set)
+    axis: int = 1
+    sources: list[WeightedLayer] = field(default_factory=list)
+    batchnorms: list[ir.Node] = field(default_factory=list)
+    depthwise: list[ir.Node] = field(default_factory=list)
+    channel_constants: list[tuple[ir.Node, int]] = field(default_factory=list)
+    sinks: list[tuple[str, ir.Node, int]] = field(default_factory=list)  # (kind, node, spatial size)
+    blockers: list[str] = field(default_factory=list)
+    channels: int = 0
+
+    @property
+    def prunable(self) -> bool:
+        return bool(self.sources) and not self.blockers and self.channels > 1
+
+    @property
+    def name(self) -> str:
+        return "+".join(layer.name for layer in self.sources) or "?"
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: dict[str, str] = {}
+
+    def find(self, x: str) -> str:
+        self.parent.setdefault(x, x)
+        while self.parent[x] != x:
+            self.parent[x] = self.parent[self.parent[x]]
+            x = self.parent[x]
+        return x
+
+    def union(self, a: str, b: str) -> None:
+        self.parent[self.find(a)] = self.find(b)
+
+
+def _dims(value: ir.Value) -> tuple[int, ...]:
+    """The static shape of a constant (initializers always have one)."""
+    assert value.const_value is not None
+    return tuple(int(d) for d in value.const_value.shape.numpy())
+
+
+def _is_depthwise(node: ir.Node) -> bool:
+    w = node.inputs[1] if len(node.inputs) > 1 else None
+    group = node.attributes.get("group")
+    if w is None or w.const_value is None or group is None:
+        return False
+    shape = _dims(w)
+    return int(group.as_int()) > 1 and shape[1] == 1 and shape[0] == int(group.as_int())
+
+
+def _channel_const(value: ir.Value | None, channels: int | None, axis: int, rank: int | None) -> bool:
+    """A constant that broadcasts one value per channel (or one value for all)."""
+    if value is None or value.const_value is None:
+        return False
+    shape = _dims(value)
+    if int(np.prod(shape)) == 1:
+        return True
+    if channels is None or rank is None:
+        return False
+    target = [1] * rank
+    target[axis] = channels
+    return len(shape) <= rank and shape == tuple(target[rank - len(shape) :])
+
+
+def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]:
+    """The channel spaces of the model whose sources are among ``layers``."""
+    graph = model.graph
+    uf = _UnionFind()
+    producers: dict[str, ir.Node] = {}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                producers[out.name] = node
+    source_of = {layer.node.outputs[0].name: layer for layer in layers if layer.op_type in ("Conv", "Gemm", "MatMul")}
+    source_of = {k: v for k, v in source_of.items() if k and not (v.op_type == "Conv" and v.group != 1)}
+    rank_of: dict[str, int | None] = {}
+    for node in graph:
+        for v in [*node.inputs, *node.outputs]:
+            if v is not None and v.name:
+                rank_of[v.name] = len(v.shape) if v.shape is not None else None
+
+    preserving: dict[str, str] = {}  # output tensor -> why it keeps its input's channels
+    for node in graph:
+        if not node.outputs or not node.outputs[0].name:
+            continue
+        out = node.outputs[0].name
+        first = node.inputs[0] if node.inputs else None
+        if first is None or not first.name:
+            continue
+        op = node.op_type
+        if op in _UNARY or op in _POOLS or op == "BatchNormalization" or (op == "Conv" and _is_depthwise(node)):
+            uf.union(first.name, out)
+            preserving[out] = op
+        elif op in _BINARY and len(node.inputs) == 2:
+            a, b = node.inputs
+            if a is not None and b is not None and a.const_value is None and b.const_value is None and a.name and b.name:
+                uf.union(a.name, out)
+                uf.union(b.name, out)
+                preserving[out] = op
+            elif a is not None and a.const_value is None and a.name and b is not None and b.const_value is not None:
+                uf.union(a.name, out)
+                preserving[out] = op
+
+    spaces: dict[str, ChannelSpace] = {}
+    for tensor, layer in source_of.items():
+        root = uf.find(tensor)
+        space = spaces.setdefault(root, ChannelSpace(axis=1 if layer.op_type == "Conv" else -1))
+        space.sources.append(layer)
+    if not spaces:
+        return []
+    members: dict[str, set[str]] = {}
+    for name in set(uf.parent) | set(source_of):
+        members.setdefault(uf.find(name), set()).add(name)
+    graph_inputs = {v.name for v in graph.inputs}
+    graph_outputs = {v.name for v in graph.outputs}
+    for root, space in spaces.items():
+        space.tensors = members.get(root, set())
+        first = space.sources[0]
+        w = first.weight.const_value
+        assert w is not None
+        space.channels = int(w.shape[first.out_axis])
+        for layer in space.sources:
+            lw = layer.weight.const_value
+            if lw is not None and int(lw.shape[layer.out_axis]) != space.channels:
+                space.blockers.append(f"{layer.name} has a different channel count")
+            if (layer.op_type == "Conv") != (space.axis == 1):
+                space.blockers.append("mixes convolution and matrix channels")
+        for tensor in space.tensors:
+            if tensor in graph_inputs:
+                space.blockers.append(f"tensor {tensor} is a model input")
+            if tensor in graph_outputs:
+                space.blockers.append(f"tensor {tensor} is a model output")
+            if tensor not in source_of and tensor not in preserving and tensor not in graph_inputs:
+                producer = producers.get(tensor)
+                space.blockers.append(f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}")
+            producer = producers.get(tensor)
+            if producer is not None and tensor in preserving:
+                op = producer.op_type
+                if op == "BatchNormalization":
+                    space.batchnorms.append(producer)
+                elif op == "Conv":
+                    space.depthwise.append(producer)
+                elif op in _BINARY:
+                    for i, v in enumerate(producer.inputs):
+                        if v is not None and v.const_value is not None:
+                            if _channel_const(v, space.channels, space.axis % max(rank_of.get(tensor) or 2, 1), rank_of.get(tensor)):
+                                if int(np.prod(_dims(v))) > 1:
+                                    space.channel_constants.append((producer, i))
+                            else:
+                                space.blockers.append(f"{op} {producer.name} has a constant that is not per-channel")
+            value = next((v for v in (producer.outputs if producer is not None else []) if v.name == tensor), None)
+            if value is None:
+                value = next((v for v in graph.inputs if v.name == tensor), None)
+            if value is None:
+                continue
+            for user, index in value.uses():
+                out = user.outputs[0].name if user.outputs else None
+                if out in preserving and uf.find(out or "") == root:
+                    continue  # stays in the space
+                _classify_sink(space, user, index, value, model)
+    return list(spaces.values())
+
+
+def _classify_sink(space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, model: Model) -> None:
+    op = user.op_type
+    weight = user.inputs[1] if len(user.inputs) > 1 else None
+    if index != 0 or (op in ("Conv", "Gemm", "MatMul") and (weight is None or weight.const_value is None)):
+        space.blockers.append(f"{op} {user.name} uses it as input {index}")
+        return
+    if op == "Conv" and user.attributes.get("group", ir.AttrInt64("group", 1)).as_int() == 1 and space.axis == 1:
+        space.sinks.append(("conv", user, 1))
+    elif op in ("Gemm", "MatMul") and space.axis == -1:
+        if op == "Gemm" and user.attributes.get("transA") is not None and user.attributes["transA"].as_int():
+            space.blockers.append(f"Gemm {user.name} has transA")
+        else:
+            space.sinks.append(("fc", user, 1))
+    elif op in ("Flatten", "Reshape") and space.axis == 1:
+        out = user.outputs[0]
+        consumers = list(out.uses())
+        shape = value.shape
+        if shape is None or any(not isinstance(d, int) for d in list(shape)[2:]):
+            space.blockers.append(f"{op} {user.name}: the spatial size is not static")
+            return
+        spatial = int(np.prod(np.asarray(list(shape)[2:], np.int64))) if len(shape) > 2 else 1
+        fcs = [u for u, i in consumers if u.op_type in ("Gemm", "MatMul") and i == 0 and len(u.inputs) > 1
+               and u.inputs[1] is not None and u.inputs[1].const_value is not None]
+        if len(fcs) != len(consumers) or not fcs or (op == "Flatten" and user.attributes.get("axis", ir.AttrInt64("axis", 1)).as_int() != 1):
+            space.blockers.append(f"{op} {user.name} does not feed a fully connected layer")
+            return
+        for fc in fcs:
+            space.sinks.append(("flat", fc, spatial))
+        if op == "Reshape":
+            space.sinks.append(("reshape", user, spatial))
+    else:
+        space.blockers.append(f"{op} {user.name} consumes the channels")
+
+
+def _take(value: ir.Value, keep: np.ndarray, axis: int, model: Model, *, per_block: int = 1) -> None:
+    tensor = value.const_value
+    assert tensor is not None
+    array = tensor.numpy()
+    if per_block > 1:
+        index = (keep[:, None] * per_block + np.arange(per_block)[None, :]).reshape(-1)
+    else:
+        index = keep
+    model.replace_initializer(value.name or "", np.take(array, index, axis=axis))
+
+
+def remove_channels(model: Model, space: ChannelSpace, keep: np.ndarray) -> dict[str, int]:
+    """Physically keep only channels ``keep`` in ``space`` (edits ``model`` in place)."""
+    keep = np.sort(np.asarray(keep, np.int64))
+    removed = space.channels - len(keep)
+    for layer in space.sources:
+        _take(layer.weight, keep, layer.out_axis, model)
+        if layer.bias is not None:
+            _take(layer.bias, keep, 0, model)
+    for bn in space.batchnorms:
+        for v in bn.inputs[1:5]:
+            if v is not None and v.const_value is not None:
+                _take(v, keep, 0, model)
+    for conv in space.depthwise:
+        _take(conv.inputs[1], keep, 0, model)  # type: ignore[arg-type]
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            _take(conv.inputs[2], keep, 0, model)
+        conv.attributes["group"] = ir.AttrInt64("group", len(keep))
+    for node, index in space.channel_constants:
+        value = node.inputs[index]
+        assert value is not None and value.const_value is not None
+        dims = _dims(value)
+        axis = next(i for i, d in enumerate(dims) if d == space.channels) if space.axis == 1 else len(dims) - 1
+        _take(value, keep, axis, model)
+    for kind, node, spatial in space.sinks:
+        if kind == "conv":
+            _take(node.inputs[1], keep, 1, model)  # type: ignore[arg-type]
+        elif kind in ("fc", "flat"):
+            layer = next(x for x in model.weighted_layers() if x.node is node)
+            _take(layer.weight, keep, layer.in_axis, model, per_block=spatial)
+        elif kind == "reshape":
+            shape_v = node.inputs[1]
+            if shape_v is not None and shape_v.const_value is not None:
+                target = shape_v.const_value.numpy().copy()
+                flat = np.where(target == space.channels * spatial)[0]
+                if len(flat):
+                    target[flat[0]] = len(keep) * spatial
+                    model.replace_initializer(shape_v.name or "", target)
+    return {"removed": removed, "kept": len(keep)}

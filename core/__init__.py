@@ -36,7 +36,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.loading import load
 from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.pipeline import apply, prune, quantize
+from modelpress.pipeline import apply, distill, prune, quantize
 from modelpress.provenance import PassRecord, Provenance
 from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.signature import Signature, TensorSpec
@@ -75,6 +75,7 @@ __all__ = [
     "convert",
     "create_registry",
     "describe",
+    "distill",
     "export",
     "fit",
     "get_registry",

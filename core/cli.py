@@ -179,6 +179,11 @@ def cmd_apply(args: argparse.Namespace) -> int:
     )
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
+    _print_result(result, exported)
+    return 0
+
+
+def _print_result(result: Any, exported: Any) -> None:
     console = _console()
     record = result.provenance.passes[-1]
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
@@ -212,6 +217,23 @@ def cmd_prune(args: argparse.Namespace) -> int:
     args.kind, args.calib = "prune", None
     args.option = [f"{k}={json.dumps(v)}" for k, v in options.items()]
     return cmd_apply(args)
+
+
+def cmd_distill(args: argparse.Namespace) -> int:
+    import modelpress
+
+    options = parse_option_pairs(args.option)
+    for name in ("width", "epochs", "temperature", "alpha", "lr"):
+        value = getattr(args, name)
+        if value is not None:
+            options[name] = value
+    teacher = modelpress.load(args.model)
+    student: Any = "auto" if args.student == "auto" else modelpress.load(args.student)
+    result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, **options)
+    sample = args.sample or _capped_sample(args.data)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
+    _print_result(result, exported)
+    return 0
 
 
 def _shape(text: str) -> tuple[int, ...]:
@@ -332,6 +354,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser(
+        "distill",
+        help="knowledge distillation: train a student (or an automatic narrower one) from TEACHER",
+        description="Distill TEACHER into a student and write it to OUT, verified in ONNX Runtime against the teacher.",
+    )
+    p.add_argument("model", metavar="TEACHER", help="teacher model (any format modelpress loads)")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path for the student")
+    p.add_argument("--student", default="auto", help="'auto' (the teacher narrowed to --width) or a student model file")
+    p.add_argument("--width", type=float, help="auto student: fraction of the teacher's channels kept (default 0.5)")
+    p.add_argument("--data", required=True, help=".npz training data: arrays named after the inputs, optionally `labels`")
+    p.add_argument("--epochs", type=int, help="training epochs (default 10)")
+    p.add_argument("--temperature", type=float, help="softmax temperature (default 4)")
+    p.add_argument("--alpha", type=float, help="weight of the hard-label loss (default 0.3; 0 = no labels needed)")
+    p.add_argument("--lr", type=float, help="learning rate")
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other kd option (repeatable)")
+    p.add_argument("--sample", help=".npz inputs for the verification run (default: the data)")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
         "apply",

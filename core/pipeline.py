@@ -11,7 +11,7 @@ from modelpress.model import Model
 from modelpress.provenance import PassRecord
 from modelpress.registry import Registry, get_registry
 
-__all__ = ["apply", "prune", "quantize"]
+__all__ = ["apply", "distill", "prune", "quantize"]
 
 
 def _fingerprint(model: Model) -> tuple[object, ...]:
@@ -35,13 +35,15 @@ def apply(
     eval: Any = None,
     show_progress: bool = True,
     registry: Registry | None = None,
+    extra: dict[str, Any] | None = None,
     **more_options: Any,
 ) -> Model:
     """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
 
     ``options`` (or keyword arguments) are validated against the method's schema before any
     work starts. Errors raised inside a plugin become :class:`PluginError` naming the plugin and
-    method. The result's provenance records the method, its options, its plugin and version,
+    method. ``extra`` carries objects a method needs that are not options (e.g. a student model).
+    The result's provenance records the method, its options, its plugin and version,
     its wall time and the figures it reported.
     """
     registry = registry or get_registry()
@@ -51,7 +53,7 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
-    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress)
+    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}))
     label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
     work = model.clone() if m.mutates else model
@@ -109,3 +111,20 @@ def prune(model: Model, method: str = "magnitude", *, data: Any = None, **option
     ``n:m``, ``channel``, or one from a plugin). ``data`` (inputs and optionally ``labels``) feeds
     fine-tuning and the data-driven criteria."""
     return apply(model, method, kind="prune", train=data, **options)
+
+
+def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **options: Any) -> Model:
+    """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
+    to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
+    (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
+    by channel pruning. Returns the trained student; its reference is the teacher."""
+    from modelpress.loading import load
+
+    method = options.pop("method", "kd")
+    extra = {}
+    if isinstance(student, str) and student == "auto":
+        options.setdefault("student", "auto")
+    else:
+        extra["student"] = load(student)
+        options.setdefault("student", "given")
+    return apply(teacher, method, kind="distill", train=data, extra=extra, **options)

@@ -11,7 +11,7 @@ PUBLIC = {
     "UnknownMethodError", "UnsafeExternalDataError", "UnsupportedModelError", "VerificationError",
     "WeightedLayer", "__version__", "apply", "create_registry", "describe", "export", "get_registry",
     "hookimpl", "load", "load_dataset", "reset_registry", "sample_inputs", "verify",
-    "ConvertResult", "convert", "fit", "to_torch", "update_weights", "quantize", "prune",
+    "ConvertResult", "convert", "fit", "to_torch", "update_weights", "quantize", "prune", "distill",
 }
 
 

@@ -192,7 +192,6 @@ def _print_result(result: Any, exported: Any) -> None:
     console.print(f"wrote {exported.path} ({_human_bytes(exported.size_bytes)})")
     if exported.verification is not None:
         console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
-    return 0
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 from modelpress.adapter import Adapter
+from modelpress.compress import CompressResult, StageMetrics, compress
 from modelpress.convert import ConvertResult, convert
 from modelpress.data import Dataset, load_dataset, sample_inputs
 from modelpress.errors import (
@@ -38,6 +39,7 @@ from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.pipeline import apply, distill, prune, quantize
 from modelpress.provenance import PassRecord, Provenance
+from modelpress.recipe import Recipe, load_recipe
 from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.signature import Signature, TensorSpec
 from modelpress.verify import Comparison
@@ -46,6 +48,7 @@ __all__ = [
     "KINDS",
     "Adapter",
     "Comparison",
+    "CompressResult",
     "ConvertResult",
     "DataError",
     "Dataset",
@@ -62,8 +65,10 @@ __all__ = [
     "PassRecord",
     "PluginError",
     "Provenance",
+    "Recipe",
     "Registry",
     "Signature",
+    "StageMetrics",
     "TensorSpec",
     "UnknownMethodError",
     "UnsafeExternalDataError",
@@ -72,6 +77,7 @@ __all__ = [
     "WeightedLayer",
     "__version__",
     "apply",
+    "compress",
     "convert",
     "create_registry",
     "describe",
@@ -82,6 +88,7 @@ __all__ = [
     "hookimpl",
     "load",
     "load_dataset",
+    "load_recipe",
     "prune",
     "quantize",
     "reset_registry",

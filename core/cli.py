@@ -235,6 +235,42 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_report(result: Any) -> None:
+    console = _console()
+    console.print(result.report.table())
+    if result.interrupted:
+        console.print("interrupted: the completed stages' files and a partial report were kept")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    import modelpress
+
+    try:
+        result = modelpress.compress(args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet)
+    except KeyboardInterrupt:
+        raise
+    _print_report(result)
+    target = args.report_dir or str(Path(args.output).parent)
+    _console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def cmd_recipe_schema(args: argparse.Namespace) -> int:
+    from modelpress.recipe import recipe_schema
+
+    print(json.dumps(recipe_schema(), indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from modelpress.demo import run_demo
+
+    result = run_demo(args.out, fast=args.fast, framework=args.framework, show_progress=not args.quiet)
+    _print_report(result)
+    _console().print(f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); recipe: {Path(args.out) / 'recipe.yaml'}")
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
 def _shape(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(part) for part in text.replace("x", ",").split(",") if part.strip())
@@ -373,6 +409,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_distill)
+
+    p = sub.add_parser(
+        "compress",
+        help="run a recipe (quantize / prune / distill passes) and report every stage",
+        description="Run the passes of RECIPE on MODEL, evaluating after the source and each stage (metric, size, latency, time); "
+        "write the final model to OUT and report.md/.json/.html.",
+    )
+    p.add_argument("model", help="input model")
+    p.add_argument("-r", "--recipe", required=True, help="recipe file (.yaml or .json); see `modelpress recipe-schema`")
+    p.add_argument("-o", "--output", required=True, help="final .onnx path; each stage goes to <stem>-stages/")
+    p.add_argument("--report-dir", help="folder for report.md/.json/.html (default: the output's folder)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser("recipe-schema", help="print the JSON Schema of recipes")
+    p.set_defaults(func=cmd_recipe_schema)
+
+    p = sub.add_parser(
+        "demo",
+        help="train a CNN on scikit-learn's digits, then prune -> distill -> quantize it and report (nothing downloaded)",
+    )
+    p.add_argument("--out", default="modelpress-demo", help="output folder (default ./modelpress-demo)")
+    p.add_argument("--fast", action="store_true", help="fewer epochs (same code path)")
+    p.add_argument("--framework", choices=("torch", "tensorflow"), help="framework to train with (default: torch if installed)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser(
         "apply",

@@ -1,0 +1,223 @@
+"""``modelpress.compress``: run a recipe stage by stage, evaluating after the source and each stage."""
+
+from __future__ import annotations
+
+import os
+import time
+import zlib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelpress.data import Dataset, load_dataset, sample_inputs
+from modelpress.errors import ModelpressError, OptionsError
+from modelpress.export import export
+from modelpress.model import Model
+from modelpress.pipeline import apply
+from modelpress.recipe import Recipe, load_recipe, resolve_callable
+from modelpress.registry import Registry, get_registry
+from modelpress.report import Report
+
+__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency"]
+
+
+@dataclass
+class StageMetrics:
+    """What one stage produced, measured the same way for every stage."""
+
+    stage: str
+    metric: str
+    value: float | None
+    size_bytes: int
+    zip_bytes: int
+    parameters: int
+    sparsity: float
+    latency_ms: dict[str, float]
+    seconds: float
+    path: str
+    figures: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressResult:
+    model: Model
+    stages: list[StageMetrics]
+    report: Report
+    output: Path | None
+    interrupted: bool = False
+
+
+def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
+    """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    for _ in range(2):
+        session.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        session.run(None, feeds)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times) * 1000)
+
+
+def _sparsity(model: Model) -> float:
+    total = zeros = 0
+    for layer in model.weighted_layers():
+        tensor = layer.weight.const_value
+        if tensor is not None and tensor.dtype.is_floating_point():
+            w = tensor.numpy()
+            total += w.size
+            zeros += int(np.count_nonzero(w == 0))
+    return zeros / total if total else 0.0
+
+
+class _Evaluator:
+    def __init__(self, recipe: Recipe, source: Model, eval_data: Dataset | None):
+        from modelpress.runtime import make_session, run_dataset
+
+        self.recipe = recipe
+        self.settings = recipe.evaluate
+        self.data = eval_data
+        metric = self.settings.metric
+        self.custom = resolve_callable(metric) if metric not in ("accuracy", "agreement", "cosine", "mse") else None
+        if metric == "accuracy" and (eval_data is None or eval_data.labels is None):
+            raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
+        self.batches = list(eval_data.batches(256)) if eval_data is not None else [sample_inputs(source.signature, batch=16)]
+        self.reference = run_dataset(make_session(source), self.batches)
+        feeds = self.batches[0]
+        self.latency_feeds = {
+            "b1": {k: v[:1] for k, v in feeds.items()},
+            f"b{self.settings.batch_size}": {k: np.resize(v, (self.settings.batch_size, *v.shape[1:])) for k, v in feeds.items()},
+        }
+
+    def metric(self, path: Path) -> float:
+        from modelpress.runtime import make_session, run_dataset
+
+        outputs = run_dataset(make_session(path), self.batches)
+        metric = self.settings.metric
+        ref, out = self.reference[0].astype(np.float64), outputs[0].astype(np.float64)
+        labels = self.data.labels if self.data is not None else None
+        if self.custom is not None:
+            return float(self.custom(outputs, labels, self.reference))
+        if metric == "accuracy":
+            return float(np.mean(out.argmax(axis=-1) == labels))
+        if metric == "agreement":
+            return float(np.mean(out.argmax(axis=-1) == ref.argmax(axis=-1)))
+        if metric == "cosine":
+            return float(np.dot(ref.ravel(), out.ravel()) / max(np.linalg.norm(ref) * np.linalg.norm(out), 1e-12))
+        return float(np.mean((ref - out) ** 2))
+
+    def measure(self, stage: str, model: Model, path: Path, seconds: float, figures: dict[str, Any]) -> StageMetrics:
+        data = path.read_bytes()
+        data_file = path.with_name(path.name + ".data")
+        if data_file.exists():
+            data += data_file.read_bytes()
+        latency = {
+            f"{name} ({self.settings.threads}t)": measure_latency(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
+            for name, feeds in self.latency_feeds.items()
+        }
+        return StageMetrics(
+            stage=stage, metric=self.settings.metric, value=self.metric(path), size_bytes=len(data),
+            zip_bytes=len(zlib.compress(data, 6)), parameters=model.parameter_count(), sparsity=round(_sparsity(model), 4),
+            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures,
+        )
+
+
+def compress(
+    model: Model | Any,
+    recipe: str | os.PathLike[str] | dict[str, Any] | Recipe,
+    *,
+    output: str | os.PathLike[str] | None = None,
+    report_dir: str | os.PathLike[str] | None = None,
+    show_progress: bool = True,
+    registry: Registry | None = None,
+) -> CompressResult:
+    """Run ``recipe`` on ``model``; evaluate after the source and every stage; write reports.
+
+    Each stage's model is exported (atomically, verified in ORT) to
+    ``<output stem>-stages/NN-kind-method.onnx``; the last one is also written to ``output``.
+    Reports (``report.md``, ``report.json``, ``report.html``) go to ``report_dir`` (default: the
+    output's folder). Ctrl-C stops after the stage in progress is abandoned: completed stages'
+    files stay and the report says where it stopped.
+    """
+    from modelpress.loading import load
+
+    registry = registry or get_registry()
+    recipe = load_recipe(recipe)
+    recipe.validate_against(registry)
+    source = load(model)
+    out_path = Path(output) if output is not None else None
+    base = out_path.parent if out_path is not None else Path(report_dir or ".")
+    stem = out_path.stem if out_path is not None else "model"
+    stages_dir = base / f"{stem}-stages"
+    stages_dir.mkdir(parents=True, exist_ok=True)
+    reports_at = Path(report_dir) if report_dir is not None else base
+    reports_at.mkdir(parents=True, exist_ok=True)
+
+    calibration = recipe.resolve(recipe.data.calibration)
+    train = recipe.resolve(recipe.data.train)
+    eval_source = recipe.resolve(recipe.data.eval)
+    eval_data = load_dataset(eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if eval_source is not None else None
+    evaluator = _Evaluator(recipe, source, eval_data)
+    report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
+
+    source_path = stages_dir / "00-source.onnx"
+    export(source, source_path, verify=False)
+    stages = [evaluator.measure("source", source, source_path, 0.0, {})]
+    report.add(stages[-1])
+    current = source
+    interrupted = False
+    for index, spec in enumerate(recipe.passes, 1):
+        label = spec.name or f"{spec.kind}/{spec.method}"
+        report.status = f"running stage {index} ({label})"
+        try:
+            start = time.perf_counter()
+            options = dict(spec.options)
+            extra: dict[str, Any] = {}
+            model_in = current
+            if spec.kind == "distill":
+                teacher_choice = options.pop("teacher", "source")
+                if teacher_choice != "source":
+                    raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
+                options.setdefault("student", "given")
+                extra["student"] = current
+                model_in = source
+            result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
+                           eval=eval_source, show_progress=show_progress, registry=registry, extra=extra)
+            seconds = time.perf_counter() - start
+            if spec.kind == "distill":  # NOTE: the student's history continues the current model's
+                result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
+            path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
+            sample = eval_data.take(64) if eval_data is not None else None
+            export(result, path, sample=sample, reference=source)
+            figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
+            stages.append(evaluator.measure(label, result, path, seconds, figures))
+            report.add(stages[-1])
+            current = result
+        except KeyboardInterrupt:
+            interrupted = True
+            report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
+            break
+        except ModelpressError:
+            report.status = f"failed at stage {index} ({label})"
+            report.write(reports_at)
+            raise
+    else:
+        report.status = "complete"
+    final = None
+    if out_path is not None and not interrupted:
+        export(current, out_path, sample=eval_data.take(64) if eval_data is not None else None, reference=source)
+        final = out_path
+    report.write(reports_at)
+    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted)

@@ -1,0 +1,160 @@
+"""Recipes: an ordered list of passes, the data they use and how each stage is evaluated.
+
+A recipe is YAML or JSON::
+
+    passes:
+      - {kind: prune, method: channel, options: {ratio: 0.5}}
+      - {kind: distill, method: kd, options: {epochs: 5}}      # teacher: the source model
+      - {kind: quantize, method: int8-static}
+    data:
+      calibration: calib.npz          # .npz/.npy paths (relative to the recipe) or pkg.module:function
+      train: train.npz
+      eval: test.npz
+    evaluate:
+      metric: accuracy                # accuracy | agreement | cosine | mse | pkg.module:function
+      batch_size: 64                  # latency is measured at batch 1 and this
+      threads: 1
+      repeats: 20
+
+Everything is validated before any work starts: unknown methods list the installed ones, option
+typos name the closest valid option, missing data files are named.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import Field
+
+from modelpress.errors import DataError, OptionsError
+from modelpress.registry import Registry, get_registry
+
+__all__ = ["METRICS", "DataSources", "Evaluate", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
+
+METRICS = ("accuracy", "agreement", "cosine", "mse")
+
+
+class _Strict(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+class PassSpec(_Strict):
+    kind: Literal["quantize", "prune", "distill"] = Field(description="quantize, prune or distill")
+    method: str = Field(description="method name, as listed by `modelpress plugins`")
+    options: dict[str, Any] = Field(default_factory=dict, description="method options, validated against its schema")
+    name: str | None = Field(None, description="label of the stage in the report (default kind/method)")
+
+
+class DataSources(_Strict):
+    calibration: str | None = Field(None, description=".npz/.npy path or pkg.module:function for calibration data")
+    train: str | None = Field(None, description="training data (fine-tuning, distillation), with `labels` when needed")
+    eval: str | None = Field(None, description="evaluation data; `labels` for the accuracy metric")
+
+
+class Evaluate(_Strict):
+    metric: str = Field("agreement", description="accuracy | agreement | cosine | mse | pkg.module:function(outputs, labels, reference) -> float")
+    batch_size: int = Field(64, ge=1, description="latency is measured at batch 1 and at this batch size")
+    threads: int = Field(1, ge=1, description="ORT intra-op threads for latency")
+    repeats: int = Field(20, ge=1, description="latency runs per setting (the median is reported)")
+    max_samples: int = Field(2048, ge=1, description="evaluation samples used")
+
+
+class Recipe(_Strict):
+    passes: list[PassSpec] = Field(min_length=1, description="passes, applied in order")
+    data: DataSources = Field(default_factory=DataSources)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
+    base_dir: str = Field("", exclude=True, description="folder data paths are relative to (set when loading a file)")
+
+    def resolve(self, source: str | None) -> Any:
+        """A data source: a path (relative to the recipe) or the result of pkg.module:function()."""
+        if source is None:
+            return None
+        if ":" in source and not os.path.exists(source) and not Path(self.base_dir, source).exists():
+            return resolve_callable(source)()
+        path = Path(source)
+        if not path.is_absolute():
+            path = Path(self.base_dir or ".") / path
+        if not path.exists():
+            raise DataError(f"recipe data file {str(path)!r} does not exist")
+        return path
+
+    def validate_against(self, registry: Registry | None = None) -> None:
+        """Every method exists and every option validates, before any work starts."""
+        registry = registry or get_registry()
+        for i, spec in enumerate(self.passes, 1):
+            method = registry.method(spec.method, spec.kind)
+            options = dict(spec.options)
+            if spec.kind == "distill":
+                options.pop("teacher", None)
+            try:
+                method.validate_options(options)
+            except OptionsError as exc:
+                raise OptionsError(f"recipe pass {i}: {exc}") from None
+            needs = {"quantize": "calibration", "prune": None, "distill": "train"}[spec.kind]
+            if spec.method in ("int8-static",) and not self.data.calibration:
+                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.calibration")
+            if needs == "train" and not self.data.train:
+                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.train")
+            if spec.kind == "prune" and spec.options.get("fine_tune_epochs") and not self.data.train:
+                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) fine-tunes: it needs data.train")
+        for field_name in ("calibration", "train", "eval"):
+            source = getattr(self.data, field_name)
+            if source is not None and not (":" in source and not Path(self.base_dir, source).exists()):
+                self.resolve(source)
+        metric = self.evaluate.metric
+        if metric not in METRICS and ":" not in metric:
+            raise OptionsError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or pkg.module:function")
+        if metric == "accuracy" and not self.data.eval:
+            raise OptionsError("metric 'accuracy' needs data.eval with an array named 'labels'")
+
+
+def resolve_callable(path: str) -> Any:
+    module_name, _, attr = path.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise OptionsError(f"cannot import {path!r}: {exc}") from None
+
+
+def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Recipe:
+    """Parse and validate the structure of a recipe (a file, a dict or a Recipe)."""
+    if isinstance(source, Recipe):
+        return source
+    base = ""
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise OptionsError(f"recipe {str(path)!r} does not exist")
+        text = path.read_text()
+        try:
+            if path.suffix.lower() == ".json":
+                raw = json.loads(text)
+            else:
+                import yaml
+
+                raw = yaml.safe_load(text)
+        except Exception as exc:
+            raise OptionsError(f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        base = str(path.parent)
+        label = str(path)
+    else:
+        raw, label = source, "recipe"
+    if not isinstance(raw, dict):
+        raise OptionsError(f"{label}: a recipe is a mapping with `passes` (and optionally `data`, `evaluate`)")
+    try:
+        recipe = Recipe(**raw)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise OptionsError(f"{label}: {problems}") from None
+    recipe.base_dir = base
+    return recipe
+
+
+def recipe_schema() -> dict[str, Any]:
+    """The JSON Schema of recipes (``modelpress recipe-schema``)."""
+    return Recipe.model_json_schema()

@@ -1,0 +1,142 @@
+"""The compression report: a terminal table, ``report.md``, ``report.json`` and ``report.html``.
+
+The table has the shape people know from papers: stage | metric | size | ratio | latency | time.
+The HTML report embeds an SVG chart of the metric against the size, one point per stage.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelpress.compress import StageMetrics
+
+__all__ = ["Report"]
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f}"
+
+
+@dataclass
+class Report:
+    title: str
+    metric: str
+    stages: list[StageMetrics] = field(default_factory=list)
+    status: str = "running"
+
+    def add(self, stage: StageMetrics) -> None:
+        self.stages.append(stage)
+
+    # -- rows ------------------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        latency = list(self.stages[0].latency_ms) if self.stages else []
+        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", "parameters", "sparsity", *[f"latency {k} ms" for k in latency], "time (s)"]
+
+    def rows(self) -> list[list[str]]:
+        if not self.stages:
+            return []
+        base = self.stages[0].size_bytes
+        rows = []
+        for s in self.stages:
+            value = "-" if s.value is None else f"{s.value:.4f}"
+            rows.append([
+                s.stage, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), f"{s.parameters:,}",
+                f"{s.sparsity:.1%}", *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
+            ])
+        return rows
+
+    # -- renderings ------------------------------------------------------------------------
+    def table(self) -> Any:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"{self.title} ({self.status})", title_justify="left")
+        for i, col in enumerate(self.columns()):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in self.rows():
+            table.add_row(*(escape(c) for c in row))
+        return table
+
+    def markdown(self) -> str:
+        cols = self.columns()
+        lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed). Latency: ONNX Runtime, CPU, median."]
+        for s in self.stages[1:]:
+            if s.figures:
+                lines += ["", f"## {s.stage}", "", "```json", json.dumps(s.figures, indent=1, default=str)[:4000], "```"]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages]}
+
+    def svg_chart(self, width: int = 560, height: int = 320) -> str:
+        points = [(s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None]
+        if not points:
+            return ""
+        pad = 50
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        x0, x1 = 0.0, max(xs) * 1.1 or 1.0
+        y0, y1 = min(ys), max(ys)
+        if y1 - y0 < 1e-9:
+            y0, y1 = y0 - 0.05, y1 + 0.05
+        margin = (y1 - y0) * 0.15
+        y0, y1 = y0 - margin, y1 + margin
+
+        def sx(v: float) -> float:
+            return pad + (v - x0) / (x1 - x0) * (width - 2 * pad)
+
+        def sy(v: float) -> float:
+            return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)
+
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+                 f'<rect width="{width}" height="{height}" fill="white"/>',
+                 f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+                 f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">size (MB)</text>',
+                 f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>']
+        for i in range(5):
+            xv = x0 + (x1 - x0) * i / 4
+            yv = y0 + (y1 - y0) * i / 4
+            parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
+            parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#4a7fb0" stroke-dasharray="4 3"/>')
+        for x, y, label in points:
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d0553f"/>')
+            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}">{html.escape(label)}</text>')
+        parts.append("</svg>")
+        return "".join(parts)
+
+    def html(self) -> str:
+        cols = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
+            f"</head><body><h1>{html.escape(self.title)}</h1><p>Status: {html.escape(self.status)}</p>"
+            f"<table><tr>{cols}</tr>{body}</table><h2>{html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
+            "<p>Sizes are the ONNX files on disk. Latency: ONNX Runtime on CPU, median of repeated runs.</p></body></html>\n"
+        )
+
+    def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write report.md/.json/.html into ``folder`` (each atomically)."""
+        target = Path(folder)
+        target.mkdir(parents=True, exist_ok=True)
+        written = {}
+        for name, text in (("report.md", self.markdown()), ("report.json", json.dumps(self.to_json(), indent=1, default=str)), ("report.html", self.html())):
+            path = target / name
+            tmp = target / f".{name}.tmp"
+            tmp.write_text(text)
+            os.replace(tmp, path)
+            written[name] = path
+        return written

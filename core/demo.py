@@ -112,9 +112,13 @@ def run_demo(out: str | os.PathLike[str] = "modelpress-demo", *, fast: bool = Fa
         modelpress.export(model, cached)
         model = modelpress.load(cached)
     name = model.signature.input_names[0]
-    np.savez(folder / "calib.npz", **{name: data["x_train"][:512]})
-    np.savez(folder / "train.npz", **{name: data["x_train"], "labels": data["y_train"]})
-    np.savez(folder / "test.npz", **{name: data["x_test"], "labels": data["y_test"]})
+    arrays: dict[str, dict[str, np.ndarray]] = {
+        "calib.npz": {name: data["x_train"][:512]},
+        "train.npz": {name: data["x_train"], "labels": data["y_train"]},
+        "test.npz": {name: data["x_test"], "labels": data["y_test"]},
+    }
+    for file_name, content in arrays.items():
+        np.savez(folder / file_name, **content)  # type: ignore[arg-type]
     recipe = {**DEMO_RECIPE, "passes": [dict(p) for p in DEMO_RECIPE["passes"]]}
     if fast:
         recipe["passes"][1] = {**recipe["passes"][1], "options": {**recipe["passes"][1]["options"], "epochs": 2}}

@@ -295,3 +295,35 @@ def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     assert any(t.data_type == TensorProto.INT8 for t in onnx.load(out).graph.initializer)
     bad = run_cli("quantize", str(digits_mlp_path), "-o", str(tmp_path / "n.onnx"))
     assert bad.returncode != 0 and "needs calibration data" in bad.stderr and not (tmp_path / "n.onnx").exists()
+
+
+@pytest.mark.torch
+def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
+    pytest.importorskip("torch")
+    model = modelpress.load(digits_mlp_path)
+    calibration = {"x": digits["x_train"][:256]}
+    options = {"per_channel": False, "calibrator": "minmax", "min_agreement": None, "min_cosine": None}
+    static = modelpress.quantize(model, "int8-static", calibration=calibration, show_progress=False, **options)
+    qat = modelpress.apply(model, "int8-qat", kind="quantize", calibration=calibration, show_progress=False,
+                           train={"x": digits["x_train"], "labels": digits["y_train"]}, epochs=3, lr=2e-4, **options)
+    figures = qat.provenance.passes[-1].figures
+    assert figures["trained_weights"] == 2 and figures["qat_last_loss"] < figures["qat_first_loss"]
+    assert qat.op_histogram() == static.op_histogram()  # the same QDQ graph, with retrained integers
+    assert qat.initializer("fc0.weight_quantized").const_value.dtype == ir.DataType.INT8
+    assert not np.array_equal(qat.initializer("fc0.weight_quantized").const_value.numpy(), static.initializer("fc0.weight_quantized").const_value.numpy())
+
+    def accuracy(m):
+        return float(np.mean(run(make_session(m), {"x": digits["x_test"]})[0].argmax(1) == digits["y_test"]))
+
+    assert accuracy(qat) >= accuracy(static) - 0.01
+    # the torch lowering of the final QDQ graph computes the QDQ semantics exactly (ORT, unfused)
+    import onnxruntime as ort
+    import torch
+
+    module = modelpress.to_torch(qat)
+    with torch.no_grad():
+        lowered = module(torch.from_numpy(digits["x_test"])).numpy()
+    unfused = ort.SessionOptions()
+    unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(qat.to_proto().SerializeToString(), unfused, providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(lowered, session.run(None, {"x": digits["x_test"]})[0], atol=1e-4)

@@ -11,6 +11,7 @@ from modelpress.methods import Method
 from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
+from modelpress.plugins.quantize.qat import Int8QATOptions, int8_qat
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
 from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, weight_only
 
@@ -24,6 +25,10 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
         name="int8-static", kind="quantize", apply=int8_static, options=Int8StaticOptions, mutates=False,
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
+    ))
+    register(Method(
+        name="int8-qat", kind="quantize", apply=int8_qat, options=Int8QATOptions, mutates=False,
+        summary="int8-static, then quantization-aware training (straight-through fake quant), optionally distilled from the float model",
     ))
     register(Method(
         name="int8-dynamic", kind="quantize", apply=int8_dynamic, options=Int8DynamicOptions, mutates=True,

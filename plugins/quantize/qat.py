@@ -95,9 +95,9 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
         graph.initializers.pop(float_v.name or "")
     for dq, float_name, scale in biases:
         bias = model.initializer(float_name).const_value.numpy()  # type: ignore[union-attr]
-        int_value = dq.inputs[0]
-        assert int_value is not None
-        model.replace_initializer(int_value.name or "", np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32))
+        bias_q = dq.inputs[0]
+        assert bias_q is not None
+        model.replace_initializer(bias_q.name or "", np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32))
         model.initializer(float_name).replace_all_uses_with(dq.outputs[0])
         graph.initializers.pop(float_name)
 

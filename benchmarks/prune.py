@@ -77,21 +77,9 @@ def _models():  # type: ignore[no-untyped-def]
 
 
 def _latency(path: Path, x: np.ndarray, threads: int = 2, repeats: int = 30) -> float:
-    import onnxruntime as ort
+    from modelpress.compress import measure_latency
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
-    for _ in range(3):
-        session.run(None, {name: x})
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, {name: x})
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    return measure_latency(path, {"x": x}, threads=threads, repeats=repeats)
 
 
 def main() -> None:

@@ -166,21 +166,9 @@ def quantize_in_child(tool: str, source: Path, target: Path, calib: Path, option
 
 # -- measurement --------------------------------------------------------------------------------
 def _latency(path: Path, feeds: dict[str, np.ndarray], threads: int, repeats: int) -> float:
-    import onnxruntime as ort
+    from modelpress.compress import measure_latency
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-    for _ in range(3):
-        session.run(None, feeds)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times)) * 1000
+    return measure_latency(path, feeds, threads=threads, repeats=repeats)
 
 
 def _evaluate(path: Path, info: dict, reference: np.ndarray, y: np.ndarray) -> dict:

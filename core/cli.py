@@ -314,6 +314,14 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # -- parser -------------------------------------------------------------------------------------
 
 
+def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> None:
+    """The arguments every command that writes a verified model shares."""
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string (repeatable)")
+    p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modelpress import __version__
 
@@ -365,10 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"), help="int8-static: activation range calibrator")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
-    p.add_argument("--sample", help=".npz inputs for the verification run (default: the calibration data, else random)")
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_output_arguments(p, sample_help="default: the calibration data, else random")
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser(
@@ -384,10 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--criterion", help="channel: l1, l2, bn-scale, taylor, activation")
     p.add_argument("--data", help=".npz training data: arrays named after the inputs, optionally `labels`")
     p.add_argument("--fine-tune-epochs", type=int, dest="fine_tune_epochs", help="fine-tune after pruning (needs --data)")
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option (repeatable)")
-    p.add_argument("--sample", help=".npz inputs for the verification run (default: the data, else random)")
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_output_arguments(p, sample_help="default: the data, else random")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser(
@@ -404,10 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, help="softmax temperature (default 4)")
     p.add_argument("--alpha", type=float, help="weight of the hard-label loss (default 0.3; 0 = no labels needed)")
     p.add_argument("--lr", type=float, help="learning rate")
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other kd option (repeatable)")
-    p.add_argument("--sample", help=".npz inputs for the verification run (default: the data)")
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_output_arguments(p, sample_help="default: the data")
     p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
@@ -445,12 +444,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-m", "--method", required=True, help="method name (see `modelpress plugins`)")
     p.add_argument("-k", "--kind", choices=("quantize", "prune", "distill"), help="method kind, when a name exists in several")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="method option; VALUE is JSON or a plain string (repeatable)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
-    p.add_argument("--sample", help=".npz inputs for the verification run (default: random inputs from the signature)")
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    _add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
     p.set_defaults(func=cmd_apply)
     return parser
 

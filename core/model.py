@@ -191,6 +191,26 @@ class Model:
             graph.append(node)
         return out
 
+    def replace_node(self, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
+        """Swap ``node`` for ``new_nodes`` whose ``output`` takes over the node's (first) output.
+
+        Consumers and graph outputs are rewired, the output keeps its name and shape, the old
+        node is removed, and initializers it alone used are dropped.
+        """
+        graph = self.ir.graph
+        graph.insert_before(node, new_nodes)
+        old = node.outputs[0]
+        output.shape = old.shape.copy() if old.shape is not None else None
+        if output.type is None and isinstance(old.type, ir.TensorType):
+            output.type = ir.TensorType(old.type.dtype)
+        old.replace_all_uses_with(output, replace_graph_outputs=True)
+        output.name, old.name = old.name, self._unique_name(f"{old.name}_replaced")
+        inputs = [v for v in node.inputs if v is not None]
+        graph.remove(node, safe=True)
+        for value in inputs:
+            if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
+                graph.initializers.pop(value.name or "")
+
     def _unique_name(self, base: str, *, nodes: bool = False) -> str:
         graph = self.ir.graph
         if nodes:

@@ -125,3 +125,18 @@ def test_setting_dtype_on_a_clone_does_not_retype_the_original():
     clone.graph.inputs[0].shape = None
     assert next(iter(model.nodes())).outputs[0].dtype == ir.DataType.FLOAT
     assert model.signature.inputs[0].shape == ("batch", 8)
+
+
+def test_replace_node_rewires_outputs_and_drops_unused_weights():
+    model = tiny_mlp()
+    x = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
+    expected = run(make_session(model), x)[0]
+    fc2 = model.node("fc2")
+    weight = model.add_initializer("w_copy", model.initializer("fc2.weight").const_value.numpy().T.copy())
+    bias = model.add_initializer("b_copy", model.initializer("fc2.bias").const_value.numpy())
+    matmul = ir.node("MatMul", [fc2.inputs[0], weight], name="mm")
+    add = ir.node("Add", [matmul.outputs[0], bias], name="add")
+    model.replace_node(fc2, [matmul, add], add.outputs[0])
+    assert model.signature.output_names == ["logits"]
+    assert "fc2.weight" not in model.graph.initializers and "fc2.bias" not in model.graph.initializers
+    np.testing.assert_allclose(assert_valid(model, sample=x)[0], expected, rtol=1e-5, atol=1e-6)

@@ -28,7 +28,6 @@ class Int8DynamicOptions(Options):
 
 
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
-    graph = model.ir.graph
     grid = QRange(8, True, restricted=True)
     done, skipped = 0, {}
     for layer in model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}):
@@ -81,14 +80,7 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
             add.outputs[0].dtype = ir.DataType.FLOAT
             new_nodes.append(add)
             result = add.outputs[0]
-        graph.insert_before(node, new_nodes)
-        old = node.outputs[0]
-        result.shape = old.shape
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
-        result.name, old.name = old.name, f"{old.name}_float_unused"
-        graph.remove(node, safe=True)
-        if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
-            graph.initializers.pop(layer.weight.name)
+        model.replace_node(node, new_nodes, result)
         done += 1
     if not done:
         raise OptionsError(f"int8-dynamic: no MatMul/Gemm with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")

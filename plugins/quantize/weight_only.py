@@ -256,7 +256,6 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm with a constant weight'})")
     hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" else {}
 
-    graph = result.ir.graph
     before = after = 0
     errors: list[float] = []
     with ctx.progress(f"int{opts.bits} weight-only", total=len(layers)) as advance:
@@ -289,14 +288,7 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
                 add.outputs[0].dtype = ir.DataType.FLOAT
                 replacement.append(add)
                 out = add.outputs[0]
-            graph.insert_before(node, replacement)
-            old = node.outputs[0]
-            out.shape = old.shape
-            old.replace_all_uses_with(out, replace_graph_outputs=True)
-            out.name, old.name = old.name, f"{old.name}_float_unused"
-            graph.remove(node, safe=True)
-            if not list(layer.weight.uses()) and layer.weight.name in graph.initializers:
-                graph.initializers.pop(layer.weight.name)
+            result.replace_node(node, replacement, out)
             advance(1)
     if opts.format == "matmulnbits" and "com.microsoft" not in result.ir.opset_imports:
         result.ir.opset_imports["com.microsoft"] = 1

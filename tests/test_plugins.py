@@ -201,3 +201,16 @@ def test_autoload_switches(example_plugin, monkeypatch):
     assert "fp16-weights" in modelpress.create_registry().plugins
     monkeypatch.setenv("MODELPRESS_BLOCK_PLUGINS", "fp16-weights")
     assert "fp16-weights" not in modelpress.create_registry().plugins
+
+
+def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
+    """A broken third-party distribution: its entry point names a module that raises on import."""
+    dist = tmp_path / "broken_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[modelpress]\nbroken = broken_plugin_module\n")
+    (tmp_path / "broken_plugin_module.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(modelpress.PluginError, match=r"plugin 'broken' from broken-plugin 0\.1 failed to load .*RuntimeError: this plugin is broken.*MODELPRESS_BLOCK_PLUGINS=broken"):
+        modelpress.create_registry()
+    assert "broken" not in modelpress.create_registry(block=["broken"]).plugins

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -112,7 +113,12 @@ class Method:
         rows = []
         for name, info in self.options.model_fields.items():
             annotation = info.annotation
-            type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
+            if typing.get_origin(annotation) is typing.Literal:
+                type_name = "|".join(str(a) for a in typing.get_args(annotation))
+            elif typing.get_origin(annotation) is not None:
+                type_name = str(annotation).replace("typing.", "")
+            else:
+                type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
             default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
             rows.append({"name": name, "type": type_name, "default": default, "help": info.description or ""})
         return rows

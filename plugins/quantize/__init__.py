@@ -36,7 +36,7 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     ))
     register(Method(
         name="int4-weight-only", kind="quantize", apply=weight_only, options=WeightOnlyOptions, mutates=False,
-        summary="block-wise INT4 MatMul/Gemm weights (RTN, HQQ or GPTQ), DequantizeLinear or MatMulNBits",
+        summary="block-wise INT4 MatMul/Gemm weights (RTN, MSE clipping search or GPTQ), DequantizeLinear or MatMulNBits",
     ))
     register(Method(
         name="int8-weight-only", kind="quantize", apply=partial(weight_only), options=Int8WeightOnlyOptions, mutates=False,

@@ -8,8 +8,9 @@ column gets its own scale (and zero point when asymmetric). Activations stay flo
   into its ``MatMulNBits`` kernel;
 * ``format="matmulnbits"``: ORT's ``com.microsoft::MatMulNBits`` directly (int4 only).
 
-Algorithms: ``rtn`` (round to nearest), ``hqq`` (half-quadratic optimisation of the zero points,
-no data needed) and ``gptq`` (second-order error compensation from calibration activations).
+Algorithms: ``rtn`` (round to nearest), ``mse`` (per-block search of the clipping range that
+minimises the squared weight error, no data needed) and ``gptq`` (second-order error
+compensation from calibration activations, Frantar et al.).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
     block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
-    algorithm: Literal["rtn", "hqq", "gptq"] = Field("rtn", description="rtn: round to nearest; hqq: optimise zero points (no data); gptq: error compensation with calibration data")
+    algorithm: Literal["rtn", "mse", "gptq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="op types to quantize")
@@ -79,39 +80,31 @@ def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray
     return q, scales, zeros
 
 
-def _hqq(w: np.ndarray, opts: WeightOnlyOptions, iterations: int = 20, p: float = 0.7) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Half-quadratic quantization: refine zero points to minimise the lp (p < 1) weight error."""
-    q, scales, zeros = _rtn(w, opts)
-    if opts.symmetric:
-        return q, scales, zeros
+def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest with each block's range shrunk to the factor (0.5..1) that minimises the
+    block's squared reconstruction error: outliers get clipped when that helps the rest. No data."""
     grid = _grid(opts)
     k, n = w.shape
     bs = opts.block_size
-    nb = scales.shape[0]
-    pad = nb * bs - k
-    wb = np.pad(w, ((0, pad), (0, 0))).reshape(nb, bs, n).astype(np.float64)
-    valid = np.pad(np.ones((k, n)), ((0, pad), (0, 0))).reshape(nb, bs, n).astype(bool)
-    s = scales[:, None, :].astype(np.float64)
-    z = zeros[:, None, :].astype(np.float64)
-    beta, kappa = 10.0, 1.01
-    best_err = np.full((nb, 1, n), np.inf)
-    best_z = z.copy()
-    for _ in range(iterations):
-        qb = np.clip(np.round(wb / s + z), grid.qmin, grid.qmax)
-        residual = wb - (qb - z) * s
-        # proximal operator of the lp norm (generalised soft-thresholding)
-        mag = np.abs(residual)
-        shrunk = np.sign(residual) * np.maximum(mag - (1.0 / beta) * np.power(mag + 1e-8, p - 1), 0)
-        z = np.mean(np.where(valid, qb - (wb - shrunk) / s, 0), axis=1, keepdims=True) * bs / np.maximum(valid.sum(axis=1, keepdims=True), 1)
-        beta *= kappa
-        err = np.sum(np.where(valid, np.abs(wb - (np.clip(np.round(wb / s + z), grid.qmin, grid.qmax) - z) * s), 0), axis=1, keepdims=True)
-        better = err < best_err
-        best_err = np.where(better, err, best_err)
-        best_z = np.where(better, z, best_z)
-    # NOTE: zero points are stored as integers; round the optimum and requantize with it.
-    zero = np.clip(np.round(best_z), grid.qmin, grid.qmax)
-    qb = np.clip(np.round(wb / s + zero), grid.qmin, grid.qmax)
-    return qb.reshape(nb * bs, n)[:k].astype(np.int32), scales, zero[:, 0, :]
+    nb = -(-k // bs)
+    q = np.zeros((k, n), np.int32)
+    scales = np.zeros((nb, n), np.float32)
+    zeros = np.zeros((nb, n), np.float64)
+    for b in range(nb):
+        rows = slice(b * bs, min(k, (b + 1) * bs))
+        block = w[rows].astype(np.float64)
+        best_err = np.full(n, np.inf)
+        for factor in np.linspace(1.0, 0.5, candidates):
+            s, z = _block_params(block * factor, grid, opts.symmetric)
+            s = s.astype(np.float64)
+            qb = np.clip(np.round(block / s + z), grid.qmin, grid.qmax)
+            err = (((qb - z) * s - block) ** 2).sum(axis=0)
+            better = err < best_err
+            best_err = np.where(better, err, best_err)
+            scales[b] = np.where(better, s, scales[b])
+            zeros[b] = np.where(better, z, zeros[b])
+            q[rows] = np.where(better[None, :], qb, q[rows])
+    return q, scales, zeros
 
 
 def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -264,8 +257,8 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
             matrix = w.T if layer.out_axis == 0 else w  # [K, N]
             if opts.algorithm == "gptq":
                 q, scales, zeros = _gptq(matrix, hessians[layer.node.inputs[0].name or ""], opts)
-            elif opts.algorithm == "hqq":
-                q, scales, zeros = _hqq(matrix, opts)
+            elif opts.algorithm == "mse":
+                q, scales, zeros = _mse(matrix, opts)
             else:
                 q, scales, zeros = _rtn(matrix, opts)
             recon = (q - np.repeat(zeros, opts.block_size, axis=0)[: len(q)]) * np.repeat(scales, opts.block_size, axis=0)[: len(q)]

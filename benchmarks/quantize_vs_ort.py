@@ -165,10 +165,32 @@ def quantize_in_child(tool: str, source: Path, target: Path, calib: Path, option
 
 
 # -- measurement --------------------------------------------------------------------------------
-def _latency(path: Path, feeds: dict[str, np.ndarray], threads: int, repeats: int) -> float:
-    from modelpress.compress import measure_latency
+def _interleaved_latency(paths: list[Path], feeds: dict[str, np.ndarray], threads: int, repeats: int, rounds: int = 5) -> list[float]:
+    """Median latency (ms) per model, measured in interleaved rounds so that machine drift hits
+    every model alike; each round runs ``repeats`` times per model, the result is the median of
+    the per-round medians."""
+    import onnxruntime as ort
 
-    return measure_latency(path, feeds, threads=threads, repeats=repeats)
+    sessions = []
+    for path in paths:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        for _ in range(3):
+            session.run(None, feeds)
+        sessions.append(session)
+    per_round: list[list[float]] = [[] for _ in paths]
+    for _ in range(rounds):
+        for i, session in enumerate(sessions):
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                times.append(time.perf_counter() - start)
+            per_round[i].append(float(np.median(times)) * 1000)
+    return [float(np.median(r)) for r in per_round]
 
 
 def _evaluate(path: Path, info: dict, reference: np.ndarray, y: np.ndarray) -> dict:
@@ -194,7 +216,7 @@ def main() -> None:
     from rich.table import Table
 
     data = _data()
-    repeats = {1: 30 if args.quick else 200, 64: 10 if args.quick else 40}
+    repeats = {1: 10 if args.quick else 40, 64: 3 if args.quick else 8}
     console = Console(width=220)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
@@ -229,14 +251,17 @@ def main() -> None:
                 target = folder / f"{info['path'].stem}_{len(rows)}.onnx"
                 run = quantize_in_child(tool, info["path"], target, info["calib"], options)
                 rows.append((label, target if not run.get("failed") else None, run))
-            feeds1 = {info["input"]: info["x_test"][:1]}
-            feeds64 = {info["input"]: info["x_test"][:64]}
+            feeds = {1: {info["input"]: info["x_test"][:1]}, 64: {info["input"]: info["x_test"][:64]}}
+            ok = [(label, path, run) for label, path, run in rows if path is not None and path.exists()]
+            settings = [(b, t) for b in (1, 64) for t in (1, 2)]
+            latencies = {s: _interleaved_latency([p for _, p, _ in ok], feeds[s[0]], s[1], repeats[s[0]]) for s in settings}
+            index = {label: i for i, (label, _, _) in enumerate(ok)}
             for label, path, run in rows:
-                if path is None or not path.exists():
+                if label not in index:
                     table.add_row(label, *["-"] * 11, "failed")
                     continue
                 ev = _evaluate(path, info, reference, data["y_test"])
-                lat = [_latency(path, f, t, repeats[b]) for b, f in ((1, feeds1), (64, feeds64)) for t in (1, 2)]
+                lat = [latencies[s][index[label]] for s in settings]
                 size = path.stat().st_size
                 table.add_row(
                     label, f"{ev['accuracy']:.4f}", f"{ev['agreement']:.4f}", f"{ev['cosine']:.5f}", f"{size / 1e3:.0f}",

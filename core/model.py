@@ -39,7 +39,7 @@ class Model:
             against it. ``None`` on a freshly imported model (it is its own reference).
     """
 
-    __slots__ = ("ir", "path", "provenance", "reference")
+    __slots__ = ("_names", "ir", "path", "provenance", "reference")
 
     def __init__(
         self,
@@ -56,6 +56,7 @@ class Model:
         self.provenance = provenance
         self.path = os.fspath(path) if path is not None else None
         self.reference = reference
+        self._names: tuple[tuple[int, ...], set[str], set[str]] | None = None
 
     # -- reading ---------------------------------------------------------------------------
     @property
@@ -133,6 +134,7 @@ class Model:
             const_value=ir.tensor(data, name=unique),
         )
         self.ir.graph.register_initializer(value)
+        self._sync_names()
         return value
 
     def insert_after(
@@ -189,6 +191,7 @@ class Model:
             graph.insert_before(graph[0], node)  # a graph input or initializer: put it first
         else:
             graph.append(node)
+        self._sync_names()
         return out
 
     def replace_node(self, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
@@ -211,19 +214,37 @@ class Model:
             if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
                 graph.initializers.pop(value.name or "")
 
-    def _unique_name(self, base: str, *, nodes: bool = False) -> str:
+    def _graph_key(self) -> tuple[int, ...]:
         graph = self.ir.graph
-        if nodes:
-            taken = {n.name for n in graph.all_nodes()}
-        else:
-            taken = {v.name for v in graph.initializers.values()} | {v.name for v in graph.inputs}
-            taken |= {o.name for n in graph.all_nodes() for o in n.outputs}
-        if base not in taken:
-            return base
-        i = 1
-        while f"{base}_{i}" in taken:
-            i += 1
-        return f"{base}_{i}"
+        return (id(graph), len(graph), len(graph.initializers), len(graph.inputs))
+
+    def _taken_names(self) -> tuple[set[str], set[str]]:
+        """Value and node names in use. Cached: rebuilt when the graph's size changed behind our back
+        (scanning the whole graph for every new name made big edits quadratic)."""
+        key = self._graph_key()
+        if self._names is None or self._names[0] != key:
+            graph = self.ir.graph
+            values = {v.name for v in graph.initializers.values() if v.name} | {v.name for v in graph.inputs if v.name}
+            nodes: set[str] = set()
+            for node in graph.all_nodes():
+                nodes.add(node.name or "")
+                values.update(o.name for o in node.outputs if o.name)
+            self._names = (key, values, nodes)
+        return self._names[1], self._names[2]
+
+    def _sync_names(self) -> None:
+        """Our own edit changed the graph's size; the cache already holds the names it used."""
+        if self._names is not None:
+            self._names = (self._graph_key(), self._names[1], self._names[2])
+
+    def _unique_name(self, base: str, *, nodes: bool = False) -> str:
+        values, node_names = self._taken_names()
+        taken = node_names if nodes else values
+        name, i = base, 1
+        while name in taken:
+            name, i = f"{base}_{i}", i + 1
+        taken.add(name)
+        return name
 
     # -- copying and serialising -----------------------------------------------------------
     def clone(self) -> Model:

@@ -140,3 +140,13 @@ def test_replace_node_rewires_outputs_and_drops_unused_weights():
     assert model.signature.output_names == ["logits"]
     assert "fc2.weight" not in model.graph.initializers and "fc2.bias" not in model.graph.initializers
     np.testing.assert_allclose(assert_valid(model, sample=x)[0], expected, rtol=1e-5, atol=1e-6)
+
+
+def test_unique_names_stay_unique_across_many_edits():
+    model = tiny_mlp()
+    names = [model.add_initializer("w", np.zeros(1, np.float32)).name for _ in range(50)]
+    assert len(set(names)) == 50 and names[0] == "w" and names[1] == "w_1"
+    # a name created behind the model's back (graph edited directly) is still seen
+    value = ir.Value(name="fresh", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]), const_value=ir.tensor(np.zeros(1, np.float32), name="fresh"))
+    model.graph.register_initializer(value)
+    assert model.add_initializer("fresh", np.ones(1, np.float32)).name == "fresh_1"

@@ -4,8 +4,10 @@
 
 A teacher CNN (torch) is trained here. Students are the teacher's architecture narrowed to width
 0.5 and 0.25 (channel pruning's structure), *re-initialised at random*, then trained for the
-same epochs with the same seed (a) on labels only and (b) by ``kd`` from the teacher. The same
-is done with a Keras teacher and a torch student. Printed side by side in one run.
+same epochs with the same seed (a) on labels only and (b) by ``kd`` from the teacher. Two more
+rows start from the channel-pruned teacher's own weights instead (how modelpress composes prune
+and distill, ``student="auto"``): (c) fine-tuned on labels, (d) distilled. The same is done with
+a Keras teacher. Printed side by side in one run.
 """
 
 from __future__ import annotations
@@ -88,7 +90,18 @@ def main() -> None:
             distilled = modelpress.distill(teacher, student, data=train, epochs=epochs, lr=3e-3, seed=0, temperature=4.0,
                                            alpha=0.3, validation_fraction=0.0, show_progress=False)
             kd_s = time.perf_counter() - start
-            for how, model, seconds in (("from scratch (labels)", scratch, scratch_s), ("kd from teacher", distilled, kd_s)):
+            # the way modelpress composes them: the narrowed teacher's own weights as the start
+            start = time.perf_counter()
+            module = modelpress.to_torch(narrowed)
+            modelpress.fit(module, [data["x_train"]], {"labels": data["y_train"]}, epochs=epochs, lr=3e-3, seed=0, show_progress=False)
+            pruned_tuned = modelpress.update_weights(narrowed, module)
+            pruned_s = time.perf_counter() - start
+            start = time.perf_counter()
+            auto = modelpress.distill(teacher, "auto", data=train, width=width, epochs=epochs, lr=3e-3, seed=0, temperature=4.0,
+                                      alpha=0.3, validation_fraction=0.0, show_progress=False)
+            auto_s = time.perf_counter() - start
+            for how, model, seconds in (("from scratch (labels)", scratch, scratch_s), ("kd from teacher", distilled, kd_s),
+                                        ("pruned teacher + labels", pruned_tuned, pruned_s), ("pruned teacher + kd (student=auto)", auto, auto_s)):
                 a, g = evaluate(model, data["x_test"], data["y_test"], teacher_logits)
                 table.add_row(label, f"width {width}, {how}", f"{model.parameter_count():,}", f"{ratio:.1f}x", f"{a:.4f}", f"{g:.4f}", f"{seconds:.1f}")
     console.print(table)

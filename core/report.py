@@ -76,7 +76,7 @@ class Report:
     def to_json(self) -> dict[str, Any]:
         return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages]}
 
-    def svg_chart(self, width: int = 560, height: int = 320) -> str:
+    def svg_chart(self, width: int = 560, height: int = 320, legend: int = 240) -> str:
         points = [(s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None]
         if not points:
             return ""
@@ -96,8 +96,8 @@ class Report:
         def sy(v: float) -> float:
             return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)
 
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-                 f'<rect width="{width}" height="{height}" fill="white"/>',
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + legend}" height="{height}" font-family="sans-serif" font-size="11">',
+                 f'<rect width="{width + legend}" height="{height}" fill="white"/>',
                  f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
                  f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
                  f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">size (MB)</text>',
@@ -109,9 +109,11 @@ class Report:
             parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in points)
         parts.append(f'<polyline points="{path}" fill="none" stroke="#4a7fb0" stroke-dasharray="4 3"/>')
-        for x, y, label in points:
+        # NOTE: points are numbered and named in a legend: stage names next to close points overlap
+        for i, (x, y, label) in enumerate(points):
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d0553f"/>')
-            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}">{html.escape(label)}</text>')
+            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-weight="bold">{i}</text>')
+            parts.append(f'<text x="{width}" y="{pad + 16 * i:.1f}">{i}: {html.escape(label)}</text>')
         parts.append("</svg>")
         return "".join(parts)
 

@@ -856,6 +856,10 @@ class GraphModule(nn.Module):
     def dtype_of(self, name: str) -> ir.DataType:
         return self._dtypes.get(name, ir.DataType.FLOAT)
 
+    def attribute_name(self, onnx_name: str) -> str:
+        """The module attribute (parameter or buffer name) holding ONNX initializer ``onnx_name``."""
+        return self._attr_for[onnx_name]
+
     def tensor(self, onnx_name: str) -> torch.Tensor:
         """The parameter or buffer holding ONNX initializer ``onnx_name``."""
         return getattr(self, self._attr_for[onnx_name])

@@ -16,7 +16,6 @@ import onnx_ir as ir
 from modelpress.data import load_dataset, sample_inputs
 from modelpress.errors import ExportError, InvalidModelError, ModelpressError, VerificationError
 from modelpress.model import Model
-from modelpress.provenance import PROVENANCE_KEY
 from modelpress.registry import get_registry
 from modelpress.runtime import INLINE_LIMIT_BYTES, make_session, run
 from modelpress.verify import Comparison, compare_outputs
@@ -117,24 +116,16 @@ def export(
     data_name = target.name + ".data"
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    metadata = model.ir.metadata_props
-    saved_metadata = dict(metadata)
     try:
-        from modelpress import __version__
-
-        metadata[PROVENANCE_KEY] = model.provenance.to_json()
-        metadata["modelpress.version"] = __version__
         staged = tmp / target.name
         try:
-            if use_external:
-                ir.save(model.ir, staged, external_data=data_name, size_threshold_bytes=1024)
-            else:
-                ir.save(model.ir, staged)
+            with model.stamped() as stamped:
+                if use_external:
+                    ir.save(stamped, staged, external_data=data_name, size_threshold_bytes=1024)
+                else:
+                    ir.save(stamped, staged)
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
-        finally:
-            metadata.clear()
-            metadata.update(saved_metadata)
 
         try:
             session = make_session(staged)

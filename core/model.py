@@ -9,6 +9,7 @@ to find weighted layers and edit tensors and nodes.
 from __future__ import annotations
 
 import collections
+import contextlib
 import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
@@ -270,17 +271,26 @@ class Model:
             reference=self.reference if self.reference is not None else self,
         )
 
-    def stamped(self) -> ir.Model:
-        """The onnx_ir model with provenance written into ``metadata_props``."""
+    @contextlib.contextmanager
+    def stamped(self) -> Iterator[ir.Model]:
+        """The onnx_ir model with provenance in ``metadata_props``, for as long as it is serialised;
+        the metadata is restored afterwards, so writing a model does not change it."""
         from modelpress import __version__
 
-        self.ir.metadata_props[PROVENANCE_KEY] = self.provenance.to_json()
-        self.ir.metadata_props["modelpress.version"] = __version__
-        return self.ir
+        metadata = self.ir.metadata_props
+        saved = dict(metadata)
+        metadata[PROVENANCE_KEY] = self.provenance.to_json()
+        metadata["modelpress.version"] = __version__
+        try:
+            yield self.ir
+        finally:
+            metadata.clear()
+            metadata.update(saved)
 
     def to_proto(self) -> onnx.ModelProto:
         """Serialise to an in-memory ``ModelProto`` (weights included; use export for > 2 GB)."""
-        return ir.serde.serialize_model(self.stamped())
+        with self.stamped() as stamped:
+            return ir.serde.serialize_model(stamped)
 
     def __repr__(self) -> str:
         sig = self.signature

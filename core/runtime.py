@@ -15,7 +15,7 @@ import onnxruntime as ort
 from modelpress.errors import InvalidModelError
 from modelpress.model import Model
 
-__all__ = ["INLINE_LIMIT_BYTES", "make_session", "run", "run_dataset"]
+__all__ = ["INLINE_LIMIT_BYTES", "make_session", "run", "run_dataset", "with_outputs"]
 
 # NOTE: protobuf cannot serialise more than 2 GiB; past this, go through a file with external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
@@ -75,3 +75,20 @@ def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # 
         for acc, out in zip(collected, outs, strict=True):
             acc.append(out)
     return [np.concatenate(parts, axis=0) for parts in collected]
+
+
+def with_outputs(model: Model, names: list[str]) -> Model:
+    """A copy of ``model`` that also outputs the named intermediate tensors (for one ORT session
+    that observes them all: calibration, statistics, teacher features)."""
+    probe = model.clone()
+    graph = probe.ir.graph
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    existing = {v.name for v in graph.outputs}
+    for name in names:
+        if name not in existing and name in values:
+            graph.outputs.append(values[name])
+    return probe

@@ -60,10 +60,9 @@ def kd_loss(student: Any, teacher: Any, labels: Any, temperature: float, alpha: 
 
 
 def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
-    from modelpress.plugins.quantize.calibrate import _with_outputs
-    from modelpress.runtime import make_session
+    from modelpress.runtime import make_session, with_outputs
 
-    session = make_session(_with_outputs(teacher, names) if names else teacher)
+    session = make_session(with_outputs(teacher, names) if names else teacher)
     outputs = [o.name for o in session.get_outputs()]
     wanted = [teacher.signature.output_names[0], *names]
     collected: dict[str, list[np.ndarray]] = {n: [] for n in wanted}

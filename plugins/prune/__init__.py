@@ -134,7 +134,7 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
             return F.mse_loss(out, batch["teacher"])
 
     validation = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
-    attr_masks = {module._attr_for[name]: mask for name, mask in (masks or {}).items() if name in module._attr_for}
+    attr_masks = {module.attribute_name(name): mask for name, mask in (masks or {}).items() if name in module.onnx_names.values()}
     result = fit(
         module, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
         epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size, validation=validation, masks=attr_masks,

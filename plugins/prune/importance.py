@@ -73,11 +73,10 @@ def _taylor(model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size:
 
 
 def _activation(model: Model, spaces: list[ChannelSpace], data: Dataset) -> dict[int, np.ndarray]:
-    from modelpress.plugins.quantize.calibrate import _with_outputs
-    from modelpress.runtime import make_session
+    from modelpress.runtime import make_session, with_outputs
 
     names = [layer.node.outputs[0].name or "" for space in spaces for layer in space.sources]
-    session = make_session(_with_outputs(model, names))
+    session = make_session(with_outputs(model, names))
     outputs = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     for feeds in data.batches(64):

@@ -19,12 +19,11 @@ import itertools
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx_ir as ir
 
 from modelpress.data import Dataset
 from modelpress.methods import PassContext
 from modelpress.model import Model
-from modelpress.runtime import make_session
+from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
 
@@ -49,21 +48,6 @@ class TensorStats:
         return None if self.channel_sum is None or not self.count else self.channel_sum / self.count
 
 
-def _with_outputs(model: Model, names: list[str]) -> Model:
-    probe = model.clone()
-    graph = probe.ir.graph
-    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
-    for node in graph:
-        for out in node.outputs:
-            if out.name:
-                values[out.name] = out
-    existing = {v.name for v in graph.outputs}
-    for name in names:
-        if name not in existing and name in values:
-            graph.outputs.append(values[name])
-    return probe
-
-
 def collect_stats(
     model: Model,
     names: list[str],
@@ -81,7 +65,7 @@ def collect_stats(
     """
     channel_axes = channel_axes or {}
     names = list(dict.fromkeys(names))
-    session = make_session(_with_outputs(model, names))
+    session = make_session(with_outputs(model, names))
     outputs = [o.name for o in session.get_outputs()]
     index = {name: outputs.index(name) for name in names if name in outputs}
     stats = {name: TensorStats() for name in index}

@@ -28,8 +28,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.quantize.affine import QRange
-from modelpress.plugins.quantize.calibrate import _with_outputs
-from modelpress.runtime import make_session
+from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
 
@@ -146,7 +145,7 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
         raise DataError("int4-weight-only with algorithm='gptq' needs calibration data (calibration=..., --calib data.npz)")
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     names = [layer.node.inputs[0].name or "" for layer in layers]
-    session = make_session(_with_outputs(model, names))
+    session = make_session(with_outputs(model, names))
     outputs = [o.name for o in session.get_outputs()]
     hessians: dict[str, np.ndarray] = {}
     batches = list(data.batches(64))

@@ -11,6 +11,7 @@ torch is imported only inside these functions: ``import modelpress`` never impor
 from __future__ import annotations
 
 import io
+import logging
 import os
 import sys
 import warnings
@@ -240,11 +241,23 @@ def load_torch(
 
 
 class _quiet:
-    """Silence exporters that print progress to stdout."""
+    """Silence exporters that print progress to stdout and log notices (e.g. "torchvision is
+    not installed. Skipping torchvision::nms") through torch's loggers; with the ``modelpress``
+    logger at DEBUG (``modelpress -v``) the log notices are shown."""
+
+    _LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export")
 
     def __enter__(self) -> None:
         self._stdout = sys.stdout
         sys.stdout = io.StringIO()
+        self._levels: dict[str, int] = {}
+        if not logging.getLogger("modelpress").isEnabledFor(logging.DEBUG):
+            for name in self._LOGGERS:
+                logger = logging.getLogger(name)
+                self._levels[name] = logger.level
+                logger.setLevel(logging.ERROR)
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout = self._stdout
+        for name, level in self._levels.items():
+            logging.getLogger(name).setLevel(level)

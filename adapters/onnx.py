@@ -12,13 +12,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo
 
 from modelpress.adapter import Adapter
-from modelpress.errors import InvalidModelError, UnsafeExternalDataError
+from modelpress.errors import InvalidModelError, UnsafeExternalDataError, one_line
 from modelpress.hookspecs import hookimpl
 from modelpress.model import Model
 from modelpress.provenance import Provenance
@@ -57,34 +57,127 @@ def _all_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
                 yield from _all_tensors(g)
 
 
+def _external_entry(tensor: onnx.TensorProto, what: str) -> tuple[str, int, int | None]:
+    """The ``location``, ``offset`` and ``length`` of an external tensor, validated (not trusted)."""
+    entries = {entry.key: entry.value for entry in tensor.external_data}
+    location = entries.get("location", "")
+    if "\x00" in location:
+        raise InvalidModelError(f"{what}: its external-data location {location!r} contains a NUL byte; the file is corrupt")
+
+    def number(key: str) -> int | None:
+        text = entries.get(key)
+        if text is None or text == "":
+            return None
+        try:
+            value = int(text)
+        except ValueError:
+            raise InvalidModelError(f"{what}: its external-data {key} {text[:40]!r} is not a whole number of bytes; the file is corrupt") from None
+        if value < 0:
+            raise InvalidModelError(f"{what}: its external-data {key} is negative ({value}); the file is corrupt")
+        return value
+
+    return location, number("offset") or 0, number("length")
+
+
+def _declared_bytes(tensor: onnx.TensorProto, what: str) -> int:
+    """Bytes the tensor's dims and data type say it holds (checked before anything is read)."""
+    count = 1
+    for d in tensor.dims:
+        if d < 0:
+            raise InvalidModelError(f"{what}: dimension {d} is negative; the file is corrupt")
+        count *= int(d)
+    try:
+        dtype = ir.DataType(tensor.data_type)
+    except ValueError:
+        raise InvalidModelError(f"{what}: data type {tensor.data_type} is not an ONNX data type; the file is corrupt") from None
+    if dtype == ir.DataType.STRING or dtype == ir.DataType.UNDEFINED:
+        raise InvalidModelError(f"{what}: data type {dtype.name} cannot be stored as external data; the file is corrupt")
+    return -(-count * dtype.bitwidth // 8)
+
+
 def check_external_data(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
     """Refuse external data that escapes ``base_dir``, is missing, or is shorter than declared."""
     base = base_dir.resolve()
     for tensor in _all_tensors(proto.graph):
         if tensor.data_location != onnx.TensorProto.EXTERNAL:
             continue
-        info = ExternalDataInfo(tensor)
-        location = info.location
-        what = f"{label}: initializer {tensor.name!r} has external data at {location!r}"
+        named = f"{label}: initializer {tensor.name!r}"
+        location, offset, length = _external_entry(tensor, named)
+        what = f"{named} has external data at {location!r}"
         if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
             raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model (a relative path in its folder)")
-        full = (base / location).resolve()
+        try:
+            full = (base / location).resolve()
+        except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name the OS rejects
+            raise UnsafeExternalDataError(f"{what}, which cannot be resolved ({exc}); refusing to read it") from None
         if full != base and base not in full.parents:
             raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder {str(base)!r} (../ or a symlink); refusing to read it")
-        if not full.is_file():
+        if not full.exists():
             raise InvalidModelError(f"{what}, but that file does not exist next to the model")
-        offset = int(info.offset or 0)
-        length = info.length
+        if not full.is_file():
+            raise InvalidModelError(f"{what}, but that is not a regular file (a folder, FIFO or device); refusing to read it")
         size = full.stat().st_size
-        if length is None or length < 0:
-            # NOTE: no length means "to the end of the file"; dims tell what must fit.
-            count = 1
-            for d in tensor.dims:
-                count *= int(d)
-            length = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if offset + int(length) > size:
-            raise InvalidModelError(f"{what} (offset {offset}, length {length}), but the file has only {size} bytes (truncated?)")
+        needed = _declared_bytes(tensor, what)
+        # NOTE: no length means "to the end of the file"; dims tell what must fit.
+        if length is not None and length < needed:
+            raise InvalidModelError(f"{what} (length {length}), but its shape {list(tensor.dims)} needs {needed} bytes; the file is corrupt")
+        if offset + max(needed, length or 0) > size:
+            raise InvalidModelError(f"{what} (offset {offset}, length {length if length is not None else needed}), but the file has only {size} bytes (truncated?)")
 
+
+def _check_attributes(graph: onnx.GraphProto, label: str) -> None:
+    """Refuse attributes that only make sense inside a function (``ref_attr_name``) in a graph.
+
+    NOTE: the ONNX checker lets them through, but nothing can give them a value there (onnx_ir
+    and ONNX Runtime fail on them with an unrelated error)."""
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.ref_attr_name:
+                raise InvalidModelError(
+                    f"{label}: node {node.name or node.op_type!r} attribute {attr.name!r} refers to a function attribute "
+                    f"({attr.ref_attr_name!r}) outside a function; the model is corrupt"
+                )
+            for sub in (*([attr.g] if attr.HasField("g") else []), *attr.graphs):
+                _check_attributes(sub, label)
+
+
+def _densify_sparse(proto: onnx.ModelProto, label: str) -> None:
+    """Turn ``sparse_initializer`` entries into ordinary initializers.
+
+    NOTE: onnx_ir does not read sparse initializers (nodes using one would be left with a
+    dangling input), and ONNX Runtime densifies them at load anyway."""
+    graph = proto.graph
+    if not graph.sparse_initializer:
+        return
+    for sparse in graph.sparse_initializer:
+        name = sparse.values.name
+        what = f"{label}: sparse initializer {name!r}"
+        dims = list(sparse.dims)
+        values_tensor = sparse.values
+        try:
+            count = int(np.prod(dims, dtype=np.int64)) if dims else 1
+            if any(d < 0 for d in dims) or count * 8 > _SPARSE_DENSE_LIMIT:
+                raise InvalidModelError(f"{what}: dense shape {dims} is negative or too large to expand; the file is corrupt")
+            values = onnx.numpy_helper.to_array(values_tensor).reshape(-1)
+            indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
+            if indices.ndim == 2:
+                if indices.shape[1] != len(dims):
+                    raise ValueError(f"indices have {indices.shape[1]} columns for {len(dims)} dims")
+                indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices.reshape(0)
+            indices = indices.reshape(-1)
+            if len(indices) != len(values) or (len(indices) and (indices.min() < 0 or indices.max() >= count)):
+                raise ValueError(f"{len(indices)} indices (range {indices.min() if len(indices) else '-'}..{indices.max() if len(indices) else '-'}) for {len(values)} values in {count} elements")
+            dense = np.zeros(count, dtype=values.dtype)
+            dense[indices] = values
+        except InvalidModelError:
+            raise
+        except Exception as exc:
+            raise InvalidModelError(f"{what} cannot be expanded: {one_line(exc, 200)}; the file is corrupt") from None
+        graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), name))
+    del graph.sparse_initializer[:]
+
+
+_SPARSE_DENSE_LIMIT = 1 << 31
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
     if not data:
@@ -106,14 +199,17 @@ def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelP
     try:
         # NOTE: the checker resolves external data relative to the model file, so give it the path.
         onnx.checker.check_model(str(path) if has_external and path is not None else proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label}: fails the ONNX checker: {first}") from None
+    except Exception as exc:  # NOTE: ValidationError, but also UnicodeDecodeError on damaged names
+        raise InvalidModelError(f"{label}: fails the ONNX checker: {_first(exc)}") from None
     try:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label}: fails ONNX shape inference: {first}") from None
+    except Exception as exc:
+        raise InvalidModelError(f"{label}: fails ONNX shape inference: {_first(exc)}") from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return one_line(text.splitlines()[0] if text else type(exc).__name__)
 
 
 def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
@@ -142,9 +238,14 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
         check_external_data(proto, path.parent, label)
     if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph)):
         raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+    _check_attributes(proto.graph, label)
+    _densify_sparse(proto, label)
     if check:
         proto = _check(proto, label, path)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # NOTE: fields the checker lets through (e.g. data type 999)
+        raise InvalidModelError(f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt") from None
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
     provenance = None

@@ -5,6 +5,10 @@ and exponentials whose range or accumulation float16 cannot hold: Softmax, Layer
 ReduceMean, Pow, Exp, ...) or it is named in ``exclude``. Float initializers used by float16 nodes
 are stored as float16; a Cast is inserted wherever a tensor crosses between the two precisions.
 With ``keep_io_types`` (default) the model's inputs and outputs stay float32.
+
+Control flow (If, Loop, Scan) and the nodes inside their bodies stay float32: a body reads
+outer-scope tensors by name, so every outer tensor a body uses that became float16 gets a Cast
+back to float32 in the outer graph, and the bodies' own weights and ops are left as they are.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ KEEP_FLOAT32 = [
     "ReduceProd", "Pow", "Exp", "Log", "Sqrt", "Erf", "Range", "CumSum", "Resize", "TopK", "RandomNormal",
     "RandomUniform", "NonMaxSuppression", "Upsample", "Einsum",
 ]
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
 
@@ -33,9 +38,26 @@ class Fp16Options(Options):
     keep_io_types: bool = Field(True, description="keep model inputs and outputs float32 (Casts at the boundary)")
 
 
+def _captured(graph: ir.Graph) -> list[tuple[ir.Node, int, ir.Value]]:
+    """(node, input index, value) for every use inside a subgraph of a value of ``graph`` itself."""
+    found = []
+    for node in graph.all_nodes():
+        if node.graph is graph:
+            continue
+        for i, value in enumerate(node.inputs):
+            if value is None:
+                continue
+            producer = value.producer()
+            owner = producer.graph if producer is not None else value.graph
+            if owner is graph:
+                found.append((node, i, value))
+    return found
+
+
 def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     graph = model.ir.graph
-    keep = set(opts.keep_float32)
+    keep = set(opts.keep_float32) | CONTROL_FLOW
+    captured = _captured(graph)
     half_nodes = {id(n) for n in graph if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
     casts: dict[tuple[int, ir.DataType], ir.Value] = {}
     converted: dict[str, ir.Value] = {}
@@ -84,6 +106,11 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
                 tensor = node.attributes["value"].as_tensor()
                 if tensor.dtype == _FLOAT:
                     node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name))
+    for user, i, value in captured:
+        if value.dtype == _HALF:
+            # NOTE: a body node reading an outer tensor that is now float16: give it float32 back.
+            first_user = next(n for n in graph if any(sub is user.graph for sub in _subgraphs(n)))
+            user.replace_input_with(i, cast(value, _FLOAT, first_user))
     if opts.keep_io_types:
         for i, out in enumerate(list(graph.outputs)):
             if out.dtype == _HALF:
@@ -100,3 +127,18 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             graph.initializers.pop(value.name)
     graph.sort()
     ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(graph) - n_half - len(casts), "casts": len(casts)})
+    inner = sum(1 for n in graph.all_nodes() if n.graph is not graph)
+    if inner:
+        ctx.figures["float32_subgraph_nodes"] = inner
+
+
+def _subgraphs(node: ir.Node) -> list[ir.Graph]:
+    """Every graph nested (at any depth) in ``node``'s attributes."""
+    found: list[ir.Graph] = []
+    for attr in node.attributes.values():
+        graphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else list(attr.value) if attr.type == ir.AttributeType.GRAPHS else []
+        for g in graphs:
+            found.append(g)
+            for inner in g:
+                found.extend(_subgraphs(inner))
+    return found

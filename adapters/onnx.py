@@ -125,6 +125,37 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, label: str) -> N
             raise InvalidModelError(f"{what} (offset {offset}, length {length if length is not None else needed}), but the file has only {size} bytes (truncated?)")
 
 
+def _check_text(message: Any, label: str, where: str = "model") -> None:
+    """Refuse names and other text fields that are not valid UTF-8.
+
+    NOTE: protobuf hands such fields over as ``bytes`` instead of ``str``; the checker then fails
+    with a UnicodeDecodeError and onnx_ir with a TypeError or on export, far from the cause."""
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_STRING:
+            for i, text in enumerate(value if _repeated(field) else [value]):
+                if isinstance(text, bytes):
+                    index = f"[{i}]" if _repeated(field) else ""
+                    raise InvalidModelError(
+                        f"{label}: {where}.{field.name}{index} is not valid UTF-8 text ({text[:24]!r}); the file is damaged"
+                    )
+        elif field.type == field.TYPE_MESSAGE:
+            if _repeated(field):
+                for i, item in enumerate(value):
+                    _check_text(item, label, f"{where}.{field.name}[{_describe(item, i)}]")
+            else:
+                _check_text(value, label, f"{where}.{field.name}")
+
+
+def _repeated(field: Any) -> bool:
+    repeated = getattr(field, "is_repeated", None)  # NOTE: protobuf >= 5 dropped `label` in upb
+    return bool(repeated if repeated is not None else field.label == field.LABEL_REPEATED)
+
+
+def _describe(item: Any, index: int) -> str:
+    name = getattr(item, "name", "")
+    return f"{index} {name!r}" if isinstance(name, str) and name else str(index)
+
+
 def _check_attributes(graph: onnx.GraphProto, label: str) -> None:
     """Refuse attributes that only make sense inside a function (``ref_attr_name``) in a graph.
 
@@ -238,6 +269,7 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
         check_external_data(proto, path.parent, label)
     if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph)):
         raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+    _check_text(proto, label)
     _check_attributes(proto.graph, label)
     _densify_sparse(proto, label)
     if check:

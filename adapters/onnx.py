@@ -130,6 +130,14 @@ def _check_text(message: Any, label: str, where: str = "model") -> None:
 
     NOTE: protobuf hands such fields over as ``bytes`` instead of ``str``; the checker then fails
     with a UnicodeDecodeError and onnx_ir with a TypeError or on export, far from the cause."""
+    if isinstance(message, onnx.TensorProto):
+        # NOTE: ListFields() would copy every weight's raw_data; only the text fields matter here.
+        for name in ("name", "doc_string"):
+            if isinstance(getattr(message, name), bytes):
+                raise InvalidModelError(f"{label}: {where}.{name} is not valid UTF-8 text ({getattr(message, name)[:24]!r}); the file is damaged")
+        for i, entry in enumerate(message.external_data):
+            _check_text(entry, label, f"{where}.external_data[{i}]")
+        return
     for field, value in message.ListFields():
         if field.type == field.TYPE_STRING:
             for i, text in enumerate(value if _repeated(field) else [value]):

@@ -364,3 +364,16 @@ def test_help_documents_exit_codes_overwrite_and_no_imports():
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
     assert "--no-imports" in text and "--overwrite" in text and "3 internal error" in text and "A recipe is code" in text
+
+
+def test_K_convert_and_compress_refuse_to_write_over_their_input(tmp_path):
+    path = _save(tiny_mlp().to_proto(), tmp_path / "m.onnx")
+    before = _sha(path)
+    refused = run_cli("convert", str(path), "-o", str(path))
+    assert refused.returncode == 1 and "it is the input file" in refused.stderr
+    recipe = {"passes": [{"kind": "quantize", "method": "fp16"}], "evaluate": {"repeats": 1}}
+    with pytest.raises(modelpress.ExportError, match="it is the input file"):
+        modelpress.compress(path, recipe, output=path, show_progress=False)
+    assert _sha(path) == before and not (tmp_path / "m-stages").exists()
+    result = modelpress.compress(path, recipe, output=path, show_progress=False, overwrite=True)
+    assert result.output == path and _sha(path) != before

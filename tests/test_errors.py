@@ -377,3 +377,14 @@ def test_K_convert_and_compress_refuse_to_write_over_their_input(tmp_path):
     assert _sha(path) == before and not (tmp_path / "m-stages").exists()
     result = modelpress.compress(path, recipe, output=path, show_progress=False, overwrite=True)
     assert result.output == path and _sha(path) != before
+
+
+def test_int8_static_with_a_weight_shared_by_two_layers(tmp_path):
+    """Found running the fuzz seeds through every method: two DequantizeLinear nodes got one name."""
+    model = modelpress.load(fuzzing.if_model())  # `w` feeds both MatMul mm and MatMul mm2
+    calibration = {"x": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)}
+    result = modelpress.apply(model, "int8-static", calibration=calibration, show_progress=False)
+    exported = modelpress.export(result, tmp_path / "q.onnx", sample=calibration)
+    assert exported.verification.cosine > 0.99
+    names = [n.name for n in onnx.load(tmp_path / "q.onnx").graph.node]
+    assert len(names) == len(set(names)) and sum("DequantizeLinear" in n for n in names) >= 2

@@ -512,3 +512,14 @@ def test_bad_recipes(fuzz):
         assert path.read_bytes() == before
 
     fuzz(60, body)
+
+
+def test_the_harness_catches_hangs_and_runaway_allocations():
+    """The limits every case runs under are real: a hang and a 4 GB allocation are both stopped."""
+    import time
+
+    with pytest.raises(fuzzing.CaseTimeout), fuzzing.limits(seconds=1):
+        time.sleep(5)
+    with pytest.raises(MemoryError), fuzzing.limits(headroom=256 << 20):
+        np.ones(1 << 29, np.float64)  # 4 GiB
+    np.ones(1 << 20)  # limits are lifted afterwards

@@ -12,6 +12,7 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
@@ -508,6 +509,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code (see the module docstring)."""
     verbose = False
+    warnings.showwarning = _show_warning
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -530,6 +532,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"modelpress: internal error (a bug in modelpress {_version()}, please report it): "
               f"{type(exc).__name__}: {one_line(exc, 300)}; rerun with -v for the traceback", file=sys.stderr)
         return EXIT_INTERNAL
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """Warnings (a damaged optional metadata entry, ...) as one line, like errors."""
+    print(f"modelpress: warning: {one_line(message, 2000)}", file=sys.stderr)
 
 
 def _version() -> str:

@@ -388,3 +388,17 @@ def test_int8_static_with_a_weight_shared_by_two_layers(tmp_path):
     assert exported.verification.cosine > 0.99
     names = [n.name for n in onnx.load(tmp_path / "q.onnx").graph.node]
     assert len(names) == len(set(names)) and sum("DequantizeLinear" in n for n in names) >= 2
+
+
+def test_B_cli_shows_the_dropped_provenance_as_one_warning_line(tmp_path):
+    proto = tiny_mlp().to_proto()
+    for entry in proto.metadata_props:
+        if entry.key == "modelpress.provenance":
+            entry.value = "{bad"
+    path = _save(proto, tmp_path / "m.onnx")
+    result = run_cli("inspect", str(path))
+    assert result.returncode == 0 and "parameters 212" in result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"modelpress: warning: {path}: metadata entry 'modelpress.provenance' is damaged (not JSON (JSONDecodeError)); "
+        "ignoring it (the model's history is unknown)"
+    ]

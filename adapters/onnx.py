@@ -15,10 +15,16 @@ from typing import Any
 import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
-from onnx.external_data_helper import ExternalDataInfo
 
 from modelpress.adapter import Adapter
-from modelpress.errors import InvalidModelError, UnsafeExternalDataError
+from modelpress.adapters.onnx_checks import (
+    all_tensors,
+    check_attributes,
+    check_external_data,
+    check_text,
+    densify_sparse,
+)
+from modelpress.errors import InvalidModelError, one_line
 from modelpress.hookspecs import hookimpl
 from modelpress.model import Model
 from modelpress.provenance import Provenance
@@ -43,49 +49,6 @@ def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
     register(Adapter(name="onnx", accepts=_accepts, load=load_onnx, summary="ONNX files, bytes, ModelProto, onnx_ir.Model"))
 
 
-def _all_tensors(graph: onnx.GraphProto):  # type: ignore[no-untyped-def]
-    """Every TensorProto of a graph and its subgraphs (initializers and tensor attributes)."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _all_tensors(attr.g)
-            for g in attr.graphs:
-                yield from _all_tensors(g)
-
-
-def check_external_data(proto: onnx.ModelProto, base_dir: Path, label: str) -> None:
-    """Refuse external data that escapes ``base_dir``, is missing, or is shorter than declared."""
-    base = base_dir.resolve()
-    for tensor in _all_tensors(proto.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = ExternalDataInfo(tensor)
-        location = info.location
-        what = f"{label}: initializer {tensor.name!r} has external data at {location!r}"
-        if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
-            raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model (a relative path in its folder)")
-        full = (base / location).resolve()
-        if full != base and base not in full.parents:
-            raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder {str(base)!r} (../ or a symlink); refusing to read it")
-        if not full.is_file():
-            raise InvalidModelError(f"{what}, but that file does not exist next to the model")
-        offset = int(info.offset or 0)
-        length = info.length
-        size = full.stat().st_size
-        if length is None or length < 0:
-            # NOTE: no length means "to the end of the file"; dims tell what must fit.
-            count = 1
-            for d in tensor.dims:
-                count *= int(d)
-            length = count * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-        if offset + int(length) > size:
-            raise InvalidModelError(f"{what} (offset {offset}, length {length}), but the file has only {size} bytes (truncated?)")
-
-
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
     if not data:
         raise InvalidModelError(f"{label}: the file is empty (0 bytes); it is not an ONNX model")
@@ -102,18 +65,21 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
 
 
 def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelProto:
-    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph))
+    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph))
     try:
         # NOTE: the checker resolves external data relative to the model file, so give it the path.
         onnx.checker.check_model(str(path) if has_external and path is not None else proto)
-    except onnx.checker.ValidationError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label}: fails the ONNX checker: {first}") from None
+    except Exception as exc:  # NOTE: ValidationError, but also UnicodeDecodeError on damaged names
+        raise InvalidModelError(f"{label}: fails the ONNX checker: {_first(exc)}") from None
     try:
         return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
-    except (onnx.shape_inference.InferenceError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise InvalidModelError(f"{label}: fails ONNX shape inference: {first}") from None
+    except Exception as exc:
+        raise InvalidModelError(f"{label}: fails ONNX shape inference: {_first(exc)}") from None
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return one_line(text.splitlines()[0] if text else type(exc).__name__)
 
 
 def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
@@ -140,11 +106,17 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
             raise InvalidModelError(f"{label}: cannot be read: {exc.strerror}") from None
         proto = _parse(data, label)
         check_external_data(proto, path.parent, label)
-    if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensors(proto.graph)):
+    if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
         raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+    check_text(proto, label)
+    check_attributes(proto.graph, label)
+    densify_sparse(proto, label)
     if check:
         proto = _check(proto, label, path)
-    model = ir.serde.deserialize_model(proto)
+    try:
+        model = ir.serde.deserialize_model(proto)
+    except Exception as exc:  # NOTE: fields the checker lets through (e.g. data type 999)
+        raise InvalidModelError(f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt") from None
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
     provenance = None

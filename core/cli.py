@@ -1,7 +1,9 @@
 """The ``modelpress`` command line.
 
-Every error a user can cause prints one line (``modelpress: error: ...``) and exits non-zero;
-``--verbose`` prints the traceback too.
+Exit codes: 0 success; 1 a user error (bad input, bad options, bad command line: every
+:class:`~modelpress.ModelpressError` and argparse's usage errors), printed as one line
+``modelpress: error: ...``; 3 a bug in modelpress (any other exception), printed as one line that
+says so, with the version; 130 interrupted (Ctrl-C). ``-v/--verbose`` adds the traceback.
 """
 
 from __future__ import annotations
@@ -10,19 +12,51 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from rich.markup import escape
 
-from modelpress.errors import ModelpressError, OptionsError
+from modelpress.errors import ModelpressError, OptionsError, one_line
 
 __all__ = ["main"]
 
-EXIT_ERROR = 1
-EXIT_USAGE = 2
+EXIT_ERROR = 1  # a user error: bad input, options or command line (ModelpressError, argparse)
+EXIT_USAGE = EXIT_ERROR  # NOTE: one code for every user error; argparse's own 2 is not used
+EXIT_INTERNAL = 3  # a bug in modelpress: an exception that is not a ModelpressError
 EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = (
+    "exit codes: 0 success; 1 user error (bad model, data, options or command line); "
+    "3 internal error (a bug in modelpress: please report it with the -v traceback); 130 interrupted."
+)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but usage errors exit with the same code as every other user error."""
+
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"modelpress: error: {message}\n")
+
+
+class _SubParser(_Parser):
+    """A command's parser: the exit codes in its --help, and ``-v`` accepted after the command too."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("epilog", EXIT_CODES_HELP)
+        super().__init__(**kwargs)
+        # NOTE: SUPPRESS keeps a command from resetting a `-v` given before it.
+        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
+
+
+def _refuse_overwrite(args: argparse.Namespace, *inputs: str | None) -> None:
+    """The output must not be any file the command reads (models are also checked by export)."""
+    from modelpress.safety import refuse_overwrite
+
+    refuse_overwrite([getattr(args, "output", None)], inputs, overwrite=args.overwrite)
 
 
 def _console(stderr: bool = False):  # type: ignore[no-untyped-def]
@@ -167,6 +201,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
     options = parse_option_pairs(args.option)
+    _refuse_overwrite(args, args.model, args.calib, args.data, args.sample)
     model = modelpress.load(args.model)
     result = modelpress.apply(
         model,
@@ -178,7 +213,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     sample = args.sample or _capped_sample(args.calib or args.data)
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite)
     _print_result(result, exported)
     return 0
 
@@ -226,11 +261,12 @@ def cmd_distill(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
+    _refuse_overwrite(args, args.model, None if args.student == "auto" else args.student, args.data, args.sample)
     teacher = modelpress.load(args.model)
     student: Any = "auto" if args.student == "auto" else modelpress.load(args.student)
     result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, **options)
     sample = args.sample or _capped_sample(args.data)
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite)
     _print_result(result, exported)
     return 0
 
@@ -245,10 +281,11 @@ def _print_report(result: Any) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     import modelpress
 
-    try:
-        result = modelpress.compress(args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet)
-    except KeyboardInterrupt:
-        raise
+    _refuse_overwrite(args, args.model, args.recipe)
+    result = modelpress.compress(
+        args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
+        allow_imports=not args.no_imports, overwrite=args.overwrite,
+    )
     _print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
     _console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
@@ -297,7 +334,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
         options["trust_pickle"] = True
     if args.opset:
         options["opset"] = args.opset
-    result = modelpress.convert(args.source, args.output, to=args.to, sample=args.sample, **options)
+    _refuse_overwrite(args, args.source, args.example, args.sample)
+    result = modelpress.convert(args.source, args.output, to=args.to, sample=args.sample, overwrite=args.overwrite, **options)
     console = _console()
     prov = result.model.provenance
     check = prov.extra.get("import_check")
@@ -319,19 +357,28 @@ def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> No
     p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string (repeatable)")
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    _add_overwrite_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--overwrite", action="store_true",
+        help="allow OUT to be an input file (the model, its external data, or a data file); refused by default",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
     from modelpress import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="modelpress",
         description="Compress PyTorch, Keras and ONNX models (quantize, prune, distill); every output is verified in ONNX Runtime.",
+        epilog=EXIT_CODES_HELP + " An output is never written over an input file unless --overwrite is given.",
     )
     parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="print the full traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
 
     p = sub.add_parser("inspect", help="op histogram, parameters, size, opset, inputs/outputs of a model")
     p.add_argument("model", help="model file (.onnx; other formats with their extras)")
@@ -359,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", help=".npz inputs for the output's verification run")
     p.add_argument("--opset", type=int, help="ONNX opset for the import")
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt files holding a pickled full module (unpickling runs code)")
+    _add_overwrite_argument(p)
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser(
@@ -413,12 +461,19 @@ def build_parser() -> argparse.ArgumentParser:
         "compress",
         help="run a recipe (quantize / prune / distill passes) and report every stage",
         description="Run the passes of RECIPE on MODEL, evaluating after the source and each stage (metric, size, latency, time); "
-        "write the final model to OUT and report.md/.json/.html.",
+        "write the final model to OUT and report.md/.json/.html. A recipe is code: its pkg.module:function entries "
+        "import and run Python; use --no-imports for a recipe you did not write.",
     )
     p.add_argument("model", help="input model")
     p.add_argument("-r", "--recipe", required=True, help="recipe file (.yaml or .json); see `modelpress recipe-schema`")
     p.add_argument("-o", "--output", required=True, help="final .onnx path; each stage goes to <stem>-stages/")
     p.add_argument("--report-dir", help="folder for report.md/.json/.html (default: the output's folder)")
+    p.add_argument(
+        "--no-imports", action="store_true",
+        help="for recipes you did not write: a recipe is code (pkg.module:function entries are imported and run); "
+        "refuse such entries and data paths outside the recipe's folder",
+    )
+    _add_overwrite_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
@@ -452,28 +507,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if not getattr(args, "func", None):
-        parser.print_help()
-        return EXIT_USAGE
+    """Run the command line; returns the exit code (see the module docstring)."""
+    verbose = False
+    warnings.showwarning = _show_warning
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        verbose = bool(getattr(args, "verbose", False))
+        if not getattr(args, "func", None):
+            parser.print_help(sys.stderr)
+            return EXIT_USAGE
         return int(args.func(args) or 0)
     except ModelpressError as exc:
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
-        message = " ".join(str(exc).split())
-        print(f"modelpress: error: {message}", file=sys.stderr)
+        print(f"modelpress: error: {one_line(exc, 2000)}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("modelpress: interrupted; nothing was written for the unfinished step", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:  # NOTE: a bug, not bad input: still one line unless --verbose
-        if args.verbose:
+        if verbose:
             traceback.print_exc()
-        message = " ".join(str(exc).split())
-        print(f"modelpress: internal error: {type(exc).__name__}: {message} (run with --verbose for the traceback)", file=sys.stderr)
-        return EXIT_ERROR
+        print(f"modelpress: internal error (a bug in modelpress {_version()}, please report it): "
+              f"{type(exc).__name__}: {one_line(exc, 300)}; rerun with -v for the traceback", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+    """Warnings (a damaged optional metadata entry, ...) as one line, like errors."""
+    print(f"modelpress: warning: {one_line(message, 2000)}", file=sys.stderr)
+
+
+def _version() -> str:
+    try:
+        from modelpress import __version__
+
+        return __version__
+    except Exception:  # pragma: no cover - a broken install
+        return "?"
 
 
 if __name__ == "__main__":  # pragma: no cover

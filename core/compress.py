@@ -19,6 +19,7 @@ from modelpress.pipeline import apply
 from modelpress.recipe import Recipe, load_recipe, resolve_callable
 from modelpress.registry import Registry, get_registry
 from modelpress.report import Report
+from modelpress.safety import model_files, refuse_overwrite
 
 __all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency"]
 
@@ -142,6 +143,8 @@ def compress(
     report_dir: str | os.PathLike[str] | None = None,
     show_progress: bool = True,
     registry: Registry | None = None,
+    allow_imports: bool = True,
+    overwrite: bool = False,
 ) -> CompressResult:
     """Run ``recipe`` on ``model``; evaluate after the source and every stage; write reports.
 
@@ -150,13 +153,19 @@ def compress(
     Reports (``report.md``, ``report.json``, ``report.html``) go to ``report_dir`` (default: the
     output's folder). Ctrl-C stops after the stage in progress is abandoned: completed stages'
     files stay and the report says where it stopped.
+
+    A recipe is code: ``allow_imports=False`` refuses its ``pkg.module:function`` entries and
+    data paths outside its folder (see :func:`modelpress.load_recipe`). Writing over the input
+    model is refused unless ``overwrite=True``.
     """
     from modelpress.loading import load
 
     registry = registry or get_registry()
-    recipe = load_recipe(recipe)
+    recipe = load_recipe(recipe, allow_imports=allow_imports)
     recipe.validate_against(registry)
     source = load(model)
+    if output is not None:
+        refuse_overwrite([output], model_files(source), overwrite=overwrite)
     out_path = Path(output) if output is not None else None
     base = out_path.parent if out_path is not None else Path(report_dir or ".")
     stem = out_path.stem if out_path is not None else "model"
@@ -173,7 +182,7 @@ def compress(
     report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
 
     source_path = stages_dir / "00-source.onnx"
-    export(source, source_path, verify=False)
+    export(source, source_path, verify=False, overwrite=overwrite)
     stages = [evaluator.measure("source", source, source_path, 0.0, {})]
     report.add(stages[-1])
     current = source
@@ -200,7 +209,7 @@ def compress(
                 result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
             path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
             sample = eval_data.take(64) if eval_data is not None else None
-            export(result, path, sample=sample, reference=source)
+            export(result, path, sample=sample, reference=source, overwrite=overwrite)
             figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
             stages.append(evaluator.measure(label, result, path, seconds, figures))
             report.add(stages[-1])
@@ -217,7 +226,7 @@ def compress(
         report.status = "complete"
     final = None
     if out_path is not None and not interrupted:
-        export(current, out_path, sample=eval_data.take(64) if eval_data is not None else None, reference=source)
+        export(current, out_path, sample=eval_data.take(64) if eval_data is not None else None, reference=source, overwrite=overwrite)
         final = out_path
     report.write(reports_at)
     return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted)

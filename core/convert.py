@@ -18,6 +18,7 @@ from modelpress.frameworks import to_torch
 from modelpress.loading import load
 from modelpress.model import Model
 from modelpress.runtime import make_session, run
+from modelpress.safety import model_files, refuse_overwrite
 from modelpress.verify import Comparison, compare_outputs
 
 __all__ = ["ConvertResult", "convert", "save_torch"]
@@ -60,7 +61,11 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
     module = to_torch(model).eval()
     note = ""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent if str(target.parent) else "."))
+    folder = target.parent if str(target.parent) else Path(".")
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
+    except OSError as exc:
+        raise ExportError(f"cannot write {str(target)!r}: cannot create a file in folder {str(folder)!r} ({exc.strerror}); check it exists and is writable") from None
     try:
         staged = tmp / target.name
         if target.suffix.lower() == ".pt2":
@@ -102,6 +107,7 @@ def convert(
     *,
     to: str | None = None,
     sample: Any = None,
+    overwrite: bool = False,
     **load_options: Any,
 ) -> ConvertResult:
     """Import ``source`` (any format an adapter accepts) and write it as ONNX or PyTorch.
@@ -110,12 +116,16 @@ def convert(
     ``load_options`` go to the adapter (``example_inputs``, ``input_shape``, ``trust_pickle``...).
     The import itself is verified against the source framework; the written file is verified
     against the imported model (ONNX: in ONNX Runtime; PyTorch: the reloaded module vs ORT).
+    Writing over ``source`` is refused unless ``overwrite=True``.
     """
     path = Path(output)
     target = _target_for(path, to)
+    if isinstance(source, (str, os.PathLike)):
+        refuse_overwrite([path], [source], overwrite=overwrite)
     model = load(source, **load_options)
+    refuse_overwrite([path], model_files(model), overwrite=overwrite)
     if target == "onnx":
-        result = export(model, path, sample=sample)
+        result = export(model, path, sample=sample, overwrite=overwrite)
         return ConvertResult(path, target, model, result.verification)
     comparison, note = save_torch(model, path, sample=sample)
     return ConvertResult(path, target, model, comparison, note)

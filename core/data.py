@@ -16,6 +16,8 @@ Problems (empty data, a missing input, a wrong rank, size or dtype, NaN or inf) 
 from __future__ import annotations
 
 import os
+import zipfile
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.errors import DataError
+from modelpress.errors import DataError, one_line
 from modelpress.signature import Signature, TensorSpec
 
 __all__ = ["LABELS", "Dataset", "load_dataset", "sample_inputs"]
@@ -60,18 +62,78 @@ def _to_numpy(obj: Any) -> np.ndarray:
     return np.asarray(obj)
 
 
+def _memory_bytes() -> int:
+    """Physical memory: no single data array may declare more than this."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - not POSIX
+        return 1 << 40
+
+
+def _check_npy_header(stream: Any, stored: int, label: str) -> None:
+    """Read an .npy header from ``stream`` and refuse arrays whose declared size cannot be right.
+
+    NOTE: numpy allocates what the header declares before it reads a byte of data, so a header
+    that claims 10^11 rows is a MemoryError (or a machine swapping) unless it is checked first.
+    """
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except Exception as exc:
+        raise DataError(f"{label}: not a numpy array (bad .npy header: {one_line(exc, 160)}); the file is damaged or not numpy data") from None
+    if dtype.hasobject:
+        raise DataError(f"{label}: holds Python objects (dtype {dtype}); only numeric arrays are accepted (loading objects runs code)")
+    declared = dtype.itemsize * int(np.prod(shape, dtype=object))
+    header = stream.tell()
+    if declared > max(stored - header, 0):
+        raise DataError(
+            f"{label}: its header declares shape {shape} of {dtype} ({declared:,} bytes) but only {max(stored - header, 0):,} "
+            "bytes of data are stored; the file is truncated or damaged"
+        )
+    if declared > _memory_bytes():
+        raise DataError(f"{label}: declares {declared:,} bytes (shape {shape}), more than this machine's memory; use a smaller data set")
+
+
+def _check_declared_sizes(path: Path, what: str) -> None:
+    """Check every array's declared size against the bytes stored before numpy allocates it."""
+    if path.suffix == ".npy":
+        with path.open("rb") as stream:
+            _check_npy_header(stream, path.stat().st_size, f"{what} data file {str(path)!r}")
+        return
+    with zipfile.ZipFile(path) as archive:
+        for info in archive.infolist():
+            label = f"{what} data file {str(path)!r} array {info.filename.removesuffix('.npy')!r}"
+            # NOTE: the zip's own uncompressed size is a claim too; deflate cannot expand more than ~1030x.
+            if (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size) or (
+                info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 1100 * info.compress_size + 4096
+            ):
+                raise DataError(f"{label}: the archive claims {info.file_size:,} bytes from {info.compress_size:,} stored; the file is damaged")
+            with archive.open(info) as stream:
+                _check_npy_header(stream, info.file_size, label)
+
+
 def read_arrays(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
+    """The arrays of a ``.npz`` (a dict) or ``.npy`` file; damaged or lying files are a DataError."""
     if not path.exists():
         raise DataError(f"{what} data file {str(path)!r} does not exist")
+    if path.suffix not in (".npz", ".npy"):
+        raise DataError(f"{what} data file {str(path)!r}: expected a .npz or .npy file")
+    if not path.is_file():
+        raise DataError(f"{what} data file {str(path)!r} is not a regular file")
     try:
+        _check_declared_sizes(path, what)
         if path.suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
-        if path.suffix == ".npy":
-            return np.load(path, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise DataError(f"{what} data file {str(path)!r} cannot be read as numpy data: {exc}") from None
-    raise DataError(f"{what} data file {str(path)!r}: expected a .npz or .npy file")
+        return np.load(path, allow_pickle=False)
+    except DataError:
+        raise
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+        # NOTE: zipfile and numpy raise all of these on truncated, damaged or exotic archives.
+        raise DataError(f"{what} data file {str(path)!r} cannot be read as numpy data ({type(exc).__name__}: {one_line(exc, 200)}); the file is damaged or not numpy data") from None
 
 
 def _collect(source: Any, signature: Signature, what: str) -> dict[str, np.ndarray]:

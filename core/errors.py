@@ -69,3 +69,11 @@ class ExportError(ModelpressError):
 
 class VerificationError(ExportError):
     """The exported model runs, but its outputs are outside the asked tolerance of the reference."""
+
+
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` as one line of at most ``limit`` characters (a repr of a whole graph can be MBs).
+
+    Error messages embed other objects' ``str``; this keeps them readable on a terminal."""
+    flat = " ".join(str(text).split())
+    return flat if len(flat) <= limit else flat[: limit - 15] + " ...(truncated)"

@@ -18,6 +18,7 @@ from modelpress.errors import ExportError, InvalidModelError, ModelpressError, V
 from modelpress.model import Model
 from modelpress.registry import get_registry
 from modelpress.runtime import INLINE_LIMIT_BYTES, make_session, run
+from modelpress.safety import model_files, refuse_overwrite
 from modelpress.verify import Comparison, compare_outputs
 
 __all__ = ["ExportResult", "export", "verify"]
@@ -97,6 +98,7 @@ def export(
     atol: float | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    overwrite: bool = False,
 ) -> ExportResult:
     """Write ``model`` to ``path`` as ONNX, load it back in ONNX Runtime and check it numerically.
 
@@ -105,8 +107,11 @@ def export(
     is left at ``path`` (an older file there stays untouched). Models whose weights exceed
     ~1.5 GB (or with ``external_data=True``) are written with their weights in ``<name>.data``.
     The provenance (source, passes, options, plugin versions) goes into ``metadata_props``.
+    Writing over the file the model was loaded from (or its external data) is refused unless
+    ``overwrite=True``.
     """
     target = Path(path)
+    refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
     if target.is_dir():
         raise ExportError(f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx")
     parent = target.parent if str(target.parent) else Path(".")
@@ -115,8 +120,12 @@ def export(
     use_external = external_data if external_data is not None else model.weight_bytes() >= INLINE_LIMIT_BYTES
     data_name = target.name + ".data"
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    tmp: Path | None = None
     try:
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+        except OSError as exc:
+            raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
         staged = tmp / target.name
         try:
             with model.stamped() as stamped:
@@ -154,7 +163,8 @@ def export(
             os.replace(tmp / data_name, data_target)
         os.replace(staged, target)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
     result = ExportResult(
         path=target,

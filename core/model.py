@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import os
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,25 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 __all__ = ["Model"]
+
+
+def _stored_provenance(ir_model: ir.Model, path: str | os.PathLike[str] | None) -> Provenance:
+    """The provenance a model file carries; a damaged entry is dropped with a warning.
+
+    NOTE: the entry is optional metadata: it must never stop a valid model from loading."""
+    stored = ir_model.metadata_props.get(PROVENANCE_KEY)
+    if not stored:
+        return Provenance()
+    try:
+        return Provenance.from_json(stored)
+    except ValueError as exc:
+        where = os.fspath(path) if path is not None else (ir_model.graph.name or "model")
+        warnings.warn(
+            f"{where}: metadata entry {PROVENANCE_KEY!r} is damaged ({exc}); ignoring it (the model's history is unknown)",
+            stacklevel=3,
+        )
+        del ir_model.metadata_props[PROVENANCE_KEY]
+        return Provenance()
 
 
 class Model:
@@ -52,8 +72,7 @@ class Model:
     ) -> None:
         self.ir = ir_model
         if provenance is None:
-            stored = ir_model.metadata_props.get(PROVENANCE_KEY)
-            provenance = Provenance.from_json(stored) if stored else Provenance()
+            provenance = _stored_provenance(ir_model, path)
         self.provenance = provenance
         self.path = os.fspath(path) if path is not None else None
         self.reference = reference

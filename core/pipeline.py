@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from modelpress.errors import ModelpressError, PluginError
+from modelpress.errors import ModelpressError, PluginError, one_line
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.provenance import PassRecord
@@ -69,7 +69,7 @@ def apply(
         raise
     except Exception as exc:
         registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
-        raise PluginError(f"{label} failed: {type(exc).__name__}: {exc}", plugin=m.plugin, method=m.name) from exc
+        raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
 
     if m.mutates:

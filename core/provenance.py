@@ -56,11 +56,48 @@ class Provenance:
         return json.dumps(data, sort_keys=True, default=_jsonable)
 
     @classmethod
-    def from_json(cls, text: str) -> Provenance:
-        data = json.loads(text)
-        passes = tuple(PassRecord(**p) for p in data.pop("passes", ()))
-        known = {k: data[k] for k in ("source_framework", "source_version", "source", "importer", "extra") if k in data}
+    def from_json(cls, text: str | bytes) -> Provenance:
+        """Parse what :meth:`to_json` wrote; anything else is a ``ValueError`` saying what is wrong."""
+        try:
+            data = json.loads(text)
+        except (ValueError, TypeError, RecursionError) as exc:  # NOTE: JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise ValueError(f"not JSON ({type(exc).__name__})") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"a JSON {type(data).__name__}, not an object")
+        raw_passes = data.get("passes", [])
+        if not isinstance(raw_passes, list):
+            raise ValueError("'passes' is not a list")
+        passes = tuple(_pass_record(p, i) for i, p in enumerate(raw_passes))
+        known: dict[str, Any] = {}
+        for key in ("source_framework", "source_version", "source", "importer"):
+            if key in data:
+                if not isinstance(data[key], str):
+                    raise ValueError(f"{key!r} is not a string")
+                known[key] = data[key]
+        if "extra" in data:
+            if not isinstance(data["extra"], dict):
+                raise ValueError("'extra' is not an object")
+            known["extra"] = data["extra"]
         return cls(passes=passes, **known)
+
+
+_PASS_FIELDS: dict[str, tuple[type, ...]] = {
+    "kind": (str,), "method": (str,), "options": (dict,), "plugin": (str,), "plugin_version": (str,),
+    "seconds": (int, float), "figures": (dict,),
+}
+
+
+def _pass_record(raw: Any, index: int) -> PassRecord:
+    if not isinstance(raw, dict):
+        raise ValueError(f"pass {index} is not an object")
+    unknown = set(raw) - set(_PASS_FIELDS)
+    missing = {"kind", "method", "options", "plugin", "plugin_version"} - set(raw)
+    if unknown or missing:
+        raise ValueError(f"pass {index} has unknown fields {sorted(unknown)} or lacks {sorted(missing)}")
+    for key, types in _PASS_FIELDS.items():
+        if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
+            raise ValueError(f"pass {index} field {key!r} has the wrong type")
+    return PassRecord(**raw)
 
 
 def _jsonable(obj: object) -> object:

@@ -18,6 +18,11 @@ A recipe is YAML or JSON::
 
 Everything is validated before any work starts: unknown methods list the installed ones, option
 typos name the closest valid option, missing data files are named.
+
+A recipe is code: a ``pkg.module:function`` entry imports that module and calls the function, and
+data paths may point anywhere the user can read. For a recipe you did not write, load it with
+``allow_imports=False`` (``modelpress compress --no-imports``): such entries, and data paths that
+leave the recipe's folder, are then refused before anything runs.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any, Literal
 import pydantic
 from pydantic import Field
 
-from modelpress.errors import DataError, OptionsError
+from modelpress.errors import DataError, OptionsError, one_line
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["METRICS", "DataSources", "Evaluate", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
@@ -69,19 +74,38 @@ class Recipe(_Strict):
     data: DataSources = Field(default_factory=DataSources)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     base_dir: str = Field("", exclude=True, description="folder data paths are relative to (set when loading a file)")
+    allow_imports: bool = Field(True, exclude=True, description="False: refuse pkg.module:function entries and data outside base_dir")
+
+    def _is_callable_ref(self, source: str) -> bool:
+        return ":" in source and not os.path.exists(source) and not Path(self.base_dir, source).exists()
 
     def resolve(self, source: str | None) -> Any:
         """A data source: a path (relative to the recipe) or the result of pkg.module:function()."""
         if source is None:
             return None
-        if ":" in source and not os.path.exists(source) and not Path(self.base_dir, source).exists():
+        if self._is_callable_ref(source):
+            self._refuse_import(source, "data")
             return resolve_callable(source)()
         path = Path(source)
         if not path.is_absolute():
             path = Path(self.base_dir or ".") / path
+        if not self.allow_imports:
+            folder = Path(self.base_dir or ".").resolve()
+            if folder not in path.resolve().parents:
+                raise OptionsError(
+                    f"recipe data path {source!r} is outside the recipe's folder {str(folder)!r}; "
+                    "refused because imports are disabled (--no-imports): copy the data next to the recipe"
+                )
         if not path.exists():
             raise DataError(f"recipe data file {str(path)!r} does not exist")
         return path
+
+    def _refuse_import(self, entry: str, where: str) -> None:
+        if not self.allow_imports:
+            raise OptionsError(
+                f"recipe {where} entry {entry!r} would import and call Python code; refused because imports are "
+                "disabled (--no-imports / allow_imports=False). Use a data file or a built-in metric, or trust the recipe"
+            )
 
     def validate_against(self, registry: Registry | None = None) -> None:
         """Every method exists and every option validates, before any work starts."""
@@ -104,11 +128,15 @@ class Recipe(_Strict):
                 raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) fine-tunes: it needs data.train")
         for field_name in ("calibration", "train", "eval"):
             source = getattr(self.data, field_name)
-            if source is not None and not (":" in source and not Path(self.base_dir, source).exists()):
+            if source is not None and self._is_callable_ref(source):
+                self._refuse_import(source, f"data.{field_name}")
+            elif source is not None:
                 self.resolve(source)
         metric = self.evaluate.metric
         if metric not in METRICS and ":" not in metric:
             raise OptionsError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or pkg.module:function")
+        if metric not in METRICS:
+            self._refuse_import(metric, "evaluate.metric")
         if metric == "accuracy" and not self.data.eval:
             raise OptionsError("metric 'accuracy' needs data.eval with an array named 'labels'")
 
@@ -121,16 +149,27 @@ def resolve_callable(path: str) -> Any:
         raise OptionsError(f"cannot import {path!r}: {exc}") from None
 
 
-def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Recipe:
-    """Parse and validate the structure of a recipe (a file, a dict or a Recipe)."""
+def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, allow_imports: bool = True) -> Recipe:
+    """Parse and validate the structure of a recipe (a file, a dict or a Recipe).
+
+    A recipe is code (``pkg.module:function`` entries are imported and called); with
+    ``allow_imports=False`` those entries and data paths outside the recipe's folder are refused.
+    """
     if isinstance(source, Recipe):
+        if not allow_imports and source.allow_imports:
+            source = source.model_copy(update={"allow_imports": False})
         return source
     base = ""
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if not path.is_file():
-            raise OptionsError(f"recipe {str(path)!r} does not exist")
-        text = path.read_text()
+            raise OptionsError(f"recipe {str(path)!r} does not exist or is not a file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise OptionsError(f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML or JSON") from None
+        except OSError as exc:
+            raise OptionsError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
         try:
             if path.suffix.lower() == ".json":
                 raw = json.loads(text)
@@ -139,19 +178,23 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe) -> Rec
 
                 raw = yaml.safe_load(text)
         except Exception as exc:
-            raise OptionsError(f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+            raise OptionsError(f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {one_line(exc)}") from None
         base = str(path.parent)
         label = str(path)
     else:
         raw, label = source, "recipe"
     if not isinstance(raw, dict):
         raise OptionsError(f"{label}: a recipe is a mapping with `passes` (and optionally `data`, `evaluate`)")
+    bad_keys = [k for k in raw if not isinstance(k, str)]
+    if bad_keys:
+        raise OptionsError(f"{label}: keys must be names, not {one_line(repr(bad_keys[0]), 60)}")
     try:
         recipe = Recipe(**raw)
     except pydantic.ValidationError as exc:
         problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise OptionsError(f"{label}: {problems}") from None
+        raise OptionsError(f"{label}: {one_line(problems, 600)}") from None
     recipe.base_dir = base
+    recipe.allow_imports = allow_imports
     return recipe
 
 

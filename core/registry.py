@@ -28,7 +28,7 @@ import pluggy
 
 from modelpress import hookspecs
 from modelpress.adapter import Adapter
-from modelpress.errors import DuplicateMethodError, PluginError, UnknownMethodError
+from modelpress.errors import DuplicateMethodError, PluginError, UnknownMethodError, one_line
 from modelpress.methods import KINDS, Method
 
 __all__ = [
@@ -98,7 +98,7 @@ class Registry:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            raise PluginError(f"plugin {info.label} is invalid: {exc}", plugin=name) from None
+            raise PluginError(f"plugin {info.label} is invalid: {one_line(exc)}", plugin=name) from None
         self.plugins[name] = info
         try:
             self._collect(name, info)
@@ -155,7 +155,7 @@ class Registry:
                     raise
                 except Exception as exc:
                     raise PluginError(
-                        f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {exc}", plugin=name
+                        f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=name
                     ) from exc
 
     # -- lookup ----------------------------------------------------------------------------
@@ -235,7 +235,7 @@ def create_registry(
             module = ep.load()
         except Exception as exc:
             raise PluginError(
-                f"plugin {ep.name!r} from {dist} {version} failed to load ({ep.value}): {type(exc).__name__}: {exc}; "
+                f"plugin {ep.name!r} from {dist} {version} failed to load ({ep.value}): {type(exc).__name__}: {one_line(exc)}; "
                 f"fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}",
                 plugin=ep.name,
             ) from exc

@@ -17,6 +17,14 @@ import modelpress
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_addoption(parser):
+    parser.addoption(
+        "--fuzz-cases", type=int, default=0, metavar="N",
+        help="run N generated cases per fuzz test in tests/test_fuzz.py (default: a few hundred in all; "
+        "or set MODELPRESS_FUZZ_CASES)",
+    )
+
+
 @pytest.fixture(autouse=True)
 def _fresh_registry():
     """Each test sees the plugins installed at that moment (and no state from other tests)."""

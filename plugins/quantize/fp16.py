@@ -5,6 +5,11 @@ and exponentials whose range or accumulation float16 cannot hold: Softmax, Layer
 ReduceMean, Pow, Exp, ...) or it is named in ``exclude``. Float initializers used by float16 nodes
 are stored as float16; a Cast is inserted wherever a tensor crosses between the two precisions.
 With ``keep_io_types`` (default) the model's inputs and outputs stay float32.
+
+Nodes inside If/Loop/Scan bodies are converted the same way; the control-flow nodes themselves
+and the bodies' inputs and outputs stay float32 (a Cast at each body boundary), so the types the
+outer node declares still hold. Outer-scope tensors a body reads get a Cast where the precision
+differs.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ KEEP_FLOAT32 = [
     "ReduceProd", "Pow", "Exp", "Log", "Sqrt", "Erf", "Range", "CumSum", "Resize", "TopK", "RandomNormal",
     "RandomUniform", "NonMaxSuppression", "Upsample", "Einsum",
 ]
+CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
 
@@ -34,13 +40,14 @@ class Fp16Options(Options):
 
 
 def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
-    graph = model.ir.graph
-    keep = set(opts.keep_float32)
-    half_nodes = {id(n) for n in graph if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
+    main = model.ir.graph
+    keep = set(opts.keep_float32) | CONTROL_FLOW
+    nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
+    half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
     casts: dict[tuple[int, ir.DataType], ir.Value] = {}
     converted: dict[str, ir.Value] = {}
 
-    def cast(value: ir.Value, to: ir.DataType, before: ir.Node) -> ir.Value:
+    def cast(value: ir.Value, to: ir.DataType) -> ir.Value:
         key = (id(value), to)
         if key not in casts:
             node = ir.node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}")
@@ -48,10 +55,15 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             node.outputs[0].dtype = to
             node.outputs[0].shape = value.shape.copy() if value.shape is not None else None
             producer = value.producer()
+            # NOTE: in the graph that owns the value, so every body nested below can read the cast too.
+            owner = producer.graph if producer is not None else value.graph
+            assert owner is not None
             if producer is not None:
-                graph.insert_after(producer, node)
+                owner.insert_after(producer, node)
+            elif len(owner):
+                owner.insert_before(owner[0], node)
             else:
-                graph.insert_before(before, node)
+                owner.append(node)
             casts[key] = node.outputs[0]
         return casts[key]
 
@@ -62,41 +74,57 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
         return converted[value.name or ""]
 
     n_half = 0
-    for node in list(graph):
-        if node.op_type == "Cast" and node.name.endswith(("_to_float16", "_to_float")) and id(node) not in half_nodes:
-            continue
+    for node in nodes:
         want = _HALF if id(node) in half_nodes else _FLOAT
         for i, value in enumerate(node.inputs):
             if value is None or value.dtype not in (_FLOAT, _HALF) or value.dtype == want:
                 continue
-            if value.const_value is not None and value.is_initializer() and want == _HALF:
+            if value.const_value is not None and value.is_initializer() and value.graph is main and want == _HALF:
                 node.replace_input_with(i, half_initializer(value))
             else:
-                node.replace_input_with(i, cast(value, want, node))
+                node.replace_input_with(i, cast(value, want))
         if want == _HALF:
             n_half += 1
-            for out in node.outputs:
-                if out.dtype == _FLOAT:
-                    out.dtype = _HALF
-            if node.op_type == "Cast" and node.attributes.get("to") is not None and node.attributes["to"].as_int() == _FLOAT:
-                node.attributes["to"] = ir.AttrInt64("to", int(_HALF))
-            if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
-                tensor = node.attributes["value"].as_tensor()
-                if tensor.dtype == _FLOAT:
-                    node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name))
+            _to_half(node)
+    for graph in model.ir.graphs():
+        if graph is not main:
+            _float_outputs(graph)  # the If/Loop node declares float32 outputs
     if opts.keep_io_types:
-        for i, out in enumerate(list(graph.outputs)):
-            if out.dtype == _HALF:
-                name = out.name
-                node = ir.node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output")
-                graph.append(node)
-                out.name = f"{name}_fp16"
-                node.outputs[0].name = name
-                node.outputs[0].dtype = _FLOAT
-                node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
-                graph.outputs[i] = node.outputs[0]
-    for value in list(graph.initializers.values()):
+        _float_outputs(main)
+    for value in list(main.initializers.values()):
         if not list(value.uses()) and not value.is_graph_output():
-            graph.initializers.pop(value.name)
-    graph.sort()
-    ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(graph) - n_half - len(casts), "casts": len(casts)})
+            main.initializers.pop(value.name)
+    main.sort()
+    ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(casts)})
+    inner = sum(1 for n in nodes if n.graph is not main)
+    if inner:
+        ctx.figures["subgraph_nodes"] = inner
+        ctx.figures["float16_subgraph_nodes"] = sum(1 for n in nodes if n.graph is not main and id(n) in half_nodes)
+
+
+def _to_half(node: ir.Node) -> None:
+    """Retype a node that now runs in float16: its float outputs, a Cast's target, a constant."""
+    for out in node.outputs:
+        if out.dtype == _FLOAT:
+            out.dtype = _HALF
+    if node.op_type == "Cast" and node.attributes.get("to") is not None and node.attributes["to"].as_int() == _FLOAT:
+        node.attributes["to"] = ir.AttrInt64("to", int(_HALF))
+    if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
+        tensor = node.attributes["value"].as_tensor()
+        if tensor.dtype == _FLOAT:
+            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name))
+
+
+def _float_outputs(graph: ir.Graph) -> None:
+    """Cast every float16 output of ``graph`` back to float32, keeping the output's name."""
+    for i, out in enumerate(list(graph.outputs)):
+        if out.dtype != _HALF:
+            continue
+        name = out.name
+        node = ir.node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output")
+        graph.append(node)
+        out.name = f"{name}_fp16"
+        node.outputs[0].name = name
+        node.outputs[0].dtype = _FLOAT
+        node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
+        graph.outputs[i] = node.outputs[0]

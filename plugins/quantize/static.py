@@ -217,8 +217,9 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
         ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
         wz = result.add_initializer(f"{w_name}_zero_point", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
         attrs = {"axis": layer.out_axis} if per_channel else {}
-        dq = ir.node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_DequantizeLinear")
-        dq.outputs[0].name = f"{w_name}_dequantized"
+        # NOTE: the node's name in these names: a weight shared by two layers gets one DQ per layer.
+        dq = ir.node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_{name}_DequantizeLinear")
+        dq.outputs[0].name = f"{w_name}_{name}_dequantized"
         dq.outputs[0].dtype = ir.DataType.FLOAT
         dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
         graph.insert_before(node, dq)
@@ -228,8 +229,8 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
             bq = result.add_initializer(f"{b_name}_quantized", plan.bias_q)
             bias_per_channel = per_channel or np.ndim(plan.bias_scale) > 0
             bs = result.add_initializer(f"{b_name}_scale", np.asarray(plan.bias_scale, np.float32) if bias_per_channel else np.asarray(plan.bias_scale, np.float32).reshape(()))
-            bdq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {}, name=f"{b_name}_DequantizeLinear")
-            bdq.outputs[0].name = f"{b_name}_dequantized"
+            bdq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {}, name=f"{b_name}_{name}_DequantizeLinear")
+            bdq.outputs[0].name = f"{b_name}_{name}_dequantized"
             bdq.outputs[0].dtype = ir.DataType.FLOAT
             bdq.outputs[0].shape = ir.Shape(plan.bias_q.shape)
             graph.insert_before(node, bdq)

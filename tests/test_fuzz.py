@@ -11,6 +11,7 @@ tests/test_fuzz.py`` (or ``MODELPRESS_FUZZ_CASES=5000``) runs that many per test
 
 from __future__ import annotations
 
+import collections
 import io
 import os
 import zipfile
@@ -26,6 +27,9 @@ from onnx import TensorProto, helper
 
 import modelpress
 from tests import fuzzing
+
+# NOTE: damaged provenance metadata is dropped with a warning by design (root cause B).
+pytestmark = pytest.mark.filterwarnings("ignore:.*metadata entry 'modelpress.provenance' is damaged:UserWarning")
 
 SEEDS = fuzzing.seeds()
 SEED_BYTES = {name: proto.SerializeToString() for name, proto in SEEDS.items()}
@@ -304,6 +308,7 @@ def test_protobuf_mutations(fuzz):
         stages.append(fuzzing.check_case(make, folder, method=method, case=f"{seed} + {names}"))
 
     fuzz(150, body)
+    print("protobuf mutation outcomes:", dict(collections.Counter(stages)))  # shown with -s
     # NOTE: not vacuous: some mutants are refused at load, others survive to a verified export.
     assert {"load", "done"} <= set(stages), sorted(set(stages))
 
@@ -344,6 +349,7 @@ def test_byte_damage(fuzz):
         stages.append(fuzzing.check_case(make, folder, method=method, case=f"{seed} bytes {kind}"))
 
     fuzz(80, body)
+    print("byte damage outcomes:", dict(collections.Counter(stages)))
     assert {"load", "done"} <= set(stages), sorted(set(stages))
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -135,25 +134,6 @@ def _use_external(model: Model, reference: Model | None, external_data: bool | s
     raise ExportError(f"external_data must be 'auto', True or False, not {external_data!r}")
 
 
-@contextlib.contextmanager
-def _inlined(model: ir.Model) -> Iterator[None]:
-    """External-data tensors read into memory for an inline save, and put back afterwards (the
-    model is not changed; the output does not point at the source's files)."""
-    swapped = []
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if isinstance(tensor, ir.ExternalTensor):
-                swapped.append((value, tensor))
-                value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
-                tensor.release()
-    try:
-        yield
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
-
-
 def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_progress: bool) -> None:
     with model.stamped() as stamped:
         if use_external:
@@ -167,7 +147,7 @@ def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_p
                 int(v.const_value.nbytes) for g in stamped.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
             ) >= 2**31 - 2**24:
                 raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use external_data=True / --external-data always")
-            with _inlined(stamped), progress_bar(f"saving {staged.name}", enabled=show_progress):
+            with model.inlined(), progress_bar(f"saving {staged.name}", enabled=show_progress):
                 ir.save(stamped, staged)
 
 

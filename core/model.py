@@ -170,6 +170,10 @@ class Model:
                 out.dtype = dtype
         return node
 
+    def new_value_name(self, base: str) -> str:
+        """A value name not used in this model (``base``, or ``base_N``)."""
+        return self._unique_name(base)
+
     def insert_after(
         self,
         value: ir.Value,
@@ -322,6 +326,25 @@ class Model:
         finally:
             metadata.clear()
             metadata.update(saved)
+
+    @contextlib.contextmanager
+    def inlined(self) -> Iterator[ir.Model]:
+        """The onnx_ir model with every external-data tensor read into memory, for as long as the
+        block runs (for an inline save or a re-check that must not point at the source's files);
+        the memory-mapped tensors are put back afterwards, so the model is not changed."""
+        swapped = []
+        for graph in self.ir.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+                    tensor.release()
+        try:
+            yield self.ir
+        finally:
+            for value, tensor in swapped:
+                value.const_value = tensor
 
     def to_proto(self) -> onnx.ModelProto:
         """Serialise to an in-memory ``ModelProto`` (weights included; use export for > 2 GB)."""

@@ -43,9 +43,8 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     def cast(value: ir.Value, to: ir.DataType, before: ir.Node) -> ir.Value:
         key = (id(value), to)
         if key not in casts:
-            node = ir.node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}")
-            node.outputs[0].name = f"{value.name}_{to.name.lower()}"
-            node.outputs[0].dtype = to
+            node = model.new_node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}",
+                                  outputs=[(f"{value.name}_{to.name.lower()}", to)])
             node.outputs[0].shape = value.shape.copy() if value.shape is not None else None
             producer = value.producer()
             if producer is not None:
@@ -88,11 +87,10 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
         for i, out in enumerate(list(graph.outputs)):
             if out.dtype == _HALF:
                 name = out.name
-                node = ir.node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output")
+                node = model.new_node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output", outputs=[(f"{name}_float32", _FLOAT)])
                 graph.append(node)
-                out.name = f"{name}_fp16"
+                out.name = model.new_value_name(f"{name}_fp16")
                 node.outputs[0].name = name
-                node.outputs[0].dtype = _FLOAT
                 node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
                 graph.outputs[i] = node.outputs[0]
     for value in list(graph.initializers.values()):

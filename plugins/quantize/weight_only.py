@@ -138,10 +138,10 @@ def _unsigned(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: Weight
 
 
 def _roundf(x: np.ndarray) -> np.ndarray:
-    """C's ``roundf`` (halves away from zero), which ONNX Runtime's block quantizer uses."""
-    rounded = np.round(x)
-    whole = np.trunc(x)
-    return np.where(np.abs(x - whole) == 0.5, whole + np.sign(x), rounded)
+    """C's ``roundf`` (halves away from zero), which ONNX Runtime's block quantizer uses; exact for
+    float32 input because the float64 sum cannot round."""
+    wide = x.astype(np.float64)
+    return np.trunc(wide + np.copysign(0.5, wide))
 
 
 def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -171,13 +171,16 @@ def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndar
 
 
 def _block_rows(n: int, block: int) -> int:
-    """Blocks per chunk: about 16 M weights, so the temporaries of one chunk stay ~300 MB."""
-    return max(1, (1 << 24) // max(n * block, 1))
+    """Blocks per chunk: about 1 M weights, so the temporaries of one chunk stay around 30 MB."""
+    return max(1, (1 << 20) // max(n * block, 1))
 
 
-def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]]:
-    """Yield ``(first block, codes[nbc * block, N], scales[nbc, N], zeros[nbc, N])`` chunk by chunk,
-    reading ``matrix[K, N]`` (possibly a memory map) a few blocks of rows at a time."""
+_Chunk = tuple[int, np.ndarray, np.ndarray, np.ndarray, float, float]
+
+
+def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[_Chunk]:
+    """Yield ``(first block, codes[nbc * block, N], scales[nbc, N], zeros[nbc, N], squared error,
+    squared norm)`` chunk by chunk, reading ``matrix[K, N]`` (a memory map) a few blocks of rows at a time."""
     k, n = matrix.shape
     bs = opts.block_size
     nb = -(-k // bs)
@@ -187,8 +190,11 @@ def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[tuple[i
         r0, r1 = b0 * bs, min(k, b1 * bs)
         chunk = np.zeros(((b1 - b0) * bs, n), np.float32)  # NOTE: zero rows never widen a block's range
         chunk[: r1 - r0] = matrix[r0:r1]
-        codes, scales, zeros = _rtn_blocks(chunk.reshape(b1 - b0, bs, n), opts.bits, opts.symmetric)
-        yield b0, codes.reshape(-1, n), scales, zeros
+        blocks = chunk.reshape(b1 - b0, bs, n)
+        codes, scales, zeros = _rtn_blocks(blocks, opts.bits, opts.symmetric)
+        diff = ((codes.astype(np.float32) - zeros[:, None, :]) * scales[:, None, :] - blocks).ravel()
+        flat = chunk.ravel()
+        yield b0, codes.reshape(-1, n), scales, zeros, float(np.dot(diff, diff)), float(np.dot(flat, flat))
 
 
 def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,7 +239,7 @@ def _stored(codes: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
     return codes
 
 
-def _pack_layer(matrix: np.ndarray, chunks: Iterator[tuple[int, np.ndarray, np.ndarray, np.ndarray]], opts: WeightOnlyOptions) -> _Quantized:
+def _pack_layer(matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOptions) -> _Quantized:
     """Consume ``chunks`` of codes, packing each at once (int4 two per byte) into one contiguous blob."""
     k, n = matrix.shape
     bs = opts.block_size
@@ -248,7 +254,7 @@ def _pack_layer(matrix: np.ndarray, chunks: Iterator[tuple[int, np.ndarray, np.n
     scales = np.zeros((nb, n), np.float32)
     zeros = np.zeros((nb, n), np.uint8)
     err = norm = 0.0
-    for b0, raw_codes, s, raw_zeros in chunks:
+    for b0, raw_codes, s, raw_zeros, chunk_err, chunk_norm in chunks:
         codes, z = raw_codes.astype(np.uint8, copy=False), raw_zeros.astype(np.uint8, copy=False)
         nbc = len(s)
         r0, r1 = b0 * bs, min(k, (b0 + nbc) * bs)
@@ -263,18 +269,35 @@ def _pack_layer(matrix: np.ndarray, chunks: Iterator[tuple[int, np.ndarray, np.n
             data[r0 * n // 2 : r0 * n // 2 + len(packed)] = packed  # NOTE: r0 is a multiple of the (even) block
         else:
             data[r0:r1] = _stored(codes[:rows], opts)
-        w = np.asarray(matrix[r0:r1], np.float32)
-        recon = (codes[:rows].astype(np.float32) - np.repeat(z, bs, axis=0)[:rows]) * np.repeat(s, bs, axis=0)[:rows]
-        err += float(np.square(recon - w, dtype=np.float64).sum())
-        norm += float(np.square(w, dtype=np.float64).sum())
+        err, norm = err + chunk_err, norm + chunk_norm
     return _Quantized(k, n, data, scales, zeros, err, norm)
 
 
+class _FileRows:
+    """Rows ``[r0:r1]`` of an external-data float32 matrix ``[K, N]``, read with ``pread``: no memory
+    map, so the pages read are not charged to the process once a chunk is done."""
+
+    def __init__(self, tensor: ir.ExternalTensor):
+        self.path, self.offset = tensor.path, int(tensor.offset or 0)
+        self.shape = tuple(int(d) for d in tensor.shape.numpy())
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        k, n = self.shape
+        r0, r1, _ = rows.indices(k)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + r0 * n * 4)
+            data = np.fromfile(f, np.float32, count=(r1 - r0) * n)
+        return data.reshape(r1 - r0, n)
+
+
 def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.ndarray | None) -> _Quantized:
-    """Read one weight (from its memory map), quantize it in float32 and pack it, then drop the map:
-    one layer in memory at a time, and the source model caches nothing."""
+    """Read one weight chunk by chunk (from its file when it is external data), quantize it in
+    float32 and pack it: one layer in memory at a time, and the source model caches nothing."""
     tensor = layer.weight.const_value
     assert tensor is not None
+    if opts.algorithm == "rtn" and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
+        rows = _FileRows(tensor)
+        return _pack_layer(rows, _rtn_chunks(rows, opts), opts)  # type: ignore[arg-type]
     array = tensor.numpy()
     matrix = array.T if layer.out_axis == 0 else array  # [K, N]
     try:
@@ -286,7 +309,10 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
             q, s, z = _gptq(full, hessian, opts)
         else:
             q, s, z = _mse(full, opts)
-        return _pack_layer(full, iter([(0, q, s, z)]), opts)
+        bs = opts.block_size
+        recon = (q - np.repeat(z, bs, axis=0)[: len(q)]) * np.repeat(s, bs, axis=0)[: len(q)]
+        err, norm = float(np.sum((recon - full) ** 2)), float(np.sum(full.astype(np.float64) ** 2))
+        return _pack_layer(full, iter([(0, q, s, z, err, norm)]), opts)
     finally:
         del array, matrix
         if isinstance(tensor, ir.ExternalTensor):

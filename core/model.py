@@ -135,7 +135,7 @@ class Model:
             tensor = ir.tensor(np.asarray(array), name=unique)
         value = ir.Value(
             name=unique,
-            shape=ir.Shape(tensor.shape),
+            shape=ir.Shape(list(tensor.shape.numpy())),
             type=ir.TensorType(tensor.dtype),
             const_value=tensor,
         )

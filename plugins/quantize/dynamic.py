@@ -30,7 +30,8 @@ class Int8DynamicOptions(Options):
 
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
     grid = QRange(8, True, restricted=True)
-    done, skipped = 0, {}
+    done = 0
+    skipped: dict[str, str] = {}
     layers = model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"})
     quantized: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
     with ctx.progress("int8-dynamic", total=len(layers)) as advance:

@@ -364,12 +364,13 @@ def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOn
 
 def _nbits_initializers(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions) -> list[ir.Value]:
     base = layer.weight.name or layer.name
-    inputs = [model.add_initializer(f"{base}_nbits", qw.data), model.add_initializer(f"{base}_scale", np.ascontiguousarray(qw.scales.T).reshape(-1))]
+    # NOTE: scales [N, nb] and zero points [N, ceil(nb / 2)], the layout ORT's MatMulNBitsQuantizer writes
+    inputs = [model.add_initializer(f"{base}_nbits", qw.data), model.add_initializer(f"{base}_scale", np.ascontiguousarray(qw.scales.T))]
     if not opts.symmetric:
         zp = qw.zeros.T  # [N, nb]
         if zp.shape[1] % 2:
             zp = np.pad(zp, ((0, 0), (0, 1)))
-        inputs.append(model.add_initializer(f"{base}_zero_point", _pack_uint4(zp).reshape(-1)))
+        inputs.append(model.add_initializer(f"{base}_zero_point", _pack_uint4(zp)))
     return inputs
 
 

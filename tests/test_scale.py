@@ -60,7 +60,7 @@ _MLP_METHODS = [
     ("int8-weight-only", {"block_size": 32, "min_elements": 64}), ("fp16", {}), ("codebook", {}),
     ("magnitude", {"sparsity": 0.5}), ("n:m", {}),
 ]
-_CNN_METHODS = [("channel", {"ratio": 0.5}), ("int8-static", {})]
+_CNN_METHODS = [("channel", {"ratio": 0.5}), ("int8-static", {}), ("int8-qat", {"epochs": 1}), ("kd", {"epochs": 1, "alpha": 0.0})]
 
 
 @pytest.mark.parametrize(("which", "method", "options"), [("mlp", *m) for m in _MLP_METHODS] + [("cnn", *m) for m in _CNN_METHODS])

@@ -137,11 +137,15 @@ def _unsigned(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: Weight
     return q.astype(np.int32), scales, zeros.astype(np.int32)
 
 
-def _roundf(x: np.ndarray) -> np.ndarray:
-    """C's ``roundf`` (halves away from zero), which ONNX Runtime's block quantizer uses; exact for
-    float32 input because the float64 sum cannot round."""
-    wide = x.astype(np.float64)
-    return np.trunc(wide + np.copysign(0.5, wide))
+def _round_clip(x: np.ndarray, levels: np.float32) -> np.ndarray:
+    """``clip(roundf(x), 0, levels)`` in float32, with C's ``roundf`` (halves away from zero), which
+    ONNX Runtime's block quantizer uses: clipping first changes nothing, and on [0, levels] roundf is
+    round-half-even plus one where ``x`` sat exactly on a half. ``x`` is overwritten."""
+    np.clip(x, 0, levels, out=x)
+    rounded = np.rint(x)
+    x -= rounded
+    rounded += x == np.float32(0.5)
+    return rounded
 
 
 def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -157,15 +161,20 @@ def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndar
             index = np.abs(blocks).argmax(axis=1)[:, None, :]
             scale = np.take_along_axis(blocks, index, axis=1)[:, 0, :] / -mid
             recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-            codes = np.trunc(np.clip(blocks * recip[:, None, :] + (mid + np.float32(0.5)), 0, levels))
+            codes = blocks * recip[:, None, :]
+            codes += mid + np.float32(0.5)
+            np.clip(codes, 0, levels, out=codes)
+            np.trunc(codes, out=codes)
             zero = np.full(scale.shape, int(mid), np.uint8)
         else:
             lo = np.minimum(blocks.min(axis=1), np.float32(0))
             hi = np.maximum(blocks.max(axis=1), np.float32(0))
             scale = (hi - lo) / levels
             recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-            zf = np.clip(_roundf(np.where(scale != 0, np.float32(0) - lo / scale, lo)), 0, levels).astype(np.float32)
-            codes = np.clip(_roundf(blocks * recip[:, None, :] + zf[:, None, :]), 0, levels)
+            zf = _round_clip(np.where(scale != 0, np.float32(0) - lo / scale, lo).astype(np.float32), levels)
+            scaled = blocks * recip[:, None, :]
+            scaled += zf[:, None, :]
+            codes = _round_clip(scaled, levels)
             zero = zf.astype(np.uint8)
     return codes.astype(np.uint8), scale.astype(np.float32), zero
 

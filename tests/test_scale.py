@@ -243,3 +243,23 @@ def test_round_to_nearest_is_bit_identical_to_onnxruntime(symmetric):
     np.testing.assert_array_equal(inits["w_scale"].ravel(), scales)
     if not symmetric:
         np.testing.assert_array_equal(unpack(inits["w_zero_point"])[:, :nb], unpack(zeros)[:, :nb])  # padding nibble unspecified
+
+
+def test_progress_prints_log_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
+    import time
+
+    from modelpress.progress import progress_bar
+
+    monkeypatch.delenv("MODELPRESS_PROGRESS", raising=False)
+    monkeypatch.setenv("MODELPRESS_PROGRESS_INTERVAL", "0.05")
+    with progress_bar("quantizing layers", total=3) as advance:
+        for _ in range(3):
+            time.sleep(0.08)
+            advance(1)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) >= 2 and all(line.startswith("modelpress: quantizing layers: ") for line in lines)
+    assert lines[-1].startswith("modelpress: quantizing layers: done 3/3")
+    monkeypatch.setenv("MODELPRESS_PROGRESS_INTERVAL", "30")
+    with progress_bar("short", total=1) as advance:  # a phase shorter than the interval stays silent
+        advance(1)
+    assert capsys.readouterr().err == ""

@@ -263,3 +263,16 @@ def test_progress_prints_log_lines_when_stderr_is_not_a_terminal(monkeypatch, ca
     with progress_bar("short", total=1) as advance:  # a phase shorter than the interval stays silent
         advance(1)
     assert capsys.readouterr().err == ""
+
+
+def test_cli_external_data_and_no_verify(tmp_path):
+    from tests.conftest import run_cli
+
+    source = _save_external(_mlp_proto(), tmp_path / "src")
+    inline = run_cli("quantize", str(source), "-m", "int8-dynamic", "-o", str(tmp_path / "inline.onnx"), "--external-data", "never")
+    assert inline.returncode == 0, inline.stderr
+    assert "verified in ONNX Runtime against the input model in" in inline.stdout
+    assert _references(tmp_path / "inline.onnx") == set() and not (tmp_path / "inline.onnx.data").exists()
+    fast = run_cli("quantize", str(source), "-m", "int4-weight-only", "-O", "min_elements=64", "-o", str(tmp_path / "q.onnx"), "--no-verify")
+    assert fast.returncode == 0, fast.stderr
+    assert "verified" not in fast.stdout and _references(tmp_path / "q.onnx") == {"q.onnx.data"}  # auto: the source had external data

@@ -213,9 +213,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     sample = args.sample or _capped_sample(args.calib or args.data)
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
+                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
     _print_result(result, exported)
     return 0
+
+
+_EXTERNAL: dict[str, bool | str] = {"auto": "auto", "always": True, "never": False}
 
 
 def _print_result(result: Any, exported: Any) -> None:
@@ -224,9 +228,10 @@ def _print_result(result: Any, exported: Any) -> None:
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():
         console.print(f"  {key}: {value}")
-    console.print(f"wrote {exported.path} ({_human_bytes(exported.size_bytes)})")
+    data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
+    console.print(f"wrote {exported.path}{data} ({_human_bytes(exported.size_bytes)})")
     if exported.verification is not None:
-        console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
+        console.print(f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: {exported.verification.summary()}")
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
@@ -266,7 +271,8 @@ def cmd_distill(args: argparse.Namespace) -> int:
     student: Any = "auto" if args.student == "auto" else modelpress.load(args.student)
     result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, **options)
     sample = args.sample or _capped_sample(args.data)
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite)
+    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
+                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
     _print_result(result, exported)
     return 0
 
@@ -281,10 +287,11 @@ def _print_report(result: Any) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     import modelpress
 
-    _refuse_overwrite(args, args.model, args.recipe)
+    _refuse_overwrite(args, args.model, args.recipe, args.sample)
     result = modelpress.compress(
         args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
         allow_imports=not args.no_imports, overwrite=args.overwrite,
+        verify=not args.no_verify, sample=args.sample, external_data=_EXTERNAL[args.external_data],
     )
     _print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
@@ -335,7 +342,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
     if args.opset:
         options["opset"] = args.opset
     _refuse_overwrite(args, args.source, args.example, args.sample)
-    result = modelpress.convert(args.source, args.output, to=args.to, sample=args.sample, overwrite=args.overwrite, **options)
+    result = modelpress.convert(args.source, args.output, to=args.to, sample=args.sample, overwrite=args.overwrite,
+                                verify=not args.no_verify, external_data=_EXTERNAL[args.external_data], **options)
     console = _console()
     prov = result.model.provenance
     check = prov.extra.get("import_check")
@@ -356,9 +364,15 @@ def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> No
     """The arguments every command that writes a verified model shares."""
     p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string (repeatable)")
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    _add_writing_arguments(p)
     _add_overwrite_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def _add_writing_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
+                   help="weights in <output>.data beside the file: auto (when the input had external data or weights exceed ~1.5 GB), always, never")
 
 
 def _add_overwrite_argument(p: argparse.ArgumentParser) -> None:
@@ -404,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-shape", help="example input shape for sources without one, e.g. 1,3,32,32 (first axis: batch)")
     p.add_argument("--example", help=".npy/.npz example inputs (TorchScript sources need these or --input-shape)")
     p.add_argument("--sample", help=".npz inputs for the output's verification run")
+    _add_writing_arguments(p)
     p.add_argument("--opset", type=int, help="ONNX opset for the import")
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt files holding a pickled full module (unpickling runs code)")
     _add_overwrite_argument(p)
@@ -473,6 +488,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="for recipes you did not write: a recipe is code (pkg.module:function entries are imported and run); "
         "refuse such entries and data paths outside the recipe's folder",
     )
+    p.add_argument("--sample", help=".npz inputs for each stage's verification run (default: the recipe's evaluation data, else generated)")
+    _add_writing_arguments(p)
     _add_overwrite_argument(p)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)

@@ -145,13 +145,17 @@ def compress(
     registry: Registry | None = None,
     allow_imports: bool = True,
     overwrite: bool = False,
+    verify: bool = True,
+    sample: Any = None,
+    external_data: bool | str = "auto",
 ) -> CompressResult:
     """Run ``recipe`` on ``model``; evaluate after the source and every stage; write reports.
 
     Each stage's model is exported (atomically, verified in ORT) to
     ``<output stem>-stages/NN-kind-method.onnx``; the last one is also written to ``output``.
     Reports (``report.md``, ``report.json``, ``report.html``) go to ``report_dir`` (default: the
-    output's folder). Ctrl-C stops after the stage in progress is abandoned: completed stages'
+    output's folder). ``verify``, ``sample`` and ``external_data`` go to every
+    :func:`~modelpress.export` (``sample`` defaults to the recipe's evaluation data). Ctrl-C stops after the stage in progress is abandoned: completed stages'
     files stay and the report says where it stopped.
 
     A recipe is code: ``allow_imports=False`` refuses its ``pkg.module:function`` entries and
@@ -182,7 +186,7 @@ def compress(
     report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
 
     source_path = stages_dir / "00-source.onnx"
-    export(source, source_path, verify=False, overwrite=overwrite)
+    export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
     stages = [evaluator.measure("source", source, source_path, 0.0, {})]
     report.add(stages[-1])
     current = source
@@ -208,8 +212,9 @@ def compress(
             if spec.kind == "distill":  # NOTE: the student's history continues the current model's
                 result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
             path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
-            sample = eval_data.take(64) if eval_data is not None else None
-            export(result, path, sample=sample, reference=source, overwrite=overwrite)
+            stage_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+            export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,
+                   show_progress=show_progress, overwrite=overwrite)
             figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
             stages.append(evaluator.measure(label, result, path, seconds, figures))
             report.add(stages[-1])
@@ -226,7 +231,9 @@ def compress(
         report.status = "complete"
     final = None
     if out_path is not None and not interrupted:
-        export(current, out_path, sample=eval_data.take(64) if eval_data is not None else None, reference=source, overwrite=overwrite)
+        final_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+        export(current, out_path, sample=final_sample, reference=source, verify=verify, external_data=external_data,
+               show_progress=show_progress, overwrite=overwrite)
         final = out_path
     report.write(reports_at)
     return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted)

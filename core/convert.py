@@ -108,6 +108,8 @@ def convert(
     to: str | None = None,
     sample: Any = None,
     overwrite: bool = False,
+    verify: bool = True,
+    external_data: bool | str = "auto",
     **load_options: Any,
 ) -> ConvertResult:
     """Import ``source`` (any format an adapter accepts) and write it as ONNX or PyTorch.
@@ -115,7 +117,8 @@ def convert(
     ``to`` defaults from ``output``'s suffix (``.onnx`` -> ONNX; ``.pt2``/``.pt`` -> PyTorch).
     ``load_options`` go to the adapter (``example_inputs``, ``input_shape``, ``trust_pickle``...).
     The import itself is verified against the source framework; the written file is verified
-    against the imported model (ONNX: in ONNX Runtime; PyTorch: the reloaded module vs ORT).
+    against the imported model (ONNX: in ONNX Runtime; PyTorch: the reloaded module vs ORT);
+    ``verify=False`` skips the ONNX check; ``external_data`` is as in :func:`modelpress.export`.
     Writing over ``source`` is refused unless ``overwrite=True``.
     """
     path = Path(output)
@@ -125,7 +128,7 @@ def convert(
     model = load(source, **load_options)
     refuse_overwrite([path], model_files(model), overwrite=overwrite)
     if target == "onnx":
-        result = export(model, path, sample=sample, overwrite=overwrite)
+        result = export(model, path, sample=sample, verify=verify, external_data=external_data, overwrite=overwrite)
         return ConvertResult(path, target, model, result.verification)
     comparison, note = save_torch(model, path, sample=sample)
     return ConvertResult(path, target, model, comparison, note)

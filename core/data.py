@@ -28,7 +28,7 @@ import numpy as np
 from modelpress.errors import DataError, one_line
 from modelpress.signature import Signature, TensorSpec
 
-__all__ = ["LABELS", "Dataset", "load_dataset", "sample_inputs"]
+__all__ = ["LABELS", "Dataset", "index_limits", "load_dataset", "sample_inputs"]
 
 LABELS = "labels"
 
@@ -222,19 +222,79 @@ def load_dataset(source: Any, signature: Signature, *, what: str = "input", need
     return Dataset(inputs, labels)
 
 
-def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0) -> dict[str, np.ndarray]:
-    """Random inputs that fit ``signature``; symbolic dims become ``batch``.
+_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
 
-    Floats are standard normal; integers are drawn from [0, 10) (safe as token ids or indices).
+
+def index_limits(graph: Any) -> dict[str, int]:
+    """For each integer graph input used (directly or through Cast/Reshape/...) as the indices of a
+    ``Gather`` on a constant table: the table's size on the gathered axis (the vocabulary size)."""
+    limits: dict[str, int] = {}
+    for value in graph.inputs:
+        if value.dtype is None or not value.dtype.is_integer():
+            continue
+        frontier, seen = [value], set()
+        while frontier:
+            current = frontier.pop()
+            for user, index in current.uses():
+                if id(user) in seen:
+                    continue
+                seen.add(id(user))
+                if user.op_type == "Gather" and index == 1 and user.inputs[0] is not None and user.inputs[0].const_value is not None:
+                    attr = user.attributes.get("axis")
+                    axis = attr.as_int() if attr is not None else 0
+                    size = int(user.inputs[0].const_value.shape[axis])
+                    limits[value.name] = min(limits.get(value.name, size), size)
+                elif user.op_type in _PASS_THROUGH and index == 0:
+                    frontier.extend(user.outputs)
+    return limits
+
+
+# NOTE: a generated input is kept under this size; a declared 10^9 batch is capped, never allocated.
+SAMPLE_BYTES_LIMIT = 64 * 2**20
+SEQUENCE_LENGTH = 16
+
+
+def _sample_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
+    """Symbolic batch (first axis) -> ``batch``; other symbolic axes -> 16 for token/sequence
+    inputs (integer, or float of rank <= 3), ``batch`` for image-like ones; capped in bytes."""
+    if spec.shape is None:
+        raise DataError(f"cannot generate sample data for input {spec.describe()} (unknown rank); pass sample inputs")
+    sequence = np.issubdtype(spec.dtype, np.integer) or len(spec.shape) <= 3
+    shape = [
+        d if isinstance(d, int) and d >= 0 else (batch if axis == 0 or not sequence else SEQUENCE_LENGTH)
+        for axis, d in enumerate(spec.shape)
+    ]
+    itemsize = np.dtype(spec.dtype).itemsize
+    for axis in range(len(shape)):
+        total = itemsize
+        for d in shape:
+            total *= d  # NOTE: Python ints: a declared 10^9 x 10^9 does not overflow
+        if total <= SAMPLE_BYTES_LIMIT:
+            break
+        shape[axis] = max(1, shape[axis] * SAMPLE_BYTES_LIMIT // total)
+    return tuple(shape)
+
+
+def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+    """Realistic random inputs that fit ``signature`` (for verification when no data is given).
+
+    Symbolic batch axes become ``batch``, other symbolic axes of sequence-like inputs 16; an input
+    declared larger than 64 MB is capped (never allocated whole). Floats are standard normal;
+    integers feeding an embedding table (``limits``, see :func:`index_limits`) are token ids over
+    the whole table, inputs named like masks are ones, other integers are drawn from [0, 10).
     """
     rng = np.random.default_rng(seed)
+    limits = limits or {}
     feeds: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
-        shape = spec.concrete_shape(dynamic_size=batch)
+        shape = _sample_shape(spec, batch)
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer):
-            feeds[spec.name] = rng.integers(0, 10, size=shape).astype(spec.dtype)
+            if "mask" in spec.name.lower():
+                feeds[spec.name] = np.ones(shape, spec.dtype)
+            else:
+                feeds[spec.name] = rng.integers(0, limits.get(spec.name, 10), size=shape).astype(spec.dtype)
         elif spec.dtype == np.bool_:
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,25 +14,39 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.data import load_dataset, sample_inputs
-from modelpress.errors import ExportError, InvalidModelError, ModelpressError, VerificationError
+from modelpress.data import index_limits, load_dataset, sample_inputs
+from modelpress.errors import (
+    DataError,
+    ExportError,
+    InvalidModelError,
+    ModelpressError,
+    VerificationError,
+)
 from modelpress.model import Model
+from modelpress.progress import progress_bar
 from modelpress.registry import get_registry
-from modelpress.runtime import INLINE_LIMIT_BYTES, make_session, run
+from modelpress.runtime import (
+    INLINE_LIMIT_BYTES,
+    external_folders,
+    in_memory_bytes,
+    make_session,
+    run,
+)
 from modelpress.safety import model_files, refuse_overwrite
-from modelpress.verify import Comparison, compare_outputs
+from modelpress.verify import Comparison, compare_outputs, default_min_cosine
 
 __all__ = ["ExportResult", "export", "verify"]
 
 
 @dataclass(frozen=True)
 class ExportResult:
-    """What :func:`export` wrote and measured."""
+    """What :func:`export` wrote and measured (``verification_seconds``: time spent verifying)."""
 
     path: Path
     size_bytes: int
     external_data: Path | None
     verification: Comparison | None
+    verification_seconds: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -39,7 +54,24 @@ class ExportResult:
             "size_bytes": self.size_bytes,
             "external_data": str(self.external_data) if self.external_data else None,
             "verification": self.verification.to_dict() if self.verification else None,
+            "verification_seconds": self.verification_seconds,
         }
+
+
+def _feeds(model: Model, sample: Any) -> dict[str, np.ndarray]:
+    signature = model.signature
+    if sample is not None:
+        return load_dataset(sample, signature, what="sample").inputs
+    feeds = sample_inputs(signature, batch=2, limits=index_limits(model.ir.graph))
+    for spec in signature.inputs:
+        declared = spec.shape or ()
+        got = feeds[spec.name].shape
+        if any(isinstance(d, int) and d >= 0 and d != g for d, g in zip(declared, got, strict=False)):
+            raise DataError(
+                f"input {spec.describe()} of model {model.name!r} is declared too large to generate a sample for "
+                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample FILE, or skip it with verify=False / --no-verify"
+            )
+    return feeds
 
 
 def verify(
@@ -55,21 +87,28 @@ def verify(
     """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
 
     ``reference`` defaults to ``model.reference`` (the model as imported, before any pass), or
-    the model itself. ``sample`` is any data :func:`modelpress.data.load_dataset` accepts; by
-    default random inputs are generated from the signature. Non-finite outputs are always an
-    error; the thresholds, when given, too.
+    the model itself; it runs from its own weights (memory-mapped external data stays where it
+    is; nothing is copied). ``sample`` is any data :func:`modelpress.data.load_dataset` accepts;
+    by default realistic inputs are generated from the signature (token ids within the embedding
+    table, sequences of 16, batch 2). Non-finite outputs are always an error. Without explicit
+    thresholds, a default minimum cosine for the methods applied is enforced
+    (:func:`modelpress.verify.default_min_cosine`), so a broken result does not pass.
     """
     reference = reference or model.reference or model
-    signature = model.signature
-    feeds = (
-        load_dataset(sample, signature, what="sample").inputs
-        if sample is not None
-        else sample_inputs(signature, batch=2)
-    )
-    session = session or make_session(model)
-    actual = run(session, feeds)
+    feeds = _feeds(model, sample)
+    actual = run(session or make_session(model), feeds)
+    session = None  # NOTE: the output's session is released before the reference's is built
+    return _against_reference(model, reference, feeds, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement)
+
+
+def _against_reference(
+    model: Model, reference: Model, feeds: Mapping[str, np.ndarray], actual: list[np.ndarray], *,
+    atol: float | None, min_cosine: float | None, min_agreement: float | None,
+) -> Comparison:
     expected = actual if reference is model else run(make_session(reference), feeds)
-    comparison = compare_outputs(signature.output_names, expected, actual)
+    comparison = compare_outputs(model.signature.output_names, expected, actual)
+    if atol is None and min_cosine is None and min_agreement is None and reference is not model:
+        min_cosine = default_min_cosine(model.provenance)
     failures = []
     if not comparison.finite:
         failures.append("outputs contain NaN or infinite values")
@@ -87,6 +126,32 @@ def verify(
 _verify = verify  # NOTE: export's `verify` flag shadows the function inside export().
 
 
+def _use_external(model: Model, reference: Model | None, external_data: bool | str | None) -> bool:
+    if external_data in (None, "auto"):
+        sources = [model.ir] + [m.ir for m in (reference, model.reference) if m is not None]
+        return model.weight_bytes() >= INLINE_LIMIT_BYTES or any(external_folders(m) for m in sources)
+    if isinstance(external_data, bool):
+        return external_data
+    raise ExportError(f"external_data must be 'auto', True or False, not {external_data!r}")
+
+
+def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_progress: bool) -> None:
+    with model.stamped() as stamped:
+        if use_external:
+            # NOTE: onnx_ir streams every tensor (untouched external ones included, read from their
+            # memory maps) into the output's own data file, so the output never points at the source's.
+            count = sum(1 for g in stamped.graphs() for v in g.initializers.values() if v.const_value is not None and v.const_value.nbytes > 1024)
+            with progress_bar(f"saving {staged.name}", total=count, enabled=show_progress) as advance:
+                ir.save(stamped, staged, external_data=data_name, size_threshold_bytes=1024, callback=lambda _t, _i: advance(1))
+        else:
+            if in_memory_bytes(model) + sum(
+                int(v.const_value.nbytes) for g in stamped.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+            ) >= 2**31 - 2**24:
+                raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use external_data=True / --external-data always")
+            with model.inlined(), progress_bar(f"saving {staged.name}", enabled=show_progress):
+                ir.save(stamped, staged)
+
+
 def export(
     model: Model,
     path: str | os.PathLike[str],
@@ -94,21 +159,25 @@ def export(
     verify: bool = True,
     sample: Any = None,
     reference: Model | None = None,
-    external_data: bool | None = None,
+    external_data: bool | str | None = "auto",
     atol: float | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     overwrite: bool = False,
+    show_progress: bool = True,
 ) -> ExportResult:
     """Write ``model`` to ``path`` as ONNX, load it back in ONNX Runtime and check it numerically.
 
     The file is first written into a temporary folder beside ``path``; only when ORT loaded it
     (and the checks passed) is it moved into place with an atomic rename. On any failure nothing
-    is left at ``path`` (an older file there stays untouched). Models whose weights exceed
-    ~1.5 GB (or with ``external_data=True``) are written with their weights in ``<name>.data``.
-    The provenance (source, passes, options, plugin versions) goes into ``metadata_props``.
-    Writing over the file the model was loaded from (or its external data) is refused unless
-    ``overwrite=True``.
+    is left at ``path`` (an older file there stays untouched). The output is self-contained:
+    with ``external_data="auto"`` (default) its weights go to ``<name>.data`` beside it when the
+    source model had external data or the weights exceed ~1.5 GB, else they are inlined;
+    ``True``/``False`` force either. Weights no pass touched are streamed from the source's
+    files into the output's; nothing in the output refers to the source's files. Verification
+    (see :func:`verify`) runs the reference from its own file. The provenance (source, passes,
+    options, plugin versions) goes into ``metadata_props``. Writing over the file the model was
+    loaded from (or its external data) is refused unless ``overwrite=True``.
     """
     target = Path(path)
     refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
@@ -117,10 +186,11 @@ def export(
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
         raise ExportError(f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist")
-    use_external = external_data if external_data is not None else model.weight_bytes() >= INLINE_LIMIT_BYTES
+    use_external = _use_external(model, reference, external_data)
     data_name = target.name + ".data"
 
     tmp: Path | None = None
+    seconds = None
     try:
         try:
             tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
@@ -128,11 +198,7 @@ def export(
             raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
         staged = tmp / target.name
         try:
-            with model.stamped() as stamped:
-                if use_external:
-                    ir.save(stamped, staged, external_data=data_name, size_threshold_bytes=1024)
-                else:
-                    ir.save(stamped, staged)
+            _save(model, staged, data_name, use_external, show_progress)
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
 
@@ -143,19 +209,23 @@ def export(
 
         comparison = None
         if verify:
+            start = time.perf_counter()
             try:
-                comparison = _verify(
-                    model,
-                    session=session,
-                    reference=reference,
-                    sample=sample,
-                    atol=atol,
-                    min_cosine=min_cosine,
-                    min_agreement=min_agreement,
-                )
+                with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
+                    feeds = _feeds(model, sample)
+                    actual = run(session, feeds)
+                    del session  # NOTE: free the output's session before the reference's is built
+                    advance(1)
+                    comparison = _against_reference(
+                        model, reference or model.reference or model, feeds, actual,
+                        atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
+                    )
+                    advance(1)
             except ModelpressError as exc:
                 raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
-        del session
+            seconds = round(time.perf_counter() - start, 3)
+        else:
+            del session
 
         data_target = None
         if use_external and (tmp / data_name).exists():
@@ -171,6 +241,7 @@ def export(
         size_bytes=target.stat().st_size + (data_target.stat().st_size if data_target else 0),
         external_data=data_target,
         verification=comparison,
+        verification_seconds=seconds,
     )
     get_registry().hook.modelpress_export_finish(model=model, result=result)
     return result

@@ -43,8 +43,15 @@ class WeightedLayer:
         return int(attr.as_int()) if attr is not None else 1
 
     def weight_array(self) -> np.ndarray:
-        assert self.weight.const_value is not None
-        return self.weight.const_value.numpy()
+        """The weight as an array. From external data it is a copy and the memory map is closed
+        at once: the model caches nothing, so a pass over a large model holds one layer at a time."""
+        tensor = self.weight.const_value
+        assert tensor is not None
+        if isinstance(tensor, ir.ExternalTensor):
+            array = np.array(tensor.numpy())
+            tensor.release()
+            return array
+        return tensor.numpy()
 
     def bias_array(self) -> np.ndarray | None:
         if self.bias is None or self.bias.const_value is None:

@@ -7,19 +7,28 @@ from typing import Any
 
 from modelpress.errors import InvalidModelError, UnsupportedModelError
 from modelpress.model import Model
+from modelpress.progress import progress_bar
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["load"]
 
 
-def load(source: Any, *, framework: str | None = None, registry: Registry | None = None, **options: Any) -> Model:
+def load(source: Any, *, framework: str | None = None, registry: Registry | None = None, show_progress: bool = True, **options: Any) -> Model:
     """Import ``source`` into a :class:`Model`.
 
     ``source`` is a path (``.onnx``; ``.pt2``/TorchScript, ``.keras``, SavedModel folders with the
     extras installed), ONNX bytes, an ``onnx.ModelProto``, an ``onnx_ir.Model``, or an in-memory
     framework model (``torch.nn.Module``, ``keras.Model``, ...). ``framework`` picks the adapter
     by name instead of asking each one. ``options`` go to the adapter (e.g. ``example_inputs``).
+    Loading a file shows progress (a live bar on a terminal, log lines in CI) when it takes long.
     """
+    if isinstance(source, (str, os.PathLike)):
+        with progress_bar(f"loading {os.path.basename(os.fspath(source))}", enabled=show_progress):
+            return _load(source, framework=framework, registry=registry, **options)
+    return _load(source, framework=framework, registry=registry, **options)
+
+
+def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:
     if isinstance(source, Model):
         return source
     registry = registry or get_registry()

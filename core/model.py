@@ -143,19 +143,55 @@ class Model:
         value.shape = ir.Shape(data.shape)
         return value
 
-    def add_initializer(self, name: str, array: ArrayLike) -> ir.Value:
-        """Add a new constant initializer; the name is made unique if it is taken."""
-        data = np.asarray(array)
+    def add_initializer(self, name: str, array: ArrayLike | ir.TensorProtocol) -> ir.Value:
+        """Add a new constant initializer; the name is made unique if it is taken. ``array`` is
+        array-like or an onnx_ir tensor (e.g. an ``ir.PackedTensor`` of int4 values, two per byte)."""
         unique = self._unique_name(name)
+        if isinstance(array, ir.TensorProtocol):
+            tensor: ir.TensorProtocol = array
+            tensor.name = unique
+        else:
+            tensor = ir.tensor(np.asarray(array), name=unique)
         value = ir.Value(
             name=unique,
-            shape=ir.Shape(data.shape),
-            type=ir.TensorType(ir.DataType.from_numpy(data.dtype)),
-            const_value=ir.tensor(data, name=unique),
+            shape=ir.Shape(list(tensor.shape.numpy())),
+            type=ir.TensorType(tensor.dtype),
+            const_value=tensor,
         )
         self.ir.graph.register_initializer(value)
         self._sync_names()
         return value
+
+    def new_node(
+        self,
+        op_type: str,
+        inputs: list[ir.Value | None],
+        attributes: dict[str, Any] | None = None,
+        *,
+        name: str,
+        domain: str = "",
+        num_outputs: int = 1,
+        outputs: list[tuple[str, ir.DataType | None]] | None = None,
+    ) -> ir.Node:
+        """A new node (not yet in the graph) whose node name and output names are unique in this
+        model by construction: ``name`` and each ``(output name, dtype)`` get a ``_N`` suffix when
+        taken. Without ``outputs``, the outputs are named ``<name>_out<i>`` and left untyped.
+        Every node modelpress creates goes through here (two nodes sharing a weight used to get the
+        same ``<weight>_DequantizeLinear`` name)."""
+        specs = outputs or [(f"{name}_out{i}" if num_outputs > 1 else f"{name}_output", None) for i in range(num_outputs)]
+        node = ir.node(
+            op_type, inputs=inputs, attributes=attributes or {}, domain=domain,
+            num_outputs=len(specs), name=self._unique_name(name, nodes=True),
+        )
+        for out, (out_name, dtype) in zip(node.outputs, specs, strict=True):
+            out.name = self._unique_name(out_name)
+            if dtype is not None:
+                out.dtype = dtype
+        return node
+
+    def new_value_name(self, base: str) -> str:
+        """A value name not used in this model (``base``, or ``base_N``)."""
+        return self._unique_name(base)
 
     def insert_after(
         self,
@@ -249,6 +285,10 @@ class Model:
             for node in graph.all_nodes():
                 nodes.add(node.name or "")
                 values.update(o.name for o in node.outputs if o.name)
+            if self._names is not None:
+                # NOTE: keep names handed out for nodes not yet inserted (never reused; only suffixes grow).
+                values |= self._names[1]
+                nodes |= self._names[2]
             self._names = (key, values, nodes)
         return self._names[1], self._names[2]
 
@@ -305,6 +345,25 @@ class Model:
         finally:
             metadata.clear()
             metadata.update(saved)
+
+    @contextlib.contextmanager
+    def inlined(self) -> Iterator[ir.Model]:
+        """The onnx_ir model with every external-data tensor read into memory, for as long as the
+        block runs (for an inline save or a re-check that must not point at the source's files);
+        the memory-mapped tensors are put back afterwards, so the model is not changed."""
+        swapped = []
+        for graph in self.ir.graphs():
+            for value in graph.initializers.values():
+                tensor = value.const_value
+                if isinstance(tensor, ir.ExternalTensor):
+                    swapped.append((value, tensor))
+                    value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+                    tensor.release()
+        try:
+            yield self.ir
+        finally:
+            for value, tensor in swapped:
+                value.const_value = tensor
 
     def to_proto(self) -> onnx.ModelProto:
         """Serialise to an in-memory ``ModelProto`` (weights included; use export for > 2 GB)."""

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from modelpress.errors import InvalidModelError
 from modelpress.model import Model
 
-__all__ = ["INLINE_LIMIT_BYTES", "make_session", "run", "run_dataset", "with_outputs"]
+__all__ = ["INLINE_LIMIT_BYTES", "external_folders", "in_memory_bytes", "make_session", "run", "run_dataset", "with_outputs"]
 
 # NOTE: protobuf cannot serialise more than 2 GiB; past this, go through a file with external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
@@ -36,14 +36,44 @@ def _first_line(exc: BaseException) -> str:
     return " ".join(text.splitlines()[:2])[:600]
 
 
+def external_folders(model: ir.Model) -> set[str]:
+    """The folders the model's external-data tensors are read from (``base_dir`` of each)."""
+    return {
+        os.fspath(value.const_value.base_dir)
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+
+
+def in_memory_bytes(model: Model) -> int:
+    """Bytes of the initializers held in memory (external-data tensors excluded)."""
+    return sum(
+        int(v.const_value.nbytes)
+        for graph in model.ir.graphs()
+        for v in graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+
+
 def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session for a model or a file."""
+    """An ORT CPU session for a model or a file.
+
+    A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
+    external references, with ORT told the folder they live in: nothing is copied, and the
+    references do not resolve against the working directory. Only a model with more than
+    ~1.5 GB of weights in memory, or external data in several folders, goes through a
+    temporary file.
+    """
     opts = _options(threads)
     providers = ["CPUExecutionProvider"]
     try:
         if not isinstance(model, Model):
             return ort.InferenceSession(os.fspath(model), opts, providers=providers)
-        if model.weight_bytes() < INLINE_LIMIT_BYTES:
+        folders = external_folders(model.ir)
+        if in_memory_bytes(model) < INLINE_LIMIT_BYTES and len(folders) <= 1 and "" not in folders:
+            if folders:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
             data = ir.serde.serialize_model(model.ir).SerializeToString()
             return ort.InferenceSession(data, opts, providers=providers)
         tmp = Path(tempfile.mkdtemp(prefix="modelpress-session-"))

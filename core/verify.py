@@ -11,8 +11,25 @@ from modelpress.errors import VerificationError
 
 if TYPE_CHECKING:
     from modelpress.model import Model
+    from modelpress.provenance import Provenance
 
-__all__ = ["Comparison", "OutputComparison", "check_import", "compare_outputs"]
+__all__ = ["DEFAULT_MIN_COSINE", "Comparison", "OutputComparison", "check_import", "compare_outputs", "default_min_cosine"]
+
+# Minimum cosine of a result's outputs against its reference, per built-in method, when the caller
+# gives no threshold: loose enough for a healthy result of the method on realistic inputs, tight
+# enough that a broken one (wrong scales, a scrambled layout) fails. Several passes: the loosest.
+# Structural pruning and distillation change outputs by design: no default (give one explicitly).
+DEFAULT_MIN_COSINE: dict[str, float] = {
+    "fp16": 0.999,
+    "int8-dynamic": 0.98,
+    "int8-weight-only": 0.98,
+    "int8-static": 0.9,
+    "int8-qat": 0.9,
+    "int4-weight-only": 0.8,
+    "codebook": 0.8,
+    "magnitude": 0.5,
+    "n:m": 0.5,
+}
 
 
 @dataclass(frozen=True)
@@ -73,6 +90,14 @@ class Comparison:
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.2%}"
         return text + f" on {self.samples} samples"
+
+
+def default_min_cosine(provenance: Provenance) -> float | None:
+    """The default verification threshold for a model with this history (``None``: no built-in
+    method applied, e.g. distillation or a third-party method, which set their own)."""
+    values = [DEFAULT_MIN_COSINE[p.method] for p in provenance.passes if p.method in DEFAULT_MIN_COSINE]
+    unknown = [p for p in provenance.passes if p.method not in DEFAULT_MIN_COSINE]
+    return None if not values or unknown else min(values)
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -21,6 +21,7 @@ import math
 from typing import Any, Literal
 
 import numpy as np
+import onnx_ir as ir
 from pydantic import Field, model_validator
 
 from modelpress.data import Dataset, load_dataset
@@ -155,7 +156,14 @@ def _rebuild(model: Model) -> Model:
         for out in node.outputs:
             if id(out) not in keep:
                 out.shape = None
-    rebuilt = load_onnx(model.to_proto())
+    external = {name: v.const_value for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
+    with model.inlined():  # NOTE: the checker cannot follow external data in an in-memory proto
+        proto = model.to_proto()
+    rebuilt = load_onnx(proto)
+    del proto
+    for name, value in rebuilt.ir.graph.initializers.items():
+        if name in external and value.const_value is not None and value.const_value.shape == external[name].shape:
+            value.const_value = external[name]  # untouched weights stay memory-mapped, not copied
     return Model(rebuilt.ir, provenance=model.provenance, path=model.path, reference=model.reference)
 
 

@@ -68,10 +68,10 @@ def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
         base = weight.name or layer.name
         table_v = model.add_initializer(f"{base}_codebook", table)
         idx_v = model.add_initializer(f"{base}_indices", idx.reshape(w.shape))
-        as_int = ir.node("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast")
-        as_int.outputs[0].dtype = ir.DataType.INT64
-        gather = ir.node("Gather", [table_v, as_int.outputs[0]], {"axis": 0}, name=f"{base}_Gather")
-        gather.outputs[0].dtype = ir.DataType.FLOAT
+        as_int = model.new_node("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast",
+                                outputs=[(f"{base}_indices_int64", ir.DataType.INT64)])
+        gather = model.new_node("Gather", [table_v, as_int.outputs[0]], {"axis": 0}, name=f"{base}_Gather",
+                                outputs=[(f"{base}_decoded", ir.DataType.FLOAT)])
         gather.outputs[0].shape = ir.Shape(w.shape)
         graph.insert_before(graph[0], [as_int, gather])
         weight.replace_all_uses_with(gather.outputs[0])

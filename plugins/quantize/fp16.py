@@ -50,9 +50,8 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     def cast(value: ir.Value, to: ir.DataType) -> ir.Value:
         key = (id(value), to)
         if key not in casts:
-            node = ir.node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}")
-            node.outputs[0].name = f"{value.name}_{to.name.lower()}"
-            node.outputs[0].dtype = to
+            node = model.new_node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}",
+                                  outputs=[(f"{value.name}_{to.name.lower()}", to)])
             node.outputs[0].shape = value.shape.copy() if value.shape is not None else None
             producer = value.producer()
             # NOTE: in the graph that owns the value, so every body nested below can read the cast too.
@@ -88,9 +87,9 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             _to_half(node)
     for graph in model.ir.graphs():
         if graph is not main:
-            _float_outputs(graph)  # the If/Loop node declares float32 outputs
+            _float_outputs(model, graph)  # the If/Loop node declares float32 outputs
     if opts.keep_io_types:
-        _float_outputs(main)
+        _float_outputs(model, main)
     for value in list(main.initializers.values()):
         if not list(value.uses()) and not value.is_graph_output():
             main.initializers.pop(value.name)
@@ -115,16 +114,16 @@ def _to_half(node: ir.Node) -> None:
             node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name))
 
 
-def _float_outputs(graph: ir.Graph) -> None:
+def _float_outputs(model: Model, graph: ir.Graph) -> None:
     """Cast every float16 output of ``graph`` back to float32, keeping the output's name."""
     for i, out in enumerate(list(graph.outputs)):
         if out.dtype != _HALF:
             continue
         name = out.name
-        node = ir.node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output")
+        assert name is not None
+        node = model.new_node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output", outputs=[(f"{name}_float32", _FLOAT)])
         graph.append(node)
-        out.name = f"{name}_fp16"
+        out.name = model.new_value_name(f"{name}_fp16")
         node.outputs[0].name = name
-        node.outputs[0].dtype = _FLOAT
         node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
         graph.outputs[i] = node.outputs[0]

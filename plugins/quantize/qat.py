@@ -60,9 +60,8 @@ def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir
         real = ((q.astype(np.float64) - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
         if tensor.dtype == ir.DataType.INT8:
             float_v = model.add_initializer(f"{source.name}_qat", real)
-            quant = ir.node("QuantizeLinear", [float_v, node.inputs[1], node.inputs[2]], {"axis": axis} if scale.ndim else {}, name=f"{source.name}_qat_QuantizeLinear")
-            quant.outputs[0].dtype = ir.DataType.INT8
-            quant.outputs[0].name = f"{source.name}_qat_quantized"
+            quant = model.new_node("QuantizeLinear", [float_v, node.inputs[1], node.inputs[2]], {"axis": axis} if scale.ndim else {},
+                                   name=f"{source.name}_qat_QuantizeLinear", outputs=[(f"{source.name}_qat_quantized", ir.DataType.INT8)])
             graph.insert_before(node, quant)
             node.replace_input_with(0, quant.outputs[0])
             weights.append((quant, source))

@@ -193,6 +193,12 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
         qdq(tensor, users)
 
     replaced: list[ir.Value] = []
+    dequantized: dict[tuple[int, int], ir.Value] = {}
+    first_user: dict[int, ir.Node] = {}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                first_user.setdefault(id(value), node)
     for name, node in zip(selected, nodes, strict=True):
         plan = plans[name]
         layer = plan.layer
@@ -202,9 +208,8 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
             base = original.name or f"{name}_{index}"
             inputs_c = [result.add_initializer(f"{base}_quantized", cq), result.add_initializer(f"{base}_scale", cs),
                         result.add_initializer(f"{base}_zero_point", cz)]
-            cdq = ir.node("DequantizeLinear", inputs_c, name=f"{base}_{name}_DequantizeLinear")
-            cdq.outputs[0].name = f"{base}_{name}_dequantized"
-            cdq.outputs[0].dtype = ir.DataType.FLOAT
+            cdq = result.new_node("DequantizeLinear", inputs_c, name=f"{base}_{name}_DequantizeLinear",
+                                  outputs=[(f"{base}_{name}_dequantized", ir.DataType.FLOAT)])
             cdq.outputs[0].shape = ir.Shape(cq.shape)
             graph.insert_before(node, cdq)
             node.replace_input_with(index, cdq.outputs[0])
@@ -213,25 +218,30 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
             continue
         replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
         w_name = layer.weight.name or f"{name}_weight"
-        wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
-        ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
-        wz = result.add_initializer(f"{w_name}_zero_point", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
-        attrs = {"axis": layer.out_axis} if per_channel else {}
-        # NOTE: the node's name in these names: a weight shared by two layers gets one DQ per layer.
-        dq = ir.node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_{name}_DequantizeLinear")
-        dq.outputs[0].name = f"{w_name}_{name}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
-        graph.insert_before(node, dq)
-        node.replace_input_with(layer.weight_input, dq.outputs[0])
+        # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
+        # once; its DequantizeLinear sits before the first user and feeds them all.
+        weight_value = node.inputs[layer.weight_input]
+        shared_key = (id(weight_value), layer.out_axis)
+        if shared_key in dequantized:
+            node.replace_input_with(layer.weight_input, dequantized[shared_key])
+        else:
+            wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
+            ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
+            wz = result.add_initializer(f"{w_name}_zero_point", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
+            attrs = {"axis": layer.out_axis} if per_channel else {}
+            dq = result.new_node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_DequantizeLinear",
+                                 outputs=[(f"{w_name}_dequantized", ir.DataType.FLOAT)])
+            dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
+            graph.insert_before(first_user.get(id(weight_value), node), dq)
+            node.replace_input_with(layer.weight_input, dq.outputs[0])
+            dequantized[shared_key] = dq.outputs[0]
         if plan.bias_q is not None and plan.bias_scale is not None and layer.bias is not None:
             b_name = layer.bias.name or f"{name}_bias"
             bq = result.add_initializer(f"{b_name}_quantized", plan.bias_q)
             bias_per_channel = per_channel or np.ndim(plan.bias_scale) > 0
             bs = result.add_initializer(f"{b_name}_scale", np.asarray(plan.bias_scale, np.float32) if bias_per_channel else np.asarray(plan.bias_scale, np.float32).reshape(()))
-            bdq = ir.node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {}, name=f"{b_name}_{name}_DequantizeLinear")
-            bdq.outputs[0].name = f"{b_name}_{name}_dequantized"
-            bdq.outputs[0].dtype = ir.DataType.FLOAT
+            bdq = result.new_node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {},
+                                  name=f"{b_name}_DequantizeLinear", outputs=[(f"{b_name}_dequantized", ir.DataType.FLOAT)])
             bdq.outputs[0].shape = ir.Shape(plan.bias_q.shape)
             graph.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])

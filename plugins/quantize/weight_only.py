@@ -15,6 +15,10 @@ compensation from calibration activations, Frantar et al.).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -63,22 +67,6 @@ def _block_params(block: np.ndarray, grid: QRange, symmetric: bool) -> tuple[np.
     return scale.astype(np.float32), zero
 
 
-def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Round to nearest: q[K, N], scales[nb, N], zeros[nb, N]."""
-    grid = _grid(opts)
-    k, n = w.shape
-    nb = -(-k // opts.block_size)
-    q = np.zeros((k, n), np.int32)
-    scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
-    for b in range(nb):
-        rows = slice(b * opts.block_size, min(k, (b + 1) * opts.block_size))
-        s, z = _block_params(w[rows], grid, opts.symmetric)
-        q[rows] = np.clip(np.round(w[rows] / s) + z, grid.qmin, grid.qmax)
-        scales[b], zeros[b] = s, z
-    return q, scales, zeros
-
-
 def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest with each block's range shrunk to the factor (0.5..1) that minimises the
     block's squared reconstruction error: outliers get clipped when that helps the rest. No data."""
@@ -103,7 +91,7 @@ def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[
             scales[b] = np.where(better, s, scales[b])
             zeros[b] = np.where(better, z, zeros[b])
             q[rows] = np.where(better[None, :], qb, q[rows])
-    return q, scales, zeros
+    return _unsigned(q, scales, zeros, opts)
 
 
 def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -120,7 +108,7 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[
     try:
         hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular
     except np.linalg.LinAlgError:
-        return _rtn(w, opts)
+        return _rtn(w.astype(np.float32), opts)
     bs = opts.block_size
     nb = -(-k // bs)
     q = np.zeros((k, n), np.int32)
@@ -137,7 +125,207 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[
         q[i] = qi
         error = (row - (qi - zeros[b]) * scales[b]) / hinv[i, i]
         work[i + 1 :] -= np.outer(hinv[i, i + 1 :], error)
-    return q, scales, zeros
+    return _unsigned(q, scales, zeros, opts)
+
+
+def _unsigned(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes (int32) on the unsigned grid [0, 2^bits) with their zero points (a symmetric grid is shifted by
+    2^(bits-1), as MatMulNBits stores it): ``(codes - zeros) * scales`` is the dequantized weight."""
+    if opts.symmetric:
+        mid = 2 ** (opts.bits - 1)
+        return (q + mid).astype(np.int32), scales, np.full(scales.shape, mid, np.int32)
+    return q.astype(np.int32), scales, zeros.astype(np.int32)
+
+
+def _round_clip(x: np.ndarray, levels: np.float32) -> np.ndarray:
+    """``clip(roundf(x), 0, levels)`` in float32, with C's ``roundf`` (halves away from zero), which
+    ONNX Runtime's block quantizer uses: clipping first changes nothing, and on [0, levels] roundf is
+    round-half-even plus one where ``x`` sat exactly on a half. ``x`` is overwritten."""
+    np.clip(x, 0, levels, out=x)
+    rounded = np.rint(x)
+    x -= rounded
+    rounded += x == np.float32(0.5)
+    return rounded
+
+
+def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest on float32 ``blocks[nb, block, N]``, with exactly ONNX Runtime's arithmetic
+    (``MatMulNBitsQuantizer`` / ``quantize_matmul_4bits``) so the logits match it bit for bit:
+    asymmetric: scale = (max - min) / (2^b - 1) with the range widened to 0, zero point rounded;
+    symmetric: scale = (the value of largest magnitude) / -2^(b-1), zero point 2^(b-1).
+    Returns codes uint8 [nb, block, N], scales float32 [nb, N], zero points uint8 [nb, N]."""
+    levels = np.float32(2**bits - 1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        if symmetric:
+            mid = np.float32(2 ** (bits - 1))
+            index = np.abs(blocks).argmax(axis=1)[:, None, :]
+            scale = np.take_along_axis(blocks, index, axis=1)[:, 0, :] / -mid
+            recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+            codes = blocks * recip[:, None, :]
+            codes += mid + np.float32(0.5)
+            np.clip(codes, 0, levels, out=codes)
+            np.trunc(codes, out=codes)
+            zero = np.full(scale.shape, int(mid), np.uint8)
+        else:
+            lo = np.minimum(blocks.min(axis=1), np.float32(0))
+            hi = np.maximum(blocks.max(axis=1), np.float32(0))
+            scale = (hi - lo) / levels
+            recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
+            zf = _round_clip(np.where(scale != 0, np.float32(0) - lo / scale, lo).astype(np.float32), levels)
+            scaled = blocks * recip[:, None, :]
+            scaled += zf[:, None, :]
+            codes = _round_clip(scaled, levels)
+            zero = zf.astype(np.uint8)
+    return codes.astype(np.uint8), scale.astype(np.float32), zero
+
+
+def _block_rows(n: int, block: int) -> int:
+    """Blocks per chunk: about 1 M weights, so the temporaries of one chunk stay around 30 MB."""
+    return max(1, (1 << 20) // max(n * block, 1))
+
+
+_Chunk = tuple[int, np.ndarray, np.ndarray, np.ndarray, float, float]
+
+
+def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[_Chunk]:
+    """Yield ``(first block, codes[nbc * block, N], scales[nbc, N], zeros[nbc, N], squared error,
+    squared norm)`` chunk by chunk, reading ``matrix[K, N]`` (a memory map) a few blocks of rows at a time."""
+    k, n = matrix.shape
+    bs = opts.block_size
+    nb = -(-k // bs)
+    step = _block_rows(n, bs)
+    for b0 in range(0, nb, step):
+        b1 = min(nb, b0 + step)
+        r0, r1 = b0 * bs, min(k, b1 * bs)
+        chunk = np.zeros(((b1 - b0) * bs, n), np.float32)  # NOTE: zero rows never widen a block's range
+        chunk[: r1 - r0] = matrix[r0:r1]
+        blocks = chunk.reshape(b1 - b0, bs, n)
+        codes, scales, zeros = _rtn_blocks(blocks, opts.bits, opts.symmetric)
+        diff = ((codes.astype(np.float32) - zeros[:, None, :]) * scales[:, None, :] - blocks).ravel()
+        flat = chunk.ravel()
+        yield b0, codes.reshape(-1, n), scales, zeros, float(np.dot(diff, diff)), float(np.dot(flat, flat))
+
+
+def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Round to nearest on ``w[K, N]``: codes [K, N] and zero points [nb, N] (int32), scales [nb, N]."""
+    k = w.shape[0]
+    parts = list(_rtn_chunks(w, opts))
+    codes = np.concatenate([p[1] for p in parts])[:k]
+    return codes.astype(np.int32), np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int32)
+
+
+def _pack_uint4(values: np.ndarray) -> np.ndarray:
+    """Pack 4-bit values (last axis even) two per byte, low nibble first."""
+    v = values.astype(np.uint8)
+    return (v[..., 0::2] & 0x0F) | ((v[..., 1::2] & 0x0F) << 4)
+
+
+def _pack_flat(codes: np.ndarray) -> np.ndarray:
+    flat = codes.reshape(-1)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return _pack_uint4(flat)
+
+
+@dataclass
+class _Quantized:
+    """One weight, quantized and already packed the way it is stored."""
+
+    k: int
+    n: int
+    data: np.ndarray  # qdq: flat packed int4 / [K, N] int8; matmulnbits: [N, nb, block / 2]
+    scales: np.ndarray  # [nb, N]
+    zeros: np.ndarray  # [nb, N], unsigned codes
+    squared_error: float
+    squared_norm: float
+
+
+def _stored(codes: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
+    """Unsigned codes as the QDQ initializer stores them: signed when symmetric (code - 2^(b-1))."""
+    if opts.symmetric:
+        codes = codes ^ np.uint8(2 ** (opts.bits - 1))  # NOTE: two's complement of code - mid in b bits
+        return codes if opts.bits == 4 else codes.view(np.int8)
+    return codes
+
+
+def _pack_layer(matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOptions) -> _Quantized:
+    """Consume ``chunks`` of codes, packing each at once (int4 two per byte) into one contiguous blob."""
+    k, n = matrix.shape
+    bs = opts.block_size
+    nb = -(-k // bs)
+    nbits = opts.format == "matmulnbits"
+    if nbits:
+        data = np.zeros((n, nb, bs // 2), np.uint8)
+    elif opts.bits == 4:
+        data = np.zeros(-(-(k * n) // 2), np.uint8)
+    else:
+        data = np.zeros((k, n), np.uint8 if not opts.symmetric else np.int8)
+    scales = np.zeros((nb, n), np.float32)
+    zeros = np.zeros((nb, n), np.uint8)
+    err = norm = 0.0
+    for b0, raw_codes, s, raw_zeros, chunk_err, chunk_norm in chunks:
+        codes, z = raw_codes.astype(np.uint8, copy=False), raw_zeros.astype(np.uint8, copy=False)
+        nbc = len(s)
+        r0, r1 = b0 * bs, min(k, (b0 + nbc) * bs)
+        rows = r1 - r0
+        scales[b0 : b0 + nbc], zeros[b0 : b0 + nbc] = s, z
+        if nbits:
+            padded = np.zeros((nbc * bs, n), np.uint8)
+            padded[:rows] = codes[:rows]
+            data[:, b0 : b0 + nbc] = _pack_uint4(padded.T.reshape(n, nbc, bs))
+        elif opts.bits == 4:
+            packed = _pack_flat(_stored(codes[:rows], opts))
+            data[r0 * n // 2 : r0 * n // 2 + len(packed)] = packed  # NOTE: r0 is a multiple of the (even) block
+        else:
+            data[r0:r1] = _stored(codes[:rows], opts)
+        err, norm = err + chunk_err, norm + chunk_norm
+    return _Quantized(k, n, data, scales, zeros, err, norm)
+
+
+class _FileRows:
+    """Rows ``[r0:r1]`` of an external-data float32 matrix ``[K, N]``, read with ``pread``: no memory
+    map, so the pages read are not charged to the process once a chunk is done."""
+
+    def __init__(self, tensor: ir.ExternalTensor):
+        self.path, self.offset = tensor.path, int(tensor.offset or 0)
+        self.shape = tuple(int(d) for d in tensor.shape.numpy())
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        k, n = self.shape
+        r0, r1, _ = rows.indices(k)
+        with open(self.path, "rb") as f:
+            f.seek(self.offset + r0 * n * 4)
+            data = np.fromfile(f, np.float32, count=(r1 - r0) * n)
+        return data.reshape(r1 - r0, n)
+
+
+def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.ndarray | None) -> _Quantized:
+    """Read one weight chunk by chunk (from its file when it is external data), quantize it in
+    float32 and pack it: one layer in memory at a time, and the source model caches nothing."""
+    tensor = layer.weight.const_value
+    assert tensor is not None
+    if opts.algorithm == "rtn" and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
+        rows = _FileRows(tensor)
+        return _pack_layer(rows, _rtn_chunks(rows, opts), opts)  # type: ignore[arg-type]
+    array = tensor.numpy()
+    matrix = array.T if layer.out_axis == 0 else array  # [K, N]
+    try:
+        if opts.algorithm == "rtn":
+            return _pack_layer(matrix, _rtn_chunks(matrix, opts), opts)
+        full = np.asarray(matrix, np.float32)
+        if opts.algorithm == "gptq":
+            assert hessian is not None
+            q, s, z = _gptq(full, hessian, opts)
+        else:
+            q, s, z = _mse(full, opts)
+        bs = opts.block_size
+        recon = (q - np.repeat(z, bs, axis=0)[: len(q)]) * np.repeat(s, bs, axis=0)[: len(q)]
+        err, norm = float(np.sum((recon - full) ** 2)), float(np.sum(full.astype(np.float64) ** 2))
+        return _pack_layer(full, iter([(0, q, s, z, err, norm)]), opts)
+    finally:
+        del array, matrix
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()
 
 
 def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts: WeightOnlyOptions) -> dict[str, np.ndarray]:
@@ -160,74 +348,80 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
     return hessians
 
 
-def _pack_uint4(values: np.ndarray) -> np.ndarray:
-    """Pack unsigned 4-bit values (last axis even) two per byte, low nibble first."""
-    v = values.astype(np.uint8)
-    return (v[..., 0::2] & 0x0F) | ((v[..., 1::2] & 0x0F) << 4)
 
-
-def _emit_qdq(model: Model, layer: WeightedLayer, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: WeightOnlyOptions) -> ir.Value:
-    import ml_dtypes
-
-    base = layer.weight.name or layer.name
+def _qdq_dtype(opts: WeightOnlyOptions) -> ir.DataType:
     if opts.bits == 4:
-        qtype = ml_dtypes.int4 if opts.symmetric else ml_dtypes.uint4
-        dtype = ir.DataType.INT4 if opts.symmetric else ir.DataType.UINT4
-    else:
-        qtype = np.int8 if opts.symmetric else np.uint8
-        dtype = ir.DataType.INT8 if opts.symmetric else ir.DataType.UINT8
-    wq = model.add_initializer(f"{base}_q{opts.bits}", q.astype(qtype))
-    wq.const_value = ir.tensor(q.astype(qtype), dtype=dtype, name=wq.name)
-    wq.dtype = dtype
-    ws = model.add_initializer(f"{base}_scale", scales)
-    inputs = [wq, ws]
+        return ir.DataType.INT4 if opts.symmetric else ir.DataType.UINT4
+    return ir.DataType.INT8 if opts.symmetric else ir.DataType.UINT8
+
+
+def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions, before: ir.Node) -> ir.Value:
+    base = layer.weight.name or layer.name
+    dtype = _qdq_dtype(opts)
+    shape = [qw.k, qw.n]
+    data = ir.PackedTensor(qw.data, dtype, shape=shape) if opts.bits == 4 else qw.data
+    inputs = [model.add_initializer(f"{base}_q{opts.bits}", data), model.add_initializer(f"{base}_scale", qw.scales)]
     if not opts.symmetric:
-        wz = model.add_initializer(f"{base}_zero_point", zeros.astype(qtype))
-        wz.const_value = ir.tensor(zeros.astype(qtype), dtype=dtype, name=wz.name)
-        wz.dtype = dtype
-        inputs.append(wz)
-    dq = ir.node("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size}, name=f"{base}_DequantizeLinear")
-    dq.outputs[0].name = f"{base}_dequantized"
-    dq.outputs[0].dtype = ir.DataType.FLOAT
-    dq.outputs[0].shape = ir.Shape(q.shape)
-    model.graph.insert_before(layer.node, dq)
+        zp = ir.PackedTensor(_pack_flat(qw.zeros), dtype, shape=list(qw.zeros.shape)) if opts.bits == 4 else qw.zeros
+        inputs.append(model.add_initializer(f"{base}_zero_point", zp))
+    dq = model.new_node("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
+                        name=f"{base}_DequantizeLinear", outputs=[(f"{base}_dequantized", ir.DataType.FLOAT)])
+    dq.outputs[0].shape = ir.Shape(shape)
+    model.graph.insert_before(before, dq)
     return dq.outputs[0]
 
 
-def _emit_matmulnbits(model: Model, layer: WeightedLayer, q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: WeightOnlyOptions) -> ir.Node:
-    k, n = q.shape
-    bs = opts.block_size
-    nb = scales.shape[0]
-    unsigned = q + 8 if opts.symmetric else q  # MatMulNBits stores unsigned values (default zero point 8)
-    padded = np.pad(unsigned, ((0, nb * bs - k), (0, 0)))
-    blob = _pack_uint4(padded.T.reshape(n, nb, bs))  # [N, nb, bs/2]
+def _nbits_initializers(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions) -> list[ir.Value]:
     base = layer.weight.name or layer.name
-    inputs = [
-        layer.node.inputs[0],
-        model.add_initializer(f"{base}_nbits", blob),
-        model.add_initializer(f"{base}_scale", np.ascontiguousarray(scales.T).reshape(-1)),
-    ]
+    # NOTE: scales [N, nb] and zero points [N, ceil(nb / 2)], the layout ORT's MatMulNBitsQuantizer writes
+    inputs = [model.add_initializer(f"{base}_nbits", qw.data), model.add_initializer(f"{base}_scale", np.ascontiguousarray(qw.scales.T))]
     if not opts.symmetric:
-        zp = zeros.T.astype(np.uint8)  # [N, nb]
-        if nb % 2:
+        zp = qw.zeros.T  # [N, nb]
+        if zp.shape[1] % 2:
             zp = np.pad(zp, ((0, 0), (0, 1)))
-        inputs.append(model.add_initializer(f"{base}_zero_point", _pack_uint4(zp).reshape(-1)))
-    node = ir.node(
-        "MatMulNBits", inputs,
-        {"K": k, "N": n, "bits": 4, "block_size": bs, "accuracy_level": opts.accuracy_level},
-        domain="com.microsoft", name=f"{layer.name}_MatMulNBits",
-    )
-    node.outputs[0].dtype = ir.DataType.FLOAT
-    return node
+        inputs.append(model.add_initializer(f"{base}_zero_point", _pack_uint4(zp)))
+    return inputs
 
 
-def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Model:
-    if opts.format == "matmulnbits" and opts.bits != 4:
-        raise OptionsError("format='matmulnbits' needs bits=4")
-    result = model.clone()
-    if opts.format == "qdq" and result.opset < 21:
-        upgraded = onnx.version_converter.convert_version(result.to_proto(), 21)
-        result = Model(ir.serde.deserialize_model(upgraded), provenance=model.provenance, path=model.path, reference=model.reference or model)
+def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions, shared: dict[tuple[int, int], list[ir.Value]]) -> None:
+    """Swap one MatMul/Gemm for its quantized form; a weight shared by several layers is stored once."""
+    node = layer.node
+    key = (id(layer.weight), layer.out_axis)
+    if opts.format == "matmulnbits":
+        if key not in shared:
+            shared[key] = _nbits_initializers(model, layer, qw, opts)
+        new = model.new_node(
+            "MatMulNBits", [node.inputs[0], *shared[key]],
+            {"K": qw.k, "N": qw.n, "bits": 4, "block_size": opts.block_size, "accuracy_level": opts.accuracy_level},
+            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", outputs=[(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT)],
+        )
+    else:
+        if key not in shared:
+            shared[key] = [_emit_qdq(model, layer, qw, opts, node)]
+        new = model.new_node("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul",
+                             outputs=[(f"{layer.name}_MatMul_output", ir.DataType.FLOAT)])
+    replacement, out = [new], new.outputs[0]
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None:
+        add = model.new_node("Add", [out, bias], name=f"{layer.name}_bias_Add", outputs=[(f"{layer.name}_bias_Add_output", ir.DataType.FLOAT)])
+        replacement.append(add)
+        out = add.outputs[0]
+    model.replace_node(node, replacement, out)
+
+
+def _upgrade(model: Model) -> Model:
+    """Raise the opset to 21 (blocked DequantizeLinear) with ONNX's converter. Weights do not go
+    through it: the converted graph gets the original tensor objects back (memory maps stay maps)."""
+    stripped = model.clone()
+    tensors = {name: value.const_value for name, value in stripped.graph.initializers.items()}
+    upgraded = ir.serde.deserialize_model(onnx.version_converter.convert_version(ir.serde.serialize_model(stripped.ir), 21))
+    for name, value in upgraded.graph.initializers.items():
+        if name in tensors and tensors[name] is not None:
+            value.const_value = tensors[name]
+    return Model(upgraded, provenance=model.provenance, path=model.path, reference=model.reference or model)
+
+
+def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
     for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}):
@@ -244,43 +438,43 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
             skipped[layer.name] = "Gemm with transA/alpha/beta"
         else:
             layers.append(layer)
+    return layers, skipped
+
+
+def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Model:
+    if opts.format == "matmulnbits" and opts.bits != 4:
+        raise OptionsError("format='matmulnbits' needs bits=4")
+    result = model.clone()
+    if opts.format == "qdq" and result.opset < 21:
+        result = _upgrade(result)
+    layers, skipped = _select(result, opts)
     if not layers:
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm with a constant weight'})")
     hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" else {}
 
+    # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
+    users: dict[tuple[int, int], list[WeightedLayer]] = {}
+    for layer in layers:
+        users.setdefault((id(layer.weight), layer.out_axis), []).append(layer)
+
+    def work(group: list[WeightedLayer]) -> _Quantized:
+        layer = group[0]
+        return _quantize_weight(layer, opts, hessians.get(layer.node.inputs[0].name or "") if hessians else None)
+
+    shared: dict[tuple[int, int], list[ir.Value]] = {}
     before = after = 0
     errors: list[float] = []
-    with ctx.progress(f"int{opts.bits} weight-only", total=len(layers)) as advance:
-        for layer in layers:
-            w = layer.weight_array().astype(np.float32)
-            matrix = w.T if layer.out_axis == 0 else w  # [K, N]
-            if opts.algorithm == "gptq":
-                q, scales, zeros = _gptq(matrix, hessians[layer.node.inputs[0].name or ""], opts)
-            elif opts.algorithm == "mse":
-                q, scales, zeros = _mse(matrix, opts)
-            else:
-                q, scales, zeros = _rtn(matrix, opts)
-            recon = (q - np.repeat(zeros, opts.block_size, axis=0)[: len(q)]) * np.repeat(scales, opts.block_size, axis=0)[: len(q)]
-            errors.append(float(np.linalg.norm(recon - matrix)) / max(float(np.linalg.norm(matrix)), 1e-12))
-            node = layer.node
-            before += matrix.nbytes
-            after += q.size * opts.bits // 8 + scales.nbytes + (0 if opts.symmetric else zeros.size * opts.bits // 8)
-            bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-            if opts.format == "matmulnbits":
-                new = _emit_matmulnbits(result, layer, q, scales, zeros, opts)
-                replacement = [new]
-            else:
-                weight = _emit_qdq(result, layer, q, scales, zeros, opts)
-                new = ir.node("MatMul", [node.inputs[0], weight], name=f"{layer.name}_MatMul")
-                new.outputs[0].dtype = ir.DataType.FLOAT
-                replacement = [new]
-            out = new.outputs[0]
-            if bias is not None:
-                add = ir.node("Add", [out, bias], name=f"{layer.name}_bias_Add")
-                add.outputs[0].dtype = ir.DataType.FLOAT
-                replacement.append(add)
-                out = add.outputs[0]
-            result.replace_node(node, replacement, out)
+    # NOTE: numpy releases the GIL in its heavy loops, so a few threads quantize layers side by side;
+    # map() yields in order, each worker holds one chunk of one layer in float32, and each result is
+    # emitted (packed, small) as soon as it arrives.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ctx.progress(f"int{opts.bits} weight-only", total=len(users)) as advance, ThreadPoolExecutor(workers) as pool:
+        for group, qw in zip(users.values(), pool.map(work, users.values()), strict=True):
+            before += qw.k * qw.n * 4
+            after += qw.data.nbytes + qw.scales.nbytes + (0 if opts.symmetric else qw.zeros.size * opts.bits // 8)
+            errors.append(float(np.sqrt(qw.squared_error) / max(np.sqrt(qw.squared_norm), 1e-12)))
+            for layer in group:
+                _replace(result, layer, qw, opts, shared)
             advance(1)
     if opts.format == "matmulnbits" and "com.microsoft" not in result.ir.opset_imports:
         result.ir.opset_imports["com.microsoft"] = 1

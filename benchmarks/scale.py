@@ -1,0 +1,308 @@
+"""modelpress at real size: a synthetic decoder with its weights in one external-data file.
+
+    nice -n 10 python benchmarks/scale.py [--size 0.5b|1.2b] [--keep]
+
+Generates (once, cached in ~/.cache/modelpress/scale/<size>/) a decoder-only transformer
+(token embedding, single-head causal attention, ReLU MLP, LayerNorms, LM head) whose fp32
+weights are streamed tensor by tensor into one ``decoder.onnx.data`` file, never whole in
+memory: 0.5b is 0.55 B parameters (2.2 GB), 1.2b is 1.24 B (4.95 GB).
+
+Then runs, each in a fresh child process so its peak RSS is its own:
+
+* modelpress int4 weight-only RTN (``format=matmulnbits``, asymmetric) at block 128 and 32, and
+  int8-dynamic: load + quantize + export with verification, as ``modelpress quantize`` does
+  (block 128 also with ``--no-verify``, the same work as ORT's tool, which does not verify);
+* ONNX Runtime's ``MatMulNBitsQuantizer`` (RTN, asymmetric) at block 128 and 32, and
+  ``quantize_dynamic`` (int8): load + quantize + save with external data.
+
+and prints wall time, peak RSS (and as a multiple of the model size), output size, the logits'
+cosine and max |error| against fp32 on token sequences (Zipf-distributed ids, 4 x 64 tokens),
+whether the logits are identical to ORT's at the same block size, and the output's load time in
+ORT. All figures come from this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SIZES = {
+    "tiny": {"vocab": 1000, "d": 256, "ffn": 1024, "layers": 2},  # a smoke test of the script itself
+    "0.5b": {"vocab": 32000, "d": 1536, "ffn": 6144, "layers": 16},
+    "1.2b": {"vocab": 32000, "d": 2048, "ffn": 8192, "layers": 22},
+}
+
+
+# -- the synthetic decoder ------------------------------------------------------------------------
+def _tensors(cfg: dict[str, int]) -> list[tuple[str, tuple[int, ...], float]]:
+    """(name, shape, init std) of every weight, in file order."""
+    d, f, v = cfg["d"], cfg["ffn"], cfg["vocab"]
+    out: list[tuple[str, tuple[int, ...], float]] = [("embed.weight", (v, d), 1.0)]
+    for i in range(cfg["layers"]):
+        p = f"layers.{i}."
+        out += [(p + "ln1.scale", (d,), 0.0), (p + "ln1.bias", (d,), -1.0)]
+        out += [(p + n, (d, d), d ** -0.5) for n in ("q.weight", "k.weight", "v.weight", "o.weight")]
+        out += [(p + "ln2.scale", (d,), 0.0), (p + "ln2.bias", (d,), -1.0)]
+        out += [(p + "up.weight", (d, f), d ** -0.5), (p + "up.bias", (f,), -1.0), (p + "down.weight", (f, d), f ** -0.5)]
+    out += [("ln_f.scale", (d,), 0.0), ("ln_f.bias", (d,), -1.0), ("lm_head.weight", (d, v), d ** -0.5)]
+    return out
+
+
+def _write_weights(path: Path, tensors: list[tuple[str, tuple[int, ...], float]]) -> list[tuple[str, tuple[int, ...], int, int]]:
+    """Stream the weights into one file, a few MB at a time; returns (name, shape, offset, length)."""
+    rng = np.random.default_rng(0)
+    index = []
+    offset = 0
+    with open(path, "wb") as f:
+        for name, shape, std in tensors:
+            count = int(np.prod(shape))
+            for start in range(0, count, 1 << 22):
+                n = min(1 << 22, count - start)
+                if std == 0.0:  # LayerNorm scale
+                    chunk = np.ones(n, np.float32)
+                elif std < 0:  # biases
+                    chunk = (0.02 * rng.standard_normal(n)).astype(np.float32)
+                else:
+                    chunk = (std * rng.standard_normal(n)).astype(np.float32)
+                f.write(chunk.tobytes())
+            index.append((name, shape, offset, count * 4))
+            offset += count * 4
+    return index
+
+
+def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
+    import onnx
+    from onnx import TensorProto, helper
+
+    path = folder / "decoder.onnx"
+    if path.exists():
+        return path
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"generating {path} ...", file=sys.stderr, flush=True)
+    index = _write_weights(folder / "decoder.onnx.data.tmp", _tensors(cfg))
+    inits = []
+    for name, shape, offset, length in index:
+        t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", "decoder.onnx.data"), ("offset", str(offset)), ("length", str(length))):
+            t.external_data.add(key=key, value=value)
+        inits.append(t)
+    d = cfg["d"]
+    consts = [
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [d ** -0.5]),
+        helper.make_tensor("neg", TensorProto.FLOAT, [], [-1e9]),
+        helper.make_tensor("one_i", TensorProto.INT64, [1], [1]),
+        helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
+    ]
+    nodes = [
+        helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed"),
+        # causal mask [S, S]: -1e9 above the diagonal
+        helper.make_node("Shape", ["input_ids"], ["ids_shape"], name="ids_shape", start=1, end=2),
+        helper.make_node("ConstantOfShape", ["ids_shape"], ["ones_row"], name="ones_row", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
+        helper.make_node("Concat", ["ids_shape", "ids_shape"], ["sq_shape"], name="sq_shape", axis=0),
+        helper.make_node("Expand", ["ones_row", "sq_shape"], ["ones_sq"], name="ones_sq"),
+        helper.make_node("Trilu", ["ones_sq", "one_i"], ["upper"], name="upper", upper=1),
+        helper.make_node("Mul", ["upper", "neg"], ["mask"], name="mask"),
+    ]
+    h = "h0"
+    for i in range(cfg["layers"]):
+        p = f"layers.{i}."
+        q = f"l{i}_"
+        nodes += [
+            helper.make_node("LayerNormalization", [h, p + "ln1.scale", p + "ln1.bias"], [q + "n1"], name=q + "ln1", axis=-1),
+            *[helper.make_node("MatMul", [q + "n1", p + f"{m}.weight"], [q + m], name=q + m) for m in ("q", "k", "v")],
+            helper.make_node("Transpose", [q + "k"], [q + "kt"], name=q + "kt", perm=[0, 2, 1]),
+            helper.make_node("MatMul", [q + "q", q + "kt"], [q + "s"], name=q + "scores"),
+            helper.make_node("Mul", [q + "s", "scale"], [q + "ss"], name=q + "scaled"),
+            helper.make_node("Add", [q + "ss", "mask"], [q + "sm"], name=q + "masked"),
+            helper.make_node("Softmax", [q + "sm"], [q + "a"], name=q + "softmax", axis=-1),
+            helper.make_node("MatMul", [q + "a", q + "v"], [q + "av"], name=q + "attend"),
+            helper.make_node("MatMul", [q + "av", p + "o.weight"], [q + "o"], name=q + "o"),
+            helper.make_node("Add", [h, q + "o"], [q + "r1"], name=q + "res1"),
+            helper.make_node("LayerNormalization", [q + "r1", p + "ln2.scale", p + "ln2.bias"], [q + "n2"], name=q + "ln2", axis=-1),
+            helper.make_node("MatMul", [q + "n2", p + "up.weight"], [q + "u"], name=q + "up"),
+            helper.make_node("Add", [q + "u", p + "up.bias"], [q + "ub"], name=q + "up_bias"),
+            helper.make_node("Relu", [q + "ub"], [q + "g"], name=q + "act"),
+            helper.make_node("MatMul", [q + "g", p + "down.weight"], [q + "dn"], name=q + "down"),
+            helper.make_node("Add", [q + "r1", q + "dn"], [q + "out"], name=q + "res2"),
+        ]
+        h = q + "out"
+    nodes += [
+        helper.make_node("LayerNormalization", [h, "ln_f.scale", "ln_f.bias"], ["hf"], name="ln_f", axis=-1),
+        helper.make_node("MatMul", ["hf", "lm_head.weight"], ["logits"], name="lm_head"),
+    ]
+    graph = helper.make_graph(
+        nodes, "decoder",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", cfg["vocab"]])],
+        inits + consts,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10, producer_name="modelpress-bench")
+    onnx.save(model, str(path.with_suffix(".onnx.tmp")))
+    os.replace(folder / "decoder.onnx.data.tmp", folder / "decoder.onnx.data")
+    os.replace(path.with_suffix(".onnx.tmp"), path)
+    return path
+
+
+# -- runs (each in a child process) ---------------------------------------------------------------
+_CHILD = r"""
+import json, sys, time
+spec = json.loads(sys.argv[1])
+sys.path.insert(0, spec["root"])
+start = time.perf_counter()
+figures = {}
+if spec["tool"] == "modelpress":
+    import modelpress
+    model = modelpress.load(spec["source"], show_progress=False)
+    t = time.perf_counter()
+    result = modelpress.quantize(model, spec["method"], show_progress=False, **spec["options"])
+    figures["pass_s"] = time.perf_counter() - t
+    exported = modelpress.export(result, spec["output"], show_progress=False, verify=spec.get("verify", True))
+    figures["verify_s"] = exported.verification_seconds
+elif spec["tool"] == "ort-nbits":
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    model = onnx.load(spec["source"])
+    quant = MatMulNBitsQuantizer(model, block_size=spec["block_size"], is_symmetric=False)
+    quant.process()
+    quant.model.save_model_to_file(spec["output"], use_external_data_format=True)
+else:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    quantize_dynamic(spec["source"], spec["output"], weight_type=QuantType.QInt8, use_external_data_format=True)
+figures["wall_s"] = time.perf_counter() - start
+print("FIGURES " + json.dumps(figures))
+"""
+
+
+def run_child(spec: dict) -> dict:
+    env = {**os.environ, "MODELPRESS_PROGRESS": "0"}
+    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    _, status, usage = os.wait4(proc.pid, 0)
+    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        return {"error": (err.strip().splitlines() or ["?"])[-1][:200]}
+    line = next(x for x in out.splitlines() if x.startswith("FIGURES "))
+    figures = json.loads(line[len("FIGURES "):])
+    figures["peak_rss"] = usage.ru_maxrss * 1024
+    return figures
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.parent.glob(path.name + "*"))
+
+
+def _session(path: Path):  # type: ignore[no-untyped-def]
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    start = time.perf_counter()
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    return session, time.perf_counter() - start
+
+
+def _tokens(vocab: int) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    return np.minimum(rng.zipf(1.3, size=(4, 64)) - 1, vocab - 1).astype(np.int64)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
+    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "modelpress" / "scale"))
+    parser.add_argument("--work", default=None, help="folder for the outputs (default: a temp folder, removed afterwards)")
+    parser.add_argument("--only", nargs="*", help="run only these variants (labels as printed)")
+    args = parser.parse_args()
+
+    cfg = SIZES[args.size]
+    source = build_decoder(Path(args.cache) / args.size, cfg)
+    model_bytes = _size(source)
+    work = Path(args.work) if args.work else Path(f"/tmp/modelpress-scale-{args.size}-{os.getpid()}")
+    work.mkdir(parents=True, exist_ok=True)
+    variants = [
+        ("modelpress int4 b128", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits"}}),
+        ("modelpress int4 b128 --no-verify", {"tool": "modelpress", "method": "int4-weight-only", "verify": False,
+                                              "options": {"block_size": 128, "format": "matmulnbits"}}),
+        ("ORT MatMulNBits b128", {"tool": "ort-nbits", "block_size": 128}),
+        ("modelpress int4 b32", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 32, "format": "matmulnbits"}}),
+        ("ORT MatMulNBits b32", {"tool": "ort-nbits", "block_size": 32}),
+        ("modelpress int8-dynamic", {"tool": "modelpress", "method": "int8-dynamic", "options": {}}),
+        ("ORT quantize_dynamic", {"tool": "ort-dynamic"}),
+    ]
+    if args.only:
+        variants = [v for v in variants if v[0] in args.only]
+    tokens = _tokens(cfg["vocab"])
+    try:
+        session, load_s = _session(source)
+        reference = session.run(None, {"input_ids": tokens})[0]
+        del session
+        rows = [("fp32 source", {"wall_s": 0.0, "peak_rss": None}, model_bytes, load_s, reference)]
+        for label, spec in variants:
+            out = work / (label.replace(" ", "_") + ".onnx")
+            print(f"running {label} ...", file=sys.stderr, flush=True)
+            figures = run_child({**spec, "root": str(ROOT), "source": str(source), "output": str(out)})
+            if "error" in figures:
+                rows.append((label, figures, 0, None, None))
+                continue
+            session, load_s = _session(out)
+            logits = session.run(None, {"input_ids": tokens})[0]
+            del session
+            rows.append((label, figures, _size(out), load_s, logits))
+            for p in work.glob(out.name + "*"):
+                p.unlink()
+        _print(rows, model_bytes, args.size, cfg)
+    finally:
+        if not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _print(rows: list, model_bytes: int, size: str, cfg: dict[str, int]) -> None:  # type: ignore[type-arg]
+    params = sum(int(np.prod(s)) for _, s, _ in _tensors(cfg))
+    print(f"\nsynthetic decoder {size}: {params / 1e9:.2f} B parameters, {model_bytes / 1e9:.2f} GB fp32 in one external-data file\n")
+    reference = rows[0][4]
+    logits = {label: out for label, _, _, _, out in rows}
+    head = f"| {'variant':32} | wall s | pass s | verify s | peak RSS GiB | RSS / model | output MB | cosine vs fp32 | max abs err | = ORT logits | ORT load s |"
+    print(head)
+    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
+    for label, figures, out_bytes, load_s, out in rows:
+        if "error" in figures:
+            print(f"| {label:32} | failed: {figures['error']} |")
+            continue
+        rss = figures.get("peak_rss")
+        twin = {"modelpress int4 b128": "ORT MatMulNBits b128", "modelpress int4 b128 --no-verify": "ORT MatMulNBits b128",
+                "modelpress int4 b32": "ORT MatMulNBits b32"}.get(label)
+        same = "-" if twin is None or logits.get(twin) is None else ("yes" if np.array_equal(out, logits[twin]) else f"no ({np.abs(out - logits[twin]).max():.2g})")
+        print(
+            f"| {label:32} | {figures['wall_s']:6.1f} | {figures.get('pass_s') or 0:6.1f} | {figures.get('verify_s') or 0:8.1f} | "
+            f"{(rss or 0) / 2**30:12.2f} | {((rss or 0) / model_bytes):10.2f}x | {out_bytes / 1e6:9.0f} | "
+            f"{_cosine(out, reference):14.6f} | {float(np.abs(out - reference).max()):11.4f} | {same:12} | {load_s:10.2f} |"
+        )
+    ratios = []
+    for mp_label, ort_label in (("modelpress int4 b128", "ORT MatMulNBits b128"), ("modelpress int4 b128 --no-verify", "ORT MatMulNBits b128"),
+                                ("modelpress int4 b32", "ORT MatMulNBits b32"),
+                                ("modelpress int8-dynamic", "ORT quantize_dynamic")):
+        a = next((r for r in rows if r[0] == mp_label and "error" not in r[1]), None)
+        b = next((r for r in rows if r[0] == ort_label and "error" not in r[1]), None)
+        if a and b:
+            ratios.append(f"{mp_label} / {ort_label}: wall {a[1]['wall_s'] / b[1]['wall_s']:.2f}x, peak RSS {a[1]['peak_rss'] / b[1]['peak_rss']:.2f}x")
+    print("\n" + "\n".join(ratios))
+
+
+if __name__ == "__main__":
+    main()

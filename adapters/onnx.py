@@ -21,6 +21,7 @@ from modelpress.adapter import Adapter
 from modelpress.errors import InvalidModelError, UnsafeExternalDataError
 from modelpress.hookspecs import hookimpl
 from modelpress.model import Model
+from modelpress.normalize import normalize_on_import
 from modelpress.provenance import Provenance
 
 __all__ = ["load_onnx"]
@@ -116,8 +117,10 @@ def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelP
         raise InvalidModelError(f"{label}: fails ONNX shape inference: {first}") from None
 
 
-def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
-    """Load and validate an ONNX model (see the module docstring)."""
+def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any) -> Model:
+    """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
+    :mod:`modelpress.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
+    ``sample`` (a feed dict) are the inputs its ORT equivalence check runs on (default: random)."""
     path: Path | None = None
     if isinstance(source, ir.Model):
         proto = ir.serde.serialize_model(source)
@@ -147,6 +150,9 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
     model = ir.serde.deserialize_model(proto)
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
+    normalised: dict[str, Any] = {"skipped": "normalize=False"}
+    if normalize:
+        model, normalised = normalize_on_import(model, proto, label, sample)
     provenance = None
     if "modelpress.provenance" not in model.metadata_props:
         provenance = Provenance(
@@ -154,5 +160,6 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
             source_version=f"opset {model.opset_imports.get('', 0)}, producer {proto.producer_name or '?'} {proto.producer_version}".strip(),
             source=str(path) if path else label,
             importer="modelpress.adapters.onnx",
+            extra={"normalize": normalised},
         )
     return Model(model, provenance=provenance, path=path)

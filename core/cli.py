@@ -79,6 +79,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"parameters {info['parameters']:,}   weights {_human_bytes(info['weight_bytes'])}   "
         f"on disk {_human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
     )
+    if info["nodes_in_subgraphs"]:
+        console.print(f"subgraphs (If/Loop/Scan bodies): {info['nodes_in_subgraphs']} more nodes, {info['weighted_layers_in_subgraphs']} of the weighted layers")
+    norm = info.get("normalize") or {}
+    if norm and "skipped" not in norm:
+        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in norm.items() if isinstance(v, int) and v and not k.startswith("nodes"))
+        check = norm.get("check")
+        checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})" if isinstance(check, dict) and check.get("equal") else f"; {check}" if check else ""
+        console.print(f"normalised on import: {done or 'nothing to change'}{checked}")
     io = Table(title="inputs / outputs", title_justify="left")
     io.add_column("")
     io.add_column("name")

@@ -30,7 +30,7 @@ class Int8DynamicOptions(Options):
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
     grid = QRange(8, True, restricted=True)
     done, skipped = 0, {}
-    for layer in model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}):
+    for layer in model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
         node = layer.node
         w = layer.weight_array()
         reason = None

@@ -25,6 +25,7 @@ KEEP_FLOAT32 = [
 ]
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
+_CONTROL_FLOW = {"If", "Loop", "Scan"}
 
 
 class Fp16Options(Options):
@@ -36,7 +37,9 @@ class Fp16Options(Options):
 def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     graph = model.ir.graph
     keep = set(opts.keep_float32)
-    half_nodes = {id(n) for n in graph if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
+    # NOTE: If/Loop/Scan bodies are typed inside their subgraphs; they run in float32, said by name.
+    half_nodes = {id(n) for n in graph if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude and n.op_type not in _CONTROL_FLOW}
+    in_subgraphs = model.subgraph_refusals(frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"}), "fp16", "does not convert control-flow bodies; they stay float32")
     casts: dict[tuple[int, ir.DataType], ir.Value] = {}
     converted: dict[str, ir.Value] = {}
 
@@ -95,8 +98,36 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
                 node.outputs[0].dtype = _FLOAT
                 node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
                 graph.outputs[i] = node.outputs[0]
+    stored_half = _store_subgraph_weights_half(model, graph)
     for value in list(graph.initializers.values()):
         if not list(value.uses()) and not value.is_graph_output():
             graph.initializers.pop(value.name)
     graph.sort()
     ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(graph) - n_half - len(casts), "casts": len(casts)})
+    if in_subgraphs:
+        ctx.figures["float32_layers_in_subgraphs"] = in_subgraphs
+        ctx.figures["subgraph_weights_stored_float16"] = stored_half
+
+
+def _store_subgraph_weights_half(model: Model, graph: ir.Graph) -> int:
+    """Float32 weights used only inside If/Loop/Scan bodies: stored float16 and cast back to float32
+    in the main graph (ORT folds the Cast at load), so the file still halves while the bodies
+    compute in float32."""
+    count = 0
+    for value in list(graph.initializers.values()):
+        uses = list(value.uses())
+        tensor = value.const_value
+        if tensor is None or tensor.dtype != _FLOAT or tensor.size < 16 or not uses or any(user.graph is graph for user, _ in uses):
+            continue
+        half = model.add_initializer(f"{value.name}_fp16", np.clip(tensor.numpy(), -65504, 65504).astype(np.float16))
+        node = ir.node("Cast", [half], {"to": _FLOAT}, name=f"{value.name}_to_float")
+        node.outputs[0].dtype = _FLOAT
+        node.outputs[0].shape = value.shape.copy() if value.shape is not None else None
+        if len(graph):
+            graph.insert_before(graph[0], node)
+        else:
+            graph.append(node)
+        value.replace_all_uses_with(node.outputs[0])
+        node.outputs[0].name, value.name = value.name, f"{value.name}_float32_unused"
+        count += 1
+    return count

@@ -24,10 +24,11 @@ import onnx_ir as ir
 from pydantic import Field
 
 from modelpress.data import Dataset, load_dataset
-from modelpress.errors import DataError, OptionsError
+from modelpress.errors import DataError, OptionsError, UnsupportedModelError
 from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
+from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import (
     QRange,
     affine_params,
@@ -244,12 +245,15 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
 def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
     if ctx.calibration is None:
         raise DataError("int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs")
-    data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+    if opts.per_channel:
+        model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
     unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
     if unknown:
         raise OptionsError(f"int8-static: exclude names nodes that do not exist: {', '.join(unknown)}")
-    float_nodes: dict[str, str] = {}
+    float_nodes: dict[str, str] = model.subgraph_refusals(
+        frozenset(opts.op_types), "int8-static", "cannot observe activations inside control flow to calibrate them; kept in float"
+    )
     candidates: list[WeightedLayer] = []
     for i, layer in enumerate(layers):
         if layer.name in opts.exclude:
@@ -285,8 +289,15 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             else:
                 elementwise.append(node)
     if not candidates and not act_matmuls and not elementwise:
+        if float_nodes:
+            first, why = next(iter(float_nodes.items()))
+            raise UnsupportedModelError(
+                f"int8-static: nothing it can quantize in {model.name!r}: its {len(float_nodes)} weighted layers are not reachable "
+                f"(first: {first!r} {why}); weight-only methods (codebook, int8-weight-only) reach layers inside subgraphs"
+            )
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 
+    data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     grid = QRange(8, opts.activation_type == "int8")
     all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise
     out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs else None) for node in all_nodes}

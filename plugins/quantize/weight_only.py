@@ -18,7 +18,6 @@ from __future__ import annotations
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from pydantic import Field
 
@@ -27,6 +26,7 @@ from modelpress.errors import DataError, OptionsError
 from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
+from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.runtime import make_session, with_outputs
 
@@ -190,7 +190,7 @@ def _emit_qdq(model: Model, layer: WeightedLayer, q: np.ndarray, scales: np.ndar
     dq.outputs[0].name = f"{base}_dequantized"
     dq.outputs[0].dtype = ir.DataType.FLOAT
     dq.outputs[0].shape = ir.Shape(q.shape)
-    model.graph.insert_before(layer.node, dq)
+    (layer.node.graph or model.graph).insert_before(layer.node, dq)
     return dq.outputs[0]
 
 
@@ -225,12 +225,11 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     if opts.format == "matmulnbits" and opts.bits != 4:
         raise OptionsError("format='matmulnbits' needs bits=4")
     result = model.clone()
-    if opts.format == "qdq" and result.opset < 21:
-        upgraded = onnx.version_converter.convert_version(result.to_proto(), 21)
-        result = Model(ir.serde.deserialize_model(upgraded), provenance=model.provenance, path=model.path, reference=model.reference or model)
+    if opts.format == "qdq":
+        result = ensure_opset(result, 21, why=f"blocked int{opts.bits} DequantizeLinear (format='qdq')", figures=ctx.figures)
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
-    for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}):
+    for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
         w = layer.weight.const_value
         assert w is not None
         attrs = {k: a.value for k, a in layer.node.attributes.items()}

@@ -63,10 +63,14 @@ def parse_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"normalize": False} if getattr(args, "no_normalize", False) else {}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import modelpress
 
-    model = modelpress.load(args.model)
+    model = modelpress.load(args.model, **_load_options(args))
     info = modelpress.describe(model)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -175,7 +179,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
     options = parse_option_pairs(args.option)
-    model = modelpress.load(args.model)
+    model = modelpress.load(args.model, **_load_options(args))
     result = modelpress.apply(
         model,
         args.method,
@@ -184,6 +188,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         calibration=args.calib,
         train=args.data,
         show_progress=not args.quiet,
+        allow_no_gain=args.allow_no_gain,
     )
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
@@ -198,6 +203,8 @@ def _print_result(result: Any, exported: Any) -> None:
     for key, value in record.figures.items():
         console.print(f"  {key}: {value}")
     console.print(f"wrote {exported.path} ({_human_bytes(exported.size_bytes)})")
+    if record.figures.get("no_gain"):
+        console.print(f"NO GAIN (written because of --allow-no-gain): {escape(str(record.figures['no_gain']))}")
     if exported.verification is not None:
         console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
 
@@ -234,9 +241,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         value = getattr(args, name)
         if value is not None:
             options[name] = value
-    teacher = modelpress.load(args.model)
+    teacher = modelpress.load(args.model, **_load_options(args))
     student: Any = "auto" if args.student == "auto" else modelpress.load(args.student)
-    result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, **options)
+    result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, allow_no_gain=args.allow_no_gain, **options)
     sample = args.sample or _capped_sample(args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
     _print_result(result, exported)
@@ -254,7 +261,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     import modelpress
 
     try:
-        result = modelpress.compress(args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet)
+        result = modelpress.compress(args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet, allow_no_gain=args.allow_no_gain)
     except KeyboardInterrupt:
         raise
     _print_report(result)
@@ -327,6 +334,8 @@ def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> No
     p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string (repeatable)")
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
     p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
+    p.add_argument("--allow-no-gain", action="store_true", help="write the result even if it is not smaller than the input (quantize) or the method changed nothing (default: exit 1)")
+    p.add_argument("--no-normalize", action="store_true", help="ONNX input: skip normalisation on import (Constant weights to initializers, folding, BatchNorm fusion)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -343,6 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="op histogram, parameters, size, opset, inputs/outputs of a model")
     p.add_argument("model", help="model file (.onnx; other formats with their extras)")
+    p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_inspect)
 
@@ -427,6 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-r", "--recipe", required=True, help="recipe file (.yaml or .json); see `modelpress recipe-schema`")
     p.add_argument("-o", "--output", required=True, help="final .onnx path; each stage goes to <stem>-stages/")
     p.add_argument("--report-dir", help="folder for report.md/.json/.html (default: the output's folder)")
+    p.add_argument("--allow-no-gain", action="store_true", help="continue past a stage whose result is not smaller / unchanged (flagged in the report; default: stop, exit 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from modelpress.errors import ModelpressError, NoGainError, PluginError
@@ -48,13 +49,31 @@ def _content(model: Model) -> tuple[object, ...]:
          tuple((k, repr(a.value)) for k, a in n.attributes.items() if a.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)))
         for n in model.ir.graph.all_nodes()
     )
-    inits = tuple((name, id(v.const_value)) for g in model.ir.graphs() for name, v in g.initializers.items())
-    return nodes, inits, tuple(v.name for v in model.graph.inputs), tuple(v.name for v in model.graph.outputs)
+    return nodes, tuple(v.name for v in model.graph.inputs), tuple(v.name for v in model.graph.outputs)
 
 
-def _no_gain(kind: str, model: Model, result: Model, before: tuple[object, ...], figures: dict[str, Any]) -> str | None:
+def _tensors(model: Model) -> dict[str, Any]:
+    return {name: v.const_value for g in model.ir.graphs() for name, v in g.initializers.items()}
+
+
+def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Same names and values. A clone shares tensors, so only replaced ones are compared by value."""
+    if before.keys() != after.keys():
+        return False
+    for name, old in before.items():
+        new = after[name]
+        if new is old:
+            continue
+        if old is None or new is None or old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+            return False
+        if not np.array_equal(old.numpy(), new.numpy()):
+            return False
+    return True
+
+
+def _no_gain(kind: str, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
     """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
-    if _content(result) == before:
+    if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
         return "the result is identical to the input (the method changed nothing)"
     if kind in SIZE_KINDS:
         size_in, size_out = model_bytes(model), model_bytes(result)
@@ -101,7 +120,7 @@ def apply(
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}))
     label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
-    content_before = _content(model)
+    content_before = (_content(model), _tensors(model))
     work = model.clone() if m.mutates else model
     before = None if m.mutates else _fingerprint(model)
     registry.hook.modelpress_pass_start(method=m, model=model, options=opts)

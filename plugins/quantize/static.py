@@ -324,7 +324,9 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
         plans[node.name] = _Plan(None, act_ins, out_tensors[node.name], constants=constants)
 
-    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=opts.batch_size)
+    # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not
+    # grow with the batch size the data allows).
+    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
     order = [node.name for node in all_nodes]
 
     def build(selected: list[str]) -> Model:

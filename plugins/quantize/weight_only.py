@@ -190,7 +190,10 @@ def _emit_qdq(model: Model, layer: WeightedLayer, q: np.ndarray, scales: np.ndar
     dq.outputs[0].name = f"{base}_dequantized"
     dq.outputs[0].dtype = ir.DataType.FLOAT
     dq.outputs[0].shape = ir.Shape(q.shape)
-    (layer.node.graph or model.graph).insert_before(layer.node, dq)
+    if layer.scope:  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
+        model.graph.insert_before(model.graph[0], dq)
+    else:
+        model.graph.insert_before(layer.node, dq)
     return dq.outputs[0]
 
 

@@ -45,7 +45,7 @@ from modelpress.plugins.quantize.calibrate import (
 )
 from modelpress.plugins.quantize.evaluate import Scorer
 
-__all__ = ["Int8StaticOptions", "int8_static"]
+__all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
 
 _FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 # Ops that only move or select values: a quantized input stays exactly on the same grid, so their
@@ -239,6 +239,17 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
     for value in replaced:
         if value.name in graph.initializers and not list(value.uses()):
             graph.initializers.pop(value.name)
+    return result
+
+
+def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
+    """The registered ``int8-static``: :func:`int8_static`, then the outputs of its Q/DQ nodes lose
+    their value_info (ORT infers them; on YOLOv8n they were ~5% of the int8 file)."""
+    result = int8_static(model, opts, ctx)
+    for node in result.ir.graph:
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not node.outputs[0].is_graph_output():
+            node.outputs[0].type = None
+            node.outputs[0].shape = None
     return result
 
 

@@ -24,6 +24,7 @@ inputs; the ONNX adapter records both the counts and that comparison in the prov
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -307,13 +308,28 @@ def check_equivalent(original: onnx.ModelProto, normalised: ir.Model, feeds: dic
 _CHECK_LIMIT_BYTES = 1_000_000_000
 
 
+def _check_inputs(signature: Any) -> Iterator[dict[str, np.ndarray]]:
+    """Random inputs to try, smallest first. Every dynamic dim gets the same size; 2 is too small
+    for many image or audio models, and 256 samples of 256x256 would cost memory: 2, then 64 and
+    256 cut to two samples, then 64 and 256 whole while the inputs stay under 16 MB."""
+    from modelpress.data import sample_inputs
+
+    yield sample_inputs(signature, batch=2)
+    sizes = {size: sum(int(np.prod(s.concrete_shape(dynamic_size=size))) * 8 for s in signature.inputs) for size in (64, 256)}
+    for size, nbytes in sizes.items():
+        if nbytes < 64 * 2**20:
+            yield {k: v[:2] if v.ndim else v for k, v in sample_inputs(signature, batch=size).items()}
+    for size, nbytes in sizes.items():
+        if nbytes < 16 * 2**20:
+            yield sample_inputs(signature, batch=size)
+
+
 def normalize_on_import(
     model: ir.Model, original: onnx.ModelProto, label: str, sample: dict[str, np.ndarray] | None = None
 ) -> tuple[ir.Model, dict[str, Any]]:
     """What the ONNX adapter runs: :func:`normalize`, then :func:`check_equivalent` on sample
     inputs (``sample``, else random ones). A normalised model whose outputs differ is not kept: the model is deserialised again
     from ``original`` and the figures say why. Returns the model and the figures for the provenance."""
-    from modelpress.data import sample_inputs
     from modelpress.signature import Signature
 
     report = normalize(model)
@@ -327,9 +343,8 @@ def normalize_on_import(
         figures["check"] = "not run (external data or over 1 GB)"
         return model, figures
     signature = Signature.from_graph(model.graph)
-    attempts = [sample] if sample is not None else [sample_inputs(signature, batch=2), sample_inputs(signature, batch=64)]
     check: dict[str, Any] | None = None
-    for feeds in attempts:
+    for feeds in [sample] if sample is not None else _check_inputs(signature):
         try:
             check = check_equivalent(original, model, feeds)
             break

@@ -20,7 +20,7 @@ __all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
 SIZE_KINDS = frozenset({"quantize"})
 # NOTE: below this, the serialised size (weights + graph) is measured; above, the graph's
 # overhead is negligible next to the weights and serialising would hold a second copy.
-_SERIALISE_LIMIT = 256_000_000
+_SERIALISE_LIMIT = 64_000_000
 
 
 def _fingerprint(model: Model) -> tuple[object, ...]:

@@ -315,3 +315,18 @@ def test_cli_exits_non_zero_on_no_gain_and_writes_nothing(tmp_path: Path):
     assert len(refused.stderr.strip().splitlines()) == 1
     accepted = run_cli("quantize", str(source), "-o", str(out), "--calib", str(calib), "-q", "--allow-no-gain")
     assert accepted.returncode == 0 and out.exists() and "NO GAIN" in accepted.stdout
+
+
+def test_batchnorm_after_gemm_is_folded_exactly():
+    rng = np.random.default_rng(5)
+    w, b = rng.normal(0, 0.3, (16, 8)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1), *_bn("bn", "g", "y", 16)]
+    graph = helper.make_graph(nodes, "gemm_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto.ir_version = 8
+    model = modelpress.load(proto)
+    assert model.op_histogram() == {"Gemm": 1} and model.provenance.extra["normalize"]["batchnorms_folded"] == 1
+    x = rng.normal(0, 1, (4, 8)).astype(np.float32)
+    np.testing.assert_allclose(_ort(model.to_proto(), {"x": x})[0], _ort(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)

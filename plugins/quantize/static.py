@@ -254,8 +254,9 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
 
 
 def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
-    if ctx.calibration is None:
-        raise DataError("int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs")
+    no_data = "int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs"
+    if ctx.calibration is None and not model.subgraph_refusals(frozenset(opts.op_types), "", ""):
+        raise DataError(no_data)  # NOTE: before any work; a model whose layers are all in subgraphs is refused by name below
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
@@ -308,6 +309,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             )
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 
+    if ctx.calibration is None:
+        raise DataError(no_data)
     data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     grid = QRange(8, opts.activation_type == "int8")
     all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise

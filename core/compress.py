@@ -216,8 +216,9 @@ def compress(
             interrupted = True
             report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
             break
-        except ModelpressError:
-            report.status = f"failed at stage {index} ({label})"
+        except ModelpressError as exc:
+            if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                report.status = f"failed at stage {index} ({label})"
             report.write(reports_at)
             raise
     else:

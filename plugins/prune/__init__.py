@@ -157,7 +157,7 @@ def _rebuild(model: Model) -> Model:
         for out in node.outputs:
             if id(out) not in keep:
                 out.shape = None
-    rebuilt = load_onnx(model.to_proto())
+    rebuilt = load_onnx(model.to_proto(), normalize=False)  # NOTE: re-validation, not an import
     return Model(rebuilt.ir, provenance=model.provenance, path=model.path, reference=model.reference)
 
 

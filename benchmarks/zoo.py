@@ -103,6 +103,8 @@ class Variant:
 
 METHODS: list[Variant] = [
     Variant("int8-static", _modelpress("int8-static")),
+    # NOTE: without the sensitivity search (fully quantized): its cost is issue 12's subject
+    Variant("int8-static-nosens", _modelpress("int8-static", sensitivity=False)),
     Variant("int8-dynamic", _modelpress("int8-dynamic")),
     Variant("int8-weight-only", _modelpress("int8-weight-only")),
     Variant("int4-weight-only", _modelpress("int4-weight-only")),

@@ -34,7 +34,7 @@ __all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
 # Bytes of observed activations one calibration batch may produce.
-ACTIVATION_BUDGET = 64 * 1024 * 1024
+ACTIVATION_BUDGET = 16 * 1024 * 1024
 
 
 @dataclass

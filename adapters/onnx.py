@@ -27,6 +27,7 @@ from modelpress.adapters.onnx_checks import (
 from modelpress.errors import InvalidModelError, one_line
 from modelpress.hookspecs import hookimpl
 from modelpress.model import Model
+from modelpress.normalize import normalize_on_import
 from modelpress.provenance import Provenance
 
 __all__ = ["load_onnx"]
@@ -82,8 +83,10 @@ def _first(exc: BaseException) -> str:
     return one_line(text.splitlines()[0] if text else type(exc).__name__)
 
 
-def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
-    """Load and validate an ONNX model (see the module docstring)."""
+def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any) -> Model:
+    """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
+    :mod:`modelpress.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
+    ``sample`` (a feed dict) are the inputs its ORT equivalence check runs on (default: random)."""
     path: Path | None = None
     if isinstance(source, ir.Model):
         proto = ir.serde.serialize_model(source)
@@ -119,6 +122,9 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
         raise InvalidModelError(f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt") from None
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
+    normalised: dict[str, Any] = {"skipped": "normalize=False"}
+    if normalize:
+        model, normalised = normalize_on_import(model, proto, label, sample)
     provenance = None
     if "modelpress.provenance" not in model.metadata_props:
         provenance = Provenance(
@@ -126,5 +132,6 @@ def load_onnx(source: Any, *, check: bool = True, **_: Any) -> Model:
             source_version=f"opset {model.opset_imports.get('', 0)}, producer {proto.producer_name or '?'} {proto.producer_version}".strip(),
             source=str(path) if path else label,
             importer="modelpress.adapters.onnx",
+            extra={"normalize": normalised},
         )
     return Model(model, provenance=provenance, path=path)

@@ -241,7 +241,7 @@ def load_tensorflow(
 
     from modelpress.adapters.onnx import load_onnx
 
-    model = load_onnx(proto)
+    model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
     _tidy_names(model, output_names)
     feeds = {spec.name: e for spec, e in zip(model.signature.inputs, example, strict=True)}
     figures = check_import(reference_np, model, feeds, rtol, f"{label} (converted with tf2onnx)")

@@ -227,7 +227,7 @@ def load_torch(
 
     from modelpress.adapters.onnx import load_onnx
 
-    model = load_onnx(proto)
+    model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
     feeds = {spec.name: np.asarray(a.detach().cpu().numpy()) for spec, a in zip(model.signature.inputs, args, strict=False)}
     figures = check_import(reference, model, feeds, rtol, f"{label} (exported with {used})")
     model.provenance = Provenance(

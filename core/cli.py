@@ -97,10 +97,14 @@ def parse_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
 # -- commands ---------------------------------------------------------------------------------
 
 
+def _load_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {"normalize": False} if getattr(args, "no_normalize", False) else {}
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     import modelpress
 
-    model = modelpress.load(args.model)
+    model = modelpress.load(args.model, **_load_options(args))
     info = modelpress.describe(model)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
@@ -113,6 +117,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         f"parameters {info['parameters']:,}   weights {_human_bytes(info['weight_bytes'])}   "
         f"on disk {_human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
     )
+    if info["nodes_in_subgraphs"]:
+        console.print(f"subgraphs (If/Loop/Scan bodies): {info['nodes_in_subgraphs']} more nodes, {info['weighted_layers_in_subgraphs']} of the weighted layers")
+    norm = info.get("normalize") or {}
+    if norm and "skipped" not in norm:
+        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in norm.items() if isinstance(v, int) and v and not k.startswith("nodes"))
+        check = norm.get("check")
+        checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})" if isinstance(check, dict) and check.get("equal") else f"; {check}" if check else ""
+        console.print(f"normalised on import: {done or 'nothing to change'}{checked}")
     io = Table(title="inputs / outputs", title_justify="left")
     io.add_column("")
     io.add_column("name")
@@ -202,7 +214,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
     options = parse_option_pairs(args.option)
     _refuse_overwrite(args, args.model, args.calib, args.data, args.sample)
-    model = modelpress.load(args.model)
+    model = modelpress.load(args.model, **_load_options(args))
     result = modelpress.apply(
         model,
         args.method,
@@ -211,6 +223,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
         calibration=args.calib,
         train=args.data,
         show_progress=not args.quiet,
+        allow_no_gain=args.allow_no_gain,
     )
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
@@ -230,6 +243,8 @@ def _print_result(result: Any, exported: Any) -> None:
         console.print(f"  {key}: {value}")
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     console.print(f"wrote {exported.path}{data} ({_human_bytes(exported.size_bytes)})")
+    if record.figures.get("no_gain"):
+        console.print(f"NO GAIN (written because of --allow-no-gain): {escape(str(record.figures['no_gain']))}")
     if exported.verification is not None:
         console.print(f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: {exported.verification.summary()}")
 
@@ -267,9 +282,9 @@ def cmd_distill(args: argparse.Namespace) -> int:
         if value is not None:
             options[name] = value
     _refuse_overwrite(args, args.model, None if args.student == "auto" else args.student, args.data, args.sample)
-    teacher = modelpress.load(args.model)
+    teacher = modelpress.load(args.model, **_load_options(args))
     student: Any = "auto" if args.student == "auto" else modelpress.load(args.student)
-    result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, **options)
+    result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, allow_no_gain=args.allow_no_gain, **options)
     sample = args.sample or _capped_sample(args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
@@ -292,6 +307,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
         allow_imports=not args.no_imports, overwrite=args.overwrite,
         verify=not args.no_verify, sample=args.sample, external_data=_EXTERNAL[args.external_data],
+        allow_no_gain=args.allow_no_gain,
     )
     _print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
@@ -366,6 +382,8 @@ def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> No
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
     _add_writing_arguments(p)
     _add_overwrite_argument(p)
+    p.add_argument("--allow-no-gain", action="store_true", help="write the result even if it is not smaller than the input (quantize) or the method changed nothing (default: exit 1)")
+    p.add_argument("--no-normalize", action="store_true", help="ONNX input: skip normalisation on import (Constant weights to initializers, folding, BatchNorm fusion)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
@@ -396,6 +414,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="op histogram, parameters, size, opset, inputs/outputs of a model")
     p.add_argument("model", help="model file (.onnx; other formats with their extras)")
+    p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_inspect)
 
@@ -491,6 +510,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sample", help=".npz inputs for each stage's verification run (default: the recipe's evaluation data, else generated)")
     _add_writing_arguments(p)
     _add_overwrite_argument(p)
+    p.add_argument("--allow-no-gain", action="store_true", help="continue past a stage whose result is not smaller / unchanged (flagged in the report; default: stop, exit 1)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 

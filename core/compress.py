@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.data import Dataset, load_dataset, sample_inputs
-from modelpress.errors import ModelpressError, OptionsError
+from modelpress.errors import ModelpressError, NoGainError, OptionsError
 from modelpress.export import export
 from modelpress.model import Model
 from modelpress.pipeline import apply
@@ -148,6 +148,7 @@ def compress(
     verify: bool = True,
     sample: Any = None,
     external_data: bool | str = "auto",
+    allow_no_gain: bool = False,
 ) -> CompressResult:
     """Run ``recipe`` on ``model``; evaluate after the source and every stage; write reports.
 
@@ -155,8 +156,11 @@ def compress(
     ``<output stem>-stages/NN-kind-method.onnx``; the last one is also written to ``output``.
     Reports (``report.md``, ``report.json``, ``report.html``) go to ``report_dir`` (default: the
     output's folder). ``verify``, ``sample`` and ``external_data`` go to every
-    :func:`~modelpress.export` (``sample`` defaults to the recipe's evaluation data). Ctrl-C stops after the stage in progress is abandoned: completed stages'
-    files stay and the report says where it stopped.
+    :func:`~modelpress.export` (``sample`` defaults to the recipe's evaluation data). Ctrl-C stops
+    after the stage in progress is abandoned: completed stages' files stay and the report says
+    where it stopped. A stage with no gain (see :func:`modelpress.apply`) is flagged in the report
+    and stops the run with :class:`NoGainError` after the report is written, unless
+    ``allow_no_gain``.
 
     A recipe is code: ``allow_imports=False`` refuses its ``pkg.module:function`` entries and
     data paths outside its folder (see :func:`modelpress.load_recipe`). Writing over the input
@@ -207,7 +211,7 @@ def compress(
                 extra["student"] = current
                 model_in = source
             result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
-                           eval=eval_source, show_progress=show_progress, registry=registry, extra=extra)
+                           eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=True)
             seconds = time.perf_counter() - start
             if spec.kind == "distill":  # NOTE: the student's history continues the current model's
                 result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
@@ -219,12 +223,17 @@ def compress(
             stages.append(evaluator.measure(label, result, path, seconds, figures))
             report.add(stages[-1])
             current = result
+            if figures.get("no_gain") and not allow_no_gain:
+                report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+                report.write(reports_at)
+                raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {reports_at} (allow_no_gain=True / --allow-no-gain continues)")
         except KeyboardInterrupt:
             interrupted = True
             report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
             break
-        except ModelpressError:
-            report.status = f"failed at stage {index} ({label})"
+        except ModelpressError as exc:
+            if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                report.status = f"failed at stage {index} ({label})"
             report.write(reports_at)
             raise
     else:

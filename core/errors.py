@@ -13,6 +13,7 @@ __all__ = [
     "ExportError",
     "InvalidModelError",
     "ModelpressError",
+    "NoGainError",
     "OptionsError",
     "PluginError",
     "UnknownMethodError",
@@ -57,6 +58,11 @@ class UnknownMethodError(ModelpressError):
 
 class OptionsError(ModelpressError):
     """Options for a method (or a recipe) do not validate against its schema."""
+
+
+class NoGainError(ModelpressError):
+    """A method's result is not smaller than its input (size methods: quantize), or the method
+    changed nothing. ``allow_no_gain=True`` (``--allow-no-gain``) accepts it; the figures say so."""
 
 
 class DataError(ModelpressError):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers"]
+__all__ = ["WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers", "subgraph_refusals"]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 
@@ -28,6 +28,7 @@ class WeightedLayer:
     weight_input: int
     out_axis: int
     in_axis: int
+    scope: str = ""  # "" in the main graph; else where the node lives, e.g. "If 'If_0' then_branch"
 
     @property
     def name(self) -> str:
@@ -63,7 +64,41 @@ def _const_initializer(value: ir.Value | None) -> bool:
     return value is not None and value.const_value is not None and value.is_initializer()
 
 
-def find_weighted_layers(graph: ir.Graph, op_types: frozenset[str] = WEIGHTED_OPS) -> list[WeightedLayer]:
+def _graphs(graph: ir.Graph, scope: str = "") -> list[tuple[ir.Graph, str]]:
+    """``graph`` and every subgraph under it (If/Loop/Scan bodies), each with its scope."""
+    found = [(graph, scope)]
+    for node in graph:
+        for attr in node.attributes.values():
+            subs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs() if attr.type == ir.AttributeType.GRAPHS else []
+            for sub in subs:
+                where = f"{node.op_type} {node.name!r} {attr.name}"
+                found += _graphs(sub, f"{scope} > {where}" if scope else where)
+    return found
+
+
+def find_weighted_layers(graph: ir.Graph, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False) -> list[WeightedLayer]:
+    """Weighted layers of ``graph``; with ``subgraphs``, also those inside If/Loop/Scan bodies
+    (their ``scope`` says where). A weight defined in an outer graph counts as constant."""
+    if subgraphs:
+        return [
+            layer if not scope else WeightedLayer(layer.node, layer.weight, layer.bias, layer.weight_input, layer.out_axis, layer.in_axis, scope)
+            for sub, scope in _graphs(graph)
+            for layer in _layers_of(sub, op_types)
+        ]
+    return _layers_of(graph, op_types)
+
+
+def subgraph_refusals(graph: ir.Graph, op_types: frozenset[str], method: str, why: str) -> dict[str, str]:
+    """``{layer: reason}`` for the weighted layers inside subgraphs that ``method`` leaves alone,
+    so a method that cannot reach them says so by name instead of silently skipping them."""
+    return {
+        layer.name: f"inside {layer.scope}: {method} {why}"
+        for layer in find_weighted_layers(graph, op_types, subgraphs=True)
+        if layer.scope
+    }
+
+
+def _layers_of(graph: ir.Graph, op_types: frozenset[str]) -> list[WeightedLayer]:
     layers: list[WeightedLayer] = []
     for node in graph:
         if node.domain not in ("", "ai.onnx") or node.op_type not in op_types:

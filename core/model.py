@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.errors import ModelpressError
-from modelpress.layers import WEIGHTED_OPS, WeightedLayer, find_weighted_layers
+from modelpress.layers import WEIGHTED_OPS, WeightedLayer, find_weighted_layers, subgraph_refusals
 from modelpress.provenance import PROVENANCE_KEY, Provenance
 from modelpress.signature import Signature
 
@@ -110,17 +110,34 @@ class Model:
                 return node
         raise ModelpressError(f"model {self.name!r} has no node named {name!r}")
 
-    def weighted_layers(self, op_types: frozenset[str] = WEIGHTED_OPS) -> list[WeightedLayer]:
-        """Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant initializer."""
-        return find_weighted_layers(self.ir.graph, op_types)
+    def weighted_layers(self, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False) -> list[WeightedLayer]:
+        """Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant initializer;
+        with ``subgraphs``, also those inside If/Loop/Scan bodies (``layer.scope`` says where)."""
+        return find_weighted_layers(self.ir.graph, op_types, subgraphs=subgraphs)
+
+    def subgraph_refusals(self, op_types: frozenset[str], method: str, why: str) -> dict[str, str]:
+        """``{layer: "inside If 'x' then_branch: <method> <why>"}`` for weighted layers in
+        subgraphs: what a method that cannot reach them records instead of skipping silently."""
+        return subgraph_refusals(self.ir.graph, op_types, method, why)
+
+    def _tensors(self) -> Iterator[ir.TensorProtocol]:
+        """Every weight wherever it lives: initializers of all graphs and Constant-node tensors."""
+        for graph in self.ir.graphs():
+            for value in graph.initializers.values():
+                if value.const_value is not None:
+                    yield value.const_value
+            for node in graph:
+                attr = node.attributes.get("value") if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+                if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                    yield attr.as_tensor()
 
     def parameter_count(self) -> int:
-        """Elements in all initializers (no weight is read: shapes only)."""
-        return sum(int(v.const_value.size) for v in self.ir.graph.initializers.values() if v.const_value is not None)
+        """Elements in all weights, in every graph (no weight is read: shapes only)."""
+        return sum(int(t.size) for t in self._tensors())
 
     def weight_bytes(self) -> int:
-        """Bytes of all initializers as stored (no weight is read)."""
-        return sum(int(v.const_value.nbytes) for v in self.ir.graph.initializers.values() if v.const_value is not None)
+        """Bytes of all weights as stored, in every graph (no weight is read)."""
+        return sum(int(t.nbytes) for t in self._tensors())
 
     def op_histogram(self) -> dict[str, int]:
         counts = collections.Counter(
@@ -254,9 +271,10 @@ class Model:
         """Swap ``node`` for ``new_nodes`` whose ``output`` takes over the node's (first) output.
 
         Consumers and graph outputs are rewired, the output keeps its name and shape, the old
-        node is removed, and initializers it alone used are dropped.
+        node is removed, and initializers it alone used are dropped. The node may live in a
+        subgraph (an If/Loop body): the new nodes go into that graph.
         """
-        graph = self.ir.graph
+        graph = node.graph or self.ir.graph
         graph.insert_before(node, new_nodes)
         old = node.outputs[0]
         output.shape = old.shape.copy() if old.shape is not None else None
@@ -267,8 +285,9 @@ class Model:
         inputs = [v for v in node.inputs if v is not None]
         graph.remove(node, safe=True)
         for value in inputs:
-            if value.is_initializer() and not list(value.uses()) and not value.is_graph_output():
-                graph.initializers.pop(value.name or "")
+            owner = value.graph
+            if value.is_initializer() and owner is not None and not list(value.uses()) and not value.is_graph_output():
+                owner.initializers.pop(value.name or "")
 
     def _graph_key(self) -> tuple[int, ...]:
         graph = self.ir.graph

@@ -5,13 +5,22 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from modelpress.errors import ModelpressError, PluginError, one_line
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.errors import ModelpressError, NoGainError, PluginError, one_line
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.provenance import PassRecord
 from modelpress.registry import Registry, get_registry
 
-__all__ = ["apply", "distill", "prune", "quantize"]
+__all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
+
+# Kinds whose point is a smaller file: a result that is not smaller is no gain.
+SIZE_KINDS = frozenset({"quantize"})
+# NOTE: below this, the serialised size (weights + graph) is measured; above, the graph's
+# overhead is negligible next to the weights and serialising would hold a second copy.
+_SERIALISE_LIMIT = 64_000_000
 
 
 def _fingerprint(model: Model) -> tuple[object, ...]:
@@ -22,6 +31,56 @@ def _fingerprint(model: Model) -> tuple[object, ...]:
     )
     inits = tuple((name, id(v.const_value)) for name, v in graph.initializers.items())
     return nodes, inits, tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs)
+
+
+def model_bytes(model: Model) -> int:
+    """The size the model's file will have (serialised), or its weight bytes for big models."""
+    weights = model.weight_bytes()
+    if weights > _SERIALISE_LIMIT:
+        return weights
+    return int(ir.serde.serialize_model(model.ir).ByteSize())
+
+
+def _content(model: Model) -> tuple[object, ...]:
+    """What a method can change: nodes (op, wiring by name, attributes) and weight tensors.
+    A clone shares the tensors, so an untouched weight keeps its identity."""
+    nodes = tuple(
+        (n.op_type, n.domain, tuple(v.name if v is not None else None for v in n.inputs), tuple(v.name for v in n.outputs),
+         tuple((k, repr(a.value)) for k, a in n.attributes.items() if a.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)))
+        for n in model.ir.graph.all_nodes()
+    )
+    return nodes, tuple(v.name for v in model.graph.inputs), tuple(v.name for v in model.graph.outputs)
+
+
+def _tensors(model: Model) -> dict[str, Any]:
+    return {name: v.const_value for g in model.ir.graphs() for name, v in g.initializers.items()}
+
+
+def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Same names and values. A clone shares tensors, so only replaced ones are compared by value."""
+    if before.keys() != after.keys():
+        return False
+    for name, old in before.items():
+        new = after[name]
+        if new is old:
+            continue
+        if old is None or new is None or old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+            return False
+        if not np.array_equal(old.numpy(), new.numpy()):
+            return False
+    return True
+
+
+def _no_gain(kind: str, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
+    """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
+    if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
+        return "the result is identical to the input (the method changed nothing)"
+    if kind in SIZE_KINDS:
+        size_in, size_out = model_bytes(model), model_bytes(result)
+        figures.update({"model_bytes_before": size_in, "model_bytes_after": size_out})
+        if size_out >= size_in:
+            return f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
+    return None
 
 
 def apply(
@@ -36,6 +95,7 @@ def apply(
     show_progress: bool = True,
     registry: Registry | None = None,
     extra: dict[str, Any] | None = None,
+    allow_no_gain: bool = False,
     **more_options: Any,
 ) -> Model:
     """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
@@ -45,6 +105,10 @@ def apply(
     method. ``extra`` carries objects a method needs that are not options (e.g. a student model).
     The result's provenance records the method, its options, its plugin and version,
     its wall time and the figures it reported.
+
+    A result with no gain (a quantize method's result not smaller than its input, or any method
+    that changed nothing) raises :class:`NoGainError` saying so in one line, unless
+    ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
     """
     registry = registry or get_registry()
     if not isinstance(model, Model):
@@ -56,6 +120,7 @@ def apply(
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}))
     label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
+    content_before = (_content(model), _tensors(model))
     work = model.clone() if m.mutates else model
     before = None if m.mutates else _fingerprint(model)
     registry.hook.modelpress_pass_start(method=m, model=model, options=opts)
@@ -83,6 +148,14 @@ def apply(
             raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
         result = returned
 
+    no_gain = _no_gain(m.kind, model, result, content_before, ctx.figures)
+    if no_gain is not None:
+        message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
+        if not allow_no_gain:
+            error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
+            registry.hook.modelpress_pass_error(method=m, model=model, error=error)
+            raise error
+        ctx.figures["no_gain"] = no_gain
     record = PassRecord(
         kind=m.kind,
         method=m.name,

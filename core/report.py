@@ -45,8 +45,10 @@ class Report:
         rows = []
         for s in self.stages:
             value = "-" if s.value is None else f"{s.value:.4f}"
+            # NOTE: a stage with no gain (not smaller, or nothing changed) is flagged where it is read.
+            label = f"{s.stage} [NO GAIN]" if s.figures.get("no_gain") else s.stage
             rows.append([
-                s.stage, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), f"{s.parameters:,}",
+                label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), f"{s.parameters:,}",
                 f"{s.sparsity:.1%}", *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
             ])
         return rows
@@ -68,6 +70,7 @@ class Report:
         lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed). Latency: ONNX Runtime, CPU, median."]
+        lines += [f"\n**No gain at {s.stage}**: {s.figures['no_gain']}" for s in self.stages if s.figures.get("no_gain")]
         for s in self.stages[1:]:
             if s.figures:
                 lines += ["", f"## {s.stage}", "", "```json", json.dumps(s.figures, indent=1, default=str)[:4000], "```"]

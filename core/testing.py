@@ -37,8 +37,10 @@ def make_model(
     *,
     name: str = "tiny",
     opset: int = OPSET,
+    normalize: bool = True,
 ) -> Model:
-    """Build a validated :class:`Model` from ONNX helper objects and numpy initializers."""
+    """Build a validated :class:`Model` from ONNX helper objects and numpy initializers
+    (``normalize=False``: as written, e.g. to keep a BatchNormalization a test is about)."""
     from modelpress.adapters.onnx import load_onnx
 
     graph = helper.make_graph(
@@ -46,7 +48,7 @@ def make_model(
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="modelpress.testing")
     proto.ir_version = 8
-    return load_onnx(proto)
+    return load_onnx(proto, normalize=normalize)
 
 
 def tiny_mlp(in_features: int = 8, hidden: int = 16, classes: int = 4, *, seed: int = 0) -> Model:

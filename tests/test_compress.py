@@ -65,7 +65,12 @@ def test_compress_writes_consistent_reports(tiny_setup, tmp_path):
         {"kind": "quantize", "method": "int8-static", "options": {"min_agreement": None, "min_cosine": None}},
     ])
     out = tmp_path / "small.onnx"
-    result = modelpress.compress(tiny_setup, recipe, output=out, show_progress=False)
+    # NOTE: on this 4-channel toy the int8 file is bigger than the float one (QDQ overhead): no gain
+    with pytest.raises(modelpress.NoGainError, match="quantize/int8-static: no gain"):
+        modelpress.compress(tiny_setup, recipe, output=tmp_path / "refused.onnx", show_progress=False)
+    assert "stopped at stage 3" in (tmp_path / "report.md").read_text() and not (tmp_path / "refused.onnx").exists()
+    result = modelpress.compress(tiny_setup, recipe, output=out, show_progress=False, allow_no_gain=True)
+    assert "[NO GAIN]" in result.report.rows()[3][0]
     assert [s.stage for s in result.stages] == ["source", "prune/channel", "distill/kd", "quantize/int8-static"]
     for stage in result.stages:
         assert os.path.getsize(stage.path) == stage.size_bytes  # sizes are the files on disk

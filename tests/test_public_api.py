@@ -12,7 +12,7 @@ PUBLIC = {
     "WeightedLayer", "__version__", "apply", "create_registry", "describe", "export", "get_registry",
     "hookimpl", "load", "load_dataset", "reset_registry", "sample_inputs", "verify",
     "ConvertResult", "convert", "fit", "to_torch", "update_weights", "quantize", "prune", "distill",
-    "CompressResult", "StageMetrics", "compress", "Recipe", "load_recipe",
+    "CompressResult", "StageMetrics", "compress", "Recipe", "load_recipe", "NoGainError",
 }
 
 

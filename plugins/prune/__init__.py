@@ -75,14 +75,16 @@ class ChannelOptions(_Recovery):
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-def _select(model: Model, opts: _Recovery, min_elements: int = 1) -> tuple[list[WeightedLayer], dict[str, str]]:
+def _select(model: Model, opts: _Recovery, min_elements: int = 1, *, subgraphs: bool = False) -> tuple[list[WeightedLayer], dict[str, str]]:
     names = {n.name for n in model.nodes()}
     unknown = sorted(set(opts.layers) - names) + sorted(set(opts.exclude) - names)
     if unknown:
         raise OptionsError(f"no layer named {', '.join(map(repr, unknown))} in {model.name!r}; layers: {', '.join(x.name for x in model.weighted_layers())}")
     skipped: dict[str, str] = {}
+    if not subgraphs:
+        skipped.update(model.subgraph_refusals(frozenset(opts.op_types), "channel pruning", "cannot change tensor shapes inside control flow; left as is"))
     chosen = []
-    for layer in model.weighted_layers(frozenset(opts.op_types)):
+    for layer in model.weighted_layers(frozenset(opts.op_types), subgraphs=subgraphs):
         if opts.layers and layer.name not in opts.layers:
             continue
         if layer.name in opts.exclude:
@@ -159,7 +161,7 @@ def _rebuild(model: Model) -> Model:
     external = {name: v.const_value for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
     with model.inlined():  # NOTE: the checker cannot follow external data in an in-memory proto
         proto = model.to_proto()
-    rebuilt = load_onnx(proto)
+    rebuilt = load_onnx(proto, normalize=False)  # NOTE: re-validation, not an import
     del proto
     for name, value in rebuilt.ir.graph.initializers.items():
         if name in external and value.const_value is not None and value.const_value.shape == external[name].shape:
@@ -215,14 +217,14 @@ def _apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
 
 
 def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, make: Any) -> Model:
-    layers, skipped = _select(model, opts, opts.min_elements)
+    layers, skipped = _select(model, opts, opts.min_elements, subgraphs=True)
     data = _training_data(model, ctx, opts)
     result = model.clone()
     masks: dict[str, np.ndarray] = {}
     figures: dict[str, Any] = {}
     targets = _ramp(getattr(opts, "sparsity", 0.0), opts) if isinstance(opts, MagnitudeOptions) else [0.0] * (opts.steps if opts.schedule == "iterative" else 1)
     for target in targets:
-        current = {x.name: x for x in result.weighted_layers(frozenset(opts.op_types))}
+        current = {x.name: x for x in result.weighted_layers(frozenset(opts.op_types), subgraphs=True)}
         chosen = [current[x.name] for x in layers if x.name in current]
         masks = make(chosen, target)
         for name in [x.name for x in chosen]:
@@ -235,7 +237,7 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
         ctx.figures["schedule"] = [round(t, 4) for t in targets]
     per_layer = {}
     total = zeros = 0
-    for layer in result.weighted_layers(frozenset(opts.op_types)):
+    for layer in result.weighted_layers(frozenset(opts.op_types), subgraphs=True):
         if layer.weight.name in masks:
             w = layer.weight_array()
             per_layer[layer.name] = {"sparsity": round(float(np.mean(w == 0)), 4), "kind": "masked", "parameters": int(w.size)}

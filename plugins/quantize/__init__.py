@@ -12,7 +12,7 @@ from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
 from modelpress.plugins.quantize.qat import Int8QATOptions, int8_qat
-from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
+from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static_method
 from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, weight_only
 
 
@@ -23,7 +23,7 @@ class Int8WeightOnlyOptions(WeightOnlyOptions):
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
-        name="int8-static", kind="quantize", apply=int8_static, options=Int8StaticOptions, mutates=False,
+        name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False,
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
     ))
     register(Method(

@@ -2,7 +2,10 @@
 
 All tensors to calibrate are added as outputs of *one* session, which sweeps the calibration
 data once for min/max (and per-channel means, for bias correction) and, for the histogram-based
-calibrators, once more for a 2048-bin histogram of ``|x|``. Calibrators then pick a clipping
+calibrators, once more for a 2048-bin histogram of ``|x|``. Memory is bounded: the data is
+streamed in batches sized so that one batch's observed activations fit ``ACTIVATION_BUDGET``
+(measured on the first sample), and only running statistics are kept, never the activations of
+earlier batches, so peak memory does not grow with the number of calibration samples. Calibrators then pick a clipping
 threshold ``T`` per tensor; the range used is ``[max(min, -T), min(max, T)]``:
 
 * ``minmax``: no clipping;
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,6 +33,8 @@ __all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
 
 CALIBRATORS = ("minmax", "percentile", "entropy", "mse")
 BINS = 2048
+# Bytes of observed activations one calibration batch may produce.
+ACTIVATION_BUDGET = 16 * 1024 * 1024
 
 
 @dataclass
@@ -69,10 +75,12 @@ def collect_stats(
     outputs = [o.name for o in session.get_outputs()]
     index = {name: outputs.index(name) for name in names if name in outputs}
     stats = {name: TensorStats() for name in index}
-    batches = list(data.batches(batch_size))
+    step = calibration_batch(session, data, batch_size)
+    ctx.figures["calibration_batch"] = step
+    batches = -(-len(data) // step)
     sweeps = 2 if histogram else 1
-    with ctx.progress("calibrating", total=len(batches) * sweeps) as advance:
-        for feeds in batches:
+    with ctx.progress("calibrating", total=batches * sweeps) as advance:
+        for feeds in data.batches(step):
             results = session.run(None, feeds)
             for name, i in index.items():
                 x = np.asarray(results[i], np.float32)
@@ -86,9 +94,10 @@ def collect_stats(
                     per_channel = x.sum(axis=axes, dtype=np.float64)
                     s.channel_sum = per_channel if s.channel_sum is None else s.channel_sum + per_channel
                     s.count += int(x.size // per_channel.size)
+            del results
             advance(1)
         if histogram:
-            for feeds in batches:
+            for feeds in data.batches(step):
                 results = session.run(None, feeds)
                 for name, i in index.items():
                     s = stats[name]
@@ -97,8 +106,19 @@ def collect_stats(
                         x = np.abs(np.asarray(results[i], np.float32)).ravel()
                         bins = np.minimum((x * (BINS / s.absmax)).astype(np.int64), BINS - 1)
                         s.hist += np.bincount(bins, minlength=BINS)
+                del results
                 advance(1)
     return stats
+
+
+def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
+    """Samples per calibration run: at most ``batch_size``, and few enough that one run's
+    observed tensors fit ``ACTIVATION_BUDGET`` (sized from a run on the first sample)."""
+    if len(data) <= 1 or batch_size <= 1:
+        return 1
+    first = next(data.batches(1))
+    per_sample = sum(int(np.asarray(r).nbytes) for r in session.run(None, first))
+    return max(1, min(batch_size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 
 def _entropy_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:

@@ -55,10 +55,14 @@ def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
     graph = model.ir.graph
     done, before, after, sq_error, count = 0, 0, 0, 0.0, 0
     seen: set[str] = set()
-    for layer in model.weighted_layers(frozenset(opts.op_types)):
+    refused: dict[str, str] = {}
+    for layer in model.weighted_layers(frozenset(opts.op_types), subgraphs=True):
         weight = layer.weight
         tensor = weight.const_value
         if layer.name in opts.exclude or weight.name in seen or tensor is None or tensor.dtype != ir.DataType.FLOAT or tensor.size < opts.min_elements:
+            continue
+        if weight.graph is not graph:
+            refused[layer.name] = f"its weight is an initializer of a subgraph ({layer.scope}); load with normalize=True to lift it"
             continue
         seen.add(weight.name or "")
         w = tensor.numpy()
@@ -76,13 +80,14 @@ def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
         graph.insert_before(graph[0], [as_int, gather])
         weight.replace_all_uses_with(gather.outputs[0])
         gather.outputs[0].name, weight.name = base, f"{base}_float_unused"
-        graph.initializers.pop(weight.name)
+        (weight.graph or graph).initializers.pop(weight.name)
         before += w.nbytes
         after += idx.nbytes + table.nbytes
         done += 1
     if not done:
-        raise OptionsError(f"codebook: no {', '.join(opts.op_types)} weight with >= {opts.min_elements} float elements in {model.name!r}")
+        raise OptionsError(f"codebook: no {', '.join(opts.op_types)} weight with >= {opts.min_elements} float elements in {model.name!r}{f' ({refused})' if refused else ''}")
     ctx.figures.update({
         "layers": done, "bits": opts.bits, "weight_bytes_before": before, "weight_bytes_after": after,
         "weight_compression": round(before / max(after, 1), 3), "rms_weight_error": round(float(np.sqrt(sq_error / max(count, 1))), 6),
+        **({"skipped": refused} if refused else {}),
     })

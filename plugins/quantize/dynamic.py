@@ -32,7 +32,7 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
     grid = QRange(8, True, restricted=True)
     done = 0
     skipped: dict[str, str] = {}
-    layers = model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"})
+    layers = model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True)
     quantized: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
     with ctx.progress("int8-dynamic", total=len(layers)) as advance:
         for layer in layers:

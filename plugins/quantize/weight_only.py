@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import onnx
 import onnx_ir as ir
 from pydantic import Field
 
@@ -31,6 +30,7 @@ from modelpress.errors import DataError, OptionsError
 from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
+from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.runtime import make_session, with_outputs
 
@@ -367,7 +367,10 @@ def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOn
     dq = model.new_node("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
                         name=f"{base}_DequantizeLinear", outputs=[(f"{base}_dequantized", ir.DataType.FLOAT)])
     dq.outputs[0].shape = ir.Shape(shape)
-    model.graph.insert_before(before, dq)
+    if layer.scope:  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
+        model.graph.insert_before(model.graph[0], dq)
+    else:
+        model.graph.insert_before(before, dq)
     return dq.outputs[0]
 
 
@@ -409,22 +412,10 @@ def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnl
     model.replace_node(node, replacement, out)
 
 
-def _upgrade(model: Model) -> Model:
-    """Raise the opset to 21 (blocked DequantizeLinear) with ONNX's converter. Weights do not go
-    through it: the converted graph gets the original tensor objects back (memory maps stay maps)."""
-    stripped = model.clone()
-    tensors = {name: value.const_value for name, value in stripped.graph.initializers.items()}
-    upgraded = ir.serde.deserialize_model(onnx.version_converter.convert_version(ir.serde.serialize_model(stripped.ir), 21))
-    for name, value in upgraded.graph.initializers.items():
-        if name in tensors and tensors[name] is not None:
-            value.const_value = tensors[name]
-    return Model(upgraded, provenance=model.provenance, path=model.path, reference=model.reference or model)
-
-
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
-    for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}):
+    for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
         w = layer.weight.const_value
         assert w is not None
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
@@ -445,8 +436,8 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     if opts.format == "matmulnbits" and opts.bits != 4:
         raise OptionsError("format='matmulnbits' needs bits=4")
     result = model.clone()
-    if opts.format == "qdq" and result.opset < 21:
-        result = _upgrade(result)
+    if opts.format == "qdq":
+        result = ensure_opset(result, 21, why=f"blocked int{opts.bits} DequantizeLinear (format='qdq')", figures=ctx.figures)
     layers, skipped = _select(result, opts)
     if not layers:
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm with a constant weight'})")

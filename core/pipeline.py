@@ -38,7 +38,11 @@ def model_bytes(model: Model) -> int:
     weights = model.weight_bytes()
     if weights > _SERIALISE_LIMIT:
         return weights
-    return int(ir.serde.serialize_model(model.ir).ByteSize())
+    # NOTE: external tensors serialise as references: their bytes (in the data file) count too.
+    external = sum(
+        int(v.const_value.nbytes) for g in model.ir.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    return int(ir.serde.serialize_model(model.ir).ByteSize()) + external
 
 
 def _content(model: Model) -> tuple[object, ...]:

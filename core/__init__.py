@@ -13,6 +13,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 from modelpress.adapter import Adapter
+from modelpress.codecs import Codec, TensorInfo
 from modelpress.compress import CompressResult, StageMetrics, compress
 from modelpress.convert import ConvertResult, convert
 from modelpress.data import Dataset, load_dataset, sample_inputs
@@ -37,6 +38,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.loading import load
 from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
+from modelpress.packing import PackResult, pack, unpack
 from modelpress.pipeline import apply, distill, prune, quantize
 from modelpress.provenance import PassRecord, Provenance
 from modelpress.recipe import Recipe, load_recipe
@@ -47,6 +49,7 @@ from modelpress.verify import Comparison
 __all__ = [
     "KINDS",
     "Adapter",
+    "Codec",
     "Comparison",
     "CompressResult",
     "ConvertResult",
@@ -61,6 +64,7 @@ __all__ = [
     "ModelpressError",
     "Options",
     "OptionsError",
+    "PackResult",
     "PassContext",
     "PassRecord",
     "PluginError",
@@ -69,6 +73,7 @@ __all__ = [
     "Registry",
     "Signature",
     "StageMetrics",
+    "TensorInfo",
     "TensorSpec",
     "UnknownMethodError",
     "UnsafeExternalDataError",
@@ -89,11 +94,13 @@ __all__ = [
     "load",
     "load_dataset",
     "load_recipe",
+    "pack",
     "prune",
     "quantize",
     "reset_registry",
     "sample_inputs",
     "to_torch",
+    "unpack",
     "update_weights",
     "verify",
 ]

@@ -38,6 +38,7 @@ class StageMetrics:
     seconds: float
     path: str
     figures: dict[str, Any] = field(default_factory=dict)
+    packed_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -50,6 +51,18 @@ class CompressResult:
     report: Report
     output: Path | None
     interrupted: bool = False
+    packed: Path | None = None
+
+
+def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Registry) -> Path | None:
+    """With a recipe ``pack`` stage: pack the stage's file to ``.mpk`` beside it and record the size."""
+    if recipe.pack is None:
+        return None
+    from modelpress.packing import pack
+
+    result = pack(path, path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry)
+    stage.packed_bytes = result.size_bytes
+    return result.path
 
 
 def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
@@ -175,6 +188,7 @@ def compress(
     source_path = stages_dir / "00-source.onnx"
     export(source, source_path, verify=False)
     stages = [evaluator.measure("source", source, source_path, 0.0, {})]
+    _pack_stage(recipe, stages[-1], source_path, registry)
     report.add(stages[-1])
     current = source
     interrupted = False
@@ -203,6 +217,7 @@ def compress(
             export(result, path, sample=sample, reference=source)
             figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
             stages.append(evaluator.measure(label, result, path, seconds, figures))
+            _pack_stage(recipe, stages[-1], path, registry)
             report.add(stages[-1])
             current = result
         except KeyboardInterrupt:
@@ -215,9 +230,13 @@ def compress(
             raise
     else:
         report.status = "complete"
-    final = None
+    final = packed = None
     if out_path is not None and not interrupted:
         export(current, out_path, sample=eval_data.take(64) if eval_data is not None else None, reference=source)
         final = out_path
+        if recipe.pack is not None:
+            from modelpress.packing import pack
+
+            packed = pack(out_path, out_path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry).path
     report.write(reports_at)
-    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted)
+    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted, packed=packed)

@@ -428,10 +428,11 @@ class PackedModel:
     def _damaged(self, what: str) -> InvalidModelError:
         return InvalidModelError(f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)")
 
-    def _slice(self, offset: int, size: int, what: str) -> memoryview:
+    def _slice(self, offset: int, size: int, what: str) -> bytes:
         if offset < len(MAGIC) or size < 0 or offset + size > len(self._map) - _FOOTER.size:
             raise self._damaged(f"{what} lies outside the file")
-        return memoryview(self._map)[offset : offset + size]
+        # NOTE: a copy of one blob (not a view): the map can then close while errors hold frames
+        return bytes(self._map[offset : offset + size])
 
     def _read_manifest(self) -> dict[str, Any]:
         data = self._map
@@ -470,7 +471,7 @@ class PackedModel:
         """Decode one tensor and check its SHA-256."""
         blob = self._slice(entry.offset, entry.size, f"tensor {entry.name!r}")
         if entry.codec == STORED:
-            data = bytes(blob)
+            data = blob
         else:
             codec = self.registry.codec(entry.codec)
             if codec is None:
@@ -481,7 +482,7 @@ class PackedModel:
                     plugin=origin,
                 )
             try:
-                data = codec.decode(bytes(blob), entry.info)
+                data = codec.decode(blob, entry.info)
             except PluginError:
                 raise
             except Exception as exc:
@@ -581,3 +582,51 @@ def unpack(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# -- inspection -----------------------------------------------------------------------------------
+
+
+def _element_entropy(data: bytes, info: TensorInfo) -> float | None:
+    """Order-0 entropy of the tensor's element values in bits per element (the bound a
+    Huffman/ANS coder of single elements approaches); None for sub-byte types."""
+    import numpy as np
+
+    from modelpress.codecs import numpy_dtype
+
+    dt = numpy_dtype(info.dtype)
+    if dt is None or not data:
+        return None
+    _, counts = np.unique(np.frombuffer(data, dt), return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def tensor_report(model: Any, *, registry: Registry | None = None) -> list[dict[str, Any]]:
+    """Per packable tensor: dtype, shape, bytes, element width (``bits``), order-0 entropy of the
+    element values (``entropy_bits``, bits/element) and the best codec's blob size and ratio."""
+    registry = registry or get_registry()
+    codecs = registry.codecs()
+    data, base, label = _source(model)
+    proto = onnx.ModelProto()
+    proto.ParseFromString(data)
+    roles = _roles(proto.graph)
+    rows = []
+    for index, (name, tensor) in enumerate(_tensors(proto)):
+        raw: bytes | None = bytes(tensor.raw_data) if tensor.HasField("raw_data") else None
+        with tempfile.TemporaryFile() as sink:
+            entry = _pack_tensor(index, name, tensor, roles, base, label, codecs, {}, {}, sink)
+        if entry is None:
+            continue
+        if entry.external is not None:
+            with open(_safe_location(base or Path("."), entry.external["location"], label, name), "rb") as f:  # type: ignore[index]
+                f.seek(entry.external["offset"])  # type: ignore[index]
+                raw = f.read(entry.bytes)
+        entropy = _element_entropy(raw or b"", entry.info)
+        width = ir.DataType(entry.dtype).bitwidth
+        rows.append({
+            "name": name, "dtype": ir.DataType(entry.dtype).name.lower(), "shape": entry.shape, "role": entry.role,
+            "bytes": entry.bytes, "bits": width, "entropy_bits": entropy,
+            "codec": entry.codec, "packed_bytes": entry.size, "ratio": entry.bytes / max(entry.size, 1),
+        })
+    return rows

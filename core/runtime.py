@@ -37,7 +37,11 @@ def _first_line(exc: BaseException) -> str:
 
 
 def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session for a model or a file."""
+    """An ORT CPU session for a model or a file (a ``.mpk`` pack is decoded in memory)."""
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".mpk"):
+        from modelpress.loading import load
+
+        model = load(model)
     opts = _options(threads)
     providers = ["CPUExecutionProvider"]
     try:

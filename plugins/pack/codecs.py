@@ -50,7 +50,7 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
     bits = u.dtype.itemsize * 8
     rotated = (u << u.dtype.type(1)) | (u >> u.dtype.type(bits - 1))
     planes = rotated.view(np.uint8).reshape(-1, u.dtype.itemsize)
-    return streams.pack_parts([streams.encode(np.ascontiguousarray(planes[:, i]), fast=True) for i in range(planes.shape[1])])
+    return streams.pack_parts([streams.encode(np.ascontiguousarray(planes[:, i]).tobytes(), fast=True) for i in range(planes.shape[1])])
 
 
 def _bytegroup_decode(blob: bytes, info: TensorInfo) -> bytes:

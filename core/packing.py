@@ -3,14 +3,15 @@
 Layout (all integers little-endian)::
 
     b"MPACK\\x00\\x01\\x00"                     8-byte magic, format version 1
-    graph blob                                  the ModelProto with packed tensors' bytes removed,
-                                                LZMA2 (raw) coded
     tensor blobs ...                            one per packed tensor, coded by its codec
     external-file filler blobs ...              bytes of external-data files no tensor covers
-    manifest                                    UTF-8 JSON, LZMA2 (raw) coded
-    u64 manifest offset, u64 manifest size, b"MPACKEND"
+    head                                        LZMA2 (raw) of: u32 manifest size, the manifest
+                                                (UTF-8 JSON), the graph (the ModelProto with the
+                                                packed tensors' bytes removed)
+    u64 head offset, u64 head size, b"MPACKEND"
 
-The manifest (``format: "modelpress-pack/1"``) lists the graph blob and, per tensor, its name,
+The manifest and the graph share one LZMA stream (they repeat the same tensor names). The
+manifest (``format: "modelpress-pack/1"``) gives the graph's size and SHA-256 and, per tensor, its name,
 ONNX dtype, shape, role, the codec (``"stored"`` or a registered codec's name), offset and size
 of its blob, its decoded size and the SHA-256 of its decoded bytes; external-data tensors also
 carry their file and offset. Tensors are initializers (of the main graph and subgraphs) whose
@@ -58,7 +59,7 @@ FORMAT = "modelpress-pack/1"
 MAGIC = b"MPACK\x00\x01\x00"
 END = b"MPACKEND"
 STORED = "stored"
-MIN_PACKED_BYTES = 64  # NOTE: smaller tensors cost more in the manifest than they save
+MIN_PACKED_BYTES = 128  # NOTE: smaller tensors cost more in the manifest than they save
 _FOOTER = struct.Struct("<QQ8s")
 _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -301,9 +302,7 @@ def pack(
                     entries.append(entry)
             files = _pack_filler(externals, base, label, out)
             stripped = proto.SerializeToString()
-            graph_blob = _lzma(stripped)
-            graph = {"offset": out.tell(), "size": len(graph_blob), "sha256": hashlib.sha256(stripped).hexdigest()}
-            out.write(graph_blob)
+            graph = {"size": len(stripped), "sha256": hashlib.sha256(stripped).hexdigest()}
             manifest = {
                 "format": FORMAT,
                 "source": {"name": Path(label).name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "bytes_identical": identical},
@@ -312,7 +311,8 @@ def pack(
                 "tensors": [_entry_json(e) for e in entries],
                 "external_files": files,
             }
-            blob = _lzma(json.dumps(manifest, separators=(",", ":")).encode())
+            text = json.dumps(manifest, separators=(",", ":")).encode()
+            blob = _lzma(struct.pack("<I", len(text)) + text + stripped)
             offset = out.tell()
             out.write(blob)
             out.write(_FOOTER.pack(offset, len(blob), END))
@@ -444,9 +444,12 @@ class PackedModel:
         if end != END:
             raise self._damaged("the footer is missing")
         try:
-            manifest = json.loads(_unlzma(self._slice(offset, size, "the manifest")))
-        except (lzma.LZMAError, ValueError) as exc:
+            head = _unlzma(self._slice(offset, size, "the manifest"))
+            (length,) = struct.unpack_from("<I", head)
+            manifest = json.loads(head[4 : 4 + length])
+        except (lzma.LZMAError, ValueError, struct.error) as exc:
             raise self._damaged(f"the manifest cannot be read ({exc})") from None
+        self._graph = head[4 + length :]
         if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
             raise InvalidModelError(f"{self.label}: unsupported pack format {manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads {FORMAT})")
         return manifest
@@ -458,11 +461,8 @@ class PackedModel:
     def graph(self) -> onnx.ModelProto:
         g = self.manifest["graph"]
         proto = onnx.ModelProto()
-        try:
-            data = _unlzma(self._slice(g["offset"], g["size"], "the graph"))
-        except lzma.LZMAError as exc:
-            raise self._damaged(f"the graph cannot be decoded ({exc})") from None
-        if hashlib.sha256(data).hexdigest() != g.get("sha256"):
+        data = self._graph
+        if len(data) != g.get("size") or hashlib.sha256(data).hexdigest() != g.get("sha256"):
             raise self._damaged("the graph's SHA-256 does not match the manifest")
         proto.ParseFromString(data)
         return proto

@@ -276,7 +276,7 @@ def test_recipe_pack_stage_reports_packed_sizes(digits_mlp_path, digits_npz, tmp
     recipe = {
         "passes": [
             {"kind": "prune", "method": "magnitude", "options": {"sparsity": 0.8}},
-            {"kind": "quantize", "method": "codebook", "options": {"bits": 4, "min_elements": 64}},
+            {"kind": "quantize", "method": "codebook", "options": {"bits": 4, "min_elements": 64, "keep_zeros": True, "biases": True}},
         ],
         "data": {"eval": str(digits_npz)},
         "evaluate": {"metric": "accuracy", "repeats": 2, "batch_size": 8},
@@ -296,5 +296,11 @@ def test_recipe_pack_stage_reports_packed_sizes(digits_mlp_path, digits_npz, tmp
     assert abs(result.packed.stat().st_size - stage_pack.stat().st_size) < 64  # same weights, other metadata
     with PackedModel(result.packed) as packed:
         assert {e.codec for e in packed.entries} & {"sparse", "codebook"}
+    # Deep Compression's weight sharing: pruned weights stay exactly zero, biases are shared too
+    pruned = {t.name: numpy_helper.to_array(t) for t in onnx.load(result.stages[1].path).graph.initializer}
+    shared = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out)).graph.initializer}
+    table, idx = shared["fc0.weight_codebook"], shared["fc0.weight_indices"]
+    assert table[0] == 0 and np.array_equal(idx == 0, pruned["fc0.weight"] == 0)
+    assert len(np.unique(table[idx])) <= 16 and "fc0.bias_indices" in shared and "fc0.bias" not in shared
     x = np.load(digits_npz)["x"][:16]
     np.testing.assert_array_equal(run(make_session(result.packed), {"x": x})[0], run(make_session(out), {"x": x})[0])

@@ -162,12 +162,21 @@ def _sparse_encode(data: bytes, info: TensorInfo) -> bytes | None:
             background, zeros = mode, count
     if zeros < u.size // 2:
         return None
+    best = _sparse_body(u, background, info, 0)
+    if len(info.shape) == 2 and min(info.shape) > 1:
+        # NOTE: column order too: dead inputs (always-zero pixels) are zero columns of a weight
+        transposed = _sparse_body(u.reshape(info.shape).T.reshape(-1), background, info, 1)
+        best = min(best, transposed, key=len)
+    return best
+
+
+def _sparse_body(u: np.ndarray, background: np.generic, info: TensorInfo, order: int) -> bytes:
     mask = u != background
     idx = np.flatnonzero(mask)
     gaps = b"\0" + streams.encode(_gaps_encode(idx))
     bitmask = b"\1" + streams.encode(np.packbits(mask).tobytes())
     positions = min(gaps, bitmask, key=len)
-    header = struct.pack("<Q", idx.size) + np.asarray(background, u.dtype).tobytes()
+    header = struct.pack("<QB", idx.size, order) + np.asarray(background, u.dtype).tobytes()
     return streams.pack_parts([header, positions, _values_encode(u[mask], info)])
 
 
@@ -175,8 +184,8 @@ def _sparse_decode(blob: bytes, info: TensorInfo) -> bytes:
     dt = numpy_dtype(info.dtype)
     assert dt is not None
     header, positions, values = streams.unpack_parts(blob)
-    (count,) = struct.unpack_from("<Q", header)
-    background = np.frombuffer(header[8:], dt)[0]
+    count, order = struct.unpack_from("<QB", header)
+    background = np.frombuffer(header[9:], dt)[0]
     raw = streams.decode(positions[1:])
     if positions[0] == 0:
         idx = _gaps_decode(raw)
@@ -186,6 +195,9 @@ def _sparse_decode(blob: bytes, info: TensorInfo) -> bytes:
         raise ValueError(f"sparse positions decode to {idx.size} elements, expected {count}")
     out = np.full(info.size, background, dt)
     out[idx] = np.frombuffer(_values_decode(values, replace(info, shape=(count,))), dt)
+    if order == 1:
+        rows, cols = info.shape
+        return out.reshape(cols, rows).T.tobytes()
     return out.tobytes()
 
 

@@ -1,6 +1,6 @@
 """Lossless packing: modelpress's codecs vs general-purpose compressors, side by side in one run.
 
-    python benchmarks/pack.py [--model ppocr-det] [--no-deep-compression]
+    python benchmarks/pack.py [--model yolov8n] [--no-deep-compression]
 
 Rows: a real third-party fp32 ONNX model (``benchmarks/real_models.py``), its fp16 and INT8
 static versions, a 90%-sparse version (magnitude pruning) and a 4-bit codebook version, all
@@ -155,7 +155,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ppocr-det", help="real model from benchmarks/real_models.py (default ppocr-det)")
+    parser.add_argument("--model", default="yolov8n", help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)")
     parser.add_argument("--no-deep-compression", action="store_true", help="skip the Deep Compression runs (they train models)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

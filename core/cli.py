@@ -157,6 +157,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 "version": p.version,
                 "builtin": p.builtin,
                 "adapters": [a.name for a in p.adapters],
+                "codecs": [{"name": c.name, "summary": c.summary} for c in p.codecs],
                 "methods": [
                     {"kind": m.kind, "name": m.name, "summary": m.summary, "mutates": m.mutates, "options": m.option_rows()}
                     for m in p.methods
@@ -173,7 +174,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for col in ("plugin", "distribution", "version", "provides"):
         table.add_column(col)
     for p in registry.plugins.values():
-        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods]
+        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods] + [f"codec {c.name}" for c in p.codecs]
         table.add_row(p.name + (" (built-in)" if p.builtin else ""), p.distribution, p.version, ", ".join(provides) or "-")
     console.print(table)
     for kind in ("quantize", "prune", "distill"):

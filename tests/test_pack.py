@@ -241,6 +241,8 @@ def test_a_codec_from_a_plugin_is_used_and_required(tmp_path):
     model = _filled_model(tmp_path / "filled.onnx")
     registry = modelpress.create_registry(plugins=[_ConstantCodec(), _LyingCodec()])
     assert registry.codec("constant").plugin and registry.codec("bytegroup").plugin == "pack"
+    builtin = registry.plugins["pack"]  # the built-in codecs come through the entry-point group
+    assert builtin.builtin and {c.name for c in builtin.codecs} == {"bytegroup", "codebook", "sparse", "nibbles", "zstd", "lzma"}
     result = modelpress.pack(model, tmp_path / "f.mpk", registry=registry)
     assert result.tensors[0].codec == "constant" and result.tensors[0].size == 4
     assert "liar" in result.skipped_codecs  # tried, failed its check, never written

@@ -13,6 +13,7 @@ except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare
     __version__ = "0.0.0+unknown"
 
 from modelpress.adapter import Adapter
+from modelpress.codecs import Codec, TensorInfo
 from modelpress.compress import CompressResult, StageMetrics, compress
 from modelpress.convert import ConvertResult, convert
 from modelpress.data import Dataset, load_dataset, sample_inputs
@@ -38,6 +39,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.loading import load
 from modelpress.methods import KINDS, Method, Options, PassContext
 from modelpress.model import Model
+from modelpress.packing import PackResult, pack, unpack
 from modelpress.pipeline import apply, distill, prune, quantize
 from modelpress.provenance import PassRecord, Provenance
 from modelpress.recipe import Recipe, load_recipe
@@ -48,6 +50,7 @@ from modelpress.verify import Comparison
 __all__ = [
     "KINDS",
     "Adapter",
+    "Codec",
     "Comparison",
     "CompressResult",
     "ConvertResult",
@@ -63,6 +66,7 @@ __all__ = [
     "NoGainError",
     "Options",
     "OptionsError",
+    "PackResult",
     "PassContext",
     "PassRecord",
     "PluginError",
@@ -71,6 +75,7 @@ __all__ = [
     "Registry",
     "Signature",
     "StageMetrics",
+    "TensorInfo",
     "TensorSpec",
     "UnknownMethodError",
     "UnsafeExternalDataError",
@@ -91,11 +96,13 @@ __all__ = [
     "load",
     "load_dataset",
     "load_recipe",
+    "pack",
     "prune",
     "quantize",
     "reset_registry",
     "sample_inputs",
     "to_torch",
+    "unpack",
     "update_weights",
     "verify",
 ]

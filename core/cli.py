@@ -143,6 +143,51 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     console.print(ops)
     if info["passes"]:
         console.print("passes applied: " + " -> ".join(info["passes"]))
+    if args.entropy:
+        _print_entropy(model, console)
+    return 0
+
+
+def _print_entropy(model: Any, console: Any) -> None:
+    from rich.table import Table
+
+    from modelpress.packing import tensor_report
+
+    table = Table(title="tensors: order-0 entropy and the best lossless codec", title_justify="left")
+    for i, col in enumerate(("tensor", "dtype", "shape", "role", "size", "entropy (bits/elem)", "best codec", "packed", "ratio")):
+        table.add_column(col, justify="left" if i < 4 else "right")
+    for row in tensor_report(model):
+        entropy = "-" if row["entropy_bits"] is None else f"{row['entropy_bits']:.2f} of {row['bits']}"
+        table.add_row(
+            escape(row["name"]), row["dtype"], escape(str(row["shape"])), row["role"], _human_bytes(row["bytes"]), entropy,
+            row["codec"], _human_bytes(row["packed_bytes"]), f"{row['ratio']:.2f}x",
+        )
+    console.print(table)
+
+
+def cmd_pack(args: argparse.Namespace) -> int:
+    import modelpress
+
+    codecs = args.codecs.split(",") if args.codecs != "auto" else "auto"
+    result = modelpress.pack(args.model, args.output, codecs=codecs)
+    console = _console()
+    counts = ", ".join(f"{name} {n}" for name, n in sorted(result.codec_counts().items()))
+    console.print(
+        f"packed {escape(args.model)} ({_human_bytes(result.source_bytes)}) into {escape(str(result.path))} "
+        f"({_human_bytes(result.size_bytes)}, {result.ratio:.2f}x smaller); tensors by codec: {counts or 'none'}"
+    )
+    if not result.bytes_identical:
+        console.print("note: the input's protobuf encoding is not canonical: unpack restores every tensor and the graph exactly, not the same file bytes")
+    for name, why in result.skipped_codecs.items():
+        console.print(f"[dim]codec {escape(name)} skipped: {escape(why)}[/dim]")
+    return 0
+
+
+def cmd_unpack(args: argparse.Namespace) -> int:
+    import modelpress
+
+    path = modelpress.unpack(args.pack, args.output)
+    _console().print(f"unpacked {escape(args.pack)} into {escape(str(path))} (every tensor matched its SHA-256)")
     return 0
 
 
@@ -158,6 +203,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 "version": p.version,
                 "builtin": p.builtin,
                 "adapters": [a.name for a in p.adapters],
+                "codecs": [{"name": c.name, "summary": c.summary} for c in p.codecs],
                 "methods": [
                     {"kind": m.kind, "name": m.name, "summary": m.summary, "mutates": m.mutates, "options": m.option_rows()}
                     for m in p.methods
@@ -174,7 +220,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     for col in ("plugin", "distribution", "version", "provides"):
         table.add_column(col)
     for p in registry.plugins.values():
-        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods]
+        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods] + [f"codec {c.name}" for c in p.codecs]
         table.add_row(p.name + (" (built-in)" if p.builtin else ""), p.distribution, p.version, ", ".join(provides) or "-")
     console.print(table)
     for kind in ("quantize", "prune", "distill"):
@@ -416,7 +462,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model", help="model file (.onnx; other formats with their extras)")
     p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser(
+        "pack",
+        help="losslessly pack an ONNX model's weights with entropy codecs into a .mpk container",
+        description="Pack MODEL (.onnx, external data included) into OUT (.mpk): the graph plus each tensor coded by the "
+        "installed codec that makes it smallest, with a SHA-256 per tensor. `modelpress unpack` restores the file bit-exactly; "
+        "`modelpress.load('x.mpk')` decodes it in memory.",
+    )
+    p.add_argument("model", help="input .onnx model")
+    p.add_argument("-o", "--output", required=True, help="output .mpk path (written atomically)")
+    p.add_argument("--codecs", default="auto", help="'auto' (every installed codec, default) or a comma-separated list of codec names")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("unpack", help="restore the ONNX model of a .mpk container bit-exactly", description="Decode PACK and write the original ONNX file (and its external data) to OUT; every tensor is checked against its SHA-256.")
+    p.add_argument("pack", help="input .mpk file")
+    p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+    p.set_defaults(func=cmd_unpack)
 
     p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")

@@ -39,6 +39,7 @@ class StageMetrics:
     seconds: float
     path: str
     figures: dict[str, Any] = field(default_factory=dict)
+    packed_bytes: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -51,6 +52,18 @@ class CompressResult:
     report: Report
     output: Path | None
     interrupted: bool = False
+    packed: Path | None = None
+
+
+def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Registry) -> Path | None:
+    """With a recipe ``pack`` stage: pack the stage's file to ``.mpk`` beside it and record the size."""
+    if recipe.pack is None:
+        return None
+    from modelpress.packing import pack
+
+    result = pack(path, path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry)
+    stage.packed_bytes = result.size_bytes
+    return result.path
 
 
 def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
@@ -192,6 +205,7 @@ def compress(
     source_path = stages_dir / "00-source.onnx"
     export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
     stages = [evaluator.measure("source", source, source_path, 0.0, {})]
+    _pack_stage(recipe, stages[-1], source_path, registry)
     report.add(stages[-1])
     current = source
     interrupted = False
@@ -221,6 +235,7 @@ def compress(
                    show_progress=show_progress, overwrite=overwrite)
             figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
             stages.append(evaluator.measure(label, result, path, seconds, figures))
+            _pack_stage(recipe, stages[-1], path, registry)
             report.add(stages[-1])
             current = result
             if figures.get("no_gain") and not allow_no_gain:
@@ -238,11 +253,15 @@ def compress(
             raise
     else:
         report.status = "complete"
-    final = None
+    final = packed = None
     if out_path is not None and not interrupted:
         final_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
         export(current, out_path, sample=final_sample, reference=source, verify=verify, external_data=external_data,
                show_progress=show_progress, overwrite=overwrite)
         final = out_path
+        if recipe.pack is not None:
+            from modelpress.packing import pack
+
+            packed = pack(out_path, out_path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry).path
     report.write(reports_at)
-    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted)
+    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted, packed=packed)

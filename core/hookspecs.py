@@ -27,6 +27,7 @@ import pluggy
 
 if TYPE_CHECKING:
     from modelpress.adapter import Adapter
+    from modelpress.codecs import Codec
     from modelpress.export import ExportResult
     from modelpress.methods import Method
     from modelpress.model import Model
@@ -79,6 +80,27 @@ def modelpress_register_adapters(register: Callable[[Adapter], None]) -> None:
     ``priority`` order and uses the first that accepts the source. An adapter must import its
     framework lazily, inside ``accepts``/``load``, and only when the source could be one of its
     objects: ``import modelpress`` never imports torch or TensorFlow.
+    """
+
+
+@hookspec
+def modelpress_register_codecs(register: Callable[[Codec], None]) -> None:
+    """Register lossless tensor codecs for ``modelpress pack`` by calling ``register(codec)``.
+
+    ``codec`` is a :class:`modelpress.Codec`: a ``name`` (unique across plugins; it is written
+    into every ``.mpk`` manifest, so never rename a codec once files exist), ``encode(data,
+    info) -> bytes | None``, ``decode(blob, info) -> bytes`` and ``applies(info) -> bool``.
+    ``data`` is one tensor's raw little-endian bytes (int4/uint4 packed two to a byte, as ONNX
+    stores them) and ``info`` a :class:`modelpress.TensorInfo` (``name``, ONNX ``dtype``,
+    ``shape`` and ``role``: ``"weight"``, ``"bias"``, ``"quantized"``, ``"indices"``, ``"table"``
+    or ``"other"``). ``decode`` must return exactly ``data``; ``encode`` returns ``None`` when it
+    cannot code a tensor.
+
+    The packer tries every codec whose ``applies`` accepts the tensor and keeps the smallest blob
+    that decodes back to the same bytes; a codec that raises or decodes wrongly is skipped for
+    that tensor (and named in the pack figures), so a faulty codec never corrupts a file. A
+    ``.mpk`` file can only be unpacked where the codecs it names are installed. Two plugins
+    registering the same codec name is a :class:`modelpress.DuplicateMethodError`.
     """
 
 

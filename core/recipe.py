@@ -15,6 +15,7 @@ A recipe is YAML or JSON::
       batch_size: 64                  # latency is measured at batch 1 and this
       threads: 1
       repeats: 20
+    pack: {codecs: auto}              # optional last stage: lossless .mpk beside the output
 
 Everything is validated before any work starts: unknown methods list the installed ones, option
 typos name the closest valid option, missing data files are named.
@@ -39,7 +40,7 @@ from pydantic import Field
 from modelpress.errors import DataError, OptionsError, one_line
 from modelpress.registry import Registry, get_registry
 
-__all__ = ["METRICS", "DataSources", "Evaluate", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
+__all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
 
 METRICS = ("accuracy", "agreement", "cosine", "mse")
 
@@ -69,8 +70,13 @@ class Evaluate(_Strict):
     max_samples: int = Field(2048, ge=1, description="evaluation samples used")
 
 
+class PackSpec(_Strict):
+    codecs: str | list[str] = Field("auto", description="'auto' (every installed codec) or codec names (`modelpress plugins`)")
+
+
 class Recipe(_Strict):
     passes: list[PassSpec] = Field(min_length=1, description="passes, applied in order")
+    pack: PackSpec | None = Field(None, description="finally pack the model losslessly into <output>.mpk (and report every stage's packed size)")
     data: DataSources = Field(default_factory=DataSources)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     base_dir: str = Field("", exclude=True, description="folder data paths are relative to (set when loading a file)")

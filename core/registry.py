@@ -1,4 +1,4 @@
-"""Plugin discovery and the registry of methods and adapters.
+"""Plugin discovery and the registry of methods, adapters and codecs.
 
 Plugins are found through the ``modelpress`` entry-point group. modelpress's own adapters and
 methods are entry points of the ``modelpress`` distribution and go through exactly the same
@@ -28,6 +28,7 @@ import pluggy
 
 from modelpress import hookspecs
 from modelpress.adapter import Adapter
+from modelpress.codecs import Codec
 from modelpress.errors import DuplicateMethodError, PluginError, UnknownMethodError, one_line
 from modelpress.methods import KINDS, Method
 
@@ -61,6 +62,7 @@ class PluginInfo:
     module: str
     methods: list[Method] = field(default_factory=list)
     adapters: list[Adapter] = field(default_factory=list)
+    codecs: list[Codec] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -77,6 +79,7 @@ class Registry:
         self.skipped: dict[str, str] = {}
         self._methods: dict[tuple[str, str], tuple[Method, PluginInfo]] = {}
         self._adapters: list[Adapter] = []
+        self._codecs: dict[str, tuple[Codec, PluginInfo]] = {}
 
     # -- registration ----------------------------------------------------------------------
     def register(
@@ -114,6 +117,7 @@ class Registry:
             return
         self._methods = {k: v for k, v in self._methods.items() if v[1] is not info}
         self._adapters = [a for a in self._adapters if a.plugin != name]
+        self._codecs = {k: v for k, v in self._codecs.items() if v[1] is not info}
 
     def _collect(self, name: str, info: PluginInfo) -> None:
         """Call this plugin's register hooks with callbacks that attribute what it registers."""
@@ -141,10 +145,26 @@ class Registry:
             self._adapters.append(adapter)
             info.adapters.append(adapter)
 
+        def register_codec(codec: Codec) -> None:
+            if not isinstance(codec, Codec):
+                raise PluginError(f"plugin {info.label} registered {codec!r}, which is not a modelpress.Codec", plugin=name)
+            if codec.name in self._codecs:
+                other = self._codecs[codec.name][1]
+                raise DuplicateMethodError(
+                    f"codec {codec.name!r} is registered by both {other.label} and {info.label}; "
+                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                    plugin=name,
+                    method=codec.name,
+                )
+            codec = codec.attributed(info.name, info.version)
+            self._codecs[codec.name] = (codec, info)
+            info.codecs.append(codec)
+
         plugin = self.pm.get_plugin(name)
         for hook_name, callback in (
             ("modelpress_register_methods", register_method),
             ("modelpress_register_adapters", register_adapter),
+            ("modelpress_register_codecs", register_codec),
         ):
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is not plugin:
@@ -181,6 +201,13 @@ class Registry:
 
     def adapters(self) -> list[Adapter]:
         return sorted(self._adapters, key=lambda a: -a.priority)
+
+    def codecs(self) -> list[Codec]:
+        return [c for _, (c, _) in sorted(self._codecs.items())]
+
+    def codec(self, name: str) -> Codec | None:
+        entry = self._codecs.get(name)
+        return entry[0] if entry else None
 
     @property
     def hook(self) -> Any:

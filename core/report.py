@@ -36,7 +36,11 @@ class Report:
     # -- rows ------------------------------------------------------------------------------
     def columns(self) -> list[str]:
         latency = list(self.stages[0].latency_ms) if self.stages else []
-        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", "parameters", "sparsity", *[f"latency {k} ms" for k in latency], "time (s)"]
+        packed = ["packed size (MB)", "ratio (packed)"] if self._packed() else []
+        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", *packed, "parameters", "sparsity", *[f"latency {k} ms" for k in latency], "time (s)"]
+
+    def _packed(self) -> bool:
+        return any(s.packed_bytes is not None for s in self.stages)
 
     def rows(self) -> list[list[str]]:
         if not self.stages:
@@ -47,8 +51,11 @@ class Report:
             value = "-" if s.value is None else f"{s.value:.4f}"
             # NOTE: a stage with no gain (not smaller, or nothing changed) is flagged where it is read.
             label = f"{s.stage} [NO GAIN]" if s.figures.get("no_gain") else s.stage
+            packed: list[str] = []
+            if self._packed():
+                packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
             rows.append([
-                label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), f"{s.parameters:,}",
+                label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
                 f"{s.sparsity:.1%}", *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
             ])
         return rows
@@ -69,7 +76,7 @@ class Report:
         cols = self.columns()
         lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed). Latency: ONNX Runtime, CPU, median."]
+        lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). Latency: ONNX Runtime, CPU, median."]
         lines += [f"\n**No gain at {s.stage}**: {s.figures['no_gain']}" for s in self.stages if s.figures.get("no_gain")]
         for s in self.stages[1:]:
             if s.figures:

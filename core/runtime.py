@@ -57,7 +57,7 @@ def in_memory_bytes(model: Model) -> int:
 
 
 def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
-    """An ORT CPU session for a model or a file.
+    """An ORT CPU session for a model or a file (a ``.mpk`` pack is decoded in memory).
 
     A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
     external references, with ORT told the folder they live in: nothing is copied, and the
@@ -65,6 +65,10 @@ def make_session(model: Model | str | os.PathLike[str], *, threads: int | None =
     ~1.5 GB of weights in memory, or external data in several folders, goes through a
     temporary file.
     """
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".mpk"):
+        from modelpress.loading import load
+
+        model = load(model)
     opts = _options(threads)
     providers = ["CPUExecutionProvider"]
     try:

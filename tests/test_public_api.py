@@ -13,6 +13,7 @@ PUBLIC = {
     "hookimpl", "load", "load_dataset", "reset_registry", "sample_inputs", "verify",
     "ConvertResult", "convert", "fit", "to_torch", "update_weights", "quantize", "prune", "distill",
     "CompressResult", "StageMetrics", "compress", "Recipe", "load_recipe", "NoGainError",
+    "Codec", "TensorInfo", "PackResult", "pack", "unpack",
 }
 
 

@@ -146,7 +146,20 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
     figures = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted}
     if result.best_metric is not None:
         figures["validation_accuracy"] = round(float(result.best_metric), 4)
-    return update_weights(model, module), figures
+    return _positive_zeros(update_weights(model, module), masks), figures
+
+
+def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:
+    """Training writes masked weights as w * 0, which is -0.0 for negative w; store +0.0 (the same
+    number) so pruned tensors have one zero bit pattern and entropy-code as sparse."""
+    for name in masks or {}:
+        value = model.ir.graph.initializers.get(name)
+        if value is None or value.const_value is None or not value.const_value.dtype.is_floating_point():
+            continue
+        w = value.const_value.numpy()
+        if np.signbit(w[w == 0]).any():
+            model.replace_initializer(name, np.where(w == 0, np.zeros((), w.dtype), w))
+    return model
 
 
 def _rebuild(model: Model) -> Model:

@@ -25,6 +25,8 @@ class CodebookOptions(Options):
     min_elements: int = Field(256, ge=1, description="skip weights smaller than this")
     iterations: int = Field(30, ge=1, description="k-means (Lloyd) iterations")
     exclude: list[str] = Field(default_factory=list, description="node names to leave alone")
+    keep_zeros: bool = Field(False, description="pruned weights stay exactly 0 (codebook entry 0); k-means shares the nonzero ones (Deep Compression)")
+    biases: bool = Field(False, description="also share the values of the layers' biases (with >= 4 * 2^bits elements), as Deep Compression does")
 
 
 def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndarray, np.ndarray]:
@@ -50,6 +52,39 @@ def kmeans_1d(values: np.ndarray, k: int, iterations: int = 30) -> tuple[np.ndar
     return centroids.astype(np.float32), np.searchsorted(edges, flat).astype(np.uint8)
 
 
+def _share(w: np.ndarray, k: int, opts: CodebookOptions) -> tuple[np.ndarray, np.ndarray]:
+    """(codebook, indices) of ``w``; with ``keep_zeros`` entry 0 is exactly 0 and only nonzero
+    weights are clustered (into the other k-1 entries), so pruning survives quantization."""
+    if not opts.keep_zeros:
+        return kmeans_1d(w, k, opts.iterations)
+    flat = w.ravel()
+    nonzero = flat != 0
+    idx = np.zeros(flat.size, np.uint8)
+    table = np.zeros(k, np.float32)
+    if nonzero.any():
+        sub_table, sub_idx = kmeans_1d(flat[nonzero], k - 1, opts.iterations)
+        table[1:] = sub_table
+        idx[nonzero] = sub_idx + 1
+    return table, idx
+
+
+def _gather_from(model: Model, weight: ir.Value, table: np.ndarray, idx: np.ndarray) -> None:
+    """Replace initializer ``weight`` by ``Gather(table, Cast(idx, int64))`` under the same name."""
+    graph = model.ir.graph
+    base = weight.name or "weight"
+    table_v = model.add_initializer(f"{base}_codebook", table)
+    idx_v = model.add_initializer(f"{base}_indices", idx)
+    as_int = model.new_node("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast",
+                            outputs=[(f"{base}_indices_int64", ir.DataType.INT64)])
+    gather = model.new_node("Gather", [table_v, as_int.outputs[0]], {"axis": 0}, name=f"{base}_Gather",
+                            outputs=[(f"{base}_decoded", ir.DataType.FLOAT)])
+    gather.outputs[0].shape = ir.Shape(idx.shape)
+    graph.insert_before(graph[0], [as_int, gather])
+    weight.replace_all_uses_with(gather.outputs[0])
+    gather.outputs[0].name, weight.name = base, f"{base}_float_unused"
+    (weight.graph or graph).initializers.pop(weight.name)
+
+
 def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
     k = 2**opts.bits
     graph = model.ir.graph
@@ -66,21 +101,16 @@ def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
             continue
         seen.add(weight.name or "")
         w = tensor.numpy()
-        table, idx = kmeans_1d(w, k, opts.iterations)
+        table, idx = _share(w, k, opts)
         sq_error += float(np.sum((table[idx].reshape(w.shape) - w) ** 2))
         count += w.size
-        base = weight.name or layer.name
-        table_v = model.add_initializer(f"{base}_codebook", table)
-        idx_v = model.add_initializer(f"{base}_indices", idx.reshape(w.shape))
-        as_int = model.new_node("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast",
-                                outputs=[(f"{base}_indices_int64", ir.DataType.INT64)])
-        gather = model.new_node("Gather", [table_v, as_int.outputs[0]], {"axis": 0}, name=f"{base}_Gather",
-                                outputs=[(f"{base}_decoded", ir.DataType.FLOAT)])
-        gather.outputs[0].shape = ir.Shape(w.shape)
-        graph.insert_before(graph[0], [as_int, gather])
-        weight.replace_all_uses_with(gather.outputs[0])
-        gather.outputs[0].name, weight.name = base, f"{base}_float_unused"
-        (weight.graph or graph).initializers.pop(weight.name)
+        _gather_from(model, weight, table, idx.reshape(w.shape))
+        if opts.biases and layer.bias is not None and layer.bias.name not in seen:
+            bias = layer.bias_array()
+            if bias is not None and bias.dtype == np.float32 and bias.size >= 4 * k:
+                seen.add(layer.bias.name or "")
+                b_table, b_idx = kmeans_1d(bias, k, opts.iterations)
+                _gather_from(model, layer.bias, b_table, b_idx.reshape(bias.shape))
         before += w.nbytes
         after += idx.nbytes + table.nbytes
         done += 1

@@ -1,0 +1,50 @@
+"""The ``.mpk`` adapter: ``modelpress.load("model.mpk")`` decodes a pack in memory.
+
+Tensors are decoded one at a time straight into an in-memory ONNX model (no ONNX file is
+written), which then goes through the ONNX adapter's validation. Models above protobuf's 2 GB
+limit must be unpacked to a file instead (``modelpress unpack``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+from typing import Any
+
+from modelpress.adapter import Adapter
+from modelpress.hookspecs import hookimpl
+from modelpress.model import Model
+from modelpress.packing import MAGIC, read_packed
+
+from .onnx import load_onnx
+
+__all__ = ["load_mpk"]
+
+
+def _accepts(source: Any) -> bool:
+    if not isinstance(source, (str, os.PathLike)):
+        return False
+    path = Path(source)
+    if path.suffix.lower() == ".mpk":
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def load_mpk(source: Any, *, check: bool = True, **_: Any) -> Model:
+    """Decode a ``.mpk`` pack and load it like an ONNX model."""
+    model = load_onnx(read_packed(source), check=check)
+    model.path = os.fspath(source)
+    if model.provenance.source in ("ModelProto", ""):
+        model.provenance = dataclasses.replace(model.provenance, source=os.fspath(source))
+    return model
+
+
+@hookimpl
+def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
+    # NOTE: above the ONNX adapter, which accepts any file with an unknown suffix.
+    register(Adapter(name="mpk", accepts=_accepts, load=load_mpk, summary="modelpress packs (.mpk), decoded in memory", priority=10))

@@ -1,0 +1,262 @@
+"""The built-in codecs. Every function is vectorised numpy; entropy coding is in :mod:`.streams`.
+
+* ``bytegroup`` (fp32/fp16/bf16/fp64): rotate the sign bit to the bottom so one byte holds the
+  exponent alone, split the values into byte planes and entropy-code each plane (ZipNN's idea:
+  exponents are highly skewed, mantissas are noise and stay stored, which keeps decoding fast).
+* ``codebook``: tensors with at most 256 distinct values (codebook-quantized floats, int8/uint8
+  weights, codebook indices): a table of the values plus entropy-coded indices (nibble pairs
+  when there are at most 16).
+* ``sparse``: most elements equal one background value (zero after pruning, or the most common
+  codebook index): relative indices of the others (gaps as bytes, 255 = "add 255 and go on",
+  Deep Compression's filler entries) or a bitmask, plus the values coded by the best of the
+  above.
+* ``nibbles``: int4/uint4 tensors unpacked to one symbol per byte before entropy coding.
+* ``zstd`` and ``lzma``: general-purpose fallbacks on the raw bytes.
+"""
+
+from __future__ import annotations
+
+import lzma
+import struct
+from dataclasses import replace
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.codecs import Codec, TensorInfo, numpy_dtype
+
+from . import streams
+
+__all__ = ["CODECS"]
+
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+
+
+def _fits(data: bytes, info: TensorInfo) -> np.ndarray | None:
+    """``data`` as unsigned integers of the element width, or None if the size does not match."""
+    dt = numpy_dtype(info.dtype)
+    if dt is None or len(data) != info.size * dt.itemsize:
+        return None
+    return np.frombuffer(data, dtype=dt)
+
+
+# -- bytegroup ---------------------------------------------------------------------------------
+
+
+def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    u = _fits(data, info)
+    if u is None or info.dtype not in _FLOATS or u.size == 0:
+        return None
+    bits = u.dtype.itemsize * 8
+    rotated = (u << u.dtype.type(1)) | (u >> u.dtype.type(bits - 1))
+    planes = rotated.view(np.uint8).reshape(-1, u.dtype.itemsize)
+    return streams.pack_parts([streams.encode(np.ascontiguousarray(planes[:, i]).tobytes(), fast=True) for i in range(planes.shape[1])])
+
+
+def _bytegroup_decode(blob: bytes, info: TensorInfo) -> bytes:
+    dt = numpy_dtype(info.dtype)
+    assert dt is not None
+    parts = streams.unpack_parts(blob)
+    out = np.empty((info.size, dt.itemsize), np.uint8)
+    for i, part in enumerate(parts):
+        out[:, i] = np.frombuffer(streams.decode(part), np.uint8)
+    u = out.view(dt).reshape(-1)
+    low = u >> dt.type(1)
+    u <<= dt.type(dt.itemsize * 8 - 1)
+    u |= low
+    return u.tobytes()
+
+
+# -- codebook ----------------------------------------------------------------------------------
+
+
+def _nibble_pack(idx: np.ndarray) -> bytes:
+    padded = np.concatenate([idx, np.zeros(len(idx) % 2, np.uint8)])
+    return (padded[0::2] | (padded[1::2] << 4)).astype(np.uint8).tobytes()
+
+
+def _nibble_unpack(data: bytes, count: int) -> np.ndarray:
+    b = np.frombuffer(data, np.uint8)
+    out = np.empty(len(b) * 2, np.uint8)
+    out[0::2] = b & 15
+    out[1::2] = b >> 4
+    return out[:count]
+
+
+def _codebook_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    u = _fits(data, info)
+    if u is None or u.size < 2:
+        return None
+    if len(np.unique(u[:: max(1, u.size // 4096)])) > 256:
+        return None
+    table, inverse = np.unique(u, return_inverse=True)
+    if len(table) > 256:
+        return None
+    idx = inverse.reshape(-1).astype(np.uint8)
+    best = b"\0" + streams.encode(idx.tobytes())
+    if len(table) <= 16:
+        packed = b"\1" + streams.encode(_nibble_pack(idx))
+        best = min(best, packed, key=len)
+    return streams.pack_parts([table.tobytes(), best])
+
+
+def _codebook_decode(blob: bytes, info: TensorInfo) -> bytes:
+    dt = numpy_dtype(info.dtype)
+    assert dt is not None
+    table_bytes, coded = streams.unpack_parts(blob)
+    table = np.frombuffer(table_bytes, dt)
+    raw = streams.decode(coded[1:])
+    idx = _nibble_unpack(raw, info.size) if coded[0] == 1 else np.frombuffer(raw, np.uint8)
+    return table[idx].tobytes()
+
+
+# -- sparse ------------------------------------------------------------------------------------
+
+
+def _gaps_encode(idx: np.ndarray) -> bytes:
+    gaps = np.diff(idx, prepend=-1) - 1
+    escapes = gaps // 255
+    out = np.full(int(np.sum(escapes)) + len(gaps), 255, np.uint8)
+    out[np.cumsum(escapes + 1) - 1] = (gaps % 255).astype(np.uint8)
+    return out.tobytes()
+
+
+def _gaps_decode(data: bytes) -> np.ndarray:
+    b = np.frombuffer(data, np.uint8)
+    ends = np.flatnonzero(b != 255)
+    runs = np.diff(ends, prepend=-1) - 1
+    gaps = runs.astype(np.int64) * 255 + b[ends]
+    return np.cumsum(gaps + 1) - 1
+
+
+def _values_encode(values: np.ndarray, info: TensorInfo) -> bytes:
+    """The best of the value coders for the non-background elements."""
+    sub = replace(info, shape=(values.size,))
+    data = values.tobytes()
+    best = b"\0" + streams.encode(data)
+    for tag, coder in ((b"\1", _codebook_encode), (b"\2", _bytegroup_encode)):
+        coded = coder(data, sub)
+        if coded is not None and len(coded) + 1 < len(best):
+            best = tag + coded
+    return best
+
+
+def _values_decode(blob: memoryview, info: TensorInfo) -> bytes:
+    tag, payload = blob[0], bytes(blob[1:])
+    if tag == 0:
+        return streams.decode(payload)
+    return (_codebook_decode if tag == 1 else _bytegroup_decode)(payload, info)
+
+
+def _sparse_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    u = _fits(data, info)
+    if u is None or u.size < 16:
+        return None
+    values, counts = np.unique(u[:: max(1, u.size // 4096)], return_counts=True)
+    background = u.dtype.type(0)
+    zeros = int(np.count_nonzero(u == 0))
+    mode = values[np.argmax(counts)]
+    if mode != 0:
+        count = int(np.count_nonzero(u == mode))
+        if count > zeros:
+            background, zeros = mode, count
+    if zeros < u.size // 2:
+        return None
+    best = _sparse_body(u, background, info, 0)
+    if len(info.shape) == 2 and min(info.shape) > 1:
+        # NOTE: column order too: dead inputs (always-zero pixels) are zero columns of a weight
+        transposed = _sparse_body(u.reshape(info.shape).T.reshape(-1), background, info, 1)
+        best = min(best, transposed, key=len)
+    return best
+
+
+def _sparse_body(u: np.ndarray, background: np.generic, info: TensorInfo, order: int) -> bytes:
+    mask = u != background
+    idx = np.flatnonzero(mask)
+    gaps = b"\0" + streams.encode(_gaps_encode(idx))
+    bitmask = b"\1" + streams.encode(np.packbits(mask).tobytes())
+    positions = min(gaps, bitmask, key=len)
+    header = struct.pack("<QB", idx.size, order) + np.asarray(background, u.dtype).tobytes()
+    return streams.pack_parts([header, positions, _values_encode(u[mask], info)])
+
+
+def _sparse_decode(blob: bytes, info: TensorInfo) -> bytes:
+    dt = numpy_dtype(info.dtype)
+    assert dt is not None
+    header, positions, values = streams.unpack_parts(blob)
+    count, order = struct.unpack_from("<QB", header)
+    background = np.frombuffer(header[9:], dt)[0]
+    raw = streams.decode(positions[1:])
+    if positions[0] == 0:
+        idx = _gaps_decode(raw)
+    else:
+        idx = np.flatnonzero(np.unpackbits(np.frombuffer(raw, np.uint8), count=info.size))
+    if idx.size != count:
+        raise ValueError(f"sparse positions decode to {idx.size} elements, expected {count}")
+    out = np.full(info.size, background, dt)
+    out[idx] = np.frombuffer(_values_decode(values, replace(info, shape=(count,))), dt)
+    if order == 1:
+        rows, cols = info.shape
+        return out.reshape(cols, rows).T.tobytes()
+    return out.tobytes()
+
+
+# -- nibbles, zstd, lzma -------------------------------------------------------------------------
+
+_INT4 = (ir.DataType.INT4, ir.DataType.UINT4)
+
+
+def _nibbles_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    if info.dtype not in _INT4 or len(data) != (info.size + 1) // 2:
+        return None
+    return streams.encode(_nibble_unpack(data, len(data) * 2).tobytes())
+
+
+def _nibbles_decode(blob: bytes, info: TensorInfo) -> bytes:
+    return _nibble_pack(np.frombuffer(streams.decode(blob), np.uint8))
+
+
+def _zstd_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    if not streams.have_zstd() or not data:
+        return None
+    coded = streams.encode(data, fast=True)
+    return coded if coded[0] == streams.ZSTD else None
+
+
+_LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def _lzma_encode(data: bytes, info: TensorInfo) -> bytes | None:
+    if not data or len(data) > streams.LZMA_LIMIT:
+        return None
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+def _lzma_decode(blob: bytes, info: TensorInfo) -> bytes:
+    return lzma.decompress(blob, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+CODECS = [
+    Codec(
+        "bytegroup", _bytegroup_encode, _bytegroup_decode,
+        applies=lambda info: info.dtype in _FLOATS,
+        summary="floats split into byte planes, sign rotated out of the exponent byte, planes entropy-coded (ZipNN)",
+    ),
+    Codec(
+        "codebook", _codebook_encode, _codebook_decode,
+        applies=lambda info: numpy_dtype(info.dtype) is not None,
+        summary="<= 256 distinct values: value table + entropy-coded indices (nibble pairs when <= 16)",
+    ),
+    Codec(
+        "sparse", _sparse_encode, _sparse_decode,
+        applies=lambda info: numpy_dtype(info.dtype) is not None,
+        summary="mostly one value (zero): relative indices or bitmask + values coded by the best value coder",
+    ),
+    Codec(
+        "nibbles", _nibbles_encode, _nibbles_decode,
+        applies=lambda info: info.dtype in _INT4,
+        summary="int4/uint4: one symbol per byte, entropy-coded",
+    ),
+    Codec("zstd", _zstd_encode, lambda blob, info: streams.decode(blob), summary="zstd level 19 on the raw bytes (needs the pack extra)"),
+    Codec("lzma", _lzma_encode, _lzma_decode, summary="LZMA2 preset 9e on the raw bytes (xz's coder)"),
+]

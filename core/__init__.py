@@ -42,11 +42,13 @@ from modelpress.provenance import PassRecord, Provenance
 from modelpress.recipe import Recipe, load_recipe
 from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.signature import Signature, TensorSpec
+from modelpress.tuning import BatchResult, TuneResult, compress_batch, tune
 from modelpress.verify import Comparison
 
 __all__ = [
     "KINDS",
     "Adapter",
+    "BatchResult",
     "Comparison",
     "CompressResult",
     "ConvertResult",
@@ -70,6 +72,7 @@ __all__ = [
     "Signature",
     "StageMetrics",
     "TensorSpec",
+    "TuneResult",
     "UnknownMethodError",
     "UnsafeExternalDataError",
     "UnsupportedModelError",
@@ -78,6 +81,7 @@ __all__ = [
     "__version__",
     "apply",
     "compress",
+    "compress_batch",
     "convert",
     "create_registry",
     "describe",
@@ -94,6 +98,7 @@ __all__ = [
     "reset_registry",
     "sample_inputs",
     "to_torch",
+    "tune",
     "update_weights",
     "verify",
 ]

@@ -16,11 +16,11 @@ from modelpress.errors import ModelpressError, OptionsError
 from modelpress.export import export
 from modelpress.model import Model
 from modelpress.pipeline import apply
-from modelpress.recipe import Recipe, load_recipe, resolve_callable
+from modelpress.recipe import PassSpec, Recipe, load_recipe, resolve_callable
 from modelpress.registry import Registry, get_registry
 from modelpress.report import Report
 
-__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency"]
+__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency", "run_pass"]
 
 
 @dataclass
@@ -134,6 +134,32 @@ class _Evaluator:
         )
 
 
+def run_pass(
+    spec: PassSpec, index: int, current: Model, source: Model, *, calibration: Any, train: Any, eval_source: Any,
+    show_progress: bool, registry: Registry,
+) -> Model:
+    """Apply recipe pass ``index`` to ``current`` (a distill pass trains it with ``source`` as teacher).
+
+    The one place a recipe pass runs: ``compress`` and each ``tune`` trial call it, so a tuned
+    configuration written as a recipe reproduces the same model.
+    """
+    options = dict(spec.options)
+    extra: dict[str, Any] = {}
+    model_in = current
+    if spec.kind == "distill":
+        teacher_choice = options.pop("teacher", "source")
+        if teacher_choice != "source":
+            raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
+        options.setdefault("student", "given")
+        extra["student"] = current
+        model_in = source
+    result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
+                   eval=eval_source, show_progress=show_progress, registry=registry, extra=extra)
+    if spec.kind == "distill":  # NOTE: the student's history continues the current model's
+        result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
+    return result
+
+
 def compress(
     model: Model | Any,
     recipe: str | os.PathLike[str] | dict[str, Any] | Recipe,
@@ -183,21 +209,9 @@ def compress(
         report.status = f"running stage {index} ({label})"
         try:
             start = time.perf_counter()
-            options = dict(spec.options)
-            extra: dict[str, Any] = {}
-            model_in = current
-            if spec.kind == "distill":
-                teacher_choice = options.pop("teacher", "source")
-                if teacher_choice != "source":
-                    raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
-                options.setdefault("student", "given")
-                extra["student"] = current
-                model_in = source
-            result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
-                           eval=eval_source, show_progress=show_progress, registry=registry, extra=extra)
+            result = run_pass(spec, index, current, source, calibration=calibration, train=train, eval_source=eval_source,
+                              show_progress=show_progress, registry=registry)
             seconds = time.perf_counter() - start
-            if spec.kind == "distill":  # NOTE: the student's history continues the current model's
-                result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
             path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
             sample = eval_data.take(64) if eval_data is not None else None
             export(result, path, sample=sample, reference=source)

@@ -201,3 +201,23 @@ def test_batch_compress_runs_models_in_parallel(ray_address, digits_mlp_path, da
     assert failed.status == "failed" and "broken.onnx" in failed.error
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [m["status"] for m in summary["models"]] == ["ok", "failed"]
+
+
+def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, tmp_path):
+    recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy"]}, "sensitivity": False, "exclude": {"search": "fallback"}})
+    proc = run_cli("tune", str(digits_mlp_path), "--recipe", str(recipe), "--max-drop", "1%", "--strategy", "accuracy-first",
+                   "--workers", "1", "--address", ray_address, "-o", str(tmp_path / "tuned"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "tuned" / "report.json").read_text())
+    # accuracy-first starts from the most aggressive point (everything int8, no fallback) and stops once one meets
+    assert report["meets"] and report["trials"][0]["config"]["int8-static:1.exclude"] == 0
+    assert "accuracy-first" in report["status"] and "best model:" in proc.stdout
+    assert "trial 0 ok" in proc.stderr  # log lines when not on a terminal
+    assert (tmp_path / "tuned" / "best.onnx").exists()
+
+    plain = tmp_path / "plain.yaml"
+    plain.write_text(yaml.safe_dump({"passes": [{"kind": "quantize", "method": "int8-dynamic"}], "evaluate": {"repeats": 2}}))
+    proc = run_cli("compress", "--recipe", str(plain), str(digits_mlp_path), str(tmp_path / "tuned" / "best.onnx"),
+                   "-o", str(tmp_path / "batch"), "--address", ray_address, "-q")
+    assert proc.returncode == 0, proc.stderr
+    assert {p.name for p in (tmp_path / "batch").iterdir()} >= {"digits_mlp", "best", "summary.md", "summary.json"}

@@ -110,7 +110,9 @@ class RayExecutor:
             self.owns_session = True
         # NOTE: max_calls=1: a fresh process per job, so a crash or a leak stays inside its job
         self._remote = ray.remote(num_cpus=1, max_retries=0, max_calls=1)(_run_job)
-        self.workers = int(ray.available_resources().get("CPU", 0)) or int(ray.cluster_resources().get("CPU", 1))
+        cpus = int(ray.cluster_resources().get("CPU", 1))
+        # NOTE: on a session that is already up (a cluster, a test's), `workers` still caps the parallel jobs
+        self.workers = max(1, min(workers, cpus) if workers else cpus)
         self.running: dict[Any, Job] = {}
 
     def put(self, value: Any) -> Any:
@@ -154,7 +156,10 @@ class RayExecutor:
     def cancel_all(self) -> list[Job]:
         jobs = list(self.running.values())
         for ref in list(self.running):
-            self.ray.cancel(ref, force=True)
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too)
+                pass
         self.running.clear()
         return jobs
 

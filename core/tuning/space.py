@@ -322,7 +322,7 @@ def _declared(method: Method) -> dict[str, Param]:
     return out
 
 
-def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool) -> SearchSpace:
+def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool, labels: bool = True) -> SearchSpace:
     """The pipelines that fit ``model`` and the data given, with the knobs worth turning."""
     pipes: list[Pipeline] = []
     notes: list[str] = []
@@ -349,8 +349,11 @@ def default_space(model: Model, registry: Registry, *, calibration: bool, train:
         add("channel+int8-static", PassTemplate("prune", "channel", {
             "ratio": Range(0.1, 0.6, 0.05), "fine_tune_epochs": Choice((3, 1, 0))}), int8,
             needs=("prune/channel", "quantize/int8-static"))
-        add("kd+int8-static", PassTemplate("distill", "kd", {"width": Range(0.25, 0.75, 0.05), "epochs": Choice((10, 5)), "alpha": 0.0}), int8,
-            needs=("distill/kd", "quantize/int8-static"))
+        # NOTE: the distillation student's width is 1 - ratio: the channel pass narrows the model, kd trains it
+        # from the source model (a recipe's distill pass always has the source as teacher)
+        add("channel+kd+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.25, 0.75, 0.05)}),
+            PassTemplate("distill", "kd", {"epochs": Choice((10, 5)), **({} if labels else {"alpha": 0.0})}), int8,
+            needs=("prune/channel", "distill/kd", "quantize/int8-static"))
     elif conv and calibration:
         add("channel+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.05, 0.3, 0.05)}), int8,
             needs=("prune/channel", "quantize/int8-static"))

@@ -203,7 +203,12 @@ def tune(
     if parsed_recipe is not None:
         space = space_from_recipe(parsed_recipe, registry)
     else:
-        space = default_space(source, registry, calibration=blobs["calibration"] is not None, train=blobs["train"] is not None, torch=has_torch)
+        labels = False
+        if blobs["train"] is not None:
+            with np.load(io.BytesIO(blobs["train"])) as npz:
+                labels = "labels" in npz.files
+        space = default_space(source, registry, calibration=blobs["calibration"] is not None, train=blobs["train"] is not None,
+                              torch=has_torch, labels=labels)
     data_dir = out / "data"
     data_dir.mkdir(exist_ok=True)
     for role, blob in blobs.items():
@@ -225,6 +230,7 @@ def tune(
     start = time.monotonic()
     interrupted = False
     stop_reason = ""
+    runner: _Runner | None = None
     try:
         baseline = study.user_attrs.get("baseline") or _measure_baseline(out, evaluate_spec)
         study.set_user_attr("baseline", baseline)
@@ -234,7 +240,7 @@ def tune(
         retry = tracker.recover()
         runner = _Runner(tracker, space, sensitivity, executor, board, session=session, out=out,
                          submit_args=dict(model=model_ref, data=data_refs, evaluate=evaluate_spec.model_dump(), baseline=baseline["metric"],
-                                          hopeless_drop=hopeless_drop if hopeless_drop is not None else max(10 * max_drop, 0.05)),
+                                          hopeless_drop=hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3)),
                          trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric)
         plan = _Plan(space, sensitivity, strategy, retry, tracker, runner)
         deadline = start + limits["seconds"] if "seconds" in limits else None
@@ -264,11 +270,13 @@ def tune(
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = "interrupted (Ctrl-C); rerun the same command to resume"
-        runner_obj = locals().get("runner")
-        if runner_obj is not None:
-            runner_obj.abandon("interrupted")
+        if runner is not None:
+            runner.abandon("interrupted")
     finally:
-        executor.shutdown()
+        try:
+            executor.shutdown()
+        except Exception as exc:  # NOTE: Ctrl-C may have reached Ray's own processes too; the results are in the study
+            board.log(f"Ray shutdown: {type(exc).__name__}: {exc}")
     return _finish(out, study, evaluate_spec, objective, max_drop, space, stop_reason, interrupted, keep_trial_models, blobs, source)
 
 

@@ -17,6 +17,7 @@ output tensors and the fp32 model's (boxes and class scores).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 import time
@@ -26,7 +27,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import modelpress  # noqa: E402
+import modelpress
 
 SETTINGS = {
     "digits": {"metric": "accuracy", "max_drop": 0.01},
@@ -99,13 +100,18 @@ def main() -> int:
             metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
             default = _default(path, files, metric, max_drop, folder / "default")
             walls: dict[int, float] = {}
+            concurrency: dict[int, str] = {}
             results: dict[int, modelpress.TuneResult] = {}
             for workers in ([2, 1] if name in args.speedup else [2]):
                 start = time.perf_counter()
                 results[workers] = modelpress.tune(path, data={k: v for k, v in files.items()}, metric=metric, max_drop=max_drop, objective="size",
                                                    budget=args.trials, workers=workers, output=folder / f"tune-w{workers}", show_progress=False)
                 walls[workers] = time.perf_counter() - start
-                print(f"{name}: {workers} worker(s): {walls[workers]:.1f}s, {results[workers].stop_reason}", flush=True)
+                busy = sum(t.seconds or 0 for t in results[workers].trials)
+                # NOTE: trial-seconds per wall second: ~2 when two trials really overlap; the load average says
+                # how much of the 2 cores other processes took meanwhile
+                concurrency[workers] = f"{busy / walls[workers]:.2f} trials in flight on average, load average {os.getloadavg()[0]:.1f}"
+                print(f"{name}: {workers} worker(s): {walls[workers]:.1f}s, {results[workers].stop_reason}; {concurrency[workers]}", flush=True)
             tuned = results[2]
             base = tuned.baseline
             lines.append(f"\n{name}: {metric}, max drop {max_drop:g}; source {metric} {base['metric']:.4f}, {base['size_bytes'] / 1e6:.3f} MB, "
@@ -115,7 +121,8 @@ def main() -> int:
             lines.append(_row("tuned, 2 workers", tuned, base, walls[2]))
             if 1 in results:
                 lines.append(_row("tuned, 1 worker", results[1], base, walls[1]))
-                lines.append(f"  speed-up with 2 workers: {walls[1] / walls[2]:.2f}x (same budget and seed)")
+                lines.append(f"  speed-up with 2 workers: {walls[1] / walls[2]:.2f}x (same budget and seed); "
+                             f"1 worker: {concurrency[1]}; 2 workers: {concurrency[2]}")
             d, t = default.best, tuned.best
             if d is not None and t is not None:
                 verdict = ("tuned meets and is at least as small as the default" if t.meets and (not d.meets or (t.size_bytes or 0) <= (d.size_bytes or 0))

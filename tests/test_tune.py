@@ -217,7 +217,28 @@ def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, t
 
     plain = tmp_path / "plain.yaml"
     plain.write_text(yaml.safe_dump({"passes": [{"kind": "quantize", "method": "int8-dynamic"}], "evaluate": {"repeats": 2}}))
-    proc = run_cli("compress", "--recipe", str(plain), str(digits_mlp_path), str(tmp_path / "tuned" / "best.onnx"),
+    proc = run_cli("compress", "--recipe", str(plain), str(digits_mlp_path), str(tmp_path / "tuned" / "source.onnx"),
                    "-o", str(tmp_path / "batch"), "--address", ray_address, "-q")
-    assert proc.returncode == 0, proc.stderr
-    assert {p.name for p in (tmp_path / "batch").iterdir()} >= {"digits_mlp", "best", "summary.md", "summary.json"}
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert {p.name for p in (tmp_path / "batch").iterdir()} >= {"digits_mlp", "source", "summary.md", "summary.json"}
+
+
+def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, digits, tmp_path):
+    from modelpress.tuning.trial import run_trial
+
+    np.savez(tmp_path / "train.npz", x=digits["x_train"], labels=digits["y_train"])
+    blobs = {"eval": (data / "eval.npz").read_bytes(), "train": (tmp_path / "train.npz").read_bytes(), "calibration": None}
+    passes = [{"kind": "prune", "method": "channel", "options": {"ratio": 0.9, "fine_tune_epochs": 50}}]
+    result = run_trial(Path(digits_mlp_path).read_bytes(), blobs, passes, {"metric": "accuracy"}, baseline=0.95, hopeless_drop=0.3)
+    # 90% of the channels gone: measured before any fine-tuning, far below, so the 50 epochs never run
+    assert result["status"] == "pruned" and result["metric"] < 0.65
+    assert "before fine-tuning" in result["reason"]
+
+
+def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path, data, tmp_path):
+    recipe = _recipe(tmp_path, data, {"per_channel": {"search": [True]}}, method="int8-dynamic")
+    result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=1, trial_memory_mb=1, output=tmp_path / "mem", show_progress=False)
+    assert result.trials[0].status == "failed" and "memory limit of 1 MB" in result.trials[0].error
+    assert result.best is None and "no trial completed" in (tmp_path / "mem" / "report.md").read_text()
+    result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=1, trial_timeout=0.01, output=tmp_path / "time", show_progress=False)
+    assert result.trials[0].status == "failed" and "time limit" in result.trials[0].error

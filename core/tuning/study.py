@@ -123,13 +123,19 @@ class _Study:
             raise OptionsError(f"study {name!r} in {storage!r} was made for another objective; use another --output/--storage or the same --objective")
 
     def recover(self) -> list[dict[str, Any]]:
-        """Trials left RUNNING by a run that stopped: mark them failed (interrupted); return their params."""
-        stale = self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,))
-        params = []
-        for t in stale:
+        """Configurations to run again: trials a previous run left RUNNING (it was killed) or interrupted.
+
+        Stale RUNNING trials are closed as failed; a configuration that has finished since is not repeated.
+        """
+        for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
             self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
-            params.append(t.user_attrs.get("config") or {})
-        return [p for p in params if p]
+        finished = {_key(t.user_attrs.get("config") or {}) for t in self.finished()}
+        again: dict[str, dict[str, Any]] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            config = t.user_attrs.get("config")
+            if config and t.user_attrs.get("status") in ("running", "interrupted") and _key(config) not in finished:
+                again[_key(config)] = config
+        return list(again.values())
 
     def finished(self) -> list[Any]:
         return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("status") in ("ok", "failed", "pruned")]

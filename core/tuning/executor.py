@@ -86,6 +86,8 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         return value
 
     args, kwargs = resolve(args), resolve(kwargs)
+    # NOTE: a job holds one CPU (Ray sets OMP_NUM_THREADS for torch likewise); ORT sessions follow this
+    os.environ.setdefault("MODELPRESS_THREADS", "1")
     if memory_mb:
         threading.Thread(target=_watch_memory, args=(memory_mb,), daemon=True).start()
     return fn(*args, **kwargs)

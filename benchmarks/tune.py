@@ -6,7 +6,8 @@ sensitivity fallback included) and the tuned result (default search space, objec
 batch 1 on one thread), plus trials run and the study's wall time with 1 and 2 Ray workers (same
 budget, same seed; the Ray start is not counted).
 
-Metrics: accuracy on digits; for PP-OCRv4 rec, per-timestep top-1 agreement of the CTC
+Metrics: accuracy on digits; for the PP-OCR direction classifier, top-1 agreement with the fp32
+model (on rendered text lines, half of them upside down); for PP-OCRv4 rec, per-timestep top-1 agreement of the CTC
 probabilities with the fp32 model (what decoding reads); for YOLOv8n, cosine between its raw
 output tensors and the fp32 model's (boxes and class scores).
 
@@ -33,6 +34,7 @@ SETTINGS = {
     "digits": {"metric": "accuracy", "max_drop": 0.01},
     "ppocr-rec": {"metric": "agreement", "max_drop": 0.01},
     "ppocr-det": {"metric": "cosine", "max_drop": 0.01},
+    "ppocr-cls": {"metric": "agreement", "max_drop": 0.01},
     "yolov8n": {"metric": "cosine", "max_drop": 0.01},
 }
 

@@ -304,12 +304,16 @@ def space_from_recipe(recipe: Recipe, registry: Registry) -> SearchSpace:
 
 
 def _weights(model: Model, op_types: tuple[str, ...], min_elements: int = 0) -> int:
+    """Layers of these op types with constant weights of at least ``min_elements`` (or, for graphs whose
+    weights are not initializers, e.g. Constant nodes, nodes of these op types)."""
     count = 0
     for layer in model.weighted_layers():
         tensor = layer.weight.const_value
         if layer.op_type in op_types and tensor is not None and math.prod(tensor.shape.numpy()) >= min_elements:
             count += 1
-    return count
+    if count or model.weighted_layers():
+        return count
+    return sum(n for op, n in model.op_histogram().items() if op in op_types)
 
 
 def _declared(method: Method) -> dict[str, Param]:

@@ -136,7 +136,8 @@ class SearchSpace:
                     step = int(param.step or 1)
                     config[pname] = trial.suggest_int(pname, int(param.low), int(param.high), step=1 if param.log else step, log=param.log)
                 else:
-                    config[pname] = trial.suggest_float(pname, param.low, param.high, step=None if param.log else param.step, log=param.log)
+                    value = trial.suggest_float(pname, param.low, param.high, step=None if param.log else param.step, log=param.log)
+                    config[pname] = round(value, 6)  # NOTE: 0.6000000000000001 -> 0.6 in reports and recipes
             else:
                 ranking = sensitivity.get(name, [])
                 ladder = sorted({min(k, len(ranking)) for k in param.ladder})
@@ -304,16 +305,12 @@ def space_from_recipe(recipe: Recipe, registry: Registry) -> SearchSpace:
 
 
 def _weights(model: Model, op_types: tuple[str, ...], min_elements: int = 0) -> int:
-    """Layers of these op types with constant weights of at least ``min_elements`` (or, for graphs whose
-    weights are not initializers, e.g. Constant nodes, nodes of these op types)."""
     count = 0
     for layer in model.weighted_layers():
         tensor = layer.weight.const_value
         if layer.op_type in op_types and tensor is not None and math.prod(tensor.shape.numpy()) >= min_elements:
             count += 1
-    if count or model.weighted_layers():
-        return count
-    return sum(n for op, n in model.op_histogram().items() if op in op_types)
+    return count
 
 
 def _declared(method: Method) -> dict[str, Param]:
@@ -362,7 +359,9 @@ def default_space(model: Model, registry: Registry, *, calibration: bool, train:
         add("channel+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.05, 0.3, 0.05)}), int8,
             needs=("prune/channel", "quantize/int8-static"))
         notes.append("no training data (or no torch): pruning without fine-tuning only, no distillation")
-    if conv and calibration:
+    # NOTE: int8-static also quantizes activations of layers whose weights are not initializers (Constant nodes)
+    ops = model.op_histogram()
+    if (conv or any(ops.get(op) for op in ("Conv", "Gemm", "MatMul"))) and calibration:
         add("int8-static", int8, needs=("quantize/int8-static",))
     elif not calibration:
         notes.append("no calibration data: no int8-static")

@@ -30,12 +30,12 @@ from modelpress.tuning.executor import RayExecutor
 from modelpress.tuning.progress import TrialBoard
 from modelpress.tuning.report import TrialRecord, TuneReport, pareto_front
 from modelpress.tuning.space import SearchSpace, _encode, default_space, space_from_recipe
+from modelpress.tuning.strategy import Plan, Strategy, config_key, pick_best
 from modelpress.tuning.trial import METRICS_LOWER_IS_BETTER, drop, run_trial
 
 __all__ = ["TuneResult", "parse_budget", "tune"]
 
 Objective = Literal["size", "latency", "both"]
-Strategy = Literal["pareto", "accuracy-first"]
 _DATA_ROLES = ("eval", "calibration", "train")
 
 
@@ -129,12 +129,12 @@ class _Study:
         """
         for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
             self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
-        finished = {_key(t.user_attrs.get("config") or {}) for t in self.finished()}
+        finished = {config_key(t.user_attrs.get("config") or {}) for t in self.finished()}
         again: dict[str, dict[str, Any]] = {}
         for t in self.study.get_trials(deepcopy=False):
             config = t.user_attrs.get("config")
-            if config and t.user_attrs.get("status") in ("running", "interrupted") and _key(config) not in finished:
-                again[_key(config)] = config
+            if config and t.user_attrs.get("status") in ("running", "interrupted") and config_key(config) not in finished:
+                again[config_key(config)] = config
         return list(again.values())
 
     def finished(self) -> list[Any]:
@@ -248,7 +248,7 @@ def tune(
                          submit_args=dict(model=model_ref, data=data_refs, evaluate=evaluate_spec.model_dump(), baseline=baseline["metric"],
                                           hopeless_drop=hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3)),
                          trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric)
-        plan = _Plan(space, sensitivity, strategy, retry, tracker, runner)
+        plan = Plan(space, sensitivity, strategy, retry, tracker, runner)
         deadline = start + limits["seconds"] if "seconds" in limits else None
         max_trials = int(limits.get("trials", 10**9))
         with board:
@@ -369,9 +369,9 @@ class _Runner:
         (out / "trials").mkdir(exist_ok=True)
 
     def _done_with(self, config: dict[str, Any]) -> Any:
-        key = _key(config)
+        key = config_key(config)
         for t in self.tracker.finished():
-            if t.user_attrs.get("status") in ("ok", "pruned") and _key(t.user_attrs.get("config") or {}) == key:
+            if t.user_attrs.get("status") in ("ok", "pruned") and config_key(t.user_attrs.get("config") or {}) == key:
                 return t
         return None
 
@@ -383,7 +383,7 @@ class _Runner:
         trial = study.ask()
         config = self.space.suggest(trial, self.sensitivity)
         trial.set_user_attr("config", config)
-        if any(_key(t.user_attrs.get("config") or {}) == _key(config) for t in self.live.values()):
+        if any(config_key(t.user_attrs.get("config") or {}) == config_key(config) for t in self.live.values()):
             trial.set_user_attr("status", "duplicate")  # NOTE: the same configuration is running right now
             study.tell(trial, state=optuna_state(self.tracker, "FAIL"))
             return False
@@ -473,90 +473,6 @@ def _record(t: Any, baseline: float, metric_name: str, max_drop: float) -> Trial
     )
 
 
-class _Plan:
-    """Which configuration to try next: retries of interrupted trials, then the strategy's."""
-
-    def __init__(self, space: SearchSpace, sensitivity: dict[str, list[str]], strategy: Strategy, retry: list[dict[str, Any]],
-                 tracker: _Study, runner: _Runner):
-        self.space, self.sensitivity, self.strategy, self.tracker, self.runner = space, sensitivity, strategy, tracker, runner
-        self.queue: list[dict[str, Any]] = list(retry)
-        self.exhausted = False
-        self.why_stopped = ""
-        self.fallback_added = False
-        self.repeats = 0
-        tried = {_key(t.user_attrs.get("config") or {}) for t in tracker.finished()}
-        if strategy == "accuracy-first":
-            self.queue += [c for c in space.ladder(sensitivity) if _key(c) not in tried]
-        else:
-            # NOTE: start from known points: int8-static's defaults (the usual single default), then
-            # each pipeline's most aggressive point; the sampler explores from there.
-            seeds: list[dict[str, Any]] = []
-            for pipeline in space.pipelines:
-                if pipeline.name == "int8-static":
-                    seeds.insert(0, {"pipeline": "int8-static", **{f"int8-static:{k}": (0 if k.endswith("exclude") else p.grid()[0])
-                                                                     for k, p in pipeline.params().items()}})
-            seeds += [c for c in space.ladder(sensitivity) if all(v == space.pipeline(c["pipeline"]).params()[k.split(":", 1)[1]].grid()[0]
-                                                                    for k, v in c.items() if k != "pipeline")]
-            self.queue += [c for c in dict((_key(c), c) for c in seeds).values() if _key(c) not in tried]
-
-    def _met(self) -> bool:
-        return any(r.meets for r in self.runner.records())
-
-    def submit_next(self) -> bool:
-        if self.strategy == "accuracy-first" and self._met():
-            self.exhausted, self.why_stopped = True, "accuracy-first: a configuration meets the criterion"
-            return False
-        if not self.queue and self.strategy == "accuracy-first":
-            if self.runner.executor.running:
-                return False  # NOTE: the fallback ladder starts from the best measured configuration
-            if not self.fallback_added:
-                self.fallback_added = True
-                self.queue += self._fallback_ladder()
-            if not self.queue:
-                self.exhausted, self.why_stopped = True, "accuracy-first: every configuration and fallback step tried"
-                return False
-        ran = self.runner.submit(self.queue.pop(0)) if self.queue else self.runner.submit()
-        self.repeats = 0 if ran else self.repeats + 1
-        if self.repeats >= 30:
-            self.exhausted, self.why_stopped = True, "search space exhausted (the sampler only proposes configurations already tried)"
-        return ran
-
-    def _fallback_ladder(self) -> list[dict[str, Any]]:
-        """Keep the k most sensitive nodes in float, k growing, on the best-metric configuration that has a fallback."""
-        records = [r for r in self.runner.records() if r.status == "ok" and self.space.pipeline(r.pipeline).has_fallback]
-        if not records:
-            return []
-        best = min(records, key=lambda r: r.drop if r.drop is not None else 1e9)
-        tried = {_key(t.user_attrs.get("config") or {}) for t in self.tracker.finished()}
-        configs = []
-        for key, param in self.space.pipeline(best.pipeline).params().items():
-            if hasattr(param, "ladder"):
-                n = len(self.sensitivity.get(best.pipeline, []))
-                for k in sorted({min(k, n) for k in param.ladder}):
-                    config = {**best.config, f"{best.pipeline}:{key}": k}
-                    if _key(config) not in tried:
-                        configs.append(config)
-        return configs
-
-
-def _key(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True, default=str)
-
-
-def _pick_best(records: list[TrialRecord], objective: str, baseline: dict[str, Any]) -> TrialRecord | None:
-    done = [r for r in records if r.status == "ok"]
-    if not done:
-        return None
-    meeting = [r for r in done if r.meets]
-    if not meeting:
-        return min(done, key=lambda r: (r.drop, r.size_bytes))
-    if objective == "size":
-        return min(meeting, key=lambda r: (r.size_bytes, r.drop, r.latency_ms))
-    if objective == "latency":
-        return min(meeting, key=lambda r: (r.latency_ms, r.drop, r.size_bytes))
-    return min(meeting, key=lambda r: (r.size_bytes / baseline["size_bytes"] + r.latency_ms / baseline["latency_ms"], r.drop))
-
-
 def _finish(out: Path, study: Any, evaluate_spec: Evaluate, objective: str, max_drop: float, space: SearchSpace, stop_reason: str,
             interrupted: bool, keep_trial_models: bool, blobs: dict[str, bytes | None], source: Any) -> TuneResult:
     """Pick the best, export and verify it, write its recipe and the report (always)."""
@@ -568,7 +484,7 @@ def _finish(out: Path, study: Any, evaluate_spec: Evaluate, objective: str, max_
     records = [_record(t, baseline["metric"], evaluate_spec.metric, max_drop) for t in study.get_trials(deepcopy=False)
                if t.user_attrs.get("status") not in (None, "running", "duplicate")]
     front = pareto_front(records, objective, higher_is_better=evaluate_spec.metric not in METRICS_LOWER_IS_BETTER)
-    best = _pick_best(records, objective, baseline)
+    best = pick_best(records, objective, baseline)
     model_path = recipe_path = None
     verification = ""
     if best is not None:

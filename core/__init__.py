@@ -45,11 +45,13 @@ from modelpress.provenance import PassRecord, Provenance
 from modelpress.recipe import Recipe, load_recipe
 from modelpress.registry import Registry, create_registry, get_registry, reset_registry
 from modelpress.signature import Signature, TensorSpec
+from modelpress.tuning import BatchResult, TuneResult, compress_batch, tune
 from modelpress.verify import Comparison
 
 __all__ = [
     "KINDS",
     "Adapter",
+    "BatchResult",
     "Codec",
     "Comparison",
     "CompressResult",
@@ -77,6 +79,7 @@ __all__ = [
     "StageMetrics",
     "TensorInfo",
     "TensorSpec",
+    "TuneResult",
     "UnknownMethodError",
     "UnsafeExternalDataError",
     "UnsupportedModelError",
@@ -85,6 +88,7 @@ __all__ = [
     "__version__",
     "apply",
     "compress",
+    "compress_batch",
     "convert",
     "create_registry",
     "describe",
@@ -102,6 +106,7 @@ __all__ = [
     "reset_registry",
     "sample_inputs",
     "to_torch",
+    "tune",
     "unpack",
     "update_weights",
     "verify",

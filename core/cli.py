@@ -348,6 +348,9 @@ def _print_report(result: Any) -> None:
 def cmd_compress(args: argparse.Namespace) -> int:
     import modelpress
 
+    if len(args.model) > 1 or args.workers is not None or args.address is not None:
+        return _cmd_compress_batch(args)
+    args.model = args.model[0]
     _refuse_overwrite(args, args.model, args.recipe, args.sample)
     result = modelpress.compress(
         args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
@@ -358,6 +361,65 @@ def cmd_compress(args: argparse.Namespace) -> int:
     _print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
     _console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def _cmd_compress_batch(args: argparse.Namespace) -> int:
+    from modelpress.tuning import compress_batch
+
+    if Path(args.output).suffix.lower() == ".onnx":
+        raise OptionsError(f"with several models (or --workers/--address) -o is a folder, not {args.output!r}")
+    result = compress_batch(args.model, args.recipe, args.output, workers=args.workers, address=args.address, show_progress=not args.quiet)
+    _console().print(result.table())
+    _console().print(f"wrote one folder per model and summary.md/.json in {args.output}")
+    if result.interrupted:
+        return EXIT_INTERRUPTED
+    return EXIT_ERROR if result.failed else 0
+
+
+def _fraction(text: str) -> float:
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise OptionsError(f"--max-drop {text!r}: give a fraction (0.01) or a percentage (1%)") from None
+
+
+def _megabytes(text: str) -> float:
+    units = {"k": 1 / 1024, "m": 1, "g": 1024}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise OptionsError(f"--trial-memory {text!r}: give a size like 4GB or 1500MB") from None
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    from modelpress.tuning import parse_budget, tune
+
+    if args.trials is not None and args.time is not None:
+        budget: dict[str, float] = {"trials": args.trials, **parse_budget(args.time)}
+    elif args.time is not None:
+        budget = parse_budget(args.time)
+    else:
+        budget = {"trials": args.trials if args.trials is not None else 20}
+    data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train}
+    if data is not None and not args.eval:
+        raise OptionsError("tune needs --eval data (arrays named after the model inputs, `labels` for accuracy), or a --recipe with data.eval")
+    timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
+    result = tune(
+        args.model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=budget,
+        metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address, storage=args.storage,
+        study_name=args.study_name, trial_timeout=timeout, trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None,
+        keep_trial_models=args.keep_trial_models, show_progress=not args.quiet,
+    )
+    console = _console()
+    console.print(result.report.table())
+    if result.model_path is not None:
+        console.print(f"best model: {result.model_path} ({'meets' if result.meets else 'does NOT meet'} the criterion); "
+                      f"recipe: {result.recipe_path}; reports: {Path(args.output) / 'report.html'} (.md, .json)")
+    else:
+        console.print(f"no trial completed; reports: {Path(args.output) / 'report.html'}")
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -562,9 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
         "write the final model to OUT and report.md/.json/.html. A recipe is code: its pkg.module:function entries "
         "import and run Python; use --no-imports for a recipe you did not write.",
     )
-    p.add_argument("model", help="input model")
+    p.add_argument("model", nargs="+", help="input model; several models (or --workers) make a batch job: -o is then a folder")
     p.add_argument("-r", "--recipe", required=True, help="recipe file (.yaml or .json); see `modelpress recipe-schema`")
-    p.add_argument("-o", "--output", required=True, help="final .onnx path; each stage goes to <stem>-stages/")
+    p.add_argument("-o", "--output", required=True, help="final .onnx path; each stage goes to <stem>-stages/ (batch: an output folder, one subfolder per model)")
     p.add_argument("--report-dir", help="folder for report.md/.json/.html (default: the output's folder)")
     p.add_argument(
         "--no-imports", action="store_true",
@@ -575,8 +637,40 @@ def build_parser() -> argparse.ArgumentParser:
     _add_writing_arguments(p)
     _add_overwrite_argument(p)
     p.add_argument("--allow-no-gain", action="store_true", help="continue past a stage whose result is not smaller / unchanged (flagged in the report; default: stop, exit 1)")
+    p.add_argument("--workers", type=int, help="batch: models compressed in parallel (Ray local, default: the machine's cores)")
+    p.add_argument("--address", help="batch: attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
+
+    p = sub.add_parser(
+        "tune",
+        help="search compression configurations for the smallest/fastest model within an accuracy drop (on Ray)",
+        description="Try compression configurations (a default space from the installed methods that fit MODEL and the data, or a "
+        "recipe with `search:` options) as Ray tasks; keep the best that loses at most --max-drop of the metric. Always writes the best "
+        "so far (labelled meets / does not meet), its recipe, the Pareto front and every trial to OUT_DIR. Rerun to resume.",
+    )
+    p.add_argument("model", help="input model")
+    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric)")
+    p.add_argument("--calib", help=".npz calibration data (default: the evaluation data)")
+    p.add_argument("--train", help=".npz training data: enables fine-tuning, distillation")
+    p.add_argument("--recipe", help="recipe whose options may be {search: [choices]} or {search: {low, high, step}} (replaces the default space)")
+    p.add_argument("--max-drop", default="1%", help="largest allowed metric drop: 1%% or 0.01 (default 1%%)")
+    p.add_argument("--metric", help="accuracy (default with labels), agreement (default without), cosine, mse or pkg.module:function")
+    p.add_argument("--objective", choices=("size", "latency", "both"), default="size", help="what to minimise (default size)")
+    p.add_argument("--strategy", choices=("pareto", "accuracy-first"), default="pareto",
+                   help="pareto: Optuna TPE (NSGA-II for both) over the space; accuracy-first: most aggressive first, then fall back")
+    p.add_argument("--trials", type=int, help="trial budget (default 20; counts trials of a resumed study)")
+    p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h")
+    p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
+    p.add_argument("--address", help="attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/study.db)")
+    p.add_argument("--study-name", default="modelpress-tune", help="study name inside the storage")
+    p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m); a trial over it is recorded as failed")
+    p.add_argument("--trial-memory", help="memory limit per trial (e.g. 4GB); a trial over it is recorded as failed")
+    p.add_argument("--keep-trial-models", action="store_true", help="keep every trial's model (default: the Pareto front and the best)")
+    p.add_argument("-o", "--output", required=True, help="output folder (best.onnx, best-recipe.yaml, report.md/.json/.html, study.db)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no live table / log lines")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("recipe-schema", help="print the JSON Schema of recipes")
     p.set_defaults(func=cmd_recipe_schema)

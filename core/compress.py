@@ -16,12 +16,12 @@ from modelpress.errors import ModelpressError, NoGainError, OptionsError
 from modelpress.export import export
 from modelpress.model import Model
 from modelpress.pipeline import apply
-from modelpress.recipe import Recipe, load_recipe, resolve_callable
+from modelpress.recipe import PassSpec, Recipe, load_recipe, resolve_callable
 from modelpress.registry import Registry, get_registry
 from modelpress.report import Report
 from modelpress.safety import model_files, refuse_overwrite
 
-__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency"]
+__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency", "run_pass"]
 
 
 @dataclass
@@ -148,6 +148,32 @@ class _Evaluator:
         )
 
 
+def run_pass(
+    spec: PassSpec, index: int, current: Model, source: Model, *, calibration: Any, train: Any, eval_source: Any,
+    show_progress: bool, registry: Registry, allow_no_gain: bool = False,
+) -> Model:
+    """Apply recipe pass ``index`` to ``current`` (a distill pass trains it with ``source`` as teacher).
+
+    The one place a recipe pass runs: ``compress`` and each ``tune`` trial call it, so a tuned
+    configuration written as a recipe reproduces the same model.
+    """
+    options = dict(spec.options)
+    extra: dict[str, Any] = {}
+    model_in = current
+    if spec.kind == "distill":
+        teacher_choice = options.pop("teacher", "source")
+        if teacher_choice != "source":
+            raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
+        options.setdefault("student", "given")
+        extra["student"] = current
+        model_in = source
+    result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
+                   eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain)
+    if spec.kind == "distill":  # NOTE: the student's history continues the current model's
+        result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
+    return result
+
+
 def compress(
     model: Model | Any,
     recipe: str | os.PathLike[str] | dict[str, Any] | Recipe,
@@ -214,21 +240,10 @@ def compress(
         report.status = f"running stage {index} ({label})"
         try:
             start = time.perf_counter()
-            options = dict(spec.options)
-            extra: dict[str, Any] = {}
-            model_in = current
-            if spec.kind == "distill":
-                teacher_choice = options.pop("teacher", "source")
-                if teacher_choice != "source":
-                    raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
-                options.setdefault("student", "given")
-                extra["student"] = current
-                model_in = source
-            result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
-                           eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=True)
+            # NOTE: no gain is judged below, after the stage is measured and reported.
+            result = run_pass(spec, index, current, source, calibration=calibration, train=train, eval_source=eval_source,
+                              show_progress=show_progress, registry=registry, allow_no_gain=True)
             seconds = time.perf_counter() - start
-            if spec.kind == "distill":  # NOTE: the student's history continues the current model's
-                result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
             path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
             stage_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
             export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,

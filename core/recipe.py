@@ -119,6 +119,12 @@ class Recipe(_Strict):
         for i, spec in enumerate(self.passes, 1):
             method = registry.method(spec.method, spec.kind)
             options = dict(spec.options)
+            searched = [k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}]
+            if searched:
+                raise OptionsError(
+                    f"recipe pass {i} ({spec.kind}/{spec.method}): option(s) {', '.join(searched)} are search ranges; "
+                    "run `modelpress tune MODEL --recipe ...` to search them, or give single values to compress"
+                )
             if spec.kind == "distill":
                 options.pop("teacher", None)
             try:

@@ -24,6 +24,8 @@ INLINE_LIMIT_BYTES = 1_500_000_000
 def _options(threads: int | None) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    # NOTE: parallel tune trials / batch jobs each get one CPU: their sessions must not each take every core
+    threads = threads or int(os.environ.get("MODELPRESS_THREADS", "0") or 0) or None
     if threads:
         opts.intra_op_num_threads = threads
         opts.inter_op_num_threads = 1

@@ -394,6 +394,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             "float_nodes": float_nodes,
             "calibration_samples": len(data),
             "calibrator": opts.calibrator,
+            # NOTE: the full ranking (loss when quantized alone), for tuners that fall back along it
+            "sensitivity": {n: round(scorer.loss(s), 6) for n, s in sensitivities.items()},
             **{f"calibration_{k}": round(v, 6) for k, v in score.items()},
         }
     )

@@ -1,0 +1,525 @@
+"""``modelpress.tune``: search compression configurations on Ray, stored in an Optuna study.
+
+Flow: import the model and materialise the data in ``output/data`` (every trial, and the winning
+recipe, use those files) -> measure the source (the baseline) -> measure per-node quantization
+sensitivity once when the space falls back along it -> run trials on the executor, each told to
+the Optuna study as it finishes -> pick the best, export and verify it, write its recipe and the
+report. The study lives in SQLite in the output folder (or any SQLAlchemy URL): rerunning the same
+command resumes it; completed trials are kept and count towards the budget, trials that were
+running when the previous run stopped are run again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from modelpress.errors import ModelpressError, OptionsError
+from modelpress.recipe import DataSources, Evaluate, Recipe, load_recipe
+from modelpress.registry import Registry, get_registry
+from modelpress.tuning.executor import RayExecutor
+from modelpress.tuning.progress import TrialBoard
+from modelpress.tuning.report import TrialRecord, TuneReport, pareto_front
+from modelpress.tuning.space import SearchSpace, _encode, default_space, space_from_recipe
+from modelpress.tuning.strategy import Plan, Strategy, config_key, pick_best
+from modelpress.tuning.trial import METRICS_LOWER_IS_BETTER, drop, run_trial
+
+__all__ = ["TuneResult", "parse_budget", "tune"]
+
+Objective = Literal["size", "latency", "both"]
+_DATA_ROLES = ("eval", "calibration", "train")
+
+
+@dataclass
+class TuneResult:
+    """What a tune found. ``best`` meets the criterion when ``meets`` is True."""
+
+    best: TrialRecord | None
+    meets: bool
+    baseline: dict[str, Any]
+    trials: list[TrialRecord]
+    pareto: list[TrialRecord]
+    output: Path
+    model_path: Path | None
+    recipe_path: Path | None
+    report: TuneReport
+    stop_reason: str
+    interrupted: bool = False
+    space: list[dict[str, Any]] = field(default_factory=list)
+
+
+def parse_budget(text: str | int | float | None) -> dict[str, float]:
+    """``20`` / ``"20"`` -> 20 trials; ``"20m"``, ``"90s"``, ``"1.5h"`` -> seconds."""
+    if text is None:
+        return {}
+    if isinstance(text, (int, float)):
+        return {"trials": int(text)}
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
+    if not match:
+        raise OptionsError(f"budget {text!r}: give a number of trials (20) or a time (90s, 20m, 1.5h)")
+    value, unit = float(match.group(1)), match.group(2)
+    if unit is None:
+        return {"trials": int(value)}
+    return {"seconds": value * {"s": 1, "m": 60, "min": 60, "h": 3600}[unit]}
+
+
+def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
+    """Any accepted data source -> .npz bytes (validated against the model's signature)."""
+    from modelpress.data import LABELS, load_dataset
+
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
+        load_dataset(source, signature, what=role)  # validate before any work
+        return Path(source).read_bytes()
+    data = load_dataset(source, signature, what=role)
+    buffer = io.BytesIO()
+    arrays = dict(data.inputs)
+    if data.labels is not None:
+        arrays[LABELS] = data.labels
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
+    if recipe is not None and data is None:
+        return {role: recipe.resolve(getattr(recipe.data, role)) for role in _DATA_ROLES}
+    if isinstance(data, DataSources):
+        data = data.model_dump()
+    if isinstance(data, dict) and set(data) <= set(_DATA_ROLES) and data:
+        out = {role: data.get(role) for role in _DATA_ROLES}
+    else:
+        out = {"eval": data, "calibration": None, "train": None}
+    if out["eval"] is None:
+        raise OptionsError("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it")
+    if out["calibration"] is None:
+        out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
+    return out
+
+
+class _Study:
+    """The Optuna study plus the bookkeeping of one tune run."""
+
+    def __init__(self, storage: str, name: str, directions: list[str], objective: Objective, seed: int):
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+        sampler = (optuna.samplers.NSGAIISampler(seed=seed, population_size=8) if objective == "both"
+                   else optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
+        try:
+            self.study = optuna.create_study(storage=storage, study_name=name, directions=directions,  # type: ignore[arg-type]
+                                             sampler=sampler, load_if_exists=True)
+        except Exception as exc:
+            raise ModelpressError(f"cannot open the study {name!r} in {storage!r}: {exc}") from None
+        if list(self.study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]:
+            raise OptionsError(f"study {name!r} in {storage!r} was made for another objective; use another --output/--storage or the same --objective")
+
+    def recover(self) -> list[dict[str, Any]]:
+        """Configurations to run again: trials a previous run left RUNNING (it was killed) or interrupted.
+
+        Stale RUNNING trials are closed as failed; a configuration that has finished since is not repeated.
+        """
+        for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
+            self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
+        finished = {config_key(t.user_attrs.get("config") or {}) for t in self.finished()}
+        again: dict[str, dict[str, Any]] = {}
+        for t in self.study.get_trials(deepcopy=False):
+            config = t.user_attrs.get("config")
+            if config and t.user_attrs.get("status") in ("running", "interrupted") and config_key(config) not in finished:
+                again[config_key(config)] = config
+        return list(again.values())
+
+    def finished(self) -> list[Any]:
+        return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
+
+
+def tune(
+    model: Any,
+    *,
+    objective: Objective = "size",
+    data: Any = None,
+    recipe: str | os.PathLike[str] | dict[str, Any] | Recipe | None = None,
+    max_drop: float = 0.01,
+    budget: int | str | dict[str, float] | None = None,
+    metric: str | None = None,
+    strategy: Strategy = "pareto",
+    output: str | os.PathLike[str] = "modelpress-tune",
+    workers: int | None = None,
+    address: str | None = None,
+    storage: str | None = None,
+    study_name: str = "modelpress-tune",
+    trial_timeout: float | None = None,
+    trial_memory_mb: float | None = None,
+    hopeless_drop: float | None = None,
+    evaluate: dict[str, Any] | None = None,
+    keep_trial_models: bool = False,
+    show_progress: bool = True,
+    seed: int = 0,
+    registry: Registry | None = None,
+) -> TuneResult:
+    """Search compression configurations for the smallest / fastest model within ``max_drop``.
+
+    ``data``: ``{"eval": ..., "calibration": ..., "train": ...}`` (paths, dicts of arrays, ...; one
+    source alone is the evaluation data, also used for calibration). ``recipe``: a recipe whose
+    options may be ``{search: ...}`` (else the default space of the installed methods that fit the
+    model and data). ``budget``: trials (``30``) or time (``"20m"``), or ``{"trials":, "seconds":}``;
+    default 20 trials. ``max_drop``: the largest allowed drop of the metric, on its scale
+    (accuracy 0.01 = one point; for ``mse`` the largest allowed increase). Always returns: when the
+    budget runs out, nothing meets the criterion or Ctrl-C is pressed, the best configuration so
+    far (``meets`` says whether it meets) is exported, verified and reported in ``output``.
+    """
+    from modelpress.loading import load
+
+    registry = registry or get_registry()
+    if objective not in ("size", "latency", "both"):
+        raise OptionsError(f"objective {objective!r}: use size, latency or both")
+    if strategy not in ("pareto", "accuracy-first"):
+        raise OptionsError(f"strategy {strategy!r}: use pareto or accuracy-first")
+    if max_drop < 0:
+        raise OptionsError(f"max_drop {max_drop!r} must be >= 0 (0.01 = one point of accuracy)")
+    limits = budget if isinstance(budget, dict) else parse_budget(budget)
+    if not limits:
+        limits = {"trials": 20}
+    parsed_recipe = load_recipe(recipe) if recipe is not None else None
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    source = load(model)
+    sources = _data_sources(data, parsed_recipe)
+    settings = {"metric": metric or (parsed_recipe.evaluate.metric if parsed_recipe else None), "batch_size": 1, "repeats": 10,
+                "threads": 1, "max_samples": 2048}
+    if parsed_recipe is not None:
+        settings.update(parsed_recipe.evaluate.model_dump(exclude={"metric"}))
+    settings.update(evaluate or {})
+    blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
+    if settings["metric"] is None:
+        with np.load(io.BytesIO(blobs["eval"] or b"")) as npz:
+            settings["metric"] = "accuracy" if "labels" in npz.files else "agreement"
+    evaluate_spec = Evaluate(**settings)
+
+    # -- the space (validated before Ray starts) --------------------------------------------
+    has_torch = _has_torch()
+    if parsed_recipe is not None:
+        space = space_from_recipe(parsed_recipe, registry)
+    else:
+        labels = False
+        if blobs["train"] is not None:
+            with np.load(io.BytesIO(blobs["train"])) as npz:
+                labels = "labels" in npz.files
+        space = default_space(source, registry, calibration=blobs["calibration"] is not None, train=blobs["train"] is not None,
+                              torch=has_torch, labels=labels)
+    data_dir = out / "data"
+    data_dir.mkdir(exist_ok=True)
+    for role, blob in blobs.items():
+        if blob is not None:
+            _atomic_write(data_dir / f"{role}.npz", blob)
+    model_bytes = source.to_proto().SerializeToString()
+    _atomic_write(out / "source.onnx", model_bytes)
+    higher = evaluate_spec.metric not in METRICS_LOWER_IS_BETTER
+    directions = ["maximize" if higher else "minimize"] + {"size": ["minimize"], "latency": ["minimize"], "both": ["minimize", "minimize"]}[objective]
+    tracker = _Study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, directions, objective, seed)
+    study = tracker.study
+    if study.user_attrs.get("objective", objective) != objective:
+        raise OptionsError(f"the study in {out} was run with --objective {study.user_attrs['objective']}; resume it with the same objective or use another output")
+    study.set_user_attr("objective", objective)
+
+    executor = RayExecutor(workers, address)
+    board = TrialBoard(enabled=show_progress, metric=evaluate_spec.metric, objective=objective)
+    session = uuid.uuid4().hex[:8]
+    start = time.monotonic()
+    interrupted = False
+    stop_reason = ""
+    runner: _Runner | None = None
+    try:
+        baseline = study.user_attrs.get("baseline") or _measure_baseline(out, evaluate_spec)
+        study.set_user_attr("baseline", baseline)
+        model_ref = executor.put(model_bytes)
+        data_refs = {role: executor.put(blob) if blob is not None else None for role, blob in blobs.items()}
+        sensitivity = _sensitivity(study, space, executor, model_ref, data_refs, board)
+        retry = tracker.recover()
+        runner = _Runner(tracker, space, sensitivity, executor, board, session=session, out=out,
+                         submit_args=dict(model=model_ref, data=data_refs, evaluate=evaluate_spec.model_dump(), baseline=baseline["metric"],
+                                          hopeless_drop=hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3)),
+                         trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric)
+        plan = Plan(space, sensitivity, strategy, retry, tracker, runner)
+        deadline = start + limits["seconds"] if "seconds" in limits else None
+        max_trials = int(limits.get("trials", 10**9))
+        with board:
+            while True:
+                done = len(tracker.finished())
+                budget_left = max_trials - done - len(executor.running)
+                time_left = deadline is None or time.monotonic() < deadline
+                if not time_left:
+                    stop_reason = f"time budget ({limits['seconds']:.0f}s) used"
+                    runner.abandon("cancelled: the time budget ran out")
+                    break
+                while budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted:
+                    if plan.submit_next():
+                        budget_left -= 1
+                    elif not plan.queue and plan.strategy == "accuracy-first":
+                        break
+                if not executor.running:
+                    if done >= max_trials:
+                        stop_reason = f"trial budget ({max_trials}) used"
+                    else:
+                        stop_reason = plan.why_stopped or "search space exhausted"
+                    break
+                runner.collect(executor.wait(0.5))
+                board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
+    except KeyboardInterrupt:
+        interrupted = True
+        stop_reason = "interrupted (Ctrl-C); rerun the same command to resume"
+        if runner is not None:
+            runner.abandon("interrupted")
+    finally:
+        try:
+            executor.shutdown()
+        except Exception as exc:  # NOTE: Ctrl-C may have reached Ray's own processes too; the results are in the study
+            board.log(f"Ray shutdown: {type(exc).__name__}: {exc}")
+    return _finish(out, study, evaluate_spec, objective, max_drop, space, stop_reason, interrupted, keep_trial_models, blobs, source)
+
+
+def _has_torch() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torch") is not None
+
+
+def _atomic_write(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def _evaluator(out: Path, evaluate_spec: Evaluate) -> Any:
+    from modelpress.compress import _Evaluator
+    from modelpress.data import load_dataset
+    from modelpress.loading import load
+
+    source = load(out / "source.onnx")
+    recipe = Recipe(passes=[{"kind": "quantize", "method": "fp16"}], evaluate=evaluate_spec)  # type: ignore[list-item]
+    eval_data = load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
+    return source, eval_data, _Evaluator(recipe, source, eval_data)
+
+
+def _measure_baseline(out: Path, evaluate_spec: Evaluate) -> dict[str, Any]:
+    from modelpress.compress import measure_latency
+
+    _, _, evaluator = _evaluator(out, evaluate_spec)
+    path = out / "source.onnx"
+    return {"metric": evaluator.metric(path), "size_bytes": path.stat().st_size,
+            "latency_ms": measure_latency(path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)}
+
+
+def measure_sensitivity(model: bytes, calibration: bytes) -> list[str]:
+    """Nodes ranked by their quantization sensitivity (int8-static's per-node measurement)."""
+    import tempfile
+
+    from modelpress.loading import load
+    from modelpress.pipeline import apply
+
+    with tempfile.TemporaryDirectory(prefix="modelpress-sensitivity-") as tmp:
+        Path(tmp, "c.npz").write_bytes(calibration)
+        # NOTE: unreachable targets make int8-static measure every node alone
+        # NOTE: the weighted layers only, on a few samples: a ranking needs no more, and it runs once per node
+        result = apply(load(model), "int8-static", kind="quantize", calibration=Path(tmp, "c.npz"), show_progress=False,
+                       options={"min_cosine": 1.0, "min_agreement": 1.0, "max_samples": 16, "elementwise_ops": [], "activation_matmuls": False})
+    ranking = result.provenance.passes[-1].figures.get("sensitivity", {})
+    return sorted(ranking, key=lambda n: ranking[n], reverse=True)
+
+
+def _sensitivity(study: Any, space: SearchSpace, executor: RayExecutor, model_ref: Any, data_refs: dict[str, Any], board: TrialBoard) -> dict[str, list[str]]:
+    needs = [p.name for p in space.pipelines if p.has_fallback]
+    if not needs:
+        return {}
+    if "sensitivity" not in study.user_attrs:
+        if data_refs.get("calibration") is None:
+            raise OptionsError("the search space falls back along quantization sensitivity: it needs calibration data (--calib)")
+        board.log("measuring per-node quantization sensitivity (once per study)")
+        executor.submit("sensitivity", measure_sensitivity, model_ref, data_refs["calibration"])
+        outcomes: list[Any] = []
+        while not outcomes:
+            outcomes = executor.wait(1.0)
+        outcome = outcomes[0]
+        ranking = outcome.value if outcome.ok else []
+        if not outcome.ok:
+            board.log(f"sensitivity measurement failed ({outcome.error}); fallback steps keep no node in float")
+        study.set_user_attr("sensitivity", ranking)
+    ranking = list(study.user_attrs["sensitivity"])
+    return {name: ranking for name in needs}
+
+
+class _Runner:
+    """Submits configurations as trials and records their outcomes in the study."""
+
+    def __init__(self, tracker: _Study, space: SearchSpace, sensitivity: dict[str, list[str]], executor: RayExecutor, board: TrialBoard,
+                 *, session: str, out: Path, submit_args: dict[str, Any], trial_timeout: float | None, trial_memory_mb: float | None,
+                 max_drop: float, metric_name: str):
+        self.tracker, self.space, self.sensitivity, self.executor, self.board = tracker, space, sensitivity, executor, board
+        self.session, self.out, self.submit_args = session, out, submit_args
+        self.trial_timeout, self.trial_memory_mb, self.max_drop, self.metric_name = trial_timeout, trial_memory_mb, max_drop, metric_name
+        self.live: dict[int, Any] = {}
+        (out / "trials").mkdir(exist_ok=True)
+
+    def _done_with(self, config: dict[str, Any]) -> Any:
+        key = config_key(config)
+        for t in self.tracker.finished():
+            if t.user_attrs.get("status") in ("ok", "pruned") and config_key(t.user_attrs.get("config") or {}) == key:
+                return t
+        return None
+
+    def submit(self, fixed: dict[str, Any] | None = None) -> bool:
+        """Start a trial (``fixed``: this configuration, else the sampler's); False if it repeated a finished one."""
+        study = self.tracker.study
+        if fixed:
+            study.enqueue_trial({k: _encode(v) for k, v in fixed.items() if k != "pipeline" or len(self.space.pipelines) > 1})
+        trial = study.ask()
+        config = self.space.suggest(trial, self.sensitivity)
+        trial.set_user_attr("config", config)
+        if any(config_key(t.user_attrs.get("config") or {}) == config_key(config) for t in self.live.values()):
+            trial.set_user_attr("status", "duplicate")  # NOTE: the same configuration is running right now
+            study.tell(trial, state=optuna_state(self.tracker, "FAIL"))
+            return False
+        earlier = self._done_with(config)
+        if earlier is not None:  # NOTE: samplers re-propose tried points in small spaces: reuse, don't rerun
+            trial.set_user_attr("status", "duplicate")
+            trial.set_user_attr("duplicate_of", earlier.number)
+            if earlier.state == optuna_state(self.tracker, "COMPLETE"):
+                study.tell(trial, list(earlier.values))
+            else:
+                study.tell(trial, state=earlier.state)
+            return False
+        passes = [p.model_dump(exclude_none=True) for p in self.space.passes(config, self.sensitivity)]
+        trial.set_user_attr("passes", passes)
+        trial.set_user_attr("status", "running")
+        trial.set_user_attr("session", self.session)
+        self.live[trial.number] = trial
+        self.executor.submit(trial.number, run_trial, passes=passes, timeout_s=self.trial_timeout, memory_mb=self.trial_memory_mb, **self.submit_args)
+        self.board.started(trial.number, config)
+        return True
+
+    def collect(self, outcomes: list[Any]) -> None:
+        optuna = self.tracker.optuna
+        study = self.tracker.study
+        for outcome in outcomes:
+            trial = self.live.pop(outcome.job.key)
+            value = outcome.value if outcome.ok else None
+            trial.set_user_attr("seconds", round(outcome.seconds, 3))
+            if value is None:
+                trial.set_user_attr("status", "failed")
+                trial.set_user_attr("error", outcome.error)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            elif value["status"] == "pruned":
+                trial.set_user_attr("status", "pruned")
+                trial.set_user_attr("metric", value["metric"])
+                trial.set_user_attr("error", value["reason"])
+                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            else:
+                _atomic_write(self.out / "trials" / f"trial-{trial.number:04d}.onnx", value["model"])
+                for key in ("metric", "size_bytes", "latency_ms", "parameters"):
+                    trial.set_user_attr(key, value[key])
+                trial.set_user_attr("figures", json.loads(json.dumps(_slim(value["figures"]), default=str)))
+                trial.set_user_attr("status", "ok")
+                objectives = {"size": [value["size_bytes"] / 1e6], "latency": [value["latency_ms"]],
+                              "both": [value["size_bytes"] / 1e6, value["latency_ms"]]}[_objective_of(study)]
+                study.tell(trial, [value["metric"], *objectives])
+            self.board.finished(_record(study.trials[trial.number], self.submit_args["baseline"], self.metric_name, self.max_drop))
+
+    def abandon(self, why: str) -> None:
+        optuna = self.tracker.optuna
+        for job in self.executor.cancel_all():
+            trial = self.live.pop(job.key, None)
+            if trial is not None:
+                trial.set_user_attr("status", "interrupted")
+                trial.set_user_attr("error", why)
+                self.tracker.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+
+    def records(self) -> list[TrialRecord]:
+        base = self.submit_args["baseline"]
+        return [_record(t, base, self.metric_name, self.max_drop) for t in self.tracker.study.get_trials(deepcopy=False)
+                if t.user_attrs.get("status") not in (None, "running", "duplicate")]
+
+
+def optuna_state(tracker: _Study, name: str) -> Any:
+    return getattr(tracker.optuna.trial.TrialState, name)
+
+
+def _objective_of(study: Any) -> str:
+    return str(study.user_attrs["objective"])
+
+
+def _slim(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pass figures without the bulky per-node tables."""
+    return [{k: v for k, v in f.items() if k not in ("sensitivity", "float_nodes", "layers")} for f in figures]
+
+
+def _record(t: Any, baseline: float, metric_name: str, max_drop: float) -> TrialRecord:
+    attrs = t.user_attrs
+    metric = attrs.get("metric")
+    d = drop(metric_name, baseline, metric) if metric is not None else None
+    return TrialRecord(
+        number=t.number, status=attrs.get("status", "failed"), pipeline=str((attrs.get("config") or {}).get("pipeline", "")),
+        config=attrs.get("config") or {}, passes=attrs.get("passes") or [], metric=metric, drop=d,
+        meets=attrs.get("status") == "ok" and d is not None and d <= max_drop + 1e-12,
+        size_bytes=attrs.get("size_bytes"), latency_ms=attrs.get("latency_ms"), seconds=attrs.get("seconds"),
+        error=attrs.get("error", ""), session=attrs.get("session", ""), figures=attrs.get("figures") or [],
+    )
+
+
+def _finish(out: Path, study: Any, evaluate_spec: Evaluate, objective: str, max_drop: float, space: SearchSpace, stop_reason: str,
+            interrupted: bool, keep_trial_models: bool, blobs: dict[str, bytes | None], source: Any) -> TuneResult:
+    """Pick the best, export and verify it, write its recipe and the report (always)."""
+    from modelpress.compress import measure_latency
+    from modelpress.export import export
+    from modelpress.loading import load
+
+    baseline = study.user_attrs.get("baseline") or {"metric": float("nan"), "size_bytes": 1, "latency_ms": 1.0}
+    records = [_record(t, baseline["metric"], evaluate_spec.metric, max_drop) for t in study.get_trials(deepcopy=False)
+               if t.user_attrs.get("status") not in (None, "running", "duplicate")]
+    front = pareto_front(records, objective, higher_is_better=evaluate_spec.metric not in METRICS_LOWER_IS_BETTER)
+    best = pick_best(records, objective, baseline)
+    model_path = recipe_path = None
+    verification = ""
+    if best is not None:
+        _, eval_data, evaluator = _evaluator(out, evaluate_spec)
+        model_path = out / "best.onnx"
+        exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=eval_data.take(64), reference=source)
+        verification = exported.verification.summary() if exported.verification is not None else ""
+        best.latency_alone_ms = measure_latency(model_path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)
+        recipe_path = out / "best-recipe.yaml"
+        _write_recipe(recipe_path, best.passes, blobs, evaluate_spec)
+    if not keep_trial_models:
+        keep = {r.number for r in front} | ({best.number} if best else set())
+        for path in (out / "trials").glob("trial-*.onnx"):
+            if int(path.stem.split("-")[1]) not in keep:
+                path.unlink()
+    status = stop_reason + ("" if best is None else (" — best meets the criterion" if best.meets else " — no configuration met the criterion; best by metric shown"))
+    report = TuneReport(title=f"modelpress tune: {source.name}", metric=evaluate_spec.metric, objective=objective, max_drop=max_drop,
+                        baseline=baseline, trials=records, pareto=front, best=best, status=status, verification=verification,
+                        space=space.describe(), notes=space.notes)
+    report.write(out)
+    return TuneResult(best=best, meets=bool(best and best.meets), baseline=baseline, trials=records, pareto=front, output=out,
+                      model_path=model_path, recipe_path=recipe_path, report=report, stop_reason=stop_reason, interrupted=interrupted,
+                      space=space.describe())
+
+
+def _write_recipe(path: Path, passes: list[dict[str, Any]], blobs: dict[str, bytes | None], evaluate_spec: Evaluate) -> None:
+    import yaml
+
+    recipe = {
+        "passes": passes,
+        "data": {role: f"data/{role}.npz" for role, blob in blobs.items() if blob is not None},
+        "evaluate": evaluate_spec.model_dump(),
+    }
+    load_recipe(recipe)  # NOTE: what we write must load
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("# written by modelpress tune: `modelpress compress source.onnx --recipe best-recipe.yaml -o out.onnx` reproduces best.onnx\n"
+                   + yaml.safe_dump(recipe, sort_keys=False))
+    os.replace(tmp, path)

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from modelpress.criteria import infer_criteria
 from modelpress.data import load_dataset, sample_inputs
 from modelpress.errors import ExportError, InvalidModelError, ModelpressError, VerificationError
 from modelpress.model import Model
@@ -50,13 +51,16 @@ def verify(
     atol: float | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    criteria: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
 
     ``reference`` defaults to ``model.reference`` (the model as imported, before any pass), or
     the model itself. ``sample`` is any data :func:`modelpress.data.load_dataset` accepts; by
     default random inputs are generated from the signature. Non-finite outputs are always an
-    error; the thresholds, when given, too.
+    error; the thresholds, when given, too. Each output is judged as :mod:`modelpress.criteria`
+    decides (agreement for classifiers, cosine for embeddings and maps, relative error for
+    regression; ``criteria`` overrides it per output name), the same definition the quantizer uses.
     """
     reference = reference or model.reference or model
     signature = model.signature
@@ -68,7 +72,8 @@ def verify(
     session = session or make_session(model)
     actual = run(session, feeds)
     expected = actual if reference is model else run(make_session(reference), feeds)
-    comparison = compare_outputs(signature.output_names, expected, actual)
+    judged_by = infer_criteria(signature.output_names, expected, model=reference, overrides=criteria)
+    comparison = compare_outputs(signature.output_names, expected, actual, judged_by)
     failures = []
     if not comparison.finite:
         failures.append("outputs contain NaN or infinite values")

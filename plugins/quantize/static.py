@@ -16,13 +16,14 @@ in float and why.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
+from modelpress.criteria import Judgement
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError
 from modelpress.layers import WeightedLayer
@@ -43,6 +44,10 @@ from modelpress.plugins.quantize.calibrate import (
     collect_stats,
 )
 from modelpress.plugins.quantize.evaluate import Scorer
+from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
+from modelpress.plugins.quantize.patterns import summary as patterns_summary
+from modelpress.plugins.quantize.selection import integer_elementwise
+from modelpress.plugins.quantize.sensitivity import local_errors, search
 
 __all__ = ["Int8StaticOptions", "int8_static"]
 
@@ -65,10 +70,14 @@ class Int8StaticOptions(Options):
     bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause")
     quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
     activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
-    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types also quantized (ORT has integer kernels for them); sensitivity guards them like the rest")
-    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (classifiers)")
-    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target cosine between float and quantized outputs")
-    sensitivity: bool = Field(True, description="keep the most sensitive nodes in float until the targets are met")
+    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)")
+    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (outputs judged as classifiers)")
+    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target mean per-sample cosine (outputs judged as embeddings or dense maps)")
+    max_relative_error: float | None = Field(0.1, ge=0, description="target relative L2 error (outputs judged as regression)")
+    criteria: dict[str, str] = Field(default_factory=dict, description="per output name (or '*'): how it is judged, e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05' (default: inferred)")
+    sensitivity: bool = Field(True, description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met")
+    fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
+    max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
 
@@ -273,6 +282,9 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
                     float_nodes[node.name] = "excluded by option"
                 else:
                     act_matmuls.append(node)
+    # NOTE: decomposed LayerNorm/RMSNorm/GELU/Softmax and attention-mask Adds stay float inside; only their boundary is quantized
+    patterns, masks = find_patterns(model.graph), mask_adds(model.graph)
+    protected = {id(n) for p in patterns for n in p.nodes} | {id(n) for n in masks}
     elementwise: list[ir.Node] = []
     for node in model.nodes():
         ins = [v for v in node.inputs if v is not None]
@@ -282,8 +294,9 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
                 float_nodes[node.name] = "excluded by option"
             elif node.outputs[0].is_graph_output():
                 float_nodes[node.name] = "produces a model output"
-            else:
+            elif id(node) not in protected:
                 elementwise.append(node)
+    elementwise, _ = integer_elementwise(model.graph, [layer.node for layer in candidates] + act_matmuls, elementwise, _fused_output)
     if not candidates and not act_matmuls and not elementwise:
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 
@@ -313,50 +326,54 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
         plans[node.name] = _Plan(None, act_ins, out_tensors[node.name], constants=constants)
 
-    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=opts.batch_size)
+    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
+                    criteria=opts.criteria, batch_size=opts.batch_size)
     order = [node.name for node in all_nodes]
 
-    def build(selected: list[str]) -> Model:
-        return _build(model, plans, selected, act, grid, opts.per_channel)
+    def build(selected: list[str], weight_only: list[str] = ()) -> Model:  # type: ignore[assignment]
+        use = dict(plans)
+        for name in weight_only:  # weights int8 behind a DequantizeLinear, activations (and bias) float
+            use[name] = replace(plans[name], act_ins=[], act_out=None, bias_q=None, bias_scale=None)
+        return _build(model, use, [n for n in order if n in set(selected) | set(weight_only)], act, grid, opts.per_channel)
 
     full = build(order)
     score = scorer.score(full)
-    chosen, result = order, full
-    sensitivities: dict[str, dict[str, float]] = {}
-    if not scorer.meets(score) and opts.sensitivity:
-        with ctx.progress("sensitivity", total=len(order)) as advance:
-            for name in order:
-                sensitivities[name] = scorer.score(build([name]))
-                advance(1)
-        ranked = sorted(order, key=lambda n: scorer.loss(sensitivities[n]), reverse=True)
-        low, high = 1, len(ranked)  # keep `k` most sensitive in float: find the smallest k that meets the target
-        best: tuple[list[str], Model, dict[str, float]] | None = None
-        while low <= high:
-            k = (low + high) // 2
-            keep = [n for n in order if n not in ranked[:k]]
-            candidate = build(keep) if keep else model.clone()
-            candidate_score = scorer.score(candidate)
-            if scorer.meets(candidate_score):
-                best = (keep, candidate, candidate_score)
-                high = k - 1
-            else:
-                low = k + 1
-        if best is not None:
-            chosen, result, score = best
-        else:  # nothing met the target: keep everything in float rather than ship a broken model
-            chosen, result, score = [], model.clone(), scorer.score(model)
-        for name in order:
-            if name not in chosen:
-                s = sensitivities[name]
-                detail = ", ".join(f"{k} {v:.4f}" for k, v in s.items())
-                float_nodes[name] = f"sensitive: quantized alone it gives {detail}"
+    chosen, weight_only, result = order, [], full
+    errors: dict[str, float] = {}
+    weight_bytes = {layer.name: int(layer.weight_array().nbytes) for layer in candidates}
+    if not score.met and opts.sensitivity:
+        errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx)
+        decision = search(order, errors, weight_bytes, build, scorer.score, ctx, max_evaluations=opts.max_evaluations,
+                          fallback_weight_only=opts.fallback == "weight-only")
+        if decision is not None:
+            chosen, weight_only, result, score = decision.int8, decision.weight_only, decision.model, decision.judgement
+            for name in decision.float_:
+                float_nodes[name] = f"sensitive: 1/SQNR {errors[name]:.2g} alone"
+        else:  # nothing met the criteria: ship the fully quantized model, flagged (the CLI refuses it without --accept-loss)
+            ctx.figures["sensitivity"] = "no fallback met the criteria"
+    total_bytes = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
+    low_bit = sum(weight_bytes.get(n, 0) for n in chosen) + sum(weight_bytes.get(n, 0) for n in weight_only)
     ctx.figures.update(
         {
             "quantized_nodes": len(chosen),
+            "weight_only_nodes": {n: f"sensitive: 1/SQNR {errors[n]:.2g} alone; int8 weights, float activations" for n in weight_only},
             "float_nodes": float_nodes,
+            "patterns_kept_float": patterns_summary(patterns, masks),
+            "low_bit_weight_share": round(low_bit / max(total_bytes, 1), 4),
             "calibration_samples": len(data),
             "calibrator": opts.calibrator,
-            **{f"calibration_{k}": round(v, 6) for k, v in score.items()},
+            "criteria_met": score.met,
+            "criteria": score.summary(),
+            **{f"calibration_{k}": v for k, v in _per_metric(score).items()},
         }
     )
     return result
+
+
+def _per_metric(judgement: Judgement) -> dict[str, float]:
+    """The worst value of each metric over the outputs (``calibration_agreement``, ``calibration_cosine``)."""
+    worst: dict[str, float] = {}
+    for criterion, value in zip(judgement.criteria, judgement.values, strict=True):
+        pick = max if criterion.metric == "relative_error" else min
+        worst[criterion.metric] = round(float(pick(worst.get(criterion.metric, value), value)), 6)
+    return worst

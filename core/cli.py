@@ -22,6 +22,7 @@ __all__ = ["main"]
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
+EXIT_CRITERIA = 3  # the result misses its accuracy criteria (quantize without --accept-loss)
 EXIT_INTERRUPTED = 130
 
 
@@ -177,10 +178,28 @@ def cmd_apply(args: argparse.Namespace) -> int:
         train=args.data,
         show_progress=not args.quiet,
     )
+    record = result.provenance.passes[-1]
+    if record.figures.get("criteria_met") is False and not getattr(args, "accept_loss", False):
+        _console().print(
+            f"[red]{record.method} missed its accuracy criteria: {record.figures.get('criteria')}; "
+            f"nothing written (rerun with --accept-loss to keep it)[/red]"
+        )
+        return EXIT_CRITERIA
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample)
     _print_result(result, exported)
     return 0
+
+
+def _figure_text(value: Any) -> str:
+    """Figures for people: a {node: reason} dict as a count and its names grouped by reason."""
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        return str(value)
+    groups: dict[str, list[str]] = {}
+    for name, reason in value.items():
+        groups.setdefault(reason.split(":")[0], []).append(name)
+    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
+    return f"{len(value)} — " + "; ".join(parts)
 
 
 def _print_result(result: Any, exported: Any) -> None:
@@ -188,7 +207,7 @@ def _print_result(result: Any, exported: Any) -> None:
     record = result.provenance.passes[-1]
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {_figure_text(value)}")
     console.print(f"wrote {exported.path} ({_human_bytes(exported.size_bytes)})")
     if exported.verification is not None:
         console.print(f"verified in ONNX Runtime against the input model: {exported.verification.summary()}")
@@ -373,6 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"), help="int8-static: activation range calibrator")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
+    p.add_argument("--accept-loss", action="store_true",
+                   help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration data, else random")
     p.set_defaults(func=cmd_quantize)
 

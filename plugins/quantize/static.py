@@ -334,6 +334,13 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         use = dict(plans)
         for name in weight_only:  # weights int8 behind a DequantizeLinear, activations (and bias) float
             use[name] = replace(plans[name], act_ins=[], act_out=None, bias_q=None, bias_scale=None)
+        # NOTE: a node kept off int8 must read its inputs unrounded: their producers then skip output Q/DQ
+        # (int8 consumers of the same tensor still get their own input Q/DQ).
+        backed_off = set(order) - set(selected)
+        avoid = {t for n in backed_off for t in plans[n].act_ins}
+        for name in selected:
+            if plans[name].act_out in avoid:
+                use[name] = replace(plans[name], act_out=None)
         return _build(model, use, [n for n in order if n in set(selected) | set(weight_only)], act, grid, opts.per_channel)
 
     full = build(order)

@@ -467,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
+    p.add_argument("--accept-loss", action="store_true", help=f"write the result even when it misses its accuracy criteria (otherwise exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
     p.set_defaults(func=cmd_apply)
     return parser

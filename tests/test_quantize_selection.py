@@ -151,3 +151,56 @@ def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     accepted = run_cli(*args, "--accept-loss")
     assert accepted.returncode == 0, accepted.stderr
     assert out.exists()
+
+
+def _embedding_model():
+    """Token ids -> Gather on a [2000, 64] table -> MatMul -> mean over tokens: an encoder's first steps."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((2000, 64)) * 0.1).astype(np.float32)
+    w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
+             helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0)]
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 12])],
+                       [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])], {"table": table, "w": w}, opset=17)
+    return model, {"ids": rng.integers(0, 2000, (64, 12)).astype(np.int64)}
+
+
+@pytest.mark.parametrize(("method", "bits", "max_ratio"), [("int4-weight-only", 4, 0.2), ("int8-weight-only", 8, 0.3), ("int8-dynamic", 8, 0.3)])
+def test_embedding_tables_are_quantized(tmp_path, method, bits, max_ratio):
+    model, sample = _embedding_model()
+    source = tmp_path / "f.onnx"
+    onnx.save(model.to_proto(), source)
+    options = {"block_size": 32} if method == "int4-weight-only" else {}
+    quantized = modelpress.quantize(model, method, show_progress=False, **options)
+    assert quantized.provenance.passes[-1].figures["tables_quantized"] == 1
+    gather = next(n for n in quantized.graph if n.op_type == "Gather")
+    assert gather.inputs[0].producer().op_type == "DequantizeLinear"
+    assert gather.inputs[0].producer().inputs[0].dtype == (onnx_ir_type(bits))
+    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample=sample)
+    assert exported.path.stat().st_size <= max_ratio * source.stat().st_size
+    assert exported.verification.outputs[0].criterion == "embedding: cosine"
+    assert exported.verification.outputs[0].value >= (0.98 if bits == 4 else 0.999)
+
+
+def onnx_ir_type(bits: int):  # type: ignore[no-untyped-def]
+    import onnx_ir as ir
+
+    return ir.DataType.UINT4 if bits == 4 else ir.DataType.INT8
+
+
+@pytest.mark.torch
+def test_conv_weights_are_covered_by_weight_only_and_dynamic(digits, tmp_path):
+    pytest.importorskip("torch", reason="needs the torch extra")
+    from tests import quant_models as qm
+    from tests.models import images
+
+    x = images(digits["x_train"][:64], "nchw")
+    source = qm.export(qm.ConvNet().eval(), x, tmp_path / "conv.onnx", "x", "logits")
+    for method, bound in (("int8-weight-only", 0.3), ("int8-dynamic", 0.3), ("int4-weight-only", 0.2)):
+        quantized = modelpress.quantize(modelpress.load(source), method, show_progress=False)
+        convs = [n for n in quantized.graph if n.op_type == "Conv"]
+        assert all(n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs if n.inputs[1].shape[0] > 32), method
+        exported = modelpress.export(quantized, tmp_path / f"{method}.onnx", sample={"x": x})
+        assert exported.path.stat().st_size <= bound * source.stat().st_size, method
+        assert exported.verification.cosine >= 0.99, method

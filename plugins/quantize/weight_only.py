@@ -28,6 +28,7 @@ from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.quantize.affine import QRange
+from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
@@ -40,7 +41,7 @@ class WeightOnlyOptions(Options):
     algorithm: Literal["rtn", "mse", "gptq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="op types to quantize")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
     damp: float = Field(0.01, gt=0, description="GPTQ: dampening added to the Hessian diagonal (fraction of its mean)")
@@ -244,9 +245,11 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
             skipped[layer.name] = "Gemm with transA/alpha/beta"
         else:
             layers.append(layer)
-    if not layers:
-        raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm with a constant weight'})")
-    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" else {}
+    tables = quantize_tables(result, bits=opts.bits, op_types=set(opts.op_types), block_size=min(opts.block_size, 32),
+                             min_elements=opts.min_elements, exclude=set(opts.exclude))
+    if not layers and not tables.done:
+        raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
+    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" and layers else {}
 
     before = after = 0
     errors: list[float] = []
@@ -284,8 +287,10 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
             advance(1)
     if opts.format == "matmulnbits" and "com.microsoft" not in result.ir.opset_imports:
         result.ir.opset_imports["com.microsoft"] = 1
+    before, after, errors = before + tables.bytes_before, after + tables.bytes_after, errors + tables.errors
     ctx.figures.update({
         "quantized_nodes": len(layers), "float_nodes": skipped, "weight_bytes_before": before, "weight_bytes_after": after,
         "weight_compression": round(before / max(after, 1), 3), "mean_relative_weight_error": round(float(np.mean(errors)), 6),
+        "tables_quantized": len(tables.done),
     })
     return result

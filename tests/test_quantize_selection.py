@@ -204,3 +204,11 @@ def test_conv_weights_are_covered_by_weight_only_and_dynamic(digits, tmp_path):
         exported = modelpress.export(quantized, tmp_path / f"{method}.onnx", sample={"x": x})
         assert exported.path.stat().st_size <= bound * source.stat().st_size, method
         assert exported.verification.cosine >= 0.99, method
+
+
+def test_int8_static_stores_embedding_tables_in_int8():
+    model, sample = _embedding_model()
+    quantized = modelpress.quantize(model, calibration=sample, show_progress=False)
+    figures = quantized.provenance.passes[-1].figures
+    assert figures["tables_quantized"] == 1 and figures["low_bit_weight_share"] == 1.0 and figures["criteria_met"]
+    assert modelpress.verify(quantized, sample=sample).outputs[0].value >= 0.999

@@ -43,6 +43,7 @@ from modelpress.plugins.quantize.calibrate import (
     choose_range,
     collect_stats,
 )
+from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
@@ -78,6 +79,7 @@ class Int8StaticOptions(Options):
     sensitivity: bool = Field(True, description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met")
     fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
     max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
+    embedding_tables: bool = Field(True, description="store Gather embedding tables as int8 (one scale per row) behind a DequantizeLinear")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
 
@@ -254,6 +256,11 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if ctx.calibration is None:
         raise DataError("int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs")
     data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+    reference = model
+    tables = TableReport()
+    if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
+        model = model.clone()
+        tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
     layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
     unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
     if unknown:
@@ -326,7 +333,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
         plans[node.name] = _Plan(None, act_ins, out_tensors[node.name], constants=constants)
 
-    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
+    scorer = Scorer(reference, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
                     criteria=opts.criteria, batch_size=opts.batch_size)
     order = [node.name for node in all_nodes]
 
@@ -358,11 +365,12 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
                 float_nodes[name] = f"sensitive: 1/SQNR {errors[name]:.2g} alone"
         else:  # nothing met the criteria: ship the fully quantized model, flagged (the CLI refuses it without --accept-loss)
             ctx.figures["sensitivity"] = "no fallback met the criteria"
-    total_bytes = sum(int(v.const_value.nbytes) for v in model.graph.initializers.values() if v.const_value is not None)
-    low_bit = sum(weight_bytes.get(n, 0) for n in chosen) + sum(weight_bytes.get(n, 0) for n in weight_only)
+    total_bytes = sum(int(v.const_value.nbytes) for v in reference.graph.initializers.values() if v.const_value is not None)
+    low_bit = sum(weight_bytes.get(n, 0) for n in chosen) + sum(weight_bytes.get(n, 0) for n in weight_only) + tables.bytes_before
     ctx.figures.update(
         {
             "quantized_nodes": len(chosen),
+            "tables_quantized": len(tables.done),
             "weight_only_nodes": {n: f"sensitive: 1/SQNR {errors[n]:.2g} alone; int8 weights, float activations" for n in weight_only},
             "float_nodes": float_nodes,
             "patterns_kept_float": patterns_summary(patterns, masks),

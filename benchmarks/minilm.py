@@ -129,8 +129,14 @@ def _module():  # type: ignore[no-untyped-def]
     import torch
     from torch import nn
 
-    w = {k: torch.tensor(v) for k, v in _safetensors(_folder() / "model.safetensors").items()}
+    tensors = {k: torch.tensor(v) for k, v in _safetensors(_folder() / "model.safetensors").items() if v.dtype == np.float32}
     eps = 1e-12
+
+    class _W:
+        def __getitem__(self, key: str):  # type: ignore[no-untyped-def]
+            return module.weights[key.replace(".", "__")]
+
+    w = _W()
 
     def ln(x, p):  # type: ignore[no-untyped-def]
         mean = x.mean(-1, keepdim=True)
@@ -142,6 +148,11 @@ def _module():  # type: ignore[no-untyped-def]
         return x @ w[p + ".weight"].T + w[p + ".bias"]
 
     class MiniLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            # NOTE: parameters (not closure tensors), so the exporter writes initializers rather than Constant nodes
+            self.weights = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
+
         def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
             n, t = input_ids.shape
             x = w["embeddings.word_embeddings.weight"][input_ids] + w["embeddings.position_embeddings.weight"][:t][None] \
@@ -161,7 +172,8 @@ def _module():  # type: ignore[no-untyped-def]
             pooled = (x * maskf[..., None]).sum(1) / maskf.sum(1, keepdim=True).clamp(min=1e-9)
             return pooled / torch.sqrt((pooled * pooled).sum(-1, keepdim=True)).clamp(min=1e-12)
 
-    return MiniLM().eval()
+    module = MiniLM().eval()
+    return module
 
 
 def export_minilm() -> Path:

@@ -6,12 +6,13 @@ biases int32 (scale = input scale x weight scale), activations uint8 asymmetric 
 the input and output edges of each quantized node (the output taken after a following
 Relu/Clip, which ORT folds into the quantization).
 
-Quantizing everything can wreck accuracy on real models. So the method measures, on the
-calibration data, how far the fully quantized model is from float (top-1 agreement for
-classifier-like outputs, cosine of the outputs); if it misses the target, it measures each
-node's *sensitivity* (the output error when that node alone is quantized), and keeps the most
-sensitive nodes in float, the fewest that meets the target. The figures say which nodes stayed
-in float and why.
+Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
+inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
+(:mod:`.selection`). The result is judged per output by :mod:`modelpress.criteria` on the
+calibration data; if it misses, :mod:`.sensitivity` scores every node's local error in one ORT
+session, ranks nodes by error per byte of weight, and bisects over that ranking (a few
+whole-model runs) for the fewest nodes to move to int8 weight-only, then to float. The figures
+say which nodes left int8 and why.
 """
 
 from __future__ import annotations

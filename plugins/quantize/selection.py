@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
-__all__ = ["integer_elementwise"]
+__all__ = ["feeds_quantized", "integer_elementwise"]
 
 _TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
 
@@ -32,7 +32,7 @@ def integer_elementwise(
     while True:
         chosen = _integer_inputs(graph, quantized_nodes, pool, fused_output, reasons)
         selected = {id(n) for n in chosen}
-        dropped = [n for n in chosen if not _feeds(fused_output(n), quantized_nodes | selected)]
+        dropped = [n for n in chosen if not feeds_quantized(fused_output(n), quantized_nodes | selected)]
         if not dropped:
             return chosen, reasons
         for node in dropped:
@@ -63,10 +63,11 @@ def _integer_inputs(graph: ir.Graph, quantized_nodes: set[int], pool: list[ir.No
     return chosen
 
 
-def _feeds(value: ir.Value, quantized: set[int]) -> bool:
+def feeds_quantized(value: ir.Value, quantized: set[int]) -> bool:
+    """Whether a node in ``quantized`` (ids) reads ``value``, directly or through value-preserving ops."""
     for user, index in value.uses():
         if id(user) in quantized:
             return True
-        if user.op_type in _TRANSPARENT and index == 0 and user.outputs and _feeds(user.outputs[0], quantized):
+        if user.op_type in _TRANSPARENT and index == 0 and user.outputs and feeds_quantized(user.outputs[0], quantized):
             return True
     return False

@@ -48,7 +48,7 @@ from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
-from modelpress.plugins.quantize.selection import integer_elementwise
+from modelpress.plugins.quantize.selection import feeds_quantized, integer_elementwise
 from modelpress.plugins.quantize.sensitivity import local_errors, search
 
 __all__ = ["Int8StaticOptions", "int8_static"]
@@ -310,7 +310,11 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
 
     grid = QRange(8, opts.activation_type == "int8")
     all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise
-    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs else None) for node in all_nodes}
+    # NOTE: an output is quantized only where a quantized node reads it: rounding a MatMul's output on its
+    # way to a float bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat).
+    quantized_ids = {id(node) for node in all_nodes}
+    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs and feeds_quantized(_fused_output(node), quantized_ids) else None)
+                   for node in all_nodes}
     names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
     names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}

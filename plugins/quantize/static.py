@@ -310,10 +310,12 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
 
     grid = QRange(8, opts.activation_type == "int8")
     all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise
-    # NOTE: an output is quantized only where a quantized node reads it: rounding a MatMul's output on its
-    # way to a float bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat).
+    # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
+    # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
+    # Gemm keep it: ORT's QLinearConv needs the output Q.
     quantized_ids = {id(node) for node in all_nodes}
-    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs and feeds_quantized(_fused_output(node), quantized_ids) else None)
+    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs and (
+                       node.op_type != "MatMul" or feeds_quantized(_fused_output(node), quantized_ids)) else None)
                    for node in all_nodes}
     names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
     names += [t for t in out_tensors.values() if t]

@@ -26,11 +26,13 @@ __all__ = ["main"]
 EXIT_ERROR = 1  # a user error: bad input, options or command line (ModelpressError, argparse)
 EXIT_USAGE = EXIT_ERROR  # NOTE: one code for every user error; argparse's own 2 is not used
 EXIT_INTERNAL = 3  # a bug in modelpress: an exception that is not a ModelpressError
+EXIT_CRITERIA = 4  # the result misses its accuracy criteria (quantize/apply without --accept-loss)
 EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = (
     "exit codes: 0 success; 1 user error (bad model, data, options or command line); "
-    "3 internal error (a bug in modelpress: please report it with the -v traceback); 130 interrupted."
+    "3 internal error (a bug in modelpress: please report it with the -v traceback); "
+    "4 the result misses its accuracy criteria (nothing written; --accept-loss keeps it); 130 interrupted."
 )
 
 
@@ -271,6 +273,13 @@ def cmd_apply(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
         allow_no_gain=args.allow_no_gain,
     )
+    record = result.provenance.passes[-1]
+    if record.figures.get("criteria_met") is False and not getattr(args, "accept_loss", False):
+        print(
+            f"modelpress: error: {record.method} missed its accuracy criteria: {' '.join(str(record.figures.get('criteria')).split())}; "
+            f"nothing written (rerun with --accept-loss to keep it)", file=sys.stderr,
+        )
+        return EXIT_CRITERIA
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
@@ -279,6 +288,15 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 _EXTERNAL: dict[str, bool | str] = {"auto": "auto", "always": True, "never": False}
+def _figure_text(value: Any) -> str:
+    """Figures for people: a {node: reason} dict as a count and its names grouped by reason."""
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        return str(value)
+    groups: dict[str, list[str]] = {}
+    for name, reason in value.items():
+        groups.setdefault(reason.split(":")[0], []).append(name)
+    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
+    return f"{len(value)} — " + "; ".join(parts)
 
 
 def _print_result(result: Any, exported: Any) -> None:
@@ -286,7 +304,7 @@ def _print_result(result: Any, exported: Any) -> None:
     record = result.provenance.passes[-1]
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():
-        console.print(f"  {key}: {value}")
+        console.print(f"  {key}: {_figure_text(value)}")
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     console.print(f"wrote {exported.path}{data} ({_human_bytes(exported.size_bytes)})")
     if record.figures.get("no_gain"):
@@ -581,6 +599,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"), help="int8-static: activation range calibrator")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
+    p.add_argument("--accept-loss", action="store_true",
+                   help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration data, else random")
     p.set_defaults(func=cmd_quantize)
 
@@ -696,6 +716,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
+    p.add_argument("--accept-loss", action="store_true", help=f"write the result even when it misses its accuracy criteria (otherwise exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
     p.set_defaults(func=cmd_apply)
     return parser

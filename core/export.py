@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
+from modelpress.criteria import infer_criteria
 from modelpress.data import index_limits, load_dataset, sample_inputs
 from modelpress.errors import (
     DataError,
@@ -83,6 +84,7 @@ def verify(
     atol: float | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    criteria: Mapping[str, str] | None = None,
 ) -> Comparison:
     """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
 
@@ -92,21 +94,26 @@ def verify(
     by default realistic inputs are generated from the signature (token ids within the embedding
     table, sequences of 16, batch 2). Non-finite outputs are always an error. Without explicit
     thresholds, a default minimum cosine for the methods applied is enforced
-    (:func:`modelpress.verify.default_min_cosine`), so a broken result does not pass.
+    (:func:`modelpress.verify.default_min_cosine`), so a broken result does not pass. Each output
+    is also judged as :mod:`modelpress.criteria` decides (agreement for classifiers, cosine for
+    embeddings and maps, relative error for regression; ``criteria`` overrides it per output
+    name), the same definition the quantizer uses.
     """
     reference = reference or model.reference or model
     feeds = _feeds(model, sample)
     actual = run(session or make_session(model), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
-    return _against_reference(model, reference, feeds, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement)
+    return _against_reference(model, reference, feeds, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
+                              criteria=criteria)
 
 
 def _against_reference(
     model: Model, reference: Model, feeds: Mapping[str, np.ndarray], actual: list[np.ndarray], *,
-    atol: float | None, min_cosine: float | None, min_agreement: float | None,
+    atol: float | None, min_cosine: float | None, min_agreement: float | None, criteria: Mapping[str, str] | None = None,
 ) -> Comparison:
     expected = actual if reference is model else run(make_session(reference), feeds)
-    comparison = compare_outputs(model.signature.output_names, expected, actual)
+    judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=criteria)
+    comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
     if atol is None and min_cosine is None and min_agreement is None and reference is not model:
         min_cosine = default_min_cosine(model.provenance)
     failures = []
@@ -163,6 +170,7 @@ def export(
     atol: float | None = None,
     min_cosine: float | None = None,
     min_agreement: float | None = None,
+    criteria: Mapping[str, str] | None = None,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> ExportResult:
@@ -218,7 +226,7 @@ def export(
                     advance(1)
                     comparison = _against_reference(
                         model, reference or model.reference or model, feeds, actual,
-                        atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
+                        atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria,
                     )
                     advance(1)
             except ModelpressError as exc:

@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from modelpress.criteria import Criterion, cosine, infer_criteria
 from modelpress.errors import VerificationError
 
 if TYPE_CHECKING:
@@ -41,14 +42,17 @@ class OutputComparison:
     cosine: float
     top1_agreement: float | None
     finite: bool
+    criterion: str | None = None  # "kind: metric" from modelpress.criteria
+    value: float | None = None  # the criterion's figure
+    passed: bool | None = None  # None: no threshold applied
 
 
 @dataclass(frozen=True)
 class Comparison:
     """Figures of one model against a reference on the same inputs.
 
-    ``top1_agreement`` is the share of samples whose arg-max class matches (for outputs that
-    look like classifier logits: float, rank 2, more than one class), else ``None``.
+    ``top1_agreement`` is the share of samples whose arg-max class matches (for rank-2 outputs
+    judged as classifiers by :mod:`modelpress.criteria`), else ``None``.
     """
 
     samples: int
@@ -89,7 +93,15 @@ class Comparison:
         text = f"max |diff| {self.max_abs_diff:.3g}, cosine {self.cosine:.6f}"
         if self.top1_agreement is not None:
             text += f", top-1 agreement {self.top1_agreement:.2%}"
+        judged = [o for o in self.outputs if o.criterion and o.value is not None]
+        if judged:
+            text += "; " + ", ".join(f"{o.name} ({o.criterion}) {o.value:.5g}" for o in judged)
         return text + f" on {self.samples} samples"
+
+    @property
+    def criteria_met(self) -> bool:
+        """Every output meets its criterion's threshold (outputs without one count as met if finite)."""
+        return self.finite and all(o.passed is not False for o in self.outputs)
 
 
 def default_min_cosine(provenance: Provenance) -> float | None:
@@ -100,32 +112,32 @@ def default_min_cosine(provenance: Provenance) -> float | None:
     return None if not values or unknown else min(values)
 
 
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a = a.astype(np.float64).ravel()
-    b = b.astype(np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
-
-
-def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[np.ndarray]) -> Comparison:
+def compare_outputs(
+    names: list[str], reference: list[np.ndarray], actual: list[np.ndarray], criteria: list[Criterion] | None = None
+) -> Comparison:
+    """Raw figures per output, plus each output's criterion (inferred from the data when not given)."""
     results = []
     samples = 0
+    criteria = criteria if criteria is not None else infer_criteria(names, reference)
+    primary: dict[str, Criterion] = {}
+    for c in criteria:
+        primary.setdefault(c.output, c)
     for name, ref, out in zip(names, reference, actual, strict=True):
+        criterion = primary[name]
+        value = criterion.measure(ref, out)
+        judged = {"criterion": f"{criterion.kind}: {criterion.metric}", "value": value,
+                  "passed": None if criterion.threshold is None else criterion.passes(value)}
         samples = max(samples, int(ref.shape[0]) if ref.ndim else 1)
         finite = bool(np.all(np.isfinite(out))) if np.issubdtype(out.dtype, np.floating) else True
         if ref.shape != out.shape:
-            results.append(OutputComparison(name, float("inf"), float("inf"), float("inf"), 0.0, None, finite))
+            results.append(OutputComparison(name, float("inf"), float("inf"), float("inf"), 0.0, None, finite, **judged))
             continue
         r = ref.astype(np.float64)
         o = out.astype(np.float64)
         diff = np.abs(r - o)
         scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12)
         top1 = None
-        if np.issubdtype(ref.dtype, np.floating) and ref.ndim == 2 and ref.shape[1] > 1:
+        if criterion.kind == "classifier" and np.issubdtype(ref.dtype, np.floating) and ref.ndim == 2 and ref.shape[1] > 1:
             top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
         results.append(
             OutputComparison(
@@ -133,9 +145,10 @@ def compare_outputs(names: list[str], reference: list[np.ndarray], actual: list[
                 max_abs_diff=float(diff.max()) if diff.size else 0.0,
                 mean_abs_diff=float(diff.mean()) if diff.size else 0.0,
                 max_rel_diff=float(diff.max() / scale) if diff.size else 0.0,
-                cosine=_cosine(r, o),
+                cosine=cosine(r, o),
                 top1_agreement=top1,
                 finite=finite,
+                **judged,
             )
         )
     return Comparison(samples=samples, outputs=tuple(results))

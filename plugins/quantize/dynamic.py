@@ -17,13 +17,14 @@ from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.quantize.affine import QRange, quantize, symmetric_params
+from modelpress.plugins.quantize.embeddings import quantize_tables
 
 __all__ = ["Int8DynamicOptions", "int8_dynamic"]
 
 
 class Int8DynamicOptions(Options):
     per_channel: bool = Field(True, description="one weight scale per output column (False: per tensor)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="op types to quantize")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: int8 weight-only, DQ in front)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(256, ge=1, description="skip weights smaller than this")
 
@@ -38,9 +39,10 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
         for layer in layers:
             done += _quantize_layer(model, layer, opts, grid, quantized, skipped)
             advance(1)
-    if not done:
-        raise OptionsError(f"int8-dynamic: no MatMul/Gemm with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
-    ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped})
+    tables = quantize_tables(model, bits=8, op_types=set(opts.op_types), min_elements=opts.min_elements, exclude=set(opts.exclude))
+    if not done and not tables.done:
+        raise OptionsError(f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
+    ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped, "tables_quantized": len(tables.done)})
 
 
 def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:

@@ -1,44 +1,51 @@
-"""Scoring a quantized candidate against the float model on the calibration data."""
+"""Scoring a quantized candidate against the float model on the calibration data, by the
+per-output criteria of :mod:`modelpress.criteria` (the ones export verification uses too)."""
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Mapping
 
+from modelpress.criteria import Judgement, infer_criteria, judge
 from modelpress.data import Dataset
 from modelpress.model import Model
 from modelpress.runtime import make_session, run_dataset
-from modelpress.verify import compare_outputs
 
 __all__ = ["Scorer"]
 
 
 class Scorer:
-    """Float outputs computed once; ``score(candidate)`` gives its agreement and cosine."""
+    """Float outputs computed once; ``score(candidate)`` judges it output by output."""
 
-    def __init__(self, reference: Model, data: Dataset, min_agreement: float | None, min_cosine: float | None, *, batch_size: int = 64):
+    def __init__(
+        self,
+        reference: Model,
+        data: Dataset,
+        min_agreement: float | None,
+        min_cosine: float | None,
+        *,
+        max_relative_error: float | None = 0.1,
+        criteria: Mapping[str, str] | None = None,
+        batch_size: int = 64,
+    ):
         self.data = data
         self.batch_size = batch_size
         self.names = reference.signature.output_names
         self.expected = run_dataset(make_session(reference), data.batches(batch_size))
-        self.min_agreement = min_agreement
-        self.min_cosine = min_cosine
+        self.criteria = infer_criteria(
+            self.names, self.expected, model=reference, overrides=criteria,
+            min_agreement=min_agreement, min_cosine=min_cosine, max_relative_error=max_relative_error,
+        )
+        self.evaluations = 0
 
-    def score(self, candidate: Model) -> dict[str, float]:
+    def score(self, candidate: Model) -> Judgement:
+        self.evaluations += 1
         actual = run_dataset(make_session(candidate), self.data.batches(self.batch_size))
-        comparison = compare_outputs(self.names, self.expected, actual)
-        figures = {"cosine": comparison.cosine}
-        if comparison.top1_agreement is not None:
-            figures["agreement"] = comparison.top1_agreement
-        if not comparison.finite:
-            figures["cosine"] = -1.0
-        return figures
-
-    def meets(self, figures: dict[str, float]) -> bool:
-        if self.min_cosine is not None and figures["cosine"] < self.min_cosine:
-            return False
-        agreement = figures.get("agreement")
-        return not (self.min_agreement is not None and agreement is not None and agreement < self.min_agreement)
+        return judge(self.criteria, self.expected, actual, self.names)
 
     @staticmethod
-    def loss(figures: dict[str, float]) -> float:
-        return float((1.0 - figures["cosine"]) + (1.0 - figures.get("agreement", 1.0)) + np.finfo(np.float32).eps)
+    def meets(judgement: Judgement) -> bool:
+        return judgement.met
+
+    @staticmethod
+    def loss(judgement: Judgement) -> float:
+        return judgement.loss

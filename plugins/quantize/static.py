@@ -6,23 +6,25 @@ biases int32 (scale = input scale x weight scale), activations uint8 asymmetric 
 the input and output edges of each quantized node (the output taken after a following
 Relu/Clip, which ORT folds into the quantization).
 
-Quantizing everything can wreck accuracy on real models. So the method measures, on the
-calibration data, how far the fully quantized model is from float (top-1 agreement for
-classifier-like outputs, cosine of the outputs); if it misses the target, it measures each
-node's *sensitivity* (the output error when that node alone is quantized), and keeps the most
-sensitive nodes in float, the fewest that meets the target. The figures say which nodes stayed
-in float and why.
+Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
+inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
+(:mod:`.selection`). The result is judged per output by :mod:`modelpress.criteria` on the
+calibration data; if it misses, :mod:`.sensitivity` scores every node's local error in one ORT
+session, ranks nodes by error per byte of weight, and bisects over that ranking (a few
+whole-model runs) for the fewest nodes to move to int8 weight-only, then to float. The figures
+say which nodes left int8 and why.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
+from modelpress.criteria import Judgement
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError, UnsupportedModelError
 from modelpress.layers import WeightedLayer
@@ -43,7 +45,12 @@ from modelpress.plugins.quantize.calibrate import (
     choose_range,
     collect_stats,
 )
+from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
+from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
+from modelpress.plugins.quantize.patterns import summary as patterns_summary
+from modelpress.plugins.quantize.selection import feeds_quantized, integer_elementwise
+from modelpress.plugins.quantize.sensitivity import local_errors, search
 
 __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
 
@@ -66,10 +73,15 @@ class Int8StaticOptions(Options):
     bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause")
     quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
     activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
-    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types also quantized (ORT has integer kernels for them); sensitivity guards them like the rest")
-    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (classifiers)")
-    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target cosine between float and quantized outputs")
-    sensitivity: bool = Field(True, description="keep the most sensitive nodes in float until the targets are met")
+    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)")
+    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (outputs judged as classifiers)")
+    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target mean per-sample cosine (outputs judged as embeddings or dense maps)")
+    max_relative_error: float | None = Field(0.1, ge=0, description="target relative L2 error (outputs judged as regression)")
+    criteria: dict[str, str] = Field(default_factory=dict, description="per output name (or '*'): how it is judged, e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05' (default: inferred)")
+    sensitivity: bool = Field(True, description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met")
+    fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
+    max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
+    embedding_tables: bool = Field(True, description="store Gather embedding tables as int8 (one scale per row) behind a DequantizeLinear")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
 
@@ -270,6 +282,11 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         raise DataError(no_data)  # NOTE: before any work; a model whose layers are all in subgraphs is refused by name below
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
+    reference = model
+    tables = TableReport()
+    if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
+        model = model.clone()
+        tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
     layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
     unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
     if unknown:
@@ -300,6 +317,9 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
                     float_nodes[node.name] = "excluded by option"
                 else:
                     act_matmuls.append(node)
+    # NOTE: decomposed LayerNorm/RMSNorm/GELU/Softmax and attention-mask Adds stay float inside; only their boundary is quantized
+    patterns, masks = find_patterns(model.graph), mask_adds(model.graph)
+    protected = {id(n) for p in patterns for n in p.nodes} | {id(n) for n in masks}
     elementwise: list[ir.Node] = []
     for node in model.nodes():
         ins = [v for v in node.inputs if v is not None]
@@ -309,8 +329,9 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
                 float_nodes[node.name] = "excluded by option"
             elif node.outputs[0].is_graph_output():
                 float_nodes[node.name] = "produces a model output"
-            else:
+            elif id(node) not in protected:
                 elementwise.append(node)
+    elementwise, _ = integer_elementwise(model.graph, [layer.node for layer in candidates] + act_matmuls, elementwise, _fused_output)
     if not candidates and not act_matmuls and not elementwise:
         if float_nodes:
             first, why = next(iter(float_nodes.items()))
@@ -325,7 +346,13 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     grid = QRange(8, opts.activation_type == "int8")
     all_nodes = [layer.node for layer in candidates] + act_matmuls + elementwise
-    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs else None) for node in all_nodes}
+    # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
+    # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
+    # Gemm keep it: ORT's QLinearConv needs the output Q.
+    quantized_ids = {id(node) for node in all_nodes}
+    out_tensors = {node.name: (_fused_output(node).name if opts.quantize_outputs and (
+                       node.op_type != "MatMul" or feeds_quantized(_fused_output(node), quantized_ids)) else None)
+                   for node in all_nodes}
     names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
     names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}
@@ -351,52 +378,64 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
 
     # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not
     # grow with the batch size the data allows).
-    scorer = Scorer(model, data, opts.min_agreement, opts.min_cosine, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
+    scorer = Scorer(reference, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
+                    criteria=opts.criteria, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
     order = [node.name for node in all_nodes]
 
-    def build(selected: list[str]) -> Model:
-        return _build(model, plans, selected, act, grid, opts.per_channel)
+    def build(selected: list[str], weight_only: list[str] = ()) -> Model:  # type: ignore[assignment]
+        use = dict(plans)
+        for name in weight_only:  # weights int8 behind a DequantizeLinear, activations (and bias) float
+            use[name] = replace(plans[name], act_ins=[], act_out=None, bias_q=None, bias_scale=None)
+        # NOTE: a node kept off int8 must read its inputs unrounded: their producers then skip output Q/DQ
+        # (int8 consumers of the same tensor still get their own input Q/DQ).
+        backed_off = set(order) - set(selected)
+        avoid = {t for n in backed_off for t in plans[n].act_ins}
+        for name in selected:
+            if plans[name].act_out in avoid:
+                use[name] = replace(plans[name], act_out=None)
+        return _build(model, use, [n for n in order if n in set(selected) | set(weight_only)], act, grid, opts.per_channel)
 
     full = build(order)
     score = scorer.score(full)
-    chosen, result = order, full
-    sensitivities: dict[str, dict[str, float]] = {}
-    if not scorer.meets(score) and opts.sensitivity:
-        with ctx.progress("sensitivity", total=len(order)) as advance:
-            for name in order:
-                sensitivities[name] = scorer.score(build([name]))
-                advance(1)
-        ranked = sorted(order, key=lambda n: scorer.loss(sensitivities[n]), reverse=True)
-        low, high = 1, len(ranked)  # keep `k` most sensitive in float: find the smallest k that meets the target
-        best: tuple[list[str], Model, dict[str, float]] | None = None
-        while low <= high:
-            k = (low + high) // 2
-            keep = [n for n in order if n not in ranked[:k]]
-            candidate = build(keep) if keep else model.clone()
-            candidate_score = scorer.score(candidate)
-            if scorer.meets(candidate_score):
-                best = (keep, candidate, candidate_score)
-                high = k - 1
-            else:
-                low = k + 1
-        if best is not None:
-            chosen, result, score = best
-        else:  # nothing met the target: keep everything in float rather than ship a broken model
-            chosen, result, score = [], model.clone(), scorer.score(model)
-        for name in order:
-            if name not in chosen:
-                s = sensitivities[name]
-                detail = ", ".join(f"{k} {v:.4f}" for k, v in s.items())
-                float_nodes[name] = f"sensitive: quantized alone it gives {detail}"
+    chosen, weight_only, result = order, [], full
+    errors: dict[str, float] = {}
+    weight_bytes = {layer.name: int(layer.weight_array().nbytes) for layer in candidates}
+    if not score.met and opts.sensitivity:
+        errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx)
+        decision = search(order, errors, weight_bytes, build, scorer.score, ctx, max_evaluations=opts.max_evaluations,
+                          fallback_weight_only=opts.fallback == "weight-only")
+        if decision is not None:
+            chosen, weight_only, result, score = decision.int8, decision.weight_only, decision.model, decision.judgement
+            for name in decision.float_:
+                float_nodes[name] = f"sensitive: 1/SQNR {errors[name]:.2g} alone"
+        else:  # nothing met the criteria: ship the fully quantized model, flagged (the CLI refuses it without --accept-loss)
+            ctx.figures["sensitivity_result"] = "no fallback met the criteria"
+    total_bytes = sum(int(v.const_value.nbytes) for v in reference.graph.initializers.values() if v.const_value is not None)
+    low_bit = sum(weight_bytes.get(n, 0) for n in chosen) + sum(weight_bytes.get(n, 0) for n in weight_only) + tables.bytes_before
     ctx.figures.update(
         {
             "quantized_nodes": len(chosen),
+            "tables_quantized": len(tables.done),
+            "weight_only_nodes": {n: f"sensitive: 1/SQNR {errors[n]:.2g} alone; int8 weights, float activations" for n in weight_only},
             "float_nodes": float_nodes,
+            "patterns_kept_float": patterns_summary(patterns, masks),
+            "low_bit_weight_share": round(low_bit / max(total_bytes, 1), 4),
             "calibration_samples": len(data),
             "calibrator": opts.calibrator,
-            # NOTE: the full ranking (loss when quantized alone), for tuners that fall back along it
-            "sensitivity": {n: round(scorer.loss(s), 6) for n, s in sensitivities.items()},
-            **{f"calibration_{k}": round(v, 6) for k, v in score.items()},
+            # NOTE: the local-error ranking (1/SQNR, higher = more sensitive), for tuners that fall back along it
+            "sensitivity": {n: round(float(e), 6) for n, e in errors.items()},
+            "criteria_met": score.met,
+            "criteria": score.summary(),
+            **{f"calibration_{k}": v for k, v in _per_metric(score).items()},
         }
     )
     return result
+
+
+def _per_metric(judgement: Judgement) -> dict[str, float]:
+    """The worst value of each metric over the outputs (``calibration_agreement``, ``calibration_cosine``)."""
+    worst: dict[str, float] = {}
+    for criterion, value in zip(judgement.criteria, judgement.values, strict=True):
+        pick = max if criterion.metric == "relative_error" else min
+        worst[criterion.metric] = round(float(pick(worst.get(criterion.metric, value), value)), 6)
+    return worst

@@ -32,6 +32,7 @@ from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
+from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
@@ -44,7 +45,7 @@ class WeightOnlyOptions(Options):
     algorithm: Literal["rtn", "mse", "gptq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm"], description="op types to quantize")
+    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
     damp: float = Field(0.01, gt=0, description="GPTQ: dampening added to the Hessian diagonal (fraction of its mean)")
@@ -439,9 +440,11 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     if opts.format == "qdq":
         result = ensure_opset(result, 21, why=f"blocked int{opts.bits} DequantizeLinear (format='qdq')", figures=ctx.figures)
     layers, skipped = _select(result, opts)
-    if not layers:
-        raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm with a constant weight'})")
-    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" else {}
+    tables = quantize_tables(result, bits=opts.bits, op_types=set(opts.op_types), block_size=min(opts.block_size, 32),
+                             min_elements=opts.min_elements, exclude=set(opts.exclude))
+    if not layers and not tables.done:
+        raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
+    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" and layers else {}
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}
@@ -469,8 +472,10 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
             advance(1)
     if opts.format == "matmulnbits" and "com.microsoft" not in result.ir.opset_imports:
         result.ir.opset_imports["com.microsoft"] = 1
+    before, after, errors = before + tables.bytes_before, after + tables.bytes_after, errors + tables.errors
     ctx.figures.update({
         "quantized_nodes": len(layers), "float_nodes": skipped, "weight_bytes_before": before, "weight_bytes_after": after,
         "weight_compression": round(before / max(after, 1), 3), "mean_relative_weight_error": round(float(np.mean(errors)), 6),
+        "tables_quantized": len(tables.done),
     })
     return result

@@ -1,0 +1,188 @@
+"""Fast, size-aware sensitivity for ``int8-static``: O(1) ONNX Runtime sessions, not one per node.
+
+1. **Local error, one pass.** One session runs the float model with, beside every candidate node,
+   a *shadow* copy that reads the same float inputs through their Q/DQ and uses the quantized
+   weights (and Q/DQ on its output when that gets quantized). The relative noise power
+   ``||y_q - y||^2 / ||y||^2`` (1/SQNR) of each shadow output over the calibration samples scores
+   every node at once.
+2. **Size-aware ranking.** A node's priority for leaving full int8 is its noise per byte of float
+   weight it would keep (nodes without weights cost nothing to leave), so a large Conv that is only
+   a little noisy stays int8 while small noisy ops fall back first.
+3. **Confirmation by bisection.** Whole-model evaluations over the ranked list find the fewest
+   top-ranked nodes to move to the next-best integer form (per-channel int8 weight-only DQ: weights
+   stay 8-bit, activations float) that meets the criteria; if that form misses too (the weights
+   themselves are the problem), a second bisection moves the top-ranked ones to float instead. At most ``max_evaluations`` models
+   are scored.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.criteria import Judgement
+from modelpress.data import Dataset
+from modelpress.methods import PassContext
+from modelpress.model import Model
+from modelpress.runtime import make_session
+
+__all__ = ["Decision", "local_errors", "search"]
+
+_SHADOW_SAMPLES = 32
+_SHADOW_BATCH = 8
+
+
+@dataclass
+class Decision:
+    int8: list[str]
+    weight_only: list[str]
+    float_: list[str]
+    judgement: Judgement
+    model: Model
+    evaluations: int
+    errors: dict[str, float] = field(default_factory=dict)
+
+
+def _qdq(graph_nodes: list[ir.Node], value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
+    s = ir.Value(name=f"{tag}_s", const_value=ir.tensor(np.asarray(scale, np.float32)))
+    z = ir.Value(name=f"{tag}_z", const_value=ir.tensor(np.asarray(zero)))
+    q = ir.node("QuantizeLinear", [value, s, z], name=f"{tag}_Q")
+    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{tag}_DQ")
+    q.outputs[0].name, dq.outputs[0].name = f"{tag}_q", f"{tag}_dq"
+    dq.outputs[0].dtype = ir.DataType.FLOAT
+    graph_nodes += [q, dq]
+    return dq.outputs[0]
+
+
+def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], per_channel: bool) -> tuple[Model, dict[str, tuple[str, str]]]:
+    """The float model plus one quantized shadow per node; returns (model, {node: (float out, shadow out)})."""
+    probe = model.clone()
+    graph = probe.ir.graph
+    by_name = {n.name: n for n in graph}
+    pairs: dict[str, tuple[str, str]] = {}
+    new_nodes: list[ir.Node] = []
+    initializers: list[ir.Value] = []
+    for i, name in enumerate(names):
+        node, plan = by_name[name], plans[name]
+        tag = f"__shadow{i}"
+        inputs = list(node.inputs)
+        for index, value in enumerate(inputs):
+            if value is None:
+                continue
+            if value.name in plan.act_ins and value.name in act:
+                inputs[index] = _qdq(new_nodes, value, *act[value.name], f"{tag}_in{index}")
+            elif plan.constants and index in plan.constants:
+                cq, cs, cz = plan.constants[index]
+                c = ir.Value(name=f"{tag}_c{index}", const_value=ir.tensor(cq))
+                initializers.append(c)
+                dq = ir.node("DequantizeLinear", [c, ir.Value(name=f"{tag}_cs{index}", const_value=ir.tensor(cs)),
+                                                  ir.Value(name=f"{tag}_cz{index}", const_value=ir.tensor(cz))], name=f"{tag}_cdq{index}")
+                dq.outputs[0].name = f"{tag}_c{index}_dq"
+                new_nodes.append(dq)
+                inputs[index] = dq.outputs[0]
+        layer = plan.layer
+        if layer is not None and plan.weight_q is not None:
+            wq = ir.Value(name=f"{tag}_w", const_value=ir.tensor(plan.weight_q))
+            ws = ir.Value(name=f"{tag}_ws", const_value=ir.tensor(np.asarray(plan.weight_scale, np.float32) if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(())))
+            wz = ir.Value(name=f"{tag}_wz", const_value=ir.tensor(plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(())))
+            initializers += [wq]
+            dq = ir.node("DequantizeLinear", [wq, ws, wz], {"axis": layer.out_axis} if per_channel else {}, name=f"{tag}_wdq")
+            dq.outputs[0].name = f"{tag}_w_dq"
+            new_nodes.append(dq)
+            inputs[layer.weight_input] = dq.outputs[0]
+        attrs = {k: a.value for k, a in node.attributes.items()}
+        twin = ir.node(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}")
+        twin.outputs[0].name = f"{tag}_out"
+        twin.outputs[0].dtype = node.outputs[0].dtype
+        new_nodes.append(twin)
+        out = twin.outputs[0]
+        reference = node.outputs[0]
+        if plan.act_out == node.outputs[0].name and plan.act_out in act:
+            out = _qdq(new_nodes, out, *act[plan.act_out], f"{tag}_out")
+        pairs[name] = (reference.name or "", out.name or "")
+        graph.outputs.extend([reference, out])
+    # NOTE: constants as graph-level initializers so the shadow nodes can sit anywhere after their inputs.
+    for value in initializers + [v for n in new_nodes for v in n.inputs if v is not None and v.const_value is not None and v.name not in graph.initializers]:
+        if value.name not in graph.initializers:
+            graph.register_initializer(value)
+    graph.extend(new_nodes)
+    graph.sort()
+    return probe, pairs
+
+
+def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], data: Dataset, per_channel: bool, ctx: PassContext) -> dict[str, float]:
+    """Relative noise power (1/SQNR) of each node quantized alone, from one ORT session."""
+    probe, pairs = _shadow_model(model, plans, names, act, per_channel)
+    session = make_session(probe)
+    index = {o.name: i for i, o in enumerate(session.get_outputs())}
+    signal = dict.fromkeys(names, 0.0)
+    noise = dict.fromkeys(names, 0.0)
+    sample = data.take(min(len(data), _SHADOW_SAMPLES))
+    batches = list(sample.batches(_SHADOW_BATCH))
+    with ctx.progress("layer sensitivity", total=len(batches)) as advance:
+        for feeds in batches:
+            outs = session.run(None, feeds)
+            for name, (ref, shadow) in pairs.items():
+                r = np.asarray(outs[index[ref]], np.float64)
+                q = np.asarray(outs[index[shadow]], np.float64)
+                signal[name] += float(np.sum(r * r))
+                noise[name] += float(np.sum((q - r) ** 2)) if np.all(np.isfinite(q)) else float("inf")
+            advance(1)
+    return {n: noise[n] / max(signal[n], 1e-30) for n in names}
+
+
+def search(
+    order: list[str],
+    errors: dict[str, float],
+    weight_bytes: dict[str, int],
+    build: Callable[[list[str], list[str]], Model],
+    score: Callable[[Model], Judgement],
+    ctx: PassContext,
+    *,
+    max_evaluations: int = 12,
+    fallback_weight_only: bool = True,
+) -> Decision | None:
+    """The fewest top-ranked nodes to move out of full int8 (weight-only first, then float) that meets
+    the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. None if nothing met."""
+    # NOTE: 1 KiB floor: a node without weights is not free to leave (its int8 kernel saves time), just cheap.
+    ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
+    evaluations = 0
+    best: Decision | None = None
+
+    def bisect(make: Callable[[int], tuple[list[str], list[str], list[str]]], budget: int) -> Decision | None:
+        nonlocal evaluations
+        low, high, found = 1, len(ranked), None
+        with ctx.progress("confirming", total=budget) as advance:
+            while low <= high and budget > 0:
+                k = (low + high) // 2
+                int8, wo, flt = make(k)
+                candidate = build(int8, wo)
+                judgement = score(candidate)
+                evaluations += 1
+                budget -= 1
+                advance(1)
+                if judgement.met:
+                    found = Decision(int8, wo, flt, judgement, candidate, 0, errors)
+                    high = k - 1
+                else:
+                    low = k + 1
+        return found
+
+    weighted = [n for n in ranked if weight_bytes.get(n, 0) > 0]
+    if fallback_weight_only and weighted:
+        def stage1(k: int) -> tuple[list[str], list[str], list[str]]:
+            top = set(ranked[:k])
+            return [n for n in order if n not in top], [n for n in order if n in top and n in weighted], [n for n in order if n in top and n not in weighted]
+        best = bisect(stage1, max_evaluations // 2)
+    if best is None:
+        def stage2(k: int) -> tuple[list[str], list[str], list[str]]:
+            top = set(ranked[:k])
+            return [n for n in order if n not in top], [], [n for n in order if n in top]
+        best = bisect(stage2, max_evaluations - evaluations)
+    if best is not None:
+        best.evaluations = evaluations
+    return best

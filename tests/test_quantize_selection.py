@@ -1,0 +1,215 @@
+"""int8-static on models as converters emit them: patterns kept float, output-aware criteria,
+size, the O(1)-session sensitivity search, and the CLI refusing a result that misses its criteria."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+import modelpress
+import modelpress.runtime
+from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
+from modelpress.testing import make_model
+from tests.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def encoders(digits, tmp_path_factory):
+    """A trained encoder with decomposed LayerNorm, erf- and tanh-GELU, Softmax and an attention-mask
+    Add, exported twice: with classifier logits and with a pooled, L2-normalised embedding."""
+    pytest.importorskip("torch", reason="needs the torch extra")
+    from tests import quant_models as qm
+
+    rows = digits["x_train"].reshape(-1, 8, 8)
+    module = qm.train(qm.Encoder(), rows, digits["y_train"], epochs=8)
+    folder = tmp_path_factory.mktemp("encoders")
+    logits = qm.export(module, rows, folder / "logits.onnx", "rows", "logits")
+    module.head = "embedding"
+    embedding = qm.export(module, rows, folder / "embedding.onnx", "rows", "sentence_embedding")
+    return logits, embedding, rows[:256], digits["x_test"].reshape(-1, 8, 8)
+
+
+def _consumers(graph: onnx.GraphProto, tensor: str) -> list[str]:
+    return [n.op_type for n in graph.node if tensor in n.input]
+
+
+@pytest.mark.torch
+def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoders, digits, tmp_path):
+    logits, _, calibration, x_test = encoders
+    model = modelpress.load(logits)
+    patterns, masks = find_patterns(model.graph), mask_adds(model.graph)
+    assert sorted(p.kind for p in patterns).count("LayerNorm") == 4 and sum(p.kind == "GELU" for p in patterns) == 2
+    assert len(masks) == 2
+    inner = {n.name for p in patterns for n in p.nodes[:-1]} | {n.name for n in masks}
+    quantized = modelpress.quantize(model, calibration=calibration, sensitivity=False, show_progress=False)
+    figures = quantized.provenance.passes[-1].figures
+    assert figures["patterns_kept_float"] == {"LayerNorm": 4, "GELU": 2, "Softmax": 2, "attention mask": 2}
+    graph = quantized.to_proto().graph
+    produced = {o: n for n in graph.node for o in n.output}
+    for node in graph.node:
+        if node.name in inner:  # nothing inside a pattern is quantized: no Q after it, no DQ before it
+            assert all(op != "QuantizeLinear" for o in node.output for op in _consumers(graph, o)), node.name
+            if node.op_type != "ReduceMean" and node.op_type != "Sub":
+                assert all(produced[i].op_type != "DequantizeLinear" for i in node.input if i in produced), node.name
+    assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 8  # the MatMuls still are
+    assert figures["low_bit_weight_share"] >= 0.75
+    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"rows": x_test})
+    assert exported.verification.top1_agreement >= 0.97
+    q_acc = float(np.mean(modelpress.runtime.run(modelpress.runtime.make_session(exported.path), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
+    f_acc = float(np.mean(modelpress.runtime.run(modelpress.runtime.make_session(model), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
+    assert f_acc - q_acc <= 0.01
+
+
+@pytest.mark.torch
+def test_an_embedding_output_is_judged_by_cosine(encoders, tmp_path):
+    _, embedding, calibration, x_test = encoders
+    model = modelpress.load(embedding)
+    quantized = modelpress.quantize(model, calibration=calibration, min_cosine=0.995, show_progress=False)
+    figures = quantized.provenance.passes[-1].figures
+    assert figures["criteria_met"] and "sentence_embedding cosine" in figures["criteria"] and "agreement" not in figures["criteria"]
+    assert figures["calibration_cosine"] >= 0.995 and "calibration_agreement" not in figures
+    verification = modelpress.export(quantized, tmp_path / "e.onnx", sample={"rows": x_test}).verification
+    assert verification.outputs[0].criterion == "embedding: cosine" and verification.top1_agreement is None
+    assert verification.outputs[0].value >= 0.99
+    # overridable: judged by agreement on request
+    forced = modelpress.quantize(model, calibration=calibration, criteria={"sentence_embedding": "agreement>=0.5"}, show_progress=False)
+    assert "top-1 agreement" in forced.provenance.passes[-1].figures["criteria"]
+
+
+@pytest.mark.torch
+def test_a_conv_heavy_model_is_at_least_3_5x_smaller(digits, tmp_path):
+    pytest.importorskip("torch", reason="needs the torch extra")
+    from tests import quant_models as qm
+    from tests.models import images
+
+    x = images(digits["x_train"], "nchw")
+    module = qm.train(qm.ConvNet(), x, digits["y_train"], epochs=3)
+    source = qm.export(module, x, tmp_path / "conv.onnx", "x", "logits")
+    quantized = modelpress.quantize(modelpress.load(source), calibration={"x": x[:256]}, show_progress=False)
+    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"x": images(digits["x_test"], "nchw")})
+    assert source.stat().st_size / exported.path.stat().st_size >= 3.5
+    assert exported.verification.top1_agreement >= 0.97
+
+
+def _deep_mlp(layers: int = 40, sensitive: int = 20):
+    """``layers`` residual-free Gemm+Relu layers; layer ``sensitive`` sees one huge feature that it ignores."""
+    rng = np.random.default_rng(0)
+    width = 16
+    nodes, weights, x = [], {}, "x"
+    for i in range(layers):
+        w = (np.eye(width) + 0.05 * rng.standard_normal((width, width))).astype(np.float32)
+        if i == sensitive - 1:
+            w[0] *= 1000.0
+        if i == sensitive:
+            w[:, 0] = 1e-5
+        weights[f"w{i}"] = w
+        nodes += [helper.make_node("Gemm", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}", transB=1),
+                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}")]
+        x = f"r{i}"
+    nodes.append(helper.make_node("Gemm", [x, "head"], ["y"], name="head", transB=1))
+    weights["head"] = rng.standard_normal((6, width)).astype(np.float32)
+    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])], weights)
+    return model, {"x": np.abs(rng.standard_normal((256, width))).astype(np.float32)}
+
+
+def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
+    model, calibration = _deep_mlp()
+    created = []
+    real = modelpress.runtime.ort.InferenceSession
+
+    class Counting(real):  # type: ignore[misc,valid-type]
+        def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+            created.append(1)
+            super().__init__(*args, **kwargs)
+
+    # judged by the classifier scores' cosine (0.99): 40 int8 layers in a row leave too little margin for agreement
+    naive = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, sensitivity=False, show_progress=False)
+    assert not naive.provenance.passes[-1].figures["criteria_met"]
+    monkeypatch.setattr(modelpress.runtime.ort, "InferenceSession", Counting)
+    guarded = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, show_progress=False)
+    figures = guarded.provenance.passes[-1].figures
+    assert figures["criteria_met"]
+    # calibration, float reference, full int8, the one shadow pass, and at most max_evaluations=12 confirmations
+    assert len(created) <= 16 < 41
+    assert "fc20" in figures["weight_only_nodes"] or "fc20" in figures["float_nodes"]
+    assert figures["quantized_nodes"] >= 30  # the rest stays int8
+
+
+def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
+    model, calibration = _deep_mlp(layers=6, sensitive=3)
+    source, calib = tmp_path / "m.onnx", tmp_path / "c.npz"
+    onnx.save(model.to_proto(), source)
+    np.savez(calib, **calibration)
+    out = tmp_path / "q.onnx"
+    args = ("quantize", str(source), "-o", str(out), "--calib", str(calib), "--calibrator", "minmax", "-O", "sensitivity=false", "-q")
+    refused = run_cli(*args)
+    assert refused.returncode == 4 and "missed its accuracy criteria" in refused.stderr and "cosine" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert not out.exists()
+    accepted = run_cli(*args, "--accept-loss")
+    assert accepted.returncode == 0, accepted.stderr
+    assert out.exists()
+
+
+def _embedding_model():
+    """Token ids -> Gather on a [2000, 64] table -> MatMul -> mean over tokens: an encoder's first steps."""
+    rng = np.random.default_rng(0)
+    table = (rng.standard_normal((2000, 64)) * 0.1).astype(np.float32)
+    w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
+             helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0)]
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 12])],
+                       [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])], {"table": table, "w": w}, opset=17)
+    return model, {"ids": rng.integers(0, 2000, (64, 12)).astype(np.int64)}
+
+
+@pytest.mark.parametrize(("method", "bits", "max_ratio"), [("int4-weight-only", 4, 0.2), ("int8-weight-only", 8, 0.3), ("int8-dynamic", 8, 0.3)])
+def test_embedding_tables_are_quantized(tmp_path, method, bits, max_ratio):
+    model, sample = _embedding_model()
+    source = tmp_path / "f.onnx"
+    onnx.save(model.to_proto(), source)
+    options = {"block_size": 32} if method == "int4-weight-only" else {}
+    quantized = modelpress.quantize(model, method, show_progress=False, **options)
+    assert quantized.provenance.passes[-1].figures["tables_quantized"] == 1
+    gather = next(n for n in quantized.graph if n.op_type == "Gather")
+    assert gather.inputs[0].producer().op_type == "DequantizeLinear"
+    assert gather.inputs[0].producer().inputs[0].dtype == (onnx_ir_type(bits))
+    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample=sample)
+    assert exported.path.stat().st_size <= max_ratio * source.stat().st_size
+    assert exported.verification.outputs[0].criterion == "embedding: cosine"
+    assert exported.verification.outputs[0].value >= (0.98 if bits == 4 else 0.999)
+
+
+def onnx_ir_type(bits: int):  # type: ignore[no-untyped-def]
+    import onnx_ir as ir
+
+    return ir.DataType.UINT4 if bits == 4 else ir.DataType.INT8
+
+
+@pytest.mark.torch
+def test_conv_weights_are_covered_by_weight_only_and_dynamic(digits, tmp_path):
+    pytest.importorskip("torch", reason="needs the torch extra")
+    from tests import quant_models as qm
+    from tests.models import images
+
+    x = images(digits["x_train"][:64], "nchw")
+    source = qm.export(qm.ConvNet().eval(), x, tmp_path / "conv.onnx", "x", "logits")
+    for method, bound in (("int8-weight-only", 0.3), ("int8-dynamic", 0.3), ("int4-weight-only", 0.2)):
+        quantized = modelpress.quantize(modelpress.load(source), method, show_progress=False)
+        convs = [n for n in quantized.graph if n.op_type == "Conv"]
+        assert all(n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs if n.inputs[1].shape[0] > 32), method
+        exported = modelpress.export(quantized, tmp_path / f"{method}.onnx", sample={"x": x})
+        assert exported.path.stat().st_size <= bound * source.stat().st_size, method
+        assert exported.verification.cosine >= 0.99, method
+
+
+def test_int8_static_stores_embedding_tables_in_int8():
+    model, sample = _embedding_model()
+    quantized = modelpress.quantize(model, calibration=sample, show_progress=False)
+    figures = quantized.provenance.passes[-1].figures
+    assert figures["tables_quantized"] == 1 and figures["low_bit_weight_share"] == 1.0 and figures["criteria_met"]
+    assert modelpress.verify(quantized, sample=sample).outputs[0].value >= 0.999

@@ -33,9 +33,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAMILIES = ("bytegroup", "codebook", "sparse", "zstd", "lzma")
+USE_ZIPNN = False
 
 
 def _zipnn(data: bytes) -> tuple[int | None, str]:
+    if not USE_ZIPNN:
+        return None, "not run (pass --zipnn)"
     try:
         import zipnn
     except ImportError:
@@ -175,7 +178,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolov8n", help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)")
     parser.add_argument("--no-deep-compression", action="store_true", help="skip the Deep Compression runs (they train models)")
+    parser.add_argument("--zipnn", action="store_true", help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')")
     args = parser.parse_args()
+    global USE_ZIPNN
+    USE_ZIPNN = args.zipnn
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         variants = _variants(args.model, work)

@@ -74,8 +74,9 @@ def tiny_mlp(in_features: int = 8, hidden: int = 16, classes: int = 4, *, seed: 
     )
 
 
-def tiny_cnn(channels: int = 4, size: int = 8, classes: int = 3, *, in_channels: int = 1, seed: int = 0) -> Model:
-    """``x[N, C, H, W] -> Conv -> BatchNorm -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm``."""
+def tiny_cnn(channels: int = 4, size: int = 8, classes: int = 3, *, in_channels: int = 1, seed: int = 0, normalize: bool = True) -> Model:
+    """``x[N, C, H, W] -> Conv -> BatchNorm -> Relu -> Conv -> Relu -> GlobalAveragePool -> Flatten -> Gemm``
+    (imported as users' models are: the BatchNorm is folded into the Conv unless ``normalize=False``)."""
     rng = np.random.default_rng(seed)
     c2 = channels * 2
     inits = {
@@ -106,6 +107,7 @@ def tiny_cnn(channels: int = 4, size: int = 8, classes: int = 3, *, in_channels:
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", classes])],
         inits,
         name="tiny_cnn",
+        normalize=normalize,
     )
 
 

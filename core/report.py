@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.compress import StageMetrics
 
-__all__ = ["Report"]
+__all__ = ["Report", "write_reports"]
 
 
 def _mb(n: int) -> str:
@@ -142,13 +142,18 @@ class Report:
 
     def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
         """Write report.md/.json/.html into ``folder`` (each atomically)."""
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        written = {}
-        for name, text in (("report.md", self.markdown()), ("report.json", json.dumps(self.to_json(), indent=1, default=str)), ("report.html", self.html())):
-            path = target / name
-            tmp = target / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            written[name] = path
-        return written
+        return write_reports(folder, self.markdown(), self.to_json(), self.html())
+
+
+def write_reports(folder: str | os.PathLike[str], markdown: str, data: Any, html_text: str) -> dict[str, Path]:
+    """``report.md``, ``report.json`` and ``report.html`` into ``folder``, each written atomically."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=1, default=str)), ("report.html", html_text)):
+        path = target / name
+        tmp = target / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        written[name] = path
+    return written

@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelpress.report import write_reports
+
 __all__ = ["TrialRecord", "TuneReport", "pareto_front"]
 
 
@@ -208,13 +210,4 @@ class TuneReport:
                 f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table></body></html>\n")
 
     def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
-        target = Path(folder)
-        target.mkdir(parents=True, exist_ok=True)
-        written = {}
-        for name, text in (("report.md", self.markdown()), ("report.json", json.dumps(self.to_json(), indent=1, default=str)), ("report.html", self.html())):
-            path = target / name
-            tmp = target / f".{name}.tmp"
-            tmp.write_text(text)
-            os.replace(tmp, path)
-            written[name] = path
-        return written
+        return write_reports(folder, self.markdown(), self.to_json(), self.html())

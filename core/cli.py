@@ -282,7 +282,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
         return EXIT_CRITERIA
     sample = args.sample or _capped_sample(args.calib or args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
-                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
+                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet,
+                                 accept_loss=getattr(args, "accept_loss", False))
     _print_result(result, exported)
     return 0
 

@@ -85,6 +85,7 @@ def verify(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
 ) -> Comparison:
     """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
 
@@ -97,24 +98,27 @@ def verify(
     (:func:`modelpress.verify.default_min_cosine`), so a broken result does not pass. Each output
     is also judged as :mod:`modelpress.criteria` decides (agreement for classifiers, cosine for
     embeddings and maps, relative error for regression; ``criteria`` overrides it per output
-    name), the same definition the quantizer uses.
+    name), the same definition the quantizer uses. ``accept_loss=True`` skips the per-method
+    default threshold (explicit thresholds still apply): for a result knowingly kept although it
+    misses its accuracy criteria (the CLI's ``--accept-loss``).
     """
     reference = reference or model.reference or model
     feeds = _feeds(model, sample)
     actual = run(session or make_session(model), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
     return _against_reference(model, reference, feeds, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
-                              criteria=criteria)
+                              criteria=criteria, accept_loss=accept_loss)
 
 
 def _against_reference(
     model: Model, reference: Model, feeds: Mapping[str, np.ndarray], actual: list[np.ndarray], *,
     atol: float | None, min_cosine: float | None, min_agreement: float | None, criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
 ) -> Comparison:
     expected = actual if reference is model else run(make_session(reference), feeds)
     judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=criteria)
     comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
-    if atol is None and min_cosine is None and min_agreement is None and reference is not model:
+    if atol is None and min_cosine is None and min_agreement is None and reference is not model and not accept_loss:
         min_cosine = default_min_cosine(model.provenance)
     failures = []
     if not comparison.finite:
@@ -171,6 +175,7 @@ def export(
     min_cosine: float | None = None,
     min_agreement: float | None = None,
     criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
 ) -> ExportResult:
@@ -227,6 +232,7 @@ def export(
                     comparison = _against_reference(
                         model, reference or model.reference or model, feeds, actual,
                         atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria,
+                        accept_loss=accept_loss,
                     )
                     advance(1)
             except ModelpressError as exc:

@@ -16,7 +16,10 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.compress import StageMetrics
 
-__all__ = ["Report", "write_reports"]
+__all__ = ["LATENCY_TOLERANCE", "Report", "write_reports"]
+
+# NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged.
+LATENCY_TOLERANCE = 0.05
 
 
 def _mb(n: int) -> str:
@@ -42,15 +45,37 @@ class Report:
     def _packed(self) -> bool:
         return any(s.packed_bytes is not None for s in self.stages)
 
+    def regressions(self) -> dict[str, list[str]]:
+        """Per stage, where it is worse than the stage before it: bigger on disk, or slower by more
+        than ``LATENCY_TOLERANCE`` at a measured batch size (e.g. int8 QDQ at batch 64 on a CPU
+        without fast integer kernels). A user reads "compressed" as smaller and faster: say so."""
+        found: dict[str, list[str]] = {}
+        for before, s in zip(self.stages, self.stages[1:], strict=False):
+            notes = []
+            if s.size_bytes > before.size_bytes:
+                notes.append(f"bigger than '{before.stage}' ({_mb(s.size_bytes)} vs {_mb(before.size_bytes)} MB)")
+            for key, ms in s.latency_ms.items():
+                previous = before.latency_ms.get(key)
+                if previous and ms > previous * (1 + LATENCY_TOLERANCE):
+                    notes.append(f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms)")
+            if notes:
+                found[s.stage] = notes
+        return found
+
     def rows(self) -> list[list[str]]:
         if not self.stages:
             return []
         base = self.stages[0].size_bytes
+        worse = self.regressions()
         rows = []
         for s in self.stages:
             value = "-" if s.value is None else f"{s.value:.4f}"
-            # NOTE: a stage with no gain (not smaller, or nothing changed) is flagged where it is read.
+            # NOTE: a stage with no gain (not smaller, or nothing changed), or bigger or slower than the
+            # stage before it, is flagged where it is read.
             label = f"{s.stage} [NO GAIN]" if s.figures.get("no_gain") else s.stage
+            if s.stage in worse:
+                kinds = sorted({note.split()[0] for note in worse[s.stage]})
+                label += " [" + ", ".join(kinds) + "]"
             packed: list[str] = []
             if self._packed():
                 packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
@@ -78,13 +103,15 @@ class Report:
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). Latency: ONNX Runtime, CPU, median."]
         lines += [f"\n**No gain at {s.stage}**: {s.figures['no_gain']}" for s in self.stages if s.figures.get("no_gain")]
+        lines += [f"\n**{stage}** is {'; '.join(notes)}." for stage, notes in self.regressions().items()]
         for s in self.stages[1:]:
             if s.figures:
                 lines += ["", f"## {s.stage}", "", "```json", json.dumps(s.figures, indent=1, default=str)[:4000], "```"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages]}
+        return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages],
+                "regressions": self.regressions()}
 
     def svg_chart(self, width: int = 560, height: int = 320, legend: int = 240) -> str:
         points = [(s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None]

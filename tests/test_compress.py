@@ -134,3 +134,25 @@ def test_examples_run(tmp_path):
     cli = run_cli("compress", str(out / "digits-cnn.onnx"), "--recipe", str(out / "digits-recipe.yaml"), "-o", str(out / "again.onnx"), "-q")
     assert cli.returncode == 0, cli.stderr
     assert json.loads((out / "report.json").read_text())["status"] == "complete"
+
+
+def test_report_flags_a_stage_bigger_or_slower_than_the_one_before():
+    from modelpress.compress import StageMetrics
+    from modelpress.report import Report
+
+    def stage(name, size, b1, b64):
+        return StageMetrics(name, "accuracy", 0.99, size, size // 2, 100, 0.0, {"b1 (1t)": b1, "b64 (1t)": b64}, 0.1, f"{name}.onnx")
+
+    report = Report(title="t", metric="accuracy")
+    for s in (stage("source", 1_000_000, 0.040, 1.00), stage("distill", 400_000, 0.030, 0.44), stage("quantize", 200_000, 0.029, 0.52),
+              stage("fp16", 300_000, 0.0301, 0.40)):
+        report.add(s)
+    worse = report.regressions()
+    assert list(worse) == ["quantize", "fp16"]
+    assert worse["quantize"] == ["slower than 'distill' at b64 (1t) (0.520 vs 0.440 ms)"]
+    # 0.0301 vs 0.029 ms at b1 is inside the 5 % noise tolerance: not flagged
+    assert worse["fp16"] == ["bigger than 'quantize' (0.300 vs 0.200 MB)"]
+    labels = [row[0] for row in report.rows()]
+    assert labels == ["source", "distill", "quantize [slower]", "fp16 [bigger]"]
+    assert "**quantize** is slower than 'distill' at b64 (1t)" in report.markdown()
+    assert report.to_json()["regressions"] == worse

@@ -82,17 +82,47 @@ def _human_bytes(n: int | None) -> str:
 
 
 def parse_option_pairs(pairs: Sequence[str] | None) -> dict[str, Any]:
-    """``["bits=4", "exclude=[\\"a\\"]", "name=x"]`` -> ``{"bits": 4, "exclude": ["a"], "name": "x"}``."""
+    """``["bits=4", "exclude=[\\"a\\"]", "name=x"]`` -> ``{"bits": 4, "exclude": ["a"], "name": "x"}``.
+
+    A name given more than once collects its values into a list (``-O exclude=a -O exclude=b``).
+    """
     options: dict[str, Any] = {}
+    repeated: set[str] = set()
     for pair in pairs or ():
         key, sep, text = pair.partition("=")
         if not sep or not key.strip():
             raise OptionsError(f"option {pair!r} must look like NAME=VALUE")
-        try:
-            value: Any = json.loads(text)
-        except json.JSONDecodeError:
-            value = text
-        options[key.strip().replace("-", "_")] = value
+        name = key.strip().replace("-", "_")
+        value = _option_value(text)
+        if name in options:
+            if name not in repeated:
+                options[name], repeated = [options[name]], repeated | {name}
+            options[name].append(value)
+        else:
+            options[name] = value
+    return options
+
+
+def _option_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
+
+
+def _list_options(schema: Any, options: dict[str, Any]) -> dict[str, Any]:
+    """Options whose field in the method's schema is a list take ``a,b,c`` (or one plain value)."""
+    import typing
+
+    fields = getattr(schema, "model_fields", {})
+    for name, value in options.items():
+        field = fields.get(name)
+        if field is None or not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            continue
+        annotation = field.annotation
+        kinds = [annotation, *typing.get_args(annotation)] if typing.get_origin(annotation) is not list else [annotation]
+        if any(typing.get_origin(k) in (list, tuple, set) for k in kinds):
+            options[name] = [_option_value(part.strip()) for part in str(value).split(",") if part.strip()] if isinstance(value, str) else [value]
     return options
 
 
@@ -260,7 +290,7 @@ def _capped_sample(path: str | None, limit: int = 256) -> Any:
 def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
-    options = parse_option_pairs(args.option)
+    options = _list_options(modelpress.get_registry().method(args.method, args.kind).options, parse_option_pairs(args.option))
     _refuse_overwrite(args, args.model, args.calib, args.data, args.sample)
     model = modelpress.load(args.model, **_load_options(args))
     result = modelpress.apply(
@@ -505,7 +535,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> None:
     """The arguments every command that writes a verified model shares."""
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string (repeatable)")
+    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE", help="any other method option; VALUE is JSON or a plain string; a list option takes a,b,c or the flag repeated (-O exclude=a -O exclude=b)")
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
     _add_writing_arguments(p)
     _add_overwrite_argument(p)

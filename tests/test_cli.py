@@ -98,3 +98,21 @@ def test_verbose_shows_the_traceback(tmp_path):
     bad.write_bytes(b"")
     result = run_cli("--verbose", "inspect", str(bad))
     assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+@pytest.mark.parametrize("form", [["-O", "layers=fc0", "-O", "layers=fc1"], ["-O", "layers=fc0,fc1"], ["-O", 'layers=["fc0", "fc1"]']])
+def test_list_options_as_repeated_flags_comma_lists_or_json(digits_mlp_path, tmp_path, form):
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    def sparsity(path):
+        weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
+        return {name: float(np.mean(weights[f"{name}.weight"] == 0)) for name in ("fc0", "fc1")}
+
+    both = run_cli("prune", str(digits_mlp_path), "--method", "magnitude", "--sparsity", "0.5", *form, "-o", str(tmp_path / "both.onnx"), "-q")
+    assert both.returncode == 0, both.stderr
+    assert all(abs(s - 0.5) < 0.01 for s in sparsity(tmp_path / "both.onnx").values())
+    one = run_cli("prune", str(digits_mlp_path), "--method", "magnitude", "--sparsity", "0.5", "-O", "layers=fc1", "-o", str(tmp_path / "one.onnx"), "-q")
+    assert one.returncode == 0, one.stderr
+    assert sparsity(tmp_path / "one.onnx")["fc0"] < 0.01 and abs(sparsity(tmp_path / "one.onnx")["fc1"] - 0.5) < 0.01

@@ -290,9 +290,10 @@ def _capped_sample(path: str | None, limit: int = 256) -> Any:
 def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
-    options = _list_options(modelpress.get_registry().method(args.method, args.kind).options, parse_option_pairs(args.option))
+    options = parse_option_pairs(args.option)
     _refuse_overwrite(args, args.model, args.calib, args.data, args.sample)
-    model = modelpress.load(args.model, **_load_options(args))
+    model = modelpress.load(args.model, **_load_options(args))  # NOTE: a bad model is reported before a bad method
+    options = _list_options(modelpress.get_registry().method(args.method, args.kind).options, options)
     result = modelpress.apply(
         model,
         args.method,

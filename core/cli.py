@@ -213,7 +213,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             }
             for p in registry.plugins.values()
         ]
-        print(json.dumps({"plugins": data, "skipped": registry.skipped}, indent=2))
+        print(json.dumps({"plugins": data, "skipped": registry.skipped, "failed": registry.failed}, indent=2))
         return 0
     from rich.table import Table
 
@@ -242,6 +242,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 console.print(opts)
     for name, why in registry.skipped.items():
         console.print(f"[dim]skipped plugin {name}: {why}[/dim]")
+    if registry.failed:
+        console.print("\n[bold red]failed to load[/bold red]")
+        for name, why in registry.failed.items():
+            console.print(f"  [bold]{escape(name)}[/bold]: {escape(why)}")
     return 0
 
 

@@ -12,10 +12,18 @@ everything they do, a third-party plugin can do too.
 
 Rules that hold for every hook:
 
-* hooks are always called with keyword arguments; implementations may accept any subset of
-  the documented arguments (pluggy matches them by name);
-* a misspelt ``modelpress_*`` function is an error at load time, not silently ignored;
-* an exception raised by a hook becomes a :class:`modelpress.PluginError` naming the plugin.
+* hooks are always called with keyword arguments, through pluggy's hook callers:
+  implementations may accept any subset of the documented arguments (pluggy matches them by
+  name), and ``@hookimpl(wrapper=True)``, ``tryfirst=True`` and ``trylast=True`` work;
+* a misspelt ``modelpress_*`` function is an error at load time, not silently ignored, and so is
+  a ``modelpress_*`` function without ``@modelpress.hookimpl``;
+* an exception raised by a registration hook becomes a :class:`modelpress.PluginError` naming
+  the plugin; for an installed (entry-point) plugin that means it is skipped with a
+  :class:`modelpress.PluginWarning` and listed by ``modelpress plugins`` under "failed to load";
+* an exception raised by an observer hook (``modelpress_pass_start``, ``_pass_finish``,
+  ``_pass_error``, ``modelpress_export_finish``) is a :class:`modelpress.PluginWarning` naming
+  the plugin, and the run goes on;
+* ``MODELPRESS_STRICT_PLUGINS=1`` turns every such warning into a :class:`modelpress.PluginError`.
 """
 
 from __future__ import annotations
@@ -62,8 +70,9 @@ def modelpress_register_methods(register: Callable[[Method], None]) -> None:
 
     ``context`` is a :class:`modelpress.PassContext`: the data the caller gave (``calibration``,
     ``train``, ``eval``), ``figures`` (a dict the method fills with what it measured, e.g.
-    ``{"sparsity": 0.5}``; it ends up in the report and in the model's provenance), and
-    ``progress(...)`` for progress bars.
+    ``{"sparsity": 0.5}``; it ends up in the report and in the model's provenance),
+    ``progress(...)`` for progress bars, and ``registry`` (pass it as ``registry=`` when your
+    method applies another method, so a custom registry is used throughout).
 
     Registering two methods with the same kind and name, from the same or different plugins,
     is a :class:`modelpress.DuplicateMethodError` naming both plugins.
@@ -77,7 +86,11 @@ def modelpress_register_adapters(register: Callable[[Adapter], None]) -> None:
     ``adapter`` is a :class:`modelpress.Adapter`: a ``name``, an ``accepts(source) -> bool``
     predicate (a path, bytes or an in-memory object from the framework) and a
     ``load(source, **options) -> Model``. ``modelpress.load`` asks adapters in descending
-    ``priority`` order and uses the first that accepts the source. An adapter must import its
+    ``priority`` order and uses the first that accepts the source. ``accepts`` must return a
+    bool and never raise for a source it does not know; ``load`` must return a Model or raise a
+    :class:`modelpress.ModelpressError` saying why it refuses. Any other exception or return type
+    is a :class:`modelpress.PluginError` naming the plugin, and the next adapters still get
+    their turn. An adapter must import its
     framework lazily, inside ``accepts``/``load``, and only when the source could be one of its
     objects: ``import modelpress`` never imports torch or TensorFlow.
     """

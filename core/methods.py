@@ -41,6 +41,10 @@ class PassContext:
             :func:`modelpress.data.as_batches` to iterate them as feed dicts).
         figures: the method records what it measured here (sparsity, agreement, ...).
         show_progress: whether progress bars should be drawn.
+        extra: objects the caller passed that are not options (e.g. a given student model).
+        registry: the :class:`modelpress.Registry` running this pass; a method that applies
+            another method (e.g. distillation pruning a student) passes it on, so a custom
+            registry is used throughout (``None`` means the process-wide one).
     """
 
     calibration: Any = None
@@ -49,6 +53,7 @@ class PassContext:
     figures: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    registry: Any = None
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:

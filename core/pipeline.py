@@ -121,7 +121,7 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
-    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}))
+    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
     label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
     content_before = (_content(model), _tensors(model))

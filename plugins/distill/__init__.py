@@ -84,9 +84,9 @@ def _student(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
         return student
     if opts.width >= 1:
         return teacher.clone()
-    from modelpress.pipeline import apply
+    from modelpress import apply
 
-    return apply(teacher, "channel", kind="prune", ratio=1 - opts.width, show_progress=False)
+    return apply(teacher, "channel", kind="prune", ratio=1 - opts.width, show_progress=False, registry=ctx.registry)
 
 
 def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from modelpress.adapter import Adapter
     from modelpress.codecs import Codec
     from modelpress.export import ExportResult
-    from modelpress.methods import Method
+    from modelpress.methods import Kind, Method
     from modelpress.model import Model
     from modelpress.provenance import PassRecord
 
@@ -53,11 +53,28 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
+def modelpress_register_kinds(register: Callable[[Kind], None]) -> None:
+    """Register pass kinds by calling ``register(kind)`` (since modelpress 0.2, issue 13).
+
+    Kinds are open: besides the built-in ``quantize``, ``prune`` and ``distill``, a plugin can
+    add ``factorize``, ``fuse``, ``pack-for-x``... ``kind`` is a :class:`modelpress.Kind`: a
+    ``name`` (lowercase letters, digits, ``-``/``_``), a ``description`` (shown by ``modelpress
+    plugins``), ``columns`` (the figure keys its methods report, e.g. ``("rank",)``) and
+    ``smaller`` (``True``: a result that is not a smaller file is "no gain").
+
+    A method may also just declare a new kind in ``Method(kind=...)``; it then exists with no
+    description. ``modelpress apply -k`` accepts every registered kind. Two plugins registering
+    the same kind name identically is fine; differently, a :class:`modelpress.DuplicateMethodError`.
+    """
+
+
+@hookspec
 def modelpress_register_methods(register: Callable[[Method], None]) -> None:
     """Register compression methods by calling ``register(method)`` once per method.
 
     ``method`` is a :class:`modelpress.Method`: a ``name`` (unique within its ``kind``), a
-    ``kind`` (``"quantize"``, ``"prune"`` or ``"distill"``), an ``options`` schema (a subclass of
+    ``kind`` (``"quantize"``, ``"prune"``, ``"distill"`` or any kind a plugin registers, see
+    ``modelpress_register_kinds``), an ``options`` schema (a subclass of
     :class:`modelpress.Options`, a pydantic model: its fields, types, defaults and descriptions
     are what ``modelpress plugins`` shows and what recipes are validated against), an ``apply``
     callable and ``mutates``:

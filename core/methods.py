@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +17,49 @@ from modelpress.errors import OptionsError
 if TYPE_CHECKING:
     from modelpress.model import Model
 
-__all__ = ["KINDS", "Method", "Options", "PassContext"]
+__all__ = ["BUILTIN_KINDS", "KINDS", "Kind", "Method", "Options", "PassContext", "check_kind_name"]
 
+# NOTE: kinds are open (any registered name, see ``modelpress_register_kinds``); these are the
+# built-in plugins' kinds, kept importable for compatibility. Use ``registry.kinds()`` for what exists.
 KINDS: tuple[str, ...] = ("quantize", "prune", "distill")
-Kind = Literal["quantize", "prune", "distill"]
+BuiltinKind = Literal["quantize", "prune", "distill"]
+_KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def check_kind_name(name: str, what: str) -> None:
+    """A kind name is lowercase letters, digits, ``-`` and ``_``, starting with a letter."""
+    if not isinstance(name, str) or not _KIND_NAME.match(name):
+        raise ValueError(f"{what}: kind {name!r} is not a valid kind name (lowercase letters, digits, '-' and '_', starting with a letter)")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A pass kind (``quantize``, ``prune``, ``factorize``, ...). See ``modelpress_register_kinds``.
+
+    ``columns`` are the figure keys this kind's methods report (e.g. ``("sparsity",)``), shown by
+    ``modelpress plugins``; ``smaller`` says whether a result must be a smaller file (if it is
+    not, the pass is "no gain").
+    """
+
+    name: str
+    description: str = ""
+    columns: tuple[str, ...] = ()
+    smaller: bool = False
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        check_kind_name(self.name, "Kind")
+        object.__setattr__(self, "columns", tuple(self.columns))
+
+    def attributed(self, plugin: str) -> Kind:
+        return replace(self, plugin=plugin)
+
+
+BUILTIN_KINDS: tuple[Kind, ...] = (
+    Kind("quantize", "lower the precision of weights and activations (a smaller, faster file)", ("model_bytes_before", "model_bytes_after"), smaller=True),
+    Kind("prune", "remove weights or channels (sparsity, fewer parameters)", ("sparsity",)),
+    Kind("distill", "train a smaller student to match the model (the teacher)", ("agreement",)),
+)
 
 
 class Options(pydantic.BaseModel):
@@ -78,8 +118,7 @@ class Method:
     plugin_version: str = ""
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        check_kind_name(self.kind, f"method {self.name!r}")
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"method {self.name!r}: options must be a modelpress.Options subclass")
 

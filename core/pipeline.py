@@ -8,7 +8,13 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.errors import ModelpressError, NoGainError, PluginError, one_line
+from modelpress.errors import (
+    ModelpressError,
+    NoGainError,
+    PluginError,
+    UnknownMethodError,
+    one_line,
+)
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.provenance import PassRecord
@@ -16,7 +22,8 @@ from modelpress.registry import Registry, get_registry
 
 __all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
 
-# Kinds whose point is a smaller file: a result that is not smaller is no gain.
+# Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
+# compatibility; the registry's ``Kind.smaller`` is what is used.
 SIZE_KINDS = frozenset({"quantize"})
 # NOTE: below this, the serialised size (weights + graph) is measured; above, the graph's
 # overhead is negligible next to the weights and serialising would hold a second copy.
@@ -75,16 +82,24 @@ def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
     return True
 
 
-def _no_gain(kind: str, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
+def _no_gain(smaller: bool, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
     """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
     if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
         return "the result is identical to the input (the method changed nothing)"
-    if kind in SIZE_KINDS:
+    if smaller:
         size_in, size_out = model_bytes(model), model_bytes(result)
         figures.update({"model_bytes_before": size_in, "model_bytes_after": size_out})
         if size_out >= size_in:
             return f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
     return None
+
+
+def _smaller(registry: Registry, kind: str) -> bool:
+    """Whether results of ``kind`` must be smaller files (a method passed directly may bring a new kind)."""
+    try:
+        return registry.kind(kind).smaller
+    except UnknownMethodError:
+        return False
 
 
 def apply(
@@ -152,7 +167,7 @@ def apply(
             raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
         result = returned
 
-    no_gain = _no_gain(m.kind, model, result, content_before, ctx.figures)
+    no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
     if no_gain is not None:
         message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
         if not allow_no_gain:

@@ -32,12 +32,12 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 from pydantic import Field
 
-from modelpress.errors import DataError, OptionsError, one_line
+from modelpress.errors import DataError, OptionsError, UnknownMethodError, one_line
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
@@ -50,7 +50,7 @@ class _Strict(pydantic.BaseModel):
 
 
 class PassSpec(_Strict):
-    kind: Literal["quantize", "prune", "distill"] = Field(description="quantize, prune or distill")
+    kind: str = Field(description="the method's kind: quantize, prune, distill or one a plugin registers (see `modelpress plugins`)")
     method: str = Field(description="method name, as listed by `modelpress plugins`")
     options: dict[str, Any] = Field(default_factory=dict, description="method options, validated against its schema")
     name: str | None = Field(None, description="label of the stage in the report (default kind/method)")
@@ -117,7 +117,10 @@ class Recipe(_Strict):
         """Every method exists and every option validates, before any work starts."""
         registry = registry or get_registry()
         for i, spec in enumerate(self.passes, 1):
-            method = registry.method(spec.method, spec.kind)
+            try:
+                method = registry.method(spec.method, spec.kind)
+            except UnknownMethodError as exc:
+                raise UnknownMethodError(f"recipe pass {i}: {exc}") from None
             options = dict(spec.options)
             searched = [k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}]
             if searched:
@@ -131,7 +134,7 @@ class Recipe(_Strict):
                 method.validate_options(options)
             except OptionsError as exc:
                 raise OptionsError(f"recipe pass {i}: {exc}") from None
-            needs = {"quantize": "calibration", "prune": None, "distill": "train"}[spec.kind]
+            needs = {"quantize": "calibration", "prune": None, "distill": "train"}.get(spec.kind)
             if spec.method in ("int8-static",) and not self.data.calibration:
                 raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.calibration")
             if needs == "train" and not self.data.train:

@@ -49,7 +49,7 @@ from modelpress.errors import (
     UnknownMethodError,
     one_line,
 )
-from modelpress.methods import KINDS, Method
+from modelpress.methods import BUILTIN_KINDS, Kind, Method
 
 __all__ = [
     "ALLOW_ENV",
@@ -76,7 +76,7 @@ _BUILTIN_DISTRIBUTION = "modelpress"
 _HOOK_PREFIX = "modelpress_"
 # Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
 OBSERVER_HOOKS = frozenset({"modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish"})
-_REGISTER_HOOKS = ("modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
+_REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
 
 
 def _truthy(value: str | None) -> bool:
@@ -117,6 +117,7 @@ class PluginInfo:
     methods: list[Method] = field(default_factory=list)
     adapters: list[Adapter] = field(default_factory=list)
     codecs: list[Codec] = field(default_factory=list)
+    kinds: list[Kind] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -135,6 +136,7 @@ class Registry:
         self._methods: dict[tuple[str, str], tuple[Method, PluginInfo]] = {}
         self._adapters: list[Adapter] = []
         self._codecs: dict[str, tuple[Codec, PluginInfo]] = {}
+        self._kinds: dict[str, tuple[Kind, PluginInfo]] = {}
 
     # -- registration ----------------------------------------------------------------------
     def register(
@@ -205,6 +207,7 @@ class Registry:
         self._methods = {k: v for k, v in self._methods.items() if v[1] is not info}
         self._adapters = [a for a in self._adapters if a.plugin != name]
         self._codecs = {k: v for k, v in self._codecs.items() if v[1] is not info}
+        self._kinds = {k: v for k, v in self._kinds.items() if v[1] is not info}
 
     def _collect(self, name: str, info: PluginInfo) -> None:
         """Call this plugin's register hooks with callbacks that attribute what it registers."""
@@ -247,9 +250,27 @@ class Registry:
             self._codecs[codec.name] = (codec, info)
             info.codecs.append(codec)
 
+        def register_kind(kind: Kind) -> None:
+            if not isinstance(kind, Kind):
+                raise PluginError(f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind", plugin=name)
+            kind = kind.attributed(info.name)
+            if kind.name in self._kinds:
+                other_kind, other = self._kinds[kind.name]
+                if other_kind.attributed("") == kind.attributed(""):
+                    return  # NOTE: the same declaration twice (two plugins sharing a kind) is harmless
+                raise DuplicateMethodError(
+                    f"kind {kind.name!r} is registered differently by both {other.label} and {info.label}; "
+                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                    plugin=name,
+                    method=kind.name,
+                )
+            self._kinds[kind.name] = (kind, info)
+            info.kinds.append(kind)
+
         plugin = self.pm.get_plugin(name)
         others = [p for p in self.pm.get_plugins() if p is not plugin]
         callbacks: dict[str, Callable[[Any], None]] = {
+            "modelpress_register_kinds": register_kind,
             "modelpress_register_methods": register_method,
             "modelpress_register_adapters": register_adapter,
             "modelpress_register_codecs": register_codec,
@@ -272,10 +293,29 @@ class Registry:
     def methods(self, kind: str | None = None) -> list[Method]:
         return [m for (k, _), (m, _) in sorted(self._methods.items()) if kind is None or k == kind]
 
+    def kinds(self) -> list[Kind]:
+        """Every kind: those registered by ``modelpress_register_kinds`` and those declared by a
+        registered method (built-in kinds first, then by name)."""
+        names = {*self._kinds, *(k for k, _ in self._methods)}
+        order = [k.name for k in BUILTIN_KINDS]
+        return [self.kind(n) for n in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))]
+
+    def kind(self, name: str) -> Kind:
+        """The :class:`Kind` called ``name`` (a kind only declared by a method has no description)."""
+        if name in self._kinds:
+            return self._kinds[name][0]
+        for builtin in BUILTIN_KINDS:
+            if builtin.name == name:
+                return builtin
+        if any(k == name for k, _ in self._methods):
+            return Kind(name)
+        known = ", ".join(k.name for k in self.kinds()) or "none"
+        raise UnknownMethodError(f"unknown method kind {name!r}; installed kinds: {known} (see `modelpress plugins`)")
+
     def method(self, name: str, kind: str | None = None) -> Method:
         """The method called ``name`` (of ``kind``, if given); a clear error lists what exists."""
-        if kind is not None and kind not in KINDS:
-            raise UnknownMethodError(f"unknown method kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if kind is not None:
+            self.kind(kind)
         matches = [m for m in self.methods(kind) if m.name == name]
         if len(matches) == 1:
             return matches[0]

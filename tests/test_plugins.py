@@ -175,8 +175,8 @@ def test_observer_hooks_see_each_pass():
 
 
 def test_method_spec_is_checked():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        Method(name="x", kind="compress", apply=scale_weights)
+    with pytest.raises(ValueError, match="kind 'Low Rank' is not a valid kind name"):
+        Method(name="x", kind="Low Rank", apply=scale_weights)
     with pytest.raises(TypeError, match="Options subclass"):
         Method(name="x", kind="prune", apply=scale_weights, options=dict)  # type: ignore[arg-type]
 

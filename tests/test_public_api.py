@@ -5,7 +5,7 @@ import modelpress
 
 # The public surface is deliberate: changing it is an API change, so it is pinned here.
 PUBLIC = {
-    "KINDS", "Adapter", "Comparison", "DataError", "Dataset", "DuplicateMethodError", "ExportError",
+    "KINDS", "Kind", "Adapter", "Comparison", "DataError", "Dataset", "DuplicateMethodError", "ExportError",
     "ExportResult", "InvalidModelError", "Method", "Model", "ModelpressError", "Options", "OptionsError",
     "PassContext", "PassRecord", "PluginError", "PluginWarning", "Provenance", "Registry", "Signature", "TensorSpec",
     "UnknownMethodError", "UnsafeExternalDataError", "UnsupportedModelError", "VerificationError",

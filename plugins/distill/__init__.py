@@ -24,7 +24,7 @@ from pydantic import Field
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError
 from modelpress.hookspecs import hookimpl
-from modelpress.methods import Method, Options, PassContext
+from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
 from modelpress.model import Model
 
 __all__ = ["KDOptions", "kd", "kd_loss"]
@@ -175,6 +175,11 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
         **({"validation_accuracy": round(float(result.best_metric), 4)} if result.best_metric is not None else {}),
     })
     return Model(trained.ir, provenance=trained.provenance, path=teacher.path, reference=teacher.reference or teacher)
+
+
+@hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "distill"))
 
 
 @hookimpl

@@ -28,7 +28,7 @@ from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError
 from modelpress.hookspecs import hookimpl
 from modelpress.layers import WeightedLayer
-from modelpress.methods import Method, Options, PassContext
+from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.prune.channels import ChannelSpace, find_spaces, remove_channels
 from modelpress.plugins.prune.importance import CRITERIA, channel_scores
@@ -337,6 +337,11 @@ def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
     ctx.figures.update({"layers": report, "skipped": skipped, "parameters_before": model.parameter_count(),
                         "parameters_after": result.parameter_count(), **figures})
     return result
+
+
+@hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "prune"))
 
 
 @hookimpl

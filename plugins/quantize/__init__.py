@@ -7,7 +7,7 @@ from functools import partial
 from pydantic import Field
 
 from modelpress.hookspecs import hookimpl
-from modelpress.methods import Method
+from modelpress.methods import BUILTIN_KINDS, Method
 from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
@@ -18,6 +18,11 @@ from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, weight_on
 
 class Int8WeightOnlyOptions(WeightOnlyOptions):
     bits: int = Field(8, ge=8, le=8, description="weight bits (8 for this method)")  # type: ignore[assignment]
+
+
+@hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "quantize"))
 
 
 @hookimpl

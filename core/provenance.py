@@ -11,7 +11,18 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PROVENANCE_KEY", "PassRecord", "Provenance"]
+__all__ = ["PROVENANCE_KEY", "PassRecord", "Provenance", "modelpress_version"]
+
+
+def modelpress_version() -> str:
+    """The installed modelpress version (``modelpress.__version__``), without importing the package root
+    (the IR must not depend on the layers above it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("modelpress")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "0.0.0+unknown"
 
 PROVENANCE_KEY = "modelpress.provenance"
 

@@ -164,7 +164,8 @@ def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:
 
 def _rebuild(model: Model) -> Model:
     """Re-validate after shapes changed: clear intermediate shapes and rerun shape inference."""
-    from modelpress.adapters.onnx import load_onnx
+    # NOTE: the public API (the ONNX adapter through the registry), not modelpress.adapters
+    from modelpress import load
 
     keep = {id(v) for v in [*model.graph.inputs, *model.graph.outputs]}
     for node in model.graph:
@@ -174,7 +175,7 @@ def _rebuild(model: Model) -> Model:
     external = {name: v.const_value for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
     with model.inlined():  # NOTE: the checker cannot follow external data in an in-memory proto
         proto = model.to_proto()
-    rebuilt = load_onnx(proto, normalize=False)  # NOTE: re-validation, not an import
+    rebuilt = load(proto, framework="onnx", normalize=False, show_progress=False)  # NOTE: re-validation, not an import
     del proto
     for name, value in rebuilt.ir.graph.initializers.items():
         if name in external and value.const_value is not None and value.const_value.shape == external[name].shape:

@@ -160,16 +160,18 @@ def run_pass(
     options = dict(spec.options)
     extra: dict[str, Any] = {}
     model_in = current
-    if spec.kind == "distill":
-        teacher_choice = options.pop("teacher", "source")
-        if teacher_choice != "source":
-            raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
-        options.setdefault("student", "given")
-        extra["student"] = current
+    method = registry.method(spec.method, spec.kind)
+    if method.uses_reference:  # e.g. distillation: the source is the teacher, the current model the student
+        reference = options.pop(method.reference_option, "source")
+        if reference != "source":
+            raise OptionsError(f"recipe pass {index}: {method.reference_option} must be 'source' (the model the recipe started from)")
+        for key, value in method.reference_options:
+            options.setdefault(key, value)
+        extra["current"] = current
         model_in = source
-    result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
+    result = apply(model_in, method, kind=spec.kind, options=options, calibration=calibration, train=train,
                    eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain)
-    if spec.kind == "distill":  # NOTE: the student's history continues the current model's
+    if method.uses_reference:  # NOTE: the result's history continues the current model's
         result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
     return result
 

@@ -128,19 +128,17 @@ class Recipe(_Strict):
                     f"recipe pass {i} ({spec.kind}/{spec.method}): option(s) {', '.join(searched)} are search ranges; "
                     "run `modelpress tune MODEL --recipe ...` to search them, or give single values to compress"
                 )
-            if spec.kind == "distill":
-                options.pop("teacher", None)
+            if method.uses_reference:
+                options.pop(method.reference_option, None)
             try:
                 method.validate_options(options)
             except OptionsError as exc:
                 raise OptionsError(f"recipe pass {i}: {exc}") from None
-            needs = {"quantize": "calibration", "prune": None, "distill": "train"}.get(spec.kind)
-            if spec.method in ("int8-static",) and not self.data.calibration:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.calibration")
-            if needs == "train" and not self.data.train:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.train")
-            if spec.kind == "prune" and spec.options.get("fine_tune_epochs") and not self.data.train:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) fine-tunes: it needs data.train")
+            # NOTE: what a pass needs is declared by its method (requires / requires_if), not known here
+            for need in sorted(method.data_needs(spec.options)):
+                if not getattr(self.data, need, None):
+                    why = next((f" (option {opt!r} is set)" for opt, data in method.requires_if if data == need and spec.options.get(opt)), "")
+                    raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.{need}{why}")
         for field_name in ("calibration", "train", "eval"):
             source = getattr(self.data, field_name)
             if source is not None and self._is_callable_ref(source):

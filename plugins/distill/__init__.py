@@ -78,7 +78,7 @@ def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassC
 
 def _student(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     if opts.student == "given":
-        student = ctx.extra.get("student")
+        student = ctx.extra.get("student", ctx.extra.get("current"))
         if not isinstance(student, Model):
             raise OptionsError("kd: student='given' but no student model was passed (use modelpress.distill(teacher, student=...))")
         return student
@@ -184,5 +184,6 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False,
+    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"},
+                    uses_reference=True, reference_option="teacher", reference_options={"student": "given"},
                     summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features"))

@@ -345,11 +345,15 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
     register(next(k for k in BUILTIN_KINDS if k.name == "prune"))
 
 
+# Fine-tuning trains: with fine_tune_epochs set, a method needs training data.
+_FINE_TUNE = {"fine_tune_epochs": "train"}
+
+
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False,
+    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="unstructured: zero the smallest weights (masked sparsity)"))
-    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False,
+    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="semi-structured N:M sparsity along the input dimension (2:4 default)"))
-    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False,
+    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="structured: remove channels and their consumers' inputs (smaller, faster model)"))

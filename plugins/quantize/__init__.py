@@ -29,6 +29,7 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
         name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False,
+        requires={"calibration"},
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
     ))
     register(Method(

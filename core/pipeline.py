@@ -17,7 +17,7 @@ from modelpress.errors import (
 )
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.provenance import PassRecord
+from modelpress.provenance import PassRecord, figure_problem
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
@@ -167,6 +167,10 @@ def apply(
             raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
         result = returned
 
+    for key, value in ctx.figures.items():
+        problem = figure_problem(value)
+        if problem is not None:
+            raise PluginError(f"{label} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
     no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
     if no_gain is not None:
         message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"

@@ -191,3 +191,21 @@ def test_nested_distill_uses_the_registry_it_was_given():
     x = np.random.default_rng(0).random((32, 8), dtype=np.float32)
     modelpress.apply(tiny_mlp(), "kd", kind="distill", registry=registry, train={"x": x}, width=0.5, alpha=0.0, epochs=1, show_progress=False)
     assert seen == ["distill/kd", "prune/channel"]
+
+
+def test_figures_must_be_json_and_the_error_names_plugin_and_key():
+    def arrays(model, options, context):
+        for layer in model.weighted_layers():
+            model.replace_initializer(layer.weight.name, layer.weight_array() * 0.5)
+        context.figures["ok"] = np.float32(0.5)  # a numpy scalar is fine
+        context.figures["per_layer_error"] = np.zeros((4, 4))
+
+    class Arrays:
+        @modelpress.hookimpl
+        def modelpress_register_methods(self, register):
+            register(Method(name="arrays", kind="prune", apply=arrays))
+
+    registry = modelpress.create_registry(plugins=[Arrays()])
+    with pytest.raises(modelpress.PluginError, match=r"prune/arrays \(plugin Arrays\) reported figure 'per_layer_error' as an array of shape \(4, 4\)") as info:
+        modelpress.apply(tiny_mlp(), "arrays", registry=registry, show_progress=False)
+    assert info.value.plugin == "Arrays"

@@ -138,8 +138,11 @@ def modelpress_register_codecs(register: Callable[[Codec], None]) -> None:
 
 
 @hookspec
-def modelpress_pass_start(method: Method, model: Model, options: Any) -> None:
-    """Called before a method runs. ``options`` is the validated options object.
+def modelpress_pass_start(method: Method, model: Model, options: Any, pass_id: str, stage: str | None) -> None:
+    """Called before a method runs. ``options`` is the validated options object. ``pass_id``
+    identifies this run of the method (the same in its ``pass_finish``/``pass_error``);
+    ``stage`` is the recipe stage's name when :func:`modelpress.compress` (or a tune trial) runs
+    it, else None. Take only the arguments you need (pluggy matches them by name).
 
     Observers must not change ``model``. Every implementation is called; return values are
     ignored.
@@ -147,14 +150,28 @@ def modelpress_pass_start(method: Method, model: Model, options: Any) -> None:
 
 
 @hookspec
-def modelpress_pass_finish(method: Method, model: Model, record: PassRecord) -> None:
+def modelpress_pass_finish(method: Method, model: Model, record: PassRecord, pass_id: str, stage: str | None) -> None:
     """Called after a method succeeded, with the resulting ``model`` and its ``record``
-    (options, wall time in ``record.seconds`` and the method's ``record.figures``)."""
+    (options, wall time in ``record.seconds`` and the method's ``record.figures``, already
+    checked to be JSON-serialisable); ``pass_id``/``stage`` as in ``modelpress_pass_start``."""
 
 
 @hookspec
-def modelpress_pass_error(method: Method, model: Model, error: BaseException) -> None:
+def modelpress_pass_error(method: Method, model: Model, error: BaseException, pass_id: str, stage: str | None) -> None:
     """Called when a method raised (or was interrupted); ``model`` is the input model."""
+
+
+@hookspec
+def modelpress_run_start(run_id: str, model: Model, recipe: Any) -> None:
+    """Called when :func:`modelpress.compress` starts a recipe run on ``model`` (the loaded
+    source), after the recipe was validated. ``recipe`` is the :class:`modelpress.Recipe`."""
+
+
+@hookspec
+def modelpress_run_finish(run_id: str, result: Any, error: BaseException | None) -> None:
+    """Called when a recipe run ends: ``result`` is the :class:`modelpress.CompressResult` (its
+    ``interrupted`` says whether Ctrl-C stopped it) and ``error`` None, or ``result`` None and
+    ``error`` what stopped it."""
 
 
 @hookspec

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,7 @@ def apply(
     registry: Registry | None = None,
     extra: dict[str, Any] | None = None,
     allow_no_gain: bool = False,
+    stage: str | None = None,
     **more_options: Any,
 ) -> Model:
     """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
@@ -128,6 +130,9 @@ def apply(
     A result with no gain (a quantize method's result not smaller than its input, or any method
     that changed nothing) raises :class:`NoGainError` saying so in one line, unless
     ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
+
+    Observers get a fresh ``pass_id`` for each call and ``stage`` (the recipe stage's name when
+    :func:`modelpress.compress` runs it; None otherwise).
     """
     registry = registry or get_registry()
     if not isinstance(model, Model):
@@ -142,17 +147,19 @@ def apply(
     content_before = (_content(model), _tensors(model))
     work = model.clone() if m.mutates else model
     before = None if m.mutates else _fingerprint(model)
-    registry.hook.modelpress_pass_start(method=m, model=model, options=opts)
+    pass_id = uuid.uuid4().hex[:12]
+    where = {"pass_id": pass_id, "stage": stage}
+    registry.hook.modelpress_pass_start(method=m, model=model, options=opts, **where)
     start = time.perf_counter()
     try:
         returned = m.apply(work, opts, ctx)
     except (KeyboardInterrupt, ModelpressError) as exc:
-        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         if isinstance(exc, ModelpressError) and m.plugin and m.plugin not in str(exc):
             exc.args = (f"{label}: {exc}", *exc.args[1:])
         raise
     except Exception as exc:
-        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
 
@@ -176,7 +183,7 @@ def apply(
         message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
         if not allow_no_gain:
             error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
-            registry.hook.modelpress_pass_error(method=m, model=model, error=error)
+            registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
             raise error
         ctx.figures["no_gain"] = no_gain
     record = PassRecord(
@@ -191,7 +198,7 @@ def apply(
     result.provenance = model.provenance.with_pass(record)
     result.reference = model.reference if model.reference is not None else model
     result.path = model.path
-    registry.hook.modelpress_pass_finish(method=m, model=result, record=record)
+    registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
     return result
 
 

@@ -75,7 +75,10 @@ STRICT_ENV = "MODELPRESS_STRICT_PLUGINS"
 _BUILTIN_DISTRIBUTION = "modelpress"
 _HOOK_PREFIX = "modelpress_"
 # Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
-OBSERVER_HOOKS = frozenset({"modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish"})
+OBSERVER_HOOKS = frozenset({
+    "modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish",
+    "modelpress_run_start", "modelpress_run_finish",
+})
 _REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
 
 

@@ -209,3 +209,44 @@ def test_figures_must_be_json_and_the_error_names_plugin_and_key():
     with pytest.raises(modelpress.PluginError, match=r"prune/arrays \(plugin Arrays\) reported figure 'per_layer_error' as an array of shape \(4, 4\)") as info:
         modelpress.apply(tiny_mlp(), "arrays", registry=registry, show_progress=False)
     assert info.value.plugin == "Arrays"
+
+
+def test_observers_get_pass_ids_stage_names_and_run_start_finish(tmp_path):
+    events = []
+
+    class Tracker:
+        @modelpress.hookimpl
+        def modelpress_run_start(self, run_id, model, recipe):
+            events.append(("run_start", run_id, model.name, len(recipe.passes)))
+
+        @modelpress.hookimpl
+        def modelpress_pass_start(self, pass_id, stage):
+            events.append(("pass_start", pass_id, stage))
+
+        @modelpress.hookimpl
+        def modelpress_pass_finish(self, pass_id, stage, record):
+            events.append(("pass_finish", pass_id, stage, record.method))
+
+        @modelpress.hookimpl
+        def modelpress_run_finish(self, run_id, result, error):
+            events.append(("run_finish", run_id, result.output.name if result else None, error))
+
+    registry = modelpress.create_registry(plugins=[ScalePlugin(), Tracker()])
+    recipe = {"passes": [{"kind": "prune", "method": "scale", "name": "halve", "options": {"factor": 0.5}},
+                         {"kind": "prune", "method": "scale", "options": {"factor": 0.5}}]}
+    modelpress.compress(tiny_mlp(), recipe, output=tmp_path / "out.onnx", registry=registry, show_progress=False)
+    kinds = [e[0] for e in events]
+    assert kinds == ["run_start", "pass_start", "pass_finish", "pass_start", "pass_finish", "run_finish"]
+    run_id = events[0][1]
+    assert events[-1] == ("run_finish", run_id, "out.onnx", None)
+    (_, id1, stage1), (_, id1b, stage1b, _) = events[1], events[2]
+    (_, id2, stage2), (_, id2b, stage2b, _) = events[3], events[4]
+    assert id1 == id1b and id2 == id2b and id1 != id2
+    assert (stage1, stage1b, stage2, stage2b) == ("halve", "halve", "prune/scale", "prune/scale")
+    events.clear()
+    modelpress.apply(tiny_mlp(), "scale", registry=registry, show_progress=False)
+    assert [e[0] for e in events] == ["pass_start", "pass_finish"] and events[0][2] is None
+    events.clear()
+    with pytest.raises(modelpress.UnknownMethodError):
+        modelpress.compress(tiny_mlp(), {"passes": [{"kind": "prune", "method": "nope"}]}, registry=registry, show_progress=False)
+    assert events == []  # a recipe that does not validate never starts a run

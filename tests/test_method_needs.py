@@ -75,11 +75,11 @@ def test_a_reference_method_runs_on_the_source_with_the_current_model(tmp_path):
     recipe = {"passes": [{"kind": "prune", "method": "shrink", "options": {"factor": 0.5}},
                          {"kind": "merge", "method": "blend", "options": {"origin": "source", "mix": 0.5}}],
               "data": {"calibration": str(tmp_path / "calib.npz")}}
-    result = modelpress.compress(source, recipe, registry=registry, show_progress=False)
+    result = modelpress.compress(source, recipe, report_dir=tmp_path, registry=registry, show_progress=False)
     layer = source.weighted_layers()[0].weight.name
     before = source.initializer(layer).const_value.numpy()
     np.testing.assert_allclose(result.model.initializer(layer).const_value.numpy(), 0.75 * before, rtol=1e-6)
     assert [(p.kind, p.method) for p in result.model.provenance.passes] == [("prune", "shrink"), ("merge", "blend")]
     bad = {**recipe, "passes": [recipe["passes"][0], {"kind": "merge", "method": "blend", "options": {"origin": "elsewhere"}}]}
     with pytest.raises(modelpress.OptionsError, match=r"recipe pass 2: origin must be 'source'"):
-        modelpress.compress(source, bad, registry=registry, show_progress=False)
+        modelpress.compress(source, bad, report_dir=tmp_path, registry=registry, show_progress=False)

@@ -248,5 +248,5 @@ def test_observers_get_pass_ids_stage_names_and_run_start_finish(tmp_path):
     assert [e[0] for e in events] == ["pass_start", "pass_finish"] and events[0][2] is None
     events.clear()
     with pytest.raises(modelpress.UnknownMethodError):
-        modelpress.compress(tiny_mlp(), {"passes": [{"kind": "prune", "method": "nope"}]}, registry=registry, show_progress=False)
+        modelpress.compress(tiny_mlp(), {"passes": [{"kind": "prune", "method": "nope"}]}, report_dir=tmp_path, registry=registry, show_progress=False)
     assert events == []  # a recipe that does not validate never starts a run

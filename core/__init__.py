@@ -26,6 +26,7 @@ from modelpress.errors import (
     NoGainError,
     OptionsError,
     PluginError,
+    PluginWarning,
     UnknownMethodError,
     UnsafeExternalDataError,
     UnsupportedModelError,
@@ -37,7 +38,7 @@ from modelpress.hookspecs import hookimpl
 from modelpress.inspection import describe
 from modelpress.layers import WeightedLayer
 from modelpress.loading import load
-from modelpress.methods import KINDS, Method, Options, PassContext
+from modelpress.methods import KINDS, Kind, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.packing import PackResult, pack, unpack
 from modelpress.pipeline import apply, distill, prune, quantize
@@ -62,6 +63,7 @@ __all__ = [
     "ExportError",
     "ExportResult",
     "InvalidModelError",
+    "Kind",
     "Method",
     "Model",
     "ModelpressError",
@@ -72,6 +74,7 @@ __all__ = [
     "PassContext",
     "PassRecord",
     "PluginError",
+    "PluginWarning",
     "Provenance",
     "Recipe",
     "Registry",

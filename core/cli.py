@@ -243,7 +243,8 @@ def cmd_plugins(args: argparse.Namespace) -> int:
             }
             for p in registry.plugins.values()
         ]
-        print(json.dumps({"plugins": data, "skipped": registry.skipped}, indent=2))
+        kinds = [{"name": k.name, "description": k.description, "columns": list(k.columns), "smaller": k.smaller, "plugin": k.plugin} for k in registry.kinds()]
+        print(json.dumps({"plugins": data, "kinds": kinds, "skipped": registry.skipped, "failed": registry.failed}, indent=2))
         return 0
     from rich.table import Table
 
@@ -255,11 +256,14 @@ def cmd_plugins(args: argparse.Namespace) -> int:
         provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods] + [f"codec {c.name}" for c in p.codecs]
         table.add_row(p.name + (" (built-in)" if p.builtin else ""), p.distribution, p.version, ", ".join(provides) or "-")
     console.print(table)
-    for kind in ("quantize", "prune", "distill"):
+    for kind_info in registry.kinds():
+        kind = kind_info.name
         methods = registry.methods(kind)
         if not methods:
             continue
-        console.print(f"\n[bold]{kind}[/bold] methods")
+        about = f" - {escape(kind_info.description)}" if kind_info.description else ""
+        columns = f" [dim](reports {escape(', '.join(kind_info.columns))})[/dim]" if kind_info.columns else ""
+        console.print(f"\n[bold]{kind}[/bold] methods{about}{columns}")
         for m in methods:
             console.print(f"  [bold]{m.name}[/bold]  ({m.plugin} {m.plugin_version}) {m.summary}")
             rows = m.option_rows()
@@ -272,6 +276,10 @@ def cmd_plugins(args: argparse.Namespace) -> int:
                 console.print(opts)
     for name, why in registry.skipped.items():
         console.print(f"[dim]skipped plugin {name}: {why}[/dim]")
+    if registry.failed:
+        console.print("\n[bold red]failed to load[/bold red]")
+        for name, why in registry.failed.items():
+            console.print(f"  [bold]{escape(name)}[/bold]: {escape(why)}")
     return 0
 
 
@@ -558,6 +566,13 @@ def _add_overwrite_argument(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _kind_choices() -> list[str]:
+    """The kinds the installed plugins provide (open: a plugin can add one)."""
+    from modelpress.registry import get_registry
+
+    return [k.name for k in get_registry().kinds()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from modelpress import __version__
 
@@ -744,7 +759,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("model", help="input model")
     p.add_argument("-m", "--method", required=True, help="method name (see `modelpress plugins`)")
-    p.add_argument("-k", "--kind", choices=("quantize", "prune", "distill"), help="method kind, when a name exists in several")
+    p.add_argument("-k", "--kind", choices=_kind_choices(), help="method kind, when a name exists in several (every installed kind; see `modelpress plugins`)")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -150,7 +151,7 @@ class _Evaluator:
 
 def run_pass(
     spec: PassSpec, index: int, current: Model, source: Model, *, calibration: Any, train: Any, eval_source: Any,
-    show_progress: bool, registry: Registry, allow_no_gain: bool = False,
+    show_progress: bool, registry: Registry, allow_no_gain: bool = False, stage: str | None = None,
 ) -> Model:
     """Apply recipe pass ``index`` to ``current`` (a distill pass trains it with ``source`` as teacher).
 
@@ -160,16 +161,19 @@ def run_pass(
     options = dict(spec.options)
     extra: dict[str, Any] = {}
     model_in = current
-    if spec.kind == "distill":
-        teacher_choice = options.pop("teacher", "source")
-        if teacher_choice != "source":
-            raise OptionsError(f"recipe pass {index}: teacher must be 'source' (the model the recipe started from)")
-        options.setdefault("student", "given")
-        extra["student"] = current
+    method = registry.method(spec.method, spec.kind)
+    if method.uses_reference:  # e.g. distillation: the source is the teacher, the current model the student
+        reference = options.pop(method.reference_option, "source")
+        if reference != "source":
+            raise OptionsError(f"recipe pass {index}: {method.reference_option} must be 'source' (the model the recipe started from)")
+        for key, value in method.reference_options:
+            options.setdefault(key, value)
+        extra["current"] = current
         model_in = source
-    result = apply(model_in, spec.method, kind=spec.kind, options=options, calibration=calibration, train=train,
-                   eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain)
-    if spec.kind == "distill":  # NOTE: the student's history continues the current model's
+    result = apply(model_in, method, kind=spec.kind, options=options, calibration=calibration, train=train,
+                   eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain,
+                   stage=stage or spec.name or f"{spec.kind}/{spec.method}")
+    if method.uses_reference:  # NOTE: the result's history continues the current model's
         result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
     return result
 
@@ -213,70 +217,78 @@ def compress(
     source = load(model)
     if output is not None:
         refuse_overwrite([output], model_files(source), overwrite=overwrite)
-    out_path = Path(output) if output is not None else None
-    base = out_path.parent if out_path is not None else Path(report_dir or ".")
-    stem = out_path.stem if out_path is not None else "model"
-    stages_dir = base / f"{stem}-stages"
-    stages_dir.mkdir(parents=True, exist_ok=True)
-    reports_at = Path(report_dir) if report_dir is not None else base
-    reports_at.mkdir(parents=True, exist_ok=True)
+    run_id = uuid.uuid4().hex[:12]
+    registry.hook.modelpress_run_start(run_id=run_id, model=source, recipe=recipe)
+    try:
+        out_path = Path(output) if output is not None else None
+        base = out_path.parent if out_path is not None else Path(report_dir or ".")
+        stem = out_path.stem if out_path is not None else "model"
+        stages_dir = base / f"{stem}-stages"
+        stages_dir.mkdir(parents=True, exist_ok=True)
+        reports_at = Path(report_dir) if report_dir is not None else base
+        reports_at.mkdir(parents=True, exist_ok=True)
 
-    calibration = recipe.resolve(recipe.data.calibration)
-    train = recipe.resolve(recipe.data.train)
-    eval_source = recipe.resolve(recipe.data.eval)
-    eval_data = load_dataset(eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if eval_source is not None else None
-    evaluator = _Evaluator(recipe, source, eval_data)
-    report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
+        calibration = recipe.resolve(recipe.data.calibration)
+        train = recipe.resolve(recipe.data.train)
+        eval_source = recipe.resolve(recipe.data.eval)
+        eval_data = load_dataset(eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if eval_source is not None else None
+        evaluator = _Evaluator(recipe, source, eval_data)
+        report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
 
-    source_path = stages_dir / "00-source.onnx"
-    export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
-    stages = [evaluator.measure("source", source, source_path, 0.0, {})]
-    _pack_stage(recipe, stages[-1], source_path, registry)
-    report.add(stages[-1])
-    current = source
-    interrupted = False
-    for index, spec in enumerate(recipe.passes, 1):
-        label = spec.name or f"{spec.kind}/{spec.method}"
-        report.status = f"running stage {index} ({label})"
-        try:
-            start = time.perf_counter()
-            # NOTE: no gain is judged below, after the stage is measured and reported.
-            result = run_pass(spec, index, current, source, calibration=calibration, train=train, eval_source=eval_source,
-                              show_progress=show_progress, registry=registry, allow_no_gain=True)
-            seconds = time.perf_counter() - start
-            path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
-            stage_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
-            export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,
-                   show_progress=show_progress, overwrite=overwrite)
-            figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
-            stages.append(evaluator.measure(label, result, path, seconds, figures))
-            _pack_stage(recipe, stages[-1], path, registry)
-            report.add(stages[-1])
-            current = result
-            if figures.get("no_gain") and not allow_no_gain:
-                report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+        source_path = stages_dir / "00-source.onnx"
+        export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
+        stages = [evaluator.measure("source", source, source_path, 0.0, {})]
+        _pack_stage(recipe, stages[-1], source_path, registry)
+        report.add(stages[-1])
+        current = source
+        interrupted = False
+        for index, spec in enumerate(recipe.passes, 1):
+            label = spec.name or f"{spec.kind}/{spec.method}"
+            report.status = f"running stage {index} ({label})"
+            try:
+                start = time.perf_counter()
+                # NOTE: no gain is judged below, after the stage is measured and reported.
+                result = run_pass(spec, index, current, source, calibration=calibration, train=train, eval_source=eval_source,
+                                  show_progress=show_progress, registry=registry, allow_no_gain=True)
+                seconds = time.perf_counter() - start
+                path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
+                stage_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+                export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,
+                       show_progress=show_progress, overwrite=overwrite)
+                figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
+                stages.append(evaluator.measure(label, result, path, seconds, figures))
+                _pack_stage(recipe, stages[-1], path, registry)
+                report.add(stages[-1])
+                current = result
+                if figures.get("no_gain") and not allow_no_gain:
+                    report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+                    report.write(reports_at)
+                    raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {reports_at} (allow_no_gain=True / --allow-no-gain continues)")
+            except KeyboardInterrupt:
+                interrupted = True
+                report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
+                break
+            except ModelpressError as exc:
+                if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                    report.status = f"failed at stage {index} ({label})"
                 report.write(reports_at)
-                raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {reports_at} (allow_no_gain=True / --allow-no-gain continues)")
-        except KeyboardInterrupt:
-            interrupted = True
-            report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
-            break
-        except ModelpressError as exc:
-            if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
-                report.status = f"failed at stage {index} ({label})"
-            report.write(reports_at)
-            raise
-    else:
-        report.status = "complete"
-    final = packed = None
-    if out_path is not None and not interrupted:
-        final_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
-        export(current, out_path, sample=final_sample, reference=source, verify=verify, external_data=external_data,
-               show_progress=show_progress, overwrite=overwrite)
-        final = out_path
-        if recipe.pack is not None:
-            from modelpress.packing import pack
+                raise
+        else:
+            report.status = "complete"
+        final = packed = None
+        if out_path is not None and not interrupted:
+            final_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+            export(current, out_path, sample=final_sample, reference=source, verify=verify, external_data=external_data,
+                   show_progress=show_progress, overwrite=overwrite)
+            final = out_path
+            if recipe.pack is not None:
+                from modelpress.packing import pack
 
-            packed = pack(out_path, out_path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry).path
-    report.write(reports_at)
-    return CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted, packed=packed)
+                packed = pack(out_path, out_path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry).path
+        report.write(reports_at)
+        outcome = CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted, packed=packed)
+    except BaseException as exc:
+        registry.hook.modelpress_run_finish(run_id=run_id, result=None, error=exc)
+        raise
+    registry.hook.modelpress_run_finish(run_id=run_id, result=outcome, error=None)
+    return outcome

@@ -16,6 +16,7 @@ __all__ = [
     "NoGainError",
     "OptionsError",
     "PluginError",
+    "PluginWarning",
     "UnknownMethodError",
     "UnsafeExternalDataError",
     "UnsupportedModelError",
@@ -37,6 +38,12 @@ class UnsafeExternalDataError(InvalidModelError):
 
 class UnsupportedModelError(ModelpressError):
     """No installed adapter can load this object, or it uses ops a lowering does not support."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin fault that was contained (``MODELPRESS_STRICT_PLUGINS=1`` makes these errors): a
+    plugin skipped because it failed to load, an observer hook that raised, an adapter that failed
+    while another one loaded the model, an unknown name in the plugin switches."""
 
 
 class PluginError(ModelpressError):

@@ -25,7 +25,7 @@ from modelpress.errors import (
 )
 from modelpress.model import Model
 from modelpress.progress import progress_bar
-from modelpress.registry import get_registry
+from modelpress.registry import Registry, get_registry
 from modelpress.runtime import (
     INLINE_LIMIT_BYTES,
     external_folders,
@@ -178,6 +178,7 @@ def export(
     accept_loss: bool = False,
     overwrite: bool = False,
     show_progress: bool = True,
+    registry: Registry | None = None,
 ) -> ExportResult:
     """Write ``model`` to ``path`` as ONNX, load it back in ONNX Runtime and check it numerically.
 
@@ -190,7 +191,9 @@ def export(
     files into the output's; nothing in the output refers to the source's files. Verification
     (see :func:`verify`) runs the reference from its own file. The provenance (source, passes,
     options, plugin versions) goes into ``metadata_props``. Writing over the file the model was
-    loaded from (or its external data) is refused unless ``overwrite=True``.
+    loaded from (or its external data) is refused unless ``overwrite=True``. ``registry`` (the
+    process-wide one by default) is the one whose ``modelpress_export_finish`` observers are told;
+    an observer that raises is a warning naming its plugin, the written file stays.
     """
     target = Path(path)
     refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
@@ -257,5 +260,5 @@ def export(
         verification=comparison,
         verification_seconds=seconds,
     )
-    get_registry().hook.modelpress_export_finish(model=model, result=result)
+    (registry or get_registry()).hook.modelpress_export_finish(model=model, result=result)
     return result

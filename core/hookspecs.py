@@ -12,10 +12,18 @@ everything they do, a third-party plugin can do too.
 
 Rules that hold for every hook:
 
-* hooks are always called with keyword arguments; implementations may accept any subset of
-  the documented arguments (pluggy matches them by name);
-* a misspelt ``modelpress_*`` function is an error at load time, not silently ignored;
-* an exception raised by a hook becomes a :class:`modelpress.PluginError` naming the plugin.
+* hooks are always called with keyword arguments, through pluggy's hook callers:
+  implementations may accept any subset of the documented arguments (pluggy matches them by
+  name), and ``@hookimpl(wrapper=True)``, ``tryfirst=True`` and ``trylast=True`` work;
+* a misspelt ``modelpress_*`` function is an error at load time, not silently ignored, and so is
+  a ``modelpress_*`` function without ``@modelpress.hookimpl``;
+* an exception raised by a registration hook becomes a :class:`modelpress.PluginError` naming
+  the plugin; for an installed (entry-point) plugin that means it is skipped with a
+  :class:`modelpress.PluginWarning` and listed by ``modelpress plugins`` under "failed to load";
+* an exception raised by an observer hook (``modelpress_pass_start``, ``_pass_finish``,
+  ``_pass_error``, ``modelpress_export_finish``) is a :class:`modelpress.PluginWarning` naming
+  the plugin, and the run goes on;
+* ``MODELPRESS_STRICT_PLUGINS=1`` turns every such warning into a :class:`modelpress.PluginError`.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ if TYPE_CHECKING:
     from modelpress.adapter import Adapter
     from modelpress.codecs import Codec
     from modelpress.export import ExportResult
-    from modelpress.methods import Method
+    from modelpress.methods import Kind, Method
     from modelpress.model import Model
     from modelpress.provenance import PassRecord
 
@@ -45,11 +53,28 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
+def modelpress_register_kinds(register: Callable[[Kind], None]) -> None:
+    """Register pass kinds by calling ``register(kind)`` (since modelpress 0.2, issue 13).
+
+    Kinds are open: besides the built-in ``quantize``, ``prune`` and ``distill``, a plugin can
+    add ``factorize``, ``fuse``, ``pack-for-x``... ``kind`` is a :class:`modelpress.Kind`: a
+    ``name`` (lowercase letters, digits, ``-``/``_``), a ``description`` (shown by ``modelpress
+    plugins``), ``columns`` (the figure keys its methods report, e.g. ``("rank",)``) and
+    ``smaller`` (``True``: a result that is not a smaller file is "no gain").
+
+    A method may also just declare a new kind in ``Method(kind=...)``; it then exists with no
+    description. ``modelpress apply -k`` accepts every registered kind. Two plugins registering
+    the same kind name identically is fine; differently, a :class:`modelpress.DuplicateMethodError`.
+    """
+
+
+@hookspec
 def modelpress_register_methods(register: Callable[[Method], None]) -> None:
     """Register compression methods by calling ``register(method)`` once per method.
 
     ``method`` is a :class:`modelpress.Method`: a ``name`` (unique within its ``kind``), a
-    ``kind`` (``"quantize"``, ``"prune"`` or ``"distill"``), an ``options`` schema (a subclass of
+    ``kind`` (``"quantize"``, ``"prune"``, ``"distill"`` or any kind a plugin registers, see
+    ``modelpress_register_kinds``), an ``options`` schema (a subclass of
     :class:`modelpress.Options`, a pydantic model: its fields, types, defaults and descriptions
     are what ``modelpress plugins`` shows and what recipes are validated against), an ``apply``
     callable and ``mutates``:
@@ -62,8 +87,9 @@ def modelpress_register_methods(register: Callable[[Method], None]) -> None:
 
     ``context`` is a :class:`modelpress.PassContext`: the data the caller gave (``calibration``,
     ``train``, ``eval``), ``figures`` (a dict the method fills with what it measured, e.g.
-    ``{"sparsity": 0.5}``; it ends up in the report and in the model's provenance), and
-    ``progress(...)`` for progress bars.
+    ``{"sparsity": 0.5}``; it ends up in the report and in the model's provenance),
+    ``progress(...)`` for progress bars, and ``registry`` (pass it as ``registry=`` when your
+    method applies another method, so a custom registry is used throughout).
 
     Registering two methods with the same kind and name, from the same or different plugins,
     is a :class:`modelpress.DuplicateMethodError` naming both plugins.
@@ -77,7 +103,11 @@ def modelpress_register_adapters(register: Callable[[Adapter], None]) -> None:
     ``adapter`` is a :class:`modelpress.Adapter`: a ``name``, an ``accepts(source) -> bool``
     predicate (a path, bytes or an in-memory object from the framework) and a
     ``load(source, **options) -> Model``. ``modelpress.load`` asks adapters in descending
-    ``priority`` order and uses the first that accepts the source. An adapter must import its
+    ``priority`` order and uses the first that accepts the source. ``accepts`` must return a
+    bool and never raise for a source it does not know; ``load`` must return a Model or raise a
+    :class:`modelpress.ModelpressError` saying why it refuses. Any other exception or return type
+    is a :class:`modelpress.PluginError` naming the plugin, and the next adapters still get
+    their turn. An adapter must import its
     framework lazily, inside ``accepts``/``load``, and only when the source could be one of its
     objects: ``import modelpress`` never imports torch or TensorFlow.
     """
@@ -108,8 +138,11 @@ def modelpress_register_codecs(register: Callable[[Codec], None]) -> None:
 
 
 @hookspec
-def modelpress_pass_start(method: Method, model: Model, options: Any) -> None:
-    """Called before a method runs. ``options`` is the validated options object.
+def modelpress_pass_start(method: Method, model: Model, options: Any, pass_id: str, stage: str | None) -> None:
+    """Called before a method runs. ``options`` is the validated options object. ``pass_id``
+    identifies this run of the method (the same in its ``pass_finish``/``pass_error``);
+    ``stage`` is the recipe stage's name when :func:`modelpress.compress` (or a tune trial) runs
+    it, else None. Take only the arguments you need (pluggy matches them by name).
 
     Observers must not change ``model``. Every implementation is called; return values are
     ignored.
@@ -117,14 +150,28 @@ def modelpress_pass_start(method: Method, model: Model, options: Any) -> None:
 
 
 @hookspec
-def modelpress_pass_finish(method: Method, model: Model, record: PassRecord) -> None:
+def modelpress_pass_finish(method: Method, model: Model, record: PassRecord, pass_id: str, stage: str | None) -> None:
     """Called after a method succeeded, with the resulting ``model`` and its ``record``
-    (options, wall time in ``record.seconds`` and the method's ``record.figures``)."""
+    (options, wall time in ``record.seconds`` and the method's ``record.figures``, already
+    checked to be JSON-serialisable); ``pass_id``/``stage`` as in ``modelpress_pass_start``."""
 
 
 @hookspec
-def modelpress_pass_error(method: Method, model: Model, error: BaseException) -> None:
+def modelpress_pass_error(method: Method, model: Model, error: BaseException, pass_id: str, stage: str | None) -> None:
     """Called when a method raised (or was interrupted); ``model`` is the input model."""
+
+
+@hookspec
+def modelpress_run_start(run_id: str, model: Model, recipe: Any) -> None:
+    """Called when :func:`modelpress.compress` starts a recipe run on ``model`` (the loaded
+    source), after the recipe was validated. ``recipe`` is the :class:`modelpress.Recipe`."""
+
+
+@hookspec
+def modelpress_run_finish(run_id: str, result: Any, error: BaseException | None) -> None:
+    """Called when a recipe run ends: ``result`` is the :class:`modelpress.CompressResult` (its
+    ``interrupted`` says whether Ctrl-C stopped it) and ``error`` None, or ``result`` None and
+    ``error`` what stopped it."""
 
 
 @hookspec

@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
-from modelpress.errors import InvalidModelError, UnsupportedModelError
+import numpy as np
+
+from modelpress.adapter import Adapter
+from modelpress.errors import (
+    InvalidModelError,
+    ModelpressError,
+    PluginError,
+    PluginWarning,
+    UnsupportedModelError,
+    one_line,
+)
 from modelpress.model import Model
 from modelpress.progress import progress_bar
-from modelpress.registry import Registry, get_registry
+from modelpress.registry import STRICT_ENV, Registry, get_registry, strict_plugins
 
 __all__ = ["load"]
 
@@ -38,15 +49,58 @@ def _load(source: Any, *, framework: str | None, registry: Registry | None, **op
         if not chosen:
             names = ", ".join(a.name for a in adapters)
             raise UnsupportedModelError(f"no adapter named {framework!r} is installed; installed: {names}")
-        return chosen[0].load(source, **options)
+        return _adapter_load(chosen[0], source, options)
     if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
         raise InvalidModelError(f"{os.fspath(source)!r}: no such file or folder")
+    faults: list[PluginError] = []
     for adapter in adapters:
-        if adapter.accepts(source):
-            return adapter.load(source, **options)
+        try:
+            if not _adapter_accepts(adapter, source):
+                continue
+            model = _adapter_load(adapter, source, options)
+        except PluginError as exc:
+            # NOTE: a faulty adapter must not stop the others (ONNX included) from loading the source.
+            if strict_plugins():
+                raise
+            faults.append(exc)
+            continue
+        for fault in faults:
+            warnings.warn(f"{fault} (another adapter, {adapter.name!r}, loaded the model; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=3)
+        return model
+    if faults:
+        raise faults[0] if len(faults) == 1 else PluginError("; ".join(str(f) for f in faults), plugin=", ".join(str(f.plugin) for f in faults))
     names = ", ".join(a.name for a in adapters)
     what = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"an object of type {type(source).__module__}.{type(source).__name__}"
     raise UnsupportedModelError(
         f"no installed adapter can load {what} (adapters: {names}); for PyTorch or Keras models "
         f"install the extra: pip install -c constraints.txt 'modelpress[torch]' or 'modelpress[tensorflow]'"
     )
+
+
+def _label(adapter: Adapter) -> str:
+    return f"adapter {adapter.name!r} (plugin {' '.join(filter(None, [adapter.plugin or 'local', adapter.plugin_version]))})"
+
+
+def _adapter_accepts(adapter: Adapter, source: Any) -> bool:
+    """``adapter.accepts(source)``; an exception or a non-bool answer is a PluginError naming the plugin."""
+    try:
+        answer = adapter.accepts(source)
+    except Exception as exc:
+        raise PluginError(f"{_label(adapter)} failed in accepts(): {type(exc).__name__}: {one_line(exc)}", plugin=adapter.plugin) from exc
+    if not isinstance(answer, (bool, np.bool_)):
+        raise PluginError(f"{_label(adapter)}: accepts() returned {type(answer).__name__}, not a bool", plugin=adapter.plugin)
+    return bool(answer)
+
+
+def _adapter_load(adapter: Adapter, source: Any, options: dict[str, Any]) -> Model:
+    """``adapter.load(source, **options)``, checked: an unexpected exception or a result that is not a
+    Model is a PluginError naming the plugin; a ModelpressError (a clear refusal) passes through."""
+    try:
+        model = adapter.load(source, **options)
+    except ModelpressError:
+        raise
+    except Exception as exc:
+        raise PluginError(f"{_label(adapter)} failed in load(): {type(exc).__name__}: {one_line(exc)}", plugin=adapter.plugin) from exc
+    if not isinstance(model, Model):
+        raise PluginError(f"{_label(adapter)}: load() returned {type(model).__name__}, not a modelpress.Model", plugin=adapter.plugin)
+    return model

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import re
 import typing
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,10 +17,51 @@ from modelpress.errors import OptionsError
 if TYPE_CHECKING:
     from modelpress.model import Model
 
-__all__ = ["KINDS", "Method", "Options", "PassContext"]
+__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "KINDS", "Kind", "Method", "Options", "PassContext", "check_kind_name"]
 
+# NOTE: kinds are open (any registered name, see ``modelpress_register_kinds``); these are the
+# built-in plugins' kinds, kept importable for compatibility. Use ``registry.kinds()`` for what exists.
 KINDS: tuple[str, ...] = ("quantize", "prune", "distill")
-Kind = Literal["quantize", "prune", "distill"]
+# What a method can declare in ``requires`` / ``requires_if``: the data sources of a PassContext.
+DATA_NEEDS: tuple[str, ...] = ("calibration", "train", "eval")
+BuiltinKind = Literal["quantize", "prune", "distill"]
+_KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+
+
+def check_kind_name(name: str, what: str) -> None:
+    """A kind name is lowercase letters, digits, ``-`` and ``_``, starting with a letter."""
+    if not isinstance(name, str) or not _KIND_NAME.match(name):
+        raise ValueError(f"{what}: kind {name!r} is not a valid kind name (lowercase letters, digits, '-' and '_', starting with a letter)")
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A pass kind (``quantize``, ``prune``, ``factorize``, ...). See ``modelpress_register_kinds``.
+
+    ``columns`` are the figure keys this kind's methods report (e.g. ``("sparsity",)``), shown by
+    ``modelpress plugins``; ``smaller`` says whether a result must be a smaller file (if it is
+    not, the pass is "no gain").
+    """
+
+    name: str
+    description: str = ""
+    columns: tuple[str, ...] = ()
+    smaller: bool = False
+    plugin: str = ""
+
+    def __post_init__(self) -> None:
+        check_kind_name(self.name, "Kind")
+        object.__setattr__(self, "columns", tuple(self.columns))
+
+    def attributed(self, plugin: str) -> Kind:
+        return replace(self, plugin=plugin)
+
+
+BUILTIN_KINDS: tuple[Kind, ...] = (
+    Kind("quantize", "lower the precision of weights and activations (a smaller, faster file)", ("model_bytes_before", "model_bytes_after"), smaller=True),
+    Kind("prune", "remove weights or channels (sparsity, fewer parameters)", ("sparsity",)),
+    Kind("distill", "train a smaller student to match the model (the teacher)", ("agreement",)),
+)
 
 
 class Options(pydantic.BaseModel):
@@ -41,6 +83,10 @@ class PassContext:
             :func:`modelpress.data.as_batches` to iterate them as feed dicts).
         figures: the method records what it measured here (sparsity, agreement, ...).
         show_progress: whether progress bars should be drawn.
+        extra: objects the caller passed that are not options (e.g. a given student model).
+        registry: the :class:`modelpress.Registry` running this pass; a method that applies
+            another method (e.g. distillation pruning a student) passes it on, so a custom
+            registry is used throughout (``None`` means the process-wide one).
     """
 
     calibration: Any = None
@@ -49,6 +95,7 @@ class PassContext:
     figures: dict[str, Any] = field(default_factory=dict)
     show_progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    registry: Any = None
 
     @contextmanager
     def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
@@ -61,7 +108,16 @@ class PassContext:
 
 @dataclass(frozen=True)
 class Method:
-    """A compression method a plugin provides. See ``modelpress_register_methods``."""
+    """A compression method a plugin provides. See ``modelpress_register_methods``.
+
+    Declared needs (instead of the host knowing built-in names): ``requires`` is the data the
+    method always needs (``{"calibration"}``, ``{"train"}``); ``requires_if`` maps an option to
+    the data it needs when set (``{"fine_tune_epochs": "train"}``); ``uses_reference=True`` means
+    that in a recipe the method runs on the recipe's source model (the reference, e.g. a teacher)
+    and receives the current model as ``context.extra["current"]``, with ``reference_options``
+    set by default (e.g. ``{"student": "given"}``) and the recipe option ``reference_option``
+    (e.g. ``"teacher"``; its only value is ``"source"``) taken out before validation.
+    """
 
     name: str
     kind: str
@@ -71,12 +127,31 @@ class Method:
     summary: str = ""
     plugin: str = ""
     plugin_version: str = ""
+    # -- what the method needs, declared (the host, recipes and tune read these; no built-in names in the core)
+    requires: frozenset[str] = frozenset()
+    requires_if: tuple[tuple[str, str], ...] = ()
+    uses_reference: bool = False
+    reference_option: str = "reference"
+    reference_options: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"method {self.name!r}: kind must be one of {', '.join(KINDS)}, not {self.kind!r}")
+        check_kind_name(self.kind, f"method {self.name!r}")
+        # NOTE: mappings are stored as tuples of pairs so that a Method stays hashable
+        object.__setattr__(self, "requires", frozenset(self.requires))
+        for attr in ("requires_if", "reference_options"):
+            value = getattr(self, attr)
+            object.__setattr__(self, attr, tuple(sorted(dict(value).items())))
+        unknown = [d for d in (*self.requires, *(d for _, d in self.requires_if)) if d not in DATA_NEEDS]
+        if unknown:
+            raise ValueError(f"method {self.name!r}: requires {', '.join(map(repr, unknown))}; data needs are {', '.join(DATA_NEEDS)}")
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"method {self.name!r}: options must be a modelpress.Options subclass")
+
+    def data_needs(self, options: dict[str, Any] | Options | None = None) -> set[str]:
+        """The data sources (``calibration``, ``train``, ``eval``) this method needs with ``options``:
+        ``requires``, plus each ``requires_if`` data whose option is set (truthy)."""
+        raw = options.model_dump() if isinstance(options, Options) else dict(options or {})
+        return {*self.requires, *(data for option, data in self.requires_if if raw.get(option))}
 
     @property
     def qualname(self) -> str:

@@ -353,12 +353,12 @@ class Model:
     def stamped(self) -> Iterator[ir.Model]:
         """The onnx_ir model with provenance in ``metadata_props``, for as long as it is serialised;
         the metadata is restored afterwards, so writing a model does not change it."""
-        from modelpress import __version__
+        from modelpress.provenance import modelpress_version
 
         metadata = self.ir.metadata_props
         saved = dict(metadata)
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
-        metadata["modelpress.version"] = __version__
+        metadata["modelpress.version"] = modelpress_version()
         try:
             yield self.ir
         finally:

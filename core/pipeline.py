@@ -3,20 +3,28 @@
 from __future__ import annotations
 
 import time
+import uuid
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.errors import ModelpressError, NoGainError, PluginError, one_line
+from modelpress.errors import (
+    ModelpressError,
+    NoGainError,
+    PluginError,
+    UnknownMethodError,
+    one_line,
+)
 from modelpress.methods import Method, Options, PassContext
 from modelpress.model import Model
-from modelpress.provenance import PassRecord
+from modelpress.provenance import PassRecord, figure_problem
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
 
-# Kinds whose point is a smaller file: a result that is not smaller is no gain.
+# Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
+# compatibility; the registry's ``Kind.smaller`` is what is used.
 SIZE_KINDS = frozenset({"quantize"})
 # NOTE: below this, the serialised size (weights + graph) is measured; above, the graph's
 # overhead is negligible next to the weights and serialising would hold a second copy.
@@ -75,16 +83,24 @@ def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
     return True
 
 
-def _no_gain(kind: str, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
+def _no_gain(smaller: bool, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
     """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
     if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
         return "the result is identical to the input (the method changed nothing)"
-    if kind in SIZE_KINDS:
+    if smaller:
         size_in, size_out = model_bytes(model), model_bytes(result)
         figures.update({"model_bytes_before": size_in, "model_bytes_after": size_out})
         if size_out >= size_in:
             return f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
     return None
+
+
+def _smaller(registry: Registry, kind: str) -> bool:
+    """Whether results of ``kind`` must be smaller files (a method passed directly may bring a new kind)."""
+    try:
+        return registry.kind(kind).smaller
+    except UnknownMethodError:
+        return False
 
 
 def apply(
@@ -100,6 +116,7 @@ def apply(
     registry: Registry | None = None,
     extra: dict[str, Any] | None = None,
     allow_no_gain: bool = False,
+    stage: str | None = None,
     **more_options: Any,
 ) -> Model:
     """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
@@ -113,6 +130,9 @@ def apply(
     A result with no gain (a quantize method's result not smaller than its input, or any method
     that changed nothing) raises :class:`NoGainError` saying so in one line, unless
     ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
+
+    Observers get a fresh ``pass_id`` for each call and ``stage`` (the recipe stage's name when
+    :func:`modelpress.compress` runs it; None otherwise).
     """
     registry = registry or get_registry()
     if not isinstance(model, Model):
@@ -121,23 +141,25 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
-    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}))
+    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
     label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
     content_before = (_content(model), _tensors(model))
     work = model.clone() if m.mutates else model
     before = None if m.mutates else _fingerprint(model)
-    registry.hook.modelpress_pass_start(method=m, model=model, options=opts)
+    pass_id = uuid.uuid4().hex[:12]
+    where = {"pass_id": pass_id, "stage": stage}
+    registry.hook.modelpress_pass_start(method=m, model=model, options=opts, **where)
     start = time.perf_counter()
     try:
         returned = m.apply(work, opts, ctx)
     except (KeyboardInterrupt, ModelpressError) as exc:
-        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         if isinstance(exc, ModelpressError) and m.plugin and m.plugin not in str(exc):
             exc.args = (f"{label}: {exc}", *exc.args[1:])
         raise
     except Exception as exc:
-        registry.hook.modelpress_pass_error(method=m, model=model, error=exc)
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
 
@@ -152,12 +174,16 @@ def apply(
             raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
         result = returned
 
-    no_gain = _no_gain(m.kind, model, result, content_before, ctx.figures)
+    for key, value in ctx.figures.items():
+        problem = figure_problem(value)
+        if problem is not None:
+            raise PluginError(f"{label} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
+    no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
     if no_gain is not None:
         message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
         if not allow_no_gain:
             error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
-            registry.hook.modelpress_pass_error(method=m, model=model, error=error)
+            registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
             raise error
         ctx.figures["no_gain"] = no_gain
     record = PassRecord(
@@ -172,7 +198,7 @@ def apply(
     result.provenance = model.provenance.with_pass(record)
     result.reference = model.reference if model.reference is not None else model
     result.path = model.path
-    registry.hook.modelpress_pass_finish(method=m, model=result, record=record)
+    registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
     return result
 
 

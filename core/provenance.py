@@ -8,10 +8,22 @@ with which options and which plugin version, wherever it goes.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["PROVENANCE_KEY", "PassRecord", "Provenance"]
+__all__ = ["PROVENANCE_KEY", "PassRecord", "Provenance", "figure_problem", "modelpress_version"]
+
+
+def modelpress_version() -> str:
+    """The installed modelpress version (``modelpress.__version__``), without importing the package root
+    (the IR must not depend on the layers above it)."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("modelpress")
+    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
+        return "0.0.0+unknown"
 
 PROVENANCE_KEY = "modelpress.provenance"
 
@@ -98,6 +110,26 @@ def _pass_record(raw: Any, index: int) -> PassRecord:
         if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
             raise ValueError(f"pass {index} field {key!r} has the wrong type")
     return PassRecord(**raw)
+
+
+def figure_problem(value: object) -> str | None:
+    """Why ``value`` cannot be a figure (it must be JSON: numbers, strings, bools, None, lists and
+    dicts of them; numpy scalars and paths are accepted), or None."""
+
+    def strict(obj: object) -> object:
+        if hasattr(obj, "item") and getattr(obj, "ndim", 0) == 0:
+            return obj.item()  # numpy scalar
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if hasattr(obj, "shape") and hasattr(obj, "dtype"):
+            raise TypeError(f"an array of shape {tuple(obj.shape)} ({obj.dtype}); report a number or a short list (.tolist())")
+        raise TypeError(f"a {type(obj).__module__}.{type(obj).__qualname__}, which is not JSON")
+
+    try:
+        json.dumps(value, default=strict)
+    except (TypeError, ValueError) as exc:
+        return str(exc)
+    return None
 
 
 def _jsonable(obj: object) -> object:

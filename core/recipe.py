@@ -32,12 +32,12 @@ import importlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import pydantic
 from pydantic import Field
 
-from modelpress.errors import DataError, OptionsError, one_line
+from modelpress.errors import DataError, OptionsError, UnknownMethodError, one_line
 from modelpress.registry import Registry, get_registry
 
 __all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
@@ -50,7 +50,7 @@ class _Strict(pydantic.BaseModel):
 
 
 class PassSpec(_Strict):
-    kind: Literal["quantize", "prune", "distill"] = Field(description="quantize, prune or distill")
+    kind: str = Field(description="the method's kind: quantize, prune, distill or one a plugin registers (see `modelpress plugins`)")
     method: str = Field(description="method name, as listed by `modelpress plugins`")
     options: dict[str, Any] = Field(default_factory=dict, description="method options, validated against its schema")
     name: str | None = Field(None, description="label of the stage in the report (default kind/method)")
@@ -117,7 +117,10 @@ class Recipe(_Strict):
         """Every method exists and every option validates, before any work starts."""
         registry = registry or get_registry()
         for i, spec in enumerate(self.passes, 1):
-            method = registry.method(spec.method, spec.kind)
+            try:
+                method = registry.method(spec.method, spec.kind)
+            except UnknownMethodError as exc:
+                raise UnknownMethodError(f"recipe pass {i}: {exc}") from None
             options = dict(spec.options)
             searched = [k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}]
             if searched:
@@ -125,19 +128,17 @@ class Recipe(_Strict):
                     f"recipe pass {i} ({spec.kind}/{spec.method}): option(s) {', '.join(searched)} are search ranges; "
                     "run `modelpress tune MODEL --recipe ...` to search them, or give single values to compress"
                 )
-            if spec.kind == "distill":
-                options.pop("teacher", None)
+            if method.uses_reference:
+                options.pop(method.reference_option, None)
             try:
                 method.validate_options(options)
             except OptionsError as exc:
                 raise OptionsError(f"recipe pass {i}: {exc}") from None
-            needs = {"quantize": "calibration", "prune": None, "distill": "train"}[spec.kind]
-            if spec.method in ("int8-static",) and not self.data.calibration:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.calibration")
-            if needs == "train" and not self.data.train:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.train")
-            if spec.kind == "prune" and spec.options.get("fine_tune_epochs") and not self.data.train:
-                raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) fine-tunes: it needs data.train")
+            # NOTE: what a pass needs is declared by its method (requires / requires_if), not known here
+            for need in sorted(method.data_needs(spec.options)):
+                if not getattr(self.data, need, None):
+                    why = next((f" (option {opt!r} is set)" for opt, data in method.requires_if if data == need and spec.options.get(opt)), "")
+                    raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.{need}{why}")
         for field_name in ("calibration", "train", "eval"):
             source = getattr(self.data, field_name)
             if source is not None and self._is_callable_ref(source):

@@ -13,14 +13,27 @@ Environment switches:
     allowlist: load only these third-party plugins (entry-point or distribution names).
 ``MODELPRESS_BLOCK_PLUGINS=name[,name...]``
     never load these plugins (entry-point or distribution names), built-ins included.
+``MODELPRESS_STRICT_PLUGINS=1``
+    plugin faults are errors instead of warnings: a plugin that fails to load stops the run
+    (every failure is listed in one :class:`PluginError`), and an observer hook that raises
+    (``modelpress_pass_start``/``finish``/``error``, ``modelpress_export_finish``) fails the
+    operation instead of being reported as a warning.
+
+Plugin faults are contained by default: an installed plugin that fails to import or to register
+is skipped with a :class:`PluginWarning` naming it (``modelpress plugins`` lists it under
+"failed to load" with the reason), an observer that raises is reported as a warning naming the
+plugin and the run goes on, and an unknown name in ``MODELPRESS_PLUGINS`` or
+``MODELPRESS_BLOCK_PLUGINS`` is a warning.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.metadata as importlib_metadata
 import os
 import threading
-from collections.abc import Iterable
+import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,26 +42,70 @@ import pluggy
 from modelpress import hookspecs
 from modelpress.adapter import Adapter
 from modelpress.codecs import Codec
-from modelpress.errors import DuplicateMethodError, PluginError, UnknownMethodError, one_line
-from modelpress.methods import KINDS, Method
+from modelpress.errors import (
+    DuplicateMethodError,
+    PluginError,
+    PluginWarning,
+    UnknownMethodError,
+    one_line,
+)
+from modelpress.methods import BUILTIN_KINDS, Kind, Method
 
 __all__ = [
     "ALLOW_ENV",
     "BLOCK_ENV",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
+    "OBSERVER_HOOKS",
+    "STRICT_ENV",
     "PluginInfo",
+    "PluginWarning",
     "Registry",
     "create_registry",
     "get_registry",
     "reset_registry",
+    "strict_plugins",
 ]
 
 ENTRY_POINT_GROUP = "modelpress"
 DISABLE_AUTOLOAD_ENV = "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "MODELPRESS_PLUGINS"
 BLOCK_ENV = "MODELPRESS_BLOCK_PLUGINS"
+STRICT_ENV = "MODELPRESS_STRICT_PLUGINS"
 _BUILTIN_DISTRIBUTION = "modelpress"
+_HOOK_PREFIX = "modelpress_"
+# Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
+OBSERVER_HOOKS = frozenset({
+    "modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish",
+    "modelpress_run_start", "modelpress_run_finish",
+})
+_REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def strict_plugins() -> bool:
+    """Whether ``MODELPRESS_STRICT_PLUGINS`` turns contained plugin faults into errors."""
+    return _truthy(os.environ.get(STRICT_ENV))
+
+
+def _guard_observer(function: Callable[..., Any], plugin: str, hook_name: str) -> Callable[..., Any]:
+    """``function`` with its exceptions turned into a warning naming ``plugin`` (an error when strict)."""
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except Exception as exc:
+            message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
+            if strict_plugins():
+                raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
+            warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=2)
+            return None
+
+    return guarded
 
 
 @dataclass
@@ -63,6 +120,7 @@ class PluginInfo:
     methods: list[Method] = field(default_factory=list)
     adapters: list[Adapter] = field(default_factory=list)
     codecs: list[Codec] = field(default_factory=list)
+    kinds: list[Kind] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -77,9 +135,11 @@ class Registry:
         self.pm.add_hookspecs(hookspecs)
         self.plugins: dict[str, PluginInfo] = {}
         self.skipped: dict[str, str] = {}
+        self.failed: dict[str, str] = {}
         self._methods: dict[tuple[str, str], tuple[Method, PluginInfo]] = {}
         self._adapters: list[Adapter] = []
         self._codecs: dict[str, tuple[Codec, PluginInfo]] = {}
+        self._kinds: dict[str, tuple[Kind, PluginInfo]] = {}
 
     # -- registration ----------------------------------------------------------------------
     def register(
@@ -102,6 +162,15 @@ class Registry:
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
             raise PluginError(f"plugin {info.label} is invalid: {one_line(exc)}", plugin=name) from None
+        unmarked = self._unmarked_hooks(plugin)
+        if unmarked:
+            self.pm.unregister(name=name)
+            raise PluginError(
+                f"plugin {info.label} defines {', '.join(unmarked)} without @modelpress.hookimpl, so modelpress would never "
+                f"call it; decorate it with @modelpress.hookimpl (or rename it if it is not a hook)",
+                plugin=name,
+            )
+        self._guard_observers(plugin, name)
         self.plugins[name] = info
         try:
             self._collect(name, info)
@@ -109,6 +178,29 @@ class Registry:
             self.unregister(name)
             raise
         return info
+
+    def _unmarked_hooks(self, plugin: object) -> list[str]:
+        """``modelpress_*`` functions of ``plugin`` that pluggy did not take as hook implementations."""
+        found = []
+        for attr in dir(plugin):
+            if not attr.startswith(_HOOK_PREFIX):
+                continue
+            value = getattr(plugin, attr, None)
+            if callable(value) and self.pm.parse_hookimpl_opts(plugin, attr) is None:
+                found.append(attr)
+        return found
+
+    def _guard_observers(self, plugin: object, name: str) -> None:
+        """Wrap ``plugin``'s observer implementations so that their exceptions are contained.
+
+        NOTE: pluggy calls ``HookImpl.function`` with the arguments it asked for, so replacing
+        it keeps argument subsets, ordering and the hook caller itself; new-style wrappers are
+        generators and are left as they are.
+        """
+        for hook_name in OBSERVER_HOOKS:
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
+                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
+                    impl.function = _guard_observer(impl.function, name, hook_name)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -118,6 +210,7 @@ class Registry:
         self._methods = {k: v for k, v in self._methods.items() if v[1] is not info}
         self._adapters = [a for a in self._adapters if a.plugin != name]
         self._codecs = {k: v for k, v in self._codecs.items() if v[1] is not info}
+        self._kinds = {k: v for k, v in self._kinds.items() if v[1] is not info}
 
     def _collect(self, name: str, info: PluginInfo) -> None:
         """Call this plugin's register hooks with callbacks that attribute what it registers."""
@@ -160,32 +253,72 @@ class Registry:
             self._codecs[codec.name] = (codec, info)
             info.codecs.append(codec)
 
+        def register_kind(kind: Kind) -> None:
+            if not isinstance(kind, Kind):
+                raise PluginError(f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind", plugin=name)
+            kind = kind.attributed(info.name)
+            if kind.name in self._kinds:
+                other_kind, other = self._kinds[kind.name]
+                if other_kind.attributed("") == kind.attributed(""):
+                    return  # NOTE: the same declaration twice (two plugins sharing a kind) is harmless
+                raise DuplicateMethodError(
+                    f"kind {kind.name!r} is registered differently by both {other.label} and {info.label}; "
+                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                    plugin=name,
+                    method=kind.name,
+                )
+            self._kinds[kind.name] = (kind, info)
+            info.kinds.append(kind)
+
         plugin = self.pm.get_plugin(name)
-        for hook_name, callback in (
-            ("modelpress_register_methods", register_method),
-            ("modelpress_register_adapters", register_adapter),
-            ("modelpress_register_codecs", register_codec),
-        ):
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is not plugin:
-                    continue
-                try:
-                    impl.function(register=callback)
-                except (PluginError, DuplicateMethodError):
-                    raise
-                except Exception as exc:
-                    raise PluginError(
-                        f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=name
-                    ) from exc
+        others = [p for p in self.pm.get_plugins() if p is not plugin]
+        callbacks: dict[str, Callable[[Any], None]] = {
+            "modelpress_register_kinds": register_kind,
+            "modelpress_register_methods": register_method,
+            "modelpress_register_adapters": register_adapter,
+            "modelpress_register_codecs": register_codec,
+        }
+        for hook_name in _REGISTER_HOOKS:
+            # NOTE: called through pluggy's hook caller (restricted to this plugin, so that what
+            # is registered is attributed to it): wrappers, tryfirst/trylast and argument
+            # subsets work as in any pluggy host.
+            caller = self.pm.subset_hook_caller(hook_name, remove_plugins=others)
+            try:
+                caller(register=callbacks[hook_name])
+            except (PluginError, DuplicateMethodError):
+                raise
+            except Exception as exc:
+                raise PluginError(
+                    f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=name
+                ) from exc
 
     # -- lookup ----------------------------------------------------------------------------
     def methods(self, kind: str | None = None) -> list[Method]:
         return [m for (k, _), (m, _) in sorted(self._methods.items()) if kind is None or k == kind]
 
+    def kinds(self) -> list[Kind]:
+        """Every kind: those registered by ``modelpress_register_kinds`` and those declared by a
+        registered method (built-in kinds first, then by name)."""
+        names = {*self._kinds, *(k for k, _ in self._methods)}
+        order = [k.name for k in BUILTIN_KINDS]
+        return [self.kind(n) for n in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))]
+
+    def kind(self, name: str) -> Kind:
+        """The :class:`Kind` called ``name`` (a kind only declared by a method has no description)."""
+        if name in self._kinds:
+            return self._kinds[name][0]
+        for builtin in BUILTIN_KINDS:
+            if builtin.name == name:
+                return builtin
+        if any(k == name for k, _ in self._methods):
+            return Kind(name)
+        known = ", ".join(k.name for k in self.kinds()) or "none"
+        raise UnknownMethodError(f"unknown method kind {name!r}; installed kinds: {known} (see `modelpress plugins`)")
+
     def method(self, name: str, kind: str | None = None) -> Method:
         """The method called ``name`` (of ``kind``, if given); a clear error lists what exists."""
-        if kind is not None and kind not in KINDS:
-            raise UnknownMethodError(f"unknown method kind {kind!r}; kinds are {', '.join(KINDS)}")
+        if kind is not None:
+            self.kind(kind)
         matches = [m for m in self.methods(kind) if m.name == name]
         if len(matches) == 1:
             return matches[0]
@@ -234,16 +367,18 @@ def create_registry(
     ``autoload``/``allow``/``block`` default to the environment switches (module docstring).
     """
     if autoload is None:
-        autoload = os.environ.get(DISABLE_AUTOLOAD_ENV, "").strip().lower() not in ("1", "true", "yes", "on")
+        autoload = not _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
     allowed = set(allow) if allow is not None else _split_env(ALLOW_ENV)
     blocked = set(block) if block is not None else _split_env(BLOCK_ENV)
 
     registry = Registry()
     seen: set[str] = set()
+    known: set[str] = set()
     for ep in sorted(_entry_points(), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist is not None else "unknown"
         version = ep.dist.version if ep.dist is not None else ""
         builtin = dist.lower() == _BUILTIN_DISTRIBUTION
+        known.update((ep.name, dist))
         if ep.name in seen:
             # NOTE: the same distribution visible twice on sys.path (e.g. editable + --target).
             continue
@@ -258,18 +393,49 @@ def create_registry(
             if allowed and ep.name not in allowed and dist not in allowed:
                 registry.skipped[ep.name] = f"not in {ALLOW_ENV}"
                 continue
-        try:
-            module = ep.load()
-        except Exception as exc:
+        _load_entry_point(registry, ep, dist, version, builtin)
+    _check_switch_names(allowed, blocked, known)
+    if registry.failed:
+        problems = "; ".join(f"{name}: {why}" for name, why in registry.failed.items())
+        if strict_plugins():
             raise PluginError(
-                f"plugin {ep.name!r} from {dist} {version} failed to load ({ep.value}): {type(exc).__name__}: {one_line(exc)}; "
-                f"fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}",
-                plugin=ep.name,
-            ) from exc
-        registry.register(module, name=ep.name, distribution=dist, version=version, builtin=builtin)
+                f"{len(registry.failed)} plugin(s) failed to load ({STRICT_ENV}=1): {problems}",
+                plugin=", ".join(registry.failed),
+            )
+        for name, why in registry.failed.items():
+            warnings.warn(f"plugin {name!r} failed to load and is skipped: {why}", PluginWarning, stacklevel=2)
     for obj in plugins:
         registry.register(obj)
     return registry
+
+
+def _load_entry_point(registry: Registry, ep: importlib_metadata.EntryPoint, dist: str, version: str, builtin: bool) -> None:
+    """Import and register one entry point; a failure is recorded in ``registry.failed``, not raised."""
+    try:
+        module = ep.load()
+    except Exception as exc:
+        registry.failed[ep.name] = (
+            f"from {dist} {version}, {ep.value} failed to import: {type(exc).__name__}: {one_line(exc)}; "
+            f"fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}"
+        )
+        return
+    try:
+        registry.register(module, name=ep.name, distribution=dist, version=version, builtin=builtin)
+    except PluginError as exc:
+        registry.failed[ep.name] = f"{one_line(exc)}; fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}"
+
+
+def _check_switch_names(allowed: set[str], blocked: set[str], known: set[str]) -> None:
+    """Warn about names in the allow/block switches that no installed plugin has (typos)."""
+    for env, names in ((ALLOW_ENV, allowed), (BLOCK_ENV, blocked)):
+        unknown = sorted(names - known)
+        if unknown:
+            warnings.warn(
+                f"{env} names {', '.join(map(repr, unknown))}, which no installed plugin is called "
+                f"(installed: {', '.join(sorted(known)) or 'none'}); check the spelling",
+                PluginWarning,
+                stacklevel=3,
+            )
 
 
 _lock = threading.Lock()

@@ -41,14 +41,15 @@ def make_model(
 ) -> Model:
     """Build a validated :class:`Model` from ONNX helper objects and numpy initializers
     (``normalize=False``: as written, e.g. to keep a BatchNormalization a test is about)."""
-    from modelpress.adapters.onnx import load_onnx
+    # NOTE: the ONNX adapter through the registry, not modelpress.adapters (layer contract)
+    from modelpress.loading import load
 
     graph = helper.make_graph(
         nodes, name, inputs, outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
     )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="modelpress.testing")
     proto.ir_version = 8
-    return load_onnx(proto, normalize=normalize)
+    return load(proto, framework="onnx", normalize=normalize, show_progress=False)
 
 
 def tiny_mlp(in_features: int = 8, hidden: int = 16, classes: int = 4, *, seed: int = 0) -> Model:

@@ -26,8 +26,16 @@ def pytest_addoption(parser):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_registry():
-    """Each test sees the plugins installed at that moment (and no state from other tests)."""
+def _fresh_registry(monkeypatch):
+    """Each test sees the plugins installed at that moment (and no state from other tests).
+
+    The suite is hermetic: third-party plugins installed in the environment are not loaded
+    (autoload off, strictness and allow/block lists cleared); tests of plugins opt in with the
+    ``example_plugin`` fixture or by deleting the variable.
+    """
+    monkeypatch.setenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", "1")
+    for name in ("MODELPRESS_PLUGINS", "MODELPRESS_BLOCK_PLUGINS", "MODELPRESS_STRICT_PLUGINS"):
+        monkeypatch.delenv(name, raising=False)
     modelpress.reset_registry()
     yield
     modelpress.reset_registry()
@@ -106,6 +114,7 @@ def example_plugin_site(tmp_path_factory) -> Path:
 @pytest.fixture
 def example_plugin(example_plugin_site, monkeypatch) -> Path:
     """The example plugin importable and discoverable in this process (and subprocesses via PYTHONPATH)."""
+    monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", raising=False)  # this test opts in to third-party plugins
     monkeypatch.syspath_prepend(str(example_plugin_site))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(example_plugin_site), os.environ.get("PYTHONPATH")])))
     modelpress.reset_registry()

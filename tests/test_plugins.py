@@ -175,8 +175,8 @@ def test_observer_hooks_see_each_pass():
 
 
 def test_method_spec_is_checked():
-    with pytest.raises(ValueError, match="kind must be one of"):
-        Method(name="x", kind="compress", apply=scale_weights)
+    with pytest.raises(ValueError, match="kind 'Low Rank' is not a valid kind name"):
+        Method(name="x", kind="Low Rank", apply=scale_weights)
     with pytest.raises(TypeError, match="Options subclass"):
         Method(name="x", kind="prune", apply=scale_weights, options=dict)  # type: ignore[arg-type]
 
@@ -196,21 +196,30 @@ def test_autoload_switches(example_plugin, monkeypatch):
     assert "autoload disabled" in registry.skipped["fp16-weights"]
     monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD")
     monkeypatch.setenv("MODELPRESS_PLUGINS", "something-else")
-    assert "fp16-weights" not in modelpress.create_registry().plugins
+    with pytest.warns(modelpress.PluginWarning, match="MODELPRESS_PLUGINS names 'something-else'"):
+        assert "fp16-weights" not in modelpress.create_registry().plugins
     monkeypatch.setenv("MODELPRESS_PLUGINS", "modelpress-fp16-weights")  # distribution name works too
     assert "fp16-weights" in modelpress.create_registry().plugins
     monkeypatch.setenv("MODELPRESS_BLOCK_PLUGINS", "fp16-weights")
     assert "fp16-weights" not in modelpress.create_registry().plugins
 
 
-def test_a_plugin_that_fails_to_import_is_named(tmp_path, monkeypatch):
+def test_a_plugin_that_fails_to_import_is_skipped_and_named(tmp_path, monkeypatch):
     """A broken third-party distribution: its entry point names a module that raises on import."""
-    dist = tmp_path / "broken_plugin-0.1.dist-info"
-    dist.mkdir()
-    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
-    (dist / "entry_points.txt").write_text("[modelpress]\nbroken = broken_plugin_module\n")
-    (tmp_path / "broken_plugin_module.py").write_text("raise RuntimeError('this plugin is broken')\n")
+    _broken_dist(tmp_path, "broken", "raise RuntimeError('this plugin is broken')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(modelpress.PluginError, match=r"plugin 'broken' from broken-plugin 0\.1 failed to load .*RuntimeError: this plugin is broken.*MODELPRESS_BLOCK_PLUGINS=broken"):
-        modelpress.create_registry()
-    assert "broken" not in modelpress.create_registry(block=["broken"]).plugins
+    monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD")
+    with pytest.warns(modelpress.PluginWarning, match=r"plugin 'broken' failed to load .*broken-plugin 0\.1.*RuntimeError: this plugin is broken.*MODELPRESS_BLOCK_PLUGINS=broken"):
+        registry = modelpress.create_registry()
+    assert "broken" not in registry.plugins and "onnx" in registry.plugins
+    assert "RuntimeError: this plugin is broken" in registry.failed["broken"]
+    assert "broken" not in modelpress.create_registry(block=["broken"]).failed
+
+
+def _broken_dist(site, name, source):
+    module = f"{name}_plugin_module"
+    dist = site / f"{name}_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text(f"[modelpress]\n{name} = {module}\n")
+    (site / f"{module}.py").write_text(source)

@@ -282,8 +282,8 @@ def template_from_spec(spec: PassSpec, index: int, registry: Registry) -> PassTe
     for key, value in spec.options.items():
         options[key] = parse_param(value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}") if is_search(value) else value
     fixed = {k: v for k, v in options.items() if not isinstance(v, (Choice, Range, Fallback))}
-    if spec.kind == "distill":
-        fixed.pop("teacher", None)
+    if method.uses_reference:
+        fixed.pop(method.reference_option, None)
     try:
         method.validate_options(fixed)
     except OptionsError as exc:

@@ -24,7 +24,7 @@ from pydantic import Field
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError
 from modelpress.hookspecs import hookimpl
-from modelpress.methods import Method, Options, PassContext
+from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
 from modelpress.model import Model
 
 __all__ = ["KDOptions", "kd", "kd_loss"]
@@ -78,15 +78,15 @@ def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassC
 
 def _student(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     if opts.student == "given":
-        student = ctx.extra.get("student")
+        student = ctx.extra.get("student", ctx.extra.get("current"))
         if not isinstance(student, Model):
             raise OptionsError("kd: student='given' but no student model was passed (use modelpress.distill(teacher, student=...))")
         return student
     if opts.width >= 1:
         return teacher.clone()
-    from modelpress.pipeline import apply
+    from modelpress import apply
 
-    return apply(teacher, "channel", kind="prune", ratio=1 - opts.width, show_progress=False)
+    return apply(teacher, "channel", kind="prune", ratio=1 - opts.width, show_progress=False, registry=ctx.registry)
 
 
 def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
@@ -178,6 +178,12 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
 
 
 @hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "distill"))
+
+
+@hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False,
+    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"},
+                    uses_reference=True, reference_option="teacher", reference_options={"student": "given"},
                     summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features"))

@@ -28,7 +28,7 @@ from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError
 from modelpress.hookspecs import hookimpl
 from modelpress.layers import WeightedLayer
-from modelpress.methods import Method, Options, PassContext
+from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.prune.channels import ChannelSpace, find_spaces, remove_channels
 from modelpress.plugins.prune.importance import CRITERIA, channel_scores
@@ -164,7 +164,8 @@ def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:
 
 def _rebuild(model: Model) -> Model:
     """Re-validate after shapes changed: clear intermediate shapes and rerun shape inference."""
-    from modelpress.adapters.onnx import load_onnx
+    # NOTE: the public API (the ONNX adapter through the registry), not modelpress.adapters
+    from modelpress import load
 
     keep = {id(v) for v in [*model.graph.inputs, *model.graph.outputs]}
     for node in model.graph:
@@ -174,7 +175,7 @@ def _rebuild(model: Model) -> Model:
     external = {name: v.const_value for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
     with model.inlined():  # NOTE: the checker cannot follow external data in an in-memory proto
         proto = model.to_proto()
-    rebuilt = load_onnx(proto, normalize=False)  # NOTE: re-validation, not an import
+    rebuilt = load(proto, framework="onnx", normalize=False, show_progress=False)  # NOTE: re-validation, not an import
     del proto
     for name, value in rebuilt.ir.graph.initializers.items():
         if name in external and value.const_value is not None and value.const_value.shape == external[name].shape:
@@ -340,10 +341,19 @@ def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
 
 
 @hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "prune"))
+
+
+# Fine-tuning trains: with fine_tune_epochs set, a method needs training data.
+_FINE_TUNE = {"fine_tune_epochs": "train"}
+
+
+@hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False,
+    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="unstructured: zero the smallest weights (masked sparsity)"))
-    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False,
+    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="semi-structured N:M sparsity along the input dimension (2:4 default)"))
-    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False,
+    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE,
                     summary="structured: remove channels and their consumers' inputs (smaller, faster model)"))

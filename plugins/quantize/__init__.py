@@ -7,7 +7,7 @@ from functools import partial
 from pydantic import Field
 
 from modelpress.hookspecs import hookimpl
-from modelpress.methods import Method
+from modelpress.methods import BUILTIN_KINDS, Method
 from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
@@ -21,9 +21,15 @@ class Int8WeightOnlyOptions(WeightOnlyOptions):
 
 
 @hookimpl
+def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
+    register(next(k for k in BUILTIN_KINDS if k.name == "quantize"))
+
+
+@hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
         name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False,
+        requires={"calibration"},
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
     ))
     register(Method(

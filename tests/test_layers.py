@@ -1,0 +1,48 @@
+"""The one-way dependency contract (pyproject.toml [tool.importlinter]) holds, and it really bites."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytest.importorskip("importlinter", reason="needs import-linter (the test extra)")
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("lint_imports", ROOT / ".ci" / "lint_imports.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
+    code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
+    env = {**os.environ, "PYTHONPATH": str(tree)}
+    return subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml"), "--no-cache"],
+                          cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_the_layer_contracts_are_kept():
+    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "lint_imports.py")], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3 kept, 0 broken" in result.stdout
+
+
+def test_an_upward_import_and_a_plugin_reaching_into_adapters_are_caught(tmp_path):
+    package = _script().assemble(tmp_path)
+    with (package / "model.py").open("a") as f:
+        f.write("\n\ndef _bad() -> None:\n    from modelpress import compress  # IR -> application\n")
+    with (package / "plugins" / "distill" / "__init__.py").open("a") as f:
+        f.write("\n\ndef _bad2() -> None:\n    from modelpress.adapters import onnx  # plugin -> adapter\n")
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "2 broken" in result.stdout
+    assert "modelpress.model -> modelpress.compress" in result.stdout
+    assert "modelpress.plugins.distill -> modelpress.adapters.onnx" in result.stdout

@@ -38,9 +38,10 @@ import pydantic
 from pydantic import Field
 
 from modelpress.errors import DataError, OptionsError, UnknownMethodError, one_line
+from modelpress.methods import Method
 from modelpress.registry import Registry, get_registry
 
-__all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable"]
+__all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable", "validate_pass_options"]
 
 METRICS = ("accuracy", "agreement", "cosine", "mse")
 
@@ -128,12 +129,7 @@ class Recipe(_Strict):
                     f"recipe pass {i} ({spec.kind}/{spec.method}): option(s) {', '.join(searched)} are search ranges; "
                     "run `modelpress tune MODEL --recipe ...` to search them, or give single values to compress"
                 )
-            if method.uses_reference:
-                options.pop(method.reference_option, None)
-            try:
-                method.validate_options(options)
-            except OptionsError as exc:
-                raise OptionsError(f"recipe pass {i}: {exc}") from None
+            validate_pass_options(method, options, i)
             # NOTE: what a pass needs is declared by its method (requires / requires_if), not known here
             for need in sorted(method.data_needs(spec.options)):
                 if not getattr(self.data, need, None):
@@ -160,6 +156,20 @@ def resolve_callable(path: str) -> Any:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise OptionsError(f"cannot import {path!r}: {exc}") from None
+
+
+def validate_pass_options(method: Method, options: dict[str, Any], index: int) -> dict[str, Any]:
+    """Validate recipe pass ``index``'s (fixed) options against ``method``'s schema and return what
+    was checked: the options less the one that names the reference model (a recipe's source,
+    filled in at run time)."""
+    options = dict(options)
+    if method.uses_reference:
+        options.pop(method.reference_option, None)
+    try:
+        method.validate_options(options)
+    except OptionsError as exc:
+        raise OptionsError(f"recipe pass {index}: {exc}") from None
+    return options
 
 
 def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, allow_imports: bool = True) -> Recipe:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from modelpress.errors import OptionsError
-from modelpress.recipe import PassSpec
+from modelpress.recipe import PassSpec, validate_pass_options
 
 if TYPE_CHECKING:
     from modelpress.methods import Method
@@ -281,13 +281,7 @@ def template_from_spec(spec: PassSpec, index: int, registry: Registry) -> PassTe
     options: dict[str, Any] = {}
     for key, value in spec.options.items():
         options[key] = parse_param(value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}") if is_search(value) else value
-    fixed = {k: v for k, v in options.items() if not isinstance(v, (Choice, Range, Fallback))}
-    if method.uses_reference:
-        fixed.pop(method.reference_option, None)
-    try:
-        method.validate_options(fixed)
-    except OptionsError as exc:
-        raise OptionsError(f"recipe pass {index}: {exc}") from None
+    fixed = validate_pass_options(method, {k: v for k, v in options.items() if not isinstance(v, (Choice, Range, Fallback))}, index)
     for key, value in options.items():
         if isinstance(value, (Choice, Range, Fallback)):
             _check_values(method, fixed, key, value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}")

@@ -18,6 +18,7 @@ from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.quantize.affine import QRange, quantize, symmetric_params
 from modelpress.plugins.quantize.embeddings import quantize_tables
+from modelpress.plugins.quantize.emit import replace_matmul
 
 __all__ = ["Int8DynamicOptions", "int8_dynamic"]
 
@@ -98,12 +99,5 @@ def _quantize_layer(model: Model, layer: WeightedLayer, opts: Int8DynamicOptions
     cast = model.new_node("Cast", [mm.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}_Cast", outputs=[(f"{name}_Cast_output", ir.DataType.FLOAT)])
     combined = model.new_node("Mul", [xs, ws_v], name=f"{name}_scale_Mul", outputs=[(f"{name}_scale_Mul_output", ir.DataType.FLOAT)])
     mul = model.new_node("Mul", [cast.outputs[0], combined.outputs[0]], name=f"{name}_Mul", outputs=[(f"{name}_Mul_output", ir.DataType.FLOAT)])
-    new_nodes = [dq, mm, cast, combined, mul]
-    result = mul.outputs[0]
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None:
-        add = model.new_node("Add", [result, bias], name=f"{name}_bias_Add", outputs=[(f"{name}_bias_Add_output", ir.DataType.FLOAT)])
-        new_nodes.append(add)
-        result = add.outputs[0]
-    model.replace_node(node, new_nodes, result)
+    replace_matmul(model, node, [dq, mm, cast, combined, mul], mul.outputs[0], name)
     return 1

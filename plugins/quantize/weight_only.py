@@ -33,6 +33,7 @@ from modelpress.model import Model
 from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.embeddings import quantize_tables
+from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
@@ -404,13 +405,7 @@ def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnl
             shared[key] = [_emit_qdq(model, layer, qw, opts, node)]
         new = model.new_node("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul",
                              outputs=[(f"{layer.name}_MatMul_output", ir.DataType.FLOAT)])
-    replacement, out = [new], new.outputs[0]
-    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
-    if bias is not None:
-        add = model.new_node("Add", [out, bias], name=f"{layer.name}_bias_Add", outputs=[(f"{layer.name}_bias_Add_output", ir.DataType.FLOAT)])
-        replacement.append(add)
-        out = add.outputs[0]
-    model.replace_node(node, replacement, out)
+    replace_matmul(model, node, [new], new.outputs[0], layer.name)
 
 
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:

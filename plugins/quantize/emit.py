@@ -1,0 +1,20 @@
+"""Emitting quantized replacements of MatMul/Gemm nodes (shared by int8-dynamic and weight-only)."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from modelpress.model import Model
+
+__all__ = ["replace_matmul"]
+
+
+def replace_matmul(model: Model, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value, name: str) -> None:
+    """Swap MatMul/Gemm ``node`` for ``new_nodes`` whose ``output`` computes ``x @ W``; a Gemm's
+    bias (its third input) is added after them, so the replacement computes what the node did."""
+    bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
+    if bias is not None:
+        add = model.new_node("Add", [output, bias], name=f"{name}_bias_Add", outputs=[(f"{name}_bias_Add_output", ir.DataType.FLOAT)])
+        new_nodes = [*new_nodes, add]
+        output = add.outputs[0]
+    model.replace_node(node, new_nodes, output)

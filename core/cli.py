@@ -120,8 +120,8 @@ def _list_options(schema: Any, options: dict[str, Any]) -> dict[str, Any]:
         if field is None or not isinstance(value, (str, int, float)) or isinstance(value, bool):
             continue
         annotation = field.annotation
-        kinds = [annotation, *typing.get_args(annotation)] if typing.get_origin(annotation) is not list else [annotation]
-        if any(typing.get_origin(k) in (list, tuple, set) for k in kinds):
+        # NOTE: the field itself (list[str]) or one arm of a union (list[str] | None)
+        if any(typing.get_origin(k) in (list, tuple, set) for k in (annotation, *typing.get_args(annotation))):
             options[name] = [_option_value(part.strip()) for part in str(value).split(",") if part.strip()] if isinstance(value, str) else [value]
     return options
 

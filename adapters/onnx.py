@@ -111,6 +111,7 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
         check_external_data(proto, path.parent, label)
     if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
         raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+    declared = _declared_value_info(proto.graph)
     check_text(proto, label)
     check_attributes(proto.graph, label)
     densify_sparse(proto, label)
@@ -134,4 +135,15 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
             importer="modelpress.adapters.onnx",
             extra={"normalize": normalised},
         )
-    return Model(model, provenance=provenance, path=path)
+    return Model(model, provenance=provenance, path=path, declared_value_info=declared)
+
+
+def _declared_value_info(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names with a ``value_info`` in the file itself (this graph and its subgraphs), before the
+    shape inference of the check adds the rest: only these are written back out."""
+    names = {info.name for info in graph.value_info}
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                names |= _declared_value_info(sub)
+    return frozenset(names)

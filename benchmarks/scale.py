@@ -155,14 +155,62 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
 
 
 # -- runs (each in a child process) ---------------------------------------------------------------
+_BOOTSTRAP = r"""
+import importlib.abc, importlib.util, os, sys, tempfile, tomllib
+def _use_source_tree(root):
+    # modelpress is not installed here: import it from the source tree (core/ is `modelpress`,
+    # adapters/ and plugins/ its subpackages, as pyproject.toml maps them) and give importlib.metadata
+    # a dist-info with the built-in entry points, so the plugins register as they do when installed.
+    with open(os.path.join(root, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)
+    dirs = {k: os.path.join(root, v) for k, v in project["tool"]["setuptools"]["package-dir"].items()}
+    class Finder(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name in dirs:
+                return importlib.util.spec_from_file_location(name, os.path.join(dirs[name], "__init__.py"),
+                                                              submodule_search_locations=[dirs[name]])
+            return None
+    sys.meta_path.insert(0, Finder())
+    info = os.path.join(tempfile.mkdtemp(prefix="modelpress-bench-"), "modelpress-0.0.0+source.dist-info")
+    os.makedirs(info)
+    with open(os.path.join(info, "METADATA"), "w") as f:
+        f.write("Metadata-Version: 2.1\nName: modelpress\nVersion: 0.0.0+source\n")
+    with open(os.path.join(info, "entry_points.txt"), "w") as f:
+        f.write("[modelpress]\n" + "".join(f"{k} = {v}\n" for k, v in project["project"]["entry-points"]["modelpress"].items()))
+    sys.path.append(os.path.dirname(info))
+def _use_wheels(root):
+    # NOTE: a machine without network and without pydantic (a core dependency): the wheels in
+    # benchmarks/wheels/ (pydantic and its dependencies for CPython 3.12 on x86-64 Linux) are unpacked
+    # into a temporary folder put first on sys.path.
+    import glob, zipfile
+    site = tempfile.mkdtemp(prefix="modelpress-bench-site-")
+    for wheel in glob.glob(os.path.join(root, "benchmarks", "wheels", "*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            z.extractall(site)
+    sys.path.insert(0, site)
+    for name in [m for m in sys.modules if m.split(".")[0] in ("pydantic", "pydantic_core", "typing_extensions", "annotated_types", "typing_inspection")]:
+        del sys.modules[name]
+for attempt in range(3):
+    try:
+        import modelpress
+        break
+    except ImportError as exc:
+        if exc.name == "modelpress" and attempt == 0:
+            _use_source_tree(ROOT)
+        elif exc.name and exc.name.split(".")[0] in ("pydantic", "pydantic_core", "annotated_types", "typing_inspection") and attempt < 2:
+            _use_wheels(ROOT)
+        else:
+            raise SystemExit(f"modelpress needs {exc.name!r}, which is not installed ({exc})")
+"""
+
 _CHILD = r"""
-import json, sys, time
+import json, os, sys, time
 spec = json.loads(sys.argv[1])
-sys.path.insert(0, spec["root"])
+ROOT = spec["root"]
 start = time.perf_counter()
 figures = {}
 if spec["tool"] == "modelpress":
-    import modelpress
+    exec(spec["bootstrap"])
     model = modelpress.load(spec["source"], show_progress=False)
     t = time.perf_counter()
     result = modelpress.quantize(model, spec["method"], show_progress=False, **spec["options"])
@@ -180,22 +228,24 @@ else:
     from onnxruntime.quantization import QuantType, quantize_dynamic
     quantize_dynamic(spec["source"], spec["output"], weight_type=QuantType.QInt8, use_external_data_format=True)
 figures["wall_s"] = time.perf_counter() - start
+try:  # NOTE: VmHWM is this process's own high-water mark; ru_maxrss also counts the parent it was forked from
+    with open("/proc/self/status") as f:
+        figures["peak_rss"] = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM:"))
+except (OSError, StopIteration):
+    import resource
+    figures["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
 print("FIGURES " + json.dumps(figures))
 """
 
 
 def run_child(spec: dict) -> dict:
     env = {**os.environ, "MODELPRESS_PROGRESS": "0"}
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, json.dumps(spec)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    _, status, usage = os.wait4(proc.pid, 0)
-    out, err = proc.stdout.read(), proc.stderr.read()  # type: ignore[union-attr]
-    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({**spec, "bootstrap": _BOOTSTRAP})],
+                          capture_output=True, text=True, env=env)
     if proc.returncode != 0:
-        return {"error": (err.strip().splitlines() or ["?"])[-1][:200]}
-    line = next(x for x in out.splitlines() if x.startswith("FIGURES "))
-    figures = json.loads(line[len("FIGURES "):])
-    figures["peak_rss"] = usage.ru_maxrss * 1024
-    return figures
+        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("FIGURES "))
+    return json.loads(line[len("FIGURES "):])
 
 
 def _size(path: Path) -> int:
@@ -222,31 +272,44 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+_MATMUL_ONLY = {"op_types": ["MatMul", "Gemm"]}  # NOTE: what ORT's MatMulNBitsQuantizer quantizes (not the embedding)
+VARIANTS: list[tuple[str, dict]] = [  # type: ignore[type-arg]
+    ("modelpress int4 b128", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY}}),
+    ("modelpress int4 b128 --no-verify", {"tool": "modelpress", "method": "int4-weight-only", "verify": False,
+                                          "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY}}),
+    ("ORT MatMulNBits b128", {"tool": "ort-nbits", "block_size": 128}),
+    ("modelpress int4 b32", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 32, "format": "matmulnbits", **_MATMUL_ONLY}}),
+    ("ORT MatMulNBits b32", {"tool": "ort-nbits", "block_size": 32}),
+    ("modelpress int4 b128 + embedding", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits"}}),
+    ("modelpress int8-dynamic", {"tool": "modelpress", "method": "int8-dynamic", "options": {}}),
+    ("ORT quantize_dynamic", {"tool": "ort-dynamic"}),
+]
+TWINS = {"modelpress int4 b128": "ORT MatMulNBits b128", "modelpress int4 b128 --no-verify": "ORT MatMulNBits b128",
+         "modelpress int4 b32": "ORT MatMulNBits b32", "modelpress int8-dynamic": "ORT quantize_dynamic"}
+SAME_WORK = {"modelpress int4 b128", "modelpress int4 b128 --no-verify", "modelpress int4 b32"}  # logits comparable with the twin's
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
-    parser.add_argument("--cache", default=str(Path.home() / ".cache" / "modelpress" / "scale"))
-    parser.add_argument("--work", default=None, help="folder for the outputs (default: a temp folder, removed afterwards)")
+    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "modelpress" / "scale"),
+                        help="folder for the generated model (<workdir>/<size>/, kept and reused) and the outputs "
+                             "(<workdir>/outputs-<size>/, removed afterwards unless --keep)")
+    parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     parser.add_argument("--only", nargs="*", help="run only these variants (labels as printed)")
+    parser.add_argument("--skip", nargs="*", default=[], help="skip these variants (labels as printed)")
+    parser.add_argument("--skip-ort-dynamic", action="store_true",
+                        help="skip ORT's quantize_dynamic (it needs about 3x the model size in memory: ~15 GB at 1.2b)")
     args = parser.parse_args()
 
     cfg = SIZES[args.size]
-    source = build_decoder(Path(args.cache) / args.size, cfg)
+    workdir = Path(args.workdir).expanduser().resolve()
+    source = build_decoder(workdir / args.size, cfg)
     model_bytes = _size(source)
-    work = Path(args.work) if args.work else Path(f"/tmp/modelpress-scale-{args.size}-{os.getpid()}")
+    work = workdir / f"outputs-{args.size}"
     work.mkdir(parents=True, exist_ok=True)
-    variants = [
-        ("modelpress int4 b128", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits"}}),
-        ("modelpress int4 b128 --no-verify", {"tool": "modelpress", "method": "int4-weight-only", "verify": False,
-                                              "options": {"block_size": 128, "format": "matmulnbits"}}),
-        ("ORT MatMulNBits b128", {"tool": "ort-nbits", "block_size": 128}),
-        ("modelpress int4 b32", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 32, "format": "matmulnbits"}}),
-        ("ORT MatMulNBits b32", {"tool": "ort-nbits", "block_size": 32}),
-        ("modelpress int8-dynamic", {"tool": "modelpress", "method": "int8-dynamic", "options": {}}),
-        ("ORT quantize_dynamic", {"tool": "ort-dynamic"}),
-    ]
-    if args.only:
-        variants = [v for v in variants if v[0] in args.only]
+    skip = set(args.skip) | ({"ORT quantize_dynamic"} if args.skip_ort_dynamic else set())
+    variants = [v for v in VARIANTS if (not args.only or v[0] in args.only) and v[0] not in skip]
     tokens = _tokens(cfg["vocab"])
     try:
         session, load_s = _session(source)
@@ -254,21 +317,23 @@ def main() -> None:
         del session
         rows = [("fp32 source", {"wall_s": 0.0, "peak_rss": None}, model_bytes, load_s, reference)]
         for label, spec in variants:
-            out = work / (label.replace(" ", "_") + ".onnx")
+            out = work / (label.replace(" ", "_").replace("+", "plus").replace("--", "") + ".onnx")
             print(f"running {label} ...", file=sys.stderr, flush=True)
             figures = run_child({**spec, "root": str(ROOT), "source": str(source), "output": str(out)})
             if "error" in figures:
+                print(f"  {label} failed: {figures['error']}", file=sys.stderr, flush=True)
                 rows.append((label, figures, 0, None, None))
                 continue
             session, load_s = _session(out)
             logits = session.run(None, {"input_ids": tokens})[0]
             del session
             rows.append((label, figures, _size(out), load_s, logits))
-            for p in work.glob(out.name + "*"):
-                p.unlink()
+            if not args.keep:
+                for p in work.glob(out.name + "*"):
+                    p.unlink()
         _print(rows, model_bytes, args.size, cfg)
     finally:
-        if not args.work:
+        if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
@@ -285,8 +350,7 @@ def _print(rows: list, model_bytes: int, size: str, cfg: dict[str, int]) -> None
             print(f"| {label:32} | failed: {figures['error']} |")
             continue
         rss = figures.get("peak_rss")
-        twin = {"modelpress int4 b128": "ORT MatMulNBits b128", "modelpress int4 b128 --no-verify": "ORT MatMulNBits b128",
-                "modelpress int4 b32": "ORT MatMulNBits b32"}.get(label)
+        twin = TWINS.get(label) if label in SAME_WORK else None
         same = "-" if twin is None or logits.get(twin) is None else ("yes" if np.array_equal(out, logits[twin]) else f"no ({np.abs(out - logits[twin]).max():.2g})")
         print(
             f"| {label:32} | {figures['wall_s']:6.1f} | {figures.get('pass_s') or 0:6.1f} | {figures.get('verify_s') or 0:8.1f} | "
@@ -294,9 +358,7 @@ def _print(rows: list, model_bytes: int, size: str, cfg: dict[str, int]) -> None
             f"{_cosine(out, reference):14.6f} | {float(np.abs(out - reference).max()):11.4f} | {same:12} | {load_s:10.2f} |"
         )
     ratios = []
-    for mp_label, ort_label in (("modelpress int4 b128", "ORT MatMulNBits b128"), ("modelpress int4 b128 --no-verify", "ORT MatMulNBits b128"),
-                                ("modelpress int4 b32", "ORT MatMulNBits b32"),
-                                ("modelpress int8-dynamic", "ORT quantize_dynamic")):
+    for mp_label, ort_label in TWINS.items():
         a = next((r for r in rows if r[0] == mp_label and "error" not in r[1]), None)
         b = next((r for r in rows if r[0] == ort_label and "error" not in r[1]), None)
         if a and b:

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -104,18 +105,27 @@ def verify(
     """
     reference = reference or model.reference or model
     feeds = _feeds(model, sample)
-    actual = run(session or make_session(model), feeds)
+    actual = run(session or make_session(model, prepack=False), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
-    return _against_reference(model, reference, feeds, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
+    expected = actual if reference is model else _reference_outputs(reference, feeds)
+    return _against_reference(model, reference, expected, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
                               criteria=criteria, accept_loss=accept_loss)
 
 
+def _reference_outputs(reference: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The reference's outputs, its session (its weights read from their own files) freed at once."""
+    session = make_session(reference, prepack=False)
+    try:
+        return run(session, feeds)
+    finally:
+        del session
+
+
 def _against_reference(
-    model: Model, reference: Model, feeds: Mapping[str, np.ndarray], actual: list[np.ndarray], *,
+    model: Model, reference: Model, expected: list[np.ndarray], actual: list[np.ndarray], *,
     atol: float | None, min_cosine: float | None, min_agreement: float | None, criteria: Mapping[str, str] | None = None,
     accept_loss: bool = False,
 ) -> Comparison:
-    expected = actual if reference is model else run(make_session(reference), feeds)
     judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=criteria)
     comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
     if atol is None and min_cosine is None and min_agreement is None and reference is not model and not accept_loss:
@@ -132,6 +142,53 @@ def _against_reference(
     if failures:
         raise VerificationError(f"model {model.name!r} fails verification against its reference: {'; '.join(failures)}")
     return comparison
+
+
+def _output_session(staged: Path, target: Path) -> Any:
+    try:
+        return make_session(staged, prepack=False)
+    except InvalidModelError as exc:
+        raise ExportError(f"{exc} — nothing was written to {str(target)!r}") from exc.__cause__
+
+
+def _raw_tensor(external: ir.ExternalTensor) -> ir.TensorProtocol:
+    """An in-memory copy of an external tensor, stored as before (4-bit types packed two per byte)."""
+    raw = np.frombuffer(external.tobytes(), np.uint8)
+    external.release()
+    if external.dtype.bitwidth == 4:
+        return ir.PackedTensor(raw, external.dtype, shape=external.shape, name=external.name)
+    array = raw.view(external.dtype.numpy()).reshape(external.shape.numpy())
+    return ir.Tensor(array, dtype=external.dtype, name=external.name)
+
+
+@contextlib.contextmanager
+def _held_on_disk(model: Model, staged: Path | None, *others: Model | None) -> Iterator[None]:
+    """For the block's duration, the model's big in-memory initializers are the copies just
+    written to ``staged``'s external data (read lazily), their arrays freed; afterwards they are
+    read back into memory, so the model is as it was. ``staged=None``: nothing to do."""
+    if staged is None:
+        yield
+        return
+    written = {name: v.const_value for name, v in ir.load(staged).graph.initializers.items()
+               if isinstance(v.const_value, ir.ExternalTensor)}
+    # NOTE: a tensor the model shares with another (its reference: weights no pass touched) stays:
+    # reading it back would leave two copies where there was one.
+    shared = {id(v.const_value) for m in (model.reference, *others) if m is not None and m is not model
+              for v in m.ir.graph.initializers.values()}
+    swapped: list[tuple[ir.Value, ir.ExternalTensor]] = []
+    for name, value in model.ir.graph.initializers.items():
+        tensor, external = value.const_value, written.get(name)
+        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or external is None or tensor.nbytes <= 1024 or id(tensor) in shared
+                or external.dtype != tensor.dtype or external.nbytes != tensor.nbytes):
+            continue
+        value.const_value = external
+        swapped.append((value, external))
+    tensor = None  # NOTE: the last array swapped out is freed too
+    try:
+        yield
+    finally:
+        for value, external in swapped:
+            value.const_value = _raw_tensor(external)
 
 
 _verify = verify  # NOTE: export's `verify` flag shadows the function inside export().
@@ -218,31 +275,31 @@ def export(
         except (OSError, ValueError) as exc:
             raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
 
-        try:
-            session = make_session(staged)
-        except InvalidModelError as exc:
-            raise ExportError(f"{exc} — nothing was written to {str(target)!r}") from exc.__cause__
-
         comparison = None
-        if verify:
-            start = time.perf_counter()
-            try:
-                with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
-                    feeds = _feeds(model, sample)
-                    actual = run(session, feeds)
-                    del session  # NOTE: free the output's session before the reference's is built
-                    advance(1)
-                    comparison = _against_reference(
-                        model, reference or model.reference or model, feeds, actual,
-                        atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria,
-                        accept_loss=accept_loss,
-                    )
-                    advance(1)
-            except ModelpressError as exc:
-                raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
-            seconds = round(time.perf_counter() - start, 3)
-        else:
-            del session
+        start = time.perf_counter()
+        # NOTE: while ORT holds a session, the weights this process holds for the model (a pass's
+        # results) are read back lazily from the file just written; one big thing at a time.
+        with _held_on_disk(model, staged if use_external else None, reference):
+            _output_session(staged, target)  # NOTE: ORT must load what was written (built in ms: no pre-packing)
+            if verify:
+                try:
+                    with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
+                        feeds = _feeds(model, sample)
+                        chosen = reference or model.reference or model
+                        expected = None if chosen is model else _reference_outputs(chosen, feeds)
+                        advance(1)
+                        actual = run(_output_session(staged, target), feeds)
+                        comparison = _against_reference(
+                            model, chosen, actual if expected is None else expected, actual,
+                            atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria,
+                            accept_loss=accept_loss,
+                        )
+                        advance(1)
+                except ExportError:
+                    raise
+                except ModelpressError as exc:
+                    raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
+                seconds = round(time.perf_counter() - start, 3)
 
         data_target = None
         if use_external and (tmp / data_name).exists():

@@ -58,9 +58,13 @@ class Model:
         path: the file it was loaded from, if any (for messages).
         reference: the model as it was imported, before any pass; exports are verified
             against it. ``None`` on a freshly imported model (it is its own reference).
+        declared_value_info: names of the intermediate values whose type/shape the source file
+            declared (``value_info``), when the adapter knows them. The shapes the importer
+            inferred for the others serve the passes but are not written out (see
+            :meth:`stamped`); ``None`` (unknown): everything known is written.
     """
 
-    __slots__ = ("_names", "ir", "path", "provenance", "reference")
+    __slots__ = ("_declared", "_names", "ir", "path", "provenance", "reference")
 
     def __init__(
         self,
@@ -69,8 +73,10 @@ class Model:
         provenance: Provenance | None = None,
         path: str | os.PathLike[str] | None = None,
         reference: Model | None = None,
+        declared_value_info: frozenset[str] | None = None,
     ) -> None:
         self.ir = ir_model
+        self._declared = declared_value_info
         if provenance is None:
             provenance = _stored_provenance(ir_model, path)
         self.provenance = provenance
@@ -347,12 +353,45 @@ class Model:
             provenance=self.provenance,
             path=self.path,
             reference=self.reference if self.reference is not None else self,
+            declared_value_info=self._declared,
         )
+
+    @property
+    def declared_value_info(self) -> frozenset[str] | None:
+        """See the class docstring; a model derived from an import inherits its reference's."""
+        if self._declared is None and self.reference is not None:
+            return self.reference.declared_value_info
+        return self._declared
+
+    @contextlib.contextmanager
+    def without_inferred_shapes(self) -> Iterator[ir.Model]:
+        """The onnx_ir model with the type/shape of intermediate values hidden unless the source
+        declared them, for as long as it is serialised (restored afterwards).
+
+        NOTE: intermediate ``value_info`` that the importer's shape inference wrote makes ONNX
+        Runtime choose other kernels (the logits of an int4 model differed from ORT's own tool's
+        by ~1e-5 although the weights were bit-identical); ORT infers these shapes itself."""
+        declared = self.declared_value_info
+        hidden: list[tuple[ir.Value, Any, Any]] = []
+        if declared is not None:
+            for graph in self.ir.graphs():
+                for node in graph:
+                    for out in node.outputs:
+                        if (out.type is None and out.shape is None) or out.name in declared or out.is_graph_output():
+                            continue
+                        hidden.append((out, out.type, out.shape))
+                        out.type, out.shape = None, None
+        try:
+            yield self.ir
+        finally:
+            for value, type_, shape in hidden:
+                value.type, value.shape = type_, shape
 
     @contextlib.contextmanager
     def stamped(self) -> Iterator[ir.Model]:
-        """The onnx_ir model with provenance in ``metadata_props``, for as long as it is serialised;
-        the metadata is restored afterwards, so writing a model does not change it."""
+        """The onnx_ir model as it is written: provenance in ``metadata_props`` and no inferred
+        intermediate shapes (:meth:`without_inferred_shapes`), for as long as it is serialised;
+        both are restored afterwards, so writing a model does not change it."""
         from modelpress.provenance import modelpress_version
 
         metadata = self.ir.metadata_props
@@ -360,7 +399,8 @@ class Model:
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
         metadata["modelpress.version"] = modelpress_version()
         try:
-            yield self.ir
+            with self.without_inferred_shapes():
+                yield self.ir
         finally:
             metadata.clear()
             metadata.update(saved)

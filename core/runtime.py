@@ -21,9 +21,13 @@ __all__ = ["INLINE_LIMIT_BYTES", "external_folders", "in_memory_bytes", "make_se
 INLINE_LIMIT_BYTES = 1_500_000_000
 
 
-def _options(threads: int | None) -> ort.SessionOptions:
+def _options(threads: int | None, prepack: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not prepack:
+        # NOTE: no MLAS pre-packing: the session is built in milliseconds and reads its external
+        # weights from ORT's memory map instead of packed copies; right for a few runs (verification).
+        opts.add_session_config_entry("session.disable_prepacking", "1")
     # NOTE: parallel tune trials / batch jobs each get one CPU: their sessions must not each take every core
     threads = threads or int(os.environ.get("MODELPRESS_THREADS", "0") or 0) or None
     if threads:
@@ -58,8 +62,12 @@ def in_memory_bytes(model: Model) -> int:
     )
 
 
-def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None) -> ort.InferenceSession:
+def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None, prepack: bool = True) -> ort.InferenceSession:
     """An ORT CPU session for a model or a file (a ``.mpk`` pack is decoded in memory).
+
+    ``prepack=False`` skips ORT's weight pre-packing: building the session of a multi-GB model
+    takes milliseconds instead of tens of seconds and no packed copy of the weights is made,
+    at the price of slower runs; for sessions that run a few samples (verification).
 
     A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
     external references, with ORT told the folder they live in: nothing is copied, and the
@@ -71,7 +79,7 @@ def make_session(model: Model | str | os.PathLike[str], *, threads: int | None =
         from modelpress.loading import load
 
         model = load(model)
-    opts = _options(threads)
+    opts = _options(threads, prepack)
     providers = ["CPUExecutionProvider"]
     try:
         if not isinstance(model, Model):
@@ -80,11 +88,13 @@ def make_session(model: Model | str | os.PathLike[str], *, threads: int | None =
         if in_memory_bytes(model) < INLINE_LIMIT_BYTES and len(folders) <= 1 and "" not in folders:
             if folders:
                 opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
-            data = ir.serde.serialize_model(model.ir).SerializeToString()
+            with model.without_inferred_shapes() as plain:  # NOTE: what the exported file will hold
+                data = ir.serde.serialize_model(plain).SerializeToString()
             return ort.InferenceSession(data, opts, providers=providers)
         tmp = Path(tempfile.mkdtemp(prefix="modelpress-session-"))
         try:
-            ir.save(model.ir, tmp / "model.onnx", external_data="model.onnx.data")
+            with model.without_inferred_shapes() as plain:
+                ir.save(plain, tmp / "model.onnx", external_data="model.onnx.data")
             return ort.InferenceSession(str(tmp / "model.onnx"), opts, providers=providers)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)

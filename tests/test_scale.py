@@ -276,3 +276,26 @@ def test_cli_external_data_and_no_verify(tmp_path):
     fast = run_cli("quantize", str(source), "-m", "int4-weight-only", "-O", "min_elements=64", "-o", str(tmp_path / "q.onnx"), "--no-verify")
     assert fast.returncode == 0, fast.stderr
     assert "verified" not in fast.stdout and _references(tmp_path / "q.onnx") == {"q.onnx.data"}  # auto: the source had external data
+
+
+@pytest.mark.parametrize("block_size", [32, 128])
+def test_int4_logits_equal_onnxruntime_matmulnbits_quantizer(tmp_path, block_size):
+    """Same block size and symmetry: the same int4 tensors, and the same logits to the last bit
+    (the exported graph carries no shapes the importer inferred, so ORT picks the same kernels)."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from benchmarks.scale import SIZES, _tokens, build_decoder
+
+    source = build_decoder(tmp_path / "src", SIZES["tiny"])
+    model = modelpress.load(source, show_progress=False)
+    result = modelpress.quantize(model, "int4-weight-only", block_size=block_size, format="matmulnbits",
+                                 op_types=["MatMul", "Gemm"], show_progress=False)
+    ours = modelpress.export(result, tmp_path / "ours.onnx", show_progress=False).path
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), block_size=block_size, is_symmetric=False)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(tmp_path / "ort.onnx"), use_external_data_format=True)
+    tokens = _tokens(SIZES["tiny"]["vocab"])
+    logits = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input_ids": tokens})[0]
+              for p in (ours, tmp_path / "ort.onnx")]
+    np.testing.assert_array_equal(logits[0], logits[1])
+    assert {v.name for v in onnx.load(str(ours), load_external_data=False).graph.value_info} <= {i.name for i in onnx.load(str(ours), load_external_data=False).graph.initializer}

@@ -8,6 +8,9 @@ column by default.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import onnx_ir as ir
 from pydantic import Field
@@ -16,9 +19,10 @@ from modelpress.errors import OptionsError
 from modelpress.layers import WeightedLayer
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
-from modelpress.plugins.quantize.affine import QRange, quantize, symmetric_params
+from modelpress.plugins.quantize.affine import QRange, symmetric_params
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
+from modelpress.plugins.quantize.streaming import read_weight
 
 __all__ = ["Int8DynamicOptions", "int8_dynamic"]
 
@@ -32,14 +36,29 @@ class Int8DynamicOptions(Options):
 
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
     grid = QRange(8, True, restricted=True)
-    done = 0
     skipped: dict[str, str] = {}
-    layers = model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True)
-    quantized: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]] = {}
-    with ctx.progress("int8-dynamic", total=len(layers)) as advance:
-        for layer in layers:
-            done += _quantize_layer(model, layer, opts, grid, quantized, skipped)
+    # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized and stored once.
+    users: dict[tuple[int, int], list[WeightedLayer]] = {}
+    for layer in model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
+        reason = _skip_reason(layer, opts)
+        if reason:
+            skipped[layer.name] = reason
+        else:
+            users.setdefault((id(layer.weight), layer.out_axis), []).append(layer)
+    # NOTE: as in weight-only: a few threads quantize weights side by side (numpy releases the GIL),
+    # each reading one weight from its file and dropping the float copy; results are emitted in order.
+    workers = max(1, min(4, os.cpu_count() or 1))
+    with ctx.progress("int8-dynamic", total=len(users)) as advance, ThreadPoolExecutor(workers) as pool:
+        for group, quantized in zip(users.values(), pool.map(lambda g: _int8_weight(g[0], opts, grid), users.values()), strict=True):
+            base = group[0].weight.name or group[0].name
+            wq, scale, zero = quantized
+            values = (model.add_initializer(f"{base}_quantized", wq), model.add_initializer(f"{base}_zero_point", zero),
+                      model.add_initializer(f"{base}_scale", scale))
+            del quantized, wq
+            for layer in group:
+                _replace_layer(model, layer, values)
             advance(1)
+    done = sum(len(group) for group in users.values())
     tables = quantize_tables(model, bits=8, op_types=set(opts.op_types), min_elements=opts.min_elements, exclude=set(opts.exclude))
     if not done and not tables.done:
         raise OptionsError(f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
@@ -62,31 +81,32 @@ def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:
     return None
 
 
-def _quantize_weight(model: Model, layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange) -> tuple[ir.Value, ir.Value, ir.Value]:
-    w = layer.weight_array()  # NOTE: a copy; the memory map is closed, nothing stays cached
-    matrix = w.T if layer.out_axis == 0 else w  # [K, N]
+def _int8_weight(layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """int8 weight ``[K, N]`` (symmetric), scale and zero point of one layer, in float32 a few rows at
+    a time: one float copy of the weight (read from its file when external) is all it holds."""
+    w = read_weight(layer)  # stored layout: [K, N], or [N, K] for a Gemm with transB
+    rows_are_channels = layer.out_axis == 0
     if opts.per_channel:
-        scale, zero = symmetric_params(np.abs(matrix).max(axis=0), grid)
+        axis = 1 if rows_are_channels else 0
+        scale, zero = symmetric_params(np.maximum(w.max(axis=axis), -w.min(axis=axis)), grid)
     else:
-        scale, zero = symmetric_params(float(np.abs(matrix).max()), grid)
-    wq = quantize(matrix, scale, zero, grid)
-    base = layer.weight.name or layer.name
-    return (model.add_initializer(f"{base}_quantized", wq), model.add_initializer(f"{base}_zero_point", zero),
-            model.add_initializer(f"{base}_scale", scale))
+        scale, zero = symmetric_params(max(float(w.max()), -float(w.min()), 0.0), grid)
+    divisor = scale.reshape(-1, 1) if opts.per_channel and rows_are_channels else scale
+    q = np.empty(w.shape, np.int8)
+    step = max(1, (1 << 20) // max(w.shape[1], 1))
+    for r0 in range(0, w.shape[0], step):
+        rows = slice(r0, r0 + step)
+        x = w[rows] / (divisor[rows] if divisor.ndim == 2 else divisor)
+        np.rint(x, out=x)  # NOTE: half to even, as ONNX Runtime rounds
+        np.clip(x, grid.qmin, grid.qmax, out=x)
+        q[rows] = x
+    del w
+    return (np.ascontiguousarray(q.T) if rows_are_channels else q), scale, zero
 
 
-def _quantize_layer(model: Model, layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange,
-                    quantized: dict[tuple[int, int], tuple[ir.Value, ir.Value, ir.Value]], skipped: dict[str, str]) -> int:
-    """Replace one layer (returns 1) or record why not (0); a weight shared by several layers is
-    quantized and stored once."""
-    reason = _skip_reason(layer, opts)
-    if reason:
-        skipped[layer.name] = reason
-        return 0
-    key = (id(layer.weight), layer.out_axis)
-    if key not in quantized:
-        quantized[key] = _quantize_weight(model, layer, opts, grid)
-    wq_v, wz_v, ws_v = quantized[key]
+def _replace_layer(model: Model, layer: WeightedLayer, weight: tuple[ir.Value, ir.Value, ir.Value]) -> None:
+    """Swap one MatMul/Gemm for ORT's dynamic-quantization pattern on the int8 ``weight`` (values)."""
+    wq_v, wz_v, ws_v = weight
     node = layer.node
     x = node.inputs[0]
     assert x is not None
@@ -100,4 +120,3 @@ def _quantize_layer(model: Model, layer: WeightedLayer, opts: Int8DynamicOptions
     combined = model.new_node("Mul", [xs, ws_v], name=f"{name}_scale_Mul", outputs=[(f"{name}_scale_Mul_output", ir.DataType.FLOAT)])
     mul = model.new_node("Mul", [cast.outputs[0], combined.outputs[0]], name=f"{name}_Mul", outputs=[(f"{name}_Mul_output", ir.DataType.FLOAT)])
     replace_matmul(model, node, [dq, mm, cast, combined, mul], mul.outputs[0], name)
-    return 1

@@ -34,6 +34,7 @@ from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
+from modelpress.plugins.quantize.streaming import FileRows
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
@@ -284,30 +285,13 @@ def _pack_layer(matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOp
     return _Quantized(k, n, data, scales, zeros, err, norm)
 
 
-class _FileRows:
-    """Rows ``[r0:r1]`` of an external-data float32 matrix ``[K, N]``, read with ``pread``: no memory
-    map, so the pages read are not charged to the process once a chunk is done."""
-
-    def __init__(self, tensor: ir.ExternalTensor):
-        self.path, self.offset = tensor.path, int(tensor.offset or 0)
-        self.shape = tuple(int(d) for d in tensor.shape.numpy())
-
-    def __getitem__(self, rows: slice) -> np.ndarray:
-        k, n = self.shape
-        r0, r1, _ = rows.indices(k)
-        with open(self.path, "rb") as f:
-            f.seek(self.offset + r0 * n * 4)
-            data = np.fromfile(f, np.float32, count=(r1 - r0) * n)
-        return data.reshape(r1 - r0, n)
-
-
 def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.ndarray | None) -> _Quantized:
     """Read one weight chunk by chunk (from its file when it is external data), quantize it in
     float32 and pack it: one layer in memory at a time, and the source model caches nothing."""
     tensor = layer.weight.const_value
     assert tensor is not None
     if opts.algorithm == "rtn" and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
-        rows = _FileRows(tensor)
+        rows = FileRows(tensor)
         return _pack_layer(rows, _rtn_chunks(rows, opts), opts)  # type: ignore[arg-type]
     array = tensor.numpy()
     matrix = array.T if layer.out_axis == 0 else array  # [K, N]

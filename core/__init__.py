@@ -7,6 +7,9 @@ from __future__ import annotations
 
 from importlib import metadata as _metadata
 
+# NOTE: first, before any module imports onnx_ir: sympy stays unimported (~40 MB of RSS)
+from modelpress import _deferred  # noqa: F401  (imports onnx_ir with sympy deferred)
+
 try:
     __version__ = _metadata.version("modelpress")
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree

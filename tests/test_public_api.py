@@ -35,6 +35,20 @@ def test_import_does_not_import_frameworks():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
+def test_import_defers_sympy_until_symbolic_arithmetic_needs_it():
+    # NOTE: onnx-ir imports sympy (~40 MB) at module level for SymbolicDim arithmetic; modelpress
+    # defers it, and the arithmetic still works (importing it then); `import sympy` gets the real module
+    code = (
+        "import sys, modelpress, modelpress.testing, onnx_ir as ir\n"
+        "modelpress.quantize(modelpress.testing.tiny_mlp(), 'fp16', show_progress=False)\n"
+        "assert 'sympy.core' not in sys.modules and 'sympy' not in sys.modules\n"
+        "assert str(ir.SymbolicDim('N') * 2 + 1) == '2*N + 1'\n"
+        "import sympy\n"
+        "assert type(sys.modules['sympy']).__name__ == 'module' and sympy.Symbol('x').is_Symbol\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
 def test_every_error_is_a_modelpress_error():
     for name in PUBLIC:
         obj = getattr(modelpress, name)

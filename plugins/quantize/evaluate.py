@@ -1,5 +1,10 @@
 """Scoring a quantized candidate against the float model on the calibration data, by the
-per-output criteria of :mod:`modelpress.criteria` (the ones export verification uses too)."""
+per-output criteria of :mod:`modelpress.criteria` (the ones export verification uses too).
+
+Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as
+whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of
+those are kept (and each candidate's, while it is judged), so memory and time per judgement do not
+grow with the calibration set; calibration itself still sweeps every sample."""
 
 from __future__ import annotations
 
@@ -8,9 +13,14 @@ from collections.abc import Mapping
 from modelpress.criteria import Judgement, infer_criteria, judge
 from modelpress.data import Dataset
 from modelpress.model import Model
-from modelpress.runtime import make_session, run_dataset
+from modelpress.runtime import make_session, run, run_dataset
 
-__all__ = ["Scorer"]
+__all__ = ["JUDGED_SAMPLES", "Scorer"]
+
+JUDGED_SAMPLES = 64
+MIN_JUDGED = 8
+# Bytes of float model outputs kept to judge candidates against (YOLOv8n: ~23 samples, PP-OCR det: ~40).
+OUTPUT_BUDGET = 16 * 1024 * 1024
 
 
 class Scorer:
@@ -27,10 +37,13 @@ class Scorer:
         criteria: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ):
-        self.data = data
+        session = make_session(reference)
+        per_sample = sum(int(out.nbytes) for out in run(session, next(data.batches(1))))
+        judged = max(MIN_JUDGED, min(JUDGED_SAMPLES, OUTPUT_BUDGET // max(per_sample, 1)))
+        self.data = data.take(min(len(data), judged))
         self.batch_size = batch_size
         self.names = reference.signature.output_names
-        self.expected = run_dataset(make_session(reference), data.batches(batch_size))
+        self.expected = run_dataset(session, self.data.batches(batch_size))
         self.criteria = infer_criteria(
             self.names, self.expected, model=reference, overrides=criteria,
             min_agreement=min_agreement, min_cosine=min_cosine, max_relative_error=max_relative_error,

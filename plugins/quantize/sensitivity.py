@@ -59,16 +59,19 @@ def _qdq(graph_nodes: list[ir.Node], value: ir.Value, scale: np.ndarray, zero: n
 
 
 def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], per_channel: bool) -> tuple[Model, dict[str, tuple[str, str]]]:
-    """The float model plus one quantized shadow per node; returns (model, {node: (float out, shadow out)})."""
+    """The float model plus one quantized shadow per node; returns (model, {node: (signal power, noise power)}),
+    the names of two scalar outputs per node: ``sum(y^2)`` and ``sum((y_q - y)^2)`` over the batch."""
     probe = model.clone()
     graph = probe.ir.graph
     by_name = {n.name: n for n in graph}
     pairs: dict[str, tuple[str, str]] = {}
     new_nodes: list[ir.Node] = []
+    placed: list[tuple[ir.Node, list[ir.Node]]] = []
     initializers: list[ir.Value] = []
     for i, name in enumerate(names):
         node, plan = by_name[name], plans[name]
         tag = f"__shadow{i}"
+        start = len(new_nodes)
         inputs = list(node.inputs)
         for index, value in enumerate(inputs):
             if value is None:
@@ -103,34 +106,45 @@ def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: di
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
             out = _qdq(new_nodes, out, *act[plan.act_out], f"{tag}_out")
-        pairs[name] = (reference.name or "", out.name or "")
-        graph.outputs.extend([reference, out])
+        # NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
+        # for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS).
+        diff = ir.node("Sub", [out, reference], name=f"{tag}_diff")
+        noise = ir.node("ReduceSumSquare", [diff.outputs[0]], {"keepdims": 0}, name=f"{tag}_noise")
+        signal = ir.node("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal")
+        for op, suffix in ((diff, "diff"), (noise, "noise"), (signal, "signal")):
+            op.outputs[0].name, op.outputs[0].dtype = f"{tag}_{suffix}", ir.DataType.FLOAT
+        new_nodes += [diff, noise, signal]
+        pairs[name] = (signal.outputs[0].name or "", noise.outputs[0].name or "")
+        graph.outputs.extend([signal.outputs[0], noise.outputs[0]])
+        # NOTE: right after the node it shadows, so ORT runs it while the node's inputs and output are live
+        # anyway (appended at the end, every activation of the model would stay live until then).
+        placed.append((node, new_nodes[start:]))
     # NOTE: constants as graph-level initializers so the shadow nodes can sit anywhere after their inputs.
     for value in initializers + [v for n in new_nodes for v in n.inputs if v is not None and v.const_value is not None and v.name not in graph.initializers]:
         if value.name not in graph.initializers:
             graph.register_initializer(value)
-    graph.extend(new_nodes)
-    graph.sort()
+    for node, chain in placed:
+        graph.insert_after(node, chain)
     return probe, pairs
 
 
-def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], data: Dataset, per_channel: bool, ctx: PassContext) -> dict[str, float]:
-    """Relative noise power (1/SQNR) of each node quantized alone, from one ORT session."""
+def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], data: Dataset, per_channel: bool, ctx: PassContext,
+                 *, batch_size: int = _SHADOW_BATCH) -> dict[str, float]:
+    """Relative noise power (1/SQNR) of each node quantized alone, from one ORT session, run ``batch_size``
+    samples at a time (at most 8: the peak memory of a run grows with it, its speed hardly)."""
+    batch_size = max(1, min(batch_size, _SHADOW_BATCH))
     probe, pairs = _shadow_model(model, plans, names, act, per_channel)
     session = make_session(probe)
     index = {o.name: i for i, o in enumerate(session.get_outputs())}
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
     sample = data.take(min(len(data), _SHADOW_SAMPLES))
-    batches = list(sample.batches(_SHADOW_BATCH))
-    with ctx.progress("layer sensitivity", total=len(batches)) as advance:
-        for feeds in batches:
+    with ctx.progress("layer sensitivity", total=-(-len(sample) // batch_size)) as advance:
+        for feeds in sample.batches(batch_size):
             outs = session.run(None, feeds)
-            for name, (ref, shadow) in pairs.items():
-                r = np.asarray(outs[index[ref]], np.float64)
-                q = np.asarray(outs[index[shadow]], np.float64)
-                signal[name] += float(np.sum(r * r))
-                noise[name] += float(np.sum((q - r) ** 2)) if np.all(np.isfinite(q)) else float("inf")
+            for name, (power, error) in pairs.items():
+                signal[name] += float(outs[index[power]])
+                noise[name] += float(outs[index[error]]) if np.isfinite(outs[index[error]]) else float("inf")
             advance(1)
     return {n: noise[n] / max(signal[n], 1e-30) for n in names}
 

@@ -401,7 +401,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     errors: dict[str, float] = {}
     weight_bytes = {layer.name: int(layer.weight_array().nbytes) for layer in candidates}
     if not score.met and opts.sensitivity:
-        errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx)
+        errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx, batch_size=scorer.batch_size)
         decision = search(order, errors, weight_bytes, build, scorer.score, ctx, max_evaluations=opts.max_evaluations,
                           fallback_weight_only=opts.fallback == "weight-only")
         if decision is not None:
@@ -421,6 +421,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             "patterns_kept_float": patterns_summary(patterns, masks),
             "low_bit_weight_share": round(low_bit / max(total_bytes, 1), 4),
             "calibration_samples": len(data),
+            "judged_samples": len(scorer.data),
             "calibrator": opts.calibrator,
             # NOTE: the local-error ranking (1/SQNR, higher = more sensitive), for tuners that fall back along it
             "sensitivity": {n: round(float(e), 6) for n, e in errors.items()},

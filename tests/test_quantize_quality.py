@@ -86,3 +86,18 @@ def test_mixed_precision_meets_a_size_budget_and_a_drop(tmp_path):
         modelpress.quantize(model, "mixed-precision", calibration={"x": x}, target_size=0.05, show_progress=False)
     with pytest.raises(ModelpressError, match="target_size"):
         modelpress.quantize(model, "mixed-precision", calibration={"x": x}, show_progress=False)
+
+
+def test_report_lists_float_nodes_compactly_by_reason():
+    from modelpress.compress import StageMetrics
+    from modelpress.report import Report
+
+    float_nodes = {f"/MatMul_{i}": f"sensitive: 1/SQNR 0.{i} alone" for i in range(9)} | {"fc_last": "excluded by option"}
+    report = Report(title="t", metric="cosine")
+    for name, figures in (("source", {}), ("quantize", {"float_nodes": float_nodes, "criteria": "y cosine 0.99"})):
+        report.add(StageMetrics(name, "cosine", 0.99, 1000, 500, 10, 0.0, {}, 0.1, f"{name}.onnx", figures))
+    markdown = report.markdown()
+    line = next(row for row in markdown.splitlines() if row.startswith("- **float_nodes**"))
+    assert line == ("- **float_nodes**: 10 — sensitive (9): /MatMul_0, /MatMul_1, /MatMul_2, /MatMul_3, /MatMul_4, /MatMul_5, ...; "
+                    "excluded by option (1): fc_last")
+    assert '"/MatMul_0"' not in markdown and '"criteria": "y cosine 0.99"' in markdown  # no raw dict; other figures stay

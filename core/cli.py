@@ -20,6 +20,7 @@ from typing import Any, NoReturn
 from rich.markup import escape
 
 from modelpress.errors import ModelpressError, OptionsError, one_line
+from modelpress.report import figure_text
 
 __all__ = ["main"]
 
@@ -328,23 +329,12 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 
 _EXTERNAL: dict[str, bool | str] = {"auto": "auto", "always": True, "never": False}
-def _figure_text(value: Any) -> str:
-    """Figures for people: a {node: reason} dict as a count and its names grouped by reason."""
-    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
-        return str(value)
-    groups: dict[str, list[str]] = {}
-    for name, reason in value.items():
-        groups.setdefault(reason.split(":")[0], []).append(name)
-    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
-    return f"{len(value)} — " + "; ".join(parts)
-
-
 def _print_result(result: Any, exported: Any) -> None:
     console = _console()
     record = result.provenance.passes[-1]
     console.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():
-        console.print(f"  {key}: {_figure_text(value)}")
+        console.print(f"  {key}: {figure_text(value)}")
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     console.print(f"wrote {exported.path}{data} ({_human_bytes(exported.size_bytes)})")
     if record.figures.get("no_gain"):

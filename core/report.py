@@ -16,10 +16,26 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.compress import StageMetrics
 
-__all__ = ["LATENCY_TOLERANCE", "Report", "write_reports"]
+__all__ = ["LATENCY_TOLERANCE", "Report", "figure_text", "write_reports"]
 
 # NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged.
 LATENCY_TOLERANCE = 0.05
+
+
+def figure_text(value: Any) -> str:
+    """Figures for people: a {node: reason} dict (``float_nodes``, ``weight_only_nodes``) as a count
+    and its names grouped by reason; anything else as ``str``."""
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        return str(value)
+    groups: dict[str, list[str]] = {}
+    for name, reason in value.items():
+        groups.setdefault(reason.split(":")[0], []).append(name)
+    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
+    return f"{len(value)} — " + "; ".join(parts)
+
+
+def _is_reasons(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, str) for v in value.values())
 
 
 def _mb(n: int) -> str:
@@ -106,7 +122,11 @@ class Report:
         lines += [f"\n**{stage}** is {'; '.join(notes)}." for stage, notes in self.regressions().items()]
         for s in self.stages[1:]:
             if s.figures:
-                lines += ["", f"## {s.stage}", "", "```json", json.dumps(s.figures, indent=1, default=str)[:4000], "```"]
+                # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
+                reasons = {k: v for k, v in s.figures.items() if _is_reasons(v)}
+                rest = {k: v for k, v in s.figures.items() if k not in reasons}
+                lines += ["", f"## {s.stage}", ""] + [f"- **{k}**: {figure_text(v)}" for k, v in reasons.items()]
+                lines += ["", "```json", json.dumps(rest, indent=1, default=str)[:4000], "```"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from modelpress.methods import BUILTIN_KINDS, Method
 from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16
+from modelpress.plugins.quantize.mixed import MixedPrecisionOptions, mixed_precision
 from modelpress.plugins.quantize.qat import Int8QATOptions, int8_qat
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static_method
 from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, weight_only
@@ -47,6 +48,11 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
         name="int8-weight-only", kind="quantize", apply=partial(weight_only), options=Int8WeightOnlyOptions, mutates=False,
         summary="block-wise INT8 MatMul/Gemm weights, activations stay float",
+    ))
+    register(Method(
+        name="mixed-precision", kind="quantize", apply=mixed_precision, options=MixedPrecisionOptions, mutates=False,
+        requires={"calibration"},
+        summary="per-layer int4 / int8 / float weights chosen by measured sensitivity per byte under target_size= or max_drop=",
     ))
     register(Method(
         name="fp16", kind="quantize", apply=fp16, options=Fp16Options, mutates=True,

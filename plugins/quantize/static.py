@@ -51,6 +51,7 @@ from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
 from modelpress.plugins.quantize.selection import feeds_quantized, integer_elementwise
 from modelpress.plugins.quantize.sensitivity import local_errors, search
+from modelpress.plugins.quantize.smoothquant import smooth
 
 __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
 
@@ -82,6 +83,9 @@ class Int8StaticOptions(Options):
     fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
     max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
     embedding_tables: bool = Field(True, description="store Gather embedding tables as int8 (one scale per row) behind a DequantizeLinear")
+    smoothquant: bool = Field(False, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by 1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, no migration, is a candidate)")
+    smoothquant_max_alpha: float = Field(0.8, gt=0, le=1, description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))")
+    smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
 
@@ -287,6 +291,10 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
         model = model.clone()
         tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
+    if opts.smoothquant and ctx.calibration is not None:
+        model = smooth(model, load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples), ctx,
+                       op_types=set(opts.op_types) - set(opts.exclude_op_types), exclude=set(opts.exclude),
+                       max_alpha=opts.smoothquant_max_alpha, steps=opts.smoothquant_steps, batch_size=opts.batch_size)
     layers = [layer for layer in model.weighted_layers() if layer.op_type in opts.op_types]
     unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
     if unknown:

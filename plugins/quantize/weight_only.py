@@ -10,7 +10,8 @@ column gets its own scale (and zero point when asymmetric). Activations stay flo
 
 Algorithms: ``rtn`` (round to nearest), ``mse`` (per-block search of the clipping range that
 minimises the squared weight error, no data needed) and ``gptq`` (second-order error
-compensation from calibration activations, Frantar et al.).
+compensation from calibration activations, Frantar et al.) and ``awq`` (activation-aware
+per-input-channel scaling searched on calibration data, then round to nearest: :mod:`.awq`).
 """
 
 from __future__ import annotations
@@ -32,9 +33,11 @@ from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.opsets import ensure_opset
 from modelpress.plugins.quantize.affine import QRange
+from modelpress.plugins.quantize.awq import awq_scale
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.streaming import FileRows
+from modelpress.plugins.quantize.scaling import scale_groups
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
@@ -44,14 +47,15 @@ class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
     block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
-    algorithm: Literal["rtn", "mse", "gptq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data")
+    algorithm: Literal["rtn", "mse", "gptq", "awq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data; awq: activation-aware per-channel scaling searched on calibration data, then round to nearest")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
     damp: float = Field(0.01, gt=0, description="GPTQ: dampening added to the Hessian diagonal (fraction of its mean)")
-    max_samples: int = Field(256, ge=1, description="GPTQ: calibration samples used")
+    max_samples: int = Field(256, ge=1, description="GPTQ/AWQ: calibration samples used")
+    awq_grid: int = Field(20, ge=1, le=100, description="AWQ: points of the alpha grid searched in (0, 1] per group of layers sharing an input")
 
 
 def _grid(opts: WeightOnlyOptions) -> QRange:
@@ -217,6 +221,13 @@ def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray
     return codes.astype(np.int32), np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int32)
 
 
+def _fake_quantize(w: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
+    """``w[K, N]`` rounded to nearest on the block grid and dequantized (AWQ's search)."""
+    codes, scales, zeros = _rtn(w, opts)
+    bs = opts.block_size
+    return ((codes - np.repeat(zeros, bs, axis=0)[: len(codes)]) * np.repeat(scales, bs, axis=0)[: len(codes)]).astype(np.float32)
+
+
 def _pack_uint4(values: np.ndarray) -> np.ndarray:
     """Pack 4-bit values (last axis even) two per byte, low nibble first."""
     v = values.astype(np.uint8)
@@ -290,13 +301,13 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
     float32 and pack it: one layer in memory at a time, and the source model caches nothing."""
     tensor = layer.weight.const_value
     assert tensor is not None
-    if opts.algorithm == "rtn" and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
+    if opts.algorithm in ("rtn", "awq") and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
         rows = FileRows(tensor)
         return _pack_layer(rows, _rtn_chunks(rows, opts), opts)  # type: ignore[arg-type]
     array = tensor.numpy()
     matrix = array.T if layer.out_axis == 0 else array  # [K, N]
     try:
-        if opts.algorithm == "rtn":
+        if opts.algorithm in ("rtn", "awq"):  # NOTE: awq's scales are already in the weight (awq.py)
             return _pack_layer(matrix, _rtn_chunks(matrix, opts), opts)
         full = np.asarray(matrix, np.float32)
         if opts.algorithm == "gptq":
@@ -316,7 +327,7 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
 
 def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts: WeightOnlyOptions) -> dict[str, np.ndarray]:
     if ctx.calibration is None:
-        raise DataError("int4-weight-only with algorithm='gptq' needs calibration data (calibration=..., --calib data.npz)")
+        raise DataError(f"int{opts.bits}-weight-only with algorithm={opts.algorithm!r} needs calibration data (calibration=..., --calib data.npz)")
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     names = [layer.node.inputs[0].name or "" for layer in layers]
     session = make_session(with_outputs(model, names))
@@ -423,7 +434,10 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
                              min_elements=opts.min_elements, exclude=set(opts.exclude))
     if not layers and not tables.done:
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
-    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm == "gptq" and layers else {}
+    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm in ("gptq", "awq") and layers else {}
+    if opts.algorithm == "awq" and layers:
+        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+        hessians = {}
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}

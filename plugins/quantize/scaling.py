@@ -1,0 +1,71 @@
+"""Per-input-channel scale migration, shared by SmoothQuant (int8-static) and AWQ (int4 weight-only).
+
+``x @ W == (x / s) @ (diag(s) W)`` for any positive ``s`` (one factor per input channel): the
+weight rows are multiplied by ``s`` and a ``Mul(x, 1/s)`` is put on the edge into the layers, so
+the float model computes the same function while the quantizers see better-conditioned tensors
+(SmoothQuant: activation outliers moved into the weights; AWQ: the weight rows that meet large
+activations get a finer grid). Layers reading the same activation (an attention block's Q, K and V)
+form one group and share one ``s``; the activation's other readers (a residual Add) are untouched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from modelpress.layers import WeightedLayer
+from modelpress.model import Model
+
+__all__ = ["ScaleGroup", "apply_scales", "scale_groups"]
+
+
+@dataclass
+class ScaleGroup:
+    """Layers reading one activation ``input``; ``weights`` is their weights as one matrix [K, sum N]."""
+
+    input: str
+    layers: list[WeightedLayer]
+
+    def matrix(self) -> np.ndarray:
+        """The group's weights in [K, N] orientation, side by side."""
+        parts = [_as_kn(layer) for layer in self.layers]
+        return np.concatenate(parts, axis=1).astype(np.float32) if len(parts) > 1 else parts[0].astype(np.float32)
+
+
+def _as_kn(layer: WeightedLayer) -> np.ndarray:
+    w = layer.weight_array()
+    return w.T if layer.out_axis == 0 else w
+
+
+def scale_groups(layers: list[WeightedLayer]) -> list[ScaleGroup]:
+    """Group 2-D MatMul/Gemm layers of the main graph by the activation they read. A layer whose
+    weight other nodes also use (tied weights) cannot be rescaled alone and is left out."""
+    groups: dict[str, ScaleGroup] = {}
+    for layer in layers:
+        x = layer.node.inputs[0]
+        w = layer.weight.const_value
+        if (layer.scope or layer.op_type not in ("MatMul", "Gemm") or x is None or not x.name or x.const_value is not None
+                or w is None or len(w.shape) != 2 or layer.weight_input != 1 or len(list(layer.weight.uses())) != 1):
+            continue
+        attrs = {k: a.value for k, a in layer.node.attributes.items()}
+        if attrs.get("transA", 0):
+            continue
+        groups.setdefault(x.name, ScaleGroup(x.name, [])).layers.append(layer)
+    return list(groups.values())
+
+
+def apply_scales(model: Model, group: ScaleGroup, s: np.ndarray, tag: str) -> None:
+    """Multiply the group's weight rows by ``s`` and divide the activation by ``s`` on its way into
+    the group's layers (one ``Mul`` node named ``<input>_<tag>``): the function is unchanged."""
+    s = np.asarray(s, np.float32)
+    for layer in group.layers:
+        w = layer.weight_array().astype(np.float32)
+        shape = [1] * w.ndim
+        shape[layer.in_axis] = -1
+        assert layer.weight.name is not None
+        model.replace_initializer(layer.weight.name, (w * s.reshape(shape)).astype(np.float32))
+    x = group.layers[0].node.inputs[0]
+    assert x is not None
+    inverse = model.add_initializer(f"{group.input}_{tag}_scale", (1.0 / s).astype(np.float32))
+    model.insert_after(x, "Mul", [inverse], name=f"{group.input}_{tag}", consumers=[layer.node for layer in group.layers])

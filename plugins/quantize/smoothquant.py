@@ -1,0 +1,111 @@
+"""SmoothQuant-style activation-to-weight scale migration for int8-static (Xiao et al., 2023).
+
+Transformer activations have a few input channels far larger than the rest; one per-tensor
+activation scale then wastes most of the int8 grid on them. SmoothQuant divides each input
+channel ``j`` by ``s_j = max|x_j|^alpha / max|W_j|^(1-alpha)`` and multiplies the weight's row ``j``
+by it (:mod:`.scaling`: a ``Mul`` on the activation edge; the float function is unchanged), moving
+the difficulty into the per-channel weights. ``alpha`` is chosen per group of layers reading the
+same activation by *measured error*: on a sample of calibration rows, the output of the group
+with its activation quantized per tensor (uint8, min/max) and its weights per channel (int8) is
+compared with the float output for each ``alpha`` in ``{0, step, ..., max}``; ``alpha = 0`` (no
+migration) is a candidate, so groups without outlier channels are left alone.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from modelpress.data import Dataset
+from modelpress.methods import PassContext
+from modelpress.model import Model
+from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, scale_groups
+from modelpress.runtime import make_session, with_outputs
+
+__all__ = ["smooth"]
+
+_ROWS = 1024  # calibration rows per activation kept for the alpha search
+
+
+def _capture(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel min and max of each named activation over ``data``, and a sample of its rows."""
+    session = make_session(with_outputs(model, names))
+    outputs = [o.name for o in session.get_outputs()]
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    rng = np.random.default_rng(0)
+    batches = max(1, -(-len(data) // batch_size))
+    per_batch = -(-_ROWS // batches)
+    for feeds in data.batches(batch_size):
+        results = session.run(None, feeds)
+        for name in names:
+            x = np.asarray(results[outputs.index(name)], np.float32)
+            x = x.reshape(-1, x.shape[-1])
+            lo[name] = np.minimum(lo[name], x.min(axis=0)) if name in lo else x.min(axis=0)
+            hi[name] = np.maximum(hi[name], x.max(axis=0)) if name in hi else x.max(axis=0)
+            rows[name].append(x[rng.choice(len(x), size=min(per_batch, len(x)), replace=False)])
+        del results
+    return lo, hi, {n: np.concatenate(r) for n, r in rows.items() if r}
+
+
+def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    scale = (hi - lo) / 255 if hi > lo else 1.0
+    zero = np.round(-lo / scale)
+    return ((np.clip(np.round(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def _fake_weight(w: np.ndarray) -> np.ndarray:
+    """Per output channel (columns of ``w[K, N]``) symmetric int8."""
+    scale = np.abs(w).max(axis=0) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+def _group_error(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, expected: np.ndarray) -> float:
+    xs = x / s
+    xq = _fake_act(xs, float((lo / s).min()), float((hi / s).max()))
+    diff = xq @ _fake_weight(w * s[:, None]) - expected
+    return float(np.mean(diff.astype(np.float64) ** 2))
+
+
+def smooth(model: Model, data: Dataset, ctx: PassContext, *, op_types: set[str], exclude: set[str],
+           max_alpha: float, steps: int, batch_size: int) -> Model:
+    """A clone of ``model`` with SmoothQuant scales migrated into the weights of each MatMul/Gemm
+    group where that lowers the measured int8 output error. Figures: ``smoothquant_alpha`` (per
+    smoothed input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
+    result = model.clone()
+    layers = [layer for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"}) if layer.name not in exclude]
+    groups: list[ScaleGroup] = scale_groups(layers)
+    if not groups:
+        return model
+    lo, hi, samples = _capture(model, [g.input for g in groups], data, batch_size)
+    chosen: dict[str, float] = {}
+    ratios: list[float] = []
+    with ctx.progress("SmoothQuant scale search", total=len(groups)) as advance:
+        for group in groups:
+            x = samples.get(group.input)
+            if x is None or not len(x):
+                advance(1)
+                continue
+            w = group.matrix()
+            expected = x @ w
+            act_max = np.maximum(np.abs(lo[group.input]), np.abs(hi[group.input]))
+            w_max = np.abs(w).max(axis=1)
+            best = (_group_error(x, w, lo[group.input], hi[group.input], np.ones(len(w), np.float32), expected), 0.0, None)
+            base = best[0]
+            for alpha in np.linspace(0, max_alpha, steps + 1)[1:]:
+                s = (np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
+                s = np.clip(s, 1e-4, 1e4)
+                err = _group_error(x, w, lo[group.input], hi[group.input], s, expected)
+                if err < best[0]:
+                    best = (err, float(alpha), s)
+            if best[2] is not None and best[0] < 0.95 * base:
+                apply_scales(result, group, best[2], "smooth")
+                chosen[group.input] = round(best[1], 3)
+                ratios.append(best[0] / max(base, 1e-30))
+            advance(1)
+    ctx.figures["smoothquant_alpha"] = chosen
+    if ratios:
+        ctx.figures["smoothquant_error_ratio"] = round(float(np.mean(ratios)), 4)
+    return result if chosen else model

@@ -298,6 +298,14 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins_new(args: argparse.Namespace) -> int:
+    from modelpress.scaffold import new_plugin
+
+    target = new_plugin(args.name, args.dir)
+    _console().print(f"wrote {target}/ (pyproject.toml, src/, tests/); next: pip install -e {target} && pytest {target}/tests")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from modelpress.registry import get_registry
 
@@ -681,9 +689,15 @@ def _add_unpack(sub: Any, argv: Sequence[str]) -> None:
 
 
 def _add_plugins(sub: Any, argv: Sequence[str]) -> None:
-    p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options")
+    p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options; `plugins new NAME` scaffolds one")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_plugins)
+    actions = p.add_subparsers(dest="plugins_action", metavar="ACTION", parser_class=_SubParser)
+    new = actions.add_parser("new", help="scaffold a plugin package (pyproject entry point, a method, its test) that installs and passes its test",
+                             description="Write the package modelpress-NAME: pip install it and `modelpress plugins` lists its method.")
+    new.add_argument("name", help="plugin and method name: lower-case letters, digits, single hyphens (e.g. my-method)")
+    new.add_argument("--dir", help="folder to create (default ./modelpress-NAME)")
+    new.set_defaults(func=cmd_plugins_new)
 
 
 def _add_convert(sub: Any, argv: Sequence[str]) -> None:

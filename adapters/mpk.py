@@ -12,10 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from modelpress.adapter import Adapter
-from modelpress.hookspecs import hookimpl
-from modelpress.model import Model
-from modelpress.packing import MAGIC, read_packed
+from modelpress.plugin_api import PACK_MAGIC as MAGIC
+from modelpress.plugin_api import Adapter, Model, hookimpl, read_packed
 
 from .onnx import load_onnx
 

@@ -16,7 +16,6 @@ import onnx
 import onnx_ir as ir
 from google.protobuf.message import DecodeError
 
-from modelpress.adapter import Adapter
 from modelpress.adapters.onnx_checks import (
     all_tensors,
     check_attributes,
@@ -24,11 +23,15 @@ from modelpress.adapters.onnx_checks import (
     check_text,
     densify_sparse,
 )
-from modelpress.errors import InvalidModelError, one_line
-from modelpress.hookspecs import hookimpl
-from modelpress.model import Model
-from modelpress.normalize import normalize_on_import
-from modelpress.provenance import Provenance
+from modelpress.plugin_api import (
+    Adapter,
+    InvalidModelError,
+    Model,
+    Provenance,
+    hookimpl,
+    normalize_on_import,
+    one_line,
+)
 
 __all__ = ["load_onnx"]
 

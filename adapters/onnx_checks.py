@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from modelpress.errors import InvalidModelError, UnsafeExternalDataError, one_line
+from modelpress.plugin_api import InvalidModelError, UnsafeExternalDataError, one_line
 
 __all__ = ["all_tensors", "check_attributes", "check_external_data", "check_text", "densify_sparse"]
 

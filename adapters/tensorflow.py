@@ -19,12 +19,16 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.adapter import Adapter
-from modelpress.errors import DataError, InvalidModelError, UnsupportedModelError
-from modelpress.hookspecs import hookimpl
-from modelpress.model import Model
-from modelpress.provenance import Provenance
-from modelpress.verify import check_import
+from modelpress.plugin_api import (
+    Adapter,
+    DataError,
+    InvalidModelError,
+    Model,
+    Provenance,
+    UnsupportedModelError,
+    check_import,
+    hookimpl,
+)
 
 __all__ = ["load_tensorflow"]
 

@@ -26,8 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.errors import UnsupportedModelError
-from modelpress.model import Model
+from modelpress.plugin_api import Model, UnsupportedModelError
 
 __all__ = ["OP_HANDLERS", "GraphModule", "to_torch", "update_weights"]
 

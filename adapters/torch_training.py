@@ -20,8 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from modelpress.errors import DataError, OptionsError
-from modelpress.progress import progress_bar
+from modelpress.plugin_api import DataError, OptionsError, progress_bar
 
 __all__ = ["FitResult", "accuracy", "fit", "predict", "seed_everything"]
 

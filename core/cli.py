@@ -113,17 +113,92 @@ def _option_value(text: str) -> Any:
 
 def _list_options(schema: Any, options: dict[str, Any]) -> dict[str, Any]:
     """Options whose field in the method's schema is a list take ``a,b,c`` (or one plain value)."""
-    import typing
-
     fields = getattr(schema, "model_fields", {})
     for name, value in options.items():
         field = fields.get(name)
         if field is None or not isinstance(value, (str, int, float)) or isinstance(value, bool):
             continue
-        annotation = field.annotation
-        # NOTE: the field itself (list[str]) or one arm of a union (list[str] | None)
-        if any(typing.get_origin(k) in (list, tuple, set) for k in (annotation, *typing.get_args(annotation))):
+        if _field_is_list(field.annotation):
             options[name] = [_option_value(part.strip()) for part in str(value).split(",") if part.strip()] if isinstance(value, str) else [value]
+    return options
+
+
+# -- options generated from each method's schema ------------------------------------------------
+_GENERATED = "method_option__"
+
+
+def _method_in(argv: Sequence[str], command: str, default: str | None) -> tuple[str | None, str | None]:
+    """The ``-m/--method`` and ``-k/--kind`` given after ``command`` in ``argv`` (before parsing)."""
+    if command not in argv:
+        return None, None
+    rest = list(argv[argv.index(command) + 1:])
+    found: dict[str, str | None] = {"method": default, "kind": None}
+    for i, token in enumerate(rest):
+        for flag, key in (("-m", "method"), ("--method", "method"), ("-k", "kind"), ("--kind", "kind")):
+            if token == flag and i + 1 < len(rest):
+                found[key] = rest[i + 1]
+            elif token.startswith(flag + "=") and flag.startswith("--"):
+                found[key] = token.split("=", 1)[1]
+    return found["method"], found["kind"]
+
+
+def _field_is_list(annotation: Any) -> bool:
+    import typing
+
+    # NOTE: the field itself (list[str]) or one arm of a union (list[str] | None)
+    return any(typing.get_origin(k) in (list, tuple, set) for k in (annotation, *typing.get_args(annotation)))
+
+
+def _add_method_options(p: argparse.ArgumentParser, argv: Sequence[str], command: str, default: str | None, kind: str | None = None) -> None:
+    """Add ``--<option>`` flags for every field of the chosen method's ``Options`` schema (a
+    third-party method gets the same CLI as a built-in). Flags the command already has win."""
+    method_name, kind_given = _method_in(argv, command, default)
+    if not method_name:
+        return
+    try:
+        from modelpress.registry import get_registry
+
+        method = get_registry().method(method_name, kind_given or kind)
+    except ModelpressError:
+        return  # NOTE: the command reports the unknown method (with suggestions) when it runs
+    fields = getattr(method.options, "model_fields", {})
+    group = p.add_argument_group(f"options of {method.kind}/{method.name} ({method.plugin or 'built-in'}; also -O NAME=VALUE)")
+    for name, field in fields.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in p._option_string_actions:  # NOTE: argparse has no public lookup of a flag
+            continue
+        default_text = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
+        text = (field.description or "").replace("%", "%%") + default_text.replace("%", "%%")
+        dest = _GENERATED + name
+        if field.annotation is bool:
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif _field_is_list(field.annotation):
+            group.add_argument(flag, dest=dest, action="append", metavar="A,B", help=text + "; repeat the flag or give a,b,c")
+        else:
+            import typing
+
+            choices = [str(c) for c in typing.get_args(field.annotation)] if typing.get_origin(field.annotation) is typing.Literal else None
+            group.add_argument(flag, dest=dest, metavar=name.upper() if choices is None else None, choices=choices, help=text)
+
+
+def _clear_generated(args: argparse.Namespace) -> None:
+    for dest in [d for d in vars(args) if d.startswith(_GENERATED)]:
+        delattr(args, dest)
+
+
+def _generated_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The values of the generated ``--<option>`` flags that were given, as option values."""
+    options: dict[str, Any] = {}
+    for dest, value in vars(args).items():
+        if not dest.startswith(_GENERATED) or value is None:
+            continue
+        name = dest[len(_GENERATED):]
+        if isinstance(value, list):
+            options[name] = [_option_value(part.strip()) for item in value for part in str(item).split(",") if part.strip()]
+        elif isinstance(value, bool):
+            options[name] = value
+        else:
+            options[name] = _option_value(value)
     return options
 
 
@@ -224,6 +299,14 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plugins_new(args: argparse.Namespace) -> int:
+    from modelpress.scaffold import new_plugin
+
+    target = new_plugin(args.name, args.dir)
+    _console().print(f"wrote {target}/ (pyproject.toml, src/, tests/); next: pip install -e {target} && pytest {target}/tests")
+    return 0
+
+
 def cmd_plugins(args: argparse.Namespace) -> int:
     from modelpress.registry import get_registry
 
@@ -299,7 +382,7 @@ def _capped_sample(path: str | None, limit: int = 256) -> Any:
 def cmd_apply(args: argparse.Namespace) -> int:
     import modelpress
 
-    options = parse_option_pairs(args.option)
+    options = {**parse_option_pairs(args.option), **_generated_options(args)}
     _refuse_overwrite(args, args.model, args.calib, args.data, args.sample)
     model = modelpress.load(args.model, **_load_options(args))  # NOTE: a bad model is reported before a bad method
     options = _list_options(modelpress.get_registry().method(args.method, args.kind).options, options)
@@ -344,7 +427,7 @@ def _print_result(result: Any, exported: Any) -> None:
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
-    options = parse_option_pairs(args.option)
+    options = {**parse_option_pairs(args.option), **_generated_options(args)}
     if args.calibrator:
         options["calibrator"] = args.calibrator
     if args.per_tensor:
@@ -353,17 +436,19 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         options["exclude"] = args.exclude
     args.kind, args.data = "quantize", None
     args.option = [f"{k}={json.dumps(v)}" for k, v in options.items()]
+    _clear_generated(args)
     return cmd_apply(args)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
-    options = parse_option_pairs(args.option)
+    options = {**parse_option_pairs(args.option), **_generated_options(args)}
     for name in ("ratio", "sparsity", "criterion", "fine_tune_epochs"):
         value = getattr(args, name)
         if value is not None:
             options[name] = value
     args.kind, args.calib = "prune", None
     args.option = [f"{k}={json.dumps(v)}" for k, v in options.items()]
+    _clear_generated(args)
     return cmd_apply(args)
 
 
@@ -563,18 +648,7 @@ def _kind_choices() -> list[str]:
     return [k.name for k in get_registry().kinds()]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from modelpress import __version__
-
-    parser = _Parser(
-        prog="modelpress",
-        description="Compress PyTorch, Keras and ONNX models (quantize, prune, distill); every output is verified in ONNX Runtime.",
-        epilog=EXIT_CODES_HELP + " An output is never written over an input file unless --overwrite is given.",
-    )
-    parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print the full traceback on errors")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
-
+def _add_inspect(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser("inspect", help="op histogram, parameters, size, opset, inputs/outputs of a model")
     p.add_argument("model", help="model file (.onnx; other formats with their extras)")
     p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
@@ -582,6 +656,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
     p.set_defaults(func=cmd_inspect)
 
+
+def _add_pack(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "pack",
         help="losslessly pack an ONNX model's weights with entropy codecs into a .mpk container",
@@ -594,15 +670,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--codecs", default="auto", help="'auto' (every installed codec, default) or a comma-separated list of codec names")
     p.set_defaults(func=cmd_pack)
 
+
+def _add_unpack(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser("unpack", help="restore the ONNX model of a .mpk container bit-exactly", description="Decode PACK and write the original ONNX file (and its external data) to OUT; every tensor is checked against its SHA-256.")
     p.add_argument("pack", help="input .mpk file")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.set_defaults(func=cmd_unpack)
 
-    p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options")
+
+def _add_plugins(sub: Any, argv: Sequence[str]) -> None:
+    p = sub.add_parser("plugins", help="installed plugins, their methods by kind and the methods' options; `plugins new NAME` scaffolds one")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.set_defaults(func=cmd_plugins)
+    actions = p.add_subparsers(dest="plugins_action", metavar="ACTION", parser_class=_SubParser)
+    new = actions.add_parser("new", help="scaffold a plugin package (pyproject entry point, a method, its test) that installs and passes its test",
+                             description="Write the package modelpress-NAME: pip install it and `modelpress plugins` lists its method.")
+    new.add_argument("name", help="plugin and method name: lower-case letters, digits, single hyphens (e.g. my-method)")
+    new.add_argument("--dir", help="folder to create (default ./modelpress-NAME)")
+    new.set_defaults(func=cmd_plugins_new)
 
+
+def _add_convert(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "convert",
         help="convert between frameworks: torch / Keras / SavedModel / ONNX in, ONNX or PyTorch out",
@@ -624,6 +712,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_overwrite_argument(p)
     p.set_defaults(func=cmd_convert)
 
+
+def _add_quantize(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "quantize",
         help="quantize (int8-static, int8-dynamic, int4-weight-only, int8-weight-only, fp16, codebook, plugins')",
@@ -639,8 +729,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-loss", action="store_true",
                    help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration data, else random")
+    _add_method_options(p, argv, "quantize", "int8-static", "quantize")
     p.set_defaults(func=cmd_quantize)
 
+
+def _add_prune(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "prune",
         help="prune (magnitude, n:m, channel, plugins')",
@@ -655,8 +748,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=".npz training data: arrays named after the inputs, optionally `labels`")
     p.add_argument("--fine-tune-epochs", type=int, dest="fine_tune_epochs", help="fine-tune after pruning (needs --data)")
     _add_output_arguments(p, sample_help="default: the data, else random")
+    _add_method_options(p, argv, "prune", "magnitude", "prune")
     p.set_defaults(func=cmd_prune)
 
+
+def _add_distill(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "distill",
         help="knowledge distillation: train a student (or an automatic narrower one) from TEACHER",
@@ -674,6 +770,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_arguments(p, sample_help="default: the data")
     p.set_defaults(func=cmd_distill)
 
+
+def _add_compress(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "compress",
         help="run a recipe (quantize / prune / distill passes) and report every stage",
@@ -699,6 +797,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_compress)
 
+
+def _add_tune(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "tune",
         help="search compression configurations for the smallest/fastest model within an accuracy drop (on Ray)",
@@ -729,9 +829,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no live table / log lines")
     p.set_defaults(func=cmd_tune)
 
+
+def _add_recipe_schema(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser("recipe-schema", help="print the JSON Schema of recipes")
     p.set_defaults(func=cmd_recipe_schema)
 
+
+def _add_demo(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "demo",
         help="train a CNN on scikit-learn's digits, then prune -> distill -> quantize it and report (nothing downloaded)",
@@ -742,6 +846,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=cmd_demo)
 
+
+def _add_apply(sub: Any, argv: Sequence[str]) -> None:
     p = sub.add_parser(
         "apply",
         help="apply one method (built-in or from a plugin) and export verified ONNX",
@@ -755,7 +861,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
     p.add_argument("--accept-loss", action="store_true", help=f"write the result even when it misses its accuracy criteria (otherwise exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
+    _add_method_options(p, argv, "apply", None)
     p.set_defaults(func=cmd_apply)
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The command line; ``argv`` (default: ``sys.argv[1:]``) picks the method whose options become flags."""
+    from modelpress import __version__
+
+    parser = _Parser(
+        prog="modelpress",
+        description="Compress PyTorch, Keras and ONNX models (quantize, prune, distill); every output is verified in ONNX Runtime.",
+        epilog=EXIT_CODES_HELP + " An output is never written over an input file unless --overwrite is given.",
+    )
+    parser.add_argument("--version", action="version", version=f"modelpress {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="print the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_SubParser)
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    _add_inspect(sub, argv)
+    _add_pack(sub, argv)
+    _add_unpack(sub, argv)
+    _add_plugins(sub, argv)
+    _add_convert(sub, argv)
+    _add_quantize(sub, argv)
+    _add_prune(sub, argv)
+    _add_distill(sub, argv)
+    _add_compress(sub, argv)
+    _add_tune(sub, argv)
+    _add_recipe_schema(sub, argv)
+    _add_demo(sub, argv)
+    _add_apply(sub, argv)
     return parser
 
 
@@ -764,7 +900,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     verbose = False
     warnings.showwarning = _show_warning
     try:
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         verbose = bool(getattr(args, "verbose", False))
         if not getattr(args, "func", None):

@@ -41,6 +41,7 @@ class StageMetrics:
     path: str
     figures: dict[str, Any] = field(default_factory=dict)
     packed_bytes: int | None = None
+    kind: str = ""  # the pass kind that made the stage ("" for the source)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -133,7 +134,7 @@ class _Evaluator:
             return float(np.dot(ref.ravel(), out.ravel()) / max(np.linalg.norm(ref) * np.linalg.norm(out), 1e-12))
         return float(np.mean((ref - out) ** 2))
 
-    def measure(self, stage: str, model: Model, path: Path, seconds: float, figures: dict[str, Any]) -> StageMetrics:
+    def measure(self, stage: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> StageMetrics:
         data = path.read_bytes()
         data_file = path.with_name(path.name + ".data")
         if data_file.exists():
@@ -145,7 +146,7 @@ class _Evaluator:
         return StageMetrics(
             stage=stage, metric=self.settings.metric, value=self.metric(path), size_bytes=len(data),
             zip_bytes=len(zlib.compress(data, 6)), parameters=model.parameter_count(), sparsity=round(_sparsity(model), 4),
-            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures,
+            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind,
         )
 
 
@@ -233,7 +234,8 @@ def compress(
         eval_source = recipe.resolve(recipe.data.eval)
         eval_data = load_dataset(eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if eval_source is not None else None
         evaluator = _Evaluator(recipe, source, eval_data)
-        report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric)
+        report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
+                        kind_columns={k.name: k.columns for k in registry.kinds()})
 
         source_path = stages_dir / "00-source.onnx"
         export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
@@ -256,7 +258,7 @@ def compress(
                 export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,
                        show_progress=show_progress, overwrite=overwrite)
                 figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
-                stages.append(evaluator.measure(label, result, path, seconds, figures))
+                stages.append(evaluator.measure(label, result, path, seconds, figures, spec.kind))
                 _pack_stage(recipe, stages[-1], path, registry)
                 report.add(stages[-1])
                 current = result

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import onnx_ir as ir
@@ -38,10 +39,61 @@ class WeightedLayer:
     def op_type(self) -> str:
         return self.node.op_type
 
+    def attribute(self, name: str, default: Any = None) -> Any:
+        """The node's attribute ``name`` as a Python value (int, float, list, ...), or ``default``."""
+        attr = self.node.attributes.get(name)
+        if attr is None or attr.is_ref():
+            return default
+        value = attr.value
+        return list(value) if isinstance(value, (tuple, list)) else value
+
+    # NOTE: ONNX's defaults, so a plugin never re-reads the operator spec to interpret a layer.
     @property
     def group(self) -> int:
-        attr = self.node.attributes.get("group")
-        return int(attr.as_int()) if attr is not None else 1
+        """Conv/ConvTranspose ``group`` (1 when absent; the channel count for a depthwise conv)."""
+        return int(self.attribute("group", 1))
+
+    @property
+    def pads(self) -> list[int]:
+        """Conv/ConvTranspose ``pads`` ``[x1_begin, x2_begin, ..., x1_end, x2_end, ...]`` (zeros when absent)."""
+        return [int(p) for p in self.attribute("pads", [0] * (2 * self.spatial_rank))]
+
+    @property
+    def strides(self) -> list[int]:
+        """Conv/ConvTranspose ``strides`` (ones when absent)."""
+        return [int(s) for s in self.attribute("strides", [1] * self.spatial_rank)]
+
+    @property
+    def dilations(self) -> list[int]:
+        """Conv/ConvTranspose ``dilations`` (ones when absent)."""
+        return [int(d) for d in self.attribute("dilations", [1] * self.spatial_rank)]
+
+    @property
+    def spatial_rank(self) -> int:
+        """Spatial dimensions of a Conv/ConvTranspose kernel (2 for ``[O, I, kH, kW]``); 0 otherwise."""
+        if self.op_type not in ("Conv", "ConvTranspose") or self.weight.shape is None:
+            return 0
+        return max(len(self.weight.shape) - 2, 0)
+
+    @property
+    def trans_a(self) -> bool:
+        """Gemm ``transA``: the input is transposed (False when absent or not a Gemm)."""
+        return bool(self.attribute("transA", 0))
+
+    @property
+    def trans_b(self) -> bool:
+        """Gemm ``transB``: the weight is stored ``[out, in]`` (False when absent or not a Gemm)."""
+        return bool(self.attribute("transB", 0))
+
+    @property
+    def alpha(self) -> float:
+        """Gemm ``alpha``, the factor on ``A @ B`` (1.0 when absent or not a Gemm)."""
+        return float(self.attribute("alpha", 1.0))
+
+    @property
+    def beta(self) -> float:
+        """Gemm ``beta``, the factor on the bias ``C`` (1.0 when absent or not a Gemm)."""
+        return float(self.attribute("beta", 1.0))
 
     def weight_array(self) -> np.ndarray:
         """The weight as an array. From external data it is a copy and the memory map is closed

@@ -19,7 +19,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from modelpress.errors import ModelpressError
+from modelpress.builder import GraphBuilder
+from modelpress.errors import InvalidModelError, ModelpressError
 from modelpress.layers import WEIGHTED_OPS, WeightedLayer, find_weighted_layers, subgraph_refusals
 from modelpress.provenance import PROVENANCE_KEY, Provenance
 from modelpress.signature import Signature
@@ -28,6 +29,10 @@ if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
 __all__ = ["Model"]
+
+# NOTE: weights up to this size stay in the proto handed to ONNX shape inference (shape tensors
+# that data propagation reads); bigger ones are left out, so inference never copies the weights.
+_INLINE_BYTES = 1024
 
 
 def _stored_provenance(ir_model: ir.Model, path: str | os.PathLike[str] | None) -> Provenance:
@@ -185,6 +190,12 @@ class Model:
         self._sync_names()
         return value
 
+    def builder(self, prefix: str = "", *, graph: ir.Graph | None = None) -> GraphBuilder:
+        """A :class:`~modelpress.builder.GraphBuilder` (onnx-ir's tape) for this model: the nodes
+        it creates get unique names and inferred types, its initializers go into this model.
+        ``prefix`` starts the names it makes; ``graph`` is the (sub)graph the nodes are meant for."""
+        return GraphBuilder(self, prefix=prefix, graph=graph)
+
     def new_node(
         self,
         op_type: str,
@@ -196,25 +207,39 @@ class Model:
         num_outputs: int = 1,
         outputs: list[tuple[str, ir.DataType | None]] | None = None,
     ) -> ir.Node:
-        """A new node (not yet in the graph) whose node name and output names are unique in this
-        model by construction: ``name`` and each ``(output name, dtype)`` get a ``_N`` suffix when
-        taken. Without ``outputs``, the outputs are named ``<name>_out<i>`` and left untyped.
-        Every node modelpress creates goes through here (two nodes sharing a weight used to get the
-        same ``<weight>_DequantizeLinear`` name)."""
+        """One node from :meth:`builder` (not yet in the graph): ``name`` and each ``(output name,
+        dtype)`` get a ``_N`` suffix when taken; an output without a dtype gets an inferred one.
+        Without ``outputs``, the outputs are named ``<name>_output`` / ``<name>_out<i>``."""
         specs = outputs or [(f"{name}_out{i}" if num_outputs > 1 else f"{name}_output", None) for i in range(num_outputs)]
-        node = ir.node(
-            op_type, inputs=inputs, attributes=attributes or {}, domain=domain,
-            num_outputs=len(specs), name=self._unique_name(name, nodes=True),
+        values = self.builder().op_multi_out(
+            op_type, inputs, attributes or {}, domain=domain, name=name,
+            output_names=[s[0] for s in specs], dtypes=[s[1] for s in specs],
         )
-        for out, (out_name, dtype) in zip(node.outputs, specs, strict=True):
-            out.name = self._unique_name(out_name)
-            if dtype is not None:
-                out.dtype = dtype
+        node = values[0].producer()
+        assert node is not None
         return node
 
+    def fresh_name(self, base: str, *, node: bool = False) -> str:
+        """A value name (or, with ``node=True``, a node name) not used in this model: ``base``,
+        or ``base_1``, ``base_2``, ... The name is reserved: a second call never returns it again."""
+        return self._unique_name(base, nodes=node)
+
     def new_value_name(self, base: str) -> str:
-        """A value name not used in this model (``base``, or ``base_N``)."""
+        """Same as :meth:`fresh_name` for a value (kept for existing plugins)."""
         return self._unique_name(base)
+
+    @staticmethod
+    def producer(value: ir.Value) -> ir.Node | None:
+        """The node that computes ``value``; ``None`` for a graph input or an initializer."""
+        return value.producer()
+
+    @staticmethod
+    def consumers(value: ir.Value) -> list[ir.Node]:
+        """The nodes that read ``value`` (each once, in graph order of their uses), in any graph."""
+        seen: dict[int, ir.Node] = {}
+        for user, _ in value.uses():
+            seen.setdefault(id(user), user)
+        return list(seen.values())
 
     def insert_after(
         self,
@@ -236,19 +261,16 @@ class Model:
         ``dtype`` if given, Cast's ``to``, or else ``value``'s. With ``consumers``, only those
         nodes are rewired (and the graph output is left alone).
         """
-        node = ir.node(
-            op_type,
-            inputs=[value, *(extra_inputs or [])],
-            attributes=attributes or {},
-            domain=domain,
-            name=self._unique_name(name or f"{value.name}/{op_type}", nodes=True),
-        )
-        out = node.outputs[0]
-        out.name = self._unique_name(f"{value.name}_{op_type.lower()}")
-        out.shape = value.shape.copy() if value.shape is not None else None
         if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
             dtype = ir.DataType(int(attributes["to"]))
-        out.type = ir.TensorType(dtype) if dtype is not None else value.type
+        out = self.builder().op(
+            op_type, [value, *(extra_inputs or [])], attributes or {}, domain=domain,
+            name=name or f"{value.name}/{op_type}", output_name=f"{value.name}_{op_type.lower()}",
+            dtype=dtype if dtype is not None else value.dtype,
+            shape=value.shape.copy() if value.shape is not None else None,
+        )
+        node = out.producer()
+        assert node is not None
         uses = [(user, idx) for user, idx in value.uses() if user is not node]
         if consumers is not None:
             uses = [(user, idx) for user, idx in uses if any(user is c for c in consumers)]
@@ -294,6 +316,102 @@ class Model:
             owner = value.graph
             if value.is_initializer() and owner is not None and not list(value.uses()) and not value.is_graph_output():
                 owner.initializers.pop(value.name or "")
+
+    # -- whole-graph upkeep ------------------------------------------------------------------
+    def infer_shapes(self, *, reset: bool = False) -> None:
+        """Run ONNX's strict shape inference over the whole model and store the inferred element
+        types and shapes on its values (in every graph).
+
+        In memory and cheap on a large model: weights over 1 KB are left out of the proto handed
+        to ONNX (their type and shape say all inference needs), so nothing is copied and models
+        over 2 GB work. ``reset`` first forgets every intermediate shape (after an edit changed
+        them, e.g. channel pruning). Raises :class:`~modelpress.InvalidModelError` naming the model
+        and ONNX's reason when the graph is inconsistent."""
+        if reset:
+            for graph in self.ir.graphs():
+                keep = {id(v) for v in [*graph.inputs, *graph.outputs]}
+                for node in graph:
+                    for out in node.outputs:
+                        if id(out) not in keep:
+                            out.shape = None
+        light = self.ir.clone()  # NOTE: structural copy; tensors are shared, not copied
+        graph = light.graph
+        for value in list(graph.initializers.values()):
+            tensor = value.const_value
+            if tensor is not None and tensor.nbytes > _INLINE_BYTES:
+                value.shape = value.shape or ir.Shape(list(tensor.shape.numpy()))
+                value.type = value.type or ir.TensorType(tensor.dtype)
+                graph.initializers.pop(value.name or "")
+                graph.inputs.append(value)
+        try:
+            inferred = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(light), check_type=True, strict_mode=True, data_prop=True)
+        except Exception as exc:  # NOTE: onnx.shape_inference.InferenceError and checker errors
+            text = str(exc).strip().splitlines()
+            raise InvalidModelError(f"{self.name}: fails ONNX shape inference: {text[0] if text else type(exc).__name__}") from None
+        for original, result in zip(self.ir.graphs(), ir.serde.deserialize_model(inferred).graphs(), strict=False):
+            found = ir.convenience.create_value_mapping(result)
+            for name, value in ir.convenience.create_value_mapping(original).items():
+                new = found.get(name)
+                if new is None or value.is_initializer():
+                    continue
+                if new.shape is not None and value.shape != new.shape:
+                    value.shape = new.shape
+                if new.dtype is not None and value.dtype != new.dtype:
+                    value.type = ir.TensorType(new.dtype)
+
+    def cleanup(self, *, shapes: bool = True) -> bool:
+        """Tidy the graph after an edit with onnx-ir's common passes: drop nodes and initializers
+        nothing uses (``RemoveUnusedNodesPass``), restore topological order
+        (``TopologicalSortPass``), give every node and value a unique name (``NameFixPass``), then,
+        with ``shapes``, re-infer types and shapes in memory (:meth:`infer_shapes`). Inputs,
+        outputs and their names are kept. Returns whether a pass changed the graph."""
+        from onnx_ir.passes.common import NameFixPass, RemoveUnusedNodesPass, TopologicalSortPass
+
+        modified = False
+        for step in (RemoveUnusedNodesPass(), TopologicalSortPass(), NameFixPass()):
+            modified = step(self.ir).modified or modified
+        self._names = None  # NOTE: the passes renamed and removed behind the name cache
+        if shapes:
+            self.infer_shapes(reset=True)
+        return modified
+
+    @classmethod
+    def from_onnx(
+        cls,
+        proto: onnx.ModelProto | ir.Model,
+        *,
+        provenance: Provenance | None = None,
+        path: str | os.PathLike[str] | None = None,
+        check: bool = True,
+    ) -> Model:
+        """A :class:`Model` from an ONNX ``ModelProto`` (or an ``onnx_ir.Model``) an adapter made.
+
+        What an adapter's ``load`` returns after converting its framework's model to ONNX. The
+        proto is not modified. With ``check`` (the default), the ONNX checker and strict shape
+        inference run first and a failure is an :class:`~modelpress.InvalidModelError` naming
+        ``provenance.source``. ``provenance`` says where the model came from (``source_framework``,
+        ``source``, ``importer``; see :class:`~modelpress.Provenance`); pair this with
+        :func:`modelpress.plugin_api.check_import` to prove the conversion faithful."""
+        where = (provenance.source if provenance is not None and provenance.source else "") or "the converted model"
+        if isinstance(proto, ir.Model):
+            ir_model = proto.clone()
+        else:
+            if not isinstance(proto, onnx.ModelProto):
+                raise InvalidModelError(f"{where}: Model.from_onnx wants an onnx.ModelProto or onnx_ir.Model, not {type(proto).__name__}")
+            if check:
+                try:
+                    onnx.checker.check_model(proto)
+                except Exception as exc:
+                    text = str(exc).strip().splitlines()
+                    raise InvalidModelError(f"{where}: fails the ONNX checker: {text[0] if text else type(exc).__name__}") from None
+            ir_model = ir.serde.deserialize_model(proto)
+        model = cls(ir_model, provenance=provenance, path=path)
+        if check:
+            try:
+                model.infer_shapes()
+            except InvalidModelError as exc:
+                raise InvalidModelError(f"{where}: {exc}".replace(f"{model.name}: ", "", 1)) from None
+        return model
 
     def _graph_key(self) -> tuple[int, ...]:
         graph = self.ir.graph

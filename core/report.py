@@ -48,6 +48,9 @@ class Report:
     metric: str
     stages: list[StageMetrics] = field(default_factory=list)
     status: str = "running"
+    # NOTE: {kind: the figure keys it reports} from the registry (Kind.columns); each stage's kind
+    # contributes its columns, so a factorize stage shows its rank, not a meaningless sparsity.
+    kind_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def add(self, stage: StageMetrics) -> None:
         self.stages.append(stage)
@@ -56,7 +59,31 @@ class Report:
     def columns(self) -> list[str]:
         latency = list(self.stages[0].latency_ms) if self.stages else []
         packed = ["packed size (MB)", "ratio (packed)"] if self._packed() else []
-        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", *packed, "parameters", "sparsity", *[f"latency {k} ms" for k in latency], "time (s)"]
+        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", *packed, "parameters", *self.figure_columns(), *[f"latency {k} ms" for k in latency], "time (s)"]
+
+    def figure_columns(self) -> list[str]:
+        """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured
+        on every stage; another column is shown when at least one stage reported that figure.
+        Without kind information (a bare Report) it is ``sparsity`` alone, as before kinds were open."""
+        if not self.kind_columns:
+            return ["sparsity"]
+        wanted: dict[str, None] = {}
+        for s in self.stages:
+            for column in self.kind_columns.get(s.kind, ()):
+                if column == "sparsity" or any(column in t.figures for t in self.stages):
+                    wanted.setdefault(column)
+        return list(wanted)
+
+    @staticmethod
+    def _figure_cell(s: StageMetrics, column: str) -> str:
+        if column == "sparsity":
+            return f"{s.sparsity:.1%}"
+        value = s.figures.get(column)
+        if value is None:
+            return "-"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)[:40]
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
 
     def _packed(self) -> bool:
         return any(s.packed_bytes is not None for s in self.stages)
@@ -83,6 +110,7 @@ class Report:
             return []
         base = self.stages[0].size_bytes
         worse = self.regressions()
+        figure_columns = self.figure_columns()
         rows = []
         for s in self.stages:
             value = "-" if s.value is None else f"{s.value:.4f}"
@@ -97,7 +125,7 @@ class Report:
                 packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
             rows.append([
                 label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
-                f"{s.sparsity:.1%}", *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
+                *[self._figure_cell(s, c) for c in figure_columns], *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
             ])
         return rows
 

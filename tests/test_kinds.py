@@ -102,3 +102,29 @@ def test_cli_kind_choices_and_listing_come_from_the_registry(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         main(["apply", str(source), "-k", "fuse", "-m", "svd", "-o", str(out)])
     assert "invalid choice: 'fuse'" in capsys.readouterr().err
+
+
+def test_report_columns_come_from_each_stages_kind():
+    from modelpress.compress import StageMetrics
+    from modelpress.report import Report
+
+    registry = modelpress.create_registry(plugins=[LowRankPlugin()])
+    model = tiny_mlp()
+    result = modelpress.apply(model, "svd", kind="factorize", registry=registry, rank=1, show_progress=False)
+
+    def stage(name, kind, figures, sparsity=0.0):
+        return StageMetrics(stage=name, metric="agreement", value=1.0, size_bytes=1000, zip_bytes=900, parameters=10, sparsity=sparsity,
+                            latency_ms={}, seconds=0.1, path="x.onnx", figures=figures, kind=kind)
+
+    columns = {k.name: k.columns for k in registry.kinds()}
+    figures = result.provenance.passes[-1].figures
+    report = Report("r", "agreement", [stage("source", "", {}), stage("svd", "factorize", figures)], kind_columns=columns)
+    assert report.figure_columns() == ["rank", "relative_error"]
+    assert "sparsity" not in report.columns()
+    row = report.rows()[1]
+    assert row[report.columns().index("rank")] == "1" and row[report.columns().index("relative_error")] == f"{figures['relative_error']:.4g}"
+    assert report.rows()[0][report.columns().index("rank")] == "-"
+    report.add(stage("magnitude", "prune", {"layers": 2}, sparsity=0.5))
+    assert report.figure_columns() == ["rank", "relative_error", "sparsity"]
+    assert report.rows()[2][report.columns().index("sparsity")] == "50.0%"
+    assert "| rank |" in report.markdown()

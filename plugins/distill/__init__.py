@@ -21,11 +21,18 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from modelpress.data import Dataset, load_dataset
-from modelpress.errors import DataError, OptionsError
-from modelpress.hookspecs import hookimpl
-from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import (
+    BUILTIN_KINDS,
+    DataError,
+    Dataset,
+    Method,
+    Model,
+    Options,
+    OptionsError,
+    PassContext,
+    hookimpl,
+    load_dataset,
+)
 
 __all__ = ["KDOptions", "kd", "kd_loss"]
 
@@ -60,7 +67,7 @@ def kd_loss(student: Any, teacher: Any, labels: Any, temperature: float, alpha: 
 
 
 def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
-    from modelpress.runtime import make_session, with_outputs
+    from modelpress.plugin_api import make_session, with_outputs
 
     session = make_session(with_outputs(teacher, names) if names else teacher)
     outputs = [o.name for o in session.get_outputs()]
@@ -93,7 +100,7 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     import torch
     from torch import nn
 
-    from modelpress.frameworks import fit, to_torch, update_weights
+    from modelpress.plugin_api import fit, to_torch, update_weights
 
     if ctx.train is None:
         raise DataError("kd needs training data (data=... / --data train.npz: arrays named after the inputs, optionally 'labels')")

@@ -7,7 +7,7 @@ LZMA (standard library) and a pack that holds zstd streams names the extra to in
 
 from __future__ import annotations
 
-from modelpress.hookspecs import hookimpl
+from modelpress.plugin_api import hookimpl
 
 from .codecs import CODECS
 

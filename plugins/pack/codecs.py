@@ -23,7 +23,7 @@ from dataclasses import replace
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.codecs import Codec, TensorInfo, numpy_dtype
+from modelpress.plugin_api import Codec, TensorInfo, numpy_dtype
 
 from . import streams
 

@@ -34,7 +34,7 @@ def have_zstd() -> bool:
 
 def _zstd_module() -> Any:
     if not have_zstd():
-        from modelpress.errors import PluginError
+        from modelpress.plugin_api import PluginError
 
         raise PluginError(
             "this pack uses zstd-coded streams; install the pack extra: pip install -c constraints.txt 'modelpress[pack]'",

@@ -21,15 +21,21 @@ import math
 from typing import Any, Literal
 
 import numpy as np
-import onnx_ir as ir
 from pydantic import Field, model_validator
 
-from modelpress.data import Dataset, load_dataset
-from modelpress.errors import DataError, OptionsError
-from modelpress.hookspecs import hookimpl
-from modelpress.layers import WeightedLayer
-from modelpress.methods import BUILTIN_KINDS, Method, Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import (
+    BUILTIN_KINDS,
+    DataError,
+    Dataset,
+    Method,
+    Model,
+    Options,
+    OptionsError,
+    PassContext,
+    WeightedLayer,
+    hookimpl,
+    load_dataset,
+)
 from modelpress.plugins.prune.channels import ChannelSpace, find_spaces, remove_channels
 from modelpress.plugins.prune.importance import CRITERIA, channel_scores
 
@@ -115,7 +121,7 @@ def _training_data(model: Model, ctx: PassContext, opts: _Recovery) -> Dataset |
 
 def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
     """Recover accuracy: train the lowered model (masks hold pruned weights at zero), write back."""
-    from modelpress.frameworks import fit, to_torch, update_weights
+    from modelpress.plugin_api import fit, to_torch, update_weights
 
     module = to_torch(model)
     inputs = [data.inputs[n] for n in model.signature.input_names]
@@ -126,7 +132,7 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
         targets = {"labels": data.labels}
         loss: Any = "cross_entropy"
     else:
-        from modelpress.runtime import make_session, run_dataset
+        from modelpress.plugin_api import make_session, run_dataset
 
         targets = {"teacher": run_dataset(make_session(teacher), data.batches(256))[0]}
 
@@ -163,24 +169,10 @@ def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:
 
 
 def _rebuild(model: Model) -> Model:
-    """Re-validate after shapes changed: clear intermediate shapes and rerun shape inference."""
-    # NOTE: the public API (the ONNX adapter through the registry), not modelpress.adapters
-    from modelpress import load
-
-    keep = {id(v) for v in [*model.graph.inputs, *model.graph.outputs]}
-    for node in model.graph:
-        for out in node.outputs:
-            if id(out) not in keep:
-                out.shape = None
-    external = {name: v.const_value for name, v in model.graph.initializers.items() if isinstance(v.const_value, ir.ExternalTensor)}
-    with model.inlined():  # NOTE: the checker cannot follow external data in an in-memory proto
-        proto = model.to_proto()
-    rebuilt = load(proto, framework="onnx", normalize=False, show_progress=False)  # NOTE: re-validation, not an import
-    del proto
-    for name, value in rebuilt.ir.graph.initializers.items():
-        if name in external and value.const_value is not None and value.const_value.shape == external[name].shape:
-            value.const_value = external[name]  # untouched weights stay memory-mapped, not copied
-    return Model(rebuilt.ir, provenance=model.provenance, path=model.path, reference=model.reference)
+    """Re-validate after shapes changed: forget intermediate shapes and re-infer them in memory
+    (strict; weights are not copied, so this works on models over 2 GB)."""
+    model.infer_shapes(reset=True)
+    return model
 
 
 # -- masked pruning ---------------------------------------------------------------------------------

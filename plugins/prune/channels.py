@@ -23,8 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.layers import WeightedLayer
-from modelpress.model import Model
+from modelpress.plugin_api import Model, WeightedLayer
 
 __all__ = ["ChannelSpace", "find_spaces", "remove_channels"]
 

@@ -16,9 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.data import Dataset
-from modelpress.errors import DataError
-from modelpress.model import Model
+from modelpress.plugin_api import DataError, Dataset, Model
 from modelpress.plugins.prune.channels import ChannelSpace
 
 __all__ = ["CRITERIA", "channel_scores"]
@@ -39,7 +37,7 @@ def _per_channel(array: np.ndarray, axis: int, order: int) -> np.ndarray:
 def _taylor(model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size: int = 64, batches: int = 8) -> dict[int, np.ndarray]:
     import torch
 
-    from modelpress.frameworks import to_torch
+    from modelpress.plugin_api import to_torch
 
     if data.labels is None:
         raise DataError("the taylor criterion needs labelled data (an array named 'labels')")
@@ -73,7 +71,7 @@ def _taylor(model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size:
 
 
 def _activation(model: Model, spaces: list[ChannelSpace], data: Dataset) -> dict[int, np.ndarray]:
-    from modelpress.runtime import make_session, with_outputs
+    from modelpress.plugin_api import make_session, with_outputs
 
     names = [layer.node.outputs[0].name or "" for space in spaces for layer in space.sources]
     session = make_session(with_outputs(model, names))

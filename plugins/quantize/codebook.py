@@ -12,9 +12,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.errors import OptionsError
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import Model, Options, OptionsError, PassContext
 
 __all__ = ["CodebookOptions", "codebook", "kmeans_1d"]
 

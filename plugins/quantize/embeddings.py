@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.model import Model
+from modelpress.plugin_api import Model
 
 __all__ = ["TableReport", "quantize_tables"]
 
@@ -118,16 +118,13 @@ def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: 
         recon = _dequantized(q.astype(np.float64), scale, zero, attrs, w.shape)
         report.errors.append(float(np.linalg.norm(recon - w) / max(float(np.linalg.norm(w)), 1e-12)))
         base = value.name or kind
-        inputs = [model.add_initializer(f"{base}_q{bits}", np.zeros(1, np.int8)), model.add_initializer(f"{base}_scale", scale),
-                  model.add_initializer(f"{base}_zero_point", np.zeros(1, np.int8))]
-        for v, array in ((inputs[0], q), (inputs[2], zero)):
-            t = ir.tensor(array.astype(np.int8), name=v.name) if bits == 8 else \
-                ir.tensor(array.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4, name=v.name)
-            v.const_value, v.dtype, v.shape = t, t.dtype, ir.Shape(array.shape)
-        dq = ir.node("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear")
-        dq.outputs[0].name = f"{base}_dequantized"
-        dq.outputs[0].dtype = ir.DataType.FLOAT
-        dq.outputs[0].shape = ir.Shape(w.shape)
+        b = model.builder(base)
+        q_t, zero_t = ((ir.tensor(a.astype(np.int8)) if bits == 8 else ir.tensor(a.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4)) for a in (q, zero))
+        inputs = [b.initializer(q_t, f"{base}_q{bits}"), b.initializer(scale, f"{base}_scale"), b.initializer(zero_t, f"{base}_zero_point")]
+        out = b.op("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear", output_name=f"{base}_dequantized",
+                   dtype=ir.DataType.FLOAT, shape=ir.Shape(w.shape))
+        dq = out.producer()
+        assert dq is not None
         first = min((u for u, _ in value.uses()), key=lambda n: order.get(id(n), 0))
         graph.insert_before(first, dq)
         for user, index in list(value.uses()):

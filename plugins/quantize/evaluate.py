@@ -10,10 +10,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from modelpress.criteria import Judgement, infer_criteria, judge
-from modelpress.data import Dataset
-from modelpress.model import Model
-from modelpress.runtime import make_session, run, run_dataset
+from modelpress.plugin_api import (
+    Dataset,
+    Judgement,
+    Model,
+    infer_criteria,
+    judge,
+    make_session,
+    run,
+    run_dataset,
+)
 
 __all__ = ["JUDGED_SAMPLES", "Scorer"]
 

@@ -18,8 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import Model, Options, PassContext
 
 __all__ = ["Fp16Options", "fp16"]
 

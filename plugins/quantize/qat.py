@@ -19,10 +19,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.data import load_dataset
-from modelpress.errors import DataError
-from modelpress.methods import PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import DataError, Model, PassContext, load_dataset
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
 
 __all__ = ["Int8QATOptions", "int8_qat"]
@@ -102,9 +99,8 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
 
 
 def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
-    from modelpress.frameworks import fit, to_torch, update_weights
+    from modelpress.plugin_api import fit, make_session, run_dataset, to_torch, update_weights
     from modelpress.plugins.distill import kd_loss
-    from modelpress.runtime import make_session, run_dataset
 
     if ctx.train is None:
         raise DataError("int8-qat needs training data (data=... / --data train.npz; labels optional with teacher='source')")

@@ -1,0 +1,107 @@
+"""``modelpress.plugin_api``: everything a plugin needs, in one documented place.
+
+The built-in methods, adapters and codecs import only from here and from ``modelpress`` itself
+(a test checks it), so a third-party plugin can do everything a built-in does. Names here are
+public API: they keep working across minor versions.
+
+Writing a method (see ``docs/writing-a-plugin.md``)
+    :class:`Method`, :class:`Options`, :class:`PassContext`, :class:`Kind`, :data:`BUILTIN_KINDS`,
+    :func:`hookimpl`; the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
+    ``consumers``, ``producer``, ``fresh_name``, ``replace_node``, ``insert_after``, ``cleanup``,
+    ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`.
+Running and judging models in ONNX Runtime
+    :func:`make_session` (one session factory: threads, external data, ``.mpk``),
+    :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
+    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`.
+Data
+    :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
+Training (needs the ``torch`` extra; imported lazily)
+    :func:`to_torch`, :func:`fit`, :func:`update_weights`.
+Writing an adapter
+    :class:`Adapter`, :meth:`Model.from_onnx`, :class:`Provenance`, :func:`check_import` (the
+    numeric import check every built-in adapter runs), :func:`normalize_on_import`;
+    :func:`modelpress.testing.check_adapter` for your tests.
+Writing a codec
+    :class:`Codec`, :class:`TensorInfo`, :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`.
+Errors and progress
+    the :class:`ModelpressError` family, :func:`one_line` (a message fit for one line),
+    :func:`progress_bar`.
+"""
+
+from __future__ import annotations
+
+from modelpress.adapter import Adapter
+from modelpress.builder import GraphBuilder
+from modelpress.codecs import Codec, TensorInfo, numpy_dtype
+from modelpress.criteria import Judgement, infer_criteria, judge
+from modelpress.data import Dataset, load_dataset, sample_inputs
+from modelpress.errors import (
+    DataError,
+    InvalidModelError,
+    ModelpressError,
+    OptionsError,
+    PluginError,
+    UnsafeExternalDataError,
+    UnsupportedModelError,
+    VerificationError,
+    one_line,
+)
+from modelpress.frameworks import fit, to_torch, update_weights
+from modelpress.hookspecs import hookimpl
+from modelpress.layers import WEIGHTED_OPS, WeightedLayer
+from modelpress.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
+from modelpress.model import Model
+from modelpress.normalize import normalize_on_import
+from modelpress.opsets import ensure_opset
+from modelpress.packing import MAGIC as PACK_MAGIC
+from modelpress.packing import read_packed
+from modelpress.progress import progress_bar
+from modelpress.provenance import Provenance
+from modelpress.runtime import make_session, run, run_dataset, with_outputs
+from modelpress.verify import check_import
+
+__all__ = [
+    "BUILTIN_KINDS",
+    "PACK_MAGIC",
+    "WEIGHTED_OPS",
+    "Adapter",
+    "Codec",
+    "DataError",
+    "Dataset",
+    "GraphBuilder",
+    "InvalidModelError",
+    "Judgement",
+    "Kind",
+    "Method",
+    "Model",
+    "ModelpressError",
+    "Options",
+    "OptionsError",
+    "PassContext",
+    "PluginError",
+    "Provenance",
+    "TensorInfo",
+    "UnsafeExternalDataError",
+    "UnsupportedModelError",
+    "VerificationError",
+    "WeightedLayer",
+    "check_import",
+    "ensure_opset",
+    "fit",
+    "hookimpl",
+    "infer_criteria",
+    "judge",
+    "load_dataset",
+    "make_session",
+    "normalize_on_import",
+    "numpy_dtype",
+    "one_line",
+    "progress_bar",
+    "read_packed",
+    "run",
+    "run_dataset",
+    "sample_inputs",
+    "to_torch",
+    "update_weights",
+    "with_outputs",
+]

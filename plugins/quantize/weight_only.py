@@ -36,8 +36,8 @@ from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.awq import awq_scale
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
-from modelpress.plugins.quantize.streaming import FileRows
 from modelpress.plugins.quantize.scaling import scale_groups
+from modelpress.plugins.quantize.streaming import FileRows
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]

@@ -15,7 +15,7 @@ from typing import Any
 from modelpress.adapter import Adapter
 from modelpress.hookspecs import hookimpl
 from modelpress.model import Model
-from modelpress.packing import MAGIC, read_packed
+from modelpress.packing import MAGIC, MAGIC_V1, read_packed
 
 from .onnx import load_onnx
 
@@ -30,7 +30,7 @@ def _accepts(source: Any) -> bool:
         return True
     try:
         with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
+            return f.read(len(MAGIC)) in (MAGIC, MAGIC_V1)
     except OSError:
         return False
 

@@ -267,6 +267,10 @@ def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     back = tmp_path / "back.onnx"
     assert run_cli("unpack", str(packed), "-o", str(back)).returncode == 0
     assert back.read_bytes() == digits_mlp_path.read_bytes()
+    options = run_cli("pack", str(digits_mlp_path), "-o", str(tmp_path / "s.mpk"), "--strip", "--no-solid", "--prefer", "size")
+    assert options.returncode == 0, options.stderr
+    with PackedModel(tmp_path / "s.mpk") as opened:
+        assert opened.manifest["source"]["stripped"] and not opened.manifest["solids"]
     shown = run_cli("inspect", str(packed), "--entropy")
     assert shown.returncode == 0 and "fc0.weight" in shown.stdout and "best codec" in shown.stdout
     rows = {r["name"]: r for r in tensor_report(modelpress.load(digits_mlp_path))}

@@ -196,7 +196,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolov8n", help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)")
     parser.add_argument("--no-deep-compression", action="store_true", help="skip the Deep Compression runs (they train models)")
-    parser.add_argument("--families", default=",".join(RUN_FAMILIES), help="comma-separated columns of modelpress to run (default: every family and auto)")
+    parser.add_argument("--families", default=",".join((*FAMILIES, "auto")), help="comma-separated columns of modelpress to run (default: every family and auto)")
     parser.add_argument("--work", help="keep the made ONNX variants in this folder and reuse them on the next run")
     parser.add_argument("--zipnn", action="store_true", help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')")
     args = parser.parse_args()

@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 FAMILIES = ("bytegroup", "codebook", "sparse", "zstd", "lzma")
+RUN_FAMILIES: tuple[str, ...] = (*FAMILIES, "auto")
 USE_ZIPNN = False
 
 
@@ -51,13 +52,18 @@ def _zipnn(data: bytes) -> tuple[int | None, str]:
 
 
 def _variants(name: str, work: Path) -> dict[str, Path]:
+    """The five rows' ONNX files (kept in ``work``: with ``--work DIR`` a later run reuses them)."""
     import modelpress
     from benchmarks.real_models import fetch, inputs
 
     src = fetch(name)
+    out = {"fp32": src}
+    labels = ("fp16", "int8 static", "90% sparse", "4-bit codebook")
+    paths = {label: work / f"{name}-{label.replace(' ', '-').replace('%', '')}.onnx" for label in labels}
+    if all(p.exists() for p in paths.values()):
+        return {**out, **paths}
     model = modelpress.load(src)
     calibration = inputs(name, n=8, seed=0)
-    out = {"fp32": src}
     made = {
         "fp16": lambda: modelpress.quantize(model, "fp16"),
         "int8 static": lambda: modelpress.quantize(model, "int8-static", calibration=calibration),
@@ -65,7 +71,7 @@ def _variants(name: str, work: Path) -> dict[str, Path]:
         "4-bit codebook": lambda: modelpress.quantize(model, "codebook", bits=4),
     }
     for label, make in made.items():
-        path = work / f"{name}-{label.replace(' ', '-').replace('%', '')}.onnx"
+        path = paths[label]
         modelpress.export(make(), path, verify=False)
         out[label] = path
     return out
@@ -96,6 +102,8 @@ def _row(label: str, path: Path, work: Path) -> dict[str, Any]:
     sizes["ZipNN"], zipnn_note = _zipnn(data)
     seconds = {}
     for family in (*FAMILIES, "auto"):
+        if family not in RUN_FAMILIES:
+            continue
         packed = work / f"{path.stem}-{family}.mpk"
         start = time.perf_counter()
         result = modelpress.pack(path, packed, codecs="auto" if family == "auto" else [family])
@@ -107,8 +115,17 @@ def _row(label: str, path: Path, work: Path) -> dict[str, Any]:
             assert _canonical(back) == _canonical(data), f"{label}/{family}: not the same model"
         exact[label] = result.bytes_identical
         sizes[f"mp:{family}"] = result.size_bytes
+        if family == "auto":
+            solids = [f"{s['tensors']} {ir_name(s['dtype'])} {s['role']} ({s['codec']})" for s in result.solids]
     best_other = min(v for k, v in sizes.items() if not k.startswith("mp:") and v is not None)
-    return {"label": label, "bytes": len(data), "sizes": sizes, "zipnn": zipnn_note, "best_other": best_other, "pack_seconds": seconds}
+    return {"label": label, "bytes": len(data), "sizes": sizes, "zipnn": zipnn_note, "best_other": best_other, "pack_seconds": seconds,
+            "solids": solids}
+
+
+def ir_name(dtype: int) -> str:
+    import onnx_ir as ir
+
+    return ir.DataType(dtype).name.lower()
 
 
 def _decode_speed(path: Path, work: Path) -> dict[str, float]:
@@ -155,7 +172,7 @@ def _decode_speed(path: Path, work: Path) -> dict[str, float]:
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    cols = ["zip -9", "zstd -19", "xz -9", "ZipNN", *[f"mp:{f}" for f in FAMILIES], "mp:auto"]
+    cols = ["zip -9", "zstd -19", "xz -9", "ZipNN", *[f"mp:{f}" for f in FAMILIES if f in RUN_FAMILIES], "mp:auto"]
     head = f"{'model':16s} {'ONNX MB':>8s} " + " ".join(f"{c:>12s}" for c in cols) + f" {'mp >= best?':>11s}"
     print("\nLossless ratio (ONNX bytes / compressed bytes; higher is better; mp: modelpress pack with only that codec family)")
     print(head)
@@ -171,6 +188,7 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
     print(f"ZipNN: {', '.join(sorted(notes))}. Every modelpress pack was unpacked and checked: byte for byte "
           f"({', '.join(k for k, v in exact.items() if v) or 'none'}); same message, canonically re-encoded "
           f"({', '.join(k for k, v in exact.items() if not v) or 'none'}: the input file's protobuf encoding is not canonical).")
+    print("solid streams (auto): " + "; ".join(f"{r['label']}: {', '.join(r['solids']) or 'none'}" for r in rows))
     print("pack time (s, auto): " + ", ".join(f"{r['label']} {r['pack_seconds']['auto']:.1f}" for r in rows))
 
 
@@ -178,13 +196,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="yolov8n", help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)")
     parser.add_argument("--no-deep-compression", action="store_true", help="skip the Deep Compression runs (they train models)")
+    parser.add_argument("--families", default=",".join((*FAMILIES, "auto")), help="comma-separated columns of modelpress to run (default: every family and auto)")
+    parser.add_argument("--work", help="keep the made ONNX variants in this folder and reuse them on the next run")
     parser.add_argument("--zipnn", action="store_true", help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')")
     args = parser.parse_args()
-    global USE_ZIPNN
+    global USE_ZIPNN, RUN_FAMILIES
     USE_ZIPNN = args.zipnn
+    RUN_FAMILIES = tuple(f for f in args.families.split(",") if f)
+    if "auto" not in RUN_FAMILIES:
+        parser.error("--families must include auto (the verdict column)")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        variants = _variants(args.model, work)
+        if args.work:
+            Path(args.work).mkdir(parents=True, exist_ok=True)
+        variants = _variants(args.model, Path(args.work) if args.work else work)
         rows = [_row(label, path, work) for label, path in variants.items()]
         _print_rows(rows)
         speed = _decode_speed(variants["fp32"], work)

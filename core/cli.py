@@ -277,7 +277,7 @@ def cmd_pack(args: argparse.Namespace) -> int:
     import modelpress
 
     codecs = args.codecs.split(",") if args.codecs != "auto" else "auto"
-    result = modelpress.pack(args.model, args.output, codecs=codecs)
+    result = modelpress.pack(args.model, args.output, codecs=codecs, solid=not args.no_solid, prefer=args.prefer, strip=args.strip)
     console = _console()
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.codec_counts().items()))
     console.print(
@@ -295,7 +295,7 @@ def cmd_unpack(args: argparse.Namespace) -> int:
     import modelpress
 
     path = modelpress.unpack(args.pack, args.output)
-    _console().print(f"unpacked {escape(args.pack)} into {escape(str(path))} (every tensor matched its SHA-256)")
+    _console().print(f"unpacked {escape(args.pack)} into {escape(str(path))} (every tensor matched its checksum)")
     return 0
 
 
@@ -662,17 +662,21 @@ def _add_pack(sub: Any, argv: Sequence[str]) -> None:
         "pack",
         help="losslessly pack an ONNX model's weights with entropy codecs into a .mpk container",
         description="Pack MODEL (.onnx, external data included) into OUT (.mpk): the graph plus each tensor coded by the "
-        "installed codec that makes it smallest, with a SHA-256 per tensor. `modelpress unpack` restores the file bit-exactly; "
+        "installed codec that makes it smallest, with a checksum per tensor. `modelpress unpack` restores the file bit-exactly; "
         "`modelpress.load('x.mpk')` decodes it in memory.",
     )
     p.add_argument("model", help="input .onnx model")
     p.add_argument("-o", "--output", required=True, help="output .mpk path (written atomically)")
     p.add_argument("--codecs", default="auto", help="'auto' (every installed codec, default) or a comma-separated list of codec names")
+    p.add_argument("--no-solid", action="store_true", help="never code same-dtype tensors together as one stream (keeps every tensor separately decodable)")
+    p.add_argument("--prefer", choices=("speed", "size"), default="speed", help="speed (default): slow-to-decode codecs (lzma) only where they save >= 10%%; size: always the smallest")
+    p.add_argument("--strip", action="store_true", help="drop metadata properties, doc strings and value_info first (the unpacked model computes the same, but is not the same file)")
     p.set_defaults(func=cmd_pack)
 
 
+
 def _add_unpack(sub: Any, argv: Sequence[str]) -> None:
-    p = sub.add_parser("unpack", help="restore the ONNX model of a .mpk container bit-exactly", description="Decode PACK and write the original ONNX file (and its external data) to OUT; every tensor is checked against its SHA-256.")
+    p = sub.add_parser("unpack", help="restore the ONNX model of a .mpk container bit-exactly", description="Decode PACK and write the original ONNX file (and its external data) to OUT; every tensor is checked against its checksum (CRC-32; SHA-256 in format-1 packs).")
     p.add_argument("pack", help="input .mpk file")
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.set_defaults(func=cmd_unpack)

@@ -1,28 +1,48 @@
 """``modelpress pack`` / ``unpack``: a lossless container for ONNX models (``.mpk``).
 
-Layout (all integers little-endian)::
+Layout of format 2 (all integers little-endian)::
 
-    b"MPACK\\x00\\x01\\x00"                     8-byte magic, format version 1
+    b"MPACK\\x00\\x02\\x00"                     8-byte magic, format version 2
     tensor blobs ...                            one per packed tensor, coded by its codec
+    solid blobs ...                             one per solid stream (see below)
     external-file filler blobs ...              bytes of external-data files no tensor covers
     head                                        LZMA2 (raw) of: u32 manifest size, the manifest
                                                 (UTF-8 JSON), the graph (the ModelProto with the
                                                 packed tensors' bytes removed)
     u64 head offset, u64 head size, b"MPACKEND"
 
-The manifest and the graph share one LZMA stream (they repeat the same tensor names). The
-manifest (``format: "modelpress-pack/1"``) gives the graph's size and SHA-256 and, per tensor, its name,
-ONNX dtype, shape, role, the codec (``"stored"`` or a registered codec's name), offset and size
-of its blob, its decoded size and the SHA-256 of its decoded bytes; external-data tensors also
-carry their file and offset. Tensors are initializers (of the main graph and subgraphs) whose
-bytes are in ``raw_data`` or in an external file; tensors stored in typed fields (``float_data``
-...), strings and tiny tensors stay in the graph blob.
+The manifest and the graph share one LZMA stream (they repeat the same tensor names). Everything
+the graph already says (a tensor's name, dtype, shape, role, size, external file and offset) is
+not repeated in the manifest (``format: "modelpress-pack/2"``): it holds the source's name and
+size, the graph's size and CRC-32, and one row per packed tensor, ``[index, codec, blob size,
+CRC-32 of the decoded bytes]`` plus, for a tensor of a solid stream, the stream's number. ``index``
+is the tensor's place in the model's tensors (initializers of the main graph and subgraphs, then
+``Constant`` tensors, in graph order); blobs follow each other in row order from byte 8, so their
+offsets are implied. Tensors are those whose bytes are in ``raw_data`` (at least
+``MIN_PACKED_BYTES``) or in an external file; tensors stored in typed fields (``float_data`` ...),
+strings and tiny tensors stay in the graph blob.
+
+**Solid streams** (``solid=True``, the default): the tensors of one dtype and role (all INT8
+weights, all INT32 biases, ...) are also coded as one concatenated stream, and the stream replaces
+their separate blobs when it is smaller (an LZ coder then finds repeats across tensors, as ``xz``
+on the whole file does). A manifest ``solids`` row is ``[codec, blob size, decoded size, dtype,
+role]``; the stream's members follow each other in it in row order. The trade-off: reading one
+member decodes the whole stream (``unpack`` and ``load`` decode each stream once); pack with
+``solid=False`` to keep every tensor separately decodable.
+
+**Decode speed** (``prefer="speed"``, the default): a codec that is slow to decode (``lzma``:
+tens of MB/s) is chosen only when its blob is at least ``SLOW_GAIN`` (10 %) smaller than the best
+fast one (hundreds of MB/s); ``prefer="size"`` always keeps the smallest blob.
 
 Unpacking refills each tensor's ``raw_data`` (or its external file at its offset) and
 re-serialises the graph, which reproduces the original file byte for byte whenever the input's
 serialisation was canonical (files written by onnx, onnx_ir, torch.onnx and modelpress are);
-the manifest records whether it was. Every decoded tensor is checked against its SHA-256: a
-damaged container is an :class:`InvalidModelError` naming the tensor.
+the manifest records whether it was. Every decoded tensor is checked against its CRC-32 (format
+1: SHA-256): a damaged container is an :class:`InvalidModelError` naming the tensor.
+
+Format 1 (magic ``MPACK\\x00\\x01\\x00``, ``modelpress-pack/1``) is still read: its manifest
+rows spell out every field (name, dtype, shape, role, codec, offset, size, bytes, SHA-256,
+external), and it has no solid streams.
 """
 
 from __future__ import annotations
@@ -35,6 +55,7 @@ import os
 import shutil
 import struct
 import tempfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -55,11 +76,16 @@ from modelpress.registry import Registry, get_registry
 
 __all__ = ["FORMAT", "PackResult", "TensorEntry", "pack", "read_packed", "unpack"]
 
-FORMAT = "modelpress-pack/1"
-MAGIC = b"MPACK\x00\x01\x00"
+FORMAT = "modelpress-pack/2"
+MAGIC = b"MPACK\x00\x02\x00"
+MAGIC_V1 = b"MPACK\x00\x01\x00"
+_VERSIONS = {MAGIC_V1: 1, MAGIC: 2}
+_FORMATS = {1: "modelpress-pack/1", 2: FORMAT}
 END = b"MPACKEND"
 STORED = "stored"
 MIN_PACKED_BYTES = 128  # NOTE: smaller tensors cost more in the manifest than they save
+SLOW_GAIN = 0.10  # a slow-to-decode codec must save this much over the best fast one (prefer="speed")
+SOLID_LIMIT = 8 << 20  # NOTE: a solid stream is decoded whole (and packing codes a group twice): larger groups stay separate
 _FOOTER = struct.Struct("<QQ8s")
 _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
@@ -73,9 +99,17 @@ def _unlzma(data: bytes | memoryview) -> bytes:
     return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
 
 
+def _checksum(data: bytes | memoryview, version: int = 2) -> str:
+    """Format 2: CRC-32 (8 hex digits; fast, and any damage a codec lets through shows); format 1: SHA-256."""
+    return f"{zlib.crc32(data):08x}" if version >= 2 else hashlib.sha256(data).hexdigest()
+
+
 @dataclass
 class TensorEntry:
-    """One packed tensor as the manifest lists it (``index``: its place in the model's tensors)."""
+    """One packed tensor (``index``: its place in the model's tensors). ``offset``/``size`` locate
+    its blob in the file; for a member of solid stream ``solid`` they locate the stream's blob and
+    the tensor's bytes start ``at`` bytes into the decoded stream. ``checksum``: CRC-32 of the
+    decoded bytes (format 1: SHA-256)."""
 
     index: int
     name: str
@@ -86,8 +120,10 @@ class TensorEntry:
     offset: int
     size: int
     bytes: int
-    sha256: str
+    checksum: str
     external: dict[str, Any] | None = None
+    solid: int | None = None
+    at: int = 0
 
     @property
     def info(self) -> TensorInfo:
@@ -96,7 +132,7 @@ class TensorEntry:
 
 @dataclass
 class PackResult:
-    """What :func:`pack` wrote: sizes, and the codec chosen for each tensor."""
+    """What :func:`pack` wrote: sizes, the codec chosen for each tensor, and the solid streams."""
 
     path: Path
     size_bytes: int
@@ -104,6 +140,7 @@ class PackResult:
     tensors: list[TensorEntry]
     bytes_identical: bool
     skipped_codecs: dict[str, str] = field(default_factory=dict)
+    solids: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -209,9 +246,13 @@ def _select_codecs(registry: Registry, codecs: str | list[str]) -> list[Codec]:
     return chosen
 
 
-def encode_best(data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None = None) -> tuple[str, bytes]:
-    """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored)."""
-    candidates: list[tuple[int, str, bytes]] = []
+def encode_best(
+    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None = None, *, prefer: str = "speed",
+) -> tuple[str, bytes]:
+    """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored). With
+    ``prefer="speed"`` a codec marked ``fast_decode=False`` counts only where it saves at least
+    ``SLOW_GAIN`` over the best fast candidate."""
+    candidates: list[tuple[int, str, bytes, bool]] = []
     for codec in codecs:
         try:
             if not codec.applies(info):
@@ -222,9 +263,12 @@ def encode_best(data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dic
                 skipped[codec.name] = f"raised on {info.name!r}: {type(exc).__name__}: {exc}"
             continue
         if blob is not None and len(blob) < len(data):
-            candidates.append((len(blob), codec.name, bytes(blob)))
+            candidates.append((len(blob), codec.name, bytes(blob), codec.fast_decode))
+    if prefer == "speed":
+        fast = min([len(data), *(c[0] for c in candidates if c[3])])
+        candidates = [c for c in candidates if c[3] or c[0] <= (1 - SLOW_GAIN) * fast]
     by_name = {c.name: c for c in codecs}
-    for _, name, blob in sorted(candidates, key=lambda c: c[0]):
+    for _, name, blob, _fast in sorted(candidates, key=lambda c: c[0]):
         try:
             ok = by_name[name].decode(blob, info) == data
         except Exception as exc:
@@ -257,19 +301,43 @@ def _source(model: Any) -> tuple[bytes, Path | None, str]:
     return path.read_bytes(), path.parent, str(path)
 
 
+@dataclass
+class _Item:
+    """One tensor to pack: where it is in the model, its bytes and what codecs are told."""
+
+    index: int
+    tensor: onnx.TensorProto
+    data: bytes
+    info: TensorInfo
+    external: dict[str, Any] | None
+    codec: str = STORED
+    blob: bytes = b""
+    solid: int | None = None
+
+
 def pack(
     model: Any,
     output: str | os.PathLike[str],
     *,
     codecs: str | list[str] = "auto",
+    solid: bool = True,
+    prefer: str = "speed",
+    strip: bool = False,
     registry: Registry | None = None,
 ) -> PackResult:
     """Pack an ONNX file (or a :class:`modelpress.Model`) into a ``.mpk`` container at ``output``.
 
     ``codecs`` is ``"auto"`` (every installed codec; each tensor gets the smallest blob that
     decodes bit-exactly) or a list of codec names (``"stored"`` alone stores every tensor as is).
-    The file is written atomically.
+    ``solid``: also try one stream per dtype and role and keep it where it is smaller (reading
+    one of its tensors then decodes the whole stream). ``prefer``: ``"speed"`` (slow-to-decode
+    codecs only where they save >= 10 %) or ``"size"`` (always the smallest). ``strip``: first
+    drop what running the model does not need (metadata properties such as provenance, doc
+    strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
+    same but is not the same file. The file is written atomically.
     """
+    if prefer not in ("speed", "size"):
+        raise OptionsError(f"pack: prefer must be 'speed' or 'size', not {prefer!r}")
     registry = registry or get_registry()
     chosen = _select_codecs(registry, codecs)
     data, base, label = _source(model)
@@ -280,35 +348,55 @@ def pack(
         raise InvalidModelError(f"{label}: not a valid ONNX model ({exc})") from None
     if not proto.HasField("graph"):
         raise InvalidModelError(f"{label}: not an ONNX model (no graph)")
+    original = len(data)
+    if strip:
+        _strip(proto)
+        data = proto.SerializeToString()
     identical = proto.SerializeToString() == data
     roles = _roles(proto.graph)
     target = Path(output)
     if not target.parent.is_dir():
         raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
 
-    entries: list[TensorEntry] = []
     skipped: dict[str, str] = {}
+    externals: dict[str, list[tuple[int, int]]] = {}
+    items = [it for index, (name, tensor) in enumerate(_tensors(proto)) if (it := _item(index, name, tensor, roles, base, label, externals))]
+    for it in items:
+        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
+    streams = _solids(items, chosen, skipped, prefer) if solid else []
+
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
             out.write(MAGIC)
-            # NOTE: the graph is written last-but-one (once every tensor was stripped); reserve nothing
-            # up front: offsets are absolute and the manifest says where everything is.
-            externals: dict[str, list[tuple[int, int]]] = {}
-            for index, (name, tensor) in enumerate(_tensors(proto)):
-                entry = _pack_tensor(index, name, tensor, roles, base, label, chosen, skipped, externals, out)
-                if entry is not None:
-                    entries.append(entry)
+            entries: list[TensorEntry] = []
+            for it in items:
+                if it.solid is None:
+                    entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
+                    out.write(it.blob)
+            ats = [0] * len(streams)
+            for stream in streams:
+                stream["offset"] = out.tell()
+                out.write(stream.pop("blob"))
+            for it in items:
+                if it.solid is not None:
+                    stream = streams[it.solid]
+                    entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
+                    ats[it.solid] += len(it.data)
+                if it.external is None:
+                    it.tensor.ClearField("raw_data")
+            entries.sort(key=lambda e: e.index)
             files = _pack_filler(externals, base, label, out)
             stripped = proto.SerializeToString()
-            graph = {"size": len(stripped), "sha256": hashlib.sha256(stripped).hexdigest()}
+            used = {e.codec for e in entries}
             manifest = {
                 "format": FORMAT,
-                "source": {"name": Path(label).name, "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest(), "bytes_identical": identical},
-                "graph": graph,
-                "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if any(e.codec == c.name for e in entries)},
-                "tensors": [_entry_json(e) for e in entries],
+                "source": {"name": Path(label).name, "bytes": len(data), "bytes_identical": identical, **({"stripped": True} if strip else {})},
+                "graph": {"size": len(stripped), "crc32": _checksum(stripped)},
+                "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
+                "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
+                "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
                 "external_files": files,
             }
             text = json.dumps(manifest, separators=(",", ":")).encode()
@@ -319,30 +407,69 @@ def pack(
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
-    source_bytes = len(data) + sum(f["size"] for f in files)
-    return PackResult(target, target.stat().st_size, source_bytes, entries, identical, skipped)
+    source_bytes = original + sum(f["size"] for f in files)
+    return PackResult(target, target.stat().st_size, source_bytes, entries, identical, skipped, streams)
 
 
-def _entry_json(e: TensorEntry) -> dict[str, Any]:
-    row: dict[str, Any] = {k: v for k, v in e.__dict__.items() if k != "external"}
-    if e.external is not None:
-        row["external"] = e.external
-    return row
+def _strip(proto: onnx.ModelProto) -> None:
+    """Drop what ONNX Runtime does not read: metadata properties, doc strings, shape annotations."""
+    del proto.metadata_props[:]
+    proto.ClearField("doc_string")
+    for g in _graphs(proto.graph):
+        g.ClearField("doc_string")
+        del g.value_info[:]
+        for node in g.node:
+            node.ClearField("doc_string")
+        for value in (*g.input, *g.output):
+            value.ClearField("doc_string")
+        for tensor in g.initializer:
+            tensor.ClearField("doc_string")
 
 
-def _pack_tensor(
-    index: int,
-    name: str,
-    tensor: onnx.TensorProto,
-    roles: dict[str, str],
-    base: Path | None,
-    label: str,
-    codecs: list[Codec],
-    skipped: dict[str, str],
+def _entry(it: _Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0) -> TensorEntry:
+    return TensorEntry(
+        index=it.index, name=it.info.name, dtype=int(it.info.dtype), shape=list(it.info.shape), role=it.info.role, codec=codec,
+        offset=offset, size=size, bytes=len(it.data), checksum=_checksum(it.data), external=it.external, solid=solid, at=at,
+    )
+
+
+def _row(e: TensorEntry) -> list[Any]:
+    """A format-2 manifest row: what the graph does not already say."""
+    row: list[Any] = [e.index, e.codec, e.size, e.checksum]
+    return row if e.solid is None else [e.index, "", 0, e.checksum, e.solid]
+
+
+def _solids(items: list[_Item], codecs: list[Codec], skipped: dict[str, str], prefer: str) -> list[dict[str, Any]]:
+    """Code each group of same-dtype, same-role tensors as one stream; keep the streams that are
+    smaller than their members' blobs together (and mark those members)."""
+    from modelpress.codecs import numpy_dtype
+
+    groups: dict[tuple[int, str], list[_Item]] = {}
+    for it in items:
+        if numpy_dtype(it.info.dtype) is not None:
+            groups.setdefault((int(it.info.dtype), it.info.role), []).append(it)
+    streams: list[dict[str, Any]] = []
+    for (dtype, role), members in groups.items():
+        total = sum(len(it.data) for it in members)
+        if len(members) < 2 or total > SOLID_LIMIT:
+            continue
+        width = ir.DataType(dtype).bitwidth // 8
+        info = TensorInfo(f"solid stream of {len(members)} {ir.DataType(dtype).name.lower()} {role} tensors", ir.DataType(dtype), (total // width,), role)
+        codec, blob = encode_best(b"".join(it.data for it in members), info, codecs, skipped, prefer=prefer)
+        # NOTE: a member row costs about the same either way; the stream must beat the separate blobs
+        if len(blob) >= sum(len(it.blob) for it in members):
+            continue
+        for it in members:
+            it.solid = len(streams)
+        streams.append({"codec": codec, "size": len(blob), "bytes": total, "dtype": dtype, "role": role, "tensors": len(members), "blob": blob})
+    return streams
+
+
+def _item(
+    index: int, name: str, tensor: onnx.TensorProto, roles: dict[str, str], base: Path | None, label: str,
     externals: dict[str, list[tuple[int, int]]],
-    out: Any,
-) -> TensorEntry | None:
-    """Code one initializer's bytes into ``out`` and strip them from the graph."""
+) -> _Item | None:
+    """The bytes of one tensor worth packing (inline ``raw_data`` or external data), else None."""
     nbytes = _nbytes(tensor)
     if nbytes is None:
         return None
@@ -371,15 +498,7 @@ def _pack_tensor(
     else:
         return None
     info_ = TensorInfo(name, ir.DataType(tensor.data_type), tuple(int(d) for d in tensor.dims), roles.get(name, "other"))
-    codec, blob = encode_best(data, info_, codecs, skipped)
-    entry = TensorEntry(
-        index=index, name=name, dtype=tensor.data_type, shape=list(info_.shape), role=info_.role, codec=codec,
-        offset=out.tell(), size=len(blob), bytes=len(data), sha256=hashlib.sha256(data).hexdigest(), external=external,
-    )
-    out.write(blob)
-    if external is None:
-        tensor.ClearField("raw_data")
-    return entry
+    return _Item(index, tensor, data, info_, external)
 
 
 def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None, label: str, out: Any) -> list[dict[str, Any]]:
@@ -412,7 +531,8 @@ def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None,
 
 
 class PackedModel:
-    """An opened ``.mpk``: the manifest, the graph, and tensors decoded one at a time."""
+    """An opened ``.mpk``: the manifest, the graph, and tensors decoded one at a time (the
+    members of a solid stream: one stream at a time)."""
 
     def __init__(self, path: str | os.PathLike[str], registry: Registry | None = None) -> None:
         self.path = Path(path)
@@ -423,7 +543,10 @@ class PackedModel:
                 self._map: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else b""
         except OSError as exc:
             raise InvalidModelError(f"{self.label}: cannot be read: {exc.strerror}") from None
+        self.version = 2
         self.manifest = self._read_manifest()
+        self._entries: list[TensorEntry] | None = None
+        self._solid: tuple[int, bytes] | None = None
 
     def _damaged(self, what: str) -> InvalidModelError:
         return InvalidModelError(f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)")
@@ -436,10 +559,11 @@ class PackedModel:
 
     def _read_manifest(self) -> dict[str, Any]:
         data = self._map
-        if len(data) < len(MAGIC) + _FOOTER.size or bytes(data[: len(MAGIC)]) != MAGIC:
+        if len(data) < len(MAGIC) + _FOOTER.size or bytes(data[: len(MAGIC)]) not in _VERSIONS:
             if len(data) >= 5 and bytes(data[:5]) == MAGIC[:5]:
-                raise self._damaged("the header or footer is missing")
+                raise self._damaged("the header or footer is missing (or the file comes from a newer modelpress)")
             raise InvalidModelError(f"{self.label}: not a modelpress pack (.mpk); create one with `modelpress pack MODEL.onnx -o MODEL.mpk`")
+        self.version = _VERSIONS[bytes(data[: len(MAGIC)])]
         offset, size, end = _FOOTER.unpack_from(data, len(data) - _FOOTER.size)
         if end != END:
             raise self._damaged("the footer is missing")
@@ -450,45 +574,120 @@ class PackedModel:
         except (lzma.LZMAError, ValueError, struct.error) as exc:
             raise self._damaged(f"the manifest cannot be read ({exc})") from None
         self._graph = head[4 + length :]
-        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-            raise InvalidModelError(f"{self.label}: unsupported pack format {manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads {FORMAT})")
+        if not isinstance(manifest, dict) or manifest.get("format") != _FORMATS[self.version]:
+            raise InvalidModelError(f"{self.label}: unsupported pack format {manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads {', '.join(_FORMATS.values())})")
         return manifest
 
     @property
     def entries(self) -> list[TensorEntry]:
-        return [TensorEntry(**row) for row in self.manifest["tensors"]]
+        """Every packed tensor, in the manifest's order (format 2: filled in from the graph)."""
+        if self._entries is None:
+            if self.version == 1:
+                self._entries = [TensorEntry(**{("checksum" if k == "sha256" else k): v for k, v in row.items()}) for row in self.manifest["tensors"]]
+            else:
+                self._entries = self._expand(self.graph())
+        return self._entries
+
+    def _expand(self, proto: onnx.ModelProto) -> list[TensorEntry]:
+        tensors = list(_tensors(proto))
+        roles = _roles(proto.graph)
+        solids = self.manifest.get("solids", [])
+        entries, offset = [], len(MAGIC)
+        ats = [0] * len(solids)
+        rows = self.manifest["tensors"]
+        try:
+            for row in rows:
+                if len(row) == 4:
+                    index, codec, size, check = row
+                    solid = None
+                else:
+                    index, codec, size, check, solid = row
+                if not 0 <= index < len(tensors):
+                    raise self._damaged(f"manifest row {row!r} names no tensor of the graph")
+                name, tensor = tensors[index]
+                nbytes = _nbytes(tensor) or 0
+                external = None
+                if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                    info = _external(tensor)
+                    external = {"location": info["location"], "offset": int(info.get("offset", 0) or 0)}
+                    nbytes = int(info.get("length", nbytes) or nbytes)
+                entry = TensorEntry(
+                    index=index, name=name, dtype=tensor.data_type, shape=[int(d) for d in tensor.dims], role=roles.get(name, "other"),
+                    codec=codec, offset=offset, size=size, bytes=nbytes, checksum=check, external=external,
+                )
+                if solid is None:
+                    offset += size
+                else:
+                    entry.solid, entry.at = solid, ats[solid]
+                    ats[solid] += nbytes
+                entries.append(entry)
+            starts = []
+            for row in solids:
+                starts.append(offset)
+                offset += row[1]
+            for entry in entries:
+                if entry.solid is not None:
+                    codec, size = solids[entry.solid][:2]
+                    entry.codec, entry.offset, entry.size = codec, starts[entry.solid], size
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise self._damaged(f"the manifest's tensor rows are malformed ({type(exc).__name__}: {exc})") from None
+        return entries
 
     def graph(self) -> onnx.ModelProto:
         g = self.manifest["graph"]
         proto = onnx.ModelProto()
         data = self._graph
-        if len(data) != g.get("size") or hashlib.sha256(data).hexdigest() != g.get("sha256"):
-            raise self._damaged("the graph's SHA-256 does not match the manifest")
+        check = g.get("sha256") if self.version == 1 else g.get("crc32")
+        if len(data) != g.get("size") or _checksum(data, self.version) != check:
+            raise self._damaged(f"the graph's {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest")
         proto.ParseFromString(data)
         return proto
 
+    def _decode(self, codec_name: str, blob: bytes, info: TensorInfo, what: str) -> bytes:
+        if codec_name == STORED:
+            return bytes(blob)
+        codec = self.registry.codec(codec_name)
+        if codec is None:
+            origin = self.manifest.get("codecs", {}).get(codec_name, "an uninstalled plugin")
+            raise PluginError(
+                f"{self.label}: {what} is coded with codec {codec_name!r} ({origin}), which no installed plugin provides; "
+                "install that plugin to unpack this file",
+                plugin=origin,
+            )
+        try:
+            return codec.decode(blob, info)
+        except PluginError:
+            raise
+        except Exception as exc:
+            raise self._damaged(f"{what} cannot be decoded by codec {codec_name!r} ({type(exc).__name__}: {exc})") from None
+
+    def _solid_bytes(self, entry: TensorEntry) -> bytes:
+        """The decoded solid stream ``entry`` belongs to (the last one decoded is kept)."""
+        number = entry.solid
+        assert number is not None
+        if self._solid is None or self._solid[0] != number:
+            self._solid = None
+            codec, _size, nbytes, dtype, role = self.manifest["solids"][number]
+            members = [e.name for e in self.entries if e.solid == number]
+            what = f"tensor {entry.name!r} (in a solid stream with {len(members) - 1} other tensors)"
+            width = max(ir.DataType(dtype).bitwidth // 8, 1)
+            blob = self._slice(entry.offset, entry.size, what)
+            data = self._decode(codec, blob, TensorInfo(f"solid stream {number}", ir.DataType(dtype), (nbytes // width,), role), what)
+            if len(data) != nbytes:
+                raise self._damaged(f"{what} decodes to {len(data)} bytes, not {nbytes}")
+            self._solid = (number, data)
+        return self._solid[1]
+
     def tensor_bytes(self, entry: TensorEntry) -> bytes:
-        """Decode one tensor and check its SHA-256."""
-        blob = self._slice(entry.offset, entry.size, f"tensor {entry.name!r}")
-        if entry.codec == STORED:
-            data = blob
+        """Decode one tensor and check its checksum."""
+        if entry.solid is not None:
+            whole = self._solid_bytes(entry)
+            data = whole[entry.at : entry.at + entry.bytes]
         else:
-            codec = self.registry.codec(entry.codec)
-            if codec is None:
-                origin = self.manifest.get("codecs", {}).get(entry.codec, "an uninstalled plugin")
-                raise PluginError(
-                    f"{self.label}: tensor {entry.name!r} is coded with codec {entry.codec!r} ({origin}), which no installed plugin provides; "
-                    "install that plugin to unpack this file",
-                    plugin=origin,
-                )
-            try:
-                data = codec.decode(blob, entry.info)
-            except PluginError:
-                raise
-            except Exception as exc:
-                raise self._damaged(f"tensor {entry.name!r} cannot be decoded by codec {entry.codec!r} ({type(exc).__name__}: {exc})") from None
-        if len(data) != entry.bytes or hashlib.sha256(data).hexdigest() != entry.sha256:
-            raise self._damaged(f"tensor {entry.name!r} decodes to bytes whose SHA-256 does not match the manifest")
+            what = f"tensor {entry.name!r}"
+            data = self._decode(entry.codec, self._slice(entry.offset, entry.size, what), entry.info, what)
+        if len(data) != entry.bytes or _checksum(data, self.version) != entry.checksum:
+            raise self._damaged(f"tensor {entry.name!r} decodes to bytes whose {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest")
         return data
 
     def filler(self, spec: dict[str, Any]) -> bytes:
@@ -500,6 +699,7 @@ class PackedModel:
             raise self._damaged(f"the filler bytes of external file {spec['location']!r} cannot be decoded") from None
 
     def close(self) -> None:
+        self._solid = None
         if isinstance(self._map, mmap.mmap):
             self._map.close()
 
@@ -526,7 +726,8 @@ def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool, external
                     handle.seek(start)
                     handle.write(filler[pos : pos + length])
                     pos += length
-        for entry in packed.entries:
+        # NOTE: separate tensors first, then each solid stream's members together: one stream decoded at a time
+        for entry in sorted(packed.entries, key=lambda e: -1 if e.solid is None else e.solid):
             if not 0 <= entry.index < len(tensors) or tensors[entry.index][0] != entry.name:
                 raise packed._damaged(f"tensor {entry.name!r} is in the manifest but not in the graph")
             tensor = tensors[entry.index][1]
@@ -613,20 +814,14 @@ def tensor_report(model: Any, *, registry: Registry | None = None) -> list[dict[
     roles = _roles(proto.graph)
     rows = []
     for index, (name, tensor) in enumerate(_tensors(proto)):
-        raw: bytes | None = bytes(tensor.raw_data) if tensor.HasField("raw_data") else None
-        with tempfile.TemporaryFile() as sink:
-            entry = _pack_tensor(index, name, tensor, roles, base, label, codecs, {}, {}, sink)
-        if entry is None:
+        item = _item(index, name, tensor, roles, base, label, {})
+        if item is None:
             continue
-        if entry.external is not None:
-            with open(_safe_location(base or Path("."), entry.external["location"], label, name), "rb") as f:  # type: ignore[index]
-                f.seek(entry.external["offset"])  # type: ignore[index]
-                raw = f.read(entry.bytes)
-        entropy = _element_entropy(raw or b"", entry.info)
-        width = ir.DataType(entry.dtype).bitwidth
+        codec, blob = encode_best(item.data, item.info, codecs, prefer="size")
+        info = item.info
         rows.append({
-            "name": name, "dtype": ir.DataType(entry.dtype).name.lower(), "shape": entry.shape, "role": entry.role,
-            "bytes": entry.bytes, "bits": width, "entropy_bits": entropy,
-            "codec": entry.codec, "packed_bytes": entry.size, "ratio": entry.bytes / max(entry.size, 1),
+            "name": name, "dtype": info.dtype.name.lower(), "shape": list(info.shape), "role": info.role,
+            "bytes": len(item.data), "bits": info.dtype.bitwidth, "entropy_bits": _element_entropy(item.data, info),
+            "codec": codec, "packed_bytes": len(blob), "ratio": len(item.data) / max(len(blob), 1),
         })
     return rows

@@ -267,6 +267,10 @@ def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     back = tmp_path / "back.onnx"
     assert run_cli("unpack", str(packed), "-o", str(back)).returncode == 0
     assert back.read_bytes() == digits_mlp_path.read_bytes()
+    options = run_cli("pack", str(digits_mlp_path), "-o", str(tmp_path / "s.mpk"), "--strip", "--no-solid", "--prefer", "size")
+    assert options.returncode == 0, options.stderr
+    with PackedModel(tmp_path / "s.mpk") as opened:
+        assert opened.manifest["source"]["stripped"] and not opened.manifest["solids"]
     shown = run_cli("inspect", str(packed), "--entropy")
     assert shown.returncode == 0 and "fc0.weight" in shown.stdout and "best codec" in shown.stdout
     rows = {r["name"]: r for r in tensor_report(modelpress.load(digits_mlp_path))}
@@ -306,3 +310,161 @@ def test_recipe_pack_stage_reports_packed_sizes(digits_mlp_path, digits_npz, tmp
     assert len(np.unique(table[idx])) <= 16 and "fc0.bias_indices" in shared and "fc0.bias" not in shared
     x = np.load(digits_npz)["x"][:16]
     np.testing.assert_array_equal(run(make_session(result.packed), {"x": x})[0], run(make_session(out), {"x": x})[0])
+
+
+# -- format 2: solid streams, decode speed, stripping, format 1 --------------------------------------
+
+
+def _int8_chain(path, layers=4, seed=0):
+    """MatMuls on int8 weights through DequantizeLinear; the weights repeat each other's rows (as
+    the filters of one network resemble each other), which only a solid stream can see."""
+    rng = np.random.default_rng(seed)
+    base = np.clip(rng.normal(0, 12, (96, 96)), -127, 127).astype(np.int8)
+    nodes, inits, current = [], [], "x"
+    for i in range(layers):
+        w = np.roll(base, i * 7, axis=0)
+        w[rng.random(w.shape) < 0.05] = 0
+        inits += [numpy_helper.from_array(w, f"w{i}_q"), numpy_helper.from_array(np.float32(0.01), f"s{i}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"w{i}_q", f"s{i}"], [f"w{i}"], name=f"dq{i}"),
+                  helper.make_node("MatMul", [current, f"w{i}"], [f"h{i}"], name=f"mm{i}")]
+        current = f"h{i}"
+    graph = helper.make_graph(nodes, "int8", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 96])],
+                              [helper.make_tensor_value_info(current, TensorProto.FLOAT, [2, 96])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_solid_streams_code_similar_tensors_together(tmp_path):
+    model = _int8_chain(tmp_path / "q.onnx")
+    separate = modelpress.pack(model, tmp_path / "separate.mpk", solid=False)
+    solid = modelpress.pack(model, tmp_path / "solid.mpk")
+    assert not separate.solids and len(solid.solids) == 1 and solid.solids[0]["tensors"] == 4
+    assert solid.size_bytes < 0.6 * separate.size_bytes  # the repeats across tensors are found
+    members = [e for e in solid.tensors if e.solid == 0]
+    assert [e.name for e in members] == ["w0_q", "w1_q", "w2_q", "w3_q"] and [e.at for e in members] == [0, 9216, 18432, 27648]
+    for packed in ("separate.mpk", "solid.mpk"):
+        assert modelpress.unpack(tmp_path / packed, tmp_path / "back.onnx").read_bytes() == model.read_bytes()
+    with PackedModel(tmp_path / "solid.mpk") as opened:  # the manifest's rows give the same entries back
+        assert [(e.name, e.solid, e.at, e.offset, e.size, e.checksum) for e in opened.entries] == \
+            [(e.name, e.solid, e.at, e.offset, e.size, e.checksum) for e in members]
+    x = np.random.default_rng(1).standard_normal((2, 96)).astype(np.float32)
+    np.testing.assert_array_equal(run(make_session(tmp_path / "solid.mpk"), {"x": x})[0], run(make_session(model), {"x": x})[0])
+    # damage inside the stream: the error names a tensor of it, and nothing is written
+    data = bytearray((tmp_path / "solid.mpk").read_bytes())
+    data[members[0].offset + members[0].size // 2] ^= 0x55
+    (tmp_path / "bad.mpk").write_bytes(bytes(data))
+    with pytest.raises(modelpress.InvalidModelError, match=r"damaged modelpress pack: tensor 'w\d_q'"):
+        modelpress.unpack(tmp_path / "bad.mpk", tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()
+
+
+class _SlowCodec:
+    """A codec 5 % smaller than the best built-in one, but marked slow to decode."""
+
+    @modelpress.hookimpl
+    def modelpress_register_codecs(self, register):
+        def encode(data, info):
+            best = modelpress.packing.encode_best(data, info, [c for c in _codecs() if c.name == "bytegroup"])
+            return best[1][: int(len(best[1]) * 0.95)] + (b"" if best[0] == "bytegroup" else b"?") if best[0] == "bytegroup" else None
+
+        def decode(blob, info):
+            return _full[bytes(blob)]
+
+        _full: dict[bytes, bytes] = {}
+
+        def remember(data, info):
+            blob = encode(data, info)
+            if blob is not None:
+                _full[blob] = data
+            return blob
+
+        register(Codec("slow", remember, decode, summary="slow to decode", fast_decode=False))
+
+
+def test_prefer_speed_takes_a_slow_codec_only_for_a_large_gain(digits_mlp_path, tmp_path):
+    registry = modelpress.create_registry(plugins=[_SlowCodec()])
+    fast = modelpress.pack(digits_mlp_path, tmp_path / "fast.mpk", registry=registry, solid=False)
+    small = modelpress.pack(digits_mlp_path, tmp_path / "small.mpk", registry=registry, solid=False, prefer="size")
+    weights = {e.name: e.codec for e in fast.tensors}, {e.name: e.codec for e in small.tensors}
+    assert weights[0]["fc0.weight"] == "bytegroup" and weights[1]["fc0.weight"] == "slow"
+    assert small.size_bytes < fast.size_bytes
+    with pytest.raises(modelpress.OptionsError, match="prefer must be"):
+        modelpress.pack(digits_mlp_path, tmp_path / "x.mpk", prefer="fastest")
+
+
+def test_strip_drops_metadata_but_not_computation(digits_mlp_path, tmp_path):
+    model = modelpress.load(digits_mlp_path)
+    proto = model.to_proto()
+    proto.doc_string = "a long description " * 50
+    onnx.helper.set_model_props(proto, {"provenance": "x" * 2000})
+    proto.graph.value_info.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", 64]))
+    onnx.save(proto, tmp_path / "meta.onnx")
+    kept = modelpress.pack(tmp_path / "meta.onnx", tmp_path / "kept.mpk")
+    stripped = modelpress.pack(tmp_path / "meta.onnx", tmp_path / "stripped.mpk", strip=True)
+    assert stripped.size_bytes < kept.size_bytes - 100 and stripped.source_bytes == kept.source_bytes
+    back = onnx.load(str(modelpress.unpack(tmp_path / "stripped.mpk", tmp_path / "back.onnx")))
+    assert not back.metadata_props and not back.doc_string and not back.graph.value_info
+    x = np.random.default_rng(0).random((8, 64), np.float32)
+    np.testing.assert_array_equal(run(make_session(tmp_path / "back.onnx"), {"x": x})[0], run(make_session(digits_mlp_path), {"x": x})[0])
+
+
+def _as_format_1(packed_path, out_path):
+    """Rewrite a format-2 pack as format 1 (full manifest rows, SHA-256s) the way version 1 wrote it."""
+    import lzma
+    import struct
+
+    with PackedModel(packed_path) as packed:
+        assert not packed.manifest["solids"]
+        rows = []
+        for e in packed.entries:
+            data = packed.tensor_bytes(e)
+            row = {"index": e.index, "name": e.name, "dtype": e.dtype, "shape": e.shape, "role": e.role, "codec": e.codec,
+                   "offset": e.offset, "size": e.size, "bytes": e.bytes, "sha256": hashlib.sha256(data).hexdigest()}
+            rows.append(row)
+        graph = packed._graph
+        source = dict(packed.manifest["source"], sha256="0" * 64)
+        manifest = {"format": "modelpress-pack/1", "source": source, "graph": {"size": len(graph), "sha256": hashlib.sha256(graph).hexdigest()},
+                    "codecs": packed.manifest["codecs"], "tensors": rows, "external_files": packed.manifest["external_files"]}
+        body = bytes(packed._map[8 : min(e.offset for e in packed.entries) + sum(e.size for e in packed.entries)])
+    text = json.dumps(manifest).encode()
+    head = lzma.compress(struct.pack("<I", len(text)) + text + graph, format=lzma.FORMAT_RAW,
+                         filters=[{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}])
+    out_path.write_bytes(b"MPACK\x00\x01\x00" + body + head + struct.pack("<QQ8s", 8 + len(body), len(head), b"MPACKEND"))
+    return out_path
+
+
+def test_format_1_packs_still_read(digits_mlp_path, tmp_path):
+    modelpress.pack(digits_mlp_path, tmp_path / "v2.mpk", solid=False)
+    old = _as_format_1(tmp_path / "v2.mpk", tmp_path / "v1.mpk")
+    with PackedModel(old) as packed:
+        assert packed.version == 1 and len(packed.entries[0].checksum) == 64
+    assert modelpress.unpack(old, tmp_path / "back.onnx").read_bytes() == digits_mlp_path.read_bytes()
+    assert modelpress.load(old).parameter_count() == modelpress.load(digits_mlp_path).parameter_count()
+    data = bytearray(old.read_bytes())
+    data[20] ^= 0xFF  # inside the first tensor's blob: its SHA-256 catches it
+    (tmp_path / "bad1.mpk").write_bytes(bytes(data))
+    with pytest.raises(modelpress.InvalidModelError, match="damaged modelpress pack: tensor"):
+        modelpress.unpack(tmp_path / "bad1.mpk", tmp_path / "out.onnx")
+
+
+def test_codebook_centroid_fine_tuning_trains_only_the_shared_values(digits_mlp_path, digits):
+    model = modelpress.load(digits_mlp_path)
+    train = {"x": digits["x_train"][:600], "labels": digits["y_train"][:600]}
+    plain = modelpress.apply(model, "codebook", kind="quantize", bits=2, min_elements=64, keep_zeros=True)
+    tuned = modelpress.apply(model, "codebook", kind="quantize", bits=2, min_elements=64, keep_zeros=True,
+                             fine_tune_epochs=2, train=train, show_progress=False)
+    a = {k: v.const_value.numpy() for k, v in plain.ir.graph.initializers.items()}
+    b = {k: v.const_value.numpy() for k, v in tuned.ir.graph.initializers.items()}
+    changed = {k for k in a if not np.array_equal(a[k], b[k])}
+    assert changed and all(k.endswith("_codebook") for k in changed)  # indices, biases: untouched
+    for k in changed:
+        assert b[k][0] == 0 and not np.signbit(b[k][0])  # the kept zero stays +0.0
+
+    def loss(m):
+        logits = run(make_session(m), {"x": digits["x_train"][:200]})[0].astype(np.float64)
+        logits -= logits.max(1, keepdims=True)
+        return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(200), digits["y_train"][:200]]))
+
+    assert loss(tuned) < loss(plain)  # the shared values moved to fit the data better
+    with pytest.raises(modelpress.DataError, match="centroid fine-tuning"):
+        modelpress.apply(model, "codebook", kind="quantize", bits=2, min_elements=64, fine_tune_epochs=1)

@@ -258,5 +258,5 @@ CODECS = [
         summary="int4/uint4: one symbol per byte, entropy-coded",
     ),
     Codec("zstd", _zstd_encode, lambda blob, info: streams.decode(blob), summary="zstd level 19 on the raw bytes (needs the pack extra)"),
-    Codec("lzma", _lzma_encode, _lzma_decode, summary="LZMA2 preset 9e on the raw bytes (xz's coder)"),
+    Codec("lzma", _lzma_encode, _lzma_decode, summary="LZMA2 preset 9e on the raw bytes (xz's coder; slow to decode)", fast_decode=False),
 ]

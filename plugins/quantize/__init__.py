@@ -59,6 +59,6 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
         summary="float16 compute and weights, fragile ops kept in float32",
     ))
     register(Method(
-        name="codebook", kind="quantize", apply=codebook, options=CodebookOptions, mutates=True,
+        name="codebook", kind="quantize", apply=codebook, options=CodebookOptions, mutates=True, requires_if={"fine_tune_epochs": "train"},
         summary="non-uniform: k-means weight sharing, uint8 indices + float codebook",
     ))

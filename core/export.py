@@ -299,9 +299,9 @@ def export(
                             accept_loss=accept_loss,
                         )
                         advance(1)
-                except ExportError:
-                    raise
                 except ModelpressError as exc:
+                    if "nothing was written" in str(exc):  # NOTE: the output's session says so already
+                        raise
                     raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
                 seconds = round(time.perf_counter() - start, 3)
 

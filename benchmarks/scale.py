@@ -1,24 +1,29 @@
 """modelpress at real size: a synthetic decoder with its weights in one external-data file.
 
-    nice -n 10 python benchmarks/scale.py [--size 0.5b|1.2b] [--keep]
+    nice -n 10 python benchmarks/scale.py [--size 0.5b|1.2b] [--workdir DIR] [--keep] [--skip-ort-dynamic]
 
-Generates (once, cached in ~/.cache/modelpress/scale/<size>/) a decoder-only transformer
-(token embedding, single-head causal attention, ReLU MLP, LayerNorms, LM head) whose fp32
-weights are streamed tensor by tensor into one ``decoder.onnx.data`` file, never whole in
+Generates (once, kept in <workdir>/<size>/, default ~/.cache/modelpress/scale) a decoder-only
+transformer (token embedding, single-head causal attention, ReLU MLP, LayerNorms, LM head) whose
+fp32 weights are streamed tensor by tensor into one ``decoder.onnx.data`` file, never whole in
 memory: 0.5b is 0.55 B parameters (2.2 GB), 1.2b is 1.24 B (4.95 GB).
 
-Then runs, each in a fresh child process so its peak RSS is its own:
+Then runs, each in a fresh child process so its peak RSS (VmHWM) is its own:
 
-* modelpress int4 weight-only RTN (``format=matmulnbits``, asymmetric) at block 128 and 32, and
-  int8-dynamic: load + quantize + export with verification, as ``modelpress quantize`` does
-  (block 128 also with ``--no-verify``, the same work as ORT's tool, which does not verify);
+* modelpress int4 weight-only RTN (``format=matmulnbits``, asymmetric, MatMul/Gemm only: what ORT's
+  tool quantizes) at block 128 and 32, and int8-dynamic: load + quantize + export with
+  verification, as ``modelpress quantize`` does (block 128 also with ``--no-verify``, the same work
+  as ORT's tool, which does not verify; and with the defaults, which also quantize the embedding);
 * ONNX Runtime's ``MatMulNBitsQuantizer`` (RTN, asymmetric) at block 128 and 32, and
   ``quantize_dynamic`` (int8): load + quantize + save with external data.
 
-and prints wall time, peak RSS (and as a multiple of the model size), output size, the logits'
-cosine and max |error| against fp32 on token sequences (Zipf-distributed ids, 4 x 64 tokens),
-whether the logits are identical to ORT's at the same block size, and the output's load time in
-ORT. All figures come from this one run.
+and prints to stdout, a row as each run ends: wall time, peak RSS (and as a multiple of the model
+size), output size, the logits' cosine and max |error| against fp32 on token sequences
+(Zipf-distributed ids, 4 x 64 tokens), whether the logits are identical to ORT's at the same block
+size, and the output's load time in ORT. All figures come from this one run.
+
+Needs only numpy, onnx, onnx-ir, onnxruntime, pluggy, rich and pyyaml (no torch, no network): when
+modelpress is not installed it is imported from this source tree, and when pydantic is missing the
+wheels in benchmarks/wheels/ (CPython 3.12, x86-64 Linux) are unpacked into a temporary folder.
 """
 
 from __future__ import annotations
@@ -316,6 +321,8 @@ def main() -> None:
         reference = session.run(None, {"input_ids": tokens})[0]
         del session
         rows = [("fp32 source", {"wall_s": 0.0, "peak_rss": None}, model_bytes, load_s, reference)]
+        _print_head(model_bytes, args.size, cfg)
+        _print_row(rows[0], rows, model_bytes)
         for label, spec in variants:
             out = work / (label.replace(" ", "_").replace("+", "plus").replace("--", "") + ".onnx")
             print(f"running {label} ...", file=sys.stderr, flush=True)
@@ -323,47 +330,65 @@ def main() -> None:
             if "error" in figures:
                 print(f"  {label} failed: {figures['error']}", file=sys.stderr, flush=True)
                 rows.append((label, figures, 0, None, None))
+                _print_row(rows[-1], rows, model_bytes)
                 continue
             session, load_s = _session(out)
             logits = session.run(None, {"input_ids": tokens})[0]
             del session
             rows.append((label, figures, _size(out), load_s, logits))
+            _print_row(rows[-1], rows, model_bytes)
             if not args.keep:
                 for p in work.glob(out.name + "*"):
                     p.unlink()
-        _print(rows, model_bytes, args.size, cfg)
+        _print_ratios(rows)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
 
-def _print(rows: list, model_bytes: int, size: str, cfg: dict[str, int]) -> None:  # type: ignore[type-arg]
+_HEAD = f"| {'variant':32} | wall s | pass s | verify s | peak RSS GiB | RSS / model | output MB | cosine vs fp32 | max abs err | = ORT logits | ORT load s |"
+
+
+def _print_head(model_bytes: int, size: str, cfg: dict[str, int]) -> None:
     params = sum(int(np.prod(s)) for _, s, _ in _tensors(cfg))
-    print(f"\nsynthetic decoder {size}: {params / 1e9:.2f} B parameters, {model_bytes / 1e9:.2f} GB fp32 in one external-data file\n")
+    print(f"\nsynthetic decoder {size}: {params / 1e9:.2f} B parameters, {model_bytes / 1e9:.2f} GB fp32 in one external-data file; "
+          f"{os.cpu_count()} CPUs\n")
+    print(_HEAD)
+    print("|" + "|".join("-" * (len(c)) for c in _HEAD.split("|")[1:-1]) + "|", flush=True)
+
+
+def _print_row(row: tuple, rows: list, model_bytes: int) -> None:  # type: ignore[type-arg]
+    """One row, printed as soon as its run is done (a twin ORT row compares with the modelpress rows before it)."""
+    label, figures, out_bytes, load_s, out = row
+    if "error" in figures:
+        print(f"| {label:32} | failed: {figures['error']} |", flush=True)
+        return
     reference = rows[0][4]
-    logits = {label: out for label, _, _, _, out in rows}
-    head = f"| {'variant':32} | wall s | pass s | verify s | peak RSS GiB | RSS / model | output MB | cosine vs fp32 | max abs err | = ORT logits | ORT load s |"
-    print(head)
-    print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
-    for label, figures, out_bytes, load_s, out in rows:
-        if "error" in figures:
-            print(f"| {label:32} | failed: {figures['error']} |")
-            continue
-        rss = figures.get("peak_rss")
-        twin = TWINS.get(label) if label in SAME_WORK else None
-        same = "-" if twin is None or logits.get(twin) is None else ("yes" if np.array_equal(out, logits[twin]) else f"no ({np.abs(out - logits[twin]).max():.2g})")
-        print(
-            f"| {label:32} | {figures['wall_s']:6.1f} | {figures.get('pass_s') or 0:6.1f} | {figures.get('verify_s') or 0:8.1f} | "
-            f"{(rss or 0) / 2**30:12.2f} | {((rss or 0) / model_bytes):10.2f}x | {out_bytes / 1e6:9.0f} | "
-            f"{_cosine(out, reference):14.6f} | {float(np.abs(out - reference).max()):11.4f} | {same:12} | {load_s:10.2f} |"
-        )
+    logits = {r[0]: r[4] for r in rows}
+    rss = figures.get("peak_rss")
+    same = "-"
+    if label in SAME_WORK and logits.get(TWINS[label]) is not None:
+        twin = logits[TWINS[label]]
+        same = "yes" if np.array_equal(out, twin) else f"no ({np.abs(out - twin).max():.2g})"
+    elif label in TWINS.values():  # NOTE: ORT runs after the modelpress variants it is compared with
+        mine = [r for r in rows if TWINS.get(r[0]) == label and r[0] in SAME_WORK and r[4] is not None]
+        same = ", ".join(("yes" if np.array_equal(r[4], out) else f"no ({np.abs(r[4] - out).max():.2g})") for r in mine) or "-"
+    print(
+        f"| {label:32} | {figures['wall_s']:6.1f} | {figures.get('pass_s') or 0:6.1f} | {figures.get('verify_s') or 0:8.1f} | "
+        f"{(rss or 0) / 2**30:12.2f} | {((rss or 0) / model_bytes):10.2f}x | {out_bytes / 1e6:9.0f} | "
+        f"{_cosine(out, reference):14.6f} | {float(np.abs(out - reference).max()):11.4f} | {same:12} | {load_s:10.2f} |",
+        flush=True,
+    )
+
+
+def _print_ratios(rows: list) -> None:  # type: ignore[type-arg]
     ratios = []
     for mp_label, ort_label in TWINS.items():
         a = next((r for r in rows if r[0] == mp_label and "error" not in r[1]), None)
         b = next((r for r in rows if r[0] == ort_label and "error" not in r[1]), None)
         if a and b:
             ratios.append(f"{mp_label} / {ort_label}: wall {a[1]['wall_s'] / b[1]['wall_s']:.2f}x, peak RSS {a[1]['peak_rss'] / b[1]['peak_rss']:.2f}x")
-    print("\n" + "\n".join(ratios))
+    print("\n" + "\n".join(ratios), flush=True)
 
 
 if __name__ == "__main__":

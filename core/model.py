@@ -12,7 +12,7 @@ import collections
 import contextlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -304,6 +304,7 @@ class Model:
         """
         graph = node.graph or self.ir.graph
         graph.insert_before(node, new_nodes)
+        self._sync_names(new_nodes)
         old = node.outputs[0]
         output.shape = old.shape.copy() if old.shape is not None else None
         if output.type is None and isinstance(old.type, ir.TensorType):
@@ -316,6 +317,7 @@ class Model:
             owner = value.graph
             if value.is_initializer() and owner is not None and not list(value.uses()) and not value.is_graph_output():
                 owner.initializers.pop(value.name or "")
+        self._sync_names()  # NOTE: our own edit (a rescan per replaced layer made big passes slow)
 
     # -- whole-graph upkeep ------------------------------------------------------------------
     def infer_shapes(self, *, reset: bool = False) -> None:
@@ -435,9 +437,13 @@ class Model:
             self._names = (key, values, nodes)
         return self._names[1], self._names[2]
 
-    def _sync_names(self) -> None:
-        """Our own edit changed the graph's size; the cache already holds the names it used."""
+    def _sync_names(self, added: Sequence[ir.Node] = ()) -> None:
+        """Our own edit changed the graph's size; the cache already holds the names it used (and
+        takes those of ``added``, nodes that may not come from :meth:`new_node`)."""
         if self._names is not None:
+            for node in added:
+                self._names[2].add(node.name or "")
+                self._names[1].update(o.name for o in node.outputs if o.name)
             self._names = (self._graph_key(), self._names[1], self._names[2])
 
     def _unique_name(self, base: str, *, nodes: bool = False) -> str:

@@ -47,7 +47,7 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
             users.setdefault((id(layer.weight), layer.out_axis), []).append(layer)
     # NOTE: as in weight-only: a few threads quantize weights side by side (numpy releases the GIL),
     # each reading one weight from its file and dropping the float copy; results are emitted in order.
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = max(1, min(8, os.cpu_count() or 1))
     with ctx.progress("int8-dynamic", total=len(users)) as advance, ThreadPoolExecutor(workers) as pool:
         for group, quantized in zip(users.values(), pool.map(lambda g: _int8_weight(g[0], opts, grid), users.values()), strict=True):
             base = group[0].weight.name or group[0].name

@@ -454,7 +454,7 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     # NOTE: numpy releases the GIL in its heavy loops, so a few threads quantize layers side by side;
     # map() yields in order, each worker holds one chunk of one layer in float32, and each result is
     # emitted (packed, small) as soon as it arrives.
-    workers = max(1, min(4, os.cpu_count() or 1))
+    workers = max(1, min(8, os.cpu_count() or 1))
     with ctx.progress(f"int{opts.bits} weight-only", total=len(users)) as advance, ThreadPoolExecutor(workers) as pool:
         for group, qw in zip(users.values(), pool.map(work, users.values()), strict=True):
             before += qw.k * qw.n * 4

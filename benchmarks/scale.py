@@ -23,7 +23,9 @@ size, and the output's load time in ORT. All figures come from this one run.
 
 Needs only numpy, onnx, onnx-ir, onnxruntime, pluggy, rich and pyyaml (no torch, no network): when
 modelpress is not installed it is imported from this source tree, and when pydantic is missing the
-wheels in benchmarks/wheels/ (CPython 3.12, x86-64 Linux) are unpacked into a temporary folder.
+wheels in the folder named by ``MODELPRESS_BENCH_WHEELS`` (pydantic, pydantic_core,
+annotated_types, typing_inspection for that machine, fetched beforehand with ``pip download``)
+are unpacked into a temporary folder.
 """
 
 from __future__ import annotations
@@ -185,11 +187,11 @@ def _use_source_tree(root):
     sys.path.append(os.path.dirname(info))
 def _use_wheels(root):
     # NOTE: a machine without network and without pydantic (a core dependency): the wheels in
-    # benchmarks/wheels/ (pydantic and its dependencies for CPython 3.12 on x86-64 Linux) are unpacked
-    # into a temporary folder put first on sys.path.
+    # $MODELPRESS_BENCH_WHEELS (pydantic and its dependencies, downloaded for that machine) are
+    # unpacked into a temporary folder put first on sys.path.
     import glob, zipfile
     site = tempfile.mkdtemp(prefix="modelpress-bench-site-")
-    for wheel in glob.glob(os.path.join(root, "benchmarks", "wheels", "*.whl")):
+    for wheel in glob.glob(os.path.join(os.environ.get("MODELPRESS_BENCH_WHEELS", ""), "*.whl")):
         with zipfile.ZipFile(wheel) as z:
             z.extractall(site)
     sys.path.insert(0, site)

@@ -70,11 +70,15 @@ def smooth(model: Model, data: Dataset, ctx: PassContext, *, op_types: set[str],
             expected = x @ w
             act_max = np.maximum(np.abs(lo[group.input]), np.abs(hi[group.input]))
             w_max = np.abs(w).max(axis=1)
-            best = (_group_error(x, w, lo[group.input], hi[group.input], np.ones(len(w), np.float32), expected), 0.0, None)
+            live = act_max > 1e-6 * max(float(act_max.max()), 1e-30)
+            best: tuple[float, float, np.ndarray | None] = (_group_error(x, w, lo[group.input], hi[group.input], np.ones(len(w), np.float32), expected), 0.0, None)
             base = best[0]
             for alpha in np.linspace(0, max_alpha, steps + 1)[1:]:
                 s = (np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
-                s = np.clip(s, 1e-4, 1e4)
+                # NOTE: a channel silent in calibration (a border pixel) keeps a typical scale: a tiny s would blow
+                # up the values it does see later; all scales stay within 1e3 of the median.
+                typical = float(np.median(s[live])) if live.any() else 1.0
+                s = np.clip(np.where(live, s, typical), typical / 1e3, typical * 1e3).astype(np.float32)
                 err = _group_error(x, w, lo[group.input], hi[group.input], s, expected)
                 if err < best[0]:
                     best = (err, float(alpha), s)

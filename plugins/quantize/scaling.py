@@ -17,6 +17,7 @@ import numpy as np
 from modelpress.data import Dataset
 from modelpress.layers import WeightedLayer
 from modelpress.model import Model
+from modelpress.plugins.quantize.calibrate import calibration_batch
 from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["ROWS", "ScaleGroup", "apply_scales", "sample_rows", "scale_groups"]
@@ -77,8 +78,10 @@ def apply_scales(model: Model, group: ScaleGroup, s: np.ndarray, tag: str) -> No
 
 def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel min and max (over the last axis) of each named activation over ``data``, and a
-    sample of about ``ROWS`` of its rows (one ORT session, streamed batches)."""
+    sample of about ``ROWS`` of its rows (one ORT session, streamed in batches sized like calibration's,
+    so one batch's observed tensors fit its activation budget)."""
     session = make_session(with_outputs(model, names))
+    batch_size = calibration_batch(session, data, batch_size)
     outputs = [o.name for o in session.get_outputs()]
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}

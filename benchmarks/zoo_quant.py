@@ -8,9 +8,9 @@ judged per output by ``modelpress.criteria`` (agreement for class scores, cosine
 and maps) against the float model on held-out inputs, with the file size and single-thread
 latency relative to fp32. ONNX Runtime: ``quantize_static`` (QDQ, per-channel, best of the MinMax,
 Entropy and Percentile calibrators by the criteria), ``quantize_dynamic`` and
-``MatMulNBitsQuantizer`` (int4, block 32)::
+``MatMulNBitsQuantizer`` (int4, block 32, RTN and HQQ)::
 
-    nice -n 10 .venv/bin/python -m benchmarks.zoo_quant [--models minilm,ppocr-cls] [--quick]
+    nice -n 10 .venv/bin/python -m benchmarks.zoo_quant [--models minilm,ppocr-cls] [--quick] [--skip codebook,fp16] [--no-ort]
 """
 
 from __future__ import annotations
@@ -28,11 +28,16 @@ from benchmarks.quantize_vs_ort import _interleaved_latency, _peak_rss, _reset_p
 
 MODELS = ["minilm", "ppocr-cls", "yolov8n", "ppocr-det", "ppocr-rec", "silero-vad"]
 MP_METHODS: list[tuple[str, dict]] = [
+    ("int8-static", {"smoothquant": False}),
     ("int8-static", {}),
     ("int8-dynamic", {}),
     ("int8-weight-only", {}),
     ("int4-weight-only", {"block_size": 32}),
     ("int4-weight-only", {"block_size": 32, "algorithm": "gptq"}),
+    ("int4-weight-only", {"block_size": 32, "algorithm": "awq"}),
+    ("int4-weight-only", {"block_size": 32, "algorithm": "awq-gptq"}),
+    ("mixed-precision", {"target_size": 0.2, "algorithm": "awq-gptq"}),
+    ("mixed-precision", {"max_drop": 0.005}),
     ("codebook", {}),
     ("fp16", {}),
 ]
@@ -77,7 +82,10 @@ def _child(tool: str, method: str, source: str, target: str, calib: str, options
         result = modelpress.quantize(model, method, calibration=arrays, show_progress=False, **options)
         modelpress.export(result, target, verify=False)
         figures = result.provenance.passes[-1].figures
-        if "criteria_met" in figures:
+        if "layers_by_bits" in figures:
+            note = ", ".join(f"{v} {k}" for k, v in figures["layers_by_bits"].items())
+            note += "" if figures.get("criteria_met", True) else " (criteria missed)"
+        elif "criteria_met" in figures:
             note = f"{figures['quantized_nodes']} int8, {len(figures.get('weight_only_nodes', {}))} w-only, {len(figures['float_nodes'])} float"
             note += "" if figures["criteria_met"] else " (criteria missed)"
     elif tool == "ort-static":
@@ -104,11 +112,15 @@ def _child(tool: str, method: str, source: str, target: str, calib: str, options
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
         quantize_dynamic(source, target, weight_type=QuantType.QInt8, per_channel=True)
-    elif tool == "ort-nbits":
+    elif tool in ("ort-nbits", "ort-hqq"):
         import onnx
-        from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+        from onnxruntime.quantization.matmul_nbits_quantizer import (
+            HQQWeightOnlyQuantConfig,
+            MatMulNBitsQuantizer,
+        )
 
-        quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=32, is_symmetric=False)
+        hqq = HQQWeightOnlyQuantConfig(block_size=32) if tool == "ort-hqq" else None
+        quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=32, is_symmetric=False, algo_config=hqq)
         quantizer.process()
         quantizer.model.save_model_to_file(target, use_external_data_format=False)
     after = resource.getrusage(resource.RUSAGE_SELF)
@@ -148,7 +160,7 @@ def _judge(path: Path, criteria: list, expected: list[np.ndarray], feeds: dict[s
     return text, value if metric != "relative_error" else -value
 
 
-def run_model(name: str, folder: Path, quick: bool) -> None:
+def run_model(name: str, folder: Path, quick: bool, skip: set[str] = frozenset(), ort_tools: bool = True) -> None:  # type: ignore[assignment]
     import onnxruntime as ort
 
     import modelpress
@@ -167,12 +179,14 @@ def run_model(name: str, folder: Path, quick: bool) -> None:
     print(f"\n## {name} ({source.stat().st_size / 1e6:.1f} MB; outputs judged as {kinds})\n")
     rows: list[tuple[str, Path, dict]] = []
     for method, options in MP_METHODS:
+        if method in skip:
+            continue
         label = f"modelpress {method}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
         target = folder / f"{name}-mp-{len(rows)}.onnx"
         result = _quantize("modelpress", method, source, target, calib_path, options)
         rows.append((label, target, result or {"failed": True}))
     best: tuple[float, tuple[str, Path, dict]] | None = None
-    for calibrator in ORT_CALIBRATORS[:1] if quick else ORT_CALIBRATORS:
+    for calibrator in [] if not ort_tools else ORT_CALIBRATORS[:1] if quick else ORT_CALIBRATORS:
         target = folder / f"{name}-ort-static-{calibrator}.onnx"
         result = _quantize("ort-static", calibrator, source, target, calib_path, {})
         if result is None:
@@ -180,11 +194,13 @@ def run_model(name: str, folder: Path, quick: bool) -> None:
         score = _judge(target, criteria, expected, evaluation)[1]
         if best is None or score > best[0]:
             best = (score, (f"ORT quantize_static ({calibrator}, best)", target, result))
-    rows.append(best[1] if best else ("ORT quantize_static", folder / "none.onnx", {"failed": True}))
-    rows.append(("ORT quantize_dynamic", folder / f"{name}-ort-dynamic.onnx", {}))
-    rows[-1] = (rows[-1][0], rows[-1][1], _quantize("ort-dynamic", "", source, rows[-1][1], calib_path, {}) or {"failed": True})
-    rows.append(("ORT MatMulNBits int4 (block 32)", folder / f"{name}-ort-nbits.onnx", {}))
-    rows[-1] = (rows[-1][0], rows[-1][1], _quantize("ort-nbits", "", source, rows[-1][1], calib_path, {}) or {"failed": True})
+    if ort_tools:
+        rows.append(best[1] if best else ("ORT quantize_static", folder / "none.onnx", {"failed": True}))
+    for label, tool, file in [] if not ort_tools else [("ORT quantize_dynamic", "ort-dynamic", "ort-dynamic"),
+                                                       ("ORT MatMulNBits int4 (block 32)", "ort-nbits", "ort-nbits"),
+                                                       ("ORT MatMulNBits int4 HQQ (block 32)", "ort-hqq", "ort-hqq")]:
+        target = folder / f"{name}-{file}.onnx"
+        rows.append((label, target, _quantize(tool, "", source, target, calib_path, {}) or {"failed": True}))
 
     ok = [(label, path, r) for label, path, r in rows if not r.get("failed")]
     latency_feeds = {k: v[:1] for k, v in evaluation.items()}
@@ -208,10 +224,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--quick", action="store_true", help="16 samples, one ORT calibrator")
+    parser.add_argument("--skip", default="", help="modelpress methods to leave out, e.g. codebook,fp16")
+    parser.add_argument("--no-ort", action="store_true", help="modelpress methods only (no ONNX Runtime tools)")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zoo-quant-") as tmp:
         for name in args.models.split(","):
-            run_model(name, Path(tmp), args.quick)
+            run_model(name, Path(tmp), args.quick, set(filter(None, args.skip.split(","))), not args.no_ort)
 
 
 if __name__ == "__main__":

@@ -727,7 +727,7 @@ def _add_quantize(sub: Any, argv: Sequence[str]) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("-m", "--method", default="int8-static", help="quantize method (default: int8-static)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
-    p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse"), help="int8-static: activation range calibrator")
+    p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse", "auto"), help="int8-static: activation range calibrator (auto: per tensor, by the error it causes)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
     p.add_argument("--accept-loss", action="store_true",

@@ -39,7 +39,7 @@ def _error(result: modelpress.Model, x: np.ndarray, expected: np.ndarray, path) 
 def test_smoothquant_migrates_outlier_channels_into_the_weights(tmp_path):
     model, x, expected = _mlp(tmp_path)
     before = model.initializer("w1").const_value.numpy().copy()
-    plain = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, show_progress=False)
+    plain = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=False, show_progress=False)
     smooth = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=True, show_progress=False)
     figures = smooth.provenance.passes[-1].figures
     assert 0 < figures["smoothquant_alpha"]["x"] <= 0.8 and figures["smoothquant_error_ratio"] < 0.9
@@ -52,6 +52,19 @@ def test_smoothquant_migrates_outlier_channels_into_the_weights(tmp_path):
     np.testing.assert_array_equal(model.initializer("w1").const_value.numpy(), before)  # the input model is untouched
 
 
+def test_auto_calibrator_picks_per_tensor_by_measured_error(tmp_path):
+    model, x, expected = _mlp(tmp_path)
+    errors, chosen = {}, {}
+    for calibrator in ("percentile", "entropy", "auto"):
+        result = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=False,
+                                     calibrator=calibrator, show_progress=False)
+        errors[calibrator] = _error(result, x, expected, tmp_path / f"{calibrator}.onnx")
+        chosen[calibrator] = result.provenance.passes[-1].figures.get("calibrators_chosen")
+    assert sum(chosen["auto"].values()) == 2 and chosen["percentile"] is None  # fc1's and fc2's inputs
+    assert errors["entropy"] > 2 * errors["percentile"]  # entropy clips the planted outliers: a bad choice here
+    assert errors["auto"] <= errors["percentile"] * 1.001
+
+
 def test_awq_beats_round_to_nearest_and_keeps_the_function(tmp_path):
     model, x, expected = _mlp(tmp_path)
     rtn = modelpress.quantize(model, "int4-weight-only", block_size=32, show_progress=False)
@@ -59,6 +72,9 @@ def test_awq_beats_round_to_nearest_and_keeps_the_function(tmp_path):
     figures = awq.provenance.passes[-1].figures
     assert figures["awq_alpha"] and figures["awq_error_ratio"] < 1
     assert _error(awq, x, expected, tmp_path / "a.onnx") < 0.85 * _error(rtn, x, expected, tmp_path / "r.onnx")
+    gptq = modelpress.quantize(model, "int4-weight-only", block_size=32, algorithm="gptq", calibration={"x": x}, show_progress=False)
+    both = modelpress.quantize(model, "int4-weight-only", block_size=32, algorithm="awq-gptq", calibration={"x": x}, show_progress=False)
+    assert _error(both, x, expected, tmp_path / "b.onnx") < 0.85 * _error(gptq, x, expected, tmp_path / "g.onnx")
     with pytest.raises(ModelpressError, match="calibration"):
         modelpress.quantize(model, "int4-weight-only", algorithm="awq", show_progress=False)
 

@@ -51,7 +51,9 @@ def search_alpha(w: np.ndarray, hessian: np.ndarray, fake_quantize: Callable[[np
 def awq_scale(model: Model, groups: list[ScaleGroup], hessians: dict[str, np.ndarray],
               fake_quantize: Callable[[np.ndarray], np.ndarray], grid: int, ctx: PassContext) -> dict[str, float]:
     """Search and apply AWQ scales to each group of ``model`` (edited in place); returns the chosen
-    ``alpha`` per group input (groups left unscaled are absent)."""
+    ``alpha`` per group input (groups left unscaled are absent). ``hessians`` gains the statistics
+    of each rescaled input (``H / (s s^T)``, under the name of the ``Mul`` output the layers now
+    read), so GPTQ can run on the rescaled weights (``algorithm="awq-gptq"``)."""
     chosen: dict[str, float] = {}
     gains: list[float] = []
     with ctx.progress("AWQ scale search", total=len(groups)) as advance:
@@ -61,6 +63,9 @@ def awq_scale(model: Model, groups: list[ScaleGroup], hessians: dict[str, np.nda
                 alpha, s, before, after = search_alpha(group.matrix(), h, fake_quantize, grid)
                 if alpha > 0:
                     apply_scales(model, group, s, "awq")
+                    scaled = group.layers[0].node.inputs[0]
+                    if scaled is not None and scaled.name:
+                        hessians[scaled.name] = h / np.outer(s, s)
                     chosen[group.input] = alpha
                     gains.append(after / max(before, 1e-30))
             advance(1)

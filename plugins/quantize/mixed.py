@@ -59,7 +59,7 @@ class MixedPrecisionOptions(Options):
     target_size: float | None = Field(None, gt=0, description="size budget for the weights: bytes (> 1) or a ratio of the model's weight bytes (<= 1)")
     max_drop: float | None = Field(None, gt=0, lt=1, description="largest accepted drop on the calibration data: cosine/agreement >= 1 - max_drop, relative error <= max_drop")
     block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="rows of K sharing one scale in the int4 and int8 blocks")
-    algorithm: Literal["rtn", "gptq", "awq"] = Field("rtn", description="how the int4 layers are quantized (see int4-weight-only)")
+    algorithm: Literal["rtn", "gptq", "awq", "awq-gptq"] = Field("rtn", description="how the int4 layers are quantized (see int4-weight-only)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Gather", "Conv"], description="op types whose weights are candidates")
     exclude: list[str] = Field(default_factory=list, description="node names kept in float")
     min_elements: int = Field(1024, ge=1, description="weights smaller than this stay float")
@@ -99,6 +99,7 @@ def _candidates(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> 
     wo = WeightOnlyOptions(bits=4, block_size=opts.block_size, op_types=opts.op_types, exclude=opts.exclude,
                            min_elements=opts.min_elements, max_samples=opts.max_samples)
     layers, skipped = _select(model, wo)
+    skipped.update({layer.name: "inside control flow: not scored, kept in float" for layer in layers if layer.scope})
     layers = [layer for layer in layers if not layer.scope]
     out: list[_Candidate] = []
     if layers:

@@ -14,10 +14,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from modelpress.data import Dataset
 from modelpress.layers import WeightedLayer
 from modelpress.model import Model
+from modelpress.plugins.quantize.calibrate import calibration_batch
+from modelpress.runtime import make_session, with_outputs
 
-__all__ = ["ScaleGroup", "apply_scales", "scale_groups"]
+__all__ = ["ROWS", "ScaleGroup", "apply_scales", "sample_rows", "scale_groups"]
+
+ROWS = 1024  # calibration rows kept per activation for the searches that use them
 
 
 @dataclass
@@ -69,3 +74,28 @@ def apply_scales(model: Model, group: ScaleGroup, s: np.ndarray, tag: str) -> No
     assert x is not None
     inverse = model.add_initializer(f"{group.input}_{tag}_scale", (1.0 / s).astype(np.float32))
     model.insert_after(x, "Mul", [inverse], name=f"{group.input}_{tag}", consumers=[layer.node for layer in group.layers])
+
+
+def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Per-channel min and max (over the last axis) of each named activation over ``data``, and a
+    sample of about ``ROWS`` of its rows (one ORT session, streamed in batches sized like calibration's,
+    so one batch's observed tensors fit its activation budget)."""
+    session = make_session(with_outputs(model, names))
+    batch_size = calibration_batch(session, data, batch_size)
+    outputs = [o.name for o in session.get_outputs()]
+    lo: dict[str, np.ndarray] = {}
+    hi: dict[str, np.ndarray] = {}
+    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    rng = np.random.default_rng(0)
+    batches = max(1, -(-len(data) // batch_size))
+    per_batch = -(-ROWS // batches)
+    for feeds in data.batches(batch_size):
+        results = session.run(None, feeds)
+        for name in names:
+            x = np.asarray(results[outputs.index(name)], np.float32)
+            x = x.reshape(-1, x.shape[-1])
+            lo[name] = np.minimum(lo[name], x.min(axis=0)) if name in lo else x.min(axis=0)
+            hi[name] = np.maximum(hi[name], x.max(axis=0)) if name in hi else x.max(axis=0)
+            rows[name].append(x[rng.choice(len(x), size=min(per_batch, len(x)), replace=False)])
+        del results
+    return lo, hi, {n: np.concatenate(r) for n, r in rows.items() if r}

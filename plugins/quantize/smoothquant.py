@@ -18,35 +18,13 @@ import numpy as np
 from modelpress.data import Dataset
 from modelpress.methods import PassContext
 from modelpress.model import Model
-from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, scale_groups
-from modelpress.runtime import make_session, with_outputs
+from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
 
 __all__ = ["smooth"]
 
-_ROWS = 1024  # calibration rows per activation kept for the alpha search
-
-
-def _capture(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
-    """Per-channel min and max of each named activation over ``data``, and a sample of its rows."""
-    session = make_session(with_outputs(model, names))
-    outputs = [o.name for o in session.get_outputs()]
-    lo: dict[str, np.ndarray] = {}
-    hi: dict[str, np.ndarray] = {}
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
-    rng = np.random.default_rng(0)
-    batches = max(1, -(-len(data) // batch_size))
-    per_batch = -(-_ROWS // batches)
-    for feeds in data.batches(batch_size):
-        results = session.run(None, feeds)
-        for name in names:
-            x = np.asarray(results[outputs.index(name)], np.float32)
-            x = x.reshape(-1, x.shape[-1])
-            lo[name] = np.minimum(lo[name], x.min(axis=0)) if name in lo else x.min(axis=0)
-            hi[name] = np.maximum(hi[name], x.max(axis=0)) if name in hi else x.max(axis=0)
-            rows[name].append(x[rng.choice(len(x), size=min(per_batch, len(x)), replace=False)])
-        del results
-    return lo, hi, {n: np.concatenate(r) for n, r in rows.items() if r}
-
+# NOTE: a group with fewer weights than this is left alone: its Mul and the extra Q/DQ cost more bytes
+# and time than the few weights gain (a 16x16 layer's scales and nodes are a tenth of its size).
+MIN_ELEMENTS = 4096
 
 def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -76,10 +54,10 @@ def smooth(model: Model, data: Dataset, ctx: PassContext, *, op_types: set[str],
     smoothed input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
     result = model.clone()
     layers = [layer for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"}) if layer.name not in exclude]
-    groups: list[ScaleGroup] = scale_groups(layers)
+    groups: list[ScaleGroup] = [g for g in scale_groups(layers) if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS]
     if not groups:
         return model
-    lo, hi, samples = _capture(model, [g.input for g in groups], data, batch_size)
+    lo, hi, samples = sample_rows(model, [g.input for g in groups], data, batch_size)
     chosen: dict[str, float] = {}
     ratios: list[float] = []
     with ctx.progress("SmoothQuant scale search", total=len(groups)) as advance:
@@ -92,11 +70,15 @@ def smooth(model: Model, data: Dataset, ctx: PassContext, *, op_types: set[str],
             expected = x @ w
             act_max = np.maximum(np.abs(lo[group.input]), np.abs(hi[group.input]))
             w_max = np.abs(w).max(axis=1)
-            best = (_group_error(x, w, lo[group.input], hi[group.input], np.ones(len(w), np.float32), expected), 0.0, None)
+            live = act_max > 1e-6 * max(float(act_max.max()), 1e-30)
+            best: tuple[float, float, np.ndarray | None] = (_group_error(x, w, lo[group.input], hi[group.input], np.ones(len(w), np.float32), expected), 0.0, None)
             base = best[0]
             for alpha in np.linspace(0, max_alpha, steps + 1)[1:]:
                 s = (np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
-                s = np.clip(s, 1e-4, 1e4)
+                # NOTE: a channel silent in calibration (a border pixel) keeps a typical scale: a tiny s would blow
+                # up the values it does see later; all scales stay within 1e3 of the median.
+                typical = float(np.median(s[live])) if live.any() else 1.0
+                s = np.clip(np.where(live, s, typical), typical / 1e3, typical * 1e3).astype(np.float32)
                 err = _group_error(x, w, lo[group.input], hi[group.input], s, expected)
                 if err < best[0]:
                     best = (err, float(alpha), s)

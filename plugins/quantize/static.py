@@ -45,6 +45,7 @@ from modelpress.plugins.quantize.calibrate import (
     choose_range,
     collect_stats,
 )
+from modelpress.plugins.quantize.calibrator_choice import choose_calibrators
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
@@ -62,7 +63,7 @@ _TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsque
 
 
 class Int8StaticOptions(Options):
-    calibrator: Literal["minmax", "percentile", "entropy", "mse"] = Field("percentile", description="how activation ranges are chosen: " + ", ".join(CALIBRATORS))
+    calibrator: Literal["minmax", "percentile", "entropy", "mse", "auto"] = Field("percentile", description="how activation ranges are chosen: " + ", ".join(CALIBRATORS) + "; auto: per tensor, the one whose range gives the smallest error of the MatMul/Gemm outputs it feeds (others: percentile)")
     percentile: float = Field(99.999, gt=50, le=100, description="percentile of |x| kept by the percentile calibrator")
     per_channel: bool = Field(True, description="one weight scale per output channel (False: per tensor)")
     activation_type: Literal["uint8", "int8"] = Field("uint8", description="integer type of activations")
@@ -83,7 +84,7 @@ class Int8StaticOptions(Options):
     fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
     max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
     embedding_tables: bool = Field(True, description="store Gather embedding tables as int8 (one scale per row) behind a DequantizeLinear")
-    smoothquant: bool = Field(False, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by 1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, no migration, is a candidate)")
+    smoothquant: bool = Field(True, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by 1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, no migration, is a candidate)")
     smoothquant_max_alpha: float = Field(0.8, gt=0, le=1, description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))")
     smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
@@ -367,7 +368,11 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     out_tensors = {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
     axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in candidates}
     stats = collect_stats(model, names, data, ctx, histogram=opts.calibrator != "minmax", channel_axes=axes, batch_size=opts.batch_size)
-    act = {name: _act_params(s, opts, grid) for name, s in stats.items()}
+    base = opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
+    act = {name: _act_params(s, base, grid) for name, s in stats.items()}
+    if opts.calibrator == "auto":
+        act = choose_calibrators(model, stats, candidates, data, lambda s, c: _act_params(s, opts.model_copy(update={"calibrator": c}), grid),
+                                 act, signed=grid.signed, batch_size=opts.batch_size, ctx=ctx)
     plans = {
         layer.name: _plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name])
         for layer in candidates

@@ -11,7 +11,8 @@ column gets its own scale (and zero point when asymmetric). Activations stay flo
 Algorithms: ``rtn`` (round to nearest), ``mse`` (per-block search of the clipping range that
 minimises the squared weight error, no data needed) and ``gptq`` (second-order error
 compensation from calibration activations, Frantar et al.) and ``awq`` (activation-aware
-per-input-channel scaling searched on calibration data, then round to nearest: :mod:`.awq`).
+per-input-channel scaling searched on calibration data, then round to nearest: :mod:`.awq`;
+``awq-gptq``: the same scaling, then GPTQ).
 """
 
 from __future__ import annotations
@@ -47,7 +48,7 @@ class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
     block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
-    algorithm: Literal["rtn", "mse", "gptq", "awq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data; awq: activation-aware per-channel scaling searched on calibration data, then round to nearest")
+    algorithm: Literal["rtn", "mse", "gptq", "awq", "awq-gptq"] = Field("rtn", description="rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data; awq: activation-aware per-channel scaling searched on calibration data, then round to nearest; awq-gptq: AWQ scaling, then GPTQ")
     format: Literal["qdq", "matmulnbits"] = Field("qdq", description="DequantizeLinear (opset 21) or ORT's MatMulNBits contrib op")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
@@ -310,7 +311,7 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
         if opts.algorithm in ("rtn", "awq"):  # NOTE: awq's scales are already in the weight (awq.py)
             return _pack_layer(matrix, _rtn_chunks(matrix, opts), opts)
         full = np.asarray(matrix, np.float32)
-        if opts.algorithm == "gptq":
+        if opts.algorithm in ("gptq", "awq-gptq"):
             assert hessian is not None
             q, s, z = _gptq(full, hessian, opts)
         else:
@@ -434,10 +435,9 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
                              min_elements=opts.min_elements, exclude=set(opts.exclude))
     if not layers and not tables.done:
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
-    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm in ("gptq", "awq") and layers else {}
-    if opts.algorithm == "awq" and layers:
+    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm in ("gptq", "awq", "awq-gptq") and layers else {}
+    if opts.algorithm in ("awq", "awq-gptq") and layers:
         ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
-        hessians = {}
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}

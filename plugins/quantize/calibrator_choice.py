@@ -1,0 +1,90 @@
+"""``calibrator="auto"`` for int8-static: each activation's range chosen by the error it causes.
+
+One calibrator rarely suits every tensor: ``percentile`` keeps a GELU output's long tail, ``entropy``
+clips it hard, ``minmax`` wastes the grid on one outlier. For every activation that feeds weighted
+MatMul/Gemm layers, each calibrator's range (``minmax``, ``percentile``, ``entropy``, ``mse``,
+from the histograms calibration already collected) is tried on a sample of calibration rows, and
+the one with the smallest error *of the layers' outputs* (activation quantized with that range,
+weights int8 per channel) wins. Other tensors (Conv inputs, attention MatMul operands,
+element-wise inputs, outputs) keep ``percentile``. Figures: ``calibrators_chosen`` (how many tensors took each).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+
+import numpy as np
+
+from modelpress.data import Dataset
+from modelpress.layers import WeightedLayer
+from modelpress.methods import PassContext
+from modelpress.model import Model
+from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats
+from modelpress.plugins.quantize.scaling import sample_rows
+
+__all__ = ["choose_calibrators"]
+
+Params = tuple[np.ndarray, np.ndarray]
+
+
+def _fake_weight(w: np.ndarray) -> np.ndarray:
+    """Per output channel (columns of ``w[K, N]``) symmetric int8."""
+    scale = np.abs(w).max(axis=0) / 127
+    scale = np.where(scale > 0, scale, 1.0)
+    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
+
+
+def _fake_act(x: np.ndarray, params: Params, signed: bool) -> np.ndarray:
+    scale, zero = (np.asarray(p, np.float64) for p in params)
+    lo, hi = (-128, 127) if signed else (0, 255)
+    return ((np.clip(np.round(x / scale) + zero, lo, hi) - zero) * scale).astype(np.float32)
+
+
+def _as_kn(layer: WeightedLayer) -> np.ndarray | None:
+    """The layer's weight as ``[K, N]`` for a row-wise product with its input's last axis, or None
+    for a Conv (its input channels are not the last axis: its input keeps ``percentile``)."""
+    if layer.op_type == "Conv":
+        return None
+    w = layer.weight_array().astype(np.float32)
+    if w.ndim != 2:
+        return None
+    return w.T if layer.out_axis == 0 else w
+
+
+def choose_calibrators(model: Model, stats: dict[str, TensorStats], layers: list[WeightedLayer], data: Dataset,
+                       params: Callable[[TensorStats, str], Params], act: dict[str, Params], *, signed: bool,
+                       batch_size: int, ctx: PassContext) -> dict[str, Params]:
+    """``act`` with the inputs of ``layers`` re-ranged by the calibrator of smallest output error."""
+    groups: dict[str, list[np.ndarray]] = {}
+    for layer in layers:
+        x = layer.node.inputs[0]
+        w = _as_kn(layer)
+        if x is not None and x.name and x.name in stats and w is not None and stats[x.name].hist.any():
+            groups.setdefault(x.name, []).append(w)
+    if not groups:
+        return act
+    _, _, samples = sample_rows(model, list(groups), data, batch_size)
+    chosen: dict[str, str] = {}
+    result = dict(act)
+    with ctx.progress("choosing calibrators", total=len(groups)) as advance:
+        for name, weights in groups.items():
+            x = samples.get(name)
+            if x is None or not len(x) or x.shape[1] != weights[0].shape[0]:
+                advance(1)
+                continue
+            w = np.concatenate(weights, axis=1)
+            expected = x @ w
+            wq = _fake_weight(w)
+            best: tuple[float, str, Params] | None = None
+            for calibrator in CALIBRATORS:
+                candidate = params(stats[name], calibrator)
+                err = float(np.mean((_fake_act(x, candidate, signed) @ wq - expected).astype(np.float64) ** 2))
+                if best is None or err < best[0]:
+                    best = (err, calibrator, candidate)
+            assert best is not None
+            result[name] = best[2]
+            chosen[name] = best[1]
+            advance(1)
+    ctx.figures["calibrators_chosen"] = dict(Counter(chosen.values()))
+    return result

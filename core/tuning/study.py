@@ -230,6 +230,8 @@ def tune(
     (accuracy 0.01 = one point; for ``mse`` the largest allowed increase). Always returns: when the
     budget runs out, nothing meets the criterion or Ctrl-C is pressed, the best configuration so
     far (``meets`` says whether it meets) is exported, verified and reported in ``output``.
+    Trials run in Ray worker processes kept from trial to trial (``fresh_workers=True``: a new
+    process per trial; slower, same results).
     """
     from modelpress.loading import load
 

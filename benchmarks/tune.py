@@ -129,9 +129,13 @@ def _tune_timed(path: Path, files: dict[str, Path], name: str, trials: int, work
     for t in ran:
         for phase, spent in t.timing.get("phases", {}).items():
             phases[phase] = phases.get(phase, 0.0) + spent["cpu"]
-    # NOTE: a worker's CPU before its first job is its start-up and imports (Ray, modelpress, ORT)
-    starts = sum(t.timing.get("cpu_before", 0.0) for t in ran if t.timing.get("earlier_jobs") == 0)
-    return {"result": result, "wall": wall, "driver": driver, "ran": ran, "phases": phases, "starts": starts,
+    # NOTE: a worker's CPU at the end of its last trial: its start-up, imports, the sensitivity job and every trial it ran
+    workers: dict[int, float] = {}
+    for t in ran:
+        if t.timing:
+            workers[t.timing["pid"]] = max(workers.get(t.timing["pid"], 0.0), t.timing["cpu_before"] + t.timing["cpu"])
+    wrapper = sum(t.timing.get("cpu_setup", 0.0) + t.timing.get("cpu_cleanup", 0.0) for t in ran)
+    return {"result": result, "wall": wall, "driver": driver, "ran": ran, "phases": phases, "workers_cpu": sum(workers.values()), "wrapper": wrapper,
             "workers_used": len({t.timing.get("pid") for t in ran if t.timing}), "busy": sum(t.seconds or 0 for t in ran),
             "job_cpu": sum(t.timing.get("cpu", 0.0) for t in ran), "load": (load_before + os.getloadavg()[0]) / 2,
             "configs": [json.dumps(t.config, sort_keys=True) for t in sorted(ran, key=lambda t: t.number)]}
@@ -147,17 +151,18 @@ def _speedup(name: str, path: Path, files: dict[str, Path], two: dict, folder: P
                     if p in ("import", "load", "probe", "passes", "export", "latency", "metric") else 99)
     lines = [f"\n{name}: 1 vs 2 Ray workers on {len(two['ran'])} trials, {'the same configurations in both' if same else 'NOT the same configurations'} "
              f"(the 1-worker study replays the 2-worker study's)",
-             f"  {'workers':>7s} {'wall (s)':>8s} {'in flight':>9s} {'load avg':>8s} | CPU seconds: {'trials':>6s} {'worker start':>12s} {'driver':>6s} | "
-             + " ".join(f"{p:>7s}" for p in phases)]
+             f"  {'workers':>7s} {'wall (s)':>8s} {'in flight':>9s} {'load avg':>8s} | CPU seconds: {'workers':>11s} {'trials':>6s} {'wrapper':>7s} "
+             f"{'driver':>6s} | " + " ".join(f"{p:>7s}" for p in phases)]
     for workers, run in ((2, two), (1, one)):
-        lines.append(f"  {workers:7d} {run['wall']:8.1f} {run['busy'] / run['wall']:9.2f} {run['load']:8.1f} |              {run['job_cpu']:6.1f} "
-                     f"{run['starts']:8.1f} ({run['workers_used']}) {run['driver']:6.1f} | " + " ".join(f"{run['phases'].get(p, 0.0):7.2f}" for p in phases))
+        lines.append(f"  {workers:7d} {run['wall']:8.1f} {run['busy'] / run['wall']:9.2f} {run['load']:8.1f} |              {run['workers_cpu']:6.1f} "
+                     f"({run['workers_used']}) {run['job_cpu']:6.1f} {run['wrapper']:7.2f} {run['driver']:6.1f} | "
+                     + " ".join(f"{run['phases'].get(p, 0.0):7.2f}" for p in phases))
     ratio = one["wall"] / two["wall"]
     lines.append(f"  speed-up with 2 workers: {ratio:.2f}x ({'meets' if ratio >= 1.6 else 'misses'} the 1.6x target for a 2-core machine; "
                  f"this machine has {os.cpu_count()} cores, load average {two['load']:.1f} / {one['load']:.1f} during the runs)")
-    lines.append("  (in flight: trial-seconds per wall second; CPU 'trials': the jobs' own CPU, by phase on the right; 'worker start': CPU a worker "
-                 "spent before its first job (start-up, imports), number of worker processes in brackets; 'driver': this process: Optuna/SQLite, "
-                 "baseline, final export)")
+    lines.append("  (in flight: trial-seconds per wall second. CPU seconds: 'workers': the worker processes in all (start-up, imports, "
+                 "the sensitivity job, trials), their number in brackets; 'trials': the trial jobs, by phase on the right, 'wrapper' of it "
+                 "the executor's own part (fetching arguments, GC); 'driver': this process (Optuna/SQLite, the baseline, the best's export))")
     return lines
 
 

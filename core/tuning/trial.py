@@ -30,7 +30,10 @@ def prepare_worker(torch: bool = False) -> None:
 
     get_registry()
     if torch:
-        import torch as _torch  # noqa: F401
+        import torch as _torch
+
+        weight = _torch.zeros(2, 2, requires_grad=True)  # NOTE: autograd's first backward pass sets up its engine
+        (weight * 2).sum().backward()
 
 
 class _Laps:

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 import yaml
 
@@ -242,3 +243,33 @@ def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path,
     assert result.best is None and "no trial completed" in (tmp_path / "mem" / "report.md").read_text()
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=1, trial_timeout=0.01, output=tmp_path / "time", show_progress=False)
     assert result.trials[0].status == "failed" and "time limit" in result.trials[0].error
+
+
+def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_mlp_path, data, tmp_path):
+    # int8-static calibrations (histograms, percentiles, entropy): state a reused worker carried over would show in these numbers
+    recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy", "percentile"]}, "per_channel": {"search": [True, False]},
+                                      "sensitivity": False})
+    runs = {}
+    for fresh in (True, False):
+        result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=4, workers=1, fresh_workers=fresh, output=tmp_path / f"fresh-{fresh}",
+                                 keep_trial_models=True, show_progress=False)
+        runs[fresh] = [t for t in result.trials if t.status == "ok"]
+        assert len(runs[fresh]) == 4
+    for a, b in zip(runs[True], runs[False], strict=True):
+        assert a.config == b.config and a.metric == b.metric
+        # the same graph and weights, byte for byte (the provenance metadata holds each run's own timings)
+        graphs = [onnx.load(tmp_path / f"fresh-{fresh}" / "trials" / f"trial-{t.number:04d}.onnx").graph for fresh, t in ((True, a), (False, b))]
+        assert graphs[0].SerializeToString() == graphs[1].SerializeToString()
+    # fresh: a new process per trial; reused: the workers ran earlier jobs (and so skipped their start-up and imports)
+    assert all(t.timing["earlier_jobs"] == 0 for t in runs[True]) and len({t.timing["pid"] for t in runs[True]}) == 4
+    assert sum(t.timing["earlier_jobs"] > 0 for t in runs[False]) >= 2 and len({t.timing["pid"] for t in runs[False]}) <= 2
+    # where each trial's time went is recorded, phase by phase
+    assert all(t.timing["phases"]["passes"]["cpu"] > 0 and "metric" in t.timing["phases"] for t in runs[False])
+
+
+def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
+    from modelpress.tuning.study import measure_sensitivity
+
+    ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), (data / "calib.npz").read_bytes())
+    layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
+    assert set(ranking) == layers

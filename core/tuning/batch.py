@@ -127,12 +127,16 @@ def compress_batch(
     rows: dict[int, BatchRow] = {}
     interrupted = False
     try:
-        for i, (path, stem) in enumerate(zip(paths, _stems([str(m) for m in models]), strict=True)):
-            folder = out / stem
-            rows[i] = BatchRow(model=str(models[i]), status="running", output=str(folder / f"{stem}.onnx"))
-            executor.submit(i, _compress_one, path, raw, base_dir, str(folder / f"{stem}.onnx"), str(folder), timeout_s=timeout, memory_mb=memory_mb)
-        while executor.running:
-            for outcome in executor.wait(0.5):
+        pending = list(zip(range(len(paths)), paths, _stems([str(m) for m in models]), strict=True))
+        for i, _, stem in pending:
+            rows[i] = BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx"))
+        while pending or executor.running:
+            # NOTE: no more jobs than workers at a time: a job's time limit counts from its submission
+            while pending and len(executor.running) < executor.workers:
+                i, path, stem = pending.pop(0)
+                rows[i].status = "running"
+                executor.submit(i, _compress_one, path, raw, base_dir, rows[i].output, str(out / stem), timeout_s=timeout, memory_mb=memory_mb)
+            for outcome in executor.wait(1.0):
                 row = rows[outcome.job.key]
                 row.seconds = round(outcome.seconds, 2)
                 if outcome.ok:
@@ -145,6 +149,9 @@ def compress_batch(
         interrupted = True
         for job in executor.cancel_all():
             rows[job.key].status, rows[job.key].output = "interrupted", ""
+        for row in rows.values():
+            if row.status == "pending":
+                row.status, row.output = "interrupted", ""
     finally:
         executor.shutdown()
     result = BatchResult([rows[i] for i in sorted(rows)], out, interrupted)

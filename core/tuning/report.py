@@ -31,6 +31,8 @@ class TrialRecord:
     session: str = ""
     figures: list[dict[str, Any]] = field(default_factory=list)
     latency_alone_ms: float | None = None
+    # NOTE: where a trial's time went (see Outcome.timing and run_trial's phases): CPU seconds are load-independent
+    timing: dict[str, Any] = field(default_factory=dict)
 
     def options(self) -> str:
         parts = []

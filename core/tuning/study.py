@@ -31,7 +31,7 @@ from modelpress.tuning.progress import TrialBoard
 from modelpress.tuning.report import TrialRecord, TuneReport, pareto_front
 from modelpress.tuning.space import SearchSpace, _encode, default_space, space_from_recipe
 from modelpress.tuning.strategy import Plan, Strategy, config_key, pick_best
-from modelpress.tuning.trial import METRICS_LOWER_IS_BETTER, drop, run_trial
+from modelpress.tuning.trial import METRICS_LOWER_IS_BETTER, drop, prepare_worker, run_trial
 
 __all__ = ["TuneResult", "parse_budget", "tune"]
 
@@ -104,8 +104,24 @@ def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
     return out
 
 
+@dataclass
+class _Snapshot:
+    """What the study holds for one trial, mirrored here: the run reads this, not the database."""
+
+    number: int
+    state: Any
+    values: list[float] | None
+    user_attrs: dict[str, Any]
+
+
 class _Study:
-    """The Optuna study plus the bookkeeping of one tune run."""
+    """The Optuna study plus the bookkeeping of one tune run.
+
+    The run reads the study's trials once and then keeps its own mirror up to date as it writes
+    (this run is the study's only writer): the driver does not query the database in its loop,
+    only writes to it. SQLite runs in WAL mode with normal sync (a commit is not an fsync; a
+    killed run still resumes from every committed write).
+    """
 
     def __init__(self, storage: str, name: str, directions: list[str], objective: Objective, seed: int):
         import optuna
@@ -115,30 +131,68 @@ class _Study:
         sampler = (optuna.samplers.NSGAIISampler(seed=seed, population_size=8) if objective == "both"
                    else optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
         try:
-            self.study = optuna.create_study(storage=storage, study_name=name, directions=directions,  # type: ignore[arg-type]
+            store = _storage(optuna, storage)
+            self.study = optuna.create_study(storage=store, study_name=name, directions=directions,  # type: ignore[arg-type]
                                              sampler=sampler, load_if_exists=True)
         except Exception as exc:
             raise ModelpressError(f"cannot open the study {name!r} in {storage!r}: {exc}") from None
         if list(self.study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]:
             raise OptionsError(f"study {name!r} in {storage!r} was made for another objective; use another --output/--storage or the same --objective")
+        self.trials = {t.number: _Snapshot(t.number, t.state, list(t.values) if t.values else None, dict(t.user_attrs))
+                       for t in self.study.get_trials(deepcopy=False)}
+
+    def ask(self) -> Any:
+        trial = self.study.ask()
+        self.trials[trial.number] = _Snapshot(trial.number, self.optuna.trial.TrialState.RUNNING, None, {})
+        return trial
+
+    def set(self, trial: Any, **attrs: Any) -> None:
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        self.trials[trial.number].user_attrs.update(attrs)
+
+    def tell(self, trial: Any, values: list[float] | None = None, state: Any = None) -> None:
+        number = trial if isinstance(trial, int) else trial.number
+        self.study.tell(trial, values, state=state)
+        snapshot = self.trials[number]
+        snapshot.state = state if state is not None else self.optuna.trial.TrialState.COMPLETE
+        snapshot.values = list(values) if values is not None else None
 
     def recover(self) -> list[dict[str, Any]]:
         """Configurations to run again: trials a previous run left RUNNING (it was killed) or interrupted.
 
         Stale RUNNING trials are closed as failed; a configuration that has finished since is not repeated.
         """
-        for t in self.study.get_trials(deepcopy=False, states=(self.optuna.trial.TrialState.RUNNING,)):
-            self.study.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
+        for t in list(self.trials.values()):
+            if t.state == self.optuna.trial.TrialState.RUNNING:
+                self.tell(t.number, state=self.optuna.trial.TrialState.FAIL)
         finished = {config_key(t.user_attrs.get("config") or {}) for t in self.finished()}
         again: dict[str, dict[str, Any]] = {}
-        for t in self.study.get_trials(deepcopy=False):
+        for t in self.trials.values():
             config = t.user_attrs.get("config")
             if config and t.user_attrs.get("status") in ("running", "interrupted") and config_key(config) not in finished:
                 again[config_key(config)] = config
         return list(again.values())
 
-    def finished(self) -> list[Any]:
-        return [t for t in self.study.get_trials(deepcopy=False) if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
+    def finished(self) -> list[_Snapshot]:
+        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
+
+
+def _storage(optuna: Any, url: str) -> Any:
+    """An Optuna RDB storage; SQLite in WAL mode with normal sync (each trial is a dozen small commits)."""
+    storage = optuna.storages.RDBStorage(url)
+    if url.startswith("sqlite:"):
+        from sqlalchemy import event
+
+        def _pragmas(connection: Any, _record: Any) -> None:
+            cursor = connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.close()
+
+        event.listen(storage.engine, "connect", _pragmas)
+        storage.engine.dispose()  # NOTE: connections made before the listener reopen with the pragmas
+    return storage
 
 
 def tune(
@@ -158,6 +212,7 @@ def tune(
     study_name: str = "modelpress-tune",
     trial_timeout: float | None = None,
     trial_memory_mb: float | None = None,
+    fresh_workers: bool = False,
     hopeless_drop: float | None = None,
     evaluate: dict[str, Any] | None = None,
     keep_trial_models: bool = False,
@@ -175,6 +230,8 @@ def tune(
     (accuracy 0.01 = one point; for ``mse`` the largest allowed increase). Always returns: when the
     budget runs out, nothing meets the criterion or Ctrl-C is pressed, the best configuration so
     far (``meets`` says whether it meets) is exported, verified and reported in ``output``.
+    Trials run in Ray worker processes kept from trial to trial (``fresh_workers=True``: a new
+    process per trial; slower, same results).
     """
     from modelpress.loading import load
 
@@ -230,7 +287,7 @@ def tune(
         raise OptionsError(f"the study in {out} was run with --objective {study.user_attrs['objective']}; resume it with the same objective or use another output")
     study.set_user_attr("objective", objective)
 
-    executor = RayExecutor(workers, address)
+    executor = RayExecutor(workers, address, fresh_workers=fresh_workers)
     board = TrialBoard(enabled=show_progress, metric=evaluate_spec.metric, objective=objective)
     session = uuid.uuid4().hex[:8]
     start = time.monotonic()
@@ -238,16 +295,20 @@ def tune(
     stop_reason = ""
     runner: _Runner | None = None
     try:
-        baseline = study.user_attrs.get("baseline") or _measure_baseline(out, evaluate_spec)
-        study.set_user_attr("baseline", baseline)
         model_ref = executor.put(model_bytes)
         data_refs = {role: executor.put(blob) if blob is not None else None for role, blob in blobs.items()}
-        sensitivity = _sensitivity(study, space, executor, model_ref, data_refs, board)
+        # NOTE: the sensitivity job and the workers' imports run while this process measures the baseline
+        measuring = _start_sensitivity(study, space, executor, model_ref, data_refs, board)
+        executor.warm_up(executor.workers - (measuring is not None), prepare_worker, has_torch and blobs["train"] is not None)
+        baseline = study.user_attrs.get("baseline") or _measure_baseline(out, evaluate_spec)
+        study.set_user_attr("baseline", baseline)
+        sensitivity = _sensitivity(study, space, executor, measuring, board)
         retry = tracker.recover()
         runner = _Runner(tracker, space, sensitivity, executor, board, session=session, out=out,
                          submit_args=dict(model=model_ref, data=data_refs, evaluate=evaluate_spec.model_dump(), baseline=baseline["metric"],
                                           hopeless_drop=hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3)),
-                         trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric)
+                         trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric,
+                         objective=objective)
         plan = Plan(space, sensitivity, strategy, retry, tracker, runner)
         deadline = start + limits["seconds"] if "seconds" in limits else None
         max_trials = int(limits.get("trials", 10**9))
@@ -271,8 +332,10 @@ def tune(
                     else:
                         stop_reason = plan.why_stopped or "search space exhausted"
                     break
-                runner.collect(executor.wait(0.5))
-                board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
+                # NOTE: blocks until a trial ends (or a time limit is up); wakes every second for Ctrl-C and the live table
+                runner.collect(executor.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))))
+                if board.live is not None:
+                    board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
     except KeyboardInterrupt:
         interrupted = True
         stop_reason = "interrupted (Ctrl-C); rerun the same command to resume"
@@ -329,21 +392,27 @@ def measure_sensitivity(model: bytes, calibration: bytes) -> list[str]:
         Path(tmp, "c.npz").write_bytes(calibration)
         # NOTE: unreachable targets make int8-static measure every node alone
         # NOTE: the weighted layers only, on a few samples: a ranking needs no more, and it runs once per node
-        result = apply(load(model), "int8-static", kind="quantize", calibration=Path(tmp, "c.npz"), show_progress=False,
+        result = apply(load(model), "int8-static", kind="quantize", calibration=Path(tmp, "c.npz"), show_progress=False, allow_no_gain=True,
                        options={"min_cosine": 1.0, "min_agreement": 1.0, "max_samples": 16, "elementwise_ops": [], "activation_matmuls": False})
     ranking = result.provenance.passes[-1].figures.get("sensitivity", {})
     return sorted(ranking, key=lambda n: ranking[n], reverse=True)
 
 
-def _sensitivity(study: Any, space: SearchSpace, executor: RayExecutor, model_ref: Any, data_refs: dict[str, Any], board: TrialBoard) -> dict[str, list[str]]:
+def _start_sensitivity(study: Any, space: SearchSpace, executor: RayExecutor, model_ref: Any, data_refs: dict[str, Any], board: TrialBoard) -> Any:
+    """Submit the per-node sensitivity measurement when the space falls back along it and the study has none yet."""
+    if not any(p.has_fallback for p in space.pipelines) or "sensitivity" in study.user_attrs:
+        return None
+    if data_refs.get("calibration") is None:
+        raise OptionsError("the search space falls back along quantization sensitivity: it needs calibration data (--calib)")
+    board.log("measuring per-node quantization sensitivity (once per study)")
+    return executor.submit("sensitivity", measure_sensitivity, model_ref, data_refs["calibration"])
+
+
+def _sensitivity(study: Any, space: SearchSpace, executor: RayExecutor, measuring: Any, board: TrialBoard) -> dict[str, list[str]]:
     needs = [p.name for p in space.pipelines if p.has_fallback]
     if not needs:
         return {}
-    if "sensitivity" not in study.user_attrs:
-        if data_refs.get("calibration") is None:
-            raise OptionsError("the search space falls back along quantization sensitivity: it needs calibration data (--calib)")
-        board.log("measuring per-node quantization sensitivity (once per study)")
-        executor.submit("sensitivity", measure_sensitivity, model_ref, data_refs["calibration"])
+    if measuring is not None:
         outcomes: list[Any] = []
         while not outcomes:
             outcomes = executor.wait(1.0)
@@ -361,10 +430,11 @@ class _Runner:
 
     def __init__(self, tracker: _Study, space: SearchSpace, sensitivity: dict[str, list[str]], executor: RayExecutor, board: TrialBoard,
                  *, session: str, out: Path, submit_args: dict[str, Any], trial_timeout: float | None, trial_memory_mb: float | None,
-                 max_drop: float, metric_name: str):
+                 max_drop: float, metric_name: str, objective: str):
         self.tracker, self.space, self.sensitivity, self.executor, self.board = tracker, space, sensitivity, executor, board
         self.session, self.out, self.submit_args = session, out, submit_args
         self.trial_timeout, self.trial_memory_mb, self.max_drop, self.metric_name = trial_timeout, trial_memory_mb, max_drop, metric_name
+        self.objective = objective
         self.live: dict[int, Any] = {}
         (out / "trials").mkdir(exist_ok=True)
 
@@ -377,82 +447,72 @@ class _Runner:
 
     def submit(self, fixed: dict[str, Any] | None = None) -> bool:
         """Start a trial (``fixed``: this configuration, else the sampler's); False if it repeated a finished one."""
-        study = self.tracker.study
+        tracker = self.tracker
         if fixed:
-            study.enqueue_trial({k: _encode(v) for k, v in fixed.items() if k != "pipeline" or len(self.space.pipelines) > 1})
-        trial = study.ask()
+            tracker.study.enqueue_trial({k: _encode(v) for k, v in fixed.items() if k != "pipeline" or len(self.space.pipelines) > 1})
+        trial = tracker.ask()
         config = self.space.suggest(trial, self.sensitivity)
-        trial.set_user_attr("config", config)
-        if any(config_key(t.user_attrs.get("config") or {}) == config_key(config) for t in self.live.values()):
-            trial.set_user_attr("status", "duplicate")  # NOTE: the same configuration is running right now
-            study.tell(trial, state=optuna_state(self.tracker, "FAIL"))
+        if any(config_key(tracker.trials[n].user_attrs.get("config") or {}) == config_key(config) for n in self.live):
+            tracker.set(trial, config=config, status="duplicate")  # NOTE: the same configuration is running right now
+            tracker.tell(trial, state=optuna_state(tracker, "FAIL"))
             return False
         earlier = self._done_with(config)
         if earlier is not None:  # NOTE: samplers re-propose tried points in small spaces: reuse, don't rerun
-            trial.set_user_attr("status", "duplicate")
-            trial.set_user_attr("duplicate_of", earlier.number)
-            if earlier.state == optuna_state(self.tracker, "COMPLETE"):
-                study.tell(trial, list(earlier.values))
+            tracker.set(trial, config=config, status="duplicate", duplicate_of=earlier.number)
+            if earlier.state == optuna_state(tracker, "COMPLETE"):
+                tracker.tell(trial, list(earlier.values or []))
             else:
-                study.tell(trial, state=earlier.state)
+                tracker.tell(trial, state=earlier.state)
             return False
         passes = [p.model_dump(exclude_none=True) for p in self.space.passes(config, self.sensitivity)]
-        trial.set_user_attr("passes", passes)
-        trial.set_user_attr("status", "running")
-        trial.set_user_attr("session", self.session)
+        tracker.set(trial, config=config, passes=passes, status="running", session=self.session)
         self.live[trial.number] = trial
         self.executor.submit(trial.number, run_trial, passes=passes, timeout_s=self.trial_timeout, memory_mb=self.trial_memory_mb, **self.submit_args)
         self.board.started(trial.number, config)
         return True
 
     def collect(self, outcomes: list[Any]) -> None:
-        optuna = self.tracker.optuna
-        study = self.tracker.study
+        tracker = self.tracker
+        states = tracker.optuna.trial.TrialState
         for outcome in outcomes:
             trial = self.live.pop(outcome.job.key)
             value = outcome.value if outcome.ok else None
-            trial.set_user_attr("seconds", round(outcome.seconds, 3))
+            timing = {}
+            if outcome.timing:
+                timing = {"timing": {**{k: v for k, v in outcome.timing.items() if k not in ("began", "ended")},
+                                     "phases": (value or {}).get("phases", {})}}
             if value is None:
-                trial.set_user_attr("status", "failed")
-                trial.set_user_attr("error", outcome.error)
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                tracker.set(trial, seconds=round(outcome.seconds, 3), **timing, error=outcome.error, status="failed")
+                tracker.tell(trial, state=states.FAIL)
             elif value["status"] == "pruned":
-                trial.set_user_attr("status", "pruned")
-                trial.set_user_attr("metric", value["metric"])
-                trial.set_user_attr("error", value["reason"])
-                study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+                tracker.set(trial, seconds=round(outcome.seconds, 3), **timing, metric=value["metric"], error=value["reason"], status="pruned")
+                tracker.tell(trial, state=states.PRUNED)
             else:
                 _atomic_write(self.out / "trials" / f"trial-{trial.number:04d}.onnx", value["model"])
-                for key in ("metric", "size_bytes", "latency_ms", "parameters"):
-                    trial.set_user_attr(key, value[key])
-                trial.set_user_attr("figures", json.loads(json.dumps(_slim(value["figures"]), default=str)))
-                trial.set_user_attr("status", "ok")
+                figures = json.loads(json.dumps(_slim(value["figures"]), default=str))
+                tracker.set(trial, seconds=round(outcome.seconds, 3), **timing, **{k: value[k] for k in ("metric", "size_bytes", "latency_ms", "parameters")},
+                            figures=figures, status="ok")
                 objectives = {"size": [value["size_bytes"] / 1e6], "latency": [value["latency_ms"]],
-                              "both": [value["size_bytes"] / 1e6, value["latency_ms"]]}[_objective_of(study)]
-                study.tell(trial, [value["metric"], *objectives])
-            self.board.finished(_record(study.trials[trial.number], self.submit_args["baseline"], self.metric_name, self.max_drop))
+                              "both": [value["size_bytes"] / 1e6, value["latency_ms"]]}[self.objective]
+                tracker.tell(trial, [value["metric"], *objectives])
+            self.board.finished(_record(tracker.trials[trial.number], self.submit_args["baseline"], self.metric_name, self.max_drop))
 
     def abandon(self, why: str) -> None:
         optuna = self.tracker.optuna
         for job in self.executor.cancel_all():
             trial = self.live.pop(job.key, None)
             if trial is not None:
-                trial.set_user_attr("status", "interrupted")
-                trial.set_user_attr("error", why)
-                self.tracker.study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                self.tracker.set(trial, status="interrupted", error=why)
+                self.tracker.tell(trial, state=optuna.trial.TrialState.FAIL)
 
     def records(self) -> list[TrialRecord]:
         base = self.submit_args["baseline"]
-        return [_record(t, base, self.metric_name, self.max_drop) for t in self.tracker.study.get_trials(deepcopy=False)
+        return [_record(t, base, self.metric_name, self.max_drop) for t in self.tracker.trials.values()
                 if t.user_attrs.get("status") not in (None, "running", "duplicate")]
 
 
 def optuna_state(tracker: _Study, name: str) -> Any:
     return getattr(tracker.optuna.trial.TrialState, name)
-
-
-def _objective_of(study: Any) -> str:
-    return str(study.user_attrs["objective"])
 
 
 def _slim(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -469,7 +529,7 @@ def _record(t: Any, baseline: float, metric_name: str, max_drop: float) -> Trial
         config=attrs.get("config") or {}, passes=attrs.get("passes") or [], metric=metric, drop=d,
         meets=attrs.get("status") == "ok" and d is not None and d <= max_drop + 1e-12,
         size_bytes=attrs.get("size_bytes"), latency_ms=attrs.get("latency_ms"), seconds=attrs.get("seconds"),
-        error=attrs.get("error", ""), session=attrs.get("session", ""), figures=attrs.get("figures") or [],
+        error=attrs.get("error", ""), session=attrs.get("session", ""), figures=attrs.get("figures") or [], timing=attrs.get("timing") or {},
     )
 
 

@@ -164,7 +164,7 @@ class Model:
         """Add a new constant initializer; the name is made unique if it is taken. ``array`` is
         array-like or an onnx_ir tensor (e.g. an ``ir.PackedTensor`` of int4 values, two per byte)."""
         unique = self._unique_name(name)
-        if isinstance(array, ir.TensorProtocol):
+        if not isinstance(array, np.ndarray) and isinstance(array, ir.TensorProtocol):  # NOTE: a Protocol check is slow
             tensor: ir.TensorProtocol = array
             tensor.name = unique
         else:
@@ -206,6 +206,13 @@ class Model:
                 out.dtype = dtype
         return node
 
+    def insert_before(self, anchor: ir.Node, nodes: ir.Node | list[ir.Node]) -> None:
+        """Put nodes made by :meth:`new_node` into the graph before ``anchor`` (use this rather than
+        ``graph.insert_before``: the names those nodes took stay known without rescanning the graph,
+        which made a pass inserting one node per layer quadratic)."""
+        self.ir.graph.insert_before(anchor, nodes)
+        self._sync_names()
+
     def new_value_name(self, base: str) -> str:
         """A value name not used in this model (``base``, or ``base_N``)."""
         return self._unique_name(base)
@@ -221,6 +228,7 @@ class Model:
         name: str | None = None,
         dtype: ir.DataType | None = None,
         consumers: list[ir.Node] | None = None,
+        output: str | None = None,
     ) -> ir.Value:
         """Insert ``op_type(value, *extra_inputs)`` on every edge leaving ``value``.
 
@@ -228,7 +236,8 @@ class Model:
         node's output, which is returned. Used to put Cast, QuantizeLinear/DequantizeLinear and
         similar nodes on an edge. The output keeps ``value``'s shape; its element type is
         ``dtype`` if given, Cast's ``to``, or else ``value``'s. With ``consumers``, only those
-        nodes are rewired (and the graph output is left alone).
+        nodes are rewired (and the graph output is left alone). The output is named ``output`` (made
+        unique; default ``<value>_<op_type>``).
         """
         node = ir.node(
             op_type,
@@ -238,7 +247,7 @@ class Model:
             name=self._unique_name(name or f"{value.name}/{op_type}", nodes=True),
         )
         out = node.outputs[0]
-        out.name = self._unique_name(f"{value.name}_{op_type.lower()}")
+        out.name = self._unique_name(output or f"{value.name}_{op_type.lower()}")
         out.shape = value.shape.copy() if value.shape is not None else None
         if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
             dtype = ir.DataType(int(attributes["to"]))
@@ -352,18 +361,28 @@ class Model:
     @contextlib.contextmanager
     def stamped(self) -> Iterator[ir.Model]:
         """The onnx_ir model with provenance in ``metadata_props``, for as long as it is serialised;
-        the metadata is restored afterwards, so writing a model does not change it."""
+        the metadata is restored afterwards, so writing a model does not change it.
+
+        Initializers are written without a ``value_info`` (onnx-ir writes one for every typed value,
+        but an initializer's tensor carries its type and shape, and readers take them from there):
+        a value_info per weight and scale was 6 % of a small int8 file."""
         from modelpress.provenance import modelpress_version
 
         metadata = self.ir.metadata_props
         saved = dict(metadata)
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
         metadata["modelpress.version"] = modelpress_version()
+        typed = [(value, value.type, value.shape) for graph in self.ir.graphs() for value in graph.initializers.values()
+                 if value.const_value is not None and (value.type is not None or value.shape is not None) and not value.is_graph_input()]
+        for value, _, _ in typed:
+            value.type, value.shape = None, None
         try:
             yield self.ir
         finally:
             metadata.clear()
             metadata.update(saved)
+            for value, type_, shape in typed:
+                value.type, value.shape = type_, shape
 
     @contextlib.contextmanager
     def inlined(self) -> Iterator[ir.Model]:

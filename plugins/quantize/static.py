@@ -27,7 +27,7 @@ from pydantic import Field
 from modelpress.criteria import Judgement
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError, UnsupportedModelError
-from modelpress.layers import WeightedLayer
+from modelpress.layers import WeightedLayer, recurrent_refusals
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.opsets import ensure_opset
@@ -295,6 +295,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     float_nodes: dict[str, str] = model.subgraph_refusals(
         frozenset(opts.op_types), "int8-static", "cannot observe activations inside control flow to calibrate them; kept in float"
     )
+    recurrent = recurrent_refusals(model.graph, "int8-static")
+    float_nodes.update(recurrent)
     candidates: list[WeightedLayer] = []
     for i, layer in enumerate(layers):
         if layer.name in opts.exclude:
@@ -339,6 +341,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             raise UnsupportedModelError(
                 f"int8-static: nothing it can quantize in {model.name!r}: its {len(float_nodes)} weighted layers are not reachable "
                 f"(first: {first!r} {why}); weight-only methods (codebook, int8-weight-only) reach layers inside subgraphs"
+                + (f"; recurrent nodes {', '.join(repr(n) for n in recurrent)}: {next(iter(recurrent.values()))}" if recurrent else "")
             )
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 

@@ -171,8 +171,14 @@ def search(
         nonlocal evaluations
         low, high, found = 1, len(ranked), None
         with ctx.progress("confirming", total=budget) as advance:
+            # NOTE: the whole ranked list first: if even that misses, this form cannot meet the criteria, and the
+            # budget goes to the next form; if it meets them, the bisection below always ends with a solution.
+            first = True
             while low <= high and budget > 0:
-                k = (low + high) // 2
+                if first:
+                    k, first = high, False
+                else:
+                    k = (low + high) // 2
                 int8, wo, flt = make(k)
                 candidate = build(int8, wo)
                 judgement = score(candidate)
@@ -182,6 +188,8 @@ def search(
                 if judgement.met:
                     found = Decision(int8, wo, flt, judgement, candidate, 0, errors)
                     high = k - 1
+                elif k == len(ranked):
+                    return None
                 else:
                     low = k + 1
         return found

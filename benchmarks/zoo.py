@@ -222,7 +222,7 @@ def main() -> None:
                           f"{measured['cpu_s']:7.1f} {measured['peak_mb']:8.0f}  {notes}")
                 else:
                     print(f"  {method:18s} {'-':>8s} {'-':>6s} {'-':>8s} {'-':>6s} {measured.get('cpu_s', 0):7.1f} "
-                          f"{measured.get('peak_mb', 0):8.0f}  refused: {str(measured.get('error'))[:150]}")
+                          f"{measured.get('peak_mb', 0):8.0f}  refused: {str(measured.get('error'))[:320]}")
                 rows.append(row)
                 sys.stdout.flush()
     if args.json:

@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers", "subgraph_refusals"]
+__all__ = ["RECURRENT_OPS", "WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers", "recurrent_refusals", "subgraph_refusals"]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
 
 
 @dataclass(frozen=True)
@@ -148,6 +149,26 @@ def subgraph_refusals(graph: ir.Graph, op_types: frozenset[str], method: str, wh
         for layer in find_weighted_layers(graph, op_types, subgraphs=True)
         if layer.scope
     }
+
+
+def recurrent_refusals(graph: ir.Graph, method: str) -> dict[str, str]:
+    """``{node: reason}`` for the LSTM/GRU/RNN nodes anywhere in ``graph``, which no integer method
+    quantizes (their W and R inputs, often computed from constants by the exporter's gate
+    reordering): what a method says by name instead of "nothing to quantize"."""
+    found: dict[str, str] = {}
+    for sub, scope in _graphs(graph):
+        for node in sub:
+            if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
+                continue
+            weights = [v for v in list(node.inputs)[1:3] if v is not None]
+            size = sum(int(np.prod([d if isinstance(d, int) else 0 for d in v.shape])) for v in weights if v.shape is not None)
+            computed = any(not _const_initializer(v) for v in weights)
+            where = f" inside {scope}" if scope else ""
+            found[node.name or node.op_type] = (
+                f"{node.op_type}{where}: {method} does not quantize recurrent weights (W, R: {size:,} values"
+                f"{', computed from constants by the exporter' if computed else ''}); fp16 reaches them"
+            )
+    return found
 
 
 def _layers_of(graph: ir.Graph, op_types: frozenset[str]) -> list[WeightedLayer]:

@@ -175,7 +175,7 @@ class Model:
         """Add a new constant initializer; the name is made unique if it is taken. ``array`` is
         array-like or an onnx_ir tensor (e.g. an ``ir.PackedTensor`` of int4 values, two per byte)."""
         unique = self._unique_name(name)
-        if isinstance(array, ir.TensorProtocol):
+        if not isinstance(array, np.ndarray) and isinstance(array, ir.TensorProtocol):  # NOTE: a Protocol check is slow
             tensor: ir.TensorProtocol = array
             tensor.name = unique
         else:
@@ -224,6 +224,13 @@ class Model:
         or ``base_1``, ``base_2``, ... The name is reserved: a second call never returns it again."""
         return self._unique_name(base, nodes=node)
 
+    def insert_before(self, anchor: ir.Node, nodes: ir.Node | list[ir.Node]) -> None:
+        """Put nodes made by :meth:`new_node` into the graph before ``anchor`` (use this rather than
+        ``graph.insert_before``: the names those nodes took stay known without rescanning the graph,
+        which made a pass inserting one node per layer quadratic)."""
+        self.ir.graph.insert_before(anchor, nodes)
+        self._sync_names()
+
     def new_value_name(self, base: str) -> str:
         """Same as :meth:`fresh_name` for a value (kept for existing plugins)."""
         return self._unique_name(base)
@@ -252,6 +259,7 @@ class Model:
         name: str | None = None,
         dtype: ir.DataType | None = None,
         consumers: list[ir.Node] | None = None,
+        output: str | None = None,
     ) -> ir.Value:
         """Insert ``op_type(value, *extra_inputs)`` on every edge leaving ``value``.
 
@@ -259,13 +267,14 @@ class Model:
         node's output, which is returned. Used to put Cast, QuantizeLinear/DequantizeLinear and
         similar nodes on an edge. The output keeps ``value``'s shape; its element type is
         ``dtype`` if given, Cast's ``to``, or else ``value``'s. With ``consumers``, only those
-        nodes are rewired (and the graph output is left alone).
+        nodes are rewired (and the graph output is left alone). The output is named ``output`` (made
+        unique; default ``<value>_<op_type>``).
         """
         if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
             dtype = ir.DataType(int(attributes["to"]))
         out = self.builder().op(
             op_type, [value, *(extra_inputs or [])], attributes or {}, domain=domain,
-            name=name or f"{value.name}/{op_type}", output_name=f"{value.name}_{op_type.lower()}",
+            name=name or f"{value.name}/{op_type}", output_name=output or f"{value.name}_{op_type.lower()}",
             dtype=dtype if dtype is not None else value.dtype,
             shape=value.shape.copy() if value.shape is not None else None,
         )
@@ -515,19 +524,29 @@ class Model:
     def stamped(self) -> Iterator[ir.Model]:
         """The onnx_ir model as it is written: provenance in ``metadata_props`` and no inferred
         intermediate shapes (:meth:`without_inferred_shapes`), for as long as it is serialised;
-        both are restored afterwards, so writing a model does not change it."""
+        both are restored afterwards, so writing a model does not change it.
+
+        Initializers are written without a ``value_info`` (onnx-ir writes one for every typed value,
+        but an initializer's tensor carries its type and shape, and readers take them from there):
+        a value_info per weight and scale was 6 % of a small int8 file."""
         from modelpress.provenance import modelpress_version
 
         metadata = self.ir.metadata_props
         saved = dict(metadata)
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
         metadata["modelpress.version"] = modelpress_version()
+        typed = [(value, value.type, value.shape) for graph in self.ir.graphs() for value in graph.initializers.values()
+                 if value.const_value is not None and (value.type is not None or value.shape is not None) and not value.is_graph_input()]
+        for value, _, _ in typed:
+            value.type, value.shape = None, None
         try:
             with self.without_inferred_shapes():
                 yield self.ir
         finally:
             metadata.clear()
             metadata.update(saved)
+            for value, type_, shape in typed:
+                value.type, value.shape = type_, shape
 
     @contextlib.contextmanager
     def inlined(self) -> Iterator[ir.Model]:

@@ -336,3 +336,25 @@ def test_batchnorm_after_gemm_is_folded_exactly():
     assert model.op_histogram() == {"Gemm": 1} and model.provenance.extra["normalize"]["batchnorms_folded"] == 1
     x = rng.normal(0, 1, (4, 8)).astype(np.float32)
     np.testing.assert_allclose(_ort(model.to_proto(), {"x": x})[0], _ort(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+# -- recurrent weights ---------------------------------------------------------------------------
+
+
+def test_lstm_weights_are_refused_by_name_with_the_reason():
+    rng = np.random.default_rng(0)
+    hidden, features = 8, 4
+    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32), "W"),
+             numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R")]
+    lstm = helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], name="encoder_lstm", hidden_size=hidden)
+    graph = helper.make_graph([lstm], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", features])],
+                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", hidden])], inits)
+    model = modelpress.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    for method in ("int8-dynamic", "int8-weight-only"):
+        with pytest.raises(modelpress.OptionsError, match=r"encoder_lstm.*does not quantize recurrent weights \(W, R: 384 values\)"):
+            modelpress.quantize(model, method, show_progress=False)
+    x = rng.normal(0, 1, (5, 3, features)).astype(np.float32)
+    with pytest.raises(modelpress.UnsupportedModelError, match=r"recurrent nodes 'encoder_lstm'"):
+        modelpress.quantize(model, "int8-static", calibration=x, show_progress=False)
+    half = modelpress.quantize(model, "fp16", show_progress=False)  # the reason's advice holds
+    assert sorted(int(v.const_value.size) for v in half.graph.initializers.values() if v.const_value.dtype.name == "FLOAT16") == [128, 256]

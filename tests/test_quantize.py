@@ -53,6 +53,25 @@ def test_round_trip_error_is_at_most_half_a_step(bits, signed):
         assert error.max() <= scale / 2 * (1 + 1e-5)
 
 
+def test_one_sweep_histogram_widens_exactly_and_matches_the_percentile():
+    from modelpress.plugins.quantize.calibrate import BINS, TensorStats, _observe, choose_range
+
+    rng = np.random.default_rng(0)
+    # NOTE: batches of growing magnitude: the range starts at the first batch's max|x| and doubles (merging bins)
+    batches = [rng.normal(0, sigma, (8, 4096)).astype(np.float32) for sigma in (0.1, 0.5, 0.5, 3.0, 1.0)]
+    stats = TensorStats()
+    for x in batches:
+        _observe(stats, x, None, histogram=True)
+    everything = np.concatenate([x.ravel() for x in batches])
+    assert stats.hist.sum() == everything.size and stats.absmax == float(np.abs(everything).max())
+    assert stats.absmax <= stats.hist_range < 2 * stats.absmax
+    # every count sits in the bin of the final range that holds its value (pairwise merges are exact), give or take one bin edge
+    reference = np.histogram(np.abs(everything), bins=BINS, range=(0, stats.hist_range))[0]
+    assert np.abs(np.cumsum(stats.hist) - np.cumsum(reference)).max() <= everything.size * 1e-3
+    _, high = choose_range(stats, "percentile", percentile=99.9)
+    assert high == pytest.approx(np.percentile(np.abs(everything), 99.9), rel=0.02)
+
+
 def test_kmeans_codebook():
     values = np.concatenate([np.full(50, -1.0), np.full(30, 0.25), np.full(20, 3.0)]) + np.random.default_rng(0).normal(0, 0.01, 100)
     table, idx = kmeans_1d(values, 4)
@@ -70,9 +89,9 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     w = model.initializer("conv2.weight").const_value.numpy()
     scale = np.abs(w).reshape(8, -1).max(axis=1) / 127
     expected = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
-    np.testing.assert_array_equal(result.initializer("conv2.weight_quantized").const_value.numpy(), expected)
-    np.testing.assert_allclose(result.initializer("conv2.weight_scale").const_value.numpy(), scale, rtol=1e-6)
-    assert result.initializer("conv2.bias_quantized").const_value.dtype == ir.DataType.INT32
+    np.testing.assert_array_equal(result.initializer("conv2.weight_q").const_value.numpy(), expected)
+    np.testing.assert_allclose(result.initializer("conv2.weight_s").const_value.numpy(), scale, rtol=1e-6)
+    assert result.initializer("conv2.bias_q").const_value.dtype == ir.DataType.INT32
     assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
     figures = result.provenance.passes[-1].figures
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
@@ -131,8 +150,8 @@ def test_int8_static_options():
                                  activation_type="int8", bias_correction=True, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
     figures = result.provenance.passes[-1].figures
     assert figures["float_nodes"] == {"fc": "excluded by option"} and figures["quantized_nodes"] == 2
-    assert result.initializer("conv1.weight_scale").const_value.numpy().shape == ()
-    assert result.initializer("x_zero_point").const_value.dtype == ir.DataType.INT8
+    assert result.initializer("conv1.weight_s").const_value.numpy().shape == ()
+    assert result.initializer("x_z").const_value.dtype == ir.DataType.INT8
     first_last = modelpress.quantize(model, calibration=calibration, keep_first_last=True, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
     assert set(first_last.provenance.passes[-1].figures["float_nodes"]) == {"conv1", "fc"}
 
@@ -320,8 +339,8 @@ def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
     figures = qat.provenance.passes[-1].figures
     assert figures["trained_weights"] == 2 and figures["qat_last_loss"] < figures["qat_first_loss"]
     assert qat.op_histogram() == static.op_histogram()  # the same QDQ graph, with retrained integers
-    assert qat.initializer("fc0.weight_quantized").const_value.dtype == ir.DataType.INT8
-    assert not np.array_equal(qat.initializer("fc0.weight_quantized").const_value.numpy(), static.initializer("fc0.weight_quantized").const_value.numpy())
+    assert qat.initializer("fc0.weight_q").const_value.dtype == ir.DataType.INT8
+    assert not np.array_equal(qat.initializer("fc0.weight_q").const_value.numpy(), static.initializer("fc0.weight_q").const_value.numpy())
 
     def accuracy(m):
         return float(np.mean(run(make_session(m), {"x": digits["x_test"]})[0].argmax(1) == digits["y_test"]))

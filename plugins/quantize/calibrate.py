@@ -2,7 +2,9 @@
 
 All tensors to calibrate are added as outputs of *one* session, which sweeps the calibration
 data once for min/max (and per-channel means, for bias correction) and, for the histogram-based
-calibrators, once more for a 2048-bin histogram of ``|x|``. Memory is bounded: the data is
+calibrators, a 2048-bin histogram of ``|x|`` in the same sweep: its range starts at the first
+batch's ``max|x|`` and doubles when a later batch exceeds it, merging bins pairwise (exact: no
+count moves to a wrong bin; the resolution stays >= 1024 bins over the final ``max|x|``). Memory is bounded: the data is
 streamed in batches sized so that one batch's observed activations fit ``ACTIVATION_BUDGET``
 (measured on the first sample), and only running statistics are kept, never the activations of
 earlier batches, so peak memory does not grow with the number of calibration samples. Calibrators then pick a clipping
@@ -44,6 +46,7 @@ class TensorStats:
     channel_sum: np.ndarray | None = None
     count: int = 0
     hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
+    hist_range: float = 0.0  # the histogram covers |x| in [0, hist_range]
 
     @property
     def absmax(self) -> float:
@@ -77,38 +80,48 @@ def collect_stats(
     stats = {name: TensorStats() for name in index}
     step = calibration_batch(session, data, batch_size)
     ctx.figures["calibration_batch"] = step
-    batches = -(-len(data) // step)
-    sweeps = 2 if histogram else 1
-    with ctx.progress("calibrating", total=batches * sweeps) as advance:
+    with ctx.progress("calibrating", total=-(-len(data) // step)) as advance:
         for feeds in data.batches(step):
             results = session.run(None, feeds)
             for name, i in index.items():
                 x = np.asarray(results[i], np.float32)
-                s = stats[name]
-                if x.size == 0:
-                    continue
-                s.min, s.max = min(s.min, float(x.min())), max(s.max, float(x.max()))
-                if name in channel_axes and x.ndim >= 2:
-                    channel = channel_axes[name] % x.ndim
-                    axes = tuple(a for a in range(x.ndim) if a != channel)
-                    per_channel = x.sum(axis=axes, dtype=np.float64)
-                    s.channel_sum = per_channel if s.channel_sum is None else s.channel_sum + per_channel
-                    s.count += int(x.size // per_channel.size)
+                if x.size:
+                    _observe(stats[name], x, channel_axes.get(name), histogram)
             del results
             advance(1)
-        if histogram:
-            for feeds in data.batches(step):
-                results = session.run(None, feeds)
-                for name, i in index.items():
-                    s = stats[name]
-                    if s.absmax > 0:
-                        # NOTE: bincount on precomputed bin indices: same counts as np.histogram, ~3x faster
-                        x = np.abs(np.asarray(results[i], np.float32)).ravel()
-                        bins = np.minimum((x * (BINS / s.absmax)).astype(np.int64), BINS - 1)
-                        s.hist += np.bincount(bins, minlength=BINS)
-                del results
-                advance(1)
     return stats
+
+
+def _observe(s: TensorStats, x: np.ndarray, channel_axis: int | None, histogram: bool) -> None:
+    """Fold one batch of a tensor into its running statistics."""
+    lo, hi = float(x.min()), float(x.max())
+    s.min, s.max = min(s.min, lo), max(s.max, hi)
+    if channel_axis is not None and x.ndim >= 2:
+        channel = channel_axis % x.ndim
+        per_channel = x.sum(axis=tuple(a for a in range(x.ndim) if a != channel), dtype=np.float64)
+        s.channel_sum = per_channel if s.channel_sum is None else s.channel_sum + per_channel
+        s.count += int(x.size // per_channel.size)
+    if not histogram or s.absmax <= 0:
+        return
+    if s.hist_range <= 0:
+        s.hist_range = s.absmax
+    elif s.absmax > s.hist_range:
+        _widen(s, s.absmax)
+    # NOTE: bincount on precomputed bin indices: same counts as np.histogram, ~3x faster
+    bins = np.minimum((np.abs(x).ravel() * (BINS / s.hist_range)).astype(np.int64), BINS - 1)
+    s.hist += np.bincount(bins, minlength=BINS)
+
+
+def _widen(s: TensorStats, absmax: float) -> None:
+    """Double the histogram's range until it covers ``absmax``, merging bins pairwise."""
+    factor = 1
+    while s.hist_range * factor < absmax and factor < BINS:
+        factor *= 2
+    merged = np.zeros(BINS, np.int64)
+    merged[: BINS // factor] = s.hist.reshape(BINS // factor, factor).sum(axis=1)
+    s.hist, s.hist_range = merged, s.hist_range * factor
+    if s.hist_range < absmax:  # NOTE: more than 2048x wider: the old counts all sit in bin 0
+        s.hist_range = absmax
 
 
 def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
@@ -164,16 +177,17 @@ def choose_range(stats: TensorStats, calibrator: str, *, percentile: float = 99.
     """The ``[rmin, rmax]`` to quantize a tensor with, by ``calibrator``."""
     if calibrator == "minmax" or stats.absmax == 0 or not stats.hist.any():
         return stats.min, stats.max
+    span = stats.hist_range or stats.absmax
     nonnegative = stats.min >= 0 and not signed
     levels = 255 if nonnegative else 127
     if calibrator == "percentile":
         cdf = np.cumsum(stats.hist) / stats.hist.sum()
         idx = int(np.searchsorted(cdf, percentile / 100.0))
-        threshold = (min(idx, len(cdf) - 1) + 1) * stats.absmax / len(cdf)
+        threshold = (min(idx, len(cdf) - 1) + 1) * span / len(cdf)
     elif calibrator == "entropy":
-        threshold = _entropy_threshold(stats.hist, stats.absmax, 128 if not nonnegative else 255)
+        threshold = _entropy_threshold(stats.hist, span, 128 if not nonnegative else 255)
     elif calibrator == "mse":
-        threshold = _mse_threshold(stats.hist, stats.absmax, levels)
+        threshold = _mse_threshold(stats.hist, span, levels)
     else:
         raise ValueError(calibrator)
     return max(stats.min, -threshold), min(stats.max, threshold)

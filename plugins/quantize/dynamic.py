@@ -16,7 +16,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from modelpress.errors import OptionsError
-from modelpress.layers import WeightedLayer
+from modelpress.layers import WeightedLayer, recurrent_refusals
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.plugins.quantize.affine import QRange, symmetric_params
@@ -61,6 +61,7 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
     done = sum(len(group) for group in users.values())
     tables = quantize_tables(model, bits=8, op_types=set(opts.op_types), min_elements=opts.min_elements, exclude=set(opts.exclude))
     if not done and not tables.done:
+        skipped.update(recurrent_refusals(model.graph, "int8-dynamic"))
         raise OptionsError(f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
     ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped, "tables_quantized": len(tables.done)})
 

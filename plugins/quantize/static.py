@@ -27,7 +27,7 @@ from pydantic import Field
 from modelpress.criteria import Judgement
 from modelpress.data import Dataset, load_dataset
 from modelpress.errors import DataError, OptionsError, UnsupportedModelError
-from modelpress.layers import WeightedLayer
+from modelpress.layers import WeightedLayer, recurrent_refusals
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.opsets import ensure_opset
@@ -176,10 +176,10 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
     def qdq(tensor: str, consumers: list[ir.Node] | None) -> ir.Value:
         value = values[tensor]
         scale, zero = act[tensor]
-        s = result.add_initializer(f"{tensor}_scale", np.asarray(scale, np.float32))
-        z = result.add_initializer(f"{tensor}_zero_point", np.asarray(zero, grid.dtype))
-        q = result.insert_after(value, "QuantizeLinear", [s, z], dtype=act_dtype, consumers=consumers, name=f"{tensor}_QuantizeLinear")
-        return result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DequantizeLinear")
+        s = result.add_initializer(f"{tensor}_s", np.asarray(scale, np.float32))
+        z = result.add_initializer(f"{tensor}_z", np.asarray(zero, grid.dtype))
+        q = result.insert_after(value, "QuantizeLinear", [s, z], dtype=act_dtype, consumers=consumers, name=f"{tensor}_Q", output=f"{tensor}_q")
+        return result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DQ", output=f"{tensor}_dq")
 
     nodes = [by_name[name] for name in selected]
     outputs: set[str] = {out for n in selected if (out := plans[n].act_out)}
@@ -224,12 +224,12 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
             original = node.inputs[index]
             assert original is not None
             base = original.name or f"{name}_{index}"
-            inputs_c = [result.add_initializer(f"{base}_quantized", cq), result.add_initializer(f"{base}_scale", cs),
-                        result.add_initializer(f"{base}_zero_point", cz)]
-            cdq = result.new_node("DequantizeLinear", inputs_c, name=f"{base}_{name}_DequantizeLinear",
-                                  outputs=[(f"{base}_{name}_dequantized", ir.DataType.FLOAT)])
+            inputs_c = [result.add_initializer(f"{base}_q", cq), result.add_initializer(f"{base}_s", cs),
+                        result.add_initializer(f"{base}_z", cz)]
+            cdq = result.new_node("DequantizeLinear", inputs_c, name=f"{base}_{name}_DQ",
+                                  outputs=[(f"{base}_{name}_dq", ir.DataType.FLOAT)])
             cdq.outputs[0].shape = ir.Shape(cq.shape)
-            graph.insert_before(node, cdq)
+            result.insert_before(node, cdq)
             node.replace_input_with(index, cdq.outputs[0])
             replaced.append(original)
         if layer is None or plan.weight_q is None or plan.weight_scale is None or plan.weight_zero is None:
@@ -243,25 +243,25 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
         if shared_key in dequantized:
             node.replace_input_with(layer.weight_input, dequantized[shared_key])
         else:
-            wq = result.add_initializer(f"{w_name}_quantized", plan.weight_q)
-            ws = result.add_initializer(f"{w_name}_scale", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
-            wz = result.add_initializer(f"{w_name}_zero_point", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
+            wq = result.add_initializer(f"{w_name}_q", plan.weight_q)
+            ws = result.add_initializer(f"{w_name}_s", plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(()))
+            wz = result.add_initializer(f"{w_name}_z", plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(()))
             attrs = {"axis": layer.out_axis} if per_channel else {}
-            dq = result.new_node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_DequantizeLinear",
-                                 outputs=[(f"{w_name}_dequantized", ir.DataType.FLOAT)])
+            dq = result.new_node("DequantizeLinear", [wq, ws, wz], attrs, name=f"{w_name}_DQ",
+                                 outputs=[(f"{w_name}_dq", ir.DataType.FLOAT)])
             dq.outputs[0].shape = ir.Shape(plan.weight_q.shape)
-            graph.insert_before(first_user.get(id(weight_value), node), dq)
+            result.insert_before(first_user.get(id(weight_value), node), dq)
             node.replace_input_with(layer.weight_input, dq.outputs[0])
             dequantized[shared_key] = dq.outputs[0]
         if plan.bias_q is not None and plan.bias_scale is not None and layer.bias is not None:
             b_name = layer.bias.name or f"{name}_bias"
-            bq = result.add_initializer(f"{b_name}_quantized", plan.bias_q)
+            bq = result.add_initializer(f"{b_name}_q", plan.bias_q)
             bias_per_channel = per_channel or np.ndim(plan.bias_scale) > 0
-            bs = result.add_initializer(f"{b_name}_scale", np.asarray(plan.bias_scale, np.float32) if bias_per_channel else np.asarray(plan.bias_scale, np.float32).reshape(()))
+            bs = result.add_initializer(f"{b_name}_s", np.asarray(plan.bias_scale, np.float32) if bias_per_channel else np.asarray(plan.bias_scale, np.float32).reshape(()))
             bdq = result.new_node("DequantizeLinear", [bq, bs], {"axis": 0} if np.ndim(plan.bias_scale) > 0 else {},
-                                  name=f"{b_name}_DequantizeLinear", outputs=[(f"{b_name}_dequantized", ir.DataType.FLOAT)])
+                                  name=f"{b_name}_DQ", outputs=[(f"{b_name}_dq", ir.DataType.FLOAT)])
             bdq.outputs[0].shape = ir.Shape(plan.bias_q.shape)
-            graph.insert_before(node, bdq)
+            result.insert_before(node, bdq)
             node.replace_input_with(2, bdq.outputs[0])
     # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
     for value in replaced:
@@ -271,13 +271,14 @@ def _build(model: Model, plans: dict[str, _Plan], selected: list[str], act: dict
 
 
 def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
-    """The registered ``int8-static``: :func:`int8_static`, then the outputs of its Q/DQ nodes lose
-    their value_info (ORT infers them; on YOLOv8n they were ~5% of the int8 file)."""
+    """The registered ``int8-static``: :func:`int8_static`, then the graph's intermediate values lose
+    their value_info (ORT infers them: on PP-OCR's small models they were 5-10 % of the int8 file)."""
     result = int8_static(model, opts, ctx)
     for node in result.ir.graph:
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and not node.outputs[0].is_graph_output():
-            node.outputs[0].type = None
-            node.outputs[0].shape = None
+        for out in node.outputs:
+            if not out.is_graph_output():
+                out.type = None
+                out.shape = None
     return result
 
 
@@ -303,6 +304,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     float_nodes: dict[str, str] = model.subgraph_refusals(
         frozenset(opts.op_types), "int8-static", "cannot observe activations inside control flow to calibrate them; kept in float"
     )
+    recurrent = recurrent_refusals(model.graph, "int8-static")
+    float_nodes.update(recurrent)
     candidates: list[WeightedLayer] = []
     for i, layer in enumerate(layers):
         if layer.name in opts.exclude:
@@ -347,6 +350,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
             raise UnsupportedModelError(
                 f"int8-static: nothing it can quantize in {model.name!r}: its {len(float_nodes)} weighted layers are not reachable "
                 f"(first: {first!r} {why}); weight-only methods (codebook, int8-weight-only) reach layers inside subgraphs"
+                + (f"; recurrent nodes {', '.join(repr(n) for n in recurrent)}: {next(iter(recurrent.values()))}" if recurrent else "")
             )
         raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
 

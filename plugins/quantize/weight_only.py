@@ -29,7 +29,7 @@ from pydantic import Field
 
 from modelpress.data import load_dataset
 from modelpress.errors import DataError, OptionsError
-from modelpress.layers import WeightedLayer
+from modelpress.layers import WeightedLayer, recurrent_refusals
 from modelpress.methods import Options, PassContext
 from modelpress.model import Model
 from modelpress.opsets import ensure_opset
@@ -434,6 +434,7 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     tables = quantize_tables(result, bits=opts.bits, op_types=set(opts.op_types), block_size=min(opts.block_size, 32),
                              min_elements=opts.min_elements, exclude=set(opts.exclude))
     if not layers and not tables.done:
+        skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
     hessians = _hessians(model, layers, ctx, opts) if opts.algorithm in ("gptq", "awq", "awq-gptq") and layers else {}
     if opts.algorithm in ("awq", "awq-gptq") and layers:

@@ -1,0 +1,187 @@
+"""Every code block of the documentation runs (``docs/**/*.md`` and ``README.md``).
+
+Each ``python`` and ``bash`` block is one test. The blocks of a page run in order in one folder
+(a copy of the files ``tests/docs_files.py`` makes: ``model.onnx``, ``calib.npz``, ``train.npz``,
+``test.npz``, ``data.npz``) and the Python blocks of a page share one namespace, as a reader
+following the page would. Shell blocks run with ``bash -euo pipefail`` and this environment's
+``modelpress`` on the PATH. Other languages (``text``, ``yaml``, ``toml``) are shown, not run.
+
+A block may be preceded by a directive comment (invisible on the site)::
+
+    <!-- test: requires=torch,tensorflow -->   skipped, with the reason, when a module is missing
+    <!-- test: skip="why" -->                   never run (installs packages, runs for minutes...)
+    <!-- test: file=recipe.yaml -->            the block is written to that file for later blocks
+    <!-- test: exit=4 -->                       a shell block expected to exit with that code
+
+When a block is skipped, the rest of its page is skipped too (it may build on it).
+Also here: ``mkdocs build --strict`` (warnings, broken links and unresolved references fail).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = ROOT / "docs"
+PAGES = [ROOT / "README.md", *sorted(DOCS.rglob("*.md"))]
+RUN = {"python": "python", "py": "python", "bash": "bash", "sh": "bash", "shell": "bash"}
+FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<fence>`{3,}|~{3,})\s*(?P<lang>[\w+-]*)")
+DIRECTIVE = re.compile(r"^\s*<!--\s*test:\s*(?P<body>.*?)\s*-->\s*$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int
+    lang: str
+    code: str
+    directives: dict[str, str]
+
+    @property
+    def id(self) -> str:
+        return f"{self.page.relative_to(ROOT)}:{self.line}"
+
+
+def parse_directives(body: str) -> dict[str, str]:
+    out = {}
+    for token in shlex.split(body):
+        key, _, value = token.partition("=")
+        out[key] = value
+    return out
+
+
+def blocks(page: Path) -> list[Block]:
+    """The fenced blocks of a page, with the directive just above each (if any)."""
+    lines = page.read_text(encoding="utf-8").splitlines()
+    found: list[Block] = []
+    i, pending = 0, {}
+    while i < len(lines):
+        directive = DIRECTIVE.match(lines[i])
+        if directive:
+            pending = parse_directives(directive.group("body"))
+            i += 1
+            continue
+        fence = FENCE.match(lines[i])
+        if fence:
+            indent, marker, lang = fence.group("indent"), fence.group("fence"), fence.group("lang").lower()
+            start, body = i + 1, []
+            i += 1
+            while i < len(lines) and not lines[i].strip().startswith(marker):
+                line = lines[i]
+                body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+                i += 1
+            found.append(Block(page, start, lang, "\n".join(body) + "\n", pending))
+            pending = {}
+        elif lines[i].strip():
+            pending = {}
+        i += 1
+    return found
+
+
+CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUN or "file" in b.directives]
+
+
+@dataclass
+class PageState:
+    folder: Path
+    namespace: dict[str, Any] = field(default_factory=dict)
+    skipped: str | None = None
+
+
+@pytest.fixture(scope="session")
+def docs_files(tmp_path_factory) -> Path:
+    pytest.importorskip("sklearn", reason="the docs' examples use scikit-learn's digits (the test extra)")
+    from tests.docs_files import make_docs_files
+
+    folder = tmp_path_factory.mktemp("docs-files")
+    assert make_docs_files(folder)["accuracy"] > 0.9
+    return folder
+
+
+@pytest.fixture(scope="session")
+def page_states() -> dict[Path, PageState]:
+    return {}
+
+
+def _state(block: Block, states: dict[Path, PageState], files: Path, tmp_path_factory: Any) -> PageState:
+    if block.page not in states:
+        folder = tmp_path_factory.mktemp(block.page.stem)
+        for item in files.iterdir():
+            shutil.copy(item, folder / item.name)
+        states[block.page] = PageState(folder)
+    return states[block.page]
+
+
+def _run_bash(block: Block, folder: Path) -> None:
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+        "MODELPRESS_PROGRESS": "0",
+        "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD": "1",
+        "COLUMNS": "120",
+    }
+    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=folder, env=env,
+                          capture_output=True, text=True, timeout=600)
+    expected = int(block.directives.get("exit", "0"))
+    assert done.returncode == expected, (
+        f"{block.id}: exit {done.returncode} (expected {expected})\n--- block\n{block.code}--- stdout\n"
+        f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    )
+
+
+@pytest.mark.parametrize("block", CASES, ids=[b.id for b in CASES])
+def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, PageState], tmp_path_factory, monkeypatch):
+    state = _state(block, page_states, docs_files, tmp_path_factory)
+    if state.skipped:
+        pytest.skip(f"an earlier block of this page was skipped ({state.skipped})")
+    if "skip" in block.directives:
+        pytest.skip(block.directives["skip"] or "marked skip in the page")
+    missing = [m for m in filter(None, block.directives.get("requires", "").split(",")) if importlib.util.find_spec(m) is None]
+    if missing:
+        state.skipped = f"needs {', '.join(missing)}"
+        pytest.skip(f"{block.id} needs {', '.join(missing)} (install the extra that provides it)")
+    if "file" in block.directives:
+        (state.folder / block.directives["file"]).write_text(block.code, encoding="utf-8")
+        return
+    monkeypatch.chdir(state.folder)
+    monkeypatch.setenv("MODELPRESS_PROGRESS", "0")
+    try:
+        if RUN[block.lang] == "python":
+            state.namespace.setdefault("__name__", "__docs__")
+            exec(compile(block.code, block.id, "exec"), state.namespace)
+        else:
+            _run_bash(block, state.folder)
+    except BaseException:
+        state.skipped = f"{block.id} failed"
+        raise
+
+
+def test_every_page_has_runnable_examples_or_says_why():
+    """Each block in a language that is neither run nor written to a file is shown output or
+    configuration; a page whose Python/shell blocks are all skipped is a page nobody checks."""
+    for page in PAGES:
+        runnable = [b for b in blocks(page) if b.lang in RUN]
+        if runnable:
+            assert any("skip" not in b.directives for b in runnable), f"{page}: every code block is skipped"
+
+
+def test_mkdocs_build_strict(tmp_path):
+    """The site builds with warnings as errors: broken links, unknown pages, unresolved API references."""
+    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+        pytest.skip("needs the docs extra: pip install -c constraints.txt -e '.[docs]'")
+    env = {**os.environ, "MODELPRESS_PROGRESS": "0", "NO_MKDOCS_2_WARNING": "1"}
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-5000:]
+    assert (tmp_path / "site" / "methods" / "int8-static" / "index.html").exists()

@@ -14,6 +14,7 @@ the test suite. An unknown method or command in a marker fails the build.
 
 from __future__ import annotations
 
+import html
 import os
 import re
 from typing import Any
@@ -33,12 +34,17 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
 
+def _code(text: str) -> str:
+    """Inline code in a table cell: HTML, since a pipe escaped inside backticks shows its backslash."""
+    return "<code>" + html.escape(text).replace("|", "&#124;").replace("\n", " ") + "</code>"
+
+
 def method_options(spec: str) -> str:
     kind, _, name = spec.partition("/")
     method = _registry().method(name, kind=kind)
     rows = ["| option | type | default | what it does |", "|---|---|---|---|"]
     for row in method.option_rows():
-        rows.append(f"| `{row['name']}` | `{_cell(row['type'])}` | `{_cell(row['default'])}` | {_cell(row['help'])} |")
+        rows.append(f"| `{row['name']}` | {_code(row['type'])} | {_code(row['default'])} | {_cell(row['help'])} |")
     needs = sorted(method.requires)
     conditional = [f"`{data}` when `{option}` is set" for option, data in method.requires_if]
     lines = ["\n".join(rows), ""]

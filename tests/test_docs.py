@@ -3,8 +3,10 @@
 Each ``python`` and ``bash`` block is one test. The blocks of a page run in order in one folder
 (a copy of the files ``tests/docs_files.py`` makes: ``model.onnx``, ``calib.npz``, ``train.npz``,
 ``test.npz``, ``data.npz``) and the Python blocks of a page share one namespace, as a reader
-following the page would. Shell blocks run with ``bash -euo pipefail`` and this environment's
-``modelpress`` on the PATH. Other languages (``text``, ``yaml``, ``toml``) are shown, not run.
+following the page would. Shell blocks run line by line, stopping at the first failure: plain
+``modelpress ARGS`` lines through ``modelpress.cli.main`` in this process (what the console
+script calls), other lines in ``bash -euo pipefail`` with this environment's ``modelpress`` on
+the PATH (``MODELPRESS_DOCS_SUBPROCESS=1``: every line in bash). Other languages (``text``, ``yaml``, ``toml``) are shown, not run.
 
 A block may be preceded by a directive comment (invisible on the site)::
 
@@ -123,7 +125,39 @@ def _state(block: Block, states: dict[Path, PageState], files: Path, tmp_path_fa
     return states[block.page]
 
 
-def _run_bash(block: Block, folder: Path) -> None:
+SHELL_META = re.compile(r"[|&;<>$`()*?\\]")
+
+
+def _commands(code: str) -> list[str]:
+    """The block's commands, one per line (comment-only and blank lines dropped)."""
+    return [line for line in code.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def _in_process(argv: list[str]) -> tuple[int, str]:
+    """``modelpress ARGS`` through ``modelpress.cli.main`` (what the console script calls)."""
+    import contextlib
+    import io
+
+    from modelpress.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            code = main(argv)
+        except SystemExit as exc:  # argparse: --help, --version, usage errors
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return int(code or 0), out.getvalue()
+
+
+def _run_shell(block: Block, folder: Path) -> None:
+    """Run a shell block line by line, stopping at the first failing line (as ``bash -e`` does).
+
+    A line that is a plain ``modelpress ARGS`` (no pipes, redirections or other shell syntax)
+    runs in this process through ``modelpress.cli.main`` — the function the ``modelpress``
+    script calls — which saves a Python start and a fresh import of modelpress (and torch or
+    TensorFlow) per command; every other line runs in ``bash -euo pipefail``.
+    ``MODELPRESS_DOCS_SUBPROCESS=1`` runs every line in bash instead.
+    """
     env = {
         **os.environ,
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
@@ -131,12 +165,22 @@ def _run_bash(block: Block, folder: Path) -> None:
         "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD": "1",
         "COLUMNS": "120",
     }
-    done = subprocess.run(["bash", "-euo", "pipefail", "-c", block.code], cwd=folder, env=env,
-                          capture_output=True, text=True, timeout=600)
+    subprocess_only = os.environ.get("MODELPRESS_DOCS_SUBPROCESS") == "1"
     expected = int(block.directives.get("exit", "0"))
-    assert done.returncode == expected, (
-        f"{block.id}: exit {done.returncode} (expected {expected})\n--- block\n{block.code}--- stdout\n"
-        f"{done.stdout[-3000:]}\n--- stderr\n{done.stderr[-3000:]}"
+    code, output, line = 0, "", ""
+    for line in _commands(block.code):
+        argv = shlex.split(line, comments=True)
+        command_part = line.split("#", 1)[0]
+        if not subprocess_only and argv and argv[0] == "modelpress" and not SHELL_META.search(command_part):
+            code, output = _in_process(argv[1:])
+        else:
+            done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=folder, env=env,
+                                  capture_output=True, text=True, timeout=600)
+            code, output = done.returncode, done.stdout + done.stderr
+        if code != 0:
+            break
+    assert code == expected, (
+        f"{block.id}: exit {code} (expected {expected}) at\n  {line}\n--- output\n{output[-4000:]}"
     )
 
 
@@ -161,7 +205,7 @@ def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, Page
             state.namespace.setdefault("__name__", "__docs__")
             exec(compile(block.code, block.id, "exec"), state.namespace)
         else:
-            _run_bash(block, state.folder)
+            _run_shell(block, state.folder)
     except BaseException:
         state.skipped = f"{block.id} failed"
         raise

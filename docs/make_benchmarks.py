@@ -64,16 +64,21 @@ def main() -> int:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(SECTIONS)}")
     text = PAGE.read_text(encoding="utf-8")
+    failed = []
     for name in names:
         pattern = section_pattern(name)
         if not pattern.search(text):
             print(f"docs/benchmarks.md has no <!-- bench:{name} --> section", file=sys.stderr)
             return 1
         new = run(name)
-        if new is not None:
-            text = pattern.sub(lambda m, new=new: m.group(1) + new + m.group(3), text)
-            PAGE.write_text(text, encoding="utf-8")
-    return 0
+        if new is None:
+            failed.append(name)
+            continue
+        text = pattern.sub(lambda m, new=new: m.group(1) + new + m.group(3), text)
+        PAGE.write_text(text, encoding="utf-8")
+    if failed:
+        print(f"failed: {', '.join(failed)} (their sections are unchanged)", file=sys.stderr)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

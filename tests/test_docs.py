@@ -228,3 +228,15 @@ def test_mkdocs_build_strict(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     assert (tmp_path / "site" / "methods" / "int8-static" / "index.html").exists()
+
+
+def test_every_builtin_method_has_a_page_with_its_generated_options():
+    """A built-in method added without a page (or a page without its options table) fails here."""
+    import modelpress
+
+    nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
+    for method in modelpress.get_registry().methods():
+        page = DOCS / "methods" / f"{method.name.replace(':', '-')}.md"
+        assert page.exists(), f"built-in method {method.qualname} has no page {page.relative_to(ROOT)}"
+        assert f"<!-- mp:options {method.kind}/{method.name} -->" in page.read_text(encoding="utf-8"), page
+        assert f"methods/{page.name}" in nav, f"{page.relative_to(ROOT)} is not in mkdocs.yml's nav"

@@ -165,67 +165,14 @@ def load_torch(
         raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
 
     runnable = source.module() if is_program else source
-    if isinstance(runnable, torch.nn.Module) and not is_program:  # NOTE: programs refuse .eval()
-        runnable.eval()
-    try:
-        with torch.no_grad():
-            reference = _to_numpy_list(runnable(*args))
-    except Exception as exc:
-        shapes = ", ".join(str(tuple(a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args)
-        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
-
-    names = input_names
-    if names is None:
-        try:
-            import inspect
-
-            params = list(inspect.signature(runnable.forward).parameters)
-            names = params[: len(args)] if len(params) >= len(args) else None
-        except (TypeError, ValueError):
-            names = None
-    names = names or [f"input_{i}" for i in range(len(args))]
-    axes: dict[str, dict[int, str]] = {}
-    for name, arg in zip(names, args, strict=True):
-        if dynamic_batch and getattr(arg, "dim", lambda: 0)() > 0:
-            axes.setdefault(name, {})[0] = "batch"
-    for name, extra in (dynamic_axes or {}).items():
-        axes.setdefault(name, {}).update(extra)
-
+    reference = _reference_outputs(torch, runnable, args, label, is_program)
+    names, axes = _input_axes(runnable, args, input_names, dynamic_batch, dynamic_axes)
     errors: list[str] = []
-    proto = None
-    used = ""
+    proto, used = None, ""
     if exporter in ("auto", "dynamo"):
-        try:
-            dims: dict[str, Any] = {}
-            dyn_shapes = tuple(
-                {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()} or None
-                for name in names
-            )
-            with warnings.catch_warnings(), _quiet():
-                warnings.simplefilter("ignore")
-                program = torch.onnx.export(
-                    source, args, dynamo=True, input_names=names, output_names=output_names,
-                    dynamic_shapes=None if is_program else dyn_shapes, opset_version=opset, verbose=False,
-                )
-            proto = program.model_proto
-            used = "torch.onnx.export(dynamo=True)"
-        except Exception as exc:
-            errors.append(f"dynamo exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        proto, used = _export_dynamo(torch, source, args, names, output_names, axes, opset, is_program, errors)
     if proto is None and exporter in ("auto", "torchscript") and not is_program:
-        try:
-            buffer = io.BytesIO()
-            with warnings.catch_warnings(), _quiet():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(
-                    source, args, buffer, dynamo=False, input_names=names, output_names=output_names,
-                    dynamic_axes=axes or None, opset_version=opset or 17,
-                )
-            import onnx
-
-            proto = onnx.load_from_string(buffer.getvalue())
-            used = "torch.onnx.export(dynamo=False) (TorchScript fallback)"
-        except Exception as exc:
-            errors.append(f"TorchScript exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}")
+        proto, used = _export_torchscript(torch, source, args, names, output_names, axes, opset, errors)
     if proto is None:
         raise UnsupportedModelError(f"{label}: PyTorch could not export the model to ONNX: " + "; ".join(errors))
 
@@ -242,6 +189,90 @@ def load_torch(
         extra={"import_check": figures, "fallback_reasons": errors},
     )
     return model
+
+
+def _reference_outputs(torch: Any, runnable: Any, args: tuple[Any, ...], label: str, is_program: bool) -> list[np.ndarray]:
+    """The source model's outputs on the example inputs (what the import is checked against)."""
+    if isinstance(runnable, torch.nn.Module) and not is_program:  # NOTE: programs refuse .eval()
+        runnable.eval()
+    try:
+        with torch.no_grad():
+            return _to_numpy_list(runnable(*args))
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args)
+        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+
+
+def _input_axes(
+    runnable: Any, args: tuple[Any, ...], input_names: list[str] | None, dynamic_batch: bool, dynamic_axes: dict[str, dict[int, str]] | None,
+) -> tuple[list[str], dict[str, dict[int, str]]]:
+    """The ONNX input names (default: the forward's argument names) and their dynamic axes."""
+    names = input_names
+    if names is None:
+        try:
+            import inspect
+
+            params = list(inspect.signature(runnable.forward).parameters)
+            names = params[: len(args)] if len(params) >= len(args) else None
+        except (TypeError, ValueError):
+            names = None
+    names = names or [f"input_{i}" for i in range(len(args))]
+    axes: dict[str, dict[int, str]] = {}
+    for name, arg in zip(names, args, strict=True):
+        if dynamic_batch and getattr(arg, "dim", lambda: 0)() > 0:
+            axes.setdefault(name, {})[0] = "batch"
+    for name, extra in (dynamic_axes or {}).items():
+        axes.setdefault(name, {}).update(extra)
+    return names, axes
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
+def _export_dynamo(
+    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None,
+    axes: dict[str, dict[int, str]], opset: int | None, is_program: bool, errors: list[str],
+) -> tuple[Any, str]:
+    """``torch.onnx.export(dynamo=True)``; ``(None, "")`` with the reason in ``errors`` when it fails."""
+    try:
+        dims: dict[str, Any] = {}
+        dyn_shapes = tuple(
+            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()} or None
+            for name in names
+        )
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                source, args, dynamo=True, input_names=names, output_names=output_names,
+                dynamic_shapes=None if is_program else dyn_shapes, opset_version=opset, verbose=False,
+            )
+        return program.model_proto, "torch.onnx.export(dynamo=True)"
+    except Exception as exc:
+        errors.append(f"dynamo exporter: {_first_line(exc)}")
+        return None, ""
+
+
+def _export_torchscript(
+    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None,
+    axes: dict[str, dict[int, str]], opset: int | None, errors: list[str],
+) -> tuple[Any, str]:
+    """The TorchScript exporter (the fallback); ``(None, "")`` with the reason in ``errors`` when it fails."""
+    try:
+        buffer = io.BytesIO()
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                source, args, buffer, dynamo=False, input_names=names, output_names=output_names,
+                dynamic_axes=axes or None, opset_version=opset or 17,
+            )
+        import onnx
+
+        return onnx.load_from_string(buffer.getvalue()), "torch.onnx.export(dynamo=False) (TorchScript fallback)"
+    except Exception as exc:
+        errors.append(f"TorchScript exporter: {_first_line(exc)}")
+        return None, ""
 
 
 class _quiet:

@@ -124,29 +124,13 @@ def fit(
         extra_loss: ``extra_loss(module, batch_inputs, outputs)`` added to the loss (feature
             distillation uses it).
     """
-    if epochs < 0:
-        raise OptionsError(f"epochs must be >= 0, got {epochs}")
-    n = len(inputs[0])
-    if n == 0:
-        raise DataError("no training samples")
-    for name, array in targets.items():
-        if len(array) != n:
-            raise DataError(f"training data has {n} samples but {len(array)} {name}")
+    n = _check_data(inputs, targets, epochs)
     loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
     seed_everything(seed)
     params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
-    if optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    elif optimizer in ("adam", "adamw"):
-        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
-        opt = cls(params, lr=lr, weight_decay=weight_decay)
-    else:
-        raise OptionsError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {optimizer!r}")
+    opt = _optimizer(params, optimizer, lr, weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
-    total = max(1, epochs * steps_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        opt, (lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))) if schedule == "cosine" else (lambda step: 1.0)
-    )
+    scheduler = _scheduler(opt, schedule, max(1, epochs * steps_per_epoch))
     mask_tensors = {k: torch.as_tensor(v, dtype=module.get_parameter(k).dtype) for k, v in (masks or {}).items()}
     _apply_masks(module, mask_tensors)
     if metric is None and validation is not None:
@@ -155,50 +139,26 @@ def fit(
         def metric(m: nn.Module) -> float:
             return accuracy(m, val_inputs, val_labels)
 
+    step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
     tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
     tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
     generator = torch.Generator().manual_seed(seed)
     result = FitResult()
     best_state = copy.deepcopy(module.state_dict())
     if metric is not None:
-        result.best_metric = metric(module)
-        result.best_epoch = 0
+        result.best_metric, result.best_epoch = metric(module), 0
     since_best = 0
     try:
         with progress_bar("training", total=epochs * steps_per_epoch, enabled=show_progress) as advance:
             for epoch in range(1, epochs + 1):
                 module.train()
                 order = torch.randperm(n, generator=generator)
-                running, seen = 0.0, 0
-                for start in range(0, n, batch_size):
-                    idx = order[start : start + batch_size]
-                    batch_in = [t[idx] for t in tensors_in]
-                    batch_t = {k: v[idx] for k, v in tensors_t.items()}
-                    outputs = module(*batch_in)
-                    value = loss_fn(outputs, batch_t)
-                    if extra_loss is not None:
-                        value = value + extra_loss(module, batch_in, outputs)
-                    opt.zero_grad(set_to_none=True)
-                    value.backward()
-                    opt.step()
-                    scheduler.step()
-                    _apply_masks(module, mask_tensors)
-                    running += float(value.detach()) * len(idx)
-                    seen += len(idx)
-                    advance(1)
-                logs = {"epoch": float(epoch), "loss": running / max(seen, 1)}
-                if metric is not None:
-                    score = metric(module)
-                    logs["metric"] = score
-                    if result.best_metric is None or score > result.best_metric:
-                        result.best_metric, result.best_epoch = score, epoch
-                        best_state = copy.deepcopy(module.state_dict())
-                        since_best = 0
-                    else:
-                        since_best += 1
+                logs = {"epoch": float(epoch), "loss": step.epoch(tensors_in, tensors_t, order, batch_size, advance)}
+                improved = _score(module, metric, result, epoch, logs)
+                if improved:
+                    best_state, since_best = copy.deepcopy(module.state_dict()), 0
                 else:
-                    best_state = copy.deepcopy(module.state_dict())
-                    result.best_epoch = epoch
+                    since_best += 1
                 result.history.append(logs)
                 for callback in callbacks:
                     callback(epoch, logs)
@@ -210,3 +170,73 @@ def fit(
     module.load_state_dict(best_state)
     module.eval()
     return result
+
+
+def _check_data(inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray], epochs: int) -> int:
+    """The number of training samples, after checking every array has that many."""
+    if epochs < 0:
+        raise OptionsError(f"epochs must be >= 0, got {epochs}")
+    n = len(inputs[0])
+    if n == 0:
+        raise DataError("no training samples")
+    for name, array in targets.items():
+        if len(array) != n:
+            raise DataError(f"training data has {n} samples but {len(array)} {name}")
+    return n
+
+
+def _optimizer(params: list[Any], optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if optimizer == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    if optimizer in ("adam", "adamw"):
+        cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
+        return cls(params, lr=lr, weight_decay=weight_decay)
+    raise OptionsError(f"optimizer must be 'adam', 'adamw' or 'sgd', not {optimizer!r}")
+
+
+def _scheduler(opt: torch.optim.Optimizer, schedule: str, total: int) -> Any:
+    if schedule == "cosine":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+
+
+def _score(module: nn.Module, metric: Callable[[nn.Module], float] | None, result: FitResult, epoch: int, logs: dict[str, float]) -> bool:
+    """Score the epoch into ``logs`` and ``result``; whether its weights are the best so far
+    (without a metric, the latest epoch always is)."""
+    if metric is None:
+        result.best_epoch = epoch
+        return True
+    score = metric(module)
+    logs["metric"] = score
+    if result.best_metric is None or score > result.best_metric:
+        result.best_metric, result.best_epoch = score, epoch
+        return True
+    return False
+
+
+class _Step:
+    """One optimisation step per batch: forward, loss (+ extra), backward, step, re-apply masks."""
+
+    def __init__(self, module: nn.Module, loss_fn: LossFn, extra_loss: Any, opt: torch.optim.Optimizer, scheduler: Any, masks: dict[str, torch.Tensor]) -> None:
+        self.module, self.loss_fn, self.extra_loss = module, loss_fn, extra_loss
+        self.opt, self.scheduler, self.masks = opt, scheduler, masks
+
+    def epoch(self, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], order: torch.Tensor, batch_size: int, advance: Any) -> float:
+        """Train one epoch over ``order``; returns the mean loss."""
+        running, seen = 0.0, 0
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            batch_in = [t[idx] for t in tensors_in]
+            outputs = self.module(*batch_in)
+            value = self.loss_fn(outputs, {k: v[idx] for k, v in tensors_t.items()})
+            if self.extra_loss is not None:
+                value = value + self.extra_loss(self.module, batch_in, outputs)
+            self.opt.zero_grad(set_to_none=True)
+            value.backward()
+            self.opt.step()
+            self.scheduler.step()
+            _apply_masks(self.module, self.masks)
+            running += float(value.detach()) * len(idx)
+            seen += len(idx)
+            advance(1)
+        return running / max(seen, 1)

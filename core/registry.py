@@ -214,69 +214,13 @@ class Registry:
 
     def _collect(self, name: str, info: PluginInfo) -> None:
         """Call this plugin's register hooks with callbacks that attribute what it registers."""
-
-        def register_method(method: Method) -> None:
-            if not isinstance(method, Method):
-                raise PluginError(f"plugin {info.label} registered {method!r}, which is not a modelpress.Method", plugin=name)
-            method = method.attributed(info.name, info.version)
-            key = (method.kind, method.name)
-            if key in self._methods:
-                _, other = self._methods[key]
-                raise DuplicateMethodError(
-                    f"method {method.qualname!r} is registered by both {other.label} and {info.label}; "
-                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
-                    plugin=name,
-                    method=method.name,
-                )
-            self._methods[key] = (method, info)
-            info.methods.append(method)
-
-        def register_adapter(adapter: Adapter) -> None:
-            if not isinstance(adapter, Adapter):
-                raise PluginError(f"plugin {info.label} registered {adapter!r}, which is not a modelpress.Adapter", plugin=name)
-            adapter = adapter.attributed(info.name, info.version)
-            self._adapters.append(adapter)
-            info.adapters.append(adapter)
-
-        def register_codec(codec: Codec) -> None:
-            if not isinstance(codec, Codec):
-                raise PluginError(f"plugin {info.label} registered {codec!r}, which is not a modelpress.Codec", plugin=name)
-            if codec.name in self._codecs:
-                other = self._codecs[codec.name][1]
-                raise DuplicateMethodError(
-                    f"codec {codec.name!r} is registered by both {other.label} and {info.label}; "
-                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
-                    plugin=name,
-                    method=codec.name,
-                )
-            codec = codec.attributed(info.name, info.version)
-            self._codecs[codec.name] = (codec, info)
-            info.codecs.append(codec)
-
-        def register_kind(kind: Kind) -> None:
-            if not isinstance(kind, Kind):
-                raise PluginError(f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind", plugin=name)
-            kind = kind.attributed(info.name)
-            if kind.name in self._kinds:
-                other_kind, other = self._kinds[kind.name]
-                if other_kind.attributed("") == kind.attributed(""):
-                    return  # NOTE: the same declaration twice (two plugins sharing a kind) is harmless
-                raise DuplicateMethodError(
-                    f"kind {kind.name!r} is registered differently by both {other.label} and {info.label}; "
-                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
-                    plugin=name,
-                    method=kind.name,
-                )
-            self._kinds[kind.name] = (kind, info)
-            info.kinds.append(kind)
-
         plugin = self.pm.get_plugin(name)
         others = [p for p in self.pm.get_plugins() if p is not plugin]
         callbacks: dict[str, Callable[[Any], None]] = {
-            "modelpress_register_kinds": register_kind,
-            "modelpress_register_methods": register_method,
-            "modelpress_register_adapters": register_adapter,
-            "modelpress_register_codecs": register_codec,
+            "modelpress_register_kinds": functools.partial(self._register_kind, name, info),
+            "modelpress_register_methods": functools.partial(self._register_method, name, info),
+            "modelpress_register_adapters": functools.partial(self._register_adapter, name, info),
+            "modelpress_register_codecs": functools.partial(self._register_codec, name, info),
         }
         for hook_name in _REGISTER_HOOKS:
             # NOTE: called through pluggy's hook caller (restricted to this plugin, so that what
@@ -291,6 +235,61 @@ class Registry:
                 raise PluginError(
                     f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=name
                 ) from exc
+
+    def _register_method(self, name: str, info: PluginInfo, method: Method) -> None:
+        if not isinstance(method, Method):
+            raise PluginError(f"plugin {info.label} registered {method!r}, which is not a modelpress.Method", plugin=name)
+        method = method.attributed(info.name, info.version)
+        key = (method.kind, method.name)
+        if key in self._methods:
+            _, other = self._methods[key]
+            raise DuplicateMethodError(
+                f"method {method.qualname!r} is registered by both {other.label} and {info.label}; "
+                f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                plugin=name,
+                method=method.name,
+            )
+        self._methods[key] = (method, info)
+        info.methods.append(method)
+
+    def _register_adapter(self, name: str, info: PluginInfo, adapter: Adapter) -> None:
+        if not isinstance(adapter, Adapter):
+            raise PluginError(f"plugin {info.label} registered {adapter!r}, which is not a modelpress.Adapter", plugin=name)
+        adapter = adapter.attributed(info.name, info.version)
+        self._adapters.append(adapter)
+        info.adapters.append(adapter)
+
+    def _register_codec(self, name: str, info: PluginInfo, codec: Codec) -> None:
+        if not isinstance(codec, Codec):
+            raise PluginError(f"plugin {info.label} registered {codec!r}, which is not a modelpress.Codec", plugin=name)
+        if codec.name in self._codecs:
+            other = self._codecs[codec.name][1]
+            raise DuplicateMethodError(
+                f"codec {codec.name!r} is registered by both {other.label} and {info.label}; "
+                f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                plugin=name,
+                method=codec.name,
+            )
+        codec = codec.attributed(info.name, info.version)
+        self._codecs[codec.name] = (codec, info)
+        info.codecs.append(codec)
+
+    def _register_kind(self, name: str, info: PluginInfo, kind: Kind) -> None:
+        if not isinstance(kind, Kind):
+            raise PluginError(f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind", plugin=name)
+        kind = kind.attributed(info.name)
+        if kind.name in self._kinds:
+            other_kind, other = self._kinds[kind.name]
+            if other_kind.attributed("") == kind.attributed(""):
+                return  # NOTE: the same declaration twice (two plugins sharing a kind) is harmless
+            raise DuplicateMethodError(
+                f"kind {kind.name!r} is registered differently by both {other.label} and {info.label}; "
+                f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                plugin=name,
+                method=kind.name,
+            )
+        self._kinds[kind.name] = (kind, info)
+        info.kinds.append(kind)
 
     # -- lookup ----------------------------------------------------------------------------
     def methods(self, kind: str | None = None) -> list[Method]:

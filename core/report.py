@@ -18,6 +18,10 @@ if TYPE_CHECKING:
 
 __all__ = ["LATENCY_TOLERANCE", "Report", "figure_text", "write_reports"]
 
+# NOTE: figures a kind declares that the report measures itself on every stage (size, parameters):
+# shown once, as measured, not again as the method reported them.
+_MEASURED = frozenset({"model_bytes_before", "model_bytes_after", "parameters", "parameters_before", "parameters_after", "size_bytes"})
+
 # NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged.
 LATENCY_TOLERANCE = 0.05
 
@@ -63,13 +67,16 @@ class Report:
 
     def figure_columns(self) -> list[str]:
         """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured
-        on every stage; another column is shown when at least one stage reported that figure.
+        on every stage; another column is shown when at least one stage reported that figure
+        (sizes and parameter counts are measured columns already, so they are not repeated).
         Without kind information (a bare Report) it is ``sparsity`` alone, as before kinds were open."""
         if not self.kind_columns:
             return ["sparsity"]
         wanted: dict[str, None] = {}
         for s in self.stages:
             for column in self.kind_columns.get(s.kind, ()):
+                if column in _MEASURED:
+                    continue
                 if column == "sparsity" or any(column in t.figures for t in self.stages):
                     wanted.setdefault(column)
         return list(wanted)

@@ -24,7 +24,7 @@ from modelpress.pipeline import apply
 from modelpress.registry import Registry
 from modelpress.runtime import make_session, run
 
-__all__ = ["assert_valid", "check_method", "make_model", "tiny_cnn", "tiny_mlp"]
+__all__ = ["assert_valid", "check_adapter", "check_method", "make_model", "tiny_cnn", "tiny_mlp"]
 
 OPSET = 17
 
@@ -151,3 +151,44 @@ def check_method(
         assert exp.shape == out.shape, f"output shape changed from {exp.shape} to {out.shape}"
     assert result.provenance.passes and result.provenance.passes[-1].method == (method if isinstance(method, str) else method.name)
     return result
+
+
+def check_adapter(
+    source: Any,
+    *,
+    framework: str | None = None,
+    registry: Registry | None = None,
+    feeds: dict[str, np.ndarray] | None = None,
+    expected: list[np.ndarray] | None = None,
+    rtol: float = 1e-4,
+    **load_options: Any,
+) -> Model:
+    """Load ``source`` as a user would (``modelpress.load``) and assert what every adapter owes its
+    users; returns the model.
+
+    * an adapter of the registry accepts ``source`` (``framework``, if given, is the one chosen);
+    * the result is a :class:`Model` that passes the ONNX checker and runs in ORT with finite outputs;
+    * its provenance names the source framework and the importer;
+    * with ``feeds`` and ``expected`` (the source framework's own outputs on those inputs), the
+      ONNX outputs match within ``rtol`` (relative to each output's largest magnitude);
+    * loading twice gives the same graph (the adapter does not depend on hidden state).
+    """
+    from modelpress.loading import load
+
+    model = load(source, framework=framework, registry=registry, show_progress=False, **load_options)
+    assert isinstance(model, Model), f"the adapter returned {type(model).__name__}, not a modelpress.Model"
+    assert model.provenance.source_framework, "the adapter left provenance.source_framework empty (say which framework it read)"
+    assert model.provenance.importer, "the adapter left provenance.importer empty (say what converted the model)"
+    outputs = assert_valid(model, sample=feeds)
+    if expected is not None:
+        assert feeds is not None, "expected outputs need the feeds they were computed on"
+        assert len(outputs) == len(expected), f"{len(outputs)} outputs, the source framework gave {len(expected)}"
+        for spec, out, ref in zip(model.signature.outputs, outputs, expected, strict=True):
+            ref = np.asarray(ref)
+            assert out.shape == ref.shape, f"output {spec.name!r}: shape {out.shape}, the source framework gave {ref.shape}"
+            scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
+            diff = float(np.max(np.abs(out.astype(np.float64) - ref.astype(np.float64)))) if ref.size else 0.0
+            assert diff <= rtol * scale, f"output {spec.name!r} differs from the source framework by {diff:.3g} (> {rtol:g} x {scale:.3g})"
+    again = load(source, framework=framework, registry=registry, show_progress=False, **load_options)
+    assert [n.op_type for n in again.graph] == [n.op_type for n in model.graph], "loading twice gave different graphs"
+    return model

@@ -55,3 +55,18 @@ def test_plugin_api_names_resolve_and_are_documented():
             assert issubclass(obj, modelpress.ModelpressError), name
         elif name != "WEIGHTED_OPS":
             assert name in (api.__doc__ or ""), f"{name} is not described in modelpress.plugin_api's docstring"
+
+
+def test_no_hand_built_nodes_outside_the_builder():
+    """Every new node comes from the graph-building toolkit (unique names, inferred types)."""
+    found = []
+    for folder in ("core", "adapters", "plugins"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            rel = path.relative_to(ROOT).as_posix()
+            if rel == "core/builder.py" or rel in PENDING:
+                continue
+            for node in ast.walk(ast.parse(path.read_text(), rel)):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("node", "Node") \
+                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "ir":
+                    found.append(f"{rel}:{node.lineno}")
+    assert not found, "nodes built by hand (use model.builder()):\n" + "\n".join(found)

@@ -96,9 +96,64 @@ def _student(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     return apply(teacher, "channel", kind="prune", ratio=1 - opts.width, show_progress=False, registry=ctx.registry)
 
 
-def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
+def _distilled(module: Any, opts: KDOptions, inputs: list[np.ndarray], cached: dict[str, np.ndarray]) -> Any:
+    """The student plus a projection per feature pair (1x1 conv or linear when widths differ);
+    its forward returns ``(logits, *projected features)``."""
     import torch
     from torch import nn
+
+    class Distilled(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.student = module
+            self.projections = nn.ModuleList()
+            if opts.features:
+                _, feats = module.run_with_intermediates(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in inputs], names=[s for _, s in opts.features])
+                for (t_name, s_name) in opts.features:
+                    t_feat, s_feat = cached[t_name], feats[s_name]
+                    axis = 1 if s_feat.dim() == 4 else -1
+                    t_width, s_width = t_feat.shape[axis], s_feat.shape[axis]
+                    if s_feat.dim() == 4:
+                        self.projections.append(nn.Conv2d(s_width, t_width, 1, bias=False) if s_width != t_width else nn.Identity())
+                    else:
+                        self.projections.append(nn.Linear(s_width, t_width, bias=False) if s_width != t_width else nn.Identity())
+
+        def forward(self, *args: Any) -> Any:
+            if not opts.features:
+                return self.student(*args)
+            out, feats = self.student.run_with_intermediates(*args, names=[s for _, s in opts.features])
+            out = out[0] if isinstance(out, tuple) else out
+            return (out, *[proj(feats[s]) for proj, (_, s) in zip(self.projections, opts.features, strict=True)])
+
+    return Distilled()
+
+
+def _targets(teacher_logits: np.ndarray, data: Dataset, opts: KDOptions, cached: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """What each batch is compared with: the teacher's logits, the labels, the teacher's features."""
+    targets: dict[str, np.ndarray] = {"teacher": teacher_logits}
+    if data.labels is not None:
+        targets["labels"] = data.labels
+    for i, (t_name, _) in enumerate(opts.features):
+        targets[f"feature_{i}"] = cached[t_name]
+    return targets
+
+
+def _loss(opts: KDOptions) -> Any:
+    """The training loss: :func:`kd_loss` plus ``feature_weight`` x MSE per feature pair."""
+    import torch
+
+    def loss(outputs: Any, batch: Any) -> Any:
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        value = kd_loss(logits, batch["teacher"], batch.get("labels"), opts.temperature, opts.alpha)
+        for i in range(len(opts.features)):
+            value = value + opts.feature_weight * torch.nn.functional.mse_loss(outputs[1 + i], batch[f"feature_{i}"])
+        return value
+
+    return loss
+
+
+def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
+    import torch
 
     from modelpress.plugin_api import fit, to_torch, update_weights
 
@@ -122,44 +177,9 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     if tuple(probe.shape[1:]) != tuple(teacher_logits.shape[1:]):
         raise DataError(f"teacher output {tuple(teacher_logits.shape[1:])} and student output {tuple(probe.shape[1:])} have different shapes")
 
-    class Distilled(nn.Module):
-        """The student plus projections; returns (logits, *features)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.student = module
-            self.projections = nn.ModuleList()
-            if opts.features:
-                _, feats = module.run_with_intermediates(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in inputs], names=[s for _, s in opts.features])
-                for (t_name, s_name) in opts.features:
-                    t_feat, s_feat = cached[t_name], feats[s_name]
-                    axis = 1 if s_feat.dim() == 4 else -1
-                    t_width, s_width = t_feat.shape[axis], s_feat.shape[axis]
-                    if s_feat.dim() == 4:
-                        self.projections.append(nn.Conv2d(s_width, t_width, 1, bias=False) if s_width != t_width else nn.Identity())
-                    else:
-                        self.projections.append(nn.Linear(s_width, t_width, bias=False) if s_width != t_width else nn.Identity())
-
-        def forward(self, *args: Any) -> Any:
-            if not opts.features:
-                return self.student(*args)
-            out, feats = self.student.run_with_intermediates(*args, names=[s for _, s in opts.features])
-            out = out[0] if isinstance(out, tuple) else out
-            return (out, *[proj(feats[s]) for proj, (_, s) in zip(self.projections, opts.features, strict=True)])
-
-    wrapper = Distilled()
-    targets: dict[str, np.ndarray] = {"teacher": teacher_logits}
-    if data.labels is not None:
-        targets["labels"] = data.labels
-    for i, (t_name, _) in enumerate(opts.features):
-        targets[f"feature_{i}"] = cached[t_name]
-
-    def loss(outputs: Any, batch: Any) -> Any:
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
-        value = kd_loss(logits, batch["teacher"], batch.get("labels"), opts.temperature, opts.alpha)
-        for i in range(len(opts.features)):
-            value = value + opts.feature_weight * torch.nn.functional.mse_loss(outputs[1 + i], batch[f"feature_{i}"])
-        return value
+    wrapper = _distilled(module, opts, inputs, cached)
+    targets = _targets(teacher_logits, data, opts, cached)
+    loss = _loss(opts)
 
     n = len(inputs[0])
     held = int(n * opts.validation_fraction) if data.labels is not None else 0

@@ -8,7 +8,8 @@ Writing a method (see ``docs/writing-a-plugin.md``)
     :class:`Method`, :class:`Options`, :class:`PassContext`, :class:`Kind`, :data:`BUILTIN_KINDS`,
     :func:`hookimpl`; the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
     ``consumers``, ``producer``, ``fresh_name``, ``replace_node``, ``insert_after``, ``cleanup``,
-    ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`.
+    ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`,
+    :func:`recurrent_refusals` (name the LSTM/GRU/RNN weights a method leaves alone).
 Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
@@ -48,7 +49,7 @@ from modelpress.errors import (
 )
 from modelpress.frameworks import fit, to_torch, update_weights
 from modelpress.hookspecs import hookimpl
-from modelpress.layers import WEIGHTED_OPS, WeightedLayer
+from modelpress.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
 from modelpress.model import Model
 from modelpress.normalize import normalize_on_import
@@ -98,6 +99,7 @@ __all__ = [
     "one_line",
     "progress_bar",
     "read_packed",
+    "recurrent_refusals",
     "run",
     "run_dataset",
     "sample_inputs",

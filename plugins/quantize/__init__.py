@@ -6,8 +6,7 @@ from functools import partial
 
 from pydantic import Field
 
-from modelpress.hookspecs import hookimpl
-from modelpress.methods import BUILTIN_KINDS, Method
+from modelpress.plugin_api import BUILTIN_KINDS, Method, hookimpl
 from modelpress.plugins.quantize.codebook import CodebookOptions, codebook
 from modelpress.plugins.quantize.dynamic import Int8DynamicOptions, int8_dynamic
 from modelpress.plugins.quantize.fp16 import Fp16Options, fp16

@@ -17,8 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from modelpress.methods import PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import Model, PassContext
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales
 
 __all__ = ["awq_scale", "search_alpha"]

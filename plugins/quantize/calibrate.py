@@ -26,10 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from modelpress.data import Dataset
-from modelpress.methods import PassContext
-from modelpress.model import Model
-from modelpress.runtime import make_session, with_outputs
+from modelpress.plugin_api import Dataset, Model, PassContext, make_session, with_outputs
 
 __all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
 

@@ -16,10 +16,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from modelpress.data import Dataset
-from modelpress.layers import WeightedLayer
-from modelpress.methods import PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import Dataset, Model, PassContext, WeightedLayer
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats
 from modelpress.plugins.quantize.scaling import sample_rows
 

@@ -15,10 +15,14 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.errors import OptionsError
-from modelpress.layers import WeightedLayer, recurrent_refusals
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import (
+    Model,
+    Options,
+    OptionsError,
+    PassContext,
+    WeightedLayer,
+    recurrent_refusals,
+)
 from modelpress.plugins.quantize.affine import QRange, symmetric_params
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul

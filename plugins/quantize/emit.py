@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from modelpress.model import Model
+from modelpress.plugin_api import Model
 
 __all__ = ["replace_matmul"]
 

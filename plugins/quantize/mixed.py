@@ -30,10 +30,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from modelpress.data import load_dataset
-from modelpress.errors import DataError, OptionsError
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import DataError, Model, Options, OptionsError, PassContext, load_dataset
 from modelpress.plugins.quantize.embeddings import (
     TableReport,
     _dequantized,

@@ -14,11 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.data import Dataset
-from modelpress.layers import WeightedLayer
-from modelpress.model import Model
+from modelpress.plugin_api import Dataset, Model, WeightedLayer, make_session, with_outputs
 from modelpress.plugins.quantize.calibrate import calibration_batch
-from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["ROWS", "ScaleGroup", "apply_scales", "sample_rows", "scale_groups"]
 

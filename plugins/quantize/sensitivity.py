@@ -24,11 +24,7 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.criteria import Judgement
-from modelpress.data import Dataset
-from modelpress.methods import PassContext
-from modelpress.model import Model
-from modelpress.runtime import make_session
+from modelpress.plugin_api import Dataset, GraphBuilder, Judgement, Model, PassContext, make_session
 
 __all__ = ["Decision", "local_errors", "search"]
 
@@ -49,15 +45,11 @@ class Decision:
     errors: dict[str, float] = field(default_factory=dict)
 
 
-def _qdq(graph_nodes: list[ir.Node], value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
-    s = ir.Value(name=f"{tag}_s", const_value=ir.tensor(np.asarray(scale, np.float32)))
-    z = ir.Value(name=f"{tag}_z", const_value=ir.tensor(np.asarray(zero)))
-    q = ir.node("QuantizeLinear", [value, s, z], name=f"{tag}_Q")
-    dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], name=f"{tag}_DQ")
-    q.outputs[0].name, dq.outputs[0].name = f"{tag}_q", f"{tag}_dq"
-    dq.outputs[0].dtype = ir.DataType.FLOAT
-    graph_nodes += [q, dq]
-    return dq.outputs[0]
+def _qdq(b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
+    s = b.initializer(np.asarray(scale, np.float32), f"{tag}_s")
+    z = b.initializer(np.asarray(zero), f"{tag}_z")
+    q = b.op("QuantizeLinear", [value, s, z], name=f"{tag}_Q", output_name=f"{tag}_q")
+    return b.op("DequantizeLinear", [q, s, z], name=f"{tag}_DQ", output_name=f"{tag}_dq", dtype=ir.DataType.FLOAT)
 
 
 def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], per_channel: bool) -> tuple[Model, dict[str, tuple[str, str]]]:
@@ -67,66 +59,49 @@ def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: di
     graph = probe.ir.graph
     by_name = {n.name: n for n in graph}
     pairs: dict[str, tuple[str, str]] = {}
-    new_nodes: list[ir.Node] = []
-    placed: list[tuple[ir.Node, list[ir.Node]]] = []
-    initializers: list[ir.Value] = []
+    placed: list[tuple[ir.Node, GraphBuilder]] = []
     for i, name in enumerate(names):
         node, plan = by_name[name], plans[name]
         tag = f"__shadow{i}"
-        start = len(new_nodes)
+        b = probe.builder(prefix=tag)
         inputs = list(node.inputs)
         for index, value in enumerate(inputs):
             if value is None:
                 continue
             if value.name in plan.act_ins and value.name in act:
-                inputs[index] = _qdq(new_nodes, value, *act[value.name], f"{tag}_in{index}")
+                inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")
             elif plan.constants and index in plan.constants:
                 cq, cs, cz = plan.constants[index]
-                c = ir.Value(name=f"{tag}_c{index}", const_value=ir.tensor(cq))
-                initializers.append(c)
-                dq = ir.node("DequantizeLinear", [c, ir.Value(name=f"{tag}_cs{index}", const_value=ir.tensor(cs)),
-                                                  ir.Value(name=f"{tag}_cz{index}", const_value=ir.tensor(cz))], name=f"{tag}_cdq{index}")
-                dq.outputs[0].name = f"{tag}_c{index}_dq"
-                new_nodes.append(dq)
-                inputs[index] = dq.outputs[0]
+                c = [b.initializer(t, f"{tag}_{suffix}{index}") for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))]
+                inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", output_name=f"{tag}_c{index}_dq")
         layer = plan.layer
         if layer is not None and plan.weight_q is not None:
-            wq = ir.Value(name=f"{tag}_w", const_value=ir.tensor(plan.weight_q))
-            ws = ir.Value(name=f"{tag}_ws", const_value=ir.tensor(np.asarray(plan.weight_scale, np.float32) if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(())))
-            wz = ir.Value(name=f"{tag}_wz", const_value=ir.tensor(plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(())))
-            initializers += [wq]
-            dq = ir.node("DequantizeLinear", [wq, ws, wz], {"axis": layer.out_axis} if per_channel else {}, name=f"{tag}_wdq")
-            dq.outputs[0].name = f"{tag}_w_dq"
-            new_nodes.append(dq)
-            inputs[layer.weight_input] = dq.outputs[0]
+            scale = np.asarray(plan.weight_scale, np.float32)
+            zero = np.asarray(plan.weight_zero)
+            w = [b.initializer(plan.weight_q, f"{tag}_w"),
+                 b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
+                 b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz")]
+            inputs[layer.weight_input] = b.op("DequantizeLinear", w, {"axis": layer.out_axis} if per_channel else {},
+                                              name=f"{tag}_wdq", output_name=f"{tag}_w_dq")
         attrs = {k: a.value for k, a in node.attributes.items()}
-        twin = ir.node(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}")
-        twin.outputs[0].name = f"{tag}_out"
-        twin.outputs[0].dtype = node.outputs[0].dtype
-        new_nodes.append(twin)
-        out = twin.outputs[0]
+        out = b.op(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}", output_name=f"{tag}_out",
+                   dtype=node.outputs[0].dtype)
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
-            out = _qdq(new_nodes, out, *act[plan.act_out], f"{tag}_out")
+            out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")
         # NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
         # for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS).
-        diff = ir.node("Sub", [out, reference], name=f"{tag}_diff")
-        noise = ir.node("ReduceSumSquare", [diff.outputs[0]], {"keepdims": 0}, name=f"{tag}_noise")
-        signal = ir.node("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal")
-        for op, suffix in ((diff, "diff"), (noise, "noise"), (signal, "signal")):
-            op.outputs[0].name, op.outputs[0].dtype = f"{tag}_{suffix}", ir.DataType.FLOAT
-        new_nodes += [diff, noise, signal]
-        pairs[name] = (signal.outputs[0].name or "", noise.outputs[0].name or "")
-        graph.outputs.extend([signal.outputs[0], noise.outputs[0]])
+        diff = b.op("Sub", [out, reference], name=f"{tag}_diff", output_name=f"{tag}_diff", dtype=ir.DataType.FLOAT)
+        noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", output_name=f"{tag}_noise", dtype=ir.DataType.FLOAT)
+        signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", output_name=f"{tag}_signal", dtype=ir.DataType.FLOAT)
+        pairs[name] = (signal.name or "", noise.name or "")
+        graph.outputs.extend([signal, noise])
         # NOTE: right after the node it shadows, so ORT runs it while the node's inputs and output are live
-        # anyway (appended at the end, every activation of the model would stay live until then).
-        placed.append((node, new_nodes[start:]))
-    # NOTE: constants as graph-level initializers so the shadow nodes can sit anywhere after their inputs.
-    for value in initializers + [v for n in new_nodes for v in n.inputs if v is not None and v.const_value is not None and v.name not in graph.initializers]:
-        if value.name not in graph.initializers:
-            graph.register_initializer(value)
-    for node, chain in placed:
-        graph.insert_after(node, chain)
+        # anyway (appended at the end, every activation of the model would stay live until then). The
+        # constants are graph-level initializers (the builder adds them), so the shadow can sit anywhere.
+        placed.append((node, b))
+    for node, b in placed:
+        b.insert(after=node)
     return probe, pairs
 
 

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from modelpress.data import Dataset
-from modelpress.methods import PassContext
-from modelpress.model import Model
+from modelpress.plugin_api import Dataset, Model, PassContext
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
 
 __all__ = ["smooth"]

@@ -24,13 +24,20 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.criteria import Judgement
-from modelpress.data import Dataset, load_dataset
-from modelpress.errors import DataError, OptionsError, UnsupportedModelError
-from modelpress.layers import WeightedLayer, recurrent_refusals
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
-from modelpress.opsets import ensure_opset
+from modelpress.plugin_api import (
+    DataError,
+    Dataset,
+    Judgement,
+    Model,
+    Options,
+    OptionsError,
+    PassContext,
+    UnsupportedModelError,
+    WeightedLayer,
+    ensure_opset,
+    load_dataset,
+    recurrent_refusals,
+)
 from modelpress.plugins.quantize.affine import (
     QRange,
     affine_params,

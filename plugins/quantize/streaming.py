@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.layers import WeightedLayer
+from modelpress.plugin_api import WeightedLayer
 
 __all__ = ["FileRows", "read_weight"]
 

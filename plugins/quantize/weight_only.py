@@ -27,19 +27,25 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.data import load_dataset
-from modelpress.errors import DataError, OptionsError
-from modelpress.layers import WeightedLayer, recurrent_refusals
-from modelpress.methods import Options, PassContext
-from modelpress.model import Model
-from modelpress.opsets import ensure_opset
+from modelpress.plugin_api import (
+    DataError,
+    Model,
+    Options,
+    OptionsError,
+    PassContext,
+    WeightedLayer,
+    ensure_opset,
+    load_dataset,
+    make_session,
+    recurrent_refusals,
+    with_outputs,
+)
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.awq import awq_scale
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.scaling import scale_groups
 from modelpress.plugins.quantize.streaming import FileRows
-from modelpress.runtime import make_session, with_outputs
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
 

@@ -542,7 +542,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
     result = tune(
         args.model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=budget,
-        metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address, storage=args.storage,
+        metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address, fresh_workers=args.fresh_workers, storage=args.storage,
         study_name=args.study_name, trial_timeout=timeout, trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None,
         keep_trial_models=args.keep_trial_models, show_progress=not args.quiet,
     )
@@ -824,6 +824,7 @@ def _add_tune(sub: Any, argv: Sequence[str]) -> None:
     p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h")
     p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
     p.add_argument("--address", help="attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
+    p.add_argument("--fresh-workers", action="store_true", help="run every trial in a new worker process (default: workers are kept between trials, imports paid once)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/study.db)")
     p.add_argument("--study-name", default="modelpress-tune", help="study name inside the storage")
     p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m); a trial over it is recorded as failed")

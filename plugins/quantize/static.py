@@ -300,7 +300,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
         model = model.clone()
         tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
-    if opts.smoothquant and ctx.calibration is not None:
+    # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name below, before its data is read
+    if opts.smoothquant and ctx.calibration is not None and any(layer.op_type in opts.op_types for layer in model.weighted_layers()):
         model = smooth(model, load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples), ctx,
                        op_types=set(opts.op_types) - set(opts.exclude_op_types), exclude=set(opts.exclude),
                        max_alpha=opts.smoothquant_max_alpha, steps=opts.smoothquant_steps, batch_size=opts.batch_size)

@@ -28,6 +28,7 @@ DEFAULT_MIN_COSINE: dict[str, float] = {
     "int8-qat": 0.9,
     "int4-weight-only": 0.8,
     "codebook": 0.8,
+    "mixed-precision": 0.8,  # NOTE: its int4 layers set the floor; max_drop is its own, tighter check
     "magnitude": 0.5,
     "n:m": 0.5,
 }

@@ -14,6 +14,7 @@ A block may be preceded by a directive comment (invisible on the site)::
     <!-- test: skip="why" -->                   never run (installs packages, runs for minutes...)
     <!-- test: file=recipe.yaml -->            the block is written to that file for later blocks
     <!-- test: exit=4 -->                       a shell block expected to exit with that code
+    <!-- test: plugins -->                      a shell block that installs a plugin: third-party autoload stays on
 
 When a block is skipped, the rest of its page is skipped too (it may build on it).
 Also here: ``mkdocs build --strict`` (warnings, broken links and unresolved references fail).
@@ -165,6 +166,8 @@ def _run_shell(block: Block, folder: Path) -> None:
         "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD": "1",
         "COLUMNS": "120",
     }
+    if "plugins" in block.directives:  # NOTE: `<!-- test: plugins -->`: the block installs a plugin and opts in to autoload
+        env.pop("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD")
     subprocess_only = os.environ.get("MODELPRESS_DOCS_SUBPROCESS") == "1"
     expected = int(block.directives.get("exit", "0"))
     code, output, line = 0, "", ""

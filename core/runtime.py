@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -115,12 +116,45 @@ def release_free_memory() -> None:
         pass
 
 
-def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
-    """Run once; returns the outputs in graph order."""
+RUN_TIMEOUT_ENV = "MODELPRESS_RUN_TIMEOUT"
+
+
+def run_timeout() -> float | None:
+    """Seconds one ONNX Runtime run may take (``$MODELPRESS_RUN_TIMEOUT``; unset or 0: no limit)."""
     try:
-        return [np.asarray(o) for o in session.run(None, dict(feeds))]
+        value = float(os.environ.get(RUN_TIMEOUT_ENV, "") or 0)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> list[np.ndarray]:
+    """Run once; returns the outputs in graph order.
+
+    With ``timeout`` (default ``$MODELPRESS_RUN_TIMEOUT``) a run still going after that many
+    seconds is stopped through ORT's ``RunOptions.terminate`` and raises ``InvalidModelError``:
+    a model that never finishes (a Loop whose trip count is corrupt) fails cleanly instead of
+    hanging. NOTE: a Python signal cannot interrupt ORT while it runs; its terminate flag can."""
+    limit = timeout if timeout is not None else run_timeout()
+    options = ort.RunOptions() if limit else None
+    if options is not None:
+        options.log_severity_level = 4  # NOTE: ORT logs "terminate flag" as an error; the exception below says it
+    timer = threading.Timer(limit, setattr, (options, "terminate", True)) if limit else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return [np.asarray(o) for o in session.run(None, dict(feeds), options)]
     except Exception as exc:
+        if options is not None and options.terminate:
+            raise InvalidModelError(
+                f"ONNX Runtime run stopped after {limit:g} s ({RUN_TIMEOUT_ENV}): the model did not finish "
+                "(a Loop with a huge trip count?); check the model, or raise the limit"
+            ) from exc
         raise InvalidModelError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+    finally:
+        if timer is not None:
+            timer.cancel()
 
 
 def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]

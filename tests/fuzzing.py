@@ -22,6 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
+from modelpress.runtime import RUN_TIMEOUT_ENV
 from modelpress.testing import tiny_cnn, tiny_mlp
 
 CASE_SECONDS = 30  # NOTE: generous: a real case takes milliseconds; this only catches hangs
@@ -109,6 +110,10 @@ def limits(seconds: int = CASE_SECONDS, headroom: int = MEMORY_HEADROOM) -> Iter
 
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
+    # NOTE: SIGALRM cannot interrupt ONNX Runtime while it runs (a mutated Loop trip count of 10^18
+    # hung the suite); modelpress stops such a run itself when told to, with a clean error
+    old_timeout = os.environ.get(RUN_TIMEOUT_ENV)
+    os.environ[RUN_TIMEOUT_ENV] = str(max(1, seconds // 3))
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_DATA, (min(_data_bytes() + headroom, hard if hard > 0 else 1 << 62), hard))
@@ -117,6 +122,10 @@ def limits(seconds: int = CASE_SECONDS, headroom: int = MEMORY_HEADROOM) -> Iter
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old_handler)
+        if old_timeout is None:
+            os.environ.pop(RUN_TIMEOUT_ENV, None)
+        else:
+            os.environ[RUN_TIMEOUT_ENV] = old_timeout
         resource.setrlimit(resource.RLIMIT_DATA, (soft, hard))
 
 

@@ -403,3 +403,24 @@ def test_B_cli_shows_the_dropped_provenance_as_one_warning_line(tmp_path):
         f"modelpress: warning: {path}: metadata entry 'modelpress.provenance' is damaged (not JSON (JSONDecodeError)); "
         "ignoring it (the model's history is unknown)"
     ]
+
+
+def test_a_run_that_never_finishes_is_stopped_with_a_clean_error(tmp_path, monkeypatch):
+    # NOTE: found by the fuzz suite: a mutated Loop trip count (10^15) hung export's verification
+    # run, and no Python signal can interrupt ONNX Runtime while it runs
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "", "x"], ["y"], name="loop", body=body)], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("M", TensorProto.INT64, [], [10**15])])
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+    monkeypatch.setenv("MODELPRESS_RUN_TIMEOUT", "1")
+    model = modelpress.load(path, normalize=False)
+    with pytest.raises(modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"):
+        modelpress.export(model, tmp_path / "out.onnx")
+    assert not (tmp_path / "out.onnx").exists()

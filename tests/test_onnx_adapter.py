@@ -135,3 +135,19 @@ def test_onnx_ir_model_input():
 def test_unsupported_object():
     with pytest.raises(modelpress.UnsupportedModelError, match=r"no installed adapter can load an object of type builtins\.dict"):
         modelpress.load({"not": "a model"})
+
+
+def test_initializers_keep_their_type_when_a_value_info_without_one_names_them(tmp_path):
+    # NOTE: the torch exporter writes value_info entries for weights that hold only metadata; the IR
+    # read them as untyped and fp16 silently skipped those weights (the file did not shrink)
+    proto = modelpress.testing.tiny_mlp().to_proto()
+    for init in proto.graph.initializer:
+        entry = onnx.ValueInfoProto(name=init.name)
+        entry.metadata_props.add(key="pkg.torch.onnx.original_node_name", value=f"p_{init.name}")
+        proto.graph.value_info.append(entry)
+    onnx.save(proto, tmp_path / "m.onnx")
+    model = modelpress.load(tmp_path / "m.onnx")
+    assert all(v.dtype is not None and v.shape is not None for v in model.ir.graph.initializers.values())
+    half = modelpress.quantize(model, "fp16", show_progress=False)
+    assert all(v.dtype == onnx.TensorProto.FLOAT16 for v in half.ir.graph.initializers.values() if "weight" in (v.name or ""))
+    modelpress.export(half, tmp_path / "half.onnx")  # loads and runs in ORT, outputs checked

@@ -31,6 +31,7 @@ from modelpress.plugin_api import (
     hookimpl,
     normalize_on_import,
     one_line,
+    type_initializers,
 )
 
 __all__ = ["load_onnx"]
@@ -86,21 +87,6 @@ def _first(exc: BaseException) -> str:
     return one_line(text.splitlines()[0] if text else type(exc).__name__)
 
 
-def _type_initializers(model: ir.Model) -> None:
-    """An initializer's tensor says its element type and shape; a ``value_info`` entry without a
-    type (the torch exporter writes some holding only metadata) makes the IR forget them, and
-    methods then skip those weights. Take them back from the tensor."""
-    for graph in model.graphs():
-        for value in graph.initializers.values():
-            tensor = value.const_value
-            if tensor is None:
-                continue
-            if value.type is None:
-                value.type = ir.TensorType(tensor.dtype)
-            if value.shape is None:
-                value.shape = ir.Shape(list(tensor.shape.numpy()))
-
-
 def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any) -> Model:
     """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
     :mod:`modelpress.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
@@ -141,7 +127,7 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
         raise InvalidModelError(f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt") from None
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
-    _type_initializers(model)
+    type_initializers(model)
     normalised: dict[str, Any] = {"skipped": "normalize=False"}
     if normalize:
         model, normalised = normalize_on_import(model, proto, label, sample)

@@ -41,3 +41,9 @@ def update_weights(model: Model, module: Any) -> Model:
 def fit(module: Any, inputs: Any, targets: Any, **options: Any) -> Any:
     """Train a torch module on numpy arrays (see ``modelpress.adapters.torch_training.fit``)."""
     return _torch_part("torch_training").fit(module, inputs, targets, **options)
+
+
+def held_out_scores(module: Any, inputs: Any, labels: Any) -> tuple[float, float]:
+    """``(cross-entropy, accuracy)`` on labelled held-out samples, the score to keep a fine-tuning
+    epoch by (see ``modelpress.adapters.torch_training.held_out_scores``)."""
+    return _torch_part("torch_training").held_out_scores(module, inputs, labels)  # type: ignore[no-any-return]

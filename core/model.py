@@ -28,11 +28,26 @@ from modelpress.signature import Signature
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-__all__ = ["Model"]
+__all__ = ["Model", "type_initializers"]
 
 # NOTE: weights up to this size stay in the proto handed to ONNX shape inference (shape tensors
 # that data propagation reads); bigger ones are left out, so inference never copies the weights.
 _INLINE_BYTES = 1024
+
+
+def type_initializers(model: ir.Model) -> None:
+    """An initializer's tensor says its element type and shape; a ``value_info`` entry without a
+    type (the torch exporter writes some holding only metadata) makes the IR forget them, and
+    methods then skip those weights. Take them back from the tensor."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            tensor = value.const_value
+            if tensor is None:
+                continue
+            if value.type is None:
+                value.type = ir.TensorType(tensor.dtype)
+            if value.shape is None:
+                value.shape = ir.Shape(list(tensor.shape.numpy()))
 
 
 def _stored_provenance(ir_model: ir.Model, path: str | os.PathLike[str] | None) -> Provenance:
@@ -416,6 +431,7 @@ class Model:
                     text = str(exc).strip().splitlines()
                     raise InvalidModelError(f"{where}: fails the ONNX checker: {text[0] if text else type(exc).__name__}") from None
             ir_model = ir.serde.deserialize_model(proto)
+            type_initializers(ir_model)
         model = cls(ir_model, provenance=provenance, path=path)
         if check:
             try:

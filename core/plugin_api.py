@@ -17,10 +17,12 @@ Running and judging models in ONNX Runtime
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
 Training (needs the ``torch`` extra; imported lazily)
-    :func:`to_torch`, :func:`fit`, :func:`update_weights`.
+    :func:`to_torch`, :func:`fit`, :func:`update_weights`, :func:`held_out_scores` (the loss to keep
+    a fine-tuning epoch by).
 Writing an adapter
     :class:`Adapter`, :meth:`Model.from_onnx`, :class:`Provenance`, :func:`check_import` (the
-    numeric import check every built-in adapter runs), :func:`normalize_on_import`;
+    numeric import check every built-in adapter runs), :func:`normalize_on_import`,
+    :func:`type_initializers` (after deserialising a proto yourself);
     :func:`modelpress.testing.check_adapter` for your tests.
 Writing a codec
     :class:`Codec`, :class:`TensorInfo`, :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`.
@@ -47,11 +49,11 @@ from modelpress.errors import (
     VerificationError,
     one_line,
 )
-from modelpress.frameworks import fit, to_torch, update_weights
+from modelpress.frameworks import fit, held_out_scores, to_torch, update_weights
 from modelpress.hookspecs import hookimpl
 from modelpress.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
-from modelpress.model import Model
+from modelpress.model import Model, type_initializers
 from modelpress.normalize import normalize_on_import
 from modelpress.opsets import ensure_opset
 from modelpress.packing import MAGIC as PACK_MAGIC
@@ -89,6 +91,7 @@ __all__ = [
     "check_import",
     "ensure_opset",
     "fit",
+    "held_out_scores",
     "hookimpl",
     "infer_criteria",
     "judge",
@@ -104,6 +107,7 @@ __all__ = [
     "run_dataset",
     "sample_inputs",
     "to_torch",
+    "type_initializers",
     "update_weights",
     "with_outputs",
 ]

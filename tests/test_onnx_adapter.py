@@ -148,6 +148,8 @@ def test_initializers_keep_their_type_when_a_value_info_without_one_names_them(t
     onnx.save(proto, tmp_path / "m.onnx")
     model = modelpress.load(tmp_path / "m.onnx")
     assert all(v.dtype is not None and v.shape is not None for v in model.ir.graph.initializers.values())
+    adapted = modelpress.Model.from_onnx(proto)  # NOTE: the adapter toolkit's path does the same
+    assert all(v.dtype is not None and v.shape is not None for v in adapted.ir.graph.initializers.values())
     half = modelpress.quantize(model, "fp16", show_progress=False)
     assert all(v.dtype == onnx.TensorProto.FLOAT16 for v in half.ir.graph.initializers.values() if "weight" in (v.name or ""))
     modelpress.export(half, tmp_path / "half.onnx")  # loads and runs in ORT, outputs checked

@@ -121,7 +121,7 @@ def _training_data(model: Model, ctx: PassContext, opts: _Recovery) -> Dataset |
 
 def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
     """Recover accuracy: train the lowered model (masks hold pruned weights at zero), write back."""
-    from modelpress.plugin_api import fit, to_torch, update_weights
+    from modelpress.plugin_api import fit, held_out_scores, to_torch, update_weights
 
     module = to_torch(model)
     inputs = [data.inputs[n] for n in model.signature.input_names]
@@ -142,38 +142,18 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
             out = outputs[0] if isinstance(outputs, tuple) else outputs
             return F.mse_loss(out, batch["teacher"])
 
-    held_out = _held_out_scores([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
+    held_out = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
     attr_masks = {module.attribute_name(name): mask for name, mask in (masks or {}).items() if name in module.onnx_names.values()}
     result = fit(
         module, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
         epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size,
-        metric=(lambda m: -held_out(m)[0]) if held_out else None, masks=attr_masks, show_progress=ctx.show_progress,
+        metric=(lambda m: -held_out_scores(m, *held_out)[0]) if held_out else None, masks=attr_masks, show_progress=ctx.show_progress,
     )
     figures: dict[str, Any] = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted}
     if held_out is not None:
-        figures["validation_loss"], figures["validation_accuracy"] = (round(v, 4) for v in held_out(module))
+        figures["validation_loss"], figures["validation_accuracy"] = (round(v, 4) for v in held_out_scores(module, *held_out))
         figures["best_epoch"] = result.best_epoch
     return _positive_zeros(update_weights(model, module), masks), figures
-
-
-def _held_out_scores(inputs: list[np.ndarray], labels: np.ndarray) -> Any:
-    """``scores(module) -> (cross-entropy, accuracy)`` on the held-out split. The best epoch is
-    chosen by the loss, not the accuracy: on a split of the training data the accuracy is often
-    already 100 % right after pruning, and choosing by it would keep the untrained weights."""
-    import torch
-    import torch.nn.functional as F
-
-    x = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
-    y = torch.from_numpy(np.asarray(labels)).long()
-
-    def scores(module: Any) -> tuple[float, float]:
-        module.eval()
-        with torch.no_grad():
-            out = module(*x)
-            out = out[0] if isinstance(out, tuple) else out
-            return float(F.cross_entropy(out, y)), float((out.argmax(dim=1) == y).float().mean())
-
-    return scores
 
 
 def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:

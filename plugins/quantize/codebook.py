@@ -8,8 +8,8 @@ when it loads the model, so it runs as fast as before while the file shrinks (~4
 ``fine_tune_epochs`` then trains the shared values themselves (Deep Compression's centroid
 fine-tuning): the model is lowered to torch with every codebook a parameter and every index
 fixed, so the gradient of one shared value is the sum of the gradients of all the weights that
-use it; only the codebooks train, the entry kept at zero stays zero, and the epoch with the best
-held-out accuracy (labels) is kept.
+use it; only the codebooks train, the entry kept at zero stays zero, and the epoch with the lowest
+held-out loss (labels) is kept.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def codebook(model: Model, opts: CodebookOptions, ctx: PassContext) -> None:
 
 def _fine_tune_centroids(model: Model, tables: dict[str, bool], opts: CodebookOptions, ctx: PassContext) -> dict[str, Any]:
     """Train only the codebooks (see the module docstring) and write them back into ``model``."""
-    from modelpress.plugin_api import fit, load_dataset, to_torch
+    from modelpress.plugin_api import fit, held_out_scores, load_dataset, to_torch
 
     if ctx.train is None:
         raise DataError("codebook: centroid fine-tuning (fine_tune_epochs) needs training data (data=... / --data train.npz with 'labels')")
@@ -162,7 +162,7 @@ def _fine_tune_centroids(model: Model, tables: dict[str, bool], opts: CodebookOp
     held = max(1, n // 10)
     result = fit(
         module, [a[held:] for a in inputs], {"labels": data.labels[held:]}, loss="cross_entropy", epochs=opts.fine_tune_epochs,
-        lr=opts.lr, batch_size=opts.batch_size, metric=_held_out_loss([a[:held] for a in inputs], data.labels[:held]), masks=masks,
+        lr=opts.lr, batch_size=opts.batch_size, metric=lambda m: -held_out_scores(m, [a[:held] for a in inputs], data.labels[:held])[0], masks=masks,
         parameters=params, show_progress=ctx.show_progress,
     )
     for name, zero in tables.items():
@@ -174,18 +174,3 @@ def _fine_tune_centroids(model: Model, tables: dict[str, bool], opts: CodebookOp
     if result.best_metric is not None:
         figures["validation_loss"] = round(-float(result.best_metric), 5)
     return figures
-
-
-def _held_out_loss(inputs: list[np.ndarray], labels: np.ndarray) -> Any:
-    """Minus the cross-entropy on held-out samples: the epoch kept is the best by loss (accuracy on
-    a few hundred samples the model was trained on is often already 100 % and would keep epoch 0)."""
-    import torch
-
-    def metric(module: Any) -> float:
-        module.eval()
-        with torch.no_grad():
-            out = module(*(torch.from_numpy(np.ascontiguousarray(a)) for a in inputs))
-            logits = out[0] if isinstance(out, tuple) else out
-            return -float(torch.nn.functional.cross_entropy(logits, torch.from_numpy(labels)))
-
-    return metric

@@ -267,6 +267,29 @@ def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_m
     assert all(t.timing["phases"]["passes"]["cpu"] > 0 and "metric" in t.timing["phases"] for t in runs[False])
 
 
+def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
+    # two jobs on two CPUs: each one's ORT sessions, torch and BLAS must use one thread, or they oversubscribe the cores
+    pytest.importorskip("torch")
+    from modelpress.tuning.executor import RayExecutor
+    from modelpress.tuning.trial import prepare_worker
+    from tests.tune_helpers import thread_pools
+
+    executor = RayExecutor(2)
+    try:
+        executor.warm_up(2, prepare_worker, True)  # NOTE: as tune does: the imports, torch's included, before the trials
+        for key in range(2):
+            executor.submit(key, thread_pools, str(digits_mlp_path))
+        outcomes = []
+        while len(outcomes) < 2:
+            outcomes += executor.wait(5.0)
+    finally:
+        executor.shutdown()
+    for outcome in outcomes:
+        assert outcome.ok, outcome.error
+        assert outcome.value["ort"] == outcome.value["torch"] == outcome.value["torch_interop"] == 1, outcome.value
+        assert all(n == 1 for name, n in outcome.value.items() if name.startswith("blas:")), outcome.value
+
+
 def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
     from modelpress.tuning.study import measure_sensitivity
 

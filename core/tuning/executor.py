@@ -46,8 +46,22 @@ def _warm_up(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """Runs ``fn`` (imports, say) in a worker while the driver prepares the study."""
     os.environ.update(_THREAD_ENV)
     fn(*args)
+    _limit_torch_threads()
     _freeze_imports()
     return os.getpid()
+
+
+def _limit_torch_threads() -> None:
+    """torch, once imported, reads no environment variable again: its pools are set here (inter-op: once, before any use)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    torch.set_num_threads(_CPUS_PER_JOB)
+    if torch.get_num_interop_threads() != _CPUS_PER_JOB:
+        try:
+            torch.set_num_interop_threads(_CPUS_PER_JOB)
+        except RuntimeError:  # NOTE: too late once the inter-op pool has started; eager training does not use it
+            pass
 
 
 _FROZEN_MODULES = 0
@@ -136,8 +150,7 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
     # NOTE: the worker was started with these; a job that changed them must not leak them into the next
     os.environ.update(_THREAD_ENV)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(_CPUS_PER_JOB)
+    _limit_torch_threads()
     done = threading.Event()
     if memory_mb:
         threading.Thread(target=_watch_memory, args=(memory_mb, done), daemon=True).start()

@@ -410,21 +410,27 @@ def _atomic_write(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _evaluator(out: Path, evaluate_spec: Evaluate) -> Any:
-    from modelpress.compress import _Evaluator
+def _eval_data(out: Path, evaluate_spec: Evaluate) -> tuple[Any, Any]:
+    """The source model and the evaluation data, from the copies in ``out``."""
     from modelpress.data import load_dataset
     from modelpress.loading import load
 
     source = load(out / "source.onnx")
+    return source, load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
+
+
+def _evaluator(out: Path, evaluate_spec: Evaluate) -> Any:
+    from modelpress.compress import _Evaluator
+
+    source, eval_data = _eval_data(out, evaluate_spec)
     recipe = Recipe(passes=[{"kind": "quantize", "method": "fp16"}], evaluate=evaluate_spec)  # type: ignore[list-item]
-    eval_data = load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
-    return source, eval_data, _Evaluator(recipe, source, eval_data)
+    return _Evaluator(recipe, source, eval_data)
 
 
 def _measure_baseline(out: Path, evaluate_spec: Evaluate) -> dict[str, Any]:
     from modelpress.compress import measure_latency
 
-    _, _, evaluator = _evaluator(out, evaluate_spec)
+    evaluator = _evaluator(out, evaluate_spec)
     path = out / "source.onnx"
     return {"metric": evaluator.metric(path), "size_bytes": path.stat().st_size,
             "latency_ms": measure_latency(path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)}
@@ -597,11 +603,13 @@ def _finish(out: Path, study: Any, evaluate_spec: Evaluate, objective: str, max_
     model_path = recipe_path = None
     verification = ""
     if best is not None:
-        _, eval_data, evaluator = _evaluator(out, evaluate_spec)
+        # NOTE: the evaluation data only (the metric is the trial's): no run of the source model over all of it
+        _, eval_data = _eval_data(out, evaluate_spec)
         model_path = out / "best.onnx"
         exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=eval_data.take(64), reference=source)
         verification = exported.verification.summary() if exported.verification is not None else ""
-        best.latency_alone_ms = measure_latency(model_path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)
+        first = {name: array[:1] for name, array in eval_data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
+        best.latency_alone_ms = measure_latency(model_path, first, threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)
         recipe_path = out / "best-recipe.yaml"
         _write_recipe(recipe_path, best.passes, blobs, evaluate_spec)
     if not keep_trial_models:

@@ -296,3 +296,8 @@ def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
     ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), (data / "calib.npz").read_bytes())
     layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
     assert set(ranking) == layers
+    # the fallback ladder along it keeps at most all but one in float: with every weighted layer excluded int8-static refuses
+    from modelpress.tuning.space import Fallback
+
+    steps = Fallback().steps(len(ranking))
+    assert steps[0] == 0 and steps[-1] == len(layers) - 1 and steps == sorted(set(steps))

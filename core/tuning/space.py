@@ -80,6 +80,11 @@ class Fallback:
     def grid(self) -> list[Any]:
         return list(self.ladder)
 
+    def steps(self, ranked: int) -> list[int]:
+        """The ladder for a ranking of ``ranked`` nodes, capped so that one of them stays quantized (with every
+        ranked node in float, int8-static has nothing left to quantize and refuses: a wasted trial)."""
+        return sorted({min(k, max(ranked - 1, 0)) for k in self.ladder})
+
 
 Param = Choice | Range | Fallback
 
@@ -140,8 +145,7 @@ class SearchSpace:
                     config[pname] = round(value, 6)  # NOTE: 0.6000000000000001 -> 0.6 in reports and recipes
             else:
                 ranking = sensitivity.get(name, [])
-                ladder = sorted({min(k, len(ranking)) for k in param.ladder})
-                config[pname] = trial.suggest_categorical(pname, ladder)
+                config[pname] = trial.suggest_categorical(pname, param.steps(len(ranking)))
         return config
 
     def passes(self, config: dict[str, Any], sensitivity: dict[str, list[str]]) -> list[PassSpec]:

@@ -290,6 +290,22 @@ def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
         assert all(n == 1 for name, n in outcome.value.items() if name.startswith("blas:")), outcome.value
 
 
+def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
+    from modelpress.tuning.executor import RayExecutor
+    from tests.tune_helpers import fail_after_work
+
+    executor = RayExecutor(1)
+    try:
+        executor.submit("late", fail_after_work, 0.2)
+        outcomes = []
+        while not outcomes:
+            outcomes = executor.wait(5.0)
+    finally:
+        executor.shutdown()
+    assert not outcomes[0].ok and outcomes[0].error == "ValueError: refused after some work"
+    assert outcomes[0].timing["cpu"] >= 0.2 and outcomes[0].timing["pid"] != os.getpid()
+
+
 def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
     from modelpress.tuning.study import measure_sensitivity
 

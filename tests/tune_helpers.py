@@ -28,3 +28,13 @@ def thread_pools(model_path: str) -> dict[str, int]:
              "torch_interop": torch.get_num_interop_threads()}
     pools.update({f"blas:{p['internal_api']}": p["num_threads"] for p in threadpool_info()})
     return pools
+
+
+def fail_after_work(seconds: float) -> None:
+    """Spends ``seconds`` of CPU, then raises: a trial that fails late."""
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+    raise ValueError("refused after   some work")

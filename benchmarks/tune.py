@@ -158,7 +158,7 @@ def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], con
     workers_cpu = kinds.pop("worker", 0.0)
     return {"wall": wall, "trials": len(ran), "ok": sum(t.status == "ok" for t in ran), "job_cpu": job_cpu,
             "busy": sum(t.seconds or 0.0 for t in ran), "load": (load_before + os.getloadavg()[0]) / 2,
-            "driver": (after.user + after.system) - (times.user + times.system), "start_up": workers_cpu - job_cpu,
+            "driver": (after.user + after.system) - (times.user + times.system) - procs.own, "start_up": workers_cpu - job_cpu,
             "ray": sum(kinds.values()), "ray_kinds": kinds, "procs": procs.available,
             "workers_used": len({t.timing.get("pid") for t in ran if t.timing}),
             "configs": sorted(json.dumps(t.config, sort_keys=True) for t in ran)}

@@ -34,6 +34,9 @@ def prepare_worker(torch: bool = False) -> None:
 
         weight = _torch.zeros(2, 2, requires_grad=True)  # NOTE: autograd's first backward pass sets up its engine
         (weight * 2).sum().backward()
+        # NOTE: a torch optimizer's first construction imports torch._dynamo (~800 modules, ~2 s of CPU): once per
+        # worker either way, but here it is start-up, not the first fine-tuning trial's time
+        _torch.optim.Adam([weight]).step()
 
 
 class _Laps:

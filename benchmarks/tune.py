@@ -10,20 +10,22 @@ model (on rendered text lines, half of them upside down); for PP-OCRv4 rec, per-
 probabilities with the fp32 model (what decoding reads); for YOLOv8n, cosine between its raw
 output tensors and the fp32 model's (boxes and class scores).
 
-Speed-up mode (``--speedup MODEL``; target: >= 1.6x with 2 workers on a 2-core machine): the study
-runs with 2 Ray workers, then the SAME configurations run again with 1 worker (the other studies
-replay the first one's trials in order, through tune's resume), so they all do the same work; each
-study starts its own Ray session (not timed), with new worker processes that pay their imports
-(modelpress, ORT, torch: ~3 s of CPU each) as a user's tune does, and then again with workers
-warmed beforehand (not timed), as on a cluster or for a second study in one session: the
-trial-bound case. Printed: the wall times and their ratio, trials in flight on average (trial-seconds per
+Speed-up (``--speedup MODEL``; target: >= 1.6x with 2 workers on a 2-core machine for
+trial-bound studies): a trial-bound study, a fixed grid of configurations whose trials each take
+seconds of CPU (``ppocr-det``: 16 int8-static trials on the real PP-OCRv4 detector; ``digits``: 16
+channel-prune + fine-tune + int8-static trials on the digits CNN), runs with 2 and with 1 Ray
+worker, alternated 2, 1, 1, 2 (so a drift of the machine's load weighs on both sides). Every run
+does the same trials (the grid is seeded into its study as interrupted trials, which tune's
+resume runs first) and is timed as a user's ``modelpress tune`` is: tune starts its own Ray
+session, new worker processes import modelpress and ONNX Runtime, the baseline is measured and
+the best exported. Printed per run: the wall time, trials in flight on average (trial-seconds per
 wall second: ~2 when two trials really overlap), the load average (what other processes took from
-the cores meanwhile), and where the CPU went, which does not depend on the machine's load: the
-trials' CPU by phase (import, load, passes, export+verify, latency, metric), the workers' start-up
-and imports, and the driver (Optuna/SQLite, the baseline, the final export of the best).
+the cores), and where the CPU went, which does not depend on the load: the trials (in all and per
+trial), the workers' start-up, Ray's own processes (GCS, raylet, helpers; from /proc) and the
+driver; then the ratio of the mean walls.
 
-    nice -n 10 python benchmarks/tune.py                  # digits, ppocr-rec, yolov8n
-    nice -n 10 python benchmarks/tune.py --models digits --speedup digits      # ~1-2 min on a quiet 2-core machine
+    nice -n 10 python benchmarks/tune.py --models digits ppocr-rec yolov8n --speedup     # the tuned-vs-default tables
+    nice -n 10 python benchmarks/tune.py --models --speedup ppocr-det                     # the 1-vs-2-worker figure alone
 """
 
 from __future__ import annotations
@@ -68,12 +70,12 @@ def _digits(folder: Path) -> tuple[Path, dict[str, Path]]:
     return path, files
 
 
-def _zoo(name: str, folder: Path) -> tuple[Path, dict[str, Path]]:
+def _zoo(name: str, folder: Path, images: int = 16) -> tuple[Path, dict[str, Path]]:
     from benchmarks.real_models import fetch, inputs
 
     files = {"eval": folder / f"{name}-eval.npz", "calibration": folder / f"{name}-calib.npz"}
-    np.savez(files["eval"], **inputs(name, n=16, seed=1))  # type: ignore[arg-type]
-    np.savez(files["calibration"], **inputs(name, n=16, seed=0))  # type: ignore[arg-type]
+    np.savez(files["eval"], **inputs(name, n=images, seed=1))  # type: ignore[arg-type]
+    np.savez(files["calibration"], **inputs(name, n=images, seed=0))  # type: ignore[arg-type]
     return fetch(name), files
 
 
@@ -94,139 +96,176 @@ def _row(label: str, r: modelpress.TuneResult | None, baseline: dict[str, float]
             f"{'' if wall is None else f'{wall:9.1f}'}  {b.options()[:110]}")
 
 
-def _ray_session() -> None:
-    import ray
+# NOTE: the 1-vs-2-worker studies: a fixed grid (the same trials in every run), each trial seconds of CPU,
+# so that the trials, not a tune's fixed costs (Ray's start, the workers' imports, the driver), decide the wall time
+SPEEDUP: dict[str, dict[str, Any]] = {
+    "ppocr-det": {"metric": "cosine", "passes": [{"kind": "quantize", "method": "int8-static", "options": {
+        "percentile": {"search": [99.9, 99.99, 99.999, 99.9999]}, "activation_type": {"search": ["uint8", "int8"]},
+        "bias_correction": {"search": [False, True]}, "sensitivity": False}}]},
+    "digits": {"metric": "accuracy", "passes": [
+        {"kind": "prune", "method": "channel", "options": {"ratio": {"search": [0.2, 0.3, 0.4, 0.5]}, "fine_tune_epochs": {"search": [2, 3]}}},
+        {"kind": "quantize", "method": "int8-static", "options": {"per_channel": {"search": [True, False]}, "sensitivity": False}}]},
+}
+_ORDER = (2, 1, 1, 2)  # NOTE: ABBA: a drift of the machine's load weighs on both sides alike
 
-    if ray.is_initialized():
-        ray.shutdown()
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, object_store_memory=512 * 2**20)
+
+def _grid(recipe: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every configuration of the recipe's search space, as tune names them."""
+    import itertools
+
+    from modelpress.recipe import load_recipe
+    from modelpress.registry import get_registry
+    from modelpress.tuning.space import space_from_recipe
+
+    pipeline = space_from_recipe(load_recipe(recipe), get_registry()).pipelines[0]
+    params = pipeline.params()
+    return [{"pipeline": pipeline.name, **{f"{pipeline.name}:{k}": v for k, v in zip(params, values, strict=True)}}
+            for values in itertools.product(*(p.grid() for p in params.values()))]
 
 
-def _replay(source: Path, target: Path) -> int:
-    """A study in ``target`` whose only trials are ``source``'s run trials, as interrupted: tune reruns them first, in order."""
+def _seeded(target: Path, configs: list[dict[str, Any]], metric: str) -> None:
+    """A study in ``target`` holding ``configs`` as interrupted trials: tune reruns them first, in order (its resume)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     shutil.rmtree(target, ignore_errors=True)
     target.mkdir(parents=True)
-    old = optuna.load_study(study_name="modelpress-tune", storage=f"sqlite:///{source / 'study.db'}")
-    new = optuna.create_study(study_name="modelpress-tune", storage=f"sqlite:///{target / 'study.db'}", directions=old.directions)
-    ran = [t for t in old.get_trials(deepcopy=False) if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
-    for t in ran:
-        new.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
-                                                user_attrs={"config": t.user_attrs["config"], "status": "interrupted", "session": "replay"}))
-    return len(ran)
+    study = optuna.create_study(study_name="modelpress-tune", storage=f"sqlite:///{target / 'study.db'}",
+                                directions=["minimize" if metric == "mse" else "maximize", "minimize"])
+    for config in configs:
+        study.add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.FAIL,
+                                                  user_attrs={"config": config, "status": "interrupted", "session": "seed"}))
 
 
-def _warm_workers(workers: int) -> None:
-    """Have ``workers`` worker processes import what trials need and run a torch backward pass (what a study's first trials pay)."""
+def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], configs: list[dict[str, Any]], workers: int, output: Path) -> dict:
+    """One study of exactly ``configs``, as a user runs it: tune starts its own Ray session and new workers (all timed)."""
     import ray
 
-    from modelpress.tuning.executor import JOBS_PER_WORKER
-    from modelpress.tuning.trial import prepare_worker
+    from benchmarks.proc_cpu import ProcessCPU
 
-    # NOTE: the options of tune's own jobs, so its jobs run in these processes
-    ray.get([ray.remote(num_cpus=1, max_calls=JOBS_PER_WORKER)(prepare_worker).remote(True) for _ in range(workers)])
-
-
-def _tune_timed(path: Path, files: dict[str, Path], name: str, trials: int, workers: int, output: Path, warm: bool = False) -> dict:
-    _ray_session()  # NOTE: not timed; new worker processes, so each study pays its own imports...
-    if warm:
-        _warm_workers(workers)  # NOTE: ... unless they are warmed first (not timed either)
-    metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
+    assert not ray.is_initialized()
+    _seeded(output, configs, recipe["evaluate"]["metric"])
     load_before = os.getloadavg()[0]
-    start, cpu = time.perf_counter(), time.process_time()
-    result = modelpress.tune(path, data=dict(files), metric=metric, max_drop=max_drop, objective="size", budget=trials, workers=workers,
+    times = os.times()
+    with ProcessCPU() as procs:
+        start = time.perf_counter()
+        result = modelpress.tune(path, recipe=recipe, budget=len(configs), max_drop=0.01, workers=workers, output=output, show_progress=False)
+        wall = time.perf_counter() - start
+    after = os.times()
+    ran = [t for t in result.trials if t.session != "seed"]
+    kinds = procs.by_kind()
+    job_cpu = sum(t.timing.get("cpu", 0.0) for t in ran)
+    workers_cpu = kinds.pop("worker", 0.0)
+    return {"wall": wall, "trials": len(ran), "ok": sum(t.status == "ok" for t in ran), "job_cpu": job_cpu,
+            "busy": sum(t.seconds or 0.0 for t in ran), "load": (load_before + os.getloadavg()[0]) / 2,
+            "driver": (after.user + after.system) - (times.user + times.system) - procs.own, "start_up": workers_cpu - job_cpu,
+            "ray": sum(kinds.values()), "ray_kinds": kinds, "procs": procs.available,
+            "workers_used": len({t.timing.get("pid") for t in ran if t.timing}),
+            "configs": sorted(json.dumps(t.config, sort_keys=True) for t in ran)}
+
+
+def _speedup(name: str, folder: Path, images: int, rounds: int, limit: int | None = None) -> list[str]:
+    """The same grid of trials with 2 and 1 Ray workers, alternated (2, 1, 1, 2 per round): wall, CPU and load of each run."""
+    if name == "digits":
+        path, files = _digits(folder)
+    else:
+        path, files = _zoo(name, folder, images)
+    spec = SPEEDUP[name]
+    recipe = {"passes": spec["passes"], "data": {k: str(v) for k, v in files.items() if k != "train" or name == "digits"},
+              "evaluate": {"metric": spec["metric"], "batch_size": 1, "repeats": 10}}
+    configs = _grid(recipe)[:limit]
+    runs: list[tuple[int, dict]] = []
+    for i, workers in enumerate(_ORDER * rounds):
+        run = _timed_study(path, files, recipe, configs, workers, folder / f"speedup-{i}-{workers}w")
+        runs.append((workers, run))
+        print(f"{name}: run {i + 1}, {workers} worker(s): {run['wall']:.1f}s for {run['trials']} trials, load {run['load']:.1f}", flush=True)
+    same = len({tuple(run["configs"]) for _, run in runs}) == 1
+    lines = [f"\n{name}: 1 vs 2 Ray workers, {len(configs)} trials ({' -> '.join(p['method'] for p in spec['passes'])}, a fixed grid: "
+             f"{'the same configurations in every run' if same else 'NOT the same configurations'}); runs alternate 2, 1, 1, 2; each is a "
+             f"whole tune as a user runs it: Ray's start, new workers and their imports, the baseline and the best's export all timed",
+             f"  {'run':>3s} {'workers':>7s} {'wall (s)':>8s} {'in flight':>9s} {'load avg':>8s} | CPU seconds: {'trials':>6s} {'per trial':>9s} "
+             f"{'start-up':>8s} {'Ray procs':>9s} {'driver':>6s} {'trials %':>8s} {'CPU/s':>5s}"]
+    for i, (workers, run) in enumerate(runs, 1):
+        overhead = run["start_up"] + run["ray"] + run["driver"]
+        lines.append(f"  {i:3d} {workers:7d} {run['wall']:8.1f} {run['busy'] / run['wall']:9.2f} {run['load']:8.1f} |              "
+                     f"{run['job_cpu']:6.1f} {run['job_cpu'] / max(run['trials'], 1):9.2f} {run['start_up']:8.1f} {run['ray']:9.1f} "
+                     f"{run['driver']:6.1f} {100 * run['job_cpu'] / (run['job_cpu'] + overhead):7.0f}% {(run['job_cpu'] + overhead) / run['wall']:5.2f}")
+    walls = {w: [run["wall"] for v, run in runs if v == w] for w in (1, 2)}
+    cpu = {w: [run["job_cpu"] for v, run in runs if v == w] for w in (1, 2)}
+    ratio = (sum(walls[1]) / len(walls[1])) / (sum(walls[2]) / len(walls[2]))
+    loads = [run["load"] for _, run in runs]
+    lines.append(f"  speed-up with 2 workers: {ratio:.2f}x (mean wall {sum(walls[1]) / len(walls[1]):.1f}s / {sum(walls[2]) / len(walls[2]):.1f}s; "
+                 f"{'meets' if ratio >= 1.6 else 'misses'} the 1.6x target for a 2-core machine; this machine has {os.cpu_count()} cores, "
+                 f"load average {min(loads):.1f}-{max(loads):.1f} during the runs)")
+    lines.append(f"  the trials' CPU with 2 workers is {sum(cpu[2]) / len(cpu[2]) / (sum(cpu[1]) / len(cpu[1])):.2f}x that with 1 "
+                 "(two trials side by side share the cores' caches and memory bandwidth, and the cores with the driver and Ray)")
+    kinds: dict[str, float] = {}
+    for _, run in runs:
+        for kind, seconds in run["ray_kinds"].items():
+            kinds[kind] = kinds.get(kind, 0.0) + seconds / len(runs)
+    if runs[0][1]["procs"]:
+        lines.append("  Ray's processes, CPU seconds per run: " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])))
+    lines.append("  (in flight: trial-seconds per wall second, ~2 when two trials really overlap. CPU seconds: 'trials': the trial jobs "
+                 "in the workers; 'start-up': the rest of the workers' CPU (process start, imports); 'Ray procs': GCS, raylet and Ray's "
+                 "helper processes; 'driver': this process (import, Optuna/SQLite, the baseline, the best's export and report); "
+                 "'trials %': the trials' share of all of it; 'CPU/s': all of it per wall second, what the run got of the machine: "
+                 "~2 with 2 workers and ~1 with 1 on an idle 2-core machine. On a busy machine a niced run gets what the others leave, "
+                 "about the same for 1 or 2 workers: then CPU/s is alike in both and the wall ratio says nothing about tune)")
+    return lines
+
+
+def _tuned(path: Path, files: dict[str, Path], name: str, trials: int, output: Path) -> tuple[modelpress.TuneResult, float]:
+    metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
+    start = time.perf_counter()
+    result = modelpress.tune(path, data=dict(files), metric=metric, max_drop=max_drop, objective="size", budget=trials, workers=2,
                              output=output, show_progress=False)
-    wall, driver = time.perf_counter() - start, time.process_time() - cpu
-    ran = [t for t in result.trials if t.session != "replay"]
-    phases: dict[str, float] = {}
-    for t in ran:
-        for phase, spent in t.timing.get("phases", {}).items():
-            phases[phase] = phases.get(phase, 0.0) + spent["cpu"]
-    # NOTE: a worker's CPU at the end of its last trial: its start-up, imports, the sensitivity job and every trial it ran
-    workers: dict[int, float] = {}
-    for t in ran:
-        if t.timing:
-            workers[t.timing["pid"]] = max(workers.get(t.timing["pid"], 0.0), t.timing["cpu_before"] + t.timing["cpu"])
-    wrapper = sum(t.timing.get("cpu_setup", 0.0) + t.timing.get("cpu_cleanup", 0.0) for t in ran)
-    return {"result": result, "wall": wall, "driver": driver, "ran": ran, "phases": phases, "workers_cpu": sum(workers.values()), "wrapper": wrapper,
-            "workers_used": len({t.timing.get("pid") for t in ran if t.timing}), "busy": sum(t.seconds or 0 for t in ran),
-            "job_cpu": sum(t.timing.get("cpu", 0.0) for t in ran), "load": (load_before + os.getloadavg()[0]) / 2,
-            "configs": [json.dumps(t.config, sort_keys=True) for t in sorted(ran, key=lambda t: t.number)]}
+    return result, time.perf_counter() - start
 
 
-def _speedup(name: str, path: Path, files: dict[str, Path], two: dict, folder: Path) -> list[str]:
-    """``two``: the 2-worker study (in ``folder / "tune"``); its trials run again with 1 worker, then with 2 and 1 warmed workers."""
-    runs = {"2, new": two}
-    for label, workers, warm in (("1, new", 1, False), ("2, warm", 2, True), ("1, warm", 1, True)):
-        target = folder / f"tune-{label.replace(', ', '-')}"
-        _replay(folder / "tune", target)
-        runs[label] = _tune_timed(path, files, name, len(two["ran"]), workers, target, warm=warm)
-        print(f"{name}: {label} worker(s): {runs[label]['wall']:.1f}s for {len(runs[label]['ran'])} trials", flush=True)
-    same = all(sorted(run["configs"]) == sorted(two["configs"]) for run in runs.values())
-    phases = sorted({p for run in runs.values() for p in run["phases"]}, key=lambda p: ["import", "load", "probe", "passes", "export", "latency", "metric"].index(p)
-                    if p in ("import", "load", "probe", "passes", "export", "latency", "metric") else 99)
-    lines = [f"\n{name}: 1 vs 2 Ray workers on {len(two['ran'])} trials, {'the same configurations in all' if same else 'NOT the same configurations'} "
-             f"(the other studies replay the first 2-worker study's); 'new': new worker processes (as a user's tune: they import modelpress, "
-             f"ORT, torch), 'warm': workers that already did (a cluster's, a second tune in one session)",
-             f"  {'workers':>7s} {'wall (s)':>8s} {'in flight':>9s} {'load avg':>8s} | CPU seconds: {'workers':>11s} {'trials':>6s} {'wrapper':>7s} "
-             f"{'driver':>6s} | " + " ".join(f"{p:>7s}" for p in phases)]
-    for workers, run in runs.items():
-        lines.append(f"  {workers:>7s} {run['wall']:8.1f} {run['busy'] / run['wall']:9.2f} {run['load']:8.1f} |              {run['workers_cpu']:6.1f} "
-                     f"({run['workers_used']}) {run['job_cpu']:6.1f} {run['wrapper']:7.2f} {run['driver']:6.1f} | "
-                     + " ".join(f"{run['phases'].get(p, 0.0):7.2f}" for p in phases))
-    for kind in ("new", "warm"):
-        ratio = runs[f"1, {kind}"]["wall"] / runs[f"2, {kind}"]["wall"]
-        lines.append(f"  speed-up with 2 workers, {kind} workers: {ratio:.2f}x ({'meets' if ratio >= 1.6 else 'misses'} the 1.6x target for a "
-                     f"2-core machine; this machine has {os.cpu_count()} cores, load average "
-                     f"{runs[f'2, {kind}']['load']:.1f} / {runs[f'1, {kind}']['load']:.1f} during the runs)")
-    lines.append("  (in flight: trial-seconds per wall second. CPU seconds: 'workers': the worker processes in all (start-up, imports, "
-                 "the sensitivity job, trials), their number in brackets; 'trials': the trial jobs, by phase on the right, 'wrapper' of it "
-                 "the executor's own part (fetching arguments, GC); 'driver': this process (Optuna/SQLite, the baseline, the best's export))")
+def _compare(name: str, folder: Path, trials: int, images: int) -> list[str]:
+    """The best single default vs the tuned result (default space, 2 workers) on one model."""
+    path, files = _digits(folder) if name == "digits" else _zoo(name, folder, images)
+    metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
+    default = _default(path, files, metric, max_drop, folder / "default")
+    tuned, wall = _tuned(path, files, name, trials, folder / "tune")
+    base = tuned.baseline
+    lines = [f"\n{name}: {metric}, max drop {max_drop:g}; source {metric} {base['metric']:.4f}, {base['size_bytes'] / 1e6:.3f} MB, "
+             f"{base['latency_ms']:.3f} ms",
+             f"  {'':26s} {metric:>9s} {'meets':>5s} {'size (MB)':>9s} {'ratio':>7s} {'lat ms':>9s} {'trials':>6s} {'wall (s)':>8s}  configuration",
+             _row("best default (int8-static)", default, base), _row("tuned, 2 workers", tuned, base, wall)]
+    d, t = default.best, tuned.best
+    if d is not None and t is not None:
+        verdict = ("tuned meets and is at least as small as the default" if t.meets and (not d.meets or (t.size_bytes or 0) <= (d.size_bytes or 0))
+                   else "tuned misses the target")
+        lines.append(f"  -> {verdict}{'' if d.meets else ' (the default misses the criterion)'}")
     return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["digits", "ppocr-rec", "yolov8n"], choices=sorted(SETTINGS))
+    parser.add_argument("--models", nargs="*", default=["digits", "ppocr-rec", "yolov8n"], choices=sorted(SETTINGS),
+                        help="models for the tuned-vs-default table (none: only the speed-up)")
     parser.add_argument("--trials", type=int, default=20, help="trial budget per study")
-    parser.add_argument("--speedup", nargs="*", default=["digits"], help="models whose study also runs with 1 and 2 workers on the same configurations")
+    parser.add_argument("--speedup", nargs="*", default=["ppocr-det"], choices=sorted(SPEEDUP),
+                        help="trial-bound studies run with 1 and 2 workers on the same grid of configurations")
+    parser.add_argument("--rounds", type=int, default=1, help="speed-up: rounds of 2, 1, 1, 2 workers")
+    parser.add_argument("--limit", type=int, help="speed-up: only the first N configurations of the grid (a quick check)")
+    parser.add_argument("--images", type=int, default=16, help="evaluation and calibration images for the real models")
     parser.add_argument("--out", help="keep the studies here (default: a temporary folder)")
     args = parser.parse_args()
 
-    import ray
-
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(args.out or tmp)
-        root.mkdir(parents=True, exist_ok=True)
         lines = []
         for name in args.models:
-            folder = root / name
-            folder.mkdir(exist_ok=True)
-            path, files = _digits(folder) if name == "digits" else _zoo(name, folder)
-            metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
-            _ray_session()
-            default = _default(path, files, metric, max_drop, folder / "default")
-            tuned = _tune_timed(path, files, name, args.trials, 2, folder / "tune")
-            base = tuned["result"].baseline
-            lines.append(f"\n{name}: {metric}, max drop {max_drop:g}; source {metric} {base['metric']:.4f}, {base['size_bytes'] / 1e6:.3f} MB, "
-                         f"{base['latency_ms']:.3f} ms")
-            lines.append(f"  {'':26s} {metric:>9s} {'meets':>5s} {'size (MB)':>9s} {'ratio':>7s} {'lat ms':>9s} {'trials':>6s} {'wall (s)':>8s}  configuration")
-            lines.append(_row("best default (int8-static)", default, base))
-            lines.append(_row("tuned, 2 workers", tuned["result"], base, tuned["wall"]))
-            d, t = default.best, tuned["result"].best
-            if d is not None and t is not None:
-                verdict = ("tuned meets and is at least as small as the default" if t.meets and (not d.meets or (t.size_bytes or 0) <= (d.size_bytes or 0))
-                           else "tuned misses the target")
-                lines.append(f"  -> {verdict}{'' if d.meets else ' (the default misses the criterion)'}")
+            (root / name).mkdir(parents=True, exist_ok=True)
+            lines += _compare(name, root / name, args.trials, args.images)
             print("\n".join(lines[-5:]), flush=True)
-            print(f"{name}: 2 workers: {tuned['wall']:.1f}s for {len(tuned['ran'])} trials", flush=True)
-            if name in args.speedup:
-                lines += _speedup(name, path, files, tuned, folder)
-                print("\n".join(lines[-9:]), flush=True)
+        for name in args.speedup:
+            (root / f"speedup-{name}").mkdir(parents=True, exist_ok=True)
+            lines += _speedup(name, root / f"speedup-{name}", args.images, args.rounds, args.limit)
+            print("\n".join(lines[-8:]), flush=True)
         print("\n=== summary ===" + "\n".join(lines))
-    ray.shutdown()
     return 0
 
 

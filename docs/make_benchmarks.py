@@ -29,7 +29,7 @@ SECTIONS: dict[str, list[str]] = {
     "prune": ["benchmarks/prune.py", "--quick"],
     "distill": ["benchmarks/distill.py", "--quick"],
     "pack": ["benchmarks/pack.py"],
-    "tune": ["benchmarks/tune.py", "--models", "digits", "--speedup", "digits"],
+    "tune": ["benchmarks/tune.py", "--models", "digits", "--speedup", "ppocr-det"],
     "convert": ["benchmarks/convert.py"],
 }
 

@@ -267,9 +267,53 @@ def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_m
     assert all(t.timing["phases"]["passes"]["cpu"] > 0 and "metric" in t.timing["phases"] for t in runs[False])
 
 
+def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
+    # two jobs on two CPUs: each one's ORT sessions, torch and BLAS must use one thread, or they oversubscribe the cores
+    pytest.importorskip("torch")
+    from modelpress.tuning.executor import RayExecutor
+    from modelpress.tuning.trial import prepare_worker
+    from tests.tune_helpers import thread_pools
+
+    executor = RayExecutor(2)
+    try:
+        executor.warm_up(2, prepare_worker, True)  # NOTE: as tune does: the imports, torch's included, before the trials
+        for key in range(2):
+            executor.submit(key, thread_pools, str(digits_mlp_path))
+        outcomes = []
+        while len(outcomes) < 2:
+            outcomes += executor.wait(5.0)
+    finally:
+        executor.shutdown()
+    for outcome in outcomes:
+        assert outcome.ok, outcome.error
+        assert outcome.value["ort"] == outcome.value["torch"] == outcome.value["torch_interop"] == 1, outcome.value
+        assert all(n == 1 for name, n in outcome.value.items() if name.startswith("blas:")), outcome.value
+
+
+def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
+    from modelpress.tuning.executor import RayExecutor
+    from tests.tune_helpers import fail_after_work
+
+    executor = RayExecutor(1)
+    try:
+        executor.submit("late", fail_after_work, 0.2)
+        outcomes = []
+        while not outcomes:
+            outcomes = executor.wait(5.0)
+    finally:
+        executor.shutdown()
+    assert not outcomes[0].ok and outcomes[0].error == "ValueError: refused after some work"
+    assert outcomes[0].timing["cpu"] >= 0.2 and outcomes[0].timing["pid"] != os.getpid()
+
+
 def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
     from modelpress.tuning.study import measure_sensitivity
 
     ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), (data / "calib.npz").read_bytes())
     layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
     assert set(ranking) == layers
+    # the fallback ladder along it keeps at most all but one in float: with every weighted layer excluded int8-static refuses
+    from modelpress.tuning.space import Fallback
+
+    steps = Fallback().steps(len(ranking))
+    assert steps[0] == 0 and steps[-1] == len(layers) - 1 and steps == sorted(set(steps))

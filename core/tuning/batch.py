@@ -110,41 +110,16 @@ def compress_batch(
     """Compress every model with ``recipe`` in parallel Ray workers; write per-model outputs and a summary."""
     from modelpress.tuning.progress import TrialBoard
 
-    if not models:
-        raise OptionsError("batch compression needs at least one model")
-    paths = [str(Path(m).resolve()) for m in models]
-    for path in paths:
-        if not os.path.exists(path):
-            raise OptionsError(f"model {path!r} does not exist")
-    parsed = load_recipe(recipe)
-    parsed.validate_against(get_registry())
-    base_dir = str(Path(parsed.base_dir or ".").resolve())
+    paths, parsed = _checked(models, recipe)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    raw = parsed.model_dump()
     board = TrialBoard(enabled=show_progress, metric=parsed.evaluate.metric, objective="")
     executor = RayExecutor(workers, address)
-    rows: dict[int, BatchRow] = {}
+    jobs = list(zip(range(len(paths)), paths, _stems([str(m) for m in models]), strict=True))
+    rows = {i: BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx")) for i, _, stem in jobs}
     interrupted = False
     try:
-        pending = list(zip(range(len(paths)), paths, _stems([str(m) for m in models]), strict=True))
-        for i, _, stem in pending:
-            rows[i] = BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx"))
-        while pending or executor.running:
-            # NOTE: no more jobs than workers at a time: a job's time limit counts from its submission
-            while pending and len(executor.running) < executor.workers:
-                i, path, stem = pending.pop(0)
-                rows[i].status = "running"
-                executor.submit(i, _compress_one, path, raw, base_dir, rows[i].output, str(out / stem), timeout_s=timeout, memory_mb=memory_mb)
-            for outcome in executor.wait(1.0):
-                row = rows[outcome.job.key]
-                row.seconds = round(outcome.seconds, 2)
-                if outcome.ok:
-                    for key, value in outcome.value.items():
-                        setattr(row, key, value)
-                else:
-                    row.status, row.error, row.output = "failed", outcome.error, ""
-                board.log(f"{row.model}: {row.status} in {row.seconds:.1f}s" + (f" ({row.error})" if row.error else ""))
+        _run_jobs(executor, jobs, rows, parsed, out, board, timeout=timeout, memory_mb=memory_mb)
     except KeyboardInterrupt:
         interrupted = True
         for job in executor.cancel_all():
@@ -157,6 +132,40 @@ def compress_batch(
     result = BatchResult([rows[i] for i in sorted(rows)], out, interrupted)
     _write_summary(result)
     return result
+
+
+def _checked(models: list[str | os.PathLike[str]], recipe: str | os.PathLike[str] | dict[str, Any] | Recipe) -> tuple[list[str], Recipe]:
+    """The models' absolute paths and the recipe, validated against the installed methods, before Ray starts."""
+    if not models:
+        raise OptionsError("batch compression needs at least one model")
+    paths = [str(Path(m).resolve()) for m in models]
+    for path in paths:
+        if not os.path.exists(path):
+            raise OptionsError(f"model {path!r} does not exist")
+    parsed = load_recipe(recipe)
+    parsed.validate_against(get_registry())
+    return paths, parsed
+
+
+def _run_jobs(executor: RayExecutor, pending: list[tuple[int, str, str]], rows: dict[int, BatchRow], recipe: Recipe, out: Path, board: Any, *,
+              timeout: float | None, memory_mb: float | None) -> None:
+    """Submit the models as workers come free and fill in their rows as they finish."""
+    raw, base_dir = recipe.model_dump(), str(Path(recipe.base_dir or ".").resolve())
+    while pending or executor.running:
+        # NOTE: no more jobs than workers at a time: a job's time limit counts from its submission
+        while pending and len(executor.running) < executor.workers:
+            i, path, stem = pending.pop(0)
+            rows[i].status = "running"
+            executor.submit(i, _compress_one, path, raw, base_dir, rows[i].output, str(out / stem), timeout_s=timeout, memory_mb=memory_mb)
+        for outcome in executor.wait(1.0):
+            row = rows[outcome.job.key]
+            row.seconds = round(outcome.seconds, 2)
+            if outcome.ok:
+                for key, value in outcome.value.items():
+                    setattr(row, key, value)
+            else:
+                row.status, row.error, row.output = "failed", outcome.error, ""
+            board.log(f"{row.model}: {row.status} in {row.seconds:.1f}s" + (f" ({row.error})" if row.error else ""))
 
 
 def _write_summary(result: BatchResult) -> None:

@@ -7,7 +7,7 @@ gather): the imports (modelpress, ONNX Runtime, torch) are paid once per worker,
 ``fresh_workers=True`` runs every job in a new process instead. There are no retries: a job that
 crashes, exceeds its memory limit (a watchdog in the worker, running while the job runs) or its
 time limit (cancelled by force, which ends its process) comes back as a failed :class:`Outcome`
-and the caller goes on. Each job holds one CPU and its thread pools (ONNX Runtime, torch, BLAS) use
+and the caller goes on; a job that raises does too, with its timing. Each job holds one CPU and its thread pools (ONNX Runtime, torch, BLAS) use
 one thread, so parallel jobs do not oversubscribe the cores. Ray is imported only here, and only
 when an executor is made.
 """
@@ -46,8 +46,22 @@ def _warm_up(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
     """Runs ``fn`` (imports, say) in a worker while the driver prepares the study."""
     os.environ.update(_THREAD_ENV)
     fn(*args)
+    _limit_torch_threads()
     _freeze_imports()
     return os.getpid()
+
+
+def _limit_torch_threads() -> None:
+    """torch, once imported, reads no environment variable again: its pools are set here (inter-op: once, before any use)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return
+    torch.set_num_threads(_CPUS_PER_JOB)
+    if torch.get_num_interop_threads() != _CPUS_PER_JOB:
+        try:
+            torch.set_num_interop_threads(_CPUS_PER_JOB)
+        except RuntimeError:  # NOTE: too late once the inter-op pool has started; eager training does not use it
+            pass
 
 
 _FROZEN_MODULES = 0
@@ -136,17 +150,19 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
 
     # NOTE: the worker was started with these; a job that changed them must not leak them into the next
     os.environ.update(_THREAD_ENV)
-    if "torch" in sys.modules:
-        sys.modules["torch"].set_num_threads(_CPUS_PER_JOB)
+    _limit_torch_threads()
     done = threading.Event()
     if memory_mb:
         threading.Thread(target=_watch_memory, args=(memory_mb, done), daemon=True).start()
     if kept and _FROZEN_MODULES == 0:
         _freeze_imports()
+    value, error, cpu_args = None, None, cpu_before
     try:
         args, kwargs = resolve(args), resolve(kwargs)
         cpu_args = time.process_time()
         value = fn(*args, **kwargs)
+    except Exception as exc:  # NOTE: reported here, with the timing: a failed trial's time is accounted for too
+        error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
     finally:
         cpu_fn = time.process_time()
         done.set()
@@ -158,7 +174,7 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
             gc.collect()  # NOTE: the next job's memory limit counts from what this one left
     # NOTE: "cpu" splits into "cpu_setup" (the arguments fetched, the imports frozen), the job itself and "cpu_cleanup"
     cpu_end = time.process_time()
-    return {"value": value, "timing": {"began": began, "ended": time.time(), "cpu_before": round(cpu_before, 4),
+    return {"value": value, "error": error, "timing": {"began": began, "ended": time.time(), "cpu_before": round(cpu_before, 4),
                                        "cpu": round(cpu_end - cpu_before, 4), "cpu_setup": round(cpu_args - cpu_before, 4),
                                        "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid()}}
 
@@ -231,6 +247,8 @@ class RayExecutor:
             result = self.ray.get(job.ref)
             timing = result["timing"]
             timing["queued"] = round(timing["began"] - job.submitted, 4)
+            if result["error"] is not None:
+                return Outcome(job, False, error=result["error"], seconds=seconds, timing=timing)
             return Outcome(job, True, result["value"], seconds=seconds, timing=timing)
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc

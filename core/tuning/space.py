@@ -80,6 +80,11 @@ class Fallback:
     def grid(self) -> list[Any]:
         return list(self.ladder)
 
+    def steps(self, ranked: int) -> list[int]:
+        """The ladder for a ranking of ``ranked`` nodes, capped so that one of them stays quantized (with every
+        ranked node in float, int8-static has nothing left to quantize and refuses: a wasted trial)."""
+        return sorted({min(k, max(ranked - 1, 0)) for k in self.ladder})
+
 
 Param = Choice | Range | Fallback
 
@@ -140,8 +145,7 @@ class SearchSpace:
                     config[pname] = round(value, 6)  # NOTE: 0.6000000000000001 -> 0.6 in reports and recipes
             else:
                 ranking = sensitivity.get(name, [])
-                ladder = sorted({min(k, len(ranking)) for k in param.ladder})
-                config[pname] = trial.suggest_categorical(pname, ladder)
+                config[pname] = trial.suggest_categorical(pname, param.steps(len(ranking)))
         return config
 
     def passes(self, config: dict[str, Any], sensitivity: dict[str, list[str]]) -> list[PassSpec]:
@@ -317,14 +321,24 @@ def _declared(method: Method) -> dict[str, Param]:
     return out
 
 
-def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool, labels: bool = True) -> SearchSpace:
-    """The pipelines that fit ``model`` and the data given, with the knobs worth turning."""
-    pipes: list[Pipeline] = []
-    notes: list[str] = []
-    have = {m.qualname for m in registry.methods()}
-    conv = _weights(model, ("Conv", "Gemm", "MatMul"))
-    matmul = _weights(model, ("MatMul", "Gemm"), 1024)
-    int8 = PassTemplate("quantize", "int8-static", {
+class _Pipelines:
+    """The default space as it is built: pipelines whose methods are installed, notes on those left out."""
+
+    def __init__(self, registry: Registry):
+        self.have = {m.qualname for m in registry.methods()}
+        self.pipes: list[Pipeline] = []
+        self.notes: list[str] = []
+
+    def add(self, name: str, *templates: PassTemplate, needs: tuple[str, ...] = ()) -> None:
+        missing = [q for q in needs if q not in self.have]
+        if missing:
+            self.notes.append(f"{name}: method(s) {', '.join(missing)} not installed")
+            return
+        self.pipes.append(Pipeline(name, templates))
+
+
+def _int8_static() -> PassTemplate:
+    return PassTemplate("quantize", "int8-static", {
         "calibrator": Choice(("percentile", "minmax", "entropy", "mse")),
         "per_channel": Choice((True, False)),
         "activation_type": Choice(("uint8", "int8")),
@@ -333,52 +347,68 @@ def default_space(model: Model, registry: Registry, *, calibration: bool, train:
         "exclude": Fallback(),
     })
 
-    def add(name: str, *templates: PassTemplate, needs: tuple[str, ...] = ()) -> None:
-        missing = [q for q in needs if q not in have]
-        if missing:
-            notes.append(f"{name}: method(s) {', '.join(missing)} not installed")
-            return
-        pipes.append(Pipeline(name, templates))
 
-    if conv and calibration and train and torch:
-        add("channel+int8-static", PassTemplate("prune", "channel", {
+def _add_pruning(space: _Pipelines, int8: PassTemplate, *, conv: int, calibration: bool, fine_tune: bool, labels: bool) -> None:
+    """Channel pruning before int8-static: with fine-tuning and a distilled variant when there is training data and torch."""
+    if conv and calibration and fine_tune:
+        space.add("channel+int8-static", PassTemplate("prune", "channel", {
             "ratio": Range(0.1, 0.6, 0.05), "fine_tune_epochs": Choice((3, 1, 0))}), int8,
             needs=("prune/channel", "quantize/int8-static"))
         # NOTE: the distillation student's width is 1 - ratio: the channel pass narrows the model, kd trains it
         # from the source model (a recipe's distill pass always has the source as teacher)
-        add("channel+kd+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.25, 0.75, 0.05)}),
-            PassTemplate("distill", "kd", {"epochs": Choice((10, 5)), **({} if labels else {"alpha": 0.0})}), int8,
-            needs=("prune/channel", "distill/kd", "quantize/int8-static"))
+        space.add("channel+kd+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.25, 0.75, 0.05)}),
+                  PassTemplate("distill", "kd", {"epochs": Choice((10, 5)), **({} if labels else {"alpha": 0.0})}), int8,
+                  needs=("prune/channel", "distill/kd", "quantize/int8-static"))
     elif conv and calibration:
-        add("channel+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.05, 0.3, 0.05)}), int8,
-            needs=("prune/channel", "quantize/int8-static"))
-        notes.append("no training data (or no torch): pruning without fine-tuning only, no distillation")
+        space.add("channel+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.05, 0.3, 0.05)}), int8,
+                  needs=("prune/channel", "quantize/int8-static"))
+        space.notes.append("no training data (or no torch): pruning without fine-tuning only, no distillation")
+
+
+def _add_quantization(space: _Pipelines, int8: PassTemplate, model: Model, *, conv: int, matmul: int, calibration: bool) -> None:
     # NOTE: int8-static also quantizes activations of layers whose weights are not initializers (Constant nodes)
     ops = model.op_histogram()
     if (conv or any(ops.get(op) for op in ("Conv", "Gemm", "MatMul"))) and calibration:
-        add("int8-static", int8, needs=("quantize/int8-static",))
+        space.add("int8-static", int8, needs=("quantize/int8-static",))
     elif not calibration:
-        notes.append("no calibration data: no int8-static")
+        space.notes.append("no calibration data: no int8-static")
     if conv:
-        add("codebook", PassTemplate("quantize", "codebook", {"bits": Range(2, 8, 1, integer=True)}), needs=("quantize/codebook",))
+        space.add("codebook", PassTemplate("quantize", "codebook", {"bits": Range(2, 8, 1, integer=True)}), needs=("quantize/codebook",))
     if matmul:
         algorithms = ("rtn", "mse", "gptq") if calibration else ("rtn", "mse")
-        add("int4-weight-only", PassTemplate("quantize", "int4-weight-only", {
+        space.add("int4-weight-only", PassTemplate("quantize", "int4-weight-only", {
             "block_size": Choice((128, 64, 32)), "algorithm": Choice(algorithms)}), needs=("quantize/int4-weight-only",))
-        add("int8-dynamic", PassTemplate("quantize", "int8-dynamic", {"per_channel": Choice((True, False))}), needs=("quantize/int8-dynamic",))
-    if conv:
-        sparsity: dict[str, Any] = {"sparsity": Range(0.3, 0.9, 0.1)}
-        if train and torch:
-            sparsity["fine_tune_epochs"] = Choice((3, 0))
-        add("magnitude", PassTemplate("prune", "magnitude", sparsity), needs=("prune/magnitude",))
-    add("fp16", PassTemplate("quantize", "fp16", {}), needs=("quantize/fp16",))
+        space.add("int8-dynamic", PassTemplate("quantize", "int8-dynamic", {"per_channel": Choice((True, False))}), needs=("quantize/int8-dynamic",))
+
+
+def _third_party(registry: Registry) -> list[Pipeline]:
+    """A pipeline per third-party quantize/prune method that declares tunable options."""
     builtin = {p.name for p in registry.plugins.values() if p.builtin}
+    pipes = []
     for method in registry.methods():
         if method.plugin in builtin:
             continue
         declared = _declared(method)
         if declared and method.kind in ("quantize", "prune"):
             pipes.append(Pipeline(method.name, (PassTemplate(method.kind, method.name, dict(declared)),)))
-    if not pipes:
+    return pipes
+
+
+def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool, labels: bool = True) -> SearchSpace:
+    """The pipelines that fit ``model`` and the data given, with the knobs worth turning."""
+    space = _Pipelines(registry)
+    conv = _weights(model, ("Conv", "Gemm", "MatMul"))
+    matmul = _weights(model, ("MatMul", "Gemm"), 1024)
+    int8 = _int8_static()
+    _add_pruning(space, int8, conv=conv, calibration=calibration, fine_tune=train and torch, labels=labels)
+    _add_quantization(space, int8, model, conv=conv, matmul=matmul, calibration=calibration)
+    if conv:
+        sparsity: dict[str, Any] = {"sparsity": Range(0.3, 0.9, 0.1)}
+        if train and torch:
+            sparsity["fine_tune_epochs"] = Choice((3, 0))
+        space.add("magnitude", PassTemplate("prune", "magnitude", sparsity), needs=("prune/magnitude",))
+    space.add("fp16", PassTemplate("quantize", "fp16", {}), needs=("quantize/fp16",))
+    space.pipes += _third_party(registry)
+    if not space.pipes:
         raise OptionsError("no installed method fits this model and data; give --calib/--train data or a recipe with `search:` options")
-    return SearchSpace(pipes, notes)
+    return SearchSpace(space.pipes, space.notes)

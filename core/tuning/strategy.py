@@ -84,7 +84,7 @@ class Plan:
         for key, param in self.space.pipeline(best.pipeline).params().items():
             if isinstance(param, Fallback):
                 n = len(self.sensitivity.get(best.pipeline, []))
-                for k in sorted({min(k, n) for k in param.ladder}):
+                for k in param.steps(n):
                     config = {**best.config, f"{best.pipeline}:{key}": k}
                     if config_key(config) not in tried:
                         configs.append(config)

@@ -233,9 +233,26 @@ def tune(
     Trials run in Ray worker processes kept from trial to trial (``fresh_workers=True``: a new
     process per trial; slower, same results).
     """
-    from modelpress.loading import load
-
     registry = registry or get_registry()
+    limits = _check_arguments(objective, strategy, max_drop, budget)
+    parsed_recipe = load_recipe(recipe) if recipe is not None else None
+    out = Path(output)
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = _gather_inputs(model, data, parsed_recipe, metric, evaluate)
+    settings = _Settings(objective, strategy, max_drop, hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3),
+                         trial_timeout, trial_memory_mb, torch=_has_torch())
+    space = _space(inputs, parsed_recipe, registry, settings.torch)  # NOTE: validated before Ray starts
+    model_bytes = inputs.write(out)
+    tracker = _open_study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, inputs.evaluate, objective, seed, out)
+    executor = RayExecutor(workers, address, fresh_workers=fresh_workers)
+    board = TrialBoard(enabled=show_progress, metric=inputs.evaluate.metric, objective=objective)
+    stop_reason, interrupted = _run(tracker, space, executor, board, inputs, model_bytes, out, limits, settings)
+    return _finish(out, tracker.study, inputs.evaluate, objective, max_drop, space, stop_reason, interrupted, keep_trial_models,
+                   inputs.blobs, inputs.source)
+
+
+def _check_arguments(objective: str, strategy: str, max_drop: float, budget: int | str | dict[str, float] | None) -> dict[str, float]:
+    """The budget's limits (default 20 trials), after the arguments' checks."""
     if objective not in ("size", "latency", "both"):
         raise OptionsError(f"objective {objective!r}: use size, latency or both")
     if strategy not in ("pareto", "accuracy-first"):
@@ -243,110 +260,142 @@ def tune(
     if max_drop < 0:
         raise OptionsError(f"max_drop {max_drop!r} must be >= 0 (0.01 = one point of accuracy)")
     limits = budget if isinstance(budget, dict) else parse_budget(budget)
-    if not limits:
-        limits = {"trials": 20}
-    parsed_recipe = load_recipe(recipe) if recipe is not None else None
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    return limits or {"trials": 20}
+
+
+@dataclass
+class _Settings:
+    """How this run's trials run and are judged."""
+
+    objective: Objective
+    strategy: Strategy
+    max_drop: float
+    hopeless_drop: float
+    trial_timeout: float | None
+    trial_memory_mb: float | None
+    torch: bool
+
+
+@dataclass
+class _Inputs:
+    """The source model, the data as .npz bytes per role and the evaluation settings: what every trial gets."""
+
+    source: Any
+    blobs: dict[str, bytes | None]
+    evaluate: Evaluate
+
+    def write(self, out: Path) -> bytes:
+        """Copies in ``out`` (the data under ``data/``, the model as ``source.onnx``) for the winning recipe; the model's bytes."""
+        data_dir = out / "data"
+        data_dir.mkdir(exist_ok=True)
+        for role, blob in self.blobs.items():
+            if blob is not None:
+                _atomic_write(data_dir / f"{role}.npz", blob)
+        model_bytes: bytes = self.source.to_proto().SerializeToString()
+        _atomic_write(out / "source.onnx", model_bytes)
+        return model_bytes
+
+
+def _gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | None, evaluate: dict[str, Any] | None) -> _Inputs:
+    from modelpress.loading import load
+
     source = load(model)
-    sources = _data_sources(data, parsed_recipe)
-    settings = {"metric": metric or (parsed_recipe.evaluate.metric if parsed_recipe else None), "batch_size": 1, "repeats": 10,
+    sources = _data_sources(data, recipe)
+    settings = {"metric": metric or (recipe.evaluate.metric if recipe else None), "batch_size": 1, "repeats": 10,
                 "threads": 1, "max_samples": 2048}
-    if parsed_recipe is not None:
-        settings.update(parsed_recipe.evaluate.model_dump(exclude={"metric"}))
+    if recipe is not None:
+        settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
     settings.update(evaluate or {})
     blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
     if settings["metric"] is None:
         with np.load(io.BytesIO(blobs["eval"] or b"")) as npz:
             settings["metric"] = "accuracy" if "labels" in npz.files else "agreement"
-    evaluate_spec = Evaluate(**settings)
+    return _Inputs(source, blobs, Evaluate(**settings))
 
-    # -- the space (validated before Ray starts) --------------------------------------------
-    has_torch = _has_torch()
-    if parsed_recipe is not None:
-        space = space_from_recipe(parsed_recipe, registry)
-    else:
-        labels = False
-        if blobs["train"] is not None:
-            with np.load(io.BytesIO(blobs["train"])) as npz:
-                labels = "labels" in npz.files
-        space = default_space(source, registry, calibration=blobs["calibration"] is not None, train=blobs["train"] is not None,
-                              torch=has_torch, labels=labels)
-    data_dir = out / "data"
-    data_dir.mkdir(exist_ok=True)
-    for role, blob in blobs.items():
-        if blob is not None:
-            _atomic_write(data_dir / f"{role}.npz", blob)
-    model_bytes = source.to_proto().SerializeToString()
-    _atomic_write(out / "source.onnx", model_bytes)
+
+def _space(inputs: _Inputs, recipe: Recipe | None, registry: Registry, torch: bool) -> SearchSpace:
+    if recipe is not None:
+        return space_from_recipe(recipe, registry)
+    labels = False
+    if inputs.blobs["train"] is not None:
+        with np.load(io.BytesIO(inputs.blobs["train"])) as npz:
+            labels = "labels" in npz.files
+    return default_space(inputs.source, registry, calibration=inputs.blobs["calibration"] is not None, train=inputs.blobs["train"] is not None,
+                         torch=torch, labels=labels)
+
+
+def _open_study(storage: str, name: str, evaluate_spec: Evaluate, objective: Objective, seed: int, out: Path) -> _Study:
     higher = evaluate_spec.metric not in METRICS_LOWER_IS_BETTER
     directions = ["maximize" if higher else "minimize"] + {"size": ["minimize"], "latency": ["minimize"], "both": ["minimize", "minimize"]}[objective]
-    tracker = _Study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, directions, objective, seed)
+    tracker = _Study(storage, name, directions, objective, seed)
     study = tracker.study
     if study.user_attrs.get("objective", objective) != objective:
         raise OptionsError(f"the study in {out} was run with --objective {study.user_attrs['objective']}; resume it with the same objective or use another output")
     study.set_user_attr("objective", objective)
+    return tracker
 
-    executor = RayExecutor(workers, address, fresh_workers=fresh_workers)
-    board = TrialBoard(enabled=show_progress, metric=evaluate_spec.metric, objective=objective)
-    session = uuid.uuid4().hex[:8]
+
+def _run(tracker: _Study, space: SearchSpace, executor: RayExecutor, board: TrialBoard, inputs: _Inputs, model_bytes: bytes, out: Path,
+         limits: dict[str, float], settings: _Settings) -> tuple[str, bool]:
+    """Run trials until the budget or the space runs out, or Ctrl-C; why the study stopped, and whether Ctrl-C stopped it."""
     start = time.monotonic()
-    interrupted = False
-    stop_reason = ""
     runner: _Runner | None = None
     try:
-        model_ref = executor.put(model_bytes)
-        data_refs = {role: executor.put(blob) if blob is not None else None for role, blob in blobs.items()}
-        # NOTE: the sensitivity job and the workers' imports run while this process measures the baseline
-        measuring = _start_sensitivity(study, space, executor, model_ref, data_refs, board)
-        executor.warm_up(executor.workers - (measuring is not None), prepare_worker, has_torch and blobs["train"] is not None)
-        baseline = study.user_attrs.get("baseline") or _measure_baseline(out, evaluate_spec)
-        study.set_user_attr("baseline", baseline)
-        sensitivity = _sensitivity(study, space, executor, measuring, board)
-        retry = tracker.recover()
-        runner = _Runner(tracker, space, sensitivity, executor, board, session=session, out=out,
-                         submit_args=dict(model=model_ref, data=data_refs, evaluate=evaluate_spec.model_dump(), baseline=baseline["metric"],
-                                          hopeless_drop=hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3)),
-                         trial_timeout=trial_timeout, trial_memory_mb=trial_memory_mb, max_drop=max_drop, metric_name=evaluate_spec.metric,
-                         objective=objective)
-        plan = Plan(space, sensitivity, strategy, retry, tracker, runner)
-        deadline = start + limits["seconds"] if "seconds" in limits else None
-        max_trials = int(limits.get("trials", 10**9))
-        with board:
-            while True:
-                done = len(tracker.finished())
-                budget_left = max_trials - done - len(executor.running)
-                time_left = deadline is None or time.monotonic() < deadline
-                if not time_left:
-                    stop_reason = f"time budget ({limits['seconds']:.0f}s) used"
-                    runner.abandon("cancelled: the time budget ran out")
-                    break
-                while budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted:
-                    if plan.submit_next():
-                        budget_left -= 1
-                    elif not plan.queue and plan.strategy == "accuracy-first":
-                        break
-                if not executor.running:
-                    if done >= max_trials:
-                        stop_reason = f"trial budget ({max_trials}) used"
-                    else:
-                        stop_reason = plan.why_stopped or "search space exhausted"
-                    break
-                # NOTE: blocks until a trial ends (or a time limit is up); wakes every second for Ctrl-C and the live table
-                runner.collect(executor.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))))
-                if board.live is not None:
-                    board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
+        runner = _prepare(tracker, space, executor, board, inputs, model_bytes, out, settings)
+        plan = Plan(space, runner.sensitivity, settings.strategy, tracker.recover(), tracker, runner)
+        return _loop(plan, runner, executor, board, limits, start), False
     except KeyboardInterrupt:
-        interrupted = True
-        stop_reason = "interrupted (Ctrl-C); rerun the same command to resume"
         if runner is not None:
             runner.abandon("interrupted")
+        return "interrupted (Ctrl-C); rerun the same command to resume", True
     finally:
         try:
             executor.shutdown()
         except Exception as exc:  # NOTE: Ctrl-C may have reached Ray's own processes too; the results are in the study
             board.log(f"Ray shutdown: {type(exc).__name__}: {exc}")
-    return _finish(out, study, evaluate_spec, objective, max_drop, space, stop_reason, interrupted, keep_trial_models, blobs, source)
+
+
+def _prepare(tracker: _Study, space: SearchSpace, executor: RayExecutor, board: TrialBoard, inputs: _Inputs, model_bytes: bytes, out: Path,
+             settings: _Settings) -> _Runner:
+    """Send the model and data to Ray, measure the baseline (and the sensitivity ranking) while the workers warm up."""
+    study = tracker.study
+    model_ref = executor.put(model_bytes)
+    data_refs = {role: executor.put(blob) if blob is not None else None for role, blob in inputs.blobs.items()}
+    # NOTE: the sensitivity job and the workers' imports run while this process measures the baseline
+    measuring = _start_sensitivity(study, space, executor, model_ref, data_refs, board)
+    executor.warm_up(executor.workers - (measuring is not None), prepare_worker, settings.torch and inputs.blobs["train"] is not None)
+    baseline = study.user_attrs.get("baseline") or _measure_baseline(out, inputs.evaluate)
+    study.set_user_attr("baseline", baseline)
+    sensitivity = _sensitivity(study, space, executor, measuring, board)
+    return _Runner(tracker, space, sensitivity, executor, board, session=uuid.uuid4().hex[:8], out=out,
+                   submit_args=dict(model=model_ref, data=data_refs, evaluate=inputs.evaluate.model_dump(), baseline=baseline["metric"],
+                                    hopeless_drop=settings.hopeless_drop),
+                   trial_timeout=settings.trial_timeout, trial_memory_mb=settings.trial_memory_mb, max_drop=settings.max_drop,
+                   metric_name=inputs.evaluate.metric, objective=settings.objective)
+
+
+def _loop(plan: Plan, runner: _Runner, executor: RayExecutor, board: TrialBoard, limits: dict[str, float], start: float) -> str:
+    """Keep the workers busy until a budget or the plan runs out; why it stopped."""
+    deadline = start + limits["seconds"] if "seconds" in limits else None
+    max_trials = int(limits.get("trials", 10**9))
+    with board:
+        while True:
+            done = len(runner.tracker.finished())
+            if deadline is not None and time.monotonic() >= deadline:
+                runner.abandon("cancelled: the time budget ran out")
+                return f"time budget ({limits['seconds']:.0f}s) used"
+            budget_left = max_trials - done - len(executor.running)
+            while budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted:
+                if plan.submit_next():
+                    budget_left -= 1
+                elif not plan.queue and plan.strategy == "accuracy-first":
+                    break
+            if not executor.running:
+                return f"trial budget ({max_trials}) used" if done >= max_trials else (plan.why_stopped or "search space exhausted")
+            # NOTE: blocks until a trial ends (or a time limit is up); wakes every second for Ctrl-C and the live table
+            runner.collect(executor.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))))
+            if board.live is not None:
+                board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
 
 
 def _has_torch() -> bool:
@@ -361,21 +410,27 @@ def _atomic_write(path: Path, blob: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _evaluator(out: Path, evaluate_spec: Evaluate) -> Any:
-    from modelpress.compress import _Evaluator
+def _eval_data(out: Path, evaluate_spec: Evaluate) -> tuple[Any, Any]:
+    """The source model and the evaluation data, from the copies in ``out``."""
     from modelpress.data import load_dataset
     from modelpress.loading import load
 
     source = load(out / "source.onnx")
+    return source, load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
+
+
+def _evaluator(out: Path, evaluate_spec: Evaluate) -> Any:
+    from modelpress.compress import _Evaluator
+
+    source, eval_data = _eval_data(out, evaluate_spec)
     recipe = Recipe(passes=[{"kind": "quantize", "method": "fp16"}], evaluate=evaluate_spec)  # type: ignore[list-item]
-    eval_data = load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
-    return source, eval_data, _Evaluator(recipe, source, eval_data)
+    return _Evaluator(recipe, source, eval_data)
 
 
 def _measure_baseline(out: Path, evaluate_spec: Evaluate) -> dict[str, Any]:
     from modelpress.compress import measure_latency
 
-    _, _, evaluator = _evaluator(out, evaluate_spec)
+    evaluator = _evaluator(out, evaluate_spec)
     path = out / "source.onnx"
     return {"metric": evaluator.metric(path), "size_bytes": path.stat().st_size,
             "latency_ms": measure_latency(path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)}
@@ -548,11 +603,13 @@ def _finish(out: Path, study: Any, evaluate_spec: Evaluate, objective: str, max_
     model_path = recipe_path = None
     verification = ""
     if best is not None:
-        _, eval_data, evaluator = _evaluator(out, evaluate_spec)
+        # NOTE: the evaluation data only (the metric is the trial's): no run of the source model over all of it
+        _, eval_data = _eval_data(out, evaluate_spec)
         model_path = out / "best.onnx"
         exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=eval_data.take(64), reference=source)
         verification = exported.verification.summary() if exported.verification is not None else ""
-        best.latency_alone_ms = measure_latency(model_path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)
+        first = {name: array[:1] for name, array in eval_data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
+        best.latency_alone_ms = measure_latency(model_path, first, threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)
         recipe_path = out / "best-recipe.yaml"
         _write_recipe(recipe_path, best.passes, blobs, evaluate_spec)
     if not keep_trial_models:

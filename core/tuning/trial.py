@@ -34,6 +34,9 @@ def prepare_worker(torch: bool = False) -> None:
 
         weight = _torch.zeros(2, 2, requires_grad=True)  # NOTE: autograd's first backward pass sets up its engine
         (weight * 2).sum().backward()
+        # NOTE: a torch optimizer's first construction imports torch._dynamo (~800 modules, ~2 s of CPU): once per
+        # worker either way, but here it is start-up, not the first fine-tuning trial's time
+        _torch.optim.Adam([weight]).step()
 
 
 class _Laps:
@@ -62,11 +65,6 @@ def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str
     measured before fine-tuning, and if its drop already exceeds ``hopeless_drop`` the
     fine-tuning (and the rest of the trial) is skipped.
     """
-    from modelpress.compress import _Evaluator, measure_latency, run_pass
-    from modelpress.data import load_dataset
-    from modelpress.export import export
-    from modelpress.loading import load
-    from modelpress.recipe import DataSources, Evaluate, PassSpec, Recipe
     from modelpress.registry import get_registry
 
     start = time.perf_counter()
@@ -74,7 +72,32 @@ def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str
     registry = get_registry()
     laps.lap("import")
     with tempfile.TemporaryDirectory(prefix="modelpress-trial-") as tmp:
-        folder = Path(tmp)
+        trial = _Trial.open(Path(tmp), model, data, passes, evaluate, registry)
+        laps.lap("load")
+        current, figures, cut = trial.apply(laps, baseline, hopeless_drop)
+        if cut is not None:
+            return {**cut, "seconds": time.perf_counter() - start, "phases": laps.figures()}
+        return {**trial.measure(current, laps), "parameters": current.parameter_count(), "seconds": time.perf_counter() - start,
+                "figures": figures, "phases": laps.figures()}
+
+
+class _Trial:
+    """A trial's files (in ``folder``), recipe, source model and evaluator."""
+
+    def __init__(self, folder: Path, sources: dict[str, str | None], recipe: Any, source: Any, evaluator: Any, sample: Any, registry: Any):
+        self.folder, self.sources, self.recipe, self.source, self.evaluator, self.sample = folder, sources, recipe, source, evaluator, sample
+        self.common = {"calibration": sources.get("calibration"), "train": sources.get("train"), "eval_source": sources.get("eval"),
+                       "show_progress": False, "registry": registry}
+
+    @classmethod
+    def open(cls, folder: Path, model: bytes, data: dict[str, bytes | None], passes: list[dict[str, Any]], evaluate: dict[str, Any],
+             registry: Any) -> _Trial:
+        """Write the model and the data into ``folder``; validate the passes; load the source and the evaluation data."""
+        from modelpress.compress import _Evaluator
+        from modelpress.data import load_dataset
+        from modelpress.loading import load
+        from modelpress.recipe import DataSources, Evaluate, PassSpec, Recipe
+
         (folder / "source.onnx").write_bytes(model)
         sources: dict[str, str | None] = {}
         for name, blob in data.items():
@@ -85,39 +108,55 @@ def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str
         recipe.validate_against(registry)
         source = load(folder / "source.onnx")
         eval_data = load_dataset(sources["eval"], source.signature, what="evaluation").take(recipe.evaluate.max_samples) if sources.get("eval") else None
-        evaluator = _Evaluator(recipe, source, eval_data)
         sample = eval_data.take(64) if eval_data is not None else None
-        laps.lap("load")
-        common = {"calibration": sources.get("calibration"), "train": sources.get("train"), "eval_source": sources.get("eval"),
-                  "show_progress": False, "registry": registry}
-        current = source
+        return cls(folder, sources, recipe, source, _Evaluator(recipe, source, eval_data), sample, registry)
+
+    def apply(self, laps: _Laps, baseline: float | None, hopeless_drop: float | None) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
+        """Run the passes in turn: the model, each pass's figures, and the result of a trial cut before fine-tuning (else None)."""
+        from modelpress.compress import run_pass
+
+        current: Any = self.source
         figures: list[dict[str, Any]] = []
-        for index, spec in enumerate(recipe.passes, 1):
+        for index, spec in enumerate(self.recipe.passes, 1):
             if hopeless_drop is not None and baseline is not None and spec.kind == "prune" and spec.options.get("fine_tune_epochs"):
-                probe = run_pass(spec.model_copy(update={"options": {**spec.options, "fine_tune_epochs": 0}}), index, current, source, **common)
-                export(probe, folder / "probe.onnx", verify=False)
-                before = evaluator.metric(folder / "probe.onnx")
+                cut = self._probe(index, spec, current, baseline, hopeless_drop)
                 laps.lap("probe")
-                if drop(recipe.evaluate.metric, baseline, before) > hopeless_drop:
-                    return {"status": "pruned", "metric": before, "seconds": time.perf_counter() - start,
-                            "reason": f"stage {index} ({spec.kind}/{spec.method}) before fine-tuning: {recipe.evaluate.metric} {before:.4f} "
-                                      f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; fine-tuning skipped", "phases": laps.figures()}
-            current = run_pass(spec, index, current, source, **common)
+                if cut is not None:
+                    return current, figures, cut
+            current = run_pass(spec, index, current, self.source, **self.common)
             figures.append(current.provenance.passes[-1].figures if current.provenance.passes else {})
             laps.lap("passes")
-        out = folder / "model.onnx"
-        export(current, out, sample=sample, reference=source)
+        return current, figures, None
+
+    def _probe(self, index: int, spec: Any, current: Any, baseline: float, hopeless_drop: float) -> dict[str, Any] | None:
+        """The prune pass without fine-tuning, measured: the cut trial's result when its drop is over ``hopeless_drop``."""
+        from modelpress.compress import run_pass
+        from modelpress.export import export
+
+        probe = run_pass(spec.model_copy(update={"options": {**spec.options, "fine_tune_epochs": 0}}), index, current, self.source, **self.common)
+        export(probe, self.folder / "probe.onnx", verify=False)
+        before = self.evaluator.metric(self.folder / "probe.onnx")
+        metric = self.recipe.evaluate.metric
+        if drop(metric, baseline, before) <= hopeless_drop:
+            return None
+        return {"status": "pruned", "metric": before,
+                "reason": f"stage {index} ({spec.kind}/{spec.method}) before fine-tuning: {metric} {before:.4f} "
+                          f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; fine-tuning skipped"}
+
+    def measure(self, current: Any, laps: _Laps) -> dict[str, Any]:
+        """Export and verify the model, then its latency and metric."""
+        from modelpress.compress import measure_latency
+        from modelpress.export import export
+
+        out = self.folder / "model.onnx"
+        export(current, out, sample=self.sample, reference=self.source)
         laps.lap("export")
         blob = out.read_bytes()
-        external = out.with_name(out.name + ".data")
-        if external.exists():
+        if out.with_name(out.name + ".data").exists():
             raise ValueError("trial model is over the single-file limit (external data); tune models under ~1.5 GB")
-        latency = measure_latency(out, evaluator.latency_feeds["b1"], threads=recipe.evaluate.threads, repeats=recipe.evaluate.repeats)
+        evaluate = self.recipe.evaluate
+        latency = measure_latency(out, self.evaluator.latency_feeds["b1"], threads=evaluate.threads, repeats=evaluate.repeats)
         laps.lap("latency")
-        metric = evaluator.metric(out)
+        metric = self.evaluator.metric(out)
         laps.lap("metric")
-        return {
-            "status": "ok", "metric": metric, "size_bytes": len(blob), "latency_ms": latency,
-            "parameters": current.parameter_count(), "seconds": time.perf_counter() - start, "model": blob, "figures": figures,
-            "phases": laps.figures(),
-        }
+        return {"status": "ok", "metric": metric, "size_bytes": len(blob), "latency_ms": latency, "model": blob}

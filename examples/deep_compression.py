@@ -49,15 +49,18 @@ def train_lenet_300_100(data: dict[str, np.ndarray], epochs: int, seed: int = 0)
     return model.eval()
 
 
-def run(kind: str, out: Path, epochs: int, *, show_progress: bool = True) -> dict[str, Any]:
+def run(kind: str, out: Path, epochs: int, *, seed: int = 0, show_progress: bool = True) -> dict[str, Any]:
     """Train the model, run the recipe, and return the per-stage rows and the headline figures."""
     out.mkdir(parents=True, exist_ok=True)
     data = digits_arrays("nchw")
     if kind == "mlp":
         data = {k: (v.reshape(len(v), -1) if k.startswith("x_") else v) for k, v in data.items()}
-        net = train_lenet_300_100(data, epochs)
+        net = train_lenet_300_100(data, epochs, seed)
     else:
-        net = train_demo_model("torch", data, epochs=epochs)
+        net = train_demo_model("torch", data, epochs=epochs)  # NOTE: seeds itself (0)
+    import torch
+
+    torch.manual_seed(seed)  # the fine-tuning runs of the recipe
     model = modelpress.load(net, example_inputs=data["x_test"][:4])
     source = out / f"digits-{kind}.onnx"
     modelpress.export(model, source)

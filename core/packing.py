@@ -340,8 +340,48 @@ def pack(
     """
     if prefer not in ("speed", "size"):
         raise OptionsError(f"pack: prefer must be 'speed' or 'size', not {prefer!r}")
-    registry = registry or current_registry()
-    chosen = _select_codecs(registry, codecs)
+    chosen = _select_codecs(registry or current_registry(), codecs)
+    src = _parse_source(model, strip)
+    target = Path(output)
+    if not target.parent.is_dir():
+        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    skipped: dict[str, str] = {}
+    externals: dict[str, list[tuple[int, int]]] = {}
+    roles = _roles(src.proto.graph)
+    items = [it for index, (name, tensor) in enumerate(_tensors(src.proto)) if (it := _item(index, name, tensor, roles, src.base, src.label, externals))]
+    for it in items:
+        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
+    streams = _solids(items, chosen, skipped, prefer) if solid else []
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(MAGIC)
+            entries = _write_blobs(items, streams, out)
+            files = _pack_filler(externals, src.base, src.label, out)
+            _write_head(src, chosen, entries, streams, files, out)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    source_bytes = src.original + sum(f["size"] for f in files)
+    return PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+
+
+@dataclass
+class _Source:
+    """The model to pack, parsed: its proto (stripped if asked), the bytes it came from, where its
+    external data lives, and whether re-serialising the proto gives those bytes back."""
+
+    proto: onnx.ModelProto
+    data: bytes
+    original: int
+    base: Path | None
+    label: str
+    identical: bool
+    strip: bool
+
+
+def _parse_source(model: Any, strip: bool) -> _Source:
     data, base, label = _source(model)
     proto = onnx.ModelProto()
     try:
@@ -354,63 +394,50 @@ def pack(
     if strip:
         _strip(proto)
         data = proto.SerializeToString()
-    identical = proto.SerializeToString() == data
-    roles = _roles(proto.graph)
-    target = Path(output)
-    if not target.parent.is_dir():
-        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    return _Source(proto, data, original, base, label, proto.SerializeToString() == data, strip)
 
-    skipped: dict[str, str] = {}
-    externals: dict[str, list[tuple[int, int]]] = {}
-    items = [it for index, (name, tensor) in enumerate(_tensors(proto)) if (it := _item(index, name, tensor, roles, base, label, externals))]
+
+def _write_blobs(items: list[_Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:
+    """Write the separate tensors' blobs, then the solid streams; clear the packed tensors'
+    ``raw_data`` from the graph. The entries come back in tensor order."""
+    entries: list[TensorEntry] = []
     for it in items:
-        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
-    streams = _solids(items, chosen, skipped, prefer) if solid else []
+        if it.solid is None:
+            entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
+            out.write(it.blob)
+    ats = [0] * len(streams)
+    for stream in streams:
+        stream["offset"] = out.tell()
+        out.write(stream.pop("blob"))
+    for it in items:
+        if it.solid is not None:
+            stream = streams[it.solid]
+            entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
+            ats[it.solid] += len(it.data)
+        if it.external is None:
+            it.tensor.ClearField("raw_data")
+    entries.sort(key=lambda e: e.index)
+    return entries
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(MAGIC)
-            entries: list[TensorEntry] = []
-            for it in items:
-                if it.solid is None:
-                    entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
-                    out.write(it.blob)
-            ats = [0] * len(streams)
-            for stream in streams:
-                stream["offset"] = out.tell()
-                out.write(stream.pop("blob"))
-            for it in items:
-                if it.solid is not None:
-                    stream = streams[it.solid]
-                    entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
-                    ats[it.solid] += len(it.data)
-                if it.external is None:
-                    it.tensor.ClearField("raw_data")
-            entries.sort(key=lambda e: e.index)
-            files = _pack_filler(externals, base, label, out)
-            stripped = proto.SerializeToString()
-            used = {e.codec for e in entries}
-            manifest = {
-                "format": FORMAT,
-                "source": {"name": Path(label).name, "bytes": len(data), "bytes_identical": identical, **({"stripped": True} if strip else {})},
-                "graph": {"size": len(stripped), "crc32": _checksum(stripped)},
-                "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
-                "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
-                "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
-                "external_files": files,
-            }
-            text = json.dumps(manifest, separators=(",", ":")).encode()
-            blob = _lzma(struct.pack("<I", len(text)) + text + stripped)
-            offset = out.tell()
-            out.write(blob)
-            out.write(_FOOTER.pack(offset, len(blob), END))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    source_bytes = original + sum(f["size"] for f in files)
-    return PackResult(target, target.stat().st_size, source_bytes, entries, identical, skipped, streams)
+
+def _write_head(src: _Source, chosen: list[Codec], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
+    """Write the head (the manifest and the graph without the packed bytes, one LZMA stream) and the footer."""
+    stripped = src.proto.SerializeToString()
+    used = {e.codec for e in entries}
+    manifest = {
+        "format": FORMAT,
+        "source": {"name": Path(src.label).name, "bytes": len(src.data), "bytes_identical": src.identical, **({"stripped": True} if src.strip else {})},
+        "graph": {"size": len(stripped), "crc32": _checksum(stripped)},
+        "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
+        "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
+        "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
+        "external_files": files,
+    }
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    blob = _lzma(struct.pack("<I", len(text)) + text + stripped)
+    offset = out.tell()
+    out.write(blob)
+    out.write(_FOOTER.pack(offset, len(blob), END))
 
 
 def _strip(proto: onnx.ModelProto) -> None:

@@ -334,8 +334,8 @@ def pack(
     ``solid``: also try one stream per dtype and role and keep it where it is smaller (reading
     one of its tensors then decodes the whole stream). ``prefer``: ``"speed"`` (slow-to-decode
     codecs only where they save >= 10 %) or ``"size"`` (always the smallest). ``strip``: first
-    drop what running the model does not need (metadata properties such as provenance, doc
-    strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
+    drop what running the model does not need (metadata properties such as provenance or the
+    exporter's per-node stack traces, doc strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
     same but is not the same file. The file is written atomically.
     """
     if prefer not in ("speed", "size"):
@@ -441,18 +441,34 @@ def _write_head(src: _Source, chosen: list[Codec], entries: list[TensorEntry], s
 
 
 def _strip(proto: onnx.ModelProto) -> None:
-    """Drop what ONNX Runtime does not read: metadata properties, doc strings, shape annotations."""
+    """Drop what ONNX Runtime does not read: metadata properties (of the model, its graphs, nodes,
+    inputs/outputs, tensors and functions: exporters put stack traces and module paths there),
+    doc strings, shape annotations."""
     del proto.metadata_props[:]
     proto.ClearField("doc_string")
+    for function in proto.functions:
+        function.ClearField("doc_string")
+        del function.metadata_props[:]
+        del function.value_info[:]
+        for node in function.node:
+            node.ClearField("doc_string")
+            del node.metadata_props[:]
     for g in _graphs(proto.graph):
         g.ClearField("doc_string")
+        del g.metadata_props[:]
         del g.value_info[:]
         for node in g.node:
             node.ClearField("doc_string")
+            del node.metadata_props[:]
         for value in (*g.input, *g.output):
             value.ClearField("doc_string")
+            del value.metadata_props[:]
         for tensor in g.initializer:
             tensor.ClearField("doc_string")
+            del tensor.metadata_props[:]
+    for _name, tensor in _tensors(proto):
+        tensor.ClearField("doc_string")
+        del tensor.metadata_props[:]
 
 
 def _entry(it: _Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0) -> TensorEntry:

@@ -5,14 +5,18 @@
 Han et al. (ICLR 2016) compress LeNet-300-100 40x with no accuracy loss by iterative magnitude
 pruning with retraining, k-means weight sharing with centroid fine-tuning and Huffman coding.
 This runs the same pipeline as a modelpress recipe (examples/deep-compression-recipe.yaml), then
-packs the result once more with ``strip=True`` (no provenance metadata, doc strings or shape
-annotations: the deployable minimum), on
+packs the result once more with ``strip=True`` (no metadata properties such as provenance or
+the exporter's per-node stack traces, no doc strings or shape annotations: the deployable
+minimum), on
 
 * ``mlp``: a LeNet-300-100-shaped MLP (64 -> 300 -> 100 -> 10) on scikit-learn's 8x8 digits, and
 * ``cnn``: the digits CNN of ``modelpress demo``,
 
 and prints, per stage, the accuracy, the ONNX size, the packed (.mpk) size and the ratio against
-the float32 ONNX file. Needs the torch extra (training) and scikit-learn (the data).
+the float32 ONNX file. With several ``--seeds`` (on the MLP each trains a new source model;
+the fine-tuning passes seed themselves) it ends with one line per seed. Fine-tuning selects
+epochs on a held-out part of the training split; the test split is only measured. Needs the
+torch extra (training) and scikit-learn (the data).
 """
 
 from __future__ import annotations
@@ -57,10 +61,7 @@ def run(kind: str, out: Path, epochs: int, *, seed: int = 0, recipe: Path = RECI
         data = {k: (v.reshape(len(v), -1) if k.startswith("x_") else v) for k, v in data.items()}
         net = train_lenet_300_100(data, epochs, seed)
     else:
-        net = train_demo_model("torch", data, epochs=epochs)  # NOTE: seeds itself (0)
-    import torch
-
-    torch.manual_seed(seed)  # the fine-tuning runs of the recipe
+        net = train_demo_model("torch", data, epochs=epochs)  # NOTE: seeds itself (0): `seed` is for the MLP
     model = modelpress.load(net, example_inputs=data["x_test"][:4])
     source = out / f"digits-{kind}.onnx"
     modelpress.export(model, source)
@@ -116,7 +117,7 @@ def main() -> None:
     parser.add_argument("out", nargs="?", default="deep-compression", help="output folder")
     parser.add_argument("--model", choices=("mlp", "cnn", "both"), default="both")
     parser.add_argument("--epochs", type=int, default=40, help="training epochs of the source model")
-    parser.add_argument("--seeds", default="0", help="comma-separated seeds: one run each (a new source model and fine-tuning order)")
+    parser.add_argument("--seeds", default="0", help="comma-separated seeds: one run each (MLP: a new source model each)")
     args = parser.parse_args()
     seeds = [int(x) for x in args.seeds.split(",")]
     for kind in (("mlp", "cnn") if args.model == "both" else (args.model,)):

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.plugin_api import PACK_MAGIC as MAGIC
-from modelpress.plugin_api import Adapter, Model, hookimpl, read_packed
+from modelpress.plugin_api import (
+    Adapter,
+    Model,
+    PluginError,
+    UnsupportedModelError,
+    current_registry,
+    hookimpl,
+    read_packed,
+)
 
 from .onnx import load_onnx
 
@@ -35,8 +43,15 @@ def _accepts(source: Any) -> bool:
 
 
 def load_mpk(source: Any, *, check: bool = True, **_: Any) -> Model:
-    """Decode a ``.mpk`` pack and load it like an ONNX model."""
-    model = load_onnx(read_packed(source), check=check)
+    """Decode a ``.mpk`` pack and load it like an ONNX model, with the codecs of the registry
+    ``modelpress.load`` was given (``registry=``), else the process-wide one."""
+    try:
+        proto = read_packed(source, registry=current_registry())
+    except PluginError as exc:
+        # NOTE: a codec no installed plugin provides is the file's requirement, not this adapter's
+        # fault: say so, rather than let the ONNX adapter try the pack as a protobuf
+        raise UnsupportedModelError(str(exc)) from None
+    model = load_onnx(proto, check=check)
     model.path = os.fspath(source)
     if model.provenance.source in ("ModelProto", ""):
         model.provenance = dataclasses.replace(model.provenance, source=os.fspath(source))

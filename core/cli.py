@@ -670,7 +670,7 @@ def _add_pack(sub: Any, argv: Sequence[str]) -> None:
     p.add_argument("--codecs", default="auto", help="'auto' (every installed codec, default) or a comma-separated list of codec names")
     p.add_argument("--no-solid", action="store_true", help="never code same-dtype tensors together as one stream (keeps every tensor separately decodable)")
     p.add_argument("--prefer", choices=("speed", "size"), default="speed", help="speed (default): slow-to-decode codecs (lzma) only where they save >= 10%%; size: always the smallest")
-    p.add_argument("--strip", action="store_true", help="drop metadata properties, doc strings and value_info first (the unpacked model computes the same, but is not the same file)")
+    p.add_argument("--strip", action="store_true", help="drop metadata properties (of the model, graphs, nodes, values, tensors), doc strings and value_info first (the unpacked model computes the same, but is not the same file)")
     p.set_defaults(func=cmd_pack)
 
 

@@ -19,7 +19,13 @@ from modelpress.errors import (
 )
 from modelpress.model import Model
 from modelpress.progress import progress_bar
-from modelpress.registry import STRICT_ENV, Registry, get_registry, strict_plugins
+from modelpress.registry import (
+    STRICT_ENV,
+    Registry,
+    current_registry,
+    strict_plugins,
+    using_registry,
+)
 
 __all__ = ["load"]
 
@@ -42,7 +48,13 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
 def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:
     if isinstance(source, Model):
         return source
-    registry = registry or get_registry()
+    registry = registry or current_registry()
+    # NOTE: the registry travels into the adapters (a .mpk is decoded with its codecs)
+    with using_registry(registry):
+        return _load_with(source, registry, framework, options)
+
+
+def _load_with(source: Any, registry: Registry, framework: str | None, options: dict[str, Any]) -> Model:
     adapters = registry.adapters()
     if framework is not None:
         chosen = [a for a in adapters if a.name == framework]

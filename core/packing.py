@@ -47,6 +47,7 @@ external), and it has no solid streams.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import lzma
@@ -72,7 +73,8 @@ from modelpress.errors import (
     PluginError,
     UnsafeExternalDataError,
 )
-from modelpress.registry import Registry, get_registry
+from modelpress.packwire import splice, tensor_spans
+from modelpress.registry import Registry, current_registry
 
 __all__ = ["FORMAT", "PackResult", "TensorEntry", "pack", "read_packed", "unpack"]
 
@@ -332,14 +334,54 @@ def pack(
     ``solid``: also try one stream per dtype and role and keep it where it is smaller (reading
     one of its tensors then decodes the whole stream). ``prefer``: ``"speed"`` (slow-to-decode
     codecs only where they save >= 10 %) or ``"size"`` (always the smallest). ``strip``: first
-    drop what running the model does not need (metadata properties such as provenance, doc
-    strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
+    drop what running the model does not need (metadata properties such as provenance or the
+    exporter's per-node stack traces, doc strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
     same but is not the same file. The file is written atomically.
     """
     if prefer not in ("speed", "size"):
         raise OptionsError(f"pack: prefer must be 'speed' or 'size', not {prefer!r}")
-    registry = registry or get_registry()
-    chosen = _select_codecs(registry, codecs)
+    chosen = _select_codecs(registry or current_registry(), codecs)
+    src = _parse_source(model, strip)
+    target = Path(output)
+    if not target.parent.is_dir():
+        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    skipped: dict[str, str] = {}
+    externals: dict[str, list[tuple[int, int]]] = {}
+    roles = _roles(src.proto.graph)
+    items = [it for index, (name, tensor) in enumerate(_tensors(src.proto)) if (it := _item(index, name, tensor, roles, src.base, src.label, externals))]
+    for it in items:
+        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
+    streams = _solids(items, chosen, skipped, prefer) if solid else []
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(MAGIC)
+            entries = _write_blobs(items, streams, out)
+            files = _pack_filler(externals, src.base, src.label, out)
+            _write_head(src, chosen, entries, streams, files, out)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    source_bytes = src.original + sum(f["size"] for f in files)
+    return PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+
+
+@dataclass
+class _Source:
+    """The model to pack, parsed: its proto (stripped if asked), the bytes it came from, where its
+    external data lives, and whether re-serialising the proto gives those bytes back."""
+
+    proto: onnx.ModelProto
+    data: bytes
+    original: int
+    base: Path | None
+    label: str
+    identical: bool
+    strip: bool
+
+
+def _parse_source(model: Any, strip: bool) -> _Source:
     data, base, label = _source(model)
     proto = onnx.ModelProto()
     try:
@@ -352,78 +394,81 @@ def pack(
     if strip:
         _strip(proto)
         data = proto.SerializeToString()
-    identical = proto.SerializeToString() == data
-    roles = _roles(proto.graph)
-    target = Path(output)
-    if not target.parent.is_dir():
-        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    return _Source(proto, data, original, base, label, proto.SerializeToString() == data, strip)
 
-    skipped: dict[str, str] = {}
-    externals: dict[str, list[tuple[int, int]]] = {}
-    items = [it for index, (name, tensor) in enumerate(_tensors(proto)) if (it := _item(index, name, tensor, roles, base, label, externals))]
+
+def _write_blobs(items: list[_Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:
+    """Write the separate tensors' blobs, then the solid streams; clear the packed tensors'
+    ``raw_data`` from the graph. The entries come back in tensor order."""
+    entries: list[TensorEntry] = []
     for it in items:
-        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
-    streams = _solids(items, chosen, skipped, prefer) if solid else []
+        if it.solid is None:
+            entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
+            out.write(it.blob)
+    ats = [0] * len(streams)
+    for stream in streams:
+        stream["offset"] = out.tell()
+        out.write(stream.pop("blob"))
+    for it in items:
+        if it.solid is not None:
+            stream = streams[it.solid]
+            entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
+            ats[it.solid] += len(it.data)
+        if it.external is None:
+            it.tensor.ClearField("raw_data")
+    entries.sort(key=lambda e: e.index)
+    return entries
 
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            out.write(MAGIC)
-            entries: list[TensorEntry] = []
-            for it in items:
-                if it.solid is None:
-                    entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
-                    out.write(it.blob)
-            ats = [0] * len(streams)
-            for stream in streams:
-                stream["offset"] = out.tell()
-                out.write(stream.pop("blob"))
-            for it in items:
-                if it.solid is not None:
-                    stream = streams[it.solid]
-                    entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
-                    ats[it.solid] += len(it.data)
-                if it.external is None:
-                    it.tensor.ClearField("raw_data")
-            entries.sort(key=lambda e: e.index)
-            files = _pack_filler(externals, base, label, out)
-            stripped = proto.SerializeToString()
-            used = {e.codec for e in entries}
-            manifest = {
-                "format": FORMAT,
-                "source": {"name": Path(label).name, "bytes": len(data), "bytes_identical": identical, **({"stripped": True} if strip else {})},
-                "graph": {"size": len(stripped), "crc32": _checksum(stripped)},
-                "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
-                "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
-                "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
-                "external_files": files,
-            }
-            text = json.dumps(manifest, separators=(",", ":")).encode()
-            blob = _lzma(struct.pack("<I", len(text)) + text + stripped)
-            offset = out.tell()
-            out.write(blob)
-            out.write(_FOOTER.pack(offset, len(blob), END))
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    source_bytes = original + sum(f["size"] for f in files)
-    return PackResult(target, target.stat().st_size, source_bytes, entries, identical, skipped, streams)
+
+def _write_head(src: _Source, chosen: list[Codec], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
+    """Write the head (the manifest and the graph without the packed bytes, one LZMA stream) and the footer."""
+    stripped = src.proto.SerializeToString()
+    used = {e.codec for e in entries}
+    manifest = {
+        "format": FORMAT,
+        "source": {"name": Path(src.label).name, "bytes": len(src.data), "bytes_identical": src.identical, **({"stripped": True} if src.strip else {})},
+        "graph": {"size": len(stripped), "crc32": _checksum(stripped)},
+        "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
+        "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
+        "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
+        "external_files": files,
+    }
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    blob = _lzma(struct.pack("<I", len(text)) + text + stripped)
+    offset = out.tell()
+    out.write(blob)
+    out.write(_FOOTER.pack(offset, len(blob), END))
 
 
 def _strip(proto: onnx.ModelProto) -> None:
-    """Drop what ONNX Runtime does not read: metadata properties, doc strings, shape annotations."""
+    """Drop what ONNX Runtime does not read: metadata properties (of the model, its graphs, nodes,
+    inputs/outputs, tensors and functions: exporters put stack traces and module paths there),
+    doc strings, shape annotations."""
     del proto.metadata_props[:]
     proto.ClearField("doc_string")
+    for function in proto.functions:
+        function.ClearField("doc_string")
+        del function.metadata_props[:]
+        del function.value_info[:]
+        for node in function.node:
+            node.ClearField("doc_string")
+            del node.metadata_props[:]
     for g in _graphs(proto.graph):
         g.ClearField("doc_string")
+        del g.metadata_props[:]
         del g.value_info[:]
         for node in g.node:
             node.ClearField("doc_string")
+            del node.metadata_props[:]
         for value in (*g.input, *g.output):
             value.ClearField("doc_string")
+            del value.metadata_props[:]
         for tensor in g.initializer:
             tensor.ClearField("doc_string")
+            del tensor.metadata_props[:]
+    for _name, tensor in _tensors(proto):
+        tensor.ClearField("doc_string")
+        del tensor.metadata_props[:]
 
 
 def _entry(it: _Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0) -> TensorEntry:
@@ -537,7 +582,7 @@ class PackedModel:
     def __init__(self, path: str | os.PathLike[str], registry: Registry | None = None) -> None:
         self.path = Path(path)
         self.label = str(self.path)
-        self.registry = registry or get_registry()
+        self.registry = registry or current_registry()
         try:
             with open(self.path, "rb") as f:
                 self._map: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else b""
@@ -546,7 +591,10 @@ class PackedModel:
         self.version = 2
         self.manifest = self._read_manifest()
         self._entries: list[TensorEntry] | None = None
-        self._solid: tuple[int, bytes] | None = None
+        # NOTE: decoded solid streams, each dropped once all its members were read (then decoded
+        # again if asked for): writing tensors in file order interleaves the streams' members
+        self._solids: dict[int, bytes] = {}
+        self._solid_left: dict[int, int] = {}
 
     def _damaged(self, what: str) -> InvalidModelError:
         return InvalidModelError(f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)")
@@ -662,11 +710,11 @@ class PackedModel:
             raise self._damaged(f"{what} cannot be decoded by codec {codec_name!r} ({type(exc).__name__}: {exc})") from None
 
     def _solid_bytes(self, entry: TensorEntry) -> bytes:
-        """The decoded solid stream ``entry`` belongs to (the last one decoded is kept)."""
+        """The decoded solid stream ``entry`` belongs to."""
         number = entry.solid
         assert number is not None
-        if self._solid is None or self._solid[0] != number:
-            self._solid = None
+        data = self._solids.get(number)
+        if data is None:
             codec, _size, nbytes, dtype, role = self.manifest["solids"][number]
             members = [e.name for e in self.entries if e.solid == number]
             what = f"tensor {entry.name!r} (in a solid stream with {len(members) - 1} other tensors)"
@@ -675,8 +723,12 @@ class PackedModel:
             data = self._decode(codec, blob, TensorInfo(f"solid stream {number}", ir.DataType(dtype), (nbytes // width,), role), what)
             if len(data) != nbytes:
                 raise self._damaged(f"{what} decodes to {len(data)} bytes, not {nbytes}")
-            self._solid = (number, data)
-        return self._solid[1]
+            self._solids[number] = data
+            self._solid_left[number] = len(members)
+        self._solid_left[number] -= 1
+        if self._solid_left[number] <= 0:
+            del self._solids[number]
+        return data
 
     def tensor_bytes(self, entry: TensorEntry) -> bytes:
         """Decode one tensor and check its checksum."""
@@ -699,7 +751,7 @@ class PackedModel:
             raise self._damaged(f"the filler bytes of external file {spec['location']!r} cannot be decoded") from None
 
     def close(self) -> None:
-        self._solid = None
+        self._solids.clear()
         if isinstance(self._map, mmap.mmap):
             self._map.close()
 
@@ -710,39 +762,69 @@ class PackedModel:
         self.close()
 
 
-def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool, external_dir: Path | None) -> None:
-    """Put every tensor's bytes back: into ``raw_data``, or (``external_dir``) into its external file."""
+def _checked_tensors(proto: onnx.ModelProto, packed: PackedModel) -> list[tuple[str, onnx.TensorProto]]:
+    """The graph's tensors, after checking that every manifest row names one of them."""
     tensors = list(_tensors(proto))
+    for entry in packed.entries:
+        if not 0 <= entry.index < len(tensors) or tensors[entry.index][0] != entry.name:
+            raise packed._damaged(f"tensor {entry.name!r} is in the manifest but not in the graph")
+    return tensors
+
+
+def _write_external(packed: PackedModel, external_dir: Path) -> None:
+    """Write the external-data files: their filler bytes, then each external tensor at its offset."""
     handles: dict[str, Any] = {}
     try:
-        if external_dir is not None:
-            for spec in packed.manifest.get("external_files", []):
-                path = _safe_location(external_dir, spec["location"], packed.label, spec["location"])
-                path.parent.mkdir(parents=True, exist_ok=True)
-                handle = handles[spec["location"]] = open(path, "wb")
-                handle.truncate(spec["size"])
-                filler, pos = packed.filler(spec), 0
-                for start, length in spec["gaps"]:
-                    handle.seek(start)
-                    handle.write(filler[pos : pos + length])
-                    pos += length
-        # NOTE: separate tensors first, then each solid stream's members together: one stream decoded at a time
-        for entry in sorted(packed.entries, key=lambda e: -1 if e.solid is None else e.solid):
-            if not 0 <= entry.index < len(tensors) or tensors[entry.index][0] != entry.name:
-                raise packed._damaged(f"tensor {entry.name!r} is in the manifest but not in the graph")
-            tensor = tensors[entry.index][1]
-            data = packed.tensor_bytes(entry)
-            if entry.external is not None and not inline:
-                handles[entry.external["location"]].seek(entry.external["offset"])
-                handles[entry.external["location"]].write(data)
-            else:
-                if entry.external is not None:
-                    del tensor.external_data[:]
-                    tensor.data_location = onnx.TensorProto.DEFAULT
-                tensor.raw_data = data
+        for spec in packed.manifest.get("external_files", []):
+            path = _safe_location(external_dir, spec["location"], packed.label, spec["location"])
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handle = handles[spec["location"]] = open(path, "wb")
+            handle.truncate(spec["size"])
+            filler, pos = packed.filler(spec), 0
+            for start, length in spec["gaps"]:
+                handle.seek(start)
+                handle.write(filler[pos : pos + length])
+                pos += length
+        for entry in packed.entries:
+            if entry.external is not None:
+                handle = handles[entry.external["location"]]
+                handle.seek(entry.external["offset"])
+                handle.write(packed.tensor_bytes(entry))
     finally:
         for handle in handles.values():
             handle.close()
+
+
+def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
+    """Put the bytes of every tensor (``inline``: external ones too) back into its ``raw_data``."""
+    tensors = _checked_tensors(proto, packed)
+    for entry in packed.entries:
+        if entry.external is not None and not inline:
+            continue
+        tensor = tensors[entry.index][1]
+        data = packed.tensor_bytes(entry)
+        if entry.external is not None:
+            del tensor.external_data[:]
+            tensor.data_location = onnx.TensorProto.DEFAULT
+        tensor.raw_data = data
+
+
+def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> None:
+    """Write the model file: the stored graph's wire bytes with each inline tensor's ``raw_data``
+    spliced in (:mod:`modelpress.packwire`: no protobuf re-serialisation, one tensor in memory at
+    a time), or, where the walker does not follow the bytes, the proto filled and serialised."""
+    tensors = _checked_tensors(proto, packed)
+    spans = tensor_spans(packed._graph)
+    if spans is not None and len(spans) == len(tensors):
+        fills = {spans[e.index][0]: (e.bytes, functools.partial(packed.tensor_bytes, e)) for e in packed.entries if e.external is None}
+        try:
+            with open(path, "wb") as out:
+                splice(packed._graph, fills, out)
+            return
+        except ValueError:
+            pass  # NOTE: bytes the walker does not expect: the proto path below is always right
+    _fill(proto, packed, inline=False)
+    path.write_bytes(proto.SerializeToString())
 
 
 def read_packed(path: str | os.PathLike[str], *, registry: Registry | None = None) -> onnx.ModelProto:
@@ -750,7 +832,7 @@ def read_packed(path: str | os.PathLike[str], *, registry: Registry | None = Non
     written to disk; tensors are decoded one at a time straight into the proto)."""
     with PackedModel(path, registry) as packed:
         proto = packed.graph()
-        _fill(proto, packed, inline=True, external_dir=None)
+        _fill(proto, packed, inline=True)
     return proto
 
 
@@ -772,9 +854,9 @@ def unpack(
     try:
         with PackedModel(path, registry) as packed:
             proto = packed.graph()
-            _fill(proto, packed, inline=False, external_dir=tmp)
+            _write_external(packed, tmp)
+            _write_graph(packed, proto, tmp / target.name)
             files = [spec["location"] for spec in packed.manifest.get("external_files", [])]
-        (tmp / target.name).write_bytes(proto.SerializeToString())
         for location in files:
             dest = target.parent / location
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -806,7 +888,7 @@ def _element_entropy(data: bytes, info: TensorInfo) -> float | None:
 def tensor_report(model: Any, *, registry: Registry | None = None) -> list[dict[str, Any]]:
     """Per packable tensor: dtype, shape, bytes, element width (``bits``), order-0 entropy of the
     element values (``entropy_bits``, bits/element) and the best codec's blob size and ratio."""
-    registry = registry or get_registry()
+    registry = registry or current_registry()
     codecs = registry.codecs()
     data, base, label = _source(model)
     proto = onnx.ModelProto()

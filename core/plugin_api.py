@@ -25,7 +25,8 @@ Writing an adapter
     :func:`type_initializers` (after deserialising a proto yourself);
     :func:`modelpress.testing.check_adapter` for your tests.
 Writing a codec
-    :class:`Codec`, :class:`TensorInfo`, :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`.
+    :class:`Codec`, :class:`TensorInfo`, :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`;
+    :func:`current_registry` (the registry of the ``modelpress.load`` in progress: decode and load with it).
 Errors and progress
     the :class:`ModelpressError` family, :func:`one_line` (a message fit for one line),
     :func:`progress_bar`.
@@ -60,6 +61,7 @@ from modelpress.packing import MAGIC as PACK_MAGIC
 from modelpress.packing import read_packed
 from modelpress.progress import progress_bar
 from modelpress.provenance import Provenance
+from modelpress.registry import current_registry
 from modelpress.runtime import make_session, run, run_dataset, with_outputs
 from modelpress.verify import check_import
 
@@ -89,6 +91,7 @@ __all__ = [
     "VerificationError",
     "WeightedLayer",
     "check_import",
+    "current_registry",
     "ensure_opset",
     "fit",
     "held_out_scores",

@@ -28,12 +28,14 @@ plugin and the run goes on, and an unknown name in ``MODELPRESS_PLUGINS`` or
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import importlib.metadata as importlib_metadata
 import os
 import threading
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,9 +64,11 @@ __all__ = [
     "PluginWarning",
     "Registry",
     "create_registry",
+    "current_registry",
     "get_registry",
     "reset_registry",
     "strict_plugins",
+    "using_registry",
 ]
 
 ENTRY_POINT_GROUP = "modelpress"
@@ -448,6 +452,26 @@ def get_registry() -> Registry:
         if _default is None:
             _default = create_registry()
         return _default
+
+
+_current: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("modelpress_registry", default=None)
+
+
+def current_registry() -> Registry:
+    """The registry of the ``modelpress.load`` in progress (an adapter that decodes a ``.mpk`` or
+    loads another model through it then uses the caller's codecs and adapters), else the
+    process-wide one."""
+    return _current.get() or get_registry()
+
+
+@contextlib.contextmanager
+def using_registry(registry: Registry) -> Iterator[Registry]:
+    """Make ``registry`` the :func:`current_registry` inside the block (this thread/task only)."""
+    token = _current.set(registry)
+    try:
+        yield registry
+    finally:
+        _current.reset(token)
 
 
 def reset_registry() -> None:

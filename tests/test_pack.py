@@ -399,12 +399,16 @@ def test_strip_drops_metadata_but_not_computation(digits_mlp_path, tmp_path):
     proto.doc_string = noise[:1000]
     onnx.helper.set_model_props(proto, {"provenance": noise[1000:]})
     proto.graph.value_info.append(helper.make_tensor_value_info("h0", TensorProto.FLOAT, ["batch", 64]))
+    for node in proto.graph.node:  # what torch.onnx writes on every node
+        helper.set_metadata_props(node, {"pkg.torch.onnx.stack_trace": f"File model.py, line {len(node.name)}, in forward"})
+    helper.set_metadata_props(proto.graph.initializer[0], {"origin": "trained"})
     onnx.save(proto, tmp_path / "meta.onnx")
     kept = modelpress.pack(tmp_path / "meta.onnx", tmp_path / "kept.mpk")
     stripped = modelpress.pack(tmp_path / "meta.onnx", tmp_path / "stripped.mpk", strip=True)
     assert stripped.size_bytes < kept.size_bytes - 1000 and stripped.source_bytes == kept.source_bytes
     back = onnx.load(str(modelpress.unpack(tmp_path / "stripped.mpk", tmp_path / "back.onnx")))
     assert not back.metadata_props and not back.doc_string and not back.graph.value_info
+    assert not any(n.metadata_props for n in back.graph.node) and not back.graph.initializer[0].metadata_props
     x = np.random.default_rng(0).random((8, 64), np.float32)
     np.testing.assert_array_equal(run(make_session(tmp_path / "back.onnx"), {"x": x})[0], run(make_session(digits_mlp_path), {"x": x})[0])
 

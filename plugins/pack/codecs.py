@@ -57,13 +57,17 @@ def _bytegroup_decode(blob: bytes, info: TensorInfo) -> bytes:
     dt = numpy_dtype(info.dtype)
     assert dt is not None
     parts = streams.unpack_parts(blob)
+    if len(parts) != dt.itemsize:
+        raise ValueError(f"bytegroup blob has {len(parts)} byte planes, expected {dt.itemsize}")
+    # NOTE: one pass per plane into the interleaved output (a strided copy), then the rotation
+    # undone in place with one temporary: the planes that stayed stored are read where they lie
     out = np.empty((info.size, dt.itemsize), np.uint8)
     for i, part in enumerate(parts):
-        out[:, i] = np.frombuffer(streams.decode(part), np.uint8)
+        out[:, i] = np.frombuffer(streams.decode_view(part), np.uint8)
     u = out.view(dt).reshape(-1)
-    low = u >> dt.type(1)
-    u <<= dt.type(dt.itemsize * 8 - 1)
-    u |= low
+    low = np.right_shift(u, dt.type(1))
+    np.left_shift(u, dt.type(dt.itemsize * 8 - 1), out=u)
+    np.bitwise_or(u, low, out=u)
     return u.tobytes()
 
 

@@ -9,15 +9,19 @@ from __future__ import annotations
 
 import lzma
 import struct
+import threading
 from typing import Any
 
-__all__ = ["LZMA_LIMIT", "decode", "encode", "have_zstd", "pack_parts", "unpack_parts"]
+__all__ = ["LZMA_LIMIT", "decode", "decode_view", "encode", "have_zstd", "pack_parts", "unpack_parts"]
 
 STORED, ZSTD, LZMA = 0, 1, 2
 # NOTE: LZMA at preset 9e codes ~1-3 MB/s; past this size only zstd is tried.
 LZMA_LIMIT = 32 << 20
 _LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 _zstd: Any = None
+# NOTE: a ZstdDecompressor allocates its context on creation (tens of microseconds, as long as
+# decoding a small tensor); one per thread is kept, since one must not be used by two threads at once
+_local = threading.local()
 
 
 def have_zstd() -> bool:
@@ -60,12 +64,25 @@ def encode(data: bytes | memoryview, *, fast: bool = False, level: int = 19) -> 
     return best
 
 
+def _decompressor() -> Any:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = _zstd_module().ZstdDecompressor()
+    return dctx
+
+
 def decode(blob: bytes | memoryview) -> bytes:
-    tag, payload = blob[0], blob[1:]
+    return bytes(decode_view(blob))
+
+
+def decode_view(blob: bytes | memoryview) -> bytes | memoryview:
+    """Like :func:`decode`, but a stored payload comes back as a view of ``blob`` (no copy):
+    for callers that only read the bytes (the byte planes of a float tensor are mostly stored)."""
+    tag, payload = blob[0], memoryview(blob)[1:]
     if tag == STORED:
-        return bytes(payload)
+        return payload
     if tag == ZSTD:
-        return bytes(_zstd_module().ZstdDecompressor().decompress(payload))
+        return _decompressor().decompress(payload)
     if tag == LZMA:
         return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     raise ValueError(f"unknown stream tag {tag}")

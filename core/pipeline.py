@@ -220,7 +220,8 @@ def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **option
     """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
     to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
     (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
-    by channel pruning. Returns the trained student; its reference is the teacher."""
+    by channel pruning. Returns the trained student; its reference is the teacher. ``registry=``
+    (among the options) is the one the student is loaded and the pass run with."""
     from modelpress.loading import load
 
     method = options.pop("method", "kd")
@@ -228,6 +229,6 @@ def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **option
     if isinstance(student, str) and student == "auto":
         options.setdefault("student", "auto")
     else:
-        extra["student"] = load(student)
+        extra["student"] = load(student, registry=options.get("registry"))  # NOTE: the adapters of the registry the pass runs in
         options.setdefault("student", "given")
     return apply(teacher, method, kind="distill", train=data, extra=extra, **options)

@@ -213,6 +213,7 @@ class _Run:
         self.report.add(self.stages[-1])
 
     def source_stage(self) -> None:
+        """Export the source as stage 0 (not verified: it is the reference) and measure it."""
         path = self.stages_dir / "00-source.onnx"
         export(self.source, path, **{**self.export_options, "verify": False})
         self.record("source", self.source, path, 0.0, {})

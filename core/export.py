@@ -243,6 +243,7 @@ def _staging_folder(target: Path, parent: Path) -> Path:
 
 
 def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, show_progress: bool) -> None:
+    """Save the model to ``staged`` (its external data, if any, beside it as ``<target name>.data``)."""
     try:
         _save(model, staged, target.name + ".data", use_external, show_progress)
     except (OSError, ValueError) as exc:

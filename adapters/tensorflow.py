@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -189,66 +190,22 @@ def load_tensorflow(
         source, kind = _load_path(Path(source), label)
     if not _is_tf_object(source):
         raise UnsupportedModelError(f"{label}: not a Keras model, tf.function or SavedModel")
-
     if isinstance(source, keras.Model):
-        specs = _keras_specs(source, input_shape, label)
-        multi = len(specs) > 1
-
-        def call(*args: Any) -> Any:
-            return source(list(args) if multi else args[0], training=False)
-
-        names = [s.name for s in specs]
-        output_names = [_clean(n) for n in (getattr(source, "output_names", None) or [])]
+        call, specs, output_names = _keras_callable(source, input_shape, label)
     else:
-        concrete = source
-        if isinstance(source, tf.types.experimental.GenericFunction):
-            if input_signature is None and source.input_signature is None:
-                raise DataError(f"{label}: a tf.function needs an input_signature to be converted")
-            concrete = source.get_concrete_function(*(input_signature or source.input_signature))
-        args_sig, kwargs_sig = concrete.structured_input_signature
-        flat = list(args_sig) + [kwargs_sig[k] for k in sorted(kwargs_sig)]
-        names = [_clean(s.name or f"input_{i}") for i, s in enumerate(flat)]
-        specs = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(flat, names, strict=True)]
-        keyword = bool(kwargs_sig)
-        kw_names = sorted(kwargs_sig)
-        structured = concrete.structured_outputs
-        output_names = sorted(structured) if isinstance(structured, dict) else []
-
-        def call(*args: Any) -> Any:
-            out = concrete(**dict(zip(kw_names, args, strict=True))) if keyword else concrete(*args)
-            if isinstance(out, dict):
-                return [out[k] for k in sorted(out)]
-            return out
+        call, specs, output_names = _function_callable(source, input_signature, label)
 
     function = tf.function(call, input_signature=specs)
-    if example_inputs is None:
-        rng = np.random.default_rng(0)
-        example = [rng.standard_normal([2 if d is None else d for d in s.shape]).astype(s.dtype.as_numpy_dtype) for s in specs]
-    else:
-        example = list(example_inputs.values()) if isinstance(example_inputs, dict) else (
-            list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs])
-        example = [np.asarray(e) for e in example]
-    try:
-        reference = function(*[tf.constant(e) for e in example])
-    except Exception as exc:
-        shapes = ", ".join(str(e.shape) for e in example)
-        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {str(exc).splitlines()[0][:300]}") from None
-    reference_list = reference if isinstance(reference, (list, tuple)) else [reference]
-    reference_np = [np.asarray(r) for r in reference_list]
-
-    try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
-    except Exception as exc:
-        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
-
-    _freeze_captured_constants(proto, function, specs, label)
+    example = _example_arrays(specs, example_inputs)
+    reference = _run_reference(function, example, label)
+    proto = _convert(function, specs, opset, label)
 
     from modelpress.adapters.onnx import load_onnx
 
     model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
     _tidy_names(model, output_names)
     feeds = {spec.name: e for spec, e in zip(model.signature.inputs, example, strict=True)}
-    figures = check_import(reference_np, model, feeds, rtol, f"{label} (converted with tf2onnx)")
+    figures = check_import(reference, model, feeds, rtol, f"{label} (converted with tf2onnx)")
     model.provenance = Provenance(
         source_framework="tensorflow" if kind != "keras" and not isinstance(source, keras.Model) else "keras",
         source_version=f"tensorflow {tf.__version__}, keras {keras.__version__}",
@@ -257,3 +214,78 @@ def load_tensorflow(
         extra={"import_check": figures, "kind": kind},
     )
     return model
+
+
+def _keras_callable(source: Any, input_shape: Any, label: str) -> tuple[Callable[..., Any], list[Any], list[str]]:
+    """A Keras model as ``call(*inputs)`` in inference mode, its input specs (batch dynamic) and
+    its output names."""
+    specs = _keras_specs(source, input_shape, label)
+    multi = len(specs) > 1
+
+    def call(*args: Any) -> Any:
+        return source(list(args) if multi else args[0], training=False)
+
+    return call, specs, [_clean(n) for n in (getattr(source, "output_names", None) or [])]
+
+
+def _function_callable(source: Any, input_signature: list[Any] | None, label: str) -> tuple[Callable[..., Any], list[Any], list[str]]:
+    """A ``tf.function`` (or a concrete function, e.g. a SavedModel's signature) as ``call(*inputs)``
+    with positional inputs (keyword inputs in name order) returning a list, its input specs and
+    output names (a dict output's sorted keys)."""
+    tf = _require_tf()
+    concrete = source
+    if isinstance(source, tf.types.experimental.GenericFunction):
+        if input_signature is None and source.input_signature is None:
+            raise DataError(f"{label}: a tf.function needs an input_signature to be converted")
+        concrete = source.get_concrete_function(*(input_signature or source.input_signature))
+    args_sig, kwargs_sig = concrete.structured_input_signature
+    flat = list(args_sig) + [kwargs_sig[k] for k in sorted(kwargs_sig)]
+    names = [_clean(s.name or f"input_{i}") for i, s in enumerate(flat)]
+    specs = [tf.TensorSpec(s.shape, s.dtype, name=n) for s, n in zip(flat, names, strict=True)]
+    keyword = bool(kwargs_sig)
+    kw_names = sorted(kwargs_sig)
+    structured = concrete.structured_outputs
+    output_names = sorted(structured) if isinstance(structured, dict) else []
+
+    def call(*args: Any) -> Any:
+        out = concrete(**dict(zip(kw_names, args, strict=True))) if keyword else concrete(*args)
+        if isinstance(out, dict):
+            return [out[k] for k in sorted(out)]
+        return out
+
+    return call, specs, output_names
+
+
+def _example_arrays(specs: list[Any], example_inputs: Any) -> list[np.ndarray]:
+    """The example inputs given (an array, a list/tuple or a dict of them), else random ones of
+    the specs' shapes (batch 2)."""
+    if example_inputs is None:
+        rng = np.random.default_rng(0)
+        return [rng.standard_normal([2 if d is None else d for d in s.shape]).astype(s.dtype.as_numpy_dtype) for s in specs]
+    example = list(example_inputs.values()) if isinstance(example_inputs, dict) else (
+        list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs])
+    return [np.asarray(e) for e in example]
+
+
+def _run_reference(function: Any, example: list[np.ndarray], label: str) -> list[np.ndarray]:
+    """TensorFlow's outputs on the example inputs (what the import is checked against)."""
+    tf = _require_tf()
+    try:
+        reference = function(*[tf.constant(e) for e in example])
+    except Exception as exc:
+        shapes = ", ".join(str(e.shape) for e in example)
+        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {str(exc).splitlines()[0][:300]}") from None
+    reference_list = reference if isinstance(reference, (list, tuple)) else [reference]
+    return [np.asarray(r) for r in reference_list]
+
+
+def _convert(function: Any, specs: list[Any], opset: int, label: str) -> Any:
+    """tf2onnx's ONNX proto of ``function``, its captured eager tensors made initializers."""
+    import tf2onnx
+
+    try:
+        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+    except Exception as exc:
+        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+    _freeze_captured_constants(proto, function, specs, label)
+    return proto

@@ -156,25 +156,14 @@ def load_torch(
         source = _read_file(Path(source), trust_pickle)
     if not _is_torch_object(source):
         raise UnsupportedModelError(f"{label}: not a torch.nn.Module, torch.export program or TorchScript module")
-
-    args = _as_tuple(example_inputs)
     is_program = isinstance(source, torch.export.ExportedProgram)
-    if not args and is_program and source.example_inputs is not None:
-        args = tuple(source.example_inputs[0])
-    if not args:
-        raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
+    args = _example_args(source, example_inputs, is_program, label)
 
     runnable = source.module() if is_program else source
     reference = _reference_outputs(torch, runnable, args, label, is_program)
     names, axes = _input_axes(runnable, args, input_names, dynamic_batch, dynamic_axes)
     errors: list[str] = []
-    proto, used = None, ""
-    if exporter in ("auto", "dynamo"):
-        proto, used = _export_dynamo(torch, source, args, names, output_names, axes, opset, is_program, errors)
-    if proto is None and exporter in ("auto", "torchscript") and not is_program:
-        proto, used = _export_torchscript(torch, source, args, names, output_names, axes, opset, errors)
-    if proto is None:
-        raise UnsupportedModelError(f"{label}: PyTorch could not export the model to ONNX: " + "; ".join(errors))
+    proto, used = _to_onnx(torch, source, args, names, output_names, axes, opset, is_program, exporter, errors, label)
 
     from modelpress.adapters.onnx import load_onnx
 
@@ -189,6 +178,32 @@ def load_torch(
         extra={"import_check": figures, "fallback_reasons": errors},
     )
     return model
+
+
+def _example_args(source: Any, example_inputs: Any, is_program: bool, label: str) -> tuple[Any, ...]:
+    """The example inputs as a tuple: the ones given, else an exported program's own."""
+    args = _as_tuple(example_inputs)
+    if not args and is_program and source.example_inputs is not None:
+        args = tuple(source.example_inputs[0])
+    if not args:
+        raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
+    return args
+
+
+def _to_onnx(
+    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None, axes: dict[str, dict[int, str]], opset: int | None,
+    is_program: bool, exporter: str, errors: list[str], label: str,
+) -> tuple[Any, str]:
+    """The ONNX proto and the exporter that wrote it: dynamo, then (``"auto"``) TorchScript; each
+    failure's reason goes into ``errors``, and none working is an error listing them."""
+    proto, used = None, ""
+    if exporter in ("auto", "dynamo"):
+        proto, used = _export_dynamo(torch, source, args, names, output_names, axes, opset, is_program, errors)
+    if proto is None and exporter in ("auto", "torchscript") and not is_program:
+        proto, used = _export_torchscript(torch, source, args, names, output_names, axes, opset, errors)
+    if proto is None:
+        raise UnsupportedModelError(f"{label}: PyTorch could not export the model to ONNX: " + "; ".join(errors))
+    return proto, used
 
 
 def _reference_outputs(torch: Any, runnable: Any, args: tuple[Any, ...], label: str, is_program: bool) -> list[np.ndarray]:

@@ -688,37 +688,57 @@ def _attr_name(onnx_name: str, taken: set[str]) -> str:
     return name
 
 
+def _lowered_nodes(model: Model) -> list[Node]:
+    """The graph's nodes, each ready to run; every op type without a handler is listed in one error."""
+    unsupported: dict[str, list[str]] = {}
+    nodes: list[Node] = []
+    for ir_node in model.ir.graph:
+        node = Node(ir_node)
+        node.attrs["_opset"] = model.opset
+        if node.domain not in ("",) or node.op_type not in OP_HANDLERS:
+            label = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
+            unsupported.setdefault(label, []).append(node.name)
+        nodes.append(node)
+    if unsupported:
+        listing = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(unsupported.items()))
+        raise UnsupportedModelError(
+            f"model {model.name!r} cannot be lowered to PyTorch: {len(unsupported)} unsupported op type(s): {listing}"
+        )
+    return nodes
+
+
 class GraphModule(nn.Module):
     """A real ``nn.Module`` running a modelpress graph; see the module docstring."""
 
     def __init__(self, model: Model):
         super().__init__()
         graph = model.ir.graph
-        opset = model.opset
-        unsupported: dict[str, list[str]] = {}
-        self._nodes: list[Node] = []
-        for ir_node in graph:
-            node = Node(ir_node)
-            node.attrs["_opset"] = opset
-            if node.domain not in ("",) or node.op_type not in OP_HANDLERS:
-                label = f"{node.domain}::{node.op_type}" if node.domain else node.op_type
-                unsupported.setdefault(label, []).append(node.name)
-            self._nodes.append(node)
-        if unsupported:
-            listing = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(unsupported.items()))
-            raise UnsupportedModelError(
-                f"model {model.name!r} cannot be lowered to PyTorch: {len(unsupported)} unsupported op type(s): {listing}"
-            )
+        self._nodes = _lowered_nodes(model)
         self.input_names = [v.name or "" for v in graph.inputs if not v.is_initializer()]
         self.output_names = [v.name or "" for v in graph.outputs]
         self.onnx_names: dict[str, str] = {}
         self._attr_for: dict[str, str] = {}
         self._dtypes: dict[str, ir.DataType] = {}
+        self._register_initializers(graph)
+        for v in graph.inputs:
+            if v.dtype is not None and v.name:
+                self._dtypes[v.name] = v.dtype
+        for ir_node in graph:
+            for out in ir_node.outputs:
+                if out.dtype is not None and out.name:
+                    self._dtypes[out.name] = out.dtype
+        self._constants: dict[str, torch.Tensor] = {}
+        self._symbolic: dict[str, tuple[list[Any], bool]] = {}
+        self._known_constants: dict[str, tuple[list[Any], bool]] = {}
+        self._note_small_int_constants(graph)
+
+    def _register_initializers(self, graph: ir.Graph) -> None:
+        """Each initializer becomes a parameter (float, not a BatchNorm running statistic) or a buffer."""
         buffer_like = {
-            node.inputs[i].name
+            value.name
             for node in graph
             for (op, i) in _BUFFER_INPUTS
-            if node.op_type == op and len(node.inputs) > i and node.inputs[i] is not None
+            if node.op_type == op and len(node.inputs) > i and (value := node.inputs[i]) is not None
         }
         taken: set[str] = set()
         for name, value in graph.initializers.items():
@@ -734,16 +754,11 @@ class GraphModule(nn.Module):
                 self.register_buffer(attr, data)
             self.onnx_names[attr] = name
             self._attr_for[name] = attr
-        for v in graph.inputs:
-            if v.dtype is not None and v.name:
-                self._dtypes[v.name] = v.dtype
-        for ir_node in graph:
-            for out in ir_node.outputs:
-                if out.dtype is not None and out.name:
-                    self._dtypes[out.name] = out.dtype
-        self._constants: dict[str, torch.Tensor] = {}
-        self._symbolic: dict[str, tuple[list[Any], bool]] = {}
-        self._known_constants: dict[str, tuple[list[Any], bool]] = {}
+
+    def _note_small_int_constants(self, graph: ir.Graph) -> None:
+        """Give each node the values of its small integer constant inputs (``node.consts``: shapes,
+        axes; from initializers and Constant nodes), read at lowering time so tracing keeps them
+        as Python ints."""
         known: dict[str, list[int]] = {}
         for name, value in graph.initializers.items():
             tensor = value.const_value

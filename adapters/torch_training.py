@@ -145,15 +145,32 @@ def fit(
     scheduler = _scheduler(opt, schedule, max(1, epochs * steps_per_epoch))
     mask_tensors = {k: torch.as_tensor(v, dtype=module.get_parameter(k).dtype) for k, v in (masks or {}).items()}
     _apply_masks(module, mask_tensors)
+    step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
+    tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
+    tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
+    return _train_epochs(step, tensors_in, tensors_t, epochs=epochs, batch_size=batch_size, seed=seed, metric=_validation_metric(metric, validation),
+                         patience=patience, callbacks=callbacks, show_progress=show_progress)
+
+
+def _validation_metric(metric: Callable[[nn.Module], float] | None, validation: tuple[Sequence[np.ndarray], np.ndarray] | None) -> Callable[[nn.Module], float] | None:
+    """``metric``, or accuracy on ``validation`` when only that is given."""
     if metric is None and validation is not None:
         val_inputs, val_labels = validation
 
         def metric(m: nn.Module) -> float:
             return accuracy(m, val_inputs, val_labels)
 
-    step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
-    tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
-    tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
+    return metric
+
+
+def _train_epochs(
+    step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], *, epochs: int, batch_size: int, seed: int,
+    metric: Callable[[nn.Module], float] | None, patience: int | None, callbacks: Sequence[Callable[[int, dict[str, float]], None]], show_progress: bool,
+) -> FitResult:
+    """The epoch loop (seeded shuffling, scoring, callbacks, early stopping; Ctrl-C stops it):
+    leaves the module holding the best epoch's weights, in eval mode."""
+    module = step.module
+    n = len(tensors_in[0])
     generator = torch.Generator().manual_seed(seed)
     result = FitResult()
     best_state = copy.deepcopy(module.state_dict())
@@ -161,7 +178,7 @@ def fit(
         result.best_metric, result.best_epoch = metric(module), 0
     since_best = 0
     try:
-        with progress_bar("training", total=epochs * steps_per_epoch, enabled=show_progress) as advance:
+        with progress_bar("training", total=epochs * math.ceil(n / batch_size), enabled=show_progress) as advance:
             for epoch in range(1, epochs + 1):
                 module.train()
                 order = torch.randperm(n, generator=generator)

@@ -179,6 +179,98 @@ def run_pass(
     return result
 
 
+class _Run:
+    """One :func:`compress` run: where its files go, its data, evaluator and report, the stages so far."""
+
+    def __init__(self, recipe: Recipe, source: Model, registry: Registry, *, output: str | os.PathLike[str] | None,
+                 report_dir: str | os.PathLike[str] | None, sample: Any, show_progress: bool, export_options: dict[str, Any]) -> None:
+        self.recipe, self.source, self.registry, self.show_progress = recipe, source, registry, show_progress
+        self.out_path = Path(output) if output is not None else None
+        base = self.out_path.parent if self.out_path is not None else Path(report_dir or ".")
+        stem = self.out_path.stem if self.out_path is not None else "model"
+        self.stages_dir = base / f"{stem}-stages"
+        self.stages_dir.mkdir(parents=True, exist_ok=True)
+        self.reports_at = Path(report_dir) if report_dir is not None else base
+        self.reports_at.mkdir(parents=True, exist_ok=True)
+
+        self.calibration = recipe.resolve(recipe.data.calibration)
+        self.train = recipe.resolve(recipe.data.train)
+        self.eval_source = recipe.resolve(recipe.data.eval)
+        eval_data = load_dataset(self.eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if self.eval_source is not None else None
+        # NOTE: verification data for every export after the source's: the caller's, or the evaluation data's first 64
+        self.sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+        self.evaluator = _Evaluator(recipe, source, eval_data)
+        self.report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
+                             kind_columns={k.name: k.columns for k in registry.kinds()})
+        # NOTE: verify, external_data, overwrite: the same for every export of the run
+        self.export_options = {**export_options, "show_progress": show_progress, "registry": registry}
+        self.stages: list[StageMetrics] = []
+
+    def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> None:
+        """Measure a stage's exported file, pack it if the recipe says so and add it to the report."""
+        self.stages.append(self.evaluator.measure(label, model, path, seconds, figures, kind))
+        _pack_stage(self.recipe, self.stages[-1], path, self.registry)
+        self.report.add(self.stages[-1])
+
+    def source_stage(self) -> None:
+        """Export the source as stage 0 (not verified: it is the reference) and measure it."""
+        path = self.stages_dir / "00-source.onnx"
+        export(self.source, path, **{**self.export_options, "verify": False})
+        self.record("source", self.source, path, 0.0, {})
+
+    def stage(self, index: int, spec: PassSpec, current: Model, *, allow_no_gain: bool) -> Model:
+        """Run recipe pass ``index`` on ``current``, export and measure its result; a result with
+        no gain stops the run (after the report is written) unless ``allow_no_gain``."""
+        label = spec.name or f"{spec.kind}/{spec.method}"
+        start = time.perf_counter()
+        # NOTE: no gain is judged below, after the stage is measured and reported.
+        result = run_pass(spec, index, current, self.source, calibration=self.calibration, train=self.train, eval_source=self.eval_source,
+                          show_progress=self.show_progress, registry=self.registry, allow_no_gain=True)
+        seconds = time.perf_counter() - start
+        path = self.stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
+        export(result, path, sample=self.sample, reference=self.source, **self.export_options)
+        figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
+        self.record(label, result, path, seconds, figures, spec.kind)
+        if figures.get("no_gain") and not allow_no_gain:
+            self.report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+            self.report.write(self.reports_at)
+            raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {self.reports_at} (allow_no_gain=True / --allow-no-gain continues)")
+        return result
+
+    def stages_in_turn(self, *, allow_no_gain: bool) -> tuple[Model, bool]:
+        """Every recipe pass in order; returns the last model and whether Ctrl-C stopped the run.
+        The report's status says how far it got; a failed stage writes the report and raises."""
+        current = self.source
+        for index, spec in enumerate(self.recipe.passes, 1):
+            label = spec.name or f"{spec.kind}/{spec.method}"
+            self.report.status = f"running stage {index} ({label})"
+            try:
+                current = self.stage(index, spec, current, allow_no_gain=allow_no_gain)
+            except KeyboardInterrupt:
+                self.report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
+                return current, True
+            except ModelpressError as exc:
+                if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                    self.report.status = f"failed at stage {index} ({label})"
+                self.report.write(self.reports_at)
+                raise
+        self.report.status = "complete"
+        return current, False
+
+    def finish(self, current: Model, interrupted: bool) -> CompressResult:
+        """Write the last model to the output (unless interrupted), pack it if asked, and the reports."""
+        final = packed = None
+        if self.out_path is not None and not interrupted:
+            export(current, self.out_path, sample=self.sample, reference=self.source, **self.export_options)
+            final = self.out_path
+            if self.recipe.pack is not None:
+                from modelpress.packing import pack
+
+                packed = pack(self.out_path, self.out_path.with_suffix(".mpk"), codecs=self.recipe.pack.codecs, registry=self.registry).path
+        self.report.write(self.reports_at)
+        return CompressResult(model=current, stages=self.stages, report=self.report, output=final, interrupted=interrupted, packed=packed)
+
+
 def compress(
     model: Model | Any,
     recipe: str | os.PathLike[str] | dict[str, Any] | Recipe,
@@ -208,87 +300,25 @@ def compress(
 
     A recipe is code: ``allow_imports=False`` refuses its ``pkg.module:function`` entries and
     data paths outside its folder (see :func:`modelpress.load_recipe`). Writing over the input
-    model is refused unless ``overwrite=True``.
+    model is refused unless ``overwrite=True``. ``registry`` (the process-wide one by default)
+    loads ``model``, runs every stage and is told of every export.
     """
     from modelpress.loading import load
 
     registry = registry or get_registry()
     recipe = load_recipe(recipe, allow_imports=allow_imports)
     recipe.validate_against(registry)
-    source = load(model)
+    source = load(model, registry=registry)
     if output is not None:
         refuse_overwrite([output], model_files(source), overwrite=overwrite)
     run_id = uuid.uuid4().hex[:12]
     registry.hook.modelpress_run_start(run_id=run_id, model=source, recipe=recipe)
     try:
-        out_path = Path(output) if output is not None else None
-        base = out_path.parent if out_path is not None else Path(report_dir or ".")
-        stem = out_path.stem if out_path is not None else "model"
-        stages_dir = base / f"{stem}-stages"
-        stages_dir.mkdir(parents=True, exist_ok=True)
-        reports_at = Path(report_dir) if report_dir is not None else base
-        reports_at.mkdir(parents=True, exist_ok=True)
-
-        calibration = recipe.resolve(recipe.data.calibration)
-        train = recipe.resolve(recipe.data.train)
-        eval_source = recipe.resolve(recipe.data.eval)
-        eval_data = load_dataset(eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if eval_source is not None else None
-        evaluator = _Evaluator(recipe, source, eval_data)
-        report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
-                        kind_columns={k.name: k.columns for k in registry.kinds()})
-
-        source_path = stages_dir / "00-source.onnx"
-        export(source, source_path, verify=False, external_data=external_data, show_progress=show_progress, overwrite=overwrite)
-        stages = [evaluator.measure("source", source, source_path, 0.0, {})]
-        _pack_stage(recipe, stages[-1], source_path, registry)
-        report.add(stages[-1])
-        current = source
-        interrupted = False
-        for index, spec in enumerate(recipe.passes, 1):
-            label = spec.name or f"{spec.kind}/{spec.method}"
-            report.status = f"running stage {index} ({label})"
-            try:
-                start = time.perf_counter()
-                # NOTE: no gain is judged below, after the stage is measured and reported.
-                result = run_pass(spec, index, current, source, calibration=calibration, train=train, eval_source=eval_source,
-                                  show_progress=show_progress, registry=registry, allow_no_gain=True)
-                seconds = time.perf_counter() - start
-                path = stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
-                stage_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
-                export(result, path, sample=stage_sample, reference=source, verify=verify, external_data=external_data,
-                       show_progress=show_progress, overwrite=overwrite)
-                figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
-                stages.append(evaluator.measure(label, result, path, seconds, figures, spec.kind))
-                _pack_stage(recipe, stages[-1], path, registry)
-                report.add(stages[-1])
-                current = result
-                if figures.get("no_gain") and not allow_no_gain:
-                    report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
-                    report.write(reports_at)
-                    raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {reports_at} (allow_no_gain=True / --allow-no-gain continues)")
-            except KeyboardInterrupt:
-                interrupted = True
-                report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
-                break
-            except ModelpressError as exc:
-                if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
-                    report.status = f"failed at stage {index} ({label})"
-                report.write(reports_at)
-                raise
-        else:
-            report.status = "complete"
-        final = packed = None
-        if out_path is not None and not interrupted:
-            final_sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
-            export(current, out_path, sample=final_sample, reference=source, verify=verify, external_data=external_data,
-                   show_progress=show_progress, overwrite=overwrite)
-            final = out_path
-            if recipe.pack is not None:
-                from modelpress.packing import pack
-
-                packed = pack(out_path, out_path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry).path
-        report.write(reports_at)
-        outcome = CompressResult(model=current, stages=stages, report=report, output=final, interrupted=interrupted, packed=packed)
+        run = _Run(recipe, source, registry, output=output, report_dir=report_dir, sample=sample, show_progress=show_progress,
+                   export_options={"verify": verify, "external_data": external_data, "overwrite": overwrite})
+        run.source_stage()
+        current, interrupted = run.stages_in_turn(allow_no_gain=allow_no_gain)
+        outcome = run.finish(current, interrupted)
     except BaseException as exc:
         registry.hook.modelpress_run_finish(run_id=run_id, result=None, error=exc)
         raise

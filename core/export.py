@@ -222,6 +222,83 @@ def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_p
                 ir.save(stamped, staged)
 
 
+def _checked_target(model: Model, target: Path, overwrite: bool) -> Path:
+    """The folder ``target`` goes into, once the target is known to be writable there (no
+    overwriting the model's own files, not a folder, its folder exists)."""
+    refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
+    if target.is_dir():
+        raise ExportError(f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist")
+    return parent
+
+
+def _staging_folder(target: Path, parent: Path) -> Path:
+    """A fresh temporary folder beside ``target`` (same file system: the final move is a rename)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
+
+
+def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, show_progress: bool) -> None:
+    """Save the model to ``staged`` (its external data, if any, beside it as ``<target name>.data``)."""
+    try:
+        _save(model, staged, target.name + ".data", use_external, show_progress)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
+
+
+def _verify_staged(
+    model: Model, staged: Path, target: Path, *, sample: Any, reference: Model | None, show_progress: bool, checks: dict[str, Any],
+) -> Comparison:
+    """Run the staged file and its reference on the same inputs and judge the outputs (``checks``:
+    the thresholds and criteria of :func:`verify`); a failure says nothing was written."""
+    try:
+        with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
+            feeds = _feeds(model, sample)
+            chosen = reference or model.reference or model
+            expected = None if chosen is model else _reference_outputs(chosen, feeds)
+            advance(1)
+            # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
+            # quantized weights are small; the fp32 reference is the one not worth packing
+            actual = run(_output_session(staged, target, prepack=True), feeds)
+            comparison = _against_reference(model, chosen, actual if expected is None else expected, actual, **checks)
+            advance(1)
+            return comparison
+    except ModelpressError as exc:
+        if "nothing was written" in str(exc):  # NOTE: the output's session says so already
+            raise
+        raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
+
+
+def _move_into_place(tmp: Path, staged: Path, target: Path, use_external: bool) -> Path | None:
+    """Rename the staged file (and its external data, if any) to ``target``; returns the data file."""
+    data_name = target.name + ".data"
+    data_target = None
+    if use_external and (tmp / data_name).exists():
+        data_target = target.with_name(data_name)
+        os.replace(tmp / data_name, data_target)
+    os.replace(staged, target)
+    return data_target
+
+
+def _report(
+    model: Model, target: Path, data_target: Path | None, comparison: Comparison | None, seconds: float | None, registry: Registry,
+) -> ExportResult:
+    """What was written and measured, told to ``registry``'s ``modelpress_export_finish`` observers."""
+    result = ExportResult(
+        path=target,
+        size_bytes=target.stat().st_size + (data_target.stat().st_size if data_target else 0),
+        external_data=data_target,
+        verification=comparison,
+        verification_seconds=seconds,
+    )
+    registry.hook.modelpress_export_finish(model=model, result=result)
+    return result
+
+
 def export(
     model: Model,
     path: str | os.PathLike[str],
@@ -255,71 +332,28 @@ def export(
     an observer that raises is a warning naming its plugin, the written file stays.
     """
     target = Path(path)
-    refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
-    if target.is_dir():
-        raise ExportError(f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx")
-    parent = target.parent if str(target.parent) else Path(".")
-    if not parent.is_dir():
-        raise ExportError(f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist")
+    parent = _checked_target(model, target, overwrite)
     use_external = _use_external(model, reference, external_data)
-    data_name = target.name + ".data"
+    checks = {"atol": atol, "min_cosine": min_cosine, "min_agreement": min_agreement, "criteria": criteria, "accept_loss": accept_loss}
 
     tmp: Path | None = None
-    seconds = None
+    comparison: Comparison | None = None
+    seconds: float | None = None
     try:
-        try:
-            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-        except OSError as exc:
-            raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
+        tmp = _staging_folder(target, parent)
         staged = tmp / target.name
-        try:
-            _save(model, staged, data_name, use_external, show_progress)
-        except (OSError, ValueError) as exc:
-            raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
-
-        comparison = None
+        _write_staged(model, staged, target, use_external, show_progress)
         start = time.perf_counter()
         # NOTE: while ORT holds a session, the weights this process holds for the model (a pass's
         # results) are read back lazily from the file just written; one big thing at a time.
         with _held_on_disk(model, staged if use_external else None, reference):
             _output_session(staged, target, prepack=False)  # NOTE: ORT must load what was written (in ms: no pre-packing)
             if verify:
-                try:
-                    with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
-                        feeds = _feeds(model, sample)
-                        chosen = reference or model.reference or model
-                        expected = None if chosen is model else _reference_outputs(chosen, feeds)
-                        advance(1)
-                        # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
-                        # quantized weights are small; the fp32 reference is the one not worth packing
-                        actual = run(_output_session(staged, target, prepack=True), feeds)
-                        comparison = _against_reference(
-                            model, chosen, actual if expected is None else expected, actual,
-                            atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria,
-                            accept_loss=accept_loss,
-                        )
-                        advance(1)
-                except ModelpressError as exc:
-                    if "nothing was written" in str(exc):  # NOTE: the output's session says so already
-                        raise
-                    raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
+                comparison = _verify_staged(model, staged, target, sample=sample, reference=reference, show_progress=show_progress, checks=checks)
                 seconds = round(time.perf_counter() - start, 3)
-
-        data_target = None
-        if use_external and (tmp / data_name).exists():
-            data_target = target.with_name(data_name)
-            os.replace(tmp / data_name, data_target)
-        os.replace(staged, target)
+        data_target = _move_into_place(tmp, staged, target, use_external)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    result = ExportResult(
-        path=target,
-        size_bytes=target.stat().st_size + (data_target.stat().st_size if data_target else 0),
-        external_data=data_target,
-        verification=comparison,
-        verification_seconds=seconds,
-    )
-    (registry or get_registry()).hook.modelpress_export_finish(model=model, result=result)
-    return result
+    return _report(model, target, data_target, comparison, seconds, registry or get_registry())

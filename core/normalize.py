@@ -199,71 +199,130 @@ def _array(value: ir.Value | None) -> np.ndarray | None:
     return value.const_value.numpy()
 
 
-def _fold_one_batchnorm(bn: ir.Node) -> bool:
+@dataclass
+class _Fold:
+    """A BatchNormalization ``bn`` that folds into the Conv/Gemm ``producer`` before it: the layer's
+    float32 weight (and bias, if any), BN's ``factor = scale / sqrt(var + eps)``, ``shift`` and
+    ``mean`` (float64), and the weight's output-channel axis."""
+
+    bn: ir.Node
+    producer: ir.Node
+    weight_value: ir.Value
+    weight: np.ndarray
+    bias_value: ir.Value | None
+    bias: np.ndarray | None
+    factor: np.ndarray
+    shift: np.ndarray
+    mean: np.ndarray
+    out_axis: int
+
+
+def _foldable_producer(bn: ir.Node) -> ir.Node | None:
+    """The Conv/Gemm (same graph, default domain) whose output only ``bn`` reads, when ``bn`` is in
+    inference mode and its extra outputs are unused; else None."""
     graph = bn.graph
     x = bn.inputs[0]
     producer = x.producer() if x is not None else None
     if graph is None or x is None or producer is None or producer.graph is not graph:
-        return False
+        return None
     if producer.op_type not in ("Conv", "Gemm") or producer.domain not in ("", "ai.onnx"):
-        return False
+        return None
     if len(list(x.uses())) != 1 or x.is_graph_output() or any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
-        return False
+        return None
     mode = bn.attributes.get("training_mode")
     if mode is not None and mode.as_int() != 0:
-        return False
+        return None
+    return producer
+
+
+def _gemm_out_axis(producer: ir.Node, weight: np.ndarray, bias: np.ndarray | None) -> int | None:
+    """The output-channel axis of a Conv's weight (0) or a plain Gemm's (``transB``: 0, else 1);
+    None for a Gemm with transA, alpha/beta other than 1, or a bias not per output column."""
+    if producer.op_type == "Conv":
+        return 0
+    attrs = {k: a.value for k, a in producer.attributes.items()}
+    if attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
+        return None
+    out_axis = 0 if attrs.get("transB", 0) else 1
+    if bias is not None and bias.shape != (weight.shape[out_axis],):
+        return None  # NOTE: a broadcast Gemm bias other than per output column is not folded
+    return out_axis
+
+
+def _fold_plan(bn: ir.Node) -> _Fold | None:
+    """How ``bn`` folds into the layer before it, or None when it cannot: constant BN parameters,
+    a float32 weight (and bias) used by that layer alone, one BN factor per output channel."""
+    producer = _foldable_producer(bn)
+    if producer is None:
+        return None
     params = [_array(v) for v in bn.inputs[1:5]]
     weight_value = producer.inputs[1] if len(producer.inputs) > 1 else None
     weight = _array(weight_value)
     bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
     bias = _array(bias_value)
     if weight is None or any(p is None for p in params) or (bias_value is not None and bias is None):
-        return False
+        return None
     assert weight_value is not None
     if len(list(weight_value.uses())) != 1 or (bias_value is not None and len(list(bias_value.uses())) != 1):
-        return False
+        return None
     if weight.dtype != np.float32:
-        return False
+        return None
     scale, shift, mean, var = (np.asarray(p, np.float64) for p in params)  # type: ignore[arg-type]
     eps_attr = bn.attributes.get("epsilon")
     eps = eps_attr.as_float() if eps_attr is not None else 1e-5
     factor = scale / np.sqrt(var + eps)
-    if producer.op_type == "Conv":
-        out_axis = 0
-    else:
-        attrs = {k: a.value for k, a in producer.attributes.items()}
-        if attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
-            return False
-        out_axis = 0 if attrs.get("transB", 0) else 1
-        if bias is not None and bias.shape != (weight.shape[out_axis],):
-            return False  # NOTE: a broadcast Gemm bias other than per output column is not folded
-    channels = weight.shape[out_axis]
-    if factor.shape != (channels,):
-        return False
+    out_axis = _gemm_out_axis(producer, weight, bias)
+    if out_axis is None or factor.shape != (weight.shape[out_axis],):
+        return None
+    return _Fold(bn, producer, weight_value, weight, bias_value, bias, factor, shift, mean, out_axis)
+
+
+def _install_folded_weights(fold: _Fold) -> None:
+    """Scale the layer's weight by BN's factor per output channel and set its bias to
+    ``(bias - mean) * factor + shift`` (a new initializer when it had none)."""
+    graph, producer, weight_value, weight = fold.producer.graph, fold.producer, fold.weight_value, fold.weight
+    assert graph is not None
+    channels = weight.shape[fold.out_axis]
     shape = [1] * weight.ndim
-    shape[out_axis] = channels
-    new_weight = (weight.astype(np.float64) * factor.reshape(shape)).astype(np.float32)
-    old_bias = bias.astype(np.float64) if bias is not None else np.zeros(channels)
-    new_bias = ((old_bias - mean) * factor + shift).astype(np.float32)
+    shape[fold.out_axis] = channels
+    new_weight = (weight.astype(np.float64) * fold.factor.reshape(shape)).astype(np.float32)
+    old_bias = fold.bias.astype(np.float64) if fold.bias is not None else np.zeros(channels)
+    new_bias = ((old_bias - fold.mean) * fold.factor + fold.shift).astype(np.float32)
     weight_value.const_value = ir.tensor(new_weight, name=weight_value.name)
+    bias_value = fold.bias_value
     if bias_value is not None:
         bias_value.const_value = ir.tensor(new_bias, name=bias_value.name)
         bias_value.type = ir.TensorType(ir.DataType.FLOAT)
-    else:
-        name = f"{producer.name or weight_value.name}.folded_bias"
-        taken = set(graph.initializers)
-        while name in taken:
-            name += "_"
-        bias_value = ir.Value(name=name, shape=ir.Shape([channels]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(new_bias, name=name))
-        graph.register_initializer(bias_value)
-        producer.resize_inputs(3)
-        producer.replace_input_with(2, bias_value)
-    out = bn.outputs[0]
+        return
+    name = f"{producer.name or weight_value.name}.folded_bias"
+    taken = set(graph.initializers)
+    while name in taken:
+        name += "_"
+    bias_value = ir.Value(name=name, shape=ir.Shape([channels]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(new_bias, name=name))
+    graph.register_initializer(bias_value)
+    producer.resize_inputs(3)
+    producer.replace_input_with(2, bias_value)
+
+
+def _bypass(bn: ir.Node) -> None:
+    """Remove ``bn``: its readers (and the graph's outputs) read its input, which takes BN's
+    output shape, and its output name when that was a graph output."""
+    graph, x, out = bn.graph, bn.inputs[0], bn.outputs[0]
+    assert graph is not None and x is not None
     x.shape = out.shape.copy() if out.shape is not None else x.shape
     out.replace_all_uses_with(x, replace_graph_outputs=True)
     if out.is_graph_output() or any(o is x for o in graph.outputs):
         x.name, out.name = out.name, None
     graph.remove(bn, safe=True)
+
+
+def _fold_one_batchnorm(bn: ir.Node) -> bool:
+    """Fold ``bn`` into the Conv/Gemm before it if it can be (see :func:`_fold_plan`); whether it was."""
+    fold = _fold_plan(bn)
+    if fold is None:
+        return False
+    _install_folded_weights(fold)
+    _bypass(bn)
     return True
 
 

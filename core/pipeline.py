@@ -142,13 +142,36 @@ def apply(
     raw.update(more_options)
     opts = m.validate_options(raw)
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
-    label = f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
 
     content_before = (_content(model), _tensors(model))
+    where = {"pass_id": uuid.uuid4().hex[:12], "stage": stage}
+    result, seconds = _run_pass(m, model, opts, ctx, where)
+    _check_figures(m, ctx.figures)
+    no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
+    if no_gain is not None:
+        message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
+        if not allow_no_gain:
+            error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
+            registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
+            raise error
+        ctx.figures["no_gain"] = no_gain
+    record = _record(m, model, result, opts, seconds, ctx.figures)
+    registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
+    return result
+
+
+def _label(m: Method) -> str:
+    """How errors name a method: ``kind/name (plugin NAME VERSION)``."""
+    return f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
+
+
+def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: dict[str, Any]) -> tuple[Model, float]:
+    """Run the method (on a clone when it mutates) between the start and error hooks; returns the
+    result, checked against the method's ``mutates`` contract, and the wall time."""
+    registry = ctx.registry
+    label = _label(m)
     work = model.clone() if m.mutates else model
     before = None if m.mutates else _fingerprint(model)
-    pass_id = uuid.uuid4().hex[:12]
-    where = {"pass_id": pass_id, "stage": stage}
     registry.hook.modelpress_pass_start(method=m, model=model, options=opts, **where)
     start = time.perf_counter()
     try:
@@ -162,30 +185,33 @@ def apply(
         registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
+    return _honours_contract(m, model, work, returned, before), seconds
 
+
+def _honours_contract(m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None) -> Model:
+    """The pass's result, if the method kept its ``mutates`` promise: edit the clone it was given
+    and return None (mutates=True), or return a new model and leave its input alone (mutates=False)."""
+    label = _label(m)
     if m.mutates:
         if returned is not None and returned is not work:
             raise PluginError(f"{label} declares mutates=True but returned a new model; edit the model it was given and return None", plugin=m.plugin, method=m.name)
-        result = work
-    else:
-        if not isinstance(returned, Model):
-            raise PluginError(f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model", plugin=m.plugin, method=m.name)
-        if returned is model or _fingerprint(model) != before:
-            raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
-        result = returned
+        return work
+    if not isinstance(returned, Model):
+        raise PluginError(f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model", plugin=m.plugin, method=m.name)
+    if returned is model or _fingerprint(model) != before:
+        raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
+    return returned
 
-    for key, value in ctx.figures.items():
+
+def _check_figures(m: Method, figures: dict[str, Any]) -> None:
+    for key, value in figures.items():
         problem = figure_problem(value)
         if problem is not None:
-            raise PluginError(f"{label} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
-    no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
-    if no_gain is not None:
-        message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
-        if not allow_no_gain:
-            error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
-            registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
-            raise error
-        ctx.figures["no_gain"] = no_gain
+            raise PluginError(f"{_label(m)} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
+
+
+def _record(m: Method, model: Model, result: Model, opts: Options, seconds: float, figures: dict[str, Any]) -> PassRecord:
+    """Record the pass in the result's provenance; the result's reference is the input's (or the input)."""
     record = PassRecord(
         kind=m.kind,
         method=m.name,
@@ -193,13 +219,12 @@ def apply(
         plugin=m.plugin or "local",
         plugin_version=m.plugin_version,
         seconds=round(seconds, 4),
-        figures=dict(ctx.figures),
+        figures=dict(figures),
     )
     result.provenance = model.provenance.with_pass(record)
     result.reference = model.reference if model.reference is not None else model
     result.path = model.path
-    registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
-    return result
+    return record
 
 
 def quantize(model: Model, method: str = "int8-static", *, calibration: Any = None, **options: Any) -> Model:
@@ -220,7 +245,8 @@ def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **option
     """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
     to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
     (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
-    by channel pruning. Returns the trained student; its reference is the teacher."""
+    by channel pruning. Returns the trained student; its reference is the teacher. ``registry=``
+    (among the options) is the one the student is loaded and the pass run with."""
     from modelpress.loading import load
 
     method = options.pop("method", "kd")
@@ -228,6 +254,6 @@ def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **option
     if isinstance(student, str) and student == "auto":
         options.setdefault("student", "auto")
     else:
-        extra["student"] = load(student)
+        extra["student"] = load(student, registry=options.get("registry"))  # NOTE: the adapters of the registry the pass runs in
         options.setdefault("student", "given")
     return apply(teacher, method, kind="distill", train=data, extra=extra, **options)

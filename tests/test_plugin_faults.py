@@ -193,6 +193,51 @@ def test_nested_distill_uses_the_registry_it_was_given():
     assert seen == ["distill/kd", "prune/channel"]
 
 
+class Wrapped:
+    """A source only the `wrapped` adapter below can load."""
+
+    def __init__(self, model):
+        self.proto = model.to_proto()
+
+
+def _wrapped_adapter():
+    return _adapter_plugin("wrapped", lambda source: isinstance(source, Wrapped),
+                           lambda source, **_: modelpress.Model.from_onnx(source.proto))
+
+
+class ExportLog:
+    def __init__(self):
+        self.written = []
+
+    @modelpress.hookimpl
+    def modelpress_export_finish(self, result):
+        self.written.append(result.path.name)
+
+
+def test_compress_carries_its_registry_to_load_and_every_export(tmp_path):
+    """The source is loaded by the registry's adapters, and each export tells the registry's observers."""
+    log = ExportLog()
+    registry = modelpress.create_registry(plugins=[ScalePlugin(), _wrapped_adapter(), log])
+    recipe = {"passes": [{"kind": "prune", "method": "scale", "options": {"factor": 0.5}}]}
+    with pytest.raises(modelpress.UnsupportedModelError):  # the process-wide registry has no such adapter
+        modelpress.load(Wrapped(tiny_mlp()), show_progress=False)
+    result = modelpress.compress(Wrapped(tiny_mlp()), recipe, output=tmp_path / "out.onnx", registry=registry, show_progress=False)
+    assert log.written == ["00-source.onnx", "01-prune-scale.onnx", "out.onnx"]
+    weight = tiny_mlp().weighted_layers()[0].weight.name
+    np.testing.assert_allclose(result.model.initializer(weight).const_value.numpy(),
+                               0.5 * tiny_mlp().initializer(weight).const_value.numpy())
+
+
+def test_distill_loads_the_given_student_with_the_registry_it_was_given():
+    pytest.importorskip("torch")
+    registry = modelpress.create_registry(plugins=[_wrapped_adapter()])
+    x = np.random.default_rng(0).random((32, 8), dtype=np.float32)
+    student = modelpress.distill(tiny_mlp(), Wrapped(tiny_mlp(hidden=8, seed=1)), data={"x": x}, registry=registry,
+                                 alpha=0.0, epochs=1, show_progress=False)
+    assert student.initializer("fc1.weight").const_value.shape == (8, 8)  # the given student, trained
+    assert student.provenance.passes[-1].method == "kd"
+
+
 def test_figures_must_be_json_and_the_error_names_plugin_and_key():
     def arrays(model, options, context):
         for layer in model.weighted_layers():

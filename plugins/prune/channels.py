@@ -102,10 +102,22 @@ def _channel_const(value: ir.Value | None, channels: int | None, axis: int, rank
     return len(shape) <= rank and shape == tuple(target[rank - len(shape) :])
 
 
-def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]:
-    """The channel spaces of the model whose sources are among ``layers``."""
-    graph = model.graph
-    uf = _UnionFind()
+@dataclass
+class _Index:
+    """What channel analysis reads of the graph: each tensor's producer and rank, the candidate
+    source layers by output tensor, the value-preserving outputs (joined to their inputs' spaces
+    in ``uf``) and the graph's inputs and outputs."""
+
+    producers: dict[str, ir.Node]
+    rank_of: dict[str, int | None]
+    source_of: dict[str, WeightedLayer]
+    preserving: dict[str, str]  # output tensor -> the op that keeps its input's channels
+    uf: _UnionFind
+    graph_inputs: set[str]
+    graph_outputs: set[str]
+
+
+def _index(graph: ir.Graph, layers: list[WeightedLayer]) -> _Index:
     producers: dict[str, ir.Node] = {}
     for node in graph:
         for out in node.outputs:
@@ -118,8 +130,15 @@ def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]
         for v in [*node.inputs, *node.outputs]:
             if v is not None and v.name:
                 rank_of[v.name] = len(v.shape) if v.shape is not None else None
+    uf = _UnionFind()
+    preserving = _join_preserving(graph, uf)
+    return _Index(producers, rank_of, source_of, preserving, uf, {v.name for v in graph.inputs if v.name}, {v.name for v in graph.outputs if v.name})
 
-    preserving: dict[str, str] = {}  # output tensor -> why it keeps its input's channels
+
+def _join_preserving(graph: ir.Graph, uf: _UnionFind) -> dict[str, str]:
+    """Join the output of every value-preserving op to its input's space (both activations of a
+    residual Add/Sub/Mul/Div); returns {output tensor: op}."""
+    preserving: dict[str, str] = {}
     for node in graph:
         if not node.outputs or not node.outputs[0].name:
             continue
@@ -140,65 +159,88 @@ def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]
             elif a is not None and a.const_value is None and a.name and b is not None and b.const_value is not None:
                 uf.union(a.name, out)
                 preserving[out] = op
+    return preserving
 
+
+def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]:
+    """The channel spaces of the model whose sources are among ``layers``."""
+    index = _index(model.graph, layers)
+    uf = index.uf
     spaces: dict[str, ChannelSpace] = {}
-    for tensor, layer in source_of.items():
+    for tensor, layer in index.source_of.items():
         root = uf.find(tensor)
         space = spaces.setdefault(root, ChannelSpace(axis=1 if layer.op_type == "Conv" else -1))
         space.sources.append(layer)
     if not spaces:
         return []
     members: dict[str, set[str]] = {}
-    for name in set(uf.parent) | set(source_of):
+    for name in set(uf.parent) | set(index.source_of):
         members.setdefault(uf.find(name), set()).add(name)
-    graph_inputs = {v.name for v in graph.inputs}
-    graph_outputs = {v.name for v in graph.outputs}
     for root, space in spaces.items():
         space.tensors = members.get(root, set())
-        first = space.sources[0]
-        w = first.weight.const_value
-        assert w is not None
-        space.channels = int(w.shape[first.out_axis])
-        for layer in space.sources:
-            lw = layer.weight.const_value
-            if lw is not None and int(lw.shape[layer.out_axis]) != space.channels:
-                space.blockers.append(f"{layer.name} has a different channel count")
-            if (layer.op_type == "Conv") != (space.axis == 1):
-                space.blockers.append("mixes convolution and matrix channels")
+        _check_sources(space)
         for tensor in space.tensors:
-            if tensor in graph_inputs:
-                space.blockers.append(f"tensor {tensor} is a model input")
-            if tensor in graph_outputs:
-                space.blockers.append(f"tensor {tensor} is a model output")
-            if tensor not in source_of and tensor not in preserving and tensor not in graph_inputs:
-                producer = producers.get(tensor)
-                space.blockers.append(f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}")
-            producer = producers.get(tensor)
-            if producer is not None and tensor in preserving:
-                op = producer.op_type
-                if op == "BatchNormalization":
-                    space.batchnorms.append(producer)
-                elif op == "Conv":
-                    space.depthwise.append(producer)
-                elif op in _BINARY:
-                    for i, v in enumerate(producer.inputs):
-                        if v is not None and v.const_value is not None:
-                            if _channel_const(v, space.channels, space.axis % max(rank_of.get(tensor) or 2, 1), rank_of.get(tensor)):
-                                if int(np.prod(_dims(v))) > 1:
-                                    space.channel_constants.append((producer, i))
-                            else:
-                                space.blockers.append(f"{op} {producer.name} has a constant that is not per-channel")
-            value = next((v for v in (producer.outputs if producer is not None else []) if v.name == tensor), None)
-            if value is None:
-                value = next((v for v in graph.inputs if v.name == tensor), None)
-            if value is None:
-                continue
-            for user, index in value.uses():
-                out = user.outputs[0].name if user.outputs else None
-                if out in preserving and uf.find(out or "") == root:
-                    continue  # stays in the space
-                _classify_sink(space, user, index, value, model)
+            _check_tensor(space, tensor, index)
+            _check_consumers(space, root, tensor, index, model)
     return list(spaces.values())
+
+
+def _check_sources(space: ChannelSpace) -> None:
+    """The space's channel count (its first source's); sources that disagree on it, or that mix
+    convolution and matrix channels, block it."""
+    first = space.sources[0]
+    w = first.weight.const_value
+    assert w is not None
+    space.channels = int(w.shape[first.out_axis])
+    for layer in space.sources:
+        lw = layer.weight.const_value
+        if lw is not None and int(lw.shape[layer.out_axis]) != space.channels:
+            space.blockers.append(f"{layer.name} has a different channel count")
+        if (layer.op_type == "Conv") != (space.axis == 1):
+            space.blockers.append("mixes convolution and matrix channels")
+
+
+def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
+    """Block the space at a model input/output or a tensor no source or value-preserving op
+    produced; note the BatchNorms, depthwise Convs and per-channel constants that must be cut too."""
+    if tensor in index.graph_inputs:
+        space.blockers.append(f"tensor {tensor} is a model input")
+    if tensor in index.graph_outputs:
+        space.blockers.append(f"tensor {tensor} is a model output")
+    producer = index.producers.get(tensor)
+    if tensor not in index.source_of and tensor not in index.preserving and tensor not in index.graph_inputs:
+        space.blockers.append(f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}")
+    if producer is None or tensor not in index.preserving:
+        return
+    op = producer.op_type
+    if op == "BatchNormalization":
+        space.batchnorms.append(producer)
+    elif op == "Conv":
+        space.depthwise.append(producer)
+    elif op in _BINARY:
+        rank = index.rank_of.get(tensor)
+        for i, v in enumerate(producer.inputs):
+            if v is not None and v.const_value is not None:
+                if _channel_const(v, space.channels, space.axis % max(rank or 2, 1), rank):
+                    if int(np.prod(_dims(v))) > 1:
+                        space.channel_constants.append((producer, i))
+                else:
+                    space.blockers.append(f"{op} {producer.name} has a constant that is not per-channel")
+
+
+def _check_consumers(space: ChannelSpace, root: str, tensor: str, index: _Index, model: Model) -> None:
+    """Classify each reader of ``tensor`` outside the space as a sink or a blocker."""
+    producer = index.producers.get(tensor)
+    value = next((v for v in (producer.outputs if producer is not None else []) if v.name == tensor), None)
+    if value is None:
+        value = next((v for v in model.graph.inputs if v.name == tensor), None)
+    if value is None:
+        return
+    for user, position in value.uses():
+        out = user.outputs[0].name if user.outputs else None
+        if out in index.preserving and index.uf.find(out or "") == root:
+            continue  # stays in the space
+        _classify_sink(space, user, position, value, model)
 
 
 def _classify_sink(space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, model: Model) -> None:

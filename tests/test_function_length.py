@@ -21,11 +21,6 @@ ALLOWED = {
     "plugins/quantize/static.py::int8_static",
     "plugins/quantize/static.py::_build",
     "plugins/quantize/mixed.py::mixed_precision",
-    "core/packing.py::pack",
-    "core/tuning/study.py::tune",
-    "core/tuning/batch.py::compress_batch",
-    "core/tuning/space.py::default_space",
-    "core/tuning/trial.py::run_trial",
 }
 
 

@@ -337,7 +337,7 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
         raise DataError(f"int{opts.bits}-weight-only with algorithm={opts.algorithm!r} needs calibration data (calibration=..., --calib data.npz)")
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     names = [layer.node.inputs[0].name or "" for layer in layers]
-    session = make_session(with_outputs(model, names))
+    session = make_session(with_outputs(model, names), spin=False)
     outputs = [o.name for o in session.get_outputs()]
     hessians: dict[str, np.ndarray] = {}
     batches = list(data.batches(64))

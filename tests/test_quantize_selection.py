@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 import modelpress
 import modelpress.runtime
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
+from modelpress.report import figure_text
 from modelpress.testing import make_model
 from tests.conftest import run_cli
 
@@ -165,6 +166,7 @@ def test_float_fallback_keeps_fp16_weights_and_loads_in_ort(tmp_path):
         figures = result.provenance.passes[-1].figures
         assert figures["criteria_met"] and "fc3" in figures["float_nodes"]
         assert ("fp16 weights" in figures["float_nodes"]["fc3"]) == fp16 and figures["fp16_weight_nodes"] == int(fp16)
+        assert ("sensitive, fp16 weights (1): fc3" in figure_text(figures["float_nodes"])) == fp16  # the report shows the form
         files[fp16] = modelpress.export(result, tmp_path / f"fp16-{fp16}.onnx").path
     saved = onnx.load(files[True])
     fc3 = next(n for n in saved.graph.node if n.name == "fc3")

@@ -216,9 +216,9 @@ def _decide(model: Model, plans: dict[str, Plan], act: dict[str, Params], grid: 
         return
     outcome.chosen, outcome.weight_only, outcome.model, outcome.judgement = decision.int8, decision.weight_only, decision.model, decision.judgement
     outcome.half = [n for n in decision.float_ if n in halvable]
-    for name in decision.float_:
-        form = "; fp16 weights, float compute" if name in outcome.half else ""
-        outcome.sel.float_nodes[name] = f"sensitive: 1/SQNR {outcome.errors[name]:.2g} alone{form}"
+    for name in decision.float_:  # NOTE: the report groups names by the text before the colon: the form goes there
+        form = ("sensitive, fp16 weights", "; float compute") if name in outcome.half else ("sensitive", "")
+        outcome.sel.float_nodes[name] = f"{form[0]}: 1/SQNR {outcome.errors[name]:.2g} alone{form[1]}"
 
 
 def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibration_samples: int, judged: int,

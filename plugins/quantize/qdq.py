@@ -41,6 +41,7 @@ class Plan:
     weight_zero: np.ndarray | None = None
     bias_q: np.ndarray | None = None
     bias_scale: np.ndarray | None = None
+    bias_fix: tuple[str, np.ndarray] | None = None  # a MatMul's bias in the Add after it: (initializer, corrected values)
 
 
 def build(model: Model, plans: dict[str, Plan], selected: list[str], act: dict[str, Params], grid: QRange, per_channel: bool,
@@ -51,6 +52,9 @@ def build(model: Model, plans: dict[str, Plan], selected: list[str], act: dict[s
     _Activations(result, dict(act), grid).emit(plans, selected)
     replaced = _weights(result, plans, [(name, by_name[name]) for name in selected], per_channel)
     replaced += _half_weights(result, [(plans[name], by_name[name]) for name in half])
+    for name in selected:  # NOTE: bias correction of a MatMul whose bias is the constant of the Add after it
+        if (fix := plans[name].bias_fix) is not None and fix[0] in result.ir.graph.initializers:
+            result.replace_initializer(fix[0], fix[1])
     # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
     graph = result.ir.graph
     for value in replaced:

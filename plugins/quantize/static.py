@@ -65,7 +65,7 @@ class Int8StaticOptions(Options):
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     exclude_op_types: list[str] = Field(default_factory=list, description="op types to keep in float")
     keep_first_last: bool = Field(False, description="keep the first and last quantizable layers in float")
-    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause")
+    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause (Conv/Gemm bias inputs, and a MatMul's bias in the Add after it, as exporters write a Linear)")
     quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
     activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
     elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)")
@@ -120,6 +120,8 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     scorer = Scorer(reference, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
                     criteria=opts.criteria, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
     outcome = _Outcome(sel, {layer.name: int(layer.weight_array().nbytes) for layer in sel.candidates})
+    # NOTE: biases corrected (Conv/Gemm bias inputs, and a MatMul's bias in the Add after it)
+    outcome.bias_corrected = sum(1 for p in plans.values() if p.bias_fix is not None or (opts.bias_correction and p.bias_q is not None))
     _decide(model, plans, act, grid, data, scorer, outcome, opts, ctx)
     _figures(reference, outcome, tables, len(data), len(scorer.data), opts, ctx)
     assert outcome.model is not None
@@ -180,6 +182,7 @@ class _Outcome:
     weight_only: list[str] = field(default_factory=list)
     half: list[str] = field(default_factory=list)
     errors: dict[str, float] = field(default_factory=dict)
+    bias_corrected: int = 0
     model: Model | None = None
     judgement: Judgement | None = None
 
@@ -239,6 +242,7 @@ def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibrati
             "calibration_samples": calibration_samples,
             "judged_samples": judged,
             "calibrator": opts.calibrator,
+            **({"bias_corrected": outcome.bias_corrected} if opts.bias_correction else {}),
             # NOTE: the local-error ranking (1/SQNR, higher = more sensitive), for tuners that fall back along it
             "sensitivity": {n: round(float(e), 6) for n, e in errors.items()},
             "criteria_met": score.met,

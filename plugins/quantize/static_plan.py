@@ -67,21 +67,43 @@ def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: 
         s_b, z_b = scale, zero
     wq = quantize(w, s_b, z_b, grid)
     bias = layer.bias_array()
-    bias_q = bias_scale = None
+    bias_q = bias_scale = bias_fix = None
     act_in = layer.node.inputs[0].name or ""
+    mean = stats[act_in].channel_mean if opts.bias_correction and stats.get(act_in) is not None else None
     if bias is not None:
         bias = bias.astype(np.float32)
-        mean = stats[act_in].channel_mean if stats.get(act_in) is not None else None
-        if opts.bias_correction and mean is not None:
-            error = dequantize(wq, s_b, z_b) - w
-            # expected output error per output channel = sum over inputs (and kernel) of error * input mean
-            moved = np.moveaxis(error, (layer.out_axis, layer.in_axis), (0, 1))
-            per_in = moved.reshape(moved.shape[0], moved.shape[1], -1).sum(axis=2)
-            if per_in.shape[1] == mean.shape[0]:
-                bias = bias - (per_in @ mean).astype(np.float32)
+        if mean is not None and (shift := _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)) is not None:
+            bias = bias - shift
         bias_scale = (act_scale.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
         bias_q = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
-    return Plan(layer, [act_in], act_out, weight_q=wq, weight_scale=scale, weight_zero=zero, bias_q=bias_q, bias_scale=bias_scale)
+    elif mean is not None and (following := _following_bias(layer)) is not None:
+        shift = _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)
+        if shift is not None and shift.shape == following[1].shape:
+            bias_fix = (following[0], (following[1] - shift).astype(np.float32))
+    return Plan(layer, [act_in], act_out, weight_q=wq, weight_scale=scale, weight_zero=zero, bias_q=bias_q, bias_scale=bias_scale,
+                bias_fix=bias_fix)
+
+
+def _mean_error(layer: WeightedLayer, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """The expected output error per output channel that the weight ``error`` causes: the sum over
+    inputs (and kernel) of error x input mean; None if the mean does not match the weight's inputs."""
+    moved = np.moveaxis(error, (layer.out_axis, layer.in_axis), (0, 1))
+    per_in = moved.reshape(moved.shape[0], moved.shape[1], -1).sum(axis=2)
+    return (per_in @ mean).astype(np.float32) if per_in.shape[1] == mean.shape[0] else None
+
+
+def _following_bias(layer: WeightedLayer) -> tuple[str, np.ndarray] | None:
+    """A MatMul's bias as exporters write a Linear: the constant ``[N]`` of the sole Add reading its
+    output (used by that Add alone), as (initializer name, values)."""
+    users = list(layer.node.outputs[0].uses())
+    if layer.op_type != "MatMul" or len(users) != 1 or users[0][0].op_type != "Add":
+        return None
+    add = users[0][0]
+    other = add.inputs[1 - users[0][1]] if len(add.inputs) == 2 else None
+    if other is None or other.const_value is None or not other.is_initializer() or not other.name or len(list(other.uses())) != 1:
+        return None
+    values = other.const_value.numpy()
+    return (other.name, values.astype(np.float32)) if values.ndim == 1 and values.dtype == np.float32 else None
 
 
 def constant_plan(node: ir.Node, grid: QRange, act_out: str | None) -> Plan:

@@ -11,6 +11,11 @@ vocabulary::
     from benchmarks.minilm import export_minilm, token_inputs
     path = export_minilm()                     # cached .onnx (~90 MB)
     feeds = token_inputs(n=64, seed=0)         # {"input_ids", "attention_mask"} int64 [64, 48]
+
+int8-static against ONNX Runtime's ``quantize_static`` on it (quantize CPU time, peak RSS, size
+and embedding cosine, as ratios, each run twice interleaved)::
+
+    nice -n 10 python benchmarks/zoo.py --models minilm --methods int8-static,ort-static --repeat 2 --vs ort-static
 """
 
 from __future__ import annotations

@@ -2,8 +2,14 @@
 
     python benchmarks/zoo.py [--models ppocr-cls,yolov8n] [--methods int8-static,ort-static] [--calib 16] [--json out.json]
 
-The models are those of ``benchmarks/real_models.py`` (PP-OCRv4 det/rec/cls, YOLOv8n, silero-vad),
-with their realistic inputs: ``--calib`` samples (seed 0) calibrate, 16 other samples (seed 1)
+int8-static against ONNX Runtime's ``quantize_static``, as ratios (time, size, peak RSS; cosine
+side by side), every model incl. the MiniLM encoder, each run twice, interleaved::
+
+    nice -n 10 python benchmarks/zoo.py --models yolov8n,ppocr-det,ppocr-rec,ppocr-cls,minilm \
+        --methods int8-static,ort-static --repeat 2 --vs ort-static
+
+The models are those of ``benchmarks/real_models.py`` (PP-OCRv4 det/rec/cls, YOLOv8n, silero-vad)
+and ``minilm`` (``benchmarks/minilm.py``, all-MiniLM-L6-v2, fed real sentences), with their realistic inputs: ``--calib`` samples (seed 0) calibrate, 16 other samples (seed 1)
 evaluate. Every run happens in a fresh child process, which reports its CPU time and peak RSS
 (VmHWM of the whole process, reset after the inputs are made: loading the tool and the model
 count, decoding the photos does not); the parent then runs each written file in
@@ -39,6 +45,28 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.real_models import ZOO, fetch, inputs  # noqa: E402
+
+# NOTE: a trained transformer encoder beside the pip-wheel models (benchmarks/minilm.py): 64 real
+# sentences calibrate it (as in the quantize-vs-ORT runs), its output is a pooled embedding.
+MINILM = "minilm"
+KINDS = {**{name: m.output_kind for name, m in ZOO.items()}, MINILM: "embedding"}
+DEFAULT_CALIB = {MINILM: 64}
+
+
+def _source(model: str) -> Path:
+    if model == MINILM:
+        from benchmarks.minilm import export_minilm
+
+        return export_minilm()
+    return fetch(model)
+
+
+def _inputs(model: str, n: int, seed: int) -> dict[str, np.ndarray]:
+    if model == MINILM:
+        from benchmarks.minilm import token_inputs
+
+        return token_inputs(n, seed)
+    return inputs(model, n=n, seed=seed)
 
 
 # -- calibration data per model ---------------------------------------------------------------------
@@ -133,13 +161,13 @@ def _peak_mb() -> float:
 
 
 def _child(model: str, method: str, calib_n: int, out: str) -> None:
-    calib = inputs(model, n=calib_n, seed=0)
+    calib = _inputs(model, calib_n, seed=0)
     variant = next(v for v in METHODS if v.name == method)
     _reset_peak()
     start = resource.getrusage(resource.RUSAGE_SELF)
     wall = time.perf_counter()
     try:
-        variant.run(model, fetch(model), calib, Path(out))
+        variant.run(model, _source(model), calib, Path(out))
         error = None
     except Exception as exc:  # a refusal is a result: its message is printed
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
@@ -190,9 +218,11 @@ def _compare(kind: str, reference: list[np.ndarray], actual: list[np.ndarray]) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(ZOO))
+    parser.add_argument("--models", default=",".join(ZOO), help=f"models, from {', '.join(KINDS)}")
     parser.add_argument("--methods", default=",".join(v.name for v in METHODS))
-    parser.add_argument("--calib", type=int, default=16, help="calibration samples (default 16)")
+    parser.add_argument("--calib", type=int, default=None, help="calibration samples (default 16; minilm 64)")
+    parser.add_argument("--repeat", type=int, default=1, help="run each method this many times, interleaved; CPU time and peak RSS are the medians")
+    parser.add_argument("--vs", default="", help="print each method's ratio to this one (e.g. ort-static): CPU time, size, cosine, peak RSS")
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,30 +233,63 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="modelpress-zoo-") as tmp:
         for model in args.models.split(","):
-            source = fetch(model)
-            evaluation = inputs(model, n=16, seed=1)
-            reference = _run(source, evaluation)
-            base = source.stat().st_size
-            print(f"\n{model}: {ZOO[model].description}; fp32 {base / 1e6:.2f} MB")
-            print(f"  {'method':18s} {'size MB':>8s} {'ratio':>6s} {'cosine':>8s} {'agree':>6s} {'cpu s':>7s} {'peak MB':>8s}  notes")
-            for method in args.methods.split(","):
-                out = Path(tmp) / f"{model}-{method}.onnx"
-                measured = _measure(model, method, args.calib, out)
-                row: dict[str, Any] = {"model": model, "method": method, "fp32_bytes": base, **measured}
-                if not measured.get("error") and out.exists():
-                    row["bytes"] = out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data"))
-                    row.update(_compare(ZOO[model].output_kind, reference, _run(out, evaluation)))
-                    agree = "-" if row["agreement"] is None else f"{row['agreement']:.3f}"
-                    notes = ", ".join(f"{k} {v}" for k, v in measured.get("figures", {}).items())
-                    print(f"  {method:18s} {row['bytes'] / 1e6:8.2f} {base / row['bytes']:5.2f}x {row['cosine']:8.5f} {agree:>6s} "
-                          f"{measured['cpu_s']:7.1f} {measured['peak_mb']:8.0f}  {notes}")
-                else:
-                    print(f"  {method:18s} {'-':>8s} {'-':>6s} {'-':>8s} {'-':>6s} {measured.get('cpu_s', 0):7.1f} "
-                          f"{measured.get('peak_mb', 0):8.0f}  refused: {str(measured.get('error'))[:320]}")
-                rows.append(row)
-                sys.stdout.flush()
+            rows += _run_model(model, args.methods.split(","), args.calib or DEFAULT_CALIB.get(model, 16), args.repeat, Path(tmp))
+    if args.vs:
+        _print_ratios(rows, args.vs)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1, default=str))
+
+
+def _run_model(model: str, methods: list[str], calib: int, repeat: int, tmp: Path) -> list[dict[str, Any]]:
+    source = _source(model)
+    evaluation = _inputs(model, 16, seed=1)
+    reference = _run(source, evaluation)
+    base = source.stat().st_size
+    description = ZOO[model].description if model in ZOO else "all-MiniLM-L6-v2 sentence encoder (torch export, opset 17)"
+    print(f"\n{model}: {description}; fp32 {base / 1e6:.2f} MB; {calib} calibration samples")
+    print(f"  {'method':18s} {'size MB':>8s} {'ratio':>6s} {'cosine':>8s} {'agree':>6s} {'cpu s':>7s} {'peak MB':>8s}  notes")
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    for _ in range(repeat):  # NOTE: interleaved, so every method sees the same machine load
+        for method in methods:
+            runs[method].append(_measure(model, method, calib, tmp / f"{model}-{method}.onnx"))
+    rows = []
+    for method in methods:
+        out = tmp / f"{model}-{method}.onnx"
+        measured = dict(runs[method][-1])
+        for key in ("cpu_s", "wall_s", "peak_mb"):
+            values = [r[key] for r in runs[method] if key in r]
+            if values:
+                measured[key] = float(np.median(values))
+        row: dict[str, Any] = {"model": model, "method": method, "fp32_bytes": base, **measured}
+        if not measured.get("error") and out.exists():
+            row["bytes"] = out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data"))
+            row.update(_compare(KINDS[model], reference, _run(out, evaluation)))
+            agree = "-" if row["agreement"] is None else f"{row['agreement']:.3f}"
+            notes = ", ".join(f"{k} {v}" for k, v in measured.get("figures", {}).items())
+            print(f"  {method:18s} {row['bytes'] / 1e6:8.2f} {base / row['bytes']:5.2f}x {row['cosine']:8.5f} {agree:>6s} "
+                  f"{measured['cpu_s']:7.1f} {measured['peak_mb']:8.0f}  {notes}")
+        else:
+            print(f"  {method:18s} {'-':>8s} {'-':>6s} {'-':>8s} {'-':>6s} {measured.get('cpu_s', 0):7.1f} "
+                  f"{measured.get('peak_mb', 0):8.0f}  refused: {str(measured.get('error'))[:320]}")
+        rows.append(row)
+        sys.stdout.flush()
+    return rows
+
+
+def _print_ratios(rows: list[dict[str, Any]], vs: str) -> None:
+    """Each method against ``vs`` on the same model: CPU time, file size and peak RSS as ratios
+    (below 1: less than ``vs``), cosine side by side."""
+    load = os.getloadavg()[0]
+    print(f"\nratios to {vs} (same run, interleaved; load average {load:.1f})")
+    print(f"  {'model':11s} {'method':18s} {'cpu':>6s} {'size':>6s} {'peak':>6s} {'cosine':>8s} {'vs':>8s} {'agree':>6s} {'vs':>6s}")
+    for row in rows:
+        ref = next((r for r in rows if r["model"] == row["model"] and r["method"] == vs), None)
+        if row["method"] == vs or ref is None or "bytes" not in row or "bytes" not in ref:
+            continue
+        agree = "-" if row.get("agreement") is None else f"{row['agreement']:.3f}"
+        ref_agree = "-" if ref.get("agreement") is None else f"{ref['agreement']:.3f}"
+        print(f"  {row['model']:11s} {row['method']:18s} {row['cpu_s'] / max(ref['cpu_s'], 1e-9):5.2f}x {row['bytes'] / ref['bytes']:5.2f}x "
+              f"{row['peak_mb'] / max(ref['peak_mb'], 1e-9):5.2f}x {row['cosine']:8.5f} {ref['cosine']:8.5f} {agree:>6s} {ref_agree:>6s}")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,8 @@ PAGE = ROOT / "docs" / "benchmarks.md"
 SECTIONS: dict[str, list[str]] = {
     "quantize-vs-ort": ["benchmarks/quantize_vs_ort.py", "--quick"],
     "zoo": ["benchmarks/zoo.py"],
+    "int8-vs-ort": ["benchmarks/zoo.py", "--models", "yolov8n,ppocr-det,ppocr-rec,ppocr-cls,minilm",
+                    "--methods", "int8-static,ort-static", "--repeat", "2", "--vs", "ort-static"],
     "zoo-quant": ["benchmarks/zoo_quant.py", "--quick"],
     "scale": ["benchmarks/scale.py", "--size", "0.5b"],
     "prune": ["benchmarks/prune.py", "--quick"],

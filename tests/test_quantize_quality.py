@@ -117,3 +117,37 @@ def test_report_lists_float_nodes_compactly_by_reason():
     assert line == ("- **float_nodes**: 10 — sensitive (9): /MatMul_0, /MatMul_1, /MatMul_2, /MatMul_3, /MatMul_4, /MatMul_5, ...; "
                     "excluded by option (1): fc_last")
     assert '"/MatMul_0"' not in markdown and '"criteria": "y cosine 0.99"' in markdown  # no raw dict; other figures stay
+
+
+def test_mixed_precision_drop_search_computes_gptq_statistics_once(tmp_path, monkeypatch):
+    """Every candidate of the max_drop bisection reuses the GPTQ statistics of the scoring pass."""
+    import importlib
+
+    mixed = importlib.import_module("modelpress.plugins.quantize.mixed")
+    weight_only = importlib.import_module("modelpress.plugins.quantize.weight_only")
+    model, x, expected = _mlp(tmp_path)
+    calls = []
+    real = weight_only._hessians
+
+    def counting(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(weight_only, "_hessians", counting)
+    monkeypatch.setattr(mixed, "_hessians", counting)
+    built = []
+    real_build = mixed._build
+
+    def recording(model, cands, bits, *args):  # type: ignore[no-untyped-def]
+        built.append(list(bits))
+        return real_build(model, cands, bits, *args)
+
+    monkeypatch.setattr(mixed, "_build", recording)
+    result = modelpress.quantize(model, "mixed-precision", calibration={"x": x}, max_drop=0.05, algorithm="gptq", show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["criteria_met"] is True
+    assert len(built) >= 3 and any(4 in bits for bits in built)  # several candidates, GPTQ int4 among them, ...
+    assert len(calls) == 1  # ... on one pass of statistics
+    out = run(make_session(modelpress.export(result, tmp_path / "g.onnx", verify=False).path), {"x": x})[0]
+    cosines = np.sum(out * expected, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(expected, axis=1)
+    assert cosines.mean() >= 1 - 0.05

@@ -11,6 +11,7 @@ from onnx import TensorProto, helper
 import modelpress
 import modelpress.runtime
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
+from modelpress.report import figure_text
 from modelpress.testing import make_model
 from tests.conftest import run_cli
 
@@ -152,6 +153,32 @@ def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     accepted = run_cli(*args, "--accept-loss")
     assert accepted.returncode == 0, accepted.stderr
     assert out.exists()
+
+
+def test_float_fallback_keeps_fp16_weights_and_loads_in_ort(tmp_path):
+    """A node the sensitivity search moves to float stores its weight as fp16 behind a Cast (float
+    compute): the file is smaller than with fp32 fallback weights, loads in ORT and stays accurate."""
+    model, calibration = _deep_mlp(layers=6, sensitive=3)
+    files = {}
+    for fp16 in (True, False):
+        result = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, fallback="float",
+                                     fallback_fp16=fp16, show_progress=False)
+        figures = result.provenance.passes[-1].figures
+        assert figures["criteria_met"] and "fc3" in figures["float_nodes"]
+        assert ("fp16 weights" in figures["float_nodes"]["fc3"]) == fp16 and figures["fp16_weight_nodes"] == int(fp16)
+        assert ("sensitive, fp16 weights (1): fc3" in figure_text(figures["float_nodes"])) == fp16  # the report shows the form
+        files[fp16] = modelpress.export(result, tmp_path / f"fp16-{fp16}.onnx").path
+    saved = onnx.load(files[True])
+    fc3 = next(n for n in saved.graph.node if n.name == "fc3")
+    cast = next(n for n in saved.graph.node if n.output[0] == fc3.input[1])
+    assert cast.op_type == "Cast"
+    weight = next(t for t in saved.graph.initializer if t.name == cast.input[0])
+    assert weight.data_type == TensorProto.FLOAT16  # ORT may fold the Cast in memory; the file keeps fp16
+    assert files[True].stat().st_size < files[False].stat().st_size - 0.75 * 16 * 16 * 2
+    x = calibration["x"][:64]
+    expected, actual = (modelpress.runtime.run(modelpress.runtime.make_session(m), {"x": x})[0] for m in (model, files[True]))
+    cosines = np.sum(expected * actual, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1))
+    assert cosines.mean() > 0.99
 
 
 def _embedding_model():

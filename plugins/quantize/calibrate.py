@@ -71,7 +71,7 @@ def collect_stats(
     """
     channel_axes = channel_axes or {}
     names = list(dict.fromkeys(names))
-    session = make_session(with_outputs(model, names))
+    session = make_session(with_outputs(model, names), spin=False)
     outputs = [o.name for o in session.get_outputs()]
     index = {name: outputs.index(name) for name in names if name in outputs}
     stats = {name: TensorStats() for name in index}

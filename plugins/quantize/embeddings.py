@@ -59,10 +59,14 @@ def _tables(model: Model, op_types: set[str], min_elements: int, exclude: set[st
 
 
 def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
-    flat = w.reshape(w.shape[0], -1).astype(np.float64)
-    scale = np.where(np.abs(flat).max(axis=1) > 0, np.abs(flat).max(axis=1) / 127.0, 1.0)
-    q = np.clip(np.round(flat / scale[:, None]), -127, 127).astype(np.int8).reshape(w.shape)
-    return q, scale.astype(np.float32), np.zeros(w.shape[0], np.int8), {"axis": 0}
+    flat = w.reshape(w.shape[0], -1)
+    amax = np.abs(flat).max(axis=1).astype(np.float64)
+    scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    # NOTE: one float32 buffer, in place (a 30k x 384 vocabulary table took ~1 s in float64 copies)
+    q = np.divide(flat, scale[:, None], dtype=np.float32)
+    np.round(q, out=q)
+    np.clip(q, -127, 127, out=q)
+    return q.astype(np.int8).reshape(w.shape), scale, np.zeros(w.shape[0], np.int8), {"axis": 0}
 
 
 def _uint4_blocks(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:

@@ -43,7 +43,7 @@ class Scorer:
         criteria: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ):
-        session = make_session(reference)
+        session = make_session(reference, spin=False)
         per_sample = sum(int(out.nbytes) for out in run(session, next(data.batches(1))))
         judged = max(MIN_JUDGED, min(JUDGED_SAMPLES, OUTPUT_BUDGET // max(per_sample, 1)))
         self.data = data.take(min(len(data), judged))
@@ -58,7 +58,7 @@ class Scorer:
 
     def score(self, candidate: Model) -> Judgement:
         self.evaluations += 1
-        actual = run_dataset(make_session(candidate), self.data.batches(self.batch_size))
+        actual = run_dataset(make_session(candidate, spin=False), self.data.batches(self.batch_size))
         return judge(self.criteria, self.expected, actual, self.names)
 
     @staticmethod

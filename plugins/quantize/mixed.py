@@ -92,13 +92,16 @@ class _Candidate:
         return size * bits // 8 + groups * 4 + groups * bits // 8
 
 
-def _candidates(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> tuple[list[_Candidate], dict[str, str]]:
+def _candidates(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> tuple[list[_Candidate], dict[str, str], dict[str, np.ndarray]]:
+    """Every candidate weight with its int4/int8 errors, the layers left out (with reasons), and the
+    GPTQ statistics of the layer inputs (kept: every candidate model the search builds reuses them)."""
     wo = WeightOnlyOptions(bits=4, block_size=opts.block_size, op_types=opts.op_types, exclude=opts.exclude,
                            min_elements=opts.min_elements, max_samples=opts.max_samples)
     layers, skipped = _select(model, wo)
     skipped.update({layer.name: "inside control flow: not scored, kept in float" for layer in layers if layer.scope})
     layers = [layer for layer in layers if not layer.scope]
     out: list[_Candidate] = []
+    hessians: dict[str, np.ndarray] = {}
     if layers:
         hessians = _hessians(model, layers, ctx, wo)
         with ctx.progress("mixed precision: layer errors", total=len(layers)) as advance:
@@ -124,7 +127,7 @@ def _candidates(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> 
             errors[bits] = float(np.sum((recon - w) ** 2) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30))
         users = sorted({u.name or "" for u, _ in value.uses()})
         out.append(_Candidate(users[0], users, tuple(w.shape), kind, errors))
-    return out, {**skipped, **report.skipped}
+    return out, {**skipped, **report.skipped}, hessians
 
 
 def _ranking(cands: list[_Candidate], block: int) -> list[tuple[int, int]]:
@@ -146,7 +149,8 @@ def _assignment(cands: list[_Candidate], ranking: list[tuple[int, int]], prefix:
     return bits
 
 
-def _build(model: Model, cands: list[_Candidate], bits: list[int], opts: MixedPrecisionOptions, ctx: PassContext) -> Model:
+def _build(model: Model, cands: list[_Candidate], bits: list[int], opts: MixedPrecisionOptions, ctx: PassContext,
+           hessians: dict[str, np.ndarray]) -> Model:
     result = model
     for width in (4, 8):
         chosen = {n for c, b in zip(cands, bits, strict=True) if b == width for n in c.nodes}
@@ -155,14 +159,15 @@ def _build(model: Model, cands: list[_Candidate], bits: list[int], opts: MixedPr
         others = [n.name for n in result.nodes() if n.name and n.name not in chosen]
         wo = WeightOnlyOptions(bits=width, block_size=opts.block_size, algorithm=opts.algorithm if width == 4 else "rtn",
                                op_types=opts.op_types, exclude=others, min_elements=opts.min_elements, max_samples=opts.max_samples)
-        result = weight_only(result, wo, replace(ctx, figures={}))
+        # NOTE: the int4 pass runs first, on the float model: the statistics of its inputs are the cached ones
+        result = weight_only(result, wo, replace(ctx, figures={}), hessians=hessians if result is model else None)
     return result if result is not model else model.clone()
 
 
 def mixed_precision(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> Model:
     if ctx.calibration is None:
         raise DataError("mixed-precision needs calibration data (calibration=..., --calib data.npz) to measure each layer's sensitivity")
-    cands, skipped = _candidates(model, opts, ctx)
+    cands, skipped, hessians = _candidates(model, opts, ctx)
     if not cands:
         raise OptionsError(f"mixed-precision: no weight to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Gather/Conv with a constant weight'})")
     block = opts.block_size
@@ -181,38 +186,11 @@ def mixed_precision(model: Model, opts: MixedPrecisionOptions, ctx: PassContext)
             raise OptionsError(f"mixed-precision: target_size {opts.target_size:g} ({int(budget):,} bytes) is below the smallest "
                                f"this model reaches with int4 everywhere: {size(0):,} bytes ({size(0) / total:.3f}x); raise it")
         limit = max(p for p in range(len(ranking) + 1) if size(p) <= budget)
-    met: bool | None = None
-    summary = ""
-    prefix = limit
+    prefix, met, summary = limit, None, ""
     if opts.max_drop is not None:
-        data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
-        scorer = Scorer(model, data, 1 - opts.max_drop, 1 - opts.max_drop, max_relative_error=opts.max_drop)
-        cache: dict[int, bool] = {}
-        judged: dict[int, str] = {}
-
-        def meets(p: int) -> bool:
-            if p not in cache:
-                judgement = scorer.score(_build(model, cands, _assignment(cands, ranking, p), opts, ctx))
-                cache[p], judged[p] = judgement.met, judgement.summary()
-            return cache[p]
-
-        lo, hi = 0, limit
-        with ctx.progress("mixed precision: max_drop search", total=opts.max_evaluations) as advance:
-            if meets(hi):
-                advance(1)
-                while lo < hi and scorer.evaluations < opts.max_evaluations:
-                    mid = (lo + hi) // 2
-                    if meets(mid):
-                        hi = mid
-                    else:
-                        lo = mid + 1
-                    advance(1)
-                prefix, met = hi, True
-            else:
-                prefix, met = limit, False
-        summary = judged[prefix]
+        prefix, met, summary = _drop_search(model, cands, ranking, limit, opts, ctx, hessians)
     bits = _assignment(cands, ranking, prefix)
-    result = _build(model, cands, bits, opts, ctx)
+    result = _build(model, cands, bits, opts, ctx, hessians)
     counts = {f"int{b}" if b != FLOAT else "float": sum(1 for x in bits if x == b) for b in (4, 8, FLOAT)}
     ctx.figures.update({
         "layers_by_bits": counts,
@@ -224,3 +202,34 @@ def mixed_precision(model: Model, opts: MixedPrecisionOptions, ctx: PassContext)
     if met is not None:
         ctx.figures.update({"criteria_met": met, "criteria": summary})
     return result
+
+
+def _drop_search(model: Model, cands: list[_Candidate], ranking: list[tuple[int, int]], limit: int, opts: MixedPrecisionOptions,
+                 ctx: PassContext, hessians: dict[str, np.ndarray]) -> tuple[int, bool, str]:
+    """The shortest prefix (<= ``limit``) of the upgrade ranking that keeps every output within ``max_drop``
+    (bisection, at most ``max_evaluations`` whole-model runs); ``(limit, False, ...)`` if even that misses."""
+    assert opts.max_drop is not None
+    data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+    scorer = Scorer(model, data, 1 - opts.max_drop, 1 - opts.max_drop, max_relative_error=opts.max_drop)
+    cache: dict[int, bool] = {}
+    judged: dict[int, str] = {}
+
+    def meets(p: int) -> bool:
+        if p not in cache:
+            judgement = scorer.score(_build(model, cands, _assignment(cands, ranking, p), opts, ctx, hessians))
+            cache[p], judged[p] = judgement.met, judgement.summary()
+        return cache[p]
+
+    lo, hi = 0, limit
+    with ctx.progress("mixed precision: max_drop search", total=opts.max_evaluations) as advance:
+        if not meets(hi):
+            return limit, False, judged[limit]
+        advance(1)
+        while lo < hi and scorer.evaluations < opts.max_evaluations:
+            mid = (lo + hi) // 2
+            if meets(mid):
+                hi = mid
+            else:
+                lo = mid + 1
+            advance(1)
+    return hi, True, judged[hi]

@@ -77,7 +77,7 @@ def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) 
     """Per-channel min and max (over the last axis) of each named activation over ``data``, and a
     sample of about ``ROWS`` of its rows (one ORT session, streamed in batches sized like calibration's,
     so one batch's observed tensors fit its activation budget)."""
-    session = make_session(with_outputs(model, names))
+    session = make_session(with_outputs(model, names), spin=False)
     batch_size = calibration_batch(session, data, batch_size)
     outputs = [o.name for o in session.get_outputs()]
     lo: dict[str, np.ndarray] = {}

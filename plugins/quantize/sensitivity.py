@@ -29,6 +29,8 @@ from modelpress.plugin_api import Dataset, GraphBuilder, Judgement, Model, PassC
 __all__ = ["Decision", "local_errors", "search"]
 
 _SHADOW_SAMPLES = 32
+# The bisection stops once the nodes it has not decided on hold at most this share of the weight bytes.
+TOLERANCE = 0.02
 # NOTE: one sample a run: the doubled graph's activations of a batch were the sensitivity pass's peak
 # memory (PP-OCR-cls: +20 MB at 3 samples, +45 MB at 8), and per-run overhead is small beside them.
 _SHADOW_BATCH = 1
@@ -111,7 +113,7 @@ def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dic
     samples at a time (at most ``_SHADOW_BATCH``: the peak memory of a run grows with it, its speed hardly)."""
     batch_size = max(1, min(batch_size, _SHADOW_BATCH))
     probe, pairs = _shadow_model(model, plans, names, act, per_channel)
-    session = make_session(probe)
+    session = make_session(probe, spin=False)
     index = {o.name: i for i, o in enumerate(session.get_outputs())}
     signal = dict.fromkeys(names, 0.0)
     noise = dict.fromkeys(names, 0.0)
@@ -141,47 +143,71 @@ def search(
     the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. None if nothing met."""
     # NOTE: 1 KiB floor: a node without weights is not free to leave (its int8 kernel saves time), just cheap.
     ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
-    evaluations = 0
+    bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx)
+    weighted = {n for n in ranked if weight_bytes.get(n, 0) > 0}
     best: Decision | None = None
-
-    def bisect(make: Callable[[int], tuple[list[str], list[str], list[str]]], budget: int) -> Decision | None:
-        nonlocal evaluations
-        low, high, found = 1, len(ranked), None
-        with ctx.progress("confirming", total=budget) as advance:
-            # NOTE: the whole ranked list first: if even that misses, this form cannot meet the criteria, and the
-            # budget goes to the next form; if it meets them, the bisection below always ends with a solution.
-            first = True
-            while low <= high and budget > 0:
-                if first:
-                    k, first = high, False
-                else:
-                    k = (low + high) // 2
-                int8, wo, flt = make(k)
-                candidate = build(int8, wo)
-                judgement = score(candidate)
-                evaluations += 1
-                budget -= 1
-                advance(1)
-                if judgement.met:
-                    found = Decision(int8, wo, flt, judgement, candidate, 0, errors)
-                    high = k - 1
-                elif k == len(ranked):
-                    return None
-                else:
-                    low = k + 1
-        return found
-
-    weighted = [n for n in ranked if weight_bytes.get(n, 0) > 0]
     if fallback_weight_only and weighted:
         def stage1(k: int) -> tuple[list[str], list[str], list[str]]:
             top = set(ranked[:k])
             return [n for n in order if n not in top], [n for n in order if n in top and n in weighted], [n for n in order if n in top and n not in weighted]
-        best = bisect(stage1, max_evaluations // 2)
+        best = bisection.run(stage1, max_evaluations // 2, known_met=False)
     if best is None:
         def stage2(k: int) -> tuple[list[str], list[str], list[str]]:
             top = set(ranked[:k])
             return [n for n in order if n not in top], [], [n for n in order if n in top]
-        best = bisect(stage2, max_evaluations - evaluations)
+        best = bisection.run(stage2, max_evaluations - bisection.evaluations, known_met=True)
     if best is not None:
-        best.evaluations = evaluations
+        best.evaluations = bisection.evaluations
     return best
+
+
+Split = Callable[[int], tuple[list[str], list[str], list[str]]]  # k -> (int8, weight-only, float) nodes
+
+
+class _Bisection:
+    """Bisection over the length k of the ranked list's prefix that leaves full int8."""
+
+    def __init__(self, ranked: list[str], errors: dict[str, float], weight_bytes: dict[str, int], build: Callable[[list[str], list[str]], Model],
+                 score: Callable[[Model], Judgement], ctx: PassContext):
+        self.ranked, self.errors, self.build, self.score, self.ctx = ranked, errors, build, score, ctx
+        self.total = max(sum(weight_bytes.values()), 1)
+        self.cost = np.cumsum([0] + [weight_bytes.get(n, 0) for n in ranked])  # cost[k]: weight bytes of the top k
+        self.evaluations = 0
+
+    def judge(self, make: Split, k: int) -> Decision | None:
+        int8, wo, flt = make(k)
+        candidate = self.build(int8, wo)
+        judgement = self.score(candidate)
+        self.evaluations += 1
+        return Decision(int8, wo, flt, judgement, candidate, 0, self.errors) if judgement.met else None
+
+    def run(self, make: Split, budget: int, known_met: bool) -> Decision | None:
+        """The smallest k whose candidate meets the criteria, in at most ``budget`` judgements. Unless
+        ``known_met`` the whole list is judged first: if even that misses, this form cannot meet the
+        criteria (and the budget goes to the next form). ``known_met``: the whole list in this form is the
+        float model, judged only if nothing smaller meets."""
+        low, high, found = 1, len(self.ranked), None
+        start = self.evaluations
+        with self.ctx.progress("confirming", total=budget) as advance:
+            if not known_met:
+                found = self.judge(make, high)
+                advance(1)
+                if found is None:
+                    return None
+            high -= 1
+            while low <= high and self.evaluations - start < budget - (0 if found is not None or not known_met else 1):
+                # NOTE: size-aware stop: once the nodes still undecided hold <= TOLERANCE of the weight bytes,
+                # more whole-model runs could only move those few bytes back to int8
+                if found is not None and self.cost[high + 1] - self.cost[low - 1] <= TOLERANCE * self.total:
+                    break
+                k = (low + high) // 2
+                decision = self.judge(make, k)
+                advance(1)
+                if decision is not None:
+                    found, high = decision, k - 1
+                else:
+                    low = k + 1
+            if found is None and known_met and self.evaluations - start < budget:
+                found = self.judge(make, len(self.ranked))
+                advance(1)
+        return found

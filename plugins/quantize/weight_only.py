@@ -337,7 +337,7 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
         raise DataError(f"int{opts.bits}-weight-only with algorithm={opts.algorithm!r} needs calibration data (calibration=..., --calib data.npz)")
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     names = [layer.node.inputs[0].name or "" for layer in layers]
-    session = make_session(with_outputs(model, names))
+    session = make_session(with_outputs(model, names), spin=False)
     outputs = [o.name for o in session.get_outputs()]
     hessians: dict[str, np.ndarray] = {}
     batches = list(data.batches(64))
@@ -430,7 +430,9 @@ def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer]
     return layers, skipped
 
 
-def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Model:
+def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hessians: dict[str, np.ndarray] | None = None) -> Model:
+    """``hessians``: GPTQ/AWQ statistics of ``model``'s layer inputs already computed (by input name), e.g.
+    by mixed-precision, which builds several candidates of one model; computed here when None."""
     if opts.format == "matmulnbits" and opts.bits != 4:
         raise OptionsError("format='matmulnbits' needs bits=4")
     result = model.clone()
@@ -442,7 +444,10 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext) -> Mode
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
-    hessians = _hessians(model, layers, ctx, opts) if opts.algorithm in ("gptq", "awq", "awq-gptq") and layers else {}
+    if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
+        hessians = {}
+    elif hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
+        hessians = _hessians(model, layers, ctx, opts)
     if opts.algorithm in ("awq", "awq-gptq") and layers:
         ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
 

@@ -1,0 +1,188 @@
+"""Emitting ``int8-static``'s graph: a clone of the model with QDQ around the selected nodes.
+
+Activations get ``QuantizeLinear -> DequantizeLinear`` pairs on the input and output edges of each
+int8 node (spread through value-preserving ops after them, which ORT then runs in int8 too);
+weights are stored int8 behind a ``DequantizeLinear`` (per output channel by default), biases
+int32; element-wise constants int8. Nodes the sensitivity search keeps out of int8 get a cheaper
+form: *weight-only* nodes keep their int8 weights but read float activations; *half* nodes (float
+fallback) store their weights as fp16 behind a ``Cast`` to float (float compute, half the bytes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.plugin_api import Model, WeightedLayer
+from modelpress.plugins.quantize.affine import QRange
+
+__all__ = ["FP16_MAX", "TRANSPARENT", "Params", "Plan", "build", "half_eligible"]
+
+# Ops that only move or select values: a quantized input stays exactly on the same grid, so their
+# outputs get Q/DQ with the input's scale (no accuracy cost) and ORT keeps them in int8.
+TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
+FP16_MAX = 65504.0
+Params = tuple[np.ndarray, np.ndarray]
+
+
+@dataclass
+class Plan:
+    """How one node gets quantized: its activation tensors and quantized weight/bias."""
+
+    layer: WeightedLayer | None  # None: a MatMul between two activations, or an element-wise op
+    act_ins: list[str]
+    act_out: str | None
+    constants: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # input index -> (q, scale, zero)
+    weight_q: np.ndarray | None = None
+    weight_scale: np.ndarray | None = None
+    weight_zero: np.ndarray | None = None
+    bias_q: np.ndarray | None = None
+    bias_scale: np.ndarray | None = None
+    bias_fix: tuple[str, np.ndarray] | None = None  # a MatMul's bias in the Add after it: (initializer, corrected values)
+
+
+def build(model: Model, plans: dict[str, Plan], selected: list[str], act: dict[str, Params], grid: QRange, per_channel: bool,
+          half: Iterable[str] = ()) -> Model:
+    """A clone of ``model`` with QDQ for the ``selected`` nodes (in graph order) and fp16 weights for ``half``."""
+    result = model.clone()
+    by_name = {n.name: n for n in result.ir.graph}
+    _Activations(result, dict(act), grid).emit(plans, selected)
+    replaced = _weights(result, plans, [(name, by_name[name]) for name in selected], per_channel)
+    replaced += _half_weights(result, [(plans[name], by_name[name]) for name in half])
+    for name in selected:  # NOTE: bias correction of a MatMul whose bias is the constant of the Add after it
+        if (fix := plans[name].bias_fix) is not None and fix[0] in result.ir.graph.initializers:
+            result.replace_initializer(fix[0], fix[1])
+    # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
+    graph = result.ir.graph
+    for value in replaced:
+        if value.name in graph.initializers and not list(value.uses()):
+            graph.initializers.pop(value.name)
+    return result
+
+
+class _Activations:
+    """Q/DQ pairs on activation edges; outputs first (spread through value-preserving ops), then the
+    inputs no output pair covers."""
+
+    def __init__(self, result: Model, act: dict[str, Params], grid: QRange):
+        self.result, self.act, self.grid = result, act, grid
+        self.values: dict[str, ir.Value] = {v.name: v for v in result.ir.graph.inputs if v.name}
+        for node in result.ir.graph:
+            self.values.update({out.name: out for out in node.outputs if out.name})
+        self.covered: set[str] = set()
+
+    def qdq(self, tensor: str, consumers: list[ir.Node] | None) -> ir.Value:
+        scale, zero = self.act[tensor]
+        dtype = ir.DataType.INT8 if self.grid.signed else ir.DataType.UINT8
+        s = self.result.add_initializer(f"{tensor}_s", np.asarray(scale, np.float32))
+        z = self.result.add_initializer(f"{tensor}_z", np.asarray(zero, self.grid.dtype))
+        q = self.result.insert_after(self.values[tensor], "QuantizeLinear", [s, z], dtype=dtype, consumers=consumers,
+                                     name=f"{tensor}_Q", output=f"{tensor}_q")
+        return self.result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DQ", output=f"{tensor}_dq")
+
+    def spread(self, dq_out: ir.Value, params: Params) -> None:
+        """Give the outputs of value-preserving ops after a quantized tensor the same Q/DQ."""
+        for user, index in list(dq_out.uses()):
+            out = user.outputs[0] if user.outputs else None
+            if user.op_type not in TRANSPARENT or index != 0 or out is None or not out.name or out.name in self.covered or out.is_graph_output():
+                continue
+            self.act[out.name] = params
+            self.covered.add(out.name)
+            users = [u for u, _ in out.uses()]
+            if users:
+                self.spread(self.qdq(out.name, users), params)
+
+    def emit(self, plans: dict[str, Plan], selected: list[str]) -> None:
+        for tensor in sorted({out for n in selected if (out := plans[n].act_out)}):
+            users = [u for u, _ in self.values[tensor].uses()]
+            if users:
+                self.covered.add(tensor)
+                self.spread(self.qdq(tensor, users), self.act[tensor])
+        by_name = {n.name: n for n in self.result.ir.graph}
+        inputs: dict[str, list[ir.Node]] = {}
+        for name in selected:
+            for tensor in plans[name].act_ins:
+                if tensor not in self.covered:
+                    inputs.setdefault(tensor, []).append(by_name[name])
+        for tensor, users in inputs.items():
+            self.qdq(tensor, users)
+
+
+def _dq(result: Model, anchor: ir.Node, tensors: list[tuple[str, np.ndarray]], attrs: dict[str, int], name: str) -> ir.Value:
+    """A ``DequantizeLinear`` of new initializers ``tensors`` (q, scale[, zero]) placed before ``anchor``."""
+    inputs = [result.add_initializer(n, a) for n, a in tensors]
+    dq = result.new_node("DequantizeLinear", inputs, attrs, name=f"{name}_DQ", outputs=[(f"{name}_dq", ir.DataType.FLOAT)])
+    dq.outputs[0].shape = ir.Shape(tensors[0][1].shape)
+    result.insert_before(anchor, dq)
+    return dq.outputs[0]
+
+
+def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool) -> list[ir.Value]:
+    """Element-wise constants, weights and biases of the quantized nodes behind DequantizeLinear;
+    returns the float values they replaced."""
+    replaced: list[ir.Value] = []
+    dequantized: dict[tuple[int, int], ir.Value] = {}
+    first_user: dict[int, ir.Node] = {}
+    for node in result.ir.graph:
+        for value in node.inputs:
+            if value is not None and value.is_initializer():
+                first_user.setdefault(id(value), node)
+    for name, node in nodes:
+        plan, layer = plans[name], plans[name].layer
+        for index, (cq, cs, cz) in (plan.constants or {}).items():
+            original = node.inputs[index]
+            assert original is not None
+            base = original.name or f"{name}_{index}"
+            node.replace_input_with(index, _dq(result, node, [(f"{base}_q", cq), (f"{base}_s", cs), (f"{base}_z", cz)], {}, f"{base}_{name}"))
+            replaced.append(original)
+        if layer is None or plan.weight_q is None or plan.weight_scale is None or plan.weight_zero is None:
+            continue
+        replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
+        # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
+        # once; its DequantizeLinear sits before the first user and feeds them all.
+        weight_value = node.inputs[layer.weight_input]
+        key = (id(weight_value), layer.out_axis)
+        if key not in dequantized:
+            w_name = layer.weight.name or f"{name}_weight"
+            scale = plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(())
+            zero = plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(())
+            dequantized[key] = _dq(result, first_user.get(id(weight_value), node), [(f"{w_name}_q", plan.weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)],
+                                   {"axis": layer.out_axis} if per_channel else {}, w_name)
+        node.replace_input_with(layer.weight_input, dequantized[key])
+        if plan.bias_q is not None and plan.bias_scale is not None and layer.bias is not None:
+            b_name = layer.bias.name or f"{name}_bias"
+            per_axis = np.ndim(plan.bias_scale) > 0
+            bias_scale = np.asarray(plan.bias_scale, np.float32) if per_channel or per_axis else np.asarray(plan.bias_scale, np.float32).reshape(())
+            node.replace_input_with(2, _dq(result, node, [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)], {"axis": 0} if per_axis else {}, b_name))
+    return replaced
+
+
+def half_eligible(layer: WeightedLayer) -> bool:
+    """Whether a layer's weight can be stored as fp16 without a change beyond fp16 rounding: float32,
+    used by this node alone, and within fp16's range."""
+    value = layer.weight
+    if value.const_value is None or value.dtype != ir.DataType.FLOAT or len(list(value.uses())) != 1:
+        return False
+    return bool(np.all(np.abs(layer.weight_array()) <= FP16_MAX))
+
+
+def _half_weights(result: Model, nodes: list[tuple[Plan, ir.Node]]) -> list[ir.Value]:
+    """Store each node's weight as fp16 behind a ``Cast`` to float (the node computes in float)."""
+    replaced: list[ir.Value] = []
+    for plan, node in nodes:
+        layer = plan.layer
+        if layer is None or not half_eligible(layer):
+            continue
+        value = node.inputs[layer.weight_input]
+        assert value is not None and value.const_value is not None
+        w_name = value.name or f"{node.name}_weight"
+        half = result.add_initializer(f"{w_name}_fp16", value.const_value.numpy().astype(np.float16))
+        cast = result.new_node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{w_name}_Cast", outputs=[(f"{w_name}_f", ir.DataType.FLOAT)])
+        cast.outputs[0].shape = ir.Shape(value.const_value.shape)
+        result.insert_before(node, cast)
+        node.replace_input_with(layer.weight_input, cast.outputs[0])
+        replaced.append(value)
+    return replaced

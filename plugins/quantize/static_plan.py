@@ -1,0 +1,118 @@
+"""``int8-static``'s plan: which tensors get which activation scale, and each node's int8 weight, int32
+bias and int8 constants (:class:`~.qdq.Plan`), from the calibration statistics."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.plugin_api import WeightedLayer
+from modelpress.plugins.quantize.affine import (
+    QRange,
+    affine_params,
+    dequantize,
+    per_axis,
+    quantize,
+    symmetric_params,
+)
+from modelpress.plugins.quantize.calibrate import TensorStats, choose_range
+from modelpress.plugins.quantize.qdq import Plan
+
+if TYPE_CHECKING:
+    from modelpress.plugins.quantize.static import Int8StaticOptions
+
+__all__ = ["act_params", "constant_plan", "fused_output", "weight_plan"]
+
+_FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
+
+
+def fused_output(node: ir.Node) -> ir.Value:
+    """The tensor to quantize after ``node``: its output, or that of a sole Relu/Clip consumer."""
+    out = node.outputs[0]
+    users = list(out.uses())
+    if len(users) == 1 and not out.is_graph_output():
+        user = users[0][0]
+        if user.op_type in _FUSABLE_ACTIVATIONS and user.domain in ("", "ai.onnx"):
+            return user.outputs[0]
+    return out
+
+
+def act_params(stats: TensorStats, opts: Int8StaticOptions, grid: QRange) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of one activation tensor, by the calibrator and symmetry options."""
+    rmin, rmax = choose_range(stats, opts.calibrator, percentile=opts.percentile, signed=grid.signed)
+    if opts.symmetric_activations:
+        bound = max(abs(rmin), abs(rmax))
+        if grid.signed:
+            return symmetric_params(bound, grid)
+        scale = np.float32(max(bound, 1e-12) * 2 / (grid.qmax - grid.qmin))
+        return np.asarray(scale, np.float32), np.asarray(128, grid.dtype)
+    scale, zero = affine_params(rmin, rmax, grid)
+    return np.asarray(scale, np.float32), np.asarray(zero, grid.dtype)
+
+
+def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.ndarray, opts: Int8StaticOptions, act_out: str | None) -> Plan:
+    """A weighted node's plan: int8 symmetric weight (per output channel by default), int32 bias at
+    ``input scale x weight scale`` (optionally corrected for the mean error the weights cause)."""
+    w = layer.weight_array().astype(np.float32)
+    grid = QRange(8, True, restricted=True)
+    if opts.per_channel:
+        axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
+        scale, zero = symmetric_params(np.abs(w).max(axis=axes), grid)
+        s_b = per_axis(scale, w.ndim, layer.out_axis)
+        z_b = per_axis(zero, w.ndim, layer.out_axis)
+    else:
+        scale, zero = symmetric_params(float(np.abs(w).max()), grid)
+        s_b, z_b = scale, zero
+    wq = quantize(w, s_b, z_b, grid)
+    bias = layer.bias_array()
+    bias_q = bias_scale = bias_fix = None
+    act_in = layer.node.inputs[0].name or ""
+    mean = stats[act_in].channel_mean if opts.bias_correction and stats.get(act_in) is not None else None
+    if bias is not None:
+        bias = bias.astype(np.float32)
+        if mean is not None and (shift := _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)) is not None:
+            bias = bias - shift
+        bias_scale = (act_scale.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
+        bias_q = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
+    elif mean is not None and (following := _following_bias(layer)) is not None:
+        shift = _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)
+        if shift is not None and shift.shape == following[1].shape:
+            bias_fix = (following[0], (following[1] - shift).astype(np.float32))
+    return Plan(layer, [act_in], act_out, weight_q=wq, weight_scale=scale, weight_zero=zero, bias_q=bias_q, bias_scale=bias_scale,
+                bias_fix=bias_fix)
+
+
+def _mean_error(layer: WeightedLayer, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
+    """The expected output error per output channel that the weight ``error`` causes: the sum over
+    inputs (and kernel) of error x input mean; None if the mean does not match the weight's inputs."""
+    moved = np.moveaxis(error, (layer.out_axis, layer.in_axis), (0, 1))
+    per_in = moved.reshape(moved.shape[0], moved.shape[1], -1).sum(axis=2)
+    return (per_in @ mean).astype(np.float32) if per_in.shape[1] == mean.shape[0] else None
+
+
+def _following_bias(layer: WeightedLayer) -> tuple[str, np.ndarray] | None:
+    """A MatMul's bias as exporters write a Linear: the constant ``[N]`` of the sole Add reading its
+    output (used by that Add alone), as (initializer name, values)."""
+    users = list(layer.node.outputs[0].uses())
+    if layer.op_type != "MatMul" or len(users) != 1 or users[0][0].op_type != "Add":
+        return None
+    add = users[0][0]
+    other = add.inputs[1 - users[0][1]] if len(add.inputs) == 2 else None
+    if other is None or other.const_value is None or not other.is_initializer() or not other.name or len(list(other.uses())) != 1:
+        return None
+    values = other.const_value.numpy()
+    return (other.name, values.astype(np.float32)) if values.ndim == 1 and values.dtype == np.float32 else None
+
+
+def constant_plan(node: ir.Node, grid: QRange, act_out: str | None) -> Plan:
+    """An element-wise node's plan: its activation inputs, and each constant input int8 (min/max)."""
+    constants = {}
+    for index, value in enumerate(node.inputs):
+        if value is not None and value.const_value is not None:
+            array = value.const_value.numpy().astype(np.float32)
+            scale, zero = affine_params(float(array.min()), float(array.max()), grid)
+            constants[index] = (quantize(array, scale, zero, grid), np.asarray(scale, np.float32), np.asarray(zero, grid.dtype))
+    act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
+    return Plan(None, act_ins, act_out, constants=constants)

@@ -195,6 +195,42 @@ def test_magnitude_fine_tuning_keeps_the_mask_and_recovers(digits_mlp_path, digi
 
 
 @pytest.mark.torch
+def test_distillation_loss_is_cross_entropy_plus_tempered_kl():
+    import torch
+    import torch.nn.functional as F
+
+    from modelpress.plugins.prune import _distill_loss
+
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g) * 3
+    batch = {"labels": torch.arange(8) % 10, "teacher": teacher}
+    assert torch.allclose(_distill_loss(0.0, 4.0)(student, batch), F.cross_entropy(student, batch["labels"]))
+    assert float(_distill_loss(1.0, 4.0)(teacher, batch)) == pytest.approx(0.0, abs=1e-6)
+    t, s = (np.asarray(x, np.float64) / 2.0 for x in (teacher, student))
+    log_p = t - np.log(np.exp(t).sum(1, keepdims=True))
+    log_q = s - np.log(np.exp(s).sum(1, keepdims=True))
+    kl = float(np.mean(np.sum(np.exp(log_p) * (log_p - log_q), 1))) * 2.0**2
+    ce = float(F.cross_entropy(student, batch["labels"]))
+    assert float(_distill_loss(0.25, 2.0)(student, batch)) == pytest.approx(0.75 * ce + 0.25 * kl, rel=1e-5)
+
+
+@pytest.mark.torch
+def test_magnitude_fine_tuning_distills_from_the_unpruned_model(digits_mlp_path, digits):
+    model = modelpress.load(digits_mlp_path)
+    train = {"x": digits["x_train"], "labels": digits["y_train"]}
+    tuned = modelpress.prune(model, "magnitude", sparsity=0.8, data=train, fine_tune_epochs=4, lr=1e-2, distill=0.7,
+                             temperature=4.0, show_progress=False)
+    for layer in tuned.weighted_layers():
+        w = layer.weight_array()
+        assert np.sum(w == 0) == round(0.8 * w.size), layer.name
+    teacher = run(make_session(model), {"x": digits["x_test"]})[0].argmax(1)
+    student = run(make_session(tuned), {"x": digits["x_test"]})[0].argmax(1)
+    assert np.mean(student == teacher) >= 0.95 and np.mean(student == digits["y_test"]) >= np.mean(teacher == digits["y_test"]) - 0.02
+    with pytest.raises(modelpress.OptionsError, match="distill"):
+        modelpress.prune(model, "magnitude", sparsity=0.8, distill=1.5)
+
+
+@pytest.mark.torch
 def test_channel_pruning_with_taylor_and_iterative_fine_tuning(torch_digits, digits):
     from tests.models import images
 

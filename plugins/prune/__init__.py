@@ -52,6 +52,8 @@ class _Recovery(Options):
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune")
     layers: list[str] = Field(default_factory=list, description="prune only these layers (node names); default: all")
     exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
+    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the fine-tuning loss (0: labels only, 1: teacher only)")
+    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
 
 
 class MagnitudeOptions(_Recovery):
@@ -119,6 +121,29 @@ def _training_data(model: Model, ctx: PassContext, opts: _Recovery) -> Dataset |
     return load_dataset(ctx.train, model.signature, what="training")
 
 
+def _teacher_outputs(teacher: Model, data: Dataset) -> np.ndarray:
+    """The unpruned model's first output on the training data (ONNX Runtime)."""
+    from modelpress.plugin_api import make_session, run_dataset
+
+    return np.asarray(run_dataset(make_session(teacher), data.batches(256))[0])
+
+
+def _distill_loss(weight: float, temperature: float) -> Any:
+    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * cross-entropy on the labels
+    + weight * T^2 * KL(teacher || student) between the softmaxes at temperature T."""
+
+    def loss(outputs: Any, batch: Any) -> Any:
+        import torch.nn.functional as F
+
+        out = outputs[0] if isinstance(outputs, tuple) else outputs
+        hard = F.cross_entropy(out, batch["labels"].long())
+        soft = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(batch["teacher"] / temperature, -1),
+                        log_target=True, reduction="batchmean") * temperature**2
+        return (1 - weight) * hard + weight * soft
+
+    return loss
+
+
 def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
     """Recover accuracy: train the lowered model (masks hold pruned weights at zero), write back."""
     from modelpress.plugin_api import fit, held_out_scores, to_torch, update_weights
@@ -128,13 +153,14 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
     n = len(inputs[0])
     held = max(1, n // 10)
     train_idx, val_idx = np.arange(held, n), np.arange(held)
-    if data.labels is not None:
+    if data.labels is not None and opts.distill > 0:
+        targets = {"labels": data.labels, "teacher": _teacher_outputs(teacher, data)}
+        loss: Any = _distill_loss(opts.distill, opts.temperature)
+    elif data.labels is not None:
         targets = {"labels": data.labels}
-        loss: Any = "cross_entropy"
+        loss = "cross_entropy"
     else:
-        from modelpress.plugin_api import make_session, run_dataset
-
-        targets = {"teacher": run_dataset(make_session(teacher), data.batches(256))[0]}
+        targets = {"teacher": _teacher_outputs(teacher, data)}
 
         def loss(outputs: Any, batch: Any) -> Any:
             import torch.nn.functional as F

@@ -240,3 +240,30 @@ def test_int8_static_stores_embedding_tables_in_int8():
     figures = quantized.provenance.passes[-1].figures
     assert figures["tables_quantized"] == 1 and figures["low_bit_weight_share"] == 1.0 and figures["criteria_met"]
     assert modelpress.verify(quantized, sample=sample).outputs[0].value >= 0.999
+
+
+def test_a_position_table_read_by_slice_is_an_embedding_table(tmp_path):
+    """A transformer's position table is sliced to the sequence length (Slice -> Add), not gathered:
+    it is stored as int8 rows too (MiniLM: its 512 x 384 position table was the int8 file's one fp32 table)."""
+    rng = np.random.default_rng(1)
+    table = (rng.standard_normal((2000, 64)) * 0.1).astype(np.float32)
+    positions = (rng.standard_normal((512, 64)) * 0.05).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("Shape", ["ids"], ["shape"], start=1, end=2),
+             helper.make_node("Slice", ["positions", "zero", "shape", "zero"], ["p"], name="position_slice"),
+             helper.make_node("Add", ["e", "p"], ["x"], name="add_positions"),
+             helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+             helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0)]
+    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+                       [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])],
+                       {"table": table, "positions": positions, "zero": np.array([0], np.int64),
+                        "w": (rng.standard_normal((64, 64)) / 8).astype(np.float32)}, opset=17)
+    sample = {"ids": rng.integers(0, 2000, (64, 12)).astype(np.int64)}
+    for method, options in (("int8-static", {"calibration": sample}), ("int8-dynamic", {})):
+        quantized = modelpress.quantize(model, method, show_progress=False, **options)
+        assert quantized.provenance.passes[-1].figures["tables_quantized"] == 2, method
+        sliced = next(n for n in quantized.graph if n.op_type == "Slice")
+        assert sliced.inputs[0].producer().op_type == "DequantizeLinear", method
+        assert sliced.inputs[0].producer().inputs[0].dtype == onnx_ir_type(8), method
+        exported = modelpress.export(quantized, tmp_path / f"{method}.onnx", sample=sample)
+        assert exported.verification.outputs[0].value >= 0.999, method

@@ -1,4 +1,4 @@
-"""Weight-only quantization of embedding tables (``Gather`` on a constant table) and Conv weights.
+"""Weight-only quantization of embedding tables (``Gather`` or ``Slice`` on a constant table) and Conv weights.
 
 ONNX Runtime has no integer kernel to use here for weight-only formats, so the weight is stored as
 int8/int4 behind a ``DequantizeLinear`` (``DQ -> Gather``, ``DQ -> Conv``); ORT folds the DQ into a
@@ -6,8 +6,9 @@ float constant when it loads the model. The file shrinks ~4x (int8) or ~6-7x (in
 unchanged. Used by ``int4-weight-only`` / ``int8-weight-only`` and ``int8-dynamic`` so a transformer's
 token/position tables and a CNN's convolutions are covered, not only its MatMul/Gemm.
 
-* embedding table ``[V, D]``: int8 symmetric, one scale per row (``axis=0``); int4 asymmetric in
-  blocks of ``block_size`` along ``D`` (``axis=1``, opset 21);
+* embedding table ``[V, D]`` (read by ``Gather``, or by ``Slice`` as a position table is): int8
+  symmetric, one scale per row (``axis=0``); int4 asymmetric in blocks of ``block_size`` along ``D``
+  (``axis=1``, opset 21);
 * Conv weight ``[O, I, kH, kW]``: one scale per output channel (``axis=0``), int8 symmetric or
   int4 asymmetric (opset 21).
 """
@@ -37,9 +38,11 @@ def _tables(model: Model, op_types: set[str], min_elements: int, exclude: set[st
     """(weight value, "embedding" | "conv") for each eligible constant, each value once."""
     found: dict[int, tuple[ir.Value, str]] = {}
     for node in model.nodes():
-        if node.domain not in ("", "ai.onnx") or node.op_type not in op_types or not node.inputs:
+        # NOTE: a table sliced by rows (a transformer's position table: Slice -> Add) is an embedding table too
+        wanted = node.op_type in op_types or (node.op_type == "Slice" and "Gather" in op_types)
+        if node.domain not in ("", "ai.onnx") or not wanted or not node.inputs:
             continue
-        index, kind = (0, "embedding") if node.op_type == "Gather" else (1, "conv")
+        index, kind = (1, "conv") if node.op_type == "Conv" else (0, "embedding")
         value = node.inputs[index] if len(node.inputs) > index else None
         if value is None or value.const_value is None or not value.is_initializer():
             continue
@@ -50,7 +53,7 @@ def _tables(model: Model, op_types: set[str], min_elements: int, exclude: set[st
         elif value.const_value.dtype != ir.DataType.FLOAT:
             report.skipped[name] = "table is not float32"
         elif kind == "embedding" and (len(value.shape or ()) != 2 or (axis is not None and axis.as_int() != 0)):
-            report.skipped[name] = "Gather is not a row lookup in a 2-D table"
+            report.skipped[name] = f"{node.op_type} is not a row lookup in a 2-D table"
         elif value.const_value.size < min_elements:
             report.skipped[name] = f"fewer than {min_elements} elements"
         else:

@@ -77,7 +77,7 @@ class Int8StaticOptions(Options):
     fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
     fallback_fp16: bool = Field(True, description="a node the sensitivity search moves to float keeps its weights as fp16 (a Cast to float before it: float compute, half the bytes of fp32); False: fp32")
     max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
-    embedding_tables: bool = Field(True, description="store Gather embedding tables as int8 (one scale per row) behind a DequantizeLinear")
+    embedding_tables: bool = Field(True, description="store embedding tables (read by Gather, or by Slice as position tables are) as int8, one scale per row, behind a DequantizeLinear")
     smoothquant: bool = Field(True, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by 1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, no migration, is a candidate)")
     smoothquant_max_alpha: float = Field(0.8, gt=0, le=1, description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))")
     smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")

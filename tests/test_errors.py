@@ -424,3 +424,25 @@ def test_a_run_that_never_finishes_is_stopped_with_a_clean_error(tmp_path, monke
     with pytest.raises(modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"):
         modelpress.export(model, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+def test_a_method_whose_data_runs_never_finish_stops_with_a_clean_error(tmp_path, monkeypatch):
+    """The methods' own ORT runs (calibration, SmoothQuant, sensitivity, GPTQ statistics, pruning
+    importance, distillation's teacher) honour MODELPRESS_RUN_TIMEOUT as export's verification does."""
+    body = helper.make_graph(
+        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
+        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+    w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["M", "", "x"], ["h"], name="loop", body=body), helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor("M", TensorProto.INT64, [], [10**15]), onnx.numpy_helper.from_array(w, "w")])
+    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+    monkeypatch.setenv("MODELPRESS_RUN_TIMEOUT", "1")
+    model = modelpress.load(path, normalize=False)
+    calibration = {"x": np.zeros((1, 8), np.float32)}
+    with pytest.raises(modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"):
+        modelpress.quantize(model, "int8-static", calibration=calibration, show_progress=False)

@@ -68,6 +68,7 @@ def kd_loss(student: Any, teacher: Any, labels: Any, temperature: float, alpha: 
 
 def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
     from modelpress.plugin_api import make_session, with_outputs
+    from modelpress.plugin_api import run as run_session
 
     session = make_session(with_outputs(teacher, names) if names else teacher)
     outputs = [o.name for o in session.get_outputs()]
@@ -76,7 +77,7 @@ def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassC
     batches = list(data.batches(256))
     with ctx.progress("teacher outputs", total=len(batches)) as advance:
         for feeds in batches:
-            results = session.run(None, feeds)
+            results = run_session(session, feeds)
             for n in wanted:
                 collected[n].append(np.asarray(results[outputs.index(n)], np.float32))
             advance(1)

@@ -72,13 +72,14 @@ def _taylor(model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size:
 
 def _activation(model: Model, spaces: list[ChannelSpace], data: Dataset) -> dict[int, np.ndarray]:
     from modelpress.plugin_api import make_session, with_outputs
+    from modelpress.plugin_api import run as run_session
 
     names = [layer.node.outputs[0].name or "" for space in spaces for layer in space.sources]
     session = make_session(with_outputs(model, names))
     outputs = [o.name for o in session.get_outputs()]
     sums: dict[str, np.ndarray] = {}
     for feeds in data.batches(64):
-        results = session.run(None, feeds)
+        results = run_session(session, feeds)
         for space in spaces:
             for layer in space.sources:
                 name = layer.node.outputs[0].name or ""

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, PassContext, make_session, with_outputs
+from modelpress.plugin_api import run as run_session
 
 __all__ = ["CALIBRATORS", "TensorStats", "choose_range", "collect_stats"]
 
@@ -79,7 +80,7 @@ def collect_stats(
     ctx.figures["calibration_batch"] = step
     with ctx.progress("calibrating", total=-(-len(data) // step)) as advance:
         for feeds in data.batches(step):
-            results = session.run(None, feeds)
+            results = run_session(session, feeds)
             for name, i in index.items():
                 x = np.asarray(results[i], np.float32)
                 if x.size:
@@ -127,7 +128,7 @@ def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
     if len(data) <= 1 or batch_size <= 1:
         return 1
     first = next(data.batches(1))
-    per_sample = sum(int(np.asarray(r).nbytes) for r in session.run(None, first))
+    per_sample = sum(int(np.asarray(r).nbytes) for r in run_session(session, first))
     return max(1, min(batch_size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 

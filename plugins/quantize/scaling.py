@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, WeightedLayer, make_session, with_outputs
+from modelpress.plugin_api import run as run_session
 from modelpress.plugins.quantize.calibrate import calibration_batch
 
 __all__ = ["ROWS", "ScaleGroup", "apply_scales", "sample_rows", "scale_groups"]
@@ -87,7 +88,7 @@ def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) 
     batches = max(1, -(-len(data) // batch_size))
     per_batch = -(-ROWS // batches)
     for feeds in data.batches(batch_size):
-        results = session.run(None, feeds)
+        results = run_session(session, feeds)
         for name in names:
             x = np.asarray(results[outputs.index(name)], np.float32)
             x = x.reshape(-1, x.shape[-1])

@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelpress.plugin_api import Dataset, GraphBuilder, Judgement, Model, PassContext, make_session
+from modelpress.plugin_api import run as run_session
 
 __all__ = ["Decision", "local_errors", "search"]
 
@@ -120,7 +121,7 @@ def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dic
     sample = data.take(min(len(data), _SHADOW_SAMPLES))
     with ctx.progress("layer sensitivity", total=-(-len(sample) // batch_size)) as advance:
         for feeds in sample.batches(batch_size):
-            outs = session.run(None, feeds)
+            outs = run_session(session, feeds)
             for name, (power, error) in pairs.items():
                 signal[name] += float(outs[index[power]])
                 noise[name] += float(outs[index[error]]) if np.isfinite(outs[index[error]]) else float("inf")

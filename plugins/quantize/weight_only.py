@@ -40,6 +40,9 @@ from modelpress.plugin_api import (
     recurrent_refusals,
     with_outputs,
 )
+from modelpress.plugin_api import (
+    run as run_session,
+)
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.awq import awq_scale
 from modelpress.plugins.quantize.embeddings import quantize_tables
@@ -343,7 +346,7 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
     batches = list(data.batches(64))
     with ctx.progress("GPTQ statistics", total=len(batches)) as advance:
         for feeds in batches:
-            results = session.run(None, feeds)
+            results = run_session(session, feeds)
             for name in names:
                 x = np.asarray(results[outputs.index(name)], np.float64)
                 x = x.reshape(-1, x.shape[-1])

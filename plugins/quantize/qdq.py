@@ -18,12 +18,10 @@ import onnx_ir as ir
 
 from modelpress.plugin_api import Model, WeightedLayer
 from modelpress.plugins.quantize.affine import QRange
+from modelpress.plugins.quantize.selection import TRANSPARENT
 
-__all__ = ["FP16_MAX", "TRANSPARENT", "Params", "Plan", "build", "half_eligible"]
+__all__ = ["FP16_MAX", "Params", "Plan", "build", "half_eligible"]
 
-# Ops that only move or select values: a quantized input stays exactly on the same grid, so their
-# outputs get Q/DQ with the input's scale (no accuracy cost) and ORT keeps them in int8.
-TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
 FP16_MAX = 65504.0
 Params = tuple[np.ndarray, np.ndarray]
 

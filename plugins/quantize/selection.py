@@ -14,9 +14,12 @@ from collections.abc import Callable, Iterable
 
 import onnx_ir as ir
 
-__all__ = ["feeds_quantized", "integer_elementwise"]
+__all__ = ["TRANSPARENT", "feeds_quantized", "integer_elementwise"]
 
-_TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
+# Ops that only move or select values: a quantized input stays exactly on the same grid, so their
+# outputs get Q/DQ with the input's scale (no accuracy cost) and ORT keeps them in int8; selection
+# looks through them, and the QDQ emitter (:mod:`.qdq`) spreads Q/DQ through them.
+TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
 
 
 def integer_elementwise(
@@ -46,7 +49,7 @@ def _integer_inputs(graph: ir.Graph, quantized_nodes: set[int], pool: list[ir.No
     def mark(value: ir.Value) -> None:
         integer.add(id(value))
         for user, index in value.uses():
-            if user.op_type in _TRANSPARENT and index == 0 and user.outputs:
+            if user.op_type in TRANSPARENT and index == 0 and user.outputs:
                 mark(user.outputs[0])
 
     for node in graph:
@@ -68,6 +71,6 @@ def feeds_quantized(value: ir.Value, quantized: set[int]) -> bool:
     for user, index in value.uses():
         if id(user) in quantized:
             return True
-        if user.op_type in _TRANSPARENT and index == 0 and user.outputs and feeds_quantized(user.outputs[0], quantized):
+        if user.op_type in TRANSPARENT and index == 0 and user.outputs and feeds_quantized(user.outputs[0], quantized):
             return True
     return False

@@ -108,11 +108,12 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
-    model, tables = _prepare(model, opts, ctx)
+    model, tables, data = _prepare(model, opts, ctx)
     sel = select(model, opts)
     if ctx.calibration is None:
         raise DataError(_NO_DATA)
-    data: Dataset = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+    if data is None:
+        data = _calibration(model, opts, ctx)
     grid = QRange(8, opts.activation_type == "int8")
     plans, act = _plans(model, sel, data, grid, opts, ctx)
     # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not
@@ -128,18 +129,23 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     return outcome.model
 
 
-def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[Model, TableReport]:
-    """Int8 embedding tables and SmoothQuant: the model the plans are made on."""
-    tables = TableReport()
+def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dataset:
+    return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
+
+
+def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[Model, TableReport, Dataset | None]:
+    """Int8 embedding tables and SmoothQuant: the model the plans are made on, and the calibration
+    data if SmoothQuant read it (the plans use the same; neither changes the model's signature)."""
+    tables, data = TableReport(), None
     if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
         model = model.clone()
         tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
     # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
     if opts.smoothquant and ctx.calibration is not None and any(layer.op_type in opts.op_types for layer in model.weighted_layers()):
-        model = smooth(model, load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples), ctx,
-                       op_types=set(opts.op_types) - set(opts.exclude_op_types), exclude=set(opts.exclude),
+        data = _calibration(model, opts, ctx)
+        model = smooth(model, data, ctx, op_types=set(opts.op_types) - set(opts.exclude_op_types), exclude=set(opts.exclude),
                        max_alpha=opts.smoothquant_max_alpha, steps=opts.smoothquant_steps, batch_size=opts.batch_size)
-    return model, tables
+    return model, tables, data
 
 
 def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> tuple[dict[str, Plan], dict[str, Params]]:

@@ -440,6 +440,16 @@ def _write_head(src: _Source, chosen: list[Codec], entries: list[TensorEntry], s
     out.write(_FOOTER.pack(offset, len(blob), END))
 
 
+def _strip_body(body: onnx.GraphProto | onnx.FunctionProto) -> None:
+    """A graph's or function's own doc string, metadata and shape annotations, and its nodes'."""
+    body.ClearField("doc_string")
+    del body.metadata_props[:]
+    del body.value_info[:]
+    for node in body.node:
+        node.ClearField("doc_string")
+        del node.metadata_props[:]
+
+
 def _strip(proto: onnx.ModelProto) -> None:
     """Drop what ONNX Runtime does not read: metadata properties (of the model, its graphs, nodes,
     inputs/outputs, tensors and functions: exporters put stack traces and module paths there),
@@ -447,26 +457,13 @@ def _strip(proto: onnx.ModelProto) -> None:
     del proto.metadata_props[:]
     proto.ClearField("doc_string")
     for function in proto.functions:
-        function.ClearField("doc_string")
-        del function.metadata_props[:]
-        del function.value_info[:]
-        for node in function.node:
-            node.ClearField("doc_string")
-            del node.metadata_props[:]
+        _strip_body(function)
     for g in _graphs(proto.graph):
-        g.ClearField("doc_string")
-        del g.metadata_props[:]
-        del g.value_info[:]
-        for node in g.node:
-            node.ClearField("doc_string")
-            del node.metadata_props[:]
+        _strip_body(g)
         for value in (*g.input, *g.output):
             value.ClearField("doc_string")
             del value.metadata_props[:]
-        for tensor in g.initializer:
-            tensor.ClearField("doc_string")
-            del tensor.metadata_props[:]
-    for _name, tensor in _tensors(proto):
+    for _name, tensor in _tensors(proto):  # NOTE: initializers and Constant/attribute tensors, subgraphs included
         tensor.ClearField("doc_string")
         del tensor.metadata_props[:]
 

@@ -89,7 +89,7 @@ def _first(exc: BaseException) -> str:
 
 def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any) -> Model:
     """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
-    :mod:`modelpress.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
+    :mod:`modelpress.data.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
     ``sample`` (a feed dict) are the inputs its ORT equivalence check runs on (default: random)."""
     path: Path | None = None
     if isinstance(source, ir.Model):
@@ -132,7 +132,7 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
     if normalize:
         model, normalised = normalize_on_import(model, proto, label, sample)
     provenance = None
-    if "modelpress.provenance" not in model.metadata_props:
+    if "modelpress.ir.provenance" not in model.metadata_props:
         provenance = Provenance(
             source_framework="onnx",
             source_version=f"opset {model.opset_imports.get('', 0)}, producer {proto.producer_name or '?'} {proto.producer_version}".strip(),

@@ -46,8 +46,8 @@ def main() -> None:
     from rich.table import Table
 
     import modelpress
-    from modelpress.demo import digits_arrays, train_demo_model
-    from modelpress.runtime import make_session, run
+    from modelpress.app.demo import digits_arrays, train_demo_model
+    from modelpress.runtime.session import make_session, run
 
     epochs = 4 if args.quick else 12
     console = Console(width=180)

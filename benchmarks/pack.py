@@ -150,8 +150,8 @@ def _decode_speed(path: Path, work: Path, rounds: int = 7) -> dict[str, float]:
     import zstandard
 
     import modelpress
-    from modelpress.codecs import TensorInfo
-    from modelpress.packing import _tensors, read_packed
+    from modelpress.pack.container import _tensors, read_packed
+    from modelpress.plugin.codec import TensorInfo
 
     codec = modelpress.get_registry().codec("bytegroup")
     assert codec is not None

@@ -77,7 +77,7 @@ def _models():  # type: ignore[no-untyped-def]
 
 
 def _latency(path: Path, x: np.ndarray, threads: int = 2, repeats: int = 30) -> float:
-    from modelpress.compress import measure_latency
+    from modelpress.app.compress import measure_latency
 
     return measure_latency(path, {"x": x}, threads=threads, repeats=repeats)
 
@@ -90,7 +90,7 @@ def main() -> None:
     from rich.table import Table
 
     import modelpress
-    from modelpress.runtime import make_session, run
+    from modelpress.runtime.session import make_session, run
     from tests.torch_models import train_torch
 
     data = _data()

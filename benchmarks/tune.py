@@ -56,7 +56,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
 
 
 def _digits(folder: Path) -> tuple[Path, dict[str, Path]]:
-    from modelpress.demo import digits_arrays, train_demo_model
+    from modelpress.app.demo import digits_arrays, train_demo_model
 
     data = digits_arrays("nchw")
     path = folder / "digits-cnn.onnx"
@@ -113,9 +113,9 @@ def _grid(recipe: dict[str, Any]) -> list[dict[str, Any]]:
     """Every configuration of the recipe's search space, as tune names them."""
     import itertools
 
-    from modelpress.recipe import load_recipe
-    from modelpress.registry import get_registry
-    from modelpress.tuning.space import space_from_recipe
+    from modelpress.app.recipe import load_recipe
+    from modelpress.app.tuning.space import space_from_recipe
+    from modelpress.plugin.registry import get_registry
 
     pipeline = space_from_recipe(load_recipe(recipe), get_registry()).pipelines[0]
     params = pipeline.params()

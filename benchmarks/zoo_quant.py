@@ -4,7 +4,7 @@ Models: the pip-wheel ONNX models of ``benchmarks/real_models.py`` (PP-OCRv4 det
 silero-vad) and sentence-transformers/all-MiniLM-L6-v2 (``benchmarks/minilm.py``: a trained
 transformer encoder with a pooled embedding output, fed tokenised real sentences). Each method
 runs in a child process (quantize CPU seconds and peak RSS of that process); the results are
-judged per output by ``modelpress.criteria`` (agreement for class scores, cosine for embeddings
+judged per output by ``modelpress.evaluation.criteria`` (agreement for class scores, cosine for embeddings
 and maps) against the float model on held-out inputs, with the file size and single-thread
 latency relative to fp32. ONNX Runtime: ``quantize_static`` (QDQ, per-channel, best of the MinMax,
 Entropy and Percentile calibrators by the criteria), ``quantize_dynamic`` and
@@ -146,7 +146,7 @@ def _quantize(tool: str, method: str, source: Path, target: Path, calib: Path, o
 def _judge(path: Path, criteria: list, expected: list[np.ndarray], feeds: dict[str, np.ndarray]) -> tuple[str, float]:
     import onnxruntime as ort
 
-    from modelpress.criteria import judge
+    from modelpress.evaluation.criteria import judge
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     actual = [np.asarray(o) for o in session.run(None, feeds)]
@@ -164,7 +164,7 @@ def run_model(name: str, folder: Path, quick: bool, skip: set[str] = frozenset()
     import onnxruntime as ort
 
     import modelpress
-    from modelpress.criteria import infer_criteria
+    from modelpress.evaluation.criteria import infer_criteria
 
     source = _source(name)
     calib = _feeds(name, 16 if quick else 64, seed=0)

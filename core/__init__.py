@@ -8,19 +8,20 @@ from __future__ import annotations
 from importlib import metadata as _metadata
 
 # NOTE: first, before any module imports onnx_ir: sympy stays unimported (~40 MB of RSS)
-from modelpress import _deferred  # noqa: F401  (imports onnx_ir with sympy deferred)
+from modelpress.base import _deferred  # noqa: F401  (imports onnx_ir with sympy deferred)
 
 try:
     __version__ = _metadata.version("modelpress")
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
     __version__ = "0.0.0+unknown"
 
-from modelpress.adapter import Adapter
-from modelpress.codecs import Codec, TensorInfo
-from modelpress.compress import CompressResult, StageMetrics, compress
-from modelpress.convert import ConvertResult, convert
-from modelpress.data import Dataset, load_dataset, sample_inputs
-from modelpress.errors import (
+from modelpress.app.compress import CompressResult, StageMetrics, compress
+from modelpress.app.convert import ConvertResult, convert
+from modelpress.app.describe import describe
+from modelpress.app.pipeline import apply, distill, prune, quantize
+from modelpress.app.recipe import Recipe, load_recipe
+from modelpress.app.tuning import BatchResult, TuneResult, compress_batch, tune
+from modelpress.base.errors import (
     DataError,
     DuplicateMethodError,
     ExportError,
@@ -35,22 +36,21 @@ from modelpress.errors import (
     UnsupportedModelError,
     VerificationError,
 )
-from modelpress.export import ExportResult, export, verify
-from modelpress.frameworks import fit, to_torch, update_weights
-from modelpress.hookspecs import hookimpl
-from modelpress.inspection import describe
-from modelpress.layers import WeightedLayer
-from modelpress.loading import load
-from modelpress.methods import KINDS, Kind, Method, Options, PassContext
-from modelpress.model import Model
-from modelpress.packing import PackResult, pack, unpack
-from modelpress.pipeline import apply, distill, prune, quantize
-from modelpress.provenance import PassRecord, Provenance
-from modelpress.recipe import Recipe, load_recipe
-from modelpress.registry import Registry, create_registry, get_registry, reset_registry
-from modelpress.signature import Signature, TensorSpec
-from modelpress.tuning import BatchResult, TuneResult, compress_batch, tune
-from modelpress.verify import Comparison
+from modelpress.data.samples import Dataset, load_dataset, sample_inputs
+from modelpress.evaluation.comparison import Comparison
+from modelpress.io.export import ExportResult, export, verify
+from modelpress.io.framework_bridge import fit, to_torch, update_weights
+from modelpress.ir.layers import WeightedLayer
+from modelpress.ir.model import Model
+from modelpress.ir.provenance import PassRecord, Provenance
+from modelpress.ir.signature import Signature, TensorSpec
+from modelpress.pack.container import PackResult, pack, unpack
+from modelpress.plugin.adapter import Adapter
+from modelpress.plugin.codec import Codec, TensorInfo
+from modelpress.plugin.hookspecs import hookimpl
+from modelpress.plugin.loading import load
+from modelpress.plugin.methods import KINDS, Kind, Method, Options, PassContext
+from modelpress.plugin.registry import Registry, create_registry, get_registry, reset_registry
 
 __all__ = [
     "KINDS",

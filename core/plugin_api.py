@@ -34,12 +34,7 @@ Errors and progress
 
 from __future__ import annotations
 
-from modelpress.adapter import Adapter
-from modelpress.builder import GraphBuilder
-from modelpress.codecs import Codec, TensorInfo, numpy_dtype
-from modelpress.criteria import Judgement, infer_criteria, judge
-from modelpress.data import Dataset, load_dataset, sample_inputs
-from modelpress.errors import (
+from modelpress.base.errors import (
     DataError,
     InvalidModelError,
     ModelpressError,
@@ -50,20 +45,25 @@ from modelpress.errors import (
     VerificationError,
     one_line,
 )
-from modelpress.frameworks import fit, held_out_scores, to_torch, update_weights
-from modelpress.hookspecs import hookimpl
-from modelpress.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
-from modelpress.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
-from modelpress.model import Model, type_initializers
-from modelpress.normalize import normalize_on_import
-from modelpress.opsets import ensure_opset
-from modelpress.packing import MAGIC as PACK_MAGIC
-from modelpress.packing import read_packed
-from modelpress.progress import progress_bar
-from modelpress.provenance import Provenance
-from modelpress.registry import current_registry
-from modelpress.runtime import make_session, run, run_dataset, with_outputs
-from modelpress.verify import check_import
+from modelpress.base.progress import progress_bar
+from modelpress.data.normalize import normalize_on_import
+from modelpress.data.samples import Dataset, load_dataset, sample_inputs
+from modelpress.evaluation.comparison import check_import
+from modelpress.evaluation.criteria import Judgement, infer_criteria, judge
+from modelpress.io.framework_bridge import fit, held_out_scores, to_torch, update_weights
+from modelpress.ir.builder import GraphBuilder
+from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
+from modelpress.ir.model import Model, type_initializers
+from modelpress.ir.opsets import ensure_opset
+from modelpress.ir.provenance import Provenance
+from modelpress.pack.container import MAGIC as PACK_MAGIC
+from modelpress.pack.container import read_packed
+from modelpress.plugin.adapter import Adapter
+from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
+from modelpress.plugin.hookspecs import hookimpl
+from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
+from modelpress.plugin.registry import current_registry
+from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
 __all__ = [
     "BUILTIN_KINDS",

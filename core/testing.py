@@ -17,12 +17,12 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress.data import sample_inputs
-from modelpress.methods import Method
-from modelpress.model import Model
-from modelpress.pipeline import apply
-from modelpress.registry import Registry
-from modelpress.runtime import make_session, run
+from modelpress.app.pipeline import apply
+from modelpress.data.samples import sample_inputs
+from modelpress.ir.model import Model
+from modelpress.plugin.methods import Method
+from modelpress.plugin.registry import Registry
+from modelpress.runtime.session import make_session, run
 
 __all__ = ["assert_valid", "check_adapter", "check_method", "make_model", "tiny_cnn", "tiny_mlp"]
 
@@ -42,7 +42,7 @@ def make_model(
     """Build a validated :class:`Model` from ONNX helper objects and numpy initializers
     (``normalize=False``: as written, e.g. to keep a BatchNormalization a test is about)."""
     # NOTE: the ONNX adapter through the registry, not modelpress.adapters (layer contract)
-    from modelpress.loading import load
+    from modelpress.plugin.loading import load
 
     graph = helper.make_graph(
         nodes, name, inputs, outputs, [numpy_helper.from_array(np.asarray(v), k) for k, v in initializers.items()]
@@ -173,7 +173,7 @@ def check_adapter(
       ONNX outputs match within ``rtol`` (relative to each output's largest magnitude);
     * loading twice gives the same graph (the adapter does not depend on hidden state).
     """
-    from modelpress.loading import load
+    from modelpress.plugin.loading import load
 
     model = load(source, framework=framework, registry=registry, show_progress=False, **load_options)
     assert isinstance(model, Model), f"the adapter returned {type(model).__name__}, not a modelpress.Model"

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 import modelpress
-from modelpress.demo import digits_arrays, train_demo_model
+from modelpress.app.demo import digits_arrays, train_demo_model
 
 HERE = Path(__file__).resolve().parent
 

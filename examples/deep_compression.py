@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 import modelpress
-from modelpress.demo import digits_arrays, train_demo_model
+from modelpress.app.demo import digits_arrays, train_demo_model
 
 HERE = Path(__file__).resolve().parent
 RECIPE = HERE / "deep-compression-recipe.yaml"
@@ -77,8 +77,8 @@ def run(kind: str, out: Path, epochs: int, *, seed: int = 0, recipe: Path = RECI
                      "sparsity": stage.sparsity, "ratio_onnx": fp32 / stage.size_bytes, "ratio_packed": fp32 / (stage.packed_bytes or fp32)})
     # for deployment: pack again without what running the model does not need (the provenance
     # metadata, doc strings, shape annotations); the weights and the graph's computation are the same
-    from modelpress.runtime import make_session
-    from modelpress.runtime import run as ort_run
+    from modelpress.runtime.session import make_session
+    from modelpress.runtime.session import run as ort_run
 
     assert result.packed is not None and result.output is not None
     final = modelpress.pack(result.output, out / f"digits-{kind}-dc.stripped.mpk", strip=True)

@@ -25,7 +25,7 @@ FILES = ("model.onnx", "calib.npz", "train.npz", "test.npz", "data.npz")
 
 
 def _digits() -> dict[str, np.ndarray]:
-    from modelpress.demo import digits_arrays
+    from modelpress.app.demo import digits_arrays
 
     return digits_arrays("nchw")
 

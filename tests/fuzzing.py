@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress.runtime import RUN_TIMEOUT_ENV
+from modelpress.runtime.session import RUN_TIMEOUT_ENV
 from modelpress.testing import tiny_cnn, tiny_mlp
 
 CASE_SECONDS = 30  # NOTE: generous: a real case takes milliseconds; this only catches hangs

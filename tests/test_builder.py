@@ -7,7 +7,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import assert_valid, make_model, tiny_cnn, tiny_mlp
 
 

@@ -47,3 +47,12 @@ def test_help_lists_the_methods_options_and_bad_values_are_usage_errors(mlp_file
     assert exc.value.code == 1 and "invalid choice: 'bogus'" in capsys.readouterr().err
     assert main(["apply", str(mlp_file), "-m", "magnitude", "--sparsity", "2", "-o", str(tmp_path / "y.onnx"), "-q"]) == 1
     assert "sparsity" in capsys.readouterr().err
+
+
+def test_python_dash_m_modelpress_runs_the_command_line():
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-m", "modelpress", "--version"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("modelpress ")

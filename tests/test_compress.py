@@ -18,7 +18,7 @@ def tiny_setup(tmp_path):
     model = tiny_cnn(channels=8, classes=4)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((96, 1, 8, 8)).astype(np.float32)
-    labels = np.argmax(modelpress.runtime.run(modelpress.runtime.make_session(model), {"x": x})[0], axis=1)
+    labels = np.argmax(modelpress.runtime.session.run(modelpress.runtime.session.make_session(model), {"x": x})[0], axis=1)
     np.savez(tmp_path / "calib.npz", x=x[:64])
     np.savez(tmp_path / "train.npz", x=x, labels=labels)
     np.savez(tmp_path / "eval.npz", x=x[64:], labels=labels[64:])
@@ -137,8 +137,8 @@ def test_examples_run(tmp_path):
 
 
 def test_report_flags_a_stage_bigger_or_slower_than_the_one_before():
-    from modelpress.compress import StageMetrics
-    from modelpress.report import Report
+    from modelpress.app.compress import StageMetrics
+    from modelpress.app.report import Report
 
     def stage(name, size, b1, b64):
         return StageMetrics(name, "accuracy", 0.99, size, size // 2, 100, 0.0, {"b1 (1t)": b1, "b64 (1t)": b64}, 0.1, f"{name}.onnx")

@@ -72,12 +72,12 @@ def test_A_external_data_entry_damage_is_an_invalid_model_error(tmp_path, key, v
 def test_B_damaged_provenance_is_dropped_with_a_warning(tmp_path, stored):
     proto = tiny_mlp().to_proto()
     for entry in proto.metadata_props:
-        if entry.key == "modelpress.provenance":
+        if entry.key == "modelpress.ir.provenance":
             entry.value = stored
     path = _save(proto, tmp_path / "m.onnx")
-    with pytest.warns(UserWarning, match=r"m.onnx: metadata entry 'modelpress.provenance' is damaged"):
+    with pytest.warns(UserWarning, match=r"m.onnx: metadata entry 'modelpress.ir.provenance' is damaged"):
         model = modelpress.load(path)
-    assert model.provenance.passes == () and "modelpress.provenance" not in model.ir.metadata_props
+    assert model.provenance.passes == () and "modelpress.ir.provenance" not in model.ir.metadata_props
     result = modelpress.export(modelpress.apply(model, "fp16", show_progress=False), tmp_path / "out.onnx")
     assert result.verification.cosine > 0.999  # the model itself is fine and still compresses
 
@@ -129,7 +129,7 @@ def test_G_npz_declaring_1e11_rows_is_refused_before_allocating(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64)
     with fuzzing.limits(seconds=20, headroom=1 << 30), pytest.raises(modelpress.DataError, match=r"huge.npz' array 'x'.*declares shape \(100000000000, 8\)"):
-        modelpress.data.load_dataset(path, tiny_mlp().signature)
+        modelpress.data.samples.load_dataset(path, tiny_mlp().signature)
 
 
 def test_npz_with_object_arrays_is_refused(tmp_path):
@@ -139,7 +139,7 @@ def test_npz_with_object_arrays_is_refused(tmp_path):
     with zipfile.ZipFile(path, "w") as archive:
         archive.writestr("x.npy", buffer.getvalue())
     with pytest.raises(modelpress.DataError, match="Python objects"):
-        modelpress.data.load_dataset(path, tiny_mlp().signature)
+        modelpress.data.samples.load_dataset(path, tiny_mlp().signature)
 
 
 # -- H: an output folder that cannot be written --------------------------------------------------
@@ -201,8 +201,8 @@ def test_J_sparse_initializer_loads_clones_and_compresses(tmp_path):
     assert exported.verification.cosine > 0.9
     # The sparse file and the dense one compute the same thing in ORT.
     x = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
-    ref = modelpress.runtime.run(modelpress.runtime.make_session(modelpress.load(dense)), x)
-    got = modelpress.runtime.run(modelpress.runtime.make_session(model), x)
+    ref = modelpress.runtime.session.run(modelpress.runtime.session.make_session(modelpress.load(dense)), x)
+    got = modelpress.runtime.session.run(modelpress.runtime.session.make_session(model), x)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
 
 
@@ -394,13 +394,13 @@ def test_int8_static_with_a_weight_shared_by_two_layers(tmp_path):
 def test_B_cli_shows_the_dropped_provenance_as_one_warning_line(tmp_path):
     proto = tiny_mlp().to_proto()
     for entry in proto.metadata_props:
-        if entry.key == "modelpress.provenance":
+        if entry.key == "modelpress.ir.provenance":
             entry.value = "{bad"
     path = _save(proto, tmp_path / "m.onnx")
     result = run_cli("inspect", str(path))
     assert result.returncode == 0 and "parameters 212" in result.stdout
     assert result.stderr.strip().splitlines() == [
-        f"modelpress: warning: {path}: metadata entry 'modelpress.provenance' is damaged (not JSON (JSONDecodeError)); "
+        f"modelpress: warning: {path}: metadata entry 'modelpress.ir.provenance' is damaged (not JSON (JSONDecodeError)); "
         "ignoring it (the model's history is unknown)"
     ]
 

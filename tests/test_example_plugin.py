@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from tests.conftest import ROOT, run_cli
 
 

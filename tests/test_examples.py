@@ -86,7 +86,7 @@ def test_plugins_new_scaffolds_a_package_that_installs_and_passes(tmp_path, monk
 
 
 def test_scaffold_names_are_checked(tmp_path):
-    from modelpress.scaffold import new_plugin
+    from modelpress.app.scaffold import new_plugin
 
     with pytest.raises(modelpress.OptionsError, match="lower-case"):
         new_plugin("-x", tmp_path / "a")

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from tests.conftest import run_cli
 
 

@@ -29,7 +29,7 @@ import modelpress
 from tests import fuzzing
 
 # NOTE: damaged provenance metadata is dropped with a warning by design (root cause B).
-pytestmark = pytest.mark.filterwarnings("ignore:.*metadata entry 'modelpress.provenance' is damaged:UserWarning")
+pytestmark = pytest.mark.filterwarnings("ignore:.*metadata entry 'modelpress.ir.provenance' is damaged:UserWarning")
 
 SEEDS = fuzzing.seeds()
 SEED_BYTES = {name: proto.SerializeToString() for name, proto in SEEDS.items()}
@@ -255,7 +255,7 @@ def _mutate_subgraph(draw, proto):  # type: ignore[no-untyped-def]
 
 def _mutate_metadata(draw, proto):  # type: ignore[no-untyped-def]
     entry = proto.metadata_props.add()
-    entry.key = draw(st.sampled_from(["modelpress.provenance", "modelpress.version", "other"]))
+    entry.key = draw(st.sampled_from(["modelpress.ir.provenance", "modelpress.version", "other"]))
     entry.value = draw(st.sampled_from([
         "{", "[]", "null", "1e999", '{"passes": 3}', '{"passes": [{"kind": 1}]}', '{"passes": [null]}',
         '{"source": 5}', '{"extra": []}', '{"passes": [{"kind": "q", "method": "m", "options": {}, "plugin": "p", "plugin_version": "1", "bogus": 1}]}',
@@ -462,7 +462,7 @@ def test_bad_npz_data(fuzz):
                 if which == "int8-static":
                     modelpress.apply(model, "int8-static", calibration=path, show_progress=False)
                 elif which == "dataset":
-                    modelpress.data.load_dataset(path, model.signature, what="calibration")
+                    modelpress.data.samples.load_dataset(path, model.signature, what="calibration")
                 else:
                     folder.joinpath("out").mkdir()
                     modelpress.export(model, folder / "out" / "m.onnx", sample=path)

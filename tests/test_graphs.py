@@ -229,7 +229,7 @@ def test_int8_static_refuses_layers_inside_if_branches_by_name():
 
 
 def test_opset_conversion_failure_names_the_blocking_op():
-    from modelpress.opsets import ensure_opset
+    from modelpress.ir.opsets import ensure_opset
 
     node = helper.make_node("Crop", ["x"], ["y"], name="crop", border=[1, 1, 1, 1])
     graph = helper.make_graph([node], "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],

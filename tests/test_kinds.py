@@ -12,8 +12,8 @@ from pydantic import Field
 
 import modelpress
 from modelpress import Kind, Method, Options
-from modelpress import registry as registry_module
 from modelpress.cli import main
+from modelpress.plugin import registry as registry_module
 from modelpress.testing import tiny_mlp
 
 
@@ -105,8 +105,8 @@ def test_cli_kind_choices_and_listing_come_from_the_registry(tmp_path, monkeypat
 
 
 def test_report_columns_come_from_each_stages_kind():
-    from modelpress.compress import StageMetrics
-    from modelpress.report import Report
+    from modelpress.app.compress import StageMetrics
+    from modelpress.app.report import Report
 
     registry = modelpress.create_registry(plugins=[LowRankPlugin()])
     model = tiny_mlp()

@@ -37,12 +37,24 @@ def test_the_layer_contracts_are_kept():
 
 def test_an_upward_import_and_a_plugin_reaching_into_adapters_are_caught(tmp_path):
     package = _script().assemble(tmp_path)
-    with (package / "model.py").open("a") as f:
-        f.write("\n\ndef _bad() -> None:\n    from modelpress import compress  # IR -> application\n")
+    with (package / "ir" / "model.py").open("a") as f:
+        f.write("\n\ndef _bad() -> None:\n    from modelpress.app import compress  # IR -> application\n")
     with (package / "plugins" / "distill" / "__init__.py").open("a") as f:
         f.write("\n\ndef _bad2() -> None:\n    from modelpress.adapters import onnx  # plugin -> adapter\n")
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "2 broken" in result.stdout
-    assert "modelpress.model -> modelpress.compress" in result.stdout
+    assert "modelpress.ir.model -> modelpress.app.compress" in result.stdout
     assert "modelpress.plugins.distill -> modelpress.adapters.onnx" in result.stdout
+
+
+def test_a_plugin_importing_core_internals_and_a_module_outside_every_layer_are_caught(tmp_path):
+    package = _script().assemble(tmp_path)
+    with (package / "plugins" / "prune" / "__init__.py").open("a") as f:
+        f.write("\n\ndef _bad() -> None:\n    from modelpress.ir import model  # not through plugin_api\n")
+    (package / "stray.py").write_text('"""A module in no layer."""\n')
+    result = _lint(tmp_path)
+    assert result.returncode != 0
+    assert "2 broken" in result.stdout
+    assert "modelpress.plugins.prune -> modelpress.ir.model" in result.stdout
+    assert "modelpress.stray" in result.stdout

@@ -5,7 +5,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import make_model, tiny_cnn
 
 torch = pytest.importorskip("torch", reason="needs the torch extra")

@@ -3,7 +3,7 @@ import onnx
 import onnx_ir as ir
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import assert_valid, tiny_cnn, tiny_mlp
 
 
@@ -104,7 +104,7 @@ def test_provenance_survives_export_and_reload(tmp_path):
     model.provenance = model.provenance.with_pass(record)
     modelpress.export(model, tmp_path / "m.onnx")
     props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
-    assert "modelpress.provenance" in props and props["modelpress.version"] == modelpress.__version__
+    assert "modelpress.ir.provenance" in props and props["modelpress.version"] == modelpress.__version__
     again = modelpress.load(tmp_path / "m.onnx")
     assert again.provenance.passes == (record,)
     assert again.provenance.source_framework == "onnx"

@@ -13,8 +13,9 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress import packing, packwire
-from modelpress.codecs import Codec, TensorInfo
+from modelpress.pack import container as packing
+from modelpress.pack import wire as packwire
+from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugins.pack import streams
 
 _WIDTH = {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2, ir.DataType.DOUBLE: 8}
@@ -212,6 +213,6 @@ def test_load_decodes_a_pack_with_the_registry_it_was_given(tmp_path):
     assert model.ir.graph.initializers["w"].const_value.numpy().tobytes() == w.tobytes()
     with pytest.raises(modelpress.UnsupportedModelError, match=r"codec 'negate' .*which no installed plugin provides"):
         modelpress.load(tmp_path / "m.mpk")  # the process-wide registry does not have it
-    from modelpress.registry import current_registry, get_registry
+    from modelpress.plugin.registry import current_registry, get_registry
 
     assert current_registry() is get_registry()  # the load's registry does not leak out of it

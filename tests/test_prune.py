@@ -6,7 +6,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import check_method, make_model, tiny_cnn, tiny_mlp
 from tests.conftest import run_cli
 

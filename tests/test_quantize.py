@@ -15,7 +15,7 @@ from modelpress.plugins.quantize.affine import (
     symmetric_params,
 )
 from modelpress.plugins.quantize.codebook import kmeans_1d
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import check_method, make_model, tiny_cnn, tiny_mlp
 from tests.conftest import run_cli
 

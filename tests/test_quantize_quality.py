@@ -9,8 +9,8 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.errors import ModelpressError
-from modelpress.runtime import make_session, run
+from modelpress.base.errors import ModelpressError
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import make_model
 
 K, H, OUT = 64, 128, 32
@@ -105,8 +105,8 @@ def test_mixed_precision_meets_a_size_budget_and_a_drop(tmp_path):
 
 
 def test_report_lists_float_nodes_compactly_by_reason():
-    from modelpress.compress import StageMetrics
-    from modelpress.report import Report
+    from modelpress.app.compress import StageMetrics
+    from modelpress.app.report import Report
 
     float_nodes = {f"/MatMul_{i}": f"sensitive: 1/SQNR 0.{i} alone" for i in range(9)} | {"fc_last": "excluded by option"}
     report = Report(title="t", metric="cosine")

@@ -9,9 +9,9 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-import modelpress.runtime
+import modelpress.runtime.session
+from modelpress.app.report import figure_text
 from modelpress.plugins.quantize.patterns import find_patterns, mask_adds
-from modelpress.report import figure_text
 from modelpress.testing import make_model
 from tests.conftest import run_cli
 
@@ -58,8 +58,8 @@ def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoder
     assert figures["low_bit_weight_share"] >= 0.75
     exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"rows": x_test})
     assert exported.verification.top1_agreement >= 0.97
-    q_acc = float(np.mean(modelpress.runtime.run(modelpress.runtime.make_session(exported.path), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
-    f_acc = float(np.mean(modelpress.runtime.run(modelpress.runtime.make_session(model), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
+    q_acc = float(np.mean(modelpress.runtime.session.run(modelpress.runtime.session.make_session(exported.path), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
+    f_acc = float(np.mean(modelpress.runtime.session.run(modelpress.runtime.session.make_session(model), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
     assert f_acc - q_acc <= 0.01
 
 
@@ -119,7 +119,7 @@ def _deep_mlp(layers: int = 40, sensitive: int = 20):
 def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
     model, calibration = _deep_mlp()
     created = []
-    real = modelpress.runtime.ort.InferenceSession
+    real = modelpress.runtime.session.ort.InferenceSession
 
     class Counting(real):  # type: ignore[misc,valid-type]
         def __init__(self, *args, **kwargs):  # type: ignore[no-untyped-def]
@@ -129,7 +129,7 @@ def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
     # judged by the classifier scores' cosine (0.99): 40 int8 layers in a row leave too little margin for agreement
     naive = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, sensitivity=False, show_progress=False)
     assert not naive.provenance.passes[-1].figures["criteria_met"]
-    monkeypatch.setattr(modelpress.runtime.ort, "InferenceSession", Counting)
+    monkeypatch.setattr(modelpress.runtime.session.ort, "InferenceSession", Counting)
     guarded = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, show_progress=False)
     figures = guarded.provenance.passes[-1].figures
     assert figures["criteria_met"]
@@ -176,7 +176,7 @@ def test_float_fallback_keeps_fp16_weights_and_loads_in_ort(tmp_path):
     assert weight.data_type == TensorProto.FLOAT16  # ORT may fold the Cast in memory; the file keeps fp16
     assert files[True].stat().st_size < files[False].stat().st_size - 0.75 * 16 * 16 * 2
     x = calibration["x"][:64]
-    expected, actual = (modelpress.runtime.run(modelpress.runtime.make_session(m), {"x": x})[0] for m in (model, files[True]))
+    expected, actual = (modelpress.runtime.session.run(modelpress.runtime.session.make_session(m), {"x": x})[0] for m in (model, files[True]))
     cosines = np.sum(expected * actual, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1))
     assert cosines.mean() > 0.99
 

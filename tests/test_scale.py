@@ -15,8 +15,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress.data import index_limits, sample_inputs
-from modelpress.runtime import make_session, run
+from modelpress.data.samples import index_limits, sample_inputs
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import tiny_cnn
 
 
@@ -253,7 +253,7 @@ def test_round_to_nearest_is_bit_identical_to_onnxruntime(symmetric):
 def test_progress_prints_log_lines_when_stderr_is_not_a_terminal(monkeypatch, capsys):
     import time
 
-    from modelpress.progress import progress_bar
+    from modelpress.base.progress import progress_bar
 
     monkeypatch.delenv("MODELPRESS_PROGRESS", raising=False)
     monkeypatch.setenv("MODELPRESS_PROGRESS_INTERVAL", "0.05")

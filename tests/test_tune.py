@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import modelpress
-from modelpress.tuning.space import default_space
+from modelpress.app.tuning.space import default_space
 from tests.conftest import ROOT, run_cli
 
 ray = pytest.importorskip("ray", reason="needs the distributed extra")
@@ -48,7 +48,7 @@ def data(digits, tmp_path_factory):
 
 
 def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    from modelpress.runtime import make_session, run
+    from modelpress.runtime.session import make_session, run
 
     return run(make_session(path), {"x": x})[0]
 
@@ -225,7 +225,7 @@ def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, t
 
 
 def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, digits, tmp_path):
-    from modelpress.tuning.trial import run_trial
+    from modelpress.app.tuning.trial import run_trial
 
     np.savez(tmp_path / "train.npz", x=digits["x_train"], labels=digits["y_train"])
     blobs = {"eval": (data / "eval.npz").read_bytes(), "train": (tmp_path / "train.npz").read_bytes(), "calibration": None}
@@ -270,8 +270,8 @@ def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_m
 def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
     # two jobs on two CPUs: each one's ORT sessions, torch and BLAS must use one thread, or they oversubscribe the cores
     pytest.importorskip("torch")
-    from modelpress.tuning.executor import RayExecutor
-    from modelpress.tuning.trial import prepare_worker
+    from modelpress.app.tuning.executor import RayExecutor
+    from modelpress.app.tuning.trial import prepare_worker
     from tests.tune_helpers import thread_pools
 
     executor = RayExecutor(2)
@@ -291,7 +291,7 @@ def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
 
 
 def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
-    from modelpress.tuning.executor import RayExecutor
+    from modelpress.app.tuning.executor import RayExecutor
     from tests.tune_helpers import fail_after_work
 
     executor = RayExecutor(1)
@@ -307,13 +307,13 @@ def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
 
 
 def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
-    from modelpress.tuning.study import measure_sensitivity
+    from modelpress.app.tuning.study import measure_sensitivity
 
     ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), (data / "calib.npz").read_bytes())
     layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
     assert set(ranking) == layers
     # the fallback ladder along it keeps at most all but one in float: with every weighted layer excluded int8-static refuses
-    from modelpress.tuning.space import Fallback
+    from modelpress.app.tuning.space import Fallback
 
     steps = Fallback().steps(len(ranking))
     assert steps[0] == 0 and steps[-1] == len(layers) - 1 and steps == sorted(set(steps))

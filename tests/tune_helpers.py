@@ -21,7 +21,7 @@ def thread_pools(model_path: str) -> dict[str, int]:
     import torch
     from threadpoolctl import threadpool_info
 
-    from modelpress.runtime import make_session
+    from modelpress.runtime.session import make_session
 
     session = make_session(model_path)
     pools = {"ort": session.get_session_options().intra_op_num_threads, "torch": torch.get_num_threads(),

@@ -1,5 +1,5 @@
 """Scoring a quantized candidate against the float model on the calibration data, by the
-per-output criteria of :mod:`modelpress.criteria` (the ones export verification uses too).
+per-output criteria of :mod:`modelpress.evaluation.criteria` (the ones export verification uses too).
 
 Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as
 whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of

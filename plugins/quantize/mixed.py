@@ -12,7 +12,7 @@ shortest prefix of that ranking that
   longest prefix that fits, chosen from byte counts alone (no evaluation);
 * ``max_drop``: keeps every output within the drop of the float model on the calibration data
   (cosine / agreement >= 1 - max_drop, relative error <= max_drop, by the outputs' kinds as
-  :mod:`modelpress.criteria` infers them), found by bisection over the prefix length with at most
+  :mod:`modelpress.evaluation.criteria` infers them), found by bisection over the prefix length with at most
   ``max_evaluations`` whole-model runs.
 
 With both, the smallest prefix meeting ``max_drop`` is taken if it fits ``target_size``; otherwise the

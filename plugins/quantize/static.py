@@ -8,7 +8,7 @@ Relu/Clip, which ORT folds into the quantization).
 
 Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
 inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
-(:mod:`.selection`). The result is judged per output by :mod:`modelpress.criteria` on the
+(:mod:`.selection`). The result is judged per output by :mod:`modelpress.evaluation.criteria` on the
 calibration data; if it misses, :mod:`.sensitivity` scores every node's local error in one ORT
 session, ranks nodes by error per byte of weight, and bisects over that ranking (a few
 whole-model runs) for the fewest nodes to move to int8 weight-only, then to float (their weights

@@ -1,0 +1,259 @@
+"""Running one method on a model: option validation, isolation of the input, provenance, hooks."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.base.errors import (
+    ModelpressError,
+    NoGainError,
+    PluginError,
+    UnknownMethodError,
+    one_line,
+)
+from modelpress.ir.model import Model
+from modelpress.ir.provenance import PassRecord, figure_problem
+from modelpress.plugin.methods import Method, Options, PassContext
+from modelpress.plugin.registry import Registry, get_registry
+
+__all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
+
+# Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
+# compatibility; the registry's ``Kind.smaller`` is what is used.
+SIZE_KINDS = frozenset({"quantize"})
+# NOTE: below this, the serialised size (weights + graph) is measured; above, the graph's
+# overhead is negligible next to the weights and serialising would hold a second copy.
+_SERIALISE_LIMIT = 64_000_000
+
+
+def _fingerprint(model: Model) -> tuple[object, ...]:
+    """Cheap structural identity of a model: its nodes, their wiring and initializer tensors."""
+    graph = model.ir.graph
+    nodes = tuple(
+        (id(n), n.op_type, tuple(id(v) for v in n.inputs), tuple(v.name for v in n.outputs)) for n in graph
+    )
+    inits = tuple((name, id(v.const_value)) for name, v in graph.initializers.items())
+    return nodes, inits, tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs)
+
+
+def model_bytes(model: Model) -> int:
+    """The size the model's file will have (serialised), or its weight bytes for big models."""
+    weights = model.weight_bytes()
+    if weights > _SERIALISE_LIMIT:
+        return weights
+    # NOTE: external tensors serialise as references: their bytes (in the data file) count too.
+    external = sum(
+        int(v.const_value.nbytes) for g in model.ir.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+    )
+    return int(ir.serde.serialize_model(model.ir).ByteSize()) + external
+
+
+def _content(model: Model) -> tuple[object, ...]:
+    """What a method can change: nodes (op, wiring by name, attributes) and weight tensors.
+    A clone shares the tensors, so an untouched weight keeps its identity."""
+    nodes = tuple(
+        (n.op_type, n.domain, tuple(v.name if v is not None else None for v in n.inputs), tuple(v.name for v in n.outputs),
+         tuple((k, repr(a.value)) for k, a in n.attributes.items() if a.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)))
+        for n in model.ir.graph.all_nodes()
+    )
+    return nodes, tuple(v.name for v in model.graph.inputs), tuple(v.name for v in model.graph.outputs)
+
+
+def _tensors(model: Model) -> dict[str, Any]:
+    return {name: v.const_value for g in model.ir.graphs() for name, v in g.initializers.items()}
+
+
+def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
+    """Same names and values. A clone shares tensors, so only replaced ones are compared by value."""
+    if before.keys() != after.keys():
+        return False
+    for name, old in before.items():
+        new = after[name]
+        if new is old:
+            continue
+        if old is None or new is None or old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+            return False
+        if not np.array_equal(old.numpy(), new.numpy()):
+            return False
+    return True
+
+
+def _no_gain(smaller: bool, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
+    """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
+    if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
+        return "the result is identical to the input (the method changed nothing)"
+    if smaller:
+        size_in, size_out = model_bytes(model), model_bytes(result)
+        figures.update({"model_bytes_before": size_in, "model_bytes_after": size_out})
+        if size_out >= size_in:
+            return f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
+    return None
+
+
+def _smaller(registry: Registry, kind: str) -> bool:
+    """Whether results of ``kind`` must be smaller files (a method passed directly may bring a new kind)."""
+    try:
+        return registry.kind(kind).smaller
+    except UnknownMethodError:
+        return False
+
+
+def apply(
+    model: Model,
+    method: str | Method,
+    *,
+    kind: str | None = None,
+    options: dict[str, Any] | Options | None = None,
+    calibration: Any = None,
+    train: Any = None,
+    eval: Any = None,
+    show_progress: bool = True,
+    registry: Registry | None = None,
+    extra: dict[str, Any] | None = None,
+    allow_no_gain: bool = False,
+    stage: str | None = None,
+    **more_options: Any,
+) -> Model:
+    """Apply a registered method to ``model`` and return the result; ``model`` is not changed.
+
+    ``options`` (or keyword arguments) are validated against the method's schema before any
+    work starts. Errors raised inside a plugin become :class:`PluginError` naming the plugin and
+    method. ``extra`` carries objects a method needs that are not options (e.g. a student model).
+    The result's provenance records the method, its options, its plugin and version,
+    its wall time and the figures it reported.
+
+    A result with no gain (a quantize method's result not smaller than its input, or any method
+    that changed nothing) raises :class:`NoGainError` saying so in one line, unless
+    ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
+
+    Observers get a fresh ``pass_id`` for each call and ``stage`` (the recipe stage's name when
+    :func:`modelpress.compress` runs it; None otherwise).
+    """
+    registry = registry or get_registry()
+    if not isinstance(model, Model):
+        raise TypeError(f"apply() takes a modelpress.Model, not {type(model).__name__}; use modelpress.load() first")
+    m = method if isinstance(method, Method) else registry.method(method, kind)
+    raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
+    raw.update(more_options)
+    opts = m.validate_options(raw)
+    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
+
+    content_before = (_content(model), _tensors(model))
+    where = {"pass_id": uuid.uuid4().hex[:12], "stage": stage}
+    result, seconds = _run_pass(m, model, opts, ctx, where)
+    _check_figures(m, ctx.figures)
+    no_gain = _no_gain(_smaller(registry, m.kind), model, result, content_before, ctx.figures)
+    if no_gain is not None:
+        message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
+        if not allow_no_gain:
+            error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
+            registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
+            raise error
+        ctx.figures["no_gain"] = no_gain
+    record = _record(m, model, result, opts, seconds, ctx.figures)
+    registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
+    return result
+
+
+def _label(m: Method) -> str:
+    """How errors name a method: ``kind/name (plugin NAME VERSION)``."""
+    return f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
+
+
+def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: dict[str, Any]) -> tuple[Model, float]:
+    """Run the method (on a clone when it mutates) between the start and error hooks; returns the
+    result, checked against the method's ``mutates`` contract, and the wall time."""
+    registry = ctx.registry
+    label = _label(m)
+    work = model.clone() if m.mutates else model
+    before = None if m.mutates else _fingerprint(model)
+    registry.hook.modelpress_pass_start(method=m, model=model, options=opts, **where)
+    start = time.perf_counter()
+    try:
+        returned = m.apply(work, opts, ctx)
+    except (KeyboardInterrupt, ModelpressError) as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
+        if isinstance(exc, ModelpressError) and m.plugin and m.plugin not in str(exc):
+            exc.args = (f"{label}: {exc}", *exc.args[1:])
+        raise
+    except Exception as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
+        raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
+    seconds = time.perf_counter() - start
+    return _honours_contract(m, model, work, returned, before), seconds
+
+
+def _honours_contract(m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None) -> Model:
+    """The pass's result, if the method kept its ``mutates`` promise: edit the clone it was given
+    and return None (mutates=True), or return a new model and leave its input alone (mutates=False)."""
+    label = _label(m)
+    if m.mutates:
+        if returned is not None and returned is not work:
+            raise PluginError(f"{label} declares mutates=True but returned a new model; edit the model it was given and return None", plugin=m.plugin, method=m.name)
+        return work
+    if not isinstance(returned, Model):
+        raise PluginError(f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model", plugin=m.plugin, method=m.name)
+    if returned is model or _fingerprint(model) != before:
+        raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
+    return returned
+
+
+def _check_figures(m: Method, figures: dict[str, Any]) -> None:
+    for key, value in figures.items():
+        problem = figure_problem(value)
+        if problem is not None:
+            raise PluginError(f"{_label(m)} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
+
+
+def _record(m: Method, model: Model, result: Model, opts: Options, seconds: float, figures: dict[str, Any]) -> PassRecord:
+    """Record the pass in the result's provenance; the result's reference is the input's (or the input)."""
+    record = PassRecord(
+        kind=m.kind,
+        method=m.name,
+        options=opts.model_dump(mode="json"),
+        plugin=m.plugin or "local",
+        plugin_version=m.plugin_version,
+        seconds=round(seconds, 4),
+        figures=dict(figures),
+    )
+    result.provenance = model.provenance.with_pass(record)
+    result.reference = model.reference if model.reference is not None else model
+    result.path = model.path
+    return record
+
+
+def quantize(model: Model, method: str = "int8-static", *, calibration: Any = None, **options: Any) -> Model:
+    """``apply(model, method, kind="quantize", ...)``: quantize with an installed method
+    (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
+    ``codebook``, or one from a plugin). ``calibration`` is data in the usual convention."""
+    return apply(model, method, kind="quantize", calibration=calibration, **options)
+
+
+def prune(model: Model, method: str = "magnitude", *, data: Any = None, **options: Any) -> Model:
+    """``apply(model, method, kind="prune", ...)``: prune with an installed method (``magnitude``,
+    ``n:m``, ``channel``, or one from a plugin). ``data`` (inputs and optionally ``labels``) feeds
+    fine-tuning and the data-driven criteria."""
+    return apply(model, method, kind="prune", train=data, **options)
+
+
+def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **options: Any) -> Model:
+    """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
+    to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
+    (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
+    by channel pruning. Returns the trained student; its reference is the teacher. ``registry=``
+    (among the options) is the one the student is loaded and the pass run with."""
+    from modelpress.plugin.loading import load
+
+    method = options.pop("method", "kd")
+    extra = {}
+    if isinstance(student, str) and student == "auto":
+        options.setdefault("student", "auto")
+    else:
+        extra["student"] = load(student, registry=options.get("registry"))  # NOTE: the adapters of the registry the pass runs in
+        options.setdefault("student", "given")
+    return apply(teacher, method, kind="distill", train=data, extra=extra, **options)

@@ -1,0 +1,241 @@
+"""The compression report: a terminal table, ``report.md``, ``report.json`` and ``report.html``.
+
+The table has the shape people know from papers: stage | metric | size | ratio | latency | time.
+The HTML report embeds an SVG chart of the metric against the size, one point per stage.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from modelpress.app.compress import StageMetrics
+
+__all__ = ["LATENCY_TOLERANCE", "Report", "figure_text", "write_reports"]
+
+# NOTE: figures a kind declares that the report measures itself on every stage (size, parameters):
+# shown once, as measured, not again as the method reported them.
+_MEASURED = frozenset({"model_bytes_before", "model_bytes_after", "parameters", "parameters_before", "parameters_after", "size_bytes"})
+
+# NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged.
+LATENCY_TOLERANCE = 0.05
+
+
+def figure_text(value: Any) -> str:
+    """Figures for people: a {node: reason} dict (``float_nodes``, ``weight_only_nodes``) as a count
+    and its names grouped by reason; anything else as ``str``."""
+    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+        return str(value)
+    groups: dict[str, list[str]] = {}
+    for name, reason in value.items():
+        groups.setdefault(reason.split(":")[0], []).append(name)
+    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
+    return f"{len(value)} — " + "; ".join(parts)
+
+
+def _is_reasons(value: Any) -> bool:
+    return isinstance(value, dict) and bool(value) and all(isinstance(v, str) for v in value.values())
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.3f}"
+
+
+@dataclass
+class Report:
+    title: str
+    metric: str
+    stages: list[StageMetrics] = field(default_factory=list)
+    status: str = "running"
+    # NOTE: {kind: the figure keys it reports} from the registry (Kind.columns); each stage's kind
+    # contributes its columns, so a factorize stage shows its rank, not a meaningless sparsity.
+    kind_columns: dict[str, tuple[str, ...]] = field(default_factory=dict)
+
+    def add(self, stage: StageMetrics) -> None:
+        self.stages.append(stage)
+
+    # -- rows ------------------------------------------------------------------------------
+    def columns(self) -> list[str]:
+        latency = list(self.stages[0].latency_ms) if self.stages else []
+        packed = ["packed size (MB)", "ratio (packed)"] if self._packed() else []
+        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", *packed, "parameters", *self.figure_columns(), *[f"latency {k} ms" for k in latency], "time (s)"]
+
+    def figure_columns(self) -> list[str]:
+        """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured
+        on every stage; another column is shown when at least one stage reported that figure
+        (sizes and parameter counts are measured columns already, so they are not repeated).
+        Without kind information (a bare Report) it is ``sparsity`` alone, as before kinds were open."""
+        if not self.kind_columns:
+            return ["sparsity"]
+        wanted: dict[str, None] = {}
+        for s in self.stages:
+            for column in self.kind_columns.get(s.kind, ()):
+                if column in _MEASURED:
+                    continue
+                if column == "sparsity" or any(column in t.figures for t in self.stages):
+                    wanted.setdefault(column)
+        return list(wanted)
+
+    @staticmethod
+    def _figure_cell(s: StageMetrics, column: str) -> str:
+        if column == "sparsity":
+            return f"{s.sparsity:.1%}"
+        value = s.figures.get(column)
+        if value is None:
+            return "-"
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return str(value)[:40]
+        return f"{value:,}" if isinstance(value, int) else f"{value:.4g}"
+
+    def _packed(self) -> bool:
+        return any(s.packed_bytes is not None for s in self.stages)
+
+    def regressions(self) -> dict[str, list[str]]:
+        """Per stage, where it is worse than the stage before it: bigger on disk, or slower by more
+        than ``LATENCY_TOLERANCE`` at a measured batch size (e.g. int8 QDQ at batch 64 on a CPU
+        without fast integer kernels). A user reads "compressed" as smaller and faster: say so."""
+        found: dict[str, list[str]] = {}
+        for before, s in zip(self.stages, self.stages[1:], strict=False):
+            notes = []
+            if s.size_bytes > before.size_bytes:
+                notes.append(f"bigger than '{before.stage}' ({_mb(s.size_bytes)} vs {_mb(before.size_bytes)} MB)")
+            for key, ms in s.latency_ms.items():
+                previous = before.latency_ms.get(key)
+                if previous and ms > previous * (1 + LATENCY_TOLERANCE):
+                    notes.append(f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms)")
+            if notes:
+                found[s.stage] = notes
+        return found
+
+    def rows(self) -> list[list[str]]:
+        if not self.stages:
+            return []
+        base = self.stages[0].size_bytes
+        worse = self.regressions()
+        figure_columns = self.figure_columns()
+        rows = []
+        for s in self.stages:
+            value = "-" if s.value is None else f"{s.value:.4f}"
+            # NOTE: a stage with no gain (not smaller, or nothing changed), or bigger or slower than the
+            # stage before it, is flagged where it is read.
+            label = f"{s.stage} [NO GAIN]" if s.figures.get("no_gain") else s.stage
+            if s.stage in worse:
+                kinds = sorted({note.split()[0] for note in worse[s.stage]})
+                label += " [" + ", ".join(kinds) + "]"
+            packed: list[str] = []
+            if self._packed():
+                packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
+            rows.append([
+                label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
+                *[self._figure_cell(s, c) for c in figure_columns], *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
+            ])
+        return rows
+
+    # -- renderings ------------------------------------------------------------------------
+    def table(self) -> Any:
+        from rich.markup import escape
+        from rich.table import Table
+
+        table = Table(title=f"{self.title} ({self.status})", title_justify="left")
+        for i, col in enumerate(self.columns()):
+            table.add_column(col, justify="left" if i == 0 else "right")
+        for row in self.rows():
+            table.add_row(*(escape(c) for c in row))
+        return table
+
+    def markdown(self) -> str:
+        cols = self.columns()
+        lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
+        lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). Latency: ONNX Runtime, CPU, median."]
+        lines += [f"\n**No gain at {s.stage}**: {s.figures['no_gain']}" for s in self.stages if s.figures.get("no_gain")]
+        lines += [f"\n**{stage}** is {'; '.join(notes)}." for stage, notes in self.regressions().items()]
+        for s in self.stages[1:]:
+            if s.figures:
+                # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
+                reasons = {k: v for k, v in s.figures.items() if _is_reasons(v)}
+                rest = {k: v for k, v in s.figures.items() if k not in reasons}
+                lines += ["", f"## {s.stage}", ""] + [f"- **{k}**: {figure_text(v)}" for k, v in reasons.items()]
+                lines += ["", "```json", json.dumps(rest, indent=1, default=str)[:4000], "```"]
+        return "\n".join(lines) + "\n"
+
+    def to_json(self) -> dict[str, Any]:
+        return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages],
+                "regressions": self.regressions()}
+
+    def svg_chart(self, width: int = 560, height: int = 320, legend: int = 240) -> str:
+        points = [(s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None]
+        if not points:
+            return ""
+        pad = 50
+        xs = [p[0] for p in points]
+        ys = [p[1] for p in points]
+        x0, x1 = 0.0, max(xs) * 1.1 or 1.0
+        y0, y1 = min(ys), max(ys)
+        if y1 - y0 < 1e-9:
+            y0, y1 = y0 - 0.05, y1 + 0.05
+        margin = (y1 - y0) * 0.15
+        y0, y1 = y0 - margin, y1 + margin
+
+        def sx(v: float) -> float:
+            return pad + (v - x0) / (x1 - x0) * (width - 2 * pad)
+
+        def sy(v: float) -> float:
+            return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)
+
+        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + legend}" height="{height}" font-family="sans-serif" font-size="11">',
+                 f'<rect width="{width + legend}" height="{height}" fill="white"/>',
+                 f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+                 f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">size (MB)</text>',
+                 f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>']
+        for i in range(5):
+            xv = x0 + (x1 - x0) * i / 4
+            yv = y0 + (y1 - y0) * i / 4
+            parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
+            parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
+        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in points)
+        parts.append(f'<polyline points="{path}" fill="none" stroke="#4a7fb0" stroke-dasharray="4 3"/>')
+        # NOTE: points are numbered and named in a legend: stage names next to close points overlap
+        for i, (x, y, label) in enumerate(points):
+            parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d0553f"/>')
+            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-weight="bold">{i}</text>')
+            parts.append(f'<text x="{width}" y="{pad + 16 * i:.1f}">{i}: {html.escape(label)}</text>')
+        parts.append("</svg>")
+        return "".join(parts)
+
+    def html(self) -> str:
+        cols = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
+        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        return (
+            "<!doctype html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title>"
+            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
+            f"</head><body><h1>{html.escape(self.title)}</h1><p>Status: {html.escape(self.status)}</p>"
+            f"<table><tr>{cols}</tr>{body}</table><h2>{html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
+            "<p>Sizes are the ONNX files on disk. Latency: ONNX Runtime on CPU, median of repeated runs.</p></body></html>\n"
+        )
+
+    def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
+        """Write report.md/.json/.html into ``folder`` (each atomically)."""
+        return write_reports(folder, self.markdown(), self.to_json(), self.html())
+
+
+def write_reports(folder: str | os.PathLike[str], markdown: str, data: Any, html_text: str) -> dict[str, Path]:
+    """``report.md``, ``report.json`` and ``report.html`` into ``folder``, each written atomically."""
+    target = Path(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    written = {}
+    for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=1, default=str)), ("report.html", html_text)):
+        path = target / name
+        tmp = target / f".{name}.tmp"
+        tmp.write_text(text)
+        os.replace(tmp, path)
+        written[name] = path
+    return written

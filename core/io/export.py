@@ -1,0 +1,359 @@
+"""Writing a model to ONNX atomically, and verifying it in ONNX Runtime."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.base.errors import (
+    DataError,
+    ExportError,
+    InvalidModelError,
+    ModelpressError,
+    VerificationError,
+)
+from modelpress.base.progress import progress_bar
+from modelpress.data.samples import index_limits, load_dataset, sample_inputs
+from modelpress.evaluation.comparison import Comparison, compare_outputs, default_min_cosine
+from modelpress.evaluation.criteria import infer_criteria
+from modelpress.io.safety import model_files, refuse_overwrite
+from modelpress.ir.model import Model
+from modelpress.plugin.registry import Registry, get_registry
+from modelpress.runtime.session import (
+    INLINE_LIMIT_BYTES,
+    external_folders,
+    in_memory_bytes,
+    make_session,
+    release_free_memory,
+    run,
+)
+
+__all__ = ["ExportResult", "export", "verify"]
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What :func:`export` wrote and measured (``verification_seconds``: time spent verifying)."""
+
+    path: Path
+    size_bytes: int
+    external_data: Path | None
+    verification: Comparison | None
+    verification_seconds: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "size_bytes": self.size_bytes,
+            "external_data": str(self.external_data) if self.external_data else None,
+            "verification": self.verification.to_dict() if self.verification else None,
+            "verification_seconds": self.verification_seconds,
+        }
+
+
+def _feeds(model: Model, sample: Any) -> dict[str, np.ndarray]:
+    signature = model.signature
+    if sample is not None:
+        return load_dataset(sample, signature, what="sample").inputs
+    feeds = sample_inputs(signature, batch=2, limits=index_limits(model.ir.graph))
+    for spec in signature.inputs:
+        declared = spec.shape or ()
+        got = feeds[spec.name].shape
+        if any(isinstance(d, int) and d >= 0 and d != g for d, g in zip(declared, got, strict=False)):
+            raise DataError(
+                f"input {spec.describe()} of model {model.name!r} is declared too large to generate a sample for "
+                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample FILE, or skip it with verify=False / --no-verify"
+            )
+    return feeds
+
+
+def verify(
+    model: Model,
+    *,
+    session: Any = None,
+    reference: Model | None = None,
+    sample: Mapping[str, np.ndarray] | Any = None,
+    atol: float | None = None,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
+    criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
+) -> Comparison:
+    """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
+
+    ``reference`` defaults to ``model.reference`` (the model as imported, before any pass), or
+    the model itself; it runs from its own weights (memory-mapped external data stays where it
+    is; nothing is copied). ``sample`` is any data :func:`modelpress.data.samples.load_dataset` accepts;
+    by default realistic inputs are generated from the signature (token ids within the embedding
+    table, sequences of 16, batch 2). Non-finite outputs are always an error. Without explicit
+    thresholds, a default minimum cosine for the methods applied is enforced
+    (:func:`modelpress.evaluation.comparison.default_min_cosine`), so a broken result does not pass. Each output
+    is also judged as :mod:`modelpress.evaluation.criteria` decides (agreement for classifiers, cosine for
+    embeddings and maps, relative error for regression; ``criteria`` overrides it per output
+    name), the same definition the quantizer uses. ``accept_loss=True`` skips the per-method
+    default threshold (explicit thresholds still apply): for a result knowingly kept although it
+    misses its accuracy criteria (the CLI's ``--accept-loss``).
+    """
+    reference = reference or model.reference or model
+    feeds = _feeds(model, sample)
+    actual = run(session or make_session(model), feeds)
+    session = None  # NOTE: the output's session is released before the reference's is built
+    expected = actual if reference is model else _reference_outputs(reference, feeds)
+    return _against_reference(model, reference, expected, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
+                              criteria=criteria, accept_loss=accept_loss)
+
+
+def _reference_outputs(reference: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+    """The reference's outputs, its session (its weights read from their own files) freed at once."""
+    session = make_session(reference, prepack=False)
+    try:
+        return run(session, feeds)
+    finally:
+        del session
+
+
+def _against_reference(
+    model: Model, reference: Model, expected: list[np.ndarray], actual: list[np.ndarray], *,
+    atol: float | None, min_cosine: float | None, min_agreement: float | None, criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
+) -> Comparison:
+    judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=criteria)
+    comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
+    if atol is None and min_cosine is None and min_agreement is None and reference is not model and not accept_loss:
+        min_cosine = default_min_cosine(model.provenance)
+    failures = []
+    if not comparison.finite:
+        failures.append("outputs contain NaN or infinite values")
+    if atol is not None and comparison.max_abs_diff > atol:
+        failures.append(f"max |diff| {comparison.max_abs_diff:.3g} > atol {atol:g}")
+    if min_cosine is not None and comparison.cosine < min_cosine:
+        failures.append(f"cosine {comparison.cosine:.6f} < {min_cosine:g}")
+    if min_agreement is not None and (comparison.top1_agreement or 0.0) < min_agreement:
+        failures.append(f"top-1 agreement {comparison.top1_agreement} < {min_agreement:g}")
+    if failures:
+        raise VerificationError(f"model {model.name!r} fails verification against its reference: {'; '.join(failures)}")
+    return comparison
+
+
+def _output_session(staged: Path, target: Path, *, prepack: bool) -> Any:
+    try:
+        return make_session(staged, prepack=prepack)
+    except InvalidModelError as exc:
+        raise ExportError(f"{exc} — nothing was written to {str(target)!r}") from exc.__cause__
+
+
+def _raw_tensor(external: ir.ExternalTensor) -> ir.TensorProtocol:
+    """An in-memory copy of an external tensor, stored as before (4-bit types packed two per byte)."""
+    raw = np.frombuffer(external.tobytes(), np.uint8)
+    external.release()
+    if external.dtype.bitwidth == 4:
+        return ir.PackedTensor(raw, external.dtype, shape=external.shape, name=external.name)
+    array = raw.view(external.dtype.numpy()).reshape(external.shape.numpy())
+    return ir.Tensor(array, dtype=external.dtype, name=external.name)
+
+
+@contextlib.contextmanager
+def _held_on_disk(model: Model, staged: Path | None, *others: Model | None) -> Iterator[None]:
+    """For the block's duration, the model's big in-memory initializers are the copies just
+    written to ``staged``'s external data (read lazily), their arrays freed; afterwards they are
+    read back into memory, so the model is as it was. ``staged=None``: nothing to do."""
+    if staged is None:
+        yield
+        return
+    written = {name: v.const_value for name, v in ir.load(staged).graph.initializers.items()
+               if isinstance(v.const_value, ir.ExternalTensor)}
+    # NOTE: a tensor the model shares with another (its reference: weights no pass touched) stays:
+    # reading it back would leave two copies where there was one.
+    shared = {id(v.const_value) for m in (model.reference, *others) if m is not None and m is not model
+              for v in m.ir.graph.initializers.values()}
+    swapped: list[tuple[ir.Value, ir.ExternalTensor]] = []
+    for name, value in model.ir.graph.initializers.items():
+        tensor, external = value.const_value, written.get(name)
+        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or external is None or tensor.nbytes <= 1024 or id(tensor) in shared
+                or external.dtype != tensor.dtype or external.nbytes != tensor.nbytes):
+            continue
+        value.const_value = external
+        swapped.append((value, external))
+    tensor = None  # NOTE: the last array swapped out is freed too
+    release_free_memory()
+    try:
+        yield
+    finally:
+        for value, external in swapped:
+            value.const_value = _raw_tensor(external)
+
+
+_verify = verify  # NOTE: export's `verify` flag shadows the function inside export().
+
+
+def _use_external(model: Model, reference: Model | None, external_data: bool | str | None) -> bool:
+    if external_data in (None, "auto"):
+        sources = [model.ir] + [m.ir for m in (reference, model.reference) if m is not None]
+        return model.weight_bytes() >= INLINE_LIMIT_BYTES or any(external_folders(m) for m in sources)
+    if isinstance(external_data, bool):
+        return external_data
+    raise ExportError(f"external_data must be 'auto', True or False, not {external_data!r}")
+
+
+def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_progress: bool) -> None:
+    with model.stamped() as stamped:
+        if use_external:
+            # NOTE: onnx_ir streams every tensor (untouched external ones included, read from their
+            # memory maps) into the output's own data file, so the output never points at the source's.
+            count = sum(1 for g in stamped.graphs() for v in g.initializers.values() if v.const_value is not None and v.const_value.nbytes > 1024)
+            with progress_bar(f"saving {staged.name}", total=count, enabled=show_progress) as advance:
+                ir.save(stamped, staged, external_data=data_name, size_threshold_bytes=1024, callback=lambda _t, _i: advance(1))
+        else:
+            if in_memory_bytes(model) + sum(
+                int(v.const_value.nbytes) for g in stamped.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+            ) >= 2**31 - 2**24:
+                raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use external_data=True / --external-data always")
+            with model.inlined(), progress_bar(f"saving {staged.name}", enabled=show_progress):
+                ir.save(stamped, staged)
+
+
+def _checked_target(model: Model, target: Path, overwrite: bool) -> Path:
+    """The folder ``target`` goes into, once the target is known to be writable there (no
+    overwriting the model's own files, not a folder, its folder exists)."""
+    refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
+    if target.is_dir():
+        raise ExportError(f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx")
+    parent = target.parent if str(target.parent) else Path(".")
+    if not parent.is_dir():
+        raise ExportError(f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist")
+    return parent
+
+
+def _staging_folder(target: Path, parent: Path) -> Path:
+    """A fresh temporary folder beside ``target`` (same file system: the final move is a rename)."""
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    except OSError as exc:
+        raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
+
+
+def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, show_progress: bool) -> None:
+    """Save the model to ``staged`` (its external data, if any, beside it as ``<target name>.data``)."""
+    try:
+        _save(model, staged, target.name + ".data", use_external, show_progress)
+    except (OSError, ValueError) as exc:
+        raise ExportError(f"cannot write {str(target)!r}: {exc}") from exc
+
+
+def _verify_staged(
+    model: Model, staged: Path, target: Path, *, sample: Any, reference: Model | None, show_progress: bool, checks: dict[str, Any],
+) -> Comparison:
+    """Run the staged file and its reference on the same inputs and judge the outputs (``checks``:
+    the thresholds and criteria of :func:`verify`); a failure says nothing was written."""
+    try:
+        with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
+            feeds = _feeds(model, sample)
+            chosen = reference or model.reference or model
+            expected = None if chosen is model else _reference_outputs(chosen, feeds)
+            advance(1)
+            # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
+            # quantized weights are small; the fp32 reference is the one not worth packing
+            actual = run(_output_session(staged, target, prepack=True), feeds)
+            comparison = _against_reference(model, chosen, actual if expected is None else expected, actual, **checks)
+            advance(1)
+            return comparison
+    except ModelpressError as exc:
+        if "nothing was written" in str(exc):  # NOTE: the output's session says so already
+            raise
+        raise type(exc)(f"{exc} — nothing was written to {str(target)!r}") from exc
+
+
+def _move_into_place(tmp: Path, staged: Path, target: Path, use_external: bool) -> Path | None:
+    """Rename the staged file (and its external data, if any) to ``target``; returns the data file."""
+    data_name = target.name + ".data"
+    data_target = None
+    if use_external and (tmp / data_name).exists():
+        data_target = target.with_name(data_name)
+        os.replace(tmp / data_name, data_target)
+    os.replace(staged, target)
+    return data_target
+
+
+def _report(
+    model: Model, target: Path, data_target: Path | None, comparison: Comparison | None, seconds: float | None, registry: Registry,
+) -> ExportResult:
+    """What was written and measured, told to ``registry``'s ``modelpress_export_finish`` observers."""
+    result = ExportResult(
+        path=target,
+        size_bytes=target.stat().st_size + (data_target.stat().st_size if data_target else 0),
+        external_data=data_target,
+        verification=comparison,
+        verification_seconds=seconds,
+    )
+    registry.hook.modelpress_export_finish(model=model, result=result)
+    return result
+
+
+def export(
+    model: Model,
+    path: str | os.PathLike[str],
+    *,
+    verify: bool = True,
+    sample: Any = None,
+    reference: Model | None = None,
+    external_data: bool | str | None = "auto",
+    atol: float | None = None,
+    min_cosine: float | None = None,
+    min_agreement: float | None = None,
+    criteria: Mapping[str, str] | None = None,
+    accept_loss: bool = False,
+    overwrite: bool = False,
+    show_progress: bool = True,
+    registry: Registry | None = None,
+) -> ExportResult:
+    """Write ``model`` to ``path`` as ONNX, load it back in ONNX Runtime and check it numerically.
+
+    The file is first written into a temporary folder beside ``path``; only when ORT loaded it
+    (and the checks passed) is it moved into place with an atomic rename. On any failure nothing
+    is left at ``path`` (an older file there stays untouched). The output is self-contained:
+    with ``external_data="auto"`` (default) its weights go to ``<name>.data`` beside it when the
+    source model had external data or the weights exceed ~1.5 GB, else they are inlined;
+    ``True``/``False`` force either. Weights no pass touched are streamed from the source's
+    files into the output's; nothing in the output refers to the source's files. Verification
+    (see :func:`verify`) runs the reference from its own file. The provenance (source, passes,
+    options, plugin versions) goes into ``metadata_props``. Writing over the file the model was
+    loaded from (or its external data) is refused unless ``overwrite=True``. ``registry`` (the
+    process-wide one by default) is the one whose ``modelpress_export_finish`` observers are told;
+    an observer that raises is a warning naming its plugin, the written file stays.
+    """
+    target = Path(path)
+    parent = _checked_target(model, target, overwrite)
+    use_external = _use_external(model, reference, external_data)
+    checks = {"atol": atol, "min_cosine": min_cosine, "min_agreement": min_agreement, "criteria": criteria, "accept_loss": accept_loss}
+
+    tmp: Path | None = None
+    comparison: Comparison | None = None
+    seconds: float | None = None
+    try:
+        tmp = _staging_folder(target, parent)
+        staged = tmp / target.name
+        _write_staged(model, staged, target, use_external, show_progress)
+        start = time.perf_counter()
+        # NOTE: while ORT holds a session, the weights this process holds for the model (a pass's
+        # results) are read back lazily from the file just written; one big thing at a time.
+        with _held_on_disk(model, staged if use_external else None, reference):
+            _output_session(staged, target, prepack=False)  # NOTE: ORT must load what was written (in ms: no pre-packing)
+            if verify:
+                comparison = _verify_staged(model, staged, target, sample=sample, reference=reference, show_progress=show_progress, checks=checks)
+                seconds = round(time.perf_counter() - start, 3)
+        data_target = _move_into_place(tmp, staged, target, use_external)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    return _report(model, target, data_target, comparison, seconds, registry or get_registry())

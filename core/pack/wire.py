@@ -1,0 +1,217 @@
+"""Writing an unpacked model without re-serialising it: the packed graph's wire bytes, spliced.
+
+A ``.mpk`` stores the graph as the serialised ``ModelProto`` with every packed tensor's
+``raw_data`` cleared. Unpacking used to parse that graph, put each tensor's bytes back into the
+proto and serialise the whole model again: three copies of every weight and a protobuf encoder
+pass, for bytes that are known up front. This module walks the protobuf *wire format* of the
+stored graph instead (only the messages on the way to tensors: model -> graph -> node ->
+attribute -> tensor, subgraphs included), and streams out the original bytes with each
+``raw_data`` field inserted where the encoder puts it (field 9 of ``TensorProto``, after the
+fields numbered below 9) and every enclosing length prefix rewritten.
+
+The result is byte for byte what ``SerializeToString`` gives for the filled proto (upb, like
+every protobuf runtime, writes known fields in field-number order); the tests compare both on
+models with subgraphs, ``Constant`` tensors and external data. Anything this walker does not
+expect (group wire types, a tensor count that differs from :func:`modelpress.pack.container._tensors`)
+makes :func:`tensor_spans` return ``None`` and the caller falls back to the proto path.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable, Iterator
+from typing import Any, BinaryIO
+
+__all__ = ["splice", "tensor_spans"]
+
+# field numbers (onnx.proto3)
+_MODEL_GRAPH = 7
+_GRAPH_NODE, _GRAPH_INITIALIZER = 1, 5
+_NODE_ATTRIBUTE = 5
+_ATTR_T, _ATTR_G, _ATTR_TENSORS, _ATTR_GRAPHS = 5, 6, 10, 11
+_TENSOR_RAW_DATA = 9
+_RAW_TAG = bytes([(_TENSOR_RAW_DATA << 3) | 2])
+
+
+class _Unexpected(Exception):
+    """The wire bytes are not what this walker handles: use the proto path."""
+
+
+def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(buf):
+            raise _Unexpected("truncated varint")
+        byte = buf[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+
+
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(field number, tag start, payload start, payload end)`` of each field of the message
+    in ``buf[start:end]``; the payload of a length-delimited field excludes its length prefix."""
+    pos = start
+    while pos < end:
+        tag_start = pos
+        key, pos = _varint(buf, pos)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            _, pos = _varint(buf, pos)
+            yield number, tag_start, tag_start, pos
+            continue
+        if wire == 2:
+            length, pos = _varint(buf, pos)
+            if pos + length > end:
+                raise _Unexpected("field runs past its message")
+            yield number, tag_start, pos, pos + length
+            pos += length
+            continue
+        if wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            yield number, tag_start, tag_start, pos
+            continue
+        raise _Unexpected(f"wire type {wire}")
+    if pos != end:
+        raise _Unexpected("message overruns its length")
+
+
+def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, int]]) -> None:
+    """Append the tensor spans of this graph and its subgraphs in ``_tensors`` order: graphs in
+    ``_graphs`` order (a graph, then its nodes' subgraphs depth first), each contributing its
+    initializers, then its nodes' attribute tensors."""
+    inits: list[tuple[int, int]] = []
+    attr_tensors: list[tuple[int, int]] = []
+    subgraphs: list[tuple[int, int]] = []
+    for number, _tag, p0, p1 in _fields(buf, start, end):
+        if number == _GRAPH_INITIALIZER:
+            inits.append((p0, p1))
+        elif number == _GRAPH_NODE:
+            for n_number, _t, a0, a1 in _fields(buf, p0, p1):
+                if n_number != _NODE_ATTRIBUTE:
+                    continue
+                for a_number, _t2, v0, v1 in _fields(buf, a0, a1):
+                    if a_number in (_ATTR_T, _ATTR_TENSORS):  # NOTE: t (5) then tensors (10), as _tensors yields them
+                        attr_tensors.append((v0, v1))
+                    elif a_number in (_ATTR_G, _ATTR_GRAPHS):
+                        subgraphs.append((v0, v1))
+    spans.extend(inits)
+    spans.extend(attr_tensors)
+    for g0, g1 in subgraphs:
+        _graph_order(buf, g0, g1, spans)
+
+
+def tensor_spans(graph: bytes | memoryview) -> list[tuple[int, int]] | None:
+    """The byte span of every ``TensorProto`` in the serialised model ``graph``, in the order of
+    :func:`modelpress.pack.container._tensors`; ``None`` if the bytes hold something unexpected."""
+    buf = memoryview(graph)
+    spans: list[tuple[int, int]] = []
+    try:
+        for number, _tag, p0, p1 in _fields(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH:
+                _graph_order(buf, p0, p1, spans)
+    except (_Unexpected, IndexError):
+        return None
+    return spans
+
+
+class _Lazy:
+    """A tensor's bytes, decoded only when written; its length is known beforehand."""
+
+    __slots__ = ("fill", "length")
+
+    def __init__(self, length: int, fill: Callable[[], bytes | memoryview]) -> None:
+        self.length, self.fill = length, fill
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __call__(self) -> bytes | memoryview:
+        data = self.fill()
+        if len(data) != self.length:
+            raise ValueError(f"a tensor decoded to {len(data)} bytes, not {self.length}")
+        return data
+
+
+Fill = tuple[int, Callable[[], "bytes | memoryview"]]
+
+
+def splice(graph: bytes | memoryview, fills: dict[int, Fill], out: BinaryIO) -> int:
+    """Write ``graph`` to ``out`` with ``raw_data`` put back into tensors. ``fills`` maps a tensor
+    span's start (from :func:`tensor_spans`) to ``(length, get_bytes)``; ``get_bytes`` is called
+    once per tensor, in file order, just before its bytes are written (so one decoded tensor is
+    held at a time). Returns the bytes written; ``ValueError`` on wire bytes it does not expect.
+
+    Protobuf writes lengths before contents, so the pieces are planned first (a tensor's length
+    is known from the manifest), then written in one pass.
+    """
+    buf = memoryview(graph)
+    try:
+        pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
+    except (_Unexpected, IndexError) as exc:
+        raise ValueError(f"cannot splice the graph's wire bytes: {exc}") from None
+    written = 0
+    for piece in pieces:
+        data = piece() if isinstance(piece, _Lazy) else piece
+        out.write(data)
+        written += len(data)
+    return written
+
+
+def _contains(starts: list[int], lo: int, hi: int) -> bool:
+    i = bisect_left(starts, lo)
+    return i < len(starts) and starts[i] <= hi
+
+
+# the fields of each message kind that lead to tensors, and the kind of message they hold
+_PATHS: dict[str, dict[int, str]] = {
+    "model": {_MODEL_GRAPH: "graph"},
+    "graph": {_GRAPH_NODE: "node", _GRAPH_INITIALIZER: "tensor"},
+    "node": {_NODE_ATTRIBUTE: "attr"},
+    "attr": {_ATTR_T: "tensor", _ATTR_TENSORS: "tensor", _ATTR_G: "graph", _ATTR_GRAPHS: "graph"},
+}
+
+
+def _plan(buf: memoryview, start: int, end: int, starts: list[int], fills: dict[int, Fill], *, depth: int, kind: str) -> list[Any]:
+    """The pieces of message ``buf[start:end]`` (a ``kind``) with its tensors filled: slices of
+    ``buf`` where nothing changes, re-encoded fields on the way to a filled tensor."""
+    if depth > 64:
+        raise _Unexpected("nesting deeper than 64")
+    if kind == "tensor":
+        return _tensor_pieces(buf, start, end, _Lazy(*fills[start]))
+    pieces: list[Any] = []
+    copied = start
+    paths = _PATHS[kind]
+    for number, tag, p0, p1 in _fields(buf, start, end):
+        child = paths.get(number)
+        if child is None or not _contains(starts, p0, p1) or (child == "tensor" and p0 not in fills):
+            continue
+        inner = _plan(buf, p0, p1, starts, fills, depth=depth + 1, kind=child)
+        key_end = _varint(buf, tag)[1]
+        pieces += [buf[copied:key_end], _encode_varint(sum(len(p) for p in inner)), *inner]
+        copied = p1
+    pieces.append(buf[copied:end])
+    return pieces
+
+
+def _tensor_pieces(buf: memoryview, start: int, end: int, data: _Lazy) -> list[Any]:
+    """A tensor's fields with ``raw_data`` inserted in field-number order."""
+    insert_at = end
+    for number, tag, _p0, _p1 in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA:
+            raise _Unexpected("a packed tensor still has raw_data")
+        if number > _TENSOR_RAW_DATA:
+            insert_at = tag
+            break
+    return [buf[start:insert_at], _RAW_TAG, _encode_varint(len(data)), data, buf[insert_at:end]]

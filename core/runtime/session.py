@@ -1,0 +1,194 @@
+"""Running models in ONNX Runtime."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import onnxruntime as ort
+
+from modelpress.base.errors import InvalidModelError
+from modelpress.ir.model import Model
+
+__all__ = ["INLINE_LIMIT_BYTES", "external_folders", "in_memory_bytes", "make_session", "release_free_memory", "run", "run_dataset", "with_outputs"]
+
+# NOTE: protobuf cannot serialise more than 2 GiB; past this, go through a file with external data.
+INLINE_LIMIT_BYTES = 1_500_000_000
+
+
+def _options(threads: int | None, prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if not spin:
+        # NOTE: ORT's worker threads busy-wait between ops by default: for sessions that sweep data as
+        # work (calibration, judging candidates) that burns a third of the CPU time for no gain.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not prepack:
+        # NOTE: no MLAS pre-packing: the session is built in milliseconds and reads its external
+        # weights from ORT's memory map instead of packed copies; right for a few runs (verification).
+        opts.add_session_config_entry("session.disable_prepacking", "1")
+    # NOTE: parallel tune trials / batch jobs each get one CPU: their sessions must not each take every core
+    threads = threads or int(os.environ.get("MODELPRESS_THREADS", "0") or 0) or None
+    if threads:
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+    return opts
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    # ORT prefixes messages with "[ONNXRuntimeError] : 1 : FAIL : "; keep the informative part.
+    return " ".join(text.splitlines()[:2])[:600]
+
+
+def external_folders(model: ir.Model) -> set[str]:
+    """The folders the model's external-data tensors are read from (``base_dir`` of each)."""
+    return {
+        os.fspath(value.const_value.base_dir)
+        for graph in model.graphs()
+        for value in graph.initializers.values()
+        if isinstance(value.const_value, ir.ExternalTensor)
+    }
+
+
+def in_memory_bytes(model: Model) -> int:
+    """Bytes of the initializers held in memory (external-data tensors excluded)."""
+    return sum(
+        int(v.const_value.nbytes)
+        for graph in model.ir.graphs()
+        for v in graph.initializers.values()
+        if v.const_value is not None and not isinstance(v.const_value, ir.ExternalTensor)
+    )
+
+
+def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None, prepack: bool = True, spin: bool = True) -> ort.InferenceSession:
+    """An ORT CPU session for a model or a file (a ``.mpk`` pack is decoded in memory).
+
+    ``prepack=False`` skips ORT's weight pre-packing: building the session of a multi-GB model
+    takes milliseconds instead of tens of seconds and no packed copy of the weights is made,
+    at the price of slower runs; for sessions that run a few samples (verification).
+
+    ``spin=False`` stops ORT's idle worker threads from busy-waiting: for sessions that run data
+    through as part of a computation (calibration, scoring candidates), where CPU time matters
+    more than the last millisecond of latency.
+
+    A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
+    external references, with ORT told the folder they live in: nothing is copied, and the
+    references do not resolve against the working directory. Only a model with more than
+    ~1.5 GB of weights in memory, or external data in several folders, goes through a
+    temporary file.
+    """
+    if isinstance(model, (str, os.PathLike)) and os.fspath(model).lower().endswith(".mpk"):
+        from modelpress.plugin.loading import load
+
+        model = load(model)
+    opts = _options(threads, prepack, spin)
+    providers = ["CPUExecutionProvider"]
+    try:
+        if not isinstance(model, Model):
+            return ort.InferenceSession(os.fspath(model), opts, providers=providers)
+        folders = external_folders(model.ir)
+        if in_memory_bytes(model) < INLINE_LIMIT_BYTES and len(folders) <= 1 and "" not in folders:
+            if folders:
+                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
+            with model.without_inferred_shapes() as plain:  # NOTE: what the exported file will hold
+                data = ir.serde.serialize_model(plain).SerializeToString()
+            return ort.InferenceSession(data, opts, providers=providers)
+        tmp = Path(tempfile.mkdtemp(prefix="modelpress-session-"))
+        try:
+            with model.without_inferred_shapes() as plain:
+                ir.save(plain, tmp / "model.onnx", external_data="model.onnx.data")
+            return ort.InferenceSession(str(tmp / "model.onnx"), opts, providers=providers)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    except Exception as exc:
+        name = model.name if isinstance(model, Model) else os.fspath(model)
+        raise InvalidModelError(f"ONNX Runtime cannot load model {name!r}: {_first_line(exc)}") from exc
+
+
+def release_free_memory() -> None:
+    """Hand memory numpy and ORT have freed back to the operating system (glibc's ``malloc_trim``;
+    a no-op elsewhere). NOTE: freed blocks of the worker threads' malloc arenas otherwise stay
+    in the process's RSS, and the next big allocation (an ORT session) comes on top of them."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+RUN_TIMEOUT_ENV = "MODELPRESS_RUN_TIMEOUT"
+
+
+def run_timeout() -> float | None:
+    """Seconds one ONNX Runtime run may take (``$MODELPRESS_RUN_TIMEOUT``; unset or 0: no limit)."""
+    try:
+        value = float(os.environ.get(RUN_TIMEOUT_ENV, "") or 0)
+    except ValueError:
+        return None
+    return value if value > 0 else None
+
+
+def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> list[np.ndarray]:
+    """Run once; returns the outputs in graph order.
+
+    With ``timeout`` (default ``$MODELPRESS_RUN_TIMEOUT``) a run still going after that many
+    seconds is stopped through ORT's ``RunOptions.terminate`` and raises ``InvalidModelError``:
+    a model that never finishes (a Loop whose trip count is corrupt) fails cleanly instead of
+    hanging. NOTE: a Python signal cannot interrupt ORT while it runs; its terminate flag can."""
+    limit = timeout if timeout is not None else run_timeout()
+    options = ort.RunOptions() if limit else None
+    if options is not None:
+        options.log_severity_level = 4  # NOTE: ORT logs "terminate flag" as an error; the exception below says it
+    timer = threading.Timer(limit, setattr, (options, "terminate", True)) if limit else None
+    if timer is not None:
+        timer.daemon = True
+        timer.start()
+    try:
+        return [np.asarray(o) for o in session.run(None, dict(feeds), options)]
+    except Exception as exc:
+        if options is not None and options.terminate:
+            raise InvalidModelError(
+                f"ONNX Runtime run stopped after {limit:g} s ({RUN_TIMEOUT_ENV}): the model did not finish "
+                "(a Loop with a huge trip count?); check the model, or raise the limit"
+            ) from exc
+        raise InvalidModelError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+    finally:
+        if timer is not None:
+            timer.cancel()
+
+
+def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+    """Run over an iterable of feed dicts and concatenate each output along axis 0."""
+    collected: list[list[np.ndarray]] = []
+    for feeds in batches:
+        outs = run(session, feeds)
+        if not collected:
+            collected = [[] for _ in outs]
+        for acc, out in zip(collected, outs, strict=True):
+            acc.append(out)
+    return [np.concatenate(parts, axis=0) for parts in collected]
+
+
+def with_outputs(model: Model, names: list[str]) -> Model:
+    """A copy of ``model`` that also outputs the named intermediate tensors (for one ORT session
+    that observes them all: calibration, statistics, teacher features)."""
+    probe = model.clone()
+    graph = probe.ir.graph
+    values: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    for node in graph:
+        for out in node.outputs:
+            if out.name:
+                values[out.name] = out
+    existing = {v.name for v in graph.outputs}
+    for name in names:
+        if name not in existing and name in values:
+            graph.outputs.append(values[name])
+    return probe

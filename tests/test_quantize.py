@@ -86,14 +86,15 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     result = check_method("int8-static", model, calibration=calibration, min_agreement=None, min_cosine=None, allow_no_gain=True)
     ops = result.op_histogram()
     assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 6
+    figures = result.provenance.passes[-1].figures
+    qmax = 63 if figures["reduce_range"].startswith("true") else 127  # NOTE: 7-bit weights on x86 without VNNI (MODELPRESS_INT8_VNNI=0)
     w = model.initializer("conv2.weight").const_value.numpy()
-    scale = np.abs(w).reshape(8, -1).max(axis=1) / 127
-    expected = np.clip(np.round(w / scale[:, None, None, None]), -127, 127).astype(np.int8)
+    scale = np.abs(w).reshape(8, -1).max(axis=1) / qmax
+    expected = np.clip(np.round(w / scale[:, None, None, None]), -qmax, qmax).astype(np.int8)
     np.testing.assert_array_equal(result.initializer("conv2.weight_q").const_value.numpy(), expected)
     np.testing.assert_allclose(result.initializer("conv2.weight_s").const_value.numpy(), scale, rtol=1e-6)
     assert result.initializer("conv2.bias_q").const_value.dtype == ir.DataType.INT32
     assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
-    figures = result.provenance.passes[-1].figures
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
 
 
@@ -140,7 +141,8 @@ def test_sensitive_nodes_stay_float_to_meet_the_target():
     figures = guarded.provenance.passes[-1].figures
     assert figures["calibration_agreement"] >= 0.99 and _agreement(guarded, model, calibration) >= 0.99
     assert "fc1" in figures["float_nodes"] and figures["float_nodes"]["fc1"].startswith("sensitive")
-    assert figures["quantized_nodes"] == 1  # fc2 is still quantized
+    # fc2 is still quantized; with 7-bit weights (x86 without VNNI, MODELPRESS_INT8_VNNI=0) it alone gives 98.4 % agreement: float too
+    assert figures["quantized_nodes"] == (0 if figures["reduce_range"].startswith("true") else 1)
 
 
 def test_int8_static_options():

@@ -122,7 +122,9 @@ def _shared_weight_proto() -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
 
 
-@pytest.mark.parametrize(("method", "options"), [("int8-static", {}), ("int8-dynamic", {}), ("int4-weight-only", {"block_size": 32, "min_elements": 64}),
+# NOTE: int8-static is judged by cosine: the 64 outputs are not classes (with 7-bit weights, x86 without VNNI, their argmax flips
+# on 3 of 64 samples at cosine 0.9998, and the search would move both layers to float)
+@pytest.mark.parametrize(("method", "options"), [("int8-static", {"min_agreement": None}), ("int8-dynamic", {}), ("int4-weight-only", {"block_size": 32, "min_elements": 64}),
                                                  ("int4-weight-only", {"block_size": 32, "min_elements": 64, "format": "matmulnbits"}),
                                                  ("int8-weight-only", {"block_size": 32, "min_elements": 64})])
 def test_shared_weight_is_quantized_once(tmp_path, method, options):

@@ -3,7 +3,8 @@
 Each MatMul/Gemm with a constant 2-D weight becomes ONNX Runtime's dynamic-quantization pattern
 ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) [-> Add bias]``, which
 ORT fuses into its ``DynamicQuantizeMatMul`` kernel. Weights are int8 symmetric, per output
-column by default.
+column by default; 7-bit (``reduce_range``) by default on x86 CPUs without VNNI, whose u8 x s8
+kernels saturate (:mod:`.cpu`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from modelpress.plugin_api import (
     recurrent_refusals,
 )
 from modelpress.plugins.quantize.affine import QRange, symmetric_params
+from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.streaming import read_weight
@@ -36,10 +38,12 @@ class Int8DynamicOptions(Options):
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: int8 weight-only, DQ in front)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(256, ge=1, description="skip weights smaller than this")
+    reduce_range: bool | None = Field(None, description="MatMul/Gemm weights " + REDUCE_RANGE_HELP)
 
 
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
-    grid = QRange(8, True, restricted=True)
+    reduce, why = resolve_reduce_range(opts.reduce_range)
+    grid = QRange(7 if reduce else 8, True, restricted=True)
     skipped: dict[str, str] = {}
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized and stored once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}
@@ -67,7 +71,8 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
     if not done and not tables.done:
         skipped.update(recurrent_refusals(model.graph, "int8-dynamic"))
         raise OptionsError(f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
-    ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped, "tables_quantized": len(tables.done)})
+    ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped, "tables_quantized": len(tables.done),
+                        "reduce_range": why})
 
 
 def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:

@@ -20,6 +20,7 @@ import onnx_ir as ir
 from pydantic import Field
 
 from modelpress.plugin_api import DataError, Model, PassContext, load_dataset
+from modelpress.plugins.quantize.cpu import resolve_reduce_range
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
 
 __all__ = ["Int8QATOptions", "int8_qat"]
@@ -70,8 +71,9 @@ def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir
     return weights, biases
 
 
-def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tuple[ir.Node, str, np.ndarray]]) -> None:
-    """Quantize the trained float weights back into the int8/int32 initializers."""
+def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tuple[ir.Node, str, np.ndarray]], qmax: int = 127) -> None:
+    """Quantize the trained float weights back into the int8/int32 initializers (weights in
+    ``[-qmax, qmax]``: 63 where int8-static chose 7-bit weights)."""
     graph = model.ir.graph
     for quant, int_value in weights:
         float_v = quant.inputs[0]
@@ -83,7 +85,7 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
         shape = [1] * w.ndim
         if scale.ndim:
             shape[axis % w.ndim] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)) + zero.reshape(shape), -127, 127).astype(np.int8)
+        q = np.clip(np.round(w / scale.reshape(shape)) + zero.reshape(shape), -qmax, qmax).astype(np.int8)
         model.replace_initializer(int_value.name or "", q)
         out = quant.outputs[0]
         out.replace_all_uses_with(int_value)
@@ -133,7 +135,8 @@ def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     result = fit(module, inputs, targets, loss=loss, epochs=opts.epochs, lr=opts.lr, batch_size=opts.train_batch_size,
                  seed=opts.seed, show_progress=ctx.show_progress)
     trained = update_weights(work, module)
-    _fold(trained, weights_in(trained, weights), biases_in(trained, biases))
+    # NOTE: the QuantizeLinear trained through saturates at int8's range; 7-bit weights are clipped back to theirs
+    _fold(trained, weights_in(trained, weights), biases_in(trained, biases), qmax=63 if resolve_reduce_range(opts.reduce_range)[0] else 127)
     ctx.figures.update({
         **{k: v for k, v in before.items() if k != "float_nodes"}, "float_nodes": before.get("float_nodes", {}),
         "qat_epochs": len(result.history), "qat_interrupted": result.interrupted,

@@ -1,7 +1,8 @@
 """``int8-static``: QDQ static quantization with calibration and sensitivity-guided fallback.
 
 The graph gets QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses into integer
-kernels: weights int8 symmetric (per output channel by default) behind a DequantizeLinear,
+kernels: weights int8 symmetric (per output channel by default; 7-bit where the CPU's u8 x s8
+kernels saturate, see :mod:`.cpu`) behind a DequantizeLinear,
 biases int32 (scale = input scale x weight scale), activations uint8 asymmetric (or int8) on
 the input and output edges of each quantized node (the output taken after a following
 Relu/Clip, which ORT folds into the quantization).
@@ -37,6 +38,7 @@ from modelpress.plugin_api import (
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import choose_calibrators
+from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
@@ -83,6 +85,7 @@ class Int8StaticOptions(Options):
     smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
+    reduce_range: bool | None = Field(None, description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP)
 
 
 def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
@@ -169,7 +172,8 @@ def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8
     if opts.calibrator == "auto":
         act = choose_calibrators(model, stats, sel.candidates, data, lambda s, c: act_params(s, opts.model_copy(update={"calibrator": c}), grid),
                                  act, signed=grid.signed, batch_size=opts.batch_size, ctx=ctx)
-    plans = {layer.name: weight_plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name])
+    reduce, ctx.figures["reduce_range"] = resolve_reduce_range(opts.reduce_range)
+    plans = {layer.name: weight_plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name], reduce_range=reduce)
              for layer in sel.candidates}
     for node in sel.act_matmuls:
         plans[node.name] = Plan(None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name])

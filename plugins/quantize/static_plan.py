@@ -52,11 +52,13 @@ def act_params(stats: TensorStats, opts: Int8StaticOptions, grid: QRange) -> tup
     return np.asarray(scale, np.float32), np.asarray(zero, grid.dtype)
 
 
-def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.ndarray, opts: Int8StaticOptions, act_out: str | None) -> Plan:
-    """A weighted node's plan: int8 symmetric weight (per output channel by default), int32 bias at
-    ``input scale x weight scale`` (optionally corrected for the mean error the weights cause)."""
+def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.ndarray, opts: Int8StaticOptions, act_out: str | None,
+                *, reduce_range: bool = False) -> Plan:
+    """A weighted node's plan: int8 symmetric weight (per output channel by default; 7-bit, [-63, 63],
+    with ``reduce_range``), int32 bias at ``input scale x weight scale`` (optionally corrected for the
+    mean error the weights cause)."""
     w = layer.weight_array().astype(np.float32)
-    grid = QRange(8, True, restricted=True)
+    grid = QRange(7 if reduce_range else 8, True, restricted=True)
     if opts.per_channel:
         axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
         scale, zero = symmetric_params(np.abs(w).max(axis=axes), grid)

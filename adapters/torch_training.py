@@ -4,6 +4,29 @@
 numpy arrays: deterministic (seeded shuffling and initialisation), with a progress bar, early
 stopping on a validation metric, gradient masks (pruned weights stay exactly zero) and a clean
 stop on Ctrl-C that keeps the best weights seen so far.
+
+**The loss follows what the model outputs** (:func:`choose_loss`, ``loss="auto"``):
+
+* *probabilities* (the output comes from a Softmax or Sigmoid node, or its values are
+  non-negative and sum to 1 per row, e.g. Keras ``Dense(10, activation="softmax")``): the
+  negative log-likelihood of ``log(clamp(p, 1e-7))`` (``"nll"``; binary cross-entropy for a
+  single column);
+* *log-probabilities* (a LogSoftmax node, or rows whose ``exp`` sums to 1): ``"nll"`` of the
+  outputs as they are;
+* *logits* (anything else, with class-index labels): ``"cross_entropy"``;
+* *regression* (float labels that are not class indices, or labels shaped like the output):
+  ``"mse"``.
+
+``loss="cross_entropy"``, ``"nll"``, ``"mse"`` or ``"huber"`` overrides the choice (and how the
+outputs are read: as logits, probabilities, or values).
+
+**One knowledge-distillation loss** (:func:`kd_loss`), with ``teacher_weight = w``::
+
+    (1 - w) * hard(labels, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+``hard`` is the loss above; ``s`` and ``t`` are logits, or the *log*-probabilities when a model
+outputs probabilities (the tempered softmax of ``log p``, never of ``p``). For regression outputs
+the teacher term is the MSE to the teacher's outputs (no temperature). ``w = 1`` needs no labels.
 """
 
 from __future__ import annotations
@@ -13,7 +36,7 @@ import math
 import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -22,7 +45,7 @@ from torch import nn
 
 from modelpress.plugin_api import DataError, OptionsError, progress_bar
 
-__all__ = ["FitResult", "accuracy", "fit", "held_out_scores", "predict", "seed_everything"]
+__all__ = ["FitResult", "LossChoice", "accuracy", "choose_loss", "fit", "held_out_scores", "kd_loss", "predict", "seed_everything"]
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss(outputs, batch) -> scalar``; ``batch`` holds every target array for the batch (``labels``, ...)."""
@@ -35,6 +58,11 @@ class FitResult:
     best_metric: float | None = None
     interrupted: bool = False
     stopped_early: bool = False
+    loss: str = ""
+    """The loss trained on (``"cross_entropy"``, ``"nll"``, ``"mse"``, ``"huber"``, with ``"kd+"`` in
+    front when distilling; ``"custom"`` for a callable)."""
+    loss_reason: str = ""
+    """Why that loss: what the model's output was read as."""
 
 
 def seed_everything(seed: int) -> None:
@@ -47,17 +75,184 @@ def _first(outputs: Any) -> torch.Tensor:
     return outputs[0] if isinstance(outputs, (tuple, list)) else outputs
 
 
-def cross_entropy(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    if "labels" not in batch:
-        raise DataError("cross-entropy needs labels: add an array named 'labels' to the data")
-    return F.cross_entropy(_first(outputs), batch["labels"].long())
+LOSS_NAMES = ("auto", "cross_entropy", "nll", "mse", "huber")
+"""What ``fit(loss=...)`` and the methods' ``loss`` option accept."""
+
+Reads = Literal["logits", "probabilities", "log_probabilities", "values"]
+"""How a model's output is read: class scores, class probabilities, their log, or plain values."""
+
+_EPS = 1e-7
+_LOSS_FOR: dict[str, str] = {"logits": "cross_entropy", "probabilities": "nll", "log_probabilities": "nll", "values": "mse"}
+# Ops that only move, copy or (de)quantize values: the output's meaning is that of their input.
+_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout", "QuantizeLinear", "DequantizeLinear"})
+_PRODUCED = {"Softmax": "probabilities", "Sigmoid": "probabilities", "LogSoftmax": "log_probabilities"}
 
 
-def mse(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    return F.mse_loss(_first(outputs), batch["labels"].to(_first(outputs).dtype))
+@dataclass(frozen=True)
+class LossChoice:
+    """The training loss for a model's output: ``name`` (``cross_entropy``, ``nll``, ``mse``,
+    ``huber``), how the output is read (``reads``) and why (``reason``). Called as
+    ``choice(outputs, batch)`` it is the label loss on ``batch["labels"]``."""
+
+    name: str
+    reads: str
+    reason: str
+
+    def __call__(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        if "labels" not in batch:
+            raise DataError(f"the {self.name} loss needs labels: add an array named 'labels' to the data")
+        return _hard_loss(_first(outputs), batch["labels"], self.name, self.reads)
 
 
-LOSSES: dict[str, LossFn] = {"cross_entropy": cross_entropy, "mse": mse}
+def _log_probs(out: torch.Tensor, reads: str) -> torch.Tensor:
+    if reads == "probabilities":
+        return torch.log(out.clamp_min(_EPS))
+    if reads == "log_probabilities":
+        return out
+    return F.log_softmax(out, dim=-1)
+
+
+def _tempered(out: torch.Tensor, reads: str, temperature: float) -> torch.Tensor:
+    """``log softmax(z / T)`` with ``z`` the logits, or ``log p`` for probability outputs."""
+    return F.log_softmax((out if reads == "logits" else _log_probs(out, reads)) / temperature, dim=-1)
+
+
+def _like(labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    labels = labels.to(out.dtype)
+    return labels.reshape(out.shape) if labels.shape != out.shape and labels.numel() == out.numel() else labels
+
+
+def _hard_loss(out: torch.Tensor, labels: torch.Tensor, name: str, reads: str) -> torch.Tensor:
+    """The label loss ``name`` on outputs read as ``reads``; a single-column classifier is binary."""
+    if name in ("mse", "huber"):
+        return (F.mse_loss if name == "mse" else F.huber_loss)(out, _like(labels, out))
+    binary = out.dim() >= 1 and out.shape[-1] == 1
+    if name == "cross_entropy":
+        return F.binary_cross_entropy_with_logits(out, _like(labels, out)) if binary else F.cross_entropy(out, labels.long())
+    if binary:
+        p = out.exp() if reads == "log_probabilities" else out
+        return F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), _like(labels, out))
+    return F.nll_loss(_log_probs(out, reads), labels.long())
+
+
+def kd_loss(
+    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *, temperature: float = 1.0,
+    teacher_weight: float = 1.0, reads: str = "logits", teacher_reads: str | None = None, loss: str | None = None,
+) -> torch.Tensor:
+    """The one knowledge-distillation loss (Hinton et al. 2015), ``w = teacher_weight``::
+
+        (1 - w) * hard(labels, s) + w * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+    ``reads`` / ``teacher_reads`` say what ``student`` / ``teacher`` hold (``"logits"``,
+    ``"probabilities"``, ``"log_probabilities"``; the teacher defaults to the student's): for
+    probabilities the tempered softmax is taken of ``log p`` (clamped). ``hard`` is ``loss`` (by
+    default the one :func:`choose_loss` picks for ``reads``). With ``reads="values"``
+    (regression) the teacher term is the MSE (Huber with ``loss="huber"``) to the teacher's outputs.
+    ``labels`` may be ``None`` when ``w = 1``.
+
+    Example: logits ``s = [1, 2, 3]``, ``t = [3, 2, 1]``, label 2, ``T = 2``, ``w = 0.5`` give
+    ``0.5 * 0.40760596 + 0.5 * 4 * 0.32015667 = 0.84411632``.
+    """
+    if not 0 <= teacher_weight <= 1:
+        raise OptionsError(f"teacher_weight must be in [0, 1], got {teacher_weight}")
+    name = loss or _LOSS_FOR[reads]
+    if reads == "values":
+        soft = (F.huber_loss if name == "huber" else F.mse_loss)(student, teacher.to(student.dtype))
+    else:
+        soft = F.kl_div(_tempered(student, reads, temperature), _tempered(teacher, teacher_reads or reads, temperature),
+                        log_target=True, reduction="batchmean") * temperature**2
+    if teacher_weight >= 1:
+        return teacher_weight * soft
+    if labels is None:
+        raise DataError(f"distillation with teacher weight {teacher_weight} < 1 needs labels (an array named 'labels')")
+    return (1 - teacher_weight) * _hard_loss(student, labels, name, reads) + teacher_weight * soft
+
+
+def _graph_module(module: nn.Module | None) -> Any:
+    """The lowered graph inside ``module`` (itself, or a wrapped one), or ``None``."""
+    for m in module.modules() if module is not None else ():
+        if hasattr(m, "_nodes") and hasattr(m, "output_names"):
+            return m
+    return None
+
+
+def _output_producer(module: nn.Module | None) -> tuple[str, str] | None:
+    """``(op type, node name)`` of the node computing the first output, looking through
+    reshapes, casts and (de)quantization; ``None`` outside a lowered graph."""
+    graph = _graph_module(module)
+    if graph is None or not graph.output_names:
+        return None
+    producers = {out: node for node in graph._nodes for out in node.outputs}
+    name, seen = graph.output_names[0], set()
+    while (node := producers.get(name)) is not None and node.op_type in _PASS_THROUGH and name not in seen:
+        seen.add(name)
+        name = node.inputs[0]
+    return (node.op_type, node.name) if node is not None else None
+
+
+def _read_values(outputs: np.ndarray | None) -> tuple[str, str] | None:
+    """Probabilities or log-probabilities, told by the values of a sample of outputs."""
+    if outputs is None or outputs.ndim < 2 or outputs.shape[-1] < 2 or outputs.size == 0 or not np.all(np.isfinite(outputs)):
+        return None
+    values = outputs.astype(np.float64)
+    if values.min() >= 0 and np.allclose(values.sum(-1), 1.0, atol=1e-3):
+        return "probabilities", "its values are non-negative and sum to 1 per row"
+    if values.max() <= 0 and np.allclose(np.exp(values).sum(-1), 1.0, atol=1e-3):
+        return "log_probabilities", "its values are log-probabilities (exp sums to 1 per row)"
+    return None
+
+
+def _regression(labels: np.ndarray | None, outputs: np.ndarray | None) -> str | None:
+    """Why ``labels`` are regression targets rather than class indices (``None``: they are classes)."""
+    if labels is None:
+        return None
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f" and not np.all(np.equal(np.mod(labels, 1), 0)):
+        return "the labels are float values, not class indices"
+    if outputs is not None and outputs.ndim >= 2 and labels.ndim == 1 and labels.size:
+        width = outputs.shape[-1]
+        if width == 1 and not np.isin(labels, (0, 1)).all():
+            return "the output has one column and the labels are not 0/1"
+        if width > 1 and (labels.min() < 0 or labels.max() >= width):
+            return f"the labels are not class indices of the output's {width} columns"
+    return None
+
+
+def choose_loss(module: nn.Module | None = None, inputs: Sequence[np.ndarray] | None = None, labels: np.ndarray | None = None,
+                loss: str = "auto", *, outputs: np.ndarray | None = None) -> LossChoice:
+    """The loss that fits what ``module``'s first output holds (see the module docstring).
+
+    Reads the graph (a Softmax/Sigmoid or LogSoftmax making the output), else the values of
+    ``outputs`` (or of ``module`` run on the first 32 ``inputs``), and the ``labels``. ``loss``
+    other than ``"auto"`` overrides the choice."""
+    if loss not in LOSS_NAMES:
+        raise OptionsError(f"loss must be one of {', '.join(map(repr, LOSS_NAMES))}, not {loss!r}")
+    if outputs is None and module is not None and inputs is not None:
+        outputs = predict(module, [a[:32] for a in inputs])
+    reads, why = _read_output(module, outputs, labels)
+    if loss == "auto":
+        return LossChoice(_LOSS_FOR[reads], reads, why)
+    if loss in ("mse", "huber"):
+        forced = "values"
+    elif loss == "nll":
+        forced = reads if reads in ("probabilities", "log_probabilities") else "probabilities"
+    else:
+        forced = "logits"
+    return LossChoice(loss, forced, f"loss={loss!r} was asked for (the output looks like {reads.replace('_', '-')}: {why})")
+
+
+def _read_output(module: nn.Module | None, outputs: np.ndarray | None, labels: np.ndarray | None) -> tuple[str, str]:
+    """``(reads, reason)`` for the first output of ``module`` (see :func:`choose_loss`)."""
+    why = _regression(labels, outputs)
+    if why is not None:
+        return "values", why
+    producer = _output_producer(module)
+    if producer is not None and producer[0] in _PRODUCED:
+        return _PRODUCED[producer[0]], f"the output comes from {producer[0]} node {producer[1]!r}"
+    by_value = _read_values(outputs)
+    if by_value is not None:
+        return by_value
+    return "logits", "the output is unnormalised scores (no Softmax/Sigmoid makes it, its rows do not sum to 1)"
 
 
 def predict(module: nn.Module, inputs: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
@@ -78,16 +273,24 @@ def accuracy(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray
     return float(np.mean(predict(module, inputs).argmax(axis=1) == labels))
 
 
-def held_out_scores(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray) -> tuple[float, float]:
-    """``(cross-entropy, accuracy)`` of ``module`` on labelled held-out samples.
+def held_out_scores(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray, loss: str = "auto") -> tuple[float, float]:
+    """``(loss, accuracy)`` of ``module`` on labelled held-out samples, with the loss
+    :func:`choose_loss` picks for the output (cross-entropy for logits, NLL for probabilities,
+    MSE for regression, whose accuracy is NaN); ``loss`` overrides it.
 
     Fine-tuning after a compression step should keep the epoch with the lowest held-out *loss*
     (``fit(..., metric=lambda m: -held_out_scores(m, x, y)[0])``): on a split of the training
     data the accuracy is often already 100 % right after the step, and choosing by it keeps the
     untrained weights."""
-    logits = torch.from_numpy(predict(module, inputs))
-    y = torch.from_numpy(np.asarray(labels)).long()
-    return float(F.cross_entropy(logits, y)), float((logits.argmax(dim=1) == y).float().mean())
+    predictions = predict(module, inputs)
+    choice = choose_loss(module, labels=labels, loss=loss, outputs=predictions)
+    out, y = torch.from_numpy(predictions), torch.from_numpy(np.asarray(labels))
+    value = float(_hard_loss(out, y, choice.name, choice.reads))
+    if choice.reads == "values":
+        return value, float("nan")
+    threshold = {"logits": 0.0, "probabilities": 0.5, "log_probabilities": math.log(0.5)}[choice.reads]
+    hits = (out[..., 0] > threshold).long() if out.dim() >= 2 and out.shape[-1] == 1 else out.argmax(dim=-1)
+    return value, float((hits == y.long()).float().mean())
 
 
 def _apply_masks(module: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
@@ -102,7 +305,9 @@ def fit(
     inputs: Sequence[np.ndarray],
     targets: Mapping[str, np.ndarray],
     *,
-    loss: str | LossFn = "cross_entropy",
+    loss: str | LossFn = "auto",
+    teacher_weight: float = 0.0,
+    temperature: float = 1.0,
     epochs: int = 5,
     batch_size: int = 64,
     lr: float = 1e-3,
@@ -125,7 +330,13 @@ def fit(
         inputs: one array per module input (same number of samples).
         targets: arrays indexed like the inputs and passed to ``loss`` per batch
             (``labels``, teacher logits, ...).
-        loss: ``"cross_entropy"``, ``"mse"`` or ``loss(outputs, batch) -> tensor``.
+        loss: ``"auto"`` (what :func:`choose_loss` picks for the model's output: NLL of the log
+            for probabilities, cross-entropy for logits, MSE for regression), ``"cross_entropy"``,
+            ``"nll"``, ``"mse"``, ``"huber"``, or ``loss(outputs, batch) -> tensor``. The result's
+            ``loss`` and ``loss_reason`` say which and why.
+        teacher_weight, temperature: above 0, distil from ``targets["teacher"]`` (the teacher's
+            outputs) with :func:`kd_loss`: ``teacher_weight`` on the teacher term, the rest on the
+            label loss.
         optimizer: ``"adam"``, ``"adamw"`` or ``"sgd"`` (momentum 0.9); ``schedule``:
             ``"cosine"`` or ``"constant"``.
         validation: ``(inputs, labels)`` for the default metric (accuracy), or give ``metric``
@@ -137,7 +348,7 @@ def fit(
             distillation uses it).
     """
     n = _check_data(inputs, targets, epochs)
-    loss_fn = LOSSES[loss] if isinstance(loss, str) else loss
+    loss_fn, loss_name, loss_reason = _loss_function(module, inputs, targets, loss, teacher_weight, temperature)
     seed_everything(seed)
     params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
     opt = _optimizer(params, optimizer, lr, weight_decay)
@@ -148,8 +359,31 @@ def fit(
     step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
     tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
     tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
-    return _train_epochs(step, tensors_in, tensors_t, epochs=epochs, batch_size=batch_size, seed=seed, metric=_validation_metric(metric, validation),
-                         patience=patience, callbacks=callbacks, show_progress=show_progress)
+    result = _train_epochs(step, tensors_in, tensors_t, epochs=epochs, batch_size=batch_size, seed=seed, metric=_validation_metric(metric, validation),
+                           patience=patience, callbacks=callbacks, show_progress=show_progress)
+    result.loss, result.loss_reason = loss_name, loss_reason
+    return result
+
+
+def _loss_function(module: nn.Module, inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray], loss: str | LossFn,
+                   teacher_weight: float, temperature: float) -> tuple[LossFn, str, str]:
+    """``(loss function, its name, why)`` for :func:`fit`."""
+    if not isinstance(loss, str):
+        return loss, "custom", "a loss function was given"
+    choice = choose_loss(module, inputs, targets.get("labels"), loss)
+    if not teacher_weight:
+        return choice, choice.name, choice.reason
+    if not 0 < teacher_weight <= 1 or temperature <= 0:
+        raise OptionsError(f"distillation needs 0 < teacher_weight <= 1 and temperature > 0, got {teacher_weight} and {temperature}")
+    if "teacher" not in targets:
+        raise DataError("distillation needs the teacher's outputs: a target array named 'teacher'")
+    teacher_reads = "values" if choice.reads == "values" else (_read_values(np.asarray(targets["teacher"][:256])) or ("logits", ""))[0]
+
+    def distillation(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return kd_loss(_first(outputs), batch["teacher"], batch.get("labels"), temperature=temperature, teacher_weight=teacher_weight,
+                       reads=choice.reads, teacher_reads=teacher_reads, loss=choice.name)
+
+    return distillation, f"kd+{choice.name}", f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}"
 
 
 def _validation_metric(metric: Callable[[nn.Module], float] | None, validation: tuple[Sequence[np.ndarray], np.ndarray] | None) -> Callable[[nn.Module], float] | None:

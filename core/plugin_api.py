@@ -18,7 +18,8 @@ Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
 Training (needs the ``torch`` extra; imported lazily)
     :func:`to_torch`, :func:`fit`, :func:`update_weights`, :func:`held_out_scores` (the loss to keep
-    a fine-tuning epoch by).
+    a fine-tuning epoch by), :func:`choose_loss` (the loss fitting a model's output), :func:`kd_loss`
+    (the one distillation loss).
 Writing an adapter
     :class:`Adapter`, :meth:`Model.from_onnx`, :class:`Provenance`, :func:`check_import` (the
     numeric import check every built-in adapter runs), :func:`normalize_on_import`,
@@ -50,7 +51,14 @@ from modelpress.data.normalize import normalize_on_import
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import check_import
 from modelpress.evaluation.criteria import Judgement, infer_criteria, judge
-from modelpress.io.framework_bridge import fit, held_out_scores, to_torch, update_weights
+from modelpress.io.framework_bridge import (
+    choose_loss,
+    fit,
+    held_out_scores,
+    kd_loss,
+    to_torch,
+    update_weights,
+)
 from modelpress.ir.builder import GraphBuilder
 from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.ir.model import Model, type_initializers
@@ -91,6 +99,7 @@ __all__ = [
     "VerificationError",
     "WeightedLayer",
     "check_import",
+    "choose_loss",
     "current_registry",
     "ensure_opset",
     "fit",
@@ -98,6 +107,7 @@ __all__ = [
     "hookimpl",
     "infer_criteria",
     "judge",
+    "kd_loss",
     "load_dataset",
     "make_session",
     "normalize_on_import",

@@ -13,13 +13,13 @@ pytestmark = pytest.mark.torch
 
 
 def test_kd_loss_matches_the_docstring_example():
-    from modelpress.plugins.distill import kd_loss
+    from modelpress.plugin_api import kd_loss  # kd's alpha (label weight) is 1 - teacher_weight
 
     s = torch.tensor([[1.0, 2.0, 3.0]])
     t = torch.tensor([[3.0, 2.0, 1.0]])
-    value = kd_loss(s, t, torch.tensor([2]), temperature=2.0, alpha=0.5)
+    value = kd_loss(s, t, torch.tensor([2]), temperature=2.0, teacher_weight=0.5)
     assert float(value) == pytest.approx(0.5 * 0.40760596 + 0.5 * 4 * 0.32015667, abs=1e-6)
-    assert float(kd_loss(s, s, None, temperature=3.0, alpha=0.0)) == pytest.approx(0.0, abs=1e-5)
+    assert float(kd_loss(s, s, None, temperature=3.0, teacher_weight=1.0)) == pytest.approx(0.0, abs=1e-5)
 
 
 def _accuracy(model, x, y):

@@ -12,9 +12,9 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.op_run import OpRun
 
 import modelpress
-from modelpress.data import sample_inputs
+from modelpress.data.samples import sample_inputs
 from modelpress.plugins.quantize import cpu
-from modelpress.runtime import make_session, run
+from modelpress.runtime.session import make_session, run
 from modelpress.testing import tiny_cnn, tiny_mlp
 from tests.conftest import run_cli
 

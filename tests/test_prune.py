@@ -199,7 +199,10 @@ def test_distillation_loss_is_cross_entropy_plus_tempered_kl():
     import torch
     import torch.nn.functional as F
 
-    from modelpress.plugins.prune import _distill_loss
+    from modelpress.plugin_api import kd_loss  # prune's distill=w is the teacher weight
+
+    def _distill_loss(weight, temperature):
+        return lambda out, batch: kd_loss(out, batch["teacher"], batch["labels"], temperature=temperature, teacher_weight=weight)
 
     g = torch.Generator().manual_seed(0)
     student, teacher = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g) * 3

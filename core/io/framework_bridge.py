@@ -43,7 +43,17 @@ def fit(module: Any, inputs: Any, targets: Any, **options: Any) -> Any:
     return _torch_part("torch_training").fit(module, inputs, targets, **options)
 
 
-def held_out_scores(module: Any, inputs: Any, labels: Any) -> tuple[float, float]:
-    """``(cross-entropy, accuracy)`` on labelled held-out samples, the score to keep a fine-tuning
+def held_out_scores(module: Any, inputs: Any, labels: Any, **options: Any) -> tuple[float, float]:
+    """``(loss, accuracy)`` on labelled held-out samples, the score to keep a fine-tuning
     epoch by (see ``modelpress.adapters.torch_training.held_out_scores``)."""
-    return _torch_part("torch_training").held_out_scores(module, inputs, labels)  # type: ignore[no-any-return]
+    return _torch_part("torch_training").held_out_scores(module, inputs, labels, **options)  # type: ignore[no-any-return]
+
+
+def kd_loss(student: Any, teacher: Any, labels: Any = None, **options: Any) -> Any:
+    """The one distillation loss (see ``modelpress.adapters.torch_training.kd_loss``)."""
+    return _torch_part("torch_training").kd_loss(student, teacher, labels, **options)
+
+
+def choose_loss(module: Any = None, inputs: Any = None, labels: Any = None, loss: str = "auto", **options: Any) -> Any:
+    """The loss fitting a module's output (see ``modelpress.adapters.torch_training.choose_loss``)."""
+    return _torch_part("torch_training").choose_loss(module, inputs, labels, loss, **options)

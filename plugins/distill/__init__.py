@@ -2,11 +2,14 @@
 
 The teacher only runs inference, in ONNX Runtime, once over the training data (its outputs, and
 any intermediate features asked for, are cached), so a TensorFlow teacher needs no TensorFlow at
-training time. The student trains through the IR -> torch lowering with the loss
+training time. The student trains through the IR -> torch lowering with the training engine's
+one distillation loss (``modelpress.plugin_api.kd_loss`` with teacher weight ``1 - alpha``)
 
     alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
-plus, optionally, ``feature_weight * MSE(proj(student_feature), teacher_feature)`` for each
+where CE is the label loss fitting the student's output (``loss="auto"``: cross-entropy for
+logits, NLL of the log for probabilities, whose tempered softmax is taken of ``log p``; MSE for
+regression, whose teacher term is the MSE to the teacher's outputs), plus, optionally, ``feature_weight * MSE(proj(student_feature), teacher_feature)`` for each
 ``(teacher tensor, student tensor)`` pair in ``features`` (``proj`` is a learned 1x1 / linear
 projection when the widths differ). With ``alpha = 0`` no labels are needed.
 
@@ -34,7 +37,7 @@ from modelpress.plugin_api import (
     load_dataset,
 )
 
-__all__ = ["KDOptions", "kd", "kd_loss"]
+__all__ = ["KDOptions", "kd"]
 
 
 class KDOptions(Options):
@@ -53,17 +56,8 @@ class KDOptions(Options):
     validation_fraction: float = Field(0.1, ge=0, lt=1, description="share of the data held out to pick the best epoch")
     features: list[tuple[str, str]] = Field(default_factory=list, description="(teacher tensor, student tensor) pairs for feature distillation")
     feature_weight: float = Field(1.0, ge=0, description="weight of the feature losses")
-
-
-def kd_loss(student: Any, teacher: Any, labels: Any, temperature: float, alpha: float) -> Any:
-    """The distillation loss on torch tensors (see the module docstring)."""
-    import torch.nn.functional as F
-
-    soft = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1), reduction="batchmean")
-    loss = (1 - alpha) * temperature**2 * soft
-    if alpha > 0:
-        loss = loss + alpha * F.cross_entropy(student, labels.long())
-    return loss
+    loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
+        "auto", description="label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
 
 
 def _teacher_outputs(teacher: Model, data: Dataset, names: list[str], ctx: PassContext) -> dict[str, np.ndarray]:
@@ -139,13 +133,17 @@ def _targets(teacher_logits: np.ndarray, data: Dataset, opts: KDOptions, cached:
     return targets
 
 
-def _loss(opts: KDOptions) -> Any:
-    """The training loss: :func:`kd_loss` plus ``feature_weight`` x MSE per feature pair."""
+def _loss(opts: KDOptions, choice: Any, teacher_reads: str) -> Any:
+    """The training loss: the plugin API's ``kd_loss`` (teacher weight ``1 - alpha``, the label loss
+    ``choice`` picked for the student's output) plus ``feature_weight`` x MSE per feature pair."""
     import torch
+
+    from modelpress.plugin_api import kd_loss
 
     def loss(outputs: Any, batch: Any) -> Any:
         logits = outputs[0] if isinstance(outputs, tuple) else outputs
-        value = kd_loss(logits, batch["teacher"], batch.get("labels"), opts.temperature, opts.alpha)
+        value = kd_loss(logits, batch["teacher"], batch.get("labels"), temperature=opts.temperature, teacher_weight=1 - opts.alpha,
+                        reads=choice.reads, teacher_reads=teacher_reads, loss=choice.name)
         for i in range(len(opts.features)):
             value = value + opts.feature_weight * torch.nn.functional.mse_loss(outputs[1 + i], batch[f"feature_{i}"])
         return value
@@ -153,9 +151,23 @@ def _loss(opts: KDOptions) -> Any:
     return loss
 
 
-def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
+def _reading(module: Any, inputs: list[np.ndarray], data: Dataset, teacher_outputs: np.ndarray, opts: KDOptions) -> tuple[Any, str]:
+    """The label loss fitting the student's output (``opts.loss``) and how the teacher's outputs
+    read (logits, probabilities, ...), after checking both outputs have the same shape."""
     import torch
 
+    from modelpress.plugin_api import choose_loss
+
+    with torch.no_grad():
+        probe = module(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in inputs])
+    probe = probe[0] if isinstance(probe, tuple) else probe
+    if tuple(probe.shape[1:]) != tuple(teacher_outputs.shape[1:]):
+        raise DataError(f"teacher output {tuple(teacher_outputs.shape[1:])} and student output {tuple(probe.shape[1:])} have different shapes")
+    choice = choose_loss(module, inputs, data.labels, opts.loss)
+    return choice, "values" if choice.reads == "values" else choose_loss(outputs=teacher_outputs[:256]).reads
+
+
+def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, to_torch, update_weights
 
     if ctx.train is None:
@@ -170,17 +182,11 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     teacher_logits = cached[teacher.signature.output_names[0]]
 
     module = to_torch(student)
-    names = student.signature.input_names
-    inputs = [data.inputs[n] for n in names]
-    with torch.no_grad():
-        probe = module(*[torch.from_numpy(np.ascontiguousarray(a[:2])) for a in inputs])
-    probe = probe[0] if isinstance(probe, tuple) else probe
-    if tuple(probe.shape[1:]) != tuple(teacher_logits.shape[1:]):
-        raise DataError(f"teacher output {tuple(teacher_logits.shape[1:])} and student output {tuple(probe.shape[1:])} have different shapes")
-
+    inputs = [data.inputs[n] for n in student.signature.input_names]
+    choice, teacher_reads = _reading(module, inputs, data, teacher_logits, opts)
     wrapper = _distilled(module, opts, inputs, cached)
     targets = _targets(teacher_logits, data, opts, cached)
-    loss = _loss(opts)
+    loss = _loss(opts, choice, teacher_reads)
 
     n = len(inputs[0])
     held = int(n * opts.validation_fraction) if data.labels is not None else 0
@@ -200,6 +206,7 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
         "compression": round(teacher.parameter_count() / max(trained.parameter_count(), 1), 3),
         "epochs_run": len(result.history), "best_epoch": result.best_epoch, "interrupted": result.interrupted,
         "stopped_early": result.stopped_early, "first_epoch_loss": first_loss, "last_epoch_loss": last_loss,
+        "loss": f"kd+{choice.name}", "loss_reason": f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}",
         **({"validation_accuracy": round(float(result.best_metric), 4)} if result.best_metric is not None else {}),
     })
     return Model(trained.ir, provenance=trained.provenance, path=teacher.path, reference=teacher.reference or teacher)

@@ -11,7 +11,9 @@
 
 All three can fine-tune to recover (``fine_tune_epochs``) through the IR -> torch training engine,
 on labelled data (``labels``) or, without labels, on the unpruned model's outputs; masks hold the
-pruned weights at exactly zero. ``schedule="iterative"`` prunes in ``steps`` steps along a
+pruned weights at exactly zero. The label loss fits the model's output (``loss="auto"``: NLL of
+the log for probabilities, e.g. a model ending in softmax, cross-entropy for logits, MSE for
+regression); the figures ``loss`` and ``loss_reason`` say which and why. ``schedule="iterative"`` prunes in ``steps`` steps along a
 polynomial (cubic) ramp from ``initial`` to the final sparsity, fine-tuning between steps.
 """
 
@@ -54,6 +56,8 @@ class _Recovery(Options):
     exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
     distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the fine-tuning loss (0: labels only, 1: teacher only)")
     temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
+    loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
+        "auto", description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
 
 
 class MagnitudeOptions(_Recovery):
@@ -128,20 +132,22 @@ def _teacher_outputs(teacher: Model, data: Dataset) -> np.ndarray:
     return np.asarray(run_dataset(make_session(teacher), data.batches(256))[0])
 
 
-def _distill_loss(weight: float, temperature: float) -> Any:
-    """Knowledge distillation (Hinton et al. 2015): (1 - weight) * cross-entropy on the labels
-    + weight * T^2 * KL(teacher || student) between the softmaxes at temperature T."""
+def _recovery_loss(data: Dataset, opts: _Recovery, teacher: Model) -> tuple[dict[str, np.ndarray], Any, float]:
+    """``(targets, loss, teacher weight)`` for fine-tuning: the label loss that fits the output
+    (``opts.loss``), distilled from the unpruned model with weight ``distill``; without labels,
+    the MSE to the unpruned model's outputs."""
+    if data.labels is not None:
+        if opts.distill > 0:
+            return {"labels": data.labels, "teacher": _teacher_outputs(teacher, data)}, opts.loss, opts.distill
+        return {"labels": data.labels}, opts.loss, 0.0
 
     def loss(outputs: Any, batch: Any) -> Any:
         import torch.nn.functional as F
 
         out = outputs[0] if isinstance(outputs, tuple) else outputs
-        hard = F.cross_entropy(out, batch["labels"].long())
-        soft = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(batch["teacher"] / temperature, -1),
-                        log_target=True, reduction="batchmean") * temperature**2
-        return (1 - weight) * hard + weight * soft
+        return F.mse_loss(out, batch["teacher"])
 
-    return loss
+    return {"teacher": _teacher_outputs(teacher, data)}, loss, 0.0
 
 
 def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
@@ -153,31 +159,23 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
     n = len(inputs[0])
     held = max(1, n // 10)
     train_idx, val_idx = np.arange(held, n), np.arange(held)
-    if data.labels is not None and opts.distill > 0:
-        targets = {"labels": data.labels, "teacher": _teacher_outputs(teacher, data)}
-        loss: Any = _distill_loss(opts.distill, opts.temperature)
-    elif data.labels is not None:
-        targets = {"labels": data.labels}
-        loss = "cross_entropy"
-    else:
-        targets = {"teacher": _teacher_outputs(teacher, data)}
-
-        def loss(outputs: Any, batch: Any) -> Any:
-            import torch.nn.functional as F
-
-            out = outputs[0] if isinstance(outputs, tuple) else outputs
-            return F.mse_loss(out, batch["teacher"])
-
+    targets, loss, teacher_weight = _recovery_loss(data, opts, teacher)
     held_out = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
     attr_masks = {module.attribute_name(name): mask for name, mask in (masks or {}).items() if name in module.onnx_names.values()}
     result = fit(
         module, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
-        epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size,
-        metric=(lambda m: -held_out_scores(m, *held_out)[0]) if held_out else None, masks=attr_masks, show_progress=ctx.show_progress,
+        epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size, teacher_weight=teacher_weight, temperature=opts.temperature,
+        metric=(lambda m: -held_out_scores(m, *held_out, loss=opts.loss)[0]) if held_out else None, masks=attr_masks,
+        show_progress=ctx.show_progress,
     )
-    figures: dict[str, Any] = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted}
+    figures: dict[str, Any] = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted, "loss": result.loss, "loss_reason": result.loss_reason}
+    if data.labels is None:
+        figures["loss"], figures["loss_reason"] = "mse", "no labels: the unpruned model's outputs are the targets"
     if held_out is not None:
-        figures["validation_loss"], figures["validation_accuracy"] = (round(v, 4) for v in held_out_scores(module, *held_out))
+        scores = held_out_scores(module, *held_out, loss=opts.loss)
+        figures["validation_loss"] = round(scores[0], 4)
+        if not math.isnan(scores[1]):
+            figures["validation_accuracy"] = round(scores[1], 4)
         figures["best_epoch"] = result.best_epoch
     return _positive_zeros(update_weights(model, module), masks), figures
 

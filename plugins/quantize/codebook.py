@@ -161,7 +161,7 @@ def _fine_tune_centroids(model: Model, tables: dict[str, bool], opts: CodebookOp
     n = len(inputs[0])
     held = max(1, n // 10)
     result = fit(
-        module, [a[held:] for a in inputs], {"labels": data.labels[held:]}, loss="cross_entropy", epochs=opts.fine_tune_epochs,
+        module, [a[held:] for a in inputs], {"labels": data.labels[held:]}, loss="auto", epochs=opts.fine_tune_epochs,
         lr=opts.lr, batch_size=opts.batch_size, metric=lambda m: -held_out_scores(m, [a[:held] for a in inputs], data.labels[:held])[0], masks=masks,
         parameters=params, show_progress=ctx.show_progress,
     )

@@ -5,15 +5,17 @@
    QuantizeLinear -> DequantizeLinear pair (*fake quantization*); each int32 bias becomes a float
    bias. The IR -> torch lowering runs QuantizeLinear with a straight-through estimator, so the
    float weights learn while the forward pass sees exactly the integer grid ORT will use.
-3. Training uses labels, the float model as a distillation teacher (``teacher="source"``:
-   ``kd`` loss with ``temperature``/``alpha``), or both.
+3. Training uses labels, the float model as a distillation teacher (``teacher="source"``: the
+   plugin API's ``kd_loss`` with ``temperature`` and teacher weight ``1 - alpha``), or both. The
+   label loss fits the model's output (``loss="auto"``: NLL of the log for probabilities,
+   cross-entropy for logits, MSE for regression); figures ``qat_loss`` / ``qat_loss_reason``.
 4. The trained weights are quantized back to int8 (biases to int32 with their scales) and the
    QDQ graph is exported as usual.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -34,6 +36,8 @@ class Int8QATOptions(Int8StaticOptions):
     temperature: float = Field(2.0, gt=0, description="distillation temperature (teacher='source')")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the label loss when labels exist (teacher='source')")
     seed: int = Field(0, description="random seed")
+    loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
+        "auto", description="label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
 
 
 def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, str, np.ndarray]]]:
@@ -102,7 +106,6 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
 
 def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, make_session, run_dataset, to_torch, update_weights
-    from modelpress.plugins.distill import kd_loss
 
     if ctx.train is None:
         raise DataError("int8-qat needs training data (data=... / --data train.npz; labels optional with teacher='source')")
@@ -123,16 +126,8 @@ def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     alpha = opts.alpha if data.labels is not None else 0.0
     if opts.teacher == "source":
         targets["teacher"] = run_dataset(make_session(model), data.batches(256))[0]
-
-    def loss(outputs: Any, batch: Any) -> Any:
-        import torch.nn.functional as F
-
-        out = outputs[0] if isinstance(outputs, tuple) else outputs
-        if opts.teacher == "source":
-            return kd_loss(out, batch["teacher"], batch.get("labels"), opts.temperature, alpha)
-        return F.cross_entropy(out, batch["labels"].long())
-
-    result = fit(module, inputs, targets, loss=loss, epochs=opts.epochs, lr=opts.lr, batch_size=opts.train_batch_size,
+    result = fit(module, inputs, targets, loss=opts.loss, teacher_weight=1 - alpha if opts.teacher == "source" else 0.0,
+                 temperature=opts.temperature, epochs=opts.epochs, lr=opts.lr, batch_size=opts.train_batch_size,
                  seed=opts.seed, show_progress=ctx.show_progress)
     trained = update_weights(work, module)
     # NOTE: the QuantizeLinear trained through saturates at int8's range; 7-bit weights are clipped back to theirs
@@ -142,6 +137,7 @@ def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
         "qat_epochs": len(result.history), "qat_interrupted": result.interrupted,
         "qat_first_loss": result.history[0]["loss"] if result.history else None,
         "qat_last_loss": result.history[-1]["loss"] if result.history else None,
+        "qat_loss": result.loss, "qat_loss_reason": result.loss_reason,
         "trained_weights": len(weights), "trained_biases": len(biases),
     })
     return Model(trained.ir, provenance=model.provenance, path=model.path, reference=model.reference or model)

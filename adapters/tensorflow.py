@@ -12,9 +12,12 @@ TensorFlow is imported only inside these functions: ``import modelpress`` never 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -69,13 +72,49 @@ def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
 def _require_tf() -> Any:
     try:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        import tensorflow as tf
-        import tf2onnx  # noqa: F401
+        with quiet_native_logs():
+            import tensorflow as tf
+            import tf2onnx  # noqa: F401
     except ImportError:
         raise UnsupportedModelError(
             "loading TensorFlow/Keras models needs the tensorflow extra: pip install -c constraints.txt 'modelpress[tensorflow]'"
         ) from None
     return tf
+
+
+# NOTE: TensorFlow's C++ runtime writes these to file descriptor 2 before absl's logging is set
+# up, so TF_CPP_MIN_LOG_LEVEL does not reach them ("oneDNN custom operations are on", "All log
+# messages before absl::InitializeLog()", the CPU-instructions notice).
+_NATIVE_NOISE = re.compile(
+    r"^([IW]\d{4} \d\d:\d\d:\d\d|WARNING: All log messages before absl::InitializeLog"
+    r"|To enable the following instructions:|This TensorFlow binary is optimized|.*oneDNN custom operations are on)"
+)
+
+
+@contextlib.contextmanager
+def quiet_native_logs() -> Iterator[None]:
+    """Hold back TensorFlow's native start-up log lines; everything else written to stderr
+    (file descriptor 2) inside the block is written back when it ends."""
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, OSError, ValueError):  # NOTE: a captured stderr (pytest, IDEs) has no fd
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(fd)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), fd)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            held.seek(0)
+            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                    if not _NATIVE_NOISE.match(line)]
+            if kept:
+                sys.stderr.write("".join(kept))
 
 
 def _keras_specs(model: Any, input_shape: Any, label: str) -> list[Any]:
@@ -89,12 +128,27 @@ def _keras_specs(model: Any, input_shape: Any, label: str) -> list[Any]:
         return [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=_clean(getattr(t, "name", None) or f"input_{i}"))
                 for i, t in enumerate(inputs)]
     if input_shape is None:
+        input_shape = _built_shape(model)
+    if input_shape is None:
         raise DataError(
-            f"{label}: the Keras model has no defined input shape (a subclassed model that was never called, or a "
-            f"Sequential without keras.Input); pass input_shape=(None, 8, 8, 1) (--input-shape) or build the model first"
+            f"{label}: the Keras model has no defined input shape (a subclassed model that was never built or called, "
+            f"or a Sequential without keras.Input); pass input_shape=(None, 8, 8, 1) (--input-shape), or call "
+            f"model.build((None, 8, 8, 1)) first"
         )
     shapes = input_shape if isinstance(input_shape[0], (tuple, list)) else [input_shape]
     return [tf.TensorSpec((None, *tuple(s)[1:]), tf.float32, name=f"input_{i}") for i, s in enumerate(shapes)]
+
+
+def _built_shape(model: Any) -> Any:
+    """The input shape a subclassed Keras 3 model was built with (``model.build(shape)`` or its
+    first call record it), or None. A model with several inputs gives a list of shapes."""
+    shapes = getattr(model, "_build_shapes_dict", None)
+    if not isinstance(shapes, dict) or not shapes:
+        return None
+    values = [tuple(v) for v in shapes.values() if isinstance(v, (tuple, list)) and v and not isinstance(v[0], (tuple, list))]
+    if len(values) != len(shapes):
+        return None
+    return values[0] if len(values) == 1 else values
 
 
 def _clean(name: str) -> str:
@@ -256,12 +310,18 @@ def _function_callable(source: Any, input_signature: list[Any] | None, label: st
     return call, specs, output_names
 
 
+_FREE_SIZE = 32
+
+
 def _example_arrays(specs: list[Any], example_inputs: Any) -> list[np.ndarray]:
     """The example inputs given (an array, a list/tuple or a dict of them), else random ones of
     the specs' shapes (batch 2)."""
     if example_inputs is None:
         rng = np.random.default_rng(0)
-        return [rng.standard_normal([2 if d is None else d for d in s.shape]).astype(s.dtype.as_numpy_dtype) for s in specs]
+        # NOTE: batch 2; a free height/width (a fully convolutional net) gets 32, which every usual
+        # stride pattern accepts; pass example_inputs= for a size the model needs
+        return [rng.standard_normal([(2 if i == 0 else _FREE_SIZE) if d is None else d for i, d in enumerate(s.shape)])
+                .astype(s.dtype.as_numpy_dtype) for s in specs]
     example = list(example_inputs.values()) if isinstance(example_inputs, dict) else (
         list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs])
     return [np.asarray(e) for e in example]
@@ -271,12 +331,29 @@ def _run_reference(function: Any, example: list[np.ndarray], label: str) -> list
     """TensorFlow's outputs on the example inputs (what the import is checked against)."""
     tf = _require_tf()
     try:
-        reference = function(*[tf.constant(e) for e in example])
+        with quiet_native_logs():
+            reference = function(*[tf.constant(e) for e in example])
     except Exception as exc:
         shapes = ", ".join(str(e.shape) for e in example)
-        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {str(exc).splitlines()[0][:300]}") from None
+        raise DataError(
+            f"{label}: the example inputs ({shapes}) do not fit the model: {tf_message(exc)}; pass example_inputs= "
+            f"(--example-inputs) with arrays of the shapes the model takes"
+        ) from None
     reference_list = reference if isinstance(reference, (list, tuple)) else [reference]
     return [np.asarray(r) for r in reference_list]
+
+
+def tf_message(exc: BaseException) -> str:
+    """TensorFlow's message without its noise: an ``OpError``'s own message (not the ``Graph
+    execution error:`` header or the Python traceback TensorFlow appends), on one line."""
+    text = str(getattr(exc, "message", None) or exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
+    if frames:  # NOTE: "Detected at node ... defined at (most recent call last):" then frames, each a File line and its code
+        lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(("Detected at node", "File ")))] + lines[frames[-1] + 2:]
+    lines = [line for line in lines if line != "Graph execution error:"]
+    text = " ".join(lines) or type(exc).__name__
+    return text if len(text) <= 600 else text[:597] + "..."
 
 
 def _convert(function: Any, specs: list[Any], opset: int, label: str) -> Any:
@@ -284,8 +361,9 @@ def _convert(function: Any, specs: list[Any], opset: int, label: str) -> Any:
     import tf2onnx
 
     try:
-        proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
+        with quiet_native_logs():
+            proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:
-        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}") from None
+        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {tf_message(exc)}") from None
     _freeze_captured_constants(proto, function, specs, label)
     return proto

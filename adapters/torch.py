@@ -72,6 +72,25 @@ def _require_torch() -> Any:
     return torch
 
 
+def _refuse_weights_only_file(torch: Any, path: Path) -> None:
+    """A file of tensors only (a ``state_dict`` or a checkpoint dict, which ``weights_only`` loading
+    reads without running code) has no architecture to export: say so, and how to load it."""
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        return  # NOTE: not a plain tensor file: a pickled module, or no torch file at all
+    if isinstance(obj, dict):
+        tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
+        what = f"a state_dict ({tensors} tensors)" if tensors == len(obj) else f"a dict of {len(obj)} entries ({tensors} tensors)"
+    else:
+        what = f"a {type(obj).__name__}"
+    raise InvalidModelError(
+        f"{str(path)!r} holds {what}: weights without the model's architecture. Build the model in Python, "
+        f"load the weights (model.load_state_dict(torch.load(path))) and pass the module: modelpress.load(model, "
+        f"example_inputs=...), or save it with torch.export.save (.pt2) or torch.jit.save (.pt) for the command line"
+    )
+
+
 def _read_file(path: Path, trust_pickle: bool) -> Any:
     torch = _require_torch()
     if not path.is_file():
@@ -84,6 +103,7 @@ def _read_file(path: Path, trust_pickle: bool) -> Any:
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as jit_error:
+        _refuse_weights_only_file(torch, path)
         if not trust_pickle:
             raise InvalidModelError(
                 f"{str(path)!r}: not a TorchScript file ({str(jit_error).splitlines()[0][:200]}). If it is a pickled "

@@ -59,8 +59,9 @@ def test_torchscript_file_and_pickle_guard(torch_digits, tmp_path, digits):
     assert trusted.provenance.source_framework == "torch"
 
     torch.save(module.state_dict(), tmp_path / "weights.pth")
-    with pytest.raises(modelpress.InvalidModelError, match=r"not a torch\.nn\.Module"):
-        modelpress.load(tmp_path / "weights.pth", example_inputs=x_test[:4], trust_pickle=True)
+    for trust in (False, True):  # NOTE: read with weights_only: no code from the file runs either way
+        with pytest.raises(modelpress.InvalidModelError, match=r"holds a state_dict \(\d+ tensors\).*architecture.*load_state_dict"):
+            modelpress.load(tmp_path / "weights.pth", example_inputs=x_test[:4], trust_pickle=trust)
 
 
 @pytest.mark.torch
@@ -90,6 +91,41 @@ def test_keras_without_input_shape():
             modelpress.load(model)
     imported = modelpress.load(Subclassed(), input_shape=(None, 6))
     assert imported.signature.inputs[0].shape == ("batch", 6)
+
+    built = Subclassed()
+    built.build((None, 6))  # NOTE: how users build a subclassed model: the shape is read from the build
+    x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
+    imported = modelpress.load(built, example_inputs=x)
+    assert imported.signature.inputs[0].shape == ("batch", 6)
+    np.testing.assert_allclose(run(make_session(imported), {imported.signature.input_names[0]: x})[0],
+                               np.asarray(built(x)), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.tensorflow
+def test_keras_fully_convolutional_with_free_height_and_width():
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    net = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+                            keras.layers.ReLU(), keras.layers.Conv2D(2, 3, padding="same")])
+    model = modelpress.load(net)  # NOTE: no example_inputs: free sizes get 32 x 32 for the import check
+    height, width = model.signature.inputs[0].shape[1:3]
+    assert not isinstance(height, int) and not isinstance(width, int)
+    x = np.random.default_rng(1).standard_normal((1, 40, 24, 3)).astype(np.float32)
+    out = run(make_session(model), {model.signature.input_names[0]: x})[0]
+    np.testing.assert_allclose(out, np.asarray(net(x)), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.tensorflow
+def test_keras_shape_error_keeps_tensorflow_s_message():
+    keras = pytest.importorskip("keras")
+    pytest.importorskip("tf2onnx")
+    net = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    wrong = np.zeros((2, 10, 10, 1), np.float32)
+    with pytest.raises(modelpress.DataError) as caught:
+        modelpress.load(net, example_inputs=wrong)
+    message = str(caught.value)
+    assert "do not fit the model" in message and "example_inputs=" in message
+    assert "Graph execution error" not in message and len(message.split(": ", 2)[-1]) > 20, message
 
 
 @pytest.mark.tensorflow

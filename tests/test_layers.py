@@ -32,7 +32,7 @@ def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
 def test_the_layer_contracts_are_kept():
     result = subprocess.run([sys.executable, str(ROOT / ".ci" / "lint_imports.py")], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "3 kept, 0 broken" in result.stdout
+    assert "4 kept, 0 broken" in result.stdout
 
 
 def test_an_upward_import_and_a_plugin_reaching_into_adapters_are_caught(tmp_path):
@@ -52,10 +52,13 @@ def test_a_plugin_importing_core_internals_and_a_module_outside_every_layer_are_
     package = _script().assemble(tmp_path)
     with (package / "plugins" / "prune" / "__init__.py").open("a") as f:
         f.write("\n\ndef _bad() -> None:\n    from modelpress.ir import model  # not through plugin_api\n")
+    with (package / "plugins" / "quantize" / "qat.py").open("a") as f:
+        f.write("\n\ndef _bad2() -> None:\n    from modelpress.plugins import distill  # another plugin's internals\n")
     (package / "stray.py").write_text('"""A module in no layer."""\n')
     result = _lint(tmp_path)
     assert result.returncode != 0
-    assert "2 broken" in result.stdout
+    assert "3 broken" in result.stdout
+    assert "modelpress.plugins.quantize is not allowed to import modelpress.plugins.distill" in result.stdout
     assert "modelpress.plugins.prune -> modelpress.ir.model" in result.stdout
     assert "modelpress.stray" in result.stdout
 

@@ -104,7 +104,7 @@ def test_bad_tuning_declarations_are_named():
     class Opts(Options):
         level: int = Field(1, ge=1, le=3)
 
-    with pytest.raises(ValueError, match="names option.*'levle'"):
+    with pytest.raises(ValueError, match=r"names option.*'levle'"):
         Method(name="m", kind="factorize", apply=low_rank, options=Opts, tuning=Tuning(search={"levle": [1, 2]}))
     with pytest.raises(ValueError, match="unknown condition"):
         Tuning(without={"gpu": {}})

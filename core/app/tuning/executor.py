@@ -16,6 +16,7 @@ when an executor is made.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import threading
@@ -180,7 +181,15 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
                                        "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid()}}
 
 
-_AUTH_MODE_ENV = "RAY_AUTH_MODE"
+# NOTE: Ray's logger for its token-authentication notice (a stable name; if it changes, the notice just shows)
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _QuietAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" notice, printed on every local start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
 
 
 def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
@@ -188,9 +197,7 @@ def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
 
     NOTE: ``address="local"``: a plain ``ray.init()`` attaches to whatever cluster ``ray_current_cluster`` (in Ray's
     temp dir) names, even one whose processes died long ago, and then refuses ``num_cpus``; a local run never
-    attaches by accident. A new local cluster turns on token authentication and says so on stderr each time;
-    setting the mode it picks anyway keeps it (and the token) and the notice quiet (``RAY_AUTH_MODE`` set by the
-    user wins).
+    attaches by accident. Ray's authentication is left as Ray sets it; only its notice is filtered out.
     """
     address = address or os.environ.get("RAY_ADDRESS") or None
     if address:
@@ -199,9 +206,13 @@ def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
         except Exception as exc:
             raise ModelpressError(f"cannot attach to the Ray cluster at {address!r}: {exc}") from None
         return
-    os.environ.setdefault(_AUTH_MODE_ENV, "token")
-    ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-             configure_logging=False, object_store_memory=_OBJECT_STORE_BYTES)
+    quiet, logger = _QuietAuthNotice(), logging.getLogger(_AUTH_LOGGER)
+    logger.addFilter(quiet)
+    try:
+        ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, object_store_memory=_OBJECT_STORE_BYTES)
+    finally:
+        logger.removeFilter(quiet)
 
 
 class RayExecutor:

@@ -116,14 +116,15 @@ class _Builder:
         """The pipelines ``method`` declares (itself alone, then those it leads); each one whose methods all fit."""
         stages = ([(TuneStage(method.qualname),)] if tuning.alone else []) + list(tuning.pipelines)
         for declared in stages:
-            templates, why = [], None
+            templates: list[PassTemplate] = []
+            why: str | None = None
             for stage in declared:
                 template = self._template(stage, declared)
                 if isinstance(template, str):
                     why = template
                     break
                 templates.append(template)
-            name = self._name(templates, declared)
+            name = self._name(declared)
             if why is not None:
                 if len(declared) > 1:  # NOTE: a method alone that does not fit is listed in left_out
                     self.notes.append(f"{name}: {why}")
@@ -132,7 +133,7 @@ class _Builder:
             self.pipelines.append((tuning.order, len(self.pipelines), Pipeline(name, tuple(templates), seed=seed)))
             self.used.update(f"{t.kind}/{t.method}" for t in templates)
 
-    def _name(self, templates: list[PassTemplate], declared: tuple[TuneStage, ...]) -> str:
+    def _name(self, declared: tuple[TuneStage, ...]) -> str:
         name = "+".join(s.method.split("/", 1)[-1] for s in declared)
         if any(p.name == name for _, _, p in self.pipelines):  # NOTE: two kinds with a method of the same name
             name = "+".join(s.method.replace("/", "-") for s in declared)

@@ -32,17 +32,14 @@ class Plan:
     def __init__(self, runner: Runner, retry: list[dict[str, Any]]):
         self.runner, self.space, self.sensitivity, self.tracker = runner, runner.space, runner.sensitivity, runner.store
         self.strategy: Strategy = runner.run.settings.strategy
-        space, sensitivity, strategy, tracker = self.space, self.sensitivity, self.strategy, self.tracker
         self.queue: list[dict[str, Any]] = list(retry)
         self.exhausted = False
         self.why_stopped = ""
         self.fallback_added = False
         self.repeats = 0
-        tried = {config_key(t.user_attrs.get("config") or {}) for t in tracker.finished()}
-        if strategy == "accuracy-first":
-            self.queue += [c for c in space.ladder(sensitivity) if config_key(c) not in tried]
-        else:
-            self.queue += [c for c in seeds(space, sensitivity) if config_key(c) not in tried]
+        tried = {config_key(t.user_attrs.get("config") or {}) for t in self.tracker.finished()}
+        start = self.space.ladder(self.sensitivity) if self.strategy == "accuracy-first" else seeds(self.space, self.sensitivity)
+        self.queue += [c for c in start if config_key(c) not in tried]
 
     def _met(self) -> bool:
         return any(r.meets for r in self.runner.records())

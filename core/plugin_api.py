@@ -6,7 +6,8 @@ public API: they keep working across minor versions.
 
 Writing a method (see ``docs/writing-a-plugin.md``)
     :class:`Method`, :class:`Options`, :class:`PassContext`, :class:`Kind`, :data:`BUILTIN_KINDS`,
-    :func:`hookimpl`; the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
+    :func:`hookimpl`, :class:`Tuning` and :class:`TuneStage` (how ``modelpress tune`` searches it);
+    the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
     ``consumers``, ``producer``, ``fresh_name``, ``replace_node``, ``insert_after``, ``cleanup``,
     ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`,
     :func:`recurrent_refusals` (name the LSTM/GRU/RNN weights a method leaves alone).
@@ -71,6 +72,7 @@ from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
 from modelpress.plugin.hookspecs import hookimpl
 from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
 from modelpress.plugin.registry import current_registry
+from modelpress.plugin.tuning import TuneStage, Tuning
 from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
 __all__ = [
@@ -94,6 +96,8 @@ __all__ = [
     "PluginError",
     "Provenance",
     "TensorInfo",
+    "TuneStage",
+    "Tuning",
     "UnsafeExternalDataError",
     "UnsupportedModelError",
     "VerificationError",

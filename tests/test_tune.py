@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import modelpress
-from modelpress.app.tuning.space import default_space
+from modelpress.app.tuning.defaults import default_space
 from tests.conftest import ROOT, run_cli
 
 ray = pytest.importorskip("ray", reason="needs the distributed extra")
@@ -233,7 +233,7 @@ def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, d
     result = run_trial(Path(digits_mlp_path).read_bytes(), blobs, passes, {"metric": "accuracy"}, baseline=0.95, hopeless_drop=0.3)
     # 90% of the channels gone: measured before any fine-tuning, far below, so the 50 epochs never run
     assert result["status"] == "pruned" and result["metric"] < 0.65
-    assert "before fine-tuning" in result["reason"]
+    assert "before recovery (fine_tune_epochs)" in result["reason"]
 
 
 def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path, data, tmp_path):
@@ -307,9 +307,10 @@ def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
 
 
 def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
-    from modelpress.app.tuning.study import measure_sensitivity
+    from modelpress.app.tuning.sensitivity import measure_sensitivity
 
-    ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), (data / "calib.npz").read_bytes())
+    # int8-static's declared ranking run (Tuning(fallback="exclude", ranking=...)) on the calibration data
+    ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), {"calibration": (data / "calib.npz").read_bytes()}, "int8-static", "quantize")
     layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
     assert set(ranking) == layers
     # the fallback ladder along it keeps at most all but one in float: with every weighted layer excluded int8-static refuses

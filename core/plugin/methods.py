@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import pydantic
 
 from modelpress.base.errors import OptionsError
+from modelpress.plugin.tuning import Tuning
 
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
@@ -133,6 +134,8 @@ class Method:
     uses_reference: bool = False
     reference_option: str = "reference"
     reference_options: tuple[tuple[str, Any], ...] = ()
+    # -- how `modelpress tune` searches it (see modelpress.plugin.tuning.Tuning)
+    tuning: Tuning | None = None
 
     def __post_init__(self) -> None:
         check_kind_name(self.kind, f"method {self.name!r}")
@@ -146,6 +149,8 @@ class Method:
             raise ValueError(f"method {self.name!r}: requires {', '.join(map(repr, unknown))}; data needs are {', '.join(DATA_NEEDS)}")
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"method {self.name!r}: options must be a modelpress.Options subclass")
+        if self.tuning is not None:
+            self.tuning.check(self.name, set(self.options.model_fields))
 
     def data_needs(self, options: dict[str, Any] | Options | None = None) -> set[str]:
         """The data sources (``calibration``, ``train``, ``eval``) this method needs with ``options``:

@@ -60,6 +60,7 @@ __all__ = [
     "ENTRY_POINT_GROUP",
     "OBSERVER_HOOKS",
     "STRICT_ENV",
+    "DuplicateKindError",
     "PluginInfo",
     "PluginWarning",
     "Registry",
@@ -284,14 +285,18 @@ class Registry:
         kind = kind.attributed(info.name)
         if kind.name in self._kinds:
             other_kind, other = self._kinds[kind.name]
-            if other_kind.attributed("") == kind.attributed(""):
-                return  # NOTE: the same declaration twice (two plugins sharing a kind) is harmless
-            raise DuplicateMethodError(
-                f"kind {kind.name!r} is registered differently by both {other.label} and {info.label}; "
-                f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
-                plugin=name,
-                method=kind.name,
-            )
+            if other_kind.attributed("") != kind.attributed(""):
+                raise DuplicateKindError(
+                    f"kind {kind.name!r} is registered differently by both {other.label} and {info.label} "
+                    f"({_kind_text(other_kind)} vs {_kind_text(kind)}); make the two declarations the same, "
+                    f"uninstall one, or block one with {BLOCK_ENV}=<plugin name>",
+                    plugin=name,
+                    method=kind.name,
+                    plugins=(other.name, info.name),
+                )
+            # NOTE: the same declaration from two plugins sharing a kind: merged (the first plugin keeps the attribution)
+            info.kinds.append(other_kind)
+            return
         self._kinds[kind.name] = (kind, info)
         info.kinds.append(kind)
 
@@ -335,6 +340,11 @@ class Registry:
             f"(see `modelpress plugins`)"
         )
 
+    def local_plugins(self) -> list[object]:
+        """The plugin objects registered directly (``create_registry(plugins=[...])``, ``register(obj)``), not from entry
+        points: what another process needs besides its own entry points to have this registry's methods."""
+        return [self.pm.get_plugin(name) for name, info in self.plugins.items() if info.distribution == "local"]
+
     def adapters(self) -> list[Adapter]:
         return sorted(self._adapters, key=lambda a: -a.priority)
 
@@ -348,6 +358,21 @@ class Registry:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+
+def _kind_text(kind: Kind) -> str:
+    return f"description={kind.description!r}, columns={list(kind.columns)}, smaller={kind.smaller}"
+
+
+class DuplicateKindError(DuplicateMethodError):
+    """Two plugins registered the same kind with different definitions; ``plugins`` names both.
+
+    Not contained like other load failures: which plugin's methods would vanish would depend on the
+    order entry points are read in, so loading stops and names both."""
+
+    def __init__(self, message: str, *, plugin: str | None = None, method: str | None = None, plugins: tuple[str, str] = ("", "")):
+        super().__init__(message, plugin=plugin, method=method)
+        self.plugins = plugins
 
 
 def _split_env(name: str) -> set[str]:
@@ -424,6 +449,8 @@ def _load_entry_point(registry: Registry, ep: importlib_metadata.EntryPoint, dis
         return
     try:
         registry.register(module, name=ep.name, distribution=dist, version=version, builtin=builtin)
+    except DuplicateKindError:
+        raise  # NOTE: a conflict between two plugins, not one plugin's fault to contain (see DuplicateKindError)
     except PluginError as exc:
         registry.failed[ep.name] = f"{one_line(exc)}; fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}"
 

@@ -33,6 +33,7 @@ from modelpress.plugin_api import (
     Options,
     OptionsError,
     PassContext,
+    Tuning,
     hookimpl,
     load_dataset,
 )
@@ -212,6 +213,11 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     return Model(trained.ir, provenance=trained.provenance, path=teacher.path, reference=teacher.reference or teacher)
 
 
+# How `modelpress tune` searches it: inside pipelines that narrow the model first (see prune/channel's); it trains,
+# and without labels it learns from the teacher's outputs only.
+_KD_TUNING = Tuning(alone=False, trains=True, search={"epochs": [10, 5]}, without={"labels": {"alpha": 0.0}})
+
+
 @hookimpl
 def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
     register(next(k for k in BUILTIN_KINDS if k.name == "distill"))
@@ -221,4 +227,5 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"},
                     uses_reference=True, reference_option="teacher", reference_options={"student": "given"},
-                    summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features"))
+                    summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features",
+                    tuning=_KD_TUNING))

@@ -34,6 +34,8 @@ from modelpress.plugin_api import (
     Options,
     OptionsError,
     PassContext,
+    TuneStage,
+    Tuning,
     WeightedLayer,
     hookimpl,
     load_dataset,
@@ -364,13 +366,30 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 
 # Fine-tuning trains: with fine_tune_epochs set, a method needs training data.
 _FINE_TUNE = {"fine_tune_epochs": "train"}
+# How `modelpress tune` searches them: fine-tuning recovers accuracy (searched with training data and torch), and a
+# trial that fine-tunes is first measured without it and cut when already hopeless.
+_LINEAR = ("Conv", "Gemm", "MatMul")
+_CHANNEL_TUNING = Tuning(
+    order=10, alone=False, ops=_LINEAR, recovery="fine_tune_epochs", probe=True,
+    search={"ratio": {"low": 0.1, "high": 0.6, "step": 0.05}, "fine_tune_epochs": [3, 1, 0]},
+    without={"recovery": {"ratio": {"search": {"low": 0.05, "high": 0.3, "step": 0.05}}}},
+    # NOTE: the distillation student's width is 1 - ratio: the channel pass narrows the model, kd trains it from the source
+    pipelines=(("prune/channel", "quantize/int8-static"),
+               (TuneStage("prune/channel", {"ratio": {"search": {"low": 0.25, "high": 0.75, "step": 0.05}}}), "distill/kd", "quantize/int8-static")),
+)
+_MAGNITUDE_TUNING = Tuning(order=70, ops=_LINEAR, recovery="fine_tune_epochs", probe=True,
+                           search={"sparsity": {"low": 0.3, "high": 0.9, "step": 0.1}, "fine_tune_epochs": [3, 0]})
+_NM_TUNING = Tuning(alone=False, recovery="fine_tune_epochs", probe=True)  # NOTE: no pipeline of its own: tuned in a recipe only
 
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
-                    summary="unstructured: zero the smallest weights (masked sparsity)"))
+                    summary="unstructured: zero the smallest weights (masked sparsity)",
+                    tuning=_MAGNITUDE_TUNING))
     register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE,
-                    summary="semi-structured N:M sparsity along the input dimension (2:4 default)"))
+                    summary="semi-structured N:M sparsity along the input dimension (2:4 default)",
+                    tuning=_NM_TUNING))
     register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE,
-                    summary="structured: remove channels and their consumers' inputs (smaller, faster model)"))
+                    summary="structured: remove channels and their consumers' inputs (smaller, faster model)",
+                    tuning=_CHANNEL_TUNING))

@@ -119,7 +119,7 @@ def compress_batch(
     rows = {i: BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx")) for i, _, stem in jobs}
     interrupted = False
     try:
-        _run_jobs(executor, jobs, rows, parsed, out, board, timeout=timeout, memory_mb=memory_mb)
+        _run_jobs(_Batch(executor, rows, parsed, out, board, timeout, memory_mb), jobs)
     except KeyboardInterrupt:
         interrupted = True
         for job in executor.cancel_all():
@@ -147,10 +147,23 @@ def _checked(models: list[str | os.PathLike[str]], recipe: str | os.PathLike[str
     return paths, parsed
 
 
-def _run_jobs(executor: RayExecutor, pending: list[tuple[int, str, str]], rows: dict[int, BatchRow], recipe: Recipe, out: Path, board: Any, *,
-              timeout: float | None, memory_mb: float | None) -> None:
+@dataclass
+class _Batch:
+    """One batch run's state: where jobs run, their rows, the recipe and limits."""
+
+    executor: RayExecutor
+    rows: dict[int, BatchRow]
+    recipe: Recipe
+    out: Path
+    board: Any
+    timeout: float | None
+    memory_mb: float | None
+
+
+def _run_jobs(batch: _Batch, pending: list[tuple[int, str, str]]) -> None:
     """Submit the models as workers come free and fill in their rows as they finish."""
-    raw, base_dir = recipe.model_dump(), str(Path(recipe.base_dir or ".").resolve())
+    executor, rows, out, board, timeout, memory_mb = batch.executor, batch.rows, batch.out, batch.board, batch.timeout, batch.memory_mb
+    raw, base_dir = batch.recipe.model_dump(), str(Path(batch.recipe.base_dir or ".").resolve())
     while pending or executor.running:
         # NOTE: no more jobs than workers at a time: a job's time limit counts from its submission
         while pending and len(executor.running) < executor.workers:

@@ -1,7 +1,8 @@
 """Where trials and batch jobs run: Ray tasks in worker processes that are kept between jobs.
 
-Local by default (``ray.init`` with ``workers`` CPUs, no dashboard: it starts in a few seconds);
-``address`` attaches to an existing cluster. A job runs in a Ray worker process that Ray keeps for
+Local by default (a new ``ray.init`` instance with ``workers`` CPUs, no dashboard: it starts in a few
+seconds, whatever an earlier ``ray start`` left in Ray's temp dir); ``address`` (or ``RAY_ADDRESS``)
+attaches to an existing cluster. A job runs in a Ray worker process that Ray keeps for
 the next jobs (up to :data:`JOBS_PER_WORKER`, then it is replaced, which bounds what a leak can
 gather): the imports (modelpress, ONNX Runtime, torch) are paid once per worker, not once per job.
 ``fresh_workers=True`` runs every job in a new process instead. There are no retries: a job that
@@ -15,6 +16,7 @@ when an executor is made.
 from __future__ import annotations
 
 import gc
+import logging
 import os
 import sys
 import threading
@@ -179,6 +181,40 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
                                        "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid()}}
 
 
+# NOTE: Ray's logger for its token-authentication notice (a stable name; if it changes, the notice just shows)
+_AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+class _QuietAuthNotice(logging.Filter):
+    """Drops Ray's "Token authentication is enabled for this Ray cluster" notice, printed on every local start."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Token authentication is enabled")
+
+
+def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
+    """Attach to the cluster at ``address`` (or ``RAY_ADDRESS``), else start a local instance of our own.
+
+    NOTE: ``address="local"``: a plain ``ray.init()`` attaches to whatever cluster ``ray_current_cluster`` (in Ray's
+    temp dir) names, even one whose processes died long ago, and then refuses ``num_cpus``; a local run never
+    attaches by accident. Ray's authentication is left as Ray sets it; only its notice is filtered out.
+    """
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    if address:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except Exception as exc:
+            raise ModelpressError(f"cannot attach to the Ray cluster at {address!r}: {exc}") from None
+        return
+    quiet, logger = _QuietAuthNotice(), logging.getLogger(_AUTH_LOGGER)
+    logger.addFilter(quiet)
+    try:
+        ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, object_store_memory=_OBJECT_STORE_BYTES)
+    finally:
+        logger.removeFilter(quiet)
+
+
 class RayExecutor:
     """Submit functions as Ray tasks; collect their outcomes; cancel those past their time limit."""
 
@@ -187,14 +223,7 @@ class RayExecutor:
         self.ray = ray
         self.owns_session = False
         if not ray.is_initialized():
-            if address:
-                try:
-                    ray.init(address=address, log_to_driver=False, configure_logging=False)
-                except Exception as exc:
-                    raise ModelpressError(f"cannot attach to the Ray cluster at {address!r}: {exc}") from None
-            else:
-                ray.init(num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                         configure_logging=False, object_store_memory=_OBJECT_STORE_BYTES)
+            _start_ray(ray, workers, address)
             self.owns_session = True
         self.fresh_workers = fresh_workers
         options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, **_worker_options())

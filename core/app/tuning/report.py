@@ -37,7 +37,7 @@ class TrialRecord:
     def options(self) -> str:
         parts = []
         for p in self.passes:
-            opts = ", ".join(f"{k}={v}" for k, v in p.get("options", {}).items() if not (k == "exclude" and not v))
+            opts = ", ".join(f"{k}={v}" for k, v in p.get("options", {}).items() if not (isinstance(v, (list, dict)) and not v))
             parts.append(f"{p['method']}({opts})")
         return " -> ".join(parts)
 
@@ -80,6 +80,7 @@ class TuneReport:
     verification: str = ""
     space: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods the search space left out -> why
 
     COLUMNS = ("trial", "status", "meets", "metric", "drop", "size (MB)", "ratio", "latency b1 ms", "time (s)", "configuration")
 
@@ -138,6 +139,8 @@ class TuneReport:
         lines += ["", "## Search space", "", "```json", json.dumps(self.space, indent=1, default=str), "```"]
         if self.notes:
             lines += ["", *[f"- {n}" for n in self.notes]]
+        if self.left_out:
+            lines += ["", "## Left out of the search space", "", *[f"- {name}: {why}" for name, why in self.left_out.items()]]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -145,7 +148,7 @@ class TuneReport:
             "title": self.title, "status": self.status, "metric": self.metric, "objective": self.objective, "max_drop": self.max_drop,
             "baseline": self.baseline, "best": self.best.to_dict() if self.best else None, "meets": bool(self.best and self.best.meets),
             "pareto": [r.number for r in self.pareto], "trials": [r.to_dict() for r in self.trials], "space": self.space,
-            "verification": self.verification, "notes": self.notes,
+            "verification": self.verification, "notes": self.notes, "left_out": self.left_out,
         }
 
     def svg_chart(self, width: int = 620, height: int = 360) -> str:

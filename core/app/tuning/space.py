@@ -10,8 +10,8 @@ each a list of pass templates whose options are fixed values or parameters:
   quantization, ``k`` from a ladder (measured once per study; INC's op-wise fallback).
 
 Spaces come from a recipe whose options may be ``{search: ...}`` (:func:`space_from_recipe`), or are
-built from the installed methods that fit the model and the data (:func:`default_space`). Third-party
-methods join the default space by declaring tunable options in their ``Options`` schema::
+built from the installed methods' tuning declarations (:mod:`.defaults`): a method joins the default
+space by declaring tunable options in its ``Options`` schema, or a :class:`modelpress.plugin_api.Tuning`::
 
     class MyOptions(modelpress.Options):
         strength: float = Field(0.5, json_schema_extra={"search": {"low": 0.1, "high": 0.9}})
@@ -31,11 +31,10 @@ from modelpress.base.errors import OptionsError
 
 if TYPE_CHECKING:
     from modelpress.app.recipe import Recipe
-    from modelpress.ir.model import Model
     from modelpress.plugin.methods import Method
     from modelpress.plugin.registry import Registry
 
-__all__ = ["Choice", "Fallback", "Pipeline", "Range", "SearchSpace", "default_space", "is_search", "space_from_recipe"]
+__all__ = ["Choice", "Fallback", "Pipeline", "Range", "SearchSpace", "check_values", "is_param", "is_search", "space_from_recipe"]
 
 SEARCH_KEY = "search"
 
@@ -97,13 +96,21 @@ class PassTemplate:
     name: str | None = None
 
     def params(self) -> dict[str, Param]:
-        return {k: v for k, v in self.options.items() if isinstance(v, (Choice, Range, Fallback))}
+        return {k: v for k, v in self.options.items() if is_param(v)}
+
+
+def is_param(value: Any) -> bool:
+    """Whether an option's value is searched (a :class:`Choice`, :class:`Range` or :class:`Fallback`), not fixed."""
+    return isinstance(value, (Choice, Range, Fallback))
 
 
 @dataclass(frozen=True)
 class Pipeline:
+    """``seed``: the study starts with this pipeline's first point (its method declares ``Tuning(seed=True)``)."""
+
     name: str
     passes: tuple[PassTemplate, ...]
+    seed: bool = False
 
     def params(self) -> dict[str, Param]:
         """``{"<stage>.<option>": param}``; stage numbers start at 1."""
@@ -120,6 +127,7 @@ class SearchSpace:
 
     pipelines: list[Pipeline]
     notes: list[str] = field(default_factory=list)
+    left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods not in the space -> why
 
     def pipeline(self, name: str) -> Pipeline:
         for p in self.pipelines:
@@ -263,11 +271,14 @@ def parse_param(value: Any, where: str) -> Param:
     raise OptionsError(f"{where}: `search` must be a list of choices, a range {{low, high, step, log}} or 'fallback'; got {spec!r}")
 
 
-def _check_values(method: Method, fixed: dict[str, Any], name: str, param: Param, where: str) -> None:
+def check_values(method: Method, fixed: dict[str, Any], name: str, param: Param, where: str) -> None:
     """Every value a parameter can take must validate against the method's options schema."""
     if isinstance(param, Fallback):
-        if name != "exclude":
-            raise OptionsError(f"{where}: 'fallback' fills the `exclude` option (node names kept in float), not {name!r}")
+        option = method.tuning.fallback if method.tuning is not None else ""
+        if not option:
+            raise OptionsError(f"{where}: 'fallback' needs a method that declares a fallback option (Tuning(fallback=...)); {method.qualname} declares none")
+        if name != option:
+            raise OptionsError(f"{where}: 'fallback' fills {method.qualname}'s `{option}` option (node names kept out of it), not {name!r}")
         values: list[Any] = [[]]
     elif isinstance(param, Choice):
         values = list(param.values)
@@ -285,10 +296,10 @@ def template_from_spec(spec: PassSpec, index: int, registry: Registry) -> PassTe
     options: dict[str, Any] = {}
     for key, value in spec.options.items():
         options[key] = parse_param(value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}") if is_search(value) else value
-    fixed = validate_pass_options(method, {k: v for k, v in options.items() if not isinstance(v, (Choice, Range, Fallback))}, index)
+    fixed = validate_pass_options(method, {k: v for k, v in options.items() if not is_param(v)}, index)
     for key, value in options.items():
-        if isinstance(value, (Choice, Range, Fallback)):
-            _check_values(method, fixed, key, value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}")
+        if is_param(value):
+            check_values(method, fixed, key, value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}")
     return PassTemplate(spec.kind, spec.method, options, spec.name)
 
 
@@ -296,119 +307,5 @@ def space_from_recipe(recipe: Recipe, registry: Registry) -> SearchSpace:
     """One pipeline: the recipe's passes, with its ``{search: ...}`` options as parameters."""
     templates = tuple(template_from_spec(spec, i, registry) for i, spec in enumerate(recipe.passes, 1))
     name = "+".join(t.method for t in templates)
-    return SearchSpace([Pipeline(name, templates)])
-
-
-# -- the default space ----------------------------------------------------------------------------
-
-
-def _weights(model: Model, op_types: tuple[str, ...], min_elements: int = 0) -> int:
-    count = 0
-    for layer in model.weighted_layers():
-        tensor = layer.weight.const_value
-        if layer.op_type in op_types and tensor is not None and math.prod(tensor.shape.numpy()) >= min_elements:
-            count += 1
-    return count
-
-
-def _declared(method: Method) -> dict[str, Param]:
-    """Tunable options a method declares: ``json_schema_extra={"search": ...}`` on its fields."""
-    out: dict[str, Param] = {}
-    for name, info in method.options.model_fields.items():
-        extra = info.json_schema_extra
-        if isinstance(extra, dict) and SEARCH_KEY in extra:
-            out[name] = parse_param({SEARCH_KEY: extra[SEARCH_KEY]}, f"method {method.qualname} option {name!r}")
-    return out
-
-
-class _Pipelines:
-    """The default space as it is built: pipelines whose methods are installed, notes on those left out."""
-
-    def __init__(self, registry: Registry):
-        self.have = {m.qualname for m in registry.methods()}
-        self.pipes: list[Pipeline] = []
-        self.notes: list[str] = []
-
-    def add(self, name: str, *templates: PassTemplate, needs: tuple[str, ...] = ()) -> None:
-        missing = [q for q in needs if q not in self.have]
-        if missing:
-            self.notes.append(f"{name}: method(s) {', '.join(missing)} not installed")
-            return
-        self.pipes.append(Pipeline(name, templates))
-
-
-def _int8_static() -> PassTemplate:
-    return PassTemplate("quantize", "int8-static", {
-        "calibrator": Choice(("percentile", "minmax", "entropy", "mse")),
-        "per_channel": Choice((True, False)),
-        "activation_type": Choice(("uint8", "int8")),
-        # NOTE: the tuner owns the fallback (measured on the tune metric's ranking), not the method's own targets
-        "sensitivity": False,
-        "exclude": Fallback(),
-    })
-
-
-def _add_pruning(space: _Pipelines, int8: PassTemplate, *, conv: int, calibration: bool, fine_tune: bool, labels: bool) -> None:
-    """Channel pruning before int8-static: with fine-tuning and a distilled variant when there is training data and torch."""
-    if conv and calibration and fine_tune:
-        space.add("channel+int8-static", PassTemplate("prune", "channel", {
-            "ratio": Range(0.1, 0.6, 0.05), "fine_tune_epochs": Choice((3, 1, 0))}), int8,
-            needs=("prune/channel", "quantize/int8-static"))
-        # NOTE: the distillation student's width is 1 - ratio: the channel pass narrows the model, kd trains it
-        # from the source model (a recipe's distill pass always has the source as teacher)
-        space.add("channel+kd+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.25, 0.75, 0.05)}),
-                  PassTemplate("distill", "kd", {"epochs": Choice((10, 5)), **({} if labels else {"alpha": 0.0})}), int8,
-                  needs=("prune/channel", "distill/kd", "quantize/int8-static"))
-    elif conv and calibration:
-        space.add("channel+int8-static", PassTemplate("prune", "channel", {"ratio": Range(0.05, 0.3, 0.05)}), int8,
-                  needs=("prune/channel", "quantize/int8-static"))
-        space.notes.append("no training data (or no torch): pruning without fine-tuning only, no distillation")
-
-
-def _add_quantization(space: _Pipelines, int8: PassTemplate, model: Model, *, conv: int, matmul: int, calibration: bool) -> None:
-    # NOTE: int8-static also quantizes activations of layers whose weights are not initializers (Constant nodes)
-    ops = model.op_histogram()
-    if (conv or any(ops.get(op) for op in ("Conv", "Gemm", "MatMul"))) and calibration:
-        space.add("int8-static", int8, needs=("quantize/int8-static",))
-    elif not calibration:
-        space.notes.append("no calibration data: no int8-static")
-    if conv:
-        space.add("codebook", PassTemplate("quantize", "codebook", {"bits": Range(2, 8, 1, integer=True)}), needs=("quantize/codebook",))
-    if matmul:
-        algorithms = ("rtn", "mse", "gptq") if calibration else ("rtn", "mse")
-        space.add("int4-weight-only", PassTemplate("quantize", "int4-weight-only", {
-            "block_size": Choice((128, 64, 32)), "algorithm": Choice(algorithms)}), needs=("quantize/int4-weight-only",))
-        space.add("int8-dynamic", PassTemplate("quantize", "int8-dynamic", {"per_channel": Choice((True, False))}), needs=("quantize/int8-dynamic",))
-
-
-def _third_party(registry: Registry) -> list[Pipeline]:
-    """A pipeline per third-party quantize/prune method that declares tunable options."""
-    builtin = {p.name for p in registry.plugins.values() if p.builtin}
-    pipes = []
-    for method in registry.methods():
-        if method.plugin in builtin:
-            continue
-        declared = _declared(method)
-        if declared and method.kind in ("quantize", "prune"):
-            pipes.append(Pipeline(method.name, (PassTemplate(method.kind, method.name, dict(declared)),)))
-    return pipes
-
-
-def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool, labels: bool = True) -> SearchSpace:
-    """The pipelines that fit ``model`` and the data given, with the knobs worth turning."""
-    space = _Pipelines(registry)
-    conv = _weights(model, ("Conv", "Gemm", "MatMul"))
-    matmul = _weights(model, ("MatMul", "Gemm"), 1024)
-    int8 = _int8_static()
-    _add_pruning(space, int8, conv=conv, calibration=calibration, fine_tune=train and torch, labels=labels)
-    _add_quantization(space, int8, model, conv=conv, matmul=matmul, calibration=calibration)
-    if conv:
-        sparsity: dict[str, Any] = {"sparsity": Range(0.3, 0.9, 0.1)}
-        if train and torch:
-            sparsity["fine_tune_epochs"] = Choice((3, 0))
-        space.add("magnitude", PassTemplate("prune", "magnitude", sparsity), needs=("prune/magnitude",))
-    space.add("fp16", PassTemplate("quantize", "fp16", {}), needs=("quantize/fp16",))
-    space.pipes += _third_party(registry)
-    if not space.pipes:
-        raise OptionsError("no installed method fits this model and data; give --calib/--train data or a recipe with `search:` options")
-    return SearchSpace(space.pipes, space.notes)
+    tuning = registry.method(templates[0].method, templates[0].kind).tuning if len(templates) == 1 else None
+    return SearchSpace([Pipeline(name, templates, seed=bool(tuning and tuning.seed))])

@@ -1,6 +1,7 @@
 """Strategies: which configuration a tune tries next, and which trial is the best.
 
-* ``pareto``: seeds (int8-static's defaults, then each pipeline's most aggressive point), then the
+* ``pareto``: seeds (the first point of each pipeline whose method declares ``Tuning(seed=True)``, then
+  each pipeline's most aggressive point), then the
   Optuna sampler of the study (TPE; NSGA-II for two objectives besides the metric).
 * ``accuracy-first`` (INC's basic strategy): the space's ladder, most aggressive first, one knob at
   a time, then the fallback ladder along the measured sensitivity on the best configuration; stops
@@ -18,9 +19,9 @@ from modelpress.app.tuning.report import TrialRecord
 from modelpress.app.tuning.space import Fallback, SearchSpace
 
 if TYPE_CHECKING:
-    from modelpress.app.tuning.study import _Runner, _Study
+    from modelpress.app.tuning.runner import Runner
 
-__all__ = ["Plan", "Strategy", "config_key", "pick_best"]
+__all__ = ["Plan", "Strategy", "config_key", "pick_best", "seeds"]
 
 Strategy = Literal["pareto", "accuracy-first"]
 
@@ -28,28 +29,17 @@ Strategy = Literal["pareto", "accuracy-first"]
 class Plan:
     """Which configuration to try next: retries of interrupted trials, then the strategy's."""
 
-    def __init__(self, space: SearchSpace, sensitivity: dict[str, list[str]], strategy: Strategy, retry: list[dict[str, Any]],
-                 tracker: _Study, runner: _Runner):
-        self.space, self.sensitivity, self.strategy, self.tracker, self.runner = space, sensitivity, strategy, tracker, runner
+    def __init__(self, runner: Runner, retry: list[dict[str, Any]]):
+        self.runner, self.space, self.sensitivity, self.tracker = runner, runner.space, runner.sensitivity, runner.store
+        self.strategy: Strategy = runner.run.settings.strategy
         self.queue: list[dict[str, Any]] = list(retry)
         self.exhausted = False
         self.why_stopped = ""
         self.fallback_added = False
         self.repeats = 0
-        tried = {config_key(t.user_attrs.get("config") or {}) for t in tracker.finished()}
-        if strategy == "accuracy-first":
-            self.queue += [c for c in space.ladder(sensitivity) if config_key(c) not in tried]
-        else:
-            # NOTE: start from known points: int8-static's defaults (the usual single default), then
-            # each pipeline's most aggressive point; the sampler explores from there.
-            seeds: list[dict[str, Any]] = []
-            for pipeline in space.pipelines:
-                if pipeline.name == "int8-static":
-                    seeds.insert(0, {"pipeline": "int8-static", **{f"int8-static:{k}": (0 if k.endswith("exclude") else p.grid()[0])
-                                                                     for k, p in pipeline.params().items()}})
-            seeds += [c for c in space.ladder(sensitivity) if all(v == space.pipeline(c["pipeline"]).params()[k.split(":", 1)[1]].grid()[0]
-                                                                    for k, v in c.items() if k != "pipeline")]
-            self.queue += [c for c in dict((config_key(c), c) for c in seeds).values() if config_key(c) not in tried]
+        tried = {config_key(t.user_attrs.get("config") or {}) for t in self.tracker.finished()}
+        start = self.space.ladder(self.sensitivity) if self.strategy == "accuracy-first" else seeds(self.space, self.sensitivity)
+        self.queue += [c for c in start if config_key(c) not in tried]
 
     def _met(self) -> bool:
         return any(r.meets for r in self.runner.records())
@@ -89,6 +79,16 @@ class Plan:
                     if config_key(config) not in tried:
                         configs.append(config)
         return configs
+
+
+def seeds(space: SearchSpace, sensitivity: dict[str, list[str]]) -> list[dict[str, Any]]:
+    """Known points to start from: the seed pipelines' first points (no fallback), then each pipeline's most
+    aggressive point; the sampler explores from there."""
+    first = [{"pipeline": p.name, **{f"{p.name}:{k}": (0 if isinstance(param, Fallback) else param.grid()[0]) for k, param in p.params().items()}}
+             for p in space.pipelines if p.seed]
+    aggressive = [c for c in space.ladder(sensitivity) if all(v == space.pipeline(c["pipeline"]).params()[k.split(":", 1)[1]].grid()[0]
+                                                               for k, v in c.items() if k != "pipeline")]
+    return list(dict((config_key(c), c) for c in first + aggressive).values())
 
 
 def config_key(config: dict[str, Any]) -> str:

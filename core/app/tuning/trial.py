@@ -57,19 +57,34 @@ class _Laps:
         return {phase: {"wall": round(w, 4), "cpu": round(c, 4)} for phase, (w, c) in self.seconds.items()}
 
 
+_REGISTRIES: dict[tuple[str, ...], Any] = {}
+
+
+def trial_registry(plugins: list[Any] | None = None) -> Any:
+    """The registry a worker runs with: the process-wide one, plus the plugin objects the driver's registry had
+    registered itself (``create_registry(plugins=[...])``, which no entry point brings); made once per worker."""
+    from modelpress.plugin.registry import create_registry, get_registry
+
+    if not plugins:
+        return get_registry()
+    key = tuple(getattr(p, "__name__", None) or f"{type(p).__module__}.{type(p).__qualname__}" for p in plugins)
+    if key not in _REGISTRIES:
+        _REGISTRIES[key] = create_registry(plugins=plugins)
+    return _REGISTRIES[key]
+
+
 def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str, Any]], evaluate: dict[str, Any],
-              baseline: float | None = None, hopeless_drop: float | None = None) -> dict[str, Any]:
+              baseline: float | None = None, hopeless_drop: float | None = None, plugins: list[Any] | None = None) -> dict[str, Any]:
     """Run a configuration; returns metric, size, latency, the model's bytes and the pass figures.
 
-    ``status`` is ``"pruned"`` when the trial was cut early: a prune pass that fine-tunes is first
-    measured before fine-tuning, and if its drop already exceeds ``hopeless_drop`` the
-    fine-tuning (and the rest of the trial) is skipped.
+    ``status`` is ``"pruned"`` when the trial was cut early: a pass whose method declares a
+    ``recovery`` option it may ``probe`` (e.g. pruning's fine-tuning epochs), with that option set,
+    is first measured with it at its default, and if its drop already exceeds ``hopeless_drop``
+    the recovery (and the rest of the trial) is skipped. ``plugins``: see :func:`trial_registry`.
     """
-    from modelpress.plugin.registry import get_registry
-
     start = time.perf_counter()
     laps = _Laps()
-    registry = get_registry()
+    registry = trial_registry(plugins)
     laps.lap("import")
     with tempfile.TemporaryDirectory(prefix="modelpress-trial-") as tmp:
         trial = _Trial.open(Path(tmp), model, data, passes, evaluate, registry)
@@ -79,6 +94,15 @@ def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str
             return {**cut, "seconds": time.perf_counter() - start, "phases": laps.figures()}
         return {**trial.measure(current, laps), "parameters": current.parameter_count(), "seconds": time.perf_counter() - start,
                 "figures": figures, "phases": laps.figures()}
+
+
+def _probed_recovery(registry: Any, spec: Any) -> tuple[str, Any] | None:
+    """``(option, its default)`` when the pass's method declares a recovery option it may probe and the pass sets it."""
+    method = registry.method(spec.method, spec.kind)
+    tuning = method.tuning
+    if tuning is None or not tuning.probe or not tuning.recovery or not spec.options.get(tuning.recovery):
+        return None
+    return tuning.recovery, method.options.model_fields[tuning.recovery].get_default(call_default_factory=True)
 
 
 class _Trial:
@@ -118,8 +142,9 @@ class _Trial:
         current: Any = self.source
         figures: list[dict[str, Any]] = []
         for index, spec in enumerate(self.recipe.passes, 1):
-            if hopeless_drop is not None and baseline is not None and spec.kind == "prune" and spec.options.get("fine_tune_epochs"):
-                cut = self._probe(index, spec, current, baseline, hopeless_drop)
+            recovery = _probed_recovery(self.common["registry"], spec)
+            if hopeless_drop is not None and baseline is not None and recovery is not None:
+                cut = self._probe(index, spec, current, recovery, (baseline, hopeless_drop))
                 laps.lap("probe")
                 if cut is not None:
                     return current, figures, cut
@@ -128,20 +153,23 @@ class _Trial:
             laps.lap("passes")
         return current, figures, None
 
-    def _probe(self, index: int, spec: Any, current: Any, baseline: float, hopeless_drop: float) -> dict[str, Any] | None:
-        """The prune pass without fine-tuning, measured: the cut trial's result when its drop is over ``hopeless_drop``."""
+    def _probe(self, index: int, spec: Any, current: Any, recovery: tuple[str, Any], limit: tuple[float, float]) -> dict[str, Any] | None:
+        """The pass without its recovery (``(option, default)``), measured: the cut trial's result when its drop
+        from ``limit``'s baseline is over ``limit``'s hopeless drop."""
         from modelpress.app.compress import run_pass
         from modelpress.io.export import export
 
-        probe = run_pass(spec.model_copy(update={"options": {**spec.options, "fine_tune_epochs": 0}}), index, current, self.source, **self.common)
+        baseline, hopeless_drop = limit
+        option, default = recovery
+        probe = run_pass(spec.model_copy(update={"options": {**spec.options, option: default}}), index, current, self.source, **self.common)
         export(probe, self.folder / "probe.onnx", verify=False)
         before = self.evaluator.metric(self.folder / "probe.onnx")
         metric = self.recipe.evaluate.metric
         if drop(metric, baseline, before) <= hopeless_drop:
             return None
         return {"status": "pruned", "metric": before,
-                "reason": f"stage {index} ({spec.kind}/{spec.method}) before fine-tuning: {metric} {before:.4f} "
-                          f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; fine-tuning skipped"}
+                "reason": f"stage {index} ({spec.kind}/{spec.method}) before recovery ({option}): {metric} {before:.4f} "
+                          f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; {option} skipped"}
 
     def measure(self, current: Any, laps: _Laps) -> dict[str, Any]:
         """Export and verify the model, then its latency and metric."""

@@ -1,0 +1,150 @@
+"""What a tune works on: the source model, its data as ``.npz`` bytes per role, the evaluation settings,
+and the state one run shares between its steps (:class:`TuneRun`)."""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from modelpress.app.recipe import DataSources, Evaluate, Recipe
+from modelpress.base.errors import OptionsError
+
+if TYPE_CHECKING:
+    from modelpress.app.tuning.executor import RayExecutor
+    from modelpress.app.tuning.progress import TrialBoard
+    from modelpress.app.tuning.space import SearchSpace
+    from modelpress.app.tuning.store import Objective, StudyStore
+    from modelpress.app.tuning.strategy import Strategy
+    from modelpress.plugin.registry import Registry
+
+__all__ = ["DATA_ROLES", "Inputs", "Settings", "TuneRun", "atomic_write", "eval_data", "gather_inputs"]
+
+DATA_ROLES = ("eval", "calibration", "train")
+
+
+def atomic_write(path: Path, blob: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(blob)
+    os.replace(tmp, path)
+
+
+def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
+    """Any accepted data source -> .npz bytes (validated against the model's signature)."""
+    from modelpress.data.samples import LABELS, load_dataset
+
+    if isinstance(source, (str, os.PathLike)) and str(source).endswith(".npz"):
+        load_dataset(source, signature, what=role)  # validate before any work
+        return Path(source).read_bytes()
+    data = load_dataset(source, signature, what=role)
+    buffer = io.BytesIO()
+    arrays = dict(data.inputs)
+    if data.labels is not None:
+        arrays[LABELS] = data.labels
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
+    if recipe is not None and data is None:
+        return {role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}
+    if isinstance(data, DataSources):
+        data = data.model_dump()
+    if isinstance(data, dict) and set(data) <= set(DATA_ROLES) and data:
+        out = {role: data.get(role) for role in DATA_ROLES}
+    else:
+        out = {"eval": data, "calibration": None, "train": None}
+    if out["eval"] is None:
+        raise OptionsError("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it")
+    if out["calibration"] is None:
+        out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
+    return out
+
+
+@dataclass
+class Inputs:
+    """The source model, the data as .npz bytes per role and the evaluation settings: what every trial gets."""
+
+    source: Any
+    blobs: dict[str, bytes | None]
+    evaluate: Evaluate
+
+    def write(self, out: Path) -> bytes:
+        """Copies in ``out`` (the data under ``data/``, the model as ``source.onnx``) for the winning recipe; the model's bytes."""
+        data_dir = out / "data"
+        data_dir.mkdir(exist_ok=True)
+        for role, blob in self.blobs.items():
+            if blob is not None:
+                atomic_write(data_dir / f"{role}.npz", blob)
+        model_bytes: bytes = self.source.to_proto().SerializeToString()
+        atomic_write(out / "source.onnx", model_bytes)
+        return model_bytes
+
+    def has_labels(self, role: str) -> bool:
+        return _has_labels(self.blobs.get(role))
+
+
+def _has_labels(blob: bytes | None) -> bool:
+    if blob is None:
+        return False
+    with np.load(io.BytesIO(blob)) as npz:
+        return "labels" in npz.files
+
+
+def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | None, evaluate: dict[str, Any] | None) -> Inputs:
+    from modelpress.plugin.loading import load
+
+    source = load(model)
+    sources = _data_sources(data, recipe)
+    settings = {"metric": metric or (recipe.evaluate.metric if recipe else None), "batch_size": 1, "repeats": 10,
+                "threads": 1, "max_samples": 2048}
+    if recipe is not None:
+        settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
+    settings.update(evaluate or {})
+    blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
+    if settings["metric"] is None:
+        settings["metric"] = "accuracy" if _has_labels(blobs["eval"]) else "agreement"
+    return Inputs(source, blobs, Evaluate(**settings))
+
+
+def eval_data(out: Path, evaluate_spec: Evaluate) -> tuple[Any, Any]:
+    """The source model and the evaluation data, from the copies in ``out``."""
+    from modelpress.data.samples import load_dataset
+    from modelpress.plugin.loading import load
+
+    source = load(out / "source.onnx")
+    return source, load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
+
+
+@dataclass
+class Settings:
+    """How this run's trials run and are judged, and what its output keeps."""
+
+    objective: Objective
+    strategy: Strategy
+    max_drop: float
+    hopeless_drop: float
+    trial_timeout: float | None
+    trial_memory_mb: float | None
+    torch: bool
+    keep_trial_models: bool = False
+
+
+@dataclass
+class TuneRun:
+    """One tune run's state, shared by its steps (prepare, loop, finish) instead of long parameter lists."""
+
+    out: Path
+    inputs: Inputs
+    settings: Settings
+    space: SearchSpace
+    store: StudyStore
+    executor: RayExecutor
+    board: TrialBoard
+    registry: Registry
+    limits: dict[str, float]
+    model_bytes: bytes = b""

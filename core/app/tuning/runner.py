@@ -1,0 +1,134 @@
+"""Submits configurations as trials on the executor and records their outcomes in the study."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import TYPE_CHECKING, Any
+
+from modelpress.app.tuning.inputs import atomic_write
+from modelpress.app.tuning.report import TrialRecord
+from modelpress.app.tuning.space import _encode
+from modelpress.app.tuning.strategy import config_key
+from modelpress.app.tuning.trial import drop, run_trial
+
+if TYPE_CHECKING:
+    from modelpress.app.tuning.inputs import TuneRun
+
+__all__ = ["Runner", "record"]
+
+
+class Runner:
+    """Starts trials (the configuration given, or the sampler's) and records how each one ended.
+
+    ``sensitivity``: pipeline name -> the ranking its fallback walks; ``submit_args``: what every trial
+    gets besides its passes (the model and data references, the evaluation settings, the baseline).
+    """
+
+    def __init__(self, run: TuneRun, sensitivity: dict[str, list[str]], submit_args: dict[str, Any]):
+        self.run, self.sensitivity, self.submit_args = run, sensitivity, submit_args
+        self.store, self.space, self.executor, self.board = run.store, run.space, run.executor, run.board
+        self.session = uuid.uuid4().hex[:8]
+        self.live: dict[int, Any] = {}
+        (run.out / "trials").mkdir(exist_ok=True)
+
+    def _done_with(self, config: dict[str, Any]) -> Any:
+        key = config_key(config)
+        for t in self.store.finished():
+            if t.user_attrs.get("status") in ("ok", "pruned") and config_key(t.user_attrs.get("config") or {}) == key:
+                return t
+        return None
+
+    def submit(self, fixed: dict[str, Any] | None = None) -> bool:
+        """Start a trial (``fixed``: this configuration, else the sampler's); False if it repeated a finished one."""
+        store = self.store
+        if fixed:
+            store.study.enqueue_trial({k: _encode(v) for k, v in fixed.items() if k != "pipeline" or len(self.space.pipelines) > 1})
+        trial = store.ask()
+        config = self.space.suggest(trial, self.sensitivity)
+        if any(config_key(store.trials[n].user_attrs.get("config") or {}) == config_key(config) for n in self.live):
+            store.set(trial, config=config, status="duplicate")  # NOTE: the same configuration is running right now
+            store.tell(trial, state=store.state("FAIL"))
+            return False
+        earlier = self._done_with(config)
+        if earlier is not None:  # NOTE: samplers re-propose tried points in small spaces: reuse, don't rerun
+            store.set(trial, config=config, status="duplicate", duplicate_of=earlier.number)
+            if earlier.state == store.state("COMPLETE"):
+                store.tell(trial, list(earlier.values or []))
+            else:
+                store.tell(trial, state=earlier.state)
+            return False
+        passes = [p.model_dump(exclude_none=True) for p in self.space.passes(config, self.sensitivity)]
+        store.set(trial, config=config, passes=passes, status="running", session=self.session)
+        self.live[trial.number] = trial
+        settings = self.run.settings
+        self.executor.submit(trial.number, run_trial, passes=passes, timeout_s=settings.trial_timeout, memory_mb=settings.trial_memory_mb,
+                             **self.submit_args)
+        self.board.started(trial.number, config)
+        return True
+
+    def collect(self, outcomes: list[Any]) -> None:
+        for outcome in outcomes:
+            trial = self.live.pop(outcome.job.key)
+            value = outcome.value if outcome.ok else None
+            common: dict[str, Any] = {"seconds": round(outcome.seconds, 3)}
+            if outcome.timing:
+                common["timing"] = {**{k: v for k, v in outcome.timing.items() if k not in ("began", "ended")},
+                                    "phases": (value or {}).get("phases", {})}
+            self._tell(trial, value, outcome.error, common)
+            self.board.finished(self.record(self.store.trials[trial.number]))
+
+    def _tell(self, trial: Any, value: dict[str, Any] | None, error: str, common: dict[str, Any]) -> None:
+        """Record one trial's end in the study: failed, pruned (cut early) or measured."""
+        store = self.store
+        if value is None:
+            store.set(trial, **common, error=error, status="failed")
+            store.tell(trial, state=store.state("FAIL"))
+        elif value["status"] == "pruned":
+            store.set(trial, **common, metric=value["metric"], error=value["reason"], status="pruned")
+            store.tell(trial, state=store.state("PRUNED"))
+        else:
+            atomic_write(self.run.out / "trials" / f"trial-{trial.number:04d}.onnx", value["model"])
+            figures = json.loads(json.dumps(_slim(value["figures"]), default=str))
+            store.set(trial, **common, **{k: value[k] for k in ("metric", "size_bytes", "latency_ms", "parameters")}, figures=figures, status="ok")
+            objectives = {"size": [value["size_bytes"] / 1e6], "latency": [value["latency_ms"]],
+                          "both": [value["size_bytes"] / 1e6, value["latency_ms"]]}[self.run.settings.objective]
+            store.tell(trial, [value["metric"], *objectives])
+
+    def abandon(self, why: str) -> None:
+        for job in self.executor.cancel_all():
+            trial = self.live.pop(job.key, None)
+            if trial is not None:
+                self.store.set(trial, status="interrupted", error=why)
+                self.store.tell(trial, state=self.store.state("FAIL"))
+
+    def record(self, snapshot: Any) -> TrialRecord:
+        return record(snapshot, self.submit_args["baseline"], self.run.inputs.evaluate.metric, self.run.settings.max_drop)
+
+    def records(self) -> list[TrialRecord]:
+        return [self.record(t) for t in self.store.trials.values() if t.user_attrs.get("status") not in (None, "running", "duplicate")]
+
+
+_BULKY_CHARS = 2000
+
+
+def _slim(figures: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Pass figures without the bulky tables (per-node, per-layer: any table over ~2 KB as JSON); the study keeps every trial's."""
+    def small(value: Any) -> bool:
+        return not isinstance(value, (dict, list)) or len(json.dumps(value, default=str)) <= _BULKY_CHARS
+
+    return [{k: v for k, v in f.items() if small(v)} for f in figures]
+
+
+def record(t: Any, baseline: float, metric_name: str, max_drop: float) -> TrialRecord:
+    """A trial of the study as a report row."""
+    attrs = t.user_attrs
+    metric = attrs.get("metric")
+    d = drop(metric_name, baseline, metric) if metric is not None else None
+    return TrialRecord(
+        number=t.number, status=attrs.get("status", "failed"), pipeline=str((attrs.get("config") or {}).get("pipeline", "")),
+        config=attrs.get("config") or {}, passes=attrs.get("passes") or [], metric=metric, drop=d,
+        meets=attrs.get("status") == "ok" and d is not None and d <= max_drop + 1e-12,
+        size_bytes=attrs.get("size_bytes"), latency_ms=attrs.get("latency_ms"), seconds=attrs.get("seconds"),
+        error=attrs.get("error", ""), session=attrs.get("session", ""), figures=attrs.get("figures") or [], timing=attrs.get("timing") or {},
+    )

@@ -10,18 +10,20 @@ import numpy as np
 import onnx_ir as ir
 
 from modelpress.base.errors import (
+    DataError,
     ModelpressError,
     NoGainError,
     PluginError,
     UnknownMethodError,
     one_line,
 )
+from modelpress.ir.checks import dead_nodes, graph_problems
 from modelpress.ir.model import Model
 from modelpress.ir.provenance import PassRecord, figure_problem
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
+__all__ = ["SIZE_KINDS", "apply", "check_result", "distill", "model_bytes", "prune", "quantize"]
 
 # Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
 # compatibility; the registry's ``Kind.smaller`` is what is used.
@@ -131,6 +133,12 @@ def apply(
     that changed nothing) raises :class:`NoGainError` saying so in one line, unless
     ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
 
+    The data the method declares it needs (``Method.requires`` / ``requires_if``) is checked before
+    it runs: missing data is one :class:`DataError` naming the method, the data and how to give it.
+    Every result is checked before it is returned: the ONNX checker on each node, topological
+    order, no dangling input (a value nothing provides) and no dead node (one whose outputs reach
+    no graph output); a failure is a :class:`PluginError` naming the plugin and the method.
+
     Observers get a fresh ``pass_id`` for each call and ``stage`` (the recipe stage's name when
     :func:`modelpress.compress` runs it; None otherwise).
     """
@@ -141,6 +149,7 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
+    _check_needs(m, opts, {"calibration": calibration, "train": train, "eval": eval})
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
 
     content_before = (_content(model), _tensors(model))
@@ -185,7 +194,47 @@ def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: d
         registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
-    return _honours_contract(m, model, work, returned, before), seconds
+    result = _honours_contract(m, model, work, returned, before)
+    try:
+        check_result(m, model, result)
+    except PluginError as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
+        raise
+    return result, seconds
+
+
+# How a caller gives each kind of data: the API argument, and the CLI flag.
+_HOW_TO_GIVE = {
+    "calibration": "calibration=... (CLI: --calib FILE)",
+    "train": "train=... (prune()/distill(): data=...; CLI: --data FILE)",
+    "eval": "eval=... (CLI: --eval FILE)",
+}
+_DATA_WORDS = {"calibration": "calibration", "train": "training", "eval": "evaluation"}
+
+
+def _check_needs(m: Method, opts: Options, given: dict[str, Any]) -> None:
+    """The data ``m`` declares it needs with ``opts`` is given; else one error naming what is missing."""
+    missing = sorted(need for need in m.data_needs(opts) if given.get(need) is None)
+    if not missing:
+        return
+    raw = opts.model_dump()
+    parts = []
+    for need in missing:
+        why = next((f" (option {opt!r} is set)" for opt, data in m.requires_if if data == need and raw.get(opt) and need not in m.requires), "")
+        parts.append(f"{_DATA_WORDS[need]} data{why}: give {_HOW_TO_GIVE[need]}")
+    raise DataError(f"{m.qualname} needs {'; and '.join(parts)}")
+
+
+def check_result(m: Method, model: Model, result: Model) -> None:
+    """``result`` of ``m`` on ``model`` is a valid graph (see :mod:`modelpress.ir.checks`); else a
+    :class:`PluginError` naming the plugin and the method. Dead nodes ``model`` already had are not blamed."""
+    known = frozenset(tuple(v.name for v in n.outputs) for n in dead_nodes(model.ir.graph))
+    problems = graph_problems(result.ir, known_dead=known)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PluginError(f"{_label(m)} returned an invalid model: {'; '.join(problems[:3])}{more}; fix the plugin "
+                          "(build nodes with model.builder(), which wires and names them, and remove what no output needs)",
+                          plugin=m.plugin, method=m.name)
 
 
 def _honours_contract(m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None) -> Model:

@@ -25,7 +25,6 @@ from typing import Literal
 from pydantic import Field
 
 from modelpress.plugin_api import (
-    DataError,
     Dataset,
     Judgement,
     Model,
@@ -97,21 +96,15 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
     return result
 
 
-_NO_DATA = "int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs"
-
-
 def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
     """Select (:mod:`.static_select`), calibrate and plan (:mod:`.static_plan`), emit (:mod:`.qdq`),
     judge, and when the criteria are missed, search for the fallbacks (:mod:`.sensitivity`)."""
-    if ctx.calibration is None and not model.subgraph_refusals(frozenset(opts.op_types), "", ""):
-        raise DataError(_NO_DATA)  # NOTE: before any work; a model whose layers are all in subgraphs is refused by name below
+    # NOTE: calibration data is declared (Method.requires): the host refuses a call without it before any work
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
     model, tables, data = _prepare(model, opts, ctx)
     sel = select(model, opts)
-    if ctx.calibration is None:
-        raise DataError(_NO_DATA)
     if data is None:
         data = _calibration(model, opts, ctx)
     grid = QRange(8, opts.activation_type == "int8")

@@ -23,7 +23,7 @@ from modelpress.ir.provenance import PassRecord, figure_problem
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["SIZE_KINDS", "apply", "check_result", "distill", "model_bytes", "prune", "quantize"]
+__all__ = ["SIZE_KINDS", "apply", "check_result", "default_method", "distill", "model_bytes", "prune", "quantize"]
 
 # Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
 # compatibility; the registry's ``Kind.smaller`` is what is used.
@@ -276,29 +276,46 @@ def _record(m: Method, model: Model, result: Model, opts: Options, seconds: floa
     return record
 
 
-def quantize(model: Model, method: str = "int8-static", *, calibration: Any = None, **options: Any) -> Model:
+def default_method(kind: str, registry: Registry | None = None) -> Method:
+    """The installed method of ``kind`` that declares ``kind_default=True`` (what the kind's shortcut runs
+    when no method is named); an error when none or several do."""
+    registry = registry or get_registry()
+    chosen = [m for m in registry.methods(kind) if m.kind_default]
+    if len(chosen) == 1:
+        return chosen[0]
+    if chosen:
+        names = ", ".join(f"{m.qualname} (plugin {m.plugin})" for m in chosen)
+        raise UnknownMethodError(f"several methods declare themselves the default of kind {kind!r}: {names}; name the method to use")
+    names = ", ".join(m.name for m in registry.methods(kind)) or "none installed"
+    raise UnknownMethodError(f"no installed {kind} method declares itself the kind's default; name one ({names})")
+
+
+def quantize(model: Model, method: str | None = None, *, calibration: Any = None, **options: Any) -> Model:
     """``apply(model, method, kind="quantize", ...)``: quantize with an installed method
     (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
-    ``codebook``, or one from a plugin). ``calibration`` is data in the usual convention."""
+    ``codebook``, or one from a plugin; by default the kind's default method, ``int8-static``).
+    ``calibration`` is data in the usual convention."""
+    method = method or default_method("quantize", options.get("registry"))
     return apply(model, method, kind="quantize", calibration=calibration, **options)
 
 
-def prune(model: Model, method: str = "magnitude", *, data: Any = None, **options: Any) -> Model:
+def prune(model: Model, method: str | None = None, *, data: Any = None, **options: Any) -> Model:
     """``apply(model, method, kind="prune", ...)``: prune with an installed method (``magnitude``,
-    ``n:m``, ``channel``, or one from a plugin). ``data`` (inputs and optionally ``labels``) feeds
-    fine-tuning and the data-driven criteria."""
+    ``n:m``, ``channel``, or one from a plugin; by default the kind's default method, ``magnitude``).
+    ``data`` (inputs and optionally ``labels``) feeds fine-tuning and the data-driven criteria."""
+    method = method or default_method("prune", options.get("registry"))
     return apply(model, method, kind="prune", train=data, **options)
 
 
 def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **options: Any) -> Model:
-    """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
-    to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
-    (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
-    by channel pruning. Returns the trained student; its reference is the teacher. ``registry=``
-    (among the options) is the one the student is loaded and the pass run with."""
+    """Knowledge distillation (the distill kind's default method, ``kd``, unless ``method=`` names
+    another): train ``student`` to match ``teacher`` on ``data`` (inputs, optionally ``labels``).
+    ``student`` is a model (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher
+    narrowed to ``width`` by channel pruning. Returns the trained student; its reference is the
+    teacher. ``registry=`` (among the options) is the one the student is loaded and the pass run with."""
     from modelpress.plugin.loading import load
 
-    method = options.pop("method", "kd")
+    method = options.pop("method", None) or default_method("distill", options.get("registry"))
     extra = {}
     if isinstance(student, str) and student == "auto":
         options.setdefault("student", "auto")

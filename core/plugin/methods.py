@@ -144,6 +144,10 @@ class Method:
     that declares none). ``None`` says the method changes outputs by design (structural pruning,
     distillation): a chain of passes containing it has no default floor. A chain's floor is the
     loosest of its passes' floors.
+
+    ``kind_default=True`` makes the method its kind's default: the one the kind's shortcut
+    (:func:`modelpress.quantize`, :func:`modelpress.prune`, :func:`modelpress.distill`) runs when
+    no method is named. At most one installed method of a kind may say so.
     """
 
     name: str
@@ -162,6 +166,8 @@ class Method:
     reference_options: tuple[tuple[str, Any], ...] = ()
     # -- how its results are verified (export reads this; no table of method names in the core)
     min_cosine: float | str | None = KIND_FLOOR
+    # -- the method ``modelpress.quantize()`` / ``prune()`` / ``distill()`` (and ``apply`` of the kind) use when none is named
+    kind_default: bool = False
 
     def __post_init__(self) -> None:
         check_kind_name(self.kind, f"method {self.name!r}")

@@ -210,6 +210,6 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"}, min_cosine=None,
+    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"}, min_cosine=None, kind_default=True,
                     uses_reference=True, reference_option="teacher", reference_options={"student": "given"},
                     summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features"))

@@ -369,7 +369,7 @@ _FINE_TUNE = {"fine_tune_epochs": "train"}
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=0.5,
+    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=0.5, kind_default=True,
                     summary="unstructured: zero the smallest weights (masked sparsity)"))
     register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=0.5,
                     summary="semi-structured N:M sparsity along the input dimension (2:4 default)"))

@@ -28,7 +28,7 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(
-        name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False, min_cosine=0.9,
+        name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False, min_cosine=0.9, kind_default=True,
         requires={"calibration"},
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
     ))

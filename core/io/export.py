@@ -165,7 +165,7 @@ class Checks:
         for out in comparison.outputs:
             if out.passed is False and (out.name in given or "*" in given):
                 spec = (self.criteria or {}).get(out.name, (self.criteria or {}).get("*"))
-                misses.append(f"criterion: output {out.name!r} {out.criterion} {out.value:.5g} misses {spec!r}")
+                misses.append(f"criterion: output {out.name!r} ({out.criterion}) {out.value:.5g} misses {spec!r}")
         explicit = self.atol is not None or self.min_cosine is not None or self.min_agreement is not None
         if not explicit and reference is not model:
             floor, by = self._floor(model)
@@ -191,7 +191,7 @@ class Checks:
                 method = registry.method(record.method, record.kind)
             except ModelpressError:
                 continue
-            tuning += [f"{method.qualname}: train=... with {opt}=N (CLI: --data FILE --{opt.replace('_', '-')} N)"
+            tuning += [f"{method.qualname} with {opt}=N and training data, train=... / data=... (CLI: --{opt.replace('_', '-')} N --data FILE)"
                        for opt, need in method.requires_if if need == "train"]
         recover = f"give fine-tuning data ({'; '.join(dict.fromkeys(tuning))})" if tuning else "recover accuracy with training data (a method option that fine-tunes, or distillation)"
         return (f". Ways forward: {recover}; or a looser criterion (min_cosine=... / criteria={{OUTPUT: 'cosine>=X'}}, or milder method "

@@ -34,12 +34,13 @@ DEFAULT_FLOOR = 0.9
 KIND_FLOOR = "kind"
 
 
-def _check_floor(value: object, what: str) -> None:
-    """A floor is a cosine in [-1, 1], ``None`` (no default floor) or, for a method, :data:`KIND_FLOOR`."""
-    if value is None or value == KIND_FLOOR:
+def _check_floor(value: object, what: str, *, inherit: bool) -> None:
+    """A floor is a cosine in [-1, 1], ``None`` (no default floor) or, for a method (``inherit``), :data:`KIND_FLOOR`."""
+    if value is None or (inherit and value == KIND_FLOOR):
         return
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
-        raise ValueError(f"{what}: min_cosine must be a cosine between -1 and 1, None or {KIND_FLOOR!r}, not {value!r}")
+        allowed = f"None or {KIND_FLOOR!r}" if inherit else "or None"
+        raise ValueError(f"{what}: min_cosine must be a cosine between -1 and 1, {allowed}, not {value!r}")
 
 
 def check_kind_name(name: str, what: str) -> None:
@@ -69,7 +70,7 @@ class Kind:
     def __post_init__(self) -> None:
         check_kind_name(self.name, "Kind")
         object.__setattr__(self, "columns", tuple(self.columns))
-        _check_floor(self.min_cosine, f"kind {self.name!r}")
+        _check_floor(self.min_cosine, f"kind {self.name!r}", inherit=False)
 
     def attributed(self, plugin: str) -> Kind:
         return replace(self, plugin=plugin)
@@ -171,7 +172,7 @@ class Method:
 
     def __post_init__(self) -> None:
         check_kind_name(self.kind, f"method {self.name!r}")
-        _check_floor(self.min_cosine, f"method {self.name!r}")
+        _check_floor(self.min_cosine, f"method {self.name!r}", inherit=True)
         # NOTE: mappings are stored as tuples of pairs so that a Method stays hashable
         object.__setattr__(self, "requires", frozenset(self.requires))
         for attr in ("requires_if", "reference_options"):

@@ -22,6 +22,7 @@ from modelpress.app.pipeline import apply, distill, prune, quantize
 from modelpress.app.recipe import Recipe, load_recipe
 from modelpress.app.tuning import BatchResult, TuneResult, compress_batch, tune
 from modelpress.base.errors import (
+    AccuracyLossError,
     DataError,
     DuplicateMethodError,
     ExportError,
@@ -54,6 +55,7 @@ from modelpress.plugin.registry import Registry, create_registry, get_registry, 
 
 __all__ = [
     "KINDS",
+    "AccuracyLossError",
     "Adapter",
     "BatchResult",
     "Codec",

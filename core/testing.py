@@ -17,11 +17,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from modelpress.app.pipeline import apply
+from modelpress.app.pipeline import apply, check_result
 from modelpress.data.samples import sample_inputs
 from modelpress.ir.model import Model
 from modelpress.plugin.methods import Method
-from modelpress.plugin.registry import Registry
+from modelpress.plugin.registry import Registry, get_registry
 from modelpress.runtime.session import make_session, run
 
 __all__ = ["assert_valid", "check_adapter", "check_method", "make_model", "tiny_cnn", "tiny_mlp"]
@@ -134,8 +134,12 @@ def check_method(
 ) -> Model:
     """Apply ``method`` and assert what every method owes its users; returns the result.
 
+    * the data the method declares it needs is given (else :class:`modelpress.DataError`);
     * the input model is unchanged (byte-identical serialisation);
-    * the result passes the checker, runs in ORT with finite outputs;
+    * the result is a valid graph: the checks :func:`modelpress.apply` runs on every pass result
+      (ONNX checker per node, topological order, no dangling input, no dead node), a failure being a
+      :class:`modelpress.PluginError` naming the plugin and method; then the full ONNX checker;
+    * the result runs in ORT with finite outputs;
     * inputs and outputs keep their names, and outputs their shapes;
     * the result's provenance records the pass.
     """
@@ -144,6 +148,8 @@ def check_method(
     expected = run(make_session(model), sample)
     result = apply(model, method, kind=kind, registry=registry, calibration=calibration, train=train, show_progress=False, **options)
     assert model.to_proto().SerializeToString() == before, "the method changed its input model"
+    m = method if isinstance(method, Method) else (registry or get_registry()).method(method, kind)
+    check_result(m, model, result)  # NOTE: apply ran it already; kept explicit: it is part of the contract
     outputs = assert_valid(result, sample=sample)
     assert result.signature.input_names == model.signature.input_names, "input names changed"
     assert result.signature.output_names == model.signature.output_names, "output names changed"

@@ -279,7 +279,8 @@ def test_observers_get_pass_ids_stage_names_and_run_start_finish(tmp_path):
     registry = modelpress.create_registry(plugins=[ScalePlugin(), Tracker()])
     recipe = {"passes": [{"kind": "prune", "method": "scale", "name": "halve", "options": {"factor": 0.5}},
                          {"kind": "prune", "method": "scale", "options": {"factor": 0.5}}]}
-    modelpress.compress(tiny_mlp(), recipe, output=tmp_path / "out.onnx", registry=registry, show_progress=False)
+    # NOTE: two halvings miss the prune kind's floor (cosine 0.5): accepted, the events are the point
+    modelpress.compress(tiny_mlp(), recipe, output=tmp_path / "out.onnx", registry=registry, show_progress=False, accept_loss=True)
     kinds = [e[0] for e in events]
     assert kinds == ["run_start", "pass_start", "pass_finish", "pass_start", "pass_finish", "run_finish"]
     run_id = events[0][1]

@@ -8,7 +8,7 @@ PUBLIC = {
     "KINDS", "Kind", "Adapter", "Comparison", "DataError", "Dataset", "DuplicateMethodError", "ExportError",
     "ExportResult", "InvalidModelError", "Method", "Model", "ModelpressError", "Options", "OptionsError",
     "PassContext", "PassRecord", "PluginError", "PluginWarning", "Provenance", "Registry", "Signature", "TensorSpec",
-    "UnknownMethodError", "UnsafeExternalDataError", "UnsupportedModelError", "VerificationError",
+    "UnknownMethodError", "UnsafeExternalDataError", "UnsupportedModelError", "VerificationError", "AccuracyLossError",
     "WeightedLayer", "__version__", "apply", "create_registry", "describe", "export", "get_registry",
     "hookimpl", "load", "load_dataset", "reset_registry", "sample_inputs", "verify",
     "ConvertResult", "convert", "fit", "to_torch", "update_weights", "quantize", "prune", "distill",

@@ -285,6 +285,7 @@ def compress(
     sample: Any = None,
     external_data: bool | str = "auto",
     allow_no_gain: bool = False,
+    accept_loss: bool = False,
 ) -> CompressResult:
     """Run ``recipe`` on ``model``; evaluate after the source and every stage; write reports.
 
@@ -296,7 +297,8 @@ def compress(
     after the stage in progress is abandoned: completed stages' files stay and the report says
     where it stopped. A stage with no gain (see :func:`modelpress.apply`) is flagged in the report
     and stops the run with :class:`NoGainError` after the report is written, unless
-    ``allow_no_gain``.
+    ``allow_no_gain``. A stage that misses its accuracy floor or criteria stops the run with
+    :class:`~modelpress.AccuracyLossError` unless ``accept_loss`` (see :func:`~modelpress.export`).
 
     A recipe is code: ``allow_imports=False`` refuses its ``pkg.module:function`` entries and
     data paths outside its folder (see :func:`modelpress.load_recipe`). Writing over the input
@@ -315,7 +317,7 @@ def compress(
     registry.hook.modelpress_run_start(run_id=run_id, model=source, recipe=recipe)
     try:
         run = _Run(recipe, source, registry, output=output, report_dir=report_dir, sample=sample, show_progress=show_progress,
-                   export_options={"verify": verify, "external_data": external_data, "overwrite": overwrite})
+                   export_options={"verify": verify, "external_data": external_data, "overwrite": overwrite, "accept_loss": accept_loss})
         run.source_stage()
         current, interrupted = run.stages_in_turn(allow_no_gain=allow_no_gain)
         outcome = run.finish(current, interrupted)

@@ -10,18 +10,20 @@ import numpy as np
 import onnx_ir as ir
 
 from modelpress.base.errors import (
+    DataError,
     ModelpressError,
     NoGainError,
     PluginError,
     UnknownMethodError,
     one_line,
 )
+from modelpress.ir.checks import dead_nodes, graph_problems
 from modelpress.ir.model import Model
 from modelpress.ir.provenance import PassRecord, figure_problem
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["SIZE_KINDS", "apply", "distill", "model_bytes", "prune", "quantize"]
+__all__ = ["SIZE_KINDS", "apply", "check_result", "default_method", "distill", "model_bytes", "prune", "quantize"]
 
 # Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
 # compatibility; the registry's ``Kind.smaller`` is what is used.
@@ -131,6 +133,12 @@ def apply(
     that changed nothing) raises :class:`NoGainError` saying so in one line, unless
     ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
 
+    The data the method declares it needs (``Method.requires`` / ``requires_if``) is checked before
+    it runs: missing data is one :class:`DataError` naming the method, the data and how to give it.
+    Every result is checked before it is returned: the ONNX checker on each node, topological
+    order, no dangling input (a value nothing provides) and no dead node (one whose outputs reach
+    no graph output); a failure is a :class:`PluginError` naming the plugin and the method.
+
     Observers get a fresh ``pass_id`` for each call and ``stage`` (the recipe stage's name when
     :func:`modelpress.compress` runs it; None otherwise).
     """
@@ -141,6 +149,7 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
+    _check_needs(m, opts, {"calibration": calibration, "train": train, "eval": eval})
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
 
     content_before = (_content(model), _tensors(model))
@@ -185,7 +194,47 @@ def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: d
         registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
         raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
     seconds = time.perf_counter() - start
-    return _honours_contract(m, model, work, returned, before), seconds
+    result = _honours_contract(m, model, work, returned, before)
+    try:
+        check_result(m, model, result)
+    except PluginError as exc:
+        registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
+        raise
+    return result, seconds
+
+
+# How a caller gives each kind of data: the API argument, and the CLI flag.
+_HOW_TO_GIVE = {
+    "calibration": "calibration=... (CLI: --calib FILE)",
+    "train": "train=... (prune()/distill(): data=...; CLI: --data FILE)",
+    "eval": "eval=... (CLI: --eval FILE)",
+}
+_DATA_WORDS = {"calibration": "calibration", "train": "training", "eval": "evaluation"}
+
+
+def _check_needs(m: Method, opts: Options, given: dict[str, Any]) -> None:
+    """The data ``m`` declares it needs with ``opts`` is given; else one error naming what is missing."""
+    missing = sorted(need for need in m.data_needs(opts) if given.get(need) is None)
+    if not missing:
+        return
+    raw = opts.model_dump()
+    parts = []
+    for need in missing:
+        why = next((f" (option {opt!r} is set)" for opt, data in m.requires_if if data == need and raw.get(opt) and need not in m.requires), "")
+        parts.append(f"{_DATA_WORDS[need]} data{why}: give {_HOW_TO_GIVE[need]}")
+    raise DataError(f"{m.qualname} needs {'; and '.join(parts)}")
+
+
+def check_result(m: Method, model: Model, result: Model) -> None:
+    """``result`` of ``m`` on ``model`` is a valid graph (see :mod:`modelpress.ir.checks`); else a
+    :class:`PluginError` naming the plugin and the method. Dead nodes ``model`` already had are not blamed."""
+    known = frozenset(tuple(v.name for v in n.outputs) for n in dead_nodes(model.ir.graph))
+    problems = graph_problems(result.ir, known_dead=known)
+    if problems:
+        more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+        raise PluginError(f"{_label(m)} returned an invalid model: {'; '.join(problems[:3])}{more}; fix the plugin "
+                          "(build nodes with model.builder(), which wires and names them, and remove what no output needs)",
+                          plugin=m.plugin, method=m.name)
 
 
 def _honours_contract(m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None) -> Model:
@@ -227,29 +276,46 @@ def _record(m: Method, model: Model, result: Model, opts: Options, seconds: floa
     return record
 
 
-def quantize(model: Model, method: str = "int8-static", *, calibration: Any = None, **options: Any) -> Model:
+def default_method(kind: str, registry: Registry | None = None) -> Method:
+    """The installed method of ``kind`` that declares ``kind_default=True`` (what the kind's shortcut runs
+    when no method is named); an error when none or several do."""
+    registry = registry or get_registry()
+    chosen = [m for m in registry.methods(kind) if m.kind_default]
+    if len(chosen) == 1:
+        return chosen[0]
+    if chosen:
+        names = ", ".join(f"{m.qualname} (plugin {m.plugin})" for m in chosen)
+        raise UnknownMethodError(f"several methods declare themselves the default of kind {kind!r}: {names}; name the method to use")
+    names = ", ".join(m.name for m in registry.methods(kind)) or "none installed"
+    raise UnknownMethodError(f"no installed {kind} method declares itself the kind's default; name one ({names})")
+
+
+def quantize(model: Model, method: str | None = None, *, calibration: Any = None, **options: Any) -> Model:
     """``apply(model, method, kind="quantize", ...)``: quantize with an installed method
     (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
-    ``codebook``, or one from a plugin). ``calibration`` is data in the usual convention."""
+    ``codebook``, or one from a plugin; by default the kind's default method, ``int8-static``).
+    ``calibration`` is data in the usual convention."""
+    method = method or default_method("quantize", options.get("registry"))
     return apply(model, method, kind="quantize", calibration=calibration, **options)
 
 
-def prune(model: Model, method: str = "magnitude", *, data: Any = None, **options: Any) -> Model:
+def prune(model: Model, method: str | None = None, *, data: Any = None, **options: Any) -> Model:
     """``apply(model, method, kind="prune", ...)``: prune with an installed method (``magnitude``,
-    ``n:m``, ``channel``, or one from a plugin). ``data`` (inputs and optionally ``labels``) feeds
-    fine-tuning and the data-driven criteria."""
+    ``n:m``, ``channel``, or one from a plugin; by default the kind's default method, ``magnitude``).
+    ``data`` (inputs and optionally ``labels``) feeds fine-tuning and the data-driven criteria."""
+    method = method or default_method("prune", options.get("registry"))
     return apply(model, method, kind="prune", train=data, **options)
 
 
 def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **options: Any) -> Model:
-    """Knowledge distillation (method ``kd`` unless ``method=`` names another): train ``student``
-    to match ``teacher`` on ``data`` (inputs, optionally ``labels``). ``student`` is a model
-    (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher narrowed to ``width``
-    by channel pruning. Returns the trained student; its reference is the teacher. ``registry=``
-    (among the options) is the one the student is loaded and the pass run with."""
+    """Knowledge distillation (the distill kind's default method, ``kd``, unless ``method=`` names
+    another): train ``student`` to match ``teacher`` on ``data`` (inputs, optionally ``labels``).
+    ``student`` is a model (anything :func:`modelpress.load` accepts) or ``"auto"``: the teacher
+    narrowed to ``width`` by channel pruning. Returns the trained student; its reference is the
+    teacher. ``registry=`` (among the options) is the one the student is loaded and the pass run with."""
     from modelpress.plugin.loading import load
 
-    method = options.pop("method", "kd")
+    method = options.pop("method", None) or default_method("distill", options.get("registry"))
     extra = {}
     if isinstance(student, str) and student == "auto":
         options.setdefault("student", "auto")

@@ -8,6 +8,7 @@ one line; ``--verbose`` adds the traceback.
 from __future__ import annotations
 
 __all__ = [
+    "AccuracyLossError",
     "DataError",
     "DuplicateMethodError",
     "ExportError",
@@ -25,7 +26,9 @@ __all__ = [
 
 
 class ModelpressError(Exception):
-    """Base class of every error modelpress raises on purpose."""
+    """Base class of every error modelpress raises on purpose (``exit_code``: the CLI's exit status for it)."""
+
+    exit_code: int = 1
 
 
 class InvalidModelError(ModelpressError):
@@ -82,6 +85,13 @@ class ExportError(ModelpressError):
 
 class VerificationError(ExportError):
     """The exported model runs, but its outputs are outside the asked tolerance of the reference."""
+
+
+class AccuracyLossError(VerificationError):
+    """A result misses its accuracy floor (the one its methods declare) or its criteria; nothing was
+    written. ``accept_loss=True`` (``--accept-loss``) keeps it; the CLI exits with status 4."""
+
+    exit_code = 4
 
 
 def one_line(text: object, limit: int = 300) -> str:

@@ -466,7 +466,7 @@ def cmd_distill(args: argparse.Namespace) -> int:
     result = modelpress.distill(teacher, student, data=args.data, show_progress=not args.quiet, allow_no_gain=args.allow_no_gain, **options)
     sample = args.sample or _capped_sample(args.data)
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
-                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet)
+                                 external_data=_EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     _print_result(result, exported)
     return 0
 
@@ -489,7 +489,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
         allow_imports=not args.no_imports, overwrite=args.overwrite,
         verify=not args.no_verify, sample=args.sample, external_data=_EXTERNAL[args.external_data],
-        allow_no_gain=args.allow_no_gain,
+        allow_no_gain=args.allow_no_gain, accept_loss=args.accept_loss,
     )
     _print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
@@ -624,6 +624,8 @@ def _add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> No
     _add_writing_arguments(p)
     _add_overwrite_argument(p)
     p.add_argument("--allow-no-gain", action="store_true", help="write the result even if it is not smaller than the input (quantize) or the method changed nothing (default: exit 1)")
+    p.add_argument("--accept-loss", action="store_true",
+                   help=f"write the result even when it misses its accuracy floor or criteria (otherwise: one line with the figures and the ways forward, exit {EXIT_CRITERIA})")
     p.add_argument("--no-normalize", action="store_true", help="ONNX input: skip normalisation on import (Constant weights to initializers, folding, BatchNorm fusion)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
@@ -730,8 +732,6 @@ def _add_quantize(sub: Any, argv: Sequence[str]) -> None:
     p.add_argument("--calibrator", choices=("minmax", "percentile", "entropy", "mse", "auto"), help="int8-static: activation range calibrator (auto: per tensor, by the error it causes)")
     p.add_argument("--per-tensor", action="store_true", help="one weight scale per tensor instead of per channel")
     p.add_argument("--exclude", nargs="+", metavar="NODE", help="node names to keep in float")
-    p.add_argument("--accept-loss", action="store_true",
-                   help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration data, else random")
     _add_method_options(p, argv, "quantize", "int8-static", "quantize")
     p.set_defaults(func=cmd_quantize)
@@ -796,6 +796,7 @@ def _add_compress(sub: Any, argv: Sequence[str]) -> None:
     _add_writing_arguments(p)
     _add_overwrite_argument(p)
     p.add_argument("--allow-no-gain", action="store_true", help="continue past a stage whose result is not smaller / unchanged (flagged in the report; default: stop, exit 1)")
+    p.add_argument("--accept-loss", action="store_true", help=f"write a stage that misses its accuracy floor or criteria (default: stop, exit {EXIT_CRITERIA})")
     p.add_argument("--workers", type=int, help="batch: models compressed in parallel (Ray local, default: the machine's cores)")
     p.add_argument("--address", help="batch: attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
@@ -864,7 +865,6 @@ def _add_apply(sub: Any, argv: Sequence[str]) -> None:
     p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
     p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
     p.add_argument("--data", help=".npz training data (inputs and optionally `labels`)")
-    p.add_argument("--accept-loss", action="store_true", help=f"write the result even when it misses its accuracy criteria (otherwise exit {EXIT_CRITERIA})")
     _add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
     _add_method_options(p, argv, "apply", None)
     p.set_defaults(func=cmd_apply)
@@ -916,7 +916,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         print(f"modelpress: error: {one_line(exc, 2000)}", file=sys.stderr)
-        return EXIT_ERROR
+        return exc.exit_code  # NOTE: EXIT_ERROR, or EXIT_CRITERIA for an AccuracyLossError
     except KeyboardInterrupt:
         print("modelpress: interrupted; nothing was written for the unfinished step", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -12,27 +12,10 @@ from modelpress.evaluation.criteria import Criterion, cosine, infer_criteria
 
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
-    from modelpress.ir.provenance import Provenance
+    from modelpress.ir.provenance import PassRecord, Provenance
+    from modelpress.plugin.registry import Registry
 
-__all__ = ["DEFAULT_MIN_COSINE", "Comparison", "OutputComparison", "check_import", "compare_outputs", "default_min_cosine"]
-
-# Minimum cosine of a result's outputs against its reference, per built-in method, when the caller
-# gives no threshold: loose enough for a healthy result of the method on realistic inputs, tight
-# enough that a broken one (wrong scales, a scrambled layout) fails. Several passes: the loosest.
-# Structural pruning and distillation change outputs by design: no default (give one explicitly).
-DEFAULT_MIN_COSINE: dict[str, float] = {
-    "fp16": 0.999,
-    "int8-dynamic": 0.98,
-    "int8-weight-only": 0.98,
-    "int8-static": 0.9,
-    "int8-qat": 0.9,
-    "int4-weight-only": 0.8,
-    "codebook": 0.8,
-    "mixed-precision": 0.8,  # NOTE: its int4 layers set the floor; max_drop is its own, tighter check
-    "magnitude": 0.5,
-    "n:m": 0.5,
-}
-
+__all__ = ["Comparison", "OutputComparison", "check_import", "compare_outputs", "default_min_cosine", "method_floor"]
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -58,6 +41,8 @@ class Comparison:
 
     samples: int
     outputs: tuple[OutputComparison, ...] = field(default_factory=tuple)
+    # NOTE: what the result missed when it was kept anyway (export's accept_loss=True); None: nothing missed
+    loss_accepted: str | None = None
 
     @property
     def max_abs_diff(self) -> float:
@@ -88,6 +73,7 @@ class Comparison:
             "cosine": self.cosine,
             "top1_agreement": self.top1_agreement,
             "outputs": [asdict(o) for o in self.outputs],
+            "loss_accepted": self.loss_accepted,
         }
 
     def summary(self) -> str:
@@ -97,7 +83,8 @@ class Comparison:
         judged = [o for o in self.outputs if o.criterion and o.value is not None]
         if judged:
             text += "; " + ", ".join(f"{o.name} ({o.criterion}) {o.value:.5g}" for o in judged)
-        return text + f" on {self.samples} samples"
+        text += f" on {self.samples} samples"
+        return text + (f"; LOSS ACCEPTED: {self.loss_accepted}" if self.loss_accepted else "")
 
     @property
     def criteria_met(self) -> bool:
@@ -105,12 +92,33 @@ class Comparison:
         return self.finite and all(o.passed is not False for o in self.outputs)
 
 
-def default_min_cosine(provenance: Provenance) -> float | None:
-    """The default verification threshold for a model with this history (``None``: no built-in
-    method applied, e.g. distillation or a third-party method, which set their own)."""
-    values = [DEFAULT_MIN_COSINE[p.method] for p in provenance.passes if p.method in DEFAULT_MIN_COSINE]
-    unknown = [p for p in provenance.passes if p.method not in DEFAULT_MIN_COSINE]
-    return None if not values or unknown else min(values)
+def method_floor(record: PassRecord, registry: Registry) -> float | None:
+    """The verification floor one pass declared (see :attr:`modelpress.Method.min_cosine`): the
+    method's own, else its kind's; a method no longer installed gets its kind's, and an unknown
+    kind :data:`modelpress.plugin.methods.DEFAULT_FLOOR`."""
+    from modelpress.base.errors import ModelpressError
+    from modelpress.plugin.methods import DEFAULT_FLOOR, KIND_FLOOR
+
+    try:
+        declared = registry.method(record.method, record.kind).min_cosine
+    except ModelpressError:
+        declared = KIND_FLOOR
+    if declared != KIND_FLOOR:
+        return None if declared is None else float(declared)
+    try:
+        return registry.kind(record.kind).min_cosine
+    except ModelpressError:
+        return DEFAULT_FLOOR
+
+
+def default_min_cosine(provenance: Provenance, registry: Registry | None = None) -> float | None:
+    """The default verification threshold for a model with this history: the loosest floor its
+    passes declared; ``None`` when there were no passes, or one declared that it changes outputs
+    by design (``min_cosine=None``: distillation, structural pruning), so thresholds must be given."""
+    from modelpress.plugin.registry import get_registry
+
+    floors = [method_floor(p, registry or get_registry()) for p in provenance.passes]
+    return None if not floors or any(f is None for f in floors) else min(f for f in floors if f is not None)
 
 
 def compare_outputs(

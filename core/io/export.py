@@ -8,7 +8,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,7 @@ import numpy as np
 import onnx_ir as ir
 
 from modelpress.base.errors import (
+    AccuracyLossError,
     DataError,
     ExportError,
     InvalidModelError,
@@ -24,7 +25,7 @@ from modelpress.base.errors import (
 )
 from modelpress.base.progress import progress_bar
 from modelpress.data.samples import index_limits, load_dataset, sample_inputs
-from modelpress.evaluation.comparison import Comparison, compare_outputs, default_min_cosine
+from modelpress.evaluation.comparison import Comparison, compare_outputs, method_floor
 from modelpress.evaluation.criteria import infer_criteria
 from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
@@ -88,6 +89,7 @@ def verify(
     min_agreement: float | None = None,
     criteria: Mapping[str, str] | None = None,
     accept_loss: bool = False,
+    registry: Registry | None = None,
 ) -> Comparison:
     """Run ``model`` (or its ``session``) and ``reference`` in ORT on the same inputs and compare.
 
@@ -96,21 +98,24 @@ def verify(
     is; nothing is copied). ``sample`` is any data :func:`modelpress.data.samples.load_dataset` accepts;
     by default realistic inputs are generated from the signature (token ids within the embedding
     table, sequences of 16, batch 2). Non-finite outputs are always an error. Without explicit
-    thresholds, a default minimum cosine for the methods applied is enforced
-    (:func:`modelpress.evaluation.comparison.default_min_cosine`), so a broken result does not pass. Each output
-    is also judged as :mod:`modelpress.evaluation.criteria` decides (agreement for classifiers, cosine for
-    embeddings and maps, relative error for regression; ``criteria`` overrides it per output
-    name), the same definition the quantizer uses. ``accept_loss=True`` skips the per-method
-    default threshold (explicit thresholds still apply): for a result knowingly kept although it
-    misses its accuracy criteria (the CLI's ``--accept-loss``).
+    thresholds, the floor the applied methods declare is enforced (``Method.min_cosine``, or their
+    kind's; the loosest over the passes; none when a pass declares ``min_cosine=None``), so a broken
+    result does not pass. Each output is also judged as :mod:`modelpress.evaluation.criteria` decides
+    (agreement for classifiers, cosine for embeddings and maps, relative error for regression);
+    ``criteria`` overrides it per output name, and an output the caller gave a criterion with a bound
+    for (``{"logits": "cosine>=0.999"}``) must meet it. A miss (floor, explicit threshold or criterion)
+    is an :class:`~modelpress.AccuracyLossError` naming the output, the figure, the bound and the ways
+    forward; ``accept_loss=True`` (the CLI's ``--accept-loss``) keeps the result instead and records
+    what it missed in :attr:`Comparison.loss_accepted`. ``registry`` (the process-wide one by default)
+    is where the methods' declared floors are read.
     """
     reference = reference or model.reference or model
     feeds = _feeds(model, sample)
     actual = run(session or make_session(model), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
     expected = actual if reference is model else _reference_outputs(reference, feeds)
-    return _against_reference(model, reference, expected, actual, atol=atol, min_cosine=min_cosine, min_agreement=min_agreement,
-                              criteria=criteria, accept_loss=accept_loss)
+    checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
+    return checks.judge(model, reference, expected, actual)
 
 
 def _reference_outputs(reference: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
@@ -122,27 +127,75 @@ def _reference_outputs(reference: Model, feeds: Mapping[str, np.ndarray]) -> lis
         del session
 
 
-def _against_reference(
-    model: Model, reference: Model, expected: list[np.ndarray], actual: list[np.ndarray], *,
-    atol: float | None, min_cosine: float | None, min_agreement: float | None, criteria: Mapping[str, str] | None = None,
-    accept_loss: bool = False,
-) -> Comparison:
-    judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=criteria)
-    comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
-    if atol is None and min_cosine is None and min_agreement is None and reference is not model and not accept_loss:
-        min_cosine = default_min_cosine(model.provenance)
-    failures = []
-    if not comparison.finite:
-        failures.append("outputs contain NaN or infinite values")
-    if atol is not None and comparison.max_abs_diff > atol:
-        failures.append(f"max |diff| {comparison.max_abs_diff:.3g} > atol {atol:g}")
-    if min_cosine is not None and comparison.cosine < min_cosine:
-        failures.append(f"cosine {comparison.cosine:.6f} < {min_cosine:g}")
-    if min_agreement is not None and (comparison.top1_agreement or 0.0) < min_agreement:
-        failures.append(f"top-1 agreement {comparison.top1_agreement} < {min_agreement:g}")
-    if failures:
-        raise VerificationError(f"model {model.name!r} fails verification against its reference: {'; '.join(failures)}")
-    return comparison
+@dataclass(frozen=True)
+class Checks:
+    """What an export's verification enforces: explicit thresholds, per-output criteria, the
+    methods' declared floors (read from ``registry``) and whether a miss is accepted."""
+
+    atol: float | None = None
+    min_cosine: float | None = None
+    min_agreement: float | None = None
+    criteria: Mapping[str, str] | None = None
+    accept_loss: bool = False
+    registry: Registry | None = None
+
+    def judge(self, model: Model, reference: Model, expected: list[np.ndarray], actual: list[np.ndarray], *, where: str = "") -> Comparison:
+        """Compare ``actual`` with ``expected``; raise on non-finite outputs, and on a miss unless
+        ``accept_loss`` (``where``: what the error adds after the figures, e.g. that nothing was written)."""
+        judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=self.criteria)
+        comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
+        if not comparison.finite:
+            raise VerificationError(f"model {model.name!r} fails verification against its reference: outputs contain NaN or infinite values{where}")
+        misses = self._misses(model, reference, comparison)
+        if not misses:
+            return comparison
+        if self.accept_loss:
+            return replace(comparison, loss_accepted="; ".join(misses))
+        raise AccuracyLossError(f"model {model.name!r} misses its accuracy {'; '.join(misses)}{where}{self._routes(model)}")
+
+    def _misses(self, model: Model, reference: Model, comparison: Comparison) -> list[str]:
+        misses = []
+        if self.atol is not None and comparison.max_abs_diff > self.atol:
+            misses.append(f"threshold: max |diff| {comparison.max_abs_diff:.3g} > atol {self.atol:g}")
+        if self.min_cosine is not None and comparison.cosine < self.min_cosine:
+            misses.append(f"threshold: cosine {comparison.cosine:.6f} < min_cosine {self.min_cosine:g}")
+        if self.min_agreement is not None and (comparison.top1_agreement or 0.0) < self.min_agreement:
+            misses.append(f"threshold: top-1 agreement {comparison.top1_agreement} < min_agreement {self.min_agreement:g}")
+        given = set(self.criteria or {})
+        for out in comparison.outputs:
+            if out.passed is False and (out.name in given or "*" in given):
+                spec = (self.criteria or {}).get(out.name, (self.criteria or {}).get("*"))
+                misses.append(f"criterion: output {out.name!r} ({out.criterion}) {out.value:.5g} misses {spec!r}")
+        explicit = self.atol is not None or self.min_cosine is not None or self.min_agreement is not None
+        if not explicit and reference is not model:
+            floor, by = self._floor(model)
+            if floor is not None and comparison.cosine < floor:
+                worst = min(comparison.outputs, key=lambda o: o.cosine)
+                misses.append(f"floor: output {worst.name!r} cosine {worst.cosine:.6f} < {floor:g} (the floor {by} declares)")
+        return misses
+
+    def _floor(self, model: Model) -> tuple[float | None, str]:
+        """The loosest floor the passes declared, and which pass declared it (``None``: no default floor)."""
+        registry = self.registry or get_registry()
+        floors = [(method_floor(p, registry), f"{p.kind}/{p.method}") for p in model.provenance.passes]
+        if not floors or any(f is None for f, _ in floors):
+            return None, ""
+        return min(floors, key=lambda pair: pair[0])  # type: ignore[arg-type,return-value]
+
+    def _routes(self, model: Model) -> str:
+        """The ways forward, from what the applied methods declare (the options that fine-tune with training data)."""
+        registry = self.registry or get_registry()
+        tuning: list[str] = []
+        for record in model.provenance.passes:
+            try:
+                method = registry.method(record.method, record.kind)
+            except ModelpressError:
+                continue
+            tuning += [f"{method.qualname} with {opt}=N and training data, train=... / data=... (CLI: --{opt.replace('_', '-')} N --data FILE)"
+                       for opt, need in method.requires_if if need == "train"]
+        recover = f"give fine-tuning data ({'; '.join(dict.fromkeys(tuning))})" if tuning else "recover accuracy with training data (a method option that fine-tunes, or distillation)"
+        return (f". Ways forward: {recover}; or a looser criterion (min_cosine=... / criteria={{OUTPUT: 'cosine>=X'}}, or milder method "
+                "options); or keep it anyway with accept_loss=True (CLI: --accept-loss)")
 
 
 def _output_session(staged: Path, target: Path, *, prepack: bool) -> Any:
@@ -251,7 +304,7 @@ def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, 
 
 
 def _verify_staged(
-    model: Model, staged: Path, target: Path, *, sample: Any, reference: Model | None, show_progress: bool, checks: dict[str, Any],
+    model: Model, staged: Path, target: Path, *, sample: Any, reference: Model | None, show_progress: bool, checks: Checks,
 ) -> Comparison:
     """Run the staged file and its reference on the same inputs and judge the outputs (``checks``:
     the thresholds and criteria of :func:`verify`); a failure says nothing was written."""
@@ -264,7 +317,7 @@ def _verify_staged(
             # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
             # quantized weights are small; the fp32 reference is the one not worth packing
             actual = run(_output_session(staged, target, prepack=True), feeds)
-            comparison = _against_reference(model, chosen, actual if expected is None else expected, actual, **checks)
+            comparison = checks.judge(model, chosen, actual if expected is None else expected, actual, where=f" — nothing was written to {str(target)!r}")
             advance(1)
             return comparison
     except ModelpressError as exc:
@@ -334,7 +387,7 @@ def export(
     target = Path(path)
     parent = _checked_target(model, target, overwrite)
     use_external = _use_external(model, reference, external_data)
-    checks = {"atol": atol, "min_cosine": min_cosine, "min_agreement": min_agreement, "criteria": criteria, "accept_loss": accept_loss}
+    checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
 
     tmp: Path | None = None
     comparison: Comparison | None = None

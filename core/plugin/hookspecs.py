@@ -91,6 +91,16 @@ def modelpress_register_methods(register: Callable[[Method], None]) -> None:
     ``progress(...)`` for progress bars, and ``registry`` (pass it as ``registry=`` when your
     method applies another method, so a custom registry is used throughout).
 
+    What the host needs to know about a method is declared on it, for built-in and third-party
+    methods alike: ``requires`` / ``requires_if`` (the data it needs; :func:`modelpress.apply`
+    refuses a call without it before the method runs), ``min_cosine`` (its verification floor:
+    the lowest cosine of a result's outputs against the reference that :func:`modelpress.export`
+    accepts without ``accept_loss``; unset, the kind's ``Kind.min_cosine``; ``None``, the method
+    changes outputs by design) and ``kind_default`` (the method the kind's shortcut runs when none
+    is named). Every result is checked before it is returned (ONNX checker per node, topological
+    order, no dangling input, no dead node); a failure is a :class:`modelpress.PluginError` naming
+    the plugin.
+
     Registering two methods with the same kind and name, from the same or different plugins,
     is a :class:`modelpress.DuplicateMethodError` naming both plugins.
     """

@@ -18,7 +18,7 @@ from modelpress.plugin.tuning import Tuning
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
 
-__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "KINDS", "Kind", "Method", "Options", "PassContext", "check_kind_name"]
+__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "DEFAULT_FLOOR", "KINDS", "KIND_FLOOR", "Kind", "Method", "Options", "PassContext", "check_kind_name"]
 
 # NOTE: kinds are open (any registered name, see ``modelpress_register_kinds``); these are the
 # built-in plugins' kinds, kept importable for compatibility. Use ``registry.kinds()`` for what exists.
@@ -27,6 +27,21 @@ KINDS: tuple[str, ...] = ("quantize", "prune", "distill")
 DATA_NEEDS: tuple[str, ...] = ("calibration", "train", "eval")
 BuiltinKind = Literal["quantize", "prune", "distill"]
 _KIND_NAME = re.compile(r"^[a-z][a-z0-9_-]*$")
+# The verification floor of a kind that declares none: the lowest cosine of a result's outputs against
+# its reference that export accepts without ``accept_loss``. Conservative on purpose: a method whose
+# results legitimately drift further says so (``Method(min_cosine=...)`` or ``Kind(min_cosine=...)``).
+DEFAULT_FLOOR = 0.9
+# ``Method(min_cosine=KIND_FLOOR)`` (the default): the method inherits its kind's floor.
+KIND_FLOOR = "kind"
+
+
+def _check_floor(value: object, what: str, *, inherit: bool) -> None:
+    """A floor is a cosine in [-1, 1], ``None`` (no default floor) or, for a method (``inherit``), :data:`KIND_FLOOR`."""
+    if value is None or (inherit and value == KIND_FLOOR):
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+        allowed = f"None or {KIND_FLOOR!r}" if inherit else "or None"
+        raise ValueError(f"{what}: min_cosine must be a cosine between -1 and 1, {allowed}, not {value!r}")
 
 
 def check_kind_name(name: str, what: str) -> None:
@@ -41,7 +56,9 @@ class Kind:
 
     ``columns`` are the figure keys this kind's methods report (e.g. ``("sparsity",)``), shown by
     ``modelpress plugins``; ``smaller`` says whether a result must be a smaller file (if it is
-    not, the pass is "no gain").
+    not, the pass is "no gain"). ``min_cosine`` is the verification floor of the kind's methods
+    that declare none (:data:`DEFAULT_FLOOR` unless the kind says otherwise; ``None``: its
+    methods change outputs by design, see :attr:`Method.min_cosine`).
     """
 
     name: str
@@ -49,10 +66,12 @@ class Kind:
     columns: tuple[str, ...] = ()
     smaller: bool = False
     plugin: str = ""
+    min_cosine: float | None = DEFAULT_FLOOR
 
     def __post_init__(self) -> None:
         check_kind_name(self.name, "Kind")
         object.__setattr__(self, "columns", tuple(self.columns))
+        _check_floor(self.min_cosine, f"kind {self.name!r}", inherit=False)
 
     def attributed(self, plugin: str) -> Kind:
         return replace(self, plugin=plugin)
@@ -60,8 +79,9 @@ class Kind:
 
 BUILTIN_KINDS: tuple[Kind, ...] = (
     Kind("quantize", "lower the precision of weights and activations (a smaller, faster file)", ("model_bytes_before", "model_bytes_after"), smaller=True),
-    Kind("prune", "remove weights or channels (sparsity, fewer parameters)", ("sparsity",)),
-    Kind("distill", "train a smaller student to match the model (the teacher)", ("agreement",)),
+    Kind("prune", "remove weights or channels (sparsity, fewer parameters)", ("sparsity",), min_cosine=0.5),
+    # NOTE: a student is trained to match, not to stay close: no default floor (explicit thresholds or criteria judge it)
+    Kind("distill", "train a smaller student to match the model (the teacher)", ("agreement",), min_cosine=None),
 )
 
 
@@ -118,6 +138,18 @@ class Method:
     and receives the current model as ``context.extra["current"]``, with ``reference_options``
     set by default (e.g. ``{"student": "given"}``) and the recipe option ``reference_option``
     (e.g. ``"teacher"``; its only value is ``"source"``) taken out before validation.
+
+    Declared verification floor: ``min_cosine`` is the lowest cosine of a result's outputs against
+    its reference that :func:`modelpress.export` accepts without ``accept_loss`` (loose enough for a
+    healthy result of the method, tight enough that a broken one fails). Left at :data:`KIND_FLOOR`
+    the method inherits its kind's (:attr:`Kind.min_cosine`, :data:`DEFAULT_FLOOR` for a kind
+    that declares none). ``None`` says the method changes outputs by design (structural pruning,
+    distillation): a chain of passes containing it has no default floor. A chain's floor is the
+    loosest of its passes' floors.
+
+    ``kind_default=True`` makes the method its kind's default: the one the kind's shortcut
+    (:func:`modelpress.quantize`, :func:`modelpress.prune`, :func:`modelpress.distill`) runs when
+    no method is named. At most one installed method of a kind may say so.
     """
 
     name: str
@@ -136,9 +168,14 @@ class Method:
     reference_options: tuple[tuple[str, Any], ...] = ()
     # -- how `modelpress tune` searches it (see modelpress.plugin.tuning.Tuning)
     tuning: Tuning | None = None
+    # -- how its results are verified (export reads this; no table of method names in the core)
+    min_cosine: float | str | None = KIND_FLOOR
+    # -- the method ``modelpress.quantize()`` / ``prune()`` / ``distill()`` (and ``apply`` of the kind) use when none is named
+    kind_default: bool = False
 
     def __post_init__(self) -> None:
         check_kind_name(self.kind, f"method {self.name!r}")
+        _check_floor(self.min_cosine, f"method {self.name!r}", inherit=True)
         # NOTE: mappings are stored as tuples of pairs so that a Method stays hashable
         object.__setattr__(self, "requires", frozenset(self.requires))
         for attr in ("requires_if", "reference_options"):

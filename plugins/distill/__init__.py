@@ -171,8 +171,6 @@ def _reading(module: Any, inputs: list[np.ndarray], data: Dataset, teacher_outpu
 def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, to_torch, update_weights
 
-    if ctx.train is None:
-        raise DataError("kd needs training data (data=... / --data train.npz: arrays named after the inputs, optionally 'labels')")
     data = load_dataset(ctx.train, teacher.signature, what="training")
     if opts.alpha > 0 and data.labels is None:
         raise DataError(f"kd with alpha={opts.alpha} needs labels (an array named 'labels'); use alpha=0 to distill from the teacher alone")
@@ -225,7 +223,7 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"},
+    register(Method(name="kd", kind="distill", apply=kd, options=KDOptions, mutates=False, requires={"train"}, min_cosine=None, kind_default=True,
                     uses_reference=True, reference_option="teacher", reference_options={"student": "given"},
                     summary="knowledge distillation: soft targets with temperature, hard labels, intermediate features",
                     tuning=_KD_TUNING))

@@ -122,8 +122,7 @@ def _ramp(final: float, opts: _Recovery) -> list[float]:
 def _training_data(model: Model, ctx: PassContext, opts: _Recovery) -> Dataset | None:
     if not opts.fine_tune_epochs:
         return None
-    if ctx.train is None:
-        raise DataError("fine-tuning needs training data (data=... / --data train.npz with arrays named after the inputs, optionally 'labels')")
+    # NOTE: training data is declared (requires_if fine_tune_epochs): the host refuses a call without it
     return load_dataset(ctx.train, model.signature, what="training")
 
 
@@ -385,11 +384,12 @@ _NM_TUNING = Tuning(alone=False, recovery="fine_tune_epochs", probe=True)  # NOT
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
+                    min_cosine=0.5, kind_default=True,
                     summary="unstructured: zero the smallest weights (masked sparsity)",
                     tuning=_MAGNITUDE_TUNING))
-    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE,
+    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=0.5,
                     summary="semi-structured N:M sparsity along the input dimension (2:4 default)",
                     tuning=_NM_TUNING))
-    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE,
+    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=None,
                     summary="structured: remove channels and their consumers' inputs (smaller, faster model)",
                     tuning=_CHANNEL_TUNING))

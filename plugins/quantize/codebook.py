@@ -140,8 +140,6 @@ def _fine_tune_centroids(model: Model, tables: dict[str, bool], opts: CodebookOp
     """Train only the codebooks (see the module docstring) and write them back into ``model``."""
     from modelpress.plugin_api import fit, held_out_scores, load_dataset, to_torch
 
-    if ctx.train is None:
-        raise DataError("codebook: centroid fine-tuning (fine_tune_epochs) needs training data (data=... / --data train.npz with 'labels')")
     data = load_dataset(ctx.train, model.signature, what="training")
     if data.labels is None:
         raise DataError("codebook: centroid fine-tuning needs labelled training data (an array named 'labels' in the training data)")

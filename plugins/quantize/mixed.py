@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from modelpress.plugin_api import DataError, Model, Options, OptionsError, PassContext, load_dataset
+from modelpress.plugin_api import Model, Options, OptionsError, PassContext, load_dataset
 from modelpress.plugins.quantize.embeddings import (
     TableReport,
     _dequantized,
@@ -165,8 +165,6 @@ def _build(model: Model, cands: list[_Candidate], bits: list[int], opts: MixedPr
 
 
 def mixed_precision(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> Model:
-    if ctx.calibration is None:
-        raise DataError("mixed-precision needs calibration data (calibration=..., --calib data.npz) to measure each layer's sensitivity")
     cands, skipped, hessians = _candidates(model, opts, ctx)
     if not cands:
         raise OptionsError(f"mixed-precision: no weight to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Gather/Conv with a constant weight'})")

@@ -107,8 +107,6 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
 def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, make_session, run_dataset, to_torch, update_weights
 
-    if ctx.train is None:
-        raise DataError("int8-qat needs training data (data=... / --data train.npz; labels optional with teacher='source')")
     data = load_dataset(ctx.train, model.signature, what="training")
     if opts.teacher == "none" and data.labels is None:
         raise DataError("int8-qat with teacher='none' needs labels (an array named 'labels')")

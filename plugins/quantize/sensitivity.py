@@ -12,13 +12,14 @@
    top-ranked nodes to move to the next-best integer form (per-channel int8 weight-only DQ: weights
    stay 8-bit, activations float) that meets the criteria; if that form misses too (the weights
    themselves are the problem), a second bisection moves the top-ranked ones to float instead. At most ``max_evaluations`` models
-   are scored.
+   are scored. When none of them meets the criteria, the best one judged (the smallest shortfall,
+   :attr:`Judgement.loss`) is returned, marked ``met=False``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ class Decision:
     model: Model
     evaluations: int
     errors: dict[str, float] = field(default_factory=dict)
+    met: bool = True  # False: nothing judged met the criteria; this is the best candidate judged
 
 
 def _qdq(b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
@@ -141,7 +143,8 @@ def search(
     fallback_weight_only: bool = True,
 ) -> Decision | None:
     """The fewest top-ranked nodes to move out of full int8 (weight-only first, then float) that meets
-    the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. None if nothing met."""
+    the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. If nothing met, the best
+    candidate judged (``met=False``); None if none was judged."""
     # NOTE: 1 KiB floor: a node without weights is not free to leave (its int8 kernel saves time), just cheap.
     ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
     bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx)
@@ -157,6 +160,9 @@ def search(
             top = set(ranked[:k])
             return [n for n in order if n not in top], [], [n for n in order if n in top]
         best = bisection.run(stage2, max_evaluations - bisection.evaluations, known_met=True)
+    if best is None and bisection.best is not None:
+        best = replace(bisection.best, met=False)
+    bisection.best = None
     if best is not None:
         best.evaluations = bisection.evaluations
     return best
@@ -174,13 +180,20 @@ class _Bisection:
         self.total = max(sum(weight_bytes.values()), 1)
         self.cost = np.cumsum([0] + [weight_bytes.get(n, 0) for n in ranked])  # cost[k]: weight bytes of the top k
         self.evaluations = 0
+        self.best: Decision | None = None  # NOTE: the candidate judged closest to the criteria (kept only while none met)
 
     def judge(self, make: Split, k: int) -> Decision | None:
         int8, wo, flt = make(k)
         candidate = self.build(int8, wo)
         judgement = self.score(candidate)
         self.evaluations += 1
-        return Decision(int8, wo, flt, judgement, candidate, 0, self.errors) if judgement.met else None
+        decision = Decision(int8, wo, flt, judgement, candidate, 0, self.errors)
+        if judgement.met:
+            self.best = None
+            return decision
+        if self.best is None or (not self.best.judgement.met and judgement.loss < self.best.judgement.loss):
+            self.best = decision
+        return None
 
     def run(self, make: Split, budget: int, known_met: bool) -> Decision | None:
         """The smallest k whose candidate meets the criteria, in at most ``budget`` judgements. Unless

@@ -26,7 +26,6 @@ from typing import Literal
 from pydantic import Field
 
 from modelpress.plugin_api import (
-    DataError,
     Dataset,
     Judgement,
     Model,
@@ -44,7 +43,7 @@ from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
 from modelpress.plugins.quantize.qdq import Params, Plan, build, half_eligible
 from modelpress.plugins.quantize.selection import feeds_quantized
-from modelpress.plugins.quantize.sensitivity import local_errors, search
+from modelpress.plugins.quantize.sensitivity import Decision, local_errors, search
 from modelpress.plugins.quantize.smoothquant import smooth
 from modelpress.plugins.quantize.static_plan import (
     act_params,
@@ -100,21 +99,15 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
     return result
 
 
-_NO_DATA = "int8-static needs calibration data (calibration=..., --calib data.npz): a few hundred representative inputs"
-
-
 def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
     """Select (:mod:`.static_select`), calibrate and plan (:mod:`.static_plan`), emit (:mod:`.qdq`),
     judge, and when the criteria are missed, search for the fallbacks (:mod:`.sensitivity`)."""
-    if ctx.calibration is None and not model.subgraph_refusals(frozenset(opts.op_types), "", ""):
-        raise DataError(_NO_DATA)  # NOTE: before any work; a model whose layers are all in subgraphs is refused by name below
+    # NOTE: calibration data is declared (Method.requires): the host refuses a call without it before any work
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
     model, tables, data = _prepare(model, opts, ctx)
     sel = select(model, opts)
-    if ctx.calibration is None:
-        raise DataError(_NO_DATA)
     if data is None:
         data = _calibration(model, opts, ctx)
     grid = QRange(8, opts.activation_type == "int8")
@@ -224,14 +217,32 @@ def _decide(model: Model, plans: dict[str, Plan], act: dict[str, Params], grid: 
     outcome.errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx, batch_size=scorer.batch_size)
     decision = search(order, outcome.errors, outcome.weight_bytes, make, scorer.score, ctx, max_evaluations=opts.max_evaluations,
                       fallback_weight_only=opts.fallback == "weight-only")
-    if decision is None:  # nothing met the criteria: ship the fully quantized model, flagged (the CLI refuses it without --accept-loss)
-        ctx.figures["sensitivity_result"] = "no fallback met the criteria"
+    if not _better_than_full(decision, outcome, ctx):
         return
     outcome.chosen, outcome.weight_only, outcome.model, outcome.judgement = decision.int8, decision.weight_only, decision.model, decision.judgement
     outcome.half = [n for n in decision.float_ if n in halvable]
     for name in decision.float_:  # NOTE: the report groups names by the text before the colon: the form goes there
         form = ("sensitive, fp16 weights", "; float compute") if name in outcome.half else ("sensitive", "")
         outcome.sel.float_nodes[name] = f"{form[0]}: 1/SQNR {outcome.errors[name]:.2g} alone{form[1]}"
+
+
+def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassContext) -> bool:
+    """Whether the search's ``decision`` replaces the fully quantized candidate: one that meets the
+    criteria does; when none met, the best candidate judged does if it is closer to the criteria
+    (smaller :attr:`Judgement.loss`) than the fully quantized one. Either way, when nothing met,
+    the ``sensitivity_result`` figure says which was kept; the result stays flagged
+    ``criteria_met: False`` (export refuses it without ``accept_loss``)."""
+    if decision is not None and decision.met:
+        return True
+    full = outcome.judgement
+    assert full is not None
+    if decision is None or decision.judgement.loss >= full.loss:
+        ctx.figures["sensitivity_result"] = "no fallback met the criteria; the fully quantized candidate was the best judged"
+        return False
+    moved = len(decision.weight_only) + len(decision.float_)
+    ctx.figures["sensitivity_result"] = (f"no fallback met the criteria; returned the best candidate judged ({moved} node(s) out of full int8, "
+                                         f"shortfall {decision.judgement.loss:.4g} against {full.loss:.4g} fully quantized)")
+    return True
 
 
 def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibration_samples: int, judged: int,

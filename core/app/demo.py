@@ -11,7 +11,9 @@ prune or train, so the classic prune -> distill -> quantize order is the one tha
 
 from __future__ import annotations
 
+import json
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -21,15 +23,9 @@ from modelpress.base.errors import UnsupportedModelError
 
 __all__ = ["DEMO_RECIPE", "digits_arrays", "run_demo", "train_demo_model"]
 
-DEMO_RECIPE: dict[str, Any] = {
-    "passes": [
-        {"kind": "prune", "method": "channel", "options": {"ratio": 0.5}, "name": "prune (channels 50%)"},
-        {"kind": "distill", "method": "kd", "options": {"epochs": 6, "temperature": 4.0, "alpha": 0.3, "lr": 3e-3}, "name": "distill (from the original)"},
-        {"kind": "quantize", "method": "int8-static", "options": {}, "name": "quantize (int8 static)"},
-    ],
-    "data": {"calibration": "calib.npz", "train": "train.npz", "eval": "test.npz"},
-    "evaluate": {"metric": "accuracy", "batch_size": 64, "threads": 1, "repeats": 20},
-}
+# NOTE: the recipe is data (demo_recipe.json beside this module), like any user's recipe: the core
+# names no built-in method in its code.
+DEMO_RECIPE: dict[str, Any] = json.loads(resources.files("modelpress.app").joinpath("demo_recipe.json").read_text())
 
 
 def digits_arrays(layout: str = "nchw") -> dict[str, np.ndarray]:

@@ -11,15 +11,18 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 VOCAB_SIZE = 384
 _MODULES = ("json", "re", "os", "collections", "itertools", "functools", "string", "textwrap", "pathlib", "argparse", "logging", "shutil")
 
 
-def corpus() -> list[str]:
+@functools.cache
+def corpus() -> tuple[str, ...]:
     """Paragraphs of standard-library docstrings (module, public functions and classes)."""
     import importlib
 
@@ -30,10 +33,10 @@ def corpus() -> list[str]:
         for doc in docs:
             if isinstance(doc, str):
                 texts.extend(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n") if len(p.strip()) > 40)
-    return texts
+    return tuple(texts)
 
 
-def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Any:
+def train_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE) -> Any:
     """A byte-level BPE tokenizer trained on ``texts`` (with ``<s>``, ``</s>`` and ``<pad>``)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -44,6 +47,12 @@ def train_tokenizer(texts: list[str], vocab_size: int = VOCAB_SIZE) -> Any:
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left")
+
+
+@functools.cache
+def tokenizer() -> Any:
+    """The tokenizer trained on :func:`corpus` (trained once per session; do not modify it)."""
+    return train_tokenizer(corpus())
 
 
 def config(family: str, tokenizer: Any) -> Any:
@@ -66,7 +75,7 @@ def config(family: str, tokenizer: Any) -> Any:
     raise ValueError(family)
 
 
-def _train(model: Any, tokenizer: Any, texts: list[str], steps: int, seq: int = 32, lr: float = 1e-2) -> float:
+def _train(model: Any, tokenizer: Any, texts: Sequence[str], steps: int, seq: int = 32, lr: float = 1e-2) -> float:
     """Next-token training for ``steps`` Adam steps on ``texts``; the last loss."""
     import torch
 
@@ -98,8 +107,7 @@ def make_checkpoint(folder: Path, family: str, *, head: str = "causal-lm", steps
 
     torch.manual_seed(0)
     texts = corpus()
-    tokenizer = train_tokenizer(texts)
-    cfg = config(family, tokenizer)
+    cfg = config(family, tokenizer())
     classes = {
         "causal-lm": transformers.AutoModelForCausalLM,
         "base": transformers.AutoModel,
@@ -107,8 +115,8 @@ def make_checkpoint(folder: Path, family: str, *, head: str = "causal-lm", steps
     }
     model = classes[head].from_config(cfg)
     if head == "causal-lm" and steps:
-        _train(model, tokenizer, texts, steps)
+        _train(model, tokenizer(), texts, steps)
     model.eval()
     model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
+    tokenizer().save_pretrained(folder)
     return folder

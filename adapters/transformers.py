@@ -55,7 +55,9 @@ def _is_pretrained(source: Any) -> bool:
 
 def _accepts(source: Any) -> bool:
     if isinstance(source, (str, os.PathLike)):
-        return Path(source).is_dir() and (Path(source) / "config.json").is_file()
+        folder = Path(source)
+        # NOTE: a TensorFlow SavedModel folder may carry a config.json too; it is the tensorflow adapter's
+        return folder.is_dir() and (folder / "config.json").is_file() and not (folder / "saved_model.pb").exists()
     return _is_pretrained(source)
 
 

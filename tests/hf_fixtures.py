@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from pathlib import Path
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 VOCAB_SIZE = 384

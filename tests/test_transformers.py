@@ -166,13 +166,13 @@ def test_encoder_decoder_checkpoint_is_refused_by_name(tmp_path):
 def test_sliding_window_layers_are_refused_with_a_cache():
     config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                                       num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    with pytest.raises(modelpress.UnsupportedModelError, match="Qwen2ForCausalLM has sliding_attention layers.*task='text-generation'"):
+    with pytest.raises(modelpress.UnsupportedModelError, match=r"Qwen2ForCausalLM has sliding_attention layers.*task='text-generation'"):
         modelpress.load(transformers.Qwen2ForCausalLM(config))
 
 
 def test_unreadable_config_is_invalid(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
-    with pytest.raises(modelpress.InvalidModelError, match="config.json cannot be read"):
+    with pytest.raises(modelpress.InvalidModelError, match=r"config\.json cannot be read"):
         modelpress.load(tmp_path)
 
 

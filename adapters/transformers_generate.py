@@ -14,7 +14,7 @@ import numpy as np
 
 from modelpress.plugin_api import DataError, make_session, run
 
-__all__ = ["decoder_sample", "greedy_generate"]
+__all__ = ["decoder_sample", "greedy_generate", "perplexity"]
 
 _PAST = "past_key_values."
 
@@ -112,3 +112,24 @@ def greedy_generate(
         if done.all():
             break
     return tokens
+
+
+def perplexity(model: Any, samples: dict[str, np.ndarray], *, batch_size: int = 8) -> float:
+    """The perplexity of a decoder on ``samples`` (whole sequences with an empty past, as
+    :func:`modelpress.adapters.transformers_data.text_samples` makes them): ``exp`` of the mean
+    cross-entropy of each next token where the mask is 1."""
+    session = _session(model)
+    total, count = 0.0, 0
+    for start in range(0, len(samples["input_ids"]), batch_size):
+        feeds = {name: array[start:start + batch_size] for name, array in samples.items()}
+        logits = run(session, feeds)[0][:, :-1].astype(np.float64)
+        targets = feeds["input_ids"][:, 1:]
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        log_probs = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+        picked = np.take_along_axis(log_probs, targets[..., None], axis=-1)[..., 0]
+        keep = feeds["attention_mask"][:, 1:] == 1
+        total -= float(picked[keep].sum())
+        count += int(keep.sum())
+    if count == 0:
+        raise DataError("no token to score: the samples are empty or fully masked")
+    return float(np.exp(total / count))

@@ -67,6 +67,9 @@ def config(family: str, tokenizer: Any) -> Any:
     if family == "qwen2":
         return transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                                         num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **special)
+    if family == "phi3":
+        return transformers.Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, max_position_embeddings=128, **special)
     if family == "gpt2":
         return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special)
     if family == "bert":

@@ -16,7 +16,8 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
 import modelpress  # noqa: E402
-from modelpress.adapters.transformers_generate import decoder_sample, greedy_generate  # noqa: E402
+from modelpress.adapters.transformers_data import read_texts, text_samples  # noqa: E402
+from modelpress.adapters.transformers_generate import decoder_sample, greedy_generate, perplexity  # noqa: E402
 from modelpress.plugin_api import make_session  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
@@ -120,6 +121,56 @@ def test_random_llama_generates_varied_tokens_identically(tmp_path):
     tokenizer.save_pretrained(tmp_path)
     tokens = _same_greedy_tokens(modelpress.load(tmp_path, show_progress=False), tmp_path)
     assert len(set(tokens[0, -10:].tolist())) >= 4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["qwen2", "phi3"])
+def test_more_decoder_families_generate_identically(family, tmp_path):
+    tokenizer = hf_fixtures.tokenizer()
+    config = hf_fixtures.config(family, tokenizer)
+    config.initializer_range = 0.5  # NOTE: large random weights: a different token at nearly every step
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = modelpress.load(tmp_path, show_progress=False)
+    assert model.provenance.extra["model_type"] == family
+    tokens = _same_greedy_tokens(model, tmp_path)
+    assert len(set(tokens[0, -10:].tolist())) >= 4
+
+
+@pytest.mark.slow
+def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
+    """A corpus file tokenised with the checkpoint's tokenizer calibrates int4 GPTQ; the result still
+    generates the fp32 model's tokens and its perplexity on held-out text moves little."""
+    texts = hf_fixtures.corpus()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts[::3]))
+    calibration = text_samples(llama, tmp_path / "corpus.txt", sequence_length=32, max_samples=32)
+    assert calibration["input_ids"].shape == (32, 32) and calibration["past_key_values.0.key"].shape == (32, 2, 0, 16)
+    held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=16)
+    hf, _ = _hf(llama_dir)
+    with torch.no_grad():
+        ids = torch.from_numpy(held_out["input_ids"])
+        torch_perplexity = float(torch.exp(hf(input_ids=ids, labels=ids).loss))
+    fp32 = perplexity(llama, held_out)
+    assert fp32 == pytest.approx(torch_perplexity, rel=1e-4)
+    quantized = modelpress.quantize(llama, "int4-weight-only", calibration=calibration, algorithm="gptq", block_size=32)
+    result = modelpress.export(quantized, tmp_path / "int4.onnx", sample=decoder_sample(llama))
+    prompts = held_out["input_ids"][:2, :6]
+    agreement = (greedy_generate(result.path, prompts, max_new_tokens=10) == greedy_generate(llama, prompts, max_new_tokens=10)).mean()
+    assert agreement >= 0.8
+    assert perplexity(result.path, held_out) < fp32 * 1.05
+
+
+def test_read_texts_formats_and_faults(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert read_texts(tmp_path / "a.jsonl") == ["one", "two"]
+    (tmp_path / "b.txt").write_text("plain text")
+    assert read_texts(tmp_path / "b.txt") == ["plain text"]
+    (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n{"body": 1}\n')
+    with pytest.raises(modelpress.DataError, match=r"bad\.jsonl' line 2: a JSON object with a string field \"text\""):
+        read_texts(tmp_path / "bad.jsonl")
+    with pytest.raises(modelpress.DataError, match="cannot read the text corpus"):
+        read_texts(tmp_path / "missing.txt")
 
 
 @pytest.mark.slow

@@ -196,10 +196,20 @@ def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) 
                 dynamic_shapes=plan.dynamic_shapes(), opset_version=opset, verbose=False,
             )
     except Exception as exc:
-        raise UnsupportedModelError(f"{label}: the ONNX exporter cannot handle {architecture}: {_first_line(exc)}") from None
+        raise UnsupportedModelError(f"{label}: the ONNX exporter cannot handle {architecture}: {_reason(exc, _first_line)}") from None
     proto = program.model_proto
     name_axes(proto, plan.axes)
     return proto
+
+
+def _reason(exc: BaseException, first_line: Any) -> str:
+    """The cause torch.onnx states under "## Exception summary" (its first line is boilerplate), without colour codes."""
+    import re
+
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+    _, found, summary = text.partition("## Exception summary")
+    lines = [line.strip() for line in summary.splitlines() if line.strip()]
+    return lines[0][:300] if found and lines else first_line(exc)
 
 
 def _outputs(plan: ExportPlan) -> list[np.ndarray]:

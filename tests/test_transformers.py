@@ -249,3 +249,37 @@ def test_real_minilm_checkpoint(tmp_path):
     batch = tokenizer(["A cat sits on the mat.", "Quantization shrinks models."], return_tensors="np", padding=True)
     result = modelpress.export(model, tmp_path / "minilm.onnx", sample=dict(batch))
     assert result.verification.outputs[0].value > 0.9999
+    # NOTE: sentence embeddings (mean over the unpadded tokens) of a padded batch, ONNX Runtime against torch
+    hidden = make_session(model).run(None, dict(batch))[0]
+    with torch.no_grad():
+        expected = transformers.AutoModel.from_pretrained(folder, local_files_only=True)(**tokenizer(
+            ["A cat sits on the mat.", "Quantization shrinks models."], return_tensors="pt", padding=True)).last_hidden_state.numpy()
+    mask = batch["attention_mask"][..., None]
+    got, want = (hidden * mask).sum(1) / mask.sum(1), (expected * mask).sum(1) / mask.sum(1)
+    assert np.abs(got - want).max() < 1e-4
+
+
+class _DataDependentConfig(transformers.PretrainedConfig):
+    model_type = "data-dependent"
+
+
+class DataDependentModel(transformers.PreTrainedModel):
+    """A model whose forward branches on tensor values: torch.export cannot trace it."""
+
+    config_class = _DataDependentConfig
+
+    def __init__(self, config):
+        super().__init__(config)
+        self.embed = torch.nn.Embedding(16, 4)
+        self.post_init()
+
+    def forward(self, input_ids=None, attention_mask=None):
+        hidden = self.embed(input_ids)
+        return (hidden * 2 if hidden.sum() > 0 else hidden,)
+
+
+@pytest.mark.slow
+def test_an_architecture_the_exporter_cannot_handle_is_refused_by_name():
+    model = DataDependentModel(_DataDependentConfig(vocab_size=16))
+    with pytest.raises(modelpress.UnsupportedModelError, match="the ONNX exporter cannot handle DataDependentModel"):
+        modelpress.load(model)

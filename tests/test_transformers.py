@@ -63,6 +63,9 @@ def test_llama_checkpoint_folder_exports_with_a_kv_cache(llama, tmp_path):
     extra = llama.provenance.extra
     assert (extra["task"], extra["architecture"], extra["num_layers"]) == ("text-generation-with-past", "LlamaForCausalLM", 2)
     assert extra["import_check"]["max_rel_diff"] <= 1e-4
+    vocab = llama.signature.outputs[0].shape[-1]
+    tables = [v for v in llama.ir.graph.initializers.values() if v.shape is not None and tuple(v.shape) in ((vocab, 64), (64, vocab))]
+    assert len(tables) == 1  # NOTE: the tied embedding and LM head stay one table
     result = modelpress.export(llama, tmp_path / "llama.onnx", sample=decoder_sample(llama))
     assert all(output.value > 0.9999 for output in result.verification.outputs)
 

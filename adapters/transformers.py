@@ -1,0 +1,194 @@
+"""The Hugging Face Transformers adapter (extra ``transformers``): checkpoint folders and ``PreTrainedModel``.
+
+``modelpress.load("ckpt/")`` (a folder with a ``config.json``, as ``save_pretrained`` writes it) or
+``modelpress.load(model)`` (a ``PreTrainedModel``) exports the model to ONNX with
+``torch.onnx.export(dynamo=True)`` for a task read from the config's ``architectures`` (or the
+model's class), which ``task=`` overrides:
+
+* ``feature-extraction`` (encoders, base models): ``last_hidden_state``;
+* ``text-classification`` (``...ForSequenceClassification``): ``logits``;
+* ``text-generation-with-past`` (``...ForCausalLM``, ``...LMHeadModel``): logits with a KV cache,
+  ``past_key_values.{i}.key/value`` in and ``present.{i}.key/value`` out, in the layout ONNX
+  Runtime GenAI and optimum use; ``text-generation`` is the same model without a cache.
+
+The input names and dynamic axes are optimum's (see :mod:`modelpress.adapters.transformers_export`).
+The import is verified: the model in torch and the export in ONNX Runtime run the same inputs
+(for a decoder with a cache: a past of 3 and 5 new tokens) and differ by at most ``rtol``.
+Encoder-decoder models and architectures the exporter cannot handle are refused by name.
+
+Nothing is downloaded: a folder is opened with ``local_files_only=True``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from modelpress.plugin_api import (
+    Adapter,
+    InvalidModelError,
+    Model,
+    OptionsError,
+    Provenance,
+    UnsupportedModelError,
+    hookimpl,
+    one_line,
+)
+
+__all__ = ["TASKS", "load_transformers", "task_of"]
+
+TASKS = ("feature-extraction", "text-classification", "text-generation", "text-generation-with-past")
+_DECODER_TASKS = ("text-generation", "text-generation-with-past")
+
+
+def _is_pretrained(source: Any) -> bool:
+    transformers = sys.modules.get("transformers")
+    if transformers is None:  # NOTE: a PreTrainedModel cannot exist before transformers was imported
+        return False
+    return isinstance(source, transformers.PreTrainedModel)
+
+
+def _accepts(source: Any) -> bool:
+    if isinstance(source, (str, os.PathLike)):
+        folder = Path(source)
+        # NOTE: a TensorFlow SavedModel folder may carry a config.json too; it is the tensorflow adapter's
+        return folder.is_dir() and (folder / "config.json").is_file() and not (folder / "saved_model.pb").exists()
+    return _is_pretrained(source)
+
+
+@hookimpl
+def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
+    register(
+        Adapter(
+            name="transformers",
+            accepts=_accepts,
+            load=load_transformers,
+            priority=20,  # NOTE: before the torch adapter, which would take a PreTrainedModel as any nn.Module
+            summary="Hugging Face Transformers checkpoint folders (config.json) and PreTrainedModel",
+        )
+    )
+
+
+def _require() -> Any:
+    try:
+        import torch  # noqa: F401
+        import transformers
+    except ImportError:
+        raise UnsupportedModelError(
+            "loading Hugging Face models needs the transformers extra: pip install -c constraints.txt 'modelpress[transformers]'"
+        ) from None
+    return transformers
+
+
+def task_of(architecture: str) -> str:
+    """The default task of a model class name (``LlamaForCausalLM`` -> ``text-generation-with-past``)."""
+    if architecture.endswith(("ForCausalLM", "LMHeadModel")):
+        return "text-generation-with-past"
+    if architecture.endswith("ForSequenceClassification"):
+        return "text-classification"
+    return "feature-extraction"
+
+
+def _read_config(folder: Path) -> dict[str, Any]:
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise InvalidModelError(f"{str(folder)!r}: config.json cannot be read: {one_line(exc)}") from None
+    if not isinstance(config, dict):
+        raise InvalidModelError(f"{str(folder)!r}: config.json does not hold a JSON object")
+    return config
+
+
+def _check_task(task: str | None, architecture: str, label: str) -> str:
+    chosen = task or task_of(architecture)
+    if chosen not in TASKS:
+        raise OptionsError(f"{label}: unknown task {chosen!r}; choose one of {', '.join(TASKS)}")
+    return chosen
+
+
+def _auto_class(transformers: Any, task: str) -> Any:
+    if task in _DECODER_TASKS:
+        return transformers.AutoModelForCausalLM
+    if task == "text-classification":
+        return transformers.AutoModelForSequenceClassification
+    return transformers.AutoModel
+
+
+def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any, str]:
+    """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only)."""
+    config = _read_config(folder)
+    architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
+    chosen = _check_task(task, architecture, repr(str(folder)))
+    if config.get("is_encoder_decoder"):
+        raise UnsupportedModelError(f"{str(folder)!r}: {architecture} is an encoder-decoder model; only encoders and decoders are supported")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = _auto_class(transformers, chosen).from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise InvalidModelError(f"{str(folder)!r}: transformers cannot load {architecture or 'the checkpoint'} for {chosen}: {one_line(exc)}") from None
+    return model, chosen
+
+
+def _for_task(model: Any, task: str | None, label: str) -> tuple[Any, str]:
+    """A ``PreTrainedModel`` and its task; features of a model with a head come from its base model."""
+    architecture = type(model).__name__
+    chosen = _check_task(task, architecture, label)
+    if getattr(model.config, "is_encoder_decoder", False):
+        raise UnsupportedModelError(f"{label}: {architecture} is an encoder-decoder model; only encoders and decoders are supported")
+    default = task_of(architecture)
+    if chosen == default or (chosen in _DECODER_TASKS and default in _DECODER_TASKS):
+        return model, chosen
+    if chosen == "feature-extraction" and getattr(model, "base_model", model) is not model:
+        return model.base_model, chosen
+    raise OptionsError(f"{label}: task {chosen!r} needs a model with that head; {architecture} is for {default!r}")
+
+
+def _refuse_unsupported(model: Any, task: str, label: str) -> None:
+    """Refuse, by name, what the export cannot represent faithfully."""
+    architecture = type(model).__name__
+    if "input_ids" not in inspect.signature(model.forward).parameters:
+        raise UnsupportedModelError(f"{label}: {architecture} does not take input_ids (only text models are supported)")
+    layer_types = getattr(model.config, "layer_types", None) or []
+    if task == "text-generation-with-past" and any(kind != "full_attention" for kind in layer_types):
+        kinds = sorted(set(layer_types) - {"full_attention"})
+        raise UnsupportedModelError(
+            f"{label}: {architecture} has {', '.join(kinds)} layers, whose cache the past/present layout does not hold; "
+            f"export it without a cache: task='text-generation'"
+        )
+
+
+def load_transformers(source: Any, *, task: str | None = None, example_inputs: Any = None, rtol: float = 1e-4, opset: int | None = None, **_: Any) -> Model:
+    """Import a Hugging Face checkpoint folder or ``PreTrainedModel`` (see the module docstring).
+
+    Args:
+        task: one of :data:`TASKS` (default: from the config's ``architectures`` / the model's class).
+        example_inputs: token ids ``[batch, sequence]`` to export and check on (default: random ids).
+        rtol: the largest relative difference between torch and ONNX Runtime the import accepts.
+    """
+    transformers = _require()
+    if isinstance(source, (str, os.PathLike)):
+        label = str(source)
+        model, task = _open_folder(transformers, Path(source), task)
+    elif _is_pretrained(source):
+        label = type(source).__name__
+        model, task = _for_task(source, task, label)
+    else:
+        raise UnsupportedModelError(f"{type(source).__name__}: not a Hugging Face checkpoint folder or PreTrainedModel")
+    _refuse_unsupported(model, task, label)
+    from modelpress.adapters.transformers_export import export_checked
+
+    imported, figures = export_checked(model, task, label, example_inputs=example_inputs, rtol=rtol, opset=opset)
+    imported.provenance = Provenance(
+        source_framework="transformers",
+        source_version=transformers.__version__,
+        source=label,
+        importer="torch.onnx.export(dynamo=True)",
+        extra={"task": task, "architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", ""), **figures},
+    )
+    return imported

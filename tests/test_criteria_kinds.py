@@ -165,8 +165,8 @@ def face_detector(tmp_path_factory):
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(nn.Conv2d(1, 16, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(16, 32, 3), nn.ReLU(),
-                                          nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 256), nn.ReLU())
-            self.cls, self.box, self.marks = nn.Linear(256, 2), nn.Linear(256, 4), nn.Linear(256, 10)
+                                          nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(), nn.Flatten(), nn.Linear(256, 512), nn.ReLU())
+            self.cls, self.box, self.marks = nn.Linear(512, 2), nn.Linear(512, 4), nn.Linear(512, 10)
 
         def forward(self, x):  # type: ignore[no-untyped-def]
             h = self.features(x)
@@ -183,7 +183,7 @@ def face_detector(tmp_path_factory):
             opt.zero_grad()
             prob, pb, pm = module(x[i])
             face = (y[i] == 1).float()[:, None]
-            loss = nn.functional.nll_loss(torch.log(prob + 1e-9), y[i]) + 10 * (face * ((pb - b[i]) ** 2 + 0)).mean() \
+            loss = nn.functional.nll_loss(torch.log(prob + 1e-9), y[i]) + 10 * (face * (pb - b[i]) ** 2).mean() \
                 + 10 * (face * (pm - m[i]) ** 2).mean()
             loss.backward()
             opt.step()

@@ -143,7 +143,7 @@ def _graph(model: Model | None, name: str) -> _Graph:
 @functools.lru_cache(maxsize=64)
 def _random_decisiveness(classes: int) -> float:
     """The decisiveness of ``classes`` independent normal values (the no-class-structure baseline)."""
-    rows = np.random.default_rng(0).standard_normal((512, classes))
+    rows = np.random.default_rng(0).standard_normal((max(64, min(512, 4_000_000 // classes)), classes))
     return decisiveness(rows)
 
 

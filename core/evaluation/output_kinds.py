@@ -8,18 +8,20 @@ Forms (``OutputKind.form``) and the judging family they belong to (``OutputKind.
   Reshape/Transpose/Identity/Flatten/Squeeze/Unsqueeze/Cast), or rows of non-negative values
   summing to 1. A Sigmoid's outputs are decisions at 0.5, element by element; a rank >= 3 Sigmoid
   map (a text detector's probability map) is a dense map bounded by [0, 1].
-* ``logits`` (classifier): a linear head (Gemm, MatMul, MatMul+Add, Conv) whose ``[N, C]`` rows
-  have class structure (one value stands out: the median gap between the two largest values,
-  over the row's spread, is at least 1.5x what C random values give), an output named like scores
-  (``logits``, ``class``, ``score``...), or the input of a Softmax whose result is also an output.
+* ``logits`` (classifier): an output named like scores (``logits``, ``class``, ``score``...), the
+  input of a Softmax whose result is also an output, or a linear head (Gemm, MatMul, MatMul+Add,
+  Conv) whose ``[N, C]`` rows have class structure: one value stands out (the median gap between
+  the two largest values, over the row's spread, is at least 1.5x what C random values give) or
+  C is 2 (binary logits) with no probability output beside it.
 * ``regression``: ``[N]``/``[N, 1]`` values; outputs named like boxes, landmarks, keypoints,
-  offsets; a linear head beside the model's probability output (a detector's box and landmark
-  heads); a linear head whose rows show no class structure (near-ties: a 32-way regression);
-  a narrow (< 32) output of a non-linear op.
+  offsets; a linear head with no class structure (near-ties, as a 32-value regression has; an
+  arg-max that never moves, C < 32), which is what a detector's box and landmark heads beside
+  its probability output look like (on fewer than 16 rows, being beside it decides); a narrow
+  (C < 32) output of a non-linear op.
 * ``embedding``: pooled or normalised vectors (ReduceMean, GlobalAveragePool, LpNormalization...
   at the end), outputs named like embeddings or hidden states, ``[N, T, D]`` token vectors so
-  named, a wide (>= 32) output of a non-linear op (a hidden state), rows whose arg-max never
-  changes, and a wide (>= 256) head judged on fewer than 16 rows (too few to see classes).
+  named, a wide (C >= 32) output of a non-linear op (a hidden state), a wide head whose arg-max
+  never moves, and a wide (C >= 256) head judged on fewer than 16 rows (too few to see classes).
 * ``dense``: rank >= 3 maps (segmentation and detection maps, feature maps, states).
 
 Every decision can be overridden per output (``criteria={"boxes": "regression"}``).

@@ -14,7 +14,8 @@ Writing a method (see ``docs/writing-a-plugin.md``)
 Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
-    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`.
+    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`
+    (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
 Training (needs the ``torch`` extra; imported lazily)
@@ -51,7 +52,13 @@ from modelpress.base.progress import progress_bar
 from modelpress.data.normalize import normalize_on_import
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import check_import
-from modelpress.evaluation.criteria import Judgement, infer_criteria, judge
+from modelpress.evaluation.criteria import (
+    Criterion,
+    Judgement,
+    infer_criteria,
+    judge,
+    lower_is_better,
+)
 from modelpress.io.framework_bridge import (
     choose_loss,
     fit,
@@ -81,6 +88,7 @@ __all__ = [
     "WEIGHTED_OPS",
     "Adapter",
     "Codec",
+    "Criterion",
     "DataError",
     "Dataset",
     "GraphBuilder",
@@ -113,6 +121,7 @@ __all__ = [
     "judge",
     "kd_loss",
     "load_dataset",
+    "lower_is_better",
     "make_session",
     "normalize_on_import",
     "numpy_dtype",

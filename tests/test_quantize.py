@@ -124,10 +124,11 @@ def _outlier_mlp():
     nodes = [
         helper.make_node("Gemm", ["x", "w1"], ["h"], name="fc1", transB=1),
         helper.make_node("Relu", ["h"], ["r"], name="relu"),
-        helper.make_node("Gemm", ["r", "w2"], ["y"], name="fc2", transB=1),
+        # NOTE: named as scores: a random head shows no class structure, so an unnamed one is judged as a regression
+        helper.make_node("Gemm", ["r", "w2"], ["logits"], name="fc2", transB=1),
     ]
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], {"w1": w1, "w2": w2})
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], {"w1": w1, "w2": w2})
     x = rng.standard_normal((256, 8)).astype(np.float32) * 0.05
     x[:, 0] = 500.0 * rng.standard_normal(256)  # ...but its range dominates the input's scale
     return model, {"x": x}

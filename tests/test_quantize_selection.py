@@ -109,10 +109,11 @@ def _deep_mlp(layers: int = 40, sensitive: int = 20):
         nodes += [helper.make_node("Gemm", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}", transB=1),
                   helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}")]
         x = f"r{i}"
-    nodes.append(helper.make_node("Gemm", [x, "head"], ["y"], name="head", transB=1))
+    # NOTE: named as scores: a random head shows no class structure, so an unnamed one is judged as a regression
+    nodes.append(helper.make_node("Gemm", [x, "head"], ["logits"], name="head", transB=1))
     weights["head"] = rng.standard_normal((6, width)).astype(np.float32)
     model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 6])], weights)
+                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6])], weights)
     return model, {"x": np.abs(rng.standard_normal((256, width))).astype(np.float32)}
 
 

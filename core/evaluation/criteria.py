@@ -1,139 +1,232 @@
 """What "equal to the float model" means, per output: the one definition shared by the quantizer's
-acceptance check and export verification.
+acceptance check and export verification (and the one cosine, agreement and relative error of
+modelpress: other modules import them from here).
 
-Each output gets a *kind*, decided from the graph (the op that produces it, its name) and from the
-reference data, and the kind decides the metric:
+Each output is first classified (:mod:`modelpress.evaluation.output_kinds`: probabilities, logits,
+integer labels, regression, embedding, dense map) from the graph and the reference values; its
+kind decides the rule (``docs/verification.md`` has the rules with examples):
 
-=============  ====================================================  ==========================
-kind           looks like                                            metric (higher is better
-                                                                     unless noted)
-=============  ====================================================  ==========================
-classifier     Softmax/LogSoftmax output, or ``[N, C]`` logits whose  top-1 agreement along the
-               arg-max varies over the samples                        class axis
-embedding      ``[N, D]`` / ``[N, T, D]`` vectors: pooled, normalised  mean per-row cosine
-               or named like an embedding, or rows whose arg-max
-               never changes (no class structure)
-regression     ``[N]`` or ``[N, 1]``                                  relative L2 error (lower)
-dense          detection heads, score maps, states (rank >= 3)       mean per-sample cosine
-=============  ====================================================  ==========================
+============  =========================================================  ===================================
+kind          metric                                                     passes when
+============  =========================================================  ===================================
+classifier    top-1 agreement (probabilities, logits; Sigmoid outputs:    the flips are not more than
+              decisions at 0.5; integer labels: exact)                   chance allows at the threshold
+                                                                         (one-sided binomial test, 5 %)
+              + per-row cosine of the scores (when ``min_cosine``)       >= ``min_cosine``
+embedding     mean per-row cosine, and its 5th percentile                >= ``min_cosine``; the 5th
+                                                                         percentile >= 1 - 2 (1 - min_cosine)
+regression    relative L2 error ``||q - r|| / ||r||``                    <= ``max_relative_error``
+dense         RMS error over the reference's scale: its standard          <= ``max_dense_error``, by default
+              deviation over the judged batch, at least a tenth of the    sqrt(2 (1 - min_cosine)), the
+              range of a bounded output (Sigmoid: [0, 1])                 error such a cosine allows
+============  =========================================================  ===================================
 
-Every kind can be overridden per output name (``{"logits": "cosine>=0.995"}``, ``{"*": "agreement"}``).
-Non-finite outputs always fail.
+Every kind can be overridden per output name (``{"boxes": "regression"}``, ``{"logits":
+"agreement>=0.98"}``, ``{"*": "cosine"}``). Non-finite outputs always fail.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from modelpress.base.errors import OptionsError
+from modelpress.evaluation.output_kinds import FORMS, OutputKind, classify
 
 if TYPE_CHECKING:
-    import onnx_ir as ir
-
     from modelpress.ir.model import Model
 
-__all__ = ["KIND_METRIC", "METRICS", "Criterion", "Judgement", "cosine", "infer_criteria", "judge", "measure"]
+__all__ = [
+    "ALPHA", "KIND_METRIC", "LOWER_IS_BETTER", "METRICS", "Criterion", "Judgement", "agreement", "allowed_flips", "cosine",
+    "infer_criteria", "judge", "lower_is_better", "measure", "relative_error", "row_cosines",
+]
 
-METRICS = ("agreement", "cosine", "relative_error")
-KIND_METRIC = {"classifier": "agreement", "embedding": "cosine", "dense": "cosine", "regression": "relative_error"}
-_LOWER_IS_BETTER = {"relative_error"}
-_CLASS_OPS = {"Softmax", "LogSoftmax"}
-_POOL_OPS = {"ReduceMean", "ReduceSum", "LpNormalization", "ReduceL2", "GlobalAveragePool"}
-_HEAD_OPS = {"MatMul", "Gemm", "Conv"}
-_EMBED_NAME = re.compile(r"emb|pool|sentence|feature|hidden|vector|encod", re.I)
-_CLASS_NAME = re.compile(r"logit|prob|class|label|pred", re.I)
-_SPEC = re.compile(r"^\s*(agreement|cosine|relative_error|classifier|embedding|regression|dense)\s*(?:(>=|<=)\s*([-+0-9.eE]+))?\s*$")
+METRICS = ("agreement", "cosine", "cosine_p5", "relative_error", "nrmse")
+KIND_METRIC = {"classifier": "agreement", "embedding": "cosine", "dense": "nrmse", "regression": "relative_error"}
+LOWER_IS_BETTER = frozenset({"relative_error", "nrmse"})
+ALPHA = 0.05  # agreement fails when its flips would be this unlikely at the threshold
+_METRIC_FORM = {"cosine": "embedding", "relative_error": "regression", "nrmse": "dense"}
+_SPEC = re.compile(r"^\s*(agreement|cosine|relative_error|nrmse|classifier|probabilities|logits|labels|embedding|regression|dense)"
+                   r"\s*(?:(>=|<=)\s*([-+0-9.eE]+))?\s*$")
+
+
+def lower_is_better(metric: str) -> bool:
+    return metric in LOWER_IS_BETTER
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     """Cosine of two tensors flattened (1.0 when both are zero)."""
-    a = np.asarray(a, np.float64).ravel()
-    b = np.asarray(b, np.float64).ravel()
-    na, nb = np.linalg.norm(a), np.linalg.norm(b)
-    if na == 0 and nb == 0:
-        return 1.0
-    if na == 0 or nb == 0:
-        return 0.0
-    return float(np.dot(a, b) / (na * nb))
+    return float(row_cosines(np.asarray(a).reshape(1, -1), np.asarray(b).reshape(1, -1))[0])
 
 
-def _row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
-    r = ref.reshape(-1, ref.shape[-1]).astype(np.float64)
-    o = out.reshape(-1, out.shape[-1]).astype(np.float64)
+def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Cosine of each row (the last axis; a 1.0 where both rows are zero, 0.0 where one is)."""
+    r = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64)
+    o = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64)
     nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
     dot = np.einsum("ij,ij->i", r, o)
     both_zero = (nr == 0) & (no == 0)
     return np.where(both_zero, 1.0, dot / np.maximum(nr * no, 1e-300))
 
 
-def measure(metric: str, ref: np.ndarray, out: np.ndarray, *, axis: int = -1) -> float:
+def _sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Per-row cosines of ``[N, D]``; per sample over everything it holds for rank >= 3; one for rank <= 1."""
+    if ref.ndim <= 1:
+        return row_cosines(ref.reshape(1, -1), out.reshape(1, -1))
+    n = ref.shape[0]
+    return row_cosines(ref.reshape(n, -1), out.reshape(n, -1))
+
+
+def agreement(ref: np.ndarray, out: np.ndarray, axis: int | None = -1) -> float:
+    """Share of decisions that agree: exact for integers, the arg-max along ``axis``, or (``axis=None``)
+    each value's side of 0.5."""
+    if not np.issubdtype(ref.dtype, np.floating):
+        return float(np.mean(ref == out))
+    if axis is None:
+        return float(np.mean((ref > 0.5) == (out > 0.5)))
+    if ref.ndim < 2:
+        return float(np.mean(np.round(ref) == np.round(out)))
+    return float(np.mean(np.argmax(ref, axis=axis) == np.argmax(out, axis=axis)))
+
+
+def decisions(ref: np.ndarray, axis: int | None = -1) -> int:
+    """How many decisions :func:`agreement` counts in ``ref``."""
+    if axis is None or ref.ndim < 2 or not np.issubdtype(ref.dtype, np.floating):
+        return int(ref.size)
+    return int(ref.size // max(ref.shape[axis], 1))
+
+
+def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
+    """``||out - ref|| / ||ref||`` over the whole tensor."""
+    r = ref.astype(np.float64)
+    return float(np.linalg.norm(out.astype(np.float64) - r) / max(float(np.linalg.norm(r)), 1e-12))
+
+
+def dense_error(ref: np.ndarray, out: np.ndarray, value_range: float = 0.0) -> float:
+    """RMS error over the reference's scale: its standard deviation over everything judged, at
+    least a tenth of ``value_range`` (a blank page's near-zero map is judged against [0, 1])."""
+    r = ref.astype(np.float64)
+    rms = float(np.sqrt(np.mean((out.astype(np.float64) - r) ** 2)))
+    scale = max(float(r.std()), 0.1 * value_range)
+    if scale == 0:
+        return 0.0 if rms == 0 else float("inf")
+    return rms / scale
+
+
+def measure(metric: str, ref: np.ndarray, out: np.ndarray, *, axis: int | None = -1, value_range: float = 0.0) -> float:
     """One figure of ``out`` against ``ref``; the worst possible value if ``out`` is not finite."""
     if ref.shape != out.shape or (np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))):
-        return float("inf") if metric in _LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
+        return float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
     if ref.size == 0:
-        return 0.0 if metric in _LOWER_IS_BETTER else 1.0
+        return 0.0 if metric in LOWER_IS_BETTER else 1.0
     if metric == "agreement":
-        if not np.issubdtype(ref.dtype, np.floating):
-            return float(np.mean(ref == out))
-        if ref.ndim < 2:
-            return float(np.mean(np.round(ref) == np.round(out)))
-        return float(np.mean(np.argmax(ref, axis=axis) == np.argmax(out, axis=axis)))
+        return agreement(ref, out, axis)
     if metric == "cosine":
-        if ref.ndim <= 1:
-            return cosine(ref, out)
-        if ref.ndim == 2:
-            return float(np.mean(_row_cosines(ref, out)))
-        # dense maps and sequences: one cosine per sample over everything it holds
-        n = ref.shape[0]
-        return float(np.mean(_row_cosines(ref.reshape(n, -1), out.reshape(n, -1))))
+        return float(np.mean(_sample_cosines(ref, out)))
+    if metric == "cosine_p5":
+        return float(np.percentile(_sample_cosines(ref, out), 5))
     if metric == "relative_error":
-        r = ref.astype(np.float64)
-        return float(np.linalg.norm(out.astype(np.float64) - r) / max(float(np.linalg.norm(r)), 1e-12))
+        return relative_error(ref, out)
+    if metric == "nrmse":
+        return dense_error(ref, out, value_range)
     raise OptionsError(f"unknown output metric {metric!r}: one of {', '.join(METRICS)}")
+
+
+@functools.lru_cache(maxsize=256)
+def allowed_flips(n: int, threshold: float, alpha: float = ALPHA) -> int:
+    """The most disagreements among ``n`` decisions that a true agreement of ``threshold`` still
+    explains: the largest k with P(X >= k) >= ``alpha`` for X ~ Binomial(n, 1 - threshold).
+    (64 rows at 0.99: 2; 1000 rows: 15; any threshold of 1: 0.)"""
+    q = 1.0 - threshold
+    if n <= 0 or q <= 0:
+        return 0
+    if q >= 1:
+        return n
+    if n * q > 1000:  # NOTE: the normal approximation is exact enough here and O(1)
+        return min(n, int(n * q + 1.6449 * math.sqrt(n * q * (1 - q))))
+    log_q, log_p, tail, k = math.log(q), math.log1p(-q), 1.0, 0
+    while k < n:
+        pmf = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_q + (n - k) * log_p)
+        if tail - pmf < alpha:  # P(X >= k + 1) would be below alpha
+            return k
+        tail -= pmf
+        k += 1
+    return n
 
 
 @dataclass(frozen=True)
 class Criterion:
-    """How one output is judged: its kind, metric, axis (for agreement), threshold and why."""
+    """How one output is judged: its kind (the judging family), metric, threshold and why; ``form``
+    says what the output is (``probabilities``, ``logits``, ``labels``, ...), ``axis`` the class axis
+    (``None``: decisions at 0.5), ``samples`` how many decisions agreement counts (for its binomial
+    test), ``value_range`` the known range of a bounded output (for the dense scale)."""
 
     output: str
     kind: str
     metric: str
     threshold: float | None
     reason: str
-    axis: int = -1
+    axis: int | None = -1
+    samples: int = 0
+    form: str = ""
+    value_range: float = 0.0
 
     def measure(self, ref: np.ndarray, out: np.ndarray) -> float:
-        return measure(self.metric, ref, out, axis=self.axis)
+        return measure(self.metric, ref, out, axis=self.axis, value_range=self.value_range)
+
+    def allowed(self) -> int | None:
+        """Flips the agreement threshold allows among ``samples`` decisions (``None``: not agreement)."""
+        if self.metric != "agreement" or self.threshold is None or self.samples <= 0:
+            return None
+        return allowed_flips(self.samples, float(self.threshold))
+
+    def flips(self, value: float) -> int:
+        return round((1.0 - value) * self.samples)
 
     def passes(self, value: float) -> bool:
         if self.threshold is None:
             return bool(np.isfinite(value))
-        return value <= self.threshold if self.metric in _LOWER_IS_BETTER else value >= self.threshold
+        allowed = self.allowed()
+        if allowed is not None:
+            return bool(np.isfinite(value)) and self.flips(value) <= allowed
+        return value <= self.threshold if self.metric in LOWER_IS_BETTER else value >= self.threshold
 
     def shortfall(self, value: float) -> float:
         """How far ``value`` is from perfect (0 = identical), comparable across metrics."""
         if not np.isfinite(value):
             return float("inf")
-        if self.metric == "relative_error":
+        if self.metric in LOWER_IS_BETTER:
             return value * value / 2  # ~ 1 - cosine for small errors
         return 1.0 - value
 
-    def describe(self, value: float) -> str:
+    def _text(self, value: float) -> tuple[str, str]:
+        """The figure, and the bound as written after ``>=``/``<=``."""
+        bound = self.threshold
         if self.metric == "agreement":
-            text = f"{self.output} top-1 agreement {value:.2%}"
-            bound = f"{self.threshold:.2%}" if self.threshold is not None else ""
-        else:
-            text = f"{self.output} {self.metric.replace('_', ' ')} {value:.5f}"
-            bound = f"{self.threshold:g}" if self.threshold is not None else ""
-        if self.threshold is not None and not self.passes(value):
-            text += f" (needs {'<=' if self.metric in _LOWER_IS_BETTER else '>='} {bound})"
-        return text
+            what = "exact agreement" if self.form == "labels" else ("decision agreement" if self.axis is None else "top-1 agreement")
+            text = f"{self.output} {what} {value:.2%}"
+            if self.samples:
+                text += f" ({self.flips(value)} of {self.samples} differ" + (f", at most {self.allowed()} allowed" if self.allowed() is not None else "") + ")"
+            return text, f"{bound:.2%}" if bound is not None else ""
+        if self.metric in ("relative_error", "nrmse"):
+            what = "relative error" if self.metric == "relative_error" else "RMS error over its scale"
+            return f"{self.output} {what} {value:.2%}", f"{bound:.2%}" if bound is not None else ""
+        what = "cosine" if self.metric == "cosine" else "5th-percentile cosine"
+        return f"{self.output} {what} {value:.5f}", f"{bound:g}" if bound is not None else ""
+
+    def describe(self, value: float) -> str:
+        """One line naming the rule: ``boxes relative error 0.80% <= 10.00% (regression)``."""
+        text, bound = self._text(value)
+        op = "<=" if self.metric in LOWER_IS_BETTER else ">="
+        if self.threshold is not None:
+            text += f" {op} {bound}" if self.passes(value) else f" (needs {op} {bound})"
+        return f"{text} ({self.form or self.kind})"
 
 
 @dataclass(frozen=True)
@@ -160,65 +253,69 @@ class Judgement:
 
 
 def judge(criteria: Sequence[Criterion], reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Judgement:
-    """Measure each criterion; outputs are matched by ``names`` (default: the criteria's outputs in order)."""
+    """Measure each criterion; outputs are matched by ``names`` (default: the criteria's outputs in order).
+    An agreement criterion counts the decisions of the reference it is given."""
     names = list(names) if names is not None else list(dict.fromkeys(c.output for c in criteria))
     position = {name: i for i, name in enumerate(names)}
-    values = tuple(c.measure(np.asarray(reference[position[c.output]]), np.asarray(actual[position[c.output]])) for c in criteria)
-    return Judgement(tuple(criteria), values)
+    judged, values = [], []
+    for c in criteria:
+        ref, out = np.asarray(reference[position[c.output]]), np.asarray(actual[position[c.output]])
+        if c.metric == "agreement":
+            c = replace(c, samples=decisions(ref, c.axis))
+        judged.append(c)
+        values.append(c.measure(ref, out))
+    return Judgement(tuple(judged), tuple(values))
 
 
-def _producers(model: Model | None, name: str, depth: int = 4) -> list[ir.Node]:
-    """The nodes producing output ``name``, following single-input pass-through ops back a few steps."""
-    if model is None:
-        return []
-    value = next((v for v in model.graph.outputs if v.name == name), None)
-    chain: list[ir.Node] = []
-    while value is not None and len(chain) < depth:
-        node = value.producer()
-        if node is None:
-            break
-        chain.append(node)
-        value = node.inputs[0] if node.inputs else None
-    return chain
-
-
-def _infer_kind(name: str, ref: np.ndarray, producers: list[ir.Node]) -> tuple[str, str, int]:
-    ops = [n.op_type for n in producers]
-    if not np.issubdtype(ref.dtype, np.floating):
-        return "classifier", "integer output: compared exactly", -1
-    if ref.ndim <= 1 or (ref.shape[-1] == 1 and ref.ndim <= 2):
-        return "regression", f"shape {list(ref.shape)}: one value per sample", -1
-    if ops and ops[0] in _CLASS_OPS:
-        attr = producers[0].attributes.get("axis")
-        axis = int(attr.as_int()) if attr is not None else -1
-        return "classifier", f"produced by {ops[0]}", axis
-    # pooling/normalisation at the end (not behind a dense head, which makes scores out of pooled features)
-    head = next((i for i, op in enumerate(ops) if op in _HEAD_OPS), len(ops))
-    pooled = next((op for op in ops[:head] if op in _POOL_OPS), None)
-    if ref.ndim == 2:
-        if pooled or _EMBED_NAME.search(name):
-            return "embedding", f"pooled/normalised vector ({pooled or 'name ' + repr(name)})", -1
-        winners = np.unique(np.argmax(ref, axis=1))
-        if ref.shape[0] >= 16 and len(winners) == 1 and not _CLASS_NAME.search(name):
-            return "embedding", f"rows of {ref.shape[1]} values whose arg-max never changes (no class structure)", -1
-        return "classifier", f"[N, {ref.shape[1]}] scores", 1
-    if ref.ndim == 3 and (pooled or _EMBED_NAME.search(name)):
-        return "embedding", "token vectors", -1
-    return "dense", f"rank-{ref.ndim} map", -1
-
-
-def _parse(spec: str, output: str) -> tuple[str | None, str | None, float | None]:
+def _parse(spec: str, output: str) -> tuple[str | None, str, float | None]:
+    """``(form or None to keep a classifier's own, metric, bound)`` of an override."""
     match = _SPEC.match(spec)
     if not match:
         raise OptionsError(
             f"criteria for output {output!r}: cannot read {spec!r}; write a metric or kind with an optional bound, "
-            "e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05', 'embedding'"
+            "e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05', 'nrmse<=0.1', 'regression', 'embedding'"
         )
     word, _, bound = match.groups()
-    if word in KIND_METRIC:
-        return word, KIND_METRIC[word], float(bound) if bound else None
-    kind = {"agreement": "classifier", "cosine": "embedding", "relative_error": "regression"}[word]
-    return kind, word, float(bound) if bound else None
+    value = float(bound) if bound else None
+    if word in FORMS:
+        return word, KIND_METRIC[FORMS[word]], value
+    if word in ("classifier", "agreement"):
+        return None, "agreement", value
+    return _METRIC_FORM[word], word, value
+
+
+@dataclass(frozen=True)
+class _Bounds:
+    """The thresholds infer_criteria fills in where a spec gives none (``None``: reported only)."""
+
+    agreement: float | None
+    cosine: float | None
+    relative_error: float | None
+    nrmse: float | None
+
+    def of(self, metric: str) -> float | None:
+        if metric == "cosine_p5":
+            return None if self.cosine is None else 1.0 - 2.0 * (1.0 - self.cosine)
+        return getattr(self, metric)
+
+
+def _primary(name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bounds: _Bounds) -> Criterion:
+    form, axis, reason = found.form, found.axis, found.reason
+    metric = KIND_METRIC[found.kind]
+    threshold = bounds.of(metric)
+    if spec is not None:
+        form_o, metric_o, bound = _parse(spec, name)
+        if metric_o != metric:
+            axis, form = -1, form_o or "logits"
+        elif form_o is not None:
+            form = form_o
+        metric = metric_o
+        threshold = bound if bound is not None else bounds.of(metric)
+        reason = f"set by option ({spec})"
+    elif form == "labels":
+        threshold = 1.0  # integer outputs (class ids, counts) must match exactly
+    return Criterion(name, FORMS[form], metric, threshold, reason, axis, decisions(ref, axis) if metric == "agreement" else 0,
+                     form, found.value_range)
 
 
 def infer_criteria(
@@ -230,34 +327,32 @@ def infer_criteria(
     min_agreement: float | None = None,
     min_cosine: float | None = None,
     max_relative_error: float | None = None,
+    max_dense_error: float | None = None,
 ) -> list[Criterion]:
-    """The criteria of each output (a classifier's agreement comes with a cosine guard on its scores
-    when ``min_cosine`` is given), from the graph of ``model`` (when given) and the reference
-    outputs. ``overrides`` maps an output name (or ``"*"``) to a metric/kind spec; the thresholds
-    fill in bounds the spec does not give (``None``: the figure is reported, not enforced)."""
+    """The criteria of each output, from the graph of ``model`` (when given) and the reference
+    outputs (see the module's table). A classifier's agreement comes with a cosine guard on its
+    scores when ``min_cosine`` is given; an embedding's mean cosine with its 5th percentile.
+    ``overrides`` maps an output name (or ``"*"``) to a kind/metric spec; the thresholds fill in
+    bounds the spec does not give (``None``: the figure is reported, not enforced); the dense bound
+    defaults to ``sqrt(2 (1 - min_cosine))``."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(names) - {"*"})
     if unknown:
         raise OptionsError(f"criteria name outputs the model does not have: {', '.join(unknown)} (outputs: {', '.join(names)})")
-    bounds = {"agreement": min_agreement, "cosine": min_cosine, "relative_error": max_relative_error}
+    if max_dense_error is None and min_cosine is not None:
+        max_dense_error = math.sqrt(2.0 * max(1.0 - min_cosine, 0.0))
+    bounds = _Bounds(min_agreement, min_cosine, max_relative_error, max_dense_error)
     result = []
     for name, ref in zip(names, reference, strict=True):
         ref = np.asarray(ref)
-        kind, reason, axis = _infer_kind(name, ref, _producers(model, name))
-        metric = KIND_METRIC[kind]
-        threshold = bounds[metric]
         spec = overrides.get(name, overrides.get("*"))
-        if spec is not None:
-            kind_o, metric_o, bound = _parse(spec, name)
-            if metric_o != metric:
-                axis = -1
-            kind, metric = kind_o or kind, metric_o or metric
-            threshold = bound if bound is not None else bounds[metric]
-            reason = f"set by option ({spec})"
-        if not np.issubdtype(ref.dtype, np.floating) and spec is None:
-            threshold = 1.0  # integer outputs (class ids, counts) must match exactly
-        result.append(Criterion(name, kind, metric, threshold, reason, axis))
-        if spec is None and kind == "classifier" and np.issubdtype(ref.dtype, np.floating) and min_cosine is not None:
-            # NOTE: agreement on a few hundred samples tolerates flips that the logits' cosine still sees
-            result.append(Criterion(name, kind, "cosine", min_cosine, "classifier scores stay close", -1))
+        criterion = _primary(name, ref, classify(name, ref, model), spec, bounds)
+        result.append(criterion)
+        if criterion.metric == "cosine" and criterion.kind == "embedding":
+            p5 = None if criterion.threshold is None else 1.0 - 2.0 * (1.0 - criterion.threshold)
+            result.append(replace(criterion, metric="cosine_p5", threshold=p5, reason="and its 5th percentile (a few bad rows)"))
+        elif spec is None and criterion.kind == "classifier" and criterion.form != "labels" and min_cosine is not None:
+            # NOTE: agreement on a few hundred samples tolerates flips that the scores' cosine still sees
+            result.append(replace(criterion, metric="cosine", threshold=min_cosine, reason="classifier scores stay close",
+                                  axis=-1, samples=0))
     return result

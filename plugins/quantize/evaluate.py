@@ -1,5 +1,8 @@
 """Scoring a quantized candidate against the float model on the calibration data, by the
-per-output criteria of :mod:`modelpress.evaluation.criteria` (the ones export verification uses too).
+per-output criteria of :mod:`modelpress.evaluation.criteria` (the ones export verification uses too):
+each output judged by what it is (probabilities and logits by top-1 agreement under a binomial
+test on the judged rows, regressions by relative error, embeddings by per-row cosine, dense maps by
+RMS error over the reference's scale; ``docs/verification.md``).
 
 Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as
 whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of
@@ -40,6 +43,7 @@ class Scorer:
         min_cosine: float | None,
         *,
         max_relative_error: float | None = 0.1,
+        max_dense_error: float | None = None,
         criteria: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ):
@@ -52,7 +56,7 @@ class Scorer:
         self.expected = run_dataset(session, self.data.batches(batch_size))
         self.criteria = infer_criteria(
             self.names, self.expected, model=reference, overrides=criteria,
-            min_agreement=min_agreement, min_cosine=min_cosine, max_relative_error=max_relative_error,
+            min_agreement=min_agreement, min_cosine=min_cosine, max_relative_error=max_relative_error, max_dense_error=max_dense_error,
         )
         self.evaluations = 0
 

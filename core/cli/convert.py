@@ -74,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
     wrote = f"wrote {escape(result.path)} ({result.target}{', ' + escape(result.note) if result.note else ''}, {size})"
     if args.quiet:
         verified = f"; verified: {escape(result.verification.summary())}" if result.verification is not None else ""
-        out.print(wrote + verified)
+        out.print(wrote + verified, soft_wrap=True)  # NOTE: one line, however long
         return 0
     prov = result.model.provenance
     check = prov.extra.get("import_check")

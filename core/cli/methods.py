@@ -120,7 +120,7 @@ def print_result(result: Any, exported: Any, *, quiet: bool = False) -> None:
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     verified = f"; verified: {exported.verification.summary()}" if exported.verification is not None else ""
     if quiet:
-        out.print(f"wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)}){escape(verified)}")
+        out.print(f"wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)}){escape(verified)}", soft_wrap=True)  # NOTE: one line, however long
         return
     out.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():

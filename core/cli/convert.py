@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     size = human_bytes(Path(result.path).stat().st_size)
     wrote = f"wrote {escape(result.path)} ({result.target}{', ' + escape(result.note) if result.note else ''}, {size})"
     if args.quiet:
-        verified = f"; verified: {escape(result.verification.summary())}" if result.verification is not None else ""
+        verified = f"; verified in ONNX Runtime: {escape(result.verification.summary())}" if result.verification is not None else ""
         out.print(wrote + verified, soft_wrap=True)  # NOTE: one line, however long
         return 0
     prov = result.model.provenance

@@ -76,14 +76,14 @@ def _print_signature(info: dict[str, Any], out: Any) -> None:
 
     io = Table(title="inputs / outputs", title_justify="left")
     for col in ("", "name", "dtype", "shape"):
-        io.add_column(col)
+        io.add_column(col, overflow="fold")
     for role in ("inputs", "outputs"):
         for spec in info[role]:
             shape = "?" if spec["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
             io.add_row(role[:-1], escape(spec["name"]), spec["dtype"], escape(shape))
     out.print(io)
     ops = Table(title="ops", title_justify="left")
-    ops.add_column("op")
+    ops.add_column("op", overflow="fold")
     ops.add_column("count", justify="right")
     for op, count in info["ops"].items():
         ops.add_row(escape(op), str(count))

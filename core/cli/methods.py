@@ -118,9 +118,10 @@ def print_result(result: Any, exported: Any, *, quiet: bool = False) -> None:
     out = console()
     record = result.provenance.passes[-1]
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
-    verified = f"; verified: {exported.verification.summary()}" if exported.verification is not None else ""
-    if quiet:
-        out.print(f"wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)}){escape(verified)}", soft_wrap=True)  # NOTE: one line, however long
+    if quiet:  # NOTE: one line, however long
+        verified = f"; verified in ONNX Runtime: {exported.verification.summary()}" if exported.verification is not None else ""
+        out.print(f"{record.kind}/{record.method}: wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)}){escape(verified)}",
+                  soft_wrap=True)
         return
     out.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():

@@ -120,8 +120,9 @@ def print_result(result: Any, exported: Any, *, quiet: bool = False) -> None:
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     if quiet:  # NOTE: one line, however long
         verified = f"; verified in ONNX Runtime: {exported.verification.summary()}" if exported.verification is not None else ""
-        out.print(f"{record.kind}/{record.method}: wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)}){escape(verified)}",
-                  soft_wrap=True)
+        no_gain = f"; NO GAIN (written because of --allow-no-gain): {record.figures['no_gain']}" if record.figures.get("no_gain") else ""
+        out.print(f"{record.kind}/{record.method}: wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)})"
+                  f"{escape(verified)}{escape(no_gain)}", soft_wrap=True)
         return
     out.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
     for key, value in record.figures.items():

@@ -37,25 +37,50 @@ def is_list_field(annotation: Any) -> bool:
     return any(typing.get_origin(a) in (list, tuple, set, frozenset) for a in (annotation, *typing.get_args(annotation)))
 
 
-def _list_value(texts: Sequence[Any]) -> list[Any]:
+def _scalar(annotation: Any, text: Any) -> Any:
+    """One value as its type wants it: a ``str`` field keeps the text (``--name 123`` is "123"), a
+    ``Literal`` takes the choice its text names, anything else is read as JSON when it parses."""
+    if not isinstance(text, str):
+        return text
+    arms = [arm for arm in typing.get_args(annotation) if arm is not type(None)]
+    if annotation is not None and typing.get_origin(annotation) is not typing.Literal and len(arms) == 1:
+        return _scalar(arms[0], text)  # NOTE: `str | None` is a str
+    if annotation is str:
+        return text
+    if typing.get_origin(annotation) is typing.Literal:
+        return next((choice for choice in typing.get_args(annotation) if str(choice) == text), text)
+    return _decoded(text)
+
+
+def _item_type(annotation: Any) -> Any:
+    """``list[str] | None`` -> ``str``; the element type of a list field (None when not one type)."""
+    for arm in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(arm) in (list, set, frozenset):
+            args = typing.get_args(arm)
+            return args[0] if len(args) == 1 else None
+    return None
+
+
+def _list_value(annotation: Any, texts: Sequence[Any]) -> list[Any]:
     """Every value given for a list option, flattened: ``a,b`` -> [a, b]; ``["a","b"]`` -> [a, b]."""
+    item = _item_type(annotation)
     values: list[Any] = []
     for text in texts:
         value = _decoded(text)
         if isinstance(value, list):
             values.extend(value)
-        elif isinstance(value, str):
-            values.extend(_decoded(part.strip()) for part in value.split(",") if part.strip())
+        elif isinstance(text, str):
+            values.extend(_scalar(item, part.strip()) for part in text.split(",") if part.strip())
         else:
-            values.append(value)
+            values.append(text)
     return values
 
 
 def _value(annotation: Any, texts: Sequence[Any]) -> Any:
     """The value of one option from the texts given for it (the schema validates it afterwards)."""
     if annotation is not None and is_list_field(annotation):
-        return _list_value(texts)
-    values = [_decoded(t) for t in texts]
+        return _list_value(annotation, texts)
+    values = [_scalar(annotation, t) for t in texts]
     return values[0] if len(values) == 1 else values  # NOTE: a scalar given twice: the schema says so
 
 

@@ -74,7 +74,7 @@ class _OnFirstImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
         import_onnx_ir()  # NOTE: the nested import goes through the ordinary finders (this one is gone)
-        module = sys.modules["onnx_ir"]
+        module = importlib.import_module("onnx_ir")  # NOTE: imported just now, or (sympy was imported before) the ordinary way
         self.spec = module.__spec__
         return module
 

@@ -40,9 +40,8 @@ def compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--address", help="batch: attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
 
 
-def print_report(result: Any, quiet: bool) -> None:
-    if quiet:
-        return
+def print_report(result: Any) -> None:
+    """The stage table: the result of compress and demo (printed with -q too)."""
     out = console()
     out.print(result.report.table())
     if result.interrupted:
@@ -61,7 +60,7 @@ def run_compress(args: argparse.Namespace) -> int:
         allow_imports=not args.no_imports, overwrite=args.overwrite, verify=not args.no_verify, sample=args.sample,
         external_data=EXTERNAL[args.external_data], allow_no_gain=args.allow_no_gain,
     )
-    print_report(result, args.quiet)
+    print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
     console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
     return EXIT_INTERRUPTED if result.interrupted else 0
@@ -74,8 +73,7 @@ def _run_batch(args: argparse.Namespace) -> int:
     if Path(args.output).suffix.lower() == ".onnx":
         raise OptionsError(f"with several models (or --workers/--address) -o is a folder, not {args.output!r}")
     result = compress_batch(args.model, args.recipe, args.output, workers=args.workers, address=args.address, show_progress=not args.quiet)
-    if not args.quiet:
-        console().print(result.table())
+    console().print(result.table())
     console().print(f"wrote one folder per model and summary.md/.json in {args.output}")
     if result.interrupted:
         return EXIT_INTERRUPTED
@@ -99,7 +97,7 @@ def run_demo(args: argparse.Namespace) -> int:
     from modelpress.app.demo import run_demo as demo
 
     result = demo(args.out, fast=args.fast, framework=args.framework, show_progress=not args.quiet)
-    print_report(result, args.quiet)
+    print_report(result)
     console().print(f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); recipe: {Path(args.out) / 'recipe.yaml'}")
     return EXIT_INTERRUPTED if result.interrupted else 0
 

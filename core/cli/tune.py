@@ -82,8 +82,7 @@ def run(args: argparse.Namespace) -> int:
         show_progress=not args.quiet,
     )
     out = console()
-    if not args.quiet:
-        out.print(result.report.table())
+    out.print(result.report.table())
     if result.model_path is not None:
         out.print(f"best model: {result.model_path} ({'meets' if result.meets else 'does NOT meet'} the criterion); "
                   f"recipe: {result.recipe_path}; reports: {Path(args.output) / 'report.html'} (.md, .json)")

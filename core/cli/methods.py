@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
     if spec.kind == "distill":
         given: Any = "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
+        options.pop("student", None)  # NOTE: --student says it (auto, or the model given)
         result = modelpress.distill(model, given, data=args.data, method=method.name, **common, **options)
     else:
         result = modelpress.apply(model, method, options=options, calibration=getattr(args, "calib", None),

@@ -56,3 +56,38 @@ def test_python_dash_m_modelpress_runs_the_command_line():
     done = subprocess.run([sys.executable, "-m", "modelpress", "--version"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("modelpress ")
+
+
+def test_one_option_parser_reads_flags_and_pairs_by_the_schema():
+    """Flags and -O pairs become one dict, each value read as its field's type says (no table of
+    built-in names: the schema here is a made-up method's)."""
+    import argparse
+    from typing import Literal
+
+    from pydantic import Field
+
+    from modelpress.cli.options import add_method_flags, method_options, method_probe
+
+    class Opts(modelpress.Options):
+        label: str | None = Field(None, description="a name")
+        level: Literal["1", "2"] = "1"
+        bits: Literal[4, 8] = 8
+        layers: list[str] = Field(default_factory=list)
+        scale: float = 1.0
+        fused: bool = True
+        data: str = "x"
+
+    method = modelpress.Method(name="made-up", kind="prune", apply=lambda model, options, context: None, options=Opts)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--data")  # NOTE: the command's own flag wins over the option of that name
+    parser.add_argument("-O", "--option", action="append")
+    add_method_flags(parser, method)
+    args = parser.parse_args(["--label", "123", "--level", "2", "--bits", "4", "--layers", "1,b", "--layers", '["c"]', "--no-fused",
+                              "-O", "scale=0.5", "-O", "layers=ignored", "-O", "data=y", "--data", "file.npz"])
+    options = method_options(Opts, args.option, args)
+    assert options == {"label": "123", "level": "2", "bits": 4, "layers": ["1", "b", "c"], "fused": False, "scale": 0.5, "data": "y"}
+    assert method.validate_options(options).layers == ["1", "b", "c"] and args.data == "file.npz"
+    help_text = parser.format_help()
+    assert "--level {1,2}" in help_text and "--fused, --no-fused" in help_text and "a name" in help_text
+    assert method_probe(["m.onnx", "-O", "x=1", "--method", "channel", "-k", "prune"], default="magnitude", kind=None) == ("channel", "prune")
+    assert method_probe(["m.onnx", "-m"], default="magnitude", kind="prune") == ("magnitude", "prune")  # the real parse reports it

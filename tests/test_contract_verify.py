@@ -125,34 +125,19 @@ def test_a_third_party_pass_in_a_chain_keeps_the_others_floors():
 
 
 def test_no_builtin_method_name_in_core():
-    """The core holds no table, branch or default keyed on a built-in method's name (issue 23)."""
+    """The core holds no table, branch, default or CLI flag keyed on a built-in method's name (issue 23):
+    every string constant in core/ is checked against the built-in plugins' method names."""
     registry = modelpress.get_registry()
     names = {m.name for p in registry.plugins.values() if p.builtin for m in p.methods}
     assert {"int8-static", "fp16", "magnitude", "kd"} <= names
-    allowed: set[str] = set()  # NOTE: empty on purpose
-    hits = {}
+    allowed: set[str] = set()  # NOTE: empty on purpose (the demo's recipe is a data file, demo_recipe.json)
+    hits = []
     for path in sorted((ROOT / "core").rglob("*.py")):
         rel = path.relative_to(ROOT).as_posix()
         for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
             if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in names and rel not in allowed:
-                hits.setdefault(rel, []).append(f"{node.value}@{node.lineno}")
-    owned_elsewhere = {rel: where for rel, where in hits.items() if rel.startswith(("core/cli/", "core/app/tuning/", "core/app/demo.py"))}
-    mine = {rel: where for rel, where in hits.items() if rel not in owned_elsewhere}
-    assert not mine, f"built-in method names in core/: {mine}"
-
-
-@pytest.mark.xfail(strict=True, reason="core/cli/ (CLI developer, branch cli: the -m defaults of quantize/prune), core/app/tuning/ "
-                   "(tuning developer: the default search space) and core/app/demo.py (its recipe) still name built-in methods")
-def test_no_builtin_method_name_in_files_owned_elsewhere():
-    registry = modelpress.get_registry()
-    names = {m.name for p in registry.plugins.values() if p.builtin for m in p.methods}
-    hits = []
-    for path in sorted((ROOT / "core").rglob("*.py")):
-        rel = path.relative_to(ROOT).as_posix()
-        if rel.startswith(("core/cli/", "core/app/tuning/", "core/app/demo.py")):
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            hits += [f"{rel}:{n.lineno} {n.value}" for n in ast.walk(tree) if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in names]
-    assert not hits, hits
+                hits.append(f"{rel}:{node.lineno} {node.value}")
+    assert not hits, "built-in method names in core/:\n" + "\n".join(hits)
 
 
 def test_the_kind_shortcuts_run_the_declared_default():

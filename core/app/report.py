@@ -42,6 +42,58 @@ def _is_reasons(value: Any) -> bool:
     return isinstance(value, dict) and bool(value) and all(isinstance(v, str) for v in value.values())
 
 
+# NOTE: the terminal table's headers (report.md and report.html keep the long ones)
+_SHORT_HEADERS = {"size (MB)": "MB", "zip (MB)": "zip MB", "packed size (MB)": "mpk MB", "ratio (packed)": "mpk x", "parameters": "params", "time (s)": "s"}
+
+
+def _short_header(column: str) -> str:
+    """``latency b64 ms`` -> ``b64 ms``; ``relative_error`` -> ``relative error`` (wraps on the space)."""
+    if column.startswith("latency "):
+        return column[len("latency "):]
+    return _SHORT_HEADERS.get(column, column.replace("_", " "))
+
+
+@dataclass
+class _FittedTable:
+    """Fits 80 columns: short headers (report.md keeps the long ones), each number column as wide
+    as its widest value (a number never wraps or is cut; a header word longer than that folds
+    when there is no room for it), one space between columns, and the stage column takes the
+    rest, wrapping at most once. A wider terminal gives the headers and stage names their room."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+
+    def widths(self, max_width: int) -> tuple[int, list[int]]:
+        """The stage column's width and the other columns' widths for ``max_width`` characters."""
+        values = [max([len(row[i]) for row in self.rows] + [2]) for i in range(1, len(self.columns))]
+        words = [max(len(word) for word in _short_header(col).split()) for col in self.columns[1:]]
+        longest = max((len(row[0]) for row in self.rows), default=5)
+        spare = max_width - len(values) - sum(values) - min(longest, max(5, -(-longest // 2)))
+        for i, word in enumerate(words):  # NOTE: header words get their room while the stage column keeps its minimum
+            grow = min(max(word - values[i], 0), max(spare, 0))
+            values[i] += grow
+            spare -= grow
+        return max(min(longest, max_width - len(values) - sum(values)), 5), values
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        import textwrap
+
+        from rich import box
+        from rich.markup import escape
+        from rich.table import Table
+
+        stage, widths = self.widths(options.max_width)
+        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0))
+        table.add_column(self.columns[0], overflow="fold", width=stage)
+        for col, width in zip(self.columns[1:], widths, strict=True):
+            header = textwrap.fill(_short_header(col), width, break_long_words=True)
+            table.add_column(escape(header), justify="right", no_wrap=True, width=width)
+        for row in self.rows:
+            table.add_row(*(escape(c) for c in row))
+        yield table
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3f}"
 
@@ -138,15 +190,8 @@ class Report:
 
     # -- renderings ------------------------------------------------------------------------
     def table(self) -> Any:
-        from rich.markup import escape
-        from rich.table import Table
-
-        table = Table(title=f"{self.title} ({self.status})", title_justify="left")
-        for i, col in enumerate(self.columns()):
-            table.add_column(col, justify="left" if i == 0 else "right")
-        for row in self.rows():
-            table.add_row(*(escape(c) for c in row))
-        return table
+        """The terminal table (a rich renderable), laid out for the width it is printed at: see :class:`_FittedTable`."""
+        return _FittedTable(f"{self.title} ({self.status})", self.columns(), self.rows())
 
     def markdown(self) -> str:
         cols = self.columns()

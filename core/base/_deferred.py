@@ -10,17 +10,21 @@ onnx-ir keeps the stand-ins as its globals; the first attribute it reads from on
 module and forwards to it, so symbolic arithmetic still works, one import later.
 
 Nothing happens if onnx-ir or sympy is already imported (their modules are used as they are).
-Importing this module does it; ``modelpress/__init__`` imports it first.
+Importing this module imports nothing heavy: it puts a one-shot finder first on ``sys.meta_path``
+that does the above when something (a modelpress module, the user) first imports onnx-ir;
+``modelpress/__init__`` imports it first, so ``import modelpress`` stays cheap (its API is lazy).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import sys
 import types
 from typing import Any
 
-__all__ = ["import_onnx_ir"]
+__all__ = ["import_onnx_ir", "install"]
 
 _DEFERRED = ("sympy", "onnx_ir._symbolic_shapes")
 
@@ -57,4 +61,39 @@ def import_onnx_ir() -> None:
                 del sys.modules[name]
 
 
-import_onnx_ir()
+class _OnFirstImport(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Finds ``onnx_ir`` once: imports it through :func:`import_onnx_ir` and hands that module over."""
+
+    spec: importlib.machinery.ModuleSpec | None = None
+
+    def find_spec(self, name: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if name != "onnx_ir":
+            return None
+        _uninstall()
+        return importlib.machinery.ModuleSpec(name, self)
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> types.ModuleType:
+        import_onnx_ir()  # NOTE: the nested import goes through the ordinary finders (this one is gone)
+        module = importlib.import_module("onnx_ir")  # NOTE: imported just now, or (sympy was imported before) the ordinary way
+        self.spec = module.__spec__
+        return module
+
+    def exec_module(self, module: types.ModuleType) -> None:
+        module.__spec__ = self.spec  # NOTE: the import system set this finder's spec on the module; the real one back
+
+
+_FINDER = _OnFirstImport()
+
+
+def _uninstall() -> None:
+    if _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def install() -> None:
+    """Defer sympy in the first import of onnx-ir (now, if it is not imported yet, nothing happens now)."""
+    if "onnx_ir" not in sys.modules and "sympy" not in sys.modules and _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+
+
+install()

@@ -408,7 +408,8 @@ def normalize_on_import(
             check = check_equivalent(original, model, feeds)
             break
         except Exception as exc:  # NOTE: e.g. random inputs outside what the model accepts
-            text = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."  # NOTE: never cut mid-word
             figures["check"] = f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
     if check is None:
         return model, figures

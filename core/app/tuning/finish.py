@@ -75,7 +75,8 @@ def _export_best(run: TuneRun, best: TrialRecord) -> _Outputs:
     # NOTE: the evaluation data only (the metric is the trial's): no run of the source model over all of it
     _, data = eval_data(out, spec)
     model_path = out / "best.onnx"
-    exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=data.take(64), reference=run.inputs.source)
+    exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=data.take(64), reference=run.inputs.source,
+                      accept_loss=run.settings.accept_loss)
     verification = exported.verification.summary() if exported.verification is not None else ""
     first = {name: array[:1] for name, array in data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
     best.latency_alone_ms = measure_latency(model_path, first, threads=spec.threads, repeats=spec.repeats)

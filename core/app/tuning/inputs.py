@@ -132,6 +132,7 @@ class Settings:
     trial_memory_mb: float | None
     torch: bool
     keep_trial_models: bool = False
+    accept_loss: bool = False  # NOTE: the best model is written even if it misses its verification floor
 
 
 @dataclass

@@ -73,6 +73,7 @@ def tune(
     show_progress: bool = True,
     seed: int = 0,
     registry: Registry | None = None,
+    accept_loss: bool = False,
 ) -> TuneResult:
     """Search compression configurations for the smallest / fastest model within ``max_drop``.
 
@@ -85,7 +86,9 @@ def tune(
     largest allowed increase). Always returns: when the budget runs out, nothing meets the criterion
     or Ctrl-C is pressed, the best configuration so far (``meets`` says whether it meets) is
     exported, verified and reported in ``output``. Trials run in Ray worker processes kept from
-    trial to trial (``fresh_workers=True``: a new process per trial; slower, same results).
+    trial to trial (``fresh_workers=True``: a new process per trial; slower, same results). Trials are
+    judged by ``max_drop``, not refused at their verification floor (a miss is recorded); the best model
+    is written only if it meets its floor, unless ``accept_loss`` (:class:`~modelpress.AccuracyLossError`).
     """
     registry = registry or get_registry()
     limits = _check_arguments(objective, strategy, max_drop, budget)
@@ -94,7 +97,8 @@ def tune(
     out.mkdir(parents=True, exist_ok=True)
     inputs = gather_inputs(model, data, parsed_recipe, metric, evaluate)
     settings = Settings(objective, strategy, max_drop, hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3),
-                        trial_timeout, trial_memory_mb, torch=_has_torch(), keep_trial_models=keep_trial_models)
+                        trial_timeout, trial_memory_mb, torch=_has_torch(), keep_trial_models=keep_trial_models,
+                        accept_loss=accept_loss)
     space = _space(inputs, parsed_recipe, registry, settings.torch)  # NOTE: validated before Ray starts
     model_bytes = inputs.write(out)
     store = open_study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, inputs.evaluate.metric, objective, seed, out)

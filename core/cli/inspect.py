@@ -1,0 +1,124 @@
+"""``modelpress inspect``: what a model is made of (reads no weight unless ``--entropy``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from modelpress.cli.common import Command, capped_sample, console, escape, human_bytes, load_options
+
+__all__ = ["COMMANDS"]
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="model file (.onnx; other formats with their extras)")
+    p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
+    p.add_argument("--sample", help=".npz inputs (named after the model inputs) for the normalisation check (default: random inputs from the signature)")
+    p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take): op, weight shape, parameters")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
+
+
+def run(args: argparse.Namespace) -> int:
+    import modelpress
+
+    options = load_options(args)
+    if args.sample:
+        options["sample"] = _feeds(args.sample)
+    model = modelpress.load(args.model, **options)
+    info = modelpress.describe(model)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    out = console()
+    _print_summary(info, out)
+    _print_signature(info, out)
+    if args.layers:
+        _print_layers(info, out)
+    if args.entropy:
+        _print_entropy(model, out)
+    return 0
+
+
+def _feeds(path: str) -> dict[str, Any]:
+    from modelpress.base.errors import DataError
+
+    data = capped_sample(path)
+    if not isinstance(data, dict):
+        raise DataError(f"--sample {path!r}: give an .npz whose arrays are named after the model inputs")
+    return data
+
+
+def _print_summary(info: dict[str, Any], out: Any) -> None:
+    out.print(f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from {info['source_framework']}, producer {escape(info['producer'] or '?')})")
+    out.print(
+        f"parameters {info['parameters']:,}   weights {human_bytes(info['weight_bytes'])}   "
+        f"on disk {human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
+    )
+    if info["nodes_in_subgraphs"]:
+        out.print(f"subgraphs (If/Loop/Scan bodies): {info['nodes_in_subgraphs']} more nodes, {info['weighted_layers_in_subgraphs']} of the weighted layers")
+    norm = info.get("normalize") or {}
+    if norm and "skipped" not in norm:
+        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in norm.items() if isinstance(v, int) and v and not k.startswith("nodes"))
+        check = norm.get("check")
+        if isinstance(check, dict) and check.get("equal"):
+            checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})"
+        else:
+            checked = f"; check {check}" if check else ""
+        out.print(f"normalised on import: {done or 'nothing to change'}{escape(checked)}", overflow="fold")
+    if info["passes"]:
+        out.print("passes applied: " + " -> ".join(info["passes"]))
+
+
+def _print_signature(info: dict[str, Any], out: Any) -> None:
+    from rich.table import Table
+
+    io = Table(title="inputs / outputs", title_justify="left")
+    for col in ("", "name", "dtype", "shape"):
+        io.add_column(col, overflow="fold")
+    for role in ("inputs", "outputs"):
+        for spec in info[role]:
+            shape = "?" if spec["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
+            io.add_row(role[:-1], escape(spec["name"]), spec["dtype"], escape(shape))
+    out.print(io)
+    ops = Table(title="ops", title_justify="left")
+    ops.add_column("op", overflow="fold")
+    ops.add_column("count", justify="right")
+    for op, count in info["ops"].items():
+        ops.add_row(escape(op), str(count))
+    out.print(ops)
+
+
+def _print_layers(info: dict[str, Any], out: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="weighted layers (names for --exclude, -O layers=)", title_justify="left")
+    for i, col in enumerate(("layer", "op", "weight shape", "parameters", "where")):
+        table.add_column(col, justify="right" if i == 3 else "left", overflow="fold")
+    for layer in info["layers"]:
+        shape = "?" if layer["weight_shape"] is None else "x".join("?" if d is None else str(d) for d in layer["weight_shape"])
+        table.add_row(escape(layer["name"]), escape(layer["op"]), shape, f"{layer['parameters']:,}", escape(layer["scope"] or "main graph"))
+    out.print(table)
+
+
+def _print_entropy(model: Any, out: Any) -> None:
+    from rich.table import Table
+
+    from modelpress.pack.container import tensor_report
+
+    table = Table(title="tensors: order-0 entropy and the best lossless codec", title_justify="left")
+    for i, col in enumerate(("tensor", "dtype", "shape", "role", "size", "entropy (bits/elem)", "best codec", "packed", "ratio")):
+        table.add_column(col, justify="left" if i < 4 else "right")
+    for row in tensor_report(model):
+        entropy = "-" if row["entropy_bits"] is None else f"{row['entropy_bits']:.2f} of {row['bits']}"
+        table.add_row(
+            escape(row["name"]), row["dtype"], escape(str(row["shape"])), row["role"], human_bytes(row["bytes"]), entropy,
+            row["codec"], human_bytes(row["packed_bytes"]), f"{row['ratio']:.2f}x",
+        )
+    out.print(table)
+
+
+COMMANDS = (
+    Command("inspect", "op histogram, parameters, size, opset, inputs/outputs (--layers: the weighted layers) of a model", arguments, run),
+)

@@ -1,0 +1,98 @@
+"""``modelpress tune``: a thin front of :func:`modelpress.tune` (the search lives in ``modelpress.app.tuning``)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from modelpress.cli.common import EXIT_INTERRUPTED, Command, console
+from modelpress.cli.compress import ACCEPT_LOSS_HELP
+
+__all__ = ["COMMANDS"]
+
+
+def arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="input model")
+    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric)")
+    p.add_argument("--calib", help=".npz calibration data (default: the evaluation data)")
+    p.add_argument("--train", help=".npz training data: enables fine-tuning, distillation")
+    p.add_argument("--recipe", help="recipe whose options may be {search: [choices]} or {search: {low, high, step}} (replaces the default space)")
+    p.add_argument("--max-drop", default="1%", help="largest allowed metric drop: 1%% or 0.01 (default 1%%)")
+    p.add_argument("--metric", help="accuracy (default with labels), agreement (default without), cosine, mse or pkg.module:function")
+    p.add_argument("--objective", choices=("size", "latency", "both"), default="size", help="what to minimise (default size)")
+    p.add_argument("--strategy", choices=("pareto", "accuracy-first"), default="pareto",
+                   help="pareto: Optuna TPE (NSGA-II for both) over the space; accuracy-first: most aggressive first, then fall back")
+    p.add_argument("--trials", type=int, help="trial budget (default 20; counts trials of a resumed study)")
+    p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h")
+    p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
+    p.add_argument("--address", help="attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
+    p.add_argument("--fresh-workers", action="store_true", help="run every trial in a new worker process (default: workers are kept between trials, imports paid once)")
+    p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/study.db)")
+    p.add_argument("--study-name", default="modelpress-tune", help="study name inside the storage")
+    p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m); a trial over it is recorded as failed")
+    p.add_argument("--trial-memory", help="memory limit per trial (e.g. 4GB); a trial over it is recorded as failed")
+    p.add_argument("--keep-trial-models", action="store_true", help="keep every trial's model (default: the Pareto front and the best)")
+    p.add_argument("--accept-loss", action="store_true", help=ACCEPT_LOSS_HELP)
+    p.add_argument("-o", "--output", required=True, help="output folder (best.onnx, best-recipe.yaml, report.md/.json/.html, study.db)")
+
+
+def _fraction(text: str) -> float:
+    from modelpress.base.errors import OptionsError
+
+    text = text.strip()
+    try:
+        return float(text[:-1]) / 100 if text.endswith("%") else float(text)
+    except ValueError:
+        raise OptionsError(f"--max-drop {text!r}: give a fraction (0.01) or a percentage (1%)") from None
+
+
+def _megabytes(text: str) -> float:
+    from modelpress.base.errors import OptionsError
+
+    units = {"k": 1 / 1024, "m": 1, "g": 1024}
+    t = text.strip().lower().rstrip("b")
+    try:
+        return float(t[:-1]) * units[t[-1]] if t and t[-1] in units else float(t)
+    except ValueError:
+        raise OptionsError(f"--trial-memory {text!r}: give a size like 4GB or 1500MB") from None
+
+
+def _budget(args: argparse.Namespace) -> dict[str, float]:
+    from modelpress.app.tuning import parse_budget
+
+    if args.time is not None:
+        return {**({"trials": args.trials} if args.trials is not None else {}), **parse_budget(args.time)}
+    return {"trials": args.trials if args.trials is not None else 20}
+
+
+def run(args: argparse.Namespace) -> int:
+    from modelpress.app.tuning import parse_budget, tune
+    from modelpress.base.errors import OptionsError
+
+    data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train}
+    if data is not None and not args.eval:
+        raise OptionsError("tune needs --eval data (arrays named after the model inputs, `labels` for accuracy), or a --recipe with data.eval")
+    timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
+    result = tune(
+        args.model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=_budget(args),
+        metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address,
+        fresh_workers=args.fresh_workers, storage=args.storage, study_name=args.study_name, trial_timeout=timeout,
+        trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None, keep_trial_models=args.keep_trial_models,
+        show_progress=not args.quiet, accept_loss=args.accept_loss,
+    )
+    out = console()
+    out.print(result.report.table())
+    if result.model_path is not None:
+        out.print(f"best model: {result.model_path} ({'meets' if result.meets else 'does NOT meet'} the criterion); "
+                  f"recipe: {result.recipe_path}; reports: {Path(args.output) / 'report.html'} (.md, .json)")
+    else:
+        out.print(f"no trial completed; reports: {Path(args.output) / 'report.html'}")
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+COMMANDS = (
+    Command("tune", "search compression configurations for the smallest/fastest model within an accuracy drop (on Ray)", arguments, run,
+            "Try compression configurations (a default space from the installed methods that fit MODEL and the data, or a "
+            "recipe with `search:` options) as Ray tasks; keep the best that loses at most --max-drop of the metric. Always writes the best "
+            "so far (labelled meets / does not meet), its recipe, the Pareto front and every trial to OUT_DIR. Rerun to resume."),
+)

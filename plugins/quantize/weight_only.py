@@ -322,7 +322,7 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
     try:
         if opts.algorithm in ("rtn", "awq"):  # NOTE: awq's scales are already in the weight (awq.py)
             return _pack_layer(matrix, _rtn_chunks(matrix, opts), opts)
-        full = np.asarray(matrix, np.float32)
+        full = np.array(matrix, np.float32)  # NOTE: a copy: the memory map of external data is released below
         if opts.algorithm in ("gptq", "awq-gptq"):
             assert hessian is not None
             q, s, z = _gptq(full, hessian, opts)

@@ -250,7 +250,10 @@ def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibrati
     score, errors, weight_bytes = outcome.judgement, outcome.errors, outcome.weight_bytes
     assert score is not None
     total_bytes = sum(int(v.const_value.nbytes) for v in reference.graph.initializers.values() if v.const_value is not None)
-    low_bit = sum(weight_bytes.get(n, 0) for n in outcome.chosen + outcome.weight_only) + tables.bytes_before
+    low_bit_nodes = set(outcome.chosen + outcome.weight_only)
+    # NOTE: a weight shared by several nodes counts once, so the share stays in [0, 1]
+    low_bit = sum({layer.weight.name: weight_bytes.get(layer.name, 0) for layer in outcome.sel.candidates if layer.name in low_bit_nodes}.values())
+    low_bit += tables.bytes_before
     ctx.figures.update(
         {
             "quantized_nodes": len(outcome.chosen),

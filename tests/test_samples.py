@@ -15,6 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import modelpress
 from modelpress.data.samples import index_limits, load_dataset, sample_inputs
 from modelpress.runtime.session import make_session, run, run_dataset
+from tests.conftest import run_cli
 
 ROLES = 4  # rows of the role table, reached through Cast -> Add 1: atoms must stay in [0, 3)
 ATOMS = 64  # rows of the atom table, reached through Unsqueeze -> Gather -> Reshape
@@ -185,8 +186,8 @@ def test_outputs_of_different_lengths_are_joined_by_rows(transformer):
     session = make_session(transformer)
     batches = [{"atoms": s[np.newaxis]} for s in _samples()[:3]]
     joined = run_dataset(session, batches)[0]
-    assert joined.shape == (sum(LENGTHS[:3]), 8)
-    assert np.array_equal(joined[:5], run(session, batches[0])[0][0])
+    assert joined.shape == (sum(LENGTHS[:3]), 1, 8)  # one row per token, the rank kept
+    assert np.array_equal(joined[:5, 0], run(session, batches[0])[0][0])
 
 
 @pytest.fixture(scope="module")
@@ -213,3 +214,11 @@ def test_the_one_array_layout_is_unchanged(docs_dir, tmp_path):
         assert _weights(_static(model, other)) == reference
     exported = modelpress.export(_static(model, x), tmp_path / "q.onnx", sample=str(docs_dir / "data.npz"), show_progress=False)
     assert exported.verification.top1_agreement == 1.0
+
+
+def test_the_cli_reads_a_per_sample_file(transformer, tmp_path):
+    modelpress.export(transformer, tmp_path / "model.onnx", show_progress=False)
+    np.savez(tmp_path / "calib.npz", **{f"atoms/{i}": s for i, s in enumerate(_samples())})
+    done = run_cli("quantize", str(tmp_path / "model.onnx"), "-m", "int8-static", "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "q.onnx"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "q.onnx").exists() and "cosine" in done.stdout

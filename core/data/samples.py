@@ -285,7 +285,8 @@ def _collect(source: Any, signature: Signature, what: str) -> list[dict[str, np.
             return per_sample_arrays(arrays, names, f"{what} data file {str(source)!r}") or [arrays]
         source = arrays
     if isinstance(source, Mapping):
-        return _mapping_items(source, what)
+        samples = per_sample_arrays(source, names, f"{what} data")
+        return _mapping_items(source, what) if samples is None else [{k: _to_numpy(v) for k, v in s.items()} for s in samples]
     if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not hasattr(source, "__iter__")):
         if len(names) != 1:
             raise DataError(f"{what} data is a single array but the model has {len(names)} inputs ({', '.join(names)}); give a dict or .npz named after them")

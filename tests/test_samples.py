@@ -222,3 +222,10 @@ def test_the_cli_reads_a_per_sample_file(transformer, tmp_path):
     done = run_cli("quantize", str(tmp_path / "model.onnx"), "-m", "int8-static", "--calib", str(tmp_path / "calib.npz"), "-o", str(tmp_path / "q.onnx"))
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "q.onnx").exists() and "cosine" in done.stdout
+
+
+def test_an_array_that_is_not_one_sample_keeps_its_clear_error(docs_dir):
+    signature = modelpress.load(docs_dir / "model.onnx").signature  # x: float32[batch, 1, 8, 8]
+    with pytest.raises(modelpress.DataError, match=r"input 'x' has shape \(5, 8, 8\); the model expects"):
+        load_dataset(np.zeros((5, 8, 8), np.float32), signature)  # a channel axis missing, not one sample
+    assert len(load_dataset(np.zeros((1, 8, 8), np.float32), signature)) == 1  # one sample without its batch axis

@@ -296,14 +296,19 @@ def _collect(source: Any, signature: Signature, what: str) -> list[dict[str, np.
     raise DataError(f"{what} data of type {type(source).__name__} is not supported; give a .npz path, a dict of arrays or an iterable of batches")
 
 
+def _one_sample(array: np.ndarray, declared: tuple[Any, ...]) -> bool:
+    """Whether ``array`` is one sample of an input declared ``declared``: one rank below, every fixed size right."""
+    return array.ndim == len(declared) - 1 and all(not isinstance(d, int) or d < 0 or d == g for d, g in zip(declared[1:], array.shape, strict=True))
+
+
 def _batched(item: dict[str, np.ndarray], signature: Signature) -> dict[str, np.ndarray]:
     """``item`` with a batch axis added where it is one sample without one (an array one rank
-    below its input's; a 0-d label), labels too when its inputs were single samples."""
-    ranks = {spec.name: len(spec.shape) for spec in signature.inputs if spec.shape is not None}
+    below its input's that fits its fixed sizes; a 0-d label), labels too when its inputs were single samples."""
+    shapes = {spec.name: spec.shape for spec in signature.inputs if spec.shape is not None}
     out: dict[str, np.ndarray] = {}
     single = False
     for k, v in item.items():
-        if k != LABELS and (v.ndim == 0 or (k in ranks and v.ndim == ranks[k] - 1)):
+        if k != LABELS and (v.ndim == 0 or (k in shapes and _one_sample(v, shapes[k]))):
             out[k], single = v[np.newaxis], True
         else:
             out[k] = v

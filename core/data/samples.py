@@ -5,9 +5,18 @@ inputs, plus optionally an array named ``labels``. It can be given as
 
 * a path to an ``.npz`` file (arrays named after the inputs, optionally ``labels``) or an
   ``.npy`` file (for a single-input model);
+* an ``.npz`` of samples one by one: ``input/0``, ``input/1``, ... for every input (and
+  ``labels/0``, ...), each one sample (with or without its batch axis), shapes free to differ;
 * a dict ``{input_name: array, ..., "labels": array}``, or one array for a single-input model;
-* an iterable of batches, each a dict, an array, or an ``(inputs, labels)`` tuple — this covers
-  a torch ``DataLoader`` and a ``tf.data.Dataset`` (tensors are converted with ``.numpy()``).
+  a dict of lists ``{input_name: [sample, sample, ...]}`` is samples one by one;
+* an iterable of batches or samples, each a dict, an array, or an ``(inputs, labels)`` tuple —
+  this covers a list of samples, a generator, a torch ``DataLoader`` and a ``tf.data.Dataset``
+  (tensors are converted with ``.numpy()``). An array one rank below its input's is one sample.
+
+Samples may differ in shape (sequences of different lengths): consecutive samples of one shape
+are stacked into a run, and a model is never fed two shapes in one batch. A model declared with
+a first axis of 1 (exported with batch 1) takes data with any number of samples on that axis and
+is fed one sample at a time.
 
 Problems (empty data, a missing input, a wrong rank, size or dtype, NaN or inf) are a
 :class:`modelpress.DataError` raised before any work starts.
@@ -34,8 +43,8 @@ LABELS = "labels"
 
 
 @dataclass(frozen=True)
-class Dataset:
-    """Validated arrays, one per model input (all with the same number of samples), and labels."""
+class Run:
+    """Consecutive samples of one shape, stacked: one array per model input (and maybe labels)."""
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
@@ -43,15 +52,89 @@ class Dataset:
     def __len__(self) -> int:
         return len(next(iter(self.inputs.values())))
 
+    def take(self, n: int) -> Run:
+        return Run({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n] if self.labels is not None else None)
+
+
+class Dataset:
+    """Validated samples, as runs of consecutive samples of one shape (one run when every sample
+    has the same shape: then ``inputs`` holds one array per model input with all the samples).
+
+    ``max_batch`` is the most samples one model run takes (1 for a model exported with batch 1).
+    Everything that runs a model over a data set goes through :meth:`batches`, one run at a time.
+    """
+
+    __slots__ = ("max_batch", "runs")
+
+    def __init__(self, inputs: Mapping[str, np.ndarray] | None = None, labels: np.ndarray | None = None, *,
+                 runs: tuple[Run, ...] = (), max_batch: int | None = None):
+        self.runs: tuple[Run, ...] = (Run(dict(inputs), labels),) if inputs is not None else tuple(runs)
+        self.max_batch = max_batch
+
+    @property
+    def inputs(self) -> dict[str, np.ndarray]:
+        """One array per model input holding every sample (all samples must have one shape)."""
+        if len(self.runs) == 1:
+            return self.runs[0].inputs
+        shapes = sorted({str({k: v.shape[1:] for k, v in run.inputs.items()}) for run in self.runs})
+        raise DataError(
+            f"this data holds samples of {len(shapes)} different shapes ({', '.join(shapes[:3])}{', ...' if len(shapes) > 3 else ''}); "
+            "this use needs them all of one shape: pad them to one length"
+        )
+
+    @property
+    def labels(self) -> np.ndarray | None:
+        parts = [run.labels for run in self.runs]
+        if any(p is None for p in parts):
+            return None
+        if len(parts) == 1:
+            return parts[0]
+        try:
+            return np.concatenate(parts, axis=0)
+        except ValueError:
+            raise DataError("the labels of this data have different shapes from sample to sample; pad them to one shape") from None
+
+    @property
+    def ragged(self) -> bool:
+        """Whether the samples have different shapes (more than one run)."""
+        return len(self.runs) > 1
+
+    def __len__(self) -> int:
+        return sum(len(run) for run in self.runs)
+
+    def _step(self, run: Run, batch_size: int | None) -> int:
+        step = batch_size or len(run)
+        return min(step, self.max_batch) if self.max_batch else step
+
     def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        n = len(self)
-        step = n if not batch_size else batch_size
-        for start in range(0, n, step):
-            yield {k: v[start : start + step] for k, v in self.inputs.items()}
+        """Feeds of at most ``batch_size`` samples (all of a run when None), never more than
+        ``max_batch``, never mixing samples of different shapes; in the order given."""
+        for run in self.runs:
+            step = self._step(run, batch_size)
+            for start in range(0, len(run), step):
+                yield {k: v[start : start + step] for k, v in run.inputs.items()}
+
+    def batch_count(self, batch_size: int | None = None) -> int:
+        """How many feeds :meth:`batches` yields for ``batch_size``."""
+        return sum(-(-len(run) // self._step(run, batch_size)) for run in self.runs)
+
+    def largest_sample(self) -> dict[str, np.ndarray]:
+        """One sample of the run whose samples are largest (to size batches by memory)."""
+        run = max(self.runs, key=lambda r: sum(v[:1].nbytes for v in r.inputs.values()))
+        return {k: v[:1] for k, v in run.inputs.items()}
 
     def take(self, n: int) -> Dataset:
-        labels = self.labels[:n] if self.labels is not None else None
-        return Dataset({k: v[:n] for k, v in self.inputs.items()}, labels)
+        """The first ``n`` samples."""
+        runs: list[Run] = []
+        for run in self.runs:
+            if n <= 0:
+                break
+            runs.append(run if len(run) <= n else run.take(n))
+            n -= len(runs[-1])
+        return Dataset(runs=tuple(runs), max_batch=self.max_batch)
+
+    def __repr__(self) -> str:
+        return f"Dataset({len(self)} samples in {len(self.runs)} run(s), max_batch={self.max_batch})"
 
 
 def _to_numpy(obj: Any) -> np.ndarray:
@@ -136,37 +219,119 @@ def read_arrays(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
         raise DataError(f"{what} data file {str(path)!r} cannot be read as numpy data ({type(exc).__name__}: {one_line(exc, 200)}); the file is damaged or not numpy data") from None
 
 
-def _collect(source: Any, signature: Signature, what: str) -> dict[str, np.ndarray]:
-    """Turn any accepted source into one dict of full arrays (inputs and maybe labels)."""
+def per_sample_arrays(arrays: Mapping[str, np.ndarray], names: list[str], label: str) -> list[dict[str, np.ndarray]] | None:
+    """The samples of an .npz in the per-sample layout (``input/0``, ``input/1``, ..., ``labels/0``, ...),
+    in index order; None for the one-array-per-input layout."""
+    keyed: dict[str, tuple[str, int]] = {}
+    for key in arrays:
+        name, sep, index = key.rpartition("/")
+        if sep and index.isdigit() and key not in names and (name in names or name == LABELS):
+            keyed[key] = (name, int(index))
+    if not keyed:
+        return None
+    if len(keyed) != len(arrays):
+        whole = [k for k in arrays if k not in keyed]
+        raise DataError(
+            f"{label} mixes per-sample arrays ({next(iter(keyed))!r}, ...) with whole arrays ({', '.join(map(repr, whole[:3]))}); "
+            "use one layout: `input/0`, `input/1`, ... for every input, or one array per input"
+        )
+    samples: list[dict[str, np.ndarray]] = [{} for _ in range(max(i for _, i in keyed.values()) + 1)]
+    for key, (name, i) in keyed.items():
+        samples[i][name] = arrays[key]
+    for i, sample in enumerate(samples):
+        missing = [f"{n}/{i}" for n in names if n not in sample]
+        if missing:
+            raise DataError(f"{label} has no array {', '.join(map(repr, missing))}: each sample i needs one array `input/i` per model input ({', '.join(names)})")
+    return samples
+
+
+def _listed(value: Any) -> bool:
+    """A list or tuple of arrays (one per sample), as opposed to an array written as a list of numbers."""
+    return isinstance(value, (list, tuple)) and bool(value) and all(hasattr(v, "shape") for v in value)
+
+
+def _mapping_items(source: Mapping[Any, Any], what: str) -> list[dict[str, np.ndarray]]:
+    """A dict of arrays is one item; a dict of lists of arrays (one per sample) is one item per sample."""
+    if not any(_listed(v) for v in source.values()):
+        return [{str(k): _to_numpy(v) for k, v in source.items()}]
+    lengths = {str(k): len(v) if _listed(v) else None for k, v in source.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"{what} data gives lists of different lengths (or lists beside arrays): {lengths}; give one array per sample for every input")
+    count = next(iter(lengths.values())) or 0
+    return [{str(k): _to_numpy(v[i]) for k, v in source.items()} for i in range(count)]
+
+
+def _item(batch: Any, i: int, names: list[str], what: str) -> dict[str, np.ndarray]:
+    """One element of an iterable (a batch, or one sample): a dict, an (inputs..., labels) tuple or an array."""
+    if isinstance(batch, Mapping):
+        return {str(k): _to_numpy(v) for k, v in batch.items()}
+    if isinstance(batch, (tuple, list)):
+        if len(batch) == len(names) + 1:
+            return {**{n: _to_numpy(b) for n, b in zip(names, batch[:-1], strict=True)}, LABELS: _to_numpy(batch[-1])}
+        if len(batch) == len(names):
+            return {n: _to_numpy(b) for n, b in zip(names, batch, strict=True)}
+        raise DataError(f"{what} data batch {i} has {len(batch)} parts; expected {len(names)} inputs (+ labels)")
+    if len(names) != 1:
+        raise DataError(f"{what} data batch {i} is one array but the model has inputs {', '.join(names)}")
+    return {names[0]: _to_numpy(batch)}
+
+
+def _collect(source: Any, signature: Signature, what: str) -> list[dict[str, np.ndarray]]:
+    """Turn any accepted source into its items in order (each a dict of arrays: a batch, or one sample)."""
     names = signature.input_names
     if isinstance(source, (str, os.PathLike)):
-        source = read_arrays(Path(source), what)
+        arrays = read_arrays(Path(source), what)
+        if isinstance(arrays, dict):
+            return per_sample_arrays(arrays, names, f"{what} data file {str(source)!r}") or [arrays]
+        source = arrays
     if isinstance(source, Mapping):
-        return {str(k): _to_numpy(v) for k, v in source.items()}
+        samples = per_sample_arrays(source, names, f"{what} data")
+        return _mapping_items(source, what) if samples is None else [{k: _to_numpy(v) for k, v in s.items()} for s in samples]
     if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not hasattr(source, "__iter__")):
         if len(names) != 1:
             raise DataError(f"{what} data is a single array but the model has {len(names)} inputs ({', '.join(names)}); give a dict or .npz named after them")
-        return {names[0]: _to_numpy(source)}
+        return [{names[0]: _to_numpy(source)}]
     if hasattr(source, "__iter__"):
-        parts: dict[str, list[np.ndarray]] = {}
-        for i, batch in enumerate(source):
-            if isinstance(batch, Mapping):
-                items = {str(k): _to_numpy(v) for k, v in batch.items()}
-            elif isinstance(batch, (tuple, list)):
-                if len(batch) == len(names) + 1:
-                    items = {**{n: _to_numpy(b) for n, b in zip(names, batch[:-1], strict=True)}, LABELS: _to_numpy(batch[-1])}
-                elif len(batch) == len(names):
-                    items = {n: _to_numpy(b) for n, b in zip(names, batch, strict=True)}
-                else:
-                    raise DataError(f"{what} data batch {i} has {len(batch)} parts; expected {len(names)} inputs (+ labels)")
-            else:
-                if len(names) != 1:
-                    raise DataError(f"{what} data batch {i} is one array but the model has inputs {', '.join(names)}")
-                items = {names[0]: _to_numpy(batch)}
-            for k, v in items.items():
-                parts.setdefault(k, []).append(v if v.ndim else v.reshape(1))
-        return {k: np.concatenate(v, axis=0) for k, v in parts.items()}
+        return [_item(batch, i, names, what) for i, batch in enumerate(source)]
     raise DataError(f"{what} data of type {type(source).__name__} is not supported; give a .npz path, a dict of arrays or an iterable of batches")
+
+
+def _one_sample(array: np.ndarray, declared: tuple[Any, ...]) -> bool:
+    """Whether ``array`` is one sample of an input declared ``declared``: one rank below, every fixed size right."""
+    return array.ndim == len(declared) - 1 and all(not isinstance(d, int) or d < 0 or d == g for d, g in zip(declared[1:], array.shape, strict=True))
+
+
+def _batched(item: dict[str, np.ndarray], signature: Signature) -> dict[str, np.ndarray]:
+    """``item`` with a batch axis added where it is one sample without one (an array one rank
+    below its input's that fits its fixed sizes; a 0-d label), labels too when its inputs were single samples."""
+    shapes = {spec.name: spec.shape for spec in signature.inputs if spec.shape is not None}
+    out: dict[str, np.ndarray] = {}
+    single = False
+    for k, v in item.items():
+        if k != LABELS and (v.ndim == 0 or (k in shapes and _one_sample(v, shapes[k]))):
+            out[k], single = v[np.newaxis], True
+        else:
+            out[k] = v
+    labels = out.get(LABELS)
+    if labels is not None and (labels.ndim == 0 or single):
+        out[LABELS] = labels[np.newaxis]
+    return out
+
+
+def _stack(items: list[dict[str, np.ndarray]], signature: Signature, what: str) -> list[dict[str, np.ndarray]]:
+    """Consecutive items whose arrays agree in shape (but for the batch axis) stacked into one."""
+    groups: list[list[dict[str, np.ndarray]]] = []
+    last: Any = None
+    for i, raw in enumerate(items):
+        item = _batched(raw, signature)
+        if groups and set(item) != set(groups[-1][0]):
+            raise DataError(f"{what} data item {i} has arrays {', '.join(item)} but item 0 has {', '.join(groups[0][0])}; give every item the same arrays")
+        key = tuple((k, v.shape[1:]) for k, v in item.items())
+        if key != last:
+            groups.append([])
+        groups[-1].append(item)
+        last = key
+    return [g[0] if len(g) == 1 else {k: np.concatenate([part[k] for part in g], axis=0) for k in g[0]} for g in groups]
 
 
 def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
@@ -174,7 +339,7 @@ def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
         if array.ndim != len(spec.shape):
             raise DataError(f"{what} data for input {spec.name!r} has shape {array.shape}; the model expects {spec.describe()}")
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-            if isinstance(want, int) and want >= 0 and got != want:
+            if isinstance(want, int) and want >= 0 and got != want and not (axis == 0 and want == 1):
                 raise DataError(f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}")
     want_dtype = spec.dtype
     if array.dtype != want_dtype:
@@ -193,59 +358,137 @@ def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
+def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, where: str) -> Run:
+    """One run of samples of one shape, checked against the signature (names, ranks, sizes, dtypes, counts)."""
+    labels = arrays.pop(LABELS, None)
+    missing = [n for n in signature.input_names if n not in arrays]
+    if missing:
+        have = ", ".join(arrays) or "nothing"
+        raise DataError(f"{what} data{where} has no array for model input(s) {', '.join(missing)} (it has {have})")
+    unknown = [k for k in arrays if k not in signature.input_names]
+    if unknown:
+        raise DataError(f"{what} data{where} has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}")
+    inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
+    counts = {k: len(v) for k, v in inputs.items()}
+    if len(set(counts.values())) > 1:
+        raise DataError(f"{what} data{where} inputs have different numbers of samples: {counts}")
+    n = next(iter(counts.values())) if counts else 0
+    if labels is not None and len(labels) != n:
+        raise DataError(f"{what} data{where} has {len(labels)} labels for {n} samples")
+    return Run(inputs, labels)
+
+
+def batch_limit(signature: Signature) -> int | None:
+    """1 when an input is declared with a first axis of 1 (a model exported with batch 1): its samples
+    are fed one at a time; else None (no limit)."""
+    fixed = any(spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] == 1 for spec in signature.inputs)
+    return 1 if fixed else None
+
+
 def load_dataset(source: Any, signature: Signature, *, what: str = "input", need_labels: bool = False) -> Dataset:
     """Validate ``source`` against the model's ``signature`` (see the module docstring)."""
     if source is None:
         raise DataError(f"no {what} data was given")
     if isinstance(source, Dataset):
         return source
-    arrays = _collect(source, signature, what)
-    labels = arrays.pop(LABELS, None)
-    missing = [n for n in signature.input_names if n not in arrays]
-    if missing:
-        have = ", ".join(arrays) or "nothing"
-        raise DataError(f"{what} data has no array for model input(s) {', '.join(missing)} (it has {have})")
-    unknown = [k for k in arrays if k not in signature.input_names]
-    if unknown:
-        raise DataError(f"{what} data has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}")
-    inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
-    counts = {k: len(v) for k, v in inputs.items()}
-    if len(set(counts.values())) > 1:
-        raise DataError(f"{what} data inputs have different numbers of samples: {counts}")
-    n = next(iter(counts.values())) if counts else 0
-    if n == 0:
+    items = _stack(_collect(source, signature, what), signature, what)
+    if not items:
         raise DataError(f"{what} data is empty (0 samples)")
-    if labels is not None and len(labels) != n:
-        raise DataError(f"{what} data has {len(labels)} labels for {n} samples")
-    if need_labels and labels is None:
+    runs = tuple(_check_run(dict(arrays), signature, what, f" (samples of shape {i + 1} of {len(items)})" if len(items) > 1 else "")
+                 for i, arrays in enumerate(items))
+    if any(run.labels is None for run in runs) and any(run.labels is not None for run in runs):
+        raise DataError(f"{what} data has labels for some samples but not all")
+    data = Dataset(runs=tuple(run for run in runs if len(run)), max_batch=batch_limit(signature))
+    if not len(data):
+        raise DataError(f"{what} data is empty (0 samples)")
+    if need_labels and runs[0].labels is None:
         raise DataError(f"{what} data needs an array named {LABELS!r}")
-    return Dataset(inputs, labels)
+    return data
 
 
-_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+# Ops that hand an index on unchanged (input 0 only; Concat: any input), and those that shift it by a constant.
+_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice", "Expand", "Transpose", "Tile"})
+_TABLE_SOURCES = frozenset({"DequantizeLinear", "Cast", "Identity"})
 
 
-def index_limits(graph: Any) -> dict[str, int]:
-    """For each integer graph input used (directly or through Cast/Reshape/...) as the indices of a
-    ``Gather`` on a constant table: the table's size on the gathered axis (the vocabulary size)."""
-    limits: dict[str, int] = {}
+def _constant(value: Any) -> np.ndarray | None:
+    """The value of an initializer or a Constant node's output, else None."""
+    if value is None:
+        return None
+    tensor = value.const_value
+    if tensor is None:
+        from onnx_ir import convenience
+
+        tensor = convenience.get_const_tensor(value)
+    return None if tensor is None else np.asarray(tensor.numpy())
+
+
+def _table_rows(gather: Any) -> int | None:
+    """The size of a Gather's table on the gathered axis: from the table's constant (also behind a
+    DequantizeLinear or Cast, as a quantized embedding is) or its static shape."""
+    attr = gather.attributes.get("axis")
+    axis = attr.as_int() if attr is not None else 0
+    value = gather.inputs[0]
+    while value is not None:
+        shape = value.const_value.shape if value.const_value is not None else value.shape
+        if shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int) and shape[axis] > 0:
+            return int(shape[axis])
+        producer = value.producer()
+        value = producer.inputs[0] if producer is not None and producer.op_type in _TABLE_SOURCES and producer.inputs else None
+    return None
+
+
+def _next_offsets(user: Any, index: int, offset: tuple[int, int]) -> tuple[int, int] | None:
+    """The offset range of ``user``'s output when input ``index`` is an index shifted by ``offset``;
+    None when the op does not hand the index on (or adds something not constant)."""
+    if (user.op_type in _PASS_THROUGH and index == 0) or user.op_type == "Concat":
+        return offset
+    if user.op_type in ("Add", "Sub") and len(user.inputs) == 2 and (user.op_type == "Add" or index == 0):
+        other = _constant(user.inputs[1 - index])
+        if other is None or other.size == 0 or not np.issubdtype(other.dtype, np.number) or not np.all(np.isfinite(other)):
+            return None
+        lo, hi = (float(other.min()), float(other.max())) if user.op_type == "Add" else (-float(other.max()), -float(other.min()))
+        return offset[0] + int(np.floor(lo)), offset[1] + int(np.ceil(hi))
+    return None
+
+
+def _index_range(value: Any) -> tuple[int, int] | None:
+    """``[low, high)`` for an integer input so that it indexes every Gather table it reaches in range."""
+    low, high, found = 0, None, False
+    frontier: list[tuple[Any, tuple[int, int]]] = [(value, (0, 0))]
+    seen: set[tuple[int, int, tuple[int, int]]] = set()
+    while frontier:
+        current, offset = frontier.pop()
+        for user, index in current.uses():
+            if (id(user), index, offset) in seen:
+                continue
+            seen.add((id(user), index, offset))
+            if user.op_type == "Gather" and index == 1:
+                rows = _table_rows(user)
+                if rows is not None:
+                    found = True
+                    low, high = max(low, -offset[0]), rows - offset[1] if high is None else min(high, rows - offset[1])
+                continue
+            shifted = _next_offsets(user, index, offset)
+            if shifted is not None:
+                frontier.extend((out, shifted) for out in user.outputs)
+    return (low, high) if found and high is not None else None
+
+
+def index_limits(graph: Any) -> dict[str, int | tuple[int, int]]:
+    """For each integer graph input that reaches the indices of a ``Gather`` (directly or through
+    Cast, Reshape, Unsqueeze, Squeeze, Flatten, Slice, Expand, Transpose, Tile, Concat, and Add or
+    Sub of a constant): the values it may take so that every table it reaches is indexed in range —
+    the smallest table's rows less the largest constant added (an int ``n`` for ``[0, n)``, else a
+    ``(low, high)`` pair when a negative constant is added). Tables are found as constants, also
+    behind a DequantizeLinear (a quantized embedding), or from a static shape."""
+    limits: dict[str, int | tuple[int, int]] = {}
     for value in graph.inputs:
         if value.dtype is None or not value.dtype.is_integer():
             continue
-        frontier, seen = [value], set()
-        while frontier:
-            current = frontier.pop()
-            for user, index in current.uses():
-                if id(user) in seen:
-                    continue
-                seen.add(id(user))
-                if user.op_type == "Gather" and index == 1 and user.inputs[0] is not None and user.inputs[0].const_value is not None:
-                    attr = user.attributes.get("axis")
-                    axis = attr.as_int() if attr is not None else 0
-                    size = int(user.inputs[0].const_value.shape[axis])
-                    limits[value.name] = min(limits.get(value.name, size), size)
-                elif user.op_type in _PASS_THROUGH and index == 0:
-                    frontier.extend(user.outputs)
+        found = _index_range(value)
+        if found is not None:
+            limits[value.name] = found[1] if found[0] == 0 else found
     return limits
 
 
@@ -275,13 +518,23 @@ def _sample_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int] | None = None) -> dict[str, np.ndarray]:
+def _indices(rng: np.random.Generator, spec: TensorSpec, shape: tuple[int, ...], limit: int | tuple[int, int]) -> np.ndarray:
+    low, high = (0, limit) if isinstance(limit, int) else limit
+    if high <= low:
+        raise DataError(
+            f"cannot generate sample data for input {spec.describe()}: no value indexes every table it reaches in range "
+            f"(it would have to be in [{low}, {high})); pass sample inputs"
+        )
+    return rng.integers(low, high, size=shape).astype(spec.dtype)
+
+
+def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int | tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
     """Realistic random inputs that fit ``signature`` (for verification when no data is given).
 
     Symbolic batch axes become ``batch``, other symbolic axes of sequence-like inputs 16; an input
     declared larger than 64 MB is capped (never allocated whole). Floats are standard normal;
     integers feeding an embedding table (``limits``, see :func:`index_limits`) are token ids over
-    the whole table, inputs named like masks are ones, other integers are drawn from [0, 10).
+    the whole range that indexes every table they reach, inputs named like masks are ones, other integers are drawn from [0, 10).
     """
     rng = np.random.default_rng(seed)
     limits = limits or {}
@@ -294,7 +547,7 @@ def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits
             if "mask" in spec.name.lower():
                 feeds[spec.name] = np.ones(shape, spec.dtype)
             else:
-                feeds[spec.name] = rng.integers(0, limits.get(spec.name, 10), size=shape).astype(spec.dtype)
+                feeds[spec.name] = _indices(rng, spec, shape, limits.get(spec.name, 10))
         elif spec.dtype == np.bool_:
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:

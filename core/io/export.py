@@ -36,7 +36,7 @@ from modelpress.runtime.session import (
     in_memory_bytes,
     make_session,
     release_free_memory,
-    run,
+    run_dataset,
 )
 
 __all__ = ["ExportResult", "export", "verify"]
@@ -62,11 +62,17 @@ class ExportResult:
         }
 
 
-def _feeds(model: Model, sample: Any) -> dict[str, np.ndarray]:
+def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[dict[str, np.ndarray]]:
+    """The verification batches: ``sample``'s (samples of one shape together, one at a time for a
+    batch-1 model), or one generated batch whose token ids index every table in range in both models."""
     signature = model.signature
     if sample is not None:
-        return load_dataset(sample, signature, what="sample").inputs
-    feeds = sample_inputs(signature, batch=2, limits=index_limits(model.ir.graph))
+        return list(load_dataset(sample, signature, what="sample").batches())
+    limits = index_limits(model.ir.graph)
+    if reference is not None and reference is not model:
+        for name, limit in index_limits(reference.ir.graph).items():
+            limits[name] = _narrower(limits.get(name), limit)
+    feeds = sample_inputs(signature, batch=2, limits=limits)
     for spec in signature.inputs:
         declared = spec.shape or ()
         got = feeds[spec.name].shape
@@ -75,7 +81,15 @@ def _feeds(model: Model, sample: Any) -> dict[str, np.ndarray]:
                 f"input {spec.describe()} of model {model.name!r} is declared too large to generate a sample for "
                 f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample FILE, or skip it with verify=False / --no-verify"
             )
-    return feeds
+    return [feeds]
+
+
+def _narrower(a: int | tuple[int, int] | None, b: int | tuple[int, int]) -> int | tuple[int, int]:
+    if a is None:
+        return b
+    (lo_a, hi_a), (lo_b, hi_b) = ((0, x) if isinstance(x, int) else x for x in (a, b))
+    low, high = max(lo_a, lo_b), min(hi_a, hi_b)
+    return high if low == 0 else (low, high)
 
 
 def verify(
@@ -110,19 +124,19 @@ def verify(
     is where the methods' declared floors are read.
     """
     reference = reference or model.reference or model
-    feeds = _feeds(model, sample)
-    actual = run(session or make_session(model), feeds)
+    feeds = _feeds(model, sample, reference)
+    actual = run_dataset(session or make_session(model), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
     expected = actual if reference is model else _reference_outputs(reference, feeds)
     checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
     return checks.judge(model, reference, expected, actual)
 
 
-def _reference_outputs(reference: Model, feeds: Mapping[str, np.ndarray]) -> list[np.ndarray]:
+def _reference_outputs(reference: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """The reference's outputs, its session (its weights read from their own files) freed at once."""
     session = make_session(reference, prepack=False)
     try:
-        return run(session, feeds)
+        return run_dataset(session, feeds)
     finally:
         del session
 
@@ -310,13 +324,13 @@ def _verify_staged(
     the thresholds and criteria of :func:`verify`); a failure says nothing was written."""
     try:
         with progress_bar(f"verifying {target.name}", total=2, enabled=show_progress) as advance:
-            feeds = _feeds(model, sample)
             chosen = reference or model.reference or model
+            feeds = _feeds(model, sample, chosen)
             expected = None if chosen is model else _reference_outputs(chosen, feeds)
             advance(1)
             # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
             # quantized weights are small; the fp32 reference is the one not worth packing
-            actual = run(_output_session(staged, target, prepack=True), feeds)
+            actual = run_dataset(_output_session(staged, target, prepack=True), feeds)
             comparison = checks.judge(model, chosen, actual if expected is None else expected, actual, where=f" — nothing was written to {str(target)!r}")
             advance(1)
             return comparison

@@ -166,7 +166,14 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeo
 
 
 def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
-    """Run over an iterable of feed dicts and concatenate each output along axis 0."""
+    """Run over an iterable of feed dicts and concatenate each output along axis 0.
+
+    Batches of samples of different shapes (sequences of different lengths) give outputs that
+    differ beyond axis 0: those are joined as rows of their last axis, keeping the rank
+    (``[1, seq, d]`` parts become ``[tokens, 1, d]``: one row per token, so an output is judged as
+    the same kind as when every sample has one shape), or element by element when the last axis
+    differs too.
+    """
     collected: list[list[np.ndarray]] = []
     for feeds in batches:
         outs = run(session, feeds)
@@ -174,7 +181,15 @@ def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # 
             collected = [[] for _ in outs]
         for acc, out in zip(collected, outs, strict=True):
             acc.append(out)
-    return [np.concatenate(parts, axis=0) for parts in collected]
+    return [_join(parts) for parts in collected]
+
+
+def _join(parts: list[np.ndarray]) -> np.ndarray:
+    if len({p.shape[1:] for p in parts}) <= 1:
+        return np.concatenate(parts, axis=0)
+    if len({p.shape[-1:] for p in parts}) == 1 and all(p.ndim >= 2 for p in parts):
+        return np.concatenate([p.reshape(-1, *[1] * (p.ndim - 2), p.shape[-1]) for p in parts], axis=0)
+    return np.concatenate([p.reshape(-1, *[1] * (p.ndim - 1)) for p in parts], axis=0)
 
 
 def with_outputs(model: Model, names: list[str]) -> Model:

@@ -6,7 +6,8 @@ calibrators, a 2048-bin histogram of ``|x|`` in the same sweep: its range starts
 batch's ``max|x|`` and doubles when a later batch exceeds it, merging bins pairwise (exact: no
 count moves to a wrong bin; the resolution stays >= 1024 bins over the final ``max|x|``). Memory is bounded: the data is
 streamed in batches sized so that one batch's observed activations fit ``ACTIVATION_BUDGET``
-(measured on the first sample), and only running statistics are kept, never the activations of
+(measured on the largest sample; samples of different shapes, such as sequences of different
+lengths, are run in separate batches, and a model exported with batch 1 one sample at a time), and only running statistics are kept, never the activations of
 earlier batches, so peak memory does not grow with the number of calibration samples. Calibrators then pick a clipping
 threshold ``T`` per tensor; the range used is ``[max(min, -T), min(max, T)]``:
 
@@ -78,7 +79,7 @@ def collect_stats(
     stats = {name: TensorStats() for name in index}
     step = calibration_batch(session, data, batch_size)
     ctx.figures["calibration_batch"] = step
-    with ctx.progress("calibrating", total=-(-len(data) // step)) as advance:
+    with ctx.progress("calibrating", total=data.batch_count(step)) as advance:
         for feeds in data.batches(step):
             results = run_session(session, feeds)
             for name, i in index.items():
@@ -124,11 +125,11 @@ def _widen(s: TensorStats, absmax: float) -> None:
 
 def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
     """Samples per calibration run: at most ``batch_size``, and few enough that one run's
-    observed tensors fit ``ACTIVATION_BUDGET`` (sized from a run on the first sample)."""
-    if len(data) <= 1 or batch_size <= 1:
+    observed tensors fit ``ACTIVATION_BUDGET`` (sized from a run on the largest sample: the first
+    when all have one shape). Samples of different shapes are never batched together."""
+    if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1:
         return 1
-    first = next(data.batches(1))
-    per_sample = sum(int(np.asarray(r).nbytes) for r in run_session(session, first))
+    per_sample = sum(int(np.asarray(r).nbytes) for r in run_session(session, data.largest_sample()))
     return max(1, min(batch_size, ACTIVATION_BUDGET // max(per_sample, 1)))
 
 

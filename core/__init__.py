@@ -53,7 +53,7 @@ if TYPE_CHECKING:  # NOTE: what type checkers and IDEs see; at run time __getatt
     from modelpress.ir.model import Model
     from modelpress.ir.provenance import PassRecord, Provenance
     from modelpress.ir.signature import Signature, TensorSpec
-    from modelpress.pack.container import PackResult, pack, unpack
+    from modelpress.packing.container import PackResult, pack, unpack
     from modelpress.plugin.adapter import Adapter
     from modelpress.plugin.codec import Codec, TensorInfo
     from modelpress.plugin.hookspecs import hookimpl
@@ -109,9 +109,9 @@ _API: dict[str, str] = {
     "Provenance": "modelpress.ir.provenance",
     "Signature": "modelpress.ir.signature",
     "TensorSpec": "modelpress.ir.signature",
-    "PackResult": "modelpress.pack.container",
-    "pack": "modelpress.pack.container",
-    "unpack": "modelpress.pack.container",
+    "PackResult": "modelpress.packing.container",
+    "pack": "modelpress.packing.container",
+    "unpack": "modelpress.packing.container",
     "Adapter": "modelpress.plugin.adapter",
     "Codec": "modelpress.plugin.codec",
     "TensorInfo": "modelpress.plugin.codec",

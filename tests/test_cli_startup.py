@@ -37,7 +37,7 @@ def test_import_modelpress_is_lazy_and_the_api_is_whole():
         "import sys, modelpress\n"
         f"assert not [m for m in {HEAVY!r} if m in sys.modules]\n"
         "from modelpress import load, Model, pack\n"
-        "import modelpress.pack.container\n"
+        "import modelpress.packing.container\n"
         "assert callable(modelpress.pack) and modelpress.pack is pack and all(hasattr(modelpress, n) for n in modelpress.__all__)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

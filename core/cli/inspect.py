@@ -105,7 +105,7 @@ def _print_layers(info: dict[str, Any], out: Any) -> None:
 def _print_entropy(model: Any, out: Any) -> None:
     from rich.table import Table
 
-    from modelpress.pack.container import tensor_report
+    from modelpress.packing.container import tensor_report
 
     table = Table(title="tensors: order-0 entropy and the best lossless codec", title_justify="left")
     for i, col in enumerate(("tensor", "dtype", "shape", "role", "size", "entropy (bits/elem)", "best codec", "packed", "ratio")):

@@ -47,8 +47,9 @@ class MethodCommand:
     def arguments(self, p: argparse.ArgumentParser) -> None:
         p.add_argument("model", metavar="TEACHER" if self.kind == "distill" else "MODEL", help="input model (any format modelpress loads)")
         p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
-        default = f" (default: {self.default})" if self.default else ""
-        p.add_argument("-m", "--method", required=self.default is None, default=self.default, help=f"method name{default}; see `modelpress plugins`")
+        # NOTE: the default is read from the installed plugins when the command runs (not to build --help)
+        default = f" (default: the {self.kind} method its plugin declares the default)" if self.kind else ""
+        p.add_argument("-m", "--method", required=self.kind is None, help=f"method name{default}; see `modelpress plugins`")
         if self.kind is None:
             p.add_argument("-k", "--kind", help="method kind, when a name exists in several (see `modelpress plugins`)")
         if "calib" in self.data_flags:
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
     refuse_overwrite(args, args.model, getattr(args, "calib", None), getattr(args, "data", None), args.sample, None if student == "auto" else student)
     model = modelpress.load(args.model, **load_options(args))  # NOTE: a bad model is reported before a bad method
     kind = spec.kind or args.kind
-    method = modelpress.get_registry().method(args.method, kind)
+    method = modelpress.get_registry().method(args.method or spec.default, kind)
     options = method_options(method.options, args.option, args)
     common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
     if spec.kind == "distill":

@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
+from modelpress.pack.codec_choice import encode_best
 from modelpress.pack.container import PackedModel, tensor_report
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.runtime.session import make_session, run
@@ -81,7 +82,7 @@ def test_codecs_win_where_they_should():
 
     def best(case):
         name, dtype, data, shape = by_case[case]
-        return modelpress.pack.container.encode_best(data, TensorInfo(name, dtype, shape), _codecs())
+        return encode_best(data, TensorInfo(name, dtype, shape), _codecs())
 
     assert best("normal")[0] == "bytegroup"
     codec, blob = best("sparse")
@@ -100,7 +101,7 @@ def test_random_sparse_and_special_values_round_trip(values, dtype):
     with np.errstate(over="ignore"):
         data = np.asarray(values, dtype=dtype).tobytes()
     info = TensorInfo("t", ir.DataType.from_numpy(np.dtype(dtype)), (len(values),))
-    name, blob = modelpress.pack.container.encode_best(data, info, _codecs())
+    name, blob = encode_best(data, info, _codecs())
     codec = modelpress.get_registry().codec(name)
     assert (blob if codec is None else codec.decode(blob, info)) == data
 
@@ -364,7 +365,7 @@ class _SlowCodec:
     @modelpress.hookimpl
     def modelpress_register_codecs(self, register):
         def encode(data, info):
-            best = modelpress.pack.container.encode_best(data, info, [c for c in _codecs() if c.name == "bytegroup"])
+            best = encode_best(data, info, [c for c in _codecs() if c.name == "bytegroup"])
             return best[1][: int(len(best[1]) * 0.95)] + (b"" if best[0] == "bytegroup" else b"?") if best[0] == "bytegroup" else None
 
         def decode(blob, info):

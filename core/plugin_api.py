@@ -8,7 +8,7 @@ Writing a method (see ``docs/writing-a-plugin.md``)
     :class:`Method`, :class:`Options`, :class:`PassContext`, :class:`Kind`, :data:`BUILTIN_KINDS`,
     :func:`hookimpl`; the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
     ``consumers``, ``producer``, ``fresh_name``, ``replace_node``, ``insert_after``, ``cleanup``,
-    ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`,
+    ``infer_shapes``), :class:`GraphBuilder` (and :class:`Out`, how a new node's output is named and typed), :class:`WeightedLayer`, :func:`ensure_opset`,
     :func:`recurrent_refusals` (name the LSTM/GRU/RNN weights a method leaves alone).
 Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
@@ -46,12 +46,11 @@ from modelpress.base.errors import (
     one_line,
 )
 from modelpress.base.progress import progress_bar
-from modelpress.data.normalize import normalize_on_import
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import check_import
 from modelpress.evaluation.criteria import Judgement, infer_criteria, judge
 from modelpress.io.framework_bridge import fit, held_out_scores, to_torch, update_weights
-from modelpress.ir.builder import GraphBuilder
+from modelpress.ir.builder import GraphBuilder, Out
 from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.ir.model import Model, type_initializers
 from modelpress.ir.opsets import ensure_opset
@@ -63,6 +62,7 @@ from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
 from modelpress.plugin.hookspecs import hookimpl
 from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
 from modelpress.plugin.registry import current_registry
+from modelpress.runtime.import_check import normalize_on_import
 from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
 __all__ = [
@@ -82,6 +82,7 @@ __all__ = [
     "ModelpressError",
     "Options",
     "OptionsError",
+    "Out",
     "PassContext",
     "PluginError",
     "Provenance",

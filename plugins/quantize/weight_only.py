@@ -32,6 +32,7 @@ from modelpress.plugin_api import (
     Model,
     Options,
     OptionsError,
+    Out,
     PassContext,
     WeightedLayer,
     ensure_opset,
@@ -371,8 +372,9 @@ def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOn
     if not opts.symmetric:
         zp = ir.PackedTensor(_pack_flat(qw.zeros), dtype, shape=list(qw.zeros.shape)) if opts.bits == 4 else qw.zeros
         inputs.append(model.add_initializer(f"{base}_zero_point", zp))
-    dq = model.new_node("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
-                        name=f"{base}_DequantizeLinear", outputs=[(f"{base}_dequantized", ir.DataType.FLOAT)])
+    dq = model.builder().op("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
+                            name=f"{base}_DequantizeLinear", out=Out(f"{base}_dequantized", ir.DataType.FLOAT)).producer()
+    assert dq is not None
     dq.outputs[0].shape = ir.Shape(shape)
     if layer.scope:  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
         model.graph.insert_before(model.graph[0], dq)
@@ -400,17 +402,18 @@ def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnl
     if opts.format == "matmulnbits":
         if key not in shared:
             shared[key] = _nbits_initializers(model, layer, qw, opts)
-        new = model.new_node(
+        b = model.builder()
+        out = b.op(
             "MatMulNBits", [node.inputs[0], *shared[key]],
             {"K": qw.k, "N": qw.n, "bits": 4, "block_size": opts.block_size, "accuracy_level": opts.accuracy_level},
-            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", outputs=[(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT)],
+            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", out=Out(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT),
         )
     else:
         if key not in shared:
             shared[key] = [_emit_qdq(model, layer, qw, opts, node)]
-        new = model.new_node("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul",
-                             outputs=[(f"{layer.name}_MatMul_output", ir.DataType.FLOAT)])
-    replace_matmul(model, node, [new], new.outputs[0], layer.name)
+        b = model.builder()
+        out = b.op("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul", out=Out(f"{layer.name}_MatMul_output", ir.DataType.FLOAT))
+    replace_matmul(model, node, list(b.nodes), out, layer.name)
 
 
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:

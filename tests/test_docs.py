@@ -222,6 +222,7 @@ def test_no_page_skips_all_its_examples():
             assert any("skip" not in b.directives for b in runnable), f"{page}: every code block is skipped"
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """The site builds with warnings as errors: broken links, unknown pages, unresolved API references."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:

@@ -260,6 +260,7 @@ def test_a_codec_from_a_plugin_is_used_and_required(tmp_path):
 # -- inspect, CLI and recipes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     packed = tmp_path / "m.mpk"
     out = run_cli("pack", str(digits_mlp_path), "-o", str(packed))
@@ -279,6 +280,7 @@ def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     assert 0 < rows["fc0.weight"]["entropy_bits"] <= 32 and rows["fc0.weight"]["ratio"] > 1
 
 
+@pytest.mark.slow
 def test_recipe_pack_stage_reports_packed_sizes(digits_mlp_path, digits_npz, tmp_path):
     recipe = {
         "passes": [

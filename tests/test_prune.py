@@ -245,6 +245,7 @@ def test_channel_pruning_with_taylor_and_iterative_fine_tuning(torch_digits, dig
     assert accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_prune_cli(digits_mlp_path, tmp_path):
     out = tmp_path / "p.onnx"
     result = run_cli("prune", str(digits_mlp_path), "-o", str(out), "--method", "magnitude", "--sparsity", "0.5", "-q")

@@ -315,6 +315,7 @@ def test_calibration_from_tf_data():
     assert result.provenance.passes[-1].figures["calibration_samples"] == 40
 
 
+@pytest.mark.slow
 def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     out = tmp_path / "q.onnx"
     result = run_cli("quantize", str(digits_mlp_path), "-o", str(out), "--calib", str(digits_npz), "--calibrator", "mse", "-q")

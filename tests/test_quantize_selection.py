@@ -36,6 +36,7 @@ def _consumers(graph: onnx.GraphProto, tensor: str) -> list[str]:
     return [n.op_type for n in graph.node if tensor in n.input]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoders, digits, tmp_path):
     logits, _, calibration, x_test = encoders
@@ -139,6 +140,7 @@ def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
     assert figures["quantized_nodes"] >= 30  # the rest stays int8
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     model, calibration = _deep_mlp(layers=6, sensitive=3)
     source, calib = tmp_path / "m.onnx", tmp_path / "c.npz"

@@ -73,6 +73,13 @@ def _grid(opts: WeightOnlyOptions) -> QRange:
     return QRange(opts.bits, signed=opts.symmetric, restricted=opts.symmetric)
 
 
+def _blocked(k: int, n: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty results for ``W[k, n]`` quantized in blocks of ``block_size`` rows: the integers, and a
+    scale and zero point per block and column."""
+    nb = -(-k // block_size)
+    return np.zeros((k, n), np.int32), np.zeros((nb, n), np.float32), np.zeros((nb, n), np.float64)
+
+
 def _block_params(block: np.ndarray, grid: QRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of ``block[rows, N]``."""
     if symmetric:
@@ -91,11 +98,8 @@ def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[
     grid = _grid(opts)
     k, n = w.shape
     bs = opts.block_size
-    nb = -(-k // bs)
-    q = np.zeros((k, n), np.int32)
-    scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
-    for b in range(nb):
+    q, scales, zeros = _blocked(k, n, bs)
+    for b in range(len(scales)):
         rows = slice(b * bs, min(k, (b + 1) * bs))
         block = w[rows].astype(np.float64)
         best_err = np.full(n, np.inf)
@@ -128,10 +132,7 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[
     except np.linalg.LinAlgError:
         return _rtn(w.astype(np.float32), opts)
     bs = opts.block_size
-    nb = -(-k // bs)
-    q = np.zeros((k, n), np.int32)
-    scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
+    q, scales, zeros = _blocked(k, n, bs)
     for i in range(k):
         if i % bs == 0:
             b = i // bs

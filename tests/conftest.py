@@ -176,7 +176,20 @@ def keras_digits(digits):
     return out
 
 
-# -- the fast tier covers every module ---------------------------------------------------------------
+# -- the fast tier: `pytest -m "not slow"` ------------------------------------------------------------
+
+# NOTE: fixtures that make every test using them slow: they train models (once per session) or start
+# Ray (once per module); the tests that take seconds on their own carry @pytest.mark.slow.
+SLOW_FIXTURES = {"torch_digits", "keras_digits", "encoders", "ray_address"}
+
+
+@pytest.hookimpl(tryfirst=True)  # NOTE: before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 
 _SOURCES = {"core": "modelpress", "adapters": "modelpress.adapters", "plugins": "modelpress.plugins"}
 # NOTE: `python -m modelpress` entry shims: one call into modelpress.cli, run in subprocesses only
@@ -200,7 +213,7 @@ def pytest_sessionfinish(session, exitstatus):
     reaches is a module the fast tier does not check. The run fails naming them."""
     config = session.config
     whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.getoption("keyword")
-    if exitstatus != 0 or not whole or config.getoption("markexpr") not in ("", "not slow"):
+    if exitstatus != 0 or not whole or config.option.collectonly or config.getoption("markexpr") not in ("", "not slow"):
         return
     missing = [name for name in source_modules() if name not in sys.modules and name not in _SCRIPTS]
     if missing:

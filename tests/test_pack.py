@@ -455,6 +455,7 @@ def test_format_1_packs_still_read(digits_mlp_path, tmp_path):
         modelpress.unpack(tmp_path / "bad1.mpk", tmp_path / "out.onnx")
 
 
+@pytest.mark.slow
 def test_codebook_centroid_fine_tuning_trains_only_the_shared_values(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"][:600], "labels": digits["y_train"][:600]}

@@ -176,6 +176,7 @@ def test_n_m_pattern():
         modelpress.prune(model, "n:m", n=4, m=4)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_magnitude_fine_tuning_keeps_the_mask_and_recovers(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
@@ -214,6 +215,7 @@ def test_distillation_loss_is_cross_entropy_plus_tempered_kl():
     assert float(_distill_loss(0.25, 2.0)(student, batch)) == pytest.approx(0.75 * ce + 0.25 * kl, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_magnitude_fine_tuning_distills_from_the_unpruned_model(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)

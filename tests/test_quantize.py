@@ -328,6 +328,7 @@ def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     assert bad.returncode != 0 and "needs calibration data" in bad.stderr and not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
     pytest.importorskip("torch")

@@ -80,6 +80,7 @@ def test_an_embedding_output_is_judged_by_cosine(encoders, tmp_path):
     assert "top-1 agreement" in forced.provenance.passes[-1].figures["criteria"]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_a_conv_heavy_model_is_at_least_3_5x_smaller(digits, tmp_path):
     pytest.importorskip("torch", reason="needs the torch extra")

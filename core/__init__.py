@@ -44,7 +44,7 @@ from modelpress.ir.layers import WeightedLayer
 from modelpress.ir.model import Model
 from modelpress.ir.provenance import PassRecord, Provenance
 from modelpress.ir.signature import Signature, TensorSpec
-from modelpress.pack.container import PackResult, pack, unpack
+from modelpress.packing.container import PackResult, pack, unpack
 from modelpress.plugin.adapter import Adapter
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugin.hookspecs import hookimpl

@@ -55,8 +55,8 @@ from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.ir.model import Model, type_initializers
 from modelpress.ir.opsets import ensure_opset
 from modelpress.ir.provenance import Provenance
-from modelpress.pack.container import MAGIC as PACK_MAGIC
-from modelpress.pack.container import read_packed
+from modelpress.packing.container import MAGIC as PACK_MAGIC
+from modelpress.packing.container import read_packed
 from modelpress.plugin.adapter import Adapter
 from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
 from modelpress.plugin.hookspecs import hookimpl

@@ -58,3 +58,20 @@ def test_a_plugin_importing_core_internals_and_a_module_outside_every_layer_are_
     assert "2 broken" in result.stdout
     assert "modelpress.plugins.prune -> modelpress.ir.model" in result.stdout
     assert "modelpress.stray" in result.stdout
+
+
+def test_every_source_folder_is_a_listed_package():
+    """A wheel holds only the packages pyproject.toml lists: a new folder under core/ (a layer) must be listed."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(config["packages"])
+    roots = {v: k for k, v in config["package-dir"].items()}
+    found = set()
+    for folder, package in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            if "build" in init.parts or "__pycache__" in init.parts:
+                continue
+            rel = init.parent.relative_to(ROOT / folder).parts
+            found.add(".".join((package, *rel)))
+    assert found == listed, f"missing from pyproject: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress.pack.codec_choice import encode_best
-from modelpress.pack.container import PackedModel, tensor_report
+from modelpress.packing.codec_choice import encode_best
+from modelpress.packing.container import PackedModel, tensor_report
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.runtime.session import make_session, run
 from modelpress.testing import tiny_mlp

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress.pack import reader, walk
-from modelpress.pack import wire as packwire
+from modelpress.packing import reader, walk
+from modelpress.packing import wire as packwire
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugins.pack import streams
 

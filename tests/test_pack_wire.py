@@ -1,4 +1,4 @@
-"""The hand-written protobuf splicer (:mod:`modelpress.pack.wire`) fuzzed against the protobuf encoder.
+"""The hand-written protobuf splicer (:mod:`modelpress.packing.wire`) fuzzed against the protobuf encoder.
 
 Hypothesis generates ``TensorProto`` messages (any dtype, dims, name, doc string, raw bytes of any
 length, typed fields before ``raw_data``, fields after it: ``double_data``, ``uint64_data``,
@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper
 
-from modelpress.pack import walk, wire
+from modelpress.packing import walk, wire
 
 _DTYPES = [TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT16,
            TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT4, TensorProto.UINT4, TensorProto.BFLOAT16]

@@ -61,7 +61,7 @@ def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Regis
     """With a recipe ``pack`` stage: pack the stage's file to ``.mpk`` beside it and record the size."""
     if recipe.pack is None:
         return None
-    from modelpress.pack.container import pack
+    from modelpress.packing.container import pack
 
     result = pack(path, path.with_suffix(".mpk"), codecs=recipe.pack.codecs, registry=registry)
     stage.packed_bytes = result.size_bytes
@@ -282,7 +282,7 @@ class _Run:
             export(current, self.out_path, sample=self.sample, reference=self.source, **self.export_options)
             final = self.out_path
             if self.recipe.pack is not None:
-                from modelpress.pack.container import pack
+                from modelpress.packing.container import pack
 
                 packed = pack(self.out_path, self.out_path.with_suffix(".mpk"), codecs=self.recipe.pack.codecs, registry=self.registry).path
         self.report.write(self.reports_at)

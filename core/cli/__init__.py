@@ -259,7 +259,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 def _print_entropy(model: Any, console: Any) -> None:
     from rich.table import Table
 
-    from modelpress.pack.container import tensor_report
+    from modelpress.packing.container import tensor_report
 
     table = Table(title="tensors: order-0 entropy and the best lossless codec", title_justify="left")
     for i, col in enumerate(("tensor", "dtype", "shape", "role", "size", "entropy (bits/elem)", "best codec", "packed", "ratio")):

@@ -9,12 +9,12 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from modelpress.base.errors import OptionsError
-from modelpress.pack.format import STORED
+from modelpress.packing.format import STORED
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugin.registry import Registry
 
 if TYPE_CHECKING:
-    from modelpress.pack.source import Item
+    from modelpress.packing.source import Item
 
 __all__ = ["SLOW_GAIN", "SOLID_LIMIT", "encode_best", "select_codecs", "solid_streams"]
 

@@ -6,9 +6,9 @@ from typing import Any
 
 import onnx
 
-from modelpress.pack import walk
-from modelpress.pack.codec_choice import encode_best
-from modelpress.pack.source import item, source_bytes
+from modelpress.packing import walk
+from modelpress.packing.codec_choice import encode_best
+from modelpress.packing.source import item, source_bytes
 from modelpress.plugin.codec import TensorInfo
 from modelpress.plugin.registry import Registry, current_registry
 

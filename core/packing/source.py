@@ -11,9 +11,9 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.base.errors import InvalidModelError
-from modelpress.pack import walk
-from modelpress.pack.format import MIN_PACKED_BYTES, STORED
-from modelpress.pack.strip import strip as strip_proto
+from modelpress.packing import walk
+from modelpress.packing.format import MIN_PACKED_BYTES, STORED
+from modelpress.packing.strip import strip as strip_proto
 from modelpress.plugin.codec import TensorInfo
 
 __all__ = ["Item", "Source", "item", "parse_source", "source_bytes"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx
 
-from modelpress.pack import walk
+from modelpress.packing import walk
 
 __all__ = ["strip"]
 

@@ -1,5 +1,5 @@
 """Writing a ``.mpk``: the tensors' blobs, the solid streams, the external files' filler bytes,
-then the head (manifest and graph) and the footer (layout: :mod:`modelpress.pack.format`)."""
+then the head (manifest and graph) and the footer (layout: :mod:`modelpress.packing.format`)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.base.errors import ExportError, OptionsError
-from modelpress.pack import walk
-from modelpress.pack.codec_choice import encode_best, select_codecs, solid_streams
-from modelpress.pack.format import (
+from modelpress.packing import walk
+from modelpress.packing.codec_choice import encode_best, select_codecs, solid_streams
+from modelpress.packing.format import (
     END,
     FOOTER,
     FORMAT,
@@ -23,7 +23,7 @@ from modelpress.pack.format import (
     checksum,
     lzma_compress,
 )
-from modelpress.pack.source import Item, Source, item, parse_source
+from modelpress.packing.source import Item, Source, item, parse_source
 from modelpress.plugin.codec import Codec
 from modelpress.plugin.registry import Registry, current_registry
 

@@ -19,8 +19,8 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.base.errors import ExportError, InvalidModelError, PluginError
-from modelpress.pack import walk
-from modelpress.pack.format import (
+from modelpress.packing import walk
+from modelpress.packing.format import (
     END,
     FOOTER,
     FORMATS,
@@ -31,7 +31,7 @@ from modelpress.pack.format import (
     checksum,
     lzma_decompress,
 )
-from modelpress.pack.wire import splice, tensor_spans
+from modelpress.packing.wire import splice, tensor_spans
 from modelpress.plugin.codec import TensorInfo
 from modelpress.plugin.registry import Registry, current_registry
 
@@ -273,7 +273,7 @@ def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
 
 def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> None:
     """Write the model file: the stored graph's wire bytes with each inline tensor's ``raw_data``
-    spliced in (:mod:`modelpress.pack.wire`: no protobuf re-serialisation, one tensor in memory at
+    spliced in (:mod:`modelpress.packing.wire`: no protobuf re-serialisation, one tensor in memory at
     a time), or, where the walker does not follow the bytes, the proto filled and serialised."""
     tensors = _checked_tensors(proto, packed)
     spans = tensor_spans(packed._graph)

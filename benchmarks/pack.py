@@ -150,7 +150,8 @@ def _decode_speed(path: Path, work: Path, rounds: int = 7) -> dict[str, float]:
     import zstandard
 
     import modelpress
-    from modelpress.packing.container import _tensors, read_packed
+    from modelpress.packing.container import read_packed
+    from modelpress.packing.walk import tensors as _tensors
     from modelpress.plugin.codec import TensorInfo
 
     codec = modelpress.get_registry().codec("bytegroup")

@@ -9,12 +9,12 @@ Writing a method (see ``docs/writing-a-plugin.md``)
     :func:`hookimpl`, :class:`Tuning` and :class:`TuneStage` (how ``modelpress tune`` searches it);
     the IR: :class:`Model` (with its graph-building toolkit: ``builder``,
     ``consumers``, ``producer``, ``fresh_name``, ``replace_node``, ``insert_after``, ``cleanup``,
-    ``infer_shapes``), :class:`GraphBuilder`, :class:`WeightedLayer`, :func:`ensure_opset`,
+    ``infer_shapes``), :class:`GraphBuilder` (and :class:`Out`, how a new node's output is named and typed), :class:`WeightedLayer`, :func:`ensure_opset`,
     :func:`recurrent_refusals` (name the LSTM/GRU/RNN weights a method leaves alone).
 Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
-    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`
+    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`, :class:`Bounds`
     (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
@@ -49,10 +49,10 @@ from modelpress.base.errors import (
     one_line,
 )
 from modelpress.base.progress import progress_bar
-from modelpress.data.normalize import normalize_on_import
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import check_import
 from modelpress.evaluation.criteria import (
+    Bounds,
     Criterion,
     Judgement,
     infer_criteria,
@@ -67,7 +67,7 @@ from modelpress.io.framework_bridge import (
     to_torch,
     update_weights,
 )
-from modelpress.ir.builder import GraphBuilder
+from modelpress.ir.builder import GraphBuilder, Out
 from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
 from modelpress.ir.model import Model, type_initializers
 from modelpress.ir.opsets import ensure_opset
@@ -80,6 +80,7 @@ from modelpress.plugin.hookspecs import hookimpl
 from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
 from modelpress.plugin.registry import current_registry
 from modelpress.plugin.tuning import TuneStage, Tuning
+from modelpress.runtime.import_check import normalize_on_import
 from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
 __all__ = [
@@ -87,6 +88,7 @@ __all__ = [
     "PACK_MAGIC",
     "WEIGHTED_OPS",
     "Adapter",
+    "Bounds",
     "Codec",
     "Criterion",
     "DataError",
@@ -100,6 +102,7 @@ __all__ = [
     "ModelpressError",
     "Options",
     "OptionsError",
+    "Out",
     "PassContext",
     "PluginError",
     "Provenance",

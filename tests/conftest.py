@@ -174,3 +174,51 @@ def keras_digits(digits):
         accuracy = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == digits["y_test"]))
         assert accuracy > 0.85, f"keras {name} trained to only {accuracy:.2%}"
     return out
+
+
+# -- the fast tier: `pytest -m "not slow"` ------------------------------------------------------------
+
+# NOTE: fixtures that make every test using them slow: they train models (once per session) or start
+# Ray (once per module); the tests that take seconds on their own carry @pytest.mark.slow.
+SLOW_FIXTURES = {"torch_digits", "keras_digits", "encoders", "ray_address"}
+
+
+@pytest.hookimpl(tryfirst=True)  # NOTE: before `-m` deselects by marker
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+
+_SOURCES = {"core": "modelpress", "adapters": "modelpress.adapters", "plugins": "modelpress.plugins"}
+# NOTE: `python -m modelpress` entry shims: one call into modelpress.cli, run in subprocesses only
+_SCRIPTS = {"modelpress.__main__", "modelpress.cli.__main__"}
+
+
+def source_modules() -> list[str]:
+    """The dotted name of every module of core/, adapters/ and plugins/."""
+    names = []
+    for folder, package in _SOURCES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = path.relative_to(ROOT / folder).with_suffix("").parts
+            parts = parts[:-1] if parts[-1] == "__init__" else parts
+            names.append(".".join((package, *parts)))
+    return names
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """A green run of the whole tests/ folder (``pytest`` or ``pytest -m "not slow"``) must have
+    imported every module of core/, adapters/ and plugins/ in this process: a module no fast test
+    reaches is a module the fast tier does not check. The run fails naming them."""
+    config = session.config
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.getoption("keyword")
+    if exitstatus != 0 or not whole or config.option.collectonly or config.getoption("markexpr") not in ("", "not slow"):
+        return
+    missing = [name for name in source_modules() if name not in sys.modules and name not in _SCRIPTS]
+    if missing:
+        reporter = config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"no test of this run imports {len(missing)} module(s): {', '.join(missing)}; "
+                                "add a fast test for each (or unmark one that reaches it)", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

@@ -18,12 +18,14 @@ def _one_line_error(result, *fragments):
         assert fragment in lines[0], lines[0]
 
 
+@pytest.mark.slow
 def test_help_everywhere():
     for args in ([], ["inspect"], ["plugins"], ["apply"]):
         result = run_cli(*args, "--help")
         assert result.returncode == 0 and "usage: modelpress" in result.stdout
 
 
+@pytest.mark.slow
 def test_inspect_tables_and_json(digits_mlp_path):
     result = run_cli("inspect", str(digits_mlp_path))
     assert result.returncode == 0, result.stderr
@@ -45,6 +47,7 @@ def test_plugins_lists_builtins():
     [(b"", "empty"), (b"hello, this is text\n" * 3, "not"), (None, "truncated")],
     ids=["empty", "text", "truncated"],
 )
+@pytest.mark.slow
 def test_bad_model_files_one_line_error_and_nothing_written(tmp_path, digits_mlp_path, content, fragment):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(content if content is not None else digits_mlp_path.read_bytes()[:300])
@@ -68,6 +71,7 @@ def test_external_data_escape_via_cli(tmp_path):
     _one_line_error(run_cli("inspect", str(path)), "evil.onnx", "../../etc/passwd", "outside the model's folder")
 
 
+@pytest.mark.slow
 def test_op_ort_does_not_know(tmp_path, example_plugin):
     graph = helper.make_graph(
         [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example", name="frob")], "g",
@@ -84,6 +88,7 @@ def test_op_ort_does_not_know(tmp_path, example_plugin):
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
 
 
+@pytest.mark.slow
 def test_unknown_method_and_bad_option(digits_mlp_path, tmp_path, example_plugin):
     _one_line_error(run_cli("apply", str(digits_mlp_path), "-m", "nosuch", "-o", str(tmp_path / "o.onnx")), "nosuch", "installed:")
     _one_line_error(
@@ -100,6 +105,7 @@ def test_verbose_shows_the_traceback(tmp_path):
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", [["-O", "layers=fc0", "-O", "layers=fc1"], ["-O", "layers=fc0,fc1"], ["-O", 'layers=["fc0", "fc1"]']])
 def test_list_options_as_repeated_flags_comma_lists_or_json(digits_mlp_path, tmp_path, form):
     import numpy as np

@@ -109,6 +109,7 @@ def test_recipe_schema_cli():
     assert result.returncode == 0 and set(schema["properties"]) >= {"passes", "data", "evaluate"}
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_demo_end_to_end(tmp_path):
     result = run_cli("demo", "--out", str(tmp_path / "demo"), "--fast", "-q")
@@ -123,6 +124,7 @@ def test_demo_end_to_end(tmp_path):
     assert "source" in result.stdout and "quantize (int8 static)" in result.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_examples_run(tmp_path):
     out = tmp_path / "walkthrough"

@@ -35,6 +35,7 @@ def _through_every_step(source_logits, model, x_test, y_test, tmp_path):
     return reloaded
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 @pytest.mark.parametrize("name", ["cnn", "mlp", "transformer"])
 def test_torch_models(torch_digits, digits, tmp_path, name):
@@ -49,6 +50,7 @@ def test_torch_models(torch_digits, digits, tmp_path, name):
     _through_every_step(torch_predict(module, x_test), model, x_test, digits["y_test"], tmp_path)
 
 
+@pytest.mark.slow
 @pytest.mark.tensorflow
 @pytest.mark.parametrize("name", ["cnn", "mlp"])
 def test_keras_models(keras_digits, digits, tmp_path, name):

@@ -9,7 +9,7 @@ import pytest
 from onnx import TensorProto, helper
 
 import modelpress
-from modelpress.evaluation.criteria import allowed_flips, cosine, infer_criteria, judge
+from modelpress.evaluation.criteria import Bounds, allowed_flips, cosine, infer_criteria, judge
 from modelpress.evaluation.output_kinds import classify
 from modelpress.runtime.session import make_session, run
 from modelpress.testing import make_model
@@ -32,7 +32,7 @@ def test_agreement_is_judged_with_its_sample_size(digits):
     logits = (hidden @ clf.coefs_[1] + clf.intercepts_[1]).astype(np.float32)
     # a trained classifier's scores are recognised by their values, whatever the output is called
     assert classify("y", logits).form == "logits"
-    (criterion, guard) = infer_criteria(["y"], [logits], min_agreement=0.99, min_cosine=0.9)
+    (criterion, guard) = infer_criteria(["y"], [logits], bounds=Bounds(agreement=0.99, cosine=0.9))
     assert criterion.metric == "agreement" and guard.metric == "cosine" and allowed_flips(64, 0.99) == 2
     one = judge([criterion], [logits], [_flip(logits, 1)])
     assert one.values[0] == pytest.approx(63 / 64) and one.met  # 98.4 % < 99 %, but one flip in 64 is chance
@@ -59,13 +59,13 @@ def test_a_near_zero_dense_map_is_judged_against_its_scale():
     assert float(blank.max()) < 1e-3  # a blank page: nothing anywhere
     noisy = blank + rng.uniform(0, 1 / 255, blank.shape).astype(np.float32)  # the noise of one uint8 step
     assert cosine(blank, noisy) < 0.9  # cosine says nothing here
-    (criterion,) = infer_criteria(["map"], [blank], model=model, min_cosine=0.99)
+    (criterion,) = infer_criteria(["map"], [blank], model=model, bounds=Bounds(cosine=0.99))
     assert (criterion.kind, criterion.metric, criterion.value_range) == ("dense", "nrmse", 1.0)
     judged = judge([criterion], [blank], [noisy])
     assert judged.met and judged.values[0] < 0.05, judged.summary()
     # a real error on a page with text is still caught
     page = run(make_session(modelpress.load(_sigmoid_map(-2.0))), {"x": rng.uniform(0, 1, (4, 1, 32, 32)).astype(np.float32)})[0]
-    (criterion,) = infer_criteria(["map"], [page], model=model, min_cosine=0.99)
+    (criterion,) = infer_criteria(["map"], [page], model=model, bounds=Bounds(cosine=0.99))
     assert not judge([criterion], [page], [page * 0.6]).met
     assert judge([criterion], [page], [page + 0.002]).met
 
@@ -94,7 +94,7 @@ def test_a_32_way_regression_is_judged_as_one_and_quantized():
     reg = MLPRegressor(hidden_layer_sizes=(64, 64), max_iter=200, random_state=0).fit(x[:1000], y[:1000])
     model = modelpress.load(_mlp(reg.coefs_, reg.intercepts_, "y", 32))
     reference = run(make_session(model), {"x": x[1000:]})[0]
-    (criterion,) = infer_criteria(["y"], [reference], model=model, max_relative_error=0.1)
+    (criterion,) = infer_criteria(["y"], [reference], model=model, bounds=Bounds(relative_error=0.1))
     assert criterion.kind == "regression" and "no class structure" in criterion.reason
     result = modelpress.quantize(model, calibration={"x": x[:256]}, show_progress=False)
     figures = result.provenance.passes[-1].figures
@@ -112,7 +112,7 @@ def test_a_wide_hidden_output_on_two_rows_is_an_embedding():
     model = modelpress.load(make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 512])],
                                        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 512])], {"w0": w[0], "w1": w[1]}))
     reference = run(make_session(model), {"x": rng.standard_normal((2, 512)).astype(np.float32)})[0]
-    criteria = infer_criteria(["y"], [reference], model=model, min_cosine=0.99)
+    criteria = infer_criteria(["y"], [reference], model=model, bounds=Bounds(cosine=0.99))
     assert [(c.kind, c.metric) for c in criteria] == [("embedding", "cosine"), ("embedding", "cosine_p5")]
     # per output override, by kind or metric
     (forced,) = infer_criteria(["y"], [reference], model=model, overrides={"*": "logits"})

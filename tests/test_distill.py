@@ -96,6 +96,7 @@ def test_bad_inputs(digits):
         modelpress.distill(teacher, "auto", data=data, temperature=0)
 
 
+@pytest.mark.slow
 def test_distill_cli(digits_mlp_path, tmp_path, digits):
     np.savez(tmp_path / "train.npz", x=digits["x_train"], labels=digits["y_train"])
     out = tmp_path / "student.onnx"

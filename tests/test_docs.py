@@ -15,8 +15,11 @@ A block may be preceded by a directive comment (invisible on the site)::
     <!-- test: file=recipe.yaml -->            the block is written to that file for later blocks
     <!-- test: exit=4 -->                       a shell block expected to exit with that code
     <!-- test: plugins -->                      a shell block that installs a plugin: third-party autoload stays on
+    <!-- test: slow -->                         trains a model or installs packages: marked slow, with the
+                                                rest of its page (left out by the fast tier, ``-m "not slow"``)
 
-When a block is skipped, the rest of its page is skipped too (it may build on it).
+Directives combine: ``<!-- test: requires=torch slow -->``. When a block is skipped, the rest of its
+page is skipped too (it may build on it).
 Also here: ``mkdocs build --strict`` (warnings, broken links and unresolved references fail).
 """
 
@@ -93,6 +96,16 @@ def blocks(page: Path) -> list[Block]:
 
 
 CASES = [b for page in PAGES for b in blocks(page) if b.lang in RUN or "file" in b.directives]
+
+
+def _params(cases: list[Block]) -> list[Any]:
+    """The cases as parameters; a ``slow`` block and the blocks after it on its page are marked slow."""
+    slow_from: dict[Path, int] = {}
+    for b in cases:
+        if "slow" in b.directives:
+            slow_from.setdefault(b.page, b.line)
+    return [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.line >= slow_from.get(b.page, 1 << 30) else [])
+            for b in cases]
 
 
 @dataclass
@@ -187,7 +200,7 @@ def _run_shell(block: Block, folder: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("block", CASES, ids=[b.id for b in CASES])
+@pytest.mark.parametrize("block", _params(CASES))
 def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, PageState], tmp_path_factory, monkeypatch):
     state = _state(block, page_states, docs_files, tmp_path_factory)
     if state.skipped:
@@ -222,6 +235,7 @@ def test_no_page_skips_all_its_examples():
             assert any("skip" not in b.directives for b in runnable), f"{page}: every code block is skipped"
 
 
+@pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """The site builds with warnings as errors: broken links, unknown pages, unresolved API references."""
     if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:

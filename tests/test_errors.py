@@ -255,6 +255,7 @@ def test_K_export_over_the_inputs_external_data_is_refused(tmp_path):
     modelpress.export(model, tmp_path / "c.onnx", external_data=True)  # any other name is fine
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", [["quantize", "-m", "fp16"], ["prune", "--sparsity", "0.5"], ["apply", "-m", "int8-dynamic", "-O", "min_elements=16", "--allow-no-gain"]])
 def test_K_cli_refuses_to_write_over_its_input(tmp_path, command):
     path = _save(tiny_mlp().to_proto(), tmp_path / "m.onnx")

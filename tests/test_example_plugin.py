@@ -6,10 +6,13 @@ import sys
 
 import numpy as np
 import onnx
+import pytest
 
 import modelpress
 from modelpress.runtime.session import make_session, run
 from tests.conftest import ROOT, run_cli
+
+pytestmark = pytest.mark.slow  # NOTE: the example_plugin fixture pip-installs the plugin
 
 
 def test_listed_by_modelpress_plugins(example_plugin):

@@ -46,6 +46,7 @@ def examples_site(tmp_path_factory) -> Path:
     return site
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", EXAMPLES)
 def test_example_passes_its_own_tests(examples_site, name):
     result = _own_tests(ROOT / "examples" / name, examples_site)
@@ -53,6 +54,7 @@ def test_example_passes_its_own_tests(examples_site, name):
     assert " passed" in result.stdout and "failed" not in result.stdout
 
 
+@pytest.mark.slow
 def test_third_party_method_gets_generated_cli_flags(examples_site, digits_mlp_path, digits_npz, tmp_path, monkeypatch):
     monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", raising=False)  # NOTE: run_cli starts from os.environ
     env = _env(examples_site)
@@ -69,6 +71,7 @@ def test_third_party_method_gets_generated_cli_flags(examples_site, digits_mlp_p
     assert (record.kind, record.method, record.figures["rank"], record.figures["skipped"]) == ("factorize", "lowrank", 8, {"fc1": "excluded"})
 
 
+@pytest.mark.slow
 def test_plugins_new_scaffolds_a_package_that_installs_and_passes(tmp_path, monkeypatch):
     monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", raising=False)
     result = run_cli("plugins", "new", "clip-small", "--dir", str(tmp_path / "pkg"))

@@ -143,6 +143,7 @@ def test_tf_function_source():
     np.testing.assert_allclose(run(make_session(model), {"features": x})[0], project(x).numpy(), atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_convert_cli_torchscript_to_onnx_and_torch(torch_digits, tmp_path, digits):
     torch = pytest.importorskip("torch")
@@ -165,6 +166,7 @@ def test_convert_cli_torchscript_to_onnx_and_torch(torch_digits, tmp_path, digit
     assert isinstance(torch.load(tmp_path / "back.pt", weights_only=False), torch.nn.Module)
 
 
+@pytest.mark.slow
 def test_convert_cli_errors(tmp_path, digits_mlp_path):
     bad = run_cli("convert", str(digits_mlp_path), "-o", str(tmp_path / "x.pt2"), "--to", "onnx")
     assert bad.returncode == 0  # --to wins over the suffix

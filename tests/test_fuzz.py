@@ -287,6 +287,7 @@ MUTATIONS = {
 }
 
 
+@pytest.mark.slow
 def test_protobuf_mutations(fuzz):
     stages: list[str] = []
 

@@ -279,6 +279,7 @@ def _calibration_peak(n: int) -> dict[str, int]:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 def test_calibration_memory_does_not_grow_with_the_number_of_samples():
     # Each sample's observed activations are ~6 MB (4 tensors of 24 x 128 x 128 floats): keeping
     # them for 256 samples would be 1.5 GB; a batch of 64 (the default batch_size), 400 MB.
@@ -309,6 +310,7 @@ def test_a_method_that_changed_nothing_raises_no_gain():
         modelpress.prune(model, "magnitude", sparsity=0.0, show_progress=False)
 
 
+@pytest.mark.slow
 def test_cli_exits_non_zero_on_no_gain_and_writes_nothing(tmp_path: Path):
     tiny = modelpress.testing.tiny_mlp(in_features=4, hidden=4, classes=2)
     source = tmp_path / "tiny.onnx"

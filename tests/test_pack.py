@@ -16,6 +16,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
+from modelpress.packing.codec_choice import encode_best
 from modelpress.packing.container import PackedModel, tensor_report
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.runtime.session import make_session, run
@@ -81,7 +82,7 @@ def test_codecs_win_where_they_should():
 
     def best(case):
         name, dtype, data, shape = by_case[case]
-        return modelpress.packing.container.encode_best(data, TensorInfo(name, dtype, shape), _codecs())
+        return encode_best(data, TensorInfo(name, dtype, shape), _codecs())
 
     assert best("normal")[0] == "bytegroup"
     codec, blob = best("sparse")
@@ -100,7 +101,7 @@ def test_random_sparse_and_special_values_round_trip(values, dtype):
     with np.errstate(over="ignore"):
         data = np.asarray(values, dtype=dtype).tobytes()
     info = TensorInfo("t", ir.DataType.from_numpy(np.dtype(dtype)), (len(values),))
-    name, blob = modelpress.packing.container.encode_best(data, info, _codecs())
+    name, blob = encode_best(data, info, _codecs())
     codec = modelpress.get_registry().codec(name)
     assert (blob if codec is None else codec.decode(blob, info)) == data
 
@@ -259,6 +260,7 @@ def test_a_codec_from_a_plugin_is_used_and_required(tmp_path):
 # -- inspect, CLI and recipes ---------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     packed = tmp_path / "m.mpk"
     out = run_cli("pack", str(digits_mlp_path), "-o", str(packed))
@@ -278,6 +280,7 @@ def test_cli_pack_unpack_and_inspect_entropy(digits_mlp_path, tmp_path):
     assert 0 < rows["fc0.weight"]["entropy_bits"] <= 32 and rows["fc0.weight"]["ratio"] > 1
 
 
+@pytest.mark.slow
 def test_recipe_pack_stage_reports_packed_sizes(digits_mlp_path, digits_npz, tmp_path):
     recipe = {
         "passes": [
@@ -364,7 +367,7 @@ class _SlowCodec:
     @modelpress.hookimpl
     def modelpress_register_codecs(self, register):
         def encode(data, info):
-            best = modelpress.packing.container.encode_best(data, info, [c for c in _codecs() if c.name == "bytegroup"])
+            best = encode_best(data, info, [c for c in _codecs() if c.name == "bytegroup"])
             return best[1][: int(len(best[1]) * 0.95)] + (b"" if best[0] == "bytegroup" else b"?") if best[0] == "bytegroup" else None
 
         def decode(blob, info):
@@ -452,6 +455,7 @@ def test_format_1_packs_still_read(digits_mlp_path, tmp_path):
         modelpress.unpack(tmp_path / "bad1.mpk", tmp_path / "out.onnx")
 
 
+@pytest.mark.slow
 def test_codebook_centroid_fine_tuning_trains_only_the_shared_values(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"][:600], "labels": digits["y_train"][:600]}

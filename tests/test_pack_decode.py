@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
-from modelpress.packing import container as packing
+from modelpress.packing import reader, walk
 from modelpress.packing import wire as packwire
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugins.pack import streams
@@ -124,7 +124,7 @@ def test_splice_writes_what_the_protobuf_encoder_writes(tmp_path_factory, seed, 
     """Clearing any subset of tensors' raw_data and splicing it back gives the encoder's bytes."""
     proto = _nested_model(seed)
     full = proto.SerializeToString()
-    tensors = list(packing._tensors(proto))
+    tensors = list(walk.tensors(proto))
     removed = {}
     for index, (_name, tensor) in enumerate(tensors):
         if index in chosen and tensor.HasField("raw_data"):
@@ -156,7 +156,7 @@ def test_unpack_is_bit_exact_on_subgraphs_and_constants(tmp_path):
 
 def test_unpack_falls_back_to_the_proto_where_the_walker_gives_up(digits_mlp_path, tmp_path, monkeypatch):
     packed = modelpress.pack(digits_mlp_path, tmp_path / "m.mpk")
-    monkeypatch.setattr(packing, "tensor_spans", lambda graph: None)
+    monkeypatch.setattr(reader, "tensor_spans", lambda graph: None)
     back = modelpress.unpack(packed.path, tmp_path / "back.onnx").read_bytes()
     assert back == digits_mlp_path.read_bytes()
 
@@ -168,7 +168,7 @@ def test_a_solid_stream_is_decoded_once_while_its_members_are_written(tmp_path):
     result = modelpress.pack(src, tmp_path / "c.mpk")
     assert result.solids, "the int8 chain packs its weights as a solid stream"
     calls = []
-    with packing.PackedModel(result.path) as packed:
+    with reader.PackedModel(result.path) as packed:
         original = packed._decode
 
         def counting(*args, **kwargs):
@@ -177,7 +177,7 @@ def test_a_solid_stream_is_decoded_once_while_its_members_are_written(tmp_path):
 
         packed._decode = counting  # type: ignore[method-assign]
         proto = packed.graph()
-        packing._write_graph(packed, proto, tmp_path / "back.onnx")
+        reader._write_graph(packed, proto, tmp_path / "back.onnx")
     assert (tmp_path / "back.onnx").read_bytes() == src.read_bytes()
     assert len(calls) == len(result.solids) + sum(1 for t in result.tensors if t.solid is None)
 

@@ -97,6 +97,7 @@ def test_adapter_faults_are_plugin_errors_naming_the_plugin(tmp_path):
         modelpress.load(obj, registry=not_bool)
 
 
+@pytest.mark.slow
 def test_every_broken_installed_plugin_is_reported_and_commands_still_work(tmp_path, monkeypatch):
     site = tmp_path / "site"
     site.mkdir()

@@ -188,6 +188,7 @@ def test_builtins_come_through_the_entry_point_group():
     assert [a.name for a in onnx_plugin.adapters] == ["onnx"]
 
 
+@pytest.mark.slow
 def test_autoload_switches(example_plugin, monkeypatch):
     assert "fp16-weights" in modelpress.create_registry().plugins
     monkeypatch.setenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", "1")

@@ -176,6 +176,7 @@ def test_n_m_pattern():
         modelpress.prune(model, "n:m", n=4, m=4)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_magnitude_fine_tuning_keeps_the_mask_and_recovers(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
@@ -217,6 +218,7 @@ def test_distillation_loss_is_cross_entropy_plus_tempered_kl():
     assert float(_distill_loss(0.25, 2.0)(student, batch)) == pytest.approx(0.75 * ce + 0.25 * kl, rel=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_magnitude_fine_tuning_distills_from_the_unpruned_model(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
@@ -248,6 +250,7 @@ def test_channel_pruning_with_taylor_and_iterative_fine_tuning(torch_digits, dig
     assert accuracy > 0.9
 
 
+@pytest.mark.slow
 def test_prune_cli(digits_mlp_path, tmp_path):
     out = tmp_path / "p.onnx"
     result = run_cli("prune", str(digits_mlp_path), "-o", str(out), "--method", "magnitude", "--sparsity", "0.5", "-q")

@@ -318,6 +318,7 @@ def test_calibration_from_tf_data():
     assert result.provenance.passes[-1].figures["calibration_samples"] == 40
 
 
+@pytest.mark.slow
 def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     out = tmp_path / "q.onnx"
     result = run_cli("quantize", str(digits_mlp_path), "-o", str(out), "--calib", str(digits_npz), "--calibrator", "mse", "-q")
@@ -330,6 +331,7 @@ def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     assert bad.returncode != 0 and "needs calibration data" in bad.stderr and not (tmp_path / "n.onnx").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
     pytest.importorskip("torch")

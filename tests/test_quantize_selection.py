@@ -36,6 +36,7 @@ def _consumers(graph: onnx.GraphProto, tensor: str) -> list[str]:
     return [n.op_type for n in graph.node if tensor in n.input]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoders, digits, tmp_path):
     logits, _, calibration, x_test = encoders
@@ -79,6 +80,7 @@ def test_an_embedding_output_is_judged_by_cosine(encoders, tmp_path):
     assert "top-1 agreement" in forced.provenance.passes[-1].figures["criteria"]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_a_conv_heavy_model_is_at_least_3_5x_smaller(digits, tmp_path):
     pytest.importorskip("torch", reason="needs the torch extra")
@@ -140,6 +142,7 @@ def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
     assert figures["quantized_nodes"] >= 30  # the rest stays int8
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     model, calibration = _deep_mlp(layers=6, sensitive=3)
     source, calib = tmp_path / "m.onnx", tmp_path / "c.npz"

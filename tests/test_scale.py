@@ -192,6 +192,7 @@ print(json.dumps({"base": base, "peak": status("VmHWM")}))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("verify", "bound"), [(False, 0.75), (True, 1.4)])
 def test_streamed_weight_only_pass_memory_stays_under_the_model_size(tmp_path, verify, bound):
     layers, k, n = 9, 1024, 8192  # 9 x 32 MiB = 288 MiB of float32 weights in external data
@@ -272,6 +273,7 @@ def test_progress_prints_log_lines_when_stderr_is_not_a_terminal(monkeypatch, ca
     assert capsys.readouterr().err == ""
 
 
+@pytest.mark.slow
 def test_cli_external_data_and_no_verify(tmp_path):
     from tests.conftest import run_cli
 

@@ -47,6 +47,7 @@ def test_masks_keep_pruned_weights_zero(digits):
     assert np.all(weight[mask == 0] == 0) and np.count_nonzero(weight[mask == 1]) == int(mask.sum())
 
 
+@pytest.mark.slow
 def test_early_stopping_and_interrupt_keep_the_best(digits):
     module = modelpress.to_torch(_digits_model())
     scores = iter([0.5, 0.9, 0.6, 0.55, 0.5, 0.4, 0.3])

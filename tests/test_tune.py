@@ -63,6 +63,7 @@ def _recipe(tmp_path: Path, data: Path, options: dict, method: str = "int8-stati
     return path
 
 
+@pytest.mark.slow
 def test_default_space_study_end_to_end(ray_address, digits_mlp_path, data, digits, tmp_path):
     out = tmp_path / "tune"
     result = modelpress.tune(digits_mlp_path, data={"eval": data / "eval.npz", "calibration": data / "calib.npz"},
@@ -104,6 +105,7 @@ def test_crashing_trial_does_not_stop_the_study(ray_address, digits_mlp_path, da
     assert "failed" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_unreachable_criterion_still_returns_the_best(ray_address, digits_mlp_path, data, tmp_path):
     recipe = _recipe(tmp_path, data, {"bits": {"search": [3, 6]}, "min_elements": 16}, method="codebook", metric="cosine")
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=2, max_drop=0.0, output=tmp_path / "out", show_progress=False)
@@ -113,6 +115,7 @@ def test_unreachable_criterion_still_returns_the_best(ray_address, digits_mlp_pa
     assert "does NOT meet" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_interrupted_study_resumes_without_rerunning_completed_trials(ray_address, digits_mlp_path, data, tmp_path):
     recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "percentile", "entropy", "mse"]},
                                       "per_channel": {"search": [True, False]}, "sensitivity": False})
@@ -204,6 +207,7 @@ def test_batch_compress_runs_models_in_parallel(ray_address, digits_mlp_path, da
     assert [m["status"] for m in summary["models"]] == ["ok", "failed"]
 
 
+@pytest.mark.slow
 def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, tmp_path):
     recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy"]}, "sensitivity": False, "exclude": {"search": "fallback"}})
     proc = run_cli("tune", str(digits_mlp_path), "--recipe", str(recipe), "--max-drop", "1%", "--strategy", "accuracy-first",
@@ -236,6 +240,7 @@ def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, d
     assert "before recovery (fine_tune_epochs)" in result["reason"]
 
 
+@pytest.mark.slow
 def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path, data, tmp_path):
     recipe = _recipe(tmp_path, data, {"per_channel": {"search": [True]}}, method="int8-dynamic")
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=1, trial_memory_mb=1, output=tmp_path / "mem", show_progress=False)
@@ -245,6 +250,7 @@ def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path,
     assert result.trials[0].status == "failed" and "time limit" in result.trials[0].error
 
 
+@pytest.mark.slow
 def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_mlp_path, data, tmp_path):
     # int8-static calibrations (histograms, percentiles, entropy): state a reused worker carried over would show in these numbers
     recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy", "percentile"]}, "per_channel": {"search": [True, False]},
@@ -267,6 +273,7 @@ def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_m
     assert all(t.timing["phases"]["passes"]["cpu"] > 0 and "metric" in t.timing["phases"] for t in runs[False])
 
 
+@pytest.mark.slow
 def test_parallel_jobs_use_one_thread_each(ray_address, digits_mlp_path):
     # two jobs on two CPUs: each one's ORT sessions, torch and BLAS must use one thread, or they oversubscribe the cores
     pytest.importorskip("torch")

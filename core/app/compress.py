@@ -22,7 +22,7 @@ from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["CompressResult", "StageMetrics", "compress", "measure_latency", "run_pass"]
+__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "measure_latency", "run_pass"]
 
 
 @dataclass
@@ -69,14 +69,10 @@ def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Regis
 
 
 def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
-    """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups."""
-    import onnxruntime as ort
+    """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op threads."""
+    from modelpress.runtime.session import make_session
 
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = threads
-    opts.inter_op_num_threads = 1
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(os.fspath(path), opts, providers=["CPUExecutionProvider"])
+    session = make_session(path, threads=threads)  # NOTE: session.run below, not runtime.run: no timer in the timing
     for _ in range(2):
         session.run(None, feeds)
     times = []
@@ -150,15 +146,27 @@ class _Evaluator:
         )
 
 
+@dataclass(frozen=True)
+class PassData:
+    """What every recipe pass of one run is given besides the model: the recipe's data sources
+    (resolved), the registry, and whether to show progress."""
+
+    calibration: Any = None
+    train: Any = None
+    eval_source: Any = None
+    show_progress: bool = True
+    registry: Registry | None = None
+
+
 def run_pass(
-    spec: PassSpec, index: int, current: Model, source: Model, *, calibration: Any, train: Any, eval_source: Any,
-    show_progress: bool, registry: Registry, allow_no_gain: bool = False, stage: str | None = None,
+    spec: PassSpec, index: int, current: Model, source: Model, data: PassData, *, allow_no_gain: bool = False, stage: str | None = None,
 ) -> Model:
     """Apply recipe pass ``index`` to ``current`` (a distill pass trains it with ``source`` as teacher).
 
     The one place a recipe pass runs: ``compress`` and each ``tune`` trial call it, so a tuned
     configuration written as a recipe reproduces the same model.
     """
+    registry = data.registry or get_registry()
     options = dict(spec.options)
     extra: dict[str, Any] = {}
     model_in = current
@@ -171,20 +179,31 @@ def run_pass(
             options.setdefault(key, value)
         extra["current"] = current
         model_in = source
-    result = apply(model_in, method, kind=spec.kind, options=options, calibration=calibration, train=train,
-                   eval=eval_source, show_progress=show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain,
+    result = apply(model_in, method, kind=spec.kind, options=options, calibration=data.calibration, train=data.train,
+                   eval=data.eval_source, show_progress=data.show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain,
                    stage=stage or spec.name or f"{spec.kind}/{spec.method}")
     if method.uses_reference:  # NOTE: the result's history continues the current model's
         result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
     return result
 
 
+@dataclass(frozen=True)
+class _Outputs:
+    """Where a :func:`compress` run writes (``output``, ``report_dir``), what verifies its
+    exports (``sample``) and the options every export of the run gets."""
+
+    output: str | os.PathLike[str] | None
+    report_dir: str | os.PathLike[str] | None
+    sample: Any
+    export_options: dict[str, Any]
+
+
 class _Run:
     """One :func:`compress` run: where its files go, its data, evaluator and report, the stages so far."""
 
-    def __init__(self, recipe: Recipe, source: Model, registry: Registry, *, output: str | os.PathLike[str] | None,
-                 report_dir: str | os.PathLike[str] | None, sample: Any, show_progress: bool, export_options: dict[str, Any]) -> None:
+    def __init__(self, recipe: Recipe, source: Model, registry: Registry, outputs: _Outputs, *, show_progress: bool) -> None:
         self.recipe, self.source, self.registry, self.show_progress = recipe, source, registry, show_progress
+        output, report_dir, sample = outputs.output, outputs.report_dir, outputs.sample
         self.out_path = Path(output) if output is not None else None
         base = self.out_path.parent if self.out_path is not None else Path(report_dir or ".")
         stem = self.out_path.stem if self.out_path is not None else "model"
@@ -193,9 +212,9 @@ class _Run:
         self.reports_at = Path(report_dir) if report_dir is not None else base
         self.reports_at.mkdir(parents=True, exist_ok=True)
 
-        self.calibration = recipe.resolve(recipe.data.calibration)
-        self.train = recipe.resolve(recipe.data.train)
-        self.eval_source = recipe.resolve(recipe.data.eval)
+        self.data = PassData(calibration=recipe.resolve(recipe.data.calibration), train=recipe.resolve(recipe.data.train),
+                             eval_source=recipe.resolve(recipe.data.eval), show_progress=show_progress, registry=registry)
+        self.eval_source = self.data.eval_source
         eval_data = load_dataset(self.eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if self.eval_source is not None else None
         # NOTE: verification data for every export after the source's: the caller's, or the evaluation data's first 64
         self.sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
@@ -203,7 +222,7 @@ class _Run:
         self.report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
                              kind_columns={k.name: k.columns for k in registry.kinds()})
         # NOTE: verify, external_data, overwrite: the same for every export of the run
-        self.export_options = {**export_options, "show_progress": show_progress, "registry": registry}
+        self.export_options = {**outputs.export_options, "show_progress": show_progress, "registry": registry}
         self.stages: list[StageMetrics] = []
 
     def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> None:
@@ -224,8 +243,7 @@ class _Run:
         label = spec.name or f"{spec.kind}/{spec.method}"
         start = time.perf_counter()
         # NOTE: no gain is judged below, after the stage is measured and reported.
-        result = run_pass(spec, index, current, self.source, calibration=self.calibration, train=self.train, eval_source=self.eval_source,
-                          show_progress=self.show_progress, registry=self.registry, allow_no_gain=True)
+        result = run_pass(spec, index, current, self.source, self.data, allow_no_gain=True)
         seconds = time.perf_counter() - start
         path = self.stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
         export(result, path, sample=self.sample, reference=self.source, **self.export_options)
@@ -316,8 +334,9 @@ def compress(
     run_id = uuid.uuid4().hex[:12]
     registry.hook.modelpress_run_start(run_id=run_id, model=source, recipe=recipe)
     try:
-        run = _Run(recipe, source, registry, output=output, report_dir=report_dir, sample=sample, show_progress=show_progress,
-                   export_options={"verify": verify, "external_data": external_data, "overwrite": overwrite, "accept_loss": accept_loss})
+        outputs = _Outputs(output, report_dir, sample, {"verify": verify, "external_data": external_data, "overwrite": overwrite,
+                                                        "accept_loss": accept_loss})
+        run = _Run(recipe, source, registry, outputs, show_progress=show_progress)
         run.source_stage()
         current, interrupted = run.stages_in_turn(allow_no_gain=allow_no_gain)
         outcome = run.finish(current, interrupted)

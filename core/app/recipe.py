@@ -37,7 +37,13 @@ from typing import Any
 import pydantic
 from pydantic import Field
 
-from modelpress.base.errors import DataError, OptionsError, UnknownMethodError, one_line
+from modelpress.base.errors import (
+    DataError,
+    OptionsError,
+    UnknownMethodError,
+    one_line,
+    validation_problems,
+)
 from modelpress.plugin.methods import Method
 from modelpress.plugin.registry import Registry, get_registry
 
@@ -214,8 +220,7 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, all
     try:
         recipe = Recipe(**raw)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
-        raise OptionsError(f"{label}: {one_line(problems, 600)}") from None
+        raise OptionsError(f"{label}: {one_line(validation_problems(exc), 600)}") from None
     recipe.base_dir = base
     recipe.allow_imports = allow_imports
     return recipe

@@ -7,6 +7,8 @@ one line; ``--verbose`` adds the traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
 __all__ = [
     "AccuracyLossError",
     "DataError",
@@ -22,6 +24,8 @@ __all__ = [
     "UnsafeExternalDataError",
     "UnsupportedModelError",
     "VerificationError",
+    "one_line",
+    "validation_problems",
 ]
 
 
@@ -100,3 +104,18 @@ def one_line(text: object, limit: int = 300) -> str:
     Error messages embed other objects' ``str``; this keeps them readable on a terminal."""
     flat = " ".join(str(text).split())
     return flat if len(flat) <= limit else flat[: limit - 15] + " ...(truncated)"
+
+
+def validation_problems(exc: Any, *, what: str = "", root: str = "", show_input: bool = False) -> str:
+    """A pydantic ``ValidationError``'s problems as one ``"; "``-joined line, the one way modelpress
+    words them: ``<location>: <message>`` per error, the location dotted (``passes.0.method``),
+    ``root`` where it is empty; with ``what`` the location is quoted after it (``option 'bits'``);
+    with ``show_input`` the rejected value follows (`` (got 3)``)."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ())) or root
+        if what:
+            where = f"{what} {where!r}"
+        got = f" (got {err.get('input')!r})" if show_input else ""
+        problems.append(f"{where}: {err.get('msg', '')}{got}")
+    return "; ".join(problems)

@@ -18,13 +18,13 @@ on an :class:`onnx_ir.Model`:
    (``LiftSubgraphInitializersToMainGraphPass``), so every weight is a main-graph initializer
    whatever branch uses it.
 
-:func:`check_equivalent` runs the original and the normalised model in ONNX Runtime on the same
-inputs; the ONNX adapter records both the counts and that comparison in the provenance.
+:func:`modelpress.runtime.import_check.normalize_on_import` runs it and then the original and the
+normalised model in ONNX Runtime on the same inputs; the ONNX adapter records both the counts and
+that comparison in the provenance.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +33,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
 
-__all__ = ["NormalizeReport", "check_equivalent", "fold_batchnorm", "fold_constants", "normalize", "normalize_on_import", "remove_identities"]
+__all__ = ["NormalizeReport", "fold_batchnorm", "fold_constants", "normalize", "remove_identities"]
 
 # NOTE: never folded: randomness, control flow, and the quantization ops (a quantized model's
 # int8 weights must stay int8 behind their DequantizeLinear).
@@ -334,87 +334,3 @@ def fold_batchnorm(model: ir.Model) -> int:
             if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and _fold_one_batchnorm(node):
                 folded += 1
     return folded
-
-
-# -- the equivalence check ----------------------------------------------------------------------
-
-
-def check_equivalent(original: onnx.ModelProto, normalised: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Run both in ONNX Runtime on ``feeds``; the worst absolute and relative difference."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    before = ort.InferenceSession(original.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    expected = before.run(None, feeds)
-    del before
-    after = ort.InferenceSession(ir.serde.serialize_model(normalised).SerializeToString(), options, providers=["CPUExecutionProvider"])
-    actual = after.run(None, feeds)
-    worst_abs = worst_rel = 0.0
-    for ref, out in zip(expected, actual, strict=True):
-        ref, out = np.asarray(ref), np.asarray(out)
-        if ref.shape != out.shape:
-            return {"equal": False, "why": f"output shape {out.shape} != {ref.shape}"}
-        if ref.size == 0 or not np.issubdtype(ref.dtype, np.number):
-            continue
-        diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
-        scale = max(float(np.max(np.abs(ref.astype(np.float64)))), 1e-6)
-        worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
-    return {"equal": bool(worst_rel <= 1e-4), "max_abs_diff": worst_abs, "max_rel_diff": worst_rel}
-
-
-# NOTE: past this, the ORT check would hold two more copies of a big model; it is skipped and said so.
-_CHECK_LIMIT_BYTES = 1_000_000_000
-
-
-def _check_inputs(signature: Any) -> Iterator[dict[str, np.ndarray]]:
-    """Random inputs to try, smallest first. Every dynamic dim gets the same size; 2 is too small
-    for many image or audio models, and 256 samples of 256x256 would cost memory: 2, then 64 and
-    256 cut to two samples, then 64 and 256 whole while the inputs stay under 16 MB."""
-    from modelpress.data.samples import sample_inputs
-
-    yield sample_inputs(signature, batch=2)
-    sizes = {size: sum(int(np.prod(s.concrete_shape(dynamic_size=size))) * 8 for s in signature.inputs) for size in (64, 256)}
-    for size, nbytes in sizes.items():
-        if nbytes < 64 * 2**20:
-            yield {k: v[:2] if v.ndim else v for k, v in sample_inputs(signature, batch=size).items()}
-    for size, nbytes in sizes.items():
-        if nbytes < 16 * 2**20:
-            yield sample_inputs(signature, batch=size)
-
-
-def normalize_on_import(
-    model: ir.Model, original: onnx.ModelProto, label: str, sample: dict[str, np.ndarray] | None = None
-) -> tuple[ir.Model, dict[str, Any]]:
-    """What the ONNX adapter runs: :func:`normalize`, then :func:`check_equivalent` on sample
-    inputs (``sample``, else random ones). A normalised model whose outputs differ is not kept: the model is deserialised again
-    from ``original`` and the figures say why. Returns the model and the figures for the provenance."""
-    from modelpress.ir.signature import Signature
-
-    report = normalize(model)
-    figures: dict[str, Any] = report.to_dict()
-    if not report.modified:
-        return model, figures
-    external = any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer
-    )
-    if external or original.ByteSize() > _CHECK_LIMIT_BYTES:
-        figures["check"] = "not run (external data or over 1 GB)"
-        return model, figures
-    signature = Signature.from_graph(model.graph)
-    check: dict[str, Any] | None = None
-    for feeds in [sample] if sample is not None else _check_inputs(signature):
-        try:
-            check = check_equivalent(original, model, feeds)
-            break
-        except Exception as exc:  # NOTE: e.g. random inputs outside what the model accepts
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."  # NOTE: never cut mid-word
-            figures["check"] = f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
-    if check is None:
-        return model, figures
-    figures["check"] = check
-    if not check.get("equal"):
-        figures["kept_original"] = f"{label}: the normalised model's outputs differed from the original's; the original graph is kept"
-        return ir.serde.deserialize_model(original), figures
-    return model, figures

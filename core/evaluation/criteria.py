@@ -43,8 +43,22 @@ if TYPE_CHECKING:
     from modelpress.ir.model import Model
 
 __all__ = [
-    "ALPHA", "KIND_METRIC", "LOWER_IS_BETTER", "METRICS", "Criterion", "Judgement", "agreement", "allowed_flips", "cosine",
-    "infer_criteria", "judge", "lower_is_better", "measure", "relative_error", "row_cosines",
+    "ALPHA",
+    "KIND_METRIC",
+    "LOWER_IS_BETTER",
+    "METRICS",
+    "Bounds",
+    "Criterion",
+    "Judgement",
+    "agreement",
+    "allowed_flips",
+    "cosine",
+    "infer_criteria",
+    "judge",
+    "lower_is_better",
+    "measure",
+    "relative_error",
+    "row_cosines",
 ]
 
 METRICS = ("agreement", "cosine", "cosine_p5", "relative_error", "nrmse")
@@ -285,13 +299,15 @@ def _parse(spec: str, output: str) -> tuple[str | None, str, float | None]:
 
 
 @dataclass(frozen=True)
-class _Bounds:
-    """The thresholds infer_criteria fills in where a spec gives none (``None``: reported only)."""
+class Bounds:
+    """The thresholds :func:`infer_criteria` fills in where an output's spec gives none (``None``:
+    the figure is reported, not enforced): top-1 agreement, cosine, relative error (regressions) and
+    normalised RMS error (dense maps; by default ``sqrt(2 (1 - cosine))``)."""
 
-    agreement: float | None
-    cosine: float | None
-    relative_error: float | None
-    nrmse: float | None
+    agreement: float | None = None
+    cosine: float | None = None
+    relative_error: float | None = None
+    nrmse: float | None = None
 
     def of(self, metric: str) -> float | None:
         if metric == "cosine_p5":
@@ -299,7 +315,7 @@ class _Bounds:
         return getattr(self, metric)
 
 
-def _primary(name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bounds: _Bounds) -> Criterion:
+def _primary(name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bounds: Bounds) -> Criterion:
     form, axis, reason = found.form, found.axis, found.reason
     metric = KIND_METRIC[found.kind]
     threshold = bounds.of(metric)
@@ -324,24 +340,21 @@ def infer_criteria(
     *,
     model: Model | None = None,
     overrides: Mapping[str, str] | None = None,
-    min_agreement: float | None = None,
-    min_cosine: float | None = None,
-    max_relative_error: float | None = None,
-    max_dense_error: float | None = None,
+    bounds: Bounds | None = None,
 ) -> list[Criterion]:
     """The criteria of each output, from the graph of ``model`` (when given) and the reference
     outputs (see the module's table). A classifier's agreement comes with a cosine guard on its
-    scores when ``min_cosine`` is given; an embedding's mean cosine with its 5th percentile.
+    scores when ``bounds.cosine`` is given; an embedding's mean cosine with its 5th percentile.
     ``overrides`` maps an output name (or ``"*"``) to a kind/metric spec; the thresholds fill in
-    bounds the spec does not give (``None``: the figure is reported, not enforced); the dense bound
-    defaults to ``sqrt(2 (1 - min_cosine))``."""
+    bounds the spec does not give (:class:`Bounds`)."""
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(names) - {"*"})
     if unknown:
         raise OptionsError(f"criteria name outputs the model does not have: {', '.join(unknown)} (outputs: {', '.join(names)})")
-    if max_dense_error is None and min_cosine is not None:
-        max_dense_error = math.sqrt(2.0 * max(1.0 - min_cosine, 0.0))
-    bounds = _Bounds(min_agreement, min_cosine, max_relative_error, max_dense_error)
+    bounds = bounds or Bounds()
+    if bounds.nrmse is None and bounds.cosine is not None:
+        bounds = replace(bounds, nrmse=math.sqrt(2.0 * max(1.0 - bounds.cosine, 0.0)))
+    min_cosine = bounds.cosine
     result = []
     for name, ref in zip(names, reference, strict=True):
         ref = np.asarray(ref)

@@ -6,7 +6,7 @@ plugin names values or sets types by hand:
 
 - node and value names are unique in the model by construction (``<prefix>/<Op>``, ``_1``, ...);
 - each output's element type and shape are inferred from the node's inputs (ONNX's per-node
-  inference, no model round trip), or set explicitly with ``dtype=``;
+  inference, no model round trip), or set explicitly with ``out=Out(name, dtype, shape)``;
 - weights go into the model as initializers (``builder.initializer(array, "name")``).
 
 Typical use, replacing one node by two (see ``docs/writing-a-plugin.md``)::
@@ -25,6 +25,7 @@ The nodes are *not* in any graph until you put them there (``model.replace_node`
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,7 +36,7 @@ from onnx_ir.tape import Tape
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
 
-__all__ = ["GraphBuilder", "infer_node_types"]
+__all__ = ["GraphBuilder", "Out", "infer_node_types"]
 
 # NOTE: constant inputs up to this size are handed to per-node inference (Reshape's shape, Slice's
 # starts, ...); larger ones are weights, whose type alone is enough.
@@ -93,6 +94,17 @@ def infer_node_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
     return complete
 
 
+@dataclass(frozen=True)
+class Out:
+    """A new node's output as :meth:`GraphBuilder.op` makes it: ``name`` (made unique; default
+    ``<node name>_output``), element type ``dtype`` and ``shape`` (default: inferred from the
+    node's inputs)."""
+
+    name: str | None = None
+    dtype: ir.DataType | None = None
+    shape: ir.Shape | Sequence[int | str | None] | None = None
+
+
 class GraphBuilder(Tape):
     """A :class:`onnx_ir.tape.Tape` that makes unique names and infers types (see the module docstring).
 
@@ -117,23 +129,17 @@ class GraphBuilder(Tape):
         inputs: Sequence[ir.Value | None],
         attributes: Mapping[str, Any] | None = None,
         *,
-        domain: str = "",
         name: str | None = None,
-        output_name: str | None = None,
-        dtype: ir.DataType | None = None,
-        shape: ir.Shape | Sequence[int | str | None] | None = None,
+        out: Out | None = None,
         **kwargs: Any,
     ) -> ir.Value:
         """Create ``op_type(*inputs, **attributes)`` and return its output.
 
-        ``name`` is the node's name (default ``<prefix>/<op_type>``) and ``output_name`` its
-        output's (default ``<node name>_output``); both get a ``_N`` suffix when taken. The output's
-        type is ``dtype``/``shape`` if given, else inferred from the inputs."""
-        return self.op_multi_out(
-            op_type, inputs, attributes, num_outputs=1, domain=domain, name=name,
-            output_names=[output_name] if output_name else None,
-            dtypes=[dtype] if dtype is not None else None, shapes=[shape] if shape is not None else None, **kwargs,
-        )[0]
+        ``name`` is the node's name (default ``<prefix>/<op_type>``), made unique with a ``_N``
+        suffix when taken; ``out`` names and types its output (:class:`Out`; default: named
+        ``<node name>_output``, typed by inference from the inputs). Other keywords (``domain``,
+        ``version``, ``doc_string``, ...) are onnx-ir's :meth:`~onnx_ir.tape.Tape.op`'s."""
+        return self.op_multi_out(op_type, inputs, attributes, num_outputs=1, name=name, outs=[out] if out is not None else None, **kwargs)[0]
 
     def op_multi_out(  # type: ignore[override]
         self,
@@ -142,26 +148,21 @@ class GraphBuilder(Tape):
         attributes: Mapping[str, Any] | None = None,
         *,
         num_outputs: int | None = None,
-        domain: str = "",
         name: str | None = None,
-        output_names: Sequence[str] | None = None,
-        dtypes: Sequence[ir.DataType | None] | None = None,
-        shapes: Sequence[ir.Shape | Sequence[int | str | None] | None] | None = None,
+        outs: Sequence[Out] | None = None,
         **kwargs: Any,
     ) -> Sequence[ir.Value]:
-        """Like :meth:`op` for a node with several outputs (``num_outputs`` or ``output_names``)."""
-        count = len(output_names) if output_names is not None else (num_outputs or 1)
+        """Like :meth:`op` for a node with several outputs (``num_outputs``, or one :class:`Out` each in ``outs``)."""
+        count = len(outs) if outs is not None else (num_outputs or 1)
         node_name = self.model.fresh_name(self._base(op_type, name), node=True)
-        outputs = super().op_multi_out(
-            op_type, inputs, _clean(attributes), num_outputs=count, domain=domain, name=node_name, **kwargs,
-        )
-        for i, out in enumerate(outputs):
-            wanted = output_names[i] if output_names is not None else (f"{node_name}_output" if count == 1 else f"{node_name}_out{i}")
-            out.name = self.model.fresh_name(wanted)
-            if dtypes is not None and dtypes[i] is not None:
-                out.type = ir.TensorType(dtypes[i])  # type: ignore[arg-type]
-            if shapes is not None and shapes[i] is not None:
-                out.shape = shapes[i] if isinstance(shapes[i], ir.Shape) else ir.Shape(shapes[i])  # type: ignore[arg-type,assignment]
+        outputs = super().op_multi_out(op_type, inputs, _clean(attributes), num_outputs=count, name=node_name, **kwargs)
+        for i, value in enumerate(outputs):
+            spec = outs[i] if outs is not None else Out()
+            value.name = self.model.fresh_name(spec.name or (f"{node_name}_output" if count == 1 else f"{node_name}_out{i}"))
+            if spec.dtype is not None:
+                value.type = ir.TensorType(spec.dtype)
+            if spec.shape is not None:
+                value.shape = spec.shape.copy() if isinstance(spec.shape, ir.Shape) else ir.Shape(spec.shape)
         node = outputs[0].producer()
         assert node is not None
         infer_node_types(node, self.model.ir.opset_imports)

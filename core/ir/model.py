@@ -20,7 +20,7 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.base.errors import InvalidModelError, ModelpressError
-from modelpress.ir.builder import GraphBuilder
+from modelpress.ir.builder import GraphBuilder, Out
 from modelpress.ir.layers import (
     WEIGHTED_OPS,
     WeightedLayer,
@@ -227,14 +227,11 @@ class Model:
         num_outputs: int = 1,
         outputs: list[tuple[str, ir.DataType | None]] | None = None,
     ) -> ir.Node:
-        """One node from :meth:`builder` (not yet in the graph): ``name`` and each ``(output name,
-        dtype)`` get a ``_N`` suffix when taken; an output without a dtype gets an inferred one.
-        Without ``outputs``, the outputs are named ``<name>_output`` / ``<name>_out<i>``."""
-        specs = outputs or [(f"{name}_out{i}" if num_outputs > 1 else f"{name}_output", None) for i in range(num_outputs)]
-        values = self.builder().op_multi_out(
-            op_type, inputs, attributes or {}, domain=domain, name=name,
-            output_names=[s[0] for s in specs], dtypes=[s[1] for s in specs],
-        )
+        """One node from :meth:`builder` (not yet in the graph), returned as the node rather than its
+        outputs: ``name`` and each ``(output name, dtype)`` get a ``_N`` suffix when taken.
+        NOTE: new code uses ``model.builder().op(...)``; this remains for the plugins that still call it."""
+        outs = [Out(n, dtype) for n, dtype in outputs] if outputs else None
+        values = self.builder().op_multi_out(op_type, inputs, attributes or {}, domain=domain, name=name, num_outputs=num_outputs, outs=outs)
         node = values[0].producer()
         assert node is not None
         return node
@@ -250,10 +247,6 @@ class Model:
         which made a pass inserting one node per layer quadratic)."""
         self.ir.graph.insert_before(anchor, nodes)
         self._sync_names()
-
-    def new_value_name(self, base: str) -> str:
-        """Same as :meth:`fresh_name` for a value (kept for existing plugins)."""
-        return self._unique_name(base)
 
     @staticmethod
     def producer(value: ir.Value) -> ir.Node | None:
@@ -275,45 +268,43 @@ class Model:
         extra_inputs: list[ir.Value | None] | None = None,
         *,
         attributes: dict[str, Any] | None = None,
-        domain: str = "",
         name: str | None = None,
-        dtype: ir.DataType | None = None,
+        out: Out | None = None,
         consumers: list[ir.Node] | None = None,
-        output: str | None = None,
     ) -> ir.Value:
         """Insert ``op_type(value, *extra_inputs)`` on every edge leaving ``value``.
 
         Every consumer of ``value`` (and the graph output, if it is one) is rewired to the new
         node's output, which is returned. Used to put Cast, QuantizeLinear/DequantizeLinear and
-        similar nodes on an edge. The output keeps ``value``'s shape; its element type is
-        ``dtype`` if given, Cast's ``to``, or else ``value``'s. With ``consumers``, only those
-        nodes are rewired (and the graph output is left alone). The output is named ``output`` (made
-        unique; default ``<value>_<op_type>``).
+        similar nodes on an edge. ``out`` (:class:`~modelpress.ir.builder.Out`) names the output
+        (made unique; default ``<value>_<op_type>``) and gives its element type (default: Cast's
+        ``to``, else ``value``'s); the output keeps ``value``'s shape. With ``consumers``, only
+        those nodes are rewired (and the graph output is left alone). The node's name is ``name``
+        (default ``<value>/<op_type>``).
         """
+        spec = out or Out()
+        dtype = spec.dtype
         if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
             dtype = ir.DataType(int(attributes["to"]))
-        out = self.builder().op(
-            op_type, [value, *(extra_inputs or [])], attributes or {}, domain=domain,
-            name=name or f"{value.name}/{op_type}", output_name=output or f"{value.name}_{op_type.lower()}",
-            dtype=dtype if dtype is not None else value.dtype,
-            shape=value.shape.copy() if value.shape is not None else None,
-        )
-        node = out.producer()
+        result = Out(spec.name or f"{value.name}_{op_type.lower()}", dtype if dtype is not None else value.dtype,
+                     spec.shape if spec.shape is not None else value.shape.copy() if value.shape is not None else None)
+        new = self.builder().op(op_type, [value, *(extra_inputs or [])], attributes or {}, name=name or f"{value.name}/{op_type}", out=result)
+        node = new.producer()
         assert node is not None
         uses = [(user, idx) for user, idx in value.uses() if user is not node]
         if consumers is not None:
             uses = [(user, idx) for user, idx in uses if any(user is c for c in consumers)]
         for user, idx in uses:
-            user.replace_input_with(idx, out)
+            user.replace_input_with(idx, new)
         graph = self.ir.graph
         if value.is_graph_output() and consumers is None:
             # NOTE: keep the public output name; the new node's output takes it over.
             old_name = value.name
             value.name = self._unique_name(f"{old_name}_pre_{op_type.lower()}")
-            out.name = old_name
+            new.name = old_name
             for i, o in enumerate(graph.outputs):
                 if o is value:
-                    graph.outputs[i] = out
+                    graph.outputs[i] = new
         producer = value.producer()
         if producer is not None and producer.graph is graph:
             graph.insert_after(producer, node)
@@ -322,7 +313,7 @@ class Model:
         else:
             graph.append(node)
         self._sync_names()
-        return out
+        return new
 
     def replace_node(self, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value) -> None:
         """Swap ``node`` for ``new_nodes`` whose ``output`` takes over the node's (first) output.

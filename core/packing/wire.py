@@ -12,7 +12,7 @@ fields numbered below 9) and every enclosing length prefix rewritten.
 The result is byte for byte what ``SerializeToString`` gives for the filled proto (upb, like
 every protobuf runtime, writes known fields in field-number order); the tests compare both on
 models with subgraphs, ``Constant`` tensors and external data. Anything this walker does not
-expect (group wire types, a tensor count that differs from :func:`modelpress.packing.container._tensors`)
+expect (group wire types, a tensor count that differs from :func:`modelpress.packing.walk.tensors`)
 makes :func:`tensor_spans` return ``None`` and the caller falls back to the proto path.
 """
 
@@ -114,7 +114,7 @@ def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, i
 
 def tensor_spans(graph: bytes | memoryview) -> list[tuple[int, int]] | None:
     """The byte span of every ``TensorProto`` in the serialised model ``graph``, in the order of
-    :func:`modelpress.packing.container._tensors`; ``None`` if the bytes hold something unexpected."""
+    :func:`modelpress.packing.walk.tensors`; ``None`` if the bytes hold something unexpected."""
     buf = memoryview(graph)
     spans: list[tuple[int, int]] = []
     try:

@@ -67,8 +67,14 @@ def in_memory_bytes(model: Model) -> int:
     )
 
 
-def make_session(model: Model | str | os.PathLike[str], *, threads: int | None = None, prepack: bool = True, spin: bool = True) -> ort.InferenceSession:
-    """An ORT CPU session for a model or a file (a ``.mpk`` pack is decoded in memory).
+def make_session(
+    model: Model | str | os.PathLike[str] | bytes, *, threads: int | None = None, prepack: bool = True, spin: bool = True,
+) -> ort.InferenceSession:
+    """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory) or a
+    serialised ``ModelProto`` (``bytes``). Every ORT session of modelpress is made here.
+
+    ``threads``: intra-op threads (one inter-op thread); default ``$MODELPRESS_THREADS``, else
+    ORT's choice (every core).
 
     ``prepack=False`` skips ORT's weight pre-packing: building the session of a multi-GB model
     takes milliseconds instead of tens of seconds and no packed copy of the weights is made,
@@ -91,6 +97,8 @@ def make_session(model: Model | str | os.PathLike[str], *, threads: int | None =
     opts = _options(threads, prepack, spin)
     providers = ["CPUExecutionProvider"]
     try:
+        if isinstance(model, bytes):
+            return ort.InferenceSession(model, opts, providers=providers)
         if not isinstance(model, Model):
             return ort.InferenceSession(os.fspath(model), opts, providers=providers)
         folders = external_folders(model.ir)
@@ -108,7 +116,7 @@ def make_session(model: Model | str | os.PathLike[str], *, threads: int | None =
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except Exception as exc:
-        name = model.name if isinstance(model, Model) else os.fspath(model)
+        name = model.name if isinstance(model, Model) else "<in-memory model>" if isinstance(model, bytes) else os.fspath(model)
         raise InvalidModelError(f"ONNX Runtime cannot load model {name!r}: {_first_line(exc)}") from exc
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["QRange", "affine_params", "dequantize", "quantize", "symmetric_params"]
+__all__ = ["INT8_WEIGHTS", "UINT8", "QRange", "affine_params", "dequantize", "fake_quantize", "fake_quantize_weight", "quantize", "symmetric_params"]
 
 
 class QRange:
@@ -30,6 +30,10 @@ class QRange:
         else:
             self.qmin, self.qmax = 0, 2**bits - 1
         self.dtype = np.dtype(np.int8 if signed else np.uint8) if bits <= 8 else np.dtype(np.int32)
+
+
+INT8_WEIGHTS = QRange(8, True, restricted=True)  # symmetric int8 weights: [-127, 127]
+UINT8 = QRange(8, False)
 
 
 def affine_params(rmin: np.ndarray | float, rmax: np.ndarray | float, grid: QRange) -> tuple[np.ndarray, np.ndarray]:
@@ -56,6 +60,26 @@ def quantize(x: np.ndarray, scale: np.ndarray, zero: np.ndarray, grid: QRange) -
 
 def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray:
     return ((q.astype(np.float64) - zero.astype(np.float64)) * scale).astype(np.float32)
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray | float, zero: np.ndarray | float, grid: QRange) -> np.ndarray:
+    """``dequantize(quantize(x))`` without the integers: ``clip(round(x / scale), qmin - zero, qmax - zero) * scale``
+    (equal, as ``zero`` is whole), in float32 on one buffer: the error searches (SmoothQuant's
+    alpha, ``calibrator="auto"``) run it on ~1024 x K rows several times per tensor. ``scale`` and
+    ``zero`` broadcast against ``x``."""
+    scale = np.asarray(scale, np.float32)
+    zero = np.asarray(zero, np.float32)
+    q = np.divide(x, scale, dtype=np.float32)
+    np.round(q, out=q)
+    np.clip(q, grid.qmin - zero, grid.qmax - zero, out=q)
+    q *= scale
+    return q
+
+
+def fake_quantize_weight(w: np.ndarray) -> np.ndarray:
+    """``w[K, N]`` fake-quantized per output channel (its columns), symmetric int8 as the methods store weights."""
+    scale, _ = symmetric_params(np.abs(w).max(axis=0), INT8_WEIGHTS)
+    return fake_quantize(w, scale, 0.0, INT8_WEIGHTS)
 
 
 def per_axis(param: np.ndarray, ndim: int, axis: int) -> np.ndarray:

@@ -13,29 +13,20 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, PassContext, WeightedLayer
+from modelpress.plugins.quantize.affine import QRange, fake_quantize, fake_quantize_weight
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats
 from modelpress.plugins.quantize.scaling import sample_rows
 
-__all__ = ["choose_calibrators"]
+__all__ = ["Ranges", "choose_calibrators"]
 
 Params = tuple[np.ndarray, np.ndarray]
 
 
-def _fake_weight(w: np.ndarray) -> np.ndarray:
-    """Per output channel (columns of ``w[K, N]``) symmetric int8."""
-    scale = np.abs(w).max(axis=0) / 127
-    scale = np.where(scale > 0, scale, 1.0)
-    return (np.clip(np.round(w / scale), -127, 127) * scale).astype(np.float32)
-
-
-def _fake_act(x: np.ndarray, params: Params, signed: bool) -> np.ndarray:
-    scale, zero = (np.asarray(p, np.float64) for p in params)
-    lo, hi = (-128, 127) if signed else (0, 255)
-    return ((np.clip(np.round(x / scale) + zero, lo, hi) - zero) * scale).astype(np.float32)
 
 
 def _as_kn(layer: WeightedLayer) -> np.ndarray | None:
@@ -49,10 +40,21 @@ def _as_kn(layer: WeightedLayer) -> np.ndarray | None:
     return w.T if layer.out_axis == 0 else w
 
 
-def choose_calibrators(model: Model, stats: dict[str, TensorStats], layers: list[WeightedLayer], data: Dataset,
-                       params: Callable[[TensorStats, str], Params], act: dict[str, Params], *, signed: bool,
-                       batch_size: int, ctx: PassContext) -> dict[str, Params]:
-    """``act`` with the inputs of ``layers`` re-ranged by the calibrator of smallest output error."""
+@dataclass(frozen=True)
+class Ranges:
+    """The ranges to choose from: each tensor's calibration statistics, ``params(stats, calibrator)``
+    (the scale and zero point a calibrator gives) and the activations' integer grid."""
+
+    stats: dict[str, TensorStats]
+    params: Callable[[TensorStats, str], Params]
+    grid: QRange
+
+
+def choose_calibrators(model: Model, layers: list[WeightedLayer], data: Dataset, act: dict[str, Params], ranges: Ranges,
+                       ctx: PassContext, *, batch_size: int) -> dict[str, Params]:
+    """``act`` with the inputs of ``layers`` re-ranged by the calibrator of smallest output error
+    (on a sample of ``data``'s rows, read ``batch_size`` samples at a time)."""
+    stats, params, grid = ranges.stats, ranges.params, ranges.grid
     groups: dict[str, list[np.ndarray]] = {}
     for layer in layers:
         x = layer.node.inputs[0]
@@ -72,11 +74,11 @@ def choose_calibrators(model: Model, stats: dict[str, TensorStats], layers: list
                 continue
             w = np.concatenate(weights, axis=1)
             expected = x @ w
-            wq = _fake_weight(w)
+            wq = fake_quantize_weight(w)
             best: tuple[float, str, Params] | None = None
             for calibrator in CALIBRATORS:
                 candidate = params(stats[name], calibrator)
-                err = float(np.mean((_fake_act(x, candidate, signed) @ wq - expected).astype(np.float64) ** 2))
+                err = float(np.mean((fake_quantize(x, *candidate, grid) @ wq - expected).astype(np.float64) ** 2))
                 if best is None or err < best[0]:
                     best = (err, calibrator, candidate)
             assert best is not None

@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.plugin_api import DataError, Model, Options, OptionsError, PassContext
+from modelpress.plugin_api import DataError, Model, Options, OptionsError, Out, PassContext
 
 __all__ = ["CodebookOptions", "codebook", "kmeans_1d"]
 
@@ -84,14 +84,13 @@ def _gather_from(model: Model, weight: ir.Value, table: np.ndarray, idx: np.ndar
     base = weight.name or "weight"
     table_v = model.add_initializer(f"{base}_codebook", table)
     idx_v = model.add_initializer(f"{base}_indices", idx)
-    as_int = model.new_node("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast",
-                            outputs=[(f"{base}_indices_int64", ir.DataType.INT64)])
-    gather = model.new_node("Gather", [table_v, as_int.outputs[0]], {"axis": 0}, name=f"{base}_Gather",
-                            outputs=[(f"{base}_decoded", ir.DataType.FLOAT)])
-    gather.outputs[0].shape = ir.Shape(idx.shape)
-    graph.insert_before(graph[0], [as_int, gather])
-    weight.replace_all_uses_with(gather.outputs[0])
-    gather.outputs[0].name, weight.name = base, f"{base}_float_unused"
+    b = model.builder()
+    as_int = b.op("Cast", [idx_v], {"to": ir.DataType.INT64}, name=f"{base}_indices_Cast", out=Out(f"{base}_indices_int64", ir.DataType.INT64))
+    decoded = b.op("Gather", [table_v, as_int], {"axis": 0}, name=f"{base}_Gather", out=Out(f"{base}_decoded", ir.DataType.FLOAT))
+    decoded.shape = ir.Shape(idx.shape)
+    graph.insert_before(graph[0], list(b.nodes))
+    weight.replace_all_uses_with(decoded)
+    decoded.name, weight.name = base, f"{base}_float_unused"
     (weight.graph or graph).initializers.pop(weight.name)
     return table_v.name or ""
 

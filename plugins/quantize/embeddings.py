@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.plugin_api import Model
+from modelpress.plugin_api import Model, Out
 
 __all__ = ["TableReport", "quantize_tables"]
 
@@ -128,8 +128,8 @@ def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: 
         b = model.builder(base)
         q_t, zero_t = ((ir.tensor(a.astype(np.int8)) if bits == 8 else ir.tensor(a.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4)) for a in (q, zero))
         inputs = [b.initializer(q_t, f"{base}_q{bits}"), b.initializer(scale, f"{base}_scale"), b.initializer(zero_t, f"{base}_zero_point")]
-        out = b.op("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear", output_name=f"{base}_dequantized",
-                   dtype=ir.DataType.FLOAT, shape=ir.Shape(w.shape))
+        out = b.op("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear",
+                   out=Out(f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(w.shape)))
         dq = out.producer()
         assert dq is not None
         first = min((u for u, _ in value.uses()), key=lambda n: order.get(id(n), 0))

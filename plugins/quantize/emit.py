@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from modelpress.plugin_api import Model
+from modelpress.plugin_api import Model, Out
 
 __all__ = ["replace_matmul"]
 
@@ -14,7 +14,7 @@ def replace_matmul(model: Model, node: ir.Node, new_nodes: list[ir.Node], output
     bias (its third input) is added after them, so the replacement computes what the node did."""
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None:
-        add = model.new_node("Add", [output, bias], name=f"{name}_bias_Add", outputs=[(f"{name}_bias_Add_output", ir.DataType.FLOAT)])
-        new_nodes = [*new_nodes, add]
-        output = add.outputs[0]
+        b = model.builder()
+        output = b.op("Add", [output, bias], name=f"{name}_bias_Add", out=Out(f"{name}_bias_Add_output", ir.DataType.FLOAT))
+        new_nodes = [*new_nodes, *b.nodes]
     model.replace_node(node, new_nodes, output)

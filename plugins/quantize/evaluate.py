@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from modelpress.plugin_api import (
+    Bounds,
     Dataset,
     Judgement,
     Model,
@@ -39,11 +40,8 @@ class Scorer:
         self,
         reference: Model,
         data: Dataset,
-        min_agreement: float | None,
-        min_cosine: float | None,
+        bounds: Bounds,
         *,
-        max_relative_error: float | None = 0.1,
-        max_dense_error: float | None = None,
         criteria: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ):
@@ -54,10 +52,7 @@ class Scorer:
         self.batch_size = batch_size
         self.names = reference.signature.output_names
         self.expected = run_dataset(session, self.data.batches(batch_size))
-        self.criteria = infer_criteria(
-            self.names, self.expected, model=reference, overrides=criteria,
-            min_agreement=min_agreement, min_cosine=min_cosine, max_relative_error=max_relative_error, max_dense_error=max_dense_error,
-        )
+        self.criteria = infer_criteria(self.names, self.expected, model=reference, overrides=criteria, bounds=bounds)
         self.evaluations = 0
 
     def score(self, candidate: Model) -> Judgement:

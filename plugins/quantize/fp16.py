@@ -18,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.plugin_api import Model, Options, PassContext
+from modelpress.plugin_api import Model, Options, Out, PassContext
 
 __all__ = ["Fp16Options", "fp16"]
 
@@ -49,9 +49,9 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     def cast(value: ir.Value, to: ir.DataType) -> ir.Value:
         key = (id(value), to)
         if key not in casts:
-            node = model.new_node("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}",
-                                  outputs=[(f"{value.name}_{to.name.lower()}", to)])
-            node.outputs[0].shape = value.shape.copy() if value.shape is not None else None
+            b = model.builder()
+            b.op("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}", out=Out(f"{value.name}_{to.name.lower()}", to, value.shape))
+            node = b.nodes[0]
             producer = value.producer()
             # NOTE: in the graph that owns the value, so every body nested below can read the cast too.
             owner = producer.graph if producer is not None else value.graph
@@ -120,9 +120,10 @@ def _float_outputs(model: Model, graph: ir.Graph) -> None:
             continue
         name = out.name
         assert name is not None
-        node = model.new_node("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output", outputs=[(f"{name}_float32", _FLOAT)])
+        node = model.builder().op("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output", out=Out(f"{name}_float32", _FLOAT)).producer()
+        assert node is not None
         graph.append(node)
-        out.name = model.new_value_name(f"{name}_fp16")
+        out.name = model.fresh_name(f"{name}_fp16")
         node.outputs[0].name = name
         node.outputs[0].shape = out.shape.copy() if out.shape is not None else None
         graph.outputs[i] = node.outputs[0]

@@ -30,7 +30,7 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from modelpress.plugin_api import Model, Options, OptionsError, PassContext, load_dataset
+from modelpress.plugin_api import Bounds, Model, Options, OptionsError, PassContext, load_dataset
 from modelpress.plugins.quantize.embeddings import (
     TableReport,
     _dequantized,
@@ -208,7 +208,7 @@ def _drop_search(model: Model, cands: list[_Candidate], ranking: list[tuple[int,
     (bisection, at most ``max_evaluations`` whole-model runs); ``(limit, False, ...)`` if even that misses."""
     assert opts.max_drop is not None
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
-    scorer = Scorer(model, data, 1 - opts.max_drop, 1 - opts.max_drop, max_relative_error=opts.max_drop)
+    scorer = Scorer(model, data, Bounds(agreement=1 - opts.max_drop, cosine=1 - opts.max_drop, relative_error=opts.max_drop))
     cache: dict[int, bool] = {}
     judged: dict[int, str] = {}
 

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.plugin_api import Model, WeightedLayer
+from modelpress.plugin_api import Model, Out, WeightedLayer
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.selection import TRANSPARENT
 
-__all__ = ["FP16_MAX", "Params", "Plan", "build", "half_eligible"]
+__all__ = ["FP16_MAX", "Params", "Plan", "Planned", "build", "half_eligible"]
 
 FP16_MAX = 65504.0
 Params = tuple[np.ndarray, np.ndarray]
@@ -42,10 +42,23 @@ class Plan:
     bias_fix: tuple[str, np.ndarray] | None = None  # a MatMul's bias in the Add after it: (initializer, corrected values)
 
 
-def build(model: Model, plans: dict[str, Plan], selected: list[str], act: dict[str, Params], grid: QRange, per_channel: bool,
-          half: Iterable[str] = ()) -> Model:
-    """A clone of ``model`` with QDQ for the ``selected`` nodes (in graph order) and fp16 weights for ``half``."""
-    result = model.clone()
+@dataclass(frozen=True)
+class Planned:
+    """int8-static's plans for one model, shared by the steps that use them (building candidates,
+    the sensitivity shadows): the model they are made on, each node's :class:`Plan`, each
+    activation's (scale, zero point), the activations' integer grid and whether weights are per channel."""
+
+    model: Model
+    plans: dict[str, Plan]
+    act: dict[str, Params]
+    grid: QRange
+    per_channel: bool
+
+
+def build(planned: Planned, selected: list[str], half: Iterable[str] = ()) -> Model:
+    """A clone of the planned model with QDQ for the ``selected`` nodes (in graph order) and fp16 weights for ``half``."""
+    plans, act, grid, per_channel = planned.plans, planned.act, planned.grid, planned.per_channel
+    result = planned.model.clone()
     by_name = {n.name: n for n in result.ir.graph}
     _Activations(result, dict(act), grid).emit(plans, selected)
     replaced = _weights(result, plans, [(name, by_name[name]) for name in selected], per_channel)
@@ -77,9 +90,8 @@ class _Activations:
         dtype = ir.DataType.INT8 if self.grid.signed else ir.DataType.UINT8
         s = self.result.add_initializer(f"{tensor}_s", np.asarray(scale, np.float32))
         z = self.result.add_initializer(f"{tensor}_z", np.asarray(zero, self.grid.dtype))
-        q = self.result.insert_after(self.values[tensor], "QuantizeLinear", [s, z], dtype=dtype, consumers=consumers,
-                                     name=f"{tensor}_Q", output=f"{tensor}_q")
-        return self.result.insert_after(q, "DequantizeLinear", [s, z], dtype=ir.DataType.FLOAT, name=f"{tensor}_DQ", output=f"{tensor}_dq")
+        q = self.result.insert_after(self.values[tensor], "QuantizeLinear", [s, z], name=f"{tensor}_Q", out=Out(f"{tensor}_q", dtype), consumers=consumers)
+        return self.result.insert_after(q, "DequantizeLinear", [s, z], name=f"{tensor}_DQ", out=Out(f"{tensor}_dq", ir.DataType.FLOAT))
 
     def spread(self, dq_out: ir.Value, params: Params) -> None:
         """Give the outputs of value-preserving ops after a quantized tensor the same Q/DQ."""
@@ -112,10 +124,11 @@ class _Activations:
 def _dq(result: Model, anchor: ir.Node, tensors: list[tuple[str, np.ndarray]], attrs: dict[str, int], name: str) -> ir.Value:
     """A ``DequantizeLinear`` of new initializers ``tensors`` (q, scale[, zero]) placed before ``anchor``."""
     inputs = [result.add_initializer(n, a) for n, a in tensors]
-    dq = result.new_node("DequantizeLinear", inputs, attrs, name=f"{name}_DQ", outputs=[(f"{name}_dq", ir.DataType.FLOAT)])
-    dq.outputs[0].shape = ir.Shape(tensors[0][1].shape)
-    result.insert_before(anchor, dq)
-    return dq.outputs[0]
+    b = result.builder()
+    dq = b.op("DequantizeLinear", inputs, attrs, name=f"{name}_DQ", out=Out(f"{name}_dq", ir.DataType.FLOAT))
+    dq.shape = ir.Shape(tensors[0][1].shape)
+    result.insert_before(anchor, list(b.nodes))
+    return dq
 
 
 def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool) -> list[ir.Value]:
@@ -178,9 +191,10 @@ def _half_weights(result: Model, nodes: list[tuple[Plan, ir.Node]]) -> list[ir.V
         assert value is not None and value.const_value is not None
         w_name = value.name or f"{node.name}_weight"
         half = result.add_initializer(f"{w_name}_fp16", value.const_value.numpy().astype(np.float16))
-        cast = result.new_node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{w_name}_Cast", outputs=[(f"{w_name}_f", ir.DataType.FLOAT)])
-        cast.outputs[0].shape = ir.Shape(value.const_value.shape)
-        result.insert_before(node, cast)
-        node.replace_input_with(layer.weight_input, cast.outputs[0])
+        b = result.builder()
+        cast = b.op("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{w_name}_Cast", out=Out(f"{w_name}_f", ir.DataType.FLOAT))
+        cast.shape = ir.Shape(value.const_value.shape)
+        result.insert_before(node, list(b.nodes))
+        node.replace_input_with(layer.weight_input, cast)
         replaced.append(value)
     return replaced

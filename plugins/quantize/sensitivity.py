@@ -20,15 +20,23 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.plugin_api import Dataset, GraphBuilder, Judgement, Model, PassContext, make_session
+from modelpress.plugin_api import (
+    Dataset,
+    GraphBuilder,
+    Judgement,
+    Model,
+    Out,
+    PassContext,
+    make_session,
+)
 from modelpress.plugin_api import run as run_session
+from modelpress.plugins.quantize.qdq import Planned
 
-__all__ = ["Decision", "local_errors", "search"]
+__all__ = ["Decision", "Ranking", "local_errors", "search"]
 
 _SHADOW_SAMPLES = 32
 # The bisection stops once the nodes it has not decided on hold at most this share of the weight bytes.
@@ -53,14 +61,15 @@ class Decision:
 def _qdq(b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
     s = b.initializer(np.asarray(scale, np.float32), f"{tag}_s")
     z = b.initializer(np.asarray(zero), f"{tag}_z")
-    q = b.op("QuantizeLinear", [value, s, z], name=f"{tag}_Q", output_name=f"{tag}_q")
-    return b.op("DequantizeLinear", [q, s, z], name=f"{tag}_DQ", output_name=f"{tag}_dq", dtype=ir.DataType.FLOAT)
+    q = b.op("QuantizeLinear", [value, s, z], name=f"{tag}_Q", out=Out(f"{tag}_q"))
+    return b.op("DequantizeLinear", [q, s, z], name=f"{tag}_DQ", out=Out(f"{tag}_dq", ir.DataType.FLOAT))
 
 
-def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], per_channel: bool) -> tuple[Model, dict[str, tuple[str, str]]]:
+def _shadow_model(planned: Planned, names: list[str]) -> tuple[Model, dict[str, tuple[str, str]]]:
     """The float model plus one quantized shadow per node; returns (model, {node: (signal power, noise power)}),
     the names of two scalar outputs per node: ``sum(y^2)`` and ``sum((y_q - y)^2)`` over the batch."""
-    probe = model.clone()
+    plans, act, per_channel = planned.plans, planned.act, planned.per_channel
+    probe = planned.model.clone()
     graph = probe.ir.graph
     by_name = {n.name: n for n in graph}
     pairs: dict[str, tuple[str, str]] = {}
@@ -78,7 +87,7 @@ def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: di
             elif plan.constants and index in plan.constants:
                 cq, cs, cz = plan.constants[index]
                 c = [b.initializer(t, f"{tag}_{suffix}{index}") for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))]
-                inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", output_name=f"{tag}_c{index}_dq")
+                inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", out=Out(f"{tag}_c{index}_dq"))
         layer = plan.layer
         if layer is not None and plan.weight_q is not None:
             scale = np.asarray(plan.weight_scale, np.float32)
@@ -87,18 +96,17 @@ def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: di
                  b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
                  b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz")]
             inputs[layer.weight_input] = b.op("DequantizeLinear", w, {"axis": layer.out_axis} if per_channel else {},
-                                              name=f"{tag}_wdq", output_name=f"{tag}_w_dq")
+                                              name=f"{tag}_wdq", out=Out(f"{tag}_w_dq"))
         attrs = {k: a.value for k, a in node.attributes.items()}
-        out = b.op(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}", output_name=f"{tag}_out",
-                   dtype=node.outputs[0].dtype)
+        out = b.op(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}", out=Out(f"{tag}_out", node.outputs[0].dtype))
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
             out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")
         # NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
         # for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS).
-        diff = b.op("Sub", [out, reference], name=f"{tag}_diff", output_name=f"{tag}_diff", dtype=ir.DataType.FLOAT)
-        noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", output_name=f"{tag}_noise", dtype=ir.DataType.FLOAT)
-        signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", output_name=f"{tag}_signal", dtype=ir.DataType.FLOAT)
+        diff = b.op("Sub", [out, reference], name=f"{tag}_diff", out=Out(f"{tag}_diff", ir.DataType.FLOAT))
+        noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", out=Out(f"{tag}_noise", ir.DataType.FLOAT))
+        signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", out=Out(f"{tag}_signal", ir.DataType.FLOAT))
         pairs[name] = (signal.name or "", noise.name or "")
         graph.outputs.extend([signal, noise])
         # NOTE: right after the node it shadows, so ORT runs it while the node's inputs and output are live
@@ -110,12 +118,11 @@ def _shadow_model(model: Model, plans: dict[str, Any], names: list[str], act: di
     return probe, pairs
 
 
-def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dict[str, tuple[np.ndarray, np.ndarray]], data: Dataset, per_channel: bool, ctx: PassContext,
-                 *, batch_size: int = _SHADOW_BATCH) -> dict[str, float]:
+def local_errors(planned: Planned, names: list[str], data: Dataset, ctx: PassContext, *, batch_size: int = _SHADOW_BATCH) -> dict[str, float]:
     """Relative noise power (1/SQNR) of each node quantized alone, from one ORT session, run ``batch_size``
     samples at a time (at most ``_SHADOW_BATCH``: the peak memory of a run grows with it, its speed hardly)."""
     batch_size = max(1, min(batch_size, _SHADOW_BATCH))
-    probe, pairs = _shadow_model(model, plans, names, act, per_channel)
+    probe, pairs = _shadow_model(planned, names)
     session = make_session(probe, spin=False)
     index = {o.name: i for i, o in enumerate(session.get_outputs())}
     signal = dict.fromkeys(names, 0.0)
@@ -131,10 +138,18 @@ def local_errors(model: Model, plans: dict[str, Any], names: list[str], act: dic
     return {n: noise[n] / max(signal[n], 1e-30) for n in names}
 
 
+@dataclass(frozen=True)
+class Ranking:
+    """What the search ranks: the candidate nodes in graph order, each one's local error (1/SQNR) and
+    the bytes of float weight it would keep off int8."""
+
+    order: list[str]
+    errors: dict[str, float]
+    weight_bytes: dict[str, int]
+
+
 def search(
-    order: list[str],
-    errors: dict[str, float],
-    weight_bytes: dict[str, int],
+    ranking: Ranking,
     build: Callable[[list[str], list[str]], Model],
     score: Callable[[Model], Judgement],
     ctx: PassContext,
@@ -145,6 +160,7 @@ def search(
     """The fewest top-ranked nodes to move out of full int8 (weight-only first, then float) that meets
     the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. If nothing met, the best
     candidate judged (``met=False``); None if none was judged."""
+    order, errors, weight_bytes = ranking.order, ranking.errors, ranking.weight_bytes
     # NOTE: 1 KiB floor: a node without weights is not free to leave (its int8 kernel saves time), just cheap.
     ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
     bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx)

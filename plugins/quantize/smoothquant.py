@@ -14,10 +14,16 @@ channels are left alone.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, PassContext
+from modelpress.plugins.quantize.affine import UINT8, fake_quantize, fake_quantize_weight
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
+
+if TYPE_CHECKING:
+    from modelpress.plugins.quantize.static import Int8StaticOptions
 
 __all__ = ["smooth"]
 
@@ -26,31 +32,15 @@ __all__ = ["smooth"]
 MIN_ELEMENTS = 4096
 
 def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """``x`` fake-quantized per tensor to uint8 over ``[lo, hi]`` (widened to contain 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     scale = np.float32((hi - lo) / 255 if hi > lo else 1.0)
-    zero = np.float32(np.round(-lo / scale))
-    # NOTE: in place on one float32 buffer (this runs ~3 times per group on ~1024 x K rows)
-    q = np.divide(x, scale, dtype=np.float32)
-    np.round(q, out=q)
-    np.clip(q, -zero, 255 - zero, out=q)
-    q *= scale
-    return q
-
-
-def _fake_weight(w: np.ndarray) -> np.ndarray:
-    """Per output channel (columns of ``w[K, N]``) symmetric int8."""
-    scale = np.abs(w).max(axis=0) / 127
-    scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
-    q = w / scale
-    np.round(q, out=q)
-    np.clip(q, -127, 127, out=q)
-    q *= scale
-    return q
+    return fake_quantize(x, scale, np.round(-lo / scale), UINT8)
 
 
 def _group_error(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, expected: np.ndarray) -> float:
     xq = _fake_act(x / s, float((lo / s).min()), float((hi / s).max()))
-    diff = xq @ _fake_weight(w * s[:, None])
+    diff = xq @ fake_quantize_weight(w * s[:, None])
     diff -= expected
     return float(np.einsum("ij,ij->", diff, diff, dtype=np.float64)) / max(diff.size, 1)
 
@@ -84,11 +74,14 @@ def _best_alpha(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, al
     return base, best[0], best[1], best[2]
 
 
-def smooth(model: Model, data: Dataset, ctx: PassContext, *, op_types: set[str], exclude: set[str],
-           max_alpha: float, steps: int, batch_size: int) -> Model:
+def smooth(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContext) -> Model:
     """A clone of ``model`` with SmoothQuant scales migrated into the weights of each MatMul/Gemm
-    group where that lowers the measured int8 output error. Figures: ``smoothquant_alpha`` (per
-    smoothed input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
+    group (of ``opts.op_types`` less ``opts.exclude_op_types``, less the ``opts.exclude`` layers) where
+    that lowers the measured int8 output error; ``alpha`` is searched on ``opts.smoothquant_steps``
+    points of ``(0, opts.smoothquant_max_alpha]``. Figures: ``smoothquant_alpha`` (per smoothed
+    input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
+    op_types, exclude, batch_size = set(opts.op_types) - set(opts.exclude_op_types), set(opts.exclude), opts.batch_size
+    max_alpha, steps = opts.smoothquant_max_alpha, opts.smoothquant_steps
     result = model.clone()
     layers = [layer for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"}) if layer.name not in exclude]
     groups: list[ScaleGroup] = [g for g in scale_groups(layers) if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS]

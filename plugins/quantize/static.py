@@ -26,6 +26,7 @@ from typing import Literal
 from pydantic import Field
 
 from modelpress.plugin_api import (
+    Bounds,
     Dataset,
     Judgement,
     Model,
@@ -36,14 +37,14 @@ from modelpress.plugin_api import (
 )
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, collect_stats
-from modelpress.plugins.quantize.calibrator_choice import choose_calibrators
+from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
-from modelpress.plugins.quantize.qdq import Params, Plan, build, half_eligible
+from modelpress.plugins.quantize.qdq import Plan, Planned, build, half_eligible
 from modelpress.plugins.quantize.selection import feeds_quantized
-from modelpress.plugins.quantize.sensitivity import Decision, local_errors, search
+from modelpress.plugins.quantize.sensitivity import Decision, Ranking, local_errors, search
 from modelpress.plugins.quantize.smoothquant import smooth
 from modelpress.plugins.quantize.static_plan import (
     act_params,
@@ -111,15 +112,17 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if data is None:
         data = _calibration(model, opts, ctx)
     grid = QRange(8, opts.activation_type == "int8")
-    plans, act = _plans(model, sel, data, grid, opts, ctx)
+    planned = _plans(model, sel, data, grid, opts, ctx)
+    plans = planned.plans
     # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not
     # grow with the batch size the data allows).
-    scorer = Scorer(reference, data, opts.min_agreement, opts.min_cosine, max_relative_error=opts.max_relative_error,
+    bounds = Bounds(agreement=opts.min_agreement, cosine=opts.min_cosine, relative_error=opts.max_relative_error)
+    scorer = Scorer(reference, data, bounds,
                     criteria=opts.criteria, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
     outcome = _Outcome(sel, {layer.name: int(layer.weight_array().nbytes) for layer in sel.candidates})
     # NOTE: biases corrected (Conv/Gemm bias inputs, and a MatMul's bias in the Add after it)
     outcome.bias_corrected = sum(1 for p in plans.values() if p.bias_fix is not None or (opts.bias_correction and p.bias_q is not None))
-    _decide(model, plans, act, grid, data, scorer, outcome, opts, ctx)
+    _decide(planned, data, scorer, outcome, opts, ctx)
     _figures(reference, outcome, tables, len(data), len(scorer.data), opts, ctx)
     assert outcome.model is not None
     return outcome.model
@@ -139,12 +142,11 @@ def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[M
     # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
     if opts.smoothquant and ctx.calibration is not None and any(layer.op_type in opts.op_types for layer in model.weighted_layers()):
         data = _calibration(model, opts, ctx)
-        model = smooth(model, data, ctx, op_types=set(opts.op_types) - set(opts.exclude_op_types), exclude=set(opts.exclude),
-                       max_alpha=opts.smoothquant_max_alpha, steps=opts.smoothquant_steps, batch_size=opts.batch_size)
+        model = smooth(model, data, opts, ctx)
     return model, tables, data
 
 
-def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> tuple[dict[str, Plan], dict[str, Params]]:
+def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
     """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
     all_nodes = sel.nodes
     # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
@@ -163,8 +165,8 @@ def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8
     base = opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
     act = {name: act_params(s, base, grid) for name, s in stats.items()}
     if opts.calibrator == "auto":
-        act = choose_calibrators(model, stats, sel.candidates, data, lambda s, c: act_params(s, opts.model_copy(update={"calibrator": c}), grid),
-                                 act, signed=grid.signed, batch_size=opts.batch_size, ctx=ctx)
+        ranges = Ranges(stats, lambda s, c: act_params(s, opts.model_copy(update={"calibrator": c}), grid), grid)
+        act = choose_calibrators(model, sel.candidates, data, act, ranges, ctx, batch_size=opts.batch_size)
     reduce, ctx.figures["reduce_range"] = resolve_reduce_range(opts.reduce_range)
     plans = {layer.name: weight_plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name], reduce_range=reduce)
              for layer in sel.candidates}
@@ -172,7 +174,7 @@ def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8
         plans[node.name] = Plan(None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name])
     for node in sel.elementwise:
         plans[node.name] = constant_plan(node, grid, out_tensors[node.name])
-    return plans, act
+    return Planned(model, plans, act, grid, opts.per_channel)
 
 
 @dataclass
@@ -190,9 +192,10 @@ class _Outcome:
     judgement: Judgement | None = None
 
 
-def _decide(model: Model, plans: dict[str, Plan], act: dict[str, Params], grid: QRange, data: Dataset, scorer: Scorer,
-            outcome: _Outcome, opts: Int8StaticOptions, ctx: PassContext) -> None:
-    """Everything int8 if that meets the criteria; else the sensitivity search's fallbacks."""
+def _decide(planned: Planned, data: Dataset, scorer: Scorer, outcome: _Outcome, opts: Int8StaticOptions, ctx: PassContext) -> None:
+    """Everything int8 if that meets the criteria; else the sensitivity search's fallbacks (ranked
+    on ``data``). Fills ``outcome``: the nodes in each form, the model and its judgement."""
+    plans = planned.plans
     order = [node.name for node in outcome.sel.nodes]
     halvable = {n for n in outcome.weight_bytes if opts.fallback_fp16 and half_eligible(plans[n].layer)}  # type: ignore[arg-type]
 
@@ -207,15 +210,14 @@ def _decide(model: Model, plans: dict[str, Plan], act: dict[str, Params], grid: 
         for name in selected:
             if plans[name].act_out in avoid:
                 use[name] = replace(plans[name], act_out=None)
-        return build(model, use, [n for n in order if n in kept], act, grid, opts.per_channel,
-                     half=[n for n in order if n in halvable and n not in kept])
+        return build(replace(planned, plans=use), [n for n in order if n in kept], half=[n for n in order if n in halvable and n not in kept])
 
     outcome.chosen, outcome.model = order, make(order)
     outcome.judgement = scorer.score(outcome.model)
     if outcome.judgement.met or not opts.sensitivity:
         return
-    outcome.errors = local_errors(model, plans, order, act, data, opts.per_channel, ctx, batch_size=scorer.batch_size)
-    decision = search(order, outcome.errors, outcome.weight_bytes, make, scorer.score, ctx, max_evaluations=opts.max_evaluations,
+    outcome.errors = local_errors(planned, order, data, ctx, batch_size=scorer.batch_size)
+    decision = search(Ranking(order, outcome.errors, outcome.weight_bytes), make, scorer.score, ctx, max_evaluations=opts.max_evaluations,
                       fallback_weight_only=opts.fallback == "weight-only")
     if not _better_than_full(decision, outcome, ctx):
         return

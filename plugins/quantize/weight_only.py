@@ -35,6 +35,7 @@ from modelpress.plugin_api import (
     Model,
     Options,
     OptionsError,
+    Out,
     PassContext,
     WeightedLayer,
     ensure_opset,
@@ -75,6 +76,13 @@ def _grid(opts: WeightOnlyOptions) -> QRange:
     return QRange(opts.bits, signed=opts.symmetric, restricted=opts.symmetric)
 
 
+def _blocked(k: int, n: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Empty results for ``W[k, n]`` quantized in blocks of ``block_size`` rows: the integers, and a
+    scale and zero point per block and column."""
+    nb = -(-k // block_size)
+    return np.zeros((k, n), np.int32), np.zeros((nb, n), np.float32), np.zeros((nb, n), np.float64)
+
+
 def _block_params(block: np.ndarray, grid: QRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of ``block[rows, N]``."""
     if symmetric:
@@ -93,11 +101,8 @@ def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[
     grid = _grid(opts)
     k, n = w.shape
     bs = opts.block_size
-    nb = -(-k // bs)
-    q = np.zeros((k, n), np.int32)
-    scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
-    for b in range(nb):
+    q, scales, zeros = _blocked(k, n, bs)
+    for b in range(len(scales)):
         rows = slice(b * bs, min(k, (b + 1) * bs))
         block = w[rows].astype(np.float64)
         best_err = np.full(n, np.inf)
@@ -130,10 +135,7 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[
     except np.linalg.LinAlgError:
         return _rtn(w.astype(np.float32), opts)
     bs = opts.block_size
-    nb = -(-k // bs)
-    q = np.zeros((k, n), np.int32)
-    scales = np.zeros((nb, n), np.float32)
-    zeros = np.zeros((nb, n), np.float64)
+    q, scales, zeros = _blocked(k, n, bs)
     for i in range(k):
         if i % bs == 0:
             b = i // bs
@@ -374,8 +376,9 @@ def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOn
     if not opts.symmetric:
         zp = ir.PackedTensor(_pack_flat(qw.zeros), dtype, shape=list(qw.zeros.shape)) if opts.bits == 4 else qw.zeros
         inputs.append(model.add_initializer(f"{base}_zero_point", zp))
-    dq = model.new_node("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
-                        name=f"{base}_DequantizeLinear", outputs=[(f"{base}_dequantized", ir.DataType.FLOAT)])
+    dq = model.builder().op("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
+                            name=f"{base}_DequantizeLinear", out=Out(f"{base}_dequantized", ir.DataType.FLOAT)).producer()
+    assert dq is not None
     dq.outputs[0].shape = ir.Shape(shape)
     if layer.scope:  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
         model.graph.insert_before(model.graph[0], dq)
@@ -403,17 +406,18 @@ def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnl
     if opts.format == "matmulnbits":
         if key not in shared:
             shared[key] = _nbits_initializers(model, layer, qw, opts)
-        new = model.new_node(
+        b = model.builder()
+        out = b.op(
             "MatMulNBits", [node.inputs[0], *shared[key]],
             {"K": qw.k, "N": qw.n, "bits": 4, "block_size": opts.block_size, "accuracy_level": opts.accuracy_level},
-            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", outputs=[(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT)],
+            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", out=Out(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT),
         )
     else:
         if key not in shared:
             shared[key] = [_emit_qdq(model, layer, qw, opts, node)]
-        new = model.new_node("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul",
-                             outputs=[(f"{layer.name}_MatMul_output", ir.DataType.FLOAT)])
-    replace_matmul(model, node, [new], new.outputs[0], layer.name)
+        b = model.builder()
+        out = b.op("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul", out=Out(f"{layer.name}_MatMul_output", ir.DataType.FLOAT))
+    replace_matmul(model, node, list(b.nodes), out, layer.name)
 
 
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:

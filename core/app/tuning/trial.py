@@ -110,8 +110,10 @@ class _Trial:
 
     def __init__(self, folder: Path, sources: dict[str, str | None], recipe: Any, source: Any, evaluator: Any, sample: Any, registry: Any):
         self.folder, self.sources, self.recipe, self.source, self.evaluator, self.sample = folder, sources, recipe, source, evaluator, sample
-        self.common = {"calibration": sources.get("calibration"), "train": sources.get("train"), "eval_source": sources.get("eval"),
-                       "show_progress": False, "registry": registry}
+        from modelpress.app.compress import PassData
+
+        self.common = PassData(calibration=sources.get("calibration"), train=sources.get("train"), eval_source=sources.get("eval"),
+                               show_progress=False, registry=registry)
 
     @classmethod
     def open(cls, folder: Path, model: bytes, data: dict[str, bytes | None], passes: list[dict[str, Any]], evaluate: dict[str, Any],
@@ -148,7 +150,7 @@ class _Trial:
                 laps.lap("probe")
                 if cut is not None:
                     return current, figures, cut
-            current = run_pass(spec, index, current, self.source, **self.common)
+            current = run_pass(spec, index, current, self.source, self.common)
             figures.append(current.provenance.passes[-1].figures if current.provenance.passes else {})
             laps.lap("passes")
         return current, figures, None
@@ -161,7 +163,7 @@ class _Trial:
 
         baseline, hopeless_drop = limit
         option, default = recovery
-        probe = run_pass(spec.model_copy(update={"options": {**spec.options, option: default}}), index, current, self.source, **self.common)
+        probe = run_pass(spec.model_copy(update={"options": {**spec.options, option: default}}), index, current, self.source, self.common)
         export(probe, self.folder / "probe.onnx", verify=False)
         before = self.evaluator.metric(self.folder / "probe.onnx")
         metric = self.recipe.evaluate.metric

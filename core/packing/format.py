@@ -1,0 +1,135 @@
+"""The ``.mpk`` container format: its layout, constants, checksums and the manifest's tensor entries.
+
+Layout of format 2 (all integers little-endian)::
+
+    b"MPACK\\x00\\x02\\x00"                     8-byte magic, format version 2
+    tensor blobs ...                            one per packed tensor, coded by its codec
+    solid blobs ...                             one per solid stream (see below)
+    external-file filler blobs ...              bytes of external-data files no tensor covers
+    head                                        LZMA2 (raw) of: u32 manifest size, the manifest
+                                                (UTF-8 JSON), the graph (the ModelProto with the
+                                                packed tensors' bytes removed)
+    u64 head offset, u64 head size, b"MPACKEND"
+
+The manifest and the graph share one LZMA stream (they repeat the same tensor names). Everything
+the graph already says (a tensor's name, dtype, shape, role, size, external file and offset) is
+not repeated in the manifest (``format: "modelpress-pack/2"``): it holds the source's name and
+size, the graph's size and CRC-32, and one row per packed tensor, ``[index, codec, blob size,
+CRC-32 of the decoded bytes]`` plus, for a tensor of a solid stream, the stream's number. ``index``
+is the tensor's place in the model's tensors (initializers of the main graph and subgraphs, then
+``Constant`` tensors, in graph order); blobs follow each other in row order from byte 8, so their
+offsets are implied. Tensors are those whose bytes are in ``raw_data`` (at least
+``MIN_PACKED_BYTES``) or in an external file; tensors stored in typed fields (``float_data`` ...),
+strings and tiny tensors stay in the graph blob.
+
+**Solid streams** (``solid=True``, the default): the tensors of one dtype and role (all INT8
+weights, all INT32 biases, ...) are also coded as one concatenated stream, and the stream replaces
+their separate blobs when it is smaller (an LZ coder then finds repeats across tensors, as ``xz``
+on the whole file does). A manifest ``solids`` row is ``[codec, blob size, decoded size, dtype,
+role]``; the stream's members follow each other in it in row order. The trade-off: reading one
+member decodes the whole stream (``unpack`` and ``load`` decode each stream once); pack with
+``solid=False`` to keep every tensor separately decodable.
+
+**Decode speed** (``prefer="speed"``, the default): a codec that is slow to decode (``lzma``:
+tens of MB/s) is chosen only when its blob is at least ``SLOW_GAIN`` (10 %) smaller than the best
+fast one (hundreds of MB/s); ``prefer="size"`` always keeps the smallest blob.
+
+Unpacking refills each tensor's ``raw_data`` (or its external file at its offset) and
+re-serialises the graph, which reproduces the original file byte for byte whenever the input's
+serialisation was canonical (files written by onnx, onnx_ir, torch.onnx and modelpress are);
+the manifest records whether it was. Every decoded tensor is checked against its CRC-32 (format
+1: SHA-256): a damaged container is an :class:`InvalidModelError` naming the tensor.
+
+Format 1 (magic ``MPACK\\x00\\x01\\x00``, ``modelpress-pack/1``) is still read: its manifest
+rows spell out every field (name, dtype, shape, role, codec, offset, size, bytes, SHA-256,
+external), and it has no solid streams.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+import struct
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from modelpress.plugin.codec import TensorInfo
+
+__all__ = ["END", "FOOTER", "FORMAT", "FORMATS", "MAGIC", "MAGIC_V1", "MIN_PACKED_BYTES", "STORED", "VERSIONS", "PackResult", "TensorEntry", "checksum", "lzma_compress", "lzma_decompress"]
+
+FORMAT = "modelpress-pack/2"
+MAGIC = b"MPACK\x00\x02\x00"
+MAGIC_V1 = b"MPACK\x00\x01\x00"
+VERSIONS = {MAGIC_V1: 1, MAGIC: 2}
+FORMATS = {1: "modelpress-pack/1", 2: FORMAT}
+END = b"MPACKEND"
+STORED = "stored"
+MIN_PACKED_BYTES = 128  # NOTE: smaller tensors cost more in the manifest than they save
+FOOTER = struct.Struct("<QQ8s")
+_LZMA_FILTERS: list[dict[str, Any]] = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
+
+
+def lzma_compress(data: bytes) -> bytes:
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+def lzma_decompress(data: bytes | memoryview) -> bytes:
+    return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+def checksum(data: bytes | memoryview, version: int = 2) -> str:
+    """Format 2: CRC-32 (8 hex digits; fast, and any damage a codec lets through shows); format 1: SHA-256."""
+    return f"{zlib.crc32(data):08x}" if version >= 2 else hashlib.sha256(data).hexdigest()
+
+
+@dataclass
+class TensorEntry:
+    """One packed tensor (``index``: its place in the model's tensors). ``offset``/``size`` locate
+    its blob in the file; for a member of solid stream ``solid`` they locate the stream's blob and
+    the tensor's bytes start ``at`` bytes into the decoded stream. ``checksum``: CRC-32 of the
+    decoded bytes (format 1: SHA-256)."""
+
+    index: int
+    name: str
+    dtype: int
+    shape: list[int]
+    role: str
+    codec: str
+    offset: int
+    size: int
+    bytes: int
+    checksum: str
+    external: dict[str, Any] | None = None
+    solid: int | None = None
+    at: int = 0
+
+    @property
+    def info(self) -> TensorInfo:
+        return TensorInfo(self.name, ir.DataType(self.dtype), tuple(self.shape), self.role)
+
+
+@dataclass
+class PackResult:
+    """What :func:`pack` wrote: sizes, the codec chosen for each tensor, and the solid streams."""
+
+    path: Path
+    size_bytes: int
+    source_bytes: int
+    tensors: list[TensorEntry]
+    bytes_identical: bool
+    skipped_codecs: dict[str, str] = field(default_factory=dict)
+    solids: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ratio(self) -> float:
+        return self.source_bytes / max(self.size_bytes, 1)
+
+    def codec_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for t in self.tensors:
+            counts[t.codec] = counts.get(t.codec, 0) + 1
+        return counts

@@ -1,0 +1,116 @@
+"""The model a pack is made from: its ONNX bytes (from a file or a :class:`modelpress.Model`), the
+folder its external data is relative to, and the bytes of each tensor worth packing."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from modelpress.base.errors import InvalidModelError
+from modelpress.packing import walk
+from modelpress.packing.format import MIN_PACKED_BYTES, STORED
+from modelpress.packing.strip import strip as strip_proto
+from modelpress.plugin.codec import TensorInfo
+
+__all__ = ["Item", "Source", "item", "parse_source", "source_bytes"]
+
+def source_bytes(model: Any) -> tuple[bytes, Path | None, str]:
+    """The ONNX bytes to pack, the folder external data is relative to, and a label."""
+    from modelpress.ir.model import Model
+
+    if isinstance(model, Model):
+        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.ir.graph.initializers.values()):
+            base = Path(model.path).parent if model.path else None
+            proto = model.to_proto()
+            return proto.SerializeToString(), base, model.name
+        return model.to_proto().SerializeToString(), None, model.name
+    path = Path(model)
+    if not path.is_file():
+        raise InvalidModelError(f"{str(path)!r}: no such file")
+    return path.read_bytes(), path.parent, str(path)
+
+
+@dataclass
+class Item:
+    """One tensor to pack: where it is in the model, its bytes and what codecs are told."""
+
+    index: int
+    tensor: onnx.TensorProto
+    data: bytes
+    info: TensorInfo
+    external: dict[str, Any] | None
+    codec: str = STORED
+    blob: bytes = b""
+    solid: int | None = None
+
+
+
+@dataclass
+class Source:
+    """The model to pack, parsed: its proto (stripped if asked), the bytes it came from, where its
+    external data lives, and whether re-serialising the proto gives those bytes back."""
+
+    proto: onnx.ModelProto
+    data: bytes
+    original: int
+    base: Path | None
+    label: str
+    identical: bool
+    strip: bool
+
+
+def parse_source(model: Any, strip: bool) -> Source:
+    data, base, label = source_bytes(model)
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:
+        raise InvalidModelError(f"{label}: not a valid ONNX model ({exc})") from None
+    if not proto.HasField("graph"):
+        raise InvalidModelError(f"{label}: not an ONNX model (no graph)")
+    original = len(data)
+    if strip:
+        strip_proto(proto)
+        data = proto.SerializeToString()
+    return Source(proto, data, original, base, label, proto.SerializeToString() == data, strip)
+
+
+
+def item(
+    index: int, name: str, tensor: onnx.TensorProto, roles: dict[str, str], base: Path | None, label: str,
+    externals: dict[str, list[tuple[int, int]]],
+) -> Item | None:
+    """The bytes of one tensor worth packing (inline ``raw_data`` or external data), else None."""
+    nbytes = walk.nbytes(tensor)
+    if nbytes is None:
+        return None
+    external = None
+    if tensor.data_location == onnx.TensorProto.EXTERNAL:
+        info = walk.external_info(tensor)
+        if base is None:
+            raise InvalidModelError(f"{label}: initializer {tensor.name!r} has external data but the model has no folder")
+        path = walk.safe_location(base, info.get("location", ""), label, tensor.name)
+        offset = int(info.get("offset", 0) or 0)
+        length = int(info.get("length", nbytes) or nbytes)
+        try:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(length)
+        except OSError as exc:
+            raise InvalidModelError(f"{label}: external data of initializer {tensor.name!r} cannot be read: {exc.strerror}") from None
+        if len(data) != length:
+            raise InvalidModelError(f"{label}: external data of initializer {tensor.name!r} is truncated ({len(data)} of {length} bytes)")
+        external = {"location": info["location"], "offset": offset}
+        externals.setdefault(info["location"], []).append((offset, length))
+    elif tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_PACKED_BYTES:
+        data = tensor.raw_data
+        if len(data) != nbytes:
+            return None  # NOTE: malformed size: leave it in the graph untouched
+    else:
+        return None
+    info_ = TensorInfo(name, ir.DataType(tensor.data_type), tuple(int(d) for d in tensor.dims), roles.get(name, "other"))
+    return Item(index, tensor, data, info_, external)

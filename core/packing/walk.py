@@ -1,0 +1,88 @@
+"""Walking a ``ModelProto`` for the tensors a pack holds: every graph (subgraphs included), each
+tensor's role (weight, bias, quantized, table, indices), its size, and its external data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from modelpress.base.errors import UnsafeExternalDataError
+
+__all__ = ["external_info", "graphs", "nbytes", "roles", "safe_location", "tensor_name", "tensors"]
+
+_WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
+
+
+def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                yield from graphs(attr.g)
+            for g in attr.graphs:
+                yield from graphs(g)
+
+
+def roles(graph: onnx.GraphProto) -> dict[str, str]:
+    roles: dict[str, str] = {}
+    for g in graphs(graph):
+        for node in g.node:
+            for i, name in enumerate(node.input):
+                if node.op_type in _WEIGHTED and i == _WEIGHTED[node.op_type]:
+                    roles.setdefault(name, "weight")
+                elif node.op_type in ("Conv", "ConvTranspose", "Gemm") and i == 2:
+                    roles.setdefault(name, "bias")
+                elif node.op_type == "DequantizeLinear" and i == 0:
+                    roles.setdefault(name, "quantized")
+                elif node.op_type == "Gather":
+                    roles.setdefault(name, "table" if i == 0 else "indices")
+    return roles
+
+
+def tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
+    """Every tensor a model holds, in a fixed order: each graph's initializers, then the tensors
+    in its nodes' attributes (``Constant`` weights), with the name the graph knows it by."""
+    for g in graphs(proto.graph):
+        for tensor in g.initializer:
+            yield tensor.name, tensor
+        for node in g.node:
+            for attr in node.attribute:
+                name = node.output[0] if node.op_type == "Constant" and node.output else tensor_name(node, attr)
+                if attr.HasField("t"):
+                    yield name, attr.t
+                for t in attr.tensors:
+                    yield name, t
+
+
+def tensor_name(node: onnx.NodeProto, attr: onnx.AttributeProto) -> str:
+    return f"{node.name or node.op_type}.{attr.name}"
+
+
+def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
+    return {e.key: e.value for e in tensor.external_data}
+
+
+def nbytes(tensor: onnx.TensorProto) -> int | None:
+    count = 1
+    for d in tensor.dims:
+        count *= int(d)
+    try:
+        dtype = ir.DataType(tensor.data_type)
+        bits = dtype.bitwidth
+    except (ValueError, TypeError):
+        return None
+    return (count * bits + 7) // 8
+
+
+def safe_location(base: Path, location: str, label: str, tensor: str) -> Path:
+    what = f"{label}: initializer {tensor!r} has external data at {location!r}"
+    if not location or os.path.isabs(location) or location.startswith(("\\", "/")):
+        raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model")
+    full = (base / location).resolve()
+    if base.resolve() not in full.parents:
+        raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder; refusing to read it")
+    return full

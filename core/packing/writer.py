@@ -1,0 +1,163 @@
+"""Writing a ``.mpk``: the tensors' blobs, the solid streams, the external files' filler bytes,
+then the head (manifest and graph) and the footer (layout: :mod:`modelpress.packing.format`)."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from modelpress.base.errors import ExportError, OptionsError
+from modelpress.packing import walk
+from modelpress.packing.codec_choice import encode_best, select_codecs, solid_streams
+from modelpress.packing.format import (
+    END,
+    FOOTER,
+    FORMAT,
+    MAGIC,
+    PackResult,
+    TensorEntry,
+    checksum,
+    lzma_compress,
+)
+from modelpress.packing.source import Item, Source, item, parse_source
+from modelpress.plugin.codec import Codec
+from modelpress.plugin.registry import Registry, current_registry
+
+__all__ = ["pack"]
+
+def pack(
+    model: Any,
+    output: str | os.PathLike[str],
+    *,
+    codecs: str | list[str] = "auto",
+    solid: bool = True,
+    prefer: str = "speed",
+    strip: bool = False,
+    registry: Registry | None = None,
+) -> PackResult:
+    """Pack an ONNX file (or a :class:`modelpress.Model`) into a ``.mpk`` container at ``output``.
+
+    ``codecs`` is ``"auto"`` (every installed codec; each tensor gets the smallest blob that
+    decodes bit-exactly) or a list of codec names (``"stored"`` alone stores every tensor as is).
+    ``solid``: also try one stream per dtype and role and keep it where it is smaller (reading
+    one of its tensors then decodes the whole stream). ``prefer``: ``"speed"`` (slow-to-decode
+    codecs only where they save >= 10 %) or ``"size"`` (always the smallest). ``strip``: first
+    drop what running the model does not need (metadata properties such as provenance or the
+    exporter's per-node stack traces, doc strings, ``value_info`` shape annotations): unpacking then gives a model that computes the
+    same but is not the same file. The file is written atomically.
+    """
+    if prefer not in ("speed", "size"):
+        raise OptionsError(f"pack: prefer must be 'speed' or 'size', not {prefer!r}")
+    chosen = select_codecs(registry or current_registry(), codecs)
+    src = parse_source(model, strip)
+    target = Path(output)
+    if not target.parent.is_dir():
+        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    skipped: dict[str, str] = {}
+    externals: dict[str, list[tuple[int, int]]] = {}
+    roles = walk.roles(src.proto.graph)
+    items = [it for index, (name, tensor) in enumerate(walk.tensors(src.proto)) if (it := item(index, name, tensor, roles, src.base, src.label, externals))]
+    for it in items:
+        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
+    streams = solid_streams(items, chosen, skipped, prefer) if solid else []
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(MAGIC)
+            entries = _write_blobs(items, streams, out)
+            files = _pack_filler(externals, src.base, src.label, out)
+            _write_head(src, chosen, entries, streams, files, out)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    source_bytes = src.original + sum(f["size"] for f in files)
+    return PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+
+
+def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:
+    """Write the separate tensors' blobs, then the solid streams; clear the packed tensors'
+    ``raw_data`` from the graph. The entries come back in tensor order."""
+    entries: list[TensorEntry] = []
+    for it in items:
+        if it.solid is None:
+            entries.append(_entry(it, it.codec, out.tell(), len(it.blob)))
+            out.write(it.blob)
+    ats = [0] * len(streams)
+    for stream in streams:
+        stream["offset"] = out.tell()
+        out.write(stream.pop("blob"))
+    for it in items:
+        if it.solid is not None:
+            stream = streams[it.solid]
+            entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
+            ats[it.solid] += len(it.data)
+        if it.external is None:
+            it.tensor.ClearField("raw_data")
+    entries.sort(key=lambda e: e.index)
+    return entries
+
+
+def _write_head(src: Source, chosen: list[Codec], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
+    """Write the head (the manifest and the graph without the packed bytes, one LZMA stream) and the footer."""
+    stripped = src.proto.SerializeToString()
+    used = {e.codec for e in entries}
+    manifest = {
+        "format": FORMAT,
+        "source": {"name": Path(src.label).name, "bytes": len(src.data), "bytes_identical": src.identical, **({"stripped": True} if src.strip else {})},
+        "graph": {"size": len(stripped), "crc32": checksum(stripped)},
+        "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
+        "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
+        "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
+        "external_files": files,
+    }
+    text = json.dumps(manifest, separators=(",", ":")).encode()
+    blob = lzma_compress(struct.pack("<I", len(text)) + text + stripped)
+    offset = out.tell()
+    out.write(blob)
+    out.write(FOOTER.pack(offset, len(blob), END))
+
+
+
+def _entry(it: Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0) -> TensorEntry:
+    return TensorEntry(
+        index=it.index, name=it.info.name, dtype=int(it.info.dtype), shape=list(it.info.shape), role=it.info.role, codec=codec,
+        offset=offset, size=size, bytes=len(it.data), checksum=checksum(it.data), external=it.external, solid=solid, at=at,
+    )
+
+
+def _row(e: TensorEntry) -> list[Any]:
+    """A format-2 manifest row: what the graph does not already say."""
+    row: list[Any] = [e.index, e.codec, e.size, e.checksum]
+    return row if e.solid is None else [e.index, "", 0, e.checksum, e.solid]
+
+
+
+def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None, label: str, out: Any) -> list[dict[str, Any]]:
+    """Keep the bytes of each external-data file that no tensor covers (padding, alignment)."""
+    files = []
+    for location, spans in externals.items():
+        assert base is not None
+        path = walk.safe_location(base, location, label, location)
+        size = path.stat().st_size
+        covered = sorted(spans)
+        gaps, pos = [], 0
+        for start, length in covered:
+            if start > pos:
+                gaps.append((pos, start - pos))
+            pos = max(pos, start + length)
+        if pos < size:
+            gaps.append((pos, size - pos))
+        filler = b""
+        with open(path, "rb") as f:
+            for start, length in gaps:
+                f.seek(start)
+                filler += f.read(length)
+        blob = lzma_compress(filler) if filler else b""
+        files.append({"location": location, "size": size, "gaps": gaps, "offset": out.tell(), "blob": len(blob)})
+        out.write(blob)
+    return files

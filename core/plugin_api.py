@@ -13,7 +13,8 @@ Writing a method (see ``docs/writing-a-plugin.md``)
 Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
-    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`.
+    :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`;
+    :func:`compare_outputs` (the figures export verifies by: cosine, agreement, max |diff|).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
 Training (needs the ``torch`` extra; imported lazily)
@@ -49,7 +50,7 @@ from modelpress.base.errors import (
 from modelpress.base.progress import progress_bar
 from modelpress.data.normalize import normalize_on_import
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
-from modelpress.evaluation.comparison import check_import
+from modelpress.evaluation.comparison import check_import, compare_outputs
 from modelpress.evaluation.criteria import Judgement, infer_criteria, judge
 from modelpress.io.framework_bridge import (
     choose_loss,
@@ -100,6 +101,7 @@ __all__ = [
     "WeightedLayer",
     "check_import",
     "choose_loss",
+    "compare_outputs",
     "current_registry",
     "ensure_opset",
     "fit",

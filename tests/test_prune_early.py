@@ -74,3 +74,15 @@ def test_channel_schedule_judges_against_a_given_floor(digits_mlp_path, digits):
     assert figures["best_step"] == 1 and len(figures["step_cosines"]) == 1
     assert [x["channels_after"] for x in figures["layers"].values()] == [math.ceil(64 * (1 - figures["reached_sparsity"]))]
     assert _cosine(model, result, digits["x_test"][:200]) == pytest.approx(figures["step_cosines"][0], abs=1e-4)
+
+
+@pytest.mark.torch
+def test_n_m_schedule_keeps_the_better_tuned_step(digits_mlp_path, digits):
+    model = modelpress.load(digits_mlp_path)
+    train = {"x": digits["x_train"], "labels": digits["y_train"]}
+    result = modelpress.prune(model, "n:m", data=train, fine_tune_epochs=1, schedule="iterative", steps=2, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    cosines = figures["step_cosines"]
+    # the pattern is the same each step: the step kept is the one closer to the source
+    assert figures["reached_sparsity"] == 0.5 and figures["best_step"] == 1 + int(cosines[1] > cosines[0])
+    assert figures["best_cosine"] == max(cosines) >= 0.5

@@ -279,7 +279,7 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
         _apply_masks(result, masks)
         if data is not None:
             result, figures = _fine_tune(result, data, opts, ctx, masks, model)
-        if not judge.judge(result, number, target, figures):
+        if not judge.judge(result, number, target if isinstance(opts, MagnitudeOptions) else 1 - opts.n / opts.m, figures):
             break
     result, figures = judge.outcome(result, figures, ctx, "magnitude" if isinstance(opts, MagnitudeOptions) else "n:m")
     if len(targets) > 1:

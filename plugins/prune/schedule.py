@@ -106,11 +106,12 @@ class StepJudge:
         return True
 
     def _better(self, step: Step, best: Step) -> bool:
-        """The sparsest step that meets the floor wins; among steps that miss it, the closest to the source."""
+        """The sparsest step that meets the floor wins (the closer to the source at equal sparsity: n:m
+        repeats its pattern); among steps that miss it, the closest to the source."""
         meets, best_meets = step.cosine >= self.floor, best.cosine >= self.floor  # type: ignore[operator]
         if meets != best_meets:
             return meets
-        return step.sparsity > best.sparsity if meets else step.cosine > best.cosine
+        return (step.sparsity, step.cosine) > (best.sparsity, best.cosine) if meets else step.cosine > best.cosine
 
     def outcome(self, last: Model, last_state: Any, ctx: PassContext, method: str) -> tuple[Model, Any]:
         """The model to return and its state: the best step when judged, else the last; figures and a warning say which."""

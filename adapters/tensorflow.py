@@ -30,6 +30,7 @@ from modelpress.plugin_api import (
     Model,
     Provenance,
     UnsupportedModelError,
+    WeightedLayer,
     check_import,
     hookimpl,
 )
@@ -239,6 +240,7 @@ def load_tensorflow(
     import tf2onnx
 
     label = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    title = Path(source).stem if isinstance(source, (str, os.PathLike)) else None
     kind = "object"
     if isinstance(source, (str, os.PathLike)):
         source, kind = _load_path(Path(source), label)
@@ -258,6 +260,7 @@ def load_tensorflow(
 
     model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
     _tidy_names(model, output_names)
+    _name_layers(model, source, title)
     feeds = {spec.name: e for spec, e in zip(model.signature.inputs, example, strict=True)}
     figures = check_import(reference, model, feeds, rtol, f"{label} (converted with tf2onnx)")
     model.provenance = Provenance(
@@ -268,6 +271,51 @@ def load_tensorflow(
         extra={"import_check": figures, "kind": kind},
     )
     return model
+
+
+# NOTE: Keras 3 calls each layer in a TensorFlow name scope that TF makes unique with a suffix
+# (layer "dense" runs in scope "dense_1"): the suffix is dropped when that gives a layer's name
+_SCOPE_SUFFIX = re.compile(r"_\d+$")
+_GENERIC_KERAS = frozenset({"Sequential", "Functional", "Model"})
+
+
+def _keras_layer_names(model: Any) -> set[str]:
+    """The names of every layer of a Keras model, nested models' layers included."""
+    names: set[str] = set()
+    for layer in getattr(model, "layers", None) or []:
+        names.add(layer.name)
+        names |= _keras_layer_names(layer)
+    return names
+
+
+def keras_layer(layer: WeightedLayer, known: set[str], model_name: str) -> str | None:
+    """The innermost Keras layer named in the path of ``layer``'s weight (which survives tf2onnx's
+    fusions: a Conv folded with its BatchNorm keeps ``conv/convolution/merged_input``), else its node.
+    Scopes carry TF's suffix when the model's own scope does (``sequential_1/dense_1`` is ``dense``)."""
+    for text in (layer.weight.name or "", layer.node.name or ""):
+        parts = text.split(":")[0].split("/")
+        suffixed = parts[0] != model_name and _SCOPE_SUFFIX.sub("", parts[0]) == model_name
+        for part in reversed(parts[1:]):
+            name = _SCOPE_SUFFIX.sub("", part) if suffixed else part
+            if name in known:
+                return name
+    return None
+
+
+def _name_layers(model: Model, source: Any, title: str | None) -> None:
+    """Weighted layers after their Keras layers (``dense``, ``conv_a``); the graph after the file,
+    the Keras model (its class when subclassed, else its name) or the function."""
+    import keras
+
+    from modelpress.adapters.naming import rename_layers
+
+    if isinstance(source, keras.Model):
+        known = _keras_layer_names(source)
+        rename_layers(model, lambda layer: keras_layer(layer, known, source.name))
+        cls = type(source).__name__
+        title = title or (source.name if cls in _GENERIC_KERAS else cls)
+    # NOTE: not tf2onnx's 'tf2onnx' in errors and report titles
+    model.ir.graph.name = title or getattr(source, "__name__", None) or type(source).__name__
 
 
 def _keras_callable(source: Any, input_shape: Any, label: str) -> tuple[Callable[..., Any], list[Any], list[str]]:

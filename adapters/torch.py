@@ -3,16 +3,20 @@
 Import goes through ``torch.onnx.export(dynamo=True)`` (needs onnxscript) and falls back to the
 TorchScript-based exporter when the dynamo path fails; the provenance says which was used.
 Every import is verified: the module and the imported model (run in ONNX Runtime) on the
-example inputs; a relative difference over ``rtol`` (default 1e-4) is an error.
+example inputs; a relative difference over ``rtol`` (default 1e-4) is an error. Weighted layers
+are named after their module path (``features.0``, ``classifier.fc``), the model after its file
+or class (see :mod:`.naming`).
 
 torch is imported only inside these functions: ``import modelpress`` never imports it.
 """
 
 from __future__ import annotations
 
+import ast
 import io
 import logging
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
@@ -27,6 +31,7 @@ from modelpress.plugin_api import (
     Model,
     Provenance,
     UnsupportedModelError,
+    WeightedLayer,
     check_import,
     hookimpl,
 )
@@ -172,6 +177,7 @@ def load_torch(
     """
     torch = _require_torch()
     label = str(source) if isinstance(source, (str, os.PathLike)) else type(source).__name__
+    title = Path(source).stem if isinstance(source, (str, os.PathLike)) else type(source).__name__
     if isinstance(source, (str, os.PathLike)):
         source = _read_file(Path(source), trust_pickle)
     if not _is_torch_object(source):
@@ -185,9 +191,12 @@ def load_torch(
     errors: list[str] = []
     proto, used = _to_onnx(torch, source, args, names, output_names, axes, opset, is_program, exporter, errors, label)
 
+    from modelpress.adapters.naming import rename_layers
     from modelpress.adapters.onnx import load_onnx
 
     model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
+    rename_layers(model, module_path)
+    model.ir.graph.name = title  # NOTE: not the exporter's 'main_graph' in errors and report titles
     feeds = {spec.name: np.asarray(a.detach().cpu().numpy()) for spec, a in zip(model.signature.inputs, args, strict=False)}
     figures = check_import(reference, model, feeds, rtol, f"{label} (exported with {used})")
     model.provenance = Provenance(
@@ -198,6 +207,41 @@ def load_torch(
         extra={"import_check": figures, "fallback_reasons": errors},
     )
     return model
+
+
+# NOTE: exporter-made constants (folded, transposed weights) are "val_12", "onnx::MatMul_7", "_v_3": not module paths
+_PARAMETER = re.compile(r"^(?!val_\d|_v_\d)[A-Za-z_]\w*(\.\w+)*$")
+
+
+def module_path(layer: WeightedLayer) -> str | None:
+    """The path of the module holding ``layer``'s weight: from the weight's name (both exporters
+    name initializers after parameters, ``features.0.weight``), else the module scope the dynamo
+    exporter records on the node (``pkg.torch.onnx.name_scopes``), else a bare parameter's name,
+    else the scope in a TorchScript node name."""
+    weight = layer.weight.name or ""
+    if _PARAMETER.match(weight) and weight.endswith((".weight", ".weight_orig")):
+        return weight.rsplit(".", 1)[0]
+    scopes = layer.node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if scopes:
+        try:
+            modules = [s for s in ast.literal_eval(scopes)[:-1] if s]
+        except (ValueError, SyntaxError):
+            modules = []
+        if modules:
+            return str(modules[-1])
+    if _PARAMETER.match(weight):
+        return weight
+    return _scope_path(layer.node.name or "")
+
+
+def _scope_path(node_name: str) -> str | None:
+    """The module path in a TorchScript exporter's node name: ``/features/features.2/conv/Conv`` -> ``features.2.conv``."""
+    if not node_name.startswith("/"):
+        return None
+    path = ""
+    for part in node_name.strip("/").split("/")[:-1]:
+        path = part if not path or part.startswith(path + ".") else f"{path}.{part}"
+    return path or None
 
 
 def _example_args(source: Any, example_inputs: Any, is_program: bool, label: str) -> tuple[Any, ...]:

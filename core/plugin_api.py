@@ -15,7 +15,8 @@ Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
     :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`, :class:`Bounds`
-    (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric).
+    (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric);
+    :func:`compare_outputs` (the figures export verifies by: cosine, agreement, max |diff|).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
 Training (needs the ``torch`` extra; imported lazily)
@@ -50,7 +51,7 @@ from modelpress.base.errors import (
 )
 from modelpress.base.progress import progress_bar
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
-from modelpress.evaluation.comparison import check_import
+from modelpress.evaluation.comparison import check_import, compare_outputs
 from modelpress.evaluation.criteria import (
     Bounds,
     Criterion,
@@ -115,6 +116,7 @@ __all__ = [
     "WeightedLayer",
     "check_import",
     "choose_loss",
+    "compare_outputs",
     "current_registry",
     "ensure_opset",
     "fit",

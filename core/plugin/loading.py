@@ -29,6 +29,9 @@ from modelpress.plugin.registry import (
 
 __all__ = ["load"]
 
+# Graph names exporters write when the model has none of its own: a file's model is named after the file instead
+_EXPORTER_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "tf2onnx"})
+
 
 def load(source: Any, *, framework: str | None = None, registry: Registry | None = None, show_progress: bool = True, **options: Any) -> Model:
     """Import ``source`` into a :class:`Model`.
@@ -51,7 +54,10 @@ def _load(source: Any, *, framework: str | None, registry: Registry | None, **op
     registry = registry or current_registry()
     # NOTE: the registry travels into the adapters (a .mpk is decoded with its codecs)
     with using_registry(registry):
-        return _load_with(source, registry, framework, options)
+        model = _load_with(source, registry, framework, options)
+    if isinstance(source, (str, os.PathLike)) and (model.ir.graph.name or "") in _EXPORTER_GRAPH_NAMES:
+        model.ir.graph.name = os.path.splitext(os.path.basename(os.fspath(source).rstrip("/\\")))[0]
+    return model
 
 
 def _load_with(source: Any, registry: Registry, framework: str | None, options: dict[str, Any]) -> Model:

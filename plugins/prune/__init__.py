@@ -14,12 +14,16 @@ on labelled data (``labels``) or, without labels, on the unpruned model's output
 pruned weights at exactly zero. The label loss fits the model's output (``loss="auto"``: NLL of
 the log for probabilities, e.g. a model ending in softmax, cross-entropy for logits, MSE for
 regression); the figures ``loss`` and ``loss_reason`` say which and why. ``schedule="iterative"`` prunes in ``steps`` steps along a
-polynomial (cubic) ramp from ``initial`` to the final sparsity, fine-tuning between steps.
+polynomial (cubic) ramp from ``initial`` to the final sparsity, fine-tuning between steps, and judges
+every step against ``stop_below`` (the verification floor export applies, by default): it stops
+at the first step that makes the target unreachable and returns the best step (see :mod:`.schedule`).
 """
 
 from __future__ import annotations
 
+import copy
 import math
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
@@ -42,8 +46,14 @@ from modelpress.plugin_api import (
 )
 from modelpress.plugins.prune.channels import ChannelSpace, find_spaces, remove_channels
 from modelpress.plugins.prune.importance import CRITERIA, channel_scores
+from modelpress.plugins.prune.schedule import StepJudge, held_out_split
 
 __all__ = ["ChannelOptions", "MagnitudeOptions", "NMOptions"]
+
+
+# NOTE: the verification floor magnitude and n:m results are exported with (export's default min_cosine):
+# the iterative schedule judges its steps against the same number
+PRUNE_FLOOR = 0.5
 
 
 class _Recovery(Options):
@@ -60,6 +70,9 @@ class _Recovery(Options):
     temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
     loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
         "auto", description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
+    stop_below: float | None = Field(
+        PRUNE_FLOOR, ge=-1, le=1, description="iterative: stop at the first step whose cosine to the unpruned model falls below this, "
+        "and return the best step (default: the verification floor export applies; None: never stop)")
 
 
 class MagnitudeOptions(_Recovery):
@@ -85,6 +98,9 @@ class NMOptions(_Recovery):
 class ChannelOptions(_Recovery):
     ratio: float = Field(0.5, ge=0, lt=1, description="fraction of output channels to remove per channel group, in [0, 1)")
     criterion: Literal["l1", "l2", "bn-scale", "taylor", "activation"] = Field("l1", description="channel importance: " + ", ".join(CRITERIA))
+    # NOTE: removing channels changes outputs by design: export has no default floor, so neither does the schedule
+    stop_below: float | None = Field(None, ge=-1, le=1, description="iterative: stop at the first step whose cosine to the unpruned model "
+                                     "falls below this, and return the best step (default None: never stop)")
     round_to: int = Field(1, ge=1, description="keep a multiple of this many channels (e.g. 8 for SIMD-friendly shapes)")
 
 
@@ -157,9 +173,7 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
 
     module = to_torch(model)
     inputs = [data.inputs[n] for n in model.signature.input_names]
-    n = len(inputs[0])
-    held = max(1, n // 10)
-    train_idx, val_idx = np.arange(held, n), np.arange(held)
+    train_idx, val_idx = held_out_split(len(inputs[0]))
     targets, loss, teacher_weight = _recovery_loss(data, opts, teacher)
     held_out = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
     attr_masks = {module.attribute_name(name): mask for name, mask in (masks or {}).items() if name in module.onnx_names.values()}
@@ -255,7 +269,8 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
     masks: dict[str, np.ndarray] = {}
     figures: dict[str, Any] = {}
     targets = _ramp(getattr(opts, "sparsity", 0.0), opts) if isinstance(opts, MagnitudeOptions) else [0.0] * (opts.steps if opts.schedule == "iterative" else 1)
-    for target in targets:
+    judge = StepJudge.start(model, ctx, data, opts.stop_below, len(targets))
+    for number, target in enumerate(targets, 1):
         current = {x.name: x for x in result.weighted_layers(frozenset(opts.op_types), subgraphs=True)}
         chosen = [current[x.name] for x in layers if x.name in current]
         masks = make(chosen, target)
@@ -265,6 +280,9 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
         _apply_masks(result, masks)
         if data is not None:
             result, figures = _fine_tune(result, data, opts, ctx, masks, model)
+        if not judge.judge(result, number, target if isinstance(opts, MagnitudeOptions) else 1 - opts.n / opts.m, figures):
+            break
+    result, figures = judge.outcome(result, figures, ctx, "magnitude" if isinstance(opts, MagnitudeOptions) else "n:m")
     if len(targets) > 1:
         ctx.figures["schedule"] = [round(t, 4) for t in targets]
     per_layer = {}
@@ -306,48 +324,76 @@ def _keep_count(channels: int, original: int, ratio: float, round_to: int) -> in
     return min(keep, channels)
 
 
-def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
-    layers, skipped = _select(model, opts)
-    names = {x.name for x in layers}
-    data = _training_data(model, ctx, opts)
-    criterion_data = None
-    if opts.criterion in ("taylor", "activation"):
-        source = ctx.train if ctx.train is not None else ctx.calibration
-        if source is None:
-            raise DataError(f"the {opts.criterion} criterion needs data (data=... / --data train.npz{' with labels' if opts.criterion == 'taylor' else ''})")
-        criterion_data = load_dataset(source, model.signature, what="criterion").take(512)
-    result = model.clone()
-    original: dict[str, int] = {}
-    report: dict[str, dict[str, Any]] = {}
-    figures: dict[str, Any] = {}
-    for ratio in _ramp(opts.ratio, opts):
-        spaces = [s for s in find_spaces(result, [x for x in result.weighted_layers() if x.name in names])]
-        prunable: list[ChannelSpace] = []
+@dataclass
+class _ChannelRun:
+    """The state of one channel-pruning pass across its steps: what is selected, skipped, removed."""
+
+    opts: ChannelOptions
+    names: set[str]
+    skipped: dict[str, str]
+    criterion_data: Dataset | None = None
+    original: dict[str, int] = field(default_factory=dict)
+    report: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def prunable(self, result: Model) -> list[ChannelSpace]:
+        spaces = find_spaces(result, [x for x in result.weighted_layers() if x.name in self.names])
+        chosen: list[ChannelSpace] = []
         for space in spaces:
             if not space.prunable:
                 for layer in space.sources:
-                    skipped[layer.name] = "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
-            elif any(x.name not in names for x in space.sources):
+                    self.skipped[layer.name] = "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
+            elif any(x.name not in self.names for x in space.sources):
                 for layer in space.sources:
-                    skipped[layer.name] = "coupled (residual) with a layer that is not selected"
+                    self.skipped[layer.name] = "coupled (residual) with a layer that is not selected"
             else:
-                prunable.append(space)
+                chosen.append(space)
+        return chosen
+
+    def step(self, result: Model, ratio: float) -> bool:
+        """Remove channels down to ``ratio`` in place; ``False`` when nothing is prunable."""
+        prunable = self.prunable(result)
         if not prunable:
-            break
-        scores = channel_scores(result, prunable, opts.criterion, criterion_data)
+            return False
+        scores = channel_scores(result, prunable, self.opts.criterion, self.criterion_data)
         for index, space in enumerate(prunable):
             key = space.name
-            original.setdefault(key, space.channels)
-            keep_n = _keep_count(space.channels, original[key], ratio, opts.round_to)
+            self.original.setdefault(key, space.channels)
+            keep_n = _keep_count(space.channels, self.original[key], ratio, self.opts.round_to)
             if keep_n >= space.channels:
                 continue
             keep = np.sort(np.argsort(-scores[index], kind="stable")[:keep_n])
             remove_channels(result, space, keep)
-            report[key] = {"kind": "physical", "channels_before": original[key], "channels_after": keep_n,
-                           "removed": original[key] - keep_n, "criterion": opts.criterion}
+            self.report[key] = {"kind": "physical", "channels_before": self.original[key], "channels_after": keep_n,
+                                "removed": self.original[key] - keep_n, "criterion": self.opts.criterion}
+        return True
+
+
+def _criterion_data(model: Model, opts: ChannelOptions, ctx: PassContext) -> Dataset | None:
+    if opts.criterion not in ("taylor", "activation"):
+        return None
+    source = ctx.train if ctx.train is not None else ctx.calibration
+    if source is None:
+        raise DataError(f"the {opts.criterion} criterion needs data (data=... / --data train.npz{' with labels' if opts.criterion == 'taylor' else ''})")
+    return load_dataset(source, model.signature, what="criterion").take(512)
+
+
+def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
+    layers, skipped = _select(model, opts)
+    data = _training_data(model, ctx, opts)
+    run = _ChannelRun(opts, {x.name for x in layers}, skipped, _criterion_data(model, opts, ctx))
+    result = model.clone()
+    figures: dict[str, Any] = {}
+    ratios = _ramp(opts.ratio, opts)
+    judge = StepJudge.start(model, ctx, data, opts.stop_below, len(ratios))
+    for number, ratio in enumerate(ratios, 1):
+        if not run.step(result, ratio):
+            break
         result = _rebuild(result)
         if data is not None:
             result, figures = _fine_tune(result, data, opts, ctx, None, model)
+        if not judge.judge(result, number, ratio, (figures, copy.deepcopy(run.report))):
+            break
+    result, (figures, report) = judge.outcome(result, (figures, run.report), ctx, "channel")
     if not report:
         raise OptionsError(f"channel: nothing could be pruned in {model.name!r}: {skipped}")
     for name in list(skipped):
@@ -384,10 +430,10 @@ _NM_TUNING = Tuning(alone=False, recovery="fine_tune_epochs", probe=True)  # NOT
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
     register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
-                    min_cosine=0.5, kind_default=True,
+                    min_cosine=PRUNE_FLOOR, kind_default=True,
                     summary="unstructured: zero the smallest weights (masked sparsity)",
                     tuning=_MAGNITUDE_TUNING))
-    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=0.5,
+    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=PRUNE_FLOOR,
                     summary="semi-structured N:M sparsity along the input dimension (2:4 default)",
                     tuning=_NM_TUNING))
     register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=None,

@@ -475,5 +475,5 @@ def test_codebook_centroid_fine_tuning_trains_only_the_shared_values(digits_mlp_
         return float(np.mean(np.log(np.exp(logits).sum(1)) - logits[np.arange(200), digits["y_train"][:200]]))
 
     assert loss(tuned) < loss(plain)  # the shared values moved to fit the data better
-    with pytest.raises(modelpress.DataError, match="centroid fine-tuning"):
+    with pytest.raises(modelpress.DataError, match=r"codebook needs training data \(option 'fine_tune_epochs' is set\)"):
         modelpress.apply(model, "codebook", kind="quantize", bits=2, min_elements=64, fine_tune_epochs=1)

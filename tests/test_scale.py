@@ -183,6 +183,9 @@ import modelpress
 def status(key):  # NOTE: this process's own figures; ru_maxrss also counts the parent it was forked from
     return next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith(key + ":"))
 path, out, verify = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+# NOTE: `import modelpress` is lazy: import what the pass and export use (onnx, onnx-ir, ONNX Runtime)
+# before the baseline, so the figure is the pass's memory, not the libraries'
+import modelpress.io.export, modelpress.plugin_api  # noqa: E401, F401
 base = status("VmRSS")
 model = modelpress.load(path)
 result = modelpress.quantize(model, "int4-weight-only", block_size=128, show_progress=False)

@@ -22,7 +22,7 @@ from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "measure_latency", "run_pass"]
+__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "latency_runs", "measure_latency", "run_pass"]
 
 
 @dataclass
@@ -42,6 +42,9 @@ class StageMetrics:
     figures: dict[str, Any] = field(default_factory=dict)
     packed_bytes: int | None = None
     kind: str = ""  # the pass kind that made the stage ("" for the source)
+    # NOTE: per latency key, the interquartile range (ms) of the timed runs: the noise band a
+    # slowdown must exceed before the report flags it (empty: not measured, 5 % alone decides)
+    latency_iqr_ms: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +73,12 @@ def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Regis
 
 def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
     """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op threads."""
+    return float(np.median(latency_runs(path, feeds, threads=threads, repeats=repeats)))
+
+
+def latency_runs(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> list[float]:
+    """Wall time (ms) of each of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op
+    threads: :func:`measure_latency` is their median, their interquartile range the noise band."""
     from modelpress.runtime.session import make_session
 
     session = make_session(path, threads=threads)  # NOTE: session.run below, not runtime.run: no timer in the timing
@@ -79,8 +88,8 @@ def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], 
     for _ in range(repeats):
         start = time.perf_counter()
         session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def _sparsity(model: Model) -> float:
@@ -135,14 +144,16 @@ class _Evaluator:
         data_file = path.with_name(path.name + ".data")
         if data_file.exists():
             data += data_file.read_bytes()
-        latency = {
-            f"{name} ({self.settings.threads}t)": measure_latency(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
+        runs = {
+            f"{name} ({self.settings.threads}t)": latency_runs(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
             for name, feeds in self.latency_feeds.items()
         }
+        latency = {key: float(np.median(times)) for key, times in runs.items()}
+        iqr = {key: float(np.subtract(*np.percentile(times, [75, 25]))) for key, times in runs.items()}
         return StageMetrics(
             stage=stage, metric=self.settings.metric, value=self.metric(path), size_bytes=len(data),
             zip_bytes=len(zlib.compress(data, 6)), parameters=model.parameter_count(), sparsity=round(_sparsity(model), 4),
-            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind,
+            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind, latency_iqr_ms=iqr,
         )
 
 

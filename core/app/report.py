@@ -23,8 +23,8 @@ __all__ = ["BIGGER_BYTES", "BIGGER_TOLERANCE", "LATENCY_TOLERANCE", "Report", "f
 _MEASURED = frozenset({"model_bytes_before", "model_bytes_after", "parameters", "parameters_before", "parameters_after", "size_bytes"})
 
 # NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged:
-# slower by more than this fraction *and* by more than the runs' noise band (the larger of the two
-# stages' interquartile ranges).
+# slower by more than this fraction *and* by more than the runs' noise band (the sum of the two
+# stages' interquartile ranges, each relative to its median).
 LATENCY_TOLERANCE = 0.05
 # NOTE: a file a few hundred bytes bigger (an opset import, a name) is no regression: a stage is
 # flagged bigger when it grows by more than this fraction *and* by more than BIGGER_BYTES.
@@ -39,14 +39,21 @@ def _bigger(before: StageMetrics, s: StageMetrics) -> str | None:
     return f"bigger than '{before.stage}' ({_mb(s.size_bytes)} vs {_mb(before.size_bytes)} MB)"
 
 
+def _spread(s: StageMetrics, key: str) -> float:
+    """The stage's timed runs' interquartile range relative to their median (0 when not measured)."""
+    ms = s.latency_ms.get(key)
+    return s.latency_iqr_ms.get(key, 0.0) / ms if ms else 0.0
+
+
 def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
     ms, previous = s.latency_ms[key], before.latency_ms.get(key)
     if not previous:
         return None
-    band = max(before.latency_iqr_ms.get(key, 0.0), s.latency_iqr_ms.get(key, 0.0))
-    if ms - previous <= previous * LATENCY_TOLERANCE or ms - previous <= band:
+    # NOTE: timing noise is multiplicative (a busy moment stretches a long run more): the band is relative
+    band = _spread(before, key) + _spread(s, key)
+    if ms <= previous * (1 + max(LATENCY_TOLERANCE, band)):
         return None
-    noise = f"; noise band {band:.3f} ms" if band else ""
+    noise = f"; noise band {band:.1%}" if band else ""
     return f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms{noise})"
 
 
@@ -121,7 +128,7 @@ class _FittedTable:
 _FOOTNOTE = (
     "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). "
     "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
-    "[slower] when slower by more than 5 % and more than the noise band (the larger interquartile range of the two stages' timed runs)."
+    "[slower] when slower by more than 5 % and more than the noise band (the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
 )
 
 
@@ -197,8 +204,8 @@ class Report:
         """Per stage, where it is really worse than the stage before it: bigger on disk by more
         than ``BIGGER_TOLERANCE`` and ``BIGGER_BYTES``, or slower at a measured batch size (e.g.
         int8 QDQ at batch 64 on a CPU without fast integer kernels) by more than
-        ``LATENCY_TOLERANCE`` and the latency's noise band (the larger interquartile range of the
-        two stages' timed runs). A user reads "compressed" as smaller and faster: say so."""
+        ``LATENCY_TOLERANCE`` and the latency's noise band (the sum of the interquartile ranges of
+        the two stages' timed runs, each relative to its median). A user reads "compressed" as smaller and faster: say so."""
         found: dict[str, list[str]] = {}
         for before, s in zip(self.stages, self.stages[1:], strict=False):
             notes = [note for note in (_bigger(before, s), *(_slower(before, s, key) for key in s.latency_ms)) if note]

@@ -41,6 +41,13 @@ def test_slower_needs_more_than_the_noise_band():
     assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.2}), _stage("b", 1000, {"b1": 1.1}, {"b1": 0.05})) == {}
     worse = _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), _stage("b", 1000, {"b1": 1.1}, {"b1": 0.03}))
     assert worse == {"b": ["slower than 'a' at b1 (1.100 vs 1.000 ms; noise band 4.7%)"]}
+    # slower by its own timing, but not when both files were timed again side by side
+    recheck = _stage("b", 1000, {"b1": 1.1}, {"b1": 0.03})
+    recheck.latency_recheck_ms = {"b1": [1.0, 1.01, 0.04]}
+    assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), recheck) == {}
+    recheck.latency_recheck_ms = {"b1": [1.0, 1.2, 0.04]}
+    assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), recheck)["b"] == [
+        "slower than 'a' at b1 (1.100 vs 1.000 ms; noise band 4.7%; side by side 1.200 vs 1.000 ms)"]
     # inside 5 % even with no spread
     assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.0}), _stage("b", 1000, {"b1": 1.04}, {"b1": 0.0})) == {}
 

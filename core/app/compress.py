@@ -14,7 +14,7 @@ import numpy as np
 
 from modelpress.app.pipeline import apply
 from modelpress.app.recipe import PassSpec, Recipe, load_recipe, resolve_callable
-from modelpress.app.report import Report
+from modelpress.app.report import Report, looks_slower
 from modelpress.base.errors import ModelpressError, NoGainError, OptionsError
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.io.export import export
@@ -45,6 +45,9 @@ class StageMetrics:
     # NOTE: per latency key, the interquartile range (ms) of the timed runs: the noise band a
     # slowdown must exceed before the report flags it (empty: not measured, 5 % alone decides)
     latency_iqr_ms: dict[str, float] = field(default_factory=dict)
+    # NOTE: where the stage looked slower than the one before it: both files re-timed side by side,
+    # {key: [before's median, this stage's median, noise band]}; the report flags only what this confirms
+    latency_recheck_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -157,6 +160,23 @@ class _Evaluator:
         )
 
 
+    def recheck(self, before: StageMetrics, stage: StageMetrics) -> None:
+        """Where ``stage`` looks slower than ``before``, time both files again side by side (in
+        turns, so a busy moment of the machine falls on both) and keep that in ``latency_recheck_ms``."""
+        threads, repeats = self.settings.threads, max(3, self.settings.repeats // 3)
+        for name, feeds in self.latency_feeds.items():
+            key = f"{name} ({threads}t)"
+            if key not in stage.latency_ms or not looks_slower(before, stage, key):
+                continue
+            runs: tuple[list[float], list[float]] = ([], [])
+            for _ in range(3):
+                for times, path in zip(runs, (before.path, stage.path), strict=True):
+                    times += latency_runs(path, feeds, threads=threads, repeats=repeats)
+            medians = [float(np.median(times)) for times in runs]
+            band = sum(float(np.subtract(*np.percentile(times, [75, 25]))) / m for times, m in zip(runs, medians, strict=True) if m)
+            stage.latency_recheck_ms[key] = [*medians, band]
+
+
 @dataclass(frozen=True)
 class PassData:
     """What every recipe pass of one run is given besides the model: the recipe's data sources
@@ -239,6 +259,8 @@ class _Run:
     def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> None:
         """Measure a stage's exported file, pack it if the recipe says so and add it to the report."""
         self.stages.append(self.evaluator.measure(label, model, path, seconds, figures, kind))
+        if len(self.stages) > 1:
+            self.evaluator.recheck(self.stages[-2], self.stages[-1])
         _pack_stage(self.recipe, self.stages[-1], path, self.registry)
         self.report.add(self.stages[-1])
 

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.app.compress import StageMetrics
 
-__all__ = ["BIGGER_BYTES", "BIGGER_TOLERANCE", "LATENCY_TOLERANCE", "Report", "figure_text", "write_reports"]
+__all__ = ["BIGGER_BYTES", "BIGGER_TOLERANCE", "LATENCY_TOLERANCE", "Report", "figure_text", "looks_slower", "write_reports"]
 
 # NOTE: figures a kind declares that the report measures itself on every stage (size, parameters):
 # shown once, as measured, not again as the method reported them.
@@ -45,15 +45,30 @@ def _spread(s: StageMetrics, key: str) -> float:
     return s.latency_iqr_ms.get(key, 0.0) / ms if ms else 0.0
 
 
+def _past_noise(previous: float, ms: float, band: float) -> bool:
+    return ms > previous * (1 + max(LATENCY_TOLERANCE, band))
+
+
+def looks_slower(before: StageMetrics, s: StageMetrics, key: str) -> bool:
+    """Whether ``s``'s own timing at ``key`` is slower than ``before``'s beyond 5 % and the noise
+    band (the sum of the two stages' interquartile ranges, each relative to its median)."""
+    previous = before.latency_ms.get(key)
+    return bool(previous) and _past_noise(previous, s.latency_ms[key], _spread(before, key) + _spread(s, key))
+
+
 def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
-    ms, previous = s.latency_ms[key], before.latency_ms.get(key)
-    if not previous:
+    """The slowdown note, when the stage looks slower and, where the two files were re-timed side by
+    side (``latency_recheck_ms``: the machine's load drifts between stages), is slower there too."""
+    if not looks_slower(before, s, key):
         return None
-    # NOTE: timing noise is multiplicative (a busy moment stretches a long run more): the band is relative
+    ms, previous = s.latency_ms[key], before.latency_ms[key]
     band = _spread(before, key) + _spread(s, key)
-    if ms <= previous * (1 + max(LATENCY_TOLERANCE, band)):
-        return None
     noise = f"; noise band {band:.1%}" if band else ""
+    recheck = s.latency_recheck_ms.get(key)
+    if recheck:
+        if not _past_noise(recheck[0], recheck[1], recheck[2]):
+            return None
+        noise += f"; side by side {recheck[1]:.3f} vs {recheck[0]:.3f} ms"
     return f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms{noise})"
 
 

@@ -14,7 +14,7 @@ import numpy as np
 
 from modelpress.app.pipeline import apply
 from modelpress.app.recipe import PassSpec, Recipe, load_recipe, resolve_callable
-from modelpress.app.report import Report
+from modelpress.app.report import Report, looks_slower
 from modelpress.base.errors import ModelpressError, NoGainError, OptionsError
 from modelpress.data.samples import Dataset, load_dataset, sample_inputs
 from modelpress.io.export import export
@@ -22,7 +22,7 @@ from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "measure_latency", "run_pass"]
+__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "latency_runs", "measure_latency", "run_pass"]
 
 
 @dataclass
@@ -42,6 +42,12 @@ class StageMetrics:
     figures: dict[str, Any] = field(default_factory=dict)
     packed_bytes: int | None = None
     kind: str = ""  # the pass kind that made the stage ("" for the source)
+    # NOTE: per latency key, the interquartile range (ms) of the timed runs: the noise band a
+    # slowdown must exceed before the report flags it (empty: not measured, 5 % alone decides)
+    latency_iqr_ms: dict[str, float] = field(default_factory=dict)
+    # NOTE: where the stage looked slower than the one before it: both files re-timed side by side,
+    # {key: [before's median, this stage's median, noise band]}; the report flags only what this confirms
+    latency_recheck_ms: dict[str, list[float]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -70,6 +76,12 @@ def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Regis
 
 def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
     """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op threads."""
+    return float(np.median(latency_runs(path, feeds, threads=threads, repeats=repeats)))
+
+
+def latency_runs(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> list[float]:
+    """Wall time (ms) of each of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op
+    threads: :func:`measure_latency` is their median, their interquartile range the noise band."""
     from modelpress.runtime.session import make_session
 
     session = make_session(path, threads=threads)  # NOTE: session.run below, not runtime.run: no timer in the timing
@@ -79,8 +91,8 @@ def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], 
     for _ in range(repeats):
         start = time.perf_counter()
         session.run(None, feeds)
-        times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
+        times.append((time.perf_counter() - start) * 1000)
+    return times
 
 
 def _sparsity(model: Model) -> float:
@@ -135,15 +147,34 @@ class _Evaluator:
         data_file = path.with_name(path.name + ".data")
         if data_file.exists():
             data += data_file.read_bytes()
-        latency = {
-            f"{name} ({self.settings.threads}t)": measure_latency(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
+        runs = {
+            f"{name} ({self.settings.threads}t)": latency_runs(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
             for name, feeds in self.latency_feeds.items()
         }
+        latency = {key: float(np.median(times)) for key, times in runs.items()}
+        iqr = {key: float(np.subtract(*np.percentile(times, [75, 25]))) for key, times in runs.items()}
         return StageMetrics(
             stage=stage, metric=self.settings.metric, value=self.metric(path), size_bytes=len(data),
             zip_bytes=len(zlib.compress(data, 6)), parameters=model.parameter_count(), sparsity=round(_sparsity(model), 4),
-            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind,
+            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind, latency_iqr_ms=iqr,
         )
+
+
+    def recheck(self, before: StageMetrics, stage: StageMetrics) -> None:
+        """Where ``stage`` looks slower than ``before``, time both files again side by side (in
+        turns, so a busy moment of the machine falls on both) and keep that in ``latency_recheck_ms``."""
+        threads, repeats = self.settings.threads, max(3, self.settings.repeats // 3)
+        for name, feeds in self.latency_feeds.items():
+            key = f"{name} ({threads}t)"
+            if key not in stage.latency_ms or not looks_slower(before, stage, key):
+                continue
+            runs: tuple[list[float], list[float]] = ([], [])
+            for _ in range(3):
+                for times, path in zip(runs, (before.path, stage.path), strict=True):
+                    times += latency_runs(path, feeds, threads=threads, repeats=repeats)
+            medians = [float(np.median(times)) for times in runs]
+            band = sum(float(np.subtract(*np.percentile(times, [75, 25]))) / m for times, m in zip(runs, medians, strict=True) if m)
+            stage.latency_recheck_ms[key] = [*medians, band]
 
 
 @dataclass(frozen=True)
@@ -228,6 +259,8 @@ class _Run:
     def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> None:
         """Measure a stage's exported file, pack it if the recipe says so and add it to the report."""
         self.stages.append(self.evaluator.measure(label, model, path, seconds, figures, kind))
+        if len(self.stages) > 1:
+            self.evaluator.recheck(self.stages[-2], self.stages[-1])
         _pack_stage(self.recipe, self.stages[-1], path, self.registry)
         self.report.add(self.stages[-1])
 

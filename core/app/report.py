@@ -16,14 +16,60 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.app.compress import StageMetrics
 
-__all__ = ["LATENCY_TOLERANCE", "Report", "figure_text", "write_reports"]
+__all__ = ["BIGGER_BYTES", "BIGGER_TOLERANCE", "LATENCY_TOLERANCE", "Report", "figure_text", "looks_slower", "write_reports"]
 
 # NOTE: figures a kind declares that the report measures itself on every stage (size, parameters):
 # shown once, as measured, not again as the method reported them.
 _MEASURED = frozenset({"model_bytes_before", "model_bytes_after", "parameters", "parameters_before", "parameters_after", "size_bytes"})
 
-# NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged.
+# NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged:
+# slower by more than this fraction *and* by more than the runs' noise band (the sum of the two
+# stages' interquartile ranges, each relative to its median).
 LATENCY_TOLERANCE = 0.05
+# NOTE: a file a few hundred bytes bigger (an opset import, a name) is no regression: a stage is
+# flagged bigger when it grows by more than this fraction *and* by more than BIGGER_BYTES.
+BIGGER_TOLERANCE = 0.02
+BIGGER_BYTES = 4096
+
+
+def _bigger(before: StageMetrics, s: StageMetrics) -> str | None:
+    grown = s.size_bytes - before.size_bytes
+    if grown <= BIGGER_BYTES or grown <= before.size_bytes * BIGGER_TOLERANCE:
+        return None
+    return f"bigger than '{before.stage}' ({_mb(s.size_bytes)} vs {_mb(before.size_bytes)} MB)"
+
+
+def _spread(s: StageMetrics, key: str) -> float:
+    """The stage's timed runs' interquartile range relative to their median (0 when not measured)."""
+    ms = s.latency_ms.get(key)
+    return s.latency_iqr_ms.get(key, 0.0) / ms if ms else 0.0
+
+
+def _past_noise(previous: float, ms: float, band: float) -> bool:
+    return ms > previous * (1 + max(LATENCY_TOLERANCE, band))
+
+
+def looks_slower(before: StageMetrics, s: StageMetrics, key: str) -> bool:
+    """Whether ``s``'s own timing at ``key`` is slower than ``before``'s beyond 5 % and the noise
+    band (the sum of the two stages' interquartile ranges, each relative to its median)."""
+    previous = before.latency_ms.get(key)
+    return bool(previous) and _past_noise(previous, s.latency_ms[key], _spread(before, key) + _spread(s, key))
+
+
+def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
+    """The slowdown note, when the stage looks slower and, where the two files were re-timed side by
+    side (``latency_recheck_ms``: the machine's load drifts between stages), is slower there too."""
+    if not looks_slower(before, s, key):
+        return None
+    ms, previous = s.latency_ms[key], before.latency_ms[key]
+    band = _spread(before, key) + _spread(s, key)
+    noise = f"; noise band {band:.1%}" if band else ""
+    recheck = s.latency_recheck_ms.get(key)
+    if recheck:
+        if not _past_noise(recheck[0], recheck[1], recheck[2]):
+            return None
+        noise += f"; side by side {recheck[1]:.3f} vs {recheck[0]:.3f} ms"
+    return f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms{noise})"
 
 
 def figure_text(value: Any) -> str:
@@ -94,6 +140,28 @@ class _FittedTable:
         yield table
 
 
+_FOOTNOTE = (
+    "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). "
+    "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
+    "[slower] when slower by more than 5 % and more than the noise band (the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
+)
+
+
+_CSS = (
+    "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
+    "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
+    ".flag{font-weight:bold;padding:0 3px;border-radius:3px}.flag-bigger{color:#fff;background:#c77700}"
+    ".flag-slower{color:#fff;background:#b3261e}.flag-no-gain{color:#fff;background:#6b1b9a}"
+    "tr.flagged-bigger,tr.flagged-slower,tr.flagged-no-gain{background:#fff5f0}"
+    ".note{border-left:4px solid #b3261e;padding-left:8px}.note.no-gain{border-color:#6b1b9a}"
+    "pre{background:#f6f6f6;padding:8px;overflow-x:auto}"
+)
+
+
+def _css_name(flag: str) -> str:
+    return flag.lower().replace(" ", "-")
+
+
 def _mb(n: int) -> str:
     return f"{n / 1e6:.3f}"
 
@@ -148,18 +216,14 @@ class Report:
         return any(s.packed_bytes is not None for s in self.stages)
 
     def regressions(self) -> dict[str, list[str]]:
-        """Per stage, where it is worse than the stage before it: bigger on disk, or slower by more
-        than ``LATENCY_TOLERANCE`` at a measured batch size (e.g. int8 QDQ at batch 64 on a CPU
-        without fast integer kernels). A user reads "compressed" as smaller and faster: say so."""
+        """Per stage, where it is really worse than the stage before it: bigger on disk by more
+        than ``BIGGER_TOLERANCE`` and ``BIGGER_BYTES``, or slower at a measured batch size (e.g.
+        int8 QDQ at batch 64 on a CPU without fast integer kernels) by more than
+        ``LATENCY_TOLERANCE`` and the latency's noise band (the sum of the interquartile ranges of
+        the two stages' timed runs, each relative to its median). A user reads "compressed" as smaller and faster: say so."""
         found: dict[str, list[str]] = {}
         for before, s in zip(self.stages, self.stages[1:], strict=False):
-            notes = []
-            if s.size_bytes > before.size_bytes:
-                notes.append(f"bigger than '{before.stage}' ({_mb(s.size_bytes)} vs {_mb(before.size_bytes)} MB)")
-            for key, ms in s.latency_ms.items():
-                previous = before.latency_ms.get(key)
-                if previous and ms > previous * (1 + LATENCY_TOLERANCE):
-                    notes.append(f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms)")
+            notes = [note for note in (_bigger(before, s), *(_slower(before, s, key) for key in s.latency_ms)) if note]
             if notes:
                 found[s.stage] = notes
         return found
@@ -175,10 +239,7 @@ class Report:
             value = "-" if s.value is None else f"{s.value:.4f}"
             # NOTE: a stage with no gain (not smaller, or nothing changed), or bigger or slower than the
             # stage before it, is flagged where it is read.
-            label = f"{s.stage} [NO GAIN]" if s.figures.get("no_gain") else s.stage
-            if s.stage in worse:
-                kinds = sorted({note.split()[0] for note in worse[s.stage]})
-                label += " [" + ", ".join(kinds) + "]"
+            label = s.stage + "".join(f" [{', '.join(group)}]" for group in self._flags(s, worse))
             packed: list[str] = []
             if self._packed():
                 packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
@@ -193,20 +254,40 @@ class Report:
         """The terminal table (a rich renderable), laid out for the width it is printed at: see :class:`_FittedTable`."""
         return _FittedTable(f"{self.title} ({self.status})", self.columns(), self.rows())
 
+    def _flags(self, s: StageMetrics, worse: dict[str, list[str]]) -> list[list[str]]:
+        """The stage's flags as they are printed, in groups: ``[["NO GAIN"], ["bigger", "slower"]]``."""
+        groups = [["NO GAIN"]] if s.figures.get("no_gain") else []
+        if s.stage in worse:
+            groups.append(sorted({note.split()[0] for note in worse[s.stage]}))
+        return groups
+
+    def notes(self) -> list[tuple[str, str, str]]:
+        """What the flags mean, one ``(css class, stage, sentence)`` per flagged stage: its no-gain
+        reason, or where it is bigger or slower than the stage before it and by how much."""
+        found = [("no-gain", f"No gain at {s.stage}", str(s.figures["no_gain"])) for s in self.stages if s.figures.get("no_gain")]
+        return found + [("regression", stage, f"is {'; '.join(notes)}.") for stage, notes in self.regressions().items()]
+
+    def details(self) -> list[tuple[str, dict[str, str], str]]:
+        """Per stage after the source with figures: its name, the {node: reason} figures (skipped
+        layers, fallback nodes, ...) as text grouped by reason, and the other figures as JSON."""
+        found = []
+        for s in self.stages[1:]:
+            if s.figures:
+                reasons = {k: figure_text(v) for k, v in s.figures.items() if _is_reasons(v)}
+                rest = {k: v for k, v in s.figures.items() if k not in reasons}
+                found.append((s.stage, reasons, json.dumps(rest, indent=1, default=str)[:4000]))
+        return found
+
     def markdown(self) -> str:
         cols = self.columns()
         lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        lines += ["", "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). Latency: ONNX Runtime, CPU, median."]
-        lines += [f"\n**No gain at {s.stage}**: {s.figures['no_gain']}" for s in self.stages if s.figures.get("no_gain")]
-        lines += [f"\n**{stage}** is {'; '.join(notes)}." for stage, notes in self.regressions().items()]
-        for s in self.stages[1:]:
-            if s.figures:
-                # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
-                reasons = {k: v for k, v in s.figures.items() if _is_reasons(v)}
-                rest = {k: v for k, v in s.figures.items() if k not in reasons}
-                lines += ["", f"## {s.stage}", ""] + [f"- **{k}**: {figure_text(v)}" for k, v in reasons.items()]
-                lines += ["", "```json", json.dumps(rest, indent=1, default=str)[:4000], "```"]
+        lines += ["", _FOOTNOTE]
+        lines += [f"\n**{stage}**: {text}" if css == "no-gain" else f"\n**{stage}** {text}" for css, stage, text in self.notes()]
+        for stage, reasons, rest in self.details():
+            # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
+            lines += ["", f"## {stage}", ""] + [f"- **{k}**: {text}" for k, text in reasons.items()]
+            lines += ["", "```json", rest, "```"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -255,17 +336,36 @@ class Report:
         return "".join(parts)
 
     def html(self) -> str:
-        cols = "".join(f"<th>{html.escape(c)}</th>" for c in self.columns())
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.rows())
+        """Everything report.md has (table, notes on each flag, per-stage details) with coloured
+        flags (``flag-bigger``, ``flag-slower``, ``flag-no-gain`` classes) and the chart."""
+        esc = html.escape
+        cols = "".join(f"<th>{esc(c)}</th>" for c in self.columns())
+        notes = "".join(f"<p class='note {css}'><b>{esc(stage)}</b>{':' if css == 'no-gain' else ''} {esc(text)}</p>" for css, stage, text in self.notes())
+        details = "".join(
+            f"<h2>{esc(stage)}</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(text)}</li>" for k, text in reasons.items())
+            + f"</ul><pre>{esc(rest)}</pre>"
+            for stage, reasons, rest in self.details()
+        )
         return (
             "<!doctype html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(self.title)}</title>"
-            "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}</style>"
-            f"</head><body><h1>{html.escape(self.title)}</h1><p>Status: {html.escape(self.status)}</p>"
-            f"<table><tr>{cols}</tr>{body}</table><h2>{html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
-            "<p>Sizes are the ONNX files on disk. Latency: ONNX Runtime on CPU, median of repeated runs.</p></body></html>\n"
+            f"<title>{esc(self.title)}</title><style>{_CSS}</style>"
+            f"</head><body><h1>{esc(self.title)}</h1><p>Status: {esc(self.status)}</p>"
+            f"<table><tr>{cols}</tr>{self._html_rows()}</table><p>{esc(_FOOTNOTE)}</p>{notes}"
+            f"<h2>{esc(self.metric)} vs size</h2>{self.svg_chart()}{details}</body></html>\n"
         )
+
+    def _html_rows(self) -> str:
+        worse = self.regressions()
+        body = []
+        for s, row in zip(self.stages, self.rows(), strict=True):
+            flags = self._flags(s, worse)
+            label = html.escape(s.stage)
+            for group in flags:
+                label += " [" + ", ".join(f"<span class='flag flag-{_css_name(flag)}'>{html.escape(flag)}</span>" for flag in group) + "]"
+            css = " ".join(f"flagged-{_css_name(flag)}" for group in flags for flag in group)
+            cells = [label] + [html.escape(c) for c in row[1:]]
+            body.append(f"<tr class='{css}'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
+        return "".join(body)
 
     def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
         """Write report.md/.json/.html into ``folder`` (each atomically)."""

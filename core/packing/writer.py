@@ -67,6 +67,7 @@ def pack(
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     tmp = Path(tmp_name)
     try:
+        _readable_as_written(tmp)
         with os.fdopen(fd, "wb") as out:
             out.write(MAGIC)
             entries = _write_blobs(items, streams, out)
@@ -161,3 +162,11 @@ def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None,
         files.append({"location": location, "size": size, "gaps": gaps, "offset": out.tell(), "blob": len(blob)})
         out.write(blob)
     return files
+
+
+def _readable_as_written(path: Path) -> None:
+    """Give the temporary file (``mkstemp`` makes it 0600) the mode ``open()`` would: 0666 less
+    the umask, as the ``.onnx`` files beside it have."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)

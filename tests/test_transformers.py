@@ -66,8 +66,23 @@ def test_llama_checkpoint_folder_exports_with_a_kv_cache(llama, tmp_path):
     vocab = llama.signature.outputs[0].shape[-1]
     tables = [v for v in llama.ir.graph.initializers.values() if v.shape is not None and tuple(v.shape) in ((vocab, 64), (64, vocab))]
     assert len(tables) == 1  # NOTE: the tied embedding and LM head stay one table
-    result = modelpress.export(llama, tmp_path / "llama.onnx", sample=decoder_sample(llama))
-    assert all(output.value > 0.9999 for output in result.verification.outputs)
+    # NOTE: no sample: the adapter declares the axis sizes that make a generated mask span past + new tokens
+    assert extra["sample_axis_sizes"] == {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}
+    result = modelpress.export(llama, tmp_path / "llama.onnx")
+    assert all(output.cosine > 0.9999 and output.max_abs_diff == 0 for output in result.verification.outputs)
+    assert not (tmp_path / "genai_config.json").exists()  # NOTE: only a file named model.onnx makes a genai folder
+    reloaded = modelpress.load(result.path)
+    assert reloaded.provenance.extra["sample_axis_sizes"] == extra["sample_axis_sizes"]  # NOTE: it travels in the file
+    quantized = modelpress.quantize(reloaded, "int8-dynamic")
+    assert modelpress.export(quantized, tmp_path / "int8.onnx").verification.outputs[0].cosine > 0.99
+
+
+def test_a_bad_axis_size_declaration_is_named():
+    from modelpress.data.samples import declared_axis_sizes
+
+    assert declared_axis_sizes({}) == {}
+    with pytest.raises(modelpress.DataError, match=r"sample_axis_sizes=\{'sequence_length': 0\}; it must map axis names to positive ints"):
+        declared_axis_sizes({"sample_axis_sizes": {"sequence_length": 0}})
 
 
 @pytest.mark.slow
@@ -162,6 +177,71 @@ def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
     agreement = (greedy_generate(result.path, prompts, max_new_tokens=10) == greedy_generate(llama, prompts, max_new_tokens=10)).mean()
     assert agreement >= 0.8
     assert perplexity(result.path, held_out) < fp32 * 1.05
+
+
+@pytest.mark.slow
+def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tmp_path, capsys):
+    """``calibration="corpus.txt"`` / ``--calib corpus.jsonl``: the adapter's modelpress_load_data tokenises
+    the file with the checkpoint's tokenizer (64-token sequences) for a model it imported."""
+    texts = hf_fixtures.corpus()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts[::3]))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::3]))
+    quantized = modelpress.quantize(llama, "int4-weight-only", calibration=str(tmp_path / "corpus.txt"), algorithm="gptq", block_size=32)
+    assert quantized.provenance.passes[-1].options["algorithm"] == "gptq"
+    by_hand = modelpress.quantize(llama, "int4-weight-only", calibration=text_samples(llama, tmp_path / "corpus.txt"), algorithm="gptq", block_size=32)
+    weights = [v.const_value.numpy() for v in quantized.ir.graph.initializers.values() if v.const_value is not None]
+    expected = [v.const_value.numpy() for v in by_hand.ir.graph.initializers.values() if v.const_value is not None]
+    assert len(weights) == len(expected) and all(np.array_equal(a, b) for a, b in zip(weights, expected, strict=True))
+    from modelpress.cli.main import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["quantize", str(llama_dir), "-m", "int4-weight-only", "-O", "algorithm=gptq", "-O", "block_size=32",
+                 "--calib", str(tmp_path / "corpus.jsonl"), "-o", str(out / "model.onnx"), "-q"])
+    assert code == 0, capsys.readouterr()
+    assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
+    held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=8)
+    assert perplexity(out / "model.onnx", held_out) < perplexity(llama, held_out) * 1.05
+
+
+@pytest.mark.slow
+def test_a_model_onnx_folder_runs_in_onnxruntime_genai(llama, llama_dir, tmp_path):
+    """Exported as ``out/model.onnx``, the folder gets the tokenizer files and a genai_config.json naming
+    the model's inputs and outputs; onnxruntime-genai (when installed) generates transformers' greedy tokens."""
+    out = tmp_path / "out"
+    out.mkdir()
+    modelpress.export(llama, out / "model.onnx")
+    config = json.loads((out / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    inputs, outputs = llama.signature.input_names, llama.signature.output_names
+    assert [decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")] == inputs[:3]
+    assert [decoder["inputs"][k] % i for i in range(2) for k in ("past_key_names", "past_value_names")] == inputs[3:]
+    assert [decoder["outputs"]["logits"]] + [decoder["outputs"][k] % i for i in range(2) for k in ("present_key_names", "present_value_names")] == outputs
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"], decoder["filename"]) == (2, 2, 16, "model.onnx")
+    hf, tokenizer = _hf(llama_dir)
+    assert config["model"]["vocab_size"] == len(tokenizer) and config["model"]["eos_token_id"] == tokenizer.eos_token_id
+    assert config["model"]["type"] == "llama" and config["model"]["context_length"] == 128
+    assert all((out / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    og = pytest.importorskip("onnxruntime_genai")
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()
+    generator_model = og.Model(str(out))
+    params = og.GeneratorParams(generator_model)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    generator = og.Generator(generator_model, params)
+    generator.append_tokens(np.asarray([ids], np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0)) == expected
+
+
+def test_a_corpus_for_a_model_not_from_hugging_face_is_refused(tmp_path):
+    from modelpress.testing import tiny_mlp
+
+    (tmp_path / "corpus.txt").write_text("some text")
+    with pytest.raises(modelpress.DataError, match=r"corpus\.txt'?: expected a \.npz or \.npy file"):
+        modelpress.quantize(tiny_mlp(), "int8-static", calibration=str(tmp_path / "corpus.txt"))
 
 
 def test_read_texts_formats_and_faults(tmp_path):

@@ -77,14 +77,6 @@ def test_llama_checkpoint_folder_exports_with_a_kv_cache(llama, tmp_path):
     assert modelpress.export(quantized, tmp_path / "int8.onnx").verification.outputs[0].cosine > 0.99
 
 
-def test_a_bad_axis_size_declaration_is_named():
-    from modelpress.data.samples import declared_axis_sizes
-
-    assert declared_axis_sizes({}) == {}
-    with pytest.raises(modelpress.DataError, match=r"sample_axis_sizes=\{'sequence_length': 0\}; it must map axis names to positive ints"):
-        declared_axis_sizes({"sample_axis_sizes": {"sequence_length": 0}})
-
-
 @pytest.mark.slow
 def test_llama_prefill_and_decode_step_match_torch(llama, llama_dir):
     hf, tokenizer = _hf(llama_dir)
@@ -234,14 +226,6 @@ def test_a_model_onnx_folder_runs_in_onnxruntime_genai(llama, llama_dir, tmp_pat
     while not generator.is_done():
         generator.generate_next_token()
     assert list(generator.get_sequence(0)) == expected
-
-
-def test_a_corpus_for_a_model_not_from_hugging_face_is_refused(tmp_path):
-    from modelpress.testing import tiny_mlp
-
-    (tmp_path / "corpus.txt").write_text("some text")
-    with pytest.raises(modelpress.DataError, match=r"corpus\.txt'?: expected a \.npz or \.npy file"):
-        modelpress.quantize(tiny_mlp(), "int8-static", calibration=str(tmp_path / "corpus.txt"))
 
 
 def test_read_texts_formats_and_faults(tmp_path):

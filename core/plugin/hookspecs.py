@@ -23,6 +23,9 @@ Rules that hold for every hook:
 * an exception raised by an observer hook (``modelpress_pass_start``, ``_pass_finish``,
   ``_pass_error``, ``modelpress_export_finish``) is a :class:`modelpress.PluginWarning` naming
   the plugin, and the run goes on;
+* ``modelpress_load_data`` answers a question: the first non-None result wins, a
+  :class:`modelpress.ModelpressError` it raises is the answer, any other exception a
+  :class:`modelpress.PluginError` naming the plugin;
 * ``MODELPRESS_STRICT_PLUGINS=1`` turns every such warning into a :class:`modelpress.PluginError`.
 """
 

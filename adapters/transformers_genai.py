@@ -67,9 +67,10 @@ def _decoder(model: Model, config: dict[str, Any], filename: str) -> dict[str, A
 
 def genai_config(model: Model, checkpoint: str | os.PathLike[str], *, filename: str = "model.onnx", max_length: int | None = None) -> dict[str, Any]:
     """The ``genai_config.json`` of ``model`` (a causal LM with a cache the Transformers adapter
-    imported) from its checkpoint's ``config.json``: the decoder's input/output names (``%d`` for the
-    layer), layers, KV heads, head size, the token ids, and greedy search up to ``max_length``
-    tokens (default: the context length)."""
+    imported) from its checkpoint's ``config.json``: model type ``decoder`` (onnxruntime-genai's
+    generic decoder-only model), the decoder's input/output names (``%d`` for the layer), layers,
+    KV heads, head size, the token ids, and greedy search up to ``max_length`` tokens (default: the
+    context length)."""
     if not is_genai_decoder(model):
         raise DataError(f"{model.name!r} is not a causal LM with a KV cache imported from Hugging Face; onnxruntime-genai cannot run it")
     config = _checkpoint_config(Path(checkpoint))
@@ -83,7 +84,9 @@ def genai_config(model: Model, checkpoint: str | os.PathLike[str], *, filename: 
             "decoder": _decoder(model, config, filename),
             "eos_token_id": eos,
             "pad_token_id": _first(config, "pad_token_id", default=eos if isinstance(eos, int) else eos[0]),
-            "type": str(config.get("model_type") or model.provenance.extra.get("model_type", "")),
+            # NOTE: onnxruntime-genai's generic decoder-only model: the architecture is all in the graph (its
+            # "gpt2" type, for one, expects an older combined-past layout)
+            "type": "decoder",
             "vocab_size": int(vocab) if isinstance(vocab, int) else int(config["vocab_size"]),
         },
         "search": {

@@ -194,25 +194,40 @@ def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tm
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=8)
     assert perplexity(out / "model.onnx", held_out) < perplexity(llama, held_out) * 1.05
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = held_out["input_ids"][:1, :6]
+    genai = og.Model(str(out))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=16, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    # NOTE: the int4 folder runs in onnxruntime-genai: the same greedy tokens as the model in ONNX Runtime
+    assert list(generator.get_sequence(0)) == greedy_generate(out / "model.onnx", prompt, max_new_tokens=10)[0].tolist()
 
 
 @pytest.mark.slow
-def test_a_model_onnx_folder_runs_in_onnxruntime_genai(llama, llama_dir, tmp_path):
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_model_onnx_folder_runs_in_onnxruntime_genai(family, llama, llama_dir, tmp_path):
     """Exported as ``out/model.onnx``, the folder gets the tokenizer files and a genai_config.json naming
     the model's inputs and outputs; onnxruntime-genai (when installed) generates transformers' greedy tokens."""
+    folder = llama_dir if family == "llama" else hf_fixtures.make_checkpoint(tmp_path / family, family)
+    model = llama if family == "llama" else modelpress.load(folder, show_progress=False)
     out = tmp_path / "out"
     out.mkdir()
-    modelpress.export(llama, out / "model.onnx")
+    modelpress.export(model, out / "model.onnx")
     config = json.loads((out / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
-    inputs, outputs = llama.signature.input_names, llama.signature.output_names
+    inputs, outputs = model.signature.input_names, model.signature.output_names
     assert [decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")] == inputs[:3]
     assert [decoder["inputs"][k] % i for i in range(2) for k in ("past_key_names", "past_value_names")] == inputs[3:]
     assert [decoder["outputs"]["logits"]] + [decoder["outputs"][k] % i for i in range(2) for k in ("present_key_names", "present_value_names")] == outputs
-    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"], decoder["filename"]) == (2, 2, 16, "model.onnx")
-    hf, tokenizer = _hf(llama_dir)
+    past = model.signature.inputs[3].shape
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"], decoder["filename"]) == (2, past[1], past[3], "model.onnx")
+    hf, tokenizer = _hf(folder)
     assert config["model"]["vocab_size"] == len(tokenizer) and config["model"]["eos_token_id"] == tokenizer.eos_token_id
-    assert config["model"]["type"] == "llama" and config["model"]["context_length"] == 128
+    assert config["model"]["type"] == "decoder" and config["model"]["context_length"] == 128
     assert all((out / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     og = pytest.importorskip("onnxruntime_genai")
     ids = tokenizer(PROMPTS[0])["input_ids"]

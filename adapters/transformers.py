@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.plugin_api import (
+    AXIS_SIZES_KEY,
     Adapter,
     InvalidModelError,
     Model,
@@ -72,6 +73,29 @@ def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
             summary="Hugging Face Transformers checkpoint folders (config.json) and PreTrainedModel",
         )
     )
+
+
+@hookimpl
+def modelpress_load_data(path: Path, model: Model, what: str) -> Any:
+    """A ``.txt`` or ``.jsonl`` corpus as inputs of a model this adapter imported: tokenised with its
+    checkpoint's tokenizer into sequences of 64 tokens (at most 64), see :func:`~modelpress.adapters.transformers_data.text_samples`."""
+    if model.provenance.source_framework != "transformers" or path.suffix.lower() not in (".txt", ".jsonl"):
+        return None
+    from modelpress.adapters.transformers_data import text_samples
+
+    return text_samples(model, path)
+
+
+@hookimpl
+def modelpress_export_finish(model: Model, result: Any) -> None:
+    """A causal LM with a cache exported as ``model.onnx``: its folder made one onnxruntime-genai runs
+    (the tokenizer files and ``genai_config.json`` beside it, see :mod:`~modelpress.adapters.transformers_genai`)."""
+    if result.path.name != "model.onnx" or model.provenance.source_framework != "transformers":
+        return
+    from modelpress.adapters.transformers_genai import is_genai_decoder, write_genai_folder
+
+    if is_genai_decoder(model):
+        write_genai_folder(model, result.path.parent)
 
 
 def _require() -> Any:
@@ -189,6 +213,15 @@ def load_transformers(source: Any, *, task: str | None = None, example_inputs: A
         source_version=transformers.__version__,
         source=label,
         importer="torch.onnx.export(dynamo=True)",
-        extra={"task": task, "architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", ""), **figures},
+        extra={"task": task, "architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", ""), **figures,
+               **_sample_axes(task)},
     )
     return imported
+
+
+def _sample_axes(task: str) -> dict[str, Any]:
+    """The sizes generated verification samples give the named axes (``Provenance.extra[AXIS_SIZES_KEY]``):
+    with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum."""
+    if task != "text-generation-with-past":
+        return {}
+    return {AXIS_SIZES_KEY: {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}}

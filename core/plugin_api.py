@@ -18,7 +18,8 @@ Running and judging models in ONNX Runtime
     (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric);
     :func:`compare_outputs` (the figures export verifies by: cosine, agreement, max |diff|).
 Data
-    :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`.
+    :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`, :data:`AXIS_SIZES_KEY` (the sizes of named
+    axes an adapter declares for generated samples).
 Training (needs the ``torch`` extra; imported lazily)
     :func:`to_torch`, :func:`fit`, :func:`update_weights`, :func:`held_out_scores` (the loss to keep
     a fine-tuning epoch by), :func:`choose_loss` (the loss fitting a model's output), :func:`kd_loss`
@@ -50,7 +51,7 @@ from modelpress.base.errors import (
     one_line,
 )
 from modelpress.base.progress import progress_bar
-from modelpress.data.samples import Dataset, load_dataset, sample_inputs
+from modelpress.data.samples import AXIS_SIZES_KEY, Dataset, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import check_import, compare_outputs
 from modelpress.evaluation.criteria import (
     Bounds,
@@ -85,6 +86,7 @@ from modelpress.runtime.import_check import normalize_on_import
 from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
 __all__ = [
+    "AXIS_SIZES_KEY",
     "BUILTIN_KINDS",
     "PACK_MAGIC",
     "WEIGHTED_OPS",

@@ -66,9 +66,15 @@ def test_llama_checkpoint_folder_exports_with_a_kv_cache(llama, tmp_path):
     vocab = llama.signature.outputs[0].shape[-1]
     tables = [v for v in llama.ir.graph.initializers.values() if v.shape is not None and tuple(v.shape) in ((vocab, 64), (64, vocab))]
     assert len(tables) == 1  # NOTE: the tied embedding and LM head stay one table
-    result = modelpress.export(llama, tmp_path / "llama.onnx", sample=decoder_sample(llama))
-    # NOTE: every output (logits and each present) matches the checkpoint's own export; each is judged by its kind's rule
-    assert all(output.cosine > 0.9999 and output.passed is not False for output in result.verification.outputs)
+    # NOTE: no sample: the adapter declares the axis sizes that make a generated mask span past + new tokens
+    assert extra["sample_axis_sizes"] == {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}
+    result = modelpress.export(llama, tmp_path / "llama.onnx")
+    assert all(output.cosine > 0.9999 and output.max_abs_diff == 0 for output in result.verification.outputs)
+    assert not (tmp_path / "genai_config.json").exists()  # NOTE: only a file named model.onnx makes a genai folder
+    reloaded = modelpress.load(result.path)
+    assert reloaded.provenance.extra["sample_axis_sizes"] == extra["sample_axis_sizes"]  # NOTE: it travels in the file
+    quantized = modelpress.quantize(reloaded, "int8-dynamic")
+    assert modelpress.export(quantized, tmp_path / "int8.onnx").verification.outputs[0].cosine > 0.99
 
 
 @pytest.mark.slow
@@ -165,6 +171,78 @@ def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
     assert perplexity(result.path, held_out) < fp32 * 1.05
 
 
+@pytest.mark.slow
+def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tmp_path, capsys):
+    """``calibration="corpus.txt"`` / ``--calib corpus.jsonl``: the adapter's modelpress_load_data tokenises
+    the file with the checkpoint's tokenizer (64-token sequences) for a model it imported."""
+    texts = hf_fixtures.corpus()
+    (tmp_path / "corpus.txt").write_text("\n\n".join(texts[::3]))
+    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::3]))
+    quantized = modelpress.quantize(llama, "int4-weight-only", calibration=str(tmp_path / "corpus.txt"), algorithm="gptq", block_size=32)
+    assert quantized.provenance.passes[-1].options["algorithm"] == "gptq"
+    by_hand = modelpress.quantize(llama, "int4-weight-only", calibration=text_samples(llama, tmp_path / "corpus.txt"), algorithm="gptq", block_size=32)
+    weights = [v.const_value.numpy() for v in quantized.ir.graph.initializers.values() if v.const_value is not None]
+    expected = [v.const_value.numpy() for v in by_hand.ir.graph.initializers.values() if v.const_value is not None]
+    assert len(weights) == len(expected) and all(np.array_equal(a, b) for a, b in zip(weights, expected, strict=True))
+    from modelpress.cli.main import main
+
+    out = tmp_path / "out"
+    out.mkdir()
+    code = main(["quantize", str(llama_dir), "-m", "int4-weight-only", "-O", "algorithm=gptq", "-O", "block_size=32",
+                 "--calib", str(tmp_path / "corpus.jsonl"), "-o", str(out / "model.onnx"), "-q"])
+    assert code == 0, capsys.readouterr()
+    assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
+    held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=8)
+    assert perplexity(out / "model.onnx", held_out) < perplexity(llama, held_out) * 1.05
+    og = pytest.importorskip("onnxruntime_genai")
+    prompt = held_out["input_ids"][:1, :6]
+    genai = og.Model(str(out))
+    params = og.GeneratorParams(genai)
+    params.set_search_options(max_length=16, do_sample=False)
+    generator = og.Generator(genai, params)
+    generator.append_tokens(prompt.astype(np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    # NOTE: the int4 folder runs in onnxruntime-genai: the same greedy tokens as the model in ONNX Runtime
+    assert list(generator.get_sequence(0)) == greedy_generate(out / "model.onnx", prompt, max_new_tokens=10)[0].tolist()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_model_onnx_folder_runs_in_onnxruntime_genai(family, llama, llama_dir, tmp_path):
+    """Exported as ``out/model.onnx``, the folder gets the tokenizer files and a genai_config.json naming
+    the model's inputs and outputs; onnxruntime-genai (when installed) generates transformers' greedy tokens."""
+    folder = llama_dir if family == "llama" else hf_fixtures.make_checkpoint(tmp_path / family, family)
+    model = llama if family == "llama" else modelpress.load(folder, show_progress=False)
+    out = tmp_path / "out"
+    out.mkdir()
+    modelpress.export(model, out / "model.onnx")
+    config = json.loads((out / "genai_config.json").read_text())
+    decoder = config["model"]["decoder"]
+    inputs, outputs = model.signature.input_names, model.signature.output_names
+    assert [decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")] == inputs[:3]
+    assert [decoder["inputs"][k] % i for i in range(2) for k in ("past_key_names", "past_value_names")] == inputs[3:]
+    assert [decoder["outputs"]["logits"]] + [decoder["outputs"][k] % i for i in range(2) for k in ("present_key_names", "present_value_names")] == outputs
+    past = model.signature.inputs[3].shape
+    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"], decoder["filename"]) == (2, past[1], past[3], "model.onnx")
+    hf, tokenizer = _hf(folder)
+    assert config["model"]["vocab_size"] == len(tokenizer) and config["model"]["eos_token_id"] == tokenizer.eos_token_id
+    assert config["model"]["type"] == "decoder" and config["model"]["context_length"] == 128
+    assert all((out / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
+    og = pytest.importorskip("onnxruntime_genai")
+    ids = tokenizer(PROMPTS[0])["input_ids"]
+    with torch.no_grad():
+        expected = hf.generate(torch.tensor([ids]), max_new_tokens=10, do_sample=False)[0].tolist()
+    generator_model = og.Model(str(out))
+    params = og.GeneratorParams(generator_model)
+    params.set_search_options(max_length=len(ids) + 10, do_sample=False)
+    generator = og.Generator(generator_model, params)
+    generator.append_tokens(np.asarray([ids], np.int32))
+    while not generator.is_done():
+        generator.generate_next_token()
+    assert list(generator.get_sequence(0)) == expected
+
+
 def test_read_texts_formats_and_faults(tmp_path):
     (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
     assert read_texts(tmp_path / "a.jsonl") == ["one", "two"]
@@ -252,7 +330,7 @@ def test_real_minilm_checkpoint(tmp_path):
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
     batch = tokenizer(["A cat sits on the mat.", "Quantization shrinks models."], return_tensors="np", padding=True)
     result = modelpress.export(model, tmp_path / "minilm.onnx", sample=dict(batch))
-    assert result.verification.outputs[0].value > 0.9999
+    assert result.verification.outputs[0].cosine > 0.9999 and result.verification.outputs[0].passed is not False
     # NOTE: sentence embeddings (mean over the unpadded tokens) of a padded batch, ONNX Runtime against torch
     hidden = make_session(model).run(None, dict(batch))[0]
     with torch.no_grad():

@@ -133,7 +133,10 @@ def apply(
     that changed nothing) raises :class:`NoGainError` saying so in one line, unless
     ``allow_no_gain=True``: then it is returned and ``figures["no_gain"]`` says why.
 
-    The data the method declares it needs (``Method.requires`` / ``requires_if``) is checked before
+    A data file modelpress does not read itself (not ``.npz``/``.npy``) is offered to the plugins'
+    ``modelpress_load_data`` hook with ``model`` (the Hugging Face adapter reads a ``.txt``/``.jsonl``
+    corpus with the checkpoint's tokenizer). The data the method declares it needs
+    (``Method.requires`` / ``requires_if``) is checked before
     it runs: missing data is one :class:`DataError` naming the method, the data and how to give it.
     Every result is checked before it is returned: the ONNX checker on each node, topological
     order, no dangling input (a value nothing provides) and no dead node (one whose outputs reach
@@ -149,6 +152,9 @@ def apply(
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = m.validate_options(raw)
+    # NOTE: a data file of a type only a plugin reads (a text corpus) becomes arrays for this model here
+    calibration, train, eval = (registry.load_data(data, model, role) for data, role in
+                                ((calibration, "calibration"), (train, "training"), (eval, "evaluation")))
     _check_needs(m, opts, {"calibration": calibration, "train": train, "eval": eval})
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
 

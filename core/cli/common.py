@@ -5,6 +5,7 @@ must stay fast): rich, numpy and the rest of modelpress are imported inside the 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -97,13 +98,14 @@ def refuse_overwrite(args: argparse.Namespace, *inputs: str | None) -> None:
     refuse([getattr(args, "output", None)], inputs, overwrite=args.overwrite)
 
 
-def capped_sample(path: str | None, limit: int = 256) -> Any:
-    """The first ``limit`` samples of a data file, for the verification run (labels dropped)."""
-    if not path:
+def capped_sample(path: Any, limit: int = 256) -> Any:
+    """The first ``limit`` samples of a data file (or of arrays a plugin read from one), for the
+    verification run (labels dropped)."""
+    if path is None or (isinstance(path, str) and not path):
         return None
     from modelpress.data.samples import LABELS, read_arrays
 
-    data = read_arrays(Path(path), "sample")
+    data = read_arrays(Path(path), "sample") if isinstance(path, (str, os.PathLike)) else path
     if isinstance(data, dict):
         return {k: v[:limit] for k, v in data.items() if k != LABELS}
     return data[:limit]

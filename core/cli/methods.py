@@ -53,7 +53,8 @@ class MethodCommand:
         if self.kind is None:
             p.add_argument("-k", "--kind", help="method kind, when a name exists in several (see `modelpress plugins`)")
         if "calib" in self.data_flags:
-            p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs)")
+            p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs), or a file an installed "
+                                          "plugin reads (a .txt/.jsonl corpus for a Hugging Face checkpoint)")
         if "data" in self.data_flags:
             p.add_argument("--data", required=self.kind == "distill", help=".npz training data: arrays named after the inputs, optionally `labels`")
         if self.kind == "distill":
@@ -90,15 +91,16 @@ def run(args: argparse.Namespace) -> int:
     method = modelpress.get_registry().method(args.method or spec.default, kind)
     options = method_options(method.options, args.option, args)
     common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
+    # NOTE: read once (a text corpus is tokenised by its plugin), for the method and the verification sample
+    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration")
     if spec.kind == "distill":
         given: Any = "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
         options.pop("student", None)  # NOTE: --student says it (auto, or the model given)
         result = modelpress.distill(model, given, data=args.data, method=method.name, **common, **options)
     else:
-        result = modelpress.apply(model, method, options=options, calibration=getattr(args, "calib", None),
-                                  train=getattr(args, "data", None), **common)
+        result = modelpress.apply(model, method, options=options, calibration=calib, train=getattr(args, "data", None), **common)
     _refuse_missed_criteria(result, args.accept_loss)
-    sample = args.sample or capped_sample(getattr(args, "calib", None) or getattr(args, "data", None))
+    sample = args.sample or capped_sample(calib if calib is not None else getattr(args, "data", None))
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     print_result(result, exported, quiet=args.quiet)

@@ -37,9 +37,12 @@ import numpy as np
 from modelpress.base.errors import DataError, one_line
 from modelpress.ir.signature import Signature, TensorSpec
 
-__all__ = ["LABELS", "Dataset", "index_limits", "load_dataset", "sample_inputs"]
+__all__ = ["AXIS_SIZES_KEY", "LABELS", "Dataset", "declared_axis_sizes", "index_limits", "load_dataset", "sample_inputs"]
 
 LABELS = "labels"
+# NOTE: the key of ``Provenance.extra`` under which an adapter declares the sizes of named symbolic axes
+# for generated samples (see :func:`declared_axis_sizes`).
+AXIS_SIZES_KEY = "sample_axis_sizes"
 
 
 @dataclass(frozen=True)
@@ -497,14 +500,29 @@ SAMPLE_BYTES_LIMIT = 64 * 2**20
 SEQUENCE_LENGTH = 16
 
 
-def _sample_shape(spec: TensorSpec, batch: int) -> tuple[int, ...]:
-    """Symbolic batch (first axis) -> ``batch``; other symbolic axes -> 16 for token/sequence
-    inputs (integer, or float of rank <= 3), ``batch`` for image-like ones; capped in bytes."""
+def declared_axis_sizes(extra: Mapping[str, Any]) -> dict[str, int]:
+    """The sizes a model declares for its named symbolic axes in generated samples: the
+    ``"sample_axis_sizes"`` entry (:data:`AXIS_SIZES_KEY`) of its ``provenance.extra``, a JSON
+    object of axis name -> positive int. An adapter sets it when axes are related in a way the
+    names alone do not say (a decoder's mask spans ``past_sequence_length + sequence_length``);
+    it travels in the exported file with the provenance. Empty when none is declared."""
+    sizes = extra.get(AXIS_SIZES_KEY) or {}
+    if not isinstance(sizes, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in sizes.items()):
+        raise DataError(f"the model's provenance declares {AXIS_SIZES_KEY}={sizes!r}; it must map axis names to positive ints (fix the adapter that set it)")
+    return dict(sizes)
+
+
+def _sample_shape(spec: TensorSpec, batch: int, axis_sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """A symbolic axis named in ``axis_sizes`` -> that size; else a symbolic batch (first axis) ->
+    ``batch``, other symbolic axes -> 16 for token/sequence inputs (integer, or float of rank <= 3),
+    ``batch`` for image-like ones; capped in bytes."""
     if spec.shape is None:
         raise DataError(f"cannot generate sample data for input {spec.describe()} (unknown rank); pass sample inputs")
     sequence = np.issubdtype(spec.dtype, np.integer) or len(spec.shape) <= 3
     shape = [
-        d if isinstance(d, int) and d >= 0 else (batch if axis == 0 or not sequence else SEQUENCE_LENGTH)
+        d if isinstance(d, int) and d >= 0
+        else axis_sizes[d] if isinstance(d, str) and d in axis_sizes
+        else (batch if axis == 0 or not sequence else SEQUENCE_LENGTH)
         for axis, d in enumerate(spec.shape)
     ]
     itemsize = np.dtype(spec.dtype).itemsize
@@ -528,10 +546,15 @@ def _indices(rng: np.random.Generator, spec: TensorSpec, shape: tuple[int, ...],
     return rng.integers(low, high, size=shape).astype(spec.dtype)
 
 
-def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int | tuple[int, int]] | None = None) -> dict[str, np.ndarray]:
+def sample_inputs(
+    signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int | tuple[int, int]] | None = None,
+    axis_sizes: Mapping[str, int] | None = None,
+) -> dict[str, np.ndarray]:
     """Realistic random inputs that fit ``signature`` (for verification when no data is given).
 
-    Symbolic batch axes become ``batch``, other symbolic axes of sequence-like inputs 16; an input
+    Symbolic axes named in ``axis_sizes`` take those sizes (one size per name across all inputs;
+    see :func:`declared_axis_sizes`), other symbolic batch axes become ``batch``, other symbolic
+    axes of sequence-like inputs 16; an input
     declared larger than 64 MB is capped (never allocated whole). Floats are standard normal;
     integers feeding an embedding table (``limits``, see :func:`index_limits`) are token ids over
     the whole range that indexes every table they reach, inputs named like masks are ones, other integers are drawn from [0, 10).
@@ -540,7 +563,7 @@ def sample_inputs(signature: Signature, *, batch: int = 2, seed: int = 0, limits
     limits = limits or {}
     feeds: dict[str, np.ndarray] = {}
     for spec in signature.inputs:
-        shape = _sample_shape(spec, batch)
+        shape = _sample_shape(spec, batch, axis_sizes or {})
         if np.issubdtype(spec.dtype, np.floating):
             feeds[spec.name] = rng.standard_normal(shape).astype(spec.dtype)
         elif np.issubdtype(spec.dtype, np.integer):

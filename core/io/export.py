@@ -24,7 +24,7 @@ from modelpress.base.errors import (
     VerificationError,
 )
 from modelpress.base.progress import progress_bar
-from modelpress.data.samples import index_limits, load_dataset, sample_inputs
+from modelpress.data.samples import declared_axis_sizes, index_limits, load_dataset, sample_inputs
 from modelpress.evaluation.comparison import Comparison, compare_outputs, method_floor
 from modelpress.evaluation.criteria import infer_criteria
 from modelpress.io.safety import model_files, refuse_overwrite
@@ -64,7 +64,8 @@ class ExportResult:
 
 def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[dict[str, np.ndarray]]:
     """The verification batches: ``sample``'s (samples of one shape together, one at a time for a
-    batch-1 model), or one generated batch whose token ids index every table in range in both models."""
+    batch-1 model), or one generated batch whose token ids index every table in range in both models
+    and whose named axes have the sizes the model declares (:func:`declared_axis_sizes`)."""
     signature = model.signature
     if sample is not None:
         return list(load_dataset(sample, signature, what="sample").batches())
@@ -72,7 +73,7 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
     if reference is not None and reference is not model:
         for name, limit in index_limits(reference.ir.graph).items():
             limits[name] = _narrower(limits.get(name), limit)
-    feeds = sample_inputs(signature, batch=2, limits=limits)
+    feeds = sample_inputs(signature, batch=2, limits=limits, axis_sizes=declared_axis_sizes(model.provenance.extra))
     for spec in signature.inputs:
         declared = spec.shape or ()
         got = feeds[spec.name].shape

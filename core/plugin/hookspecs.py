@@ -23,12 +23,16 @@ Rules that hold for every hook:
 * an exception raised by an observer hook (``modelpress_pass_start``, ``_pass_finish``,
   ``_pass_error``, ``modelpress_export_finish``) is a :class:`modelpress.PluginWarning` naming
   the plugin, and the run goes on;
+* ``modelpress_load_data`` answers a question: the first non-None result wins, a
+  :class:`modelpress.ModelpressError` it raises is the answer, any other exception a
+  :class:`modelpress.PluginError` naming the plugin;
 * ``MODELPRESS_STRICT_PLUGINS=1`` turns every such warning into a :class:`modelpress.PluginError`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pluggy
@@ -141,6 +145,26 @@ def modelpress_register_codecs(register: Callable[[Codec], None]) -> None:
     that tensor (and named in the pack figures), so a faulty codec never corrupts a file. A
     ``.mpk`` file can only be unpacked where the codecs it names are installed. Two plugins
     registering the same codec name is a :class:`modelpress.DuplicateMethodError`.
+    """
+
+
+# -- data ------------------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def modelpress_load_data(path: Path, model: Model, what: str) -> Any:
+    """Read a data file of a type modelpress does not read itself (anything but ``.npz``/``.npy``)
+    as inputs of ``model`` (since modelpress 0.2, issue 26).
+
+    ``path`` is the file given as data (``calibration=``, ``train=``, ``eval=``, the CLI's
+    ``--calib``/``--data``); ``what`` says its role (``"calibration"``, ``"training"``,
+    ``"evaluation"``). Return the data in the usual convention (a dict of arrays named after the
+    model's inputs, a list of samples, ...; see :func:`modelpress.load_dataset`), or ``None`` when
+    the file or the model is not yours (e.g. a text corpus for a model your adapter did not
+    import: look at ``model.provenance``). The first non-None answer wins; when none answers, the
+    file is refused as data modelpress cannot read. A :class:`modelpress.ModelpressError` raised
+    here (a :class:`modelpress.DataError` saying what is wrong with the file) reaches the caller
+    as it is; any other exception is a :class:`modelpress.PluginError` naming the plugin.
     """
 
 

@@ -37,12 +37,14 @@ import threading
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from modelpress.base.errors import (
     DuplicateMethodError,
+    ModelpressError,
     PluginError,
     PluginWarning,
     UnknownMethodError,
@@ -52,6 +54,9 @@ from modelpress.plugin import hookspecs
 from modelpress.plugin.adapter import Adapter
 from modelpress.plugin.codec import Codec
 from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method
+
+if TYPE_CHECKING:
+    from modelpress.ir.model import Model
 
 __all__ = [
     "ALLOW_ENV",
@@ -84,6 +89,10 @@ OBSERVER_HOOKS = frozenset({
     "modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish",
     "modelpress_run_start", "modelpress_run_finish",
 })
+# Hooks whose implementations answer a question: a ModelpressError is the plugin's answer, anything else its fault.
+ANSWER_HOOKS = frozenset({"modelpress_load_data"})
+# NOTE: the data files modelpress reads itself; others are offered to modelpress_load_data.
+NUMPY_SUFFIXES = (".npz", ".npy")
 _REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
 
 
@@ -109,6 +118,21 @@ def _guard_observer(function: Callable[..., Any], plugin: str, hook_name: str) -
                 raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
             warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=2)
             return None
+
+    return guarded
+
+
+def _guard_answer(function: Callable[..., Any], plugin: str, hook_name: str) -> Callable[..., Any]:
+    """``function`` with its exceptions, but a :class:`ModelpressError`, turned into a PluginError naming ``plugin``."""
+
+    @functools.wraps(function)
+    def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return function(*args, **kwargs)
+        except ModelpressError:
+            raise
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=plugin) from exc
 
     return guarded
 
@@ -202,10 +226,11 @@ class Registry:
         it keeps argument subsets, ordering and the hook caller itself; new-style wrappers are
         generators and are left as they are.
         """
-        for hook_name in OBSERVER_HOOKS:
+        for hook_name in OBSERVER_HOOKS | ANSWER_HOOKS:
+            guard = _guard_observer if hook_name in OBSERVER_HOOKS else _guard_answer
             for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    impl.function = _guard_observer(impl.function, name, hook_name)
+                    impl.function = guard(impl.function, name, hook_name)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -358,6 +383,15 @@ class Registry:
     @property
     def hook(self) -> Any:
         return self.pm.hook
+
+    def load_data(self, source: Any, model: Model, what: str) -> Any:
+        """``source`` as data for ``model``: a path to a file that is not ``.npz``/``.npy`` read by the
+        plugin that answers ``modelpress_load_data`` (a text corpus for a Hugging Face model); anything
+        else, or a file no plugin reads, is returned as it is (the data loader then says what it accepts)."""
+        if not isinstance(source, (str, os.PathLike)) or Path(source).suffix.lower() in NUMPY_SUFFIXES or not Path(source).is_file():
+            return source
+        answer = self.pm.hook.modelpress_load_data(path=Path(source), model=model, what=what)
+        return source if answer is None else answer
 
 
 def _kind_text(kind: Kind) -> str:

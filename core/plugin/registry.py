@@ -96,21 +96,54 @@ def strict_plugins() -> bool:
     return _truthy(os.environ.get(STRICT_ENV))
 
 
-def _guard_observer(function: Callable[..., Any], plugin: str, hook_name: str) -> Callable[..., Any]:
-    """``function`` with its exceptions turned into a warning naming ``plugin`` (an error when strict)."""
+def _observer_fault(exc: Exception, plugin: str, hook_name: str) -> None:
+    """An observer's exception as a warning naming ``plugin`` (an error when strict)."""
+    message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
+    if strict_plugins():
+        raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
+    warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=3)
 
-    @functools.wraps(function)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
+
+def notify_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Any]:
+    """Call observer hook ``hook_name`` as pluggy would (its order: wrappers around the others,
+    ``tryfirst`` first, the last registered first; each implementation given the arguments it
+    names), each implementation on its own: an exception is a warning naming the plugin
+    (:func:`_observer_fault`) and the others still run. Returns the non-``None`` results."""
+    results: list[Any] = []
+    teardowns: list[tuple[pluggy.HookImpl, Any]] = []
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        args = [kwargs[name] for name in impl.argnames]
         try:
-            return function(*args, **kwargs)
+            out = impl.function(*args)
+            if impl.wrapper or impl.hookwrapper:
+                next(out)  # NOTE: a wrapper runs to its yield now, the rest after the others
+                teardowns.append((impl, out))
+            elif out is not None:
+                results.append(out)
         except Exception as exc:
-            message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
-            if strict_plugins():
-                raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
-            warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=2)
-            return None
+            _observer_fault(exc, impl.plugin_name, hook_name)
+    for impl, wrapper in reversed(teardowns):
+        try:
+            wrapper.send(pluggy.Result(results, None) if impl.hookwrapper else results)
+            raise RuntimeError("the wrapper yielded a second time")
+        except StopIteration:
+            pass
+        except Exception as exc:
+            _observer_fault(exc, impl.plugin_name, hook_name)
+    return results
 
-    return guarded
+
+class _Hooks:
+    """``registry.hook``: pluggy's hook callers, but observer hooks (:data:`OBSERVER_HOOKS`) are
+    called by :func:`notify_observers`, so that an observer's fault never stops a run."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    def __getattr__(self, name: str) -> Any:
+        if name in OBSERVER_HOOKS:
+            return functools.partial(notify_observers, self._pm, name)
+        return getattr(self._pm.hook, name)
 
 
 @dataclass
@@ -175,7 +208,6 @@ class Registry:
                 f"call it; decorate it with @modelpress.hookimpl (or rename it if it is not a hook)",
                 plugin=name,
             )
-        self._guard_observers(plugin, name)
         self.plugins[name] = info
         try:
             self._collect(name, info)
@@ -194,18 +226,6 @@ class Registry:
             if callable(value) and self.pm.parse_hookimpl_opts(plugin, attr) is None:
                 found.append(attr)
         return found
-
-    def _guard_observers(self, plugin: object, name: str) -> None:
-        """Wrap ``plugin``'s observer implementations so that their exceptions are contained.
-
-        NOTE: pluggy calls ``HookImpl.function`` with the arguments it asked for, so replacing
-        it keeps argument subsets, ordering and the hook caller itself; new-style wrappers are
-        generators and are left as they are.
-        """
-        for hook_name in OBSERVER_HOOKS:
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    impl.function = _guard_observer(impl.function, name, hook_name)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -357,7 +377,9 @@ class Registry:
 
     @property
     def hook(self) -> Any:
-        return self.pm.hook
+        """The hooks to call, ``registry.hook.modelpress_pass_start(method=..., ...)`` (keyword
+        arguments only); an observer's exception is a warning naming the plugin (see :class:`_Hooks`)."""
+        return _Hooks(self.pm)
 
 
 def _kind_text(kind: Kind) -> str:

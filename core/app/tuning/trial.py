@@ -144,7 +144,7 @@ class _Trial:
         current: Any = self.source
         figures: list[dict[str, Any]] = []
         for index, spec in enumerate(self.recipe.passes, 1):
-            recovery = _probed_recovery(self.common["registry"], spec)
+            recovery = _probed_recovery(self.common.registry, spec)
             if hopeless_drop is not None and baseline is not None and recovery is not None:
                 cut = self._probe(index, spec, current, recovery, (baseline, hopeless_drop))
                 laps.lap("probe")

@@ -19,6 +19,7 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -188,8 +189,8 @@ def load_torch(
     runnable = source.module() if is_program else source
     reference = _reference_outputs(torch, runnable, args, label, is_program)
     names, axes = _input_axes(runnable, args, input_names, dynamic_batch, dynamic_axes)
-    errors: list[str] = []
-    proto, used = _to_onnx(torch, source, args, names, output_names, axes, opset, is_program, exporter, errors, label)
+    job = _Export(torch, source, args, names, output_names, axes, opset, is_program, label)
+    proto, used = _to_onnx(job, exporter)
 
     from modelpress.adapters.naming import rename_layers
     from modelpress.adapters.onnx import load_onnx
@@ -204,7 +205,7 @@ def load_torch(
         source_version=torch.__version__,
         source=label,
         importer=used,
-        extra={"import_check": figures, "fallback_reasons": errors},
+        extra={"import_check": figures, "fallback_reasons": job.errors},
     )
     return model
 
@@ -254,19 +255,35 @@ def _example_args(source: Any, example_inputs: Any, is_program: bool, label: str
     return args
 
 
-def _to_onnx(
-    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None, axes: dict[str, dict[int, str]], opset: int | None,
-    is_program: bool, exporter: str, errors: list[str], label: str,
-) -> tuple[Any, str]:
+@dataclass
+class _Export:
+    """One export to ONNX, what each exporter is given: the ``torch`` module, the ``source`` model
+    (module or ``torch.export`` program) and its example ``args``, the ONNX input ``names``,
+    ``output_names`` and dynamic ``axes``, the ``opset``, and the ``label`` errors name; each
+    failed exporter's reason goes into ``errors``."""
+
+    torch: Any
+    source: Any
+    args: tuple[Any, ...]
+    names: list[str]
+    output_names: list[str] | None
+    axes: dict[str, dict[int, str]]
+    opset: int | None
+    is_program: bool
+    label: str
+    errors: list[str] = field(default_factory=list)
+
+
+def _to_onnx(job: _Export, exporter: str) -> tuple[Any, str]:
     """The ONNX proto and the exporter that wrote it: dynamo, then (``"auto"``) TorchScript; each
-    failure's reason goes into ``errors``, and none working is an error listing them."""
+    failure's reason goes into ``job.errors``, and none working is an error listing them."""
     proto, used = None, ""
     if exporter in ("auto", "dynamo"):
-        proto, used = _export_dynamo(torch, source, args, names, output_names, axes, opset, is_program, errors)
-    if proto is None and exporter in ("auto", "torchscript") and not is_program:
-        proto, used = _export_torchscript(torch, source, args, names, output_names, axes, opset, errors)
+        proto, used = _export_dynamo(job)
+    if proto is None and exporter in ("auto", "torchscript") and not job.is_program:
+        proto, used = _export_torchscript(job)
     if proto is None:
-        raise UnsupportedModelError(f"{label}: PyTorch could not export the model to ONNX: " + "; ".join(errors))
+        raise UnsupportedModelError(f"{job.label}: PyTorch could not export the model to ONNX: " + "; ".join(job.errors))
     return proto, used
 
 
@@ -310,47 +327,42 @@ def _first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
 
 
-def _export_dynamo(
-    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None,
-    axes: dict[str, dict[int, str]], opset: int | None, is_program: bool, errors: list[str],
-) -> tuple[Any, str]:
-    """``torch.onnx.export(dynamo=True)``; ``(None, "")`` with the reason in ``errors`` when it fails."""
+def _export_dynamo(job: _Export) -> tuple[Any, str]:
+    """``torch.onnx.export(dynamo=True)``; ``(None, "")`` with the reason in ``job.errors`` when it fails."""
+    torch = job.torch
     try:
         dims: dict[str, Any] = {}
         dyn_shapes = tuple(
-            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in axes.get(name, {}).items()} or None
-            for name in names
+            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in job.axes.get(name, {}).items()} or None
+            for name in job.names
         )
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                source, args, dynamo=True, input_names=names, output_names=output_names,
-                dynamic_shapes=None if is_program else dyn_shapes, opset_version=opset, verbose=False,
+                job.source, job.args, dynamo=True, input_names=job.names, output_names=job.output_names,
+                dynamic_shapes=None if job.is_program else dyn_shapes, opset_version=job.opset, verbose=False,
             )
         return program.model_proto, "torch.onnx.export(dynamo=True)"
     except Exception as exc:
-        errors.append(f"dynamo exporter: {_first_line(exc)}")
+        job.errors.append(f"dynamo exporter: {_first_line(exc)}")
         return None, ""
 
 
-def _export_torchscript(
-    torch: Any, source: Any, args: tuple[Any, ...], names: list[str], output_names: list[str] | None,
-    axes: dict[str, dict[int, str]], opset: int | None, errors: list[str],
-) -> tuple[Any, str]:
-    """The TorchScript exporter (the fallback); ``(None, "")`` with the reason in ``errors`` when it fails."""
+def _export_torchscript(job: _Export) -> tuple[Any, str]:
+    """The TorchScript exporter (the fallback); ``(None, "")`` with the reason in ``job.errors`` when it fails."""
     try:
         buffer = io.BytesIO()
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
-            torch.onnx.export(
-                source, args, buffer, dynamo=False, input_names=names, output_names=output_names,
-                dynamic_axes=axes or None, opset_version=opset or 17,
+            job.torch.onnx.export(
+                job.source, job.args, buffer, dynamo=False, input_names=job.names, output_names=job.output_names,
+                dynamic_axes=job.axes or None, opset_version=job.opset or 17,
             )
         import onnx
 
         return onnx.load_from_string(buffer.getvalue()), "torch.onnx.export(dynamo=False) (TorchScript fallback)"
     except Exception as exc:
-        errors.append(f"TorchScript exporter: {_first_line(exc)}")
+        job.errors.append(f"TorchScript exporter: {_first_line(exc)}")
         return None, ""
 
 

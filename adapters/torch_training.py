@@ -359,8 +359,8 @@ def fit(
     step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
     tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
     tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
-    result = _train_epochs(step, tensors_in, tensors_t, epochs=epochs, batch_size=batch_size, seed=seed, metric=_validation_metric(metric, validation),
-                           patience=patience, callbacks=callbacks, show_progress=show_progress)
+    loop = _Loop(epochs, batch_size, seed, _validation_metric(metric, validation), patience, callbacks, show_progress)
+    result = _train_epochs(step, tensors_in, tensors_t, loop)
     result.loss, result.loss_reason = loss_name, loss_reason
     return result
 
@@ -397,35 +397,48 @@ def _validation_metric(metric: Callable[[nn.Module], float] | None, validation: 
     return metric
 
 
-def _train_epochs(
-    step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], *, epochs: int, batch_size: int, seed: int,
-    metric: Callable[[nn.Module], float] | None, patience: int | None, callbacks: Sequence[Callable[[int, dict[str, float]], None]], show_progress: bool,
-) -> FitResult:
+@dataclass(frozen=True)
+class _Loop:
+    """How :func:`fit`'s epoch loop runs: ``epochs`` of ``batch_size`` samples shuffled from
+    ``seed``, scored by ``metric`` (higher is better; ``None``: every epoch is kept), stopped after
+    ``patience`` epochs without improvement, ``callbacks`` after each epoch, a progress bar with
+    ``show_progress``."""
+
+    epochs: int
+    batch_size: int
+    seed: int
+    metric: Callable[[nn.Module], float] | None
+    patience: int | None
+    callbacks: Sequence[Callable[[int, dict[str, float]], None]]
+    show_progress: bool
+
+
+def _train_epochs(step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], loop: _Loop) -> FitResult:
     """The epoch loop (seeded shuffling, scoring, callbacks, early stopping; Ctrl-C stops it):
     leaves the module holding the best epoch's weights, in eval mode."""
     module = step.module
     n = len(tensors_in[0])
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(loop.seed)
     result = FitResult()
     best_state = copy.deepcopy(module.state_dict())
-    if metric is not None:
-        result.best_metric, result.best_epoch = metric(module), 0
+    if loop.metric is not None:
+        result.best_metric, result.best_epoch = loop.metric(module), 0
     since_best = 0
     try:
-        with progress_bar("training", total=epochs * math.ceil(n / batch_size), enabled=show_progress) as advance:
-            for epoch in range(1, epochs + 1):
+        with progress_bar("training", total=loop.epochs * math.ceil(n / loop.batch_size), enabled=loop.show_progress) as advance:
+            for epoch in range(1, loop.epochs + 1):
                 module.train()
                 order = torch.randperm(n, generator=generator)
-                logs = {"epoch": float(epoch), "loss": step.epoch(tensors_in, tensors_t, order, batch_size, advance)}
-                improved = _score(module, metric, result, epoch, logs)
+                logs = {"epoch": float(epoch), "loss": step.epoch(tensors_in, tensors_t, order, loop.batch_size, advance)}
+                improved = _score(module, loop.metric, result, epoch, logs)
                 if improved:
                     best_state, since_best = copy.deepcopy(module.state_dict()), 0
                 else:
                     since_best += 1
                 result.history.append(logs)
-                for callback in callbacks:
+                for callback in loop.callbacks:
                     callback(epoch, logs)
-                if patience is not None and since_best >= patience:
+                if loop.patience is not None and since_best >= loop.patience:
                     result.stopped_early = True
                     break
     except KeyboardInterrupt:

@@ -61,6 +61,46 @@ def test_strict_plugins_makes_an_observer_fault_an_error(monkeypatch):
         modelpress.apply(tiny_mlp(), "scale", registry=registry, show_progress=False)
 
 
+def test_observer_wrappers_run_around_the_others_and_their_faults_are_contained():
+    """Observer hooks are called by modelpress's own loop (pluggy's implementations are left as
+    registered): wrappers, new- and old-style, still run around the others, and a wrapper that
+    raises after its yield is a warning like any observer's fault."""
+    order = []
+
+    class Timing:
+        @modelpress.hookimpl(wrapper=True)
+        def modelpress_pass_finish(self, method):
+            order.append("wrapper before")
+            results = yield
+            order.append(("wrapper after", method.name, results))
+            raise RuntimeError("timer stopped twice")
+
+    class OldStyle:
+        @modelpress.hookimpl(hookwrapper=True)
+        def modelpress_pass_finish(self):
+            order.append("hookwrapper before")
+            outcome = yield
+            order.append(("hookwrapper after", outcome.get_result()))
+
+    class Plain:
+        @modelpress.hookimpl
+        def modelpress_pass_finish(self, record):
+            order.append("plain")
+            return record.figures["layers"]
+
+    plugins = [ScalePlugin(), Timing(), OldStyle(), Plain(), FaultyObserver()]
+    registry = modelpress.create_registry(plugins=plugins)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        modelpress.apply(tiny_mlp(), "scale", registry=registry, show_progress=False)
+    faults = sorted(str(w.message).split(":")[0] for w in caught if issubclass(w.category, modelpress.PluginWarning))
+    assert faults == ["plugin 'FaultyObserver' failed in modelpress_pass_finish", "plugin 'Timing' failed in modelpress_pass_finish"]
+    # pluggy's order: the last registered wrapper first, torn down last; the plain observer's result reaches both
+    assert order == ["hookwrapper before", "wrapper before", "plain", ("wrapper after", "scale", [2]), ("hookwrapper after", [2])]
+    impls = registry.pm.hook.modelpress_pass_finish.get_hookimpls()
+    assert all(impl.function == impl.plugin.modelpress_pass_finish for impl in impls)  # nothing patched
+
+
 def _adapter_plugin(name, accepts, load):
     class AdapterPlugin:
         @modelpress.hookimpl

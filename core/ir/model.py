@@ -259,33 +259,13 @@ class Model:
         ``prefix`` starts the names it makes; ``graph`` is the (sub)graph the nodes are meant for."""
         return GraphBuilder(self, prefix=prefix, graph=graph)
 
-    def new_node(
-        self,
-        op_type: str,
-        inputs: list[ir.Value | None],
-        attributes: dict[str, Any] | None = None,
-        *,
-        name: str,
-        domain: str = "",
-        num_outputs: int = 1,
-        outputs: list[tuple[str, ir.DataType | None]] | None = None,
-    ) -> ir.Node:
-        """One node from :meth:`builder` (not yet in the graph), returned as the node rather than its
-        outputs: ``name`` and each ``(output name, dtype)`` get a ``_N`` suffix when taken.
-        NOTE: new code uses ``model.builder().op(...)``; this remains for the plugins that still call it."""
-        outs = [Out(n, dtype) for n, dtype in outputs] if outputs else None
-        values = self.builder().op_multi_out(op_type, inputs, attributes or {}, domain=domain, name=name, num_outputs=num_outputs, outs=outs)
-        node = values[0].producer()
-        assert node is not None
-        return node
-
     def fresh_name(self, base: str, *, node: bool = False) -> str:
         """A value name (or, with ``node=True``, a node name) not used in this model: ``base``,
         or ``base_1``, ``base_2``, ... The name is reserved: a second call never returns it again."""
         return self._unique_name(base, nodes=node)
 
     def insert_before(self, anchor: ir.Node, nodes: ir.Node | list[ir.Node]) -> None:
-        """Put nodes made by :meth:`new_node` into the graph before ``anchor`` (use this rather than
+        """Put nodes made by :meth:`builder` into the graph before ``anchor`` (use this rather than
         ``graph.insert_before``: the names those nodes took stay known without rescanning the graph,
         which made a pass inserting one node per layer quadratic)."""
         self.ir.graph.insert_before(anchor, nodes)
@@ -503,7 +483,7 @@ class Model:
 
     def _sync_names(self, added: Sequence[ir.Node] = ()) -> None:
         """Our own edit changed the graph's size; the cache already holds the names it used (and
-        takes those of ``added``, nodes that may not come from :meth:`new_node`)."""
+        takes those of ``added``, nodes that may not come from :meth:`builder`)."""
         if self._names is not None:
             for node in added:
                 self._names[2].add(node.name or "")

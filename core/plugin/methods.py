@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pydantic
 
-from modelpress.base.errors import OptionsError
+from modelpress.base.errors import OptionsError, validation_problems
 from modelpress.plugin.tuning import Tuning
 
 if TYPE_CHECKING:
@@ -219,11 +219,7 @@ class Method:
         try:
             return self.options(**raw)
         except pydantic.ValidationError as exc:
-            problems = "; ".join(
-                f"option {'.'.join(str(p) for p in err['loc'])!r}: {err['msg']} (got {err.get('input')!r})"
-                for err in exc.errors()
-            )
-            raise OptionsError(f"{self.qualname}: {problems}") from None
+            raise OptionsError(f"{self.qualname}: {validation_problems(exc, what='option', show_input=True)}") from None
 
     def option_rows(self) -> list[dict[str, str]]:
         """Name, type, default and help of each option, for listings."""

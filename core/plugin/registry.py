@@ -105,36 +105,74 @@ def strict_plugins() -> bool:
     return _truthy(os.environ.get(STRICT_ENV))
 
 
-def _guard_observer(function: Callable[..., Any], plugin: str, hook_name: str) -> Callable[..., Any]:
-    """``function`` with its exceptions turned into a warning naming ``plugin`` (an error when strict)."""
+def _observer_fault(exc: Exception, plugin: str, hook_name: str) -> None:
+    """An observer's exception as a warning naming ``plugin`` (an error when strict)."""
+    message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
+    if strict_plugins():
+        raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
+    warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=3)
 
-    @functools.wraps(function)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
+
+def notify_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Any]:
+    """Call observer hook ``hook_name`` as pluggy would (its order: wrappers around the others,
+    ``tryfirst`` first, the last registered first; each implementation given the arguments it
+    names), each implementation on its own: an exception is a warning naming the plugin
+    (:func:`_observer_fault`) and the others still run. Returns the non-``None`` results."""
+    results: list[Any] = []
+    teardowns: list[tuple[pluggy.HookImpl, Any]] = []
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        args = [kwargs[name] for name in impl.argnames]
         try:
-            return function(*args, **kwargs)
+            out = impl.function(*args)
+            if impl.wrapper or impl.hookwrapper:
+                next(out)  # NOTE: a wrapper runs to its yield now, the rest after the others
+                teardowns.append((impl, out))
+            elif out is not None:
+                results.append(out)
         except Exception as exc:
-            message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
-            if strict_plugins():
-                raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
-            warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=2)
-            return None
-
-    return guarded
-
-
-def _guard_answer(function: Callable[..., Any], plugin: str, hook_name: str) -> Callable[..., Any]:
-    """``function`` with its exceptions, but a :class:`ModelpressError`, turned into a PluginError naming ``plugin``."""
-
-    @functools.wraps(function)
-    def guarded(*args: Any, **kwargs: Any) -> Any:
+            _observer_fault(exc, impl.plugin_name, hook_name)
+    for impl, wrapper in reversed(teardowns):
         try:
-            return function(*args, **kwargs)
+            wrapper.send(pluggy.Result(results, None) if impl.hookwrapper else results)
+            raise RuntimeError("the wrapper yielded a second time")
+        except StopIteration:
+            pass
+        except Exception as exc:
+            _observer_fault(exc, impl.plugin_name, hook_name)
+    return results
+
+
+class _Hooks:
+    """``registry.hook``: pluggy's hook callers, but observer hooks (:data:`OBSERVER_HOOKS`) are
+    called by :func:`notify_observers`, so that an observer's fault never stops a run."""
+
+    def __init__(self, pm: pluggy.PluginManager) -> None:
+        self._pm = pm
+
+    def __getattr__(self, name: str) -> Any:
+        if name in OBSERVER_HOOKS:
+            return functools.partial(notify_observers, self._pm, name)
+        return getattr(self._pm.hook, name)
+
+
+def ask_first(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:
+    """Call answer hook ``hook_name`` (:data:`ANSWER_HOOKS`) as pluggy calls a ``firstresult`` hook
+    (its order; each implementation given the arguments it names) and return the first non-``None``
+    answer. A :class:`ModelpressError` an implementation raises is its answer (it propagates); any
+    other exception is that plugin's fault, a :class:`PluginError` naming it."""
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        if impl.wrapper or impl.hookwrapper:
+            continue  # NOTE: answer hooks are asked, not wrapped
+        try:
+            answer = impl.function(*[kwargs[name] for name in impl.argnames])
         except ModelpressError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=plugin) from exc
-
-    return guarded
+            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}",
+                              plugin=impl.plugin_name) from exc
+        if answer is not None:
+            return answer
+    return None
 
 
 @dataclass
@@ -199,7 +237,6 @@ class Registry:
                 f"call it; decorate it with @modelpress.hookimpl (or rename it if it is not a hook)",
                 plugin=name,
             )
-        self._guard_observers(plugin, name)
         self.plugins[name] = info
         try:
             self._collect(name, info)
@@ -218,19 +255,6 @@ class Registry:
             if callable(value) and self.pm.parse_hookimpl_opts(plugin, attr) is None:
                 found.append(attr)
         return found
-
-    def _guard_observers(self, plugin: object, name: str) -> None:
-        """Wrap ``plugin``'s observer implementations so that their exceptions are contained.
-
-        NOTE: pluggy calls ``HookImpl.function`` with the arguments it asked for, so replacing
-        it keeps argument subsets, ordering and the hook caller itself; new-style wrappers are
-        generators and are left as they are.
-        """
-        for hook_name in OBSERVER_HOOKS | ANSWER_HOOKS:
-            guard = _guard_observer if hook_name in OBSERVER_HOOKS else _guard_answer
-            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
-                if impl.plugin is plugin and not (impl.wrapper or impl.hookwrapper):
-                    impl.function = guard(impl.function, name, hook_name)
 
     def unregister(self, name: str) -> None:
         self.pm.unregister(name=name)
@@ -382,7 +406,9 @@ class Registry:
 
     @property
     def hook(self) -> Any:
-        return self.pm.hook
+        """The hooks to call, ``registry.hook.modelpress_pass_start(method=..., ...)`` (keyword
+        arguments only); an observer's exception is a warning naming the plugin (see :class:`_Hooks`)."""
+        return _Hooks(self.pm)
 
     def load_data(self, source: Any, model: Model, what: str) -> Any:
         """``source`` as data for ``model``: a path to a file that is not ``.npz``/``.npy`` read by the
@@ -390,7 +416,7 @@ class Registry:
         else, or a file no plugin reads, is returned as it is (the data loader then says what it accepts)."""
         if not isinstance(source, (str, os.PathLike)) or Path(source).suffix.lower() in NUMPY_SUFFIXES or not Path(source).is_file():
             return source
-        answer = self.pm.hook.modelpress_load_data(path=Path(source), model=model, what=what)
+        answer = ask_first(self.pm, "modelpress_load_data", path=Path(source), model=model, what=what)
         return source if answer is None else answer
 
 

@@ -20,6 +20,7 @@ from modelpress.plugin_api import (
     Model,
     Options,
     OptionsError,
+    Out,
     PassContext,
     WeightedLayer,
     recurrent_refusals,
@@ -121,12 +122,12 @@ def _replace_layer(model: Model, layer: WeightedLayer, weight: tuple[ir.Value, i
     x = node.inputs[0]
     assert x is not None
     name = layer.name
-    dq = model.new_node("DynamicQuantizeLinear", [x], name=f"{name}_DynamicQuantizeLinear", outputs=[
-        (f"{x.name}_{name}_quantized", ir.DataType.UINT8), (f"{x.name}_{name}_scale", ir.DataType.FLOAT),
-        (f"{x.name}_{name}_zero_point", ir.DataType.UINT8)])
-    xq, xs, xz = dq.outputs
-    mm = model.new_node("MatMulInteger", [xq, wq_v, xz, wz_v], name=f"{name}_MatMulInteger", outputs=[(f"{name}_MatMulInteger_output", ir.DataType.INT32)])
-    cast = model.new_node("Cast", [mm.outputs[0]], {"to": ir.DataType.FLOAT}, name=f"{name}_Cast", outputs=[(f"{name}_Cast_output", ir.DataType.FLOAT)])
-    combined = model.new_node("Mul", [xs, ws_v], name=f"{name}_scale_Mul", outputs=[(f"{name}_scale_Mul_output", ir.DataType.FLOAT)])
-    mul = model.new_node("Mul", [cast.outputs[0], combined.outputs[0]], name=f"{name}_Mul", outputs=[(f"{name}_Mul_output", ir.DataType.FLOAT)])
-    replace_matmul(model, node, [dq, mm, cast, combined, mul], mul.outputs[0], name)
+    b = model.builder()
+    xq, xs, xz = b.op_multi_out("DynamicQuantizeLinear", [x], name=f"{name}_DynamicQuantizeLinear", outs=[
+        Out(f"{x.name}_{name}_quantized", ir.DataType.UINT8), Out(f"{x.name}_{name}_scale", ir.DataType.FLOAT),
+        Out(f"{x.name}_{name}_zero_point", ir.DataType.UINT8)])
+    mm = b.op("MatMulInteger", [xq, wq_v, xz, wz_v], name=f"{name}_MatMulInteger", out=Out(f"{name}_MatMulInteger_output", ir.DataType.INT32))
+    cast = b.op("Cast", [mm], {"to": ir.DataType.FLOAT}, name=f"{name}_Cast", out=Out(f"{name}_Cast_output", ir.DataType.FLOAT))
+    combined = b.op("Mul", [xs, ws_v], name=f"{name}_scale_Mul", out=Out(f"{name}_scale_Mul_output", ir.DataType.FLOAT))
+    mul = b.op("Mul", [cast, combined], name=f"{name}_Mul", out=Out(f"{name}_Mul_output", ir.DataType.FLOAT))
+    replace_matmul(model, node, list(b.nodes), mul, name)

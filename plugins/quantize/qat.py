@@ -21,7 +21,7 @@ import numpy as np
 import onnx_ir as ir
 from pydantic import Field
 
-from modelpress.plugin_api import DataError, Model, PassContext, load_dataset
+from modelpress.plugin_api import DataError, Model, Out, PassContext, load_dataset
 from modelpress.plugins.quantize.cpu import resolve_reduce_range
 from modelpress.plugins.quantize.static import Int8StaticOptions, int8_static
 
@@ -62,10 +62,12 @@ def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir
         real = ((q.astype(np.float64) - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
         if tensor.dtype == ir.DataType.INT8:
             float_v = model.add_initializer(f"{source.name}_qat", real)
-            quant = model.new_node("QuantizeLinear", [float_v, node.inputs[1], node.inputs[2]], {"axis": axis} if scale.ndim else {},
-                                   name=f"{source.name}_qat_QuantizeLinear", outputs=[(f"{source.name}_qat_quantized", ir.DataType.INT8)])
+            quantized = model.builder().op("QuantizeLinear", [float_v, node.inputs[1], node.inputs[2]], {"axis": axis} if scale.ndim else {},
+                                           name=f"{source.name}_qat_QuantizeLinear", out=Out(f"{source.name}_qat_quantized", ir.DataType.INT8))
+            quant = quantized.producer()
+            assert quant is not None
             graph.insert_before(node, quant)
-            node.replace_input_with(0, quant.outputs[0])
+            node.replace_input_with(0, quantized)
             weights.append((quant, source))
         elif tensor.dtype == ir.DataType.INT32:
             float_v = model.add_initializer(f"{source.name}_qat", real)

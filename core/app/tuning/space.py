@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import pydantic
 
 from modelpress.app.recipe import PassSpec, validate_pass_options
-from modelpress.base.errors import OptionsError
+from modelpress.base.errors import OptionsError, validation_problems
 
 if TYPE_CHECKING:
     from modelpress.app.recipe import Recipe
@@ -263,8 +263,7 @@ def parse_param(value: Any, where: str) -> Param:
         try:
             r = _RangeSpec(**spec)
         except pydantic.ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'range'}: {e['msg']}" for e in exc.errors())
-            raise OptionsError(f"{where}: invalid search range ({problems}); write {{search: {{low: 0.1, high: 0.5, step: 0.1}}}}") from None
+            raise OptionsError(f"{where}: invalid search range ({validation_problems(exc, root='range')}); write {{search: {{low: 0.1, high: 0.5, step: 0.1}}}}") from None
         integer = all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool) for k in ("low", "high")) and (
             r.step is None or float(r.step).is_integer())
         return Range(r.low, r.high, r.step, r.log, integer)

@@ -13,6 +13,7 @@ from modelpress.base.errors import (
     DataError,
     ModelpressError,
     NoGainError,
+    OptionsError,
     PluginError,
     UnknownMethodError,
     one_line,
@@ -20,6 +21,7 @@ from modelpress.base.errors import (
 from modelpress.ir.checks import dead_nodes, graph_problems
 from modelpress.ir.model import Model
 from modelpress.ir.provenance import PassRecord, figure_problem
+from modelpress.plugin.config import env_defaults
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
@@ -148,7 +150,7 @@ def apply(
     m = method if isinstance(method, Method) else registry.method(method, kind)
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
-    opts = m.validate_options(raw)
+    opts = _validate(m, raw)
     _check_needs(m, opts, {"calibration": calibration, "train": train, "eval": eval})
     ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
 
@@ -167,6 +169,18 @@ def apply(
     record = _record(m, model, result, opts, seconds, ctx.figures)
     registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
     return result
+
+
+def _validate(m: Method, raw: dict[str, Any]) -> Options:
+    """``raw`` validated, with the plugin's defaults from the environment under it (explicit options win)."""
+    defaults = {k: v for k, v in env_defaults(m).items() if k not in raw}
+    try:
+        return m.validate_options({**{k: value for k, (_, value) in defaults.items()}, **raw})
+    except OptionsError as exc:
+        if not defaults:
+            raise
+        given = ", ".join(f"{variable}={value!r}" for variable, value in defaults.values())
+        raise OptionsError(f"{exc} (defaults from the environment: {given})") from None
 
 
 def _label(m: Method) -> str:

@@ -17,6 +17,9 @@ Running and judging models in ONNX Runtime
     :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`, :class:`Bounds`
     (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric);
     :func:`compare_outputs` (the figures export verifies by: cosine, agreement, max |diff|).
+    :func:`activation_stats` (min/max/mean/abs-max of inner tensors over a data set, streamed
+    batch by batch: :class:`TensorStats`), :class:`ActivationCollector` and
+    :func:`calibration_batch` (its session and batch sizing, for a method's own loop).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`, :data:`AXIS_SIZES_KEY` (the sizes of named
     axes an adapter declares for generated samples).
@@ -82,6 +85,12 @@ from modelpress.plugin.hookspecs import hookimpl
 from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
 from modelpress.plugin.registry import current_registry
 from modelpress.plugin.tuning import TuneStage, Tuning
+from modelpress.runtime.activations import (
+    ActivationCollector,
+    TensorStats,
+    activation_stats,
+    calibration_batch,
+)
 from modelpress.runtime.import_check import normalize_on_import
 from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
 
@@ -90,6 +99,7 @@ __all__ = [
     "BUILTIN_KINDS",
     "PACK_MAGIC",
     "WEIGHTED_OPS",
+    "ActivationCollector",
     "Adapter",
     "Bounds",
     "Codec",
@@ -110,12 +120,15 @@ __all__ = [
     "PluginError",
     "Provenance",
     "TensorInfo",
+    "TensorStats",
     "TuneStage",
     "Tuning",
     "UnsafeExternalDataError",
     "UnsupportedModelError",
     "VerificationError",
     "WeightedLayer",
+    "activation_stats",
+    "calibration_batch",
     "check_import",
     "choose_loss",
     "compare_outputs",

@@ -54,7 +54,9 @@ def test_round_trip_error_is_at_most_half_a_step(bits, signed):
 
 
 def test_one_sweep_histogram_widens_exactly_and_matches_the_percentile():
-    from modelpress.plugins.quantize.calibrate import BINS, TensorStats, _observe, choose_range
+    from modelpress.plugins.quantize.calibrate import choose_range
+    from modelpress.runtime.activations import BINS, TensorStats
+    from modelpress.runtime.activations import observe as _observe
 
     rng = np.random.default_rng(0)
     # NOTE: batches of growing magnitude: the range starts at the first batch's max|x| and doubles (merging bins)

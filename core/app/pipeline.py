@@ -13,6 +13,7 @@ from modelpress.base.errors import (
     DataError,
     ModelpressError,
     NoGainError,
+    OptionsError,
     PluginError,
     UnknownMethodError,
     one_line,
@@ -20,6 +21,7 @@ from modelpress.base.errors import (
 from modelpress.ir.checks import dead_nodes, graph_problems
 from modelpress.ir.model import Model
 from modelpress.ir.provenance import PassRecord, figure_problem
+from modelpress.plugin.config import env_defaults
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
@@ -151,7 +153,7 @@ def apply(
     m = method if isinstance(method, Method) else registry.method(method, kind)
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
-    opts = m.validate_options(raw)
+    opts = _validate(m, raw)
     # NOTE: a data file of a type only a plugin reads (a text corpus) becomes arrays for this model here
     calibration, train, eval = (registry.load_data(data, model, role) for data, role in
                                 ((calibration, "calibration"), (train, "training"), (eval, "evaluation")))
@@ -173,6 +175,18 @@ def apply(
     record = _record(m, model, result, opts, seconds, ctx.figures)
     registry.hook.modelpress_pass_finish(method=m, model=result, record=record, **where)
     return result
+
+
+def _validate(m: Method, raw: dict[str, Any]) -> Options:
+    """``raw`` validated, with the plugin's defaults from the environment under it (explicit options win)."""
+    defaults = {k: v for k, v in env_defaults(m).items() if k not in raw}
+    try:
+        return m.validate_options({**{k: value for k, (_, value) in defaults.items()}, **raw})
+    except OptionsError as exc:
+        if not defaults:
+            raise
+        given = ", ".join(f"{variable}={value!r}" for variable, value in defaults.values())
+        raise OptionsError(f"{exc} (defaults from the environment: {given})") from None
 
 
 def _label(m: Method) -> str:

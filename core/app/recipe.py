@@ -86,6 +86,10 @@ class Recipe(_Strict):
     pack: PackSpec | None = Field(None, description="finally pack the model losslessly into <output>.mpk (and report every stage's packed size)")
     data: DataSources = Field(default_factory=DataSources)
     evaluate: Evaluate = Field(default_factory=Evaluate)
+    plugins: dict[str, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="per-plugin option defaults: {plugin name: {option: value}} for every pass of that plugin's methods (a pass's own options win)",
+    )
     base_dir: str = Field("", exclude=True, description="folder data paths are relative to (set when loading a file)")
     allow_imports: bool = Field(True, exclude=True, description="False: refuse pkg.module:function entries and data outside base_dir")
 
@@ -121,13 +125,18 @@ class Recipe(_Strict):
             )
 
     def validate_against(self, registry: Registry | None = None) -> None:
-        """Every method exists and every option validates, before any work starts."""
+        """Every method exists and every option validates, before any work starts; the ``plugins:``
+        section's options become each pass's defaults (its own options win)."""
         registry = registry or get_registry()
+        _check_plugin_section(self.plugins, registry)
         for i, spec in enumerate(self.passes, 1):
             try:
                 method = registry.method(spec.method, spec.kind)
             except UnknownMethodError as exc:
                 raise UnknownMethodError(f"recipe pass {i}: {exc}") from None
+            # NOTE: the plugins: section becomes the pass's options (its own win), so a report or a
+            # tuned recipe written from it says every option the pass ran with
+            spec.options = {**{k: v for k, v in self.plugins.get(method.plugin, {}).items() if k in method.options.model_fields}, **spec.options}
             options = dict(spec.options)
             searched = [k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}]
             if searched:
@@ -154,6 +163,19 @@ class Recipe(_Strict):
             self._refuse_import(metric, "evaluate.metric")
         if metric == "accuracy" and not self.data.eval:
             raise OptionsError("metric 'accuracy' needs data.eval with an array named 'labels'")
+
+
+def _check_plugin_section(plugins: dict[str, dict[str, Any]], registry: Registry) -> None:
+    """Every plugin the ``plugins:`` section names is loaded, and each option is one of its methods'."""
+    for name, options in plugins.items():
+        info = registry.plugins.get(name)
+        if info is None:
+            raise OptionsError(f"recipe plugins: no plugin {name!r} is loaded; loaded: {', '.join(sorted(registry.plugins))}")
+        known = {option for method in info.methods for option in method.options.model_fields}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise OptionsError(f"recipe plugins.{name}: option(s) {', '.join(unknown)} belong to none of its methods; "
+                               f"its options: {', '.join(sorted(known)) or 'none'}")
 
 
 def resolve_callable(path: str) -> Any:

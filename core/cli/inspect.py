@@ -12,7 +12,7 @@ __all__ = ["COMMANDS"]
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file (.onnx; other formats with their extras)")
+    p.add_argument("model", help="model file (.onnx; .mpk: also lists the codecs the pack needs and who provides them; other formats with their extras)")
     p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
     p.add_argument("--sample", help=".npz inputs (named after the model inputs) for the normalisation check (default: random inputs from the signature)")
     p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take): op, weight shape, parameters")
@@ -23,11 +23,14 @@ def arguments(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import modelpress
 
+    codecs = _pack_codecs(args)
     options = load_options(args)
     if args.sample:
         options["sample"] = _feeds(args.sample)
     model = modelpress.load(args.model, **options)
     info = modelpress.describe(model)
+    if codecs is not None:
+        info["codecs"] = codecs
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -39,6 +42,24 @@ def run(args: argparse.Namespace) -> int:
     if args.entropy:
         _print_entropy(model, out)
     return 0
+
+
+def _pack_codecs(args: argparse.Namespace) -> list[dict[str, Any]] | None:
+    """For a pack: the codecs it needs, shown first (a table; JSON only when loading will fail),
+    and one error naming every one not installed and what to install."""
+    from modelpress.packing.needs import missing_codecs_error, pack_needs
+
+    codecs = pack_needs(args.model)
+    if codecs is None:
+        return None
+    error = missing_codecs_error(args.model, codecs)
+    if not args.json:
+        _print_codecs(codecs, console())
+    elif error is not None:
+        print(json.dumps({"file": args.model, "codecs": codecs}, indent=2))
+    if error is not None:
+        raise error
+    return codecs
 
 
 def _feeds(path: str) -> dict[str, Any]:
@@ -88,6 +109,19 @@ def _print_signature(info: dict[str, Any], out: Any) -> None:
     for op, count in info["ops"].items():
         ops.add_row(escape(op), str(count))
     out.print(ops)
+
+
+def _print_codecs(rows: list[dict[str, Any]], out: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="codecs this pack needs", title_justify="left")
+    for i, col in enumerate(("codec", "tensors", "plugin", "distribution", "installed")):
+        table.add_column(col, justify="right" if i == 1 else "left", overflow="fold")
+    for row in rows:
+        recorded = " ".join(filter(None, [row["distribution"], row["version"]])) or "?"
+        installed = f"yes ({row['installed_from']})" if row["installed"] else "[red]no[/red]"
+        table.add_row(escape(row["codec"]), str(row["tensors"]), escape(row["plugin"] or "?"), escape(recorded), installed)
+    out.print(table)
 
 
 def _print_layers(info: dict[str, Any], out: Any) -> None:

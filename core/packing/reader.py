@@ -31,6 +31,7 @@ from modelpress.packing.format import (
     checksum,
     lzma_decompress,
 )
+from modelpress.packing.needs import missing_codec_error
 from modelpress.packing.wire import splice, tensor_spans
 from modelpress.plugin.codec import TensorInfo
 from modelpress.plugin.registry import Registry, current_registry
@@ -158,12 +159,7 @@ class PackedModel:
             return bytes(blob)
         codec = self.registry.codec(codec_name)
         if codec is None:
-            origin = self.manifest.get("codecs", {}).get(codec_name, "an uninstalled plugin")
-            raise PluginError(
-                f"{self.label}: {what} is coded with codec {codec_name!r} ({origin}), which no installed plugin provides; "
-                "install that plugin to unpack this file",
-                plugin=origin,
-            )
+            raise missing_codec_error(self.label, what, codec_name, self.manifest)
         try:
             return codec.decode(blob, info)
         except PluginError:

@@ -23,8 +23,8 @@ from modelpress.packing.format import (
     checksum,
     lzma_compress,
 )
+from modelpress.packing.needs import codec_origins
 from modelpress.packing.source import Item, Source, item, parse_source
-from modelpress.plugin.codec import Codec
 from modelpress.plugin.registry import Registry, current_registry
 
 __all__ = ["pack"]
@@ -52,7 +52,8 @@ def pack(
     """
     if prefer not in ("speed", "size"):
         raise OptionsError(f"pack: prefer must be 'speed' or 'size', not {prefer!r}")
-    chosen = select_codecs(registry or current_registry(), codecs)
+    registry = registry or current_registry()
+    chosen = select_codecs(registry, codecs)
     src = parse_source(model, strip)
     target = Path(output)
     if not target.parent.is_dir():
@@ -72,7 +73,7 @@ def pack(
             out.write(MAGIC)
             entries = _write_blobs(items, streams, out)
             files = _pack_filler(externals, src.base, src.label, out)
-            _write_head(src, chosen, entries, streams, files, out)
+            _write_head(src, codec_origins(registry, chosen), entries, streams, files, out)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -103,7 +104,7 @@ def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> 
     return entries
 
 
-def _write_head(src: Source, chosen: list[Codec], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
+def _write_head(src: Source, origins: dict[str, dict[str, str]], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
     """Write the head (the manifest and the graph without the packed bytes, one LZMA stream) and the footer."""
     stripped = src.proto.SerializeToString()
     used = {e.codec for e in entries}
@@ -111,7 +112,8 @@ def _write_head(src: Source, chosen: list[Codec], entries: list[TensorEntry], st
         "format": FORMAT,
         "source": {"name": Path(src.label).name, "bytes": len(src.data), "bytes_identical": src.identical, **({"stripped": True} if src.strip else {})},
         "graph": {"size": len(stripped), "crc32": checksum(stripped)},
-        "codecs": {c.name: f"{c.plugin} {c.plugin_version}".strip() for c in chosen if c.name in used},
+        "codecs": {name: f"{o['plugin']} {o['version']}".strip() for name, o in origins.items() if name in used},
+        "codec_plugins": {name: o for name, o in origins.items() if name in used},
         "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
         "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
         "external_files": files,

@@ -52,12 +52,17 @@ def numpy_dtype(dtype: ir.DataType) -> np.dtype | None:
 class Codec:
     """A lossless tensor coder. See ``modelpress_register_codecs``.
 
-    ``encode(data, info) -> bytes | None`` codes ``data`` (a ``bytes`` object with the tensor's
-    raw little-endian bytes); returning ``None`` means "I cannot code this one". ``decode(blob,
-    info) -> bytes`` must give back exactly ``data``. ``applies(info) -> bool`` is asked first, so
-    a codec for int8 weights is never tried on a float bias. ``fast_decode=False`` marks a codec
-    whose decoding is slow (LZMA: tens of MB/s instead of hundreds): with ``speed="fast"`` the
-    packer picks it only when it saves at least 10 % over the best fast codec.
+    ``name``: how packs and ``pack(codecs=[...])`` name it (stored in every pack that uses it, so
+    keep it stable). ``encode(data, info) -> bytes | None`` codes ``data`` (a ``bytes`` object with
+    the tensor's raw little-endian bytes; ``info`` a :class:`TensorInfo`); returning ``None``
+    means "I cannot code this one". ``decode(blob, info) -> bytes`` must give back exactly
+    ``data`` (the packer checks). ``applies(info) -> bool`` is asked first, so a codec for int8
+    weights is never tried on a float bias. ``summary``: one line for ``modelpress plugins``.
+    ``fast_decode=False`` marks a codec whose decoding is slow (LZMA: tens of MB/s instead of
+    hundreds): with ``pack(prefer="speed")`` (the default) the packer picks it only when it saves
+    at least 10 % over the best fast codec; ``prefer="size"`` always takes the smallest.
+    ``plugin`` and ``plugin_version`` are filled in by the registry (the registering plugin);
+    leave them unset.
     """
 
     name: str

@@ -100,8 +100,14 @@ class PassContext:
     """What a running method can use besides the model and its options.
 
     Attributes:
-        calibration / train / eval: data sources as the caller gave them (see
-            :func:`modelpress.data.samples.as_batches` to iterate them as feed dicts).
+        calibration / train / eval: data sources as the caller gave them (a path, a dict of
+            arrays, a :class:`~modelpress.data.samples.Dataset`, ...; ``None`` when not given).
+            ``load_dataset(context.calibration, model.signature, what="calibration")`` (from
+            ``modelpress.plugin_api``) validates one against the model's inputs and returns a
+            ``Dataset``: ``.take(n)`` keeps the first ``n`` samples, ``.batches(batch_size)``
+            yields feed dicts ``{input name: array}`` of at most ``batch_size`` samples (never
+            more than the model takes, never mixing shapes) and ``.batch_count(batch_size)``
+            says how many (for :meth:`progress`).
         figures: the method records what it measured here (sparsity, agreement, ...).
         show_progress: whether progress bars should be drawn.
         extra: objects the caller passed that are not options (e.g. a given student model).

@@ -19,13 +19,14 @@ def arguments(p: argparse.ArgumentParser) -> None:
                              description="Write the package modelpress-NAME: pip install it and `modelpress plugins` lists its method.")
     new.add_argument("name", help="plugin and method name: lower-case letters, digits, single hyphens (e.g. my-method)")
     new.add_argument("--dir", help="folder to create (default ./modelpress-NAME)")
+    new.add_argument("--kind", default="prune", help="the method's kind (default prune); a kind no installed plugin defines is declared by the new package")
     new.set_defaults(run=run_new)
 
 
 def run_new(args: argparse.Namespace) -> int:
     from modelpress.app.scaffold import new_plugin
 
-    target = new_plugin(args.name, args.dir)
+    target = new_plugin(args.name, args.dir, kind=args.kind)
     console().print(f"wrote {target}/ (pyproject.toml, src/, tests/); next: pip install -e {target} && pytest {target}/tests")
     return 0
 

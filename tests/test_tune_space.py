@@ -205,8 +205,25 @@ def data(digits, tmp_path_factory):
     return folder
 
 
+class _TrialIds:
+    """An observer of the tune's trial hooks (called on the driver)."""
+
+    def __init__(self) -> None:
+        self.started: list[str] = []
+        self.finished: list[tuple[str, str]] = []
+
+    @modelpress.hookimpl
+    def modelpress_trial_start(self, trial_id, config):
+        self.started.append(trial_id)
+
+    @modelpress.hookimpl
+    def modelpress_trial_finish(self, trial_id, status, figures):
+        self.finished.append((trial_id, status))
+
+
 def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(ray_address, digits_mlp_path, data, tmp_path):
-    registry = modelpress.create_registry(plugins=[Factorize()])
+    trials = _TrialIds()
+    registry = modelpress.create_registry(plugins=[Factorize(), trials])
     result = modelpress.tune(digits_mlp_path, data={"eval": data / "eval.npz", "calibration": data / "calib.npz"}, budget=2, workers=2,
                              output=tmp_path / "out", show_progress=False, registry=registry)
     by_pipeline = {t.pipeline: t for t in result.trials}
@@ -216,6 +233,9 @@ def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(ray_address,
     assert svd.status == "ok" and svd.passes == [{"kind": "factorize", "method": "svd", "options": {"energy": 0.99}}]
     assert svd.figures[0]["rank"] >= 1 and 0 < svd.metric <= 1
     assert by_pipeline["int8-static"].status == "ok"
+    # the trial hooks: one id per trial, "<study>/<number>", the same at start and finish
+    assert sorted(trials.started) == sorted(i for i, _ in trials.finished) == [f"modelpress-tune/{t.number}" for t in sorted(result.trials, key=lambda t: t.number)]
+    assert {status for _, status in trials.finished} == {"ok"}
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     assert report["left_out"]["int8-qat"] == "needs training data (--train)"
     assert report["space"][0]["pipeline"] == "svd" and report["space"][0]["passes"] == ["factorize/svd"]

@@ -322,4 +322,5 @@ def unpack(
         os.replace(tmp / target.name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    (registry or current_registry()).hook.modelpress_unpack_finish(pack_id=str(path), output=target)
     return target

@@ -78,7 +78,9 @@ def pack(
     finally:
         tmp.unlink(missing_ok=True)
     source_bytes = src.original + sum(f["size"] for f in files)
-    return PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+    result = PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+    registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
+    return result
 
 
 def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:

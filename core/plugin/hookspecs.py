@@ -209,6 +209,30 @@ def modelpress_run_finish(run_id: str, result: Any, error: BaseException | None)
 
 
 @hookspec
+def modelpress_trial_start(trial_id: str, config: dict[str, Any], passes: list[dict[str, Any]]) -> None:
+    """Called by ``modelpress tune`` when a trial starts (on the driver, before it is sent to a
+    worker). ``trial_id`` is ``"<study name>/<trial number>"``, the same in ``trial_finish``;
+    ``config`` the sampled configuration, ``passes`` the recipe passes it runs."""
+
+
+@hookspec
+def modelpress_trial_finish(trial_id: str, status: str, figures: dict[str, Any]) -> None:
+    """Called when a trial ended: ``status`` is ``"ok"``, ``"pruned"`` (cut early) or ``"failed"``;
+    ``figures`` what the study recorded (metric, size_bytes, latency_ms, error...)."""
+
+
+@hookspec
+def modelpress_pack_finish(pack_id: str, source: str, result: Any) -> None:
+    """Called after :func:`modelpress.pack` wrote a ``.mpk``: ``pack_id`` is the pack's path,
+    ``source`` what was packed (a path, or the model's name), ``result`` the :class:`modelpress.PackResult`."""
+
+
+@hookspec
+def modelpress_unpack_finish(pack_id: str, output: Path) -> None:
+    """Called after :func:`modelpress.unpack` restored the ONNX file ``output`` from the pack ``pack_id``."""
+
+
+@hookspec
 def modelpress_export_finish(model: Model, result: ExportResult) -> None:
     """Called after a model was written and verified; ``result.path`` is the final file and
     ``result.verification`` holds the numerical check's figures."""

@@ -87,7 +87,8 @@ _HOOK_PREFIX = "modelpress_"
 # Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
 OBSERVER_HOOKS = frozenset({
     "modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish",
-    "modelpress_run_start", "modelpress_run_finish",
+    "modelpress_run_start", "modelpress_run_finish", "modelpress_trial_start", "modelpress_trial_finish",
+    "modelpress_pack_finish", "modelpress_unpack_finish",
 })
 # Hooks whose implementations answer a question: a ModelpressError is the plugin's answer, anything else its fault.
 ANSWER_HOOKS = frozenset({"modelpress_load_data"})

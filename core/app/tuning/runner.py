@@ -65,7 +65,11 @@ class Runner:
         self.executor.submit(trial.number, run_trial, passes=passes, timeout_s=settings.trial_timeout, memory_mb=settings.trial_memory_mb,
                              **self.submit_args)
         self.board.started(trial.number, config)
+        self.run.registry.hook.modelpress_trial_start(trial_id=self._trial_id(trial.number), config=config, passes=passes)
         return True
+
+    def _trial_id(self, number: int) -> str:
+        return f"{self.store.study.study_name}/{number}"
 
     def collect(self, outcomes: list[Any]) -> None:
         for outcome in outcomes:
@@ -77,6 +81,9 @@ class Runner:
                                     "phases": (value or {}).get("phases", {})}
             self._tell(trial, value, outcome.error, common)
             self.board.finished(self.record(self.store.trials[trial.number]))
+            attrs = self.store.trials[trial.number].user_attrs
+            figures = {k: attrs[k] for k in ("metric", "size_bytes", "latency_ms", "error", "floor_missed", "seconds") if k in attrs}
+            self.run.registry.hook.modelpress_trial_finish(trial_id=self._trial_id(trial.number), status=attrs.get("status", "failed"), figures=figures)
 
     def _tell(self, trial: Any, value: dict[str, Any] | None, error: str, common: dict[str, Any]) -> None:
         """Record one trial's end in the study: failed, pruned (cut early) or measured."""

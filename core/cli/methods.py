@@ -111,9 +111,9 @@ def _refuse_missed_criteria(result: Any, accept_loss: bool) -> None:
     """A method that judged its own result and says it missed its criteria (``criteria_met`` False in
     its figures, the documented key) is refused like a missed floor at export: exit 4, the routes named."""
     record = result.provenance.passes[-1]
-    if record.figures.get("criteria_met") is False and not accept_loss:
+    if record.criteria_missed is not None and not accept_loss:
         raise AccuracyLossError(
-            f"{record.method} missed its accuracy criteria: {' '.join(str(record.figures.get('criteria')).split())}; "
+            f"{record.method} missed its accuracy criteria: {record.criteria_missed}; "
             "nothing was written. Ways forward: give fine-tuning or more calibration data, loosen the criteria "
             "(-O criteria=...), or keep the result with --accept-loss"
         )

@@ -40,6 +40,14 @@ class PassRecord:
     seconds: float = 0.0
     figures: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def criteria_missed(self) -> str | None:
+        """The method's own criteria summary when it judged its result and the result missed them
+        (``PassContext.report_criteria(False, ...)``), else None."""
+        if self.figures.get("criteria_met") is False:
+            return " ".join(str(self.figures.get("criteria", "")).split()) or "criteria not met"
+        return None
+
 
 @dataclass(frozen=True)
 class Provenance:

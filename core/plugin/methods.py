@@ -95,6 +95,11 @@ class Options(pydantic.BaseModel):
     model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
 
 
+# The figures a method that judged its own result writes through PassContext.report_criteria
+CRITERIA_MET = "criteria_met"
+CRITERIA = "criteria"
+
+
 @dataclass
 class PassContext:
     """What a running method can use besides the model and its options.
@@ -131,6 +136,13 @@ class PassContext:
 
         with progress_bar(description, total=total, enabled=self.show_progress) as advance:
             yield advance
+
+    def report_criteria(self, met: bool, summary: str) -> None:
+        """For a method that judges its own result against accuracy criteria (int8-static's search,
+        mixed precision): say whether the result met them, and how (``summary``, one line). A result
+        that missed them is refused by the CLI with exit 4 (``--accept-loss`` keeps it); the figures
+        ``criteria_met`` / ``criteria`` record it in the report (:attr:`PassRecord.criteria_missed`)."""
+        self.figures.update({CRITERIA_MET: bool(met), CRITERIA: summary})
 
 
 @dataclass(frozen=True)

@@ -198,7 +198,7 @@ def mixed_precision(model: Model, opts: MixedPrecisionOptions, ctx: PassContext)
         "size_ratio_estimate": round(size(prefix) / max(total, 1), 4),
     })
     if met is not None:
-        ctx.figures.update({"criteria_met": met, "criteria": summary})
+        ctx.report_criteria(met, summary)
     return result
 
 

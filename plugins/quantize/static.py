@@ -34,6 +34,7 @@ from modelpress.plugin_api import (
     PassContext,
     ensure_opset,
     load_dataset,
+    lower_is_better,
 )
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, collect_stats
@@ -233,7 +234,7 @@ def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassCon
     criteria does; when none met, the best candidate judged does if it is closer to the criteria
     (smaller :attr:`Judgement.loss`) than the fully quantized one. Either way, when nothing met,
     the ``sensitivity_result`` figure says which was kept; the result stays flagged
-    ``criteria_met: False`` (export refuses it without ``accept_loss``)."""
+    ``criteria_met: False`` (``PassContext.report_criteria``; the CLI refuses it without ``--accept-loss``)."""
     if decision is not None and decision.met:
         return True
     full = outcome.judgement
@@ -271,17 +272,16 @@ def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibrati
             **({"bias_corrected": outcome.bias_corrected} if opts.bias_correction else {}),
             # NOTE: the local-error ranking (1/SQNR, higher = more sensitive), for tuners that fall back along it
             "sensitivity": {n: round(float(e), 6) for n, e in errors.items()},
-            "criteria_met": score.met,
-            "criteria": score.summary(),
-            **{f"calibration_{k}": v for k, v in _per_metric(score).items()},
         }
     )
+    ctx.report_criteria(score.met, score.summary())
+    ctx.figures.update({f"calibration_{k}": v for k, v in _per_metric(score).items()})
 
 
 def _per_metric(judgement: Judgement) -> dict[str, float]:
     """The worst value of each metric over the outputs (``calibration_agreement``, ``calibration_cosine``)."""
     worst: dict[str, float] = {}
     for criterion, value in zip(judgement.criteria, judgement.values, strict=True):
-        pick = max if criterion.metric == "relative_error" else min
+        pick = max if lower_is_better(criterion.metric) else min
         worst[criterion.metric] = round(float(pick(worst.get(criterion.metric, value), value)), 6)
     return worst

@@ -222,3 +222,18 @@ def pytest_sessionfinish(session, exitstatus):
             reporter.write_line(f"no test of this run imports {len(missing)} module(s): {', '.join(missing)}; "
                                 "add a fast test for each (or unmark one that reaches it)", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.fixture(scope="module")
+def ray_address():
+    """A local Ray session for the module (``address="local"``: whatever an earlier ``ray start``
+    left in /tmp/ray); workers can import ``tests.*`` helpers. Stopped when the module ends."""
+    ray = pytest.importorskip("ray", reason="needs the distributed extra")
+    pytest.importorskip("optuna", reason="needs the distributed extra")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+    yield ray.get_runtime_context().gcs_address
+    if started:
+        ray.shutdown()

@@ -28,18 +28,6 @@ pytest.importorskip("optuna", reason="needs the distributed extra")
 
 
 @pytest.fixture(scope="module")
-def ray_address():
-    """A local Ray session for the whole module; workers can import ``tests.*`` helpers."""
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def data(digits, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tune-data")
     np.savez(folder / "eval.npz", x=digits["x_test"], labels=digits["y_test"])

@@ -184,18 +184,6 @@ def test_a_kind_conflict_between_installed_plugins_is_not_contained(monkeypatch)
 
 # -- tune runs (Ray) --------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def ray_address():
-    ray = pytest.importorskip("ray", reason="needs the distributed extra")
-    pytest.importorskip("optuna", reason="needs the distributed extra")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
-    yield ray.get_runtime_context().gcs_address
-    if started:
-        ray.shutdown()
-
 
 @pytest.fixture(scope="module")
 def data(digits, tmp_path_factory):

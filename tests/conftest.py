@@ -237,3 +237,12 @@ def ray_address():
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tune_data(digits, tmp_path_factory):
+    """The digits evaluation (with labels) and calibration files the tune tests study on."""
+    folder = tmp_path_factory.mktemp("tune-data")
+    np.savez(folder / "eval.npz", x=digits["x_test"], labels=digits["y_test"])
+    np.savez(folder / "calib.npz", x=digits["x_train"][:256])
+    return folder

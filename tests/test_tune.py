@@ -27,14 +27,6 @@ ray = pytest.importorskip("ray", reason="needs the distributed extra")
 pytest.importorskip("optuna", reason="needs the distributed extra")
 
 
-@pytest.fixture(scope="module")
-def data(digits, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tune-data")
-    np.savez(folder / "eval.npz", x=digits["x_test"], labels=digits["y_test"])
-    np.savez(folder / "calib.npz", x=digits["x_train"][:256])
-    return folder
-
-
 def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     from modelpress.runtime.session import make_session, run
 
@@ -52,9 +44,9 @@ def _recipe(tmp_path: Path, data: Path, options: dict, method: str = "int8-stati
 
 
 @pytest.mark.slow
-def test_default_space_study_end_to_end(ray_address, digits_mlp_path, data, digits, tmp_path):
+def test_default_space_study_end_to_end(ray_address, digits_mlp_path, tune_data, digits, tmp_path):
     out = tmp_path / "tune"
-    result = modelpress.tune(digits_mlp_path, data={"eval": data / "eval.npz", "calibration": data / "calib.npz"},
+    result = modelpress.tune(digits_mlp_path, data={"eval": tune_data / "eval.npz", "calibration": tune_data / "calib.npz"},
                              objective="size", max_drop=0.01, budget=4, output=out, show_progress=False)
     ok = [t for t in result.trials if t.status == "ok"]
     assert len(result.trials) == 4 and len(ok) >= 3
@@ -76,14 +68,14 @@ def test_default_space_study_end_to_end(ray_address, digits_mlp_path, data, digi
     np.testing.assert_array_equal(_outputs(tmp_path / "again.onnx", digits["x_test"]), _outputs(result.model_path, digits["x_test"]))
 
     # a spent time budget still returns the best stored so far, exported and reported
-    again = modelpress.tune(digits_mlp_path, data={"eval": data / "eval.npz", "calibration": data / "calib.npz"},
+    again = modelpress.tune(digits_mlp_path, data={"eval": tune_data / "eval.npz", "calibration": tune_data / "calib.npz"},
                             budget="0s", output=out, show_progress=False)
     assert "time budget" in again.stop_reason and again.best.number == result.best.number and again.model_path.exists()
 
 
-def test_crashing_trial_does_not_stop_the_study(ray_address, digits_mlp_path, data, tmp_path):
+def test_crashing_trial_does_not_stop_the_study(ray_address, digits_mlp_path, tune_data, tmp_path):
     # codebook bits=2 is far enough from the float outputs that the metric kills its worker process
-    recipe = _recipe(tmp_path, data, {"bits": {"search": [2, 8, 4]}, "min_elements": 16}, method="codebook",
+    recipe = _recipe(tmp_path, tune_data, {"bits": {"search": [2, 8, 4]}, "min_elements": 16}, method="codebook",
                      metric="tests.tune_helpers:crash_when_far")
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=3, output=tmp_path / "out", show_progress=False)
     by_bits = {t.passes[0]["options"]["bits"]: t for t in result.trials}
@@ -94,8 +86,8 @@ def test_crashing_trial_does_not_stop_the_study(ray_address, digits_mlp_path, da
 
 
 @pytest.mark.slow
-def test_unreachable_criterion_still_returns_the_best(ray_address, digits_mlp_path, data, tmp_path):
-    recipe = _recipe(tmp_path, data, {"bits": {"search": [3, 6]}, "min_elements": 16}, method="codebook", metric="cosine")
+def test_unreachable_criterion_still_returns_the_best(ray_address, digits_mlp_path, tune_data, tmp_path):
+    recipe = _recipe(tmp_path, tune_data, {"bits": {"search": [3, 6]}, "min_elements": 16}, method="codebook", metric="cosine")
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=2, max_drop=0.0, output=tmp_path / "out", show_progress=False)
     assert not result.meets and result.best is not None
     assert result.best.passes[0]["options"]["bits"] == 6  # the closest to the source
@@ -104,8 +96,8 @@ def test_unreachable_criterion_still_returns_the_best(ray_address, digits_mlp_pa
 
 
 @pytest.mark.slow
-def test_interrupted_study_resumes_without_rerunning_completed_trials(ray_address, digits_mlp_path, data, tmp_path):
-    recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "percentile", "entropy", "mse"]},
+def test_interrupted_study_resumes_without_rerunning_completed_trials(ray_address, digits_mlp_path, tune_data, tmp_path):
+    recipe = _recipe(tmp_path, tune_data, {"calibrator": {"search": ["minmax", "percentile", "entropy", "mse"]},
                                       "per_channel": {"search": [True, False]}, "sensitivity": False})
     out = tmp_path / "out"
     code = (f"import modelpress; modelpress.tune({str(digits_mlp_path)!r}, recipe={str(recipe)!r}, budget=5, workers=1, "
@@ -142,7 +134,7 @@ def test_interrupted_study_resumes_without_rerunning_completed_trials(ray_addres
     assert result.best is not None and result.model_path.exists()
 
 
-def test_search_space_errors_are_clear(digits_mlp_path, data, tmp_path):
+def test_search_space_errors_are_clear(digits_mlp_path, tune_data, tmp_path):
     cases = [
         ({"calibrator": {"search": ["minmax", "bogus"]}}, ["calibrator", "'bogus'"]),
         ({"percentile": {"search": {"low": 99.99, "high": 99.0}}}, ["percentile", "must be below high"]),
@@ -153,14 +145,14 @@ def test_search_space_errors_are_clear(digits_mlp_path, data, tmp_path):
     ]
     for options, needles in cases:
         with pytest.raises(modelpress.OptionsError) as info:
-            modelpress.tune(digits_mlp_path, recipe=_recipe(tmp_path, data, options), budget=1, output=tmp_path / "x", show_progress=False)
+            modelpress.tune(digits_mlp_path, recipe=_recipe(tmp_path, tune_data, options), budget=1, output=tmp_path / "x", show_progress=False)
         for needle in needles:
             assert needle in str(info.value), (needle, str(info.value))
     # compress refuses a recipe that still has search ranges, and says what to do
     with pytest.raises(modelpress.OptionsError, match="modelpress tune"):
-        modelpress.compress(digits_mlp_path, _recipe(tmp_path, data, {"calibrator": {"search": ["minmax"]}}))
+        modelpress.compress(digits_mlp_path, _recipe(tmp_path, tune_data, {"calibrator": {"search": ["minmax"]}}))
     with pytest.raises(modelpress.OptionsError, match="90s"):
-        modelpress.tune(digits_mlp_path, data=data / "eval.npz", budget="soon", output=tmp_path / "y")
+        modelpress.tune(digits_mlp_path, data=tune_data / "eval.npz", budget="soon", output=tmp_path / "y")
 
 
 def test_third_party_options_join_the_default_space(digits_mlp_path):
@@ -180,10 +172,10 @@ def test_third_party_options_join_the_default_space(digits_mlp_path):
     assert pipeline.params()["1.strength"].low == pytest.approx(0.1)
 
 
-def test_batch_compress_runs_models_in_parallel(ray_address, digits_mlp_path, data, tmp_path):
+def test_batch_compress_runs_models_in_parallel(ray_address, digits_mlp_path, tune_data, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(yaml.safe_dump({"passes": [{"kind": "quantize", "method": "int8-dynamic"}],
-                                      "data": {"eval": str(data / "eval.npz")}, "evaluate": {"metric": "accuracy", "repeats": 2}}))
+                                      "data": {"eval": str(tune_data / "eval.npz")}, "evaluate": {"metric": "accuracy", "repeats": 2}}))
     bad = tmp_path / "broken.onnx"
     bad.write_bytes(b"not a model")
     result = modelpress.compress_batch([digits_mlp_path, bad], recipe, tmp_path / "out", show_progress=False)
@@ -196,8 +188,8 @@ def test_batch_compress_runs_models_in_parallel(ray_address, digits_mlp_path, da
 
 
 @pytest.mark.slow
-def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, tmp_path):
-    recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy"]}, "sensitivity": False, "exclude": {"search": "fallback"}})
+def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, tune_data, tmp_path):
+    recipe = _recipe(tmp_path, tune_data, {"calibrator": {"search": ["minmax", "entropy"]}, "sensitivity": False, "exclude": {"search": "fallback"}})
     proc = run_cli("tune", str(digits_mlp_path), "--recipe", str(recipe), "--max-drop", "1%", "--strategy", "accuracy-first",
                    "--workers", "1", "--address", ray_address, "-o", str(tmp_path / "tuned"))
     assert proc.returncode == 0, proc.stderr
@@ -216,11 +208,11 @@ def test_cli_tune_accuracy_first_and_batch(ray_address, digits_mlp_path, data, t
     assert {p.name for p in (tmp_path / "batch").iterdir()} >= {"digits_mlp", "source", "summary.md", "summary.json"}
 
 
-def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, digits, tmp_path):
+def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, tune_data, digits, tmp_path):
     from modelpress.app.tuning.trial import run_trial
 
     np.savez(tmp_path / "train.npz", x=digits["x_train"], labels=digits["y_train"])
-    blobs = {"eval": (data / "eval.npz").read_bytes(), "train": (tmp_path / "train.npz").read_bytes(), "calibration": None}
+    blobs = {"eval": (tune_data / "eval.npz").read_bytes(), "train": (tmp_path / "train.npz").read_bytes(), "calibration": None}
     passes = [{"kind": "prune", "method": "channel", "options": {"ratio": 0.9, "fine_tune_epochs": 50}}]
     result = run_trial(Path(digits_mlp_path).read_bytes(), blobs, passes, {"metric": "accuracy"}, baseline=0.95, hopeless_drop=0.3)
     # 90% of the channels gone: measured before any fine-tuning, far below, so the 50 epochs never run
@@ -229,8 +221,8 @@ def test_hopeless_prune_trial_is_cut_before_fine_tuning(digits_mlp_path, data, d
 
 
 @pytest.mark.slow
-def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path, data, tmp_path):
-    recipe = _recipe(tmp_path, data, {"per_channel": {"search": [True]}}, method="int8-dynamic")
+def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path, tune_data, tmp_path):
+    recipe = _recipe(tmp_path, tune_data, {"per_channel": {"search": [True]}}, method="int8-dynamic")
     result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=1, trial_memory_mb=1, output=tmp_path / "mem", show_progress=False)
     assert result.trials[0].status == "failed" and "memory limit of 1 MB" in result.trials[0].error
     assert result.best is None and "no trial completed" in (tmp_path / "mem" / "report.md").read_text()
@@ -239,9 +231,9 @@ def test_trial_limits_fail_the_trial_not_the_study(ray_address, digits_mlp_path,
 
 
 @pytest.mark.slow
-def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_mlp_path, data, tmp_path):
+def test_reused_workers_give_the_same_trials_as_fresh_ones(ray_address, digits_mlp_path, tune_data, tmp_path):
     # int8-static calibrations (histograms, percentiles, entropy): state a reused worker carried over would show in these numbers
-    recipe = _recipe(tmp_path, data, {"calibrator": {"search": ["minmax", "entropy", "percentile"]}, "per_channel": {"search": [True, False]},
+    recipe = _recipe(tmp_path, tune_data, {"calibrator": {"search": ["minmax", "entropy", "percentile"]}, "per_channel": {"search": [True, False]},
                                       "sensitivity": False})
     runs = {}
     for fresh in (True, False):
@@ -301,11 +293,11 @@ def test_a_failed_job_reports_its_error_and_where_its_time_went(ray_address):
     assert outcomes[0].timing["cpu"] >= 0.2 and outcomes[0].timing["pid"] != os.getpid()
 
 
-def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, data):
+def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, tune_data):
     from modelpress.app.tuning.sensitivity import measure_sensitivity
 
     # int8-static's declared ranking run (Tuning(fallback="exclude", ranking=...)) on the calibration data
-    ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), {"calibration": (data / "calib.npz").read_bytes()}, "int8-static", "quantize")
+    ranking = measure_sensitivity(Path(digits_mlp_path).read_bytes(), {"calibration": (tune_data / "calib.npz").read_bytes()}, "int8-static", "quantize")
     layers = {layer.node.name for layer in modelpress.load(digits_mlp_path).weighted_layers()}
     assert set(ranking) == layers
     # the fallback ladder along it keeps at most all but one in float: with every weighted layer excluded int8-static refuses

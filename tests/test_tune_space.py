@@ -185,14 +185,6 @@ def test_a_kind_conflict_between_installed_plugins_is_not_contained(monkeypatch)
 # -- tune runs (Ray) --------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data(digits, tmp_path_factory):
-    folder = tmp_path_factory.mktemp("tune-space-data")
-    np.savez(folder / "eval.npz", x=digits["x_test"], labels=digits["y_test"])
-    np.savez(folder / "calib.npz", x=digits["x_train"][:256])
-    return folder
-
-
 class _TrialIds:
     """An observer of the tune's trial hooks (called on the driver)."""
 
@@ -209,10 +201,10 @@ class _TrialIds:
         self.finished.append((trial_id, status))
 
 
-def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(ray_address, digits_mlp_path, data, tmp_path):
+def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(ray_address, digits_mlp_path, tune_data, tmp_path):
     trials = _TrialIds()
     registry = modelpress.create_registry(plugins=[Factorize(), trials])
-    result = modelpress.tune(digits_mlp_path, data={"eval": data / "eval.npz", "calibration": data / "calib.npz"}, budget=2, workers=2,
+    result = modelpress.tune(digits_mlp_path, data={"eval": tune_data / "eval.npz", "calibration": tune_data / "calib.npz"}, budget=2, workers=2,
                              output=tmp_path / "out", show_progress=False, registry=registry)
     by_pipeline = {t.pipeline: t for t in result.trials}
     # the factorize method's declared seed, then int8-static's: both measured on the evaluation data in Ray workers
@@ -230,7 +222,7 @@ def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(ray_address,
     assert "## Left out of the search space" in (tmp_path / "out" / "report.md").read_text()
 
 
-def test_a_local_tune_ignores_a_stale_ray_cluster_file(digits_mlp_path, data, tmp_path):
+def test_a_local_tune_ignores_a_stale_ray_cluster_file(digits_mlp_path, tune_data, tmp_path):
     pytest.importorskip("ray", reason="needs the distributed extra")
     pytest.importorskip("optuna", reason="needs the distributed extra")
     # NOTE: a short folder: Ray's socket paths under it must stay within the Unix socket path limit
@@ -240,7 +232,7 @@ def test_a_local_tune_ignores_a_stale_ray_cluster_file(digits_mlp_path, data, tm
         (ray_tmp / "ray" / "ray_current_cluster").write_text("127.0.0.1:6390")  # NOTE: what a dead `ray start` leaves
         recipe = tmp_path / "r.yaml"
         recipe.write_text(yaml.safe_dump({"passes": [{"kind": "quantize", "method": "int8-dynamic"}],
-                                          "data": {"eval": str(data / "eval.npz")}, "evaluate": {"metric": "accuracy", "repeats": 2}}))
+                                          "data": {"eval": str(tune_data / "eval.npz")}, "evaluate": {"metric": "accuracy", "repeats": 2}}))
         env = {"RAY_TMPDIR": str(ray_tmp), "RAY_ADDRESS": "", "PYTHONPATH": str(ROOT)}
         proc = run_cli("tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "1", "--workers", "1", "-o", str(tmp_path / "out"), env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]

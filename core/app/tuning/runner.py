@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import json
-import uuid
 from typing import TYPE_CHECKING, Any
 
 from modelpress.app.tuning.inputs import atomic_write
 from modelpress.app.tuning.report import TrialRecord
 from modelpress.app.tuning.space import _encode
-from modelpress.app.tuning.strategy import config_key
 from modelpress.app.tuning.trial import drop, run_trial
 
 if TYPE_CHECKING:
@@ -28,16 +26,9 @@ class Runner:
     def __init__(self, run: TuneRun, sensitivity: dict[str, list[str]], submit_args: dict[str, Any]):
         self.run, self.sensitivity, self.submit_args = run, sensitivity, submit_args
         self.store, self.space, self.executor, self.board = run.store, run.space, run.executor, run.board
-        self.session = uuid.uuid4().hex[:8]
+        self.session = run.store.session
         self.live: dict[int, Any] = {}
         (run.out / "trials").mkdir(exist_ok=True)
-
-    def _done_with(self, config: dict[str, Any]) -> Any:
-        key = config_key(config)
-        for t in self.store.finished():
-            if t.user_attrs.get("status") in ("ok", "pruned") and config_key(t.user_attrs.get("config") or {}) == key:
-                return t
-        return None
 
     def submit(self, fixed: dict[str, Any] | None = None) -> bool:
         """Start a trial (``fixed``: this configuration, else the sampler's); False if it repeated a finished one."""
@@ -46,17 +37,15 @@ class Runner:
             store.study.enqueue_trial({k: _encode(v) for k, v in fixed.items() if k != "pipeline" or len(self.space.pipelines) > 1})
         trial = store.ask()
         config = self.space.suggest(trial, self.sensitivity)
-        if any(config_key(store.trials[n].user_attrs.get("config") or {}) == config_key(config) for n in self.live):
-            store.set(trial, config=config, status="duplicate")  # NOTE: the same configuration is running right now
-            store.tell(trial, state=store.state("FAIL"))
-            return False
-        earlier = self._done_with(config)
-        if earlier is not None:  # NOTE: samplers re-propose tried points in small spaces: reuse, don't rerun
+        # NOTE: a configuration runs once, whichever driver of the study proposes it (a claim in the study's database);
+        # samplers re-propose tried points in small spaces: reuse the earlier result, don't rerun
+        earlier = store.claim(trial, config)
+        if earlier is not None:
             store.set(trial, config=config, status="duplicate", duplicate_of=earlier.number)
-            if earlier.state == store.state("COMPLETE"):
+            if earlier.state == store.state("COMPLETE") and earlier.user_attrs.get("status") == "ok":
                 store.tell(trial, list(earlier.values or []))
             else:
-                store.tell(trial, state=earlier.state)
+                store.tell(trial, state=earlier.state if earlier.state == store.state("PRUNED") else store.state("FAIL"))
             return False
         passes = [p.model_dump(exclude_none=True) for p in self.space.passes(config, self.sensitivity)]
         store.set(trial, config=config, passes=passes, status="running", session=self.session)

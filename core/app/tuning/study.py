@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def tune(
     seed: int = 0,
     registry: Registry | None = None,
     accept_loss: bool = False,
+    dashboard: bool = False,
 ) -> TuneResult:
     """Search compression configurations for the smallest / fastest model within ``max_drop``.
 
@@ -89,6 +91,9 @@ def tune(
     trial to trial (``fresh_workers=True``: a new process per trial; slower, same results). Trials are
     judged by ``max_drop``, not refused at their verification floor (a miss is recorded); the best model
     is written only if it meets its floor, unless ``accept_loss`` (:class:`~modelpress.AccuracyLossError`).
+    ``storage``: an Optuna storage URL (default SQLite in ``output``); drivers on one study in a shared
+    database (``postgresql://``) run each configuration once and see each other's trials. ``dashboard``: serve
+    the study with optuna-dashboard on 127.0.0.1 while it runs (its address is printed and in the report).
     """
     registry = registry or get_registry()
     limits = _check_arguments(objective, strategy, max_drop, budget)
@@ -104,8 +109,28 @@ def tune(
     store = open_study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, inputs.evaluate.metric, objective, seed, out)
     run = TuneRun(out, inputs, settings, space, store, RayExecutor(workers, address, fresh_workers=fresh_workers),
                   TrialBoard(enabled=show_progress, metric=inputs.evaluate.metric, objective=objective), registry, limits, model_bytes)
-    stop_reason, interrupted = _run(run)
-    return finish(run, stop_reason, interrupted)
+    view = _start_dashboard(run, study_name) if dashboard else None
+    try:
+        stop_reason, interrupted = _run(run)
+        return finish(run, stop_reason, interrupted)
+    finally:
+        store.close()
+        if view is not None:
+            view.stop()
+
+
+def _start_dashboard(run: TuneRun, study_name: str) -> Any:
+    from modelpress.app.tuning.dashboard import Dashboard
+
+    try:
+        view = Dashboard(run.store.url).start()
+        run.dashboard = view.url(study_name)
+    except BaseException:
+        run.store.close()
+        raise
+    print(f"modelpress tune: dashboard at {run.dashboard} (while the study runs; `modelpress dashboard {run.out}` serves it after)",
+          file=sys.stderr, flush=True)
+    return view
 
 
 def _check_arguments(objective: str, strategy: str, max_drop: float, budget: int | str | dict[str, float] | None) -> dict[str, float]:
@@ -174,14 +199,18 @@ def _loop(run: TuneRun, plan: Plan, runner: Runner, start: float) -> str:
             if deadline is not None and time.monotonic() >= deadline:
                 runner.abandon("cancelled: the time budget ran out")
                 return f"time budget ({limits['seconds']:.0f}s) used"
-            budget_left = max_trials - done - len(executor.running)
+            plan.queue += run.store.sync()  # NOTE: with other drivers on the study: their results, and the trials of lost ones
+            budget_left = max_trials - done - len(executor.running) - run.store.running_elsewhere()
             while budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted:
                 if plan.submit_next():
                     budget_left -= 1
                 elif not plan.queue and plan.strategy == "accuracy-first":
                     break
-            if not executor.running:
+            if not executor.running and (done >= max_trials or plan.exhausted or not run.store.running_elsewhere()):
                 return f"trial budget ({max_trials}) used" if done >= max_trials else (plan.why_stopped or "search space exhausted")
+            if not executor.running:  # NOTE: the budget waits on other drivers' trials: they may fail and leave it to this one
+                time.sleep(1.0)
+                continue
             # NOTE: blocks until a trial ends (or a time limit is up); wakes every second for Ctrl-C and the live table
             runner.collect(executor.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))))
             if board.live is not None:

@@ -22,6 +22,7 @@ import time
 import uuid
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -209,7 +210,7 @@ def _front(trials: list[dict]) -> set[int]:
 
 
 @pytest.mark.slow
-def test_two_cli_drivers_share_one_postgresql_study(ray_address, postgres, pg_url, digits_mlp_path, tune_data, tmp_path):
+def test_two_cli_drivers_share_one_postgresql_study(ray_address, pg_url, digits_mlp_path, tune_data, digits, tmp_path):
     recipe = _recipe(tmp_path, tune_data)
     drivers = [subprocess.Popen([sys.executable, "-m", "modelpress.cli", "tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "6",
                                  "--workers", "1", "--address", ray_address, "--storage", pg_url, "--study-name", "shared",
@@ -236,3 +237,20 @@ def test_two_cli_drivers_share_one_postgresql_study(ray_address, postgres, pg_ur
     last = max(reports, key=lambda r: len(r["trials"]))
     assert {t["number"] for t in last["trials"]} == {t.number for t in ran}
     assert set(last["pareto"]) == _front(last["trials"])  # NOTE: one Pareto front over both drivers' trials
+
+    # a third driver, elsewhere, with no time left: its best is a trial run by the others, rebuilt here from its passes
+    late = tmp_path / "late"
+    proc = subprocess.run([sys.executable, "-m", "modelpress.cli", "tune", str(digits_mlp_path), "--recipe", str(recipe), "--time", "0s",
+                           "--address", ray_address, "--storage", pg_url, "--study-name", "shared", "-o", str(late), "-q"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((late / "report.json").read_text())
+    assert report["best"]["number"] == last["best"]["number"] and set(report["pareto"]) == set(last["pareto"])
+    source = tmp_path / f"driver{reports.index(last)}"
+    np.testing.assert_array_equal(_outputs(late / "best.onnx", digits["x_test"]), _outputs(source / "best.onnx", digits["x_test"]))
+
+
+def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    from modelpress.runtime.session import make_session, run
+
+    return run(make_session(path), {"x": x})[0]

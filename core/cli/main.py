@@ -25,7 +25,7 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 from modelpress.base.errors import AccuracyLossError, ModelpressError, one_line
-from modelpress.cli import compress, convert, inspect, methods, pack, plugins, tune
+from modelpress.cli import compress, convert, dashboard, inspect, methods, pack, plugins, tune
 from modelpress.cli.common import (
     EXIT_CODES_HELP,
     EXIT_CRITERIA,
@@ -43,7 +43,7 @@ __all__ = ["EXIT_BY_ERROR", "build_parser", "main"]
 # NOTE: the order `modelpress --help` lists them in
 COMMANDS: tuple[Command, ...] = (
     *inspect.COMMANDS, *pack.COMMANDS, *plugins.COMMANDS, *convert.COMMANDS, *methods.COMMANDS[:3], *compress.COMMANDS[:1],
-    *tune.COMMANDS, *compress.COMMANDS[1:], methods.COMMANDS[3],
+    *tune.COMMANDS, *dashboard.COMMANDS, *compress.COMMANDS[1:], methods.COMMANDS[3],
 )
 
 # NOTE: the most specific class first; every other ModelpressError is a user error

@@ -75,7 +75,7 @@ def _export_best(run: TuneRun, best: TrialRecord) -> _Outputs:
     # NOTE: the evaluation data only (the metric is the trial's): no run of the source model over all of it
     _, data = eval_data(out, spec)
     model_path = out / "best.onnx"
-    exported = export(load(out / "trials" / f"trial-{best.number:04d}.onnx"), model_path, sample=data.take(64), reference=run.inputs.source,
+    exported = export(load(_trial_model(run, best)), model_path, sample=data.take(64), reference=run.inputs.source,
                       accept_loss=run.settings.accept_loss)
     verification = exported.verification.summary() if exported.verification is not None else ""
     first = {name: array[:1] for name, array in data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
@@ -83,6 +83,18 @@ def _export_best(run: TuneRun, best: TrialRecord) -> _Outputs:
     recipe_path = out / "best-recipe.yaml"
     _write_recipe(recipe_path, best.passes, run.inputs.blobs, spec)
     return _Outputs(model_path, recipe_path, verification)
+
+
+def _trial_model(run: TuneRun, best: TrialRecord) -> Path:
+    """The trial's model file; rebuilt here from its passes when another driver of a shared study ran it (its file is on that driver's disk)."""
+    path = run.out / "trials" / f"trial-{best.number:04d}.onnx"
+    if not path.exists():
+        from modelpress.app.tuning.inputs import atomic_write
+        from modelpress.app.tuning.trial import run_trial
+
+        value = run_trial(run.model_bytes, run.inputs.blobs, best.passes, run.inputs.evaluate.model_dump(), plugins=run.registry.local_plugins())
+        atomic_write(path, value["model"])
+    return path
 
 
 def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:
@@ -102,7 +114,7 @@ def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:
     status = stop_reason + ("" if best is None else (" — best meets the criterion" if best.meets else " — no configuration met the criterion; best by metric shown"))
     report = TuneReport(title=f"modelpress tune: {run.inputs.source.name}", metric=spec.metric, objective=settings.objective, max_drop=settings.max_drop,
                         baseline=baseline, trials=records, pareto=front, best=best, status=status, verification=outputs.verification,
-                        space=run.space.describe(), notes=run.space.notes, left_out=run.space.left_out)
+                        space=run.space.describe(), notes=run.space.notes, left_out=run.space.left_out, dashboard=run.dashboard)
     report.write(run.out)
     return TuneResult(best=best, meets=bool(best and best.meets), baseline=baseline, trials=records, pareto=front, output=run.out,
                       model_path=outputs.model_path, recipe_path=outputs.recipe_path, report=report, stop_reason=stop_reason,

@@ -149,3 +149,4 @@ class TuneRun:
     registry: Registry
     limits: dict[str, float]
     model_bytes: bytes = b""
+    dashboard: str = ""  # NOTE: the address of the live dashboard when one runs (the report links to it)

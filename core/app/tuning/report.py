@@ -81,6 +81,7 @@ class TuneReport:
     space: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods the search space left out -> why
+    dashboard: str = ""  # NOTE: the live dashboard's address when `tune --dashboard` served one
 
     COLUMNS = ("trial", "status", "meets", "metric", "drop", "size (MB)", "ratio", "latency b1 ms", "time (s)", "configuration")
 
@@ -148,7 +149,7 @@ class TuneReport:
             "title": self.title, "status": self.status, "metric": self.metric, "objective": self.objective, "max_drop": self.max_drop,
             "baseline": self.baseline, "best": self.best.to_dict() if self.best else None, "meets": bool(self.best and self.best.meets),
             "pareto": [r.number for r in self.pareto], "trials": [r.to_dict() for r in self.trials], "space": self.space,
-            "verification": self.verification, "notes": self.notes, "left_out": self.left_out,
+            "verification": self.verification, "notes": self.notes, "left_out": self.left_out, "dashboard": self.dashboard,
         }
 
     def svg_chart(self, width: int = 620, height: int = 360) -> str:
@@ -209,10 +210,17 @@ class TuneReport:
                 f"<title>{html.escape(self.title)}</title>"
                 "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
                 "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:last-child{text-align:left}</style>"
-                f"</head><body><h1>{html.escape(self.title)}</h1>{summary}"
+                f"</head><body><h1>{html.escape(self.title)}</h1>{summary}{self._dashboard_link()}"
                 f"<h2>Pareto front: {html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
                 "<p>Red: the Pareto front; ringed: the best; black square: the source; dashed: the criterion.</p>"
                 f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table></body></html>\n")
+
+    def _dashboard_link(self) -> str:
+        if not self.dashboard:
+            return ""
+        url = html.escape(self.dashboard, quote=True)
+        return (f"<p>Live dashboard (optuna-dashboard, while the tune ran): <a href=\"{url}\">{url}</a>; "
+                "<code>modelpress dashboard OUT_DIR</code> serves it again.</p>")
 
     def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
         return write_reports(folder, self.markdown(), self.to_json(), self.html())

@@ -86,8 +86,10 @@ class Runner:
         else:
             atomic_write(self.run.out / "trials" / f"trial-{trial.number:04d}.onnx", value["model"])
             figures = json.loads(json.dumps(_slim(value["figures"]), default=str))
+            # NOTE: drop and meets too: the dashboard shows user attributes as they are
+            worse = drop(self.run.inputs.evaluate.metric, self.submit_args["baseline"], value["metric"])
             store.set(trial, **common, **{k: value[k] for k in ("metric", "size_bytes", "latency_ms", "parameters", "floor_missed") if k in value},
-                      figures=figures, status="ok")
+                      drop=worse, meets=worse <= self.run.settings.max_drop + 1e-12, figures=figures, status="ok")
             objectives = {"size": [value["size_bytes"] / 1e6], "latency": [value["latency_ms"]],
                           "both": [value["size_bytes"] / 1e6, value["latency_ms"]]}[self.run.settings.objective]
             store.tell(trial, [value["metric"], *objectives])

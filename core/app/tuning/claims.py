@@ -79,7 +79,7 @@ class Claims:
         self.host, self.pid = socket.gethostname(), os.getpid()
         with self.engine.begin() as db:
             result = db.execute(sa.insert(self.sessions).values(study=study, session=session, host=self.host, pid=self.pid, beat=time.time()))
-            mine = result.inserted_primary_key[0]
+            mine = result.inserted_primary_key[0]  # type: ignore[index]  # NOTE: an insert into a table with a key has one
             # NOTE: the drivers that joined the study before this one: their count seeds this driver's sampler apart from theirs
             self.ordinal = int(db.execute(sa.select(sa.func.count()).select_from(self.sessions)
                                           .where(self.sessions.c.study == study, self.sessions.c.id < mine)).scalar_one())

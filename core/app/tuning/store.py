@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import time
 import uuid
+from collections.abc import Container
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -51,14 +52,17 @@ class StudyStore:
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
         self.optuna, self.url, self.session = optuna, storage_url(storage), uuid.uuid4().hex[:8]
+        claims: Claims | None = None
         try:
-            self.claims = Claims(self.url, name, self.session)
-            seed += self.claims.ordinal  # NOTE: drivers of one study sample apart (the first one keeps --seed: reproducible alone)
+            self.claims = claims = Claims(self.url, name, self.session)
+            seed += claims.ordinal  # NOTE: drivers of one study sample apart (the first one keeps --seed: reproducible alone)
             sampler = (optuna.samplers.NSGAIISampler(seed=seed, population_size=8) if objective == "both"
                        else optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
             self.study = optuna.create_study(storage=_storage(optuna, self.url), study_name=name, directions=directions,  # type: ignore[arg-type]
                                              sampler=sampler, load_if_exists=True)
         except Exception as exc:
+            if claims is not None:
+                claims.close()
             raise ModelpressError(f"cannot open the study {name!r} in {_safe(storage)!r}: {exc}") from None
         if list(self.study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]:
             raise OptionsError(f"study {name!r} in {_safe(storage)!r} was made for another objective; use another --output/--storage or the same --objective")
@@ -114,7 +118,7 @@ class StudyStore:
             self.refresh()
         return self.trials.get(holder) or Snapshot(holder, self.state("RUNNING"), None, {"config": config, "status": "running"})
 
-    def _lost(self, live: set[str], unowned: bool) -> list[dict[str, Any]]:
+    def _lost(self, live: Container[str], unowned: bool) -> list[dict[str, Any]]:
         """Fail the RUNNING trials of sessions that are not ``live`` (``unowned``: and those no session has written to yet);
         the configurations of those that had started, to run again."""
         again = []

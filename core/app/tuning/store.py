@@ -106,8 +106,9 @@ class StudyStore:
         snapshot.state = state if state is not None else self.state("COMPLETE")
         snapshot.values = list(values) if values is not None else None
         config = snapshot.user_attrs.get("config")
-        if snapshot.state == self.state("FAIL") and config and snapshot.user_attrs.get("status") in ("failed", "interrupted", "running"):
-            self.claims.release(config_key(config), number)  # NOTE: a failed configuration may be tried again
+        if snapshot.state == self.state("FAIL") and config and snapshot.user_attrs.get("status") != "duplicate":
+            # NOTE: a failed, interrupted or lost trial's configuration may be tried again (a retry claims it anew)
+            self.claims.release(config_key(config), number)
 
     def claim(self, trial: Any, config: dict[str, Any]) -> Snapshot | None:
         """Claim ``config`` for ``trial``: None when this driver runs it, else the trial (of any driver) that holds it."""

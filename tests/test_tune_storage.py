@@ -137,10 +137,7 @@ def test_a_configuration_is_claimed_by_one_driver(tmp_path):
 
 def test_a_killed_drivers_running_trials_run_again(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
-    code = ("import os; from modelpress.app.tuning.store import open_study; from pathlib import Path; "
-            f"s = open_study({url!r}, 'shared', 'accuracy', 'size', 0, Path('.')); t = s.ask(); c = {CONFIG!r}; "
-            "assert s.claim(t, c) is None; s.set(t, config=c, status='running', session=s.session); os._exit(9)")
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", _LOST.format(url=url, config=CONFIG)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 9, proc.stderr
     store = _open(url, tmp_path)
     try:
@@ -152,6 +149,29 @@ def test_a_killed_drivers_running_trials_run_again(tmp_path):
         assert store.claim(store.ask(), CONFIG) is None
     finally:
         store.close()
+
+
+def test_a_driver_lost_mid_study_is_noticed_by_the_live_one(tmp_path):
+    from modelpress.app.tuning.claims import BEAT_S
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    store = _open(url, tmp_path)
+    try:
+        assert store.recover() == [] and store.sync() == []
+        proc = subprocess.run([sys.executable, "-c", _LOST.format(url=url, config=CONFIG)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 9, proc.stderr
+        time.sleep(BEAT_S + 0.1)  # NOTE: sync looks at the study once per beat
+        assert store.sync() == [CONFIG]  # NOTE: the driver that joined and died: its running trial runs again here
+        lost = next(t for t in store.trials.values() if t.user_attrs.get("session") not in (None, store.session))
+        assert lost.state == store.state("FAIL") and store.running_elsewhere() == 0
+        assert store.claim(store.ask(), CONFIG) is None
+    finally:
+        store.close()
+
+
+_LOST = ("import os; from pathlib import Path; from modelpress.app.tuning.store import open_study; "
+         "s = open_study({url!r}, 'shared', 'accuracy', 'size', 0, Path('.')); t = s.ask(); c = {config!r}; "
+         "assert s.claim(t, c) is None; s.set(t, config=c, status='running', session=s.session); os._exit(9)")
 
 
 def test_postgresql_urls_use_the_installed_driver():
@@ -230,6 +250,8 @@ def test_two_cli_drivers_share_one_postgresql_study(ray_address, pg_url, digits_
     for t in duplicates:  # NOTE: a proposal already claimed: recorded, not run
         assert t.user_attrs["duplicate_of"] in {r.number for r in ran} | {d.number for d in duplicates}
 
+    print(f"two drivers: {len(ran)} trials ran, {len(duplicates)} proposals already claimed (not run), "
+          + ", ".join(f"{sum(t.user_attrs['session'] == s for t in ran)} by {s}" for s in sorted(sessions)))
     reports = [json.loads((tmp_path / f"driver{i}" / "report.json").read_text()) for i in range(2)]
     for report in reports:  # NOTE: each driver saw the other's results
         assert {t["session"] for t in report["trials"] if t["status"] == "ok"} == sessions

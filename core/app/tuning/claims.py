@@ -83,6 +83,7 @@ class Claims:
             # NOTE: the drivers that joined the study before this one: their count seeds this driver's sampler apart from theirs
             self.ordinal = int(db.execute(sa.select(sa.func.count()).select_from(self.sessions)
                                           .where(self.sessions.c.study == study, self.sessions.c.id < mine)).scalar_one())
+        self.seen = self.ordinal + 1
         self._stop = threading.Event()
         self._beater = threading.Thread(target=self._beat_loop, name="modelpress-study-beat", daemon=True)
         self._beater.start()
@@ -130,6 +131,7 @@ class Claims:
         with self.engine.connect() as db:
             rows = db.execute(sa.select(self.sessions.c.session, self.sessions.c.host, self.sessions.c.pid, self.sessions.c.beat)
                               .where(self.sessions.c.study == self.study)).all()
+        self.seen = len(rows)  # NOTE: every session that ever joined: a change means another driver came (and may have gone)
         return {s for s, host, pid, beat in rows
                 if s == self.session or (now - beat <= GRACE_S and not (host == self.host and not _alive(pid)))}
 

@@ -155,10 +155,11 @@ class StudyStore:
         if time.monotonic() - self._synced < BEAT_S:
             return []
         self._synced = time.monotonic()
+        seen = self.claims.seen
         live = self.claims.live()
         others, was_shared = len(live) > 1, self._others
         self._others = others
-        if not (others or was_shared):
+        if not (others or was_shared or self.claims.seen != seen or self.running_elsewhere()):
             return []
         self.refresh()
         return self._lost(live, unowned=False)

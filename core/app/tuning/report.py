@@ -33,6 +33,12 @@ class TrialRecord:
     latency_alone_ms: float | None = None
     # NOTE: where a trial's time went (see Outcome.timing and run_trial's phases): CPU seconds are load-independent
     timing: dict[str, Any] = field(default_factory=dict)
+    # NOTE: where it ran (the Ray node id and its host); attempt > 1: it reruns trial retry_of, lost with its node
+    node: str = ""
+    host: str = ""
+    attempt: int = 1
+    retry_of: int | None = None
+    retried: bool = False
 
     def options(self) -> str:
         parts = []
@@ -81,6 +87,9 @@ class TuneReport:
     space: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods the search space left out -> why
+    # NOTE: where the trials ran (RayExecutor.describe()): executor, cluster address, nodes
+    cluster: dict[str, Any] = field(default_factory=dict)
+    dashboard_url: str = ""  # NOTE: a live view of the study, when one ran: the HTML report links to it
 
     COLUMNS = ("trial", "status", "meets", "metric", "drop", "size (MB)", "ratio", "latency b1 ms", "time (s)", "configuration")
 
@@ -117,6 +126,29 @@ class TuneReport:
                 lines.append(f"best.onnx verified in ONNX Runtime against the source: {self.verification}")
         return lines
 
+    def placement_lines(self) -> list[str]:
+        """Where the trials ran: the executor, the cluster address, each node with its trials, and the retries."""
+        c = self.cluster
+        if not c:
+            return []
+        how = f"Ray cluster at {c.get('address')} (attached)" if c.get("attached") else "Ray, a local instance started for this run"
+        used: dict[str, list[int]] = {}
+        for r in self.trials:
+            used.setdefault(r.node, []).append(r.number)
+        lines = [f"Executor: {how}; {len(c.get('nodes', []))} node(s) seen, {len([n for n in used if n])} used"]
+        for n in c.get("nodes", []):
+            numbers = used.get(n["node"], [])
+            lines.append(f"Node {n['node'][:12]} ({n.get('host', '')} {n.get('ip', '')}, {n.get('cpus', 0):g} CPU"
+                         f"{'' if n.get('alive', True) else ', LOST during the run'}): {len(numbers)} trial(s)"
+                         + (f" ({', '.join(map(str, sorted(numbers)))})" if numbers else ""))
+        lines += [f"Retry: trial {r.number} (attempt {r.attempt}) reran trial {r.retry_of}, lost with its node" for r in self.trials if r.retry_of is not None]
+        return lines
+
+    def trial_nodes(self) -> list[list[str]]:
+        """trial, status, node, host, attempt: one row per trial."""
+        return [[str(r.number), r.status, r.node[:12] or "-", r.host or "-", str(r.attempt) + (" (retried)" if r.retried else "")]
+                for r in sorted(self.trials, key=lambda r: r.number)]
+
     def table(self) -> Any:
         from rich.markup import escape
         from rich.table import Table
@@ -141,6 +173,12 @@ class TuneReport:
             lines += ["", *[f"- {n}" for n in self.notes]]
         if self.left_out:
             lines += ["", "## Left out of the search space", "", *[f"- {name}: {why}" for name, why in self.left_out.items()]]
+        if self.cluster:
+            lines += ["", "## Where the trials ran", "", *[f"- {line}" for line in self.placement_lines()], "",
+                      "| trial | status | node | host | attempt |", "|---|---|---|---|---|",
+                      *["| " + " | ".join(row) + " |" for row in self.trial_nodes()]]
+        if self.dashboard_url:
+            lines += ["", f"Live dashboard: {self.dashboard_url}"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +186,8 @@ class TuneReport:
             "title": self.title, "status": self.status, "metric": self.metric, "objective": self.objective, "max_drop": self.max_drop,
             "baseline": self.baseline, "best": self.best.to_dict() if self.best else None, "meets": bool(self.best and self.best.meets),
             "pareto": [r.number for r in self.pareto], "trials": [r.to_dict() for r in self.trials], "space": self.space,
-            "verification": self.verification, "notes": self.notes, "left_out": self.left_out,
+            "verification": self.verification, "notes": self.notes, "left_out": self.left_out, "cluster": self.cluster,
+            "dashboard_url": self.dashboard_url,
         }
 
     def svg_chart(self, width: int = 620, height: int = 360) -> str:
@@ -212,7 +251,20 @@ class TuneReport:
                 f"</head><body><h1>{html.escape(self.title)}</h1>{summary}"
                 f"<h2>Pareto front: {html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
                 "<p>Red: the Pareto front; ringed: the best; black square: the source; dashed: the criterion.</p>"
-                f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table></body></html>\n")
+                f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>{self._placement_html()}</body></html>\n")
+
+    def _placement_html(self) -> str:
+        """The "Where the trials ran" section, and the link to the live dashboard when one ran."""
+        parts = []
+        if self.dashboard_url:
+            url = html.escape(self.dashboard_url, quote=True)
+            parts.append(f"<p id='dashboard'>Live dashboard: <a href='{url}'>{url}</a></p>")
+        if self.cluster:
+            head = "".join(f"<th>{c}</th>" for c in ("trial", "status", "node", "host", "attempt"))
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.trial_nodes())
+            parts.append("<h2 id='placement'>Where the trials ran</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in self.placement_lines())
+                         + f"<table><tr>{head}</tr>{body}</table>")
+        return "".join(parts)
 
     def write(self, folder: str | os.PathLike[str]) -> dict[str, Path]:
         return write_reports(folder, self.markdown(), self.to_json(), self.html())

@@ -95,7 +95,8 @@ class StudyStore:
         return list(again.values())
 
     def finished(self) -> list[Snapshot]:
-        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
+        """Trials that count towards the budget: those lost with their node and run again (``retried``) do not."""
+        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned") and not t.user_attrs.get("retried")]
 
 
 def _storage(optuna: Any, url: str) -> Any:

@@ -244,7 +244,10 @@ class RayExecutor:
             _start_ray(ray, workers, address)
             self.owns_session = True
         self.fresh_workers = fresh_workers
-        options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, **_worker_options())
+        # NOTE: SPREAD: Ray's default packs jobs on the driver's node and queues them there while it is busy, leaving
+        # other nodes idle; jobs are CPU-bound, so they go to the node with the most room (the warm-ups too: each node warms)
+        options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, scheduling_strategy="SPREAD",
+                       **_worker_options())
         self._remote = ray.remote(**options)(_run_job)
         self._warm = ray.remote(**options)(_warm_up)
         self._warming: list[Any] = []
@@ -252,7 +255,10 @@ class RayExecutor:
         # NOTE: on a session that is already up (a cluster, a test's), `workers` still caps the parallel jobs
         self.workers = max(1, min(workers, cpus) if workers else cpus)
         self.running: dict[Any, Job] = {}
-        self.address = address or os.environ.get("RAY_ADDRESS") or ("local" if self.owns_session else ray.get_runtime_context().gcs_address)
+        given = address or os.environ.get("RAY_ADDRESS") or None
+        # NOTE: attached: to a cluster at an address, or to a Ray session this process had already started (a test's)
+        self.attached = given is not None or not self.owns_session
+        self.address = given or ("local" if self.owns_session else ray.get_runtime_context().gcs_address)
         self.nodes = self._alive_nodes()
         self._described: dict[str, Any] | None = None
 
@@ -273,7 +279,7 @@ class RayExecutor:
         if self._described is not None:
             return self._described
         lost = self.lost_nodes()
-        return {"executor": "ray", "address": self.address, "attached": not self.owns_session,
+        return {"executor": "ray", "address": self.address, "attached": self.attached,
                 "nodes": [{**info, "alive": node not in lost} for node, info in self.nodes.items()]}
 
     def warm_up(self, count: int, fn: Callable[..., Any], *args: Any) -> None:
@@ -356,7 +362,7 @@ class RayExecutor:
         try:
             self._described = self.describe()
         except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too): the nodes as last seen
-            self._described = {"executor": "ray", "address": self.address, "attached": not self.owns_session,
+            self._described = {"executor": "ray", "address": self.address, "attached": self.attached,
                                "nodes": list(self.nodes.values())}
         if self.owns_session:
             self.ray.shutdown()

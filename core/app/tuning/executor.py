@@ -267,11 +267,16 @@ class RayExecutor:
                               "cpus": n.get("Resources", {}).get("CPU", 0)} for n in self.ray.nodes() if n.get("Alive")}
 
     def lost_nodes(self) -> set[str]:
-        """Nodes seen alive by this executor that are gone now (those that joined since are added to :attr:`nodes`)."""
+        """Nodes seen alive by this executor that are gone now (those that joined since are added to :attr:`nodes`).
+        With nodes lost, no more jobs run at a time than the CPUs left (the rest would wait in Ray's queue, their time
+        limits running)."""
         alive = self._alive_nodes()
         for node, info in alive.items():
             self.nodes.setdefault(node, info)
-        return set(self.nodes) - set(alive)
+        lost = set(self.nodes) - set(alive)
+        if lost:
+            self.workers = max(1, min(self.workers, int(sum(info["cpus"] for info in alive.values()))))
+        return lost
 
     def describe(self) -> dict[str, Any]:
         """Where the jobs ran, for reports: the executor, the cluster address and the nodes this executor saw (as of
@@ -330,6 +335,7 @@ class RayExecutor:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             return Outcome(job, False, error=f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}", seconds=seconds)
         except self.ray.exceptions.NodeDiedError as exc:
+            self.lost_nodes()
             node = _NODE_ID.search(str(exc))
             return Outcome(job, False, error=f"node lost: node {node.group(1) if node else '?'} died while the job ran (NodeDiedError)",
                            seconds=seconds, timing={"node": node.group(1)} if node else {}, node_lost=True)

@@ -26,6 +26,15 @@ driver; then the ratio of the mean walls.
 
     nice -n 10 python benchmarks/tune.py --models digits ppocr-rec yolov8n --speedup     # the tuned-vs-default tables
     nice -n 10 python benchmarks/tune.py --models --speedup ppocr-det                     # the 1-vs-2-worker figure alone
+
+Two nodes (``--two-nodes digits``): the same grid attached (``address=``) to a Ray cluster of one node of 1 CPU and to
+one of two nodes of 1 CPU each (a head and a worker node, separate ``ray start`` processes on 127.0.0.1 with their own
+folders and temp dirs: tests/cluster_helpers.py), alternated 1, 2, 2, 1 nodes. Printed: the speed-up of the second node
+(mean wall, 1 node / 2 nodes), its efficiency (speed-up / 2) and its overhead: how much longer each trial took from
+submission to result on two nodes than on one (the models and data fetched from the head's object store, a cold worker
+on the new node, the cores shared), as ratios of one run, with the load average.
+
+    nice -n 10 python benchmarks/tune.py --models --speedup --two-nodes digits --limit 6
 """
 
 from __future__ import annotations
@@ -137,8 +146,10 @@ def _seeded(target: Path, configs: list[dict[str, Any]], metric: str) -> None:
                                                   user_attrs={"config": config, "status": "interrupted", "session": "seed"}))
 
 
-def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], configs: list[dict[str, Any]], workers: int, output: Path) -> dict:
-    """One study of exactly ``configs``, as a user runs it: tune starts its own Ray session and new workers (all timed)."""
+def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], configs: list[dict[str, Any]], workers: int, output: Path,
+                 address: str | None = None) -> dict:
+    """One study of exactly ``configs``, as a user runs it: tune starts its own Ray session (or attaches to the cluster at
+    ``address``) and new workers (all timed)."""
     import ray
 
     from benchmarks.proc_cpu import ProcessCPU
@@ -149,7 +160,8 @@ def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], con
     times = os.times()
     with ProcessCPU() as procs:
         start = time.perf_counter()
-        result = modelpress.tune(path, recipe=recipe, budget=len(configs), max_drop=0.01, workers=workers, output=output, show_progress=False)
+        result = modelpress.tune(path, recipe=recipe, budget=len(configs), max_drop=0.01, workers=workers, output=output, show_progress=False,
+                                 address=address)
         wall = time.perf_counter() - start
     after = os.times()
     ran = [t for t in result.trials if t.session != "seed"]
@@ -160,7 +172,7 @@ def _timed_study(path: Path, files: dict[str, Path], recipe: dict[str, Any], con
             "busy": sum(t.seconds or 0.0 for t in ran), "load": (load_before + os.getloadavg()[0]) / 2,
             "driver": (after.user + after.system) - (times.user + times.system) - procs.own, "start_up": workers_cpu - job_cpu,
             "ray": sum(kinds.values()), "ray_kinds": kinds, "procs": procs.available,
-            "workers_used": len({t.timing.get("pid") for t in ran if t.timing}),
+            "workers_used": len({t.timing.get("pid") for t in ran if t.timing}), "nodes_used": len({t.node for t in ran if t.node}),
             "configs": sorted(json.dumps(t.config, sort_keys=True) for t in ran)}
 
 
@@ -214,6 +226,59 @@ def _speedup(name: str, folder: Path, images: int, rounds: int, limit: int | Non
     return lines
 
 
+def _two_nodes(name: str, folder: Path, images: int, limit: int | None) -> list[str]:
+    """The same grid on a cluster of one node of 1 CPU and on one of two such nodes, alternated 1, 2, 2, 1."""
+    from tests.cluster_helpers import LocalCluster
+
+    path, files = _digits(folder) if name == "digits" else _zoo(name, folder, images)
+    spec = SPEEDUP[name]
+    recipe = {"passes": spec["passes"], "data": {k: str(v) for k, v in files.items() if k != "train" or name == "digits"},
+              "evaluate": {"metric": spec["metric"], "batch_size": 1, "repeats": 10}}
+    configs = _grid(recipe)[:limit]
+    os.environ["RAY_AUTH_MODE"] = "disabled"  # NOTE: as the clusters' nodes run (tests/cluster_helpers.py)
+    bases = [Path(tempfile.mkdtemp(prefix="mpb-", dir="/tmp")) for _ in range(2)]  # NOTE: short: Ray's socket paths
+    clusters = {1: LocalCluster(bases[0]), 2: LocalCluster(bases[1])}
+    runs: list[tuple[int, dict]] = []
+    try:
+        for nodes, cluster in clusters.items():
+            cluster.start_head()
+            cluster.wait_for(1)
+            if nodes == 2:
+                cluster.add_worker()
+                cluster.wait_for(2)
+        for i, nodes in enumerate((1, 2, 2, 1)):
+            run = _timed_study(path, files, recipe, configs, nodes, folder / f"nodes-{i}-{nodes}", clusters[nodes].address)
+            runs.append((nodes, run))
+            print(f"{name}: run {i + 1}, {nodes} node(s): {run['wall']:.1f}s for {run['trials']} trials on {run['nodes_used']} node(s), "
+                  f"load {run['load']:.1f}", flush=True)
+    finally:
+        for cluster in clusters.values():
+            cluster.stop()
+        for base in bases:
+            shutil.rmtree(base, ignore_errors=True)
+    return _two_nodes_lines(name, configs, runs)
+
+
+def _two_nodes_lines(name: str, configs: list[dict[str, Any]], runs: list[tuple[int, dict]]) -> list[str]:
+    def mean(key: str, nodes: int) -> float:
+        values = [run[key] for n, run in runs if n == nodes]
+        return sum(values) / len(values)
+
+    lines = [f"\n{name}: a Ray cluster of 2 nodes (1 CPU each) vs 1 node of 1 CPU, {len(configs)} trials (a fixed grid), runs alternate "
+             "1, 2, 2, 1 nodes; the driver attaches with address= (Ray's start is not timed, the workers' is)",
+             f"  {'run':>3s} {'nodes':>5s} {'used':>4s} {'wall (s)':>8s} {'in flight':>9s} {'trial s':>7s} {'load avg':>8s}"]
+    lines += [f"  {i:3d} {n:5d} {run['nodes_used']:4d} {run['wall']:8.1f} {run['busy'] / run['wall']:9.2f} {run['busy'] / max(run['trials'], 1):7.2f} "
+              f"{run['load']:8.1f}" for i, (n, run) in enumerate(runs, 1)]
+    speedup = mean("wall", 1) / mean("wall", 2)
+    per_trial = (mean("busy", 2) / mean("trials", 2)) / (mean("busy", 1) / mean("trials", 1))
+    loads = [run["load"] for _, run in runs]
+    lines.append(f"  speed-up of the second node: {speedup:.2f}x (mean wall {mean('wall', 1):.1f}s / {mean('wall', 2):.1f}s), efficiency "
+                 f"{speedup / 2:.2f} of the ideal 2x; overhead: a trial took {per_trial:.2f}x as long (submission to result) on two nodes "
+                 f"as on one; this machine has {os.cpu_count()} cores shared by both nodes and other work, load average "
+                 f"{min(loads):.1f}-{max(loads):.1f} during the runs")
+    return lines
+
+
 def _tuned(path: Path, files: dict[str, Path], name: str, trials: int, output: Path) -> tuple[modelpress.TuneResult, float]:
     metric, max_drop = SETTINGS[name]["metric"], SETTINGS[name]["max_drop"]
     start = time.perf_counter()
@@ -249,7 +314,9 @@ def main() -> int:
     parser.add_argument("--speedup", nargs="*", default=["ppocr-det"], choices=sorted(SPEEDUP),
                         help="trial-bound studies run with 1 and 2 workers on the same grid of configurations")
     parser.add_argument("--rounds", type=int, default=1, help="speed-up: rounds of 2, 1, 1, 2 workers")
-    parser.add_argument("--limit", type=int, help="speed-up: only the first N configurations of the grid (a quick check)")
+    parser.add_argument("--limit", type=int, help="speed-up, two nodes: only the first N configurations of the grid (a quick check)")
+    parser.add_argument("--two-nodes", nargs="*", default=[], choices=sorted(SPEEDUP),
+                        help="trial-bound studies on a Ray cluster of 2 nodes of 1 CPU vs 1 node of 1 CPU (separate `ray start` processes)")
     parser.add_argument("--images", type=int, default=16, help="evaluation and calibration images for the real models")
     parser.add_argument("--out", help="keep the studies here (default: a temporary folder)")
     args = parser.parse_args()
@@ -264,6 +331,10 @@ def main() -> int:
         for name in args.speedup:
             (root / f"speedup-{name}").mkdir(parents=True, exist_ok=True)
             lines += _speedup(name, root / f"speedup-{name}", args.images, args.rounds, args.limit)
+            print("\n".join(lines[-8:]), flush=True)
+        for name in args.two_nodes:
+            (root / f"nodes-{name}").mkdir(parents=True, exist_ok=True)
+            lines += _two_nodes(name, root / f"nodes-{name}", args.images, args.limit)
             print("\n".join(lines[-8:]), flush=True)
         print("\n=== summary ===" + "\n".join(lines))
     return 0

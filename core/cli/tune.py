@@ -25,7 +25,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trials", type=int, help="trial budget (default 20; counts trials of a resumed study)")
     p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h")
     p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
-    p.add_argument("--address", help="attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
+    p.add_argument("--address", help="attach to a Ray cluster (HOST:PORT of its head, or ray://HOST:PORT) instead of starting one")
     p.add_argument("--fresh-workers", action="store_true", help="run every trial in a new worker process (default: workers are kept between trials, imports paid once)")
     p.add_argument("--storage", help="Optuna storage URL (default sqlite:///OUT_DIR/study.db); postgresql://USER@HOST/DB: a study "
                                      "several drivers (machines) share, each configuration run once")
@@ -33,6 +33,8 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dashboard", action="store_true", help="serve the study live with optuna-dashboard on 127.0.0.1 (a free port, printed)")
     p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m); a trial over it is recorded as failed")
     p.add_argument("--trial-memory", help="memory limit per trial (e.g. 4GB); a trial over it is recorded as failed")
+    p.add_argument("--trial-retries", type=int, default=1,
+                   help="times a trial lost with its Ray node (the node died) runs again on a live node (default 1); it is recorded as failed, 'node lost'")
     p.add_argument("--keep-trial-models", action="store_true", help="keep every trial's model (default: the Pareto front and the best)")
     p.add_argument("--accept-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.add_argument("-o", "--output", required=True, help="output folder (best.onnx, best-recipe.yaml, report.md/.json/.html, study.db)")
@@ -79,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         args.model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=_budget(args),
         metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address,
         fresh_workers=args.fresh_workers, storage=args.storage, study_name=args.study_name, trial_timeout=timeout,
-        trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None, keep_trial_models=args.keep_trial_models,
+        trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None, trial_retries=args.trial_retries, keep_trial_models=args.keep_trial_models,
         show_progress=not args.quiet, accept_loss=args.accept_loss, dashboard=args.dashboard,
     )
     out = console()

@@ -2,9 +2,9 @@
 
 Each model runs ``modelpress.compress`` in its own Ray worker process and writes
 ``OUT_DIR/<model stem>/<stem>.onnx`` with its stages and report; a model that fails is reported
-and the others go on. ``OUT_DIR/summary.{md,json}`` has one row per model. Model paths and the
-recipe's data paths are read by the workers: with a remote cluster (``address``) they must be on
-storage every node sees.
+and the others go on. ``OUT_DIR/summary.{md,json}`` has one row per model, with the node it ran on.
+The models and the recipe's data files are read by this process and travel as Ray objects; the
+outputs come back as bytes: with a cluster (``address``) the nodes need none of this machine's files.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class BatchRow:
     latency_ms: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
     error: str = ""
+    node: str = ""  # NOTE: the Ray node and host it ran on
+    host: str = ""
+    attempts: int = 1  # NOTE: > 1: it ran again after its node was lost
 
 
 @dataclass
@@ -73,16 +76,65 @@ def summary_rows(rows: list[BatchRow]) -> list[list[str]]:
     return out
 
 
-def _compress_one(model: str, recipe: dict[str, Any], base_dir: str, output: str, report_dir: str) -> dict[str, Any]:
-    """Runs in a worker: the same ``compress`` as ``modelpress compress MODEL``."""
+def _compress_one(model: dict[str, bytes], name: str, recipe: dict[str, Any], data: dict[str, tuple[str, bytes]], stem: str) -> dict[str, Any]:
+    """Runs in a worker: the same ``compress`` as ``modelpress compress MODEL``, on copies in a temp folder of this
+    node (``model``: its files by relative path, ``name`` the one to open; ``data``: role -> (file name, bytes)).
+    Returns the figures and the output files' bytes by relative path: no path of the driver's is read or written here."""
+    import tempfile
+
     from modelpress.app.compress import compress
 
-    parsed = Recipe(**recipe)
-    parsed.base_dir = base_dir
-    result = compress(model, parsed, output=output, report_dir=report_dir, show_progress=False)
+    with tempfile.TemporaryDirectory(prefix="modelpress-batch-") as tmp:
+        folder = Path(tmp)
+        for rel, blob in model.items():
+            (folder / "model" / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "model" / rel).write_bytes(blob)
+        recipe = {**recipe, "data": dict(recipe.get("data") or {})}
+        for role, (file_name, blob) in data.items():
+            (folder / "data").mkdir(exist_ok=True)
+            (folder / "data" / f"{role}-{file_name}").write_bytes(blob)
+            recipe["data"][role] = str(folder / "data" / f"{role}-{file_name}")
+        parsed = Recipe(**recipe)
+        parsed.base_dir = str(folder)
+        out = folder / "out"
+        result = compress(str(folder / "model" / name), parsed, output=out / f"{stem}.onnx", report_dir=out, show_progress=False)
+        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     first, last = result.stages[0], result.stages[-1]
     return {"status": "interrupted" if result.interrupted else "ok", "metric": last.metric, "source_value": first.value, "value": last.value,
-            "source_bytes": first.size_bytes, "size_bytes": last.size_bytes, "latency_ms": last.latency_ms}
+            "source_bytes": first.size_bytes, "size_bytes": last.size_bytes, "latency_ms": last.latency_ms, "files": files}
+
+
+def _model_files(path: str) -> tuple[dict[str, bytes], str]:
+    """A model's files (a folder's, or the file and the external-data files beside it that it names) and its name among them."""
+    model = Path(path)
+    if model.is_dir():
+        return {str(p.relative_to(model.parent)): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}, model.name
+    files = {model.name: model.read_bytes()}
+    if model.suffix == ".onnx":
+        import onnx
+        from onnx.external_data_helper import uses_external_data
+
+        try:
+            proto = onnx.load(str(model), load_external_data=False)
+        except Exception:  # NOTE: not a model: the job reports it, as `modelpress compress` would
+            return files, model.name
+        for tensor in proto.graph.initializer:
+            if uses_external_data(tensor):
+                location = next(e.value for e in tensor.external_data if e.key == "location")
+                files.setdefault(location, (model.parent / location).read_bytes())
+    return files, model.name
+
+
+def _data_files(recipe: Recipe) -> dict[str, tuple[str, bytes]]:
+    """The recipe's data files, read here (role -> (file name, bytes)); ``pkg.module:function`` sources stay names."""
+    found: dict[str, tuple[str, bytes]] = {}
+    for role in ("calibration", "train", "eval"):
+        source = getattr(recipe.data, role)
+        if source is None or recipe._is_callable_ref(source):
+            continue
+        path = Path(source) if Path(source).is_absolute() else Path(recipe.base_dir or ".") / source
+        found[role] = (path.name, path.read_bytes())
+    return found
 
 
 def _stems(models: list[str]) -> list[str]:
@@ -106,8 +158,13 @@ def compress_batch(
     timeout: float | None = None,
     memory_mb: float | None = None,
     show_progress: bool = True,
+    retries: int = 1,
 ) -> BatchResult:
-    """Compress every model with ``recipe`` in parallel Ray workers; write per-model outputs and a summary."""
+    """Compress every model with ``recipe`` in parallel Ray workers; write per-model outputs and a summary.
+
+    The models and the recipe's data files are read here and reach the workers as Ray objects, and the outputs come back
+    the same way: on a cluster (``address``) no node needs this machine's files. A job lost with its node runs again,
+    up to ``retries`` times."""
     from modelpress.app.tuning.progress import TrialBoard
 
     paths, parsed = _checked(models, recipe)
@@ -119,7 +176,7 @@ def compress_batch(
     rows = {i: BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx")) for i, _, stem in jobs}
     interrupted = False
     try:
-        _run_jobs(_Batch(executor, rows, parsed, out, board, timeout, memory_mb), jobs)
+        _run_jobs(_Batch(executor, rows, parsed, out, board, timeout, memory_mb, retries), jobs)
     except KeyboardInterrupt:
         interrupted = True
         for job in executor.cancel_all():
@@ -158,27 +215,47 @@ class _Batch:
     board: Any
     timeout: float | None
     memory_mb: float | None
+    retries: int = 1
 
 
 def _run_jobs(batch: _Batch, pending: list[tuple[int, str, str]]) -> None:
     """Submit the models as workers come free and fill in their rows as they finish."""
     executor, rows, out, board, timeout, memory_mb = batch.executor, batch.rows, batch.out, batch.board, batch.timeout, batch.memory_mb
-    raw, base_dir = batch.recipe.model_dump(), str(Path(batch.recipe.base_dir or ".").resolve())
+    raw = batch.recipe.model_dump()
+    # NOTE: the data travels once, as Ray objects; each model as one when its job starts (read here, not on a worker)
+    data = executor.put(_data_files(batch.recipe))
+    jobs = {i: (path, stem) for i, path, stem in pending}
     while pending or executor.running:
         # NOTE: no more jobs than workers at a time: a job's time limit counts from its submission
         while pending and len(executor.running) < executor.workers:
             i, path, stem = pending.pop(0)
             rows[i].status = "running"
-            executor.submit(i, _compress_one, path, raw, base_dir, rows[i].output, str(out / stem), timeout_s=timeout, memory_mb=memory_mb)
+            files, name = _model_files(path)
+            executor.submit(i, _compress_one, executor.put(files), name, raw, data, stem, timeout_s=timeout, memory_mb=memory_mb)
         for outcome in executor.wait(1.0):
             row = rows[outcome.job.key]
             row.seconds = round(outcome.seconds, 2)
+            row.node, row.host = outcome.timing.get("node", ""), outcome.timing.get("host", "")
             if outcome.ok:
+                _write_outputs(out / jobs[outcome.job.key][1], outcome.value.pop("files"))
                 for key, value in outcome.value.items():
                     setattr(row, key, value)
+            elif outcome.node_lost and row.attempts <= batch.retries:
+                row.attempts += 1
+                row.error = outcome.error
+                pending.insert(0, (outcome.job.key, *jobs[outcome.job.key]))
             else:
                 row.status, row.error, row.output = "failed", outcome.error, ""
             board.log(f"{row.model}: {row.status} in {row.seconds:.1f}s" + (f" ({row.error})" if row.error else ""))
+
+
+def _write_outputs(folder: Path, files: dict[str, bytes]) -> None:
+    """A job's output files (model, stages, reports), written where ``modelpress compress`` would have written them."""
+    from modelpress.app.tuning.inputs import atomic_write
+
+    for rel, blob in files.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / rel, blob)
 
 
 def _write_summary(result: BatchResult) -> None:

@@ -5,10 +5,13 @@ seconds, whatever an earlier ``ray start`` left in Ray's temp dir); ``address`` 
 attaches to an existing cluster. A job runs in a Ray worker process that Ray keeps for
 the next jobs (up to :data:`JOBS_PER_WORKER`, then it is replaced, which bounds what a leak can
 gather): the imports (modelpress, ONNX Runtime, torch) are paid once per worker, not once per job.
-``fresh_workers=True`` runs every job in a new process instead. There are no retries: a job that
+``fresh_workers=True`` runs every job in a new process instead. Ray retries nothing: a job that
 crashes, exceeds its memory limit (a watchdog in the worker, running while the job runs) or its
 time limit (cancelled by force, which ends its process) comes back as a failed :class:`Outcome`
-and the caller goes on; a job that raises does too, with its timing. Each job holds one CPU and its thread pools (ONNX Runtime, torch, BLAS) use
+and the caller goes on; a job that raises does too, with its timing. A job whose node died comes
+back failed with ``node_lost`` set (the caller may submit it again: Ray places it on a node that is
+alive). Every outcome names the node and host the job ran on; the model and data reach the workers
+as Ray objects, so a worker node needs none of the driver's files. Each job holds one CPU and its thread pools (ONNX Runtime, torch, BLAS) use
 one thread, so parallel jobs do not oversubscribe the cores. Ray is imported only here, and only
 when an executor is made.
 """
@@ -18,6 +21,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -107,6 +111,19 @@ class Outcome:
     # worker's CPU seconds before the job (its start-up and imports when it is new) and during it, and
     # how many jobs the worker ran before this one
     timing: dict[str, Any] = field(default_factory=dict)
+    node_lost: bool = False  # NOTE: the job's node died under it (its raylet ended): the job may run again elsewhere
+
+
+def _where() -> dict[str, str]:
+    """The Ray node and the host this worker runs on."""
+    import socket
+
+    import ray
+
+    return {"node": ray.get_runtime_context().get_node_id(), "host": socket.gethostname()}
+
+
+_NODE_ID = re.compile(r"node ID:? ([0-9a-f]{16,})")
 
 
 def _rss_mb() -> float:
@@ -178,7 +195,8 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
     cpu_end = time.process_time()
     return {"value": value, "error": error, "timing": {"began": began, "ended": time.time(), "cpu_before": round(cpu_before, 4),
                                        "cpu": round(cpu_end - cpu_before, 4), "cpu_setup": round(cpu_args - cpu_before, 4),
-                                       "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid()}}
+                                       "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid(),
+                                       **_where()}}
 
 
 # NOTE: Ray's logger for its token-authentication notice (a stable name; if it changes, the notice just shows)
@@ -226,7 +244,10 @@ class RayExecutor:
             _start_ray(ray, workers, address)
             self.owns_session = True
         self.fresh_workers = fresh_workers
-        options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, **_worker_options())
+        # NOTE: SPREAD: Ray's default packs jobs on the driver's node and queues them there while it is busy, leaving
+        # other nodes idle; jobs are CPU-bound, so they go to the node with the most room (the warm-ups too: each node warms)
+        options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, scheduling_strategy="SPREAD",
+                       **_worker_options())
         self._remote = ray.remote(**options)(_run_job)
         self._warm = ray.remote(**options)(_warm_up)
         self._warming: list[Any] = []
@@ -234,6 +255,37 @@ class RayExecutor:
         # NOTE: on a session that is already up (a cluster, a test's), `workers` still caps the parallel jobs
         self.workers = max(1, min(workers, cpus) if workers else cpus)
         self.running: dict[Any, Job] = {}
+        given = address or os.environ.get("RAY_ADDRESS") or None
+        # NOTE: attached: to a cluster at an address, or to a Ray session this process had already started (a test's)
+        self.attached = given is not None or not self.owns_session
+        self.address = given or ("local" if self.owns_session else ray.get_runtime_context().gcs_address)
+        self.nodes = self._alive_nodes()
+        self._described: dict[str, Any] | None = None
+
+    def _alive_nodes(self) -> dict[str, dict[str, Any]]:
+        return {n["NodeID"]: {"node": n["NodeID"], "host": n.get("NodeManagerHostname", ""), "ip": n.get("NodeManagerAddress", ""),
+                              "cpus": n.get("Resources", {}).get("CPU", 0)} for n in self.ray.nodes() if n.get("Alive")}
+
+    def lost_nodes(self) -> set[str]:
+        """Nodes seen alive by this executor that are gone now (those that joined since are added to :attr:`nodes`).
+        With nodes lost, no more jobs run at a time than the CPUs left (the rest would wait in Ray's queue, their time
+        limits running)."""
+        alive = self._alive_nodes()
+        for node, info in alive.items():
+            self.nodes.setdefault(node, info)
+        lost = set(self.nodes) - set(alive)
+        if lost:
+            self.workers = max(1, min(self.workers, int(sum(info["cpus"] for info in alive.values()))))
+        return lost
+
+    def describe(self) -> dict[str, Any]:
+        """Where the jobs ran, for reports: the executor, the cluster address and the nodes this executor saw (as of
+        :meth:`shutdown`, once shut down)."""
+        if self._described is not None:
+            return self._described
+        lost = self.lost_nodes()
+        return {"executor": "ray", "address": self.address, "attached": self.attached,
+                "nodes": [{**info, "alive": node not in lost} for node, info in self.nodes.items()]}
 
     def warm_up(self, count: int, fn: Callable[..., Any], *args: Any) -> None:
         """Have ``count`` idle workers run ``fn`` now, e.g. the jobs' imports, overlapping the driver's own work (not with fresh workers)."""
@@ -282,7 +334,19 @@ class RayExecutor:
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
             return Outcome(job, False, error=f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}", seconds=seconds)
-        except (self.ray.exceptions.WorkerCrashedError, self.ray.exceptions.OutOfMemoryError) as exc:
+        except self.ray.exceptions.NodeDiedError as exc:
+            self.lost_nodes()
+            node = _NODE_ID.search(str(exc))
+            return Outcome(job, False, error=f"node lost: node {node.group(1) if node else '?'} died while the job ran (NodeDiedError)",
+                           seconds=seconds, timing={"node": node.group(1)} if node else {}, node_lost=True)
+        except self.ray.exceptions.OutOfMemoryError as exc:
+            return Outcome(job, False, error=f"out of memory: Ray's memory monitor ended the worker: {' '.join(str(exc).split())[:300]}",
+                           seconds=seconds)
+        except self.ray.exceptions.WorkerCrashedError as exc:
+            lost = self.lost_nodes()
+            if lost:  # NOTE: a node's workers may die before its raylet is declared dead: then Ray says the worker crashed
+                return Outcome(job, False, error=f"node lost: node {', '.join(sorted(lost))} died while the job ran (its worker crashed)",
+                               seconds=seconds, node_lost=True)
             limit = f" (or exceeded its memory limit of {job.memory_mb:.0f} MB)" if job.memory_mb else ""
             return Outcome(job, False, error=f"worker process died{limit}: {type(exc).__name__}", seconds=seconds)
         except self.ray.exceptions.RayError as exc:
@@ -301,5 +365,10 @@ class RayExecutor:
 
     def shutdown(self) -> None:
         self.cancel_all()
+        try:
+            self._described = self.describe()
+        except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too): the nodes as last seen
+            self._described = {"executor": "ray", "address": self.address, "attached": self.attached,
+                               "nodes": list(self.nodes.values())}
         if self.owns_session:
             self.ray.shutdown()

@@ -114,7 +114,8 @@ def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:
     status = stop_reason + ("" if best is None else (" — best meets the criterion" if best.meets else " — no configuration met the criterion; best by metric shown"))
     report = TuneReport(title=f"modelpress tune: {run.inputs.source.name}", metric=spec.metric, objective=settings.objective, max_drop=settings.max_drop,
                         baseline=baseline, trials=records, pareto=front, best=best, status=status, verification=outputs.verification,
-                        space=run.space.describe(), notes=run.space.notes, left_out=run.space.left_out, dashboard=run.dashboard)
+                        space=run.space.describe(), notes=run.space.notes, left_out=run.space.left_out, dashboard=run.dashboard,
+                        cluster=run.executor.describe())
     report.write(run.out)
     return TuneResult(best=best, meets=bool(best and best.meets), baseline=baseline, trials=records, pareto=front, output=run.out,
                       model_path=outputs.model_path, recipe_path=outputs.recipe_path, report=report, stop_reason=stop_reason,

@@ -133,6 +133,7 @@ class Settings:
     torch: bool
     keep_trial_models: bool = False
     accept_loss: bool = False  # NOTE: the best model is written even if it misses its verification floor
+    trial_retries: int = 1  # NOTE: how many times a trial lost with its node runs again
 
 
 @dataclass

@@ -33,6 +33,12 @@ class TrialRecord:
     latency_alone_ms: float | None = None
     # NOTE: where a trial's time went (see Outcome.timing and run_trial's phases): CPU seconds are load-independent
     timing: dict[str, Any] = field(default_factory=dict)
+    # NOTE: where it ran (the Ray node id and its host); attempt > 1: it reruns trial retry_of, lost with its node
+    node: str = ""
+    host: str = ""
+    attempt: int = 1
+    retry_of: int | None = None
+    retried: bool = False
 
     def options(self) -> str:
         parts = []
@@ -82,6 +88,8 @@ class TuneReport:
     notes: list[str] = field(default_factory=list)
     left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods the search space left out -> why
     dashboard: str = ""  # NOTE: the live dashboard's address when `tune --dashboard` served one
+    # NOTE: where the trials ran (RayExecutor.describe()): executor, cluster address, nodes
+    cluster: dict[str, Any] = field(default_factory=dict)
 
     COLUMNS = ("trial", "status", "meets", "metric", "drop", "size (MB)", "ratio", "latency b1 ms", "time (s)", "configuration")
 
@@ -118,6 +126,29 @@ class TuneReport:
                 lines.append(f"best.onnx verified in ONNX Runtime against the source: {self.verification}")
         return lines
 
+    def placement_lines(self) -> list[str]:
+        """Where the trials ran: the executor, the cluster address, each node with its trials, and the retries."""
+        c = self.cluster
+        if not c:
+            return []
+        how = f"Ray cluster at {c.get('address')} (attached)" if c.get("attached") else "Ray, a local instance started for this run"
+        used: dict[str, list[int]] = {}
+        for r in self.trials:
+            used.setdefault(r.node, []).append(r.number)
+        lines = [f"Executor: {how}; {len(c.get('nodes', []))} node(s) seen, {len([n for n in used if n])} used"]
+        for n in c.get("nodes", []):
+            numbers = used.get(n["node"], [])
+            lines.append(f"Node {n['node'][:12]} ({n.get('host', '')} {n.get('ip', '')}, {n.get('cpus', 0):g} CPU"
+                         f"{'' if n.get('alive', True) else ', LOST during the run'}): {len(numbers)} trial(s)"
+                         + (f" ({', '.join(map(str, sorted(numbers)))})" if numbers else ""))
+        lines += [f"Retry: trial {r.number} (attempt {r.attempt}) reran trial {r.retry_of}, lost with its node" for r in self.trials if r.retry_of is not None]
+        return lines
+
+    def trial_nodes(self) -> list[list[str]]:
+        """trial, status, node, host, attempt: one row per trial."""
+        return [[str(r.number), r.status, r.node[:12] or "-", r.host or "-", str(r.attempt) + (" (retried)" if r.retried else "")]
+                for r in sorted(self.trials, key=lambda r: r.number)]
+
     def table(self) -> Any:
         from rich.markup import escape
         from rich.table import Table
@@ -142,6 +173,12 @@ class TuneReport:
             lines += ["", *[f"- {n}" for n in self.notes]]
         if self.left_out:
             lines += ["", "## Left out of the search space", "", *[f"- {name}: {why}" for name, why in self.left_out.items()]]
+        if self.cluster:
+            lines += ["", "## Where the trials ran", "", *[f"- {line}" for line in self.placement_lines()], "",
+                      "| trial | status | node | host | attempt |", "|---|---|---|---|---|",
+                      *["| " + " | ".join(row) + " |" for row in self.trial_nodes()]]
+        if self.dashboard:
+            lines += ["", f"Live dashboard (optuna-dashboard, while the tune ran): {self.dashboard}"]
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
@@ -150,6 +187,7 @@ class TuneReport:
             "baseline": self.baseline, "best": self.best.to_dict() if self.best else None, "meets": bool(self.best and self.best.meets),
             "pareto": [r.number for r in self.pareto], "trials": [r.to_dict() for r in self.trials], "space": self.space,
             "verification": self.verification, "notes": self.notes, "left_out": self.left_out, "dashboard": self.dashboard,
+            "cluster": self.cluster,
         }
 
     def svg_chart(self, width: int = 620, height: int = 360) -> str:
@@ -213,7 +251,17 @@ class TuneReport:
                 f"</head><body><h1>{html.escape(self.title)}</h1>{summary}{self._dashboard_link()}"
                 f"<h2>Pareto front: {html.escape(self.metric)} vs size</h2>{self.svg_chart()}"
                 "<p>Red: the Pareto front; ringed: the best; black square: the source; dashed: the criterion.</p>"
-                f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table></body></html>\n")
+                f"<h2>Trials</h2><table><tr>{head}</tr>{body}</table>{self._placement_html()}</body></html>\n")
+
+    def _placement_html(self) -> str:
+        """The "Where the trials ran" section."""
+        parts = []
+        if self.cluster:
+            head = "".join(f"<th>{c}</th>" for c in ("trial", "status", "node", "host", "attempt"))
+            body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in self.trial_nodes())
+            parts.append("<h2 id='placement'>Where the trials ran</h2>" + "".join(f"<p>{html.escape(line)}</p>" for line in self.placement_lines())
+                         + f"<table><tr>{head}</tr>{body}</table>")
+        return "".join(parts)
 
     def _dashboard_link(self) -> str:
         if not self.dashboard:

@@ -47,15 +47,30 @@ class Runner:
             else:
                 store.tell(trial, state=earlier.state if earlier.state == store.state("PRUNED") else store.state("FAIL"))
             return False
+        self._start(trial, config)
+        return True
+
+    def _start(self, trial: Any, config: dict[str, Any], **attrs: Any) -> None:
+        """Submit the trial's passes to the executor (``attrs``: more to record, e.g. which trial this one retries)."""
         passes = [p.model_dump(exclude_none=True) for p in self.space.passes(config, self.sensitivity)]
-        store.set(trial, config=config, passes=passes, status="running", session=self.session)
+        self.store.set(trial, config=config, passes=passes, status="running", session=self.session, **attrs)
         self.live[trial.number] = trial
         settings = self.run.settings
         self.executor.submit(trial.number, run_trial, passes=passes, timeout_s=settings.trial_timeout, memory_mb=settings.trial_memory_mb,
                              **self.submit_args)
         self.board.started(trial.number, config)
         self.run.registry.hook.modelpress_trial_start(trial_id=self._trial_id(trial.number), config=config, passes=passes)
-        return True
+
+    def _retry(self, lost: Any) -> None:
+        """Run a trial lost with its node again, as a new trial of the same configuration (Ray places it on a live node)."""
+        store = self.store
+        config = store.trials[lost.number].user_attrs["config"]
+        store.study.enqueue_trial({k: _encode(v) for k, v in config.items() if k != "pipeline" or len(self.space.pipelines) > 1})
+        trial = store.ask()
+        self.space.suggest(trial, self.sensitivity)  # NOTE: the enqueued parameters: the same configuration
+        attempt = int(store.trials[lost.number].user_attrs.get("attempt", 1)) + 1
+        self._start(trial, config, retry_of=lost.number, attempt=attempt)
+        self.board.log(f"trial {lost.number} lost with its node; retried as trial {trial.number} (attempt {attempt})")
 
     def _trial_id(self, number: int) -> str:
         return f"{self.store.study.study_name}/{number}"
@@ -64,11 +79,16 @@ class Runner:
         for outcome in outcomes:
             trial = self.live.pop(outcome.job.key)
             value = outcome.value if outcome.ok else None
-            common: dict[str, Any] = {"seconds": round(outcome.seconds, 3)}
+            common: dict[str, Any] = {"seconds": round(outcome.seconds, 3),
+                                      **{k: outcome.timing[k] for k in ("node", "host") if k in outcome.timing}}
             if outcome.timing:
-                common["timing"] = {**{k: v for k, v in outcome.timing.items() if k not in ("began", "ended")},
+                common["timing"] = {**{k: v for k, v in outcome.timing.items() if k not in ("began", "ended", "node", "host")},
                                     "phases": (value or {}).get("phases", {})}
-            self._tell(trial, value, outcome.error, common)
+            # NOTE: a trial lost with its node is recorded (failed, "node lost") and run again, up to --trial-retries times
+            retry = outcome.node_lost and int(self.store.trials[trial.number].user_attrs.get("attempt", 1)) <= self.run.settings.trial_retries
+            self._tell(trial, value, outcome.error, {**common, **({"retried": True} if retry else {})})
+            if retry:
+                self._retry(trial)
             self.board.finished(self.record(self.store.trials[trial.number]))
             attrs = self.store.trials[trial.number].user_attrs
             figures = {k: attrs[k] for k in ("metric", "size_bytes", "latency_ms", "error", "floor_missed", "seconds") if k in attrs}
@@ -130,4 +150,6 @@ def record(t: Any, baseline: float, metric_name: str, max_drop: float) -> TrialR
         meets=attrs.get("status") == "ok" and d is not None and d <= max_drop + 1e-12,
         size_bytes=attrs.get("size_bytes"), latency_ms=attrs.get("latency_ms"), seconds=attrs.get("seconds"),
         error=attrs.get("error", ""), session=attrs.get("session", ""), figures=attrs.get("figures") or [], timing=attrs.get("timing") or {},
+        node=attrs.get("node", ""), host=attrs.get("host", ""), attempt=int(attrs.get("attempt", 1)), retry_of=attrs.get("retry_of"),
+        retried=bool(attrs.get("retried")),
     )

@@ -170,7 +170,8 @@ class StudyStore:
                    if t.state == self.state("RUNNING") and t.user_attrs.get("session") not in (None, self.session))
 
     def finished(self) -> list[Snapshot]:
-        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned")]
+        """Trials that count towards the budget: those lost with their node and run again (``retried``) do not."""
+        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned") and not t.user_attrs.get("retried")]
 
     def close(self) -> None:
         self.claims.close()

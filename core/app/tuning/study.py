@@ -67,6 +67,7 @@ def tune(
     study_name: str = "modelpress-tune",
     trial_timeout: float | None = None,
     trial_memory_mb: float | None = None,
+    trial_retries: int = 1,
     fresh_workers: bool = False,
     hopeless_drop: float | None = None,
     evaluate: dict[str, Any] | None = None,
@@ -94,8 +95,12 @@ def tune(
     ``storage``: an Optuna storage URL (default SQLite in ``output``); drivers on one study in a shared
     database (``postgresql://``) run each configuration once and see each other's trials. ``dashboard``: serve
     the study with optuna-dashboard on 127.0.0.1 while it runs (its address is printed and in the report).
+    ``address``: a Ray cluster to run on (else a local Ray instance); a trial lost with its node is recorded as failed
+    ("node lost") and run again on a live node, up to ``trial_retries`` times.
     """
     registry = registry or get_registry()
+    if trial_retries < 0:
+        raise OptionsError(f"trial_retries {trial_retries!r} must be >= 0 (how many times a trial lost with its node runs again)")
     limits = _check_arguments(objective, strategy, max_drop, budget)
     parsed_recipe = load_recipe(recipe) if recipe is not None else None
     out = Path(output)
@@ -103,7 +108,7 @@ def tune(
     inputs = gather_inputs(model, data, parsed_recipe, metric, evaluate)
     settings = Settings(objective, strategy, max_drop, hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3),
                         trial_timeout, trial_memory_mb, torch=_has_torch(), keep_trial_models=keep_trial_models,
-                        accept_loss=accept_loss)
+                        accept_loss=accept_loss, trial_retries=trial_retries)
     space = _space(inputs, parsed_recipe, registry, settings.torch)  # NOTE: validated before Ray starts
     model_bytes = inputs.write(out)
     store = open_study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, inputs.evaluate.metric, objective, seed, out)

@@ -12,7 +12,7 @@ import struct
 import threading
 from typing import Any
 
-__all__ = ["LZMA_LIMIT", "decode", "decode_view", "encode", "have_zstd", "pack_parts", "unpack_parts"]
+__all__ = ["LZMA_LIMIT", "PlaneReader", "decode", "decode_view", "encode", "encode_literals", "have_zstd", "lzma_encode", "pack_parts", "unpack_parts"]
 
 STORED, ZSTD, LZMA = 0, 1, 2
 # NOTE: LZMA at preset 9e codes ~1-3 MB/s; past this size only zstd is tried.
@@ -22,6 +22,14 @@ _zstd: Any = None
 # NOTE: a ZstdDecompressor allocates its context on creation (tens of microseconds, as long as
 # decoding a small tensor); one per thread is kept, since one must not be used by two threads at once
 _local = threading.local()
+
+
+def lzma_encode(data: bytes | memoryview) -> bytes:
+    """Raw LZMA2 at preset 9e, with a dictionary no larger than the data: it codes the same and
+    skips the ~50 ms set-up of 9e's 64 MiB one (raw LZMA2 does not record the size: the decoder's
+    64 MiB dictionary reads it)."""
+    size = min(1 << 26, max(1 << 12, 1 << max(len(data) - 1, 1).bit_length()))
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}])
 
 
 def have_zstd() -> bool:
@@ -58,10 +66,49 @@ def encode(data: bytes | memoryview, *, fast: bool = False, level: int = 19) -> 
         if len(coded) < len(best):
             best = coded
     if not fast and len(data) <= LZMA_LIMIT:
-        coded = bytes([LZMA]) + lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+        coded = bytes([LZMA]) + lzma_encode(data)
         if len(coded) < len(best):
             best = coded
     return best
+
+
+def _literal_compressor(window_log: int) -> Any:
+    cache = getattr(_local, "literal_cctx", None)
+    if cache is None:
+        cache = _local.literal_cctx = {}
+    cctx = cache.get(window_log)
+    if cctx is None:
+        # NOTE: the shortest matches zstd allows (7) and tiny tables: it finds almost no matches in
+        # a byte plane of floats and spends its time on Huffman-coding the literals per block
+        # (ZipNN's coder): an exponent plane codes at ~700 MB/s to its order-0 entropy, and a
+        # noise plane is recognised as incompressible at GB/s
+        z = _zstd_module()
+        params = z.ZstdCompressionParameters(window_log=window_log, chain_log=6, hash_log=6, search_log=1, min_match=7, strategy=z.STRATEGY_FAST)
+        cctx = cache[window_log] = z.ZstdCompressor(compression_params=params)
+    return cctx
+
+
+STRUCTURED = 0.8  # NOTE: a plane that codes below this is more than noise: a matching coder is tried too
+_MATCHING_LIMIT = 2 << 20
+
+
+def encode_literals(data: Any, *, block_log: int = 17, matching: bool = True) -> bytes:
+    """Stored, or zstd tuned for entropy-coding a byte plane, with one Huffman table per
+    ``2**block_log`` bytes (at most 17: smaller blocks follow local statistics, as in mantissa
+    planes; larger ones pay fewer tables). With ``matching``, a plane that codes below
+    ``STRUCTURED`` of its size (zero runs, repeats) is also coded with zstd's matching and the
+    smaller kept. Any buffer (a numpy
+    array is not copied first); read back by :func:`decode_view` or :class:`PlaneReader` like any
+    zstd stream; without zstandard the plane is stored."""
+    view = memoryview(data).cast("B")
+    best = bytes([STORED]) + bytes(view)
+    if len(view) < 16 or not have_zstd():
+        return best
+    coded = _literal_compressor(block_log).compress(view)
+    if matching and len(coded) < STRUCTURED * len(view):
+        level = 9 if len(view) <= _MATCHING_LIMIT else 3
+        coded = min(coded, _zstd.ZstdCompressor(level=level).compress(view), key=len)
+    return bytes([ZSTD]) + coded if len(coded) < len(view) else best
 
 
 def _decompressor() -> Any:
@@ -86,6 +133,42 @@ def decode_view(blob: bytes | memoryview) -> bytes | memoryview:
     if tag == LZMA:
         return lzma.decompress(payload, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
     raise ValueError(f"unknown stream tag {tag}")
+
+
+class PlaneReader:
+    """Reads one stream in consecutive slices, each decoded into a small reused buffer (a zstd
+    stream is decoded as it is read, so a large plane is never held whole; a stored one is read
+    where it lies)."""
+
+    def __init__(self, blob: bytes | memoryview, step: int) -> None:
+        import numpy as np
+
+        self._source = memoryview(blob)[1:]  # NOTE: kept alive: the zstd reader does not hold it
+        tag = blob[0]
+        self._reader: Any = None
+        if tag == ZSTD:
+            # NOTE: one decompression context per open stream: a context cannot serve two at once
+            self._reader = _zstd_module().ZstdDecompressor().stream_reader(self._source)
+            self._buffer = np.empty(step, np.uint8)
+            self._plane = None
+        else:
+            self._plane = np.frombuffer(decode_view(blob), np.uint8)
+        self._pos = 0
+
+    def read(self, count: int) -> Any:
+        """The next ``count`` bytes as a numpy uint8 array (valid until the next call)."""
+        start, self._pos = self._pos, self._pos + count
+        if self._plane is not None:
+            if self._pos > len(self._plane):
+                raise ValueError("a byte plane is shorter than the tensor")
+            return self._plane[start : self._pos]
+        view, got = self._buffer[:count], 0
+        while got < count:
+            n = self._reader.readinto(view[got:])
+            if n <= 0:
+                raise ValueError("a byte plane is shorter than the tensor")
+            got += n
+        return view
 
 
 def pack_parts(parts: list[bytes]) -> bytes:

@@ -42,7 +42,7 @@ def select_codecs(registry: Registry, codecs: str | list[str]) -> list[Codec]:
     return chosen
 
 
-SAMPLE_BYTES = 32 << 10  # NOTE: a tensor up to this size is coded in full by every codec (exact); larger ones are estimated
+SAMPLE_BYTES = 16 << 10  # NOTE: a tensor up to this size is coded in full by every codec (exact); larger ones are estimated
 SAMPLE_SLICES = 4  # the sample: this many equal slices spread evenly over the tensor
 CLOSE = 0.02  # codecs estimated within 2 % of the smallest are all coded in full and measured
 

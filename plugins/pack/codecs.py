@@ -58,7 +58,7 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
         planes[:, start : start + part.size] = rotated.view(np.uint8).reshape(-1, width).T
     # NOTE: the top plane holds the exponents (few values, skewed: large blocks pay fewer tables);
     # mantissa planes are noise except where a tensor's values are locally coarse (small blocks)
-    return streams.pack_parts([streams.encode_literals(planes[i], block_log=17 if i == width - 1 else 14, matching=i < width - 1) for i in range(width)])
+    return streams.pack_parts([streams.literal_pieces(planes[i], block_log=17 if i == width - 1 else 14, matching=i < width - 1) for i in range(width)])
 
 
 def _bytegroup_decode(blob: bytes, info: TensorInfo) -> memoryview:
@@ -253,7 +253,7 @@ def _zstd_encode(data: bytes, info: TensorInfo) -> bytes | None:
 
 
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
-# NOTE: the estimates code a small sample with a small dictionary: 9e's 64 MiB one costs ~50 ms to set up
+# NOTE: the estimate codes a 4 KiB sample (LZMA codes ~10 MB/s) with a small dictionary (9e's 64 MiB one costs ~50 ms to set up)
 _LZMA_SAMPLE_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 16}]
 
 
@@ -281,7 +281,7 @@ def _zstd_estimate(data: bytes, info: TensorInfo) -> int | None:
 def _lzma_estimate(data: bytes, info: TensorInfo) -> int | None:
     if not data or len(data) > streams.LZMA_LIMIT:
         return None
-    sample = _spread(data, 8 << 10)
+    sample = _spread(data, 4 << 10)
     return _scaled(len(lzma.compress(sample, format=lzma.FORMAT_RAW, filters=_LZMA_SAMPLE_FILTERS)), sample, data)
 
 

@@ -150,20 +150,30 @@ def decode_view(blob: bytes | memoryview) -> bytes | memoryview:
     raise ValueError(f"unknown stream tag {tag}")
 
 
+def _plane_decompressor(slot: int) -> Any:
+    pool = getattr(_local, "planes", None)
+    if pool is None:
+        pool = _local.planes = {}
+    if slot not in pool:
+        pool[slot] = _zstd_module().ZstdDecompressor()
+    return pool[slot]
+
+
 class PlaneReader:
     """Reads one stream in consecutive slices, each decoded into a small reused buffer (a zstd
     stream is decoded as it is read, so a large plane is never held whole; a stored one is read
-    where it lies)."""
+    where it lies). Streams read side by side need different ``slot`` numbers."""
 
-    def __init__(self, blob: bytes | memoryview, step: int) -> None:
+    def __init__(self, blob: bytes | memoryview, step: int, slot: int = 0) -> None:
         import numpy as np
 
         self._source = memoryview(blob)[1:]  # NOTE: kept alive: the zstd reader does not hold it
         tag = blob[0]
         self._reader: Any = None
         if tag == ZSTD:
-            # NOTE: one decompression context per open stream: a context cannot serve two at once
-            self._reader = _zstd_module().ZstdDecompressor().stream_reader(self._source)
+            # NOTE: one decompression context per stream open at once (``slot``: a context cannot
+            # serve two), kept per thread: creating one costs as much as decoding a small plane
+            self._reader = _plane_decompressor(slot).stream_reader(self._source)
             self._buffer = np.empty(step, np.uint8)
             self._plane = None
         else:

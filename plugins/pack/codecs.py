@@ -50,12 +50,20 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
     u = _fits(data, info)
     if u is None or info.dtype not in _FLOATS or u.size == 0:
         return None
-    width, bits = u.dtype.itemsize, u.dtype.itemsize * 8
+    width, t = u.dtype.itemsize, u.dtype.type
     planes = np.empty((width, u.size), np.uint8)
+    rotated, low = np.empty(min(_CHUNK, u.size), u.dtype), np.empty(min(_CHUNK, u.size), u.dtype)
     for start in range(0, u.size, _CHUNK):
         part = u[start : start + _CHUNK]
-        rotated = (part << u.dtype.type(1)) | (part >> u.dtype.type(bits - 1))
-        planes[:, start : start + part.size] = rotated.view(np.uint8).reshape(-1, width).T
+        end, r, tmp = start + part.size, rotated[: part.size], low[: part.size]
+        np.left_shift(part, t(1), out=r)
+        np.right_shift(part, t(width * 8 - 1), out=tmp)
+        np.bitwise_or(r, tmp, out=r)
+        # NOTE: narrowing copies of the shifted value (contiguous) beat one transposing byte copy
+        planes[0, start:end] = r
+        for i in range(1, width):
+            np.right_shift(r, t(8), out=r)
+            planes[i, start:end] = r
     # NOTE: the top plane holds the exponents (few values, skewed: large blocks pay fewer tables);
     # mantissa planes are noise except where a tensor's values are locally coarse (small blocks)
     return streams.pack_parts([streams.literal_pieces(planes[i], block_log=17 if i == width - 1 else 14, matching=i < width - 1) for i in range(width)])

@@ -6,7 +6,7 @@ regenerate it with a newer encoder (that would test nothing)."""
 from pathlib import Path
 
 import numpy as np
-from onnx import TensorProto, helper, numpy_helper, save
+from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
 

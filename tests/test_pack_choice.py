@@ -141,3 +141,19 @@ def test_bytegroup_is_bit_exact_across_its_steps(dtype, count, kind, seed):
     assert blob is not None and bytes(codec.decode(blob, info)) == data
     name, best = encode_best(data, info, [codec])
     assert name in ("bytegroup", "stored") and (name == "stored" or bytes(codec.decode(best, info)) == data)
+
+
+def test_a_large_stream_is_coded_by_lzma_only_where_a_sample_says_it_may_win(monkeypatch):
+    from modelpress.plugins.pack import streams
+
+    rng = np.random.default_rng(3)
+    coded: list[int] = []
+    real = streams.lzma_encode
+    monkeypatch.setattr(streams, "lzma_encode", lambda data: coded.append(len(data)) or real(data))
+    skewed = (rng.random(2 << 20) < 0.03).astype(np.uint8).tobytes()  # LZMA's range coder beats Huffman's 1 bit/byte floor
+    blob = streams.encode(skewed)
+    assert blob[0] == streams.LZMA and streams.decode(blob) == skewed and max(coded) == len(skewed)
+    coded.clear()
+    noise = rng.integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
+    blob = streams.encode(noise)
+    assert blob[0] != streams.LZMA and streams.decode(blob) == noise and coded and max(coded) <= 64 << 10

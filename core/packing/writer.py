@@ -24,7 +24,7 @@ from modelpress.packing.format import (
     lzma_compress,
 )
 from modelpress.packing.needs import codec_origins
-from modelpress.packing.source import Item, Source, item, parse_source
+from modelpress.packing.source import Item, Source, item, parse_source, reproduces
 from modelpress.plugin.registry import Registry, current_registry
 
 __all__ = ["pack"]
@@ -73,7 +73,9 @@ def pack(
             out.write(MAGIC)
             entries = _write_blobs(items, streams, out)
             files = _pack_filler(externals, src.base, src.label, out)
-            _write_head(src, codec_origins(registry, chosen), entries, streams, files, out)
+            stripped = src.proto.SerializeToString()
+            src.identical = src.identical or reproduces(stripped, items, src.data)
+            _write_head(src, stripped, codec_origins(registry, chosen), entries, streams, files, out)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
@@ -106,9 +108,11 @@ def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> 
     return entries
 
 
-def _write_head(src: Source, origins: dict[str, dict[str, str]], entries: list[TensorEntry], streams: list[dict[str, Any]], files: list[dict[str, Any]], out: Any) -> None:
-    """Write the head (the manifest and the graph without the packed bytes, one LZMA stream) and the footer."""
-    stripped = src.proto.SerializeToString()
+def _write_head(
+    src: Source, stripped: bytes, origins: dict[str, dict[str, str]], entries: list[TensorEntry], streams: list[dict[str, Any]],
+    files: list[dict[str, Any]], out: Any,
+) -> None:
+    """Write the head (the manifest and ``stripped``, the graph without the packed bytes, one LZMA stream) and the footer."""
     used = {e.codec for e in entries}
     manifest = {
         "format": FORMAT,

@@ -55,9 +55,14 @@ class Codec:
     ``name``: how packs and ``pack(codecs=[...])`` name it (stored in every pack that uses it, so
     keep it stable). ``encode(data, info) -> bytes | None`` codes ``data`` (a ``bytes`` object with
     the tensor's raw little-endian bytes; ``info`` a :class:`TensorInfo`); returning ``None``
-    means "I cannot code this one". ``decode(blob, info) -> bytes`` must give back exactly
-    ``data`` (the packer checks). ``applies(info) -> bool`` is asked first, so a codec for int8
-    weights is never tried on a float bias. ``summary``: one line for ``modelpress plugins``.
+    means "I cannot code this one". ``decode(blob, info)`` must give back exactly ``data`` (the
+    packer checks) as a bytes-like object: ``bytes``, or a ``bytearray``/``memoryview`` of the
+    buffer it decoded into (one copy of the tensor fewer). ``applies(info) -> bool`` is asked
+    first, so a codec for int8 weights is never tried on a float bias. ``estimate(data, info) ->
+    int | None``: optional, a cheap guess of the blob's size (``None``: cannot code it); the
+    packer codes a large tensor in full only with the codec(s) estimated smallest, so without
+    ``estimate`` it codes a sample of the tensor (``SAMPLE_BYTES`` spread over it, the same for
+    every codec) and scales the size up. Give one where coding a sample is slow (LZMA). ``summary``: one line for ``modelpress plugins``.
     ``fast_decode=False`` marks a codec whose decoding is slow (LZMA: tens of MB/s instead of
     hundreds): with ``pack(prefer="speed")`` (the default) the packer picks it only when it saves
     at least 10 % over the best fast codec; ``prefer="size"`` always takes the smallest.
@@ -67,10 +72,11 @@ class Codec:
 
     name: str
     encode: Callable[[bytes, TensorInfo], bytes | None]
-    decode: Callable[[bytes, TensorInfo], bytes]
+    decode: Callable[[bytes, TensorInfo], bytes | bytearray | memoryview]
     applies: Callable[[TensorInfo], bool] = lambda info: True
     summary: str = ""
     fast_decode: bool = True
+    estimate: Callable[[bytes, TensorInfo], int | None] | None = None
     plugin: str = ""
     plugin_version: str = ""
 

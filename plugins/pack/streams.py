@@ -12,7 +12,7 @@ import struct
 import threading
 from typing import Any
 
-__all__ = ["LZMA_LIMIT", "decode", "decode_view", "encode", "have_zstd", "pack_parts", "unpack_parts"]
+__all__ = ["LZMA_LIMIT", "PlaneReader", "decode", "decode_view", "encode", "encode_literals", "have_zstd", "lzma_encode", "pack_parts", "unpack_parts"]
 
 STORED, ZSTD, LZMA = 0, 1, 2
 # NOTE: LZMA at preset 9e codes ~1-3 MB/s; past this size only zstd is tried.
@@ -22,6 +22,14 @@ _zstd: Any = None
 # NOTE: a ZstdDecompressor allocates its context on creation (tens of microseconds, as long as
 # decoding a small tensor); one per thread is kept, since one must not be used by two threads at once
 _local = threading.local()
+
+
+def lzma_encode(data: bytes | memoryview) -> bytes:
+    """Raw LZMA2 at preset 9e, with a dictionary no larger than the data: it codes the same and
+    skips the ~50 ms set-up of 9e's 64 MiB one (raw LZMA2 does not record the size: the decoder's
+    64 MiB dictionary reads it)."""
+    size = min(1 << 26, max(1 << 12, 1 << max(len(data) - 1, 1).bit_length()))
+    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}])
 
 
 def have_zstd() -> bool:
@@ -47,6 +55,21 @@ def _zstd_module() -> Any:
     return _zstd
 
 
+LZMA_SAMPLE = 1 << 20  # NOTE: a stream above this is coded by LZMA (~2 MB/s at 9e) only if a 64 KiB sample says it may win
+
+
+def _lzma_may_win(data: bytes, level: int) -> bool:
+    """For a large stream: whether LZMA codes a 64 KiB sample (four spread slices) at least 1 %
+    smaller than zstd at ``level`` and than the sample itself (stored)."""
+    if len(data) <= LZMA_SAMPLE:
+        return True
+    step, gap = 16 << 10, (len(data) - (16 << 10)) // 3
+    sample = b"".join(data[i * gap : i * gap + step] for i in range(4))
+    lz = len(lzma_encode(sample))
+    zs = len(_compressor(level).compress(sample)) if have_zstd() else len(sample)
+    return lz < 0.99 * min(zs, len(sample))
+
+
 def encode(data: bytes | memoryview, *, fast: bool = False, level: int = 19) -> bytes:
     """The smallest of stored / zstd / (unless ``fast``) LZMA, with its tag byte."""
     data = bytes(data)
@@ -54,14 +77,68 @@ def encode(data: bytes | memoryview, *, fast: bool = False, level: int = 19) -> 
     if len(data) < 16:
         return best
     if have_zstd():
-        coded = bytes([ZSTD]) + _zstd.ZstdCompressor(level=level).compress(data)
+        coded = bytes([ZSTD]) + _compressor(level).compress(data)
         if len(coded) < len(best):
             best = coded
-    if not fast and len(data) <= LZMA_LIMIT:
-        coded = bytes([LZMA]) + lzma.compress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+    if not fast and len(data) <= LZMA_LIMIT and _lzma_may_win(data, level):
+        coded = bytes([LZMA]) + lzma_encode(data)
         if len(coded) < len(best):
             best = coded
     return best
+
+
+def _compressor(level: int) -> Any:
+    """A per-thread ZstdCompressor for ``level`` (a new one sets up its tables each time: ~0.1 ms at level 19)."""
+    cache = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    if level not in cache:
+        cache[level] = _zstd.ZstdCompressor(level=level)
+    return cache[level]
+
+
+def _literal_compressor(window_log: int) -> Any:
+    cache = getattr(_local, "literal_cctx", None)
+    if cache is None:
+        cache = _local.literal_cctx = {}
+    cctx = cache.get(window_log)
+    if cctx is None:
+        # NOTE: the shortest matches zstd allows (7) and tiny tables: it finds almost no matches in
+        # a byte plane of floats and spends its time on Huffman-coding the literals per block
+        # (ZipNN's coder): an exponent plane codes at ~700 MB/s to its order-0 entropy, and a
+        # noise plane is recognised as incompressible at GB/s
+        z = _zstd_module()
+        params = z.ZstdCompressionParameters(window_log=window_log, chain_log=6, hash_log=6, search_log=1, min_match=7, strategy=z.STRATEGY_FAST)
+        cctx = cache[window_log] = z.ZstdCompressor(compression_params=params)
+    return cctx
+
+
+STRUCTURED = 0.8  # NOTE: a plane that codes below this is more than noise: a matching coder is tried too
+_MATCHING_LIMIT = 2 << 20
+
+
+def encode_literals(data: Any, *, block_log: int = 17, matching: bool = True) -> bytes:
+    """:func:`literal_pieces` joined into one stream."""
+    return b"".join(literal_pieces(data, block_log=block_log, matching=matching))
+
+
+def literal_pieces(data: Any, *, block_log: int = 17, matching: bool = True) -> tuple[bytes, Any]:
+    """Stored, or zstd tuned for entropy-coding a byte plane, with one Huffman table per
+    ``2**block_log`` bytes (at most 17: smaller blocks follow local statistics, as in mantissa
+    planes; larger ones pay fewer tables). With ``matching``, a plane that codes below
+    ``STRUCTURED`` of its size (zero runs, repeats) is also coded with zstd's matching and the
+    smaller kept. Any buffer (a numpy
+    array is not copied first); read back by :func:`decode_view` or :class:`PlaneReader` like any
+    zstd stream; without zstandard the plane is stored."""
+    view = memoryview(data).cast("B")
+    stored = (bytes([STORED]), view)  # NOTE: the tag and the plane itself: the caller copies it once
+    if len(view) < 16 or not have_zstd():
+        return stored
+    coded = _literal_compressor(block_log).compress(view)
+    if matching and len(coded) < STRUCTURED * len(view):
+        level = 9 if len(view) <= _MATCHING_LIMIT else 3
+        coded = min(coded, _compressor(level).compress(view), key=len)
+    return (bytes([ZSTD]), coded) if len(coded) < len(view) else stored
 
 
 def _decompressor() -> Any:
@@ -88,10 +165,59 @@ def decode_view(blob: bytes | memoryview) -> bytes | memoryview:
     raise ValueError(f"unknown stream tag {tag}")
 
 
-def pack_parts(parts: list[bytes]) -> bytes:
-    """Concatenate parts behind a table of their lengths (u8 count, u32 lengths)."""
-    head = struct.pack(f"<B{len(parts)}I", len(parts), *(len(p) for p in parts))
-    return head + b"".join(parts)
+def _plane_decompressor(slot: int) -> Any:
+    pool = getattr(_local, "planes", None)
+    if pool is None:
+        pool = _local.planes = {}
+    if slot not in pool:
+        pool[slot] = _zstd_module().ZstdDecompressor()
+    return pool[slot]
+
+
+class PlaneReader:
+    """Reads one stream in consecutive slices, each decoded into a small reused buffer (a zstd
+    stream is decoded as it is read, so a large plane is never held whole; a stored one is read
+    where it lies). Streams read side by side need different ``slot`` numbers."""
+
+    def __init__(self, blob: bytes | memoryview, step: int, slot: int = 0) -> None:
+        import numpy as np
+
+        self._source = memoryview(blob)[1:]  # NOTE: kept alive: the zstd reader does not hold it
+        tag = blob[0]
+        self._reader: Any = None
+        if tag == ZSTD:
+            # NOTE: one decompression context per stream open at once (``slot``: a context cannot
+            # serve two), kept per thread: creating one costs as much as decoding a small plane
+            self._reader = _plane_decompressor(slot).stream_reader(self._source)
+            self._buffer = np.empty(step, np.uint8)
+            self._plane = None
+        else:
+            self._plane = np.frombuffer(decode_view(blob), np.uint8)
+        self._pos = 0
+
+    def read(self, count: int) -> Any:
+        """The next ``count`` bytes as a numpy uint8 array (valid until the next call)."""
+        start, self._pos = self._pos, self._pos + count
+        if self._plane is not None:
+            if self._pos > len(self._plane):
+                raise ValueError("a byte plane is shorter than the tensor")
+            return self._plane[start : self._pos]
+        view, got = self._buffer[:count], 0
+        while got < count:
+            n = self._reader.readinto(view[got:])
+            if n <= 0:
+                raise ValueError("a byte plane is shorter than the tensor")
+            got += n
+        return view
+
+
+def pack_parts(parts: list[Any]) -> bytes:
+    """Concatenate parts behind a table of their lengths (u8 count, u32 lengths). A part is a
+    bytes-like object or a tuple of them (a stream from :func:`literal_pieces`): copied once, here."""
+    pieces = [p if isinstance(p, tuple) else (p,) for p in parts]
+    lengths = [sum(len(memoryview(x).cast("B")) for x in p) for p in pieces]
+    head = struct.pack(f"<B{len(parts)}I", len(parts), *lengths)
+    return b"".join([head, *(memoryview(x).cast("B") for p in pieces for x in p)])
 
 
 def unpack_parts(blob: bytes | memoryview) -> list[memoryview]:

@@ -11,6 +11,7 @@ import numpy as np
 from modelpress.base.errors import (
     InvalidModelError,
     ModelpressError,
+    OptionsError,
     PluginError,
     PluginWarning,
     UnsupportedModelError,
@@ -50,14 +51,26 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
 
 def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:
     if isinstance(source, Model):
+        _check_task(source, options.get("task"))
         return source
     registry = registry or current_registry()
     # NOTE: the registry travels into the adapters (a .mpk is decoded with its codecs)
     with using_registry(registry):
         model = _load_with(source, registry, framework, options)
+    _check_task(model, options.get("task"))
     if isinstance(source, (str, os.PathLike)) and (model.ir.graph.name or "") in _EXPORTER_GRAPH_NAMES:
         model.ir.graph.name = os.path.splitext(os.path.basename(os.fspath(source).rstrip("/\\")))[0]
     return model
+
+
+def _check_task(model: Model, task: str | None) -> None:
+    """``task=`` is for adapters that export a model per task (Hugging Face checkpoints) and record
+    it as ``provenance.extra["task"]``; any other model would silently ignore it."""
+    if task is None or model.provenance.extra.get("task") == task:
+        return
+    had = model.provenance.extra.get("task")
+    how = f"is already exported for {had!r}" if had else f"was loaded by the {model.provenance.source_framework or 'ONNX'} importer, which has no tasks"
+    raise OptionsError(f"task {task!r}: {model.name!r} {how}; --task / task= chooses what a Hugging Face checkpoint is exported for")
 
 
 def _load_with(source: Any, registry: Registry, framework: str | None, options: dict[str, Any]) -> Model:

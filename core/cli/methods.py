@@ -15,6 +15,8 @@ from modelpress.cli.common import (
     EXTERNAL,
     Command,
     add_output_arguments,
+    add_seq_len_argument,
+    add_task_argument,
     capped_sample,
     console,
     escape,
@@ -55,11 +57,13 @@ class MethodCommand:
         if "calib" in self.data_flags:
             p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs), or a file an installed "
                                           "plugin reads (a .txt/.jsonl corpus for a Hugging Face checkpoint)")
+        add_seq_len_argument(p)
         if "data" in self.data_flags:
             p.add_argument("--data", required=self.kind == "distill", help=".npz training data: arrays named after the inputs, optionally `labels`")
         if self.kind == "distill":
             p.add_argument("--student", default="auto", help="'auto' (the teacher narrowed to --width) or a student model file")
         add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
+        add_task_argument(p)
 
     def extend(self, p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         """Stage two of the parse: the chosen method's options as flags (and ``-k``'s installed kinds)."""
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     options = method_options(method.options, args.option, args)
     common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
     # NOTE: read once (a text corpus is tokenised by its plugin), for the method and the verification sample
-    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration")
+    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration", args.seq_len)
     if spec.kind == "distill":
         given: Any = "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
         options.pop("student", None)  # NOTE: --student says it (auto, or the model given)

@@ -49,20 +49,26 @@ def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
     return buffer.getvalue()
 
 
+# NOTE: the role of each source as modelpress_load_data names it (a text corpus is read by its plugin)
+_LOAD_ROLES = {"eval": "evaluation", "calibration": "calibration", "train": "training"}
+
+
 def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
+    """The sources per role (``sequence_length``: tokens per sample of a text corpus, None: the plugin's default)."""
     if recipe is not None and data is None:
-        return {role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}
+        return {**{role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}, "sequence_length": recipe.data.sequence_length}
     if isinstance(data, DataSources):
         data = data.model_dump()
-    if isinstance(data, dict) and set(data) <= set(DATA_ROLES) and data:
+    if isinstance(data, dict) and set(data) <= {*DATA_ROLES, "sequence_length"} and data:
         out = {role: data.get(role) for role in DATA_ROLES}
+        length = data.get("sequence_length")
     else:
-        out = {"eval": data, "calibration": None, "train": None}
+        out, length = {"eval": data, "calibration": None, "train": None}, None
     if out["eval"] is None:
         raise OptionsError("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it")
     if out["calibration"] is None:
         out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
-    return out
+    return {**out, "sequence_length": length}
 
 
 @dataclass
@@ -97,6 +103,7 @@ def _has_labels(blob: bytes | None) -> bool:
 
 def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | None, evaluate: dict[str, Any] | None) -> Inputs:
     from modelpress.plugin.loading import load
+    from modelpress.plugin.registry import get_registry
 
     source = load(model)
     sources = _data_sources(data, recipe)
@@ -105,6 +112,9 @@ def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | No
     if recipe is not None:
         settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
     settings.update(evaluate or {})
+    registry = get_registry()
+    length = sources.pop("sequence_length")
+    sources = {role: registry.load_data(src, source, _LOAD_ROLES[role], length) for role, src in sources.items()}
     blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
     if settings["metric"] is None:
         settings["metric"] = "accuracy" if _has_labels(blobs["eval"]) else "agreement"

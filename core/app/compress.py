@@ -347,7 +347,8 @@ class _Run:
                 self.report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
                 return current, True
             except ModelpressError as exc:
-                if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                # NOTE: a stage that stopped the run on purpose (no gain, text criteria missed) already says why in the status
+                if not isinstance(exc, NoGainError) and not self.report.status.startswith(f"stopped at stage {index} "):
                     self.report.status = f"failed at stage {index} ({label})"
                 self.report.write(self.reports_at)
                 raise

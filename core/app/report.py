@@ -201,7 +201,7 @@ class Report:
     def _text_cells(s: StageMetrics) -> list[str]:
         if not s.text:
             return ["-"] * len(_TEXT_COLUMNS)
-        return [f"{s.text['perplexity']:.3f}", f"{s.text['perplexity_increase']:+.1%}", f"{s.text['token_agreement']:.1%}", f"{s.text['decode_tokens_per_s']:.1f}"]
+        return [f"{s.text['perplexity']:.3f}", f"{s.text['perplexity_increase']:+.2%}", f"{s.text['token_agreement']:.1%}", f"{s.text['decode_tokens_per_s']:.1f}"]
 
     def figure_columns(self) -> list[str]:
         """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured

@@ -104,11 +104,41 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = modelpress.apply(model, method, options=options, calibration=calib, train=getattr(args, "data", None), **common)
     _refuse_missed_criteria(result, args.accept_loss)
+    text = _judge_text(model, result, args)
     sample = args.sample or capped_sample(calib if calib is not None else getattr(args, "data", None))
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     print_result(result, exported, quiet=args.quiet)
+    if text:
+        console().print("text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text)))
     return 0
+
+
+def _judge_text(model: Any, result: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """A text decoder calibrated on a corpus: its perplexity and greedy tokens on the held-out part of
+    the corpus against the input's, held to the thresholds its method declares (exit 4 unless --accept-loss)."""
+    import modelpress
+    from modelpress.evaluation.text import TextEvaluation, is_decoder, text_floor, text_misses
+
+    if not getattr(args, "calib", None) or not is_decoder(model.signature):
+        return None
+    held_out = modelpress.get_registry().load_data(args.calib, model, "held-out", args.seq_len)
+    if held_out is None:
+        return None
+    figures: dict[str, Any] = TextEvaluation(model, held_out).measure(result)
+    missed = text_misses(figures, text_floor(result.provenance))
+    if missed is not None and not args.accept_loss:
+        raise AccuracyLossError(f"{result.provenance.passes[-1].method} misses its text criteria on the held-out calibration text: {missed} "
+                                f"({text_summary(figures)}); nothing was written. Ways forward: a gentler method or options, "
+                                "more calibration text, or keep the result with --accept-loss")
+    return {**figures, "loss_accepted": missed} if missed else figures
+
+
+def text_summary(figures: dict[str, Any]) -> str:
+    """A text decoder's figures in one line."""
+    text = (f"perplexity {figures['perplexity']:.3f} ({figures['perplexity_increase']:+.2%}), greedy-token agreement "
+            f"{figures['token_agreement']:.1%}, decode {figures['decode_tokens_per_s']:.1f} tokens/s")
+    return text + (f"; LOSS ACCEPTED: {figures['loss_accepted']}" if figures.get("loss_accepted") else "")
 
 
 def _refuse_missed_criteria(result: Any, accept_loss: bool) -> None:

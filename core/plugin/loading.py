@@ -40,7 +40,9 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
     ``source`` is a path (``.onnx``; ``.pt2``/TorchScript, ``.keras``, SavedModel folders with the
     extras installed), ONNX bytes, an ``onnx.ModelProto``, an ``onnx_ir.Model``, or an in-memory
     framework model (``torch.nn.Module``, ``keras.Model``, ...). ``framework`` picks the adapter
-    by name instead of asking each one. ``options`` go to the adapter (e.g. ``example_inputs``).
+    by name instead of asking each one. ``options`` go to the adapter (e.g. ``example_inputs``;
+    ``task`` for a Hugging Face checkpoint: ``feature-extraction``, ``text-classification``,
+    ``text-generation``, ``text-generation-with-past``; refused for a model that has no tasks).
     Loading a file shows progress (a live bar on a terminal, log lines in CI) when it takes long.
     """
     if isinstance(source, (str, os.PathLike)):

@@ -109,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     print_result(result, exported, quiet=args.quiet)
-    if text:
+    if text and not args.quiet:  # NOTE: -q keeps its one line
         console().print("text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text)))
     return 0
 

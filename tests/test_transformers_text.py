@@ -225,3 +225,8 @@ def test_tune_reads_text_data_with_the_sequence_length(llama, corpus, tmp_path):
         everything = text_samples(llama, corpus["txt"], sequence_length=16, max_samples=10_000)["input_ids"]
         assert len(npz["input_ids"]) == min(64, len(everything) - held_out_count(len(everything)))
     assert inputs.evaluate.metric == "agreement"
+    # NOTE: a calibration corpus alone: the evaluation data is the part held out of its calibration, as in compress
+    inputs = gather_inputs(llama, {"calibration": str(corpus["txt"]), "sequence_length": 16}, None, None, None)
+    held = text_samples(llama, corpus["txt"], sequence_length=16, part="held-out")["input_ids"]
+    with np.load(io.BytesIO(inputs.blobs["eval"])) as npz:
+        np.testing.assert_array_equal(npz["input_ids"], held)

@@ -20,7 +20,8 @@ __all__ = ["COMMANDS"]
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input model")
-    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric), or a .txt/.jsonl corpus for a Hugging Face checkpoint")
+    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric), or a .txt/.jsonl corpus for a Hugging Face checkpoint "
+                                 "(default for a --calib corpus: the part held out of its calibration)")
     p.add_argument("--calib", help=".npz calibration data (default: the evaluation data), or a .txt/.jsonl corpus for a Hugging Face checkpoint")
     add_seq_len_argument(p)
     add_task_argument(p)
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
     from modelpress.base.errors import OptionsError
 
     data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train, "sequence_length": args.seq_len}
-    if data is not None and not args.eval:
+    if data is not None and not args.eval and not args.calib:
         raise OptionsError("tune needs --eval data (arrays named after the model inputs, `labels` for accuracy), or a --recipe with data.eval")
     timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
     model = modelpress.load(args.model, **load_options(args)) if args.task else args.model  # NOTE: --task: what a checkpoint is exported for

@@ -51,6 +51,23 @@ def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
 
 # NOTE: the role of each source as modelpress_load_data names it (a text corpus is read by its plugin)
 _LOAD_ROLES = {"eval": "evaluation", "calibration": "calibration", "train": "training"}
+_NO_EVAL = ("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it "
+            "(a text corpus given as calibration data alone lends its held-out part)")
+
+
+def _read_sources(sources: dict[str, Any], source: Any) -> dict[str, Any]:
+    """Each role's data for ``source``, a file only a plugin reads (a text corpus) read by it; without
+    evaluation data, the part of the calibration corpus its plugin held out of the calibration."""
+    from modelpress.plugin.registry import HELD_OUT, get_registry
+
+    registry = get_registry()
+    length = sources.pop("sequence_length")
+    read = {role: registry.load_data(src, source, _LOAD_ROLES[role], length) for role, src in sources.items()}
+    if read["eval"] is None and sources["calibration"] is not None:
+        read["eval"] = registry.load_data(sources["calibration"], source, HELD_OUT, length)
+        if read["eval"] is None:
+            raise OptionsError(_NO_EVAL)
+    return read
 
 
 def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
@@ -64,8 +81,8 @@ def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
         length = data.get("sequence_length")
     else:
         out, length = {"eval": data, "calibration": None, "train": None}, None
-    if out["eval"] is None:
-        raise OptionsError("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it")
+    if out["eval"] is None and out["calibration"] is None:
+        raise OptionsError(_NO_EVAL)
     if out["calibration"] is None:
         out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
     return {**out, "sequence_length": length}
@@ -103,7 +120,6 @@ def _has_labels(blob: bytes | None) -> bool:
 
 def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | None, evaluate: dict[str, Any] | None) -> Inputs:
     from modelpress.plugin.loading import load
-    from modelpress.plugin.registry import get_registry
 
     source = load(model)
     sources = _data_sources(data, recipe)
@@ -112,9 +128,7 @@ def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | No
     if recipe is not None:
         settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
     settings.update(evaluate or {})
-    registry = get_registry()
-    length = sources.pop("sequence_length")
-    sources = {role: registry.load_data(src, source, _LOAD_ROLES[role], length) for role, src in sources.items()}
+    sources = _read_sources(sources, source)
     blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
     if settings["metric"] is None:
         settings["metric"] = "accuracy" if _has_labels(blobs["eval"]) else "agreement"

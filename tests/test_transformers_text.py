@@ -230,3 +230,15 @@ def test_tune_reads_text_data_with_the_sequence_length(llama, corpus, tmp_path):
     held = text_samples(llama, corpus["txt"], sequence_length=16, part="held-out")["input_ids"]
     with np.load(io.BytesIO(inputs.blobs["eval"])) as npz:
         np.testing.assert_array_equal(npz["input_ids"], held)
+
+
+@pytest.mark.slow
+def test_tune_a_decoder_on_a_calibration_corpus(ray_address, llama, corpus, tmp_path):
+    """tune with a calibration corpus alone: the trials are judged on the held-out part, and the best model's text
+    figures against the source (perplexity, greedy-token agreement, decode speed) are in the report."""
+    recipe = tmp_path / "search.yaml"
+    recipe.write_text(f"passes:\n  - {{kind: quantize, method: int8-dynamic, options: {{per_channel: {{search: [true, false]}}}}}}\n"
+                      f"data: {{calibration: {corpus['txt']}, sequence_length: 32}}\nevaluate: {{repeats: 2}}\n")
+    result = modelpress.tune(llama, recipe=recipe, budget=2, workers=1, address=ray_address, output=tmp_path / "out", show_progress=False)
+    assert result.model_path is not None and result.best.metric > 0.9
+    assert "text: perplexity" in (tmp_path / "out" / "report.md").read_text() and "greedy-token agreement" in result.report.verification

@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
                                  external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     print_result(result, exported, quiet=args.quiet)
     if text and not args.quiet:  # NOTE: -q keeps its one line
+        from modelpress.evaluation.text import text_summary
+
         console().print("text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text)))
     return 0
 
@@ -118,7 +120,13 @@ def _judge_text(model: Any, result: Any, args: argparse.Namespace) -> dict[str, 
     """A text decoder calibrated on a corpus: its perplexity and greedy tokens on the held-out part of
     the corpus against the input's, held to the thresholds its method declares (exit 4 unless --accept-loss)."""
     import modelpress
-    from modelpress.evaluation.text import TextEvaluation, is_decoder, text_floor, text_misses
+    from modelpress.evaluation.text import (
+        TextEvaluation,
+        is_decoder,
+        text_floor,
+        text_misses,
+        text_summary,
+    )
 
     if not getattr(args, "calib", None) or not is_decoder(model.signature):
         return None
@@ -132,13 +140,6 @@ def _judge_text(model: Any, result: Any, args: argparse.Namespace) -> dict[str, 
                                 f"({text_summary(figures)}); nothing was written. Ways forward: a gentler method or options, "
                                 "more calibration text, or keep the result with --accept-loss")
     return {**figures, "loss_accepted": missed} if missed else figures
-
-
-def text_summary(figures: dict[str, Any]) -> str:
-    """A text decoder's figures in one line."""
-    text = (f"perplexity {figures['perplexity']:.3f} ({figures['perplexity_increase']:+.2%}), greedy-token agreement "
-            f"{figures['token_agreement']:.1%}, decode {figures['decode_tokens_per_s']:.1f} tokens/s")
-    return text + (f"; LOSS ACCEPTED: {figures['loss_accepted']}" if figures.get("loss_accepted") else "")
 
 
 def _refuse_missed_criteria(result: Any, accept_loss: bool) -> None:

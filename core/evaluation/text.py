@@ -34,7 +34,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DEFAULT_TEXT_FLOOR", "TextEvaluation", "decode_tokens_per_second", "decoder_sample", "greedy_generate", "is_decoder",
-    "perplexity", "text_floor", "text_misses", "token_agreement",
+    "perplexity", "text_floor", "text_misses", "text_summary", "token_agreement",
 ]
 
 _PAST = "past_key_values."
@@ -268,3 +268,10 @@ def text_misses(figures: dict[str, float], floor: TextFloor | None) -> str | Non
 
 # NOTE: the floor of a pass whose method declares none (and has a cosine floor): loose, catches a broken result
 DEFAULT_TEXT_FLOOR = TextFloor(min_token_agreement=0.5, max_perplexity_increase=0.5)
+
+
+def text_summary(figures: dict[str, Any]) -> str:
+    """A text decoder's figures (:meth:`TextEvaluation.measure`, ``loss_accepted`` when kept anyway) in one line."""
+    text = (f"perplexity {figures['perplexity']:.3f} ({figures['perplexity_increase']:+.2%}), greedy-token agreement "
+            f"{figures['token_agreement']:.1%}, decode {figures['decode_tokens_per_s']:.1f} tokens/s")
+    return text + (f"; LOSS ACCEPTED: {figures['loss_accepted']}" if figures.get("loss_accepted") else "")

@@ -41,7 +41,7 @@ from modelpress.plugin_api import (
     one_line,
 )
 
-__all__ = ["TASKS", "load_transformers", "task_of"]
+__all__ = ["TASKS", "load_transformers", "task_of", "tasks_of"]
 
 TASKS = ("feature-extraction", "text-classification", "text-generation", "text-generation-with-past")
 _DECODER_TASKS = ("text-generation", "text-generation-with-past")
@@ -76,14 +76,19 @@ def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
 
 
 @hookimpl
-def modelpress_load_data(path: Path, model: Model, what: str) -> Any:
+def modelpress_load_data(path: Path, model: Model, what: str, sequence_length: int | None) -> Any:
     """A ``.txt`` or ``.jsonl`` corpus as inputs of a model this adapter imported: tokenised with its
-    checkpoint's tokenizer into sequences of 64 tokens (at most 64), see :func:`~modelpress.adapters.transformers_data.text_samples`."""
+    checkpoint's tokenizer into sequences of ``sequence_length`` tokens (default 64; at most 64
+    sequences), see :func:`~modelpress.adapters.transformers_data.text_samples`. For calibration the
+    last eighth of the sequences is held out; ``what="held-out"`` reads that part (None: nothing held out)."""
     if model.provenance.source_framework != "transformers" or path.suffix.lower() not in (".txt", ".jsonl"):
         return None
-    from modelpress.adapters.transformers_data import text_samples
+    from modelpress.adapters.transformers_data import held_out_samples, text_samples
 
-    return text_samples(model, path)
+    length = sequence_length or 64
+    if what == "held-out":
+        return held_out_samples(model, path, sequence_length=length)
+    return text_samples(model, path, sequence_length=length, part="calibration" if what == "calibration" else "all")
 
 
 @hookimpl
@@ -111,11 +116,18 @@ def _require() -> Any:
 
 def task_of(architecture: str) -> str:
     """The default task of a model class name (``LlamaForCausalLM`` -> ``text-generation-with-past``)."""
+    return tasks_of(architecture)[0]
+
+
+def tasks_of(architecture: str) -> tuple[str, ...]:
+    """The tasks a model class can be exported for, its default first: a causal LM generates (with or
+    without a cache) or gives its hidden states; a classifier classifies or gives its hidden states;
+    any other model gives its hidden states."""
     if architecture.endswith(("ForCausalLM", "LMHeadModel")):
-        return "text-generation-with-past"
+        return ("text-generation-with-past", "text-generation", "feature-extraction")
     if architecture.endswith("ForSequenceClassification"):
-        return "text-classification"
-    return "feature-extraction"
+        return ("text-classification", "feature-extraction")
+    return ("feature-extraction",)
 
 
 def _read_config(folder: Path) -> dict[str, Any]:
@@ -129,9 +141,12 @@ def _read_config(folder: Path) -> dict[str, Any]:
 
 
 def _check_task(task: str | None, architecture: str, label: str) -> str:
-    chosen = task or task_of(architecture)
-    if chosen not in TASKS:
-        raise OptionsError(f"{label}: unknown task {chosen!r}; choose one of {', '.join(TASKS)}")
+    """``task`` (default: the architecture's), refused by name unless the model can do it."""
+    possible = tasks_of(architecture)
+    chosen = task or possible[0]
+    if chosen not in possible:
+        what = "unknown task" if chosen not in TASKS else "task"
+        raise OptionsError(f"{label}: {what} {chosen!r}: {architecture or 'the model'} can do {', '.join(possible)} (--task / task=)")
     return chosen
 
 
@@ -165,12 +180,9 @@ def _for_task(model: Any, task: str | None, label: str) -> tuple[Any, str]:
     chosen = _check_task(task, architecture, label)
     if getattr(model.config, "is_encoder_decoder", False):
         raise UnsupportedModelError(f"{label}: {architecture} is an encoder-decoder model; only encoders and decoders are supported")
-    default = task_of(architecture)
-    if chosen == default or (chosen in _DECODER_TASKS and default in _DECODER_TASKS):
-        return model, chosen
-    if chosen == "feature-extraction" and getattr(model, "base_model", model) is not model:
-        return model.base_model, chosen
-    raise OptionsError(f"{label}: task {chosen!r} needs a model with that head; {architecture} is for {default!r}")
+    if chosen == "feature-extraction" and task_of(architecture) != chosen:
+        return model.base_model, chosen  # NOTE: the hidden states of a model with a head are its base model's
+    return model, chosen
 
 
 def _refuse_unsupported(model: Any, task: str, label: str) -> None:

@@ -3,7 +3,9 @@
 ``text_samples(model, "corpus.txt")`` gives the inputs of an imported Hugging Face model
 (``input_ids``, ``attention_mask``, and ``position_ids``, ``token_type_ids``, an empty past where
 the model takes them) for calibration (``modelpress.quantize(..., calibration=...)``) or, saved with
-``numpy.savez``, for ``--calib FILE.npz``.
+``numpy.savez``, for ``--calib FILE.npz``. A corpus given for calibration holds its last eighth out
+(``part="calibration"`` / ``"held-out"``): the report's perplexity is measured on text the
+calibration did not see.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import numpy as np
 
 from modelpress.plugin_api import DataError, Model, UnsupportedModelError, one_line
 
-__all__ = ["read_texts", "text_samples"]
+__all__ = ["HELD_OUT_SHARE", "held_out_count", "held_out_samples", "read_texts", "text_samples"]
 
 
 def read_texts(source: str | os.PathLike[str] | Sequence[str]) -> list[str]:
@@ -64,21 +66,56 @@ def _tokenizer(model: Model, tokenizer: Any) -> Any:
         raise DataError(f"{str(folder)!r}: no tokenizer can be loaded from it: {one_line(exc)}") from None
 
 
+# NOTE: a corpus given for calibration keeps its last eighth (at least one sequence) out of the
+# calibration: perplexity on it is measured on text the calibration never saw
+HELD_OUT_SHARE = 8
+PARTS = ("all", "calibration", "held-out")
+
+
+def held_out_count(windows: int) -> int:
+    """How many of a corpus's ``windows`` sequences its calibration reading leaves out (the last ones)."""
+    return max(1, windows // HELD_OUT_SHARE) if windows >= 2 else 0
+
+
 def text_samples(
     model: Model, texts: str | os.PathLike[str] | Sequence[str], *, tokenizer: Any = None, sequence_length: int = 64, max_samples: int = 64,
+    part: str = "all",
 ) -> dict[str, np.ndarray]:
     """The model's inputs for ``texts`` (see :func:`read_texts`): all texts tokenised, joined, and cut
-    into up to ``max_samples`` windows of ``sequence_length`` tokens (one sample each; a decoder's
-    past is empty). The tokenizer is the checkpoint folder's unless ``tokenizer`` is given."""
+    into windows of ``sequence_length`` tokens (one sample each; a decoder's past is empty), at most
+    ``max_samples`` of them. ``part``: ``"all"`` the windows from the first; ``"calibration"`` those
+    before the held-out ones; ``"held-out"`` the last eighth of the windows (at least one; a
+    corpus of one window holds none out). The tokenizer is the checkpoint folder's unless ``tokenizer`` is given."""
+    if part not in PARTS:
+        raise DataError(f"part {part!r}: choose one of {', '.join(PARTS)}")
+    if not isinstance(sequence_length, int) or sequence_length < 2:
+        raise DataError(f"sequence_length {sequence_length!r}: give a whole number of tokens >= 2")
+    windows = _windows(model, texts, tokenizer, sequence_length)
+    held = held_out_count(len(windows))
+    first, last = {"all": (0, len(windows)), "calibration": (0, len(windows) - held), "held-out": (len(windows) - held, len(windows))}[part]
+    if last <= first:
+        raise DataError(f"the text has {len(windows)} sequence(s) of {sequence_length} tokens: none is left to hold out; "
+                        "give more text or a shorter sequence_length")
+    return _feeds(model, windows[first:min(last, first + max_samples)])
+
+
+def _windows(model: Model, texts: str | os.PathLike[str] | Sequence[str], tokenizer: Any, sequence_length: int) -> np.ndarray:
+    """Every text tokenised and joined, cut into ``[windows, sequence_length]`` token ids."""
     tok = _tokenizer(model, tokenizer)
     ids: list[int] = []
     for text in read_texts(texts):
         ids += list(tok(text)["input_ids"])
-    count = min(len(ids) // sequence_length, max_samples)
-    if count == 0:
+    windows = len(ids) // sequence_length
+    if windows == 0:
         raise DataError(f"the text has {len(ids)} tokens, fewer than one sequence of {sequence_length}; give more text or a shorter sequence_length")
-    tokens = np.asarray(ids[: count * sequence_length], np.int64).reshape(count, sequence_length)
-    return _feeds(model, tokens)
+    return np.asarray(ids[: windows * sequence_length], np.int64).reshape(windows, sequence_length)
+
+
+def held_out_samples(model: Model, path: str | os.PathLike[str], *, sequence_length: int = 64) -> dict[str, np.ndarray] | None:
+    """The held-out part of a calibration corpus (see :func:`text_samples`), None when it is too short to hold any out."""
+    if held_out_count(len(_windows(model, path, None, sequence_length))) == 0:
+        return None
+    return text_samples(model, path, sequence_length=sequence_length, part="held-out")
 
 
 def _feeds(model: Model, tokens: np.ndarray) -> dict[str, np.ndarray]:

@@ -20,6 +20,8 @@ Running and judging models in ONNX Runtime
     :func:`activation_stats` (min/max/mean/abs-max of inner tensors over a data set, streamed
     batch by batch: :class:`TensorStats`), :class:`ActivationCollector` and
     :func:`calibration_batch` (its session and batch sizing, for a method's own loop).
+    Text decoders (optimum's layout): :func:`greedy_generate`, :func:`perplexity`, :func:`decoder_sample`
+    (verification inputs with a KV cache); :class:`TextFloor` (what a method's results keep of a decoder's text).
 Data
     :class:`Dataset`, :func:`load_dataset`, :func:`sample_inputs`, :data:`AXIS_SIZES_KEY` (the sizes of named
     axes an adapter declares for generated samples).
@@ -64,6 +66,7 @@ from modelpress.evaluation.criteria import (
     judge,
     lower_is_better,
 )
+from modelpress.evaluation.text import decoder_sample, greedy_generate, perplexity
 from modelpress.io.framework_bridge import (
     choose_loss,
     fit,
@@ -82,7 +85,7 @@ from modelpress.packing.container import read_packed
 from modelpress.plugin.adapter import Adapter
 from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
 from modelpress.plugin.hookspecs import hookimpl
-from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext
+from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext, TextFloor
 from modelpress.plugin.registry import current_registry
 from modelpress.plugin.tuning import TuneStage, Tuning
 from modelpress.runtime.activations import (
@@ -121,6 +124,7 @@ __all__ = [
     "Provenance",
     "TensorInfo",
     "TensorStats",
+    "TextFloor",
     "TuneStage",
     "Tuning",
     "UnsafeExternalDataError",
@@ -133,8 +137,10 @@ __all__ = [
     "choose_loss",
     "compare_outputs",
     "current_registry",
+    "decoder_sample",
     "ensure_opset",
     "fit",
+    "greedy_generate",
     "held_out_scores",
     "hookimpl",
     "infer_criteria",
@@ -146,6 +152,7 @@ __all__ = [
     "normalize_on_import",
     "numpy_dtype",
     "one_line",
+    "perplexity",
     "progress_bar",
     "read_packed",
     "recurrent_refusals",

@@ -15,14 +15,21 @@ import numpy as np
 from modelpress.app.pipeline import apply
 from modelpress.app.recipe import PassSpec, Recipe, load_recipe, resolve_callable
 from modelpress.app.report import Report, looks_slower
-from modelpress.base.errors import ModelpressError, NoGainError, OptionsError
-from modelpress.data.samples import Dataset, load_dataset, sample_inputs
+from modelpress.base.errors import AccuracyLossError, ModelpressError, NoGainError, OptionsError
+from modelpress.data.samples import (
+    Dataset,
+    declared_axis_sizes,
+    index_limits,
+    load_dataset,
+    sample_inputs,
+)
+from modelpress.evaluation.text import TextEvaluation, is_decoder, text_floor, text_misses
 from modelpress.io.export import export
 from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
-from modelpress.plugin.registry import Registry, get_registry
+from modelpress.plugin.registry import HELD_OUT, Registry, get_registry
 
-__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "latency_runs", "measure_latency", "run_pass"]
+__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "latency_runs", "measure_latency", "read_data", "run_pass"]
 
 
 @dataclass
@@ -48,6 +55,9 @@ class StageMetrics:
     # NOTE: where the stage looked slower than the one before it: both files re-timed side by side,
     # {key: [before's median, this stage's median, noise band]}; the report flags only what this confirms
     latency_recheck_ms: dict[str, list[float]] = field(default_factory=dict)
+    # NOTE: a text decoder's figures on the evaluation text (modelpress.evaluation.text.TextEvaluation.measure):
+    # perplexity, perplexity_increase, token_agreement, decode_tokens_per_s; empty for other models
+    text: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,7 +127,9 @@ class _Evaluator:
         self.custom = resolve_callable(metric) if metric not in ("accuracy", "agreement", "cosine", "mse") else None
         if metric == "accuracy" and (eval_data is None or eval_data.labels is None):
             raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
-        self.batches = list(eval_data.batches(256)) if eval_data is not None else [sample_inputs(source.signature, batch=16)]
+        # NOTE: generated inputs have the sizes the model declares for named axes (a KV cache's mask spans past + new tokens)
+        self.batches = list(eval_data.batches(256)) if eval_data is not None else [
+            sample_inputs(source.signature, batch=16, limits=index_limits(source.ir.graph), axis_sizes=declared_axis_sizes(source.provenance.extra))]
         self.reference = run_dataset(make_session(source), self.batches)
         feeds = self.batches[0]
         self.latency_feeds = {
@@ -189,6 +201,20 @@ class PassData:
     registry: Registry | None = None
 
 
+def read_data(recipe: Recipe, source: Model, registry: Registry, *, show_progress: bool = True) -> PassData:
+    """The recipe's data for ``source``, read once: a file only a plugin reads (a text corpus) becomes
+    arrays (``data.sequence_length`` tokens per sample). Without evaluation data, the part of a
+    calibration file its plugin held out of the calibration is the evaluation data."""
+    length = recipe.data.sequence_length
+    calibration_path = recipe.resolve(recipe.data.calibration)
+    calibration = registry.load_data(calibration_path, source, "calibration", length)
+    evaluation = registry.load_data(recipe.resolve(recipe.data.eval), source, "evaluation", length)
+    if evaluation is None and calibration_path is not None:
+        evaluation = registry.load_data(calibration_path, source, HELD_OUT, length)
+    return PassData(calibration=calibration, train=registry.load_data(recipe.resolve(recipe.data.train), source, "training", length),
+                    eval_source=evaluation, show_progress=show_progress, registry=registry)
+
+
 def run_pass(
     spec: PassSpec, index: int, current: Model, source: Model, data: PassData, *, allow_no_gain: bool = False, stage: str | None = None,
 ) -> Model:
@@ -243,22 +269,24 @@ class _Run:
         self.reports_at = Path(report_dir) if report_dir is not None else base
         self.reports_at.mkdir(parents=True, exist_ok=True)
 
-        self.data = PassData(calibration=recipe.resolve(recipe.data.calibration), train=recipe.resolve(recipe.data.train),
-                             eval_source=recipe.resolve(recipe.data.eval), show_progress=show_progress, registry=registry)
+        self.data = read_data(recipe, source, registry, show_progress=show_progress)
         self.eval_source = self.data.eval_source
         eval_data = load_dataset(self.eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if self.eval_source is not None else None
         # NOTE: verification data for every export after the source's: the caller's, or the evaluation data's first 64
         self.sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
         self.evaluator = _Evaluator(recipe, source, eval_data)
+        # NOTE: a text decoder is also judged on its text (perplexity, greedy tokens) when there is evaluation text
+        self.text = TextEvaluation(source, eval_data.inputs) if eval_data is not None and not eval_data.ragged and is_decoder(source.signature) else None
         self.report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
                              kind_columns={k.name: k.columns for k in registry.kinds()})
         # NOTE: verify, external_data, overwrite: the same for every export of the run
         self.export_options = {**outputs.export_options, "show_progress": show_progress, "registry": registry}
         self.stages: list[StageMetrics] = []
 
-    def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> None:
+    def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "", text: dict[str, Any] | None = None) -> None:
         """Measure a stage's exported file, pack it if the recipe says so and add it to the report."""
         self.stages.append(self.evaluator.measure(label, model, path, seconds, figures, kind))
+        self.stages[-1].text = dict(text or {})
         if len(self.stages) > 1:
             self.evaluator.recheck(self.stages[-2], self.stages[-1])
         _pack_stage(self.recipe, self.stages[-1], path, self.registry)
@@ -268,7 +296,24 @@ class _Run:
         """Export the source as stage 0 (not verified: it is the reference) and measure it."""
         path = self.stages_dir / "00-source.onnx"
         export(self.source, path, **{**self.export_options, "verify": False})
-        self.record("source", self.source, path, 0.0, {})
+        self.record("source", self.source, path, 0.0, {}, text=self.text.reference_figures(path) if self.text is not None else None)
+
+    def judge_text(self, index: int, label: str, result: Model) -> dict[str, Any] | None:
+        """A text decoder's figures on the evaluation text, judged against the thresholds its passes
+        declared (:attr:`Method.text_floor`): a miss stops the run (report written, nothing exported
+        for the stage) with :class:`AccuracyLossError`, unless ``accept_loss``."""
+        if self.text is None:
+            return None
+        figures = self.text.measure(result)
+        missed = text_misses(figures, text_floor(result.provenance, self.registry))
+        if missed is None:
+            return figures
+        if self.export_options.get("accept_loss"):
+            return {**figures, "loss_accepted": missed}
+        self.report.status = f"stopped at stage {index} ({label}): misses its text criteria: {missed}"
+        self.report.write(self.reports_at)
+        raise AccuracyLossError(f"{label} misses its text criteria on the evaluation text: {missed}; nothing was written for it. "
+                                f"Ways forward: a gentler method or options, more calibration text, or keep it with --accept-loss; report in {self.reports_at}")
 
     def stage(self, index: int, spec: PassSpec, current: Model, *, allow_no_gain: bool) -> Model:
         """Run recipe pass ``index`` on ``current``, export and measure its result; a result with
@@ -278,10 +323,11 @@ class _Run:
         # NOTE: no gain is judged below, after the stage is measured and reported.
         result = run_pass(spec, index, current, self.source, self.data, allow_no_gain=True)
         seconds = time.perf_counter() - start
+        text = self.judge_text(index, label, result)
         path = self.stages_dir / f"{index:02d}-{spec.kind}-{spec.method.replace(':', '-')}.onnx"
         export(result, path, sample=self.sample, reference=self.source, **self.export_options)
         figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
-        self.record(label, result, path, seconds, figures, spec.kind)
+        self.record(label, result, path, seconds, figures, spec.kind, text)
         if figures.get("no_gain") and not allow_no_gain:
             self.report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
             self.report.write(self.reports_at)
@@ -301,7 +347,8 @@ class _Run:
                 self.report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
                 return current, True
             except ModelpressError as exc:
-                if not isinstance(exc, NoGainError):  # NOTE: a no-gain stop already says so in the status
+                # NOTE: a stage that stopped the run on purpose (no gain, text criteria missed) already says why in the status
+                if not isinstance(exc, NoGainError) and not self.report.status.startswith(f"stopped at stage {index} "):
                     self.report.status = f"failed at stage {index} ({label})"
                 self.report.write(self.reports_at)
                 raise

@@ -7,9 +7,10 @@ A recipe is YAML or JSON::
       - {kind: distill, method: kd, options: {epochs: 5}}      # teacher: the source model
       - {kind: quantize, method: int8-static}
     data:
-      calibration: calib.npz          # .npz/.npy paths (relative to the recipe) or pkg.module:function
+      calibration: calib.npz          # .npz/.npy (or .txt/.jsonl text) paths (relative to the recipe) or pkg.module:function
       train: train.npz
       eval: test.npz
+      sequence_length: 64           # a .txt/.jsonl corpus (Hugging Face checkpoints): tokens per sample
     evaluate:
       metric: accuracy                # accuracy | agreement | cosine | mse | pkg.module:function
       batch_size: 64                  # latency is measured at batch 1 and this
@@ -67,6 +68,7 @@ class DataSources(_Strict):
     calibration: str | None = Field(None, description=".npz/.npy path or pkg.module:function for calibration data")
     train: str | None = Field(None, description="training data (fine-tuning, distillation), with `labels` when needed")
     eval: str | None = Field(None, description="evaluation data; `labels` for the accuracy metric")
+    sequence_length: int | None = Field(None, ge=2, description="tokens per sample of a text corpus (.txt/.jsonl) given as data (default 64)")
 
 
 class Evaluate(_Strict):

@@ -140,6 +140,13 @@ class _FittedTable:
         yield table
 
 
+# NOTE: a text decoder's columns, in StageMetrics.text's keys' order
+_TEXT_COLUMNS = ("perplexity", "perplexity change", "token agreement", "decode tokens/s")
+_TEXT_FOOTNOTE = (
+    " Text decoders: perplexity on the evaluation text (held out of the calibration text unless given), its change against the source, "
+    "the share of greedy tokens generated as the source does from a few prompts, and decode tokens/s (one token per step with the KV cache, ONNX Runtime, CPU)."
+)
+
 _FOOTNOTE = (
     "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). "
     "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
@@ -183,7 +190,18 @@ class Report:
     def columns(self) -> list[str]:
         latency = list(self.stages[0].latency_ms) if self.stages else []
         packed = ["packed size (MB)", "ratio (packed)"] if self._packed() else []
-        return ["stage", self.metric, "size (MB)", "ratio", "zip (MB)", *packed, "parameters", *self.figure_columns(), *[f"latency {k} ms" for k in latency], "time (s)"]
+        return ["stage", self.metric, *self.text_columns(), "size (MB)", "ratio", "zip (MB)", *packed, "parameters", *self.figure_columns(),
+                *[f"latency {k} ms" for k in latency], "time (s)"]
+
+    def text_columns(self) -> list[str]:
+        """A text decoder's columns (:attr:`StageMetrics.text`), when a stage has them."""
+        return list(_TEXT_COLUMNS) if any(s.text for s in self.stages) else []
+
+    @staticmethod
+    def _text_cells(s: StageMetrics) -> list[str]:
+        if not s.text:
+            return ["-"] * len(_TEXT_COLUMNS)
+        return [f"{s.text['perplexity']:.3f}", f"{s.text['perplexity_increase']:+.2%}", f"{s.text['token_agreement']:.1%}", f"{s.text['decode_tokens_per_s']:.1f}"]
 
     def figure_columns(self) -> list[str]:
         """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured
@@ -244,7 +262,7 @@ class Report:
             if self._packed():
                 packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
             rows.append([
-                label, value, _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
+                label, value, *(self._text_cells(s) if self.text_columns() else []), _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
                 *[self._figure_cell(s, c) for c in figure_columns], *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
             ])
         return rows
@@ -261,10 +279,15 @@ class Report:
             groups.append(sorted({note.split()[0] for note in worse[s.stage]}))
         return groups
 
+    def footnote(self) -> str:
+        return _FOOTNOTE + (_TEXT_FOOTNOTE if self.text_columns() else "")
+
     def notes(self) -> list[tuple[str, str, str]]:
         """What the flags mean, one ``(css class, stage, sentence)`` per flagged stage: its no-gain
         reason, or where it is bigger or slower than the stage before it and by how much."""
         found = [("no-gain", f"No gain at {s.stage}", str(s.figures["no_gain"])) for s in self.stages if s.figures.get("no_gain")]
+        found += [("regression", s.stage, f"misses its text criteria, kept with accept_loss: {s.text['loss_accepted']}.")
+                  for s in self.stages if s.text.get("loss_accepted")]
         return found + [("regression", stage, f"is {'; '.join(notes)}.") for stage, notes in self.regressions().items()]
 
     def details(self) -> list[tuple[str, dict[str, str], str]]:
@@ -282,7 +305,7 @@ class Report:
         cols = self.columns()
         lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
-        lines += ["", _FOOTNOTE]
+        lines += ["", self.footnote()]
         lines += [f"\n**{stage}**: {text}" if css == "no-gain" else f"\n**{stage}** {text}" for css, stage, text in self.notes()]
         for stage, reasons, rest in self.details():
             # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
@@ -350,7 +373,7 @@ class Report:
             "<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{esc(self.title)}</title><style>{_CSS}</style>"
             f"</head><body><h1>{esc(self.title)}</h1><p>Status: {esc(self.status)}</p>"
-            f"<table><tr>{cols}</tr>{self._html_rows()}</table><p>{esc(_FOOTNOTE)}</p>{notes}"
+            f"<table><tr>{cols}</tr>{self._html_rows()}</table><p>{esc(self.footnote())}</p>{notes}"
             f"<h2>{esc(self.metric)} vs size</h2>{self.svg_chart()}{details}</body></html>\n"
         )
 

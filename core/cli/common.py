@@ -14,7 +14,8 @@ from typing import Any, NoReturn
 
 __all__ = [
     "EXIT_CODES_HELP", "EXIT_CRITERIA", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USAGE", "EXTERNAL",
-    "Command", "Parser", "SubParser", "add_output_arguments", "add_overwrite_argument", "add_writing_arguments",
+    "Command", "Parser", "SubParser", "add_output_arguments", "add_overwrite_argument", "add_seq_len_argument", "add_task_argument",
+    "add_writing_arguments",
     "capped_sample", "console", "escape", "human_bytes", "refuse_overwrite",
 ]
 
@@ -134,9 +135,36 @@ def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="allow OUT to be an input file (the model, its external data, or a data file); refused by default")
 
 
+# NOTE: optimum's task names; the adapter that exports per task checks them (no plugin import for --help)
+TASK_HELP = ("what to export a Hugging Face checkpoint for: feature-extraction, text-classification, text-generation "
+             "(no KV cache) or text-generation-with-past (default: from its config); a task the model cannot do is refused "
+             "with the list of those it can")
+
+
+def add_task_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", help=TASK_HELP)
+
+
+def _seq_len(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of tokens >= 2")
+    return value
+
+
+def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--seq-len", type=_seq_len, metavar="N",
+                   help="tokens per sample when a text corpus (.txt/.jsonl) is given as data (default 64)")
+
+
 def load_options(args: argparse.Namespace) -> dict[str, Any]:
     """The keyword arguments of ``modelpress.load`` the command line sets."""
     options: dict[str, Any] = {"show_progress": not args.quiet}
     if getattr(args, "no_normalize", False):
         options["normalize"] = False
+    if getattr(args, "task", None):
+        options["task"] = args.task
     return options

@@ -13,8 +13,11 @@ from modelpress.cli.common import (
     EXTERNAL,
     Command,
     add_overwrite_argument,
+    add_seq_len_argument,
+    add_task_argument,
     add_writing_arguments,
     console,
+    load_options,
     refuse_overwrite,
 )
 
@@ -37,6 +40,8 @@ def compress_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accept-loss", action="store_true", help=ACCEPT_LOSS_HELP)
     p.add_argument("--workers", type=int, help="batch: models compressed in parallel (Ray local, default: the machine's cores)")
     p.add_argument("--address", help="batch: attach to a Ray cluster (ray://HOST:PORT) instead of starting one")
+    add_task_argument(p)
+    add_seq_len_argument(p)
 
 
 def print_report(result: Any) -> None:
@@ -54,8 +59,14 @@ def run_compress(args: argparse.Namespace) -> int:
         return _run_batch(args)
     args.model = args.model[0]
     refuse_overwrite(args, args.model, args.recipe, args.sample)
+    # NOTE: --task chooses what a checkpoint is exported for; --seq-len how the recipe's text data is cut
+    model = modelpress.load(args.model, **load_options(args)) if args.task else args.model
+    recipe: Any = args.recipe
+    if args.seq_len is not None:
+        recipe = modelpress.load_recipe(args.recipe, allow_imports=not args.no_imports)
+        recipe.data = type(recipe.data)(**{**recipe.data.model_dump(), "sequence_length": args.seq_len})
     result = modelpress.compress(
-        args.model, args.recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
+        model, recipe, output=args.output, report_dir=args.report_dir, show_progress=not args.quiet,
         allow_imports=not args.no_imports, overwrite=args.overwrite, verify=not args.no_verify, sample=args.sample,
         external_data=EXTERNAL[args.external_data], allow_no_gain=args.allow_no_gain, accept_loss=args.accept_loss,
     )
@@ -71,6 +82,9 @@ def _run_batch(args: argparse.Namespace) -> int:
 
     if Path(args.output).suffix.lower() == ".onnx":
         raise OptionsError(f"with several models (or --workers/--address) -o is a folder, not {args.output!r}")
+    if args.task or args.seq_len is not None:
+        raise OptionsError("--task and --seq-len apply to one model; for a batch, give checkpoints whose config names the task "
+                           "and the recipe's data.sequence_length")
     result = compress_batch(args.model, args.recipe, args.output, workers=args.workers, address=args.address, show_progress=not args.quiet)
     console().print(result.table())
     console().print(f"wrote one folder per model and summary.md/.json in {args.output}")

@@ -10,6 +10,7 @@ from modelpress.cli.common import (
     EXTERNAL,
     Command,
     add_overwrite_argument,
+    add_task_argument,
     add_writing_arguments,
     console,
     escape,
@@ -30,6 +31,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     add_writing_arguments(p)
     p.add_argument("--opset", type=int, help="ONNX opset for the import")
     p.add_argument("--trust-pickle", action="store_true", help="allow .pt files holding a pickled full module (unpickling runs code)")
+    add_task_argument(p)
     add_overwrite_argument(p)
 
 
@@ -59,6 +61,8 @@ def _import_options(args: argparse.Namespace) -> dict[str, Any]:
         options["trust_pickle"] = True
     if args.opset:
         options["opset"] = args.opset
+    if args.task:
+        options["task"] = args.task
     return options
 
 

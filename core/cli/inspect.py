@@ -6,7 +6,15 @@ import argparse
 import json
 from typing import Any
 
-from modelpress.cli.common import Command, capped_sample, console, escape, human_bytes, load_options
+from modelpress.cli.common import (
+    Command,
+    add_task_argument,
+    capped_sample,
+    console,
+    escape,
+    human_bytes,
+    load_options,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -18,6 +26,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take): op, weight shape, parameters")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
+    add_task_argument(p)
 
 
 def run(args: argparse.Namespace) -> int:

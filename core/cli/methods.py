@@ -15,6 +15,8 @@ from modelpress.cli.common import (
     EXTERNAL,
     Command,
     add_output_arguments,
+    add_seq_len_argument,
+    add_task_argument,
     capped_sample,
     console,
     escape,
@@ -55,11 +57,13 @@ class MethodCommand:
         if "calib" in self.data_flags:
             p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs), or a file an installed "
                                           "plugin reads (a .txt/.jsonl corpus for a Hugging Face checkpoint)")
+        add_seq_len_argument(p)
         if "data" in self.data_flags:
             p.add_argument("--data", required=self.kind == "distill", help=".npz training data: arrays named after the inputs, optionally `labels`")
         if self.kind == "distill":
             p.add_argument("--student", default="auto", help="'auto' (the teacher narrowed to --width) or a student model file")
         add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
+        add_task_argument(p)
 
     def extend(self, p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
         """Stage two of the parse: the chosen method's options as flags (and ``-k``'s installed kinds)."""
@@ -92,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
     options = method_options(method.options, args.option, args)
     common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
     # NOTE: read once (a text corpus is tokenised by its plugin), for the method and the verification sample
-    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration")
+    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration", args.seq_len)
     if spec.kind == "distill":
         given: Any = "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
         options.pop("student", None)  # NOTE: --student says it (auto, or the model given)
@@ -100,11 +104,42 @@ def run(args: argparse.Namespace) -> int:
     else:
         result = modelpress.apply(model, method, options=options, calibration=calib, train=getattr(args, "data", None), **common)
     _refuse_missed_criteria(result, args.accept_loss)
+    text = _judge_text(model, result, args)
     sample = args.sample or capped_sample(calib if calib is not None else getattr(args, "data", None))
     exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
                                  external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
     print_result(result, exported, quiet=args.quiet)
+    if text and not args.quiet:  # NOTE: -q keeps its one line
+        from modelpress.evaluation.text import text_summary
+
+        console().print("text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text)))
     return 0
+
+
+def _judge_text(model: Any, result: Any, args: argparse.Namespace) -> dict[str, Any] | None:
+    """A text decoder calibrated on a corpus: its perplexity and greedy tokens on the held-out part of
+    the corpus against the input's, held to the thresholds its method declares (exit 4 unless --accept-loss)."""
+    import modelpress
+    from modelpress.evaluation.text import (
+        TextEvaluation,
+        is_decoder,
+        text_floor,
+        text_misses,
+        text_summary,
+    )
+
+    if not getattr(args, "calib", None) or not is_decoder(model.signature):
+        return None
+    held_out = modelpress.get_registry().load_data(args.calib, model, "held-out", args.seq_len)
+    if held_out is None:
+        return None
+    figures: dict[str, Any] = TextEvaluation(model, held_out).measure(result)
+    missed = text_misses(figures, text_floor(result.provenance))
+    if missed is not None and not args.accept_loss:
+        raise AccuracyLossError(f"{result.provenance.passes[-1].method} misses its text criteria on the held-out calibration text: {missed} "
+                                f"({text_summary(figures)}); nothing was written. Ways forward: a gentler method or options, "
+                                "more calibration text, or keep the result with --accept-loss")
+    return {**figures, "loss_accepted": missed} if missed else figures
 
 
 def _refuse_missed_criteria(result: Any, accept_loss: bool) -> None:

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelpress.cli.common import EXIT_INTERRUPTED, Command, console
+from modelpress.cli.common import (
+    EXIT_INTERRUPTED,
+    Command,
+    add_seq_len_argument,
+    add_task_argument,
+    console,
+    load_options,
+)
 from modelpress.cli.compress import ACCEPT_LOSS_HELP
 
 __all__ = ["COMMANDS"]
@@ -13,8 +20,11 @@ __all__ = ["COMMANDS"]
 
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="input model")
-    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric)")
-    p.add_argument("--calib", help=".npz calibration data (default: the evaluation data)")
+    p.add_argument("--eval", help=".npz evaluation data (`labels` for the accuracy metric), or a .txt/.jsonl corpus for a Hugging Face checkpoint "
+                                 "(default for a --calib corpus: the part held out of its calibration)")
+    p.add_argument("--calib", help=".npz calibration data (default: the evaluation data), or a .txt/.jsonl corpus for a Hugging Face checkpoint")
+    add_seq_len_argument(p)
+    add_task_argument(p)
     p.add_argument("--train", help=".npz training data: enables fine-tuning, distillation")
     p.add_argument("--recipe", help="recipe whose options may be {search: [choices]} or {search: {low, high, step}} (replaces the default space)")
     p.add_argument("--max-drop", default="1%", help="largest allowed metric drop: 1%% or 0.01 (default 1%%)")
@@ -70,15 +80,17 @@ def _budget(args: argparse.Namespace) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    import modelpress
     from modelpress.app.tuning import parse_budget, tune
     from modelpress.base.errors import OptionsError
 
-    data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train}
-    if data is not None and not args.eval:
+    data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train, "sequence_length": args.seq_len}
+    if data is not None and not args.eval and not args.calib:
         raise OptionsError("tune needs --eval data (arrays named after the model inputs, `labels` for accuracy), or a --recipe with data.eval")
     timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
+    model = modelpress.load(args.model, **load_options(args)) if args.task else args.model  # NOTE: --task: what a checkpoint is exported for
     result = tune(
-        args.model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=_budget(args),
+        model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=_budget(args),
         metric=args.metric, strategy=args.strategy, output=args.output, workers=args.workers, address=args.address,
         fresh_workers=args.fresh_workers, storage=args.storage, study_name=args.study_name, trial_timeout=timeout,
         trial_memory_mb=_megabytes(args.trial_memory) if args.trial_memory else None, trial_retries=args.trial_retries, keep_trial_models=args.keep_trial_models,

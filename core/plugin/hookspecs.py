@@ -152,13 +152,17 @@ def modelpress_register_codecs(register: Callable[[Codec], None]) -> None:
 
 
 @hookspec(firstresult=True)
-def modelpress_load_data(path: Path, model: Model, what: str) -> Any:
+def modelpress_load_data(path: Path, model: Model, what: str, sequence_length: int | None) -> Any:
     """Read a data file of a type modelpress does not read itself (anything but ``.npz``/``.npy``)
     as inputs of ``model`` (since modelpress 0.2, issue 26).
 
     ``path`` is the file given as data (``calibration=``, ``train=``, ``eval=``, the CLI's
-    ``--calib``/``--data``); ``what`` says its role (``"calibration"``, ``"training"``,
-    ``"evaluation"``). Return the data in the usual convention (a dict of arrays named after the
+    ``--calib``/``--data``/``--eval``); ``what`` says its role (``"calibration"``, ``"training"``,
+    ``"evaluation"``, or ``"held-out"``: the part of a calibration file that its ``"calibration"``
+    reading leaves out, for evaluation when no evaluation data was given; answer ``None`` when
+    nothing is left out). ``sequence_length`` is the length of each sample the user asked for
+    (``--seq-len``, a recipe's ``data.sequence_length``) where data is cut into sequences (a text
+    corpus), ``None`` for your default. Return the data in the usual convention (a dict of arrays named after the
     model's inputs, a list of samples, ...; see :func:`modelpress.load_dataset`), or ``None`` when
     the file or the model is not yours (e.g. a text corpus for a model your adapter did not
     import: look at ``model.provenance``). The first non-None answer wins; when none answers, the

@@ -11,6 +11,7 @@ import numpy as np
 from modelpress.base.errors import (
     InvalidModelError,
     ModelpressError,
+    OptionsError,
     PluginError,
     PluginWarning,
     UnsupportedModelError,
@@ -39,7 +40,9 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
     ``source`` is a path (``.onnx``; ``.pt2``/TorchScript, ``.keras``, SavedModel folders with the
     extras installed), ONNX bytes, an ``onnx.ModelProto``, an ``onnx_ir.Model``, or an in-memory
     framework model (``torch.nn.Module``, ``keras.Model``, ...). ``framework`` picks the adapter
-    by name instead of asking each one. ``options`` go to the adapter (e.g. ``example_inputs``).
+    by name instead of asking each one. ``options`` go to the adapter (e.g. ``example_inputs``;
+    ``task`` for a Hugging Face checkpoint: ``feature-extraction``, ``text-classification``,
+    ``text-generation``, ``text-generation-with-past``; refused for a model that has no tasks).
     Loading a file shows progress (a live bar on a terminal, log lines in CI) when it takes long.
     """
     if isinstance(source, (str, os.PathLike)):
@@ -50,14 +53,26 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
 
 def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:
     if isinstance(source, Model):
+        _check_task(source, options.get("task"))
         return source
     registry = registry or current_registry()
     # NOTE: the registry travels into the adapters (a .mpk is decoded with its codecs)
     with using_registry(registry):
         model = _load_with(source, registry, framework, options)
+    _check_task(model, options.get("task"))
     if isinstance(source, (str, os.PathLike)) and (model.ir.graph.name or "") in _EXPORTER_GRAPH_NAMES:
         model.ir.graph.name = os.path.splitext(os.path.basename(os.fspath(source).rstrip("/\\")))[0]
     return model
+
+
+def _check_task(model: Model, task: str | None) -> None:
+    """``task=`` is for adapters that export a model per task (Hugging Face checkpoints) and record
+    it as ``provenance.extra["task"]``; any other model would silently ignore it."""
+    if task is None or model.provenance.extra.get("task") == task:
+        return
+    had = model.provenance.extra.get("task")
+    how = f"is already exported for {had!r}" if had else f"was loaded by the {model.provenance.source_framework or 'ONNX'} importer, which has no tasks"
+    raise OptionsError(f"task {task!r}: {model.name!r} {how}; --task / task= chooses what a Hugging Face checkpoint is exported for")
 
 
 def _load_with(source: Any, registry: Registry, framework: str | None, options: dict[str, Any]) -> Model:

@@ -18,7 +18,7 @@ from modelpress.plugin.tuning import Tuning
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
 
-__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "DEFAULT_FLOOR", "KINDS", "KIND_FLOOR", "Kind", "Method", "Options", "PassContext", "check_kind_name"]
+__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "DEFAULT_FLOOR", "KINDS", "KIND_FLOOR", "Kind", "Method", "Options", "PassContext", "TextFloor", "check_kind_name"]
 
 # NOTE: kinds are open (any registered name, see ``modelpress_register_kinds``); these are the
 # built-in plugins' kinds, kept importable for compatibility. Use ``registry.kinds()`` for what exists.
@@ -48,6 +48,20 @@ def check_kind_name(name: str, what: str) -> None:
     """A kind name is lowercase letters, digits, ``-`` and ``_``, starting with a letter."""
     if not isinstance(name, str) or not _KIND_NAME.match(name):
         raise ValueError(f"{what}: kind {name!r} is not a valid kind name (lowercase letters, digits, '-' and '_', starting with a letter)")
+
+
+@dataclass(frozen=True)
+class TextFloor:
+    """What a text decoder's result must keep (see :attr:`Method.text_floor`): the share of greedy
+    tokens it generates as the reference does from a few prompts, and the largest relative increase
+    of its perplexity on held-out text (0.05: +5 %)."""
+
+    min_token_agreement: float
+    max_perplexity_increase: float
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.min_token_agreement <= 1.0 or self.max_perplexity_increase < 0:
+            raise ValueError(f"TextFloor: min_token_agreement in [0, 1] and max_perplexity_increase >= 0, not {self!r}")
 
 
 @dataclass(frozen=True)
@@ -163,7 +177,9 @@ class Method:
     the method inherits its kind's (:attr:`Kind.min_cosine`, :data:`DEFAULT_FLOOR` for a kind
     that declares none). ``None`` says the method changes outputs by design (structural pruning,
     distillation): a chain of passes containing it has no default floor. A chain's floor is the
-    loosest of its passes' floors.
+    loosest of its passes' floors. ``text_floor`` (a :class:`TextFloor`) is the same for text
+    decoders, judged by :func:`modelpress.compress` on held-out text: greedy-token agreement and
+    perplexity increase (int8 methods declare tighter ones than int4).
 
     ``kind_default=True`` makes the method its kind's default: the one the kind's shortcut
     (:func:`modelpress.quantize`, :func:`modelpress.prune`, :func:`modelpress.distill`) runs when
@@ -188,6 +204,9 @@ class Method:
     tuning: Tuning | None = None
     # -- how its results are verified (export reads this; no table of method names in the core)
     min_cosine: float | str | None = KIND_FLOOR
+    # -- for text decoders: the token agreement / perplexity increase its results keep (None: a loose default, see
+    # modelpress.evaluation.text.DEFAULT_TEXT_FLOOR, unless min_cosine is None)
+    text_floor: TextFloor | None = None
     # -- the method ``modelpress.quantize()`` / ``prune()`` / ``distill()`` (and ``apply`` of the kind) use when none is named
     kind_default: bool = False
 

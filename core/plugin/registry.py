@@ -63,6 +63,7 @@ __all__ = [
     "BLOCK_ENV",
     "DISABLE_AUTOLOAD_ENV",
     "ENTRY_POINT_GROUP",
+    "HELD_OUT",
     "OBSERVER_HOOKS",
     "STRICT_ENV",
     "DuplicateKindError",
@@ -94,6 +95,8 @@ OBSERVER_HOOKS = frozenset({
 ANSWER_HOOKS = frozenset({"modelpress_load_data"})
 # NOTE: the data files modelpress reads itself; others are offered to modelpress_load_data.
 NUMPY_SUFFIXES = (".npz", ".npy")
+# The role of modelpress_load_data that asks for the part of a calibration file its calibration reading leaves out
+HELD_OUT = "held-out"
 _REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
 
 
@@ -411,14 +414,16 @@ class Registry:
         arguments only); an observer's exception is a warning naming the plugin (see :class:`_Hooks`)."""
         return _Hooks(self.pm)
 
-    def load_data(self, source: Any, model: Model, what: str) -> Any:
+    def load_data(self, source: Any, model: Model, what: str, sequence_length: int | None = None) -> Any:
         """``source`` as data for ``model``: a path to a file that is not ``.npz``/``.npy`` read by the
-        plugin that answers ``modelpress_load_data`` (a text corpus for a Hugging Face model); anything
-        else, or a file no plugin reads, is returned as it is (the data loader then says what it accepts)."""
+        plugin that answers ``modelpress_load_data`` (a text corpus for a Hugging Face model, cut into
+        samples of ``sequence_length`` tokens); anything else, or a file no plugin reads, is returned as
+        it is (the data loader then says what it accepts). ``what="held-out"`` answers ``None`` unless a
+        plugin holds part of the file out of its calibration reading (see the hook)."""
         if not isinstance(source, (str, os.PathLike)) or Path(source).suffix.lower() in NUMPY_SUFFIXES or not Path(source).is_file():
-            return source
-        answer = ask_first(self.pm, "modelpress_load_data", path=Path(source), model=model, what=what)
-        return source if answer is None else answer
+            return None if what == HELD_OUT else source
+        answer = ask_first(self.pm, "modelpress_load_data", path=Path(source), model=model, what=what, sequence_length=sequence_length)
+        return source if answer is None and what != HELD_OUT else answer
 
 
 def _kind_text(kind: Kind) -> str:

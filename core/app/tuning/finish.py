@@ -75,9 +75,11 @@ def _export_best(run: TuneRun, best: TrialRecord) -> _Outputs:
     # NOTE: the evaluation data only (the metric is the trial's): no run of the source model over all of it
     _, data = eval_data(out, spec)
     model_path = out / "best.onnx"
-    exported = export(load(_trial_model(run, best)), model_path, sample=data.take(64), reference=run.inputs.source,
-                      accept_loss=run.settings.accept_loss)
+    model = load(_trial_model(run, best))
+    text = _judge_text(run, model, data)
+    exported = export(model, model_path, sample=data.take(64), reference=run.inputs.source, accept_loss=run.settings.accept_loss)
     verification = exported.verification.summary() if exported.verification is not None else ""
+    verification += f"; text: {text}" if text else ""
     first = {name: array[:1] for name, array in data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
     best.latency_alone_ms = measure_latency(model_path, first, threads=spec.threads, repeats=spec.repeats)
     recipe_path = out / "best-recipe.yaml"
@@ -95,6 +97,29 @@ def _trial_model(run: TuneRun, best: TrialRecord) -> Path:
         value = run_trial(run.model_bytes, run.inputs.blobs, best.passes, run.inputs.evaluate.model_dump(), plugins=run.registry.local_plugins())
         atomic_write(path, value["model"])
     return path
+
+
+def _judge_text(run: TuneRun, model: Any, data: Any) -> str | None:
+    """A text decoder's best model on the evaluation text against the source (perplexity, greedy-token
+    agreement, decode speed), held to its passes' text floor before it is written (unless accept_loss)."""
+    from modelpress.base.errors import AccuracyLossError
+    from modelpress.evaluation.text import (
+        TextEvaluation,
+        is_decoder,
+        text_floor,
+        text_misses,
+        text_summary,
+    )
+
+    source = run.inputs.source
+    if data.ragged or not is_decoder(source.signature):
+        return None
+    figures: dict[str, Any] = TextEvaluation(source, data.take(64).inputs).measure(model)
+    missed = text_misses(figures, text_floor(model.provenance, run.registry))
+    if missed and not run.settings.accept_loss:
+        raise AccuracyLossError(f"the best configuration misses its text criteria on the evaluation text: {missed} ({text_summary(figures)}); "
+                                "best.onnx was not written (accept_loss=True / --accept-loss keeps it)")
+    return text_summary({**figures, "loss_accepted": missed})
 
 
 def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:

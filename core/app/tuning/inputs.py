@@ -49,20 +49,43 @@ def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
     return buffer.getvalue()
 
 
+# NOTE: the role of each source as modelpress_load_data names it (a text corpus is read by its plugin)
+_LOAD_ROLES = {"eval": "evaluation", "calibration": "calibration", "train": "training"}
+_NO_EVAL = ("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it "
+            "(a text corpus given as calibration data alone lends its held-out part)")
+
+
+def _read_sources(sources: dict[str, Any], source: Any) -> dict[str, Any]:
+    """Each role's data for ``source``, a file only a plugin reads (a text corpus) read by it; without
+    evaluation data, the part of the calibration corpus its plugin held out of the calibration."""
+    from modelpress.plugin.registry import HELD_OUT, get_registry
+
+    registry = get_registry()
+    length = sources.pop("sequence_length")
+    read = {role: registry.load_data(src, source, _LOAD_ROLES[role], length) for role, src in sources.items()}
+    if read["eval"] is None and sources["calibration"] is not None:
+        read["eval"] = registry.load_data(sources["calibration"], source, HELD_OUT, length)
+        if read["eval"] is None:
+            raise OptionsError(_NO_EVAL)
+    return read
+
+
 def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
+    """The sources per role (``sequence_length``: tokens per sample of a text corpus, None: the plugin's default)."""
     if recipe is not None and data is None:
-        return {role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}
+        return {**{role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}, "sequence_length": recipe.data.sequence_length}
     if isinstance(data, DataSources):
         data = data.model_dump()
-    if isinstance(data, dict) and set(data) <= set(DATA_ROLES) and data:
+    if isinstance(data, dict) and set(data) <= {*DATA_ROLES, "sequence_length"} and data:
         out = {role: data.get(role) for role in DATA_ROLES}
+        length = data.get("sequence_length")
     else:
-        out = {"eval": data, "calibration": None, "train": None}
-    if out["eval"] is None:
-        raise OptionsError("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it")
+        out, length = {"eval": data, "calibration": None, "train": None}, None
+    if out["eval"] is None and out["calibration"] is None:
+        raise OptionsError(_NO_EVAL)
     if out["calibration"] is None:
         out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
-    return out
+    return {**out, "sequence_length": length}
 
 
 @dataclass
@@ -105,6 +128,7 @@ def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | No
     if recipe is not None:
         settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
     settings.update(evaluate or {})
+    sources = _read_sources(sources, source)
     blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
     if settings["metric"] is None:
         settings["metric"] = "accuracy" if _has_labels(blobs["eval"]) else "agreement"

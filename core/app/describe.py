@@ -7,6 +7,7 @@ from typing import Any
 
 import onnx_ir as ir
 
+from modelpress.ir.layers import RECURRENT_OPS
 from modelpress.ir.model import Model
 
 __all__ = ["describe", "layer_rows", "size_on_disk"]
@@ -34,15 +35,54 @@ def _elements(value: ir.Value | None) -> int:
     return count
 
 
+def _shape(value: ir.Value | None) -> list[int | None] | None:
+    return None if value is None or value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
+
+
 def layer_rows(model: Model) -> list[dict[str, Any]]:
     """Each weighted layer (subgraphs included): name (what ``exclude``/``layers`` options take), op,
-    weight shape, parameters (weight and bias elements) and scope ("" in the main graph). Reads no weight."""
+    weight shape, parameters (weight and bias elements) and scope ("" in the main graph); then, in
+    the main graph, each LSTM/GRU/RNN and each embedding table (``Gather`` from a constant float
+    matrix), which carry most of a recurrent or text model's weights. Reads no weight."""
     rows = []
     for layer in model.weighted_layers(subgraphs=True):
-        shape = None if layer.weight.shape is None else [d if isinstance(d, int) else None for d in layer.weight.shape]
-        rows.append({"name": layer.name, "op": layer.op_type, "weight_shape": shape,
+        rows.append({"name": layer.name, "op": layer.op_type, "weight_shape": _shape(layer.weight),
                      "parameters": _elements(layer.weight) + _elements(layer.bias), "scope": layer.scope})
+    for node in model.ir.graph:
+        if node.domain not in ("", "ai.onnx"):
+            continue
+        if node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
+            sources = _constant_sources(node.inputs[1:4])
+            if sources:
+                rows.append({"name": node.name or node.op_type, "op": node.op_type, "weight_shape": _shape(node.inputs[1]),
+                             "parameters": sum(_elements(v) for v in sources), "scope": ""})
+        elif node.op_type == "Gather" and node.inputs and _is_table(node.inputs[0]):
+            rows.append({"name": node.name or node.op_type, "op": "Gather", "weight_shape": _shape(node.inputs[0]),
+                         "parameters": _elements(node.inputs[0]), "scope": ""})
     return rows
+
+
+def _is_table(value: ir.Value | None) -> bool:
+    return (value is not None and value.const_value is not None and value.dtype == ir.DataType.FLOAT
+            and value.shape is not None and len(value.shape) == 2)
+
+
+def _constant_sources(values: Any, depth: int = 8) -> list[ir.Value]:
+    """The float constants that ``values`` are computed from (a torch-exported LSTM's ``W`` is
+    ``Concat`` of ``Slice``s of ``weight_ih``); none when one of them depends on a graph input."""
+    found: dict[int, ir.Value] = {}
+    stack = [(v, 0) for v in values if v is not None]
+    while stack:
+        value, level = stack.pop()
+        if value.const_value is not None:
+            if value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+                found[id(value)] = value
+            continue
+        producer = value.producer()
+        if producer is None or level >= depth:
+            return []
+        stack.extend((v, level + 1) for v in producer.inputs if v is not None)
+    return list(found.values())
 
 
 def describe(model: Model) -> dict[str, Any]:

@@ -76,3 +76,23 @@ def test_an_onnx_file_from_the_torch_exporter_speaks_module_paths(tmp_path):
     # the names are what options take
     pruned = modelpress.prune(model, "magnitude", sparsity=0.5, exclude=["head.2"], min_elements=1)
     assert pruned.provenance.passes[-1].figures["skipped"]["head.2"] == "excluded by option"
+
+
+def test_a_quantized_model_keeps_its_weighted_layers():
+    from modelpress.data.samples import sample_inputs
+    from modelpress.testing import tiny_cnn, tiny_mlp
+
+    def table(model):
+        return sorted((r["name"], r["weight_shape"], r["parameters"]) for r in layer_rows(model))
+
+    cnn = tiny_cnn(channels=16)
+    calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(4)]
+    static = modelpress.quantize(cnn, "int8-static", calibration=calibration, smoothquant=False, allow_no_gain=True, show_progress=False)
+    assert "DequantizeLinear" in static.op_histogram() and table(static) == table(cnn) and len(table(cnn)) >= 2  # QDQ weights ("weighted layers 0")
+    mlp = tiny_mlp(in_features=64, hidden=64)
+    dynamic = modelpress.quantize(mlp, "int8-dynamic", min_elements=1, allow_no_gain=True, show_progress=False)
+    assert "MatMulInteger" in dynamic.op_histogram()
+    # NOTE: int8-dynamic's MatMulInteger is named <layer>_MatMulInteger and its bias is a separate Add
+    assert sorted(r["parameters"] for r in layer_rows(dynamic)) == sorted(64 * 64 if r["name"] == "fc1" else 4 * 64 for r in layer_rows(mlp))
+    int4 = modelpress.quantize(mlp, "int4-weight-only", min_elements=1, block_size=32, allow_no_gain=True, show_progress=False)
+    assert len(table(int4)) == len(table(mlp))  # NOTE: its Gemm becomes <layer>_MatMul behind a DequantizeLinear

@@ -48,7 +48,15 @@ def layer_rows(model: Model) -> list[dict[str, Any]]:
     for layer in model.weighted_layers(subgraphs=True):
         rows.append({"name": layer.name, "op": layer.op_type, "weight_shape": _shape(layer.weight),
                      "parameters": _elements(layer.weight) + _elements(layer.bias), "scope": layer.scope})
+    seen = {id(layer.node) for layer in model.weighted_layers(subgraphs=True)}
     for node in model.ir.graph:
+        if id(node) in seen:
+            continue
+        if node.op_type in _QUANTIZED_WEIGHT and len(node.inputs) > _QUANTIZED_WEIGHT[node.op_type]:
+            row = _quantized_row(node)
+            if row is not None:
+                rows.append(row)
+            continue
         if node.domain not in ("", "ai.onnx"):
             continue
         if node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
@@ -62,12 +70,46 @@ def layer_rows(model: Model) -> list[dict[str, Any]]:
     return rows
 
 
+# NOTE: where a quantized model keeps a layer's weight: the weight input of a float op behind a
+# DequantizeLinear (QDQ), or of an integer op; (op, weight input index)
+_QUANTIZED_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "ConvInteger": 1,
+                     "QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "MatMulNBits": 1}
+_BIAS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6, "MatMulNBits": 5}
+
+
+def _weight_sources(values: Any) -> list[ir.Value]:
+    """The constants ``values`` are computed from that hold weights, not the scales and zero points
+    of a Q/DQ (its inputs 1 and 2)."""
+    sources = _constant_sources(values, dtypes=None)
+    return [v for v in sources if any(not (u.node.op_type in ("DequantizeLinear", "QuantizeLinear") and u.idx > 0) for u in v.uses())]
+
+
+def _quantized_row(node: ir.Node) -> dict[str, Any] | None:
+    """A weighted layer of a quantized model (weight behind a DequantizeLinear, or an integer op)."""
+    index = _QUANTIZED_WEIGHT[node.op_type]
+    weights = _weight_sources([node.inputs[index]])
+    if not weights:
+        return None
+    bias_index = _BIAS.get(node.op_type)
+    bias = _weight_sources([node.inputs[bias_index]]) if bias_index is not None and len(node.inputs) > bias_index else []
+    if node.op_type == "MatMulNBits":
+        count = int(node.attributes["N"].as_int()) * int(node.attributes["K"].as_int())
+        shape: list[int | None] | None = [int(node.attributes["N"].as_int()), int(node.attributes["K"].as_int())]
+    else:
+        count, shape = sum(_elements(v) for v in weights), _shape(weights[0])
+    return {"name": node.name or node.op_type, "op": node.op_type, "weight_shape": shape,
+            "parameters": count + sum(_elements(v) for v in bias), "scope": ""}
+
+
 def _is_table(value: ir.Value | None) -> bool:
     return (value is not None and value.const_value is not None and value.dtype == ir.DataType.FLOAT
             and value.shape is not None and len(value.shape) == 2)
 
 
-def _constant_sources(values: Any, depth: int = 8) -> list[ir.Value]:
+_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+
+
+def _constant_sources(values: Any, depth: int = 8, dtypes: tuple[ir.DataType, ...] | None = _FLOATS) -> list[ir.Value]:
     """The float constants that ``values`` are computed from (a torch-exported LSTM's ``W`` is
     ``Concat`` of ``Slice``s of ``weight_ih``); none when one of them depends on a graph input."""
     found: dict[int, ir.Value] = {}
@@ -75,7 +117,7 @@ def _constant_sources(values: Any, depth: int = 8) -> list[ir.Value]:
     while stack:
         value, level = stack.pop()
         if value.const_value is not None:
-            if value.dtype in (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16):
+            if dtypes is None or value.dtype in dtypes:
                 found[id(value)] = value
             continue
         producer = value.producer()

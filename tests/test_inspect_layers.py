@@ -96,3 +96,12 @@ def test_a_quantized_model_keeps_its_weighted_layers():
     assert sorted(r["parameters"] for r in layer_rows(dynamic)) == sorted(64 * 64 if r["name"] == "fc1" else 4 * 64 for r in layer_rows(mlp))
     int4 = modelpress.quantize(mlp, "int4-weight-only", min_elements=1, block_size=32, allow_no_gain=True, show_progress=False)
     assert len(table(int4)) == len(table(mlp))  # NOTE: its Gemm becomes <layer>_MatMul behind a DequantizeLinear
+
+
+def test_inspect_leaves_out_a_producer_version_of_none(tmp_path):
+    path = tmp_path / "lstm.onnx"
+    _lstm_file(path)
+    proto = onnx.load(path)
+    proto.producer_name, proto.producer_version = "tf2onnx", "None"
+    onnx.save(proto, path)
+    assert modelpress.describe(modelpress.load(path, show_progress=False))["producer"] == "tf2onnx"

@@ -127,6 +127,12 @@ def _constant_sources(values: Any, depth: int = 8, dtypes: tuple[ir.DataType, ..
     return list(found.values())
 
 
+def _producer(model: Model) -> str:
+    """``name version``; tf2onnx writes the version "None" when it has none."""
+    parts = [model.ir.producer_name, model.ir.producer_version]
+    return " ".join(p for p in parts if p and p != "None")
+
+
 def describe(model: Model) -> dict[str, Any]:
     """Op histogram, parameter count, sizes, opset, signature, weighted layers and provenance. Reads no weight."""
     sig = model.signature
@@ -137,7 +143,7 @@ def describe(model: Model) -> dict[str, Any]:
         "opset": model.opset,
         "opset_imports": dict(model.ir.opset_imports),
         "ir_version": model.ir.ir_version,
-        "producer": f"{model.ir.producer_name or ''} {model.ir.producer_version or ''}".strip(),
+        "producer": _producer(model),
         "nodes": len(model.ir.graph),
         "nodes_in_subgraphs": sum(len(g) for g in model.ir.graphs()) - len(model.ir.graph),
         "parameters": model.parameter_count(),

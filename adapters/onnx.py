@@ -140,7 +140,26 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
             importer="modelpress.adapters.onnx",
             extra={"normalize": normalised},
         )
-    return Model(model, provenance=provenance, path=path, declared_value_info=declared)
+    result = Model(model, provenance=provenance, path=path, declared_value_info=declared)
+    if path is not None and provenance is not None and proto.producer_name == "pytorch":  # NOTE: the torch adapter names its own exports
+        _torch_names(result)
+    return result
+
+
+def _torch_names(model: Model) -> None:
+    """Layers of a file the torch exporter wrote, named as in the torch adapter: after the module
+    holding the weight (``features.0``) instead of ``node_Conv_91``, from the parameter names and
+    the module scopes the exporter records on each node (``pkg.torch.onnx.name_scopes``); an
+    LSTM/GRU/RNN and an embedding lookup after their module (``lstm``, ``emb``)."""
+    from modelpress.adapters.naming import rename_layers
+    from modelpress.adapters.torch import module_path, module_scope
+
+    rename_layers(model, module_path)
+    for node in model.ir.graph:
+        if node.op_type in ("LSTM", "GRU", "RNN", "Gather") and node.domain in ("", "ai.onnx"):
+            scope = module_scope(node)
+            if scope and scope != node.name and (node.op_type != "Gather" or (node.inputs[0] is not None and node.inputs[0].const_value is not None)):
+                node.name = model.fresh_name(scope, node=True)
 
 
 def _declared_value_info(graph: onnx.GraphProto) -> frozenset[str]:

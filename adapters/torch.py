@@ -222,17 +222,25 @@ def module_path(layer: WeightedLayer) -> str | None:
     weight = layer.weight.name or ""
     if _PARAMETER.match(weight) and weight.endswith((".weight", ".weight_orig")):
         return weight.rsplit(".", 1)[0]
-    scopes = layer.node.metadata_props.get("pkg.torch.onnx.name_scopes")
-    if scopes:
-        try:
-            modules = [s for s in ast.literal_eval(scopes)[:-1] if s]
-        except (ValueError, SyntaxError):
-            modules = []
-        if modules:
-            return str(modules[-1])
+    scope = module_scope(layer.node)
+    if scope:
+        return scope
     if _PARAMETER.match(weight):
         return weight
     return _scope_path(layer.node.name or "")
+
+
+def module_scope(node: Any) -> str | None:
+    """The innermost module the dynamo exporter records for ``node`` (``pkg.torch.onnx.name_scopes``:
+    ``['', 'features', 'features.0', 'conv2d']`` -> ``features.0``), or None."""
+    scopes = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not scopes:
+        return None
+    try:
+        modules = [s for s in ast.literal_eval(scopes)[:-1] if s]
+    except (ValueError, SyntaxError):
+        return None
+    return str(modules[-1]) if modules else None
 
 
 def _scope_path(node_name: str) -> str | None:

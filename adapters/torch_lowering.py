@@ -923,7 +923,8 @@ def to_torch(model: Model) -> GraphModule:
 
 
 def update_weights(model: Model, module: GraphModule) -> Model:
-    """A copy of ``model`` whose initializers hold ``module``'s current parameters and buffers."""
+    """A copy of ``model`` whose initializers hold ``module``'s current parameters and buffers; it is its own
+    reference (what the methods applied to it next are verified against), not ``model``."""
     result = model.clone()
     for attr, onnx_name in module.onnx_names.items():
         tensor = getattr(module, attr).detach().cpu()
@@ -933,4 +934,7 @@ def update_weights(model: Model, module: GraphModule) -> Model:
         if original is not None and np.array_equal(original.numpy(), array):
             continue  # unchanged: keep the (possibly memory-mapped) tensor as it is
         result.replace_initializer(onnx_name, array)
+    # NOTE: trained weights are a new baseline, not a compression: later methods are verified against
+    # it (against the untrained model, the PyTorch guide's int8 result showed "top-1 agreement 1.56 %")
+    result.reference = None
     return result

@@ -8,6 +8,10 @@ replaces it at build time:
 * ``<!-- mp:methods -->``: every built-in method by kind, with its one-line summary;
 * ``<!-- mp:help COMMAND -->``: the command's ``--help`` (``<!-- mp:help -->`` for the top level).
 
+The docstrings are written with Sphinx roles (``:class:`Model```, ``:func:`~modelpress.export```),
+which mkdocstrings leaves as text: :func:`on_page_content` turns each into code, linked to the
+object's entry where the page documents it (``~`` shows the last name only, as in Sphinx).
+
 Only modelpress's own plugins are documented: third-party autoload is switched off here, as in
 the test suite. An unknown method or command in a marker fails the build.
 """
@@ -87,3 +91,30 @@ def on_page_markdown(markdown: str, page: Any, config: Any, files: Any) -> str:
         return command_help(arg)
 
     return MARKER.sub(expand, markdown)
+
+
+ROLE = re.compile(r":(?:py:)?(?:class|func|meth|attr|data|exc|mod|obj|const):<code>(~?)([^<]+)</code>")
+ANCHOR = re.compile(r'id="(modelpress\.[\w.]+)"')
+
+
+def _resolve(name: str, anchors: set[str]) -> str | None:
+    """The page's anchor for a role's target: ``modelpress.X``, ``X`` as written, or a unique suffix."""
+    name = name.rstrip("()")
+    for candidate in (name, f"modelpress.{name}"):
+        if candidate in anchors:
+            return candidate
+    found = [a for a in anchors if a.endswith("." + name)]
+    return found[0] if len(found) == 1 else None
+
+
+def on_page_content(html_text: str, page: Any, config: Any, files: Any) -> str:
+    anchors = set(ANCHOR.findall(html_text))
+
+    def link(match: re.Match[str]) -> str:
+        short, target = match.group(1) == "~", match.group(2)
+        shown = target.rsplit(".", 1)[-1] if short else target
+        anchor = _resolve(target, anchors)
+        code = f"<code>{shown}</code>"
+        return f'<a href="#{anchor}">{code}</a>' if anchor else code
+
+    return ROLE.sub(link, html_text)

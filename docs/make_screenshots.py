@@ -1,65 +1,40 @@
-"""Regenerate the screenshots of the HTML report in ``docs/img/`` from a real run.
+"""Regenerate the screenshot of the HTML report in ``docs/img/report.png`` from a real run.
 
-    python docs/make_screenshots.py [--demo-dir DIR] [--fast]
+    python docs/make_screenshots.py [--keep DIR]
 
-Runs ``modelpress demo`` (torch or Keras needed; ``--demo-dir`` reuses the output of an earlier
-run instead) and renders its ``report.html`` with a headless Chromium (Debian: ``apt-get install
-chromium``; ``chrome``/``chromium-browser`` work too, or set ``CHROMIUM=/path``) into
-``docs/img/report.png`` (the whole page: the stage table and the accuracy-vs-size chart). The PNG
-is committed: the docs build and CI need no browser. It prints the run's ``report.md`` table, to
-paste into ``docs/recipes-and-reports.md`` beside the image.
+Compresses the docs' digits CNN (``tests/docs_files.py``: numpy and ONNX Runtime, no framework)
+with ``REPORT_RECIPE`` there, then renders its ``report.html`` in headless Chromium
+(``tests/browser.py``; Debian: ``apt-get install chromium``, or set ``CHROMIUM=/path``). The same
+run is checked by ``tests/test_report_screenshot.py``. The PNG is committed: building the site
+needs no browser. It prints the run's ``report.md`` table, to paste beside the image in
+``docs/recipes-and-reports.md``.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
+sys.path.insert(0, str(HERE.parent))  # NOTE: the repository root, for tests.browser and tests.docs_files
 
+from tests.browser import screenshot  # noqa: E402
+from tests.docs_files import compressed_report  # noqa: E402
 
-def browser() -> str:
-    for name in (os.environ.get("CHROMIUM"), *BROWSERS):
-        if name and shutil.which(name):
-            return shutil.which(name)  # type: ignore[return-value]
-    raise SystemExit("no headless Chromium found: apt-get install chromium (or set CHROMIUM=/path/to/chrome)")
-
-
-def screenshot(html: Path, png: Path, *, width: int = 1100, height: int = 760) -> None:
-    with tempfile.TemporaryDirectory() as profile:
-        subprocess.run(
-            [browser(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", f"--user-data-dir={profile}",
-             f"--window-size={width},{height}", f"--screenshot={png}", html.resolve().as_uri()],
-            check=True, capture_output=True, timeout=120,
-        )
-    if not png.exists() or png.stat().st_size == 0:
-        raise SystemExit(f"the browser wrote no image for {html}")
+SIZE = (1100, 1250)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--demo-dir", type=Path, help="use the report of an earlier `modelpress demo --out DIR`")
-    parser.add_argument("--fast", action="store_true", help="run the demo with --fast")
+    parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
-    folder = args.demo_dir
     with tempfile.TemporaryDirectory() as tmp:
-        if folder is None:
-            folder = Path(tmp) / "demo"
-            cmd = [sys.executable, "-m", "modelpress.cli", "demo", "--out", str(folder), "-q", *(["--fast"] if args.fast else [])]
-            subprocess.run(cmd, check=True)
-        report = folder / "report.html"
-        if not report.exists():
-            raise SystemExit(f"{report} does not exist: run `modelpress demo --out {folder}` first")
-        out = HERE / "img"
-        out.mkdir(exist_ok=True)
-        screenshot(report, out / "report.png")
-        print(f"wrote {out / 'report.png'} from {report}\n")
+        folder = args.keep or Path(tmp) / "run"
+        report = compressed_report(folder)
+        png = screenshot(report, HERE / "img" / "report.png", SIZE)
+        print(f"wrote {png} from {report}\n")
         print("\n".join(line for line in (folder / "report.md").read_text().splitlines() if line.startswith("|")))
     return 0
 

@@ -32,6 +32,31 @@ def test_version_and_help_import_no_heavy_module(argv):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout + done.stderr
 
 
+# What `inspect` of an ONNX file may not import: frameworks, sympy (onnx-ir's, deferred), tuning and
+# data-science stacks, the compression pipeline and report. numpy, onnx(-ir), ONNX Runtime (the
+# normalisation check), rich and the built-in plugins are what it needs.
+INSPECT_NEVER = (
+    "torch", "tensorflow", "keras", "jax", "sympy", "transformers", "onnxscript", "tf2onnx", "scipy", "sklearn",
+    "pandas", "matplotlib", "PIL", "ray", "optuna", "zstandard", "modelpress.app.compress", "modelpress.app.pipeline",
+    "modelpress.app.report", "modelpress.app.tuning", "modelpress.io.export", "modelpress.adapters.torch_lowering",
+    "modelpress.adapters.torch_training",
+)
+
+
+def test_inspect_imports_only_what_it_needs(tmp_path):
+    path = tmp_path / "m.onnx"
+    onnx.save(tiny_mlp(in_features=8, hidden=8).to_proto(), path)
+    code = (
+        "import sys\n"
+        "from modelpress.cli import main\n"
+        f"assert main(['inspect', {str(path)!r}]) == 0\n"
+        f"print(sorted(m for m in {INSPECT_NEVER!r} if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
+
+
 def test_import_modelpress_is_lazy_and_the_api_is_whole():
     code = (
         "import sys, modelpress\n"

@@ -245,6 +245,12 @@ def test_mkdocs_build_strict(tmp_path):
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-5000:]
     assert (tmp_path / "site" / "methods" / "int8-static" / "index.html").exists()
+    # Sphinx roles in docstrings render as code, linked to the entry (docs/_hooks.py), never as raw text
+    api = (tmp_path / "site" / "api" / "index.html").read_text(encoding="utf-8")
+    assert '<a href="#modelpress.Model"><code>Model</code></a>' in api
+    for page in (tmp_path / "site").rglob("*.html"):
+        raw = re.findall(r":(?:class|func|meth|attr|exc|mod):", page.read_text(encoding="utf-8"))
+        assert not raw, f"{page.relative_to(tmp_path)}: {len(raw)} raw Sphinx roles"
 
 
 def test_every_builtin_method_has_a_page_with_its_generated_options():

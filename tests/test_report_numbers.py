@@ -149,3 +149,15 @@ def test_report_html_has_everything_report_md_has(tmp_path):
     page = report.html()
     assert "<span class='flag flag-bigger'>bigger</span>, <span class='flag flag-slower'>slower</span>" in page
     assert "is bigger than 'a' (0.200 vs 0.100 MB); slower than 'a' at b1 (2.000 vs 1.000 ms)." in _text(page)
+
+
+def test_smoothquant_scales_are_not_parameters(tmp_path):
+    model = tiny_mlp(in_features=256, hidden=256)
+    calibration = [sample_inputs(model.signature, batch=16, seed=i) for i in range(4)]
+    expected = model.parameter_count()
+    static = modelpress.quantize(model, method="int8-static", calibration=calibration, smoothquant=True, allow_no_gain=True, show_progress=False)
+    scales = [n for n in static.nodes() if n.op_type == "Mul" and n.metadata_props.get("modelpress.role") == "activation_scale"]
+    assert scales, static.op_histogram()  # SmoothQuant put its Mul on the activation
+    assert static.parameter_count() == expected
+    modelpress.export(static, tmp_path / "q.onnx", verify=False)
+    assert modelpress.load(tmp_path / "q.onnx", show_progress=False).parameter_count() == expected

@@ -18,7 +18,7 @@ from modelpress.io.export import export
 from modelpress.io.framework_bridge import to_torch
 from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
-from modelpress.plugin.loading import load
+from modelpress.plugin.loading import load, no_convert_hint
 from modelpress.runtime.session import make_session, run
 
 __all__ = ["ConvertResult", "convert", "save_torch"]
@@ -125,6 +125,7 @@ def convert(
     target = _target_for(path, to)
     if isinstance(source, (str, os.PathLike)):
         refuse_overwrite([path], [source], overwrite=overwrite)
+        no_convert_hint(source)
     model = load(source, **load_options)
     refuse_overwrite([path], model_files(model), overwrite=overwrite)
     if target == "onnx":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import html
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -154,10 +155,17 @@ _FOOTNOTE = (
 )
 
 
+
+def _code_spans(text: str) -> str:
+    """``text`` escaped for HTML, its Markdown `code` spans as <code> (the footnote and notes are shared with report.md)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 _CSS = (
     "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
     "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}td:first-child,th:first-child{text-align:left}"
-    ".flag{font-weight:bold;padding:0 3px;border-radius:3px}.flag-bigger{color:#fff;background:#c77700}"
+    ".flag{font-weight:bold;padding:0 3px;border-radius:3px;white-space:nowrap}code{background:#f0f0f0;padding:0 2px}"
+    ".flag-bigger{color:#fff;background:#c77700}"
     ".flag-slower{color:#fff;background:#b3261e}.flag-no-gain{color:#fff;background:#6b1b9a}"
     "tr.flagged-bigger,tr.flagged-slower,tr.flagged-no-gain{background:#fff5f0}"
     ".note{border-left:4px solid #b3261e;padding-left:8px}.note.no-gain{border-color:#6b1b9a}"
@@ -363,7 +371,7 @@ class Report:
         flags (``flag-bigger``, ``flag-slower``, ``flag-no-gain`` classes) and the chart."""
         esc = html.escape
         cols = "".join(f"<th>{esc(c)}</th>" for c in self.columns())
-        notes = "".join(f"<p class='note {css}'><b>{esc(stage)}</b>{':' if css == 'no-gain' else ''} {esc(text)}</p>" for css, stage, text in self.notes())
+        notes = "".join(f"<p class='note {css}'><b>{esc(stage)}</b>{':' if css == 'no-gain' else ''} {_code_spans(text)}</p>" for css, stage, text in self.notes())
         details = "".join(
             f"<h2>{esc(stage)}</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(text)}</li>" for k, text in reasons.items())
             + f"</ul><pre>{esc(rest)}</pre>"
@@ -373,7 +381,7 @@ class Report:
             "<!doctype html><html><head><meta charset='utf-8'>"
             f"<title>{esc(self.title)}</title><style>{_CSS}</style>"
             f"</head><body><h1>{esc(self.title)}</h1><p>Status: {esc(self.status)}</p>"
-            f"<table><tr>{cols}</tr>{self._html_rows()}</table><p>{esc(self.footnote())}</p>{notes}"
+            f"<table><tr>{cols}</tr>{self._html_rows()}</table><p>{_code_spans(self.footnote())}</p>{notes}"
             f"<h2>{esc(self.metric)} vs size</h2>{self.svg_chart()}{details}</body></html>\n"
         )
 

@@ -23,7 +23,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="model file (.onnx; .mpk: also lists the codecs the pack needs and who provides them; other formats with their extras)")
     p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
     p.add_argument("--sample", help=".npz inputs (named after the model inputs) for the normalisation check (default: random inputs from the signature)")
-    p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take): op, weight shape, parameters")
+    p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take; LSTM/GRU and embedding tables included): op, weight shape, parameters")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
     add_task_argument(p)

@@ -43,6 +43,8 @@ class Comparison:
     outputs: tuple[OutputComparison, ...] = field(default_factory=tuple)
     # NOTE: what the result missed when it was kept anyway (export's accept_loss=True); None: nothing missed
     loss_accepted: str | None = None
+    # NOTE: the inputs were generated from the signature (no sample given), not real data
+    random_inputs: bool = False
 
     @property
     def max_abs_diff(self) -> float:
@@ -74,6 +76,7 @@ class Comparison:
             "top1_agreement": self.top1_agreement,
             "outputs": [asdict(o) for o in self.outputs],
             "loss_accepted": self.loss_accepted,
+            "random_inputs": self.random_inputs,
         }
 
     def summary(self) -> str:
@@ -83,7 +86,10 @@ class Comparison:
         judged = [o for o in self.outputs if o.criterion and o.value is not None]
         if judged:
             text += "; " + ", ".join(f"{o.name} ({o.criterion}) {o.value:.5g}" for o in judged)
-        text += f" on {self.samples} samples"
+        if self.random_inputs:
+            text += f" on {self.samples} random input{'s' if self.samples != 1 else ''} — pass --sample (sample=) for real data"
+        else:
+            text += f" on {self.samples} sample{'s' if self.samples != 1 else ''}"
         return text + (f"; LOSS ACCEPTED: {self.loss_accepted}" if self.loss_accepted else "")
 
     @property

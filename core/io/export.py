@@ -130,7 +130,7 @@ def verify(
     session = None  # NOTE: the output's session is released before the reference's is built
     expected = actual if reference is model else _reference_outputs(reference, feeds)
     checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
-    return checks.judge(model, reference, expected, actual)
+    return replace(checks.judge(model, reference, expected, actual), random_inputs=sample is None)
 
 
 def _reference_outputs(reference: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
@@ -334,7 +334,7 @@ def _verify_staged(
             actual = run_dataset(_output_session(staged, target, prepack=True), feeds)
             comparison = checks.judge(model, chosen, actual if expected is None else expected, actual, where=f" — nothing was written to {str(target)!r}")
             advance(1)
-            return comparison
+            return replace(comparison, random_inputs=sample is None)
     except ModelpressError as exc:
         if "nothing was written" in str(exc):  # NOTE: the output's session says so already
             raise

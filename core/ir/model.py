@@ -52,8 +52,15 @@ _SHAPE_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqu
 _SMALL_INT64 = 64
 
 
+# NOTE: a node a method inserts to rescale an activation (SmoothQuant's Mul) says so in its metadata:
+# its constant inputs are scales, not parameters (the float model had none).
+ROLE_KEY, SCALE_ROLE = "modelpress.role", "activation_scale"
+
+
 def _not_weight(use: Any) -> bool:
     op = use.node.op_type
+    if use.node.metadata_props.get(ROLE_KEY) == SCALE_ROLE and use.idx > 0:
+        return True
     return use.idx in _QPARAMS.get(op, ()) or use.idx in _SHAPE_INPUTS.get(op, ())
 
 

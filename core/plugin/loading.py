@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import time
 import warnings
 from typing import Any
 
@@ -46,9 +48,32 @@ def load(source: Any, *, framework: str | None = None, registry: Registry | None
     Loading a file shows progress (a live bar on a terminal, log lines in CI) when it takes long.
     """
     if isinstance(source, (str, os.PathLike)):
+        started = time.perf_counter()
         with progress_bar(f"loading {os.path.basename(os.fspath(source))}", enabled=show_progress):
-            return _load(source, framework=framework, registry=registry, **options)
+            model = _load(source, framework=framework, registry=registry, **options)
+        if show_progress:
+            _convert_once_hint(os.fspath(source), model, time.perf_counter() - started)
+        return model
     return _load(source, framework=framework, registry=registry, **options)
+
+
+_HINTED: set[str] = set()
+
+
+def no_convert_hint(path: str | os.PathLike[str]) -> None:
+    """Leave out the hint for ``path`` (``modelpress.convert`` is that conversion)."""
+    _HINTED.add(os.fspath(path))
+
+
+def _convert_once_hint(path: str, model: Model, seconds: float) -> None:
+    """A framework file (``.pt2``, ``.keras``, ...) is exported to ONNX on every load: say once per
+    process (only with progress shown: ``-q`` silences it) that converting it once saves that."""
+    stem, suffix = os.path.splitext(path.rstrip("/\\"))
+    if model.provenance.source_framework == "onnx" or suffix.lower() in (".onnx", ".mpk") or path in _HINTED:
+        return
+    _HINTED.add(path)
+    sys.stderr.write(f"note: {os.path.basename(path)} was exported to ONNX in {seconds:.1f}s, as it will be by every command; "
+                     f"convert it once and use the .onnx: modelpress convert {path} -o {os.path.basename(stem)}.onnx\n")
 
 
 def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:

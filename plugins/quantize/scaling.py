@@ -71,7 +71,10 @@ def apply_scales(model: Model, group: ScaleGroup, s: np.ndarray, tag: str) -> No
     x = group.layers[0].node.inputs[0]
     assert x is not None
     inverse = model.add_initializer(f"{group.input}_{tag}_scale", (1.0 / s).astype(np.float32))
-    model.insert_after(x, "Mul", [inverse], name=f"{group.input}_{tag}", consumers=[layer.node for layer in group.layers])
+    scaled = model.insert_after(x, "Mul", [inverse], name=f"{group.input}_{tag}", consumers=[layer.node for layer in group.layers])
+    mul = scaled.producer()
+    assert mul is not None
+    mul.metadata_props["modelpress.role"] = "activation_scale"  # NOTE: Model.parameter_count leaves its scale out
 
 
 def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -88,13 +88,17 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
 
 # Bytes of model inputs one verification run may take: ORT's activations grow with the batch
 # (PP-OCRv4 det: ~15 MB per 320x320 image), so a large sample set is judged a few samples at a time.
+# A transformer's inputs are tiny beside its activations (MiniLM: 768 bytes of token ids, ~1.3 MB of
+# activations per sentence), so a run also takes at most VERIFY_MAX_BATCH samples.
 VERIFY_INPUT_BUDGET = 1 << 20
+VERIFY_MAX_BATCH = 8
 
 
 def _verification_batch(data: Any) -> int:
-    """Samples per verification run: as many as fit :data:`VERIFY_INPUT_BUDGET` of inputs (at least one)."""
+    """Samples per verification run: as many as fit :data:`VERIFY_INPUT_BUDGET` of inputs, at least
+    one and at most :data:`VERIFY_MAX_BATCH`."""
     per_sample = sum(int(v.nbytes) for v in data.largest_sample().values())
-    return max(1, VERIFY_INPUT_BUDGET // max(per_sample, 1))
+    return max(1, min(VERIFY_MAX_BATCH, VERIFY_INPUT_BUDGET // max(per_sample, 1)))
 
 
 def _narrower(a: int | tuple[int, int] | None, b: int | tuple[int, int]) -> int | tuple[int, int]:

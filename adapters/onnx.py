@@ -84,8 +84,8 @@ def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelP
     except Exception as exc:
         raise InvalidModelError(f"{label}: fails ONNX shape inference: {_first(exc)}") from None
     for i, tensor in enumerate(proto.graph.initializer):
-        if _large(tensor):
-            inferred.graph.initializer[i].raw_data = tensor.raw_data
+        if _large(tensor):  # NOTE: the whole tensor: its values may be in raw_data or in float_data, int64_data...
+            inferred.graph.initializer[i].CopyFrom(tensor)
     return inferred
 
 

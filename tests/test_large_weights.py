@@ -22,6 +22,9 @@ def _big_matmul(path, rows: int = 300) -> np.ndarray:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10, rows // 10])],
         [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.array([-1, 10, rows // 10], np.int64), "shape")],
     )
+    # NOTE: values in float_data, as tf2onnx writes some, not raw_data
+    graph.initializer[0].ClearField("raw_data")
+    graph.initializer[0].float_data.extend(w.ravel().tolist())
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return w
 

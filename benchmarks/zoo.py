@@ -118,10 +118,9 @@ def _per_sample(name: str, feeds: dict[str, np.ndarray]) -> list[dict[str, np.nd
 
 
 def _modelpress_calibration(name: str, feeds: dict[str, np.ndarray]) -> Any:
-    # NOTE: silero-vad's scalar `sr` and batch-on-axis-1 `state` do not fit modelpress's data
-    # convention (one array per input, samples on axis 0); its int8-static refuses the model
-    # (the network is inside If branches) before it would read the data.
-    return None if name == "silero-vad" else feeds
+    # NOTE: silero-vad's data too: int8-static refuses the model by name (its layers sit in If
+    # branches), which is the honest result, where withholding the data only gave "needs data"
+    return feeds
 
 
 # -- the methods -------------------------------------------------------------------------------------
@@ -275,7 +274,8 @@ class Judge:
 
         comparison = compare_outputs(self.names, self.reference, actual, self.criteria)
         judgement = judge(self.criteria, self.reference, actual, self.names)
-        return {"cosine": comparison.cosine, "agreement": comparison.top1_agreement, "met": judgement.met,
+        agreements = [v for c, v in zip(judgement.criteria, judgement.values, strict=True) if c.metric == "agreement"]
+        return {"cosine": comparison.cosine, "agreement": min(agreements) if agreements else None, "met": judgement.met,
                 "loss": judgement.loss, "judged": judgement.figures()}
 
     def rules(self) -> str:

@@ -91,7 +91,7 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
 # A transformer's inputs are tiny beside its activations (MiniLM: 768 bytes of token ids, ~1.3 MB of
 # activations per sentence), so a run also takes at most VERIFY_MAX_BATCH samples.
 VERIFY_INPUT_BUDGET = 1 << 20
-VERIFY_MAX_BATCH = 8
+VERIFY_MAX_BATCH = 16
 
 
 def _verification_batch(data: Any) -> int:

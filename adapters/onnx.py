@@ -70,16 +70,54 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
 
 
 def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelProto:
-    has_external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph))
     try:
-        # NOTE: the checker resolves external data relative to the model file, so give it the path.
-        onnx.checker.check_model(str(path) if has_external and path is not None else proto)
+        # NOTE: from the file when there is one: the checker resolves external data relative to it, and its
+        # C++ reads the file itself (no serialized copy of a large proto in this process)
+        onnx.checker.check_model(str(path) if path is not None else proto)
     except Exception as exc:  # NOTE: ValidationError, but also UnicodeDecodeError on damaged names
         raise InvalidModelError(f"{label}: fails the ONNX checker: {_first(exc)}") from None
+    # NOTE: shape inference copies the model four times (serialized, parsed in C++, and back): it runs on
+    # a copy without the large weights' bytes, which it never reads (data propagation reads small shape
+    # tensors), and the weights go into its result once
     try:
-        return onnx.shape_inference.infer_shapes(proto, strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(_without_weights(proto), strict_mode=True, data_prop=True)
     except Exception as exc:
         raise InvalidModelError(f"{label}: fails ONNX shape inference: {_first(exc)}") from None
+    for i, tensor in enumerate(proto.graph.initializer):
+        if _large(tensor):  # NOTE: the whole tensor: its values may be in raw_data or in float_data, int64_data...
+            inferred.graph.initializer[i].CopyFrom(tensor)
+    return inferred
+
+
+def _large(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() > 1 << 16  # NOTE: shape tensors are far smaller
+
+
+def _copy_fields(source: Any, target: Any, skip: str) -> None:
+    for desc, value in source.ListFields():
+        if desc.name == skip:
+            continue
+        # NOTE: protobuf >= 5.29 names it is_repeated (label is gone in 7)
+        repeated = desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED
+        if repeated:
+            getattr(target, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(target, desc.name).CopyFrom(value)
+        else:
+            setattr(target, desc.name, value)
+
+
+def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``proto`` whose large main-graph initializers keep their name, type and shape but no bytes."""
+    light = onnx.ModelProto()
+    _copy_fields(proto, light, skip="graph")
+    _copy_fields(proto.graph, light.graph, skip="initializer")
+    for tensor in proto.graph.initializer:
+        if _large(tensor):
+            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            light.graph.initializer.add().CopyFrom(tensor)
+    return light
 
 
 def _first(exc: BaseException) -> str:
@@ -112,6 +150,7 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
         except OSError as exc:
             raise InvalidModelError(f"{label}: cannot be read: {exc.strerror}") from None
         proto = _parse(data, label)
+        del data  # NOTE: the file's bytes are not held while the proto is checked and converted
         check_external_data(proto, path.parent, label)
     if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
         raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")

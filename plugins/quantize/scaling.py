@@ -86,10 +86,13 @@ def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) 
     outputs = [o.name for o in session.get_outputs()]
     lo: dict[str, np.ndarray] = {}
     hi: dict[str, np.ndarray] = {}
-    rows: dict[str, list[np.ndarray]] = {n: [] for n in names}
     rng = np.random.default_rng(0)
-    batches = max(1, -(-len(data) // batch_size))
+    batches = data.batch_count(batch_size)
     per_batch = -(-ROWS // batches)
+    # NOTE: each activation's rows go into one array made on its first batch (no list of parts joined
+    # at the end: that held every sampled row twice, ~130 MB on a MiniLM)
+    rows: dict[str, np.ndarray] = {}
+    filled = dict.fromkeys(names, 0)
     for feeds in data.batches(batch_size):
         results = run_session(session, feeds)
         for name in names:
@@ -97,6 +100,10 @@ def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) 
             x = x.reshape(-1, x.shape[-1])
             lo[name] = np.minimum(lo[name], x.min(axis=0)) if name in lo else x.min(axis=0)
             hi[name] = np.maximum(hi[name], x.max(axis=0)) if name in hi else x.max(axis=0)
-            rows[name].append(x[rng.choice(len(x), size=min(per_batch, len(x)), replace=False)])
+            take = x[rng.choice(len(x), size=min(per_batch, len(x)), replace=False)]
+            if name not in rows:
+                rows[name] = np.empty((batches * per_batch, x.shape[-1]), np.float32)
+            rows[name][filled[name] : filled[name] + len(take)] = take
+            filled[name] += len(take)
         del results
-    return lo, hi, {n: np.concatenate(r) for n, r in rows.items() if r}
+    return lo, hi, {n: r[: filled[n]] for n, r in rows.items()}

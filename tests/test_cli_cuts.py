@@ -18,3 +18,12 @@ def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path
     first = proc.stdout.splitlines()[0]
     assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), proc.stdout
     assert "imported" not in first.split("(")[0] and "import verified against torch" not in proc.stdout
+
+
+def test_plugins_listing_fits_80_columns_when_piped():
+    proc = run_cli("plugins", env={"COLUMNS": ""})
+    assert proc.returncode == 0, proc.stderr
+    widest = max(len(line) for line in proc.stdout.splitlines())
+    assert "installed plugins" in proc.stdout and widest <= 80, widest
+    wide = run_cli("plugins", env={"COLUMNS": "120"})
+    assert max(len(line) for line in wide.stdout.splitlines()) <= 120

@@ -76,9 +76,9 @@ def test_external_data_model_through_every_method_exports_self_contained(tmp_pat
     result = modelpress.apply(model, method, options=options, calibration=data, train=data, show_progress=False)
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
-    # NOTE: channel pruning of this random CNN without fine-tuning turns its logits around (cosine < 0), which no
+    # NOTE: channel pruning (no fine-tuning) and a 1-epoch kd student of this random CNN turn its logits around (cosine < 0), which no
     # export passes by default; this test is about where the weights go, so it keeps the result
-    exported = modelpress.export(result, out, sample=data, accept_loss=method == "channel")
+    exported = modelpress.export(result, out, sample=data, accept_loss=method in ("channel", "kd"))
     assert exported.verification is not None and exported.verification_seconds is not None
     # the source had external data: so does the output, in its own file
     assert exported.external_data == out.with_name("model.onnx.data")

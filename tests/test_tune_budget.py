@@ -17,7 +17,7 @@ def test_a_bare_time_is_seconds_and_keeps_the_trial_budget():
     assert _budget(argparse.Namespace(trials=4, time="300")) == {"trials": 4, "seconds": 300.0}
     assert _budget(argparse.Namespace(trials=None, time="2m")) == {"seconds": 120.0}
     assert _budget(argparse.Namespace(trials=None, time=None)) == {"trials": 20}
-    with pytest.raises(OptionsError, match="--time 'soon'.*90s"):
+    with pytest.raises(OptionsError, match=r"--time 'soon'.*90s"):
         _budget(argparse.Namespace(trials=4, time="soon"))
 
 

@@ -47,8 +47,7 @@ class Fp16Options(Options):
 
 def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     main = model.ir.graph
-    if any(out.dtype is None for node in main.all_nodes() for out in node.outputs if out.name):
-        model.infer_shapes()  # NOTE: a pass before (int8-static's Q/DQ) may leave values untyped; the float ones must be known here
+    _typed(model)
     keep = set(opts.keep_float32) | CONTROL_FLOW | QUANTIZED
     nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
     half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
@@ -98,15 +97,26 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             _float_outputs(model, graph)  # the If/Loop node declares float32 outputs
     if opts.keep_io_types:
         _float_outputs(model, main)
-    for value in list(main.initializers.values()):
-        if not list(value.uses()) and not value.is_graph_output():
-            main.initializers.pop(value.name)
+    _drop_unused(main)
     main.sort()
     ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(casts)})
     inner = sum(1 for n in nodes if n.graph is not main)
     if inner:
         ctx.figures["subgraph_nodes"] = inner
         ctx.figures["float16_subgraph_nodes"] = sum(1 for n in nodes if n.graph is not main and id(n) in half_nodes)
+
+
+def _typed(model: Model) -> None:
+    """Infer the element types a pass before left unset (int8-static's Q/DQ outputs): the float ones must be known here."""
+    if any(out.dtype is None for node in model.ir.graph.all_nodes() for out in node.outputs if out.name):
+        model.infer_shapes()
+
+
+def _drop_unused(graph: ir.Graph) -> None:
+    """Drop the initializers nothing reads any more (the float32 originals of converted weights)."""
+    for value in list(graph.initializers.values()):
+        if not list(value.uses()) and not value.is_graph_output():
+            graph.initializers.pop(value.name)
 
 
 def _to_half(node: ir.Node) -> None:

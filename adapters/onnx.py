@@ -190,13 +190,13 @@ def _torch_names(model: Model) -> None:
     holding the weight (``features.0``) instead of ``node_Conv_91``, from the parameter names and
     the module scopes the exporter records on each node (``pkg.torch.onnx.name_scopes``); an
     LSTM/GRU/RNN and an embedding lookup after their module (``lstm``, ``emb``)."""
-    from modelpress.adapters.naming import rename_layers
+    from modelpress.adapters.naming import layer_name, rename_layers
     from modelpress.adapters.torch import module_path, module_scope
 
     rename_layers(model, module_path)
     for node in model.ir.graph:
         if node.op_type in ("LSTM", "GRU", "RNN", "Gather") and node.domain in ("", "ai.onnx"):
-            scope = module_scope(node)
+            scope = layer_name(module_scope(node))
             if scope and scope != node.name and (node.op_type != "Gather" or (node.inputs[0] is not None and node.inputs[0].const_value is not None)):
                 node.name = model.fresh_name(scope, node=True)
 

@@ -212,6 +212,8 @@ def load_torch(
 
 # NOTE: exporter-made constants (folded, transposed weights) are "val_12", "onnx::MatMul_7", "_v_3": not module paths
 _PARAMETER = re.compile(r"^(?!val_\d|_v_\d)[A-Za-z_]\w*(\.\w+)*$")
+# NOTE: a module path may start with a digit (a top-level nn.Sequential: "0.weight"); a bare number is never a parameter
+_MODULE_WEIGHT = re.compile(r"^(?!val_\d|_v_\d)\w+(\.\w+)*\.(weight|weight_orig)$")
 
 
 def module_path(layer: WeightedLayer) -> str | None:
@@ -220,7 +222,7 @@ def module_path(layer: WeightedLayer) -> str | None:
     exporter records on the node (``pkg.torch.onnx.name_scopes``), else a bare parameter's name,
     else the scope in a TorchScript node name."""
     weight = layer.weight.name or ""
-    if _PARAMETER.match(weight) and weight.endswith((".weight", ".weight_orig")):
+    if _MODULE_WEIGHT.match(weight):
         return weight.rsplit(".", 1)[0]
     scope = module_scope(layer.node)
     if scope:

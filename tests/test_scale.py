@@ -76,7 +76,9 @@ def test_external_data_model_through_every_method_exports_self_contained(tmp_pat
     result = modelpress.apply(model, method, options=options, calibration=data, train=data, show_progress=False)
     out = tmp_path / "out" / "model.onnx"
     out.parent.mkdir()
-    exported = modelpress.export(result, out, sample=data)
+    # NOTE: channel pruning (no fine-tuning) and a 1-epoch kd student of this random CNN turn its logits around (cosine < 0), which no
+    # export passes by default; this test is about where the weights go, so it keeps the result
+    exported = modelpress.export(result, out, sample=data, accept_loss=method in ("channel", "kd"))
     assert exported.verification is not None and exported.verification_seconds is not None
     # the source had external data: so does the output, in its own file
     assert exported.external_data == out.with_name("model.onnx.data")
@@ -311,3 +313,17 @@ def test_int4_logits_equal_onnxruntime_matmulnbits_quantizer(tmp_path, block_siz
               for p in (ours, tmp_path / "ort.onnx")]
     np.testing.assert_array_equal(logits[0], logits[1])
     assert {v.name for v in onnx.load(str(ours), load_external_data=False).graph.value_info} <= {i.name for i in onnx.load(str(ours), load_external_data=False).graph.initializer}
+
+
+def test_progress_without_a_count_shows_no_number(monkeypatch, capsys):
+    import re
+    import time
+
+    from modelpress.base.progress import progress_bar
+
+    monkeypatch.delenv("MODELPRESS_PROGRESS", raising=False)
+    monkeypatch.setenv("MODELPRESS_PROGRESS_INTERVAL", "0.05")
+    with progress_bar("loading cnn.keras"):  # an export: nothing to count, only time passes
+        time.sleep(0.12)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines and all(re.fullmatch(r"modelpress: loading cnn\.keras: (running|done) \(\d+s\)", line) for line in lines), lines

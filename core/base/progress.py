@@ -2,7 +2,8 @@
 
 When stderr is not a terminal (CI logs, a redirected run), a phase that lasts longer than a few
 seconds prints ``modelpress: <phase>: <done>/<total> (<elapsed>s)`` every 10 s and a closing line,
-so a long run is never silent; short phases print nothing.
+so a long run is never silent; short phases print nothing. A phase without a total shows the count
+only once something was counted (``running (20s)``, not ``running 0 (20s)``).
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ def _log_lines(description: str, total: int | None, interval: float) -> Iterator
     printed = [False]
 
     def line(final: bool = False) -> None:
-        count = f"{done[0]}/{total}" if total else f"{done[0]}"
+        count = f" {done[0]}/{total}" if total else (f" {done[0]}" if done[0] else "")
         state = "done" if final else "running"
-        print(f"modelpress: {description}: {state} {count} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+        print(f"modelpress: {description}: {state}{count} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
         printed[0] = True
 
     def ticker() -> None:
@@ -69,9 +70,8 @@ def progress_bar(description: str, *, total: int | None = None, enabled: bool = 
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), transient=True
-    ) as bar:
+    counted = (MofNCompleteColumn(),) if total else ()  # NOTE: no "0/?" for a phase that has no count
+    with Progress(TextColumn("{task.description}"), BarColumn(), *counted, TimeElapsedColumn(), transient=True) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(n: int = 1) -> None:

@@ -72,12 +72,14 @@ def escape(text: Any) -> str:
     return rich_escape(str(text))
 
 
-def console(stderr: bool = False) -> Any:
+def console(stderr: bool = False, *, fit: bool = False) -> Any:
+    """A rich console. ``fit``: tables that read best narrow (a listing) take the terminal's width, and when piped
+    $COLUMNS or 80 (rich's default); else piped output gets a wide fixed width (160) so result lines stay whole."""
     from rich.console import Console
 
     stream = sys.stderr if stderr else sys.stdout
     # NOTE: piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
-    width = None if stream.isatty() else 160
+    width = None if fit or stream.isatty() else 160
     return Console(stderr=stderr, highlight=False, width=width)
 
 

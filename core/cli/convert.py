@@ -80,15 +80,25 @@ def run(args: argparse.Namespace) -> int:
         verified = f"; verified in ONNX Runtime: {escape(result.verification.summary())}" if result.verification is not None else ""
         out.print(wrote + verified, soft_wrap=True)  # NOTE: one line, however long
         return 0
-    prov = result.model.provenance
-    check = prov.extra.get("import_check")
-    out.print(f"imported {escape(args.source)} from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}")
-    if check:
-        out.print(f"  import verified against {prov.source_framework}: max |diff| {check['max_abs_diff']:.3g}")
+    _print_import(out, args.source, result.model.provenance)
     out.print(wrote)
     if result.verification is not None:
         out.print(f"verified against the imported model in ONNX Runtime: {escape(result.verification.summary())}")
     return 0
+
+
+def _print_import(out: Any, source: str, prov: Any) -> None:
+    """What this command did to read SOURCE: an ONNX file is read as it is (its provenance tells where it was first
+    imported from, not what ran now); anything else was imported from its framework, and checked against it."""
+    if Path(source).suffix.lower() == ".onnx":
+        first = (f"; first imported from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}"
+                 if prov.source_framework != "onnx" and prov.importer else "")
+        out.print(f"read {escape(source)} (ONNX{first})")
+        return
+    out.print(f"imported {escape(source)} from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}")
+    check = prov.extra.get("import_check")
+    if check:
+        out.print(f"  import verified against {prov.source_framework}: max |diff| {check['max_abs_diff']:.3g}")
 
 
 COMMANDS = (

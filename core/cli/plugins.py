@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    out = console()
+    out = console(fit=True)  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
     table = Table(title="installed plugins", title_justify="left")
     for col in ("plugin", "distribution", "version", "provides"):
         table.add_column(col)

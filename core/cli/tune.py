@@ -33,7 +33,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strategy", choices=("pareto", "accuracy-first"), default="pareto",
                    help="pareto: Optuna TPE (NSGA-II for both) over the space; accuracy-first: most aggressive first, then fall back")
     p.add_argument("--trials", type=int, help="trial budget (default 20; counts trials of a resumed study)")
-    p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h")
+    p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h (a bare number is seconds); with --trials, whichever runs out first")
     p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
     p.add_argument("--address", help="attach to a Ray cluster (HOST:PORT of its head, or ray://HOST:PORT) instead of starting one")
     p.add_argument("--fresh-workers", action="store_true", help="run every trial in a new worker process (default: workers are kept between trials, imports paid once)")
@@ -41,7 +41,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
                                      "several drivers (machines) share, each configuration run once")
     p.add_argument("--study-name", default="modelpress-tune", help="study name inside the storage")
     p.add_argument("--dashboard", action="store_true", help="serve the study live with optuna-dashboard on 127.0.0.1 (a free port, printed)")
-    p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m); a trial over it is recorded as failed")
+    p.add_argument("--trial-timeout", help="time limit per trial (e.g. 10m; a bare number is seconds); a trial over it is recorded as failed")
     p.add_argument("--trial-memory", help="memory limit per trial (e.g. 4GB); a trial over it is recorded as failed")
     p.add_argument("--trial-retries", type=int, default=1,
                    help="times a trial lost with its Ray node (the node died) runs again on a live node (default 1); it is recorded as failed, 'node lost'")
@@ -71,23 +71,34 @@ def _megabytes(text: str) -> float:
         raise OptionsError(f"--trial-memory {text!r}: give a size like 4GB or 1500MB") from None
 
 
-def _budget(args: argparse.Namespace) -> dict[str, float]:
+def _seconds(text: str, flag: str) -> float:
+    """A duration option: ``90s``, ``20m``, ``1.5h``, or a bare number of seconds (never a trial count)."""
     from modelpress.app.tuning import parse_budget
+    from modelpress.base.errors import OptionsError
 
+    try:
+        limits = parse_budget(text)
+    except OptionsError:
+        raise OptionsError(f"{flag} {text!r}: give a time like 90s, 20m or 1.5h (a bare number is seconds)") from None
+    return limits.get("seconds", limits.get("trials", 0.0))
+
+
+def _budget(args: argparse.Namespace) -> dict[str, float]:
+    # NOTE: --time 300 is 300 seconds; parse_budget alone reads a bare number as trials (it once replaced --trials 4 by 300 trials)
     if args.time is not None:
-        return {**({"trials": args.trials} if args.trials is not None else {}), **parse_budget(args.time)}
+        return {**({"trials": args.trials} if args.trials is not None else {}), "seconds": _seconds(args.time, "--time")}
     return {"trials": args.trials if args.trials is not None else 20}
 
 
 def run(args: argparse.Namespace) -> int:
     import modelpress
-    from modelpress.app.tuning import parse_budget, tune
+    from modelpress.app.tuning import tune
     from modelpress.base.errors import OptionsError
 
     data = None if args.recipe and not args.eval else {"eval": args.eval, "calibration": args.calib, "train": args.train, "sequence_length": args.seq_len}
     if data is not None and not args.eval and not args.calib:
         raise OptionsError("tune needs --eval data (arrays named after the model inputs, `labels` for accuracy), or a --recipe with data.eval")
-    timeout = parse_budget(args.trial_timeout).get("seconds") if args.trial_timeout else None
+    timeout = _seconds(args.trial_timeout, "--trial-timeout") if args.trial_timeout else None
     model = modelpress.load(args.model, **load_options(args)) if args.task else args.model  # NOTE: --task: what a checkpoint is exported for
     result = tune(
         model, objective=args.objective, data=data, recipe=args.recipe, max_drop=_fraction(args.max_drop), budget=_budget(args),

@@ -16,7 +16,10 @@ inputs, plus optionally an array named ``labels``. It can be given as
 Samples may differ in shape (sequences of different lengths): consecutive samples of one shape
 are stacked into a run, and a model is never fed two shapes in one batch. A model declared with
 a first axis of 1 (exported with batch 1) takes data with any number of samples on that axis and
-is fed one sample at a time.
+is fed one sample at a time. Likewise a model exported with a fixed batch of ``B`` (every input's
+first axis ``B``, as ``torch.export.export(net, (x[:2],))`` gives) is fed in batches of exactly ``B``;
+the last ``len % B`` samples of a run, which cannot fill a batch, are left out with a warning (a model
+with a dynamic batch uses them all), and data with fewer than ``B`` samples is an error naming the fix.
 
 Problems (empty data, a missing input, a wrong rank, size or dtype, NaN or inf) are a
 :class:`modelpress.DataError` raised before any work starts.
@@ -63,7 +66,8 @@ class Dataset:
     """Validated samples, as runs of consecutive samples of one shape (one run when every sample
     has the same shape: then ``inputs`` holds one array per model input with all the samples).
 
-    ``max_batch`` is the most samples one model run takes (1 for a model exported with batch 1).
+    ``max_batch`` is the model's fixed batch, when it has one (1 for a model exported with batch 1): every
+    feed then holds exactly that many samples, whatever batch size is asked for.
     Everything that runs a model over a data set goes through :meth:`batches`, one run at a time.
     """
 
@@ -106,8 +110,7 @@ class Dataset:
         return sum(len(run) for run in self.runs)
 
     def _step(self, run: Run, batch_size: int | None) -> int:
-        step = batch_size or len(run)
-        return min(step, self.max_batch) if self.max_batch else step
+        return self.max_batch or batch_size or len(run)
 
     def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (all of a run when None), never more than
@@ -124,10 +127,12 @@ class Dataset:
     def largest_sample(self) -> dict[str, np.ndarray]:
         """One sample of the run whose samples are largest (to size batches by memory)."""
         run = max(self.runs, key=lambda r: sum(v[:1].nbytes for v in r.inputs.values()))
-        return {k: v[:1] for k, v in run.inputs.items()}
+        return {k: v[: self.max_batch or 1] for k, v in run.inputs.items()}  # NOTE: a fixed batch is fed whole
 
     def take(self, n: int) -> Dataset:
-        """The first ``n`` samples."""
+        """The first ``n`` samples (for a fixed batch: a whole number of batches, at least one)."""
+        if self.max_batch and self.max_batch > 1:
+            n = max(n - n % self.max_batch, self.max_batch)
         runs: list[Run] = []
         for run in self.runs:
             if n <= 0:
@@ -337,12 +342,12 @@ def _stack(items: list[dict[str, np.ndarray]], signature: Signature, what: str) 
     return [g[0] if len(g) == 1 else {k: np.concatenate([part[k] for part in g], axis=0) for k in g[0]} for g in groups]
 
 
-def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
+def _check_input(spec: TensorSpec, array: np.ndarray, what: str, batch: int | None = None) -> np.ndarray:
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
             raise DataError(f"{what} data for input {spec.name!r} has shape {array.shape}; the model expects {spec.describe()}")
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-            if isinstance(want, int) and want >= 0 and got != want and not (axis == 0 and want == 1):
+            if isinstance(want, int) and want >= 0 and got != want and not (axis == 0 and want == batch):
                 raise DataError(f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}")
     want_dtype = spec.dtype
     if array.dtype != want_dtype:
@@ -361,7 +366,7 @@ def _check_input(spec: TensorSpec, array: np.ndarray, what: str) -> np.ndarray:
     return array
 
 
-def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, where: str) -> Run:
+def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, where: str, batch: int | None = None) -> Run:
     """One run of samples of one shape, checked against the signature (names, ranks, sizes, dtypes, counts)."""
     labels = arrays.pop(LABELS, None)
     missing = [n for n in signature.input_names if n not in arrays]
@@ -371,7 +376,7 @@ def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, w
     unknown = [k for k in arrays if k not in signature.input_names]
     if unknown:
         raise DataError(f"{what} data{where} has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}")
-    inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
+    inputs = {spec.name: _check_input(spec, arrays[spec.name], what, batch) for spec in signature.inputs}
     counts = {k: len(v) for k, v in inputs.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{what} data{where} inputs have different numbers of samples: {counts}")
@@ -382,10 +387,34 @@ def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, w
 
 
 def batch_limit(signature: Signature) -> int | None:
-    """1 when an input is declared with a first axis of 1 (a model exported with batch 1): its samples
-    are fed one at a time; else None (no limit)."""
-    fixed = any(spec.shape and isinstance(spec.shape[0], int) and spec.shape[0] == 1 for spec in signature.inputs)
-    return 1 if fixed else None
+    """The model's fixed batch: 1 when an input is declared with a first axis of 1 (exported with batch 1),
+    ``B`` when every input's first axis is ``B``; else None (a dynamic batch: no limit)."""
+    firsts = [spec.shape[0] if spec.shape else None for spec in signature.inputs]
+    if any(isinstance(f, int) and f == 1 for f in firsts):
+        return 1
+    same = set(firsts)
+    return firsts[0] if len(same) == 1 and isinstance(firsts[0], int) and firsts[0] > 1 else None  # type: ignore[return-value]
+
+
+def _whole_batches(runs: tuple[Run, ...], batch: int | None, signature: Signature, what: str) -> tuple[Run, ...]:
+    """Each run cut to a whole number of the model's fixed batches (see the module docstring)."""
+    if not batch or batch == 1:
+        return runs
+    total = sum(len(run) for run in runs)
+    kept = tuple(run.take(len(run) - len(run) % batch) for run in runs if len(run) >= batch)
+    used = sum(len(run) for run in kept)
+    shape = signature.inputs[0].describe()
+    fix = ("re-export it with a dynamic batch: torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
+           "or torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
+    if not used:
+        raise DataError(f"{what} data has {total} sample(s); the model was exported with a fixed batch of {batch} ({shape}) "
+                        f"and is fed {batch} at a time: give at least {batch} samples, or {fix}")
+    if used < total:
+        import warnings
+
+        warnings.warn(f"{what} data: the model was exported with a fixed batch of {batch} ({shape}), so it is fed {batch} samples at a time "
+                      f"and {total - used} of {total} samples that cannot fill a batch are left out; to use them all, {fix}", stacklevel=3)
+    return kept
 
 
 def load_dataset(source: Any, signature: Signature, *, what: str = "input", need_labels: bool = False) -> Dataset:
@@ -397,11 +426,12 @@ def load_dataset(source: Any, signature: Signature, *, what: str = "input", need
     items = _stack(_collect(source, signature, what), signature, what)
     if not items:
         raise DataError(f"{what} data is empty (0 samples)")
-    runs = tuple(_check_run(dict(arrays), signature, what, f" (samples of shape {i + 1} of {len(items)})" if len(items) > 1 else "")
+    batch = batch_limit(signature)
+    runs = tuple(_check_run(dict(arrays), signature, what, f" (samples of shape {i + 1} of {len(items)})" if len(items) > 1 else "", batch)
                  for i, arrays in enumerate(items))
     if any(run.labels is None for run in runs) and any(run.labels is not None for run in runs):
         raise DataError(f"{what} data has labels for some samples but not all")
-    data = Dataset(runs=tuple(run for run in runs if len(run)), max_batch=batch_limit(signature))
+    data = Dataset(runs=_whole_batches(tuple(run for run in runs if len(run)), batch, signature, what), max_batch=batch)
     if not len(data):
         raise DataError(f"{what} data is empty (0 samples)")
     if need_labels and runs[0].labels is None:

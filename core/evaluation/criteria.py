@@ -225,8 +225,8 @@ class Criterion:
         if self.metric == "agreement":
             what = "exact agreement" if self.form == "labels" else ("decision agreement" if self.axis is None else "top-1 agreement")
             text = f"{self.output} {what} {value:.2%}"
-            if self.samples:
-                text += f" ({self.flips(value)} of {self.samples} differ" + (f", at most {self.allowed()} allowed" if self.allowed() is not None else "") + ")"
+            if self.samples and self.allowed() is None:
+                text += f" ({self.flips(value)} of {self.samples} differ)"
             return text, f"{bound:.2%}" if bound is not None else ""
         if self.metric in ("relative_error", "nrmse"):
             what = "relative error" if self.metric == "relative_error" else "RMS error over its scale"
@@ -237,6 +237,13 @@ class Criterion:
     def describe(self, value: float) -> str:
         """One line naming the rule: ``boxes relative error 0.80% <= 10.00% (regression)``."""
         text, bound = self._text(value)
+        allowed = self.allowed()
+        if allowed is not None:
+            # NOTE: the binomial rule, as applied: the count of flips against what a true agreement of the bound explains
+            # (a plain "96.88% >= 99.00%" would read false where 2 flips in 64 pass)
+            within = "within" if self.passes(value) else "more than"
+            return (f"{text}: {self.flips(value)} of {self.samples} differ, {within} the {allowed} that {bound} agreement "
+                    f"allows on {self.samples} rows ({self.form or self.kind})")
         op = "<=" if self.metric in LOWER_IS_BETTER else ">="
         if self.threshold is not None:
             text += f" {op} {bound}" if self.passes(value) else f" (needs {op} {bound})"

@@ -130,7 +130,8 @@ def verify(
     by default realistic inputs are generated from the signature (token ids within the embedding
     table, sequences of 16, batch 2). Non-finite outputs are always an error. Without explicit
     thresholds, the floor the applied methods declare is enforced (``Method.min_cosine``, or their
-    kind's; the loosest over the passes; none when a pass declares ``min_cosine=None``), so a broken
+    kind's; the loosest over the passes; where a pass declares ``min_cosine=None``, only the floor every model has:
+    a cosine above 0), so a broken
     result does not pass. Each output is also judged as :mod:`modelpress.evaluation.criteria` decides
     (agreement for classifiers, cosine for embeddings and maps, relative error for regression);
     ``criteria`` overrides it per output name, and an output the caller gave a criterion with a bound
@@ -200,17 +201,25 @@ class Checks:
         explicit = self.atol is not None or self.min_cosine is not None or self.min_agreement is not None
         if not explicit and reference is not model:
             floor, by = self._floor(model)
-            if floor is not None and comparison.cosine < floor:
-                worst = min(comparison.outputs, key=lambda o: o.cosine)
+            worst = min(comparison.outputs, key=lambda o: o.cosine, default=None)
+            if worst is not None and floor is not None and floor > 0 and comparison.cosine < floor:
                 misses.append(f"floor: output {worst.name!r} cosine {worst.cosine:.6f} < {floor:g} (the floor {by} declares)")
+            elif worst is not None and worst.cosine <= 0:
+                # NOTE: even where a pass changes outputs by design (no declared floor), outputs unrelated to or opposite of
+                # the reference's are broken, never a compression result
+                waived = f"; {by} declares no floor, but" if floor is None or floor <= 0 else ";"
+                misses.append(f"floor: output {worst.name!r} cosine {worst.cosine:.6f} <= 0{waived} a cosine <= 0 means outputs "
+                              "unrelated to (or opposite of) the reference's, which no method's result may have")
         return misses
 
     def _floor(self, model: Model) -> tuple[float | None, str]:
         """The loosest floor the passes declared, and which pass declared it (``None``: no default floor)."""
         registry = self.registry or get_registry()
         floors = [(method_floor(p, registry), f"{p.kind}/{p.method}") for p in model.provenance.passes]
-        if not floors or any(f is None for f, _ in floors):
+        if not floors:
             return None, ""
+        if any(f is None for f, _ in floors):
+            return None, next(by for f, by in floors if f is None)
         return min(floors, key=lambda pair: pair[0])  # type: ignore[arg-type,return-value]
 
     def _routes(self, model: Model) -> str:

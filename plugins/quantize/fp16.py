@@ -6,6 +6,11 @@ ReduceMean, Pow, Exp, ...) or it is named in ``exclude``. Float initializers use
 are stored as float16; a Cast is inserted wherever a tensor crosses between the two precisions.
 With ``keep_io_types`` (default) the model's inputs and outputs stay float32.
 
+Quantized ops (QuantizeLinear, DequantizeLinear, QLinear*, *Integer: a model quantized before, e.g.
+int8-static then fp16) stay float32 whatever ``keep_float32`` says: their scales must be float32 below
+opset 19 (ORT refuses float16 scales), and an integer kernel gains nothing from float16. Their float
+outputs reach float16 nodes through a Cast.
+
 Nodes inside If/Loop/Scan bodies are converted the same way; the control-flow nodes themselves
 and the bodies' inputs and outputs stay float32 (a Cast at each body boundary), so the types the
 outer node declares still hold. Outer-scope tensors a body reads get a Cast where the precision
@@ -28,6 +33,8 @@ KEEP_FLOAT32 = [
     "RandomUniform", "NonMaxSuppression", "Upsample", "Einsum",
 ]
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
+QUANTIZED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
+                       "MatMulInteger", "ConvInteger"})
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
 
@@ -40,7 +47,8 @@ class Fp16Options(Options):
 
 def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     main = model.ir.graph
-    keep = set(opts.keep_float32) | CONTROL_FLOW
+    _typed(model)
+    keep = set(opts.keep_float32) | CONTROL_FLOW | QUANTIZED
     nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
     half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
     casts: dict[tuple[int, ir.DataType], ir.Value] = {}
@@ -89,15 +97,26 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             _float_outputs(model, graph)  # the If/Loop node declares float32 outputs
     if opts.keep_io_types:
         _float_outputs(model, main)
-    for value in list(main.initializers.values()):
-        if not list(value.uses()) and not value.is_graph_output():
-            main.initializers.pop(value.name)
+    _drop_unused(main)
     main.sort()
     ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(casts)})
     inner = sum(1 for n in nodes if n.graph is not main)
     if inner:
         ctx.figures["subgraph_nodes"] = inner
         ctx.figures["float16_subgraph_nodes"] = sum(1 for n in nodes if n.graph is not main and id(n) in half_nodes)
+
+
+def _typed(model: Model) -> None:
+    """Infer the element types a pass before left unset (int8-static's Q/DQ outputs): the float ones must be known here."""
+    if any(out.dtype is None for node in model.ir.graph.all_nodes() for out in node.outputs if out.name):
+        model.infer_shapes()
+
+
+def _drop_unused(graph: ir.Graph) -> None:
+    """Drop the initializers nothing reads any more (the float32 originals of converted weights)."""
+    for value in list(graph.initializers.values()):
+        if not list(value.uses()) and not value.is_graph_output():
+            graph.initializers.pop(value.name)
 
 
 def _to_half(node: ir.Node) -> None:

@@ -8,11 +8,11 @@ import pytest
 
 pytest.importorskip("transformers")
 
-import modelpress  # noqa: E402
-from modelpress.adapters import transformers_export  # noqa: E402
-from modelpress.adapters.transformers_generate import decoder_sample, greedy_generate  # noqa: E402
-from modelpress.runtime.session import make_session, run  # noqa: E402
-from tests import hf_fixtures  # noqa: E402
+import modelpress
+from modelpress.adapters import transformers_export
+from modelpress.adapters.transformers_generate import decoder_sample, greedy_generate
+from modelpress.runtime.session import make_session, run
+from tests import hf_fixtures
 
 
 @pytest.mark.slow

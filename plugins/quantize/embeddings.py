@@ -189,7 +189,8 @@ def _emit(model: Model, value: ir.Value, table: _Table, bits: int, order: dict[i
     import ml_dtypes  # noqa: F401  # NOTE: onnx-ir's int4 tensors need it
 
     graph = model.graph
-    shape = tuple(int(d) for d in value.shape or ())
+    assert value.const_value is not None
+    shape = tuple(int(d) for d in value.const_value.shape.numpy())
     base = value.name or "table"
     b = model.builder(base)
     if bits == 8:
@@ -226,7 +227,7 @@ def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: 
     for value, kind in _tables(model, op_types & {"Gather", "Conv"}, min_elements, exclude or set(), report):
         tensor = value.const_value
         assert tensor is not None
-        shape = tuple(int(d) for d in tensor.shape)
+        shape = tuple(int(d) for d in tensor.shape.numpy())
         table = quantize_table(_reader(tensor), shape, bits=bits, kind=kind, block=block_size)
         if isinstance(tensor, ir.ExternalTensor):
             tensor.release()

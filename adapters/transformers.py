@@ -217,15 +217,20 @@ def load_transformers(source: Any, *, task: str | None = None, example_inputs: A
     else:
         raise UnsupportedModelError(f"{type(source).__name__}: not a Hugging Face checkpoint folder or PreTrainedModel")
     _refuse_unsupported(model, task, label)
-    from modelpress.adapters.transformers_export import export_checked
+    from modelpress.adapters.transformers_export import export_staged
 
-    imported, figures = export_checked(model, task, label, example_inputs=example_inputs, rtol=rtol, opset=opset)
+    staged = export_staged(model, task, label, example_inputs=example_inputs, opset=opset)
+    architecture, model_type = type(model).__name__, getattr(model.config, "model_type", "")
+    # NOTE: not held here while ONNX Runtime loads the export to check it; its weights still stay mapped, as
+    # onnxscript's rewrite rules keep the last graph they matched (SimplePatternMatcher._graph), which wraps them
+    del model
+    imported, figures = staged.check(rtol)
     imported.provenance = Provenance(
         source_framework="transformers",
         source_version=transformers.__version__,
         source=label,
         importer="torch.onnx.export(dynamo=True)",
-        extra={"task": task, "architecture": type(model).__name__, "model_type": getattr(model.config, "model_type", ""), **figures,
+        extra={"task": task, "architecture": architecture, "model_type": model_type, **figures,
                **_sample_axes(task)},
     )
     return imported

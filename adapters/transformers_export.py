@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-__all__ = ["ExportPlan", "plan_export"]
+__all__ = ["FILE_EXPORT_BYTES", "ExportPlan", "StagedExport", "export_staged", "plan_export"]
 
 # NOTE: the example a model is exported and checked on: a past of 3 and 5 new tokens, batch 2
 # (0 and 1 would be specialised by torch.export; the exported axes stay dynamic).
@@ -181,8 +182,9 @@ def name_axes(proto: Any, axes: dict[str, dict[int, str]]) -> None:
     del graph.value_info[:]
 
 
-def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Any:
-    """``torch.onnx.export(dynamo=True)`` of the plan; a failure refuses the architecture by name."""
+def _program(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Any:
+    """``torch.onnx.export(dynamo=True)`` of the plan (its initializers are the module's own tensors, not
+    copies); a failure refuses the architecture by name."""
     import warnings
 
     from modelpress.adapters.torch import _first_line, _quiet
@@ -191,15 +193,39 @@ def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) 
     try:
         with warnings.catch_warnings(), _quiet(), torch.no_grad():
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(
+            return torch.onnx.export(
                 plan.module, plan.args, dynamo=True, input_names=plan.input_names, output_names=plan.output_names,
                 dynamic_shapes=plan.dynamic_shapes(), opset_version=opset, verbose=False,
             )
     except Exception as exc:
         raise UnsupportedModelError(f"{label}: the ONNX exporter cannot handle {architecture}: {_reason(exc, _first_line)}") from None
-    proto = program.model_proto
+
+
+def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Any:
+    """The plan exported as an in-memory ``ModelProto`` with named axes."""
+    proto = _program(plan, opset, label, architecture).model_proto
     name_axes(proto, plan.axes)
     return proto
+
+
+def _export_to_file(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Path:
+    """The plan exported into a temporary folder (removed at exit), every weight in one external-data file
+    written tensor by tensor from the module's own tensors: no in-memory ``ModelProto`` of the weights, and
+    the imported model reads them lazily from that file as it does any ONNX file with external data."""
+    import atexit
+    import shutil
+    import tempfile
+
+    import onnx
+
+    folder = Path(tempfile.mkdtemp(prefix="modelpress-transformers-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    path = folder / "model.onnx"
+    _program(plan, opset, label, architecture).save(path, external_data=True)
+    proto = onnx.load(str(path), load_external_data=False)
+    name_axes(proto, plan.axes)
+    onnx.save(proto, str(path))
+    return path
 
 
 def _reason(exc: BaseException, first_line: Any) -> str:
@@ -218,20 +244,55 @@ def _outputs(plan: ExportPlan) -> list[np.ndarray]:
     return [t.detach().cpu().numpy() for t in (out if isinstance(out, tuple) else (out,))]
 
 
-def export_checked(model: nn.Module, task: str, label: str, *, example_inputs: Any, rtol: float, opset: int | None) -> tuple[Any, dict[str, Any]]:
-    """The model exported for ``task`` as a :class:`modelpress.Model`, checked against torch on the
-    plan's example inputs; the figures (the check's, the cache layout) go into the provenance."""
-    from modelpress.adapters.onnx import load_onnx
-    from modelpress.plugin_api import check_import
+# NOTE: a model with more parameter bytes than this is exported through a file (:func:`_export_to_file`): the
+# in-memory route holds the torch weights, a ModelProto of them and its copies at once (7.8x a 0.5 GB
+# checkpoint at the peak), and a ModelProto cannot hold more than 2 GB.
+FILE_EXPORT_BYTES = 256 << 20
 
+
+@dataclass
+class StagedExport:
+    """An exported model not yet imported: what the import check needs, without the torch module, so the
+    caller can free a model it loaded before ONNX Runtime loads the export (:meth:`check`)."""
+
+    source: Any  # a ModelProto, or the path of a file with external data
+    reference: list[np.ndarray]
+    feeds: dict[str, np.ndarray]
+    facts: dict[str, Any]
+    label: str
+
+    def check(self, rtol: float) -> tuple[Any, dict[str, Any]]:
+        """The export as a :class:`modelpress.Model`, checked against torch's outputs on the plan's inputs."""
+        from modelpress.adapters.onnx import load_onnx
+        from modelpress.plugin_api import check_import
+
+        imported = load_onnx(self.source, sample=self.feeds)
+        figures = check_import(self.reference, imported, self.feeds, rtol, self.label)
+        return imported, {"import_check": figures, **self.facts}
+
+
+def _parameter_bytes(model: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
+
+
+def export_staged(model: nn.Module, task: str, label: str, *, example_inputs: Any, opset: int | None) -> StagedExport:
+    """Export ``model`` for ``task`` (through a file with external data above :data:`FILE_EXPORT_BYTES`)
+    and run torch on the plan's example inputs; nothing of the torch module is kept."""
     ids = _example_ids(example_inputs)
     plan = plan_export(model.eval(), task, ids)
     reference = _outputs(plan)
-    proto = _export(plan, opset, label, type(model).__name__)
-    feeds = plan.feeds()
-    imported = load_onnx(proto, sample=feeds)
-    figures = check_import(reference, imported, feeds, rtol, f"{label} ({type(model).__name__}, {task})")
-    return imported, {"import_check": figures, **plan.facts}
+    architecture = type(model).__name__
+    if _parameter_bytes(model) > FILE_EXPORT_BYTES:
+        source: Any = _export_to_file(plan, opset, label, architecture)
+    else:
+        source = _export(plan, opset, label, architecture)
+    return StagedExport(source, reference, plan.feeds(), plan.facts, f"{label} ({architecture}, {task})")
+
+
+def export_checked(model: nn.Module, task: str, label: str, *, example_inputs: Any, rtol: float, opset: int | None) -> tuple[Any, dict[str, Any]]:
+    """The model exported for ``task`` as a :class:`modelpress.Model`, checked against torch on the
+    plan's example inputs; the figures (the check's, the cache layout) go into the provenance."""
+    return export_staged(model, task, label, example_inputs=example_inputs, opset=opset).check(rtol)
 
 
 def _example_ids(example_inputs: Any) -> torch.Tensor | None:

@@ -28,6 +28,7 @@ SECTIONS: dict[str, list[str]] = {
                     "--methods", "int8-static,ort-static", "--repeat", "2", "--vs", "ort-static"],
     "zoo-quant": ["benchmarks/zoo_quant.py", "--quick"],
     "scale": ["benchmarks/scale.py", "--size", "0.5b"],
+    "transformers": ["benchmarks/transformers.py", "--big"],
     "prune": ["benchmarks/prune.py", "--quick"],
     "distill": ["benchmarks/distill.py", "--quick"],
     "pack": ["benchmarks/pack.py"],

@@ -15,14 +15,16 @@ token/position tables and a CNN's convolutions are covered, not only its MatMul/
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
 
 from modelpress.plugin_api import Model, Out
+from modelpress.plugins.quantize.streaming import FileRows
 
-__all__ = ["TableReport", "quantize_tables"]
+__all__ = ["CHUNK_ELEMENTS", "TableReport", "quantize_table", "quantize_tables"]
 
 
 @dataclass
@@ -91,20 +93,6 @@ def _uint4_blocks(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.
     return q, scale.astype(np.float32), zero, {"axis": 1, "block_size": block}
 
 
-def _relative_error(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, attrs: dict[str, int], w: np.ndarray, rows: int = 2048) -> float:
-    """``||dequantized - w|| / ||w||``, ``rows`` rows at a time: no float64 copies of a whole table
-    (a 30k x 384 vocabulary took ~300 MB of them). Scales and zero points are per row (axis 0) or per
-    block of a row, so each slice of rows has its own."""
-    err = ref = 0.0
-    for r0 in range(0, w.shape[0], rows):
-        part = slice(r0, r0 + rows)
-        z = zero[part] if zero.ndim and zero.shape[0] == w.shape[0] else zero
-        recon = _dequantized(q[part], scale[part], z, attrs, w[part].shape)
-        err += float(np.sum((recon.astype(np.float64) - w[part]) ** 2))
-        ref += float(np.sum(w[part].astype(np.float64) ** 2))
-    return float(np.sqrt(err) / max(float(np.sqrt(ref)), 1e-12))
-
-
 def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, attrs: dict[str, int], shape: tuple[int, ...]) -> np.ndarray:
     axis = attrs["axis"]
     if "block_size" in attrs:
@@ -117,42 +105,134 @@ def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, attrs: dict
     return ((q.astype(np.float64) - z) * s).astype(np.float32)
 
 
-def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: int = 32, min_elements: int = 1024, exclude: set[str] | None = None) -> TableReport:
-    """Replace eligible embedding tables / Conv weights in ``model`` (in place) by int8/int4 + DQ."""
-    import ml_dtypes
+# NOTE: weights quantized per chunk of rows: the float64 temporaries of one chunk are ~8 MB each, whatever the
+# table's size (a 0.5-2 GB vocabulary table is never copied whole); rows are independent, so the result is
+# the same bit for bit as quantizing the table in one go.
+CHUNK_ELEMENTS = 1 << 20
 
+
+@dataclass
+class _Table:
+    """One table quantized and packed as stored: int8 ``[V, ...]``, or uint4 two per byte (flat, row-major)."""
+
+    data: np.ndarray
+    scale: np.ndarray
+    zero: np.ndarray
+    attrs: dict[str, int]
+    squared_error: float = 0.0
+    squared_norm: float = 0.0
+
+
+def _chunk_rows(rows: int, cols: int) -> int:
+    """Rows per chunk: about :data:`CHUNK_ELEMENTS` weights, an even count so each chunk's packed uint4 starts on a byte."""
+    return max(2, CHUNK_ELEMENTS // max(cols, 1) // 2 * 2)
+
+
+def _pack_into(out: np.ndarray, start: int, values: np.ndarray) -> None:
+    """uint4 ``values`` packed two per byte (low nibble first) into ``out`` from element ``start`` (even)."""
+    flat = values.reshape(-1).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    packed = (flat[0::2] & 0x0F) | ((flat[1::2] & 0x0F) << 4)
+    out[start // 2 : start // 2 + len(packed)] = packed
+
+
+def _empty_table(rows: int, cols: int, bits: int, kind: str, block: int) -> _Table:
+    if bits == 8:
+        return _Table(np.zeros((rows, cols), np.int8), np.zeros(rows, np.float32), np.zeros(rows, np.int8), {"axis": 0})
+    if kind == "conv":
+        return _Table(np.zeros(-(-rows * cols // 2), np.uint8), np.zeros(rows, np.float32), np.zeros(-(-rows // 2), np.uint8), {"axis": 0})
+    nb = -(-cols // block)
+    return (_Table(np.zeros(-(-rows * cols // 2), np.uint8), np.zeros((rows, nb), np.float32), np.zeros(-(-rows * nb // 2), np.uint8),
+                   {"axis": 1, "block_size": block}))
+
+
+def quantize_table(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], *, bits: int, kind: str, block: int = 32) -> _Table:
+    """A float32 table of ``shape`` quantized chunk by chunk of rows: ``read(r0, r1)`` gives rows ``[r0, r1)``
+    as ``[r1 - r0, prod(shape[1:])]`` (from the file for external data, nothing mapped), and only one chunk's
+    temporaries exist at a time; the packed result and the squared error and norm of the whole table."""
+    rows = int(shape[0])
+    cols = int(np.prod(shape[1:], dtype=np.int64))
+    table = _empty_table(rows, cols, bits, kind, block)
+    step = _chunk_rows(rows, cols)
+    for r0 in range(0, rows, step):
+        r1 = min(rows, r0 + step)
+        chunk = np.asarray(read(r0, r1), np.float32)
+        q, scale, zero, attrs = _int8_rows(chunk) if bits == 8 else _uint4_blocks(chunk, 1 if kind == "embedding" else 0, block)
+        recon = _dequantized(q, scale, zero, attrs, chunk.shape)
+        recon -= chunk
+        table.squared_error += float(np.einsum("ij,ij->", recon, recon))
+        table.squared_norm += float(np.einsum("ij,ij->", chunk, chunk, dtype=np.float64))
+        del recon
+        table.scale[r0:r1] = scale
+        if bits == 8:
+            table.data[r0:r1], table.zero[r0:r1] = q, zero
+        else:
+            _pack_into(table.data, r0 * cols, q)
+            _pack_into(table.zero, r0 * (zero.shape[1] if zero.ndim == 2 else 1), zero)
+    return table
+
+
+def _reader(tensor: ir.TensorProtocol) -> Callable[[int, int], np.ndarray]:
+    """Rows of ``tensor`` as a 2-D float32 ``[rows, rest]``: read from the file for external data (``pread``,
+    no memory map, so nothing stays charged to the process), else sliced from the array."""
+    if isinstance(tensor, ir.ExternalTensor):
+        rows = FileRows(tensor)
+        return lambda r0, r1: rows[r0:r1]
+    array = tensor.numpy()
+    array = array.reshape(array.shape[0], -1)
+    return lambda r0, r1: array[r0:r1]
+
+
+def _emit(model: Model, value: ir.Value, table: _Table, bits: int, order: dict[int, int]) -> str:
+    """The quantized table and its ``DequantizeLinear`` in front of every user of ``value``; the float table dropped."""
+    import ml_dtypes  # noqa: F401  # NOTE: onnx-ir's int4 tensors need it
+
+    graph = model.graph
+    assert value.const_value is not None
+    shape = tuple(int(d) for d in value.const_value.shape.numpy())
+    base = value.name or "table"
+    b = model.builder(base)
+    if bits == 8:
+        q_t, zero_t = ir.tensor(table.data.reshape(shape)), ir.tensor(table.zero)
+    else:
+        zero_shape = list(table.scale.shape)
+        q_t = ir.PackedTensor(table.data, ir.DataType.UINT4, shape=list(shape))
+        zero_t = ir.PackedTensor(table.zero, ir.DataType.UINT4, shape=zero_shape)
+    inputs = [b.initializer(q_t, f"{base}_q{bits}"), b.initializer(table.scale, f"{base}_scale"), b.initializer(zero_t, f"{base}_zero_point")]
+    out = b.op("DequantizeLinear", inputs, table.attrs, name=f"{base}_DequantizeLinear",
+               out=Out(f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(shape)))
+    dq = out.producer()
+    assert dq is not None
+    first = min((u for u, _ in value.uses()), key=lambda n: order.get(id(n), 0))
+    graph.insert_before(first, dq)
+    for user, index in list(value.uses()):
+        if user is not dq:
+            user.replace_input_with(index, dq.outputs[0])
+    if not list(value.uses()) and value.name in graph.initializers:
+        graph.initializers.pop(value.name)
+    return base
+
+
+def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: int = 32, min_elements: int = 1024, exclude: set[str] | None = None) -> TableReport:
+    """Replace eligible embedding tables / Conv weights in ``model`` (in place) by int8/int4 + DQ, each
+    quantized in chunks of rows (:func:`quantize_table`)."""
     report = TableReport()
     if model.opset < 13:
         report.skipped["*"] = f"opset {model.opset} < 13 has no per-axis DequantizeLinear"
         return report
     if bits == 4 and model.opset < 21:
         bits = 8  # NOTE: int4 DequantizeLinear needs opset 21; int8 still shrinks the table 4x
-    graph = model.graph
-    order = {id(n): i for i, n in enumerate(graph)}
+    order = {id(n): i for i, n in enumerate(model.graph)}
     for value, kind in _tables(model, op_types & {"Gather", "Conv"}, min_elements, exclude or set(), report):
-        assert value.const_value is not None
-        w = np.asarray(value.const_value.numpy(), dtype=np.float32)
-        if bits == 8:
-            q, scale, zero, attrs = _int8_rows(w)
-        else:
-            q, scale, zero, attrs = _uint4_blocks(w, 1 if kind == "embedding" else 0, block_size)
-        report.errors.append(_relative_error(q, scale, zero, attrs, w))
-        base = value.name or kind
-        b = model.builder(base)
-        q_t, zero_t = ((ir.tensor(a.astype(np.int8)) if bits == 8 else ir.tensor(a.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4)) for a in (q, zero))
-        inputs = [b.initializer(q_t, f"{base}_q{bits}"), b.initializer(scale, f"{base}_scale"), b.initializer(zero_t, f"{base}_zero_point")]
-        out = b.op("DequantizeLinear", inputs, attrs, name=f"{base}_DequantizeLinear",
-                   out=Out(f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(w.shape)))
-        dq = out.producer()
-        assert dq is not None
-        first = min((u for u, _ in value.uses()), key=lambda n: order.get(id(n), 0))
-        graph.insert_before(first, dq)
-        for user, index in list(value.uses()):
-            if user is not dq:
-                user.replace_input_with(index, dq.outputs[0])
-        if not list(value.uses()) and value.name in graph.initializers:
-            graph.initializers.pop(value.name)
-        report.done.append(base)
-        report.bytes_before += w.nbytes
-        report.bytes_after += q.size * bits // 8 + scale.nbytes + (zero.size * bits // 8 if bits == 4 else 0)
+        tensor = value.const_value
+        assert tensor is not None
+        shape = tuple(int(d) for d in tensor.shape.numpy())
+        table = quantize_table(_reader(tensor), shape, bits=bits, kind=kind, block=block_size)
+        if isinstance(tensor, ir.ExternalTensor):
+            tensor.release()
+        report.errors.append(float(np.sqrt(table.squared_error) / max(np.sqrt(table.squared_norm), 1e-12)))
+        report.done.append(_emit(model, value, table, bits, order))
+        report.bytes_before += tensor.size * 4
+        report.bytes_after += table.data.nbytes + table.scale.nbytes + (table.zero.nbytes if bits == 4 else 0)
     return report

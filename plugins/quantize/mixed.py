@@ -33,10 +33,9 @@ from pydantic import Field, model_validator
 from modelpress.plugin_api import Bounds, Model, Options, OptionsError, PassContext, load_dataset
 from modelpress.plugins.quantize.embeddings import (
     TableReport,
-    _dequantized,
-    _int8_rows,
+    _reader,
     _tables,
-    _uint4_blocks,
+    quantize_table,
 )
 from modelpress.plugins.quantize.evaluate import Scorer
 from modelpress.plugins.quantize.weight_only import (
@@ -119,14 +118,13 @@ def _candidates(model: Model, opts: MixedPrecisionOptions, ctx: PassContext) -> 
     report = TableReport()
     for value, kind in _tables(model, set(opts.op_types) & {"Gather", "Conv"}, opts.min_elements, set(opts.exclude), report):
         assert value.const_value is not None
-        w = value.const_value.numpy().astype(np.float32)
+        shape = tuple(int(d) for d in value.const_value.shape)
         errors = {}
-        for bits in (4, 8):
-            q, scale, zero, attrs = _int8_rows(w) if bits == 8 else _uint4_blocks(w, 1 if kind == "embedding" else 0, min(opts.block_size, 32))
-            recon = _dequantized(q.astype(np.float64), scale, zero, attrs, w.shape)
-            errors[bits] = float(np.sum((recon - w) ** 2) / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30))
+        for bits in (4, 8):  # NOTE: in chunks of rows, as the table is quantized (a vocabulary table is never copied whole)
+            table = quantize_table(_reader(value.const_value), shape, bits=bits, kind=kind, block=min(opts.block_size, 32))
+            errors[bits] = table.squared_error / max(table.squared_norm, 1e-30)
         users = sorted({u.name or "" for u, _ in value.uses()})
-        out.append(_Candidate(users[0], users, tuple(w.shape), kind, errors))
+        out.append(_Candidate(users[0], users, shape, kind, errors))
     return out, {**skipped, **report.skipped}, hessians
 
 

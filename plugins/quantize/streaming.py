@@ -15,12 +15,14 @@ __all__ = ["FileRows", "read_weight"]
 
 
 class FileRows:
-    """Rows ``[r0:r1]`` of an external-data float32 matrix ``[K, N]``, read with ``pread``: no memory
-    map, so the pages read are not charged to the process once a chunk is done."""
+    """Rows ``[r0:r1]`` of an external-data float32 matrix ``[K, N]`` (an N-D tensor is read as
+    ``[shape[0], rest]``), read with ``pread``: no memory map, so the pages read are not charged to the
+    process once a chunk is done."""
 
     def __init__(self, tensor: ir.ExternalTensor):
         self.path, self.offset = tensor.path, int(tensor.offset or 0)
-        self.shape = tuple(int(d) for d in tensor.shape.numpy())
+        dims = [int(d) for d in tensor.shape.numpy()]
+        self.shape = (dims[0], int(np.prod(dims[1:], dtype=np.int64)))
 
     def __getitem__(self, rows: slice) -> np.ndarray:
         k, n = self.shape

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.app.report import write_reports
+from modelpress.evaluation.criteria import lower_is_better
 
 __all__ = ["TrialRecord", "TuneReport", "pareto_front"]
 
@@ -182,7 +183,7 @@ class TuneReport:
             xv, yv = x1 * i / 4, y0 + (y1 - y0) * i / 4  # type: ignore[operator]
             parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
             parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
-        limit = self.baseline.get("metric", 0.0) - self.max_drop if self.metric != "mse" else self.baseline.get("metric", 0.0) + self.max_drop
+        limit = self.baseline.get("metric", 0.0) - self.max_drop if not lower_is_better(self.metric) else self.baseline.get("metric", 0.0) + self.max_drop
         if y0 <= limit <= y1:  # type: ignore[operator]
             parts.append(f'<line x1="{pad}" y1="{sy(limit):.1f}" x2="{width - pad}" y2="{sy(limit):.1f}" stroke="#999" stroke-dasharray="5 4"/>'
                          f'<text x="{width - pad}" y="{sy(limit) - 4:.1f}" text-anchor="end" fill="#666">criterion</text>')

@@ -147,8 +147,9 @@ def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[M
     return model, tables, data
 
 
-def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
-    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
+def _calibrated(model: Model, sel: Selection, opts: Int8StaticOptions) -> tuple[list[str], dict[str, str | None]]:
+    """The activations to calibrate, and each selected node's output to quantize (``None``: none,
+    or a graph output, which stays float)."""
     all_nodes = sel.nodes
     # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
     # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
@@ -160,7 +161,12 @@ def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8
     names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
     names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}
-    out_tensors = {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
+    return names, {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
+
+
+def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
+    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
+    names, out_tensors = _calibrated(model, sel, opts)
     axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in sel.candidates}
     stats = collect_stats(model, names, data, ctx, histogram=opts.calibrator != "minmax", channel_axes=axes, batch_size=opts.batch_size)
     base = opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})

@@ -526,6 +526,20 @@ def _formats(groups: list[list[WeightedLayer]], opts: WeightOnlyOptions, figures
     return chosen
 
 
+def _data_statistics(model: Model, result: Model, layers: list[WeightedLayer], hessians: dict[str, np.ndarray] | None,
+                     opts: WeightOnlyOptions, ctx: PassContext) -> dict[str, np.ndarray]:
+    """The layer-input statistics GPTQ/AWQ need (``hessians`` reused where it has every layer's,
+    measured on ``model`` otherwise; empty for the data-free algorithms); with AWQ, ``result``'s
+    layers are scaled by them first."""
+    if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
+        return {}
+    if hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
+        hessians = _hessians(model, layers, ctx, opts)
+    if opts.algorithm in ("awq", "awq-gptq"):
+        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+    return hessians
+
+
 def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hessians: dict[str, np.ndarray] | None = None) -> Model:
     """``hessians``: GPTQ/AWQ statistics of ``model``'s layer inputs already computed (by input name), e.g.
     by mixed-precision, which builds several candidates of one model; computed here when None."""
@@ -543,12 +557,7 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hess
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
-    if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
-        hessians = {}
-    elif hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
-        hessians = _hessians(model, layers, ctx, opts)
-    if opts.algorithm in ("awq", "awq-gptq") and layers:
-        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+    hessians = _data_statistics(model, result, layers, hessians, opts, ctx)
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}

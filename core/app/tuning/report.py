@@ -67,6 +67,25 @@ def _f(value: float | None, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _padded_range(values: list[float]) -> tuple[float, float]:
+    """The chart's y range: the values' with a tenth of margin each side (a flat line gets ±0.05 first)."""
+    y0, y1 = min(values), max(values)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.05, y1 + 0.05
+    margin = (y1 - y0) * 0.1
+    return y0 - margin, y1 + margin
+
+
+def _svg_frame(width: int, height: int, pad: int, metric: str) -> list[str]:
+    """The chart's opening: the canvas, both axes and their labels."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+            f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">size (MB)</text>',
+            f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(metric)}</text>']
+
+
 @dataclass
 class TuneReport:
     title: str
@@ -161,11 +180,7 @@ class TuneReport:
         xs = [r.size_bytes / 1e6 for r in points] + [self.baseline.get("size_bytes", 0) / 1e6]  # type: ignore[operator]
         ys = [r.metric for r in points] + [self.baseline.get("metric", 0.0)]
         x1 = max(xs) * 1.1 or 1.0
-        y0, y1 = min(ys), max(ys)  # type: ignore[type-var]
-        if y1 - y0 < 1e-9:  # type: ignore[operator]
-            y0, y1 = y0 - 0.05, y1 + 0.05  # type: ignore[operator]
-        margin = (y1 - y0) * 0.1  # type: ignore[operator]
-        y0, y1 = y0 - margin, y1 + margin  # type: ignore[operator]
+        y0, y1 = _padded_range(ys)  # type: ignore[arg-type]
 
         def sx(v: float) -> float:
             return pad + v / x1 * (width - 2 * pad)
@@ -173,12 +188,7 @@ class TuneReport:
         def sy(v: float) -> float:
             return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)  # type: ignore[operator]
 
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-                 f'<rect width="{width}" height="{height}" fill="white"/>',
-                 f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">size (MB)</text>',
-                 f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>']
+        parts = _svg_frame(width, height, pad, self.metric)
         for i in range(5):
             xv, yv = x1 * i / 4, y0 + (y1 - y0) * i / 4  # type: ignore[operator]
             parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')

@@ -47,7 +47,10 @@ def function_lengths(tree: ast.AST, prefix: str = "") -> Iterator[tuple[str, int
 
 
 def test_the_length_is_counted_without_the_signature_and_docstring():
-    source = 'def f(\n    a,\n):\n    """Doc\n\n    more doc.\n    """\n    return a\n\n\nclass C:\n    def m(self):\n        def inner():\n            pass\n        return inner\n'
+    source = (
+        'def f(\n    a,\n):\n    """Doc\n\n    more doc.\n    """\n    return a\n\n\n'
+        "class C:\n    def m(self):\n        def inner():\n            pass\n        return inner\n"
+    )
     assert dict(function_lengths(ast.parse(source))) == {"f": 1, "C.m": 3, "C.m.<locals>.inner": 1}
 
 

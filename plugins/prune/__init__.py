@@ -66,7 +66,7 @@ class _Recovery(Options):
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune")
     layers: list[str] = Field(default_factory=list, description="prune only these layers (node names); default: all")
     exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
-    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the fine-tuning loss (0: labels only, 1: teacher only)")
+    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the " "fine-tuning loss (0: labels only, 1: teacher only)")
     temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
     loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
         "auto", description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")

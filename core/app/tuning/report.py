@@ -132,7 +132,7 @@ class TuneReport:
             r = self.best
             lines.append(f"Best: trial {r.number} ({'meets' if r.meets else 'does NOT meet'} the criterion): {self.metric} {_f(r.metric)} "
                          f"(drop {_f(r.drop)}), {_f((r.size_bytes or 0) / 1e6, '.3f')} MB "
-                         f"({(b.get('size_bytes') or 1) / (r.size_bytes or 1):.2f}x smaller), latency b1 {_f(r.latency_alone_ms or r.latency_ms, '.3f')} ms: {r.options()}")
+                         f"({(b.get('size_bytes') or 1) / (r.size_bytes or 1):.2f}x smaller), latency b1 " f"{_f(r.latency_alone_ms or r.latency_ms, '.3f')} ms: {r.options()}")
             if self.verification:
                 lines.append(f"best.onnx verified in ONNX Runtime against the source: {self.verification}")
         return lines
@@ -206,7 +206,7 @@ class TuneReport:
             parts.append(f'<circle cx="{sx(r.size_bytes / 1e6):.1f}" cy="{sy(r.metric):.1f}" r="4" fill="{colour}"><title>trial {r.number}: '  # type: ignore[operator,arg-type]
                          f'{html.escape(r.options())}</title></circle>')
         bx, by = sx(self.baseline.get("size_bytes", 0) / 1e6), sy(self.baseline.get("metric", 0.0))
-        parts.append(f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="black"/><text x="{bx - 6:.1f}" y="{by - 8:.1f}" text-anchor="end">source</text>')
+        parts.append(f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="black"/><text x="{bx - 6:.1f}" ' f'y="{by - 8:.1f}" text-anchor="end">source</text>')
         if self.best is not None and self.best.size_bytes and self.best.metric is not None:
             parts.append(f'<circle cx="{sx(self.best.size_bytes / 1e6):.1f}" cy="{sy(self.best.metric):.1f}" r="8" fill="none" stroke="black" stroke-width="2"/>')
         parts.append("</svg>")

@@ -157,14 +157,16 @@ class _Dequantizing:
     def weight(self, name: str, node: ir.Node, plan: Plan, layer: WeightedLayer) -> None:
         # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
         # once; its DequantizeLinear sits before the first user and feeds them all.
+        weight_q, weight_scale, weight_zero = plan.weight_q, plan.weight_scale, plan.weight_zero
+        assert weight_q is not None and weight_scale is not None and weight_zero is not None  # NOTE: _weights calls only then
         weight_value = node.inputs[layer.weight_input]
         key = (id(weight_value), layer.out_axis)
         if key not in self.dequantized:
             w_name = layer.weight.name or f"{name}_weight"
-            scale = plan.weight_scale if self.per_channel else np.asarray(plan.weight_scale, np.float32).reshape(())
-            zero = plan.weight_zero if self.per_channel else np.asarray(plan.weight_zero).reshape(())
+            scale = weight_scale if self.per_channel else np.asarray(weight_scale, np.float32).reshape(())
+            zero = weight_zero if self.per_channel else np.asarray(weight_zero).reshape(())
             anchor = self.first_user.get(id(weight_value), node)
-            tensors = [(f"{w_name}_q", plan.weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
+            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
             self.dequantized[key] = _dq(self.result, anchor, tensors, {"axis": layer.out_axis} if self.per_channel else {}, w_name)
         node.replace_input_with(layer.weight_input, self.dequantized[key])
 

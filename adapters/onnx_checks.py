@@ -186,7 +186,7 @@ def densify_sparse(proto: onnx.ModelProto, label: str) -> None:
                 indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices.reshape(0)
             indices = indices.reshape(-1)
             if len(indices) != len(values) or (len(indices) and (indices.min() < 0 or indices.max() >= count)):
-                raise ValueError(f"{len(indices)} indices (range {indices.min() if len(indices) else '-'}..{indices.max() if len(indices) else '-'}) for {len(values)} values in {count} elements")
+                raise ValueError(f"{len(indices)} indices (range " f"{indices.min() if len(indices) else '-'}..{indices.max() if len(indices) else '-'}) for " f"{len(values)} values in {count} elements")
             dense = np.zeros(count, dtype=values.dtype)
             dense[indices] = values
         except InvalidModelError:

@@ -707,6 +707,23 @@ def _lowered_nodes(model: Model) -> list[Node]:
     return nodes
 
 
+def _shape_arithmetic(op: str, a: list[Any], b: list[Any]) -> list[Any] | None:
+    """``a op b`` element-wise on known shape values, a single value broadcast; ``None``: the lengths do not match."""
+    if len(a) == 1 and len(b) > 1:
+        a = a * len(b)
+    if len(b) == 1 and len(a) > 1:
+        b = b * len(a)
+    if len(a) != len(b):
+        return None
+    fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q, "Mul": lambda p, q: p * q, "Div": lambda p, q: p // q}[op]
+    return [fn(p, q) for p, q in zip(a, b, strict=True)]
+
+
+def _shape_slice(values: list[Any], start: int, end: int, step: int) -> list[Any]:
+    """ONNX Slice on known shape values (its out-of-range bounds clamped)."""
+    return values[slice(max(start, -len(values) - 1), min(end, len(values) + 1), step)]
+
+
 class GraphModule(nn.Module):
     """A real ``nn.Module`` running a modelpress graph; see the module docstring."""
 
@@ -844,9 +861,7 @@ class GraphModule(nn.Module):
             starts, ends = known(1), known(2)
             steps = known(4) if len(node.inputs) > 4 else None
             if starts is not None and ends is not None:
-                start, end = starts[0][0], ends[0][0]
-                step = steps[0][0] if steps is not None else 1
-                sym[out] = (values[slice(max(start, -len(values) - 1), min(end, len(values) + 1), step)], False)
+                sym[out] = (_shape_slice(values, starts[0][0], ends[0][0], steps[0][0] if steps is not None else 1), False)
         elif op == "Concat":
             parts = [known(i) for i in range(len(node.inputs))]
             if all(p is not None and not p[1] for p in parts):
@@ -857,15 +872,9 @@ class GraphModule(nn.Module):
             sym[out] = (values, True)
         elif op in ("Add", "Sub", "Mul", "Div"):
             second = known(1)
-            if second is not None:
-                a, b = values, second[0]
-                if len(a) == 1 and len(b) > 1:
-                    a = a * len(b)
-                if len(b) == 1 and len(a) > 1:
-                    b = b * len(a)
-                if len(a) == len(b):
-                    fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q, "Mul": lambda p, q: p * q, "Div": lambda p, q: p // q}[op]
-                    sym[out] = ([fn(p, q) for p, q in zip(a, b, strict=True)], scalar and second[1])
+            result = _shape_arithmetic(op, values, second[0]) if second is not None else None
+            if second is not None and result is not None:
+                sym[out] = (result, scalar and second[1])
 
     def dtype_of(self, name: str) -> ir.DataType:
         return self._dtypes.get(name, ir.DataType.FLOAT)

@@ -133,5 +133,5 @@ def _feeds(model: Model, tokens: np.ndarray) -> dict[str, np.ndarray]:
         elif spec.name.startswith("past_key_values.") and spec.shape is not None:
             feeds[spec.name] = np.zeros((count, int(spec.shape[1]), 0, int(spec.shape[3])), np.float32)
         else:
-            raise DataError(f"input {spec.describe()} of {model.name!r} is not a text input this helper knows (input_ids, attention_mask, position_ids, token_type_ids, past_key_values.*)")
+            raise DataError(f"input {spec.describe()} of {model.name!r} is not a text input this helper knows (input_ids, " "attention_mask, position_ids, token_type_ids, past_key_values.*)")
     return feeds

@@ -47,6 +47,7 @@ def main() -> None:
 
     import modelpress
     from modelpress.app.demo import digits_arrays, train_demo_model
+    from modelpress.evaluation.criteria import score
     from modelpress.runtime.session import make_session, run
 
     epochs = 4 if args.quick else 12
@@ -57,7 +58,7 @@ def main() -> None:
 
     def evaluate(model, x, y, teacher_logits):  # type: ignore[no-untyped-def]
         logits = run(make_session(model), {model.signature.input_names[0]: x})[0]
-        return float(np.mean(logits.argmax(1) == y)), float(np.mean(logits.argmax(1) == teacher_logits.argmax(1)))
+        return score("accuracy", teacher_logits, logits, y), score("agreement", teacher_logits, logits)
 
     for framework in ("torch", "tensorflow"):
         layout = "nchw" if framework == "torch" else "nhwc"
@@ -69,7 +70,7 @@ def main() -> None:
         teacher = modelpress.load(trained, example_inputs=data["x_test"][:4]) if framework == "torch" else modelpress.load(trained)
         name = teacher.signature.input_names[0]
         teacher_logits = run(make_session(teacher), {name: data["x_test"]})[0]
-        acc = float(np.mean(teacher_logits.argmax(1) == data["y_test"]))
+        acc = score("accuracy", teacher_logits, teacher_logits, data["y_test"])
         label = f"{framework} CNN"
         table.add_row(label, "(teacher)", f"{teacher.parameter_count():,}", "1.0x", f"{acc:.4f}", "1.0000", "-")
         train = {name: data["x_train"], "labels": data["y_train"]}

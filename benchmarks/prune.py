@@ -90,6 +90,7 @@ def main() -> None:
     from rich.table import Table
 
     import modelpress
+    from modelpress.evaluation.criteria import score
     from modelpress.runtime.session import make_session, run
     from tests.torch_models import train_torch
 
@@ -124,7 +125,7 @@ def main() -> None:
                 path = folder / f"{len(label)}_{abs(hash(label))}.onnx"
                 modelpress.export(pruned, path, verify=False)  # NOTE: accuracy is measured below; an un-fine-tuned 90 % model fails the default cosine by design
                 logits = run(make_session(path), {"x": data["x_test"]})[0]
-                accuracy = float(np.mean(logits.argmax(1) == data["y_test"]))
+                accuracy = score("accuracy", logits, logits, data["y_test"])
                 weights = [layer.weight_array() for layer in pruned.weighted_layers()]
                 sparsity = float(sum(int(np.sum(w == 0)) for w in weights) / max(sum(w.size for w in weights), 1))
                 b1 = _latency(path, data["x_test"][:1], repeats=repeats * 3)

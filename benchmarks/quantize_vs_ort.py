@@ -196,15 +196,12 @@ def _interleaved_latency(paths: list[Path], feeds: dict[str, np.ndarray], thread
 def _evaluate(path: Path, info: dict, reference: np.ndarray, y: np.ndarray) -> dict:
     import onnxruntime as ort
 
+    from modelpress.evaluation.criteria import score
+
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {info["input"]: info["x_test"]})[0]
-    a, b = logits.astype(np.float64).ravel(), reference.astype(np.float64).ravel()
-    return {
-        "accuracy": float(np.mean(logits.argmax(1) == y)),
-        "agreement": float(np.mean(logits.argmax(1) == reference.argmax(1))),
-        "cosine": float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))),
-        "logits": logits,
-    }
+    figures = {metric: score(metric, reference, logits, y) for metric in ("accuracy", "agreement", "cosine")}
+    return {**figures, "logits": logits}
 
 
 def main() -> None:

@@ -275,8 +275,11 @@ def _tokens(vocab: int) -> np.ndarray:
 
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+    """The logits' cosine, flattened: modelpress's one cosine, imported as the children import it."""
+    exec(_BOOTSTRAP, {"ROOT": str(ROOT)})  # NOTE: from this tree when modelpress is not installed; once imported, a no-op
+    from modelpress.evaluation.criteria import cosine
+
+    return cosine(a, b)
 
 
 _MATMUL_ONLY = {"op_types": ["MatMul", "Gemm"]}  # NOTE: what ORT's MatMulNBitsQuantizer quantizes (not the embedding)

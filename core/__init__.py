@@ -13,10 +13,6 @@ import types
 from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
-# NOTE: first, before any module imports onnx_ir: sympy stays unimported (~40 MB of RSS); importing
-# it imports nothing heavy (a finder that acts on the first `import onnx_ir`)
-from modelpress.base import _deferred  # noqa: F401
-
 try:
     __version__ = _metadata.version("modelpress")
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree

@@ -107,7 +107,8 @@ def print_seeds(summaries: list[dict[str, Any]], target: tuple[float, float] = (
     print(f"{'seed':>4s} {'source acc':>10s} {'final acc':>9s} {'loss (pt)':>9s} {'ratio':>7s} {'target':>7s}")
     for s in summaries:
         met = s["ratio"] >= ratio and s["accuracy_loss_pt"] <= loss + 1e-9
-        print(f"{s['seed']:4d} {s['rows'][0]['accuracy']:10.4f} {s['packed_accuracy']:9.4f} {s['accuracy_loss_pt']:+9.2f} {s['ratio']:6.1f}x {'met' if met else 'NOT met':>7s}")
+        figures = f"{s['rows'][0]['accuracy']:10.4f} {s['packed_accuracy']:9.4f} {s['accuracy_loss_pt']:+9.2f}"
+        print(f"{s['seed']:4d} {figures} {s['ratio']:6.1f}x {'met' if met else 'NOT met':>7s}")
     losses = [s["accuracy_loss_pt"] for s in summaries]
     print(f"mean loss {np.mean(losses):+.2f} pt (worst {max(losses):+.2f}), smallest ratio {min(s['ratio'] for s in summaries):.1f}x")
 

@@ -66,7 +66,7 @@ def test_import_modelpress_is_lazy_and_the_api_is_whole():
         "assert callable(modelpress.pack) and modelpress.pack is pack and all(hasattr(modelpress, n) for n in modelpress.__all__)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
-    # sympy imported first (torch does that): onnx-ir is imported the ordinary way
+    # sympy imported first (torch does that)
     code = "import sympy, modelpress, modelpress.testing\nmodelpress.describe(modelpress.testing.tiny_mlp())\n"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 

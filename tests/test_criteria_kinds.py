@@ -217,3 +217,21 @@ def test_a_face_detector_s_regression_heads_are_quantized_at_the_defaults(face_d
     faces = held_label == 1
     for q, r in zip(quantized[1:], reference[1:], strict=True):
         assert np.linalg.norm(q[faces] - r[faces]) / np.linalg.norm(r[faces]) < 0.05
+
+
+def test_a_recipe_metric_is_scored_by_the_one_evaluation_module():
+    """The report's figure (``evaluate.metric``) uses verification's cosine and agreement, and knows mse is lower-is-better."""
+    from modelpress.evaluation.criteria import EVALUATE_METRICS, lower_is_better, measure, score
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(32, 10)).astype(np.float32)
+    out = ref + rng.normal(scale=0.3, size=ref.shape).astype(np.float32)
+    out[0] *= 100  # NOTE: one loud row: a whole-batch cosine would be ruled by it, the per-sample mean is not
+    assert score("cosine", ref, out) == measure("cosine", ref, out)
+    assert score("agreement", ref, out) == float(np.mean(ref.argmax(1) == out.argmax(1)))
+    labels = ref.argmax(1)
+    assert score("accuracy", ref, ref, labels) == 1.0
+    assert score("mse", ref, ref) == 0.0 < score("mse", ref, out)
+    assert [m for m in EVALUATE_METRICS if lower_is_better(m)] == ["mse"]
+    with pytest.raises(modelpress.OptionsError, match="labels"):
+        score("accuracy", ref, out)

@@ -19,7 +19,9 @@ A block may be preceded by a directive comment (invisible on the site)::
                                                 rest of its page (left out by the fast tier, ``-m "not slow"``)
 
 Directives combine: ``<!-- test: requires=torch slow -->``. When a block is skipped, the rest of its
-page is skipped too (it may build on it).
+page is skipped too (it may build on it). The tests may run in any order (pytest-randomly) or alone:
+a block's test first runs the blocks above it that have not run yet, in page order, and each block
+runs once; its test reports what its run did.
 Also here: ``mkdocs build --strict`` (warnings, broken links and unresolved references fail).
 """
 
@@ -113,6 +115,13 @@ class PageState:
     folder: Path
     namespace: dict[str, Any] = field(default_factory=dict)
     skipped: str | None = None
+    # NOTE: by block line, what each block's run did, in page order: None passed, a str was skipped (why), else what it raised
+    outcomes: dict[int, BaseException | str | None] = field(default_factory=dict)
+
+
+PAGE_CASES: dict[Path, list[Block]] = {}
+for _case in CASES:
+    PAGE_CASES.setdefault(_case.page, []).append(_case)
 
 
 @pytest.fixture(scope="session")
@@ -200,9 +209,8 @@ def _run_shell(block: Block, folder: Path) -> None:
     )
 
 
-@pytest.mark.parametrize("block", _params(CASES))
-def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, PageState], tmp_path_factory, monkeypatch):
-    state = _state(block, page_states, docs_files, tmp_path_factory)
+def _run_block(block: Block, state: PageState) -> None:
+    """Run one block in its page's folder and namespace (the working directory is the folder)."""
     if state.skipped:
         pytest.skip(f"an earlier block of this page was skipped ({state.skipped})")
     if "skip" in block.directives:
@@ -214,8 +222,6 @@ def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, Page
     if "file" in block.directives:
         (state.folder / block.directives["file"]).write_text(block.code, encoding="utf-8")
         return
-    monkeypatch.chdir(state.folder)
-    monkeypatch.setenv("MODELPRESS_PROGRESS", "0")
     try:
         if RUN[block.lang] == "python":
             state.namespace.setdefault("__name__", "__docs__")
@@ -225,6 +231,37 @@ def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, Page
     except BaseException:
         state.skipped = f"{block.id} failed"
         raise
+
+
+def _outcome(block: Block, state: PageState) -> BaseException | str | None:
+    """What ``block`` did, running first the blocks above it on its page that have not run yet."""
+    for earlier in PAGE_CASES[block.page]:
+        if earlier.line > block.line:
+            break
+        if earlier.line in state.outcomes:
+            continue
+        try:
+            _run_block(earlier, state)
+            state.outcomes[earlier.line] = None
+        except KeyboardInterrupt:
+            raise
+        except pytest.skip.Exception as exc:
+            state.outcomes[earlier.line] = str(exc.msg)
+        except BaseException as exc:
+            state.outcomes[earlier.line] = exc
+    return state.outcomes[block.line]
+
+
+@pytest.mark.parametrize("block", _params(CASES))
+def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, PageState], tmp_path_factory, monkeypatch):
+    state = _state(block, page_states, docs_files, tmp_path_factory)
+    monkeypatch.chdir(state.folder)
+    monkeypatch.setenv("MODELPRESS_PROGRESS", "0")
+    outcome = _outcome(block, state)
+    if isinstance(outcome, str):
+        pytest.skip(outcome)
+    if outcome is not None:
+        raise outcome
 
 
 def test_no_page_skips_all_its_examples():

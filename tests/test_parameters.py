@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,9 @@ import modelpress.plugin_api
 ROOT = Path(__file__).resolve().parent.parent
 FOLDERS = ("core", "adapters", "plugins")
 LIMIT = 7
+
+# NOTE: where each package's modules live in this tree (pyproject.toml's package-dir), longest name first
+FOLDER_OF = {"modelpress.adapters": "adapters", "modelpress.plugins": "plugins", "modelpress": "core"}
 
 # Files whose functions still take more; each entry says which (REMAINING: a state object each).
 ALLOWED_FILES: set[str] = set()
@@ -49,15 +53,28 @@ def _bridged(function: object) -> Iterator[str]:
             yield f"adapters/{call.args[0].value}.py::{node.attr}"
 
 
+def _tree_path(obj: object) -> str | None:
+    """``core/app/compress.py`` for a function of ``modelpress.app.compress``: read from the module's
+    name, so it names this tree's file wherever modelpress was imported from (an installed copy, a
+    formatted scratch copy of the tree); ``None`` outside modelpress."""
+    module = getattr(obj, "__module__", None) or ""
+    for package, folder in FOLDER_OF.items():
+        if module == package or module.startswith(package + "."):
+            parts = module[len(package) :].lstrip(".").split(".") if module != package else []
+            is_package = Path(getattr(sys.modules[module], "__file__", "") or "").name == "__init__.py"
+            return "/".join([folder, *parts, "__init__.py"] if is_package else [folder, *parts[:-1], parts[-1] + ".py"])
+    return None
+
+
 def _public_api() -> set[str]:
     """``path::name`` of every function :data:`modelpress.__all__` and ``modelpress.plugin_api.__all__``
     export (and of the adapter function it is bridged to), and of each adapter's ``load_*``."""
     public = set()
     exported = [getattr(module, name) for module in (modelpress, modelpress.plugin_api) for name in module.__all__]
     for obj in map(inspect.unwrap, exported):
-        path = Path(inspect.getsourcefile(obj) or "").resolve() if inspect.isfunction(obj) else None
-        if path is not None and path.is_relative_to(ROOT):
-            public.add(f"{path.relative_to(ROOT).as_posix()}::{obj.__name__}")
+        path = _tree_path(obj) if inspect.isfunction(obj) else None
+        if path is not None:
+            public.add(f"{path}::{obj.__name__}")
             public.update(_bridged(obj))
     for path in sorted((ROOT / "adapters").glob("*.py")):
         for node in ast.parse(path.read_text(encoding="utf-8")).body:

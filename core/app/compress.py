@@ -23,6 +23,7 @@ from modelpress.data.samples import (
     load_dataset,
     sample_inputs,
 )
+from modelpress.evaluation.criteria import EVALUATE_METRICS, score
 from modelpress.evaluation.text import TextEvaluation, is_decoder, text_floor, text_misses
 from modelpress.io.export import export
 from modelpress.io.safety import model_files, refuse_overwrite
@@ -124,7 +125,7 @@ class _Evaluator:
         self.settings = recipe.evaluate
         self.data = eval_data
         metric = self.settings.metric
-        self.custom = resolve_callable(metric) if metric not in ("accuracy", "agreement", "cosine", "mse") else None
+        self.custom = resolve_callable(metric) if metric not in EVALUATE_METRICS else None
         if metric == "accuracy" and (eval_data is None or eval_data.labels is None):
             raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
         # NOTE: generated inputs have the sizes the model declares for named axes (a KV cache's mask spans past + new tokens)
@@ -141,18 +142,10 @@ class _Evaluator:
         from modelpress.runtime.session import make_session, run_dataset
 
         outputs = run_dataset(make_session(path), self.batches)
-        metric = self.settings.metric
-        ref, out = self.reference[0].astype(np.float64), outputs[0].astype(np.float64)
         labels = self.data.labels if self.data is not None else None
         if self.custom is not None:
             return float(self.custom(outputs, labels, self.reference))
-        if metric == "accuracy":
-            return float(np.mean(out.argmax(axis=-1) == labels))
-        if metric == "agreement":
-            return float(np.mean(out.argmax(axis=-1) == ref.argmax(axis=-1)))
-        if metric == "cosine":
-            return float(np.dot(ref.ravel(), out.ravel()) / max(np.linalg.norm(ref) * np.linalg.norm(out), 1e-12))
-        return float(np.mean((ref - out) ** 2))
+        return score(self.settings.metric, self.reference[0], outputs[0], labels)
 
     def measure(self, stage: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> StageMetrics:
         data = path.read_bytes()

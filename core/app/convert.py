@@ -43,6 +43,31 @@ def _target_for(path: Path, to: str | None) -> str:
     return "torch" if path.suffix.lower() in TORCH_SUFFIXES else "onnx"
 
 
+def _write_torch(module: Any, args: tuple[Any, ...], staged: Path, target: Path) -> tuple[Any, str]:
+    """Write ``module`` to ``staged``, on its way to ``target`` (``.pt2``: a ``torch.export`` program, dynamic batch when
+    it traces so, else the sample's; ``.pt``: pickled) and load it back; returns it and a note."""
+    import torch
+
+    if staged.suffix.lower() != ".pt2":
+        torch.save(module, str(staged))
+        return torch.load(str(staged), weights_only=False), "pickled nn.Module"
+    failures = []
+    for dynamic in (True, False):
+        try:
+            shapes = {"args": tuple({0: torch.export.Dim("batch")} if a.dim() else None for a in args)} if dynamic else None
+            program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
+        except Exception as exc:
+            failures.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+            continue
+        torch.export.save(program, str(staged))
+        note = "dynamic batch" if dynamic else f"fixed batch {args[0].shape[0] if args and args[0].dim() else 1}"
+        return torch.export.load(str(staged)).module(), note
+    raise ExportError(
+        f"torch.export cannot trace the lowered model ({failures[-1]}); write a .pt file instead "
+        f"(the pickled nn.Module), nothing was written to {str(target)!r}"
+    )
+
+
 def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None) -> tuple[Comparison, str]:
     """Write ``model`` as PyTorch and check it against ONNX Runtime; returns the figures and a note.
 
@@ -60,7 +85,6 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
     names = model.signature.input_names
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
     module = to_torch(model).eval()
-    note = ""
     folder = target.parent if str(target.parent) else Path(".")
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
@@ -68,28 +92,7 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
         raise ExportError(f"cannot write {str(target)!r}: cannot create a file in folder {str(folder)!r} ({exc.strerror}); check it exists and is writable") from None
     try:
         staged = tmp / target.name
-        if target.suffix.lower() == ".pt2":
-            program = None
-            failures = []
-            for dynamic in (True, False):
-                try:
-                    shapes = {"args": tuple({0: torch.export.Dim("batch")} if a.dim() else None for a in args)} if dynamic else None
-                    program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
-                    note = "dynamic batch" if dynamic else f"fixed batch {args[0].shape[0] if args and args[0].dim() else 1}"
-                    break
-                except Exception as exc:
-                    failures.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
-            if program is None:
-                raise ExportError(
-                    f"torch.export cannot trace the lowered model ({failures[-1]}); write a .pt file instead "
-                    f"(the pickled nn.Module), nothing was written to {str(target)!r}"
-                )
-            torch.export.save(program, str(staged))
-            reloaded = torch.export.load(str(staged)).module()
-        else:
-            torch.save(module, str(staged))
-            reloaded = torch.load(str(staged), weights_only=False)
-            note = "pickled nn.Module"
+        reloaded, note = _write_torch(module, args, staged, target)
         with torch.no_grad():
             outs = reloaded(*args)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)

@@ -45,12 +45,13 @@ from modelpress.base.errors import (
     one_line,
     validation_problems,
 )
+from modelpress.evaluation.criteria import EVALUATE_METRICS
 from modelpress.plugin.methods import Method
 from modelpress.plugin.registry import Registry, get_registry
 
 __all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable", "validate_pass_options"]
 
-METRICS = ("accuracy", "agreement", "cosine", "mse")
+METRICS = EVALUATE_METRICS  # NOTE: defined once, in modelpress.evaluation.criteria
 
 
 class _Strict(pydantic.BaseModel):

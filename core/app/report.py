@@ -151,7 +151,8 @@ _TEXT_FOOTNOTE = (
 _FOOTNOTE = (
     "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). "
     "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
-    "[slower] when slower by more than 5 % and more than the noise band (the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
+    "[slower] when slower by more than 5 % and more than the noise band "
+    "(the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
 )
 
 

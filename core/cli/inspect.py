@@ -81,7 +81,7 @@ def _feeds(path: str) -> dict[str, Any]:
 
 
 def _print_summary(info: dict[str, Any], out: Any) -> None:
-    out.print(f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from {info['source_framework']}, producer {escape(info['producer'] or '?')})")
+    out.print(f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from " f"{info['source_framework']}, producer {escape(info['producer'] or '?')})")
     out.print(
         f"parameters {info['parameters']:,}   weights {human_bytes(info['weight_bytes'])}   "
         f"on disk {human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"

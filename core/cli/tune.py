@@ -29,11 +29,23 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--recipe", help="recipe whose options may be {search: [choices]} or {search: {low, high, step}} (replaces the default space)")
     p.add_argument("--max-drop", default="1%", help="largest allowed metric drop: 1%% or 0.01 (default 1%%)")
     p.add_argument("--metric", help="accuracy (default with labels), agreement (default without), cosine, mse or pkg.module:function")
+    _search_arguments(p)
+    _runner_arguments(p)
+    p.add_argument("--accept-loss", action="store_true", help=ACCEPT_LOSS_HELP)
+    p.add_argument("-o", "--output", required=True, help="output folder (best.onnx, best-recipe.yaml, report.md/.json/.html, study.db)")
+
+
+def _search_arguments(p: argparse.ArgumentParser) -> None:
+    """What the search minimises, how, and for how long."""
     p.add_argument("--objective", choices=("size", "latency", "both"), default="size", help="what to minimise (default size)")
     p.add_argument("--strategy", choices=("pareto", "accuracy-first"), default="pareto",
                    help="pareto: Optuna TPE (NSGA-II for both) over the space; accuracy-first: most aggressive first, then fall back")
     p.add_argument("--trials", type=int, help="trial budget (default 20; counts trials of a resumed study)")
     p.add_argument("--time", help="time budget for this run, e.g. 90s, 20m, 1.5h (a bare number is seconds); with --trials, whichever runs out first")
+
+
+def _runner_arguments(p: argparse.ArgumentParser) -> None:
+    """Where the trials run and where the study is kept."""
     p.add_argument("--workers", type=int, help="trials in parallel (Ray local CPUs; default: the machine's cores)")
     p.add_argument("--address", help="attach to a Ray cluster (HOST:PORT of its head, or ray://HOST:PORT) instead of starting one")
     p.add_argument("--fresh-workers", action="store_true", help="run every trial in a new worker process (default: workers are kept between trials, imports paid once)")
@@ -46,8 +58,6 @@ def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trial-retries", type=int, default=1,
                    help="times a trial lost with its Ray node (the node died) runs again on a live node (default 1); it is recorded as failed, 'node lost'")
     p.add_argument("--keep-trial-models", action="store_true", help="keep every trial's model (default: the Pareto front and the best)")
-    p.add_argument("--accept-loss", action="store_true", help=ACCEPT_LOSS_HELP)
-    p.add_argument("-o", "--output", required=True, help="output folder (best.onnx, best-recipe.yaml, report.md/.json/.html, study.db)")
 
 
 def _fraction(text: str) -> float:

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "ALPHA",
+    "EVALUATE_METRICS",
     "KIND_METRIC",
     "LOWER_IS_BETTER",
     "METRICS",
@@ -59,11 +60,14 @@ __all__ = [
     "measure",
     "relative_error",
     "row_cosines",
+    "score",
 ]
 
 METRICS = ("agreement", "cosine", "cosine_p5", "relative_error", "nrmse")
+# NOTE: a recipe's ``evaluate.metric`` (the report's figure of a whole evaluation set): see :func:`score`
+EVALUATE_METRICS = ("accuracy", "agreement", "cosine", "mse")
 KIND_METRIC = {"classifier": "agreement", "embedding": "cosine", "dense": "nrmse", "regression": "relative_error"}
-LOWER_IS_BETTER = frozenset({"relative_error", "nrmse"})
+LOWER_IS_BETTER = frozenset({"relative_error", "nrmse", "mse"})
 ALPHA = 0.05  # agreement fails when its flips would be this unlikely at the threshold
 _METRIC_FORM = {"cosine": "embedding", "relative_error": "regression", "nrmse": "dense"}
 _SPEC = re.compile(r"^\s*(agreement|cosine|relative_error|nrmse|classifier|probabilities|logits|labels|embedding|regression|dense)"
@@ -71,6 +75,7 @@ _SPEC = re.compile(r"^\s*(agreement|cosine|relative_error|nrmse|classifier|proba
 
 
 def lower_is_better(metric: str) -> bool:
+    """Whether a smaller value of ``metric`` (an output metric or an ``evaluate.metric``) is better."""
     return metric in LOWER_IS_BETTER
 
 
@@ -150,6 +155,23 @@ def measure(metric: str, ref: np.ndarray, out: np.ndarray, *, axis: int | None =
     if metric == "nrmse":
         return dense_error(ref, out, value_range)
     raise OptionsError(f"unknown output metric {metric!r}: one of {', '.join(METRICS)}")
+
+
+def score(metric: str, reference: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> float:
+    """The figure of one of :data:`EVALUATE_METRICS` for a whole evaluation set: ``accuracy`` is
+    the share of rows whose arg-max class is the label, ``agreement`` and ``cosine`` are
+    :func:`measure`'s (per-sample cosines averaged, as verification judges), ``mse`` the mean
+    squared error against the reference (lower is better)."""
+    if metric == "accuracy":
+        if labels is None:
+            raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
+        return agreement(np.asarray(labels), np.argmax(out, axis=-1))
+    if metric == "mse":
+        diff = out.astype(np.float64) - reference.astype(np.float64)
+        return float(np.mean(diff**2)) if diff.size else 0.0
+    if metric in ("agreement", "cosine"):
+        return measure(metric, reference, out)
+    raise OptionsError(f"unknown evaluation metric {metric!r}: one of {', '.join(EVALUATE_METRICS)} or pkg.module:function")
 
 
 @functools.lru_cache(maxsize=256)

@@ -81,7 +81,7 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
         if any(isinstance(d, int) and d >= 0 and d != g for d, g in zip(declared, got, strict=False)):
             raise DataError(
                 f"input {spec.describe()} of model {model.name!r} is declared too large to generate a sample for "
-                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample FILE, or skip it with verify=False / --no-verify"
+                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample " "FILE, or skip it with verify=False / --no-verify"
             )
     return [feeds]
 
@@ -310,7 +310,7 @@ def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_p
             if in_memory_bytes(model) + sum(
                 int(v.const_value.nbytes) for g in stamped.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
             ) >= 2**31 - 2**24:
-                raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use external_data=True / --external-data always")
+                raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use " "external_data=True / --external-data always")
             with model.inlined(), progress_bar(f"saving {staged.name}", enabled=show_progress):
                 ir.save(stamped, staged)
 

@@ -86,7 +86,7 @@ class PackedModel:
             raise self._damaged(f"the manifest cannot be read ({exc})") from None
         self._graph = head[4 + length :]
         if not isinstance(manifest, dict) or manifest.get("format") != FORMATS[self.version]:
-            raise InvalidModelError(f"{self.label}: unsupported pack format {manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads {', '.join(FORMATS.values())})")
+            raise InvalidModelError(f"{self.label}: unsupported pack format " f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads " f"{', '.join(FORMATS.values())})")
         return manifest
 
     @property

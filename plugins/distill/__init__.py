@@ -168,6 +168,31 @@ def _reading(module: Any, inputs: list[np.ndarray], data: Dataset, teacher_outpu
     return choice, "values" if choice.reads == "values" else choose_loss(outputs=teacher_outputs[:256]).reads
 
 
+def _held_out(inputs: list[np.ndarray], data: Dataset, opts: KDOptions) -> tuple[np.ndarray, Any]:
+    """The training rows, and the held-out ``(inputs, labels)`` an epoch is kept by (``None`` without labels)."""
+    n = len(inputs[0])
+    held = int(n * opts.validation_fraction) if data.labels is not None else 0
+    order = np.random.default_rng(opts.seed).permutation(n)
+    val_idx, train_idx = order[:held], order[held:]
+    validation = ([a[val_idx] for a in inputs], data.labels[val_idx]) if held and data.labels is not None else None
+    return train_idx, validation
+
+
+def _figures(opts: KDOptions, teacher: Model, trained: Model, result: Any, reading: tuple[Any, str]) -> dict[str, Any]:
+    """What the pass reports: sizes, the training run, and the loss (``reading``: the loss choice, how the teacher is read)."""
+    choice, teacher_reads = reading
+    first_loss = result.history[0]["loss"] if result.history else None
+    last_loss = result.history[-1]["loss"] if result.history else None
+    return {
+        "student": opts.student, "teacher_parameters": teacher.parameter_count(), "student_parameters": trained.parameter_count(),
+        "compression": round(teacher.parameter_count() / max(trained.parameter_count(), 1), 3),
+        "epochs_run": len(result.history), "best_epoch": result.best_epoch, "interrupted": result.interrupted,
+        "stopped_early": result.stopped_early, "first_epoch_loss": first_loss, "last_epoch_loss": last_loss,
+        "loss": f"kd+{choice.name}", "loss_reason": f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}",
+        **({"validation_accuracy": round(float(result.best_metric), 4)} if result.best_metric is not None else {}),
+    }
+
+
 def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, to_torch, update_weights
 
@@ -187,27 +212,14 @@ def kd(teacher: Model, opts: KDOptions, ctx: PassContext) -> Model:
     targets = _targets(teacher_logits, data, opts, cached)
     loss = _loss(opts, choice, teacher_reads)
 
-    n = len(inputs[0])
-    held = int(n * opts.validation_fraction) if data.labels is not None else 0
-    order = np.random.default_rng(opts.seed).permutation(n)
-    val_idx, train_idx = order[:held], order[held:]
-    validation = ([a[val_idx] for a in inputs], data.labels[val_idx]) if held and data.labels is not None else None
+    train_idx, validation = _held_out(inputs, data, opts)
     result = fit(
         wrapper, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
         epochs=opts.epochs, lr=opts.lr, optimizer=opts.optimizer, schedule=opts.schedule, weight_decay=opts.weight_decay,
         batch_size=opts.batch_size, seed=opts.seed, validation=validation, patience=opts.patience, show_progress=ctx.show_progress,
     )
     trained = update_weights(student, module)
-    first_loss = result.history[0]["loss"] if result.history else None
-    last_loss = result.history[-1]["loss"] if result.history else None
-    ctx.figures.update({
-        "student": opts.student, "teacher_parameters": teacher.parameter_count(), "student_parameters": trained.parameter_count(),
-        "compression": round(teacher.parameter_count() / max(trained.parameter_count(), 1), 3),
-        "epochs_run": len(result.history), "best_epoch": result.best_epoch, "interrupted": result.interrupted,
-        "stopped_early": result.stopped_early, "first_epoch_loss": first_loss, "last_epoch_loss": last_loss,
-        "loss": f"kd+{choice.name}", "loss_reason": f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}",
-        **({"validation_accuracy": round(float(result.best_metric), 4)} if result.best_metric is not None else {}),
-    })
+    ctx.figures.update(_figures(opts, teacher, trained, result, (choice, teacher_reads)))
     return Model(trained.ir, provenance=trained.provenance, path=teacher.path, reference=teacher.reference or teacher)
 
 

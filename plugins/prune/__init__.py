@@ -66,7 +66,7 @@ class _Recovery(Options):
     op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune")
     layers: list[str] = Field(default_factory=list, description="prune only these layers (node names); default: all")
     exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
-    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the fine-tuning loss (0: labels only, 1: teacher only)")
+    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the " "fine-tuning loss (0: labels only, 1: teacher only)")
     temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
     loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
         "auto", description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
@@ -262,6 +262,19 @@ def _apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
         model.replace_initializer(name, model.initializer(name).const_value.numpy() * mask)  # type: ignore[union-attr]
 
 
+def _masked_sparsity(result: Model, opts: MagnitudeOptions | NMOptions, masks: dict[str, np.ndarray]) -> tuple[dict[str, Any], float]:
+    """Each masked layer's sparsity and size, and the sparsity over all of them."""
+    per_layer = {}
+    total = zeros = 0
+    for layer in result.weighted_layers(frozenset(opts.op_types), subgraphs=True):
+        if layer.weight.name in masks:
+            w = layer.weight_array()
+            per_layer[layer.name] = {"sparsity": round(float(np.mean(w == 0)), 4), "kind": "masked", "parameters": int(w.size)}
+            total += w.size
+            zeros += int(np.sum(w == 0))
+    return per_layer, round(zeros / max(total, 1), 4)
+
+
 def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, make: Any) -> Model:
     layers, skipped = _select(model, opts, opts.min_elements, subgraphs=True)
     data = _training_data(model, ctx, opts)
@@ -285,15 +298,8 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
     result, figures = judge.outcome(result, figures, ctx, "magnitude" if isinstance(opts, MagnitudeOptions) else "n:m")
     if len(targets) > 1:
         ctx.figures["schedule"] = [round(t, 4) for t in targets]
-    per_layer = {}
-    total = zeros = 0
-    for layer in result.weighted_layers(frozenset(opts.op_types), subgraphs=True):
-        if layer.weight.name in masks:
-            w = layer.weight_array()
-            per_layer[layer.name] = {"sparsity": round(float(np.mean(w == 0)), 4), "kind": "masked", "parameters": int(w.size)}
-            total += w.size
-            zeros += int(np.sum(w == 0))
-    ctx.figures.update({"layers": per_layer, "sparsity": round(zeros / max(total, 1), 4), "skipped": skipped,
+    per_layer, sparsity = _masked_sparsity(result, opts, masks)
+    ctx.figures.update({"layers": per_layer, "sparsity": sparsity, "skipped": skipped,
                         "parameters_before": model.parameter_count(), "parameters_after": result.parameter_count(), **figures})
     return result
 

@@ -49,45 +49,52 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
     register(next(k for k in BUILTIN_KINDS if k.name == "quantize"))
 
 
-@hookimpl
-def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(
+# NOTE: declared once at import: the hook hands the same Method objects to every registry
+_METHODS = (
+    Method(
         name="int8-static", kind="quantize", apply=int8_static_method, options=Int8StaticOptions, mutates=False, min_cosine=0.9, text_floor=_TEXT_8BIT, kind_default=True,
         requires={"calibration"},
         summary="QDQ INT8 with calibration; sensitive nodes stay float to keep the accuracy target",
         tuning=_INT8_STATIC_TUNING,
-    ))
-    register(Method(
+    ),
+    Method(
         name="int8-qat", kind="quantize", apply=int8_qat, options=Int8QATOptions, mutates=False, min_cosine=0.9, text_floor=_TEXT_8BIT,
         requires={"train"},
         summary="int8-static, then quantization-aware training (straight-through fake quant), optionally distilled from the float model",
-    ))
-    register(Method(
+    ),
+    Method(
         name="int8-dynamic", kind="quantize", apply=int8_dynamic, options=Int8DynamicOptions, mutates=True, min_cosine=0.98, text_floor=_TEXT_8BIT,
         summary="INT8 weights, activations quantized at run time (MatMul/Gemm)",
         tuning=_INT8_DYNAMIC_TUNING,
-    ))
-    register(Method(
+    ),
+    Method(
         name="int4-weight-only", kind="quantize", apply=weight_only, options=WeightOnlyOptions, mutates=False, min_cosine=0.8, text_floor=_TEXT_4BIT,
         summary="block-wise INT4 MatMul/Gemm weights (RTN, MSE clipping search or GPTQ), DequantizeLinear or MatMulNBits",
         tuning=_INT4_TUNING,
-    ))
-    register(Method(
+    ),
+    Method(
         name="int8-weight-only", kind="quantize", apply=partial(weight_only), options=Int8WeightOnlyOptions, mutates=False, min_cosine=0.98, text_floor=_TEXT_8BIT,
         summary="block-wise INT8 MatMul/Gemm weights, activations stay float",
-    ))
-    register(Method(
+    ),
+    Method(
         name="mixed-precision", kind="quantize", apply=mixed_precision, options=MixedPrecisionOptions, mutates=False, min_cosine=0.8, text_floor=_TEXT_4BIT,
         requires={"calibration"},
         summary="per-layer int4 / int8 / float weights chosen by measured sensitivity per byte under target_size= or max_drop=",
-    ))
-    register(Method(
+    ),
+    Method(
         name="fp16", kind="quantize", apply=fp16, options=Fp16Options, mutates=True, min_cosine=0.999, text_floor=_TEXT_FP16,
         summary="float16 compute and weights, fragile ops kept in float32",
         tuning=_FP16_TUNING,
-    ))
-    register(Method(
+    ),
+    Method(
         name="codebook", kind="quantize", apply=codebook, options=CodebookOptions, mutates=True, requires_if={"fine_tune_epochs": "train"}, min_cosine=0.8, text_floor=_TEXT_4BIT,
         summary="non-uniform: k-means weight sharing, uint8 indices + float codebook",
         tuning=_CODEBOOK_TUNING,
-    ))
+    ),
+)
+
+
+@hookimpl
+def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
+    for method in _METHODS:
+        register(method)

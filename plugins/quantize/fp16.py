@@ -6,11 +6,6 @@ ReduceMean, Pow, Exp, ...) or it is named in ``exclude``. Float initializers use
 are stored as float16; a Cast is inserted wherever a tensor crosses between the two precisions.
 With ``keep_io_types`` (default) the model's inputs and outputs stay float32.
 
-Quantized ops (QuantizeLinear, DequantizeLinear, QLinear*, *Integer: a model quantized before, e.g.
-int8-static then fp16) stay float32 whatever ``keep_float32`` says: their scales must be float32 below
-opset 19 (ORT refuses float16 scales), and an integer kernel gains nothing from float16. Their float
-outputs reach float16 nodes through a Cast.
-
 Nodes inside If/Loop/Scan bodies are converted the same way; the control-flow nodes themselves
 and the bodies' inputs and outputs stay float32 (a Cast at each body boundary), so the types the
 outer node declares still hold. Outer-scope tensors a body reads get a Cast where the precision
@@ -45,19 +40,18 @@ class Fp16Options(Options):
     keep_io_types: bool = Field(True, description="keep model inputs and outputs float32 (Casts at the boundary)")
 
 
-def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
-    main = model.ir.graph
-    _typed(model)
-    keep = set(opts.keep_float32) | CONTROL_FLOW | QUANTIZED
-    nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
-    half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
-    casts: dict[tuple[int, ir.DataType], ir.Value] = {}
-    converted: dict[str, ir.Value] = {}
+class _Retyping:
+    """The Casts and float16 initializers one fp16 pass has made, each made once and reused."""
 
-    def cast(value: ir.Value, to: ir.DataType) -> ir.Value:
+    def __init__(self, model: Model) -> None:
+        self.model = model
+        self.casts: dict[tuple[int, ir.DataType], ir.Value] = {}
+        self.converted: dict[str, ir.Value] = {}
+
+    def cast(self, value: ir.Value, to: ir.DataType) -> ir.Value:
         key = (id(value), to)
-        if key not in casts:
-            b = model.builder()
+        if key not in self.casts:
+            b = self.model.builder()
             b.op("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}", out=Out(f"{value.name}_{to.name.lower()}", to, value.shape))
             node = b.nodes[0]
             producer = value.producer()
@@ -70,15 +64,23 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
                 owner.insert_before(owner[0], node)
             else:
                 owner.append(node)
-            casts[key] = node.outputs[0]
-        return casts[key]
+            self.casts[key] = node.outputs[0]
+        return self.casts[key]
 
-    def half_initializer(value: ir.Value) -> ir.Value:
-        if value.name not in converted:
+    def half_initializer(self, value: ir.Value) -> ir.Value:
+        if value.name not in self.converted:
             array = value.const_value.numpy()  # type: ignore[union-attr]
-            converted[value.name or ""] = model.add_initializer(f"{value.name}_fp16", np.clip(array, -65504, 65504).astype(np.float16))
-        return converted[value.name or ""]
+            self.converted[value.name or ""] = self.model.add_initializer(f"{value.name}_fp16", np.clip(array, -65504, 65504).astype(np.float16))
+        return self.converted[value.name or ""]
 
+
+def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
+    main = model.ir.graph
+    _typed(model)
+    keep = set(opts.keep_float32) | CONTROL_FLOW | QUANTIZED
+    nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
+    half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
+    retyping = _Retyping(model)
     n_half = 0
     for node in nodes:
         want = _HALF if id(node) in half_nodes else _FLOAT
@@ -86,24 +88,30 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             if value is None or value.dtype not in (_FLOAT, _HALF) or value.dtype == want:
                 continue
             if value.const_value is not None and value.is_initializer() and value.graph is main and want == _HALF:
-                node.replace_input_with(i, half_initializer(value))
+                node.replace_input_with(i, retyping.half_initializer(value))
             else:
-                node.replace_input_with(i, cast(value, want))
+                node.replace_input_with(i, retyping.cast(value, want))
         if want == _HALF:
             n_half += 1
             _to_half(node)
-    for graph in model.ir.graphs():
-        if graph is not main:
-            _float_outputs(model, graph)  # the If/Loop node declares float32 outputs
-    if opts.keep_io_types:
-        _float_outputs(model, main)
-    _drop_unused(main)
-    main.sort()
-    ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(casts)})
+    _tidy(model, keep_io_types=opts.keep_io_types)
+    ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(retyping.casts)})
     inner = sum(1 for n in nodes if n.graph is not main)
     if inner:
         ctx.figures["subgraph_nodes"] = inner
         ctx.figures["float16_subgraph_nodes"] = sum(1 for n in nodes if n.graph is not main and id(n) in half_nodes)
+
+
+def _tidy(model: Model, *, keep_io_types: bool) -> None:
+    """After retyping: float32 outputs where they must stay so, no unused initializer, nodes in order."""
+    main = model.ir.graph
+    for graph in model.ir.graphs():
+        if graph is not main:
+            _float_outputs(model, graph)  # the If/Loop node declares float32 outputs
+    if keep_io_types:
+        _float_outputs(model, main)
+    _drop_unused(main)
+    main.sort()
 
 
 def _typed(model: Model) -> None:

@@ -116,6 +116,40 @@ def _extend(nodes: list[ir.Node], order: dict[int, int]) -> list[ir.Node]:
     return sorted(nodes, key=lambda n: order[id(n)])
 
 
+def _norm_region(node: ir.Node, order: dict[int, int]) -> tuple[str, list[ir.Node] | None] | None:
+    """The LayerNorm or RMSNorm whose variance ``node`` (a ReduceMean) takes; ``None``: not one."""
+    square = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if square is None:
+        return None
+    base = _squared(square)
+    if base is None:
+        return None
+    centred = base.producer()
+    if centred is not None and centred.op_type == "Sub" and centred.inputs[1] is not None and \
+            centred.inputs[1].producer() is not None and centred.inputs[1].producer().op_type == "ReduceMean":  # type: ignore[union-attr]
+        mean = centred.inputs[1].producer()
+        assert mean is not None
+        return "LayerNorm", _grow([mean], order, {"Sqrt", "Reciprocal"})
+    if centred is not None and centred.op_type == "Sub":
+        return "LayerNorm", _grow([centred], order, {"Sqrt", "Reciprocal"})
+    return "RMSNorm", _grow([square], order, {"Sqrt", "Reciprocal"})
+
+
+def _gelu_region(node: ir.Node, order: dict[int, int]) -> list[ir.Node] | None:
+    """The GELU around ``node`` (its Erf or Tanh)."""
+    start = [node]
+    # walk back over the scaling (x / sqrt(2); sqrt(2/pi) * (x + 0.044715 x^3)) used only by this branch
+    for _ in range(2):
+        feed = next((v for v in start[0].inputs if not _is_const(v)), None)
+        producer = feed.producer() if feed is not None else None
+        if producer is None or producer.op_type not in ("Mul", "Div", "Add") or len(list(feed.uses())) != 1:  # type: ignore[union-attr]
+            break
+        start.insert(0, producer)
+        if producer.op_type == "Add" or node.op_type == "Erf":
+            break
+    return _grow(start, order, {"Mul"})
+
+
 def find_patterns(graph: ir.Graph) -> list[Pattern]:
     """Every decomposed LayerNorm/RMSNorm/GELU/Softmax in ``graph`` (and Softmax ops), in graph order."""
     order = {id(n): i for i, n in enumerate(graph)}
@@ -131,34 +165,12 @@ def find_patterns(graph: ir.Graph) -> list[Pattern]:
     for node in graph:
         if node.domain not in ("", "ai.onnx") or id(node) in taken:
             continue
-        if node.op_type == "ReduceMean" and node.inputs and node.inputs[0] is not None and node.inputs[0].producer() is not None:
-            square = node.inputs[0].producer()
-            assert square is not None
-            base = _squared(square)
-            if base is None:
-                continue
-            centred = base.producer()
-            if centred is not None and centred.op_type == "Sub" and centred.inputs[1] is not None and \
-                    centred.inputs[1].producer() is not None and centred.inputs[1].producer().op_type == "ReduceMean":  # type: ignore[union-attr]
-                mean = centred.inputs[1].producer()
-                assert mean is not None
-                add("LayerNorm", _grow([mean], order, {"Sqrt", "Reciprocal"}))
-            elif centred is not None and centred.op_type == "Sub":
-                add("LayerNorm", _grow([centred], order, {"Sqrt", "Reciprocal"}))
-            else:
-                add("RMSNorm", _grow([square], order, {"Sqrt", "Reciprocal"}))
+        if node.op_type == "ReduceMean":
+            norm = _norm_region(node, order)
+            if norm is not None:
+                add(*norm)
         elif node.op_type in ("Erf", "Tanh"):
-            start = [node]
-            # walk back over the scaling (x / sqrt(2); sqrt(2/pi) * (x + 0.044715 x^3)) used only by this branch
-            for _ in range(2):
-                feed = next((v for v in start[0].inputs if not _is_const(v)), None)
-                producer = feed.producer() if feed is not None else None
-                if producer is None or producer.op_type not in ("Mul", "Div", "Add") or len(list(feed.uses())) != 1:  # type: ignore[union-attr]
-                    break
-                start.insert(0, producer)
-                if producer.op_type == "Add" or node.op_type == "Erf":
-                    break
-            add("GELU", _grow(start, order, {"Mul"}))
+            add("GELU", _gelu_region(node, order))
         elif node.op_type == "Exp":
             centred = node.inputs[0].producer() if node.inputs[0] is not None else None
             start = [centred, node] if centred is not None and centred.op_type == "Sub" else [node]

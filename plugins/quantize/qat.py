@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -106,16 +106,22 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
         graph.initializers.pop(float_name)
 
 
+def _static_start(model: Model, opts: Int8QATOptions, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
+    """The int8-static model training starts from (calibrated on the calibration data, else the
+    training data), and int8-static's figures."""
+    static_options = Int8StaticOptions(**{k: v for k, v in opts.model_dump().items() if k in Int8StaticOptions.model_fields})
+    calibration_ctx = PassContext(calibration=ctx.calibration if ctx.calibration is not None else ctx.train, show_progress=ctx.show_progress)
+    quantized = int8_static(model, static_options, calibration_ctx)
+    return quantized, dict(calibration_ctx.figures)
+
+
 def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     from modelpress.plugin_api import fit, make_session, run_dataset, to_torch, update_weights
 
     data = load_dataset(ctx.train, model.signature, what="training")
     if opts.teacher == "none" and data.labels is None:
         raise DataError("int8-qat with teacher='none' needs labels (an array named 'labels')")
-    static_options = Int8StaticOptions(**{k: v for k, v in opts.model_dump().items() if k in Int8StaticOptions.model_fields})
-    calibration_ctx = PassContext(calibration=ctx.calibration if ctx.calibration is not None else ctx.train, show_progress=ctx.show_progress)
-    quantized = int8_static(model, static_options, calibration_ctx)
-    before = dict(calibration_ctx.figures)
+    quantized, before = _static_start(model, opts, ctx)
     work = quantized.clone()
     weights, biases = _unfold(work)
     module = to_torch(work)

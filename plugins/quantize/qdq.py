@@ -131,43 +131,67 @@ def _dq(result: Model, anchor: ir.Node, tensors: list[tuple[str, np.ndarray]], a
     return dq
 
 
-def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool) -> list[ir.Value]:
-    """Element-wise constants, weights and biases of the quantized nodes behind DequantizeLinear;
-    returns the float values they replaced."""
-    replaced: list[ir.Value] = []
-    dequantized: dict[tuple[int, int], ir.Value] = {}
-    first_user: dict[int, ir.Node] = {}
-    for node in result.ir.graph:
-        for value in node.inputs:
-            if value is not None and value.is_initializer():
-                first_user.setdefault(id(value), node)
-    for name, node in nodes:
-        plan, layer = plans[name], plans[name].layer
+class _Dequantizing:
+    """One build's DequantizeLinear nodes for constants, weights and biases; a weight shared by
+    several nodes is dequantized once."""
+
+    def __init__(self, result: Model, per_channel: bool) -> None:
+        self.result, self.per_channel = result, per_channel
+        self.dequantized: dict[tuple[int, int], ir.Value] = {}
+        self.first_user: dict[int, ir.Node] = {}
+        for node in result.ir.graph:
+            for value in node.inputs:
+                if value is not None and value.is_initializer():
+                    self.first_user.setdefault(id(value), node)
+
+    def constants(self, name: str, node: ir.Node, plan: Plan) -> list[ir.Value]:
+        replaced = []
         for index, (cq, cs, cz) in (plan.constants or {}).items():
             original = node.inputs[index]
             assert original is not None
             base = original.name or f"{name}_{index}"
-            node.replace_input_with(index, _dq(result, node, [(f"{base}_q", cq), (f"{base}_s", cs), (f"{base}_z", cz)], {}, f"{base}_{name}"))
+            node.replace_input_with(index, _dq(self.result, node, [(f"{base}_q", cq), (f"{base}_s", cs), (f"{base}_z", cz)], {}, f"{base}_{name}"))
             replaced.append(original)
+        return replaced
+
+    def weight(self, name: str, node: ir.Node, plan: Plan, layer: WeightedLayer) -> None:
+        # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
+        # once; its DequantizeLinear sits before the first user and feeds them all.
+        weight_q, weight_scale, weight_zero = plan.weight_q, plan.weight_scale, plan.weight_zero
+        assert weight_q is not None and weight_scale is not None and weight_zero is not None  # NOTE: _weights calls only then
+        weight_value = node.inputs[layer.weight_input]
+        key = (id(weight_value), layer.out_axis)
+        if key not in self.dequantized:
+            w_name = layer.weight.name or f"{name}_weight"
+            scale = weight_scale if self.per_channel else np.asarray(weight_scale, np.float32).reshape(())
+            zero = weight_zero if self.per_channel else np.asarray(weight_zero).reshape(())
+            anchor = self.first_user.get(id(weight_value), node)
+            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
+            self.dequantized[key] = _dq(self.result, anchor, tensors, {"axis": layer.out_axis} if self.per_channel else {}, w_name)
+        node.replace_input_with(layer.weight_input, self.dequantized[key])
+
+    def bias(self, name: str, node: ir.Node, plan: Plan, layer: WeightedLayer) -> None:
+        if plan.bias_q is None or plan.bias_scale is None or layer.bias is None:
+            return
+        b_name = layer.bias.name or f"{name}_bias"
+        per_axis = np.ndim(plan.bias_scale) > 0
+        bias_scale = np.asarray(plan.bias_scale, np.float32) if self.per_channel or per_axis else np.asarray(plan.bias_scale, np.float32).reshape(())
+        node.replace_input_with(2, _dq(self.result, node, [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)], {"axis": 0} if per_axis else {}, b_name))
+
+
+def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool) -> list[ir.Value]:
+    """Element-wise constants, weights and biases of the quantized nodes behind DequantizeLinear;
+    returns the float values they replaced."""
+    replaced: list[ir.Value] = []
+    dequantizing = _Dequantizing(result, per_channel)
+    for name, node in nodes:
+        plan, layer = plans[name], plans[name].layer
+        replaced += dequantizing.constants(name, node, plan)
         if layer is None or plan.weight_q is None or plan.weight_scale is None or plan.weight_zero is None:
             continue
         replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
-        # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
-        # once; its DequantizeLinear sits before the first user and feeds them all.
-        weight_value = node.inputs[layer.weight_input]
-        key = (id(weight_value), layer.out_axis)
-        if key not in dequantized:
-            w_name = layer.weight.name or f"{name}_weight"
-            scale = plan.weight_scale if per_channel else np.asarray(plan.weight_scale, np.float32).reshape(())
-            zero = plan.weight_zero if per_channel else np.asarray(plan.weight_zero).reshape(())
-            dequantized[key] = _dq(result, first_user.get(id(weight_value), node), [(f"{w_name}_q", plan.weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)],
-                                   {"axis": layer.out_axis} if per_channel else {}, w_name)
-        node.replace_input_with(layer.weight_input, dequantized[key])
-        if plan.bias_q is not None and plan.bias_scale is not None and layer.bias is not None:
-            b_name = layer.bias.name or f"{name}_bias"
-            per_axis = np.ndim(plan.bias_scale) > 0
-            bias_scale = np.asarray(plan.bias_scale, np.float32) if per_channel or per_axis else np.asarray(plan.bias_scale, np.float32).reshape(())
-            node.replace_input_with(2, _dq(result, node, [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)], {"axis": 0} if per_axis else {}, b_name))
+        dequantizing.weight(name, node, plan, layer)
+        dequantizing.bias(name, node, plan, layer)
     return replaced
 
 

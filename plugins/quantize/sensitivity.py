@@ -65,48 +65,63 @@ def _qdq(b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, 
     return b.op("DequantizeLinear", [q, s, z], name=f"{tag}_DQ", out=Out(f"{tag}_dq", ir.DataType.FLOAT))
 
 
+def _shadow_inputs(b: GraphBuilder, node: ir.Node, planned: Planned, tag: str) -> list[ir.Value | None]:
+    """``node``'s inputs as its shadow reads them: planned activations through Q/DQ, quantized
+    constants and the quantized weight dequantized."""
+    plan, act, per_channel = planned.plans[node.name], planned.act, planned.per_channel
+    inputs = list(node.inputs)
+    for index, value in enumerate(inputs):
+        if value is None:
+            continue
+        if value.name in plan.act_ins and value.name in act:
+            inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")
+        elif plan.constants and index in plan.constants:
+            cq, cs, cz = plan.constants[index]
+            c = [b.initializer(t, f"{tag}_{suffix}{index}") for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))]
+            inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", out=Out(f"{tag}_c{index}_dq"))
+    layer = plan.layer
+    if layer is not None and plan.weight_q is not None:
+        scale = np.asarray(plan.weight_scale, np.float32)
+        zero = np.asarray(plan.weight_zero)
+        w = [b.initializer(plan.weight_q, f"{tag}_w"),
+             b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
+             b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz")]
+        inputs[layer.weight_input] = b.op("DequantizeLinear", w, {"axis": layer.out_axis} if per_channel else {},
+                                          name=f"{tag}_wdq", out=Out(f"{tag}_w_dq"))
+    return inputs
+
+
+def _error_powers(b: GraphBuilder, out: ir.Value, reference: ir.Value, tag: str) -> tuple[ir.Value, ir.Value]:
+    """The two scalars ``sum(reference^2)`` and ``sum((out - reference)^2)``.
+
+    NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
+    for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS)."""
+    diff = b.op("Sub", [out, reference], name=f"{tag}_diff", out=Out(f"{tag}_diff", ir.DataType.FLOAT))
+    noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", out=Out(f"{tag}_noise", ir.DataType.FLOAT))
+    signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", out=Out(f"{tag}_signal", ir.DataType.FLOAT))
+    return signal, noise
+
+
 def _shadow_model(planned: Planned, names: list[str]) -> tuple[Model, dict[str, tuple[str, str]]]:
     """The float model plus one quantized shadow per node; returns (model, {node: (signal power, noise power)}),
     the names of two scalar outputs per node: ``sum(y^2)`` and ``sum((y_q - y)^2)`` over the batch."""
-    plans, act, per_channel = planned.plans, planned.act, planned.per_channel
+    act = planned.act
     probe = planned.model.clone()
     graph = probe.ir.graph
     by_name = {n.name: n for n in graph}
     pairs: dict[str, tuple[str, str]] = {}
     placed: list[tuple[ir.Node, GraphBuilder]] = []
     for i, name in enumerate(names):
-        node, plan = by_name[name], plans[name]
+        node, plan = by_name[name], planned.plans[name]
         tag = f"__shadow{i}"
         b = probe.builder(prefix=tag)
-        inputs = list(node.inputs)
-        for index, value in enumerate(inputs):
-            if value is None:
-                continue
-            if value.name in plan.act_ins and value.name in act:
-                inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")
-            elif plan.constants and index in plan.constants:
-                cq, cs, cz = plan.constants[index]
-                c = [b.initializer(t, f"{tag}_{suffix}{index}") for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))]
-                inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", out=Out(f"{tag}_c{index}_dq"))
-        layer = plan.layer
-        if layer is not None and plan.weight_q is not None:
-            scale = np.asarray(plan.weight_scale, np.float32)
-            zero = np.asarray(plan.weight_zero)
-            w = [b.initializer(plan.weight_q, f"{tag}_w"),
-                 b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
-                 b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz")]
-            inputs[layer.weight_input] = b.op("DequantizeLinear", w, {"axis": layer.out_axis} if per_channel else {},
-                                              name=f"{tag}_wdq", out=Out(f"{tag}_w_dq"))
+        inputs = _shadow_inputs(b, node, planned, tag)
         attrs = {k: a.value for k, a in node.attributes.items()}
         out = b.op(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}", out=Out(f"{tag}_out", node.outputs[0].dtype))
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
             out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")
-        # NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
-        # for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS).
-        diff = b.op("Sub", [out, reference], name=f"{tag}_diff", out=Out(f"{tag}_diff", ir.DataType.FLOAT))
-        noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", out=Out(f"{tag}_noise", ir.DataType.FLOAT))
-        signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", out=Out(f"{tag}_signal", ir.DataType.FLOAT))
+        signal, noise = _error_powers(b, out, reference, tag)
         pairs[name] = (signal.name or "", noise.name or "")
         graph.outputs.extend([signal, noise])
         # NOTE: right after the node it shadows, so ORT runs it while the node's inputs and output are live

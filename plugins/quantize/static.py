@@ -68,7 +68,7 @@ class Int8StaticOptions(Options):
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     exclude_op_types: list[str] = Field(default_factory=list, description="op types to keep in float")
     keep_first_last: bool = Field(False, description="keep the first and last quantizable layers in float")
-    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause (Conv/Gemm bias inputs, and a MatMul's bias in the Add after it, as exporters write a Linear)")
+    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause (Conv/Gemm bias inputs, and a " "MatMul's bias in the Add after it, as exporters write a Linear)")
     quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
     activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
     elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)")
@@ -78,10 +78,10 @@ class Int8StaticOptions(Options):
     criteria: dict[str, str] = Field(default_factory=dict, description="per output name (or '*'): how it is judged, e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05' (default: inferred)")
     sensitivity: bool = Field(True, description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met")
     fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
-    fallback_fp16: bool = Field(True, description="a node the sensitivity search moves to float keeps its weights as fp16 (a Cast to float before it: float compute, half the bytes of fp32); False: fp32")
+    fallback_fp16: bool = Field(True, description="a node the sensitivity search moves to float keeps its weights as fp16 (a Cast to float before it: " "float compute, half the bytes of fp32); False: fp32")
     max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
     embedding_tables: bool = Field(True, description="store embedding tables (read by Gather, or by Slice as position tables are) as int8, one scale per row, behind a DequantizeLinear")
-    smoothquant: bool = Field(True, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by 1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, no migration, is a candidate)")
+    smoothquant: bool = Field(True, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by " "1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, " "no migration, is a candidate)")
     smoothquant_max_alpha: float = Field(0.8, gt=0, le=1, description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))")
     smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
@@ -147,8 +147,9 @@ def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[M
     return model, tables, data
 
 
-def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
-    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
+def _calibrated(model: Model, sel: Selection, opts: Int8StaticOptions) -> tuple[list[str], dict[str, str | None]]:
+    """The activations to calibrate, and each selected node's output to quantize (``None``: none,
+    or a graph output, which stays float)."""
     all_nodes = sel.nodes
     # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
     # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
@@ -160,7 +161,12 @@ def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8
     names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
     names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}
-    out_tensors = {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
+    return names, {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
+
+
+def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
+    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
+    names, out_tensors = _calibrated(model, sel, opts)
     axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in sel.candidates}
     stats = collect_stats(model, names, data, ctx, histogram=opts.calibrator != "minmax", channel_axes=axes, batch_size=opts.batch_size)
     base = opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})

@@ -61,8 +61,8 @@ class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
     block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
     symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
-    algorithm: Literal["auto", "rtn", "mse", "gptq", "awq", "awq-gptq"] = Field("auto", description="auto: gptq for int4 when calibration data is given, rtn otherwise; rtn: round to nearest; mse: per-block clipping search (no data); gptq: error compensation with calibration data; awq: activation-aware per-channel scaling searched on calibration data, then round to nearest; awq-gptq: AWQ scaling, then GPTQ")
-    format: Literal["auto", "qdq", "matmulnbits"] = Field("auto", description="auto: per weight, DequantizeLinear where ONNX Runtime fuses it into MatMulNBits, MatMulNBits where it would not (a weight shared by several MatMuls, or inside control flow); qdq: DequantizeLinear (opset 21); matmulnbits: ORT's MatMulNBits contrib op (int4)")
+    algorithm: Literal["auto", "rtn", "mse", "gptq", "awq", "awq-gptq"] = Field("auto", description="auto: gptq for int4 when calibration data is given, rtn otherwise; rtn: round to nearest; mse: " "per-block clipping search (no data); gptq: error compensation with calibration data; awq: " "activation-aware per-channel scaling searched on calibration data, then round to nearest; awq-gptq: " "AWQ scaling, then GPTQ")
+    format: Literal["auto", "qdq", "matmulnbits"] = Field("auto", description="auto: per weight, DequantizeLinear where ONNX Runtime fuses it into MatMulNBits, MatMulNBits where " "it would not (a weight shared by several MatMuls, or inside control flow); qdq: DequantizeLinear " "(opset 21); matmulnbits: ORT's MatMulNBits contrib op (int4)")
     accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
     op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
@@ -526,6 +526,20 @@ def _formats(groups: list[list[WeightedLayer]], opts: WeightOnlyOptions, figures
     return chosen
 
 
+def _data_statistics(model: Model, result: Model, layers: list[WeightedLayer], hessians: dict[str, np.ndarray] | None,
+                     opts: WeightOnlyOptions, ctx: PassContext) -> dict[str, np.ndarray]:
+    """The layer-input statistics GPTQ/AWQ need (``hessians`` reused where it has every layer's,
+    measured on ``model`` otherwise; empty for the data-free algorithms); with AWQ, ``result``'s
+    layers are scaled by them first."""
+    if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
+        return {}
+    if hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
+        hessians = _hessians(model, layers, ctx, opts)
+    if opts.algorithm in ("awq", "awq-gptq"):
+        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+    return hessians
+
+
 def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hessians: dict[str, np.ndarray] | None = None) -> Model:
     """``hessians``: GPTQ/AWQ statistics of ``model``'s layer inputs already computed (by input name), e.g.
     by mixed-precision, which builds several candidates of one model; computed here when None."""
@@ -543,12 +557,7 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hess
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
         raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
-    if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
-        hessians = {}
-    elif hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
-        hessians = _hessians(model, layers, ctx, opts)
-    if opts.algorithm in ("awq", "awq-gptq") and layers:
-        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+    hessians = _data_statistics(model, result, layers, hessians, opts, ctx)
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}

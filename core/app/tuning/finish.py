@@ -13,7 +13,7 @@ from modelpress.app.tuning.inputs import eval_data
 from modelpress.app.tuning.report import TrialRecord, TuneReport, pareto_front
 from modelpress.app.tuning.runner import record
 from modelpress.app.tuning.strategy import pick_best
-from modelpress.app.tuning.trial import METRICS_LOWER_IS_BETTER
+from modelpress.evaluation.criteria import lower_is_better
 
 if TYPE_CHECKING:
     from modelpress.app.tuning.inputs import TuneRun
@@ -128,7 +128,7 @@ def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:
     baseline = study.user_attrs.get("baseline") or {"metric": float("nan"), "size_bytes": 1, "latency_ms": 1.0}
     records = [record(t, baseline["metric"], spec.metric, settings.max_drop) for t in study.get_trials(deepcopy=False)
                if t.user_attrs.get("status") not in (None, "running", "duplicate")]
-    front = pareto_front(records, settings.objective, higher_is_better=spec.metric not in METRICS_LOWER_IS_BETTER)
+    front = pareto_front(records, settings.objective, higher_is_better=not lower_is_better(spec.metric))
     best = pick_best(records, settings.objective, baseline)
     outputs = _export_best(run, best) if best is not None else _Outputs()
     if not settings.keep_trial_models:

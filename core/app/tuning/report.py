@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.app.report import write_reports
+from modelpress.evaluation.criteria import lower_is_better
 
 __all__ = ["TrialRecord", "TuneReport", "pareto_front"]
 
@@ -72,6 +73,25 @@ def _f(value: float | None, fmt: str = ".4f") -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _padded_range(values: list[float]) -> tuple[float, float]:
+    """The chart's y range: the values' with a tenth of margin each side (a flat line gets ±0.05 first)."""
+    y0, y1 = min(values), max(values)
+    if y1 - y0 < 1e-9:
+        y0, y1 = y0 - 0.05, y1 + 0.05
+    margin = (y1 - y0) * 0.1
+    return y0 - margin, y1 + margin
+
+
+def _svg_frame(width: int, height: int, pad: int, metric: str) -> list[str]:
+    """The chart's opening: the canvas, both axes and their labels."""
+    return [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{width}" height="{height}" fill="white"/>',
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+            f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">size (MB)</text>',
+            f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(metric)}</text>']
+
+
 @dataclass
 class TuneReport:
     title: str
@@ -121,7 +141,7 @@ class TuneReport:
             r = self.best
             lines.append(f"Best: trial {r.number} ({'meets' if r.meets else 'does NOT meet'} the criterion): {self.metric} {_f(r.metric)} "
                          f"(drop {_f(r.drop)}), {_f((r.size_bytes or 0) / 1e6, '.3f')} MB "
-                         f"({(b.get('size_bytes') or 1) / (r.size_bytes or 1):.2f}x smaller), latency b1 {_f(r.latency_alone_ms or r.latency_ms, '.3f')} ms: {r.options()}")
+                         f"({(b.get('size_bytes') or 1) / (r.size_bytes or 1):.2f}x smaller), latency b1 " f"{_f(r.latency_alone_ms or r.latency_ms, '.3f')} ms: {r.options()}")
             if self.verification:
                 lines.append(f"best.onnx verified in ONNX Runtime against the source: {self.verification}")
         return lines
@@ -199,11 +219,7 @@ class TuneReport:
         xs = [r.size_bytes / 1e6 for r in points] + [self.baseline.get("size_bytes", 0) / 1e6]  # type: ignore[operator]
         ys = [r.metric for r in points] + [self.baseline.get("metric", 0.0)]
         x1 = max(xs) * 1.1 or 1.0
-        y0, y1 = min(ys), max(ys)  # type: ignore[type-var]
-        if y1 - y0 < 1e-9:  # type: ignore[operator]
-            y0, y1 = y0 - 0.05, y1 + 0.05  # type: ignore[operator]
-        margin = (y1 - y0) * 0.1  # type: ignore[operator]
-        y0, y1 = y0 - margin, y1 + margin  # type: ignore[operator]
+        y0, y1 = _padded_range(ys)  # type: ignore[arg-type]
 
         def sx(v: float) -> float:
             return pad + v / x1 * (width - 2 * pad)
@@ -211,17 +227,12 @@ class TuneReport:
         def sy(v: float) -> float:
             return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)  # type: ignore[operator]
 
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="11">',
-                 f'<rect width="{width}" height="{height}" fill="white"/>',
-                 f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<text x="{width / 2}" y="{height - 15}" text-anchor="middle">size (MB)</text>',
-                 f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>']
+        parts = _svg_frame(width, height, pad, self.metric)
         for i in range(5):
             xv, yv = x1 * i / 4, y0 + (y1 - y0) * i / 4  # type: ignore[operator]
             parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
             parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
-        limit = self.baseline.get("metric", 0.0) - self.max_drop if self.metric != "mse" else self.baseline.get("metric", 0.0) + self.max_drop
+        limit = self.baseline.get("metric", 0.0) - self.max_drop if not lower_is_better(self.metric) else self.baseline.get("metric", 0.0) + self.max_drop
         if y0 <= limit <= y1:  # type: ignore[operator]
             parts.append(f'<line x1="{pad}" y1="{sy(limit):.1f}" x2="{width - pad}" y2="{sy(limit):.1f}" stroke="#999" stroke-dasharray="5 4"/>'
                          f'<text x="{width - pad}" y="{sy(limit) - 4:.1f}" text-anchor="end" fill="#666">criterion</text>')
@@ -234,7 +245,7 @@ class TuneReport:
             parts.append(f'<circle cx="{sx(r.size_bytes / 1e6):.1f}" cy="{sy(r.metric):.1f}" r="4" fill="{colour}"><title>trial {r.number}: '  # type: ignore[operator,arg-type]
                          f'{html.escape(r.options())}</title></circle>')
         bx, by = sx(self.baseline.get("size_bytes", 0) / 1e6), sy(self.baseline.get("metric", 0.0))
-        parts.append(f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="black"/><text x="{bx - 6:.1f}" y="{by - 8:.1f}" text-anchor="end">source</text>')
+        parts.append(f'<rect x="{bx - 4:.1f}" y="{by - 4:.1f}" width="8" height="8" fill="black"/><text x="{bx - 6:.1f}" ' f'y="{by - 8:.1f}" text-anchor="end">source</text>')
         if self.best is not None and self.best.size_bytes and self.best.metric is not None:
             parts.append(f'<circle cx="{sx(self.best.size_bytes / 1e6):.1f}" cy="{sy(self.best.metric):.1f}" r="8" fill="none" stroke="black" stroke-width="2"/>')
         parts.append("</svg>")

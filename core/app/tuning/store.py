@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from modelpress.app.tuning.strategy import config_key
-from modelpress.app.tuning.trial import METRICS_LOWER_IS_BETTER
 from modelpress.base.errors import ModelpressError, OptionsError
+from modelpress.evaluation.criteria import lower_is_better
 
 __all__ = ["Objective", "Snapshot", "StudyStore", "open_study", "storage_url"]
 
@@ -215,7 +215,7 @@ def _storage(optuna: Any, url: str) -> Any:
 
 def open_study(storage: str, name: str, metric: str, objective: Objective, seed: int, out: Path) -> StudyStore:
     """Open (or resume) the study; a study made for another objective is refused."""
-    higher = metric not in METRICS_LOWER_IS_BETTER
+    higher = not lower_is_better(metric)
     directions = ["maximize" if higher else "minimize"] + {"size": ["minimize"], "latency": ["minimize"], "both": ["minimize", "minimize"]}[objective]
     store = StudyStore(storage, name, directions, objective, seed)
     study = store.study

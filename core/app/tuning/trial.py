@@ -12,12 +12,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-METRICS_LOWER_IS_BETTER = ("mse",)
+from modelpress.evaluation.criteria import lower_is_better
 
 
 def drop(metric_name: str, baseline: float, value: float) -> float:
     """How much worse ``value`` is than ``baseline`` (positive = worse), on the metric's own scale."""
-    return value - baseline if metric_name in METRICS_LOWER_IS_BETTER else baseline - value
+    return value - baseline if lower_is_better(metric_name) else baseline - value
 
 
 def prepare_worker(torch: bool = False) -> None:

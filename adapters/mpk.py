@@ -61,4 +61,12 @@ def load_mpk(source: Any, *, check: bool = True, **_: Any) -> Model:
 @hookimpl
 def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
     # NOTE: above the ONNX adapter, which accepts any file with an unknown suffix.
-    register(Adapter(name="mpk", accepts=_accepts, load=load_mpk, summary="modelpress packs (.mpk), decoded in memory", priority=10))
+    register(
+        Adapter(
+            name="mpk",
+            accepts=_accepts,
+            load=load_mpk,
+            summary="modelpress packs (.mpk), decoded in memory",
+            priority=10,
+        )
+    )

@@ -37,7 +37,19 @@ from modelpress.plugin_api import (
 __all__ = ["load_onnx"]
 
 # Suffixes other adapters own; any other existing file is tried as ONNX.
-_FOREIGN_SUFFIXES = {".pt", ".pt2", ".pth", ".ts", ".keras", ".h5", ".hdf5", ".pb", ".tflite", ".npz", ".npy"}
+_FOREIGN_SUFFIXES = {
+    ".pt",
+    ".pt2",
+    ".pth",
+    ".ts",
+    ".keras",
+    ".h5",
+    ".hdf5",
+    ".pb",
+    ".tflite",
+    ".npz",
+    ".npy",
+}
 
 
 def _accepts(source: Any) -> bool:
@@ -45,13 +57,22 @@ def _accepts(source: Any) -> bool:
         return True
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return path.suffix.lower() == ".onnx" or (path.is_file() and path.suffix.lower() not in _FOREIGN_SUFFIXES)
+        return path.suffix.lower() == ".onnx" or (
+            path.is_file() and path.suffix.lower() not in _FOREIGN_SUFFIXES
+        )
     return False
 
 
 @hookimpl
 def modelpress_register_adapters(register):  # type: ignore[no-untyped-def]
-    register(Adapter(name="onnx", accepts=_accepts, load=load_onnx, summary="ONNX files, bytes, ModelProto, onnx_ir.Model"))
+    register(
+        Adapter(
+            name="onnx",
+            accepts=_accepts,
+            load=load_onnx,
+            summary="ONNX files, bytes, ModelProto, onnx_ir.Model",
+        )
+    )
 
 
 def _parse(data: bytes, label: str) -> onnx.ModelProto:
@@ -65,7 +86,9 @@ def _parse(data: bytes, label: str) -> onnx.ModelProto:
             f"{label}: not a valid ONNX model (the protobuf cannot be parsed: {exc}); the file is truncated, corrupt or not ONNX"
         ) from None
     if proto.ir_version <= 0 or not proto.HasField("graph") or not proto.opset_import:
-        raise InvalidModelError(f"{label}: not an ONNX model (no ir_version, graph or opset_import); the file is probably another format renamed .onnx")
+        raise InvalidModelError(
+            f"{label}: not an ONNX model (no ir_version, graph or opset_import); the file is probably another format renamed .onnx"
+        )
     return proto
 
 
@@ -80,17 +103,23 @@ def _check(proto: onnx.ModelProto, label: str, path: Path | None) -> onnx.ModelP
     # a copy without the large weights' bytes, which it never reads (data propagation reads small shape
     # tensors), and the weights go into its result once
     try:
-        inferred = onnx.shape_inference.infer_shapes(_without_weights(proto), strict_mode=True, data_prop=True)
+        inferred = onnx.shape_inference.infer_shapes(
+            _without_weights(proto), strict_mode=True, data_prop=True
+        )
     except Exception as exc:
         raise InvalidModelError(f"{label}: fails ONNX shape inference: {_first(exc)}") from None
     for i, tensor in enumerate(proto.graph.initializer):
-        if _large(tensor):  # NOTE: the whole tensor: its values may be in raw_data or in float_data, int64_data...
+        if _large(
+            tensor
+        ):  # NOTE: the whole tensor: its values may be in raw_data or in float_data, int64_data...
             inferred.graph.initializer[i].CopyFrom(tensor)
     return inferred
 
 
 def _large(tensor: onnx.TensorProto) -> bool:
-    return tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() > 1 << 16  # NOTE: shape tensors are far smaller
+    return (
+        tensor.data_location != onnx.TensorProto.EXTERNAL and tensor.ByteSize() > 1 << 16
+    )  # NOTE: shape tensors are far smaller
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:
@@ -98,7 +127,9 @@ def _copy_fields(source: Any, target: Any, skip: str) -> None:
         if desc.name == skip:
             continue
         # NOTE: protobuf >= 5.29 names it is_repeated (label is gone in 7)
-        repeated = desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED
+        repeated = (
+            desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED
+        )
         if repeated:
             getattr(target, desc.name).extend(value)
         elif desc.message_type is not None:
@@ -114,7 +145,9 @@ def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
     _copy_fields(proto.graph, light.graph, skip="initializer")
     for tensor in proto.graph.initializer:
         if _large(tensor):
-            light.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+            light.graph.initializer.add(
+                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
+            )
         else:
             light.graph.initializer.add().CopyFrom(tensor)
     return light
@@ -125,35 +158,44 @@ def _first(exc: BaseException) -> str:
     return one_line(text.splitlines()[0] if text else type(exc).__name__)
 
 
-def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any) -> Model:
-    """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
-    :mod:`modelpress.data.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
-    ``sample`` (a feed dict) are the inputs its ORT equivalence check runs on (default: random)."""
-    path: Path | None = None
+def _read_source(source: Any) -> tuple[onnx.ModelProto, str, Path | None]:
+    """The proto of an ONNX source (a path, bytes, a ModelProto or an onnx_ir.Model: never the caller's own
+    object), its label for messages, and its path when it is a file."""
     if isinstance(source, ir.Model):
-        proto = ir.serde.serialize_model(source)
-        label = "onnx_ir.Model"
+        return ir.serde.serialize_model(source), "onnx_ir.Model", None
     elif isinstance(source, onnx.ModelProto):
         proto = onnx.ModelProto()
         proto.CopyFrom(source)  # NOTE: never touch the caller's proto
-        label = "ModelProto"
+        return proto, "ModelProto", None
     elif isinstance(source, (bytes, bytearray)):
-        proto = _parse(bytes(source), "ONNX bytes")
-        label = "ONNX bytes"
-    else:
-        path = Path(source)
-        label = str(path)
-        if path.is_dir():
-            raise InvalidModelError(f"{label}: is a folder, not an ONNX file")
-        try:
-            data = path.read_bytes()
-        except OSError as exc:
-            raise InvalidModelError(f"{label}: cannot be read: {exc.strerror}") from None
-        proto = _parse(data, label)
-        del data  # NOTE: the file's bytes are not held while the proto is checked and converted
-        check_external_data(proto, path.parent, label)
-    if path is None and any(t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph)):
-        raise InvalidModelError(f"{label}: has external data but no file location; load it from its path instead")
+        return _parse(bytes(source), "ONNX bytes"), "ONNX bytes", None
+    path = Path(source)
+    label = str(path)
+    if path.is_dir():
+        raise InvalidModelError(f"{label}: is a folder, not an ONNX file")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise InvalidModelError(f"{label}: cannot be read: {exc.strerror}") from None
+    proto = _parse(data, label)
+    del data  # NOTE: the file's bytes are not held while the proto is checked and converted
+    check_external_data(proto, path.parent, label)
+    return proto, label, path
+
+
+def load_onnx(
+    source: Any, *, check: bool = True, normalize: bool = True, sample: Any = None, **_: Any
+) -> Model:
+    """Load and validate an ONNX model (see the module docstring); ``normalize=False`` skips
+    :mod:`modelpress.data.normalize` (Constant weights lifted, constants and BatchNorm folded, ...);
+    ``sample`` (a feed dict) are the inputs its ORT equivalence check runs on (default: random)."""
+    proto, label, path = _read_source(source)
+    if path is None and any(
+        t.data_location == onnx.TensorProto.EXTERNAL for t in all_tensors(proto.graph)
+    ):
+        raise InvalidModelError(
+            f"{label}: has external data but no file location; load it from its path instead"
+        )
     declared = _declared_value_info(proto.graph)
     check_text(proto, label)
     check_attributes(proto.graph, label)
@@ -163,7 +205,9 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
     try:
         model = ir.serde.deserialize_model(proto)
     except Exception as exc:  # NOTE: fields the checker lets through (e.g. data type 999)
-        raise InvalidModelError(f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt") from None
+        raise InvalidModelError(
+            f"{label}: cannot be read into the IR: {_first(exc)}; the file is corrupt"
+        ) from None
     if path is not None:
         ir.external_data.set_base_dir(model.graph, path.parent)
     type_initializers(model)
@@ -180,7 +224,9 @@ def load_onnx(source: Any, *, check: bool = True, normalize: bool = True, sample
             extra={"normalize": normalised},
         )
     result = Model(model, provenance=provenance, path=path, declared_value_info=declared)
-    if path is not None and provenance is not None and proto.producer_name == "pytorch":  # NOTE: the torch adapter names its own exports
+    if (
+        path is not None and provenance is not None and proto.producer_name == "pytorch"
+    ):  # NOTE: the torch adapter names its own exports
         _torch_names(result)
     return result
 
@@ -197,7 +243,14 @@ def _torch_names(model: Model) -> None:
     for node in model.ir.graph:
         if node.op_type in ("LSTM", "GRU", "RNN", "Gather") and node.domain in ("", "ai.onnx"):
             scope = layer_name(module_scope(node))
-            if scope and scope != node.name and (node.op_type != "Gather" or (node.inputs[0] is not None and node.inputs[0].const_value is not None)):
+            if (
+                scope
+                and scope != node.name
+                and (
+                    node.op_type != "Gather"
+                    or (node.inputs[0] is not None and node.inputs[0].const_value is not None)
+                )
+            ):
                 node.name = model.fresh_name(scope, node=True)
 
 

@@ -43,7 +43,9 @@ def _external_entry(tensor: onnx.TensorProto, what: str) -> tuple[str, int, int 
     entries = {entry.key: entry.value for entry in tensor.external_data}
     location = entries.get("location", "")
     if "\x00" in location:
-        raise InvalidModelError(f"{what}: its external-data location {location!r} contains a NUL byte; the file is corrupt")
+        raise InvalidModelError(
+            f"{what}: its external-data location {location!r} contains a NUL byte; the file is corrupt"
+        )
 
     def number(key: str) -> int | None:
         text = entries.get(key)
@@ -52,9 +54,13 @@ def _external_entry(tensor: onnx.TensorProto, what: str) -> tuple[str, int, int 
         try:
             value = int(text)
         except ValueError:
-            raise InvalidModelError(f"{what}: its external-data {key} {text[:40]!r} is not a whole number of bytes; the file is corrupt") from None
+            raise InvalidModelError(
+                f"{what}: its external-data {key} {text[:40]!r} is not a whole number of bytes; the file is corrupt"
+            ) from None
         if value < 0:
-            raise InvalidModelError(f"{what}: its external-data {key} is negative ({value}); the file is corrupt")
+            raise InvalidModelError(
+                f"{what}: its external-data {key} is negative ({value}); the file is corrupt"
+            )
         return value
 
     return location, number("offset") or 0, number("length")
@@ -70,9 +76,13 @@ def _declared_bytes(tensor: onnx.TensorProto, what: str) -> int:
     try:
         dtype = ir.DataType(tensor.data_type)
     except ValueError:
-        raise InvalidModelError(f"{what}: data type {tensor.data_type} is not an ONNX data type; the file is corrupt") from None
+        raise InvalidModelError(
+            f"{what}: data type {tensor.data_type} is not an ONNX data type; the file is corrupt"
+        ) from None
     if dtype == ir.DataType.STRING or dtype == ir.DataType.UNDEFINED:
-        raise InvalidModelError(f"{what}: data type {dtype.name} cannot be stored as external data; the file is corrupt")
+        raise InvalidModelError(
+            f"{what}: data type {dtype.name} cannot be stored as external data; the file is corrupt"
+        )
     return -(-count * dtype.bitwidth // 8)
 
 
@@ -85,25 +95,42 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, label: str) -> N
         named = f"{label}: initializer {tensor.name!r}"
         location, offset, length = _external_entry(tensor, named)
         what = f"{named} has external data at {location!r}"
-        if not location or os.path.isabs(location) or Path(location).is_absolute() or location.startswith(("\\", "/")):
-            raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model (a relative path in its folder)")
+        if (
+            not location
+            or os.path.isabs(location)
+            or Path(location).is_absolute()
+            or location.startswith(("\\", "/"))
+        ):
+            raise UnsafeExternalDataError(
+                f"{what}, an absolute path; external data must live beside the model (a relative path in its folder)"
+            )
         try:
             full = (base / location).resolve()
         except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name the OS rejects
-            raise UnsafeExternalDataError(f"{what}, which cannot be resolved ({exc}); refusing to read it") from None
+            raise UnsafeExternalDataError(
+                f"{what}, which cannot be resolved ({exc}); refusing to read it"
+            ) from None
         if full != base and base not in full.parents:
-            raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder {str(base)!r} (../ or a symlink); refusing to read it")
+            raise UnsafeExternalDataError(
+                f"{what}, which resolves outside the model's folder {str(base)!r} (../ or a symlink); refusing to read it"
+            )
         if not full.exists():
             raise InvalidModelError(f"{what}, but that file does not exist next to the model")
         if not full.is_file():
-            raise InvalidModelError(f"{what}, but that is not a regular file (a folder, FIFO or device); refusing to read it")
+            raise InvalidModelError(
+                f"{what}, but that is not a regular file (a folder, FIFO or device); refusing to read it"
+            )
         size = full.stat().st_size
         needed = _declared_bytes(tensor, what)
         # NOTE: no length means "to the end of the file"; dims tell what must fit.
         if length is not None and length < needed:
-            raise InvalidModelError(f"{what} (length {length}), but its shape {list(tensor.dims)} needs {needed} bytes; the file is corrupt")
+            raise InvalidModelError(
+                f"{what} (length {length}), but its shape {list(tensor.dims)} needs {needed} bytes; the file is corrupt"
+            )
         if offset + max(needed, length or 0) > size:
-            raise InvalidModelError(f"{what} (offset {offset}, length {length if length is not None else needed}), but the file has only {size} bytes (truncated?)")
+            raise InvalidModelError(
+                f"{what} (offset {offset}, length {length if length is not None else needed}), but the file has only {size} bytes (truncated?)"
+            )
 
 
 def check_text(message: Any, label: str, where: str = "model") -> None:
@@ -115,7 +142,9 @@ def check_text(message: Any, label: str, where: str = "model") -> None:
         # NOTE: ListFields() would copy every weight's raw_data; only the text fields matter here.
         for name in ("name", "doc_string"):
             if isinstance(getattr(message, name), bytes):
-                raise InvalidModelError(f"{label}: {where}.{name} is not valid UTF-8 text ({getattr(message, name)[:24]!r}); the file is damaged")
+                raise InvalidModelError(
+                    f"{label}: {where}.{name} is not valid UTF-8 text ({getattr(message, name)[:24]!r}); the file is damaged"
+                )
         for i, entry in enumerate(message.external_data):
             check_text(entry, label, f"{where}.external_data[{i}]")
         return
@@ -177,22 +206,37 @@ def densify_sparse(proto: onnx.ModelProto, label: str) -> None:
         try:
             count = int(np.prod(dims, dtype=np.int64)) if dims else 1
             if any(d < 0 for d in dims) or count * 8 > _SPARSE_DENSE_LIMIT:
-                raise InvalidModelError(f"{what}: dense shape {dims} is negative or too large to expand; the file is corrupt")
+                raise InvalidModelError(
+                    f"{what}: dense shape {dims} is negative or too large to expand; the file is corrupt"
+                )
             values = onnx.numpy_helper.to_array(values_tensor).reshape(-1)
             indices = onnx.numpy_helper.to_array(sparse.indices).astype(np.int64)
             if indices.ndim == 2:
                 if indices.shape[1] != len(dims):
-                    raise ValueError(f"indices have {indices.shape[1]} columns for {len(dims)} dims")
-                indices = np.ravel_multi_index(tuple(indices.T), dims) if len(indices) else indices.reshape(0)
+                    raise ValueError(
+                        f"indices have {indices.shape[1]} columns for {len(dims)} dims"
+                    )
+                indices = (
+                    np.ravel_multi_index(tuple(indices.T), dims)
+                    if len(indices)
+                    else indices.reshape(0)
+                )
             indices = indices.reshape(-1)
-            if len(indices) != len(values) or (len(indices) and (indices.min() < 0 or indices.max() >= count)):
-                raise ValueError(f"{len(indices)} indices (range " f"{indices.min() if len(indices) else '-'}..{indices.max() if len(indices) else '-'}) for " f"{len(values)} values in {count} elements")
+            if len(indices) != len(values) or (
+                len(indices) and (indices.min() < 0 or indices.max() >= count)
+            ):
+                raise ValueError(
+                    f"{len(indices)} indices (range "
+                    f"{indices.min() if len(indices) else '-'}..{indices.max() if len(indices) else '-'}) for "
+                    f"{len(values)} values in {count} elements"
+                )
             dense = np.zeros(count, dtype=values.dtype)
             dense[indices] = values
         except InvalidModelError:
             raise
         except Exception as exc:
-            raise InvalidModelError(f"{what} cannot be expanded: {one_line(exc, 200)}; the file is corrupt") from None
+            raise InvalidModelError(
+                f"{what} cannot be expanded: {one_line(exc, 200)}; the file is corrupt"
+            ) from None
         graph.initializer.append(onnx.numpy_helper.from_array(dense.reshape(dims), name))
     del graph.sparse_initializer[:]
-

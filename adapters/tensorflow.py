@@ -47,13 +47,17 @@ def _is_tf_object(source: Any) -> bool:
     tf = sys.modules.get("tensorflow")
     if tf is None:
         return False
-    return isinstance(source, (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction))
+    return isinstance(
+        source, (tf.types.experimental.GenericFunction, tf.types.experimental.ConcreteFunction)
+    )
 
 
 def _accepts(source: Any) -> bool:
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        return path.suffix.lower() in _SUFFIXES or (path.is_dir() and (path / "saved_model.pb").is_file())
+        return path.suffix.lower() in _SUFFIXES or (
+            path.is_dir() and (path / "saved_model.pb").is_file()
+        )
     return _is_tf_object(source)
 
 
@@ -98,7 +102,11 @@ def quiet_native_logs() -> Iterator[None]:
     (file descriptor 2) inside the block is written back when it ends."""
     try:
         fd = sys.stderr.fileno()
-    except (AttributeError, OSError, ValueError):  # NOTE: a captured stderr (pytest, IDEs) has no fd
+    except (
+        AttributeError,
+        OSError,
+        ValueError,
+    ):  # NOTE: a captured stderr (pytest, IDEs) has no fd
         yield
         return
     sys.stderr.flush()
@@ -112,8 +120,11 @@ def quiet_native_logs() -> Iterator[None]:
             os.dup2(saved, fd)
             os.close(saved)
             held.seek(0)
-            kept = [line for line in held.read().decode(errors="replace").splitlines(keepends=True)
-                    if not _NATIVE_NOISE.match(line)]
+            kept = [
+                line
+                for line in held.read().decode(errors="replace").splitlines(keepends=True)
+                if not _NATIVE_NOISE.match(line)
+            ]
             if kept:
                 sys.stderr.write("".join(kept))
 
@@ -126,8 +137,14 @@ def _keras_specs(model: Any, input_shape: Any, label: str) -> list[Any]:
     except (AttributeError, ValueError):
         inputs = None
     if inputs:
-        return [tf.TensorSpec((None, *tuple(t.shape)[1:]), t.dtype, name=_clean(getattr(t, "name", None) or f"input_{i}"))
-                for i, t in enumerate(inputs)]
+        return [
+            tf.TensorSpec(
+                (None, *tuple(t.shape)[1:]),
+                t.dtype,
+                name=_clean(getattr(t, "name", None) or f"input_{i}"),
+            )
+            for i, t in enumerate(inputs)
+        ]
     if input_shape is None:
         input_shape = _built_shape(model)
     if input_shape is None:
@@ -137,7 +154,10 @@ def _keras_specs(model: Any, input_shape: Any, label: str) -> list[Any]:
             f"model.build((None, 8, 8, 1)) first"
         )
     shapes = input_shape if isinstance(input_shape[0], (tuple, list)) else [input_shape]
-    return [tf.TensorSpec((None, *tuple(s)[1:]), tf.float32, name=f"input_{i}") for i, s in enumerate(shapes)]
+    return [
+        tf.TensorSpec((None, *tuple(s)[1:]), tf.float32, name=f"input_{i}")
+        for i, s in enumerate(shapes)
+    ]
 
 
 def _built_shape(model: Any) -> Any:
@@ -146,7 +166,11 @@ def _built_shape(model: Any) -> Any:
     shapes = getattr(model, "_build_shapes_dict", None)
     if not isinstance(shapes, dict) or not shapes:
         return None
-    values = [tuple(v) for v in shapes.values() if isinstance(v, (tuple, list)) and v and not isinstance(v[0], (tuple, list))]
+    values = [
+        tuple(v)
+        for v in shapes.values()
+        if isinstance(v, (tuple, list)) and v and not isinstance(v[0], (tuple, list))
+    ]
     if len(values) != len(shapes):
         return None
     return values[0] if len(values) == 1 else values
@@ -165,11 +189,17 @@ def _freeze_captured_constants(proto: Any, function: Any, specs: list[Any], labe
     extra = [i for i in proto.graph.input if i.name not in wanted]
     if not extra:
         return
-    captured = [t for t in function.get_concrete_function().captured_inputs if t.dtype != tf.resource]
+    captured = [
+        t for t in function.get_concrete_function().captured_inputs if t.dtype != tf.resource
+    ]
     if len(captured) != len(extra):
-        raise UnsupportedModelError(f"{label}: tf2onnx left inputs {[i.name for i in extra]} that are not the model's inputs")
+        raise UnsupportedModelError(
+            f"{label}: tf2onnx left inputs {[i.name for i in extra]} that are not the model's inputs"
+        )
     for value_info, tensor in zip(extra, captured, strict=True):
-        proto.graph.initializer.append(numpy_helper.from_array(np.asarray(tensor.numpy()), value_info.name))
+        proto.graph.initializer.append(
+            numpy_helper.from_array(np.asarray(tensor.numpy()), value_info.name)
+        )
         proto.graph.input.remove(value_info)
 
 
@@ -200,7 +230,9 @@ def _load_path(path: Path, label: str) -> tuple[Any, str]:
         try:
             loaded = tf.saved_model.load(str(path))
         except Exception as exc:
-            raise InvalidModelError(f"{label}: not a loadable SavedModel: {str(exc).splitlines()[0][:300]}") from None
+            raise InvalidModelError(
+                f"{label}: not a loadable SavedModel: {str(exc).splitlines()[0][:300]}"
+            ) from None
         signatures = getattr(loaded, "signatures", {})
         if "serving_default" not in signatures:
             raise InvalidModelError(f"{label}: the SavedModel has no 'serving_default' signature")
@@ -215,7 +247,9 @@ def _load_path(path: Path, label: str) -> tuple[Any, str]:
     try:
         return keras.models.load_model(str(path), compile=False), "keras"
     except Exception as exc:
-        raise InvalidModelError(f"{label}: cannot be loaded by Keras: {str(exc).splitlines()[0][:300]}") from None
+        raise InvalidModelError(
+            f"{label}: cannot be loaded by Keras: {str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def load_tensorflow(
@@ -258,13 +292,17 @@ def load_tensorflow(
 
     from modelpress.adapters.onnx import load_onnx
 
-    model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
+    model = load_onnx(
+        proto, normalize=False
+    )  # NOTE: a fresh export: keep its BatchNorms for training
     _tidy_names(model, output_names)
     _name_layers(model, source, title)
     feeds = {spec.name: e for spec, e in zip(model.signature.inputs, example, strict=True)}
     figures = check_import(reference, model, feeds, rtol, f"{label} (converted with tf2onnx)")
     model.provenance = Provenance(
-        source_framework="tensorflow" if kind != "keras" and not isinstance(source, keras.Model) else "keras",
+        source_framework="tensorflow"
+        if kind != "keras" and not isinstance(source, keras.Model)
+        else "keras",
         source_version=f"tensorflow {tf.__version__}, keras {keras.__version__}",
         source=label,
         importer=f"tf2onnx {tf2onnx.__version__} from_function",
@@ -318,7 +356,9 @@ def _name_layers(model: Model, source: Any, title: str | None) -> None:
     model.ir.graph.name = title or getattr(source, "__name__", None) or type(source).__name__
 
 
-def _keras_callable(source: Any, input_shape: Any, label: str) -> tuple[Callable[..., Any], list[Any], list[str]]:
+def _keras_callable(
+    source: Any, input_shape: Any, label: str
+) -> tuple[Callable[..., Any], list[Any], list[str]]:
     """A Keras model as ``call(*inputs)`` in inference mode, its input specs (batch dynamic) and
     its output names."""
     specs = _keras_specs(source, input_shape, label)
@@ -330,7 +370,9 @@ def _keras_callable(source: Any, input_shape: Any, label: str) -> tuple[Callable
     return call, specs, [_clean(n) for n in (getattr(source, "output_names", None) or [])]
 
 
-def _function_callable(source: Any, input_signature: list[Any] | None, label: str) -> tuple[Callable[..., Any], list[Any], list[str]]:
+def _function_callable(
+    source: Any, input_signature: list[Any] | None, label: str
+) -> tuple[Callable[..., Any], list[Any], list[str]]:
     """A ``tf.function`` (or a concrete function, e.g. a SavedModel's signature) as ``call(*inputs)``
     with positional inputs (keyword inputs in name order) returning a list, its input specs and
     output names (a dict output's sorted keys)."""
@@ -368,10 +410,19 @@ def _example_arrays(specs: list[Any], example_inputs: Any) -> list[np.ndarray]:
         rng = np.random.default_rng(0)
         # NOTE: batch 2; a free height/width (a fully convolutional net) gets 32, which every usual
         # stride pattern accepts; pass example_inputs= for a size the model needs
-        return [rng.standard_normal([(2 if i == 0 else _FREE_SIZE) if d is None else d for i, d in enumerate(s.shape)])
-                .astype(s.dtype.as_numpy_dtype) for s in specs]
-    example = list(example_inputs.values()) if isinstance(example_inputs, dict) else (
-        list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs])
+        return [
+            rng.standard_normal(
+                [(2 if i == 0 else _FREE_SIZE) if d is None else d for i, d in enumerate(s.shape)]
+            ).astype(s.dtype.as_numpy_dtype)
+            for s in specs
+        ]
+    example = (
+        list(example_inputs.values())
+        if isinstance(example_inputs, dict)
+        else (
+            list(example_inputs) if isinstance(example_inputs, (list, tuple)) else [example_inputs]
+        )
+    )
     return [np.asarray(e) for e in example]
 
 
@@ -398,7 +449,16 @@ def tf_message(exc: BaseException) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
     if frames:  # NOTE: "Detected at node ... defined at (most recent call last):" then frames, each a File line and its code
-        lines = lines[: next(i for i, line in enumerate(lines) if line.startswith(("Detected at node", "File ")))] + lines[frames[-1] + 2:]
+        lines = (
+            lines[
+                : next(
+                    i
+                    for i, line in enumerate(lines)
+                    if line.startswith(("Detected at node", "File "))
+                )
+            ]
+            + lines[frames[-1] + 2 :]
+        )
     lines = [line for line in lines if line != "Graph execution error:"]
     text = " ".join(lines) or type(exc).__name__
     return text if len(text) <= 600 else text[:597] + "..."
@@ -412,6 +472,8 @@ def _convert(function: Any, specs: list[Any], opset: int, label: str) -> Any:
         with quiet_native_logs():
             proto, _ = tf2onnx.convert.from_function(function, input_signature=specs, opset=opset)
     except Exception as exc:
-        raise UnsupportedModelError(f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {tf_message(exc)}") from None
+        raise UnsupportedModelError(
+            f"{label}: tf2onnx could not convert the model: {type(exc).__name__}: {tf_message(exc)}"
+        ) from None
     _freeze_captured_constants(proto, function, specs, label)
     return proto

@@ -46,7 +46,9 @@ def _is_torch_object(source: Any) -> bool:
     torch = sys.modules.get("torch")
     if torch is None:  # NOTE: an object of torch cannot exist before torch was imported
         return False
-    return isinstance(source, (torch.nn.Module, torch.export.ExportedProgram, torch.jit.ScriptModule))
+    return isinstance(
+        source, (torch.nn.Module, torch.export.ExportedProgram, torch.jit.ScriptModule)
+    )
 
 
 def _accepts(source: Any) -> bool:
@@ -87,7 +89,11 @@ def _refuse_weights_only_file(torch: Any, path: Path) -> None:
         return  # NOTE: not a plain tensor file: a pickled module, or no torch file at all
     if isinstance(obj, dict):
         tensors = sum(isinstance(v, torch.Tensor) for v in obj.values())
-        what = f"a state_dict ({tensors} tensors)" if tensors == len(obj) else f"a dict of {len(obj)} entries ({tensors} tensors)"
+        what = (
+            f"a state_dict ({tensors} tensors)"
+            if tensors == len(obj)
+            else f"a dict of {len(obj)} entries ({tensors} tensors)"
+        )
     else:
         what = f"a {type(obj).__name__}"
     raise InvalidModelError(
@@ -105,7 +111,9 @@ def _read_file(path: Path, trust_pickle: bool) -> Any:
         try:
             return torch.export.load(str(path))
         except Exception as exc:
-            raise InvalidModelError(f"{str(path)!r}: not a torch.export program (.pt2): {exc}") from None
+            raise InvalidModelError(
+                f"{str(path)!r}: not a torch.export program (.pt2): {exc}"
+            ) from None
     try:
         return torch.jit.load(str(path), map_location="cpu")
     except Exception as jit_error:
@@ -118,7 +126,9 @@ def _read_file(path: Path, trust_pickle: bool) -> Any:
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=False)
     except Exception as exc:
-        raise InvalidModelError(f"{str(path)!r}: cannot be unpickled as a torch module: {exc}") from None
+        raise InvalidModelError(
+            f"{str(path)!r}: cannot be unpickled as a torch module: {exc}"
+        ) from None
     if not isinstance(obj, torch.nn.Module):
         raise InvalidModelError(
             f"{str(path)!r}: holds a {type(obj).__name__}, not a torch.nn.Module (a state dict needs its model class: "
@@ -182,7 +192,9 @@ def load_torch(
     if isinstance(source, (str, os.PathLike)):
         source = _read_file(Path(source), trust_pickle)
     if not _is_torch_object(source):
-        raise UnsupportedModelError(f"{label}: not a torch.nn.Module, torch.export program or TorchScript module")
+        raise UnsupportedModelError(
+            f"{label}: not a torch.nn.Module, torch.export program or TorchScript module"
+        )
     is_program = isinstance(source, torch.export.ExportedProgram)
     args = _example_args(source, example_inputs, is_program, label)
 
@@ -195,10 +207,15 @@ def load_torch(
     from modelpress.adapters.naming import rename_layers
     from modelpress.adapters.onnx import load_onnx
 
-    model = load_onnx(proto, normalize=False)  # NOTE: a fresh export: keep its BatchNorms for training
+    model = load_onnx(
+        proto, normalize=False
+    )  # NOTE: a fresh export: keep its BatchNorms for training
     rename_layers(model, module_path)
     model.ir.graph.name = title  # NOTE: not the exporter's 'main_graph' in errors and report titles
-    feeds = {spec.name: np.asarray(a.detach().cpu().numpy()) for spec, a in zip(model.signature.inputs, args, strict=False)}
+    feeds = {
+        spec.name: np.asarray(a.detach().cpu().numpy())
+        for spec, a in zip(model.signature.inputs, args, strict=False)
+    }
     figures = check_import(reference, model, feeds, rtol, f"{label} (exported with {used})")
     model.provenance = Provenance(
         source_framework="torch",
@@ -255,13 +272,17 @@ def _scope_path(node_name: str) -> str | None:
     return path or None
 
 
-def _example_args(source: Any, example_inputs: Any, is_program: bool, label: str) -> tuple[Any, ...]:
+def _example_args(
+    source: Any, example_inputs: Any, is_program: bool, label: str
+) -> tuple[Any, ...]:
     """The example inputs as a tuple: the ones given, else an exported program's own."""
     args = _as_tuple(example_inputs)
     if not args and is_program and source.example_inputs is not None:
         args = tuple(source.example_inputs[0])
     if not args:
-        raise DataError(f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))")
+        raise DataError(
+            f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))"
+        )
     return args
 
 
@@ -293,11 +314,15 @@ def _to_onnx(job: _Export, exporter: str) -> tuple[Any, str]:
     if proto is None and exporter in ("auto", "torchscript") and not job.is_program:
         proto, used = _export_torchscript(job)
     if proto is None:
-        raise UnsupportedModelError(f"{job.label}: PyTorch could not export the model to ONNX: " + "; ".join(job.errors))
+        raise UnsupportedModelError(
+            f"{job.label}: PyTorch could not export the model to ONNX: " + "; ".join(job.errors)
+        )
     return proto, used
 
 
-def _reference_outputs(torch: Any, runnable: Any, args: tuple[Any, ...], label: str, is_program: bool) -> list[np.ndarray]:
+def _reference_outputs(
+    torch: Any, runnable: Any, args: tuple[Any, ...], label: str, is_program: bool
+) -> list[np.ndarray]:
     """The source model's outputs on the example inputs (what the import is checked against)."""
     if isinstance(runnable, torch.nn.Module) and not is_program:  # NOTE: programs refuse .eval()
         runnable.eval()
@@ -305,12 +330,20 @@ def _reference_outputs(torch: Any, runnable: Any, args: tuple[Any, ...], label: 
         with torch.no_grad():
             return _to_numpy_list(runnable(*args))
     except Exception as exc:
-        shapes = ", ".join(str(tuple(a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args)
-        raise DataError(f"{label}: the example inputs ({shapes}) do not fit the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}") from None
+        shapes = ", ".join(
+            str(tuple(a.shape)) if hasattr(a, "shape") else type(a).__name__ for a in args
+        )
+        raise DataError(
+            f"{label}: the example inputs ({shapes}) do not fit the model: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+        ) from None
 
 
 def _input_axes(
-    runnable: Any, args: tuple[Any, ...], input_names: list[str] | None, dynamic_batch: bool, dynamic_axes: dict[str, dict[int, str]] | None,
+    runnable: Any,
+    args: tuple[Any, ...],
+    input_names: list[str] | None,
+    dynamic_batch: bool,
+    dynamic_axes: dict[str, dict[int, str]] | None,
 ) -> tuple[list[str], dict[str, dict[int, str]]]:
     """The ONNX input names (default: the forward's argument names) and their dynamic axes."""
     names = input_names
@@ -343,14 +376,24 @@ def _export_dynamo(job: _Export) -> tuple[Any, str]:
     try:
         dims: dict[str, Any] = {}
         dyn_shapes = tuple(
-            {axis: dims.setdefault(dim, torch.export.Dim(dim)) for axis, dim in job.axes.get(name, {}).items()} or None
+            {
+                axis: dims.setdefault(dim, torch.export.Dim(dim))
+                for axis, dim in job.axes.get(name, {}).items()
+            }
+            or None
             for name in job.names
         )
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(
-                job.source, job.args, dynamo=True, input_names=job.names, output_names=job.output_names,
-                dynamic_shapes=None if job.is_program else dyn_shapes, opset_version=job.opset, verbose=False,
+                job.source,
+                job.args,
+                dynamo=True,
+                input_names=job.names,
+                output_names=job.output_names,
+                dynamic_shapes=None if job.is_program else dyn_shapes,
+                opset_version=job.opset,
+                verbose=False,
             )
         return program.model_proto, "torch.onnx.export(dynamo=True)"
     except Exception as exc:
@@ -365,12 +408,20 @@ def _export_torchscript(job: _Export) -> tuple[Any, str]:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
             job.torch.onnx.export(
-                job.source, job.args, buffer, dynamo=False, input_names=job.names, output_names=job.output_names,
-                dynamic_axes=job.axes or None, opset_version=job.opset or 17,
+                job.source,
+                job.args,
+                buffer,
+                dynamo=False,
+                input_names=job.names,
+                output_names=job.output_names,
+                dynamic_axes=job.axes or None,
+                opset_version=job.opset or 17,
             )
         import onnx
 
-        return onnx.load_from_string(buffer.getvalue()), "torch.onnx.export(dynamo=False) (TorchScript fallback)"
+        return onnx.load_from_string(
+            buffer.getvalue()
+        ), "torch.onnx.export(dynamo=False) (TorchScript fallback)"
     except Exception as exc:
         job.errors.append(f"TorchScript exporter: {_first_line(exc)}")
         return None, ""

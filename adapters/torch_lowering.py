@@ -58,7 +58,9 @@ def torch_dtype(dtype: ir.DataType | int) -> torch.dtype:
     try:
         return _DTYPES[ir.DataType(dtype)]
     except KeyError:
-        raise UnsupportedModelError(f"tensor type {ir.DataType(dtype).name} has no torch equivalent in the lowering") from None
+        raise UnsupportedModelError(
+            f"tensor type {ir.DataType(dtype).name} has no torch equivalent in the lowering"
+        ) from None
 
 
 class Node:
@@ -122,7 +124,13 @@ def _ints(t: Any) -> list[int]:
     return [int(v) for v in t]
 
 
-def _same_pads(in_sizes: Sequence[int], kernel: Sequence[int], strides: Sequence[int], dilations: Sequence[int], upper: bool) -> list[int]:
+def _same_pads(
+    in_sizes: Sequence[int],
+    kernel: Sequence[int],
+    strides: Sequence[int],
+    dilations: Sequence[int],
+    upper: bool,
+) -> list[int]:
     begins, ends = [], []
     for size, k, s, d in zip(in_sizes, kernel, strides, dilations, strict=True):
         out = math.ceil(size / s)
@@ -171,8 +179,15 @@ def _conv(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
         data = F.pad(data, _torch_pad(pads))
         padding = 0
     conv = (F.conv1d, F.conv2d, F.conv3d)[rank - 1]
-    return conv(data, weight, bias, stride=node.attr("strides", [1] * rank), padding=padding,
-                dilation=node.attr("dilations", [1] * rank), groups=node.attr("group", 1))
+    return conv(
+        data,
+        weight,
+        bias,
+        stride=node.attr("strides", [1] * rank),
+        padding=padding,
+        dilation=node.attr("dilations", [1] * rank),
+        groups=node.attr("group", 1),
+    )
 
 
 @handles("ConvTranspose")
@@ -181,13 +196,27 @@ def _conv_transpose(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     bias = x[2] if len(x) > 2 else None
     rank = weight.dim() - 2
     pads = node.attr("pads", [0] * (2 * rank))
-    if node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID") or node.attr("output_shape") is not None:
-        raise UnsupportedModelError(f"ConvTranspose node {node.name!r}: auto_pad/output_shape are not supported by the lowering")
+    if (
+        node.attr("auto_pad", "NOTSET") not in ("NOTSET", "VALID")
+        or node.attr("output_shape") is not None
+    ):
+        raise UnsupportedModelError(
+            f"ConvTranspose node {node.name!r}: auto_pad/output_shape are not supported by the lowering"
+        )
     conv = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[rank - 1]
-    out = conv(data, weight, bias, stride=node.attr("strides", [1] * rank), padding=0,
-               output_padding=node.attr("output_padding", [0] * rank), groups=node.attr("group", 1),
-               dilation=node.attr("dilations", [1] * rank))
-    slices = [slice(None), slice(None)] + [slice(pads[i], out.shape[2 + i] - pads[i + rank]) for i in range(rank)]
+    out = conv(
+        data,
+        weight,
+        bias,
+        stride=node.attr("strides", [1] * rank),
+        padding=0,
+        output_padding=node.attr("output_padding", [0] * rank),
+        groups=node.attr("group", 1),
+        dilation=node.attr("dilations", [1] * rank),
+    )
+    slices = [slice(None), slice(None)] + [
+        slice(pads[i], out.shape[2 + i] - pads[i + rank]) for i in range(rank)
+    ]
     return out[tuple(slices)]
 
 
@@ -195,8 +224,16 @@ def _conv_transpose(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 def _batch_norm(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data, scale, bias, mean, var = x[:5]
     # NOTE: in training mode batch statistics are used and running statistics updated, as in torch.
-    return F.batch_norm(data, mean, var, scale, bias, training=m.training,
-                        momentum=1.0 - node.attr("momentum", 0.9), eps=node.attr("epsilon", 1e-5))
+    return F.batch_norm(
+        data,
+        mean,
+        var,
+        scale,
+        bias,
+        training=m.training,
+        momentum=1.0 - node.attr("momentum", 0.9),
+        eps=node.attr("epsilon", 1e-5),
+    )
 
 
 def _pool(node: Node, data: torch.Tensor, kind: str) -> torch.Tensor:
@@ -208,7 +245,9 @@ def _pool(node: Node, data: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "max":
         dilations = node.attr("dilations", [1] * rank)
         padding: Any = pads[:rank]
-        if not _symmetric(pads) or any(p > k // 2 for p, k in zip(pads[:rank], kernel, strict=True)):
+        if not _symmetric(pads) or any(
+            p > k // 2 for p, k in zip(pads[:rank], kernel, strict=True)
+        ):
             data = F.pad(data, _torch_pad(pads), value=float("-inf"))
             padding = 0
         fn: Any = (F.max_pool1d, F.max_pool2d, F.max_pool3d)[rank - 1]
@@ -217,7 +256,9 @@ def _pool(node: Node, data: torch.Tensor, kind: str) -> torch.Tensor:
     padding = pads[:rank]
     if not _symmetric(pads) or any(p > k // 2 for p, k in zip(pads[:rank], kernel, strict=True)):
         if not count_pad and any(pads):
-            raise UnsupportedModelError(f"AveragePool node {node.name!r}: asymmetric padding without count_include_pad")
+            raise UnsupportedModelError(
+                f"AveragePool node {node.name!r}: asymmetric padding without count_include_pad"
+            )
         data = F.pad(data, _torch_pad(pads))
         padding = 0
     avg: Any = (F.avg_pool1d, F.avg_pool2d, F.avg_pool3d)[rank - 1]
@@ -245,11 +286,27 @@ def _gmp(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 
 _UNARY: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
-    "Relu": F.relu, "Sigmoid": torch.sigmoid, "Tanh": torch.tanh, "Erf": torch.erf, "Exp": torch.exp,
-    "Log": torch.log, "Abs": torch.abs, "Neg": torch.neg, "Sqrt": torch.sqrt, "Reciprocal": torch.reciprocal,
-    "Floor": torch.floor, "Ceil": torch.ceil, "Sin": torch.sin, "Cos": torch.cos, "Softsign": F.softsign,
-    "Not": torch.logical_not, "Sign": torch.sign, "HardSwish": F.hardswish, "Round": torch.round,
-    "Softplus": F.softplus, "Mish": F.mish,
+    "Relu": F.relu,
+    "Sigmoid": torch.sigmoid,
+    "Tanh": torch.tanh,
+    "Erf": torch.erf,
+    "Exp": torch.exp,
+    "Log": torch.log,
+    "Abs": torch.abs,
+    "Neg": torch.neg,
+    "Sqrt": torch.sqrt,
+    "Reciprocal": torch.reciprocal,
+    "Floor": torch.floor,
+    "Ceil": torch.ceil,
+    "Sin": torch.sin,
+    "Cos": torch.cos,
+    "Softsign": F.softsign,
+    "Not": torch.logical_not,
+    "Sign": torch.sign,
+    "HardSwish": F.hardswish,
+    "Round": torch.round,
+    "Softplus": F.softplus,
+    "Mish": F.mish,
 }
 
 
@@ -323,7 +380,22 @@ def _matmul(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     return torch.matmul(x[0], x[1])
 
 
-@handles("Add", "Sub", "Mul", "Div", "Pow", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Xor", "Mod")
+@handles(
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Equal",
+    "Greater",
+    "Less",
+    "GreaterOrEqual",
+    "LessOrEqual",
+    "And",
+    "Or",
+    "Xor",
+    "Mod",
+)
 def _binary(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     a, b = x[0], x[1]
     op = node.op_type
@@ -342,8 +414,14 @@ def _binary(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     if op == "Mod":
         return torch.fmod(a, b) if node.attr("fmod", 0) else torch.remainder(a, b)
     return {
-        "Equal": torch.eq, "Greater": torch.gt, "Less": torch.lt, "GreaterOrEqual": torch.ge,
-        "LessOrEqual": torch.le, "And": torch.logical_and, "Or": torch.logical_or, "Xor": torch.logical_xor,
+        "Equal": torch.eq,
+        "Greater": torch.gt,
+        "Less": torch.lt,
+        "GreaterOrEqual": torch.ge,
+        "LessOrEqual": torch.le,
+        "And": torch.logical_and,
+        "Or": torch.logical_or,
+        "Xor": torch.logical_xor,
     }[op](a, b)
 
 
@@ -403,7 +481,9 @@ def _reduce_axes(m: GraphModule, node: Node, x: list[Any]) -> list[int] | None:
     return axes if axes else None
 
 
-@handles("ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare")
+@handles(
+    "ReduceMean", "ReduceSum", "ReduceMax", "ReduceMin", "ReduceProd", "ReduceL2", "ReduceSumSquare"
+)
 def _reduce(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
     axes = _reduce_axes(m, node, x)
@@ -564,7 +644,9 @@ def _cast_like(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 
 def _as_tensor(array: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.array(array, copy=True, order="C"))  # NOTE: ascontiguousarray makes 0-d arrays 1-d
+    return torch.from_numpy(
+        np.array(array, copy=True, order="C")
+    )  # NOTE: ascontiguousarray makes 0-d arrays 1-d
 
 
 @handles("Constant")
@@ -575,7 +657,11 @@ def _constant(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 @handles("ConstantOfShape")
 def _constant_of_shape(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     value = node.attr("value")
-    fill = _as_tensor(np.asarray(value).reshape(-1)[:1]) if value is not None else torch.zeros(1, dtype=torch.float32)
+    fill = (
+        _as_tensor(np.asarray(value).reshape(-1)[:1])
+        if value is not None
+        else torch.zeros(1, dtype=torch.float32)
+    )
     shape = m.ints(node, x, 0)
     return fill.expand(shape).clone() if shape else fill.reshape(()).clone()
 
@@ -605,7 +691,9 @@ def _split(m: GraphModule, node: Node, x: list[Any]) -> tuple[torch.Tensor, ...]
 def _pad(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     data = x[0]
     pads = m.ints(node, x, 1) if len(x) > 1 else node.attr("pads")
-    value = x[2].item() if len(x) > 2 and x[2] is not None and x[2].numel() else node.attr("value", 0.0)
+    value = (
+        x[2].item() if len(x) > 2 and x[2] is not None and x[2].numel() else node.attr("value", 0.0)
+    )
     if len(x) > 3 and x[3] is not None:
         axes = [a % data.dim() for a in m.ints(node, x, 3)]
         full = [0] * (2 * data.dim())
@@ -613,7 +701,12 @@ def _pad(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
             full[a], full[a + data.dim()] = pads[i], pads[i + len(axes)]
         pads = full
     mode = node.attr("mode", "constant")
-    torch_mode = {"constant": "constant", "reflect": "reflect", "edge": "replicate", "wrap": "circular"}[mode]
+    torch_mode = {
+        "constant": "constant",
+        "reflect": "reflect",
+        "edge": "replicate",
+        "wrap": "circular",
+    }[mode]
     spatial = _torch_pad(pads)
     if torch_mode != "constant":
         # NOTE: torch pads only trailing spatial dims in these modes; ONNX models pad N and C by 0.
@@ -654,7 +747,12 @@ def _quantize(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
     """Fake quantization: float values on the integer grid (rounded half-to-even, saturated)."""
     data, scale = x[0], x[1]
     zero = x[2] if len(x) > 2 and x[2] is not None else None
-    out_type = int(ir.DataType(node.attr("output_dtype", 0) or (m.dtype_of(node.inputs[2]) if zero is not None else ir.DataType.UINT8)))
+    out_type = int(
+        ir.DataType(
+            node.attr("output_dtype", 0)
+            or (m.dtype_of(node.inputs[2]) if zero is not None else ir.DataType.UINT8)
+        )
+    )
     low, high = _QRANGE.get(out_type, (-128, 127))
     s = _per_axis(scale, data, node)
     z = _per_axis(zero.to(data.dtype), data, node) if zero is not None else 0.0
@@ -673,7 +771,23 @@ def _dequantize(m: GraphModule, node: Node, x: list[Any]) -> torch.Tensor:
 
 
 # -- the module ----------------------------------------------------------------------------------
-_SHAPE_OPS = frozenset({"Shape", "Constant", "Cast", "Identity", "Gather", "Slice", "Concat", "Unsqueeze", "Squeeze", "Add", "Sub", "Mul", "Div"})
+_SHAPE_OPS = frozenset(
+    {
+        "Shape",
+        "Constant",
+        "Cast",
+        "Identity",
+        "Gather",
+        "Slice",
+        "Concat",
+        "Unsqueeze",
+        "Squeeze",
+        "Add",
+        "Sub",
+        "Mul",
+        "Div",
+    }
+)
 _BUFFER_INPUTS = {("BatchNormalization", 3), ("BatchNormalization", 4)}
 
 
@@ -700,7 +814,10 @@ def _lowered_nodes(model: Model) -> list[Node]:
             unsupported.setdefault(label, []).append(node.name)
         nodes.append(node)
     if unsupported:
-        listing = "; ".join(f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})" for op, names in sorted(unsupported.items()))
+        listing = "; ".join(
+            f"{op} (nodes: {', '.join(names[:5])}{', ...' if len(names) > 5 else ''})"
+            for op, names in sorted(unsupported.items())
+        )
         raise UnsupportedModelError(
             f"model {model.name!r} cannot be lowered to PyTorch: {len(unsupported)} unsupported op type(s): {listing}"
         )
@@ -715,7 +832,12 @@ def _shape_arithmetic(op: str, a: list[Any], b: list[Any]) -> list[Any] | None:
         b = b * len(a)
     if len(a) != len(b):
         return None
-    fn = {"Add": lambda p, q: p + q, "Sub": lambda p, q: p - q, "Mul": lambda p, q: p * q, "Div": lambda p, q: p // q}[op]
+    fn = {
+        "Add": lambda p, q: p + q,
+        "Sub": lambda p, q: p - q,
+        "Mul": lambda p, q: p * q,
+        "Div": lambda p, q: p // q,
+    }[op]
     return [fn(p, q) for p, q in zip(a, b, strict=True)]
 
 
@@ -779,14 +901,21 @@ class GraphModule(nn.Module):
         known: dict[str, list[int]] = {}
         for name, value in graph.initializers.items():
             tensor = value.const_value
-            if tensor is not None and tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32) and tensor.size <= 64:
+            if (
+                tensor is not None
+                and tensor.dtype in (ir.DataType.INT64, ir.DataType.INT32)
+                and tensor.size <= 64
+            ):
                 known[name] = [int(v) for v in tensor.numpy().reshape(-1)]
         for node in self._nodes:
             if node.op_type == "Constant" and isinstance(node.attrs.get("value"), np.ndarray):
                 array = node.attrs["value"]
                 if array.dtype in (np.int64, np.int32) and array.size <= 64:
                     known[node.outputs[0]] = [int(v) for v in array.reshape(-1)]
-                    self._known_constants[node.outputs[0]] = (known[node.outputs[0]], array.ndim == 0)
+                    self._known_constants[node.outputs[0]] = (
+                        known[node.outputs[0]],
+                        array.ndim == 0,
+                    )
             elif node.op_type == "Constant" and "value_ints" in node.attrs:
                 known[node.outputs[0]] = [int(v) for v in node.attrs["value_ints"]]
             node.consts = {i: known[name] for i, name in enumerate(node.inputs) if name in known}
@@ -809,7 +938,9 @@ class GraphModule(nn.Module):
                     self._constants[key] = _as_tensor(np.asarray(value))
                     break
             else:
-                raise UnsupportedModelError(f"Constant node {node.name!r}: unsupported value attribute {list(node.attrs)}")
+                raise UnsupportedModelError(
+                    f"Constant node {node.name!r}: unsupported value attribute {list(node.attrs)}"
+                )
         return self._constants[key]
 
     def ints(self, node: Node, x: list[Any], i: int) -> list[Any]:
@@ -850,7 +981,9 @@ class GraphModule(nn.Module):
         if first is None:
             return
         values, scalar = first
-        if op in ("Cast", "Identity") and (op == "Identity" or torch_dtype(node.attr("to")) in (torch.int64, torch.int32)):
+        if op in ("Cast", "Identity") and (
+            op == "Identity" or torch_dtype(node.attr("to")) in (torch.int64, torch.int32)
+        ):
             sym[out] = (values, scalar)
         elif op == "Gather" and not scalar:
             idx = known(1)
@@ -861,7 +994,12 @@ class GraphModule(nn.Module):
             starts, ends = known(1), known(2)
             steps = known(4) if len(node.inputs) > 4 else None
             if starts is not None and ends is not None:
-                sym[out] = (_shape_slice(values, starts[0][0], ends[0][0], steps[0][0] if steps is not None else 1), False)
+                sym[out] = (
+                    _shape_slice(
+                        values, starts[0][0], ends[0][0], steps[0][0] if steps is not None else 1
+                    ),
+                    False,
+                )
         elif op == "Concat":
             parts = [known(i) for i in range(len(node.inputs))]
             if all(p is not None and not p[1] for p in parts):
@@ -890,7 +1028,9 @@ class GraphModule(nn.Module):
     # -- running ---------------------------------------------------------------------------
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
         if len(args) + len(kwargs) != len(self.input_names):
-            raise TypeError(f"expected inputs {self.input_names}, got {len(args)} positional and {sorted(kwargs)}")
+            raise TypeError(
+                f"expected inputs {self.input_names}, got {len(args)} positional and {sorted(kwargs)}"
+            )
         env: dict[str, Any] = dict(zip(self.input_names, args, strict=False))
         env.update(kwargs)
         for onnx_name, attr in self._attr_for.items():
@@ -914,7 +1054,9 @@ class GraphModule(nn.Module):
         outs = tuple(env[name] for name in wanted)
         return outs[0] if len(outs) == 1 else outs
 
-    def run_with_intermediates(self, *args: torch.Tensor, names: Sequence[str]) -> tuple[Any, dict[str, torch.Tensor]]:
+    def run_with_intermediates(
+        self, *args: torch.Tensor, names: Sequence[str]
+    ) -> tuple[Any, dict[str, torch.Tensor]]:
         """Run and also return the named intermediate tensors (for feature distillation)."""
         env: dict[str, Any] = dict(zip(self.input_names, args, strict=True))
         for onnx_name, attr in self._attr_for.items():

@@ -45,7 +45,17 @@ from torch import nn
 
 from modelpress.plugin_api import DataError, OptionsError, progress_bar
 
-__all__ = ["FitResult", "LossChoice", "accuracy", "choose_loss", "fit", "held_out_scores", "kd_loss", "predict", "seed_everything"]
+__all__ = [
+    "FitResult",
+    "LossChoice",
+    "accuracy",
+    "choose_loss",
+    "fit",
+    "held_out_scores",
+    "kd_loss",
+    "predict",
+    "seed_everything",
+]
 
 LossFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
 """``loss(outputs, batch) -> scalar``; ``batch`` holds every target array for the batch (``labels``, ...)."""
@@ -82,10 +92,31 @@ Reads = Literal["logits", "probabilities", "log_probabilities", "values"]
 """How a model's output is read: class scores, class probabilities, their log, or plain values."""
 
 _EPS = 1e-7
-_LOSS_FOR: dict[str, str] = {"logits": "cross_entropy", "probabilities": "nll", "log_probabilities": "nll", "values": "mse"}
+_LOSS_FOR: dict[str, str] = {
+    "logits": "cross_entropy",
+    "probabilities": "nll",
+    "log_probabilities": "nll",
+    "values": "mse",
+}
 # Ops that only move, copy or (de)quantize values: the output's meaning is that of their input.
-_PASS_THROUGH = frozenset({"Identity", "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout", "QuantizeLinear", "DequantizeLinear"})
-_PRODUCED = {"Softmax": "probabilities", "Sigmoid": "probabilities", "LogSoftmax": "log_probabilities"}
+_PASS_THROUGH = frozenset(
+    {
+        "Identity",
+        "Reshape",
+        "Flatten",
+        "Squeeze",
+        "Unsqueeze",
+        "Cast",
+        "Dropout",
+        "QuantizeLinear",
+        "DequantizeLinear",
+    }
+)
+_PRODUCED = {
+    "Softmax": "probabilities",
+    "Sigmoid": "probabilities",
+    "LogSoftmax": "log_probabilities",
+}
 
 
 @dataclass(frozen=True)
@@ -100,7 +131,9 @@ class LossChoice:
 
     def __call__(self, outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
         if "labels" not in batch:
-            raise DataError(f"the {self.name} loss needs labels: add an array named 'labels' to the data")
+            raise DataError(
+                f"the {self.name} loss needs labels: add an array named 'labels' to the data"
+            )
         return _hard_loss(_first(outputs), batch["labels"], self.name, self.reads)
 
 
@@ -114,12 +147,18 @@ def _log_probs(out: torch.Tensor, reads: str) -> torch.Tensor:
 
 def _tempered(out: torch.Tensor, reads: str, temperature: float) -> torch.Tensor:
     """``log softmax(z / T)`` with ``z`` the logits, or ``log p`` for probability outputs."""
-    return F.log_softmax((out if reads == "logits" else _log_probs(out, reads)) / temperature, dim=-1)
+    return F.log_softmax(
+        (out if reads == "logits" else _log_probs(out, reads)) / temperature, dim=-1
+    )
 
 
 def _like(labels: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     labels = labels.to(out.dtype)
-    return labels.reshape(out.shape) if labels.shape != out.shape and labels.numel() == out.numel() else labels
+    return (
+        labels.reshape(out.shape)
+        if labels.shape != out.shape and labels.numel() == out.numel()
+        else labels
+    )
 
 
 def _hard_loss(out: torch.Tensor, labels: torch.Tensor, name: str, reads: str) -> torch.Tensor:
@@ -128,7 +167,11 @@ def _hard_loss(out: torch.Tensor, labels: torch.Tensor, name: str, reads: str) -
         return (F.mse_loss if name == "mse" else F.huber_loss)(out, _like(labels, out))
     binary = out.dim() >= 1 and out.shape[-1] == 1
     if name == "cross_entropy":
-        return F.binary_cross_entropy_with_logits(out, _like(labels, out)) if binary else F.cross_entropy(out, labels.long())
+        return (
+            F.binary_cross_entropy_with_logits(out, _like(labels, out))
+            if binary
+            else F.cross_entropy(out, labels.long())
+        )
     if binary:
         p = out.exp() if reads == "log_probabilities" else out
         return F.binary_cross_entropy(p.clamp(_EPS, 1 - _EPS), _like(labels, out))
@@ -136,8 +179,15 @@ def _hard_loss(out: torch.Tensor, labels: torch.Tensor, name: str, reads: str) -
 
 
 def kd_loss(
-    student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None = None, *, temperature: float = 1.0,
-    teacher_weight: float = 1.0, reads: str = "logits", teacher_reads: str | None = None, loss: str | None = None,
+    student: torch.Tensor,
+    teacher: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    *,
+    temperature: float = 1.0,
+    teacher_weight: float = 1.0,
+    reads: str = "logits",
+    teacher_reads: str | None = None,
+    loss: str | None = None,
 ) -> torch.Tensor:
     """The one knowledge-distillation loss (Hinton et al. 2015), ``w = teacher_weight``::
 
@@ -159,12 +209,21 @@ def kd_loss(
     if reads == "values":
         soft = (F.huber_loss if name == "huber" else F.mse_loss)(student, teacher.to(student.dtype))
     else:
-        soft = F.kl_div(_tempered(student, reads, temperature), _tempered(teacher, teacher_reads or reads, temperature),
-                        log_target=True, reduction="batchmean") * temperature**2
+        soft = (
+            F.kl_div(
+                _tempered(student, reads, temperature),
+                _tempered(teacher, teacher_reads or reads, temperature),
+                log_target=True,
+                reduction="batchmean",
+            )
+            * temperature**2
+        )
     if teacher_weight >= 1:
         return teacher_weight * soft
     if labels is None:
-        raise DataError(f"distillation with teacher weight {teacher_weight} < 1 needs labels (an array named 'labels')")
+        raise DataError(
+            f"distillation with teacher weight {teacher_weight} < 1 needs labels (an array named 'labels')"
+        )
     return (1 - teacher_weight) * _hard_loss(student, labels, name, reads) + teacher_weight * soft
 
 
@@ -184,7 +243,11 @@ def _output_producer(module: nn.Module | None) -> tuple[str, str] | None:
         return None
     producers = {out: node for node in graph._nodes for out in node.outputs}
     name, seen = graph.output_names[0], set()
-    while (node := producers.get(name)) is not None and node.op_type in _PASS_THROUGH and name not in seen:
+    while (
+        (node := producers.get(name)) is not None
+        and node.op_type in _PASS_THROUGH
+        and name not in seen
+    ):
         seen.add(name)
         name = node.inputs[0]
     return (node.op_type, node.name) if node is not None else None
@@ -192,7 +255,13 @@ def _output_producer(module: nn.Module | None) -> tuple[str, str] | None:
 
 def _read_values(outputs: np.ndarray | None) -> tuple[str, str] | None:
     """Probabilities or log-probabilities, told by the values of a sample of outputs."""
-    if outputs is None or outputs.ndim < 2 or outputs.shape[-1] < 2 or outputs.size == 0 or not np.all(np.isfinite(outputs)):
+    if (
+        outputs is None
+        or outputs.ndim < 2
+        or outputs.shape[-1] < 2
+        or outputs.size == 0
+        or not np.all(np.isfinite(outputs))
+    ):
         return None
     values = outputs.astype(np.float64)
     if values.min() >= 0 and np.allclose(values.sum(-1), 1.0, atol=1e-3):
@@ -218,8 +287,14 @@ def _regression(labels: np.ndarray | None, outputs: np.ndarray | None) -> str | 
     return None
 
 
-def choose_loss(module: nn.Module | None = None, inputs: Sequence[np.ndarray] | None = None, labels: np.ndarray | None = None,
-                loss: str = "auto", *, outputs: np.ndarray | None = None) -> LossChoice:
+def choose_loss(
+    module: nn.Module | None = None,
+    inputs: Sequence[np.ndarray] | None = None,
+    labels: np.ndarray | None = None,
+    loss: str = "auto",
+    *,
+    outputs: np.ndarray | None = None,
+) -> LossChoice:
     """The loss that fits what ``module``'s first output holds (see the module docstring).
 
     Reads the graph (a Softmax/Sigmoid or LogSoftmax making the output), else the values of
@@ -238,10 +313,16 @@ def choose_loss(module: nn.Module | None = None, inputs: Sequence[np.ndarray] | 
         forced = reads if reads in ("probabilities", "log_probabilities") else "probabilities"
     else:
         forced = "logits"
-    return LossChoice(loss, forced, f"loss={loss!r} was asked for (the output looks like {reads.replace('_', '-')}: {why})")
+    return LossChoice(
+        loss,
+        forced,
+        f"loss={loss!r} was asked for (the output looks like {reads.replace('_', '-')}: {why})",
+    )
 
 
-def _read_output(module: nn.Module | None, outputs: np.ndarray | None, labels: np.ndarray | None) -> tuple[str, str]:
+def _read_output(
+    module: nn.Module | None, outputs: np.ndarray | None, labels: np.ndarray | None
+) -> tuple[str, str]:
     """``(reads, reason)`` for the first output of ``module`` (see :func:`choose_loss`)."""
     why = _regression(labels, outputs)
     if why is not None:
@@ -252,7 +333,10 @@ def _read_output(module: nn.Module | None, outputs: np.ndarray | None, labels: n
     by_value = _read_values(outputs)
     if by_value is not None:
         return by_value
-    return "logits", "the output is unnormalised scores (no Softmax/Sigmoid makes it, its rows do not sum to 1)"
+    return (
+        "logits",
+        "the output is unnormalised scores (no Softmax/Sigmoid makes it, its rows do not sum to 1)",
+    )
 
 
 def predict(module: nn.Module, inputs: Sequence[np.ndarray], batch_size: int = 256) -> np.ndarray:
@@ -263,7 +347,10 @@ def predict(module: nn.Module, inputs: Sequence[np.ndarray], batch_size: int = 2
     n = len(inputs[0])
     with torch.no_grad():
         for start in range(0, n, batch_size):
-            batch = [torch.from_numpy(np.ascontiguousarray(a[start : start + batch_size])) for a in inputs]
+            batch = [
+                torch.from_numpy(np.ascontiguousarray(a[start : start + batch_size]))
+                for a in inputs
+            ]
             outs.append(_first(module(*batch)).cpu().numpy())
     module.train(was_training)
     return np.concatenate(outs, axis=0)
@@ -273,7 +360,9 @@ def accuracy(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray
     return float(np.mean(predict(module, inputs).argmax(axis=1) == labels))
 
 
-def held_out_scores(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray, loss: str = "auto") -> tuple[float, float]:
+def held_out_scores(
+    module: nn.Module, inputs: Sequence[np.ndarray], labels: np.ndarray, loss: str = "auto"
+) -> tuple[float, float]:
     """``(loss, accuracy)`` of ``module`` on labelled held-out samples, with the loss
     :func:`choose_loss` picks for the output (cross-entropy for logits, NLL for probabilities,
     MSE for regression, whose accuracy is NaN); ``loss`` overrides it.
@@ -288,8 +377,14 @@ def held_out_scores(module: nn.Module, inputs: Sequence[np.ndarray], labels: np.
     value = float(_hard_loss(out, y, choice.name, choice.reads))
     if choice.reads == "values":
         return value, float("nan")
-    threshold = {"logits": 0.0, "probabilities": 0.5, "log_probabilities": math.log(0.5)}[choice.reads]
-    hits = (out[..., 0] > threshold).long() if out.dim() >= 2 and out.shape[-1] == 1 else out.argmax(dim=-1)
+    threshold = {"logits": 0.0, "probabilities": 0.5, "log_probabilities": math.log(0.5)}[
+        choice.reads
+    ]
+    hits = (
+        (out[..., 0] > threshold).long()
+        if out.dim() >= 2 and out.shape[-1] == 1
+        else out.argmax(dim=-1)
+    )
     return value, float((hits == y.long()).float().mean())
 
 
@@ -348,25 +443,47 @@ def fit(
             distillation uses it).
     """
     n = _check_data(inputs, targets, epochs)
-    loss_fn, loss_name, loss_reason = _loss_function(module, inputs, targets, loss, teacher_weight, temperature)
+    loss_fn, loss_name, loss_reason = _loss_function(
+        module, inputs, targets, loss, teacher_weight, temperature
+    )
     seed_everything(seed)
-    params = list(parameters) if parameters is not None else [p for p in module.parameters() if p.requires_grad]
+    params = (
+        list(parameters)
+        if parameters is not None
+        else [p for p in module.parameters() if p.requires_grad]
+    )
     opt = _optimizer(params, optimizer, lr, weight_decay)
     steps_per_epoch = math.ceil(n / batch_size)
     scheduler = _scheduler(opt, schedule, max(1, epochs * steps_per_epoch))
-    mask_tensors = {k: torch.as_tensor(v, dtype=module.get_parameter(k).dtype) for k, v in (masks or {}).items()}
+    mask_tensors = {
+        k: torch.as_tensor(v, dtype=module.get_parameter(k).dtype) for k, v in (masks or {}).items()
+    }
     _apply_masks(module, mask_tensors)
     step = _Step(module, loss_fn, extra_loss, opt, scheduler, mask_tensors)
     tensors_in = [torch.from_numpy(np.ascontiguousarray(a)) for a in inputs]
     tensors_t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in targets.items()}
-    loop = _Loop(epochs, batch_size, seed, _validation_metric(metric, validation), patience, callbacks, show_progress)
+    loop = _Loop(
+        epochs,
+        batch_size,
+        seed,
+        _validation_metric(metric, validation),
+        patience,
+        callbacks,
+        show_progress,
+    )
     result = _train_epochs(step, tensors_in, tensors_t, loop)
     result.loss, result.loss_reason = loss_name, loss_reason
     return result
 
 
-def _loss_function(module: nn.Module, inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray], loss: str | LossFn,
-                   teacher_weight: float, temperature: float) -> tuple[LossFn, str, str]:
+def _loss_function(
+    module: nn.Module,
+    inputs: Sequence[np.ndarray],
+    targets: Mapping[str, np.ndarray],
+    loss: str | LossFn,
+    teacher_weight: float,
+    temperature: float,
+) -> tuple[LossFn, str, str]:
     """``(loss function, its name, why)`` for :func:`fit`."""
     if not isinstance(loss, str):
         return loss, "custom", "a loss function was given"
@@ -374,19 +491,40 @@ def _loss_function(module: nn.Module, inputs: Sequence[np.ndarray], targets: Map
     if not teacher_weight:
         return choice, choice.name, choice.reason
     if not 0 < teacher_weight <= 1 or temperature <= 0:
-        raise OptionsError(f"distillation needs 0 < teacher_weight <= 1 and temperature > 0, got {teacher_weight} and {temperature}")
+        raise OptionsError(
+            f"distillation needs 0 < teacher_weight <= 1 and temperature > 0, got {teacher_weight} and {temperature}"
+        )
     if "teacher" not in targets:
         raise DataError("distillation needs the teacher's outputs: a target array named 'teacher'")
-    teacher_reads = "values" if choice.reads == "values" else (_read_values(np.asarray(targets["teacher"][:256])) or ("logits", ""))[0]
+    teacher_reads = (
+        "values"
+        if choice.reads == "values"
+        else (_read_values(np.asarray(targets["teacher"][:256])) or ("logits", ""))[0]
+    )
 
     def distillation(outputs: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        return kd_loss(_first(outputs), batch["teacher"], batch.get("labels"), temperature=temperature, teacher_weight=teacher_weight,
-                       reads=choice.reads, teacher_reads=teacher_reads, loss=choice.name)
+        return kd_loss(
+            _first(outputs),
+            batch["teacher"],
+            batch.get("labels"),
+            temperature=temperature,
+            teacher_weight=teacher_weight,
+            reads=choice.reads,
+            teacher_reads=teacher_reads,
+            loss=choice.name,
+        )
 
-    return distillation, f"kd+{choice.name}", f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}"
+    return (
+        distillation,
+        f"kd+{choice.name}",
+        f"{choice.reason}; the teacher's outputs are read as {teacher_reads.replace('_', '-')}",
+    )
 
 
-def _validation_metric(metric: Callable[[nn.Module], float] | None, validation: tuple[Sequence[np.ndarray], np.ndarray] | None) -> Callable[[nn.Module], float] | None:
+def _validation_metric(
+    metric: Callable[[nn.Module], float] | None,
+    validation: tuple[Sequence[np.ndarray], np.ndarray] | None,
+) -> Callable[[nn.Module], float] | None:
     """``metric``, or accuracy on ``validation`` when only that is given."""
     if metric is None and validation is not None:
         val_inputs, val_labels = validation
@@ -413,7 +551,9 @@ class _Loop:
     show_progress: bool
 
 
-def _train_epochs(step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], loop: _Loop) -> FitResult:
+def _train_epochs(
+    step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], loop: _Loop
+) -> FitResult:
     """The epoch loop (seeded shuffling, scoring, callbacks, early stopping; Ctrl-C stops it):
     leaves the module holding the best epoch's weights, in eval mode."""
     module = step.module
@@ -425,11 +565,18 @@ def _train_epochs(step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[s
         result.best_metric, result.best_epoch = loop.metric(module), 0
     since_best = 0
     try:
-        with progress_bar("training", total=loop.epochs * math.ceil(n / loop.batch_size), enabled=loop.show_progress) as advance:
+        with progress_bar(
+            "training",
+            total=loop.epochs * math.ceil(n / loop.batch_size),
+            enabled=loop.show_progress,
+        ) as advance:
             for epoch in range(1, loop.epochs + 1):
                 module.train()
                 order = torch.randperm(n, generator=generator)
-                logs = {"epoch": float(epoch), "loss": step.epoch(tensors_in, tensors_t, order, loop.batch_size, advance)}
+                logs = {
+                    "epoch": float(epoch),
+                    "loss": step.epoch(tensors_in, tensors_t, order, loop.batch_size, advance),
+                }
                 improved = _score(module, loop.metric, result, epoch, logs)
                 if improved:
                     best_state, since_best = copy.deepcopy(module.state_dict()), 0
@@ -448,7 +595,9 @@ def _train_epochs(step: _Step, tensors_in: list[torch.Tensor], tensors_t: dict[s
     return result
 
 
-def _check_data(inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray], epochs: int) -> int:
+def _check_data(
+    inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray], epochs: int
+) -> int:
     """The number of training samples, after checking every array has that many."""
     if epochs < 0:
         raise OptionsError(f"epochs must be >= 0, got {epochs}")
@@ -461,7 +610,9 @@ def _check_data(inputs: Sequence[np.ndarray], targets: Mapping[str, np.ndarray],
     return n
 
 
-def _optimizer(params: list[Any], optimizer: str, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[Any], optimizer: str, lr: float, weight_decay: float
+) -> torch.optim.Optimizer:
     if optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
     if optimizer in ("adam", "adamw"):
@@ -472,11 +623,19 @@ def _optimizer(params: list[Any], optimizer: str, lr: float, weight_decay: float
 
 def _scheduler(opt: torch.optim.Optimizer, schedule: str, total: int) -> Any:
     if schedule == "cosine":
-        return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total)))
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda step: 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+        )
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
 
 
-def _score(module: nn.Module, metric: Callable[[nn.Module], float] | None, result: FitResult, epoch: int, logs: dict[str, float]) -> bool:
+def _score(
+    module: nn.Module,
+    metric: Callable[[nn.Module], float] | None,
+    result: FitResult,
+    epoch: int,
+    logs: dict[str, float],
+) -> bool:
     """Score the epoch into ``logs`` and ``result``; whether its weights are the best so far
     (without a metric, the latest epoch always is)."""
     if metric is None:
@@ -493,11 +652,26 @@ def _score(module: nn.Module, metric: Callable[[nn.Module], float] | None, resul
 class _Step:
     """One optimisation step per batch: forward, loss (+ extra), backward, step, re-apply masks."""
 
-    def __init__(self, module: nn.Module, loss_fn: LossFn, extra_loss: Any, opt: torch.optim.Optimizer, scheduler: Any, masks: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        module: nn.Module,
+        loss_fn: LossFn,
+        extra_loss: Any,
+        opt: torch.optim.Optimizer,
+        scheduler: Any,
+        masks: dict[str, torch.Tensor],
+    ) -> None:
         self.module, self.loss_fn, self.extra_loss = module, loss_fn, extra_loss
         self.opt, self.scheduler, self.masks = opt, scheduler, masks
 
-    def epoch(self, tensors_in: list[torch.Tensor], tensors_t: dict[str, torch.Tensor], order: torch.Tensor, batch_size: int, advance: Any) -> float:
+    def epoch(
+        self,
+        tensors_in: list[torch.Tensor],
+        tensors_t: dict[str, torch.Tensor],
+        order: torch.Tensor,
+        batch_size: int,
+        advance: Any,
+    ) -> float:
         """Train one epoch over ``order``; returns the mean loss."""
         running, seen = 0.0, 0
         for start in range(0, len(order), batch_size):

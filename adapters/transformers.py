@@ -43,13 +43,20 @@ from modelpress.plugin_api import (
 
 __all__ = ["TASKS", "load_transformers", "task_of", "tasks_of"]
 
-TASKS = ("feature-extraction", "text-classification", "text-generation", "text-generation-with-past")
+TASKS = (
+    "feature-extraction",
+    "text-classification",
+    "text-generation",
+    "text-generation-with-past",
+)
 _DECODER_TASKS = ("text-generation", "text-generation-with-past")
 
 
 def _is_pretrained(source: Any) -> bool:
     transformers = sys.modules.get("transformers")
-    if transformers is None:  # NOTE: a PreTrainedModel cannot exist before transformers was imported
+    if (
+        transformers is None
+    ):  # NOTE: a PreTrainedModel cannot exist before transformers was imported
         return False
     return isinstance(source, transformers.PreTrainedModel)
 
@@ -58,7 +65,11 @@ def _accepts(source: Any) -> bool:
     if isinstance(source, (str, os.PathLike)):
         folder = Path(source)
         # NOTE: a TensorFlow SavedModel folder may carry a config.json too; it is the tensorflow adapter's
-        return folder.is_dir() and (folder / "config.json").is_file() and not (folder / "saved_model.pb").exists()
+        return (
+            folder.is_dir()
+            and (folder / "config.json").is_file()
+            and not (folder / "saved_model.pb").exists()
+        )
     return _is_pretrained(source)
 
 
@@ -81,14 +92,19 @@ def modelpress_load_data(path: Path, model: Model, what: str, sequence_length: i
     checkpoint's tokenizer into sequences of ``sequence_length`` tokens (default 64; at most 64
     sequences), see :func:`~modelpress.adapters.transformers_data.text_samples`. For calibration the
     last eighth of the sequences is held out; ``what="held-out"`` reads that part (None: nothing held out)."""
-    if model.provenance.source_framework != "transformers" or path.suffix.lower() not in (".txt", ".jsonl"):
+    if model.provenance.source_framework != "transformers" or path.suffix.lower() not in (
+        ".txt",
+        ".jsonl",
+    ):
         return None
     from modelpress.adapters.transformers_data import held_out_samples, text_samples
 
     length = sequence_length or 64
     if what == "held-out":
         return held_out_samples(model, path, sequence_length=length)
-    return text_samples(model, path, sequence_length=length, part="calibration" if what == "calibration" else "all")
+    return text_samples(
+        model, path, sequence_length=length, part="calibration" if what == "calibration" else "all"
+    )
 
 
 @hookimpl
@@ -134,7 +150,9 @@ def _read_config(folder: Path) -> dict[str, Any]:
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, ValueError) as exc:
-        raise InvalidModelError(f"{str(folder)!r}: config.json cannot be read: {one_line(exc)}") from None
+        raise InvalidModelError(
+            f"{str(folder)!r}: config.json cannot be read: {one_line(exc)}"
+        ) from None
     if not isinstance(config, dict):
         raise InvalidModelError(f"{str(folder)!r}: config.json does not hold a JSON object")
     return config
@@ -146,7 +164,9 @@ def _check_task(task: str | None, architecture: str, label: str) -> str:
     chosen = task or possible[0]
     if chosen not in possible:
         what = "unknown task" if chosen not in TASKS else "task"
-        raise OptionsError(f"{label}: {what} {chosen!r}: {architecture or 'the model'} can do {', '.join(possible)} (--task / task=)")
+        raise OptionsError(
+            f"{label}: {what} {chosen!r}: {architecture or 'the model'} can do {', '.join(possible)} (--task / task=)"
+        )
     return chosen
 
 
@@ -164,13 +184,19 @@ def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any
     architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
     chosen = _check_task(task, architecture, repr(str(folder)))
     if config.get("is_encoder_decoder"):
-        raise UnsupportedModelError(f"{str(folder)!r}: {architecture} is an encoder-decoder model; only encoders and decoders are supported")
+        raise UnsupportedModelError(
+            f"{str(folder)!r}: {architecture} is an encoder-decoder model; only encoders and decoders are supported"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            model = _auto_class(transformers, chosen).from_pretrained(str(folder), local_files_only=True)
+            model = _auto_class(transformers, chosen).from_pretrained(
+                str(folder), local_files_only=True
+            )
     except (OSError, ValueError, KeyError) as exc:
-        raise InvalidModelError(f"{str(folder)!r}: transformers cannot load {architecture or 'the checkpoint'} for {chosen}: {one_line(exc)}") from None
+        raise InvalidModelError(
+            f"{str(folder)!r}: transformers cannot load {architecture or 'the checkpoint'} for {chosen}: {one_line(exc)}"
+        ) from None
     return model, chosen
 
 
@@ -179,9 +205,14 @@ def _for_task(model: Any, task: str | None, label: str) -> tuple[Any, str]:
     architecture = type(model).__name__
     chosen = _check_task(task, architecture, label)
     if getattr(model.config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(f"{label}: {architecture} is an encoder-decoder model; only encoders and decoders are supported")
+        raise UnsupportedModelError(
+            f"{label}: {architecture} is an encoder-decoder model; only encoders and decoders are supported"
+        )
     if chosen == "feature-extraction" and task_of(architecture) != chosen:
-        return model.base_model, chosen  # NOTE: the hidden states of a model with a head are its base model's
+        return (
+            model.base_model,
+            chosen,
+        )  # NOTE: the hidden states of a model with a head are its base model's
     return model, chosen
 
 
@@ -189,9 +220,13 @@ def _refuse_unsupported(model: Any, task: str, label: str) -> None:
     """Refuse, by name, what the export cannot represent faithfully."""
     architecture = type(model).__name__
     if "input_ids" not in inspect.signature(model.forward).parameters:
-        raise UnsupportedModelError(f"{label}: {architecture} does not take input_ids (only text models are supported)")
+        raise UnsupportedModelError(
+            f"{label}: {architecture} does not take input_ids (only text models are supported)"
+        )
     layer_types = getattr(model.config, "layer_types", None) or []
-    if task == "text-generation-with-past" and any(kind != "full_attention" for kind in layer_types):
+    if task == "text-generation-with-past" and any(
+        kind != "full_attention" for kind in layer_types
+    ):
         kinds = sorted(set(layer_types) - {"full_attention"})
         raise UnsupportedModelError(
             f"{label}: {architecture} has {', '.join(kinds)} layers, whose cache the past/present layout does not hold; "
@@ -199,7 +234,15 @@ def _refuse_unsupported(model: Any, task: str, label: str) -> None:
         )
 
 
-def load_transformers(source: Any, *, task: str | None = None, example_inputs: Any = None, rtol: float = 1e-4, opset: int | None = None, **_: Any) -> Model:
+def load_transformers(
+    source: Any,
+    *,
+    task: str | None = None,
+    example_inputs: Any = None,
+    rtol: float = 1e-4,
+    opset: int | None = None,
+    **_: Any,
+) -> Model:
     """Import a Hugging Face checkpoint folder or ``PreTrainedModel`` (see the module docstring).
 
     Args:
@@ -215,7 +258,9 @@ def load_transformers(source: Any, *, task: str | None = None, example_inputs: A
         label = type(source).__name__
         model, task = _for_task(source, task, label)
     else:
-        raise UnsupportedModelError(f"{type(source).__name__}: not a Hugging Face checkpoint folder or PreTrainedModel")
+        raise UnsupportedModelError(
+            f"{type(source).__name__}: not a Hugging Face checkpoint folder or PreTrainedModel"
+        )
     _refuse_unsupported(model, task, label)
     from modelpress.adapters.transformers_export import export_staged
 
@@ -230,8 +275,13 @@ def load_transformers(source: Any, *, task: str | None = None, example_inputs: A
         source_version=transformers.__version__,
         source=label,
         importer="torch.onnx.export(dynamo=True)",
-        extra={"task": task, "architecture": architecture, "model_type": model_type, **figures,
-               **_sample_axes(task)},
+        extra={
+            "task": task,
+            "architecture": architecture,
+            "model_type": model_type,
+            **figures,
+            **_sample_axes(task),
+        },
     )
     return imported
 
@@ -241,4 +291,10 @@ def _sample_axes(task: str) -> dict[str, Any]:
     with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum."""
     if task != "text-generation-with-past":
         return {}
-    return {AXIS_SIZES_KEY: {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}}
+    return {
+        AXIS_SIZES_KEY: {
+            "sequence_length": 8,
+            "past_sequence_length": 4,
+            "total_sequence_length": 12,
+        }
+    }

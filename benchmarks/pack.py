@@ -73,7 +73,9 @@ def _variants(name: str, work: Path) -> dict[str, Path]:
     src = fetch(name)
     out = {"fp32": src}
     labels = ("fp16", "int8 static", "90% sparse", "4-bit codebook")
-    paths = {label: work / f"{name}-{label.replace(' ', '-').replace('%', '')}.onnx" for label in labels}
+    paths = {
+        label: work / f"{name}-{label.replace(' ', '-').replace('%', '')}.onnx" for label in labels
+    }
     if all(p.exists() for p in paths.values()):
         return {**out, **paths}
     model = modelpress.load(src)
@@ -124,16 +126,28 @@ def _row(label: str, path: Path, work: Path) -> dict[str, Any]:
         seconds[family] = time.perf_counter() - start
         back = modelpress.unpack(packed, work / "back.onnx").read_bytes()
         if result.bytes_identical:
-            assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest(), f"{label}/{family}: not bit-exact"
+            assert hashlib.sha256(back).digest() == hashlib.sha256(data).digest(), (
+                f"{label}/{family}: not bit-exact"
+            )
         else:  # a non-canonical protobuf encoding: the same message (every tensor, the graph), re-encoded
             assert _canonical(back) == _canonical(data), f"{label}/{family}: not the same model"
         exact[label] = result.bytes_identical
         sizes[f"mp:{family}"] = result.size_bytes
         if family == "auto":
-            solids = [f"{s['tensors']} {ir_name(s['dtype'])} {s['role']} ({s['codec']})" for s in result.solids]
+            solids = [
+                f"{s['tensors']} {ir_name(s['dtype'])} {s['role']} ({s['codec']})"
+                for s in result.solids
+            ]
     best_other = min(v for k, v in sizes.items() if not k.startswith("mp:") and v is not None)
-    return {"label": label, "bytes": len(data), "sizes": sizes, "zipnn": zipnn_note, "best_other": best_other, "pack_seconds": seconds,
-            "solids": solids}
+    return {
+        "label": label,
+        "bytes": len(data),
+        "sizes": sizes,
+        "zipnn": zipnn_note,
+        "best_other": best_other,
+        "pack_seconds": seconds,
+        "solids": solids,
+    }
 
 
 def ir_name(dtype: int) -> str:
@@ -181,12 +195,17 @@ def _decode_speed(path: Path, work: Path, rounds: int = 7) -> dict[str, float]:
     zfile, xfile = zc.compress(data), lzma.compress(data, preset=9)
 
     def unpack() -> None:
-        out.unlink(missing_ok=True)  # NOTE: a fresh file each time (replacing one costs the kernel its pages)
+        out.unlink(
+            missing_ok=True
+        )  # NOTE: a fresh file each time (replacing one costs the kernel its pages)
         modelpress.unpack(packed, out)
 
     dctx = zstandard.ZstdDecompressor()
     decoders = {
-        "bytegroup decode (float tensors)": (floats, lambda: [codec.decode(b, i) for b, i in blobs]),
+        "bytegroup decode (float tensors)": (
+            floats,
+            lambda: [codec.decode(b, i) for b, i in blobs],
+        ),
         "zstd -19 decode (same tensors)": (floats, lambda: [dctx.decompress(z) for z in zblobs]),
         "modelpress unpack (whole file)": (len(data), unpack),
         "modelpress read_packed (load's decode)": (len(data), lambda: read_packed(packed)),
@@ -205,9 +224,22 @@ def _decode_speed(path: Path, work: Path, rounds: int = 7) -> dict[str, float]:
 
 
 def _print_rows(rows: list[dict[str, Any]]) -> None:
-    cols = ["zip -9", "zstd -19", "xz -9", "ZipNN", *[f"mp:{f}" for f in FAMILIES if f in RUN_FAMILIES], "mp:auto"]
-    head = f"{'model':16s} {'ONNX MB':>8s} " + " ".join(f"{c:>12s}" for c in cols) + f" {'mp >= best?':>11s}"
-    print("\nLossless ratio (ONNX bytes / compressed bytes; higher is better; mp: modelpress pack with only that codec family)")
+    cols = [
+        "zip -9",
+        "zstd -19",
+        "xz -9",
+        "ZipNN",
+        *[f"mp:{f}" for f in FAMILIES if f in RUN_FAMILIES],
+        "mp:auto",
+    ]
+    head = (
+        f"{'model':16s} {'ONNX MB':>8s} "
+        + " ".join(f"{c:>12s}" for c in cols)
+        + f" {'mp >= best?':>11s}"
+    )
+    print(
+        "\nLossless ratio (ONNX bytes / compressed bytes; higher is better; mp: modelpress pack with only that codec family)"
+    )
     print(head)
     for r in rows:
         cells = []
@@ -216,26 +248,70 @@ def _print_rows(rows: list[dict[str, Any]]) -> None:
             text = "-" if v is None else f"{r['bytes'] / v:.3f}x"
             cells.append(f"{text:>12s}")
         ok = r["sizes"]["mp:auto"] <= r["best_other"]
-        print(f"{r['label']:16s} {r['bytes'] / 1e6:8.3f} " + " ".join(cells) + f" {'yes' if ok else 'NO':>11s}")
+        print(
+            f"{r['label']:16s} {r['bytes'] / 1e6:8.3f} "
+            + " ".join(cells)
+            + f" {'yes' if ok else 'NO':>11s}"
+        )
     notes = {r["zipnn"] for r in rows}
-    print(f"ZipNN: {', '.join(sorted(notes))}. Every modelpress pack was unpacked and checked: byte for byte "
-          f"({', '.join(k for k, v in exact.items() if v) or 'none'}); same message, canonically re-encoded "
-          f"({', '.join(k for k, v in exact.items() if not v) or 'none'}: the input file's protobuf encoding is not canonical).")
-    print("solid streams (auto): " + "; ".join(f"{r['label']}: {', '.join(r['solids']) or 'none'}" for r in rows))
-    print("pack time (s, auto): " + ", ".join(f"{r['label']} {r['pack_seconds']['auto']:.1f}" for r in rows))
+    print(
+        f"ZipNN: {', '.join(sorted(notes))}. Every modelpress pack was unpacked and checked: byte for byte "
+        f"({', '.join(k for k, v in exact.items() if v) or 'none'}); same message, canonically re-encoded "
+        f"({', '.join(k for k, v in exact.items() if not v) or 'none'}: the input file's protobuf encoding is not canonical)."
+    )
+    print(
+        "solid streams (auto): "
+        + "; ".join(f"{r['label']}: {', '.join(r['solids']) or 'none'}" for r in rows)
+    )
+    print(
+        "pack time (s, auto): "
+        + ", ".join(f"{r['label']} {r['pack_seconds']['auto']:.1f}" for r in rows)
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="yolov8n", help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)")
-    parser.add_argument("--no-deep-compression", action="store_true", help="skip the Deep Compression runs (they train models)")
-    parser.add_argument("--families", default=",".join((*FAMILIES, "auto")), help="comma-separated columns of modelpress to run (default: every family and auto)")
-    parser.add_argument("--work", help="keep the made ONNX variants in this folder and reuse them on the next run")
-    parser.add_argument("--seeds", default="0,1,2", help="Deep Compression on the MLP: one run per seed (a new source model each; default 0,1,2)")
-    parser.add_argument("--no-ratios", action="store_true", help="skip the lossless-ratio table (decode speed and Deep Compression only)")
-    parser.add_argument("--zipnn", action="store_true", help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')")
-    parser.add_argument("--vs-zipnn", action="store_true", help="only modelpress pack vs ZipNN on MiniLM's fp32 and bf16 tensors (child processes)")
-    parser.add_argument("--rounds", type=int, default=3, help="--vs-zipnn: interleaved rounds (default 3)")
+    parser.add_argument(
+        "--model",
+        default="yolov8n",
+        help="real model from benchmarks/real_models.py with initializer weights (default yolov8n)",
+    )
+    parser.add_argument(
+        "--no-deep-compression",
+        action="store_true",
+        help="skip the Deep Compression runs (they train models)",
+    )
+    parser.add_argument(
+        "--families",
+        default=",".join((*FAMILIES, "auto")),
+        help="comma-separated columns of modelpress to run (default: every family and auto)",
+    )
+    parser.add_argument(
+        "--work", help="keep the made ONNX variants in this folder and reuse them on the next run"
+    )
+    parser.add_argument(
+        "--seeds",
+        default="0,1,2",
+        help="Deep Compression on the MLP: one run per seed (a new source model each; default 0,1,2)",
+    )
+    parser.add_argument(
+        "--no-ratios",
+        action="store_true",
+        help="skip the lossless-ratio table (decode speed and Deep Compression only)",
+    )
+    parser.add_argument(
+        "--zipnn",
+        action="store_true",
+        help="also run ZipNN (zipnn 0.5.4 crashed this process once with 'double free or corruption')",
+    )
+    parser.add_argument(
+        "--vs-zipnn",
+        action="store_true",
+        help="only modelpress pack vs ZipNN on MiniLM's fp32 and bf16 tensors (child processes)",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="--vs-zipnn: interleaved rounds (default 3)"
+    )
     args = parser.parse_args()
     if args.vs_zipnn:
         vs_zipnn(args.rounds)
@@ -260,14 +336,18 @@ def main() -> None:
 
 
 def _print_speed(speed: dict[str, float]) -> None:
-    print(f"\nDecode speed, fp32 model ({speed['float MB']:.1f} MB of float tensors): MB/s of output per CPU second, one thread, "
-          f"best of 7 interleaved rounds (load average {os.getloadavg()[0]:.1f})")
+    print(
+        f"\nDecode speed, fp32 model ({speed['float MB']:.1f} MB of float tensors): MB/s of output per CPU second, one thread, "
+        f"best of 7 interleaved rounds (load average {os.getloadavg()[0]:.1f})"
+    )
     for key, value in speed.items():
         if key != "float MB":
             print(f"  {key:40s} {value:8.0f}")
     ratio = speed["bytegroup decode (float tensors)"] / speed["zstd -19 decode (same tensors)"]
     verdict = "met" if speed["bytegroup decode (float tensors)"] >= 500 else "NOT met"
-    print(f"  bytegroup / zstd decode: {ratio:.2f}x; target >= 500 MB/s per core on float data: {verdict}")
+    print(
+        f"  bytegroup / zstd decode: {ratio:.2f}x; target >= 500 MB/s per core on float data: {verdict}"
+    )
 
 
 def _deep_compression(work: Path, seeds: list[int]) -> None:
@@ -275,7 +355,9 @@ def _deep_compression(work: Path, seeds: list[int]) -> None:
     sys.path.insert(0, str(ROOT / "examples"))
     from deep_compression import print_seeds, print_table, run
 
-    summaries = [run("mlp", work / f"dc-mlp-{seed}", 40, seed=seed, show_progress=False) for seed in seeds]
+    summaries = [
+        run("mlp", work / f"dc-mlp-{seed}", 40, seed=seed, show_progress=False) for seed in seeds
+    ]
     print_table(summaries[0])
     print_seeds(summaries, target=(35, 0.5))
     print_table(run("cnn", work / "dc-cnn", 8, show_progress=False))
@@ -329,7 +411,8 @@ else:
     t0 = cpu(); proto = read_packed(mpk); in_memory = cpu() - t0
     t0 = cpu(); back = modelpress.unpack(mpk, work / f"{dtype}-back.onnx"); unpack = cpu() - t0
     exact = back.read_bytes() == src.read_bytes() and decoded == sum(len(t.raw_data) for t in proto.graph.initializer)
-    out = {"encode": encode, "decode": decode, "codec_mb_s": codec_bytes / 1e6 / codec_only, "read_packed": in_memory, "unpack": unpack, "packed": result.size_bytes, "bytes": decoded,
+    out = {"encode": encode, "decode": decode, "codec_mb_s": codec_bytes / 1e6 / codec_only,
+           "read_packed": in_memory, "unpack": unpack, "packed": result.size_bytes, "bytes": decoded,
            "exact": exact, "codecs": result.codec_counts()}
 out["startup"] = ready - start
 print(json.dumps(out))
@@ -346,18 +429,33 @@ def _minilm_tensors(work: Path) -> dict[str, int]:
 
     from benchmarks.minilm import _folder, _safetensors
 
-    tensors = {k: np.ascontiguousarray(v) for k, v in _safetensors(_folder() / "model.safetensors").items() if v.dtype == np.float32}
+    tensors = {
+        k: np.ascontiguousarray(v)
+        for k, v in _safetensors(_folder() / "model.safetensors").items()
+        if v.dtype == np.float32
+    }
     bits = {k: v.view(np.uint32) for k, v in tensors.items()}
     bf16 = {k: ((b + 0x7FFF + ((b >> 16) & 1)) >> 16).astype(np.uint16) for k, b in bits.items()}
     sizes = {}
     for dtype, arrays in (("fp32", tensors), ("bf16", bf16)):
         np.savez(work / f"{dtype}.npz", **arrays)
-        inits = [numpy_helper.from_array(a, k) if dtype == "fp32" else
-                 helper.make_tensor(k, TensorProto.BFLOAT16, a.shape, a.tobytes(), raw=True) for k, a in sorted(arrays.items())]
-        graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "minilm_tensors",
-                                  [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
-        onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), work / f"{dtype}.onnx")
+        inits = [
+            numpy_helper.from_array(a, k)
+            if dtype == "fp32"
+            else helper.make_tensor(k, TensorProto.BFLOAT16, a.shape, a.tobytes(), raw=True)
+            for k, a in sorted(arrays.items())
+        ]
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "minilm_tensors",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+            inits,
+        )
+        onnx.save(
+            helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+            work / f"{dtype}.onnx",
+        )
         sizes[dtype] = sum(a.nbytes for a in arrays.values())
     return sizes
 
@@ -407,14 +505,27 @@ def _startup_costs(work: Path, rounds: int) -> dict[str, float]:
     import modelpress
 
     tiny = work / "tiny.onnx"
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], [numpy_helper.from_array(np.ones(256, np.float32), "w")])
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "tiny",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [numpy_helper.from_array(np.ones(256, np.float32), "w")],
+    )
     onnx.save(helper.make_model(graph), tiny)
     modelpress.pack(tiny, work / "tiny.mpk")
     commands = {
         "python -c pass": [sys.executable, "-c", "pass"],
         "python -c 'import zipnn'": [sys.executable, "-c", "import zipnn"],
-        "modelpress unpack (tiny pack)": [sys.executable, "-m", "modelpress.cli", "unpack", str(work / "tiny.mpk"), "-o", str(work / "tiny-back.onnx")],
+        "modelpress unpack (tiny pack)": [
+            sys.executable,
+            "-m",
+            "modelpress.cli",
+            "unpack",
+            str(work / "tiny.mpk"),
+            "-o",
+            str(work / "tiny-back.onnx"),
+        ],
     }
     costs = dict.fromkeys(commands, float("inf"))
     import resource
@@ -425,28 +536,46 @@ def _startup_costs(work: Path, rounds: int) -> dict[str, float]:
             before = resource.getrusage(resource.RUSAGE_CHILDREN)
             subprocess.run(argv, check=True, capture_output=True)
             after = resource.getrusage(resource.RUSAGE_CHILDREN)
-            costs[key] = min(costs[key], (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime))
+            costs[key] = min(
+                costs[key], (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+            )
     return costs
 
 
 def _print_vs_zipnn(best: dict[str, dict[str, Any]], startup: dict[str, float]) -> None:
-    print(f"\nmodelpress pack vs ZipNN on all-MiniLM-L6-v2's float tensors (the same bytes; CPU seconds of each call in a child process, "
-          f"one thread, best of the rounds; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}: the machine is shared)")
-    print(f"{'tensors':8s} {'tool':11s} {'ratio':>7s} {'encode s':>9s} {'decode s':>9s} {'dec MB/CPU-s':>13s} {'codecs only':>12s} {'read_packed':>12s} {'unpack':>8s}  bit-exact")
+    print(
+        f"\nmodelpress pack vs ZipNN on all-MiniLM-L6-v2's float tensors (the same bytes; CPU seconds of each call in a child process, "
+        f"one thread, best of the rounds; load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}: the machine is shared)"
+    )
+    print(
+        f"{'tensors':8s} {'tool':11s} {'ratio':>7s} {'encode s':>9s} {'decode s':>9s} {'dec MB/CPU-s':>13s} "
+        f"{'codecs only':>12s} {'read_packed':>12s} {'unpack':>8s}  bit-exact"
+    )
     for dtype in ("fp32", "bf16"):
         for tool in ("zipnn", "modelpress"):
             r = best[f"{tool}-{dtype}"]
             mb = r["bytes"] / 1e6
-            codec = f" {r['codec_mb_s']:12.0f}" if "codec_mb_s" in r else f" {mb / r['decode']:12.0f}"
-            whole = codec + "".join(f" {mb / r[k]:{w}.0f}" if k in r else f" {'-':>{w}s}" for k, w in (("read_packed", 12), ("unpack", 8)))
-            print(f"{dtype:8s} {tool:11s} {r['packed'] / r['bytes']:7.4f} {r['encode']:9.3f} {r['decode']:9.3f} {mb / r['decode']:13.0f}{whole}  {r['exact']}")
+            codec = (
+                f" {r['codec_mb_s']:12.0f}" if "codec_mb_s" in r else f" {mb / r['decode']:12.0f}"
+            )
+            whole = codec + "".join(
+                f" {mb / r[k]:{w}.0f}" if k in r else f" {'-':>{w}s}"
+                for k, w in (("read_packed", 12), ("unpack", 8))
+            )
+            print(
+                f"{dtype:8s} {tool:11s} {r['packed'] / r['bytes']:7.4f} {r['encode']:9.3f} {r['decode']:9.3f} {mb / r['decode']:13.0f}{whole}  {r['exact']}"
+            )
         z, m = best[f"zipnn-{dtype}"], best[f"modelpress-{dtype}"]
-        print(f"{'':8s} modelpress/ZipNN: ratio {m['packed'] / m['bytes'] / (z['packed'] / z['bytes']):.4f}x, encode CPU {m['encode'] / z['encode']:.2f}x "
-              f"(target <= 2), decode speed {z['decode'] / m['decode']:.2f}x with CRC-32, {m['codec_mb_s'] / (z['bytes'] / 1e6 / z['decode']):.2f}x "
-              f"codecs only (target >= 1); codecs {m['codecs']}")
-    print("decode: modelpress: every tensor of the .mpk decoded and checked against its CRC-32 (PackedModel.tensor_bytes); codecs only: "
-          "each blob (in memory) decoded by its codec, no checksum, as ZipNN's decompress() of each tensor is timed. "
-          "read_packed (into an in-memory ModelProto) and unpack (back to the ONNX file): MB per CPU-s of the whole call")
+        print(
+            f"{'':8s} modelpress/ZipNN: ratio {m['packed'] / m['bytes'] / (z['packed'] / z['bytes']):.4f}x, encode CPU {m['encode'] / z['encode']:.2f}x "
+            f"(target <= 2), decode speed {z['decode'] / m['decode']:.2f}x with CRC-32, {m['codec_mb_s'] / (z['bytes'] / 1e6 / z['decode']):.2f}x "
+            f"codecs only (target >= 1); codecs {m['codecs']}"
+        )
+    print(
+        "decode: modelpress: every tensor of the .mpk decoded and checked against its CRC-32 (PackedModel.tensor_bytes); codecs only: "
+        "each blob (in memory) decoded by its codec, no checksum, as ZipNN's decompress() of each tensor is timed. "
+        "read_packed (into an in-memory ModelProto) and unpack (back to the ONNX file): MB per CPU-s of the whole call"
+    )
     print("whole-process CPU seconds: " + ", ".join(f"{k} {v:.2f}" for k, v in startup.items()))
 
 

@@ -17,9 +17,18 @@ __all__ = ["ProcessCPU"]
 
 _TICK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 # NOTE: what each of Ray's processes is, from a word of its command line
-_KINDS = (("default_worker", "worker"), ("ray::", "worker"), ("raylet", "raylet"), ("gcs_server", "gcs"),
-          ("dashboard/agent", "dashboard agent"), ("dashboard.py", "api server"), ("log_monitor", "log monitor"),
-          ("monitor.py", "autoscaler monitor"), ("runtime_env", "runtime-env agent"), ("ray_process_reaper", "reaper"))
+_KINDS = (
+    ("default_worker", "worker"),
+    ("ray::", "worker"),
+    ("raylet", "raylet"),
+    ("gcs_server", "gcs"),
+    ("dashboard/agent", "dashboard agent"),
+    ("dashboard.py", "api server"),
+    ("log_monitor", "log monitor"),
+    ("monitor.py", "autoscaler monitor"),
+    ("runtime_env", "runtime-env agent"),
+    ("ray_process_reaper", "reaper"),
+)
 
 
 def _table() -> dict[int, list[tuple[int, float]]]:
@@ -33,8 +42,10 @@ def _table() -> dict[int, list[tuple[int, float]]]:
                 stat = f.read()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        children.setdefault(int(fields[1]), []).append((int(entry), (int(fields[11]) + int(fields[12])) / _TICK))
+        fields = stat[stat.rindex(")") + 2 :].split()
+        children.setdefault(int(fields[1]), []).append(
+            (int(entry), (int(fields[11]) + int(fields[12])) / _TICK)
+        )
     return children
 
 
@@ -77,7 +88,9 @@ class ProcessCPU:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(self.every)
-        self.own = time.thread_time()  # NOTE: this thread's CPU: the caller's process CPU less this is its own work
+        self.own = (
+            time.thread_time()
+        )  # NOTE: this thread's CPU: the caller's process CPU less this is its own work
 
     def __enter__(self) -> ProcessCPU:
         self._started = time.perf_counter()

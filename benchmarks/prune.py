@@ -43,9 +43,17 @@ def _models():  # type: ignore[no-untyped-def]
         def __init__(self) -> None:
             super().__init__()
             self.features = nn.Sequential(
-                nn.Conv2d(1, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(),
-                nn.Conv2d(64, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
-                nn.Conv2d(128, 128, 3, padding=1), nn.BatchNorm2d(128), nn.ReLU(), nn.MaxPool2d(2),
+                nn.Conv2d(1, 64, 3, padding=1),
+                nn.BatchNorm2d(64),
+                nn.ReLU(),
+                nn.Conv2d(64, 128, 3, padding=1),
+                nn.BatchNorm2d(128),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
+                nn.Conv2d(128, 128, 3, padding=1),
+                nn.BatchNorm2d(128),
+                nn.ReLU(),
+                nn.MaxPool2d(2),
             )
             self.fc = nn.Linear(128 * 4 * 4, 10)
 
@@ -108,31 +116,84 @@ def main() -> None:
             variants = [
                 ("unpruned", None, {}),
                 ("channel 0.5, l1, no fine-tuning", "channel", {"ratio": 0.5}),
-                (f"channel 0.5, l1, fine-tuned {ft} ep", "channel", {"ratio": 0.5, "fine_tune_epochs": ft}),
-                (f"channel 0.5, taylor, fine-tuned {ft} ep", "channel", {"ratio": 0.5, "criterion": "taylor", "fine_tune_epochs": ft}),
-                ("magnitude 90% (global), no fine-tuning", "magnitude", {"sparsity": 0.9, "scope": "global"}),
-                (f"magnitude 90% (global), 5 steps from 50%, fine-tuned {ft} ep/step", "magnitude", {"sparsity": 0.9, "scope": "global", "fine_tune_epochs": ft, "schedule": "iterative", "steps": 5, "initial": 0.5, "lr": 3e-3}),
+                (
+                    f"channel 0.5, l1, fine-tuned {ft} ep",
+                    "channel",
+                    {"ratio": 0.5, "fine_tune_epochs": ft},
+                ),
+                (
+                    f"channel 0.5, taylor, fine-tuned {ft} ep",
+                    "channel",
+                    {"ratio": 0.5, "criterion": "taylor", "fine_tune_epochs": ft},
+                ),
+                (
+                    "magnitude 90% (global), no fine-tuning",
+                    "magnitude",
+                    {"sparsity": 0.9, "scope": "global"},
+                ),
+                (
+                    f"magnitude 90% (global), 5 steps from 50%, fine-tuned {ft} ep/step",
+                    "magnitude",
+                    {
+                        "sparsity": 0.9,
+                        "scope": "global",
+                        "fine_tune_epochs": ft,
+                        "schedule": "iterative",
+                        "steps": 5,
+                        "initial": 0.5,
+                        "lr": 3e-3,
+                    },
+                ),
                 (f"n:m 2:4, fine-tuned {ft} ep", "n:m", {"fine_tune_epochs": ft}),
             ]
-            table = Table(title=f"{name}: pruning on digits ({len(data['y_test'])} test images), ORT latency with 2 threads")
-            for col in ("variant", "accuracy", "parameters", "sparsity", "size KB", "b1 ms", "b64 ms", "b64 speedup", "prune s"):
+            table = Table(
+                title=f"{name}: pruning on digits ({len(data['y_test'])} test images), ORT latency with 2 threads"
+            )
+            for col in (
+                "variant",
+                "accuracy",
+                "parameters",
+                "sparsity",
+                "size KB",
+                "b1 ms",
+                "b64 ms",
+                "b64 speedup",
+                "prune s",
+            ):
                 table.add_column(col, justify="left" if col == "variant" else "right")
             base_latency = None
             for label, method, options in variants:
                 start = time.perf_counter()
-                pruned = model if method is None else modelpress.prune(model, method, data=train, show_progress=False, **options)
+                pruned = (
+                    model
+                    if method is None
+                    else modelpress.prune(model, method, data=train, show_progress=False, **options)
+                )
                 seconds = time.perf_counter() - start
                 path = folder / f"{len(label)}_{abs(hash(label))}.onnx"
-                modelpress.export(pruned, path, verify=False)  # NOTE: accuracy is measured below; an un-fine-tuned 90 % model fails the default cosine by design
+                modelpress.export(
+                    pruned, path, verify=False
+                )  # NOTE: accuracy is measured below; an un-fine-tuned 90 % model fails the default cosine by design
                 logits = run(make_session(path), {"x": data["x_test"]})[0]
                 accuracy = score("accuracy", logits, logits, data["y_test"])
                 weights = [layer.weight_array() for layer in pruned.weighted_layers()]
-                sparsity = float(sum(int(np.sum(w == 0)) for w in weights) / max(sum(w.size for w in weights), 1))
+                sparsity = float(
+                    sum(int(np.sum(w == 0)) for w in weights) / max(sum(w.size for w in weights), 1)
+                )
                 b1 = _latency(path, data["x_test"][:1], repeats=repeats * 3)
                 b64 = _latency(path, data["x_test"][:64], repeats=repeats)
                 base_latency = base_latency or b64
-                table.add_row(label, f"{accuracy:.4f}", f"{pruned.parameter_count():,}", f"{sparsity:.2%}",
-                              f"{path.stat().st_size / 1e3:.0f}", f"{b1:.3f}", f"{b64:.2f}", f"{base_latency / b64:.2f}x", f"{seconds:.1f}")
+                table.add_row(
+                    label,
+                    f"{accuracy:.4f}",
+                    f"{pruned.parameter_count():,}",
+                    f"{sparsity:.2%}",
+                    f"{path.stat().st_size / 1e3:.0f}",
+                    f"{b1:.3f}",
+                    f"{b64:.2f}",
+                    f"{base_latency / b64:.2f}x",
+                    f"{seconds:.1f}",
+                )
             console.print(table)
 
 

@@ -51,7 +51,9 @@ def _models(folder: Path, data: dict[str, np.ndarray], quick: bool) -> dict[str,
             super().__init__()
             self.embed = nn.Linear(8, d_model)
             self.position = nn.Parameter(torch.randn(1, 8, d_model) * 0.1)
-            layer = nn.TransformerEncoderLayer(d_model, 4, 4 * d_model, dropout=0.0, batch_first=True)
+            layer = nn.TransformerEncoderLayer(
+                d_model, 4, 4 * d_model, dropout=0.0, batch_first=True
+            )
             self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
             self.head = nn.Linear(d_model, 10)
 
@@ -72,8 +74,15 @@ def _models(folder: Path, data: dict[str, np.ndarray], quick: bool) -> dict[str,
         path = folder / (name.split()[1] + ".onnx")
         modelpress.export(model, path)
         input_name = model.signature.input_names[0]
-        np.savez(folder / (name.split()[1] + "_calib.npz"), **{input_name: shape(data["x_train"][:512])})
-        out[name] = {"path": path, "input": input_name, "x_test": x_test, "calib": folder / (name.split()[1] + "_calib.npz")}
+        np.savez(
+            folder / (name.split()[1] + "_calib.npz"), **{input_name: shape(data["x_train"][:512])}
+        )
+        out[name] = {
+            "path": path,
+            "input": input_name,
+            "x_test": x_test,
+            "calib": folder / (name.split()[1] + "_calib.npz"),
+        }
     return out
 
 
@@ -89,7 +98,9 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def _run_quantizer(tool: str, source: str, target: str, calib: str, options: dict, queue: mp.Queue) -> None:
+def _run_quantizer(
+    tool: str, source: str, target: str, calib: str, options: dict, queue: mp.Queue
+) -> None:
     import logging
 
     import onnxruntime  # noqa: F401  (imported before measuring)
@@ -105,10 +116,14 @@ def _run_quantizer(tool: str, source: str, target: str, calib: str, options: dic
     if tool == "modelpress":
         model = modelpress.load(source)
         method = options.pop("method")
-        result = modelpress.quantize(model, method, calibration=arrays, show_progress=False, **options)
+        result = modelpress.quantize(
+            model, method, calibration=arrays, show_progress=False, **options
+        )
         modelpress.export(result, target, verify=False)
         figures = result.provenance.passes[-1].figures
-        count = figures.get("quantized_nodes", figures.get("layers", figures.get("float16_nodes", "")))
+        count = figures.get(
+            "quantized_nodes", figures.get("layers", figures.get("float16_nodes", ""))
+        )
         note = f"{count} nodes {'in float16' if method == 'fp16' else 'quantized'}"
         if figures.get("float_nodes"):
             note += f", {len(figures['float_nodes'])} kept float"
@@ -129,10 +144,17 @@ def _run_quantizer(tool: str, source: str, target: str, calib: str, options: dic
             def get_next(self):  # type: ignore[no-untyped-def]
                 return next(self.batches, None)
 
-        quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=options.get("per_channel", False),
-                        calibrate_method=getattr(CalibrationMethod, options["calibrator"]),
-                        op_types_to_quantize=options.get("op_types"))
+        quantize_static(
+            source,
+            target,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=options.get("per_channel", False),
+            calibrate_method=getattr(CalibrationMethod, options["calibrator"]),
+            op_types_to_quantize=options.get("op_types"),
+        )
         note = f"{options['calibrator']}, {'Conv/MatMul/Gemm' if options.get('op_types') else 'default op list'}"
     elif tool == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -156,7 +178,10 @@ def _run_quantizer(tool: str, source: str, target: str, calib: str, options: dic
 def quantize_in_child(tool: str, source: Path, target: Path, calib: Path, options: dict) -> dict:
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_run_quantizer, args=(tool, str(source), str(target), str(calib), dict(options), queue))
+    proc = ctx.Process(
+        target=_run_quantizer,
+        args=(tool, str(source), str(target), str(calib), dict(options), queue),
+    )
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty():
@@ -165,7 +190,9 @@ def quantize_in_child(tool: str, source: Path, target: Path, calib: Path, option
 
 
 # -- measurement --------------------------------------------------------------------------------
-def _interleaved_latency(paths: list[Path], feeds: dict[str, np.ndarray], threads: int, repeats: int, rounds: int = 5) -> list[float]:
+def _interleaved_latency(
+    paths: list[Path], feeds: dict[str, np.ndarray], threads: int, repeats: int, rounds: int = 5
+) -> list[float]:
     """Median latency (ms) per model, measured in interleaved rounds so that machine drift hits
     every model alike; each round runs ``repeats`` times per model, the result is the median of
     the per-round medians."""
@@ -200,13 +227,18 @@ def _evaluate(path: Path, info: dict, reference: np.ndarray, y: np.ndarray) -> d
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     logits = session.run(None, {info["input"]: info["x_test"]})[0]
-    figures = {metric: score(metric, reference, logits, y) for metric in ("accuracy", "agreement", "cosine")}
+    figures = {
+        metric: score(metric, reference, logits, y)
+        for metric in ("accuracy", "agreement", "cosine")
+    }
     return {**figures, "logits": logits}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer training epochs and latency repeats")
+    parser.add_argument(
+        "--quick", action="store_true", help="fewer training epochs and latency repeats"
+    )
     args = parser.parse_args()
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     from rich.console import Console
@@ -223,35 +255,82 @@ def main() -> None:
                 ("ORT static, MinMax", "ort-static", {"calibrator": "MinMax"}),
                 ("ORT static, Entropy", "ort-static", {"calibrator": "Entropy"}),
                 ("ORT static, Percentile", "ort-static", {"calibrator": "Percentile"}),
-                ("ORT static, MinMax, Conv/MatMul/Gemm, per-channel", "ort-static", {"calibrator": "MinMax", "per_channel": True, "op_types": ["Conv", "MatMul", "Gemm"]}),
+                (
+                    "ORT static, MinMax, Conv/MatMul/Gemm, per-channel",
+                    "ort-static",
+                    {
+                        "calibrator": "MinMax",
+                        "per_channel": True,
+                        "op_types": ["Conv", "MatMul", "Gemm"],
+                    },
+                ),
                 ("modelpress int8-static", "modelpress", {"method": "int8-static"}),
-                ("modelpress int8-static, entropy", "modelpress", {"method": "int8-static", "calibrator": "entropy"}),
+                (
+                    "modelpress int8-static, entropy",
+                    "modelpress",
+                    {"method": "int8-static", "calibrator": "entropy"},
+                ),
                 ("ORT dynamic", "ort-dynamic", {}),
                 ("modelpress int8-dynamic", "modelpress", {"method": "int8-dynamic"}),
                 ("ORT MatMulNBits (int4)", "ort-nbits", {}),
                 ("modelpress int4-weight-only (rtn)", "modelpress", {"method": "int4-weight-only"}),
-                ("modelpress int4-weight-only (gptq)", "modelpress", {"method": "int4-weight-only", "algorithm": "gptq"}),
-                ("modelpress int4-weight-only (rtn, MatMulNBits)", "modelpress", {"method": "int4-weight-only", "format": "matmulnbits"}),
+                (
+                    "modelpress int4-weight-only (gptq)",
+                    "modelpress",
+                    {"method": "int4-weight-only", "algorithm": "gptq"},
+                ),
+                (
+                    "modelpress int4-weight-only (rtn, MatMulNBits)",
+                    "modelpress",
+                    {"method": "int4-weight-only", "format": "matmulnbits"},
+                ),
                 ("modelpress fp16", "modelpress", {"method": "fp16"}),
                 ("modelpress codebook (4 bits)", "modelpress", {"method": "codebook", "bits": 4}),
             ]
             fp32_size = info["path"].stat().st_size
             import onnxruntime as ort
 
-            reference = ort.InferenceSession(str(info["path"]), providers=["CPUExecutionProvider"]).run(None, {info["input"]: info["x_test"]})[0]
-            table = Table(title=f"{name}: quantization, side by side (test split: {len(data['y_test'])} digits)")
-            for col in ("variant", "acc", "agree", "cosine", "size KB", "ratio", "quant s", "peak MB",
-                        "b1 1t ms", "b1 2t ms", "b64 1t ms", "b64 2t ms", "notes"):
+            reference = ort.InferenceSession(
+                str(info["path"]), providers=["CPUExecutionProvider"]
+            ).run(None, {info["input"]: info["x_test"]})[0]
+            table = Table(
+                title=f"{name}: quantization, side by side (test split: {len(data['y_test'])} digits)"
+            )
+            for col in (
+                "variant",
+                "acc",
+                "agree",
+                "cosine",
+                "size KB",
+                "ratio",
+                "quant s",
+                "peak MB",
+                "b1 1t ms",
+                "b1 2t ms",
+                "b64 1t ms",
+                "b64 2t ms",
+                "notes",
+            ):
                 table.add_column(col, justify="left" if col in ("variant", "notes") else "right")
             rows = [("fp32", info["path"], {"seconds": 0.0, "peak_mb": 0.0, "note": "reference"})]
             for label, tool, options in variants:
                 target = folder / f"{info['path'].stem}_{len(rows)}.onnx"
                 run = quantize_in_child(tool, info["path"], target, info["calib"], options)
                 rows.append((label, target if not run.get("failed") else None, run))
-            feeds = {1: {info["input"]: info["x_test"][:1]}, 64: {info["input"]: info["x_test"][:64]}}
-            ok = [(label, path, run) for label, path, run in rows if path is not None and path.exists()]
+            feeds = {
+                1: {info["input"]: info["x_test"][:1]},
+                64: {info["input"]: info["x_test"][:64]},
+            }
+            ok = [
+                (label, path, run)
+                for label, path, run in rows
+                if path is not None and path.exists()
+            ]
             settings = [(b, t) for b in (1, 64) for t in (1, 2)]
-            latencies = {s: _interleaved_latency([p for _, p, _ in ok], feeds[s[0]], s[1], repeats[s[0]]) for s in settings}
+            latencies = {
+                s: _interleaved_latency([p for _, p, _ in ok], feeds[s[0]], s[1], repeats[s[0]])
+                for s in settings
+            }
             index = {label: i for i, (label, _, _) in enumerate(ok)}
             for label, path, run in rows:
                 if label not in index:
@@ -261,15 +340,29 @@ def main() -> None:
                 lat = [latencies[s][index[label]] for s in settings]
                 size = path.stat().st_size
                 table.add_row(
-                    label, f"{ev['accuracy']:.4f}", f"{ev['agreement']:.4f}", f"{ev['cosine']:.5f}", f"{size / 1e3:.0f}",
-                    f"{fp32_size / size:.2f}x", f"{run['seconds']:.2f}", f"{run['peak_mb']:.0f}",
-                    *(f"{v:.3f}" for v in lat), run["note"],
+                    label,
+                    f"{ev['accuracy']:.4f}",
+                    f"{ev['agreement']:.4f}",
+                    f"{ev['cosine']:.5f}",
+                    f"{size / 1e3:.0f}",
+                    f"{fp32_size / size:.2f}x",
+                    f"{run['seconds']:.2f}",
+                    f"{run['peak_mb']:.0f}",
+                    *(f"{v:.3f}" for v in lat),
+                    run["note"],
                 )
-                info.setdefault("results", {})[label] = {**{k: v for k, v in ev.items() if k != "logits"}, "size": size, "latency": lat, **run}
+                info.setdefault("results", {})[label] = {
+                    **{k: v for k, v in ev.items() if k != "logits"},
+                    "size": size,
+                    "latency": lat,
+                    **run,
+                }
             console.print(table)
         summary = {name: info.get("results", {}) for name, info in models.items()}
         (ROOT / "benchmarks" / "results").mkdir(exist_ok=True)
-        (ROOT / "benchmarks" / "results" / "quantize_vs_ort.json").write_text(json.dumps(summary, indent=1, default=float))
+        (ROOT / "benchmarks" / "results" / "quantize_vs_ort.json").write_text(
+            json.dumps(summary, indent=1, default=float)
+        )
 
 
 if __name__ == "__main__":

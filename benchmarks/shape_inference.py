@@ -34,15 +34,28 @@ def _write_model(folder: Path, layers: int, width: int) -> Path:
     rng = np.random.default_rng(0)
     nodes, inits, x = [], [], "x"
     for i in range(layers):
-        inits.append(numpy_helper.from_array(rng.standard_normal((width, width), np.float32) * 0.01, f"w{i}"))
+        inits.append(
+            numpy_helper.from_array(rng.standard_normal((width, width), np.float32) * 0.01, f"w{i}")
+        )
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
         x = f"h{i}"
-    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
-                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", width])], inits)
+    graph = helper.make_graph(
+        nodes,
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", width])],
+        [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["N", width])],
+        inits,
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     proto.ir_version = 8
     path = folder / "mlp.onnx"
-    onnx.save(proto, path, save_as_external_data=True, all_tensors_to_one_file=True, location="mlp.onnx.data")
+    onnx.save(
+        proto,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="mlp.onnx.data",
+    )
     return path
 
 
@@ -56,7 +69,9 @@ def _variant(which: str, path: str) -> dict[str, float]:
                 out.shape = None
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     start = time.perf_counter()
-    if which == "old":  # NOTE: what prune's re-validation did before: the whole model through a proto
+    if (
+        which == "old"
+    ):  # NOTE: what prune's re-validation did before: the whole model through a proto
         with model.inlined():
             proto = model.to_proto()
         modelpress.load(proto, framework="onnx", normalize=False, show_progress=False)
@@ -75,7 +90,13 @@ def _huge() -> dict[str, float]:
 
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [x], [y], {"w": np.zeros((2, 2), np.float32)}, normalize=False)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [x],
+        [y],
+        {"w": np.zeros((2, 2), np.float32)},
+        normalize=False,
+    )
     big = np.broadcast_to(np.float32(0.5), (23_000, 24_000))  # 2.2 GB, no memory
     model.graph.initializers["w"].const_value = ir.Tensor(big, name="w")
     model.graph.initializers["w"].shape = ir.Shape(big.shape)
@@ -101,16 +122,31 @@ def main() -> None:
         size = sum(p.stat().st_size for p in Path(tmp).iterdir()) / 1e6
         rows = {}
         for which in ("old", "new", "huge"):
-            out = subprocess.run([sys.executable, __file__, "--variant", which, "--path", str(path)], capture_output=True, text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, __file__, "--variant", which, "--path", str(path)],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             rows[which] = json.loads(out.stdout.strip().splitlines()[-1])
-    print(f"model: {args.layers} MatMul layers of {args.width}x{args.width} float32, {size:.0f} MB (external data, memory-mapped)\n")
+    print(
+        f"model: {args.layers} MatMul layers of {args.width}x{args.width} float32, {size:.0f} MB (external data, memory-mapped)\n"
+    )
     print(f"{'shape re-inference after an edit':<46} {'seconds':>9} {'extra peak RSS (MB)':>20}")
-    print(f"{'before: full proto round trip + re-load':<46} {rows['old']['seconds']:>9.3f} {rows['old']['extra_rss_mb']:>20.0f}")
-    print(f"{'now: Model.infer_shapes (in memory)':<46} {rows['new']['seconds']:>9.3f} {rows['new']['extra_rss_mb']:>20.0f}")
-    print(f"{'ratio (before / now)':<46} {rows['old']['seconds'] / max(rows['new']['seconds'], 1e-9):>8.0f}x "
-          f"{rows['old']['extra_rss_mb'] / max(rows['new']['extra_rss_mb'], 1):>19.0f}x")
-    print(f"\n{rows['huge']['weight_gb']:.1f} GB weight: infer_shapes {rows['huge']['seconds']:.3f} s "
-          "(the proto round trip cannot hold a model over 2 GB)")
+    print(
+        f"{'before: full proto round trip + re-load':<46} {rows['old']['seconds']:>9.3f} {rows['old']['extra_rss_mb']:>20.0f}"
+    )
+    print(
+        f"{'now: Model.infer_shapes (in memory)':<46} {rows['new']['seconds']:>9.3f} {rows['new']['extra_rss_mb']:>20.0f}"
+    )
+    print(
+        f"{'ratio (before / now)':<46} {rows['old']['seconds'] / max(rows['new']['seconds'], 1e-9):>8.0f}x "
+        f"{rows['old']['extra_rss_mb'] / max(rows['new']['extra_rss_mb'], 1):>19.0f}x"
+    )
+    print(
+        f"\n{rows['huge']['weight_gb']:.1f} GB weight: infer_shapes {rows['huge']['seconds']:.3f} s "
+        "(the proto round trip cannot hold a model over 2 GB)"
+    )
 
 
 if __name__ == "__main__":

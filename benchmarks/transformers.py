@@ -56,8 +56,16 @@ BLOCK = 32
 WINDOW = 64
 NEW_TOKENS = 16
 DECODE_STEPS = 32
-BIG = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 16, "num_attention_heads": 32,
-       "num_key_value_heads": 8, "max_position_embeddings": 2048, "tie_word_embeddings": False}
+BIG = {
+    "vocab_size": 32000,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 2048,
+    "tie_word_embeddings": False,
+}
 
 TOOLS: dict[str, dict[str, Any]] = {
     "modelpress rtn": {"tool": "modelpress", "algorithm": "rtn"},
@@ -90,8 +98,12 @@ def _make_checkpoint(spec: dict[str, Any]) -> dict[str, Any]:
         hf_fixtures.make_checkpoint(folder, spec["name"].split("-")[0])
         return {}
     tokenizer = hf_fixtures.tokenizer()
-    config = transformers.LlamaConfig(**BIG, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                                      pad_token_id=tokenizer.pad_token_id)
+    config = transformers.LlamaConfig(
+        **BIG,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     transformers.LlamaForCausalLM(config).eval().save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -119,10 +131,14 @@ def _optimum(spec: dict[str, Any]) -> dict[str, Any]:
 
     fp32 = Path(spec["output"] + "-fp32")
     main_export(spec["checkpoint"], fp32, task="text-generation-with-past", do_validation=False)
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(fp32 / "model.onnx")), block_size=BLOCK, is_symmetric=False)
+    quantizer = MatMulNBitsQuantizer(
+        onnx.load(str(fp32 / "model.onnx")), block_size=BLOCK, is_symmetric=False
+    )
     quantizer.process()
     Path(spec["output"]).mkdir(parents=True, exist_ok=True)
-    quantizer.model.save_model_to_file(str(Path(spec["output"]) / "model.onnx"), use_external_data_format=True)
+    quantizer.model.save_model_to_file(
+        str(Path(spec["output"]) / "model.onnx"), use_external_data_format=True
+    )
     shutil.rmtree(fp32)
     return {}
 
@@ -153,8 +169,12 @@ def _reference(spec: dict[str, Any]) -> dict[str, Any]:
     import torch
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(spec["checkpoint"], local_files_only=True)
-    model = transformers.AutoModelForCausalLM.from_pretrained(spec["checkpoint"], local_files_only=True, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(
+        spec["checkpoint"], local_files_only=True
+    )
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        spec["checkpoint"], local_files_only=True, dtype=torch.float32
+    ).eval()
     ids = _windows(tokenizer, _texts()[1])
     total, count = 0.0, 0
     with torch.no_grad():
@@ -162,9 +182,22 @@ def _reference(spec: dict[str, Any]) -> dict[str, Any]:
             logits = model(input_ids=torch.from_numpy(row[None])).logits.numpy()
             nll, n = _nll(logits, row[None])
             total, count = total + nll, count + n
-        tokens = [model.generate(torch.from_numpy(row[None, :8]), max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)[0, 8:].tolist() for row in ids[:4]]
-    return {"perplexity": float(np.exp(total / count)), "tokens": tokens, "windows": ids.tolist(), "eos": tokenizer.eos_token_id}
+        tokens = [
+            model.generate(
+                torch.from_numpy(row[None, :8]),
+                max_new_tokens=NEW_TOKENS,
+                min_new_tokens=NEW_TOKENS,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )[0, 8:].tolist()
+            for row in ids[:4]
+        ]
+    return {
+        "perplexity": float(np.exp(total / count)),
+        "tokens": tokens,
+        "windows": ids.tolist(),
+        "eos": tokenizer.eos_token_id,
+    }
 
 
 class _Decoder:
@@ -181,9 +214,13 @@ class _Decoder:
         self.outputs = [o.name for o in self.session.get_outputs()]
         heads = config.get("num_attention_heads") or config["n_head"]
         self.kv_heads = config.get("num_key_value_heads") or heads
-        self.head_size = config.get("head_dim") or (config.get("hidden_size") or config["n_embd"]) // heads
+        self.head_size = (
+            config.get("head_dim") or (config.get("hidden_size") or config["n_embd"]) // heads
+        )
 
-    def step(self, ids: Any, past: dict[str, Any] | None, length: int) -> tuple[Any, dict[str, Any]]:
+    def step(
+        self, ids: Any, past: dict[str, Any] | None, length: int
+    ) -> tuple[Any, dict[str, Any]]:
         """Logits of ``ids [1, n]`` after ``length`` cached positions, and the new past."""
         import numpy as np
 
@@ -193,9 +230,17 @@ class _Decoder:
             feeds["position_ids"] = np.arange(length, length + n, dtype=np.int64)[None]
         for name in self.inputs:
             if name.startswith("past_key_values."):
-                feeds[name] = past[name] if past else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
+                feeds[name] = (
+                    past[name]
+                    if past
+                    else np.zeros((1, self.kv_heads, 0, self.head_size), np.float32)
+                )
         values = self.session.run(None, feeds)
-        new = {o.replace("present", "past_key_values", 1): v for o, v in zip(self.outputs, values, strict=True) if o.startswith("present")}
+        new = {
+            o.replace("present", "past_key_values", 1): v
+            for o, v in zip(self.outputs, values, strict=True)
+            if o.startswith("present")
+        }
         return values[self.outputs.index("logits")], new
 
 
@@ -224,13 +269,31 @@ def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     logits, past = decoder.step(ids[:1, :8], None, 0)
     start = time.perf_counter()
     for i in range(DECODE_STEPS):
-        logits, past = decoder.step(np.asarray([[int(logits[0, -1].argmax())]], np.int64), past, 8 + i)
+        logits, past = decoder.step(
+            np.asarray([[int(logits[0, -1].argmax())]], np.int64), past, 8 + i
+        )
     seconds = time.perf_counter() - start
-    agree = np.mean([a == b for x, y in zip(tokens, reference["tokens"], strict=True) for a, b in zip(x, y, strict=True)])
-    return {"perplexity": float(np.exp(total / count)), "agreement": float(agree), "tokens_s": DECODE_STEPS / seconds}
+    agree = np.mean(
+        [
+            a == b
+            for x, y in zip(tokens, reference["tokens"], strict=True)
+            for a, b in zip(x, y, strict=True)
+        ]
+    )
+    return {
+        "perplexity": float(np.exp(total / count)),
+        "agreement": float(agree),
+        "tokens_s": DECODE_STEPS / seconds,
+    }
 
 
-CHILDREN = {"checkpoint": _make_checkpoint, "modelpress": _modelpress, "optimum": _optimum, "reference": _reference, "evaluate": _evaluate}
+CHILDREN = {
+    "checkpoint": _make_checkpoint,
+    "modelpress": _modelpress,
+    "optimum": _optimum,
+    "reference": _reference,
+    "evaluate": _evaluate,
+}
 
 
 def _child(spec: dict[str, Any]) -> None:
@@ -239,14 +302,26 @@ def _child(spec: dict[str, Any]) -> None:
 
 
 # -- the parent (no framework imported: its RSS stays out of the children's) ----------------------
-def run_child(spec: dict[str, Any], work: Path, env: dict[str, str] | None = None) -> dict[str, Any]:
+def run_child(
+    spec: dict[str, Any], work: Path, env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Run one child; its figures plus ``cpu_s`` and ``peak_rss`` (bytes) from ``os.wait4``, or ``error``."""
     label = spec.get("label", spec["tool"]).replace(" ", "_").replace("+", "")
     log, result = work / f"{label}.log", work / f"{label}.json"
     result.unlink(missing_ok=True)
-    command = spec.get("command") or [sys.executable, __file__, "--child", json.dumps({**spec, "result": str(result)})]
+    command = spec.get("command") or [
+        sys.executable,
+        __file__,
+        "--child",
+        json.dumps({**spec, "result": str(result)}),
+    ]
     with open(log, "w") as out:
-        proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "MODELPRESS_PROGRESS": "0", **(env or {})})
+        proc = subprocess.Popen(
+            command,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "MODELPRESS_PROGRESS": "0", **(env or {})},
+        )
         _, status, usage = os.wait4(proc.pid, 0)
     proc.returncode = os.waitstatus_to_exitcode(status)
     figures = {"cpu_s": usage.ru_utime + usage.ru_stime, "peak_rss": usage.ru_maxrss * 1024}
@@ -257,7 +332,11 @@ def run_child(spec: dict[str, Any], work: Path, env: dict[str, str] | None = Non
 
 
 def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data"))
+    return sum(
+        p.stat().st_size
+        for p in folder.iterdir()
+        if p.suffix in (".onnx", ".data") or p.name.endswith(".onnx.data")
+    )
 
 
 def _checkpoint(name: str, root: Path, work: Path) -> Path:
@@ -265,32 +344,70 @@ def _checkpoint(name: str, root: Path, work: Path) -> Path:
     if not (folder / "config.json").is_file():
         print(f"making checkpoint {name} ...", file=sys.stderr, flush=True)
         shutil.rmtree(folder, ignore_errors=True)
-        figures = run_child({"tool": "checkpoint", "name": name, "folder": str(folder), "label": f"make-{name}"}, work)
+        figures = run_child(
+            {"tool": "checkpoint", "name": name, "folder": str(folder), "label": f"make-{name}"},
+            work,
+        )
         if "error" in figures:
             raise SystemExit(f"could not make {name}: {figures['error']}")
     return folder
 
 
-def _spec(label: str, checkpoint: Path, out: Path, args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, str] | None]:
+def _spec(
+    label: str, checkpoint: Path, out: Path, args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[str, str] | None]:
     tool = TOOLS[label]
-    spec = {**tool, "label": label, "checkpoint": str(checkpoint), "output": str(out), "calibration": str(args.calibration)}
+    spec = {
+        **tool,
+        "label": label,
+        "checkpoint": str(checkpoint),
+        "output": str(out),
+        "calibration": str(args.calibration),
+    }
     if tool["tool"] == "builder":
-        spec["command"] = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(checkpoint), "-o", str(out), "-p", "int4",
-                           "-e", "cpu", "-c", str(out) + "-cache", "--extra_options", f"int4_block_size={BLOCK}"]
-    env = {"PYTHONPATH": os.pathsep.join([str(args.optimum_site), str(ROOT)])} if tool["tool"] == "optimum" else None
+        spec["command"] = [
+            sys.executable,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(checkpoint),
+            "-o",
+            str(out),
+            "-p",
+            "int4",
+            "-e",
+            "cpu",
+            "-c",
+            str(out) + "-cache",
+            "--extra_options",
+            f"int4_block_size={BLOCK}",
+        ]
+    env = (
+        {"PYTHONPATH": os.pathsep.join([str(args.optimum_site), str(ROOT)])}
+        if tool["tool"] == "optimum"
+        else None
+    )
     return spec, env
 
 
-def _rows(name: str, checkpoint: Path, args: argparse.Namespace) -> list[tuple[str, dict[str, Any]]]:
+def _rows(
+    name: str, checkpoint: Path, args: argparse.Namespace
+) -> list[tuple[str, dict[str, Any]]]:
     work = args.workdir / "runs" / name
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     print(f"running torch fp32 reference on {name} ...", file=sys.stderr, flush=True)
-    ref = run_child({"tool": "reference", "checkpoint": str(checkpoint), "label": "reference"}, work)
-    rows: list[tuple[str, dict[str, Any]]] = [("torch fp32", {**ref, "size": _size_checkpoint(checkpoint)})]
+    ref = run_child(
+        {"tool": "reference", "checkpoint": str(checkpoint), "label": "reference"}, work
+    )
+    rows: list[tuple[str, dict[str, Any]]] = [
+        ("torch fp32", {**ref, "size": _size_checkpoint(checkpoint)})
+    ]
     _print_row(name, *rows[0], rows[0][1])
     for label in TOOLS:
-        if (args.only and label not in args.only) or (TOOLS[label].get("tiny_only") and name == "llama-1b"):
+        if (args.only and label not in args.only) or (
+            TOOLS[label].get("tiny_only") and name == "llama-1b"
+        ):
             continue
         out = work / label.replace(" ", "_").replace("+", "")
         print(f"running {label} on {name} ...", file=sys.stderr, flush=True)
@@ -298,8 +415,16 @@ def _rows(name: str, checkpoint: Path, args: argparse.Namespace) -> list[tuple[s
         figures = run_child(spec, work, env)
         if "error" not in figures:
             figures["size"] = _size(out)
-            scores = run_child({"tool": "evaluate", "checkpoint": str(checkpoint), "output": str(out), "label": f"eval-{label}",
-                                "reference": str(work / "reference.json")}, work)
+            scores = run_child(
+                {
+                    "tool": "evaluate",
+                    "checkpoint": str(checkpoint),
+                    "output": str(out),
+                    "label": f"eval-{label}",
+                    "reference": str(work / "reference.json"),
+                },
+                work,
+            )
             figures.update({k: v for k, v in scores.items() if k not in ("cpu_s", "peak_rss")})
         rows.append((label, figures))
         _print_row(name, label, figures, ref)
@@ -313,8 +438,10 @@ def _size_checkpoint(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors"))
 
 
-_HEAD = ("| checkpoint | tool                | CPU s  | peak RSS GB | output MB | perplexity | ppl delta | agreement | decode tok/s |\n"
-         "|------------|---------------------|--------|-------------|-----------|------------|-----------|-----------|--------------|")
+_HEAD = (
+    "| checkpoint | tool                | CPU s  | peak RSS GB | output MB | perplexity | ppl delta | agreement | decode tok/s |\n"
+    "|------------|---------------------|--------|-------------|-----------|------------|-----------|-----------|--------------|"
+)
 
 
 def _print_row(name: str, label: str, f: dict[str, Any], ref: dict[str, Any]) -> None:
@@ -322,12 +449,23 @@ def _print_row(name: str, label: str, f: dict[str, Any], ref: dict[str, Any]) ->
         print(f"| {name:10} | {label:19} | failed: {f['error']} |", flush=True)
         return
     ppl, base = f.get("perplexity"), ref.get("perplexity")
-    delta = f"{ppl - base:+9.3f}" if ppl is not None and base is not None and label != "torch fp32" else f"{'-':>9}"
+    delta = (
+        f"{ppl - base:+9.3f}"
+        if ppl is not None and base is not None and label != "torch fp32"
+        else f"{'-':>9}"
+    )
     cpu = f"{f['cpu_s']:6.1f}" if "cpu_s" in f and label != "torch fp32" else f"{'-':>6}"
-    rss = f"{f['peak_rss'] / 1e9:11.2f}" if "peak_rss" in f and label != "torch fp32" else f"{'-':>11}"
+    rss = (
+        f"{f['peak_rss'] / 1e9:11.2f}"
+        if "peak_rss" in f and label != "torch fp32"
+        else f"{'-':>11}"
+    )
     agree = f"{f['agreement']:9.3f}" if "agreement" in f else f"{'-':>9}"
     speed = f"{f['tokens_s']:12.1f}" if "tokens_s" in f else f"{'-':>12}"
-    print(f"| {name:10} | {label:19} | {cpu} | {rss} | {f['size'] / 1e6:9.1f} | {ppl or 0:10.3f} | {delta} | {agree} | {speed} |", flush=True)
+    print(
+        f"| {name:10} | {label:19} | {cpu} | {rss} | {f['size'] / 1e6:9.1f} | {ppl or 0:10.3f} | {delta} | {agree} | {speed} |",
+        flush=True,
+    )
 
 
 def _print_ratios(name: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
@@ -337,35 +475,71 @@ def _print_ratios(name: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
         other = by.get(peer, {})
         if "error" in mine or "error" in other or not mine or not other:
             continue
-        print(f"{name}: modelpress rtn / {peer}: CPU {mine['cpu_s'] / other['cpu_s']:.2f}x, peak RSS {mine['peak_rss'] / other['peak_rss']:.2f}x, "
-              f"size {mine['size'] / other['size']:.2f}x, decode tok/s {mine['tokens_s'] / other['tokens_s']:.2f}x", flush=True)
-    if "peak_rss" in mine and by["torch fp32"].get("size", 0) > 100e6:  # NOTE: a tiny checkpoint's ratio is the interpreter's size
-        print(f"{name}: modelpress rtn peak RSS / checkpoint fp32 size: {mine['peak_rss'] / by['torch fp32']['size']:.2f}x", flush=True)
+        print(
+            f"{name}: modelpress rtn / {peer}: CPU {mine['cpu_s'] / other['cpu_s']:.2f}x, peak RSS {mine['peak_rss'] / other['peak_rss']:.2f}x, "
+            f"size {mine['size'] / other['size']:.2f}x, decode tok/s {mine['tokens_s'] / other['tokens_s']:.2f}x",
+            flush=True,
+        )
+    if (
+        "peak_rss" in mine and by["torch fp32"].get("size", 0) > 100e6
+    ):  # NOTE: a tiny checkpoint's ratio is the interpreter's size
+        print(
+            f"{name}: modelpress rtn peak RSS / checkpoint fp32 size: {mine['peak_rss'] / by['torch fp32']['size']:.2f}x",
+            flush=True,
+        )
 
 
 def main() -> None:
     if len(sys.argv) == 3 and sys.argv[1] == "--child":
         _child(json.loads(sys.argv[2]))
         return
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--big", action="store_true", help="add the 1.09 B random-weight Llama (~4.4 GB; several GB of memory and minutes per tool)")
-    parser.add_argument("--workdir", type=Path, default=Path.home() / ".cache" / "modelpress" / "hfbench")
-    parser.add_argument("--optimum-site", type=Path, default=Path.home() / ".cache" / "modelpress" / "optimum-site",
-                        help="folder holding optimum-onnx and transformers<4.58 (pip install --target), put first on the optimum child's PYTHONPATH")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--big",
+        action="store_true",
+        help="add the 1.09 B random-weight Llama (~4.4 GB; several GB of memory and minutes per tool)",
+    )
+    parser.add_argument(
+        "--workdir", type=Path, default=Path.home() / ".cache" / "modelpress" / "hfbench"
+    )
+    parser.add_argument(
+        "--optimum-site",
+        type=Path,
+        default=Path.home() / ".cache" / "modelpress" / "optimum-site",
+        help="folder holding optimum-onnx and transformers<4.58 (pip install --target), put first on the optimum child's PYTHONPATH",
+    )
     parser.add_argument("--only", nargs="*", help="run only these tools (labels as printed)")
-    parser.add_argument("--checkpoints", nargs="*", help="run only these checkpoints (llama-tiny, gpt2-tiny, llama-1b)")
+    parser.add_argument(
+        "--checkpoints",
+        nargs="*",
+        help="run only these checkpoints (llama-tiny, gpt2-tiny, llama-1b)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the outputs (<workdir>/runs/)")
     args = parser.parse_args()
     args.workdir = args.workdir.expanduser().resolve()
-    names = [n for n in ("llama-tiny", "gpt2-tiny", *(["llama-1b"] if args.big else [])) if not args.checkpoints or n in args.checkpoints]
+    names = [
+        n
+        for n in ("llama-tiny", "gpt2-tiny", *(["llama-1b"] if args.big else []))
+        if not args.checkpoints or n in args.checkpoints
+    ]
     (args.workdir / "runs").mkdir(parents=True, exist_ok=True)
     args.calibration = args.workdir / "calibration.txt"
     if not args.calibration.is_file():
         sys.path.insert(0, str(ROOT))
         args.calibration.write_text("\n\n".join(_texts()[0]))
-    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs (a shared, loaded machine)", flush=True)
+    print(
+        f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} CPUs (a shared, loaded machine)",
+        flush=True,
+    )
     print(_HEAD, flush=True)
-    results = {name: _rows(name, _checkpoint(name, args.workdir / "checkpoints", args.workdir / "runs"), args) for name in names}
+    results = {
+        name: _rows(
+            name, _checkpoint(name, args.workdir / "checkpoints", args.workdir / "runs"), args
+        )
+        for name in names
+    }
     print()
     for name, rows in results.items():
         _print_ratios(name, rows)

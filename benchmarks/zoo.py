@@ -62,7 +62,12 @@ class Launcher:
     """A small process that starts each measured child and reports its ``wait4`` rusage."""
 
     def __init__(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-c", _LAUNCHER], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _LAUNCHER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
 
     def run(self, argv: list[str], log: Path) -> dict[str, Any]:
         assert self.proc.stdin is not None and self.proc.stdout is not None
@@ -112,7 +117,14 @@ def _per_sample(name: str, feeds: dict[str, np.ndarray]) -> list[dict[str, np.nd
     """One feed dict per sample (ORT's CalibrationDataReader protocol, NNCF's dataset items)."""
     if name == "silero-vad":
         n = len(feeds["input"])
-        return [{"input": feeds["input"][i : i + 1], "state": feeds["state"][:, i : i + 1], "sr": feeds["sr"]} for i in range(n)]
+        return [
+            {
+                "input": feeds["input"][i : i + 1],
+                "state": feeds["state"][:, i : i + 1],
+                "sr": feeds["sr"],
+            }
+            for i in range(n)
+        ]
     n = len(next(iter(feeds.values())))
     return [{k: v[i : i + 1] for k, v in feeds.items()} for i in range(n)]
 
@@ -124,17 +136,27 @@ def _modelpress_calibration(name: str, feeds: dict[str, np.ndarray]) -> Any:
 
 
 # -- the methods -------------------------------------------------------------------------------------
-def _modelpress(method: str, **options: Any) -> Callable[[str, Path, dict[str, np.ndarray], Path], None]:
+def _modelpress(
+    method: str, **options: Any
+) -> Callable[[str, Path, dict[str, np.ndarray], Path], None]:
     def run(name: str, source: Path, calib: dict[str, np.ndarray], out: Path) -> None:
         import modelpress
 
         model = modelpress.load(source)
         data = _modelpress_calibration(name, calib) if method == "int8-static" else None
-        result = modelpress.quantize(model, method, calibration=data, show_progress=False, **options)
+        result = modelpress.quantize(
+            model, method, calibration=data, show_progress=False, **options
+        )
         # NOTE: as a user runs it: the written file is verified, on the data they have
         modelpress.export(result, out, sample=data, show_progress=False)
         figures = result.provenance.passes[-1].figures
-        keep = ("quantized_nodes", "opset_converted", "calibration_batch", "calibration_cosine", "layers")
+        keep = (
+            "quantized_nodes",
+            "opset_converted",
+            "calibration_batch",
+            "calibration_cosine",
+            "layers",
+        )
         print("FIGURES " + json.dumps({k: figures[k] for k in keep if k in figures}, default=str))
 
     return run
@@ -171,7 +193,9 @@ def _nncf(transformer: bool = False) -> Callable[[str, Path, dict[str, np.ndarra
 
         samples = _per_sample(name, calib)
         model_type = nncf.ModelType.TRANSFORMER if transformer else None
-        quantized = nncf.quantize(onnx.load(str(source)), nncf.Dataset(samples), model_type=model_type)
+        quantized = nncf.quantize(
+            onnx.load(str(source)), nncf.Dataset(samples), model_type=model_type
+        )
         onnx.save(quantized, str(out))
 
     return run
@@ -193,7 +217,9 @@ METHODS: list[Variant] = [
     Variant("int8-weight-only", _modelpress("int8-weight-only")),
     Variant("int4-weight-only", _modelpress("int4-weight-only")),
     Variant("fp16", _modelpress("fp16")),
-    Variant("codebook", _modelpress("codebook", op_types=["Conv", "ConvTranspose", "Gemm", "MatMul"])),
+    Variant(
+        "codebook", _modelpress("codebook", op_types=["Conv", "ConvTranspose", "Gemm", "MatMul"])
+    ),
     Variant("ort-static", _ort_static, tool="onnxruntime"),
     Variant("ort-dynamic", _ort_dynamic, tool="onnxruntime"),
     Variant("nncf", _nncf(), tool="nncf"),
@@ -215,7 +241,10 @@ def _child(model: str, method: str, calib_path: str, out: str) -> None:
     source = _source(model)
 
     def cpu() -> float:
-        own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        own, kids = (
+            resource.getrusage(resource.RUSAGE_SELF),
+            resource.getrusage(resource.RUSAGE_CHILDREN),
+        )
         return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
     start, wall = cpu(), time.perf_counter()
@@ -224,12 +253,23 @@ def _child(model: str, method: str, calib_path: str, out: str) -> None:
         error = None
     except Exception as exc:  # a refusal is a result: its message is printed
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())}"
-    print("RESULT " + json.dumps({"cpu_s": round(cpu() - start, 2), "wall_s": round(time.perf_counter() - wall, 2), "error": error}))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "cpu_s": round(cpu() - start, 2),
+                "wall_s": round(time.perf_counter() - wall, 2),
+                "error": error,
+            }
+        )
+    )
 
 
 def _measure(launcher: Launcher, model: str, method: str, calib: Path, out: Path) -> dict[str, Any]:
     log = out.with_suffix(".log")
-    usage = launcher.run([sys.executable, __file__, "--child", model, method, str(calib), str(out)], log)
+    usage = launcher.run(
+        [sys.executable, __file__, "--child", model, method, str(calib), str(out)], log
+    )
     lines = log.read_text(errors="replace").splitlines()
     result = next((json.loads(x[7:]) for x in lines if x.startswith("RESULT ")), None)
     if result is None:
@@ -274,9 +314,18 @@ class Judge:
 
         comparison = compare_outputs(self.names, self.reference, actual, self.criteria)
         judgement = judge(self.criteria, self.reference, actual, self.names)
-        agreements = [v for c, v in zip(judgement.criteria, judgement.values, strict=True) if c.metric == "agreement"]
-        return {"cosine": comparison.cosine, "agreement": min(agreements) if agreements else None, "met": judgement.met,
-                "loss": judgement.loss, "judged": judgement.figures()}
+        agreements = [
+            v
+            for c, v in zip(judgement.criteria, judgement.values, strict=True)
+            if c.metric == "agreement"
+        ]
+        return {
+            "cosine": comparison.cosine,
+            "agreement": min(agreements) if agreements else None,
+            "met": judgement.met,
+            "loss": judgement.loss,
+            "judged": judgement.figures(),
+        }
 
     def rules(self) -> str:
         return ", ".join(f"{c.output}: {c.form or c.kind} by {c.metric}" for c in self.criteria)
@@ -291,7 +340,9 @@ def _latencies(model: str, paths: list[Path], evaluation: dict[str, np.ndarray])
     start = time.perf_counter()
     _run(paths[0], feeds)
     once = max(time.perf_counter() - start, 1e-4)
-    return _interleaved_latency(paths, feeds, threads=1, repeats=int(min(max(3, 0.2 / once), 50)), rounds=5)
+    return _interleaved_latency(
+        paths, feeds, threads=1, repeats=int(min(max(3, 0.2 / once), 50)), rounds=5
+    )
 
 
 # -- one model -------------------------------------------------------------------------------------
@@ -303,7 +354,9 @@ def _variants(model: str, methods: list[str]) -> list[str]:
     return [m for m in methods if not by_name[m].transformers_only or model in TRANSFORMERS]
 
 
-def _run_model(launcher: Launcher, model: str, methods: list[str], calib_n: int, repeat: int, tmp: Path) -> list[dict[str, Any]]:
+def _run_model(
+    launcher: Launcher, model: str, methods: list[str], calib_n: int, repeat: int, tmp: Path
+) -> list[dict[str, Any]]:
     methods = _variants(model, methods)
     source = _source(model)
     evaluation = _inputs(model, 16, seed=1)
@@ -311,12 +364,20 @@ def _run_model(launcher: Launcher, model: str, methods: list[str], calib_n: int,
     calib = tmp / f"{model}-calib.npz"
     np.savez(calib, **_inputs(model, calib_n, seed=0))
     base = source.stat().st_size
-    description = ZOO[model].description if model in ZOO else "all-MiniLM-L6-v2 sentence encoder (torch export, opset 17)"
-    print(f"\n{model}: {description}; fp32 {base / 1e6:.2f} MB; {calib_n} calibration samples; judged: {judge.rules()}")
+    description = (
+        ZOO[model].description
+        if model in ZOO
+        else "all-MiniLM-L6-v2 sentence encoder (torch export, opset 17)"
+    )
+    print(
+        f"\n{model}: {description}; fp32 {base / 1e6:.2f} MB; {calib_n} calibration samples; judged: {judge.rules()}"
+    )
     runs: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     for _ in range(repeat):  # NOTE: interleaved, so every method sees the same machine load
         for method in methods:
-            runs[method].append(_measure(launcher, model, method, calib, tmp / f"{model}-{method}.onnx"))
+            runs[method].append(
+                _measure(launcher, model, method, calib, tmp / f"{model}-{method}.onnx")
+            )
     rows = []
     for method in methods:
         out = tmp / f"{model}-{method}.onnx"
@@ -329,8 +390,12 @@ def _run_model(launcher: Launcher, model: str, methods: list[str], calib_n: int,
         if not measured.get("error") and out.exists():
             try:
                 row.update(judge.figures(_run(out, evaluation)))
-                row["bytes"] = out.stat().st_size + sum(p.stat().st_size for p in out.parent.glob(out.name + ".data"))
-            except Exception as exc:  # NOTE: the tool wrote a file ORT cannot run: that is its result
+                row["bytes"] = out.stat().st_size + sum(
+                    p.stat().st_size for p in out.parent.glob(out.name + ".data")
+                )
+            except (
+                Exception
+            ) as exc:  # NOTE: the tool wrote a file ORT cannot run: that is its result
                 row["error"] = f"its file does not run: {' '.join(str(exc).split())[:240]}"
         rows.append(row)
     _add_latency(model, source, rows, evaluation, tmp)
@@ -338,12 +403,20 @@ def _run_model(launcher: Launcher, model: str, methods: list[str], calib_n: int,
     return rows
 
 
-def _add_latency(model: str, source: Path, rows: list[dict[str, Any]], evaluation: dict[str, np.ndarray], tmp: Path) -> None:
+def _add_latency(
+    model: str,
+    source: Path,
+    rows: list[dict[str, Any]],
+    evaluation: dict[str, np.ndarray],
+    tmp: Path,
+) -> None:
     timed = [r for r in rows if "bytes" in r]
     paths = [source] + [tmp / f"{model}-{r['method']}.onnx" for r in timed]
     try:
         latency = _latencies(model, paths, evaluation)
-    except Exception as exc:  # NOTE: a file ORT ran on 16 samples may still refuse batch 1 (silero's state)
+    except (
+        Exception
+    ) as exc:  # NOTE: a file ORT ran on 16 samples may still refuse batch 1 (silero's state)
         print(f"  (latency not measured: {' '.join(str(exc).split())[:200]})")
         return
     for row, ms in zip(timed, latency[1:], strict=True):
@@ -355,20 +428,32 @@ def _add_latency(model: str, source: Path, rows: list[dict[str, Any]], evaluatio
 def _print_model(rows: list[dict[str, Any]], base: int) -> None:
     if rows and "fp32_latency_ms" in rows[0]:
         print(f"  fp32 latency {rows[0]['fp32_latency_ms']:.2f} ms (batch 1, 1 thread)")
-    print(f"  {'method':18s} {'size MB':>8s} {'ratio':>6s} {'cosine':>8s} {'agree':>6s} {'met':>3s} {'cpu s':>6s} {'peak MB':>7s} "
-          f"{'ms':>7s} {'/fp32':>6s}  judged / notes")
+    print(
+        f"  {'method':18s} {'size MB':>8s} {'ratio':>6s} {'cosine':>8s} {'agree':>6s} {'met':>3s} {'cpu s':>6s} {'peak MB':>7s} "
+        f"{'ms':>7s} {'/fp32':>6s}  judged / notes"
+    )
     for row in rows:
         method = row["method"]
         if "bytes" not in row:
-            print(f"  {method:18s} {'-':>8s} {'-':>6s} {'-':>8s} {'-':>6s} {'-':>3s} {row.get('cpu_s', 0):6.1f} {row.get('peak_mb', 0):7.0f} "
-                  f"{'-':>7s} {'-':>6s}  refused: {str(row.get('error'))[:300]}")
+            print(
+                f"  {method:18s} {'-':>8s} {'-':>6s} {'-':>8s} {'-':>6s} {'-':>3s} {row.get('cpu_s', 0):6.1f} {row.get('peak_mb', 0):7.0f} "
+                f"{'-':>7s} {'-':>6s}  refused: {str(row.get('error'))[:300]}"
+            )
             continue
         agree = "-" if row["agreement"] is None else f"{row['agreement']:.3f}"
-        ms = f"{row['latency_ms']:7.2f} {row['latency_fp32']:5.2f}x" if "latency_ms" in row else f"{'-':>7s} {'-':>6s}"
+        ms = (
+            f"{row['latency_ms']:7.2f} {row['latency_fp32']:5.2f}x"
+            if "latency_ms" in row
+            else f"{'-':>7s} {'-':>6s}"
+        )
         judged = ", ".join(f"{k} {v:.4g}" for k, v in row["judged"].items())
-        notes = ", ".join(f"{k} {v}" for k, v in row.get("figures", {}).items() if k != "opset_converted")
-        print(f"  {method:18s} {row['bytes'] / 1e6:8.2f} {base / row['bytes']:5.2f}x {row['cosine']:8.5f} {agree:>6s} {'yes' if row['met'] else 'no':>3s} "
-              f"{row['cpu_s']:6.1f} {row['peak_mb']:7.0f} {ms}  {judged}{'; ' + notes if notes else ''}")
+        notes = ", ".join(
+            f"{k} {v}" for k, v in row.get("figures", {}).items() if k != "opset_converted"
+        )
+        print(
+            f"  {method:18s} {row['bytes'] / 1e6:8.2f} {base / row['bytes']:5.2f}x {row['cosine']:8.5f} {agree:>6s} {'yes' if row['met'] else 'no':>3s} "
+            f"{row['cpu_s']:6.1f} {row['peak_mb']:7.0f} {ms}  {judged}{'; ' + notes if notes else ''}"
+        )
     sys.stdout.flush()
 
 
@@ -381,19 +466,25 @@ def _print_ratios(rows: list[dict[str, Any]], vs: str) -> None:
     """Each method against ``vs`` on the same model: CPU time, file size, peak RSS and batch-1
     latency as ratios (below 1: less than ``vs``), cosine and agreement side by side."""
     print(f"\nratios to {vs} (same run, interleaved; load average {_load()})")
-    print(f"  {'model':11s} {'method':18s} {'cpu':>6s} {'size':>6s} {'peak':>6s} {'lat':>6s} {'cosine':>8s} {'vs':>8s} {'agree':>6s} {'vs':>6s}")
+    print(
+        f"  {'model':11s} {'method':18s} {'cpu':>6s} {'size':>6s} {'peak':>6s} {'lat':>6s} {'cosine':>8s} {'vs':>8s} {'agree':>6s} {'vs':>6s}"
+    )
     for row in rows:
         ref = next((r for r in rows if r["model"] == row["model"] and r["method"] == vs), None)
         if row["method"] == vs or ref is None or "bytes" not in row or "bytes" not in ref:
             continue
         agree = "-" if row.get("agreement") is None else f"{row['agreement']:.3f}"
         ref_agree = "-" if ref.get("agreement") is None else f"{ref['agreement']:.3f}"
-        print(f"  {row['model']:11s} {row['method']:18s} {_ratio(row['cpu_s'], ref['cpu_s'])} {_ratio(row['bytes'], ref['bytes'])} "
-              f"{_ratio(row['peak_mb'], ref['peak_mb'])} {_ratio(row.get('latency_ms'), ref.get('latency_ms'))} "
-              f"{row['cosine']:8.5f} {ref['cosine']:8.5f} {agree:>6s} {ref_agree:>6s}")
+        print(
+            f"  {row['model']:11s} {row['method']:18s} {_ratio(row['cpu_s'], ref['cpu_s'])} {_ratio(row['bytes'], ref['bytes'])} "
+            f"{_ratio(row['peak_mb'], ref['peak_mb'])} {_ratio(row.get('latency_ms'), ref.get('latency_ms'))} "
+            f"{row['cosine']:8.5f} {ref['cosine']:8.5f} {agree:>6s} {ref_agree:>6s}"
+        )
 
 
-def _bars(row: dict[str, Any], peers: list[dict[str, Any]], ort: dict[str, Any] | None) -> list[str]:
+def _bars(
+    row: dict[str, Any], peers: list[dict[str, Any]], ort: dict[str, Any] | None
+) -> list[str]:
     """Where ``row`` misses issue 24's bars against the ``peers`` (their files) and ORT's static run."""
     missed = []
     best = max(peers, key=lambda p: p["cosine"])
@@ -403,17 +494,27 @@ def _bars(row: dict[str, Any], peers: list[dict[str, Any]], ort: dict[str, Any] 
     if row.get("agreement") is not None and agreeing:
         top = max(agreeing, key=lambda p: p["agreement"])
         if row["agreement"] < top["agreement"]:
-            missed.append(f"agreement {row['agreement']:.3f} < {top['method']} {top['agreement']:.3f}")
+            missed.append(
+                f"agreement {row['agreement']:.3f} < {top['method']} {top['agreement']:.3f}"
+            )
     small = min(peers, key=lambda p: p["bytes"])
     if row["bytes"] > small["bytes"]:
-        missed.append(f"size {row['bytes'] / 1e6:.2f} MB > {small['method']} {small['bytes'] / 1e6:.2f} MB")
+        missed.append(
+            f"size {row['bytes'] / 1e6:.2f} MB > {small['method']} {small['bytes'] / 1e6:.2f} MB"
+        )
     if ort is not None and "peak_mb" in ort:
         if row["peak_mb"] > ort["peak_mb"]:
             missed.append(f"peak RSS {row['peak_mb']:.0f} MB > ort-static {ort['peak_mb']:.0f} MB")
         if row["cpu_s"] > 2 * ort["cpu_s"]:
             missed.append(f"quantize CPU {row['cpu_s']:.1f} s > 2x ort-static {ort['cpu_s']:.1f} s")
-        if ort.get("latency_ms") and row.get("latency_ms") and row["latency_ms"] > 1.05 * ort["latency_ms"]:
-            missed.append(f"latency {row['latency_ms']:.2f} ms > 1.05x ort-static {ort['latency_ms']:.2f} ms")
+        if (
+            ort.get("latency_ms")
+            and row.get("latency_ms")
+            and row["latency_ms"] > 1.05 * ort["latency_ms"]
+        ):
+            missed.append(
+                f"latency {row['latency_ms']:.2f} ms > 1.05x ort-static {ort['latency_ms']:.2f} ms"
+            )
     return missed
 
 
@@ -426,10 +527,14 @@ def _print_bars(rows: list[dict[str, Any]], ours: str) -> None:
         peers = [r for r in rows if r["model"] == model and r["method"] in PEERS and "bytes" in r]
         ort = next((r for r in rows if r["model"] == model and r["method"] == "ort-static"), None)
         if row is None or "bytes" not in row or not peers:
-            print(f"  {model:11s} not compared ({'no peer file' if row and 'bytes' in row else ours + ' wrote no file'})")
+            print(
+                f"  {model:11s} not compared ({'no peer file' if row and 'bytes' in row else ours + ' wrote no file'})"
+            )
             continue
         missed = _bars(row, peers, ort)
-        print(f"  {model:11s} " + ("every bar met" if not missed else "behind: " + "; ".join(missed)))
+        print(
+            f"  {model:11s} " + ("every bar met" if not missed else "behind: " + "; ".join(missed))
+        )
 
 
 def _load() -> str:
@@ -438,12 +543,28 @@ def _load() -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=",".join(MODELS), help=f"models, from {', '.join(MODELS)}")
-    parser.add_argument("--methods", default="int8-static,ort-static,ort-dynamic,nncf,nncf-transformer",
-                        help=f"from {', '.join(v.name for v in METHODS)}")
-    parser.add_argument("--calib", type=int, default=None, help="calibration samples (default 16; minilm 64)")
-    parser.add_argument("--repeat", type=int, default=1, help="run each method this many times, interleaved; CPU time and peak RSS are the medians")
-    parser.add_argument("--vs", default="ort-static", help="print each method's ratios to this one: CPU time, size, peak RSS, latency")
+    parser.add_argument(
+        "--models", default=",".join(MODELS), help=f"models, from {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--methods",
+        default="int8-static,ort-static,ort-dynamic,nncf,nncf-transformer",
+        help=f"from {', '.join(v.name for v in METHODS)}",
+    )
+    parser.add_argument(
+        "--calib", type=int, default=None, help="calibration samples (default 16; minilm 64)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="run each method this many times, interleaved; CPU time and peak RSS are the medians",
+    )
+    parser.add_argument(
+        "--vs",
+        default="ort-static",
+        help="print each method's ratios to this one: CPU time, size, peak RSS, latency",
+    )
     parser.add_argument("--json", help="also write the rows as JSON here")
     parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -458,7 +579,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="modelpress-zoo-") as tmp:
             for model in args.models.split(","):
                 calib = args.calib or DEFAULT_CALIB.get(model, 16)
-                rows += _run_model(launcher, model, args.methods.split(","), calib, args.repeat, Path(tmp))
+                rows += _run_model(
+                    launcher, model, args.methods.split(","), calib, args.repeat, Path(tmp)
+                )
     finally:
         launcher.close()
     if args.vs:

@@ -64,7 +64,9 @@ def _feeds(name: str, n: int, seed: int) -> dict[str, np.ndarray]:
     return inputs(name, n=n, seed=seed)
 
 
-def _child(tool: str, method: str, source: str, target: str, calib: str, options: dict, queue: mp.Queue) -> None:
+def _child(
+    tool: str, method: str, source: str, target: str, calib: str, options: dict, queue: mp.Queue
+) -> None:
     import logging
 
     import onnxruntime  # noqa: F401  (loaded before measuring)
@@ -79,7 +81,9 @@ def _child(tool: str, method: str, source: str, target: str, calib: str, options
         import modelpress
 
         model = modelpress.load(source)
-        result = modelpress.quantize(model, method, calibration=arrays, show_progress=False, **options)
+        result = modelpress.quantize(
+            model, method, calibration=arrays, show_progress=False, **options
+        )
         modelpress.export(result, target, verify=False)
         figures = result.provenance.passes[-1].figures
         if "layers_by_bits" in figures:
@@ -101,13 +105,23 @@ def _child(tool: str, method: str, source: str, target: str, calib: str, options
 
         class Reader(CalibrationDataReader):
             def __init__(self) -> None:
-                self.batches = iter([{k: v[i : i + 8] for k, v in arrays.items()} for i in range(0, n, 8)])
+                self.batches = iter(
+                    [{k: v[i : i + 8] for k, v in arrays.items()} for i in range(0, n, 8)]
+                )
 
             def get_next(self):  # type: ignore[no-untyped-def]
                 return next(self.batches, None)
 
-        quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ, activation_type=QuantType.QUInt8,
-                        weight_type=QuantType.QInt8, per_channel=True, calibrate_method=getattr(CalibrationMethod, method))
+        quantize_static(
+            source,
+            target,
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
     elif tool == "ort-dynamic":
         from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -120,22 +134,31 @@ def _child(tool: str, method: str, source: str, target: str, calib: str, options
         )
 
         hqq = HQQWeightOnlyQuantConfig(block_size=32) if tool == "ort-hqq" else None
-        quantizer = MatMulNBitsQuantizer(onnx.load(source), block_size=32, is_symmetric=False, algo_config=hqq)
+        quantizer = MatMulNBitsQuantizer(
+            onnx.load(source), block_size=32, is_symmetric=False, algo_config=hqq
+        )
         quantizer.process()
         quantizer.model.save_model_to_file(target, use_external_data_format=False)
     after = resource.getrusage(resource.RUSAGE_SELF)
-    queue.put({
-        "wall": time.perf_counter() - start,
-        "cpu": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
-        "peak_mb": _peak_rss() / 1e6,
-        "note": note,
-    })
+    queue.put(
+        {
+            "wall": time.perf_counter() - start,
+            "cpu": (after.ru_utime - usage.ru_utime) + (after.ru_stime - usage.ru_stime),
+            "peak_mb": _peak_rss() / 1e6,
+            "note": note,
+        }
+    )
 
 
-def _quantize(tool: str, method: str, source: Path, target: Path, calib: Path, options: dict) -> dict | None:
+def _quantize(
+    tool: str, method: str, source: Path, target: Path, calib: Path, options: dict
+) -> dict | None:
     ctx = mp.get_context("spawn")
     queue: mp.Queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(tool, method, str(source), str(target), str(calib), dict(options), queue))
+    proc = ctx.Process(
+        target=_child,
+        args=(tool, method, str(source), str(target), str(calib), dict(options), queue),
+    )
     proc.start()
     proc.join()
     if proc.exitcode != 0 or queue.empty() or not target.exists():
@@ -143,7 +166,9 @@ def _quantize(tool: str, method: str, source: Path, target: Path, calib: Path, o
     return queue.get()
 
 
-def _judge(path: Path, criteria: list, expected: list[np.ndarray], feeds: dict[str, np.ndarray]) -> tuple[str, float]:
+def _judge(
+    path: Path, criteria: list, expected: list[np.ndarray], feeds: dict[str, np.ndarray]
+) -> tuple[str, float]:
     import onnxruntime as ort
 
     from modelpress.evaluation.criteria import judge
@@ -155,12 +180,20 @@ def _judge(path: Path, criteria: list, expected: list[np.ndarray], feeds: dict[s
     primary: dict[str, tuple[str, float]] = {}
     for c, v in zip(judgement.criteria, judgement.values, strict=True):
         primary.setdefault(c.output, (c.metric, v))
-    metric, value = min(primary.values(), key=lambda mv: mv[1] if mv[0] != "relative_error" else -mv[1])
-    text = f"{value:.2%} agr" if metric == "agreement" else (f"{value:.5f} cos" if metric == "cosine" else f"{value:.4f} rel")
+    metric, value = min(
+        primary.values(), key=lambda mv: mv[1] if mv[0] != "relative_error" else -mv[1]
+    )
+    text = (
+        f"{value:.2%} agr"
+        if metric == "agreement"
+        else (f"{value:.5f} cos" if metric == "cosine" else f"{value:.4f} rel")
+    )
     return text, value if metric != "relative_error" else -value
 
 
-def run_model(name: str, folder: Path, quick: bool, skip: set[str] = frozenset(), ort_tools: bool = True) -> None:  # type: ignore[assignment]
+def run_model(
+    name: str, folder: Path, quick: bool, skip: set[str] = frozenset(), ort_tools: bool = True
+) -> None:  # type: ignore[assignment]
     import onnxruntime as ort
 
     import modelpress
@@ -175,13 +208,17 @@ def run_model(name: str, folder: Path, quick: bool, skip: set[str] = frozenset()
     expected = [np.asarray(o) for o in session.run(None, evaluation)]
     names = [o.name for o in session.get_outputs()]
     criteria = infer_criteria(names, expected, model=modelpress.load(source))
-    kinds = ", ".join(f"{c.output}: {c.kind}" for c in criteria if c.metric != "cosine" or c.kind != "classifier")
+    kinds = ", ".join(
+        f"{c.output}: {c.kind}" for c in criteria if c.metric != "cosine" or c.kind != "classifier"
+    )
     print(f"\n## {name} ({source.stat().st_size / 1e6:.1f} MB; outputs judged as {kinds})\n")
     rows: list[tuple[str, Path, dict]] = []
     for method, options in MP_METHODS:
         if method in skip:
             continue
-        label = f"modelpress {method}" + (f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else "")
+        label = f"modelpress {method}" + (
+            f" ({', '.join(f'{k}={v}' for k, v in options.items())})" if options else ""
+        )
         target = folder / f"{name}-mp-{len(rows)}.onnx"
         result = _quantize("modelpress", method, source, target, calib_path, options)
         rows.append((label, target, result or {"failed": True}))
@@ -195,26 +232,46 @@ def run_model(name: str, folder: Path, quick: bool, skip: set[str] = frozenset()
         if best is None or score > best[0]:
             best = (score, (f"ORT quantize_static ({calibrator}, best)", target, result))
     if ort_tools:
-        rows.append(best[1] if best else ("ORT quantize_static", folder / "none.onnx", {"failed": True}))
-    for label, tool, file in [] if not ort_tools else [("ORT quantize_dynamic", "ort-dynamic", "ort-dynamic"),
-                                                       ("ORT MatMulNBits int4 (block 32)", "ort-nbits", "ort-nbits"),
-                                                       ("ORT MatMulNBits int4 HQQ (block 32)", "ort-hqq", "ort-hqq")]:
+        rows.append(
+            best[1] if best else ("ORT quantize_static", folder / "none.onnx", {"failed": True})
+        )
+    for label, tool, file in (
+        []
+        if not ort_tools
+        else [
+            ("ORT quantize_dynamic", "ort-dynamic", "ort-dynamic"),
+            ("ORT MatMulNBits int4 (block 32)", "ort-nbits", "ort-nbits"),
+            ("ORT MatMulNBits int4 HQQ (block 32)", "ort-hqq", "ort-hqq"),
+        ]
+    ):
         target = folder / f"{name}-{file}.onnx"
-        rows.append((label, target, _quantize(tool, "", source, target, calib_path, {}) or {"failed": True}))
+        rows.append(
+            (label, target, _quantize(tool, "", source, target, calib_path, {}) or {"failed": True})
+        )
 
     ok = [(label, path, r) for label, path, r in rows if not r.get("failed")]
     latency_feeds = {k: v[:1] for k, v in evaluation.items()}
     try:
-        latencies = _interleaved_latency([source] + [p for _, p, _ in ok], latency_feeds, threads=1, repeats=3 if quick else 10, rounds=3)
+        latencies = _interleaved_latency(
+            [source] + [p for _, p, _ in ok],
+            latency_feeds,
+            threads=1,
+            repeats=3 if quick else 10,
+            rounds=3,
+        )
     except Exception:
         latencies = [float("nan")] * (len(ok) + 1)
-    print("| method | fidelity | size vs fp32 | latency vs fp32 | quantize CPU s (wall) | peak RSS MB | note |")
+    print(
+        "| method | fidelity | size vs fp32 | latency vs fp32 | quantize CPU s (wall) | peak RSS MB | note |"
+    )
     print("|---|---|---|---|---|---|---|")
     base_size = source.stat().st_size
     for (label, path, r), latency in zip(ok, latencies[1:], strict=True):
         fidelity, _ = _judge(path, criteria, expected, evaluation)
-        print(f"| {label} | {fidelity} | {path.stat().st_size / base_size:.3f}x | {latency / latencies[0]:.2f}x | "
-              f"{r['cpu']:.1f} ({r['wall']:.1f}) | {r['peak_mb']:.0f} | {r.get('note', '')} |")
+        print(
+            f"| {label} | {fidelity} | {path.stat().st_size / base_size:.3f}x | {latency / latencies[0]:.2f}x | "
+            f"{r['cpu']:.1f} ({r['wall']:.1f}) | {r['peak_mb']:.0f} | {r.get('note', '')} |"
+        )
     for label, _, r in rows:
         if r.get("failed"):
             print(f"| {label} | failed | | | | | |")
@@ -224,12 +281,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--quick", action="store_true", help="16 samples, one ORT calibrator")
-    parser.add_argument("--skip", default="", help="modelpress methods to leave out, e.g. codebook,fp16")
-    parser.add_argument("--no-ort", action="store_true", help="modelpress methods only (no ONNX Runtime tools)")
+    parser.add_argument(
+        "--skip", default="", help="modelpress methods to leave out, e.g. codebook,fp16"
+    )
+    parser.add_argument(
+        "--no-ort", action="store_true", help="modelpress methods only (no ONNX Runtime tools)"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="zoo-quant-") as tmp:
         for name in args.models.split(","):
-            run_model(name, Path(tmp), args.quick, set(filter(None, args.skip.split(","))), not args.no_ort)
+            run_model(
+                name,
+                Path(tmp),
+                args.quick,
+                set(filter(None, args.skip.split(","))),
+                not args.no_ort,
+            )
 
 
 if __name__ == "__main__":

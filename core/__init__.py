@@ -18,7 +18,9 @@ try:
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
     __version__ = "0.0.0+unknown"
 
-if TYPE_CHECKING:  # NOTE: what type checkers and IDEs see; at run time __getattr__ imports each on first use
+if (
+    TYPE_CHECKING
+):  # NOTE: what type checkers and IDEs see; at run time __getattr__ imports each on first use
     from modelpress.app.compress import CompressResult, StageMetrics, compress
     from modelpress.app.convert import ConvertResult, convert
     from modelpress.app.describe import describe

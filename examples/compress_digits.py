@@ -26,7 +26,9 @@ HERE = Path(__file__).resolve().parent
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", nargs="?", default="digits-walkthrough", help="output folder")
-    parser.add_argument("--epochs", type=int, default=6, help="training epochs for the source model")
+    parser.add_argument(
+        "--epochs", type=int, default=6, help="training epochs for the source model"
+    )
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -47,7 +49,9 @@ def main() -> None:
     shutil.copy(HERE / "digits-recipe.yaml", out / "digits-recipe.yaml")
 
     # 3. compress with the recipe
-    result = modelpress.compress(out / "digits-cnn.onnx", out / "digits-recipe.yaml", output=out / "digits-small.onnx")
+    result = modelpress.compress(
+        out / "digits-cnn.onnx", out / "digits-recipe.yaml", output=out / "digits-small.onnx"
+    )
 
     # 4. the report
     from rich.console import Console

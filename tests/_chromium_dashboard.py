@@ -14,18 +14,42 @@ import tempfile
 from pathlib import Path
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-         "--disable-component-update", "--disable-sync", "--hide-scrollbars", "--mute-audio")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--mute-audio",
+)
 
 
 def available() -> bool:
     return Path(CHROMIUM).is_file()
 
 
-def _run(url: str, action: list[str], budget_ms: int, timeout_s: float) -> subprocess.CompletedProcess[str]:
+def _run(
+    url: str, action: list[str], budget_ms: int, timeout_s: float
+) -> subprocess.CompletedProcess[str]:
     with tempfile.TemporaryDirectory(prefix="modelpress-chromium-") as profile:
-        return subprocess.run([CHROMIUM, *FLAGS, f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", *action, url],
-                              capture_output=True, text=True, timeout=timeout_s, check=False)
+        return subprocess.run(
+            [
+                CHROMIUM,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--virtual-time-budget={budget_ms}",
+                *action,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            check=False,
+        )
 
 
 def dump_dom(url: str, *, budget_ms: int = 15000, timeout_s: float = 120) -> str:
@@ -35,8 +59,20 @@ def dump_dom(url: str, *, budget_ms: int = 15000, timeout_s: float = 120) -> str
     return proc.stdout
 
 
-def screenshot(url: str, path: Path, *, size: tuple[int, int] = (1400, 900), budget_ms: int = 15000, timeout_s: float = 120) -> Path:
+def screenshot(
+    url: str,
+    path: Path,
+    *,
+    size: tuple[int, int] = (1400, 900),
+    budget_ms: int = 15000,
+    timeout_s: float = 120,
+) -> Path:
     """A PNG of the page at ``size`` after ``budget_ms`` of virtual time."""
-    proc = _run(url, [f"--screenshot={Path(path).resolve()}", f"--window-size={size[0]},{size[1]}"], budget_ms, timeout_s)
+    proc = _run(
+        url,
+        [f"--screenshot={Path(path).resolve()}", f"--window-size={size[0]},{size[1]}"],
+        budget_ms,
+        timeout_s,
+    )
     assert proc.returncode == 0 and Path(path).is_file(), proc.stderr[-2000:]
     return Path(path)

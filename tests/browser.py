@@ -20,11 +20,20 @@ from pathlib import Path
 __all__ = ["NO_BROWSER", "chromium", "screenshot"]
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
-NO_BROWSER = "no headless Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)"
+NO_BROWSER = (
+    "no headless Chromium found (apt-get install chromium, or set CHROMIUM=/path/to/chrome)"
+)
 FLAGS = (
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-    "--hide-scrollbars", "--disable-dev-shm-usage",
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+    "--disable-dev-shm-usage",
 )
 
 
@@ -43,8 +52,13 @@ def _url(target: str | os.PathLike[str]) -> str:
     return Path(text).resolve().as_uri()
 
 
-def screenshot(url_or_file: str | os.PathLike[str], png: str | os.PathLike[str],
-               size: tuple[int, int] = (1100, 760), *, timeout: float = 120) -> Path:
+def screenshot(
+    url_or_file: str | os.PathLike[str],
+    png: str | os.PathLike[str],
+    size: tuple[int, int] = (1100, 760),
+    *,
+    timeout: float = 120,
+) -> Path:
     """Render a page (a URL or a local file) into ``png`` at ``size`` = (width, height) pixels.
 
     Returns the PNG's path. Raises ``RuntimeError`` when no browser is found or it wrote no image
@@ -58,10 +72,21 @@ def screenshot(url_or_file: str | os.PathLike[str], png: str | os.PathLike[str],
     width, height = size
     with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
         done = subprocess.run(
-            [browser, *FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
-             f"--screenshot={out}", _url(url_or_file)],
-            capture_output=True, text=True, timeout=timeout, check=False,
+            [
+                browser,
+                *FLAGS,
+                f"--user-data-dir={profile}",
+                f"--window-size={width},{height}",
+                f"--screenshot={out}",
+                _url(url_or_file),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
         )
     if not out.exists() or out.stat().st_size == 0:
-        raise RuntimeError(f"chromium wrote no image for {url_or_file} (exit {done.returncode}): {done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"chromium wrote no image for {url_or_file} (exit {done.returncode}): {done.stderr[-2000:]}"
+        )
     return out

@@ -19,7 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pytest_addoption(parser):
     parser.addoption(
-        "--fuzz-cases", type=int, default=0, metavar="N",
+        "--fuzz-cases",
+        type=int,
+        default=0,
+        metavar="N",
         help="run N generated cases per fuzz test in tests/test_fuzz.py (default: a few hundred in all; "
         "or set MODELPRESS_FUZZ_CASES)",
     )
@@ -60,9 +63,16 @@ def _mlp_proto(coefs: list[np.ndarray], intercepts: list[np.ndarray]) -> onnx.Mo
     nodes, inits = [], []
     current = "x"
     for i, (w, b) in enumerate(zip(coefs, intercepts, strict=True)):
-        inits += [numpy_helper.from_array(w.astype(np.float32), f"fc{i}.weight"), numpy_helper.from_array(b.astype(np.float32), f"fc{i}.bias")]
+        inits += [
+            numpy_helper.from_array(w.astype(np.float32), f"fc{i}.weight"),
+            numpy_helper.from_array(b.astype(np.float32), f"fc{i}.bias"),
+        ]
         out = "logits" if i == len(coefs) - 1 else f"h{i}"
-        nodes.append(helper.make_node("Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [out], name=f"fc{i}"))
+        nodes.append(
+            helper.make_node(
+                "Gemm", [current, f"fc{i}.weight", f"fc{i}.bias"], [out], name=f"fc{i}"
+            )
+        )
         if i < len(coefs) - 1:
             nodes.append(helper.make_node("Relu", [out], [f"{out}_relu"], name=f"relu{i}"))
             current = f"{out}_relu"
@@ -73,7 +83,9 @@ def _mlp_proto(coefs: list[np.ndarray], intercepts: list[np.ndarray]) -> onnx.Mo
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])],
         inits,
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests")
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="tests"
+    )
     proto.ir_version = 8
     return proto
 
@@ -103,8 +115,19 @@ def example_plugin_site(tmp_path_factory) -> Path:
     """pip-install examples/plugin-template into a private folder (no network, no build isolation)."""
     target = tmp_path_factory.mktemp("plugin-site")
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
-         "--target", str(target), str(ROOT / "examples" / "plugin-template")],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(ROOT / "examples" / "plugin-template"),
+        ],
         check=True,
         env={**os.environ, "PIP_CONSTRAINT": ""},
     )
@@ -114,14 +137,21 @@ def example_plugin_site(tmp_path_factory) -> Path:
 @pytest.fixture
 def example_plugin(example_plugin_site, monkeypatch) -> Path:
     """The example plugin importable and discoverable in this process (and subprocesses via PYTHONPATH)."""
-    monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", raising=False)  # this test opts in to third-party plugins
+    monkeypatch.delenv(
+        "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", raising=False
+    )  # this test opts in to third-party plugins
     monkeypatch.syspath_prepend(str(example_plugin_site))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(example_plugin_site), os.environ.get("PYTHONPATH")])))
+    monkeypatch.setenv(
+        "PYTHONPATH",
+        os.pathsep.join(filter(None, [str(example_plugin_site), os.environ.get("PYTHONPATH")])),
+    )
     modelpress.reset_registry()
     return example_plugin_site
 
 
-def run_cli(*args: str, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the installed `modelpress` command in a subprocess, as a user would."""
     return subprocess.run(
         [sys.executable, "-m", "modelpress.cli", *args],
@@ -145,10 +175,23 @@ def torch_digits(digits):
 
     torch.manual_seed(0)
     out = {
-        "cnn": (tm.train_torch(tm.DigitsCNN(), images(digits["x_train"], "nchw"), digits["y_train"], epochs=6), images(digits["x_test"], "nchw")),
-        "mlp": (tm.train_torch(tm.DigitsMLP(), digits["x_train"], digits["y_train"], epochs=15), digits["x_test"]),
+        "cnn": (
+            tm.train_torch(
+                tm.DigitsCNN(), images(digits["x_train"], "nchw"), digits["y_train"], epochs=6
+            ),
+            images(digits["x_test"], "nchw"),
+        ),
+        "mlp": (
+            tm.train_torch(tm.DigitsMLP(), digits["x_train"], digits["y_train"], epochs=15),
+            digits["x_test"],
+        ),
         "transformer": (
-            tm.train_torch(tm.DigitsTransformer(), digits["x_train"].reshape(-1, 8, 8), digits["y_train"], epochs=12),
+            tm.train_torch(
+                tm.DigitsTransformer(),
+                digits["x_train"].reshape(-1, 8, 8),
+                digits["y_train"],
+                epochs=12,
+            ),
             digits["x_test"].reshape(-1, 8, 8),
         ),
     }
@@ -166,9 +209,19 @@ def keras_digits(digits):
     from tests import models
 
     out = {
-        "cnn": (models.train_keras(models.keras_cnn(), models.images(digits["x_train"], "nhwc"), digits["y_train"], epochs=6),
-                models.images(digits["x_test"], "nhwc")),
-        "mlp": (models.train_keras(models.keras_mlp(), digits["x_train"], digits["y_train"], epochs=15), digits["x_test"]),
+        "cnn": (
+            models.train_keras(
+                models.keras_cnn(),
+                models.images(digits["x_train"], "nhwc"),
+                digits["y_train"],
+                epochs=6,
+            ),
+            models.images(digits["x_test"], "nhwc"),
+        ),
+        "mlp": (
+            models.train_keras(models.keras_mlp(), digits["x_train"], digits["y_train"], epochs=15),
+            digits["x_test"],
+        ),
     }
     for name, (model, x_test) in out.items():
         accuracy = float(np.mean(model.predict(x_test, verbose=0).argmax(1) == digits["y_test"]))
@@ -190,8 +243,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.slow)
 
 
-
-_SOURCES = {"core": "modelpress", "adapters": "modelpress.adapters", "plugins": "modelpress.plugins"}
+_SOURCES = {
+    "core": "modelpress",
+    "adapters": "modelpress.adapters",
+    "plugins": "modelpress.plugins",
+}
 # NOTE: `python -m modelpress` entry shims: one call into modelpress.cli, run in subprocesses only
 _SCRIPTS = {"modelpress.__main__", "modelpress.cli.__main__"}
 
@@ -212,15 +268,27 @@ def pytest_sessionfinish(session, exitstatus):
     imported every module of core/, adapters/ and plugins/ in this process: a module no fast test
     reaches is a module the fast tier does not check. The run fails naming them."""
     config = session.config
-    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.getoption("keyword")
-    if exitstatus != 0 or not whole or config.option.collectonly or config.getoption("markexpr") not in ("", "not slow"):
+    whole = config.args_source == pytest.Config.ArgsSource.TESTPATHS and not config.getoption(
+        "keyword"
+    )
+    if (
+        exitstatus != 0
+        or not whole
+        or config.option.collectonly
+        or config.getoption("markexpr") not in ("", "not slow")
+    ):
         return
-    missing = [name for name in source_modules() if name not in sys.modules and name not in _SCRIPTS]
+    missing = [
+        name for name in source_modules() if name not in sys.modules and name not in _SCRIPTS
+    ]
     if missing:
         reporter = config.pluginmanager.get_plugin("terminalreporter")
         if reporter is not None:
-            reporter.write_line(f"no test of this run imports {len(missing)} module(s): {', '.join(missing)}; "
-                                "add a fast test for each (or unmark one that reaches it)", red=True)
+            reporter.write_line(
+                f"no test of this run imports {len(missing)} module(s): {', '.join(missing)}; "
+                "add a fast test for each (or unmark one that reaches it)",
+                red=True,
+            )
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
@@ -232,8 +300,15 @@ def ray_address():
     pytest.importorskip("optuna", reason="needs the distributed extra")
     started = not ray.is_initialized()
     if started:
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
-                 object_store_memory=256 * 2**20, runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})
+        ray.init(
+            address="local",
+            num_cpus=2,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            object_store_memory=256 * 2**20,
+            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+        )
     yield ray.get_runtime_context().gcs_address
     if started:
         ray.shutdown()

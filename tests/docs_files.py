@@ -32,25 +32,38 @@ def _digits() -> dict[str, np.ndarray]:
 
 def _graph(inits: dict[str, np.ndarray], *, head: bool) -> onnx.ModelProto:
     nodes = [
-        helper.make_node("Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["x", "conv1.weight", "conv1.bias"], ["c1"], name="conv1", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
-        helper.make_node("Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node(
+            "Conv", ["r1", "conv2.weight", "conv2.bias"], ["c2"], name="conv2", pads=[1, 1, 1, 1]
+        ),
         helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
-        helper.make_node("MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+        helper.make_node(
+            "MaxPool", ["r2"], ["p"], name="pool", kernel_shape=[2, 2], strides=[2, 2]
+        ),
         helper.make_node("Flatten", ["p"], ["features"], name="flatten"),
     ]
     output = "features"
     if head:
-        nodes.append(helper.make_node("Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1))
+        nodes.append(
+            helper.make_node(
+                "Gemm", ["features", "fc.weight", "fc.bias"], ["logits"], name="fc", transB=1
+            )
+        )
         output = "logits"
     used = {i for n in nodes for i in n.input}
     graph = helper.make_graph(
-        nodes, "digits_cnn",
+        nodes,
+        "digits_cnn",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, 8, 8])],
         [helper.make_tensor_value_info(output, TensorProto.FLOAT, ["batch", 10 if head else 512])],
         [numpy_helper.from_array(v, k) for k, v in inits.items() if k in used],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelpress-docs")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="modelpress-docs"
+    )
     model.ir_version = 8
     return model
 
@@ -66,7 +79,9 @@ def digits_cnn(data: dict[str, np.ndarray]) -> onnx.ModelProto:
         "conv2.weight": (rng.standard_normal((32, 16, 3, 3)) / 12).astype(np.float32),
         "conv2.bias": np.zeros(32, np.float32),
     }
-    session = ort.InferenceSession(_graph(inits, head=False).SerializeToString(), providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        _graph(inits, head=False).SerializeToString(), providers=["CPUExecutionProvider"]
+    )
     feats = session.run(None, {"x": data["x_train"]})[0].astype(np.float64)
     targets = np.eye(10)[data["y_train"]] * 2 - 1
     ones = np.ones((len(feats), 1))
@@ -89,16 +104,33 @@ def make_docs_files(folder: Path) -> dict[str, float]:
     np.savez(folder / "test.npz", x=data["x_test"], labels=data["y_test"])
     np.savez(folder / "data.npz", x=data["x_test"][:64])
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    accuracy = float(np.mean(session.run(None, {"x": data["x_test"]})[0].argmax(1) == data["y_test"]))
+    accuracy = float(
+        np.mean(session.run(None, {"x": data["x_test"]})[0].argmax(1) == data["y_test"])
+    )
     return {"accuracy": accuracy}
 
 
 # NOTE: the first stage changes nothing on purpose: its NO GAIN flag shows how report.html colours a flag
 REPORT_RECIPE = {
     "passes": [
-        {"kind": "prune", "method": "magnitude", "name": "magnitude 0% (a no-op)", "options": {"sparsity": 0.0}},
-        {"kind": "prune", "method": "channel", "name": "prune (channels 25%)", "options": {"ratio": 0.25}},
-        {"kind": "quantize", "method": "int8-static", "name": "quantize (int8 static)", "options": {"calibrator": "percentile"}},
+        {
+            "kind": "prune",
+            "method": "magnitude",
+            "name": "magnitude 0% (a no-op)",
+            "options": {"sparsity": 0.0},
+        },
+        {
+            "kind": "prune",
+            "method": "channel",
+            "name": "prune (channels 25%)",
+            "options": {"ratio": 0.25},
+        },
+        {
+            "kind": "quantize",
+            "method": "int8-static",
+            "name": "quantize (int8 static)",
+            "options": {"calibrator": "percentile"},
+        },
     ],
     "data": {"calibration": "calib.npz", "train": "train.npz", "eval": "test.npz"},
     "evaluate": {"metric": "accuracy", "batch_size": 64, "threads": 1, "repeats": 5},
@@ -117,7 +149,13 @@ def compressed_report(folder: Path) -> Path:
         make_docs_files(folder)
     recipe = folder / "report-recipe.json"
     recipe.write_text(json.dumps(REPORT_RECIPE, indent=1), encoding="utf-8")
-    modelpress.compress(folder / "model.onnx", recipe, output=folder / "small.onnx", show_progress=False, allow_no_gain=True)
+    modelpress.compress(
+        folder / "model.onnx",
+        recipe,
+        output=folder / "small.onnx",
+        show_progress=False,
+        allow_no_gain=True,
+    )
     return folder / "report.html"
 
 

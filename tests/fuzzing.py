@@ -31,7 +31,9 @@ MEMORY_HEADROOM = 3 << 30  # bytes a single case may allocate beyond what the pr
 
 # -- seed models (valid, small, each exercising something different) ----------------------------
 def _finish(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fuzz")
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", opset)], producer_name="fuzz"
+    )
     proto.ir_version = 8
     return proto
 
@@ -39,43 +41,82 @@ def _finish(graph: onnx.GraphProto, opset: int = 17) -> onnx.ModelProto:
 def if_model() -> onnx.ModelProto:
     """MatMul -> If (then: MatMul with its own weight; else: Relu), both reading the outer ``h``."""
     rng = np.random.default_rng(0)
-    then_g = helper.make_graph([helper.make_node("MatMul", ["h", "w2"], ["t_out"], name="then_mm")], "then", [],
-                               [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, ["b", 8])])
-    else_g = helper.make_graph([helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")], "else", [],
-                               [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["b", 8])])
+    then_g = helper.make_graph(
+        [helper.make_node("MatMul", ["h", "w2"], ["t_out"], name="then_mm")],
+        "then",
+        [],
+        [helper.make_tensor_value_info("t_out", TensorProto.FLOAT, ["b", 8])],
+    )
+    else_g = helper.make_graph(
+        [helper.make_node("Relu", ["h"], ["e_out"], name="else_relu")],
+        "else",
+        [],
+        [helper.make_tensor_value_info("e_out", TensorProto.FLOAT, ["b", 8])],
+    )
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
         helper.make_node("ReduceSum", ["h"], ["s"], keepdims=0, name="rs"),
         helper.make_node("Greater", ["s", "zero"], ["c"], name="gt"),
-        helper.make_node("If", ["c"], ["y0"], then_branch=then_g, else_branch=else_g, name="branch"),
+        helper.make_node(
+            "If", ["c"], ["y0"], then_branch=then_g, else_branch=else_g, name="branch"
+        ),
         helper.make_node("MatMul", ["y0", "w"], ["y"], name="mm2"),
     ]
-    inits = [numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w"),
-             numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w2"),
-             numpy_helper.from_array(np.array(0, np.float32), "zero")]
-    return _finish(helper.make_graph(nodes, "if_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits))
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w"),
+        numpy_helper.from_array((rng.standard_normal((8, 8)) / 3).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.array(0, np.float32), "zero"),
+    ]
+    return _finish(
+        helper.make_graph(
+            nodes,
+            "if_model",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+            inits,
+        )
+    )
 
 
 def loop_model() -> onnx.ModelProto:
     """MatMul -> Loop (3 times: acc = acc @ w + h, reading the outer ``w`` and ``h``) -> Tanh."""
     rng = np.random.default_rng(1)
     body = helper.make_graph(
-        [helper.make_node("MatMul", ["acc_in", "w"], ["mm_out"], name="body_mm"),
-         helper.make_node("Add", ["mm_out", "h"], ["acc_out"], name="body_add"),
-         helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_id")],
+        [
+            helper.make_node("MatMul", ["acc_in", "w"], ["mm_out"], name="body_mm"),
+            helper.make_node("Add", ["mm_out", "h"], ["acc_out"], name="body_add"),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"], name="body_id"),
+        ],
         "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["b", 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["b", 8])],
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_in", TensorProto.FLOAT, ["b", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("acc_out", TensorProto.FLOAT, ["b", 8]),
+        ],
     )
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
-             helper.make_node("Loop", ["n", "t", "h"], ["y0"], body=body, name="loop"),
-             helper.make_node("Tanh", ["y0"], ["y"], name="tanh")]
-    inits = [numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "w"),
-             numpy_helper.from_array(np.array(3, np.int64), "n"), numpy_helper.from_array(np.array(True), "t")]
-    return _finish(helper.make_graph(nodes, "loop_model", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
-                                     [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])], inits))
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Loop", ["n", "t", "h"], ["y0"], body=body, name="loop"),
+        helper.make_node("Tanh", ["y0"], ["y"], name="tanh"),
+    ]
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 8)) * 0.3).astype(np.float32), "w"),
+        numpy_helper.from_array(np.array(3, np.int64), "n"),
+        numpy_helper.from_array(np.array(True), "t"),
+    ]
+    return _finish(
+        helper.make_graph(
+            nodes,
+            "loop_model",
+            [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 8])],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", 8])],
+            inits,
+        )
+    )
 
 
 def seeds() -> dict[str, onnx.ModelProto]:
@@ -92,12 +133,21 @@ def with_external_data(proto: onnx.ModelProto, folder: Path, name: str = "model.
     path = folder / name
     copy = onnx.ModelProto()
     copy.CopyFrom(proto)  # NOTE: onnx.save moves the weights out of the proto it is given
-    onnx.save(copy, path, save_as_external_data=True, all_tensors_to_one_file=True, location=name + ".data", size_threshold=64)
+    onnx.save(
+        copy,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=name + ".data",
+        size_threshold=64,
+    )
     return path
 
 
 # -- the property ---------------------------------------------------------------------------------
-class CaseTimeout(BaseException):  # NOTE: BaseException: no `except Exception` in the code under test swallows it
+class CaseTimeout(
+    BaseException
+):  # NOTE: BaseException: no `except Exception` in the code under test swallows it
     pass
 
 
@@ -116,7 +166,10 @@ def limits(seconds: int = CASE_SECONDS, headroom: int = MEMORY_HEADROOM) -> Iter
     os.environ[RUN_TIMEOUT_ENV] = str(max(1, seconds // 3))
     soft, hard = resource.getrlimit(resource.RLIMIT_DATA)
     with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_DATA, (min(_data_bytes() + headroom, hard if hard > 0 else 1 << 62), hard))
+        resource.setrlimit(
+            resource.RLIMIT_DATA,
+            (min(_data_bytes() + headroom, hard if hard > 0 else 1 << 62), hard),
+        )
     try:
         yield
     finally:
@@ -148,7 +201,9 @@ def hashes(folder: Path) -> dict[str, str]:
 def assert_clean_error(exc: BaseException, case: str) -> None:
     """The only acceptable failure: a ModelpressError whose message is one line."""
     if not isinstance(exc, modelpress.ModelpressError):
-        raise AssertionError(f"{case}: {type(exc).__name__} escaped instead of a ModelpressError: {str(exc)[:500]}") from exc
+        raise AssertionError(
+            f"{case}: {type(exc).__name__} escaped instead of a ModelpressError: {str(exc)[:500]}"
+        ) from exc
     message = str(exc)
     assert message and "\n" not in message, f"{case}: message is not one line: {message[:500]!r}"
 
@@ -187,7 +242,9 @@ def run_pipeline(source: Any, out_dir: Path, *, method: int = 0, case: str = "")
     return stage
 
 
-def check_case(make_inputs: Callable[[Path], Any], folder: Path, *, method: int = 0, case: str = "") -> str:
+def check_case(
+    make_inputs: Callable[[Path], Any], folder: Path, *, method: int = 0, case: str = ""
+) -> str:
     """Create a case's input files in ``folder/in``, run the pipeline, check the inputs are untouched."""
     inputs, out = folder / "in", folder / "out"
     inputs.mkdir(parents=True)

@@ -18,7 +18,20 @@ from pathlib import Path
 from typing import Any
 
 VOCAB_SIZE = 384
-_MODULES = ("json", "re", "os", "collections", "itertools", "functools", "string", "textwrap", "pathlib", "argparse", "logging", "shutil")
+_MODULES = (
+    "json",
+    "re",
+    "os",
+    "collections",
+    "itertools",
+    "functools",
+    "string",
+    "textwrap",
+    "pathlib",
+    "argparse",
+    "logging",
+    "shutil",
+)
 
 
 @functools.cache
@@ -29,10 +42,18 @@ def corpus() -> tuple[str, ...]:
     texts: list[str] = []
     for name in _MODULES:
         module = importlib.import_module(name)
-        docs = [module.__doc__] + [getattr(module, attr).__doc__ for attr in sorted(dir(module)) if not attr.startswith("_")]
+        docs = [module.__doc__] + [
+            getattr(module, attr).__doc__
+            for attr in sorted(dir(module))
+            if not attr.startswith("_")
+        ]
         for doc in docs:
             if isinstance(doc, str):
-                texts.extend(" ".join(p.split()) for p in inspect.cleandoc(doc).split("\n\n") if len(p.strip()) > 40)
+                texts.extend(
+                    " ".join(p.split())
+                    for p in inspect.cleandoc(doc).split("\n\n")
+                    if len(p.strip()) > 40
+                )
     return tuple(texts)
 
 
@@ -44,9 +65,19 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = VOCAB_SIZE) -> Any:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", pad_token="<pad>", padding_side="left")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        padding_side="left",
+    )
 
 
 @functools.cache
@@ -60,25 +91,66 @@ def config(family: str, tokenizer: Any) -> Any:
     import transformers
 
     vocab = len(tokenizer)
-    special = {"pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    special = {
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
     if family == "llama":
-        return transformers.LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **special)
+        return transformers.LlamaConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            **special,
+        )
     if family == "qwen2":
-        return transformers.Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                        num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=True, **special)
+        return transformers.Qwen2Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            tie_word_embeddings=True,
+            **special,
+        )
     if family == "phi3":
-        return transformers.Phi3Config(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       num_key_value_heads=2, max_position_embeddings=128, **special)
+        return transformers.Phi3Config(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=128,
+            **special,
+        )
     if family == "gpt2":
-        return transformers.GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special)
+        return transformers.GPT2Config(
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special
+        )
     if family == "bert":
-        return transformers.BertConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                       max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id)
+        return transformers.BertConfig(
+            vocab_size=vocab,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=128,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     raise ValueError(family)
 
 
-def _train(model: Any, tokenizer: Any, texts: Sequence[str], steps: int, seq: int = 32, lr: float = 1e-2) -> float:
+def _train(
+    model: Any, tokenizer: Any, texts: Sequence[str], steps: int, seq: int = 32, lr: float = 1e-2
+) -> float:
     """Next-token training for ``steps`` Adam steps on ``texts``; the last loss."""
     import torch
 
@@ -89,7 +161,9 @@ def _train(model: Any, tokenizer: Any, texts: Sequence[str], steps: int, seq: in
     model.train()
     loss = torch.tensor(0.0)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # NOTE: tiny matrices: more threads only contend (10x slower on a loaded 2-core machine)
+    torch.set_num_threads(
+        1
+    )  # NOTE: tiny matrices: more threads only contend (10x slower on a loaded 2-core machine)
     try:
         for _ in range(steps):
             batch = windows[torch.randint(len(windows), (16,), generator=generator)]

@@ -32,7 +32,12 @@ def keras_mlp():  # type: ignore[no-untyped-def]
     import keras
 
     return keras.Sequential(
-        [keras.Input((64,), name="pixels"), keras.layers.Dense(64, activation="relu"), keras.layers.Dropout(0.1), keras.layers.Dense(10)],
+        [
+            keras.Input((64,), name="pixels"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dropout(0.1),
+            keras.layers.Dense(10),
+        ],
         name="digits_mlp",
     )
 
@@ -41,6 +46,9 @@ def train_keras(model, x: np.ndarray, y: np.ndarray, *, epochs: int, seed: int =
     import keras
 
     keras.utils.set_random_seed(seed)
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     model.fit(x, y, epochs=epochs, batch_size=64, verbose=0, shuffle=True)
     return model

@@ -80,7 +80,11 @@ class ConvNet(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.c1, self.c2, self.c3 = nn.Conv2d(1, 32, 3, padding=1), nn.Conv2d(32, 64, 3, padding=1), nn.Conv2d(64, 128, 3, padding=1)
+        self.c1, self.c2, self.c3 = (
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.Conv2d(64, 128, 3, padding=1),
+        )
         self.fc = nn.Linear(128, 10)
 
     def forward(self, x):  # type: ignore[no-untyped-def]
@@ -90,7 +94,9 @@ class ConvNet(nn.Module):
         return self.fc(x)
 
 
-def train(module: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 3e-3) -> nn.Module:
+def train(
+    module: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: float = 3e-3
+) -> nn.Module:
     torch.manual_seed(0)
     opt = torch.optim.Adam(module.parameters(), lr=lr)
     xt, yt = torch.tensor(x, dtype=torch.float32), torch.tensor(y, dtype=torch.long)
@@ -98,15 +104,27 @@ def train(module: nn.Module, x: np.ndarray, y: np.ndarray, epochs: int, lr: floa
     for _ in range(epochs):
         for i in torch.randperm(len(xt)).split(64):
             opt.zero_grad()
-            out = module(xt[i]) if not isinstance(module, Encoder) else module.cls(module.features(xt[i]))
+            out = (
+                module(xt[i])
+                if not isinstance(module, Encoder)
+                else module.cls(module.features(xt[i]))
+            )
             nn.functional.cross_entropy(out, yt[i]).backward()
             opt.step()
     return module.eval()
 
 
-def export(module: nn.Module, example: np.ndarray, path: Path, input_name: str, output_name: str) -> Path:
+def export(
+    module: nn.Module, example: np.ndarray, path: Path, input_name: str, output_name: str
+) -> Path:
     torch.onnx.export(
-        module, (torch.tensor(example[:2], dtype=torch.float32),), str(path), input_names=[input_name], output_names=[output_name],
-        dynamic_axes={input_name: {0: "n"}, output_name: {0: "n"}}, opset_version=17, dynamo=False,
+        module,
+        (torch.tensor(example[:2], dtype=torch.float32),),
+        str(path),
+        input_names=[input_name],
+        output_names=[output_name],
+        dynamic_axes={input_name: {0: "n"}, output_name: {0: "n"}},
+        opset_version=17,
+        dynamo=False,
     )
     return path

@@ -23,12 +23,16 @@ def test_streamed_statistics_equal_those_of_every_activation():
     model = tiny_mlp(in_features=8, hidden=16, classes=4)
     x = np.random.default_rng(0).standard_normal((50, 8)).astype(np.float32) * 3
     context = PassContext(show_progress=False)
-    stats = activation_stats(model, ["h", "h_relu", "no-such-tensor"], {"x": x}, batch_size=7, context=context)
+    stats = activation_stats(
+        model, ["h", "h_relu", "no-such-tensor"], {"x": x}, batch_size=7, context=context
+    )
     assert set(stats) == {"h", "h_relu"}  # a name the model lacks is left out
     for name, reference in zip(("h", "h_relu"), _hidden(model, x), strict=True):
         s = stats[name]
         assert s.elements == reference.size == 50 * 16
-        assert s.min == pytest.approx(reference.min(), abs=1e-5) and s.max == pytest.approx(reference.max(), abs=1e-5)
+        assert s.min == pytest.approx(reference.min(), abs=1e-5) and s.max == pytest.approx(
+            reference.max(), abs=1e-5
+        )
         assert s.mean == pytest.approx(reference.mean(), abs=1e-5)
         assert s.absmax == pytest.approx(np.abs(reference).max(), abs=1e-5)
         assert s.channel_mean is None and not s.hist.any()  # asked for neither
@@ -39,7 +43,9 @@ def test_histogram_channel_means_and_a_loaded_dataset():
     model = tiny_mlp(in_features=8, hidden=16, classes=4)
     x = np.random.default_rng(1).standard_normal((33, 8)).astype(np.float32)
     data = load_dataset({"x": x}, model.signature)
-    stats = activation_stats(model, ["h"], data, batch_size=4, histogram=True, channel_axes={"h": -1})
+    stats = activation_stats(
+        model, ["h"], data, batch_size=4, histogram=True, channel_axes={"h": -1}
+    )
     h, _ = _hidden(model, x)
     assert stats["h"].hist.sum() == h.size and stats["h"].hist_range >= np.abs(h).max() - 1e-5
     np.testing.assert_allclose(stats["h"].channel_mean, h.mean(axis=0), atol=1e-5)

@@ -52,7 +52,9 @@ def test_replace_one_matmul_by_two_matches_the_factorised_product():
     model.replace_node(fc2.node, list(b.nodes), y)
     assert_valid(model)
     (after,) = run(make_session(model), {"x": x})
-    relu = np.maximum(x @ _gemm(model, "fc1").weight_array().T + _gemm(model, "fc1").bias_array(), 0)
+    relu = np.maximum(
+        x @ _gemm(model, "fc1").weight_array().T + _gemm(model, "fc1").bias_array(), 0
+    )
     expected = relu @ (u[:, :rank] * s[:rank]) @ vt[:rank] + fc2.bias_array()
     np.testing.assert_allclose(after, expected, rtol=1e-4, atol=1e-5)
     assert not np.allclose(after, before, atol=1e-3)  # rank 2 of 4 really changed the layer
@@ -76,7 +78,11 @@ def test_conv_attribute_accessors():
     cnn = tiny_cnn(channels=4)
     conv1 = _gemm(cnn, "conv1")
     assert conv1.pads == [1, 1, 1, 1] and conv1.strides == [1, 1] and conv1.dilations == [1, 1]
-    assert conv1.group == 1 and conv1.spatial_rank == 2 and conv1.attribute("auto_pad", "NOTSET") == "NOTSET"
+    assert (
+        conv1.group == 1
+        and conv1.spatial_rank == 2
+        and conv1.attribute("auto_pad", "NOTSET") == "NOTSET"
+    )
     assert _gemm(cnn, "fc").trans_b
 
 
@@ -112,7 +118,13 @@ def test_infer_shapes_never_serialises_weights_over_2gb():
     # would have to copy it and cannot exceed protobuf's 2 GB; inference in memory never reads it.
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 2])
-    model = make_model([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], [x], [y], {"w": np.zeros((2, 2), np.float32)}, normalize=False)
+    model = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [x],
+        [y],
+        {"w": np.zeros((2, 2), np.float32)},
+        normalize=False,
+    )
     huge = np.broadcast_to(np.float32(0.5), (23_000, 24_000))
     weight = model.graph.initializers["w"]
     weight.const_value = ir.Tensor(huge, name="w")

@@ -48,10 +48,15 @@ def test_plugins_lists_builtins():
     ids=["empty", "text", "truncated"],
 )
 @pytest.mark.slow
-def test_bad_model_files_one_line_error_and_nothing_written(tmp_path, digits_mlp_path, content, fragment):
+def test_bad_model_files_one_line_error_and_nothing_written(
+    tmp_path, digits_mlp_path, content, fragment
+):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(content if content is not None else digits_mlp_path.read_bytes()[:300])
-    for args in (["inspect", str(bad)], ["apply", str(bad), "-m", "fp16-weights", "-o", str(tmp_path / "out.onnx")]):
+    for args in (
+        ["inspect", str(bad)],
+        ["apply", str(bad), "-m", "fp16-weights", "-o", str(tmp_path / "out.onnx")],
+    ):
         _one_line_error(run_cli(*args), "bad.onnx", fragment)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.onnx"]
 
@@ -62,37 +67,63 @@ def test_external_data_escape_via_cli(tmp_path):
     entry = tensor.external_data.add()
     entry.key, entry.value = "location", "../../etc/passwd"
     graph = helper.make_graph(
-        [helper.make_node("Add", ["x", "w"], ["y"])], "g",
+        [helper.make_node("Add", ["x", "w"], ["y"])],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])], [tensor],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [4])],
+        [tensor],
     )
     path = tmp_path / "evil.onnx"
-    path.write_bytes(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString())
-    _one_line_error(run_cli("inspect", str(path)), "evil.onnx", "../../etc/passwd", "outside the model's folder")
+    path.write_bytes(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    )
+    _one_line_error(
+        run_cli("inspect", str(path)), "evil.onnx", "../../etc/passwd", "outside the model's folder"
+    )
 
 
 @pytest.mark.slow
 def test_op_ort_does_not_know(tmp_path, example_plugin):
     graph = helper.make_graph(
-        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example", name="frob")], "g",
+        [helper.make_node("Frobnicate", ["x"], ["y"], domain="com.example", name="frob")],
+        "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     proto.ir_version = 8
     path = tmp_path / "custom.onnx"
     path.write_bytes(proto.SerializeToString())
     out = tmp_path / "out.onnx"
     # NOTE: the method has nothing to do on this graph (no gain); the export error is under test here
-    _one_line_error(run_cli("apply", str(path), "-m", "fp16-weights", "-o", str(out), "--allow-no-gain"), "Frobnicate", "nothing was written")
+    _one_line_error(
+        run_cli("apply", str(path), "-m", "fp16-weights", "-o", str(out), "--allow-no-gain"),
+        "Frobnicate",
+        "nothing was written",
+    )
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["custom.onnx"]
 
 
 @pytest.mark.slow
 def test_unknown_method_and_bad_option(digits_mlp_path, tmp_path, example_plugin):
-    _one_line_error(run_cli("apply", str(digits_mlp_path), "-m", "nosuch", "-o", str(tmp_path / "o.onnx")), "nosuch", "installed:")
     _one_line_error(
-        run_cli("apply", str(digits_mlp_path), "-m", "fp16-weights", "-O", "min_elemnts=3", "-o", str(tmp_path / "o.onnx")),
+        run_cli("apply", str(digits_mlp_path), "-m", "nosuch", "-o", str(tmp_path / "o.onnx")),
+        "nosuch",
+        "installed:",
+    )
+    _one_line_error(
+        run_cli(
+            "apply",
+            str(digits_mlp_path),
+            "-m",
+            "fp16-weights",
+            "-O",
+            "min_elemnts=3",
+            "-o",
+            str(tmp_path / "o.onnx"),
+        ),
         "did you mean 'min_elements'",
     )
     assert list(tmp_path.iterdir()) == []
@@ -106,7 +137,14 @@ def test_verbose_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("form", [["-O", "layers=fc0", "-O", "layers=fc1"], ["-O", "layers=fc0,fc1"], ["-O", 'layers=["fc0", "fc1"]']])
+@pytest.mark.parametrize(
+    "form",
+    [
+        ["-O", "layers=fc0", "-O", "layers=fc1"],
+        ["-O", "layers=fc0,fc1"],
+        ["-O", 'layers=["fc0", "fc1"]'],
+    ],
+)
 def test_list_options_as_repeated_flags_comma_lists_or_json(digits_mlp_path, tmp_path, form):
     import numpy as np
     import onnx
@@ -116,9 +154,35 @@ def test_list_options_as_repeated_flags_comma_lists_or_json(digits_mlp_path, tmp
         weights = {t.name: numpy_helper.to_array(t) for t in onnx.load(path).graph.initializer}
         return {name: float(np.mean(weights[f"{name}.weight"] == 0)) for name in ("fc0", "fc1")}
 
-    both = run_cli("prune", str(digits_mlp_path), "--method", "magnitude", "--sparsity", "0.5", *form, "-o", str(tmp_path / "both.onnx"), "-q")
+    both = run_cli(
+        "prune",
+        str(digits_mlp_path),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        *form,
+        "-o",
+        str(tmp_path / "both.onnx"),
+        "-q",
+    )
     assert both.returncode == 0, both.stderr
     assert all(abs(s - 0.5) < 0.01 for s in sparsity(tmp_path / "both.onnx").values())
-    one = run_cli("prune", str(digits_mlp_path), "--method", "magnitude", "--sparsity", "0.5", "-O", "layers=fc1", "-o", str(tmp_path / "one.onnx"), "-q")
+    one = run_cli(
+        "prune",
+        str(digits_mlp_path),
+        "--method",
+        "magnitude",
+        "--sparsity",
+        "0.5",
+        "-O",
+        "layers=fc1",
+        "-o",
+        str(tmp_path / "one.onnx"),
+        "-q",
+    )
     assert one.returncode == 0, one.stderr
-    assert sparsity(tmp_path / "one.onnx")["fc0"] < 0.01 and abs(sparsity(tmp_path / "one.onnx")["fc1"] - 0.5) < 0.01
+    assert (
+        sparsity(tmp_path / "one.onnx")["fc0"] < 0.01
+        and abs(sparsity(tmp_path / "one.onnx")["fc1"] - 0.5) < 0.01
+    )

@@ -10,14 +10,23 @@ from tests.conftest import run_cli
 
 def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path):
     model = tiny_mlp()
-    model.provenance = Provenance(source_framework="torch", source_version="2.13.0+cpu", source="net.pt2",
-                                  importer="torch.onnx.export(dynamo=True)", extra={"import_check": {"max_abs_diff": 1e-7}})
+    model.provenance = Provenance(
+        source_framework="torch",
+        source_version="2.13.0+cpu",
+        source="net.pt2",
+        importer="torch.onnx.export(dynamo=True)",
+        extra={"import_check": {"max_abs_diff": 1e-7}},
+    )
     modelpress.export(model, tmp_path / "net.onnx", verify=False)
     proc = run_cli("convert", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "copy.onnx"))
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
-    assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), proc.stdout
-    assert "imported" not in first.split("(")[0] and "import verified against torch" not in proc.stdout
+    assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), (
+        proc.stdout
+    )
+    assert (
+        "imported" not in first.split("(")[0] and "import verified against torch" not in proc.stdout
+    )
 
 
 def test_plugins_listing_fits_80_columns_when_piped():

@@ -23,13 +23,45 @@ def _zeros(path, name):
 
 def test_generated_flags_reach_the_method(mlp_file, tmp_path, capsys):
     out = tmp_path / "pruned.onnx"
-    code = main(["apply", str(mlp_file), "-m", "magnitude", "--sparsity", "0.3", "--exclude", "fc2",
-                 "--op-types", "Gemm,MatMul", "--min-elements", "1", "-o", str(out), "-q"])
+    code = main(
+        [
+            "apply",
+            str(mlp_file),
+            "-m",
+            "magnitude",
+            "--sparsity",
+            "0.3",
+            "--exclude",
+            "fc2",
+            "--op-types",
+            "Gemm,MatMul",
+            "--min-elements",
+            "1",
+            "-o",
+            str(out),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr().err
     assert _zeros(out, "fc1") == pytest.approx(0.3, abs=0.01) and _zeros(out, "fc2") == 0.0
     # a list option as a repeated flag; the shortcut command keeps its own --sparsity
-    code = main(["prune", str(mlp_file), "--sparsity", "0.5", "--exclude", "fc1", "--exclude", "fc2", "--rule", "fraction",
-                 "-o", str(tmp_path / "none.onnx"), "-q"])
+    code = main(
+        [
+            "prune",
+            str(mlp_file),
+            "--sparsity",
+            "0.5",
+            "--exclude",
+            "fc1",
+            "--exclude",
+            "fc2",
+            "--rule",
+            "fraction",
+            "-o",
+            str(tmp_path / "none.onnx"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1 and "'fc1': 'excluded by option', 'fc2': 'excluded by option'" in err
 
@@ -38,14 +70,44 @@ def test_help_lists_the_methods_options_and_bad_values_are_usage_errors(mlp_file
     with pytest.raises(SystemExit):
         main(["apply", "-m", "magnitude", "--help"])
     text = capsys.readouterr().out
-    assert "options of prune/magnitude" in text and "--rule {fraction,median,threshold}" in text and "repeat the flag" in text
+    assert (
+        "options of prune/magnitude" in text
+        and "--rule {fraction,median,threshold}" in text
+        and "repeat the flag" in text
+    )
     with pytest.raises(SystemExit):
         main(["quantize", "--help"])
     assert "--max-samples" in capsys.readouterr().out  # int8-static, the default method
     with pytest.raises(SystemExit) as exc:
-        main(["apply", str(mlp_file), "-m", "magnitude", "--rule", "bogus", "-o", str(tmp_path / "x.onnx")])
+        main(
+            [
+                "apply",
+                str(mlp_file),
+                "-m",
+                "magnitude",
+                "--rule",
+                "bogus",
+                "-o",
+                str(tmp_path / "x.onnx"),
+            ]
+        )
     assert exc.value.code == 1 and "invalid choice: 'bogus'" in capsys.readouterr().err
-    assert main(["apply", str(mlp_file), "-m", "magnitude", "--sparsity", "2", "-o", str(tmp_path / "y.onnx"), "-q"]) == 1
+    assert (
+        main(
+            [
+                "apply",
+                str(mlp_file),
+                "-m",
+                "magnitude",
+                "--sparsity",
+                "2",
+                "-o",
+                str(tmp_path / "y.onnx"),
+                "-q",
+            ]
+        )
+        == 1
+    )
     assert "sparsity" in capsys.readouterr().err
 
 
@@ -53,7 +115,12 @@ def test_python_dash_m_modelpress_runs_the_command_line():
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-m", "modelpress", "--version"], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "modelpress", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("modelpress ")
 
@@ -77,17 +144,59 @@ def test_one_option_parser_reads_flags_and_pairs_by_the_schema():
         fused: bool = True
         data: str = "x"
 
-    method = modelpress.Method(name="made-up", kind="prune", apply=lambda model, options, context: None, options=Opts)
+    method = modelpress.Method(
+        name="made-up", kind="prune", apply=lambda model, options, context: None, options=Opts
+    )
     parser = argparse.ArgumentParser()
     parser.add_argument("--data")  # NOTE: the command's own flag wins over the option of that name
     parser.add_argument("-O", "--option", action="append")
     add_method_flags(parser, method)
-    args = parser.parse_args(["--label", "123", "--level", "2", "--bits", "4", "--layers", "1,b", "--layers", '["c"]', "--no-fused",
-                              "-O", "scale=0.5", "-O", "layers=ignored", "-O", "data=y", "--data", "file.npz"])
+    args = parser.parse_args(
+        [
+            "--label",
+            "123",
+            "--level",
+            "2",
+            "--bits",
+            "4",
+            "--layers",
+            "1,b",
+            "--layers",
+            '["c"]',
+            "--no-fused",
+            "-O",
+            "scale=0.5",
+            "-O",
+            "layers=ignored",
+            "-O",
+            "data=y",
+            "--data",
+            "file.npz",
+        ]
+    )
     options = method_options(Opts, args.option, args)
-    assert options == {"label": "123", "level": "2", "bits": 4, "layers": ["1", "b", "c"], "fused": False, "scale": 0.5, "data": "y"}
+    assert options == {
+        "label": "123",
+        "level": "2",
+        "bits": 4,
+        "layers": ["1", "b", "c"],
+        "fused": False,
+        "scale": 0.5,
+        "data": "y",
+    }
     assert method.validate_options(options).layers == ["1", "b", "c"] and args.data == "file.npz"
     help_text = parser.format_help()
-    assert "--level {1,2}" in help_text and "--fused, --no-fused" in help_text and "a name" in help_text
-    assert method_probe(["m.onnx", "-O", "x=1", "--method", "channel", "-k", "prune"], default="magnitude", kind=None) == ("channel", "prune")
-    assert method_probe(["m.onnx", "-m"], default="magnitude", kind="prune") == ("magnitude", "prune")  # the real parse reports it
+    assert (
+        "--level {1,2}" in help_text
+        and "--fused, --no-fused" in help_text
+        and "a name" in help_text
+    )
+    assert method_probe(
+        ["m.onnx", "-O", "x=1", "--method", "channel", "-k", "prune"],
+        default="magnitude",
+        kind=None,
+    ) == ("channel", "prune")
+    assert method_probe(["m.onnx", "-m"], default="magnitude", kind="prune") == (
+        "magnitude",
+        "prune",
+    )  # the real parse reports it

@@ -14,7 +14,17 @@ import pytest
 from modelpress.testing import tiny_mlp
 from tests.conftest import run_cli
 
-HEAVY = ("onnx", "onnx_ir", "onnxruntime", "numpy", "torch", "tensorflow", "pydantic", "rich", "sympy")
+HEAVY = (
+    "onnx",
+    "onnx_ir",
+    "onnxruntime",
+    "numpy",
+    "torch",
+    "tensorflow",
+    "pydantic",
+    "rich",
+    "sympy",
+)
 
 
 @pytest.mark.parametrize("argv", [["--version"], ["--help"], []], ids=["version", "help", "bare"])
@@ -36,9 +46,28 @@ def test_version_and_help_import_no_heavy_module(argv):
 # data-science stacks, the compression pipeline and report. numpy, onnx(-ir), ONNX Runtime (the
 # normalisation check), rich and the built-in plugins are what it needs.
 INSPECT_NEVER = (
-    "torch", "tensorflow", "keras", "jax", "sympy", "transformers", "onnxscript", "tf2onnx", "scipy", "sklearn",
-    "pandas", "matplotlib", "PIL", "ray", "optuna", "zstandard", "modelpress.app.compress", "modelpress.app.pipeline",
-    "modelpress.app.report", "modelpress.app.tuning", "modelpress.io.export", "modelpress.adapters.torch_lowering",
+    "torch",
+    "tensorflow",
+    "keras",
+    "jax",
+    "sympy",
+    "transformers",
+    "onnxscript",
+    "tf2onnx",
+    "scipy",
+    "sklearn",
+    "pandas",
+    "matplotlib",
+    "PIL",
+    "ray",
+    "optuna",
+    "zstandard",
+    "modelpress.app.compress",
+    "modelpress.app.pipeline",
+    "modelpress.app.report",
+    "modelpress.app.tuning",
+    "modelpress.io.export",
+    "modelpress.adapters.torch_lowering",
     "modelpress.adapters.torch_training",
 )
 
@@ -79,10 +108,19 @@ def mlp(tmp_path):
 
 
 def test_quiet_prints_only_the_result_line(mlp, tmp_path):
-    env = {"MODELPRESS_PROGRESS_INTERVAL": "0.0001"}  # NOTE: every phase long enough for a progress line
+    env = {
+        "MODELPRESS_PROGRESS_INTERVAL": "0.0001"
+    }  # NOTE: every phase long enough for a progress line
     loud = run_cli("prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "a.onnx"), env=env)
-    assert loud.returncode == 0 and "loading m.onnx" in loud.stderr and len(loud.stdout.strip().splitlines()) > 1
-    for argv in (["prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")], ["convert", str(mlp), "-o", str(tmp_path / "c.onnx")]):
+    assert (
+        loud.returncode == 0
+        and "loading m.onnx" in loud.stderr
+        and len(loud.stdout.strip().splitlines()) > 1
+    )
+    for argv in (
+        ["prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")],
+        ["convert", str(mlp), "-o", str(tmp_path / "c.onnx")],
+    ):
         quiet = run_cli(*argv, "-q", env=env)
         assert quiet.returncode == 0, quiet.stderr
         assert quiet.stderr == "" and len(quiet.stdout.strip().splitlines()) == 1, quiet.stdout
@@ -93,9 +131,19 @@ def test_inspect_layers_names_ops_shapes_and_parameters(mlp):
     shown = run_cli("inspect", str(mlp), "--layers")
     assert shown.returncode == 0, shown.stderr
     lines = [line.replace("│", " ").split() for line in shown.stdout.splitlines()]
-    assert ["fc1", "Gemm", "64x32", "2,112", "main", "graph"] in lines and ["fc2", "Gemm", "4x64", "260", "main", "graph"] in lines
+    assert ["fc1", "Gemm", "64x32", "2,112", "main", "graph"] in lines and [
+        "fc2",
+        "Gemm",
+        "4x64",
+        "260",
+        "main",
+        "graph",
+    ] in lines
     info = json.loads(run_cli("inspect", str(mlp), "--json").stdout)
-    assert [(r["name"], r["op"], r["weight_shape"], r["parameters"]) for r in info["layers"]] == [("fc1", "Gemm", [64, 32], 2112), ("fc2", "Gemm", [4, 64], 260)]
+    assert [(r["name"], r["op"], r["weight_shape"], r["parameters"]) for r in info["layers"]] == [
+        ("fc1", "Gemm", [64, 32], 2112),
+        ("fc2", "Gemm", [4, 64], 260),
+    ]
 
 
 def test_inspect_sample_must_name_the_inputs(mlp, tmp_path):
@@ -111,15 +159,30 @@ def test_pack_of_a_non_onnx_file_says_convert_it_first(tmp_path):
     source.write_bytes(b"PK\x03\x04 not onnx")
     refused = run_cli("pack", str(source), "-o", str(tmp_path / "cnn.mpk"))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
-    assert "pack takes an ONNX file (.onnx); convert it first: modelpress convert" in refused.stderr and "Wire format" not in refused.stderr
+    assert (
+        "pack takes an ONNX file (.onnx); convert it first: modelpress convert" in refused.stderr
+        and "Wire format" not in refused.stderr
+    )
     assert not (tmp_path / "cnn.mpk").exists()
 
 
 def _stage(name, kind, size, figures=None, latency=(0.123, 4.567)):
     from modelpress.app.compress import StageMetrics
 
-    return StageMetrics(stage=name, metric="accuracy", value=0.9731, size_bytes=size, zip_bytes=size * 9 // 10, parameters=size // 4,
-                        sparsity=0.5, latency_ms={"b1": latency[0], "b64": latency[1]}, seconds=12.4, path="x", figures=figures or {}, kind=kind)
+    return StageMetrics(
+        stage=name,
+        metric="accuracy",
+        value=0.9731,
+        size_bytes=size,
+        zip_bytes=size * 9 // 10,
+        parameters=size // 4,
+        sparsity=0.5,
+        latency_ms={"b1": latency[0], "b64": latency[1]},
+        seconds=12.4,
+        path="x",
+        figures=figures or {},
+        kind=kind,
+    )
 
 
 def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
@@ -127,8 +190,15 @@ def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
 
     from modelpress.app.report import Report
 
-    report = Report(title="digits-cnn: prune -> distill -> quantize", metric="accuracy",
-                    kind_columns={"prune": ("sparsity",), "distill": ("agreement",), "quantize": ("model_bytes_before",)})
+    report = Report(
+        title="digits-cnn: prune -> distill -> quantize",
+        metric="accuracy",
+        kind_columns={
+            "prune": ("sparsity",),
+            "distill": ("agreement",),
+            "quantize": ("model_bytes_before",),
+        },
+    )
     report.add(_stage("source", "", 480_000))
     report.add(_stage("prune-channels", "prune", 240_000, latency=(0.2, 9.0)))
     report.add(_stage("distill-into-the-pruned-student", "distill", 240_000, {"agreement": 0.9912}))
@@ -142,18 +212,31 @@ def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
     assert max(len(line) for line in narrow) <= 80 and "…" not in texts[80]
     for value in ("0.9731", "120,000", "8.00x", "0.9912", "4.567", "12.4"):  # every number whole
         assert value in texts[80]
-    assert sum("distill-into-the" in line or "pruned-student" in line for line in narrow) == 2  # wrapped once
-    assert "distill-into-the-pruned-student" in texts[160] and "sparsity" in texts[160] and "…" not in texts[160]
+    assert (
+        sum("distill-into-the" in line or "pruned-student" in line for line in narrow) == 2
+    )  # wrapped once
+    assert (
+        "distill-into-the-pruned-student" in texts[160]
+        and "sparsity" in texts[160]
+        and "…" not in texts[160]
+    )
 
 
 def test_inspect_sample_runs_the_normalisation_check_and_its_message_is_not_cut_mid_word(tmp_path):
     from onnx import TensorProto, helper, numpy_helper
 
-    name = "input_" + "_".join(f"word{i}" for i in range(40))  # NOTE: ORT's message names it: over the length limit
+    name = "input_" + "_".join(
+        f"word{i}" for i in range(40)
+    )  # NOTE: ORT's message names it: over the length limit
     weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
     graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["w"], value=weight), helper.make_node("MatMul", [name, "w"], ["y"])], "g",
-        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [
+            helper.make_node("Constant", [], ["w"], value=weight),
+            helper.make_node("MatMul", [name, "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info(name, TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
     )
     path = tmp_path / "long.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
@@ -163,7 +246,12 @@ def test_inspect_sample_runs_the_normalisation_check_and_its_message_is_not_cut_
     assert good.returncode == 0 and "outputs equal the original's" in good.stdout, good.stderr
     bad = run_cli("inspect", str(path), "--sample", str(tmp_path / "bad.npz"))
     text = " ".join(bad.stdout.split("inputs / outputs")[0].split())
-    assert bad.returncode == 0 and "Got invalid dimensions for input: ...); pass sample= to load()" in text, text
+    assert (
+        bad.returncode == 0
+        and "Got invalid dimensions for input: ...); pass sample= to load()" in text
+    ), text
     assert "word0" not in text  # NOTE: the over-long word is left out whole, not cut
-    names = "".join(line.split("│")[2].strip() for line in bad.stdout.splitlines() if line.count("│") == 5)  # the name cells
+    names = "".join(
+        line.split("│")[2].strip() for line in bad.stdout.splitlines() if line.count("│") == 5
+    )  # the name cells
     assert name in names and "…" not in bad.stdout  # the inputs table folds the name, never cuts it

@@ -58,23 +58,43 @@ def _print_ray_logs_on_failure(request, cluster):
         print(cluster.logs())
 
 
-def _recipe(folder: Path, data: Path, options: dict, method: str = "int8-static", metric: str = "tests.cluster_helpers:slow_accuracy") -> Path:
+def _recipe(
+    folder: Path,
+    data: Path,
+    options: dict,
+    method: str = "int8-static",
+    metric: str = "tests.cluster_helpers:slow_accuracy",
+) -> Path:
     path = folder / "space.yaml"
-    path.write_text(yaml.safe_dump({
-        "passes": [{"kind": "quantize", "method": method, "options": options}],
-        "data": {"calibration": str(data / "calib.npz"), "eval": str(data / "eval.npz")},
-        "evaluate": {"metric": metric, "repeats": 2},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "passes": [{"kind": "quantize", "method": method, "options": options}],
+                "data": {"calibration": str(data / "calib.npz"), "eval": str(data / "eval.npz")},
+                "evaluate": {"metric": metric, "repeats": 2},
+            }
+        )
+    )
     return path
 
 
-_SPACE = {"calibrator": {"search": ["minmax", "percentile", "entropy", "mse"]}, "per_channel": {"search": [True, False]}, "sensitivity": False}
+_SPACE = {
+    "calibrator": {"search": ["minmax", "percentile", "entropy", "mse"]},
+    "per_channel": {"search": [True, False]},
+    "sensitivity": False,
+}
 
 
 def _driver(cluster: LocalCluster, args: list[str], cwd: Path, **popen: object) -> subprocess.Popen:
     """``modelpress ARGS --address`` the cluster, as its own process (the test process never attaches to Ray)."""
-    return subprocess.Popen([sys.executable, "-m", "modelpress", *args, "--address", cluster.address], cwd=cwd, env=cluster.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+    return subprocess.Popen(
+        [sys.executable, "-m", "modelpress", *args, "--address", cluster.address],
+        cwd=cwd,
+        env=cluster.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        **popen,
+    )
 
 
 def _finish(proc: subprocess.Popen, cluster: LocalCluster, code: int = 0) -> str:
@@ -88,7 +108,9 @@ def _finish(proc: subprocess.Popen, cluster: LocalCluster, code: int = 0) -> str
     return text
 
 
-def test_tune_spreads_trials_over_both_nodes_and_sends_no_paths(cluster, digits_mlp_path, tune_data, tmp_path):
+def test_tune_spreads_trials_over_both_nodes_and_sends_no_paths(
+    cluster, digits_mlp_path, tune_data, tmp_path
+):
     recipe = _recipe(tmp_path, tune_data, _SPACE)
     spy = tmp_path / "spy.json"
     # NOTE: the driver wraps RayExecutor.submit to record what each trial is given (the real submit runs): only bytes, object
@@ -115,18 +137,41 @@ finally:
     open({str(spy)!r}, "w").write(json.dumps(seen))
 sys.exit(code)
 """
-    args = ["tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "6", "--workers", "2", "--keep-trial-models", "-q",
-            "-o", str(tmp_path / "out")]
-    proc = subprocess.Popen([sys.executable, "-c", code, *args, "--address", cluster.address], cwd=tmp_path, env=cluster.env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    args = [
+        "tune",
+        str(digits_mlp_path),
+        "--recipe",
+        str(recipe),
+        "--trials",
+        "6",
+        "--workers",
+        "2",
+        "--keep-trial-models",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--address", cluster.address],
+        cwd=tmp_path,
+        env=cluster.env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     _finish(proc, cluster)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     placement = report["cluster"]
-    assert placement["executor"] == "ray" and placement["attached"] and placement["address"] == cluster.address
+    assert (
+        placement["executor"] == "ray"
+        and placement["attached"]
+        and placement["address"] == cluster.address
+    )
     assert len(placement["nodes"]) == 2
     trials = [t for t in report["trials"] if t["status"] == "ok"]
     assert len(trials) == 6
-    assert {t["node"] for t in trials} == {n["node"] for n in placement["nodes"]}  # both nodes ran trials
+    assert {t["node"] for t in trials} == {
+        n["node"] for n in placement["nodes"]
+    }  # both nodes ran trials
     assert all(t["host"] for t in trials)
     markdown = (tmp_path / "out" / "report.md").read_text()
     assert "## Where the trials ran" in markdown and cluster.address in markdown
@@ -139,30 +184,75 @@ sys.exit(code)
         assert "ObjectRef" in leaves  # the model and data travel as Ray objects
 
 
-def test_batch_attached_to_the_cluster_runs_on_both_nodes(cluster, digits_mlp_path, tune_data, tmp_path):
+def test_batch_attached_to_the_cluster_runs_on_both_nodes(
+    cluster, digits_mlp_path, tune_data, tmp_path
+):
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"passes": [{"kind": "quantize", "method": "int8-dynamic"}],
-                                      "data": {"eval": str(tune_data / "eval.npz")},
-                                      "evaluate": {"metric": "tests.cluster_helpers:slow_accuracy", "repeats": 2}}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "passes": [{"kind": "quantize", "method": "int8-dynamic"}],
+                "data": {"eval": str(tune_data / "eval.npz")},
+                "evaluate": {"metric": "tests.cluster_helpers:slow_accuracy", "repeats": 2},
+            }
+        )
+    )
     second = tmp_path / "copy" / "digits_mlp.onnx"
     second.parent.mkdir()
     second.write_bytes(Path(digits_mlp_path).read_bytes())
-    proc = _driver(cluster, ["compress", str(digits_mlp_path), str(second), "--recipe", str(recipe), "-o", str(tmp_path / "out"), "-q"], tmp_path)
+    proc = _driver(
+        cluster,
+        [
+            "compress",
+            str(digits_mlp_path),
+            str(second),
+            "--recipe",
+            str(recipe),
+            "-o",
+            str(tmp_path / "out"),
+            "-q",
+        ],
+        tmp_path,
+    )
     _finish(proc, cluster)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     rows = summary["models"]
     assert [r["status"] for r in rows] == ["ok", "ok"]
     assert len({r["node"] for r in rows}) == 2 and all(r["host"] for r in rows)
     for row in rows:  # the outputs came back from the nodes as bytes and were written here
-        assert Path(row["output"]).exists() and (Path(row["output"]).parent / "report.json").exists()
+        assert (
+            Path(row["output"]).exists() and (Path(row["output"]).parent / "report.json").exists()
+        )
 
 
-def test_memory_error_in_a_trial_fails_that_trial_only(cluster, digits_mlp_path, tune_data, tmp_path):
+def test_memory_error_in_a_trial_fails_that_trial_only(
+    cluster, digits_mlp_path, tune_data, tmp_path
+):
     # codebook bits=2 is far from the float outputs: the metric then asks for more memory than a node has (MemoryError)
-    recipe = _recipe(tmp_path, tune_data, {"bits": {"search": [2, 8, 4]}, "min_elements": 16}, method="codebook",
-                     metric="tests.cluster_helpers:greedy_when_far")
-    proc = _driver(cluster, ["tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "3", "--workers", "2", "-q",
-                             "-o", str(tmp_path / "out")], tmp_path)
+    recipe = _recipe(
+        tmp_path,
+        tune_data,
+        {"bits": {"search": [2, 8, 4]}, "min_elements": 16},
+        method="codebook",
+        metric="tests.cluster_helpers:greedy_when_far",
+    )
+    proc = _driver(
+        cluster,
+        [
+            "tune",
+            str(digits_mlp_path),
+            "--recipe",
+            str(recipe),
+            "--trials",
+            "3",
+            "--workers",
+            "2",
+            "-q",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+    )
     _finish(proc, cluster)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     by_bits = {t["passes"][0]["options"]["bits"]: t for t in report["trials"]}
@@ -175,8 +265,10 @@ def _finished(db: Path) -> dict[int, str]:
     """Trial number -> its configuration, for the trials the study holds as ok (read while a driver writes)."""
     try:
         with sqlite3.connect(db, timeout=5) as con:
-            rows = con.execute("SELECT t.number, a.key, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
-                               "WHERE a.key IN ('status', 'config')").fetchall()
+            rows = con.execute(
+                "SELECT t.number, a.key, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+                "WHERE a.key IN ('status', 'config')"
+            ).fetchall()
     except sqlite3.Error:  # NOTE: not created yet
         return {}
     attrs: dict[int, dict[str, str]] = {}
@@ -190,18 +282,36 @@ def _wait(condition, proc: subprocess.Popen, cluster: LocalCluster, what: str) -
     while not condition():
         if proc.poll() is not None or time.monotonic() > deadline:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
-            raise AssertionError(f"driver ended (or timed out) before {what}: {proc.poll()}\n{out[-6000:]}\n{cluster.logs()}")
+            raise AssertionError(
+                f"driver ended (or timed out) before {what}: {proc.poll()}\n{out[-6000:]}\n{cluster.logs()}"
+            )
         time.sleep(0.3)
 
 
-def test_interrupted_driver_resumes_without_rerunning_finished_trials(cluster, digits_mlp_path, tune_data, tmp_path):
+def test_interrupted_driver_resumes_without_rerunning_finished_trials(
+    cluster, digits_mlp_path, tune_data, tmp_path
+):
     recipe = _recipe(tmp_path, tune_data, _SPACE)
-    args = ["tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "5", "--workers", "2", "--keep-trial-models", "-q",
-            "-o", str(tmp_path / "out")]
+    args = [
+        "tune",
+        str(digits_mlp_path),
+        "--recipe",
+        str(recipe),
+        "--trials",
+        "5",
+        "--workers",
+        "2",
+        "--keep-trial-models",
+        "-q",
+        "-o",
+        str(tmp_path / "out"),
+    ]
     proc = _driver(cluster, args, tmp_path)
     db = tmp_path / "out" / "study.db"
     _wait(lambda: len(_finished(db)) >= 2, proc, cluster, "two trials finished")
-    proc.send_signal(signal.SIGINT)  # NOTE: Ctrl-C in the driver alone: the cluster's processes are in their own sessions
+    proc.send_signal(
+        signal.SIGINT
+    )  # NOTE: Ctrl-C in the driver alone: the cluster's processes are in their own sessions
     _finish(proc, cluster, code=130)
     first = _finished(db)
     assert len(first) >= 2
@@ -216,16 +326,39 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(cluster, d
     assert all(json.loads(first[n]) == again[n]["config"] for n in first)
 
 
-def test_worker_node_lost_mid_study_costs_only_its_trials(cluster, digits_mlp_path, tune_data, tmp_path):
+def test_worker_node_lost_mid_study_costs_only_its_trials(
+    cluster, digits_mlp_path, tune_data, tmp_path
+):
     """Runs last: it ends the worker node."""
     recipe = _recipe(tmp_path, tune_data, _SPACE)
-    proc = _driver(cluster, ["tune", str(digits_mlp_path), "--recipe", str(recipe), "--trials", "6", "--workers", "2", "--keep-trial-models",
-                             "-q", "-o", str(tmp_path / "out")], tmp_path)
+    proc = _driver(
+        cluster,
+        [
+            "tune",
+            str(digits_mlp_path),
+            "--recipe",
+            str(recipe),
+            "--trials",
+            "6",
+            "--workers",
+            "2",
+            "--keep-trial-models",
+            "-q",
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+    )
     worker = cluster.nodes[1]
     markers = worker.folder / "running"
     db = tmp_path / "out" / "study.db"
     # NOTE: kill the worker node while one of its trials is in its metric (it marks itself in the node's folder)
-    _wait(lambda: len(_finished(db)) >= 1 and any(markers.glob("*")), proc, cluster, "a trial ran on the worker node")
+    _wait(
+        lambda: len(_finished(db)) >= 1 and any(markers.glob("*")),
+        proc,
+        cluster,
+        "a trial ran on the worker node",
+    )
     before = _finished(db)
     os.kill(worker.raylet_pid(), signal.SIGKILL)
     _finish(proc, cluster)
@@ -238,8 +371,15 @@ def test_worker_node_lost_mid_study_costs_only_its_trials(cluster, digits_mlp_pa
     for t in lost:
         assert t["status"] == "failed" and t["retried"]
         retry = next(r for r in trials.values() if r["retry_of"] == t["number"])
-        assert retry["status"] == "ok" and retry["attempt"] == 2 and retry["node"] == head and retry["config"] == t["config"]
+        assert (
+            retry["status"] == "ok"
+            and retry["attempt"] == 2
+            and retry["node"] == head
+            and retry["config"] == t["config"]
+        )
     assert all(trials[n]["status"] == "ok" for n in before)  # nothing that finished is lost
-    assert len([t for t in trials.values() if t["status"] == "ok"]) == 6  # the study completed on the head node
+    assert (
+        len([t for t in trials.values() if t["status"] == "ok"]) == 6
+    )  # the study completed on the head node
     assert "LOST during the run" in (tmp_path / "out" / "report.md").read_text()
     assert any(not n["alive"] for n in report["cluster"]["nodes"])

@@ -19,7 +19,9 @@ def _through_every_step(source_logits, model, x_test, y_test, tmp_path):
     # IR (as imported) run in ORT
     ir_logits = run(make_session(model), {model.signature.input_names[0]: x_test})[0]
     # written ONNX file, reloaded, run in ORT
-    exported = modelpress.export(model, tmp_path / "model.onnx", sample={model.signature.input_names[0]: x_test[:64]})
+    exported = modelpress.export(
+        model, tmp_path / "model.onnx", sample={model.signature.input_names[0]: x_test[:64]}
+    )
     reloaded = modelpress.load(exported.path)
     onnx_logits = run(make_session(exported.path), {model.signature.input_names[0]: x_test})[0]
     # lowered to a torch module
@@ -30,7 +32,9 @@ def _through_every_step(source_logits, model, x_test, y_test, tmp_path):
     source_accuracy = float(np.mean(source_logits.argmax(1) == y_test))
     for step, logits in steps.items():
         assert _agreement(source_logits, logits) >= MIN_AGREEMENT, step
-        assert float(np.mean(logits.argmax(1) == y_test)) == pytest.approx(source_accuracy, abs=1e-9), step
+        assert float(np.mean(logits.argmax(1) == y_test)) == pytest.approx(
+            source_accuracy, abs=1e-9
+        ), step
     np.testing.assert_allclose(torch_logits, onnx_logits, atol=1e-4, rtol=1e-4)
     return reloaded
 
@@ -57,8 +61,13 @@ def test_keras_models(keras_digits, digits, tmp_path, name):
     keras_model, x_test = keras_digits[name]
     model = modelpress.load(keras_model)
     assert model.provenance.source_framework == "keras"
-    assert model.signature.inputs[0].shape == ("batch", *x_test.shape[1:])  # NHWC kept at the boundary
-    _through_every_step(keras_model.predict(x_test, verbose=0), model, x_test, digits["y_test"], tmp_path)
+    assert model.signature.inputs[0].shape == (
+        "batch",
+        *x_test.shape[1:],
+    )  # NHWC kept at the boundary
+    _through_every_step(
+        keras_model.predict(x_test, verbose=0), model, x_test, digits["y_test"], tmp_path
+    )
 
 
 @pytest.mark.tensorflow
@@ -81,7 +90,9 @@ def test_tensorflow_to_torch_pt2_via_convert(keras_digits, digits, tmp_path):
 
     keras_model, x_test = keras_digits["cnn"]
     keras_model.save(tmp_path / "cnn.keras")
-    result = modelpress.convert(tmp_path / "cnn.keras", tmp_path / "cnn.pt2", sample={"image": x_test[:32]})
+    result = modelpress.convert(
+        tmp_path / "cnn.keras", tmp_path / "cnn.pt2", sample={"image": x_test[:32]}
+    )
     assert result.target == "torch" and result.verification.max_abs_diff < 1e-4
     program = torch.export.load(str(tmp_path / "cnn.pt2"))
     with torch.no_grad():

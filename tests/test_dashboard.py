@@ -33,12 +33,34 @@ def study(ray_address, digits_mlp_path, tune_data, tmp_path_factory):
     """A finished small study, run with the dashboard on."""
     folder = tmp_path_factory.mktemp("dashboard")
     recipe = folder / "space.yaml"
-    recipe.write_text(yaml.safe_dump({
-        "passes": [{"kind": "quantize", "method": "codebook", "options": {"bits": {"search": [2, 3, 4, 6]}, "min_elements": 16}}],
-        "data": {"calibration": str(tune_data / "calib.npz"), "eval": str(tune_data / "eval.npz")}, "evaluate": {"metric": "accuracy"},
-    }))
-    result = modelpress.tune(digits_mlp_path, recipe=recipe, budget=4, workers=1, address=ray_address, output=folder / "out",
-                             show_progress=False, dashboard=True)
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "passes": [
+                    {
+                        "kind": "quantize",
+                        "method": "codebook",
+                        "options": {"bits": {"search": [2, 3, 4, 6]}, "min_elements": 16},
+                    }
+                ],
+                "data": {
+                    "calibration": str(tune_data / "calib.npz"),
+                    "eval": str(tune_data / "eval.npz"),
+                },
+                "evaluate": {"metric": "accuracy"},
+            }
+        )
+    )
+    result = modelpress.tune(
+        digits_mlp_path,
+        recipe=recipe,
+        budget=4,
+        workers=1,
+        address=ray_address,
+        output=folder / "out",
+        show_progress=False,
+        dashboard=True,
+    )
     return result
 
 
@@ -58,14 +80,23 @@ def test_tune_dashboard_is_linked_from_the_report_and_stopped_after(study):
     assert url.startswith("http://127.0.0.1:") and "/dashboard/studies/" in url
     assert f'href="{url}"' in (study.output / "report.html").read_text()
     assert json.loads((study.output / "report.json").read_text())["dashboard"] == url
-    assert _refused(int(url.split(":")[2].split("/")[0]))  # NOTE: served while the study ran, closed with it
+    assert _refused(
+        int(url.split(":")[2].split("/")[0])
+    )  # NOTE: served while the study ran, closed with it
 
 
 def _serve(target: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "modelpress.cli", "dashboard", target], cwd=ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "modelpress.cli", "dashboard", target],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stderr.readline()
-    assert "http://127.0.0.1:" in line, line + (proc.stderr.read() if proc.poll() is not None else "")
+    assert "http://127.0.0.1:" in line, line + (
+        proc.stderr.read() if proc.poll() is not None else ""
+    )
     return proc, line.split()[2]
 
 
@@ -78,15 +109,32 @@ def test_dashboard_shows_the_trials_in_headless_chromium(study, tmp_path):
         base, study_id = url.split("/dashboard/studies/")
         # NOTE: the app's own REST API: every trial with modelpress's figures as user attributes
         detail = _get(f"{base}/api/studies/{study_id}?after=0")
-        trials = {t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]} for t in detail["trials"]}
+        trials = {
+            t["number"]: {a["key"]: a["value"] for a in t["user_attrs"]} for t in detail["trials"]
+        }
         ok = [r for r in study.trials if r.status == "ok"]
         assert ok and {r.number for r in study.trials} <= set(trials)
         for r in ok:
             attrs = trials[r.number]
-            assert {"metric", "drop", "meets", "size_bytes", "latency_ms", "config", "passes", "status"} <= set(attrs)
+            assert {
+                "metric",
+                "drop",
+                "meets",
+                "size_bytes",
+                "latency_ms",
+                "config",
+                "passes",
+                "status",
+            } <= set(attrs)
             assert attrs["meets"] == str(r.meets) and float(attrs["drop"]) == pytest.approx(r.drop)
-            assert float(attrs["metric"]) == pytest.approx(r.metric) and int(attrs["size_bytes"]) == r.size_bytes
-        assert detail["objective_names"] == ["accuracy", "size_mb"]  # NOTE: the study's metric names, on its axes
+            assert (
+                float(attrs["metric"]) == pytest.approx(r.metric)
+                and int(attrs["size_bytes"]) == r.size_bytes
+            )
+        assert detail["objective_names"] == [
+            "accuracy",
+            "size_mb",
+        ]  # NOTE: the study's metric names, on its axes
 
         dom = chromium.dump_dom(f"{url}/trials")
         assert "User Attributes" in dom and "size_bytes" in dom and "latency_ms" in dom
@@ -116,4 +164,6 @@ def test_dashboard_refuses_a_folder_without_a_study(tmp_path):
         study_storage(str(tmp_path))
     assert study_storage("postgresql://u@127.0.0.1/db") == "postgresql://u@127.0.0.1/db"
     proc = run_cli("dashboard", str(tmp_path))
-    assert proc.returncode == 1 and "no study.db" in proc.stderr and "storage URL" in proc.stderr, proc.stderr
+    assert proc.returncode == 1 and "no study.db" in proc.stderr and "storage URL" in proc.stderr, (
+        proc.stderr
+    )

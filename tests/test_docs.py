@@ -82,12 +82,16 @@ def blocks(page: Path) -> list[Block]:
             continue
         fence = FENCE.match(lines[i])
         if fence:
-            indent, marker, lang = fence.group("indent"), fence.group("fence"), fence.group("lang").lower()
+            indent, marker, lang = (
+                fence.group("indent"),
+                fence.group("fence"),
+                fence.group("lang").lower(),
+            )
             start, body = i + 1, []
             i += 1
             while i < len(lines) and not lines[i].strip().startswith(marker):
                 line = lines[i]
-                body.append(line[len(indent):] if line.startswith(indent) else line.lstrip())
+                body.append(line[len(indent) :] if line.startswith(indent) else line.lstrip())
                 i += 1
             found.append(Block(page, start, lang, "\n".join(body) + "\n", pending))
             pending = {}
@@ -106,8 +110,12 @@ def _params(cases: list[Block]) -> list[Any]:
     for b in cases:
         if "slow" in b.directives:
             slow_from.setdefault(b.page, b.line)
-    return [pytest.param(b, id=b.id, marks=[pytest.mark.slow] if b.line >= slow_from.get(b.page, 1 << 30) else [])
-            for b in cases]
+    return [
+        pytest.param(
+            b, id=b.id, marks=[pytest.mark.slow] if b.line >= slow_from.get(b.page, 1 << 30) else []
+        )
+        for b in cases
+    ]
 
 
 @dataclass
@@ -126,7 +134,9 @@ for _case in CASES:
 
 @pytest.fixture(scope="session")
 def docs_files(tmp_path_factory) -> Path:
-    pytest.importorskip("sklearn", reason="the docs' examples use scikit-learn's digits (the test extra)")
+    pytest.importorskip(
+        "sklearn", reason="the docs' examples use scikit-learn's digits (the test extra)"
+    )
     from tests.docs_files import make_docs_files
 
     folder = tmp_path_factory.mktemp("docs-files")
@@ -139,7 +149,9 @@ def page_states() -> dict[Path, PageState]:
     return {}
 
 
-def _state(block: Block, states: dict[Path, PageState], files: Path, tmp_path_factory: Any) -> PageState:
+def _state(
+    block: Block, states: dict[Path, PageState], files: Path, tmp_path_factory: Any
+) -> PageState:
     if block.page not in states:
         folder = tmp_path_factory.mktemp(block.page.stem)
         for item in files.iterdir():
@@ -188,7 +200,9 @@ def _run_shell(block: Block, folder: Path) -> None:
         "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD": "1",
         "COLUMNS": "120",
     }
-    if "plugins" in block.directives:  # NOTE: `<!-- test: plugins -->`: the block installs a plugin and opts in to autoload
+    if (
+        "plugins" in block.directives
+    ):  # NOTE: `<!-- test: plugins -->`: the block installs a plugin and opts in to autoload
         env.pop("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD")
     subprocess_only = os.environ.get("MODELPRESS_DOCS_SUBPROCESS") == "1"
     expected = int(block.directives.get("exit", "0"))
@@ -196,11 +210,22 @@ def _run_shell(block: Block, folder: Path) -> None:
     for line in _commands(block.code):
         argv = shlex.split(line, comments=True)
         command_part = line.split("#", 1)[0]
-        if not subprocess_only and argv and argv[0] == "modelpress" and not SHELL_META.search(command_part):
+        if (
+            not subprocess_only
+            and argv
+            and argv[0] == "modelpress"
+            and not SHELL_META.search(command_part)
+        ):
             code, output = _in_process(argv[1:])
         else:
-            done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=folder, env=env,
-                                  capture_output=True, text=True, timeout=600)
+            done = subprocess.run(
+                ["bash", "-euo", "pipefail", "-c", line],
+                cwd=folder,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=600,
+            )
             code, output = done.returncode, done.stdout + done.stderr
         if code != 0:
             break
@@ -215,7 +240,11 @@ def _run_block(block: Block, state: PageState) -> None:
         pytest.skip(f"an earlier block of this page was skipped ({state.skipped})")
     if "skip" in block.directives:
         pytest.skip(block.directives["skip"] or "marked skip in the page")
-    missing = [m for m in filter(None, block.directives.get("requires", "").split(",")) if importlib.util.find_spec(m) is None]
+    missing = [
+        m
+        for m in filter(None, block.directives.get("requires", "").split(","))
+        if importlib.util.find_spec(m) is None
+    ]
     if missing:
         state.skipped = f"needs {', '.join(missing)}"
         pytest.skip(f"{block.id} needs {', '.join(missing)} (install the extra that provides it)")
@@ -253,7 +282,13 @@ def _outcome(block: Block, state: PageState) -> BaseException | str | None:
 
 
 @pytest.mark.parametrize("block", _params(CASES))
-def test_docs_block(block: Block, docs_files: Path, page_states: dict[Path, PageState], tmp_path_factory, monkeypatch):
+def test_docs_block(
+    block: Block,
+    docs_files: Path,
+    page_states: dict[Path, PageState],
+    tmp_path_factory,
+    monkeypatch,
+):
     state = _state(block, page_states, docs_files, tmp_path_factory)
     monkeypatch.chdir(state.folder)
     monkeypatch.setenv("MODELPRESS_PROGRESS", "0")
@@ -269,17 +304,28 @@ def test_no_page_skips_all_its_examples():
     for page in PAGES:
         runnable = [b for b in blocks(page) if b.lang in RUN]
         if runnable:
-            assert any("skip" not in b.directives for b in runnable), f"{page}: every code block is skipped"
+            assert any("skip" not in b.directives for b in runnable), (
+                f"{page}: every code block is skipped"
+            )
 
 
 @pytest.mark.slow
 def test_mkdocs_build_strict(tmp_path):
     """The site builds with warnings as errors: broken links, unknown pages, unresolved API references."""
-    if importlib.util.find_spec("mkdocs") is None or importlib.util.find_spec("mkdocstrings") is None:
+    if (
+        importlib.util.find_spec("mkdocs") is None
+        or importlib.util.find_spec("mkdocstrings") is None
+    ):
         pytest.skip("needs the docs extra: pip install -c constraints.txt -e '.[docs]'")
     env = {**os.environ, "MODELPRESS_PROGRESS": "0", "NO_MKDOCS_2_WARNING": "1"}
-    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert done.returncode == 0, done.stderr[-5000:]
     assert (tmp_path / "site" / "methods" / "int8-static" / "index.html").exists()
     # Sphinx roles in docstrings render as code, linked to the entry (docs/_hooks.py), never as raw text
@@ -297,6 +343,10 @@ def test_every_builtin_method_has_a_page_with_its_generated_options():
     nav = (ROOT / "mkdocs.yml").read_text(encoding="utf-8")
     for method in modelpress.get_registry().methods():
         page = DOCS / "methods" / f"{method.name.replace(':', '-')}.md"
-        assert page.exists(), f"built-in method {method.qualname} has no page {page.relative_to(ROOT)}"
-        assert f"<!-- mp:options {method.kind}/{method.name} -->" in page.read_text(encoding="utf-8"), page
+        assert page.exists(), (
+            f"built-in method {method.qualname} has no page {page.relative_to(ROOT)}"
+        )
+        assert f"<!-- mp:options {method.kind}/{method.name} -->" in page.read_text(
+            encoding="utf-8"
+        ), page
         assert f"methods/{page.name}" in nav, f"{page.relative_to(ROOT)} is not in mkdocs.yml's nav"

@@ -57,7 +57,9 @@ def _first_external(proto: onnx.ModelProto) -> onnx.TensorProto:
 def test_A_external_data_entry_damage_is_an_invalid_model_error(tmp_path, key, value, match):
     path, proto = _external_mlp(tmp_path)
     tensor = _first_external(proto)
-    entry = next((e for e in tensor.external_data if e.key == key), None) or tensor.external_data.add()
+    entry = (
+        next((e for e in tensor.external_data if e.key == key), None) or tensor.external_data.add()
+    )
     entry.key, entry.value = key, value
     _save(proto, path)
     with pytest.raises(modelpress.InvalidModelError, match=match) as info:
@@ -67,7 +69,15 @@ def test_A_external_data_entry_damage_is_an_invalid_model_error(tmp_path, key, v
 
 # -- B: damaged provenance metadata ---------------------------------------------------------------
 @pytest.mark.parametrize(
-    "stored", ["{not json", "[1, 2]", '{"passes": 3}', '{"passes": [{"kind": 1}]}', '{"source": 5}', "[" * 5000 + "]" * 5000]
+    "stored",
+    [
+        "{not json",
+        "[1, 2]",
+        '{"passes": 3}',
+        '{"passes": [{"kind": 1}]}',
+        '{"source": 5}',
+        "[" * 5000 + "]" * 5000,
+    ],
 )
 def test_B_damaged_provenance_is_dropped_with_a_warning(tmp_path, stored):
     proto = tiny_mlp().to_proto()
@@ -75,20 +85,42 @@ def test_B_damaged_provenance_is_dropped_with_a_warning(tmp_path, stored):
         if entry.key == "modelpress.ir.provenance":
             entry.value = stored
     path = _save(proto, tmp_path / "m.onnx")
-    with pytest.warns(UserWarning, match=r"m.onnx: metadata entry 'modelpress.ir.provenance' is damaged"):
+    with pytest.warns(
+        UserWarning, match=r"m.onnx: metadata entry 'modelpress.ir.provenance' is damaged"
+    ):
         model = modelpress.load(path)
-    assert model.provenance.passes == () and "modelpress.ir.provenance" not in model.ir.metadata_props
-    result = modelpress.export(modelpress.apply(model, "fp16", show_progress=False), tmp_path / "out.onnx")
+    assert (
+        model.provenance.passes == () and "modelpress.ir.provenance" not in model.ir.metadata_props
+    )
+    result = modelpress.export(
+        modelpress.apply(model, "fp16", show_progress=False), tmp_path / "out.onnx"
+    )
     assert result.verification.cosine > 0.999  # the model itself is fine and still compresses
 
 
 # -- C: invalid UTF-8 in names (the checker's UnicodeDecodeError) ----------------------------------
-@pytest.mark.parametrize(("name", "where"), [(b"relu1", "graph.node[1].name"), (b"Gemm", "op_type"), (b"h_relu", "output"), (b"tiny_mlp", "graph.name"), (b"modelpress.testing", "producer_name")])
+@pytest.mark.parametrize(
+    ("name", "where"),
+    [
+        (b"relu1", "graph.node[1].name"),
+        (b"Gemm", "op_type"),
+        (b"h_relu", "output"),
+        (b"tiny_mlp", "graph.name"),
+        (b"modelpress.testing", "producer_name"),
+    ],
+)
 def test_C_invalid_utf8_names_are_an_invalid_model_error(tmp_path, name, where):
-    blob = tiny_mlp().to_proto().SerializeToString().replace(name, bytes([0xFF - i for i in range(len(name))]))
+    blob = (
+        tiny_mlp()
+        .to_proto()
+        .SerializeToString()
+        .replace(name, bytes([0xFF - i for i in range(len(name))]))
+    )
     path = tmp_path / "names.onnx"
     path.write_bytes(blob)
-    with pytest.raises(modelpress.InvalidModelError, match=r"names.onnx: .* is not valid UTF-8 text") as info:
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"names.onnx: .* is not valid UTF-8 text"
+    ) as info:
         modelpress.load(path)
     assert where in str(info.value)
 
@@ -127,8 +159,15 @@ def test_G_npz_declaring_1e11_rows_is_refused_before_allocating(tmp_path):
     header += b" " * (63 - (len(header) + 10) % 64) + b"\n"
     path = tmp_path / "huge.npz"
     with zipfile.ZipFile(path, "w") as archive:
-        archive.writestr("x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64)
-    with fuzzing.limits(seconds=20, headroom=1 << 30), pytest.raises(modelpress.DataError, match=r"huge.npz' array 'x'.*declares shape \(100000000000, 8\)"):
+        archive.writestr(
+            "x.npy", b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header + b"\0" * 64
+        )
+    with (
+        fuzzing.limits(seconds=20, headroom=1 << 30),
+        pytest.raises(
+            modelpress.DataError, match=r"huge.npz' array 'x'.*declares shape \(100000000000, 8\)"
+        ),
+    ):
         modelpress.data.samples.load_dataset(path, tiny_mlp().signature)
 
 
@@ -168,7 +207,9 @@ def test_H_temp_folder_failure_is_an_export_error(tmp_path, monkeypatch):
         raise PermissionError(13, "Permission denied")
 
     monkeypatch.setattr(tempfile, "mkdtemp", refuse)
-    with pytest.raises(modelpress.ExportError, match=r"cannot create a file in folder.*Permission denied"):
+    with pytest.raises(
+        modelpress.ExportError, match=r"cannot create a file in folder.*Permission denied"
+    ):
         modelpress.export(tiny_mlp(), tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())
 
@@ -185,9 +226,15 @@ def _sparse_mlp() -> tuple[onnx.ModelProto, onnx.ModelProto]:
     nz = np.flatnonzero(flat)
     sparse_proto = onnx.ModelProto()
     sparse_proto.CopyFrom(dense)
-    sparse_proto.graph.initializer.remove(next(t for t in sparse_proto.graph.initializer if t.name == "fc1.weight"))
+    sparse_proto.graph.initializer.remove(
+        next(t for t in sparse_proto.graph.initializer if t.name == "fc1.weight")
+    )
     sparse_proto.graph.sparse_initializer.append(
-        helper.make_sparse_tensor(numpy_helper.from_array(flat[nz], "fc1.weight"), numpy_helper.from_array(nz.astype(np.int64), ""), list(array.shape))
+        helper.make_sparse_tensor(
+            numpy_helper.from_array(flat[nz], "fc1.weight"),
+            numpy_helper.from_array(nz.astype(np.int64), ""),
+            list(array.shape),
+        )
     )
     return sparse_proto, dense
 
@@ -195,21 +242,30 @@ def _sparse_mlp() -> tuple[onnx.ModelProto, onnx.ModelProto]:
 def test_J_sparse_initializer_loads_clones_and_compresses(tmp_path):
     sparse_proto, dense = _sparse_mlp()
     model = modelpress.load(_save(sparse_proto, tmp_path / "sparse.onnx"))
-    np.testing.assert_array_equal(model.initializer("fc1.weight").const_value.numpy(), numpy_helper.to_array(dense.graph.initializer[0]))
+    np.testing.assert_array_equal(
+        model.initializer("fc1.weight").const_value.numpy(),
+        numpy_helper.to_array(dense.graph.initializer[0]),
+    )
     result = modelpress.apply(model, "magnitude", sparsity=0.5, show_progress=False)
     exported = modelpress.export(result, tmp_path / "out.onnx")
     assert exported.verification.cosine > 0.9
     # The sparse file and the dense one compute the same thing in ORT.
     x = {"x": np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)}
-    ref = modelpress.runtime.session.run(modelpress.runtime.session.make_session(modelpress.load(dense)), x)
+    ref = modelpress.runtime.session.run(
+        modelpress.runtime.session.make_session(modelpress.load(dense)), x
+    )
     got = modelpress.runtime.session.run(modelpress.runtime.session.make_session(model), x)
     np.testing.assert_allclose(got[0], ref[0], rtol=1e-6)
 
 
 def test_J_sparse_initializer_with_bad_indices_is_an_invalid_model_error(tmp_path):
     sparse_proto, _ = _sparse_mlp()
-    sparse_proto.graph.sparse_initializer[0].indices.CopyFrom(numpy_helper.from_array(np.array([10**9], np.int64), ""))
-    with pytest.raises(modelpress.InvalidModelError, match=r"sparse initializer 'fc1.weight' cannot be expanded"):
+    sparse_proto.graph.sparse_initializer[0].indices.CopyFrom(
+        numpy_helper.from_array(np.array([10**9], np.int64), "")
+    )
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"sparse initializer 'fc1.weight' cannot be expanded"
+    ):
         modelpress.load(_save(sparse_proto, tmp_path / "bad.onnx"))
 
 
@@ -217,11 +273,18 @@ def test_J_plugin_error_message_stays_one_short_line():
     def explode(model, opts, ctx):
         raise RuntimeError("graph dump:\n" + repr(model.ir) * 50)
 
-    method = modelpress.Method(name="explode", kind="prune", apply=explode, options=modelpress.Options, mutates=True)
+    method = modelpress.Method(
+        name="explode", kind="prune", apply=explode, options=modelpress.Options, mutates=True
+    )
     with pytest.raises(modelpress.PluginError) as info:
         modelpress.apply(tiny_mlp(), method, show_progress=False)
     message = str(info.value)
-    assert "\n" not in message and len(message) < 500 and "RuntimeError: graph dump:" in message and message.endswith("(truncated)")
+    assert (
+        "\n" not in message
+        and len(message) < 500
+        and "RuntimeError: graph dump:" in message
+        and message.endswith("(truncated)")
+    )
 
 
 # -- K: output == input ---------------------------------------------------------------------------
@@ -231,8 +294,15 @@ def test_K_export_over_the_input_is_refused_unless_overwrite(tmp_path):
     result = modelpress.apply(modelpress.load(path), "fp16", show_progress=False)
     (tmp_path / "link.onnx").symlink_to(path)
     os.link(path, tmp_path / "hard.onnx")
-    for target in (path, tmp_path / "link.onnx", tmp_path / "hard.onnx", tmp_path / "sub" / ".." / "m.onnx"):
-        with pytest.raises(modelpress.ExportError, match=r"refusing to write .* it is the input file .*--overwrite"):
+    for target in (
+        path,
+        tmp_path / "link.onnx",
+        tmp_path / "hard.onnx",
+        tmp_path / "sub" / ".." / "m.onnx",
+    ):
+        with pytest.raises(
+            modelpress.ExportError, match=r"refusing to write .* it is the input file .*--overwrite"
+        ):
             modelpress.export(result, target)
     assert _sha(path) == before
     modelpress.export(result, path, overwrite=True)
@@ -256,12 +326,23 @@ def test_K_export_over_the_inputs_external_data_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [["quantize", "-m", "fp16"], ["prune", "--sparsity", "0.5"], ["apply", "-m", "int8-dynamic", "-O", "min_elements=16", "--allow-no-gain"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["quantize", "-m", "fp16"],
+        ["prune", "--sparsity", "0.5"],
+        ["apply", "-m", "int8-dynamic", "-O", "min_elements=16", "--allow-no-gain"],
+    ],
+)
 def test_K_cli_refuses_to_write_over_its_input(tmp_path, command):
     path = _save(tiny_mlp().to_proto(), tmp_path / "m.onnx")
     before = _sha(path)
     refused = run_cli(command[0], str(path), *command[1:], "-o", str(path), "-q")
-    assert refused.returncode == 1 and "it is the input file" in refused.stderr and "--overwrite" in refused.stderr
+    assert (
+        refused.returncode == 1
+        and "it is the input file" in refused.stderr
+        and "--overwrite" in refused.stderr
+    )
     assert len(refused.stderr.strip().splitlines()) == 1 and _sha(path) == before
     done = run_cli(command[0], str(path), *command[1:], "-o", str(path), "-q", "--overwrite")
     assert done.returncode == 0, done.stderr
@@ -284,7 +365,10 @@ def test_L_ref_attr_name_outside_a_function_is_an_invalid_model_error(tmp_path):
     attr = next(a for a in node.attribute if a.name == "transB")
     attr.ref_attr_name = "transpose_me"
     path = _save(proto, tmp_path / "ref.onnx")
-    with pytest.raises(modelpress.InvalidModelError, match=r"ref.onnx: node 'fc1' attribute 'transB' refers to a function attribute"):
+    with pytest.raises(
+        modelpress.InvalidModelError,
+        match=r"ref.onnx: node 'fc1' attribute 'transB' refers to a function attribute",
+    ):
         modelpress.load(path)
 
 
@@ -292,13 +376,22 @@ def test_L_ref_attr_name_outside_a_function_is_an_invalid_model_error(tmp_path):
 @pytest.mark.parametrize("make", [fuzzing.if_model, fuzzing.loop_model], ids=["If", "Loop"])
 def test_fp16_with_if_and_loop_subgraphs_exports_and_verifies(tmp_path, make):
     model = modelpress.load(make())
-    result = modelpress.apply(model, "fp16", show_progress=False, allow_no_gain=True)  # NOTE: tiny: the Casts outweigh the halving
+    result = modelpress.apply(
+        model, "fp16", show_progress=False, allow_no_gain=True
+    )  # NOTE: tiny: the Casts outweigh the halving
     exported = modelpress.export(result, tmp_path / "fp16.onnx")
     figures = result.provenance.passes[-1].figures
-    assert figures["float16_subgraph_nodes"] >= 1 and figures["float16_subgraph_nodes"] == figures["subgraph_nodes"]
+    assert (
+        figures["float16_subgraph_nodes"] >= 1
+        and figures["float16_subgraph_nodes"] == figures["subgraph_nodes"]
+    )
     assert exported.verification.cosine > 0.999 and exported.verification.max_abs_diff < 0.05
     written = onnx.load(tmp_path / "fp16.onnx")
-    assert all(t.data_type == TensorProto.FLOAT16 for t in written.graph.initializer if t.name.startswith("w"))  # every weight is float16
+    assert all(
+        t.data_type == TensorProto.FLOAT16
+        for t in written.graph.initializer
+        if t.name.startswith("w")
+    )  # every weight is float16
     body = next(a.g for n in written.graph.node for a in n.attribute if a.HasField("g"))
     assert {n.op_type for n in body.node} >= {"Cast"}  # the body converts at its boundary
 
@@ -310,23 +403,45 @@ def test_no_imports_refuses_callables_and_data_outside_the_recipe_folder(tmp_pat
     np.savez(tmp_path / "outside.npz", x=np.zeros((4, 8), np.float32))
     np.savez(folder / "inside.npz", x=np.zeros((4, 8), np.float32))
     cases = {
-        "metric.yaml": ("passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: 'os:getcwd'}", "evaluate.metric entry 'os:getcwd'"),
-        "data.yaml": ("passes: [{kind: quantize, method: fp16}]\ndata: {eval: 'tests.fuzzing:seeds'}", "data.eval entry"),
-        "outside.yaml": ("passes: [{kind: quantize, method: fp16}]\ndata: {eval: ../outside.npz}", "outside the recipe's folder"),
+        "metric.yaml": (
+            "passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: 'os:getcwd'}",
+            "evaluate.metric entry 'os:getcwd'",
+        ),
+        "data.yaml": (
+            "passes: [{kind: quantize, method: fp16}]\ndata: {eval: 'tests.fuzzing:seeds'}",
+            "data.eval entry",
+        ),
+        "outside.yaml": (
+            "passes: [{kind: quantize, method: fp16}]\ndata: {eval: ../outside.npz}",
+            "outside the recipe's folder",
+        ),
     }
     for name, (text, match) in cases.items():
         (folder / name).write_text(text)
         modelpress.load_recipe(folder / name).validate_against()  # trusted: fine
         with pytest.raises(modelpress.OptionsError, match=match):
             modelpress.load_recipe(folder / name, allow_imports=False).validate_against()
-    (folder / "ok.yaml").write_text("passes: [{kind: quantize, method: fp16}]\ndata: {eval: inside.npz}")
+    (folder / "ok.yaml").write_text(
+        "passes: [{kind: quantize, method: fp16}]\ndata: {eval: inside.npz}"
+    )
     modelpress.load_recipe(folder / "ok.yaml", allow_imports=False).validate_against()
 
 
 def test_cli_compress_no_imports(tmp_path):
     model = _save(tiny_mlp().to_proto(), tmp_path / "m.onnx")
-    (tmp_path / "r.yaml").write_text("passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: 'os:getcwd', repeats: 1}")
-    result = run_cli("compress", str(model), "-r", str(tmp_path / "r.yaml"), "-o", str(tmp_path / "out.onnx"), "--no-imports", "-q")
+    (tmp_path / "r.yaml").write_text(
+        "passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: 'os:getcwd', repeats: 1}"
+    )
+    result = run_cli(
+        "compress",
+        str(model),
+        "-r",
+        str(tmp_path / "r.yaml"),
+        "-o",
+        str(tmp_path / "out.onnx"),
+        "--no-imports",
+        "-q",
+    )
     assert result.returncode == 1 and "refused because imports are disabled" in result.stderr
     assert not (tmp_path / "out.onnx").exists() and not (tmp_path / "out-stages").exists()
 
@@ -334,8 +449,16 @@ def test_cli_compress_no_imports(tmp_path):
 # -- the CLI's exit codes -----------------------------------------------------------------------------
 @pytest.mark.parametrize(
     "argv",
-    [[], ["bogus"], ["quantize"], ["quantize", "m.onnx"], ["prune", "m.onnx", "-o", "x.onnx", "--sparsity", "lots"], ["inspect", "nope.onnx"],
-     ["quantize", "m.onnx", "-o", "x.onnx", "-O", "=3"], ["demo", "--framework", "jax"]],
+    [
+        [],
+        ["bogus"],
+        ["quantize"],
+        ["quantize", "m.onnx"],
+        ["prune", "m.onnx", "-o", "x.onnx", "--sparsity", "lots"],
+        ["inspect", "nope.onnx"],
+        ["quantize", "m.onnx", "-o", "x.onnx", "-O", "=3"],
+        ["demo", "--framework", "jax"],
+    ],
 )
 def test_user_errors_exit_1(argv, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -357,14 +480,24 @@ def test_a_bug_exits_3_with_one_line_naming_the_version(capsys, monkeypatch, tmp
     code = cli.main(["inspect", str(path)])
     err = capsys.readouterr().err.strip()
     assert code == cli.EXIT_INTERNAL == 3
-    assert len(err.splitlines()) == 1 and f"a bug in modelpress {modelpress.__version__}" in err and "rerun with -v" in err and "KeyError" in err
+    assert (
+        len(err.splitlines()) == 1
+        and f"a bug in modelpress {modelpress.__version__}" in err
+        and "rerun with -v" in err
+        and "KeyError" in err
+    )
 
 
 def test_help_documents_exit_codes_overwrite_and_no_imports():
     out = run_cli("compress", "--help")
     assert out.returncode == 0
     text = " ".join(out.stdout.split())
-    assert "--no-imports" in text and "--overwrite" in text and "3 internal error" in text and "A recipe is code" in text
+    assert (
+        "--no-imports" in text
+        and "--overwrite" in text
+        and "3 internal error" in text
+        and "A recipe is code" in text
+    )
 
 
 def test_K_convert_and_compress_refuse_to_write_over_their_input(tmp_path):
@@ -384,12 +517,16 @@ def test_int8_static_with_a_weight_shared_by_two_layers(tmp_path):
     """Found running the fuzz seeds through every method: two DequantizeLinear nodes got one name."""
     model = modelpress.load(fuzzing.if_model())  # `w` feeds both MatMul mm and MatMul mm2
     calibration = {"x": np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)}
-    result = modelpress.apply(model, "int8-static", calibration=calibration, show_progress=False, allow_no_gain=True)  # NOTE: tiny
+    result = modelpress.apply(
+        model, "int8-static", calibration=calibration, show_progress=False, allow_no_gain=True
+    )  # NOTE: tiny
     exported = modelpress.export(result, tmp_path / "q.onnx", sample=calibration)
     assert exported.verification.cosine > 0.99
     nodes = onnx.load(tmp_path / "q.onnx").graph.node
     names = [n.name for n in nodes]
-    assert len(names) == len(set(names)) and sum(n.op_type == "DequantizeLinear" for n in nodes) >= 2
+    assert (
+        len(names) == len(set(names)) and sum(n.op_type == "DequantizeLinear" for n in nodes) >= 2
+    )
 
 
 def test_B_cli_shows_the_dropped_provenance_as_one_warning_line(tmp_path):
@@ -410,19 +547,38 @@ def test_a_run_that_never_finishes_is_stopped_with_a_clean_error(tmp_path, monke
     # NOTE: found by the fuzz suite: a mutated Loop trip count (10^15) hung export's verification
     # run, and no Python signal can interrupt ONNX Runtime while it runs
     body = helper.make_graph(
-        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["M", "", "x"], ["y"], name="loop", body=body)], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
-        [helper.make_tensor("M", TensorProto.INT64, [], [10**15])])
-    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+        [helper.make_node("Loop", ["M", "", "x"], ["y"], name="loop", body=body)],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        [helper.make_tensor("M", TensorProto.INT64, [], [10**15])],
+    )
+    path = _save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        tmp_path / "loop.onnx",
+    )
     monkeypatch.setenv("MODELPRESS_RUN_TIMEOUT", "1")
     model = modelpress.load(path, normalize=False)
-    with pytest.raises(modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"):
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"
+    ):
         modelpress.export(model, tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
 
@@ -431,19 +587,44 @@ def test_a_method_whose_data_runs_never_finish_stops_with_a_clean_error(tmp_path
     """The methods' own ORT runs (calibration, SmoothQuant, sensitivity, GPTQ statistics, pruning
     importance, distillation's teacher) honour MODELPRESS_RUN_TIMEOUT as export's verification does."""
     body = helper.make_graph(
-        [helper.make_node("Add", ["v_in", "one"], ["v_out"]), helper.make_node("Identity", ["cond_in"], ["cond_out"])], "body",
-        [helper.make_tensor_value_info("i", TensorProto.INT64, []), helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
-         helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []), helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])])
+        [
+            helper.make_node("Add", ["v_in", "one"], ["v_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond_in", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_in", TensorProto.FLOAT, [1, 8]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, [1, 8]),
+        ],
+        [helper.make_tensor("one", TensorProto.FLOAT, [1], [1.0])],
+    )
     w = np.random.default_rng(0).standard_normal((8, 8)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Loop", ["M", "", "x"], ["h"], name="loop", body=body), helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])], [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
-        [helper.make_tensor("M", TensorProto.INT64, [], [10**15]), onnx.numpy_helper.from_array(w, "w")])
-    path = _save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "loop.onnx")
+        [
+            helper.make_node("Loop", ["M", "", "x"], ["h"], name="loop", body=body),
+            helper.make_node("MatMul", ["h", "w"], ["y"], name="mm"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+        [
+            helper.make_tensor("M", TensorProto.INT64, [], [10**15]),
+            onnx.numpy_helper.from_array(w, "w"),
+        ],
+    )
+    path = _save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        tmp_path / "loop.onnx",
+    )
     monkeypatch.setenv("MODELPRESS_RUN_TIMEOUT", "1")
     model = modelpress.load(path, normalize=False)
     calibration = {"x": np.zeros((1, 8), np.float32)}
-    with pytest.raises(modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"):
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"stopped after 1 s \(MODELPRESS_RUN_TIMEOUT\)"
+    ):
         modelpress.quantize(model, "int8-static", calibration=calibration, show_progress=False)

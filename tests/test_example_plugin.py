@@ -26,15 +26,30 @@ def test_listed_by_modelpress_plugins(example_plugin):
     assert "fp16-weights" in table and "min_elements" in table
 
 
-def test_runs_end_to_end_from_the_cli(example_plugin, digits_mlp_path, digits_npz, digits, tmp_path):
+def test_runs_end_to_end_from_the_cli(
+    example_plugin, digits_mlp_path, digits_npz, digits, tmp_path
+):
     out = tmp_path / "half.onnx"
-    result = run_cli("apply", str(digits_mlp_path), "-m", "fp16-weights", "-o", str(out), "--sample", str(digits_npz))
+    result = run_cli(
+        "apply",
+        str(digits_mlp_path),
+        "-m",
+        "fp16-weights",
+        "-o",
+        str(out),
+        "--sample",
+        str(digits_npz),
+    )
     assert result.returncode == 0, result.stderr
     assert "verified in ONNX Runtime" in result.stdout
     assert out.stat().st_size < 0.6 * digits_mlp_path.stat().st_size
     model = modelpress.load(out)
     (record,) = model.provenance.passes
-    assert (record.plugin, record.plugin_version, record.figures["converted"]) == ("fp16-weights", "0.1.0", 3)  # fc1.weight, fc1.bias, fc2.weight; fc2.bias < 16 elements
+    assert (record.plugin, record.plugin_version, record.figures["converted"]) == (
+        "fp16-weights",
+        "0.1.0",
+        3,
+    )  # fc1.weight, fc1.bias, fc2.weight; fc2.bias < 16 elements
     (logits,) = run(make_session(out), {"x": digits["x_test"]})
     (reference,) = run(make_session(digits_mlp_path), {"x": digits["x_test"]})
     assert np.mean(logits.argmax(1) == reference.argmax(1)) >= 0.998
@@ -43,7 +58,17 @@ def test_runs_end_to_end_from_the_cli(example_plugin, digits_mlp_path, digits_np
 
 def test_plugin_own_tests_pass(example_plugin):
     result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "examples" / "plugin-template" / "tests")],
-        capture_output=True, text=True, cwd=ROOT / "examples" / "plugin-template",
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            str(ROOT / "examples" / "plugin-template" / "tests"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT / "examples" / "plugin-template",
     )
     assert result.returncode == 0, result.stdout + result.stderr

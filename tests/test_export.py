@@ -15,7 +15,9 @@ def _custom_op_model() -> modelpress.Model:
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    proto = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)]
+    )
     proto.ir_version = 8
     return modelpress.load(proto)
 
@@ -25,7 +27,12 @@ def test_export_writes_loads_and_reports_figures(tmp_path, digits_mlp_path, digi
     result = modelpress.export(model, tmp_path / "out.onnx", sample={"x": digits["x_test"][:64]})
     assert result.path.exists() and result.size_bytes == result.path.stat().st_size
     v = result.verification
-    assert v.samples == 64 and v.max_abs_diff == 0.0 and v.cosine == pytest.approx(1.0) and v.top1_agreement == 1.0
+    assert (
+        v.samples == 64
+        and v.max_abs_diff == 0.0
+        and v.cosine == pytest.approx(1.0)
+        and v.top1_agreement == 1.0
+    )
     assert not list(tmp_path.glob(".*tmp*")), "temporary folder left behind"
     onnx.checker.check_model(str(result.path), full_check=True)
 
@@ -33,7 +40,9 @@ def test_export_writes_loads_and_reports_figures(tmp_path, digits_mlp_path, digi
 def test_export_compares_against_the_reference(tmp_path):
     model = tiny_mlp()
     changed = model.clone()
-    changed.replace_initializer("fc2.bias", changed.initializer("fc2.bias").const_value.numpy() + 0.5)
+    changed.replace_initializer(
+        "fc2.bias", changed.initializer("fc2.bias").const_value.numpy() + 0.5
+    )
     result = modelpress.export(changed, tmp_path / "c.onnx")
     assert result.verification.max_abs_diff == pytest.approx(0.5, abs=1e-5)
     with pytest.raises(modelpress.VerificationError, match=r"max \|diff\|.*nothing was written"):
@@ -43,7 +52,9 @@ def test_export_compares_against_the_reference(tmp_path):
 
 def test_ort_cannot_load_leaves_nothing(tmp_path):
     model = _custom_op_model()
-    with pytest.raises(modelpress.ExportError, match=r"ONNX Runtime cannot load.*Frobnicate.*nothing was written"):
+    with pytest.raises(
+        modelpress.ExportError, match=r"ONNX Runtime cannot load.*Frobnicate.*nothing was written"
+    ):
         modelpress.export(model, tmp_path / "bad.onnx")
     assert list(tmp_path.iterdir()) == []
 
@@ -63,7 +74,8 @@ def test_export_with_external_data(tmp_path):
     assert result.external_data.stat().st_size > 0
     again = modelpress.load(tmp_path / "ext.onnx")
     np.testing.assert_array_equal(
-        again.initializer("conv2.weight").const_value.numpy(), model.initializer("conv2.weight").const_value.numpy()
+        again.initializer("conv2.weight").const_value.numpy(),
+        model.initializer("conv2.weight").const_value.numpy(),
     )
     assert result.verification.max_abs_diff == 0.0
 
@@ -77,7 +89,11 @@ def test_export_into_missing_folder_or_onto_a_folder(tmp_path):
 
 def test_sample_data_is_validated(tmp_path):
     with pytest.raises(modelpress.DataError, match=r"input 'x' has size 5 on axis 1"):
-        modelpress.export(tiny_mlp(), tmp_path / "m.onnx", sample={"x": np.zeros((2, 5), np.float32)})
+        modelpress.export(
+            tiny_mlp(), tmp_path / "m.onnx", sample={"x": np.zeros((2, 5), np.float32)}
+        )
     with pytest.raises(modelpress.DataError, match="NaN"):
-        modelpress.export(tiny_mlp(), tmp_path / "m.onnx", sample={"x": np.full((2, 8), np.nan, np.float32)})
+        modelpress.export(
+            tiny_mlp(), tmp_path / "m.onnx", sample={"x": np.full((2, 8), np.nan, np.float32)}
+        )
     assert not (tmp_path / "m.onnx").exists()

@@ -12,11 +12,16 @@ from tests.conftest import run_cli
 def test_torch_bad_inputs(torch_digits):
     pytest.importorskip("torch")
     module, _ = torch_digits["cnn"]
-    with pytest.raises(modelpress.DataError, match=r"example inputs \(\(2, 3, 8, 8\)\) do not fit the model"):
+    with pytest.raises(
+        modelpress.DataError, match=r"example inputs \(\(2, 3, 8, 8\)\) do not fit the model"
+    ):
         modelpress.load(module, example_inputs=np.zeros((2, 3, 8, 8), np.float32))
     with pytest.raises(modelpress.DataError, match="example_inputs are needed"):
         modelpress.load(module)
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"no installed adapter can load an object of type builtins\.int"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"no installed adapter can load an object of type builtins\.int",
+    ):
         modelpress.load(42)
 
 
@@ -36,7 +41,10 @@ def test_torch_unsupported_layer_names_both_exporters():
         def forward(self, x):
             return mystery(x) + 1
 
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"could not export.*dynamo exporter.*TorchScript exporter"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"could not export.*dynamo exporter.*TorchScript exporter",
+    ):
         modelpress.load(Mystery(), example_inputs=torch.randn(2, 3))
 
 
@@ -59,8 +67,14 @@ def test_torchscript_file_and_pickle_guard(torch_digits, tmp_path, digits):
     assert trusted.provenance.source_framework == "torch"
 
     torch.save(module.state_dict(), tmp_path / "weights.pth")
-    for trust in (False, True):  # NOTE: read with weights_only: no code from the file runs either way
-        with pytest.raises(modelpress.InvalidModelError, match=r"holds a state_dict \(\d+ tensors\).*architecture.*load_state_dict"):
+    for trust in (
+        False,
+        True,
+    ):  # NOTE: read with weights_only: no code from the file runs either way
+        with pytest.raises(
+            modelpress.InvalidModelError,
+            match=r"holds a state_dict \(\d+ tensors\).*architecture.*load_state_dict",
+        ):
             modelpress.load(tmp_path / "weights.pth", example_inputs=x_test[:4], trust_pickle=trust)
 
 
@@ -93,21 +107,35 @@ def test_keras_without_input_shape():
     assert imported.signature.inputs[0].shape == ("batch", 6)
 
     built = Subclassed()
-    built.build((None, 6))  # NOTE: how users build a subclassed model: the shape is read from the build
+    built.build(
+        (None, 6)
+    )  # NOTE: how users build a subclassed model: the shape is read from the build
     x = np.random.default_rng(0).standard_normal((5, 6)).astype(np.float32)
     imported = modelpress.load(built, example_inputs=x)
     assert imported.signature.inputs[0].shape == ("batch", 6)
-    np.testing.assert_allclose(run(make_session(imported), {imported.signature.input_names[0]: x})[0],
-                               np.asarray(built(x)), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        run(make_session(imported), {imported.signature.input_names[0]: x})[0],
+        np.asarray(built(x)),
+        rtol=1e-4,
+        atol=1e-5,
+    )
 
 
 @pytest.mark.tensorflow
 def test_keras_fully_convolutional_with_free_height_and_width():
     keras = pytest.importorskip("keras")
     pytest.importorskip("tf2onnx")
-    net = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(4, 3, strides=2, padding="same"),
-                            keras.layers.ReLU(), keras.layers.Conv2D(2, 3, padding="same")])
-    model = modelpress.load(net)  # NOTE: no example_inputs: free sizes get 32 x 32 for the import check
+    net = keras.Sequential(
+        [
+            keras.Input((None, None, 3)),
+            keras.layers.Conv2D(4, 3, strides=2, padding="same"),
+            keras.layers.ReLU(),
+            keras.layers.Conv2D(2, 3, padding="same"),
+        ]
+    )
+    model = modelpress.load(
+        net
+    )  # NOTE: no example_inputs: free sizes get 32 x 32 for the import check
     height, width = model.signature.inputs[0].shape[1:3]
     assert not isinstance(height, int) and not isinstance(width, int)
     x = np.random.default_rng(1).standard_normal((1, 40, 24, 3)).astype(np.float32)
@@ -140,7 +168,9 @@ def test_tf_function_source():
 
     model = modelpress.load(project)
     x = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
-    np.testing.assert_allclose(run(make_session(model), {"features": x})[0], project(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(
+        run(make_session(model), {"features": x})[0], project(x).numpy(), atol=1e-5
+    )
 
 
 @pytest.mark.slow
@@ -150,9 +180,19 @@ def test_convert_cli_torchscript_to_onnx_and_torch(torch_digits, tmp_path, digit
     module, x_test = torch_digits["cnn"]
     torch.jit.trace(module, torch.from_numpy(x_test[:2])).save(str(tmp_path / "cnn.pt"))
     np.save(tmp_path / "example.npy", x_test[:4])
-    out = run_cli("convert", str(tmp_path / "cnn.pt"), "--example", str(tmp_path / "example.npy"), "-o", str(tmp_path / "cnn.onnx"))
+    out = run_cli(
+        "convert",
+        str(tmp_path / "cnn.pt"),
+        "--example",
+        str(tmp_path / "example.npy"),
+        "-o",
+        str(tmp_path / "cnn.onnx"),
+    )
     assert out.returncode == 0, out.stderr
-    assert "import verified against torch" in out.stdout and "verified against the imported model" in out.stdout
+    assert (
+        "import verified against torch" in out.stdout
+        and "verified against the imported model" in out.stdout
+    )
     result = run_cli("convert", str(tmp_path / "cnn.onnx"), "-o", str(tmp_path / "back.pt2"))
     assert result.returncode == 0, result.stderr
     program = torch.export.load(str(tmp_path / "back.pt2"))
@@ -171,6 +211,12 @@ def test_convert_cli_errors(tmp_path, digits_mlp_path):
     bad = run_cli("convert", str(digits_mlp_path), "-o", str(tmp_path / "x.pt2"), "--to", "onnx")
     assert bad.returncode == 0  # --to wins over the suffix
     missing = run_cli("convert", str(tmp_path / "nope.keras"), "-o", str(tmp_path / "o.onnx"))
-    assert missing.returncode != 0 and missing.stderr.startswith("modelpress: error:") and "no such file" in missing.stderr
-    shape = run_cli("convert", str(digits_mlp_path), "-o", str(tmp_path / "o.onnx"), "--input-shape", "a,b")
+    assert (
+        missing.returncode != 0
+        and missing.stderr.startswith("modelpress: error:")
+        and "no such file" in missing.stderr
+    )
+    shape = run_cli(
+        "convert", str(digits_mlp_path), "-o", str(tmp_path / "o.onnx"), "--input-shape", "a,b"
+    )
     assert shape.returncode != 0 and "comma-separated integers" in shape.stderr

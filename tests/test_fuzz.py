@@ -29,7 +29,9 @@ import modelpress
 from tests import fuzzing
 
 # NOTE: damaged provenance metadata is dropped with a warning by design (root cause B).
-pytestmark = pytest.mark.filterwarnings("ignore:.*metadata entry 'modelpress.ir.provenance' is damaged:UserWarning")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:.*metadata entry 'modelpress.ir.provenance' is damaged:UserWarning"
+)
 
 SEEDS = fuzzing.seeds()
 SEED_BYTES = {name: proto.SerializeToString() for name, proto in SEEDS.items()}
@@ -57,7 +59,9 @@ def _quiet_onnxruntime():
 
 
 def _cases(config: pytest.Config, default: int) -> int:
-    asked = config.getoption("--fuzz-cases") or int(os.environ.get("MODELPRESS_FUZZ_CASES", "0") or 0)
+    asked = config.getoption("--fuzz-cases") or int(
+        os.environ.get("MODELPRESS_FUZZ_CASES", "0") or 0
+    )
     return int(asked) if asked else default
 
 
@@ -104,7 +108,9 @@ def _mutate_dims(draw, proto):  # type: ignore[no-untyped-def]
         else:
             tensor.dims.append(draw(st.sampled_from(HUGE)))
         return
-    infos = {"output": graph.output, "value_info": graph.value_info, "input": graph.input}.get(where) or graph.output
+    infos = {"output": graph.output, "value_info": graph.value_info, "input": graph.input}.get(
+        where
+    ) or graph.output
     if not infos:
         return
     info = draw(st.sampled_from(list(infos)))
@@ -157,11 +163,25 @@ def _mutate_wiring(draw, proto):  # type: ignore[no-untyped-def]
     graph = draw(st.sampled_from(_graphs(proto.graph)))
     if not graph.node:
         return
-    kind = draw(st.sampled_from(["dangling", "cycle", "duplicate_output", "drop_node", "drop_output", "empty_input", "reorder"]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "dangling",
+                "cycle",
+                "duplicate_output",
+                "drop_node",
+                "drop_output",
+                "empty_input",
+                "reorder",
+            ]
+        )
+    )
     nodes = list(graph.node)
     node = draw(st.sampled_from(nodes))
     if kind == "dangling" and node.input:
-        node.input[draw(st.integers(0, len(node.input) - 1))] = draw(st.sampled_from(["nowhere", "", "x\x00y", "../w"]))
+        node.input[draw(st.integers(0, len(node.input) - 1))] = draw(
+            st.sampled_from(["nowhere", "", "x\x00y", "../w"])
+        )
     elif kind == "cycle" and node.input:
         node.input[0] = nodes[-1].output[0]
     elif kind == "duplicate_output" and len(nodes) > 1:
@@ -183,7 +203,11 @@ def _mutate_op(draw, proto):  # type: ignore[no-untyped-def]
     node = draw(st.sampled_from(list(graph.node)))
     kind = draw(st.sampled_from(["op", "domain", "both"]))
     if kind in ("op", "both"):
-        node.op_type = draw(st.sampled_from(["Foo", "", "Conv", "MatMul", "Loop", "If", "Relu", "QuantizeLinear", "Gemm"]))
+        node.op_type = draw(
+            st.sampled_from(
+                ["Foo", "", "Conv", "MatMul", "Loop", "If", "Relu", "QuantizeLinear", "Gemm"]
+            )
+        )
     if kind in ("domain", "both"):
         node.domain = draw(st.sampled_from(["com.evil", "ai.onnx.ml", "com.microsoft", "ai.onnx"]))
 
@@ -210,14 +234,20 @@ def _mutate_attribute(draw, proto):  # type: ignore[no-untyped-def]
     node = draw(st.sampled_from(nodes))
     kind = draw(st.sampled_from(["ref", "type", "ints", "remove", "add", "graph", "tensor"]))
     if kind == "add" or not node.attribute:
-        node.attribute.append(helper.make_attribute(draw(st.sampled_from(["bogus", "axis", "to", "pads"])), draw(
-            st.sampled_from([1, -(2**40), 2**62, 1.5, "s", [1, 2], [2**40, -1]]))))
+        node.attribute.append(
+            helper.make_attribute(
+                draw(st.sampled_from(["bogus", "axis", "to", "pads"])),
+                draw(st.sampled_from([1, -(2**40), 2**62, 1.5, "s", [1, 2], [2**40, -1]])),
+            )
+        )
         return
     attr = draw(st.sampled_from(list(node.attribute)))
     if kind == "ref":
         attr.ref_attr_name = draw(st.sampled_from(["alpha", "", "x" * 50]))
     elif kind == "type":
-        attr.type = draw(st.sampled_from([0, 1, 2, 3, 4, 5, 7, 10, 14]))  # NOTE: protobuf itself refuses values outside the enum
+        attr.type = draw(
+            st.sampled_from([0, 1, 2, 3, 4, 5, 7, 10, 14])
+        )  # NOTE: protobuf itself refuses values outside the enum
     elif kind == "ints":
         attr.ClearField("ints")
         attr.ints.extend(draw(st.lists(st.sampled_from([0, -1, 2**40, 7]), max_size=6)))
@@ -249,18 +279,34 @@ def _mutate_subgraph(draw, proto):  # type: ignore[no-untyped-def]
     elif kind == "outer" and graph.node:
         graph.node[0].input[0] = draw(st.sampled_from(["x", "y", "undefined_outer"]))
     elif graph.output:
-        graph.output[0].type.tensor_type.elem_type = draw(st.sampled_from([TensorProto.INT64, TensorProto.FLOAT16, 0]))
+        graph.output[0].type.tensor_type.elem_type = draw(
+            st.sampled_from([TensorProto.INT64, TensorProto.FLOAT16, 0])
+        )
     return None
 
 
 def _mutate_metadata(draw, proto):  # type: ignore[no-untyped-def]
     entry = proto.metadata_props.add()
     entry.key = draw(st.sampled_from(["modelpress.ir.provenance", "modelpress.version", "other"]))
-    entry.value = draw(st.sampled_from([
-        "{", "[]", "null", "1e999", '{"passes": 3}', '{"passes": [{"kind": 1}]}', '{"passes": [null]}',
-        '{"source": 5}', '{"extra": []}', '{"passes": [{"kind": "q", "method": "m", "options": {}, "plugin": "p", "plugin_version": "1", "bogus": 1}]}',
-        "[" * 5000 + "]" * 5000, "\u0000", "ü",
-    ]))
+    entry.value = draw(
+        st.sampled_from(
+            [
+                "{",
+                "[]",
+                "null",
+                "1e999",
+                '{"passes": 3}',
+                '{"passes": [{"kind": 1}]}',
+                '{"passes": [null]}',
+                '{"source": 5}',
+                '{"extra": []}',
+                '{"passes": [{"kind": "q", "method": "m", "options": {}, "plugin": "p", "plugin_version": "1", "bogus": 1}]}',
+                "[" * 5000 + "]" * 5000,
+                "\u0000",
+                "ü",
+            ]
+        )
+    )
 
 
 def _mutate_sparse(draw, proto):  # type: ignore[no-untyped-def]
@@ -270,20 +316,35 @@ def _mutate_sparse(draw, proto):  # type: ignore[no-untyped-def]
     dense = draw(st.sampled_from(list(graph.initializer)))
     try:
         array = onnx.numpy_helper.to_array(dense).reshape(-1)
-    except Exception:  # NOTE: an earlier mutation already broke this tensor; onnx cannot read it either
+    except (
+        Exception
+    ):  # NOTE: an earlier mutation already broke this tensor; onnx cannot read it either
         return
     nnz = min(len(array), 4)
-    indices = draw(st.sampled_from([np.arange(nnz), np.array([-1] * nnz), np.arange(nnz) * 10**6, np.arange(nnz + 1)]))
+    indices = draw(
+        st.sampled_from(
+            [np.arange(nnz), np.array([-1] * nnz), np.arange(nnz) * 10**6, np.arange(nnz + 1)]
+        )
+    )
     values = onnx.numpy_helper.from_array(array[:nnz].copy(), dense.name)
-    sparse = helper.make_sparse_tensor(values, onnx.numpy_helper.from_array(indices.astype(np.int64), ""), list(dense.dims))
+    sparse = helper.make_sparse_tensor(
+        values, onnx.numpy_helper.from_array(indices.astype(np.int64), ""), list(dense.dims)
+    )
     graph.sparse_initializer.append(sparse)
     graph.initializer.remove(dense)
 
 
 MUTATIONS = {
-    "dims": _mutate_dims, "dtype": _mutate_dtype, "raw_data": _mutate_raw_data, "wiring": _mutate_wiring,
-    "op": _mutate_op, "opset": _mutate_opset, "attribute": _mutate_attribute, "subgraph": _mutate_subgraph,
-    "metadata": _mutate_metadata, "sparse": _mutate_sparse,
+    "dims": _mutate_dims,
+    "dtype": _mutate_dtype,
+    "raw_data": _mutate_raw_data,
+    "wiring": _mutate_wiring,
+    "op": _mutate_op,
+    "opset": _mutate_opset,
+    "attribute": _mutate_attribute,
+    "subgraph": _mutate_subgraph,
+    "metadata": _mutate_metadata,
+    "sparse": _mutate_sparse,
 }
 
 
@@ -295,7 +356,9 @@ def test_protobuf_mutations(fuzz):
         seed = data.draw(st.sampled_from(sorted(SEEDS)), label="seed")
         proto = onnx.ModelProto()
         proto.CopyFrom(SEEDS[seed])
-        names = data.draw(st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3), label="mutations")
+        names = data.draw(
+            st.lists(st.sampled_from(sorted(MUTATIONS)), min_size=1, max_size=3), label="mutations"
+        )
         for name in names:
             MUTATIONS[name](data.draw, proto)
         blob = proto.SerializeToString()
@@ -323,7 +386,10 @@ def test_byte_damage(fuzz):
     def body(data, folder: Path) -> None:
         seed = data.draw(st.sampled_from(sorted(SEED_BYTES)), label="seed")
         blob = bytearray(SEED_BYTES[seed])
-        kind = data.draw(st.sampled_from(["flip", "truncate", "insert", "splice", "zero", "names"]), label="damage")
+        kind = data.draw(
+            st.sampled_from(["flip", "truncate", "insert", "splice", "zero", "names"]),
+            label="damage",
+        )
         if kind == "flip":
             for _ in range(data.draw(st.integers(1, 8))):
                 i = data.draw(st.integers(0, len(blob) - 1))
@@ -334,14 +400,36 @@ def test_byte_damage(fuzz):
             i = data.draw(st.integers(0, len(blob)))
             blob[i:i] = data.draw(st.binary(min_size=1, max_size=32))
         elif kind == "splice":
-            i, j = sorted((data.draw(st.integers(0, len(blob))), data.draw(st.integers(0, len(blob)))))
+            i, j = sorted(
+                (data.draw(st.integers(0, len(blob))), data.draw(st.integers(0, len(blob))))
+            )
             blob = blob[:j] + blob[i:j] + blob[j:]
         elif kind == "zero":
             i = data.draw(st.integers(0, len(blob) - 1))
             blob[i : i + 16] = bytes(len(blob[i : i + 16]))
         else:  # NOTE: invalid UTF-8 in names (root cause C)
-            for name in data.draw(st.lists(st.sampled_from([b"fc1", b"relu1", b"conv1", b"mm", b"loop", b"branch", b"Gemm", b"x", b"fuzz"]), min_size=1, max_size=3)):
-                blob = blob.replace(name, bytes(0xFF - i for i in range(len(name))))  # same length: still parses
+            for name in data.draw(
+                st.lists(
+                    st.sampled_from(
+                        [
+                            b"fc1",
+                            b"relu1",
+                            b"conv1",
+                            b"mm",
+                            b"loop",
+                            b"branch",
+                            b"Gemm",
+                            b"x",
+                            b"fuzz",
+                        ]
+                    ),
+                    min_size=1,
+                    max_size=3,
+                )
+            ):
+                blob = blob.replace(
+                    name, bytes(0xFF - i for i in range(len(name)))
+                )  # same length: still parses
         method = data.draw(st.integers(0, 3), label="method")
 
         def make(inputs: Path) -> Path:
@@ -361,19 +449,54 @@ def test_byte_damage(fuzz):
 def test_external_data_tricks(fuzz):
     def body(data, folder: Path) -> None:
         seed = data.draw(st.sampled_from(["mlp", "cnn", "loop"]), label="seed")
-        trick = data.draw(st.sampled_from([
-            "location", "offset", "length", "truncate_data", "symlink_out", "fifo", "directory", "swap_data", "none",
-        ]), label="trick")
-        value = data.draw(st.sampled_from([
-            "../outside.bin", "/etc/passwd", "/proc/self/environ", "/dev/zero", "a\x00b", "", ".", "sub/../model.onnx.data",
-            "abc", "1.5", "-8", "99999999999999", "0x10", " 4",
-        ]), label="value")
+        trick = data.draw(
+            st.sampled_from(
+                [
+                    "location",
+                    "offset",
+                    "length",
+                    "truncate_data",
+                    "symlink_out",
+                    "fifo",
+                    "directory",
+                    "swap_data",
+                    "none",
+                ]
+            ),
+            label="trick",
+        )
+        value = data.draw(
+            st.sampled_from(
+                [
+                    "../outside.bin",
+                    "/etc/passwd",
+                    "/proc/self/environ",
+                    "/dev/zero",
+                    "a\x00b",
+                    "",
+                    ".",
+                    "sub/../model.onnx.data",
+                    "abc",
+                    "1.5",
+                    "-8",
+                    "99999999999999",
+                    "0x10",
+                    " 4",
+                ]
+            ),
+            label="value",
+        )
         method = data.draw(st.integers(0, 3), label="method")
 
         def make(inputs: Path) -> Path:
             path = fuzzing.with_external_data(SEEDS[seed], inputs)
             proto = onnx.load(path, load_external_data=False)
-            external = [t for g in _graphs(proto.graph) for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
+            external = [
+                t
+                for g in _graphs(proto.graph)
+                for t in g.initializer
+                if t.data_location == TensorProto.EXTERNAL
+            ]
             tensor = external[0]
             entries = {e.key: e for e in tensor.external_data}
             data_file = inputs / "model.onnx.data"
@@ -393,7 +516,9 @@ def test_external_data_tricks(fuzz):
                 data_file.unlink()
                 data_file.mkdir()
             elif trick == "swap_data":
-                data_file.write_bytes(os.urandom(data_file.stat().st_size))  # valid layout, garbage weights
+                data_file.write_bytes(
+                    os.urandom(data_file.stat().st_size)
+                )  # valid layout, garbage weights
             path.write_bytes(proto.SerializeToString())
             return path
 
@@ -411,10 +536,26 @@ def _npy_header(shape: tuple[int, ...], dtype: str = "<f4") -> bytes:
 
 def _bad_npz(draw, path: Path) -> None:  # type: ignore[no-untyped-def]
     good = {"x": np.random.default_rng(0).standard_normal((16, 8)).astype(np.float32)}
-    kind = draw(st.sampled_from([
-        "truncated", "random", "huge_rows", "object", "wrong_name", "nan", "wrong_shape", "empty", "bomb_claim",
-        "not_npy_member", "int_dtype", "complex", "scalar", "good",
-    ]))
+    kind = draw(
+        st.sampled_from(
+            [
+                "truncated",
+                "random",
+                "huge_rows",
+                "object",
+                "wrong_name",
+                "nan",
+                "wrong_shape",
+                "empty",
+                "bomb_claim",
+                "not_npy_member",
+                "int_dtype",
+                "complex",
+                "scalar",
+                "good",
+            ]
+        )
+    )
     if kind in ("truncated", "random", "good"):
         np.savez(path, **good)
         blob = path.read_bytes()
@@ -425,7 +566,10 @@ def _bad_npz(draw, path: Path) -> None:  # type: ignore[no-untyped-def]
         return
     with zipfile.ZipFile(path, "w") as archive:
         if kind == "huge_rows":  # root cause G: a header declaring 10^11 rows
-            archive.writestr("x.npy", _npy_header((draw(st.sampled_from([10**11, 2**40, 10**6])), 8)) + b"\0" * 64)
+            archive.writestr(
+                "x.npy",
+                _npy_header((draw(st.sampled_from([10**11, 2**40, 10**6])), 8)) + b"\0" * 64,
+            )
         elif kind == "object":
             archive.writestr("x.npy", _npy_header((2,), "|O") + b"\0" * 16)
         elif kind == "bomb_claim":
@@ -478,17 +622,28 @@ def test_bad_npz_data(fuzz):
 
 # -- bad recipes ----------------------------------------------------------------------------------
 _YAML_SNIPPETS = [
-    "passes: []", "passes: 3", "passes: [{kind: quantize}]", "passes: [{kind: shrink, method: x}]",
-    "passes: [{kind: quantize, method: nope}]", "passes: [{kind: quantize, method: fp16, options: {bogus: 1}}]",
-    "passes: [{kind: quantize, method: fp16, options: [1]}]", "passes: [{kind: prune, method: magnitude, options: {sparsity: 7}}]",
-    "passes: [{kind: quantize, method: int8-static}]", "passes: [{kind: distill, method: kd}]",
+    "passes: []",
+    "passes: 3",
+    "passes: [{kind: quantize}]",
+    "passes: [{kind: shrink, method: x}]",
+    "passes: [{kind: quantize, method: nope}]",
+    "passes: [{kind: quantize, method: fp16, options: {bogus: 1}}]",
+    "passes: [{kind: quantize, method: fp16, options: [1]}]",
+    "passes: [{kind: prune, method: magnitude, options: {sparsity: 7}}]",
+    "passes: [{kind: quantize, method: int8-static}]",
+    "passes: [{kind: distill, method: kd}]",
     "passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: os:system}",
     "passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: nosuchmodule:fn}",
     "passes: [{kind: quantize, method: fp16}]\ndata: {eval: ../../etc/passwd}",
     "passes: [{kind: quantize, method: fp16}]\ndata: {eval: os:getcwd}",
     "passes: [{kind: quantize, method: fp16}]\nevaluate: {batch_size: -1}",
     "passes: [{kind: quantize, method: fp16}]\nbase_dir: /",
-    "!!python/object/apply:os.system ['true']", "a: &a [*a]", "{1: 2}", "[1, 2]", "null", "passes:\n\t- bad tab",
+    "!!python/object/apply:os.system ['true']",
+    "a: &a [*a]",
+    "{1: 2}",
+    "[1, 2]",
+    "null",
+    "passes:\n\t- bad tab",
     "passes: [{kind: quantize, method: fp16, name: " + "x" * 5000 + "}]",
     "? [1, 2]\n: 3",
 ]
@@ -496,8 +651,12 @@ _YAML_SNIPPETS = [
 
 def test_bad_recipes(fuzz):
     def body(data, folder: Path) -> None:
-        kind = data.draw(st.sampled_from(["snippet", "bytes", "utf16", "json", "random_text"]), label="kind")
-        suffix = ".json" if kind == "json" else data.draw(st.sampled_from([".yaml", ".yml", ".json"]))
+        kind = data.draw(
+            st.sampled_from(["snippet", "bytes", "utf16", "json", "random_text"]), label="kind"
+        )
+        suffix = (
+            ".json" if kind == "json" else data.draw(st.sampled_from([".yaml", ".yml", ".json"]))
+        )
         path = folder / f"recipe{suffix}"
         if kind == "snippet":
             path.write_text(data.draw(st.sampled_from(_YAML_SNIPPETS)))
@@ -506,7 +665,18 @@ def test_bad_recipes(fuzz):
         elif kind == "utf16":
             path.write_bytes(data.draw(st.sampled_from(_YAML_SNIPPETS)).encode("utf-16"))
         elif kind == "json":
-            path.write_text(data.draw(st.sampled_from(['{"passes": [{"kind": "quantize"', '{"passes": NaN}', "[]", '{"passes": [{"kind": "prune", "method": "magnitude"}], "x": 1}'])))
+            path.write_text(
+                data.draw(
+                    st.sampled_from(
+                        [
+                            '{"passes": [{"kind": "quantize"',
+                            '{"passes": NaN}',
+                            "[]",
+                            '{"passes": [{"kind": "prune", "method": "magnitude"}], "x": 1}',
+                        ]
+                    )
+                )
+            )
         else:
             path.write_text(data.draw(st.text(max_size=200)), encoding="utf-8")
         allow = data.draw(st.booleans(), label="allow_imports")

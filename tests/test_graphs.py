@@ -22,16 +22,32 @@ RNG = np.random.default_rng(0)
 
 
 def _const(name: str, array: np.ndarray) -> onnx.NodeProto:
-    return helper.make_node("Constant", [], [name], name=f"{name}_Constant", value=numpy_helper.from_array(np.asarray(array), name))
+    return helper.make_node(
+        "Constant",
+        [],
+        [name],
+        name=f"{name}_Constant",
+        value=numpy_helper.from_array(np.asarray(array), name),
+    )
 
 
 def _bn(prefix: str, x: str, y: str, channels: int) -> list[onnx.NodeProto]:
     params = {
-        "scale": RNG.uniform(0.5, 1.5, channels), "bias": RNG.normal(0, 0.1, channels),
-        "mean": RNG.normal(0, 0.1, channels), "var": RNG.uniform(0.5, 1.5, channels),
+        "scale": RNG.uniform(0.5, 1.5, channels),
+        "bias": RNG.normal(0, 0.1, channels),
+        "mean": RNG.normal(0, 0.1, channels),
+        "var": RNG.uniform(0.5, 1.5, channels),
     }
     nodes = [_const(f"{prefix}.{k}", v.astype(np.float32)) for k, v in params.items()]
-    nodes.append(helper.make_node("BatchNormalization", [x] + [f"{prefix}.{k}" for k in params], [y], name=f"{prefix}_bn", epsilon=1e-5))
+    nodes.append(
+        helper.make_node(
+            "BatchNormalization",
+            [x] + [f"{prefix}.{k}" for k in params],
+            [y],
+            name=f"{prefix}_bn",
+            epsilon=1e-5,
+        )
+    )
     return nodes
 
 
@@ -47,13 +63,17 @@ def paddle_style() -> onnx.ModelProto:
         *_bn("bn1", "c1", "b1", 32),
         helper.make_node("Relu", ["b1"], ["r1"], name="relu1"),
         _const("conv2.w", w2),
-        helper.make_node("Conv", ["r1", "conv2.w"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+        helper.make_node(
+            "Conv", ["r1", "conv2.w"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]
+        ),
         *_bn("bn2", "c2", "b2", 64),
         helper.make_node("Relu", ["b2"], ["r2"], name="relu2"),
         helper.make_node("GlobalAveragePool", ["r2"], ["pooled"], name="gap"),
         _const("shape.a", np.array([0, 32], np.int64)),
         _const("shape.b", np.array([0, 32], np.int64)),
-        helper.make_node("Add", ["shape.a", "shape.b"], ["shape"], name="shape_add"),  # folds to [0, 64]
+        helper.make_node(
+            "Add", ["shape.a", "shape.b"], ["shape"], name="shape_add"
+        ),  # folds to [0, 64]
         helper.make_node("Reshape", ["pooled", "shape"], ["flat"], name="flatten"),
         helper.make_node("Identity", ["flat"], ["flat_id"], name="id1"),
         helper.make_node("Identity", ["flat_id"], ["flat_id2"], name="id2"),
@@ -63,11 +83,14 @@ def paddle_style() -> onnx.ModelProto:
         helper.make_node("Add", ["mm", "fc.b"], ["logits"], name="fc_bias"),
     ]
     graph = helper.make_graph(
-        nodes, "paddle_style",
+        nodes,
+        "paddle_style",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 128])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 11)], producer_name="PaddlePaddle"
+    )
     model.ir_version = 7
     onnx.checker.check_model(model)
     return model
@@ -86,24 +109,50 @@ def if_branch_model() -> onnx.ModelProto:
             helper.make_node("MatMul", ["x", f"{name}.w1"], [f"{name}.h"], name=f"{name}_fc1"),
             helper.make_node("Relu", [f"{name}.h"], [f"{name}.r"], name=f"{name}_relu"),
             _const(f"{name}.w2", w2),
-            helper.make_node("MatMul", [f"{name}.r", f"{name}.w2"], [f"{name}.y"], name=f"{name}_fc2"),
+            helper.make_node(
+                "MatMul", [f"{name}.r", f"{name}.w2"], [f"{name}.y"], name=f"{name}_fc2"
+            ),
         ]
-        return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}.y", TensorProto.FLOAT, ["N", 64])])
+        return helper.make_graph(
+            nodes,
+            name,
+            [],
+            [helper.make_tensor_value_info(f"{name}.y", TensorProto.FLOAT, ["N", 64])],
+        )
 
-    nodes = [helper.make_node("If", ["flag"], ["y"], name="If_0", then_branch=branch("then", 1), else_branch=branch("else", 2))]
+    nodes = [
+        helper.make_node(
+            "If",
+            ["flag"],
+            ["y"],
+            name="If_0",
+            then_branch=branch("then", 1),
+            else_branch=branch("else", 2),
+        )
+    ]
     graph = helper.make_graph(
-        nodes, "if_model",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64]), helper.make_tensor_value_info("flag", TensorProto.BOOL, [])],
+        nodes,
+        "if_model",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64]),
+            helper.make_tensor_value_info("flag", TensorProto.BOOL, []),
+        ],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spox")
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17)], producer_name="spox"
+    )
     model.ir_version = 8
     onnx.checker.check_model(model)
     return model
 
 
 def _ort(proto_or_path, feeds):  # type: ignore[no-untyped-def]
-    source = proto_or_path.SerializeToString() if isinstance(proto_or_path, onnx.ModelProto) else str(proto_or_path)
+    source = (
+        proto_or_path.SerializeToString()
+        if isinstance(proto_or_path, onnx.ModelProto)
+        else str(proto_or_path)
+    )
     return ort.InferenceSession(source, providers=["CPUExecutionProvider"]).run(None, feeds)
 
 
@@ -138,10 +187,16 @@ def test_paddle_style_graph_is_normalised_and_equal_in_ort():
 def test_normalize_false_keeps_the_graph_but_inspect_still_counts_constant_weights():
     proto = paddle_style()
     model = modelpress.load(proto, normalize=False)
-    assert model.op_histogram()["Constant"] == 14 and model.op_histogram()["BatchNormalization"] == 2
+    assert (
+        model.op_histogram()["Constant"] == 14 and model.op_histogram()["BatchNormalization"] == 2
+    )
     assert model.provenance.extra["normalize"] == {"skipped": "normalize=False"}
-    assert model.parameter_count() >= 32 * 27 + 64 * 32 * 9 + 64 * 128  # Constant-node tensors count
-    assert model.weighted_layers() == []  # not initializers: methods cannot edit them, hence normalisation
+    assert (
+        model.parameter_count() >= 32 * 27 + 64 * 32 * 9 + 64 * 128
+    )  # Constant-node tensors count
+    assert (
+        model.weighted_layers() == []
+    )  # not initializers: methods cannot edit them, hence normalisation
 
 
 @pytest.mark.parametrize(
@@ -158,7 +213,9 @@ def test_normalize_false_keeps_the_graph_but_inspect_still_counts_constant_weigh
 def test_every_quantize_method_on_a_paddle_style_graph(method, options, tmp_path):
     proto = paddle_style()
     model = modelpress.load(proto)
-    result = modelpress.quantize(model, method, calibration=_images(), show_progress=False, **options)
+    result = modelpress.quantize(
+        model, method, calibration=_images(), show_progress=False, **options
+    )
     figures = result.provenance.passes[-1].figures
     assert figures["model_bytes_after"] < figures["model_bytes_before"]
     if method == "int8-static":
@@ -166,14 +223,21 @@ def test_every_quantize_method_on_a_paddle_style_graph(method, options, tmp_path
         assert result.opset >= 13 and figures["quantized_nodes"] >= 3
     if method == "int4-weight-only":
         assert result.opset == 21 and "opset_converted" in figures
-    exported = modelpress.export(result, tmp_path / f"{method}.onnx", sample=_images(16), min_cosine=0.95)
+    exported = modelpress.export(
+        result, tmp_path / f"{method}.onnx", sample=_images(16), min_cosine=0.95
+    )
     original = _ort(proto, {"x": _images(16)})[0]
     written = _ort(exported.path, {"x": _images(16)})[0]
-    cosine = float(np.dot(original.ravel(), written.ravel()) / (np.linalg.norm(original) * np.linalg.norm(written)))
+    cosine = float(
+        np.dot(original.ravel(), written.ravel())
+        / (np.linalg.norm(original) * np.linalg.norm(written))
+    )
     assert cosine > 0.95
 
 
-@pytest.mark.parametrize(("method", "options"), [("magnitude", {"sparsity": 0.5}), ("channel", {"ratio": 0.25})])
+@pytest.mark.parametrize(
+    ("method", "options"), [("magnitude", {"sparsity": 0.5}), ("channel", {"ratio": 0.25})]
+)
 def test_every_prune_method_on_a_paddle_style_graph(method, options, tmp_path):
     model = modelpress.load(paddle_style())
     result = modelpress.prune(model, method, show_progress=False, **options)
@@ -197,7 +261,12 @@ def _both_branches(path_or_proto) -> list[np.ndarray]:  # type: ignore[no-untype
 def test_weights_inside_if_branches_are_found_and_lifted():
     model = modelpress.load(if_branch_model())
     layers = model.weighted_layers(subgraphs=True)
-    assert sorted(layer.name for layer in layers) == ["else_fc1", "else_fc2", "then_fc1", "then_fc2"]
+    assert sorted(layer.name for layer in layers) == [
+        "else_fc1",
+        "else_fc2",
+        "then_fc1",
+        "then_fc2",
+    ]
     assert all(layer.scope.startswith("If 'If_0'") for layer in layers)
     assert len(model.graph.initializers) == 4  # lifted out of the branches: visible to methods
     info = modelpress.describe(model)
@@ -208,18 +277,28 @@ def test_weights_inside_if_branches_are_found_and_lifted():
 def test_methods_reach_weights_inside_if_branches(method, tmp_path):
     proto = if_branch_model()
     model = modelpress.load(proto)
-    result = modelpress.quantize(model, method, show_progress=False, op_types=["MatMul"]) if method != "fp16" else modelpress.quantize(model, method, show_progress=False)
+    result = (
+        modelpress.quantize(model, method, show_progress=False, op_types=["MatMul"])
+        if method != "fp16"
+        else modelpress.quantize(model, method, show_progress=False)
+    )
     figures = result.provenance.passes[-1].figures
     assert figures["model_bytes_after"] < 0.6 * figures["model_bytes_before"]
     path = modelpress.export(result, tmp_path / "q.onnx", verify=False).path
     for expected, actual in zip(_both_branches(proto), _both_branches(path), strict=True):
-        cosine = float(np.dot(expected.ravel(), actual.ravel()) / (np.linalg.norm(expected) * np.linalg.norm(actual)))
+        cosine = float(
+            np.dot(expected.ravel(), actual.ravel())
+            / (np.linalg.norm(expected) * np.linalg.norm(actual))
+        )
         assert cosine > 0.97  # both branches quantized (4-bit codebook included) and still right
 
 
 def test_int8_static_refuses_layers_inside_if_branches_by_name():
     model = modelpress.load(if_branch_model())
-    calib = {"x": np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32), "flag": np.ones(16, bool)}
+    calib = {
+        "x": np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32),
+        "flag": np.ones(16, bool),
+    }
     with pytest.raises(modelpress.UnsupportedModelError, match=r"then_fc1|else_fc1") as info:
         modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
     assert "If 'If_0'" in str(info.value)
@@ -232,8 +311,12 @@ def test_opset_conversion_failure_names_the_blocking_op():
     from modelpress.ir.opsets import ensure_opset
 
     node = helper.make_node("Crop", ["x"], ["y"], name="crop", border=[1, 1, 1, 1])
-    graph = helper.make_graph([node], "old", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)])
+    graph = helper.make_graph(
+        [node],
+        "old",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 1)])
     proto.ir_version = 3
     model = modelpress.Model(__import__("onnx_ir").serde.deserialize_model(proto))
@@ -275,7 +358,9 @@ print(json.dumps({"peak_kb": peak, "base_kb": base, "batch": result.provenance.p
 
 
 def _calibration_peak(n: int) -> dict[str, int]:
-    out = subprocess.run([sys.executable, "-c", _RSS_CHILD, str(n)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", _RSS_CHILD, str(n)], capture_output=True, text=True, check=True
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -288,7 +373,9 @@ def test_calibration_memory_does_not_grow_with_the_number_of_samples():
     # what quantizing took above the loaded model and data: batches of 16 vs 64 samples (the old
     # behaviour) would differ by ~290 MB, and keeping the output maps of every sample to judge the
     # result, by ~360 MB; bounded streams leave allocator noise (a few MB here)
-    growth_mb = ((large["peak_kb"] - large["base_kb"]) - (small["peak_kb"] - small["base_kb"])) / 1024
+    growth_mb = (
+        (large["peak_kb"] - large["base_kb"]) - (small["peak_kb"] - small["base_kb"])
+    ) / 1024
     assert growth_mb < 24, (small, large)
 
 
@@ -296,11 +383,15 @@ def test_calibration_memory_does_not_grow_with_the_number_of_samples():
 
 
 def test_a_result_that_is_not_smaller_raises_no_gain(tmp_path):
-    tiny = modelpress.testing.tiny_mlp(in_features=4, hidden=4, classes=2)  # QDQ overhead > the weights
+    tiny = modelpress.testing.tiny_mlp(
+        in_features=4, hidden=4, classes=2
+    )  # QDQ overhead > the weights
     x = np.random.default_rng(0).normal(0, 1, (32, 4)).astype(np.float32)
     with pytest.raises(modelpress.NoGainError, match=r"not smaller than the input"):
         modelpress.quantize(tiny, "int8-static", calibration=x, show_progress=False)
-    accepted = modelpress.quantize(tiny, "int8-static", calibration=x, show_progress=False, allow_no_gain=True)
+    accepted = modelpress.quantize(
+        tiny, "int8-static", calibration=x, show_progress=False, allow_no_gain=True
+    )
     assert "not smaller" in accepted.provenance.passes[-1].figures["no_gain"]
 
 
@@ -321,23 +412,37 @@ def test_cli_exits_non_zero_on_no_gain_and_writes_nothing(tmp_path: Path):
     refused = run_cli("quantize", str(source), "-o", str(out), "--calib", str(calib), "-q")
     assert refused.returncode == 1 and "no gain" in refused.stderr and not out.exists()
     assert len(refused.stderr.strip().splitlines()) == 1
-    accepted = run_cli("quantize", str(source), "-o", str(out), "--calib", str(calib), "-q", "--allow-no-gain")
+    accepted = run_cli(
+        "quantize", str(source), "-o", str(out), "--calib", str(calib), "-q", "--allow-no-gain"
+    )
     assert accepted.returncode == 0 and out.exists() and "NO GAIN" in accepted.stdout
 
 
 def test_batchnorm_after_gemm_is_folded_exactly():
     rng = np.random.default_rng(5)
     w, b = rng.normal(0, 0.3, (16, 8)).astype(np.float32), rng.normal(0, 0.1, 16).astype(np.float32)
-    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1), *_bn("bn", "g", "y", 16)]
-    graph = helper.make_graph(nodes, "gemm_bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
-                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")])
+    nodes = [
+        helper.make_node("Gemm", ["x", "w", "b"], ["g"], name="fc", transB=1),
+        *_bn("bn", "g", "y", 16),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "gemm_bn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(b, "b")],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
     proto.ir_version = 8
     model = modelpress.load(proto)
-    assert model.op_histogram() == {"Gemm": 1} and model.provenance.extra["normalize"]["batchnorms_folded"] == 1
+    assert (
+        model.op_histogram() == {"Gemm": 1}
+        and model.provenance.extra["normalize"]["batchnorms_folded"] == 1
+    )
     x = rng.normal(0, 1, (4, 8)).astype(np.float32)
-    np.testing.assert_allclose(_ort(model.to_proto(), {"x": x})[0], _ort(proto, {"x": x})[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        _ort(model.to_proto(), {"x": x})[0], _ort(proto, {"x": x})[0], rtol=1e-5, atol=1e-5
+    )
 
 
 # -- recurrent weights ---------------------------------------------------------------------------
@@ -346,17 +451,37 @@ def test_batchnorm_after_gemm_is_folded_exactly():
 def test_lstm_weights_are_refused_by_name_with_the_reason():
     rng = np.random.default_rng(0)
     hidden, features = 8, 4
-    inits = [numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32), "W"),
-             numpy_helper.from_array(rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R")]
-    lstm = helper.make_node("LSTM", ["x", "W", "R"], ["", "h"], name="encoder_lstm", hidden_size=hidden)
-    graph = helper.make_graph([lstm], "rnn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", features])],
-                              [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", hidden])], inits)
+    inits = [
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (1, 4 * hidden, features)).astype(np.float32), "W"
+        ),
+        numpy_helper.from_array(
+            rng.normal(0, 0.3, (1, 4 * hidden, hidden)).astype(np.float32), "R"
+        ),
+    ]
+    lstm = helper.make_node(
+        "LSTM", ["x", "W", "R"], ["", "h"], name="encoder_lstm", hidden_size=hidden
+    )
+    graph = helper.make_graph(
+        [lstm],
+        "rnn",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, "N", features])],
+        [helper.make_tensor_value_info("h", TensorProto.FLOAT, [1, "N", hidden])],
+        inits,
+    )
     model = modelpress.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     for method in ("int8-dynamic", "int8-weight-only"):
-        with pytest.raises(modelpress.OptionsError, match=r"encoder_lstm.*does not quantize recurrent weights \(W, R: 384 values\)"):
+        with pytest.raises(
+            modelpress.OptionsError,
+            match=r"encoder_lstm.*does not quantize recurrent weights \(W, R: 384 values\)",
+        ):
             modelpress.quantize(model, method, show_progress=False)
     x = rng.normal(0, 1, (5, 3, features)).astype(np.float32)
     with pytest.raises(modelpress.UnsupportedModelError, match=r"recurrent nodes 'encoder_lstm'"):
         modelpress.quantize(model, "int8-static", calibration=x, show_progress=False)
     half = modelpress.quantize(model, "fp16", show_progress=False)  # the reason's advice holds
-    assert sorted(int(v.const_value.size) for v in half.graph.initializers.values() if v.const_value.dtype.name == "FLOAT16") == [128, 256]
+    assert sorted(
+        int(v.const_value.size)
+        for v in half.graph.initializers.values()
+        if v.const_value.dtype.name == "FLOAT16"
+    ) == [128, 256]

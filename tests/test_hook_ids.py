@@ -15,7 +15,9 @@ class _Recorder:
 
     @modelpress.hookimpl
     def modelpress_pack_finish(self, pack_id, source, result):
-        self.calls.append(("pack", {"pack_id": pack_id, "source": source, "size": result.size_bytes}))
+        self.calls.append(
+            ("pack", {"pack_id": pack_id, "source": source, "size": result.size_bytes})
+        )
 
     @modelpress.hookimpl
     def modelpress_unpack_finish(self, pack_id, output):
@@ -37,7 +39,10 @@ def test_pack_and_unpack_call_their_observers_with_the_pack_id(tmp_path):
     restored = modelpress.unpack(tmp_path / "m.mpk", tmp_path / "back.onnx", registry=registry)
     assert [kind for kind, _ in recorder.calls] == ["pack", "unpack"]
     pack_call, unpack_call = recorder.calls[0][1], recorder.calls[1][1]
-    assert pack_call["pack_id"] == str(tmp_path / "m.mpk") == unpack_call["pack_id"] and pack_call["size"] == packed.size_bytes
+    assert (
+        pack_call["pack_id"] == str(tmp_path / "m.mpk") == unpack_call["pack_id"]
+        and pack_call["size"] == packed.size_bytes
+    )
     assert unpack_call["output"] == str(restored) and restored.read_bytes() == source.read_bytes()
 
 
@@ -45,6 +50,9 @@ def test_a_failing_pack_observer_is_a_warning_and_the_pack_is_written(tmp_path):
     registry = modelpress.create_registry(plugins=[_Broken()])
     source = tmp_path / "m.onnx"
     modelpress.export(tiny_mlp(), source, verify=False)
-    with pytest.warns(modelpress.PluginWarning, match=r"failed in modelpress_pack_finish: RuntimeError: observer bug"):
+    with pytest.warns(
+        modelpress.PluginWarning,
+        match=r"failed in modelpress_pack_finish: RuntimeError: observer bug",
+    ):
         modelpress.pack(source, tmp_path / "m.mpk", registry=registry)
     assert (tmp_path / "m.mpk").is_file()

@@ -20,9 +20,11 @@ def _lstm_file(path) -> None:
     """x[N, T] int64 -> Gather(table 50x6) -> LSTM(hidden 5) -> Y_h -> Gemm -> [N, 3] (W, R, B constants)."""
     rng = np.random.default_rng(0)
     inits = {
-        "table": rng.standard_normal((50, 6)).astype(np.float32), "W": rng.standard_normal((1, 20, 6)).astype(np.float32),
-        "R": rng.standard_normal((1, 20, 5)).astype(np.float32), "B": np.zeros((1, 40), np.float32),
-        "fc.weight": rng.standard_normal((3, 5)).astype(np.float32)
+        "table": rng.standard_normal((50, 6)).astype(np.float32),
+        "W": rng.standard_normal((1, 20, 6)).astype(np.float32),
+        "R": rng.standard_normal((1, 20, 5)).astype(np.float32),
+        "B": np.zeros((1, 40), np.float32),
+        "fc.weight": rng.standard_normal((3, 5)).astype(np.float32),
     }
     nodes = [
         helper.make_node("Gather", ["table", "x"], ["e"], name="embed"),
@@ -31,9 +33,13 @@ def _lstm_file(path) -> None:
         helper.make_node("Flatten", ["h"], ["s"], axis=2, name="flatten"),
         helper.make_node("Gemm", ["s", "fc.weight"], ["y"], transB=1, name="fc"),
     ]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 7])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
-                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.INT64, ["N", 7])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
@@ -41,8 +47,16 @@ def test_inspect_lists_recurrent_layers_and_embedding_tables(tmp_path):
     path = tmp_path / "lstm.onnx"
     _lstm_file(path)
     rows = {r["name"]: r for r in layer_rows(modelpress.load(path, show_progress=False))}
-    assert rows["rnn"]["op"] == "LSTM" and rows["rnn"]["parameters"] == 20 * 6 + 20 * 5 + 40 and rows["rnn"]["weight_shape"] == [1, 20, 6]
-    assert rows["embed"]["op"] == "Gather" and rows["embed"]["parameters"] == 300 and rows["embed"]["weight_shape"] == [50, 6]
+    assert (
+        rows["rnn"]["op"] == "LSTM"
+        and rows["rnn"]["parameters"] == 20 * 6 + 20 * 5 + 40
+        and rows["rnn"]["weight_shape"] == [1, 20, 6]
+    )
+    assert (
+        rows["embed"]["op"] == "Gather"
+        and rows["embed"]["parameters"] == 300
+        and rows["embed"]["weight_shape"] == [50, 6]
+    )
     assert rows["fc"]["parameters"] == 15
     info = json.loads(run_cli("inspect", str(path), "--json").stdout)
     assert info["weighted_layers"] == 3 and info["parameters"] == 300 + 260 + 15
@@ -87,15 +101,39 @@ def test_a_quantized_model_keeps_its_weighted_layers():
 
     cnn = tiny_cnn(channels=16)
     calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(4)]
-    static = modelpress.quantize(cnn, "int8-static", calibration=calibration, smoothquant=False, allow_no_gain=True, show_progress=False)
-    assert "DequantizeLinear" in static.op_histogram() and table(static) == table(cnn) and len(table(cnn)) >= 2  # QDQ weights ("weighted layers 0")
+    static = modelpress.quantize(
+        cnn,
+        "int8-static",
+        calibration=calibration,
+        smoothquant=False,
+        allow_no_gain=True,
+        show_progress=False,
+    )
+    assert (
+        "DequantizeLinear" in static.op_histogram()
+        and table(static) == table(cnn)
+        and len(table(cnn)) >= 2
+    )  # QDQ weights ("weighted layers 0")
     mlp = tiny_mlp(in_features=64, hidden=64)
-    dynamic = modelpress.quantize(mlp, "int8-dynamic", min_elements=1, allow_no_gain=True, show_progress=False)
+    dynamic = modelpress.quantize(
+        mlp, "int8-dynamic", min_elements=1, allow_no_gain=True, show_progress=False
+    )
     assert "MatMulInteger" in dynamic.op_histogram()
     # NOTE: int8-dynamic's MatMulInteger is named <layer>_MatMulInteger and its bias is a separate Add
-    assert sorted(r["parameters"] for r in layer_rows(dynamic)) == sorted(64 * 64 if r["name"] == "fc1" else 4 * 64 for r in layer_rows(mlp))
-    int4 = modelpress.quantize(mlp, "int4-weight-only", min_elements=1, block_size=32, allow_no_gain=True, show_progress=False)
-    assert len(table(int4)) == len(table(mlp))  # NOTE: its Gemm becomes <layer>_MatMul behind a DequantizeLinear
+    assert sorted(r["parameters"] for r in layer_rows(dynamic)) == sorted(
+        64 * 64 if r["name"] == "fc1" else 4 * 64 for r in layer_rows(mlp)
+    )
+    int4 = modelpress.quantize(
+        mlp,
+        "int4-weight-only",
+        min_elements=1,
+        block_size=32,
+        allow_no_gain=True,
+        show_progress=False,
+    )
+    assert len(table(int4)) == len(
+        table(mlp)
+    )  # NOTE: its Gemm becomes <layer>_MatMul behind a DequantizeLinear
 
 
 def test_inspect_leaves_out_a_producer_version_of_none(tmp_path):

@@ -31,13 +31,25 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
 def _shared_model() -> modelpress.Model:
     """``w`` feeds three MatMuls (a weight-tied stack, as ALBERT-style encoders share layers); ``u`` one."""
     rng = np.random.default_rng(0)
-    weights = {"w": (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32),
-               "u": (rng.standard_normal((D, OUT)) / np.sqrt(D)).astype(np.float32)}
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h1"], name="layer1"), helper.make_node("Tanh", ["h1"], ["a1"], name="act1"),
-             helper.make_node("MatMul", ["a1", "w"], ["h2"], name="layer2"), helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
-             helper.make_node("MatMul", ["a2", "w"], ["h3"], name="layer3"), helper.make_node("MatMul", ["h3", "u"], ["y"], name="head")]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", OUT])], weights, name="shared")
+    weights = {
+        "w": (rng.standard_normal((D, D)) / np.sqrt(D)).astype(np.float32),
+        "u": (rng.standard_normal((D, OUT)) / np.sqrt(D)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="layer1"),
+        helper.make_node("Tanh", ["h1"], ["a1"], name="act1"),
+        helper.make_node("MatMul", ["a1", "w"], ["h2"], name="layer2"),
+        helper.make_node("Tanh", ["h2"], ["a2"], name="act2"),
+        helper.make_node("MatMul", ["a2", "w"], ["h3"], name="layer3"),
+        helper.make_node("MatMul", ["h3", "u"], ["y"], name="head"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", D])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", OUT])],
+        weights,
+        name="shared",
+    )
 
 
 def _after_ort_optimizes(path, tmp_path) -> dict[str, int]:  # type: ignore[no-untyped-def]
@@ -57,14 +69,30 @@ def test_a_shared_weight_gets_matmulnbits_the_rest_stays_qdq(tmp_path):
     auto = modelpress.quantize(model, "int4-weight-only", block_size=32, show_progress=False)
     figures = auto.provenance.passes[-1].figures
     assert figures["weight_formats"] == {"qdq": 1, "matmulnbits": 1}
-    assert list(figures["matmulnbits_weights"]) == ["w"] and figures["matmulnbits_weights"]["w"].startswith("shared by 3 MatMuls")
-    assert auto.op_histogram() == {"com.microsoft::MatMulNBits": 3, "DequantizeLinear": 1, "MatMul": 1, "Tanh": 2}
-    assert sum(1 for name in auto.graph.initializers if name.endswith("_nbits")) == 1  # stored once, read three times
-    qdq = modelpress.quantize(model, "int4-weight-only", block_size=32, format="qdq", show_progress=False)
-    nbits = modelpress.quantize(model, "int4-weight-only", block_size=32, format="matmulnbits", show_progress=False)
+    assert list(figures["matmulnbits_weights"]) == ["w"] and figures["matmulnbits_weights"][
+        "w"
+    ].startswith("shared by 3 MatMuls")
+    assert auto.op_histogram() == {
+        "com.microsoft::MatMulNBits": 3,
+        "DequantizeLinear": 1,
+        "MatMul": 1,
+        "Tanh": 2,
+    }
+    assert (
+        sum(1 for name in auto.graph.initializers if name.endswith("_nbits")) == 1
+    )  # stored once, read three times
+    qdq = modelpress.quantize(
+        model, "int4-weight-only", block_size=32, format="qdq", show_progress=False
+    )
+    nbits = modelpress.quantize(
+        model, "int4-weight-only", block_size=32, format="matmulnbits", show_progress=False
+    )
     # the same bytes as each fixed format where that format is chosen
     for name, other in (("w_nbits", nbits), ("u_q4", qdq)):
-        assert auto.initializer(name).const_value.tobytes() == other.initializer(name).const_value.tobytes()
+        assert (
+            auto.initializer(name).const_value.tobytes()
+            == other.initializer(name).const_value.tobytes()
+        )
     # ORT leaves the shared weight's DequantizeLinear unfused in the QDQ file (it runs on every call); in the
     # auto file every DequantizeLinear is fused into MatMulNBits
     qdq_path = modelpress.export(qdq, tmp_path / "qdq.onnx", verify=False).path
@@ -77,14 +105,23 @@ def test_a_shared_weight_gets_matmulnbits_the_rest_stays_qdq(tmp_path):
 def test_the_per_weight_format_keeps_the_numerics(tmp_path):
     model = _shared_model()
     rng = np.random.default_rng(1)
-    x = (rng.standard_normal((256, D)) @ rng.standard_normal((D, D)) / 4).astype(np.float32)  # correlated features
+    x = (rng.standard_normal((256, D)) @ rng.standard_normal((D, D)) / 4).astype(
+        np.float32
+    )  # correlated features
     calibration, held_out = {"x": x[:192]}, {"x": x[192:]}
     expected = run(make_session(model), held_out)[0]
     cosines = {}
     for algorithm in ("rtn", "gptq"):
         for fmt in ("auto", "qdq"):
-            q = modelpress.quantize(model, "int4-weight-only", block_size=32, format=fmt, algorithm=algorithm, calibration=calibration,
-                                    show_progress=False)
+            q = modelpress.quantize(
+                model,
+                "int4-weight-only",
+                block_size=32,
+                format=fmt,
+                algorithm=algorithm,
+                calibration=calibration,
+                show_progress=False,
+            )
             path = modelpress.export(q, tmp_path / f"{algorithm}-{fmt}.onnx", verify=False).path
             cosines[algorithm, fmt] = _cosine(run(make_session(path), held_out)[0], expected)
         # MatMulNBits (accuracy_level 0) computes in float from the same codes the unfused DequantizeLinear reads
@@ -98,7 +135,9 @@ def test_int8_and_fixed_formats_are_untouched_by_the_choice():
     int8 = modelpress.quantize(model, "int8-weight-only", block_size=32, show_progress=False)
     assert int8.provenance.passes[-1].figures["weight_formats"] == {"qdq": 2, "matmulnbits": 0}
     assert "com.microsoft::MatMulNBits" not in int8.op_histogram()
-    qdq = modelpress.quantize(model, "int4-weight-only", block_size=32, format="qdq", show_progress=False)
+    qdq = modelpress.quantize(
+        model, "int4-weight-only", block_size=32, format="qdq", show_progress=False
+    )
     assert qdq.provenance.passes[-1].figures["weight_formats"] == {"qdq": 2, "matmulnbits": 0}
     assert "matmulnbits_weights" not in qdq.provenance.passes[-1].figures
 
@@ -114,7 +153,9 @@ def encoder(digits, tmp_path_factory):
 
     rows = digits["x_train"].reshape(-1, 8, 8)
     module = qm.train(qm.Encoder(), rows, digits["y_train"], epochs=3)
-    path = qm.export(module, rows, tmp_path_factory.mktemp("int4") / "encoder.onnx", "rows", "logits")
+    path = qm.export(
+        module, rows, tmp_path_factory.mktemp("int4") / "encoder.onnx", "rows", "logits"
+    )
     return modelpress.load(path), rows[:256], digits["x_test"].reshape(-1, 8, 8)
 
 
@@ -124,20 +165,39 @@ def test_calibration_data_makes_the_default_data_aware_and_better_held_out(encod
     model, calibration, held_out = encoder
     expected = run(make_session(model), {"rows": held_out})[0]
     plain = modelpress.quantize(model, "int4-weight-only", show_progress=False)
-    aware = modelpress.quantize(model, "int4-weight-only", calibration={"rows": calibration}, show_progress=False)
+    aware = modelpress.quantize(
+        model, "int4-weight-only", calibration={"rows": calibration}, show_progress=False
+    )
     assert plain.provenance.passes[-1].figures["algorithm"] == "rtn: no calibration data"
     assert aware.provenance.passes[-1].figures["algorithm"] == "gptq: calibration data given"
     # without data: the bytes round to nearest always wrote; with data: exactly what algorithm="gptq" writes
-    assert _graph_sha(plain) == _graph_sha(modelpress.quantize(model, "int4-weight-only", algorithm="rtn", show_progress=False))
-    gptq = modelpress.quantize(model, "int4-weight-only", algorithm="gptq", calibration={"rows": calibration}, show_progress=False)
+    assert _graph_sha(plain) == _graph_sha(
+        modelpress.quantize(model, "int4-weight-only", algorithm="rtn", show_progress=False)
+    )
+    gptq = modelpress.quantize(
+        model,
+        "int4-weight-only",
+        algorithm="gptq",
+        calibration={"rows": calibration},
+        show_progress=False,
+    )
     assert _graph_sha(aware) == _graph_sha(gptq)
     errors = {}
     for name, q in (("rtn", plain), ("default", aware)):
-        out = run(make_session(modelpress.export(q, tmp_path / f"{name}.onnx", verify=False).path), {"rows": held_out})[0]
+        out = run(
+            make_session(modelpress.export(q, tmp_path / f"{name}.onnx", verify=False).path),
+            {"rows": held_out},
+        )[0]
         errors[name] = float(np.linalg.norm(out - expected) / np.linalg.norm(expected))
     print(f"held-out logits relative error: {errors}")
     assert errors["default"] < 0.8 * errors["rtn"], errors  # on data it never saw
-    picked = modelpress.quantize(model, "int4-weight-only", algorithm="rtn", calibration={"rows": calibration}, show_progress=False)
+    picked = modelpress.quantize(
+        model,
+        "int4-weight-only",
+        algorithm="rtn",
+        calibration={"rows": calibration},
+        show_progress=False,
+    )
     assert picked.provenance.passes[-1].figures["algorithm"] == "rtn: chosen by the user"
     assert _graph_sha(picked) == _graph_sha(plain)
 
@@ -148,7 +208,14 @@ def test_calibration_data_makes_the_default_data_aware_and_better_held_out(encod
 def test_low_bit_weight_share_counts_a_shared_weight_once():
     model = _shared_model()
     data = {"x": np.random.default_rng(2).standard_normal((64, D)).astype(np.float32)}
-    result = modelpress.quantize(model, "int8-static", calibration=data, sensitivity=False, min_agreement=None, show_progress=False)
+    result = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration=data,
+        sensitivity=False,
+        min_agreement=None,
+        show_progress=False,
+    )
     figures = result.provenance.passes[-1].figures
     assert figures["quantized_nodes"] == 4
     total = sum(v.const_value.nbytes for v in model.graph.initializers.values())

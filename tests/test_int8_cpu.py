@@ -21,23 +21,34 @@ from tests.conftest import run_cli
 
 def _graph_bytes(model):
     proto = model.to_proto()
-    del proto.metadata_props[:]  # NOTE: the provenance records the options and timings, not the graph
+    del proto.metadata_props[
+        :
+    ]  # NOTE: the provenance records the options and timings, not the graph
     return proto.SerializeToString()
 
 
 def _dynamic(model, **options):
-    return modelpress.quantize(model, "int8-dynamic", min_elements=16, show_progress=False, allow_no_gain=True, **options)
+    return modelpress.quantize(
+        model, "int8-dynamic", min_elements=16, show_progress=False, allow_no_gain=True, **options
+    )
 
 
 def _int8_weights(model, op_type):
     """The int8 weight initializers of the ``op_type`` nodes (MatMulInteger: input 1; DequantizeLinear: input 0)."""
     index = 1 if op_type == "MatMulInteger" else 0
-    return [node.inputs[index].const_value.numpy() for node in model.graph if node.op_type == op_type
-            and node.inputs[index].const_value is not None and node.inputs[index].const_value.dtype == ir.DataType.INT8]
+    return [
+        node.inputs[index].const_value.numpy()
+        for node in model.graph
+        if node.op_type == op_type
+        and node.inputs[index].const_value is not None
+        and node.inputs[index].const_value.dtype == ir.DataType.INT8
+    ]
 
 
 def _cosine(a, b):
-    return float(np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+    return float(
+        np.mean(np.sum(a * b, axis=1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)))
+    )
 
 
 # -- the probe ------------------------------------------------------------------------------------
@@ -48,22 +59,29 @@ def fresh_probe():
     cpu._probe.cache_clear()
 
 
-@pytest.mark.parametrize(("value", "saturates"), [("0", True), ("1", False), ("false", True), ("true", False)])
+@pytest.mark.parametrize(
+    ("value", "saturates"), [("0", True), ("1", False), ("false", True), ("true", False)]
+)
 def test_the_environment_forces_either_answer(monkeypatch, value, saturates):
     monkeypatch.setenv(cpu.ENV_VAR, value)
     answer = cpu.u8s8_saturates()
     assert answer.saturates is saturates and f"{cpu.ENV_VAR}={value}" in answer.why
 
 
-@pytest.mark.parametrize(("machine", "system", "flags", "saturates", "why"), [
-    ("x86_64", "Linux", {"avx2", "fma"}, True, "CPU without VNNI: u8s8 kernels saturate"),
-    ("x86_64", "Linux", {"avx2", "avx512_vnni"}, False, "CPU with avx512_vnni"),
-    ("AMD64", "Linux", {"avx2", "avx_vnni"}, False, "CPU with avx_vnni"),
-    ("x86_64", "Linux", None, True, "x86 CPU whose VNNI support is unknown"),
-    ("aarch64", "Linux", None, False, "aarch64 CPU"),
-    ("arm64", "Darwin", None, False, "arm64 CPU"),
-])
-def test_the_probe_reads_the_cpu_flags(monkeypatch, fresh_probe, machine, system, flags, saturates, why):
+@pytest.mark.parametrize(
+    ("machine", "system", "flags", "saturates", "why"),
+    [
+        ("x86_64", "Linux", {"avx2", "fma"}, True, "CPU without VNNI: u8s8 kernels saturate"),
+        ("x86_64", "Linux", {"avx2", "avx512_vnni"}, False, "CPU with avx512_vnni"),
+        ("AMD64", "Linux", {"avx2", "avx_vnni"}, False, "CPU with avx_vnni"),
+        ("x86_64", "Linux", None, True, "x86 CPU whose VNNI support is unknown"),
+        ("aarch64", "Linux", None, False, "aarch64 CPU"),
+        ("arm64", "Darwin", None, False, "arm64 CPU"),
+    ],
+)
+def test_the_probe_reads_the_cpu_flags(
+    monkeypatch, fresh_probe, machine, system, flags, saturates, why
+):
     monkeypatch.delenv(cpu.ENV_VAR, raising=False)
     monkeypatch.setattr(cpu.platform, "machine", lambda: machine)
     monkeypatch.setattr(cpu.platform, "system", lambda: system)
@@ -81,7 +99,9 @@ def test_this_machines_cpuinfo_parses(monkeypatch, fresh_probe):
         pytest.skip("reads /proc/cpuinfo on x86 Linux")
     flags = cpu._cpuinfo_flags()
     assert flags and "sse2" in flags
-    assert cpu.u8s8_saturates().saturates is not any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    assert cpu.u8s8_saturates().saturates is not any(
+        f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8")
+    )
 
 
 # -- int8-dynamic ---------------------------------------------------------------------------------
@@ -99,19 +119,28 @@ class MatMulInteger(OpRun):  # NOTE: the reference evaluator replaces the op of 
         acc = np.clip(products[:, 0::2] + products[:, 1::2], -(2**15), 2**15 - 1).sum(axis=1)
         az = int(a_zero_point) if a_zero_point is not None else 0
         bz = b_zero_point.astype(np.int32) if b_zero_point is not None else 0
-        return ((acc - az * B.sum(axis=0) - A.sum(axis=1, keepdims=True) * bz + az * bz * A.shape[1]).astype(np.int32),)
+        return (
+            (
+                acc - az * B.sum(axis=0) - A.sum(axis=1, keepdims=True) * bz + az * bz * A.shape[1]
+            ).astype(np.int32),
+        )
 
 
 def test_without_vnni_int8_dynamic_uses_7_bit_weights(monkeypatch):
     monkeypatch.setenv(cpu.ENV_VAR, "0")
     model = tiny_mlp()
     result = _dynamic(model)
-    assert result.provenance.passes[-1].figures["reduce_range"] == "true (MODELPRESS_INT8_VNNI=0: CPU taken to lack VNNI, u8s8 kernels saturate)"
+    assert (
+        result.provenance.passes[-1].figures["reduce_range"]
+        == "true (MODELPRESS_INT8_VNNI=0: CPU taken to lack VNNI, u8s8 kernels saturate)"
+    )
     weights = _int8_weights(result, "MatMulInteger")
     assert len(weights) == 2 and all(w.min() >= -63 and w.max() <= 63 for w in weights)
     assert any(np.abs(w).max() == 63 for w in weights)  # the 7-bit grid is used in full
     feeds = {"x": np.random.default_rng(1).standard_normal((256, 8)).astype(np.float32) * 3}
-    assert _cosine(run(make_session(result), feeds)[0], run(make_session(model), feeds)[0]) >= 0.99  # on this CPU
+    assert (
+        _cosine(run(make_session(result), feeds)[0], run(make_session(model), feeds)[0]) >= 0.99
+    )  # on this CPU
 
 
 def test_7_bit_weights_cannot_saturate_avx2s_int16_pairs(monkeypatch):
@@ -132,7 +161,10 @@ def test_with_vnni_int8_dynamic_is_unchanged(monkeypatch):
     model = tiny_mlp()
     monkeypatch.setenv(cpu.ENV_VAR, "1")
     vnni = _dynamic(model)
-    assert vnni.provenance.passes[-1].figures["reduce_range"] == "false (MODELPRESS_INT8_VNNI=1: CPU taken to have VNNI)"
+    assert (
+        vnni.provenance.passes[-1].figures["reduce_range"]
+        == "false (MODELPRESS_INT8_VNNI=1: CPU taken to have VNNI)"
+    )
     monkeypatch.setenv(cpu.ENV_VAR, "0")
     full = _dynamic(model, reduce_range=False)  # the option wins over the CPU
     assert full.provenance.passes[-1].figures["reduce_range"] == "false (set by option)"
@@ -147,15 +179,30 @@ def test_with_vnni_int8_dynamic_is_unchanged(monkeypatch):
 def test_int8_dynamic_keeps_weight_only_tables_and_convs_8_bit(monkeypatch):
     """Conv weights behind a DequantizeLinear run in float: no integer kernel, nothing to saturate."""
     monkeypatch.setenv(cpu.ENV_VAR, "0")
-    result = modelpress.quantize(tiny_cnn(), "int8-dynamic", min_elements=16, show_progress=False, allow_no_gain=True)
+    result = modelpress.quantize(
+        tiny_cnn(), "int8-dynamic", min_elements=16, show_progress=False, allow_no_gain=True
+    )
     assert max(int(np.abs(w).max()) for w in _int8_weights(result, "DequantizeLinear")) == 127
 
 
 def test_the_cli_takes_reduce_range(tmp_path):
     path = tmp_path / "m.onnx"
     modelpress.export(tiny_mlp(), path)
-    done = run_cli("apply", str(path), "-m", "int8-dynamic", "-O", "min_elements=16", "-O", "reduce_range=true", "--allow-no-gain",
-                   "-o", str(tmp_path / "q.onnx"), "-q", env={cpu.ENV_VAR: "1"})
+    done = run_cli(
+        "apply",
+        str(path),
+        "-m",
+        "int8-dynamic",
+        "-O",
+        "min_elements=16",
+        "-O",
+        "reduce_range=true",
+        "--allow-no-gain",
+        "-o",
+        str(tmp_path / "q.onnx"),
+        "-q",
+        env={cpu.ENV_VAR: "1"},
+    )
     assert done.returncode == 0, done.stderr
     written = modelpress.load(tmp_path / "q.onnx")
     assert written.provenance.passes[-1].figures["reduce_range"] == "true (set by option)"
@@ -167,9 +214,21 @@ def test_the_cli_takes_reduce_range(tmp_path):
 def test_int8_static_follows_the_cpu(monkeypatch, value, qmax):
     monkeypatch.setenv(cpu.ENV_VAR, value)
     calibration = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
-    result = modelpress.quantize(tiny_cnn(), "int8-static", calibration=calibration, show_progress=False, allow_no_gain=True,
-                                 min_agreement=None, min_cosine=None, max_relative_error=None)
-    assert result.provenance.passes[-1].figures["reduce_range"].startswith("true (" if value == "0" else "false (")
+    result = modelpress.quantize(
+        tiny_cnn(),
+        "int8-static",
+        calibration=calibration,
+        show_progress=False,
+        allow_no_gain=True,
+        min_agreement=None,
+        min_cosine=None,
+        max_relative_error=None,
+    )
+    assert (
+        result.provenance.passes[-1]
+        .figures["reduce_range"]
+        .startswith("true (" if value == "0" else "false (")
+    )
     weights = _int8_weights(result, "DequantizeLinear")
     assert len(weights) == 3 and max(int(np.abs(w).max()) for w in weights) == qmax
     sample = sample_inputs(result.signature, batch=2)
@@ -182,8 +241,20 @@ def test_int8_qat_folds_back_into_7_bits(monkeypatch):
     monkeypatch.setenv(cpu.ENV_VAR, "0")
     x = np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)
     # NOTE: a large learning rate: trained weights leave the 7-bit grid (QuantizeLinear saturates at int8's) and are clipped back
-    result = modelpress.apply(tiny_cnn(), "int8-qat", kind="quantize", calibration={"x": x}, train={"x": x}, epochs=1, lr=0.5,
-                              show_progress=False, allow_no_gain=True, min_agreement=None, min_cosine=None, max_relative_error=None)
+    result = modelpress.apply(
+        tiny_cnn(),
+        "int8-qat",
+        kind="quantize",
+        calibration={"x": x},
+        train={"x": x},
+        epochs=1,
+        lr=0.5,
+        show_progress=False,
+        allow_no_gain=True,
+        min_agreement=None,
+        min_cosine=None,
+        max_relative_error=None,
+    )
     figures = result.provenance.passes[-1].figures
     assert figures["trained_weights"] == 3 and figures["reduce_range"].startswith("true (")
     assert max(int(np.abs(w).max()) for w in _int8_weights(result, "DequantizeLinear")) == 63

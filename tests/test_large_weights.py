@@ -15,12 +15,19 @@ def _big_matmul(path, rows: int = 300) -> np.ndarray:
     w = rng.normal(size=(rows, rows)).astype(np.float32)
     b = rng.normal(size=(rows,)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "W"], ["h"]), helper.make_node("Add", ["h", "b"], ["a"]),
-         helper.make_node("Reshape", ["a", "shape"], ["y"])],
+        [
+            helper.make_node("MatMul", ["x", "W"], ["h"]),
+            helper.make_node("Add", ["h", "b"], ["a"]),
+            helper.make_node("Reshape", ["a", "shape"], ["y"]),
+        ],
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", rows])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10, rows // 10])],
-        [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b"), numpy_helper.from_array(np.array([-1, 10, rows // 10], np.int64), "shape")],
+        [
+            numpy_helper.from_array(w, "W"),
+            numpy_helper.from_array(b, "b"),
+            numpy_helper.from_array(np.array([-1, 10, rows // 10], np.int64), "shape"),
+        ],
     )
     # NOTE: values in float_data, as tf2onnx writes some, not raw_data
     graph.initializer[0].ClearField("raw_data")
@@ -43,7 +50,9 @@ def test_session_gets_large_weights_by_reference_and_the_model_keeps_them(tmp_pa
     model = modelpress.load(tmp_path / "m.onnx", show_progress=False)
     before = model.initializer("W").const_value
     session = make_session(model)
-    assert model.initializer("W").const_value is before  # NOTE: the stand-in reference is gone again
+    assert (
+        model.initializer("W").const_value is before
+    )  # NOTE: the stand-in reference is gone again
     x = np.random.default_rng(1).normal(size=(4, 300)).astype(np.float32)
     b = model.initializer("b").const_value.numpy()
     expected = (x @ w + b).reshape(-1, 10, 30)
@@ -53,4 +62,6 @@ def test_session_gets_large_weights_by_reference_and_the_model_keeps_them(tmp_pa
     np.testing.assert_allclose(run(sweep, {"x": x})[0], expected, rtol=1e-4, atol=1e-3)
     result = modelpress.export(model, tmp_path / "out.onnx", sample={"x": x}, show_progress=False)
     assert result.verification.max_abs_diff == 0.0
-    np.testing.assert_array_equal(numpy_helper.to_array(onnx.load(tmp_path / "out.onnx").graph.initializer[0]), w)
+    np.testing.assert_array_equal(
+        numpy_helper.to_array(onnx.load(tmp_path / "out.onnx").graph.initializer[0]), w
+    )

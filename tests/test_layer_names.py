@@ -59,8 +59,12 @@ def test_torch_layers_are_named_after_their_modules(exporter):
     assert model.name == "Net" and model.ir.graph.name == "Net"
     names = _names(model)
     assert {"features.0", "features.2.conv", "classifier.fc", "shared", "proj"} <= set(names), names
-    if exporter == "dynamo":  # the TorchScript exporter may fold the second call into the first's node
-        assert sorted(names) == sorted(["features.0", "features.2.conv", "classifier.fc", "shared", "shared_1", "proj"])
+    if (
+        exporter == "dynamo"
+    ):  # the TorchScript exporter may fold the second call into the first's node
+        assert sorted(names) == sorted(
+            ["features.0", "features.2.conv", "classifier.fc", "shared", "shared_1", "proj"]
+        )
     assert _unique(model)
 
 
@@ -68,21 +72,35 @@ def test_torch_layers_are_named_after_their_modules(exporter):
 def test_module_paths_are_what_options_and_errors_speak(tmp_path):
     module, x = _torch_net()
     model = modelpress.load(module, example_inputs=x, show_progress=False)
-    pruned = modelpress.prune(model, "magnitude", sparsity=0.5, exclude=["classifier.fc"], min_elements=1)
+    pruned = modelpress.prune(
+        model, "magnitude", sparsity=0.5, exclude=["classifier.fc"], min_elements=1
+    )
     figures = pruned.provenance.passes[-1].figures
-    assert figures["skipped"]["classifier.fc"] == "excluded by option" and "features.0" in figures["layers"]
+    assert (
+        figures["skipped"]["classifier.fc"] == "excluded by option"
+        and "features.0" in figures["layers"]
+    )
     fc = next(x for x in pruned.weighted_layers() if x.name == "classifier.fc")
     assert np.count_nonzero(fc.weight_array() == 0) == 0
-    only = modelpress.prune(model, "magnitude", sparsity=0.5, layers=["features.2.conv"], min_elements=1)
+    only = modelpress.prune(
+        model, "magnitude", sparsity=0.5, layers=["features.2.conv"], min_elements=1
+    )
     assert list(only.provenance.passes[-1].figures["layers"]) == ["features.2.conv"]
-    with pytest.raises(modelpress.OptionsError, match=r"no layer named 'features\.9' in 'Net'; layers: features\.0, features\.2\.conv"):
+    with pytest.raises(
+        modelpress.OptionsError,
+        match=r"no layer named 'features\.9' in 'Net'; layers: features\.0, features\.2\.conv",
+    ):
         modelpress.prune(model, "magnitude", exclude=["features.9"])
     # renamed nodes still run, and the names survive export and reload
     out = tmp_path / "net.onnx"
     modelpress.export(pruned, out)
     again = modelpress.load(out)
     assert _names(again) == _names(pruned) and again.ir.graph.name == "Net"
-    np.testing.assert_allclose(run(make_session(again), {"x": x.numpy()})[0], run(make_session(pruned), {"x": x.numpy()})[0], rtol=1e-5)
+    np.testing.assert_allclose(
+        run(make_session(again), {"x": x.numpy()})[0],
+        run(make_session(pruned), {"x": x.numpy()})[0],
+        rtol=1e-5,
+    )
 
 
 @pytest.mark.torch
@@ -97,14 +115,25 @@ def test_a_torch_file_names_the_model(tmp_path):
 
 def _onnx_file(path, graph_name: str) -> None:
     w = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="node_MatMul_0")], graph_name,
-                              [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
-                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])], [w])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="node_MatMul_0")],
+        graph_name,
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", 3])],
+        [w],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
 
-@pytest.mark.parametrize(("graph_name", "expected"), [("main_graph", "cnn"), ("torch_jit", "cnn"), ("tf2onnx", "cnn"),
-                                                      ("resnet18-v1", "resnet18-v1")])
+@pytest.mark.parametrize(
+    ("graph_name", "expected"),
+    [
+        ("main_graph", "cnn"),
+        ("torch_jit", "cnn"),
+        ("tf2onnx", "cnn"),
+        ("resnet18-v1", "resnet18-v1"),
+    ],
+)
 def test_an_onnx_file_replaces_only_an_exporters_graph_name(tmp_path, graph_name, expected):
     _onnx_file(tmp_path / "cnn.onnx", graph_name)
     model = modelpress.load(tmp_path / "cnn.onnx")
@@ -119,20 +148,44 @@ def test_keras_layers_are_named_after_their_layers(tmp_path):
     pytest.importorskip("tf2onnx")
     keras.utils.set_random_seed(0)
     # a Conv2D folded with its BatchNorm, two auto-named Dense layers ("dense", "dense_1"), a named head
-    seq = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv_a"), keras.layers.BatchNormalization(),
-                            keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(16), keras.layers.Dense(12),
-                            keras.layers.Dense(10, activation="softmax", name="head")], name="digits_cnn")
-    dense = [layer.name for layer in seq.layers if isinstance(layer, keras.layers.Dense) and layer.name != "head"]
+    seq = keras.Sequential(
+        [
+            keras.Input((8, 8, 1)),
+            keras.layers.Conv2D(4, 3, name="conv_a"),
+            keras.layers.BatchNormalization(),
+            keras.layers.ReLU(),
+            keras.layers.Flatten(),
+            keras.layers.Dense(16),
+            keras.layers.Dense(12),
+            keras.layers.Dense(10, activation="softmax", name="head"),
+        ],
+        name="digits_cnn",
+    )
+    dense = [
+        layer.name
+        for layer in seq.layers
+        if isinstance(layer, keras.layers.Dense) and layer.name != "head"
+    ]
     model = modelpress.load(seq, show_progress=False)
-    assert model.name == "digits_cnn" and _names(model) == ["conv_a", *dense, "head"] and _unique(model)
+    assert (
+        model.name == "digits_cnn"
+        and _names(model) == ["conv_a", *dense, "head"]
+        and _unique(model)
+    )
     # a layer called twice and a nested model
     inner = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="d_in")], name="block")
     inp = keras.Input((4,), name="feat")
     shared = keras.layers.Dense(8, name="shared")
-    functional = keras.Model(inp, inner(shared(shared(keras.layers.Dense(8, name="enc")(inp)))), name="twoshared")
+    functional = keras.Model(
+        inp, inner(shared(shared(keras.layers.Dense(8, name="enc")(inp)))), name="twoshared"
+    )
     model = modelpress.load(functional, show_progress=False)
     assert model.name == "twoshared" and _names(model) == ["enc", "shared", "shared_1", "d_in"]
-    quantized = modelpress.quantize(model, "int8-dynamic", exclude=["d_in"], min_elements=1, allow_no_gain=True)
-    assert quantized.provenance.passes[-1].figures["float_nodes"].get("d_in") == "excluded by option"
+    quantized = modelpress.quantize(
+        model, "int8-dynamic", exclude=["d_in"], min_elements=1, allow_no_gain=True
+    )
+    assert (
+        quantized.provenance.passes[-1].figures["float_nodes"].get("d_in") == "excluded by option"
+    )
     seq.save(tmp_path / "kcnn.keras")
     assert modelpress.load(tmp_path / "kcnn.keras", show_progress=False).name == "kcnn"

@@ -25,12 +25,23 @@ def _script():
 def _lint(tree: Path) -> subprocess.CompletedProcess[str]:
     code = "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())"
     env = {**os.environ, "PYTHONPATH": str(tree)}
-    return subprocess.run([sys.executable, "-c", code, str(ROOT / "pyproject.toml"), "--no-cache"],
-                          cwd=tree, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", code, str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_the_layer_contracts_are_kept():
-    result = subprocess.run([sys.executable, str(ROOT / ".ci" / "lint_imports.py")], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, str(ROOT / ".ci" / "lint_imports.py")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "4 kept, 0 broken" in result.stdout
 
@@ -38,9 +49,13 @@ def test_the_layer_contracts_are_kept():
 def test_an_upward_import_and_a_plugin_reaching_into_adapters_are_caught(tmp_path):
     package = _script().assemble(tmp_path)
     with (package / "ir" / "model.py").open("a") as f:
-        f.write("\n\ndef _bad() -> None:\n    from modelpress.app import compress  # IR -> application\n")
+        f.write(
+            "\n\ndef _bad() -> None:\n    from modelpress.app import compress  # IR -> application\n"
+        )
     with (package / "plugins" / "distill" / "__init__.py").open("a") as f:
-        f.write("\n\ndef _bad2() -> None:\n    from modelpress.adapters import onnx  # plugin -> adapter\n")
+        f.write(
+            "\n\ndef _bad2() -> None:\n    from modelpress.adapters import onnx  # plugin -> adapter\n"
+        )
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "2 broken" in result.stdout
@@ -51,14 +66,21 @@ def test_an_upward_import_and_a_plugin_reaching_into_adapters_are_caught(tmp_pat
 def test_a_plugin_importing_core_internals_and_a_module_outside_every_layer_are_caught(tmp_path):
     package = _script().assemble(tmp_path)
     with (package / "plugins" / "prune" / "__init__.py").open("a") as f:
-        f.write("\n\ndef _bad() -> None:\n    from modelpress.ir import model  # not through plugin_api\n")
+        f.write(
+            "\n\ndef _bad() -> None:\n    from modelpress.ir import model  # not through plugin_api\n"
+        )
     with (package / "plugins" / "quantize" / "qat.py").open("a") as f:
-        f.write("\n\ndef _bad2() -> None:\n    from modelpress.plugins import distill  # another plugin's internals\n")
+        f.write(
+            "\n\ndef _bad2() -> None:\n    from modelpress.plugins import distill  # another plugin's internals\n"
+        )
     (package / "stray.py").write_text('"""A module in no layer."""\n')
     result = _lint(tmp_path)
     assert result.returncode != 0
     assert "3 broken" in result.stdout
-    assert "modelpress.plugins.quantize is not allowed to import modelpress.plugins.distill" in result.stdout
+    assert (
+        "modelpress.plugins.quantize is not allowed to import modelpress.plugins.distill"
+        in result.stdout
+    )
     assert "modelpress.plugins.prune -> modelpress.ir.model" in result.stdout
     assert "modelpress.stray" in result.stdout
 
@@ -77,4 +99,6 @@ def test_every_source_folder_is_a_listed_package():
                 continue
             rel = init.parent.relative_to(ROOT / folder).parts
             found.add(".".join((package, *rel)))
-    assert found == listed, f"missing from pyproject: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+    assert found == listed, (
+        f"missing from pyproject: {sorted(found - listed)}; listed but absent: {sorted(listed - found)}"
+    )

@@ -25,12 +25,20 @@ def _build(nodes, inputs, outputs, inits, opset=20):
     import onnx
     from onnx import numpy_helper
 
-    graph = helper.make_graph(nodes, "case", inputs, [helper.make_empty_tensor_value_info(n) for n, _ in outputs],
-                              [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()])
+    graph = helper.make_graph(
+        nodes,
+        "case",
+        inputs,
+        [helper.make_empty_tensor_value_info(n) for n, _ in outputs],
+        [numpy_helper.from_array(np.asarray(v), k) for k, v in inits.items()],
+    )
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     proto.ir_version = 8
     done = onnx.shape_inference.infer_shapes(proto).graph
-    inferred = {v.name: v for v in [*done.value_info, *(o for o in done.output if o.type.HasField("tensor_type"))]}
+    inferred = {
+        v.name: v
+        for v in [*done.value_info, *(o for o in done.output if o.type.HasField("tensor_type"))]
+    }
     typed = [inferred[n] for n, _ in outputs]
     return make_model(nodes, inputs, typed, inits, opset=opset)
 
@@ -55,23 +63,43 @@ CASES = {
     "conv_groups_asym_pads_pool": (
         [
             helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], pads=[0, 1, 1, 0], strides=[2, 1]),
-            helper.make_node("Conv", ["c1", "wd"], ["c2"], group=4, pads=[1, 1, 1, 1], dilations=[1, 1]),
+            helper.make_node(
+                "Conv", ["c1", "wd"], ["c2"], group=4, pads=[1, 1, 1, 1], dilations=[1, 1]
+            ),
             helper.make_node("HardSwish", ["c2"], ["h"]),
-            helper.make_node("MaxPool", ["h"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1),
-            helper.make_node("AveragePool", ["p"], ["a"], kernel_shape=[2, 2], pads=[1, 1, 1, 1], count_include_pad=1),
+            helper.make_node(
+                "MaxPool", ["h"], ["p"], kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1
+            ),
+            helper.make_node(
+                "AveragePool",
+                ["p"],
+                ["a"],
+                kernel_shape=[2, 2],
+                pads=[1, 1, 1, 1],
+                count_include_pad=1,
+            ),
             helper.make_node("GlobalMaxPool", ["a"], ["y"]),
         ],
         {"w1": _w(4, 2, 3, 3), "b1": _w(4), "wd": _w(4, 1, 3, 3)},
-        {"x": (F, [2, 2, 9, 9])}, [("y", F)],
+        {"x": (F, [2, 2, 9, 9])},
+        [("y", F)],
     ),
     "conv_auto_pad_transpose": (
         [
             helper.make_node("Conv", ["x", "w1"], ["c1"], auto_pad="SAME_UPPER", strides=[2, 2]),
-            helper.make_node("ConvTranspose", ["c1", "wt", "bt"], ["t"], strides=[2, 2], pads=[1, 1, 1, 1], output_padding=[1, 1]),
+            helper.make_node(
+                "ConvTranspose",
+                ["c1", "wt", "bt"],
+                ["t"],
+                strides=[2, 2],
+                pads=[1, 1, 1, 1],
+                output_padding=[1, 1],
+            ),
             helper.make_node("LeakyRelu", ["t"], ["y"], alpha=0.2),
         ],
         {"w1": _w(3, 2, 3, 3), "wt": _w(3, 2, 3, 3), "bt": _w(2)},
-        {"x": (F, [1, 2, 7, 7])}, [("y", F)],
+        {"x": (F, [1, 2, 7, 7])},
+        [("y", F)],
     ),
     "batchnorm_activations": (
         [
@@ -82,8 +110,16 @@ CASES = {
             helper.make_node("HardSigmoid", ["bn"], ["hs"]),
             helper.make_node("Sum", ["s1", "t1", "c1", "hs"], ["y"]),
         ],
-        {"s": _w(3) + 1, "b": _w(3), "m": _w(3), "v": np.abs(_w(3)) + 0.5, "lo": np.float32(-0.5), "hi": np.float32(0.7)},
-        {"x": (F, [2, 3, 4, 4])}, [("y", F)],
+        {
+            "s": _w(3) + 1,
+            "b": _w(3),
+            "m": _w(3),
+            "v": np.abs(_w(3)) + 0.5,
+            "lo": np.float32(-0.5),
+            "hi": np.float32(0.7),
+        },
+        {"x": (F, [2, 3, 4, 4])},
+        [("y", F)],
     ),
     "transformer_ops": (
         [
@@ -97,7 +133,9 @@ CASES = {
             helper.make_node("MatMul", ["ht", "ht_t"], ["scores"]),
             helper.make_node("Softmax", ["scores"], ["attn"], axis=-1),
             helper.make_node("ReduceMean", ["attn", "axes_last"], ["red"], keepdims=0),
-            helper.make_node("LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], axis=-1, epsilon=1e-5),
+            helper.make_node(
+                "LayerNormalization", ["x", "ln_s", "ln_b"], ["ln"], axis=-1, epsilon=1e-5
+            ),
             helper.make_node("Gelu", ["ln"], ["g"]),
             helper.make_node("Div", ["g", "two"], ["g2"]),
             helper.make_node("Pow", ["g2", "two"], ["p2"]),
@@ -107,15 +145,32 @@ CASES = {
             helper.make_node("Slice", ["y2", "starts", "ends", "axes_last", "steps"], ["y3"]),
             helper.make_node("Squeeze", ["red_keep"], ["y4"]),
         ],
-        {"wq": _w(8, 8), "zero": np.array(0, np.int64), "axis0": np.array([0], np.int64), "rest": np.array([5, 2, 4], np.int64),
-         "ht_t": _w(4, 5), "axes_last": np.array([-1], np.int64), "ln_s": _w(8) + 1, "ln_b": _w(8), "two": np.float32(2.0),
-         "starts": np.array([7], np.int64), "ends": np.array([-100], np.int64), "steps": np.array([-2], np.int64),
-         "red_keep": _w(3, 1, 4)},
-        {"x": (F, [3, 5, 8])}, [("red", F), ("y2", F), ("y3", F), ("y4", F)],
+        {
+            "wq": _w(8, 8),
+            "zero": np.array(0, np.int64),
+            "axis0": np.array([0], np.int64),
+            "rest": np.array([5, 2, 4], np.int64),
+            "ht_t": _w(4, 5),
+            "axes_last": np.array([-1], np.int64),
+            "ln_s": _w(8) + 1,
+            "ln_b": _w(8),
+            "two": np.float32(2.0),
+            "starts": np.array([7], np.int64),
+            "ends": np.array([-100], np.int64),
+            "steps": np.array([-2], np.int64),
+            "red_keep": _w(3, 1, 4),
+        },
+        {"x": (F, [3, 5, 8])},
+        [("red", F), ("y2", F), ("y3", F), ("y4", F)],
     ),
     "shape_and_logic": (
         [
-            helper.make_node("ConstantOfShape", ["cshape"], ["ones"], value=helper.make_tensor("v", F, [1], [1.0])),
+            helper.make_node(
+                "ConstantOfShape",
+                ["cshape"],
+                ["ones"],
+                value=helper.make_tensor("v", F, [1], [1.0]),
+            ),
             helper.make_node("Expand", ["x", "eshape"], ["ex"]),
             helper.make_node("Add", ["ex", "ones"], ["a"]),
             helper.make_node("Range", ["r0", "r1", "r2"], ["rng"]),
@@ -127,15 +182,26 @@ CASES = {
             helper.make_node("Neg", ["m"], ["negm"]),
             helper.make_node("Where", ["cond", "m", "negm"], ["w"]),
             helper.make_node("Flatten", ["w"], ["y"], axis=1),
-            helper.make_node("Constant", [], ["k"], value=helper.make_tensor("k", F, [4], [1, 2, 3, 4])),
+            helper.make_node(
+                "Constant", [], ["k"], value=helper.make_tensor("k", F, [4], [1, 2, 3, 4])
+            ),
             helper.make_node("Tile", ["k", "reps"], ["kt"]),
             helper.make_node("Split", ["kt", "splits"], ["s1", "s2"], axis=0),
             helper.make_node("Min", ["s1", "s2"], ["y2"]),
         ],
-        {"cshape": np.array([2, 3, 4], np.int64), "eshape": np.array([2, 1, 1], np.int64), "r0": np.array(0, np.int64),
-         "r1": np.array(4, np.int64), "r2": np.array(1, np.int64), "zerof": np.float32(0.5), "r1m": np.array(3, np.int64),
-         "reps": np.array([2], np.int64), "splits": np.array([4, 4], np.int64)},
-        {"x": (F, [1, 3, 4])}, [("y", F), ("y2", F)],
+        {
+            "cshape": np.array([2, 3, 4], np.int64),
+            "eshape": np.array([2, 1, 1], np.int64),
+            "r0": np.array(0, np.int64),
+            "r1": np.array(4, np.int64),
+            "r2": np.array(1, np.int64),
+            "zerof": np.float32(0.5),
+            "r1m": np.array(3, np.int64),
+            "reps": np.array([2], np.int64),
+            "splits": np.array([4, 4], np.int64),
+        },
+        {"x": (F, [1, 3, 4])},
+        [("y", F), ("y2", F)],
     ),
     "gemm_variants": (
         [
@@ -143,8 +209,15 @@ CASES = {
             helper.make_node("Gemm", ["g1", "wb"], ["g2"], transA=0),
             helper.make_node("Pad", ["g2", "pads", "pval"], ["y"]),
         ],
-        {"wa": _w(6, 5), "ba": _w(6), "wb": _w(6, 3), "pads": np.array([0, 1, 0, 2], np.int64), "pval": np.float32(0.25)},
-        {"x": (F, [4, 5])}, [("y", F)],
+        {
+            "wa": _w(6, 5),
+            "ba": _w(6),
+            "wb": _w(6, 3),
+            "pads": np.array([0, 1, 0, 2], np.int64),
+            "pval": np.float32(0.25),
+        },
+        {"x": (F, [4, 5])},
+        [("y", F)],
     ),
 }
 
@@ -165,8 +238,11 @@ def test_quantize_dequantize_is_fake_quant_matching_ort():
         helper.make_node("Conv", ["xd", "wd"], ["y"]),
     ]
     inits = {
-        "sx": np.float32(0.02), "zx": np.uint8(128),
-        "wq": rng.integers(-127, 127, (4, 2, 3, 3)).astype(np.int8), "sw": np.abs(_w(4)) / 50, "zw": np.zeros(4, np.int8),
+        "sx": np.float32(0.02),
+        "zx": np.uint8(128),
+        "wq": rng.integers(-127, 127, (4, 2, 3, 3)).astype(np.int8),
+        "sw": np.abs(_w(4)) / 50,
+        "zw": np.zeros(4, np.int8),
     }
     model = _build(nodes, [_vi("x", F, [1, 2, 6, 6])], [("y", F)], inits)
     feeds = {"x": rng.standard_normal((1, 2, 6, 6)).astype(np.float32)}
@@ -179,7 +255,9 @@ def test_quantize_dequantize_is_fake_quant_matching_ort():
 
 
 def test_parameters_keep_onnx_names_and_weights_go_back():
-    model = tiny_cnn(normalize=False)  # NOTE: keeps its BatchNormalization (statistics must become buffers)
+    model = tiny_cnn(
+        normalize=False
+    )  # NOTE: keeps its BatchNormalization (statistics must become buffers)
     module = modelpress.to_torch(model)
     names = set(module.onnx_names.values())
     assert {"conv1.weight", "fc.bias", "bn1.scale"} <= names
@@ -189,10 +267,18 @@ def test_parameters_keep_onnx_names_and_weights_go_back():
         module.tensor("fc.bias").add_(1.0)
     updated = modelpress.update_weights(model, module)
     np.testing.assert_allclose(
-        updated.initializer("fc.bias").const_value.numpy(), model.initializer("fc.bias").const_value.numpy() + 1.0, rtol=1e-6
+        updated.initializer("fc.bias").const_value.numpy(),
+        model.initializer("fc.bias").const_value.numpy() + 1.0,
+        rtol=1e-6,
     )
-    assert updated.initializer("conv1.weight").const_value is model.initializer("conv1.weight").const_value  # unchanged: shared
-    assert np.all(model.initializer("fc.bias").const_value.numpy() == tiny_cnn().initializer("fc.bias").const_value.numpy())
+    assert (
+        updated.initializer("conv1.weight").const_value
+        is model.initializer("conv1.weight").const_value
+    )  # unchanged: shared
+    assert np.all(
+        model.initializer("fc.bias").const_value.numpy()
+        == tiny_cnn().initializer("fc.bias").const_value.numpy()
+    )
 
 
 def test_unsupported_ops_are_all_listed():
@@ -202,6 +288,11 @@ def test_unsupported_ops_are_all_listed():
         helper.make_node("TopK", ["x", "k"], ["v2", "i2"], name="topk_2"),
         helper.make_node("Relu", ["v2"], ["y"]),
     ]
-    model = _build(nodes, [_vi("x", F, [2, 5])], [("nz", I64), ("y", F)], {"k": np.array([2], np.int64)})
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"2 unsupported op type\(s\): NonZero \(nodes: nz_1\); TopK \(nodes: topk_1, topk_2\)"):
+    model = _build(
+        nodes, [_vi("x", F, [2, 5])], [("nz", I64), ("y", F)], {"k": np.array([2], np.int64)}
+    )
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"2 unsupported op type\(s\): NonZero \(nodes: nz_1\); TopK \(nodes: topk_1, topk_2\)",
+    ):
         modelpress.to_torch(model)

@@ -42,7 +42,9 @@ def test_weighted_layers_non_transposed_gemm(digits_mlp_path):
 def test_clone_shares_weights_and_isolates_structure():
     model = tiny_mlp()
     clone = model.clone()
-    assert clone.initializer("fc1.weight").const_value is model.initializer("fc1.weight").const_value
+    assert (
+        clone.initializer("fc1.weight").const_value is model.initializer("fc1.weight").const_value
+    )
     clone.replace_initializer("fc1.weight", np.zeros((16, 8), np.float32))
     assert np.any(model.initializer("fc1.weight").const_value.numpy() != 0)
     assert clone.reference is model
@@ -55,7 +57,9 @@ def test_replace_initializer_changes_outputs():
     before = run(make_session(model), x)[0]
     model.replace_initializer("fc2.bias", np.full(4, 5.0, np.float32))
     after = run(make_session(model), x)[0]
-    np.testing.assert_allclose(after - before, np.broadcast_to(5.0 - old_bias, after.shape), atol=1e-5)
+    np.testing.assert_allclose(
+        after - before, np.broadcast_to(5.0 - old_bias, after.shape), atol=1e-5
+    )
 
 
 def test_insert_after_rewires_consumers_and_graph_outputs():
@@ -100,11 +104,16 @@ def test_counts_and_histogram(digits_mlp_path):
 
 def test_provenance_survives_export_and_reload(tmp_path):
     model = tiny_mlp()
-    record = modelpress.PassRecord(kind="prune", method="m", options={"a": 1}, plugin="p", plugin_version="9")
+    record = modelpress.PassRecord(
+        kind="prune", method="m", options={"a": 1}, plugin="p", plugin_version="9"
+    )
     model.provenance = model.provenance.with_pass(record)
     modelpress.export(model, tmp_path / "m.onnx")
     props = {p.key: p.value for p in onnx.load(tmp_path / "m.onnx").metadata_props}
-    assert "modelpress.ir.provenance" in props and props["modelpress.version"] == modelpress.__version__
+    assert (
+        "modelpress.ir.provenance" in props
+        and props["modelpress.version"] == modelpress.__version__
+    )
     again = modelpress.load(tmp_path / "m.onnx")
     assert again.provenance.passes == (record,)
     assert again.provenance.source_framework == "onnx"
@@ -113,7 +122,9 @@ def test_provenance_survives_export_and_reload(tmp_path):
 def test_replacing_a_weight_dtype_in_a_clone_leaves_the_original_typed():
     model = tiny_mlp()
     clone = model.clone()
-    clone.replace_initializer("fc1.weight", clone.initializer("fc1.weight").const_value.numpy().astype(np.float16))
+    clone.replace_initializer(
+        "fc1.weight", clone.initializer("fc1.weight").const_value.numpy().astype(np.float16)
+    )
     assert model.initializer("fc1.weight").dtype == ir.DataType.FLOAT
     assert clone.initializer("fc1.weight").dtype == ir.DataType.FLOAT16
 
@@ -132,13 +143,17 @@ def test_replace_node_rewires_outputs_and_drops_unused_weights():
     x = {"x": np.random.default_rng(0).standard_normal((3, 8)).astype(np.float32)}
     expected = run(make_session(model), x)[0]
     fc2 = model.node("fc2")
-    weight = model.add_initializer("w_copy", model.initializer("fc2.weight").const_value.numpy().T.copy())
+    weight = model.add_initializer(
+        "w_copy", model.initializer("fc2.weight").const_value.numpy().T.copy()
+    )
     bias = model.add_initializer("b_copy", model.initializer("fc2.bias").const_value.numpy())
     matmul = ir.node("MatMul", [fc2.inputs[0], weight], name="mm")
     add = ir.node("Add", [matmul.outputs[0], bias], name="add")
     model.replace_node(fc2, [matmul, add], add.outputs[0])
     assert model.signature.output_names == ["logits"]
-    assert "fc2.weight" not in model.graph.initializers and "fc2.bias" not in model.graph.initializers
+    assert (
+        "fc2.weight" not in model.graph.initializers and "fc2.bias" not in model.graph.initializers
+    )
     np.testing.assert_allclose(assert_valid(model, sample=x)[0], expected, rtol=1e-5, atol=1e-6)
 
 
@@ -147,6 +162,11 @@ def test_unique_names_stay_unique_across_many_edits():
     names = [model.add_initializer("w", np.zeros(1, np.float32)).name for _ in range(50)]
     assert len(set(names)) == 50 and names[0] == "w" and names[1] == "w_1"
     # a name created behind the model's back (graph edited directly) is still seen
-    value = ir.Value(name="fresh", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]), const_value=ir.tensor(np.zeros(1, np.float32), name="fresh"))
+    value = ir.Value(
+        name="fresh",
+        type=ir.TensorType(ir.DataType.FLOAT),
+        shape=ir.Shape([1]),
+        const_value=ir.tensor(np.zeros(1, np.float32), name="fresh"),
+    )
     model.graph.register_initializer(value)
     assert model.add_initializer("fresh", np.ones(1, np.float32)).name == "fresh_1"

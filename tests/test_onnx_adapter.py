@@ -47,14 +47,18 @@ def test_truncated_file(tmp_path, digits_mlp_path):
     data = digits_mlp_path.read_bytes()
     path = tmp_path / "truncated.onnx"
     path.write_bytes(data[: len(data) // 2])
-    with pytest.raises(modelpress.InvalidModelError, match=r"truncated.onnx.*(truncated|not an ONNX)"):
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"truncated.onnx.*(truncated|not an ONNX)"
+    ):
         modelpress.load(path)
 
 
 def test_text_file_renamed_onnx(tmp_path):
     path = tmp_path / "notes.onnx"
     path.write_text("These are my notes, not a model.\nSecond line.\n")
-    with pytest.raises(modelpress.InvalidModelError, match=r"notes.onnx.*not (a valid )?(an )?ONNX"):
+    with pytest.raises(
+        modelpress.InvalidModelError, match=r"notes.onnx.*not (a valid )?(an )?ONNX"
+    ):
         modelpress.load(path)
 
 
@@ -133,7 +137,10 @@ def test_onnx_ir_model_input():
 
 
 def test_unsupported_object():
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"no installed adapter can load an object of type builtins\.dict"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"no installed adapter can load an object of type builtins\.dict",
+    ):
         modelpress.load({"not": "a model"})
 
 
@@ -147,9 +154,17 @@ def test_initializers_keep_their_type_when_a_value_info_without_one_names_them(t
         proto.graph.value_info.append(entry)
     onnx.save(proto, tmp_path / "m.onnx")
     model = modelpress.load(tmp_path / "m.onnx")
-    assert all(v.dtype is not None and v.shape is not None for v in model.ir.graph.initializers.values())
+    assert all(
+        v.dtype is not None and v.shape is not None for v in model.ir.graph.initializers.values()
+    )
     adapted = modelpress.Model.from_onnx(proto)  # NOTE: the adapter toolkit's path does the same
-    assert all(v.dtype is not None and v.shape is not None for v in adapted.ir.graph.initializers.values())
+    assert all(
+        v.dtype is not None and v.shape is not None for v in adapted.ir.graph.initializers.values()
+    )
     half = modelpress.quantize(model, "fp16", show_progress=False)
-    assert all(v.dtype == onnx.TensorProto.FLOAT16 for v in half.ir.graph.initializers.values() if "weight" in (v.name or ""))
+    assert all(
+        v.dtype == onnx.TensorProto.FLOAT16
+        for v in half.ir.graph.initializers.values()
+        if "weight" in (v.name or "")
+    )
     modelpress.export(half, tmp_path / "half.onnx")  # loads and runs in ORT, outputs checked

@@ -41,16 +41,27 @@ class _Counting:
             self.estimated.append(len(data))
             return len(data)  # "no gain": never the best
 
-        register(Codec("counting", encode, lambda blob, info: zlib.decompress(blob), summary="zlib -1, counted",
-                       estimate=estimate if self.with_estimate else None))
+        register(
+            Codec(
+                "counting",
+                encode,
+                lambda blob, info: zlib.decompress(blob),
+                summary="zlib -1, counted",
+                estimate=estimate if self.with_estimate else None,
+            )
+        )
 
 
 def _weights_model(path, n=96 * 1024):
     rng = np.random.default_rng(0)
     w = (rng.standard_normal((n // 256, 256)) * 0.02).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n // 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, n // 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(w, "w")],
+    )
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     return path, w.tobytes()
 
@@ -62,20 +73,31 @@ def test_a_large_tensor_is_coded_in_full_only_by_the_codec_estimated_best(tmp_pa
     registry = modelpress.create_registry(plugins=[plugin])
     result = modelpress.pack(model, tmp_path / "w.mpk", registry=registry, solid=False)
     assert result.tensors[0].codec == "bytegroup"
-    if with_estimate:  # its own estimate was asked (once, on the whole tensor), and it never coded anything
+    if (
+        with_estimate
+    ):  # its own estimate was asked (once, on the whole tensor), and it never coded anything
         assert plugin.estimated == [len(data)] and plugin.encoded == []
     else:  # it coded a sample of the 384 KiB tensor, never the tensor
         assert plugin.encoded and max(plugin.encoded) <= SAMPLE_BYTES < len(data)
-    assert modelpress.unpack(tmp_path / "w.mpk", tmp_path / "back.onnx", registry=registry).read_bytes() == model.read_bytes()
+    assert (
+        modelpress.unpack(
+            tmp_path / "w.mpk", tmp_path / "back.onnx", registry=registry
+        ).read_bytes()
+        == model.read_bytes()
+    )
 
 
 def test_a_plugin_codec_estimated_best_wins_on_equal_terms(tmp_path):
     """Constant weights: the plugin's tiny blob is estimated (from a sample) smaller than every
     built-in codec's, so it is coded in full and chosen."""
     w = np.full((256, 256), 0.25, np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])], [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 256])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 256])],
+        [numpy_helper.from_array(w, "w")],
+    )
     path = tmp_path / "c.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
 
@@ -90,13 +112,20 @@ def test_a_plugin_codec_estimated_best_wins_on_equal_terms(tmp_path):
     registry = modelpress.create_registry(plugins=[Constant()])
     result = modelpress.pack(path, tmp_path / "c.mpk", registry=registry)
     assert result.tensors[0].codec == "constant" and result.tensors[0].size == 4
-    assert modelpress.unpack(tmp_path / "c.mpk", tmp_path / "back.onnx", registry=registry).read_bytes() == path.read_bytes()
+    assert (
+        modelpress.unpack(
+            tmp_path / "c.mpk", tmp_path / "back.onnx", registry=registry
+        ).read_bytes()
+        == path.read_bytes()
+    )
 
 
 def test_a_codec_that_does_not_decode_bit_exactly_is_passed_over_for_the_next_estimate():
     data = (np.random.default_rng(1).standard_normal(64 * 1024) * 0.02).astype(np.float32).tobytes()
     info = TensorInfo("w", ir.DataType.FLOAT, (64 * 1024,), "weight")
-    liar = Codec("liar", lambda d, i: d[: len(d) // 8], lambda b, i: bytes(len(b) * 8))  # estimated best, decodes zeros
+    liar = Codec(
+        "liar", lambda d, i: d[: len(d) // 8], lambda b, i: bytes(len(b) * 8)
+    )  # estimated best, decodes zeros
     registry = modelpress.get_registry()
     skipped: dict[str, str] = {}
     name, blob = encode_best(data, info, [liar, *registry.codecs()], skipped)
@@ -140,7 +169,9 @@ def test_bytegroup_is_bit_exact_across_its_steps(dtype, count, kind, seed):
     blob = codec.encode(data, info)
     assert blob is not None and bytes(codec.decode(blob, info)) == data
     name, best = encode_best(data, info, [codec])
-    assert name in ("bytegroup", "stored") and (name == "stored" or bytes(codec.decode(best, info)) == data)
+    assert name in ("bytegroup", "stored") and (
+        name == "stored" or bytes(codec.decode(best, info)) == data
+    )
 
 
 def test_a_large_stream_is_coded_by_lzma_only_where_a_sample_says_it_may_win(monkeypatch):
@@ -150,10 +181,17 @@ def test_a_large_stream_is_coded_by_lzma_only_where_a_sample_says_it_may_win(mon
     coded: list[int] = []
     real = streams.lzma_encode
     monkeypatch.setattr(streams, "lzma_encode", lambda data: coded.append(len(data)) or real(data))
-    skewed = (rng.random(2 << 20) < 0.03).astype(np.uint8).tobytes()  # LZMA's range coder beats Huffman's 1 bit/byte floor
+    skewed = (
+        (rng.random(2 << 20) < 0.03).astype(np.uint8).tobytes()
+    )  # LZMA's range coder beats Huffman's 1 bit/byte floor
     blob = streams.encode(skewed)
     assert blob[0] == streams.LZMA and streams.decode(blob) == skewed and max(coded) == len(skewed)
     coded.clear()
     noise = rng.integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
     blob = streams.encode(noise)
-    assert blob[0] != streams.LZMA and streams.decode(blob) == noise and coded and max(coded) <= 64 << 10
+    assert (
+        blob[0] != streams.LZMA
+        and streams.decode(blob) == noise
+        and coded
+        and max(coded) <= 64 << 10
+    )

@@ -22,4 +22,6 @@ def test_a_pack_from_the_previous_encoder_unpacks_bit_exactly(tmp_path):
     out = modelpress.unpack(packed, tmp_path / "back.onnx")
     assert out.read_bytes() == (DATA / "v2-bytegroup.onnx").read_bytes()
     proto = read_packed(packed)
-    assert proto.SerializeToString() == onnx.load(str(DATA / "v2-bytegroup.onnx")).SerializeToString()
+    assert (
+        proto.SerializeToString() == onnx.load(str(DATA / "v2-bytegroup.onnx")).SerializeToString()
+    )

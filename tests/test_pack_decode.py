@@ -18,7 +18,12 @@ from modelpress.packing import wire as packwire
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.plugins.pack import streams
 
-_WIDTH = {ir.DataType.FLOAT: 4, ir.DataType.FLOAT16: 2, ir.DataType.BFLOAT16: 2, ir.DataType.DOUBLE: 8}
+_WIDTH = {
+    ir.DataType.FLOAT: 4,
+    ir.DataType.FLOAT16: 2,
+    ir.DataType.BFLOAT16: 2,
+    ir.DataType.DOUBLE: 8,
+}
 
 
 def _bytegroup() -> Codec:
@@ -43,11 +48,21 @@ def test_bytegroup_round_trips_any_bit_pattern(dtype, count, kind, seed):
         data = rng.integers(0, 256, count * width, dtype=np.uint8).tobytes()
     elif kind == "weights":
         data = (rng.standard_normal(count) * 0.02).astype(np.float64 if width == 8 else np.float32)
-        data = data.astype(np.float16).tobytes() if dtype == ir.DataType.FLOAT16 else (
-            (data.view(np.uint32) >> 16).astype(np.uint16).tobytes() if dtype == ir.DataType.BFLOAT16 else data.tobytes())
+        data = (
+            data.astype(np.float16).tobytes()
+            if dtype == ir.DataType.FLOAT16
+            else (
+                (data.view(np.uint32) >> 16).astype(np.uint16).tobytes()
+                if dtype == ir.DataType.BFLOAT16
+                else data.tobytes()
+            )
+        )
     else:
-        specials = {2: [0x7E01, 0xFC00, 0x7C00, 0x8000, 0x7FFF, 0xFF81], 4: [0x7FC00001, 0x7F800000, 0xFF800000, 0x80000000, 0xFFFFFFFF],
-                    8: [0x7FF8000000000001, 0xFFF0000000000000, 0x8000000000000000, 0x7FF0000000000000]}[width]
+        specials = {
+            2: [0x7E01, 0xFC00, 0x7C00, 0x8000, 0x7FFF, 0xFF81],
+            4: [0x7FC00001, 0x7F800000, 0xFF800000, 0x80000000, 0xFFFFFFFF],
+            8: [0x7FF8000000000001, 0xFFF0000000000000, 0x8000000000000000, 0x7FF0000000000000],
+        }[width]
         data = rng.choice(np.array(specials, dtype=f"<u{width}"), count).tobytes()
     info = TensorInfo("t", dtype, (count,))
     codec = _bytegroup()
@@ -58,13 +73,17 @@ def test_bytegroup_round_trips_any_bit_pattern(dtype, count, kind, seed):
 
 def test_bytegroup_edge_sizes_and_damage():
     codec = _bytegroup()
-    assert codec.encode(b"", TensorInfo("e", ir.DataType.FLOAT, (0,))) is None  # empty: left to the container (stored)
+    assert (
+        codec.encode(b"", TensorInfo("e", ir.DataType.FLOAT, (0,))) is None
+    )  # empty: left to the container (stored)
     one = np.float32(-0.0).tobytes()
     info = TensorInfo("one", ir.DataType.FLOAT, (1,))
     assert codec.decode(codec.encode(one, info), info) == one
     two = np.array([np.nan, np.inf], np.float32).tobytes()
     blob = codec.encode(two, TensorInfo("two", ir.DataType.FLOAT, (2,)))
-    with pytest.raises(ValueError, match="byte planes, expected 2"):  # the same blob read as fp16: refused, not garbage
+    with pytest.raises(
+        ValueError, match="byte planes, expected 2"
+    ):  # the same blob read as fp16: refused, not garbage
         codec.decode(blob, TensorInfo("two", ir.DataType.FLOAT16, (4,)))
 
 
@@ -83,9 +102,15 @@ def test_a_stored_stream_is_read_in_place():
 def _branch(name: str, value: np.ndarray) -> onnx.GraphProto:
     """A subgraph holding a Constant tensor and an initializer of its own."""
     return helper.make_graph(
-        [helper.make_node("Constant", [], [f"{name}_c"], value=numpy_helper.from_array(value, f"{name}_cv")),
-         helper.make_node("Add", [f"{name}_c", f"{name}_w"], [f"{name}_out"])],
-        name, [], [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, list(value.shape))],
+        [
+            helper.make_node(
+                "Constant", [], [f"{name}_c"], value=numpy_helper.from_array(value, f"{name}_cv")
+            ),
+            helper.make_node("Add", [f"{name}_c", f"{name}_w"], [f"{name}_out"]),
+        ],
+        name,
+        [],
+        [helper.make_tensor_value_info(f"{name}_out", TensorProto.FLOAT, list(value.shape))],
         [numpy_helper.from_array(value * 2, f"{name}_w")],
     )
 
@@ -97,23 +122,45 @@ def _nested_model(seed: int = 0) -> onnx.ModelProto:
     w = rng.standard_normal((64, 32)).astype(np.float32)
     doc = numpy_helper.from_array(rng.standard_normal((32,)).astype(np.float32), "b")
     doc.doc_string = "a tensor with a doc string (field 12, after raw_data)"
-    typed = helper.make_tensor("typed", TensorProto.FLOAT, [40], rng.standard_normal(40).astype(np.float32).tolist())
+    typed = helper.make_tensor(
+        "typed", TensorProto.FLOAT, [40], rng.standard_normal(40).astype(np.float32).tolist()
+    )
     nodes = [
         helper.make_node("MatMul", ["x", "w"], ["h"]),
         helper.make_node("Add", ["h", "b"], ["h2"]),
-        helper.make_node("Constant", [], ["k"], value=numpy_helper.from_array(rng.standard_normal((64,)).astype(np.float32), "kv")),
+        helper.make_node(
+            "Constant",
+            [],
+            ["k"],
+            value=numpy_helper.from_array(rng.standard_normal((64,)).astype(np.float32), "kv"),
+        ),
         helper.make_node("ReduceSum", ["k"], ["ks"], keepdims=0),
         helper.make_node("Greater", ["ks", "zero"], ["cond"]),
-        helper.make_node("If", ["cond"], ["branch"], then_branch=_branch("then", rng.standard_normal((4, 32)).astype(np.float32)),
-                         else_branch=_branch("else", rng.standard_normal((4, 32)).astype(np.float32))),
+        helper.make_node(
+            "If",
+            ["cond"],
+            ["branch"],
+            then_branch=_branch("then", rng.standard_normal((4, 32)).astype(np.float32)),
+            else_branch=_branch("else", rng.standard_normal((4, 32)).astype(np.float32)),
+        ),
         helper.make_node("Add", ["typed", "typed"], ["t2"]),
         helper.make_node("Identity", ["h2"], ["y"]),
     ]
     graph = helper.make_graph(
-        nodes, "nested", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32]), helper.make_tensor_value_info("t2", TensorProto.FLOAT, [40]),
-         helper.make_tensor_value_info("branch", TensorProto.FLOAT, [4, 32])],
-        [numpy_helper.from_array(w, "w"), doc, numpy_helper.from_array(np.float32(0), "zero"), typed],
+        nodes,
+        "nested",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])],
+        [
+            helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 32]),
+            helper.make_tensor_value_info("t2", TensorProto.FLOAT, [40]),
+            helper.make_tensor_value_info("branch", TensorProto.FLOAT, [4, 32]),
+        ],
+        [
+            numpy_helper.from_array(w, "w"),
+            doc,
+            numpy_helper.from_array(np.float32(0), "zero"),
+            typed,
+        ],
     )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -146,15 +193,33 @@ def test_unpack_is_bit_exact_on_subgraphs_and_constants(tmp_path):
     src.write_bytes(proto.SerializeToString())
     result = modelpress.pack(src, tmp_path / "n.mpk", solid=False)
     # w, b, the Constant kv, and each branch's initializer and Constant (not: the scalar, the typed-field tensor)
-    assert result.bytes_identical and sorted(t.name for t in result.tensors) == ["b", "else_c", "else_w", "k", "then_c", "then_w", "w"]
-    assert modelpress.unpack(tmp_path / "n.mpk", tmp_path / "back.onnx").read_bytes() == src.read_bytes()
-    session = modelpress.make_session(tmp_path / "n.mpk") if hasattr(modelpress, "make_session") else None
+    assert result.bytes_identical and sorted(t.name for t in result.tensors) == [
+        "b",
+        "else_c",
+        "else_w",
+        "k",
+        "then_c",
+        "then_w",
+        "w",
+    ]
+    assert (
+        modelpress.unpack(tmp_path / "n.mpk", tmp_path / "back.onnx").read_bytes()
+        == src.read_bytes()
+    )
+    session = (
+        modelpress.make_session(tmp_path / "n.mpk") if hasattr(modelpress, "make_session") else None
+    )
     if session is not None:
         x = np.ones((2, 64), np.float32)
-        assert np.array_equal(session.run(None, {"x": x})[0], onnx.reference.ReferenceEvaluator(proto).run(None, {"x": x})[0])
+        assert np.array_equal(
+            session.run(None, {"x": x})[0],
+            onnx.reference.ReferenceEvaluator(proto).run(None, {"x": x})[0],
+        )
 
 
-def test_unpack_falls_back_to_the_proto_where_the_walker_gives_up(digits_mlp_path, tmp_path, monkeypatch):
+def test_unpack_falls_back_to_the_proto_where_the_walker_gives_up(
+    digits_mlp_path, tmp_path, monkeypatch
+):
     packed = modelpress.pack(digits_mlp_path, tmp_path / "m.mpk")
     monkeypatch.setattr(reader, "tensor_spans", lambda graph: None)
     back = modelpress.unpack(packed.path, tmp_path / "back.onnx").read_bytes()
@@ -193,17 +258,27 @@ class _NegatingCodec:
         def flip(data: bytes) -> bytes:
             return np.bitwise_not(np.frombuffer(data, np.uint8)).tobytes()
 
-        register(Codec("negate", lambda data, info: flip(data[:-1]) if data[-1:] == b"\0" else None,
-                       lambda blob, info: flip(blob) + b"\0", summary="test codec"))
+        register(
+            Codec(
+                "negate",
+                lambda data, info: flip(data[:-1]) if data[-1:] == b"\0" else None,
+                lambda blob, info: flip(blob) + b"\0",
+                summary="test codec",
+            )
+        )
 
 
 def test_load_decodes_a_pack_with_the_registry_it_was_given(tmp_path):
     raw = bytearray(np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32).tobytes())
     raw[-1] = 0  # the negate codec codes only data ending in a zero byte (one byte shorter)
     w = np.frombuffer(bytes(raw), np.float32).reshape(64, 32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [numpy_helper.from_array(w, "w")])
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(w, "w")],
+    )
     src = tmp_path / "m.onnx"
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), src)
     registry = modelpress.create_registry(plugins=[_NegatingCodec()])
@@ -211,7 +286,10 @@ def test_load_decodes_a_pack_with_the_registry_it_was_given(tmp_path):
     assert result.codec_counts() == {"negate": 1}
     model = modelpress.load(tmp_path / "m.mpk", registry=registry)
     assert model.ir.graph.initializers["w"].const_value.numpy().tobytes() == w.tobytes()
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"codec 'negate' .*which no installed plugin provides"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"codec 'negate' .*which no installed plugin provides",
+    ):
         modelpress.load(tmp_path / "m.mpk")  # the process-wide registry does not have it
     from modelpress.plugin.registry import current_registry, get_registry
 

@@ -18,8 +18,19 @@ from onnx import TensorProto, helper
 
 from modelpress.packing import walk, wire
 
-_DTYPES = [TensorProto.FLOAT, TensorProto.UINT8, TensorProto.INT8, TensorProto.INT32, TensorProto.INT64, TensorProto.FLOAT16,
-           TensorProto.DOUBLE, TensorProto.BOOL, TensorProto.INT4, TensorProto.UINT4, TensorProto.BFLOAT16]
+_DTYPES = [
+    TensorProto.FLOAT,
+    TensorProto.UINT8,
+    TensorProto.INT8,
+    TensorProto.INT32,
+    TensorProto.INT64,
+    TensorProto.FLOAT16,
+    TensorProto.DOUBLE,
+    TensorProto.BOOL,
+    TensorProto.INT4,
+    TensorProto.UINT4,
+    TensorProto.BFLOAT16,
+]
 _text = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=12)
 
 
@@ -31,21 +42,27 @@ def tensors(draw: st.DrawFn) -> TensorProto:
     t.name = draw(_text)
     if draw(st.booleans()):
         t.doc_string = draw(_text)
-    if draw(st.integers(0, 9)):  # NOTE: 0 to >127 bytes (one- and two-byte length prefixes), or absent
+    if draw(
+        st.integers(0, 9)
+    ):  # NOTE: 0 to >127 bytes (one- and two-byte length prefixes), or absent
         t.raw_data = draw(st.binary(max_size=400))
     if draw(st.booleans()):
         t.float_data.extend(draw(st.lists(st.floats(width=32, allow_nan=False), max_size=3)))
     if draw(st.booleans()):
         t.int64_data.extend(draw(st.lists(st.integers(-(2**63), 2**63 - 1), max_size=3)))
     if draw(st.booleans()):
-        t.double_data.extend(draw(st.lists(st.floats(allow_nan=False), max_size=3)))  # field 10: after raw_data
+        t.double_data.extend(
+            draw(st.lists(st.floats(allow_nan=False), max_size=3))
+        )  # field 10: after raw_data
     if draw(st.booleans()):
         t.uint64_data.extend(draw(st.lists(st.integers(0, 2**64 - 1), max_size=3)))  # field 11
     if draw(st.booleans()):
         entry = t.external_data.add()  # field 13
         entry.key, entry.value = "location", draw(_text)
     if draw(st.booleans()):
-        t.data_location = TensorProto.DEFAULT  # NOTE: field 14; onnx.proto is proto2: a field set to 0 is written
+        t.data_location = (
+            TensorProto.DEFAULT
+        )  # NOTE: field 14; onnx.proto is proto2: a field set to 0 is written
     if draw(st.booleans()):
         prop = t.metadata_props.add()  # field 16
         prop.key, prop.value = draw(_text), draw(_text)
@@ -59,20 +76,35 @@ def models(draw: st.DrawFn) -> onnx.ModelProto:
     inits = draw(st.lists(tensors(), max_size=4))
     nodes = [helper.make_node("Constant", [], ["c"], value=draw(tensors()))]
     listed = helper.make_node("Custom", ["c"], ["d"], domain="test")
-    listed.attribute.append(helper.make_attribute("tables", draw(st.lists(tensors(), min_size=1, max_size=3))))
+    listed.attribute.append(
+        helper.make_attribute("tables", draw(st.lists(tensors(), min_size=1, max_size=3)))
+    )
     nodes.append(listed)
     if draw(st.booleans()):
         branches = [
-            helper.make_graph([helper.make_node("Constant", [], [f"{side}_c"], value=draw(tensors()))], side, [],
-                              [helper.make_tensor_value_info(f"{side}_c", TensorProto.FLOAT, None)], draw(st.lists(tensors(), max_size=2)))
+            helper.make_graph(
+                [helper.make_node("Constant", [], [f"{side}_c"], value=draw(tensors()))],
+                side,
+                [],
+                [helper.make_tensor_value_info(f"{side}_c", TensorProto.FLOAT, None)],
+                draw(st.lists(tensors(), max_size=2)),
+            )
             for side in ("then", "else")
         ]
-        nodes.append(helper.make_node("If", ["d"], ["e"], then_branch=branches[0], else_branch=branches[1]))
-    graph = helper.make_graph(nodes, "fuzz", [], [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)], inits)
+        nodes.append(
+            helper.make_node("If", ["d"], ["e"], then_branch=branches[0], else_branch=branches[1])
+        )
+    graph = helper.make_graph(
+        nodes, "fuzz", [], [helper.make_tensor_value_info("d", TensorProto.FLOAT, None)], inits
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=150,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 @given(model=models(), data=st.data())
 def test_the_splicer_writes_the_encoders_bytes_for_generated_tensors(model, data):
     full = model.SerializeToString()
@@ -80,7 +112,9 @@ def test_the_splicer_writes_the_encoders_bytes_for_generated_tensors(model, data
     chosen = data.draw(st.sets(st.integers(0, max(len(found) - 1, 0))))
     removed = {}
     for index, (_name, tensor) in enumerate(found):
-        if index in chosen and tensor.HasField("raw_data"):  # NOTE: proto2: b"" set is a field on the wire too
+        if index in chosen and tensor.HasField(
+            "raw_data"
+        ):  # NOTE: proto2: b"" set is a field on the wire too
             removed[index] = tensor.raw_data
             tensor.ClearField("raw_data")
     graph = model.SerializeToString()

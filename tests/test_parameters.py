@@ -28,7 +28,11 @@ FOLDERS = ("core", "adapters", "plugins")
 LIMIT = 7
 
 # NOTE: where each package's modules live in this tree (pyproject.toml's package-dir), longest name first
-FOLDER_OF = {"modelpress.adapters": "adapters", "modelpress.plugins": "plugins", "modelpress": "core"}
+FOLDER_OF = {
+    "modelpress.adapters": "adapters",
+    "modelpress.plugins": "plugins",
+    "modelpress": "core",
+}
 
 # Files whose functions still take more; each entry says which (REMAINING: a state object each).
 ALLOWED_FILES: set[str] = set()
@@ -49,7 +53,12 @@ def _bridged(function: object) -> Iterator[str]:
         if not (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Call)):
             continue
         call = node.value
-        if isinstance(call.func, ast.Name) and call.func.id == "_torch_part" and call.args and isinstance(call.args[0], ast.Constant):
+        if (
+            isinstance(call.func, ast.Name)
+            and call.func.id == "_torch_part"
+            and call.args
+            and isinstance(call.args[0], ast.Constant)
+        ):
             yield f"adapters/{call.args[0].value}.py::{node.attr}"
 
 
@@ -61,8 +70,14 @@ def _tree_path(obj: object) -> str | None:
     for package, folder in FOLDER_OF.items():
         if module == package or module.startswith(package + "."):
             parts = module[len(package) :].lstrip(".").split(".") if module != package else []
-            is_package = Path(getattr(sys.modules[module], "__file__", "") or "").name == "__init__.py"
-            return "/".join([folder, *parts, "__init__.py"] if is_package else [folder, *parts[:-1], parts[-1] + ".py"])
+            is_package = (
+                Path(getattr(sys.modules[module], "__file__", "") or "").name == "__init__.py"
+            )
+            return "/".join(
+                [folder, *parts, "__init__.py"]
+                if is_package
+                else [folder, *parts[:-1], parts[-1] + ".py"]
+            )
     return None
 
 
@@ -70,7 +85,11 @@ def _public_api() -> set[str]:
     """``path::name`` of every function :data:`modelpress.__all__` and ``modelpress.plugin_api.__all__``
     export (and of the adapter function it is bridged to), and of each adapter's ``load_*``."""
     public = set()
-    exported = [getattr(module, name) for module in (modelpress, modelpress.plugin_api) for name in module.__all__]
+    exported = [
+        getattr(module, name)
+        for module in (modelpress, modelpress.plugin_api)
+        for name in module.__all__
+    ]
     for obj in map(inspect.unwrap, exported):
         path = _tree_path(obj) if inspect.isfunction(obj) else None
         if path is not None:
@@ -83,7 +102,9 @@ def _public_api() -> set[str]:
     return public
 
 
-def parameter_counts(tree: ast.AST, public: set[str], relative: str, prefix: str = "") -> Iterator[tuple[str, int]]:
+def parameter_counts(
+    tree: ast.AST, public: set[str], relative: str, prefix: str = ""
+) -> Iterator[tuple[str, int]]:
     """``(qualified name, parameter count)`` of every function in ``tree``, nested ones and methods too."""
     for node in ast.iter_child_nodes(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
@@ -99,12 +120,18 @@ def parameter_counts(tree: ast.AST, public: set[str], relative: str, prefix: str
 def test_the_count_skips_self_and_counts_star_args():
     source = "class C:\n    def m(self, a, b=1, *args, c, **kw):\n        pass\n\n\ndef f(a, /, b, *, c):\n    pass\n"
     assert dict(parameter_counts(ast.parse(source), set(), "x.py")) == {"C.m": 5, "f": 3}
-    assert dict(parameter_counts(ast.parse(source), {"x.py::f"}, "x.py"))["f"] == 2  # public: keyword-only options free
+    assert (
+        dict(parameter_counts(ast.parse(source), {"x.py::f"}, "x.py"))["f"] == 2
+    )  # public: keyword-only options free
 
 
 def test_the_public_api_is_found():
     public = _public_api()
-    assert {"core/app/pipeline.py::apply", "core/app/compress.py::compress", "core/io/export.py::export"} <= public
+    assert {
+        "core/app/pipeline.py::apply",
+        "core/app/compress.py::compress",
+        "core/io/export.py::export",
+    } <= public
     assert "adapters/torch.py::load_torch" in public
     # modelpress.fit is defined in the framework bridge and implemented by the torch adapter
     assert {"core/io/framework_bridge.py::fit", "adapters/torch_training.py::fit"} <= public
@@ -120,7 +147,9 @@ def test_no_function_takes_more_than_the_limit():
             relative = path.relative_to(ROOT).as_posix()
             if relative in ALLOWED_FILES:
                 continue
-            for name, count in parameter_counts(ast.parse(path.read_text(encoding="utf-8")), public, relative):
+            for name, count in parameter_counts(
+                ast.parse(path.read_text(encoding="utf-8")), public, relative
+            ):
                 if count > LIMIT:
                     too_many.append(f"{relative}::{name} ({count})")
     assert not too_many, (
@@ -137,4 +166,6 @@ def test_the_allowed_files_still_need_it():
         if not path.exists():
             continue
         counts = parameter_counts(ast.parse(path.read_text(encoding="utf-8")), public, relative)
-        assert any(count > LIMIT for _, count in counts), f"{relative} fits the limit now: take it off ALLOWED_FILES"
+        assert any(count > LIMIT for _, count in counts), (
+            f"{relative} fits the limit now: take it off ALLOWED_FILES"
+        )

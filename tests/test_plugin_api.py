@@ -14,10 +14,18 @@ PUBLIC_MODULES = {"modelpress": modelpress, "modelpress.plugin_api": modelpress.
 def _modelpress_imports(path: Path) -> list[tuple[str, str, int]]:
     found = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "modelpress":
+        if (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "modelpress"
+        ):
             found += [(node.module, alias.name, node.lineno) for alias in node.names]
         elif isinstance(node, ast.Import):
-            found += [(alias.name, "", node.lineno) for alias in node.names if alias.name.startswith("modelpress.")]
+            found += [
+                (alias.name, "", node.lineno)
+                for alias in node.names
+                if alias.name.startswith("modelpress.")
+            ]
     return found
 
 
@@ -45,7 +53,9 @@ def test_plugin_api_names_resolve_and_are_documented():
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, modelpress.ModelpressError), name
         elif name != "WEIGHTED_OPS":
-            assert name in (api.__doc__ or ""), f"{name} is not described in modelpress.plugin_api's docstring"
+            assert name in (api.__doc__ or ""), (
+                f"{name} is not described in modelpress.plugin_api's docstring"
+            )
 
 
 def test_no_hand_built_nodes_outside_the_builder():
@@ -57,7 +67,12 @@ def test_no_hand_built_nodes_outside_the_builder():
             if rel == "core/ir/builder.py":
                 continue
             for node in ast.walk(ast.parse(path.read_text(), rel)):
-                if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("node", "Node") \
-                        and isinstance(node.func.value, ast.Name) and node.func.value.id == "ir":
+                if (
+                    isinstance(node, ast.Call)
+                    and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in ("node", "Node")
+                    and isinstance(node.func.value, ast.Name)
+                    and node.func.value.id == "ir"
+                ):
                     found.append(f"{rel}:{node.lineno}")
     assert not found, "nodes built by hand (use model.builder()):\n" + "\n".join(found)

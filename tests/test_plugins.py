@@ -22,7 +22,15 @@ def scale_weights(model, options, context):
 class ScalePlugin:
     @modelpress.hookimpl
     def modelpress_register_methods(self, register):
-        register(Method(name="scale", kind="prune", apply=scale_weights, options=ScaleOptions, summary="scale weights"))
+        register(
+            Method(
+                name="scale",
+                kind="prune",
+                apply=scale_weights,
+                options=ScaleOptions,
+                summary="scale weights",
+            )
+        )
 
 
 def test_registered_method_runs_and_is_recorded():
@@ -30,10 +38,16 @@ def test_registered_method_runs_and_is_recorded():
     model = tiny_cnn()
     result = check_method("scale", model, registry=registry, factor=0.25)
     record = result.provenance.passes[-1]
-    assert (record.kind, record.method, record.plugin, record.options) == ("prune", "scale", "ScalePlugin", {"factor": 0.25})
+    assert (record.kind, record.method, record.plugin, record.options) == (
+        "prune",
+        "scale",
+        "ScalePlugin",
+        {"factor": 0.25},
+    )
     assert record.figures == {"layers": 3}
     np.testing.assert_allclose(
-        result.initializer("conv1.weight").const_value.numpy(), 0.25 * model.initializer("conv1.weight").const_value.numpy()
+        result.initializer("conv1.weight").const_value.numpy(),
+        0.25 * model.initializer("conv1.weight").const_value.numpy(),
     )
     assert result.reference is model
 
@@ -44,7 +58,10 @@ def test_duplicate_method_names_both_plugins():
         def modelpress_register_methods(self, register):
             register(Method(name="scale", kind="prune", apply=scale_weights, options=ScaleOptions))
 
-    with pytest.raises(modelpress.DuplicateMethodError, match=r"'prune/scale' is registered by both ScalePlugin .* and Other"):
+    with pytest.raises(
+        modelpress.DuplicateMethodError,
+        match=r"'prune/scale' is registered by both ScalePlugin .* and Other",
+    ):
         modelpress.create_registry(plugins=[ScalePlugin(), Other()])
 
 
@@ -64,7 +81,10 @@ def test_plugin_raising_at_registration_is_named():
         def modelpress_register_methods(self, register):
             raise RuntimeError("boom at load")
 
-    with pytest.raises(modelpress.PluginError, match=r"plugin Broken .* failed in modelpress_register_methods: RuntimeError: boom at load"):
+    with pytest.raises(
+        modelpress.PluginError,
+        match=r"plugin Broken .* failed in modelpress_register_methods: RuntimeError: boom at load",
+    ):
         modelpress.create_registry(plugins=[Broken()])
 
 
@@ -81,7 +101,10 @@ def test_plugin_raising_in_apply_is_named_and_writes_nothing(tmp_path):
     registry = modelpress.create_registry(plugins=[Exploding()])
     model = tiny_mlp()
     before = model.to_proto().SerializeToString()
-    with pytest.raises(modelpress.PluginError, match=r"quantize/explode \(plugin Exploding\).*ValueError: bad weights") as info:
+    with pytest.raises(
+        modelpress.PluginError,
+        match=r"quantize/explode \(plugin Exploding\).*ValueError: bad weights",
+    ) as info:
         modelpress.apply(model, "explode", registry=registry)
     assert info.value.plugin == "Exploding" and info.value.method == "explode"
     assert model.to_proto().SerializeToString() == before
@@ -99,7 +122,9 @@ def test_functional_method_that_mutates_its_input_is_caught():
             register(Method(name="liar", kind="quantize", apply=liar, mutates=False))
 
     registry = modelpress.create_registry(plugins=[Liar()])
-    with pytest.raises(modelpress.PluginError, match="declares mutates=False but changed the model"):
+    with pytest.raises(
+        modelpress.PluginError, match="declares mutates=False but changed the model"
+    ):
         modelpress.apply(tiny_mlp(), "liar", registry=registry)
 
 
@@ -115,7 +140,9 @@ def test_functional_method_returning_a_new_model():
             register(Method(name="functional", kind="quantize", apply=functional, mutates=False))
 
     registry = modelpress.create_registry(plugins=[Functional()])
-    result = check_method("functional", tiny_mlp(), registry=registry, allow_no_gain=True)  # same size: no gain
+    result = check_method(
+        "functional", tiny_mlp(), registry=registry, allow_no_gain=True
+    )  # same size: no gain
     assert result.initializer("fc2.bias").const_value.numpy().tolist() == [1, 1, 1, 1]
 
 
@@ -123,10 +150,14 @@ def test_in_place_method_returning_another_model_is_caught():
     class Wrong:
         @modelpress.hookimpl
         def modelpress_register_methods(self, register):
-            register(Method(name="wrong", kind="quantize", apply=lambda m, o, c: m.clone(), mutates=True))
+            register(
+                Method(name="wrong", kind="quantize", apply=lambda m, o, c: m.clone(), mutates=True)
+            )
 
     registry = modelpress.create_registry(plugins=[Wrong()])
-    with pytest.raises(modelpress.PluginError, match="declares mutates=True but returned a new model"):
+    with pytest.raises(
+        modelpress.PluginError, match="declares mutates=True but returned a new model"
+    ):
         modelpress.apply(tiny_mlp(), "wrong", registry=registry)
 
 
@@ -142,7 +173,9 @@ def test_options_are_validated_before_work_with_suggestions():
             register(Method(name="rec", kind="prune", apply=record, options=ScaleOptions))
 
     registry = modelpress.create_registry(plugins=[Recorder()])
-    with pytest.raises(modelpress.OptionsError, match=r"unknown option 'factr' \(did you mean 'factor'\?\)"):
+    with pytest.raises(
+        modelpress.OptionsError, match=r"unknown option 'factr' \(did you mean 'factor'\?\)"
+    ):
         modelpress.apply(tiny_mlp(), "rec", registry=registry, factr=2)
     with pytest.raises(modelpress.OptionsError, match=r"option 'factor'.*greater than 0"):
         modelpress.apply(tiny_mlp(), "rec", registry=registry, factor=-1)
@@ -199,7 +232,9 @@ def test_autoload_switches(example_plugin, monkeypatch):
     monkeypatch.setenv("MODELPRESS_PLUGINS", "something-else")
     with pytest.warns(modelpress.PluginWarning, match="MODELPRESS_PLUGINS names 'something-else'"):
         assert "fp16-weights" not in modelpress.create_registry().plugins
-    monkeypatch.setenv("MODELPRESS_PLUGINS", "modelpress-fp16-weights")  # distribution name works too
+    monkeypatch.setenv(
+        "MODELPRESS_PLUGINS", "modelpress-fp16-weights"
+    )  # distribution name works too
     assert "fp16-weights" in modelpress.create_registry().plugins
     monkeypatch.setenv("MODELPRESS_BLOCK_PLUGINS", "fp16-weights")
     assert "fp16-weights" not in modelpress.create_registry().plugins
@@ -210,7 +245,10 @@ def test_a_plugin_that_fails_to_import_is_skipped_and_named(tmp_path, monkeypatc
     _broken_dist(tmp_path, "broken", "raise RuntimeError('this plugin is broken')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delenv("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD")
-    with pytest.warns(modelpress.PluginWarning, match=r"plugin 'broken' failed to load .*broken-plugin 0\.1.*RuntimeError: this plugin is broken.*MODELPRESS_BLOCK_PLUGINS=broken"):
+    with pytest.warns(
+        modelpress.PluginWarning,
+        match=r"plugin 'broken' failed to load .*broken-plugin 0\.1.*RuntimeError: this plugin is broken.*MODELPRESS_BLOCK_PLUGINS=broken",
+    ):
         registry = modelpress.create_registry()
     assert "broken" not in registry.plugins and "onnx" in registry.plugins
     assert "RuntimeError: this plugin is broken" in registry.failed["broken"]

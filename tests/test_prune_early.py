@@ -14,7 +14,9 @@ from modelpress.runtime.session import make_session, run
 
 
 def _cosine(model, result, x) -> float:
-    return compare_outputs(["logits"], run(make_session(model), {"x": x}), run(make_session(result), {"x": x})).cosine
+    return compare_outputs(
+        ["logits"], run(make_session(model), {"x": x}), run(make_session(result), {"x": x})
+    ).cosine
 
 
 def test_stop_below_defaults_to_the_floor_export_applies(digits_mlp_path):
@@ -28,12 +30,25 @@ def test_stop_below_defaults_to_the_floor_export_applies(digits_mlp_path):
 
 
 @pytest.mark.torch
-def test_unreachable_sparsity_stops_early_and_returns_the_best_step(digits_mlp_path, digits, tmp_path):
+def test_unreachable_sparsity_stops_early_and_returns_the_best_step(
+    digits_mlp_path, digits, tmp_path
+):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
-    with pytest.warns(UserWarning, match=r"stopped at step (\d) of 4: cosine .* < 0.5 after fine-tuning; best so far: step"):
-        result = modelpress.prune(model, "magnitude", sparsity=0.99, data=train, fine_tune_epochs=1, schedule="iterative",
-                                  steps=4, show_progress=False)
+    with pytest.warns(
+        UserWarning,
+        match=r"stopped at step (\d) of 4: cosine .* < 0.5 after fine-tuning; best so far: step",
+    ):
+        result = modelpress.prune(
+            model,
+            "magnitude",
+            sparsity=0.99,
+            data=train,
+            fine_tune_epochs=1,
+            schedule="iterative",
+            steps=4,
+            show_progress=False,
+        )
     figures = result.provenance.passes[-1].figures
     cosines = figures["step_cosines"]
     assert len(cosines) < 4, "the schedule trained past the step that made the target unreachable"
@@ -54,11 +69,23 @@ def test_unreachable_sparsity_stops_early_and_returns_the_best_step(digits_mlp_p
 def test_reachable_sparsity_runs_every_step(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
-    result = modelpress.prune(model, "magnitude", sparsity=0.8, data=train, fine_tune_epochs=1, schedule="iterative", steps=4,
-                              show_progress=False)
+    result = modelpress.prune(
+        model,
+        "magnitude",
+        sparsity=0.8,
+        data=train,
+        fine_tune_epochs=1,
+        schedule="iterative",
+        steps=4,
+        show_progress=False,
+    )
     figures = result.provenance.passes[-1].figures
     assert len(figures["step_cosines"]) == 4 and min(figures["step_cosines"]) >= 0.5
-    assert figures["best_step"] == 4 and figures["reached_sparsity"] == 0.8 and "stopped" not in figures
+    assert (
+        figures["best_step"] == 4
+        and figures["reached_sparsity"] == 0.8
+        and "stopped" not in figures
+    )
     assert figures["sparsity"] == pytest.approx(0.8, abs=2e-3)
 
 
@@ -67,22 +94,46 @@ def test_channel_schedule_judges_against_a_given_floor(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
     with pytest.warns(UserWarning, match="channel: stopped at step 1 of 3"):
-        result = modelpress.prune(model, "channel", ratio=0.95, data=train, fine_tune_epochs=1, schedule="iterative", steps=3,
-                                  stop_below=0.9999, calibration={"x": digits["x_test"][:200]}, show_progress=False)
+        result = modelpress.prune(
+            model,
+            "channel",
+            ratio=0.95,
+            data=train,
+            fine_tune_epochs=1,
+            schedule="iterative",
+            steps=3,
+            stop_below=0.9999,
+            calibration={"x": digits["x_test"][:200]},
+            show_progress=False,
+        )
     figures = result.provenance.passes[-1].figures
     # nothing met the floor: the step closest to the source is returned, labelled, for export to judge
     assert figures["best_step"] == 1 and len(figures["step_cosines"]) == 1
-    assert [x["channels_after"] for x in figures["layers"].values()] == [math.ceil(64 * (1 - figures["reached_sparsity"]))]
-    assert _cosine(model, result, digits["x_test"][:200]) == pytest.approx(figures["step_cosines"][0], abs=1e-4)
+    assert [x["channels_after"] for x in figures["layers"].values()] == [
+        math.ceil(64 * (1 - figures["reached_sparsity"]))
+    ]
+    assert _cosine(model, result, digits["x_test"][:200]) == pytest.approx(
+        figures["step_cosines"][0], abs=1e-4
+    )
 
 
 @pytest.mark.torch
 def test_n_m_schedule_keeps_the_better_tuned_step(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
-    result = modelpress.prune(model, "n:m", data=train, fine_tune_epochs=1, schedule="iterative", steps=2, show_progress=False)
+    result = modelpress.prune(
+        model,
+        "n:m",
+        data=train,
+        fine_tune_epochs=1,
+        schedule="iterative",
+        steps=2,
+        show_progress=False,
+    )
     figures = result.provenance.passes[-1].figures
     cosines = figures["step_cosines"]
     # the pattern is the same each step: the step kept is the one closer to the source
-    assert figures["reached_sparsity"] == 0.5 and figures["best_step"] == 1 + int(cosines[1] > cosines[0])
+    assert figures["reached_sparsity"] == 0.5 and figures["best_step"] == 1 + int(
+        cosines[1] > cosines[0]
+    )
     assert figures["best_cosine"] == max(cosines) >= 0.5

@@ -32,14 +32,24 @@ def test_affine_uint8_exact_values():
     scale, zero = affine_params(-1.0, 2.0, grid)
     assert scale == pytest.approx(3.0 / 255) and int(zero) == 85
     q = quantize(np.array([-1.0, 0.0, 0.5, 2.0], np.float32), scale, zero, grid)
-    assert q.dtype == np.uint8 and q.tolist() == [0, 85, 127, 255]  # 0.5/scale = 42.5 rounds half to even
+    assert q.dtype == np.uint8 and q.tolist() == [
+        0,
+        85,
+        127,
+        255,
+    ]  # 0.5/scale = 42.5 rounds half to even
 
 
 def test_symmetric_int8_exact_values():
     grid = QRange(8, signed=True, restricted=True)
     scale, zero = symmetric_params(1.27, grid)
     assert scale == pytest.approx(0.01) and int(zero) == 0
-    assert quantize(np.array([-1.27, 0.5, 1.0, 3.0], np.float32), scale, zero, grid).tolist() == [-127, 50, 100, 127]
+    assert quantize(np.array([-1.27, 0.5, 1.0, 3.0], np.float32), scale, zero, grid).tolist() == [
+        -127,
+        50,
+        100,
+        127,
+    ]
 
 
 @pytest.mark.parametrize(("bits", "signed"), [(8, False), (8, True), (4, False), (4, True)])
@@ -48,7 +58,11 @@ def test_round_trip_error_is_at_most_half_a_step(bits, signed):
     grid = QRange(bits, signed=signed, restricted=signed)
     for _ in range(20):
         x = rng.standard_normal(1000).astype(np.float32) * rng.uniform(0.01, 10)
-        scale, zero = symmetric_params(np.abs(x).max(), grid) if signed else affine_params(x.min(), x.max(), grid)
+        scale, zero = (
+            symmetric_params(np.abs(x).max(), grid)
+            if signed
+            else affine_params(x.min(), x.max(), grid)
+        )
         error = np.abs(dequantize(quantize(x, scale, zero, grid), scale, zero) - x)
         assert error.max() <= scale / 2 * (1 + 1e-5)
 
@@ -60,7 +74,9 @@ def test_one_sweep_histogram_widens_exactly_and_matches_the_percentile():
 
     rng = np.random.default_rng(0)
     # NOTE: batches of growing magnitude: the range starts at the first batch's max|x| and doubles (merging bins)
-    batches = [rng.normal(0, sigma, (8, 4096)).astype(np.float32) for sigma in (0.1, 0.5, 0.5, 3.0, 1.0)]
+    batches = [
+        rng.normal(0, sigma, (8, 4096)).astype(np.float32) for sigma in (0.1, 0.5, 0.5, 3.0, 1.0)
+    ]
     stats = TensorStats()
     for x in batches:
         _observe(stats, x, None, histogram=True)
@@ -75,7 +91,9 @@ def test_one_sweep_histogram_widens_exactly_and_matches_the_percentile():
 
 
 def test_kmeans_codebook():
-    values = np.concatenate([np.full(50, -1.0), np.full(30, 0.25), np.full(20, 3.0)]) + np.random.default_rng(0).normal(0, 0.01, 100)
+    values = np.concatenate(
+        [np.full(50, -1.0), np.full(30, 0.25), np.full(20, 3.0)]
+    ) + np.random.default_rng(0).normal(0, 0.01, 100)
     table, idx = kmeans_1d(values, 4)
     assert idx.dtype == np.uint8 and idx.max() < 4
     assert np.abs(table[idx] - values).max() < 0.05
@@ -85,16 +103,29 @@ def test_kmeans_codebook():
 def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     model = tiny_cnn(channels=4)
     calibration = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
-    result = check_method("int8-static", model, calibration=calibration, min_agreement=None, min_cosine=None, allow_no_gain=True)
+    result = check_method(
+        "int8-static",
+        model,
+        calibration=calibration,
+        min_agreement=None,
+        min_cosine=None,
+        allow_no_gain=True,
+    )
     ops = result.op_histogram()
     assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 6
     figures = result.provenance.passes[-1].figures
-    qmax = 63 if figures["reduce_range"].startswith("true") else 127  # NOTE: 7-bit weights on x86 without VNNI (MODELPRESS_INT8_VNNI=0)
+    qmax = (
+        63 if figures["reduce_range"].startswith("true") else 127
+    )  # NOTE: 7-bit weights on x86 without VNNI (MODELPRESS_INT8_VNNI=0)
     w = model.initializer("conv2.weight").const_value.numpy()
     scale = np.abs(w).reshape(8, -1).max(axis=1) / qmax
     expected = np.clip(np.round(w / scale[:, None, None, None]), -qmax, qmax).astype(np.int8)
-    np.testing.assert_array_equal(result.initializer("conv2.weight_q").const_value.numpy(), expected)
-    np.testing.assert_allclose(result.initializer("conv2.weight_s").const_value.numpy(), scale, rtol=1e-6)
+    np.testing.assert_array_equal(
+        result.initializer("conv2.weight_q").const_value.numpy(), expected
+    )
+    np.testing.assert_allclose(
+        result.initializer("conv2.weight_s").const_value.numpy(), scale, rtol=1e-6
+    )
     assert result.initializer("conv2.bias_q").const_value.dtype == ir.DataType.INT32
     assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
@@ -108,11 +139,17 @@ def test_int8_static_on_trained_digits_cnn(torch_digits, digits, tmp_path, calib
 
     model = modelpress.load(module, example_inputs=x_test[:4])
     calibration = {"x": images(digits["x_train"][:256], "nchw")}
-    quantized = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator=calibrator, show_progress=False)
+    quantized = modelpress.quantize(
+        model, "int8-static", calibration=calibration, calibrator=calibrator, show_progress=False
+    )
     exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"x": x_test[:64]})
     assert exported.verification.top1_agreement >= 0.95
-    float_acc = float(np.mean(run(make_session(model), {"x": x_test})[0].argmax(1) == digits["y_test"]))
-    q_acc = float(np.mean(run(make_session(exported.path), {"x": x_test})[0].argmax(1) == digits["y_test"]))
+    float_acc = float(
+        np.mean(run(make_session(model), {"x": x_test})[0].argmax(1) == digits["y_test"])
+    )
+    q_acc = float(
+        np.mean(run(make_session(exported.path), {"x": x_test})[0].argmax(1) == digits["y_test"])
+    )
     assert float_acc - q_acc <= 0.005
     assert quantized.provenance.passes[-1].figures["quantized_nodes"] >= 2
 
@@ -129,8 +166,12 @@ def _outlier_mlp():
         # NOTE: named as scores: a random head shows no class structure, so an unnamed one is judged as a regression
         helper.make_node("Gemm", ["r", "w2"], ["logits"], name="fc2", transB=1),
     ]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], {"w1": w1, "w2": w2})
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        {"w1": w1, "w2": w2},
+    )
     x = rng.standard_normal((256, 8)).astype(np.float32) * 0.05
     x[:, 0] = 500.0 * rng.standard_normal(256)  # ...but its range dominates the input's scale
     return model, {"x": x}
@@ -138,11 +179,28 @@ def _outlier_mlp():
 
 def test_sensitive_nodes_stay_float_to_meet_the_target():
     model, calibration = _outlier_mlp()
-    naive = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator="minmax", sensitivity=False, show_progress=False, allow_no_gain=True)
+    naive = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration=calibration,
+        calibrator="minmax",
+        sensitivity=False,
+        show_progress=False,
+        allow_no_gain=True,
+    )
     assert _agreement(naive, model, calibration) < 0.9
-    guarded = modelpress.quantize(model, "int8-static", calibration=calibration, calibrator="minmax", show_progress=False, allow_no_gain=True)
+    guarded = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration=calibration,
+        calibrator="minmax",
+        show_progress=False,
+        allow_no_gain=True,
+    )
     figures = guarded.provenance.passes[-1].figures
-    assert figures["calibration_agreement"] >= 0.99 and _agreement(guarded, model, calibration) >= 0.99
+    assert (
+        figures["calibration_agreement"] >= 0.99 and _agreement(guarded, model, calibration) >= 0.99
+    )
     assert "fc1" in figures["float_nodes"] and figures["float_nodes"]["fc1"].startswith("sensitive")
     # fc2 is still quantized; with 7-bit weights (x86 without VNNI, MODELPRESS_INT8_VNNI=0) it alone gives 98.4 % agreement: float too
     assert figures["quantized_nodes"] == (0 if figures["reduce_range"].startswith("true") else 1)
@@ -151,13 +209,34 @@ def test_sensitive_nodes_stay_float_to_meet_the_target():
 def test_int8_static_options():
     model = tiny_cnn()
     calibration = {"x": np.random.default_rng(1).standard_normal((32, 1, 8, 8)).astype(np.float32)}
-    result = modelpress.quantize(model, calibration=calibration, exclude=["fc"], keep_first_last=False, per_channel=False,
-                                 activation_type="int8", bias_correction=True, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
+    result = modelpress.quantize(
+        model,
+        calibration=calibration,
+        exclude=["fc"],
+        keep_first_last=False,
+        per_channel=False,
+        activation_type="int8",
+        bias_correction=True,
+        min_agreement=None,
+        min_cosine=None,
+        show_progress=False,
+        allow_no_gain=True,
+    )
     figures = result.provenance.passes[-1].figures
-    assert figures["float_nodes"] == {"fc": "excluded by option"} and figures["quantized_nodes"] == 2
+    assert (
+        figures["float_nodes"] == {"fc": "excluded by option"} and figures["quantized_nodes"] == 2
+    )
     assert result.initializer("conv1.weight_s").const_value.numpy().shape == ()
     assert result.initializer("x_z").const_value.dtype == ir.DataType.INT8
-    first_last = modelpress.quantize(model, calibration=calibration, keep_first_last=True, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
+    first_last = modelpress.quantize(
+        model,
+        calibration=calibration,
+        keep_first_last=True,
+        min_agreement=None,
+        min_cosine=None,
+        show_progress=False,
+        allow_no_gain=True,
+    )
     assert set(first_last.provenance.passes[-1].figures["float_nodes"]) == {"conv1", "fc"}
 
 
@@ -171,20 +250,37 @@ def test_int8_dynamic_on_trained_mlp(digits_mlp_path, digits):
 
 def _matmul_model(k=128, n=64, seed=0):
     rng = np.random.default_rng(seed)
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Relu", ["h"], ["y"], name="relu")]
-    return make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-                      [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
-                      {"w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)})
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Relu", ["h"], ["y"], name="relu"),
+    ]
+    return make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        {"w": (rng.standard_normal((k, n)) / np.sqrt(k)).astype(np.float32)},
+    )
 
 
 @pytest.mark.parametrize("algorithm", ["rtn", "mse", "gptq"])
 def test_int4_weight_only_algorithms(algorithm):
     model = _matmul_model()
     rng = np.random.default_rng(1)
-    calibration = {"x": (rng.standard_normal((256, 128)) * np.linspace(0.1, 3, 128)).astype(np.float32)}
-    result = check_method("int4-weight-only", model, calibration=calibration, algorithm=algorithm, block_size=32, allow_no_gain=True)
+    calibration = {
+        "x": (rng.standard_normal((256, 128)) * np.linspace(0.1, 3, 128)).astype(np.float32)
+    }
+    result = check_method(
+        "int4-weight-only",
+        model,
+        calibration=calibration,
+        algorithm=algorithm,
+        block_size=32,
+        allow_no_gain=True,
+    )
     figures = result.provenance.passes[-1].figures
-    assert figures["weight_compression"] >= 6.2  # 4 bits + a float32 scale and a 4-bit zero point per 32 weights
+    assert (
+        figures["weight_compression"] >= 6.2
+    )  # 4 bits + a float32 scale and a 4-bit zero point per 32 weights
     assert result.opset == 21 and result.op_histogram()["DequantizeLinear"] == 1
     wq = next(v for v in result.graph.initializers.values() if v.name.endswith("_q4"))
     assert wq.const_value.dtype == ir.DataType.UINT4
@@ -197,7 +293,9 @@ def test_int4_weight_only_algorithms(algorithm):
 def test_mse_search_reduces_weight_error_against_rtn():
     from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, _mse, _rtn
 
-    w = np.random.default_rng(5).standard_t(3, size=(256, 32)).astype(np.float32)  # heavy tails: outliers
+    w = (
+        np.random.default_rng(5).standard_t(3, size=(256, 32)).astype(np.float32)
+    )  # heavy tails: outliers
     opts = WeightOnlyOptions(block_size=64)
     errors = {}
     for name, fn in (("rtn", _rtn), ("mse", _mse)):
@@ -210,12 +308,21 @@ def test_gptq_beats_round_to_nearest_on_output_error():
     model = _matmul_model(seed=3)
     rng = np.random.default_rng(4)
     # correlated features, as real activations are: GPTQ moves each row's error onto correlated rows
-    mixed = rng.standard_normal((512, 32)) @ rng.standard_normal((32, 128)) + 0.1 * rng.standard_normal((512, 128))
+    mixed = rng.standard_normal((512, 32)) @ rng.standard_normal(
+        (32, 128)
+    ) + 0.1 * rng.standard_normal((512, 128))
     calibration = {"x": mixed.astype(np.float32)}
     ref = run(make_session(model), calibration)[0]
     errors = {}
     for algorithm in ("rtn", "gptq"):
-        q = modelpress.quantize(model, "int4-weight-only", calibration=calibration, algorithm=algorithm, symmetric=True, show_progress=False)
+        q = modelpress.quantize(
+            model,
+            "int4-weight-only",
+            calibration=calibration,
+            algorithm=algorithm,
+            symmetric=True,
+            show_progress=False,
+        )
         errors[algorithm] = float(np.linalg.norm(run(make_session(q), calibration)[0] - ref))
     assert errors["gptq"] < 0.7 * errors["rtn"]
 
@@ -229,7 +336,9 @@ def test_int4_matmulnbits_is_exact_and_qdq_close():
     reference = np.maximum(x["x"] @ ((q - z) * s), 0)
     nbits = check_method("int4-weight-only", model, format="matmulnbits", allow_no_gain=True)
     assert nbits.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
-    np.testing.assert_allclose(run(make_session(nbits), x)[0], reference, atol=1e-5)  # accuracy_level 0: float compute
+    np.testing.assert_allclose(
+        run(make_session(nbits), x)[0], reference, atol=1e-5
+    )  # accuracy_level 0: float compute
     # ORT fuses the QDQ form into MatMulNBits with its default accuracy level (int8 activations)
     qdq = modelpress.quantize(model, "int4-weight-only", show_progress=False, allow_no_gain=True)
     np.testing.assert_allclose(run(make_session(qdq), x)[0], reference, atol=0.05)
@@ -247,14 +356,27 @@ def test_fp16_keeps_fragile_ops_in_float32():
         helper.make_node("LayerNormalization", ["h", "s", "b"], ["n"], name="ln"),
         helper.make_node("Softmax", ["n"], ["y"], name="sm"),
     ]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
-                       {"w": rng.standard_normal((16, 16)).astype(np.float32), "s": np.ones(16, np.float32), "b": np.zeros(16, np.float32)})
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16])],
+        {
+            "w": rng.standard_normal((16, 16)).astype(np.float32),
+            "s": np.ones(16, np.float32),
+            "b": np.zeros(16, np.float32),
+        },
+    )
     result = check_method("fp16", model, allow_no_gain=True)
     ops = {n.name: n for n in result.nodes()}
     assert ops["mm"].outputs[0].dtype == ir.DataType.FLOAT16
-    assert ops["ln"].outputs[0].dtype == ir.DataType.FLOAT and ops["sm"].outputs[0].dtype == ir.DataType.FLOAT
-    assert result.signature.inputs[0].dtype == np.float32 and result.signature.outputs[0].dtype == np.float32
+    assert (
+        ops["ln"].outputs[0].dtype == ir.DataType.FLOAT
+        and ops["sm"].outputs[0].dtype == ir.DataType.FLOAT
+    )
+    assert (
+        result.signature.inputs[0].dtype == np.float32
+        and result.signature.outputs[0].dtype == np.float32
+    )
     assert result.initializer("w_fp16").const_value.dtype == ir.DataType.FLOAT16
     assert modelpress.verify(result).cosine > 0.999
 
@@ -293,44 +415,87 @@ def test_calibration_data_problems_are_clear(tmp_path):
     with pytest.raises(modelpress.DataError, match="is complex64; the model expects float32"):
         modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.complex64)})
     np.savez(tmp_path / "wrong.npz", image=np.zeros((4, 8), np.float32))
-    with pytest.raises(modelpress.DataError, match=r"no array for model input\(s\) x \(it has image\)"):
+    with pytest.raises(
+        modelpress.DataError, match=r"no array for model input\(s\) x \(it has image\)"
+    ):
         modelpress.quantize(model, calibration=tmp_path / "wrong.npz")
     with pytest.raises(modelpress.DataError, match="does not exist"):
         modelpress.quantize(model, calibration=tmp_path / "missing.npz")
-    with pytest.raises(modelpress.OptionsError, match=r"unknown option 'calibrater' \(did you mean 'calibrator'\?\)"):
-        modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.float32)}, calibrater="mse")
-    with pytest.raises(modelpress.OptionsError, match="exclude names nodes that do not exist: nope"):
-        modelpress.quantize(model, calibration={"x": np.zeros((4, 8), np.float32)}, exclude=["nope"])
+    with pytest.raises(
+        modelpress.OptionsError,
+        match=r"unknown option 'calibrater' \(did you mean 'calibrator'\?\)",
+    ):
+        modelpress.quantize(
+            model, calibration={"x": np.zeros((4, 8), np.float32)}, calibrater="mse"
+        )
+    with pytest.raises(
+        modelpress.OptionsError, match="exclude names nodes that do not exist: nope"
+    ):
+        modelpress.quantize(
+            model, calibration={"x": np.zeros((4, 8), np.float32)}, exclude=["nope"]
+        )
 
 
 @pytest.mark.torch
 def test_calibration_from_a_torch_dataloader():
     torch = pytest.importorskip("torch")
     x = torch.randn(64, 8)
-    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, torch.zeros(64)), batch_size=16)
-    result = modelpress.quantize(tiny_mlp(), calibration=loader, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.TensorDataset(x, torch.zeros(64)), batch_size=16
+    )
+    result = modelpress.quantize(
+        tiny_mlp(),
+        calibration=loader,
+        min_agreement=None,
+        min_cosine=None,
+        show_progress=False,
+        allow_no_gain=True,
+    )
     assert result.provenance.passes[-1].figures["calibration_samples"] == 64
 
 
 @pytest.mark.tensorflow
 def test_calibration_from_tf_data():
     tf = pytest.importorskip("tensorflow")
-    data = tf.data.Dataset.from_tensor_slices(np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)).batch(8)
-    result = modelpress.quantize(tiny_mlp(), calibration=data, min_agreement=None, min_cosine=None, show_progress=False, allow_no_gain=True)
+    data = tf.data.Dataset.from_tensor_slices(
+        np.random.default_rng(0).standard_normal((40, 8)).astype(np.float32)
+    ).batch(8)
+    result = modelpress.quantize(
+        tiny_mlp(),
+        calibration=data,
+        min_agreement=None,
+        min_cosine=None,
+        show_progress=False,
+        allow_no_gain=True,
+    )
     assert result.provenance.passes[-1].figures["calibration_samples"] == 40
 
 
 @pytest.mark.slow
 def test_quantize_cli(digits_mlp_path, digits_npz, tmp_path):
     out = tmp_path / "q.onnx"
-    result = run_cli("quantize", str(digits_mlp_path), "-o", str(out), "--calib", str(digits_npz), "--calibrator", "mse", "-q")
+    result = run_cli(
+        "quantize",
+        str(digits_mlp_path),
+        "-o",
+        str(out),
+        "--calib",
+        str(digits_npz),
+        "--calibrator",
+        "mse",
+        "-q",
+    )
     assert result.returncode == 0, result.stderr
     assert "quantize/int8-static" in result.stdout and "verified in ONNX Runtime" in result.stdout
     model = modelpress.load(out)
     assert model.provenance.passes[-1].options["calibrator"] == "mse"
     assert any(t.data_type == TensorProto.INT8 for t in onnx.load(out).graph.initializer)
     bad = run_cli("quantize", str(digits_mlp_path), "-o", str(tmp_path / "n.onnx"))
-    assert bad.returncode != 0 and "needs calibration data" in bad.stderr and not (tmp_path / "n.onnx").exists()
+    assert (
+        bad.returncode != 0
+        and "needs calibration data" in bad.stderr
+        and not (tmp_path / "n.onnx").exists()
+    )
 
 
 @pytest.mark.slow
@@ -339,18 +504,41 @@ def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
     pytest.importorskip("torch")
     model = modelpress.load(digits_mlp_path)
     calibration = {"x": digits["x_train"][:256]}
-    options = {"per_channel": False, "calibrator": "minmax", "min_agreement": None, "min_cosine": None}
-    static = modelpress.quantize(model, "int8-static", calibration=calibration, show_progress=False, **options)
-    qat = modelpress.apply(model, "int8-qat", kind="quantize", calibration=calibration, show_progress=False,
-                           train={"x": digits["x_train"], "labels": digits["y_train"]}, epochs=3, lr=2e-4, **options)
+    options = {
+        "per_channel": False,
+        "calibrator": "minmax",
+        "min_agreement": None,
+        "min_cosine": None,
+    }
+    static = modelpress.quantize(
+        model, "int8-static", calibration=calibration, show_progress=False, **options
+    )
+    qat = modelpress.apply(
+        model,
+        "int8-qat",
+        kind="quantize",
+        calibration=calibration,
+        show_progress=False,
+        train={"x": digits["x_train"], "labels": digits["y_train"]},
+        epochs=3,
+        lr=2e-4,
+        **options,
+    )
     figures = qat.provenance.passes[-1].figures
     assert figures["trained_weights"] == 2 and figures["qat_last_loss"] < figures["qat_first_loss"]
-    assert qat.op_histogram() == static.op_histogram()  # the same QDQ graph, with retrained integers
+    assert (
+        qat.op_histogram() == static.op_histogram()
+    )  # the same QDQ graph, with retrained integers
     assert qat.initializer("fc0.weight_q").const_value.dtype == ir.DataType.INT8
-    assert not np.array_equal(qat.initializer("fc0.weight_q").const_value.numpy(), static.initializer("fc0.weight_q").const_value.numpy())
+    assert not np.array_equal(
+        qat.initializer("fc0.weight_q").const_value.numpy(),
+        static.initializer("fc0.weight_q").const_value.numpy(),
+    )
 
     def accuracy(m):
-        return float(np.mean(run(make_session(m), {"x": digits["x_test"]})[0].argmax(1) == digits["y_test"]))
+        return float(
+            np.mean(run(make_session(m), {"x": digits["x_test"]})[0].argmax(1) == digits["y_test"])
+        )
 
     assert accuracy(qat) >= accuracy(static) - 0.01
     # the torch lowering of the final QDQ graph computes the QDQ semantics exactly (ORT, unfused)
@@ -362,7 +550,9 @@ def test_int8_qat_trains_through_fake_quantization(digits_mlp_path, digits):
         lowered = module(torch.from_numpy(digits["x_test"])).numpy()
     unfused = ort.SessionOptions()
     unfused.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    session = ort.InferenceSession(qat.to_proto().SerializeToString(), unfused, providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        qat.to_proto().SerializeToString(), unfused, providers=["CPUExecutionProvider"]
+    )
     np.testing.assert_allclose(lowered, session.run(None, {"x": digits["x_test"]})[0], atol=1e-4)
 
 
@@ -370,19 +560,43 @@ def test_bias_correction_reaches_a_matmul_bias_in_the_following_add():
     """Exporters write a Linear as MatMul + Add(bias): bias correction corrects that Add's constant."""
     rng = np.random.default_rng(0)
     k, n = 64, 32
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Add", ["h", "b"], ["y"], name="bias")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
-                       {"w": (rng.standard_normal((k, n)) / 8).astype(np.float32), "b": rng.standard_normal(n).astype(np.float32)})
-    x = (3.0 + rng.standard_normal((256, k))).astype(np.float32)  # NOTE: a large input mean makes the weights' rounding error biased
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("Add", ["h", "b"], ["y"], name="bias"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        {
+            "w": (rng.standard_normal((k, n)) / 8).astype(np.float32),
+            "b": rng.standard_normal(n).astype(np.float32),
+        },
+    )
+    x = (3.0 + rng.standard_normal((256, k))).astype(
+        np.float32
+    )  # NOTE: a large input mean makes the weights' rounding error biased
     expected = run(make_session(model), {"x": x})[0]
     errors = {}
     for corrected in (False, True):
-        result = modelpress.quantize(model, calibration={"x": x}, bias_correction=corrected, smoothquant=False, min_agreement=None,
-                                     min_cosine=None, max_relative_error=None, sensitivity=False, show_progress=False)
+        result = modelpress.quantize(
+            model,
+            calibration={"x": x},
+            bias_correction=corrected,
+            smoothquant=False,
+            min_agreement=None,
+            min_cosine=None,
+            max_relative_error=None,
+            sensitivity=False,
+            show_progress=False,
+        )
         figures = result.provenance.passes[-1].figures
         assert figures.get("bias_corrected") == (1 if corrected else None)
-        changed = not np.array_equal(result.initializer("b").const_value.numpy(), model.initializer("b").const_value.numpy())
+        changed = not np.array_equal(
+            result.initializer("b").const_value.numpy(), model.initializer("b").const_value.numpy()
+        )
         assert changed == corrected
-        errors[corrected] = float(np.abs((run(make_session(result), {"x": x})[0] - expected).mean(axis=0)).mean())
+        errors[corrected] = float(
+            np.abs((run(make_session(result), {"x": x})[0] - expected).mean(axis=0)).mean()
+        )
     assert errors[True] < 0.5 * errors[False]

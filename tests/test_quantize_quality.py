@@ -18,12 +18,24 @@ K, H, OUT = 64, 128, 32
 
 def _mlp(tmp_path) -> tuple[modelpress.Model, np.ndarray, np.ndarray]:
     rng = np.random.default_rng(0)
-    weights = {"w1": rng.normal(0, 0.2, (K, H)).astype(np.float32), "b1": rng.normal(0, 0.1, H).astype(np.float32),
-               "w2": rng.normal(0, 0.2, (H, OUT)).astype(np.float32)}
-    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"), helper.make_node("Add", ["h0", "b1"], ["h1"], name="add1"),
-             helper.make_node("Relu", ["h1"], ["h2"], name="relu"), helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2")]
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
-                       [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", OUT])], weights, name="outliers")
+    weights = {
+        "w1": rng.normal(0, 0.2, (K, H)).astype(np.float32),
+        "b1": rng.normal(0, 0.1, H).astype(np.float32),
+        "w2": rng.normal(0, 0.2, (H, OUT)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="add1"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="relu"),
+        helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", K])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", OUT])],
+        weights,
+        name="outliers",
+    )
     x = rng.normal(0, 1, (256, K)).astype(np.float32)
     x[:, 3] *= 60  # NOTE: the planted outlier channels
     x[:, 10] *= 30
@@ -39,42 +51,98 @@ def _error(result: modelpress.Model, x: np.ndarray, expected: np.ndarray, path) 
 def test_smoothquant_migrates_outlier_channels_into_the_weights(tmp_path):
     model, x, expected = _mlp(tmp_path)
     before = model.initializer("w1").const_value.numpy().copy()
-    plain = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=False, show_progress=False)
-    smooth = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=True, show_progress=False)
+    plain = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration={"x": x},
+        sensitivity=False,
+        smoothquant=False,
+        show_progress=False,
+    )
+    smooth = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration={"x": x},
+        sensitivity=False,
+        smoothquant=True,
+        show_progress=False,
+    )
     figures = smooth.provenance.passes[-1].figures
     assert 0 < figures["smoothquant_alpha"]["x"] <= 0.8 and figures["smoothquant_error_ratio"] < 0.9
     # a Mul by 1/s on the activation edge, the quantized fc1 reading it
     graph = smooth.to_proto().graph
     mul = next(n for n in graph.node if n.op_type == "Mul" and n.input[0] == "x")
     scale = onnx.numpy_helper.to_array(next(i for i in graph.initializer if i.name == mul.input[1]))
-    assert scale[3] < np.median(scale) and scale[10] < np.median(scale)  # the outlier channels are divided down most
-    assert _error(smooth, x, expected, tmp_path / "s.onnx") < 0.75 * _error(plain, x, expected, tmp_path / "p.onnx")
-    np.testing.assert_array_equal(model.initializer("w1").const_value.numpy(), before)  # the input model is untouched
+    assert scale[3] < np.median(scale) and scale[10] < np.median(
+        scale
+    )  # the outlier channels are divided down most
+    assert _error(smooth, x, expected, tmp_path / "s.onnx") < 0.75 * _error(
+        plain, x, expected, tmp_path / "p.onnx"
+    )
+    np.testing.assert_array_equal(
+        model.initializer("w1").const_value.numpy(), before
+    )  # the input model is untouched
 
 
 def test_auto_calibrator_picks_per_tensor_by_measured_error(tmp_path):
     model, x, expected = _mlp(tmp_path)
     errors, chosen = {}, {}
     for calibrator in ("percentile", "entropy", "auto"):
-        result = modelpress.quantize(model, "int8-static", calibration={"x": x}, sensitivity=False, smoothquant=False,
-                                     calibrator=calibrator, show_progress=False)
+        result = modelpress.quantize(
+            model,
+            "int8-static",
+            calibration={"x": x},
+            sensitivity=False,
+            smoothquant=False,
+            calibrator=calibrator,
+            show_progress=False,
+        )
         errors[calibrator] = _error(result, x, expected, tmp_path / f"{calibrator}.onnx")
         chosen[calibrator] = result.provenance.passes[-1].figures.get("calibrators_chosen")
-    assert sum(chosen["auto"].values()) == 2 and chosen["percentile"] is None  # fc1's and fc2's inputs
-    assert errors["entropy"] > 2 * errors["percentile"]  # entropy clips the planted outliers: a bad choice here
+    assert (
+        sum(chosen["auto"].values()) == 2 and chosen["percentile"] is None
+    )  # fc1's and fc2's inputs
+    assert (
+        errors["entropy"] > 2 * errors["percentile"]
+    )  # entropy clips the planted outliers: a bad choice here
     assert errors["auto"] <= errors["percentile"] * 1.001
 
 
 def test_awq_beats_round_to_nearest_and_keeps_the_function(tmp_path):
     model, x, expected = _mlp(tmp_path)
     rtn = modelpress.quantize(model, "int4-weight-only", block_size=32, show_progress=False)
-    awq = modelpress.quantize(model, "int4-weight-only", block_size=32, algorithm="awq", calibration={"x": x}, show_progress=False)
+    awq = modelpress.quantize(
+        model,
+        "int4-weight-only",
+        block_size=32,
+        algorithm="awq",
+        calibration={"x": x},
+        show_progress=False,
+    )
     figures = awq.provenance.passes[-1].figures
     assert figures["awq_alpha"] and figures["awq_error_ratio"] < 1
-    assert _error(awq, x, expected, tmp_path / "a.onnx") < 0.85 * _error(rtn, x, expected, tmp_path / "r.onnx")
-    gptq = modelpress.quantize(model, "int4-weight-only", block_size=32, algorithm="gptq", calibration={"x": x}, show_progress=False)
-    both = modelpress.quantize(model, "int4-weight-only", block_size=32, algorithm="awq-gptq", calibration={"x": x}, show_progress=False)
-    assert _error(both, x, expected, tmp_path / "b.onnx") < 0.85 * _error(gptq, x, expected, tmp_path / "g.onnx")
+    assert _error(awq, x, expected, tmp_path / "a.onnx") < 0.85 * _error(
+        rtn, x, expected, tmp_path / "r.onnx"
+    )
+    gptq = modelpress.quantize(
+        model,
+        "int4-weight-only",
+        block_size=32,
+        algorithm="gptq",
+        calibration={"x": x},
+        show_progress=False,
+    )
+    both = modelpress.quantize(
+        model,
+        "int4-weight-only",
+        block_size=32,
+        algorithm="awq-gptq",
+        calibration={"x": x},
+        show_progress=False,
+    )
+    assert _error(both, x, expected, tmp_path / "b.onnx") < 0.85 * _error(
+        gptq, x, expected, tmp_path / "g.onnx"
+    )
     with pytest.raises(ModelpressError, match="calibration"):
         modelpress.quantize(model, "int4-weight-only", algorithm="awq", show_progress=False)
 
@@ -84,22 +152,34 @@ def test_mixed_precision_meets_a_size_budget_and_a_drop(tmp_path):
     size = {}
     errors = {}
     for target in (0.2, 0.32, 0.6):
-        result = modelpress.quantize(model, "mixed-precision", calibration={"x": x}, target_size=target, show_progress=False)
+        result = modelpress.quantize(
+            model, "mixed-precision", calibration={"x": x}, target_size=target, show_progress=False
+        )
         figures = result.provenance.passes[-1].figures
         assert figures["size_ratio_estimate"] <= target
         exported = modelpress.export(result, tmp_path / f"m{target}.onnx", verify=False)
         size[target] = exported.path.stat().st_size
         errors[target] = _error(result, x, expected, tmp_path / f"e{target}.onnx")
-    assert figures["layers_by_bits"]["float"] >= 1  # 0.6 affords float for the most sensitive layer per byte
+    assert (
+        figures["layers_by_bits"]["float"] >= 1
+    )  # 0.6 affords float for the most sensitive layer per byte
     assert size[0.2] < size[0.32] < size[0.6] and errors[0.2] > errors[0.32] > errors[0.6]
-    drop = modelpress.quantize(model, "mixed-precision", calibration={"x": x}, max_drop=0.0005, show_progress=False)
+    drop = modelpress.quantize(
+        model, "mixed-precision", calibration={"x": x}, max_drop=0.0005, show_progress=False
+    )
     figures = drop.provenance.passes[-1].figures
     assert figures["criteria_met"] is True and "cosine" in figures["criteria"]
-    out = run(make_session(modelpress.export(drop, tmp_path / "d.onnx", verify=False).path), {"x": x})[0]
-    cosines = np.sum(out * expected, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(expected, axis=1)
+    out = run(
+        make_session(modelpress.export(drop, tmp_path / "d.onnx", verify=False).path), {"x": x}
+    )[0]
+    cosines = (
+        np.sum(out * expected, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(expected, axis=1)
+    )
     assert cosines.mean() >= 1 - 0.0005
     with pytest.raises(ModelpressError, match="smallest"):
-        modelpress.quantize(model, "mixed-precision", calibration={"x": x}, target_size=0.05, show_progress=False)
+        modelpress.quantize(
+            model, "mixed-precision", calibration={"x": x}, target_size=0.05, show_progress=False
+        )
     with pytest.raises(ModelpressError, match="target_size"):
         modelpress.quantize(model, "mixed-precision", calibration={"x": x}, show_progress=False)
 
@@ -108,15 +188,26 @@ def test_report_lists_float_nodes_compactly_by_reason():
     from modelpress.app.compress import StageMetrics
     from modelpress.app.report import Report
 
-    float_nodes = {f"/MatMul_{i}": f"sensitive: 1/SQNR 0.{i} alone" for i in range(9)} | {"fc_last": "excluded by option"}
+    float_nodes = {f"/MatMul_{i}": f"sensitive: 1/SQNR 0.{i} alone" for i in range(9)} | {
+        "fc_last": "excluded by option"
+    }
     report = Report(title="t", metric="cosine")
-    for name, figures in (("source", {}), ("quantize", {"float_nodes": float_nodes, "criteria": "y cosine 0.99"})):
-        report.add(StageMetrics(name, "cosine", 0.99, 1000, 500, 10, 0.0, {}, 0.1, f"{name}.onnx", figures))
+    for name, figures in (
+        ("source", {}),
+        ("quantize", {"float_nodes": float_nodes, "criteria": "y cosine 0.99"}),
+    ):
+        report.add(
+            StageMetrics(name, "cosine", 0.99, 1000, 500, 10, 0.0, {}, 0.1, f"{name}.onnx", figures)
+        )
     markdown = report.markdown()
     line = next(row for row in markdown.splitlines() if row.startswith("- **float_nodes**"))
-    assert line == ("- **float_nodes**: 10 — sensitive (9): /MatMul_0, /MatMul_1, /MatMul_2, /MatMul_3, /MatMul_4, /MatMul_5, ...; "
-                    "excluded by option (1): fc_last")
-    assert '"/MatMul_0"' not in markdown and '"criteria": "y cosine 0.99"' in markdown  # no raw dict; other figures stay
+    assert line == (
+        "- **float_nodes**: 10 — sensitive (9): /MatMul_0, /MatMul_1, /MatMul_2, /MatMul_3, /MatMul_4, /MatMul_5, ...; "
+        "excluded by option (1): fc_last"
+    )
+    assert (
+        '"/MatMul_0"' not in markdown and '"criteria": "y cosine 0.99"' in markdown
+    )  # no raw dict; other figures stay
 
 
 def test_mixed_precision_drop_search_computes_gptq_statistics_once(tmp_path, monkeypatch):
@@ -143,11 +234,24 @@ def test_mixed_precision_drop_search_computes_gptq_statistics_once(tmp_path, mon
         return real_build(model, cands, bits, *args)
 
     monkeypatch.setattr(mixed, "_build", recording)
-    result = modelpress.quantize(model, "mixed-precision", calibration={"x": x}, max_drop=0.05, algorithm="gptq", show_progress=False)
+    result = modelpress.quantize(
+        model,
+        "mixed-precision",
+        calibration={"x": x},
+        max_drop=0.05,
+        algorithm="gptq",
+        show_progress=False,
+    )
     figures = result.provenance.passes[-1].figures
     assert figures["criteria_met"] is True
-    assert len(built) >= 3 and any(4 in bits for bits in built)  # several candidates, GPTQ int4 among them, ...
+    assert len(built) >= 3 and any(
+        4 in bits for bits in built
+    )  # several candidates, GPTQ int4 among them, ...
     assert len(calls) == 1  # ... on one pass of statistics
-    out = run(make_session(modelpress.export(result, tmp_path / "g.onnx", verify=False).path), {"x": x})[0]
-    cosines = np.sum(out * expected, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(expected, axis=1)
+    out = run(
+        make_session(modelpress.export(result, tmp_path / "g.onnx", verify=False).path), {"x": x}
+    )[0]
+    cosines = (
+        np.sum(out * expected, 1) / np.linalg.norm(out, axis=1) / np.linalg.norm(expected, axis=1)
+    )
     assert cosines.mean() >= 1 - 0.05

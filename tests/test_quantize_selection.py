@@ -38,29 +38,61 @@ def _consumers(graph: onnx.GraphProto, tensor: str) -> list[str]:
 
 @pytest.mark.slow
 @pytest.mark.torch
-def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoders, digits, tmp_path):
+def test_decomposed_norms_and_activations_stay_float_without_sensitivity(
+    encoders, digits, tmp_path
+):
     logits, _, calibration, x_test = encoders
     model = modelpress.load(logits)
     patterns, masks = find_patterns(model.graph), mask_adds(model.graph)
-    assert sorted(p.kind for p in patterns).count("LayerNorm") == 4 and sum(p.kind == "GELU" for p in patterns) == 2
+    assert (
+        sorted(p.kind for p in patterns).count("LayerNorm") == 4
+        and sum(p.kind == "GELU" for p in patterns) == 2
+    )
     assert len(masks) == 2
     inner = {n.name for p in patterns for n in p.nodes[:-1]} | {n.name for n in masks}
-    quantized = modelpress.quantize(model, calibration=calibration, sensitivity=False, show_progress=False)
+    quantized = modelpress.quantize(
+        model, calibration=calibration, sensitivity=False, show_progress=False
+    )
     figures = quantized.provenance.passes[-1].figures
-    assert figures["patterns_kept_float"] == {"LayerNorm": 4, "GELU": 2, "Softmax": 2, "attention mask": 2}
+    assert figures["patterns_kept_float"] == {
+        "LayerNorm": 4,
+        "GELU": 2,
+        "Softmax": 2,
+        "attention mask": 2,
+    }
     graph = quantized.to_proto().graph
     produced = {o: n for n in graph.node for o in n.output}
     for node in graph.node:
-        if node.name in inner:  # nothing inside a pattern is quantized: no Q after it, no DQ before it
-            assert all(op != "QuantizeLinear" for o in node.output for op in _consumers(graph, o)), node.name
+        if (
+            node.name in inner
+        ):  # nothing inside a pattern is quantized: no Q after it, no DQ before it
+            assert all(
+                op != "QuantizeLinear" for o in node.output for op in _consumers(graph, o)
+            ), node.name
             if node.op_type != "ReduceMean" and node.op_type != "Sub":
-                assert all(produced[i].op_type != "DequantizeLinear" for i in node.input if i in produced), node.name
+                assert all(
+                    produced[i].op_type != "DequantizeLinear" for i in node.input if i in produced
+                ), node.name
     assert sum(n.op_type == "QuantizeLinear" for n in graph.node) >= 8  # the MatMuls still are
     assert figures["low_bit_weight_share"] >= 0.75
     exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"rows": x_test})
     assert exported.verification.top1_agreement >= 0.97
-    q_acc = float(np.mean(modelpress.runtime.session.run(modelpress.runtime.session.make_session(exported.path), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
-    f_acc = float(np.mean(modelpress.runtime.session.run(modelpress.runtime.session.make_session(model), {"rows": x_test})[0].argmax(1) == digits["y_test"]))
+    q_acc = float(
+        np.mean(
+            modelpress.runtime.session.run(
+                modelpress.runtime.session.make_session(exported.path), {"rows": x_test}
+            )[0].argmax(1)
+            == digits["y_test"]
+        )
+    )
+    f_acc = float(
+        np.mean(
+            modelpress.runtime.session.run(
+                modelpress.runtime.session.make_session(model), {"rows": x_test}
+            )[0].argmax(1)
+            == digits["y_test"]
+        )
+    )
     assert f_acc - q_acc <= 0.01
 
 
@@ -68,15 +100,31 @@ def test_decomposed_norms_and_activations_stay_float_without_sensitivity(encoder
 def test_an_embedding_output_is_judged_by_cosine(encoders, tmp_path):
     _, embedding, calibration, x_test = encoders
     model = modelpress.load(embedding)
-    quantized = modelpress.quantize(model, calibration=calibration, min_cosine=0.995, show_progress=False)
+    quantized = modelpress.quantize(
+        model, calibration=calibration, min_cosine=0.995, show_progress=False
+    )
     figures = quantized.provenance.passes[-1].figures
-    assert figures["criteria_met"] and "sentence_embedding cosine" in figures["criteria"] and "agreement" not in figures["criteria"]
+    assert (
+        figures["criteria_met"]
+        and "sentence_embedding cosine" in figures["criteria"]
+        and "agreement" not in figures["criteria"]
+    )
     assert figures["calibration_cosine"] >= 0.995 and "calibration_agreement" not in figures
-    verification = modelpress.export(quantized, tmp_path / "e.onnx", sample={"rows": x_test}).verification
-    assert verification.outputs[0].criterion == "embedding: cosine" and verification.top1_agreement is None
+    verification = modelpress.export(
+        quantized, tmp_path / "e.onnx", sample={"rows": x_test}
+    ).verification
+    assert (
+        verification.outputs[0].criterion == "embedding: cosine"
+        and verification.top1_agreement is None
+    )
     assert verification.outputs[0].value >= 0.99
     # overridable: judged by agreement on request
-    forced = modelpress.quantize(model, calibration=calibration, criteria={"sentence_embedding": "agreement>=0.5"}, show_progress=False)
+    forced = modelpress.quantize(
+        model,
+        calibration=calibration,
+        criteria={"sentence_embedding": "agreement>=0.5"},
+        show_progress=False,
+    )
     assert "top-1 agreement" in forced.provenance.passes[-1].figures["criteria"]
 
 
@@ -90,8 +138,12 @@ def test_a_conv_heavy_model_is_at_least_3_5x_smaller(digits, tmp_path):
     x = images(digits["x_train"], "nchw")
     module = qm.train(qm.ConvNet(), x, digits["y_train"], epochs=3)
     source = qm.export(module, x, tmp_path / "conv.onnx", "x", "logits")
-    quantized = modelpress.quantize(modelpress.load(source), calibration={"x": x[:256]}, show_progress=False)
-    exported = modelpress.export(quantized, tmp_path / "q.onnx", sample={"x": images(digits["x_test"], "nchw")})
+    quantized = modelpress.quantize(
+        modelpress.load(source), calibration={"x": x[:256]}, show_progress=False
+    )
+    exported = modelpress.export(
+        quantized, tmp_path / "q.onnx", sample={"x": images(digits["x_test"], "nchw")}
+    )
     assert source.stat().st_size / exported.path.stat().st_size >= 3.5
     assert exported.verification.top1_agreement >= 0.97
 
@@ -108,14 +160,20 @@ def _deep_mlp(layers: int = 40, sensitive: int = 20):
         if i == sensitive:
             w[:, 0] = 1e-5
         weights[f"w{i}"] = w
-        nodes += [helper.make_node("Gemm", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}", transB=1),
-                  helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}")]
+        nodes += [
+            helper.make_node("Gemm", [x, f"w{i}"], [f"h{i}"], name=f"fc{i}", transB=1),
+            helper.make_node("Relu", [f"h{i}"], [f"r{i}"], name=f"relu{i}"),
+        ]
         x = f"r{i}"
     # NOTE: named as scores: a random head shows no class structure, so an unnamed one is judged as a regression
     nodes.append(helper.make_node("Gemm", [x, "head"], ["logits"], name="head", transB=1))
     weights["head"] = rng.standard_normal((6, width)).astype(np.float32)
-    model = make_model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
-                       [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6])], weights)
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 6])],
+        weights,
+    )
     return model, {"x": np.abs(rng.standard_normal((256, width))).astype(np.float32)}
 
 
@@ -130,10 +188,19 @@ def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
             super().__init__(*args, **kwargs)
 
     # judged by the classifier scores' cosine (0.99): 40 int8 layers in a row leave too little margin for agreement
-    naive = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, sensitivity=False, show_progress=False)
+    naive = modelpress.quantize(
+        model,
+        calibration=calibration,
+        calibrator="minmax",
+        min_agreement=None,
+        sensitivity=False,
+        show_progress=False,
+    )
     assert not naive.provenance.passes[-1].figures["criteria_met"]
     monkeypatch.setattr(modelpress.runtime.session.ort, "InferenceSession", Counting)
-    guarded = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, show_progress=False)
+    guarded = modelpress.quantize(
+        model, calibration=calibration, calibrator="minmax", min_agreement=None, show_progress=False
+    )
     figures = guarded.provenance.passes[-1].figures
     assert figures["criteria_met"]
     # calibration, float reference, full int8, the one shadow pass, and at most max_evaluations=12 confirmations
@@ -149,9 +216,25 @@ def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     onnx.save(model.to_proto(), source)
     np.savez(calib, **calibration)
     out = tmp_path / "q.onnx"
-    args = ("quantize", str(source), "-o", str(out), "--calib", str(calib), "--calibrator", "minmax", "-O", "sensitivity=false", "-q")
+    args = (
+        "quantize",
+        str(source),
+        "-o",
+        str(out),
+        "--calib",
+        str(calib),
+        "--calibrator",
+        "minmax",
+        "-O",
+        "sensitivity=false",
+        "-q",
+    )
     refused = run_cli(*args)
-    assert refused.returncode == 4 and "missed its accuracy criteria" in refused.stderr and "cosine" in refused.stderr
+    assert (
+        refused.returncode == 4
+        and "missed its accuracy criteria" in refused.stderr
+        and "cosine" in refused.stderr
+    )
     assert len(refused.stderr.strip().splitlines()) == 1
     assert not out.exists()
     accepted = run_cli(*args, "--accept-loss")
@@ -165,23 +248,41 @@ def test_float_fallback_keeps_fp16_weights_and_loads_in_ort(tmp_path):
     model, calibration = _deep_mlp(layers=6, sensitive=3)
     files = {}
     for fp16 in (True, False):
-        result = modelpress.quantize(model, calibration=calibration, calibrator="minmax", min_agreement=None, fallback="float",
-                                     fallback_fp16=fp16, show_progress=False)
+        result = modelpress.quantize(
+            model,
+            calibration=calibration,
+            calibrator="minmax",
+            min_agreement=None,
+            fallback="float",
+            fallback_fp16=fp16,
+            show_progress=False,
+        )
         figures = result.provenance.passes[-1].figures
         assert figures["criteria_met"] and "fc3" in figures["float_nodes"]
-        assert ("fp16 weights" in figures["float_nodes"]["fc3"]) == fp16 and figures["fp16_weight_nodes"] == int(fp16)
-        assert ("sensitive, fp16 weights (1): fc3" in figure_text(figures["float_nodes"])) == fp16  # the report shows the form
+        assert ("fp16 weights" in figures["float_nodes"]["fc3"]) == fp16 and figures[
+            "fp16_weight_nodes"
+        ] == int(fp16)
+        assert (
+            "sensitive, fp16 weights (1): fc3" in figure_text(figures["float_nodes"])
+        ) == fp16  # the report shows the form
         files[fp16] = modelpress.export(result, tmp_path / f"fp16-{fp16}.onnx").path
     saved = onnx.load(files[True])
     fc3 = next(n for n in saved.graph.node if n.name == "fc3")
     cast = next(n for n in saved.graph.node if n.output[0] == fc3.input[1])
     assert cast.op_type == "Cast"
     weight = next(t for t in saved.graph.initializer if t.name == cast.input[0])
-    assert weight.data_type == TensorProto.FLOAT16  # ORT may fold the Cast in memory; the file keeps fp16
+    assert (
+        weight.data_type == TensorProto.FLOAT16
+    )  # ORT may fold the Cast in memory; the file keeps fp16
     assert files[True].stat().st_size < files[False].stat().st_size - 0.75 * 16 * 16 * 2
     x = calibration["x"][:64]
-    expected, actual = (modelpress.runtime.session.run(modelpress.runtime.session.make_session(m), {"x": x})[0] for m in (model, files[True]))
-    cosines = np.sum(expected * actual, axis=1) / (np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1))
+    expected, actual = (
+        modelpress.runtime.session.run(modelpress.runtime.session.make_session(m), {"x": x})[0]
+        for m in (model, files[True])
+    )
+    cosines = np.sum(expected * actual, axis=1) / (
+        np.linalg.norm(expected, axis=1) * np.linalg.norm(actual, axis=1)
+    )
     assert cosines.mean() > 0.99
 
 
@@ -190,15 +291,25 @@ def _embedding_model():
     rng = np.random.default_rng(0)
     table = (rng.standard_normal((2000, 64)) * 0.1).astype(np.float32)
     w = (rng.standard_normal((64, 64)) / 8).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-             helper.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
-             helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0)]
-    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 12])],
-                       [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])], {"table": table, "w": w}, opset=17)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("MatMul", ["e", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", 12])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])],
+        {"table": table, "w": w},
+        opset=17,
+    )
     return model, {"ids": rng.integers(0, 2000, (64, 12)).astype(np.int64)}
 
 
-@pytest.mark.parametrize(("method", "bits", "max_ratio"), [("int4-weight-only", 4, 0.2), ("int8-weight-only", 8, 0.3), ("int8-dynamic", 8, 0.3)])
+@pytest.mark.parametrize(
+    ("method", "bits", "max_ratio"),
+    [("int4-weight-only", 4, 0.2), ("int8-weight-only", 8, 0.3), ("int8-dynamic", 8, 0.3)],
+)
 def test_embedding_tables_are_quantized(tmp_path, method, bits, max_ratio):
     model, sample = _embedding_model()
     source = tmp_path / "f.onnx"
@@ -229,10 +340,19 @@ def test_conv_weights_are_covered_by_weight_only_and_dynamic(digits, tmp_path):
 
     x = images(digits["x_train"][:64], "nchw")
     source = qm.export(qm.ConvNet().eval(), x, tmp_path / "conv.onnx", "x", "logits")
-    for method, bound in (("int8-weight-only", 0.3), ("int8-dynamic", 0.3), ("int4-weight-only", 0.2)):
+    for method, bound in (
+        ("int8-weight-only", 0.3),
+        ("int8-dynamic", 0.3),
+        ("int4-weight-only", 0.2),
+    ):
         quantized = modelpress.quantize(modelpress.load(source), method, show_progress=False)
         convs = [n for n in quantized.graph if n.op_type == "Conv"]
-        assert all(n.inputs[1].producer() is not None and n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs if n.inputs[1].shape[0] > 32), method
+        assert all(
+            n.inputs[1].producer() is not None
+            and n.inputs[1].producer().op_type == "DequantizeLinear"
+            for n in convs
+            if n.inputs[1].shape[0] > 32
+        ), method
         exported = modelpress.export(quantized, tmp_path / f"{method}.onnx", sample={"x": x})
         assert exported.path.stat().st_size <= bound * source.stat().st_size, method
         assert exported.verification.cosine >= 0.99, method
@@ -242,7 +362,11 @@ def test_int8_static_stores_embedding_tables_in_int8():
     model, sample = _embedding_model()
     quantized = modelpress.quantize(model, calibration=sample, show_progress=False)
     figures = quantized.provenance.passes[-1].figures
-    assert figures["tables_quantized"] == 1 and figures["low_bit_weight_share"] == 1.0 and figures["criteria_met"]
+    assert (
+        figures["tables_quantized"] == 1
+        and figures["low_bit_weight_share"] == 1.0
+        and figures["criteria_met"]
+    )
     assert modelpress.verify(quantized, sample=sample).outputs[0].value >= 0.999
 
 
@@ -252,16 +376,28 @@ def test_a_position_table_read_by_slice_is_an_embedding_table(tmp_path):
     rng = np.random.default_rng(1)
     table = (rng.standard_normal((2000, 64)) * 0.1).astype(np.float32)
     positions = (rng.standard_normal((512, 64)) * 0.05).astype(np.float32)
-    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-             helper.make_node("Shape", ["ids"], ["shape"], start=1, end=2),
-             helper.make_node("Slice", ["positions", "zero", "shape", "zero"], ["p"], name="position_slice"),
-             helper.make_node("Add", ["e", "p"], ["x"], name="add_positions"),
-             helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
-             helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0)]
-    model = make_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
-                       [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])],
-                       {"table": table, "positions": positions, "zero": np.array([0], np.int64),
-                        "w": (rng.standard_normal((64, 64)) / 8).astype(np.float32)}, opset=17)
+    nodes = [
+        helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        helper.make_node("Shape", ["ids"], ["shape"], start=1, end=2),
+        helper.make_node(
+            "Slice", ["positions", "zero", "shape", "zero"], ["p"], name="position_slice"
+        ),
+        helper.make_node("Add", ["e", "p"], ["x"], name="add_positions"),
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"),
+        helper.make_node("ReduceMean", ["h"], ["emb"], name="pool", axes=[1], keepdims=0),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["batch", "seq"])],
+        [helper.make_tensor_value_info("emb", TensorProto.FLOAT, ["batch", 64])],
+        {
+            "table": table,
+            "positions": positions,
+            "zero": np.array([0], np.int64),
+            "w": (rng.standard_normal((64, 64)) / 8).astype(np.float32),
+        },
+        opset=17,
+    )
     sample = {"ids": rng.integers(0, 2000, (64, 12)).astype(np.int64)}
     for method, options in (("int8-static", {"calibration": sample}), ("int8-dynamic", {})):
         quantized = modelpress.quantize(model, method, show_progress=False, **options)

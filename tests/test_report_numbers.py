@@ -19,8 +19,20 @@ from modelpress.testing import tiny_cnn, tiny_mlp
 
 
 def _stage(name, size, latency=None, iqr=None, figures=None):
-    return StageMetrics(name, "accuracy", 0.9, size, size // 2, 100, 0.0, latency or {}, 0.1, f"{name}.onnx", figures or {},
-                        latency_iqr_ms=iqr or {})
+    return StageMetrics(
+        name,
+        "accuracy",
+        0.9,
+        size,
+        size // 2,
+        100,
+        0.0,
+        latency or {},
+        0.1,
+        f"{name}.onnx",
+        figures or {},
+        latency_iqr_ms=iqr or {},
+    )
 
 
 def _flags(*stages):
@@ -33,13 +45,23 @@ def _flags(*stages):
 def test_bigger_needs_both_a_relative_and_an_absolute_growth():
     assert _flags(_stage("a", 50_000), _stage("b", 51_000)) == {}  # 0.050 -> 0.051 MB: 2 %, 1 KB
     assert _flags(_stage("a", 1_000_000), _stage("b", 1_015_000)) == {}  # 15 KB but 1.5 %
-    assert _flags(_stage("a", 100_000), _stage("b", 110_000)) == {"b": ["bigger than 'a' (0.110 vs 0.100 MB)"]}
+    assert _flags(_stage("a", 100_000), _stage("b", 110_000)) == {
+        "b": ["bigger than 'a' (0.110 vs 0.100 MB)"]
+    }
 
 
 def test_slower_needs_more_than_the_noise_band():
     # NOTE: 10 % slower by the medians, but the runs spread over 20 %: noise
-    assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.2}), _stage("b", 1000, {"b1": 1.1}, {"b1": 0.05})) == {}
-    worse = _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), _stage("b", 1000, {"b1": 1.1}, {"b1": 0.03}))
+    assert (
+        _flags(
+            _stage("a", 1000, {"b1": 1.0}, {"b1": 0.2}),
+            _stage("b", 1000, {"b1": 1.1}, {"b1": 0.05}),
+        )
+        == {}
+    )
+    worse = _flags(
+        _stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), _stage("b", 1000, {"b1": 1.1}, {"b1": 0.03})
+    )
     assert worse == {"b": ["slower than 'a' at b1 (1.100 vs 1.000 ms; noise band 4.7%)"]}
     # slower by its own timing, but not when both files were timed again side by side
     recheck = _stage("b", 1000, {"b1": 1.1}, {"b1": 0.03})
@@ -47,13 +69,25 @@ def test_slower_needs_more_than_the_noise_band():
     assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), recheck) == {}
     recheck.latency_recheck_ms = {"b1": [1.0, 1.2, 0.04]}
     assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.02}), recheck)["b"] == [
-        "slower than 'a' at b1 (1.100 vs 1.000 ms; noise band 4.7%; side by side 1.200 vs 1.000 ms)"]
+        "slower than 'a' at b1 (1.100 vs 1.000 ms; noise band 4.7%; side by side 1.200 vs 1.000 ms)"
+    ]
     # inside 5 % even with no spread
-    assert _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.0}), _stage("b", 1000, {"b1": 1.04}, {"b1": 0.0})) == {}
+    assert (
+        _flags(
+            _stage("a", 1000, {"b1": 1.0}, {"b1": 0.0}),
+            _stage("b", 1000, {"b1": 1.04}, {"b1": 0.0}),
+        )
+        == {}
+    )
 
 
 def _measured(name, runs):
-    return _stage(name, 1000, {"b1": float(np.median(runs))}, {"b1": float(np.subtract(*np.percentile(runs, [75, 25])))})
+    return _stage(
+        name,
+        1000,
+        {"b1": float(np.median(runs))},
+        {"b1": float(np.subtract(*np.percentile(runs, [75, 25])))},
+    )
 
 
 def test_the_same_model_measured_twice_is_not_flagged_and_a_heavier_one_is(tmp_path):
@@ -63,32 +97,60 @@ def test_the_same_model_measured_twice_is_not_flagged_and_a_heavier_one_is(tmp_p
     feeds = {"x": sample_inputs(modelpress.load(light).signature, batch=1)["x"]}
     # NOTE: one after the other, as compress measures its stages
     first, again = (latency_runs(light, feeds, threads=1, repeats=20) for _ in range(2))
-    slower = latency_runs(heavy, {"x": np.resize(feeds["x"], (1, 1, 48, 48))}, threads=1, repeats=10)
+    slower = latency_runs(
+        heavy, {"x": np.resize(feeds["x"], (1, 1, 48, 48))}, threads=1, repeats=10
+    )
     assert _flags(_measured("a", first), _measured("b", again)) == {}
     worse = _flags(_measured("a", first), _measured("b", slower))
     assert list(worse) == ["b"] and worse["b"][0].startswith("slower than 'a' at b1")
 
 
-@pytest.mark.parametrize("make, options", [(lambda: tiny_cnn(channels=16), {}), (lambda: tiny_mlp(in_features=64, hidden=64), {"smoothquant": False})])
+@pytest.mark.parametrize(
+    "make, options",
+    [
+        (lambda: tiny_cnn(channels=16), {}),
+        (lambda: tiny_mlp(in_features=64, hidden=64), {"smoothquant": False}),
+    ],
+)
 def test_quantizing_keeps_the_parameter_count(make, options):
     model = make()
     calibration = [sample_inputs(model.signature, batch=8, seed=i) for i in range(4)]
-    expected = sum(int(np.prod(w.shape)) for w in (v.const_value for v in model.ir.graph.initializers.values()))
+    expected = sum(
+        int(np.prod(w.shape)) for w in (v.const_value for v in model.ir.graph.initializers.values())
+    )
     assert model.parameter_count() == expected
-    static = modelpress.quantize(model, method="int8-static", calibration=calibration, allow_no_gain=True, show_progress=False, **options)
+    static = modelpress.quantize(
+        model,
+        method="int8-static",
+        calibration=calibration,
+        allow_no_gain=True,
+        show_progress=False,
+        **options,
+    )
     assert "QuantizeLinear" in static.op_histogram() and static.parameter_count() == expected
     for method in ("int4-weight-only", "int8-weight-only"):
-        weight_only = modelpress.quantize(model, method=method, allow_no_gain=True, show_progress=False, min_elements=1)
-        assert "DequantizeLinear" in weight_only.op_histogram() and weight_only.parameter_count() == expected
+        weight_only = modelpress.quantize(
+            model, method=method, allow_no_gain=True, show_progress=False, min_elements=1
+        )
+        assert (
+            "DequantizeLinear" in weight_only.op_histogram()
+            and weight_only.parameter_count() == expected
+        )
 
 
 def test_shape_constants_and_scales_are_not_parameters():
     w = numpy_helper.from_array(np.ones((6, 4), np.float32), "w")
     shape = numpy_helper.from_array(np.array([-1, 2, 2], np.int64), "shape")
     graph = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w"], ["y"]), helper.make_node("Reshape", ["y", "shape"], ["z"])], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])], [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 2])],
-        [w, shape])
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+            helper.make_node("Reshape", ["y", "shape"], ["z"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, [1, 2, 2])],
+        [w, shape],
+    )
     model = modelpress.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
     assert model.parameter_count() == 24
 
@@ -100,7 +162,11 @@ def test_packed_files_get_the_same_mode_as_exported_ones(tmp_path):
         onnx_path = tmp_path / "m.onnx"
         modelpress.export(tiny_mlp(), onnx_path, verify=False)
         packed = modelpress.pack(onnx_path, tmp_path / "m.mpk").path
-        assert oct(os.stat(packed).st_mode & 0o777) == oct(os.stat(onnx_path).st_mode & 0o777) == oct(0o644)
+        assert (
+            oct(os.stat(packed).st_mode & 0o777)
+            == oct(os.stat(onnx_path).st_mode & 0o777)
+            == oct(0o644)
+        )
     finally:
         os.umask(old)
 
@@ -120,7 +186,9 @@ def _md_facts(markdown: str) -> list[str]:
         if line.startswith("|") and not in_code:
             facts += [cell.strip() for cell in line.strip("|").split(" | ")]
             continue
-        facts.append(line if in_code else re.sub(r"^#+ |^- ", "", line).replace("**", "").replace("`", ""))
+        facts.append(
+            line if in_code else re.sub(r"^#+ |^- ", "", line).replace("**", "").replace("`", "")
+        )
     return facts
 
 
@@ -129,15 +197,32 @@ def test_report_html_has_everything_report_md_has(tmp_path):
     x = np.random.default_rng(0).standard_normal((96, 1, 8, 8)).astype(np.float32)
     np.savez(tmp_path / "calib.npz", x=x[:64])
     np.savez(tmp_path / "eval.npz", x=x[64:])
-    recipe = {"passes": [{"kind": "prune", "method": "channel", "options": {"ratio": 0.5}},
-                         {"kind": "quantize", "method": "int8-static", "options": {"min_agreement": None, "min_cosine": None}}],
-              "data": {"calibration": "calib.npz", "eval": "eval.npz"}, "evaluate": {"metric": "agreement", "repeats": 3, "batch_size": 16}}
+    recipe = {
+        "passes": [
+            {"kind": "prune", "method": "channel", "options": {"ratio": 0.5}},
+            {
+                "kind": "quantize",
+                "method": "int8-static",
+                "options": {"min_agreement": None, "min_cosine": None},
+            },
+        ],
+        "data": {"calibration": "calib.npz", "eval": "eval.npz"},
+        "evaluate": {"metric": "agreement", "repeats": 3, "batch_size": 16},
+    }
     (tmp_path / "recipe.json").write_text(json.dumps(recipe))
     modelpress.export(model, tmp_path / "tiny.onnx")
-    result = modelpress.compress(tmp_path / "tiny.onnx", tmp_path / "recipe.json", output=tmp_path / "small.onnx", show_progress=False,
-                                 allow_no_gain=True)
+    result = modelpress.compress(
+        tmp_path / "tiny.onnx",
+        tmp_path / "recipe.json",
+        output=tmp_path / "small.onnx",
+        show_progress=False,
+        allow_no_gain=True,
+    )
     markdown, page = (tmp_path / "report.md").read_text(), (tmp_path / "report.html").read_text()
-    assert any(s.figures.get("no_gain") for s in result.stages) and "## quantize/int8-static" in markdown
+    assert (
+        any(s.figures.get("no_gain") for s in result.stages)
+        and "## quantize/int8-static" in markdown
+    )
     text = _text(page)
     missing = [fact for fact in _md_facts(markdown) if fact not in text]
     assert not missing
@@ -147,16 +232,33 @@ def test_report_html_has_everything_report_md_has(tmp_path):
     for s in (_stage("a", 100_000, {"b1": 1.0}), _stage("b", 200_000, {"b1": 2.0})):
         report.add(s)
     page = report.html()
-    assert "<span class='flag flag-bigger'>bigger</span>, <span class='flag flag-slower'>slower</span>" in page
-    assert "is bigger than 'a' (0.200 vs 0.100 MB); slower than 'a' at b1 (2.000 vs 1.000 ms)." in _text(page)
+    assert (
+        "<span class='flag flag-bigger'>bigger</span>, <span class='flag flag-slower'>slower</span>"
+        in page
+    )
+    assert (
+        "is bigger than 'a' (0.200 vs 0.100 MB); slower than 'a' at b1 (2.000 vs 1.000 ms)."
+        in _text(page)
+    )
 
 
 def test_smoothquant_scales_are_not_parameters(tmp_path):
     model = tiny_mlp(in_features=256, hidden=256)
     calibration = [sample_inputs(model.signature, batch=16, seed=i) for i in range(4)]
     expected = model.parameter_count()
-    static = modelpress.quantize(model, method="int8-static", calibration=calibration, smoothquant=True, allow_no_gain=True, show_progress=False)
-    scales = [n for n in static.nodes() if n.op_type == "Mul" and n.metadata_props.get("modelpress.role") == "activation_scale"]
+    static = modelpress.quantize(
+        model,
+        method="int8-static",
+        calibration=calibration,
+        smoothquant=True,
+        allow_no_gain=True,
+        show_progress=False,
+    )
+    scales = [
+        n
+        for n in static.nodes()
+        if n.op_type == "Mul" and n.metadata_props.get("modelpress.role") == "activation_scale"
+    ]
     assert scales, static.op_histogram()  # SmoothQuant put its Mul on the activation
     assert static.parameter_count() == expected
     modelpress.export(static, tmp_path / "q.onnx", verify=False)

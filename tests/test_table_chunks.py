@@ -18,14 +18,21 @@ from modelpress.runtime.session import make_session, run
 def _one_shot(w: np.ndarray, bits: int, kind: str) -> tuple[bytes, bytes, bytes]:
     """The whole table quantized at once, stored as onnx-ir stores it (int4 packed two per byte)."""
     flat = w.reshape(w.shape[0], -1)
-    q, scale, zero, _ = _int8_rows(flat) if bits == 8 else _uint4_blocks(flat, 1 if kind == "embedding" else 0, 32)
+    q, scale, zero, _ = (
+        _int8_rows(flat) if bits == 8 else _uint4_blocks(flat, 1 if kind == "embedding" else 0, 32)
+    )
     if bits == 8:
         return q.astype(np.int8).tobytes(), scale.tobytes(), zero.tobytes()
-    as_uint4 = [ir.tensor(a.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4).tobytes() for a in (q, zero)]
+    as_uint4 = [
+        ir.tensor(a.astype(ml_dtypes.uint4), dtype=ir.DataType.UINT4).tobytes() for a in (q, zero)
+    ]
     return as_uint4[0], scale.astype(np.float32).tobytes(), as_uint4[1]
 
 
-@pytest.mark.parametrize(("bits", "kind", "shape"), [(4, "embedding", (301, 99)), (4, "conv", (77, 3, 3, 5)), (8, "embedding", (301, 99))])
+@pytest.mark.parametrize(
+    ("bits", "kind", "shape"),
+    [(4, "embedding", (301, 99)), (4, "conv", (77, 3, 3, 5)), (8, "embedding", (301, 99))],
+)
 def test_chunked_table_equals_the_one_shot_result_bit_for_bit(monkeypatch, bits, kind, shape):
     """Odd row and column counts (a last chunk of odd length, blocks padded at the end of each row)."""
     monkeypatch.setattr(embeddings, "CHUNK_ELEMENTS", 600)
@@ -40,7 +47,11 @@ def test_chunked_table_equals_the_one_shot_result_bit_for_bit(monkeypatch, bits,
     table = quantize_table(read, shape, bits=bits, kind=kind, block=32)
     assert len(reads) > 3 and max(reads) * flat.shape[1] <= 600 and sum(reads) == shape[0]
     data, scale, zero = _one_shot(w, bits, kind)
-    assert table.data.tobytes()[: len(data)] == data and table.scale.tobytes() == scale and table.zero.tobytes()[: len(zero)] == zero
+    assert (
+        table.data.tobytes()[: len(data)] == data
+        and table.scale.tobytes() == scale
+        and table.zero.tobytes()[: len(zero)] == zero
+    )
 
 
 def test_chunk_size_bounds_the_temporaries(monkeypatch):
@@ -68,7 +79,8 @@ def test_chunk_size_bounds_the_temporaries(monkeypatch):
 
 def _gather_model(folder, w: np.ndarray) -> str:
     graph = helper.make_graph(
-        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")], "g",
+        [helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed")],
+        "g",
         [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
         [helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["n", w.shape[1]])],
         [helper.make_tensor("table", TensorProto.FLOAT, w.shape, w.tobytes(), raw=True)],

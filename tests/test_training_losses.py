@@ -25,24 +25,39 @@ def _lowered(module: torch.nn.Module, x: np.ndarray) -> torch.nn.Module:
 
 
 def _accuracy(model, x, y):
-    return float(np.mean(run(make_session(model), {model.signature.input_names[0]: x})[0].argmax(1) == y))
+    return float(
+        np.mean(run(make_session(model), {model.signature.input_names[0]: x})[0].argmax(1) == y)
+    )
 
 
 def test_the_loss_fits_the_output(digits):
     x, y = digits["x_train"], digits["y_train"]
     softmax = choose_loss(_lowered(_softmax_mlp(torch.nn.Softmax(dim=1)), x), [x], y)
-    assert (softmax.name, softmax.reads) == ("nll", "probabilities") and "Softmax node" in softmax.reason
-    logits = choose_loss(modelpress.to_torch(tiny_mlp(in_features=64, hidden=32, classes=10, seed=1)), [x], y)
+    assert (softmax.name, softmax.reads) == (
+        "nll",
+        "probabilities",
+    ) and "Softmax node" in softmax.reason
+    logits = choose_loss(
+        modelpress.to_torch(tiny_mlp(in_features=64, hidden=32, classes=10, seed=1)), [x], y
+    )
     assert (logits.name, logits.reads) == ("cross_entropy", "logits")
     log_softmax = choose_loss(_lowered(_softmax_mlp(torch.nn.LogSoftmax(dim=1)), x), [x], y)
     assert (log_softmax.name, log_softmax.reads) == ("nll", "log_probabilities")
     # without the graph, the values tell: non-negative rows that sum to 1 are probabilities
     probabilities = np.random.default_rng(0).dirichlet(np.ones(10), 32).astype(np.float32)
-    assert choose_loss(outputs=probabilities).name == "nll" and "sum to 1" in choose_loss(outputs=probabilities).reason
+    assert (
+        choose_loss(outputs=probabilities).name == "nll"
+        and "sum to 1" in choose_loss(outputs=probabilities).reason
+    )
     assert choose_loss(outputs=np.log(probabilities)).reads == "log_probabilities"
     assert choose_loss(outputs=probabilities * 3 - 1).name == "cross_entropy"
     # float targets that are not class indices are regression; an option overrides the choice
-    assert choose_loss(outputs=probabilities[:, :1], labels=np.linspace(0, 5, 32, dtype=np.float32)).name == "mse"
+    assert (
+        choose_loss(
+            outputs=probabilities[:, :1], labels=np.linspace(0, 5, 32, dtype=np.float32)
+        ).name
+        == "mse"
+    )
     forced = choose_loss(outputs=probabilities, labels=y[:32], loss="huber")
     assert (forced.name, forced.reads) == ("huber", "values") and "asked for" in forced.reason
     with pytest.raises(modelpress.OptionsError, match="loss must be one of"):
@@ -54,21 +69,36 @@ def test_nll_of_probabilities_is_cross_entropy_of_their_logits():
     logits, labels = torch.randn(16, 10, generator=g) * 3, torch.arange(16) % 10
     batch = {"labels": labels}
     nll = choose_loss(outputs=F.softmax(logits, 1).numpy(), labels=labels.numpy())
-    assert float(nll(F.softmax(logits, 1), batch)) == pytest.approx(float(F.cross_entropy(logits, labels)), rel=1e-5)
-    assert float(nll(torch.zeros(16, 10), batch)) == pytest.approx(-np.log(1e-7), rel=1e-5)  # clamped, finite
+    assert float(nll(F.softmax(logits, 1), batch)) == pytest.approx(
+        float(F.cross_entropy(logits, labels)), rel=1e-5
+    )
+    assert float(nll(torch.zeros(16, 10), batch)) == pytest.approx(
+        -np.log(1e-7), rel=1e-5
+    )  # clamped, finite
 
 
 def _prune_kd_before(out, teacher, labels, weight, temperature):
     """plugins/prune's `_distill_loss` before issue 22 (`distill` weights the teacher)."""
     hard = F.cross_entropy(out, labels.long())
-    soft = F.kl_div(F.log_softmax(out / temperature, -1), F.log_softmax(teacher / temperature, -1),
-                    log_target=True, reduction="batchmean") * temperature**2
+    soft = (
+        F.kl_div(
+            F.log_softmax(out / temperature, -1),
+            F.log_softmax(teacher / temperature, -1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * temperature**2
+    )
     return (1 - weight) * hard + weight * soft
 
 
 def _distill_kd_before(student, teacher, labels, temperature, alpha):
     """plugins/distill's `kd_loss` before issue 22 (`alpha` weights the labels)."""
-    soft = F.kl_div(F.log_softmax(student / temperature, dim=-1), F.softmax(teacher / temperature, dim=-1), reduction="batchmean")
+    soft = F.kl_div(
+        F.log_softmax(student / temperature, dim=-1),
+        F.softmax(teacher / temperature, dim=-1),
+        reduction="batchmean",
+    )
     loss = (1 - alpha) * temperature**2 * soft
     if alpha > 0:
         loss = loss + alpha * F.cross_entropy(student, labels.long())
@@ -77,17 +107,34 @@ def _distill_kd_before(student, teacher, labels, temperature, alpha):
 
 def test_one_kd_loss_gives_what_prune_and_distill_computed():
     g = torch.Generator().manual_seed(0)
-    student, teacher, labels = torch.randn(8, 10, generator=g), torch.randn(8, 10, generator=g) * 3, torch.arange(8) % 10
+    student, teacher, labels = (
+        torch.randn(8, 10, generator=g),
+        torch.randn(8, 10, generator=g) * 3,
+        torch.arange(8) % 10,
+    )
     # prune distill=0.25, T=2: the same operations, the same number
-    assert float(kd_loss(student, teacher, labels, temperature=2.0, teacher_weight=0.25)) == float(_prune_kd_before(student, teacher, labels, 0.25, 2.0))
+    assert float(kd_loss(student, teacher, labels, temperature=2.0, teacher_weight=0.25)) == float(
+        _prune_kd_before(student, teacher, labels, 0.25, 2.0)
+    )
     # distill alpha=0.3, T=4 is teacher weight 0.7 (KL written with log-targets: equal to float precision)
-    assert float(kd_loss(student, teacher, labels, temperature=4.0, teacher_weight=0.7)) == pytest.approx(
-        float(_distill_kd_before(student, teacher, labels, 4.0, 0.3)), rel=1e-6)
-    assert float(kd_loss(student, teacher, None, temperature=4.0, teacher_weight=1.0)) == pytest.approx(
-        float(_distill_kd_before(student, teacher, None, 4.0, 0.0)), rel=1e-6)
+    assert float(
+        kd_loss(student, teacher, labels, temperature=4.0, teacher_weight=0.7)
+    ) == pytest.approx(float(_distill_kd_before(student, teacher, labels, 4.0, 0.3)), rel=1e-6)
+    assert float(
+        kd_loss(student, teacher, None, temperature=4.0, teacher_weight=1.0)
+    ) == pytest.approx(float(_distill_kd_before(student, teacher, None, 4.0, 0.0)), rel=1e-6)
     # probability outputs: the tempered softmax of log p, i.e. the same loss as on the logits
-    on_probabilities = kd_loss(F.softmax(student, 1), F.softmax(teacher, 1), labels, temperature=4.0, teacher_weight=0.7, reads="probabilities")
-    assert float(on_probabilities) == pytest.approx(float(kd_loss(student, teacher, labels, temperature=4.0, teacher_weight=0.7)), rel=1e-5)
+    on_probabilities = kd_loss(
+        F.softmax(student, 1),
+        F.softmax(teacher, 1),
+        labels,
+        temperature=4.0,
+        teacher_weight=0.7,
+        reads="probabilities",
+    )
+    assert float(on_probabilities) == pytest.approx(
+        float(kd_loss(student, teacher, labels, temperature=4.0, teacher_weight=0.7)), rel=1e-5
+    )
     with pytest.raises(modelpress.DataError, match="needs labels"):
         kd_loss(student, teacher, None, teacher_weight=0.5)
 
@@ -112,8 +159,15 @@ def _train_softmax_torch(digits) -> torch.nn.Module:
 def _prune_and_check(model, digits):
     name = model.signature.input_names[0]
     source = _accuracy(model, digits["x_test"], digits["y_test"])
-    tuned = modelpress.prune(model, "channel", ratio=0.6, data={name: digits["x_train"], "labels": digits["y_train"]},
-                             fine_tune_epochs=2, lr=3e-3, show_progress=False)
+    tuned = modelpress.prune(
+        model,
+        "channel",
+        ratio=0.6,
+        data={name: digits["x_train"], "labels": digits["y_train"]},
+        fine_tune_epochs=2,
+        lr=3e-3,
+        show_progress=False,
+    )
     figures = tuned.provenance.passes[-1].figures
     assert figures["loss"] == "nll" and "Softmax node" in figures["loss_reason"]
     assert _accuracy(tuned, digits["x_test"], digits["y_test"]) >= 0.95 * source
@@ -125,10 +179,21 @@ def test_softmax_torch_model_recovers_after_pruning(digits):
     model = modelpress.load(_train_softmax_torch(digits), example_inputs=digits["x_test"][:4])
     _prune_and_check(model, digits)
     data = {model.signature.input_names[0]: digits["x_train"], "labels": digits["y_train"]}
-    distilled = modelpress.prune(model, "channel", ratio=0.6, data=data,
-                                 fine_tune_epochs=1, lr=3e-3, distill=0.5, show_progress=False)
+    distilled = modelpress.prune(
+        model,
+        "channel",
+        ratio=0.6,
+        data=data,
+        fine_tune_epochs=1,
+        lr=3e-3,
+        distill=0.5,
+        show_progress=False,
+    )
     figures = distilled.provenance.passes[-1].figures
-    assert figures["loss"] == "kd+nll" and "teacher's outputs are read as probabilities" in figures["loss_reason"]
+    assert (
+        figures["loss"] == "kd+nll"
+        and "teacher's outputs are read as probabilities" in figures["loss_reason"]
+    )
 
 
 @pytest.mark.slow
@@ -139,8 +204,13 @@ def test_softmax_keras_model_recovers_after_pruning(digits):
     import keras
 
     keras.utils.set_random_seed(0)
-    net = keras.Sequential([keras.Input((64,), name="pixels"), keras.layers.Dense(64, activation="relu"),
-                            keras.layers.Dense(10, activation="softmax")])
+    net = keras.Sequential(
+        [
+            keras.Input((64,), name="pixels"),
+            keras.layers.Dense(64, activation="relu"),
+            keras.layers.Dense(10, activation="softmax"),
+        ]
+    )
     net.compile(optimizer=keras.optimizers.Adam(3e-3), loss="sparse_categorical_crossentropy")
     net.fit(digits["x_train"], digits["y_train"], epochs=10, batch_size=64, verbose=0)
     _prune_and_check(modelpress.load(net), digits)

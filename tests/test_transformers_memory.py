@@ -21,14 +21,25 @@ def test_a_large_checkpoint_is_exported_through_a_file(tmp_path, monkeypatch):
     in_memory = modelpress.load(folder, show_progress=False)
     monkeypatch.setattr(transformers_export, "FILE_EXPORT_BYTES", 0)
     through_file = modelpress.load(folder, show_progress=False)
-    weights = [v.const_value for v in through_file.ir.graph.initializers.values() if v.const_value is not None and v.const_value.size > 1000]
+    weights = [
+        v.const_value
+        for v in through_file.ir.graph.initializers.values()
+        if v.const_value is not None and v.const_value.size > 1000
+    ]
     assert weights and all(isinstance(w, ir.ExternalTensor) for w in weights)
-    assert not any(isinstance(v.const_value, ir.ExternalTensor) for v in in_memory.ir.graph.initializers.values())
+    assert not any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for v in in_memory.ir.graph.initializers.values()
+    )
     assert through_file.signature.input_names == in_memory.signature.input_names
     feeds = decoder_sample(in_memory)
-    for a, b in zip(run(make_session(through_file), feeds), run(make_session(in_memory), feeds), strict=True):
+    for a, b in zip(
+        run(make_session(through_file), feeds), run(make_session(in_memory), feeds), strict=True
+    ):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    quantized = modelpress.quantize(through_file, "int4-weight-only", block_size=32, show_progress=False)
+    quantized = modelpress.quantize(
+        through_file, "int4-weight-only", block_size=32, show_progress=False
+    )
     (tmp_path / "out").mkdir()
     result = modelpress.export(quantized, tmp_path / "out" / "model.onnx", sample=feeds)
     prompts = np.array([[1, 5, 9, 12, 30, 7]], np.int64)

@@ -22,12 +22,35 @@ def test_a_bare_time_is_seconds_and_keeps_the_trial_budget():
 
 
 @pytest.mark.slow
-def test_cli_tune_stops_at_the_trial_budget_when_a_time_is_given_too(ray_address, digits_mlp_path, tune_data, tmp_path):
+def test_cli_tune_stops_at_the_trial_budget_when_a_time_is_given_too(
+    ray_address, digits_mlp_path, tune_data, tmp_path
+):
     pytest.importorskip("optuna", reason="needs the distributed extra")
-    proc = run_cli("tune", str(digits_mlp_path), "--eval", str(tune_data / "eval.npz"), "--calib", str(tune_data / "calib.npz"),
-                   "--trials", "2", "--time", "300", "--workers", "1", "--address", ray_address, "-o", str(tmp_path / "tuned"), "-q")
+    proc = run_cli(
+        "tune",
+        str(digits_mlp_path),
+        "--eval",
+        str(tune_data / "eval.npz"),
+        "--calib",
+        str(tune_data / "calib.npz"),
+        "--trials",
+        "2",
+        "--time",
+        "300",
+        "--workers",
+        "1",
+        "--address",
+        ray_address,
+        "-o",
+        str(tmp_path / "tuned"),
+        "-q",
+    )
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "tuned" / "report.json").read_text())
-    counted = [t for t in report["trials"] if t["status"] in ("ok", "failed", "pruned") and not t.get("retried")]
+    counted = [
+        t
+        for t in report["trials"]
+        if t["status"] in ("ok", "failed", "pruned") and not t.get("retried")
+    ]
     assert len(counted) == 2, [t["status"] for t in report["trials"]]
     assert report["status"].startswith("trial budget (2) used"), report["status"]

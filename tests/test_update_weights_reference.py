@@ -21,6 +21,8 @@ def test_methods_after_update_weights_are_verified_against_the_trained_model(tmp
     assert trained.reference is None
     sample = {"x": np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)}
     np.savez(tmp_path / "s.npz", **sample)
-    small = modelpress.quantize(trained, "int8-weight-only", min_elements=1, allow_no_gain=True, show_progress=False)
+    small = modelpress.quantize(
+        trained, "int8-weight-only", min_elements=1, allow_no_gain=True, show_progress=False
+    )
     result = modelpress.export(small, tmp_path / "q.onnx", sample=str(tmp_path / "s.npz"))
     assert result.verification.cosine > 0.99, result.verification.summary()

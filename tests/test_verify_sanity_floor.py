@@ -26,18 +26,44 @@ class FlipPlugin:
 
     @modelpress.hookimpl
     def modelpress_register_methods(self, register):
-        register(Method(name="flip", kind="reshape-outputs", apply=negate_last_layer, options=Options, min_cosine=None))
+        register(
+            Method(
+                name="flip",
+                kind="reshape-outputs",
+                apply=negate_last_layer,
+                options=Options,
+                min_cosine=None,
+            )
+        )
 
 
 def test_a_cosine_at_or_below_zero_never_passes_export(tmp_path):
     registry = modelpress.create_registry(plugins=[FlipPlugin()])
     model = tiny_mlp(in_features=16, hidden=32, classes=8)
     x = np.random.default_rng(0).standard_normal((64, 16)).astype(np.float32)
-    flipped = modelpress.apply(model, "flip", kind="reshape-outputs", registry=registry, show_progress=False)
+    flipped = modelpress.apply(
+        model, "flip", kind="reshape-outputs", registry=registry, show_progress=False
+    )
     chain = modelpress.apply(flipped, "int8-dynamic", registry=registry, show_progress=False)
-    with pytest.raises(modelpress.AccuracyLossError, match=r"floor: output 'logits' cosine -0\.9\d+ <= 0; reshape-outputs/flip declares no floor"):
-        modelpress.export(chain, tmp_path / "flipped.onnx", sample={"x": x}, registry=registry, show_progress=False)
+    with pytest.raises(
+        modelpress.AccuracyLossError,
+        match=r"floor: output 'logits' cosine -0\.9\d+ <= 0; reshape-outputs/flip declares no floor",
+    ):
+        modelpress.export(
+            chain,
+            tmp_path / "flipped.onnx",
+            sample={"x": x},
+            registry=registry,
+            show_progress=False,
+        )
     assert not (tmp_path / "flipped.onnx").exists()
     # accepted on request, and an explicit threshold is the caller's rule
-    kept = modelpress.export(chain, tmp_path / "kept.onnx", sample={"x": x}, registry=registry, accept_loss=True, show_progress=False)
+    kept = modelpress.export(
+        chain,
+        tmp_path / "kept.onnx",
+        sample={"x": x},
+        registry=registry,
+        accept_loss=True,
+        show_progress=False,
+    )
     assert kept.verification.cosine < 0 and "<= 0" in kept.verification.loss_accepted

@@ -45,7 +45,9 @@ class DigitsTransformer(nn.Module):
         return self.head(self.encoder(self.embed(rows) + self.position).mean(dim=1))
 
 
-def train_torch(module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 3e-3, seed: int = 0) -> nn.Module:
+def train_torch(
+    module: nn.Module, x: np.ndarray, y: np.ndarray, *, epochs: int, lr: float = 3e-3, seed: int = 0
+) -> nn.Module:
     """A plain torch training loop (independent of modelpress's engine)."""
     torch.manual_seed(seed)
     opt = torch.optim.Adam(module.parameters(), lr=lr)

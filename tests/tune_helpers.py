@@ -7,7 +7,9 @@ import os
 import numpy as np
 
 
-def crash_when_far(outputs: list[np.ndarray], labels: np.ndarray | None, reference: list[np.ndarray]) -> float:
+def crash_when_far(
+    outputs: list[np.ndarray], labels: np.ndarray | None, reference: list[np.ndarray]
+) -> float:
     """Accuracy, but the process dies (as a segfaulting kernel would) when the outputs are far from the reference."""
     ref, out = reference[0].ravel().astype(np.float64), outputs[0].ravel().astype(np.float64)
     cosine = float(ref @ out / max(np.linalg.norm(ref) * np.linalg.norm(out), 1e-12))
@@ -24,8 +26,11 @@ def thread_pools(model_path: str) -> dict[str, int]:
     from modelpress.runtime.session import make_session
 
     session = make_session(model_path)
-    pools = {"ort": session.get_session_options().intra_op_num_threads, "torch": torch.get_num_threads(),
-             "torch_interop": torch.get_num_interop_threads()}
+    pools = {
+        "ort": session.get_session_options().intra_op_num_threads,
+        "torch": torch.get_num_threads(),
+        "torch_interop": torch.get_num_interop_threads(),
+    }
     pools.update({f"blas:{p['internal_api']}": p["num_threads"] for p in threadpool_info()})
     return pools
 

@@ -30,7 +30,16 @@ from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
 from modelpress.plugin.registry import HELD_OUT, Registry, get_registry
 
-__all__ = ["CompressResult", "PassData", "StageMetrics", "compress", "latency_runs", "measure_latency", "read_data", "run_pass"]
+__all__ = [
+    "CompressResult",
+    "PassData",
+    "StageMetrics",
+    "compress",
+    "latency_runs",
+    "measure_latency",
+    "read_data",
+    "run_pass",
+]
 
 
 @dataclass
@@ -85,17 +94,23 @@ def _pack_stage(recipe: Recipe, stage: StageMetrics, path: Path, registry: Regis
     return result.path
 
 
-def measure_latency(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> float:
+def measure_latency(
+    path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int
+) -> float:
     """Median wall time (ms) of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op threads."""
     return float(np.median(latency_runs(path, feeds, threads=threads, repeats=repeats)))
 
 
-def latency_runs(path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int) -> list[float]:
+def latency_runs(
+    path: str | os.PathLike[str], feeds: dict[str, np.ndarray], *, threads: int, repeats: int
+) -> list[float]:
     """Wall time (ms) of each of ``repeats`` ORT runs after 2 warm-ups, on ``threads`` intra-op
     threads: :func:`measure_latency` is their median, their interquartile range the noise band."""
     from modelpress.runtime.session import make_session
 
-    session = make_session(path, threads=threads)  # NOTE: session.run below, not runtime.run: no timer in the timing
+    session = make_session(
+        path, threads=threads
+    )  # NOTE: session.run below, not runtime.run: no timer in the timing
     for _ in range(2):
         session.run(None, feeds)
     times = []
@@ -127,15 +142,29 @@ class _Evaluator:
         metric = self.settings.metric
         self.custom = resolve_callable(metric) if metric not in EVALUATE_METRICS else None
         if metric == "accuracy" and (eval_data is None or eval_data.labels is None):
-            raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
+            raise OptionsError(
+                "metric 'accuracy' needs evaluation data with an array named 'labels'"
+            )
         # NOTE: generated inputs have the sizes the model declares for named axes (a KV cache's mask spans past + new tokens)
-        self.batches = list(eval_data.batches(256)) if eval_data is not None else [
-            sample_inputs(source.signature, batch=16, limits=index_limits(source.ir.graph), axis_sizes=declared_axis_sizes(source.provenance.extra))]
+        self.batches = (
+            list(eval_data.batches(256))
+            if eval_data is not None
+            else [
+                sample_inputs(
+                    source.signature,
+                    batch=16,
+                    limits=index_limits(source.ir.graph),
+                    axis_sizes=declared_axis_sizes(source.provenance.extra),
+                )
+            ]
+        )
         self.reference = run_dataset(make_session(source), self.batches)
         feeds = self.batches[0]
         self.latency_feeds = {
             "b1": {k: v[:1] for k, v in feeds.items()},
-            f"b{self.settings.batch_size}": {k: np.resize(v, (self.settings.batch_size, *v.shape[1:])) for k, v in feeds.items()},
+            f"b{self.settings.batch_size}": {
+                k: np.resize(v, (self.settings.batch_size, *v.shape[1:])) for k, v in feeds.items()
+            },
         }
 
     def metric(self, path: Path) -> float:
@@ -147,23 +176,44 @@ class _Evaluator:
             return float(self.custom(outputs, labels, self.reference))
         return score(self.settings.metric, self.reference[0], outputs[0], labels)
 
-    def measure(self, stage: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "") -> StageMetrics:
+    def measure(
+        self,
+        stage: str,
+        model: Model,
+        path: Path,
+        seconds: float,
+        figures: dict[str, Any],
+        kind: str = "",
+    ) -> StageMetrics:
         data = path.read_bytes()
         data_file = path.with_name(path.name + ".data")
         if data_file.exists():
             data += data_file.read_bytes()
         runs = {
-            f"{name} ({self.settings.threads}t)": latency_runs(path, feeds, threads=self.settings.threads, repeats=self.settings.repeats)
+            f"{name} ({self.settings.threads}t)": latency_runs(
+                path, feeds, threads=self.settings.threads, repeats=self.settings.repeats
+            )
             for name, feeds in self.latency_feeds.items()
         }
         latency = {key: float(np.median(times)) for key, times in runs.items()}
-        iqr = {key: float(np.subtract(*np.percentile(times, [75, 25]))) for key, times in runs.items()}
+        iqr = {
+            key: float(np.subtract(*np.percentile(times, [75, 25]))) for key, times in runs.items()
+        }
         return StageMetrics(
-            stage=stage, metric=self.settings.metric, value=self.metric(path), size_bytes=len(data),
-            zip_bytes=len(zlib.compress(data, 6)), parameters=model.parameter_count(), sparsity=round(_sparsity(model), 4),
-            latency_ms=latency, seconds=round(seconds, 3), path=str(path), figures=figures, kind=kind, latency_iqr_ms=iqr,
+            stage=stage,
+            metric=self.settings.metric,
+            value=self.metric(path),
+            size_bytes=len(data),
+            zip_bytes=len(zlib.compress(data, 6)),
+            parameters=model.parameter_count(),
+            sparsity=round(_sparsity(model), 4),
+            latency_ms=latency,
+            seconds=round(seconds, 3),
+            path=str(path),
+            figures=figures,
+            kind=kind,
+            latency_iqr_ms=iqr,
         )
-
 
     def recheck(self, before: StageMetrics, stage: StageMetrics) -> None:
         """Where ``stage`` looks slower than ``before``, time both files again side by side (in
@@ -178,7 +228,11 @@ class _Evaluator:
                 for times, path in zip(runs, (before.path, stage.path), strict=True):
                     times += latency_runs(path, feeds, threads=threads, repeats=repeats)
             medians = [float(np.median(times)) for times in runs]
-            band = sum(float(np.subtract(*np.percentile(times, [75, 25]))) / m for times, m in zip(runs, medians, strict=True) if m)
+            band = sum(
+                float(np.subtract(*np.percentile(times, [75, 25]))) / m
+                for times, m in zip(runs, medians, strict=True)
+                if m
+            )
             stage.latency_recheck_ms[key] = [*medians, band]
 
 
@@ -194,7 +248,9 @@ class PassData:
     registry: Registry | None = None
 
 
-def read_data(recipe: Recipe, source: Model, registry: Registry, *, show_progress: bool = True) -> PassData:
+def read_data(
+    recipe: Recipe, source: Model, registry: Registry, *, show_progress: bool = True
+) -> PassData:
     """The recipe's data for ``source``, read once: a file only a plugin reads (a text corpus) becomes
     arrays (``data.sequence_length`` tokens per sample). Without evaluation data, the part of a
     calibration file its plugin held out of the calibration is the evaluation data."""
@@ -204,12 +260,24 @@ def read_data(recipe: Recipe, source: Model, registry: Registry, *, show_progres
     evaluation = registry.load_data(recipe.resolve(recipe.data.eval), source, "evaluation", length)
     if evaluation is None and calibration_path is not None:
         evaluation = registry.load_data(calibration_path, source, HELD_OUT, length)
-    return PassData(calibration=calibration, train=registry.load_data(recipe.resolve(recipe.data.train), source, "training", length),
-                    eval_source=evaluation, show_progress=show_progress, registry=registry)
+    return PassData(
+        calibration=calibration,
+        train=registry.load_data(recipe.resolve(recipe.data.train), source, "training", length),
+        eval_source=evaluation,
+        show_progress=show_progress,
+        registry=registry,
+    )
 
 
 def run_pass(
-    spec: PassSpec, index: int, current: Model, source: Model, data: PassData, *, allow_no_gain: bool = False, stage: str | None = None,
+    spec: PassSpec,
+    index: int,
+    current: Model,
+    source: Model,
+    data: PassData,
+    *,
+    allow_no_gain: bool = False,
+    stage: str | None = None,
 ) -> Model:
     """Apply recipe pass ``index`` to ``current`` (a distill pass trains it with ``source`` as teacher).
 
@@ -221,17 +289,32 @@ def run_pass(
     extra: dict[str, Any] = {}
     model_in = current
     method = registry.method(spec.method, spec.kind)
-    if method.uses_reference:  # e.g. distillation: the source is the teacher, the current model the student
+    if (
+        method.uses_reference
+    ):  # e.g. distillation: the source is the teacher, the current model the student
         reference = options.pop(method.reference_option, "source")
         if reference != "source":
-            raise OptionsError(f"recipe pass {index}: {method.reference_option} must be 'source' (the model the recipe started from)")
+            raise OptionsError(
+                f"recipe pass {index}: {method.reference_option} must be 'source' (the model the recipe started from)"
+            )
         for key, value in method.reference_options:
             options.setdefault(key, value)
         extra["current"] = current
         model_in = source
-    result = apply(model_in, method, kind=spec.kind, options=options, calibration=data.calibration, train=data.train,
-                   eval=data.eval_source, show_progress=data.show_progress, registry=registry, extra=extra, allow_no_gain=allow_no_gain,
-                   stage=stage or spec.name or f"{spec.kind}/{spec.method}")
+    result = apply(
+        model_in,
+        method,
+        kind=spec.kind,
+        options=options,
+        calibration=data.calibration,
+        train=data.train,
+        eval=data.eval_source,
+        show_progress=data.show_progress,
+        registry=registry,
+        extra=extra,
+        allow_no_gain=allow_no_gain,
+        stage=stage or spec.name or f"{spec.kind}/{spec.method}",
+    )
     if method.uses_reference:  # NOTE: the result's history continues the current model's
         result.provenance = current.provenance.with_pass(result.provenance.passes[-1])
     return result
@@ -251,8 +334,21 @@ class _Outputs:
 class _Run:
     """One :func:`compress` run: where its files go, its data, evaluator and report, the stages so far."""
 
-    def __init__(self, recipe: Recipe, source: Model, registry: Registry, outputs: _Outputs, *, show_progress: bool) -> None:
-        self.recipe, self.source, self.registry, self.show_progress = recipe, source, registry, show_progress
+    def __init__(
+        self,
+        recipe: Recipe,
+        source: Model,
+        registry: Registry,
+        outputs: _Outputs,
+        *,
+        show_progress: bool,
+    ) -> None:
+        self.recipe, self.source, self.registry, self.show_progress = (
+            recipe,
+            source,
+            registry,
+            show_progress,
+        )
         output, report_dir, sample = outputs.output, outputs.report_dir, outputs.sample
         self.out_path = Path(output) if output is not None else None
         base = self.out_path.parent if self.out_path is not None else Path(report_dir or ".")
@@ -264,19 +360,47 @@ class _Run:
 
         self.data = read_data(recipe, source, registry, show_progress=show_progress)
         self.eval_source = self.data.eval_source
-        eval_data = load_dataset(self.eval_source, source.signature, what="evaluation").take(recipe.evaluate.max_samples) if self.eval_source is not None else None
+        eval_data = (
+            load_dataset(self.eval_source, source.signature, what="evaluation").take(
+                recipe.evaluate.max_samples
+            )
+            if self.eval_source is not None
+            else None
+        )
         # NOTE: verification data for every export after the source's: the caller's, or the evaluation data's first 64
-        self.sample = sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+        self.sample = (
+            sample if sample is not None else eval_data.take(64) if eval_data is not None else None
+        )
         self.evaluator = _Evaluator(recipe, source, eval_data)
         # NOTE: a text decoder is also judged on its text (perplexity, greedy tokens) when there is evaluation text
-        self.text = TextEvaluation(source, eval_data.inputs) if eval_data is not None and not eval_data.ragged and is_decoder(source.signature) else None
-        self.report = Report(title=f"modelpress: {source.name}", metric=recipe.evaluate.metric,
-                             kind_columns={k.name: k.columns for k in registry.kinds()})
+        self.text = (
+            TextEvaluation(source, eval_data.inputs)
+            if eval_data is not None and not eval_data.ragged and is_decoder(source.signature)
+            else None
+        )
+        self.report = Report(
+            title=f"modelpress: {source.name}",
+            metric=recipe.evaluate.metric,
+            kind_columns={k.name: k.columns for k in registry.kinds()},
+        )
         # NOTE: verify, external_data, overwrite: the same for every export of the run
-        self.export_options = {**outputs.export_options, "show_progress": show_progress, "registry": registry}
+        self.export_options = {
+            **outputs.export_options,
+            "show_progress": show_progress,
+            "registry": registry,
+        }
         self.stages: list[StageMetrics] = []
 
-    def record(self, label: str, model: Model, path: Path, seconds: float, figures: dict[str, Any], kind: str = "", text: dict[str, Any] | None = None) -> None:
+    def record(
+        self,
+        label: str,
+        model: Model,
+        path: Path,
+        seconds: float,
+        figures: dict[str, Any],
+        kind: str = "",
+        text: dict[str, Any] | None = None,
+    ) -> None:
         """Measure a stage's exported file, pack it if the recipe says so and add it to the report."""
         self.stages.append(self.evaluator.measure(label, model, path, seconds, figures, kind))
         self.stages[-1].text = dict(text or {})
@@ -289,7 +413,14 @@ class _Run:
         """Export the source as stage 0 (not verified: it is the reference) and measure it."""
         path = self.stages_dir / "00-source.onnx"
         export(self.source, path, **{**self.export_options, "verify": False})
-        self.record("source", self.source, path, 0.0, {}, text=self.text.reference_figures(path) if self.text is not None else None)
+        self.record(
+            "source",
+            self.source,
+            path,
+            0.0,
+            {},
+            text=self.text.reference_figures(path) if self.text is not None else None,
+        )
 
     def judge_text(self, index: int, label: str, result: Model) -> dict[str, Any] | None:
         """A text decoder's figures on the evaluation text, judged against the thresholds its passes
@@ -303,10 +434,14 @@ class _Run:
             return figures
         if self.export_options.get("accept_loss"):
             return {**figures, "loss_accepted": missed}
-        self.report.status = f"stopped at stage {index} ({label}): misses its text criteria: {missed}"
+        self.report.status = (
+            f"stopped at stage {index} ({label}): misses its text criteria: {missed}"
+        )
         self.report.write(self.reports_at)
-        raise AccuracyLossError(f"{label} misses its text criteria on the evaluation text: {missed}; nothing was written for it. "
-                                f"Ways forward: a gentler method or options, more calibration text, or keep it with --accept-loss; report in {self.reports_at}")
+        raise AccuracyLossError(
+            f"{label} misses its text criteria on the evaluation text: {missed}; nothing was written for it. "
+            f"Ways forward: a gentler method or options, more calibration text, or keep it with --accept-loss; report in {self.reports_at}"
+        )
 
     def stage(self, index: int, spec: PassSpec, current: Model, *, allow_no_gain: bool) -> Model:
         """Run recipe pass ``index`` on ``current``, export and measure its result; a result with
@@ -322,9 +457,13 @@ class _Run:
         figures = result.provenance.passes[-1].figures if result.provenance.passes else {}
         self.record(label, result, path, seconds, figures, spec.kind, text)
         if figures.get("no_gain") and not allow_no_gain:
-            self.report.status = f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+            self.report.status = (
+                f"stopped at stage {index} ({label}): no gain: {figures['no_gain']}"
+            )
             self.report.write(self.reports_at)
-            raise NoGainError(f"{label}: no gain: {figures['no_gain']}; report in {self.reports_at} (allow_no_gain=True / --allow-no-gain continues)")
+            raise NoGainError(
+                f"{label}: no gain: {figures['no_gain']}; report in {self.reports_at} (allow_no_gain=True / --allow-no-gain continues)"
+            )
         return result
 
     def stages_in_turn(self, *, allow_no_gain: bool) -> tuple[Model, bool]:
@@ -337,11 +476,15 @@ class _Run:
             try:
                 current = self.stage(index, spec, current, allow_no_gain=allow_no_gain)
             except KeyboardInterrupt:
-                self.report.status = f"interrupted during stage {index} ({label}); stages before it are complete"
+                self.report.status = (
+                    f"interrupted during stage {index} ({label}); stages before it are complete"
+                )
                 return current, True
             except ModelpressError as exc:
                 # NOTE: a stage that stopped the run on purpose (no gain, text criteria missed) already says why in the status
-                if not isinstance(exc, NoGainError) and not self.report.status.startswith(f"stopped at stage {index} "):
+                if not isinstance(exc, NoGainError) and not self.report.status.startswith(
+                    f"stopped at stage {index} "
+                ):
                     self.report.status = f"failed at stage {index} ({label})"
                 self.report.write(self.reports_at)
                 raise
@@ -352,14 +495,32 @@ class _Run:
         """Write the last model to the output (unless interrupted), pack it if asked, and the reports."""
         final = packed = None
         if self.out_path is not None and not interrupted:
-            export(current, self.out_path, sample=self.sample, reference=self.source, **self.export_options)
+            export(
+                current,
+                self.out_path,
+                sample=self.sample,
+                reference=self.source,
+                **self.export_options,
+            )
             final = self.out_path
             if self.recipe.pack is not None:
                 from modelpress.packing.container import pack
 
-                packed = pack(self.out_path, self.out_path.with_suffix(".mpk"), codecs=self.recipe.pack.codecs, registry=self.registry).path
+                packed = pack(
+                    self.out_path,
+                    self.out_path.with_suffix(".mpk"),
+                    codecs=self.recipe.pack.codecs,
+                    registry=self.registry,
+                ).path
         self.report.write(self.reports_at)
-        return CompressResult(model=current, stages=self.stages, report=self.report, output=final, interrupted=interrupted, packed=packed)
+        return CompressResult(
+            model=current,
+            stages=self.stages,
+            report=self.report,
+            output=final,
+            interrupted=interrupted,
+            packed=packed,
+        )
 
 
 def compress(
@@ -407,8 +568,17 @@ def compress(
     run_id = uuid.uuid4().hex[:12]
     registry.hook.modelpress_run_start(run_id=run_id, model=source, recipe=recipe)
     try:
-        outputs = _Outputs(output, report_dir, sample, {"verify": verify, "external_data": external_data, "overwrite": overwrite,
-                                                        "accept_loss": accept_loss})
+        outputs = _Outputs(
+            output,
+            report_dir,
+            sample,
+            {
+                "verify": verify,
+                "external_data": external_data,
+                "overwrite": overwrite,
+                "accept_loss": accept_loss,
+            },
+        )
         run = _Run(recipe, source, registry, outputs, show_progress=show_progress)
         run.source_stage()
         current, interrupted = run.stages_in_turn(allow_no_gain=allow_no_gain)

@@ -54,13 +54,23 @@ def _write_torch(module: Any, args: tuple[Any, ...], staged: Path, target: Path)
     failures = []
     for dynamic in (True, False):
         try:
-            shapes = {"args": tuple({0: torch.export.Dim("batch")} if a.dim() else None for a in args)} if dynamic else None
+            shapes = (
+                {"args": tuple({0: torch.export.Dim("batch")} if a.dim() else None for a in args)}
+                if dynamic
+                else None
+            )
             program = torch.export.export(module, args, dynamic_shapes=shapes, strict=False)
         except Exception as exc:
-            failures.append(f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}")
+            failures.append(
+                f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+            )
             continue
         torch.export.save(program, str(staged))
-        note = "dynamic batch" if dynamic else f"fixed batch {args[0].shape[0] if args and args[0].dim() else 1}"
+        note = (
+            "dynamic batch"
+            if dynamic
+            else f"fixed batch {args[0].shape[0] if args and args[0].dim() else 1}"
+        )
         return torch.export.load(str(staged)).module(), note
     raise ExportError(
         f"torch.export cannot trace the lowered model ({failures[-1]}); write a .pt file instead "
@@ -68,7 +78,9 @@ def _write_torch(module: Any, args: tuple[Any, ...], staged: Path, target: Path)
     )
 
 
-def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None) -> tuple[Comparison, str]:
+def save_torch(
+    model: Model, path: str | os.PathLike[str], *, sample: Any = None
+) -> tuple[Comparison, str]:
     """Write ``model`` as PyTorch and check it against ONNX Runtime; returns the figures and a note.
 
     ``.pt2``: a ``torch.export`` program (dynamic batch when traceable, else fixed to the
@@ -80,8 +92,14 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
 
     target = Path(path)
     if target.suffix.lower() not in TORCH_SUFFIXES:
-        raise OptionsError(f"{str(target)!r}: a PyTorch output must end in .pt2 (torch.export program) or .pt (pickled module)")
-    feeds = load_dataset(sample, model.signature, what="sample").inputs if sample is not None else sample_inputs(model.signature, batch=2)
+        raise OptionsError(
+            f"{str(target)!r}: a PyTorch output must end in .pt2 (torch.export program) or .pt (pickled module)"
+        )
+    feeds = (
+        load_dataset(sample, model.signature, what="sample").inputs
+        if sample is not None
+        else sample_inputs(model.signature, batch=2)
+    )
     names = model.signature.input_names
     args = tuple(torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in names)
     module = to_torch(model).eval()
@@ -89,7 +107,9 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=folder))
     except OSError as exc:
-        raise ExportError(f"cannot write {str(target)!r}: cannot create a file in folder {str(folder)!r} ({exc.strerror}); check it exists and is writable") from None
+        raise ExportError(
+            f"cannot write {str(target)!r}: cannot create a file in folder {str(folder)!r} ({exc.strerror}); check it exists and is writable"
+        ) from None
     try:
         staged = tmp / target.name
         reloaded, note = _write_torch(module, args, staged, target)
@@ -97,7 +117,9 @@ def save_torch(model: Model, path: str | os.PathLike[str], *, sample: Any = None
             outs = reloaded(*args)
         outs = outs if isinstance(outs, (tuple, list)) else (outs,)
         expected = run(make_session(model), feeds)
-        comparison = compare_outputs(model.signature.output_names, expected, [o.numpy() for o in outs])
+        comparison = compare_outputs(
+            model.signature.output_names, expected, [o.numpy() for o in outs]
+        )
         os.replace(staged, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -132,7 +154,14 @@ def convert(
     model = load(source, **load_options)
     refuse_overwrite([path], model_files(model), overwrite=overwrite)
     if target == "onnx":
-        result = export(model, path, sample=sample, verify=verify, external_data=external_data, overwrite=overwrite)
+        result = export(
+            model,
+            path,
+            sample=sample,
+            verify=verify,
+            external_data=external_data,
+            overwrite=overwrite,
+        )
         return ConvertResult(path, target, model, result.verification)
     comparison, note = save_torch(model, path, sample=sample)
     return ConvertResult(path, target, model, comparison, note)

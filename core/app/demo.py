@@ -25,7 +25,9 @@ __all__ = ["DEMO_RECIPE", "digits_arrays", "run_demo", "train_demo_model"]
 
 # NOTE: the recipe is data (demo_recipe.json beside this module), like any user's recipe: the core
 # names no built-in method in its code.
-DEMO_RECIPE: dict[str, Any] = json.loads(resources.files("modelpress.app").joinpath("demo_recipe.json").read_text())
+DEMO_RECIPE: dict[str, Any] = json.loads(
+    resources.files("modelpress.app").joinpath("demo_recipe.json").read_text()
+)
 
 
 def digits_arrays(layout: str = "nchw") -> dict[str, np.ndarray]:
@@ -33,7 +35,9 @@ def digits_arrays(layout: str = "nchw") -> dict[str, np.ndarray]:
     try:
         from sklearn.datasets import load_digits
     except ImportError:
-        raise UnsupportedModelError("the demo uses scikit-learn's digits: pip install -c constraints.txt 'modelpress[all]'") from None
+        raise UnsupportedModelError(
+            "the demo uses scikit-learn's digits: pip install -c constraints.txt 'modelpress[all]'"
+        ) from None
     data = load_digits()
     x = (data.data / 16.0).astype(np.float32).reshape(-1, 8, 8)
     x = x[:, None] if layout == "nchw" else x[..., None]
@@ -50,7 +54,9 @@ def _framework(preferred: str | None) -> str:
     for name, module in (("torch", "torch"), ("tensorflow", "tensorflow")):
         if preferred in (None, name) and importlib.util.find_spec(module) is not None:
             return name
-    raise UnsupportedModelError("the demo trains its model with torch or Keras: pip install -c constraints.txt 'modelpress[torch]' (or [tensorflow])")
+    raise UnsupportedModelError(
+        "the demo trains its model with torch or Keras: pip install -c constraints.txt 'modelpress[torch]' (or [tensorflow])"
+    )
 
 
 def train_demo_model(framework: str, data: dict[str, np.ndarray], epochs: int) -> Any:
@@ -61,9 +67,15 @@ def train_demo_model(framework: str, data: dict[str, np.ndarray], epochs: int) -
 
         torch.manual_seed(0)
         model = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Flatten(), nn.Linear(64 * 4 * 4, 10),
+            nn.Conv2d(1, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.Conv2d(32, 64, 3, padding=1),
+            nn.BatchNorm2d(64),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Flatten(),
+            nn.Linear(64 * 4 * 4, 10),
         )
         opt = torch.optim.Adam(model.parameters(), lr=3e-3)
         x, y = torch.from_numpy(data["x_train"]), torch.from_numpy(data["y_train"])
@@ -83,14 +95,25 @@ def train_demo_model(framework: str, data: dict[str, np.ndarray], epochs: int) -
     h = keras.layers.Conv2D(32, 3, padding="same")(inputs)
     h = keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(h))
     h = keras.layers.Conv2D(64, 3, padding="same")(h)
-    h = keras.layers.MaxPooling2D()(keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(h)))
+    h = keras.layers.MaxPooling2D()(
+        keras.layers.ReLU()(keras.layers.BatchNormalization(momentum=0.9)(h))
+    )
     model = keras.Model(inputs, keras.layers.Dense(10)(keras.layers.Flatten()(h)))
-    model.compile(optimizer=keras.optimizers.Adam(3e-3), loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.Adam(3e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     model.fit(data["x_train"], data["y_train"], epochs=epochs, batch_size=64, verbose=0)
     return model
 
 
-def run_demo(out: str | os.PathLike[str] = "modelpress-demo", *, fast: bool = False, framework: str | None = None, show_progress: bool = True) -> Any:
+def run_demo(
+    out: str | os.PathLike[str] = "modelpress-demo",
+    *,
+    fast: bool = False,
+    framework: str | None = None,
+    show_progress: bool = True,
+) -> Any:
     """Run the demo end to end; returns the :class:`~modelpress.app.compress.CompressResult`."""
     import modelpress
     from modelpress.app.compress import compress
@@ -104,7 +127,11 @@ def run_demo(out: str | os.PathLike[str] = "modelpress-demo", *, fast: bool = Fa
         model = modelpress.load(cached)
     else:
         trained = train_demo_model(chosen, data, epochs=2 if fast else 6)
-        model = modelpress.load(trained, example_inputs=data["x_test"][:4]) if chosen == "torch" else modelpress.load(trained)
+        model = (
+            modelpress.load(trained, example_inputs=data["x_test"][:4])
+            if chosen == "torch"
+            else modelpress.load(trained)
+        )
         modelpress.export(model, cached)
         model = modelpress.load(cached)
     name = model.signature.input_names[0]
@@ -117,9 +144,18 @@ def run_demo(out: str | os.PathLike[str] = "modelpress-demo", *, fast: bool = Fa
         np.savez(folder / file_name, **content)  # type: ignore[arg-type]
     recipe = {**DEMO_RECIPE, "passes": [dict(p) for p in DEMO_RECIPE["passes"]]}
     if fast:
-        recipe["passes"][1] = {**recipe["passes"][1], "options": {**recipe["passes"][1]["options"], "epochs": 2}}
+        recipe["passes"][1] = {
+            **recipe["passes"][1],
+            "options": {**recipe["passes"][1]["options"], "epochs": 2},
+        }
         recipe["evaluate"] = {**recipe["evaluate"], "repeats": 5}
     import yaml
 
     (folder / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
-    return compress(model, folder / "recipe.yaml", output=folder / "digits-compressed.onnx", report_dir=folder, show_progress=show_progress)
+    return compress(
+        model,
+        folder / "recipe.yaml",
+        output=folder / "digits-compressed.onnx",
+        report_dir=folder,
+        show_progress=show_progress,
+    )

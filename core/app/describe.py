@@ -36,7 +36,11 @@ def _elements(value: ir.Value | None) -> int:
 
 
 def _shape(value: ir.Value | None) -> list[int | None] | None:
-    return None if value is None or value.shape is None else [d if isinstance(d, int) else None for d in value.shape]
+    return (
+        None
+        if value is None or value.shape is None
+        else [d if isinstance(d, int) else None for d in value.shape]
+    )
 
 
 def layer_rows(model: Model) -> list[dict[str, Any]]:
@@ -46,8 +50,15 @@ def layer_rows(model: Model) -> list[dict[str, Any]]:
     matrix), which carry most of a recurrent or text model's weights. Reads no weight."""
     rows = []
     for layer in model.weighted_layers(subgraphs=True):
-        rows.append({"name": layer.name, "op": layer.op_type, "weight_shape": _shape(layer.weight),
-                     "parameters": _elements(layer.weight) + _elements(layer.bias), "scope": layer.scope})
+        rows.append(
+            {
+                "name": layer.name,
+                "op": layer.op_type,
+                "weight_shape": _shape(layer.weight),
+                "parameters": _elements(layer.weight) + _elements(layer.bias),
+                "scope": layer.scope,
+            }
+        )
     seen = {id(layer.node) for layer in model.weighted_layers(subgraphs=True)}
     for node in model.ir.graph:
         if id(node) in seen:
@@ -62,18 +73,42 @@ def layer_rows(model: Model) -> list[dict[str, Any]]:
         if node.op_type in RECURRENT_OPS and len(node.inputs) > 2:
             sources = _constant_sources(node.inputs[1:4])
             if sources:
-                rows.append({"name": node.name or node.op_type, "op": node.op_type, "weight_shape": _shape(node.inputs[1]),
-                             "parameters": sum(_elements(v) for v in sources), "scope": ""})
+                rows.append(
+                    {
+                        "name": node.name or node.op_type,
+                        "op": node.op_type,
+                        "weight_shape": _shape(node.inputs[1]),
+                        "parameters": sum(_elements(v) for v in sources),
+                        "scope": "",
+                    }
+                )
         elif node.op_type == "Gather" and node.inputs and _is_table(node.inputs[0]):
-            rows.append({"name": node.name or node.op_type, "op": "Gather", "weight_shape": _shape(node.inputs[0]),
-                         "parameters": _elements(node.inputs[0]), "scope": ""})
+            rows.append(
+                {
+                    "name": node.name or node.op_type,
+                    "op": "Gather",
+                    "weight_shape": _shape(node.inputs[0]),
+                    "parameters": _elements(node.inputs[0]),
+                    "scope": "",
+                }
+            )
     return rows
 
 
 # NOTE: where a quantized model keeps a layer's weight: the weight input of a float op behind a
 # DequantizeLinear (QDQ), or of an integer op; (op, weight input index)
-_QUANTIZED_WEIGHT = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "MatMulInteger": 1, "ConvInteger": 1,
-                     "QLinearConv": 3, "QLinearMatMul": 3, "QGemm": 3, "MatMulNBits": 1}
+_QUANTIZED_WEIGHT = {
+    "Conv": 1,
+    "ConvTranspose": 1,
+    "Gemm": 1,
+    "MatMul": 1,
+    "MatMulInteger": 1,
+    "ConvInteger": 1,
+    "QLinearConv": 3,
+    "QLinearMatMul": 3,
+    "QGemm": 3,
+    "MatMulNBits": 1,
+}
 _BIAS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6, "MatMulNBits": 5}
 
 
@@ -81,7 +116,14 @@ def _weight_sources(values: Any) -> list[ir.Value]:
     """The constants ``values`` are computed from that hold weights, not the scales and zero points
     of a Q/DQ (its inputs 1 and 2)."""
     sources = _constant_sources(values, dtypes=None)
-    return [v for v in sources if any(not (u.node.op_type in ("DequantizeLinear", "QuantizeLinear") and u.idx > 0) for u in v.uses())]
+    return [
+        v
+        for v in sources
+        if any(
+            not (u.node.op_type in ("DequantizeLinear", "QuantizeLinear") and u.idx > 0)
+            for u in v.uses()
+        )
+    ]
 
 
 def _quantized_row(node: ir.Node) -> dict[str, Any] | None:
@@ -91,25 +133,44 @@ def _quantized_row(node: ir.Node) -> dict[str, Any] | None:
     if not weights:
         return None
     bias_index = _BIAS.get(node.op_type)
-    bias = _weight_sources([node.inputs[bias_index]]) if bias_index is not None and len(node.inputs) > bias_index else []
+    bias = (
+        _weight_sources([node.inputs[bias_index]])
+        if bias_index is not None and len(node.inputs) > bias_index
+        else []
+    )
     if node.op_type == "MatMulNBits":
         count = int(node.attributes["N"].as_int()) * int(node.attributes["K"].as_int())
-        shape: list[int | None] | None = [int(node.attributes["N"].as_int()), int(node.attributes["K"].as_int())]
+        shape: list[int | None] | None = [
+            int(node.attributes["N"].as_int()),
+            int(node.attributes["K"].as_int()),
+        ]
     else:
         count, shape = sum(_elements(v) for v in weights), _shape(weights[0])
-    return {"name": node.name or node.op_type, "op": node.op_type, "weight_shape": shape,
-            "parameters": count + sum(_elements(v) for v in bias), "scope": ""}
+    return {
+        "name": node.name or node.op_type,
+        "op": node.op_type,
+        "weight_shape": shape,
+        "parameters": count + sum(_elements(v) for v in bias),
+        "scope": "",
+    }
 
 
 def _is_table(value: ir.Value | None) -> bool:
-    return (value is not None and value.const_value is not None and value.dtype == ir.DataType.FLOAT
-            and value.shape is not None and len(value.shape) == 2)
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.dtype == ir.DataType.FLOAT
+        and value.shape is not None
+        and len(value.shape) == 2
+    )
 
 
 _FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
 
 
-def _constant_sources(values: Any, depth: int = 8, dtypes: tuple[ir.DataType, ...] | None = _FLOATS) -> list[ir.Value]:
+def _constant_sources(
+    values: Any, depth: int = 8, dtypes: tuple[ir.DataType, ...] | None = _FLOATS
+) -> list[ir.Value]:
     """The float constants that ``values`` are computed from (a torch-exported LSTM's ``W`` is
     ``Concat`` of ``Slice``s of ``weight_ih``); none when one of them depends on a graph input."""
     found: dict[int, ir.Value] = {}

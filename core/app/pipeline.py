@@ -25,7 +25,16 @@ from modelpress.plugin.config import env_defaults
 from modelpress.plugin.methods import Method, Options, PassContext
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["SIZE_KINDS", "apply", "check_result", "default_method", "distill", "model_bytes", "prune", "quantize"]
+__all__ = [
+    "SIZE_KINDS",
+    "apply",
+    "check_result",
+    "default_method",
+    "distill",
+    "model_bytes",
+    "prune",
+    "quantize",
+]
 
 # Kinds whose point is a smaller file: a result that is not smaller is no gain. NOTE: kept for
 # compatibility; the registry's ``Kind.smaller`` is what is used.
@@ -39,7 +48,8 @@ def _fingerprint(model: Model) -> tuple[object, ...]:
     """Cheap structural identity of a model: its nodes, their wiring and initializer tensors."""
     graph = model.ir.graph
     nodes = tuple(
-        (id(n), n.op_type, tuple(id(v) for v in n.inputs), tuple(v.name for v in n.outputs)) for n in graph
+        (id(n), n.op_type, tuple(id(v) for v in n.inputs), tuple(v.name for v in n.outputs))
+        for n in graph
     )
     inits = tuple((name, id(v.const_value)) for name, v in graph.initializers.items())
     return nodes, inits, tuple(id(v) for v in graph.inputs), tuple(id(v) for v in graph.outputs)
@@ -52,7 +62,10 @@ def model_bytes(model: Model) -> int:
         return weights
     # NOTE: external tensors serialise as references: their bytes (in the data file) count too.
     external = sum(
-        int(v.const_value.nbytes) for g in model.ir.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
+        int(v.const_value.nbytes)
+        for g in model.ir.graphs()
+        for v in g.initializers.values()
+        if isinstance(v.const_value, ir.ExternalTensor)
     )
     return int(ir.serde.serialize_model(model.ir).ByteSize()) + external
 
@@ -61,11 +74,24 @@ def _content(model: Model) -> tuple[object, ...]:
     """What a method can change: nodes (op, wiring by name, attributes) and weight tensors.
     A clone shares the tensors, so an untouched weight keeps its identity."""
     nodes = tuple(
-        (n.op_type, n.domain, tuple(v.name if v is not None else None for v in n.inputs), tuple(v.name for v in n.outputs),
-         tuple((k, repr(a.value)) for k, a in n.attributes.items() if a.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)))
+        (
+            n.op_type,
+            n.domain,
+            tuple(v.name if v is not None else None for v in n.inputs),
+            tuple(v.name for v in n.outputs),
+            tuple(
+                (k, repr(a.value))
+                for k, a in n.attributes.items()
+                if a.type not in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            ),
+        )
         for n in model.ir.graph.all_nodes()
     )
-    return nodes, tuple(v.name for v in model.graph.inputs), tuple(v.name for v in model.graph.outputs)
+    return (
+        nodes,
+        tuple(v.name for v in model.graph.inputs),
+        tuple(v.name for v in model.graph.outputs),
+    )
 
 
 def _tensors(model: Model) -> dict[str, Any]:
@@ -80,14 +106,25 @@ def _same_weights(before: dict[str, Any], after: dict[str, Any]) -> bool:
         new = after[name]
         if new is old:
             continue
-        if old is None or new is None or old.dtype != new.dtype or tuple(old.shape) != tuple(new.shape):
+        if (
+            old is None
+            or new is None
+            or old.dtype != new.dtype
+            or tuple(old.shape) != tuple(new.shape)
+        ):
             return False
         if not np.array_equal(old.numpy(), new.numpy()):
             return False
     return True
 
 
-def _no_gain(smaller: bool, model: Model, result: Model, before: tuple[tuple[object, ...], dict[str, Any]], figures: dict[str, Any]) -> str | None:
+def _no_gain(
+    smaller: bool,
+    model: Model,
+    result: Model,
+    before: tuple[tuple[object, ...], dict[str, Any]],
+    figures: dict[str, Any],
+) -> str | None:
     """Why ``result`` is no gain over ``model``, or None; size figures go into ``figures``."""
     if _content(result) == before[0] and _same_weights(before[1], _tensors(result)):
         return "the result is identical to the input (the method changed nothing)"
@@ -95,7 +132,9 @@ def _no_gain(smaller: bool, model: Model, result: Model, before: tuple[tuple[obj
         size_in, size_out = model_bytes(model), model_bytes(result)
         figures.update({"model_bytes_before": size_in, "model_bytes_after": size_out})
         if size_out >= size_in:
-            return f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
+            return (
+                f"the result ({size_out:,} bytes) is not smaller than the input ({size_in:,} bytes)"
+            )
     return None
 
 
@@ -149,16 +188,27 @@ def apply(
     """
     registry = registry or get_registry()
     if not isinstance(model, Model):
-        raise TypeError(f"apply() takes a modelpress.Model, not {type(model).__name__}; use modelpress.load() first")
+        raise TypeError(
+            f"apply() takes a modelpress.Model, not {type(model).__name__}; use modelpress.load() first"
+        )
     m = method if isinstance(method, Method) else registry.method(method, kind)
     raw = dict(options.model_dump() if isinstance(options, Options) else options or {})
     raw.update(more_options)
     opts = _validate(m, raw)
     # NOTE: a data file of a type only a plugin reads (a text corpus) becomes arrays for this model here
-    calibration, train, eval = (registry.load_data(data, model, role) for data, role in
-                                ((calibration, "calibration"), (train, "training"), (eval, "evaluation")))
+    calibration, train, eval = (
+        registry.load_data(data, model, role)
+        for data, role in ((calibration, "calibration"), (train, "training"), (eval, "evaluation"))
+    )
     _check_needs(m, opts, {"calibration": calibration, "train": train, "eval": eval})
-    ctx = PassContext(calibration=calibration, train=train, eval=eval, show_progress=show_progress, extra=dict(extra or {}), registry=registry)
+    ctx = PassContext(
+        calibration=calibration,
+        train=train,
+        eval=eval,
+        show_progress=show_progress,
+        extra=dict(extra or {}),
+        registry=registry,
+    )
 
     content_before = (_content(model), _tensors(model))
     where = {"pass_id": uuid.uuid4().hex[:12], "stage": stage}
@@ -168,7 +218,9 @@ def apply(
     if no_gain is not None:
         message = f"{m.qualname}: no gain on {model.name!r}: {no_gain}"
         if not allow_no_gain:
-            error = NoGainError(f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)")
+            error = NoGainError(
+                f"{message}; nothing is written (allow_no_gain=True / --allow-no-gain accepts it)"
+            )
             registry.hook.modelpress_pass_error(method=m, model=model, error=error, **where)
             raise error
         ctx.figures["no_gain"] = no_gain
@@ -191,10 +243,14 @@ def _validate(m: Method, raw: dict[str, Any]) -> Options:
 
 def _label(m: Method) -> str:
     """How errors name a method: ``kind/name (plugin NAME VERSION)``."""
-    return f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
+    return (
+        f"{m.qualname} (plugin {' '.join(filter(None, [m.plugin or 'local', m.plugin_version]))})"
+    )
 
 
-def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: dict[str, Any]) -> tuple[Model, float]:
+def _run_pass(
+    m: Method, model: Model, opts: Options, ctx: PassContext, where: dict[str, Any]
+) -> tuple[Model, float]:
     """Run the method (on a clone when it mutates) between the start and error hooks; returns the
     result, checked against the method's ``mutates`` contract, and the wall time."""
     registry = ctx.registry
@@ -212,7 +268,9 @@ def _run_pass(m: Method, model: Model, opts: Options, ctx: PassContext, where: d
         raise
     except Exception as exc:
         registry.hook.modelpress_pass_error(method=m, model=model, error=exc, **where)
-        raise PluginError(f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name) from exc
+        raise PluginError(
+            f"{label} failed: {type(exc).__name__}: {one_line(exc)}", plugin=m.plugin, method=m.name
+        ) from exc
     seconds = time.perf_counter() - start
     result = _honours_contract(m, model, work, returned, before)
     try:
@@ -240,7 +298,14 @@ def _check_needs(m: Method, opts: Options, given: dict[str, Any]) -> None:
     raw = opts.model_dump()
     parts = []
     for need in missing:
-        why = next((f" (option {opt!r} is set)" for opt, data in m.requires_if if data == need and raw.get(opt) and need not in m.requires), "")
+        why = next(
+            (
+                f" (option {opt!r} is set)"
+                for opt, data in m.requires_if
+                if data == need and raw.get(opt) and need not in m.requires
+            ),
+            "",
+        )
         parts.append(f"{_DATA_WORDS[need]} data{why}: give {_HOW_TO_GIVE[need]}")
     raise DataError(f"{m.qualname} needs {'; and '.join(parts)}")
 
@@ -252,23 +317,40 @@ def check_result(m: Method, model: Model, result: Model) -> None:
     problems = graph_problems(result.ir, known_dead=known)
     if problems:
         more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
-        raise PluginError(f"{_label(m)} returned an invalid model: {'; '.join(problems[:3])}{more}; fix the plugin "
-                          "(build nodes with model.builder(), which wires and names them, and remove what no output needs)",
-                          plugin=m.plugin, method=m.name)
+        raise PluginError(
+            f"{_label(m)} returned an invalid model: {'; '.join(problems[:3])}{more}; fix the plugin "
+            "(build nodes with model.builder(), which wires and names them, and remove what no output needs)",
+            plugin=m.plugin,
+            method=m.name,
+        )
 
 
-def _honours_contract(m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None) -> Model:
+def _honours_contract(
+    m: Method, model: Model, work: Model, returned: Any, before: tuple[object, ...] | None
+) -> Model:
     """The pass's result, if the method kept its ``mutates`` promise: edit the clone it was given
     and return None (mutates=True), or return a new model and leave its input alone (mutates=False)."""
     label = _label(m)
     if m.mutates:
         if returned is not None and returned is not work:
-            raise PluginError(f"{label} declares mutates=True but returned a new model; edit the model it was given and return None", plugin=m.plugin, method=m.name)
+            raise PluginError(
+                f"{label} declares mutates=True but returned a new model; edit the model it was given and return None",
+                plugin=m.plugin,
+                method=m.name,
+            )
         return work
     if not isinstance(returned, Model):
-        raise PluginError(f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model", plugin=m.plugin, method=m.name)
+        raise PluginError(
+            f"{label} declares mutates=False but returned {type(returned).__name__}, not a new modelpress.Model",
+            plugin=m.plugin,
+            method=m.name,
+        )
     if returned is model or _fingerprint(model) != before:
-        raise PluginError(f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()", plugin=m.plugin, method=m.name)
+        raise PluginError(
+            f"{label} declares mutates=False but changed the model it was given; declare mutates=True or work on model.clone()",
+            plugin=m.plugin,
+            method=m.name,
+        )
     return returned
 
 
@@ -276,10 +358,16 @@ def _check_figures(m: Method, figures: dict[str, Any]) -> None:
     for key, value in figures.items():
         problem = figure_problem(value)
         if problem is not None:
-            raise PluginError(f"{_label(m)} reported figure {key!r} as {problem}; figures must be JSON-serialisable", plugin=m.plugin, method=m.name)
+            raise PluginError(
+                f"{_label(m)} reported figure {key!r} as {problem}; figures must be JSON-serialisable",
+                plugin=m.plugin,
+                method=m.name,
+            )
 
 
-def _record(m: Method, model: Model, result: Model, opts: Options, seconds: float, figures: dict[str, Any]) -> PassRecord:
+def _record(
+    m: Method, model: Model, result: Model, opts: Options, seconds: float, figures: dict[str, Any]
+) -> PassRecord:
     """Record the pass in the result's provenance; the result's reference is the input's (or the input)."""
     record = PassRecord(
         kind=m.kind,
@@ -305,12 +393,18 @@ def default_method(kind: str, registry: Registry | None = None) -> Method:
         return chosen[0]
     if chosen:
         names = ", ".join(f"{m.qualname} (plugin {m.plugin})" for m in chosen)
-        raise UnknownMethodError(f"several methods declare themselves the default of kind {kind!r}: {names}; name the method to use")
+        raise UnknownMethodError(
+            f"several methods declare themselves the default of kind {kind!r}: {names}; name the method to use"
+        )
     names = ", ".join(m.name for m in registry.methods(kind)) or "none installed"
-    raise UnknownMethodError(f"no installed {kind} method declares itself the kind's default; name one ({names})")
+    raise UnknownMethodError(
+        f"no installed {kind} method declares itself the kind's default; name one ({names})"
+    )
 
 
-def quantize(model: Model, method: str | None = None, *, calibration: Any = None, **options: Any) -> Model:
+def quantize(
+    model: Model, method: str | None = None, *, calibration: Any = None, **options: Any
+) -> Model:
     """``apply(model, method, kind="quantize", ...)``: quantize with an installed method
     (``int8-static``, ``int8-dynamic``, ``int4-weight-only``, ``int8-weight-only``, ``fp16``,
     ``codebook``, or one from a plugin; by default the kind's default method, ``int8-static``).
@@ -340,6 +434,8 @@ def distill(teacher: Model, student: Any = "auto", *, data: Any = None, **option
     if isinstance(student, str) and student == "auto":
         options.setdefault("student", "auto")
     else:
-        extra["student"] = load(student, registry=options.get("registry"))  # NOTE: the adapters of the registry the pass runs in
+        extra["student"] = load(
+            student, registry=options.get("registry")
+        )  # NOTE: the adapters of the registry the pass runs in
         options.setdefault("student", "given")
     return apply(teacher, method, kind="distill", train=data, extra=extra, **options)

@@ -49,7 +49,17 @@ from modelpress.evaluation.criteria import EVALUATE_METRICS
 from modelpress.plugin.methods import Method
 from modelpress.plugin.registry import Registry, get_registry
 
-__all__ = ["METRICS", "DataSources", "Evaluate", "PackSpec", "PassSpec", "Recipe", "load_recipe", "resolve_callable", "validate_pass_options"]
+__all__ = [
+    "METRICS",
+    "DataSources",
+    "Evaluate",
+    "PackSpec",
+    "PassSpec",
+    "Recipe",
+    "load_recipe",
+    "resolve_callable",
+    "validate_pass_options",
+]
 
 METRICS = EVALUATE_METRICS  # NOTE: defined once, in modelpress.evaluation.criteria
 
@@ -59,45 +69,79 @@ class _Strict(pydantic.BaseModel):
 
 
 class PassSpec(_Strict):
-    kind: str = Field(description="the method's kind: quantize, prune, distill or one a plugin registers (see `modelpress plugins`)")
+    kind: str = Field(
+        description="the method's kind: quantize, prune, distill or one a plugin registers (see `modelpress plugins`)"
+    )
     method: str = Field(description="method name, as listed by `modelpress plugins`")
-    options: dict[str, Any] = Field(default_factory=dict, description="method options, validated against its schema")
-    name: str | None = Field(None, description="label of the stage in the report (default kind/method)")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="method options, validated against its schema"
+    )
+    name: str | None = Field(
+        None, description="label of the stage in the report (default kind/method)"
+    )
 
 
 class DataSources(_Strict):
-    calibration: str | None = Field(None, description=".npz/.npy path or pkg.module:function for calibration data")
-    train: str | None = Field(None, description="training data (fine-tuning, distillation), with `labels` when needed")
+    calibration: str | None = Field(
+        None, description=".npz/.npy path or pkg.module:function for calibration data"
+    )
+    train: str | None = Field(
+        None, description="training data (fine-tuning, distillation), with `labels` when needed"
+    )
     eval: str | None = Field(None, description="evaluation data; `labels` for the accuracy metric")
-    sequence_length: int | None = Field(None, ge=2, description="tokens per sample of a text corpus (.txt/.jsonl) given as data (default 64)")
+    sequence_length: int | None = Field(
+        None,
+        ge=2,
+        description="tokens per sample of a text corpus (.txt/.jsonl) given as data (default 64)",
+    )
 
 
 class Evaluate(_Strict):
-    metric: str = Field("agreement", description="accuracy | agreement | cosine | mse | pkg.module:function(outputs, labels, reference) -> float")
-    batch_size: int = Field(64, ge=1, description="latency is measured at batch 1 and at this batch size")
+    metric: str = Field(
+        "agreement",
+        description="accuracy | agreement | cosine | mse | pkg.module:function(outputs, labels, reference) -> float",
+    )
+    batch_size: int = Field(
+        64, ge=1, description="latency is measured at batch 1 and at this batch size"
+    )
     threads: int = Field(1, ge=1, description="ORT intra-op threads for latency")
     repeats: int = Field(20, ge=1, description="latency runs per setting (the median is reported)")
     max_samples: int = Field(2048, ge=1, description="evaluation samples used")
 
 
 class PackSpec(_Strict):
-    codecs: str | list[str] = Field("auto", description="'auto' (every installed codec) or codec names (`modelpress plugins`)")
+    codecs: str | list[str] = Field(
+        "auto", description="'auto' (every installed codec) or codec names (`modelpress plugins`)"
+    )
 
 
 class Recipe(_Strict):
     passes: list[PassSpec] = Field(min_length=1, description="passes, applied in order")
-    pack: PackSpec | None = Field(None, description="finally pack the model losslessly into <output>.mpk (and report every stage's packed size)")
+    pack: PackSpec | None = Field(
+        None,
+        description="finally pack the model losslessly into <output>.mpk (and report every stage's packed size)",
+    )
     data: DataSources = Field(default_factory=DataSources)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     plugins: dict[str, dict[str, Any]] = Field(
         default_factory=dict,
         description="per-plugin option defaults: {plugin name: {option: value}} for every pass of that plugin's methods (a pass's own options win)",
     )
-    base_dir: str = Field("", exclude=True, description="folder data paths are relative to (set when loading a file)")
-    allow_imports: bool = Field(True, exclude=True, description="False: refuse pkg.module:function entries and data outside base_dir")
+    base_dir: str = Field(
+        "", exclude=True, description="folder data paths are relative to (set when loading a file)"
+    )
+    allow_imports: bool = Field(
+        True,
+        exclude=True,
+        description="False: refuse pkg.module:function entries and data outside base_dir",
+    )
 
     def _is_callable_ref(self, source: str) -> bool:
-        return ":" in source and not os.path.exists(source) and not Path(self.base_dir, source).exists()
+        return (
+            ":" in source
+            and not os.path.exists(source)
+            and not Path(self.base_dir, source).exists()
+        )
 
     def resolve(self, source: str | None) -> Any:
         """A data source: a path (relative to the recipe) or the result of pkg.module:function()."""
@@ -139,9 +183,18 @@ class Recipe(_Strict):
                 raise UnknownMethodError(f"recipe pass {i}: {exc}") from None
             # NOTE: the plugins: section becomes the pass's options (its own win), so a report or a
             # tuned recipe written from it says every option the pass ran with
-            spec.options = {**{k: v for k, v in self.plugins.get(method.plugin, {}).items() if k in method.options.model_fields}, **spec.options}
+            spec.options = {
+                **{
+                    k: v
+                    for k, v in self.plugins.get(method.plugin, {}).items()
+                    if k in method.options.model_fields
+                },
+                **spec.options,
+            }
             options = dict(spec.options)
-            searched = [k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}]
+            searched = [
+                k for k, v in options.items() if isinstance(v, dict) and set(v) == {"search"}
+            ]
             if searched:
                 raise OptionsError(
                     f"recipe pass {i} ({spec.kind}/{spec.method}): option(s) {', '.join(searched)} are search ranges; "
@@ -151,8 +204,17 @@ class Recipe(_Strict):
             # NOTE: what a pass needs is declared by its method (requires / requires_if), not known here
             for need in sorted(method.data_needs(spec.options)):
                 if not getattr(self.data, need, None):
-                    why = next((f" (option {opt!r} is set)" for opt, data in method.requires_if if data == need and spec.options.get(opt)), "")
-                    raise OptionsError(f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.{need}{why}")
+                    why = next(
+                        (
+                            f" (option {opt!r} is set)"
+                            for opt, data in method.requires_if
+                            if data == need and spec.options.get(opt)
+                        ),
+                        "",
+                    )
+                    raise OptionsError(
+                        f"recipe pass {i} ({spec.kind}/{spec.method}) needs data.{need}{why}"
+                    )
         for field_name in ("calibration", "train", "eval"):
             source = getattr(self.data, field_name)
             if source is not None and self._is_callable_ref(source):
@@ -161,7 +223,9 @@ class Recipe(_Strict):
                 self.resolve(source)
         metric = self.evaluate.metric
         if metric not in METRICS and ":" not in metric:
-            raise OptionsError(f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or pkg.module:function")
+            raise OptionsError(
+                f"unknown metric {metric!r}; use one of {', '.join(METRICS)} or pkg.module:function"
+            )
         if metric not in METRICS:
             self._refuse_import(metric, "evaluate.metric")
         if metric == "accuracy" and not self.data.eval:
@@ -173,12 +237,16 @@ def _check_plugin_section(plugins: dict[str, dict[str, Any]], registry: Registry
     for name, options in plugins.items():
         info = registry.plugins.get(name)
         if info is None:
-            raise OptionsError(f"recipe plugins: no plugin {name!r} is loaded; loaded: {', '.join(sorted(registry.plugins))}")
+            raise OptionsError(
+                f"recipe plugins: no plugin {name!r} is loaded; loaded: {', '.join(sorted(registry.plugins))}"
+            )
         known = {option for method in info.methods for option in method.options.model_fields}
         unknown = sorted(set(options) - known)
         if unknown:
-            raise OptionsError(f"recipe plugins.{name}: option(s) {', '.join(unknown)} belong to none of its methods; "
-                               f"its options: {', '.join(sorted(known)) or 'none'}")
+            raise OptionsError(
+                f"recipe plugins.{name}: option(s) {', '.join(unknown)} belong to none of its methods; "
+                f"its options: {', '.join(sorted(known)) or 'none'}"
+            )
 
 
 def resolve_callable(path: str) -> Any:
@@ -203,7 +271,9 @@ def validate_pass_options(method: Method, options: dict[str, Any], index: int) -
     return options
 
 
-def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, allow_imports: bool = True) -> Recipe:
+def load_recipe(
+    source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, allow_imports: bool = True
+) -> Recipe:
     """Parse and validate the structure of a recipe (a file, a dict or a Recipe).
 
     A recipe is code (``pkg.module:function`` entries are imported and called); with
@@ -221,7 +291,9 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, all
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as exc:
-            raise OptionsError(f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML or JSON") from None
+            raise OptionsError(
+                f"recipe {str(path)!r} is not UTF-8 text (byte {exc.start}); save it as UTF-8 YAML or JSON"
+            ) from None
         except OSError as exc:
             raise OptionsError(f"recipe {str(path)!r} cannot be read: {exc.strerror}") from None
         try:
@@ -232,13 +304,17 @@ def load_recipe(source: str | os.PathLike[str] | dict[str, Any] | Recipe, *, all
 
                 raw = yaml.safe_load(text)
         except Exception as exc:
-            raise OptionsError(f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {one_line(exc)}") from None
+            raise OptionsError(
+                f"recipe {str(path)!r} is not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {one_line(exc)}"
+            ) from None
         base = str(path.parent)
         label = str(path)
     else:
         raw, label = source, "recipe"
     if not isinstance(raw, dict):
-        raise OptionsError(f"{label}: a recipe is a mapping with `passes` (and optionally `data`, `evaluate`)")
+        raise OptionsError(
+            f"{label}: a recipe is a mapping with `passes` (and optionally `data`, `evaluate`)"
+        )
     bad_keys = [k for k in raw if not isinstance(k, str)]
     if bad_keys:
         raise OptionsError(f"{label}: keys must be names, not {one_line(repr(bad_keys[0]), 60)}")

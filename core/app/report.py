@@ -17,11 +17,28 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from modelpress.app.compress import StageMetrics
 
-__all__ = ["BIGGER_BYTES", "BIGGER_TOLERANCE", "LATENCY_TOLERANCE", "Report", "figure_text", "looks_slower", "write_reports"]
+__all__ = [
+    "BIGGER_BYTES",
+    "BIGGER_TOLERANCE",
+    "LATENCY_TOLERANCE",
+    "Report",
+    "figure_text",
+    "looks_slower",
+    "write_reports",
+]
 
 # NOTE: figures a kind declares that the report measures itself on every stage (size, parameters):
 # shown once, as measured, not again as the method reported them.
-_MEASURED = frozenset({"model_bytes_before", "model_bytes_after", "parameters", "parameters_before", "parameters_after", "size_bytes"})
+_MEASURED = frozenset(
+    {
+        "model_bytes_before",
+        "model_bytes_after",
+        "parameters",
+        "parameters_before",
+        "parameters_after",
+        "size_bytes",
+    }
+)
 
 # NOTE: latency medians on a busy CPU wobble by a few percent; only a clear slowdown is flagged:
 # slower by more than this fraction *and* by more than the runs' noise band (the sum of the two
@@ -54,7 +71,9 @@ def looks_slower(before: StageMetrics, s: StageMetrics, key: str) -> bool:
     """Whether ``s``'s own timing at ``key`` is slower than ``before``'s beyond 5 % and the noise
     band (the sum of the two stages' interquartile ranges, each relative to its median)."""
     previous = before.latency_ms.get(key)
-    return bool(previous) and _past_noise(previous, s.latency_ms[key], _spread(before, key) + _spread(s, key))
+    return bool(previous) and _past_noise(
+        previous, s.latency_ms[key], _spread(before, key) + _spread(s, key)
+    )
 
 
 def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
@@ -76,27 +95,43 @@ def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
 def figure_text(value: Any) -> str:
     """Figures for people: a {node: reason} dict (``float_nodes``, ``weight_only_nodes``) as a count
     and its names grouped by reason; anything else as ``str``."""
-    if not isinstance(value, dict) or not value or not all(isinstance(v, str) for v in value.values()):
+    if (
+        not isinstance(value, dict)
+        or not value
+        or not all(isinstance(v, str) for v in value.values())
+    ):
         return str(value)
     groups: dict[str, list[str]] = {}
     for name, reason in value.items():
         groups.setdefault(reason.split(":")[0], []).append(name)
-    parts = [f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}" for reason, names in groups.items()]
+    parts = [
+        f"{reason} ({len(names)}): {', '.join(names[:6])}{', ...' if len(names) > 6 else ''}"
+        for reason, names in groups.items()
+    ]
     return f"{len(value)} — " + "; ".join(parts)
 
 
 def _is_reasons(value: Any) -> bool:
-    return isinstance(value, dict) and bool(value) and all(isinstance(v, str) for v in value.values())
+    return (
+        isinstance(value, dict) and bool(value) and all(isinstance(v, str) for v in value.values())
+    )
 
 
 # NOTE: the terminal table's headers (report.md and report.html keep the long ones)
-_SHORT_HEADERS = {"size (MB)": "MB", "zip (MB)": "zip MB", "packed size (MB)": "mpk MB", "ratio (packed)": "mpk x", "parameters": "params", "time (s)": "s"}
+_SHORT_HEADERS = {
+    "size (MB)": "MB",
+    "zip (MB)": "zip MB",
+    "packed size (MB)": "mpk MB",
+    "ratio (packed)": "mpk x",
+    "parameters": "params",
+    "time (s)": "s",
+}
 
 
 def _short_header(column: str) -> str:
     """``latency b64 ms`` -> ``b64 ms``; ``relative_error`` -> ``relative error`` (wraps on the space)."""
     if column.startswith("latency "):
-        return column[len("latency "):]
+        return column[len("latency ") :]
     return _SHORT_HEADERS.get(column, column.replace("_", " "))
 
 
@@ -113,11 +148,15 @@ class _FittedTable:
 
     def widths(self, max_width: int) -> tuple[int, list[int]]:
         """The stage column's width and the other columns' widths for ``max_width`` characters."""
-        values = [max([len(row[i]) for row in self.rows] + [2]) for i in range(1, len(self.columns))]
+        values = [
+            max([len(row[i]) for row in self.rows] + [2]) for i in range(1, len(self.columns))
+        ]
         words = [max(len(word) for word in _short_header(col).split()) for col in self.columns[1:]]
         longest = max((len(row[0]) for row in self.rows), default=5)
         spare = max_width - len(values) - sum(values) - min(longest, max(5, -(-longest // 2)))
-        for i, word in enumerate(words):  # NOTE: header words get their room while the stage column keeps its minimum
+        for i, word in enumerate(
+            words
+        ):  # NOTE: header words get their room while the stage column keeps its minimum
             grow = min(max(word - values[i], 0), max(spare, 0))
             values[i] += grow
             spare -= grow
@@ -131,7 +170,13 @@ class _FittedTable:
         from rich.table import Table
 
         stage, widths = self.widths(options.max_width)
-        table = Table(title=self.title, title_justify="left", box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 0))
+        table = Table(
+            title=self.title,
+            title_justify="left",
+            box=box.SIMPLE_HEAD,
+            show_edge=False,
+            padding=(0, 0),
+        )
         table.add_column(self.columns[0], overflow="fold", width=stage)
         for col, width in zip(self.columns[1:], widths, strict=True):
             header = textwrap.fill(_short_header(col), width, break_long_words=True)
@@ -154,7 +199,6 @@ _FOOTNOTE = (
     "[slower] when slower by more than 5 % and more than the noise band "
     "(the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
 )
-
 
 
 def _code_spans(text: str) -> str:
@@ -199,8 +243,19 @@ class Report:
     def columns(self) -> list[str]:
         latency = list(self.stages[0].latency_ms) if self.stages else []
         packed = ["packed size (MB)", "ratio (packed)"] if self._packed() else []
-        return ["stage", self.metric, *self.text_columns(), "size (MB)", "ratio", "zip (MB)", *packed, "parameters", *self.figure_columns(),
-                *[f"latency {k} ms" for k in latency], "time (s)"]
+        return [
+            "stage",
+            self.metric,
+            *self.text_columns(),
+            "size (MB)",
+            "ratio",
+            "zip (MB)",
+            *packed,
+            "parameters",
+            *self.figure_columns(),
+            *[f"latency {k} ms" for k in latency],
+            "time (s)",
+        ]
 
     def text_columns(self) -> list[str]:
         """A text decoder's columns (:attr:`StageMetrics.text`), when a stage has them."""
@@ -210,7 +265,12 @@ class Report:
     def _text_cells(s: StageMetrics) -> list[str]:
         if not s.text:
             return ["-"] * len(_TEXT_COLUMNS)
-        return [f"{s.text['perplexity']:.3f}", f"{s.text['perplexity_increase']:+.2%}", f"{s.text['token_agreement']:.1%}", f"{s.text['decode_tokens_per_s']:.1f}"]
+        return [
+            f"{s.text['perplexity']:.3f}",
+            f"{s.text['perplexity_increase']:+.2%}",
+            f"{s.text['token_agreement']:.1%}",
+            f"{s.text['decode_tokens_per_s']:.1f}",
+        ]
 
     def figure_columns(self) -> list[str]:
         """The columns the stages' kinds declare, in order of appearance. ``sparsity`` is measured
@@ -250,7 +310,11 @@ class Report:
         the two stages' timed runs, each relative to its median). A user reads "compressed" as smaller and faster: say so."""
         found: dict[str, list[str]] = {}
         for before, s in zip(self.stages, self.stages[1:], strict=False):
-            notes = [note for note in (_bigger(before, s), *(_slower(before, s, key) for key in s.latency_ms)) if note]
+            notes = [
+                note
+                for note in (_bigger(before, s), *(_slower(before, s, key) for key in s.latency_ms))
+                if note
+            ]
             if notes:
                 found[s.stage] = notes
         return found
@@ -269,11 +333,26 @@ class Report:
             label = s.stage + "".join(f" [{', '.join(group)}]" for group in self._flags(s, worse))
             packed: list[str] = []
             if self._packed():
-                packed = ["-", "-"] if s.packed_bytes is None else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
-            rows.append([
-                label, value, *(self._text_cells(s) if self.text_columns() else []), _mb(s.size_bytes), f"{base / s.size_bytes:.2f}x", _mb(s.zip_bytes), *packed, f"{s.parameters:,}",
-                *[self._figure_cell(s, c) for c in figure_columns], *[f"{v:.3f}" for v in s.latency_ms.values()], f"{s.seconds:.1f}",
-            ])
+                packed = (
+                    ["-", "-"]
+                    if s.packed_bytes is None
+                    else [_mb(s.packed_bytes), f"{base / max(s.packed_bytes, 1):.2f}x"]
+                )
+            rows.append(
+                [
+                    label,
+                    value,
+                    *(self._text_cells(s) if self.text_columns() else []),
+                    _mb(s.size_bytes),
+                    f"{base / s.size_bytes:.2f}x",
+                    _mb(s.zip_bytes),
+                    *packed,
+                    f"{s.parameters:,}",
+                    *[self._figure_cell(s, c) for c in figure_columns],
+                    *[f"{v:.3f}" for v in s.latency_ms.values()],
+                    f"{s.seconds:.1f}",
+                ]
+            )
         return rows
 
     # -- renderings ------------------------------------------------------------------------
@@ -294,10 +373,24 @@ class Report:
     def notes(self) -> list[tuple[str, str, str]]:
         """What the flags mean, one ``(css class, stage, sentence)`` per flagged stage: its no-gain
         reason, or where it is bigger or slower than the stage before it and by how much."""
-        found = [("no-gain", f"No gain at {s.stage}", str(s.figures["no_gain"])) for s in self.stages if s.figures.get("no_gain")]
-        found += [("regression", s.stage, f"misses its text criteria, kept with accept_loss: {s.text['loss_accepted']}.")
-                  for s in self.stages if s.text.get("loss_accepted")]
-        return found + [("regression", stage, f"is {'; '.join(notes)}.") for stage, notes in self.regressions().items()]
+        found = [
+            ("no-gain", f"No gain at {s.stage}", str(s.figures["no_gain"]))
+            for s in self.stages
+            if s.figures.get("no_gain")
+        ]
+        found += [
+            (
+                "regression",
+                s.stage,
+                f"misses its text criteria, kept with accept_loss: {s.text['loss_accepted']}.",
+            )
+            for s in self.stages
+            if s.text.get("loss_accepted")
+        ]
+        return found + [
+            ("regression", stage, f"is {'; '.join(notes)}.")
+            for stage, notes in self.regressions().items()
+        ]
 
     def details(self) -> list[tuple[str, dict[str, str], str]]:
         """Per stage after the source with figures: its name, the {node: reason} figures (skipped
@@ -312,10 +405,20 @@ class Report:
 
     def markdown(self) -> str:
         cols = self.columns()
-        lines = [f"# {self.title}", "", f"Status: {self.status}", "", "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+        lines = [
+            f"# {self.title}",
+            "",
+            f"Status: {self.status}",
+            "",
+            "| " + " | ".join(cols) + " |",
+            "|" + "|".join("---" for _ in cols) + "|",
+        ]
         lines += ["| " + " | ".join(row) + " |" for row in self.rows()]
         lines += ["", self.footnote()]
-        lines += [f"\n**{stage}**: {text}" if css == "no-gain" else f"\n**{stage}** {text}" for css, stage, text in self.notes()]
+        lines += [
+            f"\n**{stage}**: {text}" if css == "no-gain" else f"\n**{stage}** {text}"
+            for css, stage, text in self.notes()
+        ]
         for stage, reasons, rest in self.details():
             # NOTE: {node: reason} figures (float_nodes, ...) as one line each, grouped by reason; the rest as JSON
             lines += ["", f"## {stage}", ""] + [f"- **{k}**: {text}" for k, text in reasons.items()]
@@ -323,11 +426,18 @@ class Report:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> dict[str, Any]:
-        return {"title": self.title, "metric": self.metric, "status": self.status, "stages": [s.to_dict() for s in self.stages],
-                "regressions": self.regressions()}
+        return {
+            "title": self.title,
+            "metric": self.metric,
+            "status": self.status,
+            "stages": [s.to_dict() for s in self.stages],
+            "regressions": self.regressions(),
+        }
 
     def svg_chart(self, width: int = 560, height: int = 320, legend: int = 240) -> str:
-        points = [(s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None]
+        points = [
+            (s.size_bytes / 1e6, s.value, s.stage) for s in self.stages if s.value is not None
+        ]
         if not points:
             return ""
         pad = 50
@@ -346,24 +456,36 @@ class Report:
         def sy(v: float) -> float:
             return height - pad - (v - y0) / (y1 - y0) * (height - 2 * pad)
 
-        parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + legend}" height="{height}" font-family="sans-serif" font-size="11">',
-                 f'<rect width="{width + legend}" height="{height}" fill="white"/>',
-                 f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
-                 f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">size (MB)</text>',
-                 f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>']
+        parts = [
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width + legend}" height="{height}" font-family="sans-serif" font-size="11">',
+            f'<rect width="{width + legend}" height="{height}" fill="white"/>',
+            f'<line x1="{pad}" y1="{height - pad}" x2="{width - pad}" y2="{height - pad}" stroke="black"/>',
+            f'<line x1="{pad}" y1="{pad}" x2="{pad}" y2="{height - pad}" stroke="black"/>',
+            f'<text x="{width / 2}" y="{height - 12}" text-anchor="middle">size (MB)</text>',
+            f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">{html.escape(self.metric)}</text>',
+        ]
         for i in range(5):
             xv = x0 + (x1 - x0) * i / 4
             yv = y0 + (y1 - y0) * i / 4
-            parts.append(f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>')
-            parts.append(f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>')
+            parts.append(
+                f'<text x="{sx(xv):.1f}" y="{height - pad + 14}" text-anchor="middle">{xv:.2f}</text>'
+            )
+            parts.append(
+                f'<text x="{pad - 4}" y="{sy(yv) + 4:.1f}" text-anchor="end">{yv:.3f}</text>'
+            )
         path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y, _ in points)
-        parts.append(f'<polyline points="{path}" fill="none" stroke="#4a7fb0" stroke-dasharray="4 3"/>')
+        parts.append(
+            f'<polyline points="{path}" fill="none" stroke="#4a7fb0" stroke-dasharray="4 3"/>'
+        )
         # NOTE: points are numbered and named in a legend: stage names next to close points overlap
         for i, (x, y, label) in enumerate(points):
             parts.append(f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="4" fill="#d0553f"/>')
-            parts.append(f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-weight="bold">{i}</text>')
-            parts.append(f'<text x="{width}" y="{pad + 16 * i:.1f}">{i}: {html.escape(label)}</text>')
+            parts.append(
+                f'<text x="{sx(x) + 6:.1f}" y="{sy(y) - 6:.1f}" font-weight="bold">{i}</text>'
+            )
+            parts.append(
+                f'<text x="{width}" y="{pad + 16 * i:.1f}">{i}: {html.escape(label)}</text>'
+            )
         parts.append("</svg>")
         return "".join(parts)
 
@@ -372,9 +494,13 @@ class Report:
         flags (``flag-bigger``, ``flag-slower``, ``flag-no-gain`` classes) and the chart."""
         esc = html.escape
         cols = "".join(f"<th>{esc(c)}</th>" for c in self.columns())
-        notes = "".join(f"<p class='note {css}'><b>{esc(stage)}</b>{':' if css == 'no-gain' else ''} {_code_spans(text)}</p>" for css, stage, text in self.notes())
+        notes = "".join(
+            f"<p class='note {css}'><b>{esc(stage)}</b>{':' if css == 'no-gain' else ''} {_code_spans(text)}</p>"
+            for css, stage, text in self.notes()
+        )
         details = "".join(
-            f"<h2>{esc(stage)}</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(text)}</li>" for k, text in reasons.items())
+            f"<h2>{esc(stage)}</h2><ul>"
+            + "".join(f"<li><b>{esc(k)}</b>: {esc(text)}</li>" for k, text in reasons.items())
             + f"</ul><pre>{esc(rest)}</pre>"
             for stage, reasons, rest in self.details()
         )
@@ -393,7 +519,14 @@ class Report:
             flags = self._flags(s, worse)
             label = html.escape(s.stage)
             for group in flags:
-                label += " [" + ", ".join(f"<span class='flag flag-{_css_name(flag)}'>{html.escape(flag)}</span>" for flag in group) + "]"
+                label += (
+                    " ["
+                    + ", ".join(
+                        f"<span class='flag flag-{_css_name(flag)}'>{html.escape(flag)}</span>"
+                        for flag in group
+                    )
+                    + "]"
+                )
             css = " ".join(f"flagged-{_css_name(flag)}" for group in flags for flag in group)
             cells = [label] + [html.escape(c) for c in row[1:]]
             body.append(f"<tr class='{css}'>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
@@ -404,12 +537,18 @@ class Report:
         return write_reports(folder, self.markdown(), self.to_json(), self.html())
 
 
-def write_reports(folder: str | os.PathLike[str], markdown: str, data: Any, html_text: str) -> dict[str, Path]:
+def write_reports(
+    folder: str | os.PathLike[str], markdown: str, data: Any, html_text: str
+) -> dict[str, Path]:
     """``report.md``, ``report.json`` and ``report.html`` into ``folder``, each written atomically."""
     target = Path(folder)
     target.mkdir(parents=True, exist_ok=True)
     written = {}
-    for name, text in (("report.md", markdown), ("report.json", json.dumps(data, indent=1, default=str)), ("report.html", html_text)):
+    for name, text in (
+        ("report.md", markdown),
+        ("report.json", json.dumps(data, indent=1, default=str)),
+        ("report.html", html_text),
+    ):
         path = target / name
         tmp = target / f".{name}.tmp"
         tmp.write_text(text)

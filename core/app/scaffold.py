@@ -20,7 +20,7 @@ __all__ = ["new_plugin"]
 
 _NAME = re.compile(r"^[a-z][a-z0-9]*(-[a-z0-9]+)*$")
 
-_PYPROJECT = '''[build-system]
+_PYPROJECT = """[build-system]
 requires = ["setuptools>=68"]
 build-backend = "setuptools.build_meta"
 
@@ -37,9 +37,9 @@ dependencies = ["modelpress", "numpy"]
 
 [tool.setuptools.packages.find]
 where = ["src"]
-'''
+"""
 
-_README = '''# modelpress-{name}
+_README = """# modelpress-{name}
 
 A modelpress plugin. Install it and it is listed by `modelpress plugins`:
 
@@ -50,7 +50,7 @@ pytest tests
 ```
 
 Guide: "Writing a plugin" in the modelpress documentation (`docs/writing-a-plugin.md`).
-'''
+"""
 
 _MODULE = '''"""modelpress-{name}: zero every weight below ``fraction`` of its layer's largest magnitude."""
 
@@ -90,14 +90,14 @@ def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
 '''
 
 # NOTE: the package declares a kind no installed plugin defines (its floor: the default, 0.9)
-_KIND_HOOK = '''@hookimpl
+_KIND_HOOK = """@hookimpl
 def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
     register(Kind(name="{kind}", description="{kind} methods (modelpress-{name})", columns=("sparsity",)))
 
 
-'''
+"""
 
-_TEST = '''import numpy as np
+_TEST = """import numpy as np
 
 from modelpress.testing import check_method, tiny_cnn
 
@@ -109,7 +109,7 @@ def test_{ident}_zeroes_small_weights_and_keeps_the_model_valid():
     assert 0 < figures["sparsity"] < 1
     zeros = sum(int(np.sum(layer.weight_array() == 0)) for layer in result.weighted_layers())
     assert zeros == figures["zeroed"]
-'''
+"""
 
 
 def new_plugin(name: str, directory: str | Path | None = None, *, kind: str = "prune") -> Path:
@@ -119,7 +119,9 @@ def new_plugin(name: str, directory: str | Path | None = None, *, kind: str = "p
     non-empty folder is refused. ``kind``: the method's kind; one no installed plugin defines is
     declared by the new package."""
     if not _NAME.match(name):
-        raise OptionsError(f"plugin name {name!r}: use lower-case letters and digits with single hyphens, starting with a letter (e.g. 'my-method')")
+        raise OptionsError(
+            f"plugin name {name!r}: use lower-case letters and digits with single hyphens, starting with a letter (e.g. 'my-method')"
+        )
     target = Path(directory) if directory is not None else Path(f"modelpress-{name}")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise OptionsError(f"{target}: exists and is not an empty folder; choose another --dir")
@@ -130,11 +132,20 @@ def new_plugin(name: str, directory: str | Path | None = None, *, kind: str = "p
     ident = name.replace("-", "_")
     package = f"modelpress_{ident}"
     new_kind = kind not in {k.name for k in get_registry().kinds()}
-    values = {"name": name, "package": package, "ident": ident, "cls": "".join(part.title() for part in name.split("-")), "kind": kind,
-              "imports": "Kind, " if new_kind else "", "kind_hook": _KIND_HOOK.format(kind=kind, name=name) if new_kind else ""}
+    values = {
+        "name": name,
+        "package": package,
+        "ident": ident,
+        "cls": "".join(part.title() for part in name.split("-")),
+        "kind": kind,
+        "imports": "Kind, " if new_kind else "",
+        "kind_hook": _KIND_HOOK.format(kind=kind, name=name) if new_kind else "",
+    }
     files = {
-        "pyproject.toml": _PYPROJECT, "README.md": _README,
-        f"src/{package}/__init__.py": _MODULE, f"tests/test_{ident}.py": _TEST,
+        "pyproject.toml": _PYPROJECT,
+        "README.md": _README,
+        f"src/{package}/__init__.py": _MODULE,
+        f"tests/test_{ident}.py": _TEST,
     }
     for relative, template in files.items():
         path = target / relative

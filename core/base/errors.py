@@ -106,7 +106,9 @@ def one_line(text: object, limit: int = 300) -> str:
     return flat if len(flat) <= limit else flat[: limit - 15] + " ...(truncated)"
 
 
-def validation_problems(exc: Any, *, what: str = "", root: str = "", show_input: bool = False) -> str:
+def validation_problems(
+    exc: Any, *, what: str = "", root: str = "", show_input: bool = False
+) -> str:
     """A pydantic ``ValidationError``'s problems as one ``"; "``-joined line, the one way modelpress
     words them: ``<location>: <message>`` per error, the location dotted (``passes.0.method``),
     ``root`` where it is empty; with ``what`` the location is quoted after it (``option 'bits'``);

@@ -25,7 +25,9 @@ def _no_progress(n: int = 1) -> None:
 
 
 @contextmanager
-def _log_lines(description: str, total: int | None, interval: float) -> Iterator[Callable[[int], None]]:
+def _log_lines(
+    description: str, total: int | None, interval: float
+) -> Iterator[Callable[[int], None]]:
     done = [0]
     start = time.perf_counter()
     stop = threading.Event()
@@ -34,7 +36,11 @@ def _log_lines(description: str, total: int | None, interval: float) -> Iterator
     def line(final: bool = False) -> None:
         count = f" {done[0]}/{total}" if total else (f" {done[0]}" if done[0] else "")
         state = "done" if final else "running"
-        print(f"modelpress: {description}: {state}{count} ({time.perf_counter() - start:.0f}s)", file=sys.stderr, flush=True)
+        print(
+            f"modelpress: {description}: {state}{count} ({time.perf_counter() - start:.0f}s)",
+            file=sys.stderr,
+            flush=True,
+        )
         printed[0] = True
 
     def ticker() -> None:
@@ -57,7 +63,9 @@ def _log_lines(description: str, total: int | None, interval: float) -> Iterator
 
 
 @contextmanager
-def progress_bar(description: str, *, total: int | None = None, enabled: bool = True) -> Iterator[Callable[[int], None]]:
+def progress_bar(
+    description: str, *, total: int | None = None, enabled: bool = True
+) -> Iterator[Callable[[int], None]]:
     """Yield an ``advance(n)`` callable: a rich bar on a terminal (or with ``MODELPRESS_PROGRESS=1``),
     periodic log lines on stderr otherwise (``MODELPRESS_PROGRESS=0`` silences both)."""
     mode = os.environ.get("MODELPRESS_PROGRESS")
@@ -65,13 +73,21 @@ def progress_bar(description: str, *, total: int | None = None, enabled: bool = 
         yield _no_progress
         return
     if not (sys.stderr.isatty() or mode == "1"):
-        with _log_lines(description, total, float(os.environ.get("MODELPRESS_PROGRESS_INTERVAL", LOG_INTERVAL_S))) as advance:
+        with _log_lines(
+            description,
+            total,
+            float(os.environ.get("MODELPRESS_PROGRESS_INTERVAL", LOG_INTERVAL_S)),
+        ) as advance:
             yield advance
         return
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    counted = (MofNCompleteColumn(),) if total else ()  # NOTE: no "0/?" for a phase that has no count
-    with Progress(TextColumn("{task.description}"), BarColumn(), *counted, TimeElapsedColumn(), transient=True) as bar:
+    counted = (
+        (MofNCompleteColumn(),) if total else ()
+    )  # NOTE: no "0/?" for a phase that has no count
+    with Progress(
+        TextColumn("{task.description}"), BarColumn(), *counted, TimeElapsedColumn(), transient=True
+    ) as bar:
         task = bar.add_task(description, total=total)
 
         def advance(n: int = 1) -> None:

@@ -18,4 +18,13 @@ from modelpress.cli.common import (
 )
 from modelpress.cli.main import EXIT_BY_ERROR, build_parser, main
 
-__all__ = ["EXIT_BY_ERROR", "EXIT_CRITERIA", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USAGE", "build_parser", "main"]
+__all__ = [
+    "EXIT_BY_ERROR",
+    "EXIT_CRITERIA",
+    "EXIT_ERROR",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "build_parser",
+    "main",
+]

@@ -13,10 +13,26 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 __all__ = [
-    "EXIT_CODES_HELP", "EXIT_CRITERIA", "EXIT_ERROR", "EXIT_INTERNAL", "EXIT_INTERRUPTED", "EXIT_USAGE", "EXTERNAL",
-    "Command", "Parser", "SubParser", "add_output_arguments", "add_overwrite_argument", "add_seq_len_argument", "add_task_argument",
+    "EXIT_CODES_HELP",
+    "EXIT_CRITERIA",
+    "EXIT_ERROR",
+    "EXIT_INTERNAL",
+    "EXIT_INTERRUPTED",
+    "EXIT_USAGE",
+    "EXTERNAL",
+    "Command",
+    "Parser",
+    "SubParser",
+    "add_output_arguments",
+    "add_overwrite_argument",
+    "add_seq_len_argument",
+    "add_task_argument",
     "add_writing_arguments",
-    "capped_sample", "console", "escape", "human_bytes", "refuse_overwrite",
+    "capped_sample",
+    "console",
+    "escape",
+    "human_bytes",
+    "refuse_overwrite",
 ]
 
 EXIT_ERROR = 1  # a user error: bad input, options or command line (ModelpressError, argparse)
@@ -49,8 +65,19 @@ class SubParser(Parser):
         kwargs.setdefault("epilog", EXIT_CODES_HELP)
         super().__init__(**kwargs)
         # NOTE: SUPPRESS keeps a command from resetting a `-v` given before it.
-        self.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="print the full traceback on errors")
-        self.add_argument("-q", "--quiet", action="store_true", help="no progress output: only the result (and errors, warnings)")
+        self.add_argument(
+            "-v",
+            "--verbose",
+            action="store_true",
+            default=argparse.SUPPRESS,
+            help="print the full traceback on errors",
+        )
+        self.add_argument(
+            "-q",
+            "--quiet",
+            action="store_true",
+            help="no progress output: only the result (and errors, warnings)",
+        )
 
 
 @dataclass(frozen=True)
@@ -116,31 +143,61 @@ def capped_sample(path: Any, limit: int = 256) -> Any:
 
 def add_output_arguments(p: argparse.ArgumentParser, *, sample_help: str) -> None:
     """The arguments every command that applies a method and writes a verified model shares."""
-    p.add_argument("-O", "--option", action="append", metavar="NAME=VALUE",
-                   help="any method option; VALUE is JSON or a plain string; a list option takes a,b,c or the flag repeated (-O exclude=a -O exclude=b)")
+    p.add_argument(
+        "-O",
+        "--option",
+        action="append",
+        metavar="NAME=VALUE",
+        help="any method option; VALUE is JSON or a plain string; a list option takes a,b,c or the flag repeated (-O exclude=a -O exclude=b)",
+    )
     p.add_argument("--sample", help=f".npz inputs for the verification run ({sample_help})")
     add_writing_arguments(p)
     add_overwrite_argument(p)
-    p.add_argument("--allow-no-gain", action="store_true", help="write the result even if it is not smaller than the input (quantize) or the method changed nothing (default: exit 1)")
-    p.add_argument("--accept-loss", action="store_true",
-                   help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})")
-    p.add_argument("--no-normalize", action="store_true", help="ONNX input: skip normalisation on import (Constant weights to initializers, folding, BatchNorm fusion)")
+    p.add_argument(
+        "--allow-no-gain",
+        action="store_true",
+        help="write the result even if it is not smaller than the input (quantize) or the method changed nothing (default: exit 1)",
+    )
+    p.add_argument(
+        "--accept-loss",
+        action="store_true",
+        help=f"write the result even when it misses its accuracy criteria (otherwise: one line with the figures, exit {EXIT_CRITERIA})",
+    )
+    p.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="ONNX input: skip normalisation on import (Constant weights to initializers, folding, BatchNorm fusion)",
+    )
 
 
 def add_writing_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--no-verify", action="store_true", help="skip the numerical check (ORT still loads the file)")
-    p.add_argument("--external-data", choices=("auto", "always", "never"), default="auto",
-                   help="weights in <output>.data beside the file: auto (when the input had external data or weights exceed ~1.5 GB), always, never")
+    p.add_argument(
+        "--no-verify",
+        action="store_true",
+        help="skip the numerical check (ORT still loads the file)",
+    )
+    p.add_argument(
+        "--external-data",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="weights in <output>.data beside the file: auto (when the input had external data or weights exceed ~1.5 GB), always, never",
+    )
 
 
 def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--overwrite", action="store_true", help="allow OUT to be an input file (the model, its external data, or a data file); refused by default")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="allow OUT to be an input file (the model, its external data, or a data file); refused by default",
+    )
 
 
 # NOTE: optimum's task names; the adapter that exports per task checks them (no plugin import for --help)
-TASK_HELP = ("what to export a Hugging Face checkpoint for: feature-extraction, text-classification, text-generation "
-             "(no KV cache) or text-generation-with-past (default: from its config); a task the model cannot do is refused "
-             "with the list of those it can")
+TASK_HELP = (
+    "what to export a Hugging Face checkpoint for: feature-extraction, text-classification, text-generation "
+    "(no KV cache) or text-generation-with-past (default: from its config); a task the model cannot do is refused "
+    "with the list of those it can"
+)
 
 
 def add_task_argument(p: argparse.ArgumentParser) -> None:
@@ -158,8 +215,12 @@ def _seq_len(text: str) -> int:
 
 
 def add_seq_len_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--seq-len", type=_seq_len, metavar="N",
-                   help="tokens per sample when a text corpus (.txt/.jsonl) is given as data (default 64)")
+    p.add_argument(
+        "--seq-len",
+        type=_seq_len,
+        metavar="N",
+        help="tokens per sample when a text corpus (.txt/.jsonl) is given as data (default 64)",
+    )
 
 
 def load_options(args: argparse.Namespace) -> dict[str, Any]:

@@ -20,12 +20,30 @@ __all__ = ["COMMANDS"]
 
 
 def arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", help="model file (.onnx; .mpk: also lists the codecs the pack needs and who provides them; other formats with their extras)")
-    p.add_argument("--no-normalize", action="store_true", help="show the ONNX graph as stored, without normalisation on import")
-    p.add_argument("--sample", help=".npz inputs (named after the model inputs) for the normalisation check (default: random inputs from the signature)")
-    p.add_argument("--layers", action="store_true", help="list the weighted layers (the names --exclude and -O layers= take; LSTM/GRU and embedding tables included): op, weight shape, parameters")
+    p.add_argument(
+        "model",
+        help="model file (.onnx; .mpk: also lists the codecs the pack needs and who provides them; other formats with their extras)",
+    )
+    p.add_argument(
+        "--no-normalize",
+        action="store_true",
+        help="show the ONNX graph as stored, without normalisation on import",
+    )
+    p.add_argument(
+        "--sample",
+        help=".npz inputs (named after the model inputs) for the normalisation check (default: random inputs from the signature)",
+    )
+    p.add_argument(
+        "--layers",
+        action="store_true",
+        help="list the weighted layers (the names --exclude and -O layers= take; LSTM/GRU and embedding tables included): op, weight shape, parameters",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--entropy", action="store_true", help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)")
+    p.add_argument(
+        "--entropy",
+        action="store_true",
+        help="per tensor: order-0 entropy and the best lossless codec's ratio (runs every codec: slow on big models)",
+    )
     add_task_argument(p)
 
 
@@ -76,27 +94,40 @@ def _feeds(path: str) -> dict[str, Any]:
 
     data = capped_sample(path)
     if not isinstance(data, dict):
-        raise DataError(f"--sample {path!r}: give an .npz whose arrays are named after the model inputs")
+        raise DataError(
+            f"--sample {path!r}: give an .npz whose arrays are named after the model inputs"
+        )
     return data
 
 
 def _print_summary(info: dict[str, Any], out: Any) -> None:
-    out.print(f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from " f"{info['source_framework']}, producer {escape(info['producer'] or '?')})")
+    out.print(
+        f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from "
+        f"{info['source_framework']}, producer {escape(info['producer'] or '?')})"
+    )
     out.print(
         f"parameters {info['parameters']:,}   weights {human_bytes(info['weight_bytes'])}   "
         f"on disk {human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
     )
     if info["nodes_in_subgraphs"]:
-        out.print(f"subgraphs (If/Loop/Scan bodies): {info['nodes_in_subgraphs']} more nodes, {info['weighted_layers_in_subgraphs']} of the weighted layers")
+        out.print(
+            f"subgraphs (If/Loop/Scan bodies): {info['nodes_in_subgraphs']} more nodes, {info['weighted_layers_in_subgraphs']} of the weighted layers"
+        )
     norm = info.get("normalize") or {}
     if norm and "skipped" not in norm:
-        done = ", ".join(f"{v} {k.replace('_', ' ')}" for k, v in norm.items() if isinstance(v, int) and v and not k.startswith("nodes"))
+        done = ", ".join(
+            f"{v} {k.replace('_', ' ')}"
+            for k, v in norm.items()
+            if isinstance(v, int) and v and not k.startswith("nodes")
+        )
         check = norm.get("check")
         if isinstance(check, dict) and check.get("equal"):
             checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})"
         else:
             checked = f"; check {check}" if check else ""
-        out.print(f"normalised on import: {done or 'nothing to change'}{escape(checked)}", overflow="fold")
+        out.print(
+            f"normalised on import: {done or 'nothing to change'}{escape(checked)}", overflow="fold"
+        )
     if info["passes"]:
         out.print("passes applied: " + " -> ".join(info["passes"]))
 
@@ -109,7 +140,11 @@ def _print_signature(info: dict[str, Any], out: Any) -> None:
         io.add_column(col, overflow="fold")
     for role in ("inputs", "outputs"):
         for spec in info[role]:
-            shape = "?" if spec["shape"] is None else "[" + ", ".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
+            shape = (
+                "?"
+                if spec["shape"] is None
+                else "[" + ", ".join("?" if d is None else str(d) for d in spec["shape"]) + "]"
+            )
             io.add_row(role[:-1], escape(spec["name"]), spec["dtype"], escape(shape))
     out.print(io)
     ops = Table(title="ops", title_justify="left")
@@ -129,7 +164,13 @@ def _print_codecs(rows: list[dict[str, Any]], out: Any) -> None:
     for row in rows:
         recorded = " ".join(filter(None, [row["distribution"], row["version"]])) or "?"
         installed = f"yes ({row['installed_from']})" if row["installed"] else "[red]no[/red]"
-        table.add_row(escape(row["codec"]), str(row["tensors"]), escape(row["plugin"] or "?"), escape(recorded), installed)
+        table.add_row(
+            escape(row["codec"]),
+            str(row["tensors"]),
+            escape(row["plugin"] or "?"),
+            escape(recorded),
+            installed,
+        )
     out.print(table)
 
 
@@ -140,8 +181,18 @@ def _print_layers(info: dict[str, Any], out: Any) -> None:
     for i, col in enumerate(("layer", "op", "weight shape", "parameters", "where")):
         table.add_column(col, justify="right" if i == 3 else "left", overflow="fold")
     for layer in info["layers"]:
-        shape = "?" if layer["weight_shape"] is None else "x".join("?" if d is None else str(d) for d in layer["weight_shape"])
-        table.add_row(escape(layer["name"]), escape(layer["op"]), shape, f"{layer['parameters']:,}", escape(layer["scope"] or "main graph"))
+        shape = (
+            "?"
+            if layer["weight_shape"] is None
+            else "x".join("?" if d is None else str(d) for d in layer["weight_shape"])
+        )
+        table.add_row(
+            escape(layer["name"]),
+            escape(layer["op"]),
+            shape,
+            f"{layer['parameters']:,}",
+            escape(layer["scope"] or "main graph"),
+        )
     out.print(table)
 
 
@@ -150,18 +201,46 @@ def _print_entropy(model: Any, out: Any) -> None:
 
     from modelpress.packing.container import tensor_report
 
-    table = Table(title="tensors: order-0 entropy and the best lossless codec", title_justify="left")
-    for i, col in enumerate(("tensor", "dtype", "shape", "role", "size", "entropy (bits/elem)", "best codec", "packed", "ratio")):
+    table = Table(
+        title="tensors: order-0 entropy and the best lossless codec", title_justify="left"
+    )
+    for i, col in enumerate(
+        (
+            "tensor",
+            "dtype",
+            "shape",
+            "role",
+            "size",
+            "entropy (bits/elem)",
+            "best codec",
+            "packed",
+            "ratio",
+        )
+    ):
         table.add_column(col, justify="left" if i < 4 else "right")
     for row in tensor_report(model):
-        entropy = "-" if row["entropy_bits"] is None else f"{row['entropy_bits']:.2f} of {row['bits']}"
+        entropy = (
+            "-" if row["entropy_bits"] is None else f"{row['entropy_bits']:.2f} of {row['bits']}"
+        )
         table.add_row(
-            escape(row["name"]), row["dtype"], escape(str(row["shape"])), row["role"], human_bytes(row["bytes"]), entropy,
-            row["codec"], human_bytes(row["packed_bytes"]), f"{row['ratio']:.2f}x",
+            escape(row["name"]),
+            row["dtype"],
+            escape(str(row["shape"])),
+            row["role"],
+            human_bytes(row["bytes"]),
+            entropy,
+            row["codec"],
+            human_bytes(row["packed_bytes"]),
+            f"{row['ratio']:.2f}x",
         )
     out.print(table)
 
 
 COMMANDS = (
-    Command("inspect", "op histogram, parameters, size, opset, inputs/outputs (--layers: the weighted layers) of a model", arguments, run),
+    Command(
+        "inspect",
+        "op histogram, parameters, size, opset, inputs/outputs (--layers: the weighted layers) of a model",
+        arguments,
+        run,
+    ),
 )

@@ -42,8 +42,16 @@ __all__ = ["EXIT_BY_ERROR", "build_parser", "main"]
 
 # NOTE: the order `modelpress --help` lists them in
 COMMANDS: tuple[Command, ...] = (
-    *inspect.COMMANDS, *pack.COMMANDS, *plugins.COMMANDS, *convert.COMMANDS, *methods.COMMANDS[:3], *compress.COMMANDS[:1],
-    *tune.COMMANDS, *dashboard.COMMANDS, *compress.COMMANDS[1:], methods.COMMANDS[3],
+    *inspect.COMMANDS,
+    *pack.COMMANDS,
+    *plugins.COMMANDS,
+    *convert.COMMANDS,
+    *methods.COMMANDS[:3],
+    *compress.COMMANDS[:1],
+    *tune.COMMANDS,
+    *dashboard.COMMANDS,
+    *compress.COMMANDS[1:],
+    methods.COMMANDS[3],
 )
 
 # NOTE: the most specific class first; every other ModelpressError is a user error
@@ -63,7 +71,7 @@ def _chosen(argv: Sequence[str]) -> tuple[str | None, list[str]]:
     """The command the line names and the arguments after it (before it only -v/-h/--version, which take no value)."""
     for i, token in enumerate(argv):
         if not token.startswith("-"):
-            return token, list(argv[i + 1:])
+            return token, list(argv[i + 1 :])
     return None, []
 
 
@@ -73,14 +81,19 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser = Parser(
         prog="modelpress",
         description="Compress PyTorch, Keras and ONNX models (quantize, prune, distill); every output is verified in ONNX Runtime.",
-        epilog=EXIT_CODES_HELP + " An output is never written over an input file unless --overwrite is given.",
+        epilog=EXIT_CODES_HELP
+        + " An output is never written over an input file unless --overwrite is given.",
     )
     parser.add_argument("--version", action="version", version=f"modelpress {_version()}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="print the full traceback on errors")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="print the full traceback on errors"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=SubParser)
     chosen, rest = _chosen(list(sys.argv[1:] if argv is None else argv))
     for command in COMMANDS:
-        p = sub.add_parser(command.name, help=command.help, description=command.description or command.help)
+        p = sub.add_parser(
+            command.name, help=command.help, description=command.description or command.help
+        )
         command.arguments(p)
         p.set_defaults(run=command.run)
         if command.name == chosen and command.extend is not None:
@@ -118,7 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         with _quiet(bool(getattr(args, "quiet", False))):
             return int(args.run(args) or 0)
     except KeyboardInterrupt:
-        print("modelpress: interrupted; nothing was written for the unfinished step", file=sys.stderr)
+        print(
+            "modelpress: interrupted; nothing was written for the unfinished step", file=sys.stderr
+        )
         return EXIT_INTERRUPTED
     except Exception as exc:
         return _report(exc, verbose=bool(getattr(args, "verbose", False)))
@@ -130,14 +145,24 @@ def _report(exc: Exception, *, verbose: bool) -> int:
         traceback.print_exc()
     code = next((code for cls, code in EXIT_BY_ERROR if isinstance(exc, cls)), EXIT_INTERNAL)
     if code == EXIT_INTERNAL:  # NOTE: a bug, not bad input: still one line unless --verbose
-        print(f"modelpress: internal error (a bug in modelpress {_safe_version()}, please report it): "
-              f"{type(exc).__name__}: {one_line(exc, 300)}; rerun with -v for the traceback", file=sys.stderr)
+        print(
+            f"modelpress: internal error (a bug in modelpress {_safe_version()}, please report it): "
+            f"{type(exc).__name__}: {one_line(exc, 300)}; rerun with -v for the traceback",
+            file=sys.stderr,
+        )
     else:
         print(f"modelpress: error: {one_line(exc, 2000)}", file=sys.stderr)
     return code
 
 
-def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int, file: Any = None, line: str | None = None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
     """Warnings (a damaged optional metadata entry, ...) as one line, like errors."""
     print(f"modelpress: warning: {one_line(message, 2000)}", file=sys.stderr)
 

@@ -47,22 +47,55 @@ class MethodCommand:
         return default_method(self.kind).name
 
     def arguments(self, p: argparse.ArgumentParser) -> None:
-        p.add_argument("model", metavar="TEACHER" if self.kind == "distill" else "MODEL", help="input model (any format modelpress loads)")
-        p.add_argument("-o", "--output", required=True, help="output .onnx path (written atomically)")
+        p.add_argument(
+            "model",
+            metavar="TEACHER" if self.kind == "distill" else "MODEL",
+            help="input model (any format modelpress loads)",
+        )
+        p.add_argument(
+            "-o", "--output", required=True, help="output .onnx path (written atomically)"
+        )
         # NOTE: the default is read from the installed plugins when the command runs (not to build --help)
-        default = f" (default: the {self.kind} method its plugin declares the default)" if self.kind else ""
-        p.add_argument("-m", "--method", required=self.kind is None, help=f"method name{default}; see `modelpress plugins`")
+        default = (
+            f" (default: the {self.kind} method its plugin declares the default)"
+            if self.kind
+            else ""
+        )
+        p.add_argument(
+            "-m",
+            "--method",
+            required=self.kind is None,
+            help=f"method name{default}; see `modelpress plugins`",
+        )
         if self.kind is None:
-            p.add_argument("-k", "--kind", help="method kind, when a name exists in several (see `modelpress plugins`)")
+            p.add_argument(
+                "-k",
+                "--kind",
+                help="method kind, when a name exists in several (see `modelpress plugins`)",
+            )
         if "calib" in self.data_flags:
-            p.add_argument("--calib", help=".npz calibration data (arrays named after the model inputs), or a file an installed "
-                                          "plugin reads (a .txt/.jsonl corpus for a Hugging Face checkpoint)")
+            p.add_argument(
+                "--calib",
+                help=".npz calibration data (arrays named after the model inputs), or a file an installed "
+                "plugin reads (a .txt/.jsonl corpus for a Hugging Face checkpoint)",
+            )
         add_seq_len_argument(p)
         if "data" in self.data_flags:
-            p.add_argument("--data", required=self.kind == "distill", help=".npz training data: arrays named after the inputs, optionally `labels`")
+            p.add_argument(
+                "--data",
+                required=self.kind == "distill",
+                help=".npz training data: arrays named after the inputs, optionally `labels`",
+            )
         if self.kind == "distill":
-            p.add_argument("--student", default="auto", help="'auto' (the teacher narrowed to --width) or a student model file")
-        add_output_arguments(p, sample_help="default: the calibration or training data, else random inputs from the signature")
+            p.add_argument(
+                "--student",
+                default="auto",
+                help="'auto' (the teacher narrowed to --width) or a student model file",
+            )
+        add_output_arguments(
+            p,
+            sample_help="default: the calibration or training data, else random inputs from the signature",
+        )
         add_task_argument(p)
 
     def extend(self, p: argparse.ArgumentParser, argv: Sequence[str]) -> None:
@@ -72,8 +105,12 @@ class MethodCommand:
         registry = get_registry()
         name, kind = method_probe(argv, default=self.default, kind=self.kind)
         kinds = [k.name for k in registry.kinds()]
-        if self.kind is None and kind is not None and kind not in kinds:  # NOTE: the kinds are open: the installed plugins' kinds
-            p.error(f"argument -k/--kind: invalid choice: {kind!r} (choose from {', '.join(kinds)})")
+        if (
+            self.kind is None and kind is not None and kind not in kinds
+        ):  # NOTE: the kinds are open: the installed plugins' kinds
+            p.error(
+                f"argument -k/--kind: invalid choice: {kind!r} (choose from {', '.join(kinds)})"
+            )
         if not name:
             return
         try:
@@ -83,36 +120,79 @@ class MethodCommand:
         add_method_flags(p, method)
 
 
+def _run_method(
+    args: argparse.Namespace, model: Any, method: Any, options: dict[str, Any], calib: Any
+) -> Any:
+    """The method on the model: distill with its student (auto, or the model --student names), else apply."""
+    import modelpress
+
+    common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
+    if SPECS[args.command].kind == "distill":
+        student = getattr(args, "student", "auto")
+        given: Any = (
+            "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
+        )
+        options.pop("student", None)  # NOTE: --student says it (auto, or the model given)
+        return modelpress.distill(
+            model, given, data=args.data, method=method.name, **common, **options
+        )
+    return modelpress.apply(
+        model,
+        method,
+        options=options,
+        calibration=calib,
+        train=getattr(args, "data", None),
+        **common,
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     """Load, apply the method with the options of the command line, export verified, print the result."""
     import modelpress
 
     spec = SPECS[args.command]
     student = getattr(args, "student", "auto")
-    refuse_overwrite(args, args.model, getattr(args, "calib", None), getattr(args, "data", None), args.sample, None if student == "auto" else student)
-    model = modelpress.load(args.model, **load_options(args))  # NOTE: a bad model is reported before a bad method
+    refuse_overwrite(
+        args,
+        args.model,
+        getattr(args, "calib", None),
+        getattr(args, "data", None),
+        args.sample,
+        None if student == "auto" else student,
+    )
+    model = modelpress.load(
+        args.model, **load_options(args)
+    )  # NOTE: a bad model is reported before a bad method
     kind = spec.kind or args.kind
     method = modelpress.get_registry().method(args.method or spec.default, kind)
     options = method_options(method.options, args.option, args)
-    common = {"show_progress": not args.quiet, "allow_no_gain": args.allow_no_gain}
     # NOTE: read once (a text corpus is tokenised by its plugin), for the method and the verification sample
-    calib = modelpress.get_registry().load_data(getattr(args, "calib", None), model, "calibration", args.seq_len)
-    if spec.kind == "distill":
-        given: Any = "auto" if student == "auto" else modelpress.load(student, show_progress=not args.quiet)
-        options.pop("student", None)  # NOTE: --student says it (auto, or the model given)
-        result = modelpress.distill(model, given, data=args.data, method=method.name, **common, **options)
-    else:
-        result = modelpress.apply(model, method, options=options, calibration=calib, train=getattr(args, "data", None), **common)
+    calib = modelpress.get_registry().load_data(
+        getattr(args, "calib", None), model, "calibration", args.seq_len
+    )
+    result = _run_method(args, model, method, options, calib)
     _refuse_missed_criteria(result, args.accept_loss)
     text = _judge_text(model, result, args)
-    sample = args.sample or capped_sample(calib if calib is not None else getattr(args, "data", None))
-    exported = modelpress.export(result, args.output, verify=not args.no_verify, sample=sample, overwrite=args.overwrite,
-                                 external_data=EXTERNAL[args.external_data], show_progress=not args.quiet, accept_loss=args.accept_loss)
+    sample = args.sample or capped_sample(
+        calib if calib is not None else getattr(args, "data", None)
+    )
+    exported = modelpress.export(
+        result,
+        args.output,
+        verify=not args.no_verify,
+        sample=sample,
+        overwrite=args.overwrite,
+        external_data=EXTERNAL[args.external_data],
+        show_progress=not args.quiet,
+        accept_loss=args.accept_loss,
+    )
     print_result(result, exported, quiet=args.quiet)
     if text and not args.quiet:  # NOTE: -q keeps its one line
         from modelpress.evaluation.text import text_summary
 
-        console().print("text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text)))
+        console().print(
+            "text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text))
+        )
     return 0
 
 
@@ -136,9 +216,11 @@ def _judge_text(model: Any, result: Any, args: argparse.Namespace) -> dict[str, 
     figures: dict[str, Any] = TextEvaluation(model, held_out).measure(result)
     missed = text_misses(figures, text_floor(result.provenance))
     if missed is not None and not args.accept_loss:
-        raise AccuracyLossError(f"{result.provenance.passes[-1].method} misses its text criteria on the held-out calibration text: {missed} "
-                                f"({text_summary(figures)}); nothing was written. Ways forward: a gentler method or options, "
-                                "more calibration text, or keep the result with --accept-loss")
+        raise AccuracyLossError(
+            f"{result.provenance.passes[-1].method} misses its text criteria on the held-out calibration text: {missed} "
+            f"({text_summary(figures)}); nothing was written. Ways forward: a gentler method or options, "
+            "more calibration text, or keep the result with --accept-loss"
+        )
     return {**figures, "loss_accepted": missed} if missed else figures
 
 
@@ -162,19 +244,36 @@ def print_result(result: Any, exported: Any, *, quiet: bool = False) -> None:
     record = result.provenance.passes[-1]
     data = f" + {exported.external_data.name}" if exported.external_data is not None else ""
     if quiet:  # NOTE: one line, however long
-        verified = f"; verified in ONNX Runtime: {exported.verification.summary()}" if exported.verification is not None else ""
-        no_gain = f"; NO GAIN (written because of --allow-no-gain): {record.figures['no_gain']}" if record.figures.get("no_gain") else ""
-        out.print(f"{record.kind}/{record.method}: wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)})"
-                  f"{escape(verified)}{escape(no_gain)}", soft_wrap=True)
+        verified = (
+            f"; verified in ONNX Runtime: {exported.verification.summary()}"
+            if exported.verification is not None
+            else ""
+        )
+        no_gain = (
+            f"; NO GAIN (written because of --allow-no-gain): {record.figures['no_gain']}"
+            if record.figures.get("no_gain")
+            else ""
+        )
+        out.print(
+            f"{record.kind}/{record.method}: wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)})"
+            f"{escape(verified)}{escape(no_gain)}",
+            soft_wrap=True,
+        )
         return
-    out.print(f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s")
+    out.print(
+        f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s"
+    )
     for key, value in record.figures.items():
         out.print(f"  {key}: {escape(figure_text(value))}")
     out.print(f"wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)})")
     if record.figures.get("no_gain"):
-        out.print(f"NO GAIN (written because of --allow-no-gain): {escape(record.figures['no_gain'])}")
+        out.print(
+            f"NO GAIN (written because of --allow-no-gain): {escape(record.figures['no_gain'])}"
+        )
     if exported.verification is not None:
-        out.print(f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: {escape(exported.verification.summary())}")
+        out.print(
+            f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: {escape(exported.verification.summary())}"
+        )
 
 
 SPECS = {
@@ -185,15 +284,37 @@ SPECS = {
 }
 
 COMMANDS = (
-    Command("quantize", "quantize with an installed method (`modelpress plugins` lists them)", SPECS["quantize"].arguments, run,
-            "Quantize MODEL and write OUT, verified in ONNX Runtime against MODEL. `modelpress quantize -m METHOD --help` lists the method's options.",
-            SPECS["quantize"].extend),
-    Command("prune", "prune with an installed method (`modelpress plugins` lists them)", SPECS["prune"].arguments, run,
-            "Prune MODEL and write OUT, verified in ONNX Runtime against MODEL. `modelpress prune -m METHOD --help` lists the method's options.",
-            SPECS["prune"].extend),
-    Command("distill", "knowledge distillation: train a student (or an automatic narrower one) from TEACHER", SPECS["distill"].arguments, run,
-            "Distill TEACHER into a student and write it to OUT, verified in ONNX Runtime against the teacher.", SPECS["distill"].extend),
-    Command("apply", "apply one method (built-in or from a plugin) and export verified ONNX", SPECS["apply"].arguments, run,
-            "Apply one compression method to MODEL and write the result to OUT, verified in ONNX Runtime against MODEL. "
-            "`modelpress apply -m METHOD --help` lists the method's options.", SPECS["apply"].extend),
+    Command(
+        "quantize",
+        "quantize with an installed method (`modelpress plugins` lists them)",
+        SPECS["quantize"].arguments,
+        run,
+        "Quantize MODEL and write OUT, verified in ONNX Runtime against MODEL. `modelpress quantize -m METHOD --help` lists the method's options.",
+        SPECS["quantize"].extend,
+    ),
+    Command(
+        "prune",
+        "prune with an installed method (`modelpress plugins` lists them)",
+        SPECS["prune"].arguments,
+        run,
+        "Prune MODEL and write OUT, verified in ONNX Runtime against MODEL. `modelpress prune -m METHOD --help` lists the method's options.",
+        SPECS["prune"].extend,
+    ),
+    Command(
+        "distill",
+        "knowledge distillation: train a student (or an automatic narrower one) from TEACHER",
+        SPECS["distill"].arguments,
+        run,
+        "Distill TEACHER into a student and write it to OUT, verified in ONNX Runtime against the teacher.",
+        SPECS["distill"].extend,
+    ),
+    Command(
+        "apply",
+        "apply one method (built-in or from a plugin) and export verified ONNX",
+        SPECS["apply"].arguments,
+        run,
+        "Apply one compression method to MODEL and write the result to OUT, verified in ONNX Runtime against MODEL. "
+        "`modelpress apply -m METHOD --help` lists the method's options.",
+        SPECS["apply"].extend,
+    ),
 )

@@ -16,7 +16,13 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["OptionPairs", "add_method_flags", "method_options", "method_probe", "parse_option_pairs"]
+__all__ = [
+    "OptionPairs",
+    "add_method_flags",
+    "method_options",
+    "method_probe",
+    "parse_option_pairs",
+]
 
 _DEST = "method_option__"  # NOTE: the namespace prefix of the generated flags' values
 OptionPairs = Sequence[str]
@@ -34,7 +40,10 @@ def _decoded(text: Any) -> Any:
 
 def is_list_field(annotation: Any) -> bool:
     """Whether a field (``list[str]``, ``list[str] | None``, ``tuple[...]``) takes several values."""
-    return any(typing.get_origin(a) in (list, tuple, set, frozenset) for a in (annotation, *typing.get_args(annotation)))
+    return any(
+        typing.get_origin(a) in (list, tuple, set, frozenset)
+        for a in (annotation, *typing.get_args(annotation))
+    )
 
 
 def _scalar(annotation: Any, text: Any) -> Any:
@@ -43,7 +52,11 @@ def _scalar(annotation: Any, text: Any) -> Any:
     if not isinstance(text, str):
         return text
     arms = [arm for arm in typing.get_args(annotation) if arm is not type(None)]
-    if annotation is not None and typing.get_origin(annotation) is not typing.Literal and len(arms) == 1:
+    if (
+        annotation is not None
+        and typing.get_origin(annotation) is not typing.Literal
+        and len(arms) == 1
+    ):
         return _scalar(arms[0], text)  # NOTE: `str | None` is a str
     if annotation is str:
         return text
@@ -81,7 +94,9 @@ def _value(annotation: Any, texts: Sequence[Any]) -> Any:
     if annotation is not None and is_list_field(annotation):
         return _list_value(annotation, texts)
     values = [_scalar(annotation, t) for t in texts]
-    return values[0] if len(values) == 1 else values  # NOTE: a scalar given twice: the schema says so
+    return (
+        values[0] if len(values) == 1 else values
+    )  # NOTE: a scalar given twice: the schema says so
 
 
 def parse_option_pairs(pairs: OptionPairs | None) -> dict[str, list[str]]:
@@ -97,37 +112,61 @@ def parse_option_pairs(pairs: OptionPairs | None) -> dict[str, list[str]]:
     return texts
 
 
-def method_options(schema: Any, pairs: OptionPairs | None, args: argparse.Namespace) -> dict[str, Any]:
+def method_options(
+    schema: Any, pairs: OptionPairs | None, args: argparse.Namespace
+) -> dict[str, Any]:
     """One dict from ``-O`` pairs and the generated flags (a flag wins over a pair of the same name),
     each value read as its field in ``schema`` says; an unknown name is kept for the schema's error."""
     fields = getattr(schema, "model_fields", {})
     texts = parse_option_pairs(pairs)
     for dest, given in vars(args).items():
         if dest.startswith(_DEST) and given is not None:
-            texts[dest[len(_DEST):]] = given if isinstance(given, list) else [given]
-    return {name: _value(fields[name].annotation if name in fields else None, given) for name, given in texts.items()}
+            texts[dest[len(_DEST) :]] = given if isinstance(given, list) else [given]
+    return {
+        name: _value(fields[name].annotation if name in fields else None, given)
+        for name, given in texts.items()
+    }
 
 
 def _help(field: Any, extra: str = "") -> str:
-    default = "" if field.is_required() else f" (default: {field.get_default(call_default_factory=True)!r})"
+    default = (
+        ""
+        if field.is_required()
+        else f" (default: {field.get_default(call_default_factory=True)!r})"
+    )
     return ((field.description or "") + extra + default).replace("%", "%%")
 
 
 def _add_flag(group: Any, name: str, field: Any) -> None:
     flag, dest, annotation = "--" + name.replace("_", "-"), _DEST + name, field.annotation
     if annotation is bool:
-        group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(field))
+        group.add_argument(
+            flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(field)
+        )
     elif is_list_field(annotation):
-        group.add_argument(flag, dest=dest, action="append", metavar="A,B", help=_help(field, "; repeat the flag or give a,b,c"))
+        group.add_argument(
+            flag,
+            dest=dest,
+            action="append",
+            metavar="A,B",
+            help=_help(field, "; repeat the flag or give a,b,c"),
+        )
     elif typing.get_origin(annotation) is typing.Literal:
-        group.add_argument(flag, dest=dest, choices=[str(c) for c in typing.get_args(annotation)], help=_help(field))
+        group.add_argument(
+            flag,
+            dest=dest,
+            choices=[str(c) for c in typing.get_args(annotation)],
+            help=_help(field),
+        )
     else:
         group.add_argument(flag, dest=dest, metavar=name.upper(), help=_help(field))
 
 
 def add_method_flags(parser: argparse.ArgumentParser, method: Any) -> None:
     """Add a ``--<field>`` flag for every field of ``method``'s options schema to ``parser``."""
-    group = parser.add_argument_group(f"options of {method.qualname} ({method.plugin or 'built-in'}; also -O NAME=VALUE)")
+    group = parser.add_argument_group(
+        f"options of {method.qualname} ({method.plugin or 'built-in'}; also -O NAME=VALUE)"
+    )
     for name, field in getattr(method.options, "model_fields", {}).items():
         try:
             _add_flag(group, name, field)
@@ -144,7 +183,9 @@ class _Probe(argparse.ArgumentParser):
         raise _ProbeError(message)
 
 
-def method_probe(argv: Sequence[str], *, default: str | None, kind: str | None) -> tuple[str | None, str | None]:
+def method_probe(
+    argv: Sequence[str], *, default: str | None, kind: str | None
+) -> tuple[str | None, str | None]:
     """The first stage of the two-stage parse: the ``-m/--method`` and ``-k/--kind`` a command's
     arguments name (the command's parser, with the method's flags, parses them all afterwards)."""
     probe = _Probe(add_help=False)

@@ -15,11 +15,21 @@ __all__ = ["COMMANDS"]
 def arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     actions = p.add_subparsers(dest="plugins_action", metavar="ACTION", parser_class=SubParser)
-    new = actions.add_parser("new", help="scaffold a plugin package (pyproject entry point, a method, its test) that installs and passes its test",
-                             description="Write the package modelpress-NAME: pip install it and `modelpress plugins` lists its method.")
-    new.add_argument("name", help="plugin and method name: lower-case letters, digits, single hyphens (e.g. my-method)")
+    new = actions.add_parser(
+        "new",
+        help="scaffold a plugin package (pyproject entry point, a method, its test) that installs and passes its test",
+        description="Write the package modelpress-NAME: pip install it and `modelpress plugins` lists its method.",
+    )
+    new.add_argument(
+        "name",
+        help="plugin and method name: lower-case letters, digits, single hyphens (e.g. my-method)",
+    )
     new.add_argument("--dir", help="folder to create (default ./modelpress-NAME)")
-    new.add_argument("--kind", default="prune", help="the method's kind (default prune); a kind no installed plugin defines is declared by the new package")
+    new.add_argument(
+        "--kind",
+        default="prune",
+        help="the method's kind (default prune); a kind no installed plugin defines is declared by the new package",
+    )
     new.set_defaults(run=run_new)
 
 
@@ -27,21 +37,44 @@ def run_new(args: argparse.Namespace) -> int:
     from modelpress.app.scaffold import new_plugin
 
     target = new_plugin(args.name, args.dir, kind=args.kind)
-    console().print(f"wrote {target}/ (pyproject.toml, src/, tests/); next: pip install -e {target} && pytest {target}/tests")
+    console().print(
+        f"wrote {target}/ (pyproject.toml, src/, tests/); next: pip install -e {target} && pytest {target}/tests"
+    )
     return 0
 
 
 def _as_json(registry: Any) -> dict[str, Any]:
     data = [
         {
-            "name": p.name, "distribution": p.distribution, "version": p.version, "builtin": p.builtin,
+            "name": p.name,
+            "distribution": p.distribution,
+            "version": p.version,
+            "builtin": p.builtin,
             "adapters": [a.name for a in p.adapters],
             "codecs": [{"name": c.name, "summary": c.summary} for c in p.codecs],
-            "methods": [{"kind": m.kind, "name": m.name, "summary": m.summary, "mutates": m.mutates, "options": m.option_rows()} for m in p.methods],
+            "methods": [
+                {
+                    "kind": m.kind,
+                    "name": m.name,
+                    "summary": m.summary,
+                    "mutates": m.mutates,
+                    "options": m.option_rows(),
+                }
+                for m in p.methods
+            ],
         }
         for p in registry.plugins.values()
     ]
-    kinds = [{"name": k.name, "description": k.description, "columns": list(k.columns), "smaller": k.smaller, "plugin": k.plugin} for k in registry.kinds()]
+    kinds = [
+        {
+            "name": k.name,
+            "description": k.description,
+            "columns": list(k.columns),
+            "smaller": k.smaller,
+            "plugin": k.plugin,
+        }
+        for k in registry.kinds()
+    ]
     return {"plugins": data, "kinds": kinds, "skipped": registry.skipped, "failed": registry.failed}
 
 
@@ -54,13 +87,24 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    out = console(fit=True)  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
+    out = console(
+        fit=True
+    )  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
     table = Table(title="installed plugins", title_justify="left")
     for col in ("plugin", "distribution", "version", "provides"):
         table.add_column(col)
     for p in registry.plugins.values():
-        provides = [f"adapter {a.name}" for a in p.adapters] + [m.qualname for m in p.methods] + [f"codec {c.name}" for c in p.codecs]
-        table.add_row(p.name + (" (built-in)" if p.builtin else ""), p.distribution, p.version, ", ".join(provides) or "-")
+        provides = (
+            [f"adapter {a.name}" for a in p.adapters]
+            + [m.qualname for m in p.methods]
+            + [f"codec {c.name}" for c in p.codecs]
+        )
+        table.add_row(
+            p.name + (" (built-in)" if p.builtin else ""),
+            p.distribution,
+            p.version,
+            ", ".join(provides) or "-",
+        )
     out.print(table)
     _print_methods(registry, out)
     for name, why in registry.skipped.items():
@@ -80,7 +124,11 @@ def _print_methods(registry: Any, out: Any) -> None:
         if not methods:
             continue
         about = f" - {escape(kind_info.description)}" if kind_info.description else ""
-        columns = f" [dim](reports {escape(', '.join(kind_info.columns))})[/dim]" if kind_info.columns else ""
+        columns = (
+            f" [dim](reports {escape(', '.join(kind_info.columns))})[/dim]"
+            if kind_info.columns
+            else ""
+        )
         out.print(f"\n[bold]{kind_info.name}[/bold] methods{about}{columns}")
         for m in methods:
             out.print(f"  [bold]{m.name}[/bold]  ({m.plugin} {m.plugin_version}) {m.summary}")
@@ -90,10 +138,20 @@ def _print_methods(registry: Any, out: Any) -> None:
                 for col in ("option", "type", "default", "help"):
                     opts.add_column(col)
                 for row in rows:
-                    opts.add_row("    " + row["name"], escape(row["type"]), escape(row["default"]), escape(row["help"]))
+                    opts.add_row(
+                        "    " + row["name"],
+                        escape(row["type"]),
+                        escape(row["default"]),
+                        escape(row["help"]),
+                    )
                 out.print(opts)
 
 
 COMMANDS = (
-    Command("plugins", "installed plugins, their methods by kind and the methods' options; `plugins new NAME` scaffolds one", arguments, run),
+    Command(
+        "plugins",
+        "installed plugins, their methods by kind and the methods' options; `plugins new NAME` scaffolds one",
+        arguments,
+        run,
+    ),
 )

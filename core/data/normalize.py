@@ -38,9 +38,21 @@ __all__ = ["NormalizeReport", "fold_batchnorm", "fold_constants", "normalize", "
 # NOTE: never folded: randomness, control flow, and the quantization ops (a quantized model's
 # int8 weights must stay int8 behind their DequantizeLinear).
 _NO_FOLD = {
-    "QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "RandomNormal", "RandomUniform",
-    "RandomNormalLike", "RandomUniformLike", "Multinomial", "Bernoulli", "If", "Loop", "Scan",
-    "SequenceConstruct", "SequenceEmpty", "Optional",
+    "QuantizeLinear",
+    "DequantizeLinear",
+    "DynamicQuantizeLinear",
+    "RandomNormal",
+    "RandomUniform",
+    "RandomNormalLike",
+    "RandomUniformLike",
+    "Multinomial",
+    "Bernoulli",
+    "If",
+    "Loop",
+    "Scan",
+    "SequenceConstruct",
+    "SequenceEmpty",
+    "Optional",
 }
 # A folded result may be at most this many elements larger than its inputs together.
 _FOLD_GROWTH = 4096
@@ -61,7 +73,11 @@ class NormalizeReport:
 
     @property
     def modified(self) -> bool:
-        return self.nodes_before != self.nodes_after or self.subgraph_initializers_lifted > 0 or self.constants_lifted > 0
+        return (
+            self.nodes_before != self.nodes_after
+            or self.subgraph_initializers_lifted > 0
+            or self.constants_lifted > 0
+        )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,7 +93,11 @@ class NormalizeReport:
 
 
 def _count(model: ir.Model, op_type: str | None = None) -> int:
-    return sum(1 for n in model.graph.all_nodes() if op_type is None or (n.op_type == op_type and n.domain in ("", "ai.onnx")))
+    return sum(
+        1
+        for n in model.graph.all_nodes()
+        if op_type is None or (n.op_type == op_type and n.domain in ("", "ai.onnx"))
+    )
 
 
 def normalize(model: ir.Model) -> NormalizeReport:
@@ -92,7 +112,9 @@ def normalize(model: ir.Model) -> NormalizeReport:
     common_passes.RemoveUnusedNodesPass()(model)
     in_subgraphs = sum(len(g.initializers) for g in model.graphs() if g is not model.graph)
     common_passes.LiftSubgraphInitializersToMainGraphPass()(model)
-    report.subgraph_initializers_lifted = in_subgraphs - sum(len(g.initializers) for g in model.graphs() if g is not model.graph)
+    report.subgraph_initializers_lifted = in_subgraphs - sum(
+        len(g.initializers) for g in model.graphs() if g is not model.graph
+    )
     report.nodes_after = _count(model)
     return report
 
@@ -101,13 +123,18 @@ def normalize(model: ir.Model) -> NormalizeReport:
 
 
 def _constant(value: ir.Value | None) -> bool:
-    return value is None or (value.const_value is not None and value.is_initializer() and not value.is_graph_input())
+    return value is None or (
+        value.const_value is not None and value.is_initializer() and not value.is_graph_input()
+    )
 
 
 def _foldable(node: ir.Node) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD or not node.inputs:
         return False
-    if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+    if any(
+        a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+        for a in node.attributes.values()
+    ):
         return False
     if any(o.is_graph_output() for o in node.outputs):
         return False
@@ -115,7 +142,13 @@ def _foldable(node: ir.Node) -> bool:
         return False
     # NOTE: folding one of several users of a big constant (24 Slices of one LSTM weight) would
     # copy it; only a big constant's sole user is folded.
-    return all(v is None or v.const_value is None or v.const_value.size <= _FOLD_GROWTH or len(list(v.uses())) == 1 for v in node.inputs)
+    return all(
+        v is None
+        or v.const_value is None
+        or v.const_value.size <= _FOLD_GROWTH
+        or len(list(v.uses())) == 1
+        for v in node.inputs
+    )
 
 
 def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray] | None:
@@ -123,13 +156,26 @@ def _evaluate(node: ir.Node, opset: int) -> list[np.ndarray] | None:
 
     proto = ir.serde.serialize_node(node)
     names = [v.name or "" for v in node.inputs if v is not None]
-    feeds = {v.name or "": v.const_value.numpy() for v in node.inputs if v is not None and v.const_value is not None}
+    feeds = {
+        v.name or "": v.const_value.numpy()
+        for v in node.inputs
+        if v is not None and v.const_value is not None
+    }
     graph = onnx.helper.make_graph(
-        [proto], "fold", [onnx.helper.make_tensor_value_info(n, onnx.helper.np_dtype_to_tensor_dtype(feeds[n].dtype), feeds[n].shape) for n in dict.fromkeys(names)],
+        [proto],
+        "fold",
+        [
+            onnx.helper.make_tensor_value_info(
+                n, onnx.helper.np_dtype_to_tensor_dtype(feeds[n].dtype), feeds[n].shape
+            )
+            for n in dict.fromkeys(names)
+        ],
         [onnx.helper.make_empty_tensor_value_info(o.name or "") for o in node.outputs if o.name],
     )
     try:
-        evaluator = ReferenceEvaluator(onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)]))
+        evaluator = ReferenceEvaluator(
+            onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)])
+        )
         return [np.asarray(x) for x in evaluator.run(None, feeds)]
     except Exception:  # NOTE: an op the reference evaluator cannot run stays a node
         return None
@@ -146,15 +192,28 @@ def _fold_graph(graph: ir.Graph, opset: int, root: ir.Graph) -> int:
                     folded += _fold_graph(sub, opset, root)
         if not _foldable(node):
             continue
-        size_in = sum(int(v.const_value.size) for v in node.inputs if v is not None and v.const_value is not None)
+        size_in = sum(
+            int(v.const_value.size)
+            for v in node.inputs
+            if v is not None and v.const_value is not None
+        )
         results = _evaluate(node, opset)
-        if results is None or len(results) != len(node.outputs) or sum(r.size for r in results) > size_in + _FOLD_GROWTH:
+        if (
+            results is None
+            or len(results) != len(node.outputs)
+            or sum(r.size for r in results) > size_in + _FOLD_GROWTH
+        ):
             continue
         if any(r.dtype == object for r in results):
             continue
         for out, array in zip(node.outputs, results, strict=True):
             tensor = ir.tensor(array, name=out.name)
-            value = ir.Value(name=out.name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
+            value = ir.Value(
+                name=out.name,
+                shape=ir.Shape(array.shape),
+                type=ir.TensorType(tensor.dtype),
+                const_value=tensor,
+            )
             out.replace_all_uses_with(value)
             out.name = None
             value.name = tensor.name
@@ -179,7 +238,11 @@ def remove_identities(model: ir.Model) -> int:
     removed = 0
     for graph in model.graphs():
         for node in list(graph):
-            if node.op_type != "Identity" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+            if (
+                node.op_type != "Identity"
+                or node.domain not in ("", "ai.onnx")
+                or len(node.inputs) != 1
+            ):
                 continue
             source, out = node.inputs[0], node.outputs[0]
             if source is None or out.is_graph_output():
@@ -227,7 +290,11 @@ def _foldable_producer(bn: ir.Node) -> ir.Node | None:
         return None
     if producer.op_type not in ("Conv", "Gemm") or producer.domain not in ("", "ai.onnx"):
         return None
-    if len(list(x.uses())) != 1 or x.is_graph_output() or any(o.uses() or o.is_graph_output() for o in bn.outputs[1:]):
+    if (
+        len(list(x.uses())) != 1
+        or x.is_graph_output()
+        or any(o.uses() or o.is_graph_output() for o in bn.outputs[1:])
+    ):
         return None
     mode = bn.attributes.get("training_mode")
     if mode is not None and mode.as_int() != 0:
@@ -241,7 +308,11 @@ def _gemm_out_axis(producer: ir.Node, weight: np.ndarray, bias: np.ndarray | Non
     if producer.op_type == "Conv":
         return 0
     attrs = {k: a.value for k, a in producer.attributes.items()}
-    if attrs.get("transA", 0) or float(attrs.get("alpha", 1.0)) != 1.0 or float(attrs.get("beta", 1.0)) != 1.0:
+    if (
+        attrs.get("transA", 0)
+        or float(attrs.get("alpha", 1.0)) != 1.0
+        or float(attrs.get("beta", 1.0)) != 1.0
+    ):
         return None
     out_axis = 0 if attrs.get("transB", 0) else 1
     if bias is not None and bias.shape != (weight.shape[out_axis],):
@@ -260,10 +331,16 @@ def _fold_plan(bn: ir.Node) -> _Fold | None:
     weight = _array(weight_value)
     bias_value = producer.inputs[2] if len(producer.inputs) > 2 else None
     bias = _array(bias_value)
-    if weight is None or any(p is None for p in params) or (bias_value is not None and bias is None):
+    if (
+        weight is None
+        or any(p is None for p in params)
+        or (bias_value is not None and bias is None)
+    ):
         return None
     assert weight_value is not None
-    if len(list(weight_value.uses())) != 1 or (bias_value is not None and len(list(bias_value.uses())) != 1):
+    if len(list(weight_value.uses())) != 1 or (
+        bias_value is not None and len(list(bias_value.uses())) != 1
+    ):
         return None
     if weight.dtype != np.float32:
         return None
@@ -274,13 +351,20 @@ def _fold_plan(bn: ir.Node) -> _Fold | None:
     out_axis = _gemm_out_axis(producer, weight, bias)
     if out_axis is None or factor.shape != (weight.shape[out_axis],):
         return None
-    return _Fold(bn, producer, weight_value, weight, bias_value, bias, factor, shift, mean, out_axis)
+    return _Fold(
+        bn, producer, weight_value, weight, bias_value, bias, factor, shift, mean, out_axis
+    )
 
 
 def _install_folded_weights(fold: _Fold) -> None:
     """Scale the layer's weight by BN's factor per output channel and set its bias to
     ``(bias - mean) * factor + shift`` (a new initializer when it had none)."""
-    graph, producer, weight_value, weight = fold.producer.graph, fold.producer, fold.weight_value, fold.weight
+    graph, producer, weight_value, weight = (
+        fold.producer.graph,
+        fold.producer,
+        fold.weight_value,
+        fold.weight,
+    )
     assert graph is not None
     channels = weight.shape[fold.out_axis]
     shape = [1] * weight.ndim
@@ -298,7 +382,12 @@ def _install_folded_weights(fold: _Fold) -> None:
     taken = set(graph.initializers)
     while name in taken:
         name += "_"
-    bias_value = ir.Value(name=name, shape=ir.Shape([channels]), type=ir.TensorType(ir.DataType.FLOAT), const_value=ir.tensor(new_bias, name=name))
+    bias_value = ir.Value(
+        name=name,
+        shape=ir.Shape([channels]),
+        type=ir.TensorType(ir.DataType.FLOAT),
+        const_value=ir.tensor(new_bias, name=name),
+    )
     graph.register_initializer(bias_value)
     producer.resize_inputs(3)
     producer.replace_input_with(2, bias_value)
@@ -331,6 +420,10 @@ def fold_batchnorm(model: ir.Model) -> int:
     folded = 0
     for graph in model.graphs():
         for node in list(graph):
-            if node.op_type == "BatchNormalization" and node.domain in ("", "ai.onnx") and _fold_one_batchnorm(node):
+            if (
+                node.op_type == "BatchNormalization"
+                and node.domain in ("", "ai.onnx")
+                and _fold_one_batchnorm(node)
+            ):
                 folded += 1
     return folded

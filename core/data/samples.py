@@ -40,7 +40,15 @@ import numpy as np
 from modelpress.base.errors import DataError, one_line
 from modelpress.ir.signature import Signature, TensorSpec
 
-__all__ = ["AXIS_SIZES_KEY", "LABELS", "Dataset", "declared_axis_sizes", "index_limits", "load_dataset", "sample_inputs"]
+__all__ = [
+    "AXIS_SIZES_KEY",
+    "LABELS",
+    "Dataset",
+    "declared_axis_sizes",
+    "index_limits",
+    "load_dataset",
+    "sample_inputs",
+]
 
 LABELS = "labels"
 # NOTE: the key of ``Provenance.extra`` under which an adapter declares the sizes of named symbolic axes
@@ -59,7 +67,10 @@ class Run:
         return len(next(iter(self.inputs.values())))
 
     def take(self, n: int) -> Run:
-        return Run({k: v[:n] for k, v in self.inputs.items()}, self.labels[:n] if self.labels is not None else None)
+        return Run(
+            {k: v[:n] for k, v in self.inputs.items()},
+            self.labels[:n] if self.labels is not None else None,
+        )
 
 
 class Dataset:
@@ -73,9 +84,17 @@ class Dataset:
 
     __slots__ = ("max_batch", "runs")
 
-    def __init__(self, inputs: Mapping[str, np.ndarray] | None = None, labels: np.ndarray | None = None, *,
-                 runs: tuple[Run, ...] = (), max_batch: int | None = None):
-        self.runs: tuple[Run, ...] = (Run(dict(inputs), labels),) if inputs is not None else tuple(runs)
+    def __init__(
+        self,
+        inputs: Mapping[str, np.ndarray] | None = None,
+        labels: np.ndarray | None = None,
+        *,
+        runs: tuple[Run, ...] = (),
+        max_batch: int | None = None,
+    ):
+        self.runs: tuple[Run, ...] = (
+            (Run(dict(inputs), labels),) if inputs is not None else tuple(runs)
+        )
         self.max_batch = max_batch
 
     @property
@@ -99,7 +118,9 @@ class Dataset:
         try:
             return np.concatenate(parts, axis=0)
         except ValueError:
-            raise DataError("the labels of this data have different shapes from sample to sample; pad them to one shape") from None
+            raise DataError(
+                "the labels of this data have different shapes from sample to sample; pad them to one shape"
+            ) from None
 
     @property
     def ragged(self) -> bool:
@@ -127,7 +148,9 @@ class Dataset:
     def largest_sample(self) -> dict[str, np.ndarray]:
         """One sample of the run whose samples are largest (to size batches by memory)."""
         run = max(self.runs, key=lambda r: sum(v[:1].nbytes for v in r.inputs.values()))
-        return {k: v[: self.max_batch or 1] for k, v in run.inputs.items()}  # NOTE: a fixed batch is fed whole
+        return {
+            k: v[: self.max_batch or 1] for k, v in run.inputs.items()
+        }  # NOTE: a fixed batch is fed whole
 
     def take(self, n: int) -> Dataset:
         """The first ``n`` samples (for a fixed batch: a whole number of batches, at least one)."""
@@ -142,7 +165,9 @@ class Dataset:
         return Dataset(runs=tuple(runs), max_batch=self.max_batch)
 
     def __repr__(self) -> str:
-        return f"Dataset({len(self)} samples in {len(self.runs)} run(s), max_batch={self.max_batch})"
+        return (
+            f"Dataset({len(self)} samples in {len(self.runs)} run(s), max_batch={self.max_batch})"
+        )
 
 
 def _to_numpy(obj: Any) -> np.ndarray:
@@ -174,9 +199,13 @@ def _check_npy_header(stream: Any, stored: int, label: str) -> None:
         else:
             shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
     except Exception as exc:
-        raise DataError(f"{label}: not a numpy array (bad .npy header: {one_line(exc, 160)}); the file is damaged or not numpy data") from None
+        raise DataError(
+            f"{label}: not a numpy array (bad .npy header: {one_line(exc, 160)}); the file is damaged or not numpy data"
+        ) from None
     if dtype.hasobject:
-        raise DataError(f"{label}: holds Python objects (dtype {dtype}); only numeric arrays are accepted (loading objects runs code)")
+        raise DataError(
+            f"{label}: holds Python objects (dtype {dtype}); only numeric arrays are accepted (loading objects runs code)"
+        )
     declared = dtype.itemsize * int(np.prod(shape, dtype=object))
     header = stream.tell()
     if declared > max(stored - header, 0):
@@ -185,7 +214,9 @@ def _check_npy_header(stream: Any, stored: int, label: str) -> None:
             "bytes of data are stored; the file is truncated or damaged"
         )
     if declared > _memory_bytes():
-        raise DataError(f"{label}: declares {declared:,} bytes (shape {shape}), more than this machine's memory; use a smaller data set")
+        raise DataError(
+            f"{label}: declares {declared:,} bytes (shape {shape}), more than this machine's memory; use a smaller data set"
+        )
 
 
 def _check_declared_sizes(path: Path, what: str) -> None:
@@ -198,10 +229,15 @@ def _check_declared_sizes(path: Path, what: str) -> None:
         for info in archive.infolist():
             label = f"{what} data file {str(path)!r} array {info.filename.removesuffix('.npy')!r}"
             # NOTE: the zip's own uncompressed size is a claim too; deflate cannot expand more than ~1030x.
-            if (info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size) or (
-                info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > 1100 * info.compress_size + 4096
+            if (
+                info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size
+            ) or (
+                info.compress_type == zipfile.ZIP_DEFLATED
+                and info.file_size > 1100 * info.compress_size + 4096
             ):
-                raise DataError(f"{label}: the archive claims {info.file_size:,} bytes from {info.compress_size:,} stored; the file is damaged")
+                raise DataError(
+                    f"{label}: the archive claims {info.file_size:,} bytes from {info.compress_size:,} stored; the file is damaged"
+                )
             with archive.open(info) as stream:
                 _check_npy_header(stream, info.file_size, label)
 
@@ -222,12 +258,25 @@ def read_arrays(path: Path, what: str) -> dict[str, np.ndarray] | np.ndarray:
         return np.load(path, allow_pickle=False)
     except DataError:
         raise
-    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as exc:
+    except (
+        ValueError,
+        OSError,
+        EOFError,
+        KeyError,
+        zipfile.BadZipFile,
+        zlib.error,
+        NotImplementedError,
+        RuntimeError,
+    ) as exc:
         # NOTE: zipfile and numpy raise all of these on truncated, damaged or exotic archives.
-        raise DataError(f"{what} data file {str(path)!r} cannot be read as numpy data ({type(exc).__name__}: {one_line(exc, 200)}); the file is damaged or not numpy data") from None
+        raise DataError(
+            f"{what} data file {str(path)!r} cannot be read as numpy data ({type(exc).__name__}: {one_line(exc, 200)}); the file is damaged or not numpy data"
+        ) from None
 
 
-def per_sample_arrays(arrays: Mapping[str, np.ndarray], names: list[str], label: str) -> list[dict[str, np.ndarray]] | None:
+def per_sample_arrays(
+    arrays: Mapping[str, np.ndarray], names: list[str], label: str
+) -> list[dict[str, np.ndarray]] | None:
     """The samples of an .npz in the per-sample layout (``input/0``, ``input/1``, ..., ``labels/0``, ...),
     in index order; None for the one-array-per-input layout."""
     keyed: dict[str, tuple[str, int]] = {}
@@ -243,19 +292,25 @@ def per_sample_arrays(arrays: Mapping[str, np.ndarray], names: list[str], label:
             f"{label} mixes per-sample arrays ({next(iter(keyed))!r}, ...) with whole arrays ({', '.join(map(repr, whole[:3]))}); "
             "use one layout: `input/0`, `input/1`, ... for every input, or one array per input"
         )
-    samples: list[dict[str, np.ndarray]] = [{} for _ in range(max(i for _, i in keyed.values()) + 1)]
+    samples: list[dict[str, np.ndarray]] = [
+        {} for _ in range(max(i for _, i in keyed.values()) + 1)
+    ]
     for key, (name, i) in keyed.items():
         samples[i][name] = arrays[key]
     for i, sample in enumerate(samples):
         missing = [f"{n}/{i}" for n in names if n not in sample]
         if missing:
-            raise DataError(f"{label} has no array {', '.join(map(repr, missing))}: each sample i needs one array `input/i` per model input ({', '.join(names)})")
+            raise DataError(
+                f"{label} has no array {', '.join(map(repr, missing))}: each sample i needs one array `input/i` per model input ({', '.join(names)})"
+            )
     return samples
 
 
 def _listed(value: Any) -> bool:
     """A list or tuple of arrays (one per sample), as opposed to an array written as a list of numbers."""
-    return isinstance(value, (list, tuple)) and bool(value) and all(hasattr(v, "shape") for v in value)
+    return (
+        isinstance(value, (list, tuple)) and bool(value) and all(hasattr(v, "shape") for v in value)
+    )
 
 
 def _mapping_items(source: Mapping[Any, Any], what: str) -> list[dict[str, np.ndarray]]:
@@ -264,7 +319,9 @@ def _mapping_items(source: Mapping[Any, Any], what: str) -> list[dict[str, np.nd
         return [{str(k): _to_numpy(v) for k, v in source.items()}]
     lengths = {str(k): len(v) if _listed(v) else None for k, v in source.items()}
     if len(set(lengths.values())) != 1:
-        raise DataError(f"{what} data gives lists of different lengths (or lists beside arrays): {lengths}; give one array per sample for every input")
+        raise DataError(
+            f"{what} data gives lists of different lengths (or lists beside arrays): {lengths}; give one array per sample for every input"
+        )
     count = next(iter(lengths.values())) or 0
     return [{str(k): _to_numpy(v[i]) for k, v in source.items()} for i in range(count)]
 
@@ -275,12 +332,19 @@ def _item(batch: Any, i: int, names: list[str], what: str) -> dict[str, np.ndarr
         return {str(k): _to_numpy(v) for k, v in batch.items()}
     if isinstance(batch, (tuple, list)):
         if len(batch) == len(names) + 1:
-            return {**{n: _to_numpy(b) for n, b in zip(names, batch[:-1], strict=True)}, LABELS: _to_numpy(batch[-1])}
+            return {
+                **{n: _to_numpy(b) for n, b in zip(names, batch[:-1], strict=True)},
+                LABELS: _to_numpy(batch[-1]),
+            }
         if len(batch) == len(names):
             return {n: _to_numpy(b) for n, b in zip(names, batch, strict=True)}
-        raise DataError(f"{what} data batch {i} has {len(batch)} parts; expected {len(names)} inputs (+ labels)")
+        raise DataError(
+            f"{what} data batch {i} has {len(batch)} parts; expected {len(names)} inputs (+ labels)"
+        )
     if len(names) != 1:
-        raise DataError(f"{what} data batch {i} is one array but the model has inputs {', '.join(names)}")
+        raise DataError(
+            f"{what} data batch {i} is one array but the model has inputs {', '.join(names)}"
+        )
     return {names[0]: _to_numpy(batch)}
 
 
@@ -294,19 +358,32 @@ def _collect(source: Any, signature: Signature, what: str) -> list[dict[str, np.
         source = arrays
     if isinstance(source, Mapping):
         samples = per_sample_arrays(source, names, f"{what} data")
-        return _mapping_items(source, what) if samples is None else [{k: _to_numpy(v) for k, v in s.items()} for s in samples]
-    if isinstance(source, np.ndarray) or (hasattr(source, "__array__") and not hasattr(source, "__iter__")):
+        return (
+            _mapping_items(source, what)
+            if samples is None
+            else [{k: _to_numpy(v) for k, v in s.items()} for s in samples]
+        )
+    if isinstance(source, np.ndarray) or (
+        hasattr(source, "__array__") and not hasattr(source, "__iter__")
+    ):
         if len(names) != 1:
-            raise DataError(f"{what} data is a single array but the model has {len(names)} inputs ({', '.join(names)}); give a dict or .npz named after them")
+            raise DataError(
+                f"{what} data is a single array but the model has {len(names)} inputs ({', '.join(names)}); give a dict or .npz named after them"
+            )
         return [{names[0]: _to_numpy(source)}]
     if hasattr(source, "__iter__"):
         return [_item(batch, i, names, what) for i, batch in enumerate(source)]
-    raise DataError(f"{what} data of type {type(source).__name__} is not supported; give a .npz path, a dict of arrays or an iterable of batches")
+    raise DataError(
+        f"{what} data of type {type(source).__name__} is not supported; give a .npz path, a dict of arrays or an iterable of batches"
+    )
 
 
 def _one_sample(array: np.ndarray, declared: tuple[Any, ...]) -> bool:
     """Whether ``array`` is one sample of an input declared ``declared``: one rank below, every fixed size right."""
-    return array.ndim == len(declared) - 1 and all(not isinstance(d, int) or d < 0 or d == g for d, g in zip(declared[1:], array.shape, strict=True))
+    return array.ndim == len(declared) - 1 and all(
+        not isinstance(d, int) or d < 0 or d == g
+        for d, g in zip(declared[1:], array.shape, strict=True)
+    )
 
 
 def _batched(item: dict[str, np.ndarray], signature: Signature) -> dict[str, np.ndarray]:
@@ -326,32 +403,54 @@ def _batched(item: dict[str, np.ndarray], signature: Signature) -> dict[str, np.
     return out
 
 
-def _stack(items: list[dict[str, np.ndarray]], signature: Signature, what: str) -> list[dict[str, np.ndarray]]:
+def _stack(
+    items: list[dict[str, np.ndarray]], signature: Signature, what: str
+) -> list[dict[str, np.ndarray]]:
     """Consecutive items whose arrays agree in shape (but for the batch axis) stacked into one."""
     groups: list[list[dict[str, np.ndarray]]] = []
     last: Any = None
     for i, raw in enumerate(items):
         item = _batched(raw, signature)
         if groups and set(item) != set(groups[-1][0]):
-            raise DataError(f"{what} data item {i} has arrays {', '.join(item)} but item 0 has {', '.join(groups[0][0])}; give every item the same arrays")
+            raise DataError(
+                f"{what} data item {i} has arrays {', '.join(item)} but item 0 has {', '.join(groups[0][0])}; give every item the same arrays"
+            )
         key = tuple((k, v.shape[1:]) for k, v in item.items())
         if key != last:
             groups.append([])
         groups[-1].append(item)
         last = key
-    return [g[0] if len(g) == 1 else {k: np.concatenate([part[k] for part in g], axis=0) for k in g[0]} for g in groups]
+    return [
+        g[0] if len(g) == 1 else {k: np.concatenate([part[k] for part in g], axis=0) for k in g[0]}
+        for g in groups
+    ]
 
 
-def _check_input(spec: TensorSpec, array: np.ndarray, what: str, batch: int | None = None) -> np.ndarray:
+def _check_input(
+    spec: TensorSpec, array: np.ndarray, what: str, batch: int | None = None
+) -> np.ndarray:
     if spec.shape is not None:
         if array.ndim != len(spec.shape):
-            raise DataError(f"{what} data for input {spec.name!r} has shape {array.shape}; the model expects {spec.describe()}")
+            raise DataError(
+                f"{what} data for input {spec.name!r} has shape {array.shape}; the model expects {spec.describe()}"
+            )
         for axis, (got, want) in enumerate(zip(array.shape, spec.shape, strict=True)):
-            if isinstance(want, int) and want >= 0 and got != want and not (axis == 0 and want == batch):
-                raise DataError(f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}")
+            if (
+                isinstance(want, int)
+                and want >= 0
+                and got != want
+                and not (axis == 0 and want == batch)
+            ):
+                raise DataError(
+                    f"{what} data for input {spec.name!r} has size {got} on axis {axis}; the model expects {spec.describe()}"
+                )
     want_dtype = spec.dtype
     if array.dtype != want_dtype:
-        real = np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating) or array.dtype == np.bool_
+        real = (
+            np.issubdtype(array.dtype, np.integer)
+            or np.issubdtype(array.dtype, np.floating)
+            or array.dtype == np.bool_
+        )
         if np.issubdtype(want_dtype, np.floating) and real:
             array = array.astype(want_dtype)
         elif np.issubdtype(want_dtype, np.integer) and np.issubdtype(array.dtype, np.integer):
@@ -359,24 +458,38 @@ def _check_input(spec: TensorSpec, array: np.ndarray, what: str, batch: int | No
         elif want_dtype == np.bool_ and array.dtype == np.bool_:
             pass
         else:
-            raise DataError(f"{what} data for input {spec.name!r} is {array.dtype}; the model expects {want_dtype}")
+            raise DataError(
+                f"{what} data for input {spec.name!r} is {array.dtype}; the model expects {want_dtype}"
+            )
     if np.issubdtype(array.dtype, np.floating) and not np.all(np.isfinite(array)):
         bad = int(np.size(array) - np.count_nonzero(np.isfinite(array)))
         raise DataError(f"{what} data for input {spec.name!r} has {bad} NaN or infinite values")
     return array
 
 
-def _check_run(arrays: dict[str, np.ndarray], signature: Signature, what: str, where: str, batch: int | None = None) -> Run:
+def _check_run(
+    arrays: dict[str, np.ndarray],
+    signature: Signature,
+    what: str,
+    where: str,
+    batch: int | None = None,
+) -> Run:
     """One run of samples of one shape, checked against the signature (names, ranks, sizes, dtypes, counts)."""
     labels = arrays.pop(LABELS, None)
     missing = [n for n in signature.input_names if n not in arrays]
     if missing:
         have = ", ".join(arrays) or "nothing"
-        raise DataError(f"{what} data{where} has no array for model input(s) {', '.join(missing)} (it has {have})")
+        raise DataError(
+            f"{what} data{where} has no array for model input(s) {', '.join(missing)} (it has {have})"
+        )
     unknown = [k for k in arrays if k not in signature.input_names]
     if unknown:
-        raise DataError(f"{what} data{where} has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}")
-    inputs = {spec.name: _check_input(spec, arrays[spec.name], what, batch) for spec in signature.inputs}
+        raise DataError(
+            f"{what} data{where} has arrays {', '.join(unknown)} that are not model inputs ({', '.join(signature.input_names)}) nor {LABELS!r}"
+        )
+    inputs = {
+        spec.name: _check_input(spec, arrays[spec.name], what, batch) for spec in signature.inputs
+    }
     counts = {k: len(v) for k, v in inputs.items()}
     if len(set(counts.values())) > 1:
         raise DataError(f"{what} data{where} inputs have different numbers of samples: {counts}")
@@ -396,7 +509,9 @@ def batch_limit(signature: Signature) -> int | None:
     return firsts[0] if len(same) == 1 and isinstance(firsts[0], int) and firsts[0] > 1 else None  # type: ignore[return-value]
 
 
-def _whole_batches(runs: tuple[Run, ...], batch: int | None, signature: Signature, what: str) -> tuple[Run, ...]:
+def _whole_batches(
+    runs: tuple[Run, ...], batch: int | None, signature: Signature, what: str
+) -> tuple[Run, ...]:
     """Each run cut to a whole number of the model's fixed batches (see the module docstring)."""
     if not batch or batch == 1:
         return runs
@@ -404,20 +519,29 @@ def _whole_batches(runs: tuple[Run, ...], batch: int | None, signature: Signatur
     kept = tuple(run.take(len(run) - len(run) % batch) for run in runs if len(run) >= batch)
     used = sum(len(run) for run in kept)
     shape = signature.inputs[0].describe()
-    fix = ("re-export it with a dynamic batch: torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
-           "or torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})")
+    fix = (
+        "re-export it with a dynamic batch: torch.export.export(net, (x,), dynamic_shapes=({0: torch.export.Dim('batch')},)), "
+        "or torch.onnx.export(..., dynamic_axes={'input': {0: 'batch'}})"
+    )
     if not used:
-        raise DataError(f"{what} data has {total} sample(s); the model was exported with a fixed batch of {batch} ({shape}) "
-                        f"and is fed {batch} at a time: give at least {batch} samples, or {fix}")
+        raise DataError(
+            f"{what} data has {total} sample(s); the model was exported with a fixed batch of {batch} ({shape}) "
+            f"and is fed {batch} at a time: give at least {batch} samples, or {fix}"
+        )
     if used < total:
         import warnings
 
-        warnings.warn(f"{what} data: the model was exported with a fixed batch of {batch} ({shape}), so it is fed {batch} samples at a time "
-                      f"and {total - used} of {total} samples that cannot fill a batch are left out; to use them all, {fix}", stacklevel=3)
+        warnings.warn(
+            f"{what} data: the model was exported with a fixed batch of {batch} ({shape}), so it is fed {batch} samples at a time "
+            f"and {total - used} of {total} samples that cannot fill a batch are left out; to use them all, {fix}",
+            stacklevel=3,
+        )
     return kept
 
 
-def load_dataset(source: Any, signature: Signature, *, what: str = "input", need_labels: bool = False) -> Dataset:
+def load_dataset(
+    source: Any, signature: Signature, *, what: str = "input", need_labels: bool = False
+) -> Dataset:
     """Validate ``source`` against the model's ``signature`` (see the module docstring)."""
     if source is None:
         raise DataError(f"no {what} data was given")
@@ -427,11 +551,22 @@ def load_dataset(source: Any, signature: Signature, *, what: str = "input", need
     if not items:
         raise DataError(f"{what} data is empty (0 samples)")
     batch = batch_limit(signature)
-    runs = tuple(_check_run(dict(arrays), signature, what, f" (samples of shape {i + 1} of {len(items)})" if len(items) > 1 else "", batch)
-                 for i, arrays in enumerate(items))
+    runs = tuple(
+        _check_run(
+            dict(arrays),
+            signature,
+            what,
+            f" (samples of shape {i + 1} of {len(items)})" if len(items) > 1 else "",
+            batch,
+        )
+        for i, arrays in enumerate(items)
+    )
     if any(run.labels is None for run in runs) and any(run.labels is not None for run in runs):
         raise DataError(f"{what} data has labels for some samples but not all")
-    data = Dataset(runs=_whole_batches(tuple(run for run in runs if len(run)), batch, signature, what), max_batch=batch)
+    data = Dataset(
+        runs=_whole_batches(tuple(run for run in runs if len(run)), batch, signature, what),
+        max_batch=batch,
+    )
     if not len(data):
         raise DataError(f"{what} data is empty (0 samples)")
     if need_labels and runs[0].labels is None:
@@ -440,7 +575,20 @@ def load_dataset(source: Any, signature: Signature, *, what: str = "input", need
 
 
 # Ops that hand an index on unchanged (input 0 only; Concat: any input), and those that shift it by a constant.
-_PASS_THROUGH = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Slice", "Expand", "Transpose", "Tile"})
+_PASS_THROUGH = frozenset(
+    {
+        "Cast",
+        "Reshape",
+        "Unsqueeze",
+        "Squeeze",
+        "Flatten",
+        "Identity",
+        "Slice",
+        "Expand",
+        "Transpose",
+        "Tile",
+    }
+)
 _TABLE_SOURCES = frozenset({"DequantizeLinear", "Cast", "Identity"})
 
 
@@ -464,10 +612,19 @@ def _table_rows(gather: Any) -> int | None:
     value = gather.inputs[0]
     while value is not None:
         shape = value.const_value.shape if value.const_value is not None else value.shape
-        if shape is not None and -len(shape) <= axis < len(shape) and isinstance(shape[axis], int) and shape[axis] > 0:
+        if (
+            shape is not None
+            and -len(shape) <= axis < len(shape)
+            and isinstance(shape[axis], int)
+            and shape[axis] > 0
+        ):
             return int(shape[axis])
         producer = value.producer()
-        value = producer.inputs[0] if producer is not None and producer.op_type in _TABLE_SOURCES and producer.inputs else None
+        value = (
+            producer.inputs[0]
+            if producer is not None and producer.op_type in _TABLE_SOURCES and producer.inputs
+            else None
+        )
     return None
 
 
@@ -476,11 +633,24 @@ def _next_offsets(user: Any, index: int, offset: tuple[int, int]) -> tuple[int, 
     None when the op does not hand the index on (or adds something not constant)."""
     if (user.op_type in _PASS_THROUGH and index == 0) or user.op_type == "Concat":
         return offset
-    if user.op_type in ("Add", "Sub") and len(user.inputs) == 2 and (user.op_type == "Add" or index == 0):
+    if (
+        user.op_type in ("Add", "Sub")
+        and len(user.inputs) == 2
+        and (user.op_type == "Add" or index == 0)
+    ):
         other = _constant(user.inputs[1 - index])
-        if other is None or other.size == 0 or not np.issubdtype(other.dtype, np.number) or not np.all(np.isfinite(other)):
+        if (
+            other is None
+            or other.size == 0
+            or not np.issubdtype(other.dtype, np.number)
+            or not np.all(np.isfinite(other))
+        ):
             return None
-        lo, hi = (float(other.min()), float(other.max())) if user.op_type == "Add" else (-float(other.max()), -float(other.min()))
+        lo, hi = (
+            (float(other.min()), float(other.max()))
+            if user.op_type == "Add"
+            else (-float(other.max()), -float(other.min()))
+        )
         return offset[0] + int(np.floor(lo)), offset[1] + int(np.ceil(hi))
     return None
 
@@ -500,7 +670,10 @@ def _index_range(value: Any) -> tuple[int, int] | None:
                 rows = _table_rows(user)
                 if rows is not None:
                     found = True
-                    low, high = max(low, -offset[0]), rows - offset[1] if high is None else min(high, rows - offset[1])
+                    low, high = (
+                        max(low, -offset[0]),
+                        rows - offset[1] if high is None else min(high, rows - offset[1]),
+                    )
                 continue
             shifted = _next_offsets(user, index, offset)
             if shifted is not None:
@@ -537,8 +710,13 @@ def declared_axis_sizes(extra: Mapping[str, Any]) -> dict[str, int]:
     names alone do not say (a decoder's mask spans ``past_sequence_length + sequence_length``);
     it travels in the exported file with the provenance. Empty when none is declared."""
     sizes = extra.get(AXIS_SIZES_KEY) or {}
-    if not isinstance(sizes, Mapping) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0 for k, v in sizes.items()):
-        raise DataError(f"the model's provenance declares {AXIS_SIZES_KEY}={sizes!r}; it must map axis names to positive ints (fix the adapter that set it)")
+    if not isinstance(sizes, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v > 0
+        for k, v in sizes.items()
+    ):
+        raise DataError(
+            f"the model's provenance declares {AXIS_SIZES_KEY}={sizes!r}; it must map axis names to positive ints (fix the adapter that set it)"
+        )
     return dict(sizes)
 
 
@@ -547,11 +725,15 @@ def _sample_shape(spec: TensorSpec, batch: int, axis_sizes: Mapping[str, int]) -
     ``batch``, other symbolic axes -> 16 for token/sequence inputs (integer, or float of rank <= 3),
     ``batch`` for image-like ones; capped in bytes."""
     if spec.shape is None:
-        raise DataError(f"cannot generate sample data for input {spec.describe()} (unknown rank); pass sample inputs")
+        raise DataError(
+            f"cannot generate sample data for input {spec.describe()} (unknown rank); pass sample inputs"
+        )
     sequence = np.issubdtype(spec.dtype, np.integer) or len(spec.shape) <= 3
     shape = [
-        d if isinstance(d, int) and d >= 0
-        else axis_sizes[d] if isinstance(d, str) and d in axis_sizes
+        d
+        if isinstance(d, int) and d >= 0
+        else axis_sizes[d]
+        if isinstance(d, str) and d in axis_sizes
         else (batch if axis == 0 or not sequence else SEQUENCE_LENGTH)
         for axis, d in enumerate(spec.shape)
     ]
@@ -566,7 +748,9 @@ def _sample_shape(spec: TensorSpec, batch: int, axis_sizes: Mapping[str, int]) -
     return tuple(shape)
 
 
-def _indices(rng: np.random.Generator, spec: TensorSpec, shape: tuple[int, ...], limit: int | tuple[int, int]) -> np.ndarray:
+def _indices(
+    rng: np.random.Generator, spec: TensorSpec, shape: tuple[int, ...], limit: int | tuple[int, int]
+) -> np.ndarray:
     low, high = (0, limit) if isinstance(limit, int) else limit
     if high <= low:
         raise DataError(
@@ -577,7 +761,11 @@ def _indices(rng: np.random.Generator, spec: TensorSpec, shape: tuple[int, ...],
 
 
 def sample_inputs(
-    signature: Signature, *, batch: int = 2, seed: int = 0, limits: Mapping[str, int | tuple[int, int]] | None = None,
+    signature: Signature,
+    *,
+    batch: int = 2,
+    seed: int = 0,
+    limits: Mapping[str, int | tuple[int, int]] | None = None,
     axis_sizes: Mapping[str, int] | None = None,
 ) -> dict[str, np.ndarray]:
     """Realistic random inputs that fit ``signature`` (for verification when no data is given).
@@ -604,5 +792,7 @@ def sample_inputs(
         elif spec.dtype == np.bool_:
             feeds[spec.name] = rng.integers(0, 2, size=shape).astype(np.bool_)
         else:
-            raise DataError(f"cannot generate sample data for input {spec.describe()}; pass sample inputs")
+            raise DataError(
+                f"cannot generate sample data for input {spec.describe()}; pass sample inputs"
+            )
     return feeds

@@ -15,7 +15,15 @@ if TYPE_CHECKING:
     from modelpress.ir.provenance import PassRecord, Provenance
     from modelpress.plugin.registry import Registry
 
-__all__ = ["Comparison", "OutputComparison", "check_import", "compare_outputs", "default_min_cosine", "method_floor"]
+__all__ = [
+    "Comparison",
+    "OutputComparison",
+    "check_import",
+    "compare_outputs",
+    "default_min_cosine",
+    "method_floor",
+]
+
 
 @dataclass(frozen=True)
 class OutputComparison:
@@ -124,11 +132,18 @@ def default_min_cosine(provenance: Provenance, registry: Registry | None = None)
     from modelpress.plugin.registry import get_registry
 
     floors = [method_floor(p, registry or get_registry()) for p in provenance.passes]
-    return None if not floors or any(f is None for f in floors) else min(f for f in floors if f is not None)
+    return (
+        None
+        if not floors or any(f is None for f in floors)
+        else min(f for f in floors if f is not None)
+    )
 
 
 def compare_outputs(
-    names: list[str], reference: list[np.ndarray], actual: list[np.ndarray], criteria: list[Criterion] | None = None
+    names: list[str],
+    reference: list[np.ndarray],
+    actual: list[np.ndarray],
+    criteria: list[Criterion] | None = None,
 ) -> Comparison:
     """Raw figures per output, plus each output's criterion (inferred from the data when not given)."""
     results = []
@@ -140,19 +155,31 @@ def compare_outputs(
     for name, ref, out in zip(names, reference, actual, strict=True):
         criterion = primary[name]
         value = criterion.measure(ref, out)
-        judged = {"criterion": f"{criterion.kind}: {criterion.metric}", "value": value,
-                  "passed": None if criterion.threshold is None else criterion.passes(value)}
+        judged = {
+            "criterion": f"{criterion.kind}: {criterion.metric}",
+            "value": value,
+            "passed": None if criterion.threshold is None else criterion.passes(value),
+        }
         samples = max(samples, int(ref.shape[0]) if ref.ndim else 1)
         finite = bool(np.all(np.isfinite(out))) if np.issubdtype(out.dtype, np.floating) else True
         if ref.shape != out.shape:
-            results.append(OutputComparison(name, float("inf"), float("inf"), float("inf"), 0.0, None, finite, **judged))
+            results.append(
+                OutputComparison(
+                    name, float("inf"), float("inf"), float("inf"), 0.0, None, finite, **judged
+                )
+            )
             continue
         r = ref.astype(np.float64)
         o = out.astype(np.float64)
         diff = np.abs(r - o)
         scale = max(float(np.max(np.abs(r))) if r.size else 0.0, 1e-12)
         top1 = None
-        if criterion.kind == "classifier" and np.issubdtype(ref.dtype, np.floating) and ref.ndim == 2 and ref.shape[1] > 1:
+        if (
+            criterion.kind == "classifier"
+            and np.issubdtype(ref.dtype, np.floating)
+            and ref.ndim == 2
+            and ref.shape[1] > 1
+        ):
             top1 = float(np.mean(np.argmax(r, axis=1) == np.argmax(o, axis=1)))
         results.append(
             OutputComparison(
@@ -169,18 +196,32 @@ def compare_outputs(
     return Comparison(samples=samples, outputs=tuple(results))
 
 
-def check_import(reference_outputs: list[np.ndarray], model: Model, feeds: dict[str, np.ndarray], rtol: float, what: str) -> dict[str, float]:
+def check_import(
+    reference_outputs: list[np.ndarray],
+    model: Model,
+    feeds: dict[str, np.ndarray],
+    rtol: float,
+    what: str,
+) -> dict[str, float]:
     """Run the imported model in ORT and compare with the source framework's outputs."""
     from modelpress.runtime.session import make_session, run
 
     outputs = run(make_session(model), feeds)
     if len(outputs) != len(reference_outputs):
-        raise VerificationError(f"{what}: the import has {len(outputs)} outputs, the source {len(reference_outputs)}")
+        raise VerificationError(
+            f"{what}: the import has {len(outputs)} outputs, the source {len(reference_outputs)}"
+        )
     worst_abs, worst_rel = 0.0, 0.0
     for ref, out in zip(reference_outputs, outputs, strict=True):
         if ref.shape != out.shape:
-            raise VerificationError(f"{what}: output shape {out.shape} differs from the source's {ref.shape}")
-        diff = float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64)))) if ref.size else 0.0
+            raise VerificationError(
+                f"{what}: output shape {out.shape} differs from the source's {ref.shape}"
+            )
+        diff = (
+            float(np.max(np.abs(ref.astype(np.float64) - out.astype(np.float64))))
+            if ref.size
+            else 0.0
+        )
         scale = max(float(np.max(np.abs(ref))) if ref.size else 0.0, 1.0)
         worst_abs, worst_rel = max(worst_abs, diff), max(worst_rel, diff / scale)
     if not worst_rel <= rtol:

@@ -66,12 +66,19 @@ __all__ = [
 METRICS = ("agreement", "cosine", "cosine_p5", "relative_error", "nrmse")
 # NOTE: a recipe's ``evaluate.metric`` (the report's figure of a whole evaluation set): see :func:`score`
 EVALUATE_METRICS = ("accuracy", "agreement", "cosine", "mse")
-KIND_METRIC = {"classifier": "agreement", "embedding": "cosine", "dense": "nrmse", "regression": "relative_error"}
+KIND_METRIC = {
+    "classifier": "agreement",
+    "embedding": "cosine",
+    "dense": "nrmse",
+    "regression": "relative_error",
+}
 LOWER_IS_BETTER = frozenset({"relative_error", "nrmse", "mse"})
 ALPHA = 0.05  # agreement fails when its flips would be this unlikely at the threshold
 _METRIC_FORM = {"cosine": "embedding", "relative_error": "regression", "nrmse": "dense"}
-_SPEC = re.compile(r"^\s*(agreement|cosine|relative_error|nrmse|classifier|probabilities|logits|labels|embedding|regression|dense)"
-                   r"\s*(?:(>=|<=)\s*([-+0-9.eE]+))?\s*$")
+_SPEC = re.compile(
+    r"^\s*(agreement|cosine|relative_error|nrmse|classifier|probabilities|logits|labels|embedding|regression|dense)"
+    r"\s*(?:(>=|<=)\s*([-+0-9.eE]+))?\s*$"
+)
 
 
 def lower_is_better(metric: str) -> bool:
@@ -138,10 +145,21 @@ def dense_error(ref: np.ndarray, out: np.ndarray, value_range: float = 0.0) -> f
     return rms / scale
 
 
-def measure(metric: str, ref: np.ndarray, out: np.ndarray, *, axis: int | None = -1, value_range: float = 0.0) -> float:
+def measure(
+    metric: str,
+    ref: np.ndarray,
+    out: np.ndarray,
+    *,
+    axis: int | None = -1,
+    value_range: float = 0.0,
+) -> float:
     """One figure of ``out`` against ``ref``; the worst possible value if ``out`` is not finite."""
-    if ref.shape != out.shape or (np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))):
-        return float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
+    if ref.shape != out.shape or (
+        np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))
+    ):
+        return (
+            float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
+        )
     if ref.size == 0:
         return 0.0 if metric in LOWER_IS_BETTER else 1.0
     if metric == "agreement":
@@ -157,21 +175,27 @@ def measure(metric: str, ref: np.ndarray, out: np.ndarray, *, axis: int | None =
     raise OptionsError(f"unknown output metric {metric!r}: one of {', '.join(METRICS)}")
 
 
-def score(metric: str, reference: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None) -> float:
+def score(
+    metric: str, reference: np.ndarray, out: np.ndarray, labels: np.ndarray | None = None
+) -> float:
     """The figure of one of :data:`EVALUATE_METRICS` for a whole evaluation set: ``accuracy`` is
     the share of rows whose arg-max class is the label, ``agreement`` and ``cosine`` are
     :func:`measure`'s (per-sample cosines averaged, as verification judges), ``mse`` the mean
     squared error against the reference (lower is better)."""
     if metric == "accuracy":
         if labels is None:
-            raise OptionsError("metric 'accuracy' needs evaluation data with an array named 'labels'")
+            raise OptionsError(
+                "metric 'accuracy' needs evaluation data with an array named 'labels'"
+            )
         return agreement(np.asarray(labels), np.argmax(out, axis=-1))
     if metric == "mse":
         diff = out.astype(np.float64) - reference.astype(np.float64)
         return float(np.mean(diff**2)) if diff.size else 0.0
     if metric in ("agreement", "cosine"):
         return measure(metric, reference, out)
-    raise OptionsError(f"unknown evaluation metric {metric!r}: one of {', '.join(EVALUATE_METRICS)} or pkg.module:function")
+    raise OptionsError(
+        f"unknown evaluation metric {metric!r}: one of {', '.join(EVALUATE_METRICS)} or pkg.module:function"
+    )
 
 
 @functools.lru_cache(maxsize=256)
@@ -188,7 +212,13 @@ def allowed_flips(n: int, threshold: float, alpha: float = ALPHA) -> int:
         return min(n, int(n * q + 1.6449 * math.sqrt(n * q * (1 - q))))
     log_q, log_p, tail, k = math.log(q), math.log1p(-q), 1.0, 0
     while k < n:
-        pmf = math.exp(math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * log_q + (n - k) * log_p)
+        pmf = math.exp(
+            math.lgamma(n + 1)
+            - math.lgamma(k + 1)
+            - math.lgamma(n - k + 1)
+            + k * log_q
+            + (n - k) * log_p
+        )
         if tail - pmf < alpha:  # P(X >= k + 1) would be below alpha
             return k
         tail -= pmf
@@ -231,7 +261,9 @@ class Criterion:
         allowed = self.allowed()
         if allowed is not None:
             return bool(np.isfinite(value)) and self.flips(value) <= allowed
-        return value <= self.threshold if self.metric in LOWER_IS_BETTER else value >= self.threshold
+        return (
+            value <= self.threshold if self.metric in LOWER_IS_BETTER else value >= self.threshold
+        )
 
     def shortfall(self, value: float) -> float:
         """How far ``value`` is from perfect (0 = identical), comparable across metrics."""
@@ -245,13 +277,19 @@ class Criterion:
         """The figure, and the bound as written after ``>=``/``<=``."""
         bound = self.threshold
         if self.metric == "agreement":
-            what = "exact agreement" if self.form == "labels" else ("decision agreement" if self.axis is None else "top-1 agreement")
+            what = (
+                "exact agreement"
+                if self.form == "labels"
+                else ("decision agreement" if self.axis is None else "top-1 agreement")
+            )
             text = f"{self.output} {what} {value:.2%}"
             if self.samples and self.allowed() is None:
                 text += f" ({self.flips(value)} of {self.samples} differ)"
             return text, f"{bound:.2%}" if bound is not None else ""
         if self.metric in ("relative_error", "nrmse"):
-            what = "relative error" if self.metric == "relative_error" else "RMS error over its scale"
+            what = (
+                "relative error" if self.metric == "relative_error" else "RMS error over its scale"
+            )
             return f"{self.output} {what} {value:.2%}", f"{bound:.2%}" if bound is not None else ""
         what = "cosine" if self.metric == "cosine" else "5th-percentile cosine"
         return f"{self.output} {what} {value:.5f}", f"{bound:g}" if bound is not None else ""
@@ -264,8 +302,10 @@ class Criterion:
             # NOTE: the binomial rule, as applied: the count of flips against what a true agreement of the bound explains
             # (a plain "96.88% >= 99.00%" would read false where 2 flips in 64 pass)
             within = "within" if self.passes(value) else "more than"
-            return (f"{text}: {self.flips(value)} of {self.samples} differ, {within} the {allowed} that {bound} agreement "
-                    f"allows on {self.samples} rows ({self.form or self.kind})")
+            return (
+                f"{text}: {self.flips(value)} of {self.samples} differ, {within} the {allowed} that {bound} agreement "
+                f"allows on {self.samples} rows ({self.form or self.kind})"
+            )
         op = "<=" if self.metric in LOWER_IS_BETTER else ">="
         if self.threshold is not None:
             text += f" {op} {bound}" if self.passes(value) else f" (needs {op} {bound})"
@@ -289,13 +329,21 @@ class Judgement:
         return float(sum(c.shortfall(v) for c, v in zip(self.criteria, self.values, strict=True)))
 
     def figures(self) -> dict[str, float]:
-        return {f"{c.output} {c.metric}": round(float(v), 6) for c, v in zip(self.criteria, self.values, strict=True)}
+        return {
+            f"{c.output} {c.metric}": round(float(v), 6)
+            for c, v in zip(self.criteria, self.values, strict=True)
+        }
 
     def summary(self) -> str:
         return "; ".join(c.describe(v) for c, v in zip(self.criteria, self.values, strict=True))
 
 
-def judge(criteria: Sequence[Criterion], reference: Sequence[np.ndarray], actual: Sequence[np.ndarray], names: Sequence[str] | None = None) -> Judgement:
+def judge(
+    criteria: Sequence[Criterion],
+    reference: Sequence[np.ndarray],
+    actual: Sequence[np.ndarray],
+    names: Sequence[str] | None = None,
+) -> Judgement:
     """Measure each criterion; outputs are matched by ``names`` (default: the criteria's outputs in order).
     An agreement criterion counts the decisions of the reference it is given."""
     names = list(names) if names is not None else list(dict.fromkeys(c.output for c in criteria))
@@ -344,7 +392,9 @@ class Bounds:
         return getattr(self, metric)
 
 
-def _primary(name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bounds: Bounds) -> Criterion:
+def _primary(
+    name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bounds: Bounds
+) -> Criterion:
     form, axis, reason = found.form, found.axis, found.reason
     metric = KIND_METRIC[found.kind]
     threshold = bounds.of(metric)
@@ -359,8 +409,17 @@ def _primary(name: str, ref: np.ndarray, found: OutputKind, spec: str | None, bo
         reason = f"set by option ({spec})"
     elif form == "labels":
         threshold = 1.0  # integer outputs (class ids, counts) must match exactly
-    return Criterion(name, FORMS[form], metric, threshold, reason, axis, decisions(ref, axis) if metric == "agreement" else 0,
-                     form, found.value_range)
+    return Criterion(
+        name,
+        FORMS[form],
+        metric,
+        threshold,
+        reason,
+        axis,
+        decisions(ref, axis) if metric == "agreement" else 0,
+        form,
+        found.value_range,
+    )
 
 
 def infer_criteria(
@@ -379,7 +438,9 @@ def infer_criteria(
     overrides = dict(overrides or {})
     unknown = sorted(set(overrides) - set(names) - {"*"})
     if unknown:
-        raise OptionsError(f"criteria name outputs the model does not have: {', '.join(unknown)} (outputs: {', '.join(names)})")
+        raise OptionsError(
+            f"criteria name outputs the model does not have: {', '.join(unknown)} (outputs: {', '.join(names)})"
+        )
     bounds = bounds or Bounds()
     if bounds.nrmse is None and bounds.cosine is not None:
         bounds = replace(bounds, nrmse=math.sqrt(2.0 * max(1.0 - bounds.cosine, 0.0)))
@@ -392,9 +453,29 @@ def infer_criteria(
         result.append(criterion)
         if criterion.metric == "cosine" and criterion.kind == "embedding":
             p5 = None if criterion.threshold is None else 1.0 - 2.0 * (1.0 - criterion.threshold)
-            result.append(replace(criterion, metric="cosine_p5", threshold=p5, reason="and its 5th percentile (a few bad rows)"))
-        elif spec is None and criterion.kind == "classifier" and criterion.form != "labels" and min_cosine is not None:
+            result.append(
+                replace(
+                    criterion,
+                    metric="cosine_p5",
+                    threshold=p5,
+                    reason="and its 5th percentile (a few bad rows)",
+                )
+            )
+        elif (
+            spec is None
+            and criterion.kind == "classifier"
+            and criterion.form != "labels"
+            and min_cosine is not None
+        ):
             # NOTE: agreement on a few hundred samples tolerates flips that the scores' cosine still sees
-            result.append(replace(criterion, metric="cosine", threshold=min_cosine, reason="classifier scores stay close",
-                                  axis=-1, samples=0))
+            result.append(
+                replace(
+                    criterion,
+                    metric="cosine",
+                    threshold=min_cosine,
+                    reason="classifier scores stay close",
+                    axis=-1,
+                    samples=0,
+                )
+            )
     return result

@@ -44,16 +44,46 @@ if TYPE_CHECKING:
 __all__ = ["FORMS", "OutputKind", "classify", "decisiveness"]
 
 # form -> the judging family (the metric follows the family, see criteria.KIND_METRIC)
-FORMS = {"labels": "classifier", "probabilities": "classifier", "logits": "classifier", "regression": "regression",
-         "embedding": "embedding", "dense": "dense"}
-PASS_THROUGH = {"Identity", "Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Dropout"}
-NORMALISERS = {"Softmax": 1.0, "LogSoftmax": None, "Sigmoid": 1.0}  # op -> range of its values (None: unbounded)
+FORMS = {
+    "labels": "classifier",
+    "probabilities": "classifier",
+    "logits": "classifier",
+    "regression": "regression",
+    "embedding": "embedding",
+    "dense": "dense",
+}
+PASS_THROUGH = {
+    "Identity",
+    "Reshape",
+    "Transpose",
+    "Flatten",
+    "Squeeze",
+    "Unsqueeze",
+    "Cast",
+    "Dropout",
+}
+NORMALISERS = {
+    "Softmax": 1.0,
+    "LogSoftmax": None,
+    "Sigmoid": 1.0,
+}  # op -> range of its values (None: unbounded)
 _BOUNDED = {"Tanh": 2.0, "HardSigmoid": 1.0}
-_POOL_OPS = {"ReduceMean", "ReduceSum", "LpNormalization", "ReduceL2", "GlobalAveragePool", "GlobalMaxPool", "ReduceMax"}
+_POOL_OPS = {
+    "ReduceMean",
+    "ReduceSum",
+    "LpNormalization",
+    "ReduceL2",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "ReduceMax",
+}
 _HEAD_OPS = {"MatMul", "Gemm", "Conv", "ConvTranspose"}
 _EMBED_NAME = re.compile(r"emb|pool|sentence|feature|hidden|vector|encod", re.I)
 _CLASS_NAME = re.compile(r"logit|prob|class|cls|label|score|conf", re.I)
-_REGRESSION_NAME = re.compile(r"box|bbox|landmark|keypoint|kpt|offset|coord|delta|regress|_reg\b|^reg|loc\b|point|pts|pose|depth|angle", re.I)
+_REGRESSION_NAME = re.compile(
+    r"box|bbox|landmark|keypoint|kpt|offset|coord|delta|regress|_reg\b|^reg|loc\b|point|pts|pose|depth|angle",
+    re.I,
+)
 MIN_ROWS = 16  # rows needed before values may decide (class structure, a constant arg-max)
 WIDE = 32  # a non-linear output this wide is a hidden vector, narrower a regression
 WIDE_HEAD = 256  # a head this wide, seen on too few rows to show classes: judged as an embedding
@@ -90,7 +120,12 @@ class _Graph:
 def _source(value: ir.Value | None) -> ir.Node | None:
     """The node producing ``value``, through pass-through ops."""
     node = value.producer() if value is not None else None
-    while node is not None and node.op_type in PASS_THROUGH and node.inputs and node.inputs[0] is not None:
+    while (
+        node is not None
+        and node.op_type in PASS_THROUGH
+        and node.inputs
+        and node.inputs[0] is not None
+    ):
         node = node.inputs[0].producer()
     return node
 
@@ -113,11 +148,23 @@ def _is_linear_head(node: ir.Node | None) -> bool:
         return False
     if node.op_type in _HEAD_OPS:
         return True
-    if node.op_type == "Add" and len(node.inputs) == 2:  # MatMul + bias, as exporters write a Linear
+    if (
+        node.op_type == "Add" and len(node.inputs) == 2
+    ):  # MatMul + bias, as exporters write a Linear
         ins = [v for v in node.inputs if v is not None]
-        const = [v for v in ins if v.const_value is not None or (v.producer() is not None and v.producer().op_type == "Constant")]
+        const = [
+            v
+            for v in ins
+            if v.const_value is not None
+            or (v.producer() is not None and v.producer().op_type == "Constant")
+        ]
         rest = [_source(v) for v in ins if v not in const]
-        return len(const) == 1 and len(rest) == 1 and rest[0] is not None and rest[0].op_type in _HEAD_OPS
+        return (
+            len(const) == 1
+            and len(rest) == 1
+            and rest[0] is not None
+            and rest[0].op_type in _HEAD_OPS
+        )
     return False
 
 
@@ -131,21 +178,32 @@ def _graph(model: Model | None, name: str) -> _Graph:
     if value is not None:
         for user in value.uses():
             consumer = user[0]
-            if consumer.op_type in NORMALISERS and any(o.is_graph_output() for o in consumer.outputs):
+            if consumer.op_type in NORMALISERS and any(
+                o.is_graph_output() for o in consumer.outputs
+            ):
                 feeds = True
     sibling = None
     for other, v in outputs.items():
         src = _source(v)
-        if other != name and src is not None and src.op_type in NORMALISERS and (value is None or value not in src.inputs):
+        if (
+            other != name
+            and src is not None
+            and src.op_type in NORMALISERS
+            and (value is None or value not in src.inputs)
+        ):
             sibling = other
             break
-    return _Graph(node.op_type if node else None, node, _pooled(value), _is_linear_head(node), feeds, sibling)
+    return _Graph(
+        node.op_type if node else None, node, _pooled(value), _is_linear_head(node), feeds, sibling
+    )
 
 
 @functools.lru_cache(maxsize=64)
 def _random_decisiveness(classes: int) -> float:
     """The decisiveness of ``classes`` independent normal values (the no-class-structure baseline)."""
-    rows = np.random.default_rng(0).standard_normal((max(64, min(512, 4_000_000 // classes)), classes))
+    rows = np.random.default_rng(0).standard_normal(
+        (max(64, min(512, 4_000_000 // classes)), classes)
+    )
     return decisiveness(rows)
 
 
@@ -167,12 +225,25 @@ def _normalised(g: _Graph, ref: np.ndarray) -> OutputKind | None:
     bound = NORMALISERS[g.op] or 0.0
     if g.op == "Sigmoid":
         if ref.ndim >= 3:
-            return OutputKind("dense", "Sigmoid map: error against its [0, 1] range and the reference's spread", -1, bound)
-        return OutputKind("probabilities", "produced by Sigmoid: decisions at 0.5, value by value", None, bound)
+            return OutputKind(
+                "dense",
+                "Sigmoid map: error against its [0, 1] range and the reference's spread",
+                -1,
+                bound,
+            )
+        return OutputKind(
+            "probabilities", "produced by Sigmoid: decisions at 0.5, value by value", None, bound
+        )
     attr = g.node.attributes.get("axis")
     axis = int(attr.as_int()) if attr is not None else -1
-    if g.node.outputs[0].shape is not None and axis >= 0 and len(g.node.outputs[0].shape) != ref.ndim:
-        axis = -1  # NOTE: a Reshape after the Softmax moved its axis: the last one is the best guess
+    if (
+        g.node.outputs[0].shape is not None
+        and axis >= 0
+        and len(g.node.outputs[0].shape) != ref.ndim
+    ):
+        axis = (
+            -1
+        )  # NOTE: a Reshape after the Softmax moved its axis: the last one is the best guess
     return OutputKind("probabilities", f"produced by {g.op}", axis, bound)
 
 
@@ -181,16 +252,26 @@ def _rank2(name: str, ref: np.ndarray, g: _Graph) -> OutputKind:
     rows, width = ref.shape
     pooled = g.pooled
     if pooled or _EMBED_NAME.search(name):
-        return OutputKind("embedding", f"pooled/normalised vector ({pooled or 'name ' + repr(name)})")
+        return OutputKind(
+            "embedding", f"pooled/normalised vector ({pooled or 'name ' + repr(name)})"
+        )
     if _is_row_stochastic(ref):
         return OutputKind("probabilities", "rows of non-negative values summing to 1", -1, 1.0)
     if _REGRESSION_NAME.search(name):
         return OutputKind("regression", f"named like a regression ({name!r})")
     if _CLASS_NAME.search(name) or g.feeds_normaliser:
-        return OutputKind("logits", f"named like scores ({name!r})" if _CLASS_NAME.search(name) else "feeds a Softmax that is also an output", 1)
+        return OutputKind(
+            "logits",
+            f"named like scores ({name!r})"
+            if _CLASS_NAME.search(name)
+            else "feeds a Softmax that is also an output",
+            1,
+        )
     if g.op is not None and not g.linear_head:
         if width >= WIDE:
-            return OutputKind("embedding", f"{width}-wide output of {g.op}, no classifier head (a hidden vector)")
+            return OutputKind(
+                "embedding", f"{width}-wide output of {g.op}, no classifier head (a hidden vector)"
+            )
         return OutputKind("regression", f"{width} values from {g.op}, no classifier head")
     return _by_values(ref, g, rows, width)
 
@@ -199,20 +280,35 @@ def _by_values(ref: np.ndarray, g: _Graph, rows: int, width: int) -> OutputKind:
     head = f"a {g.op} head" if g.op else f"[N, {width}] values"
     if rows < MIN_ROWS:
         if g.sibling_probabilities:
-            return OutputKind("regression", f"{head} beside the probability output {g.sibling_probabilities!r}")
+            return OutputKind(
+                "regression", f"{head} beside the probability output {g.sibling_probabilities!r}"
+            )
         if width >= WIDE_HEAD:
-            return OutputKind("embedding", f"{width}-wide {head} on {rows} rows (too few to see classes)")
+            return OutputKind(
+                "embedding", f"{width}-wide {head} on {rows} rows (too few to see classes)"
+            )
         return OutputKind("logits", f"{head} with {width} scores", 1)
     if len(np.unique(np.argmax(ref, axis=1))) == 1:
         form = "embedding" if width >= WIDE else "regression"
-        return OutputKind(form, f"{head}: {width} values whose arg-max never changes (no class structure)")
+        return OutputKind(
+            form, f"{head}: {width} values whose arg-max never changes (no class structure)"
+        )
     if width == 2 and not g.sibling_probabilities:
         return OutputKind("logits", f"{head} with 2 scores (binary logits)", 1)
     ratio = decisiveness(ref.astype(np.float64)) / _random_decisiveness(width)
     if ratio >= DECISIVE:
-        return OutputKind("logits", f"{head}: one of {width} values stands out ({ratio:.1f}x random)", 1)
-    beside = f" beside the probability output {g.sibling_probabilities!r}" if g.sibling_probabilities else ""
-    return OutputKind("regression", f"{head}{beside}: no class structure in its {width} values ({ratio:.1f}x random)")
+        return OutputKind(
+            "logits", f"{head}: one of {width} values stands out ({ratio:.1f}x random)", 1
+        )
+    beside = (
+        f" beside the probability output {g.sibling_probabilities!r}"
+        if g.sibling_probabilities
+        else ""
+    )
+    return OutputKind(
+        "regression",
+        f"{head}{beside}: no class structure in its {width} values ({ratio:.1f}x random)",
+    )
 
 
 def classify(name: str, ref: np.ndarray, model: Model | None = None) -> OutputKind:

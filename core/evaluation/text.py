@@ -33,8 +33,17 @@ if TYPE_CHECKING:
     from modelpress.plugin.registry import Registry
 
 __all__ = [
-    "DEFAULT_TEXT_FLOOR", "TextEvaluation", "decode_tokens_per_second", "decoder_sample", "greedy_generate", "is_decoder",
-    "perplexity", "text_floor", "text_misses", "text_summary", "token_agreement",
+    "DEFAULT_TEXT_FLOOR",
+    "TextEvaluation",
+    "decode_tokens_per_second",
+    "decoder_sample",
+    "greedy_generate",
+    "is_decoder",
+    "perplexity",
+    "text_floor",
+    "text_misses",
+    "text_summary",
+    "token_agreement",
 ]
 
 _PAST = "past_key_values."
@@ -44,8 +53,13 @@ def is_decoder(signature: Signature) -> bool:
     """Whether a model's signature is a text decoder's (see the module docstring)."""
     names = set(signature.input_names)
     first = signature.outputs[0] if signature.outputs else None
-    return {"input_ids", "attention_mask"} <= names and first is not None and first.name == "logits" \
-        and first.shape is not None and len(first.shape) == 3
+    return (
+        {"input_ids", "attention_mask"} <= names
+        and first is not None
+        and first.name == "logits"
+        and first.shape is not None
+        and len(first.shape) == 3
+    )
 
 
 @dataclass
@@ -61,16 +75,28 @@ class _Layout:
         names = [i.name for i in session.get_inputs()]
         missing = {"input_ids", "attention_mask"} - set(names)
         if missing:
-            raise DataError(f"not a decoder in optimum's layout: no input {', '.join(sorted(missing))} (inputs: {', '.join(names)})")
+            raise DataError(
+                f"not a decoder in optimum's layout: no input {', '.join(sorted(missing))} (inputs: {', '.join(names)})"
+            )
         past = [i for i in session.get_inputs() if i.name.startswith(_PAST)]
-        return cls(names, [i.name for i in past], {i.name: (int(i.shape[1]), int(i.shape[3])) for i in past})
+        return cls(
+            names,
+            [i.name for i in past],
+            {i.name: (int(i.shape[1]), int(i.shape[3])) for i in past},
+        )
 
-    def empty_past(self, batch: int, length: int = 0, rng: np.random.Generator | None = None) -> dict[str, np.ndarray]:
+    def empty_past(
+        self, batch: int, length: int = 0, rng: np.random.Generator | None = None
+    ) -> dict[str, np.ndarray]:
         out = {}
         for name in self.past:
             heads, size = self.heads_and_size[name]
             shape = (batch, heads, length, size)
-            out[name] = rng.standard_normal(shape).astype(np.float32) if rng is not None else np.zeros(shape, np.float32)
+            out[name] = (
+                rng.standard_normal(shape).astype(np.float32)
+                if rng is not None
+                else np.zeros(shape, np.float32)
+            )
         return out
 
 
@@ -78,7 +104,15 @@ def _session(model: Any) -> Any:
     return model if hasattr(model, "get_inputs") else make_session(model)
 
 
-def decoder_sample(model: Any, *, batch: int = 2, sequence: int = 8, past: int = 4, vocab_size: int | None = None, seed: int = 0) -> dict[str, np.ndarray]:
+def decoder_sample(
+    model: Any,
+    *,
+    batch: int = 2,
+    sequence: int = 8,
+    past: int = 4,
+    vocab_size: int | None = None,
+    seed: int = 0,
+) -> dict[str, np.ndarray]:
     """Verification inputs for a decoder (``modelpress.export(..., sample=decoder_sample(model))``):
     token ids, a past of ``past`` positions, the mask over past and new tokens, and the positions
     after the past. The generic sample generator cannot know that the mask spans past + new tokens."""
@@ -87,10 +121,14 @@ def decoder_sample(model: Any, *, batch: int = 2, sequence: int = 8, past: int =
     rng = np.random.default_rng(seed)
     vocab = vocab_size or _vocab_size(session)
     length = past if layout.past else 0
-    feeds = {"input_ids": rng.integers(0, vocab, size=(batch, sequence)).astype(np.int64),
-             "attention_mask": np.ones((batch, length + sequence), np.int64)}
+    feeds = {
+        "input_ids": rng.integers(0, vocab, size=(batch, sequence)).astype(np.int64),
+        "attention_mask": np.ones((batch, length + sequence), np.int64),
+    }
     if "position_ids" in layout.names:
-        feeds["position_ids"] = np.broadcast_to(np.arange(length, length + sequence, dtype=np.int64), (batch, sequence)).copy()
+        feeds["position_ids"] = np.broadcast_to(
+            np.arange(length, length + sequence, dtype=np.int64), (batch, sequence)
+        ).copy()
     feeds.update(layout.empty_past(batch, length, rng))
     return feeds
 
@@ -121,20 +159,34 @@ class _Decoding:
     step_ids: np.ndarray
 
     @classmethod
-    def start(cls, model: Any, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> _Decoding:
+    def start(
+        cls, model: Any, input_ids: np.ndarray, attention_mask: np.ndarray | None
+    ) -> _Decoding:
         session = _session(model)
         layout = _Layout.of(session)
         tokens = np.asarray(input_ids, np.int64)
-        mask = np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask, np.int64)
-        return cls(session, layout, tokens, mask, layout.empty_past(len(tokens)), np.zeros(len(tokens), bool), tokens)
+        mask = (
+            np.ones_like(tokens) if attention_mask is None else np.asarray(attention_mask, np.int64)
+        )
+        return cls(
+            session,
+            layout,
+            tokens,
+            mask,
+            layout.empty_past(len(tokens)),
+            np.zeros(len(tokens), bool),
+            tokens,
+        )
 
     def step(self, eos_token_id: int | None, pad_token_id: int) -> None:
         """Run the model on the new tokens (all of them without a cache) and append each sequence's argmax."""
         feeds = {"input_ids": self.step_ids, "attention_mask": self.mask, **self.past}
         if "position_ids" in self.layout.names:
-            feeds["position_ids"] = _positions(self.mask)[:, -self.step_ids.shape[1]:]
+            feeds["position_ids"] = _positions(self.mask)[:, -self.step_ids.shape[1] :]
         outputs = run(self.session, feeds)
-        chosen = np.where(self.done, pad_token_id, np.argmax(outputs[0][:, -1], axis=-1)).astype(np.int64)
+        chosen = np.where(self.done, pad_token_id, np.argmax(outputs[0][:, -1], axis=-1)).astype(
+            np.int64
+        )
         self.tokens = np.concatenate([self.tokens, chosen[:, None]], axis=1)
         self.mask = np.concatenate([self.mask, np.ones((len(self.tokens), 1), np.int64)], axis=1)
         self.done |= eos_token_id is not None and chosen == eos_token_id
@@ -146,8 +198,13 @@ class _Decoding:
 
 
 def greedy_generate(
-    model: Any, input_ids: np.ndarray, *, attention_mask: np.ndarray | None = None, max_new_tokens: int = 10,
-    eos_token_id: int | None = None, pad_token_id: int = 0,
+    model: Any,
+    input_ids: np.ndarray,
+    *,
+    attention_mask: np.ndarray | None = None,
+    max_new_tokens: int = 10,
+    eos_token_id: int | None = None,
+    pad_token_id: int = 0,
 ) -> np.ndarray:
     """Greedy decoding with an exported decoder in ONNX Runtime, as ``generate(do_sample=False)`` does:
     the prompt (left-padded, ``attention_mask`` 0 on padding) and the new tokens; a sequence that
@@ -185,7 +242,7 @@ def perplexity(model: Any, samples: dict[str, np.ndarray], *, batch_size: int = 
     session = _session(model)
     total, count = 0.0, 0
     for start in range(0, len(samples["input_ids"]), batch_size):
-        feeds = {name: array[start:start + batch_size] for name, array in samples.items()}
+        feeds = {name: array[start : start + batch_size] for name, array in samples.items()}
         logits = run(session, feeds)[0][:, :-1].astype(np.float64)
         targets = feeds["input_ids"][:, 1:]
         shifted = logits - logits.max(axis=-1, keepdims=True)
@@ -204,18 +261,32 @@ class TextEvaluation:
     prompts (the first ``prompt_length`` tokens of the first ``prompts`` samples, ``new_tokens`` each);
     :meth:`measure` gives a model's figures against it."""
 
-    def __init__(self, reference: Any, samples: dict[str, np.ndarray], *, prompts: int = 4, prompt_length: int = 8, new_tokens: int = 16) -> None:
+    def __init__(
+        self,
+        reference: Any,
+        samples: dict[str, np.ndarray],
+        *,
+        prompts: int = 4,
+        prompt_length: int = 8,
+        new_tokens: int = 16,
+    ) -> None:
         self.samples = samples
         self.prompt_length = min(prompt_length, samples["input_ids"].shape[1] - 1)
-        self.prompts = samples["input_ids"][:prompts, :self.prompt_length]
+        self.prompts = samples["input_ids"][:prompts, : self.prompt_length]
         self.new_tokens = new_tokens
         self.reference_perplexity = perplexity(reference, samples)
         self.reference_tokens = greedy_generate(reference, self.prompts, max_new_tokens=new_tokens)
 
     def reference_figures(self, model: Any) -> dict[str, float]:
         """The reference's own figures (``model``: its file or session, for the decode speed)."""
-        return {"perplexity": self.reference_perplexity, "perplexity_increase": 0.0, "token_agreement": 1.0,
-                "decode_tokens_per_s": decode_tokens_per_second(_session(model), self.prompts, new_tokens=self.new_tokens)}
+        return {
+            "perplexity": self.reference_perplexity,
+            "perplexity_increase": 0.0,
+            "token_agreement": 1.0,
+            "decode_tokens_per_s": decode_tokens_per_second(
+                _session(model), self.prompts, new_tokens=self.new_tokens
+            ),
+        }
 
     def measure(self, model: Any) -> dict[str, float]:
         """``perplexity``, ``perplexity_increase`` (relative to the reference's), ``token_agreement``
@@ -223,9 +294,14 @@ class TextEvaluation:
         session = _session(model)
         value = perplexity(session, self.samples)
         tokens = greedy_generate(session, self.prompts, max_new_tokens=self.new_tokens)
-        return {"perplexity": value, "perplexity_increase": value / self.reference_perplexity - 1,
-                "token_agreement": token_agreement(self.reference_tokens, tokens, self.prompt_length),
-                "decode_tokens_per_s": decode_tokens_per_second(session, self.prompts, new_tokens=self.new_tokens)}
+        return {
+            "perplexity": value,
+            "perplexity_increase": value / self.reference_perplexity - 1,
+            "token_agreement": token_agreement(self.reference_tokens, tokens, self.prompt_length),
+            "decode_tokens_per_s": decode_tokens_per_second(
+                session, self.prompts, new_tokens=self.new_tokens
+            ),
+        }
 
 
 def _pass_text_floor(record: Any, registry: Registry) -> TextFloor | None:
@@ -250,8 +326,10 @@ def text_floor(provenance: Provenance, registry: Registry | None = None) -> Text
     floors = [_pass_text_floor(p, registry or get_registry()) for p in provenance.passes]
     if not floors or any(f is None for f in floors):
         return None
-    return TextFloor(min_token_agreement=min(f.min_token_agreement for f in floors if f is not None),
-                     max_perplexity_increase=max(f.max_perplexity_increase for f in floors if f is not None))
+    return TextFloor(
+        min_token_agreement=min(f.min_token_agreement for f in floors if f is not None),
+        max_perplexity_increase=max(f.max_perplexity_increase for f in floors if f is not None),
+    )
 
 
 def text_misses(figures: dict[str, float], floor: TextFloor | None) -> str | None:
@@ -260,9 +338,13 @@ def text_misses(figures: dict[str, float], floor: TextFloor | None) -> str | Non
         return None
     missed = []
     if figures["token_agreement"] < floor.min_token_agreement:
-        missed.append(f"greedy-token agreement {figures['token_agreement']:.1%} < {floor.min_token_agreement:.0%}")
+        missed.append(
+            f"greedy-token agreement {figures['token_agreement']:.1%} < {floor.min_token_agreement:.0%}"
+        )
     if figures["perplexity_increase"] > floor.max_perplexity_increase:
-        missed.append(f"perplexity +{figures['perplexity_increase']:.1%} > +{floor.max_perplexity_increase:.0%}")
+        missed.append(
+            f"perplexity +{figures['perplexity_increase']:.1%} > +{floor.max_perplexity_increase:.0%}"
+        )
     return "; ".join(missed) or None
 
 
@@ -272,6 +354,10 @@ DEFAULT_TEXT_FLOOR = TextFloor(min_token_agreement=0.5, max_perplexity_increase=
 
 def text_summary(figures: dict[str, Any]) -> str:
     """A text decoder's figures (:meth:`TextEvaluation.measure`, ``loss_accepted`` when kept anyway) in one line."""
-    text = (f"perplexity {figures['perplexity']:.3f} ({figures['perplexity_increase']:+.2%}), greedy-token agreement "
-            f"{figures['token_agreement']:.1%}, decode {figures['decode_tokens_per_s']:.1f} tokens/s")
-    return text + (f"; LOSS ACCEPTED: {figures['loss_accepted']}" if figures.get("loss_accepted") else "")
+    text = (
+        f"perplexity {figures['perplexity']:.3f} ({figures['perplexity_increase']:+.2%}), greedy-token agreement "
+        f"{figures['token_agreement']:.1%}, decode {figures['decode_tokens_per_s']:.1f} tokens/s"
+    )
+    return text + (
+        f"; LOSS ACCEPTED: {figures['loss_accepted']}" if figures.get("loss_accepted") else ""
+    )

@@ -62,9 +62,12 @@ class ExportResult:
         }
 
 
-def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[dict[str, np.ndarray]]:
+def _feeds(
+    model: Model, sample: Any, reference: Model | None = None
+) -> list[dict[str, np.ndarray]]:
     """The verification batches: ``sample``'s (samples of one shape together, one at a time for a
-    batch-1 model, no more per run than :data:`VERIFY_INPUT_BUDGET` of inputs allows), or one generated batch whose token ids index every table in range in both models
+    batch-1 model, no more per run than :data:`VERIFY_INPUT_BUDGET` of inputs allows), or one generated
+    batch whose token ids index every table in range in both models
     and whose named axes have the sizes the model declares (:func:`declared_axis_sizes`)."""
     signature = model.signature
     if sample is not None:
@@ -74,14 +77,19 @@ def _feeds(model: Model, sample: Any, reference: Model | None = None) -> list[di
     if reference is not None and reference is not model:
         for name, limit in index_limits(reference.ir.graph).items():
             limits[name] = _narrower(limits.get(name), limit)
-    feeds = sample_inputs(signature, batch=2, limits=limits, axis_sizes=declared_axis_sizes(model.provenance.extra))
+    feeds = sample_inputs(
+        signature, batch=2, limits=limits, axis_sizes=declared_axis_sizes(model.provenance.extra)
+    )
     for spec in signature.inputs:
         declared = spec.shape or ()
         got = feeds[spec.name].shape
-        if any(isinstance(d, int) and d >= 0 and d != g for d, g in zip(declared, got, strict=False)):
+        if any(
+            isinstance(d, int) and d >= 0 and d != g for d, g in zip(declared, got, strict=False)
+        ):
             raise DataError(
                 f"input {spec.describe()} of model {model.name!r} is declared too large to generate a sample for "
-                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample " "FILE, or skip it with verify=False / --no-verify"
+                f"(a sample of shape {got} was capped from it); give verification data with sample=... / --sample "
+                "FILE, or skip it with verify=False / --no-verify"
             )
     return [feeds]
 
@@ -146,7 +154,14 @@ def verify(
     actual = run_dataset(session or make_session(model), feeds)
     session = None  # NOTE: the output's session is released before the reference's is built
     expected = actual if reference is model else _reference_outputs(reference, feeds)
-    checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
+    checks = Checks(
+        atol=atol,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+        criteria=criteria,
+        accept_loss=accept_loss,
+        registry=registry,
+    )
     return replace(checks.judge(model, reference, expected, actual), random_inputs=sample is None)
 
 
@@ -171,51 +186,84 @@ class Checks:
     accept_loss: bool = False
     registry: Registry | None = None
 
-    def judge(self, model: Model, reference: Model, expected: list[np.ndarray], actual: list[np.ndarray], *, where: str = "") -> Comparison:
+    def judge(
+        self,
+        model: Model,
+        reference: Model,
+        expected: list[np.ndarray],
+        actual: list[np.ndarray],
+        *,
+        where: str = "",
+    ) -> Comparison:
         """Compare ``actual`` with ``expected``; raise on non-finite outputs, and on a miss unless
         ``accept_loss`` (``where``: what the error adds after the figures, e.g. that nothing was written)."""
-        judged_by = infer_criteria(model.signature.output_names, expected, model=reference, overrides=self.criteria)
+        judged_by = infer_criteria(
+            model.signature.output_names, expected, model=reference, overrides=self.criteria
+        )
         comparison = compare_outputs(model.signature.output_names, expected, actual, judged_by)
         if not comparison.finite:
-            raise VerificationError(f"model {model.name!r} fails verification against its reference: outputs contain NaN or infinite values{where}")
+            raise VerificationError(
+                f"model {model.name!r} fails verification against its reference: outputs contain NaN or infinite values{where}"
+            )
         misses = self._misses(model, reference, comparison)
         if not misses:
             return comparison
         if self.accept_loss:
             return replace(comparison, loss_accepted="; ".join(misses))
-        raise AccuracyLossError(f"model {model.name!r} misses its accuracy {'; '.join(misses)}{where}{self._routes(model)}")
+        raise AccuracyLossError(
+            f"model {model.name!r} misses its accuracy {'; '.join(misses)}{where}{self._routes(model)}"
+        )
 
     def _misses(self, model: Model, reference: Model, comparison: Comparison) -> list[str]:
         misses = []
         if self.atol is not None and comparison.max_abs_diff > self.atol:
-            misses.append(f"threshold: max |diff| {comparison.max_abs_diff:.3g} > atol {self.atol:g}")
+            misses.append(
+                f"threshold: max |diff| {comparison.max_abs_diff:.3g} > atol {self.atol:g}"
+            )
         if self.min_cosine is not None and comparison.cosine < self.min_cosine:
-            misses.append(f"threshold: cosine {comparison.cosine:.6f} < min_cosine {self.min_cosine:g}")
-        if self.min_agreement is not None and (comparison.top1_agreement or 0.0) < self.min_agreement:
-            misses.append(f"threshold: top-1 agreement {comparison.top1_agreement} < min_agreement {self.min_agreement:g}")
+            misses.append(
+                f"threshold: cosine {comparison.cosine:.6f} < min_cosine {self.min_cosine:g}"
+            )
+        if (
+            self.min_agreement is not None
+            and (comparison.top1_agreement or 0.0) < self.min_agreement
+        ):
+            misses.append(
+                f"threshold: top-1 agreement {comparison.top1_agreement} < min_agreement {self.min_agreement:g}"
+            )
         given = set(self.criteria or {})
         for out in comparison.outputs:
             if out.passed is False and (out.name in given or "*" in given):
                 spec = (self.criteria or {}).get(out.name, (self.criteria or {}).get("*"))
-                misses.append(f"criterion: output {out.name!r} ({out.criterion}) {out.value:.5g} misses {spec!r}")
-        explicit = self.atol is not None or self.min_cosine is not None or self.min_agreement is not None
+                misses.append(
+                    f"criterion: output {out.name!r} ({out.criterion}) {out.value:.5g} misses {spec!r}"
+                )
+        explicit = (
+            self.atol is not None or self.min_cosine is not None or self.min_agreement is not None
+        )
         if not explicit and reference is not model:
             floor, by = self._floor(model)
             worst = min(comparison.outputs, key=lambda o: o.cosine, default=None)
             if worst is not None and floor is not None and floor > 0 and comparison.cosine < floor:
-                misses.append(f"floor: output {worst.name!r} cosine {worst.cosine:.6f} < {floor:g} (the floor {by} declares)")
+                misses.append(
+                    f"floor: output {worst.name!r} cosine {worst.cosine:.6f} < {floor:g} (the floor {by} declares)"
+                )
             elif worst is not None and worst.cosine <= 0:
                 # NOTE: even where a pass changes outputs by design (no declared floor), outputs unrelated to or opposite of
                 # the reference's are broken, never a compression result
                 waived = f"; {by} declares no floor, but" if floor is None or floor <= 0 else ";"
-                misses.append(f"floor: output {worst.name!r} cosine {worst.cosine:.6f} <= 0{waived} a cosine <= 0 means outputs "
-                              "unrelated to (or opposite of) the reference's, which no method's result may have")
+                misses.append(
+                    f"floor: output {worst.name!r} cosine {worst.cosine:.6f} <= 0{waived} a cosine <= 0 means outputs "
+                    "unrelated to (or opposite of) the reference's, which no method's result may have"
+                )
         return misses
 
     def _floor(self, model: Model) -> tuple[float | None, str]:
         """The loosest floor the passes declared, and which pass declared it (``None``: no default floor)."""
         registry = self.registry or get_registry()
-        floors = [(method_floor(p, registry), f"{p.kind}/{p.method}") for p in model.provenance.passes]
+        floors = [
+            (method_floor(p, registry), f"{p.kind}/{p.method}") for p in model.provenance.passes
+        ]
         if not floors:
             return None, ""
         if any(f is None for f, _ in floors):
@@ -231,11 +279,20 @@ class Checks:
                 method = registry.method(record.method, record.kind)
             except ModelpressError:
                 continue
-            tuning += [f"{method.qualname} with {opt}=N and training data, train=... / data=... (CLI: --{opt.replace('_', '-')} N --data FILE)"
-                       for opt, need in method.requires_if if need == "train"]
-        recover = f"give fine-tuning data ({'; '.join(dict.fromkeys(tuning))})" if tuning else "recover accuracy with training data (a method option that fine-tunes, or distillation)"
-        return (f". Ways forward: {recover}; or a looser criterion (min_cosine=... / criteria={{OUTPUT: 'cosine>=X'}}, or milder method "
-                "options); or keep it anyway with accept_loss=True (CLI: --accept-loss)")
+            tuning += [
+                f"{method.qualname} with {opt}=N and training data, train=... / data=... (CLI: --{opt.replace('_', '-')} N --data FILE)"
+                for opt, need in method.requires_if
+                if need == "train"
+            ]
+        recover = (
+            f"give fine-tuning data ({'; '.join(dict.fromkeys(tuning))})"
+            if tuning
+            else "recover accuracy with training data (a method option that fine-tunes, or distillation)"
+        )
+        return (
+            f". Ways forward: {recover}; or a looser criterion (min_cosine=... / criteria={{OUTPUT: 'cosine>=X'}}, or milder method "
+            "options); or keep it anyway with accept_loss=True (CLI: --accept-loss)"
+        )
 
 
 def _output_session(staged: Path, target: Path, *, prepack: bool) -> Any:
@@ -263,17 +320,31 @@ def _held_on_disk(model: Model, staged: Path | None, *others: Model | None) -> I
     if staged is None:
         yield
         return
-    written = {name: v.const_value for name, v in ir.load(staged).graph.initializers.items()
-               if isinstance(v.const_value, ir.ExternalTensor)}
+    written = {
+        name: v.const_value
+        for name, v in ir.load(staged).graph.initializers.items()
+        if isinstance(v.const_value, ir.ExternalTensor)
+    }
     # NOTE: a tensor the model shares with another (its reference: weights no pass touched) stays:
     # reading it back would leave two copies where there was one.
-    shared = {id(v.const_value) for m in (model.reference, *others) if m is not None and m is not model
-              for v in m.ir.graph.initializers.values()}
+    shared = {
+        id(v.const_value)
+        for m in (model.reference, *others)
+        if m is not None and m is not model
+        for v in m.ir.graph.initializers.values()
+    }
     swapped: list[tuple[ir.Value, ir.ExternalTensor]] = []
     for name, value in model.ir.graph.initializers.items():
         tensor, external = value.const_value, written.get(name)
-        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or external is None or tensor.nbytes <= 1024 or id(tensor) in shared
-                or external.dtype != tensor.dtype or external.nbytes != tensor.nbytes):
+        if (
+            tensor is None
+            or isinstance(tensor, ir.ExternalTensor)
+            or external is None
+            or tensor.nbytes <= 1024
+            or id(tensor) in shared
+            or external.dtype != tensor.dtype
+            or external.nbytes != tensor.nbytes
+        ):
             continue
         value.const_value = external
         swapped.append((value, external))
@@ -292,25 +363,52 @@ _verify = verify  # NOTE: export's `verify` flag shadows the function inside exp
 def _use_external(model: Model, reference: Model | None, external_data: bool | str | None) -> bool:
     if external_data in (None, "auto"):
         sources = [model.ir] + [m.ir for m in (reference, model.reference) if m is not None]
-        return model.weight_bytes() >= INLINE_LIMIT_BYTES or any(external_folders(m) for m in sources)
+        return model.weight_bytes() >= INLINE_LIMIT_BYTES or any(
+            external_folders(m) for m in sources
+        )
     if isinstance(external_data, bool):
         return external_data
     raise ExportError(f"external_data must be 'auto', True or False, not {external_data!r}")
 
 
-def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_progress: bool) -> None:
+def _save(
+    model: Model, staged: Path, data_name: str, use_external: bool, show_progress: bool
+) -> None:
     with model.stamped() as stamped:
         if use_external:
             # NOTE: onnx_ir streams every tensor (untouched external ones included, read from their
             # memory maps) into the output's own data file, so the output never points at the source's.
-            count = sum(1 for g in stamped.graphs() for v in g.initializers.values() if v.const_value is not None and v.const_value.nbytes > 1024)
-            with progress_bar(f"saving {staged.name}", total=count, enabled=show_progress) as advance:
-                ir.save(stamped, staged, external_data=data_name, size_threshold_bytes=1024, callback=lambda _t, _i: advance(1))
+            count = sum(
+                1
+                for g in stamped.graphs()
+                for v in g.initializers.values()
+                if v.const_value is not None and v.const_value.nbytes > 1024
+            )
+            with progress_bar(
+                f"saving {staged.name}", total=count, enabled=show_progress
+            ) as advance:
+                ir.save(
+                    stamped,
+                    staged,
+                    external_data=data_name,
+                    size_threshold_bytes=1024,
+                    callback=lambda _t, _i: advance(1),
+                )
         else:
-            if in_memory_bytes(model) + sum(
-                int(v.const_value.nbytes) for g in stamped.graphs() for v in g.initializers.values() if isinstance(v.const_value, ir.ExternalTensor)
-            ) >= 2**31 - 2**24:
-                raise ExportError(f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use " "external_data=True / --external-data always")
+            if (
+                in_memory_bytes(model)
+                + sum(
+                    int(v.const_value.nbytes)
+                    for g in stamped.graphs()
+                    for v in g.initializers.values()
+                    if isinstance(v.const_value, ir.ExternalTensor)
+                )
+                >= 2**31 - 2**24
+            ):
+                raise ExportError(
+                    f"cannot write {staged.name!r} without external data: its weights exceed protobuf's 2 GB limit; use "
+                    "external_data=True / --external-data always"
+                )
             with model.inlined(), progress_bar(f"saving {staged.name}", enabled=show_progress):
                 ir.save(stamped, staged)
 
@@ -318,12 +416,18 @@ def _save(model: Model, staged: Path, data_name: str, use_external: bool, show_p
 def _checked_target(model: Model, target: Path, overwrite: bool) -> Path:
     """The folder ``target`` goes into, once the target is known to be writable there (no
     overwriting the model's own files, not a folder, its folder exists)."""
-    refuse_overwrite([target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite)
+    refuse_overwrite(
+        [target, target.with_name(target.name + ".data")], model_files(model), overwrite=overwrite
+    )
     if target.is_dir():
-        raise ExportError(f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx")
+        raise ExportError(
+            f"cannot export to {str(target)!r}: it is a folder; give a file path ending in .onnx"
+        )
     parent = target.parent if str(target.parent) else Path(".")
     if not parent.is_dir():
-        raise ExportError(f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist")
+        raise ExportError(
+            f"cannot export to {str(target)!r}: folder {str(parent)!r} does not exist"
+        )
     return parent
 
 
@@ -332,10 +436,14 @@ def _staging_folder(target: Path, parent: Path) -> Path:
     try:
         return Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
     except OSError as exc:
-        raise ExportError(f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder") from None
+        raise ExportError(
+            f"cannot export to {str(target)!r}: cannot create a file in folder {str(parent)!r} ({exc.strerror}); check it is a writable folder"
+        ) from None
 
 
-def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, show_progress: bool) -> None:
+def _write_staged(
+    model: Model, staged: Path, target: Path, use_external: bool, show_progress: bool
+) -> None:
     """Save the model to ``staged`` (its external data, if any, beside it as ``<target name>.data``)."""
     try:
         _save(model, staged, target.name + ".data", use_external, show_progress)
@@ -344,7 +452,14 @@ def _write_staged(model: Model, staged: Path, target: Path, use_external: bool, 
 
 
 def _verify_staged(
-    model: Model, staged: Path, target: Path, *, sample: Any, reference: Model | None, show_progress: bool, checks: Checks,
+    model: Model,
+    staged: Path,
+    target: Path,
+    *,
+    sample: Any,
+    reference: Model | None,
+    show_progress: bool,
+    checks: Checks,
 ) -> Comparison:
     """Run the staged file and its reference on the same inputs and judge the outputs (``checks``:
     the thresholds and criteria of :func:`verify`); a failure says nothing was written."""
@@ -357,7 +472,13 @@ def _verify_staged(
             # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
             # quantized weights are small; the fp32 reference is the one not worth packing
             actual = run_dataset(_output_session(staged, target, prepack=True), feeds)
-            comparison = checks.judge(model, chosen, actual if expected is None else expected, actual, where=f" — nothing was written to {str(target)!r}")
+            comparison = checks.judge(
+                model,
+                chosen,
+                actual if expected is None else expected,
+                actual,
+                where=f" — nothing was written to {str(target)!r}",
+            )
             advance(1)
             return replace(comparison, random_inputs=sample is None)
     except ModelpressError as exc:
@@ -378,7 +499,12 @@ def _move_into_place(tmp: Path, staged: Path, target: Path, use_external: bool) 
 
 
 def _report(
-    model: Model, target: Path, data_target: Path | None, comparison: Comparison | None, seconds: float | None, registry: Registry,
+    model: Model,
+    target: Path,
+    data_target: Path | None,
+    comparison: Comparison | None,
+    seconds: float | None,
+    registry: Registry,
 ) -> ExportResult:
     """What was written and measured, told to ``registry``'s ``modelpress_export_finish`` observers."""
     result = ExportResult(
@@ -427,7 +553,14 @@ def export(
     target = Path(path)
     parent = _checked_target(model, target, overwrite)
     use_external = _use_external(model, reference, external_data)
-    checks = Checks(atol=atol, min_cosine=min_cosine, min_agreement=min_agreement, criteria=criteria, accept_loss=accept_loss, registry=registry)
+    checks = Checks(
+        atol=atol,
+        min_cosine=min_cosine,
+        min_agreement=min_agreement,
+        criteria=criteria,
+        accept_loss=accept_loss,
+        registry=registry,
+    )
 
     tmp: Path | None = None
     comparison: Comparison | None = None
@@ -440,9 +573,19 @@ def export(
         # NOTE: while ORT holds a session, the weights this process holds for the model (a pass's
         # results) are read back lazily from the file just written; one big thing at a time.
         with _held_on_disk(model, staged if use_external else None, reference):
-            _output_session(staged, target, prepack=False)  # NOTE: ORT must load what was written (in ms: no pre-packing)
+            _output_session(
+                staged, target, prepack=False
+            )  # NOTE: ORT must load what was written (in ms: no pre-packing)
             if verify:
-                comparison = _verify_staged(model, staged, target, sample=sample, reference=reference, show_progress=show_progress, checks=checks)
+                comparison = _verify_staged(
+                    model,
+                    staged,
+                    target,
+                    sample=sample,
+                    reference=reference,
+                    show_progress=show_progress,
+                    checks=checks,
+                )
                 seconds = round(time.perf_counter() - start, 3)
         data_target = _move_into_place(tmp, staged, target, use_external)
     finally:

@@ -54,6 +54,8 @@ def kd_loss(student: Any, teacher: Any, labels: Any = None, **options: Any) -> A
     return _torch_part("torch_training").kd_loss(student, teacher, labels, **options)
 
 
-def choose_loss(module: Any = None, inputs: Any = None, labels: Any = None, loss: str = "auto", **options: Any) -> Any:
+def choose_loss(
+    module: Any = None, inputs: Any = None, labels: Any = None, loss: str = "auto", **options: Any
+) -> Any:
     """The loss fitting a module's output (see ``modelpress.adapters.torch_training.choose_loss``)."""
     return _torch_part("torch_training").choose_loss(module, inputs, labels, loss, **options)

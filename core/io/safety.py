@@ -48,7 +48,12 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def refuse_overwrite(outputs: Iterable[PathLike | None], inputs: Iterable[PathLike | None], *, overwrite: bool = False) -> None:
+def refuse_overwrite(
+    outputs: Iterable[PathLike | None],
+    inputs: Iterable[PathLike | None],
+    *,
+    overwrite: bool = False,
+) -> None:
     """Raise :class:`ExportError` if any output is the same file as any input (unless ``overwrite``)."""
     if overwrite:
         return

@@ -61,7 +61,9 @@ def infer_node_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
     multi-GB model. Returns whether every output got a type; an op ONNX has no schema for (a
     custom domain) or inputs of unknown type leave the outputs as they are."""
     try:
-        schema = onnx.defs.get_schema(node.op_type, int(opset_imports.get(node.domain, opset_imports.get("", 1))), node.domain)
+        schema = onnx.defs.get_schema(
+            node.op_type, int(opset_imports.get(node.domain, opset_imports.get("", 1))), node.domain
+        )
     except Exception:  # NOTE: onnx.defs.SchemaError: no schema for a custom or unknown op
         return False
     types: dict[str, onnx.TypeProto] = {}
@@ -76,15 +78,25 @@ def infer_node_types(node: ir.Node, opset_imports: Mapping[str, int]) -> bool:
         const = value.const_value
         if const is not None and const.nbytes <= _SMALL_CONSTANT_BYTES:
             data[value.name] = ir.serde.serialize_tensor(const)
-    opsets = [onnx.helper.make_opsetid(domain, int(version)) for domain, version in opset_imports.items()]
+    opsets = [
+        onnx.helper.make_opsetid(domain, int(version)) for domain, version in opset_imports.items()
+    ]
     try:
-        inferred = onnx.shape_inference.infer_node_outputs(schema, ir.serde.serialize_node(node), types, data, opset_imports=opsets)
-    except Exception:  # NOTE: onnx.shape_inference.InferenceError; the graph-level check catches real errors
+        inferred = onnx.shape_inference.infer_node_outputs(
+            schema, ir.serde.serialize_node(node), types, data, opset_imports=opsets
+        )
+    except (
+        Exception
+    ):  # NOTE: onnx.shape_inference.InferenceError; the graph-level check catches real errors
         return False
     complete = True
     for out in node.outputs:
         proto_type = inferred.get(out.name or "")
-        if proto_type is None or not proto_type.HasField("tensor_type") or not proto_type.tensor_type.elem_type:
+        if (
+            proto_type is None
+            or not proto_type.HasField("tensor_type")
+            or not proto_type.tensor_type.elem_type
+        ):
             complete = complete and out.type is not None
             continue
         if out.type is None:
@@ -116,7 +128,9 @@ class GraphBuilder(Tape):
         super().__init__(None)
         self.model = model
         self.prefix = prefix
-        self.target = graph  # NOTE: the graph the nodes are meant for (a subgraph); None: the main graph
+        self.target = (
+            graph  # NOTE: the graph the nodes are meant for (a subgraph); None: the main graph
+        )
 
     def _base(self, op_type: str, name: str | None) -> str:
         if name:
@@ -139,7 +153,15 @@ class GraphBuilder(Tape):
         suffix when taken; ``out`` names and types its output (:class:`Out`; default: named
         ``<node name>_output``, typed by inference from the inputs). Other keywords (``domain``,
         ``version``, ``doc_string``, ...) are onnx-ir's :meth:`~onnx_ir.tape.Tape.op`'s."""
-        return self.op_multi_out(op_type, inputs, attributes, num_outputs=1, name=name, outs=[out] if out is not None else None, **kwargs)[0]
+        return self.op_multi_out(
+            op_type,
+            inputs,
+            attributes,
+            num_outputs=1,
+            name=name,
+            outs=[out] if out is not None else None,
+            **kwargs,
+        )[0]
 
     def op_multi_out(  # type: ignore[override]
         self,
@@ -155,23 +177,35 @@ class GraphBuilder(Tape):
         """Like :meth:`op` for a node with several outputs (``num_outputs``, or one :class:`Out` each in ``outs``)."""
         count = len(outs) if outs is not None else (num_outputs or 1)
         node_name = self.model.fresh_name(self._base(op_type, name), node=True)
-        outputs = super().op_multi_out(op_type, inputs, _clean(attributes), num_outputs=count, name=node_name, **kwargs)
+        outputs = super().op_multi_out(
+            op_type, inputs, _clean(attributes), num_outputs=count, name=node_name, **kwargs
+        )
         for i, value in enumerate(outputs):
             spec = outs[i] if outs is not None else Out()
-            value.name = self.model.fresh_name(spec.name or (f"{node_name}_output" if count == 1 else f"{node_name}_out{i}"))
+            value.name = self.model.fresh_name(
+                spec.name or (f"{node_name}_output" if count == 1 else f"{node_name}_out{i}")
+            )
             if spec.dtype is not None:
                 value.type = ir.TensorType(spec.dtype)
             if spec.shape is not None:
-                value.shape = spec.shape.copy() if isinstance(spec.shape, ir.Shape) else ir.Shape(spec.shape)
+                value.shape = (
+                    spec.shape.copy() if isinstance(spec.shape, ir.Shape) else ir.Shape(spec.shape)
+                )
         node = outputs[0].producer()
         assert node is not None
         infer_node_types(node, self.model.ir.opset_imports)
         return outputs
 
-    def initializer(self, tensor: ir.TensorProtocol | np.ndarray | Any, name: str | None = None) -> ir.Value:  # type: ignore[override]
+    def initializer(
+        self, tensor: ir.TensorProtocol | np.ndarray | Any, name: str | None = None
+    ) -> ir.Value:  # type: ignore[override]
         """Add a constant (an array, or an onnx_ir tensor such as ``ir.PackedTensor``) to the model
         as an initializer named ``name`` (made unique) and return its value."""
-        base = name or getattr(tensor, "name", None) or (f"{self.prefix}/const" if self.prefix else "const")
+        base = (
+            name
+            or getattr(tensor, "name", None)
+            or (f"{self.prefix}/const" if self.prefix else "const")
+        )
         value = self.model.add_initializer(base, tensor)
         self._initializers.append(value)
         return value
@@ -182,7 +216,11 @@ class GraphBuilder(Tape):
         pending = [node for node in self.nodes if node.graph is None]
         if not pending:
             return
-        graph = self.target or (before.graph if before is not None else after.graph if after is not None else None) or self.model.graph
+        graph = (
+            self.target
+            or (before.graph if before is not None else after.graph if after is not None else None)
+            or self.model.graph
+        )
         if before is not None:
             graph.insert_before(before, pending)
         elif after is not None:
@@ -195,4 +233,7 @@ def _clean(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:
     """Attributes as onnx-ir converts them; an ``ir.DataType`` value (Cast's ``to``) becomes its int."""
     if attributes is None:
         return None
-    return {key: int(value) if isinstance(value, ir.DataType) else value for key, value in attributes.items()}
+    return {
+        key: int(value) if isinstance(value, ir.DataType) else value
+        for key, value in attributes.items()
+    }

@@ -20,7 +20,11 @@ __all__ = ["dead_nodes", "graph_problems"]
 
 
 def _node_label(node: ir.Node) -> str:
-    return f"{node.op_type} node {node.name!r}" if node.name else f"{node.op_type} node writing {[v.name for v in node.outputs]}"
+    return (
+        f"{node.op_type} node {node.name!r}"
+        if node.name
+        else f"{node.op_type} node writing {[v.name for v in node.outputs]}"
+    )
 
 
 def _all_graphs(graph: ir.Graph) -> Iterator[ir.Graph]:
@@ -45,10 +49,14 @@ def _dangling(graph: ir.Graph) -> list[str]:
         for node in g:
             for value in node.inputs:
                 if value is not None and id(value) not in provided:
-                    problems.append(f"{_node_label(node)} reads {value.name!r}, which no node, initializer or graph input provides (a dangling input)")
+                    problems.append(
+                        f"{_node_label(node)} reads {value.name!r}, which no node, initializer or graph input provides (a dangling input)"
+                    )
         for value in g.outputs:
             if id(value) not in provided:
-                problems.append(f"graph output {value.name!r} is provided by no node, initializer or graph input (a dangling output)")
+                problems.append(
+                    f"graph output {value.name!r} is provided by no node, initializer or graph input (a dangling output)"
+                )
     return problems
 
 
@@ -60,7 +68,9 @@ def _unsorted(graph: ir.Graph) -> list[str]:
         for value in node.inputs:
             producer = value.producer() if value is not None else None
             if producer is not None and position.get(id(producer), -1) > i:
-                problems.append(f"{_node_label(node)} reads {value.name!r} before {_node_label(producer)} computes it (nodes not in topological order)")
+                problems.append(
+                    f"{_node_label(node)} reads {value.name!r} before {_node_label(producer)} computes it (nodes not in topological order)"
+                )
     return problems
 
 
@@ -75,9 +85,17 @@ def dead_nodes(graph: ir.Graph) -> list[ir.Node]:
         live.add(id(producer))
         stack.extend(v for v in producer.inputs if v is not None)
         for attr in producer.attributes.values():
-            subgraphs = [attr.value] if attr.type == ir.AttributeType.GRAPH else attr.value if attr.type == ir.AttributeType.GRAPHS else []
+            subgraphs = (
+                [attr.value]
+                if attr.type == ir.AttributeType.GRAPH
+                else attr.value
+                if attr.type == ir.AttributeType.GRAPHS
+                else []
+            )
             for sub in subgraphs:
-                stack.extend(v for g in _all_graphs(sub) for n in g for v in n.inputs if v is not None)
+                stack.extend(
+                    v for g in _all_graphs(sub) for n in g for v in n.inputs if v is not None
+                )
                 stack.extend(v for g in _all_graphs(sub) for v in g.outputs)
     return [node for node in graph if id(node) not in live]
 
@@ -91,22 +109,31 @@ def _schema_problems(model: ir.Model) -> list[str]:
     lexical = onnx.checker.C.LexicalScopeContext()
     problems = []
     for node in model.graph:
-        if any(a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS) for a in node.attributes.values()):
+        if any(
+            a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for a in node.attributes.values()
+        ):
             continue
         try:
             onnx.checker.check_node(ir.serde.serialize_node(node), context, lexical)
         except (onnx.checker.ValidationError, TypeError, ValueError) as exc:
-            problems.append(f"{_node_label(node)} fails the ONNX checker: {' '.join(str(exc).split())[:300]}")
+            problems.append(
+                f"{_node_label(node)} fails the ONNX checker: {' '.join(str(exc).split())[:300]}"
+            )
     return problems
 
 
-def graph_problems(model: ir.Model, *, known_dead: frozenset[tuple[str, ...]] = frozenset()) -> list[str]:
+def graph_problems(
+    model: ir.Model, *, known_dead: frozenset[tuple[str, ...]] = frozenset()
+) -> list[str]:
     """What is structurally wrong with ``model``'s graph (empty: nothing). ``known_dead``: the output
     names of dead nodes the input already had (a pass is not blamed for those)."""
     graph = model.graph
     problems = _dangling(graph) + _unsorted(graph)
     dead = [n for n in dead_nodes(graph) if tuple(v.name for v in n.outputs) not in known_dead]
-    problems += [f"{_node_label(n)} is dead: none of its outputs reaches a graph output" for n in dead]
+    problems += [
+        f"{_node_label(n)} is dead: none of its outputs reaches a graph output" for n in dead
+    ]
     if not problems:
         problems = _schema_problems(model)
     return problems

@@ -8,7 +8,14 @@ from typing import Any
 import numpy as np
 import onnx_ir as ir
 
-__all__ = ["RECURRENT_OPS", "WEIGHTED_OPS", "WeightedLayer", "find_weighted_layers", "recurrent_refusals", "subgraph_refusals"]
+__all__ = [
+    "RECURRENT_OPS",
+    "WEIGHTED_OPS",
+    "WeightedLayer",
+    "find_weighted_layers",
+    "recurrent_refusals",
+    "subgraph_refusals",
+]
 
 WEIGHTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
 RECURRENT_OPS = frozenset({"LSTM", "GRU", "RNN"})
@@ -122,26 +129,46 @@ def _graphs(graph: ir.Graph, scope: str = "") -> list[tuple[ir.Graph, str]]:
     found = [(graph, scope)]
     for node in graph:
         for attr in node.attributes.values():
-            subs = [attr.as_graph()] if attr.type == ir.AttributeType.GRAPH else attr.as_graphs() if attr.type == ir.AttributeType.GRAPHS else []
+            subs = (
+                [attr.as_graph()]
+                if attr.type == ir.AttributeType.GRAPH
+                else attr.as_graphs()
+                if attr.type == ir.AttributeType.GRAPHS
+                else []
+            )
             for sub in subs:
                 where = f"{node.op_type} {node.name!r} {attr.name}"
                 found += _graphs(sub, f"{scope} > {where}" if scope else where)
     return found
 
 
-def find_weighted_layers(graph: ir.Graph, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False) -> list[WeightedLayer]:
+def find_weighted_layers(
+    graph: ir.Graph, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False
+) -> list[WeightedLayer]:
     """Weighted layers of ``graph``; with ``subgraphs``, also those inside If/Loop/Scan bodies
     (their ``scope`` says where). A weight defined in an outer graph counts as constant."""
     if subgraphs:
         return [
-            layer if not scope else WeightedLayer(layer.node, layer.weight, layer.bias, layer.weight_input, layer.out_axis, layer.in_axis, scope)
+            layer
+            if not scope
+            else WeightedLayer(
+                layer.node,
+                layer.weight,
+                layer.bias,
+                layer.weight_input,
+                layer.out_axis,
+                layer.in_axis,
+                scope,
+            )
             for sub, scope in _graphs(graph)
             for layer in _layers_of(sub, op_types)
         ]
     return _layers_of(graph, op_types)
 
 
-def subgraph_refusals(graph: ir.Graph, op_types: frozenset[str], method: str, why: str) -> dict[str, str]:
+def subgraph_refusals(
+    graph: ir.Graph, op_types: frozenset[str], method: str, why: str
+) -> dict[str, str]:
     """``{layer: reason}`` for the weighted layers inside subgraphs that ``method`` leaves alone,
     so a method that cannot reach them says so by name instead of silently skipping them."""
     return {
@@ -161,7 +188,11 @@ def recurrent_refusals(graph: ir.Graph, method: str) -> dict[str, str]:
             if node.op_type not in RECURRENT_OPS or node.domain not in ("", "ai.onnx"):
                 continue
             weights = [v for v in list(node.inputs)[1:3] if v is not None]
-            size = sum(int(np.prod([d if isinstance(d, int) else 0 for d in v.shape])) for v in weights if v.shape is not None)
+            size = sum(
+                int(np.prod([d if isinstance(d, int) else 0 for d in v.shape]))
+                for v in weights
+                if v.shape is not None
+            )
             computed = any(not _const_initializer(v) for v in weights)
             where = f" inside {scope}" if scope else ""
             found[node.name or node.op_type] = (

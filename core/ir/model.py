@@ -41,13 +41,44 @@ _INLINE_BYTES = 1024
 
 # NOTE: inputs that hold no weight, by (op, input index): quantization scales and zero points,
 # shapes, axes, pads, indices. A constant used only there is not a parameter (see parameter_count).
-_QPARAMS = {"QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2), "MatMulNBits": (2, 3, 4), "QLinearConv": (1, 2, 4, 5, 6, 7),
-            "QLinearMatMul": (1, 2, 4, 5, 6, 7), "QGemm": (1, 2, 4, 5, 7, 8), "MatMulInteger": (2, 3), "ConvInteger": (2, 3),
-            "GatherBlockQuantized": (2, 3), "DynamicQuantizeLSTM": (5, 6, 7, 8)}
-_SHAPE_INPUTS = {"Reshape": (1,), "Slice": (1, 2, 3, 4), "Squeeze": (1,), "Unsqueeze": (1,), "Expand": (1,), "Tile": (1,), "Pad": (1, 3),
-                 "Resize": (1, 2, 3), "Upsample": (1,), "ConstantOfShape": (0,), "Range": (0, 1, 2), "Split": (1,), "TopK": (1,),
-                 "OneHot": (1,), "CumSum": (1,), "Gather": (1,), "GatherElements": (1,), "GatherND": (1,), "ReduceSum": (1,),
-                 "ReduceMean": (1,), "ReduceMax": (1,), "ReduceMin": (1,), "ReduceProd": (1,), "ReduceL2": (1,)}
+_QPARAMS = {
+    "QuantizeLinear": (1, 2),
+    "DequantizeLinear": (1, 2),
+    "MatMulNBits": (2, 3, 4),
+    "QLinearConv": (1, 2, 4, 5, 6, 7),
+    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
+    "QGemm": (1, 2, 4, 5, 7, 8),
+    "MatMulInteger": (2, 3),
+    "ConvInteger": (2, 3),
+    "GatherBlockQuantized": (2, 3),
+    "DynamicQuantizeLSTM": (5, 6, 7, 8),
+}
+_SHAPE_INPUTS = {
+    "Reshape": (1,),
+    "Slice": (1, 2, 3, 4),
+    "Squeeze": (1,),
+    "Unsqueeze": (1,),
+    "Expand": (1,),
+    "Tile": (1,),
+    "Pad": (1, 3),
+    "Resize": (1, 2, 3),
+    "Upsample": (1,),
+    "ConstantOfShape": (0,),
+    "Range": (0, 1, 2),
+    "Split": (1,),
+    "TopK": (1,),
+    "OneHot": (1,),
+    "CumSum": (1,),
+    "Gather": (1,),
+    "GatherElements": (1,),
+    "GatherND": (1,),
+    "ReduceSum": (1,),
+    "ReduceMean": (1,),
+    "ReduceMax": (1,),
+    "ReduceMin": (1,),
+    "ReduceProd": (1,),
+    "ReduceL2": (1,),
+}
 # NOTE: an int64 constant this small is a shape, an axis or an index wherever it goes.
 _SMALL_INT64 = 64
 
@@ -173,7 +204,9 @@ class Model:
         try:
             return self.ir.graph.initializers[name]
         except KeyError:
-            raise ModelpressError(f"model {self.name!r} has no initializer named {name!r}") from None
+            raise ModelpressError(
+                f"model {self.name!r} has no initializer named {name!r}"
+            ) from None
 
     def node(self, name: str) -> ir.Node:
         for node in self.ir.graph.all_nodes():
@@ -181,7 +214,9 @@ class Model:
                 return node
         raise ModelpressError(f"model {self.name!r} has no node named {name!r}")
 
-    def weighted_layers(self, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False) -> list[WeightedLayer]:
+    def weighted_layers(
+        self, op_types: frozenset[str] = WEIGHTED_OPS, *, subgraphs: bool = False
+    ) -> list[WeightedLayer]:
         """Conv, ConvTranspose, Gemm and MatMul nodes whose weight is a constant initializer;
         with ``subgraphs``, also those inside If/Loop/Scan bodies (``layer.scope`` says where)."""
         return find_weighted_layers(self.ir.graph, op_types, subgraphs=subgraphs)
@@ -198,7 +233,11 @@ class Model:
                 if value.const_value is not None:
                     yield value.const_value
             for node in graph:
-                attr = node.attributes.get("value") if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+                attr = (
+                    node.attributes.get("value")
+                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+                    else None
+                )
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
                     yield attr.as_tensor()
 
@@ -209,9 +248,17 @@ class Model:
         so quantizing a model leaves its count unchanged."""
         total = 0
         for graph in self.ir.graphs():
-            total += sum(_weight_elements(v.const_value, v) for v in graph.initializers.values() if v.const_value is not None)
+            total += sum(
+                _weight_elements(v.const_value, v)
+                for v in graph.initializers.values()
+                if v.const_value is not None
+            )
             for node in graph:
-                attr = node.attributes.get("value") if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+                attr = (
+                    node.attributes.get("value")
+                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
+                    else None
+                )
                 if attr is not None and attr.type == ir.AttributeType.TENSOR:
                     total += _weight_elements(attr.as_tensor(), node.outputs[0])
         return total
@@ -245,7 +292,9 @@ class Model:
         """Add a new constant initializer; the name is made unique if it is taken. ``array`` is
         array-like or an onnx_ir tensor (e.g. an ``ir.PackedTensor`` of int4 values, two per byte)."""
         unique = self._unique_name(name)
-        if not isinstance(array, np.ndarray) and isinstance(array, ir.TensorProtocol):  # NOTE: a Protocol check is slow
+        if not isinstance(array, np.ndarray) and isinstance(
+            array, ir.TensorProtocol
+        ):  # NOTE: a Protocol check is slow
             tensor: ir.TensorProtocol = array
             tensor.name = unique
         else:
@@ -316,9 +365,22 @@ class Model:
         dtype = spec.dtype
         if dtype is None and op_type == "Cast" and attributes and "to" in attributes:
             dtype = ir.DataType(int(attributes["to"]))
-        result = Out(spec.name or f"{value.name}_{op_type.lower()}", dtype if dtype is not None else value.dtype,
-                     spec.shape if spec.shape is not None else value.shape.copy() if value.shape is not None else None)
-        new = self.builder().op(op_type, [value, *(extra_inputs or [])], attributes or {}, name=name or f"{value.name}/{op_type}", out=result)
+        result = Out(
+            spec.name or f"{value.name}_{op_type.lower()}",
+            dtype if dtype is not None else value.dtype,
+            spec.shape
+            if spec.shape is not None
+            else value.shape.copy()
+            if value.shape is not None
+            else None,
+        )
+        new = self.builder().op(
+            op_type,
+            [value, *(extra_inputs or [])],
+            attributes or {},
+            name=name or f"{value.name}/{op_type}",
+            out=result,
+        )
         node = new.producer()
         assert node is not None
         uses = [(user, idx) for user, idx in value.uses() if user is not node]
@@ -365,7 +427,12 @@ class Model:
         graph.remove(node, safe=True)
         for value in inputs:
             owner = value.graph
-            if value.is_initializer() and owner is not None and not list(value.uses()) and not value.is_graph_output():
+            if (
+                value.is_initializer()
+                and owner is not None
+                and not list(value.uses())
+                and not value.is_graph_output()
+            ):
                 owner.initializers.pop(value.name or "")
         self._sync_names()  # NOTE: our own edit (a rescan per replaced layer made big passes slow)
 
@@ -396,11 +463,17 @@ class Model:
                 graph.initializers.pop(value.name or "")
                 graph.inputs.append(value)
         try:
-            inferred = onnx.shape_inference.infer_shapes(ir.serde.serialize_model(light), check_type=True, strict_mode=True, data_prop=True)
+            inferred = onnx.shape_inference.infer_shapes(
+                ir.serde.serialize_model(light), check_type=True, strict_mode=True, data_prop=True
+            )
         except Exception as exc:  # NOTE: onnx.shape_inference.InferenceError and checker errors
             text = str(exc).strip().splitlines()
-            raise InvalidModelError(f"{self.name}: fails ONNX shape inference: {text[0] if text else type(exc).__name__}") from None
-        for original, result in zip(self.ir.graphs(), ir.serde.deserialize_model(inferred).graphs(), strict=False):
+            raise InvalidModelError(
+                f"{self.name}: fails ONNX shape inference: {text[0] if text else type(exc).__name__}"
+            ) from None
+        for original, result in zip(
+            self.ir.graphs(), ir.serde.deserialize_model(inferred).graphs(), strict=False
+        ):
             found = ir.convenience.create_value_mapping(result)
             for name, value in ir.convenience.create_value_mapping(original).items():
                 new = found.get(name)
@@ -444,18 +517,24 @@ class Model:
         ``provenance.source``. ``provenance`` says where the model came from (``source_framework``,
         ``source``, ``importer``; see :class:`~modelpress.Provenance`); pair this with
         :func:`modelpress.plugin_api.check_import` to prove the conversion faithful."""
-        where = (provenance.source if provenance is not None and provenance.source else "") or "the converted model"
+        where = (
+            provenance.source if provenance is not None and provenance.source else ""
+        ) or "the converted model"
         if isinstance(proto, ir.Model):
             ir_model = proto.clone()
         else:
             if not isinstance(proto, onnx.ModelProto):
-                raise InvalidModelError(f"{where}: Model.from_onnx wants an onnx.ModelProto or onnx_ir.Model, not {type(proto).__name__}")
+                raise InvalidModelError(
+                    f"{where}: Model.from_onnx wants an onnx.ModelProto or onnx_ir.Model, not {type(proto).__name__}"
+                )
             if check:
                 try:
                     onnx.checker.check_model(proto)
                 except Exception as exc:
                     text = str(exc).strip().splitlines()
-                    raise InvalidModelError(f"{where}: fails the ONNX checker: {text[0] if text else type(exc).__name__}") from None
+                    raise InvalidModelError(
+                        f"{where}: fails the ONNX checker: {text[0] if text else type(exc).__name__}"
+                    ) from None
             ir_model = ir.serde.deserialize_model(proto)
             type_initializers(ir_model)
         model = cls(ir_model, provenance=provenance, path=path)
@@ -463,7 +542,9 @@ class Model:
             try:
                 model.infer_shapes()
             except InvalidModelError as exc:
-                raise InvalidModelError(f"{where}: {exc}".replace(f"{model.name}: ", "", 1)) from None
+                raise InvalidModelError(
+                    f"{where}: {exc}".replace(f"{model.name}: ", "", 1)
+                ) from None
         return model
 
     def _graph_key(self) -> tuple[int, ...]:
@@ -476,7 +557,9 @@ class Model:
         key = self._graph_key()
         if self._names is None or self._names[0] != key:
             graph = self.ir.graph
-            values = {v.name for v in graph.initializers.values() if v.name} | {v.name for v in graph.inputs if v.name}
+            values = {v.name for v in graph.initializers.values() if v.name} | {
+                v.name for v in graph.inputs if v.name
+            }
             nodes: set[str] = set()
             for node in graph.all_nodes():
                 nodes.add(node.name or "")
@@ -517,7 +600,11 @@ class Model:
         # NOTE: onnx_ir's clone shares type and shape objects between the two models, so setting
         # `value.dtype` on the clone would retype the original too; give the clone its own.
         for graph in cloned.graphs():
-            values = [*graph.inputs, *graph.initializers.values(), *(o for n in graph for o in n.outputs)]
+            values = [
+                *graph.inputs,
+                *graph.initializers.values(),
+                *(o for n in graph for o in n.outputs),
+            ]
             for value in values:
                 if isinstance(value.type, ir.TensorType):
                     value.type = ir.TensorType(value.type.dtype)
@@ -552,7 +639,11 @@ class Model:
             for graph in self.ir.graphs():
                 for node in graph:
                     for out in node.outputs:
-                        if (out.type is None and out.shape is None) or out.name in declared or out.is_graph_output():
+                        if (
+                            (out.type is None and out.shape is None)
+                            or out.name in declared
+                            or out.is_graph_output()
+                        ):
                             continue
                         hidden.append((out, out.type, out.shape))
                         out.type, out.shape = None, None
@@ -577,9 +668,15 @@ class Model:
         saved = dict(metadata)
         metadata[PROVENANCE_KEY] = self.provenance.to_json()
         metadata["modelpress.version"] = modelpress_version()
-        typed = [(value, value.type, value.shape) for graph in self.ir.graphs() for value in graph.initializers.values()
-                 if value.const_value is not None and (value.type is not None or value.shape is not None) and not value.is_graph_input()
-                 and not value.metadata_props]  # NOTE: with metadata, onnx-ir writes a value_info anyway: keep its type then
+        typed = [
+            (value, value.type, value.shape)
+            for graph in self.ir.graphs()
+            for value in graph.initializers.values()
+            if value.const_value is not None
+            and (value.type is not None or value.shape is not None)
+            and not value.is_graph_input()
+            and not value.metadata_props
+        ]  # NOTE: with metadata, onnx-ir writes a value_info anyway: keep its type then
         for value, _, _ in typed:
             value.type, value.shape = None, None
         try:
@@ -602,7 +699,9 @@ class Model:
                 tensor = value.const_value
                 if isinstance(tensor, ir.ExternalTensor):
                     swapped.append((value, tensor))
-                    value.const_value = ir.Tensor(np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name)
+                    value.const_value = ir.Tensor(
+                        np.array(tensor.numpy()), dtype=tensor.dtype, name=tensor.name
+                    )
                     tensor.release()
         try:
             yield self.ir

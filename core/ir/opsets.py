@@ -22,7 +22,9 @@ def _blocking_op(model: Model, message: str) -> str | None:
     return None
 
 
-def ensure_opset(model: Model, version: int, *, why: str, figures: dict[str, Any] | None = None) -> Model:
+def ensure_opset(
+    model: Model, version: int, *, why: str, figures: dict[str, Any] | None = None
+) -> Model:
     """``model`` if its default-domain opset is at least ``version``, else a converted copy.
 
     ``why`` names what needs it (e.g. "per-channel QDQ (int8-static)"); the conversion is
@@ -36,7 +38,11 @@ def ensure_opset(model: Model, version: int, *, why: str, figures: dict[str, Any
         converted = onnx.version_converter.convert_version(model.to_proto(), version)
         # NOTE: the checker resolves external data against the working directory (an in-memory
         # proto has no folder); such a model is checked when ORT loads the method's result.
-        if not any(isinstance(v.const_value, ir.ExternalTensor) for g in model.ir.graphs() for v in g.initializers.values()):
+        if not any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for g in model.ir.graphs()
+            for v in g.initializers.values()
+        ):
             onnx.checker.check_model(converted)
     except Exception as exc:
         message = " ".join(str(exc).split())[:300]
@@ -50,13 +56,25 @@ def ensure_opset(model: Model, version: int, *, why: str, figures: dict[str, Any
     upgraded = ir.serde.deserialize_model(converted)
     # NOTE: weights do not come back through the converter's copy: the converted graphs get the
     # original tensor objects (memory-mapped external data stays mapped, never read here).
-    tensors = {(name, i): value.const_value for i, graph in enumerate(model.ir.graphs()) for name, value in graph.initializers.items()}
+    tensors = {
+        (name, i): value.const_value
+        for i, graph in enumerate(model.ir.graphs())
+        for name, value in graph.initializers.items()
+    }
     for i, graph in enumerate(upgraded.graphs()):
         for name, value in graph.initializers.items():
             original = tensors.get((name, i))
-            if original is not None and value.const_value is not None and tuple(original.shape) == tuple(value.const_value.shape):
+            if (
+                original is not None
+                and value.const_value is not None
+                and tuple(original.shape) == tuple(value.const_value.shape)
+            ):
                 value.const_value = original
-    result = Model(upgraded, provenance=model.provenance, path=model.path, reference=model.reference or model)
+    result = Model(
+        upgraded, provenance=model.provenance, path=model.path, reference=model.reference or model
+    )
     if figures is not None:
-        figures["opset_converted"] = f"{before} -> {version} (for {why}, with ONNX's version converter)"
+        figures["opset_converted"] = (
+            f"{before} -> {version} (for {why}, with ONNX's version converter)"
+        )
     return result

@@ -25,6 +25,7 @@ def modelpress_version() -> str:
     except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree
         return "0.0.0+unknown"
 
+
 PROVENANCE_KEY = "modelpress.ir.provenance"
 
 
@@ -80,7 +81,11 @@ class Provenance:
         """Parse what :meth:`to_json` wrote; anything else is a ``ValueError`` saying what is wrong."""
         try:
             data = json.loads(text)
-        except (ValueError, TypeError, RecursionError) as exc:  # NOTE: JSONDecodeError, UnicodeDecodeError are ValueErrors
+        except (
+            ValueError,
+            TypeError,
+            RecursionError,
+        ) as exc:  # NOTE: JSONDecodeError, UnicodeDecodeError are ValueErrors
             raise ValueError(f"not JSON ({type(exc).__name__})") from None
         if not isinstance(data, dict):
             raise ValueError(f"a JSON {type(data).__name__}, not an object")
@@ -102,8 +107,13 @@ class Provenance:
 
 
 _PASS_FIELDS: dict[str, tuple[type, ...]] = {
-    "kind": (str,), "method": (str,), "options": (dict,), "plugin": (str,), "plugin_version": (str,),
-    "seconds": (int, float), "figures": (dict,),
+    "kind": (str,),
+    "method": (str,),
+    "options": (dict,),
+    "plugin": (str,),
+    "plugin_version": (str,),
+    "seconds": (int, float),
+    "figures": (dict,),
 }
 
 
@@ -113,7 +123,9 @@ def _pass_record(raw: Any, index: int) -> PassRecord:
     unknown = set(raw) - set(_PASS_FIELDS)
     missing = {"kind", "method", "options", "plugin", "plugin_version"} - set(raw)
     if unknown or missing:
-        raise ValueError(f"pass {index} has unknown fields {sorted(unknown)} or lacks {sorted(missing)}")
+        raise ValueError(
+            f"pass {index} has unknown fields {sorted(unknown)} or lacks {sorted(missing)}"
+        )
     for key, types in _PASS_FIELDS.items():
         if key in raw and (not isinstance(raw[key], types) or isinstance(raw[key], bool)):
             raise ValueError(f"pass {index} field {key!r} has the wrong type")
@@ -130,7 +142,9 @@ def figure_problem(value: object) -> str | None:
         if isinstance(obj, os.PathLike):
             return os.fspath(obj)
         if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-            raise TypeError(f"an array of shape {tuple(obj.shape)} ({obj.dtype}); report a number or a short list (.tolist())")
+            raise TypeError(
+                f"an array of shape {tuple(obj.shape)} ({obj.dtype}); report a number or a short list (.tolist())"
+            )
         raise TypeError(f"a {type(obj).__module__}.{type(obj).__qualname__}, which is not JSON")
 
     try:

@@ -43,11 +43,19 @@ class TensorSpec:
         return tuple(d if isinstance(d, int) and d >= 0 else dynamic_size for d in self.shape)
 
     def describe(self) -> str:
-        dims = "?" if self.shape is None else ", ".join("?" if d is None else str(d) for d in self.shape)
+        dims = (
+            "?"
+            if self.shape is None
+            else ", ".join("?" if d is None else str(d) for d in self.shape)
+        )
         return f"{self.name}: {self.dtype.name}[{dims}]"
 
     def to_dict(self) -> dict[str, object]:
-        return {"name": self.name, "dtype": self.dtype.name, "shape": list(self.shape) if self.shape is not None else None}
+        return {
+            "name": self.name,
+            "dtype": self.dtype.name,
+            "shape": list(self.shape) if self.shape is not None else None,
+        }
 
 
 @dataclass(frozen=True)
@@ -79,4 +87,7 @@ class Signature:
         raise KeyError(name)
 
     def to_dict(self) -> dict[str, Sequence[dict[str, object]]]:
-        return {"inputs": [s.to_dict() for s in self.inputs], "outputs": [s.to_dict() for s in self.outputs]}
+        return {
+            "inputs": [s.to_dict() for s in self.inputs],
+            "outputs": [s.to_dict() for s in self.outputs],
+        }

@@ -20,10 +20,22 @@ from modelpress.plugin.registry import Registry
 if TYPE_CHECKING:
     from modelpress.packing.source import Item
 
-__all__ = ["CLOSE", "SAMPLE_BYTES", "SLOW_GAIN", "SOLID_LIMIT", "encode_best", "select_codecs", "solid_streams"]
+__all__ = [
+    "CLOSE",
+    "SAMPLE_BYTES",
+    "SLOW_GAIN",
+    "SOLID_LIMIT",
+    "encode_best",
+    "select_codecs",
+    "solid_streams",
+]
 
-SLOW_GAIN = 0.10  # a slow-to-decode codec must save this much over the best fast one (prefer="speed")
-SOLID_LIMIT = 8 << 20  # NOTE: a solid stream is decoded whole (and packing codes a group twice): larger groups stay separate
+SLOW_GAIN = (
+    0.10  # a slow-to-decode codec must save this much over the best fast one (prefer="speed")
+)
+SOLID_LIMIT = (
+    8 << 20
+)  # NOTE: a solid stream is decoded whole (and packing codes a group twice): larger groups stay separate
 
 
 def select_codecs(registry: Registry, codecs: str | list[str]) -> list[Codec]:
@@ -36,13 +48,17 @@ def select_codecs(registry: Registry, codecs: str | list[str]) -> list[Codec]:
         codec = registry.codec(name)
         if codec is None and name != STORED:
             known = ", ".join(c.name for c in available) or "none"
-            raise OptionsError(f"no installed plugin provides a codec {name!r}; installed codecs: {known}")
+            raise OptionsError(
+                f"no installed plugin provides a codec {name!r}; installed codecs: {known}"
+            )
         if codec is not None:
             chosen.append(codec)
     return chosen
 
 
-SAMPLE_BYTES = 16 << 10  # NOTE: a tensor up to this size is coded in full by every codec (exact); larger ones are estimated
+SAMPLE_BYTES = (
+    16 << 10
+)  # NOTE: a tensor up to this size is coded in full by every codec (exact); larger ones are estimated
 SAMPLE_SLICES = 4  # the sample: this many equal slices spread evenly over the tensor
 CLOSE = 0.02  # codecs estimated within 2 % of the smallest are all coded in full and measured
 
@@ -65,7 +81,9 @@ def _sample(data: bytes, info: TensorInfo) -> tuple[bytes, TensorInfo]:
     return sample, replace(info, shape=(count,))
 
 
-def _estimate(codec: Codec, data: bytes, info: TensorInfo, sample: tuple[bytes, TensorInfo] | None) -> _Candidate | None:
+def _estimate(
+    codec: Codec, data: bytes, info: TensorInfo, sample: tuple[bytes, TensorInfo] | None
+) -> _Candidate | None:
     """A candidate with the blob's estimated size (small tensors: coded in full, so exact)."""
     if sample is None:
         blob = codec.encode(data, info)
@@ -74,10 +92,14 @@ def _estimate(codec: Codec, data: bytes, info: TensorInfo, sample: tuple[bytes, 
         size = codec.estimate(data, info)
         return None if size is None else _Candidate(codec, size)
     blob = codec.encode(*sample)
-    return None if blob is None else _Candidate(codec, len(blob) * len(data) / max(len(sample[0]), 1))
+    return (
+        None if blob is None else _Candidate(codec, len(blob) * len(data) / max(len(sample[0]), 1))
+    )
 
 
-def _ranked(data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None, prefer: str) -> list[_Candidate]:
+def _ranked(
+    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None, prefer: str
+) -> list[_Candidate]:
     """The applicable codecs with their estimates, smallest first (``prefer="speed"``: a slow
     decoder only where it is estimated ``SLOW_GAIN`` smaller than the best fast one)."""
     sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
@@ -99,10 +121,14 @@ def _ranked(data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[st
     return sorted(found, key=lambda c: c.size)
 
 
-def _verified(candidate: _Candidate, data: bytes, info: TensorInfo, skipped: dict[str, str] | None) -> bool:
+def _verified(
+    candidate: _Candidate, data: bytes, info: TensorInfo, skipped: dict[str, str] | None
+) -> bool:
     name = candidate.codec.name
     try:
-        ok = candidate.blob is not None and same_bytes(candidate.codec.decode(candidate.blob, info), data)
+        ok = candidate.blob is not None and same_bytes(
+            candidate.codec.decode(candidate.blob, info), data
+        )
     except Exception as exc:
         if skipped is not None:
             skipped[name] = f"decode raised on {info.name!r}: {type(exc).__name__}: {exc}"
@@ -113,7 +139,12 @@ def _verified(candidate: _Candidate, data: bytes, info: TensorInfo, skipped: dic
 
 
 def encode_best(
-    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None = None, *, prefer: str = "speed",
+    data: bytes,
+    info: TensorInfo,
+    codecs: list[Codec],
+    skipped: dict[str, str] | None = None,
+    *,
+    prefer: str = "speed",
 ) -> tuple[str, bytes]:
     """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored).
 
@@ -126,7 +157,7 @@ def encode_best(
     ranked = _ranked(data, info, codecs, skipped, prefer)
     while ranked:
         close = [c for c in ranked if c.size <= ranked[0].size * (1 + CLOSE)]
-        ranked = ranked[len(close):]
+        ranked = ranked[len(close) :]
         for c in close:
             if c.blob is None:
                 c.blob = _full(c.codec, data, info, skipped)
@@ -140,7 +171,9 @@ def encode_best(
     return STORED, data
 
 
-def _full(codec: Codec, data: bytes, info: TensorInfo, skipped: dict[str, str] | None) -> bytes | None:
+def _full(
+    codec: Codec, data: bytes, info: TensorInfo, skipped: dict[str, str] | None
+) -> bytes | None:
     try:
         blob = codec.encode(data, info)
     except Exception as exc:
@@ -150,7 +183,9 @@ def _full(codec: Codec, data: bytes, info: TensorInfo, skipped: dict[str, str] |
     return None if blob is None else bytes(blob)
 
 
-def solid_streams(items: list[Item], codecs: list[Codec], skipped: dict[str, str], prefer: str) -> list[dict[str, Any]]:
+def solid_streams(
+    items: list[Item], codecs: list[Codec], skipped: dict[str, str], prefer: str
+) -> list[dict[str, Any]]:
     """Code each group of same-dtype, same-role tensors as one stream; keep the streams that are
     smaller than their members' blobs together (and mark those members)."""
     from modelpress.plugin.codec import numpy_dtype
@@ -165,12 +200,29 @@ def solid_streams(items: list[Item], codecs: list[Codec], skipped: dict[str, str
         if len(members) < 2 or total > SOLID_LIMIT:
             continue
         width = ir.DataType(dtype).bitwidth // 8
-        info = TensorInfo(f"solid stream of {len(members)} {ir.DataType(dtype).name.lower()} {role} tensors", ir.DataType(dtype), (total // width,), role)
-        codec, blob = encode_best(b"".join(it.data for it in members), info, codecs, skipped, prefer=prefer)
+        info = TensorInfo(
+            f"solid stream of {len(members)} {ir.DataType(dtype).name.lower()} {role} tensors",
+            ir.DataType(dtype),
+            (total // width,),
+            role,
+        )
+        codec, blob = encode_best(
+            b"".join(it.data for it in members), info, codecs, skipped, prefer=prefer
+        )
         # NOTE: a member row costs about the same either way; the stream must beat the separate blobs
         if len(blob) >= sum(len(it.blob) for it in members):
             continue
         for it in members:
             it.solid = len(streams)
-        streams.append({"codec": codec, "size": len(blob), "bytes": total, "dtype": dtype, "role": role, "tensors": len(members), "blob": blob})
+        streams.append(
+            {
+                "codec": codec,
+                "size": len(blob),
+                "bytes": total,
+                "dtype": dtype,
+                "role": role,
+                "tensors": len(members),
+                "blob": blob,
+            }
+        )
     return streams

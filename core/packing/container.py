@@ -24,4 +24,15 @@ from modelpress.packing.format import FORMAT, MAGIC, PackResult, TensorEntry
 from modelpress.packing.reader import PackedModel, read_packed, unpack
 from modelpress.packing.writer import pack
 
-__all__ = ["FORMAT", "MAGIC", "PackResult", "PackedModel", "TensorEntry", "encode_best", "pack", "read_packed", "tensor_report", "unpack"]
+__all__ = [
+    "FORMAT",
+    "MAGIC",
+    "PackResult",
+    "PackedModel",
+    "TensorEntry",
+    "encode_best",
+    "pack",
+    "read_packed",
+    "tensor_report",
+    "unpack",
+]

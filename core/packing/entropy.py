@@ -14,6 +14,7 @@ from modelpress.plugin.registry import Registry, current_registry
 
 __all__ = ["tensor_report"]
 
+
 def _element_entropy(data: bytes, info: TensorInfo) -> float | None:
     """Order-0 entropy of the tensor's element values in bits per element (the bound a
     Huffman/ANS coder of single elements approaches); None for sub-byte types."""
@@ -45,9 +46,18 @@ def tensor_report(model: Any, *, registry: Registry | None = None) -> list[dict[
             continue
         codec, blob = encode_best(item_.data, item_.info, codecs, prefer="size")
         info = item_.info
-        rows.append({
-            "name": name, "dtype": info.dtype.name.lower(), "shape": list(info.shape), "role": info.role,
-            "bytes": len(item_.data), "bits": info.dtype.bitwidth, "entropy_bits": _element_entropy(item_.data, info),
-            "codec": codec, "packed_bytes": len(blob), "ratio": len(item_.data) / max(len(blob), 1),
-        })
+        rows.append(
+            {
+                "name": name,
+                "dtype": info.dtype.name.lower(),
+                "shape": list(info.shape),
+                "role": info.role,
+                "bytes": len(item_.data),
+                "bits": info.dtype.bitwidth,
+                "entropy_bits": _element_entropy(item_.data, info),
+                "codec": codec,
+                "packed_bytes": len(blob),
+                "ratio": len(item_.data) / max(len(blob), 1),
+            }
+        )
     return rows

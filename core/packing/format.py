@@ -59,7 +59,22 @@ import onnx_ir as ir
 
 from modelpress.plugin.codec import TensorInfo
 
-__all__ = ["END", "FOOTER", "FORMAT", "FORMATS", "MAGIC", "MAGIC_V1", "MIN_PACKED_BYTES", "STORED", "VERSIONS", "PackResult", "TensorEntry", "checksum", "lzma_compress", "lzma_decompress"]
+__all__ = [
+    "END",
+    "FOOTER",
+    "FORMAT",
+    "FORMATS",
+    "MAGIC",
+    "MAGIC_V1",
+    "MIN_PACKED_BYTES",
+    "STORED",
+    "VERSIONS",
+    "PackResult",
+    "TensorEntry",
+    "checksum",
+    "lzma_compress",
+    "lzma_decompress",
+]
 
 FORMAT = "modelpress-pack/2"
 MAGIC = b"MPACK\x00\x02\x00"
@@ -77,7 +92,9 @@ def lzma_compress(data: bytes) -> bytes:
     # NOTE: a dictionary no larger than the data codes the same and skips 9e's ~50 ms set-up of a
     # 64 MiB one; the reader's larger dictionary decodes it (raw LZMA2 does not record the size)
     size = min(1 << 26, max(1 << 12, 1 << max(len(data) - 1, 1).bit_length()))
-    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}])
+    return lzma.compress(
+        data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}]
+    )
 
 
 def lzma_decompress(data: bytes | memoryview) -> bytes:

@@ -38,6 +38,7 @@ from modelpress.plugin.registry import Registry, current_registry
 
 __all__ = ["PackedModel", "read_packed", "unpack"]
 
+
 class PackedModel:
     """An opened ``.mpk``: the manifest, the graph, and tensors decoded one at a time (the
     members of a solid stream: one stream at a time)."""
@@ -48,7 +49,11 @@ class PackedModel:
         self.registry = registry or current_registry()
         try:
             with open(self.path, "rb") as f:
-                self._map: Any = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if self.path.stat().st_size else b""
+                self._map: Any = (
+                    mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+                    if self.path.stat().st_size
+                    else b""
+                )
         except OSError as exc:
             raise InvalidModelError(f"{self.label}: cannot be read: {exc.strerror}") from None
         self.version = 2
@@ -60,7 +65,9 @@ class PackedModel:
         self._solid_left: dict[int, int] = {}
 
     def _damaged(self, what: str) -> InvalidModelError:
-        return InvalidModelError(f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)")
+        return InvalidModelError(
+            f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)"
+        )
 
     def _slice(self, offset: int, size: int, what: str) -> bytes:
         if offset < len(MAGIC) or size < 0 or offset + size > len(self._map) - FOOTER.size:
@@ -72,8 +79,12 @@ class PackedModel:
         data = self._map
         if len(data) < len(MAGIC) + FOOTER.size or bytes(data[: len(MAGIC)]) not in VERSIONS:
             if len(data) >= 5 and bytes(data[:5]) == MAGIC[:5]:
-                raise self._damaged("the header or footer is missing (or the file comes from a newer modelpress)")
-            raise InvalidModelError(f"{self.label}: not a modelpress pack (.mpk); create one with `modelpress pack MODEL.onnx -o MODEL.mpk`")
+                raise self._damaged(
+                    "the header or footer is missing (or the file comes from a newer modelpress)"
+                )
+            raise InvalidModelError(
+                f"{self.label}: not a modelpress pack (.mpk); create one with `modelpress pack MODEL.onnx -o MODEL.mpk`"
+            )
         self.version = VERSIONS[bytes(data[: len(MAGIC)])]
         offset, size, end = FOOTER.unpack_from(data, len(data) - FOOTER.size)
         if end != END:
@@ -86,7 +97,11 @@ class PackedModel:
             raise self._damaged(f"the manifest cannot be read ({exc})") from None
         self._graph = head[4 + length :]
         if not isinstance(manifest, dict) or manifest.get("format") != FORMATS[self.version]:
-            raise InvalidModelError(f"{self.label}: unsupported pack format " f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads " f"{', '.join(FORMATS.values())})")
+            raise InvalidModelError(
+                f"{self.label}: unsupported pack format "
+                f"{manifest.get('format') if isinstance(manifest, dict) else '?'!r} (this modelpress reads "
+                f"{', '.join(FORMATS.values())})"
+            )
         return manifest
 
     @property
@@ -94,7 +109,10 @@ class PackedModel:
         """Every packed tensor, in the manifest's order (format 2: filled in from the graph)."""
         if self._entries is None:
             if self.version == 1:
-                self._entries = [TensorEntry(**{("checksum" if k == "sha256" else k): v for k, v in row.items()}) for row in self.manifest["tensors"]]
+                self._entries = [
+                    TensorEntry(**{("checksum" if k == "sha256" else k): v for k, v in row.items()})
+                    for row in self.manifest["tensors"]
+                ]
             else:
                 self._entries = self._expand(self.graph())
         return self._entries
@@ -120,11 +138,23 @@ class PackedModel:
                 external = None
                 if tensor.data_location == onnx.TensorProto.EXTERNAL:
                     info = walk.external_info(tensor)
-                    external = {"location": info["location"], "offset": int(info.get("offset", 0) or 0)}
+                    external = {
+                        "location": info["location"],
+                        "offset": int(info.get("offset", 0) or 0),
+                    }
                     nbytes = int(info.get("length", nbytes) or nbytes)
                 entry = TensorEntry(
-                    index=index, name=name, dtype=tensor.data_type, shape=[int(d) for d in tensor.dims], role=roles.get(name, "other"),
-                    codec=codec, offset=offset, size=size, bytes=nbytes, checksum=check, external=external,
+                    index=index,
+                    name=name,
+                    dtype=tensor.data_type,
+                    shape=[int(d) for d in tensor.dims],
+                    role=roles.get(name, "other"),
+                    codec=codec,
+                    offset=offset,
+                    size=size,
+                    bytes=nbytes,
+                    checksum=check,
+                    external=external,
                 )
                 if solid is None:
                     offset += size
@@ -141,7 +171,9 @@ class PackedModel:
                     codec, size = solids[entry.solid][:2]
                     entry.codec, entry.offset, entry.size = codec, starts[entry.solid], size
         except (ValueError, TypeError, IndexError, KeyError) as exc:
-            raise self._damaged(f"the manifest's tensor rows are malformed ({type(exc).__name__}: {exc})") from None
+            raise self._damaged(
+                f"the manifest's tensor rows are malformed ({type(exc).__name__}: {exc})"
+            ) from None
         return entries
 
     def graph(self) -> onnx.ModelProto:
@@ -150,11 +182,15 @@ class PackedModel:
         data = self._graph
         check = g.get("sha256") if self.version == 1 else g.get("crc32")
         if len(data) != g.get("size") or checksum(data, self.version) != check:
-            raise self._damaged(f"the graph's {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest")
+            raise self._damaged(
+                f"the graph's {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest"
+            )
         proto.ParseFromString(data)
         return proto
 
-    def _decode(self, codec_name: str, blob: bytes, info: TensorInfo, what: str) -> bytes | bytearray | memoryview:
+    def _decode(
+        self, codec_name: str, blob: bytes, info: TensorInfo, what: str
+    ) -> bytes | bytearray | memoryview:
         if codec_name == STORED:
             return bytes(blob)
         codec = self.registry.codec(codec_name)
@@ -165,7 +201,9 @@ class PackedModel:
         except PluginError:
             raise
         except Exception as exc:
-            raise self._damaged(f"{what} cannot be decoded by codec {codec_name!r} ({type(exc).__name__}: {exc})") from None
+            raise self._damaged(
+                f"{what} cannot be decoded by codec {codec_name!r} ({type(exc).__name__}: {exc})"
+            ) from None
 
     def _solid_bytes(self, entry: TensorEntry) -> bytes | bytearray | memoryview:
         """The decoded solid stream ``entry`` belongs to."""
@@ -175,10 +213,17 @@ class PackedModel:
         if data is None:
             codec, _size, nbytes, dtype, role = self.manifest["solids"][number]
             members = [e.name for e in self.entries if e.solid == number]
-            what = f"tensor {entry.name!r} (in a solid stream with {len(members) - 1} other tensors)"
+            what = (
+                f"tensor {entry.name!r} (in a solid stream with {len(members) - 1} other tensors)"
+            )
             width = max(ir.DataType(dtype).bitwidth // 8, 1)
             blob = self._slice(entry.offset, entry.size, what)
-            data = self._decode(codec, blob, TensorInfo(f"solid stream {number}", ir.DataType(dtype), (nbytes // width,), role), what)
+            data = self._decode(
+                codec,
+                blob,
+                TensorInfo(f"solid stream {number}", ir.DataType(dtype), (nbytes // width,), role),
+                what,
+            )
             if len(data) != nbytes:
                 raise self._damaged(f"{what} decodes to {len(data)} bytes, not {nbytes}")
             self._solids[number] = data
@@ -196,18 +241,26 @@ class PackedModel:
             data = whole[entry.at : entry.at + entry.bytes]
         else:
             what = f"tensor {entry.name!r}"
-            data = self._decode(entry.codec, self._slice(entry.offset, entry.size, what), entry.info, what)
+            data = self._decode(
+                entry.codec, self._slice(entry.offset, entry.size, what), entry.info, what
+            )
         if len(data) != entry.bytes or checksum(data, self.version) != entry.checksum:
-            raise self._damaged(f"tensor {entry.name!r} decodes to bytes whose {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest")
+            raise self._damaged(
+                f"tensor {entry.name!r} decodes to bytes whose {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest"
+            )
         return data
 
     def filler(self, spec: dict[str, Any]) -> bytes:
         if not spec["blob"]:
             return b""
         try:
-            return lzma_decompress(self._slice(spec["offset"], spec["blob"], f"filler of {spec['location']!r}"))
+            return lzma_decompress(
+                self._slice(spec["offset"], spec["blob"], f"filler of {spec['location']!r}")
+            )
         except lzma.LZMAError:
-            raise self._damaged(f"the filler bytes of external file {spec['location']!r} cannot be decoded") from None
+            raise self._damaged(
+                f"the filler bytes of external file {spec['location']!r} cannot be decoded"
+            ) from None
 
     def close(self) -> None:
         self._solids.clear()
@@ -221,7 +274,9 @@ class PackedModel:
         self.close()
 
 
-def _checked_tensors(proto: onnx.ModelProto, packed: PackedModel) -> list[tuple[str, onnx.TensorProto]]:
+def _checked_tensors(
+    proto: onnx.ModelProto, packed: PackedModel
+) -> list[tuple[str, onnx.TensorProto]]:
     """The graph's tensors, after checking that every manifest row names one of them."""
     tensors = list(walk.tensors(proto))
     for entry in packed.entries:
@@ -235,7 +290,9 @@ def _writeexternal_info(packed: PackedModel, external_dir: Path) -> None:
     handles: dict[str, Any] = {}
     try:
         for spec in packed.manifest.get("external_files", []):
-            path = walk.safe_location(external_dir, spec["location"], packed.label, spec["location"])
+            path = walk.safe_location(
+                external_dir, spec["location"], packed.label, spec["location"]
+            )
             path.parent.mkdir(parents=True, exist_ok=True)
             handle = handles[spec["location"]] = open(path, "wb")
             handle.truncate(spec["size"])
@@ -265,7 +322,9 @@ def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
         if entry.external is not None:
             del tensor.external_data[:]
             tensor.data_location = onnx.TensorProto.DEFAULT
-        tensor.raw_data = data if isinstance(data, bytes) else bytes(data)  # NOTE: protobuf takes bytes only
+        tensor.raw_data = (
+            data if isinstance(data, bytes) else bytes(data)
+        )  # NOTE: protobuf takes bytes only
 
 
 def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> None:
@@ -275,7 +334,11 @@ def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> Non
     tensors = _checked_tensors(proto, packed)
     spans = tensor_spans(packed._graph)
     if spans is not None and len(spans) == len(tensors):
-        fills = {spans[e.index][0]: (e.bytes, functools.partial(packed.tensor_bytes, e)) for e in packed.entries if e.external is None}
+        fills = {
+            spans[e.index][0]: (e.bytes, functools.partial(packed.tensor_bytes, e))
+            for e in packed.entries
+            if e.external is None
+        }
         try:
             with open(path, "wb") as out:
                 splice(packed._graph, fills, out)
@@ -286,7 +349,9 @@ def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> Non
     path.write_bytes(proto.SerializeToString())
 
 
-def read_packed(path: str | os.PathLike[str], *, registry: Registry | None = None) -> onnx.ModelProto:
+def read_packed(
+    path: str | os.PathLike[str], *, registry: Registry | None = None
+) -> onnx.ModelProto:
     """Decode a ``.mpk`` into an in-memory ``ModelProto`` with every weight inline (nothing is
     written to disk; tensors are decoded one at a time straight into the proto)."""
     with PackedModel(path, registry) as packed:
@@ -308,7 +373,9 @@ def unpack(
     """
     target = Path(output)
     if not target.parent.is_dir():
-        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+        raise ExportError(
+            f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
+        )
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with PackedModel(path, registry) as packed:

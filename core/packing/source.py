@@ -18,12 +18,16 @@ from modelpress.plugin.codec import TensorInfo
 
 __all__ = ["Item", "Source", "item", "parse_source", "source_bytes"]
 
+
 def source_bytes(model: Any) -> tuple[bytes, Path | None, str]:
     """The ONNX bytes to pack, the folder external data is relative to, and a label."""
     from modelpress.ir.model import Model
 
     if isinstance(model, Model):
-        if any(isinstance(v.const_value, ir.ExternalTensor) for v in model.ir.graph.initializers.values()):
+        if any(
+            isinstance(v.const_value, ir.ExternalTensor)
+            for v in model.ir.graph.initializers.values()
+        ):
             base = Path(model.path).parent if model.path else None
             proto = model.to_proto()
             return proto.SerializeToString(), base, model.name
@@ -46,7 +50,6 @@ class Item:
     codec: str = STORED
     blob: bytes = b""
     solid: int | None = None
-
 
 
 @dataclass
@@ -87,7 +90,9 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
     element by element, ~100x slower on a large tensor)."""
     import numpy as np
 
-    return len(a) == len(b) and bool(np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)))
+    return len(a) == len(b) and bool(
+        np.array_equal(np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8))
+    )
 
 
 class _Compare:
@@ -124,9 +129,13 @@ def reproduces(graph: bytes, items: list[Item], data: bytes) -> bool:
     return proto.SerializeToString() == data
 
 
-
 def item(
-    index: int, name: str, tensor: onnx.TensorProto, roles: dict[str, str], base: Path | None, label: str,
+    index: int,
+    name: str,
+    tensor: onnx.TensorProto,
+    roles: dict[str, str],
+    base: Path | None,
+    label: str,
     externals: dict[str, list[tuple[int, int]]],
 ) -> Item | None:
     """The bytes of one tensor worth packing (inline ``raw_data`` or external data), else None."""
@@ -137,7 +146,9 @@ def item(
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         info = walk.external_info(tensor)
         if base is None:
-            raise InvalidModelError(f"{label}: initializer {tensor.name!r} has external data but the model has no folder")
+            raise InvalidModelError(
+                f"{label}: initializer {tensor.name!r} has external data but the model has no folder"
+            )
         path = walk.safe_location(base, info.get("location", ""), label, tensor.name)
         offset = int(info.get("offset", 0) or 0)
         length = int(info.get("length", nbytes) or nbytes)
@@ -146,9 +157,13 @@ def item(
                 f.seek(offset)
                 data = f.read(length)
         except OSError as exc:
-            raise InvalidModelError(f"{label}: external data of initializer {tensor.name!r} cannot be read: {exc.strerror}") from None
+            raise InvalidModelError(
+                f"{label}: external data of initializer {tensor.name!r} cannot be read: {exc.strerror}"
+            ) from None
         if len(data) != length:
-            raise InvalidModelError(f"{label}: external data of initializer {tensor.name!r} is truncated ({len(data)} of {length} bytes)")
+            raise InvalidModelError(
+                f"{label}: external data of initializer {tensor.name!r} is truncated ({len(data)} of {length} bytes)"
+            )
         external = {"location": info["location"], "offset": offset}
         externals.setdefault(info["location"], []).append((offset, length))
     elif tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_PACKED_BYTES:
@@ -157,5 +172,10 @@ def item(
             return None  # NOTE: malformed size: leave it in the graph untouched
     else:
         return None
-    info_ = TensorInfo(name, ir.DataType(tensor.data_type), tuple(int(d) for d in tensor.dims), roles.get(name, "other"))
+    info_ = TensorInfo(
+        name,
+        ir.DataType(tensor.data_type),
+        tuple(int(d) for d in tensor.dims),
+        roles.get(name, "other"),
+    )
     return Item(index, tensor, data, info_, external)

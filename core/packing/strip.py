@@ -8,6 +8,7 @@ from modelpress.packing import walk
 
 __all__ = ["strip"]
 
+
 def _strip_body(body: onnx.GraphProto | onnx.FunctionProto) -> None:
     """A graph's or function's own doc string, metadata and shape annotations, and its nodes'."""
     body.ClearField("doc_string")
@@ -31,6 +32,8 @@ def strip(proto: onnx.ModelProto) -> None:
         for value in (*g.input, *g.output):
             value.ClearField("doc_string")
             del value.metadata_props[:]
-    for _name, tensor in walk.tensors(proto):  # NOTE: initializers and Constant/attribute tensors, subgraphs included
+    for _name, tensor in walk.tensors(
+        proto
+    ):  # NOTE: initializers and Constant/attribute tensors, subgraphs included
         tensor.ClearField("doc_string")
         del tensor.metadata_props[:]

@@ -51,7 +51,11 @@ def tensors(proto: onnx.ModelProto) -> Iterator[tuple[str, onnx.TensorProto]]:
             yield tensor.name, tensor
         for node in g.node:
             for attr in node.attribute:
-                name = node.output[0] if node.op_type == "Constant" and node.output else tensor_name(node, attr)
+                name = (
+                    node.output[0]
+                    if node.op_type == "Constant" and node.output
+                    else tensor_name(node, attr)
+                )
                 if attr.HasField("t"):
                     yield name, attr.t
                 for t in attr.tensors:
@@ -81,8 +85,12 @@ def nbytes(tensor: onnx.TensorProto) -> int | None:
 def safe_location(base: Path, location: str, label: str, tensor: str) -> Path:
     what = f"{label}: initializer {tensor!r} has external data at {location!r}"
     if not location or os.path.isabs(location) or location.startswith(("\\", "/")):
-        raise UnsafeExternalDataError(f"{what}, an absolute path; external data must live beside the model")
+        raise UnsafeExternalDataError(
+            f"{what}, an absolute path; external data must live beside the model"
+        )
     full = (base / location).resolve()
     if base.resolve() not in full.parents:
-        raise UnsafeExternalDataError(f"{what}, which resolves outside the model's folder; refusing to read it")
+        raise UnsafeExternalDataError(
+            f"{what}, which resolves outside the model's folder; refusing to read it"
+        )
     return full

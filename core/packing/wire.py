@@ -102,7 +102,10 @@ def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, i
                 if n_number != _NODE_ATTRIBUTE:
                     continue
                 for a_number, _t2, v0, v1 in _fields(buf, a0, a1):
-                    if a_number in (_ATTR_T, _ATTR_TENSORS):  # NOTE: t (5) then tensors (10), as _tensors yields them
+                    if a_number in (
+                        _ATTR_T,
+                        _ATTR_TENSORS,
+                    ):  # NOTE: t (5) then tensors (10), as _tensors yields them
                         attr_tensors.append((v0, v1))
                     elif a_number in (_ATTR_G, _ATTR_GRAPHS):
                         subgraphs.append((v0, v1))
@@ -183,7 +186,16 @@ _PATHS: dict[str, dict[int, str]] = {
 }
 
 
-def _plan(buf: memoryview, start: int, end: int, starts: list[int], fills: dict[int, Fill], *, depth: int, kind: str) -> list[Any]:
+def _plan(
+    buf: memoryview,
+    start: int,
+    end: int,
+    starts: list[int],
+    fills: dict[int, Fill],
+    *,
+    depth: int,
+    kind: str,
+) -> list[Any]:
     """The pieces of message ``buf[start:end]`` (a ``kind``) with its tensors filled: slices of
     ``buf`` where nothing changes, re-encoded fields on the way to a filled tensor."""
     if depth > 64:
@@ -195,7 +207,11 @@ def _plan(buf: memoryview, start: int, end: int, starts: list[int], fills: dict[
     paths = _PATHS[kind]
     for number, tag, p0, p1 in _fields(buf, start, end):
         child = paths.get(number)
-        if child is None or not _contains(starts, p0, p1) or (child == "tensor" and p0 not in fills):
+        if (
+            child is None
+            or not _contains(starts, p0, p1)
+            or (child == "tensor" and p0 not in fills)
+        ):
             continue
         inner = _plan(buf, p0, p1, starts, fills, depth=depth + 1, kind=child)
         key_end = _varint(buf, tag)[1]

@@ -29,6 +29,7 @@ from modelpress.plugin.registry import Registry, current_registry
 
 __all__ = ["pack"]
 
+
 def pack(
     model: Any,
     output: str | os.PathLike[str],
@@ -57,11 +58,17 @@ def pack(
     src = parse_source(model, strip)
     target = Path(output)
     if not target.parent.is_dir():
-        raise ExportError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+        raise ExportError(
+            f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
+        )
     skipped: dict[str, str] = {}
     externals: dict[str, list[tuple[int, int]]] = {}
     roles = walk.roles(src.proto.graph)
-    items = [it for index, (name, tensor) in enumerate(walk.tensors(src.proto)) if (it := item(index, name, tensor, roles, src.base, src.label, externals))]
+    items = [
+        it
+        for index, (name, tensor) in enumerate(walk.tensors(src.proto))
+        if (it := item(index, name, tensor, roles, src.base, src.label, externals))
+    ]
     for it in items:
         it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
     streams = solid_streams(items, chosen, skipped, prefer) if solid else []
@@ -75,12 +82,16 @@ def pack(
             files = _pack_filler(externals, src.base, src.label, out)
             stripped = src.proto.SerializeToString()
             src.identical = src.identical or reproduces(stripped, items, src.data)
-            _write_head(src, stripped, codec_origins(registry, chosen), entries, streams, files, out)
+            _write_head(
+                src, stripped, codec_origins(registry, chosen), entries, streams, files, out
+            )
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     source_bytes = src.original + sum(f["size"] for f in files)
-    result = PackResult(target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams)
+    result = PackResult(
+        target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams
+    )
     registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
     return result
 
@@ -100,7 +111,11 @@ def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> 
     for it in items:
         if it.solid is not None:
             stream = streams[it.solid]
-            entries.append(_entry(it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]))
+            entries.append(
+                _entry(
+                    it, stream["codec"], stream["offset"], stream["size"], it.solid, ats[it.solid]
+                )
+            )
             ats[it.solid] += len(it.data)
         if it.external is None:
             it.tensor.ClearField("raw_data")
@@ -109,18 +124,35 @@ def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> 
 
 
 def _write_head(
-    src: Source, stripped: bytes, origins: dict[str, dict[str, str]], entries: list[TensorEntry], streams: list[dict[str, Any]],
-    files: list[dict[str, Any]], out: Any,
+    src: Source,
+    stripped: bytes,
+    origins: dict[str, dict[str, str]],
+    entries: list[TensorEntry],
+    streams: list[dict[str, Any]],
+    files: list[dict[str, Any]],
+    out: Any,
 ) -> None:
     """Write the head (the manifest and ``stripped``, the graph without the packed bytes, one LZMA stream) and the footer."""
     used = {e.codec for e in entries}
     manifest = {
         "format": FORMAT,
-        "source": {"name": Path(src.label).name, "bytes": len(src.data), "bytes_identical": src.identical, **({"stripped": True} if src.strip else {})},
+        "source": {
+            "name": Path(src.label).name,
+            "bytes": len(src.data),
+            "bytes_identical": src.identical,
+            **({"stripped": True} if src.strip else {}),
+        },
         "graph": {"size": len(stripped), "crc32": checksum(stripped)},
-        "codecs": {name: f"{o['plugin']} {o['version']}".strip() for name, o in origins.items() if name in used},
+        "codecs": {
+            name: f"{o['plugin']} {o['version']}".strip()
+            for name, o in origins.items()
+            if name in used
+        },
         "codec_plugins": {name: o for name, o in origins.items() if name in used},
-        "tensors": [_row(e) for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))],
+        "tensors": [
+            _row(e)
+            for e in sorted(entries, key=lambda e: (e.solid is not None, e.solid or 0, e.index))
+        ],
         "solids": [[s["codec"], s["size"], s["bytes"], s["dtype"], s["role"]] for s in streams],
         "external_files": files,
     }
@@ -131,11 +163,23 @@ def _write_head(
     out.write(FOOTER.pack(offset, len(blob), END))
 
 
-
-def _entry(it: Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0) -> TensorEntry:
+def _entry(
+    it: Item, codec: str, offset: int, size: int, solid: int | None = None, at: int = 0
+) -> TensorEntry:
     return TensorEntry(
-        index=it.index, name=it.info.name, dtype=int(it.info.dtype), shape=list(it.info.shape), role=it.info.role, codec=codec,
-        offset=offset, size=size, bytes=len(it.data), checksum=checksum(it.data), external=it.external, solid=solid, at=at,
+        index=it.index,
+        name=it.info.name,
+        dtype=int(it.info.dtype),
+        shape=list(it.info.shape),
+        role=it.info.role,
+        codec=codec,
+        offset=offset,
+        size=size,
+        bytes=len(it.data),
+        checksum=checksum(it.data),
+        external=it.external,
+        solid=solid,
+        at=at,
     )
 
 
@@ -145,8 +189,9 @@ def _row(e: TensorEntry) -> list[Any]:
     return row if e.solid is None else [e.index, "", 0, e.checksum, e.solid]
 
 
-
-def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None, label: str, out: Any) -> list[dict[str, Any]]:
+def _pack_filler(
+    externals: dict[str, list[tuple[int, int]]], base: Path | None, label: str, out: Any
+) -> list[dict[str, Any]]:
     """Keep the bytes of each external-data file that no tensor covers (padding, alignment)."""
     files = []
     for location, spans in externals.items():
@@ -167,7 +212,15 @@ def _pack_filler(externals: dict[str, list[tuple[int, int]]], base: Path | None,
                 f.seek(start)
                 filler += f.read(length)
         blob = lzma_compress(filler) if filler else b""
-        files.append({"location": location, "size": size, "gaps": gaps, "offset": out.tell(), "blob": len(blob)})
+        files.append(
+            {
+                "location": location,
+                "size": size,
+                "gaps": gaps,
+                "offset": out.tell(),
+                "blob": len(blob),
+            }
+        )
         out.write(blob)
     return files
 

@@ -41,7 +41,9 @@ def _value(text: str) -> Any:
         return text
 
 
-def env_defaults(method: Method, environ: Mapping[str, str] | None = None) -> dict[str, tuple[str, Any]]:
+def env_defaults(
+    method: Method, environ: Mapping[str, str] | None = None
+) -> dict[str, tuple[str, Any]]:
     """``{option: (variable, value)}`` for each option of ``method`` set in the environment."""
     environ = os.environ if environ is None else environ
     if not method.plugin:

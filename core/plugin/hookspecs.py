@@ -176,7 +176,9 @@ def modelpress_load_data(path: Path, model: Model, what: str, sequence_length: i
 
 
 @hookspec
-def modelpress_pass_start(method: Method, model: Model, options: Any, pass_id: str, stage: str | None) -> None:
+def modelpress_pass_start(
+    method: Method, model: Model, options: Any, pass_id: str, stage: str | None
+) -> None:
     """Called before a method runs. ``options`` is the validated options object. ``pass_id``
     identifies this run of the method (the same in its ``pass_finish``/``pass_error``);
     ``stage`` is the recipe stage's name when :func:`modelpress.compress` (or a tune trial) runs
@@ -188,14 +190,18 @@ def modelpress_pass_start(method: Method, model: Model, options: Any, pass_id: s
 
 
 @hookspec
-def modelpress_pass_finish(method: Method, model: Model, record: PassRecord, pass_id: str, stage: str | None) -> None:
+def modelpress_pass_finish(
+    method: Method, model: Model, record: PassRecord, pass_id: str, stage: str | None
+) -> None:
     """Called after a method succeeded, with the resulting ``model`` and its ``record``
     (options, wall time in ``record.seconds`` and the method's ``record.figures``, already
     checked to be JSON-serialisable); ``pass_id``/``stage`` as in ``modelpress_pass_start``."""
 
 
 @hookspec
-def modelpress_pass_error(method: Method, model: Model, error: BaseException, pass_id: str, stage: str | None) -> None:
+def modelpress_pass_error(
+    method: Method, model: Model, error: BaseException, pass_id: str, stage: str | None
+) -> None:
     """Called when a method raised (or was interrupted); ``model`` is the input model."""
 
 
@@ -213,7 +219,9 @@ def modelpress_run_finish(run_id: str, result: Any, error: BaseException | None)
 
 
 @hookspec
-def modelpress_trial_start(trial_id: str, config: dict[str, Any], passes: list[dict[str, Any]]) -> None:
+def modelpress_trial_start(
+    trial_id: str, config: dict[str, Any], passes: list[dict[str, Any]]
+) -> None:
     """Called by ``modelpress tune`` when a trial starts (on the driver, before it is sent to a
     worker). ``trial_id`` is ``"<study name>/<trial number>"``, the same in ``trial_finish``;
     ``config`` the sampled configuration, ``passes`` the recipe passes it runs."""

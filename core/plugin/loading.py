@@ -36,7 +36,14 @@ __all__ = ["load"]
 _EXPORTER_GRAPH_NAMES = frozenset({"", "main_graph", "torch_jit", "torch-jit-export", "tf2onnx"})
 
 
-def load(source: Any, *, framework: str | None = None, registry: Registry | None = None, show_progress: bool = True, **options: Any) -> Model:
+def load(
+    source: Any,
+    *,
+    framework: str | None = None,
+    registry: Registry | None = None,
+    show_progress: bool = True,
+    **options: Any,
+) -> Model:
     """Import ``source`` into a :class:`Model`.
 
     ``source`` is a path (``.onnx``; ``.pt2``/TorchScript, ``.keras``, SavedModel folders with the
@@ -69,14 +76,22 @@ def _convert_once_hint(path: str, model: Model, seconds: float) -> None:
     """A framework file (``.pt2``, ``.keras``, ...) is exported to ONNX on every load: say once per
     process (only with progress shown: ``-q`` silences it) that converting it once saves that."""
     stem, suffix = os.path.splitext(path.rstrip("/\\"))
-    if model.provenance.source_framework == "onnx" or suffix.lower() in (".onnx", ".mpk") or path in _HINTED:
+    if (
+        model.provenance.source_framework == "onnx"
+        or suffix.lower() in (".onnx", ".mpk")
+        or path in _HINTED
+    ):
         return
     _HINTED.add(path)
-    sys.stderr.write(f"note: {os.path.basename(path)} was exported to ONNX in {seconds:.1f}s, as it will be by every command; "
-                     f"convert it once and use the .onnx: modelpress convert {path} -o {os.path.basename(stem)}.onnx\n")
+    sys.stderr.write(
+        f"note: {os.path.basename(path)} was exported to ONNX in {seconds:.1f}s, as it will be by every command; "
+        f"convert it once and use the .onnx: modelpress convert {path} -o {os.path.basename(stem)}.onnx\n"
+    )
 
 
-def _load(source: Any, *, framework: str | None, registry: Registry | None, **options: Any) -> Model:
+def _load(
+    source: Any, *, framework: str | None, registry: Registry | None, **options: Any
+) -> Model:
     if isinstance(source, Model):
         _check_task(source, options.get("task"))
         return source
@@ -85,7 +100,10 @@ def _load(source: Any, *, framework: str | None, registry: Registry | None, **op
     with using_registry(registry):
         model = _load_with(source, registry, framework, options)
     _check_task(model, options.get("task"))
-    if isinstance(source, (str, os.PathLike)) and (model.ir.graph.name or "") in _EXPORTER_GRAPH_NAMES:
+    if (
+        isinstance(source, (str, os.PathLike))
+        and (model.ir.graph.name or "") in _EXPORTER_GRAPH_NAMES
+    ):
         model.ir.graph.name = os.path.splitext(os.path.basename(os.fspath(source).rstrip("/\\")))[0]
     return model
 
@@ -96,17 +114,27 @@ def _check_task(model: Model, task: str | None) -> None:
     if task is None or model.provenance.extra.get("task") == task:
         return
     had = model.provenance.extra.get("task")
-    how = f"is already exported for {had!r}" if had else f"was loaded by the {model.provenance.source_framework or 'ONNX'} importer, which has no tasks"
-    raise OptionsError(f"task {task!r}: {model.name!r} {how}; --task / task= chooses what a Hugging Face checkpoint is exported for")
+    how = (
+        f"is already exported for {had!r}"
+        if had
+        else f"was loaded by the {model.provenance.source_framework or 'ONNX'} importer, which has no tasks"
+    )
+    raise OptionsError(
+        f"task {task!r}: {model.name!r} {how}; --task / task= chooses what a Hugging Face checkpoint is exported for"
+    )
 
 
-def _load_with(source: Any, registry: Registry, framework: str | None, options: dict[str, Any]) -> Model:
+def _load_with(
+    source: Any, registry: Registry, framework: str | None, options: dict[str, Any]
+) -> Model:
     adapters = registry.adapters()
     if framework is not None:
         chosen = [a for a in adapters if a.name == framework]
         if not chosen:
             names = ", ".join(a.name for a in adapters)
-            raise UnsupportedModelError(f"no adapter named {framework!r} is installed; installed: {names}")
+            raise UnsupportedModelError(
+                f"no adapter named {framework!r} is installed; installed: {names}"
+            )
         return _adapter_load(chosen[0], source, options)
     if isinstance(source, (str, os.PathLike)) and not os.path.exists(source):
         raise InvalidModelError(f"{os.fspath(source)!r}: no such file or folder")
@@ -123,12 +151,26 @@ def _load_with(source: Any, registry: Registry, framework: str | None, options: 
             faults.append(exc)
             continue
         for fault in faults:
-            warnings.warn(f"{fault} (another adapter, {adapter.name!r}, loaded the model; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=3)
+            warnings.warn(
+                f"{fault} (another adapter, {adapter.name!r}, loaded the model; {STRICT_ENV}=1 makes this an error)",
+                PluginWarning,
+                stacklevel=3,
+            )
         return model
     if faults:
-        raise faults[0] if len(faults) == 1 else PluginError("; ".join(str(f) for f in faults), plugin=", ".join(str(f.plugin) for f in faults))
+        raise (
+            faults[0]
+            if len(faults) == 1
+            else PluginError(
+                "; ".join(str(f) for f in faults), plugin=", ".join(str(f.plugin) for f in faults)
+            )
+        )
     names = ", ".join(a.name for a in adapters)
-    what = repr(os.fspath(source)) if isinstance(source, (str, os.PathLike)) else f"an object of type {type(source).__module__}.{type(source).__name__}"
+    what = (
+        repr(os.fspath(source))
+        if isinstance(source, (str, os.PathLike))
+        else f"an object of type {type(source).__module__}.{type(source).__name__}"
+    )
     raise UnsupportedModelError(
         f"no installed adapter can load {what} (adapters: {names}); for PyTorch or Keras models "
         f"install the extra: pip install -c constraints.txt 'modelpress[torch]' or 'modelpress[tensorflow]'"
@@ -144,9 +186,15 @@ def _adapter_accepts(adapter: Adapter, source: Any) -> bool:
     try:
         answer = adapter.accepts(source)
     except Exception as exc:
-        raise PluginError(f"{_label(adapter)} failed in accepts(): {type(exc).__name__}: {one_line(exc)}", plugin=adapter.plugin) from exc
+        raise PluginError(
+            f"{_label(adapter)} failed in accepts(): {type(exc).__name__}: {one_line(exc)}",
+            plugin=adapter.plugin,
+        ) from exc
     if not isinstance(answer, (bool, np.bool_)):
-        raise PluginError(f"{_label(adapter)}: accepts() returned {type(answer).__name__}, not a bool", plugin=adapter.plugin)
+        raise PluginError(
+            f"{_label(adapter)}: accepts() returned {type(answer).__name__}, not a bool",
+            plugin=adapter.plugin,
+        )
     return bool(answer)
 
 
@@ -158,7 +206,13 @@ def _adapter_load(adapter: Adapter, source: Any, options: dict[str, Any]) -> Mod
     except ModelpressError:
         raise
     except Exception as exc:
-        raise PluginError(f"{_label(adapter)} failed in load(): {type(exc).__name__}: {one_line(exc)}", plugin=adapter.plugin) from exc
+        raise PluginError(
+            f"{_label(adapter)} failed in load(): {type(exc).__name__}: {one_line(exc)}",
+            plugin=adapter.plugin,
+        ) from exc
     if not isinstance(model, Model):
-        raise PluginError(f"{_label(adapter)}: load() returned {type(model).__name__}, not a modelpress.Model", plugin=adapter.plugin)
+        raise PluginError(
+            f"{_label(adapter)}: load() returned {type(model).__name__}, not a modelpress.Model",
+            plugin=adapter.plugin,
+        )
     return model

@@ -18,7 +18,19 @@ from modelpress.plugin.tuning import Tuning
 if TYPE_CHECKING:
     from modelpress.ir.model import Model
 
-__all__ = ["BUILTIN_KINDS", "DATA_NEEDS", "DEFAULT_FLOOR", "KINDS", "KIND_FLOOR", "Kind", "Method", "Options", "PassContext", "TextFloor", "check_kind_name"]
+__all__ = [
+    "BUILTIN_KINDS",
+    "DATA_NEEDS",
+    "DEFAULT_FLOOR",
+    "KINDS",
+    "KIND_FLOOR",
+    "Kind",
+    "Method",
+    "Options",
+    "PassContext",
+    "TextFloor",
+    "check_kind_name",
+]
 
 # NOTE: kinds are open (any registered name, see ``modelpress_register_kinds``); these are the
 # built-in plugins' kinds, kept importable for compatibility. Use ``registry.kinds()`` for what exists.
@@ -39,15 +51,23 @@ def _check_floor(value: object, what: str, *, inherit: bool) -> None:
     """A floor is a cosine in [-1, 1], ``None`` (no default floor) or, for a method (``inherit``), :data:`KIND_FLOOR`."""
     if value is None or (inherit and value == KIND_FLOOR):
         return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= float(value) <= 1.0:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or not -1.0 <= float(value) <= 1.0
+    ):
         allowed = f"None or {KIND_FLOOR!r}" if inherit else "or None"
-        raise ValueError(f"{what}: min_cosine must be a cosine between -1 and 1, {allowed}, not {value!r}")
+        raise ValueError(
+            f"{what}: min_cosine must be a cosine between -1 and 1, {allowed}, not {value!r}"
+        )
 
 
 def check_kind_name(name: str, what: str) -> None:
     """A kind name is lowercase letters, digits, ``-`` and ``_``, starting with a letter."""
     if not isinstance(name, str) or not _KIND_NAME.match(name):
-        raise ValueError(f"{what}: kind {name!r} is not a valid kind name (lowercase letters, digits, '-' and '_', starting with a letter)")
+        raise ValueError(
+            f"{what}: kind {name!r} is not a valid kind name (lowercase letters, digits, '-' and '_', starting with a letter)"
+        )
 
 
 @dataclass(frozen=True)
@@ -61,7 +81,9 @@ class TextFloor:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_token_agreement <= 1.0 or self.max_perplexity_increase < 0:
-            raise ValueError(f"TextFloor: min_token_agreement in [0, 1] and max_perplexity_increase >= 0, not {self!r}")
+            raise ValueError(
+                f"TextFloor: min_token_agreement in [0, 1] and max_perplexity_increase >= 0, not {self!r}"
+            )
 
 
 @dataclass(frozen=True)
@@ -92,10 +114,25 @@ class Kind:
 
 
 BUILTIN_KINDS: tuple[Kind, ...] = (
-    Kind("quantize", "lower the precision of weights and activations (a smaller, faster file)", ("model_bytes_before", "model_bytes_after"), smaller=True),
-    Kind("prune", "remove weights or channels (sparsity, fewer parameters)", ("sparsity",), min_cosine=0.5),
+    Kind(
+        "quantize",
+        "lower the precision of weights and activations (a smaller, faster file)",
+        ("model_bytes_before", "model_bytes_after"),
+        smaller=True,
+    ),
+    Kind(
+        "prune",
+        "remove weights or channels (sparsity, fewer parameters)",
+        ("sparsity",),
+        min_cosine=0.5,
+    ),
     # NOTE: a student is trained to match, not to stay close: no default floor (explicit thresholds or criteria judge it)
-    Kind("distill", "train a smaller student to match the model (the teacher)", ("agreement",), min_cosine=None),
+    Kind(
+        "distill",
+        "train a smaller student to match the model (the teacher)",
+        ("agreement",),
+        min_cosine=None,
+    ),
 )
 
 
@@ -144,7 +181,9 @@ class PassContext:
     registry: Any = None
 
     @contextmanager
-    def progress(self, description: str, total: int | None = None) -> Iterator[Callable[[int], None]]:
+    def progress(
+        self, description: str, total: int | None = None
+    ) -> Iterator[Callable[[int], None]]:
         """``with ctx.progress("calibrating", total=n) as advance: ... advance(1)``."""
         from modelpress.base.progress import progress_bar
 
@@ -218,9 +257,13 @@ class Method:
         for attr in ("requires_if", "reference_options"):
             value = getattr(self, attr)
             object.__setattr__(self, attr, tuple(sorted(dict(value).items())))
-        unknown = [d for d in (*self.requires, *(d for _, d in self.requires_if)) if d not in DATA_NEEDS]
+        unknown = [
+            d for d in (*self.requires, *(d for _, d in self.requires_if)) if d not in DATA_NEEDS
+        ]
         if unknown:
-            raise ValueError(f"method {self.name!r}: requires {', '.join(map(repr, unknown))}; data needs are {', '.join(DATA_NEEDS)}")
+            raise ValueError(
+                f"method {self.name!r}: requires {', '.join(map(repr, unknown))}; data needs are {', '.join(DATA_NEEDS)}"
+            )
         if not (isinstance(self.options, type) and issubclass(self.options, Options)):
             raise TypeError(f"method {self.name!r}: options must be a modelpress.Options subclass")
         if self.tuning is not None:
@@ -252,11 +295,15 @@ class Method:
                 close = difflib.get_close_matches(key, fields, n=1)
                 hints.append(f"{key!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
             valid = ", ".join(fields) or "none"
-            raise OptionsError(f"{self.qualname}: unknown option {', '.join(hints)}; valid options: {valid}")
+            raise OptionsError(
+                f"{self.qualname}: unknown option {', '.join(hints)}; valid options: {valid}"
+            )
         try:
             return self.options(**raw)
         except pydantic.ValidationError as exc:
-            raise OptionsError(f"{self.qualname}: {validation_problems(exc, what='option', show_input=True)}") from None
+            raise OptionsError(
+                f"{self.qualname}: {validation_problems(exc, what='option', show_input=True)}"
+            ) from None
 
     def option_rows(self) -> list[dict[str, str]]:
         """Name, type, default and help of each option, for listings."""
@@ -268,7 +315,20 @@ class Method:
             elif typing.get_origin(annotation) is not None:
                 type_name = str(annotation).replace("typing.", "")
             else:
-                type_name = getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-            default = "required" if info.is_required() else repr(info.get_default(call_default_factory=True))
-            rows.append({"name": name, "type": type_name, "default": default, "help": info.description or ""})
+                type_name = getattr(annotation, "__name__", None) or str(annotation).replace(
+                    "typing.", ""
+                )
+            default = (
+                "required"
+                if info.is_required()
+                else repr(info.get_default(call_default_factory=True))
+            )
+            rows.append(
+                {
+                    "name": name,
+                    "type": type_name,
+                    "default": default,
+                    "help": info.description or "",
+                }
+            )
         return rows

@@ -86,18 +86,32 @@ STRICT_ENV = "MODELPRESS_STRICT_PLUGINS"
 _BUILTIN_DISTRIBUTION = "modelpress"
 _HOOK_PREFIX = "modelpress_"
 # Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
-OBSERVER_HOOKS = frozenset({
-    "modelpress_pass_start", "modelpress_pass_finish", "modelpress_pass_error", "modelpress_export_finish",
-    "modelpress_run_start", "modelpress_run_finish", "modelpress_trial_start", "modelpress_trial_finish",
-    "modelpress_pack_finish", "modelpress_unpack_finish",
-})
+OBSERVER_HOOKS = frozenset(
+    {
+        "modelpress_pass_start",
+        "modelpress_pass_finish",
+        "modelpress_pass_error",
+        "modelpress_export_finish",
+        "modelpress_run_start",
+        "modelpress_run_finish",
+        "modelpress_trial_start",
+        "modelpress_trial_finish",
+        "modelpress_pack_finish",
+        "modelpress_unpack_finish",
+    }
+)
 # Hooks whose implementations answer a question: a ModelpressError is the plugin's answer, anything else its fault.
 ANSWER_HOOKS = frozenset({"modelpress_load_data"})
 # NOTE: the data files modelpress reads itself; others are offered to modelpress_load_data.
 NUMPY_SUFFIXES = (".npz", ".npy")
 # The role of modelpress_load_data that asks for the part of a calibration file its calibration reading leaves out
 HELD_OUT = "held-out"
-_REGISTER_HOOKS = ("modelpress_register_kinds", "modelpress_register_methods", "modelpress_register_adapters", "modelpress_register_codecs")
+_REGISTER_HOOKS = (
+    "modelpress_register_kinds",
+    "modelpress_register_methods",
+    "modelpress_register_adapters",
+    "modelpress_register_codecs",
+)
 
 
 def _truthy(value: str | None) -> bool:
@@ -114,7 +128,11 @@ def _observer_fault(exc: Exception, plugin: str, hook_name: str) -> None:
     message = f"plugin {plugin!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}"
     if strict_plugins():
         raise PluginError(f"{message} ({STRICT_ENV}=1 makes this an error)", plugin=plugin) from exc
-    warnings.warn(f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)", PluginWarning, stacklevel=3)
+    warnings.warn(
+        f"{message}; ignored (the run goes on; {STRICT_ENV}=1 makes this an error)",
+        PluginWarning,
+        stacklevel=3,
+    )
 
 
 def notify_observers(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Any]:
@@ -172,8 +190,10 @@ def ask_first(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> Any:
         except ModelpressError:
             raise
         except Exception as exc:
-            raise PluginError(f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}",
-                              plugin=impl.plugin_name) from exc
+            raise PluginError(
+                f"plugin {impl.plugin_name!r} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}",
+                plugin=impl.plugin_name,
+            ) from exc
         if answer is not None:
             return answer
     return None
@@ -225,14 +245,21 @@ class Registry:
         """Register a plugin object (a module or any object with hook implementations)."""
         name = name or getattr(plugin, "__name__", None) or type(plugin).__name__
         if name in self.plugins:
-            raise PluginError(f"a plugin named {name!r} is already registered ({self.plugins[name].label})", plugin=name)
-        info = PluginInfo(name, distribution, version, builtin, getattr(plugin, "__name__", type(plugin).__name__))
+            raise PluginError(
+                f"a plugin named {name!r} is already registered ({self.plugins[name].label})",
+                plugin=name,
+            )
+        info = PluginInfo(
+            name, distribution, version, builtin, getattr(plugin, "__name__", type(plugin).__name__)
+        )
         try:
             self.pm.register(plugin, name=name)
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=name)
-            raise PluginError(f"plugin {info.label} is invalid: {one_line(exc)}", plugin=name) from None
+            raise PluginError(
+                f"plugin {info.label} is invalid: {one_line(exc)}", plugin=name
+            ) from None
         unmarked = self._unmarked_hooks(plugin)
         if unmarked:
             self.pm.unregister(name=name)
@@ -291,12 +318,16 @@ class Registry:
                 raise
             except Exception as exc:
                 raise PluginError(
-                    f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}", plugin=name
+                    f"plugin {info.label} failed in {hook_name}: {type(exc).__name__}: {one_line(exc)}",
+                    plugin=name,
                 ) from exc
 
     def _register_method(self, name: str, info: PluginInfo, method: Method) -> None:
         if not isinstance(method, Method):
-            raise PluginError(f"plugin {info.label} registered {method!r}, which is not a modelpress.Method", plugin=name)
+            raise PluginError(
+                f"plugin {info.label} registered {method!r}, which is not a modelpress.Method",
+                plugin=name,
+            )
         method = method.attributed(info.name, info.version)
         key = (method.kind, method.name)
         if key in self._methods:
@@ -312,14 +343,20 @@ class Registry:
 
     def _register_adapter(self, name: str, info: PluginInfo, adapter: Adapter) -> None:
         if not isinstance(adapter, Adapter):
-            raise PluginError(f"plugin {info.label} registered {adapter!r}, which is not a modelpress.Adapter", plugin=name)
+            raise PluginError(
+                f"plugin {info.label} registered {adapter!r}, which is not a modelpress.Adapter",
+                plugin=name,
+            )
         adapter = adapter.attributed(info.name, info.version)
         self._adapters.append(adapter)
         info.adapters.append(adapter)
 
     def _register_codec(self, name: str, info: PluginInfo, codec: Codec) -> None:
         if not isinstance(codec, Codec):
-            raise PluginError(f"plugin {info.label} registered {codec!r}, which is not a modelpress.Codec", plugin=name)
+            raise PluginError(
+                f"plugin {info.label} registered {codec!r}, which is not a modelpress.Codec",
+                plugin=name,
+            )
         if codec.name in self._codecs:
             other = self._codecs[codec.name][1]
             raise DuplicateMethodError(
@@ -334,7 +371,10 @@ class Registry:
 
     def _register_kind(self, name: str, info: PluginInfo, kind: Kind) -> None:
         if not isinstance(kind, Kind):
-            raise PluginError(f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind", plugin=name)
+            raise PluginError(
+                f"plugin {info.label} registered {kind!r}, which is not a modelpress.Kind",
+                plugin=name,
+            )
         kind = kind.attributed(info.name)
         if kind.name in self._kinds:
             other_kind, other = self._kinds[kind.name]
@@ -362,7 +402,10 @@ class Registry:
         registered method (built-in kinds first, then by name)."""
         names = {*self._kinds, *(k for k, _ in self._methods)}
         order = [k.name for k in BUILTIN_KINDS]
-        return [self.kind(n) for n in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))]
+        return [
+            self.kind(n)
+            for n in sorted(names, key=lambda n: (order.index(n) if n in order else len(order), n))
+        ]
 
     def kind(self, name: str) -> Kind:
         """The :class:`Kind` called ``name`` (a kind only declared by a method has no description)."""
@@ -374,7 +417,9 @@ class Registry:
         if any(k == name for k, _ in self._methods):
             return Kind(name)
         known = ", ".join(k.name for k in self.kinds()) or "none"
-        raise UnknownMethodError(f"unknown method kind {name!r}; installed kinds: {known} (see `modelpress plugins`)")
+        raise UnknownMethodError(
+            f"unknown method kind {name!r}; installed kinds: {known} (see `modelpress plugins`)"
+        )
 
     def method(self, name: str, kind: str | None = None) -> Method:
         """The method called ``name`` (of ``kind``, if given); a clear error lists what exists."""
@@ -385,7 +430,9 @@ class Registry:
             return matches[0]
         if len(matches) > 1:
             options = ", ".join(m.qualname for m in matches)
-            raise UnknownMethodError(f"method {name!r} exists in several kinds ({options}); say which kind")
+            raise UnknownMethodError(
+                f"method {name!r} exists in several kinds ({options}); say which kind"
+            )
         installed = ", ".join(m.qualname for m in self.methods(kind)) or "none"
         where = f" of kind {kind!r}" if kind else ""
         raise UnknownMethodError(
@@ -396,7 +443,11 @@ class Registry:
     def local_plugins(self) -> list[object]:
         """The plugin objects registered directly (``create_registry(plugins=[...])``, ``register(obj)``), not from entry
         points: what another process needs besides its own entry points to have this registry's methods."""
-        return [self.pm.get_plugin(name) for name, info in self.plugins.items() if info.distribution == "local"]
+        return [
+            self.pm.get_plugin(name)
+            for name, info in self.plugins.items()
+            if info.distribution == "local"
+        ]
 
     def adapters(self) -> list[Adapter]:
         return sorted(self._adapters, key=lambda a: -a.priority)
@@ -414,15 +465,28 @@ class Registry:
         arguments only); an observer's exception is a warning naming the plugin (see :class:`_Hooks`)."""
         return _Hooks(self.pm)
 
-    def load_data(self, source: Any, model: Model, what: str, sequence_length: int | None = None) -> Any:
+    def load_data(
+        self, source: Any, model: Model, what: str, sequence_length: int | None = None
+    ) -> Any:
         """``source`` as data for ``model``: a path to a file that is not ``.npz``/``.npy`` read by the
         plugin that answers ``modelpress_load_data`` (a text corpus for a Hugging Face model, cut into
         samples of ``sequence_length`` tokens); anything else, or a file no plugin reads, is returned as
         it is (the data loader then says what it accepts). ``what="held-out"`` answers ``None`` unless a
         plugin holds part of the file out of its calibration reading (see the hook)."""
-        if not isinstance(source, (str, os.PathLike)) or Path(source).suffix.lower() in NUMPY_SUFFIXES or not Path(source).is_file():
+        if (
+            not isinstance(source, (str, os.PathLike))
+            or Path(source).suffix.lower() in NUMPY_SUFFIXES
+            or not Path(source).is_file()
+        ):
             return None if what == HELD_OUT else source
-        answer = ask_first(self.pm, "modelpress_load_data", path=Path(source), model=model, what=what, sequence_length=sequence_length)
+        answer = ask_first(
+            self.pm,
+            "modelpress_load_data",
+            path=Path(source),
+            model=model,
+            what=what,
+            sequence_length=sequence_length,
+        )
         return source if answer is None and what != HELD_OUT else answer
 
 
@@ -436,7 +500,14 @@ class DuplicateKindError(DuplicateMethodError):
     Not contained like other load failures: which plugin's methods would vanish would depend on the
     order entry points are read in, so loading stops and names both."""
 
-    def __init__(self, message: str, *, plugin: str | None = None, method: str | None = None, plugins: tuple[str, str] = ("", "")):
+    def __init__(
+        self,
+        message: str,
+        *,
+        plugin: str | None = None,
+        method: str | None = None,
+        plugins: tuple[str, str] = ("", ""),
+    ):
         super().__init__(message, plugin=plugin, method=method)
         self.plugins = plugins
 
@@ -497,13 +568,17 @@ def create_registry(
                 plugin=", ".join(registry.failed),
             )
         for name, why in registry.failed.items():
-            warnings.warn(f"plugin {name!r} failed to load and is skipped: {why}", PluginWarning, stacklevel=2)
+            warnings.warn(
+                f"plugin {name!r} failed to load and is skipped: {why}", PluginWarning, stacklevel=2
+            )
     for obj in plugins:
         registry.register(obj)
     return registry
 
 
-def _load_entry_point(registry: Registry, ep: importlib_metadata.EntryPoint, dist: str, version: str, builtin: bool) -> None:
+def _load_entry_point(
+    registry: Registry, ep: importlib_metadata.EntryPoint, dist: str, version: str, builtin: bool
+) -> None:
     """Import and register one entry point; a failure is recorded in ``registry.failed``, not raised."""
     try:
         module = ep.load()
@@ -518,7 +593,9 @@ def _load_entry_point(registry: Registry, ep: importlib_metadata.EntryPoint, dis
     except DuplicateKindError:
         raise  # NOTE: a conflict between two plugins, not one plugin's fault to contain (see DuplicateKindError)
     except PluginError as exc:
-        registry.failed[ep.name] = f"{one_line(exc)}; fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}"
+        registry.failed[ep.name] = (
+            f"{one_line(exc)}; fix or uninstall it, or skip it with {BLOCK_ENV}={ep.name}"
+        )
 
 
 def _check_switch_names(allowed: set[str], blocked: set[str], known: set[str]) -> None:
@@ -547,7 +624,9 @@ def get_registry() -> Registry:
         return _default
 
 
-_current: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("modelpress_registry", default=None)
+_current: contextvars.ContextVar[Registry | None] = contextvars.ContextVar(
+    "modelpress_registry", default=None
+)
 
 
 def current_registry() -> Registry:

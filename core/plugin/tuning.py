@@ -31,7 +31,9 @@ class TuneStage:
     options: Mapping[str, Any] | None = None
 
 
-@dataclass(frozen=True, eq=False)  # NOTE: eq=False: hashed by identity, so a Method holding one stays hashable
+@dataclass(
+    frozen=True, eq=False
+)  # NOTE: eq=False: hashed by identity, so a Method holding one stays hashable
 class Tuning:
     """A method's tuning declaration (all optional).
 
@@ -81,18 +83,30 @@ class Tuning:
         object.__setattr__(self, "without", {k: dict(v) for k, v in self.without.items()})
         unknown = [c for c in self.without if c not in CONDITIONS]
         if unknown:
-            raise ValueError(f"Tuning.without: unknown condition(s) {', '.join(map(repr, unknown))}; conditions are {', '.join(CONDITIONS)}")
+            raise ValueError(
+                f"Tuning.without: unknown condition(s) {', '.join(map(repr, unknown))}; conditions are {', '.join(CONDITIONS)}"
+            )
         object.__setattr__(self, "ops", tuple(self.ops))
-        stages = tuple(tuple(s if isinstance(s, TuneStage) else TuneStage(s) for s in p) for p in self.pipelines)
+        stages = tuple(
+            tuple(s if isinstance(s, TuneStage) else TuneStage(s) for s in p)
+            for p in self.pipelines
+        )
         object.__setattr__(self, "pipelines", stages)
 
     def options_named(self) -> set[str]:
         """Every option this declaration names (checked against the method's schema)."""
-        named = {*self.search, *self.fixed, *self.ranking, *(o for v in self.without.values() for o in v)}
+        named = {
+            *self.search,
+            *self.fixed,
+            *self.ranking,
+            *(o for v in self.without.values() for o in v),
+        }
         return named | {o for o in (self.recovery, self.fallback) if o}
 
     def check(self, method: str, fields: set[str]) -> None:
         """Raise if the declaration names an option the method's schema does not have."""
         unknown = sorted(self.options_named() - fields)
         if unknown:
-            raise ValueError(f"method {method!r}: its Tuning names option(s) {', '.join(map(repr, unknown))}, which its options schema lacks")
+            raise ValueError(
+                f"method {method!r}: its Tuning names option(s) {', '.join(map(repr, unknown))}, which its options schema lacks"
+            )

@@ -28,7 +28,14 @@ from modelpress.ir.model import Model
 from modelpress.plugin.methods import PassContext
 from modelpress.runtime.session import make_session, run, with_outputs
 
-__all__ = ["ACTIVATION_BUDGET", "BINS", "ActivationCollector", "TensorStats", "activation_stats", "calibration_batch"]
+__all__ = [
+    "ACTIVATION_BUDGET",
+    "BINS",
+    "ActivationCollector",
+    "TensorStats",
+    "activation_stats",
+    "calibration_batch",
+]
 
 BINS = 2048
 # Bytes of observed activations one batch may produce.
@@ -119,8 +126,15 @@ class ActivationCollector:
     def batch(self, data: Dataset, batch_size: int) -> int:
         return calibration_batch(self.session, data, batch_size)
 
-    def collect(self, data: Dataset, step: int, *, histogram: bool, channel_axes: dict[str, int] | None,
-                advance: Callable[[int], None]) -> dict[str, TensorStats]:
+    def collect(
+        self,
+        data: Dataset,
+        step: int,
+        *,
+        histogram: bool,
+        channel_axes: dict[str, int] | None,
+        advance: Callable[[int], None],
+    ) -> dict[str, TensorStats]:
         channel_axes = channel_axes or {}
         stats = {name: TensorStats() for name in self.index}
         for feeds in data.batches(step):
@@ -158,5 +172,9 @@ def activation_stats(
     collector = ActivationCollector(model, names)
     step = collector.batch(data, batch_size)
     context = context or PassContext(show_progress=False)
-    with context.progress("collecting activation statistics", total=data.batch_count(step)) as advance:
-        return collector.collect(data, step, histogram=histogram, channel_axes=channel_axes, advance=advance)
+    with context.progress(
+        "collecting activation statistics", total=data.batch_count(step)
+    ) as advance:
+        return collector.collect(
+            data, step, histogram=histogram, channel_axes=channel_axes, advance=advance
+        )

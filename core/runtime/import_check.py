@@ -18,7 +18,9 @@ from modelpress.runtime.session import make_session, run
 __all__ = ["check_equivalent", "normalize_on_import"]
 
 
-def check_equivalent(original: onnx.ModelProto, normalised: ir.Model, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+def check_equivalent(
+    original: onnx.ModelProto, normalised: ir.Model, feeds: dict[str, np.ndarray]
+) -> dict[str, Any]:
     """Run both in ONNX Runtime on ``feeds``; the worst absolute and relative difference."""
     before = make_session(original.SerializeToString())
     expected = run(before, feeds)
@@ -49,17 +51,25 @@ def _check_inputs(signature: Any) -> Iterator[dict[str, np.ndarray]]:
     from modelpress.data.samples import sample_inputs
 
     yield sample_inputs(signature, batch=2)
-    sizes = {size: sum(int(np.prod(s.concrete_shape(dynamic_size=size))) * 8 for s in signature.inputs) for size in (64, 256)}
+    sizes = {
+        size: sum(int(np.prod(s.concrete_shape(dynamic_size=size))) * 8 for s in signature.inputs)
+        for size in (64, 256)
+    }
     for size, nbytes in sizes.items():
         if nbytes < 64 * 2**20:
-            yield {k: v[:2] if v.ndim else v for k, v in sample_inputs(signature, batch=size).items()}
+            yield {
+                k: v[:2] if v.ndim else v for k, v in sample_inputs(signature, batch=size).items()
+            }
     for size, nbytes in sizes.items():
         if nbytes < 16 * 2**20:
             yield sample_inputs(signature, batch=size)
 
 
 def normalize_on_import(
-    model: ir.Model, original: onnx.ModelProto, label: str, sample: dict[str, np.ndarray] | None = None
+    model: ir.Model,
+    original: onnx.ModelProto,
+    label: str,
+    sample: dict[str, np.ndarray] | None = None,
 ) -> tuple[ir.Model, dict[str, Any]]:
     """What the ONNX adapter runs: :func:`normalize`, then :func:`check_equivalent` on sample
     inputs (``sample``, else random ones). A normalised model whose outputs differ is not kept: the model is deserialised again
@@ -70,9 +80,7 @@ def normalize_on_import(
     figures: dict[str, Any] = report.to_dict()
     if not report.modified:
         return model, figures
-    external = any(
-        t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer
-    )
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer)
     if external or original.ByteSize() > _CHECK_LIMIT_BYTES:
         figures["check"] = "not run (external data or over 1 GB)"
         return model, figures
@@ -84,12 +92,18 @@ def normalize_on_import(
             break
         except Exception as exc:  # NOTE: e.g. random inputs outside what the model accepts
             text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            text = text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."  # NOTE: never cut mid-word
-            figures["check"] = f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
+            text = (
+                text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+            )  # NOTE: never cut mid-word
+            figures["check"] = (
+                f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
+            )
     if check is None:
         return model, figures
     figures["check"] = check
     if not check.get("equal"):
-        figures["kept_original"] = f"{label}: the normalised model's outputs differed from the original's; the original graph is kept"
+        figures["kept_original"] = (
+            f"{label}: the normalised model's outputs differed from the original's; the original graph is kept"
+        )
         return ir.serde.deserialize_model(original), figures
     return model, figures

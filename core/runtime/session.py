@@ -17,7 +17,16 @@ import onnxruntime as ort
 from modelpress.base.errors import InvalidModelError
 from modelpress.ir.model import Model
 
-__all__ = ["INLINE_LIMIT_BYTES", "external_folders", "in_memory_bytes", "make_session", "release_free_memory", "run", "run_dataset", "with_outputs"]
+__all__ = [
+    "INLINE_LIMIT_BYTES",
+    "external_folders",
+    "in_memory_bytes",
+    "make_session",
+    "release_free_memory",
+    "run",
+    "run_dataset",
+    "with_outputs",
+]
 
 # NOTE: protobuf cannot serialise more than 2 GiB; past this, go through a file with external data.
 INLINE_LIMIT_BYTES = 1_500_000_000
@@ -72,8 +81,19 @@ def in_memory_bytes(model: Model) -> int:
 
 
 # NOTE: numeric types numpy holds as they are (no int4, bfloat16 or float8 reinterpretation)
-_BY_REFERENCE_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.INT8, ir.DataType.UINT8,
-                                 ir.DataType.INT16, ir.DataType.UINT16, ir.DataType.INT32, ir.DataType.INT64})
+_BY_REFERENCE_TYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.UINT8,
+        ir.DataType.INT16,
+        ir.DataType.UINT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+    }
+)
 _BY_REFERENCE_BYTES = 1 << 16
 _IN_MEMORY = "modelpress-in-memory"
 
@@ -88,15 +108,23 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
     names, values, arrays = [], [], []
     for value in graph.initializers.values():
         tensor = value.const_value
-        if (tensor is None or isinstance(tensor, ir.ExternalTensor) or tensor.dtype not in _BY_REFERENCE_TYPES
-                or tensor.nbytes < _BY_REFERENCE_BYTES or value.is_graph_input() or not value.name):
+        if (
+            tensor is None
+            or isinstance(tensor, ir.ExternalTensor)
+            or tensor.dtype not in _BY_REFERENCE_TYPES
+            or tensor.nbytes < _BY_REFERENCE_BYTES
+            or value.is_graph_input()
+            or not value.name
+        ):
             continue
         array = np.ascontiguousarray(tensor.numpy())
         arrays.append(array)
         names.append(value.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
         swapped.append((value, tensor))
-        value.const_value = ir.ExternalTensor(_IN_MEMORY, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=value.name)
+        value.const_value = ir.ExternalTensor(
+            _IN_MEMORY, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
+        )
     try:
         if names:
             opts.add_external_initializers(names, values)
@@ -107,7 +135,11 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
 
 
 def make_session(
-    model: Model | str | os.PathLike[str] | bytes, *, threads: int | None = None, prepack: bool = True, spin: bool = True,
+    model: Model | str | os.PathLike[str] | bytes,
+    *,
+    threads: int | None = None,
+    prepack: bool = True,
+    spin: bool = True,
 ) -> ort.InferenceSession:
     """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory) or a
     serialised ``ModelProto`` (``bytes``). Every ORT session of modelpress is made here.
@@ -144,8 +176,13 @@ def make_session(
         folders = external_folders(model.ir)
         if in_memory_bytes(model) < INLINE_LIMIT_BYTES and len(folders) <= 1 and "" not in folders:
             if folders:
-                opts.add_session_config_entry("session.model_external_initializers_file_folder_path", folders.pop())
-            with model.without_inferred_shapes() as plain, _weights_by_reference(plain.graph, opts) as arrays:
+                opts.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", folders.pop()
+                )
+            with (
+                model.without_inferred_shapes() as plain,
+                _weights_by_reference(plain.graph, opts) as arrays,
+            ):
                 # NOTE: what the exported file will hold; its large weights go to ORT as OrtValues over their arrays
                 data = ir.serde.serialize_model(plain).SerializeToString()
             session = ort.InferenceSession(data, opts, providers=providers)
@@ -159,8 +196,16 @@ def make_session(
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     except Exception as exc:
-        name = model.name if isinstance(model, Model) else "<in-memory model>" if isinstance(model, bytes) else os.fspath(model)
-        raise InvalidModelError(f"ONNX Runtime cannot load model {name!r}: {_first_line(exc)}") from exc
+        name = (
+            model.name
+            if isinstance(model, Model)
+            else "<in-memory model>"
+            if isinstance(model, bytes)
+            else os.fspath(model)
+        )
+        raise InvalidModelError(
+            f"ONNX Runtime cannot load model {name!r}: {_first_line(exc)}"
+        ) from exc
 
 
 def release_free_memory() -> None:
@@ -187,7 +232,9 @@ def run_timeout() -> float | None:
     return value if value > 0 else None
 
 
-def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None) -> list[np.ndarray]:
+def run(
+    session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeout: float | None = None
+) -> list[np.ndarray]:
     """Run once; returns the outputs in graph order.
 
     With ``timeout`` (default ``$MODELPRESS_RUN_TIMEOUT``) a run still going after that many
@@ -197,7 +244,9 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeo
     limit = timeout if timeout is not None else run_timeout()
     options = ort.RunOptions() if limit else None
     if options is not None:
-        options.log_severity_level = 4  # NOTE: ORT logs "terminate flag" as an error; the exception below says it
+        options.log_severity_level = (
+            4  # NOTE: ORT logs "terminate flag" as an error; the exception below says it
+        )
     timer = threading.Timer(limit, setattr, (options, "terminate", True)) if limit else None
     if timer is not None:
         timer.daemon = True
@@ -210,7 +259,9 @@ def run(session: ort.InferenceSession, feeds: Mapping[str, np.ndarray], *, timeo
                 f"ONNX Runtime run stopped after {limit:g} s ({RUN_TIMEOUT_ENV}): the model did not finish "
                 "(a Loop with a huge trip count?); check the model, or raise the limit"
             ) from exc
-        raise InvalidModelError(f"ONNX Runtime failed to run the model: {_first_line(exc)}") from exc
+        raise InvalidModelError(
+            f"ONNX Runtime failed to run the model: {_first_line(exc)}"
+        ) from exc
     finally:
         if timer is not None:
             timer.cancel()
@@ -239,7 +290,9 @@ def _join(parts: list[np.ndarray]) -> np.ndarray:
     if len({p.shape[1:] for p in parts}) <= 1:
         return np.concatenate(parts, axis=0)
     if len({p.shape[-1:] for p in parts}) == 1 and all(p.ndim >= 2 for p in parts):
-        return np.concatenate([p.reshape(-1, *[1] * (p.ndim - 2), p.shape[-1]) for p in parts], axis=0)
+        return np.concatenate(
+            [p.reshape(-1, *[1] * (p.ndim - 2), p.shape[-1]) for p in parts], axis=0
+        )
     return np.concatenate([p.reshape(-1, *[1] * (p.ndim - 1)) for p in parts], axis=0)
 
 

@@ -66,7 +66,14 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
             planes[i, start:end] = r
     # NOTE: the top plane holds the exponents (few values, skewed: large blocks pay fewer tables);
     # mantissa planes are noise except where a tensor's values are locally coarse (small blocks)
-    return streams.pack_parts([streams.literal_pieces(planes[i], block_log=17 if i == width - 1 else 14, matching=i < width - 1) for i in range(width)])
+    return streams.pack_parts(
+        [
+            streams.literal_pieces(
+                planes[i], block_log=17 if i == width - 1 else 14, matching=i < width - 1
+            )
+            for i in range(width)
+        ]
+    )
 
 
 def _bytegroup_decode(blob: bytes, info: TensorInfo) -> memoryview:
@@ -257,7 +264,9 @@ def _zstd_encode(data: bytes, info: TensorInfo) -> bytes | None:
 
 _LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 # NOTE: the estimate codes a 4 KiB sample (LZMA codes ~10 MB/s) with a small dictionary (9e's 64 MiB one costs ~50 ms to set up)
-_LZMA_SAMPLE_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 16}]
+_LZMA_SAMPLE_FILTERS = [
+    {"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME, "dict_size": 1 << 16}
+]
 
 
 def _spread(data: bytes, nbytes: int, slices: int = 4) -> bytes:
@@ -285,7 +294,11 @@ def _lzma_estimate(data: bytes, info: TensorInfo) -> int | None:
     if not data or len(data) > streams.LZMA_LIMIT:
         return None
     sample = _spread(data, 4 << 10)
-    return _scaled(len(lzma.compress(sample, format=lzma.FORMAT_RAW, filters=_LZMA_SAMPLE_FILTERS)), sample, data)
+    return _scaled(
+        len(lzma.compress(sample, format=lzma.FORMAT_RAW, filters=_LZMA_SAMPLE_FILTERS)),
+        sample,
+        data,
+    )
 
 
 def _lzma_encode(data: bytes, info: TensorInfo) -> bytes | None:
@@ -300,27 +313,46 @@ def _lzma_decode(blob: bytes, info: TensorInfo) -> bytes:
 
 CODECS = [
     Codec(
-        "bytegroup", _bytegroup_encode, _bytegroup_decode,
+        "bytegroup",
+        _bytegroup_encode,
+        _bytegroup_decode,
         applies=lambda info: info.dtype in _FLOATS,
         summary="floats split into byte planes, sign rotated out of the exponent byte, planes entropy-coded (ZipNN)",
     ),
     Codec(
-        "codebook", _codebook_encode, _codebook_decode,
+        "codebook",
+        _codebook_encode,
+        _codebook_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="<= 256 distinct values: value table + entropy-coded indices (nibble pairs when <= 16)",
     ),
     Codec(
-        "sparse", _sparse_encode, _sparse_decode,
+        "sparse",
+        _sparse_encode,
+        _sparse_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="mostly one value (zero): relative indices or bitmask + values coded by the best value coder",
     ),
     Codec(
-        "nibbles", _nibbles_encode, _nibbles_decode,
+        "nibbles",
+        _nibbles_encode,
+        _nibbles_decode,
         applies=lambda info: info.dtype in _INT4,
         summary="int4/uint4: one symbol per byte, entropy-coded",
     ),
-    Codec("zstd", _zstd_encode, lambda blob, info: streams.decode(blob), summary="zstd level 19 on the raw bytes (needs the pack extra)",
-          estimate=_zstd_estimate),
-    Codec("lzma", _lzma_encode, _lzma_decode, summary="LZMA2 preset 9e on the raw bytes (xz's coder; slow to decode)", fast_decode=False,
-          estimate=_lzma_estimate),
+    Codec(
+        "zstd",
+        _zstd_encode,
+        lambda blob, info: streams.decode(blob),
+        summary="zstd level 19 on the raw bytes (needs the pack extra)",
+        estimate=_zstd_estimate,
+    ),
+    Codec(
+        "lzma",
+        _lzma_encode,
+        _lzma_decode,
+        summary="LZMA2 preset 9e on the raw bytes (xz's coder; slow to decode)",
+        fast_decode=False,
+        estimate=_lzma_estimate,
+    ),
 ]

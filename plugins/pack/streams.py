@@ -12,7 +12,18 @@ import struct
 import threading
 from typing import Any
 
-__all__ = ["LZMA_LIMIT", "PlaneReader", "decode", "decode_view", "encode", "encode_literals", "have_zstd", "lzma_encode", "pack_parts", "unpack_parts"]
+__all__ = [
+    "LZMA_LIMIT",
+    "PlaneReader",
+    "decode",
+    "decode_view",
+    "encode",
+    "encode_literals",
+    "have_zstd",
+    "lzma_encode",
+    "pack_parts",
+    "unpack_parts",
+]
 
 STORED, ZSTD, LZMA = 0, 1, 2
 # NOTE: LZMA at preset 9e codes ~1-3 MB/s; past this size only zstd is tried.
@@ -29,7 +40,9 @@ def lzma_encode(data: bytes | memoryview) -> bytes:
     skips the ~50 ms set-up of 9e's 64 MiB one (raw LZMA2 does not record the size: the decoder's
     64 MiB dictionary reads it)."""
     size = min(1 << 26, max(1 << 12, 1 << max(len(data) - 1, 1).bit_length()))
-    return lzma.compress(data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}])
+    return lzma.compress(
+        data, format=lzma.FORMAT_RAW, filters=[{**_LZMA_FILTERS[0], "dict_size": size}]
+    )
 
 
 def have_zstd() -> bool:
@@ -55,7 +68,9 @@ def _zstd_module() -> Any:
     return _zstd
 
 
-LZMA_SAMPLE = 1 << 20  # NOTE: a stream above this is coded by LZMA (~2 MB/s at 9e) only if a 64 KiB sample says it may win
+LZMA_SAMPLE = (
+    1 << 20
+)  # NOTE: a stream above this is coded by LZMA (~2 MB/s at 9e) only if a 64 KiB sample says it may win
 
 
 def _lzma_may_win(data: bytes, level: int) -> bool:
@@ -108,12 +123,21 @@ def _literal_compressor(window_log: int) -> Any:
         # (ZipNN's coder): an exponent plane codes at ~700 MB/s to its order-0 entropy, and a
         # noise plane is recognised as incompressible at GB/s
         z = _zstd_module()
-        params = z.ZstdCompressionParameters(window_log=window_log, chain_log=6, hash_log=6, search_log=1, min_match=7, strategy=z.STRATEGY_FAST)
+        params = z.ZstdCompressionParameters(
+            window_log=window_log,
+            chain_log=6,
+            hash_log=6,
+            search_log=1,
+            min_match=7,
+            strategy=z.STRATEGY_FAST,
+        )
         cctx = cache[window_log] = z.ZstdCompressor(compression_params=params)
     return cctx
 
 
-STRUCTURED = 0.8  # NOTE: a plane that codes below this is more than noise: a matching coder is tried too
+STRUCTURED = (
+    0.8  # NOTE: a plane that codes below this is more than noise: a matching coder is tried too
+)
 _MATCHING_LIMIT = 2 << 20
 
 
@@ -131,7 +155,10 @@ def literal_pieces(data: Any, *, block_log: int = 17, matching: bool = True) -> 
     array is not copied first); read back by :func:`decode_view` or :class:`PlaneReader` like any
     zstd stream; without zstandard the plane is stored."""
     view = memoryview(data).cast("B")
-    stored = (bytes([STORED]), view)  # NOTE: the tag and the plane itself: the caller copies it once
+    stored = (
+        bytes([STORED]),
+        view,
+    )  # NOTE: the tag and the plane itself: the caller copies it once
     if len(view) < 16 or not have_zstd():
         return stored
     coded = _literal_compressor(block_log).compress(view)

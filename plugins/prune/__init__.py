@@ -57,29 +57,62 @@ PRUNE_FLOOR = 0.5
 
 
 class _Recovery(Options):
-    fine_tune_epochs: int = Field(0, ge=0, description="epochs of fine-tuning after pruning (needs data=...)")
+    fine_tune_epochs: int = Field(
+        0, ge=0, description="epochs of fine-tuning after pruning (needs data=...)"
+    )
     lr: float = Field(1e-3, gt=0, description="fine-tuning learning rate")
     batch_size: int = Field(64, ge=1, description="fine-tuning batch size")
-    schedule: Literal["oneshot", "iterative"] = Field("oneshot", description="prune at once, or in steps with fine-tuning between")
+    schedule: Literal["oneshot", "iterative"] = Field(
+        "oneshot", description="prune at once, or in steps with fine-tuning between"
+    )
     steps: int = Field(3, ge=1, description="iterative: number of pruning steps")
-    initial: float = Field(0.0, ge=0, lt=1, description="iterative: sparsity of the first step's ramp start")
-    op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune")
-    layers: list[str] = Field(default_factory=list, description="prune only these layers (node names); default: all")
-    exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
-    distill: float = Field(0.0, ge=0, le=1, description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the " "fine-tuning loss (0: labels only, 1: teacher only)")
-    temperature: float = Field(4.0, gt=0, description="distill: softmax temperature of the soft targets")
+    initial: float = Field(
+        0.0, ge=0, lt=1, description="iterative: sparsity of the first step's ramp start"
+    )
+    op_types: list[str] = Field(
+        default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="layer op types to prune"
+    )
+    layers: list[str] = Field(
+        default_factory=list, description="prune only these layers (node names); default: all"
+    )
+    exclude: list[str] = Field(
+        default_factory=list, description="layers (node names) to leave alone"
+    )
+    distill: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="with labels: weight of knowledge distillation from the unpruned model's soft outputs in the "
+        "fine-tuning loss (0: labels only, 1: teacher only)",
+    )
+    temperature: float = Field(
+        4.0, gt=0, description="distill: softmax temperature of the soft targets"
+    )
     loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
-        "auto", description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
+        "auto",
+        description="fine-tuning label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression",
+    )
     stop_below: float | None = Field(
-        PRUNE_FLOOR, ge=-1, le=1, description="iterative: stop at the first step whose cosine to the unpruned model falls below this, "
-        "and return the best step (default: the verification floor export applies; None: never stop)")
+        PRUNE_FLOOR,
+        ge=-1,
+        le=1,
+        description="iterative: stop at the first step whose cosine to the unpruned model falls below this, "
+        "and return the best step (default: the verification floor export applies; None: never stop)",
+    )
 
 
 class MagnitudeOptions(_Recovery):
     sparsity: float = Field(0.5, ge=0, lt=1, description="fraction of weights to zero, in [0, 1)")
-    scope: Literal["layer", "global"] = Field("layer", description="each layer to `sparsity`, or one threshold across layers")
-    rule: Literal["fraction", "median", "threshold"] = Field("fraction", description="fraction: `sparsity`; median: |w| below the layer's median; threshold: |w| < `threshold`")
-    threshold: float = Field(0.0, ge=0, description="rule=threshold: absolute value below which weights are zeroed")
+    scope: Literal["layer", "global"] = Field(
+        "layer", description="each layer to `sparsity`, or one threshold across layers"
+    )
+    rule: Literal["fraction", "median", "threshold"] = Field(
+        "fraction",
+        description="fraction: `sparsity`; median: |w| below the layer's median; threshold: |w| < `threshold`",
+    )
+    threshold: float = Field(
+        0.0, ge=0, description="rule=threshold: absolute value below which weights are zeroed"
+    )
     min_elements: int = Field(64, ge=1, description="skip weights smaller than this")
 
 
@@ -96,23 +129,49 @@ class NMOptions(_Recovery):
 
 
 class ChannelOptions(_Recovery):
-    ratio: float = Field(0.5, ge=0, lt=1, description="fraction of output channels to remove per channel group, in [0, 1)")
-    criterion: Literal["l1", "l2", "bn-scale", "taylor", "activation"] = Field("l1", description="channel importance: " + ", ".join(CRITERIA))
+    ratio: float = Field(
+        0.5,
+        ge=0,
+        lt=1,
+        description="fraction of output channels to remove per channel group, in [0, 1)",
+    )
+    criterion: Literal["l1", "l2", "bn-scale", "taylor", "activation"] = Field(
+        "l1", description="channel importance: " + ", ".join(CRITERIA)
+    )
     # NOTE: removing channels changes outputs by design: export has no default floor, so neither does the schedule
-    stop_below: float | None = Field(None, ge=-1, le=1, description="iterative: stop at the first step whose cosine to the unpruned model "
-                                     "falls below this, and return the best step (default None: never stop)")
-    round_to: int = Field(1, ge=1, description="keep a multiple of this many channels (e.g. 8 for SIMD-friendly shapes)")
+    stop_below: float | None = Field(
+        None,
+        ge=-1,
+        le=1,
+        description="iterative: stop at the first step whose cosine to the unpruned model "
+        "falls below this, and return the best step (default None: never stop)",
+    )
+    round_to: int = Field(
+        1,
+        ge=1,
+        description="keep a multiple of this many channels (e.g. 8 for SIMD-friendly shapes)",
+    )
 
 
 # -- shared helpers ---------------------------------------------------------------------------------
-def _select(model: Model, opts: _Recovery, min_elements: int = 1, *, subgraphs: bool = False) -> tuple[list[WeightedLayer], dict[str, str]]:
+def _select(
+    model: Model, opts: _Recovery, min_elements: int = 1, *, subgraphs: bool = False
+) -> tuple[list[WeightedLayer], dict[str, str]]:
     names = {n.name for n in model.nodes()}
     unknown = sorted(set(opts.layers) - names) + sorted(set(opts.exclude) - names)
     if unknown:
-        raise OptionsError(f"no layer named {', '.join(map(repr, unknown))} in {model.name!r}; layers: {', '.join(x.name for x in model.weighted_layers())}")
+        raise OptionsError(
+            f"no layer named {', '.join(map(repr, unknown))} in {model.name!r}; layers: {', '.join(x.name for x in model.weighted_layers())}"
+        )
     skipped: dict[str, str] = {}
     if not subgraphs:
-        skipped.update(model.subgraph_refusals(frozenset(opts.op_types), "channel pruning", "cannot change tensor shapes inside control flow; left as is"))
+        skipped.update(
+            model.subgraph_refusals(
+                frozenset(opts.op_types),
+                "channel pruning",
+                "cannot change tensor shapes inside control flow; left as is",
+            )
+        )
     chosen = []
     for layer in model.weighted_layers(frozenset(opts.op_types), subgraphs=subgraphs):
         if opts.layers and layer.name not in opts.layers:
@@ -124,7 +183,9 @@ def _select(model: Model, opts: _Recovery, min_elements: int = 1, *, subgraphs: 
         else:
             chosen.append(layer)
     if not chosen:
-        raise OptionsError(f"{model.name!r} has no prunable layers ({', '.join(opts.op_types)} with constant weights){': ' + str(skipped) if skipped else ''}")
+        raise OptionsError(
+            f"{model.name!r} has no prunable layers ({', '.join(opts.op_types)} with constant weights){': ' + str(skipped) if skipped else ''}"
+        )
     return chosen, skipped
 
 
@@ -149,13 +210,19 @@ def _teacher_outputs(teacher: Model, data: Dataset) -> np.ndarray:
     return np.asarray(run_dataset(make_session(teacher), data.batches(256))[0])
 
 
-def _recovery_loss(data: Dataset, opts: _Recovery, teacher: Model) -> tuple[dict[str, np.ndarray], Any, float]:
+def _recovery_loss(
+    data: Dataset, opts: _Recovery, teacher: Model
+) -> tuple[dict[str, np.ndarray], Any, float]:
     """``(targets, loss, teacher weight)`` for fine-tuning: the label loss that fits the output
     (``opts.loss``), distilled from the unpruned model with weight ``distill``; without labels,
     the MSE to the unpruned model's outputs."""
     if data.labels is not None:
         if opts.distill > 0:
-            return {"labels": data.labels, "teacher": _teacher_outputs(teacher, data)}, opts.loss, opts.distill
+            return (
+                {"labels": data.labels, "teacher": _teacher_outputs(teacher, data)},
+                opts.loss,
+                opts.distill,
+            )
         return {"labels": data.labels}, opts.loss, 0.0
 
     def loss(outputs: Any, batch: Any) -> Any:
@@ -167,7 +234,14 @@ def _recovery_loss(data: Dataset, opts: _Recovery, teacher: Model) -> tuple[dict
     return {"teacher": _teacher_outputs(teacher, data)}, loss, 0.0
 
 
-def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, masks: dict[str, np.ndarray] | None, teacher: Model) -> tuple[Model, dict[str, Any]]:
+def _fine_tune(
+    model: Model,
+    data: Dataset,
+    opts: _Recovery,
+    ctx: PassContext,
+    masks: dict[str, np.ndarray] | None,
+    teacher: Model,
+) -> tuple[Model, dict[str, Any]]:
     """Recover accuracy: train the lowered model (masks hold pruned weights at zero), write back."""
     from modelpress.plugin_api import fit, held_out_scores, to_torch, update_weights
 
@@ -175,17 +249,39 @@ def _fine_tune(model: Model, data: Dataset, opts: _Recovery, ctx: PassContext, m
     inputs = [data.inputs[n] for n in model.signature.input_names]
     train_idx, val_idx = held_out_split(len(inputs[0]))
     targets, loss, teacher_weight = _recovery_loss(data, opts, teacher)
-    held_out = ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
-    attr_masks = {module.attribute_name(name): mask for name, mask in (masks or {}).items() if name in module.onnx_names.values()}
+    held_out = (
+        ([a[val_idx] for a in inputs], data.labels[val_idx]) if data.labels is not None else None
+    )
+    attr_masks = {
+        module.attribute_name(name): mask
+        for name, mask in (masks or {}).items()
+        if name in module.onnx_names.values()
+    }
     result = fit(
-        module, [a[train_idx] for a in inputs], {k: v[train_idx] for k, v in targets.items()}, loss=loss,
-        epochs=opts.fine_tune_epochs, lr=opts.lr, batch_size=opts.batch_size, teacher_weight=teacher_weight, temperature=opts.temperature,
-        metric=(lambda m: -held_out_scores(m, *held_out, loss=opts.loss)[0]) if held_out else None, masks=attr_masks,
+        module,
+        [a[train_idx] for a in inputs],
+        {k: v[train_idx] for k, v in targets.items()},
+        loss=loss,
+        epochs=opts.fine_tune_epochs,
+        lr=opts.lr,
+        batch_size=opts.batch_size,
+        teacher_weight=teacher_weight,
+        temperature=opts.temperature,
+        metric=(lambda m: -held_out_scores(m, *held_out, loss=opts.loss)[0]) if held_out else None,
+        masks=attr_masks,
         show_progress=ctx.show_progress,
     )
-    figures: dict[str, Any] = {"fine_tune_epochs": len(result.history), "interrupted": result.interrupted, "loss": result.loss, "loss_reason": result.loss_reason}
+    figures: dict[str, Any] = {
+        "fine_tune_epochs": len(result.history),
+        "interrupted": result.interrupted,
+        "loss": result.loss,
+        "loss_reason": result.loss_reason,
+    }
     if data.labels is None:
-        figures["loss"], figures["loss_reason"] = "mse", "no labels: the unpruned model's outputs are the targets"
+        figures["loss"], figures["loss_reason"] = (
+            "mse",
+            "no labels: the unpruned model's outputs are the targets",
+        )
     if held_out is not None:
         scores = held_out_scores(module, *held_out, loss=opts.loss)
         figures["validation_loss"] = round(scores[0], 4)
@@ -200,7 +296,11 @@ def _positive_zeros(model: Model, masks: dict[str, np.ndarray] | None) -> Model:
     number) so pruned tensors have one zero bit pattern and entropy-code as sparse."""
     for name in masks or {}:
         value = model.ir.graph.initializers.get(name)
-        if value is None or value.const_value is None or not value.const_value.dtype.is_floating_point():
+        if (
+            value is None
+            or value.const_value is None
+            or not value.const_value.dtype.is_floating_point()
+        ):
             continue
         w = value.const_value.numpy()
         if np.signbit(w[w == 0]).any():
@@ -216,7 +316,9 @@ def _rebuild(model: Model) -> Model:
 
 
 # -- masked pruning ---------------------------------------------------------------------------------
-def _magnitude_masks(layers: list[WeightedLayer], opts: MagnitudeOptions, sparsity: float) -> dict[str, np.ndarray]:
+def _magnitude_masks(
+    layers: list[WeightedLayer], opts: MagnitudeOptions, sparsity: float
+) -> dict[str, np.ndarray]:
     masks: dict[str, np.ndarray] = {}
     if opts.rule == "median":
         for layer in layers:
@@ -224,7 +326,12 @@ def _magnitude_masks(layers: list[WeightedLayer], opts: MagnitudeOptions, sparsi
             masks[layer.weight.name or ""] = (w >= np.median(w)).astype(np.float32)
         return masks
     if opts.rule == "threshold":
-        return {layer.weight.name or "": (np.abs(layer.weight_array()) >= opts.threshold).astype(np.float32) for layer in layers}
+        return {
+            layer.weight.name or "": (np.abs(layer.weight_array()) >= opts.threshold).astype(
+                np.float32
+            )
+            for layer in layers
+        }
     if opts.scope == "global":
         flat = np.concatenate([np.abs(layer.weight_array()).ravel() for layer in layers])
         k = round(sparsity * flat.size)
@@ -234,7 +341,9 @@ def _magnitude_masks(layers: list[WeightedLayer], opts: MagnitudeOptions, sparsi
         offset = 0
         for layer in layers:
             size = layer.weight_array().size
-            masks[layer.weight.name or ""] = global_mask[offset : offset + size].reshape(layer.weight_array().shape)
+            masks[layer.weight.name or ""] = global_mask[offset : offset + size].reshape(
+                layer.weight_array().shape
+            )
             offset += size
         return masks
     for layer in layers:
@@ -262,14 +371,20 @@ def _apply_masks(model: Model, masks: dict[str, np.ndarray]) -> None:
         model.replace_initializer(name, model.initializer(name).const_value.numpy() * mask)  # type: ignore[union-attr]
 
 
-def _masked_sparsity(result: Model, opts: MagnitudeOptions | NMOptions, masks: dict[str, np.ndarray]) -> tuple[dict[str, Any], float]:
+def _masked_sparsity(
+    result: Model, opts: MagnitudeOptions | NMOptions, masks: dict[str, np.ndarray]
+) -> tuple[dict[str, Any], float]:
     """Each masked layer's sparsity and size, and the sparsity over all of them."""
     per_layer = {}
     total = zeros = 0
     for layer in result.weighted_layers(frozenset(opts.op_types), subgraphs=True):
         if layer.weight.name in masks:
             w = layer.weight_array()
-            per_layer[layer.name] = {"sparsity": round(float(np.mean(w == 0)), 4), "kind": "masked", "parameters": int(w.size)}
+            per_layer[layer.name] = {
+                "sparsity": round(float(np.mean(w == 0)), 4),
+                "kind": "masked",
+                "parameters": int(w.size),
+            }
             total += w.size
             zeros += int(np.sum(w == 0))
     return per_layer, round(zeros / max(total, 1), 4)
@@ -281,31 +396,58 @@ def _masked(model: Model, opts: MagnitudeOptions | NMOptions, ctx: PassContext, 
     result = model.clone()
     masks: dict[str, np.ndarray] = {}
     figures: dict[str, Any] = {}
-    targets = _ramp(getattr(opts, "sparsity", 0.0), opts) if isinstance(opts, MagnitudeOptions) else [0.0] * (opts.steps if opts.schedule == "iterative" else 1)
+    targets = (
+        _ramp(getattr(opts, "sparsity", 0.0), opts)
+        if isinstance(opts, MagnitudeOptions)
+        else [0.0] * (opts.steps if opts.schedule == "iterative" else 1)
+    )
     judge = StepJudge.start(model, ctx, data, opts.stop_below, len(targets))
     for number, target in enumerate(targets, 1):
-        current = {x.name: x for x in result.weighted_layers(frozenset(opts.op_types), subgraphs=True)}
+        current = {
+            x.name: x for x in result.weighted_layers(frozenset(opts.op_types), subgraphs=True)
+        }
         chosen = [current[x.name] for x in layers if x.name in current]
         masks = make(chosen, target)
         for name in [x.name for x in chosen]:
             if current[name].weight.name not in masks:
-                skipped[name] = "its input dimension is not a multiple of m" if isinstance(opts, NMOptions) else "skipped"
+                skipped[name] = (
+                    "its input dimension is not a multiple of m"
+                    if isinstance(opts, NMOptions)
+                    else "skipped"
+                )
         _apply_masks(result, masks)
         if data is not None:
             result, figures = _fine_tune(result, data, opts, ctx, masks, model)
-        if not judge.judge(result, number, target if isinstance(opts, MagnitudeOptions) else 1 - opts.n / opts.m, figures):
+        if not judge.judge(
+            result,
+            number,
+            target if isinstance(opts, MagnitudeOptions) else 1 - opts.n / opts.m,
+            figures,
+        ):
             break
-    result, figures = judge.outcome(result, figures, ctx, "magnitude" if isinstance(opts, MagnitudeOptions) else "n:m")
+    result, figures = judge.outcome(
+        result, figures, ctx, "magnitude" if isinstance(opts, MagnitudeOptions) else "n:m"
+    )
     if len(targets) > 1:
         ctx.figures["schedule"] = [round(t, 4) for t in targets]
     per_layer, sparsity = _masked_sparsity(result, opts, masks)
-    ctx.figures.update({"layers": per_layer, "sparsity": sparsity, "skipped": skipped,
-                        "parameters_before": model.parameter_count(), "parameters_after": result.parameter_count(), **figures})
+    ctx.figures.update(
+        {
+            "layers": per_layer,
+            "sparsity": sparsity,
+            "skipped": skipped,
+            "parameters_before": model.parameter_count(),
+            "parameters_after": result.parameter_count(),
+            **figures,
+        }
+    )
     return result
 
 
 def magnitude(model: Model, opts: MagnitudeOptions, ctx: PassContext) -> Model:
-    return _masked(model, opts, ctx, lambda layers, sparsity: _magnitude_masks(layers, opts, sparsity))
+    return _masked(
+        model, opts, ctx, lambda layers, sparsity: _magnitude_masks(layers, opts, sparsity)
+    )
 
 
 def n_m(model: Model, opts: NMOptions, ctx: PassContext) -> Model:
@@ -347,10 +489,14 @@ class _ChannelRun:
         for space in spaces:
             if not space.prunable:
                 for layer in space.sources:
-                    self.skipped[layer.name] = "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
+                    self.skipped[layer.name] = (
+                        "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
+                    )
             elif any(x.name not in self.names for x in space.sources):
                 for layer in space.sources:
-                    self.skipped[layer.name] = "coupled (residual) with a layer that is not selected"
+                    self.skipped[layer.name] = (
+                        "coupled (residual) with a layer that is not selected"
+                    )
             else:
                 chosen.append(space)
         return chosen
@@ -369,8 +515,13 @@ class _ChannelRun:
                 continue
             keep = np.sort(np.argsort(-scores[index], kind="stable")[:keep_n])
             remove_channels(result, space, keep)
-            self.report[key] = {"kind": "physical", "channels_before": self.original[key], "channels_after": keep_n,
-                                "removed": self.original[key] - keep_n, "criterion": self.opts.criterion}
+            self.report[key] = {
+                "kind": "physical",
+                "channels_before": self.original[key],
+                "channels_after": keep_n,
+                "removed": self.original[key] - keep_n,
+                "criterion": self.opts.criterion,
+            }
         return True
 
 
@@ -379,7 +530,9 @@ def _criterion_data(model: Model, opts: ChannelOptions, ctx: PassContext) -> Dat
         return None
     source = ctx.train if ctx.train is not None else ctx.calibration
     if source is None:
-        raise DataError(f"the {opts.criterion} criterion needs data (data=... / --data train.npz{' with labels' if opts.criterion == 'taylor' else ''})")
+        raise DataError(
+            f"the {opts.criterion} criterion needs data (data=... / --data train.npz{' with labels' if opts.criterion == 'taylor' else ''})"
+        )
     return load_dataset(source, model.signature, what="criterion").take(512)
 
 
@@ -405,8 +558,15 @@ def channel(model: Model, opts: ChannelOptions, ctx: PassContext) -> Model:
     for name in list(skipped):
         if any(name in key.split("+") for key in report):
             skipped.pop(name)
-    ctx.figures.update({"layers": report, "skipped": skipped, "parameters_before": model.parameter_count(),
-                        "parameters_after": result.parameter_count(), **figures})
+    ctx.figures.update(
+        {
+            "layers": report,
+            "skipped": skipped,
+            "parameters_before": model.parameter_count(),
+            "parameters_after": result.parameter_count(),
+            **figures,
+        }
+    )
     return result
 
 
@@ -421,27 +581,76 @@ _FINE_TUNE = {"fine_tune_epochs": "train"}
 # trial that fine-tunes is first measured without it and cut when already hopeless.
 _LINEAR = ("Conv", "Gemm", "MatMul")
 _CHANNEL_TUNING = Tuning(
-    order=10, alone=False, ops=_LINEAR, recovery="fine_tune_epochs", probe=True,
+    order=10,
+    alone=False,
+    ops=_LINEAR,
+    recovery="fine_tune_epochs",
+    probe=True,
     search={"ratio": {"low": 0.1, "high": 0.6, "step": 0.05}, "fine_tune_epochs": [3, 1, 0]},
     without={"recovery": {"ratio": {"search": {"low": 0.05, "high": 0.3, "step": 0.05}}}},
     # NOTE: the distillation student's width is 1 - ratio: the channel pass narrows the model, kd trains it from the source
-    pipelines=(("prune/channel", "quantize/int8-static"),
-               (TuneStage("prune/channel", {"ratio": {"search": {"low": 0.25, "high": 0.75, "step": 0.05}}}), "distill/kd", "quantize/int8-static")),
+    pipelines=(
+        ("prune/channel", "quantize/int8-static"),
+        (
+            TuneStage(
+                "prune/channel", {"ratio": {"search": {"low": 0.25, "high": 0.75, "step": 0.05}}}
+            ),
+            "distill/kd",
+            "quantize/int8-static",
+        ),
+    ),
 )
-_MAGNITUDE_TUNING = Tuning(order=70, ops=_LINEAR, recovery="fine_tune_epochs", probe=True,
-                           search={"sparsity": {"low": 0.3, "high": 0.9, "step": 0.1}, "fine_tune_epochs": [3, 0]})
-_NM_TUNING = Tuning(alone=False, recovery="fine_tune_epochs", probe=True)  # NOTE: no pipeline of its own: tuned in a recipe only
+_MAGNITUDE_TUNING = Tuning(
+    order=70,
+    ops=_LINEAR,
+    recovery="fine_tune_epochs",
+    probe=True,
+    search={"sparsity": {"low": 0.3, "high": 0.9, "step": 0.1}, "fine_tune_epochs": [3, 0]},
+)
+_NM_TUNING = Tuning(
+    alone=False, recovery="fine_tune_epochs", probe=True
+)  # NOTE: no pipeline of its own: tuned in a recipe only
 
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="magnitude", kind="prune", apply=magnitude, options=MagnitudeOptions, mutates=False, requires_if=_FINE_TUNE,
-                    min_cosine=PRUNE_FLOOR, kind_default=True,
-                    summary="unstructured: zero the smallest weights (masked sparsity)",
-                    tuning=_MAGNITUDE_TUNING))
-    register(Method(name="n:m", kind="prune", apply=n_m, options=NMOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=PRUNE_FLOOR,
-                    summary="semi-structured N:M sparsity along the input dimension (2:4 default)",
-                    tuning=_NM_TUNING))
-    register(Method(name="channel", kind="prune", apply=channel, options=ChannelOptions, mutates=False, requires_if=_FINE_TUNE, min_cosine=None,
-                    summary="structured: remove channels and their consumers' inputs (smaller, faster model)",
-                    tuning=_CHANNEL_TUNING))
+    register(
+        Method(
+            name="magnitude",
+            kind="prune",
+            apply=magnitude,
+            options=MagnitudeOptions,
+            mutates=False,
+            requires_if=_FINE_TUNE,
+            min_cosine=PRUNE_FLOOR,
+            kind_default=True,
+            summary="unstructured: zero the smallest weights (masked sparsity)",
+            tuning=_MAGNITUDE_TUNING,
+        )
+    )
+    register(
+        Method(
+            name="n:m",
+            kind="prune",
+            apply=n_m,
+            options=NMOptions,
+            mutates=False,
+            requires_if=_FINE_TUNE,
+            min_cosine=PRUNE_FLOOR,
+            summary="semi-structured N:M sparsity along the input dimension (2:4 default)",
+            tuning=_NM_TUNING,
+        )
+    )
+    register(
+        Method(
+            name="channel",
+            kind="prune",
+            apply=channel,
+            options=ChannelOptions,
+            mutates=False,
+            requires_if=_FINE_TUNE,
+            min_cosine=None,
+            summary="structured: remove channels and their consumers' inputs (smaller, faster model)",
+            tuning=_CHANNEL_TUNING,
+        )
+    )

@@ -28,8 +28,23 @@ from modelpress.plugin_api import Model, WeightedLayer
 __all__ = ["ChannelSpace", "find_spaces", "remove_channels"]
 
 _UNARY = {
-    "Relu", "LeakyRelu", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "Clip", "Elu", "Selu", "Gelu", "Erf",
-    "Softplus", "Mish", "Identity", "Dropout", "Neg", "Abs",
+    "Relu",
+    "LeakyRelu",
+    "Sigmoid",
+    "Tanh",
+    "HardSwish",
+    "HardSigmoid",
+    "Clip",
+    "Elu",
+    "Selu",
+    "Gelu",
+    "Erf",
+    "Softplus",
+    "Mish",
+    "Identity",
+    "Dropout",
+    "Neg",
+    "Abs",
 }
 _POOLS = {"MaxPool", "AveragePool", "GlobalAveragePool", "GlobalMaxPool"}
 _BINARY = {"Add", "Sub", "Mul", "Div"}
@@ -45,7 +60,9 @@ class ChannelSpace:
     batchnorms: list[ir.Node] = field(default_factory=list)
     depthwise: list[ir.Node] = field(default_factory=list)
     channel_constants: list[tuple[ir.Node, int]] = field(default_factory=list)
-    sinks: list[tuple[str, ir.Node, int]] = field(default_factory=list)  # (kind, node, spatial size)
+    sinks: list[tuple[str, ir.Node, int]] = field(
+        default_factory=list
+    )  # (kind, node, spatial size)
     blockers: list[str] = field(default_factory=list)
     channels: int = 0
 
@@ -88,7 +105,9 @@ def _is_depthwise(node: ir.Node) -> bool:
     return int(group.as_int()) > 1 and shape[1] == 1 and shape[0] == int(group.as_int())
 
 
-def _channel_const(value: ir.Value | None, channels: int | None, axis: int, rank: int | None) -> bool:
+def _channel_const(
+    value: ir.Value | None, channels: int | None, axis: int, rank: int | None
+) -> bool:
     """A constant that broadcasts one value per channel (or one value for all)."""
     if value is None or value.const_value is None:
         return False
@@ -123,8 +142,14 @@ def _index(graph: ir.Graph, layers: list[WeightedLayer]) -> _Index:
         for out in node.outputs:
             if out.name:
                 producers[out.name] = node
-    source_of = {layer.node.outputs[0].name: layer for layer in layers if layer.op_type in ("Conv", "Gemm", "MatMul")}
-    source_of = {k: v for k, v in source_of.items() if k and not (v.op_type == "Conv" and v.group != 1)}
+    source_of = {
+        layer.node.outputs[0].name: layer
+        for layer in layers
+        if layer.op_type in ("Conv", "Gemm", "MatMul")
+    }
+    source_of = {
+        k: v for k, v in source_of.items() if k and not (v.op_type == "Conv" and v.group != 1)
+    }
     rank_of: dict[str, int | None] = {}
     for node in graph:
         for v in [*node.inputs, *node.outputs]:
@@ -132,7 +157,15 @@ def _index(graph: ir.Graph, layers: list[WeightedLayer]) -> _Index:
                 rank_of[v.name] = len(v.shape) if v.shape is not None else None
     uf = _UnionFind()
     preserving = _join_preserving(graph, uf)
-    return _Index(producers, rank_of, source_of, preserving, uf, {v.name for v in graph.inputs if v.name}, {v.name for v in graph.outputs if v.name})
+    return _Index(
+        producers,
+        rank_of,
+        source_of,
+        preserving,
+        uf,
+        {v.name for v in graph.inputs if v.name},
+        {v.name for v in graph.outputs if v.name},
+    )
 
 
 def _join_preserving(graph: ir.Graph, uf: _UnionFind) -> dict[str, str]:
@@ -147,16 +180,34 @@ def _join_preserving(graph: ir.Graph, uf: _UnionFind) -> dict[str, str]:
         if first is None or not first.name:
             continue
         op = node.op_type
-        if op in _UNARY or op in _POOLS or op == "BatchNormalization" or (op == "Conv" and _is_depthwise(node)):
+        if (
+            op in _UNARY
+            or op in _POOLS
+            or op == "BatchNormalization"
+            or (op == "Conv" and _is_depthwise(node))
+        ):
             uf.union(first.name, out)
             preserving[out] = op
         elif op in _BINARY and len(node.inputs) == 2:
             a, b = node.inputs
-            if a is not None and b is not None and a.const_value is None and b.const_value is None and a.name and b.name:
+            if (
+                a is not None
+                and b is not None
+                and a.const_value is None
+                and b.const_value is None
+                and a.name
+                and b.name
+            ):
                 uf.union(a.name, out)
                 uf.union(b.name, out)
                 preserving[out] = op
-            elif a is not None and a.const_value is None and a.name and b is not None and b.const_value is not None:
+            elif (
+                a is not None
+                and a.const_value is None
+                and a.name
+                and b is not None
+                and b.const_value is not None
+            ):
                 uf.union(a.name, out)
                 preserving[out] = op
     return preserving
@@ -208,8 +259,14 @@ def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
     if tensor in index.graph_outputs:
         space.blockers.append(f"tensor {tensor} is a model output")
     producer = index.producers.get(tensor)
-    if tensor not in index.source_of and tensor not in index.preserving and tensor not in index.graph_inputs:
-        space.blockers.append(f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}")
+    if (
+        tensor not in index.source_of
+        and tensor not in index.preserving
+        and tensor not in index.graph_inputs
+    ):
+        space.blockers.append(
+            f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}"
+        )
     if producer is None or tensor not in index.preserving:
         return
     op = producer.op_type
@@ -225,13 +282,19 @@ def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
                     if int(np.prod(_dims(v))) > 1:
                         space.channel_constants.append((producer, i))
                 else:
-                    space.blockers.append(f"{op} {producer.name} has a constant that is not per-channel")
+                    space.blockers.append(
+                        f"{op} {producer.name} has a constant that is not per-channel"
+                    )
 
 
-def _check_consumers(space: ChannelSpace, root: str, tensor: str, index: _Index, model: Model) -> None:
+def _check_consumers(
+    space: ChannelSpace, root: str, tensor: str, index: _Index, model: Model
+) -> None:
     """Classify each reader of ``tensor`` outside the space as a sink or a blocker."""
     producer = index.producers.get(tensor)
-    value = next((v for v in (producer.outputs if producer is not None else []) if v.name == tensor), None)
+    value = next(
+        (v for v in (producer.outputs if producer is not None else []) if v.name == tensor), None
+    )
     if value is None:
         value = next((v for v in model.graph.inputs if v.name == tensor), None)
     if value is None:
@@ -243,16 +306,28 @@ def _check_consumers(space: ChannelSpace, root: str, tensor: str, index: _Index,
         _classify_sink(space, user, position, value, model)
 
 
-def _classify_sink(space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, model: Model) -> None:
+def _classify_sink(
+    space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, model: Model
+) -> None:
     op = user.op_type
     weight = user.inputs[1] if len(user.inputs) > 1 else None
-    if index != 0 or (op in ("Conv", "Gemm", "MatMul") and (weight is None or weight.const_value is None)):
+    if index != 0 or (
+        op in ("Conv", "Gemm", "MatMul") and (weight is None or weight.const_value is None)
+    ):
         space.blockers.append(f"{op} {user.name} uses it as input {index}")
         return
-    if op == "Conv" and user.attributes.get("group", ir.AttrInt64("group", 1)).as_int() == 1 and space.axis == 1:
+    if (
+        op == "Conv"
+        and user.attributes.get("group", ir.AttrInt64("group", 1)).as_int() == 1
+        and space.axis == 1
+    ):
         space.sinks.append(("conv", user, 1))
     elif op in ("Gemm", "MatMul") and space.axis == -1:
-        if op == "Gemm" and user.attributes.get("transA") is not None and user.attributes["transA"].as_int():
+        if (
+            op == "Gemm"
+            and user.attributes.get("transA") is not None
+            and user.attributes["transA"].as_int()
+        ):
             space.blockers.append(f"Gemm {user.name} has transA")
         else:
             space.sinks.append(("fc", user, 1))
@@ -264,9 +339,23 @@ def _classify_sink(space: ChannelSpace, user: ir.Node, index: int, value: ir.Val
             space.blockers.append(f"{op} {user.name}: the spatial size is not static")
             return
         spatial = int(np.prod(np.asarray(list(shape)[2:], np.int64))) if len(shape) > 2 else 1
-        fcs = [u for u, i in consumers if u.op_type in ("Gemm", "MatMul") and i == 0 and len(u.inputs) > 1
-               and u.inputs[1] is not None and u.inputs[1].const_value is not None]
-        if len(fcs) != len(consumers) or not fcs or (op == "Flatten" and user.attributes.get("axis", ir.AttrInt64("axis", 1)).as_int() != 1):
+        fcs = [
+            u
+            for u, i in consumers
+            if u.op_type in ("Gemm", "MatMul")
+            and i == 0
+            and len(u.inputs) > 1
+            and u.inputs[1] is not None
+            and u.inputs[1].const_value is not None
+        ]
+        if (
+            len(fcs) != len(consumers)
+            or not fcs
+            or (
+                op == "Flatten"
+                and user.attributes.get("axis", ir.AttrInt64("axis", 1)).as_int() != 1
+            )
+        ):
             space.blockers.append(f"{op} {user.name} does not feed a fully connected layer")
             return
         for fc in fcs:
@@ -277,7 +366,9 @@ def _classify_sink(space: ChannelSpace, user: ir.Node, index: int, value: ir.Val
         space.blockers.append(f"{op} {user.name} consumes the channels")
 
 
-def _take(value: ir.Value, keep: np.ndarray, axis: int, model: Model, *, per_block: int = 1) -> None:
+def _take(
+    value: ir.Value, keep: np.ndarray, axis: int, model: Model, *, per_block: int = 1
+) -> None:
     tensor = value.const_value
     assert tensor is not None
     array = tensor.numpy()
@@ -309,7 +400,11 @@ def remove_channels(model: Model, space: ChannelSpace, keep: np.ndarray) -> dict
         value = node.inputs[index]
         assert value is not None and value.const_value is not None
         dims = _dims(value)
-        axis = next(i for i, d in enumerate(dims) if d == space.channels) if space.axis == 1 else len(dims) - 1
+        axis = (
+            next(i for i, d in enumerate(dims) if d == space.channels)
+            if space.axis == 1
+            else len(dims) - 1
+        )
         _take(value, keep, axis, model)
     for kind, node, spatial in space.sinks:
         if kind == "conv":

@@ -31,10 +31,16 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 def _per_channel(array: np.ndarray, axis: int, order: int) -> np.ndarray:
     moved = np.moveaxis(array, axis, 0).reshape(array.shape[axis], -1)
-    return np.abs(moved).sum(axis=1) if order == 1 else np.sqrt((moved.astype(np.float64) ** 2).sum(axis=1))
+    return (
+        np.abs(moved).sum(axis=1)
+        if order == 1
+        else np.sqrt((moved.astype(np.float64) ** 2).sum(axis=1))
+    )
 
 
-def _taylor(model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size: int = 64, batches: int = 8) -> dict[int, np.ndarray]:
+def _taylor(
+    model: Model, spaces: list[ChannelSpace], data: Dataset, batch_size: int = 64, batches: int = 8
+) -> dict[int, np.ndarray]:
     import torch
 
     from modelpress.plugin_api import to_torch
@@ -85,11 +91,18 @@ def _activation(model: Model, spaces: list[ChannelSpace], data: Dataset) -> dict
                 name = layer.node.outputs[0].name or ""
                 x = np.abs(np.asarray(results[outputs.index(name)], np.float64))
                 axis = 1 if space.axis == 1 else x.ndim - 1
-                sums[name] = sums.get(name, 0) + np.moveaxis(x, axis, 0).reshape(x.shape[axis], -1).mean(axis=1)  # type: ignore[assignment, operator]
-    return {i: sum(_normalise(sums[layer.node.outputs[0].name or ""]) for layer in space.sources) for i, space in enumerate(spaces)}  # type: ignore[misc]
+                sums[name] = sums.get(name, 0) + np.moveaxis(x, axis, 0).reshape(
+                    x.shape[axis], -1
+                ).mean(axis=1)  # type: ignore[assignment, operator]
+    return {
+        i: sum(_normalise(sums[layer.node.outputs[0].name or ""]) for layer in space.sources)
+        for i, space in enumerate(spaces)
+    }  # type: ignore[misc]
 
 
-def channel_scores(model: Model, spaces: list[ChannelSpace], criterion: str, data: Dataset | None) -> dict[int, np.ndarray]:
+def channel_scores(
+    model: Model, spaces: list[ChannelSpace], criterion: str, data: Dataset | None
+) -> dict[int, np.ndarray]:
     """One importance score per channel for each space (higher = more important)."""
     if criterion in ("taylor", "activation") and data is None:
         raise DataError(f"the {criterion} criterion needs data (data=... / --data train.npz)")
@@ -100,9 +113,14 @@ def channel_scores(model: Model, spaces: list[ChannelSpace], criterion: str, dat
     scores: dict[int, Any] = {}
     for index, space in enumerate(spaces):
         if criterion == "bn-scale" and space.batchnorms:
-            score = sum(_normalise(np.abs(bn.inputs[1].const_value.numpy())) for bn in space.batchnorms)  # type: ignore[union-attr]
+            score = sum(
+                _normalise(np.abs(bn.inputs[1].const_value.numpy())) for bn in space.batchnorms
+            )  # type: ignore[union-attr]
         else:
             order = 2 if criterion == "l2" else 1
-            score = sum(_normalise(_per_channel(layer.weight_array(), layer.out_axis, order)) for layer in space.sources)
+            score = sum(
+                _normalise(_per_channel(layer.weight_array(), layer.out_axis, order))
+                for layer in space.sources
+            )
         scores[index] = np.asarray(score, np.float64)
     return scores

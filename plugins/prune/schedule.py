@@ -66,13 +66,22 @@ class StepJudge:
     stopped: str | None = None
 
     @classmethod
-    def start(cls, source: Model, ctx: PassContext, training: Dataset | None, stop_below: float | None, steps: int) -> StepJudge:
+    def start(
+        cls,
+        source: Model,
+        ctx: PassContext,
+        training: Dataset | None,
+        stop_below: float | None,
+        steps: int,
+    ) -> StepJudge:
         """A judge for ``steps`` steps of pruning ``source`` (inactive for one step or without a floor or data)."""
         judge = cls(floor=stop_below, steps=steps)
         if stop_below is None or steps < 2:
             return judge
         if ctx.calibration is not None:
-            judge.feeds = load_dataset(ctx.calibration, source.signature, what="calibration").take(_JUDGE_SAMPLES)
+            judge.feeds = load_dataset(ctx.calibration, source.signature, what="calibration").take(
+                _JUDGE_SAMPLES
+            )
         elif training is not None:
             held = held_out_split(len(training))[1][:_JUDGE_SAMPLES]
             judge.feeds = Dataset({k: v[held] for k, v in training.inputs.items()})
@@ -85,7 +94,10 @@ class StepJudge:
         return self.feeds is not None
 
     def _outputs(self, model: Model) -> list[np.ndarray]:
-        return [np.asarray(x) for x in run_dataset(make_session(model), self.feeds.batches(_JUDGE_SAMPLES))]  # type: ignore[union-attr]
+        return [
+            np.asarray(x)
+            for x in run_dataset(make_session(model), self.feeds.batches(_JUDGE_SAMPLES))
+        ]  # type: ignore[union-attr]
 
     def judge(self, model: Model, number: int, sparsity: float, state: Any = None) -> bool:
         """Judge step ``number`` (1-based); ``False``: the target is out of reach, stop here."""
@@ -98,10 +110,14 @@ class StepJudge:
         step = Step(number, sparsity, cosine, model, state)
         if self.best is None or self._better(step, self.best):
             self.best = step
-            step.model = model.clone()  # NOTE: the schedule goes on editing `model`; only the best is copied
+            step.model = (
+                model.clone()
+            )  # NOTE: the schedule goes on editing `model`; only the best is copied
         if cosine < self.floor and cosine < previous:  # type: ignore[operator]
-            self.stopped = (f"stopped at step {number} of {self.steps}: cosine {cosine:.2f} < {self.floor:g} after fine-tuning; "
-                            f"best so far: {self.best.describe()}")
+            self.stopped = (
+                f"stopped at step {number} of {self.steps}: cosine {cosine:.2f} < {self.floor:g} after fine-tuning; "
+                f"best so far: {self.best.describe()}"
+            )
             return False
         return True
 
@@ -111,21 +127,40 @@ class StepJudge:
         meets, best_meets = step.cosine >= self.floor, best.cosine >= self.floor  # type: ignore[operator]
         if meets != best_meets:
             return meets
-        return (step.sparsity, step.cosine) > (best.sparsity, best.cosine) if meets else step.cosine > best.cosine
+        return (
+            (step.sparsity, step.cosine) > (best.sparsity, best.cosine)
+            if meets
+            else step.cosine > best.cosine
+        )
 
-    def outcome(self, last: Model, last_state: Any, ctx: PassContext, method: str) -> tuple[Model, Any]:
+    def outcome(
+        self, last: Model, last_state: Any, ctx: PassContext, method: str
+    ) -> tuple[Model, Any]:
         """The model to return and its state: the best step when judged, else the last; figures and a warning say which."""
         if not self.active or self.best is None:
             return last, last_state
         best = self.best
-        ctx.figures.update({"step_cosines": [round(c, 4) for c in self.cosines], "stop_below": self.floor,
-                            "best_step": best.number, "reached_sparsity": round(best.sparsity, 4), "best_cosine": round(best.cosine, 4)})
+        ctx.figures.update(
+            {
+                "step_cosines": [round(c, 4) for c in self.cosines],
+                "stop_below": self.floor,
+                "best_step": best.number,
+                "reached_sparsity": round(best.sparsity, 4),
+                "best_cosine": round(best.cosine, 4),
+            }
+        )
         if self.stopped:
             ctx.figures["stopped"] = self.stopped
-            warnings.warn(f"{method}: {self.stopped}; returning step {best.number} (export still verifies it)", UserWarning, stacklevel=4)
+            warnings.warn(
+                f"{method}: {self.stopped}; returning step {best.number} (export still verifies it)",
+                UserWarning,
+                stacklevel=4,
+            )
         elif best.number != len(self.cosines):
-            note = (f"the last step's cosine {self.cosines[-1]:.2f} < {self.floor:g}; returning {best.describe()}, "
-                    "the sparsest step that meets it")
+            note = (
+                f"the last step's cosine {self.cosines[-1]:.2f} < {self.floor:g}; returning {best.describe()}, "
+                "the sparsest step that meets it"
+            )
             ctx.figures["stopped"] = note
             warnings.warn(f"{method}: {note}", UserWarning, stacklevel=4)
         return best.model, best.state

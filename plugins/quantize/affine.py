@@ -16,7 +16,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["INT8_WEIGHTS", "UINT8", "QRange", "affine_params", "dequantize", "fake_quantize", "fake_quantize_weight", "quantize", "symmetric_params"]
+__all__ = [
+    "INT8_WEIGHTS",
+    "UINT8",
+    "QRange",
+    "affine_params",
+    "dequantize",
+    "fake_quantize",
+    "fake_quantize_weight",
+    "quantize",
+    "symmetric_params",
+]
 
 
 class QRange:
@@ -36,7 +46,9 @@ INT8_WEIGHTS = QRange(8, True, restricted=True)  # symmetric int8 weights: [-127
 UINT8 = QRange(8, False)
 
 
-def affine_params(rmin: np.ndarray | float, rmax: np.ndarray | float, grid: QRange) -> tuple[np.ndarray, np.ndarray]:
+def affine_params(
+    rmin: np.ndarray | float, rmax: np.ndarray | float, grid: QRange
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point mapping ``[rmin, rmax]`` (widened to include 0) onto ``grid``."""
     rmin = np.minimum(np.asarray(rmin, np.float64), 0.0)
     rmax = np.maximum(np.asarray(rmax, np.float64), 0.0)
@@ -62,7 +74,9 @@ def dequantize(q: np.ndarray, scale: np.ndarray, zero: np.ndarray) -> np.ndarray
     return ((q.astype(np.float64) - zero.astype(np.float64)) * scale).astype(np.float32)
 
 
-def fake_quantize(x: np.ndarray, scale: np.ndarray | float, zero: np.ndarray | float, grid: QRange) -> np.ndarray:
+def fake_quantize(
+    x: np.ndarray, scale: np.ndarray | float, zero: np.ndarray | float, grid: QRange
+) -> np.ndarray:
     """``dequantize(quantize(x))`` without the integers: ``clip(round(x / scale), qmin - zero, qmax - zero) * scale``
     (equal, as ``zero`` is whole), in float32 on one buffer: the error searches (SmoothQuant's
     alpha, ``calibrator="auto"``) run it on ~1024 x K rows several times per tensor. ``scale`` and

@@ -23,7 +23,9 @@ from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales
 __all__ = ["awq_scale", "search_alpha"]
 
 
-def search_alpha(w: np.ndarray, hessian: np.ndarray, fake_quantize: Callable[[np.ndarray], np.ndarray], grid: int) -> tuple[float, np.ndarray, float, float]:
+def search_alpha(
+    w: np.ndarray, hessian: np.ndarray, fake_quantize: Callable[[np.ndarray], np.ndarray], grid: int
+) -> tuple[float, np.ndarray, float, float]:
     """The ``alpha`` in ``linspace(0, 1, grid + 1)`` whose scales ``rms(x)^alpha`` minimise the
     output error of quantizing ``w[K, N]``; returns ``(alpha, s, error at alpha=0, error at alpha)``."""
     h = np.asarray(hessian, np.float64)
@@ -40,15 +42,23 @@ def search_alpha(w: np.ndarray, hessian: np.ndarray, fake_quantize: Callable[[np
     best_alpha, best_s = 0.0, ones
     for alpha in np.linspace(0.0, 1.0, grid + 1)[1:]:
         s = rms**alpha
-        s = s / np.sqrt(s.max() * s.min())  # NOTE: centred in log space, so the weights' overall magnitude stays put
+        s = s / np.sqrt(
+            s.max() * s.min()
+        )  # NOTE: centred in log space, so the weights' overall magnitude stays put
         err = error(s)
         if err < best_err:
             best_alpha, best_s, best_err = float(alpha), s, err
     return best_alpha, best_s, base, best_err
 
 
-def awq_scale(model: Model, groups: list[ScaleGroup], hessians: dict[str, np.ndarray],
-              fake_quantize: Callable[[np.ndarray], np.ndarray], grid: int, ctx: PassContext) -> dict[str, float]:
+def awq_scale(
+    model: Model,
+    groups: list[ScaleGroup],
+    hessians: dict[str, np.ndarray],
+    fake_quantize: Callable[[np.ndarray], np.ndarray],
+    grid: int,
+    ctx: PassContext,
+) -> dict[str, float]:
     """Search and apply AWQ scales to each group of ``model`` (edited in place); returns the chosen
     ``alpha`` per group input (groups left unscaled are absent). ``hessians`` gains the statistics
     of each rescaled input (``H / (s s^T)``, under the name of the ``Mul`` output the layers now

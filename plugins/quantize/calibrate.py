@@ -54,7 +54,10 @@ def collect_stats(
     step = collector.batch(data, batch_size)
     ctx.figures["calibration_batch"] = step
     with ctx.progress("calibrating", total=data.batch_count(step)) as advance:
-        return collector.collect(data, step, histogram=histogram, channel_axes=channel_axes, advance=advance)
+        return collector.collect(
+            data, step, histogram=histogram, channel_axes=channel_axes, advance=advance
+        )
+
 
 def _entropy_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
     hist = hist.astype(np.float64)
@@ -89,13 +92,17 @@ def _mse_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
     for t in np.linspace(absmax / 64, absmax, 128):
         step = t / levels
         inside = centers <= t
-        err = (hist[inside].sum() * step * step / 12.0) + float(np.sum(hist[~inside] * (centers[~inside] - t) ** 2))
+        err = (hist[inside].sum() * step * step / 12.0) + float(
+            np.sum(hist[~inside] * (centers[~inside] - t) ** 2)
+        )
         if err < best_err:
             best_err, best_t = err, t
     return float(best_t)
 
 
-def choose_range(stats: TensorStats, calibrator: str, *, percentile: float = 99.99, signed: bool = False) -> tuple[float, float]:
+def choose_range(
+    stats: TensorStats, calibrator: str, *, percentile: float = 99.99, signed: bool = False
+) -> tuple[float, float]:
     """The ``[rmin, rmax]`` to quantize a tensor with, by ``calibrator``."""
     if calibrator == "minmax" or stats.absmax == 0 or not stats.hist.any():
         return stats.min, stats.max

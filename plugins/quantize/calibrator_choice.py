@@ -27,8 +27,6 @@ __all__ = ["Ranges", "choose_calibrators"]
 Params = tuple[np.ndarray, np.ndarray]
 
 
-
-
 def _as_kn(layer: WeightedLayer) -> np.ndarray | None:
     """The layer's weight as ``[K, N]`` for a row-wise product with its input's last axis, or None
     for a Conv (its input channels are not the last axis: its input keeps ``percentile``)."""
@@ -50,8 +48,16 @@ class Ranges:
     grid: QRange
 
 
-def choose_calibrators(model: Model, layers: list[WeightedLayer], data: Dataset, act: dict[str, Params], ranges: Ranges,
-                       ctx: PassContext, *, batch_size: int) -> dict[str, Params]:
+def choose_calibrators(
+    model: Model,
+    layers: list[WeightedLayer],
+    data: Dataset,
+    act: dict[str, Params],
+    ranges: Ranges,
+    ctx: PassContext,
+    *,
+    batch_size: int,
+) -> dict[str, Params]:
     """``act`` with the inputs of ``layers`` re-ranged by the calibrator of smallest output error
     (on a sample of ``data``'s rows, read ``batch_size`` samples at a time)."""
     stats, params, grid = ranges.stats, ranges.params, ranges.grid
@@ -59,7 +65,13 @@ def choose_calibrators(model: Model, layers: list[WeightedLayer], data: Dataset,
     for layer in layers:
         x = layer.node.inputs[0]
         w = _as_kn(layer)
-        if x is not None and x.name and x.name in stats and w is not None and stats[x.name].hist.any():
+        if (
+            x is not None
+            and x.name
+            and x.name in stats
+            and w is not None
+            and stats[x.name].hist.any()
+        ):
             groups.setdefault(x.name, []).append(w)
     if not groups:
         return act
@@ -78,7 +90,11 @@ def choose_calibrators(model: Model, layers: list[WeightedLayer], data: Dataset,
             best: tuple[float, str, Params] | None = None
             for calibrator in CALIBRATORS:
                 candidate = params(stats[name], calibrator)
-                err = float(np.mean((fake_quantize(x, *candidate, grid) @ wq - expected).astype(np.float64) ** 2))
+                err = float(
+                    np.mean(
+                        (fake_quantize(x, *candidate, grid) @ wq - expected).astype(np.float64) ** 2
+                    )
+                )
                 if best is None or err < best[0]:
                     best = (err, calibrator, candidate)
             assert best is not None

@@ -35,8 +35,13 @@ __all__ = ["Int8DynamicOptions", "int8_dynamic"]
 
 
 class Int8DynamicOptions(Options):
-    per_channel: bool = Field(True, description="one weight scale per output column (False: per tensor)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: int8 weight-only, DQ in front)")
+    per_channel: bool = Field(
+        True, description="one weight scale per output column (False: per tensor)"
+    )
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"],
+        description="op types to quantize (Conv weights and Gather embedding tables: int8 weight-only, DQ in front)",
+    )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(256, ge=1, description="skip weights smaller than this")
     reduce_range: bool | None = Field(None, description="MatMul/Gemm weights " + REDUCE_RANGE_HELP)
@@ -48,7 +53,9 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
     skipped: dict[str, str] = {}
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized and stored once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}
-    for layer in model.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
+    for layer in model.weighted_layers(
+        frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True
+    ):
         reason = _skip_reason(layer, opts)
         if reason:
             skipped[layer.name] = reason
@@ -57,23 +64,47 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
     # NOTE: as in weight-only: a few threads quantize weights side by side (numpy releases the GIL),
     # each reading one weight from its file and dropping the float copy; results are emitted in order.
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ctx.progress("int8-dynamic", total=len(users)) as advance, ThreadPoolExecutor(workers) as pool:
-        for group, quantized in zip(users.values(), pool.map(lambda g: _int8_weight(g[0], opts, grid), users.values()), strict=True):
+    with (
+        ctx.progress("int8-dynamic", total=len(users)) as advance,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        for group, quantized in zip(
+            users.values(),
+            pool.map(lambda g: _int8_weight(g[0], opts, grid), users.values()),
+            strict=True,
+        ):
             base = group[0].weight.name or group[0].name
             wq, scale, zero = quantized
-            values = (model.add_initializer(f"{base}_quantized", wq), model.add_initializer(f"{base}_zero_point", zero),
-                      model.add_initializer(f"{base}_scale", scale))
+            values = (
+                model.add_initializer(f"{base}_quantized", wq),
+                model.add_initializer(f"{base}_zero_point", zero),
+                model.add_initializer(f"{base}_scale", scale),
+            )
             del quantized, wq
             for layer in group:
                 _replace_layer(model, layer, values)
             advance(1)
     done = sum(len(group) for group in users.values())
-    tables = quantize_tables(model, bits=8, op_types=set(opts.op_types), min_elements=opts.min_elements, exclude=set(opts.exclude))
+    tables = quantize_tables(
+        model,
+        bits=8,
+        op_types=set(opts.op_types),
+        min_elements=opts.min_elements,
+        exclude=set(opts.exclude),
+    )
     if not done and not tables.done:
         skipped.update(recurrent_refusals(model.graph, "int8-dynamic"))
-        raise OptionsError(f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})")
-    ctx.figures.update({"quantized_nodes": done, "float_nodes": skipped, "tables_quantized": len(tables.done),
-                        "reduce_range": why})
+        raise OptionsError(
+            f"int8-dynamic: no MatMul/Gemm/Conv/Gather with a constant float weight to quantize in {model.name!r} ({skipped or 'none found'})"
+        )
+    ctx.figures.update(
+        {
+            "quantized_nodes": done,
+            "float_nodes": skipped,
+            "tables_quantized": len(tables.done),
+            "reduce_range": why,
+        }
+    )
 
 
 def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:
@@ -87,12 +118,18 @@ def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:
         return f"weight has fewer than {opts.min_elements} elements"
     if layer.node.op_type == "Gemm":
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
-        if attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        if (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             return "Gemm with transA/alpha/beta is left in float"
     return None
 
 
-def _int8_weight(layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _int8_weight(
+    layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """int8 weight ``[K, N]`` (symmetric), scale and zero point of one layer, in float32 a few rows at
     a time: one float copy of the weight (read from its file when external) is all it holds."""
     w = read_weight(layer)  # stored layout: [K, N], or [N, K] for a Gemm with transB
@@ -115,7 +152,9 @@ def _int8_weight(layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange) -
     return (np.ascontiguousarray(q.T) if rows_are_channels else q), scale, zero
 
 
-def _replace_layer(model: Model, layer: WeightedLayer, weight: tuple[ir.Value, ir.Value, ir.Value]) -> None:
+def _replace_layer(
+    model: Model, layer: WeightedLayer, weight: tuple[ir.Value, ir.Value, ir.Value]
+) -> None:
     """Swap one MatMul/Gemm for ORT's dynamic-quantization pattern on the int8 ``weight`` (values)."""
     wq_v, wz_v, ws_v = weight
     node = layer.node
@@ -123,11 +162,39 @@ def _replace_layer(model: Model, layer: WeightedLayer, weight: tuple[ir.Value, i
     assert x is not None
     name = layer.name
     b = model.builder()
-    xq, xs, xz = b.op_multi_out("DynamicQuantizeLinear", [x], name=f"{name}_DynamicQuantizeLinear", outs=[
-        Out(f"{x.name}_{name}_quantized", ir.DataType.UINT8), Out(f"{x.name}_{name}_scale", ir.DataType.FLOAT),
-        Out(f"{x.name}_{name}_zero_point", ir.DataType.UINT8)])
-    mm = b.op("MatMulInteger", [xq, wq_v, xz, wz_v], name=f"{name}_MatMulInteger", out=Out(f"{name}_MatMulInteger_output", ir.DataType.INT32))
-    cast = b.op("Cast", [mm], {"to": ir.DataType.FLOAT}, name=f"{name}_Cast", out=Out(f"{name}_Cast_output", ir.DataType.FLOAT))
-    combined = b.op("Mul", [xs, ws_v], name=f"{name}_scale_Mul", out=Out(f"{name}_scale_Mul_output", ir.DataType.FLOAT))
-    mul = b.op("Mul", [cast, combined], name=f"{name}_Mul", out=Out(f"{name}_Mul_output", ir.DataType.FLOAT))
+    xq, xs, xz = b.op_multi_out(
+        "DynamicQuantizeLinear",
+        [x],
+        name=f"{name}_DynamicQuantizeLinear",
+        outs=[
+            Out(f"{x.name}_{name}_quantized", ir.DataType.UINT8),
+            Out(f"{x.name}_{name}_scale", ir.DataType.FLOAT),
+            Out(f"{x.name}_{name}_zero_point", ir.DataType.UINT8),
+        ],
+    )
+    mm = b.op(
+        "MatMulInteger",
+        [xq, wq_v, xz, wz_v],
+        name=f"{name}_MatMulInteger",
+        out=Out(f"{name}_MatMulInteger_output", ir.DataType.INT32),
+    )
+    cast = b.op(
+        "Cast",
+        [mm],
+        {"to": ir.DataType.FLOAT},
+        name=f"{name}_Cast",
+        out=Out(f"{name}_Cast_output", ir.DataType.FLOAT),
+    )
+    combined = b.op(
+        "Mul",
+        [xs, ws_v],
+        name=f"{name}_scale_Mul",
+        out=Out(f"{name}_scale_Mul_output", ir.DataType.FLOAT),
+    )
+    mul = b.op(
+        "Mul",
+        [cast, combined],
+        name=f"{name}_Mul",
+        out=Out(f"{name}_Mul_output", ir.DataType.FLOAT),
+    )
     replace_matmul(model, node, list(b.nodes), mul, name)

@@ -36,7 +36,9 @@ class TableReport:
     errors: list[float] = field(default_factory=list)
 
 
-def _tables(model: Model, op_types: set[str], min_elements: int, exclude: set[str], report: TableReport) -> list[tuple[ir.Value, str]]:
+def _tables(
+    model: Model, op_types: set[str], min_elements: int, exclude: set[str], report: TableReport
+) -> list[tuple[ir.Value, str]]:
     """(weight value, "embedding" | "conv") for each eligible constant, each value once."""
     found: dict[int, tuple[ir.Value, str]] = {}
     for node in model.nodes():
@@ -54,7 +56,9 @@ def _tables(model: Model, op_types: set[str], min_elements: int, exclude: set[st
             report.skipped[name] = "excluded by option"
         elif value.const_value.dtype != ir.DataType.FLOAT:
             report.skipped[name] = "table is not float32"
-        elif kind == "embedding" and (len(value.shape or ()) != 2 or (axis is not None and axis.as_int() != 0)):
+        elif kind == "embedding" and (
+            len(value.shape or ()) != 2 or (axis is not None and axis.as_int() != 0)
+        ):
             report.skipped[name] = f"{node.op_type} is not a row lookup in a 2-D table"
         elif value.const_value.size < min_elements:
             report.skipped[name] = f"fewer than {min_elements} elements"
@@ -74,7 +78,9 @@ def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[
     return q.astype(np.int8).reshape(w.shape), scale, np.zeros(w.shape[0], np.int8), {"axis": 0}
 
 
-def _uint4_blocks(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
+def _uint4_blocks(
+    w: np.ndarray, axis: int, block: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:
     """Asymmetric uint4: per row (``axis=0``: one range per output channel) or per block of ``axis=1``."""
     if axis == 0:
         flat = w.reshape(w.shape[0], 1, -1).astype(np.float64)
@@ -93,7 +99,13 @@ def _uint4_blocks(w: np.ndarray, axis: int, block: int) -> tuple[np.ndarray, np.
     return q, scale.astype(np.float32), zero, {"axis": 1, "block_size": block}
 
 
-def _dequantized(q: np.ndarray, scale: np.ndarray, zero: np.ndarray, attrs: dict[str, int], shape: tuple[int, ...]) -> np.ndarray:
+def _dequantized(
+    q: np.ndarray,
+    scale: np.ndarray,
+    zero: np.ndarray,
+    attrs: dict[str, int],
+    shape: tuple[int, ...],
+) -> np.ndarray:
     axis = attrs["axis"]
     if "block_size" in attrs:
         s = np.repeat(scale, attrs["block_size"], axis=1)[:, : shape[1]]
@@ -139,15 +151,36 @@ def _pack_into(out: np.ndarray, start: int, values: np.ndarray) -> None:
 
 def _empty_table(rows: int, cols: int, bits: int, kind: str, block: int) -> _Table:
     if bits == 8:
-        return _Table(np.zeros((rows, cols), np.int8), np.zeros(rows, np.float32), np.zeros(rows, np.int8), {"axis": 0})
+        return _Table(
+            np.zeros((rows, cols), np.int8),
+            np.zeros(rows, np.float32),
+            np.zeros(rows, np.int8),
+            {"axis": 0},
+        )
     if kind == "conv":
-        return _Table(np.zeros(-(-rows * cols // 2), np.uint8), np.zeros(rows, np.float32), np.zeros(-(-rows // 2), np.uint8), {"axis": 0})
+        return _Table(
+            np.zeros(-(-rows * cols // 2), np.uint8),
+            np.zeros(rows, np.float32),
+            np.zeros(-(-rows // 2), np.uint8),
+            {"axis": 0},
+        )
     nb = -(-cols // block)
-    return (_Table(np.zeros(-(-rows * cols // 2), np.uint8), np.zeros((rows, nb), np.float32), np.zeros(-(-rows * nb // 2), np.uint8),
-                   {"axis": 1, "block_size": block}))
+    return _Table(
+        np.zeros(-(-rows * cols // 2), np.uint8),
+        np.zeros((rows, nb), np.float32),
+        np.zeros(-(-rows * nb // 2), np.uint8),
+        {"axis": 1, "block_size": block},
+    )
 
 
-def quantize_table(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...], *, bits: int, kind: str, block: int = 32) -> _Table:
+def quantize_table(
+    read: Callable[[int, int], np.ndarray],
+    shape: tuple[int, ...],
+    *,
+    bits: int,
+    kind: str,
+    block: int = 32,
+) -> _Table:
     """A float32 table of ``shape`` quantized chunk by chunk of rows: ``read(r0, r1)`` gives rows ``[r0, r1)``
     as ``[r1 - r0, prod(shape[1:])]`` (from the file for external data, nothing mapped), and only one chunk's
     temporaries exist at a time; the packed result and the squared error and norm of the whole table."""
@@ -158,7 +191,11 @@ def quantize_table(read: Callable[[int, int], np.ndarray], shape: tuple[int, ...
     for r0 in range(0, rows, step):
         r1 = min(rows, r0 + step)
         chunk = np.asarray(read(r0, r1), np.float32)
-        q, scale, zero, attrs = _int8_rows(chunk) if bits == 8 else _uint4_blocks(chunk, 1 if kind == "embedding" else 0, block)
+        q, scale, zero, attrs = (
+            _int8_rows(chunk)
+            if bits == 8
+            else _uint4_blocks(chunk, 1 if kind == "embedding" else 0, block)
+        )
         recon = _dequantized(q, scale, zero, attrs, chunk.shape)
         recon -= chunk
         table.squared_error += float(np.einsum("ij,ij->", recon, recon))
@@ -199,9 +236,18 @@ def _emit(model: Model, value: ir.Value, table: _Table, bits: int, order: dict[i
         zero_shape = list(table.scale.shape)
         q_t = ir.PackedTensor(table.data, ir.DataType.UINT4, shape=list(shape))
         zero_t = ir.PackedTensor(table.zero, ir.DataType.UINT4, shape=zero_shape)
-    inputs = [b.initializer(q_t, f"{base}_q{bits}"), b.initializer(table.scale, f"{base}_scale"), b.initializer(zero_t, f"{base}_zero_point")]
-    out = b.op("DequantizeLinear", inputs, table.attrs, name=f"{base}_DequantizeLinear",
-               out=Out(f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(shape)))
+    inputs = [
+        b.initializer(q_t, f"{base}_q{bits}"),
+        b.initializer(table.scale, f"{base}_scale"),
+        b.initializer(zero_t, f"{base}_zero_point"),
+    ]
+    out = b.op(
+        "DequantizeLinear",
+        inputs,
+        table.attrs,
+        name=f"{base}_DequantizeLinear",
+        out=Out(f"{base}_dequantized", ir.DataType.FLOAT, ir.Shape(shape)),
+    )
     dq = out.producer()
     assert dq is not None
     first = min((u for u, _ in value.uses()), key=lambda n: order.get(id(n), 0))
@@ -214,7 +260,15 @@ def _emit(model: Model, value: ir.Value, table: _Table, bits: int, order: dict[i
     return base
 
 
-def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: int = 32, min_elements: int = 1024, exclude: set[str] | None = None) -> TableReport:
+def quantize_tables(
+    model: Model,
+    *,
+    bits: int,
+    op_types: set[str],
+    block_size: int = 32,
+    min_elements: int = 1024,
+    exclude: set[str] | None = None,
+) -> TableReport:
     """Replace eligible embedding tables / Conv weights in ``model`` (in place) by int8/int4 + DQ, each
     quantized in chunks of rows (:func:`quantize_table`)."""
     report = TableReport()
@@ -224,15 +278,21 @@ def quantize_tables(model: Model, *, bits: int, op_types: set[str], block_size: 
     if bits == 4 and model.opset < 21:
         bits = 8  # NOTE: int4 DequantizeLinear needs opset 21; int8 still shrinks the table 4x
     order = {id(n): i for i, n in enumerate(model.graph)}
-    for value, kind in _tables(model, op_types & {"Gather", "Conv"}, min_elements, exclude or set(), report):
+    for value, kind in _tables(
+        model, op_types & {"Gather", "Conv"}, min_elements, exclude or set(), report
+    ):
         tensor = value.const_value
         assert tensor is not None
         shape = tuple(int(d) for d in tensor.shape.numpy())
         table = quantize_table(_reader(tensor), shape, bits=bits, kind=kind, block=block_size)
         if isinstance(tensor, ir.ExternalTensor):
             tensor.release()
-        report.errors.append(float(np.sqrt(table.squared_error) / max(np.sqrt(table.squared_norm), 1e-12)))
+        report.errors.append(
+            float(np.sqrt(table.squared_error) / max(np.sqrt(table.squared_norm), 1e-12))
+        )
         report.done.append(_emit(model, value, table, bits, order))
         report.bytes_before += tensor.size * 4
-        report.bytes_after += table.data.nbytes + table.scale.nbytes + (table.zero.nbytes if bits == 4 else 0)
+        report.bytes_after += (
+            table.data.nbytes + table.scale.nbytes + (table.zero.nbytes if bits == 4 else 0)
+        )
     return report

@@ -9,12 +9,19 @@ from modelpress.plugin_api import Model, Out
 __all__ = ["replace_matmul"]
 
 
-def replace_matmul(model: Model, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value, name: str) -> None:
+def replace_matmul(
+    model: Model, node: ir.Node, new_nodes: list[ir.Node], output: ir.Value, name: str
+) -> None:
     """Swap MatMul/Gemm ``node`` for ``new_nodes`` whose ``output`` computes ``x @ W``; a Gemm's
     bias (its third input) is added after them, so the replacement computes what the node did."""
     bias = node.inputs[2] if node.op_type == "Gemm" and len(node.inputs) > 2 else None
     if bias is not None:
         b = model.builder()
-        output = b.op("Add", [output, bias], name=f"{name}_bias_Add", out=Out(f"{name}_bias_Add_output", ir.DataType.FLOAT))
+        output = b.op(
+            "Add",
+            [output, bias],
+            name=f"{name}_bias_Add",
+            out=Out(f"{name}_bias_Add_output", ir.DataType.FLOAT),
+        )
         new_nodes = [*new_nodes, *b.nodes]
     model.replace_node(node, new_nodes, output)

@@ -53,12 +53,16 @@ class Scorer:
         self.batch_size = batch_size
         self.names = reference.signature.output_names
         self.expected = run_dataset(session, self.data.batches(batch_size))
-        self.criteria = infer_criteria(self.names, self.expected, model=reference, overrides=criteria, bounds=bounds)
+        self.criteria = infer_criteria(
+            self.names, self.expected, model=reference, overrides=criteria, bounds=bounds
+        )
         self.evaluations = 0
 
     def score(self, candidate: Model) -> Judgement:
         self.evaluations += 1
-        actual = run_dataset(make_session(candidate, spin=False), self.data.batches(self.batch_size))
+        actual = run_dataset(
+            make_session(candidate, spin=False), self.data.batches(self.batch_size)
+        )
         return judge(self.criteria, self.expected, actual, self.names)
 
     @staticmethod

@@ -23,21 +23,53 @@ from modelpress.plugin_api import Model, Options, Out, PassContext
 __all__ = ["Fp16Options", "fp16"]
 
 KEEP_FLOAT32 = [
-    "Softmax", "LogSoftmax", "LayerNormalization", "ReduceMean", "ReduceSum", "ReduceSumSquare", "ReduceL2",
-    "ReduceProd", "Pow", "Exp", "Log", "Sqrt", "Erf", "Range", "CumSum", "Resize", "TopK", "RandomNormal",
-    "RandomUniform", "NonMaxSuppression", "Upsample", "Einsum",
+    "Softmax",
+    "LogSoftmax",
+    "LayerNormalization",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceSumSquare",
+    "ReduceL2",
+    "ReduceProd",
+    "Pow",
+    "Exp",
+    "Log",
+    "Sqrt",
+    "Erf",
+    "Range",
+    "CumSum",
+    "Resize",
+    "TopK",
+    "RandomNormal",
+    "RandomUniform",
+    "NonMaxSuppression",
+    "Upsample",
+    "Einsum",
 ]
 CONTROL_FLOW = frozenset({"If", "Loop", "Scan", "SequenceMap"})
-QUANTIZED = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear", "QLinearConv", "QLinearMatMul",
-                       "MatMulInteger", "ConvInteger"})
+QUANTIZED = frozenset(
+    {
+        "QuantizeLinear",
+        "DequantizeLinear",
+        "DynamicQuantizeLinear",
+        "QLinearConv",
+        "QLinearMatMul",
+        "MatMulInteger",
+        "ConvInteger",
+    }
+)
 _FLOAT = ir.DataType.FLOAT
 _HALF = ir.DataType.FLOAT16
 
 
 class Fp16Options(Options):
-    keep_float32: list[str] = Field(default_factory=lambda: list(KEEP_FLOAT32), description="op types that stay float32")
+    keep_float32: list[str] = Field(
+        default_factory=lambda: list(KEEP_FLOAT32), description="op types that stay float32"
+    )
     exclude: list[str] = Field(default_factory=list, description="node names that stay float32")
-    keep_io_types: bool = Field(True, description="keep model inputs and outputs float32 (Casts at the boundary)")
+    keep_io_types: bool = Field(
+        True, description="keep model inputs and outputs float32 (Casts at the boundary)"
+    )
 
 
 class _Retyping:
@@ -52,7 +84,13 @@ class _Retyping:
         key = (id(value), to)
         if key not in self.casts:
             b = self.model.builder()
-            b.op("Cast", [value], {"to": to}, name=f"{value.name}_to_{to.name.lower()}", out=Out(f"{value.name}_{to.name.lower()}", to, value.shape))
+            b.op(
+                "Cast",
+                [value],
+                {"to": to},
+                name=f"{value.name}_to_{to.name.lower()}",
+                out=Out(f"{value.name}_{to.name.lower()}", to, value.shape),
+            )
             node = b.nodes[0]
             producer = value.producer()
             # NOTE: in the graph that owns the value, so every body nested below can read the cast too.
@@ -70,7 +108,9 @@ class _Retyping:
     def half_initializer(self, value: ir.Value) -> ir.Value:
         if value.name not in self.converted:
             array = value.const_value.numpy()  # type: ignore[union-attr]
-            self.converted[value.name or ""] = self.model.add_initializer(f"{value.name}_fp16", np.clip(array, -65504, 65504).astype(np.float16))
+            self.converted[value.name or ""] = self.model.add_initializer(
+                f"{value.name}_fp16", np.clip(array, -65504, 65504).astype(np.float16)
+            )
         return self.converted[value.name or ""]
 
 
@@ -78,8 +118,14 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
     main = model.ir.graph
     _typed(model)
     keep = set(opts.keep_float32) | CONTROL_FLOW | QUANTIZED
-    nodes = list(main.all_nodes())  # NOTE: pre-order: every outer producer comes before the bodies reading it
-    half_nodes = {id(n) for n in nodes if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude}
+    nodes = list(
+        main.all_nodes()
+    )  # NOTE: pre-order: every outer producer comes before the bodies reading it
+    half_nodes = {
+        id(n)
+        for n in nodes
+        if n.domain in ("", "ai.onnx") and n.op_type not in keep and n.name not in opts.exclude
+    }
     retyping = _Retyping(model)
     n_half = 0
     for node in nodes:
@@ -87,7 +133,12 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
         for i, value in enumerate(node.inputs):
             if value is None or value.dtype not in (_FLOAT, _HALF) or value.dtype == want:
                 continue
-            if value.const_value is not None and value.is_initializer() and value.graph is main and want == _HALF:
+            if (
+                value.const_value is not None
+                and value.is_initializer()
+                and value.graph is main
+                and want == _HALF
+            ):
                 node.replace_input_with(i, retyping.half_initializer(value))
             else:
                 node.replace_input_with(i, retyping.cast(value, want))
@@ -95,11 +146,19 @@ def fp16(model: Model, opts: Fp16Options, ctx: PassContext) -> None:
             n_half += 1
             _to_half(node)
     _tidy(model, keep_io_types=opts.keep_io_types)
-    ctx.figures.update({"float16_nodes": n_half, "float32_nodes": len(nodes) - n_half, "casts": len(retyping.casts)})
+    ctx.figures.update(
+        {
+            "float16_nodes": n_half,
+            "float32_nodes": len(nodes) - n_half,
+            "casts": len(retyping.casts),
+        }
+    )
     inner = sum(1 for n in nodes if n.graph is not main)
     if inner:
         ctx.figures["subgraph_nodes"] = inner
-        ctx.figures["float16_subgraph_nodes"] = sum(1 for n in nodes if n.graph is not main and id(n) in half_nodes)
+        ctx.figures["float16_subgraph_nodes"] = sum(
+            1 for n in nodes if n.graph is not main and id(n) in half_nodes
+        )
 
 
 def _tidy(model: Model, *, keep_io_types: bool) -> None:
@@ -116,7 +175,9 @@ def _tidy(model: Model, *, keep_io_types: bool) -> None:
 
 def _typed(model: Model) -> None:
     """Infer the element types a pass before left unset (int8-static's Q/DQ outputs): the float ones must be known here."""
-    if any(out.dtype is None for node in model.ir.graph.all_nodes() for out in node.outputs if out.name):
+    if any(
+        out.dtype is None for node in model.ir.graph.all_nodes() for out in node.outputs if out.name
+    ):
         model.infer_shapes()
 
 
@@ -132,12 +193,18 @@ def _to_half(node: ir.Node) -> None:
     for out in node.outputs:
         if out.dtype == _FLOAT:
             out.dtype = _HALF
-    if node.op_type == "Cast" and node.attributes.get("to") is not None and node.attributes["to"].as_int() == _FLOAT:
+    if (
+        node.op_type == "Cast"
+        and node.attributes.get("to") is not None
+        and node.attributes["to"].as_int() == _FLOAT
+    ):
         node.attributes["to"] = ir.AttrInt64("to", int(_HALF))
     if node.op_type in ("Constant", "ConstantOfShape") and "value" in node.attributes:
         tensor = node.attributes["value"].as_tensor()
         if tensor.dtype == _FLOAT:
-            node.attributes["value"] = ir.AttrTensor("value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name))
+            node.attributes["value"] = ir.AttrTensor(
+                "value", ir.tensor(tensor.numpy().astype(np.float16), name=tensor.name)
+            )
 
 
 def _float_outputs(model: Model, graph: ir.Graph) -> None:
@@ -147,7 +214,17 @@ def _float_outputs(model: Model, graph: ir.Graph) -> None:
             continue
         name = out.name
         assert name is not None
-        node = model.builder().op("Cast", [out], {"to": _FLOAT}, name=f"{name}_to_float32_output", out=Out(f"{name}_float32", _FLOAT)).producer()
+        node = (
+            model.builder()
+            .op(
+                "Cast",
+                [out],
+                {"to": _FLOAT},
+                name=f"{name}_to_float32_output",
+                out=Out(f"{name}_float32", _FLOAT),
+            )
+            .producer()
+        )
         assert node is not None
         graph.append(node)
         out.name = model.fresh_name(f"{name}_fp16")

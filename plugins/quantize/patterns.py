@@ -22,8 +22,27 @@ import onnx_ir as ir
 
 __all__ = ["Pattern", "find_patterns", "mask_adds"]
 
-_ELEMENTWISE = {"Add", "Sub", "Mul", "Div", "Pow", "Sqrt", "Reciprocal", "Neg", "Erf", "Tanh", "Exp", "Cast",
-                "ReduceMean", "ReduceSum", "ReduceMax", "Max", "Min", "Clip", "Identity"}
+_ELEMENTWISE = {
+    "Add",
+    "Sub",
+    "Mul",
+    "Div",
+    "Pow",
+    "Sqrt",
+    "Reciprocal",
+    "Neg",
+    "Erf",
+    "Tanh",
+    "Exp",
+    "Cast",
+    "ReduceMean",
+    "ReduceSum",
+    "ReduceMax",
+    "Max",
+    "Min",
+    "Clip",
+    "Identity",
+}
 _MAX_NODES = 24
 
 
@@ -38,7 +57,11 @@ class Pattern:
 
 
 def _is_const(value: ir.Value | None) -> bool:
-    return value is None or value.const_value is not None or (value.producer() is not None and value.producer().op_type == "Constant")  # type: ignore[union-attr]
+    return (
+        value is None
+        or value.const_value is not None
+        or (value.producer() is not None and value.producer().op_type == "Constant")
+    )  # type: ignore[union-attr]
 
 
 def _squared(node: ir.Node) -> ir.Value | None:
@@ -47,22 +70,35 @@ def _squared(node: ir.Node) -> ir.Value | None:
         return node.inputs[0]
     if node.op_type == "Pow" and len(node.inputs) == 2 and node.inputs[1] is not None:
         exponent = node.inputs[1].const_value
-        if exponent is not None and exponent.size == 1 and float(exponent.numpy().ravel()[0]) == 2.0:
+        if (
+            exponent is not None
+            and exponent.size == 1
+            and float(exponent.numpy().ravel()[0]) == 2.0
+        ):
             return node.inputs[0]
     return None
 
 
-def _grow(start: list[ir.Node], order: dict[int, int], needs: set[str], limit: int = _MAX_NODES) -> list[ir.Node] | None:
+def _grow(
+    start: list[ir.Node], order: dict[int, int], needs: set[str], limit: int = _MAX_NODES
+) -> list[ir.Node] | None:
     """Nodes from ``start`` forward along element-wise ops until one tensor carries every path out,
     having passed an op in ``needs``. None when the paths do not merge within ``limit`` nodes."""
     region: dict[int, ir.Node] = {id(n): n for n in start}
     passed = False  # the key op must come after the start (the start may hold a Mul/Div of its own)
     while len(region) <= limit:
-        live = [out for n in region.values() for out in n.outputs if any(id(u) not in region for u, _ in out.uses()) or out.is_graph_output()]
+        live = [
+            out
+            for n in region.values()
+            for out in n.outputs
+            if any(id(u) not in region for u, _ in out.uses()) or out.is_graph_output()
+        ]
         if len(live) == 1 and passed:
             return sorted(region.values(), key=lambda n: order[id(n)])
         pending = [u for out in live for u, _ in out.uses() if id(u) not in region]
-        if not pending or any(u.op_type not in _ELEMENTWISE or u.domain not in ("", "ai.onnx") for u in pending):
+        if not pending or any(
+            u.op_type not in _ELEMENTWISE or u.domain not in ("", "ai.onnx") for u in pending
+        ):
             return None
         nxt = min(pending, key=lambda n: order[id(n)])
         region[id(nxt)] = nxt
@@ -95,9 +131,18 @@ def _extend(nodes: list[ir.Node], order: dict[int, int]) -> list[ir.Node]:
         for node in list(nodes):
             for value in node.inputs:
                 producer = value.producer() if value is not None else None
-                if producer is None or id(producer) in members or producer.op_type not in _ELEMENTWISE:
+                if (
+                    producer is None
+                    or id(producer) in members
+                    or producer.op_type not in _ELEMENTWISE
+                ):
                     continue
-                if value is not None and all(id(u) in members for u, _ in value.uses()) and not value.is_graph_output() and _sibling(producer, members):
+                if (
+                    value is not None
+                    and all(id(u) in members for u, _ in value.uses())
+                    and not value.is_graph_output()
+                    and _sibling(producer, members)
+                ):
                     nodes.append(producer)
                     members.add(id(producer))
                     added = True
@@ -109,7 +154,9 @@ def _extend(nodes: list[ir.Node], order: dict[int, int]) -> list[ir.Node]:
         if len(uses) != 1 or out.is_graph_output():
             break
         user = uses[0][0]
-        if user.op_type not in ("Mul", "Add") or not any(_is_const(v) for v in user.inputs if v is not out):
+        if user.op_type not in ("Mul", "Add") or not any(
+            _is_const(v) for v in user.inputs if v is not out
+        ):
             break
         nodes.append(user)
         members.add(id(user))
@@ -125,8 +172,13 @@ def _norm_region(node: ir.Node, order: dict[int, int]) -> tuple[str, list[ir.Nod
     if base is None:
         return None
     centred = base.producer()
-    if centred is not None and centred.op_type == "Sub" and centred.inputs[1] is not None and \
-            centred.inputs[1].producer() is not None and centred.inputs[1].producer().op_type == "ReduceMean":  # type: ignore[union-attr]
+    if (
+        centred is not None
+        and centred.op_type == "Sub"
+        and centred.inputs[1] is not None
+        and centred.inputs[1].producer() is not None
+        and centred.inputs[1].producer().op_type == "ReduceMean"
+    ):  # type: ignore[union-attr]
         mean = centred.inputs[1].producer()
         assert mean is not None
         return "LayerNorm", _grow([mean], order, {"Sqrt", "Reciprocal"})
@@ -142,7 +194,11 @@ def _gelu_region(node: ir.Node, order: dict[int, int]) -> list[ir.Node] | None:
     for _ in range(2):
         feed = next((v for v in start[0].inputs if not _is_const(v)), None)
         producer = feed.producer() if feed is not None else None
-        if producer is None or producer.op_type not in ("Mul", "Div", "Add") or len(list(feed.uses())) != 1:  # type: ignore[union-attr]
+        if (
+            producer is None
+            or producer.op_type not in ("Mul", "Div", "Add")
+            or len(list(feed.uses())) != 1
+        ):  # type: ignore[union-attr]
             break
         start.insert(0, producer)
         if producer.op_type == "Add" or node.op_type == "Erf":
@@ -192,7 +248,9 @@ def _from_weights(value: ir.Value, depth: int = 32) -> bool:
             continue
         seen.add(id(producer))
         if producer.op_type in ("MatMul", "Gemm", "Conv", "ConvTranspose", "Gather"):
-            if producer.op_type != "Gather" or (producer.inputs[0] is not None and producer.inputs[0].const_value is not None):
+            if producer.op_type != "Gather" or (
+                producer.inputs[0] is not None and producer.inputs[0].const_value is not None
+            ):
                 return True
         stack.extend((i, d + 1) for i in producer.inputs if i is not None)
     return False

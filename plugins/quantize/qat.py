@@ -30,17 +30,27 @@ __all__ = ["Int8QATOptions", "int8_qat"]
 
 class Int8QATOptions(Int8StaticOptions):
     epochs: int = Field(3, ge=0, description="quantization-aware training epochs")
-    lr: float = Field(1e-4, gt=0, description="learning rate (small: the weights start from a good point)")
+    lr: float = Field(
+        1e-4, gt=0, description="learning rate (small: the weights start from a good point)"
+    )
     train_batch_size: int = Field(64, ge=1, description="training batch size")
-    teacher: Literal["source", "none"] = Field("source", description="source: distil from the float model; none: labels only")
+    teacher: Literal["source", "none"] = Field(
+        "source", description="source: distil from the float model; none: labels only"
+    )
     temperature: float = Field(2.0, gt=0, description="distillation temperature (teacher='source')")
-    alpha: float = Field(0.5, ge=0, le=1, description="weight of the label loss when labels exist (teacher='source')")
+    alpha: float = Field(
+        0.5, ge=0, le=1, description="weight of the label loss when labels exist (teacher='source')"
+    )
     seed: int = Field(0, description="random seed")
     loss: Literal["auto", "cross_entropy", "nll", "mse", "huber"] = Field(
-        "auto", description="label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression")
+        "auto",
+        description="label loss; auto: NLL of the log for probability outputs (softmax), cross-entropy for logits, MSE for regression",
+    )
 
 
-def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, str, np.ndarray]]]:
+def _unfold(
+    model: Model,
+) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, str, np.ndarray]]]:
     """Turn int8 weights into float + QuantizeLinear, int32 biases into float initializers."""
     graph = model.ir.graph
     weights: list[tuple[ir.Node, ir.Value]] = []
@@ -53,17 +63,28 @@ def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir
         if tensor is None or not source.is_initializer():
             continue
         scale = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
-        zero = node.inputs[2].const_value.numpy() if len(node.inputs) > 2 and node.inputs[2] is not None else np.zeros_like(scale, np.int8)  # type: ignore[union-attr]
+        zero = (
+            node.inputs[2].const_value.numpy()
+            if len(node.inputs) > 2 and node.inputs[2] is not None
+            else np.zeros_like(scale, np.int8)
+        )  # type: ignore[union-attr]
         axis = node.attributes["axis"].as_int() if "axis" in node.attributes else 1
         q = tensor.numpy()
         shape = [1] * q.ndim
         if scale.ndim:
             shape[axis % q.ndim] = -1
-        real = ((q.astype(np.float64) - zero.reshape(shape)) * scale.reshape(shape)).astype(np.float32)
+        real = ((q.astype(np.float64) - zero.reshape(shape)) * scale.reshape(shape)).astype(
+            np.float32
+        )
         if tensor.dtype == ir.DataType.INT8:
             float_v = model.add_initializer(f"{source.name}_qat", real)
-            quantized = model.builder().op("QuantizeLinear", [float_v, node.inputs[1], node.inputs[2]], {"axis": axis} if scale.ndim else {},
-                                           name=f"{source.name}_qat_QuantizeLinear", out=Out(f"{source.name}_qat_quantized", ir.DataType.INT8))
+            quantized = model.builder().op(
+                "QuantizeLinear",
+                [float_v, node.inputs[1], node.inputs[2]],
+                {"axis": axis} if scale.ndim else {},
+                name=f"{source.name}_qat_QuantizeLinear",
+                out=Out(f"{source.name}_qat_quantized", ir.DataType.INT8),
+            )
             quant = quantized.producer()
             assert quant is not None
             graph.insert_before(node, quant)
@@ -77,7 +98,12 @@ def _unfold(model: Model) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir
     return weights, biases
 
 
-def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tuple[ir.Node, str, np.ndarray]], qmax: int = 127) -> None:
+def _fold(
+    model: Model,
+    weights: list[tuple[ir.Node, ir.Value]],
+    biases: list[tuple[ir.Node, str, np.ndarray]],
+    qmax: int = 127,
+) -> None:
     """Quantize the trained float weights back into the int8/int32 initializers (weights in
     ``[-qmax, qmax]``: 63 where int8-static chose 7-bit weights)."""
     graph = model.ir.graph
@@ -91,7 +117,9 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
         shape = [1] * w.ndim
         if scale.ndim:
             shape[axis % w.ndim] = -1
-        q = np.clip(np.round(w / scale.reshape(shape)) + zero.reshape(shape), -qmax, qmax).astype(np.int8)
+        q = np.clip(np.round(w / scale.reshape(shape)) + zero.reshape(shape), -qmax, qmax).astype(
+            np.int8
+        )
         model.replace_initializer(int_value.name or "", q)
         out = quant.outputs[0]
         out.replace_all_uses_with(int_value)
@@ -101,16 +129,25 @@ def _fold(model: Model, weights: list[tuple[ir.Node, ir.Value]], biases: list[tu
         bias = model.initializer(float_name).const_value.numpy()  # type: ignore[union-attr]
         bias_q = dq.inputs[0]
         assert bias_q is not None
-        model.replace_initializer(bias_q.name or "", np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32))
+        model.replace_initializer(
+            bias_q.name or "", np.clip(np.round(bias / scale), -(2**31), 2**31 - 1).astype(np.int32)
+        )
         model.initializer(float_name).replace_all_uses_with(dq.outputs[0])
         graph.initializers.pop(float_name)
 
 
-def _static_start(model: Model, opts: Int8QATOptions, ctx: PassContext) -> tuple[Model, dict[str, Any]]:
+def _static_start(
+    model: Model, opts: Int8QATOptions, ctx: PassContext
+) -> tuple[Model, dict[str, Any]]:
     """The int8-static model training starts from (calibrated on the calibration data, else the
     training data), and int8-static's figures."""
-    static_options = Int8StaticOptions(**{k: v for k, v in opts.model_dump().items() if k in Int8StaticOptions.model_fields})
-    calibration_ctx = PassContext(calibration=ctx.calibration if ctx.calibration is not None else ctx.train, show_progress=ctx.show_progress)
+    static_options = Int8StaticOptions(
+        **{k: v for k, v in opts.model_dump().items() if k in Int8StaticOptions.model_fields}
+    )
+    calibration_ctx = PassContext(
+        calibration=ctx.calibration if ctx.calibration is not None else ctx.train,
+        show_progress=ctx.show_progress,
+    )
     quantized = int8_static(model, static_options, calibration_ctx)
     return quantized, dict(calibration_ctx.figures)
 
@@ -132,29 +169,56 @@ def int8_qat(model: Model, opts: Int8QATOptions, ctx: PassContext) -> Model:
     alpha = opts.alpha if data.labels is not None else 0.0
     if opts.teacher == "source":
         targets["teacher"] = run_dataset(make_session(model), data.batches(256))[0]
-    result = fit(module, inputs, targets, loss=opts.loss, teacher_weight=1 - alpha if opts.teacher == "source" else 0.0,
-                 temperature=opts.temperature, epochs=opts.epochs, lr=opts.lr, batch_size=opts.train_batch_size,
-                 seed=opts.seed, show_progress=ctx.show_progress)
+    result = fit(
+        module,
+        inputs,
+        targets,
+        loss=opts.loss,
+        teacher_weight=1 - alpha if opts.teacher == "source" else 0.0,
+        temperature=opts.temperature,
+        epochs=opts.epochs,
+        lr=opts.lr,
+        batch_size=opts.train_batch_size,
+        seed=opts.seed,
+        show_progress=ctx.show_progress,
+    )
     trained = update_weights(work, module)
     # NOTE: the QuantizeLinear trained through saturates at int8's range; 7-bit weights are clipped back to theirs
-    _fold(trained, weights_in(trained, weights), biases_in(trained, biases), qmax=63 if resolve_reduce_range(opts.reduce_range)[0] else 127)
-    ctx.figures.update({
-        **{k: v for k, v in before.items() if k != "float_nodes"}, "float_nodes": before.get("float_nodes", {}),
-        "qat_epochs": len(result.history), "qat_interrupted": result.interrupted,
-        "qat_first_loss": result.history[0]["loss"] if result.history else None,
-        "qat_last_loss": result.history[-1]["loss"] if result.history else None,
-        "qat_loss": result.loss, "qat_loss_reason": result.loss_reason,
-        "trained_weights": len(weights), "trained_biases": len(biases),
-    })
-    return Model(trained.ir, provenance=model.provenance, path=model.path, reference=model.reference or model)
+    _fold(
+        trained,
+        weights_in(trained, weights),
+        biases_in(trained, biases),
+        qmax=63 if resolve_reduce_range(opts.reduce_range)[0] else 127,
+    )
+    ctx.figures.update(
+        {
+            **{k: v for k, v in before.items() if k != "float_nodes"},
+            "float_nodes": before.get("float_nodes", {}),
+            "qat_epochs": len(result.history),
+            "qat_interrupted": result.interrupted,
+            "qat_first_loss": result.history[0]["loss"] if result.history else None,
+            "qat_last_loss": result.history[-1]["loss"] if result.history else None,
+            "qat_loss": result.loss,
+            "qat_loss_reason": result.loss_reason,
+            "trained_weights": len(weights),
+            "trained_biases": len(biases),
+        }
+    )
+    return Model(
+        trained.ir, provenance=model.provenance, path=model.path, reference=model.reference or model
+    )
 
 
-def weights_in(model: Model, weights: list[tuple[ir.Node, ir.Value]]) -> list[tuple[ir.Node, ir.Value]]:
+def weights_in(
+    model: Model, weights: list[tuple[ir.Node, ir.Value]]
+) -> list[tuple[ir.Node, ir.Value]]:
     """The same (QuantizeLinear, int8 initializer) pairs, looked up in a copy of the model."""
     nodes = {n.name: n for n in model.nodes()}
     return [(nodes[q.name], model.initializer(v.name or "")) for q, v in weights]
 
 
-def biases_in(model: Model, biases: list[tuple[ir.Node, str, np.ndarray]]) -> list[tuple[ir.Node, str, np.ndarray]]:
+def biases_in(
+    model: Model, biases: list[tuple[ir.Node, str, np.ndarray]]
+) -> list[tuple[ir.Node, str, np.ndarray]]:
     nodes = {n.name: n for n in model.nodes()}
     return [(nodes[dq.name], name, scale) for dq, name, scale in biases]

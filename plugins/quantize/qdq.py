@@ -33,13 +33,17 @@ class Plan:
     layer: WeightedLayer | None  # None: a MatMul between two activations, or an element-wise op
     act_ins: list[str]
     act_out: str | None
-    constants: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None  # input index -> (q, scale, zero)
+    constants: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] | None = (
+        None  # input index -> (q, scale, zero)
+    )
     weight_q: np.ndarray | None = None
     weight_scale: np.ndarray | None = None
     weight_zero: np.ndarray | None = None
     bias_q: np.ndarray | None = None
     bias_scale: np.ndarray | None = None
-    bias_fix: tuple[str, np.ndarray] | None = None  # a MatMul's bias in the Add after it: (initializer, corrected values)
+    bias_fix: tuple[str, np.ndarray] | None = (
+        None  # a MatMul's bias in the Add after it: (initializer, corrected values)
+    )
 
 
 @dataclass(frozen=True)
@@ -63,7 +67,9 @@ def build(planned: Planned, selected: list[str], half: Iterable[str] = ()) -> Mo
     _Activations(result, dict(act), grid).emit(plans, selected)
     replaced = _weights(result, plans, [(name, by_name[name]) for name in selected], per_channel)
     replaced += _half_weights(result, [(plans[name], by_name[name]) for name in half])
-    for name in selected:  # NOTE: bias correction of a MatMul whose bias is the constant of the Add after it
+    for name in (
+        selected
+    ):  # NOTE: bias correction of a MatMul whose bias is the constant of the Add after it
         if (fix := plans[name].bias_fix) is not None and fix[0] in result.ir.graph.initializers:
             result.replace_initializer(fix[0], fix[1])
     # NOTE: the float weights of quantized nodes are now unused unless shared; drop them.
@@ -90,14 +96,34 @@ class _Activations:
         dtype = ir.DataType.INT8 if self.grid.signed else ir.DataType.UINT8
         s = self.result.add_initializer(f"{tensor}_s", np.asarray(scale, np.float32))
         z = self.result.add_initializer(f"{tensor}_z", np.asarray(zero, self.grid.dtype))
-        q = self.result.insert_after(self.values[tensor], "QuantizeLinear", [s, z], name=f"{tensor}_Q", out=Out(f"{tensor}_q", dtype), consumers=consumers)
-        return self.result.insert_after(q, "DequantizeLinear", [s, z], name=f"{tensor}_DQ", out=Out(f"{tensor}_dq", ir.DataType.FLOAT))
+        q = self.result.insert_after(
+            self.values[tensor],
+            "QuantizeLinear",
+            [s, z],
+            name=f"{tensor}_Q",
+            out=Out(f"{tensor}_q", dtype),
+            consumers=consumers,
+        )
+        return self.result.insert_after(
+            q,
+            "DequantizeLinear",
+            [s, z],
+            name=f"{tensor}_DQ",
+            out=Out(f"{tensor}_dq", ir.DataType.FLOAT),
+        )
 
     def spread(self, dq_out: ir.Value, params: Params) -> None:
         """Give the outputs of value-preserving ops after a quantized tensor the same Q/DQ."""
         for user, index in list(dq_out.uses()):
             out = user.outputs[0] if user.outputs else None
-            if user.op_type not in TRANSPARENT or index != 0 or out is None or not out.name or out.name in self.covered or out.is_graph_output():
+            if (
+                user.op_type not in TRANSPARENT
+                or index != 0
+                or out is None
+                or not out.name
+                or out.name in self.covered
+                or out.is_graph_output()
+            ):
                 continue
             self.act[out.name] = params
             self.covered.add(out.name)
@@ -121,11 +147,23 @@ class _Activations:
             self.qdq(tensor, users)
 
 
-def _dq(result: Model, anchor: ir.Node, tensors: list[tuple[str, np.ndarray]], attrs: dict[str, int], name: str) -> ir.Value:
+def _dq(
+    result: Model,
+    anchor: ir.Node,
+    tensors: list[tuple[str, np.ndarray]],
+    attrs: dict[str, int],
+    name: str,
+) -> ir.Value:
     """A ``DequantizeLinear`` of new initializers ``tensors`` (q, scale[, zero]) placed before ``anchor``."""
     inputs = [result.add_initializer(n, a) for n, a in tensors]
     b = result.builder()
-    dq = b.op("DequantizeLinear", inputs, attrs, name=f"{name}_DQ", out=Out(f"{name}_dq", ir.DataType.FLOAT))
+    dq = b.op(
+        "DequantizeLinear",
+        inputs,
+        attrs,
+        name=f"{name}_DQ",
+        out=Out(f"{name}_dq", ir.DataType.FLOAT),
+    )
     dq.shape = ir.Shape(tensors[0][1].shape)
     result.insert_before(anchor, list(b.nodes))
     return dq
@@ -150,7 +188,16 @@ class _Dequantizing:
             original = node.inputs[index]
             assert original is not None
             base = original.name or f"{name}_{index}"
-            node.replace_input_with(index, _dq(self.result, node, [(f"{base}_q", cq), (f"{base}_s", cs), (f"{base}_z", cz)], {}, f"{base}_{name}"))
+            node.replace_input_with(
+                index,
+                _dq(
+                    self.result,
+                    node,
+                    [(f"{base}_q", cq), (f"{base}_s", cs), (f"{base}_z", cz)],
+                    {},
+                    f"{base}_{name}",
+                ),
+            )
             replaced.append(original)
         return replaced
 
@@ -158,16 +205,28 @@ class _Dequantizing:
         # NOTE: a weight shared by several nodes (tied embeddings, shared projections) is quantized
         # once; its DequantizeLinear sits before the first user and feeds them all.
         weight_q, weight_scale, weight_zero = plan.weight_q, plan.weight_scale, plan.weight_zero
-        assert weight_q is not None and weight_scale is not None and weight_zero is not None  # NOTE: _weights calls only then
+        assert (
+            weight_q is not None and weight_scale is not None and weight_zero is not None
+        )  # NOTE: _weights calls only then
         weight_value = node.inputs[layer.weight_input]
         key = (id(weight_value), layer.out_axis)
         if key not in self.dequantized:
             w_name = layer.weight.name or f"{name}_weight"
-            scale = weight_scale if self.per_channel else np.asarray(weight_scale, np.float32).reshape(())
+            scale = (
+                weight_scale
+                if self.per_channel
+                else np.asarray(weight_scale, np.float32).reshape(())
+            )
             zero = weight_zero if self.per_channel else np.asarray(weight_zero).reshape(())
             anchor = self.first_user.get(id(weight_value), node)
             tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
-            self.dequantized[key] = _dq(self.result, anchor, tensors, {"axis": layer.out_axis} if self.per_channel else {}, w_name)
+            self.dequantized[key] = _dq(
+                self.result,
+                anchor,
+                tensors,
+                {"axis": layer.out_axis} if self.per_channel else {},
+                w_name,
+            )
         node.replace_input_with(layer.weight_input, self.dequantized[key])
 
     def bias(self, name: str, node: ir.Node, plan: Plan, layer: WeightedLayer) -> None:
@@ -175,11 +234,26 @@ class _Dequantizing:
             return
         b_name = layer.bias.name or f"{name}_bias"
         per_axis = np.ndim(plan.bias_scale) > 0
-        bias_scale = np.asarray(plan.bias_scale, np.float32) if self.per_channel or per_axis else np.asarray(plan.bias_scale, np.float32).reshape(())
-        node.replace_input_with(2, _dq(self.result, node, [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)], {"axis": 0} if per_axis else {}, b_name))
+        bias_scale = (
+            np.asarray(plan.bias_scale, np.float32)
+            if self.per_channel or per_axis
+            else np.asarray(plan.bias_scale, np.float32).reshape(())
+        )
+        node.replace_input_with(
+            2,
+            _dq(
+                self.result,
+                node,
+                [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)],
+                {"axis": 0} if per_axis else {},
+                b_name,
+            ),
+        )
 
 
-def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool) -> list[ir.Value]:
+def _weights(
+    result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.Node]], per_channel: bool
+) -> list[ir.Value]:
     """Element-wise constants, weights and biases of the quantized nodes behind DequantizeLinear;
     returns the float values they replaced."""
     replaced: list[ir.Value] = []
@@ -187,9 +261,21 @@ def _weights(result: Model, plans: dict[str, Plan], nodes: list[tuple[str, ir.No
     for name, node in nodes:
         plan, layer = plans[name], plans[name].layer
         replaced += dequantizing.constants(name, node, plan)
-        if layer is None or plan.weight_q is None or plan.weight_scale is None or plan.weight_zero is None:
+        if (
+            layer is None
+            or plan.weight_q is None
+            or plan.weight_scale is None
+            or plan.weight_zero is None
+        ):
             continue
-        replaced += [v for v in (node.inputs[layer.weight_input], node.inputs[2] if len(node.inputs) > 2 else None) if v is not None]
+        replaced += [
+            v
+            for v in (
+                node.inputs[layer.weight_input],
+                node.inputs[2] if len(node.inputs) > 2 else None,
+            )
+            if v is not None
+        ]
         dequantizing.weight(name, node, plan, layer)
         dequantizing.bias(name, node, plan, layer)
     return replaced
@@ -199,7 +285,11 @@ def half_eligible(layer: WeightedLayer) -> bool:
     """Whether a layer's weight can be stored as fp16 without a change beyond fp16 rounding: float32,
     used by this node alone, and within fp16's range."""
     value = layer.weight
-    if value.const_value is None or value.dtype != ir.DataType.FLOAT or len(list(value.uses())) != 1:
+    if (
+        value.const_value is None
+        or value.dtype != ir.DataType.FLOAT
+        or len(list(value.uses())) != 1
+    ):
         return False
     return bool(np.all(np.abs(layer.weight_array()) <= FP16_MAX))
 
@@ -214,9 +304,17 @@ def _half_weights(result: Model, nodes: list[tuple[Plan, ir.Node]]) -> list[ir.V
         value = node.inputs[layer.weight_input]
         assert value is not None and value.const_value is not None
         w_name = value.name or f"{node.name}_weight"
-        half = result.add_initializer(f"{w_name}_fp16", value.const_value.numpy().astype(np.float16))
+        half = result.add_initializer(
+            f"{w_name}_fp16", value.const_value.numpy().astype(np.float16)
+        )
         b = result.builder()
-        cast = b.op("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=f"{w_name}_Cast", out=Out(f"{w_name}_f", ir.DataType.FLOAT))
+        cast = b.op(
+            "Cast",
+            [half],
+            {"to": int(ir.DataType.FLOAT)},
+            name=f"{w_name}_Cast",
+            out=Out(f"{w_name}_f", ir.DataType.FLOAT),
+        )
         cast.shape = ir.Shape(value.const_value.shape)
         result.insert_before(node, list(b.nodes))
         node.replace_input_with(layer.weight_input, cast)

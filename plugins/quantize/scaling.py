@@ -33,7 +33,11 @@ class ScaleGroup:
     def matrix(self) -> np.ndarray:
         """The group's weights in [K, N] orientation, side by side."""
         parts = [_as_kn(layer) for layer in self.layers]
-        return np.concatenate(parts, axis=1).astype(np.float32) if len(parts) > 1 else parts[0].astype(np.float32)
+        return (
+            np.concatenate(parts, axis=1).astype(np.float32)
+            if len(parts) > 1
+            else parts[0].astype(np.float32)
+        )
 
 
 def _as_kn(layer: WeightedLayer) -> np.ndarray:
@@ -48,8 +52,17 @@ def scale_groups(layers: list[WeightedLayer]) -> list[ScaleGroup]:
     for layer in layers:
         x = layer.node.inputs[0]
         w = layer.weight.const_value
-        if (layer.scope or layer.op_type not in ("MatMul", "Gemm") or x is None or not x.name or x.const_value is not None
-                or w is None or len(w.shape) != 2 or layer.weight_input != 1 or len(list(layer.weight.uses())) != 1):
+        if (
+            layer.scope
+            or layer.op_type not in ("MatMul", "Gemm")
+            or x is None
+            or not x.name
+            or x.const_value is not None
+            or w is None
+            or len(w.shape) != 2
+            or layer.weight_input != 1
+            or len(list(layer.weight.uses())) != 1
+        ):
             continue
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
         if attrs.get("transA", 0):
@@ -71,13 +84,23 @@ def apply_scales(model: Model, group: ScaleGroup, s: np.ndarray, tag: str) -> No
     x = group.layers[0].node.inputs[0]
     assert x is not None
     inverse = model.add_initializer(f"{group.input}_{tag}_scale", (1.0 / s).astype(np.float32))
-    scaled = model.insert_after(x, "Mul", [inverse], name=f"{group.input}_{tag}", consumers=[layer.node for layer in group.layers])
+    scaled = model.insert_after(
+        x,
+        "Mul",
+        [inverse],
+        name=f"{group.input}_{tag}",
+        consumers=[layer.node for layer in group.layers],
+    )
     mul = scaled.producer()
     assert mul is not None
-    mul.metadata_props["modelpress.role"] = "activation_scale"  # NOTE: Model.parameter_count leaves its scale out
+    mul.metadata_props["modelpress.role"] = (
+        "activation_scale"  # NOTE: Model.parameter_count leaves its scale out
+    )
 
 
-def sample_rows(model: Model, names: list[str], data: Dataset, batch_size: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
+def sample_rows(
+    model: Model, names: list[str], data: Dataset, batch_size: int
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Per-channel min and max (over the last axis) of each named activation over ``data``, and a
     sample of about ``ROWS`` of its rows (one ORT session, streamed in batches sized like calibration's,
     so one batch's observed tensors fit its activation budget)."""

@@ -19,7 +19,18 @@ __all__ = ["TRANSPARENT", "feeds_quantized", "integer_elementwise"]
 # Ops that only move or select values: a quantized input stays exactly on the same grid, so their
 # outputs get Q/DQ with the input's scale (no accuracy cost) and ORT keeps them in int8; selection
 # looks through them, and the QDQ emitter (:mod:`.qdq`) spreads Q/DQ through them.
-TRANSPARENT = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Identity", "Slice", "Split", "Gather"}
+TRANSPARENT = {
+    "MaxPool",
+    "Reshape",
+    "Flatten",
+    "Transpose",
+    "Squeeze",
+    "Unsqueeze",
+    "Identity",
+    "Slice",
+    "Split",
+    "Gather",
+}
 
 
 def integer_elementwise(
@@ -35,7 +46,9 @@ def integer_elementwise(
     while True:
         chosen = _integer_inputs(graph, quantized_nodes, pool, fused_output, reasons)
         selected = {id(n) for n in chosen}
-        dropped = [n for n in chosen if not feeds_quantized(fused_output(n), quantized_nodes | selected)]
+        dropped = [
+            n for n in chosen if not feeds_quantized(fused_output(n), quantized_nodes | selected)
+        ]
         if not dropped:
             return chosen, reasons
         for node in dropped:
@@ -43,7 +56,13 @@ def integer_elementwise(
         pool = [n for n in pool if n not in dropped]
 
 
-def _integer_inputs(graph: ir.Graph, quantized_nodes: set[int], pool: list[ir.Node], fused_output: Callable[[ir.Node], ir.Value], reasons: dict[str, str]) -> list[ir.Node]:
+def _integer_inputs(
+    graph: ir.Graph,
+    quantized_nodes: set[int],
+    pool: list[ir.Node],
+    fused_output: Callable[[ir.Node], ir.Value],
+    reasons: dict[str, str],
+) -> list[ir.Node]:
     integer: set[int] = set()  # ids of values that will carry Q/DQ
 
     def mark(value: ir.Value) -> None:
@@ -71,6 +90,11 @@ def feeds_quantized(value: ir.Value, quantized: set[int]) -> bool:
     for user, index in value.uses():
         if id(user) in quantized:
             return True
-        if user.op_type in TRANSPARENT and index == 0 and user.outputs and feeds_quantized(user.outputs[0], quantized):
+        if (
+            user.op_type in TRANSPARENT
+            and index == 0
+            and user.outputs
+            and feeds_quantized(user.outputs[0], quantized)
+        ):
             return True
     return False

@@ -58,14 +58,20 @@ class Decision:
     met: bool = True  # False: nothing judged met the criteria; this is the best candidate judged
 
 
-def _qdq(b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str) -> ir.Value:
+def _qdq(
+    b: GraphBuilder, value: ir.Value, scale: np.ndarray, zero: np.ndarray, tag: str
+) -> ir.Value:
     s = b.initializer(np.asarray(scale, np.float32), f"{tag}_s")
     z = b.initializer(np.asarray(zero), f"{tag}_z")
     q = b.op("QuantizeLinear", [value, s, z], name=f"{tag}_Q", out=Out(f"{tag}_q"))
-    return b.op("DequantizeLinear", [q, s, z], name=f"{tag}_DQ", out=Out(f"{tag}_dq", ir.DataType.FLOAT))
+    return b.op(
+        "DequantizeLinear", [q, s, z], name=f"{tag}_DQ", out=Out(f"{tag}_dq", ir.DataType.FLOAT)
+    )
 
 
-def _shadow_inputs(b: GraphBuilder, node: ir.Node, planned: Planned, tag: str) -> list[ir.Value | None]:
+def _shadow_inputs(
+    b: GraphBuilder, node: ir.Node, planned: Planned, tag: str
+) -> list[ir.Value | None]:
     """``node``'s inputs as its shadow reads them: planned activations through Q/DQ, quantized
     constants and the quantized weight dequantized."""
     plan, act, per_channel = planned.plans[node.name], planned.act, planned.per_channel
@@ -77,28 +83,56 @@ def _shadow_inputs(b: GraphBuilder, node: ir.Node, planned: Planned, tag: str) -
             inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")
         elif plan.constants and index in plan.constants:
             cq, cs, cz = plan.constants[index]
-            c = [b.initializer(t, f"{tag}_{suffix}{index}") for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))]
-            inputs[index] = b.op("DequantizeLinear", c, name=f"{tag}_cdq{index}", out=Out(f"{tag}_c{index}_dq"))
+            c = [
+                b.initializer(t, f"{tag}_{suffix}{index}")
+                for t, suffix in ((cq, "c"), (cs, "cs"), (cz, "cz"))
+            ]
+            inputs[index] = b.op(
+                "DequantizeLinear", c, name=f"{tag}_cdq{index}", out=Out(f"{tag}_c{index}_dq")
+            )
     layer = plan.layer
     if layer is not None and plan.weight_q is not None:
         scale = np.asarray(plan.weight_scale, np.float32)
         zero = np.asarray(plan.weight_zero)
-        w = [b.initializer(plan.weight_q, f"{tag}_w"),
-             b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
-             b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz")]
-        inputs[layer.weight_input] = b.op("DequantizeLinear", w, {"axis": layer.out_axis} if per_channel else {},
-                                          name=f"{tag}_wdq", out=Out(f"{tag}_w_dq"))
+        w = [
+            b.initializer(plan.weight_q, f"{tag}_w"),
+            b.initializer(scale if per_channel else scale.reshape(()), f"{tag}_ws"),
+            b.initializer(zero if per_channel else zero.reshape(()), f"{tag}_wz"),
+        ]
+        inputs[layer.weight_input] = b.op(
+            "DequantizeLinear",
+            w,
+            {"axis": layer.out_axis} if per_channel else {},
+            name=f"{tag}_wdq",
+            out=Out(f"{tag}_w_dq"),
+        )
     return inputs
 
 
-def _error_powers(b: GraphBuilder, out: ir.Value, reference: ir.Value, tag: str) -> tuple[ir.Value, ir.Value]:
+def _error_powers(
+    b: GraphBuilder, out: ir.Value, reference: ir.Value, tag: str
+) -> tuple[ir.Value, ir.Value]:
     """The two scalars ``sum(reference^2)`` and ``sum((out - reference)^2)``.
 
     NOTE: the error is reduced in the graph (two scalars per node): the session never hands back, or holds
     for the caller, every node's full float and shadow activations (that was the sensitivity pass's peak RSS)."""
-    diff = b.op("Sub", [out, reference], name=f"{tag}_diff", out=Out(f"{tag}_diff", ir.DataType.FLOAT))
-    noise = b.op("ReduceSumSquare", [diff], {"keepdims": 0}, name=f"{tag}_noise", out=Out(f"{tag}_noise", ir.DataType.FLOAT))
-    signal = b.op("ReduceSumSquare", [reference], {"keepdims": 0}, name=f"{tag}_signal", out=Out(f"{tag}_signal", ir.DataType.FLOAT))
+    diff = b.op(
+        "Sub", [out, reference], name=f"{tag}_diff", out=Out(f"{tag}_diff", ir.DataType.FLOAT)
+    )
+    noise = b.op(
+        "ReduceSumSquare",
+        [diff],
+        {"keepdims": 0},
+        name=f"{tag}_noise",
+        out=Out(f"{tag}_noise", ir.DataType.FLOAT),
+    )
+    signal = b.op(
+        "ReduceSumSquare",
+        [reference],
+        {"keepdims": 0},
+        name=f"{tag}_signal",
+        out=Out(f"{tag}_signal", ir.DataType.FLOAT),
+    )
     return signal, noise
 
 
@@ -117,7 +151,14 @@ def _shadow_model(planned: Planned, names: list[str]) -> tuple[Model, dict[str, 
         b = probe.builder(prefix=tag)
         inputs = _shadow_inputs(b, node, planned, tag)
         attrs = {k: a.value for k, a in node.attributes.items()}
-        out = b.op(node.op_type, inputs, attrs, domain=node.domain, name=f"{tag}_{node.op_type}", out=Out(f"{tag}_out", node.outputs[0].dtype))
+        out = b.op(
+            node.op_type,
+            inputs,
+            attrs,
+            domain=node.domain,
+            name=f"{tag}_{node.op_type}",
+            out=Out(f"{tag}_out", node.outputs[0].dtype),
+        )
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
             out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")
@@ -133,7 +174,14 @@ def _shadow_model(planned: Planned, names: list[str]) -> tuple[Model, dict[str, 
     return probe, pairs
 
 
-def local_errors(planned: Planned, names: list[str], data: Dataset, ctx: PassContext, *, batch_size: int = _SHADOW_BATCH) -> dict[str, float]:
+def local_errors(
+    planned: Planned,
+    names: list[str],
+    data: Dataset,
+    ctx: PassContext,
+    *,
+    batch_size: int = _SHADOW_BATCH,
+) -> dict[str, float]:
     """Relative noise power (1/SQNR) of each node quantized alone, from one ORT session, run ``batch_size``
     samples at a time (at most ``_SHADOW_BATCH``: the peak memory of a run grows with it, its speed hardly)."""
     batch_size = max(1, min(batch_size, _SHADOW_BATCH))
@@ -148,7 +196,9 @@ def local_errors(planned: Planned, names: list[str], data: Dataset, ctx: PassCon
             outs = run_session(session, feeds)
             for name, (power, error) in pairs.items():
                 signal[name] += float(outs[index[power]])
-                noise[name] += float(outs[index[error]]) if np.isfinite(outs[index[error]]) else float("inf")
+                noise[name] += (
+                    float(outs[index[error]]) if np.isfinite(outs[index[error]]) else float("inf")
+                )
             advance(1)
     return {n: noise[n] / max(signal[n], 1e-30) for n in names}
 
@@ -182,14 +232,22 @@ def search(
     weighted = {n for n in ranked if weight_bytes.get(n, 0) > 0}
     best: Decision | None = None
     if fallback_weight_only and weighted:
+
         def stage1(k: int) -> tuple[list[str], list[str], list[str]]:
             top = set(ranked[:k])
-            return [n for n in order if n not in top], [n for n in order if n in top and n in weighted], [n for n in order if n in top and n not in weighted]
+            return (
+                [n for n in order if n not in top],
+                [n for n in order if n in top and n in weighted],
+                [n for n in order if n in top and n not in weighted],
+            )
+
         best = bisection.run(stage1, max_evaluations // 2, known_met=False)
     if best is None:
+
         def stage2(k: int) -> tuple[list[str], list[str], list[str]]:
             top = set(ranked[:k])
             return [n for n in order if n not in top], [], [n for n in order if n in top]
+
         best = bisection.run(stage2, max_evaluations - bisection.evaluations, known_met=True)
     if best is None and bisection.best is not None:
         best = replace(bisection.best, met=False)
@@ -199,19 +257,38 @@ def search(
     return best
 
 
-Split = Callable[[int], tuple[list[str], list[str], list[str]]]  # k -> (int8, weight-only, float) nodes
+Split = Callable[
+    [int], tuple[list[str], list[str], list[str]]
+]  # k -> (int8, weight-only, float) nodes
 
 
 class _Bisection:
     """Bisection over the length k of the ranked list's prefix that leaves full int8."""
 
-    def __init__(self, ranked: list[str], errors: dict[str, float], weight_bytes: dict[str, int], build: Callable[[list[str], list[str]], Model],
-                 score: Callable[[Model], Judgement], ctx: PassContext):
-        self.ranked, self.errors, self.build, self.score, self.ctx = ranked, errors, build, score, ctx
+    def __init__(
+        self,
+        ranked: list[str],
+        errors: dict[str, float],
+        weight_bytes: dict[str, int],
+        build: Callable[[list[str], list[str]], Model],
+        score: Callable[[Model], Judgement],
+        ctx: PassContext,
+    ):
+        self.ranked, self.errors, self.build, self.score, self.ctx = (
+            ranked,
+            errors,
+            build,
+            score,
+            ctx,
+        )
         self.total = max(sum(weight_bytes.values()), 1)
-        self.cost = np.cumsum([0] + [weight_bytes.get(n, 0) for n in ranked])  # cost[k]: weight bytes of the top k
+        self.cost = np.cumsum(
+            [0] + [weight_bytes.get(n, 0) for n in ranked]
+        )  # cost[k]: weight bytes of the top k
         self.evaluations = 0
-        self.best: Decision | None = None  # NOTE: the candidate judged closest to the criteria (kept only while none met)
+        self.best: Decision | None = (
+            None  # NOTE: the candidate judged closest to the criteria (kept only while none met)
+        )
 
     def judge(self, make: Split, k: int) -> Decision | None:
         int8, wo, flt = make(k)
@@ -222,7 +299,9 @@ class _Bisection:
         if judgement.met:
             self.best = None
             return decision
-        if self.best is None or (not self.best.judgement.met and judgement.loss < self.best.judgement.loss):
+        if self.best is None or (
+            not self.best.judgement.met and judgement.loss < self.best.judgement.loss
+        ):
             self.best = decision
         return None
 
@@ -240,10 +319,15 @@ class _Bisection:
                 if found is None:
                     return None
             high -= 1
-            while low <= high and self.evaluations - start < budget - (0 if found is not None or not known_met else 1):
+            while low <= high and self.evaluations - start < budget - (
+                0 if found is not None or not known_met else 1
+            ):
                 # NOTE: size-aware stop: once the nodes still undecided hold <= TOLERANCE of the weight bytes,
                 # more whole-model runs could only move those few bytes back to int8
-                if found is not None and self.cost[high + 1] - self.cost[low - 1] <= TOLERANCE * self.total:
+                if (
+                    found is not None
+                    and self.cost[high + 1] - self.cost[low - 1] <= TOLERANCE * self.total
+                ):
                     break
                 k = (low + high) // 2
                 decision = self.judge(make, k)

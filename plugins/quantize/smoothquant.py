@@ -31,6 +31,7 @@ __all__ = ["smooth"]
 # and time than the few weights gain (a 16x16 layer's scales and nodes are a tenth of its size).
 MIN_ELEMENTS = 4096
 
+
 def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     """``x`` fake-quantized per tensor to uint8 over ``[lo, hi]`` (widened to contain 0)."""
     lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -38,7 +39,14 @@ def _fake_act(x: np.ndarray, lo: float, hi: float) -> np.ndarray:
     return fake_quantize(x, scale, np.round(-lo / scale), UINT8)
 
 
-def _group_error(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, s: np.ndarray, expected: np.ndarray) -> float:
+def _group_error(
+    x: np.ndarray,
+    w: np.ndarray,
+    lo: np.ndarray,
+    hi: np.ndarray,
+    s: np.ndarray,
+    expected: np.ndarray,
+) -> float:
     xq = _fake_act(x / s, float((lo / s).min()), float((hi / s).max()))
     diff = xq @ fake_quantize_weight(w * s[:, None])
     diff -= expected
@@ -46,14 +54,18 @@ def _group_error(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, s
 
 
 def _scales(alpha: float, act_max: np.ndarray, w_max: np.ndarray, live: np.ndarray) -> np.ndarray:
-    s = (np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
+    s = (np.maximum(act_max, 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(
+        np.float32
+    )
     # NOTE: a channel silent in calibration (a border pixel) keeps a typical scale: a tiny s would blow
     # up the values it does see later; all scales stay within 1e3 of the median.
     typical = float(np.median(s[live])) if live.any() else 1.0
     return np.clip(np.where(live, s, typical), typical / 1e3, typical * 1e3).astype(np.float32)
 
 
-def _best_alpha(x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, alphas: np.ndarray) -> tuple[float, float, float, np.ndarray | None]:
+def _best_alpha(
+    x: np.ndarray, w: np.ndarray, lo: np.ndarray, hi: np.ndarray, alphas: np.ndarray
+) -> tuple[float, float, float, np.ndarray | None]:
     """(error without migration, best error, its alpha, its scales or None). The grid is walked down
     from the strongest ``alpha`` while the error keeps falling (it is unimodal in alpha in practice: the
     activation's error falls and the weights' rises with it), so a group usually costs 3 error
@@ -80,11 +92,23 @@ def smooth(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContex
     that lowers the measured int8 output error; ``alpha`` is searched on ``opts.smoothquant_steps``
     points of ``(0, opts.smoothquant_max_alpha]``. Figures: ``smoothquant_alpha`` (per smoothed
     input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
-    op_types, exclude, batch_size = set(opts.op_types) - set(opts.exclude_op_types), set(opts.exclude), opts.batch_size
+    op_types, exclude, batch_size = (
+        set(opts.op_types) - set(opts.exclude_op_types),
+        set(opts.exclude),
+        opts.batch_size,
+    )
     max_alpha, steps = opts.smoothquant_max_alpha, opts.smoothquant_steps
     result = model.clone()
-    layers = [layer for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"}) if layer.name not in exclude]
-    groups: list[ScaleGroup] = [g for g in scale_groups(layers) if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS]
+    layers = [
+        layer
+        for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"})
+        if layer.name not in exclude
+    ]
+    groups: list[ScaleGroup] = [
+        g
+        for g in scale_groups(layers)
+        if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS
+    ]
     if not groups:
         return model
     lo, hi, samples = sample_rows(model, [g.input for g in groups], data, batch_size)
@@ -96,8 +120,13 @@ def smooth(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContex
             if x is None or not len(x):
                 advance(1)
                 continue
-            base, error, alpha, scales = _best_alpha(x, group.matrix(), lo[group.input], hi[group.input],
-                                                     np.linspace(0, max_alpha, steps + 1)[1:])
+            base, error, alpha, scales = _best_alpha(
+                x,
+                group.matrix(),
+                lo[group.input],
+                hi[group.input],
+                np.linspace(0, max_alpha, steps + 1)[1:],
+            )
             if scales is not None and error < 0.95 * base:
                 apply_scales(result, group, scales, "smooth")
                 chosen[group.input] = round(alpha, 3)

@@ -59,34 +59,115 @@ __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
 
 
 class Int8StaticOptions(Options):
-    calibrator: Literal["minmax", "percentile", "entropy", "mse", "auto"] = Field("percentile", description="how activation ranges are chosen: " + ", ".join(CALIBRATORS) + "; auto: per tensor, the one whose range gives the smallest error of the MatMul/Gemm outputs it feeds (others: percentile)")
-    percentile: float = Field(99.999, gt=50, le=100, description="percentile of |x| kept by the percentile calibrator")
-    per_channel: bool = Field(True, description="one weight scale per output channel (False: per tensor)")
-    activation_type: Literal["uint8", "int8"] = Field("uint8", description="integer type of activations")
-    symmetric_activations: bool = Field(False, description="symmetric activation ranges (zero point 0 / 128)")
-    op_types: list[str] = Field(default_factory=lambda: ["Conv", "Gemm", "MatMul"], description="op types to quantize (weighted layers)")
+    calibrator: Literal["minmax", "percentile", "entropy", "mse", "auto"] = Field(
+        "percentile",
+        description="how activation ranges are chosen: "
+        + ", ".join(CALIBRATORS)
+        + "; auto: per tensor, the one whose range gives the smallest error of the MatMul/Gemm outputs it feeds (others: percentile)",
+    )
+    percentile: float = Field(
+        99.999, gt=50, le=100, description="percentile of |x| kept by the percentile calibrator"
+    )
+    per_channel: bool = Field(
+        True, description="one weight scale per output channel (False: per tensor)"
+    )
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8", description="integer type of activations"
+    )
+    symmetric_activations: bool = Field(
+        False, description="symmetric activation ranges (zero point 0 / 128)"
+    )
+    op_types: list[str] = Field(
+        default_factory=lambda: ["Conv", "Gemm", "MatMul"],
+        description="op types to quantize (weighted layers)",
+    )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
-    exclude_op_types: list[str] = Field(default_factory=list, description="op types to keep in float")
-    keep_first_last: bool = Field(False, description="keep the first and last quantizable layers in float")
-    bias_correction: bool = Field(False, description="correct each bias for the mean error its quantized weights cause (Conv/Gemm bias inputs, and a " "MatMul's bias in the Add after it, as exporters write a Linear)")
-    quantize_outputs: bool = Field(True, description="quantize node outputs too (needed for ORT's integer kernels)")
-    activation_matmuls: bool = Field(True, description="also quantize MatMuls between two activations (attention scores and context)")
-    elementwise_ops: list[str] = Field(default_factory=lambda: ["Add", "Mul"], description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)")
-    min_agreement: float | None = Field(0.99, ge=0, le=1, description="target top-1 agreement with float on the calibration data (outputs judged as classifiers)")
-    min_cosine: float | None = Field(0.99, ge=-1, le=1, description="target mean per-sample cosine (outputs judged as embeddings or dense maps)")
-    max_relative_error: float | None = Field(0.1, ge=0, description="target relative L2 error (outputs judged as regression)")
-    criteria: dict[str, str] = Field(default_factory=dict, description="per output name (or '*'): how it is judged, e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05' (default: inferred)")
-    sensitivity: bool = Field(True, description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met")
-    fallback: Literal["weight-only", "float"] = Field("weight-only", description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly")
-    fallback_fp16: bool = Field(True, description="a node the sensitivity search moves to float keeps its weights as fp16 (a Cast to float before it: " "float compute, half the bytes of fp32); False: fp32")
-    max_evaluations: int = Field(12, ge=1, description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)")
-    embedding_tables: bool = Field(True, description="store embedding tables (read by Gather, or by Slice as position tables are) as int8, one scale per row, behind a DequantizeLinear")
-    smoothquant: bool = Field(True, description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by " "1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, " "no migration, is a candidate)")
-    smoothquant_max_alpha: float = Field(0.8, gt=0, le=1, description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))")
-    smoothquant_steps: int = Field(8, ge=1, le=50, description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]")
+    exclude_op_types: list[str] = Field(
+        default_factory=list, description="op types to keep in float"
+    )
+    keep_first_last: bool = Field(
+        False, description="keep the first and last quantizable layers in float"
+    )
+    bias_correction: bool = Field(
+        False,
+        description="correct each bias for the mean error its quantized weights cause (Conv/Gemm bias inputs, and a "
+        "MatMul's bias in the Add after it, as exporters write a Linear)",
+    )
+    quantize_outputs: bool = Field(
+        True, description="quantize node outputs too (needed for ORT's integer kernels)"
+    )
+    activation_matmuls: bool = Field(
+        True,
+        description="also quantize MatMuls between two activations (attention scores and context)",
+    )
+    elementwise_ops: list[str] = Field(
+        default_factory=lambda: ["Add", "Mul"],
+        description="element-wise op types quantized where both sides stay integer (inputs quantized, output feeding a quantized node)",
+    )
+    min_agreement: float | None = Field(
+        0.99,
+        ge=0,
+        le=1,
+        description="target top-1 agreement with float on the calibration data (outputs judged as classifiers)",
+    )
+    min_cosine: float | None = Field(
+        0.99,
+        ge=-1,
+        le=1,
+        description="target mean per-sample cosine (outputs judged as embeddings or dense maps)",
+    )
+    max_relative_error: float | None = Field(
+        0.1, ge=0, description="target relative L2 error (outputs judged as regression)"
+    )
+    criteria: dict[str, str] = Field(
+        default_factory=dict,
+        description="per output name (or '*'): how it is judged, e.g. 'agreement>=0.98', 'cosine>=0.995', 'relative_error<=0.05' (default: inferred)",
+    )
+    sensitivity: bool = Field(
+        True,
+        description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met",
+    )
+    fallback: Literal["weight-only", "float"] = Field(
+        "weight-only",
+        description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly",
+    )
+    fallback_fp16: bool = Field(
+        True,
+        description="a node the sensitivity search moves to float keeps its weights as fp16 (a Cast to float before it: "
+        "float compute, half the bytes of fp32); False: fp32",
+    )
+    max_evaluations: int = Field(
+        12,
+        ge=1,
+        description="whole-model evaluations the sensitivity search may use (bisection over the ranked nodes)",
+    )
+    embedding_tables: bool = Field(
+        True,
+        description="store embedding tables (read by Gather, or by Slice as position tables are) as int8, one scale per row, behind a DequantizeLinear",
+    )
+    smoothquant: bool = Field(
+        True,
+        description="SmoothQuant: migrate activation outlier channels into the weights of MatMul/Gemm groups (a Mul by "
+        "1/s on the activation edge), with alpha chosen per group by the measured int8 output error (alpha 0, "
+        "no migration, is a candidate)",
+    )
+    smoothquant_max_alpha: float = Field(
+        0.8,
+        gt=0,
+        le=1,
+        description="SmoothQuant: largest migration strength searched (s = max|x|^alpha / max|w|^(1-alpha))",
+    )
+    smoothquant_steps: int = Field(
+        8,
+        ge=1,
+        le=50,
+        description="SmoothQuant: points of the alpha grid searched in (0, smoothquant_max_alpha]",
+    )
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
-    reduce_range: bool | None = Field(None, description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP)
+    reduce_range: bool | None = Field(
+        None, description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP
+    )
 
 
 def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
@@ -117,12 +198,25 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     plans = planned.plans
     # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not
     # grow with the batch size the data allows).
-    bounds = Bounds(agreement=opts.min_agreement, cosine=opts.min_cosine, relative_error=opts.max_relative_error)
-    scorer = Scorer(reference, data, bounds,
-                    criteria=opts.criteria, batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)))
-    outcome = _Outcome(sel, {layer.name: int(layer.weight_array().nbytes) for layer in sel.candidates})
+    bounds = Bounds(
+        agreement=opts.min_agreement, cosine=opts.min_cosine, relative_error=opts.max_relative_error
+    )
+    scorer = Scorer(
+        reference,
+        data,
+        bounds,
+        criteria=opts.criteria,
+        batch_size=int(ctx.figures.get("calibration_batch", opts.batch_size)),
+    )
+    outcome = _Outcome(
+        sel, {layer.name: int(layer.weight_array().nbytes) for layer in sel.candidates}
+    )
     # NOTE: biases corrected (Conv/Gemm bias inputs, and a MatMul's bias in the Add after it)
-    outcome.bias_corrected = sum(1 for p in plans.values() if p.bias_fix is not None or (opts.bias_correction and p.bias_q is not None))
+    outcome.bias_corrected = sum(
+        1
+        for p in plans.values()
+        if p.bias_fix is not None or (opts.bias_correction and p.bias_q is not None)
+    )
     _decide(planned, data, scorer, outcome, opts, ctx)
     _figures(reference, outcome, tables, len(data), len(scorer.data), opts, ctx)
     assert outcome.model is not None
@@ -133,21 +227,33 @@ def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dat
     return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
 
 
-def _prepare(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> tuple[Model, TableReport, Dataset | None]:
+def _prepare(
+    model: Model, opts: Int8StaticOptions, ctx: PassContext
+) -> tuple[Model, TableReport, Dataset | None]:
     """Int8 embedding tables and SmoothQuant: the model the plans are made on, and the calibration
     data if SmoothQuant read it (the plans use the same; neither changes the model's signature)."""
     tables, data = TableReport(), None
-    if opts.embedding_tables:  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
+    if (
+        opts.embedding_tables
+    ):  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
         model = model.clone()
-        tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude))
+        tables = quantize_tables(
+            model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
+        )
     # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
-    if opts.smoothquant and ctx.calibration is not None and any(layer.op_type in opts.op_types for layer in model.weighted_layers()):
+    if (
+        opts.smoothquant
+        and ctx.calibration is not None
+        and any(layer.op_type in opts.op_types for layer in model.weighted_layers())
+    ):
         data = _calibration(model, opts, ctx)
         model = smooth(model, data, opts, ctx)
     return model, tables, data
 
 
-def _calibrated(model: Model, sel: Selection, opts: Int8StaticOptions) -> tuple[list[str], dict[str, str | None]]:
+def _calibrated(
+    model: Model, sel: Selection, opts: Int8StaticOptions
+) -> tuple[list[str], dict[str, str | None]]:
     """The activations to calibrate, and each selected node's output to quantize (``None``: none,
     or a graph output, which stays float)."""
     all_nodes = sel.nodes
@@ -155,30 +261,76 @@ def _calibrated(model: Model, sel: Selection, opts: Int8StaticOptions) -> tuple[
     # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
     # Gemm keep it: ORT's QLinearConv needs the output Q.
     quantized_ids = {id(node) for node in all_nodes}
-    out_tensors = {node.name: (fused_output(node).name if opts.quantize_outputs and (
-                       node.op_type != "MatMul" or feeds_quantized(fused_output(node), quantized_ids)) else None)
-                   for node in all_nodes}
-    names = [v.name or "" for node in all_nodes for v in node.inputs[:2] if v is not None and v.const_value is None]
+    out_tensors = {
+        node.name: (
+            fused_output(node).name
+            if opts.quantize_outputs
+            and (node.op_type != "MatMul" or feeds_quantized(fused_output(node), quantized_ids))
+            else None
+        )
+        for node in all_nodes
+    }
+    names = [
+        v.name or ""
+        for node in all_nodes
+        for v in node.inputs[:2]
+        if v is not None and v.const_value is None
+    ]
     names += [t for t in out_tensors.values() if t]
     graph_outputs = {v.name for v in model.graph.outputs}
     return names, {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
 
 
-def _plans(model: Model, sel: Selection, data: Dataset, grid: QRange, opts: Int8StaticOptions, ctx: PassContext) -> Planned:
+def _plans(
+    model: Model,
+    sel: Selection,
+    data: Dataset,
+    grid: QRange,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+) -> Planned:
     """Calibrate the activations the selected nodes read and write (one sweep), and plan each node."""
     names, out_tensors = _calibrated(model, sel, opts)
-    axes = {layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1) for layer in sel.candidates}
-    stats = collect_stats(model, names, data, ctx, histogram=opts.calibrator != "minmax", channel_axes=axes, batch_size=opts.batch_size)
-    base = opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
+    axes = {
+        layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1)
+        for layer in sel.candidates
+    }
+    stats = collect_stats(
+        model,
+        names,
+        data,
+        ctx,
+        histogram=opts.calibrator != "minmax",
+        channel_axes=axes,
+        batch_size=opts.batch_size,
+    )
+    base = (
+        opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
+    )
     act = {name: act_params(s, base, grid) for name, s in stats.items()}
     if opts.calibrator == "auto":
-        ranges = Ranges(stats, lambda s, c: act_params(s, opts.model_copy(update={"calibrator": c}), grid), grid)
-        act = choose_calibrators(model, sel.candidates, data, act, ranges, ctx, batch_size=opts.batch_size)
+        ranges = Ranges(
+            stats, lambda s, c: act_params(s, opts.model_copy(update={"calibrator": c}), grid), grid
+        )
+        act = choose_calibrators(
+            model, sel.candidates, data, act, ranges, ctx, batch_size=opts.batch_size
+        )
     reduce, ctx.figures["reduce_range"] = resolve_reduce_range(opts.reduce_range)
-    plans = {layer.name: weight_plan(layer, stats, act[layer.node.inputs[0].name or ""][0], opts, out_tensors[layer.name], reduce_range=reduce)
-             for layer in sel.candidates}
+    plans = {
+        layer.name: weight_plan(
+            layer,
+            stats,
+            act[layer.node.inputs[0].name or ""][0],
+            opts,
+            out_tensors[layer.name],
+            reduce_range=reduce,
+        )
+        for layer in sel.candidates
+    }
     for node in sel.act_matmuls:
-        plans[node.name] = Plan(None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name])
+        plans[node.name] = Plan(
+            None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name]
+        )
     for node in sel.elementwise:
         plans[node.name] = constant_plan(node, grid, out_tensors[node.name])
     return Planned(model, plans, act, grid, opts.per_channel)
@@ -199,16 +351,27 @@ class _Outcome:
     judgement: Judgement | None = None
 
 
-def _decide(planned: Planned, data: Dataset, scorer: Scorer, outcome: _Outcome, opts: Int8StaticOptions, ctx: PassContext) -> None:
+def _decide(
+    planned: Planned,
+    data: Dataset,
+    scorer: Scorer,
+    outcome: _Outcome,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+) -> None:
     """Everything int8 if that meets the criteria; else the sensitivity search's fallbacks (ranked
     on ``data``). Fills ``outcome``: the nodes in each form, the model and its judgement."""
     plans = planned.plans
     order = [node.name for node in outcome.sel.nodes]
-    halvable = {n for n in outcome.weight_bytes if opts.fallback_fp16 and half_eligible(plans[n].layer)}  # type: ignore[arg-type]
+    halvable = {
+        n for n in outcome.weight_bytes if opts.fallback_fp16 and half_eligible(plans[n].layer)
+    }  # type: ignore[arg-type]
 
     def make(selected: list[str], weight_only: list[str] = ()) -> Model:  # type: ignore[assignment]
         use = dict(plans)
-        for name in weight_only:  # weights int8 behind a DequantizeLinear, activations (and bias) float
+        for (
+            name
+        ) in weight_only:  # weights int8 behind a DequantizeLinear, activations (and bias) float
             use[name] = replace(plans[name], act_ins=[], act_out=None, bias_q=None, bias_scale=None)
         # NOTE: a node kept off int8 must read its inputs unrounded: their producers then skip output Q/DQ
         # (int8 consumers of the same tensor still get their own input Q/DQ).
@@ -217,22 +380,45 @@ def _decide(planned: Planned, data: Dataset, scorer: Scorer, outcome: _Outcome, 
         for name in selected:
             if plans[name].act_out in avoid:
                 use[name] = replace(plans[name], act_out=None)
-        return build(replace(planned, plans=use), [n for n in order if n in kept], half=[n for n in order if n in halvable and n not in kept])
+        return build(
+            replace(planned, plans=use),
+            [n for n in order if n in kept],
+            half=[n for n in order if n in halvable and n not in kept],
+        )
 
     outcome.chosen, outcome.model = order, make(order)
     outcome.judgement = scorer.score(outcome.model)
     if outcome.judgement.met or not opts.sensitivity:
         return
     outcome.errors = local_errors(planned, order, data, ctx, batch_size=scorer.batch_size)
-    decision = search(Ranking(order, outcome.errors, outcome.weight_bytes), make, scorer.score, ctx, max_evaluations=opts.max_evaluations,
-                      fallback_weight_only=opts.fallback == "weight-only")
+    decision = search(
+        Ranking(order, outcome.errors, outcome.weight_bytes),
+        make,
+        scorer.score,
+        ctx,
+        max_evaluations=opts.max_evaluations,
+        fallback_weight_only=opts.fallback == "weight-only",
+    )
     if not _better_than_full(decision, outcome, ctx):
         return
-    outcome.chosen, outcome.weight_only, outcome.model, outcome.judgement = decision.int8, decision.weight_only, decision.model, decision.judgement
+    outcome.chosen, outcome.weight_only, outcome.model, outcome.judgement = (
+        decision.int8,
+        decision.weight_only,
+        decision.model,
+        decision.judgement,
+    )
     outcome.half = [n for n in decision.float_ if n in halvable]
-    for name in decision.float_:  # NOTE: the report groups names by the text before the colon: the form goes there
-        form = ("sensitive, fp16 weights", "; float compute") if name in outcome.half else ("sensitive", "")
-        outcome.sel.float_nodes[name] = f"{form[0]}: 1/SQNR {outcome.errors[name]:.2g} alone{form[1]}"
+    for name in (
+        decision.float_
+    ):  # NOTE: the report groups names by the text before the colon: the form goes there
+        form = (
+            ("sensitive, fp16 weights", "; float compute")
+            if name in outcome.half
+            else ("sensitive", "")
+        )
+        outcome.sel.float_nodes[name] = (
+            f"{form[0]}: 1/SQNR {outcome.errors[name]:.2g} alone{form[1]}"
+        )
 
 
 def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassContext) -> bool:
@@ -246,28 +432,52 @@ def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassCon
     full = outcome.judgement
     assert full is not None
     if decision is None or decision.judgement.loss >= full.loss:
-        ctx.figures["sensitivity_result"] = "no fallback met the criteria; the fully quantized candidate was the best judged"
+        ctx.figures["sensitivity_result"] = (
+            "no fallback met the criteria; the fully quantized candidate was the best judged"
+        )
         return False
     moved = len(decision.weight_only) + len(decision.float_)
-    ctx.figures["sensitivity_result"] = (f"no fallback met the criteria; returned the best candidate judged ({moved} node(s) out of full int8, "
-                                         f"shortfall {decision.judgement.loss:.4g} against {full.loss:.4g} fully quantized)")
+    ctx.figures["sensitivity_result"] = (
+        f"no fallback met the criteria; returned the best candidate judged ({moved} node(s) out of full int8, "
+        f"shortfall {decision.judgement.loss:.4g} against {full.loss:.4g} fully quantized)"
+    )
     return True
 
 
-def _figures(reference: Model, outcome: _Outcome, tables: TableReport, calibration_samples: int, judged: int,
-             opts: Int8StaticOptions, ctx: PassContext) -> None:
+def _figures(
+    reference: Model,
+    outcome: _Outcome,
+    tables: TableReport,
+    calibration_samples: int,
+    judged: int,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+) -> None:
     score, errors, weight_bytes = outcome.judgement, outcome.errors, outcome.weight_bytes
     assert score is not None
-    total_bytes = sum(int(v.const_value.nbytes) for v in reference.graph.initializers.values() if v.const_value is not None)
+    total_bytes = sum(
+        int(v.const_value.nbytes)
+        for v in reference.graph.initializers.values()
+        if v.const_value is not None
+    )
     low_bit_nodes = set(outcome.chosen + outcome.weight_only)
     # NOTE: a weight shared by several nodes counts once, so the share stays in [0, 1]
-    low_bit = sum({layer.weight.name: weight_bytes.get(layer.name, 0) for layer in outcome.sel.candidates if layer.name in low_bit_nodes}.values())
+    low_bit = sum(
+        {
+            layer.weight.name: weight_bytes.get(layer.name, 0)
+            for layer in outcome.sel.candidates
+            if layer.name in low_bit_nodes
+        }.values()
+    )
     low_bit += tables.bytes_before
     ctx.figures.update(
         {
             "quantized_nodes": len(outcome.chosen),
             "tables_quantized": len(tables.done),
-            "weight_only_nodes": {n: f"sensitive: 1/SQNR {errors[n]:.2g} alone; int8 weights, float activations" for n in outcome.weight_only},
+            "weight_only_nodes": {
+                n: f"sensitive: 1/SQNR {errors[n]:.2g} alone; int8 weights, float activations"
+                for n in outcome.weight_only
+            },
             "fp16_weight_nodes": len(outcome.half),
             "float_nodes": outcome.sel.float_nodes,
             "patterns_kept_float": patterns_summary(outcome.sel.patterns, outcome.sel.masks),

@@ -39,9 +39,13 @@ def fused_output(node: ir.Node) -> ir.Value:
     return out
 
 
-def act_params(stats: TensorStats, opts: Int8StaticOptions, grid: QRange) -> tuple[np.ndarray, np.ndarray]:
+def act_params(
+    stats: TensorStats, opts: Int8StaticOptions, grid: QRange
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of one activation tensor, by the calibrator and symmetry options."""
-    rmin, rmax = choose_range(stats, opts.calibrator, percentile=opts.percentile, signed=grid.signed)
+    rmin, rmax = choose_range(
+        stats, opts.calibrator, percentile=opts.percentile, signed=grid.signed
+    )
     if opts.symmetric_activations:
         bound = max(abs(rmin), abs(rmax))
         if grid.signed:
@@ -52,8 +56,15 @@ def act_params(stats: TensorStats, opts: Int8StaticOptions, grid: QRange) -> tup
     return np.asarray(scale, np.float32), np.asarray(zero, grid.dtype)
 
 
-def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: np.ndarray, opts: Int8StaticOptions, act_out: str | None,
-                *, reduce_range: bool = False) -> Plan:
+def weight_plan(
+    layer: WeightedLayer,
+    stats: dict[str, TensorStats],
+    act_scale: np.ndarray,
+    opts: Int8StaticOptions,
+    act_out: str | None,
+    *,
+    reduce_range: bool = False,
+) -> Plan:
     """A weighted node's plan: int8 symmetric weight (per output channel by default; 7-bit, [-63, 63],
     with ``reduce_range``), int32 bias at ``input scale x weight scale`` (optionally corrected for the
     mean error the weights cause)."""
@@ -71,10 +82,17 @@ def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: 
     bias = layer.bias_array()
     bias_q = bias_scale = bias_fix = None
     act_in = layer.node.inputs[0].name or ""
-    mean = stats[act_in].channel_mean if opts.bias_correction and stats.get(act_in) is not None else None
+    mean = (
+        stats[act_in].channel_mean
+        if opts.bias_correction and stats.get(act_in) is not None
+        else None
+    )
     if bias is not None:
         bias = bias.astype(np.float32)
-        if mean is not None and (shift := _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)) is not None:
+        if (
+            mean is not None
+            and (shift := _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)) is not None
+        ):
             bias = bias - shift
         bias_scale = (act_scale.astype(np.float64) * scale.astype(np.float64)).astype(np.float32)
         bias_q = np.clip(np.round(bias / bias_scale), -(2**31), 2**31 - 1).astype(np.int32)
@@ -82,8 +100,17 @@ def weight_plan(layer: WeightedLayer, stats: dict[str, TensorStats], act_scale: 
         shift = _mean_error(layer, dequantize(wq, s_b, z_b) - w, mean)
         if shift is not None and shift.shape == following[1].shape:
             bias_fix = (following[0], (following[1] - shift).astype(np.float32))
-    return Plan(layer, [act_in], act_out, weight_q=wq, weight_scale=scale, weight_zero=zero, bias_q=bias_q, bias_scale=bias_scale,
-                bias_fix=bias_fix)
+    return Plan(
+        layer,
+        [act_in],
+        act_out,
+        weight_q=wq,
+        weight_scale=scale,
+        weight_zero=zero,
+        bias_q=bias_q,
+        bias_scale=bias_scale,
+        bias_fix=bias_fix,
+    )
 
 
 def _mean_error(layer: WeightedLayer, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:
@@ -102,10 +129,20 @@ def _following_bias(layer: WeightedLayer) -> tuple[str, np.ndarray] | None:
         return None
     add = users[0][0]
     other = add.inputs[1 - users[0][1]] if len(add.inputs) == 2 else None
-    if other is None or other.const_value is None or not other.is_initializer() or not other.name or len(list(other.uses())) != 1:
+    if (
+        other is None
+        or other.const_value is None
+        or not other.is_initializer()
+        or not other.name
+        or len(list(other.uses())) != 1
+    ):
         return None
     values = other.const_value.numpy()
-    return (other.name, values.astype(np.float32)) if values.ndim == 1 and values.dtype == np.float32 else None
+    return (
+        (other.name, values.astype(np.float32))
+        if values.ndim == 1 and values.dtype == np.float32
+        else None
+    )
 
 
 def constant_plan(node: ir.Node, grid: QRange, act_out: str | None) -> Plan:
@@ -115,6 +152,10 @@ def constant_plan(node: ir.Node, grid: QRange, act_out: str | None) -> Plan:
         if value is not None and value.const_value is not None:
             array = value.const_value.numpy().astype(np.float32)
             scale, zero = affine_params(float(array.min()), float(array.max()), grid)
-            constants[index] = (quantize(array, scale, zero, grid), np.asarray(scale, np.float32), np.asarray(zero, grid.dtype))
+            constants[index] = (
+                quantize(array, scale, zero, grid),
+                np.asarray(scale, np.float32),
+                np.asarray(zero, grid.dtype),
+            )
     act_ins = [v.name or "" for v in node.inputs if v is not None and v.const_value is None]
     return Plan(None, act_ins, act_out, constants=constants)

@@ -44,17 +44,35 @@ def select(model: Model, opts: Int8StaticOptions) -> Selection:
     """What int8-static quantizes in ``model``; refuses a model with nothing to quantize, by reason."""
     unknown = sorted(set(opts.exclude) - {n.name for n in model.nodes()})
     if unknown:
-        raise OptionsError(f"int8-static: exclude names nodes that do not exist: {', '.join(unknown)}")
-    sel = Selection(float_nodes=model.subgraph_refusals(
-        frozenset(opts.op_types), "int8-static", "cannot observe activations inside control flow to calibrate them; kept in float"))
+        raise OptionsError(
+            f"int8-static: exclude names nodes that do not exist: {', '.join(unknown)}"
+        )
+    sel = Selection(
+        float_nodes=model.subgraph_refusals(
+            frozenset(opts.op_types),
+            "int8-static",
+            "cannot observe activations inside control flow to calibrate them; kept in float",
+        )
+    )
     recurrent = recurrent_refusals(model.graph, "int8-static")
     sel.float_nodes.update(recurrent)
     _weighted(model, opts, sel)
-    if opts.activation_matmuls and "MatMul" in opts.op_types and "MatMul" not in opts.exclude_op_types:
+    if (
+        opts.activation_matmuls
+        and "MatMul" in opts.op_types
+        and "MatMul" not in opts.exclude_op_types
+    ):
         for node in model.nodes():
             ins = list(node.inputs)
-            if node.op_type == "MatMul" and node.domain in ("", "ai.onnx") and len(ins) == 2 and node.name and all(
-                v is not None and v.const_value is None and v.dtype == ir.DataType.FLOAT for v in ins
+            if (
+                node.op_type == "MatMul"
+                and node.domain in ("", "ai.onnx")
+                and len(ins) == 2
+                and node.name
+                and all(
+                    v is not None and v.const_value is None and v.dtype == ir.DataType.FLOAT
+                    for v in ins
+                )
             ):
                 if node.name in opts.exclude:
                     sel.float_nodes[node.name] = "excluded by option"
@@ -67,9 +85,15 @@ def select(model: Model, opts: Int8StaticOptions) -> Selection:
             raise UnsupportedModelError(
                 f"int8-static: nothing it can quantize in {model.name!r}: its {len(sel.float_nodes)} weighted layers are not reachable "
                 f"(first: {first!r} {why}); weight-only methods (codebook, int8-weight-only) reach layers inside subgraphs"
-                + (f"; recurrent nodes {', '.join(repr(n) for n in recurrent)}: {next(iter(recurrent.values()))}" if recurrent else "")
+                + (
+                    f"; recurrent nodes {', '.join(repr(n) for n in recurrent)}: {next(iter(recurrent.values()))}"
+                    if recurrent
+                    else ""
+                )
             )
-        raise OptionsError(f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}")
+        raise OptionsError(
+            f"int8-static: no quantizable nodes among op types {opts.op_types} in {model.name!r}"
+        )
     return sel
 
 
@@ -95,12 +119,20 @@ def _elementwise(model: Model, opts: Int8StaticOptions, sel: Selection) -> None:
     pool: list[ir.Node] = []
     for node in model.nodes():
         ins = [v for v in node.inputs if v is not None]
-        if node.op_type in opts.elementwise_ops and node.domain in ("", "ai.onnx") and node.name and len(ins) == 2 and all(
-            v.dtype == ir.DataType.FLOAT for v in ins) and any(v.const_value is None for v in ins):
+        if (
+            node.op_type in opts.elementwise_ops
+            and node.domain in ("", "ai.onnx")
+            and node.name
+            and len(ins) == 2
+            and all(v.dtype == ir.DataType.FLOAT for v in ins)
+            and any(v.const_value is None for v in ins)
+        ):
             if node.name in opts.exclude or node.op_type in opts.exclude_op_types:
                 sel.float_nodes[node.name] = "excluded by option"
             elif node.outputs[0].is_graph_output():
                 sel.float_nodes[node.name] = "produces a model output"
             elif id(node) not in protected:
                 pool.append(node)
-    sel.elementwise, _ = integer_elementwise(model.graph, [layer.node for layer in sel.candidates] + sel.act_matmuls, pool, fused_output)
+    sel.elementwise, _ = integer_elementwise(
+        model.graph, [layer.node for layer in sel.candidates] + sel.act_matmuls, pool, fused_output
+    )

@@ -38,6 +38,10 @@ def read_weight(layer: WeightedLayer) -> np.ndarray:
     its file, nothing mapped or cached), else the in-memory array itself (do not write into it)."""
     tensor = layer.weight.const_value
     assert tensor is not None
-    if isinstance(tensor, ir.ExternalTensor) and tensor.dtype == ir.DataType.FLOAT and len(tensor.shape) == 2:
+    if (
+        isinstance(tensor, ir.ExternalTensor)
+        and tensor.dtype == ir.DataType.FLOAT
+        and len(tensor.shape) == 2
+    ):
         return FileRows(tensor)[:]
     return layer.weight_array()

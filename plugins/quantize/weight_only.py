@@ -59,17 +59,49 @@ __all__ = ["WeightOnlyOptions", "weight_only"]
 
 class WeightOnlyOptions(Options):
     bits: Literal[4, 8] = Field(4, description="weight bits")
-    block_size: Literal[16, 32, 64, 128, 256] = Field(128, description="rows of K sharing one scale (ORT's default, 128)")
-    symmetric: bool = Field(False, description="symmetric blocks (zero point 0) instead of asymmetric")
-    algorithm: Literal["auto", "rtn", "mse", "gptq", "awq", "awq-gptq"] = Field("auto", description="auto: gptq for int4 when calibration data is given, rtn otherwise; rtn: round to nearest; mse: " "per-block clipping search (no data); gptq: error compensation with calibration data; awq: " "activation-aware per-channel scaling searched on calibration data, then round to nearest; awq-gptq: " "AWQ scaling, then GPTQ")
-    format: Literal["auto", "qdq", "matmulnbits"] = Field("auto", description="auto: per weight, DequantizeLinear where ONNX Runtime fuses it into MatMulNBits, MatMulNBits where " "it would not (a weight shared by several MatMuls, or inside control flow); qdq: DequantizeLinear " "(opset 21); matmulnbits: ORT's MatMulNBits contrib op (int4)")
-    accuracy_level: int = Field(0, ge=0, le=4, description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)")
-    op_types: list[str] = Field(default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"], description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        128, description="rows of K sharing one scale (ORT's default, 128)"
+    )
+    symmetric: bool = Field(
+        False, description="symmetric blocks (zero point 0) instead of asymmetric"
+    )
+    algorithm: Literal["auto", "rtn", "mse", "gptq", "awq", "awq-gptq"] = Field(
+        "auto",
+        description="auto: gptq for int4 when calibration data is given, rtn otherwise; rtn: round to nearest; mse: "
+        "per-block clipping search (no data); gptq: error compensation with calibration data; awq: "
+        "activation-aware per-channel scaling searched on calibration data, then round to nearest; awq-gptq: "
+        "AWQ scaling, then GPTQ",
+    )
+    format: Literal["auto", "qdq", "matmulnbits"] = Field(
+        "auto",
+        description="auto: per weight, DequantizeLinear where ONNX Runtime fuses it into MatMulNBits, MatMulNBits where "
+        "it would not (a weight shared by several MatMuls, or inside control flow); qdq: DequantizeLinear "
+        "(opset 21); matmulnbits: ORT's MatMulNBits contrib op (int4)",
+    )
+    accuracy_level: int = Field(
+        0,
+        ge=0,
+        le=4,
+        description="MatMulNBits accuracy_level (0: fp32 compute; 4: int8 activations)",
+    )
+    op_types: list[str] = Field(
+        default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"],
+        description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)",
+    )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
-    damp: float = Field(0.01, gt=0, description="GPTQ: dampening added to the Hessian diagonal (fraction of its mean)")
+    damp: float = Field(
+        0.01,
+        gt=0,
+        description="GPTQ: dampening added to the Hessian diagonal (fraction of its mean)",
+    )
     max_samples: int = Field(256, ge=1, description="GPTQ/AWQ: calibration samples used")
-    awq_grid: int = Field(20, ge=1, le=100, description="AWQ: points of the alpha grid searched in (0, 1] per group of layers sharing an input")
+    awq_grid: int = Field(
+        20,
+        ge=1,
+        le=100,
+        description="AWQ: points of the alpha grid searched in (0, 1] per group of layers sharing an input",
+    )
 
 
 def _grid(opts: WeightOnlyOptions) -> QRange:
@@ -83,7 +115,9 @@ def _blocked(k: int, n: int, block_size: int) -> tuple[np.ndarray, np.ndarray, n
     return np.zeros((k, n), np.int32), np.zeros((nb, n), np.float32), np.zeros((nb, n), np.float64)
 
 
-def _block_params(block: np.ndarray, grid: QRange, symmetric: bool) -> tuple[np.ndarray, np.ndarray]:
+def _block_params(
+    block: np.ndarray, grid: QRange, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point per column of ``block[rows, N]``."""
     if symmetric:
         absmax = np.abs(block).max(axis=0)
@@ -95,7 +129,9 @@ def _block_params(block: np.ndarray, grid: QRange, symmetric: bool) -> tuple[np.
     return scale.astype(np.float32), zero
 
 
-def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _mse(
+    w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest with each block's range shrunk to the factor (0.5..1) that minimises the
     block's squared reconstruction error: outliers get clipped when that helps the rest. No data."""
     grid = _grid(opts)
@@ -119,7 +155,9 @@ def _mse(w: np.ndarray, opts: WeightOnlyOptions, candidates: int = 20) -> tuple[
     return _unsigned(q, scales, zeros, opts)
 
 
-def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _gptq(
+    w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al.): quantize rows of W[K, N] in order, pushing each row's error onto
     the rows not yet quantized through the inverse Hessian of the layer's inputs."""
     grid = _grid(opts)
@@ -150,7 +188,9 @@ def _gptq(w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions) -> tuple[
     return _unsigned(q, scales, zeros, opts)
 
 
-def _unsigned(q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _unsigned(
+    q: np.ndarray, scales: np.ndarray, zeros: np.ndarray, opts: WeightOnlyOptions
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Codes (int32) on the unsigned grid [0, 2^bits) with their zero points (a symmetric grid is shifted by
     2^(bits-1), as MatMulNBits stores it): ``(codes - zeros) * scales`` is the dequantized weight."""
     if opts.symmetric:
@@ -170,7 +210,9 @@ def _round_clip(x: np.ndarray, levels: np.float32) -> np.ndarray:
     return rounded
 
 
-def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _rtn_blocks(
+    blocks: np.ndarray, bits: int, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Round to nearest on float32 ``blocks[nb, block, N]``, with exactly ONNX Runtime's arithmetic
     (``MatMulNBitsQuantizer`` / ``quantize_matmul_4bits``) so the logits match it bit for bit:
     asymmetric: scale = (max - min) / (2^b - 1) with the range widened to 0, zero point rounded;
@@ -193,7 +235,9 @@ def _rtn_blocks(blocks: np.ndarray, bits: int, symmetric: bool) -> tuple[np.ndar
             hi = np.maximum(blocks.max(axis=1), np.float32(0))
             scale = (hi - lo) / levels
             recip = np.where(scale != 0, np.float32(1) / scale, np.float32(0)).astype(np.float32)
-            zf = _round_clip(np.where(scale != 0, np.float32(0) - lo / scale, lo).astype(np.float32), levels)
+            zf = _round_clip(
+                np.where(scale != 0, np.float32(0) - lo / scale, lo).astype(np.float32), levels
+            )
             scaled = blocks * recip[:, None, :]
             scaled += zf[:, None, :]
             codes = _round_clip(scaled, levels)
@@ -219,13 +263,24 @@ def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[_Chunk]
     for b0 in range(0, nb, step):
         b1 = min(nb, b0 + step)
         r0, r1 = b0 * bs, min(k, b1 * bs)
-        chunk = np.zeros(((b1 - b0) * bs, n), np.float32)  # NOTE: zero rows never widen a block's range
+        chunk = np.zeros(
+            ((b1 - b0) * bs, n), np.float32
+        )  # NOTE: zero rows never widen a block's range
         chunk[: r1 - r0] = matrix[r0:r1]
         blocks = chunk.reshape(b1 - b0, bs, n)
         codes, scales, zeros = _rtn_blocks(blocks, opts.bits, opts.symmetric)
-        diff = ((codes.astype(np.float32) - zeros[:, None, :]) * scales[:, None, :] - blocks).ravel()
+        diff = (
+            (codes.astype(np.float32) - zeros[:, None, :]) * scales[:, None, :] - blocks
+        ).ravel()
         flat = chunk.ravel()
-        yield b0, codes.reshape(-1, n), scales, zeros, float(np.dot(diff, diff)), float(np.dot(flat, flat))
+        yield (
+            b0,
+            codes.reshape(-1, n),
+            scales,
+            zeros,
+            float(np.dot(diff, diff)),
+            float(np.dot(flat, flat)),
+        )
 
 
 def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -233,14 +288,21 @@ def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray
     k = w.shape[0]
     parts = list(_rtn_chunks(w, opts))
     codes = np.concatenate([p[1] for p in parts])[:k]
-    return codes.astype(np.int32), np.concatenate([p[2] for p in parts]), np.concatenate([p[3] for p in parts]).astype(np.int32)
+    return (
+        codes.astype(np.int32),
+        np.concatenate([p[2] for p in parts]),
+        np.concatenate([p[3] for p in parts]).astype(np.int32),
+    )
 
 
 def _fake_quantize(w: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
     """``w[K, N]`` rounded to nearest on the block grid and dequantized (AWQ's search)."""
     codes, scales, zeros = _rtn(w, opts)
     bs = opts.block_size
-    return ((codes - np.repeat(zeros, bs, axis=0)[: len(codes)]) * np.repeat(scales, bs, axis=0)[: len(codes)]).astype(np.float32)
+    return (
+        (codes - np.repeat(zeros, bs, axis=0)[: len(codes)])
+        * np.repeat(scales, bs, axis=0)[: len(codes)]
+    ).astype(np.float32)
 
 
 def _pack_uint4(values: np.ndarray) -> np.ndarray:
@@ -272,12 +334,16 @@ class _Quantized:
 def _stored(codes: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
     """Unsigned codes as the QDQ initializer stores them: signed when symmetric (code - 2^(b-1))."""
     if opts.symmetric:
-        codes = codes ^ np.uint8(2 ** (opts.bits - 1))  # NOTE: two's complement of code - mid in b bits
+        codes = codes ^ np.uint8(
+            2 ** (opts.bits - 1)
+        )  # NOTE: two's complement of code - mid in b bits
         return codes if opts.bits == 4 else codes.view(np.int8)
     return codes
 
 
-def _pack_layer(matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOptions) -> _Quantized:
+def _pack_layer(
+    matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOptions
+) -> _Quantized:
     """Consume ``chunks`` of codes, packing each at once (int4 two per byte) into one contiguous blob."""
     k, n = matrix.shape
     bs = opts.block_size
@@ -304,27 +370,41 @@ def _pack_layer(matrix: np.ndarray, chunks: Iterator[_Chunk], opts: WeightOnlyOp
             data[:, b0 : b0 + nbc] = _pack_uint4(padded.T.reshape(n, nbc, bs))
         elif opts.bits == 4:
             packed = _pack_flat(_stored(codes[:rows], opts))
-            data[r0 * n // 2 : r0 * n // 2 + len(packed)] = packed  # NOTE: r0 is a multiple of the (even) block
+            data[r0 * n // 2 : r0 * n // 2 + len(packed)] = (
+                packed  # NOTE: r0 is a multiple of the (even) block
+            )
         else:
             data[r0:r1] = _stored(codes[:rows], opts)
         err, norm = err + chunk_err, norm + chunk_norm
     return _Quantized(k, n, data, scales, zeros, err, norm)
 
 
-def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.ndarray | None) -> _Quantized:
+def _quantize_weight(
+    layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.ndarray | None
+) -> _Quantized:
     """Read one weight chunk by chunk (from its file when it is external data), quantize it in
     float32 and pack it: one layer in memory at a time, and the source model caches nothing."""
     tensor = layer.weight.const_value
     assert tensor is not None
-    if opts.algorithm in ("rtn", "awq") and isinstance(tensor, ir.ExternalTensor) and layer.out_axis == 1 and len(tensor.shape) == 2:
+    if (
+        opts.algorithm in ("rtn", "awq")
+        and isinstance(tensor, ir.ExternalTensor)
+        and layer.out_axis == 1
+        and len(tensor.shape) == 2
+    ):
         rows = FileRows(tensor)
         return _pack_layer(rows, _rtn_chunks(rows, opts), opts)  # type: ignore[arg-type]
     array = tensor.numpy()
     matrix = array.T if layer.out_axis == 0 else array  # [K, N]
     try:
-        if opts.algorithm in ("rtn", "awq"):  # NOTE: awq's scales are already in the weight (awq.py)
+        if opts.algorithm in (
+            "rtn",
+            "awq",
+        ):  # NOTE: awq's scales are already in the weight (awq.py)
             return _pack_layer(matrix, _rtn_chunks(matrix, opts), opts)
-        full = np.array(matrix, np.float32)  # NOTE: a copy: the memory map of external data is released below
+        full = np.array(
+            matrix, np.float32
+        )  # NOTE: a copy: the memory map of external data is released below
         if opts.algorithm in ("gptq", "awq-gptq"):
             assert hessian is not None
             q, s, z = _gptq(full, hessian, opts)
@@ -340,9 +420,13 @@ def _quantize_weight(layer: WeightedLayer, opts: WeightOnlyOptions, hessian: np.
             tensor.release()
 
 
-def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts: WeightOnlyOptions) -> dict[str, np.ndarray]:
+def _hessians(
+    model: Model, layers: list[WeightedLayer], ctx: PassContext, opts: WeightOnlyOptions
+) -> dict[str, np.ndarray]:
     if ctx.calibration is None:
-        raise DataError(f"int{opts.bits}-weight-only with algorithm={opts.algorithm!r} needs calibration data (calibration=..., --calib data.npz)")
+        raise DataError(
+            f"int{opts.bits}-weight-only with algorithm={opts.algorithm!r} needs calibration data (calibration=..., --calib data.npz)"
+        )
     data = load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
     names = [layer.node.inputs[0].name or "" for layer in layers]
     session = make_session(with_outputs(model, names), spin=False)
@@ -360,37 +444,61 @@ def _hessians(model: Model, layers: list[WeightedLayer], ctx: PassContext, opts:
     return hessians
 
 
-
 def _qdq_dtype(opts: WeightOnlyOptions) -> ir.DataType:
     if opts.bits == 4:
         return ir.DataType.INT4 if opts.symmetric else ir.DataType.UINT4
     return ir.DataType.INT8 if opts.symmetric else ir.DataType.UINT8
 
 
-def _emit_qdq(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions, before: ir.Node) -> ir.Value:
+def _emit_qdq(
+    model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions, before: ir.Node
+) -> ir.Value:
     base = layer.weight.name or layer.name
     dtype = _qdq_dtype(opts)
     shape = [qw.k, qw.n]
     data = ir.PackedTensor(qw.data, dtype, shape=shape) if opts.bits == 4 else qw.data
-    inputs = [model.add_initializer(f"{base}_q{opts.bits}", data), model.add_initializer(f"{base}_scale", qw.scales)]
+    inputs = [
+        model.add_initializer(f"{base}_q{opts.bits}", data),
+        model.add_initializer(f"{base}_scale", qw.scales),
+    ]
     if not opts.symmetric:
-        zp = ir.PackedTensor(_pack_flat(qw.zeros), dtype, shape=list(qw.zeros.shape)) if opts.bits == 4 else qw.zeros
+        zp = (
+            ir.PackedTensor(_pack_flat(qw.zeros), dtype, shape=list(qw.zeros.shape))
+            if opts.bits == 4
+            else qw.zeros
+        )
         inputs.append(model.add_initializer(f"{base}_zero_point", zp))
-    dq = model.builder().op("DequantizeLinear", inputs, {"axis": 0, "block_size": opts.block_size},
-                            name=f"{base}_DequantizeLinear", out=Out(f"{base}_dequantized", ir.DataType.FLOAT)).producer()
+    dq = (
+        model.builder()
+        .op(
+            "DequantizeLinear",
+            inputs,
+            {"axis": 0, "block_size": opts.block_size},
+            name=f"{base}_DequantizeLinear",
+            out=Out(f"{base}_dequantized", ir.DataType.FLOAT),
+        )
+        .producer()
+    )
     assert dq is not None
     dq.outputs[0].shape = ir.Shape(shape)
-    if layer.scope:  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
+    if (
+        layer.scope
+    ):  # NOTE: inside an If/Loop body: ORT's QDQ fusion wants the DQ and its weight in one graph
         model.graph.insert_before(model.graph[0], dq)
     else:
         model.graph.insert_before(before, dq)
     return dq.outputs[0]
 
 
-def _nbits_initializers(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions) -> list[ir.Value]:
+def _nbits_initializers(
+    model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions
+) -> list[ir.Value]:
     base = layer.weight.name or layer.name
     # NOTE: scales [N, nb] and zero points [N, ceil(nb / 2)], the layout ORT's MatMulNBitsQuantizer writes
-    inputs = [model.add_initializer(f"{base}_nbits", qw.data), model.add_initializer(f"{base}_scale", np.ascontiguousarray(qw.scales.T))]
+    inputs = [
+        model.add_initializer(f"{base}_nbits", qw.data),
+        model.add_initializer(f"{base}_scale", np.ascontiguousarray(qw.scales.T)),
+    ]
     if not opts.symmetric:
         zp = qw.zeros.T  # [N, nb]
         if zp.shape[1] % 2:
@@ -399,7 +507,13 @@ def _nbits_initializers(model: Model, layer: WeightedLayer, qw: _Quantized, opts
     return inputs
 
 
-def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnlyOptions, shared: dict[tuple[int, int], list[ir.Value]]) -> None:
+def _replace(
+    model: Model,
+    layer: WeightedLayer,
+    qw: _Quantized,
+    opts: WeightOnlyOptions,
+    shared: dict[tuple[int, int], list[ir.Value]],
+) -> None:
     """Swap one MatMul/Gemm for its quantized form; a weight shared by several layers is stored once."""
     node = layer.node
     key = (id(layer.weight), layer.out_axis)
@@ -408,22 +522,38 @@ def _replace(model: Model, layer: WeightedLayer, qw: _Quantized, opts: WeightOnl
             shared[key] = _nbits_initializers(model, layer, qw, opts)
         b = model.builder()
         out = b.op(
-            "MatMulNBits", [node.inputs[0], *shared[key]],
-            {"K": qw.k, "N": qw.n, "bits": 4, "block_size": opts.block_size, "accuracy_level": opts.accuracy_level},
-            domain="com.microsoft", name=f"{layer.name}_MatMulNBits", out=Out(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT),
+            "MatMulNBits",
+            [node.inputs[0], *shared[key]],
+            {
+                "K": qw.k,
+                "N": qw.n,
+                "bits": 4,
+                "block_size": opts.block_size,
+                "accuracy_level": opts.accuracy_level,
+            },
+            domain="com.microsoft",
+            name=f"{layer.name}_MatMulNBits",
+            out=Out(f"{layer.name}_MatMulNBits_output", ir.DataType.FLOAT),
         )
     else:
         if key not in shared:
             shared[key] = [_emit_qdq(model, layer, qw, opts, node)]
         b = model.builder()
-        out = b.op("MatMul", [node.inputs[0], shared[key][0]], name=f"{layer.name}_MatMul", out=Out(f"{layer.name}_MatMul_output", ir.DataType.FLOAT))
+        out = b.op(
+            "MatMul",
+            [node.inputs[0], shared[key][0]],
+            name=f"{layer.name}_MatMul",
+            out=Out(f"{layer.name}_MatMul_output", ir.DataType.FLOAT),
+        )
     replace_matmul(model, node, list(b.nodes), out, layer.name)
 
 
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
-    for layer in result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True):
+    for layer in result.weighted_layers(
+        frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True
+    ):
         w = layer.weight.const_value
         assert w is not None
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
@@ -433,7 +563,11 @@ def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer]
             skipped[layer.name] = "weight is not a float32 matrix"
         elif w.size < opts.min_elements:
             skipped[layer.name] = f"fewer than {opts.min_elements} elements"
-        elif attrs.get("transA", 0) or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+        elif (
+            attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
             skipped[layer.name] = "Gemm with transA/alpha/beta"
         else:
             layers.append(layer)
@@ -449,8 +583,13 @@ class _Totals:
     errors: list[float] = field(default_factory=list)
 
 
-def _emit_all(result: Model, groups: list[list[WeightedLayer]], chosen: list[WeightOnlyOptions], hessians: dict[str, np.ndarray],
-              ctx: PassContext) -> _Totals:
+def _emit_all(
+    result: Model,
+    groups: list[list[WeightedLayer]],
+    chosen: list[WeightOnlyOptions],
+    hessians: dict[str, np.ndarray],
+    ctx: PassContext,
+) -> _Totals:
     """Quantize each weight with its options and swap every layer using it for the quantized form."""
     totals = _Totals()
     if not groups:
@@ -458,19 +597,34 @@ def _emit_all(result: Model, groups: list[list[WeightedLayer]], chosen: list[Wei
 
     def work(i: int) -> _Quantized:
         # NOTE: a shared weight serves every input that reads it: GPTQ weighs their statistics together
-        found = [hessians[name] for layer in groups[i] if (name := layer.node.inputs[0].name or "") in hessians]
-        return _quantize_weight(groups[i][0], chosen[i], sum(found[1:], found[0]) if found else None)
+        found = [
+            hessians[name]
+            for layer in groups[i]
+            if (name := layer.node.inputs[0].name or "") in hessians
+        ]
+        return _quantize_weight(
+            groups[i][0], chosen[i], sum(found[1:], found[0]) if found else None
+        )
 
     shared: dict[tuple[int, int], list[ir.Value]] = {}
     # NOTE: numpy releases the GIL in its heavy loops, so a few threads quantize layers side by side;
     # map() yields in order, each worker holds one chunk of one layer in float32, and each result is
     # emitted (packed, small) as soon as it arrives.
     workers = max(1, min(8, os.cpu_count() or 1))
-    with ctx.progress(f"int{chosen[0].bits} weight-only", total=len(groups)) as advance, ThreadPoolExecutor(workers) as pool:
+    with (
+        ctx.progress(f"int{chosen[0].bits} weight-only", total=len(groups)) as advance,
+        ThreadPoolExecutor(workers) as pool,
+    ):
         for group, o, qw in zip(groups, chosen, pool.map(work, range(len(groups))), strict=True):
             totals.before += qw.k * qw.n * 4
-            totals.after += qw.data.nbytes + qw.scales.nbytes + (0 if o.symmetric else qw.zeros.size * o.bits // 8)
-            totals.errors.append(float(np.sqrt(qw.squared_error) / max(np.sqrt(qw.squared_norm), 1e-12)))
+            totals.after += (
+                qw.data.nbytes
+                + qw.scales.nbytes
+                + (0 if o.symmetric else qw.zeros.size * o.bits // 8)
+            )
+            totals.errors.append(
+                float(np.sqrt(qw.squared_error) / max(np.sqrt(qw.squared_norm), 1e-12))
+            )
             for layer in group:
                 _replace(result, layer, qw, o, shared)
             advance(1)
@@ -508,7 +662,9 @@ def _unfused(group: list[WeightedLayer]) -> str | None:
     return None
 
 
-def _formats(groups: list[list[WeightedLayer]], opts: WeightOnlyOptions, figures: dict[str, object]) -> list[WeightOnlyOptions]:
+def _formats(
+    groups: list[list[WeightedLayer]], opts: WeightOnlyOptions, figures: dict[str, object]
+) -> list[WeightOnlyOptions]:
     """The options each weight is emitted with: ``format="auto"`` picks QDQ or MatMulNBits per weight."""
     chosen: list[WeightOnlyOptions] = []
     why: dict[str, str] = {}
@@ -520,27 +676,50 @@ def _formats(groups: list[list[WeightedLayer]], opts: WeightOnlyOptions, figures
             if reason is not None:
                 why[group[0].weight.name or group[0].name] = reason
         chosen.append(opts.model_copy(update={"format": fmt}))
-    figures["weight_formats"] = {f: sum(1 for o in chosen if o.format == f) for f in ("qdq", "matmulnbits")}
+    figures["weight_formats"] = {
+        f: sum(1 for o in chosen if o.format == f) for f in ("qdq", "matmulnbits")
+    }
     if why:
         figures["matmulnbits_weights"] = why
     return chosen
 
 
-def _data_statistics(model: Model, result: Model, layers: list[WeightedLayer], hessians: dict[str, np.ndarray] | None,
-                     opts: WeightOnlyOptions, ctx: PassContext) -> dict[str, np.ndarray]:
+def _data_statistics(
+    model: Model,
+    result: Model,
+    layers: list[WeightedLayer],
+    hessians: dict[str, np.ndarray] | None,
+    opts: WeightOnlyOptions,
+    ctx: PassContext,
+) -> dict[str, np.ndarray]:
     """The layer-input statistics GPTQ/AWQ need (``hessians`` reused where it has every layer's,
     measured on ``model`` otherwise; empty for the data-free algorithms); with AWQ, ``result``'s
     layers are scaled by them first."""
     if opts.algorithm not in ("gptq", "awq", "awq-gptq") or not layers:
         return {}
-    if hessians is None or any((layer.node.inputs[0].name or "") not in hessians for layer in layers):
+    if hessians is None or any(
+        (layer.node.inputs[0].name or "") not in hessians for layer in layers
+    ):
         hessians = _hessians(model, layers, ctx, opts)
     if opts.algorithm in ("awq", "awq-gptq"):
-        ctx.figures["awq_alpha"] = awq_scale(result, scale_groups(layers), hessians, lambda w: _fake_quantize(w, opts), opts.awq_grid, ctx)
+        ctx.figures["awq_alpha"] = awq_scale(
+            result,
+            scale_groups(layers),
+            hessians,
+            lambda w: _fake_quantize(w, opts),
+            opts.awq_grid,
+            ctx,
+        )
     return hessians
 
 
-def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hessians: dict[str, np.ndarray] | None = None) -> Model:
+def weight_only(
+    model: Model,
+    opts: WeightOnlyOptions,
+    ctx: PassContext,
+    *,
+    hessians: dict[str, np.ndarray] | None = None,
+) -> Model:
     """``hessians``: GPTQ/AWQ statistics of ``model``'s layer inputs already computed (by input name), e.g.
     by mixed-precision, which builds several candidates of one model; computed here when None."""
     if opts.format == "matmulnbits" and opts.bits != 4:
@@ -550,13 +729,26 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hess
     ctx.figures["algorithm"] = f"{algorithm}: {why}"
     result = model.clone()
     if opts.format != "matmulnbits":
-        result = ensure_opset(result, 21, why=f"blocked int{opts.bits} DequantizeLinear (format={opts.format!r})", figures=ctx.figures)
+        result = ensure_opset(
+            result,
+            21,
+            why=f"blocked int{opts.bits} DequantizeLinear (format={opts.format!r})",
+            figures=ctx.figures,
+        )
     layers, skipped = _select(result, opts)
-    tables = quantize_tables(result, bits=opts.bits, op_types=set(opts.op_types), block_size=min(opts.block_size, 32),
-                             min_elements=opts.min_elements, exclude=set(opts.exclude))
+    tables = quantize_tables(
+        result,
+        bits=opts.bits,
+        op_types=set(opts.op_types),
+        block_size=min(opts.block_size, 32),
+        min_elements=opts.min_elements,
+        exclude=set(opts.exclude),
+    )
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
-        raise OptionsError(f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})")
+        raise OptionsError(
+            f"{opts.bits}-bit weight-only: nothing to quantize in {model.name!r} ({skipped or 'no MatMul/Gemm/Conv/Gather with a constant weight'})"
+        )
     hessians = _data_statistics(model, result, layers, hessians, opts, ctx)
 
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized once.
@@ -566,12 +758,25 @@ def weight_only(model: Model, opts: WeightOnlyOptions, ctx: PassContext, *, hess
     groups = list(users.values())
     chosen = _formats(groups, opts, ctx.figures)
     totals = _emit_all(result, groups, chosen, hessians, ctx)
-    if any(o.format == "matmulnbits" for o in chosen) and "com.microsoft" not in result.ir.opset_imports:
+    if (
+        any(o.format == "matmulnbits" for o in chosen)
+        and "com.microsoft" not in result.ir.opset_imports
+    ):
         result.ir.opset_imports["com.microsoft"] = 1
-    before, after, errors = totals.before + tables.bytes_before, totals.after + tables.bytes_after, totals.errors + tables.errors
-    ctx.figures.update({
-        "quantized_nodes": len(layers), "float_nodes": skipped, "weight_bytes_before": before, "weight_bytes_after": after,
-        "weight_compression": round(before / max(after, 1), 3), "mean_relative_weight_error": round(float(np.mean(errors)), 6),
-        "tables_quantized": len(tables.done),
-    })
+    before, after, errors = (
+        totals.before + tables.bytes_before,
+        totals.after + tables.bytes_after,
+        totals.errors + tables.errors,
+    )
+    ctx.figures.update(
+        {
+            "quantized_nodes": len(layers),
+            "float_nodes": skipped,
+            "weight_bytes_before": before,
+            "weight_bytes_after": after,
+            "weight_compression": round(before / max(after, 1), 3),
+            "mean_relative_weight_error": round(float(np.mean(errors)), 6),
+            "tables_quantized": len(tables.done),
+        }
+    )
     return result

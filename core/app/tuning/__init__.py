@@ -12,4 +12,14 @@ from modelpress.app.tuning.report import TrialRecord, TuneReport
 from modelpress.app.tuning.space import SearchSpace
 from modelpress.app.tuning.study import TuneResult, parse_budget, tune
 
-__all__ = ["BatchResult", "SearchSpace", "TrialRecord", "TuneReport", "TuneResult", "compress_batch", "default_space", "parse_budget", "tune"]
+__all__ = [
+    "BatchResult",
+    "SearchSpace",
+    "TrialRecord",
+    "TuneReport",
+    "TuneResult",
+    "compress_batch",
+    "default_space",
+    "parse_budget",
+    "tune",
+]

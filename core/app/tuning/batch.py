@@ -56,7 +56,18 @@ class BatchResult:
         from rich.table import Table
 
         table = Table(title=f"batch compression: {len(self.rows)} models", title_justify="left")
-        for col in ("model", "status", "metric", "source", "compressed", "size (MB)", "ratio", "latency b1 ms", "time (s)", "output / error"):
+        for col in (
+            "model",
+            "status",
+            "metric",
+            "source",
+            "compressed",
+            "size (MB)",
+            "ratio",
+            "latency b1 ms",
+            "time (s)",
+            "output / error",
+        ):
             table.add_column(col)
         for row in summary_rows(self.rows):
             table.add_row(*(escape(c) for c in row))
@@ -67,16 +78,30 @@ def summary_rows(rows: list[BatchRow]) -> list[list[str]]:
     out = []
     for r in rows:
         b1 = next((v for k, v in r.latency_ms.items() if k.startswith("b1")), None)
-        out.append([
-            r.model, r.status, r.metric, "-" if r.source_value is None else f"{r.source_value:.4f}",
-            "-" if r.value is None else f"{r.value:.4f}", "-" if r.size_bytes is None else f"{r.size_bytes / 1e6:.3f}",
-            f"{r.source_bytes / r.size_bytes:.2f}x" if r.size_bytes and r.source_bytes else "-",
-            "-" if b1 is None else f"{b1:.3f}", f"{r.seconds:.1f}", r.output or r.error,
-        ])
+        out.append(
+            [
+                r.model,
+                r.status,
+                r.metric,
+                "-" if r.source_value is None else f"{r.source_value:.4f}",
+                "-" if r.value is None else f"{r.value:.4f}",
+                "-" if r.size_bytes is None else f"{r.size_bytes / 1e6:.3f}",
+                f"{r.source_bytes / r.size_bytes:.2f}x" if r.size_bytes and r.source_bytes else "-",
+                "-" if b1 is None else f"{b1:.3f}",
+                f"{r.seconds:.1f}",
+                r.output or r.error,
+            ]
+        )
     return out
 
 
-def _compress_one(model: dict[str, bytes], name: str, recipe: dict[str, Any], data: dict[str, tuple[str, bytes]], stem: str) -> dict[str, Any]:
+def _compress_one(
+    model: dict[str, bytes],
+    name: str,
+    recipe: dict[str, Any],
+    data: dict[str, tuple[str, bytes]],
+    stem: str,
+) -> dict[str, Any]:
     """Runs in a worker: the same ``compress`` as ``modelpress compress MODEL``, on copies in a temp folder of this
     node (``model``: its files by relative path, ``name`` the one to open; ``data``: role -> (file name, bytes)).
     Returns the figures and the output files' bytes by relative path: no path of the driver's is read or written here."""
@@ -97,18 +122,38 @@ def _compress_one(model: dict[str, bytes], name: str, recipe: dict[str, Any], da
         parsed = Recipe(**recipe)
         parsed.base_dir = str(folder)
         out = folder / "out"
-        result = compress(str(folder / "model" / name), parsed, output=out / f"{stem}.onnx", report_dir=out, show_progress=False)
-        files = {str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+        result = compress(
+            str(folder / "model" / name),
+            parsed,
+            output=out / f"{stem}.onnx",
+            report_dir=out,
+            show_progress=False,
+        )
+        files = {
+            str(p.relative_to(out)): p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()
+        }
     first, last = result.stages[0], result.stages[-1]
-    return {"status": "interrupted" if result.interrupted else "ok", "metric": last.metric, "source_value": first.value, "value": last.value,
-            "source_bytes": first.size_bytes, "size_bytes": last.size_bytes, "latency_ms": last.latency_ms, "files": files}
+    return {
+        "status": "interrupted" if result.interrupted else "ok",
+        "metric": last.metric,
+        "source_value": first.value,
+        "value": last.value,
+        "source_bytes": first.size_bytes,
+        "size_bytes": last.size_bytes,
+        "latency_ms": last.latency_ms,
+        "files": files,
+    }
 
 
 def _model_files(path: str) -> tuple[dict[str, bytes], str]:
     """A model's files (a folder's, or the file and the external-data files beside it that it names) and its name among them."""
     model = Path(path)
     if model.is_dir():
-        return {str(p.relative_to(model.parent)): p.read_bytes() for p in sorted(model.rglob("*")) if p.is_file()}, model.name
+        return {
+            str(p.relative_to(model.parent)): p.read_bytes()
+            for p in sorted(model.rglob("*"))
+            if p.is_file()
+        }, model.name
     files = {model.name: model.read_bytes()}
     if model.suffix == ".onnx":
         import onnx
@@ -173,7 +218,10 @@ def compress_batch(
     board = TrialBoard(enabled=show_progress, metric=parsed.evaluate.metric, objective="")
     executor = RayExecutor(workers, address)
     jobs = list(zip(range(len(paths)), paths, _stems([str(m) for m in models]), strict=True))
-    rows = {i: BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx")) for i, _, stem in jobs}
+    rows = {
+        i: BatchRow(model=str(models[i]), status="pending", output=str(out / stem / f"{stem}.onnx"))
+        for i, _, stem in jobs
+    }
     interrupted = False
     try:
         _run_jobs(_Batch(executor, rows, parsed, out, board, timeout, memory_mb, retries), jobs)
@@ -191,7 +239,9 @@ def compress_batch(
     return result
 
 
-def _checked(models: list[str | os.PathLike[str]], recipe: str | os.PathLike[str] | dict[str, Any] | Recipe) -> tuple[list[str], Recipe]:
+def _checked(
+    models: list[str | os.PathLike[str]], recipe: str | os.PathLike[str] | dict[str, Any] | Recipe
+) -> tuple[list[str], Recipe]:
     """The models' absolute paths and the recipe, validated against the installed methods, before Ray starts."""
     if not models:
         raise OptionsError("batch compression needs at least one model")
@@ -220,7 +270,14 @@ class _Batch:
 
 def _run_jobs(batch: _Batch, pending: list[tuple[int, str, str]]) -> None:
     """Submit the models as workers come free and fill in their rows as they finish."""
-    executor, rows, out, board, timeout, memory_mb = batch.executor, batch.rows, batch.out, batch.board, batch.timeout, batch.memory_mb
+    executor, rows, out, board, timeout, memory_mb = (
+        batch.executor,
+        batch.rows,
+        batch.out,
+        batch.board,
+        batch.timeout,
+        batch.memory_mb,
+    )
     raw = batch.recipe.model_dump()
     # NOTE: the data travels once, as Ray objects; each model as one when its job starts (read here, not on a worker)
     data = executor.put(_data_files(batch.recipe))
@@ -231,7 +288,17 @@ def _run_jobs(batch: _Batch, pending: list[tuple[int, str, str]]) -> None:
             i, path, stem = pending.pop(0)
             rows[i].status = "running"
             files, name = _model_files(path)
-            executor.submit(i, _compress_one, executor.put(files), name, raw, data, stem, timeout_s=timeout, memory_mb=memory_mb)
+            executor.submit(
+                i,
+                _compress_one,
+                executor.put(files),
+                name,
+                raw,
+                data,
+                stem,
+                timeout_s=timeout,
+                memory_mb=memory_mb,
+            )
         for outcome in executor.wait(1.0):
             row = rows[outcome.job.key]
             row.seconds = round(outcome.seconds, 2)
@@ -246,7 +313,10 @@ def _run_jobs(batch: _Batch, pending: list[tuple[int, str, str]]) -> None:
                 pending.insert(0, (outcome.job.key, *jobs[outcome.job.key]))
             else:
                 row.status, row.error, row.output = "failed", outcome.error, ""
-            board.log(f"{row.model}: {row.status} in {row.seconds:.1f}s" + (f" ({row.error})" if row.error else ""))
+            board.log(
+                f"{row.model}: {row.status} in {row.seconds:.1f}s"
+                + (f" ({row.error})" if row.error else "")
+            )
 
 
 def _write_outputs(folder: Path, files: dict[str, bytes]) -> None:
@@ -259,12 +329,38 @@ def _write_outputs(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def _write_summary(result: BatchResult) -> None:
-    cols = ["model", "status", "metric", "source", "compressed", "size (MB)", "ratio", "latency b1 ms", "time (s)", "output / error"]
-    lines = [f"# batch compression ({len(result.rows)} models{', interrupted' if result.interrupted else ''})", "",
-             "| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
-    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in summary_rows(result.rows)]
-    for name, text in (("summary.md", "\n".join(lines) + "\n"),
-                       ("summary.json", json.dumps({"interrupted": result.interrupted, "models": [asdict(r) for r in result.rows]}, indent=1))):
+    cols = [
+        "model",
+        "status",
+        "metric",
+        "source",
+        "compressed",
+        "size (MB)",
+        "ratio",
+        "latency b1 ms",
+        "time (s)",
+        "output / error",
+    ]
+    lines = [
+        f"# batch compression ({len(result.rows)} models{', interrupted' if result.interrupted else ''})",
+        "",
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---" for _ in cols) + "|",
+    ]
+    lines += [
+        "| " + " | ".join(c.replace("|", "\\|") for c in row) + " |"
+        for row in summary_rows(result.rows)
+    ]
+    for name, text in (
+        ("summary.md", "\n".join(lines) + "\n"),
+        (
+            "summary.json",
+            json.dumps(
+                {"interrupted": result.interrupted, "models": [asdict(r) for r in result.rows]},
+                indent=1,
+            ),
+        ),
+    ):
         tmp = result.output / f".{name}.tmp"
         tmp.write_text(text)
         os.replace(tmp, result.output / name)

@@ -34,18 +34,24 @@ def _digest(key: str) -> str:
 
 def _tables(sa: Any) -> tuple[Any, Any, Any]:
     meta = sa.MetaData()
-    sessions = sa.Table("modelpress_sessions", meta,
-                        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
-                        sa.Column("study", sa.String(512), nullable=False, index=True),
-                        sa.Column("session", sa.String(32), nullable=False, unique=True),
-                        sa.Column("host", sa.String(255), nullable=False),
-                        sa.Column("pid", sa.Integer, nullable=False),
-                        sa.Column("beat", sa.Float, nullable=False))
-    claims = sa.Table("modelpress_claims", meta,
-                      sa.Column("study", sa.String(512), primary_key=True),
-                      sa.Column("digest", sa.String(40), primary_key=True),
-                      sa.Column("number", sa.Integer, nullable=False),
-                      sa.Column("session", sa.String(32), nullable=False))
+    sessions = sa.Table(
+        "modelpress_sessions",
+        meta,
+        sa.Column("id", sa.Integer, primary_key=True, autoincrement=True),
+        sa.Column("study", sa.String(512), nullable=False, index=True),
+        sa.Column("session", sa.String(32), nullable=False, unique=True),
+        sa.Column("host", sa.String(255), nullable=False),
+        sa.Column("pid", sa.Integer, nullable=False),
+        sa.Column("beat", sa.Float, nullable=False),
+    )
+    claims = sa.Table(
+        "modelpress_claims",
+        meta,
+        sa.Column("study", sa.String(512), primary_key=True),
+        sa.Column("digest", sa.String(40), primary_key=True),
+        sa.Column("number", sa.Integer, nullable=False),
+        sa.Column("session", sa.String(32), nullable=False),
+    )
     return meta, sessions, claims
 
 
@@ -68,7 +74,9 @@ class Claims:
         self.sa, self.study, self.session = sa, study, session
         self.engine = sa.create_engine(url, pool_pre_ping=True)
         self.meta, self.sessions, self.claims = _tables(sa)
-        for attempt in range(3):  # NOTE: two drivers creating the tables at once: the loser's CREATE fails, the next check sees them
+        for attempt in range(
+            3
+        ):  # NOTE: two drivers creating the tables at once: the loser's CREATE fails, the next check sees them
             try:
                 self.meta.create_all(self.engine, checkfirst=True)
                 break
@@ -78,22 +86,39 @@ class Claims:
                 time.sleep(0.2)
         self.host, self.pid = socket.gethostname(), os.getpid()
         with self.engine.begin() as db:
-            result = db.execute(sa.insert(self.sessions).values(study=study, session=session, host=self.host, pid=self.pid, beat=time.time()))
+            result = db.execute(
+                sa.insert(self.sessions).values(
+                    study=study, session=session, host=self.host, pid=self.pid, beat=time.time()
+                )
+            )
             mine = result.inserted_primary_key[0]  # type: ignore[index]  # NOTE: an insert into a table with a key has one
             # NOTE: the drivers that joined the study before this one: their count seeds this driver's sampler apart from theirs
-            self.ordinal = int(db.execute(sa.select(sa.func.count()).select_from(self.sessions)
-                                          .where(self.sessions.c.study == study, self.sessions.c.id < mine)).scalar_one())
+            self.ordinal = int(
+                db.execute(
+                    sa.select(sa.func.count())
+                    .select_from(self.sessions)
+                    .where(self.sessions.c.study == study, self.sessions.c.id < mine)
+                ).scalar_one()
+            )
         self.seen = self.ordinal + 1
         self._stop = threading.Event()
-        self._beater = threading.Thread(target=self._beat_loop, name="modelpress-study-beat", daemon=True)
+        self._beater = threading.Thread(
+            target=self._beat_loop, name="modelpress-study-beat", daemon=True
+        )
         self._beater.start()
 
     def _beat_loop(self) -> None:
         while not self._stop.wait(BEAT_S):
             try:
                 with self.engine.begin() as db:
-                    db.execute(self.sa.update(self.sessions).where(self.sessions.c.session == self.session).values(beat=time.time()))
-            except self.sa.exc.SQLAlchemyError:  # NOTE: a database hiccup: the next beat tries again (GRACE_S is ten beats)
+                    db.execute(
+                        self.sa.update(self.sessions)
+                        .where(self.sessions.c.session == self.session)
+                        .values(beat=time.time())
+                    )
+            except (
+                self.sa.exc.SQLAlchemyError
+            ):  # NOTE: a database hiccup: the next beat tries again (GRACE_S is ten beats)
                 pass
 
     def claim(self, number: int, key: str) -> int | None:
@@ -101,21 +126,37 @@ class Claims:
         sa = self.sa
         try:
             with self.engine.begin() as db:
-                db.execute(sa.insert(self.claims).values(study=self.study, digest=_digest(key), number=number, session=self.session))
+                db.execute(
+                    sa.insert(self.claims).values(
+                        study=self.study, digest=_digest(key), number=number, session=self.session
+                    )
+                )
             return None
         except sa.exc.IntegrityError:
             with self.engine.connect() as db:
-                held = db.execute(sa.select(self.claims.c.number).where(self.claims.c.study == self.study,
-                                                                          self.claims.c.digest == _digest(key))).scalar()
-            return int(held) if held is not None else self.claim(number, key)  # NOTE: released in between: try again
+                held = db.execute(
+                    sa.select(self.claims.c.number).where(
+                        self.claims.c.study == self.study, self.claims.c.digest == _digest(key)
+                    )
+                ).scalar()
+            return (
+                int(held) if held is not None else self.claim(number, key)
+            )  # NOTE: released in between: try again
 
     def adopt(self, numbers_by_key: dict[str, int]) -> None:
         """Claims for trials that finished before claims existed (a study from an older modelpress), where none is held."""
         sa = self.sa
         with self.engine.begin() as db:
-            held = set(db.execute(sa.select(self.claims.c.digest).where(self.claims.c.study == self.study)).scalars())
-            rows = [{"study": self.study, "digest": _digest(k), "number": n, "session": self.session}
-                    for k, n in numbers_by_key.items() if _digest(k) not in held]
+            held = set(
+                db.execute(
+                    sa.select(self.claims.c.digest).where(self.claims.c.study == self.study)
+                ).scalars()
+            )
+            rows = [
+                {"study": self.study, "digest": _digest(k), "number": n, "session": self.session}
+                for k, n in numbers_by_key.items()
+                if _digest(k) not in held
+            ]
             if rows:
                 db.execute(sa.insert(self.claims), rows)
 
@@ -123,17 +164,35 @@ class Claims:
         """Release trial ``number``'s claim on ``key`` (another trial's claim on it stays)."""
         claims = self.claims
         with self.engine.begin() as db:
-            db.execute(self.sa.delete(claims).where(claims.c.study == self.study, claims.c.digest == _digest(key), claims.c.number == number))
+            db.execute(
+                self.sa.delete(claims).where(
+                    claims.c.study == self.study,
+                    claims.c.digest == _digest(key),
+                    claims.c.number == number,
+                )
+            )
 
     def live(self) -> set[str]:
         """The sessions of this study that are alive (this one included)."""
         sa, now = self.sa, time.time()
         with self.engine.connect() as db:
-            rows = db.execute(sa.select(self.sessions.c.session, self.sessions.c.host, self.sessions.c.pid, self.sessions.c.beat)
-                              .where(self.sessions.c.study == self.study)).all()
-        self.seen = len(rows)  # NOTE: every session that ever joined: a change means another driver came (and may have gone)
-        return {s for s, host, pid, beat in rows
-                if s == self.session or (now - beat <= GRACE_S and not (host == self.host and not _alive(pid)))}
+            rows = db.execute(
+                sa.select(
+                    self.sessions.c.session,
+                    self.sessions.c.host,
+                    self.sessions.c.pid,
+                    self.sessions.c.beat,
+                ).where(self.sessions.c.study == self.study)
+            ).all()
+        self.seen = len(
+            rows
+        )  # NOTE: every session that ever joined: a change means another driver came (and may have gone)
+        return {
+            s
+            for s, host, pid, beat in rows
+            if s == self.session
+            or (now - beat <= GRACE_S and not (host == self.host and not _alive(pid)))
+        }
 
     def close(self) -> None:
         """Stop beating and leave the study: the session row stays (later drivers count it for their sampler's seed), ended;
@@ -142,6 +201,10 @@ class Claims:
         self._beater.join(timeout=5)
         try:
             with self.engine.begin() as db:
-                db.execute(self.sa.update(self.sessions).where(self.sessions.c.session == self.session).values(beat=0.0))
+                db.execute(
+                    self.sa.update(self.sessions)
+                    .where(self.sessions.c.session == self.session)
+                    .values(beat=0.0)
+                )
         finally:
             self.engine.dispose()

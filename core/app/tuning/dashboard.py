@@ -22,7 +22,9 @@ HOST = "127.0.0.1"
 
 
 class _Server(ThreadingMixIn, WSGIServer):
-    daemon_threads = True  # NOTE: a browser's open connection must not keep the process alive after stop()
+    daemon_threads = (
+        True  # NOTE: a browser's open connection must not keep the process alive after stop()
+    )
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -36,8 +38,10 @@ def study_storage(target: str) -> str:
         return target
     db = Path(target) / "study.db"
     if not db.is_file():
-        raise OptionsError(f"{target}: no study.db in this folder; give a `modelpress tune` output folder or a storage URL "
-                           "(sqlite:///path/study.db, postgresql://user@host/db)")
+        raise OptionsError(
+            f"{target}: no study.db in this folder; give a `modelpress tune` output folder or a storage URL "
+            "(sqlite:///path/study.db, postgresql://user@host/db)"
+        )
     return f"sqlite:///{db.resolve()}"
 
 
@@ -48,16 +52,26 @@ class Dashboard:
         try:
             import optuna_dashboard
         except ImportError:
-            raise ModelpressError("the dashboard is optuna-dashboard: pip install 'modelpress[distributed]'") from None
+            raise ModelpressError(
+                "the dashboard is optuna-dashboard: pip install 'modelpress[distributed]'"
+            ) from None
         import optuna
 
         from modelpress.app.tuning.store import storage_url
 
         self.storage = optuna.storages.RDBStorage(storage_url(storage))
         try:
-            self.server = make_server(HOST, port, optuna_dashboard.wsgi(self.storage), server_class=_Server, handler_class=_QuietHandler)
+            self.server = make_server(
+                HOST,
+                port,
+                optuna_dashboard.wsgi(self.storage),
+                server_class=_Server,
+                handler_class=_QuietHandler,
+            )
         except OSError as exc:
-            raise OptionsError(f"cannot serve the dashboard on {HOST}:{port}: {exc}; give another --port (0: a free one)") from None
+            raise OptionsError(
+                f"cannot serve the dashboard on {HOST}:{port}: {exc}; give another --port (0: a free one)"
+            ) from None
         self.port = int(self.server.server_address[1])
         self._thread: threading.Thread | None = None
 
@@ -69,15 +83,19 @@ class Dashboard:
         try:
             return f"{base}studies/{self.storage.get_study_id_from_name(study_name)}"
         except KeyError:
-            raise OptionsError(f"no study named {study_name!r} in this storage; the studies there: "
-                               f"{', '.join(s.study_name for s in self.storage.get_all_studies()) or 'none'}") from None
+            raise OptionsError(
+                f"no study named {study_name!r} in this storage; the studies there: "
+                f"{', '.join(s.study_name for s in self.storage.get_all_studies()) or 'none'}"
+            ) from None
 
     def studies(self) -> list[str]:
         return [s.study_name for s in self.storage.get_all_studies()]
 
     def start(self) -> Dashboard:
         """Serve from a daemon thread (the tune goes on in this one)."""
-        self._thread = threading.Thread(target=self.server.serve_forever, name="modelpress-dashboard", daemon=True)
+        self._thread = threading.Thread(
+            target=self.server.serve_forever, name="modelpress-dashboard", daemon=True
+        )
         self._thread.start()
         return self
 

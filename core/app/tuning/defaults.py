@@ -33,7 +33,11 @@ if TYPE_CHECKING:
 __all__ = ["Available", "declared_tuning", "default_space"]
 
 # NOTE: how a user gives each data source (the data roles of a PassContext), for the reasons in the report
-_DATA_FLAGS = {"calibration": "calibration data (--calib)", "train": "training data (--train)", "eval": "evaluation data (--eval)"}
+_DATA_FLAGS = {
+    "calibration": "calibration data (--calib)",
+    "train": "training data (--train)",
+    "eval": "evaluation data (--eval)",
+}
 _TRAINING_ENGINE = "the training engine (pip install 'modelpress[torch]')"
 
 
@@ -47,7 +51,11 @@ class Available:
 
     def recovery(self, method: Method, tuning: Tuning) -> bool:
         """Whether ``tuning.recovery`` (training to recover accuracy) can run: its data and the training engine are there."""
-        return bool(tuning.recovery) and self.training and method.data_needs({tuning.recovery: True}) <= self.data
+        return (
+            bool(tuning.recovery)
+            and self.training
+            and method.data_needs({tuning.recovery: True}) <= self.data
+        )
 
     def met(self, condition: str, method: Method, tuning: Tuning) -> bool:
         if condition == "labels":
@@ -77,7 +85,13 @@ def declared_tuning(method: Method) -> Tuning | None:
             schema[name] = extra[SEARCH_KEY]
     if method.tuning is None:
         return Tuning(search=schema) if schema else None
-    return replace(method.tuning, search={**method.tuning.search, **{k: v for k, v in schema.items() if k not in method.tuning.search}})
+    return replace(
+        method.tuning,
+        search={
+            **method.tuning.search,
+            **{k: v for k, v in schema.items() if k not in method.tuning.search},
+        },
+    )
 
 
 def _fits(model: Model, tuning: Tuning) -> str | None:
@@ -86,10 +100,18 @@ def _fits(model: Model, tuning: Tuning) -> str | None:
         return None
     if not tuning.weighted:
         histogram = model.op_histogram()
-        return None if any(histogram.get(op) for op in tuning.ops) else f"the model has no {'/'.join(tuning.ops)} node"
+        return (
+            None
+            if any(histogram.get(op) for op in tuning.ops)
+            else f"the model has no {'/'.join(tuning.ops)} node"
+        )
     for layer in model.weighted_layers():
         tensor = layer.weight.const_value
-        if layer.op_type in tuning.ops and tensor is not None and math.prod(tensor.shape.numpy()) >= tuning.min_elements:
+        if (
+            layer.op_type in tuning.ops
+            and tensor is not None
+            and math.prod(tensor.shape.numpy()) >= tuning.min_elements
+        ):
             return None
     size = f" of at least {tuning.min_elements} elements" if tuning.min_elements else ""
     return f"the model has no {'/'.join(tuning.ops)} layer with constant weights{size}"
@@ -126,16 +148,22 @@ class _Builder:
                 templates.append(template)
             name = self._name(declared)
             if why is not None:
-                if len(declared) > 1:  # NOTE: a method alone that does not fit is listed in left_out
+                if (
+                    len(declared) > 1
+                ):  # NOTE: a method alone that does not fit is listed in left_out
                     self.notes.append(f"{name}: {why}")
                 continue
             seed = len(templates) == 1 and bool(tuning.seed)
-            self.pipelines.append((tuning.order, len(self.pipelines), Pipeline(name, tuple(templates), seed=seed)))
+            self.pipelines.append(
+                (tuning.order, len(self.pipelines), Pipeline(name, tuple(templates), seed=seed))
+            )
             self.used.update(f"{t.kind}/{t.method}" for t in templates)
 
     def _name(self, declared: tuple[TuneStage, ...]) -> str:
         name = "+".join(s.method.split("/", 1)[-1] for s in declared)
-        if any(p.name == name for _, _, p in self.pipelines):  # NOTE: two kinds with a method of the same name
+        if any(
+            p.name == name for _, _, p in self.pipelines
+        ):  # NOTE: two kinds with a method of the same name
             name = "+".join(s.method.replace("/", "-") for s in declared)
         return name
 
@@ -154,18 +182,29 @@ class _Builder:
         if stage.options is None:
             options = self._own_options(method, tuning, where)
         else:
-            options = {k: _recipe_value(v, f"{where} option {k!r}") for k, v in stage.options.items()}
+            options = {
+                k: _recipe_value(v, f"{where} option {k!r}") for k, v in stage.options.items()
+            }
         options.update(tuning.fixed)
         return _checked(PassTemplate(method.kind, method.name, options), method, where)
 
     def _own_options(self, method: Method, tuning: Tuning, where: str) -> dict[str, Any]:
         """The method's declared search, less what this run cannot use (recovery without its data, ``without`` conditions)."""
-        options: dict[str, Any] = {k: parse_param({SEARCH_KEY: spec}, f"{where} option {k!r}") for k, spec in tuning.search.items()}
+        options: dict[str, Any] = {
+            k: parse_param({SEARCH_KEY: spec}, f"{where} option {k!r}")
+            for k, spec in tuning.search.items()
+        }
         if tuning.recovery in options and not self.available.recovery(method, tuning):
             options.pop(tuning.recovery)
             lacking = method.data_needs({tuning.recovery: True}) - self.available.data
-            needs = " and ".join(_DATA_FLAGS.get(d, d) for d in sorted(lacking)) if lacking else _TRAINING_ENGINE
-            self.notes.append(f"{method.name}: {tuning.recovery} (recovery) not searched: needs {needs}")
+            needs = (
+                " and ".join(_DATA_FLAGS.get(d, d) for d in sorted(lacking))
+                if lacking
+                else _TRAINING_ENGINE
+            )
+            self.notes.append(
+                f"{method.name}: {tuning.recovery} (recovery) not searched: needs {needs}"
+            )
         for condition, overrides in tuning.without.items():
             if self.available.met(condition, method, tuning):
                 continue
@@ -182,7 +221,9 @@ class _Builder:
             if method.qualname in self.used:
                 continue
             tuning = declared_tuning(method)
-            why = self.available.missing(method, tuning or Tuning()) or (_fits(self.model, tuning) if tuning else None)
+            why = self.available.missing(method, tuning or Tuning()) or (
+                _fits(self.model, tuning) if tuning else None
+            )
             if why is None and tuning is None:
                 why = "declares no search (Tuning(search=...) or options with json_schema_extra={'search': ...})"
             elif why is None and not tuning.alone and not tuning.pipelines:  # type: ignore[union-attr]
@@ -203,15 +244,27 @@ def _checked(template: PassTemplate, method: Method, where: str) -> PassTemplate
     return template
 
 
-def default_space(model: Model, registry: Registry, *, calibration: bool, train: bool, torch: bool, labels: bool = True,
-                  evaluation: bool = True) -> SearchSpace:
+def default_space(
+    model: Model,
+    registry: Registry,
+    *,
+    calibration: bool,
+    train: bool,
+    torch: bool,
+    labels: bool = True,
+    evaluation: bool = True,
+) -> SearchSpace:
     """The pipelines of every installed method with a declared search that fits ``model`` and the data given.
 
     ``calibration``/``train``/``evaluation``: which data sources the run has; ``labels``: the training data
     has labels; ``torch``: the training engine is installed. Pipelines are in their methods' declared
     ``order`` (ties: registry order, kind then name).
     """
-    data = frozenset(role for role, given in (("calibration", calibration), ("train", train), ("eval", evaluation)) if given)
+    data = frozenset(
+        role
+        for role, given in (("calibration", calibration), ("train", train), ("eval", evaluation))
+        if given
+    )
     builder = _Builder(model, registry, Available(data, labels=train and labels, training=torch))
     for method in registry.methods():
         tuning = declared_tuning(method)
@@ -219,7 +272,9 @@ def default_space(model: Model, registry: Registry, *, calibration: bool, train:
             builder.add(method, tuning)
     builder.explain()
     if not builder.pipelines:
-        raise OptionsError("no installed method fits this model and data; give --calib/--train data or a recipe with `search:` options"
-                           f" (left out: {'; '.join(f'{k}: {v}' for k, v in builder.left_out.items())})")
+        raise OptionsError(
+            "no installed method fits this model and data; give --calib/--train data or a recipe with `search:` options"
+            f" (left out: {'; '.join(f'{k}: {v}' for k, v in builder.left_out.items())})"
+        )
     pipelines = [p for _, _, p in sorted(builder.pipelines, key=lambda entry: entry[:2])]
     return SearchSpace(pipelines, builder.notes, left_out=builder.left_out)

@@ -37,14 +37,21 @@ __all__ = ["JOBS_PER_WORKER", "Job", "Outcome", "RayExecutor", "import_ray"]
 _OBJECT_STORE_BYTES = 512 * 2**20
 JOBS_PER_WORKER = 25
 _CPUS_PER_JOB = 1
-_THREAD_ENV = {name: str(_CPUS_PER_JOB) for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MODELPRESS_THREADS")}
+_THREAD_ENV = {
+    name: str(_CPUS_PER_JOB)
+    for name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "MODELPRESS_THREADS")
+}
 
 
 def _worker_options() -> dict[str, Any]:
     """Ray starts workers with OMP_NUM_THREADS=1 unless it is set, and a job sets the rest before numpy, torch or ORT
     read them. A thread variable set otherwise in this environment would reach the workers' BLAS before a job could
     change it: then the workers start with ours (a runtime env; it makes Ray start new worker processes, so only then)."""
-    clash = any(os.environ.get(name, value) != value for name, value in _THREAD_ENV.items() if name != "MODELPRESS_THREADS")
+    clash = any(
+        os.environ.get(name, value) != value
+        for name, value in _THREAD_ENV.items()
+        if name != "MODELPRESS_THREADS"
+    )
     return {"runtime_env": {"env_vars": dict(_THREAD_ENV)}} if clash else {}
 
 
@@ -66,7 +73,9 @@ def _limit_torch_threads() -> None:
     if torch.get_num_interop_threads() != _CPUS_PER_JOB:
         try:
             torch.set_num_interop_threads(_CPUS_PER_JOB)
-        except RuntimeError:  # NOTE: too late once the inter-op pool has started; eager training does not use it
+        except (
+            RuntimeError
+        ):  # NOTE: too late once the inter-op pool has started; eager training does not use it
             pass
 
 
@@ -86,7 +95,9 @@ def import_ray() -> Any:
     try:
         import ray
     except ImportError:
-        raise ModelpressError("tune and batch compression run on Ray: pip install 'modelpress[distributed]'") from None
+        raise ModelpressError(
+            "tune and batch compression run on Ray: pip install 'modelpress[distributed]'"
+        ) from None
     return ray
 
 
@@ -142,7 +153,10 @@ def _watch_memory(limit_mb: float, done: threading.Event) -> None:
     while not done.is_set():
         rss = _rss_mb()
         if rss > limit_mb:
-            os.write(2, f"modelpress: job exceeded its memory limit ({rss:.0f} MB > {limit_mb:.0f} MB)\n".encode())
+            os.write(
+                2,
+                f"modelpress: job exceeded its memory limit ({rss:.0f} MB > {limit_mb:.0f} MB)\n".encode(),
+            )
             os._exit(137)
         done.wait(0.1)
 
@@ -150,7 +164,13 @@ def _watch_memory(limit_mb: float, done: threading.Event) -> None:
 _JOBS_RUN = 0
 
 
-def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], memory_mb: float | None, kept: bool = True) -> dict[str, Any]:
+def _run_job(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    memory_mb: float | None,
+    kept: bool = True,
+) -> dict[str, Any]:
     """Runs inside the Ray worker process (``kept``: which runs more jobs after this one); the job's value with its timing."""
     import ray
 
@@ -180,23 +200,38 @@ def _run_job(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, An
         args, kwargs = resolve(args), resolve(kwargs)
         cpu_args = time.process_time()
         value = fn(*args, **kwargs)
-    except Exception as exc:  # NOTE: reported here, with the timing: a failed trial's time is accounted for too
+    except (
+        Exception
+    ) as exc:  # NOTE: reported here, with the timing: a failed trial's time is accounted for too
         error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:500]}"
     finally:
         cpu_fn = time.process_time()
         done.set()
         _JOBS_RUN += 1
         args = kwargs = None  # type: ignore[assignment]
-        if kept and len(sys.modules) > _FROZEN_MODULES + 20:  # NOTE: the job imported more (torch, say): freeze that too
+        if (
+            kept and len(sys.modules) > _FROZEN_MODULES + 20
+        ):  # NOTE: the job imported more (torch, say): freeze that too
             _freeze_imports()
         elif kept and memory_mb:
             gc.collect()  # NOTE: the next job's memory limit counts from what this one left
     # NOTE: "cpu" splits into "cpu_setup" (the arguments fetched, the imports frozen), the job itself and "cpu_cleanup"
     cpu_end = time.process_time()
-    return {"value": value, "error": error, "timing": {"began": began, "ended": time.time(), "cpu_before": round(cpu_before, 4),
-                                       "cpu": round(cpu_end - cpu_before, 4), "cpu_setup": round(cpu_args - cpu_before, 4),
-                                       "cpu_cleanup": round(cpu_end - cpu_fn, 4), "earlier_jobs": _JOBS_RUN - 1, "pid": os.getpid(),
-                                       **_where()}}
+    return {
+        "value": value,
+        "error": error,
+        "timing": {
+            "began": began,
+            "ended": time.time(),
+            "cpu_before": round(cpu_before, 4),
+            "cpu": round(cpu_end - cpu_before, 4),
+            "cpu_setup": round(cpu_args - cpu_before, 4),
+            "cpu_cleanup": round(cpu_end - cpu_fn, 4),
+            "earlier_jobs": _JOBS_RUN - 1,
+            "pid": os.getpid(),
+            **_where(),
+        },
+    }
 
 
 # NOTE: Ray's logger for its token-authentication notice (a stable name; if it changes, the notice just shows)
@@ -222,13 +257,21 @@ def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
         try:
             ray.init(address=address, log_to_driver=False, configure_logging=False)
         except Exception as exc:
-            raise ModelpressError(f"cannot attach to the Ray cluster at {address!r}: {exc}") from None
+            raise ModelpressError(
+                f"cannot attach to the Ray cluster at {address!r}: {exc}"
+            ) from None
         return
     quiet, logger = _QuietAuthNotice(), logging.getLogger(_AUTH_LOGGER)
     logger.addFilter(quiet)
     try:
-        ray.init(address="local", num_cpus=workers or os.cpu_count() or 1, include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, object_store_memory=_OBJECT_STORE_BYTES)
+        ray.init(
+            address="local",
+            num_cpus=workers or os.cpu_count() or 1,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            object_store_memory=_OBJECT_STORE_BYTES,
+        )
     finally:
         logger.removeFilter(quiet)
 
@@ -236,7 +279,9 @@ def _start_ray(ray: Any, workers: int | None, address: str | None) -> None:
 class RayExecutor:
     """Submit functions as Ray tasks; collect their outcomes; cancel those past their time limit."""
 
-    def __init__(self, workers: int | None = None, address: str | None = None, *, fresh_workers: bool = False):
+    def __init__(
+        self, workers: int | None = None, address: str | None = None, *, fresh_workers: bool = False
+    ):
         ray = import_ray()
         self.ray = ray
         self.owns_session = False
@@ -246,8 +291,13 @@ class RayExecutor:
         self.fresh_workers = fresh_workers
         # NOTE: SPREAD: Ray's default packs jobs on the driver's node and queues them there while it is busy, leaving
         # other nodes idle; jobs are CPU-bound, so they go to the node with the most room (the warm-ups too: each node warms)
-        options = dict(num_cpus=_CPUS_PER_JOB, max_retries=0, max_calls=1 if fresh_workers else JOBS_PER_WORKER, scheduling_strategy="SPREAD",
-                       **_worker_options())
+        options = dict(
+            num_cpus=_CPUS_PER_JOB,
+            max_retries=0,
+            max_calls=1 if fresh_workers else JOBS_PER_WORKER,
+            scheduling_strategy="SPREAD",
+            **_worker_options(),
+        )
         self._remote = ray.remote(**options)(_run_job)
         self._warm = ray.remote(**options)(_warm_up)
         self._warming: list[Any] = []
@@ -258,13 +308,23 @@ class RayExecutor:
         given = address or os.environ.get("RAY_ADDRESS") or None
         # NOTE: attached: to a cluster at an address, or to a Ray session this process had already started (a test's)
         self.attached = given is not None or not self.owns_session
-        self.address = given or ("local" if self.owns_session else ray.get_runtime_context().gcs_address)
+        self.address = given or (
+            "local" if self.owns_session else ray.get_runtime_context().gcs_address
+        )
         self.nodes = self._alive_nodes()
         self._described: dict[str, Any] | None = None
 
     def _alive_nodes(self) -> dict[str, dict[str, Any]]:
-        return {n["NodeID"]: {"node": n["NodeID"], "host": n.get("NodeManagerHostname", ""), "ip": n.get("NodeManagerAddress", ""),
-                              "cpus": n.get("Resources", {}).get("CPU", 0)} for n in self.ray.nodes() if n.get("Alive")}
+        return {
+            n["NodeID"]: {
+                "node": n["NodeID"],
+                "host": n.get("NodeManagerHostname", ""),
+                "ip": n.get("NodeManagerAddress", ""),
+                "cpus": n.get("Resources", {}).get("CPU", 0),
+            }
+            for n in self.ray.nodes()
+            if n.get("Alive")
+        }
 
     def lost_nodes(self) -> set[str]:
         """Nodes seen alive by this executor that are gone now (those that joined since are added to :attr:`nodes`).
@@ -275,7 +335,9 @@ class RayExecutor:
             self.nodes.setdefault(node, info)
         lost = set(self.nodes) - set(alive)
         if lost:
-            self.workers = max(1, min(self.workers, int(sum(info["cpus"] for info in alive.values()))))
+            self.workers = max(
+                1, min(self.workers, int(sum(info["cpus"] for info in alive.values())))
+            )
         return lost
 
     def describe(self) -> dict[str, Any]:
@@ -284,8 +346,12 @@ class RayExecutor:
         if self._described is not None:
             return self._described
         lost = self.lost_nodes()
-        return {"executor": "ray", "address": self.address, "attached": self.attached,
-                "nodes": [{**info, "alive": node not in lost} for node, info in self.nodes.items()]}
+        return {
+            "executor": "ray",
+            "address": self.address,
+            "attached": self.attached,
+            "nodes": [{**info, "alive": node not in lost} for node, info in self.nodes.items()],
+        }
 
     def warm_up(self, count: int, fn: Callable[..., Any], *args: Any) -> None:
         """Have ``count`` idle workers run ``fn`` now, e.g. the jobs' imports, overlapping the driver's own work (not with fresh workers)."""
@@ -295,8 +361,15 @@ class RayExecutor:
     def put(self, value: Any) -> Any:
         return self.ray.put(value)
 
-    def submit(self, key: Any, fn: Callable[..., Any], *args: Any, timeout_s: float | None = None,
-               memory_mb: float | None = None, **kwargs: Any) -> Job:
+    def submit(
+        self,
+        key: Any,
+        fn: Callable[..., Any],
+        *args: Any,
+        timeout_s: float | None = None,
+        memory_mb: float | None = None,
+        **kwargs: Any,
+    ) -> Job:
         ref = self._remote.remote(fn, args, kwargs, memory_mb, not self.fresh_workers)
         job = Job(ref, key, time.monotonic(), timeout_s, memory_mb, time.time())
         self.running[ref] = job
@@ -307,7 +380,11 @@ class RayExecutor:
         if not self.running:
             return []
         now = time.monotonic()
-        limits = [job.started + job.timeout_s - now for job in self.running.values() if job.timeout_s is not None]
+        limits = [
+            job.started + job.timeout_s - now
+            for job in self.running.values()
+            if job.timeout_s is not None
+        ]
         timeout = max(0.0, min([timeout, *limits]))
         done, rest = self.ray.wait(list(self.running), num_returns=1, timeout=timeout)
         if done and rest:  # NOTE: and whatever else finished meanwhile
@@ -318,8 +395,14 @@ class RayExecutor:
             if job.timeout_s is not None and now - job.started > job.timeout_s:
                 self.ray.cancel(ref, force=True)
                 self.running.pop(ref)
-                outcomes.append(Outcome(job, False, error=f"exceeded its time limit of {job.timeout_s:.0f}s (cancelled)",
-                                        seconds=now - job.started))
+                outcomes.append(
+                    Outcome(
+                        job,
+                        False,
+                        error=f"exceeded its time limit of {job.timeout_s:.0f}s (cancelled)",
+                        seconds=now - job.started,
+                    )
+                )
         return outcomes
 
     def _collect(self, job: Job) -> Outcome:
@@ -333,24 +416,44 @@ class RayExecutor:
             return Outcome(job, True, result["value"], seconds=seconds, timing=timing)
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if getattr(exc, "cause", None) is not None else exc
-            return Outcome(job, False, error=f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}", seconds=seconds)
+            return _failed(
+                job, seconds, f"{type(cause).__name__}: {' '.join(str(cause).split())[:500]}"
+            )
         except self.ray.exceptions.NodeDiedError as exc:
             self.lost_nodes()
             node = _NODE_ID.search(str(exc))
-            return Outcome(job, False, error=f"node lost: node {node.group(1) if node else '?'} died while the job ran (NodeDiedError)",
-                           seconds=seconds, timing={"node": node.group(1)} if node else {}, node_lost=True)
+            return _failed(
+                job,
+                seconds,
+                f"node lost: node {node.group(1) if node else '?'} died while the job ran (NodeDiedError)",
+                timing={"node": node.group(1)} if node else {},
+                node_lost=True,
+            )
         except self.ray.exceptions.OutOfMemoryError as exc:
-            return Outcome(job, False, error=f"out of memory: Ray's memory monitor ended the worker: {' '.join(str(exc).split())[:300]}",
-                           seconds=seconds)
+            return _failed(
+                job,
+                seconds,
+                f"out of memory: Ray's memory monitor ended the worker: {' '.join(str(exc).split())[:300]}",
+            )
         except self.ray.exceptions.WorkerCrashedError as exc:
             lost = self.lost_nodes()
             if lost:  # NOTE: a node's workers may die before its raylet is declared dead: then Ray says the worker crashed
-                return Outcome(job, False, error=f"node lost: node {', '.join(sorted(lost))} died while the job ran (its worker crashed)",
-                               seconds=seconds, node_lost=True)
-            limit = f" (or exceeded its memory limit of {job.memory_mb:.0f} MB)" if job.memory_mb else ""
-            return Outcome(job, False, error=f"worker process died{limit}: {type(exc).__name__}", seconds=seconds)
+                return _failed(
+                    job,
+                    seconds,
+                    f"node lost: node {', '.join(sorted(lost))} died while the job ran (its worker crashed)",
+                    node_lost=True,
+                )
+            limit = (
+                f" (or exceeded its memory limit of {job.memory_mb:.0f} MB)"
+                if job.memory_mb
+                else ""
+            )
+            return _failed(job, seconds, f"worker process died{limit}: {type(exc).__name__}")
         except self.ray.exceptions.RayError as exc:
-            return Outcome(job, False, error=f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}", seconds=seconds)
+            return _failed(
+                job, seconds, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
+            )
 
     def cancel_all(self) -> list[Job]:
         jobs = list(self.running.values())
@@ -368,7 +471,16 @@ class RayExecutor:
         try:
             self._described = self.describe()
         except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too): the nodes as last seen
-            self._described = {"executor": "ray", "address": self.address, "attached": self.attached,
-                               "nodes": list(self.nodes.values())}
+            self._described = {
+                "executor": "ray",
+                "address": self.address,
+                "attached": self.attached,
+                "nodes": list(self.nodes.values()),
+            }
         if self.owns_session:
             self.ray.shutdown()
+
+
+def _failed(job: Job, seconds: float, error: str, **details: Any) -> Outcome:
+    """A job that did not finish: why, after how long (details: timing, node_lost)."""
+    return Outcome(job, False, error=error, seconds=seconds, **details)

@@ -54,8 +54,16 @@ def measure_baseline(out: Path, evaluate_spec: Evaluate) -> dict[str, Any]:
 
     evaluator = _evaluator(out, evaluate_spec)
     path = out / "source.onnx"
-    return {"metric": evaluator.metric(path), "size_bytes": path.stat().st_size,
-            "latency_ms": measure_latency(path, evaluator.latency_feeds["b1"], threads=evaluate_spec.threads, repeats=evaluate_spec.repeats)}
+    return {
+        "metric": evaluator.metric(path),
+        "size_bytes": path.stat().st_size,
+        "latency_ms": measure_latency(
+            path,
+            evaluator.latency_feeds["b1"],
+            threads=evaluate_spec.threads,
+            repeats=evaluate_spec.repeats,
+        ),
+    }
 
 
 @dataclass
@@ -77,11 +85,21 @@ def _export_best(run: TuneRun, best: TrialRecord) -> _Outputs:
     model_path = out / "best.onnx"
     model = load(_trial_model(run, best))
     text = _judge_text(run, model, data)
-    exported = export(model, model_path, sample=data.take(64), reference=run.inputs.source, accept_loss=run.settings.accept_loss)
+    exported = export(
+        model,
+        model_path,
+        sample=data.take(64),
+        reference=run.inputs.source,
+        accept_loss=run.settings.accept_loss,
+    )
     verification = exported.verification.summary() if exported.verification is not None else ""
     verification += f"; text: {text}" if text else ""
-    first = {name: array[:1] for name, array in data.inputs.items()}  # NOTE: the trials' latency input (batch 1)
-    best.latency_alone_ms = measure_latency(model_path, first, threads=spec.threads, repeats=spec.repeats)
+    first = {
+        name: array[:1] for name, array in data.inputs.items()
+    }  # NOTE: the trials' latency input (batch 1)
+    best.latency_alone_ms = measure_latency(
+        model_path, first, threads=spec.threads, repeats=spec.repeats
+    )
     recipe_path = out / "best-recipe.yaml"
     _write_recipe(recipe_path, best.passes, run.inputs.blobs, spec)
     return _Outputs(model_path, recipe_path, verification)
@@ -94,7 +112,13 @@ def _trial_model(run: TuneRun, best: TrialRecord) -> Path:
         from modelpress.app.tuning.inputs import atomic_write
         from modelpress.app.tuning.trial import run_trial
 
-        value = run_trial(run.model_bytes, run.inputs.blobs, best.passes, run.inputs.evaluate.model_dump(), plugins=run.registry.local_plugins())
+        value = run_trial(
+            run.model_bytes,
+            run.inputs.blobs,
+            best.passes,
+            run.inputs.evaluate.model_dump(),
+            plugins=run.registry.local_plugins(),
+        )
         atomic_write(path, value["model"])
     return path
 
@@ -117,37 +141,89 @@ def _judge_text(run: TuneRun, model: Any, data: Any) -> str | None:
     figures: dict[str, Any] = TextEvaluation(source, data.take(64).inputs).measure(model)
     missed = text_misses(figures, text_floor(model.provenance, run.registry))
     if missed and not run.settings.accept_loss:
-        raise AccuracyLossError(f"the best configuration misses its text criteria on the evaluation text: {missed} ({text_summary(figures)}); "
-                                "best.onnx was not written (accept_loss=True / --accept-loss keeps it)")
+        raise AccuracyLossError(
+            f"the best configuration misses its text criteria on the evaluation text: {missed} ({text_summary(figures)}); "
+            "best.onnx was not written (accept_loss=True / --accept-loss keeps it)"
+        )
     return text_summary({**figures, "loss_accepted": missed})
 
 
 def finish(run: TuneRun, stop_reason: str, interrupted: bool) -> TuneResult:
     """Pick the best, export and verify it, write its recipe and the report (always)."""
     study, spec, settings = run.store.study, run.inputs.evaluate, run.settings
-    baseline = study.user_attrs.get("baseline") or {"metric": float("nan"), "size_bytes": 1, "latency_ms": 1.0}
-    records = [record(t, baseline["metric"], spec.metric, settings.max_drop) for t in study.get_trials(deepcopy=False)
-               if t.user_attrs.get("status") not in (None, "running", "duplicate")]
-    front = pareto_front(records, settings.objective, higher_is_better=not lower_is_better(spec.metric))
+    baseline = study.user_attrs.get("baseline") or {
+        "metric": float("nan"),
+        "size_bytes": 1,
+        "latency_ms": 1.0,
+    }
+    records = [
+        record(t, baseline["metric"], spec.metric, settings.max_drop)
+        for t in study.get_trials(deepcopy=False)
+        if t.user_attrs.get("status") not in (None, "running", "duplicate")
+    ]
+    front = pareto_front(
+        records, settings.objective, higher_is_better=not lower_is_better(spec.metric)
+    )
     best = pick_best(records, settings.objective, baseline)
     outputs = _export_best(run, best) if best is not None else _Outputs()
     if not settings.keep_trial_models:
-        keep = {r.number for r in front} | ({best.number} if best else set())
-        for path in (run.out / "trials").glob("trial-*.onnx"):
-            if int(path.stem.split("-")[1]) not in keep:
-                path.unlink()
-    status = stop_reason + ("" if best is None else (" — best meets the criterion" if best.meets else " — no configuration met the criterion; best by metric shown"))
-    report = TuneReport(title=f"modelpress tune: {run.inputs.source.name}", metric=spec.metric, objective=settings.objective, max_drop=settings.max_drop,
-                        baseline=baseline, trials=records, pareto=front, best=best, status=status, verification=outputs.verification,
-                        space=run.space.describe(), notes=run.space.notes, left_out=run.space.left_out, dashboard=run.dashboard,
-                        cluster=run.executor.describe())
+        _drop_trial_models(run, {r.number for r in front} | ({best.number} if best else set()))
+    status = stop_reason + (
+        ""
+        if best is None
+        else (
+            " — best meets the criterion"
+            if best.meets
+            else " — no configuration met the criterion; best by metric shown"
+        )
+    )
+    report = TuneReport(
+        title=f"modelpress tune: {run.inputs.source.name}",
+        metric=spec.metric,
+        objective=settings.objective,
+        max_drop=settings.max_drop,
+        baseline=baseline,
+        trials=records,
+        pareto=front,
+        best=best,
+        status=status,
+        verification=outputs.verification,
+        space=run.space.describe(),
+        notes=run.space.notes,
+        left_out=run.space.left_out,
+        dashboard=run.dashboard,
+        cluster=run.executor.describe(),
+    )
     report.write(run.out)
-    return TuneResult(best=best, meets=bool(best and best.meets), baseline=baseline, trials=records, pareto=front, output=run.out,
-                      model_path=outputs.model_path, recipe_path=outputs.recipe_path, report=report, stop_reason=stop_reason,
-                      interrupted=interrupted, space=run.space.describe())
+    return TuneResult(
+        best=best,
+        meets=bool(best and best.meets),
+        baseline=baseline,
+        trials=records,
+        pareto=front,
+        output=run.out,
+        model_path=outputs.model_path,
+        recipe_path=outputs.recipe_path,
+        report=report,
+        stop_reason=stop_reason,
+        interrupted=interrupted,
+        space=run.space.describe(),
+    )
 
 
-def _write_recipe(path: Path, passes: list[dict[str, Any]], blobs: dict[str, bytes | None], evaluate_spec: Evaluate) -> None:
+def _drop_trial_models(run: TuneRun, keep: set[int]) -> None:
+    """Delete the trial models not in ``keep`` (the Pareto front and the best)."""
+    for path in (run.out / "trials").glob("trial-*.onnx"):
+        if int(path.stem.split("-")[1]) not in keep:
+            path.unlink()
+
+
+def _write_recipe(
+    path: Path,
+    passes: list[dict[str, Any]],
+    blobs: dict[str, bytes | None],
+    evaluate_spec: Evaluate,
+) -> None:
     import yaml
 
     recipe = {
@@ -157,6 +233,8 @@ def _write_recipe(path: Path, passes: list[dict[str, Any]], blobs: dict[str, byt
     }
     load_recipe(recipe)  # NOTE: what we write must load
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("# written by modelpress tune: `modelpress compress source.onnx --recipe best-recipe.yaml -o out.onnx` reproduces best.onnx\n"
-                   + yaml.safe_dump(recipe, sort_keys=False))
+    tmp.write_text(
+        "# written by modelpress tune: `modelpress compress source.onnx --recipe best-recipe.yaml -o out.onnx` reproduces best.onnx\n"
+        + yaml.safe_dump(recipe, sort_keys=False)
+    )
     os.replace(tmp, path)

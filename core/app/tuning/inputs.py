@@ -22,7 +22,15 @@ if TYPE_CHECKING:
     from modelpress.app.tuning.strategy import Strategy
     from modelpress.plugin.registry import Registry
 
-__all__ = ["DATA_ROLES", "Inputs", "Settings", "TuneRun", "atomic_write", "eval_data", "gather_inputs"]
+__all__ = [
+    "DATA_ROLES",
+    "Inputs",
+    "Settings",
+    "TuneRun",
+    "atomic_write",
+    "eval_data",
+    "gather_inputs",
+]
 
 DATA_ROLES = ("eval", "calibration", "train")
 
@@ -51,8 +59,10 @@ def _npz_bytes(source: Any, signature: Any, role: str) -> bytes:
 
 # NOTE: the role of each source as modelpress_load_data names it (a text corpus is read by its plugin)
 _LOAD_ROLES = {"eval": "evaluation", "calibration": "calibration", "train": "training"}
-_NO_EVAL = ("tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it "
-            "(a text corpus given as calibration data alone lends its held-out part)")
+_NO_EVAL = (
+    "tune needs evaluation data: data={'eval': 'eval.npz', ...} (--eval): the metric is measured on it "
+    "(a text corpus given as calibration data alone lends its held-out part)"
+)
 
 
 def _read_sources(sources: dict[str, Any], source: Any) -> dict[str, Any]:
@@ -62,7 +72,10 @@ def _read_sources(sources: dict[str, Any], source: Any) -> dict[str, Any]:
 
     registry = get_registry()
     length = sources.pop("sequence_length")
-    read = {role: registry.load_data(src, source, _LOAD_ROLES[role], length) for role, src in sources.items()}
+    read = {
+        role: registry.load_data(src, source, _LOAD_ROLES[role], length)
+        for role, src in sources.items()
+    }
     if read["eval"] is None and sources["calibration"] is not None:
         read["eval"] = registry.load_data(sources["calibration"], source, HELD_OUT, length)
         if read["eval"] is None:
@@ -73,7 +86,10 @@ def _read_sources(sources: dict[str, Any], source: Any) -> dict[str, Any]:
 def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
     """The sources per role (``sequence_length``: tokens per sample of a text corpus, None: the plugin's default)."""
     if recipe is not None and data is None:
-        return {**{role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES}, "sequence_length": recipe.data.sequence_length}
+        return {
+            **{role: recipe.resolve(getattr(recipe.data, role)) for role in DATA_ROLES},
+            "sequence_length": recipe.data.sequence_length,
+        }
     if isinstance(data, DataSources):
         data = data.model_dump()
     if isinstance(data, dict) and set(data) <= {*DATA_ROLES, "sequence_length"} and data:
@@ -84,7 +100,9 @@ def _data_sources(data: Any, recipe: Recipe | None) -> dict[str, Any]:
     if out["eval"] is None and out["calibration"] is None:
         raise OptionsError(_NO_EVAL)
     if out["calibration"] is None:
-        out["calibration"] = out["eval"]  # NOTE: as ORT's and INC's tools do when no calibration set is given
+        out["calibration"] = out[
+            "eval"
+        ]  # NOTE: as ORT's and INC's tools do when no calibration set is given
     return {**out, "sequence_length": length}
 
 
@@ -118,18 +136,32 @@ def _has_labels(blob: bytes | None) -> bool:
         return "labels" in npz.files
 
 
-def gather_inputs(model: Any, data: Any, recipe: Recipe | None, metric: str | None, evaluate: dict[str, Any] | None) -> Inputs:
+def gather_inputs(
+    model: Any,
+    data: Any,
+    recipe: Recipe | None,
+    metric: str | None,
+    evaluate: dict[str, Any] | None,
+) -> Inputs:
     from modelpress.plugin.loading import load
 
     source = load(model)
     sources = _data_sources(data, recipe)
-    settings = {"metric": metric or (recipe.evaluate.metric if recipe else None), "batch_size": 1, "repeats": 10,
-                "threads": 1, "max_samples": 2048}
+    settings = {
+        "metric": metric or (recipe.evaluate.metric if recipe else None),
+        "batch_size": 1,
+        "repeats": 10,
+        "threads": 1,
+        "max_samples": 2048,
+    }
     if recipe is not None:
         settings.update(recipe.evaluate.model_dump(exclude={"metric"}))
     settings.update(evaluate or {})
     sources = _read_sources(sources, source)
-    blobs = {role: _npz_bytes(src, source.signature, role) if src is not None else None for role, src in sources.items()}
+    blobs = {
+        role: _npz_bytes(src, source.signature, role) if src is not None else None
+        for role, src in sources.items()
+    }
     if settings["metric"] is None:
         settings["metric"] = "accuracy" if _has_labels(blobs["eval"]) else "agreement"
     return Inputs(source, blobs, Evaluate(**settings))
@@ -141,7 +173,9 @@ def eval_data(out: Path, evaluate_spec: Evaluate) -> tuple[Any, Any]:
     from modelpress.plugin.loading import load
 
     source = load(out / "source.onnx")
-    return source, load_dataset(out / "data" / "eval.npz", source.signature, what="evaluation").take(evaluate_spec.max_samples)
+    return source, load_dataset(
+        out / "data" / "eval.npz", source.signature, what="evaluation"
+    ).take(evaluate_spec.max_samples)
 
 
 @dataclass
@@ -156,7 +190,9 @@ class Settings:
     trial_memory_mb: float | None
     torch: bool
     keep_trial_models: bool = False
-    accept_loss: bool = False  # NOTE: the best model is written even if it misses its verification floor
+    accept_loss: bool = (
+        False  # NOTE: the best model is written even if it misses its verification floor
+    )
     trial_retries: int = 1  # NOTE: how many times a trial lost with its node runs again
 
 
@@ -174,4 +210,6 @@ class TuneRun:
     registry: Registry
     limits: dict[str, float]
     model_bytes: bytes = b""
-    dashboard: str = ""  # NOTE: the address of the live dashboard when one runs (the report links to it)
+    dashboard: str = (
+        ""  # NOTE: the address of the live dashboard when one runs (the report links to it)
+    )

@@ -20,11 +20,21 @@ if TYPE_CHECKING:
 
 __all__ = ["collect_rankings", "fallback_methods", "measure_sensitivity", "start_rankings"]
 
-_ATTR = "fallback_rankings"  # NOTE: in the study: kind/name -> its ranking (a resumed run reuses it)
+_ATTR = (
+    "fallback_rankings"  # NOTE: in the study: kind/name -> its ranking (a resumed run reuses it)
+)
 
 
-def measure_sensitivity(model: bytes, data: dict[str, bytes | None], method: str, kind: str | None = None, *,
-                        options: dict[str, Any] | None = None, figure: str | None = None, plugins: list[Any] | None = None) -> list[str]:
+def measure_sensitivity(
+    model: bytes,
+    data: dict[str, bytes | None],
+    method: str,
+    kind: str | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    figure: str | None = None,
+    plugins: list[Any] | None = None,
+) -> list[str]:
     """Nodes ranked by their sensitivity, most sensitive first: one run of ``method`` (its declared ``ranking``
     options unless ``options`` are given) on the model, read from its ``figure``. ``plugins``: the driver's
     registry's own plugin objects (see :func:`modelpress.app.tuning.trial.trial_registry`)."""
@@ -46,8 +56,17 @@ def measure_sensitivity(model: bytes, data: dict[str, bytes | None], method: str
             if blob is not None:
                 paths[role] = Path(tmp, f"{role}.npz")
                 paths[role].write_bytes(blob)
-        result = apply(load(model), declared, calibration=paths.get("calibration"), train=paths.get("train"), eval=paths.get("eval"),
-                       show_progress=False, allow_no_gain=True, options=options, registry=registry)
+        result = apply(
+            load(model),
+            declared,
+            calibration=paths.get("calibration"),
+            train=paths.get("train"),
+            eval=paths.get("eval"),
+            show_progress=False,
+            allow_no_gain=True,
+            options=options,
+            registry=registry,
+        )
     ranking = result.provenance.passes[-1].figures.get(figure, {})
     return sorted(ranking, key=lambda n: ranking[n], reverse=True)
 
@@ -63,7 +82,9 @@ def fallback_methods(space: SearchSpace, registry: Registry) -> dict[str, str]:
     return out
 
 
-def start_rankings(run: TuneRun, model_ref: Any, data_refs: dict[str, Any], plugins: list[Any]) -> dict[str, Any]:
+def start_rankings(
+    run: TuneRun, model_ref: Any, data_refs: dict[str, Any], plugins: list[Any]
+) -> dict[str, Any]:
     """Submit one ranking job per method whose fallback the space searches and the study has not measured yet."""
     measured = _stored(run.store.study.user_attrs.get(_ATTR))
     jobs = {}
@@ -73,11 +94,24 @@ def start_rankings(run: TuneRun, model_ref: Any, data_refs: dict[str, Any], plug
         kind, _, name = qualname.partition("/")
         method = run.registry.method(name, kind)
         tuning = method.tuning
-        lacking = sorted(method.data_needs(dict(tuning.ranking) if tuning else {}) - {r for r, ref in data_refs.items() if ref is not None})
+        lacking = sorted(
+            method.data_needs(dict(tuning.ranking) if tuning else {})
+            - {r for r, ref in data_refs.items() if ref is not None}
+        )
         if lacking:
-            raise OptionsError(f"the search space falls back along {qualname}'s sensitivity ranking: it needs {' and '.join(lacking)} data")
+            raise OptionsError(
+                f"the search space falls back along {qualname}'s sensitivity ranking: it needs {' and '.join(lacking)} data"
+            )
         run.board.log(f"measuring per-node sensitivity for {qualname} (once per study)")
-        jobs[qualname] = run.executor.submit(("ranking", qualname), measure_sensitivity, model_ref, data_refs, name, kind, plugins=plugins)
+        jobs[qualname] = run.executor.submit(
+            ("ranking", qualname),
+            measure_sensitivity,
+            model_ref,
+            data_refs,
+            name,
+            kind,
+            plugins=plugins,
+        )
     return jobs
 
 
@@ -92,7 +126,9 @@ def collect_rankings(run: TuneRun, jobs: dict[str, Any]) -> dict[str, list[str]]
         for outcome in run.executor.wait(1.0):
             qualname = pending.pop(outcome.job.key)
             if not outcome.ok:
-                run.board.log(f"sensitivity measurement for {qualname} failed ({outcome.error}); fallback steps keep no node out")
+                run.board.log(
+                    f"sensitivity measurement for {qualname} failed ({outcome.error}); fallback steps keep no node out"
+                )
             measured[qualname] = outcome.value if outcome.ok else []
     if jobs:
         run.store.study.set_user_attr(_ATTR, measured)

@@ -34,7 +34,17 @@ if TYPE_CHECKING:
     from modelpress.plugin.methods import Method
     from modelpress.plugin.registry import Registry
 
-__all__ = ["Choice", "Fallback", "Pipeline", "Range", "SearchSpace", "check_values", "is_param", "is_search", "space_from_recipe"]
+__all__ = [
+    "Choice",
+    "Fallback",
+    "Pipeline",
+    "Range",
+    "SearchSpace",
+    "check_values",
+    "is_param",
+    "is_search",
+    "space_from_recipe",
+]
 
 SEARCH_KEY = "search"
 
@@ -63,7 +73,9 @@ class Range:
             if len(values) > points:
                 values = [values[round(i * (n - 1) / (points - 1))] for i in range(points)]
         elif self.log:
-            values = [self.low * (self.high / self.low) ** (i / (points - 1)) for i in range(points)]
+            values = [
+                self.low * (self.high / self.low) ** (i / (points - 1)) for i in range(points)
+            ]
         else:
             values = [self.low + (self.high - self.low) * i / (points - 1) for i in range(points)]
         values = [round(v) if self.integer else round(v, 6) for v in values]
@@ -127,17 +139,25 @@ class SearchSpace:
 
     pipelines: list[Pipeline]
     notes: list[str] = field(default_factory=list)
-    left_out: dict[str, str] = field(default_factory=dict)  # NOTE: installed methods not in the space -> why
+    left_out: dict[str, str] = field(
+        default_factory=dict
+    )  # NOTE: installed methods not in the space -> why
 
     def pipeline(self, name: str) -> Pipeline:
         for p in self.pipelines:
             if p.name == name:
                 return p
-        raise OptionsError(f"search space has no pipeline {name!r}; it has {', '.join(p.name for p in self.pipelines)}")
+        raise OptionsError(
+            f"search space has no pipeline {name!r}; it has {', '.join(p.name for p in self.pipelines)}"
+        )
 
     def suggest(self, trial: Any, sensitivity: dict[str, list[str]]) -> dict[str, Any]:
         """Sample a configuration from an Optuna trial (define-by-run: each pipeline's own options)."""
-        name = self.pipelines[0].name if len(self.pipelines) == 1 else trial.suggest_categorical("pipeline", [p.name for p in self.pipelines])
+        name = (
+            self.pipelines[0].name
+            if len(self.pipelines) == 1
+            else trial.suggest_categorical("pipeline", [p.name for p in self.pipelines])
+        )
         config: dict[str, Any] = {"pipeline": name}
         for key, param in self.pipeline(name).params().items():
             pname = f"{name}:{key}"
@@ -147,10 +167,24 @@ class SearchSpace:
             elif isinstance(param, Range):
                 if param.integer:
                     step = int(param.step or 1)
-                    config[pname] = trial.suggest_int(pname, int(param.low), int(param.high), step=1 if param.log else step, log=param.log)
+                    config[pname] = trial.suggest_int(
+                        pname,
+                        int(param.low),
+                        int(param.high),
+                        step=1 if param.log else step,
+                        log=param.log,
+                    )
                 else:
-                    value = trial.suggest_float(pname, param.low, param.high, step=None if param.log else param.step, log=param.log)
-                    config[pname] = round(value, 6)  # NOTE: 0.6000000000000001 -> 0.6 in reports and recipes
+                    value = trial.suggest_float(
+                        pname,
+                        param.low,
+                        param.high,
+                        step=None if param.log else param.step,
+                        log=param.log,
+                    )
+                    config[pname] = round(
+                        value, 6
+                    )  # NOTE: 0.6000000000000001 -> 0.6 in reports and recipes
             else:
                 ranking = sensitivity.get(name, [])
                 config[pname] = trial.suggest_categorical(pname, param.steps(len(ranking)))
@@ -169,7 +203,11 @@ class SearchSpace:
                 elif isinstance(value, Fallback):
                     value = list(sensitivity.get(name, [])[: int(config[f"{name}:{i}.{key}"])])
                 options[key] = value
-            out.append(PassSpec(kind=template.kind, method=template.method, options=options, name=template.name))  # type: ignore[arg-type]
+            out.append(
+                PassSpec(
+                    kind=template.kind, method=template.method, options=options, name=template.name
+                )
+            )  # type: ignore[arg-type]
         return out
 
     def ladder(self, sensitivity: dict[str, list[str]]) -> list[dict[str, Any]]:
@@ -195,11 +233,13 @@ class SearchSpace:
     def describe(self) -> list[dict[str, Any]]:
         rows = []
         for p in self.pipelines:
-            rows.append({
-                "pipeline": p.name,
-                "passes": [f"{t.kind}/{t.method}" for t in p.passes],
-                "params": {k: _describe(v) for k, v in p.params().items()},
-            })
+            rows.append(
+                {
+                    "pipeline": p.name,
+                    "passes": [f"{t.kind}/{t.method}" for t in p.passes],
+                    "params": {k: _describe(v) for k, v in p.params().items()},
+                }
+            )
         return rows
 
 
@@ -252,8 +292,14 @@ def parse_param(value: Any, where: str) -> Param:
     spec = value[SEARCH_KEY]
     if spec == "fallback" or (isinstance(spec, dict) and set(spec) == {"fallback"}):
         ladder = spec["fallback"] if isinstance(spec, dict) else Fallback.ladder
-        if not (isinstance(ladder, (list, tuple)) and ladder and all(isinstance(k, int) and k >= 0 for k in ladder)):
-            raise OptionsError(f"{where}: search fallback must be a list of non-negative integers (layers kept in float), got {ladder!r}")
+        if not (
+            isinstance(ladder, (list, tuple))
+            and ladder
+            and all(isinstance(k, int) and k >= 0 for k in ladder)
+        ):
+            raise OptionsError(
+                f"{where}: search fallback must be a list of non-negative integers (layers kept in float), got {ladder!r}"
+            )
         return Fallback(tuple(ladder))
     if isinstance(spec, list):
         if not spec:
@@ -263,21 +309,33 @@ def parse_param(value: Any, where: str) -> Param:
         try:
             r = _RangeSpec(**spec)
         except pydantic.ValidationError as exc:
-            raise OptionsError(f"{where}: invalid search range ({validation_problems(exc, root='range')}); write {{search: {{low: 0.1, high: 0.5, step: 0.1}}}}") from None
-        integer = all(isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool) for k in ("low", "high")) and (
-            r.step is None or float(r.step).is_integer())
+            raise OptionsError(
+                f"{where}: invalid search range ({validation_problems(exc, root='range')}); write {{search: {{low: 0.1, high: 0.5, step: 0.1}}}}"
+            ) from None
+        integer = all(
+            isinstance(spec.get(k), int) and not isinstance(spec.get(k), bool)
+            for k in ("low", "high")
+        ) and (r.step is None or float(r.step).is_integer())
         return Range(r.low, r.high, r.step, r.log, integer)
-    raise OptionsError(f"{where}: `search` must be a list of choices, a range {{low, high, step, log}} or 'fallback'; got {spec!r}")
+    raise OptionsError(
+        f"{where}: `search` must be a list of choices, a range {{low, high, step, log}} or 'fallback'; got {spec!r}"
+    )
 
 
-def check_values(method: Method, fixed: dict[str, Any], name: str, param: Param, where: str) -> None:
+def check_values(
+    method: Method, fixed: dict[str, Any], name: str, param: Param, where: str
+) -> None:
     """Every value a parameter can take must validate against the method's options schema."""
     if isinstance(param, Fallback):
         option = method.tuning.fallback if method.tuning is not None else ""
         if not option:
-            raise OptionsError(f"{where}: 'fallback' needs a method that declares a fallback option (Tuning(fallback=...)); {method.qualname} declares none")
+            raise OptionsError(
+                f"{where}: 'fallback' needs a method that declares a fallback option (Tuning(fallback=...)); {method.qualname} declares none"
+            )
         if name != option:
-            raise OptionsError(f"{where}: 'fallback' fills {method.qualname}'s `{option}` option (node names kept out of it), not {name!r}")
+            raise OptionsError(
+                f"{where}: 'fallback' fills {method.qualname}'s `{option}` option (node names kept out of it), not {name!r}"
+            )
         values: list[Any] = [[]]
     elif isinstance(param, Choice):
         values = list(param.values)
@@ -294,17 +352,35 @@ def template_from_spec(spec: PassSpec, index: int, registry: Registry) -> PassTe
     method = registry.method(spec.method, spec.kind)
     options: dict[str, Any] = {}
     for key, value in spec.options.items():
-        options[key] = parse_param(value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}") if is_search(value) else value
-    fixed = validate_pass_options(method, {k: v for k, v in options.items() if not is_param(v)}, index)
+        options[key] = (
+            parse_param(value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}")
+            if is_search(value)
+            else value
+        )
+    fixed = validate_pass_options(
+        method, {k: v for k, v in options.items() if not is_param(v)}, index
+    )
     for key, value in options.items():
         if is_param(value):
-            check_values(method, fixed, key, value, f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}")
+            check_values(
+                method,
+                fixed,
+                key,
+                value,
+                f"recipe pass {index} ({spec.kind}/{spec.method}) option {key!r}",
+            )
     return PassTemplate(spec.kind, spec.method, options, spec.name)
 
 
 def space_from_recipe(recipe: Recipe, registry: Registry) -> SearchSpace:
     """One pipeline: the recipe's passes, with its ``{search: ...}`` options as parameters."""
-    templates = tuple(template_from_spec(spec, i, registry) for i, spec in enumerate(recipe.passes, 1))
+    templates = tuple(
+        template_from_spec(spec, i, registry) for i, spec in enumerate(recipe.passes, 1)
+    )
     name = "+".join(t.method for t in templates)
-    tuning = registry.method(templates[0].method, templates[0].kind).tuning if len(templates) == 1 else None
+    tuning = (
+        registry.method(templates[0].method, templates[0].kind).tuning
+        if len(templates) == 1
+        else None
+    )
     return SearchSpace([Pipeline(name, templates, seed=bool(tuning and tuning.seed))])

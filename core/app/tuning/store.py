@@ -45,7 +45,9 @@ class StudyStore:
     with normal sync (a commit is not an fsync; a killed run still resumes from every committed write).
     """
 
-    def __init__(self, storage: str, name: str, directions: list[str], objective: Objective, seed: int):
+    def __init__(
+        self, storage: str, name: str, directions: list[str], objective: Objective, seed: int
+    ):
         import optuna
 
         from modelpress.app.tuning.claims import Claims
@@ -56,26 +58,52 @@ class StudyStore:
         try:
             self.claims = claims = Claims(self.url, name, self.session)
             seed += claims.ordinal  # NOTE: drivers of one study sample apart (the first one keeps --seed: reproducible alone)
-            sampler = (optuna.samplers.NSGAIISampler(seed=seed, population_size=8) if objective == "both"
-                       else optuna.samplers.TPESampler(seed=seed, n_startup_trials=6))
-            self.study = optuna.create_study(storage=_storage(optuna, self.url), study_name=name, directions=directions,  # type: ignore[arg-type]
-                                             sampler=sampler, load_if_exists=True)
+            sampler = (
+                optuna.samplers.NSGAIISampler(seed=seed, population_size=8)
+                if objective == "both"
+                else optuna.samplers.TPESampler(seed=seed, n_startup_trials=6)
+            )
+            self.study = optuna.create_study(
+                storage=_storage(optuna, self.url),
+                study_name=name,
+                directions=directions,  # type: ignore[arg-type]
+                sampler=sampler,
+                load_if_exists=True,
+            )
         except Exception as exc:
             if claims is not None:
                 claims.close()
-            raise ModelpressError(f"cannot open the study {name!r} in {_safe(storage)!r}: {exc}") from None
-        if list(self.study.directions) != [optuna.study.StudyDirection.MAXIMIZE if d == "maximize" else optuna.study.StudyDirection.MINIMIZE for d in directions]:
-            raise OptionsError(f"study {name!r} in {_safe(storage)!r} was made for another objective; use another --output/--storage or the same --objective")
+            raise ModelpressError(
+                f"cannot open the study {name!r} in {_safe(storage)!r}: {exc}"
+            ) from None
+        if list(self.study.directions) != [
+            optuna.study.StudyDirection.MAXIMIZE
+            if d == "maximize"
+            else optuna.study.StudyDirection.MINIMIZE
+            for d in directions
+        ]:
+            raise OptionsError(
+                f"study {name!r} in {_safe(storage)!r} was made for another objective; use another --output/--storage or the same --objective"
+            )
         self.trials: dict[int, Snapshot] = {}
         self.refresh()
-        self.claims.adopt({config_key(t.user_attrs["config"]): t.number for t in self.finished()
-                           if t.user_attrs.get("status") in ("ok", "pruned") and t.user_attrs.get("config")})
+        self.claims.adopt(
+            {
+                config_key(t.user_attrs["config"]): t.number
+                for t in self.finished()
+                if t.user_attrs.get("status") in ("ok", "pruned") and t.user_attrs.get("config")
+            }
+        )
         self._synced, self._others = time.monotonic(), False
 
     def refresh(self) -> None:
         """Reload the mirror from the database (every driver's trials)."""
-        self.trials = {t.number: Snapshot(t.number, t.state, list(t.values) if t.values else None, dict(t.user_attrs))
-                       for t in self.study.get_trials(deepcopy=False)}
+        self.trials = {
+            t.number: Snapshot(
+                t.number, t.state, list(t.values) if t.values else None, dict(t.user_attrs)
+            )
+            for t in self.study.get_trials(deepcopy=False)
+        }
 
     def state(self, name: str) -> Any:
         """An Optuna trial state by name (``COMPLETE``, ``FAIL``, ``PRUNED``, ``RUNNING``)."""
@@ -106,7 +134,11 @@ class StudyStore:
         snapshot.state = state if state is not None else self.state("COMPLETE")
         snapshot.values = list(values) if values is not None else None
         config = snapshot.user_attrs.get("config")
-        if snapshot.state == self.state("FAIL") and config and snapshot.user_attrs.get("status") != "duplicate":
+        if (
+            snapshot.state == self.state("FAIL")
+            and config
+            and snapshot.user_attrs.get("status") != "duplicate"
+        ):
             # NOTE: a failed, interrupted or lost trial's configuration may be tried again (a retry claims it anew)
             self.claims.release(config_key(config), number)
 
@@ -117,7 +149,9 @@ class StudyStore:
             return None
         if holder not in self.trials:
             self.refresh()
-        return self.trials.get(holder) or Snapshot(holder, self.state("RUNNING"), None, {"config": config, "status": "running"})
+        return self.trials.get(holder) or Snapshot(
+            holder, self.state("RUNNING"), None, {"config": config, "status": "running"}
+        )
 
     def _lost(self, live: Container[str], unowned: bool) -> list[dict[str, Any]]:
         """Fail the RUNNING trials of sessions that are not ``live`` (``unowned``: and those no session has written to yet);
@@ -142,8 +176,12 @@ class StudyStore:
         again: dict[str, dict[str, Any]] = {}
         for t in self.trials.values():
             config = t.user_attrs.get("config")
-            if (config and t.user_attrs.get("status") in ("running", "interrupted") and t.state != self.state("RUNNING")
-                    and config_key(config) not in finished):
+            if (
+                config
+                and t.user_attrs.get("status") in ("running", "interrupted")
+                and t.state != self.state("RUNNING")
+                and config_key(config) not in finished
+            ):
                 again[config_key(config)] = config
         return list(again.values())
 
@@ -166,12 +204,21 @@ class StudyStore:
 
     def running_elsewhere(self) -> int:
         """Trials other drivers are running now (as of the last :meth:`sync`)."""
-        return sum(1 for t in self.trials.values()
-                   if t.state == self.state("RUNNING") and t.user_attrs.get("session") not in (None, self.session))
+        return sum(
+            1
+            for t in self.trials.values()
+            if t.state == self.state("RUNNING")
+            and t.user_attrs.get("session") not in (None, self.session)
+        )
 
     def finished(self) -> list[Snapshot]:
         """Trials that count towards the budget: those lost with their node and run again (``retried``) do not."""
-        return [t for t in self.trials.values() if t.user_attrs.get("status") in ("ok", "failed", "pruned") and not t.user_attrs.get("retried")]
+        return [
+            t
+            for t in self.trials.values()
+            if t.user_attrs.get("status") in ("ok", "failed", "pruned")
+            and not t.user_attrs.get("retried")
+        ]
 
     def close(self) -> None:
         self.claims.close()
@@ -186,7 +233,9 @@ def storage_url(storage: str) -> str:
         if importlib.util.find_spec("psycopg2") is not None:
             return "postgresql+psycopg2://" + rest
         if importlib.util.find_spec("psycopg") is None:
-            raise ModelpressError("a postgresql:// study storage needs a PostgreSQL driver: pip install 'modelpress[distributed]' (psycopg)")
+            raise ModelpressError(
+                "a postgresql:// study storage needs a PostgreSQL driver: pip install 'modelpress[distributed]' (psycopg)"
+            )
         return "postgresql+psycopg://" + rest
     return storage
 
@@ -213,20 +262,39 @@ def _storage(optuna: Any, url: str) -> Any:
     return storage
 
 
-def open_study(storage: str, name: str, metric: str, objective: Objective, seed: int, out: Path) -> StudyStore:
+def open_study(
+    storage: str, name: str, metric: str, objective: Objective, seed: int, out: Path
+) -> StudyStore:
     """Open (or resume) the study; a study made for another objective is refused."""
     higher = not lower_is_better(metric)
-    directions = ["maximize" if higher else "minimize"] + {"size": ["minimize"], "latency": ["minimize"], "both": ["minimize", "minimize"]}[objective]
+    directions = ["maximize" if higher else "minimize"] + {
+        "size": ["minimize"],
+        "latency": ["minimize"],
+        "both": ["minimize", "minimize"],
+    }[objective]
     store = StudyStore(storage, name, directions, objective, seed)
     study = store.study
     if study.user_attrs.get("objective", objective) != objective:
         store.close()
-        raise OptionsError(f"the study in {out} was run with --objective {study.user_attrs['objective']}; resume it with the same objective or use another output")
+        raise OptionsError(
+            f"the study in {out} was run with --objective {study.user_attrs['objective']}; resume it with the same objective or use another output"
+        )
     study.set_user_attr("objective", objective)
     if study.metric_names is None:
         import warnings
 
-        with warnings.catch_warnings():  # NOTE: Optuna marks metric names experimental; optuna-dashboard shows them on its axes
+        with (
+            warnings.catch_warnings()
+        ):  # NOTE: Optuna marks metric names experimental; optuna-dashboard shows them on its axes
             warnings.simplefilter("ignore")
-            study.set_metric_names([metric, *{"size": ["size_mb"], "latency": ["latency_ms"], "both": ["size_mb", "latency_ms"]}[objective]])
+            study.set_metric_names(
+                [
+                    metric,
+                    *{
+                        "size": ["size_mb"],
+                        "latency": ["latency_ms"],
+                        "both": ["size_mb", "latency_ms"],
+                    }[objective],
+                ]
+            )
     return store

@@ -30,7 +30,12 @@ class Plan:
     """Which configuration to try next: retries of interrupted trials, then the strategy's."""
 
     def __init__(self, runner: Runner, retry: list[dict[str, Any]]):
-        self.runner, self.space, self.sensitivity, self.tracker = runner, runner.space, runner.sensitivity, runner.store
+        self.runner, self.space, self.sensitivity, self.tracker = (
+            runner,
+            runner.space,
+            runner.sensitivity,
+            runner.store,
+        )
         self.strategy: Strategy = runner.run.settings.strategy
         self.queue: list[dict[str, Any]] = list(retry)
         self.exhausted = False
@@ -38,7 +43,11 @@ class Plan:
         self.fallback_added = False
         self.repeats = 0
         tried = {config_key(t.user_attrs.get("config") or {}) for t in self.tracker.finished()}
-        start = self.space.ladder(self.sensitivity) if self.strategy == "accuracy-first" else seeds(self.space, self.sensitivity)
+        start = (
+            self.space.ladder(self.sensitivity)
+            if self.strategy == "accuracy-first"
+            else seeds(self.space, self.sensitivity)
+        )
         self.queue += [c for c in start if config_key(c) not in tried]
 
     def _met(self) -> bool:
@@ -46,26 +55,41 @@ class Plan:
 
     def submit_next(self) -> bool:
         if self.strategy == "accuracy-first" and self._met():
-            self.exhausted, self.why_stopped = True, "accuracy-first: a configuration meets the criterion"
+            self.exhausted, self.why_stopped = (
+                True,
+                "accuracy-first: a configuration meets the criterion",
+            )
             return False
         if not self.queue and self.strategy == "accuracy-first":
             if self.runner.executor.running:
-                return False  # NOTE: the fallback ladder starts from the best measured configuration
+                return (
+                    False  # NOTE: the fallback ladder starts from the best measured configuration
+                )
             if not self.fallback_added:
                 self.fallback_added = True
                 self.queue += self._fallback_ladder()
             if not self.queue:
-                self.exhausted, self.why_stopped = True, "accuracy-first: every configuration and fallback step tried"
+                self.exhausted, self.why_stopped = (
+                    True,
+                    "accuracy-first: every configuration and fallback step tried",
+                )
                 return False
         ran = self.runner.submit(self.queue.pop(0)) if self.queue else self.runner.submit()
         self.repeats = 0 if ran else self.repeats + 1
         if self.repeats >= 30:
-            self.exhausted, self.why_stopped = True, "search space exhausted (the sampler only proposes configurations already tried)"
+            self.exhausted, self.why_stopped = (
+                True,
+                "search space exhausted (the sampler only proposes configurations already tried)",
+            )
         return ran
 
     def _fallback_ladder(self) -> list[dict[str, Any]]:
         """Keep the k most sensitive nodes in float, k growing, on the best-metric configuration that has a fallback."""
-        records = [r for r in self.runner.records() if r.status == "ok" and self.space.pipeline(r.pipeline).has_fallback]
+        records = [
+            r
+            for r in self.runner.records()
+            if r.status == "ok" and self.space.pipeline(r.pipeline).has_fallback
+        ]
         if not records:
             return []
         best = min(records, key=lambda r: r.drop if r.drop is not None else 1e9)
@@ -84,10 +108,26 @@ class Plan:
 def seeds(space: SearchSpace, sensitivity: dict[str, list[str]]) -> list[dict[str, Any]]:
     """Known points to start from: the seed pipelines' first points (no fallback), then each pipeline's most
     aggressive point; the sampler explores from there."""
-    first = [{"pipeline": p.name, **{f"{p.name}:{k}": (0 if isinstance(param, Fallback) else param.grid()[0]) for k, param in p.params().items()}}
-             for p in space.pipelines if p.seed]
-    aggressive = [c for c in space.ladder(sensitivity) if all(v == space.pipeline(c["pipeline"]).params()[k.split(":", 1)[1]].grid()[0]
-                                                               for k, v in c.items() if k != "pipeline")]
+    first = [
+        {
+            "pipeline": p.name,
+            **{
+                f"{p.name}:{k}": (0 if isinstance(param, Fallback) else param.grid()[0])
+                for k, param in p.params().items()
+            },
+        }
+        for p in space.pipelines
+        if p.seed
+    ]
+    aggressive = [
+        c
+        for c in space.ladder(sensitivity)
+        if all(
+            v == space.pipeline(c["pipeline"]).params()[k.split(":", 1)[1]].grid()[0]
+            for k, v in c.items()
+            if k != "pipeline"
+        )
+    ]
     return list(dict((config_key(c), c) for c in first + aggressive).values())
 
 
@@ -95,7 +135,9 @@ def config_key(config: dict[str, Any]) -> str:
     return json.dumps(config, sort_keys=True, default=str)
 
 
-def pick_best(records: list[TrialRecord], objective: str, baseline: dict[str, Any]) -> TrialRecord | None:
+def pick_best(
+    records: list[TrialRecord], objective: str, baseline: dict[str, Any]
+) -> TrialRecord | None:
     """Meeting the criterion: the smallest / fastest / best sum of ratios; else the smallest drop."""
     done = [r for r in records if r.status == "ok"]
     if not done:
@@ -107,4 +149,10 @@ def pick_best(records: list[TrialRecord], objective: str, baseline: dict[str, An
         return min(meeting, key=lambda r: (r.size_bytes, r.drop, r.latency_ms))
     if objective == "latency":
         return min(meeting, key=lambda r: (r.latency_ms, r.drop, r.size_bytes))
-    return min(meeting, key=lambda r: (r.size_bytes / baseline["size_bytes"] + r.latency_ms / baseline["latency_ms"], r.drop))
+    return min(
+        meeting,
+        key=lambda r: (
+            r.size_bytes / baseline["size_bytes"] + r.latency_ms / baseline["latency_ms"],
+            r.drop,
+        ),
+    )

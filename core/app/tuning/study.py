@@ -43,7 +43,9 @@ def parse_budget(text: str | int | float | None) -> dict[str, float]:
         return {"trials": int(text)}
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(s|m|min|h)?\s*", str(text))
     if not match:
-        raise OptionsError(f"budget {text!r}: give a number of trials (20) or a time (90s, 20m, 1.5h)")
+        raise OptionsError(
+            f"budget {text!r}: give a number of trials (20) or a time (90s, 20m, 1.5h)"
+        )
     value, unit = float(match.group(1)), match.group(2)
     if unit is None:
         return {"trials": int(value)}
@@ -100,20 +102,50 @@ def tune(
     """
     registry = registry or get_registry()
     if trial_retries < 0:
-        raise OptionsError(f"trial_retries {trial_retries!r} must be >= 0 (how many times a trial lost with its node runs again)")
+        raise OptionsError(
+            f"trial_retries {trial_retries!r} must be >= 0 (how many times a trial lost with its node runs again)"
+        )
     limits = _check_arguments(objective, strategy, max_drop, budget)
     parsed_recipe = load_recipe(recipe) if recipe is not None else None
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
     inputs = gather_inputs(model, data, parsed_recipe, metric, evaluate)
-    settings = Settings(objective, strategy, max_drop, hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3),
-                        trial_timeout, trial_memory_mb, torch=_has_torch(), keep_trial_models=keep_trial_models,
-                        accept_loss=accept_loss, trial_retries=trial_retries)
-    space = _space(inputs, parsed_recipe, registry, settings.torch)  # NOTE: validated before Ray starts
+    settings = Settings(
+        objective,
+        strategy,
+        max_drop,
+        hopeless_drop if hopeless_drop is not None else max(30 * max_drop, 0.3),
+        trial_timeout,
+        trial_memory_mb,
+        torch=_has_torch(),
+        keep_trial_models=keep_trial_models,
+        accept_loss=accept_loss,
+        trial_retries=trial_retries,
+    )
+    space = _space(
+        inputs, parsed_recipe, registry, settings.torch
+    )  # NOTE: validated before Ray starts
     model_bytes = inputs.write(out)
-    store = open_study(storage or f"sqlite:///{(out / 'study.db').resolve()}", study_name, inputs.evaluate.metric, objective, seed, out)
-    run = TuneRun(out, inputs, settings, space, store, RayExecutor(workers, address, fresh_workers=fresh_workers),
-                  TrialBoard(enabled=show_progress, metric=inputs.evaluate.metric, objective=objective), registry, limits, model_bytes)
+    store = open_study(
+        storage or f"sqlite:///{(out / 'study.db').resolve()}",
+        study_name,
+        inputs.evaluate.metric,
+        objective,
+        seed,
+        out,
+    )
+    run = TuneRun(
+        out,
+        inputs,
+        settings,
+        space,
+        store,
+        RayExecutor(workers, address, fresh_workers=fresh_workers),
+        TrialBoard(enabled=show_progress, metric=inputs.evaluate.metric, objective=objective),
+        registry,
+        limits,
+        model_bytes,
+    )
     view = _start_dashboard(run, study_name) if dashboard else None
     try:
         stop_reason, interrupted = _run(run)
@@ -133,12 +165,17 @@ def _start_dashboard(run: TuneRun, study_name: str) -> Any:
     except BaseException:
         run.store.close()
         raise
-    print(f"modelpress tune: dashboard at {run.dashboard} (while the study runs; `modelpress dashboard {run.out}` serves it after)",
-          file=sys.stderr, flush=True)
+    print(
+        f"modelpress tune: dashboard at {run.dashboard} (while the study runs; `modelpress dashboard {run.out}` serves it after)",
+        file=sys.stderr,
+        flush=True,
+    )
     return view
 
 
-def _check_arguments(objective: str, strategy: str, max_drop: float, budget: int | str | dict[str, float] | None) -> dict[str, float]:
+def _check_arguments(
+    objective: str, strategy: str, max_drop: float, budget: int | str | dict[str, float] | None
+) -> dict[str, float]:
     """The budget's limits (default 20 trials), after the arguments' checks."""
     if objective not in ("size", "latency", "both"):
         raise OptionsError(f"objective {objective!r}: use size, latency or both")
@@ -154,8 +191,15 @@ def _space(inputs: Inputs, recipe: Recipe | None, registry: Registry, torch: boo
     if recipe is not None:
         return space_from_recipe(recipe, registry)
     blobs = inputs.blobs
-    return default_space(inputs.source, registry, calibration=blobs["calibration"] is not None, train=blobs["train"] is not None,
-                         torch=torch, labels=inputs.has_labels("train"), evaluation=blobs["eval"] is not None)
+    return default_space(
+        inputs.source,
+        registry,
+        calibration=blobs["calibration"] is not None,
+        train=blobs["train"] is not None,
+        torch=torch,
+        labels=inputs.has_labels("train"),
+        evaluation=blobs["eval"] is not None,
+    )
 
 
 def _run(run: TuneRun) -> tuple[str, bool]:
@@ -181,16 +225,33 @@ def _prepare(run: TuneRun) -> Runner:
     """Send the model and data to Ray, measure the baseline (and the sensitivity rankings) while the workers warm up."""
     study, executor, inputs = run.store.study, run.executor, run.inputs
     model_ref = executor.put(run.model_bytes)
-    data_refs = {role: executor.put(blob) if blob is not None else None for role, blob in inputs.blobs.items()}
+    data_refs = {
+        role: executor.put(blob) if blob is not None else None
+        for role, blob in inputs.blobs.items()
+    }
     plugins = run.registry.local_plugins()
     # NOTE: the ranking jobs and the workers' imports run while this process measures the baseline
     ranking_jobs = start_rankings(run, model_ref, data_refs, plugins)
-    executor.warm_up(executor.workers - len(ranking_jobs), prepare_worker, run.settings.torch and inputs.blobs["train"] is not None)
+    executor.warm_up(
+        executor.workers - len(ranking_jobs),
+        prepare_worker,
+        run.settings.torch and inputs.blobs["train"] is not None,
+    )
     baseline = study.user_attrs.get("baseline") or measure_baseline(run.out, inputs.evaluate)
     study.set_user_attr("baseline", baseline)
     sensitivity = collect_rankings(run, ranking_jobs)
-    return Runner(run, sensitivity, dict(model=model_ref, data=data_refs, evaluate=inputs.evaluate.model_dump(), baseline=baseline["metric"],
-                                         hopeless_drop=run.settings.hopeless_drop, plugins=plugins))
+    return Runner(
+        run,
+        sensitivity,
+        dict(
+            model=model_ref,
+            data=data_refs,
+            evaluate=inputs.evaluate.model_dump(),
+            baseline=baseline["metric"],
+            hopeless_drop=run.settings.hopeless_drop,
+            plugins=plugins,
+        ),
+    )
 
 
 def _loop(run: TuneRun, plan: Plan, runner: Runner, start: float) -> str:
@@ -204,20 +265,34 @@ def _loop(run: TuneRun, plan: Plan, runner: Runner, start: float) -> str:
             if deadline is not None and time.monotonic() >= deadline:
                 runner.abandon("cancelled: the time budget ran out")
                 return f"time budget ({limits['seconds']:.0f}s) used"
-            plan.queue += run.store.sync()  # NOTE: with other drivers on the study: their results, and the trials of lost ones
+            plan.queue += (
+                run.store.sync()
+            )  # NOTE: with other drivers on the study: their results, and the trials of lost ones
             budget_left = max_trials - done - len(executor.running) - run.store.running_elsewhere()
-            while budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted:
+            while (
+                budget_left > 0 and len(executor.running) < executor.workers and not plan.exhausted
+            ):
                 if plan.submit_next():
                     budget_left -= 1
                 elif not plan.queue and plan.strategy == "accuracy-first":
                     break
-            if not executor.running and (done >= max_trials or plan.exhausted or not run.store.running_elsewhere()):
-                return f"trial budget ({max_trials}) used" if done >= max_trials else (plan.why_stopped or "search space exhausted")
+            if not executor.running and (
+                done >= max_trials or plan.exhausted or not run.store.running_elsewhere()
+            ):
+                return (
+                    f"trial budget ({max_trials}) used"
+                    if done >= max_trials
+                    else (plan.why_stopped or "search space exhausted")
+                )
             if not executor.running:  # NOTE: the budget waits on other drivers' trials: they may fail and leave it to this one
                 time.sleep(1.0)
                 continue
             # NOTE: blocks until a trial ends (or a time limit is up); wakes every second for Ctrl-C and the live table
-            runner.collect(executor.wait(1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))))
+            runner.collect(
+                executor.wait(
+                    1.0 if deadline is None else min(1.0, max(0.0, deadline - time.monotonic()))
+                )
+            )
             if board.live is not None:
                 board.refresh(runner.records(), len(executor.running), time.monotonic() - start)
 

@@ -32,7 +32,9 @@ def prepare_worker(torch: bool = False) -> None:
     if torch:
         import torch as _torch
 
-        weight = _torch.zeros(2, 2, requires_grad=True)  # NOTE: autograd's first backward pass sets up its engine
+        weight = _torch.zeros(
+            2, 2, requires_grad=True
+        )  # NOTE: autograd's first backward pass sets up its engine
         (weight * 2).sum().backward()
         # NOTE: a torch optimizer's first construction imports torch._dynamo (~800 modules, ~2 s of CPU): once per
         # worker either way, but here it is start-up, not the first fine-tuning trial's time
@@ -54,7 +56,10 @@ class _Laps:
         self._wall, self._cpu = wall, cpu
 
     def figures(self) -> dict[str, dict[str, float]]:
-        return {phase: {"wall": round(w, 4), "cpu": round(c, 4)} for phase, (w, c) in self.seconds.items()}
+        return {
+            phase: {"wall": round(w, 4), "cpu": round(c, 4)}
+            for phase, (w, c) in self.seconds.items()
+        }
 
 
 _REGISTRIES: dict[tuple[str, ...], Any] = {}
@@ -67,14 +72,24 @@ def trial_registry(plugins: list[Any] | None = None) -> Any:
 
     if not plugins:
         return get_registry()
-    key = tuple(getattr(p, "__name__", None) or f"{type(p).__module__}.{type(p).__qualname__}" for p in plugins)
+    key = tuple(
+        getattr(p, "__name__", None) or f"{type(p).__module__}.{type(p).__qualname__}"
+        for p in plugins
+    )
     if key not in _REGISTRIES:
         _REGISTRIES[key] = create_registry(plugins=plugins)
     return _REGISTRIES[key]
 
 
-def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str, Any]], evaluate: dict[str, Any],
-              baseline: float | None = None, hopeless_drop: float | None = None, plugins: list[Any] | None = None) -> dict[str, Any]:
+def run_trial(
+    model: bytes,
+    data: dict[str, bytes | None],
+    passes: list[dict[str, Any]],
+    evaluate: dict[str, Any],
+    baseline: float | None = None,
+    hopeless_drop: float | None = None,
+    plugins: list[Any] | None = None,
+) -> dict[str, Any]:
     """Run a configuration; returns metric, size, latency, the model's bytes and the pass figures.
 
     ``status`` is ``"pruned"`` when the trial was cut early: a pass whose method declares a
@@ -92,32 +107,72 @@ def run_trial(model: bytes, data: dict[str, bytes | None], passes: list[dict[str
         current, figures, cut = trial.apply(laps, baseline, hopeless_drop)
         if cut is not None:
             return {**cut, "seconds": time.perf_counter() - start, "phases": laps.figures()}
-        return {**trial.measure(current, laps), "parameters": current.parameter_count(), "seconds": time.perf_counter() - start,
-                "figures": figures, "phases": laps.figures()}
+        return {
+            **trial.measure(current, laps),
+            "parameters": current.parameter_count(),
+            "seconds": time.perf_counter() - start,
+            "figures": figures,
+            "phases": laps.figures(),
+        }
 
 
 def _probed_recovery(registry: Any, spec: Any) -> tuple[str, Any] | None:
     """``(option, its default)`` when the pass's method declares a recovery option it may probe and the pass sets it."""
     method = registry.method(spec.method, spec.kind)
     tuning = method.tuning
-    if tuning is None or not tuning.probe or not tuning.recovery or not spec.options.get(tuning.recovery):
+    if (
+        tuning is None
+        or not tuning.probe
+        or not tuning.recovery
+        or not spec.options.get(tuning.recovery)
+    ):
         return None
-    return tuning.recovery, method.options.model_fields[tuning.recovery].get_default(call_default_factory=True)
+    return tuning.recovery, method.options.model_fields[tuning.recovery].get_default(
+        call_default_factory=True
+    )
 
 
 class _Trial:
     """A trial's files (in ``folder``), recipe, source model and evaluator."""
 
-    def __init__(self, folder: Path, sources: dict[str, str | None], recipe: Any, source: Any, evaluator: Any, sample: Any, registry: Any):
-        self.folder, self.sources, self.recipe, self.source, self.evaluator, self.sample = folder, sources, recipe, source, evaluator, sample
+    def __init__(
+        self,
+        folder: Path,
+        sources: dict[str, str | None],
+        recipe: Any,
+        source: Any,
+        evaluator: Any,
+        sample: Any,
+        registry: Any,
+    ):
+        self.folder, self.sources, self.recipe, self.source, self.evaluator, self.sample = (
+            folder,
+            sources,
+            recipe,
+            source,
+            evaluator,
+            sample,
+        )
         from modelpress.app.compress import PassData
 
-        self.common = PassData(calibration=sources.get("calibration"), train=sources.get("train"), eval_source=sources.get("eval"),
-                               show_progress=False, registry=registry)
+        self.common = PassData(
+            calibration=sources.get("calibration"),
+            train=sources.get("train"),
+            eval_source=sources.get("eval"),
+            show_progress=False,
+            registry=registry,
+        )
 
     @classmethod
-    def open(cls, folder: Path, model: bytes, data: dict[str, bytes | None], passes: list[dict[str, Any]], evaluate: dict[str, Any],
-             registry: Any) -> _Trial:
+    def open(
+        cls,
+        folder: Path,
+        model: bytes,
+        data: dict[str, bytes | None],
+        passes: list[dict[str, Any]],
+        evaluate: dict[str, Any],
+        registry: Any,
+    ) -> _Trial:
         """Write the model and the data into ``folder``; validate the passes; load the source and the evaluation data."""
         from modelpress.app.compress import _Evaluator
         from modelpress.app.recipe import DataSources, Evaluate, PassSpec, Recipe
@@ -130,14 +185,28 @@ class _Trial:
             if blob is not None:
                 (folder / f"{name}.npz").write_bytes(blob)
                 sources[name] = str(folder / f"{name}.npz")
-        recipe = Recipe(passes=[PassSpec(**p) for p in passes], data=DataSources(**sources), evaluate=Evaluate(**evaluate))
+        recipe = Recipe(
+            passes=[PassSpec(**p) for p in passes],
+            data=DataSources(**sources),
+            evaluate=Evaluate(**evaluate),
+        )
         recipe.validate_against(registry)
         source = load(folder / "source.onnx")
-        eval_data = load_dataset(sources["eval"], source.signature, what="evaluation").take(recipe.evaluate.max_samples) if sources.get("eval") else None
+        eval_data = (
+            load_dataset(sources["eval"], source.signature, what="evaluation").take(
+                recipe.evaluate.max_samples
+            )
+            if sources.get("eval")
+            else None
+        )
         sample = eval_data.take(64) if eval_data is not None else None
-        return cls(folder, sources, recipe, source, _Evaluator(recipe, source, eval_data), sample, registry)
+        return cls(
+            folder, sources, recipe, source, _Evaluator(recipe, source, eval_data), sample, registry
+        )
 
-    def apply(self, laps: _Laps, baseline: float | None, hopeless_drop: float | None) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
+    def apply(
+        self, laps: _Laps, baseline: float | None, hopeless_drop: float | None
+    ) -> tuple[Any, list[dict[str, Any]], dict[str, Any] | None]:
         """Run the passes in turn: the model, each pass's figures, and the result of a trial cut before fine-tuning (else None)."""
         from modelpress.app.compress import run_pass
 
@@ -151,11 +220,20 @@ class _Trial:
                 if cut is not None:
                     return current, figures, cut
             current = run_pass(spec, index, current, self.source, self.common)
-            figures.append(current.provenance.passes[-1].figures if current.provenance.passes else {})
+            figures.append(
+                current.provenance.passes[-1].figures if current.provenance.passes else {}
+            )
             laps.lap("passes")
         return current, figures, None
 
-    def _probe(self, index: int, spec: Any, current: Any, recovery: tuple[str, Any], limit: tuple[float, float]) -> dict[str, Any] | None:
+    def _probe(
+        self,
+        index: int,
+        spec: Any,
+        current: Any,
+        recovery: tuple[str, Any],
+        limit: tuple[float, float],
+    ) -> dict[str, Any] | None:
         """The pass without its recovery (``(option, default)``), measured: the cut trial's result when its drop
         from ``limit``'s baseline is over ``limit``'s hopeless drop."""
         from modelpress.app.compress import run_pass
@@ -163,15 +241,24 @@ class _Trial:
 
         baseline, hopeless_drop = limit
         option, default = recovery
-        probe = run_pass(spec.model_copy(update={"options": {**spec.options, option: default}}), index, current, self.source, self.common)
+        probe = run_pass(
+            spec.model_copy(update={"options": {**spec.options, option: default}}),
+            index,
+            current,
+            self.source,
+            self.common,
+        )
         export(probe, self.folder / "probe.onnx", verify=False)
         before = self.evaluator.metric(self.folder / "probe.onnx")
         metric = self.recipe.evaluate.metric
         if drop(metric, baseline, before) <= hopeless_drop:
             return None
-        return {"status": "pruned", "metric": before,
-                "reason": f"stage {index} ({spec.kind}/{spec.method}) before recovery ({option}): {metric} {before:.4f} "
-                          f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; {option} skipped"}
+        return {
+            "status": "pruned",
+            "metric": before,
+            "reason": f"stage {index} ({spec.kind}/{spec.method}) before recovery ({option}): {metric} {before:.4f} "
+            f"vs {baseline:.4f}, a drop over {hopeless_drop:g}; {option} skipped",
+        }
 
     def measure(self, current: Any, laps: _Laps) -> dict[str, Any]:
         """Export and verify the model, then its latency and metric."""
@@ -185,12 +272,25 @@ class _Trial:
         laps.lap("export")
         blob = out.read_bytes()
         if out.with_name(out.name + ".data").exists():
-            raise ValueError("trial model is over the single-file limit (external data); tune models under ~1.5 GB")
+            raise ValueError(
+                "trial model is over the single-file limit (external data); tune models under ~1.5 GB"
+            )
         evaluate = self.recipe.evaluate
-        latency = measure_latency(out, self.evaluator.latency_feeds["b1"], threads=evaluate.threads, repeats=evaluate.repeats)
+        latency = measure_latency(
+            out,
+            self.evaluator.latency_feeds["b1"],
+            threads=evaluate.threads,
+            repeats=evaluate.repeats,
+        )
         laps.lap("latency")
         metric = self.evaluator.metric(out)
         laps.lap("metric")
         missed = exported.verification.loss_accepted if exported.verification is not None else None
-        return {"status": "ok", "metric": metric, "size_bytes": len(blob), "latency_ms": latency, "model": blob,
-                **({"floor_missed": missed} if missed else {})}
+        return {
+            "status": "ok",
+            "metric": metric,
+            "size_bytes": len(blob),
+            "latency_ms": latency,
+            "model": blob,
+            **({"floor_missed": missed} if missed else {}),
+        }

@@ -21,17 +21,31 @@ def model() -> bytes:
     bf16 = (rng.standard_normal((32, 24)) * 0.05).astype(np.float32).view(np.uint32) >> 16
     sparse = rng.standard_normal((24, 16)).astype(np.float32) * (rng.random((24, 16)) > 0.9)
     book = rng.integers(-3, 4, (16, 16)).astype(np.int8)
-    inits = [numpy_helper.from_array(w32, "w32"), numpy_helper.from_array(w16, "w16"),
-             helper.make_tensor("bf16", TensorProto.BFLOAT16, bf16.shape, bf16.astype(np.uint16).tobytes(), raw=True),
-             numpy_helper.from_array(sparse, "sparse"), numpy_helper.from_array(book, "book")]
+    inits = [
+        numpy_helper.from_array(w32, "w32"),
+        numpy_helper.from_array(w16, "w16"),
+        helper.make_tensor(
+            "bf16", TensorProto.BFLOAT16, bf16.shape, bf16.astype(np.uint16).tobytes(), raw=True
+        ),
+        numpy_helper.from_array(sparse, "sparse"),
+        numpy_helper.from_array(book, "book"),
+    ]
     skewed = rng.standard_normal(2048).astype(np.float32)
-    skewed[rng.random(2048) < 0.97] = 1.5  # exponents nearly constant: LZMA beats zstd on that plane
+    skewed[rng.random(2048) < 0.97] = (
+        1.5  # exponents nearly constant: LZMA beats zstd on that plane
+    )
     inits.append(numpy_helper.from_array(skewed + rng.integers(0, 2, 2048) * 1e-7, "skewed"))
     bias = (rng.standard_normal(64) * 0.01).astype(np.float32)
-    inits += [numpy_helper.from_array(bias, f"b{i}") for i in range(4)]  # equal biases: a solid stream
-    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "fixture",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])], inits)
+    inits += [
+        numpy_helper.from_array(bias, f"b{i}") for i in range(4)
+    ]  # equal biases: a solid stream
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "fixture",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+        inits,
+    )
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
 
 
@@ -39,4 +53,8 @@ if __name__ == "__main__":
     onnx_path = HERE / "v2-bytegroup.onnx"
     onnx_path.write_bytes(model())
     result = modelpress.pack(onnx_path, HERE / "v2-bytegroup.mpk", prefer="size")
-    print(result.codec_counts(), [(s["codec"], s["tensors"]) for s in result.solids], result.size_bytes)
+    print(
+        result.codec_counts(),
+        [(s["codec"], s["tensors"]) for s in result.solids],
+        result.size_bytes,
+    )

@@ -26,16 +26,27 @@ __all__ = ["LowRankOptions", "factorize"]
 
 
 class LowRankOptions(Options):
-    rank: int | None = Field(None, ge=1, description="rank k kept in every layer (default: chosen by energy)")
-    energy: float = Field(0.95, gt=0, le=1, description="without rank: keep this fraction of each weight's squared singular values")
+    rank: int | None = Field(
+        None, ge=1, description="rank k kept in every layer (default: chosen by energy)"
+    )
+    energy: float = Field(
+        0.95,
+        gt=0,
+        le=1,
+        description="without rank: keep this fraction of each weight's squared singular values",
+    )
     min_elements: int = Field(256, ge=1, description="leave weights smaller than this alone")
-    exclude: list[str] = Field(default_factory=list, description="layers (node names) to leave alone")
+    exclude: list[str] = Field(
+        default_factory=list, description="layers (node names) to leave alone"
+    )
 
 
 def _rank(s: np.ndarray, opts: LowRankOptions) -> int:
     if opts.rank is not None:
         return min(opts.rank, len(s))
-    kept = np.cumsum(s.astype(np.float64) ** 2) / max(float(np.sum(s.astype(np.float64) ** 2)), 1e-30)
+    kept = np.cumsum(s.astype(np.float64) ** 2) / max(
+        float(np.sum(s.astype(np.float64) ** 2)), 1e-30
+    )
     return int(np.searchsorted(kept, opts.energy - 1e-12) + 1)
 
 
@@ -69,7 +80,9 @@ def _factorize(model: Model, layer: WeightedLayer, opts: LowRankOptions) -> tupl
     if layer.op_type == "Gemm" and len(layer.node.inputs) > 2 and layer.node.inputs[2] is not None:
         bias = layer.node.inputs[2]
         if layer.beta != 1.0:
-            bias = b.op("Mul", [bias, b.initializer(np.array(layer.beta, np.float32), f"{layer.name}.beta")])
+            bias = b.op(
+                "Mul", [bias, b.initializer(np.array(layer.beta, np.float32), f"{layer.name}.beta")]
+            )
         y = b.op("Add", [y, bias])
     model.replace_node(layer.node, list(b.nodes), y)
     approx = (u[:, :k] * s[:k]) @ vt[:k]
@@ -89,18 +102,28 @@ def factorize(model: Model, opts: LowRankOptions, ctx: PassContext) -> Model:
             done[layer.name], error = outcome
             errors.append(error)
     if not done:
-        raise OptionsError(f"lowrank: no layer of {model.name!r} can be factorized: {skipped or 'it has no MatMul/Gemm with a constant weight'}")
+        raise OptionsError(
+            f"lowrank: no layer of {model.name!r} can be factorized: {skipped or 'it has no MatMul/Gemm with a constant weight'}"
+        )
     model.cleanup()
-    ctx.figures.update({
-        "rank": max(done.values()), "layers": done, "skipped": skipped, "relative_error": round(max(errors), 6),
-        "parameters_before": before, "parameters_after": model.parameter_count(),
-    })
+    ctx.figures.update(
+        {
+            "rank": max(done.values()),
+            "layers": done,
+            "skipped": skipped,
+            "relative_error": round(max(errors), 6),
+            "parameters_before": before,
+            "parameters_after": model.parameter_count(),
+        }
+    )
     return model
 
 
 FACTORIZE = Kind(
-    "factorize", "replace weight matrices by products of low-rank factors (fewer parameters, fewer FLOPs)",
-    columns=("rank", "relative_error", "parameters_after"), smaller=True,
+    "factorize",
+    "replace weight matrices by products of low-rank factors (fewer parameters, fewer FLOPs)",
+    columns=("rank", "relative_error", "parameters_after"),
+    smaller=True,
 )
 
 
@@ -111,7 +134,13 @@ def modelpress_register_kinds(register):  # type: ignore[no-untyped-def]
 
 @hookimpl
 def modelpress_register_methods(register):  # type: ignore[no-untyped-def]
-    register(Method(name="lowrank", kind="factorize", apply=factorize, options=LowRankOptions, mutates=True,
-                    summary="truncated SVD: each MatMul/Gemm into two smaller MatMuls"))
-
-
+    register(
+        Method(
+            name="lowrank",
+            kind="factorize",
+            apply=factorize,
+            options=LowRankOptions,
+            mutates=True,
+            summary="truncated SVD: each MatMul/Gemm into two smaller MatMuls",
+        )
+    )

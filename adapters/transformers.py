@@ -234,6 +234,20 @@ def _refuse_unsupported(model: Any, task: str, label: str) -> None:
         )
 
 
+# NOTE: a checkpoint folder whose weight files hold more bytes than this is exported in a child process
+# (:mod:`~modelpress.adapters.transformers_child`): its torch weights, and what of them onnxscript keeps,
+# go back to the OS before ONNX Runtime loads the export and before it is compressed. Below, the child's
+# start (importing torch and transformers again) costs more than the memory it saves.
+CHILD_EXPORT_BYTES = 256 << 20
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def _checkpoint_bytes(folder: Path) -> int:
+    return sum(
+        p.stat().st_size for p in folder.iterdir() if p.suffix in _WEIGHT_SUFFIXES and p.is_file()
+    )
+
+
 def load_transformers(
     source: Any,
     *,
@@ -245,11 +259,49 @@ def load_transformers(
 ) -> Model:
     """Import a Hugging Face checkpoint folder or ``PreTrainedModel`` (see the module docstring).
 
+    A folder with more than :data:`CHILD_EXPORT_BYTES` of weights is exported in a child process
+    (:mod:`~modelpress.adapters.transformers_child`); a ``PreTrainedModel``, already in memory, and a
+    smaller folder are exported in this process.
+
     Args:
         task: one of :data:`TASKS` (default: from the config's ``architectures`` / the model's class).
         example_inputs: token ids ``[batch, sequence]`` to export and check on (default: random ids).
         rtol: the largest relative difference between torch and ONNX Runtime the import accepts.
     """
+    if (
+        isinstance(source, (str, os.PathLike))
+        and Path(source).is_dir()
+        and _checkpoint_bytes(Path(source)) > CHILD_EXPORT_BYTES
+    ):
+        from modelpress.adapters.transformers_child import export_in_child
+
+        staged: Any = export_in_child(
+            Path(source), task, example_inputs=example_inputs, opset=opset
+        )
+        meta, label = staged.meta, str(source)
+    else:
+        staged, meta, label = _export_here(source, task, example_inputs, opset)
+    imported, figures = staged.check(rtol)
+    imported.provenance = Provenance(
+        source_framework="transformers",
+        source_version=meta["transformers_version"],
+        source=label,
+        importer="torch.onnx.export(dynamo=True)",
+        extra={
+            "task": meta["task"],
+            "architecture": meta["architecture"],
+            "model_type": meta["model_type"],
+            **figures,
+            **_sample_axes(meta["task"]),
+        },
+    )
+    return imported
+
+
+def _export_here(
+    source: Any, task: str | None, example_inputs: Any, opset: int | None
+) -> tuple[Any, dict[str, Any], str]:
+    """The in-process export: the staged export, the facts of the provenance, and the source's label."""
     transformers = _require()
     if isinstance(source, (str, os.PathLike)):
         label = str(source)
@@ -265,25 +317,17 @@ def load_transformers(
     from modelpress.adapters.transformers_export import export_staged
 
     staged = export_staged(model, task, label, example_inputs=example_inputs, opset=opset)
-    architecture, model_type = type(model).__name__, getattr(model.config, "model_type", "")
+    meta = {
+        "task": task,
+        "architecture": type(model).__name__,
+        "model_type": getattr(model.config, "model_type", ""),
+        "transformers_version": transformers.__version__,
+    }
     # NOTE: not held here while ONNX Runtime loads the export to check it; its weights still stay mapped, as
-    # onnxscript's rewrite rules keep the last graph they matched (SimplePatternMatcher._graph), which wraps them
+    # onnxscript's rewrite rules keep the last graph they matched (SimplePatternMatcher._graph), which wraps
+    # them (a large checkpoint folder is exported in a child process for that reason)
     del model
-    imported, figures = staged.check(rtol)
-    imported.provenance = Provenance(
-        source_framework="transformers",
-        source_version=transformers.__version__,
-        source=label,
-        importer="torch.onnx.export(dynamo=True)",
-        extra={
-            "task": task,
-            "architecture": architecture,
-            "model_type": model_type,
-            **figures,
-            **_sample_axes(task),
-        },
-    )
-    return imported
+    return staged, meta, label
 
 
 def _sample_axes(task: str) -> dict[str, Any]:

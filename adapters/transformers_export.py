@@ -275,18 +275,22 @@ def _export(plan: ExportPlan, opset: int | None, label: str, architecture: str) 
     return proto
 
 
-def _export_to_file(plan: ExportPlan, opset: int | None, label: str, architecture: str) -> Path:
-    """The plan exported into a temporary folder (removed at exit), every weight in one external-data file
-    written tensor by tensor from the module's own tensors: no in-memory ``ModelProto`` of the weights, and
-    the imported model reads them lazily from that file as it does any ONNX file with external data."""
+def _export_to_file(
+    plan: ExportPlan, opset: int | None, label: str, architecture: str, folder: Path | None = None
+) -> Path:
+    """The plan exported into ``folder`` (default: a temporary folder removed at exit), every weight in one
+    external-data file written tensor by tensor from the module's own tensors: no in-memory ``ModelProto`` of
+    the weights, and the imported model reads them lazily from that file as it does any ONNX file with
+    external data."""
     import atexit
     import shutil
     import tempfile
 
     import onnx
 
-    folder = Path(tempfile.mkdtemp(prefix="modelpress-transformers-"))
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    if folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="modelpress-transformers-"))
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
     path = folder / "model.onnx"
     _program(plan, opset, label, architecture).save(path, external_data=True)
     proto = onnx.load(str(path), load_external_data=False)
@@ -343,16 +347,23 @@ def _parameter_bytes(model: nn.Module) -> int:
 
 
 def export_staged(
-    model: nn.Module, task: str, label: str, *, example_inputs: Any, opset: int | None
+    model: nn.Module,
+    task: str,
+    label: str,
+    *,
+    example_inputs: Any,
+    opset: int | None,
+    folder: Path | None = None,
 ) -> StagedExport:
-    """Export ``model`` for ``task`` (through a file with external data above :data:`FILE_EXPORT_BYTES`)
-    and run torch on the plan's example inputs; nothing of the torch module is kept."""
+    """Export ``model`` for ``task`` (through a file with external data above :data:`FILE_EXPORT_BYTES`, or
+    into ``folder`` whenever one is given) and run torch on the plan's example inputs; nothing of the torch
+    module is kept."""
     ids = _example_ids(example_inputs)
     plan = plan_export(model.eval(), task, ids)
     reference = _outputs(plan)
     architecture = type(model).__name__
-    if _parameter_bytes(model) > FILE_EXPORT_BYTES:
-        source: Any = _export_to_file(plan, opset, label, architecture)
+    if folder is not None or _parameter_bytes(model) > FILE_EXPORT_BYTES:
+        source: Any = _export_to_file(plan, opset, label, architecture, folder)
     else:
         source = _export(plan, opset, label, architecture)
     return StagedExport(

@@ -56,7 +56,7 @@ def test_errors_of_the_child_reach_the_caller(tmp_path, monkeypatch):
     monkeypatch.setattr(hf_adapter, "CHILD_EXPORT_BYTES", 0)
     # a ModelpressError raised in the child: the same class and message as in this process
     with pytest.raises(
-        modelpress.OptionsError, match="text-classification.*LlamaForCausalLM can do"
+        modelpress.OptionsError, match=r"text-classification.*LlamaForCausalLM can do"
     ):
         modelpress.load(folder, task="text-classification", show_progress=False)
     # a checkpoint whose weights are cut short: the folder named, with the child's own last lines
@@ -66,5 +66,7 @@ def test_errors_of_the_child_reach_the_caller(tmp_path, monkeypatch):
         modelpress.load(folder, show_progress=False)
     message = str(caught.value)
     assert str(folder) in message
-    assert "child" in message or "transformers cannot load" in message
-    assert len(message.splitlines()) > 1 or "transformers cannot load" in message
+    assert "child process failed (exit status 1)" in message
+    assert (
+        "SafetensorError" in message and "from_pretrained" in message
+    )  # NOTE: the child's traceback, not lost

@@ -17,6 +17,12 @@ The import is verified: the model in torch and the export in ONNX Runtime run th
 Encoder-decoder models and architectures the exporter cannot handle are refused by name.
 
 Nothing is downloaded: a folder is opened with ``local_files_only=True``.
+
+A folder with more than :data:`CHILD_EXPORT_BYTES` (256 MB) of weight files is loaded and exported in a
+child process (:mod:`~modelpress.adapters.transformers_child`) into a temporary ONNX file with external
+data, which this process then imports with its weights read lazily: the torch weights are gone before the
+export is checked and compressed. Its errors are raised here as the same ``ModelpressError``, and any
+other failure as an ``InvalidModelError`` with the child's last output lines; Ctrl-C stops the child.
 """
 
 from __future__ import annotations

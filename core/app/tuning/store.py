@@ -245,9 +245,26 @@ def _safe(url: str) -> str:
     return re.sub(r"://([^:/@]+):[^@]*@", r"://\1:***@", url)
 
 
+def _rdb_storage(optuna: Any, url: str, attempts: int = 5) -> Any:
+    """``RDBStorage(url)``, tried again when another driver creates the schema of a new shared database at
+    the same moment (PostgreSQL refuses the second ``CREATE TABLE alembic_version``: a unique violation)."""
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url)
+        except (IntegrityError, ProgrammingError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(
+                0.5 * (attempt + 1)
+            )  # NOTE: the other driver's schema is then there to be read
+    raise AssertionError("unreachable")
+
+
 def _storage(optuna: Any, url: str) -> Any:
     """An Optuna RDB storage; SQLite in WAL mode with normal sync (each trial is a dozen small commits)."""
-    storage = optuna.storages.RDBStorage(url)
+    storage = _rdb_storage(optuna, url)
     if url.startswith("sqlite:"):
         from sqlalchemy import event
 

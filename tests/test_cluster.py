@@ -8,6 +8,7 @@ runs last. A failing test prints the nodes' Ray logs.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -31,8 +32,8 @@ pytestmark = pytest.mark.slow
 _TIMEOUT = 420  # NOTE: generous: the machine is shared and loaded
 
 
-@pytest.fixture(scope="module")
-def cluster():
+@contextlib.contextmanager
+def _two_nodes():
     """Head + worker, 1 CPU each; trials pause in the metric (tests.cluster_helpers:slow_accuracy) so they overlap (and
     the worker node, whose first worker may take seconds to import under load, gets its share), and on the worker node
     each trial marks itself running in the node's own folder (for the node-loss test)."""
@@ -50,12 +51,28 @@ def cluster():
         shutil.rmtree(base, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def cluster():
+    """The cluster the tests of this module share (none of them ends a node)."""
+    with _two_nodes() as c:
+        yield c
+
+
+@pytest.fixture
+def doomed_cluster():
+    """A cluster of its own for the test that kills its worker node: the shared one stays whole, in any test order."""
+    with _two_nodes() as c:
+        yield c
+
+
 @pytest.fixture(autouse=True)
-def _print_ray_logs_on_failure(request, cluster):
+def _print_ray_logs_on_failure(request):
     failed = request.session.testsfailed
     yield
     if request.session.testsfailed > failed:  # NOTE: the call's report is counted before teardown
-        print(cluster.logs())
+        for name in ("cluster", "doomed_cluster"):
+            if name in request.fixturenames:
+                print(request.getfixturevalue(name).logs())
 
 
 def _recipe(
@@ -327,9 +344,10 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(
 
 
 def test_worker_node_lost_mid_study_costs_only_its_trials(
-    cluster, digits_mlp_path, tune_data, tmp_path
+    doomed_cluster, digits_mlp_path, tune_data, tmp_path
 ):
-    """Runs last: it ends the worker node."""
+    """On a cluster of its own: it ends the worker node."""
+    cluster = doomed_cluster
     recipe = _recipe(tmp_path, tune_data, _SPACE)
     proc = _driver(
         cluster,

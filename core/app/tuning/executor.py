@@ -43,16 +43,21 @@ _THREAD_ENV = {
 }
 
 
-def _worker_options() -> dict[str, Any]:
+def _worker_options(fresh: bool = False) -> dict[str, Any]:
     """Ray starts workers with OMP_NUM_THREADS=1 unless it is set, and a job sets the rest before numpy, torch or ORT
     read them. A thread variable set otherwise in this environment would reach the workers' BLAS before a job could
-    change it: then the workers start with ours (a runtime env; it makes Ray start new worker processes, so only then)."""
+    change it: then the workers start with ours (a runtime env; it makes Ray start new worker processes, so only then).
+    ``fresh`` (a new process per job): a runtime env of their own, so Ray never hands such a job an idle worker
+    that ran other jobs of the same Ray session (max_calls=1 only ends a worker after its call)."""
     clash = any(
         os.environ.get(name, value) != value
         for name, value in _THREAD_ENV.items()
         if name != "MODELPRESS_THREADS"
     )
-    return {"runtime_env": {"env_vars": dict(_THREAD_ENV)}} if clash else {}
+    env = dict(_THREAD_ENV) if clash else {}
+    if fresh:
+        env["MODELPRESS_FRESH_WORKER"] = "1"
+    return {"runtime_env": {"env_vars": env}} if env else {}
 
 
 def _warm_up(fn: Callable[..., Any], args: tuple[Any, ...]) -> int:
@@ -296,7 +301,7 @@ class RayExecutor:
             max_retries=0,
             max_calls=1 if fresh_workers else JOBS_PER_WORKER,
             scheduling_strategy="SPREAD",
-            **_worker_options(),
+            **_worker_options(fresh_workers),
         )
         self._remote = ray.remote(**options)(_run_job)
         self._warm = ray.remote(**options)(_warm_up)

@@ -17,7 +17,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["NO_BROWSER", "chromium", "screenshot"]
+__all__ = ["NO_BROWSER", "chromium", "dump_dom", "screenshot"]
 
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "chrome")
 NO_BROWSER = (
@@ -52,41 +52,58 @@ def _url(target: str | os.PathLike[str]) -> str:
     return Path(text).resolve().as_uri()
 
 
+def _run(
+    target: str | os.PathLike[str], action: list[str], budget_ms: int, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    """Chromium on one page with ``action`` (--screenshot=..., --dump-dom); ``budget_ms`` of virtual time lets a
+    JavaScript app fetch and render first (0: none)."""
+    browser = chromium()
+    if browser is None:
+        raise RuntimeError(NO_BROWSER)
+    budget = [f"--virtual-time-budget={budget_ms}"] if budget_ms else []
+    with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
+        return subprocess.run(
+            [browser, *FLAGS, f"--user-data-dir={profile}", *budget, *action, _url(target)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+
 def screenshot(
     url_or_file: str | os.PathLike[str],
     png: str | os.PathLike[str],
     size: tuple[int, int] = (1100, 760),
     *,
     timeout: float = 120,
+    budget_ms: int = 0,
 ) -> Path:
     """Render a page (a URL or a local file) into ``png`` at ``size`` = (width, height) pixels.
 
     Returns the PNG's path. Raises ``RuntimeError`` when no browser is found or it wrote no image
     (its stderr is in the message).
     """
-    browser = chromium()
-    if browser is None:
-        raise RuntimeError(NO_BROWSER)
     out = Path(png).resolve()
     out.unlink(missing_ok=True)
     width, height = size
-    with tempfile.TemporaryDirectory(prefix="mp-chromium-") as profile:
-        done = subprocess.run(
-            [
-                browser,
-                *FLAGS,
-                f"--user-data-dir={profile}",
-                f"--window-size={width},{height}",
-                f"--screenshot={out}",
-                _url(url_or_file),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+    done = _run(
+        url_or_file, [f"--window-size={width},{height}", f"--screenshot={out}"], budget_ms, timeout
+    )
     if not out.exists() or out.stat().st_size == 0:
         raise RuntimeError(
             f"chromium wrote no image for {url_or_file} (exit {done.returncode}): {done.stderr[-2000:]}"
         )
     return out
+
+
+def dump_dom(
+    url_or_file: str | os.PathLike[str], *, budget_ms: int = 15000, timeout: float = 120
+) -> str:
+    """The page's DOM (HTML) once its scripts have had ``budget_ms`` of virtual time."""
+    done = _run(url_or_file, ["--dump-dom"], budget_ms, timeout)
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"chromium could not render {url_or_file} (exit {done.returncode}): {done.stderr[-2000:]}"
+        )
+    return done.stdout

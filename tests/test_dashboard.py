@@ -20,7 +20,7 @@ import pytest
 import yaml
 
 import modelpress
-from tests import _chromium_dashboard as chromium
+from tests import browser as chromium
 from tests.conftest import ROOT
 
 pytest.importorskip("ray", reason="needs the distributed extra")
@@ -102,7 +102,7 @@ def _serve(target: str) -> tuple[subprocess.Popen, str]:
 
 @pytest.mark.slow
 def test_dashboard_shows_the_trials_in_headless_chromium(study, tmp_path):
-    if not chromium.available():
+    if chromium.chromium() is None:
         pytest.skip("needs Debian's chromium (apt-get install chromium)")
     proc, url = _serve(str(study.output))
     try:
@@ -144,7 +144,9 @@ def test_dashboard_shows_the_trials_in_headless_chromium(study, tmp_path):
         assert "Pareto Front" in home and "size_mb" in home and "accuracy" in home
         # NOTE: the study's page (the Pareto front on the named objectives) and the trials page (the user attributes)
         for page, name in (("", "tune-dashboard.png"), ("/trials", "tune-dashboard-trials.png")):
-            png = chromium.screenshot(f"{url}{page}", tmp_path / name, size=(1400, 1000))
+            png = chromium.screenshot(
+                f"{url}{page}", tmp_path / name, size=(1400, 1000), budget_ms=15000
+            )
             assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
             if os.environ.get("MODELPRESS_WRITE_DOCS_IMAGES") == "1":
                 shutil.copyfile(png, ROOT / "docs" / "img" / name)

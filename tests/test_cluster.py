@@ -67,12 +67,17 @@ def doomed_cluster():
 
 @pytest.fixture(autouse=True)
 def _print_ray_logs_on_failure(request):
+    # NOTE: the clusters this test uses, taken now: a function-scoped one is torn down before this fixture's teardown
+    clusters = [
+        request.getfixturevalue(n)
+        for n in ("cluster", "doomed_cluster")
+        if n in request.fixturenames
+    ]
     failed = request.session.testsfailed
     yield
     if request.session.testsfailed > failed:  # NOTE: the call's report is counted before teardown
-        for name in ("cluster", "doomed_cluster"):
-            if name in request.fixturenames:
-                print(request.getfixturevalue(name).logs())
+        for c in clusters:
+            print(c.logs())
 
 
 def _recipe(
@@ -378,13 +383,15 @@ def test_worker_node_lost_mid_study_costs_only_its_trials(
         "a trial ran on the worker node",
     )
     before = _finished(db)
-    os.kill(worker.raylet_pid(), signal.SIGKILL)
-    _finish(proc, cluster)
+    # NOTE: the node dies as a machine does: its raylet and its worker processes (SIGKILL by PID). Ending the raylet
+    # alone lets a worker already in its trial finish it and hand the (small, inlined) result straight to the driver.
     worker.stop(signal.SIGKILL)
+    _finish(proc, cluster)
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     trials = {t["number"]: t for t in report["trials"]}
     lost = [t for t in trials.values() if t["error"].startswith("node lost")]
-    assert 1 <= len(lost) <= 2  # at most the trials in flight on the worker node (1 CPU)
+    # NOTE: at most the trials in flight on the worker node (1 CPU)
+    assert 1 <= len(lost) <= 2, [(t["status"], t["node"][:8], t["error"]) for t in trials.values()]
     head = next(n["node"] for n in report["cluster"]["nodes"] if n["alive"])
     for t in lost:
         assert t["status"] == "failed" and t["retried"]

@@ -345,6 +345,17 @@ class RayExecutor:
             )
         return lost
 
+    def _lost_after_crash(self, wait_s: float = 30.0) -> set[str]:
+        """The nodes lost, looked at again for up to ``wait_s`` on a cluster of several nodes: a worker killed with
+        its node is reported (WorkerCrashedError) before Ray's health checks declare the node dead (seconds later),
+        and a trial lost with its node must be told from a crash of its own. One node: nothing to wait for."""
+        deadline = time.monotonic() + (wait_s if len(self.nodes) > 1 else 0.0)
+        while True:
+            lost = self.lost_nodes()
+            if lost or time.monotonic() >= deadline:
+                return lost
+            time.sleep(0.5)
+
     def describe(self) -> dict[str, Any]:
         """Where the jobs ran, for reports: the executor, the cluster address and the nodes this executor saw (as of
         :meth:`shutdown`, once shut down)."""
@@ -441,7 +452,7 @@ class RayExecutor:
                 f"out of memory: Ray's memory monitor ended the worker: {' '.join(str(exc).split())[:300]}",
             )
         except self.ray.exceptions.WorkerCrashedError as exc:
-            lost = self.lost_nodes()
+            lost = self._lost_after_crash()
             if lost:  # NOTE: a node's workers may die before its raylet is declared dead: then Ray says the worker crashed
                 return _failed(
                     job,

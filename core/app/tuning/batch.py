@@ -23,6 +23,21 @@ from modelpress.plugin.registry import get_registry
 __all__ = ["BatchResult", "compress_batch"]
 
 
+# NOTE: the summary's columns, in the console table and in summary.md alike
+SUMMARY_COLUMNS = (
+    "model",
+    "status",
+    "metric",
+    "source",
+    "compressed",
+    "size (MB)",
+    "ratio",
+    "latency b1 ms",
+    "time (s)",
+    "output / error",
+)
+
+
 @dataclass
 class BatchRow:
     model: str
@@ -56,18 +71,7 @@ class BatchResult:
         from rich.table import Table
 
         table = Table(title=f"batch compression: {len(self.rows)} models", title_justify="left")
-        for col in (
-            "model",
-            "status",
-            "metric",
-            "source",
-            "compressed",
-            "size (MB)",
-            "ratio",
-            "latency b1 ms",
-            "time (s)",
-            "output / error",
-        ):
+        for col in SUMMARY_COLUMNS:
             table.add_column(col)
         for row in summary_rows(self.rows):
             table.add_row(*(escape(c) for c in row))
@@ -329,18 +333,7 @@ def _write_outputs(folder: Path, files: dict[str, bytes]) -> None:
 
 
 def _write_summary(result: BatchResult) -> None:
-    cols = [
-        "model",
-        "status",
-        "metric",
-        "source",
-        "compressed",
-        "size (MB)",
-        "ratio",
-        "latency b1 ms",
-        "time (s)",
-        "output / error",
-    ]
+    cols = SUMMARY_COLUMNS
     lines = [
         f"# batch compression ({len(result.rows)} models{', interrupted' if result.interrupted else ''})",
         "",

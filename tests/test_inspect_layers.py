@@ -119,7 +119,8 @@ def test_a_quantized_model_keeps_its_weighted_layers():
         mlp, "int8-dynamic", min_elements=1, allow_no_gain=True, show_progress=False
     )
     assert "MatMulInteger" in dynamic.op_histogram()
-    # NOTE: int8-dynamic's MatMulInteger is named <layer>_MatMulInteger and its bias is a separate Add
+    # NOTE: int8-dynamic's MatMulInteger keeps the layer's name; its bias is a separate Add
+    assert [r["name"] for r in layer_rows(dynamic)] == ["fc1", "fc2"]
     assert sorted(r["parameters"] for r in layer_rows(dynamic)) == sorted(
         64 * 64 if r["name"] == "fc1" else 4 * 64 for r in layer_rows(mlp)
     )
@@ -131,9 +132,43 @@ def test_a_quantized_model_keeps_its_weighted_layers():
         allow_no_gain=True,
         show_progress=False,
     )
-    assert len(table(int4)) == len(
-        table(mlp)
-    )  # NOTE: its Gemm becomes <layer>_MatMul behind a DequantizeLinear
+    assert [r[0] for r in table(int4)] == [
+        r[0] for r in table(mlp)
+    ]  # NOTE: its Gemm becomes a MatMul behind a DequantizeLinear, named as the layer was
+
+
+@pytest.mark.parametrize(
+    "method, options",
+    [
+        ("int8-dynamic", ["-O", "min_elements=1"]),
+        ("int4-weight-only", ["-O", "min_elements=1", "-O", "block_size=32"]),
+        (
+            "int4-weight-only",
+            ["-O", "min_elements=1", "-O", "block_size=32", "-O", "format=matmulnbits"],
+        ),
+        ("int8-weight-only", ["-O", "min_elements=1"]),
+    ],
+)
+def test_quantize_keeps_the_source_layer_names(tmp_path, method, options):
+    """What `inspect --layers` and the report call a layer is what the source called it (issue #25:
+    `fc1` came out as `fc1_MatMulInteger`), so --exclude / -O layers= take the same names after."""
+    from modelpress.testing import tiny_mlp
+
+    source, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
+    onnx.save(tiny_mlp(in_features=64, hidden=64).to_proto(), source)
+    done = run_cli(
+        "quantize", str(source), "-m", method, *options, "--allow-no-gain", "-o", str(out)
+    )
+    assert done.returncode == 0, done.stderr
+    names = {}
+    for path in (source, out):
+        shown = run_cli("inspect", str(path), "--layers", "--json")
+        assert shown.returncode == 0, shown.stderr
+        names[path] = sorted(r["name"] for r in json.loads(shown.stdout)["layers"])
+    assert names[source] == names[out] == ["fc1", "fc2"]
+    quantized = modelpress.load(out, show_progress=False)
+    nodes = [n.name for n in quantized.nodes()]
+    assert len(nodes) == len(set(nodes)) and not any("MatMul" in n for n in nodes)
 
 
 def test_inspect_leaves_out_a_producer_version_of_none(tmp_path):

@@ -197,4 +197,4 @@ def _replace_layer(
         name=f"{name}_Mul",
         out=Out(f"{name}_Mul_output", ir.DataType.FLOAT),
     )
-    replace_matmul(model, node, list(b.nodes), mul, name)
+    replace_matmul(model, node, list(b.nodes), mul, name, weighted=mm.producer())

@@ -545,7 +545,7 @@ def _replace(
             name=f"{layer.name}_MatMul",
             out=Out(f"{layer.name}_MatMul_output", ir.DataType.FLOAT),
         )
-    replace_matmul(model, node, list(b.nodes), out, layer.name)
+    replace_matmul(model, node, list(b.nodes), out, layer.name, weighted=out.producer())
 
 
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:

@@ -263,3 +263,42 @@ def test_smoothquant_scales_are_not_parameters(tmp_path):
     assert static.parameter_count() == expected
     modelpress.export(static, tmp_path / "q.onnx", verify=False)
     assert modelpress.load(tmp_path / "q.onnx", show_progress=False).parameter_count() == expected
+
+
+def _rounds(medians, jitter=0.01, runs=9, seed=0):
+    """Synthetic timed runs (ms): one list of ``runs`` per round, around each round's median."""
+    rng = np.random.default_rng(seed)
+    return [list(m * (1 + rng.uniform(-jitter, jitter, runs))) for m in medians]
+
+
+def _rechecked(before_rounds, stage_rounds):
+    from modelpress.app.report import side_by_side
+
+    stage = _stage("b", 1000, {"b1": 1.3}, {"b1": 0.01})  # NOTE: its own timing looks slower
+    stage.latency_recheck_ms = {"b1": side_by_side(before_rounds, stage_rounds)}
+    return _flags(_stage("a", 1000, {"b1": 1.0}, {"b1": 0.01}), stage)
+
+
+def test_side_by_side_flags_only_a_slowdown_beyond_the_spread_of_the_rounds():
+    from modelpress.app.report import side_by_side
+
+    steady = _rounds([1.0, 1.0, 1.0])
+    # a real 25 % slowdown in every round: flagged, with the side-by-side medians
+    worse = _rechecked(steady, _rounds([1.25, 1.26, 1.24], seed=1))
+    assert list(worse) == ["b"] and "side by side 1.2" in worse["b"][0]
+    # the same model timed twice: no flag
+    assert _rechecked(steady, _rounds([1.0, 1.0, 1.0], seed=2)) == {}
+    # slower in two rounds, not at all in the third: the pooled runs' quartiles (the band before
+    # the rounds were kept apart) said 23 % and flagged 30 %; the rounds' ratios spread 30 %
+    two_of_three = _rounds([1.3, 1.3, 1.0], jitter=0.0)
+    before, stage, band = side_by_side(_rounds([1.0] * 3, jitter=0.0), two_of_three)
+    assert (before, stage) == (1.0, 1.3) and band == pytest.approx(0.3)
+    assert _rechecked(_rounds([1.0] * 3, jitter=0.0), two_of_three) == {}
+    # a busy moment on the source's rounds that makes the stage look faster or slower by turns
+    assert _rechecked(_rounds([1.0, 1.4, 1.0]), _rounds([1.3, 1.3, 1.3], seed=3)) == {}
+    # noise alone, many times over (the same distribution for both files): never flagged
+    rng = np.random.default_rng(4)
+    for seed in range(50):
+        noisy = [list(rng.lognormal(0.0, 0.15, 9)) for _ in range(3)]
+        again = [list(rng.lognormal(0.0, 0.15, 9)) for _ in range(3)]
+        assert _rechecked(noisy, again) == {}, seed

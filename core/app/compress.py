@@ -14,7 +14,7 @@ import numpy as np
 
 from modelpress.app.pipeline import apply
 from modelpress.app.recipe import PassSpec, Recipe, load_recipe, resolve_callable
-from modelpress.app.report import Report, looks_slower
+from modelpress.app.report import Report, looks_slower, side_by_side
 from modelpress.base.errors import AccuracyLossError, ModelpressError, NoGainError, OptionsError
 from modelpress.data.samples import (
     Dataset,
@@ -223,17 +223,11 @@ class _Evaluator:
             key = f"{name} ({threads}t)"
             if key not in stage.latency_ms or not looks_slower(before, stage, key):
                 continue
-            runs: tuple[list[float], list[float]] = ([], [])
+            rounds: tuple[list[list[float]], list[list[float]]] = ([], [])
             for _ in range(3):
-                for times, path in zip(runs, (before.path, stage.path), strict=True):
-                    times += latency_runs(path, feeds, threads=threads, repeats=repeats)
-            medians = [float(np.median(times)) for times in runs]
-            band = sum(
-                float(np.subtract(*np.percentile(times, [75, 25]))) / m
-                for times, m in zip(runs, medians, strict=True)
-                if m
-            )
-            stage.latency_recheck_ms[key] = [*medians, band]
+                for runs, path in zip(rounds, (before.path, stage.path), strict=True):
+                    runs.append(latency_runs(path, feeds, threads=threads, repeats=repeats))
+            stage.latency_recheck_ms[key] = side_by_side(*rounds)
 
 
 @dataclass(frozen=True)

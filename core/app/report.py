@@ -10,6 +10,7 @@ import html
 import json
 import os
 import re
+import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ __all__ = [
     "Report",
     "figure_text",
     "looks_slower",
+    "side_by_side",
     "write_reports",
 ]
 
@@ -74,6 +76,40 @@ def looks_slower(before: StageMetrics, s: StageMetrics, key: str) -> bool:
     return bool(previous) and _past_noise(
         previous, s.latency_ms[key], _spread(before, key) + _spread(s, key)
     )
+
+
+def _relative_iqr(times: list[float]) -> float:
+    median = statistics.median(times)
+    if len(times) < 2 or not median:
+        return 0.0
+    q1, _, q3 = statistics.quantiles(times, n=4, method="inclusive")  # NOTE: numpy's percentile
+    return (q3 - q1) / median
+
+
+def _relative_range(values: list[float]) -> float:
+    median = statistics.median(values)
+    return (max(values) - min(values)) / median if median else 0.0
+
+
+def side_by_side(before: list[list[float]], stage: list[list[float]]) -> list[float]:
+    """``[before's median, the stage's median, noise band]`` (``latency_recheck_ms``) of two files timed
+    in turns: ``before[r]`` and ``stage[r]`` are round ``r``'s run times (ms) of each. The band is
+    the larger of the runs' spread (the two interquartile ranges, each relative to its median) and
+    the rounds' spread (each file's range of round medians, relative to its median, summed, and the
+    range of the rounds' stage/before ratios): a busy moment of the machine that falls on one round
+    widens the band instead of flagging."""
+    pooled = [[t for times in rounds for t in times] for rounds in (before, stage)]
+    runs_band = sum(_relative_iqr(times) for times in pooled if times)
+    per_round = [
+        [statistics.median(times) for times in rounds if times] for rounds in (before, stage)
+    ]
+    rounds_band = sum(_relative_range(m) for m in per_round if m)
+    # NOTE: each round's two files ran back to back: their ratio is the paired measure; the spread of
+    # those ratios is how much the slowdown itself varies (a round where it is not slower at all widens it)
+    ratios = [s / b for b, s in zip(*per_round, strict=False) if b]
+    ratios_band = max(ratios) - min(ratios) if ratios else 0.0
+    medians = [statistics.median(times) for times in pooled]
+    return [*medians, max(runs_band, rounds_band, ratios_band)]
 
 
 def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
@@ -197,7 +233,8 @@ _FOOTNOTE = (
     "Sizes are the ONNX files on disk (zip: deflate-compressed; packed: the lossless `.mpk` of `modelpress pack`, ratio against the source ONNX). "
     "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
     "[slower] when slower by more than 5 % and more than the noise band "
-    "(the sum of the two stages' interquartile ranges of the timed runs, each relative to its median)."
+    "(the sum of the two stages' interquartile ranges of the timed runs, each relative to its median), "
+    "and again when both files are re-timed side by side in rounds (beyond the spread of the rounds)."
 )
 
 

@@ -255,3 +255,56 @@ def test_inspect_sample_runs_the_normalisation_check_and_its_message_is_not_cut_
         line.split("│")[2].strip() for line in bad.stdout.splitlines() if line.count("│") == 5
     )  # the name cells
     assert name in names and "…" not in bad.stdout  # the inputs table folds the name, never cuts it
+
+
+def _tune_report():
+    from modelpress.app.tuning.report import TrialRecord, TuneReport
+
+    passes = [
+        {"method": "channel", "options": {"ratio": 0.15}},
+        {
+            "method": "int8-static",
+            "options": {"calibrator": "entropy", "per_channel": True, "exclude": ["conv1", "fc"]},
+        },
+    ]
+    trials = [
+        TrialRecord(n, "ok", "p", {}, passes, 0.9759, 0.0, True, 79_000, 0.024, 2.2)
+        for n in (3, 235, 1000)
+    ]
+    return TuneReport(
+        title="tune t_cnn.onnx",
+        metric="accuracy",
+        objective="size",
+        max_drop=0.01,
+        baseline={"metric": 0.9759, "size_bytes": 352_000, "latency_ms": 0.033},
+        trials=trials,
+        pareto=trials[:1],
+        best=trials[0],
+        status="search space exhausted",
+    )
+
+
+def test_a_piped_tune_table_is_80_columns_or_COLUMNS(capsys, monkeypatch, tmp_path):
+    """Issue #25: a piped `tune` printed a 160-column table; it takes $COLUMNS or 80 as the other
+    tables do, every number whole, the configuration folded into the rest."""
+    from types import SimpleNamespace
+
+    from modelpress.cli.tune import print_result
+
+    result = SimpleNamespace(
+        report=_tune_report(),
+        model_path=str(tmp_path / "best.onnx"),
+        meets=True,
+        recipe_path=str(tmp_path / "best-recipe.yaml"),
+    )
+    for columns, width in ((None, 80), ("120", 120)):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        print_result(result, str(tmp_path))
+        text = capsys.readouterr().out
+        table = text.split("best model:")[0].splitlines()
+        assert max(len(line) for line in table) == width, text
+        assert "…" not in text and text.count("0.9759") >= 3 and text.count("4.46x") >= 3
+        assert "int8-static(" in text and "best model: " in text

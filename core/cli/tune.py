@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 from modelpress.cli.common import (
     EXIT_INTERRUPTED,
@@ -218,16 +219,21 @@ def run(args: argparse.Namespace) -> int:
         accept_loss=args.accept_loss,
         dashboard=args.dashboard,
     )
+    print_result(result, args.output)
+    return EXIT_INTERRUPTED if result.interrupted else 0
+
+
+def print_result(result: Any, output: str) -> None:
+    """The trials table at the terminal's width (piped: $COLUMNS or 80, as the other tables), then the result line."""
+    console(fit=True).print(result.report.table())
     out = console()
-    out.print(result.report.table())
     if result.model_path is not None:
         out.print(
             f"best model: {result.model_path} ({'meets' if result.meets else 'does NOT meet'} the criterion); "
-            f"recipe: {result.recipe_path}; reports: {Path(args.output) / 'report.html'} (.md, .json)"
+            f"recipe: {result.recipe_path}; reports: {Path(output) / 'report.html'} (.md, .json)"
         )
     else:
-        out.print(f"no trial completed; reports: {Path(args.output) / 'report.html'}")
-    return EXIT_INTERRUPTED if result.interrupted else 0
+        out.print(f"no trial completed; reports: {Path(output) / 'report.html'}")
 
 
 COMMANDS = (

@@ -242,14 +242,28 @@ class TuneReport:
         from rich.markup import escape
         from rich.table import Table
 
+        from rich import box
+
         table = Table(
             title=f"{self.title}",
             title_justify="left",
             caption="\n".join(self.summary_lines()),
             caption_justify="left",
+            box=box.SIMPLE_HEAD,  # NOTE: one space between columns, as the compress report's table
+            show_edge=False,
+            padding=(0, 0),
         )
         for i, col in enumerate(self.COLUMNS):
-            table.add_column(col, justify="left" if i in (0, 1, 9) else "right")
+            # NOTE: fits 80 columns (a pipe, a narrow terminal): a number never wraps or is cut (its
+            # header breaks at spaces instead), the configuration takes the rest and folds
+            last = i == len(self.COLUMNS) - 1
+            table.add_column(
+                col if last else col.replace(" ", "\n"),
+                justify="left" if i in (0, 1) or last else "right",
+                no_wrap=not last,
+                overflow="fold" if last else "ellipsis",
+                ratio=1 if last else None,
+            )
         for row in self.rows():
             table.add_row(*(escape(c) for c in row))
         return table

@@ -197,6 +197,8 @@ def load_torch(
         )
     is_program = isinstance(source, torch.export.ExportedProgram)
     args = _example_args(source, example_inputs, is_program, label)
+    if is_program and dynamic_batch:
+        source = _dynamic_batch_program(torch, source, args, label)
 
     runnable = source.module() if is_program else source
     reference = _reference_outputs(torch, runnable, args, label, is_program)
@@ -284,6 +286,71 @@ def _example_args(
             f"{label}: example_inputs are needed to export a PyTorch model (e.g. example_inputs=torch.randn(1, 3, 32, 32))"
         )
     return args
+
+
+def _fixed_batch(torch: Any, program: Any, args: tuple[Any, ...]) -> int | None:
+    """The batch a ``torch.export`` program was specialised to (``export(net, (x[:2],))`` without
+    ``dynamic_shapes``: axis 0 of every tensor input is that int), or None where it is dynamic."""
+    sizes = {a.shape[0] for a in args if isinstance(a, torch.Tensor) and a.dim() > 0}
+    placeholders = {n.name: n for n in program.graph.nodes if n.op == "placeholder"}
+    for name in program.graph_signature.user_inputs:
+        value = getattr(placeholders.get(name), "meta", {}).get("val")
+        shape = getattr(value, "shape", None)
+        if shape is not None and len(shape) > 0 and not isinstance(shape[0], int):
+            return None
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _rows_agree(torch: Any, fixed: Any, dynamic: Any, args: tuple[Any, ...]) -> bool:
+    """Whether the re-exported program computes each row as the fixed one does: on the example
+    batch plus its first row again (a batch the fixed program cannot take)."""
+    more = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) else a for a in args)
+    with torch.no_grad():
+        want = _to_numpy_list(fixed(*args))
+        first = _to_numpy_list(fixed(*(torch.cat([a[:1]] * a.shape[0]) for a in args)))
+        got = _to_numpy_list(dynamic(*more))
+    return all(
+        g.shape[:1] == (w.shape[0] + 1,)
+        and np.allclose(g[:-1], w, rtol=1e-4, atol=1e-5)
+        and np.allclose(g[-1], f[0], rtol=1e-4, atol=1e-5)
+        for g, w, f in zip(got, want, first, strict=True)
+    )
+
+
+def _dynamic_batch_program(torch: Any, program: Any, args: tuple[Any, ...], label: str) -> Any:
+    """``program`` with a dynamic batch where it was exported with a fixed one and its graph does
+    not depend on it (re-exported with ``dynamic_shapes`` and checked row by row); else ``program``
+    as it is, with a warning that says the batch is fixed and how to export it dynamic."""
+    batch = _fixed_batch(torch, program, args)
+    if batch is None:
+        return program
+    try:
+        with warnings.catch_warnings(), _quiet():
+            warnings.simplefilter("ignore")
+            more = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) else a for a in args)
+            dims = tuple(
+                {0: torch.export.Dim("batch")} if isinstance(a, torch.Tensor) and a.dim() else None
+                for a in args
+            )
+            # NOTE: .module() of a fixed-batch program checks its inputs' shapes (guards): off, to re-trace it
+            dynamic = torch.export.export(
+                program.module(check_guards=False), more, dynamic_shapes=dims, strict=False
+            )
+            if _rows_agree(torch, program.module(), dynamic.module(), args):
+                return dynamic
+    except (
+        Exception
+    ):  # NOTE: the graph depends on the batch (a reshape to it): keep it fixed, and say so
+        pass
+    warnings.warn(
+        f"{label} was exported with a fixed batch of {batch} (torch.export.export without dynamic_shapes) and its "
+        f"graph depends on it: the ONNX model takes batches of exactly {batch} (data is fed in batches of {batch}). "
+        f"For any batch size, export it with a dynamic batch: torch.export.export(net, (x,), "
+        f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)), one entry per input",
+        UserWarning,
+        stacklevel=3,
+    )
+    return program
 
 
 @dataclass

@@ -13,6 +13,7 @@ torch is imported only inside these functions: ``import modelpress`` never impor
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import logging
 import os
@@ -198,7 +199,8 @@ def load_torch(
     is_program = isinstance(source, torch.export.ExportedProgram)
     args = _example_args(source, example_inputs, is_program, label)
     if is_program and dynamic_batch:
-        source = _dynamic_batch_program(torch, source, args, label)
+        source = _dynamic_batch_source(torch, source, args, label)
+        is_program = isinstance(source, torch.export.ExportedProgram)
 
     runnable = source.module() if is_program else source
     reference = _reference_outputs(torch, runnable, args, label, is_program)
@@ -302,8 +304,8 @@ def _fixed_batch(torch: Any, program: Any, args: tuple[Any, ...]) -> int | None:
 
 
 def _rows_agree(torch: Any, fixed: Any, dynamic: Any, args: tuple[Any, ...]) -> bool:
-    """Whether the re-exported program computes each row as the fixed one does: on the example
-    batch plus its first row again (a batch the fixed program cannot take)."""
+    """Whether ``dynamic`` computes each row as the ``fixed`` program does: on the example batch
+    plus its first row again (a batch the fixed program cannot take)."""
     more = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) else a for a in args)
     with torch.no_grad():
         want = _to_numpy_list(fixed(*args))
@@ -317,30 +319,30 @@ def _rows_agree(torch: Any, fixed: Any, dynamic: Any, args: tuple[Any, ...]) -> 
     )
 
 
-def _dynamic_batch_program(torch: Any, program: Any, args: tuple[Any, ...], label: str) -> Any:
-    """``program`` with a dynamic batch where it was exported with a fixed one and its graph does
-    not depend on it (re-exported with ``dynamic_shapes`` and checked row by row); else ``program``
-    as it is, with a warning that says the batch is fixed and how to export it dynamic."""
+def _dynamic_batch_source(torch: Any, program: Any, args: tuple[Any, ...], label: str) -> Any:
+    """Where ``program`` was exported with a fixed batch and its graph does not depend on it (it
+    re-traces with a dynamic batch and computes each row as before), that module, exported like
+    any module (``dynamic_batch``: axis 0 named ``batch``); else ``program`` as it is, with a
+    warning that says the batch is fixed and how to export it with a dynamic one."""
     batch = _fixed_batch(torch, program, args)
     if batch is None:
         return program
+    more = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) else a for a in args)
+    dims = tuple(
+        {0: torch.export.Dim("batch")} if isinstance(a, torch.Tensor) and a.dim() else None
+        for a in args
+    )
     try:
         with warnings.catch_warnings(), _quiet():
             warnings.simplefilter("ignore")
-            more = tuple(torch.cat([a, a[:1]]) if isinstance(a, torch.Tensor) else a for a in args)
-            dims = tuple(
-                {0: torch.export.Dim("batch")} if isinstance(a, torch.Tensor) and a.dim() else None
-                for a in args
-            )
-            # NOTE: .module() of a fixed-batch program checks its inputs' shapes (guards): off, to re-trace it
-            dynamic = torch.export.export(
+            # NOTE: .module() of a fixed-batch program checks its inputs' shapes: re-traced without
+            # those guards with a dynamic batch (one row more: a batch the program cannot take)
+            free = torch.export.export(
                 program.module(check_guards=False), more, dynamic_shapes=dims, strict=False
-            )
-            if _rows_agree(torch, program.module(), dynamic.module(), args):
-                return dynamic
-    except (
-        Exception
-    ):  # NOTE: the graph depends on the batch (a reshape to it): keep it fixed, and say so
+            ).module()
+            if _rows_agree(torch, program.module(), free, args):
+                return free
+    except Exception:  # NOTE: the graph depends on the batch (a reshape to it): keep it, and say so
         pass
     warnings.warn(
         f"{label} was exported with a fixed batch of {batch} (torch.export.export without dynamic_shapes) and its "
@@ -392,7 +394,10 @@ def _reference_outputs(
 ) -> list[np.ndarray]:
     """The source model's outputs on the example inputs (what the import is checked against)."""
     if isinstance(runnable, torch.nn.Module) and not is_program:  # NOTE: programs refuse .eval()
-        runnable.eval()
+        with contextlib.suppress(
+            NotImplementedError
+        ):  # NOTE: so do their modules (a fixed batch made dynamic)
+            runnable.eval()
     try:
         with torch.no_grad():
             return _to_numpy_list(runnable(*args))

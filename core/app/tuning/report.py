@@ -239,10 +239,9 @@ class TuneReport:
         ]
 
     def table(self) -> Any:
+        from rich import box
         from rich.markup import escape
         from rich.table import Table
-
-        from rich import box
 
         table = Table(
             title=f"{self.title}",

@@ -345,8 +345,9 @@ def _dynamic_batch_source(torch: Any, program: Any, args: tuple[Any, ...], label
     except Exception:  # NOTE: the graph depends on the batch (a reshape to it): keep it, and say so
         pass
     warnings.warn(
-        f"{label} was exported with a fixed batch of {batch} (torch.export.export without dynamic_shapes) and its "
-        f"graph depends on it: the ONNX model takes batches of exactly {batch} (data is fed in batches of {batch}). "
+        f"{label} was exported with a fixed batch of {batch} (torch.export.export without dynamic_shapes) that "
+        f"its graph depends on (it could not be re-traced with another batch, or then computed other rows): "
+        f"the ONNX model takes batches of exactly {batch} (data is fed in batches of {batch}). "
         f"For any batch size, export it with a dynamic batch: torch.export.export(net, (x,), "
         f"dynamic_shapes=({{0: torch.export.Dim('batch')}},)), one entry per input",
         UserWarning,

@@ -333,7 +333,7 @@ def _dynamic_batch_source(torch: Any, program: Any, args: tuple[Any, ...], label
         for a in args
     )
     try:
-        with warnings.catch_warnings(), _quiet():
+        with warnings.catch_warnings(), _quiet_retrace():
             warnings.simplefilter("ignore")
             # NOTE: .module() of a fixed-batch program checks its inputs' shapes: re-traced without
             # those guards with a dynamic batch (one row more: a batch the program cannot take)
@@ -505,7 +505,8 @@ class _quiet:
     not installed. Skipping torchvision::nms") through torch's loggers; with the ``modelpress``
     logger at DEBUG (``modelpress -v``) the log notices are shown."""
 
-    _LOGGERS = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export")
+    _LOGGERS: tuple[str, ...] = ("torch.onnx", "torch.export", "torch._dynamo", "torch._export")
+    _LEVEL = logging.ERROR
 
     def __enter__(self) -> None:
         self._stdout = sys.stdout
@@ -515,9 +516,17 @@ class _quiet:
             for name in self._LOGGERS:
                 logger = logging.getLogger(name)
                 self._levels[name] = logger.level
-                logger.setLevel(logging.ERROR)
+                logger.setLevel(self._LEVEL)
 
     def __exit__(self, *exc: object) -> None:
         sys.stdout = self._stdout
         for name, level in self._levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+class _quiet_retrace(_quiet):
+    """:class:`_quiet` for re-tracing a fixed-batch program with another batch: where its graph depends
+    on the batch that fails, as expected, and fake tensors' error logs (a traceback) are not shown."""
+
+    _LOGGERS = (*_quiet._LOGGERS, "torch._subclasses.fake_tensor")
+    _LEVEL = logging.CRITICAL

@@ -86,6 +86,7 @@ def test_inspect_imports_only_what_it_needs(tmp_path):
     assert done.stdout.strip().splitlines()[-1] == "[]", done.stdout[-2000:]
 
 
+@pytest.mark.slow
 def test_import_modelpress_is_lazy_and_the_api_is_whole():
     code = (
         "import sys, modelpress\n"

@@ -163,6 +163,42 @@ def run_cli(
     )
 
 
+def run_cli_here(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`run_cli` in this process: ``modelpress.cli.main`` (what the console script calls) with its own
+    stdout/stderr, environment and folder, and a fresh plugin registry, as a new process would
+    have. It saves a Python start and the imports (the fast tier); tests whose point is the process
+    itself (import budgets, pipes, crashes, PYTHONPATH plugins) keep `run_cli`."""
+    import contextlib
+    import io
+    import warnings
+
+    from modelpress.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, saved_show = dict(os.environ), os.getcwd(), warnings.showwarning
+    os.environ.update(env or {})
+    try:
+        if cwd is not None:
+            os.chdir(cwd)
+        modelpress.reset_registry()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(args))
+            except SystemExit as exc:  # argparse: --help, --version, usage errors
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        warnings.showwarning = saved_show
+        modelpress.reset_registry()
+    return subprocess.CompletedProcess(
+        ["modelpress", *args], int(code or 0), out.getvalue(), err.getvalue()
+    )
+
+
 # -- framework models, trained once per session ------------------------------------------------
 @pytest.fixture(scope="session")
 def torch_digits(digits):

@@ -5,7 +5,7 @@ import json
 import pytest
 from onnx import TensorProto, helper
 
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 
 def _one_line_error(result, *fragments):
@@ -37,7 +37,7 @@ def test_inspect_tables_and_json(digits_mlp_path):
 
 
 def test_plugins_lists_builtins():
-    data = json.loads(run_cli("plugins", "--json").stdout)
+    data = json.loads(run_cli_here("plugins", "--json").stdout)
     builtin = {p["name"] for p in data["plugins"] if p["builtin"]}
     assert "onnx" in builtin
 
@@ -78,7 +78,10 @@ def test_external_data_escape_via_cli(tmp_path):
         helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
     )
     _one_line_error(
-        run_cli("inspect", str(path)), "evil.onnx", "../../etc/passwd", "outside the model's folder"
+        run_cli_here("inspect", str(path)),
+        "evil.onnx",
+        "../../etc/passwd",
+        "outside the model's folder",
     )
 
 
@@ -132,7 +135,7 @@ def test_unknown_method_and_bad_option(digits_mlp_path, tmp_path, example_plugin
 def test_verbose_shows_the_traceback(tmp_path):
     bad = tmp_path / "bad.onnx"
     bad.write_bytes(b"")
-    result = run_cli("--verbose", "inspect", str(bad))
+    result = run_cli_here("--verbose", "inspect", str(bad))
     assert result.returncode != 0 and "Traceback" in result.stderr
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import modelpress
 from modelpress.ir.provenance import Provenance
 from modelpress.testing import tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 
 def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path):
@@ -18,7 +18,7 @@ def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path
         extra={"import_check": {"max_abs_diff": 1e-7}},
     )
     modelpress.export(model, tmp_path / "net.onnx", verify=False)
-    proc = run_cli("convert", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "copy.onnx"))
+    proc = run_cli_here("convert", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "copy.onnx"))
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
     assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), (
@@ -34,5 +34,5 @@ def test_plugins_listing_fits_80_columns_when_piped():
     assert proc.returncode == 0, proc.stderr
     widest = max(len(line) for line in proc.stdout.splitlines())
     assert "installed plugins" in proc.stdout and widest <= 80, widest
-    wide = run_cli("plugins", env={"COLUMNS": "120"})
+    wide = run_cli_here("plugins", env={"COLUMNS": "120"})
     assert max(len(line) for line in wide.stdout.splitlines()) <= 120

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from modelpress.testing import tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 HEAVY = (
     "onnx",
@@ -116,6 +116,7 @@ def test_inspect_imports_only_what_it_needs(tmp_path):
     assert not set(json.loads(third_party.replace("'", '"'))) - INSPECT_THIRD_PARTY, third_party
 
 
+@pytest.mark.slow
 def test_import_modelpress_is_lazy_and_the_api_is_whole():
     code = (
         "import sys, modelpress\n"
@@ -141,6 +142,7 @@ def test_quiet_prints_only_the_result_line(mlp, tmp_path):
     env = {
         "MODELPRESS_PROGRESS_INTERVAL": "0.0001"
     }  # NOTE: every phase long enough for a progress line
+    # NOTE: a new process, whose first load is long enough for a progress line
     loud = run_cli("prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "a.onnx"), env=env)
     assert (
         loud.returncode == 0
@@ -151,14 +153,14 @@ def test_quiet_prints_only_the_result_line(mlp, tmp_path):
         ["prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "b.onnx")],
         ["convert", str(mlp), "-o", str(tmp_path / "c.onnx")],
     ):
-        quiet = run_cli(*argv, "-q", env=env)
+        quiet = run_cli_here(*argv, "-q", env=env)
         assert quiet.returncode == 0, quiet.stderr
         assert quiet.stderr == "" and len(quiet.stdout.strip().splitlines()) == 1, quiet.stdout
         assert "wrote " in quiet.stdout and "verified in ONNX Runtime" in quiet.stdout
 
 
 def test_inspect_layers_names_ops_shapes_and_parameters(mlp):
-    shown = run_cli("inspect", str(mlp), "--layers")
+    shown = run_cli_here("inspect", str(mlp), "--layers")
     assert shown.returncode == 0, shown.stderr
     lines = [line.replace("│", " ").split() for line in shown.stdout.splitlines()]
     assert ["fc1", "Gemm", "64x32", "2,112", "main", "graph"] in lines and [
@@ -169,7 +171,7 @@ def test_inspect_layers_names_ops_shapes_and_parameters(mlp):
         "main",
         "graph",
     ] in lines
-    info = json.loads(run_cli("inspect", str(mlp), "--json").stdout)
+    info = json.loads(run_cli_here("inspect", str(mlp), "--json").stdout)
     assert [(r["name"], r["op"], r["weight_shape"], r["parameters"]) for r in info["layers"]] == [
         ("fc1", "Gemm", [64, 32], 2112),
         ("fc2", "Gemm", [4, 64], 260),
@@ -179,15 +181,15 @@ def test_inspect_layers_names_ops_shapes_and_parameters(mlp):
 def test_inspect_sample_must_name_the_inputs(mlp, tmp_path):
     np.save(tmp_path / "x.npy", np.zeros((2, 32), np.float32))
     np.savez(tmp_path / "x.npz", x=np.zeros((2, 32), np.float32))
-    assert run_cli("inspect", str(mlp), "--sample", str(tmp_path / "x.npz")).returncode == 0
-    refused = run_cli("inspect", str(mlp), "--sample", str(tmp_path / "x.npy"))
+    assert run_cli_here("inspect", str(mlp), "--sample", str(tmp_path / "x.npz")).returncode == 0
+    refused = run_cli_here("inspect", str(mlp), "--sample", str(tmp_path / "x.npy"))
     assert refused.returncode == 1 and "named after the model inputs" in refused.stderr
 
 
 def test_pack_of_a_non_onnx_file_says_convert_it_first(tmp_path):
     source = tmp_path / "cnn.pt2"
     source.write_bytes(b"PK\x03\x04 not onnx")
-    refused = run_cli("pack", str(source), "-o", str(tmp_path / "cnn.mpk"))
+    refused = run_cli_here("pack", str(source), "-o", str(tmp_path / "cnn.mpk"))
     assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1
     assert (
         "pack takes an ONNX file (.onnx); convert it first: modelpress convert" in refused.stderr
@@ -272,9 +274,9 @@ def test_inspect_sample_runs_the_normalisation_check_and_its_message_is_not_cut_
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
     np.savez(tmp_path / "good.npz", **{name: np.ones((2, 4), np.float32)})
     np.savez(tmp_path / "bad.npz", **{name: np.ones((2, 5), np.float32)})
-    good = run_cli("inspect", str(path), "--sample", str(tmp_path / "good.npz"))
+    good = run_cli_here("inspect", str(path), "--sample", str(tmp_path / "good.npz"))
     assert good.returncode == 0 and "outputs equal the original's" in good.stdout, good.stderr
-    bad = run_cli("inspect", str(path), "--sample", str(tmp_path / "bad.npz"))
+    bad = run_cli_here("inspect", str(path), "--sample", str(tmp_path / "bad.npz"))
     text = " ".join(bad.stdout.split("inputs / outputs")[0].split())
     assert (
         bad.returncode == 0

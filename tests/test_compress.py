@@ -10,7 +10,7 @@ import pytest
 
 import modelpress
 from modelpress.testing import tiny_cnn
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, run_cli, run_cli_here
 
 
 @pytest.fixture
@@ -87,7 +87,7 @@ def test_recipe_errors_come_before_any_work(tiny_setup, tmp_path):
             tiny_setup, {"passes": [{"kind": "quantize", "method": "int8-static"}]}, output=out
         )
     assert not out.exists() and not (tmp_path / "report.md").exists()
-    bad = run_cli(
+    bad = run_cli_here(
         "compress",
         str(tiny_setup),
         "--recipe",
@@ -183,7 +183,7 @@ def test_interrupted_run_keeps_completed_stages(tiny_setup, tmp_path, monkeypatc
 
 
 def test_recipe_schema_cli():
-    result = run_cli("recipe-schema")
+    result = run_cli_here("recipe-schema")
     schema = json.loads(result.stdout)
     assert result.returncode == 0 and set(schema["properties"]) >= {"passes", "data", "evaluate"}
 

@@ -21,7 +21,7 @@ from modelpress.evaluation.comparison import default_min_cosine
 from modelpress.plugin.methods import DEFAULT_FLOOR
 from modelpress.plugin_api import make_session, run
 from modelpress.testing import check_method, tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,7 +329,7 @@ def test_prune_90_percent_without_data_is_exit_4_with_the_routes(tmp_path):
     source = tmp_path / "m.onnx"
     onnx.save(tiny_mlp(in_features=16, hidden=64, classes=8).to_proto(), source)
     out = tmp_path / "p.onnx"
-    refused = run_cli(
+    refused = run_cli_here(
         "prune", str(source), "-o", str(out), "--method", "magnitude", "--sparsity", "0.9"
     )
     assert refused.returncode == 4, refused.stderr
@@ -344,7 +344,7 @@ def test_prune_90_percent_without_data_is_exit_4_with_the_routes(tmp_path):
     )
     assert "nothing was written" in refused.stderr and not out.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
-    accepted = run_cli(
+    accepted = run_cli_here(
         "prune",
         str(source),
         "-o",

@@ -303,6 +303,7 @@ def face_detector(tmp_path_factory):
     return path, images[:2000], images[2000:], label[2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.torch
 def test_a_face_detector_s_regression_heads_are_quantized_at_the_defaults(face_detector, tmp_path):
     path, train, held_out, held_label = face_detector

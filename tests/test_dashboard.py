@@ -160,12 +160,12 @@ def test_dashboard_shows_the_trials_in_headless_chromium(study, tmp_path):
 def test_dashboard_refuses_a_folder_without_a_study(tmp_path):
     from modelpress.app.tuning.dashboard import study_storage
     from modelpress.base.errors import OptionsError
-    from tests.conftest import run_cli
+    from tests.conftest import run_cli_here
 
     with pytest.raises(OptionsError, match=r"no study\.db"):
         study_storage(str(tmp_path))
     assert study_storage("postgresql://u@127.0.0.1/db") == "postgresql://u@127.0.0.1/db"
-    proc = run_cli("dashboard", str(tmp_path))
+    proc = run_cli_here("dashboard", str(tmp_path))
     assert proc.returncode == 1 and "no study.db" in proc.stderr and "storage URL" in proc.stderr, (
         proc.stderr
     )

@@ -21,7 +21,7 @@ import modelpress
 from modelpress import cli
 from modelpress.testing import tiny_mlp
 from tests import fuzzing
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 
 def _sha(path: Path) -> str:
@@ -354,7 +354,7 @@ def test_K_cli_refuses_to_write_over_a_data_file(tmp_path):
     calib = tmp_path / "calib.npz"
     np.savez(calib, x=np.random.default_rng(0).standard_normal((32, 8)).astype(np.float32))
     before = _sha(calib)
-    refused = run_cli("quantize", str(path), "--calib", str(calib), "-o", str(calib), "-q")
+    refused = run_cli_here("quantize", str(path), "--calib", str(calib), "-o", str(calib), "-q")
     assert refused.returncode == 1 and "calib.npz" in refused.stderr and _sha(calib) == before
 
 
@@ -432,7 +432,7 @@ def test_cli_compress_no_imports(tmp_path):
     (tmp_path / "r.yaml").write_text(
         "passes: [{kind: quantize, method: fp16}]\nevaluate: {metric: 'os:getcwd', repeats: 1}"
     )
-    result = run_cli(
+    result = run_cli_here(
         "compress",
         str(model),
         "-r",
@@ -503,7 +503,7 @@ def test_help_documents_exit_codes_overwrite_and_no_imports():
 def test_K_convert_and_compress_refuse_to_write_over_their_input(tmp_path):
     path = _save(tiny_mlp().to_proto(), tmp_path / "m.onnx")
     before = _sha(path)
-    refused = run_cli("convert", str(path), "-o", str(path))
+    refused = run_cli_here("convert", str(path), "-o", str(path))
     assert refused.returncode == 1 and "it is the input file" in refused.stderr
     recipe = {"passes": [{"kind": "quantize", "method": "fp16"}], "evaluate": {"repeats": 1}}
     with pytest.raises(modelpress.ExportError, match="it is the input file"):
@@ -535,7 +535,7 @@ def test_B_cli_shows_the_dropped_provenance_as_one_warning_line(tmp_path):
         if entry.key == "modelpress.ir.provenance":
             entry.value = "{bad"
     path = _save(proto, tmp_path / "m.onnx")
-    result = run_cli("inspect", str(path))
+    result = run_cli_here("inspect", str(path))
     assert result.returncode == 0 and "parameters 212" in result.stdout
     assert result.stderr.strip().splitlines() == [
         f"modelpress: warning: {path}: metadata entry 'modelpress.ir.provenance' is damaged (not JSON (JSONDecodeError)); "

@@ -26,6 +26,7 @@ def test_torch_bad_inputs(torch_digits):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_torch_unsupported_layer_names_both_exporters():
     torch = pytest.importorskip("torch")
 
@@ -88,6 +89,7 @@ def test_exported_program_source(torch_digits):
 
 
 @pytest.mark.tensorflow
+@pytest.mark.slow
 def test_keras_without_input_shape():
     keras = pytest.importorskip("keras")
     pytest.importorskip("tf2onnx")

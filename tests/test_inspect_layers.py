@@ -13,7 +13,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import modelpress
 from modelpress.app.describe import layer_rows
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 def _lstm_file(path) -> None:
@@ -58,9 +58,9 @@ def test_inspect_lists_recurrent_layers_and_embedding_tables(tmp_path):
         and rows["embed"]["weight_shape"] == [50, 6]
     )
     assert rows["fc"]["parameters"] == 15
-    info = json.loads(run_cli("inspect", str(path), "--json").stdout)
+    info = json.loads(run_cli_here("inspect", str(path), "--json").stdout)
     assert info["weighted_layers"] == 3 and info["parameters"] == 300 + 260 + 15
-    shown = run_cli("inspect", str(path), "--layers").stdout
+    shown = run_cli_here("inspect", str(path), "--layers").stdout
     assert "weighted layers 3" in shown and "LSTM" in shown and "1x20x6" in shown
 
 

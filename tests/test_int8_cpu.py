@@ -16,7 +16,7 @@ from modelpress.data.samples import sample_inputs
 from modelpress.plugins.quantize import cpu
 from modelpress.runtime.session import make_session, run
 from modelpress.testing import tiny_cnn, tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 def _graph_bytes(model):
@@ -188,7 +188,7 @@ def test_int8_dynamic_keeps_weight_only_tables_and_convs_8_bit(monkeypatch):
 def test_the_cli_takes_reduce_range(tmp_path):
     path = tmp_path / "m.onnx"
     modelpress.export(tiny_mlp(), path)
-    done = run_cli(
+    done = run_cli_here(
         "apply",
         str(path),
         "-m",

@@ -21,7 +21,7 @@ from modelpress.packing.container import PackedModel, tensor_report
 from modelpress.plugin.codec import Codec, TensorInfo
 from modelpress.runtime.session import make_session, run
 from modelpress.testing import tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli, run_cli_here
 
 F32 = ir.DataType.FLOAT
 
@@ -280,7 +280,7 @@ def test_damaged_containers_are_named_and_leave_nothing(digits_mlp_path, tmp_pat
         modelpress.unpack(manifest, tmp_path / "out.onnx")
     with pytest.raises(modelpress.InvalidModelError, match="not a modelpress pack"):
         modelpress.unpack(digits_mlp_path, tmp_path / "out.onnx")
-    cli = run_cli("unpack", str(bad), "-o", str(tmp_path / "out.onnx"))
+    cli = run_cli_here("unpack", str(bad), "-o", str(tmp_path / "out.onnx"))
     assert (
         cli.returncode == 1
         and target.name in cli.stderr

@@ -181,13 +181,15 @@ def test_a_large_stream_is_coded_by_lzma_only_where_a_sample_says_it_may_win(mon
     coded: list[int] = []
     real = streams.lzma_encode
     monkeypatch.setattr(streams, "lzma_encode", lambda data: coded.append(len(data)) or real(data))
+    # NOTE: "large" is above LZMA_SAMPLE (1 MiB); a lower threshold takes the same path on 512 KiB
+    monkeypatch.setattr(streams, "LZMA_SAMPLE", 256 << 10)
     skewed = (
-        (rng.random(2 << 20) < 0.03).astype(np.uint8).tobytes()
+        (rng.random(512 << 10) < 0.03).astype(np.uint8).tobytes()
     )  # LZMA's range coder beats Huffman's 1 bit/byte floor
     blob = streams.encode(skewed)
     assert blob[0] == streams.LZMA and streams.decode(blob) == skewed and max(coded) == len(skewed)
     coded.clear()
-    noise = rng.integers(0, 256, 2 << 20, dtype=np.uint8).tobytes()
+    noise = rng.integers(0, 256, 512 << 10, dtype=np.uint8).tobytes()
     blob = streams.encode(noise)
     assert (
         blob[0] != streams.LZMA

@@ -14,7 +14,7 @@ import modelpress
 from modelpress.packing.container import PackedModel
 from modelpress.packing.needs import missing_codec_error, pack_needs
 from modelpress.plugin.codec import Codec
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 class _Constant:
@@ -128,21 +128,21 @@ def test_a_pack_from_before_codec_plugins_names_the_plugin(tmp_path):
 
 def test_cli_inspect_lists_the_codecs_a_pack_needs(tmp_path):
     model = _model(tmp_path / "m.onnx")
-    assert run_cli("pack", str(model), "-o", str(tmp_path / "builtin.mpk")).returncode == 0
-    shown = run_cli("inspect", str(tmp_path / "builtin.mpk"))
+    assert run_cli_here("pack", str(model), "-o", str(tmp_path / "builtin.mpk")).returncode == 0
+    shown = run_cli_here("inspect", str(tmp_path / "builtin.mpk"))
     assert shown.returncode == 0, shown.stderr
     assert (
         "codecs this pack needs" in shown.stdout
         and "modelpress" in shown.stdout
         and "yes" in shown.stdout
     )
-    as_json = json.loads(run_cli("inspect", str(tmp_path / "builtin.mpk"), "--json").stdout)
+    as_json = json.loads(run_cli_here("inspect", str(tmp_path / "builtin.mpk"), "--json").stdout)
     assert as_json["codecs"] and all(
         row["installed"] and row["distribution"] == "modelpress" for row in as_json["codecs"]
     )
     # coded by a codec the command line does not have: listed, then one error naming what to install
     modelpress.pack(model, tmp_path / "m.mpk", registry=_installed_registry())
-    missing = run_cli("inspect", str(tmp_path / "m.mpk"))
+    missing = run_cli_here("inspect", str(tmp_path / "m.mpk"))
     assert missing.returncode != 0
     assert (
         "constant" in missing.stdout
@@ -150,5 +150,5 @@ def test_cli_inspect_lists_the_codecs_a_pack_needs(tmp_path):
         and "no" in missing.stdout
     )
     assert "pip install 'modelpress-constant==1.2.0'" in missing.stderr
-    listed = json.loads(run_cli("inspect", str(tmp_path / "m.mpk"), "--json").stdout)
+    listed = json.loads(run_cli_here("inspect", str(tmp_path / "m.mpk"), "--json").stdout)
     assert {row["codec"]: row["installed"] for row in listed["codecs"]}["constant"] is False

@@ -30,6 +30,7 @@ def test_stop_below_defaults_to_the_floor_export_applies(digits_mlp_path):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_unreachable_sparsity_stops_early_and_returns_the_best_step(
     digits_mlp_path, digits, tmp_path
 ):
@@ -66,6 +67,7 @@ def test_unreachable_sparsity_stops_early_and_returns_the_best_step(
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_reachable_sparsity_runs_every_step(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
@@ -90,6 +92,7 @@ def test_reachable_sparsity_runs_every_step(digits_mlp_path, digits):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_channel_schedule_judges_against_a_given_floor(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}
@@ -118,6 +121,7 @@ def test_channel_schedule_judges_against_a_given_floor(digits_mlp_path, digits):
 
 
 @pytest.mark.torch
+@pytest.mark.slow
 def test_n_m_schedule_keeps_the_better_tuned_step(digits_mlp_path, digits):
     model = modelpress.load(digits_mlp_path)
     train = {"x": digits["x_train"], "labels": digits["y_train"]}

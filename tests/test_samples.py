@@ -15,7 +15,7 @@ from onnx import TensorProto, helper, numpy_helper
 import modelpress
 from modelpress.data.samples import index_limits, load_dataset, sample_inputs
 from modelpress.runtime.session import make_session, run, run_dataset
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 ROLES = 4  # rows of the role table, reached through Cast -> Add 1: atoms must stay in [0, 3)
 ATOMS = 64  # rows of the atom table, reached through Unsqueeze -> Gather -> Reshape
@@ -321,7 +321,7 @@ def test_the_one_array_layout_is_unchanged(docs_dir, tmp_path):
 def test_the_cli_reads_a_per_sample_file(transformer, tmp_path):
     modelpress.export(transformer, tmp_path / "model.onnx", show_progress=False)
     np.savez(tmp_path / "calib.npz", **{f"atoms/{i}": s for i, s in enumerate(_samples())})
-    done = run_cli(
+    done = run_cli_here(
         "quantize",
         str(tmp_path / "model.onnx"),
         "-m",

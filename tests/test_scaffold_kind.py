@@ -9,7 +9,7 @@ import pytest
 import modelpress
 from modelpress.app.scaffold import new_plugin
 from modelpress.testing import check_method, tiny_cnn
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 def _module(target, name):
@@ -50,7 +50,7 @@ def test_an_installed_kind_is_not_declared_again(tmp_path):
 def test_a_bad_kind_name_is_refused(tmp_path):
     with pytest.raises(modelpress.OptionsError, match=r"'Bad Kind' is not a valid kind name"):
         new_plugin("thin", tmp_path / "pkg", kind="Bad Kind")
-    refused = run_cli(
+    refused = run_cli_here(
         "plugins", "new", "thin", "--dir", str(tmp_path / "cli"), "--kind", "Bad Kind"
     )
     assert (

@@ -15,6 +15,7 @@ def _digits_model():
     return tiny_mlp(in_features=64, hidden=32, classes=10, seed=1)
 
 
+@pytest.mark.slow
 def test_fit_trains_a_lowered_model_and_weights_go_back(digits):
     model = _digits_model()
     module = modelpress.to_torch(model)

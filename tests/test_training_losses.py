@@ -30,6 +30,7 @@ def _accuracy(model, x, y):
     )
 
 
+@pytest.mark.slow
 def test_the_loss_fits_the_output(digits):
     x, y = digits["x_train"], digits["y_train"]
     softmax = choose_loss(_lowered(_softmax_mlp(torch.nn.Softmax(dim=1)), x), [x], y)

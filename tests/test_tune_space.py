@@ -324,6 +324,7 @@ def test_a_third_party_kind_runs_in_a_default_tune_next_to_builtins(
     assert "## Left out of the search space" in (tmp_path / "out" / "report.md").read_text()
 
 
+@pytest.mark.slow
 def test_a_local_tune_ignores_a_stale_ray_cluster_file(digits_mlp_path, tune_data, tmp_path):
     pytest.importorskip("ray", reason="needs the distributed extra")
     pytest.importorskip("optuna", reason="needs the distributed extra")

@@ -186,6 +186,7 @@ def test_a_configuration_is_claimed_by_one_driver(tmp_path):
         b.close()
 
 
+@pytest.mark.slow
 def test_a_killed_drivers_running_trials_run_again(tmp_path):
     url = f"sqlite:///{tmp_path / 'study.db'}"
     proc = subprocess.run(
@@ -208,6 +209,7 @@ def test_a_killed_drivers_running_trials_run_again(tmp_path):
         store.close()
 
 
+@pytest.mark.slow
 def test_a_driver_lost_mid_study_is_noticed_by_the_live_one(tmp_path):
     from modelpress.app.tuning.claims import BEAT_S
 

@@ -6,7 +6,7 @@ import onnx
 
 import modelpress
 from modelpress.testing import tiny_mlp
-from tests.conftest import run_cli
+from tests.conftest import run_cli_here
 
 
 def test_verification_names_its_inputs_count_and_whether_they_were_random(tmp_path):
@@ -15,13 +15,13 @@ def test_verification_names_its_inputs_count_and_whether_they_were_random(tmp_pa
     np.savez(
         tmp_path / "s.npz", x=np.random.default_rng(0).standard_normal((5, 16)).astype(np.float32)
     )
-    random = run_cli("prune", str(path), "--sparsity", "0.3", "-o", str(tmp_path / "a.onnx"))
+    random = run_cli_here("prune", str(path), "--sparsity", "0.3", "-o", str(tmp_path / "a.onnx"))
     text = " ".join(random.stdout.split())
     assert (
         random.returncode == 0
         and "on 2 random inputs — pass --sample (sample=) for real data" in text
     ), text
-    real = run_cli(
+    real = run_cli_here(
         "prune",
         str(path),
         "--sparsity",

@@ -352,8 +352,8 @@ def _value_info(
 _ATTR_VALUES = {1: 2, 2: 3, 3: 4, 6: 7, 7: 8, 8: 9}  # attribute type -> the field holding its value
 
 
-def _attribute(buf: memoryview, p0: int, p1: int) -> _Attr:
-    """A node attribute: name, type and value (numbers and text; none for tensors and the rest)."""
+def _attribute(buf: memoryview, p0: int, p1: int, base: Path) -> _Attr:
+    """A node attribute: name, type and value (numbers, text, a tensor's metadata; none for the rest)."""
     name, kind, found = "", 0, {}
     for number, wire, a, b in fields(buf, p0, p1):
         if number == 1:
@@ -364,7 +364,7 @@ def _attribute(buf: memoryview, p0: int, p1: int) -> _Attr:
             raise CannotAnswer("a function attribute reference")
         elif number in (6, 11):
             raise CannotAnswer("a subgraph (If/Loop/Scan)")
-        elif number in (2, 3, 4):
+        elif number in (2, 3, 4, 5):
             found[number] = (wire, a, b)
         elif number in (7, 8, 9):
             found.setdefault(number, []).append((wire, a, b))
@@ -381,10 +381,12 @@ def _attribute(buf: memoryview, p0: int, p1: int) -> _Attr:
         value = tuple(v for w, a, b in found.get(8, []) for v in _ints(buf, w, a, b))
     elif field == 9:
         value = tuple(_text(buf, a, b) for _w, a, b in found.get(9, []))
+    elif kind == 4 and 5 in found:
+        value = _tensor(buf, found[5][1], found[5][2], base)[1]
     return _Attr(name, kind, value)
 
 
-def _node(buf: memoryview, p0: int, p1: int) -> tuple[_Node, list[str], list[str]]:
+def _node(buf: memoryview, p0: int, p1: int, base: Path) -> tuple[_Node, list[str], list[str]]:
     """A node, with the names of its inputs and outputs."""
     node, inputs, outputs = _Node(), [], []
     for number, _w, a, b in fields(buf, p0, p1):
@@ -397,7 +399,7 @@ def _node(buf: memoryview, p0: int, p1: int) -> tuple[_Node, list[str], list[str
         elif number == 4:
             node.op_type = _text(buf, a, b)
         elif number == 5:
-            attr = _attribute(buf, a, b)
+            attr = _attribute(buf, a, b, base)
             node.attributes[attr.name] = attr
         elif number == 7:
             node.domain = _text(buf, a, b)
@@ -425,7 +427,7 @@ def _graph_parts(buf: memoryview, p0: int, p1: int, base: Path) -> _GraphParts:
     parts = _GraphParts()
     for number, _w, a, b in fields(buf, p0, p1):
         if number == 1:
-            parts.nodes.append(_node(buf, a, b))
+            parts.nodes.append(_node(buf, a, b, base))
         elif number == 2:
             parts.name = _text(buf, a, b) or None
         elif number == 5:
@@ -473,9 +475,11 @@ def _link(parts: _GraphParts) -> _Graph:
                 raise CannotAnswer(f"node input {name!r} is defined nowhere before it")
             node.inputs.append(values[name] if name else None)
         for name in outputs:
-            if not name or name in values:
-                raise CannotAnswer(f"node output {name!r} is unnamed or defined twice")
-            value = values[name] = _Value(name)
+            if name in values:
+                raise CannotAnswer(f"node output {name!r} is defined twice")
+            value = _Value(name)  # NOTE: "" is an optional output left out
+            if name:
+                values[name] = value
             value._producer = node
             node.outputs.append(value)
         for idx, value in enumerate(node.inputs):

@@ -68,11 +68,11 @@ def light_info(args: argparse.Namespace) -> dict[str, Any] | None:
     :mod:`modelpress.io.onnx_view`), or when the options need the loaded model."""
     if args.sample or args.entropy or getattr(args, "task", None):
         return None
-    from modelpress.app.describe import describe
+    import modelpress
     from modelpress.io.onnx_view import CannotAnswer, read_onnx
 
     try:
-        return describe(read_onnx(args.model, normalize=not args.no_normalize))  # type: ignore[arg-type]
+        return modelpress.describe(read_onnx(args.model, normalize=not args.no_normalize))  # type: ignore[arg-type]
     except CannotAnswer:
         return None
 

@@ -279,7 +279,13 @@ def _external(entries: dict[str, str], declared: int, base: Path) -> str:
     try:
         offset = int(entries.get("offset") or 0)
         length = int(entries["length"]) if entries.get("length") else declared
-        fits = offset >= 0 and length == declared and offset + length <= target.stat().st_size
+        inside = target.resolve().is_relative_to(base.resolve()) and target.is_file()
+        fits = (
+            inside
+            and 0 <= offset
+            and length == declared
+            and offset + length <= target.stat().st_size
+        )
     except (OSError, ValueError):
         fits = False
     if not fits:

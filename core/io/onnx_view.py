@@ -311,6 +311,8 @@ def _tensor(buf: memoryview, p0: int, p1: int, base: Path) -> tuple[str, _Tensor
             entries[key] = value
         elif number == 14:
             external = varint(buf, a)[0] == 1
+        elif number == 12:
+            _text(buf, a, b)  # NOTE: decoded only to send text that is not UTF-8 to the full load
     if any(d < 0 for d in dims):
         raise CannotAnswer(f"tensor {name!r} has a negative dimension")
     tensor = _Tensor(dtype, tuple(dims), None)
@@ -343,6 +345,8 @@ def _value_info(
     for number, _w, a, b in fields(buf, p0, p1):
         if number == 1:
             name = _text(buf, a, b)
+        elif number == 3:
+            _text(buf, a, b)
         elif number == 2:
             for t_number, _tw, c, e in fields(buf, a, b):
                 if t_number != 1:
@@ -368,6 +372,8 @@ def _attribute(buf: memoryview, p0: int, p1: int, base: Path) -> _Attr:
             kind = varint(buf, a)[0]
         elif number == 21:
             raise CannotAnswer("a function attribute reference")
+        elif number == 13:
+            _text(buf, a, b)
         elif number in (6, 11):
             raise CannotAnswer("a subgraph (If/Loop/Scan)")
         elif number in (2, 3, 4, 5):
@@ -411,6 +417,8 @@ def _node(buf: memoryview, p0: int, p1: int, base: Path) -> tuple[_Node, list[st
             node.domain = _text(buf, a, b)
         elif number == 8:
             raise CannotAnswer("a node with an overload")
+        elif number == 6:
+            _text(buf, a, b)
         elif number == 9:
             key, value = _entry(buf, a, b)
             node.metadata_props[key] = value
@@ -446,6 +454,8 @@ def _graph_parts(buf: memoryview, p0: int, p1: int, base: Path) -> _GraphParts:
             parts.value_info.add(_value_info(buf, a, b)[0])
         elif number == 15:
             raise CannotAnswer("a sparse initializer")
+        elif number == 10:
+            _text(buf, a, b)
     return parts
 
 
@@ -559,6 +569,8 @@ def _model(buf: memoryview, base: Path) -> _Model:
             model.metadata_props[key] = value
         elif number in (20, 25):
             raise CannotAnswer("training information or model-local functions")
+        elif number in (4, 6):
+            _text(buf, a, b)
     if model.ir_version <= 0 or graph is None or not model.opset_imports:
         raise CannotAnswer("not an ONNX model: the full load says why")
     model.graph = _link(graph)
@@ -586,10 +598,10 @@ def _parse(path: Path) -> _Model:
 
 def _provenance(model: _Model, path: Path, normalize: bool) -> Provenance:
     """The provenance loading would give: the one stored in the file, else the ONNX adapter's."""
-    stored = model.metadata_props.get(PROVENANCE_KEY)
-    if stored:
+    if PROVENANCE_KEY in model.metadata_props:
+        stored = model.metadata_props[PROVENANCE_KEY]
         try:
-            return Provenance.from_json(stored)
+            return Provenance.from_json(stored) if stored else Provenance()
         except ValueError:
             raise CannotAnswer("a damaged provenance entry (the full load warns)") from None
     if model.producer_name == "pytorch":

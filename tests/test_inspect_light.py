@@ -145,3 +145,81 @@ def _zoo_files():
 def test_zoo_models_show_the_same_figures_both_ways(path):
     both_ways(path)
     both_ways(path, no_normalize=True)
+
+
+def _attribute_file(path) -> None:
+    """Attributes of every kind the rules may read: negative ints, int lists, floats, text."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.w"),
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "conv.w"], ["c"], pads=[1, 1, 1, 1], strides=[1, 1], name="conv"
+        ),
+        helper.make_node("ReduceMean", ["c"], ["m"], axes=[-1, -2], keepdims=0, name="pool"),
+        helper.make_node("Gemm", ["m", "fc.w", "fc.b"], ["g"], transB=1, alpha=0.5, name="fc"),
+        helper.make_node("LeakyRelu", ["g"], ["l"], alpha=0.1, name="act"),
+        helper.make_node("Einsum", ["l"], ["y"], equation="bi->bi", name="same"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_attributes_read_as_onnx_ir_reads_them(tmp_path):
+    path = tmp_path / "attrs.onnx"
+    _attribute_file(path)
+    loaded = modelpress.load(path, normalize=False, show_progress=False).ir.graph
+    light = read_onnx(path).ir.graph
+
+    def attributes(graph):
+        return [
+            (n.name, n.op_type, {k: (a.type, a.value) for k, a in n.attributes.items()})
+            for n in graph
+        ]
+
+    expected = [
+        (
+            name,
+            op,
+            {
+                k: (int(t), list(v) if isinstance(v, (tuple, list)) else v)
+                for k, (t, v) in attrs.items()
+            },
+        )
+        for name, op, attrs in attributes(loaded)
+    ]
+    got = [
+        (
+            name,
+            op,
+            {k: (t, list(v) if isinstance(v, (tuple, list)) else v) for k, (t, v) in attrs.items()},
+        )
+        for name, op, attrs in attributes(light)
+    ]
+    assert got == expected and got[1][2]["axes"] == (7, [-1, -2])
+    assert both_ways(path) and both_ways(path, no_normalize=True)
+
+
+def test_an_output_of_unknown_dims_is_left_to_shape_inference(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+    )
+    path = tmp_path / "untyped.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(CannotAnswer, match="shape inference"):
+        read_onnx(path)
+    assert light_info(_args(path)) is None and describe(modelpress.load(path))["outputs"][0][
+        "shape"
+    ] == ["N", 4]

@@ -15,13 +15,14 @@ from modelpress.ir.layers import RECURRENT_OPS, find_weighted_layers
 from modelpress.ir.view import BFLOAT16, FLOAT, FLOAT16
 
 if TYPE_CHECKING:
+    from modelpress.io.onnx_view import OnnxFileView
     from modelpress.ir.model import Model
     from modelpress.ir.view import NodeView, ValueView
 
 __all__ = ["describe", "layer_rows", "size_on_disk"]
 
 
-def size_on_disk(model: Model) -> int | None:
+def size_on_disk(model: Model | OnnxFileView) -> int | None:
     """Bytes of the model file plus the external-data files it references (None if not from a file)."""
     if not model.path:
         return None
@@ -58,7 +59,7 @@ def _shape(value: ValueView | None) -> list[int | None] | None:
     )
 
 
-def layer_rows(model: Model) -> list[dict[str, Any]]:
+def layer_rows(model: Model | OnnxFileView) -> list[dict[str, Any]]:
     """Each weighted layer (subgraphs included): name (what ``exclude``/``layers`` options take), op,
     weight shape, parameters (weight and bias elements) and scope ("" in the main graph); then, in
     the main graph, each LSTM/GRU/RNN and each embedding table (``Gather`` from a constant float
@@ -204,13 +205,13 @@ def _constant_sources(
     return list(found.values())
 
 
-def _producer(model: Model) -> str:
+def _producer(model: Model | OnnxFileView) -> str:
     """``name version``; tf2onnx writes the version "None" when it has none."""
     parts = [model.ir.producer_name, model.ir.producer_version]
     return " ".join(p for p in parts if p and p != "None")
 
 
-def describe(model: Model) -> dict[str, Any]:
+def describe(model: Model | OnnxFileView) -> dict[str, Any]:
     """Op histogram, parameter count, sizes, opset, signature, weighted layers and provenance. Reads no weight."""
     sig = model.signature
     layers = layer_rows(model)

@@ -72,7 +72,7 @@ def light_info(args: argparse.Namespace) -> dict[str, Any] | None:
     from modelpress.io.onnx_view import CannotAnswer, read_onnx
 
     try:
-        return modelpress.describe(read_onnx(args.model, normalize=not args.no_normalize))  # type: ignore[arg-type]
+        return modelpress.describe(read_onnx(args.model, normalize=not args.no_normalize))
     except CannotAnswer:
         return None
 

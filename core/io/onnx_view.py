@@ -296,7 +296,9 @@ def _external(entries: dict[str, str], declared: int, base: Path) -> str:
 def _tensor(buf: memoryview, p0: int, p1: int, base: Path) -> tuple[str, _Tensor]:
     """An initializer's name, element type and dims; its data (``raw_data``, ``float_data``...)
     is skipped, never copied."""
-    name, dtype, dims, external, entries = "", 0, [], False, {}
+    name, dtype, external = "", 0, False
+    dims: list[int] = []
+    entries: dict[str, str] = {}
     for number, wire, a, b in fields(buf, p0, p1):
         if number == 1:
             dims.extend(_ints(buf, wire, a, b))
@@ -364,7 +366,8 @@ _ATTR_VALUES = {1: 2, 2: 3, 3: 4, 6: 7, 7: 8, 8: 9}  # attribute type -> the fie
 
 def _attribute(buf: memoryview, p0: int, p1: int, base: Path) -> _Attr:
     """A node attribute: name, type and value (numbers, text, a tensor's metadata; none for the rest)."""
-    name, kind, found = "", 0, {}
+    name, kind = "", 0
+    found: dict[int, Any] = {}  # field -> (wire, start, end), a list of them for repeated fields
     for number, wire, a, b in fields(buf, p0, p1):
         if number == 1:
             name = _text(buf, a, b)
@@ -498,19 +501,19 @@ def _link(parts: _GraphParts) -> _Graph:
                 values[name] = value
             value._producer = node
             node.outputs.append(value)
-        for idx, value in enumerate(node.inputs):
-            if value is not None:
-                value._uses.append(_Use(node, idx))
+        for idx, used in enumerate(node.inputs):
+            if used is not None:
+                used._uses.append(_Use(node, idx))
         graph.nodes.append(node)
     for name, dtype, shape in parts.outputs:
-        value = values.get(name)
+        output = values.get(name)
         complete = shape is not None and all(
             isinstance(d, int) or d.value is not None for d in shape
         )
-        if value is None or value._producer is None or dtype is None or not complete:
+        if output is None or output._producer is None or dtype is None or not complete:
             raise CannotAnswer(f"graph output {name!r}: shape inference would complete its type")
-        value._declared = (dtype, shape)
-        graph.outputs.append(value)
+        output._declared = (dtype, shape)
+        graph.outputs.append(output)
     return graph
 
 

@@ -19,6 +19,7 @@ expect. It does not validate: the ONNX checker runs when a model is loaded.
 
 from __future__ import annotations
 
+import math
 import mmap
 import os
 import struct
@@ -104,7 +105,7 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return -(-int(_DTYPES[self.dtype][1] * self.size * 2) // 2)  # ceil, as onnx-ir
+        return math.ceil(_DTYPES[self.dtype][1] * self.size)  # NOTE: as onnx-ir (4-bit: half a byte)
 
 
 class _Use:

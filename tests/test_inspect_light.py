@@ -223,3 +223,24 @@ def test_an_output_of_unknown_dims_is_left_to_shape_inference(tmp_path):
     assert light_info(_args(path)) is None and describe(modelpress.load(path))["outputs"][0][
         "shape"
     ] == ["N", 4]
+
+
+def test_initializers_listed_as_inputs_are_weights_not_inputs(tmp_path):
+    """IR < 4 files list every initializer among the graph inputs."""
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [weight],
+    )
+    path = tmp_path / "ir3.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    onnx.save(model, path)
+    assert both_ways(path) and both_ways(path, no_normalize=True)
+    info = light_info(_args(path))
+    assert [s["name"] for s in info["inputs"]] == ["x"] and info["parameters"] == 12

@@ -14,7 +14,9 @@ nodes, nodes of constants only, dead nodes or unused initializers), subgraphs (I
 functions, sparse or string tensors, external data that is not plainly beside the file, a file
 the torch exporter wrote (the torch adapter renames its layers), a graph output whose type only
 shape inference would complete, a shape of an intermediate value, and any byte it does not
-expect. It does not validate: the ONNX checker runs when a model is loaded.
+expect. It does not validate: the ONNX checker runs when a model is loaded. Nor does it run
+shape inference: a graph output is typed as the file declares it, so a named dimension that
+inference would find fixed (declared ``[N, 3]``, computed ``[2, 3]``) stays named here.
 """
 
 from __future__ import annotations
@@ -105,7 +107,9 @@ class _Tensor:
 
     @property
     def nbytes(self) -> int:
-        return math.ceil(_DTYPES[self.dtype][1] * self.size)  # NOTE: as onnx-ir (4-bit: half a byte)
+        return math.ceil(
+            _DTYPES[self.dtype][1] * self.size
+        )  # NOTE: as onnx-ir (4-bit: half a byte)
 
 
 class _Use:

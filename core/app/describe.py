@@ -1,32 +1,48 @@
-"""``modelpress.describe``: what ``modelpress inspect`` shows, as a dict."""
+"""``modelpress.describe``: what ``modelpress inspect`` shows, as a dict.
+
+Computed on the read-only graph view (:mod:`modelpress.ir.view`), so the same rules describe a
+loaded :class:`~modelpress.Model` and the light reader's view of an ``.onnx`` file
+(:mod:`modelpress.io.onnx_view`, what ``inspect`` uses without importing onnx); both carry
+``name``, ``path``, ``ir`` (the view), ``signature`` and ``provenance``."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import onnx_ir as ir
+from modelpress.ir.counting import op_histogram, parameter_count, weight_bytes
+from modelpress.ir.layers import RECURRENT_OPS, find_weighted_layers
+from modelpress.ir.view import BFLOAT16, FLOAT, FLOAT16
 
-from modelpress.ir.layers import RECURRENT_OPS
-from modelpress.ir.model import Model
+if TYPE_CHECKING:
+    from modelpress.io.onnx_view import OnnxFileView
+    from modelpress.ir.model import Model
+    from modelpress.ir.view import NodeView, ValueView
 
 __all__ = ["describe", "layer_rows", "size_on_disk"]
 
 
-def size_on_disk(model: Model) -> int | None:
+def size_on_disk(model: Model | OnnxFileView) -> int | None:
     """Bytes of the model file plus the external-data files it references (None if not from a file)."""
     if not model.path:
         return None
     path = Path(model.path)
     files = {path.resolve()}
     for value in model.ir.graph.initializers.values():
-        tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor):
-            files.add(Path(tensor.path).resolve())
+        location = _external_path(value.const_value)
+        if location is not None:
+            files.add(Path(location).resolve())
     return sum(f.stat().st_size for f in files if f.is_file())
 
 
-def _elements(value: ir.Value | None) -> int:
+def _external_path(tensor: Any) -> str | None:
+    """The file an external tensor's data is in (onnx-ir's ``ExternalTensor`` and the light
+    reader's tensors say ``path``; a tensor in the model file has none)."""
+    from_file = getattr(tensor, "path", None)
+    return from_file if isinstance(from_file, str) else None
+
+
+def _elements(value: ValueView | None) -> int:
     if value is None or value.shape is None:
         return 0
     count = 1
@@ -35,7 +51,7 @@ def _elements(value: ir.Value | None) -> int:
     return count
 
 
-def _shape(value: ir.Value | None) -> list[int | None] | None:
+def _shape(value: ValueView | None) -> list[int | None] | None:
     return (
         None
         if value is None or value.shape is None
@@ -43,13 +59,14 @@ def _shape(value: ir.Value | None) -> list[int | None] | None:
     )
 
 
-def layer_rows(model: Model) -> list[dict[str, Any]]:
+def layer_rows(model: Model | OnnxFileView) -> list[dict[str, Any]]:
     """Each weighted layer (subgraphs included): name (what ``exclude``/``layers`` options take), op,
     weight shape, parameters (weight and bias elements) and scope ("" in the main graph); then, in
     the main graph, each LSTM/GRU/RNN and each embedding table (``Gather`` from a constant float
     matrix), which carry most of a recurrent or text model's weights. Reads no weight."""
     rows = []
-    for layer in model.weighted_layers(subgraphs=True):
+    layers = find_weighted_layers(model.ir.graph, subgraphs=True)
+    for layer in layers:
         rows.append(
             {
                 "name": layer.name,
@@ -59,7 +76,7 @@ def layer_rows(model: Model) -> list[dict[str, Any]]:
                 "scope": layer.scope,
             }
         )
-    seen = {id(layer.node) for layer in model.weighted_layers(subgraphs=True)}
+    seen = {id(layer.node) for layer in layers}
     for node in model.ir.graph:
         if id(node) in seen:
             continue
@@ -112,7 +129,7 @@ _QUANTIZED_WEIGHT = {
 _BIAS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6, "MatMulNBits": 5}
 
 
-def _weight_sources(values: Any) -> list[ir.Value]:
+def _weight_sources(values: Any) -> list[ValueView]:
     """The constants ``values`` are computed from that hold weights, not the scales and zero points
     of a Q/DQ (its inputs 1 and 2)."""
     sources = _constant_sources(values, dtypes=None)
@@ -126,7 +143,7 @@ def _weight_sources(values: Any) -> list[ir.Value]:
     ]
 
 
-def _quantized_row(node: ir.Node) -> dict[str, Any] | None:
+def _quantized_row(node: NodeView) -> dict[str, Any] | None:
     """A weighted layer of a quantized model (weight behind a DequantizeLinear, or an integer op)."""
     index = _QUANTIZED_WEIGHT[node.op_type]
     weights = _weight_sources([node.inputs[index]])
@@ -155,25 +172,25 @@ def _quantized_row(node: ir.Node) -> dict[str, Any] | None:
     }
 
 
-def _is_table(value: ir.Value | None) -> bool:
+def _is_table(value: ValueView | None) -> bool:
     return (
         value is not None
         and value.const_value is not None
-        and value.dtype == ir.DataType.FLOAT
+        and value.dtype == FLOAT
         and value.shape is not None
         and len(value.shape) == 2
     )
 
 
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16)
+_FLOATS = (FLOAT, FLOAT16, BFLOAT16)
 
 
 def _constant_sources(
-    values: Any, depth: int = 8, dtypes: tuple[ir.DataType, ...] | None = _FLOATS
-) -> list[ir.Value]:
+    values: Any, depth: int = 8, dtypes: tuple[int, ...] | None = _FLOATS
+) -> list[ValueView]:
     """The float constants that ``values`` are computed from (a torch-exported LSTM's ``W`` is
     ``Concat`` of ``Slice``s of ``weight_ih``); none when one of them depends on a graph input."""
-    found: dict[int, ir.Value] = {}
+    found: dict[int, ValueView] = {}
     stack = [(v, 0) for v in values if v is not None]
     while stack:
         value, level = stack.pop()
@@ -188,31 +205,31 @@ def _constant_sources(
     return list(found.values())
 
 
-def _producer(model: Model) -> str:
+def _producer(model: Model | OnnxFileView) -> str:
     """``name version``; tf2onnx writes the version "None" when it has none."""
     parts = [model.ir.producer_name, model.ir.producer_version]
     return " ".join(p for p in parts if p and p != "None")
 
 
-def describe(model: Model) -> dict[str, Any]:
+def describe(model: Model | OnnxFileView) -> dict[str, Any]:
     """Op histogram, parameter count, sizes, opset, signature, weighted layers and provenance. Reads no weight."""
     sig = model.signature
     layers = layer_rows(model)
     return {
         "name": model.name,
         "path": model.path,
-        "opset": model.opset,
+        "opset": int(model.ir.opset_imports.get("", 0)),
         "opset_imports": dict(model.ir.opset_imports),
         "ir_version": model.ir.ir_version,
         "producer": _producer(model),
         "nodes": len(model.ir.graph),
         "nodes_in_subgraphs": sum(len(g) for g in model.ir.graphs()) - len(model.ir.graph),
-        "parameters": model.parameter_count(),
-        "weight_bytes": model.weight_bytes(),
+        "parameters": parameter_count(model.ir),
+        "weight_bytes": weight_bytes(model.ir),
         "size_on_disk": size_on_disk(model),
         "inputs": [s.to_dict() for s in sig.inputs],
         "outputs": [s.to_dict() for s in sig.outputs],
-        "ops": model.op_histogram(),
+        "ops": op_histogram(model.ir.graph),
         "weighted_layers": len(layers),
         "weighted_layers_in_subgraphs": sum(1 for layer in layers if layer["scope"]),
         "layers": layers,

@@ -48,16 +48,7 @@ def arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import modelpress
-
-    codecs = _pack_codecs(args)
-    options = load_options(args)
-    if args.sample:
-        options["sample"] = _feeds(args.sample)
-    model = modelpress.load(args.model, **options)
-    info = modelpress.describe(model)
-    if codecs is not None:
-        info["codecs"] = codecs
+    model, info = _read(args)
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
@@ -69,6 +60,39 @@ def run(args: argparse.Namespace) -> int:
     if args.entropy:
         _print_entropy(model, out)
     return 0
+
+
+def light_info(args: argparse.Namespace) -> dict[str, Any] | None:
+    """What ``inspect`` shows of a plain ``.onnx`` file, from the light reader (no onnx, onnx-ir or
+    plugins imported); None when only loading the model can tell (see
+    :mod:`modelpress.io.onnx_view`), or when the options need the loaded model."""
+    if args.sample or args.entropy or getattr(args, "task", None):
+        return None
+    import modelpress
+    from modelpress.io.onnx_view import CannotAnswer, read_onnx
+
+    try:
+        return modelpress.describe(read_onnx(args.model, normalize=not args.no_normalize))
+    except CannotAnswer:
+        return None
+
+
+def _read(args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """The model (None when the light reader answered) and what ``inspect`` shows of it."""
+    info = light_info(args)
+    if info is not None:
+        return None, info
+    import modelpress
+
+    codecs = _pack_codecs(args)
+    options = load_options(args)
+    if args.sample:
+        options["sample"] = _feeds(args.sample)
+    model = modelpress.load(args.model, **options)
+    info = modelpress.describe(model)
+    if codecs is not None:
+        info["codecs"] = codecs
+    return model, info
 
 
 def _pack_codecs(args: argparse.Namespace) -> list[dict[str, Any]] | None:

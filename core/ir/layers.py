@@ -1,12 +1,19 @@
-"""Finding the layers that carry weights: Conv, ConvTranspose, Gemm and MatMul with a constant weight."""
+"""Finding the layers that carry weights: Conv, ConvTranspose, Gemm and MatMul with a constant weight.
+
+The rules read the graph through :mod:`modelpress.ir.view` (an onnx-ir graph, or the light
+reader's view of an ``.onnx`` file); only reading a weight's values needs onnx-ir and numpy."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-import onnx_ir as ir
+from modelpress.ir.view import GRAPH, GRAPHS
+
+if TYPE_CHECKING:
+    import numpy as np
+    import onnx_ir as ir
 
 __all__ = [
     "RECURRENT_OPS",
@@ -106,6 +113,9 @@ class WeightedLayer:
     def weight_array(self) -> np.ndarray:
         """The weight as an array. From external data it is a copy and the memory map is closed
         at once: the model caches nothing, so a pass over a large model holds one layer at a time."""
+        import numpy as np
+        import onnx_ir as ir
+
         tensor = self.weight.const_value
         assert tensor is not None
         if isinstance(tensor, ir.ExternalTensor):
@@ -131,9 +141,9 @@ def _graphs(graph: ir.Graph, scope: str = "") -> list[tuple[ir.Graph, str]]:
         for attr in node.attributes.values():
             subs = (
                 [attr.as_graph()]
-                if attr.type == ir.AttributeType.GRAPH
+                if attr.type == GRAPH
                 else attr.as_graphs()
-                if attr.type == ir.AttributeType.GRAPHS
+                if attr.type == GRAPHS
                 else []
             )
             for sub in subs:
@@ -189,7 +199,7 @@ def recurrent_refusals(graph: ir.Graph, method: str) -> dict[str, str]:
                 continue
             weights = [v for v in list(node.inputs)[1:3] if v is not None]
             size = sum(
-                int(np.prod([d if isinstance(d, int) else 0 for d in v.shape]))
+                math.prod(d if isinstance(d, int) else 0 for d in v.shape)
                 for v in weights
                 if v.shape is not None
             )

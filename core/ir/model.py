@@ -8,7 +8,6 @@ to find weighted layers and edit tensors and nodes.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import os
 import warnings
@@ -21,6 +20,7 @@ import onnx_ir as ir
 
 from modelpress.base.errors import InvalidModelError, ModelpressError
 from modelpress.ir.builder import GraphBuilder, Out
+from modelpress.ir.counting import op_histogram, parameter_count, weight_bytes
 from modelpress.ir.layers import (
     WEIGHTED_OPS,
     WeightedLayer,
@@ -38,77 +38,6 @@ __all__ = ["Model", "type_initializers"]
 # NOTE: weights up to this size stay in the proto handed to ONNX shape inference (shape tensors
 # that data propagation reads); bigger ones are left out, so inference never copies the weights.
 _INLINE_BYTES = 1024
-
-# NOTE: inputs that hold no weight, by (op, input index): quantization scales and zero points,
-# shapes, axes, pads, indices. A constant used only there is not a parameter (see parameter_count).
-_QPARAMS = {
-    "QuantizeLinear": (1, 2),
-    "DequantizeLinear": (1, 2),
-    "MatMulNBits": (2, 3, 4),
-    "QLinearConv": (1, 2, 4, 5, 6, 7),
-    "QLinearMatMul": (1, 2, 4, 5, 6, 7),
-    "QGemm": (1, 2, 4, 5, 7, 8),
-    "MatMulInteger": (2, 3),
-    "ConvInteger": (2, 3),
-    "GatherBlockQuantized": (2, 3),
-    "DynamicQuantizeLSTM": (5, 6, 7, 8),
-}
-_SHAPE_INPUTS = {
-    "Reshape": (1,),
-    "Slice": (1, 2, 3, 4),
-    "Squeeze": (1,),
-    "Unsqueeze": (1,),
-    "Expand": (1,),
-    "Tile": (1,),
-    "Pad": (1, 3),
-    "Resize": (1, 2, 3),
-    "Upsample": (1,),
-    "ConstantOfShape": (0,),
-    "Range": (0, 1, 2),
-    "Split": (1,),
-    "TopK": (1,),
-    "OneHot": (1,),
-    "CumSum": (1,),
-    "Gather": (1,),
-    "GatherElements": (1,),
-    "GatherND": (1,),
-    "ReduceSum": (1,),
-    "ReduceMean": (1,),
-    "ReduceMax": (1,),
-    "ReduceMin": (1,),
-    "ReduceProd": (1,),
-    "ReduceL2": (1,),
-}
-# NOTE: an int64 constant this small is a shape, an axis or an index wherever it goes.
-_SMALL_INT64 = 64
-
-
-# NOTE: a node a method inserts to rescale an activation (SmoothQuant's Mul) says so in its metadata:
-# its constant inputs are scales, not parameters (the float model had none).
-ROLE_KEY, SCALE_ROLE = "modelpress.role", "activation_scale"
-
-
-def _not_weight(use: Any) -> bool:
-    op = use.node.op_type
-    if use.node.metadata_props.get(ROLE_KEY) == SCALE_ROLE and use.idx > 0:
-        return True
-    return use.idx in _QPARAMS.get(op, ()) or use.idx in _SHAPE_INPUTS.get(op, ())
-
-
-def _weight_elements(tensor: ir.TensorProtocol, value: ir.Value | None) -> int:
-    """How many parameters a constant holds as users count them: its elements when it is a weight;
-    a MatMulNBits weight (4-bit, packed two to a byte) as its ``N x K`` elements; 0 for a scale,
-    a zero point, or a shape, axes or indices constant."""
-    uses = list(value.uses()) if value is not None else []
-    if tensor.dtype == ir.DataType.INT64 and int(tensor.size) <= _SMALL_INT64:
-        return 0
-    if uses and all(_not_weight(u) for u in uses):
-        return 0
-    for use in uses:
-        if use.node.op_type == "MatMulNBits" and use.idx == 1:
-            attrs = use.node.attributes
-            return int(attrs["N"].as_int()) * int(attrs["K"].as_int())
-    return int(tensor.size)
 
 
 def type_initializers(model: ir.Model) -> None:
@@ -226,53 +155,19 @@ class Model:
         subgraphs: what a method that cannot reach them records instead of skipping silently."""
         return subgraph_refusals(self.ir.graph, op_types, method, why)
 
-    def _tensors(self) -> Iterator[ir.TensorProtocol]:
-        """Every weight wherever it lives: initializers of all graphs and Constant-node tensors."""
-        for graph in self.ir.graphs():
-            for value in graph.initializers.values():
-                if value.const_value is not None:
-                    yield value.const_value
-            for node in graph:
-                attr = (
-                    node.attributes.get("value")
-                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
-                    else None
-                )
-                if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                    yield attr.as_tensor()
-
     def parameter_count(self) -> int:
         """Parameters as users count them, in every graph (no weight is read: shapes only): the
         elements of weight tensors (a quantized weight once, as its integer tensor; a bias as
         stored), not quantization scales and zero points nor shape, axes and index constants,
-        so quantizing a model leaves its count unchanged."""
-        total = 0
-        for graph in self.ir.graphs():
-            total += sum(
-                _weight_elements(v.const_value, v)
-                for v in graph.initializers.values()
-                if v.const_value is not None
-            )
-            for node in graph:
-                attr = (
-                    node.attributes.get("value")
-                    if node.op_type == "Constant" and node.domain in ("", "ai.onnx")
-                    else None
-                )
-                if attr is not None and attr.type == ir.AttributeType.TENSOR:
-                    total += _weight_elements(attr.as_tensor(), node.outputs[0])
-        return total
+        so quantizing a model leaves its count unchanged (:mod:`modelpress.ir.counting`)."""
+        return parameter_count(self.ir)
 
     def weight_bytes(self) -> int:
         """Bytes of all weights as stored, in every graph (no weight is read)."""
-        return sum(int(t.nbytes) for t in self._tensors())
+        return weight_bytes(self.ir)
 
     def op_histogram(self) -> dict[str, int]:
-        counts = collections.Counter(
-            f"{n.domain}::{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type
-            for n in self.ir.graph.all_nodes()
-        )
-        return dict(counts.most_common())
+        return op_histogram(self.ir.graph)
 
     def nodes(self) -> Iterator[ir.Node]:
         return iter(self.ir.graph)

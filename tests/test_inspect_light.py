@@ -1,0 +1,246 @@
+"""`inspect` of a plain .onnx file reads it with the light wire-format reader (no onnx, onnx-ir or
+plugins imported, issue #25) and shows exactly what loading the model shows: the same JSON and the
+same tables, on real models; anything the reader cannot answer goes through the full load."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from rich.console import Console
+
+import modelpress
+from modelpress.app.describe import describe
+from modelpress.cli.inspect import _print_layers, _print_signature, _print_summary, light_info
+from modelpress.io.onnx_view import CannotAnswer, read_onnx
+from tests.test_inspect_layers import _lstm_file
+
+
+def _args(path, *, no_normalize: bool = False) -> argparse.Namespace:
+    return argparse.Namespace(
+        model=str(path), sample=None, entropy=False, task=None, no_normalize=no_normalize
+    )
+
+
+def _tables(info) -> str:
+    out = Console(record=True, width=120, file=io.StringIO())
+    _print_summary(info, out)
+    _print_signature(info, out)
+    _print_layers(info, out)
+    return out.export_text()
+
+
+def both_ways(path, *, no_normalize: bool = False) -> bool:
+    """Assert that the light reader, where it answers, gives what loading gives; whether it answered."""
+    light = light_info(_args(path, no_normalize=no_normalize))
+    options = {"normalize": False} if no_normalize else {}
+    full = describe(modelpress.load(path, show_progress=False, **options))
+    if light is None:
+        return False
+    assert json.dumps(light, indent=2, default=str) == json.dumps(full, indent=2, default=str)
+    assert _tables(light) == _tables(full)
+    return True
+
+
+def _save(model, path, **kwargs):
+    onnx.save(model.to_proto(), path, **kwargs)
+    return path
+
+
+def test_plain_float_models_are_read_light_and_shown_as_loaded(tmp_path, digits_mlp_path):
+    from modelpress.testing import tiny_cnn, tiny_mlp
+
+    files = [
+        _save(tiny_mlp(in_features=8, hidden=8), tmp_path / "mlp.onnx"),
+        _save(tiny_cnn(channels=8), tmp_path / "cnn.onnx"),
+        digits_mlp_path,
+    ]
+    _lstm_file(tmp_path / "lstm.onnx")
+    files.append(tmp_path / "lstm.onnx")
+    for path in files:
+        assert both_ways(path), path
+        assert both_ways(path, no_normalize=True), path
+
+
+def test_quantized_models_are_read_light_and_count_as_loaded(tmp_path):
+    from modelpress.data.samples import sample_inputs
+    from modelpress.testing import tiny_cnn, tiny_mlp
+
+    cnn = tiny_cnn(channels=16)
+    calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(2)]
+    quiet = {"allow_no_gain": True, "show_progress": False}
+    static = modelpress.quantize(
+        cnn, "int8-static", calibration=calibration, smoothquant=False, **quiet
+    )
+    mlp = tiny_mlp(in_features=64, hidden=64)
+    dynamic = modelpress.quantize(mlp, "int8-dynamic", min_elements=1, **quiet)
+    int4 = modelpress.quantize(mlp, "int4-weight-only", min_elements=1, block_size=32, **quiet)
+    for name, model in (("static", static), ("dynamic", dynamic), ("int4", int4)):
+        path = _save(model, tmp_path / f"{name}.onnx")
+        assert both_ways(path), name
+        assert json.loads(json.dumps(light_info(_args(path))))["passes"]  # its history, as stored
+
+
+def test_external_data_is_sized_not_read(tmp_path):
+    from modelpress.testing import tiny_cnn
+
+    path = _save(
+        tiny_cnn(channels=8),
+        tmp_path / "ext.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="ext.onnx.data",
+        size_threshold=0,
+    )
+    assert both_ways(path)
+    info = light_info(_args(path))
+    assert info["size_on_disk"] == path.stat().st_size + (tmp_path / "ext.onnx.data").stat().st_size
+    (tmp_path / "ext.onnx.data").write_bytes(
+        b"short"
+    )  # data that does not fit: the full load judges
+    with pytest.raises(CannotAnswer, match="does not fit"):
+        read_onnx(path)
+
+
+def _constant_weight_file(path) -> None:
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=weight),
+            helper.make_node("MatMul", ["x", "w"], ["y"]),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_what_the_reader_cannot_answer_goes_through_the_full_load(tmp_path):
+    _constant_weight_file(tmp_path / "const.onnx")
+    with pytest.raises(CannotAnswer, match="Constant"):  # normalisation lifts it
+        read_onnx(tmp_path / "const.onnx")
+    assert not both_ways(tmp_path / "const.onnx")
+    # as stored (--no-normalize) the light reader answers: a Constant's tensor is a weight
+    assert both_ways(tmp_path / "const.onnx", no_normalize=True)
+    (tmp_path / "bad.onnx").write_bytes(b"\x0a\xff\xff\xff\xff not onnx")
+    with pytest.raises(CannotAnswer):
+        read_onnx(tmp_path / "bad.onnx")
+
+
+def _zoo_files():
+    from benchmarks.real_models import cache_dir
+
+    found = sorted(cache_dir().glob("*.onnx")) if cache_dir().is_dir() else []
+    return found or [pytest.param(None, marks=pytest.mark.skip(reason="no zoo model cached"))]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", _zoo_files(), ids=lambda p: getattr(p, "name", "none"))
+def test_zoo_models_show_the_same_figures_both_ways(path):
+    both_ways(path)
+    both_ways(path, no_normalize=True)
+
+
+def _attribute_file(path) -> None:
+    """Attributes of every kind the rules may read: negative ints, int lists, floats, text."""
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.w"),
+        numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "fc.w"),
+        numpy_helper.from_array(np.zeros(5, np.float32), "fc.b"),
+    ]
+    nodes = [
+        helper.make_node(
+            "Conv", ["x", "conv.w"], ["c"], pads=[1, 1, 1, 1], strides=[1, 1], name="conv"
+        ),
+        helper.make_node("ReduceMean", ["c"], ["m"], axes=[-1, -2], keepdims=0, name="pool"),
+        helper.make_node("Gemm", ["m", "fc.w", "fc.b"], ["g"], transB=1, alpha=0.5, name="fc"),
+        helper.make_node("LeakyRelu", ["g"], ["l"], alpha=0.1, name="act"),
+        helper.make_node("Einsum", ["l"], ["y"], equation="bi->bi", name="same"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 5])],
+        inits,
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+
+
+def test_attributes_read_as_onnx_ir_reads_them(tmp_path):
+    path = tmp_path / "attrs.onnx"
+    _attribute_file(path)
+    loaded = modelpress.load(path, normalize=False, show_progress=False).ir.graph
+    light = read_onnx(path).ir.graph
+
+    def attributes(graph):
+        return [
+            (n.name, n.op_type, {k: (a.type, a.value) for k, a in n.attributes.items()})
+            for n in graph
+        ]
+
+    expected = [
+        (
+            name,
+            op,
+            {
+                k: (int(t), list(v) if isinstance(v, (tuple, list)) else v)
+                for k, (t, v) in attrs.items()
+            },
+        )
+        for name, op, attrs in attributes(loaded)
+    ]
+    got = [
+        (
+            name,
+            op,
+            {k: (t, list(v) if isinstance(v, (tuple, list)) else v) for k, (t, v) in attrs.items()},
+        )
+        for name, op, attrs in attributes(light)
+    ]
+    assert got == expected and got[1][2]["axes"] == (7, [-1, -2])
+    assert both_ways(path) and both_ways(path, no_normalize=True)
+
+
+def test_an_output_of_unknown_dims_is_left_to_shape_inference(tmp_path):
+    graph = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, None])],
+    )
+    path = tmp_path / "untyped.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    with pytest.raises(CannotAnswer, match="shape inference"):
+        read_onnx(path)
+    assert light_info(_args(path)) is None and describe(modelpress.load(path))["outputs"][0][
+        "shape"
+    ] == ["N", 4]
+
+
+def test_initializers_listed_as_inputs_are_weights_not_inputs(tmp_path):
+    """IR < 4 files list every initializer among the graph inputs."""
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+            helper.make_tensor_value_info("w", TensorProto.FLOAT, [4, 3]),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])],
+        [weight],
+    )
+    path = tmp_path / "ir3.onnx"
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)], ir_version=3)
+    onnx.save(model, path)
+    assert both_ways(path) and both_ways(path, no_normalize=True)
+    info = light_info(_args(path))
+    assert [s["name"] for s in info["inputs"]] == ["x"] and info["parameters"] == 12

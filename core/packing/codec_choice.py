@@ -2,11 +2,13 @@
 where they save ``SLOW_GAIN`` (``prefer="speed"``), and solid streams (one per dtype and role)
 where they beat their members' separate blobs. A large tensor is not coded by every codec: each
 codec's size is estimated (its ``estimate``, else a coded sample of the tensor) and only the
-smallest estimates are coded in full (ZipNN decides per chunk from the first ones in the same spirit)."""
+smallest estimates are coded in full. Within one pack, a codec that lost clearly on the first
+tensors of a kind (same dtype and role, small or large) is not tried on the rest of that kind
+(:class:`History`; ZipNN decides per chunk from the first ones in the same spirit)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import onnx_ir as ir
@@ -22,6 +24,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE",
+    "FAR",
+    "History",
+    "LEARN",
     "SAMPLE_BYTES",
     "SLOW_GAIN",
     "SOLID_LIMIT",
@@ -63,6 +68,41 @@ SAMPLE_SLICES = 4  # the sample: this many equal slices spread evenly over the t
 CLOSE = 0.02  # codecs estimated within 2 % of the smallest are all coded in full and measured
 
 
+LEARN = 4  # NOTE: tensors of a kind every codec is tried on before the clear losers are dropped
+FAR = 1.25  # a codec whose blob (estimate) is this much larger than the best one lost clearly
+
+
+@dataclass
+class History:
+    """What the codecs made of the tensors of each kind (dtype, role, small or large) so far in
+    one pack: a codec that cannot code, or lost by ``FAR`` or more on, each of the first
+    ``LEARN`` tensors of a kind is not tried on the rest (the packer's cost per tensor stays
+    that of the few codecs that can win)."""
+
+    seen: dict[tuple[int, str, bool], int] = field(default_factory=dict)
+    lost: dict[tuple[int, str, bool, str], int] = field(default_factory=dict)
+
+    @staticmethod
+    def kind(data: bytes, info: TensorInfo) -> tuple[int, str, bool]:
+        return (int(info.dtype), info.role, len(data) > SAMPLE_BYTES)
+
+    def worth(self, kind: tuple[int, str, bool], codec: Codec) -> bool:
+        seen = self.seen.get(kind, 0)
+        return seen < LEARN or self.lost.get((*kind, codec.name), 0) < seen
+
+    def record(self, kind: tuple[int, str, bool], tried: list[Codec], found: list[_Candidate]) -> None:
+        if self.seen.get(kind, 0) >= LEARN:
+            return
+        self.seen[kind] = self.seen.get(kind, 0) + 1
+        best = min((c.size for c in found), default=None)
+        sizes = {c.codec.name: c.size for c in found}
+        for codec in tried:
+            size = sizes.get(codec.name)
+            if best is not None and (size is None or size >= FAR * best):
+                key = (*kind, codec.name)
+                self.lost[key] = self.lost.get(key, 0) + 1
+
+
 @dataclass
 class _Candidate:
     codec: Codec
@@ -98,16 +138,24 @@ def _estimate(
 
 
 def _ranked(
-    data: bytes, info: TensorInfo, codecs: list[Codec], skipped: dict[str, str] | None, prefer: str
+    data: bytes,
+    info: TensorInfo,
+    codecs: list[Codec],
+    skipped: dict[str, str] | None,
+    prefer: str,
+    history: History | None = None,
 ) -> list[_Candidate]:
     """The applicable codecs with their estimates, smallest first (``prefer="speed"``: a slow
     decoder only where it is estimated ``SLOW_GAIN`` smaller than the best fast one)."""
     sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
+    kind = History.kind(data, info)
     found: list[_Candidate] = []
+    tried: list[Codec] = []
     for codec in codecs:
         try:
-            if not codec.applies(info):
+            if (history is not None and not history.worth(kind, codec)) or not codec.applies(info):
                 continue
+            tried.append(codec)
             candidate = _estimate(codec, data, info, sample)
         except Exception as exc:
             if skipped is not None:
@@ -115,6 +163,8 @@ def _ranked(
             continue
         if candidate is not None and candidate.size < len(data):
             found.append(candidate)
+    if history is not None:
+        history.record(kind, tried, found)
     if prefer == "speed":
         fast = min([len(data), *(c.size for c in found if c.codec.fast_decode)])
         found = [c for c in found if c.codec.fast_decode or c.size <= (1 - SLOW_GAIN) * fast]
@@ -145,6 +195,7 @@ def encode_best(
     skipped: dict[str, str] | None = None,
     *,
     prefer: str = "speed",
+    history: History | None = None,
 ) -> tuple[str, bytes]:
     """The smallest blob among ``codecs`` that decodes back to ``data`` (else stored).
 
@@ -153,8 +204,10 @@ def encode_best(
     of the smallest, then, if none of those decodes bit-exactly, by the next ones in order:
     every codec is judged the same way, built-in or not. With ``prefer="speed"`` a codec marked
     ``fast_decode=False`` counts only where it saves at least ``SLOW_GAIN`` over the best fast one.
+    With a ``history`` (one per pack), codecs that lost clearly on the first tensors of this
+    kind are not tried.
     """
-    ranked = _ranked(data, info, codecs, skipped, prefer)
+    ranked = _ranked(data, info, codecs, skipped, prefer, history)
     while ranked:
         close = [c for c in ranked if c.size <= ranked[0].size * (1 + CLOSE)]
         ranked = ranked[len(close) :]

@@ -69,7 +69,7 @@ CLOSE = 0.02  # codecs estimated within 2 % of the smallest are all coded in ful
 
 
 LEARN = 4  # NOTE: tensors of a kind every codec is tried on before the clear losers are dropped
-FAR = 1.25  # a codec whose blob (estimate) is this much larger than the best one lost clearly
+FAR = 1.1  # a codec whose blob (estimate) is this much larger than it needed to be to win lost clearly
 
 
 @dataclass
@@ -90,15 +90,20 @@ class History:
         seen = self.seen.get(kind, 0)
         return seen < LEARN or self.lost.get((*kind, codec.name), 0) < seen
 
-    def record(self, kind: tuple[int, str, bool], tried: list[Codec], found: list[_Candidate]) -> None:
+    def record(
+        self, kind: tuple[int, str, bool], tried: list[Codec], found: list[_Candidate], speed: bool
+    ) -> None:
         if self.seen.get(kind, 0) >= LEARN:
             return
         self.seen[kind] = self.seen.get(kind, 0) + 1
         best = min((c.size for c in found), default=None)
+        fast = min((c.size for c in found if c.codec.fast_decode), default=best)
         sizes = {c.codec.name: c.size for c in found}
         for codec in tried:
             size = sizes.get(codec.name)
-            if best is not None and (size is None or size >= FAR * best):
+            # NOTE: with prefer="speed" a slow decoder had to beat the best fast one by SLOW_GAIN
+            needed = best if codec.fast_decode or not speed else (1 - SLOW_GAIN) * (fast or 0)
+            if best is not None and (size is None or size >= FAR * (needed or 0)):
                 key = (*kind, codec.name)
                 self.lost[key] = self.lost.get(key, 0) + 1
 
@@ -164,7 +169,7 @@ def _ranked(
         if candidate is not None and candidate.size < len(data):
             found.append(candidate)
     if history is not None:
-        history.record(kind, tried, found)
+        history.record(kind, tried, found, prefer == "speed")
     if prefer == "speed":
         fast = min([len(data), *(c.size for c in found if c.codec.fast_decode)])
         found = [c for c in found if c.codec.fast_decode or c.size <= (1 - SLOW_GAIN) * fast]

@@ -3,7 +3,8 @@ folder its external data is relative to, and the bytes of each tensor worth pack
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import mmap
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from modelpress.base.errors import InvalidModelError
-from modelpress.packing import walk
+from modelpress.packing import walk, wire
 from modelpress.packing.format import MIN_PACKED_BYTES, STORED
 from modelpress.packing.strip import strip as strip_proto
 from modelpress.plugin.codec import TensorInfo
@@ -38,6 +39,18 @@ def source_bytes(model: Any) -> tuple[bytes, Path | None, str]:
     return path.read_bytes(), path.parent, str(path)
 
 
+def _source_buffer(model: Any) -> tuple[Any, Path | None, str]:
+    """Like :func:`source_bytes`, but a file is memory-mapped (read-only), not read: the packer
+    copies each weight once, out of the page cache."""
+    from modelpress.ir.model import Model
+
+    path = None if isinstance(model, Model) else Path(model)
+    if path is None or not path.is_file() or path.stat().st_size == 0:
+        return source_bytes(model)
+    with open(path, "rb") as f:
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), path.parent, str(path)
+
+
 @dataclass
 class Item:
     """One tensor to pack: where it is in the model, its bytes and what codecs are told."""
@@ -55,27 +68,43 @@ class Item:
 
 @dataclass
 class Source:
-    """The model to pack, parsed: its proto (stripped if asked), the bytes it came from, where its
-    external data lives, and whether re-serialising the proto gives those bytes back."""
+    """The model to pack, parsed: its proto (stripped if asked), the bytes it came from (a file's
+    memory map), where its external data lives, and whether re-serialising the proto gives those
+    bytes back. ``raws``: the inline weights left out of the parsed proto, by tensor index: where
+    their bytes lie in ``data``."""
 
     proto: onnx.ModelProto
-    data: bytes
+    data: Any
     original: int
     base: Path | None
     label: str
     identical: bool
     strip: bool
+    raws: dict[int, tuple[int, int]] = field(default_factory=dict)
+
+    def close(self) -> None:
+        if isinstance(self.data, mmap.mmap):
+            try:
+                self.data.close()
+            except BufferError:
+                pass  # NOTE: a view is still alive (an error's frame): unmapped when it goes
 
 
 def parse_source(model: Any, strip: bool) -> Source:
-    data, base, label = source_bytes(model)
+    data, base, label = (source_bytes if strip else _source_buffer)(model)
     proto = onnx.ModelProto()
+    # NOTE: the weights' bytes are cut out at the wire level first: parsing them would copy every
+    # weight into the proto, and reading a field copies it again
+    cut = None if strip else wire.cut(data, MIN_PACKED_BYTES)
     try:
-        proto.ParseFromString(data)
+        proto.ParseFromString(data if cut is None else cut[0])
     except Exception as exc:
         raise InvalidModelError(f"{label}: not a valid ONNX model ({exc})") from None
     if not proto.HasField("graph"):
         raise InvalidModelError(f"{label}: not an ONNX model (no graph)")
+    if cut is not None and cut[1] and max(cut[1]) >= sum(1 for _ in walk.tensors(proto)):
+        cut = None  # NOTE: the walker and the proto disagree: parse everything
+        proto.ParseFromString(data)
     original = len(data)
     if strip:
         strip_proto(proto)
@@ -83,7 +112,7 @@ def parse_source(model: Any, strip: bool) -> Source:
     # NOTE: whether re-serialising gives ``data`` back is settled by the writer once the tensors'
     # bytes are out of the proto (:func:`reproduces`: no second copy of a large model); a stripped
     # model's bytes are its serialisation
-    return Source(proto, data, original, base, label, strip, strip)
+    return Source(proto, data, original, base, label, strip, strip, {} if cut is None else cut[1])
 
 
 _COMPARE_STEP = 1 << 18  # NOTE: bytes per compare: the temporary bool array stays in the cache
@@ -107,18 +136,21 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
 class _Compare:
     """A write-only sink that checks what is written against ``data``, piece by piece."""
 
-    def __init__(self, data: bytes) -> None:
-        self.data, self.pos, self.same = memoryview(data), 0, True
+    def __init__(self, data: Any) -> None:
+        self.data, self.view, self.pos, self.same = data, memoryview(data), 0, True
 
     def write(self, piece: bytes | memoryview) -> int:
-        n = len(piece)
-        if self.same:
-            self.same = same_bytes(self.data[self.pos : self.pos + n], piece)
+        n = memoryview(piece).nbytes
+        if self.same and isinstance(self.data, bytes):
+            # NOTE: bytes.startswith takes any buffer and compares in place (memcmp)
+            self.same = self.data.startswith(piece, self.pos)
+        elif self.same:
+            self.same = same_bytes(self.view[self.pos : self.pos + n], piece)
         self.pos += n
         return n
 
 
-def reproduces(graph: bytes, items: list[Item], data: bytes) -> bool:
+def reproduces(graph: bytes, items: list[Item], data: Any) -> bool:
     """Whether ``graph`` (the serialised proto without the items' inline bytes) with those bytes
     put back is ``data`` byte for byte, compared as the wire splicer writes it."""
     from modelpress.packing.wire import splice, tensor_spans
@@ -133,9 +165,11 @@ def reproduces(graph: bytes, items: list[Item], data: bytes) -> bool:
             return sink.same and sink.pos == len(data)
         except ValueError:
             pass  # NOTE: wire bytes the walker does not expect: the proto path below is always right
+        finally:
+            sink.view.release()
     proto = onnx.ModelProto()
     proto.ParseFromString(data)
-    return proto.SerializeToString() == data
+    return proto.SerializeToString() == bytes(data)
 
 
 def item(
@@ -143,14 +177,21 @@ def item(
     name: str,
     tensor: onnx.TensorProto,
     roles: dict[str, str],
-    base: Path | None,
-    label: str,
+    src: Source,
     externals: dict[str, list[tuple[int, int]]],
 ) -> Item | None:
     """The bytes of one tensor worth packing (inline ``raw_data`` or external data), else None."""
     nbytes = walk.nbytes(tensor)
+    raw = src.raws.get(index)
+    if raw is not None:
+        data = src.data[raw[0] : raw[1]]  # NOTE: a bytes copy (of a map or of bytes)
+        if nbytes is None or len(data) != nbytes:
+            tensor.raw_data = data  # NOTE: malformed size: put back, left in the graph untouched
+            return None
+        return Item(index, tensor, data, _info(name, tensor, roles), None)
     if nbytes is None:
         return None
+    base, label = src.base, src.label
     external = None
     if tensor.data_location == onnx.TensorProto.EXTERNAL:
         info = walk.external_info(tensor)
@@ -181,10 +222,13 @@ def item(
             return None  # NOTE: tiny, or a malformed size: leave it in the graph untouched
     else:
         return None
-    info_ = TensorInfo(
+    return Item(index, tensor, data, _info(name, tensor, roles), external)
+
+
+def _info(name: str, tensor: onnx.TensorProto, roles: dict[str, str]) -> TensorInfo:
+    return TensorInfo(
         name,
         ir.DataType(tensor.data_type),
         tuple(int(d) for d in tensor.dims),
         roles.get(name, "other"),
     )
-    return Item(index, tensor, data, info_, external)

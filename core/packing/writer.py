@@ -59,17 +59,28 @@ def pack(
     chosen = select_codecs(registry, codecs)
     src = parse_source(model, strip)
     target = Path(output)
-    if not target.parent.is_dir():
-        raise ExportError(
-            f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
-        )
+    try:
+        if not target.parent.is_dir():
+            raise ExportError(
+                f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
+            )
+        result = _pack(src, target, chosen, registry, solid=solid, prefer=prefer)
+    finally:
+        src.close()
+    registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
+    return result
+
+
+def _pack(
+    src: Source, target: Path, chosen: list[Any], registry: Registry, *, solid: bool, prefer: str
+) -> PackResult:
     skipped: dict[str, str] = {}
     externals: dict[str, list[tuple[int, int]]] = {}
     roles = walk.roles(src.proto.graph)
     items = [
         it
         for index, (name, tensor) in enumerate(walk.tensors(src.proto))
-        if (it := item(index, name, tensor, roles, src.base, src.label, externals))
+        if (it := item(index, name, tensor, roles, src, externals))
     ]
     check, history = checksum_name(), History()
     for it in items:
@@ -94,11 +105,9 @@ def pack(
     finally:
         tmp.unlink(missing_ok=True)
     source_bytes = src.original + sum(f["size"] for f in files)
-    result = PackResult(
+    return PackResult(
         target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams
     )
-    registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
-    return result
 
 
 def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:

@@ -122,8 +122,10 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
     """``a == b`` for any two bytes-like objects at memory speed (``==`` on a memoryview compares
     element by element, ~100x slower on a large tensor; one ``array_equal`` on the whole tensor
     writes a bool per byte)."""
-    if isinstance(a, bytes) and isinstance(b, bytes):
-        return a == b
+    if isinstance(a, bytes) or isinstance(b, bytes):
+        a, b = (a, b) if isinstance(a, bytes) else (b, a)
+        # NOTE: bytes.startswith takes any buffer and compares in place (memcmp)
+        return len(a) == memoryview(b).nbytes and a.startswith(b)
     import numpy as np
 
     x, y = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)
@@ -139,7 +141,11 @@ class _Compare:
     def __init__(self, data: Any) -> None:
         self.data, self.view, self.pos, self.same = data, memoryview(data), 0, True
 
-    def write(self, piece: bytes | memoryview) -> int:
+    def write(self, piece: Any) -> int:
+        if isinstance(piece, _From):
+            self.same = self.same and piece.start == self.pos
+            self.pos += len(piece)
+            return len(piece)
         n = memoryview(piece).nbytes
         if self.same and isinstance(self.data, bytes):
             # NOTE: bytes.startswith takes any buffer and compares in place (memcmp)
@@ -150,15 +156,37 @@ class _Compare:
         return n
 
 
-def reproduces(graph: bytes, items: list[Item], data: Any) -> bool:
+class _From:
+    """A tensor's bytes, known to be ``data[start : start + length]`` (they were cut from there):
+    written where they came from, they match without comparing them."""
+
+    __slots__ = ("length", "start")
+
+    def __init__(self, start: int, length: int) -> None:
+        self.start, self.length = start, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+def reproduces(
+    graph: bytes, items: list[Item], data: Any, raws: dict[int, tuple[int, int]] | None = None
+) -> bool:
     """Whether ``graph`` (the serialised proto without the items' inline bytes) with those bytes
-    put back is ``data`` byte for byte, compared as the wire splicer writes it."""
+    put back is ``data`` byte for byte, compared as the wire splicer writes it (a tensor cut
+    from ``data`` at ``raws[index]`` matches where it is written at the same offset)."""
     from modelpress.packing.wire import splice, tensor_spans
 
     spans = tensor_spans(graph)
     inline = [it for it in items if it.external is None]
+    raws = raws or {}
+
+    def fill(it: Item) -> Any:
+        raw = raws.get(it.index)
+        return it.data if raw is None else _From(raw[0], raw[1] - raw[0])
+
     if spans is not None and all(it.index < len(spans) for it in inline):
-        fills = {spans[it.index][0]: (len(it.data), (lambda it=it: it.data)) for it in inline}
+        fills = {spans[it.index][0]: (len(it.data), (lambda it=it: fill(it))) for it in inline}
         sink = _Compare(data)
         try:
             splice(graph, fills, sink)  # type: ignore[arg-type]

@@ -98,7 +98,7 @@ def _pack(
             entries = _write_blobs(items, streams, out)
             files = _pack_filler(externals, src.base, src.label, out)
             stripped = src.proto.SerializeToString()
-            src.identical = src.identical or reproduces(stripped, items, src.data)
+            src.identical = src.identical or reproduces(stripped, items, src.data, src.raws)
             head = _Head(src, stripped, codec_origins(registry, chosen), check)
             _write_head(head, entries, streams, files, out)
         os.replace(tmp, target)

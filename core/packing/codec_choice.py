@@ -31,6 +31,7 @@ __all__ = [
     "SLOW_GAIN",
     "SOLID_LIMIT",
     "encode_best",
+    "given",
     "select_codecs",
     "solid_streams",
 ]
@@ -108,6 +109,11 @@ class History:
                 self.lost[key] = self.lost.get(key, 0) + 1
 
 
+def given(codec: Codec, data: bytes | memoryview) -> bytes | memoryview:
+    """``data`` as ``codec`` takes it: a view as it is where the codec declares ``views``, else bytes."""
+    return data if codec.views or isinstance(data, bytes) else bytes(data)
+
+
 @dataclass
 class _Candidate:
     codec: Codec
@@ -131,10 +137,10 @@ def _estimate(
 ) -> _Candidate | None:
     """A candidate with the blob's estimated size (small tensors: coded in full, so exact)."""
     if sample is None:
-        blob = codec.encode(data, info)
+        blob = codec.encode(given(codec, data), info)
         return None if blob is None else _Candidate(codec, len(blob), bytes(blob))
     if codec.estimate is not None:
-        size = codec.estimate(data, info)
+        size = codec.estimate(given(codec, data), info)
         return None if size is None else _Candidate(codec, size)
     blob = codec.encode(*sample)
     return (
@@ -152,15 +158,14 @@ def _ranked(
 ) -> list[_Candidate]:
     """The applicable codecs with their estimates, smallest first (``prefer="speed"``: a slow
     decoder only where it is estimated ``SLOW_GAIN`` smaller than the best fast one)."""
-    sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
     kind = History.kind(data, info)
+    tried = _worth_trying(data, info, codecs, skipped, history)
+    if len(tried) == 1 and len(data) > SAMPLE_BYTES:
+        return [_Candidate(tried[0], 0)]  # NOTE: nothing to rank: coded in full straight away
+    sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
     found: list[_Candidate] = []
-    tried: list[Codec] = []
-    for codec in codecs:
+    for codec in tried:
         try:
-            if (history is not None and not history.worth(kind, codec)) or not codec.applies(info):
-                continue
-            tried.append(codec)
             candidate = _estimate(codec, data, info, sample)
         except Exception as exc:
             if skipped is not None:
@@ -176,13 +181,33 @@ def _ranked(
     return sorted(found, key=lambda c: c.size)
 
 
+def _worth_trying(
+    data: bytes,
+    info: TensorInfo,
+    codecs: list[Codec],
+    skipped: dict[str, str] | None,
+    history: History | None,
+) -> list[Codec]:
+    """The codecs that apply to the tensor and (with a ``history``) may win on its kind."""
+    kind = History.kind(data, info)
+    tried = []
+    for codec in codecs:
+        try:
+            if (history is None or history.worth(kind, codec)) and codec.applies(info):
+                tried.append(codec)
+        except Exception as exc:
+            if skipped is not None:
+                skipped[codec.name] = f"raised on {info.name!r}: {type(exc).__name__}: {exc}"
+    return tried
+
+
 def _verified(
     candidate: _Candidate, data: bytes, info: TensorInfo, skipped: dict[str, str] | None
 ) -> bool:
     name = candidate.codec.name
     try:
         ok = candidate.blob is not None and same_bytes(
-            candidate.codec.decode(candidate.blob, info), data
+            candidate.codec.decode(given(candidate.codec, candidate.blob), info), data
         )
     except Exception as exc:
         if skipped is not None:
@@ -233,7 +258,7 @@ def _full(
     codec: Codec, data: bytes, info: TensorInfo, skipped: dict[str, str] | None
 ) -> bytes | None:
     try:
-        blob = codec.encode(data, info)
+        blob = codec.encode(given(codec, data), info)
     except Exception as exc:
         if skipped is not None:
             skipped[codec.name] = f"raised on {info.name!r}: {type(exc).__name__}: {exc}"

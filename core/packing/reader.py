@@ -35,6 +35,7 @@ from modelpress.packing.format import (
     checksum,
     lzma_decompress,
 )
+from modelpress.packing.codec_choice import given
 from modelpress.packing.needs import missing_codec_error
 from modelpress.packing.wire import splice, tensor_spans
 from modelpress.plugin.codec import TensorInfo
@@ -219,7 +220,7 @@ class PackedModel:
         if codec is None:
             raise missing_codec_error(self.label, what, codec_name, self.manifest)
         try:
-            return codec.decode(blob, info)
+            return codec.decode(given(codec, blob), info)
         except PluginError:
             raise
         except Exception as exc:

@@ -330,6 +330,7 @@ CODECS = [
         _bytegroup_decode,
         applies=lambda info: info.dtype in _FLOATS,
         summary="floats split into byte planes, sign rotated out of the exponent byte, planes entropy-coded (ZipNN)",
+        views=True,
     ),
     Codec(
         "codebook",
@@ -337,6 +338,7 @@ CODECS = [
         _codebook_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="<= 256 distinct values: value table + entropy-coded indices (nibble pairs when <= 16)",
+        views=True,
     ),
     Codec(
         "sparse",
@@ -344,6 +346,7 @@ CODECS = [
         _sparse_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="mostly one value (zero): relative indices or bitmask + values coded by the best value coder",
+        views=True,
     ),
     Codec(
         "nibbles",
@@ -351,12 +354,14 @@ CODECS = [
         _nibbles_decode,
         applies=lambda info: info.dtype in _INT4,
         summary="int4/uint4: one symbol per byte, entropy-coded",
+        views=True,
     ),
     Codec(
         "zstd",
         _zstd_encode,
         lambda blob, info: streams.decode(blob),
         summary="zstd level 19 on the raw bytes (needs the pack extra)",
+        views=True,
         estimate=_zstd_estimate,
     ),
     Codec(
@@ -364,6 +369,7 @@ CODECS = [
         _lzma_encode,
         _lzma_decode,
         summary="LZMA2 preset 9e on the raw bytes (xz's coder; slow to decode)",
+        views=True,
         fast_decode=False,
         estimate=_lzma_estimate,
     ),

@@ -56,17 +56,19 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
     chunk = _CHUNK_BYTES // width
     planes = np.empty((width, u.size), np.uint8)
     rotated, low = np.empty(min(chunk, u.size), u.dtype), np.empty(min(chunk, u.size), u.dtype)
+    one, top, eight = t(1), t(width * 8 - 1), t(8)
+    copy, shl, shr, bor = np.copyto, np.left_shift, np.right_shift, np.bitwise_or
     for start in range(0, u.size, chunk):
         part = u[start : start + chunk]
         end, r, tmp = start + part.size, rotated[: part.size], low[: part.size]
-        np.left_shift(part, t(1), out=r)
-        np.right_shift(part, t(width * 8 - 1), out=tmp)
-        np.bitwise_or(r, tmp, out=r)
+        shl(part, one, out=r)
+        shr(part, top, out=tmp)
+        bor(r, tmp, out=r)
         # NOTE: narrowing copies of the shifted value (contiguous) beat one transposing byte copy
-        planes[0, start:end] = r
+        copy(planes[0, start:end], r, casting="unsafe")
         for i in range(1, width):
-            np.right_shift(r, t(8), out=r)
-            planes[i, start:end] = r
+            shr(r, eight, out=r)
+            copy(planes[i, start:end], r, casting="unsafe")
     # NOTE: the top plane holds the exponents (few values, skewed: large blocks pay fewer tables);
     # mantissa planes are noise except where a tensor's values are locally coarse (small blocks)
     return streams.pack_parts(
@@ -93,20 +95,22 @@ def _bytegroup_decode(blob: bytes, info: TensorInfo) -> memoryview:
     # is handed back as a view (no copy into a bytes object)
     u = np.empty(info.size, dt)
     low = np.empty(step, dt)
-    top, eight = dt.type(dt.itemsize * 8 - 1), dt.type(8)
+    one, top, eight = dt.type(1), dt.type(dt.itemsize * 8 - 1), dt.type(8)
+    copy, shl, shr, bor = np.copyto, np.left_shift, np.right_shift, np.bitwise_or
+    below = planes[-2::-1]
     for start in range(0, info.size, chunk):
         end = min(start + chunk, info.size)
-        part, tmp = u[start:end], low[: end - start]
+        part, tmp, n = u[start:end], low[: end - start], end - start
         # NOTE: widening copies and shift-ors (contiguous, vectorised) beat a strided byte copy
         # per plane by ~30 %
-        part[:] = planes[-1].read(end - start)
-        for plane in planes[-2::-1]:
-            np.left_shift(part, eight, out=part)
-            tmp[:] = plane.read(end - start)
-            np.bitwise_or(part, tmp, out=part)
-        np.right_shift(part, dt.type(1), out=tmp)
-        np.left_shift(part, top, out=part)
-        np.bitwise_or(part, tmp, out=part)
+        copy(part, planes[-1].read(n))
+        for plane in below:
+            shl(part, eight, out=part)
+            copy(tmp, plane.read(n))
+            bor(part, tmp, out=part)
+        shr(part, one, out=tmp)
+        shl(part, top, out=part)
+        bor(part, tmp, out=part)
     return memoryview(u).cast("B")
 
 

@@ -25,11 +25,11 @@ if TYPE_CHECKING:
 __all__ = [
     "CLOSE",
     "FAR",
-    "History",
     "LEARN",
     "SAMPLE_BYTES",
     "SLOW_GAIN",
     "SOLID_LIMIT",
+    "History",
     "encode_best",
     "given",
     "select_codecs",
@@ -97,14 +97,16 @@ class History:
         if self.seen.get(kind, 0) >= LEARN:
             return
         self.seen[kind] = self.seen.get(kind, 0) + 1
-        best = min((c.size for c in found), default=None)
+        if not found:
+            return  # NOTE: nothing shrank the tensor: no codec lost to another
+        best = min(c.size for c in found)
         fast = min((c.size for c in found if c.codec.fast_decode), default=best)
         sizes = {c.codec.name: c.size for c in found}
         for codec in tried:
             size = sizes.get(codec.name)
             # NOTE: with prefer="speed" a slow decoder had to beat the best fast one by SLOW_GAIN
-            needed = best if codec.fast_decode or not speed else (1 - SLOW_GAIN) * (fast or 0)
-            if best is not None and (size is None or size >= FAR * (needed or 0)):
+            needed = best if codec.fast_decode or not speed else (1 - SLOW_GAIN) * fast
+            if size is None or size >= FAR * needed:
                 key = (*kind, codec.name)
                 self.lost[key] = self.lost.get(key, 0) + 1
 

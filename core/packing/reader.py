@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from modelpress.base.errors import ExportError, InvalidModelError, PluginError
 from modelpress.packing import walk
+from modelpress.packing.codec_choice import given
 from modelpress.packing.format import (
     CRC32,
     DEFAULT_CHECKSUMS,
@@ -35,7 +36,6 @@ from modelpress.packing.format import (
     checksum,
     lzma_decompress,
 )
-from modelpress.packing.codec_choice import given
 from modelpress.packing.needs import missing_codec_error
 from modelpress.packing.wire import splice, tensor_spans
 from modelpress.plugin.codec import TensorInfo

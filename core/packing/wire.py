@@ -260,7 +260,9 @@ def _cut_pieces(buf: memoryview, start: int, end: int) -> list[Any]:
     return pieces
 
 
-def cut(model: bytes | memoryview, min_bytes: int) -> tuple[bytes, dict[int, tuple[int, int]]] | None:
+def cut(
+    model: bytes | memoryview, min_bytes: int
+) -> tuple[bytes, dict[int, tuple[int, int]]] | None:
     """The serialised model without the ``raw_data`` of any tensor that holds at least
     ``min_bytes`` of it, and where each removed payload lies in ``model`` (by the tensor's place
     in :func:`modelpress.packing.walk.tensors` order): the weights are then never copied by a

@@ -169,7 +169,9 @@ def literal_pieces(data: Any, *, block_log: int = 17, matching: bool = True) -> 
 
 
 NOISE_SAMPLE = 16 << 10  # bytes in each of the 4 slices a large plane is first judged by
-NOISE = 0.995  # NOTE: a sample that codes no smaller than this is noise (a float's low mantissa bytes)
+NOISE = (
+    0.995  # NOTE: a sample that codes no smaller than this is noise (a float's low mantissa bytes)
+)
 
 
 def _noise(view: memoryview, block_log: int) -> bool:

@@ -397,6 +397,7 @@ else:
     # loaded and zstandard imported
     modelpress.get_registry().codecs()
     import zstandard  # noqa: F401
+    mpk.unlink(missing_ok=True)  # NOTE: replacing the last round's file would charge us for freeing its pages
     ready = cpu()
     t0 = cpu(); result = modelpress.pack(src, mpk); encode = cpu() - t0
     t0 = cpu()
@@ -410,6 +411,7 @@ else:
         t0 = cpu(); [c.decode(b, i) for c, b, i in blobs if c is not None]; codec_only = cpu() - t0
         codec_bytes = sum(i.size * i.dtype.bitwidth // 8 for c, b, i in blobs if c is not None)
     t0 = cpu(); proto = read_packed(mpk); in_memory = cpu() - t0
+    (work / f"{dtype}-back.onnx").unlink(missing_ok=True)  # NOTE: a fresh file, as for the pack
     t0 = cpu(); back = modelpress.unpack(mpk, work / f"{dtype}-back.onnx"); unpack = cpu() - t0
     exact = back.read_bytes() == src.read_bytes() and decoded == sum(len(t.raw_data) for t in proto.graph.initializer)
     out = {"encode": encode, "decode": decode, "codec_mb_s": codec_bytes / 1e6 / codec_only,

@@ -126,6 +126,8 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
         a, b = (a, b) if isinstance(a, bytes) else (b, a)
         # NOTE: bytes.startswith takes any buffer and compares in place (memcmp)
         return len(a) == memoryview(b).nbytes and a.startswith(b)
+    if memoryview(a).nbytes <= _COMPARE_STEP:
+        return bytes(a) == bytes(b)  # NOTE: two small copies cost less than numpy's set-up
     import numpy as np
 
     x, y = np.frombuffer(a, np.uint8), np.frombuffer(b, np.uint8)

@@ -24,13 +24,15 @@ from modelpress.plugins.pack import streams
 from tests.test_pack_wire import models
 
 
-def _layers_model(path, layers=8, rows=96):
+def _layers_model(path, layers=8, rows=96, pruned=()):
     """``layers`` MatMuls with float weights large enough (36 KB) to be estimated rather than
-    coded whole by every codec, and a bias each."""
+    coded whole by every codec, and a bias each; the weights of layers in ``pruned`` 90 % zeros."""
     rng = np.random.default_rng(3)
     inits, nodes, x = [], [], "x"
     for i in range(layers):
         w = (rng.standard_normal((rows, rows)) * 0.05).astype(np.float32)
+        if i in pruned:
+            w[rng.random(w.shape) < 0.9] = 0
         inits += [numpy_helper.from_array(w, f"w{i}"), numpy_helper.from_array(w[0] * 0.1, f"b{i}")]
         nodes += [
             helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
@@ -206,3 +208,14 @@ def test_a_noise_plane_is_stored_without_coding_it_whole_and_a_skewed_one_is_cod
     assert tag == bytes([streams.ZSTD]) and len(payload) < 0.5 * skewed.size
     assert max(calls) == skewed.size  # judged on the sample, then coded whole
     assert bytes(streams.decode_view(tag + payload)) == skewed.tobytes()
+
+
+def test_a_pruned_layer_after_dense_ones_of_the_same_role_still_gets_the_sparse_codec(tmp_path):
+    """The sparse codec loses on the dense weights first; the pruned ones are a kind of their own
+    (a quarter or more zeros in a sample), so it is tried, and wins, there."""
+    src = _layers_model(tmp_path / "m.onnx", layers=9, pruned=(6, 7, 8))
+    result = modelpress.pack(src, tmp_path / "m.mpk", solid=False)
+    codecs = {e.name: e.codec for e in result.tensors if e.name.startswith("w")}
+    assert [codecs[f"w{i}"] for i in range(9)] == ["bytegroup"] * 6 + ["sparse"] * 3
+    back = modelpress.unpack(tmp_path / "m.mpk", tmp_path / "back.onnx")
+    assert back.read_bytes() == src.read_bytes()

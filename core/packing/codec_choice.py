@@ -11,12 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import onnx_ir as ir
 
 from modelpress.base.errors import OptionsError
 from modelpress.packing.format import STORED
 from modelpress.packing.source import same_bytes
-from modelpress.plugin.codec import Codec, TensorInfo
+from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
 from modelpress.plugin.registry import Registry
 
 if TYPE_CHECKING:
@@ -80,19 +81,22 @@ class History:
     ``LEARN`` tensors of a kind is not tried on the rest (the packer's cost per tensor stays
     that of the few codecs that can win)."""
 
-    seen: dict[tuple[int, str, bool], int] = field(default_factory=dict)
-    lost: dict[tuple[int, str, bool, str], int] = field(default_factory=dict)
+    seen: dict[tuple[Any, ...], int] = field(default_factory=dict)
+    lost: dict[tuple[Any, ...], int] = field(default_factory=dict)
 
     @staticmethod
-    def kind(data: bytes, info: TensorInfo) -> tuple[int, str, bool]:
-        return (int(info.dtype), info.role, len(data) > SAMPLE_BYTES)
+    def kind(data: bytes | memoryview, info: TensorInfo) -> tuple[Any, ...]:
+        """Dtype, role, small or large, and what a spread sample of the elements shows: mostly
+        zeros (pruned) or few distinct values (quantized, codebook): a pruned layer after dense
+        ones of the same role is a kind of its own, so codecs dropped on those are tried on it."""
+        return (int(info.dtype), info.role, len(data) > SAMPLE_BYTES, *_looks(data, info))
 
-    def worth(self, kind: tuple[int, str, bool], codec: Codec) -> bool:
+    def worth(self, kind: tuple[Any, ...], codec: Codec) -> bool:
         seen = self.seen.get(kind, 0)
         return seen < LEARN or self.lost.get((*kind, codec.name), 0) < seen
 
     def record(
-        self, kind: tuple[int, str, bool], tried: list[Codec], found: list[_Candidate], speed: bool
+        self, kind: tuple[Any, ...], tried: list[Codec], found: list[_Candidate], speed: bool
     ) -> None:
         if self.seen.get(kind, 0) >= LEARN:
             return
@@ -109,6 +113,19 @@ class History:
             if size is None or size >= FAR * needed:
                 key = (*kind, codec.name)
                 self.lost[key] = self.lost.get(key, 0) + 1
+
+
+def _looks(data: bytes | memoryview, info: TensorInfo) -> tuple[bool, bool]:
+    """Whether a spread sample of the elements is a quarter or more zeros, and whether 512 of
+    them hold at most 256 distinct values (both False for sub-byte types)."""
+    dt = numpy_dtype(info.dtype)
+    if dt is None or len(data) < dt.itemsize or len(data) % dt.itemsize:
+        return False, False
+    u = np.frombuffer(data, dt)
+    sample = u[:: max(1, u.size // 4096)]
+    few = np.sort(u[:: max(1, u.size // 512)])
+    distinct = 1 + int(np.count_nonzero(few[1:] != few[:-1]))
+    return 4 * int(np.count_nonzero(sample == 0)) >= sample.size, distinct <= 256
 
 
 def given(codec: Codec, data: bytes | memoryview) -> bytes | memoryview:
@@ -160,8 +177,8 @@ def _ranked(
 ) -> list[_Candidate]:
     """The applicable codecs with their estimates, smallest first (``prefer="speed"``: a slow
     decoder only where it is estimated ``SLOW_GAIN`` smaller than the best fast one)."""
-    kind = History.kind(data, info)
-    tried = _worth_trying(data, info, codecs, skipped, history)
+    kind = History.kind(data, info) if history is not None else ()
+    tried = _worth_trying(kind, info, codecs, skipped, history)
     if len(tried) == 1 and len(data) > SAMPLE_BYTES:
         return [_Candidate(tried[0], 0)]  # NOTE: nothing to rank: coded in full straight away
     sample = _sample(data, info) if len(data) > SAMPLE_BYTES else None
@@ -184,14 +201,13 @@ def _ranked(
 
 
 def _worth_trying(
-    data: bytes,
+    kind: tuple[Any, ...],
     info: TensorInfo,
     codecs: list[Codec],
     skipped: dict[str, str] | None,
     history: History | None,
 ) -> list[Codec]:
-    """The codecs that apply to the tensor and (with a ``history``) may win on its kind."""
-    kind = History.kind(data, info)
+    """The codecs that apply to the tensor and (with a ``history``) may win on its ``kind``."""
     tried = []
     for codec in codecs:
         try:
@@ -273,7 +289,6 @@ def solid_streams(
 ) -> list[dict[str, Any]]:
     """Code each group of same-dtype, same-role tensors as one stream; keep the streams that are
     smaller than their members' blobs together (and mark those members)."""
-    from modelpress.plugin.codec import numpy_dtype
 
     groups: dict[tuple[int, str], list[Item]] = {}
     for it in items:

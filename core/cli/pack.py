@@ -112,6 +112,6 @@ COMMANDS = (
         unpack_arguments,
         run_unpack,
         "Decode PACK and write the original ONNX file (and its external data) to OUT; every tensor is checked against its "
-        "checksum (CRC-32; SHA-256 in format-1 packs).",
+        "checksum (XXH3-64, or CRC-32 where xxhash was not installed; SHA-256 in format-1 packs).",
     ),
 )

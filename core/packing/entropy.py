@@ -4,11 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import onnx
-
 from modelpress.packing import walk
 from modelpress.packing.codec_choice import encode_best
-from modelpress.packing.source import item, source_bytes
+from modelpress.packing.source import Source, item, parse_source
 from modelpress.plugin.codec import TensorInfo
 from modelpress.plugin.registry import Registry, current_registry
 
@@ -35,13 +33,18 @@ def tensor_report(model: Any, *, registry: Registry | None = None) -> list[dict[
     element values (``entropy_bits``, bits/element) and the best codec's blob size and ratio."""
     registry = registry or current_registry()
     codecs = registry.codecs()
-    data, base, label = source_bytes(model)
-    proto = onnx.ModelProto()
-    proto.ParseFromString(data)
-    roles = walk.roles(proto.graph)
+    src = parse_source(model, strip=False)
+    try:
+        return _rows(src, codecs)
+    finally:
+        src.close()
+
+
+def _rows(src: Source, codecs: list[Any]) -> list[dict[str, Any]]:
+    roles = walk.roles(src.proto.graph)
     rows = []
-    for index, (name, tensor) in enumerate(walk.tensors(proto)):
-        item_ = item(index, name, tensor, roles, base, label, {})
+    for index, (name, tensor) in enumerate(walk.tensors(src.proto)):
+        item_ = item(index, name, tensor, roles, src, {})
         if item_ is None:
             continue
         codec, blob = encode_best(item_.data, item_.info, codecs, prefer="size")

@@ -20,13 +20,18 @@ import onnx_ir as ir
 
 from modelpress.base.errors import ExportError, InvalidModelError, PluginError
 from modelpress.packing import walk
+from modelpress.packing.codec_choice import given
 from modelpress.packing.format import (
+    CRC32,
+    DEFAULT_CHECKSUMS,
     END,
     FOOTER,
     FORMATS,
     MAGIC,
+    SHA256,
     STORED,
     VERSIONS,
+    XXH3,
     TensorEntry,
     checksum,
     lzma_decompress,
@@ -56,8 +61,9 @@ class PackedModel:
                 )
         except OSError as exc:
             raise InvalidModelError(f"{self.label}: cannot be read: {exc.strerror}") from None
-        self.version = 2
+        self.version = 3
         self.manifest = self._read_manifest()
+        self.check = self._checksum_name()
         self._entries: list[TensorEntry] | None = None
         # NOTE: decoded solid streams, each dropped once all its members were read (then decoded
         # again if asked for): writing tensors in file order interleaves the streams' members
@@ -69,11 +75,30 @@ class PackedModel:
             f"{self.label}: damaged modelpress pack: {what}; the file is truncated or corrupt (pack the model again)"
         )
 
-    def _slice(self, offset: int, size: int, what: str) -> bytes:
+    def _slice(self, offset: int, size: int, what: str) -> memoryview:
         if offset < len(MAGIC) or size < 0 or offset + size > len(self._map) - FOOTER.size:
             raise self._damaged(f"{what} lies outside the file")
-        # NOTE: a copy of one blob (not a view): the map can then close while errors hold frames
-        return bytes(self._map[offset : offset + size])
+        # NOTE: a view of the map, not a copy (a copy of every blob cost as much as decoding it);
+        # close() leaves a map with views still alive to be unmapped when the last one goes
+        return memoryview(self._map)[offset : offset + size]
+
+    def _checksum_name(self) -> str:
+        name = self.manifest.get("checksum", DEFAULT_CHECKSUMS.get(self.version))
+        if name not in (XXH3, CRC32, SHA256):
+            raise InvalidModelError(
+                f"{self.label}: unknown checksum {name!r} (this modelpress knows {XXH3}, {CRC32}, {SHA256}): "
+                "the pack comes from a newer modelpress; upgrade modelpress to read it"
+            )
+        if name == XXH3:
+            try:
+                import xxhash  # noqa: F401
+            except ImportError:
+                raise PluginError(
+                    f"{self.label}: this pack's tensors are checked with XXH3-64; install the pack extra: "
+                    "pip install -c constraints.txt 'modelpress[pack]'",
+                    plugin="pack",
+                ) from None
+        return str(name)
 
     def _read_manifest(self) -> dict[str, Any]:
         data = self._map
@@ -90,7 +115,7 @@ class PackedModel:
         if end != END:
             raise self._damaged("the footer is missing")
         try:
-            head = lzma_decompress(self._slice(offset, size, "the manifest"))
+            head = lzma_decompress(bytes(self._slice(offset, size, "the manifest")))
             (length,) = struct.unpack_from("<I", head)
             manifest = json.loads(head[4 : 4 + length])
         except (lzma.LZMAError, ValueError, struct.error) as exc:
@@ -180,11 +205,9 @@ class PackedModel:
         g = self.manifest["graph"]
         proto = onnx.ModelProto()
         data = self._graph
-        check = g.get("sha256") if self.version == 1 else g.get("crc32")
-        if len(data) != g.get("size") or checksum(data, self.version) != check:
-            raise self._damaged(
-                f"the graph's {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest"
-            )
+        check = g.get({1: "sha256", 2: "crc32"}.get(self.version, "checksum"))
+        if len(data) != g.get("size") or checksum(data, self.check) != check:
+            raise self._damaged(f"the graph's {self.check} checksum does not match the manifest")
         proto.ParseFromString(data)
         return proto
 
@@ -192,12 +215,12 @@ class PackedModel:
         self, codec_name: str, blob: bytes, info: TensorInfo, what: str
     ) -> bytes | bytearray | memoryview:
         if codec_name == STORED:
-            return bytes(blob)
+            return blob
         codec = self.registry.codec(codec_name)
         if codec is None:
             raise missing_codec_error(self.label, what, codec_name, self.manifest)
         try:
-            return codec.decode(blob, info)
+            return codec.decode(given(codec, blob), info)
         except PluginError:
             raise
         except Exception as exc:
@@ -244,9 +267,9 @@ class PackedModel:
             data = self._decode(
                 entry.codec, self._slice(entry.offset, entry.size, what), entry.info, what
             )
-        if len(data) != entry.bytes or checksum(data, self.version) != entry.checksum:
+        if len(data) != entry.bytes or checksum(data, self.check) != entry.checksum:
             raise self._damaged(
-                f"tensor {entry.name!r} decodes to bytes whose {'SHA-256' if self.version == 1 else 'CRC-32'} does not match the manifest"
+                f"tensor {entry.name!r} decodes to bytes whose {self.check} checksum does not match the manifest"
             )
         return data
 
@@ -265,7 +288,11 @@ class PackedModel:
     def close(self) -> None:
         self._solids.clear()
         if isinstance(self._map, mmap.mmap):
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # NOTE: a tensor (or an error's frame) still holds a view: unmapped when it goes
+            self._map = b""
 
     def __enter__(self) -> PackedModel:
         return self

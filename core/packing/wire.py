@@ -22,7 +22,7 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
-__all__ = ["splice", "tensor_spans"]
+__all__ = ["cut", "splice", "tensor_spans"]
 
 # field numbers (onnx.proto3)
 _MODEL_GRAPH = 7
@@ -201,7 +201,10 @@ def _plan(
     if depth > 64:
         raise _Unexpected("nesting deeper than 64")
     if kind == "tensor":
-        return _tensor_pieces(buf, start, end, _Lazy(*fills[start]))
+        fill = fills[start]
+        if fill is _CUT:
+            return _cut_pieces(buf, start, end)
+        return _tensor_pieces(buf, start, end, _Lazy(*fill))
     pieces: list[Any] = []
     copied = start
     paths = _PATHS[kind]
@@ -231,3 +234,51 @@ def _tensor_pieces(buf: memoryview, start: int, end: int, data: _Lazy) -> list[A
             insert_at = tag
             break
     return [buf[start:insert_at], _RAW_TAG, _encode_varint(len(data)), data, buf[insert_at:end]]
+
+
+_CUT: Any = ()  # NOTE: a ``fills`` value of :func:`_plan` that drops the tensor's raw_data instead
+
+
+def _raw_span(buf: memoryview, start: int, end: int) -> tuple[int, int] | None:
+    """Where the ``raw_data`` payload of the tensor ``buf[start:end]`` lies, if it has one."""
+    span = None
+    for number, _tag, p0, p1 in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA:
+            span = (p0, p1)  # NOTE: protobuf keeps the last of a repeated scalar field
+    return span
+
+
+def _cut_pieces(buf: memoryview, start: int, end: int) -> list[Any]:
+    """A tensor's fields without its ``raw_data``."""
+    pieces: list[Any] = []
+    copied = start
+    for number, tag, _p0, p1 in _fields(buf, start, end):
+        if number == _TENSOR_RAW_DATA:
+            pieces.append(buf[copied:tag])
+            copied = p1
+    pieces.append(buf[copied:end])
+    return pieces
+
+
+def cut(
+    model: bytes | memoryview, min_bytes: int
+) -> tuple[bytes, dict[int, tuple[int, int]]] | None:
+    """The serialised model without the ``raw_data`` of any tensor that holds at least
+    ``min_bytes`` of it, and where each removed payload lies in ``model`` (by the tensor's place
+    in :func:`modelpress.packing.walk.tensors` order): the weights are then never copied by a
+    protobuf parse. ``None`` on wire bytes this walker does not expect."""
+    buf = memoryview(model)
+    spans = tensor_spans(buf)
+    if spans is None:
+        return None
+    raws: dict[int, tuple[int, int]] = {}
+    try:
+        for index, (t0, t1) in enumerate(spans):
+            raw = _raw_span(buf, t0, t1)
+            if raw is not None and raw[1] - raw[0] >= min_bytes:
+                raws[index] = raw
+        fills = {spans[i][0]: _CUT for i in raws}
+        pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
+    except (_Unexpected, IndexError):
+        return None
+    return b"".join(pieces), raws

@@ -7,12 +7,13 @@ import json
 import os
 import struct
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from modelpress.base.errors import ExportError, OptionsError
 from modelpress.packing import walk
-from modelpress.packing.codec_choice import encode_best, select_codecs, solid_streams
+from modelpress.packing.codec_choice import History, encode_best, select_codecs, solid_streams
 from modelpress.packing.format import (
     END,
     FOOTER,
@@ -21,6 +22,7 @@ from modelpress.packing.format import (
     PackResult,
     TensorEntry,
     checksum,
+    checksum_name,
     lzma_compress,
 )
 from modelpress.packing.needs import codec_origins
@@ -57,20 +59,35 @@ def pack(
     chosen = select_codecs(registry, codecs)
     src = parse_source(model, strip)
     target = Path(output)
-    if not target.parent.is_dir():
-        raise ExportError(
-            f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
-        )
+    try:
+        if not target.parent.is_dir():
+            raise ExportError(
+                f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist"
+            )
+        result = _pack(src, target, chosen, registry, solid=solid, prefer=prefer)
+    finally:
+        src.close()
+    registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
+    return result
+
+
+def _pack(
+    src: Source, target: Path, chosen: list[Any], registry: Registry, *, solid: bool, prefer: str
+) -> PackResult:
     skipped: dict[str, str] = {}
     externals: dict[str, list[tuple[int, int]]] = {}
     roles = walk.roles(src.proto.graph)
     items = [
         it
         for index, (name, tensor) in enumerate(walk.tensors(src.proto))
-        if (it := item(index, name, tensor, roles, src.base, src.label, externals))
+        if (it := item(index, name, tensor, roles, src, externals))
     ]
+    check, history = checksum_name(), History()
     for it in items:
-        it.codec, it.blob = encode_best(it.data, it.info, chosen, skipped, prefer=prefer)
+        it.codec, it.blob = encode_best(
+            it.data, it.info, chosen, skipped, prefer=prefer, history=history
+        )
+        it.checksum = checksum(it.data, check)
     streams = solid_streams(items, chosen, skipped, prefer) if solid else []
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
     tmp = Path(tmp_name)
@@ -81,19 +98,16 @@ def pack(
             entries = _write_blobs(items, streams, out)
             files = _pack_filler(externals, src.base, src.label, out)
             stripped = src.proto.SerializeToString()
-            src.identical = src.identical or reproduces(stripped, items, src.data)
-            _write_head(
-                src, stripped, codec_origins(registry, chosen), entries, streams, files, out
-            )
+            src.identical = src.identical or reproduces(stripped, items, src.data, src.raws)
+            head = _Head(src, stripped, codec_origins(registry, chosen), check)
+            _write_head(head, entries, streams, files, out)
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
     source_bytes = src.original + sum(f["size"] for f in files)
-    result = PackResult(
+    return PackResult(
         target, target.stat().st_size, source_bytes, entries, src.identical, skipped, streams
     )
-    registry.hook.modelpress_pack_finish(pack_id=str(target), source=src.label, result=result)
-    return result
 
 
 def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> list[TensorEntry]:
@@ -123,26 +137,37 @@ def _write_blobs(items: list[Item], streams: list[dict[str, Any]], out: Any) -> 
     return entries
 
 
+@dataclass
+class _Head:
+    """What the head says besides the tensors: the source, its graph without the packed bytes
+    (``stripped``), where each codec came from, and the checksum the rows use."""
+
+    src: Source
+    stripped: bytes
+    origins: dict[str, dict[str, str]]
+    check: str
+
+
 def _write_head(
-    src: Source,
-    stripped: bytes,
-    origins: dict[str, dict[str, str]],
+    head: _Head,
     entries: list[TensorEntry],
     streams: list[dict[str, Any]],
     files: list[dict[str, Any]],
     out: Any,
 ) -> None:
-    """Write the head (the manifest and ``stripped``, the graph without the packed bytes, one LZMA stream) and the footer."""
+    """Write the head (the manifest and the stripped graph, one LZMA stream) and the footer."""
     used = {e.codec for e in entries}
+    src, stripped, origins = head.src, head.stripped, head.origins
     manifest = {
         "format": FORMAT,
+        "checksum": head.check,
         "source": {
             "name": Path(src.label).name,
             "bytes": len(src.data),
             "bytes_identical": src.identical,
             **({"stripped": True} if src.strip else {}),
         },
-        "graph": {"size": len(stripped), "crc32": checksum(stripped)},
+        "graph": {"size": len(stripped), "checksum": checksum(stripped, head.check)},
         "codecs": {
             name: f"{o['plugin']} {o['version']}".strip()
             for name, o in origins.items()
@@ -176,7 +201,7 @@ def _entry(
         offset=offset,
         size=size,
         bytes=len(it.data),
-        checksum=checksum(it.data),
+        checksum=it.checksum,
         external=it.external,
         solid=solid,
         at=at,

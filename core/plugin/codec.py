@@ -66,6 +66,9 @@ class Codec:
     ``fast_decode=False`` marks a codec whose decoding is slow (LZMA: tens of MB/s instead of
     hundreds): with ``pack(prefer="speed")`` (the default) the packer picks it only when it saves
     at least 10 % over the best fast codec; ``prefer="size"`` always takes the smallest.
+    ``views=True`` says ``encode``, ``estimate`` and ``decode`` take any bytes-like object (a
+    read-only ``memoryview`` of the model file or of the pack) where they are otherwise given
+    ``bytes``: packing and unpacking then copy no tensor before coding it.
     ``plugin`` and ``plugin_version`` are filled in by the registry (the registering plugin);
     leave them unset.
     """
@@ -77,6 +80,7 @@ class Codec:
     summary: str = ""
     fast_decode: bool = True
     estimate: Callable[[bytes, TensorInfo], int | None] | None = None
+    views: bool = False
     plugin: str = ""
     plugin_version: str = ""
 

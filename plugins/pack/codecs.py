@@ -43,7 +43,9 @@ def _fits(data: bytes, info: TensorInfo) -> np.ndarray | None:
 # -- bytegroup ---------------------------------------------------------------------------------
 
 
-_CHUNK = 1 << 16  # NOTE: elements per step: one step's rotation and planes stay in the L2 cache
+# NOTE: bytes per step (512 KiB: measured best for fp32 and bf16 with the 16-bit halves): one
+# step's rotation, its temporaries and planes stay in the L2 cache
+_CHUNK_BYTES = 1 << 19
 
 
 def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
@@ -51,19 +53,22 @@ def _bytegroup_encode(data: bytes, info: TensorInfo) -> bytes | None:
     if u is None or info.dtype not in _FLOATS or u.size == 0:
         return None
     width, t = u.dtype.itemsize, u.dtype.type
+    chunk = _CHUNK_BYTES // width
     planes = np.empty((width, u.size), np.uint8)
-    rotated, low = np.empty(min(_CHUNK, u.size), u.dtype), np.empty(min(_CHUNK, u.size), u.dtype)
-    for start in range(0, u.size, _CHUNK):
-        part = u[start : start + _CHUNK]
+    rotated, low = np.empty(min(chunk, u.size), u.dtype), np.empty(min(chunk, u.size), u.dtype)
+    one, top, eight = t(1), t(width * 8 - 1), t(8)
+    copy, shl, shr, bor = np.copyto, np.left_shift, np.right_shift, np.bitwise_or
+    for start in range(0, u.size, chunk):
+        part = u[start : start + chunk]
         end, r, tmp = start + part.size, rotated[: part.size], low[: part.size]
-        np.left_shift(part, t(1), out=r)
-        np.right_shift(part, t(width * 8 - 1), out=tmp)
-        np.bitwise_or(r, tmp, out=r)
+        shl(part, one, out=r)
+        shr(part, top, out=tmp)
+        bor(r, tmp, out=r)
         # NOTE: narrowing copies of the shifted value (contiguous) beat one transposing byte copy
-        planes[0, start:end] = r
+        copy(planes[0, start:end], r, casting="unsafe")
         for i in range(1, width):
-            np.right_shift(r, t(8), out=r)
-            planes[i, start:end] = r
+            shr(r, eight, out=r)
+            copy(planes[i, start:end], r, casting="unsafe")
     # NOTE: the top plane holds the exponents (few values, skewed: large blocks pay fewer tables);
     # mantissa planes are noise except where a tensor's values are locally coarse (small blocks)
     return streams.pack_parts(
@@ -82,28 +87,67 @@ def _bytegroup_decode(blob: bytes, info: TensorInfo) -> memoryview:
     parts = streams.unpack_parts(blob)
     if len(parts) != dt.itemsize:
         raise ValueError(f"bytegroup blob has {len(parts)} byte planes, expected {dt.itemsize}")
-    step = min(_CHUNK, max(info.size, 1))
+    chunk = _CHUNK_BYTES // dt.itemsize
+    step = min(chunk, max(info.size, 1))
     planes = [streams.PlaneReader(part, step, slot) for slot, part in enumerate(parts)]
     # NOTE: one pass over the output, a cache-sized step at a time: each plane's next slice is
     # decoded into a small buffer, shifted into place and the rotation undone there; the output
     # is handed back as a view (no copy into a bytes object)
     u = np.empty(info.size, dt)
     low = np.empty(step, dt)
-    top, eight = dt.type(dt.itemsize * 8 - 1), dt.type(8)
-    for start in range(0, info.size, _CHUNK):
-        end = min(start + _CHUNK, info.size)
+    one, top = dt.type(1), dt.type(dt.itemsize * 8 - 1)
+    shl, shr, bor = np.left_shift, np.right_shift, np.bitwise_or
+    assemble = _Assemble4(step) if dt.itemsize == 4 else _Assemble(dt)
+    for start in range(0, info.size, chunk):
+        end = min(start + chunk, info.size)
         part, tmp = u[start:end], low[: end - start]
-        # NOTE: widening copies and shift-ors (contiguous, vectorised) beat a strided byte copy
-        # per plane by ~30 %
-        part[:] = planes[-1].read(end - start)
-        for plane in planes[-2::-1]:
-            np.left_shift(part, eight, out=part)
-            tmp[:] = plane.read(end - start)
-            np.bitwise_or(part, tmp, out=part)
-        np.right_shift(part, dt.type(1), out=tmp)
-        np.left_shift(part, top, out=part)
-        np.bitwise_or(part, tmp, out=part)
+        assemble(part, tmp, planes)
+        shr(part, one, out=tmp)
+        shl(part, top, out=part)
+        bor(part, tmp, out=part)
     return memoryview(u).cast("B")
+
+
+class _Assemble:
+    """Puts the next slices of the byte planes together into ``part`` (rotated values):
+    widening copies and shift-ors (contiguous, vectorised) beat a strided byte copy per plane by
+    ~30 %."""
+
+    def __init__(self, dt: np.dtype) -> None:
+        self.eight = dt.type(8)
+
+    def __call__(
+        self, part: np.ndarray, tmp: np.ndarray, planes: list[streams.PlaneReader]
+    ) -> None:
+        n = part.size
+        np.copyto(part, planes[-1].read(n))
+        for plane in planes[-2::-1]:
+            np.left_shift(part, self.eight, out=part)
+            np.copyto(tmp, plane.read(n))
+            np.bitwise_or(part, tmp, out=part)
+
+
+class _Assemble4(_Assemble):
+    """Four planes as two 16-bit halves first (half the bytes per operation): ~15 % faster."""
+
+    def __init__(self, step: int) -> None:
+        self.half, self.tmp16 = np.empty(step, np.uint16), np.empty(step, np.uint16)
+
+    def _pair(self, high: np.ndarray, low: np.ndarray, n: int) -> np.ndarray:
+        half, tmp = self.half[:n], self.tmp16[:n]
+        np.copyto(half, high)
+        np.left_shift(half, np.uint16(8), out=half)
+        np.copyto(tmp, low)
+        return np.bitwise_or(half, tmp, out=half)
+
+    def __call__(
+        self, part: np.ndarray, tmp: np.ndarray, planes: list[streams.PlaneReader]
+    ) -> None:
+        n = part.size
+        np.copyto(part, self._pair(planes[3].read(n), planes[2].read(n), n))
+        np.left_shift(part, np.uint32(16), out=part)
+        np.copyto(tmp, self._pair(planes[1].read(n), planes[0].read(n), n))
+        np.bitwise_or(part, tmp, out=part)
 
 
 # -- codebook ----------------------------------------------------------------------------------
@@ -122,11 +166,19 @@ def _nibble_unpack(data: bytes, count: int) -> np.ndarray:
     return out[:count]
 
 
+def _many_values(u: np.ndarray, limit: int = 256) -> bool:
+    """Whether a spread sample of ``u`` already holds more than ``limit`` distinct values (512
+    elements first: a float tensor answers there; np.unique would also import numpy.ma)."""
+    for count in (512, 4096):
+        s = np.sort(u[:: max(1, u.size // count)])
+        if 1 + int(np.count_nonzero(s[1:] != s[:-1])) > limit:
+            return True
+    return False
+
+
 def _codebook_encode(data: bytes, info: TensorInfo) -> bytes | None:
     u = _fits(data, info)
-    if u is None or u.size < 2:
-        return None
-    if len(np.unique(u[:: max(1, u.size // 4096)])) > 256:
+    if u is None or u.size < 2 or _many_values(u):
         return None
     table, inverse = np.unique(u, return_inverse=True)
     if len(table) > 256:
@@ -318,6 +370,7 @@ CODECS = [
         _bytegroup_decode,
         applies=lambda info: info.dtype in _FLOATS,
         summary="floats split into byte planes, sign rotated out of the exponent byte, planes entropy-coded (ZipNN)",
+        views=True,
     ),
     Codec(
         "codebook",
@@ -325,6 +378,7 @@ CODECS = [
         _codebook_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="<= 256 distinct values: value table + entropy-coded indices (nibble pairs when <= 16)",
+        views=True,
     ),
     Codec(
         "sparse",
@@ -332,6 +386,7 @@ CODECS = [
         _sparse_decode,
         applies=lambda info: numpy_dtype(info.dtype) is not None,
         summary="mostly one value (zero): relative indices or bitmask + values coded by the best value coder",
+        views=True,
     ),
     Codec(
         "nibbles",
@@ -339,12 +394,14 @@ CODECS = [
         _nibbles_decode,
         applies=lambda info: info.dtype in _INT4,
         summary="int4/uint4: one symbol per byte, entropy-coded",
+        views=True,
     ),
     Codec(
         "zstd",
         _zstd_encode,
         lambda blob, info: streams.decode(blob),
         summary="zstd level 19 on the raw bytes (needs the pack extra)",
+        views=True,
         estimate=_zstd_estimate,
     ),
     Codec(
@@ -352,6 +409,7 @@ CODECS = [
         _lzma_encode,
         _lzma_decode,
         summary="LZMA2 preset 9e on the raw bytes (xz's coder; slow to decode)",
+        views=True,
         fast_decode=False,
         estimate=_lzma_estimate,
     ),

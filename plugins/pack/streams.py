@@ -159,13 +159,31 @@ def literal_pieces(data: Any, *, block_log: int = 17, matching: bool = True) -> 
         bytes([STORED]),
         view,
     )  # NOTE: the tag and the plane itself: the caller copies it once
-    if len(view) < 16 or not have_zstd():
+    if len(view) < 16 or not have_zstd() or _noise(view, block_log):
         return stored
     coded = _literal_compressor(block_log).compress(view)
     if matching and len(coded) < STRUCTURED * len(view):
         level = 9 if len(view) <= _MATCHING_LIMIT else 3
         coded = min(coded, _compressor(level).compress(view), key=len)
     return (bytes([ZSTD]), coded) if len(coded) < len(view) else stored
+
+
+NOISE_SAMPLE = 16 << 10  # bytes in each of the 4 slices a large plane is first judged by
+NOISE = (
+    0.995  # NOTE: a sample that codes no smaller than this is noise (a float's low mantissa bytes)
+)
+
+
+def _noise(view: memoryview, block_log: int) -> bool:
+    """Whether a plane of more than 16 sample slices codes to no less than ``NOISE`` of its size
+    on 4 slices spread over it (ZipNN likewise stops coding a plane whose first chunks do not
+    shrink): such a plane is stored without coding it whole."""
+    if len(view) <= 16 * NOISE_SAMPLE:
+        return False
+    gap = (len(view) - NOISE_SAMPLE) // 3
+    coder = _literal_compressor(block_log)
+    coded = sum(len(coder.compress(view[i * gap : i * gap + NOISE_SAMPLE])) for i in range(4))
+    return coded >= NOISE * 4 * NOISE_SAMPLE
 
 
 def _decompressor() -> Any:

@@ -1,9 +1,11 @@
 """Weight-only quantization of embedding tables (``Gather`` or ``Slice`` on a constant table) and Conv weights.
 
 ONNX Runtime has no integer kernel to use here for weight-only formats, so the weight is stored as
-int8/int4 behind a ``DequantizeLinear`` (``DQ -> Gather``, ``DQ -> Conv``); ORT folds the DQ into a
-float constant when it loads the model. The file shrinks ~4x (int8) or ~6-7x (int4); compute is
-unchanged. Used by ``int4-weight-only`` / ``int8-weight-only`` and ``int8-dynamic`` so a transformer's
+int8/int4 behind a ``DequantizeLinear`` (``DQ -> Gather``, ``DQ -> Conv``). ORT does not fold a DQ of
+a constant (it keeps it for its QDQ fusions), so that DQ runs on every inference: an int8 table read
+by ``Gather`` is instead looked up first and only the rows read are dequantized (``Gather(int8) ->
+Cast -> Mul(Gather(row scales))``). The file shrinks ~4x (int8) or ~6-7x (int4). Used by
+``int4-weight-only`` / ``int8-weight-only``, ``int8-dynamic`` and ``int8-static`` so a transformer's
 token/position tables and a CNN's convolutions are covered, not only its MatMul/Gemm.
 
 * embedding table ``[V, D]`` (read by ``Gather``, or by ``Slice`` as a position table is): int8

@@ -135,6 +135,10 @@ def test_int8_static_rounds_smoothed_weights_by_gptq(tmp_path):
     }
     errors = {k: _error(r, x, expected, tmp_path / f"{k}.onnx") for k, r in results.items()}
     assert errors["gptq"] < errors["nearest"]
+    rounded = {
+        k: r.provenance.passes[-1].figures["gptq_rounded_layers"] for k, r in results.items()
+    }
+    assert rounded == {"gptq": 2, "nearest": 0}
 
 
 def test_auto_calibrator_picks_per_tensor_by_measured_error(tmp_path):

@@ -207,6 +207,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         data = _calibration(model, opts, ctx)
     grid = QRange(8, opts.activation_type == "int8")
     planned = _plans(model, sel, data, grid, opts, ctx, codes)
+    ctx.figures["gptq_rounded_layers"] = len(codes)
     codes.clear()
     plans = planned.plans
     # NOTE: score in the batches calibration found to fit its memory budget (peak memory must not

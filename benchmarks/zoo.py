@@ -137,13 +137,16 @@ def _modelpress_calibration(name: str, feeds: dict[str, np.ndarray]) -> Any:
 
 # -- the methods -------------------------------------------------------------------------------------
 def _modelpress(
-    method: str, **options: Any
+    method: str, *, calibrated: bool = False, **options: Any
 ) -> Callable[[str, Path, dict[str, np.ndarray], Path], None]:
+    """modelpress ``method`` at its defaults (``options`` aside), given the calibration data when
+    ``calibrated`` (int8-static needs it; int4-weight-only uses it when given: GPTQ)."""
+
     def run(name: str, source: Path, calib: dict[str, np.ndarray], out: Path) -> None:
         import modelpress
 
         model = modelpress.load(source)
-        data = _modelpress_calibration(name, calib) if method == "int8-static" else None
+        data = _modelpress_calibration(name, calib) if calibrated else None
         result = modelpress.quantize(
             model, method, calibration=data, show_progress=False, **options
         )
@@ -210,12 +213,14 @@ class Variant:
 
 
 METHODS: list[Variant] = [
-    Variant("int8-static", _modelpress("int8-static")),
+    Variant("int8-static", _modelpress("int8-static", calibrated=True)),
     # NOTE: without the sensitivity search (fully quantized): its cost is issue 12's subject
-    Variant("int8-static-nosens", _modelpress("int8-static", sensitivity=False)),
+    Variant("int8-static-nosens", _modelpress("int8-static", calibrated=True, sensitivity=False)),
     Variant("int8-dynamic", _modelpress("int8-dynamic")),
     Variant("int8-weight-only", _modelpress("int8-weight-only")),
     Variant("int4-weight-only", _modelpress("int4-weight-only")),
+    # NOTE: as a user with calibration data runs it (its default is then GPTQ)
+    Variant("int4-weight-only-data", _modelpress("int4-weight-only", calibrated=True)),
     Variant("fp16", _modelpress("fp16")),
     Variant(
         "codebook", _modelpress("codebook", op_types=["Conv", "ConvTranspose", "Gemm", "MatMul"])

@@ -199,6 +199,40 @@ def test_probabilities_are_recognised_by_their_rows():
     assert classify("ids", np.arange(8)).form == "labels"
 
 
+def _heads(with_probabilities: bool, width: int):  # type: ignore[no-untyped-def]
+    """A shared trunk with a ``width``-value Gemm head (``dense_5``, as tf2onnx names ONet's box head) and,
+    when asked, a Softmax class head beside it."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w": rng.standard_normal((8, width)).astype(np.float32),
+        "b": rng.standard_normal(width).astype(np.float32),
+        "wc": rng.standard_normal((8, 2)).astype(np.float32),
+    }
+    nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["dense_5"], name="box")]
+    outputs = [helper.make_tensor_value_info("dense_5", TensorProto.FLOAT, ["N", width])]
+    if with_probabilities:
+        nodes += [
+            helper.make_node("MatMul", ["x", "wc"], ["z"], name="cls"),
+            helper.make_node("Softmax", ["z"], ["softmax_2"], axis=1, name="softmax"),
+        ]
+        outputs.append(helper.make_tensor_value_info("softmax_2", TensorProto.FLOAT, ["N", 2]))
+    x = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8])]
+    return modelpress.load(make_model(nodes, x, outputs, weights))
+
+
+@pytest.mark.parametrize("width", [4, 10])
+def test_a_narrow_head_beside_probabilities_is_regression_even_when_one_value_stands_out(width):
+    """ONet's 4-value box head was judged as logits (its deltas' arg-max looked 1.5x as decisive as
+    random values): a narrow linear head with no normaliser beside a probability output is a detector's
+    regression head, on any number of rows; alone, the same values stay a classifier's logits."""
+    rng = np.random.default_rng(1)
+    ref = rng.standard_normal((64, width)).astype(np.float32)
+    ref[np.arange(64), rng.integers(0, width, 64)] += 6.0  # one value stands out in every row
+    kind = classify("dense_5", ref, _heads(True, width))
+    assert kind.form == "regression" and "beside the probability output 'softmax_2'" in kind.reason
+    assert classify("dense_5", ref, _heads(False, width)).form == "logits"
+
+
 # --- the face detector -------------------------------------------------------------------------
 
 

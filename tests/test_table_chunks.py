@@ -106,3 +106,53 @@ def test_an_external_table_is_read_in_chunks_and_looks_up_the_one_shot_rows(monk
     q, scale, zero, attrs = _uint4_blocks(w, 1, 32)
     expected = embeddings._dequantized(q, scale, zero, attrs, w.shape)[ids]
     np.testing.assert_allclose(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_an_int8_table_is_looked_up_before_it_is_dequantized(tmp_path):
+    """int8 rows: ``Gather`` reads the int8 table and only the rows read are dequantized (ORT never folds
+    a DequantizeLinear, so one in front of the table dequantized all of it on every run); the values are
+    the per-row DequantizeLinear's, and the lookup's output keeps its name (here a graph output)."""
+    w = np.random.default_rng(3).standard_normal((500, 64)).astype(np.float32)
+    model = modelpress.load(_gather_model(tmp_path, w), show_progress=False)
+    quantized = modelpress.quantize(model, "int8-dynamic", show_progress=False)
+    assert quantized.provenance.passes[-1].figures["tables_quantized"] == 1
+    ops = [node.op_type for node in quantized.ir.graph]
+    assert "DequantizeLinear" not in ops and ops.count("Gather") == 2
+    assert [v.name for v in quantized.ir.graph.outputs] == ["rows"]
+    assert all(
+        v.const_value.dtype != ir.DataType.FLOAT or v.const_value.size < w.size
+        for v in quantized.ir.graph.initializers.values()
+    )
+    ids = np.array([0, 7, 499, 250, 7], np.int64)
+    got = run(make_session(quantized), {"ids": ids})[0]
+    q, scale, _, _ = _int8_rows(w)
+    np.testing.assert_array_equal(got, (q.astype(np.float32) * scale[:, None])[ids])
+
+
+def test_an_int8_table_read_by_another_op_keeps_its_dequantize_for_that_op(tmp_path):
+    """A table tied to an output projection (``Gather`` and ``MatMul`` read it): the lookup reads int8 rows,
+    the MatMul reads the table through one DequantizeLinear."""
+    import onnx
+
+    w = np.random.default_rng(4).standard_normal((300, 300)).astype(np.float32)
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["table", "ids"], ["rows"], name="embed"),
+            helper.make_node("MatMul", ["rows", "table"], ["logits"], name="head"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 300])],
+        [helper.make_tensor("table", TensorProto.FLOAT, w.shape, w.tobytes(), raw=True)],
+    )
+    path = tmp_path / "tied.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    model = modelpress.load(path, show_progress=False)
+    quantized = modelpress.quantize(model, "int8-dynamic", op_types=["Gather"], show_progress=False)
+    ops = [node.op_type for node in quantized.ir.graph]
+    assert ops.count("DequantizeLinear") == 1 and ops.count("Gather") == 2
+    ids = np.array([3, 299], np.int64)
+    q, scale, _, _ = _int8_rows(w)
+    table = q.astype(np.float32) * scale[:, None]
+    got = run(make_session(quantized), {"ids": ids})[0]
+    np.testing.assert_allclose(got, table[ids] @ table, rtol=1e-5, atol=1e-4)

@@ -14,10 +14,10 @@ Forms (``OutputKind.form``) and the judging family they belong to (``OutputKind.
   the two largest values, over the row's spread, is at least 1.5x what C random values give) or
   C is 2 (binary logits) with no probability output beside it.
 * ``regression``: ``[N]``/``[N, 1]`` values; outputs named like boxes, landmarks, keypoints,
-  offsets; a linear head with no class structure (near-ties, as a 32-value regression has; an
-  arg-max that never moves, C < 32), which is what a detector's box and landmark heads beside
-  its probability output look like (on fewer than 16 rows, being beside it decides); a narrow
-  (C < 32) output of a non-linear op.
+  offsets; a narrow (C < 32) linear head with no normaliser beside a probability output (a
+  detector's box and landmark heads: being beside it decides, whatever its arg-max looks like); a
+  linear head with no class structure (near-ties, as a 32-value regression has; an arg-max that
+  never moves, C < 32); a narrow (C < 32) output of a non-linear op.
 * ``embedding``: pooled or normalised vectors (ReduceMean, GlobalAveragePool, LpNormalization...
   at the end), outputs named like embeddings or hidden states, ``[N, T, D]`` token vectors so
   named, a wide (C >= 32) output of a non-linear op (a hidden state), a wide head whose arg-max
@@ -288,6 +288,14 @@ def _by_values(ref: np.ndarray, g: _Graph, rows: int, width: int) -> OutputKind:
                 "embedding", f"{width}-wide {head} on {rows} rows (too few to see classes)"
             )
         return OutputKind("logits", f"{head} with {width} scores", 1)
+    if g.sibling_probabilities and width < WIDE and g.linear_head:
+        # NOTE: a detector's box (4) and landmark (10) heads: their arg-max can look decisive (ONet's box
+        # deltas are 1.5x random), but a narrow linear head with no normaliser beside a probability output
+        # is the regression half of the detector, as on fewer rows
+        return OutputKind(
+            "regression",
+            f"{head} beside the probability output {g.sibling_probabilities!r}: {width} values, no normaliser",
+        )
     if len(np.unique(np.argmax(ref, axis=1))) == 1:
         form = "embedding" if width >= WIDE else "regression"
         return OutputKind(

@@ -19,8 +19,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, PassContext
-from modelpress.plugins.quantize.affine import UINT8, fake_quantize, fake_quantize_weight
+from modelpress.plugins.quantize.affine import UINT8, QRange, fake_quantize, fake_quantize_weight
+from modelpress.plugins.quantize.cpu import resolve_reduce_range
+from modelpress.plugins.quantize.gptq_int8 import feedback, one_blas_thread
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
+from modelpress.plugins.quantize.static_plan import gptq_layer, weight_grid
 
 if TYPE_CHECKING:
     from modelpress.plugins.quantize.static import Int8StaticOptions
@@ -86,18 +89,44 @@ def _best_alpha(
     return base, best[0], best[1], best[2]
 
 
-def smooth(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContext) -> Model:
+def _gptq_group(
+    group: ScaleGroup, rows: np.ndarray, grid: QRange | None, per_channel: bool, codes: dict
+) -> None:
+    """GPTQ codes for the group's layers (one ``H`` from the rows they read, as smoothed) into ``codes``."""
+    if grid is None:
+        return
+    fb = feedback(rows)
+    for layer in group.layers if fb is not None else []:
+        found = gptq_layer(layer, fb, grid, per_channel)
+        if found is not None:
+            codes[layer.name] = found
+
+
+def smooth(
+    model: Model,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    codes: dict[str, np.ndarray] | None = None,
+) -> Model:
     """A clone of ``model`` with SmoothQuant scales migrated into the weights of each MatMul/Gemm
     group (of ``opts.op_types`` less ``opts.exclude_op_types``, less the ``opts.exclude`` layers) where
     that lowers the measured int8 output error; ``alpha`` is searched on ``opts.smoothquant_steps``
-    points of ``(0, opts.smoothquant_max_alpha]``. Figures: ``smoothquant_alpha`` (per smoothed
-    input) and ``smoothquant_error_ratio`` (mean error after / before over those groups)."""
+    points of ``(0, opts.smoothquant_max_alpha]``. With ``codes`` (and ``opts.weight_rounding`` gptq),
+    each group's int8 weight codes rounded by GPTQ against the rows sampled here are put in it, by layer
+    name. Figures: ``smoothquant_alpha`` (per smoothed input) and ``smoothquant_error_ratio`` (mean
+    error after / before over those groups)."""
     op_types, exclude, batch_size = (
         set(opts.op_types) - set(opts.exclude_op_types),
         set(opts.exclude),
         opts.batch_size,
     )
     max_alpha, steps = opts.smoothquant_max_alpha, opts.smoothquant_steps
+    grid = (
+        weight_grid(resolve_reduce_range(opts.reduce_range)[0])
+        if codes is not None and opts.weight_rounding == "gptq"
+        else None
+    )
     result = model.clone()
     layers = [
         layer
@@ -114,23 +143,24 @@ def smooth(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContex
     lo, hi, samples = sample_rows(model, [g.input for g in groups], data, batch_size)
     chosen: dict[str, float] = {}
     ratios: list[float] = []
-    with ctx.progress("SmoothQuant scale search", total=len(groups)) as advance:
+    # NOTE: one BLAS thread: many mid-sized products and factorisations, where waking threads costs more
+    with one_blas_thread(), ctx.progress("SmoothQuant scale search", total=len(groups)) as advance:
         for group in groups:
-            x = samples.get(group.input)
-            if x is None or not len(x):
-                advance(1)
-                continue
-            base, error, alpha, scales = _best_alpha(
-                x,
-                group.matrix(),
-                lo[group.input],
-                hi[group.input],
-                np.linspace(0, max_alpha, steps + 1)[1:],
-            )
-            if scales is not None and error < 0.95 * base:
-                apply_scales(result, group, scales, "smooth")
-                chosen[group.input] = round(alpha, 3)
-                ratios.append(error / max(base, 1e-30))
+            x = samples.pop(group.input, None)
+            if x is not None and len(x):
+                base, error, alpha, scales = _best_alpha(
+                    x,
+                    group.matrix(),
+                    lo[group.input],
+                    hi[group.input],
+                    np.linspace(0, max_alpha, steps + 1)[1:],
+                )
+                if scales is not None and error < 0.95 * base:
+                    apply_scales(result, group, scales, "smooth")
+                    chosen[group.input] = round(alpha, 3)
+                    ratios.append(error / max(base, 1e-30))
+                    x = x / scales
+                _gptq_group(group, x, grid, opts.per_channel, codes if codes is not None else {})
             advance(1)
     ctx.figures["smoothquant_alpha"] = chosen
     if ratios:

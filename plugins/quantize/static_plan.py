@@ -18,12 +18,21 @@ from modelpress.plugins.quantize.affine import (
     symmetric_params,
 )
 from modelpress.plugins.quantize.calibrate import TensorStats, choose_range
+from modelpress.plugins.quantize.gptq_int8 import gptq_codes
 from modelpress.plugins.quantize.qdq import Plan
 
 if TYPE_CHECKING:
     from modelpress.plugins.quantize.static import Int8StaticOptions
 
-__all__ = ["act_params", "constant_plan", "fused_output", "weight_plan"]
+__all__ = [
+    "act_params",
+    "constant_plan",
+    "fused_output",
+    "gptq_layer",
+    "weight_grid",
+    "weight_plan",
+    "weight_scale",
+]
 
 _FUSABLE_ACTIVATIONS = {"Relu", "Clip"}
 
@@ -64,21 +73,20 @@ def weight_plan(
     act_out: str | None,
     *,
     reduce_range: bool = False,
+    codes: np.ndarray | None = None,
 ) -> Plan:
     """A weighted node's plan: int8 symmetric weight (per output channel by default; 7-bit, [-63, 63],
-    with ``reduce_range``), int32 bias at ``input scale x weight scale`` (optionally corrected for the
-    mean error the weights cause)."""
+    with ``reduce_range``; the GPTQ ``codes`` of :func:`gptq_layer` when given),
+    int32 bias at ``input scale x weight scale`` (optionally corrected for the mean error the weights
+    cause)."""
     w = layer.weight_array().astype(np.float32)
-    grid = QRange(7 if reduce_range else 8, True, restricted=True)
+    grid = weight_grid(reduce_range)
+    scale, zero = weight_scale(layer, w, grid, opts.per_channel)
+    s_b, z_b = scale, zero
     if opts.per_channel:
-        axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
-        scale, zero = symmetric_params(np.abs(w).max(axis=axes), grid)
         s_b = per_axis(scale, w.ndim, layer.out_axis)
         z_b = per_axis(zero, w.ndim, layer.out_axis)
-    else:
-        scale, zero = symmetric_params(float(np.abs(w).max()), grid)
-        s_b, z_b = scale, zero
-    wq = quantize(w, s_b, z_b, grid)
+    wq = codes if codes is not None and codes.shape == w.shape else quantize(w, s_b, z_b, grid)
     bias = layer.bias_array()
     bias_q = bias_scale = bias_fix = None
     act_in = layer.node.inputs[0].name or ""
@@ -111,6 +119,37 @@ def weight_plan(
         bias_scale=bias_scale,
         bias_fix=bias_fix,
     )
+
+
+def weight_grid(reduce_range: bool) -> QRange:
+    """The symmetric int8 weight grid ([-127, 127]; [-63, 63] with ``reduce_range``)."""
+    return QRange(7 if reduce_range else 8, True, restricted=True)
+
+
+def weight_scale(
+    layer: WeightedLayer, w: np.ndarray, grid: QRange, per_channel: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Scale and zero point of a weight: one per output channel (or one), from ``max |w|``."""
+    if per_channel:
+        axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
+        return symmetric_params(np.abs(w).max(axis=axes), grid)
+    return symmetric_params(float(np.abs(w).max()), grid)
+
+
+def gptq_layer(
+    layer: WeightedLayer, fb: np.ndarray, grid: QRange, per_channel: bool
+) -> np.ndarray | None:
+    """GPTQ codes (:mod:`.gptq_int8`) of a 2-D MatMul/Gemm weight, in the weight's own layout, on the
+    scales :func:`weight_plan` gives it; None for other layers."""
+    w = layer.weight_array().astype(np.float32)
+    if w.ndim != 2 or layer.op_type not in ("MatMul", "Gemm"):
+        return None
+    w_kn = w if layer.out_axis == 1 else w.T
+    if fb.shape != (w_kn.shape[0], w_kn.shape[0]):
+        return None
+    scale, _ = weight_scale(layer, w, grid, per_channel)
+    codes = gptq_codes(w_kn, fb, scale, grid)
+    return codes if layer.out_axis == 1 else np.ascontiguousarray(codes.T)
 
 
 def _mean_error(layer: WeightedLayer, error: np.ndarray, mean: np.ndarray) -> np.ndarray | None:

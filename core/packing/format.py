@@ -60,9 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
-from modelpress.plugin.codec import TensorInfo
+from modelpress.plugin.codec import ElementType, TensorInfo
 
 __all__ = [
     "CRC32",
@@ -162,7 +160,7 @@ class TensorEntry:
 
     @property
     def info(self) -> TensorInfo:
-        return TensorInfo(self.name, ir.DataType(self.dtype), tuple(self.shape), self.role)
+        return TensorInfo(self.name, ElementType(self.dtype), tuple(self.shape), self.role)
 
 
 @dataclass

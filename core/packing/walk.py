@@ -6,11 +6,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-
-import onnx
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from modelpress.base.errors import UnsafeExternalDataError
+from modelpress.plugin.codec import ElementType
+
+if TYPE_CHECKING:
+    import onnx
 
 __all__ = ["external_info", "graphs", "nbytes", "roles", "safe_location", "tensor_name", "tensors"]
 
@@ -75,7 +77,7 @@ def nbytes(tensor: onnx.TensorProto) -> int | None:
     for d in tensor.dims:
         count *= int(d)
     try:
-        dtype = ir.DataType(tensor.data_type)
+        dtype = ElementType(tensor.data_type)
         bits = dtype.bitwidth
     except (ValueError, TypeError):
         return None

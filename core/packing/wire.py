@@ -22,6 +22,8 @@ from bisect import bisect_left
 from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
+from modelpress.base.wire import WireError, tagged_fields, varint
+
 __all__ = ["cut", "splice", "tensor_spans"]
 
 # field numbers (onnx.proto3)
@@ -33,21 +35,8 @@ _TENSOR_RAW_DATA = 9
 _RAW_TAG = bytes([(_TENSOR_RAW_DATA << 3) | 2])
 
 
-class _Unexpected(Exception):
+class _Unexpected(WireError):
     """The wire bytes are not what this walker handles: use the proto path."""
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise _Unexpected("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
 
 
 def _encode_varint(value: int) -> bytes:
@@ -59,32 +48,12 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(field number, tag start, payload start, payload end)`` of each field of the message
-    in ``buf[start:end]``; the payload of a length-delimited field excludes its length prefix."""
-    pos = start
-    while pos < end:
-        tag_start = pos
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-            yield number, tag_start, tag_start, pos
-            continue
-        if wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise _Unexpected("field runs past its message")
-            yield number, tag_start, pos, pos + length
-            pos += length
-            continue
-        if wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            yield number, tag_start, tag_start, pos
-            continue
-        raise _Unexpected(f"wire type {wire}")
-    if pos != end:
-        raise _Unexpected("message overruns its length")
+def _messages(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(field number, key start, payload start, payload end)`` of each field of the message in
+    ``buf[start:end]``, as :func:`modelpress.base.wire.tagged_fields` reads them; a field that is
+    not length-delimited spans its key too (payload start = key start)."""
+    for number, wire, tag, p0, p1 in tagged_fields(buf, start, end):
+        yield number, tag, p0 if wire == 2 else tag, p1
 
 
 def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, int]]) -> None:
@@ -94,14 +63,14 @@ def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, i
     inits: list[tuple[int, int]] = []
     attr_tensors: list[tuple[int, int]] = []
     subgraphs: list[tuple[int, int]] = []
-    for number, _tag, p0, p1 in _fields(buf, start, end):
+    for number, _tag, p0, p1 in _messages(buf, start, end):
         if number == _GRAPH_INITIALIZER:
             inits.append((p0, p1))
         elif number == _GRAPH_NODE:
-            for n_number, _t, a0, a1 in _fields(buf, p0, p1):
+            for n_number, _t, a0, a1 in _messages(buf, p0, p1):
                 if n_number != _NODE_ATTRIBUTE:
                     continue
-                for a_number, _t2, v0, v1 in _fields(buf, a0, a1):
+                for a_number, _t2, v0, v1 in _messages(buf, a0, a1):
                     if a_number in (
                         _ATTR_T,
                         _ATTR_TENSORS,
@@ -121,10 +90,10 @@ def tensor_spans(graph: bytes | memoryview) -> list[tuple[int, int]] | None:
     buf = memoryview(graph)
     spans: list[tuple[int, int]] = []
     try:
-        for number, _tag, p0, p1 in _fields(buf, 0, len(buf)):
+        for number, _tag, p0, p1 in _messages(buf, 0, len(buf)):
             if number == _MODEL_GRAPH:
                 _graph_order(buf, p0, p1, spans)
-    except (_Unexpected, IndexError):
+    except (WireError, IndexError):
         return None
     return spans
 
@@ -162,7 +131,7 @@ def splice(graph: bytes | memoryview, fills: dict[int, Fill], out: BinaryIO) -> 
     buf = memoryview(graph)
     try:
         pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
-    except (_Unexpected, IndexError) as exc:
+    except (WireError, IndexError) as exc:
         raise ValueError(f"cannot splice the graph's wire bytes: {exc}") from None
     written = 0
     for piece in pieces:
@@ -208,7 +177,7 @@ def _plan(
     pieces: list[Any] = []
     copied = start
     paths = _PATHS[kind]
-    for number, tag, p0, p1 in _fields(buf, start, end):
+    for number, tag, p0, p1 in _messages(buf, start, end):
         child = paths.get(number)
         if (
             child is None
@@ -217,7 +186,7 @@ def _plan(
         ):
             continue
         inner = _plan(buf, p0, p1, starts, fills, depth=depth + 1, kind=child)
-        key_end = _varint(buf, tag)[1]
+        key_end = varint(buf, tag)[1]
         pieces += [buf[copied:key_end], _encode_varint(sum(len(p) for p in inner)), *inner]
         copied = p1
     pieces.append(buf[copied:end])
@@ -227,7 +196,7 @@ def _plan(
 def _tensor_pieces(buf: memoryview, start: int, end: int, data: _Lazy) -> list[Any]:
     """A tensor's fields with ``raw_data`` inserted in field-number order."""
     insert_at = end
-    for number, tag, _p0, _p1 in _fields(buf, start, end):
+    for number, tag, _p0, _p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             raise _Unexpected("a packed tensor still has raw_data")
         if number > _TENSOR_RAW_DATA:
@@ -242,7 +211,7 @@ _CUT: Any = ()  # NOTE: a ``fills`` value of :func:`_plan` that drops the tensor
 def _raw_span(buf: memoryview, start: int, end: int) -> tuple[int, int] | None:
     """Where the ``raw_data`` payload of the tensor ``buf[start:end]`` lies, if it has one."""
     span = None
-    for number, _tag, p0, p1 in _fields(buf, start, end):
+    for number, _tag, p0, p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             span = (p0, p1)  # NOTE: protobuf keeps the last of a repeated scalar field
     return span
@@ -252,7 +221,7 @@ def _cut_pieces(buf: memoryview, start: int, end: int) -> list[Any]:
     """A tensor's fields without its ``raw_data``."""
     pieces: list[Any] = []
     copied = start
-    for number, tag, _p0, p1 in _fields(buf, start, end):
+    for number, tag, _p0, p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             pieces.append(buf[copied:tag])
             copied = p1
@@ -279,6 +248,6 @@ def cut(
                 raws[index] = raw
         fills = {spans[i][0]: _CUT for i in raws}
         pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
-    except (_Unexpected, IndexError):
+    except (WireError, IndexError):
         return None
     return b"".join(pieces), raws

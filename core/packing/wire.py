@@ -20,11 +20,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from modelpress.base.wire import WireError, tagged_fields, varint
 
-__all__ = ["cut", "splice", "tensor_spans"]
+__all__ = ["ModelTensors", "WireTensor", "cut", "model_tensors", "splice", "tensor_spans"]
 
 # field numbers (onnx.proto3)
 _MODEL_GRAPH = 7
@@ -251,3 +252,152 @@ def cut(
     except (WireError, IndexError):
         return None
     return b"".join(pieces), raws
+
+
+# -- the tensors of a serialised model, read without a protobuf parse ------------------------------
+
+# field numbers (onnx.proto3) of what model_tensors reads
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE = 1, 2, 3, 4
+_ATTR_NAME = 1
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 1, 2, 8, 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+@dataclass
+class WireTensor:
+    """One tensor of a serialised model, as :func:`model_tensors` reads it: its name (as
+    :func:`modelpress.packing.walk.tensors` names it), element type, dims, external-data entries
+    (``None`` unless its data location is external) and its span in the bytes."""
+
+    name: str
+    data_type: int
+    dims: list[int]
+    external: dict[str, str] | None
+    span: tuple[int, int]
+
+
+@dataclass
+class ModelTensors:
+    """Every tensor of a model in :func:`modelpress.packing.walk.tensors` order, and the role of
+    each name (:func:`modelpress.packing.walk.roles`)."""
+
+    tensors: list[WireTensor] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+def model_tensors(model: bytes | memoryview) -> ModelTensors | None:
+    """The tensors and roles of the serialised model ``model``, read from its wire bytes (no onnx
+    import, no parse: what ``unpack`` needs to put each tensor back); ``None`` on bytes this
+    walker does not expect (the caller parses the model instead)."""
+    buf = memoryview(model)
+    found = ModelTensors()
+    try:
+        for number, _tag, p0, p1 in _messages(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH:
+                _read_graph(buf, p0, p1, found, 0)
+    except (WireError, IndexError, UnicodeDecodeError):
+        return None
+    return found
+
+
+def _text(buf: memoryview, p0: int, p1: int) -> str:
+    return bytes(buf[p0:p1]).decode("utf-8")
+
+
+def _read_graph(buf: memoryview, start: int, end: int, found: ModelTensors, depth: int) -> None:
+    """A graph's initializers, then its nodes' attribute tensors, then its subgraphs (depth first),
+    as :func:`modelpress.packing.walk.tensors` orders them; the roles its nodes give their inputs."""
+    if depth > 64:
+        raise _Unexpected("nesting deeper than 64")
+    inits: list[WireTensor] = []
+    attr_tensors: list[WireTensor] = []
+    subgraphs: list[tuple[int, int]] = []
+    for number, _tag, p0, p1 in _messages(buf, start, end):
+        if number == _GRAPH_INITIALIZER:
+            inits.append(_read_tensor(buf, p0, p1, None))
+        elif number == _GRAPH_NODE:
+            _read_node(buf, p0, p1, found.roles, attr_tensors, subgraphs)
+    found.tensors += inits + attr_tensors
+    for g0, g1 in subgraphs:
+        _read_graph(buf, g0, g1, found, depth + 1)
+
+
+def _read_node(
+    buf: memoryview,
+    start: int,
+    end: int,
+    roles: dict[str, str],
+    tensors: list[WireTensor],
+    subgraphs: list[tuple[int, int]],
+) -> None:
+    from modelpress.packing.walk import input_role
+
+    inputs: list[str] = []
+    outputs: list[str] = []
+    attributes: list[tuple[int, int]] = []
+    name = op_type = ""
+    for number, _tag, p0, p1 in _messages(buf, start, end):
+        if number == _NODE_INPUT:
+            inputs.append(_text(buf, p0, p1))
+        elif number == _NODE_OUTPUT:
+            outputs.append(_text(buf, p0, p1))
+        elif number == _NODE_NAME:
+            name = _text(buf, p0, p1)
+        elif number == _NODE_OP_TYPE:
+            op_type = _text(buf, p0, p1)
+        elif number == _NODE_ATTRIBUTE:
+            attributes.append((p0, p1))
+    for i, value in enumerate(inputs):
+        role = input_role(op_type, i)
+        if role is not None:
+            roles.setdefault(value, role)
+    for a0, a1 in attributes:
+        parts = list(_messages(buf, a0, a1))
+        attr = next((_text(buf, p0, p1) for n, _t, p0, p1 in parts if n == _ATTR_NAME), "")
+        label = outputs[0] if op_type == "Constant" and outputs else f"{name or op_type}.{attr}"
+        for number, _tag, p0, p1 in parts:
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                tensors.append(_read_tensor(buf, p0, p1, label))
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                subgraphs.append((p0, p1))
+
+
+def _read_tensor(buf: memoryview, start: int, end: int, label: str | None) -> WireTensor:
+    """A ``TensorProto``'s name, element type, dims and external data (``label``: the name
+    :func:`modelpress.packing.walk.tensors` gives an attribute's tensor)."""
+    tensor = WireTensor(label or "", 0, [], None, (start, end))
+    entries: dict[str, str] = {}
+    location = 0
+    for number, wire, _tag, p0, p1 in tagged_fields(buf, start, end):
+        if number == _TENSOR_DIMS:
+            tensor.dims += _int64s(buf, wire, p0, p1)
+        elif number == _TENSOR_DATA_TYPE and wire == 0:
+            tensor.data_type = varint(buf, p0)[0]
+        elif number == _TENSOR_NAME and label is None and wire == 2:
+            tensor.name = _text(buf, p0, p1)
+        elif number == _TENSOR_EXTERNAL and wire == 2:
+            key = value = ""
+            for n, _t, e0, e1 in _messages(buf, p0, p1):
+                if n == 1:
+                    key = _text(buf, e0, e1)
+                elif n == 2:
+                    value = _text(buf, e0, e1)
+            entries[key] = value
+        elif number == _TENSOR_LOCATION and wire == 0:
+            location = varint(buf, p0)[0]
+    if location == _EXTERNAL:
+        tensor.external = entries
+    return tensor
+
+
+def _int64s(buf: memoryview, wire: int, p0: int, p1: int) -> list[int]:
+    """The int64 values of a repeated field (packed or not), two's complement read back."""
+    if wire not in (0, 2):
+        raise _Unexpected(f"dims of wire type {wire}")
+    values, pos = [], p0
+    while pos < p1:
+        value, pos = varint(buf, pos)
+        values.append(value - (1 << 64) if value >= 1 << 63 else value)
+        if wire == 0:
+            break
+    return values

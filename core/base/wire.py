@@ -37,7 +37,9 @@ def fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, in
         yield number, wire, p0, p1
 
 
-def tagged_fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int, int]]:
+def tagged_fields(
+    buf: memoryview, start: int, end: int
+) -> Iterator[tuple[int, int, int, int, int]]:
     """:func:`fields` with where each field's key starts: ``(number, wire type, key start, payload
     start, payload end)`` (what a writer that re-encodes some fields and copies the rest needs)."""
     pos = start

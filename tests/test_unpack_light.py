@@ -5,6 +5,7 @@ pack records as providing its codecs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -26,15 +27,18 @@ DATA = Path(__file__).parent / "data" / "pack"
 NEVER = ("onnx", "onnx_ir", "ml_dtypes", "sympy", "onnxruntime", "torch", "tensorflow")
 
 
-def _unpack_in_a_child(pack: Path, out: Path) -> dict:
+def _unpack_in_a_child(pack: Path, out: Path, env: dict | None = None) -> dict:
     code = (
         "import json, sys\n"
         "from modelpress.cli import main\n"
         f"code = main(['unpack', {str(pack)!r}, '-o', {str(out)!r}])\n"
         f"print(json.dumps({{'code': code, 'heavy': sorted(m for m in {NEVER!r} if m in sys.modules),"
-        " 'plugins': sorted(m for m in sys.modules if m.startswith('modelpress.plugins.'))}))\n"
+        " 'plugins': sorted(m for m in sys.modules if m.startswith('modelpress.plugins.')),"
+        " 'modules': sorted(sys.modules)}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env
+    )
     assert done.returncode == 0, done.stdout + done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -144,3 +148,54 @@ def test_tensor_info_takes_an_onnx_ir_dtype_as_before():
     )
     with pytest.raises(ValueError):
         TensorInfo("w", 99, (3,))
+
+
+_THIRD_PARTY = """
+import zlib
+
+from modelpress.plugin_api import Codec, hookimpl
+
+
+@hookimpl
+def modelpress_register_codecs(register):
+    register(
+        Codec(
+            name="deflate",
+            encode=lambda data, info: zlib.compress(data, 9),
+            decode=lambda blob, info: zlib.decompress(blob),
+            summary="zlib at level 9",
+        )
+    )
+"""
+
+
+def test_a_third_party_codec_is_found_as_a_built_in_one_is(tmp_path):
+    """An installed distribution (a dist-info folder on the path, with its entry point in the
+    ``modelpress`` group) whose codec a pack uses: unpack imports that plugin, and no built-in one."""
+    site = tmp_path / "site"
+    (site / "deflatecodec-1.0.dist-info").mkdir(parents=True)
+    (site / "deflatecodec.py").write_text(_THIRD_PARTY)
+    (site / "deflatecodec-1.0.dist-info" / "METADATA").write_text(
+        "Metadata-Version: 2.1\nName: deflatecodec\nVersion: 1.0\n"
+    )
+    (site / "deflatecodec-1.0.dist-info" / "entry_points.txt").write_text(
+        "[modelpress]\ndeflate = deflatecodec\n"
+    )
+    source = _mixed_model(tmp_path / "m.onnx")
+    # NOTE: the suite disables third-party autoload (conftest); an installed plugin is what this is about
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), *sys.path])}
+    env.pop("MODELPRESS_DISABLE_PLUGIN_AUTOLOAD", None)
+    pack = (
+        "import modelpress, sys\n"
+        f"r = modelpress.pack({str(source)!r}, {str(tmp_path / 'm.mpk')!r}, codecs=['deflate'], solid=False)\n"
+        "print(sorted(r.codec_counts()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", pack], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "['deflate']", done.stdout + done.stderr
+    seen = _unpack_in_a_child(tmp_path / "m.mpk", tmp_path / "back.onnx", env)
+    assert seen["code"] == 0 and seen["heavy"] == [] and seen["plugins"] == [], seen
+    assert "deflatecodec" in seen["modules"]
+    assert (tmp_path / "back.onnx").read_bytes() == source.read_bytes()

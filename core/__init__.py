@@ -109,7 +109,7 @@ _API: dict[str, str] = {
     "TensorSpec": "modelpress.ir.signature",
     "PackResult": "modelpress.packing.container",
     "pack": "modelpress.packing.container",
-    "unpack": "modelpress.packing.container",
+    "unpack": "modelpress.packing.reader",
     "Adapter": "modelpress.plugin.adapter",
     "Codec": "modelpress.plugin.codec",
     "TensorInfo": "modelpress.plugin.codec",

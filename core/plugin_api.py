@@ -2,7 +2,9 @@
 
 The built-in methods, adapters and codecs import only from here and from ``modelpress`` itself
 (a test checks it), so a third-party plugin can do everything a built-in does. Names here are
-public API: they keep working across minor versions.
+public API: they keep working across minor versions. Each name is imported on first use (PEP 562),
+so a plugin pays only for what it imports: a codec plugin (``Codec``, ``TensorInfo``, ``hookimpl``)
+imports no onnx, onnx-ir or ONNX Runtime, and ``modelpress unpack`` stays light.
 
 Writing a method (see ``docs/writing-a-plugin.md``)
     :class:`Method`, :class:`Options`, :class:`PassContext`, :class:`Kind`, :data:`BUILTIN_KINDS`,
@@ -35,7 +37,7 @@ Writing an adapter
     :func:`type_initializers` (after deserialising a proto yourself);
     :func:`modelpress.testing.check_adapter` for your tests.
 Writing a codec
-    :class:`Codec`, :class:`TensorInfo`, :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`;
+    :class:`Codec`, :class:`TensorInfo` (its ``dtype`` an :class:`ElementType`), :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`;
     :func:`current_registry` (the registry of the ``modelpress.load`` in progress: decode and load with it).
 Errors and progress
     the :class:`ModelpressError` family, :func:`one_line` (a message fit for one line),
@@ -44,58 +46,155 @@ Errors and progress
 
 from __future__ import annotations
 
-from modelpress.base.errors import (
-    DataError,
-    InvalidModelError,
-    ModelpressError,
-    OptionsError,
-    PluginError,
-    UnsafeExternalDataError,
-    UnsupportedModelError,
-    VerificationError,
-    one_line,
-)
-from modelpress.base.progress import progress_bar
-from modelpress.data.samples import AXIS_SIZES_KEY, Dataset, load_dataset, sample_inputs
-from modelpress.evaluation.comparison import check_import, compare_outputs
-from modelpress.evaluation.criteria import (
-    Bounds,
-    Criterion,
-    Judgement,
-    infer_criteria,
-    judge,
-    lower_is_better,
-)
-from modelpress.evaluation.text import decoder_sample, greedy_generate, perplexity
-from modelpress.io.framework_bridge import (
-    choose_loss,
-    fit,
-    held_out_scores,
-    kd_loss,
-    to_torch,
-    update_weights,
-)
-from modelpress.ir.builder import GraphBuilder, Out
-from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
-from modelpress.ir.model import Model, type_initializers
-from modelpress.ir.opsets import ensure_opset
-from modelpress.ir.provenance import Provenance
-from modelpress.packing.container import MAGIC as PACK_MAGIC
-from modelpress.packing.container import read_packed
-from modelpress.plugin.adapter import Adapter
-from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
-from modelpress.plugin.hookspecs import hookimpl
-from modelpress.plugin.methods import BUILTIN_KINDS, Kind, Method, Options, PassContext, TextFloor
-from modelpress.plugin.registry import current_registry
-from modelpress.plugin.tuning import TuneStage, Tuning
-from modelpress.runtime.activations import (
-    ActivationCollector,
-    TensorStats,
-    activation_stats,
-    calibration_batch,
-)
-from modelpress.runtime.import_check import normalize_on_import
-from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# NOTE: what type checkers see; at run time __getattr__ imports each name on first use
+if TYPE_CHECKING:
+    from modelpress.base.errors import (
+        DataError,
+        InvalidModelError,
+        ModelpressError,
+        OptionsError,
+        PluginError,
+        UnsafeExternalDataError,
+        UnsupportedModelError,
+        VerificationError,
+        one_line,
+    )
+    from modelpress.base.progress import progress_bar
+    from modelpress.data.samples import AXIS_SIZES_KEY, Dataset, load_dataset, sample_inputs
+    from modelpress.evaluation.comparison import check_import, compare_outputs
+    from modelpress.evaluation.criteria import (
+        Bounds,
+        Criterion,
+        Judgement,
+        infer_criteria,
+        judge,
+        lower_is_better,
+    )
+    from modelpress.evaluation.text import decoder_sample, greedy_generate, perplexity
+    from modelpress.io.framework_bridge import (
+        choose_loss,
+        fit,
+        held_out_scores,
+        kd_loss,
+        to_torch,
+        update_weights,
+    )
+    from modelpress.ir.builder import GraphBuilder, Out
+    from modelpress.ir.layers import WEIGHTED_OPS, WeightedLayer, recurrent_refusals
+    from modelpress.ir.model import Model, type_initializers
+    from modelpress.ir.opsets import ensure_opset
+    from modelpress.ir.provenance import Provenance
+    from modelpress.packing.container import MAGIC as PACK_MAGIC
+    from modelpress.packing.container import read_packed
+    from modelpress.plugin.adapter import Adapter
+    from modelpress.plugin.codec import Codec, ElementType, TensorInfo, numpy_dtype
+    from modelpress.plugin.hookspecs import hookimpl
+    from modelpress.plugin.methods import (
+        BUILTIN_KINDS,
+        Kind,
+        Method,
+        Options,
+        PassContext,
+        TextFloor,
+    )
+    from modelpress.plugin.registry import current_registry
+    from modelpress.plugin.tuning import TuneStage, Tuning
+    from modelpress.runtime.activations import (
+        ActivationCollector,
+        TensorStats,
+        activation_stats,
+        calibration_batch,
+    )
+    from modelpress.runtime.import_check import normalize_on_import
+    from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
+
+# NOTE: each name and (module, name there): imported on first use (PEP 562), so a plugin that imports
+# Codec and hookimpl (a codec plugin: what `modelpress unpack` loads) imports no onnx, onnx-ir or ONNX Runtime
+_API: dict[str, tuple[str, str]] = {
+    "DataError": ("modelpress.base.errors", "DataError"),
+    "InvalidModelError": ("modelpress.base.errors", "InvalidModelError"),
+    "ModelpressError": ("modelpress.base.errors", "ModelpressError"),
+    "OptionsError": ("modelpress.base.errors", "OptionsError"),
+    "PluginError": ("modelpress.base.errors", "PluginError"),
+    "UnsafeExternalDataError": ("modelpress.base.errors", "UnsafeExternalDataError"),
+    "UnsupportedModelError": ("modelpress.base.errors", "UnsupportedModelError"),
+    "VerificationError": ("modelpress.base.errors", "VerificationError"),
+    "one_line": ("modelpress.base.errors", "one_line"),
+    "progress_bar": ("modelpress.base.progress", "progress_bar"),
+    "AXIS_SIZES_KEY": ("modelpress.data.samples", "AXIS_SIZES_KEY"),
+    "Dataset": ("modelpress.data.samples", "Dataset"),
+    "load_dataset": ("modelpress.data.samples", "load_dataset"),
+    "sample_inputs": ("modelpress.data.samples", "sample_inputs"),
+    "check_import": ("modelpress.evaluation.comparison", "check_import"),
+    "compare_outputs": ("modelpress.evaluation.comparison", "compare_outputs"),
+    "Bounds": ("modelpress.evaluation.criteria", "Bounds"),
+    "Criterion": ("modelpress.evaluation.criteria", "Criterion"),
+    "Judgement": ("modelpress.evaluation.criteria", "Judgement"),
+    "infer_criteria": ("modelpress.evaluation.criteria", "infer_criteria"),
+    "judge": ("modelpress.evaluation.criteria", "judge"),
+    "lower_is_better": ("modelpress.evaluation.criteria", "lower_is_better"),
+    "decoder_sample": ("modelpress.evaluation.text", "decoder_sample"),
+    "greedy_generate": ("modelpress.evaluation.text", "greedy_generate"),
+    "perplexity": ("modelpress.evaluation.text", "perplexity"),
+    "choose_loss": ("modelpress.io.framework_bridge", "choose_loss"),
+    "fit": ("modelpress.io.framework_bridge", "fit"),
+    "held_out_scores": ("modelpress.io.framework_bridge", "held_out_scores"),
+    "kd_loss": ("modelpress.io.framework_bridge", "kd_loss"),
+    "to_torch": ("modelpress.io.framework_bridge", "to_torch"),
+    "update_weights": ("modelpress.io.framework_bridge", "update_weights"),
+    "GraphBuilder": ("modelpress.ir.builder", "GraphBuilder"),
+    "Out": ("modelpress.ir.builder", "Out"),
+    "WEIGHTED_OPS": ("modelpress.ir.layers", "WEIGHTED_OPS"),
+    "WeightedLayer": ("modelpress.ir.layers", "WeightedLayer"),
+    "recurrent_refusals": ("modelpress.ir.layers", "recurrent_refusals"),
+    "Model": ("modelpress.ir.model", "Model"),
+    "type_initializers": ("modelpress.ir.model", "type_initializers"),
+    "ensure_opset": ("modelpress.ir.opsets", "ensure_opset"),
+    "Provenance": ("modelpress.ir.provenance", "Provenance"),
+    "PACK_MAGIC": ("modelpress.packing.format", "MAGIC"),
+    "read_packed": ("modelpress.packing.reader", "read_packed"),
+    "Adapter": ("modelpress.plugin.adapter", "Adapter"),
+    "Codec": ("modelpress.plugin.codec", "Codec"),
+    "ElementType": ("modelpress.plugin.codec", "ElementType"),
+    "TensorInfo": ("modelpress.plugin.codec", "TensorInfo"),
+    "numpy_dtype": ("modelpress.plugin.codec", "numpy_dtype"),
+    "hookimpl": ("modelpress.plugin.hookspecs", "hookimpl"),
+    "BUILTIN_KINDS": ("modelpress.plugin.methods", "BUILTIN_KINDS"),
+    "Kind": ("modelpress.plugin.methods", "Kind"),
+    "Method": ("modelpress.plugin.methods", "Method"),
+    "Options": ("modelpress.plugin.methods", "Options"),
+    "PassContext": ("modelpress.plugin.methods", "PassContext"),
+    "TextFloor": ("modelpress.plugin.methods", "TextFloor"),
+    "current_registry": ("modelpress.plugin.registry", "current_registry"),
+    "TuneStage": ("modelpress.plugin.tuning", "TuneStage"),
+    "Tuning": ("modelpress.plugin.tuning", "Tuning"),
+    "ActivationCollector": ("modelpress.runtime.activations", "ActivationCollector"),
+    "TensorStats": ("modelpress.runtime.activations", "TensorStats"),
+    "activation_stats": ("modelpress.runtime.activations", "activation_stats"),
+    "calibration_batch": ("modelpress.runtime.activations", "calibration_batch"),
+    "normalize_on_import": ("modelpress.runtime.import_check", "normalize_on_import"),
+    "make_session": ("modelpress.runtime.session", "make_session"),
+    "run": ("modelpress.runtime.session", "run"),
+    "run_dataset": ("modelpress.runtime.session", "run_dataset"),
+    "with_outputs": ("modelpress.runtime.session", "with_outputs"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _API.get(name)
+    if where is None:
+        raise AttributeError(f"module 'modelpress.plugin_api' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where[0]), where[1])
+    globals()[name] = value  # NOTE: the next access is a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "AXIS_SIZES_KEY",
@@ -109,6 +208,7 @@ __all__ = [
     "Criterion",
     "DataError",
     "Dataset",
+    "ElementType",
     "GraphBuilder",
     "InvalidModelError",
     "Judgement",

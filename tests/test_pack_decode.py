@@ -221,9 +221,11 @@ def test_unpack_falls_back_to_the_proto_where_the_walker_gives_up(
     digits_mlp_path, tmp_path, monkeypatch
 ):
     packed = modelpress.pack(digits_mlp_path, tmp_path / "m.mpk")
-    monkeypatch.setattr(reader, "tensor_spans", lambda graph: None)
+    monkeypatch.setattr(reader, "model_tensors", lambda graph: None)
     back = modelpress.unpack(packed.path, tmp_path / "back.onnx").read_bytes()
     assert back == digits_mlp_path.read_bytes()
+    with reader.PackedModel(packed.path) as opened:
+        assert all(t.span == (-1, -1) for t in opened.tensors().tensors)  # the parsed graph's
 
 
 def test_a_solid_stream_is_decoded_once_while_its_members_are_written(tmp_path):
@@ -241,8 +243,7 @@ def test_a_solid_stream_is_decoded_once_while_its_members_are_written(tmp_path):
             return original(*args, **kwargs)
 
         packed._decode = counting  # type: ignore[method-assign]
-        proto = packed.graph()
-        reader._write_graph(packed, proto, tmp_path / "back.onnx")
+        reader._write_graph(packed, tmp_path / "back.onnx")
     assert (tmp_path / "back.onnx").read_bytes() == src.read_bytes()
     assert len(calls) == len(result.solids) + sum(1 for t in result.tensors if t.solid is None)
 

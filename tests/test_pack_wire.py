@@ -60,9 +60,8 @@ def tensors(draw: st.DrawFn) -> TensorProto:
         entry = t.external_data.add()  # field 13
         entry.key, entry.value = "location", draw(_text)
     if draw(st.booleans()):
-        t.data_location = (
-            TensorProto.DEFAULT
-        )  # NOTE: field 14; onnx.proto is proto2: a field set to 0 is written
+        # NOTE: field 14; onnx.proto is proto2: a field set to 0 is written
+        t.data_location = draw(st.sampled_from([TensorProto.DEFAULT, TensorProto.EXTERNAL]))
     if draw(st.booleans()):
         prop = t.metadata_props.add()  # field 16
         prop.key, prop.value = draw(_text), draw(_text)
@@ -75,7 +74,9 @@ def models(draw: st.DrawFn) -> onnx.ModelProto:
     a Constant's ``value``, an attribute's ``tensors`` list, and an If's branch graphs."""
     inits = draw(st.lists(tensors(), max_size=4))
     nodes = [helper.make_node("Constant", [], ["c"], value=draw(tensors()))]
-    listed = helper.make_node("Custom", ["c"], ["d"], domain="test")
+    # NOTE: an op that gives its inputs roles (weight, bias, table...) or none, fed by initializers
+    op = draw(st.sampled_from(["Custom", "MatMul", "Gemm", "Conv", "Gather", "DequantizeLinear"]))
+    listed = helper.make_node(op, ["c", *(t.name for t in inits[:2])], ["d"], domain="test")
     listed.attribute.append(
         helper.make_attribute("tables", draw(st.lists(tensors(), min_size=1, max_size=3)))
     )
@@ -143,3 +144,25 @@ def test_the_walker_finds_each_tensor_where_the_encoder_put_it(model):
         parsed = TensorProto()
         parsed.ParseFromString(graph[start:end])
         assert parsed == tensor
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(model=models())
+def test_the_light_reader_reads_what_the_parsed_walk_gives(model):
+    """:func:`wire.model_tensors` (what ``unpack`` reads, no onnx parse) gives every tensor's name,
+    element type, dims and external data, and every role, as :mod:`walk` does on the parsed model."""
+    graph = model.SerializeToString()
+    found = wire.model_tensors(graph)
+    assert found is not None
+    expected = [
+        (
+            name,
+            t.data_type,
+            list(t.dims),
+            walk.external_info(t) if t.data_location == TensorProto.EXTERNAL else None,
+        )
+        for name, t in walk.tensors(model)
+    ]
+    assert [(t.name, t.data_type, t.dims, t.external) for t in found.tensors] == expected
+    assert [t.span for t in found.tensors] == wire.tensor_spans(graph)
+    assert found.roles == walk.roles(model.graph)

@@ -280,7 +280,8 @@ def status(key):  # NOTE: this process's own figures; ru_maxrss also counts the 
 path, out, verify = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
 # NOTE: `import modelpress` is lazy: import what the pass and export use (onnx, onnx-ir, ONNX Runtime)
 # before the baseline, so the figure is the pass's memory, not the libraries'
-import modelpress.io.export, modelpress.plugin_api  # noqa: E401, F401
+import modelpress.io.export, modelpress.plugin_api as api  # noqa: E401, F401
+_ = [getattr(api, name) for name in api.__all__]  # NOTE: plugin_api imports its names on first use
 base = status("VmRSS")
 model = modelpress.load(path)
 result = modelpress.quantize(model, "int4-weight-only", block_size=128, show_progress=False)

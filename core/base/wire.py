@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["WireError", "fields", "varint"]
+__all__ = ["WireError", "fields", "tagged_fields", "varint"]
 
 
 class WireError(ValueError):
@@ -33,23 +33,33 @@ def fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, in
     """``(field number, wire type, payload start, payload end)`` of each field of the message in
     ``buf[start:end]``. A varint's payload is the varint itself; a length-delimited field's excludes
     its length prefix; a fixed field's is its 4 or 8 bytes."""
+    for number, wire, _tag, p0, p1 in tagged_fields(buf, start, end):
+        yield number, wire, p0, p1
+
+
+def tagged_fields(
+    buf: memoryview, start: int, end: int
+) -> Iterator[tuple[int, int, int, int, int]]:
+    """:func:`fields` with where each field's key starts: ``(number, wire type, key start, payload
+    start, payload end)`` (what a writer that re-encodes some fields and copies the rest needs)."""
     pos = start
     while pos < end:
+        tag = pos
         key, pos = varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == 0:
             p0 = pos
             _, pos = varint(buf, pos)
-            yield number, wire, p0, pos
+            yield number, wire, tag, p0, pos
         elif wire == 2:
             length, pos = varint(buf, pos)
             if pos + length > end:
                 raise WireError("a field runs past its message")
-            yield number, wire, pos, pos + length
+            yield number, wire, tag, pos, pos + length
             pos += length
         elif wire in (1, 5):
             p0, pos = pos, pos + (8 if wire == 1 else 4)
-            yield number, wire, p0, pos
+            yield number, wire, tag, p0, pos
         else:
             raise WireError(f"wire type {wire}")
     if pos != end:

@@ -12,12 +12,11 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import onnx_ir as ir
 
 from modelpress.base.errors import OptionsError
-from modelpress.packing.format import STORED
+from modelpress.packing.format import STORED, given
 from modelpress.packing.source import same_bytes
-from modelpress.plugin.codec import Codec, TensorInfo, numpy_dtype
+from modelpress.plugin.codec import Codec, ElementType, TensorInfo, numpy_dtype
 from modelpress.plugin.registry import Registry
 
 if TYPE_CHECKING:
@@ -126,11 +125,6 @@ def _looks(data: bytes | memoryview, info: TensorInfo) -> tuple[bool, bool]:
     few = np.sort(u[:: max(1, u.size // 512)])
     distinct = 1 + int(np.count_nonzero(few[1:] != few[:-1]))
     return 4 * int(np.count_nonzero(sample == 0)) >= sample.size, distinct <= 256
-
-
-def given(codec: Codec, data: bytes | memoryview) -> bytes | memoryview:
-    """``data`` as ``codec`` takes it: a view as it is where the codec declares ``views``, else bytes."""
-    return data if codec.views or isinstance(data, bytes) else bytes(data)
 
 
 @dataclass
@@ -299,10 +293,10 @@ def solid_streams(
         total = sum(len(it.data) for it in members)
         if len(members) < 2 or total > SOLID_LIMIT:
             continue
-        width = ir.DataType(dtype).bitwidth // 8
+        width = ElementType(dtype).bitwidth // 8
         info = TensorInfo(
-            f"solid stream of {len(members)} {ir.DataType(dtype).name.lower()} {role} tensors",
-            ir.DataType(dtype),
+            f"solid stream of {len(members)} {ElementType(dtype).name.lower()} {role} tensors",
+            ElementType(dtype),
             (total // width,),
             role,
         )

@@ -60,9 +60,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import onnx_ir as ir
-
-from modelpress.plugin.codec import TensorInfo
+from modelpress.plugin.codec import Codec, ElementType, TensorInfo
 
 __all__ = [
     "CRC32",
@@ -83,6 +81,7 @@ __all__ = [
     "TensorEntry",
     "checksum",
     "checksum_name",
+    "given",
     "lzma_compress",
     "lzma_decompress",
 ]
@@ -116,6 +115,11 @@ def lzma_compress(data: bytes) -> bytes:
 
 def lzma_decompress(data: bytes | memoryview) -> bytes:
     return lzma.decompress(data, format=lzma.FORMAT_RAW, filters=_LZMA_FILTERS)
+
+
+def given(codec: Codec, data: bytes | memoryview) -> bytes | memoryview:
+    """``data`` as ``codec`` takes it: a view as it is where the codec declares ``views``, else bytes."""
+    return data if codec.views or isinstance(data, bytes) else bytes(data)
 
 
 def checksum_name() -> str:
@@ -162,7 +166,7 @@ class TensorEntry:
 
     @property
     def info(self) -> TensorInfo:
-        return TensorInfo(self.name, ir.DataType(self.dtype), tuple(self.shape), self.role)
+        return TensorInfo(self.name, ElementType(self.dtype), tuple(self.shape), self.role)
 
 
 @dataclass

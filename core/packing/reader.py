@@ -13,14 +13,10 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
-from typing import Any
-
-import onnx
-import onnx_ir as ir
+from typing import TYPE_CHECKING, Any
 
 from modelpress.base.errors import ExportError, InvalidModelError, PluginError
 from modelpress.packing import walk
-from modelpress.packing.codec_choice import given
 from modelpress.packing.format import (
     CRC32,
     DEFAULT_CHECKSUMS,
@@ -34,14 +30,18 @@ from modelpress.packing.format import (
     XXH3,
     TensorEntry,
     checksum,
+    given,
     lzma_decompress,
 )
 from modelpress.packing.needs import missing_codec_error
-from modelpress.packing.wire import splice, tensor_spans
-from modelpress.plugin.codec import TensorInfo
-from modelpress.plugin.registry import Registry, current_registry
+from modelpress.packing.wire import ModelTensors, WireTensor, model_tensors, splice
+from modelpress.plugin.codec import ElementType, TensorInfo
+from modelpress.plugin.registry import Registry, create_registry, current_registry, loaded_registry
 
-__all__ = ["PackedModel", "read_packed", "unpack"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = ["PackedModel", "codec_registry", "read_packed", "unpack"]
 
 
 class PackedModel:
@@ -51,7 +51,7 @@ class PackedModel:
     def __init__(self, path: str | os.PathLike[str], registry: Registry | None = None) -> None:
         self.path = Path(path)
         self.label = str(self.path)
-        self.registry = registry or current_registry()
+        self._registry = registry
         try:
             with open(self.path, "rb") as f:
                 self._map: Any = (
@@ -69,6 +69,16 @@ class PackedModel:
         # again if asked for): writing tensors in file order interleaves the streams' members
         self._solids: dict[int, bytes | bytearray | memoryview] = {}
         self._solid_left: dict[int, int] = {}
+        self._tensors: ModelTensors | None = None
+
+    @property
+    def registry(self) -> Registry:
+        """The registry whose codecs decode this pack: the one given, else the process's when
+        something loaded it already, else one holding only the plugins the pack records as
+        providing its codecs (:func:`codec_registry`)."""
+        if self._registry is None:
+            self._registry = loaded_registry() or codec_registry(self.manifest)
+        return self._registry
 
     def _damaged(self, what: str) -> InvalidModelError:
         return InvalidModelError(
@@ -121,6 +131,7 @@ class PackedModel:
         except (lzma.LZMAError, ValueError, struct.error) as exc:
             raise self._damaged(f"the manifest cannot be read ({exc})") from None
         self._graph = head[4 + length :]
+        self._graph_checked = False
         if not isinstance(manifest, dict) or manifest.get("format") != FORMATS[self.version]:
             raise InvalidModelError(
                 f"{self.label}: unsupported pack format "
@@ -139,12 +150,18 @@ class PackedModel:
                     for row in self.manifest["tensors"]
                 ]
             else:
-                self._entries = self._expand(self.graph())
+                self._entries = self._expand(self.tensors())
         return self._entries
 
-    def _expand(self, proto: onnx.ModelProto) -> list[TensorEntry]:
-        tensors = list(walk.tensors(proto))
-        roles = walk.roles(proto.graph)
+    def tensors(self) -> ModelTensors:
+        """The graph's tensors and roles, read from its wire bytes (parsed with onnx only where
+        the wire walker does not follow them)."""
+        if self._tensors is None:
+            self._tensors = model_tensors(self.graph_bytes()) or _parsed_tensors(self.graph())
+        return self._tensors
+
+    def _expand(self, found: ModelTensors) -> list[TensorEntry]:
+        tensors, roles = found.tensors, found.roles
         solids = self.manifest.get("solids", [])
         entries, offset = [], len(MAGIC)
         ats = [0] * len(solids)
@@ -158,11 +175,11 @@ class PackedModel:
                     index, codec, size, check, solid = row
                 if not 0 <= index < len(tensors):
                     raise self._damaged(f"manifest row {row!r} names no tensor of the graph")
-                name, tensor = tensors[index]
-                nbytes = walk.nbytes(tensor) or 0
+                tensor = tensors[index]
+                nbytes = walk.byte_size(tensor.data_type, tensor.dims) or 0
                 external = None
-                if tensor.data_location == onnx.TensorProto.EXTERNAL:
-                    info = walk.external_info(tensor)
+                if tensor.external is not None:
+                    info = tensor.external
                     external = {
                         "location": info["location"],
                         "offset": int(info.get("offset", 0) or 0),
@@ -170,10 +187,10 @@ class PackedModel:
                     nbytes = int(info.get("length", nbytes) or nbytes)
                 entry = TensorEntry(
                     index=index,
-                    name=name,
+                    name=tensor.name,
                     dtype=tensor.data_type,
-                    shape=[int(d) for d in tensor.dims],
-                    role=roles.get(name, "other"),
+                    shape=list(tensor.dims),
+                    role=roles.get(tensor.name, "other"),
                     codec=codec,
                     offset=offset,
                     size=size,
@@ -201,14 +218,26 @@ class PackedModel:
             ) from None
         return entries
 
+    def graph_bytes(self) -> bytes:
+        """The stored graph's wire bytes (the packed tensors' ``raw_data`` cut out), checked
+        against the manifest's checksum."""
+        if not self._graph_checked:
+            g = self.manifest["graph"]
+            data = self._graph
+            check = g.get({1: "sha256", 2: "crc32"}.get(self.version, "checksum"))
+            if len(data) != g.get("size") or checksum(data, self.check) != check:
+                raise self._damaged(
+                    f"the graph's {self.check} checksum does not match the manifest"
+                )
+            self._graph_checked = True
+        return self._graph
+
     def graph(self) -> onnx.ModelProto:
-        g = self.manifest["graph"]
+        """The stored graph, parsed (imports onnx)."""
+        import onnx
+
         proto = onnx.ModelProto()
-        data = self._graph
-        check = g.get({1: "sha256", 2: "crc32"}.get(self.version, "checksum"))
-        if len(data) != g.get("size") or checksum(data, self.check) != check:
-            raise self._damaged(f"the graph's {self.check} checksum does not match the manifest")
-        proto.ParseFromString(data)
+        proto.ParseFromString(self.graph_bytes())
         return proto
 
     def _decode(
@@ -239,12 +268,12 @@ class PackedModel:
             what = (
                 f"tensor {entry.name!r} (in a solid stream with {len(members) - 1} other tensors)"
             )
-            width = max(ir.DataType(dtype).bitwidth // 8, 1)
+            width = max(ElementType(dtype).bitwidth // 8, 1)
             blob = self._slice(entry.offset, entry.size, what)
             data = self._decode(
                 codec,
                 blob,
-                TensorInfo(f"solid stream {number}", ir.DataType(dtype), (nbytes // width,), role),
+                TensorInfo(f"solid stream {number}", ElementType(dtype), (nbytes // width,), role),
                 what,
             )
             if len(data) != nbytes:
@@ -301,15 +330,54 @@ class PackedModel:
         self.close()
 
 
+def _parsed_tensors(proto: onnx.ModelProto) -> ModelTensors:
+    """:class:`ModelTensors` of a parsed graph (where the wire walker does not follow the bytes)."""
+    found = ModelTensors(roles=walk.roles(proto.graph))
+    for name, tensor in walk.tensors(proto):
+        external = walk.external_info(tensor) if tensor.data_location == 1 else None
+        found.tensors.append(
+            WireTensor(name, tensor.data_type, [int(d) for d in tensor.dims], external, (-1, -1))
+        )
+    return found
+
+
+def _check_names(names: list[str], packed: PackedModel) -> None:
+    """Every manifest row names the graph's tensor at its index."""
+    for entry in packed.entries:
+        if not 0 <= entry.index < len(names) or names[entry.index] != entry.name:
+            raise packed._damaged(f"tensor {entry.name!r} is in the manifest but not in the graph")
+
+
 def _checked_tensors(
     proto: onnx.ModelProto, packed: PackedModel
 ) -> list[tuple[str, onnx.TensorProto]]:
     """The graph's tensors, after checking that every manifest row names one of them."""
     tensors = list(walk.tensors(proto))
-    for entry in packed.entries:
-        if not 0 <= entry.index < len(tensors) or tensors[entry.index][0] != entry.name:
-            raise packed._damaged(f"tensor {entry.name!r} is in the manifest but not in the graph")
+    _check_names([name for name, _ in tensors], packed)
     return tensors
+
+
+def codec_registry(manifest: dict[str, Any]) -> Registry:
+    """A registry for decoding a pack when none was given and none is loaded: only the entry
+    points the manifest records as providing its codecs are imported (the same switches apply; a
+    third-party codec is found as a built-in one is). Where that does not give every codec the
+    pack names (a plugin renamed or registered in code, a pack that records no plugin), the
+    process-wide registry, with every plugin."""
+    recorded = manifest.get("codec_plugins") or {}
+    names = set(recorded) or set(manifest.get("codecs") or {})
+    plugins = {_recorded_plugin(manifest, name) for name in names}
+    if "" not in plugins:
+        registry = create_registry(only=plugins)
+        if all(registry.codec(name) is not None for name in names):
+            return registry
+    return current_registry()
+
+
+def _recorded_plugin(manifest: dict[str, Any], codec: str) -> str:
+    recorded = (manifest.get("codec_plugins") or {}).get(codec)
+    if isinstance(recorded, dict):
+        return str(recorded.get("plugin") or "")
+    return str((manifest.get("codecs") or {}).get(codec, "")).partition(" ")[0]
 
 
 def _writeexternal_info(packed: PackedModel, external_dir: Path) -> None:
@@ -340,6 +408,8 @@ def _writeexternal_info(packed: PackedModel, external_dir: Path) -> None:
 
 def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
     """Put the bytes of every tensor (``inline``: external ones too) back into its ``raw_data``."""
+    import onnx
+
     tensors = _checked_tensors(proto, packed)
     for entry in packed.entries:
         if entry.external is not None and not inline:
@@ -354,24 +424,26 @@ def _fill(proto: onnx.ModelProto, packed: PackedModel, *, inline: bool) -> None:
         )  # NOTE: protobuf takes bytes only
 
 
-def _write_graph(packed: PackedModel, proto: onnx.ModelProto, path: Path) -> None:
+def _write_graph(packed: PackedModel, path: Path) -> None:
     """Write the model file: the stored graph's wire bytes with each inline tensor's ``raw_data``
-    spliced in (:mod:`modelpress.packing.wire`: no protobuf re-serialisation, one tensor in memory at
-    a time), or, where the walker does not follow the bytes, the proto filled and serialised."""
-    tensors = _checked_tensors(proto, packed)
-    spans = tensor_spans(packed._graph)
-    if spans is not None and len(spans) == len(tensors):
+    spliced in (:mod:`modelpress.packing.wire`: no protobuf parse or re-serialisation, no onnx
+    import, one tensor in memory at a time), or, where the walker does not follow the bytes, the
+    proto filled and serialised."""
+    tensors = packed.tensors().tensors
+    _check_names([t.name for t in tensors], packed)
+    if all(t.span[0] >= 0 for t in tensors):
         fills = {
-            spans[e.index][0]: (e.bytes, functools.partial(packed.tensor_bytes, e))
+            tensors[e.index].span[0]: (e.bytes, functools.partial(packed.tensor_bytes, e))
             for e in packed.entries
             if e.external is None
         }
         try:
             with open(path, "wb") as out:
-                splice(packed._graph, fills, out)
+                splice(packed.graph_bytes(), fills, out)
             return
         except ValueError:
             pass  # NOTE: bytes the walker does not expect: the proto path below is always right
+    proto = packed.graph()
     _fill(proto, packed, inline=False)
     path.write_bytes(proto.SerializeToString())
 
@@ -406,10 +478,11 @@ def unpack(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         with PackedModel(path, registry) as packed:
-            proto = packed.graph()
+            packed.graph_bytes()
             _writeexternal_info(packed, tmp)
-            _write_graph(packed, proto, tmp / target.name)
+            _write_graph(packed, tmp / target.name)
             files = [spec["location"] for spec in packed.manifest.get("external_files", [])]
+            registry = packed.registry
         for location in files:
             dest = target.parent / location
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -417,5 +490,5 @@ def unpack(
         os.replace(tmp / target.name, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    (registry or current_registry()).hook.modelpress_unpack_finish(pack_id=str(path), output=target)
+    registry.hook.modelpress_unpack_finish(pack_id=str(path), output=target)
     return target

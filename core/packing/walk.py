@@ -4,15 +4,27 @@ tensor's role (weight, bias, quantized, table, indices), its size, and its exter
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-
-import onnx
-import onnx_ir as ir
+from typing import TYPE_CHECKING
 
 from modelpress.base.errors import UnsafeExternalDataError
+from modelpress.plugin.codec import ElementType
 
-__all__ = ["external_info", "graphs", "nbytes", "roles", "safe_location", "tensor_name", "tensors"]
+if TYPE_CHECKING:
+    import onnx
+
+__all__ = [
+    "byte_size",
+    "external_info",
+    "graphs",
+    "input_role",
+    "nbytes",
+    "roles",
+    "safe_location",
+    "tensor_name",
+    "tensors",
+]
 
 _WEIGHTED = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1}
 
@@ -27,19 +39,27 @@ def graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
                 yield from graphs(g)
 
 
+def input_role(op_type: str, i: int) -> str | None:
+    """What input ``i`` of an ``op_type`` node is to a codec (``None``: nothing particular)."""
+    if op_type in _WEIGHTED and i == _WEIGHTED[op_type]:
+        return "weight"
+    if op_type in ("Conv", "ConvTranspose", "Gemm") and i == 2:
+        return "bias"
+    if op_type == "DequantizeLinear" and i == 0:
+        return "quantized"
+    if op_type == "Gather":
+        return "table" if i == 0 else "indices"
+    return None
+
+
 def roles(graph: onnx.GraphProto) -> dict[str, str]:
     roles: dict[str, str] = {}
     for g in graphs(graph):
         for node in g.node:
             for i, name in enumerate(node.input):
-                if node.op_type in _WEIGHTED and i == _WEIGHTED[node.op_type]:
-                    roles.setdefault(name, "weight")
-                elif node.op_type in ("Conv", "ConvTranspose", "Gemm") and i == 2:
-                    roles.setdefault(name, "bias")
-                elif node.op_type == "DequantizeLinear" and i == 0:
-                    roles.setdefault(name, "quantized")
-                elif node.op_type == "Gather":
-                    roles.setdefault(name, "table" if i == 0 else "indices")
+                role = input_role(node.op_type, i)
+                if role is not None:
+                    roles.setdefault(name, role)
     return roles
 
 
@@ -71,12 +91,17 @@ def external_info(tensor: onnx.TensorProto) -> dict[str, str]:
 
 
 def nbytes(tensor: onnx.TensorProto) -> int | None:
+    return byte_size(tensor.data_type, tensor.dims)
+
+
+def byte_size(data_type: int, dims: Iterable[int]) -> int | None:
+    """The bytes a tensor of ONNX element type ``data_type`` and shape ``dims`` takes in ``raw_data``
+    (``None`` for strings and element types this modelpress does not know)."""
     count = 1
-    for d in tensor.dims:
+    for d in dims:
         count *= int(d)
     try:
-        dtype = ir.DataType(tensor.data_type)
-        bits = dtype.bitwidth
+        bits = ElementType(data_type).bitwidth
     except (ValueError, TypeError):
         return None
     return (count * bits + 7) // 8

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-__all__ = ["cut", "splice", "tensor_spans"]
+from modelpress.base.wire import WireError, tagged_fields, varint
+
+__all__ = ["ModelTensors", "WireTensor", "cut", "model_tensors", "splice", "tensor_spans"]
 
 # field numbers (onnx.proto3)
 _MODEL_GRAPH = 7
@@ -33,21 +36,8 @@ _TENSOR_RAW_DATA = 9
 _RAW_TAG = bytes([(_TENSOR_RAW_DATA << 3) | 2])
 
 
-class _Unexpected(Exception):
+class _Unexpected(WireError):
     """The wire bytes are not what this walker handles: use the proto path."""
-
-
-def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
-    result = shift = 0
-    while True:
-        if pos >= len(buf):
-            raise _Unexpected("truncated varint")
-        byte = buf[pos]
-        pos += 1
-        result |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return result, pos
-        shift += 7
 
 
 def _encode_varint(value: int) -> bytes:
@@ -59,32 +49,12 @@ def _encode_varint(value: int) -> bytes:
     return bytes(out)
 
 
-def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
-    """``(field number, tag start, payload start, payload end)`` of each field of the message
-    in ``buf[start:end]``; the payload of a length-delimited field excludes its length prefix."""
-    pos = start
-    while pos < end:
-        tag_start = pos
-        key, pos = _varint(buf, pos)
-        number, wire = key >> 3, key & 7
-        if wire == 0:
-            _, pos = _varint(buf, pos)
-            yield number, tag_start, tag_start, pos
-            continue
-        if wire == 2:
-            length, pos = _varint(buf, pos)
-            if pos + length > end:
-                raise _Unexpected("field runs past its message")
-            yield number, tag_start, pos, pos + length
-            pos += length
-            continue
-        if wire in (1, 5):
-            pos += 8 if wire == 1 else 4
-            yield number, tag_start, tag_start, pos
-            continue
-        raise _Unexpected(f"wire type {wire}")
-    if pos != end:
-        raise _Unexpected("message overruns its length")
+def _messages(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, int, int]]:
+    """``(field number, key start, payload start, payload end)`` of each field of the message in
+    ``buf[start:end]``, as :func:`modelpress.base.wire.tagged_fields` reads them; a field that is
+    not length-delimited spans its key too (payload start = key start)."""
+    for number, wire, tag, p0, p1 in tagged_fields(buf, start, end):
+        yield number, tag, p0 if wire == 2 else tag, p1
 
 
 def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, int]]) -> None:
@@ -94,14 +64,14 @@ def _graph_order(buf: memoryview, start: int, end: int, spans: list[tuple[int, i
     inits: list[tuple[int, int]] = []
     attr_tensors: list[tuple[int, int]] = []
     subgraphs: list[tuple[int, int]] = []
-    for number, _tag, p0, p1 in _fields(buf, start, end):
+    for number, _tag, p0, p1 in _messages(buf, start, end):
         if number == _GRAPH_INITIALIZER:
             inits.append((p0, p1))
         elif number == _GRAPH_NODE:
-            for n_number, _t, a0, a1 in _fields(buf, p0, p1):
+            for n_number, _t, a0, a1 in _messages(buf, p0, p1):
                 if n_number != _NODE_ATTRIBUTE:
                     continue
-                for a_number, _t2, v0, v1 in _fields(buf, a0, a1):
+                for a_number, _t2, v0, v1 in _messages(buf, a0, a1):
                     if a_number in (
                         _ATTR_T,
                         _ATTR_TENSORS,
@@ -121,10 +91,10 @@ def tensor_spans(graph: bytes | memoryview) -> list[tuple[int, int]] | None:
     buf = memoryview(graph)
     spans: list[tuple[int, int]] = []
     try:
-        for number, _tag, p0, p1 in _fields(buf, 0, len(buf)):
+        for number, _tag, p0, p1 in _messages(buf, 0, len(buf)):
             if number == _MODEL_GRAPH:
                 _graph_order(buf, p0, p1, spans)
-    except (_Unexpected, IndexError):
+    except (WireError, IndexError):
         return None
     return spans
 
@@ -162,7 +132,7 @@ def splice(graph: bytes | memoryview, fills: dict[int, Fill], out: BinaryIO) -> 
     buf = memoryview(graph)
     try:
         pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
-    except (_Unexpected, IndexError) as exc:
+    except (WireError, IndexError) as exc:
         raise ValueError(f"cannot splice the graph's wire bytes: {exc}") from None
     written = 0
     for piece in pieces:
@@ -208,7 +178,7 @@ def _plan(
     pieces: list[Any] = []
     copied = start
     paths = _PATHS[kind]
-    for number, tag, p0, p1 in _fields(buf, start, end):
+    for number, tag, p0, p1 in _messages(buf, start, end):
         child = paths.get(number)
         if (
             child is None
@@ -217,7 +187,7 @@ def _plan(
         ):
             continue
         inner = _plan(buf, p0, p1, starts, fills, depth=depth + 1, kind=child)
-        key_end = _varint(buf, tag)[1]
+        key_end = varint(buf, tag)[1]
         pieces += [buf[copied:key_end], _encode_varint(sum(len(p) for p in inner)), *inner]
         copied = p1
     pieces.append(buf[copied:end])
@@ -227,7 +197,7 @@ def _plan(
 def _tensor_pieces(buf: memoryview, start: int, end: int, data: _Lazy) -> list[Any]:
     """A tensor's fields with ``raw_data`` inserted in field-number order."""
     insert_at = end
-    for number, tag, _p0, _p1 in _fields(buf, start, end):
+    for number, tag, _p0, _p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             raise _Unexpected("a packed tensor still has raw_data")
         if number > _TENSOR_RAW_DATA:
@@ -242,7 +212,7 @@ _CUT: Any = ()  # NOTE: a ``fills`` value of :func:`_plan` that drops the tensor
 def _raw_span(buf: memoryview, start: int, end: int) -> tuple[int, int] | None:
     """Where the ``raw_data`` payload of the tensor ``buf[start:end]`` lies, if it has one."""
     span = None
-    for number, _tag, p0, p1 in _fields(buf, start, end):
+    for number, _tag, p0, p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             span = (p0, p1)  # NOTE: protobuf keeps the last of a repeated scalar field
     return span
@@ -252,7 +222,7 @@ def _cut_pieces(buf: memoryview, start: int, end: int) -> list[Any]:
     """A tensor's fields without its ``raw_data``."""
     pieces: list[Any] = []
     copied = start
-    for number, tag, _p0, p1 in _fields(buf, start, end):
+    for number, tag, _p0, p1 in _messages(buf, start, end):
         if number == _TENSOR_RAW_DATA:
             pieces.append(buf[copied:tag])
             copied = p1
@@ -279,6 +249,155 @@ def cut(
                 raws[index] = raw
         fills = {spans[i][0]: _CUT for i in raws}
         pieces = _plan(buf, 0, len(buf), sorted(fills), fills, depth=0, kind="model")
-    except (_Unexpected, IndexError):
+    except (WireError, IndexError):
         return None
     return b"".join(pieces), raws
+
+
+# -- the tensors of a serialised model, read without a protobuf parse ------------------------------
+
+# field numbers (onnx.proto3) of what model_tensors reads
+_NODE_INPUT, _NODE_OUTPUT, _NODE_NAME, _NODE_OP_TYPE = 1, 2, 3, 4
+_ATTR_NAME = 1
+_TENSOR_DIMS, _TENSOR_DATA_TYPE, _TENSOR_NAME, _TENSOR_EXTERNAL, _TENSOR_LOCATION = 1, 2, 8, 13, 14
+_EXTERNAL = 1  # TensorProto.DataLocation.EXTERNAL
+
+
+@dataclass
+class WireTensor:
+    """One tensor of a serialised model, as :func:`model_tensors` reads it: its name (as
+    :func:`modelpress.packing.walk.tensors` names it), element type, dims, external-data entries
+    (``None`` unless its data location is external) and its span in the bytes."""
+
+    name: str
+    data_type: int
+    dims: list[int]
+    external: dict[str, str] | None
+    span: tuple[int, int]
+
+
+@dataclass
+class ModelTensors:
+    """Every tensor of a model in :func:`modelpress.packing.walk.tensors` order, and the role of
+    each name (:func:`modelpress.packing.walk.roles`)."""
+
+    tensors: list[WireTensor] = field(default_factory=list)
+    roles: dict[str, str] = field(default_factory=dict)
+
+
+def model_tensors(model: bytes | memoryview) -> ModelTensors | None:
+    """The tensors and roles of the serialised model ``model``, read from its wire bytes (no onnx
+    import, no parse: what ``unpack`` needs to put each tensor back); ``None`` on bytes this
+    walker does not expect (the caller parses the model instead)."""
+    buf = memoryview(model)
+    found = ModelTensors()
+    try:
+        for number, _tag, p0, p1 in _messages(buf, 0, len(buf)):
+            if number == _MODEL_GRAPH:
+                _read_graph(buf, p0, p1, found, 0)
+    except (WireError, IndexError, UnicodeDecodeError):
+        return None
+    return found
+
+
+def _text(buf: memoryview, p0: int, p1: int) -> str:
+    return bytes(buf[p0:p1]).decode("utf-8")
+
+
+def _read_graph(buf: memoryview, start: int, end: int, found: ModelTensors, depth: int) -> None:
+    """A graph's initializers, then its nodes' attribute tensors, then its subgraphs (depth first),
+    as :func:`modelpress.packing.walk.tensors` orders them; the roles its nodes give their inputs."""
+    if depth > 64:
+        raise _Unexpected("nesting deeper than 64")
+    inits: list[WireTensor] = []
+    attr_tensors: list[WireTensor] = []
+    subgraphs: list[tuple[int, int]] = []
+    for number, _tag, p0, p1 in _messages(buf, start, end):
+        if number == _GRAPH_INITIALIZER:
+            inits.append(_read_tensor(buf, p0, p1, None))
+        elif number == _GRAPH_NODE:
+            _read_node(buf, p0, p1, found.roles, attr_tensors, subgraphs)
+    found.tensors += inits + attr_tensors
+    for g0, g1 in subgraphs:
+        _read_graph(buf, g0, g1, found, depth + 1)
+
+
+def _read_node(
+    buf: memoryview,
+    start: int,
+    end: int,
+    roles: dict[str, str],
+    tensors: list[WireTensor],
+    subgraphs: list[tuple[int, int]],
+) -> None:
+    from modelpress.packing.walk import input_role
+
+    inputs: list[str] = []
+    outputs: list[str] = []
+    attributes: list[tuple[int, int]] = []
+    name = op_type = ""
+    for number, _tag, p0, p1 in _messages(buf, start, end):
+        if number == _NODE_INPUT:
+            inputs.append(_text(buf, p0, p1))
+        elif number == _NODE_OUTPUT:
+            outputs.append(_text(buf, p0, p1))
+        elif number == _NODE_NAME:
+            name = _text(buf, p0, p1)
+        elif number == _NODE_OP_TYPE:
+            op_type = _text(buf, p0, p1)
+        elif number == _NODE_ATTRIBUTE:
+            attributes.append((p0, p1))
+    for i, value in enumerate(inputs):
+        role = input_role(op_type, i)
+        if role is not None:
+            roles.setdefault(value, role)
+    for a0, a1 in attributes:
+        parts = list(_messages(buf, a0, a1))
+        attr = next((_text(buf, p0, p1) for n, _t, p0, p1 in parts if n == _ATTR_NAME), "")
+        label = outputs[0] if op_type == "Constant" and outputs else f"{name or op_type}.{attr}"
+        for number, _tag, p0, p1 in parts:
+            if number in (_ATTR_T, _ATTR_TENSORS):
+                tensors.append(_read_tensor(buf, p0, p1, label))
+            elif number in (_ATTR_G, _ATTR_GRAPHS):
+                subgraphs.append((p0, p1))
+
+
+def _read_tensor(buf: memoryview, start: int, end: int, label: str | None) -> WireTensor:
+    """A ``TensorProto``'s name, element type, dims and external data (``label``: the name
+    :func:`modelpress.packing.walk.tensors` gives an attribute's tensor)."""
+    tensor = WireTensor(label or "", 0, [], None, (start, end))
+    entries: dict[str, str] = {}
+    location = 0
+    for number, wire, _tag, p0, p1 in tagged_fields(buf, start, end):
+        if number == _TENSOR_DIMS:
+            tensor.dims += _int64s(buf, wire, p0, p1)
+        elif number == _TENSOR_DATA_TYPE and wire == 0:
+            tensor.data_type = varint(buf, p0)[0]
+        elif number == _TENSOR_NAME and label is None and wire == 2:
+            tensor.name = _text(buf, p0, p1)
+        elif number == _TENSOR_EXTERNAL and wire == 2:
+            key = value = ""
+            for n, _t, e0, e1 in _messages(buf, p0, p1):
+                if n == 1:
+                    key = _text(buf, e0, e1)
+                elif n == 2:
+                    value = _text(buf, e0, e1)
+            entries[key] = value
+        elif number == _TENSOR_LOCATION and wire == 0:
+            location = varint(buf, p0)[0]
+    if location == _EXTERNAL:
+        tensor.external = entries
+    return tensor
+
+
+def _int64s(buf: memoryview, wire: int, p0: int, p1: int) -> list[int]:
+    """The int64 values of a repeated field (packed or not), two's complement read back."""
+    if wire not in (0, 2):
+        raise _Unexpected(f"dims of wire type {wire}")
+    values, pos = [], p0
+    while pos < p1:
+        value, pos = varint(buf, pos)
+        values.append(value - (1 << 64) if value >= 1 << 63 else value)
+        if wire == 0:
+            break
+    return values

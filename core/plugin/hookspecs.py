@@ -241,7 +241,12 @@ def modelpress_pack_finish(pack_id: str, source: str, result: Any) -> None:
 
 @hookspec
 def modelpress_unpack_finish(pack_id: str, output: Path) -> None:
-    """Called after :func:`modelpress.unpack` restored the ONNX file ``output`` from the pack ``pack_id``."""
+    """Called after :func:`modelpress.unpack` restored the ONNX file ``output`` from the pack ``pack_id``,
+    on the plugins of the registry it decoded with: the one given (``registry=``), else the
+    process's when something already loaded it; else (a fresh ``modelpress unpack``) only the
+    plugins the pack records as providing its codecs are loaded, and only they are told (since
+    modelpress 0.2: unpacking no longer imports every plugin). To observe every unpack, pass
+    ``registry=modelpress.get_registry()``."""
 
 
 @hookspec

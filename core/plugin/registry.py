@@ -73,6 +73,7 @@ __all__ = [
     "create_registry",
     "current_registry",
     "get_registry",
+    "loaded_registry",
     "reset_registry",
     "strict_plugins",
     "using_registry",
@@ -526,10 +527,13 @@ def create_registry(
     allow: Iterable[str] | None = None,
     block: Iterable[str] | None = None,
     plugins: Iterable[object] = (),
+    only: Iterable[str] | None = None,
 ) -> Registry:
     """Build a registry from the ``modelpress`` entry points and any extra ``plugins`` objects.
 
     ``autoload``/``allow``/``block`` default to the environment switches (module docstring).
+    ``only``: import just the entry points of these names (the switches still apply), the others
+    not at all: how ``unpack`` loads the plugins a pack records as providing its codecs.
     """
     if autoload is None:
         autoload = not _truthy(os.environ.get(DISABLE_AUTOLOAD_ENV))
@@ -539,11 +543,14 @@ def create_registry(
     registry = Registry()
     seen: set[str] = set()
     known: set[str] = set()
+    wanted = None if only is None else set(only)
     for ep in sorted(_entry_points(), key=lambda e: e.name):
         dist = ep.dist.name if ep.dist is not None else "unknown"
         version = ep.dist.version if ep.dist is not None else ""
         builtin = dist.lower() == _BUILTIN_DISTRIBUTION
         known.update((ep.name, dist))
+        if wanted is not None and ep.name not in wanted:
+            continue
         if ep.name in seen:
             # NOTE: the same distribution visible twice on sys.path (e.g. editable + --target).
             continue
@@ -627,6 +634,12 @@ def get_registry() -> Registry:
 _current: contextvars.ContextVar[Registry | None] = contextvars.ContextVar(
     "modelpress_registry", default=None
 )
+
+
+def loaded_registry() -> Registry | None:
+    """The registry :func:`current_registry` would return, if it exists already (else ``None``:
+    nothing in this process has loaded the plugins yet)."""
+    return _current.get() or _default
 
 
 def current_registry() -> Registry:

@@ -21,15 +21,14 @@ import struct
 from dataclasses import replace
 
 import numpy as np
-import onnx_ir as ir
 
-from modelpress.plugin_api import Codec, TensorInfo, numpy_dtype
+from modelpress.plugin_api import Codec, ElementType, TensorInfo, numpy_dtype
 
 from . import streams
 
 __all__ = ["CODECS"]
 
-_FLOATS = (ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE)
+_FLOATS = (ElementType.FLOAT, ElementType.FLOAT16, ElementType.BFLOAT16, ElementType.DOUBLE)
 
 
 def _fits(data: bytes, info: TensorInfo) -> np.ndarray | None:
@@ -294,7 +293,7 @@ def _sparse_decode(blob: bytes, info: TensorInfo) -> bytes:
 
 # -- nibbles, zstd, lzma -------------------------------------------------------------------------
 
-_INT4 = (ir.DataType.INT4, ir.DataType.UINT4)
+_INT4 = (ElementType.INT4, ElementType.UINT4)
 
 
 def _nibbles_encode(data: bytes, info: TensorInfo) -> bytes | None:

@@ -53,6 +53,7 @@ from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.scaling import scale_groups
 from modelpress.plugins.quantize.streaming import FileRows
+from modelpress.plugins.quantize.table_kernels import use_table_kernels
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
 
@@ -87,6 +88,13 @@ class WeightOnlyOptions(Options):
     op_types: list[str] = Field(
         default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"],
         description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)",
+    )
+    tables: Literal["quantize", "float"] = Field(
+        "quantize",
+        description="embedding / LM-head tables: quantize: lookup tables (Gather/Slice) are quantized too, and a "
+        "tied LM head shares the table's int4 codes (as onnxruntime-genai's builder does with a tied table); "
+        "float: tables stay float32 and only MatMul/Gemm weights are quantized, a tied LM head as its own "
+        "weight (as optimum + ONNX Runtime's MatMulNBitsQuantizer do: the same bits as theirs)",
     )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
@@ -155,36 +163,51 @@ def _mse(
     return _unsigned(q, scales, zeros, opts)
 
 
+def _inverse_factor(hessian: np.ndarray, work: np.ndarray, damp: float) -> np.ndarray | None:
+    """The upper Cholesky factor of the damped inverse Hessian, in float32 as the reference computes it
+    (rows of ``work`` whose input never fires are zeroed); None when the Hessian is not positive definite."""
+    k = len(hessian)
+    h = np.array(hessian, np.float32)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work[dead, :] = 0.0
+    h[np.diag_indices(k)] += np.float32(damp * float(np.mean(np.diag(h))))
+    try:
+        lower = np.linalg.cholesky(h)
+        inverse = np.linalg.inv(lower)  # NOTE: H^-1 = L^-T L^-1, then its own Cholesky factor
+        del lower, h
+        return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)  # upper triangular
+    except np.linalg.LinAlgError:
+        return None
+
+
 def _gptq(
     w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al.): quantize rows of W[K, N] in order, pushing each row's error onto
-    the rows not yet quantized through the inverse Hessian of the layer's inputs."""
+    the rows not yet quantized through the inverse Hessian of the layer's inputs. As the reference
+    (IST-DASLab/gptq ``fasterquant``): float32, and lazy batch updates, one quantization block at a
+    time (the rows after the block get its accumulated error in one matrix product)."""
     grid = _grid(opts)
     k, n = w.shape
-    h = hessian.astype(np.float64).copy()
-    work = w.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    work[dead, :] = 0.0
-    h[np.diag_indices(k)] += opts.damp * float(np.mean(np.diag(h)))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular
-    except np.linalg.LinAlgError:
-        return _rtn(w.astype(np.float32), opts)
+    work = np.array(w, np.float32)
+    hinv = _inverse_factor(hessian, work, opts.damp)
+    if hinv is None:
+        return _rtn(np.asarray(w, np.float32), opts)
     bs = opts.block_size
     q, scales, zeros = _blocked(k, n, bs)
-    for i in range(k):
-        if i % bs == 0:
-            b = i // bs
-            s, z = _block_params(work[i : min(k, i + bs)], grid, opts.symmetric)
-            scales[b], zeros[b] = s, z
-        b = i // bs
-        row = work[i]
-        qi = np.clip(np.round(row / scales[b] + zeros[b]), grid.qmin, grid.qmax)
-        q[i] = qi
-        error = (row - (qi - zeros[b]) * scales[b]) / hinv[i, i]
-        work[i + 1 :] -= np.outer(hinv[i, i + 1 :], error)
+    for b, i0 in enumerate(range(0, k, bs)):
+        i1 = min(k, i0 + bs)
+        block = work[i0:i1]  # NOTE: a view: updated in place
+        s, z = _block_params(block, grid, opts.symmetric)
+        scales[b], zeros[b] = s, z
+        errors = np.zeros_like(block)
+        for j in range(i1 - i0):
+            qi = np.clip(np.round(block[j] / s + z), grid.qmin, grid.qmax)
+            q[i0 + j] = qi
+            errors[j] = (block[j] - ((qi - z) * s).astype(np.float32)) / hinv[i0 + j, i0 + j]
+            block[j + 1 :] -= np.outer(hinv[i0 + j, i0 + j + 1 : i1], errors[j])
+        work[i1:] -= hinv[i0:i1, i1:].T @ errors
     return _unsigned(q, scales, zeros, opts)
 
 
@@ -437,9 +460,10 @@ def _hessians(
         for feeds in batches:
             results = run_session(session, feeds)
             for name in names:
-                x = np.asarray(results[outputs.index(name)], np.float64)
+                # NOTE: float32, as the reference keeps it: [K, K] per distinct input, for every layer at once
+                x = np.asarray(results[outputs.index(name)], np.float32)
                 x = x.reshape(-1, x.shape[-1])
-                hessians[name] = hessians.get(name, 0) + 2.0 * x.T @ x / max(len(x), 1)
+                hessians[name] = hessians.get(name, 0) + (2.0 / max(len(x), 1)) * (x.T @ x)
             advance(1)
     return hessians
 
@@ -548,12 +572,49 @@ def _replace(
     replace_matmul(model, node, list(b.nodes), out, layer.name)
 
 
+def _tied_heads(model: Model, opts: WeightOnlyOptions) -> list[WeightedLayer]:
+    """With ``tables="float"``: each ``MatMul(x, Transpose(table))`` (a tied LM head reading the embedding table
+    through a Transpose) as a layer of its own whose weight is the table, ``[N, K]`` (out_axis 0)."""
+    if opts.tables != "float" or "MatMul" not in opts.op_types:
+        return []
+    heads = []
+    for node in model.ir.graph:
+        producer = (
+            node.inputs[1].producer()
+            if node.op_type == "MatMul" and len(node.inputs) > 1 and node.inputs[1]
+            else None
+        )
+        if (
+            producer is None
+            or producer.op_type != "Transpose"
+            or producer.domain not in ("", "ai.onnx")
+        ):
+            continue
+        perm, table = producer.attributes.get("perm"), producer.inputs[0]
+        if (
+            (perm is None or list(perm.as_ints()) == [1, 0])
+            and table is not None
+            and table.is_initializer()
+        ):
+            if table.const_value is not None and len(table.const_value.shape) == 2:
+                heads.append(WeightedLayer(node, table, None, 1, 0, 1))
+    return heads
+
+
+def _drop_dead_transposes(model: Model) -> None:
+    """Transposes a quantized tied LM head no longer reads (the table itself stays: the lookup reads it)."""
+    for node in [n for n in model.ir.graph if n.op_type == "Transpose"]:
+        if not list(node.outputs[0].uses()) and not node.outputs[0].is_graph_output():
+            model.ir.graph.remove(node, safe=True)
+
+
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
-    for layer in result.weighted_layers(
-        frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True
-    ):
+    for layer in [
+        *result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True),
+        *_tied_heads(result, opts),
+    ]:
         w = layer.weight.const_value
         assert w is not None
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
@@ -739,7 +800,7 @@ def weight_only(
     tables = quantize_tables(
         result,
         bits=opts.bits,
-        op_types=set(opts.op_types),
+        op_types=set(opts.op_types) - ({"Gather"} if opts.tables == "float" else set()),
         block_size=min(opts.block_size, 32),
         min_elements=opts.min_elements,
         exclude=set(opts.exclude),
@@ -758,6 +819,9 @@ def weight_only(
     groups = list(users.values())
     chosen = _formats(groups, opts, ctx.figures)
     totals = _emit_all(result, groups, chosen, hessians, ctx)
+    _drop_dead_transposes(result)
+    if opts.bits == 4 and opts.format != "qdq" and tables.done:
+        ctx.figures["table_kernels"] = use_table_kernels(result)
     if (
         any(o.format == "matmulnbits" for o in chosen)
         and "com.microsoft" not in result.ir.opset_imports

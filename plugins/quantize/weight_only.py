@@ -54,6 +54,7 @@ from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.scaling import scale_groups
 from modelpress.plugins.quantize.streaming import FileRows
 from modelpress.plugins.quantize.table_kernels import use_table_kernels
+from modelpress.plugins.quantize.tied import share_tied_lookups, tied_heads, tied_lookups
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
 
@@ -572,35 +573,6 @@ def _replace(
     replace_matmul(model, node, list(b.nodes), out, layer.name)
 
 
-def _tied_heads(model: Model, opts: WeightOnlyOptions) -> list[WeightedLayer]:
-    """With ``tables="float"``: each ``MatMul(x, Transpose(table))`` (a tied LM head reading the embedding table
-    through a Transpose) as a layer of its own whose weight is the table, ``[N, K]`` (out_axis 0)."""
-    if opts.tables != "float" or "MatMul" not in opts.op_types:
-        return []
-    heads = []
-    for node in model.ir.graph:
-        producer = (
-            node.inputs[1].producer()
-            if node.op_type == "MatMul" and len(node.inputs) > 1 and node.inputs[1]
-            else None
-        )
-        if (
-            producer is None
-            or producer.op_type != "Transpose"
-            or producer.domain not in ("", "ai.onnx")
-        ):
-            continue
-        perm, table = producer.attributes.get("perm"), producer.inputs[0]
-        if (
-            (perm is None or list(perm.as_ints()) == [1, 0])
-            and table is not None
-            and table.is_initializer()
-        ):
-            if table.const_value is not None and len(table.const_value.shape) == 2:
-                heads.append(WeightedLayer(node, table, None, 1, 0, 1))
-    return heads
-
-
 def _drop_dead_transposes(model: Model) -> None:
     """Transposes a quantized tied LM head no longer reads (the table itself stays: the lookup reads it)."""
     for node in [n for n in model.ir.graph if n.op_type == "Transpose"]:
@@ -613,7 +585,7 @@ def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer]
     skipped: dict[str, str] = {}
     for layer in [
         *result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True),
-        *_tied_heads(result, opts),
+        *tied_heads(result, opts),
     ]:
         w = layer.weight.const_value
         assert w is not None
@@ -642,6 +614,7 @@ class _Totals:
     before: int = 0
     after: int = 0
     errors: list[float] = field(default_factory=list)
+    weights: dict[tuple[int, int], list[ir.Value]] = field(default_factory=dict)
 
 
 def _emit_all(
@@ -667,7 +640,7 @@ def _emit_all(
             groups[i][0], chosen[i], sum(found[1:], found[0]) if found else None
         )
 
-    shared: dict[tuple[int, int], list[ir.Value]] = {}
+    shared = totals.weights
     # NOTE: numpy releases the GIL in its heavy loops, so a few threads quantize layers side by side;
     # map() yields in order, each worker holds one chunk of one layer in float32, and each result is
     # emitted (packed, small) as soon as it arrives.
@@ -718,6 +691,8 @@ def _unfused(group: list[WeightedLayer]) -> str | None:
     conditions; the consumer and graph ones depend on the model."""
     if len(group) > 1:
         return f"shared by {len(group)} MatMuls: ORT fuses a DequantizeLinear with one consumer only, the rest dequantize on every run"
+    if group[0].node.inputs[group[0].weight_input] is not group[0].weight:
+        return "a tied LM head (it reads the embedding table through a Transpose): MatMulNBits, whose int4 codes the lookup shares"
     if group[0].scope:
         return "inside control flow: its DequantizeLinear sits in the outer graph, where ORT does not fuse it"
     return None
@@ -803,7 +778,7 @@ def weight_only(
         op_types=set(opts.op_types) - ({"Gather"} if opts.tables == "float" else set()),
         block_size=min(opts.block_size, 32),
         min_elements=opts.min_elements,
-        exclude=set(opts.exclude),
+        exclude=set(opts.exclude) | tied_lookups(layers),
     )
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
@@ -820,6 +795,7 @@ def weight_only(
     chosen = _formats(groups, opts, ctx.figures)
     totals = _emit_all(result, groups, chosen, hessians, ctx)
     _drop_dead_transposes(result)
+    ctx.figures["tied_lookups"] = share_tied_lookups(result, groups, chosen, totals.weights)
     if opts.bits == 4 and opts.format != "qdq" and tables.done:
         ctx.figures["table_kernels"] = use_table_kernels(result)
     if (

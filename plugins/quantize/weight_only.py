@@ -749,6 +749,27 @@ def _data_statistics(
     return hessians
 
 
+def _finish_tables(
+    result: Model,
+    opts: WeightOnlyOptions,
+    emitted: tuple[list[list[WeightedLayer]], list[WeightOnlyOptions]],
+    totals: _Totals,
+    tables_done: bool,
+    ctx: PassContext,
+) -> None:
+    """After the weights are emitted: a tied head's lookups read its codes, the int4 tables ORT's kernels."""
+    groups, chosen = emitted
+    _drop_dead_transposes(result)
+    ctx.figures["tied_lookups"] = share_tied_lookups(result, groups, chosen, totals.weights)
+    if opts.bits == 4 and opts.format != "qdq" and tables_done:
+        ctx.figures["table_kernels"] = use_table_kernels(result)
+    if (
+        any(o.format == "matmulnbits" for o in chosen)
+        and "com.microsoft" not in result.ir.opset_imports
+    ):
+        result.ir.opset_imports["com.microsoft"] = 1
+
+
 def weight_only(
     model: Model,
     opts: WeightOnlyOptions,
@@ -794,15 +815,7 @@ def weight_only(
     groups = list(users.values())
     chosen = _formats(groups, opts, ctx.figures)
     totals = _emit_all(result, groups, chosen, hessians, ctx)
-    _drop_dead_transposes(result)
-    ctx.figures["tied_lookups"] = share_tied_lookups(result, groups, chosen, totals.weights)
-    if opts.bits == 4 and opts.format != "qdq" and tables.done:
-        ctx.figures["table_kernels"] = use_table_kernels(result)
-    if (
-        any(o.format == "matmulnbits" for o in chosen)
-        and "com.microsoft" not in result.ir.opset_imports
-    ):
-        result.ir.opset_imports["com.microsoft"] = 1
+    _finish_tables(result, opts, (groups, chosen), totals, bool(tables.done), ctx)
     before, after, errors = (
         totals.before + tables.bytes_before,
         totals.after + tables.bytes_after,

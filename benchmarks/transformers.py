@@ -13,8 +13,9 @@ Checkpoints (made once, kept in ``<workdir>/checkpoints``, default ``~/.cache/mo
 
 Tools, each in its own child process (export + quantize from the checkpoint folder to int4, block 32):
 
-* ``modelpress rtn`` / ``modelpress gptq``: ``modelpress.load(folder)``, ``int4-weight-only`` (round to
-  nearest; GPTQ calibrated on a text file tokenised by the checkpoint's tokenizer, tiny models only),
+* ``modelpress rtn`` / ``modelpress gptq`` (and each with ``tables=float``): ``modelpress.load(folder)``,
+  ``int4-weight-only`` (round to nearest; GPTQ calibrated on a text file tokenised by the checkpoint's
+  tokenizer, tiny models only),
   ``modelpress.export(..., "out/model.onnx")`` with its default verification (greedy tokens, logits);
 * ``optimum + ORT nbits``: optimum-onnx's ``main_export(task="text-generation-with-past")``, then
   ``MatMulNBitsQuantizer(block_size=32, is_symmetric=False)`` on its ``model.onnx``, saved with external data;
@@ -23,10 +24,14 @@ Tools, each in its own child process (export + quantize from the checkpoint fold
 
 Columns: CPU time (user + system, ``os.wait4`` of the child), peak RSS (the kernel's high-water mark of
 the child, ``ru_maxrss``; the parent stays small and imports no framework), output size, perplexity on
-held-out text (64-token windows) and its change against transformers' torch fp32, greedy-token agreement
+held-out text (64 windows of 64 tokens; 16 on the 1 B model) and its change against transformers' torch fp32, greedy-token agreement
 with torch (16 new tokens from 4 prompts, EOS masked as ``min_new_tokens`` does) and decode tokens/s in
-ONNX Runtime (batch 1, 32 steps after the prompt; no more than the machine's cores). Ratios are
-modelpress (rtn) over each peer, from this one run; the load average is printed with the figures.
+ONNX Runtime (batch 1, 32 steps after the prompt, the fastest of 7 runs, 2 on the 1 B model; no more threads than
+the machine's cores). Ratios are
+modelpress over each peer at the same bits, from this one run: ``tables="float"`` (lookup table float32,
+every MatMul int4, a tied LM head as its own int4 copy) against optimum + MatMulNBitsQuantizer, which do the
+same; the default (a tied table int4 once, for the lookup and the LM head) against the genai builder, which
+does the same. The load average is printed with the figures.
 
 optimum-onnx 0.1.0 needs transformers < 4.58 and does not export with transformers 5's models, so it runs
 from its own folder put first on ``PYTHONPATH`` (``--optimum-site``, default ``~/.cache/modelpress/optimum-site``)::
@@ -69,11 +74,35 @@ BIG = {
 
 TOOLS: dict[str, dict[str, Any]] = {
     "modelpress rtn": {"tool": "modelpress", "algorithm": "rtn"},
+    "modelpress rtn tables=float": {"tool": "modelpress", "algorithm": "rtn", "tables": "float"},
     "modelpress gptq": {"tool": "modelpress", "algorithm": "gptq", "tiny_only": True},
+    "modelpress gptq tables=float": {
+        "tool": "modelpress",
+        "algorithm": "gptq",
+        "tables": "float",
+        "tiny_only": True,
+    },
     "optimum + ORT nbits": {"tool": "optimum"},
     "genai builder": {"tool": "builder"},
 }
 PEERS = ("optimum + ORT nbits", "genai builder")
+# NOTE: each peer against the modelpress rows at its bits: optimum + MatMulNBitsQuantizer keep the lookup table
+# float32 and quantize every MatMul (a tied LM head as its own int4 copy), as tables="float" does; the genai
+# builder quantizes a tied table once for both (GatherBlockQuantized + MatMulNBits), as the default does, and
+# keeps an untied lookup table float32 (its LM head int4), as tables="float" does
+FLOAT_TABLES = ("modelpress rtn tables=float", "modelpress gptq tables=float")
+SAME_BITS = {
+    ("optimum + ORT nbits", True): FLOAT_TABLES,
+    ("optimum + ORT nbits", False): FLOAT_TABLES,
+    ("genai builder", True): ("modelpress rtn", "modelpress gptq"),
+    ("genai builder", False): FLOAT_TABLES,
+}
+# NOTE: held-out perplexity windows: 8 x 64 tokens moved a tiny model's perplexity by more than int4 does
+WINDOWS = {"llama-1b": 16}
+DEFAULT_WINDOWS = 64
+# NOTE: decode speed: the fastest of a few runs of DECODE_STEPS (one 32-step run on the loaded machine varied 10x)
+REPEATS = {"llama-1b": 2}
+DEFAULT_REPEATS = 7
 
 
 # -- the children ---------------------------------------------------------------------------------
@@ -114,7 +143,11 @@ def _modelpress(spec: dict[str, Any]) -> dict[str, Any]:
     import modelpress
 
     model = modelpress.load(spec["checkpoint"], show_progress=False)
-    options: dict[str, Any] = {"block_size": BLOCK, "algorithm": spec["algorithm"]}
+    options: dict[str, Any] = {
+        "block_size": BLOCK,
+        "algorithm": spec["algorithm"],
+        "tables": spec.get("tables", "quantize"),
+    }
     if spec["algorithm"] == "gptq":
         options["calibration"] = spec["calibration"]
     quantized = modelpress.quantize(model, "int4-weight-only", show_progress=False, **options)
@@ -150,7 +183,7 @@ def _optimum(spec: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _windows(tokenizer: Any, texts: list[str], count: int = 8) -> Any:
+def _windows(tokenizer: Any, texts: list[str], count: int) -> Any:
     import numpy as np
 
     ids: list[int] = []
@@ -182,7 +215,7 @@ def _reference(spec: dict[str, Any]) -> dict[str, Any]:
     model = transformers.AutoModelForCausalLM.from_pretrained(
         spec["checkpoint"], local_files_only=True, dtype=torch.float32
     ).eval()
-    ids = _windows(tokenizer, _texts()[1])
+    ids = _windows(tokenizer, _texts()[1], spec["windows"])
     total, count = 0.0, 0
     with torch.no_grad():
         for row in ids:
@@ -251,6 +284,19 @@ class _Decoder:
         return values[self.outputs.index("logits")], new
 
 
+def _decode_seconds(decoder: _Decoder, prompt: Any) -> float:
+    """Seconds for :data:`DECODE_STEPS` greedy steps after ``prompt [1, n]``."""
+    import numpy as np
+
+    logits, past = decoder.step(prompt, None, 0)
+    start = time.perf_counter()
+    for i in range(DECODE_STEPS):
+        logits, past = decoder.step(
+            np.asarray([[int(logits[0, -1].argmax())]], np.int64), past, prompt.shape[1] + i
+        )
+    return time.perf_counter() - start
+
+
 def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
     """The exported decoder in ONNX Runtime: perplexity, greedy tokens (EOS masked) and decode tokens/s."""
     import numpy as np
@@ -273,13 +319,7 @@ def _evaluate(spec: dict[str, Any]) -> dict[str, Any]:
             chosen.append(int(last.argmax()))
             logits, past = decoder.step(np.asarray([[chosen[-1]]], np.int64), past, 8 + i)
         tokens.append(chosen)
-    logits, past = decoder.step(ids[:1, :8], None, 0)
-    start = time.perf_counter()
-    for i in range(DECODE_STEPS):
-        logits, past = decoder.step(
-            np.asarray([[int(logits[0, -1].argmax())]], np.int64), past, 8 + i
-        )
-    seconds = time.perf_counter() - start
+    seconds = min(_decode_seconds(decoder, ids[:1, :8]) for _ in range(spec["repeats"]))
     agree = np.mean(
         [
             a == b
@@ -313,7 +353,7 @@ def run_child(
     spec: dict[str, Any], work: Path, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Run one child; its figures plus ``cpu_s`` and ``peak_rss`` (bytes) from ``os.wait4``, or ``error``."""
-    label = spec.get("label", spec["tool"]).replace(" ", "_").replace("+", "")
+    label = spec.get("label", spec["tool"]).replace(" ", "_").replace("+", "").replace("=", "-")
     log, result = work / f"{label}.log", work / f"{label}.json"
     result.unlink(missing_ok=True)
     command = spec.get("command") or [
@@ -405,7 +445,13 @@ def _rows(
     work.mkdir(parents=True)
     print(f"running torch fp32 reference on {name} ...", file=sys.stderr, flush=True)
     ref = run_child(
-        {"tool": "reference", "checkpoint": str(checkpoint), "label": "reference"}, work
+        {
+            "tool": "reference",
+            "checkpoint": str(checkpoint),
+            "label": "reference",
+            "windows": WINDOWS.get(name, DEFAULT_WINDOWS),
+        },
+        work,
     )
     rows: list[tuple[str, dict[str, Any]]] = [
         ("torch fp32", {**ref, "size": _size_checkpoint(checkpoint)})
@@ -416,7 +462,7 @@ def _rows(
             TOOLS[label].get("tiny_only") and name == "llama-1b"
         ):
             continue
-        out = work / label.replace(" ", "_").replace("+", "")
+        out = work / label.replace(" ", "_").replace("+", "").replace("=", "-")
         print(f"running {label} on {name} ...", file=sys.stderr, flush=True)
         spec, env = _spec(label, checkpoint, out, args)
         figures = run_child(spec, work, env)
@@ -429,6 +475,7 @@ def _rows(
                     "output": str(out),
                     "label": f"eval-{label}",
                     "reference": str(work / "reference.json"),
+                    "repeats": REPEATS.get(name, DEFAULT_REPEATS),
                 },
                 work,
             )
@@ -446,14 +493,14 @@ def _size_checkpoint(folder: Path) -> int:
 
 
 _HEAD = (
-    "| checkpoint | tool                | CPU s  | peak RSS GB | output MB | perplexity | ppl delta | agreement | decode tok/s |\n"
-    "|------------|---------------------|--------|-------------|-----------|------------|-----------|-----------|--------------|"
+    "| checkpoint | tool                         | CPU s  | peak RSS GB | output MB | perplexity | ppl delta | agreement | decode tok/s |\n"
+    "|------------|------------------------------|--------|-------------|-----------|------------|-----------|-----------|--------------|"
 )
 
 
 def _print_row(name: str, label: str, f: dict[str, Any], ref: dict[str, Any]) -> None:
     if "error" in f:
-        print(f"| {name:10} | {label:19} | failed: {f['error']} |", flush=True)
+        print(f"| {name:10} | {label:28} | failed: {f['error']} |", flush=True)
         return
     ppl, base = f.get("perplexity"), ref.get("perplexity")
     delta = (
@@ -470,23 +517,30 @@ def _print_row(name: str, label: str, f: dict[str, Any], ref: dict[str, Any]) ->
     agree = f"{f['agreement']:9.3f}" if "agreement" in f else f"{'-':>9}"
     speed = f"{f['tokens_s']:12.1f}" if "tokens_s" in f else f"{'-':>12}"
     print(
-        f"| {name:10} | {label:19} | {cpu} | {rss} | {f['size'] / 1e6:9.1f} | {ppl or 0:10.3f} | {delta} | {agree} | {speed} |",
+        f"| {name:10} | {label:28} | {cpu} | {rss} | {f['size'] / 1e6:9.1f} | {ppl or 0:10.3f} | {delta} | {agree} | {speed} |",
         flush=True,
     )
 
 
-def _print_ratios(name: str, rows: list[tuple[str, dict[str, Any]]]) -> None:
+def _print_ratios(name: str, rows: list[tuple[str, dict[str, Any]]], tied: bool) -> None:
+    """Each peer against the modelpress rows at its bits (:data:`SAME_BITS`; ``tied``: the checkpoint ties its
+    LM head to the embedding table): the ratios, and the perplexity and agreement differences (modelpress minus
+    peer: lower perplexity, higher agreement is better)."""
     by = dict(rows)
-    mine = by.get("modelpress rtn", {})
     for peer in PEERS:
         other = by.get(peer, {})
-        if "error" in mine or "error" in other or not mine or not other:
-            continue
-        print(
-            f"{name}: modelpress rtn / {peer}: CPU {mine['cpu_s'] / other['cpu_s']:.2f}x, peak RSS {mine['peak_rss'] / other['peak_rss']:.2f}x, "
-            f"size {mine['size'] / other['size']:.2f}x, decode tok/s {mine['tokens_s'] / other['tokens_s']:.2f}x",
-            flush=True,
-        )
+        for label in SAME_BITS[peer, tied]:
+            mine = by.get(label, {})
+            if "error" in mine or "error" in other or not mine or not other:
+                continue
+            print(
+                f"{name}: {label} / {peer} (same bits): CPU {mine['cpu_s'] / other['cpu_s']:.2f}x, "
+                f"peak RSS {mine['peak_rss'] / other['peak_rss']:.2f}x, size {mine['size'] / other['size']:.2f}x, "
+                f"decode tok/s {mine['tokens_s'] / other['tokens_s']:.2f}x, perplexity {mine['perplexity'] - other['perplexity']:+.3f}, "
+                f"agreement {mine['agreement'] - other['agreement']:+.3f}",
+                flush=True,
+            )
+    mine = by.get("modelpress rtn", {})
     if (
         "peak_rss" in mine and by["torch fp32"].get("size", 0) > 100e6
     ):  # NOTE: a tiny checkpoint's ratio is the interpreter's size
@@ -556,7 +610,8 @@ def main() -> None:
     }
     print()
     for name, rows in results.items():
-        _print_ratios(name, rows)
+        config = json.loads((args.workdir / "checkpoints" / name / "config.json").read_text())
+        _print_ratios(name, rows, bool(config.get("tie_word_embeddings", True)))
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}", flush=True)
 
 

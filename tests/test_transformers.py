@@ -535,3 +535,46 @@ def test_an_architecture_the_exporter_cannot_handle_is_refused_by_name():
         modelpress.UnsupportedModelError, match="the ONNX exporter cannot handle DataDependentModel"
     ):
         modelpress.load(model)
+
+
+def _op_types(path: Path) -> list[str]:
+    import onnx
+
+    return [n.op_type for n in onnx.load(str(path), load_external_data=False).graph.node]
+
+
+@pytest.mark.slow
+def test_int4_tables_option_and_table_kernels(llama, tmp_path):
+    """The tied embedding / LM-head table of the tiny Llama: ``tables="quantize"`` stores it once, as the LM
+    head's MatMulNBits codes, which the lookup reads through GatherBlockQuantized (no table dequantized per run),
+    with the logits of the plain DequantizeLinear form (``format="qdq"``); ``tables="float"`` keeps the lookup float32 and quantizes the LM
+    head as a weight of its own, as optimum + ORT's MatMulNBitsQuantizer do."""
+    texts = hf_fixtures.corpus()
+    held_out = text_samples(llama, list(texts[1::3]), sequence_length=32, max_samples=8)
+    feeds = {k: v[:2] for k, v in held_out.items()}
+    logits, paths = {}, {}
+    for label, options in {
+        "kernels": {},
+        "qdq": {"format": "qdq"},
+        "float": {"tables": "float"},
+    }.items():
+        quantized = modelpress.quantize(
+            llama, "int4-weight-only", algorithm="rtn", block_size=32, **options
+        )
+        paths[label] = modelpress.export(quantized, tmp_path / f"{label}.onnx", verify=False).path
+        session = make_session(paths[label])
+        logits[label] = session.run(["logits"], feeds)[0]
+        if label == "kernels":
+            assert quantized.provenance.passes[-1].figures["tied_lookups"] == 1
+    kernels, qdq, floats = (_op_types(paths[k]) for k in ("kernels", "qdq", "float"))
+    assert "GatherBlockQuantized" in kernels and "Gather" not in kernels
+    assert kernels.count("MatMulNBits") == 1 and "Transpose" in qdq
+    assert kernels.count("DequantizeLinear") == qdq.count("DequantizeLinear") - 1
+    np.testing.assert_allclose(logits["kernels"], logits["qdq"], atol=1e-4)
+    # NOTE: the float lookup: Gather on the float32 table; the LM head (its own int4 copy) reads no Transpose
+    assert "Gather" in floats and floats.count("MatMulNBits") == 1
+    assert floats.count("DequantizeLinear") == qdq.count("DequantizeLinear") - 1
+    assert floats.count("Transpose") == qdq.count("Transpose") - 1
+    fp32 = perplexity(llama, held_out)
+    assert perplexity(paths["float"], held_out) < fp32 * 1.05
+    assert perplexity(paths["kernels"], held_out) < fp32 * 1.05

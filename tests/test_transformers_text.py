@@ -413,3 +413,32 @@ def test_tune_a_decoder_on_a_calibration_corpus(ray_address, llama, corpus, tmp_
         "text: perplexity" in (tmp_path / "out" / "report.md").read_text()
         and "greedy-token agreement" in result.report.verification
     )
+
+
+@pytest.mark.slow
+def test_each_tune_trial_is_judged_by_its_text_floor(llama, corpus, tmp_path):
+    """A tune trial of a text decoder is held to its passes' text floor on the evaluation text (as compress holds
+    each stage), not only the best model: int4 keeps the text, 90 % magnitude pruning misses it, and such a
+    trial does not meet the criterion (run in this process: no Ray needed)."""
+    from modelpress.app.tuning.inputs import gather_inputs
+    from modelpress.app.tuning.trial import run_trial
+
+    inputs = gather_inputs(
+        llama, {"eval": str(corpus["eval"]), "sequence_length": 32}, None, None, None
+    )
+    model = inputs.source.to_proto().SerializeToString()
+    results = {
+        method: run_trial(
+            model,
+            inputs.blobs,
+            [{"kind": kind, "method": method, "options": options}],
+            {**inputs.evaluate.model_dump(), "repeats": 2},
+        )
+        for kind, method, options in (
+            ("quantize", "int4-weight-only", {"block_size": 32}),
+            ("prune", "magnitude", {"sparsity": 0.9}),
+        )
+    }
+    kept, pruned = results["int4-weight-only"], results["magnitude"]
+    assert "greedy-token agreement" in kept["text"] and "text_missed" not in kept
+    assert "greedy-token agreement" in pruned["text_missed"], pruned.get("text")

@@ -53,6 +53,8 @@ from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
 from modelpress.plugins.quantize.scaling import scale_groups
 from modelpress.plugins.quantize.streaming import FileRows
+from modelpress.plugins.quantize.table_kernels import use_table_kernels
+from modelpress.plugins.quantize.tied import share_tied_lookups, tied_heads, tied_lookups
 
 __all__ = ["WeightOnlyOptions", "weight_only"]
 
@@ -87,6 +89,13 @@ class WeightOnlyOptions(Options):
     op_types: list[str] = Field(
         default_factory=lambda: ["MatMul", "Gemm", "Conv", "Gather"],
         description="op types to quantize (Conv weights and Gather embedding tables: DQ in front, see embeddings.py)",
+    )
+    tables: Literal["quantize", "float"] = Field(
+        "quantize",
+        description="embedding / LM-head tables: quantize: lookup tables (Gather/Slice) are quantized too, and a "
+        "tied LM head shares the table's int4 codes (as onnxruntime-genai's builder does with a tied table); "
+        "float: tables stay float32 and only MatMul/Gemm weights are quantized, a tied LM head as its own "
+        "weight (as optimum + ONNX Runtime's MatMulNBitsQuantizer do: the same bits as theirs)",
     )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(1024, ge=1, description="skip weights smaller than this")
@@ -155,36 +164,51 @@ def _mse(
     return _unsigned(q, scales, zeros, opts)
 
 
+def _inverse_factor(hessian: np.ndarray, work: np.ndarray, damp: float) -> np.ndarray | None:
+    """The upper Cholesky factor of the damped inverse Hessian, in float32 as the reference computes it
+    (rows of ``work`` whose input never fires are zeroed); None when the Hessian is not positive definite."""
+    k = len(hessian)
+    h = np.array(hessian, np.float32)
+    dead = np.diag(h) == 0
+    h[dead, dead] = 1.0
+    work[dead, :] = 0.0
+    h[np.diag_indices(k)] += np.float32(damp * float(np.mean(np.diag(h))))
+    try:
+        lower = np.linalg.cholesky(h)
+        inverse = np.linalg.inv(lower)  # NOTE: H^-1 = L^-T L^-1, then its own Cholesky factor
+        del lower, h
+        return np.linalg.cholesky(inverse.T @ inverse).T.astype(np.float32)  # upper triangular
+    except np.linalg.LinAlgError:
+        return None
+
+
 def _gptq(
     w: np.ndarray, hessian: np.ndarray, opts: WeightOnlyOptions
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """GPTQ (Frantar et al.): quantize rows of W[K, N] in order, pushing each row's error onto
-    the rows not yet quantized through the inverse Hessian of the layer's inputs."""
+    the rows not yet quantized through the inverse Hessian of the layer's inputs. As the reference
+    (IST-DASLab/gptq ``fasterquant``): float32, and lazy batch updates, one quantization block at a
+    time (the rows after the block get its accumulated error in one matrix product)."""
     grid = _grid(opts)
     k, n = w.shape
-    h = hessian.astype(np.float64).copy()
-    work = w.astype(np.float64).copy()
-    dead = np.diag(h) == 0
-    h[dead, dead] = 1.0
-    work[dead, :] = 0.0
-    h[np.diag_indices(k)] += opts.damp * float(np.mean(np.diag(h)))
-    try:
-        hinv = np.linalg.cholesky(np.linalg.inv(h)).T  # upper triangular
-    except np.linalg.LinAlgError:
-        return _rtn(w.astype(np.float32), opts)
+    work = np.array(w, np.float32)
+    hinv = _inverse_factor(hessian, work, opts.damp)
+    if hinv is None:
+        return _rtn(np.asarray(w, np.float32), opts)
     bs = opts.block_size
     q, scales, zeros = _blocked(k, n, bs)
-    for i in range(k):
-        if i % bs == 0:
-            b = i // bs
-            s, z = _block_params(work[i : min(k, i + bs)], grid, opts.symmetric)
-            scales[b], zeros[b] = s, z
-        b = i // bs
-        row = work[i]
-        qi = np.clip(np.round(row / scales[b] + zeros[b]), grid.qmin, grid.qmax)
-        q[i] = qi
-        error = (row - (qi - zeros[b]) * scales[b]) / hinv[i, i]
-        work[i + 1 :] -= np.outer(hinv[i, i + 1 :], error)
+    for b, i0 in enumerate(range(0, k, bs)):
+        i1 = min(k, i0 + bs)
+        block = work[i0:i1]  # NOTE: a view: updated in place
+        s, z = _block_params(block, grid, opts.symmetric)
+        scales[b], zeros[b] = s, z
+        errors = np.zeros_like(block)
+        for j in range(i1 - i0):
+            qi = np.clip(np.round(block[j] / s + z), grid.qmin, grid.qmax)
+            q[i0 + j] = qi
+            errors[j] = (block[j] - ((qi - z) * s).astype(np.float32)) / hinv[i0 + j, i0 + j]
+            block[j + 1 :] -= np.outer(hinv[i0 + j, i0 + j + 1 : i1], errors[j])
+        work[i1:] -= hinv[i0:i1, i1:].T @ errors
     return _unsigned(q, scales, zeros, opts)
 
 
@@ -437,9 +461,10 @@ def _hessians(
         for feeds in batches:
             results = run_session(session, feeds)
             for name in names:
-                x = np.asarray(results[outputs.index(name)], np.float64)
+                # NOTE: float32, as the reference keeps it: [K, K] per distinct input, for every layer at once
+                x = np.asarray(results[outputs.index(name)], np.float32)
                 x = x.reshape(-1, x.shape[-1])
-                hessians[name] = hessians.get(name, 0) + 2.0 * x.T @ x / max(len(x), 1)
+                hessians[name] = hessians.get(name, 0) + (2.0 / max(len(x), 1)) * (x.T @ x)
             advance(1)
     return hessians
 
@@ -548,12 +573,20 @@ def _replace(
     replace_matmul(model, node, list(b.nodes), out, layer.name, weighted=out.producer())
 
 
+def _drop_dead_transposes(model: Model) -> None:
+    """Transposes a quantized tied LM head no longer reads (the table itself stays: the lookup reads it)."""
+    for node in [n for n in model.ir.graph if n.op_type == "Transpose"]:
+        if not list(node.outputs[0].uses()) and not node.outputs[0].is_graph_output():
+            model.ir.graph.remove(node, safe=True)
+
+
 def _select(result: Model, opts: WeightOnlyOptions) -> tuple[list[WeightedLayer], dict[str, str]]:
     layers: list[WeightedLayer] = []
     skipped: dict[str, str] = {}
-    for layer in result.weighted_layers(
-        frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True
-    ):
+    for layer in [
+        *result.weighted_layers(frozenset(opts.op_types) & {"MatMul", "Gemm"}, subgraphs=True),
+        *tied_heads(result, opts),
+    ]:
         w = layer.weight.const_value
         assert w is not None
         attrs = {k: a.value for k, a in layer.node.attributes.items()}
@@ -581,6 +614,7 @@ class _Totals:
     before: int = 0
     after: int = 0
     errors: list[float] = field(default_factory=list)
+    weights: dict[tuple[int, int], list[ir.Value]] = field(default_factory=dict)
 
 
 def _emit_all(
@@ -606,7 +640,7 @@ def _emit_all(
             groups[i][0], chosen[i], sum(found[1:], found[0]) if found else None
         )
 
-    shared: dict[tuple[int, int], list[ir.Value]] = {}
+    shared = totals.weights
     # NOTE: numpy releases the GIL in its heavy loops, so a few threads quantize layers side by side;
     # map() yields in order, each worker holds one chunk of one layer in float32, and each result is
     # emitted (packed, small) as soon as it arrives.
@@ -657,6 +691,8 @@ def _unfused(group: list[WeightedLayer]) -> str | None:
     conditions; the consumer and graph ones depend on the model."""
     if len(group) > 1:
         return f"shared by {len(group)} MatMuls: ORT fuses a DequantizeLinear with one consumer only, the rest dequantize on every run"
+    if group[0].node.inputs[group[0].weight_input] is not group[0].weight:
+        return "a tied LM head (it reads the embedding table through a Transpose): MatMulNBits, whose int4 codes the lookup shares"
     if group[0].scope:
         return "inside control flow: its DequantizeLinear sits in the outer graph, where ORT does not fuse it"
     return None
@@ -713,6 +749,27 @@ def _data_statistics(
     return hessians
 
 
+def _finish_tables(
+    result: Model,
+    opts: WeightOnlyOptions,
+    emitted: tuple[list[list[WeightedLayer]], list[WeightOnlyOptions]],
+    totals: _Totals,
+    tables_done: bool,
+    ctx: PassContext,
+) -> None:
+    """After the weights are emitted: a tied head's lookups read its codes, the int4 tables ORT's kernels."""
+    groups, chosen = emitted
+    _drop_dead_transposes(result)
+    ctx.figures["tied_lookups"] = share_tied_lookups(result, groups, chosen, totals.weights)
+    if opts.bits == 4 and opts.format != "qdq" and tables_done:
+        ctx.figures["table_kernels"] = use_table_kernels(result)
+    if (
+        any(o.format == "matmulnbits" for o in chosen)
+        and "com.microsoft" not in result.ir.opset_imports
+    ):
+        result.ir.opset_imports["com.microsoft"] = 1
+
+
 def weight_only(
     model: Model,
     opts: WeightOnlyOptions,
@@ -739,10 +796,10 @@ def weight_only(
     tables = quantize_tables(
         result,
         bits=opts.bits,
-        op_types=set(opts.op_types),
+        op_types=set(opts.op_types) - ({"Gather"} if opts.tables == "float" else set()),
         block_size=min(opts.block_size, 32),
         min_elements=opts.min_elements,
-        exclude=set(opts.exclude),
+        exclude=set(opts.exclude) | tied_lookups(layers),
     )
     if not layers and not tables.done:
         skipped.update(recurrent_refusals(model.graph, f"{opts.bits}-bit weight-only"))
@@ -758,11 +815,7 @@ def weight_only(
     groups = list(users.values())
     chosen = _formats(groups, opts, ctx.figures)
     totals = _emit_all(result, groups, chosen, hessians, ctx)
-    if (
-        any(o.format == "matmulnbits" for o in chosen)
-        and "com.microsoft" not in result.ir.opset_imports
-    ):
-        result.ir.opset_imports["com.microsoft"] = 1
+    _finish_tables(result, opts, (groups, chosen), totals, bool(tables.done), ctx)
     before, after, errors = (
         totals.before + tables.bytes_before,
         totals.after + tables.bytes_after,

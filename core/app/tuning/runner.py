@@ -150,7 +150,16 @@ class Runner:
             attrs = self.store.trials[trial.number].user_attrs
             figures = {
                 k: attrs[k]
-                for k in ("metric", "size_bytes", "latency_ms", "error", "floor_missed", "seconds")
+                for k in (
+                    "metric",
+                    "size_bytes",
+                    "latency_ms",
+                    "error",
+                    "floor_missed",
+                    "text",
+                    "text_missed",
+                    "seconds",
+                )
                 if k in attrs
             }
             self.run.registry.hook.modelpress_trial_finish(
@@ -184,11 +193,20 @@ class Runner:
                 **common,
                 **{
                     k: value[k]
-                    for k in ("metric", "size_bytes", "latency_ms", "parameters", "floor_missed")
+                    for k in (
+                        "metric",
+                        "size_bytes",
+                        "latency_ms",
+                        "parameters",
+                        "floor_missed",
+                        "text",
+                        "text_missed",
+                    )
                     if k in value
                 },
                 drop=worse,
-                meets=worse <= self.run.settings.max_drop + 1e-12,
+                # NOTE: a text decoder's trial that misses its passes' text floor does not meet the criterion
+                meets=worse <= self.run.settings.max_drop + 1e-12 and not value.get("text_missed"),
                 figures=figures,
                 status="ok",
             )
@@ -250,7 +268,10 @@ def record(t: Any, baseline: float, metric_name: str, max_drop: float) -> TrialR
         passes=attrs.get("passes") or [],
         metric=metric,
         drop=d,
-        meets=attrs.get("status") == "ok" and d is not None and d <= max_drop + 1e-12,
+        meets=attrs.get("status") == "ok"
+        and d is not None
+        and d <= max_drop + 1e-12
+        and not attrs.get("text_missed"),
         size_bytes=attrs.get("size_bytes"),
         latency_ms=attrs.get("latency_ms"),
         seconds=attrs.get("seconds"),

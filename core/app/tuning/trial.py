@@ -285,6 +285,8 @@ class _Trial:
         laps.lap("latency")
         metric = self.evaluator.metric(out)
         laps.lap("metric")
+        text = self._judge_text(current, out)
+        laps.lap("text")
         missed = exported.verification.loss_accepted if exported.verification is not None else None
         return {
             "status": "ok",
@@ -293,4 +295,23 @@ class _Trial:
             "latency_ms": latency,
             "model": blob,
             **({"floor_missed": missed} if missed else {}),
+            **text,
         }
+
+    def _judge_text(self, current: Any, out: Path) -> dict[str, Any]:
+        """A text decoder's trial against its passes' text floor on the evaluation samples: ``text`` (perplexity,
+        greedy-token agreement, decode speed in one line) and ``text_missed`` (what it misses; such a trial does
+        not meet the criterion); nothing for other models or without evaluation data."""
+        from modelpress.evaluation.text import (
+            TextEvaluation,
+            is_decoder,
+            text_floor,
+            text_misses,
+            text_summary,
+        )
+
+        if self.sample is None or self.sample.ragged or not is_decoder(self.source.signature):
+            return {}
+        figures = TextEvaluation(self.source, self.sample.inputs).measure(out)
+        missed = text_misses(figures, text_floor(current.provenance, self.common.registry))
+        return {"text": text_summary(figures), **({"text_missed": missed} if missed else {})}

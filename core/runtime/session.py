@@ -11,6 +11,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import onnxruntime as ort
 
@@ -134,15 +135,63 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
             value.const_value = tensor
 
 
+def _proto_by_reference(proto: onnx.ModelProto, opts: ort.SessionOptions) -> tuple[bytes, list]:
+    """``proto`` serialised with its large main-graph weights as external-data references that ``opts``
+    hands ORT as arrays (as :func:`_weights_by_reference` for a Model; ``proto`` is not changed): one
+    copy of the weights instead of the serialised bytes, ORT's parse of them and its initializers."""
+    light = onnx.ModelProto()
+    _copy_fields(proto, light, skip="graph")
+    _copy_fields(proto.graph, light.graph, skip="initializer")
+    inputs = {v.name for v in proto.graph.input}
+    names, values, arrays = [], [], []
+    for tensor in proto.graph.initializer:
+        light_tensor = light.graph.initializer.add()
+        if (
+            tensor.data_location == onnx.TensorProto.EXTERNAL
+            or tensor.ByteSize() < _BY_REFERENCE_BYTES
+            or tensor.data_type not in _BY_REFERENCE_TYPES
+            or tensor.name in inputs
+            or not tensor.name
+        ):
+            light_tensor.CopyFrom(tensor)
+            continue
+        array = np.ascontiguousarray(onnx.numpy_helper.to_array(tensor))
+        arrays.append(array)
+        names.append(tensor.name)
+        values.append(ort.OrtValue.ortvalue_from_numpy(array))
+        light_tensor.name, light_tensor.data_type = tensor.name, tensor.data_type
+        light_tensor.dims.extend(tensor.dims)
+        light_tensor.data_location = onnx.TensorProto.EXTERNAL
+        for key, text in (("location", _IN_MEMORY), ("offset", "0"), ("length", str(array.nbytes))):
+            light_tensor.external_data.add(key=key, value=text)
+    if names:
+        opts.add_external_initializers(names, values)
+    return light.SerializeToString(), arrays
+
+
+def _copy_fields(source, target, skip: str) -> None:  # type: ignore[no-untyped-def]
+    for desc, value in source.ListFields():
+        if desc.name == skip:
+            continue
+        # NOTE: protobuf >= 5.29 names it is_repeated (label is gone in 7)
+        if desc.is_repeated if hasattr(desc, "is_repeated") else desc.label == desc.LABEL_REPEATED:
+            getattr(target, desc.name).extend(value)
+        elif desc.message_type is not None:
+            getattr(target, desc.name).CopyFrom(value)
+        else:
+            setattr(target, desc.name, value)
+
+
 def make_session(
-    model: Model | str | os.PathLike[str] | bytes,
+    model: Model | onnx.ModelProto | str | os.PathLike[str] | bytes,
     *,
     threads: int | None = None,
     prepack: bool = True,
     spin: bool = True,
 ) -> ort.InferenceSession:
-    """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory) or a
-    serialised ``ModelProto`` (``bytes``). Every ORT session of modelpress is made here.
+    """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory), an
+    ``onnx.ModelProto`` (not changed; its large weights go to ORT by reference) or a serialised
+    ``ModelProto`` (``bytes``). Every ORT session of modelpress is made here.
 
     ``threads``: intra-op threads (one inter-op thread); default ``$MODELPRESS_THREADS``, else
     ORT's choice (every core).
@@ -171,6 +220,11 @@ def make_session(
     try:
         if isinstance(model, bytes):
             return ort.InferenceSession(model, opts, providers=providers)
+        if isinstance(model, onnx.ModelProto):
+            data, arrays = _proto_by_reference(model, opts)
+            session = ort.InferenceSession(data, opts, providers=providers)
+            session._modelpress_weights = arrays  # NOTE: ORT may read them for the session's life
+            return session
         if not isinstance(model, Model):
             return ort.InferenceSession(os.fspath(model), opts, providers=providers)
         folders = external_folders(model.ir)
@@ -200,7 +254,7 @@ def make_session(
             model.name
             if isinstance(model, Model)
             else "<in-memory model>"
-            if isinstance(model, bytes)
+            if isinstance(model, (bytes, onnx.ModelProto))
             else os.fspath(model)
         )
         raise InvalidModelError(

@@ -13,7 +13,12 @@ import onnx_ir as ir
 
 from modelpress.data.normalize import normalize
 from modelpress.ir.model import Model
-from modelpress.runtime.session import make_session, run
+from modelpress.runtime.session import (
+    make_session,
+    proto_tensor_bytes,
+    release_free_memory,
+    run,
+)
 
 __all__ = ["check_equivalent", "normalize_on_import"]
 
@@ -22,11 +27,15 @@ def check_equivalent(
     original: onnx.ModelProto, normalised: ir.Model, feeds: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """Run both in ONNX Runtime on ``feeds``; the worst absolute and relative difference."""
-    before = make_session(original.SerializeToString())
+    # NOTE: both sessions get their large weights by reference (no serialised copy), run a few samples
+    # (no pre-packed copies: prepack=False) and hold no arena (spin=False)
+    before = make_session(original, prepack=False, spin=False)
     expected = run(before, feeds)
     del before
-    # NOTE: as a Model: its large weights reach ORT by reference, not in a second serialised copy
-    actual = run(make_session(Model(normalised)), feeds)
+    actual = run(make_session(Model(normalised), prepack=False, spin=False), feeds)
+    # NOTE: what the two sessions freed goes back now, not at the next session: the model's next steps
+    # (a method's passes, export) start from the loaded model, not from its check's high-water mark
+    release_free_memory()
     worst_abs = worst_rel = 0.0
     for ref, out in zip(expected, actual, strict=True):
         ref, out = np.asarray(ref), np.asarray(out)
@@ -42,6 +51,19 @@ def check_equivalent(
 
 # NOTE: past this, the ORT check would hold two more copies of a big model; it is skipped and said so.
 _CHECK_LIMIT_BYTES = 1_000_000_000
+
+
+def _weight_bytes(graph: onnx.GraphProto) -> int:
+    """The bytes of the graph's tensors (initializers, Constant values; subgraphs included), from their
+    dims: ``ByteSize()`` would serialise the whole model to count it."""
+    total = sum(proto_tensor_bytes(t) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            total += sum(proto_tensor_bytes(t) for t in ([attr.t] if attr.HasField("t") else []))
+            total += sum(proto_tensor_bytes(t) for t in attr.tensors)
+            total += sum(_weight_bytes(g) for g in ([attr.g] if attr.HasField("g") else []))
+            total += sum(_weight_bytes(g) for g in attr.graphs)
+    return total
 
 
 def _check_inputs(signature: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -81,7 +103,7 @@ def normalize_on_import(
     if not report.modified:
         return model, figures
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer)
-    if external or original.ByteSize() > _CHECK_LIMIT_BYTES:
+    if external or _weight_bytes(original.graph) > _CHECK_LIMIT_BYTES:
         figures["check"] = "not run (external data or over 1 GB)"
         return model, figures
     signature = Signature.from_graph(model.graph)

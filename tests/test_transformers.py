@@ -570,7 +570,9 @@ def test_int4_tables_option_and_table_kernels(llama, tmp_path):
     assert "GatherBlockQuantized" in kernels and "Gather" not in kernels
     assert kernels.count("MatMulNBits") == 1 and "Transpose" in qdq
     assert kernels.count("DequantizeLinear") == qdq.count("DequantizeLinear") - 1
-    np.testing.assert_allclose(logits["kernels"], logits["qdq"], atol=1e-4)
+    # NOTE: the same int4 codes, two kernels: MatMulNBits and GatherBlockQuantized accumulate in another order
+    # than DequantizeLinear + MatMul (5e-4 on logits of magnitude 5 seen in the full suite), so 1e-3
+    np.testing.assert_allclose(logits["kernels"], logits["qdq"], atol=1e-3, rtol=1e-4)
     # NOTE: the float lookup: Gather on the float32 table; the LM head (its own int4 copy) reads no Transpose
     assert "Gather" in floats and floats.count("MatMulNBits") == 1
     assert floats.count("DequantizeLinear") == qdq.count("DequantizeLinear") - 1

@@ -7,6 +7,7 @@ one line; ``--verbose`` adds the traceback.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 __all__ = [
@@ -51,6 +52,20 @@ class PluginWarning(UserWarning):
     """A plugin fault that was contained (``MODELPRESS_STRICT_PLUGINS=1`` makes these errors): a
     plugin skipped because it failed to load, an observer hook that raised, an adapter that failed
     while another one loaded the model, an unknown name in the plugin switches."""
+
+
+STRICT_ENV = "MODELPRESS_STRICT_PLUGINS"
+
+
+def env_flag(value: str | None) -> bool:
+    """Whether an environment switch's value means on (``1``, ``true``, ``yes``, ``on``)."""
+    return (value or "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def strict_plugins() -> bool:
+    """Whether ``MODELPRESS_STRICT_PLUGINS`` turns contained plugin faults (:class:`PluginWarning`)
+    into errors (:class:`PluginError`)."""
+    return env_flag(os.environ.get(STRICT_ENV))
 
 
 class PluginError(ModelpressError):

@@ -65,8 +65,11 @@ def run(args: argparse.Namespace) -> int:
 def light_info(args: argparse.Namespace) -> dict[str, Any] | None:
     """What ``inspect`` shows of a plain ``.onnx`` file, from the light reader (no onnx, onnx-ir or
     plugins imported); None when only loading the model can tell (see
-    :mod:`modelpress.io.onnx_view`), or when the options need the loaded model."""
-    if args.sample or args.entropy or getattr(args, "task", None):
+    :mod:`modelpress.io.onnx_view`), or when the options need the loaded model, or when
+    ``MODELPRESS_STRICT_PLUGINS`` asks for plugin faults to be errors (the plugins are loaded)."""
+    from modelpress.base.errors import strict_plugins
+
+    if args.sample or args.entropy or getattr(args, "task", None) or strict_plugins():
         return None
     import modelpress
     from modelpress.io.onnx_view import CannotAnswer, read_onnx

@@ -43,12 +43,17 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 from modelpress.base.errors import (
+    STRICT_ENV,
     DuplicateMethodError,
     ModelpressError,
     PluginError,
     PluginWarning,
     UnknownMethodError,
     one_line,
+    strict_plugins,
+)
+from modelpress.base.errors import (
+    env_flag as _truthy,
 )
 from modelpress.plugin import hookspecs
 from modelpress.plugin.adapter import Adapter
@@ -83,7 +88,6 @@ ENTRY_POINT_GROUP = "modelpress"
 DISABLE_AUTOLOAD_ENV = "MODELPRESS_DISABLE_PLUGIN_AUTOLOAD"
 ALLOW_ENV = "MODELPRESS_PLUGINS"
 BLOCK_ENV = "MODELPRESS_BLOCK_PLUGINS"
-STRICT_ENV = "MODELPRESS_STRICT_PLUGINS"
 _BUILTIN_DISTRIBUTION = "modelpress"
 _HOOK_PREFIX = "modelpress_"
 # Hooks whose implementations only observe: a failure there never aborts the run (unless strict).
@@ -113,15 +117,6 @@ _REGISTER_HOOKS = (
     "modelpress_register_adapters",
     "modelpress_register_codecs",
 )
-
-
-def _truthy(value: str | None) -> bool:
-    return (value or "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def strict_plugins() -> bool:
-    """Whether ``MODELPRESS_STRICT_PLUGINS`` turns contained plugin faults into errors."""
-    return _truthy(os.environ.get(STRICT_ENV))
 
 
 def _observer_fault(exc: Exception, plugin: str, hook_name: str) -> None:

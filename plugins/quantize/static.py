@@ -21,6 +21,7 @@ int8, in which form, and why. The parts: :mod:`.static_select` (which nodes), :m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -39,7 +40,7 @@ from modelpress.plugin_api import (
     lower_is_better,
 )
 from modelpress.plugins.quantize.affine import QRange
-from modelpress.plugins.quantize.calibrate import CALIBRATORS, collect_stats
+from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
@@ -55,6 +56,7 @@ from modelpress.plugins.quantize.static_plan import (
     fused_output,
     weight_plan,
 )
+from modelpress.plugins.quantize.static_search import Search, choose_configuration
 from modelpress.plugins.quantize.static_select import Selection, select
 
 __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
@@ -172,6 +174,12 @@ class Int8StaticOptions(Options):
         "input channel's rounding error moved onto the channels not yet rounded through the inverse Hessian of "
         "those inputs (the scales unchanged); nearest: to the nearest step",
     )
+    search_config: bool = Field(
+        True,
+        description="with calibration data of 8 samples or more: try SmoothQuant on/off x calibrator percentile/minmax "
+        "(only the options not set explicitly) calibrated on the first 3/4 of the samples, and keep the one best on the "
+        "held-out rest by the outputs' criteria (figure: configuration); False: the options as given",
+    )
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
     reduce_range: bool | None = Field(
@@ -198,10 +206,19 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
+    model, tables = _tables(model, opts)
+    data = None
+    # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
+    if ctx.calibration is not None and any(
+        layer.op_type in opts.op_types for layer in model.weighted_layers()
+    ):
+        data = _calibration(model, opts, ctx)
+        opts = choose_configuration(Search(reference, model, data, opts, ctx, _full_int8))
     codes: dict[
         str, np.ndarray
     ] = {}  # NOTE: GPTQ-rounded weights by layer, made where SmoothQuant sampled rows
-    model, tables, data = _prepare(model, opts, ctx, codes)
+    if opts.smoothquant and data is not None:
+        model = smooth(model, data, opts, ctx, codes)
     sel = select(model, opts)
     if data is None:
         data = _calibration(model, opts, ctx)
@@ -241,29 +258,33 @@ def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dat
     return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
 
 
-def _prepare(
-    model: Model, opts: Int8StaticOptions, ctx: PassContext, codes: dict[str, np.ndarray]
-) -> tuple[Model, TableReport, Dataset | None]:
-    """Int8 embedding tables and SmoothQuant: the model the plans are made on, and the calibration
-    data if SmoothQuant read it (the plans use the same; neither changes the model's signature);
-    ``codes`` gets SmoothQuant's GPTQ-rounded weights."""
-    tables, data = TableReport(), None
-    if (
-        opts.embedding_tables
-    ):  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
-        model = model.clone()
-        tables = quantize_tables(
-            model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
-        )
-    # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
-    if (
-        opts.smoothquant
-        and ctx.calibration is not None
-        and any(layer.op_type in opts.op_types for layer in model.weighted_layers())
-    ):
-        data = _calibration(model, opts, ctx)
+def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
+    """Int8 embedding tables (near-lossless; done first so every candidate is judged with them)."""
+    if not opts.embedding_tables:
+        return model, TableReport()
+    model = model.clone()
+    tables = quantize_tables(
+        model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
+    )
+    return model, tables
+
+
+def _full_int8(
+    model: Model, opts: Int8StaticOptions, data: Dataset, ctx: PassContext, calibrators: list[str]
+) -> Iterator[tuple[str, Model]]:
+    """For :mod:`.static_search`: the fully quantized model under ``opts`` for each of ``calibrators``,
+    SmoothQuant (when ``opts`` has it) and the statistics done once on ``data`` for all of them."""
+    codes: dict[str, np.ndarray] = {}
+    if opts.smoothquant:
         model = smooth(model, data, opts, ctx, codes)
-    return model, tables, data
+    sel = select(model, opts)
+    grid = QRange(8, opts.activation_type == "int8")
+    stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
+    order = [node.name for node in sel.nodes]
+    for calibrator in calibrators:
+        each = opts.model_copy(update={"calibrator": calibrator})
+        planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)
+        yield calibrator, build(planned, order)
 
 
 def _calibrated(
@@ -296,6 +317,35 @@ def _calibrated(
     return names, {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
 
 
+@dataclass(frozen=True)
+class _Calibration:
+    """What planning reads: the activations' statistics, the data they came from, the activations' grid."""
+
+    stats: dict[str, TensorStats]
+    data: Dataset
+    grid: QRange
+
+
+def _stats(
+    model: Model,
+    sel: Selection,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    *,
+    histogram: bool,
+) -> dict[str, TensorStats]:
+    """Statistics of the activations the selected nodes read and write (one sweep over ``data``)."""
+    names, _ = _calibrated(model, sel, opts)
+    axes = {
+        layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1)
+        for layer in sel.candidates
+    }
+    return collect_stats(
+        model, names, data, ctx, histogram=histogram, channel_axes=axes, batch_size=opts.batch_size
+    )
+
+
 def _plans(
     model: Model,
     sel: Selection,
@@ -305,22 +355,22 @@ def _plans(
     ctx: PassContext,
     codes: dict[str, np.ndarray],
 ) -> Planned:
-    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node
-    (its weight codes from ``codes`` where GPTQ made them)."""
-    names, out_tensors = _calibrated(model, sel, opts)
-    axes = {
-        layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1)
-        for layer in sel.candidates
-    }
-    stats = collect_stats(
-        model,
-        names,
-        data,
-        ctx,
-        histogram=opts.calibrator != "minmax",
-        channel_axes=axes,
-        batch_size=opts.batch_size,
-    )
+    """Calibrate (:func:`_stats`) and plan (:func:`_plan`)."""
+    stats = _stats(model, sel, data, opts, ctx, histogram=opts.calibrator != "minmax")
+    return _plan(model, sel, _Calibration(stats, data, grid), opts, ctx, codes)
+
+
+def _plan(
+    model: Model,
+    sel: Selection,
+    cal: _Calibration,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    codes: dict[str, np.ndarray],
+) -> Planned:
+    """Plan each selected node from the statistics ``cal`` (its weight codes from ``codes`` where GPTQ made them)."""
+    stats, data, grid = cal.stats, cal.data, cal.grid
+    _, out_tensors = _calibrated(model, sel, opts)
     base = (
         opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
     )

@@ -176,7 +176,7 @@ class Int8StaticOptions(Options):
     )
     search_config: bool = Field(
         True,
-        description="with calibration data of 8 samples or more: try SmoothQuant on/off x calibrator percentile/minmax "
+        description="with calibration data of 32 samples or more: try SmoothQuant on/off x calibrator percentile/minmax "
         "(only the options not set explicitly) calibrated on the first 3/4 of the samples, and keep the one best on the "
         "held-out rest by the outputs' criteria (figure: configuration); False: the options as given",
     )

@@ -48,7 +48,8 @@ def test_search_keeps_the_configuration_best_on_held_out_samples_and_the_users_o
     assert len(set(np.round(list(errors.values()), 4))) > 1  # the candidates really differ
     chosen_sq = config["chosen"].endswith("on")
     assert figures["calibrator"] == config["chosen"].split(",")[0].split("=")[1]
-    assert bool(figures.get("smoothquant_alpha")) <= chosen_sq  # only the chosen run's figures remain
+    # NOTE: only the chosen run's figures remain
+    assert bool(figures.get("smoothquant_alpha")) <= chosen_sq
     # NOTE: an explicit option is never searched: only the other one is
     given = modelpress.quantize(
         model, "int8-static", calibration={"x": x}, calibrator="minmax", **common

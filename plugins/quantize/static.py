@@ -207,17 +207,23 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
     model, tables = _tables(model, opts)
-    data = None
+    data, smoothed = None, None
     # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
     if ctx.calibration is not None and any(
         layer.op_type in opts.op_types for layer in model.weighted_layers()
     ):
         data = _calibration(model, opts, ctx)
-        opts = choose_configuration(Search(reference, model, data, opts, ctx, _full_int8))
-    codes: dict[
-        str, np.ndarray
-    ] = {}  # NOTE: GPTQ-rounded weights by layer, made where SmoothQuant sampled rows
-    if opts.smoothquant and data is not None:
+        candidates = _FullInt8()
+        opts = choose_configuration(Search(reference, model, data, opts, ctx, candidates))
+        smoothed = candidates.smoothed if opts.smoothquant else None
+    # NOTE: GPTQ-rounded weights by layer, made where SmoothQuant sampled rows
+    codes: dict[str, np.ndarray] = {}
+    if (
+        smoothed is not None
+    ):  # NOTE: the search's SmoothQuant (on its first 3/4 of the samples), not redone
+        model, codes = smoothed[0], dict(smoothed[1])
+        ctx.figures.update(smoothed[2])
+    elif opts.smoothquant and data is not None:
         model = smooth(model, data, opts, ctx, codes)
     sel = select(model, opts)
     if data is None:
@@ -269,22 +275,48 @@ def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
     return model, tables
 
 
-def _full_int8(
-    model: Model, opts: Int8StaticOptions, data: Dataset, ctx: PassContext, calibrators: list[str]
-) -> Iterator[tuple[str, Model]]:
-    """For :mod:`.static_search`: the fully quantized model under ``opts`` for each of ``calibrators``,
-    SmoothQuant (when ``opts`` has it) and the statistics done once on ``data`` for all of them."""
-    codes: dict[str, np.ndarray] = {}
-    if opts.smoothquant:
-        model = smooth(model, data, opts, ctx, codes)
-    sel = select(model, opts)
-    grid = QRange(8, opts.activation_type == "int8")
-    stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
-    order = [node.name for node in sel.nodes]
-    for calibrator in calibrators:
-        each = opts.model_copy(update={"calibrator": calibrator})
-        planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)
-        yield calibrator, build(planned, order)
+_SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio")
+
+
+class _FullInt8:
+    """For :mod:`.static_search`: ``(model, opts, data, ctx, calibrators)`` -> each calibrator's fully
+    quantized model under ``opts``, SmoothQuant (when ``opts`` has it) and the statistics done once on
+    ``data`` for all of them; a calibrator whose ranges equal an earlier one's yields that one's name
+    instead of a model (not built twice). The smoothed model, its GPTQ codes and figures are kept
+    (``smoothed``): the pass reuses them when SmoothQuant is chosen, rather than smoothing again."""
+
+    def __init__(self) -> None:
+        self.smoothed: tuple[Model, dict[str, np.ndarray], dict] | None = None
+
+    def __call__(
+        self,
+        model: Model,
+        opts: Int8StaticOptions,
+        data: Dataset,
+        ctx: PassContext,
+        calibrators: list[str],
+    ) -> Iterator[tuple[str, Model | str]]:
+        codes: dict[str, np.ndarray] = {}
+        if opts.smoothquant:
+            model = smooth(model, data, opts, ctx, codes)
+            figures = {k: ctx.figures[k] for k in _SMOOTH_FIGURES if k in ctx.figures}
+            self.smoothed = (model, codes, figures)
+        sel = select(model, opts)
+        grid = QRange(8, opts.activation_type == "int8")
+        stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
+        order, seen = [node.name for node in sel.nodes], []
+        for calibrator in calibrators:
+            each = opts.model_copy(update={"calibrator": calibrator})
+            planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)
+            same = next((c for c, act in seen if _same_ranges(act, planned.act)), None)
+            seen.append((calibrator, planned.act))
+            yield calibrator, same if same is not None else build(planned, order)
+
+
+def _same_ranges(a: dict[str, tuple[np.ndarray, np.ndarray]], b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][1], b[k][1]) for k in a
+    )
 
 
 def _calibrated(

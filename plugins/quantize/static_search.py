@@ -46,14 +46,17 @@ MIN_SAMPLES = 32
 # NOTE: a candidate replaces the default only when its held-out score is this much lower (a near-tie is noise)
 MARGIN = 0.1
 
-Candidates = Callable[[Model, Any, Dataset, PassContext, list[str]], Iterator[tuple[str, Model]]]
+Candidates = Callable[
+    [Model, Any, Dataset, PassContext, list[str]], Iterator[tuple[str, Model | str]]
+]
 
 
 @dataclass(frozen=True)
 class Search:
     """What the search needs: the float model (the reference), the model to quantize (embedding
     tables done), the calibration data, the options as given, the pass context, and ``candidates``:
-    ``(model, options, data, ctx, calibrators)`` -> each calibrator's fully quantized model."""
+    ``(model, options, data, ctx, calibrators)`` -> each calibrator's fully quantized model (or the
+    name of an earlier calibrator whose ranges, hence model, are the same)."""
 
     reference: Model
     model: Model
@@ -153,7 +156,11 @@ def choose_configuration(search: Search) -> Any:
         for smoothquant, calibrators in grid:
             each = opts.model_copy(update={"smoothquant": smoothquant})
             for calibrator, model in search.candidates(search.model, each, fit, ctx, calibrators):
-                scores[(smoothquant, calibrator)] = _score(scorer, model)
+                scores[(smoothquant, calibrator)] = (
+                    scores[(smoothquant, model)]
+                    if isinstance(model, str)
+                    else _score(scorer, model)
+                )
                 advance(1)
     ctx.figures.clear()
     ctx.figures.update(saved)

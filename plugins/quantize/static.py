@@ -10,7 +10,9 @@ Relu/Clip, which ORT folds into the quantization).
 
 Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
 inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
-(:mod:`.selection`). The result is judged per output by :mod:`modelpress.evaluation.criteria` on the
+(:mod:`.selection`). With 32 calibration samples or more, SmoothQuant on/off and the
+``percentile``/``minmax`` calibrator (those not set) are first chosen on held-out samples
+(:mod:`.static_search`). The result is judged per output by :mod:`modelpress.evaluation.criteria` on the
 calibration data; if it misses, :mod:`.sensitivity` scores every node's local error in one ORT
 session, ranks nodes by error per byte of weight, and bisects over that ranking (a few
 whole-model runs) for the fewest nodes to move to int8 weight-only, then to float (their weights
@@ -281,12 +283,14 @@ _SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio")
 class _FullInt8:
     """For :mod:`.static_search`: ``(model, opts, data, ctx, calibrators)`` -> each calibrator's fully
     quantized model under ``opts``, SmoothQuant (when ``opts`` has it) and the statistics done once on
-    ``data`` for all of them; a calibrator whose ranges equal an earlier one's yields that one's name
-    instead of a model (not built twice). The smoothed model, its GPTQ codes and figures are kept
+    ``data`` for all of them; a candidate the same as an earlier one (equal ranges; or SmoothQuant off
+    where it migrated nothing) yields that one's ``(smoothquant, calibrator)`` instead of a model. The
+    smoothed model, its GPTQ codes and figures are kept
     (``smoothed``): the pass reuses them when SmoothQuant is chosen, rather than smoothing again."""
 
     def __init__(self) -> None:
         self.smoothed: tuple[Model, dict[str, np.ndarray], dict] | None = None
+        self.unsmoothed = False  # NOTE: whether SmoothQuant left the model as it was
 
     def __call__(
         self,
@@ -295,12 +299,18 @@ class _FullInt8:
         data: Dataset,
         ctx: PassContext,
         calibrators: list[str],
-    ) -> Iterator[tuple[str, Model | str]]:
+    ) -> Iterator[tuple[str, Model | tuple[bool, str]]]:
         codes: dict[str, np.ndarray] = {}
         if opts.smoothquant:
-            model = smooth(model, data, opts, ctx, codes)
+            smoothed = smooth(model, data, opts, ctx, codes)
             figures = {k: ctx.figures[k] for k in _SMOOTH_FIGURES if k in ctx.figures}
-            self.smoothed = (model, codes, figures)
+            self.smoothed, self.unsmoothed = (smoothed, codes, figures), smoothed is model
+            model = smoothed
+        elif self.unsmoothed and self.smoothed is not None:
+            # NOTE: SmoothQuant migrated nothing (a Conv-only model): without it, the same candidates
+            for calibrator in calibrators:
+                yield calibrator, (True, calibrator)
+            return
         sel = select(model, opts)
         grid = QRange(8, opts.activation_type == "int8")
         stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
@@ -310,7 +320,10 @@ class _FullInt8:
             planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)
             same = next((c for c, act in seen if _same_ranges(act, planned.act)), None)
             seen.append((calibrator, planned.act))
-            yield calibrator, same if same is not None else build(planned, order)
+            yield (
+                calibrator,
+                (opts.smoothquant, same) if same is not None else build(planned, order),
+            )
 
 
 def _same_ranges(a: dict[str, tuple[np.ndarray, np.ndarray]], b: dict) -> bool:

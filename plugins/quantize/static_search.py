@@ -14,7 +14,8 @@ outputs, the relative error's square over two, so that a near-tie that did not f
 Statistics are collected once per SmoothQuant setting and every calibrator's ranges come from the
 same histograms. The default (``percentile`` with SmoothQuant) is tried first and wins near-ties (another
 candidate must score :data:`MARGIN` lower). The
-rest of the pass then runs with the chosen options on all the samples. An option the user set is
+rest of the pass then calibrates the chosen configuration on all the samples (SmoothQuant's scales and
+GPTQ codes, when chosen, are the search's own: not searched again). An option the user set is
 never searched; ``search_config=False`` switches the search off. Figure: ``configuration`` (the
 options chosen, why, each candidate's held-out score).
 """
@@ -47,7 +48,7 @@ MIN_SAMPLES = 32
 MARGIN = 0.1
 
 Candidates = Callable[
-    [Model, Any, Dataset, PassContext, list[str]], Iterator[tuple[str, Model | str]]
+    [Model, Any, Dataset, PassContext, list[str]], Iterator[tuple[str, Model | tuple[bool, str]]]
 ]
 
 
@@ -56,7 +57,7 @@ class Search:
     """What the search needs: the float model (the reference), the model to quantize (embedding
     tables done), the calibration data, the options as given, the pass context, and ``candidates``:
     ``(model, options, data, ctx, calibrators)`` -> each calibrator's fully quantized model (or the
-    name of an earlier calibrator whose ranges, hence model, are the same)."""
+    ``(smoothquant, calibrator)`` of an earlier candidate that is the same: not built or judged twice)."""
 
     reference: Model
     model: Model
@@ -111,9 +112,9 @@ def _held_out(data: Dataset) -> int:
 
 def _score(scorer: Scorer, candidate: Model) -> tuple[float, str]:
     """The candidate's held-out score (lower is better) and the criteria's summary."""
-    actual = run_dataset(
-        make_session(candidate, spin=False), scorer.data.batches(scorer.batch_size)
-    )
+    # NOTE: not pre-packed: each candidate runs its few held-out batches once
+    session = make_session(candidate, spin=False, prepack=False)
+    actual = run_dataset(session, scorer.data.batches(scorer.batch_size))
     judgement = judge(scorer.criteria, scorer.expected, actual, scorer.names)
     position = {name: i for i, name in enumerate(scorer.names)}
     ties = 0.0
@@ -156,11 +157,8 @@ def choose_configuration(search: Search) -> Any:
         for smoothquant, calibrators in grid:
             each = opts.model_copy(update={"smoothquant": smoothquant})
             for calibrator, model in search.candidates(search.model, each, fit, ctx, calibrators):
-                scores[(smoothquant, calibrator)] = (
-                    scores[(smoothquant, model)]
-                    if isinstance(model, str)
-                    else _score(scorer, model)
-                )
+                same = isinstance(model, tuple)
+                scores[(smoothquant, calibrator)] = scores[model] if same else _score(scorer, model)
                 advance(1)
     ctx.figures.clear()
     ctx.figures.update(saved)

@@ -24,7 +24,9 @@ def test_search_keeps_the_configuration_best_on_held_out_samples_and_the_users_o
     model, x, _ = _mlp(tmp_path)
     # NOTE: judged as a regression, the held-out score is relative error squared over two: checkable below
     common = dict(criteria={"y": "relative_error<=0.1"}, sensitivity=False, show_progress=False)
-    result = modelpress.quantize(model, "int8-static", calibration={"x": x}, **common)
+    result = modelpress.quantize(
+        model, "int8-static", calibration={"x": x}, search_config=True, **common
+    )
     figures = result.provenance.passes[-1].figures
     config = figures["configuration"]
     assert set(config["candidates"]) == {_label(*c) for c in CONFIGS}
@@ -52,21 +54,29 @@ def test_search_keeps_the_configuration_best_on_held_out_samples_and_the_users_o
     assert bool(figures.get("smoothquant_alpha")) <= chosen_sq
     # NOTE: an explicit option is never searched: only the other one is
     given = modelpress.quantize(
-        model, "int8-static", calibration={"x": x}, calibrator="minmax", **common
+        model,
+        "int8-static",
+        calibration={"x": x},
+        calibrator="minmax",
+        search_config=True,
+        **common,
     )
     candidates = given.provenance.passes[-1].figures["configuration"]["candidates"]
     assert set(candidates) == {_label(True, "minmax"), _label(False, "minmax")}
-    off = modelpress.quantize(
-        model, "int8-static", calibration={"x": x}, search_config=False, **common
-    )
-    assert "configuration" not in off.provenance.passes[-1].figures
+    off = modelpress.quantize(model, "int8-static", calibration={"x": x}, **common)
+    assert "configuration" not in off.provenance.passes[-1].figures  # NOTE: off by default
     assert off.provenance.passes[-1].figures["calibrator"] == "percentile"
 
 
 def test_too_few_samples_keep_the_defaults_and_say_why(tmp_path):
     model, x, _ = _mlp(tmp_path)
     result = modelpress.quantize(
-        model, "int8-static", calibration={"x": x[:6]}, sensitivity=False, show_progress=False
+        model,
+        "int8-static",
+        calibration={"x": x[:6]},
+        search_config=True,
+        sensitivity=False,
+        show_progress=False,
     )
     config = result.provenance.passes[-1].figures["configuration"]
     assert config["chosen"] == _label(True, "percentile") and "too few" in config["why"]

@@ -121,6 +121,8 @@ def main() -> None:
         f"size {out.stat().st_size / source.stat().st_size:.3f}x, quantize+export {cpu:.1f} CPU-s, "
         f"weight-only {len(figures.get('weight_only_nodes') or {})}, float {len(figures.get('float_nodes') or {})}"
     )
+    if "configuration" in figures:
+        print(f"configuration: {json.dumps(figures['configuration'])}")
 
 
 if __name__ == "__main__":

@@ -159,6 +159,7 @@ def _modelpress(
             "calibration_batch",
             "calibration_cosine",
             "layers",
+            "configuration",
         )
         print("FIGURES " + json.dumps({k: figures[k] for k in keep if k in figures}, default=str))
 
@@ -216,6 +217,8 @@ METHODS: list[Variant] = [
     Variant("int8-static", _modelpress("int8-static", calibrated=True)),
     # NOTE: without the sensitivity search (fully quantized): its cost is issue 12's subject
     Variant("int8-static-nosens", _modelpress("int8-static", calibrated=True, sensitivity=False)),
+    # NOTE: with the configuration search (opt-in): its gain and cost beside the defaults
+    Variant("int8-static-search", _modelpress("int8-static", calibrated=True, search_config=True)),
     Variant("int8-dynamic", _modelpress("int8-dynamic")),
     Variant("int8-weight-only", _modelpress("int8-weight-only")),
     Variant("int4-weight-only", _modelpress("int4-weight-only")),

@@ -10,7 +10,9 @@ Relu/Clip, which ORT folds into the quantization).
 
 Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
 inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
-(:mod:`.selection`). The result is judged per output by :mod:`modelpress.evaluation.criteria` on the
+(:mod:`.selection`). With 32 calibration samples or more, SmoothQuant on/off and the
+``percentile``/``minmax`` calibrator (those not set) are first chosen on held-out samples
+(:mod:`.static_search`). The result is judged per output by :mod:`modelpress.evaluation.criteria` on the
 calibration data; if it misses, :mod:`.sensitivity` scores every node's local error in one ORT
 session, ranks nodes by error per byte of weight, and bisects over that ranking (a few
 whole-model runs) for the fewest nodes to move to int8 weight-only, then to float (their weights
@@ -21,6 +23,7 @@ int8, in which form, and why. The parts: :mod:`.static_select` (which nodes), :m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -39,7 +42,7 @@ from modelpress.plugin_api import (
     lower_is_better,
 )
 from modelpress.plugins.quantize.affine import QRange
-from modelpress.plugins.quantize.calibrate import CALIBRATORS, collect_stats
+from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
@@ -55,6 +58,7 @@ from modelpress.plugins.quantize.static_plan import (
     fused_output,
     weight_plan,
 )
+from modelpress.plugins.quantize.static_search import Search, choose_configuration
 from modelpress.plugins.quantize.static_select import Selection, select
 
 __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
@@ -172,6 +176,13 @@ class Int8StaticOptions(Options):
         "input channel's rounding error moved onto the channels not yet rounded through the inverse Hessian of "
         "those inputs (the scales unchanged); nearest: to the nearest step",
     )
+    search_config: bool = Field(
+        False,
+        description="True, with calibration data of 32 samples or more: try SmoothQuant on/off x calibrator percentile/minmax "
+        "(only the options not set explicitly) calibrated on the first 3/4 of the samples, and keep the one best on the "
+        "held-out rest by the outputs' criteria (figure: configuration; costs up to 1.4x the quantize CPU); "
+        "False (the default): the options as given",
+    )
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
     reduce_range: bool | None = Field(
@@ -198,10 +209,25 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     reference = model
-    codes: dict[
-        str, np.ndarray
-    ] = {}  # NOTE: GPTQ-rounded weights by layer, made where SmoothQuant sampled rows
-    model, tables, data = _prepare(model, opts, ctx, codes)
+    model, tables = _tables(model, opts)
+    data, smoothed = None, None
+    # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
+    if ctx.calibration is not None and any(
+        layer.op_type in opts.op_types for layer in model.weighted_layers()
+    ):
+        data = _calibration(model, opts, ctx)
+        candidates = _FullInt8()
+        opts = choose_configuration(Search(reference, model, data, opts, ctx, candidates))
+        smoothed = candidates.smoothed if opts.smoothquant else None
+    # NOTE: GPTQ-rounded weights by layer, made where SmoothQuant sampled rows
+    codes: dict[str, np.ndarray] = {}
+    if (
+        smoothed is not None
+    ):  # NOTE: the search's SmoothQuant (on its first 3/4 of the samples), not redone
+        model, codes = smoothed[0], dict(smoothed[1])
+        ctx.figures.update(smoothed[2])
+    elif opts.smoothquant and data is not None:
+        model = smooth(model, data, opts, ctx, codes)
     sel = select(model, opts)
     if data is None:
         data = _calibration(model, opts, ctx)
@@ -241,29 +267,70 @@ def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dat
     return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
 
 
-def _prepare(
-    model: Model, opts: Int8StaticOptions, ctx: PassContext, codes: dict[str, np.ndarray]
-) -> tuple[Model, TableReport, Dataset | None]:
-    """Int8 embedding tables and SmoothQuant: the model the plans are made on, and the calibration
-    data if SmoothQuant read it (the plans use the same; neither changes the model's signature);
-    ``codes`` gets SmoothQuant's GPTQ-rounded weights."""
-    tables, data = TableReport(), None
-    if (
-        opts.embedding_tables
-    ):  # NOTE: int8 rows are near-lossless; done first so every candidate is judged with them
-        model = model.clone()
-        tables = quantize_tables(
-            model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
-        )
-    # NOTE: only with layers in the main graph: a model whose layers all sit in If/Loop bodies is refused by name later, before its data is read
-    if (
-        opts.smoothquant
-        and ctx.calibration is not None
-        and any(layer.op_type in opts.op_types for layer in model.weighted_layers())
-    ):
-        data = _calibration(model, opts, ctx)
-        model = smooth(model, data, opts, ctx, codes)
-    return model, tables, data
+def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
+    """Int8 embedding tables (near-lossless; done first so every candidate is judged with them)."""
+    if not opts.embedding_tables:
+        return model, TableReport()
+    model = model.clone()
+    tables = quantize_tables(
+        model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
+    )
+    return model, tables
+
+
+_SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio")
+
+
+class _FullInt8:
+    """For :mod:`.static_search`: ``(model, opts, data, ctx, calibrators)`` -> each calibrator's fully
+    quantized model under ``opts``, SmoothQuant (when ``opts`` has it) and the statistics done once on
+    ``data`` for all of them; a candidate the same as an earlier one (equal ranges; or SmoothQuant off
+    where it migrated nothing) yields that one's ``(smoothquant, calibrator)`` instead of a model. The
+    smoothed model, its GPTQ codes and figures are kept
+    (``smoothed``): the pass reuses them when SmoothQuant is chosen, rather than smoothing again."""
+
+    def __init__(self) -> None:
+        self.smoothed: tuple[Model, dict[str, np.ndarray], dict] | None = None
+        self.unsmoothed = False  # NOTE: whether SmoothQuant left the model as it was
+
+    def __call__(
+        self,
+        model: Model,
+        opts: Int8StaticOptions,
+        data: Dataset,
+        ctx: PassContext,
+        calibrators: list[str],
+    ) -> Iterator[tuple[str, Model | tuple[bool, str]]]:
+        codes: dict[str, np.ndarray] = {}
+        if opts.smoothquant:
+            smoothed = smooth(model, data, opts, ctx, codes)
+            figures = {k: ctx.figures[k] for k in _SMOOTH_FIGURES if k in ctx.figures}
+            self.smoothed, self.unsmoothed = (smoothed, codes, figures), smoothed is model
+            model = smoothed
+        elif self.unsmoothed and self.smoothed is not None:
+            # NOTE: SmoothQuant migrated nothing (a Conv-only model): without it, the same candidates
+            for calibrator in calibrators:
+                yield calibrator, (True, calibrator)
+            return
+        sel = select(model, opts)
+        grid = QRange(8, opts.activation_type == "int8")
+        stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
+        order, seen = [node.name for node in sel.nodes], []
+        for calibrator in calibrators:
+            each = opts.model_copy(update={"calibrator": calibrator})
+            planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)
+            same = next((c for c, act in seen if _same_ranges(act, planned.act)), None)
+            seen.append((calibrator, planned.act))
+            yield (
+                calibrator,
+                (opts.smoothquant, same) if same is not None else build(planned, order),
+            )
+
+
+def _same_ranges(a: dict[str, tuple[np.ndarray, np.ndarray]], b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        np.array_equal(a[k][0], b[k][0]) and np.array_equal(a[k][1], b[k][1]) for k in a
+    )
 
 
 def _calibrated(
@@ -296,6 +363,35 @@ def _calibrated(
     return names, {k: (v if v not in graph_outputs else None) for k, v in out_tensors.items()}
 
 
+@dataclass(frozen=True)
+class _Calibration:
+    """What planning reads: the activations' statistics, the data they came from, the activations' grid."""
+
+    stats: dict[str, TensorStats]
+    data: Dataset
+    grid: QRange
+
+
+def _stats(
+    model: Model,
+    sel: Selection,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    *,
+    histogram: bool,
+) -> dict[str, TensorStats]:
+    """Statistics of the activations the selected nodes read and write (one sweep over ``data``)."""
+    names, _ = _calibrated(model, sel, opts)
+    axes = {
+        layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1)
+        for layer in sel.candidates
+    }
+    return collect_stats(
+        model, names, data, ctx, histogram=histogram, channel_axes=axes, batch_size=opts.batch_size
+    )
+
+
 def _plans(
     model: Model,
     sel: Selection,
@@ -305,22 +401,22 @@ def _plans(
     ctx: PassContext,
     codes: dict[str, np.ndarray],
 ) -> Planned:
-    """Calibrate the activations the selected nodes read and write (one sweep), and plan each node
-    (its weight codes from ``codes`` where GPTQ made them)."""
-    names, out_tensors = _calibrated(model, sel, opts)
-    axes = {
-        layer.node.inputs[0].name or "": (1 if layer.op_type == "Conv" else -1)
-        for layer in sel.candidates
-    }
-    stats = collect_stats(
-        model,
-        names,
-        data,
-        ctx,
-        histogram=opts.calibrator != "minmax",
-        channel_axes=axes,
-        batch_size=opts.batch_size,
-    )
+    """Calibrate (:func:`_stats`) and plan (:func:`_plan`)."""
+    stats = _stats(model, sel, data, opts, ctx, histogram=opts.calibrator != "minmax")
+    return _plan(model, sel, _Calibration(stats, data, grid), opts, ctx, codes)
+
+
+def _plan(
+    model: Model,
+    sel: Selection,
+    cal: _Calibration,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    codes: dict[str, np.ndarray],
+) -> Planned:
+    """Plan each selected node from the statistics ``cal`` (its weight codes from ``codes`` where GPTQ made them)."""
+    stats, data, grid = cal.stats, cal.data, cal.grid
+    _, out_tensors = _calibrated(model, sel, opts)
     base = (
         opts if opts.calibrator != "auto" else opts.model_copy(update={"calibrator": "percentile"})
     )

@@ -317,7 +317,9 @@ def test_embedding_tables_are_quantized(tmp_path, method, bits, max_ratio):
     options = {"block_size": 32} if method == "int4-weight-only" else {}
     quantized = modelpress.quantize(model, method, show_progress=False, **options)
     assert quantized.provenance.passes[-1].figures["tables_quantized"] == 1
-    if bits == 4:  # NOTE: int4: ORT's GatherBlockQuantized reads the int4 table, no DQ of the whole table per run
+    if (
+        bits == 4
+    ):  # NOTE: int4: ORT's GatherBlockQuantized reads the int4 table, no DQ of the whole table per run
         gather = next(n for n in quantized.graph if n.op_type == "GatherBlockQuantized")
         assert gather.inputs[0].dtype == onnx_ir_type(bits)
     else:  # NOTE: int8 rows: the Gather reads the int8 table and only the rows read are dequantized

@@ -156,13 +156,13 @@ def test_quantize_keeps_the_source_layer_names(tmp_path, method, options):
 
     source, out = tmp_path / "m.onnx", tmp_path / "q.onnx"
     onnx.save(tiny_mlp(in_features=64, hidden=64).to_proto(), source)
-    done = run_cli(
+    done = run_cli_here(
         "quantize", str(source), "-m", method, *options, "--allow-no-gain", "-o", str(out)
     )
     assert done.returncode == 0, done.stderr
     names = {}
     for path in (source, out):
-        shown = run_cli("inspect", str(path), "--layers", "--json")
+        shown = run_cli_here("inspect", str(path), "--layers", "--json")
         assert shown.returncode == 0, shown.stderr
         names[path] = sorted(r["name"] for r in json.loads(shown.stdout)["layers"])
     assert names[source] == names[out] == ["fc1", "fc2"]

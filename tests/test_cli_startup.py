@@ -3,6 +3,7 @@
 that fits 80 columns."""
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -371,3 +372,14 @@ def test_a_piped_tune_table_is_80_columns_or_COLUMNS(capsys, monkeypatch, tmp_pa
         assert max(len(line) for line in table) == width, text
         assert "…" not in text and text.count("0.9759") >= 3 and text.count("4.46x") >= 3
         assert "int8-static(" in text and "best model: " in text
+        # NOTE: the configuration breaks after a comma, a space or "(", never mid-word
+        # (it showed `int8-static(calibrator` / `=entropy,`)
+        rows = table[table.index(next(line for line in table if "──" in line)) + 1 :]
+        for before, line in itertools.pairwise(rows):
+            if line.startswith(" ") and line.strip():
+                assert before.rstrip()[-1] in ",(>", (before, line)
+    print_result(result, str(tmp_path), quiet=True)  # -q: the result line only
+    assert "".join(capsys.readouterr().out.splitlines()).strip() == (
+        f"best model: {tmp_path / 'best.onnx'} (meets the criterion); recipe: "
+        f"{tmp_path / 'best-recipe.yaml'}; reports: {tmp_path / 'report.html'} (.md, .json)"
+    )

@@ -249,6 +249,30 @@ def _stage(name, kind, size, figures=None, latency=(0.123, 4.567)):
     )
 
 
+def test_a_piped_compress_report_wraps_a_long_stage_name_at_COLUMNS(capsys, monkeypatch):
+    """Issue #25: piped with COLUMNS=80, a 34-character stage name did not wrap (a 93-column table):
+    the report takes $COLUMNS or 80 when piped, as tune's and plugins' tables do."""
+    from types import SimpleNamespace
+
+    from modelpress.app.report import Report
+    from modelpress.cli.compress import print_report
+
+    report = Report(title="model.onnx", metric="accuracy")
+    report.add(_stage("source", "", 480_000))
+    report.add(_stage("prune (channels 25%, no fine-tune)", "prune", 240_000))
+    report.add(_stage("quantize", "quantize", 60_000))
+    for columns, width in (("80", 80), (None, 80), ("120", 120)):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        print_report(SimpleNamespace(report=report, interrupted=False))
+        lines = capsys.readouterr().out.splitlines()
+        assert max(len(line) for line in lines) <= width and "…" not in "".join(lines)
+        whole = any("prune (channels 25%, no fine-tune)" in line for line in lines)
+        assert whole == (width == 120), lines  # wraps at 80, whole at 120
+
+
 def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
     from rich.console import Console
 

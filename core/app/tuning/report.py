@@ -17,8 +17,8 @@ __all__ = ["TrialRecord", "TuneReport", "pareto_front"]
 
 class _Configuration:
     """A configuration cell that breaks lines after a comma, a space or an opening parenthesis only
-    (rich folds a long identifier mid-word: ``int8-static(calibrator`` / ``=percentile,``); a
-    single piece wider than the column is folded, the only cut left."""
+    (rich folds a long identifier mid-word: ``int8-static(calibrator`` / ``=percentile,``), then
+    after "=" where an option is wider than the column; a value wider still is folded."""
 
     def __init__(self, text: str) -> None:
         import re
@@ -33,9 +33,18 @@ class _Configuration:
         return Measurement(min(longest, options.max_width), len(self.text))
 
     def lines(self, width: int) -> list[str]:
+        import re
+
+        # NOTE: a piece wider than the column (`calibrator=percentile,` in 21) breaks after its "="
+        pieces = [
+            part
+            for piece in self.pieces
+            for part in (re.findall(r"[^=]*=?", piece) if len(piece.rstrip()) > width else [piece])
+            if part
+        ]
         lines: list[str] = []
         line = ""
-        for piece in self.pieces:
+        for piece in pieces:
             if line and len((line + piece).rstrip()) > width:
                 lines.append(line.rstrip())
                 line = piece.lstrip()

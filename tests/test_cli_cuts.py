@@ -36,3 +36,21 @@ def test_plugins_listing_fits_80_columns_when_piped():
     assert "installed plugins" in proc.stdout and widest <= 80, widest
     wide = run_cli_here("plugins", env={"COLUMNS": "120"})
     assert max(len(line) for line in wide.stdout.splitlines()) <= 120
+
+
+def test_plugins_never_cuts_a_method_or_option_name_at_80_columns():
+    """Issue #25: `quantize/int4-weight-onl…`, `validation_fract…` at 80 columns; names are what
+    users type, so the description columns wrap instead and every name shows whole."""
+    proc = run_cli_here("plugins", env={"COLUMNS": "80"})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    registry = modelpress.get_registry()
+    names = [m.qualname for p in registry.plugins.values() for m in p.methods]
+    assert "quantize/int4-weight-only" in names
+    for name in names:
+        assert any(name in line for line in lines), name
+    for p in registry.plugins.values():
+        for m in p.methods:
+            for row in m.option_rows():
+                assert any(f" {row['name']} " in line for line in lines), row["name"]

@@ -3,6 +3,7 @@
 that fits 80 columns."""
 
 import io
+import itertools
 import json
 import subprocess
 import sys
@@ -248,6 +249,30 @@ def _stage(name, kind, size, figures=None, latency=(0.123, 4.567)):
     )
 
 
+def test_a_piped_compress_report_wraps_a_long_stage_name_at_COLUMNS(capsys, monkeypatch):
+    """Issue #25: piped with COLUMNS=80, a 34-character stage name did not wrap (a 93-column table):
+    the report takes $COLUMNS or 80 when piped, as tune's and plugins' tables do."""
+    from types import SimpleNamespace
+
+    from modelpress.app.report import Report
+    from modelpress.cli.compress import print_report
+
+    report = Report(title="model.onnx", metric="accuracy")
+    report.add(_stage("source", "", 480_000))
+    report.add(_stage("prune (channels 25%, no fine-tune)", "prune", 240_000))
+    report.add(_stage("quantize", "quantize", 60_000))
+    for columns, width in (("80", 80), (None, 80), ("120", 120)):
+        if columns is None:
+            monkeypatch.delenv("COLUMNS", raising=False)
+        else:
+            monkeypatch.setenv("COLUMNS", columns)
+        print_report(SimpleNamespace(report=report, interrupted=False))
+        lines = capsys.readouterr().out.splitlines()
+        assert max(len(line) for line in lines) <= width and "…" not in "".join(lines)
+        whole = any("prune (channels 25%, no fine-tune)" in line for line in lines)
+        assert whole == (width == 120), lines  # wraps at 80, whole at 120
+
+
 def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
     from rich.console import Console
 
@@ -371,3 +396,20 @@ def test_a_piped_tune_table_is_80_columns_or_COLUMNS(capsys, monkeypatch, tmp_pa
         assert max(len(line) for line in table) == width, text
         assert "…" not in text and text.count("0.9759") >= 3 and text.count("4.46x") >= 3
         assert "int8-static(" in text and "best model: " in text
+        # NOTE: the configuration breaks after a comma, a space or "(", never mid-word
+        # (it showed `int8-static(calibrator` / `=entropy,`)
+        rows = table[table.index(next(line for line in table if "──" in line)) + 1 :]
+        for before, line in itertools.pairwise(rows):
+            if line.startswith(" ") and line.strip():
+                assert before.rstrip()[-1] in ",(>=", (before, line)
+    # NOTE: an option wider than the column breaks after its "=", not before its comma
+    from modelpress.app.tuning.report import _Configuration
+
+    cell = _Configuration("int8-static(calibrator=percentile, per_channel=True)")
+    assert cell.lines(21) == ["int8-static(", "calibrator=", "percentile,", "per_channel=True)"]
+    assert cell.lines(40) == ["int8-static(calibrator=percentile,", "per_channel=True)"]
+    print_result(result, str(tmp_path), quiet=True)  # -q: the result line only
+    assert "".join(capsys.readouterr().out.splitlines()).strip() == (
+        f"best model: {tmp_path / 'best.onnx'} (meets the criterion); recipe: "
+        f"{tmp_path / 'best-recipe.yaml'}; reports: {tmp_path / 'report.html'} (.md, .json)"
+    )

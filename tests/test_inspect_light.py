@@ -86,6 +86,30 @@ def test_quantized_models_are_read_light_and_count_as_loaded(tmp_path):
         assert json.loads(json.dumps(light_info(_args(path))))["passes"]  # its history, as stored
 
 
+def test_quantizing_leaves_the_parameter_count_unchanged(tmp_path):
+    """Users count weights, not scales (issue #25): int8-static's SmoothQuant scale stored quantized
+    (scale_q -> DequantizeLinear -> Mul) and int8-dynamic's rescale Mul after MatMulInteger hold
+    scales; loaded and read light, each quantized docs model counts as many parameters as its
+    source (9,930)."""
+    from tests.docs_files import make_docs_files
+
+    make_docs_files(tmp_path)
+    source = modelpress.load(tmp_path / "model.onnx", show_progress=False)
+    calibration = dict(np.load(tmp_path / "calib.npz"))
+    quiet = {"allow_no_gain": True, "show_progress": False}
+    quantized = {
+        "int8-static": modelpress.quantize(source, "int8-static", calibration=calibration, **quiet),
+        "int8-dynamic": modelpress.quantize(source, "int8-dynamic", **quiet),
+        "int4": modelpress.quantize(source, "int4-weight-only", block_size=32, **quiet),
+    }
+    assert quantized["int8-static"].op_histogram().get("Mul")  # the SmoothQuant scale is there
+    assert quantized["int8-dynamic"].op_histogram().get("MatMulInteger")
+    for name, model in quantized.items():
+        assert model.parameter_count() == source.parameter_count() == 9930, name
+        path = _save(model, tmp_path / f"{name}.onnx")
+        assert light_info(_args(path))["parameters"] == 9930, name
+
+
 def test_external_data_is_sized_not_read(tmp_path):
     from modelpress.testing import tiny_cnn
 

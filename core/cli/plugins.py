@@ -91,14 +91,26 @@ def run(args: argparse.Namespace) -> int:
         fit=True
     )  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
     table = Table(title="installed plugins", title_justify="left")
-    for col in ("plugin", "distribution", "version", "provides"):
-        table.add_column(col)
-    for p in registry.plugins.values():
-        provides = (
-            [f"adapter {a.name}" for a in p.adapters]
-            + [m.qualname for m in p.methods]
-            + [f"codec {c.name}" for c in p.codecs]
-        )
+    provided = {
+        name: [f"adapter {a.name}" for a in p.adapters]
+        + [m.qualname for m in p.methods]
+        + [f"codec {c.name}" for c in p.codecs]
+        for name, p in registry.plugins.items()
+    }
+    # NOTE: a method name is never cut (`quantize/int4-weight-onl…` at 80 columns): "provides" is
+    # at least as wide as the longest name and its comma; the plugin column wraps to make room
+    longest = max((len(n) + 1 for names in provided.values() for n in names), default=0)
+    plugins = registry.plugins.values()
+    fixed = [
+        max([len(col), *(len(str(getattr(p, col))) for p in plugins)])
+        for col in ("distribution", "version")
+    ]
+    table.add_column("plugin", max_width=max(12, out.width - 13 - longest - sum(fixed)))
+    table.add_column("distribution", overflow="fold")
+    table.add_column("version", overflow="fold")
+    table.add_column("provides", min_width=longest)
+    for name, p in registry.plugins.items():
+        provides = provided[name]
         table.add_row(
             p.name + (" (built-in)" if p.builtin else ""),
             p.distribution,
@@ -135,8 +147,12 @@ def _print_methods(registry: Any, out: Any) -> None:
             rows = m.option_rows()
             if rows:
                 opts = Table(show_header=True, box=None, pad_edge=False, padding=(0, 2))
-                for col in ("option", "type", "default", "help"):
-                    opts.add_column(col)
+                # NOTE: an option's name is never cut (it is what users type); a long type or
+                # default folds, the help wraps
+                longest = max(len(row["name"]) for row in rows) + 4
+                opts.add_column("option", no_wrap=True, min_width=longest)
+                for col in ("type", "default", "help"):
+                    opts.add_column(col, overflow="fold")
                 for row in rows:
                     opts.add_row(
                         "    " + row["name"],

@@ -219,13 +219,15 @@ def run(args: argparse.Namespace) -> int:
         accept_loss=args.accept_loss,
         dashboard=args.dashboard,
     )
-    print_result(result, args.output)
+    print_result(result, args.output, quiet=args.quiet)
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
-def print_result(result: Any, output: str) -> None:
-    """The trials table at the terminal's width (piped: $COLUMNS or 80, as the other tables), then the result line."""
-    console(fit=True).print(result.report.table())
+def print_result(result: Any, output: str, *, quiet: bool = False) -> None:
+    """The trials table at the terminal's width (piped: $COLUMNS or 80, as the other tables), then the
+    result line; ``quiet`` (-q): the result line only."""
+    if not quiet:
+        console(fit=True).print(result.report.table())
     out = console()
     if result.model_path is not None:
         out.print(

@@ -68,11 +68,46 @@ _SMALL_INT64 = 64
 ROLE_KEY, SCALE_ROLE = "modelpress.role", "activation_scale"
 
 
-def _not_weight(use: Any) -> bool:
-    op = use.node.op_type
-    if use.node.metadata_props.get(ROLE_KEY) == SCALE_ROLE and use.idx > 0:
+# NOTE: ops a quantized constant passes through unchanged in meaning (input 0): a scale stored
+# quantized (``scale_q -> DequantizeLinear -> Mul``) is still a scale.
+_PASS_THROUGH = ("DequantizeLinear", "Cast")
+# NOTE: a Mul that rescales an integer product (ORT's dynamic quantization: ``Cast(MatMulInteger)
+# * (activation scale * weight scale)``) multiplies by scales: its constants are no parameters.
+_INTEGER_PRODUCTS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")
+_DEPTH = 4
+
+
+def _is_integer_product(value: Any, depth: int = _DEPTH) -> bool:
+    producer = value.producer() if value is not None else None
+    if producer is None or depth == 0:
+        return False
+    if producer.op_type in _INTEGER_PRODUCTS:
         return True
-    return use.idx in _QPARAMS.get(op, ()) or use.idx in _SHAPE_INPUTS.get(op, ())
+    return producer.op_type in ("Cast", "Mul") and any(
+        _is_integer_product(v, depth - 1) for v in producer.inputs if v is not None
+    )
+
+
+def _rescales_integers(node: Any, idx: int) -> bool:
+    if node.op_type != "Mul":
+        return False
+    return any(
+        i != idx and v is not None and _is_integer_product(v) for i, v in enumerate(node.inputs)
+    )
+
+
+def _not_weight(use: Any, depth: int = _DEPTH) -> bool:
+    node, op = use.node, use.node.op_type
+    if node.metadata_props.get(ROLE_KEY) == SCALE_ROLE and use.idx > 0:
+        return True
+    if use.idx in _QPARAMS.get(op, ()) or use.idx in _SHAPE_INPUTS.get(op, ()):
+        return True
+    if _rescales_integers(node, use.idx):
+        return True
+    if op in _PASS_THROUGH and use.idx == 0 and depth > 0:
+        uses = list(node.outputs[0].uses())
+        return bool(uses) and all(_not_weight(u, depth - 1) for u in uses)
+    return False
 
 
 def _weight_elements(tensor: TensorView, value: ValueView | None) -> int:

@@ -15,6 +15,49 @@ from modelpress.evaluation.criteria import lower_is_better
 __all__ = ["TrialRecord", "TuneReport", "pareto_front"]
 
 
+class _Configuration:
+    """A configuration cell that breaks lines after a comma, a space or an opening parenthesis only
+    (rich folds a long identifier mid-word: ``int8-static(calibrator`` / ``=percentile,``), then
+    after "=" where an option is wider than the column; a value wider still is folded."""
+
+    def __init__(self, text: str) -> None:
+        import re
+
+        self.text = text
+        self.pieces = [p for p in re.findall(r"[^,( ]*[,( ]?", text) if p]
+
+    def __rich_measure__(self, console: Any, options: Any) -> Any:
+        from rich.measure import Measurement
+
+        longest = max((len(p.strip()) for p in self.pieces), default=0)
+        return Measurement(min(longest, options.max_width), len(self.text))
+
+    def lines(self, width: int) -> list[str]:
+        import re
+
+        # NOTE: a piece wider than the column (`calibrator=percentile,` in 21) breaks after its "="
+        pieces = [
+            part
+            for piece in self.pieces
+            for part in (re.findall(r"[^=]*=?", piece) if len(piece.rstrip()) > width else [piece])
+            if part
+        ]
+        lines: list[str] = []
+        line = ""
+        for piece in pieces:
+            if line and len((line + piece).rstrip()) > width:
+                lines.append(line.rstrip())
+                line = piece.lstrip()
+            else:
+                line += piece
+        return [*lines, line.rstrip()] if line or not lines else lines
+
+    def __rich_console__(self, console: Any, options: Any) -> Any:
+        from rich.text import Text
+
+        yield Text("\n".join(self.lines(options.max_width)), overflow="fold")
+
+
 @dataclass
 class TrialRecord:
     number: int
@@ -264,7 +307,7 @@ class TuneReport:
                 ratio=1 if last else None,
             )
         for row in self.rows():
-            table.add_row(*(escape(c) for c in row))
+            table.add_row(*(escape(c) for c in row[:-1]), _Configuration(row[-1]))
         return table
 
     def markdown(self) -> str:

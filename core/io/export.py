@@ -32,6 +32,7 @@ from modelpress.io.safety import model_files, refuse_overwrite
 from modelpress.ir.model import Model
 from modelpress.plugin.registry import Registry, get_registry
 from modelpress.runtime.session import (
+    FILE_FROM_BYTES,
     INLINE_LIMIT_BYTES,
     external_folders,
     in_memory_bytes,
@@ -567,8 +568,11 @@ def export(
     comparison: Comparison | None = None
     seconds: float | None = None
     # NOTE: what the passes left behind (sessions and arrays in reference cycles, freed malloc blocks)
-    # goes back before the file is written and two models run (MiniLM int8-static: 40 MB off the peak)
-    gc.collect()
+    # goes back before the file is written and two models run (MiniLM int8-static: 40 MB off the peak);
+    # only for models of some size: a full collection in a process holding many objects costs ~0.1 s
+    # (the fast test tier's exports took twice as long with it on every one)
+    if not isinstance(model, Model) or model.weight_bytes() >= FILE_FROM_BYTES:
+        gc.collect()
     release_free_memory()
     try:
         tmp = _staging_folder(target, parent)

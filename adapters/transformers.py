@@ -27,11 +27,13 @@ other failure as an ``InvalidModelError`` with the child's last output lines; Ct
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import sys
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,20 @@ def _auto_class(transformers: Any, task: str) -> Any:
     return transformers.AutoModel
 
 
+@contextlib.contextmanager
+def _no_progress_bars(transformers: Any) -> Iterator[None]:
+    """transformers' own tqdm bars ("Loading weights: 100%") off while it loads: modelpress's progress
+    line says what is loading, and ``-q`` means one result line."""
+    logging = transformers.utils.logging
+    was_on = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            logging.enable_progress_bar()
+
+
 def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any, str]:
     """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only)."""
     config = _read_config(folder)
@@ -194,7 +210,7 @@ def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any
             f"{str(folder)!r}: {architecture} is an encoder-decoder model; only encoders and decoders are supported"
         )
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), _no_progress_bars(transformers):
             warnings.simplefilter("ignore")
             model = _auto_class(transformers, chosen).from_pretrained(
                 str(folder), local_files_only=True

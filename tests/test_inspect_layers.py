@@ -175,6 +175,10 @@ def test_inspect_leaves_out_a_producer_version_of_none(tmp_path):
     path = tmp_path / "lstm.onnx"
     _lstm_file(path)
     proto = onnx.load(path)
-    proto.producer_name, proto.producer_version = "tf2onnx", "None"
-    onnx.save(proto, path)
-    assert modelpress.describe(modelpress.load(path, show_progress=False))["producer"] == "tf2onnx"
+    # NOTE: tf2onnx writes "None", or its version and the git hash it was built without
+    for version, shown in (("None", "tf2onnx"), ("1.17.0 None", "tf2onnx 1.17.0")):
+        proto.producer_name, proto.producer_version = "tf2onnx", version
+        onnx.save(proto, path)
+        loaded = modelpress.describe(modelpress.load(path, show_progress=False))
+        assert loaded["producer"] == shown
+        assert run_cli_here("inspect", str(path), "--json").stdout.count(f'"{shown}"') == 1

@@ -206,9 +206,10 @@ def _constant_sources(
 
 
 def _producer(model: Model | OnnxFileView) -> str:
-    """``name version``; tf2onnx writes the version "None" when it has none."""
+    """``name version``; tf2onnx writes its version as ``"1.17.0 None"`` (the git hash it was built
+    without) or ``"None"``: the ``None`` words are dropped."""
     parts = [model.ir.producer_name, model.ir.producer_version]
-    return " ".join(p for p in parts if p and p != "None")
+    return " ".join(w for p in parts if p for w in p.split() if w != "None")
 
 
 def describe(model: Model | OnnxFileView) -> dict[str, Any]:

@@ -354,7 +354,9 @@ def test_feature_extraction_of_a_causal_lm_and_inspect_task(llama_dir, capsys):
     assert code == 0, printed.err
     info = json.loads(printed.out)
     assert [o["name"] for o in info["outputs"]] == ["last_hidden_state"]
-    assert "Loading weights" not in printed.err  # NOTE: -q: transformers' own progress bars are off too
+    assert (
+        "Loading weights" not in printed.err
+    )  # NOTE: -q: transformers' own progress bars are off too
 
 
 @pytest.mark.slow

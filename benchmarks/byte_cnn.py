@@ -66,11 +66,14 @@ def features(path: str) -> list[int]:
 
 
 def corpus(n: int, seed: int = 0) -> list[str]:
-    """``n`` files of this machine, round-robin over extensions (not 80 % ``.py``)."""
+    """``n`` files of this machine, round-robin over extensions (not 80 % ``.py``); the same files
+    on the same installation (folders walked in sorted order). Which files a machine has changes
+    the figure: 96.5-99.2 % agreement at the defaults on the machines and environments tried."""
     by_ext: dict[str, list[str]] = {}
     for root in _ROOTS:
-        for folder, _, names in os.walk(root):
-            for name in names:
+        for folder, subfolders, names in os.walk(root):
+            subfolders.sort()
+            for name in sorted(names):
                 p = os.path.join(folder, name)
                 if os.path.isfile(p) and not os.path.islink(p) and os.path.getsize(p) >= 8:
                     by_ext.setdefault(os.path.splitext(name)[1].lower(), []).append(p)

@@ -191,7 +191,7 @@ def test_recipe_schema_cli():
 @pytest.mark.slow
 @pytest.mark.torch
 def test_demo_end_to_end(tmp_path):
-    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--fast", "-q")
+    result = run_cli("demo", "--out", str(tmp_path / "demo"), "--fast", "-q", env={"COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
     for name in (
         "digits-compressed.onnx",
@@ -206,7 +206,11 @@ def test_demo_end_to_end(tmp_path):
     assert stages[0]["stage"] == "source" and len(stages) == 4
     assert stages[-1]["size_bytes"] < stages[0]["size_bytes"] / 3
     assert stages[-1]["value"] > stages[0]["value"] - 0.05  # accuracy kept through the pipeline
-    assert "source" in result.stdout and "quantize (int8 static)" in result.stdout
+    # NOTE: piped, the table takes $COLUMNS or 80: a long stage name wraps ("quantize (int8" / "static)")
+    assert "source" in result.stdout and "quantize (int8" in result.stdout
+    lines = result.stdout.splitlines()
+    table = lines[: next(i for i, line in enumerate(lines) if line.startswith("compressed model"))]
+    assert len(table) > 4 and max(len(line.rstrip()) for line in table) <= 80
 
 
 @pytest.mark.slow

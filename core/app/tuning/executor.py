@@ -471,9 +471,13 @@ class RayExecutor:
                 job, seconds, f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
             )
 
-    def cancel_all(self) -> list[Job]:
+    def cancel_all(self, *, cancel: bool = True) -> list[Job]:
+        """The jobs still running, forgotten; each cancelled by force unless ``cancel=False`` (on
+        Ctrl-C: the driver is about to exit and Ray ends a driver's tasks with it; a forced cancel
+        racing a task's reply aborted Ray's core worker once, "Tried to complete task that was not
+        pending", exit 1 instead of 130)."""
         jobs = list(self.running.values())
-        for ref in [*self.running, *self._warming]:
+        for ref in [*self.running, *self._warming] if cancel else []:
             try:
                 self.ray.cancel(ref, force=True)
             except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too)

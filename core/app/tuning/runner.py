@@ -217,8 +217,10 @@ class Runner:
             }[self.run.settings.objective]
             store.tell(trial, [value["metric"], *objectives])
 
-    def abandon(self, why: str) -> None:
-        for job in self.executor.cancel_all():
+    def abandon(self, why: str, *, cancel: bool = True) -> None:
+        """The running trials recorded as ``why`` (interrupted or out of time); ``cancel=False``
+        leaves their tasks to end with the driver (see :meth:`RayExecutor.cancel_all`)."""
+        for job in self.executor.cancel_all(cancel=cancel):
             trial = self.live.pop(job.key, None)
             if trial is not None:
                 self.store.set(trial, status="interrupted", error=why)

@@ -212,7 +212,7 @@ def _run(run: TuneRun) -> tuple[str, bool]:
         return _loop(run, plan, runner, start), False
     except KeyboardInterrupt:
         if runner is not None:
-            runner.abandon("interrupted")
+            runner.abandon("interrupted", cancel=False)
         return "interrupted (Ctrl-C); rerun the same command to resume", True
     finally:
         try:

@@ -64,3 +64,20 @@ def tagged_fields(
             raise WireError(f"wire type {wire}")
     if pos != end:
         raise WireError("a message overruns its length")
+
+
+def signed(value: int) -> int:
+    """An int64 read back from its varint (two's complement)."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def int64s(buf: memoryview, wire: int, p0: int, p1: int) -> Iterator[int]:
+    """A repeated int64 field's values, packed (wire type 2) or one per field (wire type 0), from
+    the payload span :func:`fields` gives."""
+    if wire == 0:
+        yield signed(varint(buf, p0)[0])
+        return
+    pos = p0
+    while pos < p1:
+        value, pos = varint(buf, pos)
+        yield signed(value)

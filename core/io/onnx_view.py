@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modelpress.base.wire import WireError, fields, varint
+from modelpress.base.wire import WireError, fields, int64s, signed, varint
 from modelpress.ir.provenance import PROVENANCE_KEY, Provenance
 from modelpress.ir.signature import Signature
 
@@ -243,21 +243,6 @@ def _text(buf: memoryview, p0: int, p1: int) -> str:
         raise CannotAnswer("text that is not UTF-8") from None
 
 
-def _signed(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-def _ints(buf: memoryview, wire: int, p0: int, p1: int) -> Iterator[int]:
-    """A repeated int64 field's values, packed (wire type 2) or one per field."""
-    if wire == 0:
-        yield _signed(varint(buf, p0)[0])
-        return
-    pos = p0
-    while pos < p1:
-        value, pos = varint(buf, pos)
-        yield _signed(value)
-
-
 def _entry(buf: memoryview, p0: int, p1: int) -> tuple[str, str]:
     """A ``StringStringEntryProto``: key, value."""
     key = value = ""
@@ -306,7 +291,7 @@ def _tensor(buf: memoryview, p0: int, p1: int, base: Path) -> tuple[str, _Tensor
     entries: dict[str, str] = {}
     for number, wire, a, b in fields(buf, p0, p1):
         if number == 1:
-            dims.extend(_ints(buf, wire, a, b))
+            dims.extend(int64s(buf, wire, a, b))
         elif number == 2:
             dtype = varint(buf, a)[0]
         elif number == 3:
@@ -337,7 +322,7 @@ def _dims(buf: memoryview, p0: int, p1: int) -> tuple[Any, ...]:
         dim: Any = _Dim(None)
         for d_number, d_wire, c, e in fields(buf, a, b):
             if d_number == 1 and d_wire == 0:
-                dim = _signed(varint(buf, c)[0])
+                dim = signed(varint(buf, c)[0])
             elif d_number == 2:
                 dim = _Dim(_text(buf, c, e))
         dims.append(dim)
@@ -394,11 +379,11 @@ def _attribute(buf: memoryview, p0: int, p1: int, base: Path) -> _Attr:
     if field == 2 and 2 in found:
         value = struct.unpack("<f", bytes(buf[found[2][1] : found[2][2]]))[0]
     elif field == 3:
-        value = _signed(varint(buf, found[3][1])[0]) if 3 in found else 0
+        value = signed(varint(buf, found[3][1])[0]) if 3 in found else 0
     elif field == 4:
         value = _text(buf, found[4][1], found[4][2]) if 4 in found else ""
     elif field == 8:
-        value = tuple(v for w, a, b in found.get(8, []) for v in _ints(buf, w, a, b))
+        value = tuple(v for w, a, b in found.get(8, []) for v in int64s(buf, w, a, b))
     elif field == 9:
         value = tuple(_text(buf, a, b) for _w, a, b in found.get(9, []))
     elif kind == 4 and 5 in found:
@@ -570,7 +555,7 @@ def _model(buf: memoryview, base: Path) -> _Model:
                 if o_number == 1:
                     domain = _text(buf, c, e)
                 elif o_number == 2:
-                    version = _signed(varint(buf, c)[0])
+                    version = signed(varint(buf, c)[0])
             model.opset_imports[domain] = version
         elif number == 14:
             key, value = _entry(buf, a, b)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from modelpress.base.wire import WireError, tagged_fields, varint
+from modelpress.base.wire import WireError, int64s, tagged_fields, varint
 
 __all__ = ["ModelTensors", "WireTensor", "cut", "model_tensors", "splice", "tensor_spans"]
 
@@ -394,10 +394,4 @@ def _int64s(buf: memoryview, wire: int, p0: int, p1: int) -> list[int]:
     """The int64 values of a repeated field (packed or not), two's complement read back."""
     if wire not in (0, 2):
         raise _Unexpected(f"dims of wire type {wire}")
-    values, pos = [], p0
-    while pos < p1:
-        value, pos = varint(buf, pos)
-        values.append(value - (1 << 64) if value >= 1 << 63 else value)
-        if wire == 0:
-            break
-    return values
+    return list(int64s(buf, wire, p0, p1))

@@ -13,6 +13,10 @@ import types
 from importlib import metadata as _metadata
 from typing import TYPE_CHECKING, Any
 
+from modelpress.base.deferred import defer_symbolic_imports
+
+defer_symbolic_imports()  # NOTE: before anything imports onnx-ir: sympy is imported on first use
+
 try:
     __version__ = _metadata.version("modelpress")
 except _metadata.PackageNotFoundError:  # pragma: no cover - running from a bare source tree

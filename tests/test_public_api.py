@@ -90,8 +90,8 @@ def test_import_does_not_import_frameworks():
 
 
 def test_onnx_ir_is_imported_as_it_is():
-    # NOTE: onnx-ir imports sympy at module level (SymbolicDim arithmetic); modelpress takes that cost
-    # where a model is touched and puts nothing in sys.modules for it (docs/architecture.md, "The IR")
+    # NOTE: onnx-ir imports sympy at module level (SymbolicDim arithmetic); modelpress defers it with
+    # LazyLoader (the real module object, no stand-in; docs/architecture.md, "The IR")
     code = (
         "import sys, modelpress\n"
         "assert 'onnx_ir' not in sys.modules and 'sympy' not in sys.modules\n"

@@ -11,8 +11,9 @@ at its defaults, every model, ratios to ORT's static file and the issue-24 bars:
 
 The models are those of ``benchmarks/real_models.py`` (PP-OCRv4 det/rec/cls, YOLOv8n, silero-vad,
 MTCNN's ONet face-landmark stage) and ``minilm`` (``benchmarks/minilm.py``, all-MiniLM-L6-v2, fed
-real sentences), with their realistic inputs: ``--calib`` samples (seed 0) calibrate, 16 other
-samples (seed 1) evaluate. Every quantizer runs in a fresh child process that loads the
+real sentences), with their realistic inputs: ``--calib`` samples (seed 0) calibrate, ``--evaluate``
+other samples (seed 1, default 64: with 16, one near-tie flip moves agreement by 6 points and the
+ranking of two close files changes with the draw) evaluate. Every quantizer runs in a fresh child process that loads the
 calibration arrays from an ``.npz`` and quantizes; its peak RSS is the kernel's high-water mark of
 that whole process (``ru_maxrss`` from ``wait4``; the child is started by a small launcher process
 made before anything is loaded, because Linux carries the forking parent's high-water mark over
@@ -363,11 +364,17 @@ def _variants(model: str, methods: list[str]) -> list[str]:
 
 
 def _run_model(
-    launcher: Launcher, model: str, methods: list[str], calib_n: int, repeat: int, tmp: Path
+    launcher: Launcher,
+    model: str,
+    methods: list[str],
+    counts: tuple[int, int],
+    repeat: int,
+    tmp: Path,
 ) -> list[dict[str, Any]]:
+    calib_n, evaluate_n = counts
     methods = _variants(model, methods)
     source = _source(model)
-    evaluation = _inputs(model, 16, seed=1)
+    evaluation = _inputs(model, evaluate_n, seed=1)
     judge = Judge.of(source, evaluation)
     calib = tmp / f"{model}-calib.npz"
     np.savez(calib, **_inputs(model, calib_n, seed=0))
@@ -424,7 +431,7 @@ def _add_latency(
         latency = _latencies(model, paths, evaluation)
     except (
         Exception
-    ) as exc:  # NOTE: a file ORT ran on 16 samples may still refuse batch 1 (silero's state)
+    ) as exc:  # NOTE: a file ORT ran on the samples may still refuse batch 1 (silero's state)
         print(f"  (latency not measured: {' '.join(str(exc).split())[:200]})")
         return
     for row, ms in zip(timed, latency[1:], strict=True):
@@ -563,6 +570,9 @@ def main() -> None:
         "--calib", type=int, default=None, help="calibration samples (default 16; minilm 64)"
     )
     parser.add_argument(
+        "--evaluate", type=int, default=64, help="held-out samples every file is judged on"
+    )
+    parser.add_argument(
         "--repeat",
         type=int,
         default=1,
@@ -587,8 +597,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory(prefix="modelpress-zoo-") as tmp:
             for model in args.models.split(","):
                 calib = args.calib or DEFAULT_CALIB.get(model, 16)
+                counts = (calib, args.evaluate)
                 rows += _run_model(
-                    launcher, model, args.methods.split(","), calib, args.repeat, Path(tmp)
+                    launcher, model, args.methods.split(","), counts, args.repeat, Path(tmp)
                 )
     finally:
         launcher.close()

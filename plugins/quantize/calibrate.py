@@ -85,30 +85,41 @@ def _entropy_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
     return (best + 0.5) * width
 
 
-def _mse_threshold(hist: np.ndarray, absmax: float, levels: int) -> float:
-    hist = hist.astype(np.float64)
-    centers = (np.arange(len(hist)) + 0.5) * absmax / len(hist)
-    best_t, best_err = absmax, np.inf
-    for t in np.linspace(absmax / 64, absmax, 128):
-        step = t / levels
-        inside = centers <= t
-        err = (hist[inside].sum() * step * step / 12.0) + float(
-            np.sum(hist[~inside] * (centers[~inside] - t) ** 2)
-        )
-        if err < best_err:
-            best_err, best_t = err, t
-    return float(best_t)
+def _mse_threshold(stats: TensorStats, span: float, levels: int, symmetric: bool) -> float:
+    """The clipping threshold ``T`` of least expected squared error: rounding (``step^2 / 12`` for each value
+    inside) plus clipping (``(|x| - T)^2`` for each value outside), from the ``|x|`` histogram. The step is
+    that of the range ``T`` gives: ``[max(min, -T), min(max, T)]`` (widened to hold 0) over ``levels``
+    steps, or ``2T / levels`` when ``symmetric``."""
+    hist = stats.hist.astype(np.float64)
+    centers = (np.arange(len(hist)) + 0.5) * span / len(hist)
+    # NOTE: every threshold at once: the values inside, and the clipping error of those above
+    thresholds = np.linspace(span / 64, span, 128)
+    above = centers[None, :] > thresholds[:, None]
+    clip = np.where(above, hist * (centers[None, :] - thresholds[:, None]) ** 2, 0.0).sum(axis=1)
+    inside = np.where(above, 0.0, hist).sum(axis=1)
+    if symmetric:
+        steps = 2 * thresholds / levels
+    else:
+        lo = np.minimum(np.maximum(stats.min, -thresholds), 0.0)
+        hi = np.maximum(np.minimum(stats.max, thresholds), 0.0)
+        steps = (hi - lo) / levels
+    errors = inside * steps * steps / 12.0 + clip
+    return float(thresholds[int(np.argmin(errors))])
 
 
 def choose_range(
-    stats: TensorStats, calibrator: str, *, percentile: float = 99.99, signed: bool = False
+    stats: TensorStats,
+    calibrator: str,
+    *,
+    percentile: float = 99.99,
+    signed: bool = False,
+    symmetric: bool = False,
 ) -> tuple[float, float]:
     """The ``[rmin, rmax]`` to quantize a tensor with, by ``calibrator``."""
     if calibrator == "minmax" or stats.absmax == 0 or not stats.hist.any():
         return stats.min, stats.max
     span = stats.hist_range or stats.absmax
     nonnegative = stats.min >= 0 and not signed
-    levels = 255 if nonnegative else 127
     if calibrator == "percentile":
         cdf = np.cumsum(stats.hist) / stats.hist.sum()
         idx = int(np.searchsorted(cdf, percentile / 100.0))
@@ -116,7 +127,7 @@ def choose_range(
     elif calibrator == "entropy":
         threshold = _entropy_threshold(stats.hist, span, 128 if not nonnegative else 255)
     elif calibrator == "mse":
-        threshold = _mse_threshold(stats.hist, span, levels)
+        threshold = _mse_threshold(stats, span, 255, symmetric)
     else:
         raise ValueError(calibrator)
     return max(stats.min, -threshold), min(stats.max, threshold)

@@ -59,7 +59,7 @@ from modelpress.plugins.quantize.static_plan import (
     weight_plan,
 )
 from modelpress.plugins.quantize.static_search import Search, choose_configuration
-from modelpress.plugins.quantize.static_select import Selection, select
+from modelpress.plugins.quantize.static_select import Selection, few_rows, select
 
 __all__ = ["Int8StaticOptions", "int8_static", "int8_static_method"]
 
@@ -227,7 +227,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         model, codes = smoothed[0], dict(smoothed[1])
         ctx.figures.update(smoothed[2])
     elif opts.smoothquant and data is not None:
-        model = smooth(model, data, opts, ctx, codes)
+        model = _smooth(model, data, opts, ctx, codes)
     sel = select(model, opts)
     if data is None:
         data = _calibration(model, opts, ctx)
@@ -263,6 +263,26 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     return outcome.model
 
 
+def _smooth(
+    model: Model,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    ctx: PassContext,
+    codes: dict[str, np.ndarray],
+) -> Model:
+    """SmoothQuant (:func:`.smoothquant.smooth`) on the layers whose calibration rows are not fewer than their
+    input channels (:func:`.static_select.few_rows`; figure ``smoothquant_skipped``)."""
+    skipped = {
+        name: why
+        for name, why in few_rows(model, len(data), opts.op_types).items()
+        if name not in opts.exclude
+    }
+    if skipped:
+        ctx.figures["smoothquant_skipped"] = skipped
+        opts = opts.model_copy(update={"exclude": [*opts.exclude, *skipped]})
+    return smooth(model, data, opts, ctx, codes)
+
+
 def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dataset:
     return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
 
@@ -278,7 +298,7 @@ def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
     return model, tables
 
 
-_SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio")
+_SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio", "smoothquant_skipped")
 
 
 class _FullInt8:
@@ -303,7 +323,7 @@ class _FullInt8:
     ) -> Iterator[tuple[str, Model | tuple[bool, str]]]:
         codes: dict[str, np.ndarray] = {}
         if opts.smoothquant:
-            smoothed = smooth(model, data, opts, ctx, codes)
+            smoothed = _smooth(model, data, opts, ctx, codes)
             figures = {k: ctx.figures[k] for k in _SMOOTH_FIGURES if k in ctx.figures}
             self.smoothed, self.unsmoothed = (smoothed, codes, figures), smoothed is model
             model = smoothed

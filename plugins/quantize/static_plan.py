@@ -53,7 +53,11 @@ def act_params(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Scale and zero point of one activation tensor, by the calibrator and symmetry options."""
     rmin, rmax = choose_range(
-        stats, opts.calibrator, percentile=opts.percentile, signed=grid.signed
+        stats,
+        opts.calibrator,
+        percentile=opts.percentile,
+        signed=grid.signed,
+        symmetric=opts.symmetric_activations,
     )
     if opts.symmetric_activations:
         bound = max(abs(rmin), abs(rmax))

@@ -23,7 +23,7 @@ from modelpress.plugins.quantize.static_plan import fused_output
 if TYPE_CHECKING:
     from modelpress.plugins.quantize.static import Int8StaticOptions
 
-__all__ = ["Selection", "select"]
+__all__ = ["Selection", "few_rows", "select"]
 
 
 @dataclass
@@ -136,3 +136,31 @@ def _elementwise(model: Model, opts: Int8StaticOptions, sel: Selection) -> None:
     sel.elementwise, _ = integer_elementwise(
         model.graph, [layer.node for layer in sel.candidates] + sel.act_matmuls, pool, fused_output
     )
+
+
+def few_rows(model: Model, samples: int, op_types: list[str]) -> dict[str, str]:
+    """The MatMul/Gemm layers SmoothQuant should leave alone because ``samples`` calibration samples give
+    fewer rows of their input than it has channels (rows per sample from the input's static shape: 1 for
+    ``[N, K]``; unknown, and so never counted few, when a middle axis is symbolic), each with the reason.
+
+    SmoothQuant picks each group's scales by the error on the rows it sampled; with fewer rows than
+    channels that error is fitted, not measured: on MTCNN's ONet (16 face crops, 1152- and 256-wide dense
+    layers) the scales it kept cut the sampled error by 29 % and raised the box error on 96 other crops
+    by a quarter (box cosine 0.99691 -> 0.99604)."""
+    found: dict[str, str] = {}
+    for layer in model.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"}):
+        x, w = layer.node.inputs[0], layer.weight.shape
+        if x is None or x.shape is None or w is None or len(x.shape) < 2:
+            continue
+        middle = list(x.shape)[1:-1]
+        k = w[layer.in_axis]
+        if not isinstance(k, int) or not all(isinstance(d, int) for d in middle):
+            continue
+        rows = samples
+        for d in middle:
+            rows *= d
+        if rows < k:
+            found[layer.name] = (
+                f"{rows} calibration rows < {k} input channels: SmoothQuant would fit them"
+            )
+    return found

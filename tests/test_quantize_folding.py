@@ -88,6 +88,10 @@ def _encoder() -> tuple[object, dict[str, np.ndarray]]:
     nodes += [*more, helper.make_node("Add", [f, y1], ["res2"])]
     more, y = _layer_norm("res2", "ln2", init)
     nodes += [*more, helper.make_node("Identity", [y], ["out"])]
+    for i, node in enumerate(
+        nodes
+    ):  # NOTE: int8-static's planning needs named nodes (exporters name them)
+        node.name = node.name or f"{node.op_type}_{i}"
     model = make_model(
         nodes,
         [
@@ -213,3 +217,25 @@ def test_a_scale_on_a_layer_norm_read_by_nothing_else_goes_into_gamma_and_beta(e
     assert fold_scale(model, mul)
     assert "Mul" not in {n.op_type for n in model.graph if n.name.endswith("_smooth")}
     np.testing.assert_allclose(_outputs(model, feeds), scaled, rtol=1e-4, atol=1e-5)
+
+
+def test_int8_static_folds_the_graph_before_calibrating_and_says_so() -> None:
+    import modelpress
+
+    model, _ = _encoder()
+    mask = np.zeros((32, 1, 1, T), np.float32)
+    calibration = {"x": 3 * _w(32, T, D), "mask": mask}
+
+    def figures(**kw: object) -> dict:
+        result = modelpress.quantize(
+            model,
+            "int8-static",
+            calibration=calibration,
+            show_progress=False,
+            sensitivity=False,
+            **kw,
+        )
+        return result.provenance.passes[-1].figures
+
+    assert figures()["graph_folds"] == {"layer_norms": 3, "key": 1, "value": 1, "residual": 1}
+    assert "graph_folds" not in figures(fold_graph=False)

@@ -219,11 +219,7 @@ class _Dequantizing:
             )
             zero = weight_zero if self.per_channel else np.asarray(weight_zero).reshape(())
             anchor = self.first_user.get(id(weight_value), node)
-            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale)]
-            # NOTE: an all-zero zero point (symmetric weights) is left out (its default): given as a
-            # vector, ORT's MatMulIntegerToFloat takes its per-column zero-point path (~1 % slower on MiniLM)
-            if np.any(zero):
-                tensors.append((f"{w_name}_z", zero))
+            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
             self.dequantized[key] = _dq(
                 self.result,
                 anchor,

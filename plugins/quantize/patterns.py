@@ -235,6 +235,8 @@ def find_patterns(graph: ir.Graph) -> list[Pattern]:
                 add("Softmax", region)
         elif node.op_type in ("Softmax", "LogSoftmax"):
             add("Softmax", [node])
+        elif node.op_type == "LayerNormalization":  # NOTE: one op (or fused from its decomposition)
+            add("LayerNorm", [node])
     return found
 
 

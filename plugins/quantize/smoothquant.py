@@ -10,6 +10,10 @@ with its activation quantized per tensor (uint8, min/max) and its weights per ch
 compared with the float output for ``alpha`` in ``{0, step, ..., max}``, walked down from ``max``
 while the error falls; ``alpha = 0`` (no migration) is a candidate, so groups without outlier
 channels are left alone.
+
+The ``Mul`` by ``1/s`` is then folded into what computes the activation where that is exact
+(:func:`.folding.fold_scale`: an attention output projection's scales go into the value projection's
+output columns, a LayerNorm read by nothing else takes them in gamma and beta), so no Mul runs there.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 from modelpress.plugin_api import Dataset, Model, PassContext
 from modelpress.plugins.quantize.affine import UINT8, QRange, fake_quantize, fake_quantize_weight
 from modelpress.plugins.quantize.cpu import resolve_reduce_range
+from modelpress.plugins.quantize.folding import fold_scale
 from modelpress.plugins.quantize.gptq_int8 import feedback, one_blas_thread
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
 from modelpress.plugins.quantize.static_plan import gptq_layer, weight_grid
@@ -102,6 +107,28 @@ def _gptq_group(
             codes[layer.name] = found
 
 
+def _fold(
+    model: Model, group: ScaleGroup, codes: dict[str, np.ndarray] | None, per_channel: bool
+) -> int:
+    """Fold the group's new ``Mul`` into its input's producer where exact (1: folded). GPTQ codes
+    stay valid when a weight's output columns are rescaled only with per-channel scales: a weight
+    with codes is left alone otherwise."""
+    x = group.layers[0].node.inputs[0]
+    mul = x.producer() if x is not None else None
+    if mul is None or mul.op_type != "Mul":
+        return 0
+    frozen = frozenset() if per_channel else frozenset(_coded_weights(model, codes or {}))
+    return int(fold_scale(model, mul, frozen))
+
+
+def _coded_weights(model: Model, codes: dict[str, np.ndarray]) -> set[str]:
+    return {
+        layer.weight.name or ""
+        for layer in model.weighted_layers(frozenset({"MatMul", "Gemm"}))
+        if layer.name in codes
+    }
+
+
 def smooth(
     model: Model,
     data: Dataset,
@@ -114,8 +141,8 @@ def smooth(
     that lowers the measured int8 output error; ``alpha`` is searched on ``opts.smoothquant_steps``
     points of ``(0, opts.smoothquant_max_alpha]``. With ``codes`` (and ``opts.weight_rounding`` gptq),
     each group's int8 weight codes rounded by GPTQ against the rows sampled here are put in it, by layer
-    name. Figures: ``smoothquant_alpha`` (per smoothed input) and ``smoothquant_error_ratio`` (mean
-    error after / before over those groups)."""
+    name. Figures: ``smoothquant_alpha`` (per smoothed input), ``smoothquant_error_ratio`` (mean
+    error after / before over those groups) and ``smoothquant_folded`` (Muls folded away)."""
     op_types, exclude, batch_size = (
         set(opts.op_types) - set(opts.exclude_op_types),
         set(opts.exclude),
@@ -143,6 +170,7 @@ def smooth(
     lo, hi, samples = sample_rows(model, [g.input for g in groups], data, batch_size)
     chosen: dict[str, float] = {}
     ratios: list[float] = []
+    folded = 0
     # NOTE: one BLAS thread: many mid-sized products and factorisations, where waking threads costs more
     with one_blas_thread(), ctx.progress("SmoothQuant scale search", total=len(groups)) as advance:
         for group in groups:
@@ -157,12 +185,15 @@ def smooth(
                 )
                 if scales is not None and error < 0.95 * base:
                     apply_scales(result, group, scales, "smooth")
+                    folded += _fold(result, group, codes, opts.per_channel)
                     chosen[group.input] = round(alpha, 3)
                     ratios.append(error / max(base, 1e-30))
                     x = x / scales
                 _gptq_group(group, x, grid, opts.per_channel, codes if codes is not None else {})
             advance(1)
     ctx.figures["smoothquant_alpha"] = chosen
+    if chosen:
+        ctx.figures["smoothquant_folded"] = folded
     if ratios:
         ctx.figures["smoothquant_error_ratio"] = round(float(np.mean(ratios)), 4)
     return result if chosen else model

@@ -40,13 +40,20 @@ from modelpress.plugin_api import (
     ensure_opset,
     load_dataset,
     lower_is_better,
+    make_session,
 )
+from modelpress.plugin_api import run as run_session
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer
+from modelpress.plugins.quantize.folding import (
+    fuse_layer_norms,
+    move_attention_biases,
+    move_residual_biases,
+)
 from modelpress.plugins.quantize.patterns import summary as patterns_summary
 from modelpress.plugins.quantize.qdq import Plan, Planned, build, half_eligible
 from modelpress.plugins.quantize.selection import feeds_quantized
@@ -176,6 +183,12 @@ class Int8StaticOptions(Options):
         "input channel's rounding error moved onto the channels not yet rounded through the inverse Hessian of "
         "those inputs (the scales unchanged); nearest: to the nearest step",
     )
+    fold_graph: bool = Field(
+        True,
+        description="before calibrating, rewrite the float graph where exact so fewer float ops run beside the "
+        "integer kernels: decomposed LayerNorms become LayerNormalization (opset 17+), attention key biases are "
+        "dropped and value biases moved into the output projection's (figure: graph_folds)",
+    )
     search_config: bool = Field(
         False,
         description="True, with calibration data of 32 samples or more: try SmoothQuant on/off x calibrator percentile/minmax "
@@ -216,6 +229,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
         layer.op_type in opts.op_types for layer in model.weighted_layers()
     ):
         data = _calibration(model, opts, ctx)
+        model = _folded(model, data, opts, ctx)
         candidates = _FullInt8()
         opts = choose_configuration(Search(reference, model, data, opts, ctx, candidates))
         smoothed = candidates.smoothed if opts.smoothquant else None
@@ -287,6 +301,29 @@ def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dat
     return load_dataset(ctx.calibration, model.signature, what="calibration").take(opts.max_samples)
 
 
+def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassContext) -> Model:
+    """``model`` with :mod:`.folding`'s exact rewrites when ``opts.fold_graph``; kept only where its
+    outputs equal the model's (to float rounding) on a few calibration samples, as a guard against a
+    shape the graph declared wrongly."""
+    if not opts.fold_graph:
+        return model
+    folded = model.clone()
+    counts = {"layer_norms": fuse_layer_norms(folded), **move_attention_biases(folded)}
+    counts["residual"] = move_residual_biases(folded)
+    if not any(counts.values()):
+        return model
+    sample = next(data.take(min(len(data), 8)).batches(8))
+    before = run_session(make_session(model, spin=False), sample)
+    after = run_session(make_session(folded, spin=False), sample)
+    for a, b in zip(before, after, strict=True):
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        if a.shape != b.shape or np.linalg.norm(a - b) > 1e-4 * max(np.linalg.norm(a), 1e-12):
+            ctx.figures["graph_folds"] = "refused: outputs changed beyond float rounding"
+            return model
+    ctx.figures["graph_folds"] = counts
+    return folded
+
+
 def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
     """Int8 embedding tables (near-lossless; done first so every candidate is judged with them)."""
     if not opts.embedding_tables:
@@ -298,7 +335,12 @@ def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
     return model, tables
 
 
-_SMOOTH_FIGURES = ("smoothquant_alpha", "smoothquant_error_ratio", "smoothquant_skipped")
+_SMOOTH_FIGURES = (
+    "smoothquant_alpha",
+    "smoothquant_error_ratio",
+    "smoothquant_skipped",
+    "smoothquant_folded",
+)
 
 
 class _FullInt8:

@@ -131,6 +131,36 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
 
 
+def test_int8_static_quantizes_unnamed_nodes_under_their_weights_names():
+    # ONNX allows unnamed nodes; plans keyed by node name made them collide (KeyError: 'W1')
+    rng = np.random.default_rng(0)
+    weights = [
+        onnx.numpy_helper.from_array(rng.normal(size=shape).astype(np.float32), name)
+        for name, shape in (("W1", (16, 32)), ("W2", (32, 4)))
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "W1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "W2"], ["y"]),
+        ],
+        "unnamed",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+        weights,
+    )
+    model = modelpress.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    data = {"x": rng.normal(size=(64, 16)).astype(np.float32)}
+    result = modelpress.quantize(model, "int8-static", calibration=data, show_progress=False)
+    assert result.provenance.passes[-1].figures["quantized_nodes"] == 2
+    matmuls = {node.name for node in result.ir.graph if node.op_type == "MatMul"}
+    assert matmuls == {"W1", "W2"}
+    reference = run(make_session(model), data)[0]
+    quantized = run(make_session(result), data)[0]
+    cosine = np.sum(reference * quantized) / np.linalg.norm(reference) / np.linalg.norm(quantized)
+    assert cosine > 0.99
+
+
 @pytest.mark.torch
 @pytest.mark.parametrize("calibrator", ["minmax", "percentile", "entropy", "mse"])
 def test_int8_static_on_trained_digits_cnn(torch_digits, digits, tmp_path, calibrator):

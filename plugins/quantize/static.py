@@ -221,6 +221,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     # NOTE: calibration data is declared (Method.requires): the host refuses a call without it before any work
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
+    model = _named(model)
     reference = model
     model, tables = _tables(model, opts)
     data, smoothed = None, None
@@ -295,6 +296,21 @@ def _smooth(
         ctx.figures["smoothquant_skipped"] = skipped
         opts = opts.model_copy(update={"exclude": [*opts.exclude, *skipped]})
     return smooth(model, data, opts, ctx, codes)
+
+
+def _named(model: Model) -> Model:
+    """``model`` with every main-graph node named (a clone when one had no name): selection,
+    statistics and plans are keyed by node name, and ONNX allows unnamed nodes (they all collided
+    at ``""``). A weighted node takes its layer's name (its weight's), so the names users see in
+    reports and ``exclude=`` are those they saw before."""
+    if all(node.name for node in model.ir.graph):
+        return model
+    model = model.clone()
+    layers = {id(layer.node): layer.name for layer in model.weighted_layers()}
+    for node in model.ir.graph:
+        if not node.name:
+            node.name = model.fresh_name(layers.get(id(node), node.op_type), node=True)
+    return model
 
 
 def _calibration(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Dataset:

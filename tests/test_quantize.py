@@ -332,16 +332,23 @@ def test_int4_matmulnbits_is_exact_and_qdq_close():
 
     model = _matmul_model()
     x = {"x": np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)}
-    q, s, z = _rtn(model.initializer("w").const_value.numpy(), WeightOnlyOptions())
+    # without data the default block is ORT's 128
+    q, s, z = _rtn(model.initializer("w").const_value.numpy(), WeightOnlyOptions(block_size=128))
     reference = np.maximum(x["x"] @ ((q - z) * s), 0)
-    nbits = check_method("int4-weight-only", model, format="matmulnbits", allow_no_gain=True)
-    assert nbits.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
+    exact = check_method(
+        "int4-weight-only", model, format="matmulnbits", accuracy_level=0, allow_no_gain=True
+    )
+    assert exact.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
     np.testing.assert_allclose(
-        run(make_session(nbits), x)[0], reference, atol=1e-5
+        run(make_session(exact), x)[0], reference, atol=1e-5
     )  # accuracy_level 0: float compute
-    # ORT fuses the QDQ form into MatMulNBits with its default accuracy level (int8 activations)
+    # the default accuracy level (4: int8 activations) is the one ORT fuses the QDQ form with
+    nbits = check_method("int4-weight-only", model, format="matmulnbits", allow_no_gain=True)
+    assert nbits.provenance.passes[-1].figures["block_size"].startswith("128: ")
+    assert next(n for n in nbits.graph).attributes["accuracy_level"].as_int() == 4
     qdq = modelpress.quantize(model, "int4-weight-only", show_progress=False, allow_no_gain=True)
-    np.testing.assert_allclose(run(make_session(qdq), x)[0], reference, atol=0.05)
+    for form in (nbits, qdq):
+        np.testing.assert_allclose(run(make_session(form), x)[0], reference, atol=0.05)
 
 
 def test_int8_weight_only():

@@ -152,6 +152,33 @@ def test_int8_and_fixed_formats_are_untouched_by_the_choice():
 # -- the data-aware default ---------------------------------------------------------------------------
 
 
+def _blocks(model: modelpress.Model) -> set[int]:
+    return {
+        n.attributes["block_size"].as_int()
+        for n in model.graph
+        if n.op_type in ("DequantizeLinear", "MatMulNBits") and "block_size" in n.attributes
+    }
+
+
+def test_the_block_size_follows_the_algorithm_unless_given():
+    """Unset, ``block_size`` is 32 for an algorithm that reads calibration data and ONNX Runtime's 128 otherwise;
+    the figure says which and why; a given block size always wins."""
+    model = _shared_model()
+    data = {"x": np.random.default_rng(5).standard_normal((64, D)).astype(np.float32)}
+    cases = [
+        ({}, "128: ONNX Runtime's MatMulNBitsQuantizer default"),
+        ({"calibration": data}, "32: gptq reads calibration data"),
+        ({"calibration": data, "algorithm": "awq"}, "32: awq reads calibration data"),
+        ({"calibration": data, "algorithm": "rtn"}, "128: ONNX Runtime's"),
+        ({"calibration": data, "block_size": 64}, "64: chosen by the user"),
+    ]
+    for options, why in cases:
+        q = modelpress.quantize(model, "int4-weight-only", show_progress=False, **options)
+        figure = q.provenance.passes[-1].figures["block_size"]
+        assert figure.startswith(why), (options, figure)
+        assert _blocks(q) == {int(why.split(":")[0])}, options
+
+
 @pytest.fixture(scope="module")
 def encoder(digits, tmp_path_factory):
     """The tests' small transformer (decomposed LayerNorm, GELU, attention), trained on digits rows."""
@@ -177,6 +204,7 @@ def test_calibration_data_makes_the_default_data_aware_and_better_held_out(encod
     )
     assert plain.provenance.passes[-1].figures["algorithm"] == "rtn: no calibration data"
     assert aware.provenance.passes[-1].figures["algorithm"] == "gptq: calibration data given"
+    assert aware.provenance.passes[-1].figures["block_size"].startswith("32: ")
     # without data: the bytes round to nearest always wrote; with data: exactly what algorithm="gptq" writes
     assert _graph_sha(plain) == _graph_sha(
         modelpress.quantize(model, "int4-weight-only", algorithm="rtn", show_progress=False)

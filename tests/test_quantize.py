@@ -357,21 +357,69 @@ def test_gptq_beats_round_to_nearest_on_output_error():
     assert errors["gptq"] < 0.7 * errors["rtn"]
 
 
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_gptq_act_order_keeps_the_block_layout(symmetric):
+    """``act_order=True``: rows in order of decreasing Hessian diagonal, each on its block's grid fixed from the
+    float weights, so the file holds the same tensors (shapes, block layout) as file order, other codes, and
+    still beats round to nearest on the layer's output."""
+    model = _matmul_model(seed=5)
+    rng = np.random.default_rng(6)
+    # correlated features with a few loud channels: the order act-order sorts by
+    mixed = (rng.standard_normal((512, 32)) @ rng.standard_normal((32, 128))) * np.where(
+        np.arange(128) % 16 == 0, 8.0, 1.0
+    )
+    calibration = {"x": mixed.astype(np.float32)}
+    ref = run(make_session(model), calibration)[0]
+    results, errors = {}, {}
+    for label, options in {
+        "rtn": {"algorithm": "rtn"},
+        "gptq": {"algorithm": "gptq"},
+        "act": {"algorithm": "gptq", "act_order": True},
+    }.items():
+        results[label] = modelpress.quantize(
+            model,
+            "int4-weight-only",
+            calibration=calibration,
+            block_size=32,
+            symmetric=symmetric,
+            show_progress=False,
+            **options,
+        )
+        out = run(make_session(results[label]), calibration)[0]
+        errors[label] = float(np.linalg.norm(out - ref))
+    shapes = {
+        label: {n: tuple(v.const_value.shape) for n, v in q.graph.initializers.items()}
+        for label, q in results.items()
+    }
+    assert shapes["act"] == shapes["gptq"] == shapes["rtn"]
+    name = "w_q4"
+    act, plain = (results[k].initializer(name).const_value.tobytes() for k in ("act", "gptq"))
+    assert act != plain
+    assert errors["act"] < 0.7 * errors["rtn"], errors
+
+
 def test_int4_matmulnbits_is_exact_and_qdq_close():
     from modelpress.plugins.quantize.weight_only import WeightOnlyOptions, _rtn
 
     model = _matmul_model()
     x = {"x": np.random.default_rng(2).standard_normal((8, 128)).astype(np.float32)}
-    q, s, z = _rtn(model.initializer("w").const_value.numpy(), WeightOnlyOptions())
+    # without data the default block is ORT's 128
+    q, s, z = _rtn(model.initializer("w").const_value.numpy(), WeightOnlyOptions(block_size=128))
     reference = np.maximum(x["x"] @ ((q - z) * s), 0)
-    nbits = check_method("int4-weight-only", model, format="matmulnbits", allow_no_gain=True)
-    assert nbits.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
+    exact = check_method(
+        "int4-weight-only", model, format="matmulnbits", accuracy_level=0, allow_no_gain=True
+    )
+    assert exact.op_histogram() == {"com.microsoft::MatMulNBits": 1, "Relu": 1}
     np.testing.assert_allclose(
-        run(make_session(nbits), x)[0], reference, atol=1e-5
+        run(make_session(exact), x)[0], reference, atol=1e-5
     )  # accuracy_level 0: float compute
-    # ORT fuses the QDQ form into MatMulNBits with its default accuracy level (int8 activations)
+    # the default accuracy level (4: int8 activations) is the one ORT fuses the QDQ form with
+    nbits = check_method("int4-weight-only", model, format="matmulnbits", allow_no_gain=True)
+    assert nbits.provenance.passes[-1].figures["block_size"].startswith("128: ")
+    assert next(n for n in nbits.graph).attributes["accuracy_level"].as_int() == 4
     qdq = modelpress.quantize(model, "int4-weight-only", show_progress=False, allow_no_gain=True)
-    np.testing.assert_allclose(run(make_session(qdq), x)[0], reference, atol=0.05)
+    for form in (nbits, qdq):
+        np.testing.assert_allclose(run(make_session(form), x)[0], reference, atol=0.05)
 
 
 def test_int8_weight_only():

@@ -467,8 +467,9 @@ def test_cli_external_data_and_no_verify(tmp_path):
 
 @pytest.mark.parametrize("block_size", [32, 128])
 def test_int4_logits_equal_onnxruntime_matmulnbits_quantizer(tmp_path, block_size):
-    """Same block size and symmetry: the same int4 tensors, and the same logits to the last bit
-    (the exported graph carries no shapes the importer inferred, so ORT picks the same kernels)."""
+    """Same block size, symmetry and accuracy level (the quantizer's 0; modelpress writes 4 unless told):
+    the same int4 tensors, and the same logits to the last bit (the exported graph carries no shapes the
+    importer inferred, so ORT picks the same kernels)."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     from benchmarks.scale import SIZES, _tokens, build_decoder
@@ -480,6 +481,7 @@ def test_int4_logits_equal_onnxruntime_matmulnbits_quantizer(tmp_path, block_siz
         "int4-weight-only",
         block_size=block_size,
         format="matmulnbits",
+        accuracy_level=0,
         op_types=["MatMul", "Gemm"],
         show_progress=False,
     )

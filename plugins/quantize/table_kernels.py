@@ -11,8 +11,11 @@ run: on a decoder that is the whole vocabulary per generated token. This pass sw
   table's rows are the LM head's output columns, blocked along K as MatMulNBits wants; its packed layout is a
   second, int4-sized copy of the table: an ONNX initializer has one type and shape);
 
-which is what onnxruntime-genai's model builder emits for an int4 table. Other users (a ``Slice`` of a
-position table) keep the DQ.
+* ``DQ -> Slice`` of rows (a position table cut to the sequence length) for ``GatherBlockQuantized`` of
+  ``Range(start, end)`` (the Slice's bounds, normalised as Slice does): a DQ of MiniLM's 512 x 384 position
+  table was its int4 file's one remaining per-run dequantization;
+
+which is what onnxruntime-genai's model builder emits for an int4 table. Other users keep the DQ.
 """
 
 from __future__ import annotations
@@ -68,6 +71,58 @@ def _gather(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
     return True
 
 
+def _ints(value: ir.Value | None) -> list[int] | None:
+    """The values of a constant int tensor, else None."""
+    if value is None or value.const_value is None:
+        return None
+    return [int(x) for x in np.asarray(value.const_value.numpy()).ravel()]
+
+
+def _row_slice(user: ir.Node, dq: ir.Node) -> bool:
+    """Whether ``user`` is a ``Slice`` of rows of the dequantized table (one axis, 0, step 1): a position
+    table cut to the sequence length."""
+    if user.op_type != "Slice" or user.domain not in ("", "ai.onnx") or len(user.inputs) < 3:
+        return False
+    if user.inputs[0] is not dq.outputs[0] or user.inputs[1] is None or user.inputs[2] is None:
+        return False
+    axes = _ints(user.inputs[3]) if len(user.inputs) > 3 and user.inputs[3] is not None else None
+    steps = _ints(user.inputs[4]) if len(user.inputs) > 4 and user.inputs[4] is not None else [1]
+    if axes is None:
+        starts = user.inputs[1].shape
+        axes = [0] if starts is not None and list(starts.dims) == [1] else None
+    return axes in ([0], [-2]) and steps == [1]
+
+
+def _slice(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
+    """``DQ -> Slice(rows)`` -> ``GatherBlockQuantized(Range(start, end))``, with Slice's bounds (a negative
+    bound counts from the end, then both are clamped to ``[0, V]``): only the rows read are dequantized."""
+    if not _row_slice(user, dq):
+        return False
+    rows = int(dq.inputs[0].const_value.shape[0])  # type: ignore[union-attr]
+    base = user.name or "position_slice"
+    b = model.builder(base)
+    zero, one, count = (
+        b.initializer(np.array(x, np.int64), f"{base}_{n}")
+        for x, n in ((0, "zero"), (1, "one"), (rows, "rows"))
+    )
+    axes = b.initializer(np.array([0], np.int64), f"{base}_axes")
+    bounds = []
+    for given in user.inputs[1:3]:
+        x = b.op("Squeeze", [b.op("Cast", [given], {"to": ir.DataType.INT64}), axes])
+        x = b.op("Where", [b.op("Less", [x, zero]), b.op("Add", [x, count]), x])
+        bounds.append(b.op("Clip", [x, zero, count]))
+    out = b.op(
+        "GatherBlockQuantized",
+        [dq.inputs[0], b.op("Range", [*bounds, one]), dq.inputs[1], dq.inputs[2]],
+        {"gather_axis": 0, "quantize_axis": 1, "block_size": block},
+        domain="com.microsoft",
+        name=f"{base}_GatherBlockQuantized",
+        out=Out(f"{base}_GatherBlockQuantized_output", ir.DataType.FLOAT),
+    )
+    model.replace_node(user, list(b.nodes), out)
+    return True
+
+
 def _nbits_weights(model: Model, dq: ir.Node, block: int) -> list[ir.Value]:
     """The table's codes, scales and zero points in MatMulNBits' layout: B ``[V, D / block, block / 2]`` uint8,
     scales ``[V, D / block]``, zero points ``[V, ceil(D / block / 2)]`` uint8 (packed per row)."""
@@ -88,7 +143,7 @@ def _nbits_weights(model: Model, dq: ir.Node, block: int) -> list[ir.Value]:
     ]
 
 
-def _lm_heads(model: Model, dq: ir.Node, user: ir.Node, block: int) -> int:
+def _lm_heads(model: Model, dq: ir.Node, user: ir.Node, block: int, level: int) -> int:
     """Swap each ``MatMul(x, Transpose(DQ(table)))`` after ``user`` (the Transpose) for MatMulNBits; how many."""
     perm = user.attributes.get("perm")
     if user.op_type != "Transpose" or (perm is not None and list(perm.as_ints()) != [1, 0]):
@@ -107,7 +162,7 @@ def _lm_heads(model: Model, dq: ir.Node, user: ir.Node, block: int) -> int:
         out = b.op(
             "MatMulNBits",
             [head.inputs[0], *weights],
-            {"K": int(d), "N": int(v), "bits": 4, "block_size": block, "accuracy_level": 0},
+            {"K": int(d), "N": int(v), "bits": 4, "block_size": block, "accuracy_level": level},
             domain="com.microsoft",
             name=f"{head.name or 'lm_head'}_MatMulNBits",
             out=Out(f"{head.name or 'lm_head'}_MatMulNBits_output", ir.DataType.FLOAT),
@@ -127,16 +182,22 @@ def _drop_if_unused(model: Model, node: ir.Node) -> None:
             graph.initializers.pop(value.name or "")
 
 
-def use_table_kernels(model: Model) -> dict[str, int]:
-    """Rewrite ``model`` in place (main graph); how many lookups and LM heads now run on int4 kernels."""
-    counts = {"gather_block_quantized": 0, "tied_lm_head_matmulnbits": 0}
+def use_table_kernels(model: Model, *, accuracy_level: int | None = None) -> dict[str, int]:
+    """Rewrite ``model`` in place (main graph); how many lookups, row slices and LM heads now run on int4
+    kernels. ``accuracy_level``: the tied LM heads' MatMulNBits (default 0: float compute, the logits of the
+    ``DQ -> Transpose -> MatMul`` it replaces)."""
+    counts = {"gather_block_quantized": 0, "sliced_rows": 0, "tied_lm_head_matmulnbits": 0}
+    level = 0 if accuracy_level is None else accuracy_level
     for dq in [n for n in model.ir.graph if _table_dq(n) is not None]:
         _, block = _table_dq(dq)  # type: ignore[misc]
         for user, _ in list(dq.outputs[0].uses()):
             if _gather(model, dq, user, block):
                 counts["gather_block_quantized"] += 1
                 continue
-            heads = _lm_heads(model, dq, user, block)
+            if _slice(model, dq, user, block):
+                counts["sliced_rows"] += 1
+                continue
+            heads = _lm_heads(model, dq, user, block, level)
             counts["tied_lm_head_matmulnbits"] += heads
             if heads:
                 _drop_if_unused(model, user)

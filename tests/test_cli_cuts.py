@@ -20,7 +20,7 @@ def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path
     modelpress.export(model, tmp_path / "net.onnx", verify=False)
     proc = run_cli_here("convert", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "copy.onnx"))
     assert proc.returncode == 0, proc.stderr
-    first = proc.stdout.splitlines()[0]
+    first = " ".join(proc.stdout.split())  # NOTE: piped, lines wrap at $COLUMNS or 80
     assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), (
         proc.stdout
     )

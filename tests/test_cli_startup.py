@@ -273,6 +273,26 @@ def test_a_piped_compress_report_wraps_a_long_stage_name_at_COLUMNS(capsys, monk
         assert whole == (width == 120), lines  # wraps at 80, whole at 120
 
 
+def test_piped_result_lines_wrap_at_COLUMNS_and_quiet_keeps_one_line(mlp, tmp_path):
+    """Issue #25: piped, the figures and the "verified in ONNX Runtime ..." line wrapped at a fixed 160
+    columns whatever $COLUMNS said; they take $COLUMNS, or 80 unset, as the tables do. -q keeps its one line."""
+    argv = ["prune", str(mlp), "--sparsity", "0.5", "-o", str(tmp_path / "p.onnx"), "--overwrite"]
+    for columns in ("80", "", "300"):
+        shown = run_cli_here(*argv, env={"COLUMNS": columns})
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        width = int(columns or 80)
+        assert max(len(line) for line in lines) <= width, (columns, lines)
+        verified = next(
+            i for i, line in enumerate(lines) if line.startswith("verified in ONNX Runtime")
+        )
+        # NOTE: the line is ~210 characters: wrapped (at a space) at 80, whole at 300
+        whole = lines[verified].rstrip().endswith("for real data")
+        assert whole == (width == 300), lines[verified:]
+    quiet = run_cli_here(*argv, "-q", env={"COLUMNS": "80"})
+    assert len(quiet.stdout.strip().splitlines()) == 1 and len(quiet.stdout) > 80, quiet.stdout
+
+
 def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
     from rich.console import Console
 

@@ -80,7 +80,7 @@ def compress_arguments(p: argparse.ArgumentParser) -> None:
 def print_report(result: Any) -> None:
     """The stage table: the result of compress and demo (printed with -q too). Laid out for the
     terminal's width, piped for $COLUMNS or 80 as the other tables (a long stage name wraps)."""
-    console(fit=True).print(result.report.table())
+    console().print(result.report.table())
     if result.interrupted:
         console().print("interrupted: the completed stages' files and a partial report were kept")
 

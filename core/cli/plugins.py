@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    out = console(
-        fit=True
-    )  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
+    out = console()
     table = Table(title="installed plugins", title_justify="left")
     provided = {
         name: [f"adapter {a.name}" for a in p.adapters]

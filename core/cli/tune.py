@@ -227,7 +227,7 @@ def print_result(result: Any, output: str, *, quiet: bool = False) -> None:
     """The trials table at the terminal's width (piped: $COLUMNS or 80, as the other tables), then the
     result line; ``quiet`` (-q): the result line only."""
     if not quiet:
-        console(fit=True).print(result.report.table())
+        console().print(result.report.table())
     out = console()
     if result.model_path is not None:
         out.print(

@@ -5,6 +5,7 @@ that fits 80 columns."""
 import io
 import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -293,6 +294,22 @@ def test_piped_result_lines_wrap_at_COLUMNS_and_quiet_keeps_one_line(mlp, tmp_pa
     assert len(quiet.stdout.strip().splitlines()) == 1 and len(quiet.stdout) > 80, quiet.stdout
 
 
+def test_inspect_entropy_and_summary_fit_80_columns_whole(mlp):
+    """Issue #25 (80 columns): `inspect --entropy` cut its cells (`conv1…`, `entro…`, `byteg…`) and the
+    summary line broke inside an item (`weighted layers` / `3`). Every cell whole within $COLUMNS."""
+    for columns, packed in (("80", False), ("120", True)):
+        shown = run_cli_here("inspect", str(mlp), "--entropy", env={"COLUMNS": columns})
+        assert shown.returncode == 0, shown.stderr
+        lines = shown.stdout.splitlines()
+        assert max(len(line) for line in lines) <= int(columns) and "…" not in shown.stdout, lines
+        assert any(line.endswith(f"weighted layers {2}") for line in lines), lines[:3]
+        rows = [line for line in lines if line.startswith(("fc1.", "fc2."))]
+        assert len(rows) >= 3 and all(
+            re.search(r" \d+\.\d\d/32 ", row) and re.search(r" \d+\.\d\dx$", row) for row in rows
+        ), rows
+        assert ("packed" in shown.stdout) == packed
+
+
 def test_report_table_fits_80_columns_and_uses_a_wider_terminal():
     from rich.console import Console
 
@@ -415,7 +432,7 @@ def test_a_piped_tune_table_is_80_columns_or_COLUMNS(capsys, monkeypatch, tmp_pa
         table = text.split("best model:")[0].splitlines()
         assert max(len(line) for line in table) == width, text
         assert "…" not in text and text.count("0.9759") >= 3 and text.count("4.46x") >= 3
-        assert "int8-static(" in text and "best model: " in text
+        assert "int8-static(" in text and "best model:" in text
         # NOTE: the configuration breaks after a comma, a space or "(", never mid-word
         # (it showed `int8-static(calibrator` / `=entropy,`)
         rows = table[table.index(next(line for line in table if "──" in line)) + 1 :]

@@ -32,6 +32,7 @@ __all__ = [
     "console",
     "escape",
     "human_bytes",
+    "print_result_line",
     "print_wrapped",
     "refuse_overwrite",
 ]
@@ -122,6 +123,15 @@ def print_wrapped(out: Any, text: str, indent: int = 4) -> None:
         drop_whitespace=True,
     )
     out.print("\n".join(lines) or text, markup=False, soft_wrap=True, highlight=False)
+
+
+def print_result_line(out: Any, text: str, *, quiet: bool) -> None:
+    """A command's result line (plain text): with -q one line however long (for scripts; a terminal wraps
+    it itself), else wrapped at the width with a hanging indent."""
+    if quiet:
+        out.print(text, markup=False, soft_wrap=True, highlight=False)
+    else:
+        print_wrapped(out, text, indent=2)
 
 
 def human_bytes(n: int | None) -> str:

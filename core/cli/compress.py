@@ -18,6 +18,7 @@ from modelpress.cli.common import (
     add_writing_arguments,
     console,
     load_options,
+    print_result_line,
     refuse_overwrite,
 )
 
@@ -116,7 +117,9 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
-    console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
+    print_result_line(
+        console(), f"wrote {args.output} and report.md/.json/.html in {target}", quiet=args.quiet
+    )
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -172,8 +175,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     result = demo(args.out, fast=args.fast, framework=args.framework, show_progress=not args.quiet)
     print_report(result)
-    console().print(
-        f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); recipe: {Path(args.out) / 'recipe.yaml'}"
+    print_result_line(
+        console(),
+        f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); "
+        f"recipe: {Path(args.out) / 'recipe.yaml'}",
+        quiet=args.quiet,
     )
     return EXIT_INTERRUPTED if result.interrupted else 0
 

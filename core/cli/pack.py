@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelpress.cli.common import Command, console, escape, human_bytes
+from modelpress.cli.common import Command, console, escape, human_bytes, print_result_line
 
 __all__ = ["COMMANDS"]
 
@@ -66,9 +66,11 @@ def run_pack(args: argparse.Namespace) -> int:
     )
     out = console()
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.codec_counts().items()))
-    out.print(
-        f"packed {escape(args.model)} ({human_bytes(result.source_bytes)}) into {escape(result.path)} "
-        f"({human_bytes(result.size_bytes)}, {result.ratio:.2f}x smaller); tensors by codec: {counts or 'none'}"
+    print_result_line(
+        out,
+        f"packed {args.model} ({human_bytes(result.source_bytes)}) into {result.path} "
+        f"({human_bytes(result.size_bytes)}, {result.ratio:.2f}x smaller); tensors by codec: {counts or 'none'}",
+        quiet=args.quiet,
     )
     if args.quiet:
         return 0
@@ -90,8 +92,10 @@ def run_unpack(args: argparse.Namespace) -> int:
     import modelpress
 
     path = modelpress.unpack(args.pack, args.output)
-    console().print(
-        f"unpacked {escape(args.pack)} into {escape(path)} (every tensor matched its checksum)"
+    print_result_line(
+        console(),
+        f"unpacked {args.pack} into {path} (every tensor matched its checksum)",
+        quiet=args.quiet,
     )
     return 0
 

@@ -112,7 +112,8 @@ def console(stderr: bool = False) -> Any:
 
 def print_wrapped(out: Any, text: str, indent: int = 4) -> None:
     """``text`` (plain, not markup) wrapped at ``out``'s width with a hanging indent, so a long figure or
-    result line reads as one item at 80 columns (rich wraps continuation lines flush left)."""
+    result line reads as one item at 80 columns (rich wraps continuation lines flush left). A word longer
+    than a line (a path) is not cut."""
     import textwrap
 
     lines = textwrap.wrap(
@@ -120,7 +121,7 @@ def print_wrapped(out: Any, text: str, indent: int = 4) -> None:
         width=max(out.width, indent + 20),
         subsequent_indent=" " * indent,
         break_on_hyphens=False,
-        drop_whitespace=True,
+        break_long_words=False,  # NOTE: a path longer than a line stays whole (copy and paste)
     )
     out.print("\n".join(lines) or text, markup=False, soft_wrap=True, highlight=False)
 

@@ -132,12 +132,12 @@ def _print_import(out: Any, source: str, prov: Any) -> None:
             if prov.source_framework != "onnx" and prov.importer
             else ""
         )
-        print_wrapped(out, f"read {source} (ONNX{first})", indent=2)
+        print_wrapped(out, f"read {source} (ONNX{first})", indent=4)
         return
     print_wrapped(
         out,
         f"imported {source} from {prov.source_framework} ({prov.source_version}) with {prov.importer}",
-        indent=2,
+        indent=4,  # NOTE: under the "  import verified" line's 2
     )
     check = prov.extra.get("import_check")
     if check:

@@ -14,6 +14,7 @@ from modelpress.cli.common import (
     escape,
     human_bytes,
     load_options,
+    print_wrapped,
 )
 
 __all__ = ["COMMANDS"]
@@ -158,8 +159,8 @@ def _print_summary(info: dict[str, Any], out: Any) -> None:
             checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})"
         else:
             checked = f"; check {check}" if check else ""
-        out.print(
-            f"normalised on import: {done or 'nothing to change'}{escape(checked)}", overflow="fold"
+        print_wrapped(
+            out, f"normalised on import: {done or 'nothing to change'}{checked}", indent=2
         )
     if info["passes"]:
         out.print("passes applied: " + " -> ".join(info["passes"]))

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelpress.cli.common import Command, console, escape, human_bytes, print_result_line
+from modelpress.cli.common import (
+    Command,
+    console,
+    escape,
+    human_bytes,
+    print_result_line,
+    print_wrapped,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -75,8 +82,10 @@ def run_pack(args: argparse.Namespace) -> int:
     if args.quiet:
         return 0
     if not result.bytes_identical:
-        out.print(
-            "note: the input's protobuf encoding is not canonical: unpack restores every tensor and the graph exactly, not the same file bytes"
+        print_wrapped(
+            out,
+            "note: the input's protobuf encoding is not canonical: unpack restores every tensor and the graph exactly, not the same file bytes",
+            indent=2,
         )
     for name, why in result.skipped_codecs.items():
         out.print(f"[dim]codec {escape(name)} skipped: {escape(why)}[/dim]")

@@ -290,6 +290,8 @@ def test_piped_result_lines_wrap_at_COLUMNS_and_quiet_keeps_one_line(mlp, tmp_pa
         # NOTE: the line is ~210 characters: wrapped (at a space) at 80, whole at 300
         whole = lines[verified].rstrip().endswith("for real data")
         assert whole == (width == 300), lines[verified:]
+        # NOTE: a wrapped line goes on indented, not flush left where it reads as a line of its own
+        assert all(line.startswith("  ") for line in lines[verified + 1 :]), lines[verified:]
     quiet = run_cli_here(*argv, "-q", env={"COLUMNS": "80"})
     assert len(quiet.stdout.strip().splitlines()) == 1 and len(quiet.stdout) > 80, quiet.stdout
 

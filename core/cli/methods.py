@@ -191,8 +191,10 @@ def run(args: argparse.Namespace) -> int:
     if text and not args.quiet:  # NOTE: -q keeps its one line
         from modelpress.evaluation.text import text_summary
 
-        console().print(
-            "text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text))
+        print_wrapped(
+            console(),
+            "text (held-out calibration text, ONNX Runtime): " + text_summary(text),
+            indent=2,
         )
     return 0
 

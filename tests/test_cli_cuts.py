@@ -20,7 +20,7 @@ def test_convert_of_an_onnx_file_says_it_read_onnx_not_the_first_import(tmp_path
     modelpress.export(model, tmp_path / "net.onnx", verify=False)
     proc = run_cli_here("convert", str(tmp_path / "net.onnx"), "-o", str(tmp_path / "copy.onnx"))
     assert proc.returncode == 0, proc.stderr
-    first = proc.stdout.splitlines()[0]
+    first = " ".join(proc.stdout.split())  # NOTE: piped, lines wrap at $COLUMNS or 80
     assert first.startswith(f"read {tmp_path / 'net.onnx'} (ONNX; first imported from torch"), (
         proc.stdout
     )
@@ -54,3 +54,22 @@ def test_plugins_never_cuts_a_method_or_option_name_at_80_columns():
         for m in p.methods:
             for row in m.option_rows():
                 assert any(f" {row['name']} " in line for line in lines), row["name"]
+
+
+def test_plugins_wraps_a_method_summary_under_itself_at_80_columns():
+    """At 80 columns a method's summary went on flush left (`+ float codebook` on a line of its own,
+    read as another entry); its continuation lines are indented under the method."""
+    proc = run_cli_here("plugins", env={"COLUMNS": "80"})
+    lines = proc.stdout.splitlines()
+    registry = modelpress.get_registry()
+    checked = 0
+    for m in (m for p in registry.plugins.values() for m in p.methods):
+        head = next(i for i, line in enumerate(lines) if line.startswith(f"  {m.name}  ("))
+        text = lines[head]
+        for line in lines[head + 1 :]:
+            if not line.startswith("      "):
+                break
+            text += " " + line.strip()
+        assert text.endswith(" ".join(m.summary.split())), (text, m.summary)
+        checked += len(text) > 80
+    assert checked, "no summary long enough to wrap at 80 columns"

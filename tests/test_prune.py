@@ -143,6 +143,42 @@ def test_residual_with_an_unprunable_branch_is_left_alone():
         modelpress.prune(model, "channel", ratio=0.5)
 
 
+def test_skipped_layers_are_explained_in_the_users_layer_names_not_the_exporters_node_names():
+    """Issue #25: on a Keras model, prune said "Transpose Transpose__30 consumes the channels; Softmax
+    functional_1/probs_1/Softmax consumes the channels": node names tf2onnx made up. The weighted layers
+    carry the user's names (given on import); other ops are said by what they are and the layers around them."""
+    inits = {
+        "w1": _w(8, 4, 3, 3),
+        "shape": np.array([-1, 288], np.int64),
+        "w_fc": _w(288, 16, scale=0.1),
+        "w_probs": _w(16, 10),
+    }
+    nodes = [
+        _conv(
+            "conv_a", "x", "w1"
+        ),  # NOTE: weighted layers: renamed after the Keras layers on import
+        helper.make_node("Relu", ["conv_a"], ["r"], name="functional_1/conv_a_1/Relu"),
+        helper.make_node("Transpose", ["r"], ["t"], name="Transpose__30", perm=[0, 2, 3, 1]),
+        helper.make_node("Reshape", ["t", "shape"], ["f"], name="functional_1/flat_1/Reshape"),
+        helper.make_node("MatMul", ["f", "w_fc"], ["fc"], name="fc"),
+        helper.make_node("Relu", ["fc"], ["fr"], name="functional_1/fc_1/Relu"),
+        helper.make_node("MatMul", ["fr", "w_probs"], ["logits"], name="probs"),
+        helper.make_node("Softmax", ["logits"], ["y"], name="functional_1/probs_1/Softmax"),
+    ]
+    model = _model(nodes, inits, (10,))
+    pruned = modelpress.prune(model, "channel", ratio=0.5)
+    figures = pruned.provenance.passes[-1].figures
+    assert list(figures["layers"]) == ["fc"], figures
+    assert figures["skipped"] == {
+        "conv_a": "a Transpose between conv_a and fc needs every channel",
+        "probs": "a Softmax after probs needs every channel",
+    }, figures["skipped"]
+    from modelpress.app.report import figure_text
+
+    shown = figure_text(figures["skipped"])
+    assert "__30" not in shown and "functional_1" not in shown, shown
+
+
 def test_depthwise_block_follows_its_input():
     strong = _strong_channels(8, [0, 1, 2, 3])
     inits = {

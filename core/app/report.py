@@ -198,13 +198,62 @@ class _FittedTable:
             spare -= grow
         return max(min(longest, max_width - len(values) - sum(values)), 5), values
 
+    def room(self) -> int:
+        """The width of the number columns with every value and header word whole, and their spaces."""
+        return sum(
+            max(
+                [len(row[i]) for row in self.rows]
+                + [2]
+                + [len(w) for w in _short_header(col).split()]
+            )
+            + 1
+            for i, col in enumerate(self.columns)
+            if i > 0
+        )
+
+    def stage_room(self) -> int:
+        """What the stage column needs: its longest label in at most two lines (at least 5)."""
+        longest = max((len(row[0]) for row in self.rows), default=5)
+        return min(longest, max(5, -(-longest // 2)))
+
+    def fitted(self, max_width: int) -> tuple[_FittedTable, list[str]]:
+        """This table with the columns that fit ``max_width`` (the stage keeping its two lines), and the
+        headers left out: the least read first (``_DROPPED_FIRST``: time, zip, the raw perplexity, the
+        larger batches' latency), never the metric, size or ratio. report.md and .html keep every column."""
+        kept = list(range(len(self.columns)))
+        dropped: list[str] = []
+        candidates = [c for c in _DROPPED_FIRST if c in self.columns] + [
+            c for c in reversed(self.columns) if c.startswith("latency ")
+        ][:-1]
+        table = self
+        for column in candidates:
+            if table.room() + table.stage_room() <= max_width:
+                break
+            kept.remove(self.columns.index(column))
+            dropped.append(column)
+            table = _FittedTable(
+                self.title,
+                [self.columns[i] for i in kept],
+                [[r[i] for i in kept] for r in self.rows],
+            )
+        return table, dropped
+
     def __rich_console__(self, console: Any, options: Any) -> Any:
         import textwrap
 
         from rich import box
         from rich.markup import escape
         from rich.table import Table
+        from rich.text import Text
 
+        fitted, dropped = self.fitted(options.max_width)
+        if fitted is not self:
+            yield from fitted.__rich_console__(console, options)
+            left_out = ", ".join(_short_header(c) for c in dropped)
+            yield Text(
+                f"(not shown at {options.max_width} columns: {left_out}; report.md has them)"
+            )
+            return
         stage, widths = self.widths(options.max_width)
         table = Table(
             title=self.title,
@@ -218,9 +267,30 @@ class _FittedTable:
             header = textwrap.fill(_short_header(col), width, break_long_words=True)
             table.add_column(escape(header), justify="right", no_wrap=True, width=width)
         for row in self.rows:
-            table.add_row(*(escape(c) for c in row))
+            # NOTE: a long name breaks after a hyphen or a slash where it can (`distill-into-the-` /
+            # `pruned-student`), not wherever the column ends
+            table.add_row(escape(_wrap_label(row[0], stage)), *(escape(c) for c in row[1:]))
         yield table
 
+
+def _wrap_label(text: str, width: int) -> str:
+    """``text`` in lines of ``width``, broken after a space, a hyphen or a slash where it can
+    (``quantize/`` / ``int8-dynamic``), a piece longer than a line folded."""
+    lines = [""]
+    for piece in re.findall(r"[^-/ ]*[-/ ]|[^-/ ]+$", text):
+        if lines[-1] and len(lines[-1]) + len(piece.rstrip()) > width:
+            lines.append("")
+        while len(lines[-1]) + len(piece.rstrip()) > width:
+            room = width - len(lines[-1])
+            lines[-1] += piece[:room]
+            lines.append("")
+            piece = piece[room:]
+        lines[-1] += piece
+    return "\n".join(line.rstrip() for line in lines if line.strip())
+
+
+# NOTE: what a narrow terminal's table leaves out first (see _FittedTable.fitted)
+_DROPPED_FIRST = ("time (s)", "zip (MB)", "perplexity", "ratio (packed)", "decode tokens/s")
 
 # NOTE: a text decoder's columns, in StageMetrics.text's keys' order
 _TEXT_COLUMNS = ("perplexity", "perplexity change", "token agreement", "decode tokens/s")

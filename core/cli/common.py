@@ -32,6 +32,8 @@ __all__ = [
     "console",
     "escape",
     "human_bytes",
+    "print_result_line",
+    "print_wrapped",
     "refuse_overwrite",
 ]
 
@@ -99,15 +101,38 @@ def escape(text: Any) -> str:
     return rich_escape(str(text))
 
 
-def console(stderr: bool = False, *, fit: bool = False) -> Any:
-    """A rich console. ``fit``: tables that read best narrow (a listing) take the terminal's width, and when piped
-    $COLUMNS or 80 (rich's default); else piped output gets a wide fixed width (160) so result lines stay whole."""
+def console(stderr: bool = False) -> Any:
+    """A rich console at the terminal's width, piped at $COLUMNS or 80 (rich's rule), for tables and result
+    lines alike (a fixed 160 for piped result lines ignored $COLUMNS: issue #25). A line meant to stay whole
+    (a -q result line) is printed with ``soft_wrap=True``."""
     from rich.console import Console
 
-    stream = sys.stderr if stderr else sys.stdout
-    # NOTE: piped output (CI logs, files) gets a wide fixed width instead of rich's 80 columns.
-    width = None if fit or stream.isatty() else 160
-    return Console(stderr=stderr, highlight=False, width=width)
+    return Console(stderr=stderr, highlight=False)
+
+
+def print_wrapped(out: Any, text: str, indent: int = 4) -> None:
+    """``text`` (plain, not markup) wrapped at ``out``'s width with a hanging indent, so a long figure or
+    result line reads as one item at 80 columns (rich wraps continuation lines flush left). A word longer
+    than a line (a path) is not cut."""
+    import textwrap
+
+    lines = textwrap.wrap(
+        text,
+        width=max(out.width, indent + 20),
+        subsequent_indent=" " * indent,
+        break_on_hyphens=False,
+        break_long_words=False,  # NOTE: a path longer than a line stays whole (copy and paste)
+    )
+    out.print("\n".join(lines) or text, markup=False, soft_wrap=True, highlight=False)
+
+
+def print_result_line(out: Any, text: str, *, quiet: bool) -> None:
+    """A command's result line (plain text): with -q one line however long (for scripts; a terminal wraps
+    it itself), else wrapped at the width with a hanging indent."""
+    if quiet:
+        out.print(text, markup=False, soft_wrap=True, highlight=False)
+    else:
+        print_wrapped(out, text, indent=2)
 
 
 def human_bytes(n: int | None) -> str:

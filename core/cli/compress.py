@@ -18,6 +18,7 @@ from modelpress.cli.common import (
     add_writing_arguments,
     console,
     load_options,
+    print_result_line,
     refuse_overwrite,
 )
 
@@ -80,7 +81,7 @@ def compress_arguments(p: argparse.ArgumentParser) -> None:
 def print_report(result: Any) -> None:
     """The stage table: the result of compress and demo (printed with -q too). Laid out for the
     terminal's width, piped for $COLUMNS or 80 as the other tables (a long stage name wraps)."""
-    console(fit=True).print(result.report.table())
+    console().print(result.report.table())
     if result.interrupted:
         console().print("interrupted: the completed stages' files and a partial report were kept")
 
@@ -116,7 +117,9 @@ def run_compress(args: argparse.Namespace) -> int:
     )
     print_report(result)
     target = args.report_dir or str(Path(args.output).parent)
-    console().print(f"wrote {args.output} and report.md/.json/.html in {target}")
+    print_result_line(
+        console(), f"wrote {args.output} and report.md/.json/.html in {target}", quiet=args.quiet
+    )
     return EXIT_INTERRUPTED if result.interrupted else 0
 
 
@@ -172,8 +175,11 @@ def run_demo(args: argparse.Namespace) -> int:
 
     result = demo(args.out, fast=args.fast, framework=args.framework, show_progress=not args.quiet)
     print_report(result)
-    console().print(
-        f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); recipe: {Path(args.out) / 'recipe.yaml'}"
+    print_result_line(
+        console(),
+        f"compressed model: {result.output}; reports: {Path(args.out) / 'report.html'} (.md, .json); "
+        f"recipe: {Path(args.out) / 'recipe.yaml'}",
+        quiet=args.quiet,
     )
     return EXIT_INTERRUPTED if result.interrupted else 0
 

@@ -15,6 +15,7 @@ from modelpress.cli.common import (
     console,
     escape,
     human_bytes,
+    print_wrapped,
     refuse_overwrite,
 )
 
@@ -109,10 +110,15 @@ def run(args: argparse.Namespace) -> int:
         out.print(wrote + verified, soft_wrap=True)  # NOTE: one line, however long
         return 0
     _print_import(out, args.source, result.model.provenance)
-    out.print(wrote)
+    print_wrapped(
+        out,
+        f"wrote {result.path} ({result.target}{', ' + result.note if result.note else ''}, {size})",
+    )
     if result.verification is not None:
-        out.print(
-            f"verified against the imported model in ONNX Runtime: {escape(result.verification.summary())}"
+        print_wrapped(
+            out,
+            f"verified against the imported model in ONNX Runtime: {result.verification.summary()}",
+            indent=2,
         )
     return 0
 
@@ -122,14 +128,16 @@ def _print_import(out: Any, source: str, prov: Any) -> None:
     imported from, not what ran now); anything else was imported from its framework, and checked against it."""
     if Path(source).suffix.lower() == ".onnx":
         first = (
-            f"; first imported from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}"
+            f"; first imported from {prov.source_framework} ({prov.source_version}) with {prov.importer}"
             if prov.source_framework != "onnx" and prov.importer
             else ""
         )
-        out.print(f"read {escape(source)} (ONNX{first})")
+        print_wrapped(out, f"read {source} (ONNX{first})", indent=4)
         return
-    out.print(
-        f"imported {escape(source)} from {prov.source_framework} ({escape(prov.source_version)}) with {escape(prov.importer)}"
+    print_wrapped(
+        out,
+        f"imported {source} from {prov.source_framework} ({prov.source_version}) with {prov.importer}",
+        indent=4,  # NOTE: under the "  import verified" line's 2
     )
     check = prov.extra.get("import_check")
     if check:

@@ -14,6 +14,7 @@ from modelpress.cli.common import (
     escape,
     human_bytes,
     load_options,
+    print_wrapped,
 )
 
 __all__ = ["COMMANDS"]
@@ -132,9 +133,15 @@ def _print_summary(info: dict[str, Any], out: Any) -> None:
         f"[bold]{escape(info['name'])}[/bold]  (opset {info['opset']}, IR v{info['ir_version']}, from "
         f"{info['source_framework']}, producer {escape(info['producer'] or '?')})"
     )
-    out.print(
-        f"parameters {info['parameters']:,}   weights {human_bytes(info['weight_bytes'])}   "
-        f"on disk {human_bytes(info['size_on_disk'])}   nodes {info['nodes']}   weighted layers {info['weighted_layers']}"
+    _print_items(
+        out,
+        [
+            f"parameters {info['parameters']:,}",
+            f"weights {human_bytes(info['weight_bytes'])}",
+            f"on disk {human_bytes(info['size_on_disk'])}",
+            f"nodes {info['nodes']}",
+            f"weighted layers {info['weighted_layers']}",
+        ],
     )
     if info["nodes_in_subgraphs"]:
         out.print(
@@ -152,11 +159,21 @@ def _print_summary(info: dict[str, Any], out: Any) -> None:
             checked = f"; outputs equal the original's in ONNX Runtime (max |diff| {check['max_abs_diff']:.3g})"
         else:
             checked = f"; check {check}" if check else ""
-        out.print(
-            f"normalised on import: {done or 'nothing to change'}{escape(checked)}", overflow="fold"
+        print_wrapped(
+            out, f"normalised on import: {done or 'nothing to change'}{checked}", indent=2
         )
     if info["passes"]:
         out.print("passes applied: " + " -> ".join(info["passes"]))
+
+
+def _print_items(out: Any, items: list[str], gap: str = "  ") -> None:
+    """``items`` on one line, wrapped between items (never inside one: ``weighted layers`` / ``3``)."""
+    lines = [""]
+    for item in items:
+        if lines[-1] and len(lines[-1]) + len(gap) + len(item) > out.width:
+            lines.append("")
+        lines[-1] += (gap if lines[-1] else "") + item
+    out.print("\n".join(lines), markup=False, highlight=False, soft_wrap=True)
 
 
 def _print_signature(info: dict[str, Any], out: Any) -> None:
@@ -183,14 +200,28 @@ def _print_signature(info: dict[str, Any], out: Any) -> None:
 
 
 def _print_codecs(rows: list[dict[str, Any]], out: Any) -> None:
+    """The codecs a pack needs, laid out as the report table (no borders) so that a distribution's name
+    stays whole at 80 columns; ``installed`` names what is installed only when it differs from the pack's."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="codecs this pack needs", title_justify="left")
-    for i, col in enumerate(("codec", "tensors", "plugin", "distribution", "installed")):
+    table = Table(
+        title="codecs this pack needs",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        pad_edge=False,
+    )
+    for i, col in enumerate(("codec", "tensors", "plugin", "packed with", "installed")):
         table.add_column(col, justify="right" if i == 1 else "left", overflow="fold")
     for row in rows:
         recorded = " ".join(filter(None, [row["distribution"], row["version"]])) or "?"
-        installed = f"yes ({row['installed_from']})" if row["installed"] else "[red]no[/red]"
+        if not row["installed"]:
+            installed = "[red]no[/red]"
+        elif row["installed_from"] in (None, recorded):
+            installed = "yes"
+        else:
+            installed = f"yes ({escape(row['installed_from'])})"
         table.add_row(
             escape(row["codec"]),
             str(row["tensors"]),
@@ -224,40 +255,43 @@ def _print_layers(info: dict[str, Any], out: Any) -> None:
 
 
 def _print_entropy(model: Any, out: Any) -> None:
+    """Per tensor: entropy and the best codec. Laid out as the report table (no borders, short cells:
+    ``32x16x3x3``, ``12.17/32``) so that it fits 80 columns with a tensor name of 20 characters; a long
+    name folds, a number never does. The packed size shows from 100 columns (the ratio says it)."""
+    from rich import box
     from rich.table import Table
 
     from modelpress.packing.container import tensor_report
 
     table = Table(
-        title="tensors: order-0 entropy and the best lossless codec", title_justify="left"
+        title="tensors: order-0 entropy (bits/element) and the best lossless codec",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        show_edge=False,
+        padding=(0, 0),
     )
-    for i, col in enumerate(
-        (
-            "tensor",
-            "dtype",
-            "shape",
-            "role",
-            "size",
-            "entropy (bits/elem)",
-            "best codec",
-            "packed",
-            "ratio",
-        )
-    ):
-        table.add_column(col, justify="left" if i < 4 else "right")
+    wide = out.width >= 100
+    table.add_column("tensor", overflow="fold", ratio=1)
+    for col in ("dtype", "shape", "role"):
+        table.add_column(col, no_wrap=True)
+    for col in ("size", "entropy", "codec", *(("packed",) if wide else ()), "ratio"):
+        table.add_column(col, justify="right", no_wrap=True)
     for row in tensor_report(model):
         entropy = (
-            "-" if row["entropy_bits"] is None else f"{row['entropy_bits']:.2f} of {row['bits']}"
-        )
+            "-"
+            if row["entropy_bits"] is None
+            else f"{max(row['entropy_bits'], 0.0) + 0.0:.2f}/{row['bits']}"
+        )  # NOTE: not -0.00
+        packed = (human_bytes(row["packed_bytes"]),) if wide else ()
         table.add_row(
             escape(row["name"]),
             row["dtype"],
-            escape(str(row["shape"])),
+            "x".join(str(d) for d in row["shape"]) or "scalar",
             row["role"],
             human_bytes(row["bytes"]),
             entropy,
-            row["codec"],
-            human_bytes(row["packed_bytes"]),
+            escape(row["codec"]),
+            *packed,
             f"{row['ratio']:.2f}x",
         )
     out.print(table)

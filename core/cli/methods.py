@@ -22,6 +22,7 @@ from modelpress.cli.common import (
     escape,
     human_bytes,
     load_options,
+    print_wrapped,
     refuse_overwrite,
 )
 from modelpress.cli.options import add_method_flags, method_options, method_probe
@@ -190,8 +191,10 @@ def run(args: argparse.Namespace) -> int:
     if text and not args.quiet:  # NOTE: -q keeps its one line
         from modelpress.evaluation.text import text_summary
 
-        console().print(
-            "text (held-out calibration text, ONNX Runtime): " + escape(text_summary(text))
+        print_wrapped(
+            console(),
+            "text (held-out calibration text, ONNX Runtime): " + text_summary(text),
+            indent=2,
         )
     return 0
 
@@ -264,15 +267,18 @@ def print_result(result: Any, exported: Any, *, quiet: bool = False) -> None:
         f"{record.kind}/{record.method} ({record.plugin} {record.plugin_version}) in {record.seconds:.2f}s"
     )
     for key, value in record.figures.items():
-        out.print(f"  {key}: {escape(figure_text(value))}")
+        print_wrapped(out, f"  {key}: {figure_text(value)}", indent=6)
     out.print(f"wrote {escape(exported.path)}{escape(data)} ({human_bytes(exported.size_bytes)})")
     if record.figures.get("no_gain"):
         out.print(
             f"NO GAIN (written because of --allow-no-gain): {escape(record.figures['no_gain'])}"
         )
     if exported.verification is not None:
-        out.print(
-            f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: {escape(exported.verification.summary())}"
+        print_wrapped(
+            out,
+            f"verified in ONNX Runtime against the input model in {exported.verification_seconds:.1f}s: "
+            f"{exported.verification.summary()}",
+            indent=2,
         )
 
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from modelpress.cli.common import Command, console, escape, human_bytes
+from modelpress.cli.common import (
+    Command,
+    console,
+    escape,
+    human_bytes,
+    print_result_line,
+    print_wrapped,
+)
 
 __all__ = ["COMMANDS"]
 
@@ -66,15 +73,19 @@ def run_pack(args: argparse.Namespace) -> int:
     )
     out = console()
     counts = ", ".join(f"{name} {n}" for name, n in sorted(result.codec_counts().items()))
-    out.print(
-        f"packed {escape(args.model)} ({human_bytes(result.source_bytes)}) into {escape(result.path)} "
-        f"({human_bytes(result.size_bytes)}, {result.ratio:.2f}x smaller); tensors by codec: {counts or 'none'}"
+    print_result_line(
+        out,
+        f"packed {args.model} ({human_bytes(result.source_bytes)}) into {result.path} "
+        f"({human_bytes(result.size_bytes)}, {result.ratio:.2f}x smaller); tensors by codec: {counts or 'none'}",
+        quiet=args.quiet,
     )
     if args.quiet:
         return 0
     if not result.bytes_identical:
-        out.print(
-            "note: the input's protobuf encoding is not canonical: unpack restores every tensor and the graph exactly, not the same file bytes"
+        print_wrapped(
+            out,
+            "note: the input's protobuf encoding is not canonical: unpack restores every tensor and the graph exactly, not the same file bytes",
+            indent=2,
         )
     for name, why in result.skipped_codecs.items():
         out.print(f"[dim]codec {escape(name)} skipped: {escape(why)}[/dim]")
@@ -90,8 +101,10 @@ def run_unpack(args: argparse.Namespace) -> int:
     import modelpress
 
     path = modelpress.unpack(args.pack, args.output)
-    console().print(
-        f"unpacked {escape(args.pack)} into {escape(path)} (every tensor matched its checksum)"
+    print_result_line(
+        console(),
+        f"unpacked {args.pack} into {path} (every tensor matched its checksum)",
+        quiet=args.quiet,
     )
     return 0
 

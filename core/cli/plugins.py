@@ -87,9 +87,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from rich.table import Table
 
-    out = console(
-        fit=True
-    )  # NOTE: the terminal's width; 80 (or $COLUMNS) when piped, not the 160 of result lines
+    out = console()
     table = Table(title="installed plugins", title_justify="left")
     provided = {
         name: [f"adapter {a.name}" for a in p.adapters]
@@ -128,6 +126,19 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_method_line(out: Any, name: str, about: str) -> None:
+    """``  NAME  (plugin version) summary``, NAME in bold, wrapped under the summary (not flush left,
+    where a continuation read as another method at 80 columns: ``+ float codebook``)."""
+    import textwrap
+
+    from rich.text import Text
+
+    lines = textwrap.wrap(f"  {name}  {about}", width=out.width, subsequent_indent="      ")
+    text = Text("\n".join(lines))
+    text.stylize("bold", 2, 2 + len(name))
+    out.print(text, soft_wrap=True)
+
+
 def _print_methods(registry: Any, out: Any) -> None:
     from rich.table import Table
 
@@ -143,7 +154,7 @@ def _print_methods(registry: Any, out: Any) -> None:
         )
         out.print(f"\n[bold]{kind_info.name}[/bold] methods{about}{columns}")
         for m in methods:
-            out.print(f"  [bold]{m.name}[/bold]  ({m.plugin} {m.plugin_version}) {m.summary}")
+            _print_method_line(out, m.name, f"({m.plugin} {m.plugin_version}) {m.summary}")
             rows = m.option_rows()
             if rows:
                 opts = Table(show_header=True, box=None, pad_edge=False, padding=(0, 2))

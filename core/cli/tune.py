@@ -13,6 +13,7 @@ from modelpress.cli.common import (
     add_task_argument,
     console,
     load_options,
+    print_result_line,
 )
 from modelpress.cli.compress import ACCEPT_LOSS_HELP
 
@@ -227,15 +228,15 @@ def print_result(result: Any, output: str, *, quiet: bool = False) -> None:
     """The trials table at the terminal's width (piped: $COLUMNS or 80, as the other tables), then the
     result line; ``quiet`` (-q): the result line only."""
     if not quiet:
-        console(fit=True).print(result.report.table())
-    out = console()
+        console().print(result.report.table())
     if result.model_path is not None:
-        out.print(
+        line = (
             f"best model: {result.model_path} ({'meets' if result.meets else 'does NOT meet'} the criterion); "
             f"recipe: {result.recipe_path}; reports: {Path(output) / 'report.html'} (.md, .json)"
         )
     else:
-        out.print(f"no trial completed; reports: {Path(output) / 'report.html'}")
+        line = f"no trial completed; reports: {Path(output) / 'report.html'}"
+    print_result_line(console(), line, quiet=quiet)
 
 
 COMMANDS = (

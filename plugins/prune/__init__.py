@@ -490,7 +490,8 @@ class _ChannelRun:
             if not space.prunable:
                 for layer in space.sources:
                     self.skipped[layer.name] = (
-                        "; ".join(dict.fromkeys(space.blockers)) or "a single channel"
+                        # NOTE: " and ": "; " separates the reasons of different layers in figure_text
+                        " and ".join(dict.fromkeys(space.blockers)) or "a single channel"
                     )
             elif any(x.name not in self.names for x in space.sources):
                 for layer in space.sources:

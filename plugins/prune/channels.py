@@ -134,6 +134,9 @@ class _Index:
     uf: _UnionFind
     graph_inputs: set[str]
     graph_outputs: set[str]
+    layer_names: dict[int, str] = field(
+        default_factory=dict
+    )  # id(node) -> every weighted layer's name
 
 
 def _index(graph: ir.Graph, layers: list[WeightedLayer]) -> _Index:
@@ -216,6 +219,7 @@ def _join_preserving(graph: ir.Graph, uf: _UnionFind) -> dict[str, str]:
 def find_spaces(model: Model, layers: list[WeightedLayer]) -> list[ChannelSpace]:
     """The channel spaces of the model whose sources are among ``layers``."""
     index = _index(model.graph, layers)
+    index.layer_names = {id(x.node): x.name for x in model.weighted_layers()}
     uf = index.uf
     spaces: dict[str, ChannelSpace] = {}
     for tensor, layer in index.source_of.items():
@@ -246,7 +250,9 @@ def _check_sources(space: ChannelSpace) -> None:
     for layer in space.sources:
         lw = layer.weight.const_value
         if lw is not None and int(lw.shape[layer.out_axis]) != space.channels:
-            space.blockers.append(f"{layer.name} has a different channel count")
+            space.blockers.append(
+                f"{layer.name} has a different channel count"
+            )  # NOTE: a layer: its own name
         if (layer.op_type == "Conv") != (space.axis == 1):
             space.blockers.append("mixes convolution and matrix channels")
 
@@ -255,9 +261,9 @@ def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
     """Block the space at a model input/output or a tensor no source or value-preserving op
     produced; note the BatchNorms, depthwise Convs and per-channel constants that must be cut too."""
     if tensor in index.graph_inputs:
-        space.blockers.append(f"tensor {tensor} is a model input")
+        space.blockers.append(f"the channels are those of the model input {tensor}")
     if tensor in index.graph_outputs:
-        space.blockers.append(f"tensor {tensor} is a model output")
+        space.blockers.append(f"the channels are those of the model output {tensor}")
     producer = index.producers.get(tensor)
     if (
         tensor not in index.source_of
@@ -265,7 +271,7 @@ def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
         and tensor not in index.graph_inputs
     ):
         space.blockers.append(
-            f"tensor {tensor} is produced by {producer.op_type if producer else '?'} {producer.name if producer else ''}"
+            f"the channels also come from {_describe(producer, index) if producer else 'outside the graph'}, which cannot drop any"
         )
     if producer is None or tensor not in index.preserving:
         return
@@ -283,8 +289,58 @@ def _check_tensor(space: ChannelSpace, tensor: str, index: _Index) -> None:
                         space.channel_constants.append((producer, i))
                 else:
                     space.blockers.append(
-                        f"{op} {producer.name} has a constant that is not per-channel"
+                        f"{_describe(producer, index)} has a constant that is not per-channel"
                     )
+
+
+def _describe(node: ir.Node, index: _Index) -> str:
+    """``node`` as the user knows it. A weighted layer by its name (the source framework's, given on
+    import: ``conv2``, ``features.0``). Another op by what it is and the layers around it (``a Transpose
+    between conv2 and fc1``, ``a Softmax after probs``): exporters name those nodes after themselves
+    (``Transpose__30``, ``node_Softmax_12``), names the user never gave. Its own name when no layer is near."""
+    name = index.layer_names.get(id(node))
+    if name is not None:
+        return f"{name} ({node.op_type})"
+    before, after = _layer_before(node, index), _layer_after(node, index)
+    if before and after:
+        return f"a {node.op_type} between {before} and {after}"
+    if before or after:
+        return f"a {node.op_type} {'after ' + before if before else 'before ' + after}"
+    return f"{node.op_type} {node.name}"
+
+
+_NEAR = 16  # NOTE: how many ops to walk looking for a layer (a flatten-reshape chain is 5-8)
+
+
+def _layer_before(node: ir.Node, index: _Index) -> str | None:
+    """The weighted layer whose output reaches ``node`` first, along each op's first non-constant input."""
+    current = node
+    for _ in range(_NEAR):
+        value = next((v for v in current.inputs if v is not None and v.const_value is None), None)
+        producer = index.producers.get(value.name or "") if value is not None else None
+        if producer is None:
+            return None
+        if id(producer) in index.layer_names:
+            return index.layer_names[id(producer)]
+        current = producer
+    return None
+
+
+def _layer_after(node: ir.Node, index: _Index) -> str | None:
+    """The first weighted layer ``node``'s outputs reach (breadth first)."""
+    frontier, seen = [node], {id(node)}
+    for _ in range(_NEAR):
+        following = []
+        for current in frontier:
+            for out in current.outputs:
+                for user, _position in out.uses():
+                    if id(user) in index.layer_names:
+                        return index.layer_names[id(user)]
+                    if id(user) not in seen:
+                        seen.add(id(user))
+                        following.append(user)
+        frontier = following
+    return None
 
 
 def _check_consumers(
@@ -303,18 +359,19 @@ def _check_consumers(
         out = user.outputs[0].name if user.outputs else None
         if out in index.preserving and index.uf.find(out or "") == root:
             continue  # stays in the space
-        _classify_sink(space, user, position, value, model)
+        _classify_sink(space, user, position, value, index)
 
 
 def _classify_sink(
-    space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, model: Model
+    space: ChannelSpace, user: ir.Node, index: int, value: ir.Value, graph: _Index
 ) -> None:
     op = user.op_type
+    where = _describe(user, graph)
     weight = user.inputs[1] if len(user.inputs) > 1 else None
     if index != 0 or (
         op in ("Conv", "Gemm", "MatMul") and (weight is None or weight.const_value is None)
     ):
-        space.blockers.append(f"{op} {user.name} uses it as input {index}")
+        space.blockers.append(f"{where} takes the channels as its input {index}")
         return
     if (
         op == "Conv"
@@ -328,7 +385,7 @@ def _classify_sink(
             and user.attributes.get("transA") is not None
             and user.attributes["transA"].as_int()
         ):
-            space.blockers.append(f"Gemm {user.name} has transA")
+            space.blockers.append(f"{where} has transA")
         else:
             space.sinks.append(("fc", user, 1))
     elif op in ("Flatten", "Reshape") and space.axis == 1:
@@ -336,7 +393,7 @@ def _classify_sink(
         consumers = list(out.uses())
         shape = value.shape
         if shape is None or any(not isinstance(d, int) for d in list(shape)[2:]):
-            space.blockers.append(f"{op} {user.name}: the spatial size is not static")
+            space.blockers.append(f"{where} flattens a spatial size that is not static")
             return
         spatial = int(np.prod(np.asarray(list(shape)[2:], np.int64))) if len(shape) > 2 else 1
         fcs = [
@@ -356,14 +413,14 @@ def _classify_sink(
                 and user.attributes.get("axis", ir.AttrInt64("axis", 1)).as_int() != 1
             )
         ):
-            space.blockers.append(f"{op} {user.name} does not feed a fully connected layer")
+            space.blockers.append(f"{where} does not feed a dense (fully connected) layer")
             return
         for fc in fcs:
             space.sinks.append(("flat", fc, spatial))
         if op == "Reshape":
             space.sinks.append(("reshape", user, spatial))
     else:
-        space.blockers.append(f"{op} {user.name} consumes the channels")
+        space.blockers.append(f"{where} needs every channel")
 
 
 def _take(

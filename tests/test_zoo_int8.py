@@ -108,7 +108,9 @@ def test_ppocr_cls_with_64_crops_searches_the_calibrator_on_held_out_crops(tmp_p
     assert cos >= 0.995
 
 
-def test_onet_defaults_leave_smoothquant_off_its_dense_layers_and_keep_up_with_ort_dynamic(tmp_path):
+def test_onet_defaults_leave_smoothquant_off_its_dense_layers_and_keep_up_with_ort_dynamic(
+    tmp_path,
+):
     """ONet with the zoo's 16 face crops: its dense layers see one row per crop (fewer than their 1152 and
     256 input channels), so SmoothQuant leaves them alone (its scales, fitted to 16 rows, raised the box
     error on other crops by a quarter); the box error on 96 crops not calibrated on is then within 5 % of

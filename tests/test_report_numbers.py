@@ -50,6 +50,20 @@ def test_bigger_needs_both_a_relative_and_an_absolute_growth():
     }
 
 
+def test_a_stage_slower_than_the_source_is_flagged_even_when_faster_than_the_one_before():
+    source = _stage("source", 1000, {"b1": 0.011}, {"b1": 0.0})
+    int4 = _stage("int4", 400, {"b1": 0.026}, {"b1": 0.0})
+    fp16 = _stage("fp16", 300, {"b1": 0.017}, {"b1": 0.0})
+    assert _flags(source, int4, fp16) == {
+        "int4": ["slower than 'source' at b1 (0.026 vs 0.011 ms)"],
+        "fp16": ["slower than 'source' at b1 (0.017 vs 0.011 ms)"],
+    }
+    faster = _stage("fp16", 300, {"b1": 0.0112}, {"b1": 0.0})  # within 5 % of the source
+    assert _flags(source, int4, faster) == {
+        "int4": ["slower than 'source' at b1 (0.026 vs 0.011 ms)"]
+    }
+
+
 def test_slower_needs_more_than_the_noise_band():
     # NOTE: 10 % slower by the medians, but the runs spread over 20 %: noise
     assert (

@@ -128,6 +128,16 @@ def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
     return f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms{noise})"
 
 
+def _slower_than_source(source: StageMetrics | None, s: StageMetrics, key: str) -> str | None:
+    """The note for a stage slower than the source at ``key`` beyond 5 % and the noise band."""
+    if source is None or not looks_slower(source, s, key):
+        return None
+    band = _spread(source, key) + _spread(s, key)
+    noise = f"; noise band {band:.1%}" if band else ""
+    ms, base = s.latency_ms[key], source.latency_ms[key]
+    return f"slower than '{source.stage}' at {key} ({ms:.3f} vs {base:.3f} ms{noise})"
+
+
 def figure_text(value: Any) -> str:
     """Figures for people: a {node: reason} dict (``float_nodes``, ``weight_only_nodes``) as a count
     and its names grouped by reason; anything else as ``str``."""
@@ -304,7 +314,8 @@ _FOOTNOTE = (
     "Latency: ONNX Runtime, CPU, median. Flags: [bigger] when more than 2 % and 4 KB bigger than the stage before; "
     "[slower] when slower by more than 5 % and more than the noise band "
     "(the sum of the two stages' interquartile ranges of the timed runs, each relative to its median), "
-    "and again when both files are re-timed side by side in rounds (beyond the spread of the rounds)."
+    "and again when both files are re-timed side by side in rounds (beyond the spread of the rounds); "
+    "also when slower than the source by the same rule, where the stage before is not the source."
 )
 
 
@@ -410,18 +421,27 @@ class Report:
         return any(s.packed_bytes is not None for s in self.stages)
 
     def regressions(self) -> dict[str, list[str]]:
-        """Per stage, where it is really worse than the stage before it: bigger on disk by more
+        """Per stage, where it is really worse than the stage before it (and slower than the source,
+        where the stage before it is not the source): bigger on disk by more
         than ``BIGGER_TOLERANCE`` and ``BIGGER_BYTES``, or slower at a measured batch size (e.g.
         int8 QDQ at batch 64 on a CPU without fast integer kernels) by more than
         ``LATENCY_TOLERANCE`` and the latency's noise band (the sum of the interquartile ranges of
         the two stages' timed runs, each relative to its median). A user reads "compressed" as smaller and faster: say so."""
         found: dict[str, list[str]] = {}
+        source = self.stages[0] if self.stages else None
         for before, s in zip(self.stages, self.stages[1:], strict=False):
-            notes = [
-                note
-                for note in (_bigger(before, s), *(_slower(before, s, key) for key in s.latency_ms))
-                if note
-            ]
+            slower = {key: _slower(before, s, key) for key in s.latency_ms}
+            if before is not source:
+                # NOTE: a stage faster than the one before it can still be slower than the source
+                # (fp16 after an int4 stage): flagged against the source too, by its own timings
+                slower.update(
+                    {
+                        key: _slower_than_source(source, s, key)
+                        for key, note in slower.items()
+                        if note is None
+                    }
+                )
+            notes = [note for note in (_bigger(before, s), *slower.values()) if note]
             if notes:
                 found[s.stage] = notes
         return found

@@ -74,7 +74,7 @@ def test_smoothquant_leaves_alone_layers_with_fewer_rows_than_channels(tmp_path)
     np.testing.assert_array_equal(outputs[0], outputs[1])
     enough = modelpress.quantize(model, "int8-static", calibration={"x": x}, **common)
     figures = enough.provenance.passes[-1].figures
-    assert "smoothquant_skipped" not in figures and figures["smoothquant_alpha"].get("x")
+    assert "smoothquant_skipped" not in figures and figures["smoothquant_alpha"].get("fc1")
 
 
 def test_few_rows_counts_the_static_middle_axes_and_trusts_symbolic_ones():

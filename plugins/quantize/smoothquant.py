@@ -141,7 +141,7 @@ def smooth(
     that lowers the measured int8 output error; ``alpha`` is searched on ``opts.smoothquant_steps``
     points of ``(0, opts.smoothquant_max_alpha]``. With ``codes`` (and ``opts.weight_rounding`` gptq),
     each group's int8 weight codes rounded by GPTQ against the rows sampled here are put in it, by layer
-    name. Figures: ``smoothquant_alpha`` (per smoothed input), ``smoothquant_error_ratio`` (mean
+    name. Figures: ``smoothquant_alpha`` (per smoothed group, by its layers' names), ``smoothquant_error_ratio`` (mean
     error after / before over those groups) and ``smoothquant_folded`` (Muls folded away)."""
     op_types, exclude, batch_size = (
         set(opts.op_types) - set(opts.exclude_op_types),
@@ -186,7 +186,7 @@ def smooth(
                 if scales is not None and error < 0.95 * base:
                     apply_scales(result, group, scales, "smooth")
                     folded += _fold(result, group, codes, opts.per_channel)
-                    chosen[group.input] = round(alpha, 3)
+                    chosen[", ".join(layer.name for layer in group.layers)] = round(alpha, 3)
                     ratios.append(error / max(base, 1e-30))
                     x = x / scales
                 _gptq_group(group, x, grid, opts.per_channel, codes if codes is not None else {})

@@ -250,7 +250,25 @@ def _output_producer(module: nn.Module | None) -> tuple[str, str] | None:
     ):
         seen.add(name)
         name = node.inputs[0]
-    return (node.op_type, node.name) if node is not None else None
+    return (node.op_type, _after_layer(node, producers)) if node is not None else None
+
+
+_LAYER_OPS = frozenset({"MatMul", "Gemm", "Conv", "ConvTranspose"})
+
+
+def _after_layer(node: Any, producers: dict[str, Any]) -> str:
+    """How a user names ``node``: "after layer 'probs'" (the nearest weighted layer feeding it, which
+    the adapters named after the source's layer) rather than the exporter's node name
+    (``functional_1/probs_1/Softmax``); the node name where no layer feeds it."""
+    current, seen = node, set()
+    while current.inputs and current.inputs[0] not in seen:
+        seen.add(current.inputs[0])
+        current = producers.get(current.inputs[0])
+        if current is None:
+            break
+        if current.op_type in _LAYER_OPS:
+            return f"after layer {current.name!r}"
+    return repr(node.name)
 
 
 def _read_values(outputs: np.ndarray | None) -> tuple[str, str] | None:
@@ -329,7 +347,7 @@ def _read_output(
         return "values", why
     producer = _output_producer(module)
     if producer is not None and producer[0] in _PRODUCED:
-        return _PRODUCED[producer[0]], f"the output comes from {producer[0]} node {producer[1]!r}"
+        return _PRODUCED[producer[0]], f"the output comes from a {producer[0]} {producer[1]}"
     by_value = _read_values(outputs)
     if by_value is not None:
         return by_value

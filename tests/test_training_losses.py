@@ -34,10 +34,14 @@ def _accuracy(model, x, y):
 def test_the_loss_fits_the_output(digits):
     x, y = digits["x_train"], digits["y_train"]
     softmax = choose_loss(_lowered(_softmax_mlp(torch.nn.Softmax(dim=1)), x), [x], y)
-    assert (softmax.name, softmax.reads) == (
-        "nll",
-        "probabilities",
-    ) and "Softmax node" in softmax.reason
+    assert (
+        (softmax.name, softmax.reads)
+        == (
+            "nll",
+            "probabilities",
+        )
+        and "a Softmax after layer 'layer2'" in softmax.reason
+    )  # the user's name, not the exporter's node
     logits = choose_loss(
         modelpress.to_torch(tiny_mlp(in_features=64, hidden=32, classes=10, seed=1)), [x], y
     )

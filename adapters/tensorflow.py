@@ -204,7 +204,8 @@ def _freeze_captured_constants(proto: Any, function: Any, specs: list[Any], labe
 
 
 def _tidy_names(model: Model, output_names: list[str]) -> None:
-    """tf2onnx names outputs ``Identity:0`` and the batch ``unk__N``: use the model's names and ``batch``."""
+    """tf2onnx names outputs ``Identity:0`` and free axes ``unk__N``: use the model's names, ``batch``
+    and :func:`_free_dim_names`."""
     import onnx_ir as ir
 
     graph = model.ir.graph
@@ -215,13 +216,46 @@ def _tidy_names(model: Model, output_names: list[str]) -> None:
         for value, name in zip(graph.outputs, output_names, strict=True):
             if name and name not in taken:
                 value.name = name
+    renamed = _free_dim_names(list(graph.inputs))
     for value in [*graph.inputs, *graph.outputs]:
         shape = value.shape
-        if shape is not None and len(shape) and not isinstance(shape[0], int):
-            if shape[0].value is None or str(shape[0].value).startswith("unk__"):
-                dims = list(shape)
+        if shape is None or not len(shape):
+            continue
+        dims = list(shape)
+        for axis, dim in enumerate(dims):
+            if isinstance(dim, int):
+                continue
+            if axis == 0 and (dim.value is None or str(dim.value).startswith("unk__")):
                 dims[0] = ir.SymbolicDim("batch")
-                value.shape = ir.Shape(dims)
+            elif str(dim.value).startswith("unk__"):
+                wanted = renamed.get(str(dim.value), f"{value.name}_dim{axis}")
+                dims[axis] = ir.SymbolicDim(wanted)
+        value.shape = ir.Shape(dims)
+
+
+def _free_dim_names(inputs: list[Any]) -> dict[str, str]:
+    """New names for tf2onnx's ``unk__N`` free axes of the inputs past the batch: ``height`` and
+    ``width`` for an image's spatial axes (rank 4 with 1-4 channels last or first; prefixed with the
+    input's name when there are several inputs), else ``<input>_dim<axis>``. One name per ``unk__N``,
+    so axes tf2onnx declared equal stay equal (a fully convolutional net's output)."""
+    names: dict[str, str] = {}
+    for value in inputs:
+        shape = value.shape
+        if shape is None:
+            continue
+        dims = list(shape)
+        prefix = f"{value.name}_" if len(inputs) > 1 else ""
+        spatial: tuple[int, ...] = ()
+        if len(dims) == 4 and isinstance(dims[3], int) and dims[3] <= 4:
+            spatial = (1, 2)
+        elif len(dims) == 4 and isinstance(dims[1], int) and dims[1] <= 4:
+            spatial = (2, 3)
+        for axis, dim in enumerate(dims[1:], start=1):
+            key = "" if isinstance(dim, int) else str(dim.value)
+            if key.startswith("unk__") and key not in names:
+                what = dict(zip(spatial, ("height", "width"), strict=False)).get(axis)
+                names[key] = f"{prefix}{what}" if what else f"{value.name}_dim{axis}"
+    return names
 
 
 def _load_path(path: Path, label: str) -> tuple[Any, str]:

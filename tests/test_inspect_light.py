@@ -271,3 +271,29 @@ def test_initializers_listed_as_inputs_are_weights_not_inputs(tmp_path):
     assert both_ways(path) and both_ways(path, no_normalize=True)
     info = light_info(_args(path))
     assert [s["name"] for s in info["inputs"]] == ["x"] and info["parameters"] == 12
+
+
+def test_an_int8_embeddings_row_scales_are_not_parameters(tmp_path):
+    """An int8 embedding lookup (``Gather(int8) -> Cast -> Mul(Gather(row scales))``) counts its
+    table once, not its 300 row scales (the Hugging Face guide's count rose 93,006 -> 93,306)."""
+    rng = np.random.default_rng(0)
+    weights = [
+        numpy_helper.from_array(rng.normal(size=(300, 64)).astype(np.float32), "emb"),
+        numpy_helper.from_array(rng.normal(size=(64, 8)).astype(np.float32), "W"),
+    ]
+    graph = helper.make_graph(
+        [
+            helper.make_node("Gather", ["emb", "ids"], ["e"], name="embed"),
+            helper.make_node("MatMul", ["e", "W"], ["y"], name="fc"),
+        ],
+        "lookup",
+        [helper.make_tensor_value_info("ids", TensorProto.INT64, ["N", 5])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5, 8])],
+        weights,
+    )
+    source = modelpress.load(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    quantized = modelpress.quantize(source, "int8-dynamic", show_progress=False)
+    assert quantized.op_histogram()["Gather"] == 2  # the int8 rows and their scales
+    assert quantized.parameter_count() == source.parameter_count() == 300 * 64 + 64 * 8
+    path = _save(quantized, tmp_path / "lookup.onnx")
+    assert light_info(_args(path))["parameters"] == 300 * 64 + 64 * 8

@@ -251,6 +251,10 @@ def _emit_lookup(model: Model, gather: ir.Node, q: ir.Value, scale: ir.Value) ->
     rows_f = b.op("Cast", [rows], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
     scales = b.op("Gather", [scale, ids], {"axis": 0}, name=f"{base}_scale")
     result = b.op("Mul", [rows_f, scales], name=f"{base}_dequantize")
+    # NOTE: its scale rows are scales, not parameters (Model.parameter_count leaves them out)
+    producer = result.producer()
+    assert producer is not None
+    producer.metadata_props["modelpress.role"] = "activation_scale"
     b.insert(before=gather)
     name = out.name
     out.replace_all_uses_with(result, replace_graph_outputs=True)

@@ -70,9 +70,9 @@ ROLE_KEY, SCALE_ROLE = "modelpress.role", "activation_scale"
 
 # NOTE: ops a quantized constant passes through unchanged in meaning (input 0): a scale stored
 # quantized (``scale_q -> DequantizeLinear -> Mul``) is still a scale.
-# A table of row scales read by ``Gather`` (an int8 embedding's lookup: ``Gather(scales, ids)`` into a
-# scale-role Mul) is scales too.
-_PASS_THROUGH = ("DequantizeLinear", "Cast", "Gather")
+# A table of row scales read by ``Gather`` or ``Slice`` (an int8 embedding's lookup: ``Gather(scales, ids)``
+# into a scale-role Mul) is scales too.
+_PASS_THROUGH = ("DequantizeLinear", "Cast", "Gather", "Slice")
 # NOTE: a Mul that rescales an integer product (ORT's dynamic quantization: ``Cast(MatMulInteger)
 # * (activation scale * weight scale)``) multiplies by scales: its constants are no parameters.
 _INTEGER_PRODUCTS = ("DynamicQuantizeLinear", "MatMulInteger", "ConvInteger")

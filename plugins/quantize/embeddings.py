@@ -240,16 +240,42 @@ def _row_lookups(value: ir.Value, bits: int) -> list[ir.Node]:
     ]
 
 
+def _row_slices(value: ir.Value, bits: int) -> list[ir.Node]:
+    """The main-graph ``Slice`` users of an int8 table that cut rows only (axes ``[0]`` or ``[-2]``): a
+    position table cut to the sequence length. The same Slice of the int8 rows and of the row scales
+    ``[V, 1]`` reads the same rows, so only those are dequantized (a DQ of MiniLM's 512 x 384 position
+    table ran on every run)."""
+    if bits != 8:
+        return []
+    found = []
+    for user, index in value.uses():
+        if user.op_type != "Slice" or user.domain not in ("", "ai.onnx") or index != 0:
+            continue
+        if user.graph is not value.graph or len(user.inputs) < 4 or user.inputs[3] is None:
+            continue
+        axes = user.inputs[3].const_value
+        if axes is not None and [int(a) for a in np.asarray(axes.numpy()).ravel()] in ([0], [-2]):
+            found.append(user)
+    return found
+
+
 def _emit_lookup(model: Model, gather: ir.Node, q: ir.Value, scale: ir.Value) -> None:
     """``Gather(table)`` -> ``Gather(int8 table) -> Cast -> Mul(Gather(row scales [V, 1]))``: the same
-    float32 values as a per-row DequantizeLinear of the whole table, for the rows read."""
-    ids, out = gather.inputs[1], gather.outputs[0]
-    assert ids is not None
-    base = gather.name or "Gather"
+    float32 values as a per-row DequantizeLinear of the whole table, for the rows read. A row
+    ``Slice`` (:func:`_row_slices`) is done the same way, the same Slice of both."""
+    out = gather.outputs[0]
+    base = gather.name or gather.op_type
     b = model.builder(base)
-    rows = b.op("Gather", [q, ids], {"axis": 0}, name=f"{base}_int8")
+    if gather.op_type == "Slice":
+        cut = list(gather.inputs[1:])
+        rows = b.op("Slice", [q, *cut], name=f"{base}_int8")
+        scales = b.op("Slice", [scale, *cut], name=f"{base}_scale")
+    else:
+        ids = gather.inputs[1]
+        assert ids is not None
+        rows = b.op("Gather", [q, ids], {"axis": 0}, name=f"{base}_int8")
+        scales = b.op("Gather", [scale, ids], {"axis": 0}, name=f"{base}_scale")
     rows_f = b.op("Cast", [rows], {"to": ir.DataType.FLOAT}, name=f"{base}_Cast")
-    scales = b.op("Gather", [scale, ids], {"axis": 0}, name=f"{base}_scale")
     result = b.op("Mul", [rows_f, scales], name=f"{base}_dequantize")
     # NOTE: its scale rows are scales, not parameters (Model.parameter_count leaves them out)
     producer = result.producer()
@@ -279,11 +305,13 @@ def _emit(model: Model, value: ir.Value, table: _Table, bits: int, order: dict[i
         q_t = ir.PackedTensor(table.data, ir.DataType.UINT4, shape=list(shape))
         zero_t = ir.PackedTensor(table.zero, ir.DataType.UINT4, shape=zero_shape)
     q = b.initializer(q_t, f"{base}_q{bits}")
-    lookups = _row_lookups(value, bits)
-    if lookups:
+    lookups, slices = _row_lookups(value, bits), _row_slices(value, bits)
+    if lookups or slices:
         rows_scale = b.initializer(table.scale.reshape(-1, 1), f"{base}_row_scale")
         for gather in lookups:
             _emit_lookup(model, gather, q, rows_scale)
+        for cut in slices:
+            _emit_lookup(model, cut, q, rows_scale)
     if list(value.uses()):
         scale, zero = (
             b.initializer(table.scale, f"{base}_scale"),

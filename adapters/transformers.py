@@ -277,6 +277,7 @@ def load_transformers(
     example_inputs: Any = None,
     rtol: float = 1e-4,
     opset: int | None = None,
+    exporter: str | None = None,
     **_: Any,
 ) -> Model:
     """Import a Hugging Face checkpoint folder or ``PreTrainedModel`` (see the module docstring).
@@ -289,8 +290,20 @@ def load_transformers(
         task: one of :data:`TASKS` (default: from the config's ``architectures`` / the model's class).
         example_inputs: token ids ``[batch, sequence]`` to export and check on (default: random ids).
         rtol: the largest relative difference between torch and ONNX Runtime the import accepts.
+        exporter: ``"auto"`` (default, or ``MODELPRESS_TRANSFORMERS_EXPORTER``): a Llama, Qwen2 or Mistral
+            causal LM folder written directly as onnxruntime-genai's builder graph where every part of it can
+            be (:mod:`~modelpress.adapters.transformers_direct`), torch.onnx otherwise; ``"direct"`` or ``"dynamo"``.
     """
-    if (
+    direct = _direct(source, task, exporter)
+    importer = "torch.onnx.export(dynamo=True)"
+    if direct is not None:
+        from modelpress.adapters.transformers_direct import export_direct
+
+        staged, meta, label = export_direct(
+            Path(source), direct[0], direct[1], example_inputs=example_inputs
+        )
+        importer = "modelpress direct writer (onnxruntime-genai builder graph)"
+    elif (
         isinstance(source, (str, os.PathLike))
         and Path(source).is_dir()
         and _checkpoint_bytes(Path(source)) > CHILD_EXPORT_BYTES
@@ -308,16 +321,34 @@ def load_transformers(
         source_framework="transformers",
         source_version=meta["transformers_version"],
         source=label,
-        importer="torch.onnx.export(dynamo=True)",
+        importer=importer,
         extra={
             "task": meta["task"],
             "architecture": meta["architecture"],
             "model_type": meta["model_type"],
             **figures,
-            **_sample_axes(meta["task"]),
+            **_sample_axes(meta["task"], direct is not None),
         },
     )
     return imported
+
+
+def _direct(source: Any, task: str | None, exporter: str | None) -> tuple[Any, dict[str, Any]] | None:
+    """The direct writer's plan and the config for a checkpoint folder it writes, else None."""
+    from modelpress.adapters.transformers_direct import choose_direct
+
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        if exporter == "direct":
+            raise OptionsError(
+                "exporter='direct' writes checkpoint folders; a PreTrainedModel is exported with torch.onnx"
+            )
+        return None
+    folder = Path(source)
+    config = _read_config(folder)
+    architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
+    chosen = _check_task(task, architecture, repr(str(folder)))
+    plan = choose_direct(folder, config, chosen, exporter)
+    return None if plan is None else (plan, config)
 
 
 def _export_here(
@@ -352,15 +383,11 @@ def _export_here(
     return staged, meta, label
 
 
-def _sample_axes(task: str) -> dict[str, Any]:
+def _sample_axes(task: str, direct: bool = False) -> dict[str, Any]:
     """The sizes generated verification samples give the named axes (``Provenance.extra[AXIS_SIZES_KEY]``):
-    with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum."""
+    with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum.
+    A directly written graph takes a past with several new tokens at batch 1 only (GroupQueryAttention)."""
     if task != "text-generation-with-past":
         return {}
-    return {
-        AXIS_SIZES_KEY: {
-            "sequence_length": 8,
-            "past_sequence_length": 4,
-            "total_sequence_length": 12,
-        }
-    }
+    sizes = {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}
+    return {AXIS_SIZES_KEY: {**sizes, "batch_size": 1} if direct else sizes}

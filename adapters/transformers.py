@@ -12,6 +12,9 @@ model's class), which ``task=`` overrides:
   Runtime GenAI and optimum use; ``text-generation`` is the same model without a cache.
 
 The input names and dynamic axes are optimum's (see :mod:`modelpress.adapters.transformers_export`).
+A Llama, Qwen2 or Mistral causal LM folder with a cache is instead written directly as onnxruntime-genai's
+builder graph, without torch in this process (:mod:`~modelpress.adapters.transformers_direct`;
+``exporter="dynamo"`` exports it with torch).
 The import is verified: the model in torch and the export in ONNX Runtime run the same inputs
 (for a decoder with a cache: a past of 3 and 5 new tokens) and differ by at most ``rtol``.
 Encoder-decoder models and architectures the exporter cannot handle are refused by name.
@@ -200,8 +203,11 @@ def _no_progress_bars(transformers: Any) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any, str]:
-    """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only)."""
+def _open_folder(
+    transformers: Any, folder: Path, task: str | None, *, float32: bool = False
+) -> tuple[Any, str]:
+    """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only;
+    in float32 with ``float32``)."""
     config = _read_config(folder)
     architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
     chosen = _check_task(task, architecture, repr(str(folder)))
@@ -212,8 +218,9 @@ def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any
     try:
         with warnings.catch_warnings(), _no_progress_bars(transformers):
             warnings.simplefilter("ignore")
+            dtype = {"dtype": sys.modules["torch"].float32} if float32 else {}
             model = _auto_class(transformers, chosen).from_pretrained(
-                str(folder), local_files_only=True
+                str(folder), local_files_only=True, **dtype
             )
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidModelError(
@@ -333,7 +340,9 @@ def load_transformers(
     return imported
 
 
-def _direct(source: Any, task: str | None, exporter: str | None) -> tuple[Any, dict[str, Any]] | None:
+def _direct(
+    source: Any, task: str | None, exporter: str | None
+) -> tuple[Any, dict[str, Any]] | None:
     """The direct writer's plan and the config for a checkpoint folder it writes, else None."""
     from modelpress.adapters.transformers_direct import choose_direct
 
@@ -386,8 +395,15 @@ def _export_here(
 def _sample_axes(task: str, direct: bool = False) -> dict[str, Any]:
     """The sizes generated verification samples give the named axes (``Provenance.extra[AXIS_SIZES_KEY]``):
     with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum.
-    A directly written graph takes a past with several new tokens at batch 1 only (GroupQueryAttention)."""
+    A directly written graph is checked on a decode step (one new token after a past of 11): onnxruntime's
+    GroupQueryAttention takes a past with several new tokens at batch 1 only."""
     if task != "text-generation-with-past":
         return {}
-    sizes = {"sequence_length": 8, "past_sequence_length": 4, "total_sequence_length": 12}
-    return {AXIS_SIZES_KEY: {**sizes, "batch_size": 1} if direct else sizes}
+    new = 1 if direct else 8
+    return {
+        AXIS_SIZES_KEY: {
+            "sequence_length": new,
+            "past_sequence_length": 12 - new,
+            "total_sequence_length": 12,
+        }
+    }

@@ -119,7 +119,12 @@ def _start(work: Path, request: dict[str, Any], example_inputs: Any) -> None:
         np.save(work / "example_ids.npy", ids)
     request = {**request, "work": str(work), "ids": ids is not None}
     (work / "request.json").write_text(json.dumps(request))
-    command = [sys.executable, "-m", "modelpress.adapters.transformers_child", str(work / "request.json")]
+    command = [
+        sys.executable,
+        "-m",
+        "modelpress.adapters.transformers_child",
+        str(work / "request.json"),
+    ]
     code = _run(command, work / "child.log")
     if code != 0 or not (work / "result.json").is_file():
         _raise_failure(work, code, Path(request["folder"]))
@@ -204,7 +209,8 @@ def _reference(request: dict[str, Any]) -> None:
     transformers = _require()
     work = Path(request["work"])
     ids = np.load(work / "example_ids.npy") if request["ids"] else None
-    model, _ = _open_folder(transformers, Path(request["folder"]), request["task"])
+    # NOTE: in float32 whatever the checkpoint stores: the direct writer writes float32
+    model, _ = _open_folder(transformers, Path(request["folder"]), request["task"], float32=True)
     np.savez(work / "arrays.npz", **reference_arrays(model, ids, tuple(request["layout"])))
     (work / "result.json").write_text(json.dumps({"done": True}))
 

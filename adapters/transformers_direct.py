@@ -25,6 +25,8 @@ __all__ = ["EXPORTERS", "DirectExport", "choose_direct", "export_direct"]
 
 EXPORTERS = ("auto", "direct", "dynamo")
 ENVIRONMENT = "MODELPRESS_TRANSFORMERS_EXPORTER"
+# NOTE: as transformers_export.FILE_EXPORT_BYTES (that module imports torch): a smaller model is held in memory
+IN_MEMORY_BYTES = 256 << 20
 
 
 def _exporter(exporter: str | None) -> str:
@@ -53,6 +55,19 @@ def choose_direct(folder: Path, config: dict[str, Any], task: str, exporter: str
     return plan
 
 
+def _source(path: Path) -> Any:
+    """The written file, or below :data:`IN_MEMORY_BYTES` of weights its ``ModelProto`` with the weights inside,
+    as the in-process torch export gives a small model (a model whose proto is serialised whole, as ``tune``
+    copies its source, keeps its weights)."""
+    from modelpress.adapters.transformers_llama import DATA_FILE
+
+    if (path.parent / DATA_FILE).stat().st_size > IN_MEMORY_BYTES:
+        return path
+    import onnx
+
+    return onnx.load(str(path))
+
+
 @dataclass
 class DirectExport:
     """A written export and torch's side of its check (a staged export, as ``StagedExport``)."""
@@ -67,7 +82,7 @@ class DirectExport:
         from modelpress.adapters.onnx import load_onnx
         from modelpress.plugin_api import check_import, greedy_generate
 
-        imported = load_onnx(self.path, sample=self.run.feeds)
+        imported = load_onnx(_source(self.path), sample=self.run.feeds)
         figures = check_import(self.run.reference, imported, self.run.feeds, rtol, self.label)
         new = self.run.tokens.shape[1] - self.run.prompts.shape[1]
         tokens = greedy_generate(imported, self.run.prompts, max_new_tokens=new)

@@ -13,9 +13,11 @@ CPU, with the same inputs and outputs:
   embedding inside (``do_rotary``, cos/sin caches); SiLU as ``Sigmoid`` and ``Mul``; a tied LM head as
   ``MatMul(x, Transpose(table))`` so the table is stored once.
 
-Unlike the builder's graph, the positions come from the mask as transformers computes them
-(``cumsum(mask) - 1``, given to GroupQueryAttention's ``position_ids``) and masked positions get an
-additive ``attention_bias``: a left-padded batch gives transformers' tokens.
+Unlike the builder's graph, masked positions get an additive ``attention_bias`` and every row counts as
+full length: GroupQueryAttention rotates each token by its index in the sequence (the prompt's positions
+0..S-1, then ``seqlens_k``), transformers by ``cumsum(mask) - 1``; a row's left padding shifts all of its
+positions alike, and a rotary embedding depends only on the difference of two positions, so a left-padded
+batch gives transformers' tokens (the padding itself is masked out by the bias).
 
 Weights are read from the safetensors files one row block at a time
 (:mod:`~modelpress.adapters.transformers_safetensors`) and written, transposed where a MatMul needs
@@ -63,7 +65,11 @@ class DirectPlan:
 
     @property
     def facts(self) -> dict[str, Any]:
-        return {"num_layers": self.layers, "num_key_value_heads": self.kv_heads, "head_dim": self.head_dim}
+        return {
+            "num_layers": self.layers,
+            "num_key_value_heads": self.kv_heads,
+            "head_dim": self.head_dim,
+        }
 
 
 def _rope(config: dict[str, Any], head_dim: int) -> np.ndarray | str:
@@ -79,7 +85,9 @@ def _rope(config: dict[str, Any], head_dim: int) -> np.ndarray | str:
         return inv_freq
     if kind != "llama3":
         return f"rope type {kind!r}"
-    factor, low, high = (float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor"))
+    factor, low, high = (
+        float(params[k]) for k in ("factor", "low_freq_factor", "high_freq_factor")
+    )
     old = float(params["original_max_position_embeddings"])
     wavelen = np.float32(2 * math.pi) / inv_freq
     scaled = np.where(wavelen > old / low, inv_freq / np.float32(factor), inv_freq)
@@ -182,7 +190,9 @@ class _Data:
             for start in range(0, rows, step):
                 block = np.ascontiguousarray(weights.rows(source, start, min(rows, start + step)).T)
                 for d in range(inner):
-                    os.pwrite(self.fd, block[d].tobytes(), offset + 4 * (d * total + column + start))
+                    os.pwrite(
+                        self.fd, block[d].tobytes(), offset + 4 * (d * total + column + start)
+                    )
             column += rows
         return name
 
@@ -199,7 +209,14 @@ class _Nodes:
         self.constants: list[TensorProto] = []
         self.names: set[str] = set()
 
-    def op(self, op_type: str, inputs: list[str], scope: str, outputs: int | list[str] = 1, **attrs: Any) -> list[str]:
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        scope: str,
+        outputs: int | list[str] = 1,
+        **attrs: Any,
+    ) -> list[str]:
         domain = attrs.pop("domain", "")
         name = f"{scope}/{op_type}"
         index = 1
@@ -207,8 +224,12 @@ class _Nodes:
             index += 1
             name = f"{scope}/{op_type}_{index}"
         self.names.add(name)
-        out = [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, inputs, out, name=name, domain=domain or None, **attrs))
+        out = (
+            [f"{name}/output_{i}" for i in range(outputs)] if isinstance(outputs, int) else outputs
+        )
+        self.nodes.append(
+            helper.make_node(op_type, inputs, out, name=name, domain=domain or None, **attrs)
+        )
         return out
 
     def one(self, op_type: str, inputs: list[str], scope: str, **attrs: Any) -> str:
@@ -247,7 +268,7 @@ class _Build:
 
 
 def _mask_inputs(build: _Build) -> None:
-    """From the 2-D mask: GroupQueryAttention's lengths, transformers' positions and the padding bias."""
+    """From the 2-D mask: GroupQueryAttention's lengths (every row the full length) and the padding bias."""
     n, scope = build.nodes, "/model/attn_mask_reformat"
     total = n.one("Shape", ["attention_mask"], scope, start=1, end=2)
     batch = n.one("Shape", ["input_ids"], scope, start=0, end=1)
@@ -257,24 +278,35 @@ def _mask_inputs(build: _Build) -> None:
     build.mask["total_seq_len"] = n.one(
         "Cast", [n.one("Squeeze", [total, n.ints(0)], scope)], scope, to=TensorProto.INT32
     )
-    cumulative = n.one("Sub", [n.one("CumSum", ["attention_mask", n.constant("/model/constants/INT64/1", np.array(1, np.int64))], scope), n.ints(1)], scope)
-    padded = n.one("Equal", ["attention_mask", n.constant("/model/constants/INT64/0", np.array(0, np.int64))], scope)
-    positions = n.one("Where", [padded, n.ints(1), cumulative], scope)
-    build.mask["position_ids"] = n.one(
-        "Slice", [positions, n.one("Neg", [sequence], scope), n.ints(2**62), n.ints(1)], scope
-    )
     keep = n.one("Cast", ["attention_mask"], scope, to=TensorProto.FLOAT)
-    lowest = n.constant("/model/constants/FLOAT/min", np.array(np.finfo(np.float32).min, np.float32))
-    bias = n.one("Mul", [n.one("Sub", [n.constant("/model/constants/FLOAT/1", np.array(1, np.float32)), keep], scope), lowest], scope)
+    lowest = n.constant(
+        "/model/constants/FLOAT/min", np.array(np.finfo(np.float32).min, np.float32)
+    )
+    bias = n.one(
+        "Mul",
+        [
+            n.one(
+                "Sub",
+                [n.constant("/model/constants/FLOAT/1", np.array(1, np.float32)), keep],
+                scope,
+            ),
+            lowest,
+        ],
+        scope,
+    )
     # NOTE: GroupQueryAttention wants the bias as [batch, 1, sequence, total]; it does not broadcast
     rows = n.one("Concat", [n.ints(1, 1), sequence, n.ints(1)], scope, axis=0)
-    build.mask["attention_bias"] = n.one("Expand", [n.one("Unsqueeze", [bias, n.ints(1, 2)], scope), rows], scope)
+    build.mask["attention_bias"] = n.one(
+        "Expand", [n.one("Unsqueeze", [bias, n.ints(1, 2)], scope), rows], scope
+    )
 
 
 def _rotary_caches(build: _Build) -> tuple[str, str]:
     positions = np.arange(build.plan.context, dtype=np.float32)
     freqs = np.outer(positions, build.plan.inv_freq).astype(np.float32)
-    return build.data.array("cos_cache", np.cos(freqs)), build.data.array("sin_cache", np.sin(freqs))
+    return build.data.array("cos_cache", np.cos(freqs)), build.data.array(
+        "sin_cache", np.sin(freqs)
+    )
 
 
 def _attention(build: _Build, i: int, x: str, caches: tuple[str, str]) -> str:
@@ -284,8 +316,18 @@ def _attention(build: _Build, i: int, x: str, caches: tuple[str, str]) -> str:
     mask = build.mask
     out = n.op(
         "GroupQueryAttention",
-        [qkv, "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", mask["seqlens_k"],
-         mask["total_seq_len"], *caches, mask["position_ids"], mask["attention_bias"]],
+        [
+            qkv,
+            "",
+            "",
+            f"past_key_values.{i}.key",
+            f"past_key_values.{i}.value",
+            mask["seqlens_k"],
+            mask["total_seq_len"],
+            *caches,
+            "",
+            mask["attention_bias"],
+        ],
         f"{scope}/GroupQueryAttention",
         [f"{scope}/GroupQueryAttention/output_0", f"present.{i}.key", f"present.{i}.value"],
         domain="com.microsoft",
@@ -303,7 +345,9 @@ def _mlp(build: _Build, i: int, x: str) -> str:
     gate = build.matmul(x, f"{scope}/gate_proj", [f"{prefix}.gate_proj.weight"])
     up = build.matmul(x, f"{scope}/up_proj", [f"{prefix}.up_proj.weight"])
     act = n.one("Mul", [gate, n.one("Sigmoid", [gate], f"{scope}/act_fn")], f"{scope}/act_fn")
-    return build.matmul(n.one("Mul", [act, up], scope), f"{scope}/down_proj", [f"{prefix}.down_proj.weight"])
+    return build.matmul(
+        n.one("Mul", [act, up], scope), f"{scope}/down_proj", [f"{prefix}.down_proj.weight"]
+    )
 
 
 def _rms_norm(build: _Build, x: str, scale: str, scope: str) -> str:
@@ -322,7 +366,12 @@ def _norm(build: _Build, x: str, residual: str | None, source: str, scope: str) 
     if residual is None:
         return _rms_norm(build, x, scale, scope), x
     out = build.nodes.op(
-        "SkipSimplifiedLayerNormalization", [x, residual, scale], scope, 4, domain="com.microsoft", epsilon=build.plan.eps
+        "SkipSimplifiedLayerNormalization",
+        [x, residual, scale],
+        scope,
+        4,
+        domain="com.microsoft",
+        epsilon=build.plan.eps,
     )
     return out[0], out[3]
 
@@ -335,16 +384,33 @@ def _decoder(build: _Build) -> None:
     _mask_inputs(build)
     caches = _rotary_caches(build)
     for i in range(build.plan.layers):
-        normed, residual = _norm(build, x, residual, f"model.layers.{i}.input_layernorm.weight", f"/model/layers.{i}/input_layernorm")
+        normed, residual = _norm(
+            build,
+            x,
+            residual,
+            f"model.layers.{i}.input_layernorm.weight",
+            f"/model/layers.{i}/input_layernorm",
+        )
         attended = _attention(build, i, normed, caches)
-        normed, residual = _norm(build, attended, residual, f"model.layers.{i}.post_attention_layernorm.weight", f"/model/layers.{i}/post_attention_layernorm")
+        normed, residual = _norm(
+            build,
+            attended,
+            residual,
+            f"model.layers.{i}.post_attention_layernorm.weight",
+            f"/model/layers.{i}/post_attention_layernorm",
+        )
         x = _mlp(build, i, normed)
     normed, _ = _norm(build, x, residual, "model.norm.weight", "/model/norm")
     if build.plan.tied or "lm_head.weight" not in weights:
         head = n.one("Transpose", [table], "/lm_head", perm=[1, 0])
         n.op("MatMul", [normed, head], "/lm_head", ["logits"])
     else:
-        n.op("MatMul", [normed, build.data.transposed("lm_head.weight", weights, ["lm_head.weight"])], "/lm_head", ["logits"])
+        n.op(
+            "MatMul",
+            [normed, build.data.transposed("lm_head.weight", weights, ["lm_head.weight"])],
+            "/lm_head",
+            ["logits"],
+        )
 
 
 def _io(plan: DirectPlan) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInfoProto]]:
@@ -352,13 +418,25 @@ def _io(plan: DirectPlan) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInf
     present = ["batch_size", plan.kv_heads, "total_sequence_length", plan.head_dim]
     kinds = [(i, kind) for i in range(plan.layers) for kind in ("key", "value")]
     inputs = [
-        helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
-        *(helper.make_tensor_value_info(f"past_key_values.{i}.{k}", TensorProto.FLOAT, cache) for i, k in kinds),
+        helper.make_tensor_value_info(
+            "input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]
+        ),
+        helper.make_tensor_value_info(
+            "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
+        ),
+        *(
+            helper.make_tensor_value_info(f"past_key_values.{i}.{k}", TensorProto.FLOAT, cache)
+            for i, k in kinds
+        ),
     ]
     outputs = [
-        helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", plan.vocab]),
-        *(helper.make_tensor_value_info(f"present.{i}.{k}", TensorProto.FLOAT, present) for i, k in kinds),
+        helper.make_tensor_value_info(
+            "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", plan.vocab]
+        ),
+        *(
+            helper.make_tensor_value_info(f"present.{i}.{k}", TensorProto.FLOAT, present)
+            for i, k in kinds
+        ),
     ]
     return inputs, outputs
 
@@ -372,7 +450,11 @@ def write_direct(folder: Path, plan: DirectPlan, out: Path) -> Path:
         build.data.close()
     inputs, outputs = _io(plan)
     graph = helper.make_graph(
-        build.nodes.nodes, "main_graph", inputs, outputs, [*build.data.initializers, *build.nodes.constants]
+        build.nodes.nodes,
+        "main_graph",
+        inputs,
+        outputs,
+        [*build.data.initializers, *build.nodes.constants],
     )
     model = helper.make_model(
         graph,

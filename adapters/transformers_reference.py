@@ -33,12 +33,23 @@ def _step(model: Any, ids: torch.Tensor, layout: tuple[int, int, int]) -> dict[s
     layers, kv_heads, head_dim = layout
     batch, sequence = ids.shape
     generator = torch.Generator().manual_seed(1)
-    past = [torch.randn(batch, kv_heads, _PAST, head_dim, generator=generator) for _ in range(2 * layers)]
+    past = [
+        torch.randn(batch, kv_heads, _PAST, head_dim, generator=generator)
+        for _ in range(2 * layers)
+    ]
     mask = torch.ones(batch, _PAST + sequence, dtype=torch.long)
-    cache = DynamicCache([(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config)
+    cache = DynamicCache(
+        [(past[2 * i], past[2 * i + 1]) for i in range(layers)], config=model.config
+    )
     positions = torch.arange(_PAST, _PAST + sequence).expand(batch, sequence)
     with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True)
+        out = model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=positions,
+            past_key_values=cache,
+            use_cache=True,
+        )
     arrays = {"feed.input_ids": ids.numpy(), "feed.attention_mask": mask.numpy()}
     for i in range(layers):
         arrays[f"feed.past_key_values.{i}.key"] = past[2 * i].numpy()
@@ -62,7 +73,9 @@ def _greedy(model: Any, prompts: torch.Tensor) -> np.ndarray:
         ).numpy()
 
 
-def reference_arrays(model: Any, ids: np.ndarray | None, layout: tuple[int, int, int]) -> dict[str, np.ndarray]:
+def reference_arrays(
+    model: Any, ids: np.ndarray | None, layout: tuple[int, int, int]
+) -> dict[str, np.ndarray]:
     """Everything the parent compares the export with: feeds, torch's outputs, prompts and greedy tokens."""
     model = model.eval()
     arrays = _step(model, _ids(model, ids, 1, _SEQUENCE, seed=0), layout)

@@ -45,7 +45,10 @@ def _header(path: Path) -> dict[str, TensorEntry]:
             (length,) = struct.unpack("<Q", f.read(8))
             header = json.loads(f.read(length))
     except (OSError, ValueError, struct.error) as exc:
-        raise InvalidModelError(f"{str(path)!r}: not a readable safetensors file: {one_line(exc)}") from None
+        raise InvalidModelError(
+            f"{str(path)!r}: not a readable safetensors file: {one_line(exc)}"
+        ) from None
+    size, end = path.stat().st_size, 8 + length
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -54,7 +57,11 @@ def _header(path: Path) -> dict[str, TensorEntry]:
             raise UnsupportedModelError(
                 f"{str(path)!r}: tensor {name!r} is stored as {info['dtype']}; only F32, F16 and BF16 are read"
             )
-        begin = info["data_offsets"][0]
+        begin, stop = info["data_offsets"]
+        if end + stop > size:
+            raise InvalidModelError(
+                f"{str(path)!r} is cut short: tensor {name!r} ends at byte {end + stop:,}, the file has {size:,}"
+            )
         entries[name] = TensorEntry(path, 8 + length + begin, info["dtype"], tuple(info["shape"]))
     return entries
 
@@ -74,7 +81,9 @@ class SafetensorsIndex:
 
     @classmethod
     def has_weights(cls, folder: Path) -> bool:
-        return (folder / "model.safetensors.index.json").is_file() or any(folder.glob("*.safetensors"))
+        return (folder / "model.safetensors.index.json").is_file() or any(
+            folder.glob("*.safetensors")
+        )
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries

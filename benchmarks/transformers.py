@@ -13,7 +13,8 @@ Checkpoints (made once, kept in ``<workdir>/checkpoints``, default ``~/.cache/mo
 
 Tools, each in its own child process (export + quantize from the checkpoint folder to int4, block 32):
 
-* ``modelpress rtn`` / ``modelpress gptq`` (and each with ``tables=float``): ``modelpress.load(folder)``,
+* ``modelpress rtn`` / ``modelpress gptq`` (and each with ``tables=float``): ``modelpress.load(folder)`` (a Llama
+  folder written directly as the genai builder's graph, torch only in the check's child process),
   ``int4-weight-only`` (round to nearest; GPTQ calibrated on a text file tokenised by the checkpoint's
   tokenizer, tiny models only),
   ``modelpress.export(..., "out/model.onnx")`` with its default verification (greedy tokens, logits);

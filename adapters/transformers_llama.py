@@ -278,22 +278,13 @@ def _mask_inputs(build: _Build) -> None:
     build.mask["total_seq_len"] = n.one(
         "Cast", [n.one("Squeeze", [total, n.ints(0)], scope)], scope, to=TensorProto.INT32
     )
-    keep = n.one("Cast", ["attention_mask"], scope, to=TensorProto.FLOAT)
+    keep = n.one("Cast", ["attention_mask"], scope, to=TensorProto.BOOL)
+    zero = n.constant("/model/constants/FLOAT/0", np.array(0, np.float32))
+    # NOTE: the lowest float, not -inf, as transformers: a row with every key masked (a padding token's) stays finite
     lowest = n.constant(
         "/model/constants/FLOAT/min", np.array(np.finfo(np.float32).min, np.float32)
     )
-    bias = n.one(
-        "Mul",
-        [
-            n.one(
-                "Sub",
-                [n.constant("/model/constants/FLOAT/1", np.array(1, np.float32)), keep],
-                scope,
-            ),
-            lowest,
-        ],
-        scope,
-    )
+    bias = n.one("Where", [keep, zero, lowest], scope)
     # NOTE: GroupQueryAttention wants the bias as [batch, 1, sequence, total]; it does not broadcast
     rows = n.one("Concat", [n.ints(1, 1), sequence, n.ints(1)], scope, axis=0)
     build.mask["attention_bias"] = n.one(
@@ -351,13 +342,20 @@ def _mlp(build: _Build, i: int, x: str) -> str:
 
 
 def _rms_norm(build: _Build, x: str, scale: str, scope: str) -> str:
-    """The first RMSNorm in standard ops: the ONNX checker knows no SimplifiedLayerNormalization in the
-    default domain (the builder's op, which ONNX Runtime registers there); once per model, it costs nothing."""
-    n = build.nodes
-    eps = n.constant("/model/constants/FLOAT/eps", np.array(build.plan.eps, np.float32))
-    mean = n.one("ReduceMean", [n.one("Mul", [x, x], scope), n.ints(-1)], scope, keepdims=1)
-    inverse = n.one("Reciprocal", [n.one("Sqrt", [n.one("Add", [mean, eps], scope)], scope)], scope)
-    return n.one("Mul", [n.one("Mul", [x, inverse], scope), scale], scope)
+    """The first RMSNorm (no residual yet) as ``SkipSimplifiedLayerNormalization(x, x)`` with 4x the epsilon.
+
+    NOTE: the builder's ``SimplifiedLayerNormalization`` sits in the default domain, where the ONNX checker
+    knows no such op. RMSNorm(2x, 4 eps) = 2x / sqrt(4 mean(x^2) + 4 eps) = RMSNorm(x, eps), and scaling by
+    powers of two is exact in floating point: the same bits as RMSNorm(x) in one fused node."""
+    out = build.nodes.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, x, scale],
+        scope,
+        1,
+        domain="com.microsoft",
+        epsilon=4 * build.plan.eps,
+    )
+    return out[0]
 
 
 def _norm(build: _Build, x: str, residual: str | None, source: str, scope: str) -> tuple[str, str]:

@@ -18,6 +18,8 @@ Tools, each in its own child process (export + quantize from the checkpoint fold
   ``int4-weight-only`` (round to nearest; GPTQ calibrated on a text file tokenised by the checkpoint's
   tokenizer, tiny models only),
   ``modelpress.export(..., "out/model.onnx")`` with its default verification (greedy tokens, logits);
+* ``modelpress rtn accuracy_level=4``: the same with MatMulNBits computing on int8 activations, the genai
+  builder's default on CPU (faster, less exact);
 * ``optimum + ORT nbits``: optimum-onnx's ``main_export(task="text-generation-with-past")``, then
   ``MatMulNBitsQuantizer(block_size=32, is_symmetric=False)`` on its ``model.onnx``, saved with external data;
 * ``genai builder``: ``python -m onnxruntime_genai.models.builder -i folder -o out -p int4 -e cpu``
@@ -83,6 +85,12 @@ TOOLS: dict[str, dict[str, Any]] = {
         "tables": "float",
         "tiny_only": True,
     },
+    # NOTE: the genai builder's CPU default: MatMulNBits accuracy_level=4 (int8 activations), faster, less exact
+    "modelpress rtn accuracy_level=4": {
+        "tool": "modelpress",
+        "algorithm": "rtn",
+        "accuracy_level": 4,
+    },
     "optimum + ORT nbits": {"tool": "optimum"},
     "genai builder": {"tool": "builder"},
 }
@@ -95,7 +103,11 @@ FLOAT_TABLES = ("modelpress rtn tables=float", "modelpress gptq tables=float")
 SAME_BITS = {
     ("optimum + ORT nbits", True): FLOAT_TABLES,
     ("optimum + ORT nbits", False): FLOAT_TABLES,
-    ("genai builder", True): ("modelpress rtn", "modelpress gptq"),
+    ("genai builder", True): (
+        "modelpress rtn",
+        "modelpress gptq",
+        "modelpress rtn accuracy_level=4",
+    ),
     ("genai builder", False): FLOAT_TABLES,
 }
 # NOTE: held-out perplexity windows: 8 x 64 tokens moved a tiny model's perplexity by more than int4 does
@@ -151,6 +163,8 @@ def _modelpress(spec: dict[str, Any]) -> dict[str, Any]:
     }
     if spec["algorithm"] == "gptq":
         options["calibration"] = spec["calibration"]
+    if "accuracy_level" in spec:
+        options["accuracy_level"] = spec["accuracy_level"]
     quantized = modelpress.quantize(model, "int4-weight-only", show_progress=False, **options)
     del model
     Path(spec["output"]).mkdir(parents=True, exist_ok=True)

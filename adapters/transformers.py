@@ -12,6 +12,9 @@ model's class), which ``task=`` overrides:
   Runtime GenAI and optimum use; ``text-generation`` is the same model without a cache.
 
 The input names and dynamic axes are optimum's (see :mod:`modelpress.adapters.transformers_export`).
+A Llama, Qwen2 or Mistral causal LM folder with a cache is instead written directly as onnxruntime-genai's
+builder graph, without torch in this process (:mod:`~modelpress.adapters.transformers_direct`;
+``exporter="dynamo"`` exports it with torch).
 The import is verified: the model in torch and the export in ONNX Runtime run the same inputs
 (for a decoder with a cache: a past of 3 and 5 new tokens) and differ by at most ``rtol``.
 Encoder-decoder models and architectures the exporter cannot handle are refused by name.
@@ -200,8 +203,11 @@ def _no_progress_bars(transformers: Any) -> Iterator[None]:
             logging.enable_progress_bar()
 
 
-def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any, str]:
-    """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only)."""
+def _open_folder(
+    transformers: Any, folder: Path, task: str | None, *, float32: bool = False
+) -> tuple[Any, str]:
+    """The model of a checkpoint folder, loaded for its task (``AutoModelFor...``, local files only;
+    in float32 with ``float32``)."""
     config = _read_config(folder)
     architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
     chosen = _check_task(task, architecture, repr(str(folder)))
@@ -212,8 +218,9 @@ def _open_folder(transformers: Any, folder: Path, task: str | None) -> tuple[Any
     try:
         with warnings.catch_warnings(), _no_progress_bars(transformers):
             warnings.simplefilter("ignore")
+            dtype = {"dtype": sys.modules["torch"].float32} if float32 else {}
             model = _auto_class(transformers, chosen).from_pretrained(
-                str(folder), local_files_only=True
+                str(folder), local_files_only=True, **dtype
             )
     except (OSError, ValueError, KeyError) as exc:
         raise InvalidModelError(
@@ -277,6 +284,7 @@ def load_transformers(
     example_inputs: Any = None,
     rtol: float = 1e-4,
     opset: int | None = None,
+    exporter: str | None = None,
     **_: Any,
 ) -> Model:
     """Import a Hugging Face checkpoint folder or ``PreTrainedModel`` (see the module docstring).
@@ -289,8 +297,20 @@ def load_transformers(
         task: one of :data:`TASKS` (default: from the config's ``architectures`` / the model's class).
         example_inputs: token ids ``[batch, sequence]`` to export and check on (default: random ids).
         rtol: the largest relative difference between torch and ONNX Runtime the import accepts.
+        exporter: ``"auto"`` (default, or ``MODELPRESS_TRANSFORMERS_EXPORTER``): a Llama, Qwen2 or Mistral
+            causal LM folder written directly as onnxruntime-genai's builder graph where every part of it can
+            be (:mod:`~modelpress.adapters.transformers_direct`), torch.onnx otherwise; ``"direct"`` or ``"dynamo"``.
     """
-    if (
+    direct = _direct(source, task, exporter)
+    importer = "torch.onnx.export(dynamo=True)"
+    if direct is not None:
+        from modelpress.adapters.transformers_direct import export_direct
+
+        staged, meta, label = export_direct(
+            Path(source), direct[0], direct[1], example_inputs=example_inputs
+        )
+        importer = "modelpress direct writer (onnxruntime-genai builder graph)"
+    elif (
         isinstance(source, (str, os.PathLike))
         and Path(source).is_dir()
         and _checkpoint_bytes(Path(source)) > CHILD_EXPORT_BYTES
@@ -308,16 +328,36 @@ def load_transformers(
         source_framework="transformers",
         source_version=meta["transformers_version"],
         source=label,
-        importer="torch.onnx.export(dynamo=True)",
+        importer=importer,
         extra={
             "task": meta["task"],
             "architecture": meta["architecture"],
             "model_type": meta["model_type"],
             **figures,
-            **_sample_axes(meta["task"]),
+            **_sample_axes(meta["task"], direct is not None),
         },
     )
     return imported
+
+
+def _direct(
+    source: Any, task: str | None, exporter: str | None
+) -> tuple[Any, dict[str, Any]] | None:
+    """The direct writer's plan and the config for a checkpoint folder it writes, else None."""
+    from modelpress.adapters.transformers_direct import choose_direct
+
+    if not isinstance(source, (str, os.PathLike)) or not Path(source).is_dir():
+        if exporter == "direct":
+            raise OptionsError(
+                "exporter='direct' writes checkpoint folders; a PreTrainedModel is exported with torch.onnx"
+            )
+        return None
+    folder = Path(source)
+    config = _read_config(folder)
+    architecture = (config.get("architectures") or [""])[0] or str(config.get("model_type", ""))
+    chosen = _check_task(task, architecture, repr(str(folder)))
+    plan = choose_direct(folder, config, chosen, exporter)
+    return None if plan is None else (plan, config)
 
 
 def _export_here(
@@ -352,15 +392,18 @@ def _export_here(
     return staged, meta, label
 
 
-def _sample_axes(task: str) -> dict[str, Any]:
+def _sample_axes(task: str, direct: bool = False) -> dict[str, Any]:
     """The sizes generated verification samples give the named axes (``Provenance.extra[AXIS_SIZES_KEY]``):
-    with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum."""
+    with a cache, the mask spans the past and the new tokens, so ``total_sequence_length`` is their sum.
+    A directly written graph is checked on a decode step (one new token after a past of 11): onnxruntime's
+    GroupQueryAttention takes a past with several new tokens at batch 1 only."""
     if task != "text-generation-with-past":
         return {}
+    new = 1 if direct else 8
     return {
         AXIS_SIZES_KEY: {
-            "sequence_length": 8,
-            "past_sequence_length": 4,
+            "sequence_length": new,
+            "past_sequence_length": 12 - new,
             "total_sequence_length": 12,
         }
     }

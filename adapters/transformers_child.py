@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["ChildExport", "export_in_child"]
+__all__ = ["ChildExport", "ReferenceRun", "export_in_child", "reference_in_child", "work_folder"]
 
 _TAIL_LINES = 20
 
@@ -105,34 +105,61 @@ def _raise_failure(work: Path, code: int, folder: Path) -> None:
     )
 
 
+def work_folder() -> Path:
+    """A temporary folder for one export, removed at exit."""
+    work = Path(tempfile.mkdtemp(prefix="modelpress-transformers-"))
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
+    return work
+
+
+def _start(work: Path, request: dict[str, Any], example_inputs: Any) -> None:
+    """Run the child on ``request`` in ``work``; its failure raised here (see the module docstring)."""
+    ids = _ids(example_inputs)
+    if ids is not None:
+        np.save(work / "example_ids.npy", ids)
+    request = {**request, "work": str(work), "ids": ids is not None}
+    (work / "request.json").write_text(json.dumps(request))
+    command = [
+        sys.executable,
+        "-m",
+        "modelpress.adapters.transformers_child",
+        str(work / "request.json"),
+    ]
+    code = _run(command, work / "child.log")
+    if code != 0 or not (work / "result.json").is_file():
+        _raise_failure(work, code, Path(request["folder"]))
+
+
+@dataclass
+class ReferenceRun:
+    """torch's side of checking an export written without torch: the check's inputs and outputs, greedy tokens."""
+
+    reference: list[np.ndarray]
+    feeds: dict[str, np.ndarray]
+    prompts: np.ndarray
+    tokens: np.ndarray
+
+
+def reference_in_child(
+    folder: Path, work: Path, task: str, layout: tuple[int, int, int], *, example_inputs: Any = None
+) -> ReferenceRun:
+    """The checkpoint ``folder`` run in torch in a child process (:mod:`~modelpress.adapters.transformers_reference`):
+    this process never holds torch, its weights, or both the export and them."""
+    request = {"mode": "reference", "folder": str(folder), "task": task, "layout": list(layout)}
+    _start(work, request, example_inputs)
+    with np.load(work / "arrays.npz") as arrays:
+        count = sum(1 for k in arrays.files if k.startswith("reference."))
+        reference = [arrays[f"reference.{i}"] for i in range(count)]
+        feeds = {k.removeprefix("feed."): arrays[k] for k in arrays.files if k.startswith("feed.")}
+        return ReferenceRun(reference, feeds, arrays["greedy.prompts"], arrays["greedy.tokens"])
+
+
 def export_in_child(
     folder: Path, task: str | None, *, example_inputs: Any = None, opset: int | None = None
 ) -> ChildExport:
     """Export the checkpoint ``folder`` for ``task`` in a child process (see the module docstring)."""
-    work = Path(tempfile.mkdtemp(prefix="modelpress-transformers-"))
-    atexit.register(shutil.rmtree, work, ignore_errors=True)
-    ids = _ids(example_inputs)
-    if ids is not None:
-        np.save(work / "example_ids.npy", ids)
-    request = {
-        "folder": str(folder),
-        "task": task,
-        "opset": opset,
-        "work": str(work),
-        "ids": ids is not None,
-    }
-    (work / "request.json").write_text(json.dumps(request))
-    code = _run(
-        [
-            sys.executable,
-            "-m",
-            "modelpress.adapters.transformers_child",
-            str(work / "request.json"),
-        ],
-        work / "child.log",
-    )
-    if code != 0 or not (work / "result.json").is_file():
-        _raise_failure(work, code, folder)
+    work = work_folder()
+    _start(work, {"folder": str(folder), "task": task, "opset": opset}, example_inputs)
     result = json.loads((work / "result.json").read_text())
     with np.load(work / "arrays.npz") as arrays:
         reference = [arrays[f"reference.{i}"] for i in range(result["outputs"])]
@@ -175,12 +202,25 @@ def _export(request: dict[str, Any]) -> None:
     (work / "result.json").write_text(json.dumps(result))
 
 
+def _reference(request: dict[str, Any]) -> None:
+    from modelpress.adapters.transformers import _open_folder, _require
+    from modelpress.adapters.transformers_reference import reference_arrays
+
+    transformers = _require()
+    work = Path(request["work"])
+    ids = np.load(work / "example_ids.npy") if request["ids"] else None
+    # NOTE: in float32 whatever the checkpoint stores: the direct writer writes float32
+    model, _ = _open_folder(transformers, Path(request["folder"]), request["task"], float32=True)
+    np.savez(work / "arrays.npz", **reference_arrays(model, ids, tuple(request["layout"])))
+    (work / "result.json").write_text(json.dumps({"done": True}))
+
+
 def main(argv: list[str]) -> int:
     from modelpress.plugin_api import ModelpressError
 
     request = json.loads(Path(argv[0]).read_text())
     try:
-        _export(request)
+        _reference(request) if request.get("mode") == "reference" else _export(request)
     except ModelpressError as exc:
         (Path(request["work"]) / "error.json").write_text(
             json.dumps({"type": type(exc).__name__, "message": str(exc)})

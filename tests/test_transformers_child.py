@@ -17,6 +17,8 @@ from tests import hf_fixtures
 @pytest.mark.slow
 def test_the_child_route_matches_the_in_process_route(tmp_path, monkeypatch):
     folder = hf_fixtures.make_checkpoint(tmp_path / "llama", "llama", steps=0)
+    # NOTE: the torch.onnx routes (a Llama folder is written directly by default: tests/test_transformers_direct.py)
+    monkeypatch.setenv("MODELPRESS_TRANSFORMERS_EXPORTER", "dynamo")
     in_process = modelpress.load(folder, show_progress=False)
     monkeypatch.setattr(hf_adapter, "CHILD_EXPORT_BYTES", 0)
     in_child = modelpress.load(folder, show_progress=False)
@@ -53,6 +55,8 @@ def test_the_child_route_matches_the_in_process_route(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_errors_of_the_child_reach_the_caller(tmp_path, monkeypatch):
     folder = hf_fixtures.make_checkpoint(tmp_path / "llama", "llama", steps=0)
+    # NOTE: the torch.onnx routes (a Llama folder is written directly by default: tests/test_transformers_direct.py)
+    monkeypatch.setenv("MODELPRESS_TRANSFORMERS_EXPORTER", "dynamo")
     monkeypatch.setattr(hf_adapter, "CHILD_EXPORT_BYTES", 0)
     # a ModelpressError raised in the child: the same class and message as in this process
     with pytest.raises(

@@ -18,6 +18,8 @@ from tests import hf_fixtures
 @pytest.mark.slow
 def test_a_large_checkpoint_is_exported_through_a_file(tmp_path, monkeypatch):
     folder = hf_fixtures.make_checkpoint(tmp_path / "llama", "llama", steps=0)
+    # NOTE: the torch.onnx routes (a Llama folder is written directly by default: tests/test_transformers_direct.py)
+    monkeypatch.setenv("MODELPRESS_TRANSFORMERS_EXPORTER", "dynamo")
     in_memory = modelpress.load(folder, show_progress=False)
     monkeypatch.setattr(transformers_export, "FILE_EXPORT_BYTES", 0)
     through_file = modelpress.load(folder, show_progress=False)

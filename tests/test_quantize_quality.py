@@ -68,7 +68,9 @@ def test_smoothquant_migrates_outlier_channels_into_the_weights(tmp_path):
         show_progress=False,
     )
     figures = smooth.provenance.passes[-1].figures
-    assert 0 < figures["smoothquant_alpha"]["fc1"] <= 0.8 and figures["smoothquant_error_ratio"] < 0.9
+    assert (
+        0 < figures["smoothquant_alpha"]["fc1"] <= 0.8 and figures["smoothquant_error_ratio"] < 0.9
+    )
     # a Mul by 1/s on the activation edge, the quantized fc1 reading it
     graph = smooth.to_proto().graph
     mul = next(n for n in graph.node if n.op_type == "Mul" and n.input[0] == "x")

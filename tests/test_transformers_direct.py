@@ -215,3 +215,32 @@ def test_the_direct_path_never_imports_torch_in_the_caller(tmp_path):
         [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True
     )
     assert out.stdout.split() == ["True", "False", "False"]
+
+
+def test_the_torch_reference_is_transformers_own_step_and_greedy_tokens():
+    """The child's torch side (transformers_reference): one step with a random past whose presents
+    extend that past, and greedy tokens that are the argmax of the model's own next-token logits."""
+    from modelpress.adapters.transformers_reference import GREEDY_NEW_TOKENS, reference_arrays
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    arrays = reference_arrays(model, None, (2, 2, 8))
+    assert arrays["reference.0"].shape == (1, 5, 64)  # logits of 5 new tokens
+    past = arrays["feed.past_key_values.0.key"]
+    present = arrays["reference.1"]
+    assert present.shape == (1, 2, 3 + 5, 8)
+    np.testing.assert_allclose(present[:, :, :3], past, atol=1e-6)  # the past, then the new keys
+    prompts, tokens = arrays["greedy.prompts"], arrays["greedy.tokens"]
+    assert tokens.shape == (2, prompts.shape[1] + GREEDY_NEW_TOKENS)
+    with torch.no_grad():
+        logits = model(torch.as_tensor(tokens[:, :-1])).logits.numpy()
+    start = prompts.shape[1] - 1
+    np.testing.assert_array_equal(logits[:, start:].argmax(-1), tokens[:, start + 1 :])

@@ -213,9 +213,9 @@ def test_text_calibration_gptq_keeps_the_text(llama, llama_dir, tmp_path):
     quantized = modelpress.quantize(
         llama, "int4-weight-only", calibration=calibration, algorithm="gptq", block_size=32
     )
-    result = modelpress.export(
-        quantized, tmp_path / "int4.onnx", sample=decoder_sample(llama, batch=1)
-    )
+    sample = decoder_sample(llama)  # a decode step at batch 2: the sizes the adapter declared
+    assert sample["input_ids"].shape == (2, 1) and sample["attention_mask"].shape == (2, 12)
+    result = modelpress.export(quantized, tmp_path / "int4.onnx", sample=sample)
     prompts = held_out["input_ids"][:2, :6]
     agreement = (
         greedy_generate(result.path, prompts, max_new_tokens=10)

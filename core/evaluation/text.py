@@ -108,14 +108,22 @@ def decoder_sample(
     model: Any,
     *,
     batch: int = 2,
-    sequence: int = 8,
-    past: int = 4,
+    sequence: int | None = None,
+    past: int | None = None,
     vocab_size: int | None = None,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """Verification inputs for a decoder (``modelpress.export(..., sample=decoder_sample(model))``):
     token ids, a past of ``past`` positions, the mask over past and new tokens, and the positions
-    after the past. The generic sample generator cannot know that the mask spans past + new tokens."""
+    after the past. The generic sample generator cannot know that the mask spans past + new tokens.
+    ``sequence`` and ``past`` default to the sizes the model's adapter declared for its axes
+    (``sample_axis_sizes``: a decode step, past 11 and 1 new token, for a directly written graph,
+    whose GroupQueryAttention takes several new tokens after a past only at batch 1), else 8 and 4."""
+    declared = _declared_sizes(model)
+    if sequence is None:
+        sequence = int(declared.get("sequence_length", 8))
+    if past is None:
+        past = int(declared.get("past_sequence_length", 4))
     session = _session(model)
     layout = _Layout.of(session)
     rng = np.random.default_rng(seed)
@@ -131,6 +139,14 @@ def decoder_sample(
         ).copy()
     feeds.update(layout.empty_past(batch, length, rng))
     return feeds
+
+
+def _declared_sizes(model: Any) -> dict[str, Any]:
+    from modelpress.data.samples import AXIS_SIZES_KEY
+
+    extra = getattr(getattr(model, "provenance", None), "extra", None)
+    sizes = extra.get(AXIS_SIZES_KEY) if isinstance(extra, dict) else None
+    return sizes if isinstance(sizes, dict) else {}
 
 
 def _vocab_size(session: Any) -> int:

@@ -451,3 +451,46 @@ def _outputs(path: Path, x: np.ndarray) -> np.ndarray:
     from modelpress.runtime.session import make_session, run
 
     return run(make_session(path), {"x": x})[0]
+
+
+def test_trials_get_the_weights_of_a_model_loaded_with_external_data(tmp_path):
+    """tune hands its trials ``source.onnx`` as one protobuf: a model whose weights sit in an
+    external-data file (any model over 256 MB loads that way) used to be written pointing at a file
+    the trial's folder does not have."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    import modelpress
+    from modelpress.app.recipe import Evaluate
+    from modelpress.app.tuning.inputs import Inputs
+    from modelpress.runtime.session import make_session, run
+
+    weight = numpy_helper.from_array(
+        np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32), "W"
+    )
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"], name="fc")],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+        [weight],
+    )
+    source_dir, out = tmp_path / "source", tmp_path / "out"
+    source_dir.mkdir()
+    out.mkdir()
+    onnx.save(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]),
+        source_dir / "m.onnx",
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    model = modelpress.load(source_dir / "m.onnx", show_progress=False)
+    Inputs(model, {}, Evaluate()).write(out)
+    (source_dir / "m.data").unlink()  # the trial's copy must not need it
+    trial = modelpress.load(out / "source.onnx", show_progress=False)
+    x = {"x": np.ones((2, 64), np.float32)}
+    np.testing.assert_array_equal(
+        run(make_session(trial), x)[0], np.ones((2, 64), np.float32) @ numpy_helper.to_array(weight)
+    )

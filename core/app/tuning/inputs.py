@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modelpress.app.recipe import DataSources, Evaluate, Recipe
-from modelpress.base.errors import OptionsError
+from modelpress.base.errors import OptionsError, UnsupportedModelError
 
 if TYPE_CHECKING:
     from modelpress.app.tuning.executor import RayExecutor
@@ -121,12 +121,39 @@ class Inputs:
         for role, blob in self.blobs.items():
             if blob is not None:
                 atomic_write(data_dir / f"{role}.npz", blob)
-        model_bytes: bytes = self.source.to_proto().SerializeToString()
+        model_bytes: bytes = _inlined(self.source).to_proto().SerializeToString()
         atomic_write(out / "source.onnx", model_bytes)
         return model_bytes
 
     def has_labels(self, role: str) -> bool:
         return _has_labels(self.blobs.get(role))
+
+
+_PROTO_LIMIT = 2**31 - 1  # NOTE: protobuf's limit on one message
+
+
+def _inlined(source: Any) -> Any:
+    """``source`` with every weight in memory: the trials get the model as one ONNX protobuf
+    (``source.onnx``), which a weight left in an external-data file beside the loaded model would
+    point out of (a model over 256 MB loads that way). Refused, by name, above protobuf's 2 GB."""
+    import onnx_ir as ir
+
+    if source.weight_bytes() > _PROTO_LIMIT:
+        raise UnsupportedModelError(
+            f"{source.name}: tune ships the model to its trials as one ONNX protobuf, and its "
+            f"{source.weight_bytes() / 1e9:.1f} GB of weights are over protobuf's 2 GB; compress it "
+            "with `modelpress quantize` / `compress` and a recipe instead"
+        )
+    external = any(
+        isinstance(v.const_value, ir.ExternalTensor)
+        for g in source.ir.graphs()
+        for v in g.initializers.values()
+    )
+    if not external:
+        return source
+    inlined = source.clone()
+    ir.external_data.load_to_model(inlined.ir)
+    return inlined
 
 
 def _has_labels(blob: bytes | None) -> bool:

@@ -197,3 +197,34 @@ def make_checkpoint(folder: Path, family: str, *, head: str = "causal-lm", steps
     model.save_pretrained(folder)
     tokenizer().save_pretrained(folder)
     return folder
+
+
+PROMPTS = ["Return a new list of the", "The default"]
+
+
+def same_greedy_tokens(model: Any, folder: Path) -> Any:
+    """10 greedy tokens from two left-padded prompts: ONNX Runtime (``model``) against transformers'
+    ``generate`` on the checkpoint ``folder`` in float32; asserted equal, returned."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from modelpress.adapters.transformers_generate import greedy_generate
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, local_files_only=True
+    ).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = hf.generate(**batch, max_new_tokens=10, do_sample=False).numpy()
+    got = greedy_generate(
+        model,
+        batch["input_ids"].numpy(),
+        attention_mask=batch["attention_mask"].numpy(),
+        max_new_tokens=10,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    np.testing.assert_array_equal(got, expected)
+    return got

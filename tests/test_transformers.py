@@ -21,7 +21,7 @@ from modelpress.adapters.transformers_generate import decoder_sample, greedy_gen
 from modelpress.plugin_api import make_session  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
 
-PROMPTS = ["Return a new list of the", "The default"]
+PROMPTS = hf_fixtures.PROMPTS
 
 
 @pytest.fixture(scope="module")
@@ -37,24 +37,6 @@ def llama(llama_dir) -> modelpress.Model:
 def _hf(folder: Path):
     model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True).eval()
     return model, transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
-
-
-def _same_greedy_tokens(model: modelpress.Model, folder: Path) -> np.ndarray:
-    """10 greedy tokens from two (left-padded) prompts: ONNX Runtime against transformers' generate."""
-    hf, tokenizer = _hf(folder)
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        expected = hf.generate(**batch, max_new_tokens=10, do_sample=False).numpy()
-    got = greedy_generate(
-        model,
-        batch["input_ids"].numpy(),
-        attention_mask=batch["attention_mask"].numpy(),
-        max_new_tokens=10,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    np.testing.assert_array_equal(got, expected)
-    return got
 
 
 @pytest.mark.slow
@@ -145,7 +127,7 @@ def session_past(session) -> list[str]:
 
 @pytest.mark.slow
 def test_llama_greedy_generation_matches_transformers(llama, llama_dir):
-    tokens = _same_greedy_tokens(llama, llama_dir)
+    tokens = hf_fixtures.same_greedy_tokens(llama, llama_dir)
     assert tokens.shape == (2, tokens.shape[1]) and tokens.shape[1] > 10
 
 
@@ -157,7 +139,7 @@ def test_gpt2_model_object_with_example_inputs(tmp_path):
     model = modelpress.load(hf, example_inputs=(torch.randint(0, 100, (1, 8)),))
     assert model.provenance.extra["architecture"] == "GPT2LMHeadModel"
     assert model.signature.inputs[0].shape == ("batch_size", "sequence_length")
-    _same_greedy_tokens(model, folder)
+    hf_fixtures.same_greedy_tokens(model, folder)
 
 
 @pytest.mark.slow
@@ -170,7 +152,9 @@ def test_random_llama_generates_varied_tokens_identically(tmp_path):
     hf = transformers.LlamaForCausalLM(config).eval()
     hf.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    tokens = _same_greedy_tokens(modelpress.load(tmp_path, show_progress=False), tmp_path)
+    tokens = hf_fixtures.same_greedy_tokens(
+        modelpress.load(tmp_path, show_progress=False), tmp_path
+    )
     assert len(set(tokens[0, -10:].tolist())) >= 4
 
 
@@ -189,7 +173,7 @@ def test_more_decoder_families_generate_identically(family, tmp_path):
     assert model.provenance.extra["model_type"] == family
     # NOTE: Qwen2 (q/k/v biases) is written directly, Phi-3 exported with torch
     assert model.provenance.importer.startswith("modelpress direct") == (family == "qwen2")
-    tokens = _same_greedy_tokens(model, tmp_path)
+    tokens = hf_fixtures.same_greedy_tokens(model, tmp_path)
     assert len(set(tokens[0, -10:].tolist())) >= 4
 
 
@@ -383,7 +367,7 @@ def test_no_cache_task_override(llama_dir):
         "position_ids",
     ]
     assert model.signature.output_names == ["logits"]
-    _same_greedy_tokens(model, llama_dir)
+    hf_fixtures.same_greedy_tokens(model, llama_dir)
 
 
 @pytest.mark.slow

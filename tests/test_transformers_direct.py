@@ -17,13 +17,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("tokenizers")
 
 import modelpress  # noqa: E402
-from modelpress.adapters.transformers_generate import greedy_generate  # noqa: E402
 from modelpress.adapters.transformers_llama import direct_plan  # noqa: E402
 from modelpress.adapters.transformers_safetensors import SafetensorsIndex  # noqa: E402
 from modelpress.plugin_api import InvalidModelError, OptionsError, UnsupportedModelError  # noqa: E402
 from tests import hf_fixtures  # noqa: E402
-
-PROMPTS = ["Return a new list of the", "The default"]
 
 
 def test_safetensors_rows_without_torch_in_every_stored_type(tmp_path):
@@ -140,25 +137,6 @@ def _random_checkpoint(folder: Path, family: str, **changes) -> Path:
     return folder
 
 
-def _greedy_as_transformers(model: modelpress.Model, folder: Path) -> np.ndarray:
-    """10 greedy tokens from two left-padded prompts: ONNX Runtime against transformers' generate (float32)."""
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
-    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        expected = hf.generate(**batch, max_new_tokens=10, do_sample=False).numpy()
-    got = greedy_generate(
-        model,
-        batch["input_ids"].numpy(),
-        attention_mask=batch["attention_mask"].numpy(),
-        max_new_tokens=10,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    np.testing.assert_array_equal(got, expected)
-    return got
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "changes"),
@@ -189,7 +167,7 @@ def test_direct_families_generate_as_transformers(family, changes, tmp_path):
     assert extra["greedy_tokens_identical"] and extra["import_check"]["max_rel_diff"] <= 1e-4
     ops = {n.op_type for n in model.ir.graph}
     assert {"GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
-    tokens = _greedy_as_transformers(model, folder)
+    tokens = hf_fixtures.same_greedy_tokens(model, folder)
     assert len(set(tokens[0, -10:].tolist())) >= 4
 
 

@@ -174,7 +174,7 @@ def _prune_and_check(model, digits):
         show_progress=False,
     )
     figures = tuned.provenance.passes[-1].figures
-    assert figures["loss"] == "nll" and "Softmax node" in figures["loss_reason"]
+    assert figures["loss"] == "nll" and "a Softmax after layer" in figures["loss_reason"]
     assert _accuracy(tuned, digits["x_test"], digits["y_test"]) >= 0.95 * source
     return tuned
 

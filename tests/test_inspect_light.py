@@ -297,3 +297,44 @@ def test_an_int8_embeddings_row_scales_are_not_parameters(tmp_path):
     assert quantized.parameter_count() == source.parameter_count() == 300 * 64 + 64 * 8
     path = _save(quantized, tmp_path / "lookup.onnx")
     assert light_info(_args(path))["parameters"] == 300 * 64 + 64 * 8
+
+
+def test_rotary_tables_are_not_parameters():
+    """GroupQueryAttention's cos/sin caches (a directly written Llama's) are computed from the
+    config, not learned: transformers' num_parameters does not count them, nor do we."""
+    import onnx_ir as ir
+
+    from modelpress.ir.counting import parameter_count
+
+    rng = np.random.default_rng(0)
+    qkv = numpy_helper.from_array(rng.normal(size=(64, 128)).astype(np.float32), "qkv")
+    caches = [
+        numpy_helper.from_array(rng.normal(size=(2048, 8)).astype(np.float32), name)
+        for name in ("cos_cache", "sin_cache")
+    ]
+    attention = helper.make_node(
+        "GroupQueryAttention",
+        ["q", "", "", "past_key", "past_value", "seqlens", "total", "cos_cache", "sin_cache"],
+        ["attn", "present_key", "present_value"],
+        domain="com.microsoft",
+        num_heads=4,
+        kv_num_heads=2,
+        do_rotary=1,
+    )
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "qkv"], ["q"]), attention],
+        "rotary",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, "s", 64]),
+            helper.make_tensor_value_info("past_key", TensorProto.FLOAT, [1, 2, "p", 16]),
+            helper.make_tensor_value_info("past_value", TensorProto.FLOAT, [1, 2, "p", 16]),
+            helper.make_tensor_value_info("seqlens", TensorProto.INT32, [1]),
+            helper.make_tensor_value_info("total", TensorProto.INT32, []),
+        ],
+        [helper.make_tensor_value_info("attn", TensorProto.FLOAT, [1, "s", 64])],
+        [qkv, *caches],
+    )
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    )
+    assert parameter_count(ir.serde.deserialize_model(model)) == 64 * 128

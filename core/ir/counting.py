@@ -59,6 +59,12 @@ _SHAPE_INPUTS = {
     "ReduceProd": (1,),
     "ReduceL2": (1,),
 }
+# NOTE: rotary position tables (cos/sin caches) are computed from the config, not learned: users (and
+# transformers' num_parameters) do not count them.
+_ROTARY_TABLES = {
+    "GroupQueryAttention": (7, 8),
+    "RotaryEmbedding": (2, 3),
+}
 # NOTE: an int64 constant this small is a shape, an axis or an index wherever it goes.
 _SMALL_INT64 = 64
 
@@ -103,6 +109,8 @@ def _not_weight(use: Any, depth: int = _DEPTH) -> bool:
     if node.metadata_props.get(ROLE_KEY) == SCALE_ROLE and use.idx > 0:
         return True
     if use.idx in _QPARAMS.get(op, ()) or use.idx in _SHAPE_INPUTS.get(op, ()):
+        return True
+    if use.idx in _ROTARY_TABLES.get(op, ()):
         return True
     if _rescales_integers(node, use.idx):
         return True

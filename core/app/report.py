@@ -112,30 +112,24 @@ def side_by_side(before: list[list[float]], stage: list[list[float]]) -> list[fl
     return [*medians, max(runs_band, rounds_band, ratios_band)]
 
 
-def _slower(before: StageMetrics, s: StageMetrics, key: str) -> str | None:
+def _slower(
+    before: StageMetrics | None, s: StageMetrics, key: str, *, paired: bool = True
+) -> str | None:
     """The slowdown note, when the stage looks slower and, where the two files were re-timed side by
-    side (``latency_recheck_ms``: the machine's load drifts between stages), is slower there too."""
-    if not looks_slower(before, s, key):
+    side (``latency_recheck_ms``: the machine's load drifts between stages), is slower there too.
+    ``paired=False`` for a ``before`` that is not the stage before (the source): its own timings only,
+    as the side-by-side timing was against the stage before."""
+    if before is None or not looks_slower(before, s, key):
         return None
     ms, previous = s.latency_ms[key], before.latency_ms[key]
     band = _spread(before, key) + _spread(s, key)
     noise = f"; noise band {band:.1%}" if band else ""
-    recheck = s.latency_recheck_ms.get(key)
+    recheck = s.latency_recheck_ms.get(key) if paired else None
     if recheck:
         if not _past_noise(recheck[0], recheck[1], recheck[2]):
             return None
         noise += f"; side by side {recheck[1]:.3f} vs {recheck[0]:.3f} ms"
     return f"slower than '{before.stage}' at {key} ({ms:.3f} vs {previous:.3f} ms{noise})"
-
-
-def _slower_than_source(source: StageMetrics | None, s: StageMetrics, key: str) -> str | None:
-    """The note for a stage slower than the source at ``key`` beyond 5 % and the noise band."""
-    if source is None or not looks_slower(source, s, key):
-        return None
-    band = _spread(source, key) + _spread(s, key)
-    noise = f"; noise band {band:.1%}" if band else ""
-    ms, base = s.latency_ms[key], source.latency_ms[key]
-    return f"slower than '{source.stage}' at {key} ({ms:.3f} vs {base:.3f} ms{noise})"
 
 
 def figure_text(value: Any) -> str:
@@ -436,7 +430,7 @@ class Report:
                 # (fp16 after an int4 stage): flagged against the source too, by its own timings
                 slower.update(
                     {
-                        key: _slower_than_source(source, s, key)
+                        key: _slower(source, s, key, paired=False)
                         for key, note in slower.items()
                         if note is None
                     }

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from modelpress.base.errors import DataError, ModelpressError
+from modelpress.data.samples import declared_axis_sizes
 from modelpress.plugin.methods import TextFloor
 from modelpress.runtime.session import make_session, run
 
@@ -141,12 +142,9 @@ def decoder_sample(
     return feeds
 
 
-def _declared_sizes(model: Any) -> dict[str, Any]:
-    from modelpress.data.samples import AXIS_SIZES_KEY
-
+def _declared_sizes(model: Any) -> dict[str, int]:
     extra = getattr(getattr(model, "provenance", None), "extra", None)
-    sizes = extra.get(AXIS_SIZES_KEY) if isinstance(extra, dict) else None
-    return sizes if isinstance(sizes, dict) else {}
+    return declared_axis_sizes(extra) if isinstance(extra, dict) else {}
 
 
 def _vocab_size(session: Any) -> int:

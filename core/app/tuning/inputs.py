@@ -138,10 +138,11 @@ def _inlined(source: Any) -> Any:
     point out of (a model over 256 MB loads that way). Refused, by name, above protobuf's 2 GB."""
     import onnx_ir as ir
 
-    if source.weight_bytes() > _PROTO_LIMIT:
+    weights = source.weight_bytes()
+    if weights > _PROTO_LIMIT:
         raise UnsupportedModelError(
             f"{source.name}: tune ships the model to its trials as one ONNX protobuf, and its "
-            f"{source.weight_bytes() / 1e9:.1f} GB of weights are over protobuf's 2 GB; compress it "
+            f"{weights / 1e9:.1f} GB of weights are over protobuf's 2 GB; compress it "
             "with `modelpress quantize` / `compress` and a recipe instead"
         )
     external = any(

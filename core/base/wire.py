@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-__all__ = ["WireError", "fields", "tagged_fields", "varint"]
+__all__ = ["WireError", "fields", "string_entry", "tagged_fields", "varint"]
 
 
 class WireError(ValueError):
@@ -81,3 +81,15 @@ def int64s(buf: memoryview, wire: int, p0: int, p1: int) -> Iterator[int]:
     while pos < p1:
         value, pos = varint(buf, pos)
         yield signed(value)
+
+
+def string_entry(buf: memoryview, start: int, end: int) -> tuple[str, str]:
+    """A ``StringStringEntryProto`` (external-data locations, metadata): its key (field 1) and value
+    (field 2), UTF-8 (``UnicodeDecodeError`` when not)."""
+    key = value = ""
+    for number, _wire, p0, p1 in fields(buf, start, end):
+        if number == 1:
+            key = bytes(buf[p0:p1]).decode("utf-8")
+        elif number == 2:
+            value = bytes(buf[p0:p1]).decode("utf-8")
+    return key, value

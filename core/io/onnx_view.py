@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from modelpress.base.wire import WireError, fields, int64s, signed, varint
+from modelpress.base.wire import WireError, fields, int64s, signed, string_entry, varint
 from modelpress.ir.provenance import PROVENANCE_KEY, Provenance
 from modelpress.ir.signature import Signature
 
@@ -244,14 +244,11 @@ def _text(buf: memoryview, p0: int, p1: int) -> str:
 
 
 def _entry(buf: memoryview, p0: int, p1: int) -> tuple[str, str]:
-    """A ``StringStringEntryProto``: key, value."""
-    key = value = ""
-    for number, _w, a, b in fields(buf, p0, p1):
-        if number == 1:
-            key = _text(buf, a, b)
-        elif number == 2:
-            value = _text(buf, a, b)
-    return key, value
+    """A ``StringStringEntryProto``: key, value (:func:`modelpress.base.wire.string_entry`)."""
+    try:
+        return string_entry(buf, p0, p1)
+    except UnicodeDecodeError:
+        raise CannotAnswer("text that is not UTF-8") from None
 
 
 def _external(entries: dict[str, str], declared: int, base: Path) -> str:

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from modelpress.base.wire import WireError, int64s, tagged_fields, varint
+from modelpress.base.wire import WireError, int64s, string_entry, tagged_fields, varint
 
 __all__ = ["ModelTensors", "WireTensor", "cut", "model_tensors", "splice", "tensor_spans"]
 
@@ -376,12 +376,7 @@ def _read_tensor(buf: memoryview, start: int, end: int, label: str | None) -> Wi
         elif number == _TENSOR_NAME and label is None and wire == 2:
             tensor.name = _text(buf, p0, p1)
         elif number == _TENSOR_EXTERNAL and wire == 2:
-            key = value = ""
-            for n, _t, e0, e1 in _messages(buf, p0, p1):
-                if n == 1:
-                    key = _text(buf, e0, e1)
-                elif n == 2:
-                    value = _text(buf, e0, e1)
+            key, value = string_entry(buf, p0, p1)
             entries[key] = value
         elif number == _TENSOR_LOCATION and wire == 0:
             location = varint(buf, p0)[0]

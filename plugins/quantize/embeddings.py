@@ -240,23 +240,33 @@ def _row_lookups(value: ir.Value, bits: int) -> list[ir.Node]:
     ]
 
 
+def cuts_rows(user: ir.Node, value: ir.Value) -> bool:
+    """Whether ``user`` is a ``Slice`` of rows of the 2-D ``value``: one axis, ``0`` or ``-2`` (or no
+    axes with one start). A position table is read that way, cut to the sequence length."""
+    if user.op_type != "Slice" or user.domain not in ("", "ai.onnx") or len(user.inputs) < 3:
+        return False
+    if user.inputs[0] is not value or user.inputs[1] is None or user.inputs[2] is None:
+        return False
+    axes = user.inputs[3] if len(user.inputs) > 3 else None
+    if axes is None:
+        starts = user.inputs[1].shape
+        return starts is not None and list(starts.dims) == [1]
+    return axes.const_value is not None and [
+        int(a) for a in np.asarray(axes.const_value.numpy()).ravel()
+    ] in ([0], [-2])
+
+
 def _row_slices(value: ir.Value, bits: int) -> list[ir.Node]:
-    """The main-graph ``Slice`` users of an int8 table that cut rows only (axes ``[0]`` or ``[-2]``): a
-    position table cut to the sequence length. The same Slice of the int8 rows and of the row scales
-    ``[V, 1]`` reads the same rows, so only those are dequantized (a DQ of MiniLM's 512 x 384 position
-    table ran on every run)."""
+    """The main-graph users of an int8 table that cut rows only (:func:`cuts_rows`). The same Slice of
+    the int8 rows and of the row scales ``[V, 1]`` reads the same rows, so only those are dequantized
+    (a DQ of MiniLM's 512 x 384 position table ran on every run)."""
     if bits != 8:
         return []
-    found = []
-    for user, index in value.uses():
-        if user.op_type != "Slice" or user.domain not in ("", "ai.onnx") or index != 0:
-            continue
-        if user.graph is not value.graph or len(user.inputs) < 4 or user.inputs[3] is None:
-            continue
-        axes = user.inputs[3].const_value
-        if axes is not None and [int(a) for a in np.asarray(axes.numpy()).ravel()] in ([0], [-2]):
-            found.append(user)
-    return found
+    return [
+        user
+        for user, _index in value.uses()
+        if user.graph is value.graph and cuts_rows(user, value)
+    ]
 
 
 def _emit_lookup(model: Model, gather: ir.Node, q: ir.Value, scale: ir.Value) -> None:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from modelpress.plugin_api import Model, Out
+from modelpress.plugin_api import GraphBuilder, Model, Out
+from modelpress.plugins.quantize.embeddings import cuts_rows
 
 __all__ = ["use_table_kernels"]
 
@@ -50,6 +51,22 @@ def _table_dq(node: ir.Node) -> tuple[ir.Value, int] | None:
     return table, block.as_int()
 
 
+def _lookup(
+    model: Model, b: GraphBuilder, dq: ir.Node, user: ir.Node, rows: ir.Value, base: str, block: int
+) -> None:
+    """``user`` replaced by ``GatherBlockQuantized`` of the int4 table behind ``dq`` at ``rows``,
+    with the nodes ``b`` made to compute them."""
+    out = b.op(
+        "GatherBlockQuantized",
+        [dq.inputs[0], rows, dq.inputs[1], dq.inputs[2]],
+        {"gather_axis": 0, "quantize_axis": 1, "block_size": block},
+        domain="com.microsoft",
+        name=f"{base}_GatherBlockQuantized",
+        out=Out(f"{base}_GatherBlockQuantized_output", ir.DataType.FLOAT),
+    )
+    model.replace_node(user, list(b.nodes), out)
+
+
 def _gather(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
     axis = user.attributes.get("axis")
     if (
@@ -58,45 +75,24 @@ def _gather(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
         or (axis is not None and axis.as_int() != 0)
     ):
         return False
-    b = model.builder()
-    out = b.op(
-        "GatherBlockQuantized",
-        [dq.inputs[0], user.inputs[1], dq.inputs[1], dq.inputs[2]],
-        {"gather_axis": 0, "quantize_axis": 1, "block_size": block},
-        domain="com.microsoft",
-        name=f"{user.name or 'embedding'}_GatherBlockQuantized",
-        out=Out(f"{user.name or 'embedding'}_GatherBlockQuantized_output", ir.DataType.FLOAT),
-    )
-    model.replace_node(user, list(b.nodes), out)
+    assert user.inputs[1] is not None
+    _lookup(model, model.builder(), dq, user, user.inputs[1], user.name or "embedding", block)
     return True
 
 
-def _ints(value: ir.Value | None) -> list[int] | None:
-    """The values of a constant int tensor, else None."""
-    if value is None or value.const_value is None:
-        return None
-    return [int(x) for x in np.asarray(value.const_value.numpy()).ravel()]
-
-
-def _row_slice(user: ir.Node, dq: ir.Node) -> bool:
-    """Whether ``user`` is a ``Slice`` of rows of the dequantized table (one axis, 0, step 1): a position
-    table cut to the sequence length."""
-    if user.op_type != "Slice" or user.domain not in ("", "ai.onnx") or len(user.inputs) < 3:
-        return False
-    if user.inputs[0] is not dq.outputs[0] or user.inputs[1] is None or user.inputs[2] is None:
-        return False
-    axes = _ints(user.inputs[3]) if len(user.inputs) > 3 and user.inputs[3] is not None else None
-    steps = _ints(user.inputs[4]) if len(user.inputs) > 4 and user.inputs[4] is not None else [1]
-    if axes is None:
-        starts = user.inputs[1].shape
-        axes = [0] if starts is not None and list(starts.dims) == [1] else None
-    return axes in ([0], [-2]) and steps == [1]
+def _steps(user: ir.Node) -> list[int] | None:
+    """A Slice's constant steps (``[1]`` when not given), else None."""
+    if len(user.inputs) < 5 or user.inputs[4] is None:
+        return [1]
+    value = user.inputs[4].const_value
+    return None if value is None else [int(x) for x in np.asarray(value.numpy()).ravel()]
 
 
 def _slice(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
-    """``DQ -> Slice(rows)`` -> ``GatherBlockQuantized(Range(start, end))``, with Slice's bounds (a negative
-    bound counts from the end, then both are clamped to ``[0, V]``): only the rows read are dequantized."""
-    if not _row_slice(user, dq):
+    """``DQ -> Slice(rows, step 1)`` (:func:`.embeddings.cuts_rows`) -> ``GatherBlockQuantized(Range(start,
+    end))``, with Slice's bounds (a negative bound counts from the end, then both are clamped to
+    ``[0, V]``): only the rows read are dequantized."""
+    if not cuts_rows(user, dq.outputs[0]) or _steps(user) != [1]:
         return False
     rows = int(dq.inputs[0].const_value.shape[0])  # type: ignore[union-attr]
     base = user.name or "position_slice"
@@ -111,15 +107,7 @@ def _slice(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
         x = b.op("Squeeze", [b.op("Cast", [given], {"to": ir.DataType.INT64}), axes])
         x = b.op("Where", [b.op("Less", [x, zero]), b.op("Add", [x, count]), x])
         bounds.append(b.op("Clip", [x, zero, count]))
-    out = b.op(
-        "GatherBlockQuantized",
-        [dq.inputs[0], b.op("Range", [*bounds, one]), dq.inputs[1], dq.inputs[2]],
-        {"gather_axis": 0, "quantize_axis": 1, "block_size": block},
-        domain="com.microsoft",
-        name=f"{base}_GatherBlockQuantized",
-        out=Out(f"{base}_GatherBlockQuantized_output", ir.DataType.FLOAT),
-    )
-    model.replace_node(user, list(b.nodes), out)
+    _lookup(model, b, dq, user, b.op("Range", [*bounds, one]), base, block)
     return True
 
 

@@ -86,8 +86,18 @@ def tokenizer() -> Any:
     return train_tokenizer(corpus())
 
 
-def config(family: str, tokenizer: Any) -> Any:
-    """A tiny config of ``family`` whose vocabulary is ``tokenizer``'s."""
+_DECODER = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 128,
+}
+
+
+def config(family: str, tokenizer: Any, **changes: Any) -> Any:
+    """A tiny config of ``family`` whose vocabulary is ``tokenizer``'s, with ``changes`` applied."""
     import transformers
 
     vocab = len(tokenizer)
@@ -96,44 +106,18 @@ def config(family: str, tokenizer: Any) -> Any:
         "bos_token_id": tokenizer.bos_token_id,
         "eos_token_id": tokenizer.eos_token_id,
     }
-    if family == "llama":
-        return transformers.LlamaConfig(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            **special,
-        )
-    if family == "qwen2":
-        return transformers.Qwen2Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            tie_word_embeddings=True,
-            **special,
-        )
-    if family == "phi3":
-        return transformers.Phi3Config(
-            vocab_size=vocab,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=128,
-            **special,
-        )
+    decoders = {
+        "llama": (transformers.LlamaConfig, {"tie_word_embeddings": True}),
+        "qwen2": (transformers.Qwen2Config, {"tie_word_embeddings": True}),
+        "phi3": (transformers.Phi3Config, {}),
+        "mistral": (transformers.MistralConfig, {}),
+    }
+    if family in decoders:
+        cls, own = decoders[family]
+        return cls(vocab_size=vocab, **{**_DECODER, **own, **special, **changes})
     if family == "gpt2":
         return transformers.GPT2Config(
-            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special
+            vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=128, **special, **changes
         )
     if family == "bert":
         return transformers.BertConfig(
@@ -144,8 +128,25 @@ def config(family: str, tokenizer: Any) -> Any:
             num_attention_heads=4,
             max_position_embeddings=128,
             pad_token_id=tokenizer.pad_token_id,
+            **changes,
         )
     raise ValueError(family)
+
+
+def random_checkpoint(folder: Path, family: str, **changes: Any) -> Path:
+    """A random ``family`` model with large weights (a different greedy token at nearly every step:
+    a cache that is not really used shows), saved in ``folder`` with the tokenizer."""
+    import torch
+    import transformers
+
+    tok = tokenizer()
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(
+        config(family, tok, initializer_range=0.5, **changes)
+    )
+    model.eval().save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
 
 
 def _train(

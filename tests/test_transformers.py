@@ -145,13 +145,7 @@ def test_gpt2_model_object_with_example_inputs(tmp_path):
 @pytest.mark.slow
 def test_random_llama_generates_varied_tokens_identically(tmp_path):
     """A random model with large weights picks a different token at nearly every step: the cache is really used."""
-    tokenizer = hf_fixtures.tokenizer()
-    config = hf_fixtures.config("llama", tokenizer)
-    config.initializer_range = 0.5
-    torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(config).eval()
-    hf.save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    hf_fixtures.random_checkpoint(tmp_path, "llama")
     tokens = hf_fixtures.same_greedy_tokens(
         modelpress.load(tmp_path, show_progress=False), tmp_path
     )
@@ -161,14 +155,7 @@ def test_random_llama_generates_varied_tokens_identically(tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("family", ["qwen2", "phi3"])
 def test_more_decoder_families_generate_identically(family, tmp_path):
-    tokenizer = hf_fixtures.tokenizer()
-    config = hf_fixtures.config(family, tokenizer)
-    config.initializer_range = (
-        0.5  # NOTE: large random weights: a different token at nearly every step
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    hf_fixtures.random_checkpoint(tmp_path, family)
     model = modelpress.load(tmp_path, show_progress=False)
     assert model.provenance.extra["model_type"] == family
     # NOTE: Qwen2 (q/k/v biases) is written directly, Phi-3 exported with torch

@@ -114,29 +114,6 @@ def test_exporter_choices_are_checked(tmp_path, monkeypatch):
         modelpress.load(folder, show_progress=False)
 
 
-def _random_checkpoint(folder: Path, family: str, **changes) -> Path:
-    """A random model with large weights (a different token at nearly every step) saved with its tokenizer."""
-    tokenizer = hf_fixtures.tokenizer()
-    special = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    classes = {"llama": transformers.LlamaConfig, "mistral": transformers.MistralConfig}
-    config = classes[family](
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        initializer_range=0.5,
-        **special,
-        **changes,
-    )
-    torch.manual_seed(0)
-    transformers.AutoModelForCausalLM.from_config(config).eval().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("family", "changes"),
@@ -161,7 +138,7 @@ def _random_checkpoint(folder: Path, family: str, **changes) -> Path:
     ],
 )
 def test_direct_families_generate_as_transformers(family, changes, tmp_path):
-    folder = _random_checkpoint(tmp_path, family, **changes)
+    folder = hf_fixtures.random_checkpoint(tmp_path, family, **changes)
     model = modelpress.load(folder, exporter="direct", show_progress=False)
     extra = model.provenance.extra
     assert extra["greedy_tokens_identical"] and extra["import_check"]["max_rel_diff"] <= 1e-4

@@ -394,9 +394,16 @@ else:
     dtype = task.split("-")[1]
     src, mpk = work / f"{dtype}.onnx", work / f"{dtype}.mpk"
     # NOTE: like `import zipnn` + ZipNN() above, outside the timed calls: the plugins (the codecs)
-    # loaded and zstandard imported
+    # loaded, zstandard (and its CFFI backend), xxhash and the packer's modules imported
     modelpress.get_registry().codecs()
     import zstandard  # noqa: F401
+    import modelpress.packing.writer  # noqa: F401
+    from modelpress.packing.format import checksum_name
+    checksum_name()
+    try:
+        from zstandard import _cffi  # noqa: F401
+    except ImportError:
+        pass
     mpk.unlink(missing_ok=True)  # NOTE: replacing the last round's file would charge us for freeing its pages
     ready = cpu()
     t0 = cpu(); result = modelpress.pack(src, mpk); encode = cpu() - t0

@@ -96,6 +96,52 @@ def test_a_stored_stream_is_read_in_place():
     assert coded[0] == streams.ZSTD and bytes(streams.decode_view(coded)) == b"\0" * 4000
 
 
+def _exponent_plane(size: int, seed: int = 0) -> np.ndarray:
+    """The exponent byte of bf16 weights (a 2.6-bit plane with runs: where zstd's matches lose)."""
+    w = (np.random.default_rng(seed).standard_normal(size) * 0.02).astype(np.float32)
+    return ((w.view(np.uint32) >> 23) & 0xFF).astype(np.uint8)
+
+
+def test_byte_planes_are_huffman_coded_with_no_matches():
+    """With zstd's sequence API (cffi), a plane is literals only: a pattern repeated 1,000 times
+    is not found (a matching coder makes it ~100x smaller), an exponent plane comes out smaller
+    than zstd's matching coder makes it, and a plain zstd decoder reads both."""
+    import zstandard
+
+    coder = streams._literal_compressor(17)
+    assert type(coder).__name__ == "_HuffmanOnly"
+    repeated = np.tile(np.random.default_rng(1).integers(0, 16, 100, dtype=np.uint8), 1000)
+    literal = coder.compress(repeated)
+    assert len(literal) > len(repeated) * 0.45  # 4 bits a symbol: Huffman alone, no repeat found
+    assert len(zstandard.ZstdCompressor(level=3).compress(repeated.tobytes())) < 2000
+    plane = _exponent_plane(300_000)
+    huffman, matching = coder.compress(plane), streams._matching_literals(17).compress(plane)
+    assert len(huffman) < len(matching)
+    reader = zstandard.ZstdDecompressor()
+    assert reader.decompress(literal) == repeated.tobytes()
+    assert reader.decompress(huffman) == plane.tobytes() and coder.compress(b"") != b""
+
+
+def test_without_cffi_planes_are_coded_by_the_matching_coder(monkeypatch):
+    """zstandard's C backend has no sequence API: without cffi the planes are coded as before, by
+    zstd with matching all but off, and decode the same way."""
+    import sys
+
+    import zstandard
+
+    # NOTE: `from zstandard import _cffi` then fails, as where cffi is not installed
+    monkeypatch.setitem(sys.modules, "zstandard._cffi", None)
+    monkeypatch.delattr(zstandard, "_cffi", raising=False)
+    monkeypatch.setattr(streams._local, "literal_cctx", {}, raising=False)
+    assert streams._huffman_only(17) is None
+    plane = _exponent_plane(200_000, seed=2)
+    tag, coded = streams.literal_pieces(plane, block_log=17, matching=False)
+    assert type(streams._literal_compressor(17)).__name__ == "ZstdCompressor"
+    assert (
+        tag == bytes([streams.ZSTD]) and bytes(streams.decode_view(tag + coded)) == plane.tobytes()
+    )
+
+
 # -- splicing ---------------------------------------------------------------------------------------
 
 

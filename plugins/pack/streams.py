@@ -194,9 +194,10 @@ def encode_literals(data: Any, *, block_log: int = 17, matching: bool = True) ->
 
 
 def literal_pieces(data: Any, *, block_log: int = 17, matching: bool = True) -> tuple[bytes, Any]:
-    """Stored, or zstd tuned for entropy-coding a byte plane, with one Huffman table per
-    ``2**block_log`` bytes (at most 17: smaller blocks follow local statistics, as in mantissa
-    planes; larger ones pay fewer tables). With ``matching``, a plane that codes below
+    """Stored, or Huffman-coded in a zstd frame with one Huffman table per ``2**block_log``
+    bytes (at most 17: smaller blocks follow local statistics, as in mantissa planes; larger ones
+    pay fewer tables): literals only (:class:`_HuffmanOnly`, with cffi), else zstd with its
+    matching all but off. With ``matching``, a plane that codes below
     ``STRUCTURED`` of its size (zero runs, repeats) is also coded with zstd's matching and the
     smaller kept. Any buffer (a numpy
     array is not copied first); read back by :func:`decode_view` or :class:`PlaneReader` like any

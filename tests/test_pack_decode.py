@@ -142,6 +142,19 @@ def test_without_cffi_planes_are_coded_by_the_matching_coder(monkeypatch):
     )
 
 
+def test_a_zstandard_without_the_sequence_api_gets_the_matching_coder(monkeypatch):
+    """An older zstandard whose CFFI backend lacks a name of the sequence API is probed once and
+    passed over, not raised from in the middle of a pack."""
+
+    def older_backend(self, backend, window_log):
+        raise AttributeError("module has no attribute 'ZSTD_compressSequences'")
+
+    monkeypatch.setattr(streams._HuffmanOnly, "__init__", older_backend)
+    monkeypatch.setattr(streams._local, "literal_cctx", {}, raising=False)
+    assert streams._huffman_only(17) is None
+    assert type(streams._literal_compressor(17)).__name__ == "ZstdCompressor"
+
+
 # -- splicing ---------------------------------------------------------------------------------------
 
 

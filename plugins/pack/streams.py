@@ -140,11 +140,21 @@ def _matching_literals(window_log: int) -> Any:
 
 
 def _huffman_only(window_log: int) -> _HuffmanOnly | None:
+    """The literals-only coder, or None where zstandard's CFFI backend is missing (no cffi:
+    zstandard's C backend alone has no sequence API) or its zstd lacks the sequence API or
+    does not give a probe back."""
     try:
         from zstandard import _cffi
-    except ImportError:  # NOTE: no cffi (zstandard's C backend alone has no sequence API)
+    except ImportError:
         return None
-    return _HuffmanOnly(_cffi, window_log)
+    probe = bytes(range(64)) * 4
+    try:
+        coder = _HuffmanOnly(_cffi, window_log)
+        if _zstd_module().ZstdDecompressor().decompress(coder.compress(probe)) == probe:
+            return coder
+    except (AttributeError, ValueError, TypeError, _cffi.ffi.error, _zstd_module().ZstdError):
+        pass  # NOTE: an older zstandard whose backend lacks a name or rejects a parameter
+    return None
 
 
 class _HuffmanOnly:

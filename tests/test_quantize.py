@@ -40,6 +40,25 @@ def test_affine_uint8_exact_values():
     ]  # 0.5/scale = 42.5 rounds half to even
 
 
+def test_affine_range_survives_the_rounding_of_its_zero_point():
+    """[-0.996, 0.996] (an image scaled to [-1, 1)) puts the zero point at 127.5: rounded to 128, the top of
+    the grid was 127 steps of 1.992/255 = 0.992 and the brightest pixels were clipped. Both ends now fit."""
+    grid = QRange(8, signed=False)
+    for lo, hi in [
+        (-0.996, 0.996),
+        (-10.59, 6.29),
+        (-0.0781, 1.794),
+        (-1.0, 2.0),
+        (0.0, 5.0),
+        (-3.0, 0.0),
+    ]:
+        scale, zero = affine_params(lo, hi, grid)
+        ends = np.array([lo, hi], np.float32)
+        error = np.abs(dequantize(quantize(ends, scale, zero, grid), scale, zero) - ends)
+        assert error.max() <= float(scale) / 2 * (1 + 1e-5), (lo, hi)
+        assert float(scale) <= (hi - lo) / 254 * (1 + 1e-6)  # at most 255/254 of the step
+
+
 def test_symmetric_int8_exact_values():
     grid = QRange(8, signed=True, restricted=True)
     scale, zero = symmetric_params(1.27, grid)
@@ -100,7 +119,7 @@ def test_kmeans_codebook():
 
 
 # -- int8-static ----------------------------------------------------------------------------------
-def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
+def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights(tmp_path):
     model = tiny_cnn(channels=4)
     calibration = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
     result = check_method(
@@ -129,6 +148,20 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     assert result.initializer("conv2.bias_q").const_value.dtype == ir.DataType.INT32
     assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
+    # NOTE: the weights' zero points are all 0, DequantizeLinear's default: the file leaves them out,
+    # and ORT still fuses its integer convolutions
+    weight_dq = [n for n in result.ir.graph if n.name == "conv2.weight_DQ"]
+    assert len(weight_dq) == 1 and len(weight_dq[0].inputs) == 2
+    assert "conv2.weight_z" not in result.graph.initializers
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        result.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    fused = [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+    assert fused.count("QLinearConv") == 2
 
 
 def test_int8_static_quantizes_unnamed_nodes_under_their_weights_names():

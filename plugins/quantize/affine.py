@@ -3,9 +3,7 @@
 For ``b`` bits and a real range ``[min, max]`` (widened to contain 0, so that 0 is exact):
 
 * unsigned, asymmetric: ``scale = (max - min) / (2^b - 1)``,
-  ``zero_point = clamp(round(-min / scale), 0, 2^b - 1)``, then the scale widened to
-  ``max(max / (2^b - 1 - zero_point), -min / zero_point)`` so that rounding the zero point cuts
-  neither end of the range (at most (2^b - 1) / (2^b - 2) wider);
+  ``zero_point = clamp(round(-min / scale), 0, 2^b - 1)``;
 * signed, symmetric (weights): ``scale = max(|min|, |max|) / (2^(b-1) - 1)``, ``zero_point = 0``,
   integers in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` (the restricted range: -128 is never used, so
   the grid is symmetric around 0 as integer kernels expect);
@@ -57,13 +55,6 @@ def affine_params(
     scale = (rmax - rmin) / (grid.qmax - grid.qmin)
     scale = np.where(scale > 0, scale, 1.0)
     zero = np.clip(np.round(grid.qmin - rmin / scale), grid.qmin, grid.qmax)
-    # NOTE: rounding the zero point shifts the grid by up to half a step, which cut one end of the range: on a
-    # [-0.996, 0.996] image input the zero point 127.5 became 128 and the top level 0.992, clipping 1 % of the
-    # pixels. The step is widened (at most 255/254-fold: one step of 255 lost to rounding) until both ends fit.
-    with np.errstate(divide="ignore", invalid="ignore"):
-        up = np.where(grid.qmax > zero, rmax / (grid.qmax - zero), 0.0)
-        down = np.where(zero > grid.qmin, rmin / (grid.qmin - zero), 0.0)
-    scale = np.maximum(scale, np.maximum(up, down))
     return scale.astype(np.float32), zero.astype(grid.dtype)
 
 

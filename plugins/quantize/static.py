@@ -6,7 +6,8 @@ kernels saturate, see :mod:`.cpu`) behind a DequantizeLinear,
 biases int32 (scale = input scale x weight scale), MatMul/Gemm weights rounded by GPTQ against the
 rows SmoothQuant samples (:mod:`.gptq_int8`), activations uint8 asymmetric (or int8) on
 the input and output edges of each quantized node (the output taken after a following
-Relu/Clip, which ORT folds into the quantization).
+Relu/Clip, which ORT folds into the quantization; a MatMul's output only where an integer node reads it,
+or where ORT would otherwise fuse it with its bias Add into a float Gemm, see :func:`.static_plan.gemm_fused`).
 
 Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
 inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer

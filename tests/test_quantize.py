@@ -100,7 +100,7 @@ def test_kmeans_codebook():
 
 
 # -- int8-static ----------------------------------------------------------------------------------
-def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
+def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights(tmp_path):
     model = tiny_cnn(channels=4)
     calibration = {"x": np.random.default_rng(0).standard_normal((64, 1, 8, 8)).astype(np.float32)}
     result = check_method(
@@ -129,6 +129,65 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights():
     assert result.initializer("conv2.bias_q").const_value.dtype == ir.DataType.INT32
     assert "conv2.weight" not in result.graph.initializers  # the float weight is gone
     assert figures["quantized_nodes"] == 3 and figures["calibration_samples"] == 64
+    # NOTE: the weights' zero points are all 0, DequantizeLinear's default: the file leaves them out,
+    # and ORT still fuses its integer convolutions
+    weight_dq = [n for n in result.ir.graph if n.name == "conv2.weight_DQ"]
+    assert len(weight_dq) == 1 and len(weight_dq[0].inputs) == 2
+    assert "conv2.weight_z" not in result.graph.initializers
+    assert _optimized_ops(result, tmp_path).count("QLinearConv") == 2
+
+
+def _optimized_ops(model, tmp_path) -> list[str]:
+    """The op types of ``model`` as ONNX Runtime runs it (its optimized graph, written to a file)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(
+        model.to_proto().SerializeToString(), options, providers=["CPUExecutionProvider"]
+    )
+    return [n.op_type for n in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def test_int8_static_matmul_before_a_bias_add_runs_in_integers(tmp_path):
+    """A Linear as Keras/tf2onnx writes it (MatMul + Add of the bias, a PRelu after): ORT fuses MatMul + Add
+    into a float Gemm before its QDQ fusions, dequantizing the int8 weight on every run, unless the
+    MatMul's output is quantized (then QLinearMatMul). The last layer's Add is the model output: it stays float."""
+    rng = np.random.default_rng(0)
+    k, h, n = 64, 32, 4
+    inits = {
+        "w1": (rng.standard_normal((k, h)) / 8).astype(np.float32),
+        "b1": (0.1 * rng.standard_normal(h)).astype(np.float32),
+        "slope": np.full(h, 0.25, np.float32),
+        "w2": (rng.standard_normal((h, n)) / 6).astype(np.float32),
+        "b2": (0.1 * rng.standard_normal(n)).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["mm1"], name="dense1"),
+        helper.make_node("Add", ["mm1", "b1"], ["a1"], name="add1"),
+        helper.make_node("PRelu", ["a1", "slope"], ["p1"], name="prelu1"),
+        helper.make_node("MatMul", ["p1", "w2"], ["mm2"], name="dense2"),
+        helper.make_node("Add", ["mm2", "b2"], ["y"], name="add2"),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n])],
+        inits,
+    )
+    x = rng.standard_normal((64, k)).astype(np.float32)
+    result = modelpress.quantize(
+        model, calibration={"x": x}, sensitivity=False, min_cosine=None, show_progress=False
+    )
+    quantized = {n.inputs[0].name for n in result.ir.graph if n.op_type == "QuantizeLinear"}
+    assert "mm1" in quantized and "mm2" not in quantized
+    ops = _optimized_ops(result, tmp_path)
+    assert (
+        ops.count("QLinearMatMul") == 1 and ops.count("Gemm") == 1
+    )  # NOTE: dense2: its Add is the output
+    expected, actual = run(make_session(model), {"x": x})[0], run(make_session(result), {"x": x})[0]
+    cosine = float(np.sum(expected * actual) / np.linalg.norm(expected) / np.linalg.norm(actual))
+    assert cosine > 0.99
 
 
 def test_int8_static_quantizes_unnamed_nodes_under_their_weights_names():

@@ -78,9 +78,15 @@ def _unfold(
         )
         if tensor.dtype == ir.DataType.INT8:
             float_v = model.add_initializer(f"{source.name}_qat", real)
+            # NOTE: int8-static leaves out all-zero weight zero points; QuantizeLinear needs one to write int8
+            zero_v = (
+                node.inputs[2]
+                if len(node.inputs) > 2 and node.inputs[2] is not None
+                else model.add_initializer(f"{source.name}_qat_zero", zero.astype(np.int8))
+            )
             quantized = model.builder().op(
                 "QuantizeLinear",
-                [float_v, node.inputs[1], node.inputs[2]],
+                [float_v, node.inputs[1], zero_v],
                 {"axis": axis} if scale.ndim else {},
                 name=f"{source.name}_qat_QuantizeLinear",
                 out=Out(f"{source.name}_qat_quantized", ir.DataType.INT8),

@@ -2,8 +2,8 @@
 
 Activations get ``QuantizeLinear -> DequantizeLinear`` pairs on the input and output edges of each
 int8 node (spread through value-preserving ops after them, which ORT then runs in int8 too);
-weights are stored int8 behind a ``DequantizeLinear`` (per output channel by default), biases
-int32; element-wise constants int8. Nodes the sensitivity search keeps out of int8 get a cheaper
+weights are stored int8 behind a ``DequantizeLinear`` (per output channel by default; their zero points,
+all 0, left to the operator's default), biases int32; element-wise constants int8. Nodes the sensitivity search keeps out of int8 get a cheaper
 form: *weight-only* nodes keep their int8 weights but read float activations; *half* nodes (float
 fallback) store their weights as fp16 behind a ``Cast`` to float (float compute, half the bytes).
 """
@@ -219,7 +219,11 @@ class _Dequantizing:
             )
             zero = weight_zero if self.per_channel else np.asarray(weight_zero).reshape(())
             anchor = self.first_user.get(id(weight_value), node)
-            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale), (f"{w_name}_z", zero)]
+            tensors = [(f"{w_name}_q", weight_q), (f"{w_name}_s", scale)]
+            # NOTE: a symmetric int8 weight's zero points are all 0, DequantizeLinear's default for an int8
+            # input: the file leaves them out, as ONNX Runtime's own weight files do (ORT fuses the same kernels)
+            if weight_q.dtype != np.int8 or np.any(zero):
+                tensors.append((f"{w_name}_z", zero))
             self.dequantized[key] = _dq(
                 self.result,
                 anchor,

@@ -6,7 +6,8 @@ kernels saturate, see :mod:`.cpu`) behind a DequantizeLinear,
 biases int32 (scale = input scale x weight scale), MatMul/Gemm weights rounded by GPTQ against the
 rows SmoothQuant samples (:mod:`.gptq_int8`), activations uint8 asymmetric (or int8) on
 the input and output edges of each quantized node (the output taken after a following
-Relu/Clip, which ORT folds into the quantization).
+Relu/Clip, which ORT folds into the quantization; a MatMul's output only where an integer node reads it,
+or where ORT would otherwise fuse it with its bias Add into a float Gemm, see :func:`.static_plan.gemm_fused`).
 
 Normalisation/activation subgraphs as exporters decompose them and attention-mask Adds stay float
 inside (:mod:`.patterns`); element-wise ops are quantized only where both sides stay integer
@@ -63,6 +64,7 @@ from modelpress.plugins.quantize.static_plan import (
     act_params,
     constant_plan,
     fused_output,
+    gemm_fused,
     weight_plan,
 )
 from modelpress.plugins.quantize.static_search import Search, choose_configuration
@@ -418,14 +420,19 @@ def _calibrated(
     or a graph output, which stays float)."""
     all_nodes = sel.nodes
     # NOTE: a MatMul's output is quantized only where a quantized node reads it: rounding it on its way to a float
-    # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat). Conv and
-    # Gemm keep it: ORT's QLinearConv needs the output Q.
+    # bias Add / LayerNorm only adds error (ORT runs DQ -> MatMul without it as MatMulIntegerToFloat), unless ORT
+    # would fuse it with its bias into a float Gemm (static_plan.gemm_fused). Conv and Gemm keep it: ORT's
+    # QLinearConv needs the output Q.
     quantized_ids = {id(node) for node in all_nodes}
     out_tensors = {
         node.name: (
             fused_output(node).name
             if opts.quantize_outputs
-            and (node.op_type != "MatMul" or feeds_quantized(fused_output(node), quantized_ids))
+            and (
+                node.op_type != "MatMul"
+                or feeds_quantized(fused_output(node), quantized_ids)
+                or gemm_fused(node)
+            )
             else None
         )
         for node in all_nodes

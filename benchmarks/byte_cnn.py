@@ -18,7 +18,7 @@ folders. Measured on one machine (load ~4, the same code): a developer venv's fi
 venv's 99.09 %, a near-empty venv's 99.35 %, all at 0.263x (seeds 1 and 2: 98.96-99.74 %); before the
 fallback judged agreement by its point estimate on 256 files (``plugins/quantize/evaluate.py``) the CI
 venv's files gave 98.05 % (fully int8: its 2 flips in 64 judged files passed). No corpus is the same on
-two machines; a corpus of files from pinned pip wheels would be, but has far fewer file types.
+two machines; a corpus of files from pinned pip wheels would be (not built here).
 """
 
 from __future__ import annotations

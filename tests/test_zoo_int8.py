@@ -66,10 +66,11 @@ def test_onet_box_and_landmark_heads_are_judged_as_regression():
 
 
 def test_byte_cnn_int8_static_defaults_agree_on_held_out_files(tmp_path):
-    """Magika's byte-classifier CNN at the defaults, on files not calibrated on: <= 0.28x the size and
-    top-1 agreement with fp32 above a regression floor of 95 %. Issue 24's bar (>= 98.5 %) is
-    measured by ``benchmarks/byte_cnn.py``: the files a machine has change the figure (99.2 % in a
-    developer's environment, 96.5 % in a fresh CI one), so the bar is not asserted here."""
+    """Magika's byte-classifier CNN at the defaults, on files not calibrated on: <= 0.28x the size, its
+    Conv (1/SQNR 40x the dense layers') out of full int8, and top-1 agreement with fp32 above a
+    regression floor of 98 %. Issue 24's bar (>= 98.5 %) is measured by ``benchmarks/byte_cnn.py``:
+    98.96-99.74 % on three environments' files x three seeds; fully int8, which the fallback once
+    accepted on 2 flips in 64 judged files, gave 98.05-98.57 % on the same files."""
     from benchmarks.byte_cnn import corpus, features, model_path
 
     source = _or_skip(model_path)
@@ -77,11 +78,15 @@ def test_byte_cnn_int8_static_defaults_agree_on_held_out_files(tmp_path):
     calibration, held_out = {"bytes": x[:256]}, {"bytes": x[256:]}
     model = modelpress.load(source, show_progress=False)
     result = modelpress.quantize(model, calibration=calibration, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["judged_samples"] == 256 and figures["criteria_met"]
+    off_int8 = set(figures["weight_only_nodes"]) | set(figures["float_nodes"])
+    assert [n for n in off_int8 if n.endswith("Conv_0/Conv2D")]
     exported = modelpress.export(result, tmp_path / "int8.onnx", sample=calibration)
     assert exported.path.stat().st_size <= 0.28 * source.stat().st_size
     (reference,) = run(make_session(model), held_out)
     (quantized,) = run(make_session(exported.path), held_out)
-    assert float(np.mean(reference.argmax(1) == quantized.argmax(1))) >= 0.95
+    assert float(np.mean(reference.argmax(1) == quantized.argmax(1))) >= 0.98
 
 
 def test_ppocr_cls_with_64_crops_searches_the_calibrator_on_held_out_crops(tmp_path):

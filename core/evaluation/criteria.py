@@ -30,6 +30,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
@@ -209,7 +210,8 @@ def allowed_flips(n: int, threshold: float, alpha: float = ALPHA) -> int:
     if q >= 1:
         return n
     if n * q > 1000:  # NOTE: the normal approximation is exact enough here and O(1)
-        return min(n, int(n * q + 1.6449 * math.sqrt(n * q * (1 - q))))
+        z = statistics.NormalDist().inv_cdf(1.0 - alpha)  # 1.6449 at 5 %
+        return min(n, max(0, int(n * q + z * math.sqrt(n * q * (1 - q)))))
     log_q, log_p, tail, k = math.log(q), math.log1p(-q), 1.0, 0
     while k < n:
         pmf = math.exp(
@@ -231,7 +233,9 @@ class Criterion:
     """How one output is judged: its kind (the judging family), metric, threshold and why; ``form``
     says what the output is (``probabilities``, ``logits``, ``labels``, ...), ``axis`` the class axis
     (``None``: decisions at 0.5), ``samples`` how many decisions agreement counts (for its binomial
-    test), ``value_range`` the known range of a bounded output (for the dense scale)."""
+    test), ``value_range`` the known range of a bounded output (for the dense scale), ``alpha`` the
+    binomial test's level (:data:`ALPHA`: verification's benefit of the doubt; 0.5: the flips may be no
+    more than the median count at the threshold, i.e. the observed agreement itself must meet it)."""
 
     output: str
     kind: str
@@ -242,6 +246,7 @@ class Criterion:
     samples: int = 0
     form: str = ""
     value_range: float = 0.0
+    alpha: float = ALPHA
 
     def measure(self, ref: np.ndarray, out: np.ndarray) -> float:
         return measure(self.metric, ref, out, axis=self.axis, value_range=self.value_range)
@@ -250,7 +255,7 @@ class Criterion:
         """Flips the agreement threshold allows among ``samples`` decisions (``None``: not agreement)."""
         if self.metric != "agreement" or self.threshold is None or self.samples <= 0:
             return None
-        return allowed_flips(self.samples, float(self.threshold))
+        return allowed_flips(self.samples, float(self.threshold), self.alpha)
 
     def flips(self, value: float) -> int:
         return round((1.0 - value) * self.samples)

@@ -1,17 +1,26 @@
 """Scoring a quantized candidate against the float model on the calibration data, by the
 per-output criteria of :mod:`modelpress.evaluation.criteria` (the ones export verification uses too):
-each output judged by what it is (probabilities and logits by top-1 agreement under a binomial
-test on the judged rows, regressions by relative error, embeddings by per-row cosine, dense maps by
-RMS error over the reference's scale; ``docs/verification.md``).
+each output judged by what it is (probabilities and logits by top-1 agreement, regressions by relative
+error, embeddings by per-row cosine, dense maps by RMS error over the reference's scale;
+``docs/verification.md``).
 
-Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as
-whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of
+A candidate's agreement must itself meet the threshold (:data:`ACCEPT_ALPHA`: the flips no more than
+the median count of a model exactly at the threshold, 0 of 64 rows at 99 %), not merely be
+explained by one (export verification's binomial test at 5 %, which lets 2 of 64 pass): a quantizer
+that accepts what chance explains keeps candidates whose true agreement is below the target. On
+Magika's byte CNN (256 calibration files, then 64 of them judged) the fully int8 model flipped 2 of 64, passed
+that test, and agreed on 98.05 % of 768 held-out files; its Conv in weight-only form, which the
+fallback picks once 2 flips fail, flips 0 of 64 and agrees on 99.09 %.
+
+Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as many as
+those whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of
 those are kept (and each candidate's, while it is judged), so memory and time per judgement do not
 grow with the calibration set; calibration itself still sweeps every sample."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 
 from modelpress.plugin_api import (
     Bounds,
@@ -25,9 +34,15 @@ from modelpress.plugin_api import (
     run_dataset,
 )
 
-__all__ = ["JUDGED_SAMPLES", "Scorer"]
+__all__ = ["ACCEPT_ALPHA", "JUDGED_SAMPLES", "Scorer"]
 
-JUDGED_SAMPLES = 64
+ACCEPT_ALPHA = 0.5
+
+# NOTE: 256, not 64: a flip rate of 2 % shows no flip in 64 rows 27 % of the time (0.98^64), in 256 rows
+# at most 2 flips 12 % of the time. Magika's byte CNN on 3 corpora x 3 seeds: 64 judged let the fully int8
+# model (98.05 % on 768 held-out files) through once in 9; 256 judged, never in 6 (the Conv goes weight-only:
+# 98.96-99.74 %). Only calibration sets above 64 samples pay for it, one model run per judged sample.
+JUDGED_SAMPLES = 256
 MIN_JUDGED = 8
 # Bytes of float model outputs kept to judge candidates against (YOLOv8n: ~23 samples, PP-OCR det: ~40).
 OUTPUT_BUDGET = 16 * 1024 * 1024
@@ -53,9 +68,12 @@ class Scorer:
         self.batch_size = batch_size
         self.names = reference.signature.output_names
         self.expected = run_dataset(session, self.data.batches(batch_size))
-        self.criteria = infer_criteria(
-            self.names, self.expected, model=reference, overrides=criteria, bounds=bounds
-        )
+        self.criteria = [
+            replace(c, alpha=ACCEPT_ALPHA)
+            for c in infer_criteria(
+                self.names, self.expected, model=reference, overrides=criteria, bounds=bounds
+            )
+        ]
         self.evaluations = 0
 
     def score(self, candidate: Model) -> Judgement:

@@ -57,3 +57,31 @@ def test_bad_data_is_a_data_error():
         activation_stats(model, ["h"], {"x": np.zeros((4, 5), np.float32)})
     with pytest.raises(modelpress.DataError, match="no statistics data"):
         activation_stats(model, ["h"], None)
+
+
+def test_histogram_of_a_tensor_larger_than_a_chunk_counts_every_element_in_its_bin():
+    """A large tensor is binned a chunk at a time (bounded temporaries), into the same bins as the
+    whole tensor at once, with a second batch that widens the range merging bins as before."""
+    from modelpress.runtime.activations import BINS, HIST_CHUNK, TensorStats, observe
+
+    rng = np.random.default_rng(2)
+    first = rng.standard_normal((3, HIST_CHUNK + 123)).astype(np.float32)
+    wider = (rng.standard_normal((2, 2 * HIST_CHUNK + 7)) * 5).astype(np.float32)
+    s = TensorStats()
+    observe(s, first, None, True)
+    span = float(np.abs(first).max())
+    whole = np.bincount(
+        np.minimum((np.abs(first).ravel() * (BINS / span)).astype(np.int64), BINS - 1),
+        minlength=BINS,
+    )
+    assert s.hist_range == span and np.array_equal(s.hist, whole)
+    observe(s, wider, None, True)
+    factor = int(round(s.hist_range / span))
+    merged = np.zeros(BINS, np.int64)
+    merged[: BINS // factor] = whole.reshape(BINS // factor, factor).sum(axis=1)
+    merged += np.bincount(
+        np.minimum((np.abs(wider).ravel() * (BINS / s.hist_range)).astype(np.int64), BINS - 1),
+        minlength=BINS,
+    )
+    assert factor > 1 and np.array_equal(s.hist, merged)
+    assert s.hist.sum() == first.size + wider.size

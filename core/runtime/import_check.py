@@ -14,6 +14,7 @@ import onnx_ir as ir
 from modelpress.data.normalize import normalize
 from modelpress.ir.model import Model
 from modelpress.runtime.session import (
+    bound_malloc,
     make_session,
     proto_tensor_bytes,
     release_free_memory,
@@ -98,6 +99,7 @@ def normalize_on_import(
     from ``original`` and the figures say why. Returns the model and the figures for the provenance."""
     from modelpress.ir.signature import Signature
 
+    bound_malloc()  # NOTE: before normalize's constant-folding sessions, the process's first
     report = normalize(model)
     figures: dict[str, Any] = report.to_dict()
     if not report.modified:

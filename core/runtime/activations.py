@@ -42,6 +42,8 @@ BINS = 2048
 HIST_CHUNK = 1 << 16
 # Bytes of observed activations one batch may produce.
 ACTIVATION_BUDGET = 16 * 1024 * 1024
+# Bytes of observed activations one run may produce: a batch is run in parts (its statistics unchanged).
+RUN_BUDGET = ACTIVATION_BUDGET // 4
 
 
 @dataclass
@@ -111,27 +113,57 @@ def _widen(s: TensorStats, absmax: float) -> None:
         s.hist_range = absmax
 
 
+def _sample_bytes(session: Any, data: Dataset) -> int:
+    """Bytes of the observed tensors of one run on the largest sample."""
+    return sum(int(np.asarray(r).nbytes) for r in run(session, data.largest_sample()))
+
+
 def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
-    """Samples per run: at most ``batch_size``, and few enough that one run's observed tensors fit
-    ``ACTIVATION_BUDGET`` (sized from a run on the largest sample: the first when all have one
+    """Samples per batch: at most ``batch_size``, and few enough that one batch's observed tensors
+    fit ``ACTIVATION_BUDGET`` (sized from a run on the largest sample: the first when all have one
     shape). Samples of different shapes are never batched together."""
     if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1:
         return 1
-    per_sample = sum(int(np.asarray(r).nbytes) for r in run(session, data.largest_sample()))
-    return max(1, min(batch_size, ACTIVATION_BUDGET // max(per_sample, 1)))
+    return max(1, min(batch_size, ACTIVATION_BUDGET // max(_sample_bytes(session, data), 1)))
 
 
 class ActivationCollector:
-    """One session that outputs the named tensors (names the model does not have are left out)."""
+    """One session that outputs the named tensors (names the model does not have are left out).
+
+    A batch (:meth:`batch`) is run in parts of at most ``RUN_BUDGET`` of observed tensors each: the
+    statistics are those of the batch (min, max, sums, the histogram's range set by the first
+    batch's ``max|x|``, found by a first sweep of its parts), while ORT holds a part's outputs."""
 
     def __init__(self, model: Model, names: list[str]) -> None:
         names = list(dict.fromkeys(names))
         self.session = make_session(with_outputs(model, names), spin=False)
         outputs = [o.name for o in self.session.get_outputs()]
         self.index = {name: outputs.index(name) for name in names if name in outputs}
+        self.part = 0  # samples per run (0: the whole batch)
 
     def batch(self, data: Dataset, batch_size: int) -> int:
-        return calibration_batch(self.session, data, batch_size)
+        step = calibration_batch(self.session, data, batch_size)
+        if step > 1:
+            self.part = max(1, min(step, RUN_BUDGET // max(_sample_bytes(self.session, data), 1)))
+        return step
+
+    def _parts(self, feeds: dict[str, np.ndarray], max_batch: int | None) -> list[dict]:
+        if not self.part:
+            return [feeds]
+        return list(Dataset(feeds, max_batch=max_batch).batches(self.part))
+
+    def _first_ranges(self, stats: dict[str, TensorStats], parts: list[dict]) -> None:
+        """Each histogram's range from the first batch's ``max|x|`` over its parts (what one run of
+        the whole batch sets): the bins are those of the batch, whichever part comes first."""
+        peaks = dict.fromkeys(self.index, 0.0)
+        for feeds in parts:
+            results = run(self.session, feeds)
+            for name, i in self.index.items():
+                if results[i].size:
+                    peaks[name] = max(peaks[name], float(np.max(np.abs(results[i]))))
+            del results
+        for name, peak in peaks.items():
+            stats[name].hist_range = peak
 
     def collect(
         self,
@@ -144,18 +176,30 @@ class ActivationCollector:
     ) -> dict[str, TensorStats]:
         channel_axes = channel_axes or {}
         stats = {name: TensorStats() for name in self.index}
-        for feeds in data.batches(step):
-            results: list[np.ndarray | None] = list(run(self.session, feeds))
-            for name, i in self.index.items():
-                x = np.asarray(results[i], np.float32)
-                # NOTE: each output freed once observed: the next one's temporaries come on fewer
-                results[i] = None
-                if x.size:
-                    observe(stats[name], x, channel_axes.get(name), histogram)
-                del x
-            del results
+        for count, batch in enumerate(data.batches(step)):
+            parts = self._parts(batch, data.max_batch)
+            if histogram and count == 0 and len(parts) > 1:
+                self._first_ranges(stats, parts)
+            for feeds in parts:
+                self._observe(stats, feeds, channel_axes, histogram)
             advance(1)
         return stats
+
+    def _observe(
+        self,
+        stats: dict[str, TensorStats],
+        feeds: dict[str, np.ndarray],
+        channel_axes: dict[str, int],
+        histogram: bool,
+    ) -> None:
+        results: list[np.ndarray | None] = list(run(self.session, feeds))
+        for name, i in self.index.items():
+            x = np.asarray(results[i], np.float32)
+            # NOTE: each output freed once observed: the next one's temporaries come on fewer
+            results[i] = None
+            if x.size:
+                observe(stats[name], x, channel_axes.get(name), histogram)
+            del x
 
 
 def activation_stats(

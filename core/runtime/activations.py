@@ -122,9 +122,17 @@ def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
     """Samples per batch: at most ``batch_size``, and few enough that one batch's observed tensors
     fit ``ACTIVATION_BUDGET`` (sized from a run on the largest sample: the first when all have one
     shape). Samples of different shapes are never batched together."""
+    return _batch_and_part(session, data, batch_size)[0]
+
+
+def _batch_and_part(session: Any, data: Dataset, batch_size: int) -> tuple[int, int]:
+    """:func:`calibration_batch`'s samples per batch, and per run (``RUN_BUDGET``; 0 where a batch
+    is one sample), from one run on the largest sample."""
     if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1:
-        return 1
-    return max(1, min(batch_size, ACTIVATION_BUDGET // max(_sample_bytes(session, data), 1)))
+        return 1, 0
+    per_sample = max(_sample_bytes(session, data), 1)
+    step = max(1, min(batch_size, ACTIVATION_BUDGET // per_sample))
+    return step, (max(1, min(step, RUN_BUDGET // per_sample)) if step > 1 else 0)
 
 
 class ActivationCollector:
@@ -142,9 +150,7 @@ class ActivationCollector:
         self.part = 0  # samples per run (0: the whole batch)
 
     def batch(self, data: Dataset, batch_size: int) -> int:
-        step = calibration_batch(self.session, data, batch_size)
-        if step > 1:
-            self.part = max(1, min(step, RUN_BUDGET // max(_sample_bytes(self.session, data), 1)))
+        step, self.part = _batch_and_part(self.session, data, batch_size)
         return step
 
     def _parts(self, feeds: dict[str, np.ndarray], max_batch: int | None) -> list[dict]:

@@ -19,6 +19,7 @@ from modelpress.runtime.session import (
     proto_tensor_bytes,
     release_free_memory,
     run,
+    weight_bytes,
 )
 
 __all__ = ["check_equivalent", "normalize_on_import"]
@@ -99,7 +100,8 @@ def normalize_on_import(
     from ``original`` and the figures say why. Returns the model and the figures for the provenance."""
     from modelpress.ir.signature import Signature
 
-    bound_malloc()  # NOTE: before normalize's constant-folding sessions, the process's first
+    # NOTE: before normalize's folding sessions, the process's first: its model decides
+    bound_malloc(weight_bytes(model))
     report = normalize(model)
     figures: dict[str, Any] = report.to_dict()
     if not report.modified:

@@ -14,10 +14,12 @@ import onnx_ir as ir
 from modelpress.data.normalize import normalize
 from modelpress.ir.model import Model
 from modelpress.runtime.session import (
+    bound_malloc,
     make_session,
     proto_tensor_bytes,
     release_free_memory,
     run,
+    weight_bytes,
 )
 
 __all__ = ["check_equivalent", "normalize_on_import"]
@@ -98,6 +100,8 @@ def normalize_on_import(
     from ``original`` and the figures say why. Returns the model and the figures for the provenance."""
     from modelpress.ir.signature import Signature
 
+    # NOTE: before normalize's folding sessions, the process's first: its model decides
+    bound_malloc(weight_bytes(model))
     report = normalize(model)
     figures: dict[str, Any] = report.to_dict()
     if not report.modified:

@@ -16,7 +16,7 @@ from modelpress.ir.model import Model
 from modelpress.runtime.session import (
     bound_malloc,
     make_session,
-    proto_tensor_bytes,
+    proto_weight_bytes,
     release_free_memory,
     run,
     weight_bytes,
@@ -53,19 +53,6 @@ def check_equivalent(
 
 # NOTE: past this, the ORT check would hold two more copies of a big model; it is skipped and said so.
 _CHECK_LIMIT_BYTES = 1_000_000_000
-
-
-def _weight_bytes(graph: onnx.GraphProto) -> int:
-    """The bytes of the graph's tensors (initializers, Constant values; subgraphs included), from their
-    dims: ``ByteSize()`` would serialise the whole model to count it."""
-    total = sum(proto_tensor_bytes(t) for t in graph.initializer)
-    for node in graph.node:
-        for attr in node.attribute:
-            total += sum(proto_tensor_bytes(t) for t in ([attr.t] if attr.HasField("t") else []))
-            total += sum(proto_tensor_bytes(t) for t in attr.tensors)
-            total += sum(_weight_bytes(g) for g in ([attr.g] if attr.HasField("g") else []))
-            total += sum(_weight_bytes(g) for g in attr.graphs)
-    return total
 
 
 def _check_inputs(signature: Any) -> Iterator[dict[str, np.ndarray]]:
@@ -107,7 +94,7 @@ def normalize_on_import(
     if not report.modified:
         return model, figures
     external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in original.graph.initializer)
-    if external or _weight_bytes(original.graph) > _CHECK_LIMIT_BYTES:
+    if external or proto_weight_bytes(original.graph) > _CHECK_LIMIT_BYTES:
         figures["check"] = "not run (external data or over 1 GB)"
         return model, figures
     signature = Signature.from_graph(model.graph)

@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from modelpress.base.errors import InvalidModelError
+from modelpress.ir.counting import weight_bytes as counted_weight_bytes
 from modelpress.ir.model import Model
 
 __all__ = [
@@ -31,6 +32,7 @@ __all__ = [
     "in_memory_bytes",
     "make_session",
     "proto_tensor_bytes",
+    "proto_weight_bytes",
     "release_free_memory",
     "run",
     "run_dataset",
@@ -371,21 +373,15 @@ _BOUND: list[bool] = []  # the process's decision, once made
 
 
 def weight_bytes(model: object) -> int | None:
-    """Bytes of a model's weights, initializers and ``Constant`` tensors (a :class:`Model` or
-    ``onnx_ir.Model``, an ``onnx.ModelProto``), or the length of serialised bytes or of a file,
-    without reading external data; None for what it cannot size."""
+    """Bytes of a model's weights, initializers and ``Constant`` tensors in every graph (a
+    :class:`Model` or ``onnx_ir.Model``, an ``onnx.ModelProto``), or the length of serialised bytes
+    or of a file, without reading external data; None for what it cannot size."""
     if isinstance(model, Model):
-        model = model.ir
+        return model.weight_bytes()
     if isinstance(model, ir.Model):
-        tensors = [
-            *(v.const_value for g in model.graphs() for v in g.initializers.values()),
-            *(n.attributes["value"].value for g in model.graphs() for n in g if _constant(n)),
-        ]
-        return sum(int(t.nbytes) for t in tensors if t is not None)
+        return counted_weight_bytes(model)
     if isinstance(model, onnx.ModelProto):
-        graph = model.graph
-        constants = [a.t for n in graph.node if n.op_type == "Constant" for a in n.attribute]
-        return sum(proto_tensor_bytes(t) for t in [*graph.initializer, *constants])
+        return proto_weight_bytes(model.graph)
     if isinstance(model, bytes):
         return len(model)
     if isinstance(model, (str, os.PathLike)):
@@ -394,10 +390,17 @@ def weight_bytes(model: object) -> int | None:
     return None
 
 
-def _constant(node: ir.Node) -> bool:
-    return (
-        node.op_type == "Constant" and node.domain in ("", "ai.onnx") and "value" in node.attributes
-    )
+def proto_weight_bytes(graph: onnx.GraphProto) -> int:
+    """The bytes of the graph's tensors (initializers, Constant values; subgraphs included), from their
+    dims: ``ByteSize()`` would serialise the whole model to count it."""
+    total = sum(proto_tensor_bytes(t) for t in graph.initializer)
+    for node in graph.node:
+        for attr in node.attribute:
+            total += sum(proto_tensor_bytes(t) for t in ([attr.t] if attr.HasField("t") else []))
+            total += sum(proto_tensor_bytes(t) for t in attr.tensors)
+            total += sum(proto_weight_bytes(g) for g in ([attr.g] if attr.HasField("g") else []))
+            total += sum(proto_weight_bytes(g) for g in attr.graphs)
+    return total
 
 
 def bound_malloc(model_bytes: int | None = None) -> bool:

@@ -15,7 +15,7 @@ from modelpress.runtime.session import make_session, run
 from modelpress.testing import make_model
 
 
-def _flip(logits: np.ndarray, rows: int) -> np.ndarray:
+def flip_winners(logits: np.ndarray, rows: int) -> np.ndarray:
     """``logits`` with the winner of the first ``rows`` rows swapped with the runner-up."""
     out = logits.copy()
     for i in range(rows):
@@ -40,7 +40,7 @@ def test_agreement_is_judged_with_its_sample_size(digits):
         and guard.metric == "cosine"
         and allowed_flips(64, 0.99) == 2
     )
-    one = judge([criterion], [logits], [_flip(logits, 1)])
+    one = judge([criterion], [logits], [flip_winners(logits, 1)])
     assert (
         one.values[0] == pytest.approx(63 / 64) and one.met
     )  # 98.4 % < 99 %, but one flip in 64 is chance
@@ -50,7 +50,7 @@ def test_agreement_is_judged_with_its_sample_size(digits):
         in one.summary()
     )
     assert ">=" not in one.summary()
-    ten = judge([criterion], [logits], [_flip(logits, 10)])
+    ten = judge([criterion], [logits], [flip_winners(logits, 10)])
     assert (
         not ten.met
         and "10 of 64 differ, more than the 2 that 99.00% agreement allows on 64 rows"

@@ -5,22 +5,13 @@ agreed on 98.05 % of 768 held-out files (``benchmarks/byte_cnn.py``; the slow zo
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 import modelpress
 from modelpress.evaluation.criteria import Bounds, allowed_flips, infer_criteria, judge
 from modelpress.plugin_api import load_dataset
 from modelpress.plugins.quantize.evaluate import ACCEPT_ALPHA, Scorer
-
-
-def _flip(logits: np.ndarray, rows: int) -> np.ndarray:
-    """``logits`` with the winner of the first ``rows`` rows swapped with the runner-up."""
-    out = logits.copy()
-    for i in range(rows):
-        order = np.argsort(out[i])
-        out[i, order[-1]], out[i, order[-2]] = out[i, order[-2]], out[i, order[-1]]
-    return out
+from tests.test_criteria_kinds import flip_winners
 
 
 def test_the_quantizer_needs_the_threshold_met_where_verification_gives_chance_its_due(
@@ -34,10 +25,10 @@ def test_the_quantizer_needs_the_threshold_met_where_verification_gives_chance_i
     assert len(logits) == 64 and logits.shape[1] == 10
     verification = infer_criteria(scorer.names, scorer.expected, model=model, bounds=bounds)
     for flips, accepted, verified in ((0, True, True), (1, False, True), (2, False, True)):
-        flipped = [_flip(logits, flips)]
+        flipped = [flip_winners(logits, flips)]
         assert judge(scorer.criteria, scorer.expected, flipped).met is accepted, flips
         assert judge(verification, scorer.expected, flipped).met is verified, flips
-    two = judge(scorer.criteria, scorer.expected, [_flip(logits, 2)]).summary()
+    two = judge(scorer.criteria, scorer.expected, [flip_winners(logits, 2)]).summary()
     assert "2 of 64 differ, more than the 0 that 99.00% agreement allows on 64 rows" in two
     # more rows: the point estimate's allowance, 1 % of them, rounded down (the median count)
     assert [allowed_flips(n, 0.99, ACCEPT_ALPHA) for n in (64, 256, 1000)] == [0, 2, 10]

@@ -299,7 +299,8 @@ def make_session(
         model = load(model)
     opts = _options(threads, prepack, spin)
     providers = ["CPUExecutionProvider"]
-    bound_malloc(weight_bytes(model))
+    if not _BOUND:  # NOTE: the model is sized only until the process has decided (bound_malloc)
+        bound_malloc(weight_bytes(model))
     collect_garbage_if_grown()
     release_free_memory()  # NOTE: what earlier sessions and arrays freed goes back before the next big allocation
     try:

@@ -62,11 +62,14 @@ class Run:
 
     inputs: dict[str, np.ndarray]
     labels: np.ndarray | None = None
+    whole: bool = False  # NOTE: one feed as given, never cut (see _whole_feeds): one sample
 
     def __len__(self) -> int:
-        return len(next(iter(self.inputs.values())))
+        return 1 if self.whole else len(next(iter(self.inputs.values())))
 
     def take(self, n: int) -> Run:
+        if self.whole:
+            return self
         return Run(
             {k: v[:n] for k, v in self.inputs.items()},
             self.labels[:n] if self.labels is not None else None,
@@ -131,12 +134,15 @@ class Dataset:
         return sum(len(run) for run in self.runs)
 
     def _step(self, run: Run, batch_size: int | None) -> int:
-        return self.max_batch or batch_size or len(run)
+        return 1 if run.whole else self.max_batch or batch_size or len(run)
 
     def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
         """Feeds of at most ``batch_size`` samples (all of a run when None), never more than
         ``max_batch``, never mixing samples of different shapes; in the order given."""
         for run in self.runs:
+            if run.whole:
+                yield dict(run.inputs)
+                continue
             step = self._step(run, batch_size)
             for start in range(0, len(run), step):
                 yield {k: v[start : start + step] for k, v in run.inputs.items()}
@@ -147,7 +153,12 @@ class Dataset:
 
     def largest_sample(self) -> dict[str, np.ndarray]:
         """One sample of the run whose samples are largest (to size batches by memory)."""
-        run = max(self.runs, key=lambda r: sum(v[:1].nbytes for v in r.inputs.values()))
+        run = max(
+            self.runs,
+            key=lambda r: sum((v if r.whole else v[:1]).nbytes for v in r.inputs.values()),
+        )
+        if run.whole:
+            return dict(run.inputs)
         return {
             k: v[: self.max_batch or 1] for k, v in run.inputs.items()
         }  # NOTE: a fixed batch is fed whole
@@ -547,6 +558,8 @@ def load_dataset(
         raise DataError(f"no {what} data was given")
     if isinstance(source, Dataset):
         return source
+    if _whole_feeds(signature):
+        return _whole_dataset(_collect(source, signature, what), signature, what)
     items = _stack(_collect(source, signature, what), signature, what)
     if not items:
         raise DataError(f"{what} data is empty (0 samples)")
@@ -572,6 +585,40 @@ def load_dataset(
     if need_labels and runs[0].labels is None:
         raise DataError(f"{what} data needs an array named {LABELS!r}")
     return data
+
+
+def _whole_feeds(signature: Signature) -> bool:
+    """Whether the model's inputs have no common batch axis 0: a scalar input (silero-vad's sample rate), or
+    one whose first axis is fixed above 1 beside a dynamic one (its ``state [2, batch, 128]``). Each item
+    given is then one feed, checked and run as given, never stacked with others nor cut."""
+    firsts = [spec.shape[0] if spec.shape else "scalar" for spec in signature.inputs]
+    if any(spec.shape is not None and len(spec.shape) == 0 for spec in signature.inputs):
+        return True
+    fixed = [f for f in firsts if isinstance(f, int) and f > 1]
+    return bool(fixed) and any(not isinstance(f, int) for f in firsts)
+
+
+def _whole_dataset(
+    items: list[dict[str, np.ndarray]], signature: Signature, what: str
+) -> Dataset:
+    """Each item one whole feed (see :func:`_whole_feeds`), checked against the signature."""
+    runs = []
+    for i, arrays in enumerate(items):
+        arrays = dict(arrays)
+        labels = arrays.pop(LABELS, None)
+        where = f" (feed {i + 1} of {len(items)})" if len(items) > 1 else ""
+        missing = [n for n in signature.input_names if n not in arrays]
+        unknown = [k for k in arrays if k not in signature.input_names]
+        if missing or unknown:
+            raise DataError(
+                f"{what} data{where} lacks model input(s) {', '.join(missing) or 'none'} and has arrays "
+                f"{', '.join(unknown) or 'none'} that are not inputs ({', '.join(signature.input_names)})"
+            )
+        inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
+        runs.append(Run(inputs, labels, whole=True))
+    if not runs:
+        raise DataError(f"{what} data is empty (0 samples)")
+    return Dataset(runs=tuple(runs))
 
 
 # Ops that hand an index on unchanged (input 0 only; Concat: any input), and those that shift it by a constant.

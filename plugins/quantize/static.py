@@ -45,6 +45,7 @@ from modelpress.plugin_api import (
 )
 from modelpress.plugin_api import run as run_session
 from modelpress.plugins.quantize.affine import QRange
+from modelpress.plugins.quantize.branches import Flat, flatten
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
@@ -208,13 +209,30 @@ class Int8StaticOptions(Options):
 def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:
     """The registered ``int8-static``: :func:`int8_static`, then the graph's intermediate values lose
     their value_info (ORT infers them: on PP-OCR's small models they were 5-10 % of the int8 file)."""
-    result = int8_static(model, opts, ctx)
+    if opts.per_channel:
+        model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
+    flat = _flattened(model, opts, ctx)
+    result = int8_static(flat.model if flat else model, opts, ctx)
+    if flat is not None:
+        result = flat.restore(result)
+        ctx.figures["if_branches"] = flat.figures()
     for node in result.ir.graph:
         for out in node.outputs:
             if not out.is_graph_output():
                 out.type = None
                 out.shape = None
     return result
+
+
+def _flattened(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Flat | None:
+    """The observation model with the If branches the calibration feeds take inlined (:mod:`.branches`), or
+    None when no If branch holds a layer of ``op_types`` (or no calibration data was given)."""
+    if ctx.calibration is None or not any(
+        layer.scope.startswith("If ")
+        for layer in model.weighted_layers(frozenset(opts.op_types), subgraphs=True)
+    ):
+        return None
+    return flatten(_named(model), _calibration(model, opts, ctx), frozenset(opts.op_types))
 
 
 def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Model:

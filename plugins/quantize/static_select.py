@@ -51,7 +51,8 @@ def select(model: Model, opts: Int8StaticOptions) -> Selection:
         float_nodes=model.subgraph_refusals(
             frozenset(opts.op_types),
             "int8-static",
-            "cannot observe activations inside control flow to calibrate them; kept in float",
+            "calibrates only If branches that every calibration feed takes; this one is in a Loop/Scan body or an If whose "
+            "condition varies between feeds: kept in float",
         )
     )
     recurrent = recurrent_refusals(model.graph, "int8-static")

@@ -1,0 +1,361 @@
+"""``int8-static`` inside If branches: the branch every calibration sample takes is inlined for the pass, the
+other gets int8 weights with float compute, and the quantized nodes go back into the branch.
+
+silero-vad keeps its whole network inside the two branches of an ``If`` on the sample rate; a pass that only
+sees the main graph finds nothing to quantize. :func:`flatten` evaluates each such ``If``'s condition on the
+calibration data; where every sample gives the same value, the taken branch's nodes are moved into the main
+graph (its outputs through exit Identity nodes), so calibration observes its intermediates and the rest of
+int8-static (selection, SmoothQuant, QDQ, the sensitivity search) works on it as on any graph. The branch no
+sample takes cannot be calibrated: its weighted layers get int8 weights behind a DequantizeLinear in the
+branch (as ``int8-weight-only`` does), float compute. :meth:`Flat.restore` then moves the quantized region (the
+exits' ancestors that were not main-graph nodes, with their Q/DQ and the initializers only they read) back into
+a new ``If`` with the untouched other branch. An ``If`` whose condition varies across the samples, and
+Loop/Scan bodies, stay float with their reason in ``float_nodes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx_ir as ir
+
+from modelpress.plugin_api import (
+    Dataset,
+    Model,
+    Out,
+    UnsupportedModelError,
+    WeightedLayer,
+    make_session,
+    with_outputs,
+)
+from modelpress.plugin_api import run as run_session
+from modelpress.plugins.quantize.affine import per_axis, quantize
+from modelpress.plugins.quantize.static_plan import weight_grid, weight_scale
+
+__all__ = ["Flat", "flatten"]
+
+_BRANCHES = ("then_branch", "else_branch")
+
+
+@dataclass
+class _Inlined:
+    """One If whose ``taken`` branch was inlined: its node (detached, holding the other branch), the exit
+    Identity node names (their outputs stand for the If's outputs), and the condition's value name."""
+
+    node: ir.Node
+    taken: str
+    exits: list[str]
+    cond: str
+    samples: int
+    weight_only: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Flat:
+    """The observation model (taken branches inlined), what was inlined, and the reasons for what was not."""
+
+    model: Model
+    main_names: set[str]
+    inlined: list[_Inlined] = field(default_factory=list)
+    refusals: dict[str, str] = field(default_factory=dict)
+
+    def restore(self, quantized: Model) -> Model:
+        """``quantized`` (a pass's result on :attr:`model`) with each inlined region back in its If."""
+        for rec in reversed(self.inlined):
+            _rewrap(quantized, rec, self.main_names, {e for r in self.inlined for e in r.exits})
+        return quantized
+
+    def figures(self) -> dict[str, str]:
+        out = {}
+        for rec in self.inlined:
+            other = _BRANCHES[1 - _BRANCHES.index(rec.taken)]
+            out[rec.node.name] = (
+                f"{rec.taken} taken by all {rec.samples} calibration feeds: quantized statically; {other} taken by "
+                f"none: {len(rec.weight_only)} weighted layer(s) int8 weight-only (float compute)"
+            )
+        out.update(self.refusals)
+        return out
+
+
+def _branch_layers(model: Model, node: ir.Node, op_types: frozenset[str]) -> list[WeightedLayer]:
+    return [
+        layer
+        for layer in model.weighted_layers(op_types, subgraphs=True)
+        if layer.scope.startswith(f"If {node.name!r} ")
+    ]
+
+
+def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, set[bool]]:
+    """The values each If's condition takes over ``data`` (one ORT session with the conditions as outputs)."""
+    names = [node.inputs[0].name or "" for node in ifs]
+    probe = with_outputs(model, names)
+    session = make_session(probe)
+    wanted = [o.name for o in session.get_outputs()]
+    seen: dict[str, set[bool]] = {name: set() for name in names}
+    for feeds in data.batches(64):
+        outs = dict(zip(wanted, run_session(session, feeds), strict=True))
+        for name in names:
+            seen[name].add(bool(np.asarray(outs[name]).reshape(-1)[0]))
+    return seen
+
+
+def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | None:
+    """The observation model of ``model`` (a clone), or None when no If branch holds weighted layers."""
+    flat = Flat(model.clone(), set())
+    flat.main_names = {node.name for node in flat.model.ir.graph}
+    for _ in range(8):  # NOTE: nested Ifs surface in the main graph once their parent is inlined
+        graph = flat.model.ir.graph
+        ifs = [
+            n
+            for n in graph
+            if n.op_type == "If"
+            and n.name not in flat.refusals
+            and _branch_layers(flat.model, n, op_types)
+        ]
+        if not ifs:
+            break
+        seen = _conditions(flat.model, ifs, data)
+        for node in ifs:
+            values = seen[node.inputs[0].name or ""]
+            if len(values) != 1:
+                flat.refusals[node.name] = (
+                    "its condition differs between calibration feeds: both branches kept float"
+                )
+                continue
+            flat.inlined.append(_inline(flat.model, node, values.pop(), len(data), op_types))
+    _loop_refusals(flat, op_types)
+    return flat if flat.inlined else None
+
+
+def _loop_refusals(flat: Flat, op_types: frozenset[str]) -> None:
+    for layer in flat.model.weighted_layers(op_types, subgraphs=True):
+        if layer.scope:
+            flat.refusals.setdefault(
+                layer.name,
+                f"inside {layer.scope}: int8-static calibrates layers in If branches a calibration feed takes; "
+                "Loop/Scan bodies and Ifs whose condition varies stay float",
+            )
+
+
+def _inline(
+    model: Model, node: ir.Node, cond: bool, samples: int, op_types: frozenset[str]
+) -> _Inlined:
+    """Move ``node``'s taken branch into the main graph before it; detach ``node`` (keeping the other branch)."""
+    graph = model.ir.graph
+    taken = _BRANCHES[0 if cond else 1]
+    other = node.attributes[_BRANCHES[1 - _BRANCHES.index(taken)]].as_graph()
+    rec = _Inlined(node, taken, [], node.inputs[0].name or "", samples)
+    rec.weight_only = _weight_only(model, node, other, op_types)
+    _own_initializers(graph, other)
+    branch = node.attributes[taken].as_graph()
+    for name in list(branch.initializers):
+        value = branch.initializers.pop(name)
+        value.name = model.fresh_name(name)
+        graph.register_initializer(value)
+    nodes = list(branch)
+    branch.remove(nodes)
+    graph.insert_before(node, nodes)
+    b = model.builder(prefix=f"{node.name}/exit")
+    for out, inner in zip(node.outputs, list(branch.outputs), strict=True):
+        exit_value = b.op("Identity", [inner], out=Out(dtype=out.dtype, shape=out.shape))
+        _take_over(model, out, exit_value)
+        rec.exits.append(exit_value.producer().name)  # type: ignore[union-attr]
+    b.insert(before=node)
+    branch.outputs.clear()
+    graph.remove(node)
+    return rec
+
+
+def _weight_only(
+    model: Model, node: ir.Node, other: ir.Graph, op_types: frozenset[str]
+) -> list[str]:
+    """Int8 weights behind a DequantizeLinear, in the graph of each weighted layer of the branch ``other``."""
+    done = []
+    for layer in _branch_layers(model, node, op_types):
+        where = layer.node.graph
+        if where is None or not _within(where, other):
+            continue
+        w = layer.weight_array().astype(np.float32)
+        grid = weight_grid(False)
+        scale, zero = weight_scale(layer, w, grid, True)
+        codes = quantize(
+            w, per_axis(scale, w.ndim, layer.out_axis), per_axis(zero, w.ndim, layer.out_axis), grid
+        )
+        b = model.builder(prefix=layer.name, graph=where)
+        q = b.initializer(codes.astype(np.int8), f"{layer.weight.name}_int8")
+        s = b.initializer(scale.astype(np.float32), f"{layer.weight.name}_scale")
+        dq = b.op(
+            "DequantizeLinear",
+            [q, s],
+            {"axis": layer.out_axis},
+            out=Out(dtype=ir.DataType.FLOAT, shape=layer.weight.shape),
+        )
+        b.insert(before=layer.node)
+        old = layer.weight
+        layer.node.replace_input_with(layer.weight_input, dq)
+        if old.is_initializer() and not list(old.uses()) and old.graph is not None:
+            old.graph.initializers.pop(old.name or "")
+        done.append(layer.name)
+    return done
+
+
+def _within(graph: ir.Graph, root: ir.Graph) -> bool:
+    return any(g is graph for g in _graphs_under(root))
+
+
+def _graphs_under(graph: ir.Graph) -> list[ir.Graph]:
+    found = [graph]
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                found += _graphs_under(attr.as_graph())
+            elif attr.type == ir.AttributeType.GRAPHS:
+                for sub in attr.as_graphs():
+                    found += _graphs_under(sub)
+    return found
+
+
+def _nodes_under(nodes: list[ir.Node]) -> set[int]:
+    ids = set()
+    for node in nodes:
+        ids.add(id(node))
+        for attr in node.attributes.values():
+            subs = (
+                [attr.as_graph()]
+                if attr.type == ir.AttributeType.GRAPH
+                else list(attr.as_graphs())
+                if attr.type == ir.AttributeType.GRAPHS
+                else []
+            )
+            for sub in subs:
+                ids |= _nodes_under(list(sub))
+    return ids
+
+
+def _own_initializers(main: ir.Graph, sub: ir.Graph, nodes: list[ir.Node] | None = None) -> None:
+    """Move the main-graph initializers read only by ``nodes`` (default: ``sub``'s, at any depth) into ``sub``:
+    ORT fuses a DequantizeLinear with its consumer and prepacks the weight only when both are in one graph."""
+    inside = _nodes_under(list(sub) if nodes is None else nodes)
+    for name, value in list(main.initializers.items()):
+        users = [user for user, _ in value.uses()]
+        if users and all(id(u) in inside for u in users) and not value.is_graph_output():
+            main.initializers.pop(name)
+            sub.register_initializer(value)
+
+
+def _region(graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: set[str]) -> list[ir.Node]:
+    """The nodes that go back into the branch: the exits and their ancestors that were not main-graph nodes
+    (nor another If's exits), less any whose outputs something outside reads; in graph order."""
+    region: dict[int, ir.Node] = {id(e): e for e in exits}
+    todo = list(exits)
+    while todo:
+        for value in todo.pop().inputs:
+            producer = value.producer() if value is not None else None
+            if (
+                producer is None
+                or producer.graph is not graph
+                or id(producer) in region
+                or producer.name in main_names
+                or producer.name in stops
+            ):
+                continue
+            region[id(producer)] = producer
+            todo.append(producer)
+    exit_ids = {id(e) for e in exits}
+    changed = True
+    while changed:
+        changed = False
+        for key, node in list(region.items()):
+            if key in exit_ids:
+                continue
+            if any(
+                out.is_graph_output() or any(id(u) not in region for u, _ in out.uses())
+                for out in node.outputs
+            ):
+                del region[key]
+                changed = True
+    return [node for node in graph if id(node) in region]
+
+
+def _rewrap(model: Model, rec: _Inlined, main_names: set[str], all_exits: set[str]) -> None:
+    graph = model.ir.graph
+    by_name = {node.name: node for node in graph}
+    exits = [by_name[name] for name in rec.exits]
+    nodes = _region(graph, exits, main_names, all_exits - set(rec.exits))
+    inside = {id(n) for n in nodes}
+    for node in graph:
+        if id(node) not in inside and any(
+            v is not None and id(v.producer()) in inside and v.producer() not in exits
+            for v in node.inputs
+        ):
+            raise UnsupportedModelError(
+                f"int8-static: node {node.name!r} reads a value of If {rec.node.name!r}'s {rec.taken} from "
+                "outside it after quantization; quantize with exclude= naming it, or int8-weight-only"
+            )
+    values = _values(graph)
+    cond = values.get(rec.cond)
+    if cond is None:
+        raise UnsupportedModelError(
+            f"int8-static: the condition {rec.cond!r} of If {rec.node.name!r} was lost in quantization"
+        )
+    other_name = _BRANCHES[1 - _BRANCHES.index(rec.taken)]
+    other = rec.node.attributes[other_name].as_graph()
+    _relink(other, values)
+    outs = [e.outputs[0] for e in exits]
+    graph.remove(nodes)
+    taken = ir.Graph([], [], nodes=[], name=rec.node.attributes[rec.taken].as_graph().name)
+    b = model.builder()
+    new_outs = b.op_multi_out(
+        "If",
+        [cond],
+        {rec.taken: taken, other_name: other},
+        name=rec.node.name,
+        outs=[Out(dtype=v.dtype, shape=v.shape) for v in outs],
+    )
+    readers = _consumer_ids(outs)
+    anchor = next((n for n in graph if id(n) in readers), None)
+    for out, new in zip(outs, new_outs, strict=True):
+        _take_over(model, out, new)
+    taken.extend(nodes)
+    taken.outputs.extend(outs)
+    b.insert(before=anchor) if anchor is not None else b.insert()
+    _own_initializers(graph, taken)
+
+
+def _take_over(model: Model, old: ir.Value, new: ir.Value) -> None:
+    """``new`` replaces ``old`` everywhere, graph outputs included, and takes its name (a graph output keeps its name)."""
+    ir.convenience.replace_all_uses_with(old, new, replace_graph_outputs=True)
+    name = old.name
+    old.name = model.fresh_name(f"{name}_inner")
+    new.name = name
+
+
+def _consumer_ids(values: list[ir.Value]) -> set[int]:
+    return {id(u) for v in values for u, _ in v.uses()}
+
+
+def _values(graph: ir.Graph) -> dict[str, ir.Value]:
+    found: dict[str, ir.Value] = {v.name: v for v in graph.inputs if v.name}
+    found.update({name: v for name, v in graph.initializers.items()})
+    for node in graph:
+        found.update({o.name: o for o in node.outputs if o.name})
+    return found
+
+
+def _relink(sub: ir.Graph, values: dict[str, ir.Value]) -> None:
+    """Point ``sub``'s reads of outer-scope values (of the model it was detached from) at ``values`` by name."""
+    local: set[int] = set()
+    for g in _graphs_under(sub):
+        local |= {id(v) for v in g.inputs} | {id(v) for v in g.initializers.values()}
+        local |= {id(o) for n in g for o in n.outputs}
+    for g in _graphs_under(sub):
+        for node in g:
+            for i, v in enumerate(node.inputs):
+                if v is not None and id(v) not in local:
+                    new = values.get(v.name or "")
+                    if new is None:
+                        raise UnsupportedModelError(
+                            f"int8-static: {v.name!r}, read inside an If branch, was lost in quantization"
+                        )
+                    node.replace_input_with(i, new)

@@ -131,8 +131,8 @@ def _per_sample(name: str, feeds: dict[str, np.ndarray]) -> list[dict[str, np.nd
 
 
 def _modelpress_calibration(name: str, feeds: dict[str, np.ndarray]) -> Any:
-    # NOTE: silero-vad's data too: int8-static refuses the model by name (its layers sit in If
-    # branches), which is the honest result, where withholding the data only gave "needs data"
+    # NOTE: silero-vad's too: it has no common batch axis 0 (a scalar sample rate, state [2, N, 128]), so
+    # the data is one whole feed; int8-static quantizes the If branch it takes (16 kHz)
     return feeds
 
 
@@ -151,8 +151,11 @@ def _modelpress(
         result = modelpress.quantize(
             model, method, calibration=data, show_progress=False, **options
         )
-        # NOTE: as a user runs it: the written file is verified, on the data they have
-        modelpress.export(result, out, sample=data, show_progress=False)
+        # NOTE: as a user runs it: the written file is verified, on the data they have (every method:
+        # generated inputs give silero-vad a random sample rate and a chunk too short for its 8 kHz branch)
+        modelpress.export(
+            result, out, sample=_modelpress_calibration(name, calib), show_progress=False
+        )
         figures = result.provenance.passes[-1].figures
         keep = (
             "quantized_nodes",

@@ -293,15 +293,15 @@ def test_methods_reach_weights_inside_if_branches(method, tmp_path):
         assert cosine > 0.97  # both branches quantized (4-bit codebook included) and still right
 
 
-def test_int8_static_refuses_layers_inside_if_branches_by_name():
+def test_int8_static_refuses_if_branches_no_feed_settles_by_name():
+    """An If whose condition differs between calibration feeds keeps both branches float, by name
+    (the branch each feed takes is quantized in tests/test_static_branches.py)."""
     model = modelpress.load(if_branch_model())
-    calib = {
-        "x": np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32),
-        "flag": np.ones(16, bool),
-    }
+    x = np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32)
+    calib = [{"x": x, "flag": np.array(True)}, {"x": x, "flag": np.array(False)}]
     with pytest.raises(modelpress.UnsupportedModelError, match=r"then_fc1|else_fc1") as info:
         modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
-    assert "If 'If_0'" in str(info.value)
+    assert "If 'If_0'" in str(info.value) and "condition varies" in str(info.value)
 
 
 # -- opsets --------------------------------------------------------------------------------------

@@ -143,3 +143,40 @@ def test_onet_defaults_leave_smoothquant_off_its_dense_layers_and_keep_up_with_o
 
     assert box_error(ours) <= 1.05 * box_error(tmp_path / "ort.onnx")
     assert ours.stat().st_size <= 1.03 * (tmp_path / "ort.onnx").stat().st_size
+
+
+def test_silero_vad_int8_static_quantizes_the_sample_rate_branch_it_is_calibrated_on(tmp_path):
+    """silero-vad keeps its network inside an If on the sample rate: calibrated at 16 kHz, that branch's
+    Convs are quantized statically (QDQ inside the branch), the 8 kHz branch's get int8 weights with float
+    compute, and the written file is right at both rates (the LSTMs stay float: no integer method yet)."""
+    import onnx
+
+    from benchmarks.real_models import fetch, inputs
+
+    source = _or_skip(lambda: fetch("silero-vad"))
+    model = modelpress.load(source, show_progress=False)
+    calibration = inputs("silero-vad", n=16, seed=0)
+    result = modelpress.quantize(model, calibration=calibration, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["criteria_met"] and figures["quantized_nodes"] >= 1
+    assert "then_branch taken" in figures["if_branches"]["If_0"]
+    assert "6 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
+    exported = modelpress.export(result, tmp_path / "int8.onnx", sample=calibration)
+    assert exported.path.stat().st_size <= 0.75 * source.stat().st_size
+    written = onnx.load(str(exported.path))
+    (node,) = [n for n in written.graph.node if n.op_type == "If"]
+    branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
+    assert "QuantizeLinear" in branches["then_branch"]
+    assert branches["else_branch"].count("DequantizeLinear") == 6
+    for rate, samples in ((16000, 512), (8000, 256)):
+        feeds = inputs("silero-vad", n=32, seed=1)
+        feeds["input"], feeds["sr"] = feeds["input"][:, :samples], np.array(rate, np.int64)
+        expected = run(make_session(model), feeds)
+        actual = run(make_session(exported.path), feeds)
+        probability, state = zip(expected, actual, strict=True)
+        assert np.array_equal(probability[0] > 0.5, probability[1] > 0.5)
+        assert float(np.abs(probability[0] - probability[1]).max()) < 0.05
+        cosine = float(
+            np.sum(state[0] * state[1]) / (np.linalg.norm(state[0]) * np.linalg.norm(state[1]))
+        )
+        assert cosine > 0.99, (rate, cosine)

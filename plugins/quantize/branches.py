@@ -244,13 +244,22 @@ def _own_initializers(main: ir.Graph, sub: ir.Graph, nodes: list[ir.Node] | None
             sub.register_initializer(value)
 
 
+def _reads(node: ir.Node) -> list[ir.Value | None]:
+    """``node``'s inputs and the outer-scope values its subgraphs read (a nested If's implicit inputs)."""
+    found = list(node.inputs)
+    for attr in node.attributes.values():
+        if attr.type == ir.AttributeType.GRAPH:
+            found += [v for g in _graphs_under(attr.as_graph()) for n in g for v in n.inputs]
+    return found
+
+
 def _region(graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: set[str]) -> list[ir.Node]:
     """The nodes that go back into the branch: the exits and their ancestors that were not main-graph nodes
     (nor another If's exits), less any whose outputs something outside reads; in graph order."""
     region: dict[int, ir.Node] = {id(e): e for e in exits}
     todo = list(exits)
     while todo:
-        for value in todo.pop().inputs:
+        for value in _reads(todo.pop()):
             producer = value.producer() if value is not None else None
             if (
                 producer is None
@@ -265,12 +274,11 @@ def _region(graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: 
     exit_ids = {id(e) for e in exits}
     changed = True
     while changed:
-        changed = False
+        # NOTE: a read from inside a region node's own subgraphs (a nested If) is a read from the region
+        inside, changed = _nodes_under(list(region.values())), False
         for key, node in list(region.items()):
-            if key in exit_ids:
-                continue
-            if any(
-                out.is_graph_output() or any(id(u) not in region for u, _ in out.uses())
+            if key not in exit_ids and any(
+                out.is_graph_output() or any(id(u) not in inside for u, _ in out.uses())
                 for out in node.outputs
             ):
                 del region[key]

@@ -1,0 +1,68 @@
+"""int8-static inside If branches (issue 24, silero-vad's layout): the branch every calibration feed takes is
+quantized statically (QDQ inside the branch), the other gets int8 weights with float compute, and the file
+is right for both conditions."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import modelpress
+from modelpress.data.samples import load_dataset
+from modelpress.runtime.session import make_session, run
+from tests.test_graphs import if_branch_model
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def _ops(graph: onnx.GraphProto) -> list[str]:
+    return [node.op_type for node in graph.node]
+
+
+def test_int8_static_quantizes_the_taken_branch_and_the_other_weight_only(tmp_path):
+    source = if_branch_model()
+    model = modelpress.load(source, show_progress=False)
+    rng = np.random.default_rng(0)
+    calib = {"x": rng.normal(0, 1, (32, 64)).astype(np.float32), "flag": np.array(True)}
+    result = modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["quantized_nodes"] == 2 and figures["criteria_met"]
+    assert "then_branch taken" in figures["if_branches"]["If_0"]
+    assert "2 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
+    path = modelpress.export(result, tmp_path / "int8.onnx", sample=calib).path
+    written = onnx.load(str(path))
+    (node,) = [n for n in written.graph.node if n.op_type == "If"]
+    branches = {a.name: a.g for a in node.attribute}
+    then_ops, else_ops = _ops(branches["then_branch"]), _ops(branches["else_branch"])
+    # NOTE: activations and weights quantized inside the taken branch, its int8 weights stored there
+    assert then_ops.count("MatMul") == 2 and "QuantizeLinear" in then_ops
+    assert {i.data_type for i in branches["then_branch"].initializer} >= {onnx.TensorProto.INT8}
+    assert else_ops.count("DequantizeLinear") == 2 and "QuantizeLinear" not in else_ops
+    assert not [i for i in written.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims]
+    assert path.stat().st_size < 0.35 * len(source.SerializeToString())
+    held_out = rng.normal(0, 1, (16, 64)).astype(np.float32)
+    for flag in (True, False):  # NOTE: the branch no calibration feed took must be right too
+        feeds = {"x": held_out, "flag": np.array(flag)}
+        (expected,) = run(make_session(source), feeds)
+        (actual,) = run(make_session(path), feeds)
+        assert _cosine(expected, actual) > 0.99
+
+
+def test_scalar_input_makes_each_item_one_whole_feed():
+    """A model with a scalar input (silero's sample rate) has no common batch axis: each item is fed whole."""
+    model = modelpress.load(if_branch_model(), show_progress=False)
+    x = np.zeros((5, 64), np.float32)
+    data = load_dataset(
+        [{"x": x, "flag": np.array(True)}, {"x": x[:3], "flag": np.array(False)}],
+        model.signature,
+        what="calibration",
+    )
+    feeds = list(data.batches(2))
+    assert len(data) == 2 and [f["x"].shape for f in feeds] == [(5, 64), (3, 64)]
+    assert [bool(f["flag"]) for f in feeds] == [True, False]
+    with pytest.raises(modelpress.DataError, match="flag"):
+        load_dataset({"x": x, "flag": np.ones(5, bool)}, model.signature, what="calibration")

@@ -42,7 +42,9 @@ def test_int8_static_quantizes_the_taken_branch_and_the_other_weight_only(tmp_pa
     assert then_ops.count("MatMul") == 2 and "QuantizeLinear" in then_ops
     assert {i.data_type for i in branches["then_branch"].initializer} >= {onnx.TensorProto.INT8}
     assert else_ops.count("DequantizeLinear") == 2 and "QuantizeLinear" not in else_ops
-    assert not [i for i in written.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims]
+    assert not [
+        i for i in written.graph.initializer if i.data_type == onnx.TensorProto.FLOAT and i.dims
+    ]
     assert path.stat().st_size < 0.35 * len(source.SerializeToString())
     held_out = rng.normal(0, 1, (16, 64)).astype(np.float32)
     for flag in (True, False):  # NOTE: the branch no calibration feed took must be right too

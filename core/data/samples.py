@@ -598,9 +598,7 @@ def _whole_feeds(signature: Signature) -> bool:
     return bool(fixed) and any(not isinstance(f, int) for f in firsts)
 
 
-def _whole_dataset(
-    items: list[dict[str, np.ndarray]], signature: Signature, what: str
-) -> Dataset:
+def _whole_dataset(items: list[dict[str, np.ndarray]], signature: Signature, what: str) -> Dataset:
     """Each item one whole feed (see :func:`_whole_feeds`), checked against the signature."""
     runs = []
     for i, arrays in enumerate(items):
@@ -614,7 +612,9 @@ def _whole_dataset(
                 f"{what} data{where} lacks model input(s) {', '.join(missing) or 'none'} and has arrays "
                 f"{', '.join(unknown) or 'none'} that are not inputs ({', '.join(signature.input_names)})"
             )
-        inputs = {spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs}
+        inputs = {
+            spec.name: _check_input(spec, arrays[spec.name], what) for spec in signature.inputs
+        }
         runs.append(Run(inputs, labels, whole=True))
     if not runs:
         raise DataError(f"{what} data is empty (0 samples)")

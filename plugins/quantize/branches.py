@@ -124,18 +124,7 @@ def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | Non
                 )
                 continue
             flat.inlined.append(_inline(flat.model, node, values.pop(), len(data), op_types))
-    _loop_refusals(flat, op_types)
     return flat if flat.inlined else None
-
-
-def _loop_refusals(flat: Flat, op_types: frozenset[str]) -> None:
-    for layer in flat.model.weighted_layers(op_types, subgraphs=True):
-        if layer.scope:
-            flat.refusals.setdefault(
-                layer.name,
-                f"inside {layer.scope}: int8-static calibrates layers in If branches a calibration feed takes; "
-                "Loop/Scan bodies and Ifs whose condition varies stay float",
-            )
 
 
 def _inline(
@@ -253,7 +242,9 @@ def _reads(node: ir.Node) -> list[ir.Value | None]:
     return found
 
 
-def _region(graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: set[str]) -> list[ir.Node]:
+def _region(
+    graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: set[str]
+) -> list[ir.Node]:
     """The nodes that go back into the branch: the exits and their ancestors that were not main-graph nodes
     (nor another If's exits), less any whose outputs something outside reads; in graph order."""
     region: dict[int, ir.Node] = {id(e): e for e in exits}

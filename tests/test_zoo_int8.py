@@ -168,7 +168,8 @@ def test_silero_vad_int8_static_quantizes_the_sample_rate_branch_it_is_calibrate
     branches = {a.name: [n.op_type for n in a.g.node] for a in node.attribute}
     assert "QuantizeLinear" in branches["then_branch"]
     assert branches["else_branch"].count("DequantizeLinear") == 6
-    for rate, samples in ((16000, 576), (8000, 288)):  # NOTE: a chunk after its context, as silero feeds it
+    # NOTE: a chunk after its context, as silero feeds it
+    for rate, samples in ((16000, 576), (8000, 288)):
         feeds = inputs("silero-vad", n=64, seed=1)
         feeds["input"], feeds["sr"] = feeds["input"][:, :samples], np.array(rate, np.int64)
         expected = run(make_session(model), feeds)

@@ -49,6 +49,7 @@ class _Inlined:
     cond: str
     samples: int
     weight_only: list[str] = field(default_factory=list)
+    weight_only_bytes: int = 0  # NOTE: the float bytes of the weights made int8 in the other branch
 
 
 @dataclass
@@ -59,6 +60,14 @@ class Flat:
     main_names: set[str]
     inlined: list[_Inlined] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
+    source_bytes: int = 0  # NOTE: every initializer of the model as given, in any graph
+
+    def low_bit_share(self, share: float) -> float:
+        """int8-static's ``low_bit_weight_share`` (of :attr:`model`'s main-graph weights) over the whole model:
+        the other branches' weights made int8 count as low-bit, their float weights (LSTMs) as not."""
+        main = sum(_bytes(v) for v in self.model.ir.graph.initializers.values())
+        low = share * main + sum(rec.weight_only_bytes for rec in self.inlined)
+        return round(low / max(self.source_bytes, 1), 4)
 
     def restore(self, quantized: Model) -> Model:
         """``quantized`` (a pass's result on :attr:`model`) with each inlined region back in its If."""
@@ -71,8 +80,8 @@ class Flat:
         for rec in self.inlined:
             other = _BRANCHES[1 - _BRANCHES.index(rec.taken)]
             out[rec.node.name] = (
-                f"{rec.taken} taken by all {rec.samples} calibration feeds: quantized statically; {other} taken by "
-                f"none: {len(rec.weight_only)} weighted layer(s) int8 weight-only (float compute)"
+                f"{rec.taken} taken by every calibration feed ({rec.samples}): quantized statically; {other} taken "
+                f"by none: {len(rec.weight_only)} weighted layer(s) int8 weight-only (float compute)"
             )
         out.update(self.refusals)
         return out
@@ -103,6 +112,9 @@ def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, se
 def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | None:
     """The observation model of ``model`` (a clone), or None when no If branch holds weighted layers."""
     flat = Flat(model.clone(), set())
+    flat.source_bytes = sum(
+        _bytes(v) for g in _graphs_under(model.ir.graph) for v in g.initializers.values()
+    )
     flat.main_names = {node.name for node in flat.model.ir.graph}
     for _ in range(8):  # NOTE: nested Ifs surface in the main graph once their parent is inlined
         graph = flat.model.ir.graph
@@ -135,7 +147,7 @@ def _inline(
     taken = _BRANCHES[0 if cond else 1]
     other = node.attributes[_BRANCHES[1 - _BRANCHES.index(taken)]].as_graph()
     rec = _Inlined(node, taken, [], node.inputs[0].name or "", samples)
-    rec.weight_only = _weight_only(model, node, other, op_types)
+    rec.weight_only, rec.weight_only_bytes = _weight_only(model, node, other, op_types)
     _own_initializers(graph, other)
     branch = node.attributes[taken].as_graph()
     for name in list(branch.initializers):
@@ -156,16 +168,22 @@ def _inline(
     return rec
 
 
+def _bytes(value: ir.Value) -> int:
+    return int(value.const_value.nbytes) if value.const_value is not None else 0
+
+
 def _weight_only(
     model: Model, node: ir.Node, other: ir.Graph, op_types: frozenset[str]
-) -> list[str]:
-    """Int8 weights behind a DequantizeLinear, in the graph of each weighted layer of the branch ``other``."""
-    done = []
+) -> tuple[list[str], int]:
+    """Int8 weights behind a DequantizeLinear, in the graph of each weighted layer of the branch ``other``:
+    the layers done and the float bytes their weights had."""
+    done, nbytes = [], 0
     for layer in _branch_layers(model, node, op_types):
         where = layer.node.graph
         if where is None or not _within(where, other):
             continue
         w = layer.weight_array().astype(np.float32)
+        nbytes += _bytes(layer.weight)
         grid = weight_grid(False)
         scale, zero = weight_scale(layer, w, grid, True)
         codes = quantize(
@@ -186,7 +204,7 @@ def _weight_only(
         if old.is_initializer() and not list(old.uses()) and old.graph is not None:
             old.graph.initializers.pop(old.name or "")
         done.append(layer.name)
-    return done
+    return done, nbytes
 
 
 def _within(graph: ir.Graph, root: ir.Graph) -> bool:

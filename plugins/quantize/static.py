@@ -216,6 +216,9 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
     if flat is not None:
         result = flat.restore(result)
         ctx.figures["if_branches"] = flat.figures()
+        ctx.figures["low_bit_weight_share"] = flat.low_bit_share(
+            ctx.figures["low_bit_weight_share"]
+        )
     for node in result.ir.graph:
         for out in node.outputs:
             if not out.is_graph_output():

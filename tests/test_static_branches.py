@@ -31,8 +31,8 @@ def test_int8_static_quantizes_the_taken_branch_and_the_other_weight_only(tmp_pa
     result = modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
     figures = result.provenance.passes[-1].figures
     assert figures["quantized_nodes"] == 2 and figures["criteria_met"]
-    assert "then_branch taken" in figures["if_branches"]["If_0"]
-    assert "2 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
+    assert "then_branch taken by" in figures["if_branches"]["If_0"]
+    assert "its 2 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
     # NOTE: the other branch's int8 weights counted too
     assert figures["low_bit_weight_share"] == 1.0
     path = modelpress.export(result, tmp_path / "int8.onnx", sample=calib).path
@@ -70,3 +70,13 @@ def test_scalar_input_makes_each_item_one_whole_feed():
     assert [bool(f["flag"]) for f in feeds] == [True, False]
     with pytest.raises(modelpress.DataError, match="flag"):
         load_dataset({"x": x, "flag": np.ones(5, bool)}, model.signature, what="calibration")
+
+
+def test_cli_verification_sample_keeps_a_scalar_input_whole(tmp_path):
+    """``modelpress quantize --calib`` verifies on the first samples of the file; a scalar input stays as it is."""
+    from modelpress.cli.common import capped_sample
+
+    path = tmp_path / "calib.npz"
+    np.savez(path, x=np.zeros((300, 64), np.float32), flag=np.array(True))
+    sample = capped_sample(str(path))
+    assert sample["x"].shape == (256, 64) and sample["flag"].shape == ()

@@ -159,8 +159,8 @@ def test_silero_vad_int8_static_quantizes_the_sample_rate_branch_it_is_calibrate
     result = modelpress.quantize(model, calibration=calibration, show_progress=False)
     figures = result.provenance.passes[-1].figures
     assert figures["criteria_met"] and figures["quantized_nodes"] >= 1
-    assert "then_branch taken" in figures["if_branches"]["If_0"]
-    assert "6 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
+    assert "then_branch taken by" in figures["if_branches"]["If_0"]
+    assert "its 6 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
     exported = modelpress.export(result, tmp_path / "int8.onnx", sample=calibration)
     assert exported.path.stat().st_size <= 0.72 * source.stat().st_size
     written = onnx.load(str(exported.path))

@@ -162,7 +162,8 @@ def capped_sample(path: Any, limit: int = 256) -> Any:
 
     data = read_arrays(Path(path), "sample") if isinstance(path, (str, os.PathLike)) else path
     if isinstance(data, dict):
-        return {k: v[:limit] for k, v in data.items() if k != LABELS}
+        # NOTE: a scalar input (silero-vad's sample rate) is one value for every sample
+        return {k: v[:limit] if v.ndim else v for k, v in data.items() if k != LABELS}
     return data[:limit]
 
 

@@ -48,6 +48,9 @@ class _Inlined:
     exits: list[str]
     cond: str
     samples: int
+    outside: set[str] = field(
+        default_factory=set
+    )  # NOTE: the main graph's node names before the inlining
     weight_only: list[str] = field(default_factory=list)
     weight_only_bytes: int = 0  # NOTE: the float bytes of the weights made int8 in the other branch
 
@@ -57,7 +60,6 @@ class Flat:
     """The observation model (taken branches inlined), what was inlined, and the reasons for what was not."""
 
     model: Model
-    main_names: set[str]
     inlined: list[_Inlined] = field(default_factory=list)
     refusals: dict[str, str] = field(default_factory=dict)
     source_bytes: int = 0  # NOTE: every initializer of the model as given, in any graph
@@ -72,7 +74,7 @@ class Flat:
     def restore(self, quantized: Model) -> Model:
         """``quantized`` (a pass's result on :attr:`model`) with each inlined region back in its If."""
         for rec in reversed(self.inlined):
-            _rewrap(quantized, rec, self.main_names, {e for r in self.inlined for e in r.exits})
+            _rewrap(quantized, rec, {e for r in self.inlined for e in r.exits})
         return quantized
 
     def figures(self) -> dict[str, str]:
@@ -112,11 +114,10 @@ def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, se
 
 def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | None:
     """The observation model of ``model`` (a clone), or None when no If branch holds weighted layers."""
-    flat = Flat(model.clone(), set())
+    flat = Flat(model.clone())
     flat.source_bytes = sum(
         _bytes(v) for g in _graphs_under(model.ir.graph) for v in g.initializers.values()
     )
-    flat.main_names = {node.name for node in flat.model.ir.graph}
     for _ in range(8):  # NOTE: nested Ifs surface in the main graph once their parent is inlined
         graph = flat.model.ir.graph
         ifs = [
@@ -148,6 +149,7 @@ def _inline(
     taken = _BRANCHES[0 if cond else 1]
     other = node.attributes[_BRANCHES[1 - _BRANCHES.index(taken)]].as_graph()
     rec = _Inlined(node, taken, [], node.inputs[0].name or "", samples)
+    rec.outside = {n.name for n in graph if n is not node}
     rec.weight_only, rec.weight_only_bytes = _weight_only(model, node, other, op_types)
     _own_initializers(graph, other)
     branch = node.attributes[taken].as_graph()
@@ -262,10 +264,11 @@ def _reads(node: ir.Node) -> list[ir.Value | None]:
 
 
 def _region(
-    graph: ir.Graph, exits: list[ir.Node], main_names: set[str], stops: set[str]
+    graph: ir.Graph, exits: list[ir.Node], outside: set[str], stops: set[str]
 ) -> list[ir.Node]:
     """The nodes that go back into the branch: the exits and their ancestors that were not main-graph nodes
-    (nor another If's exits), less any whose outputs something outside reads; in graph order."""
+    when it was inlined (``outside``; nor another If's exits), less any whose outputs something outside
+    reads; in graph order."""
     region: dict[int, ir.Node] = {id(e): e for e in exits}
     todo = list(exits)
     while todo:
@@ -275,7 +278,7 @@ def _region(
                 producer is None
                 or producer.graph is not graph
                 or id(producer) in region
-                or producer.name in main_names
+                or producer.name in outside
                 or producer.name in stops
             ):
                 continue
@@ -296,11 +299,11 @@ def _region(
     return [node for node in graph if id(node) in region]
 
 
-def _rewrap(model: Model, rec: _Inlined, main_names: set[str], all_exits: set[str]) -> None:
+def _rewrap(model: Model, rec: _Inlined, all_exits: set[str]) -> None:
     graph = model.ir.graph
     by_name = {node.name: node for node in graph}
     exits = [by_name[name] for name in rec.exits]
-    nodes = _region(graph, exits, main_names, all_exits - set(rec.exits))
+    nodes = _region(graph, exits, rec.outside, all_exits - set(rec.exits))
     inside = {id(n) for n in nodes}
     for node in graph:
         if id(node) not in inside and any(

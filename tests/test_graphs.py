@@ -293,15 +293,44 @@ def test_methods_reach_weights_inside_if_branches(method, tmp_path):
         assert cosine > 0.97  # both branches quantized (4-bit codebook included) and still right
 
 
-def test_int8_static_refuses_if_branches_no_feed_settles_by_name():
-    """An If whose condition differs between calibration feeds keeps both branches float, by name
-    (the branch each feed takes is quantized in tests/test_static_branches.py)."""
-    model = modelpress.load(if_branch_model())
-    x = np.random.default_rng(0).normal(0, 1, (16, 64)).astype(np.float32)
-    calib = [{"x": x, "flag": np.array(True)}, {"x": x, "flag": np.array(False)}]
-    with pytest.raises(modelpress.UnsupportedModelError, match=r"then_fc1|else_fc1") as info:
+def test_int8_static_refuses_layers_inside_a_loop_body_by_name():
+    """A Loop body is not reached (If branches are: tests/test_static_branches.py): its layer is named."""
+    w = helper.make_tensor(
+        "w", TensorProto.FLOAT, [8, 8], np.random.default_rng(0).normal(0, 0.3, 64)
+    )
+    body = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["w"], value=w),
+            helper.make_node("MatMul", ["v", "w"], ["v_next"], name="body_fc"),
+            helper.make_node("Identity", ["keep"], ["keep_next"], name="body_keep"),
+        ],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("keep", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, ["N", 8]),
+        ],
+        [
+            helper.make_tensor_value_info("keep_next", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_next", TensorProto.FLOAT, ["N", 8]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "", "x"], ["y"], name="Loop_0", body=body)],
+        "loop_model",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 8]),
+            helper.make_tensor_value_info("trips", TensorProto.INT64, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 8])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    proto.ir_version = 8
+    model = modelpress.load(proto)
+    calib = {"x": np.ones((4, 8), np.float32), "trips": np.array(2, np.int64)}
+    with pytest.raises(modelpress.UnsupportedModelError, match="body_fc") as info:
         modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
-    assert "If 'If_0'" in str(info.value) and "condition varies" in str(info.value)
+    assert "Loop 'Loop_0' body" in str(info.value) and "not Loop/Scan bodies" in str(info.value)
 
 
 # -- opsets --------------------------------------------------------------------------------------

@@ -160,3 +160,29 @@ def test_nested_ifs_are_inlined_and_put_back_at_every_level(tmp_path):
             (expected,) = run(make_session(source), feeds)
             (actual,) = run(make_session(path), feeds)
             assert _cosine(expected, actual) > 0.99, (a, b)
+
+
+def test_feeds_on_both_sides_calibrate_the_branch_most_take_on_those(tmp_path):
+    """Calibration data at both conditions (silero at both sample rates): the branch most feeds take is
+    quantized statically on those feeds, the other gets int8 weights; both conditions stay right."""
+    source = if_branch_model()
+    model = modelpress.load(source, show_progress=False)
+    rng = np.random.default_rng(2)
+    x = [rng.normal(0, 1, (8, 64)).astype(np.float32) for _ in range(3)]
+    calib = [
+        {"x": x[0], "flag": np.array(False)},
+        {"x": x[1], "flag": np.array(True)},
+        {"x": x[2], "flag": np.array(False)},
+    ]
+    result = modelpress.quantize(model, "int8-static", calibration=calib, show_progress=False)
+    figures = result.provenance.passes[-1].figures
+    assert figures["if_branches"]["If_0"].startswith(
+        "else_branch taken by 2 of 3 calibration feeds"
+    )
+    assert figures["calibration_samples"] == 2 and figures["quantized_nodes"] == 2
+    path = modelpress.export(result, tmp_path / "int8.onnx", sample=calib).path
+    for flag in (True, False):
+        feeds = {"x": x[1], "flag": np.array(flag)}
+        (expected,) = run(make_session(source), feeds)
+        (actual,) = run(make_session(path), feeds)
+        assert _cosine(expected, actual) > 0.99

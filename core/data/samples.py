@@ -126,6 +126,11 @@ class Dataset:
             ) from None
 
     @property
+    def whole_feeds(self) -> bool:
+        """Whether the feeds are run as given, never cut nor joined (a model with no common batch axis 0)."""
+        return any(run.whole for run in self.runs)
+
+    @property
     def ragged(self) -> bool:
         """Whether the samples have different shapes (more than one run)."""
         return len(self.runs) > 1
@@ -146,6 +151,27 @@ class Dataset:
             step = self._step(run, batch_size)
             for start in range(0, len(run), step):
                 yield {k: v[start : start + step] for k, v in run.inputs.items()}
+
+    def select_feeds(self, keep: list[bool], batch_size: int | None = None) -> Dataset:
+        """The feeds :meth:`batches` yields for ``batch_size`` whose ``keep`` is true (one flag per feed, in
+        order), as a dataset (int8-static calibrates an If branch on the feeds that take it)."""
+        runs: list[Run] = []
+        flags = iter(keep)
+        for run in self.runs:
+            step = self._step(run, batch_size)
+            for start in range(0, len(run), step):
+                if not next(flags):
+                    continue
+                if run.whole:
+                    runs.append(run)
+                    continue
+                labels = run.labels[start : start + step] if run.labels is not None else None
+                runs.append(
+                    Run({k: v[start : start + step] for k, v in run.inputs.items()}, labels)
+                )
+        if not runs:
+            raise DataError("no feed of this data was selected")
+        return Dataset(runs=tuple(runs), max_batch=self.max_batch)
 
     def batch_count(self, batch_size: int | None = None) -> int:
         """How many feeds :meth:`batches` yields for ``batch_size``."""

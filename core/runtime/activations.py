@@ -128,7 +128,7 @@ def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
 def _batch_and_part(session: Any, data: Dataset, batch_size: int) -> tuple[int, int]:
     """:func:`calibration_batch`'s samples per batch, and per run (``RUN_BUDGET``; 0 where a batch
     is one sample), from one run on the largest sample."""
-    if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1:
+    if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1 or data.whole_feeds:
         return 1, 0
     per_sample = max(_sample_bytes(session, data), 1)
     step = max(1, min(batch_size, ACTIVATION_BUDGET // per_sample))

@@ -9,8 +9,9 @@ int8-static (selection, SmoothQuant, QDQ, the sensitivity search) works on it as
 sample takes cannot be calibrated: its weighted layers get int8 weights behind a DequantizeLinear in the
 branch (as ``int8-weight-only`` does), float compute. :meth:`Flat.restore` then moves the quantized region (the
 exits' ancestors that were not main-graph nodes, with their Q/DQ and the initializers only they read) back into
-a new ``If`` with the untouched other branch. An ``If`` whose condition varies across the samples, and
-Loop/Scan bodies, stay float with their reason in ``float_nodes``.
+a new ``If`` with the untouched other branch. Where the feeds differ (both sample rates given), the branch most
+of them take is calibrated on those feeds and the other gets int8 weights. Loop/Scan bodies stay float, with
+their reason in ``float_nodes``.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from modelpress.plugins.quantize.static_plan import weight_grid, weight_scale
 __all__ = ["Flat", "flatten"]
 
 _BRANCHES = ("then_branch", "else_branch")
+_FEED_BATCH = 64  # NOTE: a condition is one value per feed: feeds of at most this many samples
 
 
 @dataclass
@@ -47,7 +49,8 @@ class _Inlined:
     taken: str
     exits: list[str]
     cond: str
-    samples: int
+    feeds: int = 0  # NOTE: of the calibration feeds that reached the If, those taking ``taken``
+    total: int = 0
     outside: set[str] = field(
         default_factory=set
     )  # NOTE: the main graph's node names before the inlining
@@ -57,11 +60,11 @@ class _Inlined:
 
 @dataclass
 class Flat:
-    """The observation model (taken branches inlined), what was inlined, and the reasons for what was not."""
+    """The observation model (taken branches inlined), the calibration feeds it is calibrated on, what was inlined."""
 
     model: Model
+    data: Dataset  # NOTE: the calibration feeds that take every inlined branch
     inlined: list[_Inlined] = field(default_factory=list)
-    refusals: dict[str, str] = field(default_factory=dict)
     source_bytes: int = 0  # NOTE: every initializer of the model as given, in any graph
 
     def low_bit_share(self, share: float) -> float:
@@ -82,11 +85,12 @@ class Flat:
         for rec in self.inlined:
             other = _BRANCHES[1 - _BRANCHES.index(rec.taken)]
             # NOTE: no colon: the report groups a figure's names by the text before one
+            rest = rec.total - rec.feeds
             out[rec.node.name] = (
-                f"{rec.taken} taken by {rec.samples} of {rec.samples} calibration feeds, quantized statically; "
-                f"{other} by none, its {len(rec.weight_only)} weighted layer(s) int8 weight-only (float compute)"
+                f"{rec.taken} taken by {rec.feeds} of {rec.total} calibration feeds, quantized statically"
+                f"{' on those' if rest else ''}; {other} by {rest or 'none'}, its {len(rec.weight_only)} weighted "
+                "layer(s) int8 weight-only (float compute)"
             )
-        out.update(self.refusals)
         return out
 
 
@@ -98,57 +102,51 @@ def _branch_layers(model: Model, node: ir.Node, op_types: frozenset[str]) -> lis
     ]
 
 
-def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, set[bool]]:
-    """The values each If's condition takes over ``data`` (one ORT session with the conditions as outputs)."""
+def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, list[bool]]:
+    """Each If's condition on every feed of ``data`` (one ORT session with the conditions as outputs)."""
     names = [node.inputs[0].name or "" for node in ifs]
     probe = with_outputs(model, names)
     session = make_session(probe)
     wanted = [o.name for o in session.get_outputs()]
-    seen: dict[str, set[bool]] = {name: set() for name in names}
-    for feeds in data.batches(64):
+    seen: dict[str, list[bool]] = {name: [] for name in names}
+    for feeds in data.batches(_FEED_BATCH):
         outs = dict(zip(wanted, run_session(session, feeds), strict=True))
         for name in names:
-            seen[name].add(bool(np.asarray(outs[name]).reshape(-1)[0]))
+            seen[name].append(bool(np.asarray(outs[name]).reshape(-1)[0]))
     return seen
 
 
 def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | None:
     """The observation model of ``model`` (a clone), or None when no If branch holds weighted layers."""
-    flat = Flat(model.clone())
+    flat = Flat(model.clone(), data)
     flat.source_bytes = sum(
         _bytes(v) for g in _graphs_under(model.ir.graph) for v in g.initializers.values()
     )
     for _ in range(8):  # NOTE: nested Ifs surface in the main graph once their parent is inlined
         graph = flat.model.ir.graph
-        ifs = [
-            n
-            for n in graph
-            if n.op_type == "If"
-            and n.name not in flat.refusals
-            and _branch_layers(flat.model, n, op_types)
-        ]
+        ifs = [n for n in graph if n.op_type == "If" and _branch_layers(flat.model, n, op_types)]
         if not ifs:
             break
-        seen = _conditions(flat.model, ifs, data)
+        seen = _conditions(flat.model, ifs, flat.data)
         for node in ifs:
             values = seen[node.inputs[0].name or ""]
-            if len(values) != 1:
-                flat.refusals[node.name] = (
-                    "its condition differs between calibration feeds, both branches kept float"
-                )
-                continue
-            flat.inlined.append(_inline(flat.model, node, values.pop(), len(data), op_types))
+            # NOTE: feeds on both sides (both sample rates): the branch most take is calibrated on them
+            cond = values.count(True) >= values.count(False)
+            rec = _inline(flat.model, node, cond, op_types)
+            rec.feeds, rec.total = values.count(cond), len(values)
+            flat.inlined.append(rec)
+            if rec.feeds < rec.total:
+                flat.data = flat.data.select_feeds([v == cond for v in values], _FEED_BATCH)
+                break  # NOTE: the other Ifs' conditions are taken again on the feeds kept
     return flat if flat.inlined else None
 
 
-def _inline(
-    model: Model, node: ir.Node, cond: bool, samples: int, op_types: frozenset[str]
-) -> _Inlined:
+def _inline(model: Model, node: ir.Node, cond: bool, op_types: frozenset[str]) -> _Inlined:
     """Move ``node``'s taken branch into the main graph before it; detach ``node`` (keeping the other branch)."""
     graph = model.ir.graph
     taken = _BRANCHES[0 if cond else 1]
     other = node.attributes[_BRANCHES[1 - _BRANCHES.index(taken)]].as_graph()
-    rec = _Inlined(node, taken, [], node.inputs[0].name or "", samples)
+    rec = _Inlined(node, taken, [], node.inputs[0].name or "")
     rec.outside = {n.name for n in graph if n is not node}
     rec.weight_only, rec.weight_only_bytes = _weight_only(model, node, other, op_types)
     _own_initializers(graph, other)

@@ -51,8 +51,7 @@ def select(model: Model, opts: Int8StaticOptions) -> Selection:
         float_nodes=model.subgraph_refusals(
             frozenset(opts.op_types),
             "int8-static",
-            "calibrates only If branches that every calibration feed takes; this one is in a Loop/Scan body or an If whose "
-            "condition varies between feeds: kept in float",
+            "reaches If branches through the calibration feeds that take them, not Loop/Scan bodies: kept in float",
         )
     )
     recurrent = recurrent_refusals(model.graph, "int8-static")

@@ -21,6 +21,9 @@ first axis ``B``, as ``torch.export.export(net, (x[:2],))`` gives) is fed in bat
 the last ``len % B`` samples of a run, which cannot fill a batch, are left out with a warning (a model
 with a dynamic batch uses them all), and data with fewer than ``B`` samples is an error naming the fix.
 
+A model whose inputs share no batch axis 0 (a scalar input, as silero-vad's sample rate, or one whose first
+axis is fixed above 1 beside a dynamic one, as its ``state [2, N, 128]``) is fed each item whole, as given.
+
 Problems (empty data, a missing input, a wrong rank, size or dtype, NaN or inf) are a
 :class:`modelpress.DataError` raised before any work starts.
 """

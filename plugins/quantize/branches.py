@@ -51,9 +51,8 @@ class _Inlined:
     cond: str
     feeds: int = 0  # NOTE: of the calibration feeds that reached the If, those taking ``taken``
     total: int = 0
-    outside: set[str] = field(
-        default_factory=set
-    )  # NOTE: the main graph's node names before the inlining
+    # NOTE: the main graph's node names before the inlining: where the region going back stops
+    outside: set[str] = field(default_factory=set)
     weight_only: list[str] = field(default_factory=list)
     weight_only_bytes: int = 0  # NOTE: the float bytes of the weights made int8 in the other branch
 

@@ -33,6 +33,7 @@ def test_int8_static_quantizes_the_taken_branch_and_the_other_weight_only(tmp_pa
     assert figures["quantized_nodes"] == 2 and figures["criteria_met"]
     assert "then_branch taken by" in figures["if_branches"]["If_0"]
     assert "its 2 weighted layer(s) int8 weight-only" in figures["if_branches"]["If_0"]
+    assert sorted(figures["weight_only_nodes"]) == ["else_fc1", "else_fc2"]
     # NOTE: the other branch's int8 weights counted too
     assert figures["low_bit_weight_share"] == 1.0
     path = modelpress.export(result, tmp_path / "int8.onnx", sample=calib).path

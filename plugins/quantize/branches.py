@@ -79,6 +79,15 @@ class Flat:
             _rewrap(quantized, rec, {e for r in self.inlined for e in r.exits})
         return quantized
 
+    def weight_only_nodes(self) -> dict[str, str]:
+        """The other branches' layers, each with what was done (int8-static's ``weight_only_nodes``)."""
+        return {
+            name: f"in If {rec.node.name!r} {_BRANCHES[1 - _BRANCHES.index(rec.taken)]}, which the calibration "
+            "feeds did not take: int8 weights, float activations"
+            for rec in self.inlined
+            for name in rec.weight_only
+        }
+
     def figures(self) -> dict[str, str]:
         out = {}
         for rec in self.inlined:

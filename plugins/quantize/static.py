@@ -220,6 +220,10 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
     if flat is not None:
         result = flat.restore(result)
         ctx.figures["if_branches"] = flat.figures()
+        ctx.figures["weight_only_nodes"] = {
+            **ctx.figures.get("weight_only_nodes", {}),
+            **flat.weight_only_nodes(),
+        }
         ctx.figures["low_bit_weight_share"] = flat.low_bit_share(
             ctx.figures["low_bit_weight_share"]
         )

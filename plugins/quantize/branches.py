@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx_ir as ir
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from modelpress.plugin_api import (
     Dataset,
@@ -114,6 +115,16 @@ def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, li
     """Each If's condition on every feed of ``data`` (one ORT session with the conditions as outputs)."""
     names = [node.inputs[0].name or "" for node in ifs]
     probe = with_outputs(model, names)
+    # NOTE: only what the conditions need (silero-vad's: an Equal on the sample rate), not the whole model
+    graph = probe.ir.graph
+    kept = [v for v in graph.outputs if v.name in names]
+    graph.outputs.clear()
+    graph.outputs.extend(kept)
+    RemoveUnusedNodesPass()(probe.ir)
+    read = {id(v) for g in _graphs_under(graph) for n in g for v in n.inputs}
+    for name, value in list(graph.initializers.items()):
+        if id(value) not in read:
+            graph.initializers.pop(name)
     session = make_session(probe)
     wanted = [o.name for o in session.get_outputs()]
     seen: dict[str, list[bool]] = {name: [] for name in names}

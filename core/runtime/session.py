@@ -508,11 +508,10 @@ def run(
     a model that never finishes (a Loop whose trip count is corrupt) fails cleanly instead of
     hanging. NOTE: a Python signal cannot interrupt ORT while it runs; its terminate flag can."""
     limit = timeout if timeout is not None else run_timeout()
-    options = ort.RunOptions() if limit else None
-    if options is not None:
-        options.log_severity_level = (
-            4  # NOTE: ORT logs "terminate flag" as an error; the exception below says it
-        )
+    options = ort.RunOptions()
+    # NOTE: ORT logs a failed run (and "terminate flag") as coloured errors on stderr; the exception
+    # below says it once, and a caller that tries inputs (the import check) catches it quietly
+    options.log_severity_level = 4
     timer = threading.Timer(limit, setattr, (options, "terminate", True)) if limit else None
     if timer is not None:
         timer.daemon = True
@@ -520,7 +519,7 @@ def run(
     try:
         return [np.asarray(o) for o in session.run(None, dict(feeds), options)]
     except Exception as exc:
-        if options is not None and options.terminate:
+        if options.terminate:
             raise InvalidModelError(
                 f"ONNX Runtime run stopped after {limit:g} s ({RUN_TIMEOUT_ENV}): the model did not finish "
                 "(a Loop with a huge trip count?); check the model, or raise the limit"

@@ -10,7 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from modelpress.ir.counting import op_histogram, parameter_count, weight_bytes
+from modelpress.ir.counting import (
+    op_histogram,
+    parameter_count,
+    quantization_parameter,
+    weight_bytes,
+)
 from modelpress.ir.layers import RECURRENT_OPS, find_weighted_layers
 from modelpress.ir.view import BFLOAT16, FLOAT, FLOAT16
 
@@ -131,13 +136,14 @@ _BIAS = {"Conv": 2, "ConvTranspose": 2, "Gemm": 2, "QLinearConv": 8, "QGemm": 6,
 
 def _weight_sources(values: Any) -> list[ValueView]:
     """The constants ``values`` are computed from that hold weights, not the scales and zero points
-    of a Q/DQ (its inputs 1 and 2)."""
+    of a Q/DQ (its inputs 1 and 2), nor the scales a Mul of scales reads (a bias's scale)."""
     sources = _constant_sources(values, dtypes=None)
     return [
         v
         for v in sources
         if any(
             not (u.node.op_type in ("DequantizeLinear", "QuantizeLinear") and u.idx > 0)
+            and not quantization_parameter(u.node)
             for u in v.uses()
         )
     ]

@@ -369,10 +369,12 @@ def _record(
     m: Method, model: Model, result: Model, opts: Options, seconds: float, figures: dict[str, Any]
 ) -> PassRecord:
     """Record the pass in the result's provenance; the result's reference is the input's (or the input)."""
+    options = opts.model_dump(mode="json")
     record = PassRecord(
         kind=m.kind,
         method=m.name,
-        options=opts.model_dump(mode="json"),
+        options=options,
+        at_defaults=frozenset(options) - set(opts.model_dump(mode="json", exclude_defaults=True)),
         plugin=m.plugin or "local",
         plugin_version=m.plugin_version,
         seconds=round(seconds, 4),

@@ -10,7 +10,7 @@ on an :class:`onnx_ir.Model`:
 2. constant folding: a node whose inputs are all constants is evaluated once (ONNX's reference
    evaluator) and replaced by an initializer, unless its result would be much bigger than its
    inputs (Expand, Tile, ConstantOfShape of big shapes stay), or it is a QuantizeLinear /
-   DequantizeLinear (quantized models stay quantized);
+   DequantizeLinear or a Mul of their scales (quantized models stay quantized as written);
 3. Identity nodes removed (not those that are a graph's output);
 4. ``BatchNormalization`` after a Conv or Gemm folded into its weight and bias (inference-mode
    BN with constant parameters, the Conv/Gemm output used by the BN alone);
@@ -32,6 +32,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes import common as common_passes
+
+from modelpress.ir.counting import quantization_parameter
 
 __all__ = ["NormalizeReport", "fold_batchnorm", "fold_constants", "normalize", "remove_identities"]
 
@@ -130,6 +132,8 @@ def _constant(value: ir.Value | None) -> bool:
 
 def _foldable(node: ir.Node) -> bool:
     if node.domain not in ("", "ai.onnx") or node.op_type in _NO_FOLD or not node.inputs:
+        return False
+    if quantization_parameter(node):  # NOTE: a bias scale as input scale x weight scale, as written
         return False
     if any(
         a.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from modelpress.base.wire import WireError, fields, int64s, signed, string_entry, varint
+from modelpress.ir.counting import quantization_parameter
 from modelpress.ir.provenance import PROVENANCE_KEY, Provenance
 from modelpress.ir.signature import Signature
 
@@ -522,6 +523,7 @@ def _unchanged_by_normalisation(graph: _Graph) -> None:
         if (
             onnx_domain
             and node.op_type not in _KEPT_ON_CONSTANTS
+            and not quantization_parameter(node)
             and node.inputs
             and all(v is None or (v.initializer and id(v) not in inputs) for v in node.inputs)
         ):

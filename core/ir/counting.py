@@ -16,6 +16,7 @@ __all__ = [
     "constant_tensors",
     "op_histogram",
     "parameter_count",
+    "quantization_parameter",
     "weight_bytes",
 ]
 
@@ -114,10 +115,25 @@ def _not_weight(use: Any, depth: int = _DEPTH) -> bool:
         return True
     if _rescales_integers(node, use.idx):
         return True
-    if op in _PASS_THROUGH and use.idx == 0 and depth > 0:
+    # NOTE: a Mul of scales is a scale (int8-static writes a bias's scale as input scale x weight scale)
+    if ((op in _PASS_THROUGH and use.idx == 0) or op == "Mul") and depth > 0:
         uses = list(node.outputs[0].uses())
         return bool(uses) and all(_not_weight(u, depth - 1) for u in uses)
     return False
+
+
+def quantization_parameter(node: NodeView) -> bool:
+    """Whether ``node`` computes nothing but quantization parameters: a ``Mul`` whose every
+    output is read only as a QuantizeLinear/DequantizeLinear (or QLinear*) scale or zero point
+    (int8-static writes a bias's scale as input scale x weight scale). Import normalisation keeps it
+    as written, like the DequantizeLinear it feeds: ONNX Runtime folds it before its QDQ fusions."""
+    if node.op_type != "Mul" or node.domain not in ("", "ai.onnx") or not node.outputs:
+        return False
+    for out in node.outputs:
+        uses = list(out.uses())
+        if not uses or not all(u.idx in _QPARAMS.get(u.node.op_type, ()) for u in uses):
+            return False
+    return True
 
 
 def _weight_elements(tensor: TensorView, value: ValueView | None) -> int:

@@ -31,7 +31,11 @@ PROVENANCE_KEY = "modelpress.ir.provenance"
 
 @dataclass(frozen=True)
 class PassRecord:
-    """One pass applied to a model."""
+    """One pass applied to a model.
+
+    ``options`` holds every option of the pass; ``at_defaults`` names those the run left at the
+    method's defaults, which a written file leaves out (its ``plugin_version`` says what they were):
+    read back from a file, ``options`` holds the options that differed from the defaults."""
 
     kind: str
     method: str
@@ -40,6 +44,13 @@ class PassRecord:
     plugin_version: str
     seconds: float = 0.0
     figures: dict[str, Any] = field(default_factory=dict)
+    at_defaults: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
+
+    def written(self) -> dict[str, Any]:
+        """The record as a file holds it: the options at the method's defaults left out."""
+        data = {f: getattr(self, f) for f in _PASS_FIELDS}
+        data["options"] = {k: v for k, v in self.options.items() if k not in self.at_defaults}
+        return data
 
     @property
     def criteria_missed(self) -> str | None:
@@ -72,9 +83,11 @@ class Provenance:
         )
 
     def to_json(self) -> str:
+        """One compact JSON document (no spaces; each pass's options at their defaults left out:
+        :meth:`PassRecord.written`), as the file's metadata entry holds it."""
         data = asdict(self)
-        data["passes"] = [asdict(p) for p in self.passes]
-        return json.dumps(data, sort_keys=True, default=_jsonable)
+        data["passes"] = [p.written() for p in self.passes]
+        return json.dumps(data, sort_keys=True, separators=(",", ":"), default=_jsonable)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> Provenance:

@@ -48,6 +48,22 @@ class Int8QATOptions(Int8StaticOptions):
     )
 
 
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    """A DequantizeLinear's scale: an initializer, or a Mul of two (int8-static's bias scale,
+    input scale x weight scale, as the float32 product ONNX computes)."""
+    if value is None:
+        return None
+    if value.const_value is not None:
+        return value.const_value.numpy()
+    mul = value.producer()
+    if mul is None or mul.op_type != "Mul" or len(mul.inputs) != 2:
+        return None
+    a, b = mul.inputs
+    if a is None or b is None or a.const_value is None or b.const_value is None:
+        return None
+    return np.multiply(a.const_value.numpy(), b.const_value.numpy(), dtype=np.float32)
+
+
 def _unfold(
     model: Model,
 ) -> tuple[list[tuple[ir.Node, ir.Value]], list[tuple[ir.Node, str, np.ndarray]]]:
@@ -62,7 +78,9 @@ def _unfold(
         tensor = source.const_value
         if tensor is None or not source.is_initializer():
             continue
-        scale = node.inputs[1].const_value.numpy()  # type: ignore[union-attr]
+        scale = _constant(node.inputs[1])
+        if scale is None:
+            continue
         zero = (
             node.inputs[2].const_value.numpy()
             if len(node.inputs) > 2 and node.inputs[2] is not None

@@ -153,9 +153,15 @@ def _dq(
     tensors: list[tuple[str, np.ndarray]],
     attrs: dict[str, int],
     name: str,
+    scale: ir.Node | None = None,
 ) -> ir.Value:
-    """A ``DequantizeLinear`` of new initializers ``tensors`` (q, scale[, zero]) placed before ``anchor``."""
+    """A ``DequantizeLinear`` of new initializers ``tensors`` (q, scale[, zero]) placed before
+    ``anchor``; with ``scale`` (a node not yet in the graph, placed before it too), its output is
+    the scale and ``tensors`` holds only q."""
     inputs = [result.add_initializer(n, a) for n, a in tensors]
+    if scale is not None:
+        result.insert_before(anchor, [scale])
+        inputs.insert(1, scale.outputs[0])
     b = result.builder()
     dq = b.op(
         "DequantizeLinear",
@@ -243,16 +249,46 @@ class _Dequantizing:
             if self.per_channel or per_axis
             else np.asarray(plan.bias_scale, np.float32).reshape(())
         )
-        node.replace_input_with(
-            2,
-            _dq(
-                self.result,
-                node,
-                [(f"{b_name}_q", plan.bias_q), (f"{b_name}_s", bias_scale)],
-                {"axis": 0} if per_axis else {},
-                b_name,
-            ),
-        )
+        product = _scale_product(self.result, node, layer, bias_scale)
+        tensors = [(f"{b_name}_q", plan.bias_q)]
+        if product is None:
+            tensors.append((f"{b_name}_s", bias_scale))
+        dq = _dq(self.result, node, tensors, {"axis": 0} if per_axis else {}, b_name, product)
+        node.replace_input_with(2, dq)
+
+
+def _scale_product(
+    result: Model, node: ir.Node, layer: WeightedLayer, bias_scale: np.ndarray
+) -> ir.Node | None:
+    """A ``Mul`` of the input's and the weight's scale initializers that equals ``bias_scale``
+    bit for bit (a float32 product is correctly rounded, as the plan's is), or None where the scales
+    are not both there. The bias scale is ``input scale x weight scale`` by definition: stored, it
+    repeated one float per output channel (per-channel weights); ONNX Runtime folds the constant
+    ``Mul`` before its QDQ fusions, so the integer kernel is the same."""
+
+    def scale_of(value: ir.Value | None) -> ir.Value | None:
+        dq = value.producer() if value is not None else None
+        if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 2:
+            return None
+        scale = dq.inputs[1]
+        return scale if scale is not None and scale.is_initializer() else None
+
+    x_scale, w_scale = scale_of(node.inputs[0]), scale_of(node.inputs[layer.weight_input])
+    if x_scale is None or w_scale is None:
+        return None
+    assert x_scale.const_value is not None and w_scale.const_value is not None
+    x, w = x_scale.const_value.numpy(), w_scale.const_value.numpy()
+    if x.ndim != 0 or w.shape != bias_scale.shape or w.dtype != np.float32:
+        return None
+    if not np.array_equal(np.float32(x) * w, bias_scale):
+        return None
+    b = result.builder()
+    return b.op(
+        "Mul",
+        [x_scale, w_scale],
+        name=f"{layer.bias.name or node.name}_scale",
+        out=Out(f"{layer.bias.name or node.name}_s", ir.DataType.FLOAT),
+    ).producer()
 
 
 def _weights(

@@ -87,7 +87,9 @@ def test_tune_dashboard_is_linked_from_the_report_and_stopped_after(study):
 
 def _serve(target: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "modelpress.cli", "dashboard", target],
+        # NOTE: -X faulthandler: a server that outlives its Ctrl-C is sent SIGABRT, which prints where
+        # each of its threads stood (one file-order run of the slow tier saw it take over 30 s)
+        [sys.executable, "-X", "faulthandler", "-m", "modelpress.cli", "dashboard", target],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -98,6 +100,16 @@ def _serve(target: str) -> tuple[subprocess.Popen, str]:
         proc.stderr.read() if proc.poll() is not None else ""
     )
     return proc, line.split()[2]
+
+
+def _stopped(proc: subprocess.Popen) -> str:
+    """The server's stderr once it has exited after its Ctrl-C; past 30 s, its threads' stacks."""
+    try:
+        return proc.communicate(timeout=30)[1]
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)  # NOTE: to its own PID; faulthandler prints every thread
+        err = proc.communicate(timeout=30)[1]
+        pytest.fail(f"the dashboard server did not stop within 30 s of its Ctrl-C:\n{err}")
 
 
 @pytest.mark.slow
@@ -152,7 +164,7 @@ def test_dashboard_shows_the_trials_in_headless_chromium(study, tmp_path):
                 shutil.copyfile(png, ROOT / "docs" / "img" / name)
     finally:
         proc.send_signal(signal.SIGINT)  # NOTE: Ctrl-C, to this server's own PID
-        _, err = proc.communicate(timeout=30)
+        err = _stopped(proc)
     assert proc.returncode == 0 and "stopped" in err, err
     assert _refused(int(url.split(":")[2].split("/")[0]))
 

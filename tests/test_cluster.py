@@ -377,14 +377,16 @@ def test_worker_node_lost_mid_study_costs_only_its_trials(
     worker = cluster.nodes[1]
     markers = worker.folder / "running"
     db = tmp_path / "out" / "study.db"
-    # NOTE: kill the worker node while one of its trials is in its metric (it marks itself in the node's folder)
-    _wait(
-        lambda: len(_finished(db)) >= 1 and any(markers.glob("*")),
-        proc,
-        cluster,
-        "a trial ran on the worker node",
-    )
-    before = _finished(db)
+    # NOTE: kill the worker node while one of its trials is in its metric (it marks itself in the node's folder),
+    # right after seeing its mark: reading the study again first (its lock held by the driver's writes for up
+    # to 5 s under load) let that trial finish before the kill in one run of this file alone at load 5
+    before: dict[int, str] = {}
+
+    def trial_in_flight_on_worker() -> bool:
+        before.update(_finished(db))
+        return len(before) >= 1 and any(markers.glob("*"))
+
+    _wait(trial_in_flight_on_worker, proc, cluster, "a trial ran on the worker node")
     # NOTE: the node dies as a machine does: its raylet and its worker processes (SIGKILL by PID). Ending the raylet
     # alone lets a worker already in its trial finish it and hand the (small, inlined) result straight to the driver.
     worker.stop(signal.SIGKILL)

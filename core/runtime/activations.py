@@ -93,12 +93,20 @@ def observe(s: TensorStats, x: np.ndarray, channel_axis: int | None, histogram: 
         _widen(s, s.absmax)
     # NOTE: bincount on precomputed bin indices: same counts as np.histogram, ~3x faster; a chunk
     # at a time: the bin indices of a whole tensor took 5 temporaries of its size (int64 ones twice
-    # its bytes), 21 MB over the 4 MB tensor of MTCNN ONet's calibration batch, the pass's peak
+    # its bytes), 21 MB over the 4 MB tensor of MTCNN ONet's calibration batch, the pass's peak.
+    # The chunk's indices are made in two buffers reused chunk after chunk (half the time of a new
+    # array per step): |x| * scale in the tensor's float type, clamped to the last bin, truncated to int64 (the
+    # same indices as truncating first and clamping after).
     flat, scale = x.reshape(-1), BINS / s.hist_range
+    size = min(flat.size, HIST_CHUNK)
+    scaled, bins = np.empty(size, flat.dtype), np.empty(size, np.int64)
     for start in range(0, flat.size, HIST_CHUNK):
         chunk = flat[start : start + HIST_CHUNK]
-        bins = np.minimum((np.abs(chunk) * scale).astype(np.int64), BINS - 1)
-        s.hist += np.bincount(bins, minlength=BINS)
+        f, b = scaled[: chunk.size], bins[: chunk.size]
+        np.multiply(np.abs(chunk, out=f), scale, out=f)
+        np.minimum(f, BINS - 1, out=f)
+        b[...] = f
+        s.hist += np.bincount(b, minlength=BINS)
 
 
 def _widen(s: TensorStats, absmax: float) -> None:

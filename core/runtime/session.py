@@ -539,8 +539,11 @@ def run(
             timer.cancel()
 
 
-def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def run_dataset(session: ort.InferenceSession, batches, *, stop=None) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """Run over an iterable of feed dicts and concatenate each output along axis 0.
+
+    ``stop``, when given, is called with each batch's outputs; once it returns True the sweep ends
+    there, and the outputs of the batches run so far are returned.
 
     Batches of samples of different shapes (sequences of different lengths) give outputs that
     differ beyond axis 0: those are joined as rows of their last axis, keeping the rank
@@ -555,6 +558,8 @@ def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # 
             collected = [[] for _ in outs]
         for acc, out in zip(collected, outs, strict=True):
             acc.append(out)
+        if stop is not None and stop(outs):
+            break
     return [_join(parts) for parts in collected]
 
 

@@ -1,7 +1,7 @@
 """int8-static's search stops a candidate's sweep once its first samples decide a miss
 (``MissBound``), and returns what full sweeps of every candidate would have returned (issue 24:
-quantize CPU against ORT's; a third of PP-OCR rec's candidate runs were spent on candidates that
-had already failed)."""
+quantize CPU against ORT's: 22 of PP-OCR rec's 120 candidate runs were spent on candidates whose
+first samples had already failed)."""
 
 from __future__ import annotations
 

@@ -95,8 +95,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Cosine of each row (the last axis; a 1.0 where both rows are zero, 0.0 where one is)."""
-    r = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64)
-    o = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64)
+    # NOTE: no copy of what is float64 already (export's comparison hands over float64 outputs)
+    r = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64, copy=False)
+    o = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64, copy=False)
     nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
     dot = np.einsum("ij,ij->i", r, o)
     both_zero = (nr == 0) & (no == 0)

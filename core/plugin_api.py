@@ -17,7 +17,8 @@ Running and judging models in ONNX Runtime
     :func:`make_session` (one session factory: threads, external data, ``.mpk``),
     :func:`with_outputs` (a session that also returns inner tensors), :func:`run`,
     :func:`run_dataset`; :func:`infer_criteria`, :func:`judge`, :class:`Judgement`, :class:`Criterion`, :class:`Bounds`
-    (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric);
+    (each output's kind and rule, ``docs/verification.md``), :func:`lower_is_better` (per metric),
+    :class:`MissBound` (when the first samples already decide a miss: a search can stop a sweep);
     :func:`compare_outputs` (the figures export verifies by: cosine, agreement, max |diff|).
     :func:`activation_stats` (min/max/mean/abs-max of inner tensors over a data set, streamed
     batch by batch: :class:`TensorStats`), :class:`ActivationCollector` and
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
         Bounds,
         Criterion,
         Judgement,
+        MissBound,
         infer_criteria,
         judge,
         lower_is_better,
@@ -133,6 +135,7 @@ _API: dict[str, tuple[str, str]] = {
     "Bounds": ("modelpress.evaluation.criteria", "Bounds"),
     "Criterion": ("modelpress.evaluation.criteria", "Criterion"),
     "Judgement": ("modelpress.evaluation.criteria", "Judgement"),
+    "MissBound": ("modelpress.evaluation.criteria", "MissBound"),
     "infer_criteria": ("modelpress.evaluation.criteria", "infer_criteria"),
     "judge": ("modelpress.evaluation.criteria", "judge"),
     "lower_is_better": ("modelpress.evaluation.criteria", "lower_is_better"),
@@ -214,6 +217,7 @@ __all__ = [
     "Judgement",
     "Kind",
     "Method",
+    "MissBound",
     "Model",
     "ModelpressError",
     "Options",

@@ -52,6 +52,7 @@ __all__ = [
     "Bounds",
     "Criterion",
     "Judgement",
+    "MissBound",
     "agreement",
     "allowed_flips",
     "cosine",
@@ -94,8 +95,9 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def row_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Cosine of each row (the last axis; a 1.0 where both rows are zero, 0.0 where one is)."""
-    r = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64)
-    o = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64)
+    # NOTE: no copy of what is float64 already (export's comparison hands over float64 outputs)
+    r = ref.reshape(-1, ref.shape[-1] if ref.ndim else 1).astype(np.float64, copy=False)
+    o = out.reshape(-1, out.shape[-1] if out.ndim else 1).astype(np.float64, copy=False)
     nr, no = np.linalg.norm(r, axis=1), np.linalg.norm(o, axis=1)
     dot = np.einsum("ij,ij->i", r, o)
     both_zero = (nr == 0) & (no == 0)
@@ -361,6 +363,102 @@ def judge(
         judged.append(c)
         values.append(c.measure(ref, out))
     return Judgement(tuple(judged), tuple(values))
+
+
+def _disagreements(ref: np.ndarray, out: np.ndarray, axis: int | None) -> int:
+    """How many of the decisions :func:`agreement` counts differ."""
+    if not np.issubdtype(ref.dtype, np.floating):
+        return int(np.count_nonzero(ref != out))
+    if axis is None:
+        return int(np.count_nonzero((ref > 0.5) != (out > 0.5)))
+    if ref.ndim < 2:
+        return int(np.count_nonzero(np.round(ref) != np.round(out)))
+    return int(np.count_nonzero(np.argmax(ref, axis=axis) != np.argmax(out, axis=axis)))
+
+
+# NOTE: a miss is decided only past this relative margin: the sums here and the figure judge() computes
+# add the same terms in another order
+_MARGIN = 1e-9
+
+
+class MissBound:
+    """Whether the outputs of the first rows (axis 0) of a judged set already miss ``criterion``,
+    whatever the other rows hold: fed batch by batch (:meth:`add`) beside the reference ``ref``
+    of every row, :attr:`missed` turns True once :func:`judge` on the whole set must say the
+    criterion fails. A quantizer judging candidates can stop a sweep there (the figure itself is
+    only known from every row). Agreement counts the flips; a mean cosine assumes the other rows
+    perfect; relative and RMS errors add the squared error seen. Other metrics, and outputs whose
+    rows do not line up with ``ref``'s, never decide early."""
+
+    def __init__(self, criterion: Criterion, ref: np.ndarray) -> None:
+        if criterion.metric == "agreement":
+            criterion = replace(criterion, samples=decisions(ref, criterion.axis))
+        self.criterion, self.ref = criterion, ref
+        self.threshold = criterion.threshold
+        metric = criterion.metric
+        r = ref.astype(np.float64) if metric in ("relative_error", "nrmse") and ref.size else None
+        # NOTE: the divisor of each metric over the whole set, as measure() computes it
+        self.scale = (
+            max(float(np.linalg.norm(r)), 1e-12)
+            if metric == "relative_error" and r is not None
+            else max(float(r.std()), 0.1 * criterion.value_range) * math.sqrt(ref.size)
+            if metric == "nrmse" and r is not None
+            else float(ref.shape[0])
+            if metric == "cosine" and ref.ndim >= 2
+            else 0.0
+        )
+        # NOTE: agreement needs the rows to be decisions (not the class axis); the others a divisor
+        lines_up = (
+            criterion.axis is None or ref.ndim < 2 or criterion.axis % ref.ndim != 0
+            if metric == "agreement"
+            else self.scale > 0
+        )
+        self.bounded = self.threshold is not None and ref.size > 0 and lines_up
+        self.reset()
+
+    def reset(self) -> MissBound:
+        """Start over (the next set's first rows); returns itself."""
+        self.usable, self.rows, self.sum, self.missed = self.bounded, 0, 0.0, False
+        return self
+
+    def add(self, out: np.ndarray) -> bool:
+        """Take the outputs of the next rows; returns :attr:`missed`."""
+        if not self.usable or self.missed:
+            return self.missed
+        ref = self.ref[self.rows : self.rows + len(out)]
+        self.rows += len(out)
+        c = self.criterion
+        if ref.shape != out.shape or (
+            np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))
+        ):
+            # NOTE: a non-finite output makes the figure the worst value; a shape apart, no bound
+            self.usable = ref.shape == out.shape
+            worst = (
+                float("inf")
+                if lower_is_better(c.metric)
+                else 0.0
+                if c.metric == "agreement"
+                else -1.0
+            )
+            self.missed = self.usable and not c.passes(worst)
+            return self.missed
+        if c.metric == "agreement":
+            self.sum += _disagreements(ref, out, c.axis)
+            allowed = c.allowed()
+            self.missed = (
+                self.sum > allowed
+                if allowed is not None
+                else 1.0 - self.sum / max(c.samples, 1) < self.threshold - _MARGIN  # type: ignore[operator]
+            )
+        elif c.metric == "cosine":
+            self.sum += float(np.sum(_sample_cosines(ref, out)))
+            best = (self.sum + (self.scale - self.rows)) / self.scale
+            self.missed = best < self.threshold - _MARGIN  # type: ignore[operator]
+        elif c.metric in ("relative_error", "nrmse"):
+            self.sum += float(np.sum((out.astype(np.float64) - ref.astype(np.float64)) ** 2))
+            least = math.sqrt(self.sum) / self.scale
+            self.missed = least > self.threshold * (1 + _MARGIN) + 1e-15  # type: ignore[operator]
+        return self.missed
 
 
 def _parse(spec: str, output: str) -> tuple[str | None, str, float | None]:

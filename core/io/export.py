@@ -169,7 +169,7 @@ def verify(
 
 def _reference_outputs(reference: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """The reference's outputs, its session (its weights read from their own files) freed at once."""
-    session = make_session(reference, prepack=False)
+    session = make_session(reference, prepack=False, spin=False, arena=True)
     try:
         return run_dataset(session, feeds)
     finally:
@@ -298,8 +298,10 @@ class Checks:
 
 
 def _output_session(staged: Path, target: Path, *, prepack: bool) -> Any:
+    # NOTE: not spinning: verification sweeps the samples, where busy-waiting threads only burn CPU
+    # (a fifth of an export's); with the arena, which verification's peak memory was measured with
     try:
-        return make_session(staged, prepack=prepack)
+        return make_session(staged, prepack=prepack, spin=False, arena=True)
     except InvalidModelError as exc:
         raise ExportError(f"{exc} — nothing was written to {str(target)!r}") from exc.__cause__
 
@@ -472,7 +474,8 @@ def _verify_staged(
             expected = None if chosen is model else _reference_outputs(chosen, feeds)
             advance(1)
             # NOTE: pre-packed: ORT's int4 MatMulNBits kernel is ~10x slower without it, and the
-            # quantized weights are small; the fp32 reference is the one not worth packing
+            # quantized weights are small; the fp32 reference is the one not worth packing. After
+            # the reference's (the fp32 run is the larger: its outputs are held while this one runs)
             actual = run_dataset(_output_session(staged, target, prepack=True), feeds)
             comparison = checks.judge(
                 model,
@@ -582,10 +585,7 @@ def export(
         # NOTE: while ORT holds a session, the weights this process holds for the model (a pass's
         # results) are read back lazily from the file just written; one big thing at a time.
         with _held_on_disk(model, staged if use_external else None, reference):
-            _output_session(
-                staged, target, prepack=False
-            )  # NOTE: ORT must load what was written (in ms: no pre-packing)
-            if verify:
+            if verify:  # NOTE: its session of the written file is the check that ORT loads it
                 comparison = _verify_staged(
                     model,
                     staged,
@@ -596,6 +596,8 @@ def export(
                     checks=checks,
                 )
                 seconds = round(time.perf_counter() - start, 3)
+            else:  # NOTE: ORT must load what was written (in ms: no pre-packing)
+                _output_session(staged, target, prepack=False)
         data_target = _move_into_place(tmp, staged, target, use_external)
     finally:
         if tmp is not None:

@@ -193,7 +193,8 @@ class GraphBuilder(Tape):
                 )
         node = outputs[0].producer()
         assert node is not None
-        infer_node_types(node, self.model.ir.opset_imports)
+        if not _same_shape(node):
+            infer_node_types(node, self.model.ir.opset_imports)
         return outputs
 
     def initializer(
@@ -227,6 +228,24 @@ class GraphBuilder(Tape):
             graph.insert_after(after, pending)
         else:
             graph.extend(pending)
+
+
+# Ops whose one output has the shape of their first input (ONNX's inference copies it)
+_SHAPE_KEEPING = frozenset({"QuantizeLinear", "DequantizeLinear", "Cast"})
+
+
+def _same_shape(node: ir.Node) -> bool:
+    """For a node of :data:`_SHAPE_KEEPING` whose output's type is given (``Out(dtype=...)``):
+    gives the output its first input's shape, as ONNX's per-node inference would, without a
+    round trip through protobuf (int8-static emits thousands of Q/DQ pairs); False otherwise."""
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _SHAPE_KEEPING:
+        return False
+    out, source = node.outputs[0], node.inputs[0] if node.inputs else None
+    if len(node.outputs) != 1 or out.type is None or source is None or source.type is None:
+        return False
+    if out.shape is None and source.shape is not None:
+        out.shape = source.shape.copy()
+    return True
 
 
 def _clean(attributes: Mapping[str, Any] | None) -> dict[str, Any] | None:

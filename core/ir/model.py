@@ -187,10 +187,12 @@ class Model:
         """Add a new constant initializer; the name is made unique if it is taken. ``array`` is
         array-like or an onnx_ir tensor (e.g. an ``ir.PackedTensor`` of int4 values, two per byte)."""
         unique = self._unique_name(name)
-        if not isinstance(array, np.ndarray) and isinstance(
-            array, ir.TensorProtocol
-        ):  # NOTE: a Protocol check is slow
-            tensor: ir.TensorProtocol = array
+        if isinstance(array, np.ndarray):
+            # NOTE: what ir.tensor makes of an array, without its Protocol checks (slow: int8-static
+            # adds thousands of initializers across its candidates)
+            tensor: ir.TensorProtocol = ir.Tensor(array, name=unique)
+        elif isinstance(array, ir.TensorProtocol):
+            tensor = array
             tensor.name = unique
         else:
             tensor = ir.tensor(np.asarray(array), name=unique)

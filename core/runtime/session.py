@@ -49,15 +49,18 @@ INLINE_LIMIT_BYTES = 1_500_000_000
 FILE_FROM_BYTES = 1 << 23
 
 
-def _options(threads: int | None, prepack: bool = True, spin: bool = True) -> ort.SessionOptions:
+def _options(
+    threads: int | None, prepack: bool = True, spin: bool = True, arena: bool | None = None
+) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     if not spin:
         # NOTE: ORT's worker threads busy-wait between ops by default: for sessions that sweep data as
         # work (calibration, judging candidates) that burns a third of the CPU time for no gain.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # NOTE: and no memory arena: it grows in power-of-two chunks it never gives back, so a sweep's
-        # session would hold up to twice its largest run's activations for its whole life
+    if not (spin if arena is None else arena):
+        # NOTE: no memory arena (by default for sweeps): it grows in power-of-two chunks it never gives
+        # back, so a sweep's session would hold up to twice its largest run's activations for its whole life
         opts.enable_cpu_mem_arena = False
     if not prepack:
         # NOTE: no MLAS pre-packing: the session is built in milliseconds and reads its external
@@ -270,6 +273,7 @@ def make_session(
     threads: int | None = None,
     prepack: bool = True,
     spin: bool = True,
+    arena: bool | None = None,
 ) -> ort.InferenceSession:
     """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory), an
     ``onnx.ModelProto`` (not changed; its large weights go to ORT by reference) or a serialised
@@ -284,7 +288,9 @@ def make_session(
 
     ``spin=False`` stops ORT's idle worker threads from busy-waiting: for sessions that run data
     through as part of a computation (calibration, scoring candidates), where CPU time matters
-    more than the last millisecond of latency.
+    more than the last millisecond of latency; it also turns ORT's memory arena off, unless
+    ``arena=True`` keeps it (for a sweep of a few runs in a process whose heap keeps what it frees:
+    the arena's blocks are reused run after run, where freed buffers would stay resident).
 
     A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
     external references, with ORT told the folder they live in: nothing is copied, and the
@@ -297,7 +303,7 @@ def make_session(
         from modelpress.plugin.loading import load
 
         model = load(model)
-    opts = _options(threads, prepack, spin)
+    opts = _options(threads, prepack, spin, arena)
     providers = ["CPUExecutionProvider"]
     if not _BOUND:  # NOTE: the model is sized only until the process has decided (bound_malloc)
         bound_malloc(weight_bytes(model))
@@ -532,8 +538,11 @@ def run(
             timer.cancel()
 
 
-def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
+def run_dataset(session: ort.InferenceSession, batches, *, stop=None) -> list[np.ndarray]:  # type: ignore[no-untyped-def]
     """Run over an iterable of feed dicts and concatenate each output along axis 0.
+
+    ``stop``, when given, is called with each batch's outputs; once it returns True the sweep ends
+    there, and the outputs of the batches run so far are returned.
 
     Batches of samples of different shapes (sequences of different lengths) give outputs that
     differ beyond axis 0: those are joined as rows of their last axis, keeping the rank
@@ -548,6 +557,8 @@ def run_dataset(session: ort.InferenceSession, batches) -> list[np.ndarray]:  # 
             collected = [[] for _ in outs]
         for acc, out in zip(collected, outs, strict=True):
             acc.append(out)
+        if stop is not None and stop(outs):
+            break
     return [_join(parts) for parts in collected]
 
 

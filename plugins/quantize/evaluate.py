@@ -26,6 +26,7 @@ from modelpress.plugin_api import (
     Bounds,
     Dataset,
     Judgement,
+    MissBound,
     Model,
     infer_criteria,
     judge,
@@ -34,7 +35,7 @@ from modelpress.plugin_api import (
     run_dataset,
 )
 
-__all__ = ["ACCEPT_ALPHA", "JUDGED_SAMPLES", "Scorer"]
+__all__ = ["ACCEPT_ALPHA", "JUDGED_SAMPLES", "Scorer", "Unfinished"]
 
 ACCEPT_ALPHA = 0.5
 
@@ -75,13 +76,35 @@ class Scorer:
             )
         ]
         self.evaluations = 0
+        position = {name: i for i, name in enumerate(self.names)}
+        self.bounds = [
+            (position[c.output], MissBound(c, self.expected[position[c.output]]))
+            for c in self.criteria
+        ]
 
-    def score(self, candidate: Model) -> Judgement:
+    def score(self, candidate: Model, *, stop_early: bool = False) -> Judgement:
+        """The candidate's judgement on the judged samples. ``stop_early``: the sweep ends as soon as
+        the samples run decide that it misses (:class:`~modelpress.plugin_api.MissBound`), and
+        an :class:`Unfinished` judgement says so (:meth:`finish` gives its figures)."""
         self.evaluations += 1
+        bounds = [(i, bound.reset()) for i, bound in self.bounds] if stop_early else []
+
+        def missed(outputs: list) -> bool:  # type: ignore[type-arg]
+            return any([bound.add(outputs[i]) for i, bound in bounds])
+
         actual = run_dataset(
-            make_session(candidate, spin=False), self.data.batches(self.batch_size)
+            make_session(candidate, spin=False),
+            self.data.batches(self.batch_size),
+            stop=missed if bounds else None,
         )
+        if any(bound.missed for _, bound in bounds):
+            return Unfinished(tuple(self.criteria), tuple(float("nan") for _ in self.criteria))
         return judge(self.criteria, self.expected, actual, self.names)
+
+    def finish(self, candidate: Model) -> Judgement:
+        """The full judgement of a candidate whose :meth:`score` stopped early (not counted again)."""
+        self.evaluations -= 1
+        return self.score(candidate)
 
     @staticmethod
     def meets(judgement: Judgement) -> bool:
@@ -90,3 +113,16 @@ class Scorer:
     @staticmethod
     def loss(judgement: Judgement) -> float:
         return judgement.loss
+
+
+class Unfinished(Judgement):
+    """A candidate's judgement whose sweep stopped once the samples run decided it misses: not met,
+    its figures (and :attr:`loss`) unknown until :meth:`Scorer.finish` runs the rest."""
+
+    @property
+    def met(self) -> bool:
+        return False
+
+    @property
+    def loss(self) -> float:
+        return float("inf")

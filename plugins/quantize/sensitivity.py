@@ -34,6 +34,7 @@ from modelpress.plugin_api import (
     make_session,
 )
 from modelpress.plugin_api import run as run_session
+from modelpress.plugins.quantize.evaluate import Unfinished
 from modelpress.plugins.quantize.qdq import Planned
 
 __all__ = ["Decision", "Ranking", "local_errors", "search"]
@@ -221,14 +222,20 @@ def search(
     *,
     max_evaluations: int = 12,
     fallback_weight_only: bool = True,
+    finish: Callable[[Model], Judgement] | None = None,
 ) -> Decision | None:
     """The fewest top-ranked nodes to move out of full int8 (weight-only first, then float) that meets
     the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. If nothing met, the best
-    candidate judged (``met=False``); None if none was judged."""
+    candidate judged (``met=False``); None if none was judged.
+
+    With ``finish``, candidates are scored with ``score(candidate, stop_early=True)``: a sweep ends
+    once its first samples decide a miss (:class:`.evaluate.Unfinished`). Only when no candidate
+    meets the criteria are those finished (``finish``, on the candidate built again), so the best
+    one judged is the one a full sweep of every candidate would have returned."""
     order, errors, weight_bytes = ranking.order, ranking.errors, ranking.weight_bytes
     # NOTE: 1 KiB floor: a node without weights is not free to leave (its int8 kernel saves time), just cheap.
     ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
-    bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx)
+    bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx, finish)
     weighted = {n for n in ranked if weight_bytes.get(n, 0) > 0}
     best: Decision | None = None
     if fallback_weight_only and weighted:
@@ -250,7 +257,7 @@ def search(
 
         best = bisection.run(stage2, max_evaluations - bisection.evaluations, known_met=True)
     if best is None and bisection.best is not None:
-        best = replace(bisection.best, met=False)
+        best = replace(bisection.settled(), met=False)
     bisection.best = None
     if best is not None:
         best.evaluations = bisection.evaluations
@@ -271,8 +278,9 @@ class _Bisection:
         errors: dict[str, float],
         weight_bytes: dict[str, int],
         build: Callable[[list[str], list[str]], Model],
-        score: Callable[[Model], Judgement],
+        score: Callable[..., Judgement],
         ctx: PassContext,
+        finish: Callable[[Model], Judgement] | None = None,
     ):
         self.ranked, self.errors, self.build, self.score, self.ctx = (
             ranked,
@@ -281,6 +289,9 @@ class _Bisection:
             score,
             ctx,
         )
+        self.finish = finish
+        # NOTE: every candidate that missed, in order, without its model: (int8, weight-only, float, judgement)
+        self.missed: list[tuple[list[str], list[str], list[str], Judgement]] = []
         self.total = max(sum(weight_bytes.values()), 1)
         self.cost = np.cumsum(
             [0] + [weight_bytes.get(n, 0) for n in ranked]
@@ -293,17 +304,41 @@ class _Bisection:
     def judge(self, make: Split, k: int) -> Decision | None:
         int8, wo, flt = make(k)
         candidate = self.build(int8, wo)
-        judgement = self.score(candidate)
+        judgement = (
+            self.score(candidate) if self.finish is None else self.score(candidate, stop_early=True)
+        )
         self.evaluations += 1
         decision = Decision(int8, wo, flt, judgement, candidate, 0, self.errors)
         if judgement.met:
             self.best = None
             return decision
+        self.missed.append((int8, wo, flt, judgement))
         if self.best is None or (
             not self.best.judgement.met and judgement.loss < self.best.judgement.loss
         ):
             self.best = decision
         return None
+
+    def settled(self) -> Decision:
+        """The best candidate judged, when none met: :attr:`best` once the candidates whose sweep
+        stopped early are finished (built again), the first of the smallest loss as :meth:`judge` keeps it."""
+        assert self.best is not None
+        if self.finish is None or not any(isinstance(m[3], Unfinished) for m in self.missed):
+            return self.best
+        best: tuple[list[str], list[str], list[str], Judgement] | None = None
+        best_model: Model | None = None
+        for int8, wo, flt, judgement in self.missed:
+            model = None
+            if isinstance(judgement, Unfinished):
+                model = self.build(int8, wo)
+                judgement = self.finish(model)
+            if best is None or judgement.loss < best[3].loss:
+                best, best_model = (int8, wo, flt, judgement), model
+        assert best is not None
+        if best[3] is self.best.judgement:
+            return self.best
+        model = best_model if best_model is not None else self.build(best[0], best[1])
+        return Decision(best[0], best[1], best[2], best[3], model, 0, self.errors)
 
     def run(self, make: Split, budget: int, known_met: bool) -> Decision | None:
         """The smallest k whose candidate meets the criteria, in at most ``budget`` judgements. Unless

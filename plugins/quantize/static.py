@@ -50,7 +50,7 @@ from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, coll
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
-from modelpress.plugins.quantize.evaluate import Scorer
+from modelpress.plugins.quantize.evaluate import Scorer, Unfinished
 from modelpress.plugins.quantize.folding import (
     fuse_layer_norms,
     move_attention_biases,
@@ -615,7 +615,8 @@ def _decide(
         )
 
     outcome.chosen, outcome.model = order, make(order)
-    outcome.judgement = scorer.score(outcome.model)
+    # NOTE: with the search to follow, a sweep may stop once its first samples decide a miss
+    outcome.judgement = scorer.score(outcome.model, stop_early=opts.sensitivity)
     if outcome.judgement.met or not opts.sensitivity:
         return
     outcome.errors = local_errors(planned, order, data, ctx, batch_size=scorer.batch_size)
@@ -626,8 +627,9 @@ def _decide(
         ctx,
         max_evaluations=opts.max_evaluations,
         fallback_weight_only=opts.fallback == "weight-only",
+        finish=scorer.finish,
     )
-    if not _better_than_full(decision, outcome, ctx):
+    if not _better_than_full(decision, outcome, ctx, scorer):
         return
     outcome.chosen, outcome.weight_only, outcome.model, outcome.judgement = (
         decision.int8,
@@ -649,7 +651,9 @@ def _decide(
         )
 
 
-def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassContext) -> bool:
+def _better_than_full(
+    decision: Decision | None, outcome: _Outcome, ctx: PassContext, scorer: Scorer
+) -> bool:
     """Whether the search's ``decision`` replaces the fully quantized candidate: one that meets the
     criteria does; when none met, the best candidate judged does if it is closer to the criteria
     (smaller :attr:`Judgement.loss`) than the fully quantized one. Either way, when nothing met,
@@ -657,6 +661,9 @@ def _better_than_full(decision: Decision | None, outcome: _Outcome, ctx: PassCon
     ``criteria_met: False`` (``PassContext.report_criteria``; the CLI refuses it without ``--accept-loss``)."""
     if decision is not None and decision.met:
         return True
+    if isinstance(outcome.judgement, Unfinished):  # NOTE: its sweep stopped early; now it counts
+        assert outcome.model is not None
+        outcome.judgement = scorer.finish(outcome.model)
     full = outcome.judgement
     assert full is not None
     if decision is None or decision.judgement.loss >= full.loss:

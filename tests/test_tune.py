@@ -543,3 +543,56 @@ def test_sensitivity_ranking_covers_the_weighted_layers(digits_mlp_path, tune_da
 
     steps = Fallback().steps(len(ranking))
     assert steps[0] == 0 and steps[-1] == len(layers) - 1 and steps == sorted(set(steps))
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_a_trial_is_recorded_leaves_it_to_run_again(
+    ray_address, digits_mlp_path, tune_data, tmp_path, monkeypatch
+):
+    """A Ctrl-C after a trial's outcome came back but before the study was told: the trial is
+    recorded as interrupted (it was left RUNNING with status "ok", so a resumed study ran its
+    configuration again: one CI run of tests/test_cluster.py saw two ok trials of one configuration)."""
+    from modelpress.app.tuning import runner
+
+    recipe = _recipe(
+        tmp_path,
+        tune_data,
+        {
+            "calibrator": {"search": ["minmax", "percentile"]},
+            "per_channel": {"search": [True, False]},
+            "sensitivity": False,
+        },
+    )
+    out, written = tmp_path / "out", []
+    real = runner.atomic_write
+
+    def ctrl_c_on_the_second(path, data):  # type: ignore[no-untyped-def]
+        written.append(path)
+        if len(written) == 2:
+            raise KeyboardInterrupt  # NOTE: while the driver records the second finished trial
+        return real(path, data)
+
+    monkeypatch.setattr(runner, "atomic_write", ctrl_c_on_the_second)
+    args = dict(
+        recipe=recipe,
+        budget=4,
+        workers=1,
+        output=out,
+        address=ray_address,
+        keep_trial_models=True,
+        show_progress=False,
+    )
+    first = modelpress.tune(digits_mlp_path, **args)
+    hit = int(written[1].stem.split("-")[1])
+    status = {t.number: t.status for t in first.trials}
+    assert status[hit] == "interrupted", status
+    assert "interrupted" in first.report.status, first.report.status
+
+    monkeypatch.setattr(runner, "atomic_write", real)
+    again = modelpress.tune(digits_mlp_path, **args)
+    done = [t for t in again.trials if t.status == "ok"]
+    keys = [json.dumps(t.config, sort_keys=True) for t in done]
+    assert len(done) == 4 and len(set(keys)) == 4, keys  # every configuration once, none twice
+    assert (
+        json.dumps(next(t for t in again.trials if t.number == hit).config, sort_keys=True) in keys
+    )

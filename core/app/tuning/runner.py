@@ -120,7 +120,10 @@ class Runner:
 
     def collect(self, outcomes: list[Any]) -> None:
         for outcome in outcomes:
-            trial = self.live.pop(outcome.job.key)
+            # NOTE: live until recorded: a Ctrl-C between taking an outcome and telling the study left a
+            # trial RUNNING with status "ok" (the resumed driver ran its configuration again); abandon()
+            # records whatever is still live as interrupted
+            trial = self.live[outcome.job.key]
             value = outcome.value if outcome.ok else None
             common: dict[str, Any] = {
                 "seconds": round(outcome.seconds, 3),
@@ -144,6 +147,7 @@ class Runner:
             self._tell(
                 trial, value, outcome.error, {**common, **({"retried": True} if retry else {})}
             )
+            self.live.pop(outcome.job.key)
             if retry:
                 self._retry(trial)
             self.board.finished(self.record(self.store.trials[trial.number]))
@@ -220,8 +224,11 @@ class Runner:
     def abandon(self, why: str, *, cancel: bool = True) -> None:
         """The running trials recorded as ``why`` (interrupted or out of time); ``cancel=False``
         leaves their tasks to end with the driver (see :meth:`RayExecutor.cancel_all`)."""
-        for job in self.executor.cancel_all(cancel=cancel):
-            trial = self.live.pop(job.key, None)
+        keys = [job.key for job in self.executor.cancel_all(cancel=cancel)]
+        # NOTE: and those whose outcome came back but was not yet recorded (see collect); a trial
+        # already told is closed, and set/tell leave a finished trial as it is
+        for key in [*keys, *[k for k in self.live if k not in keys]]:
+            trial = self.live.pop(key, None)
             if trial is not None:
                 self.store.set(trial, status="interrupted", error=why)
                 self.store.tell(trial, state=self.store.state("FAIL"))

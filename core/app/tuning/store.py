@@ -127,9 +127,9 @@ class StudyStore:
         try:
             self.study.tell(trial, values, state=state)
         except (self.optuna.exceptions.UpdateFinishedTrialError, ValueError) as exc:
-            if "finished" not in str(exc).lower():
+            if "finished" not in str(exc).lower() and "cannot tell a" not in str(exc).lower():
                 raise
-            return  # NOTE: closed already by another driver (see set)
+            return  # NOTE: closed already, by another driver (see set) or by this one (Runner.abandon)
         snapshot = self.trials[number]
         snapshot.state = state if state is not None else self.state("COMPLETE")
         snapshot.values = list(values) if values is not None else None

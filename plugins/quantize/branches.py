@@ -95,12 +95,17 @@ class Flat:
             other = _BRANCHES[1 - _BRANCHES.index(rec.taken)]
             # NOTE: no colon: the report groups a figure's names by the text before one
             rest = rec.total - rec.feeds
-            out[rec.node.name] = (
+            out[rec.node.name or "If"] = (
                 f"{rec.taken} taken by {rec.feeds} of {rec.total} calibration feeds, quantized statically"
                 f"{' on those' if rest else ''}; {other} by {rest or 'none'}, its {len(rec.weight_only)} weighted "
                 "layer(s) int8 weight-only (float compute)"
             )
         return out
+
+
+def _condition_name(node: ir.Node) -> str:
+    cond = node.inputs[0]
+    return (cond.name if cond is not None else None) or ""
 
 
 def _branch_layers(model: Model, node: ir.Node, op_types: frozenset[str]) -> list[WeightedLayer]:
@@ -113,7 +118,7 @@ def _branch_layers(model: Model, node: ir.Node, op_types: frozenset[str]) -> lis
 
 def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, list[bool]]:
     """Each If's condition on every feed of ``data`` (one ORT session with the conditions as outputs)."""
-    names = [node.inputs[0].name or "" for node in ifs]
+    names = [_condition_name(node) for node in ifs]
     probe = with_outputs(model, names)
     # NOTE: only what the conditions need (silero-vad's: an Equal on the sample rate), not the whole model
     graph = probe.ir.graph
@@ -165,7 +170,7 @@ def _inline(model: Model, node: ir.Node, cond: bool, op_types: frozenset[str]) -
     graph = model.ir.graph
     taken = _BRANCHES[0 if cond else 1]
     other = node.attributes[_BRANCHES[1 - _BRANCHES.index(taken)]].as_graph()
-    rec = _Inlined(node, taken, [], node.inputs[0].name or "")
+    rec = _Inlined(node, taken, [], _condition_name(node))
     rec.outside = {n.name for n in graph if n is not node}
     rec.weight_only, rec.weight_only_bytes = _weight_only(model, node, other, op_types)
     _own_initializers(graph, other)

@@ -317,7 +317,7 @@ def load_transformers(
     ):
         from modelpress.adapters.transformers_child import export_in_child
 
-        staged: Any = export_in_child(
+        staged: Any = export_in_child(  # type: ignore[no-redef]
             Path(source), task, example_inputs=example_inputs, opset=opset
         )
         meta, label = staged.meta, str(source)

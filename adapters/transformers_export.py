@@ -127,7 +127,8 @@ class _CausalLMWithPast(nn.Module):
         from transformers import DynamicCache
 
         cache = DynamicCache(
-            [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)], config=self.model.config
+            [(past[2 * i], past[2 * i + 1]) for i in range(self.layers)],
+            config=self.model.config,  # type: ignore[arg-type]
         )
         out = self.model(
             input_ids=input_ids,
@@ -151,7 +152,7 @@ def _tokens(model: nn.Module, input_ids: torch.Tensor | None, seed: int) -> torc
     if input_ids is not None:
         return input_ids.to(torch.long)
     generator = torch.Generator().manual_seed(seed)
-    return torch.randint(0, int(model.config.vocab_size), (_BATCH, _SEQUENCE), generator=generator)
+    return torch.randint(0, int(model.config.vocab_size), (_BATCH, _SEQUENCE), generator=generator)  # type: ignore[arg-type, union-attr]
 
 
 def _encoder_plan(model: nn.Module, task: str, input_ids: torch.Tensor | None) -> ExportPlan:

@@ -423,7 +423,7 @@ def _io(plan: DirectPlan) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInf
             "attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]
         ),
         *(
-            helper.make_tensor_value_info(f"past_key_values.{i}.{k}", TensorProto.FLOAT, cache)
+            helper.make_tensor_value_info(f"past_key_values.{i}.{k}", TensorProto.FLOAT, cache)  # type: ignore[arg-type]
             for i, k in kinds
         ),
     ]
@@ -432,7 +432,7 @@ def _io(plan: DirectPlan) -> tuple[list[onnx.ValueInfoProto], list[onnx.ValueInf
             "logits", TensorProto.FLOAT, ["batch_size", "sequence_length", plan.vocab]
         ),
         *(
-            helper.make_tensor_value_info(f"present.{i}.{k}", TensorProto.FLOAT, present)
+            helper.make_tensor_value_info(f"present.{i}.{k}", TensorProto.FLOAT, present)  # type: ignore[arg-type]
             for i, k in kinds
         ),
     ]

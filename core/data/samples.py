@@ -122,7 +122,7 @@ class Dataset:
         if len(parts) == 1:
             return parts[0]
         try:
-            return np.concatenate(parts, axis=0)
+            return np.concatenate(parts, axis=0)  # type: ignore[arg-type]
         except ValueError:
             raise DataError(
                 "the labels of this data have different shapes from sample to sample; pad them to one shape"

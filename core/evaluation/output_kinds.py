@@ -156,7 +156,7 @@ def _is_linear_head(node: ir.Node | None) -> bool:
             v
             for v in ins
             if v.const_value is not None
-            or (v.producer() is not None and v.producer().op_type == "Constant")
+            or ((p := v.producer()) is not None and p.op_type == "Constant")
         ]
         rest = [_source(v) for v in ins if v not in const]
         return (

@@ -69,7 +69,7 @@ def _unsorted(graph: ir.Graph) -> list[str]:
             producer = value.producer() if value is not None else None
             if producer is not None and position.get(id(producer), -1) > i:
                 problems.append(
-                    f"{_node_label(node)} reads {value.name!r} before {_node_label(producer)} computes it (nodes not in topological order)"
+                    f"{_node_label(node)} reads {value.name!r} before {_node_label(producer)} computes it (nodes not in topological order)"  # type: ignore[union-attr]
                 )
     return problems
 

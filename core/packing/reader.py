@@ -272,7 +272,7 @@ class PackedModel:
             blob = self._slice(entry.offset, entry.size, what)
             data = self._decode(
                 codec,
-                blob,
+                blob,  # type: ignore[arg-type]
                 TensorInfo(f"solid stream {number}", ElementType(dtype), (nbytes // width,), role),
                 what,
             )
@@ -294,7 +294,10 @@ class PackedModel:
         else:
             what = f"tensor {entry.name!r}"
             data = self._decode(
-                entry.codec, self._slice(entry.offset, entry.size, what), entry.info, what
+                entry.codec,
+                self._slice(entry.offset, entry.size, what),  # type: ignore[arg-type]
+                entry.info,
+                what,
             )
         if len(data) != entry.bytes or checksum(data, self.check) != entry.checksum:
             raise self._damaged(

@@ -125,7 +125,7 @@ def same_bytes(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryv
     if isinstance(a, bytes) or isinstance(b, bytes):
         a, b = (a, b) if isinstance(a, bytes) else (b, a)
         # NOTE: bytes.startswith takes any buffer and compares in place (memcmp)
-        return len(a) == memoryview(b).nbytes and a.startswith(b)
+        return len(a) == memoryview(b).nbytes and a.startswith(b)  # type: ignore[union-attr]
     if memoryview(a).nbytes <= _COMPARE_STEP:
         return bytes(a) == bytes(b)  # NOTE: two small copies cost less than numpy's set-up
     import numpy as np
@@ -240,7 +240,7 @@ def item(
         try:
             with open(path, "rb") as f:
                 f.seek(offset)
-                data = f.read(length)
+                data = f.read(length)  # type: ignore[assignment]
         except OSError as exc:
             raise InvalidModelError(
                 f"{label}: external data of initializer {tensor.name!r} cannot be read: {exc.strerror}"
@@ -252,7 +252,7 @@ def item(
         external = {"location": info["location"], "offset": offset}
         externals.setdefault(info["location"], []).append((offset, length))
     elif tensor.HasField("raw_data"):
-        data = tensor.raw_data  # NOTE: read once: each read of a bytes field copies it
+        data = tensor.raw_data  # type: ignore[assignment]  # NOTE: read once: each read of a bytes field copies it
         if len(data) < MIN_PACKED_BYTES or len(data) != nbytes:
             return None  # NOTE: tiny, or a malformed size: leave it in the graph untouched
     else:

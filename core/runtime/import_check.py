@@ -101,8 +101,9 @@ def normalize_on_import(
     check: dict[str, Any] | None = None
     tried: set[tuple] = set()  # type: ignore[type-arg]
     for feeds in [sample] if sample is not None else _check_inputs(signature):
+        # NOTE: inputs whose dynamic axes are not the batch give the same shapes: tried once
         shapes = tuple((k, v.shape) for k, v in feeds.items())
-        if shapes in tried:  # NOTE: inputs whose dynamic axes are not the batch give the same shapes
+        if shapes in tried:
             continue
         tried.add(shapes)
         try:

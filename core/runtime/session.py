@@ -143,7 +143,12 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
         swapped.append((value, tensor))
         value.const_value = ir.ExternalTensor(
-            _IN_MEMORY, 0, array.nbytes, tensor.dtype, shape=tensor.shape, name=value.name
+            _IN_MEMORY,
+            0,
+            array.nbytes,
+            tensor.dtype,
+            shape=tensor.shape,  # type: ignore[arg-type]
+            name=value.name,
         )
     try:
         if names:

@@ -104,7 +104,7 @@ def _bytegroup_decode(blob: bytes, info: TensorInfo) -> memoryview:
         shr(part, one, out=tmp)
         shl(part, top, out=part)
         bor(part, tmp, out=part)
-    return memoryview(u).cast("B")
+    return memoryview(u).cast("B")  # type: ignore[arg-type]
 
 
 class _Assemble:
@@ -235,7 +235,7 @@ def _values_decode(blob: memoryview, info: TensorInfo) -> bytes:
     tag, payload = blob[0], bytes(blob[1:])
     if tag == 0:
         return streams.decode(payload)
-    return (_codebook_decode if tag == 1 else _bytegroup_decode)(payload, info)
+    return (_codebook_decode if tag == 1 else _bytegroup_decode)(payload, info)  # type: ignore[return-value]
 
 
 def _sparse_encode(data: bytes, info: TensorInfo) -> bytes | None:

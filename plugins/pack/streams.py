@@ -144,7 +144,7 @@ def _huffman_only(window_log: int) -> _HuffmanOnly | None:
     zstandard's C backend alone has no sequence API) or its zstd lacks the sequence API or
     does not give a probe back."""
     try:
-        from zstandard import _cffi
+        from zstandard import _cffi  # type: ignore[attr-defined]
     except ImportError:
         return None
     probe = bytes(range(64)) * 4

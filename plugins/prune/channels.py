@@ -305,7 +305,7 @@ def _describe(node: ir.Node, index: _Index) -> str:
     if before and after:
         return f"a {node.op_type} between {before} and {after}"
     if before or after:
-        return f"a {node.op_type} {'after ' + before if before else 'before ' + after}"
+        return f"a {node.op_type} {'after ' + before if before else 'before ' + after}"  # type: ignore[operator]
     return f"{node.op_type} {node.name}"
 
 

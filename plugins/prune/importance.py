@@ -95,7 +95,7 @@ def _activation(model: Model, spaces: list[ChannelSpace], data: Dataset) -> dict
                     x.shape[axis], -1
                 ).mean(axis=1)  # type: ignore[assignment, operator]
     return {
-        i: sum(_normalise(sums[layer.node.outputs[0].name or ""]) for layer in space.sources)
+        i: sum(_normalise(sums[layer.node.outputs[0].name or ""]) for layer in space.sources)  # type: ignore[misc]
         for i, space in enumerate(spaces)
     }  # type: ignore[misc]
 

@@ -96,8 +96,8 @@ class StepJudge:
     def _outputs(self, model: Model) -> list[np.ndarray]:
         return [
             np.asarray(x)
-            for x in run_dataset(make_session(model), self.feeds.batches(_JUDGE_SAMPLES))
-        ]  # type: ignore[union-attr]
+            for x in run_dataset(make_session(model), self.feeds.batches(_JUDGE_SAMPLES))  # type: ignore[union-attr]
+        ]
 
     def judge(self, model: Model, number: int, sparsity: float, state: Any = None) -> bool:
         """Judge step ``number`` (1-based); ``False``: the target is out of reach, stop here."""

@@ -338,7 +338,7 @@ def _emit_dq(
 ) -> None:
     """``DequantizeLinear`` of the whole table in front of every remaining user of ``value``."""
     base = value.name or "table"
-    shape = tuple(int(d) for d in inputs[0].shape or ())
+    shape = tuple(int(d) for d in inputs[0].shape or ())  # type: ignore[arg-type]
     out = model.builder(base).op(
         "DequantizeLinear",
         inputs,

@@ -39,7 +39,7 @@ def _tail(shape: ir.Shape | None, k: int) -> list[int] | None:
     if shape is None or k > len(shape):
         return None
     dims = list(shape)[len(shape) - k :]
-    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None
+    return [int(d) for d in dims] if all(isinstance(d, int) for d in dims) else None  # type: ignore[arg-type]
 
 
 def _reshaped(v: np.ndarray, src: ir.Shape | None, dst: ir.Shape | None) -> np.ndarray | None:
@@ -282,7 +282,7 @@ def _scores_matmul(softmax: ir.Node) -> ir.Node | None:
         elif (
             producer.op_type in ("Mul", "Div")
             and consts == [1]
-            and _const(producer.inputs[1]).size == 1
+            and _const(producer.inputs[1]).size == 1  # type: ignore[union-attr]
         ):  # type: ignore[union-attr]
             value = producer.inputs[0]
         else:
@@ -422,7 +422,7 @@ def _match_norm(mean: ir.Node) -> _Norm | None:
     if (
         sqrt is None
         or _single(sqrt.outputs[0], ("Div",)) is not div
-        or div.inputs[1] is not sqrt.outputs[0]
+        or div.inputs[1] is not sqrt.outputs[0]  # type: ignore[union-attr]
     ):
         return None
     norm = _Norm(x, float(eps.reshape(-1)[0]), [mean, sub, square, var, add, sqrt, div])  # type: ignore[union-attr, list-item]
@@ -469,8 +469,8 @@ def fuse_layer_norms(model: Model) -> int:
             continue
         channels = norm.x.shape[-1]  # type: ignore[index]
         b = model.builder(mean.name or "LayerNorm")
-        gamma = _vector(model, norm.gamma, channels, 1.0, norm.x.dtype)
-        beta = _vector(model, norm.beta, channels, 0.0, norm.x.dtype)
+        gamma = _vector(model, norm.gamma, channels, 1.0, norm.x.dtype)  # type: ignore[arg-type]
+        beta = _vector(model, norm.beta, channels, 0.0, norm.x.dtype)  # type: ignore[arg-type]
         last = norm.nodes[-1]
         y = b.op(
             "LayerNormalization",

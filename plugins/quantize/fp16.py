@@ -185,7 +185,7 @@ def _drop_unused(graph: ir.Graph) -> None:
     """Drop the initializers nothing reads any more (the float32 originals of converted weights)."""
     for value in list(graph.initializers.values()):
         if not list(value.uses()) and not value.is_graph_output():
-            graph.initializers.pop(value.name)
+            graph.initializers.pop(value.name)  # type: ignore[arg-type]
 
 
 def _to_half(node: ir.Node) -> None:

@@ -60,8 +60,8 @@ def _is_const(value: ir.Value | None) -> bool:
     return (
         value is None
         or value.const_value is not None
-        or (value.producer() is not None and value.producer().op_type == "Constant")
-    )  # type: ignore[union-attr]
+        or ((p := value.producer()) is not None and p.op_type == "Constant")
+    )
 
 
 def _squared(node: ir.Node) -> ir.Value | None:
@@ -177,7 +177,7 @@ def _norm_region(node: ir.Node, order: dict[int, int]) -> tuple[str, list[ir.Nod
         and centred.op_type == "Sub"
         and centred.inputs[1] is not None
         and centred.inputs[1].producer() is not None
-        and centred.inputs[1].producer().op_type == "ReduceMean"
+        and centred.inputs[1].producer().op_type == "ReduceMean"  # type: ignore[union-attr]
     ):  # type: ignore[union-attr]
         mean = centred.inputs[1].producer()
         assert mean is not None
@@ -197,7 +197,7 @@ def _gelu_region(node: ir.Node, order: dict[int, int]) -> list[ir.Node] | None:
         if (
             producer is None
             or producer.op_type not in ("Mul", "Div", "Add")
-            or len(list(feed.uses())) != 1
+            or len(list(feed.uses())) != 1  # type: ignore[union-attr]
         ):  # type: ignore[union-attr]
             break
         start.insert(0, producer)

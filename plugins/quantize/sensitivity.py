@@ -81,7 +81,7 @@ def _shadow_inputs(
         if value is None:
             continue
         if value.name in plan.act_ins and value.name in act:
-            inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")
+            inputs[index] = _qdq(b, value, *act[value.name], f"{tag}_in{index}")  # type: ignore[call-arg]
         elif plan.constants and index in plan.constants:
             cq, cs, cz = plan.constants[index]
             c = [
@@ -162,7 +162,7 @@ def _shadow_model(planned: Planned, names: list[str]) -> tuple[Model, dict[str, 
         )
         reference = node.outputs[0]
         if plan.act_out == node.outputs[0].name and plan.act_out in act:
-            out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")
+            out = _qdq(b, out, *act[plan.act_out], f"{tag}_out")  # type: ignore[call-arg]
         signal, noise = _error_powers(b, out, reference, tag)
         pairs[name] = (signal.name or "", noise.name or "")
         graph.outputs.extend([signal, noise])

@@ -364,7 +364,9 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
     after = run_session(make_session(folded, spin=False), sample)
     for a, b in zip(before, after, strict=True):
         a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-        if a.shape != b.shape or np.linalg.norm(a - b) > 1e-4 * max(np.linalg.norm(a), 1e-12):
+        if a.shape != b.shape or float(np.linalg.norm(a - b)) > 1e-4 * max(
+            float(np.linalg.norm(a)), 1e-12
+        ):
             ctx.figures["graph_folds"] = "refused: outputs changed beyond float rounding"
             return model
     ctx.figures["graph_folds"] = counts
@@ -424,7 +426,8 @@ class _FullInt8:
         sel = select(model, opts)
         grid = QRange(8, opts.activation_type == "int8")
         stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
-        order, seen = [node.name for node in sel.nodes], []
+        order = [node.name for node in sel.nodes]
+        seen: list[tuple[str, dict]] = []  # type: ignore[type-arg]
         for calibrator in calibrators:
             each = opts.model_copy(update={"calibrator": calibrator})
             planned = _plan(model, sel, _Calibration(stats, data, grid), each, ctx, codes)

@@ -94,7 +94,7 @@ def _slice(model: Model, dq: ir.Node, user: ir.Node, block: int) -> bool:
     ``[0, V]``): only the rows read are dequantized."""
     if not cuts_rows(user, dq.outputs[0]) or _steps(user) != [1]:
         return False
-    rows = int(dq.inputs[0].const_value.shape[0])  # type: ignore[union-attr]
+    rows = int(dq.inputs[0].const_value.shape[0])  # type: ignore[arg-type, union-attr]
     base = user.name or "position_slice"
     b = model.builder(base)
     zero, one, count = (
@@ -142,7 +142,7 @@ def _lm_heads(model: Model, dq: ir.Node, user: ir.Node, block: int, level: int) 
         if n.op_type == "MatMul" and i == 1 and n.domain in ("", "ai.onnx")
     ]
     v, d = dq.inputs[0].const_value.shape  # type: ignore[union-attr]
-    if not heads or d % block:
+    if not heads or d % block:  # type: ignore[operator]
         return 0
     weights = _nbits_weights(model, dq, block)
     for head in heads:
@@ -150,7 +150,7 @@ def _lm_heads(model: Model, dq: ir.Node, user: ir.Node, block: int, level: int) 
         out = b.op(
             "MatMulNBits",
             [head.inputs[0], *weights],
-            {"K": int(d), "N": int(v), "bits": 4, "block_size": block, "accuracy_level": level},
+            {"K": int(d), "N": int(v), "bits": 4, "block_size": block, "accuracy_level": level},  # type: ignore[arg-type]
             domain="com.microsoft",
             name=f"{head.name or 'lm_head'}_MatMulNBits",
             out=Out(f"{head.name or 'lm_head'}_MatMulNBits_output", ir.DataType.FLOAT),

@@ -55,7 +55,7 @@ def _lookups(table: ir.Value) -> list[ir.Node]:
 
 def _shareable(table: ir.Value, opts: Any) -> bool:
     """Whether the head's MatMulNBits codes can serve the lookups of ``table`` too (``tables="quantize"``)."""
-    d = int(table.const_value.shape[1])  # type: ignore[union-attr]
+    d = int(table.const_value.shape[1])  # type: ignore[arg-type, union-attr]
     others = [n for n, _ in table.uses() if n.op_type != "Transpose" and n not in _lookups(table)]
     return (
         opts.bits == 4

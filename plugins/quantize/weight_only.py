@@ -73,6 +73,14 @@ class WeightOnlyOptions(Options):
     symmetric: bool = Field(
         False, description="symmetric blocks (zero point 0) instead of asymmetric"
     )
+
+    @property
+    def block(self) -> int:
+        """``block_size`` once :func:`_block_size` has resolved it (before any weight is cut)."""
+        if self.block_size is None:
+            raise AssertionError("int4-weight-only: block_size is resolved before weights are cut")
+        return self.block_size
+
     algorithm: Literal["auto", "rtn", "mse", "gptq", "awq", "awq-gptq"] = Field(
         "auto",
         description="auto: gptq for int4 when calibration data is given, rtn otherwise; rtn: round to nearest; mse: "
@@ -160,7 +168,7 @@ def _mse(
     block's squared reconstruction error: outliers get clipped when that helps the rest. No data."""
     grid = _grid(opts)
     k, n = w.shape
-    bs = opts.block_size
+    bs = opts.block
     q, scales, zeros = _blocked(k, n, bs)
     for b in range(len(scales)):
         rows = slice(b * bs, min(k, (b + 1) * bs))
@@ -209,7 +217,7 @@ def _gptq(
     weights (the reference's ``static_groups``), so the blocks stay contiguous in the file."""
     grid = _grid(opts)
     k, n = w.shape
-    bs = opts.block_size
+    bs = opts.block
     q, scales, zeros = _blocked(k, n, bs)
     order = np.arange(k)
     if opts.act_order:
@@ -309,7 +317,7 @@ def _rtn_chunks(matrix: np.ndarray, opts: WeightOnlyOptions) -> Iterator[_Chunk]
     """Yield ``(first block, codes[nbc * block, N], scales[nbc, N], zeros[nbc, N], squared error,
     squared norm)`` chunk by chunk, reading ``matrix[K, N]`` (a memory map) a few blocks of rows at a time."""
     k, n = matrix.shape
-    bs = opts.block_size
+    bs = opts.block
     nb = -(-k // bs)
     step = _block_rows(n, bs)
     for b0 in range(0, nb, step):
@@ -350,7 +358,7 @@ def _rtn(w: np.ndarray, opts: WeightOnlyOptions) -> tuple[np.ndarray, np.ndarray
 def _fake_quantize(w: np.ndarray, opts: WeightOnlyOptions) -> np.ndarray:
     """``w[K, N]`` rounded to nearest on the block grid and dequantized (AWQ's search)."""
     codes, scales, zeros = _rtn(w, opts)
-    bs = opts.block_size
+    bs = opts.block
     return (
         (codes - np.repeat(zeros, bs, axis=0)[: len(codes)])
         * np.repeat(scales, bs, axis=0)[: len(codes)]
@@ -398,7 +406,7 @@ def _pack_layer(
 ) -> _Quantized:
     """Consume ``chunks`` of codes, packing each at once (int4 two per byte) into one contiguous blob."""
     k, n = matrix.shape
-    bs = opts.block_size
+    bs = opts.block
     nb = -(-k // bs)
     nbits = opts.format == "matmulnbits"
     if nbits:
@@ -462,7 +470,7 @@ def _quantize_weight(
             q, s, z = _gptq(full, hessian, opts)
         else:
             q, s, z = _mse(full, opts)
-        bs = opts.block_size
+        bs = opts.block
         recon = (q - np.repeat(z, bs, axis=0)[: len(q)]) * np.repeat(s, bs, axis=0)[: len(q)]
         err, norm = float(np.sum((recon - full) ** 2)), float(np.sum(full.astype(np.float64) ** 2))
         return _pack_layer(full, iter([(0, q, s, z, err, norm)]), opts)
@@ -859,7 +867,7 @@ def weight_only(
         result,
         bits=opts.bits,
         op_types=set(opts.op_types) - ({"Gather"} if opts.tables == "float" else set()),
-        block_size=min(opts.block_size, 32),
+        block_size=min(opts.block, 32),
         min_elements=opts.min_elements,
         exclude=set(opts.exclude) | tied_lookups(layers),
     )

@@ -112,16 +112,22 @@ def _sample_cosines(ref: np.ndarray, out: np.ndarray) -> np.ndarray:
     return row_cosines(ref.reshape(n, -1), out.reshape(n, -1))
 
 
+def _agrees(ref: np.ndarray, out: np.ndarray, axis: int | None) -> np.ndarray:
+    """Each decision's agreement: exact for integers, the arg-max along ``axis``, or (``axis=None``)
+    each value's side of 0.5."""
+    if not np.issubdtype(ref.dtype, np.floating):
+        return ref == out
+    if axis is None:
+        return (ref > 0.5) == (out > 0.5)
+    if ref.ndim < 2:
+        return np.round(ref) == np.round(out)
+    return np.argmax(ref, axis=axis) == np.argmax(out, axis=axis)
+
+
 def agreement(ref: np.ndarray, out: np.ndarray, axis: int | None = -1) -> float:
     """Share of decisions that agree: exact for integers, the arg-max along ``axis``, or (``axis=None``)
     each value's side of 0.5."""
-    if not np.issubdtype(ref.dtype, np.floating):
-        return float(np.mean(ref == out))
-    if axis is None:
-        return float(np.mean((ref > 0.5) == (out > 0.5)))
-    if ref.ndim < 2:
-        return float(np.mean(np.round(ref) == np.round(out)))
-    return float(np.mean(np.argmax(ref, axis=axis) == np.argmax(out, axis=axis)))
+    return float(np.mean(_agrees(ref, out, axis)))
 
 
 def decisions(ref: np.ndarray, axis: int | None = -1) -> int:
@@ -137,15 +143,25 @@ def relative_error(ref: np.ndarray, out: np.ndarray) -> float:
     return float(np.linalg.norm(out.astype(np.float64) - r) / max(float(np.linalg.norm(r)), 1e-12))
 
 
+def _dense_scale(r: np.ndarray, value_range: float) -> float:
+    """:func:`dense_error`'s divisor: the reference's standard deviation, at least a tenth of ``value_range``."""
+    return max(float(r.std()), 0.1 * value_range)
+
+
 def dense_error(ref: np.ndarray, out: np.ndarray, value_range: float = 0.0) -> float:
     """RMS error over the reference's scale: its standard deviation over everything judged, at
     least a tenth of ``value_range`` (a blank page's near-zero map is judged against [0, 1])."""
     r = ref.astype(np.float64)
     rms = float(np.sqrt(np.mean((out.astype(np.float64) - r) ** 2)))
-    scale = max(float(r.std()), 0.1 * value_range)
+    scale = _dense_scale(r, value_range)
     if scale == 0:
         return 0.0 if rms == 0 else float("inf")
     return rms / scale
+
+
+def _worst(metric: str) -> float:
+    """The figure of an output that is not finite or not of the reference's shape."""
+    return float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
 
 
 def measure(
@@ -160,9 +176,7 @@ def measure(
     if ref.shape != out.shape or (
         np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))
     ):
-        return (
-            float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
-        )
+        return _worst(metric)
     if ref.size == 0:
         return 0.0 if metric in LOWER_IS_BETTER else 1.0
     if metric == "agreement":
@@ -365,17 +379,6 @@ def judge(
     return Judgement(tuple(judged), tuple(values))
 
 
-def _disagreements(ref: np.ndarray, out: np.ndarray, axis: int | None) -> int:
-    """How many of the decisions :func:`agreement` counts differ."""
-    if not np.issubdtype(ref.dtype, np.floating):
-        return int(np.count_nonzero(ref != out))
-    if axis is None:
-        return int(np.count_nonzero((ref > 0.5) != (out > 0.5)))
-    if ref.ndim < 2:
-        return int(np.count_nonzero(np.round(ref) != np.round(out)))
-    return int(np.count_nonzero(np.argmax(ref, axis=axis) != np.argmax(out, axis=axis)))
-
-
 # NOTE: a miss is decided only past this relative margin: the sums here and the figure judge() computes
 # add the same terms in another order
 _MARGIN = 1e-9
@@ -401,7 +404,7 @@ class MissBound:
         self.scale = (
             max(float(np.linalg.norm(r)), 1e-12)
             if metric == "relative_error" and r is not None
-            else max(float(r.std()), 0.1 * criterion.value_range) * math.sqrt(ref.size)
+            else _dense_scale(r, criterion.value_range) * math.sqrt(ref.size)
             if metric == "nrmse" and r is not None
             else float(ref.shape[0])
             if metric == "cosine" and ref.ndim >= 2
@@ -433,17 +436,10 @@ class MissBound:
         ):
             # NOTE: a non-finite output makes the figure the worst value; a shape apart, no bound
             self.usable = ref.shape == out.shape
-            worst = (
-                float("inf")
-                if lower_is_better(c.metric)
-                else 0.0
-                if c.metric == "agreement"
-                else -1.0
-            )
-            self.missed = self.usable and not c.passes(worst)
+            self.missed = self.usable and not c.passes(_worst(c.metric))
             return self.missed
         if c.metric == "agreement":
-            self.sum += _disagreements(ref, out, c.axis)
+            self.sum += int(np.count_nonzero(~_agrees(ref, out, c.axis)))
             allowed = c.allowed()
             self.missed = (
                 self.sum > allowed

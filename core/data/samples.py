@@ -144,37 +144,32 @@ class Dataset:
     def _step(self, run: Run, batch_size: int | None) -> int:
         return 1 if run.whole else self.max_batch or batch_size or len(run)
 
-    def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
-        """Feeds of at most ``batch_size`` samples (all of a run when None), never more than
-        ``max_batch``, never mixing samples of different shapes; in the order given."""
+    def _feeds(self, batch_size: int | None) -> Iterator[Run]:
+        """Each feed :meth:`batches` yields, as a run (with its labels): a whole feed as given."""
         for run in self.runs:
             if run.whole:
-                yield dict(run.inputs)
+                yield run
                 continue
             step = self._step(run, batch_size)
             for start in range(0, len(run), step):
-                yield {k: v[start : start + step] for k, v in run.inputs.items()}
+                yield Run(
+                    {k: v[start : start + step] for k, v in run.inputs.items()},
+                    run.labels[start : start + step] if run.labels is not None else None,
+                )
+
+    def batches(self, batch_size: int | None = None) -> Iterator[dict[str, np.ndarray]]:
+        """Feeds of at most ``batch_size`` samples (all of a run when None), never more than
+        ``max_batch``, never mixing samples of different shapes; in the order given."""
+        for feed in self._feeds(batch_size):
+            yield dict(feed.inputs)
 
     def select_feeds(self, keep: list[bool], batch_size: int | None = None) -> Dataset:
         """The feeds :meth:`batches` yields for ``batch_size`` whose ``keep`` is true (one flag per feed, in
         order), as a dataset (int8-static calibrates an If branch on the feeds that take it)."""
-        runs: list[Run] = []
-        flags = iter(keep)
-        for run in self.runs:
-            step = self._step(run, batch_size)
-            for start in range(0, len(run), step):
-                if not next(flags):
-                    continue
-                if run.whole:
-                    runs.append(run)
-                    continue
-                labels = run.labels[start : start + step] if run.labels is not None else None
-                runs.append(
-                    Run({k: v[start : start + step] for k, v in run.inputs.items()}, labels)
-                )
+        runs = tuple(feed for feed, kept in zip(self._feeds(batch_size), keep, strict=True) if kept)
         if not runs:
             raise DataError("no feed of this data was selected")
-        return Dataset(runs=tuple(runs), max_batch=self.max_batch)
+        return Dataset(runs=runs, max_batch=self.max_batch)
 
     def batch_count(self, batch_size: int | None = None) -> int:
         """How many feeds :meth:`batches` yields for ``batch_size``."""

@@ -564,10 +564,16 @@ def run_dataset(session: ort.InferenceSession, batches, *, stop=None) -> list[np
             acc.append(out)
         if stop is not None and stop(outs):
             break
-    return [_join(parts) for parts in collected]
+    joined = []
+    for i, parts in enumerate(collected):
+        joined.append(_join(parts))
+        collected[i] = []  # NOTE: each output's parts freed once joined, not after every join
+    return joined
 
 
 def _join(parts: list[np.ndarray]) -> np.ndarray:
+    if len(parts) == 1:
+        return parts[0]  # NOTE: one run's output as ORT gave it, not a copy
     if len({p.shape[1:] for p in parts}) <= 1:
         return np.concatenate(parts, axis=0)
     if len({p.shape[-1:] for p in parts}) == 1 and all(p.ndim >= 2 for p in parts):

@@ -14,8 +14,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from modelpress.plugin_api import Dataset, Model, WeightedLayer, make_session, with_outputs
-from modelpress.plugin_api import run as run_session
+from modelpress.plugin_api import (
+    Dataset,
+    Model,
+    WeightedLayer,
+    make_session,
+    run_dataset,
+    with_outputs,
+)
 from modelpress.plugins.quantize.calibrate import calibration_batch
 
 __all__ = ["ROWS", "ScaleGroup", "apply_scales", "sample_rows", "scale_groups"]
@@ -123,11 +129,10 @@ def sample_rows(
     sample_bytes = sum(int(v.nbytes) for v in data.largest_sample().values())
     part = max(1, PART_INPUT_BYTES // max(sample_bytes, 1))
     for feeds in data.batches(batch_size):
-        results = _batch_outputs(
-            session, feeds, part, data.max_batch, [outputs.index(n) for n in names]
-        )
-        for name, x in zip(names, results, strict=True):
-            x = np.asarray(x, np.float32)
+        # NOTE: the batch run ``part`` samples at a time, its outputs joined as one run gives them
+        results = run_dataset(session, Dataset(feeds, max_batch=data.max_batch).batches(part))
+        for name in names:
+            x = np.asarray(results[outputs.index(name)], np.float32)
             x = x.reshape(-1, x.shape[-1])
             lo[name] = np.minimum(lo[name], x.min(axis=0)) if name in lo else x.min(axis=0)
             hi[name] = np.maximum(hi[name], x.max(axis=0)) if name in hi else x.max(axis=0)
@@ -138,24 +143,3 @@ def sample_rows(
             filled[name] += len(take)
         del results
     return lo, hi, {n: r[: filled[n]] for n, r in rows.items()}
-
-
-def _batch_outputs(
-    session: object,
-    feeds: dict[str, np.ndarray],
-    part: int,
-    max_batch: int | None,
-    index: list[int],
-) -> list[np.ndarray]:
-    """The outputs at ``index`` of one batch, run ``part`` samples at a time and joined along axis 0
-    (what one run of the whole batch gives)."""
-    pieces = Dataset(feeds, max_batch=max_batch).batches(part)
-    runs: list[list[np.ndarray | None]] = [list(run_session(session, p)) for p in pieces]
-    if len(runs) == 1:
-        return [np.asarray(runs[0][i]) for i in index]
-    joined = []
-    for i in index:
-        joined.append(np.concatenate([np.asarray(r[i]) for r in runs], axis=0))
-        for r in runs:  # NOTE: each part's output freed once joined
-            r[i] = None
-    return joined

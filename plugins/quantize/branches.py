@@ -153,7 +153,7 @@ def flatten(model: Model, data: Dataset, op_types: frozenset[str]) -> Flat | Non
             break
         seen = _conditions(flat.model, ifs, flat.data)
         for node in ifs:
-            values = seen[node.inputs[0].name or ""]
+            values = seen[_condition_name(node)]
             # NOTE: feeds on both sides (both sample rates): the branch most take is calibrated on them
             cond = values.count(True) >= values.count(False)
             rec = _inline(flat.model, node, cond, op_types)
@@ -237,31 +237,18 @@ def _within(graph: ir.Graph, root: ir.Graph) -> bool:
 
 
 def _graphs_under(graph: ir.Graph) -> list[ir.Graph]:
-    found = [graph]
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                found += _graphs_under(attr.as_graph())
-            elif attr.type == ir.AttributeType.GRAPHS:
-                for sub in attr.as_graphs():
-                    found += _graphs_under(sub)
-    return found
+    return [graph, *graph.subgraphs()]
 
 
 def _nodes_under(nodes: list[ir.Node]) -> set[int]:
-    ids = set()
+    """The ids of ``nodes`` and of every node inside their subgraphs, at any depth."""
+    ids = {id(node) for node in nodes}
     for node in nodes:
-        ids.add(id(node))
         for attr in node.attributes.values():
-            subs = (
-                [attr.as_graph()]
-                if attr.type == ir.AttributeType.GRAPH
-                else list(attr.as_graphs())
-                if attr.type == ir.AttributeType.GRAPHS
-                else []
-            )
-            for sub in subs:
-                ids |= _nodes_under(list(sub))
+            if attr.type == ir.AttributeType.GRAPH:
+                ids |= {id(n) for n in attr.as_graph().all_nodes()}
+            elif attr.type == ir.AttributeType.GRAPHS:
+                ids |= {id(n) for g in attr.as_graphs() for n in g.all_nodes()}
     return ids
 
 

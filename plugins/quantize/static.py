@@ -212,9 +212,7 @@ def int8_static_method(model: Model, opts: Int8StaticOptions, ctx: PassContext) 
     if opts.per_channel:
         model = ensure_opset(model, 13, why="per-channel QDQ (int8-static)", figures=ctx.figures)
     flat = _flattened(model, opts, ctx)
-    if (
-        flat is not None
-    ):  # NOTE: calibrated on the feeds that take the inlined branches (figures shared)
+    if flat is not None:  # NOTE: calibrated on the feeds that take the inlined branches
         ctx = replace(ctx, calibration=flat.data)
     result = int8_static(flat.model if flat else model, opts, ctx)
     if flat is not None:

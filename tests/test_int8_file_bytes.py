@@ -77,3 +77,17 @@ def test_the_file_records_only_options_off_their_defaults(tmp_path):
     written = json.loads(entry)["passes"][-1]["options"]
     assert written == {"calibrator": "minmax", "smoothquant": False}
     assert modelpress.load(path, show_progress=False).provenance.passes[-1].options == written
+
+
+def test_the_same_run_writes_the_same_bytes(tmp_path):
+    """A file's bytes depend on what was done, not on how long it took: two runs of the same
+    quantization write identical files (the pass's duration stays in memory, not in the file)."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    _, result_a, path_a, _ = _quantized(first)
+    path_b = _quantized(second)[2]
+    assert result_a.provenance.passes[-1].seconds > 0  # measured, in memory
+    assert path_a.read_bytes() == path_b.read_bytes()
+    loaded = modelpress.load(path_a, show_progress=False).provenance.passes[-1]
+    assert loaded.seconds == 0.0 and loaded.figures == result_a.provenance.passes[-1].figures

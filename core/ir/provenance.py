@@ -35,7 +35,9 @@ class PassRecord:
 
     ``options`` holds every option of the pass; ``at_defaults`` names those the run left at the
     method's defaults, which a written file leaves out (its ``plugin_version`` says what they were):
-    read back from a file, ``options`` holds the options that differed from the defaults."""
+    read back from a file, ``options`` holds the options that differed from the defaults.
+    ``seconds`` (how long the pass ran) is not written either: the same pass on the same input writes
+    the same bytes, and a record read back from a file has ``seconds`` 0.0."""
 
     kind: str
     method: str
@@ -47,8 +49,9 @@ class PassRecord:
     at_defaults: frozenset[str] = field(default=frozenset(), compare=False, repr=False)
 
     def written(self) -> dict[str, Any]:
-        """The record as a file holds it: the options at the method's defaults left out."""
-        data = {f: getattr(self, f) for f in _PASS_FIELDS}
+        """The record as a file holds it: the options at the method's defaults and the run's
+        duration left out (a file's bytes depend on what was done, not on how fast)."""
+        data = {f: getattr(self, f) for f in _PASS_FIELDS if f != "seconds"}
         data["options"] = {k: v for k, v in self.options.items() if k not in self.at_defaults}
         return data
 
@@ -83,8 +86,8 @@ class Provenance:
         )
 
     def to_json(self) -> str:
-        """One compact JSON document (no spaces; each pass's options at their defaults left out:
-        :meth:`PassRecord.written`), as the file's metadata entry holds it."""
+        """One compact JSON document (no spaces; each pass's options at their defaults and its
+        duration left out: :meth:`PassRecord.written`), as the file's metadata entry holds it."""
         data = asdict(self)
         data["passes"] = [p.written() for p in self.passes]
         return json.dumps(data, sort_keys=True, separators=(",", ":"), default=_jsonable)

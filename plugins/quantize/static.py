@@ -48,6 +48,7 @@ from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.branches import Flat, flatten
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
+from modelpress.plugins.quantize.conv_rounding import conv_codes
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer, Unfinished
@@ -66,6 +67,7 @@ from modelpress.plugins.quantize.static_plan import (
     constant_plan,
     fused_output,
     gemm_fused,
+    weight_grid,
     weight_plan,
 )
 from modelpress.plugins.quantize.static_search import Search, choose_configuration
@@ -182,9 +184,10 @@ class Int8StaticOptions(Options):
     )
     weight_rounding: Literal["gptq", "nearest"] = Field(
         "gptq",
-        description="how MatMul/Gemm weights that SmoothQuant samples inputs for are rounded to int8: gptq, each "
-        "input channel's rounding error moved onto the channels not yet rounded through the inverse Hessian of "
-        "those inputs (the scales unchanged); nearest: to the nearest step",
+        description="how weights are rounded to int8: gptq, each input channel's rounding error moved onto the "
+        "channels not yet rounded through the inverse Hessian of the layer's calibration inputs (the scales "
+        "unchanged), for the MatMul/Gemm layers SmoothQuant samples rows for and the Conv layers (group 1) with at "
+        "least as many sampled input patches as weights per output channel; nearest: to the nearest step",
     )
     fold_graph: bool = Field(
         True,
@@ -275,6 +278,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     sel = select(model, opts)
     if data is None:
         data = _calibration(model, opts, ctx)
+    _conv_gptq(model, sel, data, opts, codes)
     grid = QRange(8, opts.activation_type == "int8")
     planned = _plans(model, sel, data, grid, opts, ctx, codes)
     ctx.figures["gptq_rounded_layers"] = len(codes)
@@ -325,6 +329,25 @@ def _smooth(
         ctx.figures["smoothquant_skipped"] = skipped
         opts = opts.model_copy(update={"exclude": [*opts.exclude, *skipped]})
     return smooth(model, data, opts, ctx, codes)
+
+
+def _conv_gptq(
+    model: Model,
+    sel: Selection,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    codes: dict[str, np.ndarray],
+) -> None:
+    """GPTQ codes of the selected Convs (:mod:`.conv_rounding`) into ``codes`` when ``opts.weight_rounding`` is gptq."""
+    if opts.weight_rounding != "gptq":
+        return
+    grid = weight_grid(resolve_reduce_range(opts.reduce_range)[0])
+    layers = [layer for layer in sel.candidates if layer.name not in codes]
+    codes.update(
+        conv_codes(
+            model, layers, data, grid, per_channel=opts.per_channel, batch_size=opts.batch_size
+        )
+    )
 
 
 def _named(model: Model) -> Model:
@@ -422,6 +445,7 @@ class _FullInt8:
                 yield calibrator, (True, calibrator)
             return
         sel = select(model, opts)
+        _conv_gptq(model, sel, data, opts, codes)
         grid = QRange(8, opts.activation_type == "int8")
         stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
         order = [node.name for node in sel.nodes]

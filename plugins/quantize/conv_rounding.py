@@ -17,7 +17,10 @@ and GPTQ fits the calibration patches, not the layer); depthwise and grouped Con
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
+from onnx_ir.passes.common import RemoveUnusedNodesPass
 
 from modelpress.plugin_api import (
     Dataset,
@@ -27,6 +30,7 @@ from modelpress.plugin_api import (
     run_dataset,
     with_outputs,
 )
+from modelpress.plugin_api import run as run_session
 from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.calibrate import calibration_batch
 from modelpress.plugins.quantize.gptq_int8 import feedback_gram, gptq_codes, one_blas_thread
@@ -111,33 +115,50 @@ def _available(layer: WeightedLayer, x: np.ndarray) -> int:
     return x.shape[0] * max(sizes[0], 0) * max(sizes[1], 0)
 
 
+def _probe(model: Model, names: list[str]) -> tuple[Any, list[str]]:
+    """A session computing only the named tensors (the graph cut after them: the sweep runs the part of the
+    model before the layers it observes, not the whole model) and its output names."""
+    probe = with_outputs(model, names)
+    graph = probe.ir.graph
+    for value in list(graph.outputs):
+        if value.name not in names:
+            graph.outputs.remove(value)
+    RemoveUnusedNodesPass()(probe.ir)
+    session = make_session(probe, spin=False)
+    return session, [o.name for o in session.get_outputs()]
+
+
+def _enough_rows(layers: list[WeightedLayer], model: Model, data: Dataset) -> list[WeightedLayer]:
+    """The layers whose input patches over ``data`` number at least :data:`ROWS_PER_WEIGHT` x ``K``
+    (their sizes from one run of the first sample)."""
+    session, outputs = _probe(model, list({layer.node.inputs[0].name or "" for layer in layers}))
+    results = run_session(session, next(data.take(1).batches(1)))
+    found = []
+    for layer in layers:
+        x = results[outputs.index(layer.node.inputs[0].name)]
+        k = int(np.prod((layer.weight.shape or ())[1:]))
+        if x.ndim == 4 and _available(layer, x) * len(data) >= ROWS_PER_WEIGHT * k:
+            found.append(layer)
+    return found
+
+
 def _grams(model: Model, layers: list[WeightedLayer], data: Dataset, batch_size: int) -> dict:
     """``H = X^T X`` of each layer's input patches (float model, one session, streamed over ``data``; at most
-    :data:`_MAX_ROWS` random rows per layer), by layer name, for the layers whose patches number at least
-    :data:`ROWS_PER_WEIGHT` x ``K`` over ``data``."""
-    names = list(dict.fromkeys(layer.node.inputs[0].name or "" for layer in layers))
-    session = make_session(with_outputs(model, names), spin=False)
-    outputs = [o.name for o in session.get_outputs()]
+    :data:`_MAX_ROWS` random rows per layer), by layer name."""
+    session, outputs = _probe(model, list({layer.node.inputs[0].name or "" for layer in layers}))
     step = calibration_batch(session, data, batch_size)
-    batches = data.batch_count(step)
+    per_sample = -(-_MAX_ROWS // len(data))
     rng = np.random.default_rng(0)
     grams: dict[str, np.ndarray] = {}
-    skipped: set[str] = set()
     for feeds in data.batches(step):
         results = run_dataset(session, Dataset(feeds, max_batch=data.max_batch).batches(step))
         for layer in layers:
             x = np.asarray(results[outputs.index(layer.node.inputs[0].name)], np.float32)
-            k = int(np.prod((layer.weight.shape or ())[1:]))
-            if layer.name in skipped or x.ndim != 4:
-                continue
-            if _available(layer, x) * batches < ROWS_PER_WEIGHT * k:
-                skipped.add(layer.name)
-                continue
-            rows = patch_rows(layer, x, -(-_MAX_ROWS // batches), rng)
+            rows = patch_rows(layer, x, per_sample * len(x), rng)
             gram = rows.T @ rows
             grams[layer.name] = grams[layer.name] + gram if layer.name in grams else gram
         del results
-    return {name: gram for name, gram in grams.items() if name not in skipped}
+    return grams
 
 
 def conv_codes(
@@ -156,9 +177,10 @@ def conv_codes(
         return {}
     sample = max(sum(int(v.nbytes) for v in data.largest_sample().values()), 1)
     data = data.take(max(1, min(len(data), INPUT_BYTES // sample)))
+    eligible = _enough_rows(eligible, model, data)
     codes: dict[str, np.ndarray] = {}
     with one_blas_thread():
-        grams = _grams(model, eligible, data, batch_size)
+        grams = _grams(model, eligible, data, batch_size) if eligible else {}
         for layer in eligible:
             gram = grams.pop(layer.name, None)
             fb = feedback_gram(gram) if gram is not None else None

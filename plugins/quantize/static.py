@@ -4,7 +4,8 @@ The graph gets QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses int
 kernels: weights int8 symmetric (per output channel by default; 7-bit where the CPU's u8 x s8
 kernels saturate, see :mod:`.cpu`) behind a DequantizeLinear,
 biases int32 (scale = input scale x weight scale), MatMul/Gemm weights rounded by GPTQ against the
-rows SmoothQuant samples (:mod:`.gptq_int8`), activations uint8 asymmetric (or int8) on
+rows SmoothQuant samples (:mod:`.gptq_int8`) and Conv weights against their input patches where the
+calibration data holds enough of them (:mod:`.conv_rounding`), activations uint8 asymmetric (or int8) on
 the input and output edges of each quantized node (the output taken after a following
 Relu/Clip, which ORT folds into the quantization; a MatMul's output only where an integer node reads it,
 or where ORT would otherwise fuse it with its bias Add into a float Gemm, see :func:`.static_plan.gemm_fused`).

@@ -27,7 +27,6 @@ from modelpress.plugin_api import (
     Model,
     WeightedLayer,
     make_session,
-    run_dataset,
     with_outputs,
 )
 from modelpress.plugin_api import run as run_session
@@ -142,16 +141,17 @@ def _enough_rows(layers: list[WeightedLayer], model: Model, data: Dataset) -> li
     return found
 
 
-def _grams(model: Model, layers: list[WeightedLayer], data: Dataset, batch_size: int) -> dict:
-    """``H = X^T X`` of each layer's input patches (float model, one session, streamed over ``data``; at most
-    :data:`_MAX_ROWS` random rows per layer), by layer name."""
+def _grams(model: Model, layers: list[WeightedLayer], data: Dataset) -> dict:
+    """``H = X^T X`` of each layer's input patches (float model, one session, streamed in runs of about 4 MB of
+    observed tensors; at most :data:`_MAX_ROWS` random rows per layer), by layer name."""
     session, outputs = _probe(model, list({layer.node.inputs[0].name or "" for layer in layers}))
-    step = calibration_batch(session, data, batch_size)
+    # NOTE: a quarter of calibration's 16 MB batch budget of observed tensors a run, as its collector's parts
+    step = max(1, calibration_batch(session, data, 64) // 4)
     per_sample = -(-_MAX_ROWS // len(data))
     rng = np.random.default_rng(0)
     grams: dict[str, np.ndarray] = {}
     for feeds in data.batches(step):
-        results = run_dataset(session, Dataset(feeds, max_batch=data.max_batch).batches(step))
+        results = run_session(session, feeds)
         for layer in layers:
             x = np.asarray(results[outputs.index(layer.node.inputs[0].name)], np.float32)
             rows = patch_rows(layer, x, per_sample * len(x), rng)
@@ -168,7 +168,6 @@ def conv_codes(
     grid: QRange,
     *,
     per_channel: bool,
-    batch_size: int = 64,
 ) -> dict[str, np.ndarray]:
     """GPTQ int8 codes (the weight's own ``[N, C, kH, kW]`` layout, on the scales :func:`.static_plan.weight_plan`
     gives it) of each eligible Conv among ``layers``, by layer name; the others are left out."""
@@ -180,7 +179,7 @@ def conv_codes(
     eligible = _enough_rows(eligible, model, data)
     codes: dict[str, np.ndarray] = {}
     with one_blas_thread():
-        grams = _grams(model, eligible, data, batch_size) if eligible else {}
+        grams = _grams(model, eligible, data) if eligible else {}
         for layer in eligible:
             gram = grams.pop(layer.name, None)
             fb = feedback_gram(gram) if gram is not None else None

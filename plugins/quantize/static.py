@@ -344,11 +344,7 @@ def _conv_gptq(
         return
     grid = weight_grid(resolve_reduce_range(opts.reduce_range)[0])
     layers = [layer for layer in sel.candidates if layer.name not in codes]
-    codes.update(
-        conv_codes(
-            model, layers, data, grid, per_channel=opts.per_channel, batch_size=opts.batch_size
-        )
-    )
+    codes.update(conv_codes(model, layers, data, grid, per_channel=opts.per_channel))
 
 
 def _named(model: Model) -> Model:

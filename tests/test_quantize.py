@@ -110,6 +110,7 @@ def test_int8_static_on_a_tiny_cnn_has_exact_int8_weights(tmp_path):
         min_agreement=None,
         min_cosine=None,
         allow_no_gain=True,
+        weight_rounding="nearest",  # NOTE: GPTQ (the default) picks other codes on the same scales
     )
     ops = result.op_histogram()
     assert ops["QuantizeLinear"] >= 3 and ops["DequantizeLinear"] >= 6

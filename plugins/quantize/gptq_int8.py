@@ -18,7 +18,7 @@ import numpy as np
 
 from modelpress.plugins.quantize.affine import QRange
 
-__all__ = ["DAMP", "feedback", "gptq_codes", "one_blas_thread"]
+__all__ = ["DAMP", "feedback", "feedback_gram", "gptq_codes", "one_blas_thread"]
 
 DAMP = 0.01  # NOTE: the dampening GPTQ uses: 1 % of the mean diagonal of H added to it
 _BLOCK = 128  # rows whose errors are pushed on together (the lazy batch update of the paper)
@@ -63,6 +63,16 @@ def feedback(rows: np.ndarray) -> np.ndarray | None:
     x = np.ascontiguousarray(np.asarray(rows, np.float32)[:, ::-1])
     h = x.T @ x  # NOTE: J H J, the inputs in reversed order
     del x
+    return _factor(h)
+
+
+def feedback_gram(gram: np.ndarray) -> np.ndarray | None:
+    """:func:`feedback` from ``H = X^T X`` (``[K, K]``, summed over batches of rows) rather than the rows."""
+    return _factor(np.ascontiguousarray(np.asarray(gram, np.float32)[::-1, ::-1]))
+
+
+def _factor(h: np.ndarray) -> np.ndarray | None:
+    """The feedback of :func:`feedback` from ``J H J`` (overwritten)."""
     diag = np.diag(h).copy()
     diag[diag <= 0] = 1.0
     diag += DAMP * float(np.mean(diag))

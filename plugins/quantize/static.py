@@ -4,7 +4,8 @@ The graph gets QuantizeLinear/DequantizeLinear pairs that ONNX Runtime fuses int
 kernels: weights int8 symmetric (per output channel by default; 7-bit where the CPU's u8 x s8
 kernels saturate, see :mod:`.cpu`) behind a DequantizeLinear,
 biases int32 (scale = input scale x weight scale), MatMul/Gemm weights rounded by GPTQ against the
-rows SmoothQuant samples (:mod:`.gptq_int8`), activations uint8 asymmetric (or int8) on
+rows SmoothQuant samples (:mod:`.gptq_int8`) and Conv weights against their input patches where the
+calibration data holds enough of them (:mod:`.conv_rounding`), activations uint8 asymmetric (or int8) on
 the input and output edges of each quantized node (the output taken after a following
 Relu/Clip, which ORT folds into the quantization; a MatMul's output only where an integer node reads it,
 or where ORT would otherwise fuse it with its bias Add into a float Gemm, see :func:`.static_plan.gemm_fused`).
@@ -48,6 +49,7 @@ from modelpress.plugins.quantize.affine import QRange
 from modelpress.plugins.quantize.branches import Flat, flatten
 from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, collect_stats
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
+from modelpress.plugins.quantize.conv_rounding import conv_codes
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer, Unfinished
@@ -66,6 +68,7 @@ from modelpress.plugins.quantize.static_plan import (
     constant_plan,
     fused_output,
     gemm_fused,
+    weight_grid,
     weight_plan,
 )
 from modelpress.plugins.quantize.static_search import Search, choose_configuration
@@ -182,9 +185,10 @@ class Int8StaticOptions(Options):
     )
     weight_rounding: Literal["gptq", "nearest"] = Field(
         "gptq",
-        description="how MatMul/Gemm weights that SmoothQuant samples inputs for are rounded to int8: gptq, each "
-        "input channel's rounding error moved onto the channels not yet rounded through the inverse Hessian of "
-        "those inputs (the scales unchanged); nearest: to the nearest step",
+        description="how weights are rounded to int8: gptq, each input channel's rounding error moved onto the "
+        "channels not yet rounded through the inverse Hessian of the layer's calibration inputs (the scales "
+        "unchanged), for the MatMul/Gemm layers SmoothQuant samples rows for and the Conv layers (group 1) with at "
+        "least as many sampled input patches as weights per output channel; nearest: to the nearest step",
     )
     fold_graph: bool = Field(
         True,
@@ -275,6 +279,7 @@ def int8_static(model: Model, opts: Int8StaticOptions, ctx: PassContext) -> Mode
     sel = select(model, opts)
     if data is None:
         data = _calibration(model, opts, ctx)
+    _conv_gptq(model, sel, data, opts, codes)
     grid = QRange(8, opts.activation_type == "int8")
     planned = _plans(model, sel, data, grid, opts, ctx, codes)
     ctx.figures["gptq_rounded_layers"] = len(codes)
@@ -325,6 +330,21 @@ def _smooth(
         ctx.figures["smoothquant_skipped"] = skipped
         opts = opts.model_copy(update={"exclude": [*opts.exclude, *skipped]})
     return smooth(model, data, opts, ctx, codes)
+
+
+def _conv_gptq(
+    model: Model,
+    sel: Selection,
+    data: Dataset,
+    opts: Int8StaticOptions,
+    codes: dict[str, np.ndarray],
+) -> None:
+    """GPTQ codes of the selected Convs (:mod:`.conv_rounding`) into ``codes`` when ``opts.weight_rounding`` is gptq."""
+    if opts.weight_rounding != "gptq":
+        return
+    grid = weight_grid(resolve_reduce_range(opts.reduce_range)[0])
+    layers = [layer for layer in sel.candidates if layer.name not in codes]
+    codes.update(conv_codes(model, layers, data, grid, per_channel=opts.per_channel))
 
 
 def _named(model: Model) -> Model:
@@ -422,6 +442,7 @@ class _FullInt8:
                 yield calibrator, (True, calibrator)
             return
         sel = select(model, opts)
+        _conv_gptq(model, sel, data, opts, codes)
         grid = QRange(8, opts.activation_type == "int8")
         stats = _stats(model, sel, data, opts, ctx, histogram=calibrators != ["minmax"])
         order = [node.name for node in sel.nodes]

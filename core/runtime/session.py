@@ -225,6 +225,10 @@ def _proto_session(
     large = sum(
         proto_tensor_bytes(t) for t in proto.graph.initializer if _proto_by_reference(t, inputs)
     )
+    if not large:
+        # NOTE: nothing to hand over (weights in Constant nodes or subgraphs, as silero's If branches
+        # hold them): serialised as it is, without the light copy of every node that is then serialised
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
     if large < FILE_FROM_BYTES or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
     ):

@@ -130,7 +130,7 @@ def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, li
     for name, value in list(graph.initializers.items()):
         if id(value) not in read:
             graph.initializers.pop(name)
-    session = make_session(probe)
+    session = make_session(probe, spin=False)  # NOTE: a few runs: no busy-waiting threads
     wanted = [o.name for o in session.get_outputs()]
     seen: dict[str, list[bool]] = {name: [] for name in names}
     for feeds in data.batches(_FEED_BATCH):

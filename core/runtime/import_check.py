@@ -42,7 +42,7 @@ class _Sessions:
     both alive at once: the original's is dropped before the normalised model's is built.
 
     NOTE: both get their large weights by reference (no serialised copy), run a few samples (no
-    pre-packed copies: prepack=False) and hold no arena (spin=False)."""
+    pre-packed copies: prepack=False, no constant folding: fold=False) and hold no arena (spin=False)."""
 
     def __init__(self, original: onnx.ModelProto, normalised: ir.Model) -> None:
         self.original, self.normalised = original, normalised
@@ -55,7 +55,7 @@ class _Sessions:
         setattr(self, other, None)
         if getattr(self, which) is None:
             model = self.original if which == "before" else Model(self.normalised)
-            setattr(self, which, make_session(model, prepack=False, spin=False))
+            setattr(self, which, make_session(model, prepack=False, spin=False, fold=False))
             self.built += 1
         return getattr(self, which)
 

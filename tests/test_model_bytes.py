@@ -69,3 +69,13 @@ def test_in_memory_weights_of_every_kind_are_sized_exactly(tmp_path):
     assert model_bytes(model) == _serialised(model)
     assert {name: v.const_value for name, v in graph.initializers.items()} == before
     assert all(v.const_value is before[name] for name, v in graph.initializers.items())
+
+
+def test_a_weight_under_another_name_is_sized_under_its_value_name(tmp_path):
+    """A weight whose proto carries another name than its value's (silero-vad's branch weights lifted to
+    the main graph, fresh from load) keeps it until a serialisation renames it: sized as written."""
+    model = _model(tmp_path, [3000, 3000])
+    proto = numpy_helper.from_array(np.ones(3000, np.float32), "a_much_longer_name_than_W0_has")
+    model.ir.graph.initializers["W0"].const_value = ir.TensorProtoTensor(proto)
+    size = model_bytes(model)
+    assert size == _serialised(model)

@@ -102,8 +102,12 @@ def _serialised_size(model: ir.Model) -> int:
     swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
     for value in graph.initializers.values():
         tensor = value.const_value
-        size = None if tensor is None or not value.name else _raw_data_bytes(tensor)
-        if tensor is None or size is None:
+        if tensor is None or not value.name:
+            continue
+        # NOTE: as serialize_graph_into does to every initializer (a TensorProtoTensor's proto too)
+        tensor.name = value.name
+        size = _raw_data_bytes(tensor)
+        if size is None:
             continue
         sized[value.name or ""] = size
         swapped.append((value, tensor))

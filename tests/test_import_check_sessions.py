@@ -105,3 +105,16 @@ def test_a_proto_with_no_large_main_graph_weight_runs_as_serialised(tmp_path):
     from_file = run(make_session(str(tmp_path / "pad.onnx")), feeds)
     assert proto.SerializeToString() == before
     np.testing.assert_array_equal(from_proto[0], from_file[0])
+
+
+def test_a_session_without_constant_folding_gives_the_same_outputs(tmp_path):
+    """fold=False (the import check's and export's verification sessions): ORT's constant folding is
+    off, its Constant node runs at each run instead, to the same outputs."""
+    _padded(tmp_path / "pad.onnx", pad=3)
+    proto = onnx.load(tmp_path / "pad.onnx")
+    feeds = {"x": np.arange(64, dtype=np.float32).reshape(8, 8)}
+    folding = make_session(proto.SerializeToString())
+    not_folding = make_session(proto.SerializeToString(), fold=False)
+    key = "optimization.disable_specified_optimizers"
+    assert not_folding.get_session_options().get_session_config_entry(key) == "ConstantFolding"
+    np.testing.assert_array_equal(run(not_folding, feeds)[0], run(folding, feeds)[0])

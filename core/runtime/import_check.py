@@ -48,7 +48,6 @@ class _Sessions:
         self.original, self.normalised = original, normalised
         self.before: Any = None
         self.after: Any = None
-        self.built = 0  # sessions built, for the record (tests count them)
 
     def _session(self, which: str) -> Any:
         other = "after" if which == "before" else "before"
@@ -56,7 +55,6 @@ class _Sessions:
         if getattr(self, which) is None:
             model = self.original if which == "before" else Model(self.normalised)
             setattr(self, which, make_session(model, prepack=False, spin=False, fold=False))
-            self.built += 1
         return getattr(self, which)
 
     def compare(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:

@@ -108,7 +108,7 @@ def test_a_proto_with_no_large_main_graph_weight_runs_as_serialised(tmp_path):
 
 
 def test_a_session_without_constant_folding_gives_the_same_outputs(tmp_path):
-    """fold=False (the import check's and export's verification sessions): ORT's constant folding is
+    """fold=False (the import check's sessions, the reference of export's verification): ORT's constant folding is
     off, its Constant node runs at each run instead, to the same outputs."""
     _padded(tmp_path / "pad.onnx", pad=3)
     proto = onnx.load(tmp_path / "pad.onnx")

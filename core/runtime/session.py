@@ -315,9 +315,10 @@ def make_session(
 
     ``fold=False`` turns ORT's constant folding off: the session's outputs are the same (the constant
     subgraphs run at each run, on the kernels folding would have used), its build holds no folded
-    copies; for sessions that check a model on a few inputs (the import check, export's
-    verification), whose build is most of their cost. ORT's own calibrator goes further and turns
-    every optimisation off.
+    copies; for sessions that check a model on a few inputs (the import check, the reference of
+    export's verification), whose build is most of their cost. Not for a quantized file run as users
+    run it: ORT's QDQ fusions need the Mul of scales that gives an int32 bias its scale folded
+    first. ORT's own calibrator goes further and turns every optimisation off.
 
     A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
     external references, with ORT told the folder they live in: nothing is copied, and the

@@ -10,6 +10,7 @@ import json
 import numpy as np
 import onnx
 import onnxruntime as ort
+import pytest
 
 import modelpress
 from modelpress.data.samples import sample_inputs
@@ -91,3 +92,17 @@ def test_the_same_run_writes_the_same_bytes(tmp_path):
     assert path_a.read_bytes() == path_b.read_bytes()
     loaded = modelpress.load(path_a, show_progress=False).provenance.passes[-1]
     assert loaded.seconds == 0.0 and loaded.figures == result_a.provenance.passes[-1].figures
+
+
+def test_export_verifies_the_file_as_ort_runs_it(tmp_path):
+    """The written file's verification session runs it as a user's session does: with ORT's constant
+    folding, which folds each int32 bias's Mul of scales so that the convs fuse into integer kernels
+    (without it they stay DQ -> Conv -> Q, a different computation from the one users get)."""
+    from modelpress.io.export import _output_session
+
+    _, _, path, _ = _quantized(tmp_path)
+    options = _output_session(path, path, prepack=True).get_session_options()
+    with pytest.raises(
+        RuntimeError, match="does not have configuration"
+    ):  # NOTE: no optimizer turned off
+        options.get_session_config_entry("optimization.disable_specified_optimizers")

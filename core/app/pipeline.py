@@ -67,7 +67,76 @@ def model_bytes(model: Model) -> int:
         for v in g.initializers.values()
         if isinstance(v.const_value, ir.ExternalTensor)
     )
-    return int(ir.serde.serialize_model(model.ir).ByteSize()) + external
+    return _serialised_size(model.ir) + external
+
+
+# NOTE: a main-graph initializer of at least this many bytes is sized, not serialised
+_SIZED_BYTES = 1 << 12
+_PLACEHOLDER = "modelpress-sized"
+
+
+def _varint_len(n: int) -> int:
+    return max(1, (n.bit_length() + 6) // 7)
+
+
+def _raw_data_bytes(tensor: ir.TensorProtocol) -> int | None:
+    """How many bytes of values ``serialize_tensor_into`` writes as ``raw_data`` beside the name, type and
+    dims (the whole TensorProto's size, negated, for a tensor it copies from its own proto); None: it writes
+    more than that (a doc string, metadata, strings, an external reference) or is too small to matter."""
+    if tensor.metadata_props or tensor.nbytes < _SIZED_BYTES:
+        return None
+    if isinstance(tensor, ir.TensorProtoTensor):
+        # NOTE: serialised by CopyFrom: its own encoding (int64_data, float_data, ...), its own size
+        return -int(tensor.raw.ByteSize())
+    if type(tensor) in (ir.Tensor, ir.PackedTensor) and tensor.dtype != ir.DataType.STRING:
+        return None if tensor.doc_string else int(tensor.nbytes)
+    return None
+
+
+def _serialised_size(model: ir.Model) -> int:
+    """``serialize_model(model).ByteSize()``, exactly, without copying the large weights: each large
+    initializer of the main graph is serialised as an empty reference (name, type, dims), and the size
+    its values add (a ``raw_data`` field, or its own proto's) is added to the sizes that enclose it."""
+    graph = model.graph
+    sized: dict[str, int] = {}
+    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    for value in graph.initializers.values():
+        tensor = value.const_value
+        if tensor is None or not value.name:
+            continue
+        # NOTE: as serialize_graph_into does to every initializer (a TensorProtoTensor's proto too)
+        tensor.name = value.name
+        size = _raw_data_bytes(tensor)
+        if size is None:
+            continue
+        sized[value.name or ""] = size
+        swapped.append((value, tensor))
+        value.const_value = ir.ExternalTensor(
+            _PLACEHOLDER,
+            0,
+            tensor.nbytes,
+            tensor.dtype,
+            shape=tensor.shape,  # type: ignore[arg-type]
+            name=value.name or "",
+        )
+    try:
+        proto = ir.serde.serialize_model(model)
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
+    added = 0
+    for tensor_proto in proto.graph.initializer:
+        if tensor_proto.name not in sized or tensor_proto.data_location != tensor_proto.EXTERNAL:
+            continue
+        tensor_proto.ClearField("external_data")
+        tensor_proto.ClearField("data_location")
+        light, raw = tensor_proto.ByteSize(), sized[tensor_proto.name]
+        full = -raw if raw < 0 else light + 1 + _varint_len(raw) + raw
+        added += full - light + _varint_len(full) - _varint_len(light)
+    graph_light = proto.graph.ByteSize()
+    return (
+        int(proto.ByteSize()) + added + _varint_len(graph_light + added) - _varint_len(graph_light)
+    )
 
 
 def _content(model: Model) -> tuple[object, ...]:

@@ -169,7 +169,7 @@ def verify(
 
 def _reference_outputs(reference: Model, feeds: list[dict[str, np.ndarray]]) -> list[np.ndarray]:
     """The reference's outputs, its session (its weights read from their own files) freed at once."""
-    session = make_session(reference, prepack=False, spin=False, arena=True)
+    session = make_session(reference, prepack=False, spin=False, arena=True, fold=False)
     try:
         return run_dataset(session, feeds)
     finally:
@@ -299,7 +299,9 @@ class Checks:
 
 def _output_session(staged: Path, target: Path, *, prepack: bool) -> Any:
     # NOTE: not spinning: verification sweeps the samples, where busy-waiting threads only burn CPU
-    # (a fifth of an export's); with the arena, which verification's peak memory was measured with
+    # (a fifth of an export's); with the arena, which verification's peak memory was measured with.
+    # NOTE: with constant folding, as a user's session runs the file: an int8 bias's scale is a Mul of
+    # two scales that ORT folds before its QDQ fusions; unfolded, the Convs stay DQ -> Conv -> Q
     try:
         return make_session(staged, prepack=prepack, spin=False, arena=True)
     except InvalidModelError as exc:

@@ -4,7 +4,7 @@ normalised model whose outputs differ is not kept."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -29,15 +29,49 @@ def check_equivalent(
     original: onnx.ModelProto, normalised: ir.Model, feeds: dict[str, np.ndarray]
 ) -> dict[str, Any]:
     """Run both in ONNX Runtime on ``feeds``; the worst absolute and relative difference."""
-    # NOTE: both sessions get their large weights by reference (no serialised copy), run a few samples
-    # (no pre-packed copies: prepack=False) and hold no arena (spin=False)
-    before = make_session(original, prepack=False, spin=False)
-    expected = run(before, feeds)
-    del before
-    actual = run(make_session(Model(normalised), prepack=False, spin=False), feeds)
-    # NOTE: what the two sessions freed goes back now, not at the next session: the model's next steps
-    # (a method's passes, export) start from the loaded model, not from its check's high-water mark
-    release_free_memory()
+    sessions = _Sessions(original, normalised)
+    try:
+        return sessions.compare(feeds)
+    finally:
+        sessions.close()
+
+
+class _Sessions:
+    """The check's two sessions, each built on first use and kept for the next inputs tried (a
+    model that refuses random inputs of one size is tried on others with the same session), never
+    both alive at once: the original's is dropped before the normalised model's is built.
+
+    NOTE: both get their large weights by reference (no serialised copy), run a few samples (no
+    pre-packed copies: prepack=False, no constant folding: fold=False) and hold no arena (spin=False)."""
+
+    def __init__(self, original: onnx.ModelProto, normalised: ir.Model) -> None:
+        self.original, self.normalised = original, normalised
+        self.before: Any = None
+        self.after: Any = None
+
+    def _session(self, which: str) -> Any:
+        other = "after" if which == "before" else "before"
+        setattr(self, other, None)
+        if getattr(self, which) is None:
+            model = self.original if which == "before" else Model(self.normalised)
+            setattr(self, which, make_session(model, prepack=False, spin=False, fold=False))
+        return getattr(self, which)
+
+    def compare(self, feeds: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Both models' outputs on ``feeds``, compared; an ORT failure on either raises."""
+        expected = run(self._session("before"), feeds)
+        actual = run(self._session("after"), feeds)
+        return _differences(expected, actual)
+
+    def close(self) -> None:
+        """Drop both sessions and hand what they freed back now, whether the check ran or not:
+        the model's next steps (a method's passes, export) start from the loaded model, not from
+        its check's high-water mark."""
+        self.before = self.after = None
+        release_free_memory()
+
+
+def _differences(expected: list[np.ndarray], actual: list[np.ndarray]) -> dict[str, Any]:
     worst_abs = worst_rel = 0.0
     for ref, out in zip(expected, actual, strict=True):
         ref, out = np.asarray(ref), np.asarray(out)
@@ -98,25 +132,8 @@ def normalize_on_import(
         figures["check"] = "not run (external data or over 1 GB)"
         return model, figures
     signature = Signature.from_graph(model.graph)
-    check: dict[str, Any] | None = None
-    tried: set[tuple] = set()  # type: ignore[type-arg]
-    for feeds in [sample] if sample is not None else _check_inputs(signature):
-        # NOTE: inputs whose dynamic axes are not the batch give the same shapes: tried once
-        shapes = tuple((k, v.shape) for k, v in feeds.items())
-        if shapes in tried:
-            continue
-        tried.add(shapes)
-        try:
-            check = check_equivalent(original, model, feeds)
-            break
-        except Exception as exc:  # NOTE: e.g. random inputs outside what the model accepts
-            text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            text = (
-                text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
-            )  # NOTE: never cut mid-word
-            figures["check"] = (
-                f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
-            )
+    tries = [sample] if sample is not None else _check_inputs(signature)
+    check = _first_check(_Sessions(original, model), tries, figures)
     if check is None:
         return model, figures
     figures["check"] = check
@@ -126,3 +143,31 @@ def normalize_on_import(
         )
         return ir.serde.deserialize_model(original), figures
     return model, figures
+
+
+def _first_check(
+    sessions: _Sessions, tries: Iterable[dict[str, np.ndarray]], figures: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The comparison on the first of ``tries`` both models run on (None: none; ``figures["check"]``
+    then says why), with one session per model for all the inputs tried, freed at the end."""
+    tried: set[tuple] = set()  # type: ignore[type-arg]
+    try:
+        for feeds in tries:
+            # NOTE: inputs whose dynamic axes are not the batch give the same shapes: tried once
+            shapes = tuple((k, v.shape) for k, v in feeds.items())
+            if shapes in tried:
+                continue
+            tried.add(shapes)
+            try:
+                return sessions.compare(feeds)
+            except Exception as exc:  # NOTE: e.g. random inputs outside what the model accepts
+                text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                text = (
+                    text if len(text) <= 300 else text[:300].rsplit(" ", 1)[0] + " ..."
+                )  # NOTE: never cut mid-word
+                figures["check"] = (
+                    f"not run: ONNX Runtime cannot run the original on sample inputs ({type(exc).__name__}: {text}); pass sample= to load()"
+                )
+        return None
+    finally:
+        sessions.close()

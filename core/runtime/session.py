@@ -50,10 +50,21 @@ FILE_FROM_BYTES = 1 << 23
 
 
 def _options(
-    threads: int | None, prepack: bool = True, spin: bool = True, arena: bool | None = None
+    threads: int | None,
+    prepack: bool = True,
+    spin: bool = True,
+    arena: bool | None = None,
+    fold: bool = True,
 ) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    if not fold:
+        # NOTE: ORT's constant folding runs the constant subgraphs once at load with the kernels that
+        # would run them anyway (the outputs are the same), at a transient cost of about the model's
+        # size again: silero-vad's session peaks 13 MB above its base with it, 9 MB without
+        opts.add_session_config_entry(
+            "optimization.disable_specified_optimizers", "ConstantFolding"
+        )
     if not spin:
         # NOTE: ORT's worker threads busy-wait between ops by default: for sessions that sweep data as
         # work (calibration, judging candidates) that burns a third of the CPU time for no gain.
@@ -225,6 +236,10 @@ def _proto_session(
     large = sum(
         proto_tensor_bytes(t) for t in proto.graph.initializer if _proto_by_reference(t, inputs)
     )
+    if not large:
+        # NOTE: nothing to hand over (weights in Constant nodes or subgraphs, as silero's If branches
+        # hold them): serialised as it is, without the light copy of every node that is then serialised
+        return ort.InferenceSession(proto.SerializeToString(), opts, providers=providers)
     if large < FILE_FROM_BYTES or any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
     ):
@@ -279,6 +294,7 @@ def make_session(
     prepack: bool = True,
     spin: bool = True,
     arena: bool | None = None,
+    fold: bool = True,
 ) -> ort.InferenceSession:
     """An ORT CPU session for a model, a file (a ``.mpk`` pack is decoded in memory), an
     ``onnx.ModelProto`` (not changed; its large weights go to ORT by reference) or a serialised
@@ -297,6 +313,13 @@ def make_session(
     ``arena=True`` keeps it (for a sweep of a few runs in a process whose heap keeps what it frees:
     the arena's blocks are reused run after run, where freed buffers would stay resident).
 
+    ``fold=False`` turns ORT's constant folding off: the session's outputs are the same (the constant
+    subgraphs run at each run, on the kernels folding would have used), its build holds no folded
+    copies; for sessions that check a model on a few inputs (the import check, the reference of
+    export's verification), whose build is most of their cost. Not for a quantized file run as users
+    run it: ORT's QDQ fusions need the Mul of scales that gives an int32 bias its scale folded
+    first. ORT's own calibrator goes further and turns every optimisation off.
+
     A model whose weights are (partly) in external data is handed to ORT as bytes that keep the
     external references, with ORT told the folder they live in: nothing is copied, and the
     references do not resolve against the working directory. A model with more than
@@ -308,7 +331,7 @@ def make_session(
         from modelpress.plugin.loading import load
 
         model = load(model)
-    opts = _options(threads, prepack, spin, arena)
+    opts = _options(threads, prepack, spin, arena, fold)
     providers = ["CPUExecutionProvider"]
     if not _BOUND:  # NOTE: the model is sized only until the process has decided (bound_malloc)
         bound_malloc(weight_bytes(model))

@@ -130,7 +130,7 @@ def _conditions(model: Model, ifs: list[ir.Node], data: Dataset) -> dict[str, li
     for name, value in list(graph.initializers.items()):
         if id(value) not in read:
             graph.initializers.pop(name)
-    session = make_session(probe)
+    session = make_session(probe, spin=False)  # NOTE: a few runs: no busy-waiting threads
     wanted = [o.name for o in session.get_outputs()]
     seen: dict[str, list[bool]] = {name: [] for name in names}
     for feeds in data.batches(_FEED_BATCH):
@@ -336,13 +336,19 @@ def _rewrap(model: Model, rec: _Inlined, all_exits: set[str]) -> None:
     graph.remove(nodes)
     taken = ir.Graph([], [], nodes=[], name=rec.node.attributes[rec.taken].as_graph().name)
     b = model.builder()
+    # NOTE: built with an empty stand-in for the other branch, which then takes its place: the builder's
+    # per-node type inference serialises the node whole, the other branch's weights with it
+    stand_in = ir.Graph([], [], nodes=[], name=other.name)
     new_outs = b.op_multi_out(
         "If",
         [cond],
-        {rec.taken: taken, other_name: other},
+        {rec.taken: taken, other_name: stand_in},
         name=rec.node.name,
         outs=[Out(dtype=v.dtype, shape=v.shape) for v in outs],
     )
+    if_node = new_outs[0].producer()
+    assert if_node is not None
+    if_node.attributes[other_name] = ir.Attr(other_name, ir.AttributeType.GRAPH, other)
     readers = _consumer_ids(outs)
     anchor = next((n for n in graph if id(n) in readers), None)
     for out, new in zip(outs, new_outs, strict=True):

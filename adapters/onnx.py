@@ -135,8 +135,10 @@ def _check(
 
 def _take_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
     """``proto`` given what shape inference wrote into its weight-free copy ``inferred``: every field but
-    the initializers (which inference never changes) and the nodes without subgraphs (whose value_info
-    it fills). NOTE: the weights stay where they are: copying them into ``inferred`` held them twice."""
+    the initializers (which inference never changes) and the nodes, and in the graphs of nodes with
+    subgraphs their inputs, outputs and value_info (what inference fills). NOTE: the weights stay where
+    they are: copying them (or whole If nodes, whose branches can hold every weight: silero-vad) into
+    the proto's arena held them twice for the loaded model's life."""
     for name in _field_names(proto, skip=("graph",)):
         proto.ClearField(name)
     _copy_fields(inferred, proto, skip="graph")
@@ -146,9 +148,21 @@ def _take_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
     for desc, value in typed_graph.ListFields():
         if desc.name not in ("initializer", "node"):
             _copy_field(desc, value, graph)
-    for node, typed in zip(graph.node, typed_graph.node, strict=True):
-        if any(attr.HasField("g") or attr.graphs for attr in node.attribute):
-            node.CopyFrom(typed)
+    _take_subgraph_types(graph, typed_graph)
+
+
+def _take_subgraph_types(graph: onnx.GraphProto, typed: onnx.GraphProto) -> None:
+    for node, typed_node in zip(graph.node, typed.node, strict=True):
+        for attr, typed_attr in zip(node.attribute, typed_node.attribute, strict=True):
+            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
+            typed_subgraphs = (
+                [typed_attr.g] if typed_attr.HasField("g") else list(typed_attr.graphs)
+            )
+            for sub, typed_sub in zip(subgraphs, typed_subgraphs, strict=True):
+                for name in ("input", "output", "value_info"):
+                    sub.ClearField(name)
+                    getattr(sub, name).extend(getattr(typed_sub, name))
+                _take_subgraph_types(sub, typed_sub)
 
 
 def _field_names(message: Any, skip: tuple[str, ...]) -> list[str]:
@@ -194,18 +208,37 @@ def _copy_field(desc: Any, value: Any, target: Any) -> None:
 
 
 def _without_weights(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``proto`` whose large main-graph initializers keep their name, type and shape but no bytes."""
+    """A copy of ``proto`` whose large initializers (of every graph) keep their name, type and shape but no bytes."""
     light = onnx.ModelProto()
     _copy_fields(proto, light, skip="graph")
-    _copy_fields(proto.graph, light.graph, skip="initializer")
-    for tensor in proto.graph.initializer:
-        if _large(tensor):
-            light.graph.initializer.add(
-                name=tensor.name, data_type=tensor.data_type, dims=tensor.dims
-            )
-        else:
-            light.graph.initializer.add().CopyFrom(tensor)
+    _light_graph(proto.graph, light.graph)
     return light
+
+
+def _light_graph(graph: onnx.GraphProto, light: onnx.GraphProto) -> None:
+    for desc, value in graph.ListFields():
+        if desc.name not in ("initializer", "node"):
+            _copy_field(desc, value, light)
+    for node in graph.node:
+        if not any(attr.HasField("g") or attr.graphs for attr in node.attribute):
+            light.node.add().CopyFrom(node)
+            continue
+        copy = light.node.add()
+        _copy_fields(node, copy, skip="attribute")
+        for attr in node.attribute:
+            new = copy.attribute.add()
+            for desc, value in attr.ListFields():
+                if desc.name not in ("g", "graphs"):
+                    _copy_field(desc, value, new)
+            if attr.HasField("g"):
+                _light_graph(attr.g, new.g)
+            for sub in attr.graphs:
+                _light_graph(sub, new.graphs.add())
+    for tensor in graph.initializer:
+        if _large(tensor):
+            light.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims)
+        else:
+            light.initializer.add().CopyFrom(tensor)
 
 
 def _first(exc: BaseException) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import re
 import typing
 from collections.abc import Callable, Iterator
@@ -143,7 +142,9 @@ class Options(pydantic.BaseModel):
     description is the help text ``modelpress plugins`` prints. Unknown options are errors.
     """
 
-    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    # NOTE: defer_build: a schema's validator is built on its first use, not when the plugin is
+    # imported (every method's options class is made at registry load; one run uses one or two)
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True, defer_build=True)
 
 
 # The figures a method that judged its own result writes through PassContext.report_criteria
@@ -290,6 +291,8 @@ class Method:
         fields = list(self.options.model_fields)
         unknown = [k for k in raw if k not in fields]
         if unknown:
+            import difflib
+
             hints = []
             for key in unknown:
                 close = difflib.get_close_matches(key, fields, n=1)

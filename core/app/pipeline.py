@@ -19,7 +19,7 @@ from modelpress.base.errors import (
     one_line,
 )
 from modelpress.ir.checks import dead_nodes, graph_problems
-from modelpress.ir.model import Model
+from modelpress.ir.model import Model, references_in_place
 from modelpress.ir.provenance import PassRecord, figure_problem
 from modelpress.plugin.config import env_defaults
 from modelpress.plugin.methods import Method, Options, PassContext
@@ -99,7 +99,7 @@ def _serialised_size(model: ir.Model) -> int:
     its values add (a ``raw_data`` field, or its own proto's) is added to the sizes that enclose it."""
     graph = model.graph
     sized: dict[str, int] = {}
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    chosen: list[ir.Value] = []
     for value in graph.initializers.values():
         tensor = value.const_value
         if tensor is None or not value.name:
@@ -110,20 +110,9 @@ def _serialised_size(model: ir.Model) -> int:
         if size is None:
             continue
         sized[value.name or ""] = size
-        swapped.append((value, tensor))
-        value.const_value = ir.ExternalTensor(
-            _PLACEHOLDER,
-            0,
-            tensor.nbytes,
-            tensor.dtype,
-            shape=tensor.shape,  # type: ignore[arg-type]
-            name=value.name or "",
-        )
-    try:
+        chosen.append(value)
+    with references_in_place(chosen, _PLACEHOLDER):
         proto = ir.serde.serialize_model(model)
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
     added = 0
     for tensor_proto in proto.graph.initializer:
         if tensor_proto.name not in sized or tensor_proto.data_location != tensor_proto.EXTERNAL:

@@ -33,11 +33,34 @@ from modelpress.ir.signature import Signature
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-__all__ = ["Model", "type_initializers"]
+__all__ = ["Model", "references_in_place", "type_initializers"]
 
 # NOTE: weights up to this size stay in the proto handed to ONNX shape inference (shape tensors
 # that data propagation reads); bigger ones are left out, so inference never copies the weights.
 _INLINE_BYTES = 1024
+
+
+@contextlib.contextmanager
+def references_in_place(values: Sequence[ir.Value], location: str) -> Iterator[None]:
+    """While inside: each of ``values``' tensors stands as an external-data reference to ``location``
+    (its name, type and shape, no bytes), so serialising the graph copies none of their weights; the
+    tensors are put back on exit. For callers that hand the weights over another way (ORT's external
+    initializers) or size them without their bytes."""
+    swapped = [(value, value.const_value) for value in values if value.const_value is not None]
+    for value, tensor in swapped:
+        value.const_value = ir.ExternalTensor(
+            location,
+            0,
+            tensor.nbytes,
+            tensor.dtype,
+            shape=tensor.shape,  # type: ignore[arg-type]
+            name=value.name or "",
+        )
+    try:
+        yield
+    finally:
+        for value, tensor in swapped:
+            value.const_value = tensor
 
 
 def type_initializers(model: ir.Model) -> None:

@@ -21,7 +21,7 @@ import onnxruntime as ort
 
 from modelpress.base.errors import InvalidModelError
 from modelpress.ir.counting import weight_bytes as counted_weight_bytes
-from modelpress.ir.model import Model
+from modelpress.ir.model import Model, references_in_place
 
 __all__ = [
     "FILE_FROM_BYTES",
@@ -135,7 +135,7 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
     references, and ``opts`` hands ORT their arrays (``add_external_initializers``), so building a
     session holds no serialised copy of the weights beside the model (a 90 MB encoder: 180 MB less
     at the peak). Yields the arrays, which must outlive the session."""
-    swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+    chosen: list[ir.Value] = []
     names, values, arrays = [], [], []
     for value in graph.initializers.values():
         tensor = value.const_value
@@ -152,22 +152,11 @@ def _weights_by_reference(graph: ir.Graph, opts: ort.SessionOptions) -> Iterator
         arrays.append(array)
         names.append(value.name)
         values.append(ort.OrtValue.ortvalue_from_numpy(array))
-        swapped.append((value, tensor))
-        value.const_value = ir.ExternalTensor(
-            _IN_MEMORY,
-            0,
-            array.nbytes,
-            tensor.dtype,
-            shape=tensor.shape,  # type: ignore[arg-type]
-            name=value.name,
-        )
-    try:
+        chosen.append(value)
+    with references_in_place(chosen, _IN_MEMORY):
         if names:
             opts.add_external_initializers(names, values)
         yield arrays
-    finally:
-        for value, tensor in swapped:
-            value.const_value = tensor
 
 
 def proto_tensor_bytes(tensor: onnx.TensorProto) -> int:

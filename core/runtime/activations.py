@@ -121,14 +121,17 @@ def _widen(s: TensorStats, absmax: float) -> None:
         s.hist_range = absmax
 
 
-def _sample_bytes(session: Any, data: Dataset, keep: list | None = None) -> int:  # type: ignore[type-arg]
-    """Bytes of the observed tensors of one run on the largest sample (``keep`` receives that
-    sample's feeds and the run's outputs)."""
-    feeds = data.largest_sample()
-    results = run(session, feeds)
-    if keep is not None:
-        keep[:] = [feeds, results]
-    return sum(int(np.asarray(r).nbytes) for r in results)
+@dataclass(frozen=True)
+class _SizingRun:
+    """The run on the largest sample that sizes the batches: its feeds and outputs, kept so that a
+    first batch of that one sample is not run twice."""
+
+    feeds: dict[str, np.ndarray]
+    outputs: list[Any]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(int(np.asarray(r).nbytes) for r in self.outputs)
 
 
 def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
@@ -139,18 +142,18 @@ def calibration_batch(session: Any, data: Dataset, batch_size: int) -> int:
 
 
 def _batch_and_part(
-    session: Any,
-    data: Dataset,
-    batch_size: int,
-    keep: list | None = None,  # type: ignore[type-arg]
-) -> tuple[int, int]:
+    session: Any, data: Dataset, batch_size: int
+) -> tuple[int, int, _SizingRun | None]:
     """:func:`calibration_batch`'s samples per batch, and per run (``RUN_BUDGET``; 0 where a batch
-    is one sample), from one run on the largest sample (``keep``: see :func:`_sample_bytes`)."""
+    is one sample), from one run on the largest sample (returned too; None where none was made)."""
     if len(data) <= 1 or batch_size <= 1 or data.max_batch == 1 or data.whole_feeds:
-        return 1, 0
-    per_sample = max(_sample_bytes(session, data, keep), 1)
+        return 1, 0, None
+    feeds = data.largest_sample()
+    sizing = _SizingRun(feeds, list(run(session, feeds)))
+    per_sample = max(sizing.nbytes, 1)
     step = max(1, min(batch_size, ACTIVATION_BUDGET // per_sample))
-    return step, (max(1, min(step, RUN_BUDGET // per_sample)) if step > 1 else 0)
+    part = max(1, min(step, RUN_BUDGET // per_sample)) if step > 1 else 0
+    return step, part, sizing
 
 
 class ActivationCollector:
@@ -166,21 +169,20 @@ class ActivationCollector:
         outputs = [o.name for o in self.session.get_outputs()]
         self.index = {name: outputs.index(name) for name in names if name in outputs}
         self.part = 0  # samples per run (0: the whole batch)
-        self.sized: list = []  # type: ignore[type-arg]
+        self.sized: _SizingRun | None = None
 
     def batch(self, data: Dataset, batch_size: int) -> int:
-        step, self.part = _batch_and_part(self.session, data, batch_size, self.sized)
-        if step != 1:
-            self.sized = []
+        step, self.part, sized = _batch_and_part(self.session, data, batch_size)
+        self.sized = sized if step == 1 else None
         return step
 
     def _sized_outputs(self, feeds: dict[str, np.ndarray]) -> list | None:  # type: ignore[type-arg]
         """The sizing run's outputs (:meth:`batch`) when ``feeds`` is that same one sample: the
         first batch's run, not made twice (PP-OCR det: ~0.1 CPU-s). Given out once."""
-        sized, self.sized = self.sized, []
-        if sized and sized[0].keys() == feeds.keys():
-            if all(np.array_equal(sized[0][k], feeds[k]) for k in feeds):
-                return list(sized[1])
+        sized, self.sized = self.sized, None
+        if sized is not None and sized.feeds.keys() == feeds.keys():
+            if all(np.array_equal(sized.feeds[k], feeds[k]) for k in feeds):
+                return list(sized.outputs)
         return None
 
     def _parts(self, feeds: dict[str, np.ndarray], max_batch: int | None) -> list[dict]:

@@ -163,6 +163,16 @@ def run_cli(
     )
 
 
+def ctrl_c_at_default() -> None:
+    """``preexec_fn`` for a process a test stops with SIGINT (Ctrl-C): the signal at its default
+    disposition, so Python raises KeyboardInterrupt. A test runner started as a background job
+    (``pytest &``, ``nohup``) inherits SIGINT *ignored*, and so would the process: it would never
+    see the Ctrl-C (a dashboard server outliving it, a tune driver finishing every trial)."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_cli_here(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

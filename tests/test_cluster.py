@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from tests.cluster_helpers import LocalCluster
+from tests.conftest import ctrl_c_at_default
 
 pytest.importorskip("ray", reason="needs the distributed extra")
 pytest.importorskip("optuna", reason="needs the distributed extra")
@@ -115,6 +116,7 @@ def _driver(cluster: LocalCluster, args: list[str], cwd: Path, **popen: object) 
         env=cluster.env(),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        preexec_fn=ctrl_c_at_default,  # NOTE: the interrupted-driver test stops it with Ctrl-C
         **popen,
     )
 
@@ -330,8 +332,8 @@ def test_interrupted_driver_resumes_without_rerunning_finished_trials(
     ]
     proc = _driver(cluster, args, tmp_path)
     db = tmp_path / "out" / "study.db"
-    # NOTE: 6 trials, interrupted after 2: with 5, one run on a quiet machine ended with exit 0 and
-    # every trial done (the likely race: the last trials finishing before the Ctrl-C arrives)
+    # NOTE: 6 trials, interrupted after 2 (a driver that ignored its Ctrl-C, SIGINT inherited ignored
+    # from a runner started in the background, ended with exit 0 and every trial done)
     _wait(lambda: len(_finished(db)) >= 2, proc, cluster, "two trials finished")
     proc.send_signal(
         signal.SIGINT

@@ -21,7 +21,7 @@ import yaml
 
 import modelpress
 from tests import browser as chromium
-from tests.conftest import ROOT
+from tests.conftest import ROOT, ctrl_c_at_default
 
 pytest.importorskip("ray", reason="needs the distributed extra")
 pytest.importorskip("optuna", reason="needs the distributed extra")
@@ -94,6 +94,7 @@ def _serve(target: str) -> tuple[subprocess.Popen, str]:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=ctrl_c_at_default,  # NOTE: stopped by its Ctrl-C
     )
     line = proc.stderr.readline()
     assert "http://127.0.0.1:" in line, line + (

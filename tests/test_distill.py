@@ -102,6 +102,9 @@ def test_keras_teacher_torch_student(keras_digits, digits):
             x = torch.relu(self.conv(image.permute(0, 3, 1, 2)))
             return self.fc(torch.flatten(torch.nn.functional.max_pool2d(x, 2), 1))
 
+    torch.manual_seed(
+        0
+    )  # NOTE: the student's initial weights (unseeded, one CI run ended at 0.90 exactly)
     student_model = modelpress.load(
         Student().eval(), example_inputs=x_test[:4], input_names=["image"]
     )
@@ -111,7 +114,9 @@ def test_keras_teacher_torch_student(keras_digits, digits):
     student = modelpress.distill(
         teacher, student_model, data=train, epochs=6, lr=5e-3, show_progress=False
     )
-    assert _accuracy(student, x_test, digits["y_test"]) > 0.9
+    accuracy = _accuracy(student, x_test, digits["y_test"])
+    print(f"keras teacher, torch student: held-out accuracy {accuracy:.4f}")
+    assert accuracy > 0.9
     assert student.provenance.passes[-1].figures["student"] == "given"
 
 

@@ -31,6 +31,7 @@ from modelpress.plugin_api import (
     hookimpl,
     normalize_on_import,
     one_line,
+    proto_tensor_bytes,
     type_initializers,
 )
 
@@ -173,19 +174,6 @@ def _large(tensor: onnx.TensorProto) -> bool:
     return (
         tensor.data_location != onnx.TensorProto.EXTERNAL and proto_tensor_bytes(tensor) > 1 << 16
     )  # NOTE: shape tensors are far smaller; not ByteSize(), which serialises the tensor to count it
-
-
-def proto_tensor_bytes(tensor: onnx.TensorProto) -> int:
-    """The bytes a TensorProto's values take, from its dims and data type. NOTE: not ``ByteSize()``,
-    which serialises the tensor (a transient copy of its weights) to count them."""
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (ValueError, TypeError, NotImplementedError):
-        return tensor.ByteSize()  # NOTE: strings, and types onnx_ir does not know
-    count = 1
-    for dim in tensor.dims:
-        count *= max(int(dim), 0)
-    return -(-count * bits // 8)
 
 
 def _copy_fields(source: Any, target: Any, skip: str) -> None:

@@ -35,7 +35,8 @@ Training (needs the ``torch`` extra; imported lazily)
 Writing an adapter
     :class:`Adapter`, :meth:`Model.from_onnx`, :class:`Provenance`, :func:`check_import` (the
     numeric import check every built-in adapter runs), :func:`normalize_on_import`,
-    :func:`type_initializers` (after deserialising a proto yourself);
+    :func:`type_initializers` (after deserialising a proto yourself), :func:`proto_tensor_bytes` (a
+    TensorProto's value bytes from its dims and type, without serialising it);
     :func:`modelpress.testing.check_adapter` for your tests.
 Writing a codec
     :class:`Codec`, :class:`TensorInfo` (its ``dtype`` an :class:`ElementType`), :func:`numpy_dtype`, :data:`PACK_MAGIC`, :func:`read_packed`;
@@ -111,7 +112,13 @@ if TYPE_CHECKING:
         calibration_batch,
     )
     from modelpress.runtime.import_check import normalize_on_import
-    from modelpress.runtime.session import make_session, run, run_dataset, with_outputs
+    from modelpress.runtime.session import (
+        make_session,
+        proto_tensor_bytes,
+        run,
+        run_dataset,
+        with_outputs,
+    )
 
 # NOTE: each name and (module, name there): imported on first use (PEP 562), so a plugin that imports
 # Codec and hookimpl (a codec plugin: what `modelpress unpack` loads) imports no onnx, onnx-ir or ONNX Runtime
@@ -180,6 +187,7 @@ _API: dict[str, tuple[str, str]] = {
     "calibration_batch": ("modelpress.runtime.activations", "calibration_batch"),
     "normalize_on_import": ("modelpress.runtime.import_check", "normalize_on_import"),
     "make_session": ("modelpress.runtime.session", "make_session"),
+    "proto_tensor_bytes": ("modelpress.runtime.session", "proto_tensor_bytes"),
     "run": ("modelpress.runtime.session", "run"),
     "run_dataset": ("modelpress.runtime.session", "run_dataset"),
     "with_outputs": ("modelpress.runtime.session", "with_outputs"),
@@ -258,6 +266,7 @@ __all__ = [
     "one_line",
     "perplexity",
     "progress_bar",
+    "proto_tensor_bytes",
     "read_packed",
     "recurrent_refusals",
     "run",

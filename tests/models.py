@@ -14,6 +14,27 @@ def images(x: np.ndarray, layout: str) -> np.ndarray:
     return x[:, None, :, :] if layout == "nchw" else x[:, :, :, None]
 
 
+def tiny_cnn_int8(**options):  # type: ignore[no-untyped-def]
+    """modelpress's tiny CNN (16 channels) through int8-static on 4 generated batches of 8 (SmoothQuant
+    off, a result without gain allowed; ``options`` on top): ``(cnn, calibration, result)``."""
+    import modelpress
+    from modelpress.data.samples import sample_inputs
+    from modelpress.testing import tiny_cnn
+
+    cnn = tiny_cnn(channels=16)
+    calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(4)]
+    result = modelpress.quantize(
+        cnn,
+        "int8-static",
+        calibration=calibration,
+        smoothquant=False,
+        allow_no_gain=True,
+        show_progress=False,
+        **options,
+    )
+    return cnn, calibration, result
+
+
 # -- keras ----------------------------------------------------------------------------------------
 def keras_cnn(width: int = 16):  # type: ignore[no-untyped-def]
     import keras

@@ -93,22 +93,13 @@ def test_an_onnx_file_from_the_torch_exporter_speaks_module_paths(tmp_path):
 
 
 def test_a_quantized_model_keeps_its_weighted_layers():
-    from modelpress.data.samples import sample_inputs
-    from modelpress.testing import tiny_cnn, tiny_mlp
+    from modelpress.testing import tiny_mlp
+    from tests.models import tiny_cnn_int8
 
     def table(model):
         return sorted((r["name"], r["weight_shape"], r["parameters"]) for r in layer_rows(model))
 
-    cnn = tiny_cnn(channels=16)
-    calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(4)]
-    static = modelpress.quantize(
-        cnn,
-        "int8-static",
-        calibration=calibration,
-        smoothquant=False,
-        allow_no_gain=True,
-        show_progress=False,
-    )
+    cnn, _, static = tiny_cnn_int8()
     assert (
         "DequantizeLinear" in static.op_histogram()
         and table(static) == table(cnn)

@@ -13,23 +13,12 @@ import onnxruntime as ort
 import pytest
 
 import modelpress
-from modelpress.data.samples import sample_inputs
 from modelpress.ir.provenance import PROVENANCE_KEY
-from modelpress.testing import tiny_cnn
+from tests.models import tiny_cnn_int8
 
 
 def _quantized(tmp_path, **options):
-    cnn = tiny_cnn(channels=16)
-    calibration = [sample_inputs(cnn.signature, batch=8, seed=i) for i in range(4)]
-    result = modelpress.quantize(
-        cnn,
-        "int8-static",
-        calibration=calibration,
-        smoothquant=False,
-        allow_no_gain=True,
-        show_progress=False,
-        **options,
-    )
+    cnn, calibration, result = tiny_cnn_int8(**options)
     path = tmp_path / "int8.onnx"
     modelpress.export(result, path, sample=calibration[0], show_progress=False)
     return cnn, result, path, calibration[0]

@@ -16,12 +16,23 @@ from modelpress.plugins.quantize.sensitivity import Ranking, search
 from tests.test_criteria_kinds import flip_winners
 
 
-def _decided(criterion: Criterion, ref: np.ndarray, out: np.ndarray, batch: int) -> int | None:
-    """The row count after which the bound decided a miss (None: never)."""
+def _decided(
+    criterion: Criterion,
+    ref: np.ndarray,
+    out: np.ndarray,
+    batch: int,
+    rng: np.random.Generator | None = None,
+) -> int | None:
+    """The row count after which the bound decided a miss (None: never); with ``rng``, the batches
+    are taken in a random order (each with its ``start``)."""
     bound = MissBound(criterion, ref)
-    for start in range(0, len(out), batch):
-        if bound.add(out[start : start + batch]):
-            return start + batch
+    starts = list(range(0, len(out), batch))
+    if rng is not None:
+        starts = [starts[i] for i in rng.permutation(len(starts))]
+    for seen, start in enumerate(starts, 1):
+        if bound.add(out[start : start + batch], start if rng is not None else None):
+            assert bound.spent >= 1.0  # the share of the allowance used says so too
+            return min(seen * batch, len(out))
     return None
 
 
@@ -52,6 +63,9 @@ def test_a_miss_bound_decides_only_what_the_whole_set_decides(digits, digits_mlp
         after = _decided(criterion, ref, out, int(rng.integers(1, 9)))
         assert after is None or not met, (trial, after)
         early += after is not None and after < len(ref)
+        # NOTE: in any order of the rows, a miss is decided only where the whole set misses
+        shuffled = _decided(criterion, ref, out, int(rng.integers(1, 9)), rng)
+        assert shuffled is None or not met, (trial, shuffled)
     assert early >= 5  # the bound does decide misses before the last row
     # a perfect candidate never misses; a non-finite row decides at once
     assert _decided(criterion, ref, ref.copy(), 4) is None
@@ -124,3 +138,44 @@ def _outputs(candidate: modelpress.Model, scorer: Scorer) -> list[np.ndarray]:
     from modelpress.plugin_api import make_session, run_dataset
 
     return run_dataset(make_session(candidate), scorer.data.batches(scorer.batch_size))
+
+
+def test_a_stopped_sweep_runs_the_batches_nearest_a_miss_first(
+    digits, digits_mlp_path, monkeypatch
+):
+    """The sweeps after the first run the batches that used most of the criteria's allowance first:
+    a candidate whose flips sit in later samples is decided on its second sweep after the batches
+    holding them (its first ran in the samples' order up to them); a full sweep out of order is
+    judged exactly as one in order."""
+    from modelpress.plugins.quantize import evaluate
+
+    model = modelpress.load(digits_mlp_path, show_progress=False)
+    x = digits["x_test"][:96].copy()
+    x[-8:] = np.random.default_rng(0).uniform(0, 1, x[-8:].shape)  # noise: where low bits flip
+    data = load_dataset({"x": x}, model.signature, what="calibration")
+    scorer = Scorer(model, data, Bounds(agreement=0.99), batch_size=8)
+    runs: list[int] = []
+    real_run = evaluate.run
+    monkeypatch.setattr(
+        evaluate, "run", lambda session, feeds: runs.append(1) or real_run(session, feeds)
+    )
+    build = _candidates(model, {"int8": 4, "weight_only": 12, "float": 12})
+    order = [layer.name for layer in model.weighted_layers()]
+    coarse, good = build(order, []), build([], order)
+    (out,) = _outputs(coarse, scorer)
+    flips = (np.argmax(out, 1) != np.argmax(scorer.expected[0], 1)).reshape(12, 8).sum(axis=1)
+    allowed = scorer.criteria[0].allowed()
+    assert allowed is not None and flips.sum() > allowed
+    # in order: the sweep stops at the batch whose flips pass what is allowed
+    decided = int(np.argmax(np.cumsum(flips) > allowed)) + 1
+    assert isinstance(scorer.score(coarse, stop_early=True), Unfinished) and len(runs) == decided
+    # again: the batches with the most flips first, the miss decided after as few as it takes
+    fewest = int(np.argmax(np.cumsum(np.sort(flips)[::-1]) > allowed)) + 1
+    assert fewest < decided
+    runs.clear()
+    assert isinstance(scorer.score(coarse, stop_early=True), Unfinished) and len(runs) == fewest
+    # out of order, a full sweep is judged as one in order
+    assert scorer.order.next() != list(range(12))
+    runs.clear()
+    assert scorer.score(good, stop_early=True).values == scorer.score(good).values
+    assert len(runs) == 12  # the in-order sweep runs through run_dataset

@@ -391,7 +391,8 @@ class MissBound:
     criterion fails. A quantizer judging candidates can stop a sweep there (the figure itself is
     only known from every row). Agreement counts the flips; a mean cosine assumes the other rows
     perfect; relative and RMS errors add the squared error seen. Other metrics, and outputs whose
-    rows do not line up with ``ref``'s, never decide early."""
+    rows do not line up with ``ref``'s, never decide early. Rows may come in any order (``add``'s
+    ``start``: where they sit in ``ref``), each once: what decides a miss does not depend on the order."""
 
     def __init__(self, criterion: Criterion, ref: np.ndarray) -> None:
         if criterion.metric == "agreement":
@@ -424,11 +425,13 @@ class MissBound:
         self.usable, self.rows, self.sum, self.missed = self.bounded, 0, 0.0, False
         return self
 
-    def add(self, out: np.ndarray) -> bool:
-        """Take the outputs of the next rows; returns :attr:`missed`."""
+    def add(self, out: np.ndarray, start: int | None = None) -> bool:
+        """Take the outputs of the next rows (``start``: their first row's index in ``ref``; by
+        default the row after those taken so far); returns :attr:`missed`."""
         if not self.usable or self.missed:
             return self.missed
-        ref = self.ref[self.rows : self.rows + len(out)]
+        start = self.rows if start is None else start
+        ref = self.ref[start : start + len(out)]
         self.rows += len(out)
         c = self.criterion
         if ref.shape != out.shape or (
@@ -455,6 +458,27 @@ class MissBound:
             least = math.sqrt(self.sum) / self.scale
             self.missed = least > self.threshold * (1 + _MARGIN) + 1e-15  # type: ignore[operator]
         return self.missed
+
+    @property
+    def spent(self) -> float:
+        """The share of what the criterion allows over the whole set that the rows taken so far
+        have used (1 and over: a miss; 0 where no bound applies): a search ranks rows by it, to
+        run the rows likeliest to decide a miss first."""
+        if not self.usable or not self.rows:
+            return 0.0
+        c, threshold = self.criterion, float(self.threshold)  # type: ignore[arg-type]
+        if c.metric == "agreement":
+            allowed = c.allowed()
+            room = allowed + 1 if allowed is not None else max(c.samples, 1) * (1.0 - threshold)
+            used = self.sum / max(room, 1e-12)
+        elif c.metric == "cosine":
+            used = (self.rows - self.sum) / max(self.scale * (1.0 - threshold), 1e-12)
+        elif c.metric in ("relative_error", "nrmse"):
+            used = self.sum / max((threshold * self.scale) ** 2, 1e-300)
+        else:
+            used = 0.0
+        # NOTE: a non-finite row decides a miss without adding to the sum
+        return max(used, 1.0) if self.missed else used
 
 
 def _parse(spec: str, output: str) -> tuple[str | None, str, float | None]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import replace
 
+import numpy as np
+
 from modelpress.plugin_api import (
     Bounds,
     Dataset,
@@ -68,7 +70,13 @@ class Scorer:
         self.data = data.take(min(len(data), judged))
         self.batch_size = batch_size
         self.names = reference.signature.output_names
-        self.expected = run_dataset(session, self.data.batches(batch_size))
+        parts: list[list[tuple[int, ...]]] = []
+        self.expected = run_dataset(
+            session,
+            self.data.batches(batch_size),
+            stop=lambda outs: parts.append([np.shape(o) for o in outs]),  # type: ignore[func-returns-value]
+        )
+        self.order = _BatchOrder(parts, self.expected)
         self.criteria = [
             replace(c, alpha=ACCEPT_ALPHA)
             for c in infer_criteria(
@@ -85,21 +93,36 @@ class Scorer:
     def score(self, candidate: Model, *, stop_early: bool = False) -> Judgement:
         """The candidate's judgement on the judged samples. ``stop_early``: the sweep ends as soon as
         the samples run decide that it misses (:class:`~modelpress.plugin_api.MissBound`), and
-        an :class:`Unfinished` judgement says so (:meth:`finish` gives its figures)."""
+        an :class:`Unfinished` judgement says so (:meth:`finish` gives its figures); its batches
+        run in :class:`_BatchOrder`'s order (those that came nearest to a miss before first), the
+        judgement of a full sweep made on its outputs in the samples' order, as in order."""
         self.evaluations += 1
-        bounds = [(i, bound.reset()) for i, bound in self.bounds] if stop_early else []
-
-        def missed(outputs: list) -> bool:  # type: ignore[type-arg]
-            return any([bound.add(outputs[i]) for i, bound in bounds])
-
-        actual = run_dataset(
-            make_session(candidate, spin=False),
-            self.data.batches(self.batch_size),
-            stop=missed if bounds else None,
-        )
-        if any(bound.missed for _, bound in bounds):
-            return Unfinished(tuple(self.criteria), tuple(float("nan") for _ in self.criteria))
+        session = make_session(candidate, spin=False)
+        if not stop_early:
+            actual = run_dataset(session, self.data.batches(self.batch_size))
+            return judge(self.criteria, self.expected, actual, self.names)
+        for _, bound in self.bounds:
+            bound.reset()
+        batches = list(self.data.batches(self.batch_size))
+        parts: list[list[np.ndarray] | None] = [None] * len(batches)
+        for b in self.order.next():
+            parts[b] = run(session, batches[b])
+            if self._missed(b, parts[b]):  # type: ignore[arg-type]
+                return Unfinished(tuple(self.criteria), tuple(float("nan") for _ in self.criteria))
+        actual = run_dataset(_Replay(parts), [{} for _ in parts])  # NOTE: joined as in order
         return judge(self.criteria, self.expected, actual, self.names)
+
+    def _missed(self, batch: int, outputs: list[np.ndarray]) -> bool:
+        """Whether the judged batches so far, ``batch`` last, decide a miss; the share of the
+        criteria's allowance ``batch`` used is recorded for the next sweeps' order."""
+        spent = [bound.spent for _, bound in self.bounds]
+        # NOTE: every bound takes the batch (a list, not any() over a generator)
+        missed = any(
+            [bound.add(outputs[i], self.order.start(batch, i)) for i, bound in self.bounds]
+        )
+        used = [bound.spent - s for (_, bound), s in zip(self.bounds, spent, strict=True)]
+        self.order.record(batch, max(used, default=0.0))
+        return missed
 
     def finish(self, candidate: Model) -> Judgement:
         """The full judgement of a candidate whose :meth:`score` stopped early (not counted again)."""
@@ -113,6 +136,56 @@ class Scorer:
     @staticmethod
     def loss(judgement: Judgement) -> float:
         return judgement.loss
+
+
+class _BatchOrder:
+    """The order a stopping sweep runs the judged batches in: those that used most of the criteria's
+    allowance (:attr:`MissBound.spent`) in the sweeps so far first, those not run yet at the mean
+    of those run, ties in the samples' order; the first sweep in the samples' order. Reordered only
+    where every output's batches are rows of one shape, so that each batch's rows have a fixed place
+    (``start``) in the reference; otherwise always in order."""
+
+    def __init__(self, shapes: list[list[tuple[int, ...]]], expected: list[np.ndarray]):
+        self.count = len(shapes)
+        self.harm = np.zeros(self.count)
+        self.seen = np.zeros(self.count, bool)
+        self.starts: list[list[int]] | None = None
+        outputs = list(zip(*shapes, strict=True)) if shapes else []
+        if all(
+            all(len(s) >= 1 and s[1:] == parts[0][1:] for s in parts)
+            and sum(s[0] for s in parts) == (np.shape(ref)[0] if np.ndim(ref) else -1)
+            for parts, ref in zip(outputs, expected, strict=True)
+        ):
+            rows = np.array([[s[0] for s in batch] for batch in shapes], np.int64).reshape(
+                self.count, -1
+            )
+            self.starts = (np.cumsum(rows, axis=0) - rows).tolist()
+
+    def next(self) -> list[int]:
+        if self.starts is None or not self.seen.any():
+            return list(range(self.count))
+        guess = float(self.harm[self.seen].mean())
+        harm = np.where(self.seen, self.harm, guess)
+        return sorted(range(self.count), key=lambda b: (-harm[b], b))
+
+    def start(self, batch: int, output: int) -> int | None:
+        """Where ``batch``'s rows of ``output`` start in the reference (None: after those taken so far)."""
+        return None if self.starts is None else self.starts[batch][output]
+
+    def record(self, batch: int, spent: float) -> None:
+        self.harm[batch] += spent
+        self.seen[batch] = True
+
+
+class _Replay:
+    """An ORT session's stand-in that hands back outputs already computed, one run at a time: through
+    :func:`run_dataset`, the outputs of batches run out of order are joined exactly as a sweep in order joins them."""
+
+    def __init__(self, parts: list) -> None:  # type: ignore[type-arg]
+        self.parts = iter(parts)
+
+    def run(self, names: object, feeds: object, options: object = None) -> list:  # type: ignore[type-arg]
+        return next(self.parts)
 
 
 class Unfinished(Judgement):

@@ -26,7 +26,7 @@ import onnx_ir as ir
 from modelpress.plugin_api import Model, Out
 from modelpress.plugins.quantize.streaming import FileRows
 
-__all__ = ["CHUNK_ELEMENTS", "TableReport", "quantize_table", "quantize_tables"]
+__all__ = ["CHUNK_ELEMENTS", "TableReport", "embedding_tables", "quantize_table", "quantize_tables"]
 
 
 @dataclass
@@ -67,6 +67,13 @@ def _tables(
         else:
             found.setdefault(id(value), (value, kind))
     return list(found.values())
+
+
+def embedding_tables(model: Model, min_elements: int, exclude: set[str]) -> bool:
+    """Whether :func:`quantize_tables` with ``op_types={"Gather"}`` finds a table to quantize in ``model``."""
+    return model.opset >= 13 and bool(
+        _tables(model, {"Gather"}, min_elements, exclude, TableReport())
+    )
 
 
 def _int8_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[str, int]]:

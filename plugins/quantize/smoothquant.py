@@ -129,6 +129,21 @@ def _coded_weights(model: Model, codes: dict[str, np.ndarray]) -> set[str]:
     }
 
 
+def _groups(model: Model, op_types: set[str], exclude: set[str]) -> list[ScaleGroup]:
+    """The MatMul/Gemm groups of ``model`` SmoothQuant considers: of ``op_types``, not in ``exclude``,
+    with at least :data:`MIN_ELEMENTS` weights."""
+    layers = [
+        layer
+        for layer in model.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"})
+        if layer.name not in exclude
+    ]
+    return [
+        g
+        for g in scale_groups(layers)
+        if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS
+    ]
+
+
 def smooth(
     model: Model,
     data: Dataset,
@@ -154,19 +169,10 @@ def smooth(
         if codes is not None and opts.weight_rounding == "gptq"
         else None
     )
+    if not _groups(model, op_types, exclude):
+        return model  # NOTE: not cloned to find nothing (a Conv-only model)
     result = model.clone()
-    layers = [
-        layer
-        for layer in result.weighted_layers(frozenset(op_types) & {"MatMul", "Gemm"})
-        if layer.name not in exclude
-    ]
-    groups: list[ScaleGroup] = [
-        g
-        for g in scale_groups(layers)
-        if sum(int(np.prod(layer.weight.shape or ())) for layer in g.layers) >= MIN_ELEMENTS
-    ]
-    if not groups:
-        return model
+    groups = _groups(result, op_types, exclude)
     lo, hi, samples = sample_rows(model, [g.input for g in groups], data, batch_size)
     chosen: dict[str, float] = {}
     ratios: list[float] = []

@@ -51,7 +51,7 @@ from modelpress.plugins.quantize.calibrate import CALIBRATORS, TensorStats, coll
 from modelpress.plugins.quantize.calibrator_choice import Ranges, choose_calibrators
 from modelpress.plugins.quantize.conv_rounding import conv_codes
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
-from modelpress.plugins.quantize.embeddings import TableReport, quantize_tables
+from modelpress.plugins.quantize.embeddings import TableReport, embedding_tables, quantize_tables
 from modelpress.plugins.quantize.evaluate import Scorer, Unfinished
 from modelpress.plugins.quantize.folding import (
     fuse_layer_norms,
@@ -370,7 +370,7 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
     """``model`` with :mod:`.folding`'s exact rewrites when ``opts.fold_graph``; kept only where its
     outputs equal the model's (to float rounding) on a few calibration samples, as a guard against a
     shape the graph declared wrongly."""
-    if not opts.fold_graph:
+    if not opts.fold_graph or not _may_fold(model):
         return model
     folded = model.clone()
     counts = {"layer_norms": fuse_layer_norms(folded), **move_attention_biases(folded)}
@@ -391,14 +391,22 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
     return folded
 
 
+def _may_fold(model: Model) -> bool:
+    """Whether one of :func:`_folded`'s rewrites may apply: each starts from a node of these types (a
+    decomposed LayerNorm's ReduceMean at opset 17+, an attention's Softmax, a LayerNormalization),
+    so a graph without them is not cloned to find nothing."""
+    kinds = {"Softmax", "LayerNormalization"} | ({"ReduceMean"} if model.opset >= 17 else set())
+    return any(node.op_type in kinds for node in model.graph)
+
+
 def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
-    """Int8 embedding tables (near-lossless; done first so every candidate is judged with them)."""
-    if not opts.embedding_tables:
+    """Int8 embedding tables (near-lossless; done first so every candidate is judged with them);
+    ``model`` itself where it has no table to quantize (not a clone of it)."""
+    exclude = set(opts.exclude)
+    if not opts.embedding_tables or not embedding_tables(model, 4096, exclude):
         return model, TableReport()
     model = model.clone()
-    tables = quantize_tables(
-        model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=set(opts.exclude)
-    )
+    tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=exclude)
     return model, tables
 
 

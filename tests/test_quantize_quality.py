@@ -122,6 +122,46 @@ def test_gptq_rounding_is_the_paper_s_and_beats_rounding_to_nearest():
     assert error(codes) < 0.8 * error(nearest)
 
 
+def _row_by_row_gptq(w: np.ndarray, fb: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """GPTQ's rows one at a time, as gptq_codes defines its arithmetic: the earlier blocks' errors through
+    one product, the block's own rows' feedback summed in float32 one product at a time, in order."""
+    k, n = w.shape
+    diff, codes = np.zeros((k, n), np.float32), np.zeros((k, n), np.int8)
+    for b0 in range(0, k, 128):
+        b1 = min(k, b0 + 128)
+        target = w[b0:b1] + fb[:b0, b0:b1].T @ diff[:b0] if b0 else w[b0:b1].copy()
+        for i in range(b0, b1):
+            row = target[i - b0]
+            if i > b0:
+                fed = np.zeros(n, np.float32)
+                for j in range(b0, i):
+                    fed = fed + np.float32(fb[j, i]) * diff[j]
+                row = row + fed
+            q = np.clip(np.round(row / scale), -127, 127)
+            codes[i], diff[i] = q, w[i] - q * scale
+    return codes
+
+
+def test_gptq_codes_sum_each_row_s_feedback_in_order():
+    """gptq_codes pushes each row's error onto the rows after it a block at a time, with the arithmetic
+    of summing every row's feedback one product at a time: the same codes, bit for bit, as that loop
+    (int8-static's files are those of the row-by-row products NumPy made before)."""
+    from modelpress.plugins.quantize.affine import INT8_WEIGHTS
+    from modelpress.plugins.quantize.gptq_int8 import feedback, gptq_codes, one_blas_thread
+
+    rng = np.random.default_rng(1)
+    for k, n in ((40, 7), (129, 16), (300, 33)):
+        x = (rng.standard_normal((2 * k, k)) * rng.uniform(0.1, 5, k)).astype(np.float32)
+        w = rng.normal(0, 0.1, (k, n)).astype(np.float32)
+        scale = (np.abs(w).max(axis=0) / 127).astype(np.float32)
+        with one_blas_thread():
+            fb = feedback(x)
+            assert fb is not None
+            assert np.array_equal(
+                gptq_codes(w, fb, scale, INT8_WEIGHTS), _row_by_row_gptq(w, fb, scale)
+            )
+
+
 def test_int8_static_rounds_smoothed_weights_by_gptq(tmp_path):
     model, x, expected = _mlp(tmp_path)
     results = {

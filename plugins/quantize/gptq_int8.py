@@ -93,18 +93,42 @@ def _factor(h: np.ndarray) -> np.ndarray | None:
 def gptq_codes(w_kn: np.ndarray, fb: np.ndarray, scale: np.ndarray, grid: QRange) -> np.ndarray:
     """Integer codes (``grid.dtype``, ``[K, N]``) for ``w_kn`` on a symmetric grid of ``scale`` (one per
     output channel ``N``, or one), each row rounded after the errors of the rows before it are fed
-    back through ``fb`` (:func:`feedback` of its inputs), blocks of rows at a time."""
+    back through ``fb`` (:func:`feedback` of its inputs), blocks of rows at a time.
+
+    Within a block, a row's feedback from the block's earlier rows is summed in float32 in their order,
+    one product at a time (as NumPy's own loop sums ``fb[b0:i, i] @ diff[b0:i]`` for the reversed view
+    :func:`feedback` returns, which BLAS cannot take): each row's error is pushed onto the rows after
+    it as soon as it is known, a whole block of rows per NumPy call (not one call per row and row
+    before it), into buffers made once."""
     k, n = w_kn.shape
     step = np.broadcast_to(np.asarray(scale, np.float32).reshape(1, -1), (1, n))[0]
     w = np.asarray(w_kn, np.float32)
     diff = np.empty((k, n), np.float32)  # w_j - q_j, the rounding error of each row done
     codes = np.empty((k, n), grid.dtype)
+    row, q = np.empty(n, np.float32), np.empty(n, np.float32)
+    # NOTE: acc[r]: the feedback row r of the block has had from the block's rows before it so far
+    acc, pushed = (
+        np.empty((min(k, _BLOCK), n), np.float32),
+        np.empty((min(k, _BLOCK), n), np.float32),
+    )
     for b0 in range(0, k, _BLOCK):
         b1 = min(k, b0 + _BLOCK)
         target = w[b0:b1] + fb[:b0, b0:b1].T @ diff[:b0] if b0 else w[b0:b1].copy()
+        acc[: b1 - b0] = 0
         for i in range(b0, b1):
-            row = target[i - b0] + fb[b0:i, i] @ diff[b0:i] if i > b0 else target[0]
-            q = np.clip(np.round(row / step), grid.qmin, grid.qmax)
+            r = i - b0
+            if r:
+                np.add(target[r], acc[r], out=row)
+            else:
+                row[...] = target[0]
+            np.divide(row, step, out=q)
+            np.round(q, out=q)
+            np.clip(q, grid.qmin, grid.qmax, out=q)
             codes[i] = q
-            diff[i] = w[i] - q * step
+            np.multiply(q, step, out=row)
+            np.subtract(w[i], row, out=diff[i])
+            if i + 1 < b1:
+                later = pushed[: b1 - i - 1]
+                np.multiply(fb[i, i + 1 : b1, None], diff[i][None, :], out=later)
+                np.add(acc[r + 1 : b1 - b0], later, out=acc[r + 1 : b1 - b0])
     return codes

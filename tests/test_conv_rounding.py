@@ -113,3 +113,45 @@ def test_int8_static_rounds_conv_weights_by_gptq_and_lowers_held_out_error(tmp_p
         errors[rounding] = float(np.linalg.norm(out - reference) / np.linalg.norm(reference))
     assert rounded == {"gptq": 2, "nearest": 0}
     assert errors["gptq"] < 0.95 * errors["nearest"], errors  # measured 0.0184 vs 0.0197
+
+
+@pytest.mark.parametrize(
+    "samples, probes", [(100, 1), (16, 2)], ids=["rows-enough", "too-few-rows"]
+)
+def test_one_probe_session_when_every_conv_has_rows_enough(monkeypatch, samples, probes):
+    """conv_codes counts each Conv's input rows on one probe session of the Convs' inputs; where every
+    Conv has rows enough, the Gram matrices are summed on that same session (one session per run, not
+    two); where some have not (16 samples), a probe of the others' inputs is made for them (the
+    first one's session gone by then)."""
+    from modelpress.plugin_api import load_dataset
+    from modelpress.plugins.quantize import conv_rounding
+    from modelpress.plugins.quantize.affine import INT8_WEIGHTS
+
+    rng = np.random.default_rng(2)
+    # NOTE: a Conv after a Conv; the second (K = 5 x 3 x 3) needs more rows than 16 samples give it
+    model = make_model(
+        [
+            helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+            helper.make_node("Conv", ["y", "w2"], ["y2"], name="conv2"),
+        ],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 3, 12, 12])],
+        [helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["n", 4, 10, 10])],
+        {
+            "w": rng.normal(0, 0.3, (5, 3, 3, 3)).astype(np.float32),
+            "w2": rng.normal(0, 0.3, (4, 5, 3, 3)).astype(np.float32),
+        },
+    )
+    data = load_dataset(
+        {"x": rng.standard_normal((samples, 3, 12, 12)).astype(np.float32)},
+        model.signature,
+        what="calibration",
+    )
+    made: list[list[str]] = []
+    real = conv_rounding._probe
+    monkeypatch.setattr(
+        conv_rounding, "_probe", lambda m, names: made.append(names) or real(m, names)
+    )
+    layers = model.weighted_layers()
+    codes = conv_rounding.conv_codes(model, layers, data, INT8_WEIGHTS, per_channel=True)
+    assert len(made) == probes
+    assert sorted(codes) == (["conv", "conv2"] if samples == 100 else ["conv"])

@@ -127,10 +127,18 @@ def _probe(model: Model, names: list[str]) -> tuple[Any, list[str]]:
     return session, [o.name for o in session.get_outputs()]
 
 
-def _enough_rows(layers: list[WeightedLayer], model: Model, data: Dataset) -> list[WeightedLayer]:
+def _inputs(layers: list[WeightedLayer]) -> list[str]:
+    """The names of the layers' inputs, each once (what a probe of them outputs)."""
+    return list({layer.node.inputs[0].name or "" for layer in layers})
+
+
+def _enough_rows(
+    layers: list[WeightedLayer], model: Model, data: Dataset
+) -> tuple[list[WeightedLayer], tuple[Any, list[str]]]:
     """The layers whose input patches over ``data`` number at least :data:`ROWS_PER_WEIGHT` x ``K``
-    (their sizes from one run of the first sample)."""
-    session, outputs = _probe(model, list({layer.node.inputs[0].name or "" for layer in layers}))
+    (their sizes from one run of the first sample), and the probe of all ``layers``' inputs that measured them."""
+    probe = _probe(model, _inputs(layers))
+    session, outputs = probe
     results = run_session(session, next(data.take(1).batches(1)))
     found = []
     for layer in layers:
@@ -138,13 +146,19 @@ def _enough_rows(layers: list[WeightedLayer], model: Model, data: Dataset) -> li
         k = int(np.prod((layer.weight.shape or ())[1:]))
         if x.ndim == 4 and _available(layer, x) * len(data) >= ROWS_PER_WEIGHT * k:
             found.append(layer)
-    return found
+    return found, probe
 
 
-def _grams(model: Model, layers: list[WeightedLayer], data: Dataset) -> dict:
+def _grams(
+    model: Model,
+    layers: list[WeightedLayer],
+    data: Dataset,
+    probe: tuple[Any, list[str]] | None = None,
+) -> dict:
     """``H = X^T X`` of each layer's input patches (float model, one session, streamed in runs of about 4 MB of
-    observed tensors; at most :data:`_MAX_ROWS` random rows per layer), by layer name."""
-    session, outputs = _probe(model, list({layer.node.inputs[0].name or "" for layer in layers}))
+    observed tensors; at most :data:`_MAX_ROWS` random rows per layer), by layer name. ``probe``: a
+    session of :func:`_probe` already made for exactly these layers' inputs (not made again)."""
+    session, outputs = probe if probe is not None else _probe(model, _inputs(layers))
     # NOTE: a quarter of calibration's 16 MB batch budget of observed tensors a run, as its collector's parts
     step = max(1, calibration_batch(session, data, 64) // 4)
     per_sample = -(-_MAX_ROWS // len(data))
@@ -176,10 +190,15 @@ def conv_codes(
         return {}
     sample = max(sum(int(v.nbytes) for v in data.largest_sample().values()), 1)
     data = data.take(max(1, min(len(data), INPUT_BYTES // sample)))
-    eligible = _enough_rows(eligible, model, data)
+    found, probe = _enough_rows(eligible, model, data)
+    # NOTE: where every layer has rows enough (YOLOv8n, PP-OCR), the probe that counted them is the one the
+    # grams need; else its session goes before theirs is made
+    reuse = probe if _inputs(found) == _inputs(eligible) else None
+    eligible, probe = found, None
     codes: dict[str, np.ndarray] = {}
     with one_blas_thread():
-        grams = _grams(model, eligible, data) if eligible else {}
+        grams = _grams(model, eligible, data, reuse) if eligible else {}
+        reuse = None
         for layer in eligible:
             gram = grams.pop(layer.name, None)
             fb = feedback_gram(gram) if gram is not None else None

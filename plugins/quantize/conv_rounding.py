@@ -194,7 +194,8 @@ def conv_codes(
     # NOTE: where every layer has rows enough (YOLOv8n, PP-OCR), the probe that counted them is the one the
     # grams need; else its session goes before theirs is made
     reuse = probe if _inputs(found) == _inputs(eligible) else None
-    eligible, probe = found, None
+    eligible = found
+    del probe
     codes: dict[str, np.ndarray] = {}
     with one_blas_thread():
         grams = _grams(model, eligible, data, reuse) if eligible else {}

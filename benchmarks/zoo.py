@@ -359,15 +359,24 @@ class Judge:
 
 def _latencies(model: str, paths: list[Path], evaluation: dict[str, np.ndarray]) -> list[float]:
     """Batch-1 latency (ms) of each file, 1 intra-op thread, in interleaved rounds (about 0.2 s of
-    fp32 runs per round), the median of the per-round medians."""
+    fp32 runs per round, at least 3 runs), the median of the per-round medians."""
+    import onnxruntime as ort
+
     from benchmarks.quantize_vs_ort import _interleaved_latency
 
     feeds = _per_sample(model, evaluation)[0]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.log_severity_level = 1, 4
+    session = ort.InferenceSession(str(paths[0]), options, providers=["CPUExecutionProvider"])
+    session.run(None, feeds)
+    # NOTE: one warm run times a round (not the session's creation: that made silero-vad's rounds 10
+    # runs of 0.1 ms, and its latency ratios swing 0.7x-1.1x from one run of the benchmark to the next)
     start = time.perf_counter()
-    _run(paths[0], feeds)
-    once = max(time.perf_counter() - start, 1e-4)
+    session.run(None, feeds)
+    once = max(time.perf_counter() - start, 1e-5)
+    del session
     return _interleaved_latency(
-        paths, feeds, threads=1, repeats=int(min(max(3, 0.2 / once), 50)), rounds=5
+        paths, feeds, threads=1, repeats=int(min(max(3, 0.2 / once), 5000)), rounds=5
     )
 
 

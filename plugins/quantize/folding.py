@@ -29,12 +29,27 @@ import onnx_ir as ir
 
 from modelpress.plugin_api import Model, Out
 
-__all__ = ["fold_scale", "fuse_layer_norms", "move_attention_biases", "move_residual_biases"]
+__all__ = [
+    "fold_scale",
+    "fuse_layer_norms",
+    "may_fold",
+    "move_attention_biases",
+    "move_residual_biases",
+]
 
 _MAX_STEPS = 32
 
 
 # -- per-channel vectors through layout ops ------------------------------------------------------
+def may_fold(model: Model) -> bool:
+    """Whether one of this module's graph rewrites may apply to ``model``: each starts from a node of
+    these types (:func:`fuse_layer_norms` a ReduceMean at opset 17+, :func:`move_attention_biases` a
+    Softmax, :func:`move_residual_biases` a LayerNormalization), so a caller need not clone a graph
+    without them to find nothing. A new rewrite adds the op it starts from here."""
+    kinds = {"Softmax", "LayerNormalization"} | ({"ReduceMean"} if model.opset >= 17 else set())
+    return any(node.op_type in kinds for node in model.graph)
+
+
 def _tail(shape: ir.Shape | None, k: int) -> list[int] | None:
     if shape is None or k > len(shape):
         return None

@@ -55,6 +55,7 @@ from modelpress.plugins.quantize.embeddings import TableReport, embedding_tables
 from modelpress.plugins.quantize.evaluate import Scorer, Unfinished
 from modelpress.plugins.quantize.folding import (
     fuse_layer_norms,
+    may_fold,
     move_attention_biases,
     move_residual_biases,
 )
@@ -370,7 +371,7 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
     """``model`` with :mod:`.folding`'s exact rewrites when ``opts.fold_graph``; kept only where its
     outputs equal the model's (to float rounding) on a few calibration samples, as a guard against a
     shape the graph declared wrongly."""
-    if not opts.fold_graph or not _may_fold(model):
+    if not opts.fold_graph or not may_fold(model):
         return model
     folded = model.clone()
     counts = {"layer_norms": fuse_layer_norms(folded), **move_attention_biases(folded)}
@@ -389,14 +390,6 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
             return model
     ctx.figures["graph_folds"] = counts
     return folded
-
-
-def _may_fold(model: Model) -> bool:
-    """Whether one of :func:`_folded`'s rewrites may apply: each starts from a node of these types (a
-    decomposed LayerNorm's ReduceMean at opset 17+, an attention's Softmax, a LayerNormalization),
-    so a graph without them is not cloned to find nothing."""
-    kinds = {"Softmax", "LayerNormalization"} | ({"ReduceMean"} if model.opset >= 17 else set())
-    return any(node.op_type in kinds for node in model.graph)
 
 
 def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:

@@ -210,6 +210,33 @@ def test_sensitivity_builds_a_constant_number_of_sessions(monkeypatch):
     assert figures["quantized_nodes"] >= 30  # the rest stays int8
 
 
+@pytest.mark.parametrize(
+    "layers, form", [(40, "float"), (6, "weight-only")], ids=["small-node", "large-node"]
+)
+def test_auto_fallback_sends_a_small_node_to_float_and_a_large_one_to_weight_only(layers, form):
+    """fallback="auto" (the default): a sensitive node holding under a tenth of the quantized layers'
+    weight bytes (1 of 41 Gemms) leaves int8 as float with fp16 weights, which ORT runs at fp32's speed;
+    one holding more (1 of 7) goes int8 weight-only first, where float would cost the file most.
+    ``fallback="weight-only"`` sends the small one to weight-only as before."""
+    model, calibration = _deep_mlp(layers=layers, sensitive=layers // 2)
+    name = f"fc{layers // 2}"
+    options = dict(calibrator="minmax", min_agreement=None, show_progress=False)
+    figures = (
+        modelpress.quantize(model, calibration=calibration, **options).provenance.passes[-1].figures
+    )
+    assert figures["criteria_met"]
+    forms = {"float": figures["float_nodes"], "weight-only": figures["weight_only_nodes"]}
+    assert name in forms[form] and all(name not in v for k, v in forms.items() if k != form)
+    if form == "float":
+        assert "fp16 weights" in figures["float_nodes"][name] and not figures["weight_only_nodes"]
+        old = (
+            modelpress.quantize(model, calibration=calibration, fallback="weight-only", **options)
+            .provenance.passes[-1]
+            .figures
+        )
+        assert name in old["weight_only_nodes"] and name not in old["float_nodes"]
+
+
 @pytest.mark.slow
 def test_cli_refuses_a_result_that_misses_its_criteria(tmp_path):
     model, calibration = _deep_mlp(layers=6, sensitive=3)

@@ -18,7 +18,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
 import numpy as np
@@ -221,12 +221,13 @@ def search(
     ctx: PassContext,
     *,
     max_evaluations: int = 12,
-    fallback_weight_only: bool = True,
+    weight_only_first: Collection[str] | None = None,
     finish: Callable[[Model], Judgement] | None = None,
 ) -> Decision | None:
-    """The fewest top-ranked nodes to move out of full int8 (weight-only first, then float) that meets
-    the criteria; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. If nothing met, the best
-    candidate judged (``met=False``); None if none was judged.
+    """The fewest top-ranked nodes to move out of full int8 that meets the criteria: first the weighted
+    nodes of ``weight_only_first`` (None: every weighted node) to int8 weight-only and the others to
+    float, then all to float; ``build(int8_nodes, weight_only_nodes)`` makes a candidate. If nothing
+    met, the best candidate judged (``met=False``); None if none was judged.
 
     With ``finish``, candidates are scored with ``score(candidate, stop_early=True)``: a sweep ends
     once its first samples decide a miss (:class:`.evaluate.Unfinished`). Only when no candidate
@@ -237,8 +238,10 @@ def search(
     ranked = sorted(order, key=lambda n: errors[n] / (weight_bytes.get(n, 0) + 1024), reverse=True)
     bisection = _Bisection(ranked, errors, weight_bytes, build, score, ctx, finish)
     weighted = {n for n in ranked if weight_bytes.get(n, 0) > 0}
+    if weight_only_first is not None:
+        weighted &= set(weight_only_first)
     best: Decision | None = None
-    if fallback_weight_only and weighted:
+    if weighted:
 
         def stage1(k: int) -> tuple[list[str], list[str], list[str]]:
             top = set(ranked[:k])

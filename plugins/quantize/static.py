@@ -146,11 +146,15 @@ class Int8StaticOptions(Options):
     )
     sensitivity: bool = Field(
         True,
-        description="when the criteria are missed, move the most sensitive nodes (per byte) to int8 weight-only, then float, until they are met",
+        description="when the criteria are missed, move the most sensitive nodes (per byte) out of full int8 (see "
+        "fallback), then to float, until they are met",
     )
-    fallback: Literal["weight-only", "float"] = Field(
-        "weight-only",
-        description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float directly",
+    fallback: Literal["auto", "weight-only", "float"] = Field(
+        "auto",
+        description="first fallback of a sensitive weighted node: int8 weight-only (activations float), or float "
+        "directly; auto: weight-only for a node holding at least 10% of the quantized layers' weight bytes (where float would "
+        "cost the file most), float for the others (ONNX Runtime's CPU runs a weight-only node slower than "
+        "fp32: it dequantizes the weight on every run, and a Conv loses its blocked kernels)",
     )
     fallback_fp16: bool = Field(
         True,
@@ -649,7 +653,7 @@ def _decide(
         scorer.score,
         ctx,
         max_evaluations=opts.max_evaluations,
-        fallback_weight_only=opts.fallback == "weight-only",
+        weight_only_first=_weight_only_first(outcome.weight_bytes, opts.fallback),
         finish=scorer.finish,
     )
     if not _better_than_full(decision, outcome, ctx, scorer):
@@ -672,6 +676,22 @@ def _decide(
         outcome.sel.float_nodes[name] = (
             f"{form[0]}: 1/SQNR {outcome.errors[name]:.2g} alone{form[1]}"
         )
+
+
+#: ``fallback="auto"``: a node holding at least this share of the weight bytes goes int8 weight-only
+#: first (float, even with fp16 weights, would grow the file by a tenth of the fp32 model per tenth
+#: held); the others go to float first, which ORT runs at fp32's speed
+WEIGHT_ONLY_SHARE = 0.1
+
+
+def _weight_only_first(weight_bytes: dict[str, int], fallback: str) -> set[str]:
+    """The weighted nodes the sensitivity search moves to int8 weight-only before float."""
+    if fallback == "float":
+        return set()
+    if fallback == "weight-only":
+        return set(weight_bytes)
+    total = max(sum(weight_bytes.values()), 1)
+    return {n for n, b in weight_bytes.items() if b >= WEIGHT_ONLY_SHARE * total}
 
 
 def _better_than_full(

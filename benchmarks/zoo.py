@@ -238,7 +238,9 @@ METHODS: list[Variant] = [
     # float for every node, or int8 weight-only first for every node (PP-OCR det: 47 Convs weight-only,
     # 1.16x fp32 latency; weight-only keeps its weights' rounding error, so more nodes leave int8)
     Variant("int8-static-floatfb", _modelpress("int8-static", calibrated=True, fallback="float")),
-    Variant("int8-static-wofb", _modelpress("int8-static", calibrated=True, fallback="weight-only")),
+    Variant(
+        "int8-static-wofb", _modelpress("int8-static", calibrated=True, fallback="weight-only")
+    ),
     Variant("int8-dynamic", _modelpress("int8-dynamic")),
     Variant("int8-weight-only", _modelpress("int8-weight-only")),
     Variant("int4-weight-only", _modelpress("int4-weight-only")),

@@ -235,8 +235,8 @@ METHODS: list[Variant] = [
     # NOTE: with the configuration search (opt-in): its gain and cost beside the defaults
     Variant("int8-static-search", _modelpress("int8-static", calibrated=True, search_config=True)),
     # NOTE: the sensitivity search's fallback forced to one form (the default, "auto", picks per node):
-    # float for every node, or int8 weight-only first for every node (PP-OCR det: 47 Convs weight-only,
-    # 1.16x fp32 latency; weight-only keeps its weights' rounding error, so more nodes leave int8)
+    # float for every node, or int8 weight-only first for every node (PP-OCR det: 47 nodes weight-only,
+    # 1.14x fp32 latency; weight-only keeps its weights' rounding error, so more nodes leave int8)
     Variant("int8-static-floatfb", _modelpress("int8-static", calibrated=True, fallback="float")),
     Variant(
         "int8-static-wofb", _modelpress("int8-static", calibrated=True, fallback="weight-only")

@@ -152,14 +152,15 @@ def _take_inferred(proto: onnx.ModelProto, inferred: onnx.ModelProto) -> None:
     _take_subgraph_types(graph, typed_graph)
 
 
+def _subgraphs(attr: onnx.AttributeProto) -> list[onnx.GraphProto]:
+    """The graphs an attribute holds (``g``, or ``graphs``; none for other types)."""
+    return ([attr.g] if attr.HasField("g") else []) + list(attr.graphs)
+
+
 def _take_subgraph_types(graph: onnx.GraphProto, typed: onnx.GraphProto) -> None:
     for node, typed_node in zip(graph.node, typed.node, strict=True):
         for attr, typed_attr in zip(node.attribute, typed_node.attribute, strict=True):
-            subgraphs = [attr.g] if attr.HasField("g") else list(attr.graphs)
-            typed_subgraphs = (
-                [typed_attr.g] if typed_attr.HasField("g") else list(typed_attr.graphs)
-            )
-            for sub, typed_sub in zip(subgraphs, typed_subgraphs, strict=True):
+            for sub, typed_sub in zip(_subgraphs(attr), _subgraphs(typed_attr), strict=True):
                 for name in ("input", "output", "value_info"):
                     sub.ClearField(name)
                     getattr(sub, name).extend(getattr(typed_sub, name))
@@ -208,7 +209,7 @@ def _light_graph(graph: onnx.GraphProto, light: onnx.GraphProto) -> None:
         if desc.name not in ("initializer", "node"):
             _copy_field(desc, value, light)
     for node in graph.node:
-        if not any(attr.HasField("g") or attr.graphs for attr in node.attribute):
+        if not any(_subgraphs(attr) for attr in node.attribute):
             light.node.add().CopyFrom(node)
             continue
         copy = light.node.add()
@@ -337,6 +338,6 @@ def _declared_value_info(graph: onnx.GraphProto) -> frozenset[str]:
     names = {info.name for info in graph.value_info}
     for node in graph.node:
         for attr in node.attribute:
-            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            for sub in _subgraphs(attr):
                 names |= _declared_value_info(sub)
     return frozenset(names)

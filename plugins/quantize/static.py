@@ -396,14 +396,20 @@ def _folded(model: Model, data: Dataset, opts: Int8StaticOptions, ctx: PassConte
     return folded
 
 
+#: the fewest elements of an embedding table int8-static stores as int8 (smaller ones stay float)
+_TABLE_MIN_ELEMENTS = 4096
+
+
 def _tables(model: Model, opts: Int8StaticOptions) -> tuple[Model, TableReport]:
     """Int8 embedding tables (near-lossless; done first so every candidate is judged with them);
     ``model`` itself where it has no table to quantize (not a clone of it)."""
     exclude = set(opts.exclude)
-    if not opts.embedding_tables or not embedding_tables(model, 4096, exclude):
+    if not opts.embedding_tables or not embedding_tables(model, _TABLE_MIN_ELEMENTS, exclude):
         return model, TableReport()
     model = model.clone()
-    tables = quantize_tables(model, bits=8, op_types={"Gather"}, min_elements=4096, exclude=exclude)
+    tables = quantize_tables(
+        model, bits=8, op_types={"Gather"}, min_elements=_TABLE_MIN_ELEMENTS, exclude=exclude
+    )
     return model, tables
 
 

@@ -286,12 +286,14 @@ def test_memory_error_in_a_trial_fails_that_trial_only(
 
 
 def _finished(db: Path) -> dict[int, str]:
-    """Trial number -> its configuration, for the trials the study holds as ok (read while a driver writes)."""
+    """Trial number -> its configuration, for the trials the study holds as finished and ok (read while a
+    driver writes). NOTE: COMPLETE too: a driver sets a trial's attributes (status "ok") before it tells
+    the study, and a Ctrl-C between the two records the trial as interrupted, to run again."""
     try:
         with sqlite3.connect(db, timeout=5) as con:
             rows = con.execute(
                 "SELECT t.number, a.key, a.value_json FROM trials t JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
-                "WHERE a.key IN ('status', 'config')"
+                "WHERE a.key IN ('status', 'config') AND t.state = 'COMPLETE'"
             ).fetchall()
     except sqlite3.Error:  # NOTE: not created yet
         return {}

@@ -292,8 +292,13 @@ def test_sensitive_nodes_stay_float_to_meet_the_target():
         figures["calibration_agreement"] >= 0.99 and _agreement(guarded, model, calibration) >= 0.99
     )
     assert "fc1" in figures["float_nodes"] and figures["float_nodes"]["fc1"].startswith("sensitive")
-    # fc2 is still quantized; with 7-bit weights (x86 without VNNI, MODELPRESS_INT8_VNNI=0) it alone gives 98.4 % agreement: float too
-    assert figures["quantized_nodes"] == (0 if figures["reduce_range"].startswith("true") else 1)
+    # NOTE: fc2 is still quantized with VNNI; with 7-bit weights (x86 without VNNI) it alone gave
+    # 98.4 % agreement on ORT's VNNI kernels (MODELPRESS_INT8_VNNI=0) and 99.2 % on its AVX2 ones: the
+    # search keeps it int8 where the target holds with it, float where not
+    assert figures["quantized_nodes"] in (
+        (0, 1) if figures["reduce_range"].startswith("true") else (1,)
+    )
+    assert ("QuantizeLinear" in guarded.op_histogram()) == (figures["quantized_nodes"] == 1)
 
 
 def test_int8_static_options():

@@ -121,6 +121,23 @@ def latency_runs(
     return times
 
 
+def latency_side_by_side(
+    before: str | os.PathLike[str],
+    stage: str | os.PathLike[str],
+    feeds: dict[str, np.ndarray],
+    *,
+    threads: int,
+    repeats: int,
+) -> list[float]:
+    """Time two files in turns, 3 rounds of ``repeats`` runs each, so a busy moment of the machine
+    falls on both: ``[before's median, stage's median, noise band]`` (see :func:`side_by_side`)."""
+    rounds: tuple[list[list[float]], list[list[float]]] = ([], [])
+    for _ in range(3):
+        for runs, path in zip(rounds, (before, stage), strict=True):
+            runs.append(latency_runs(path, feeds, threads=threads, repeats=repeats))
+    return side_by_side(*rounds)
+
+
 def _sparsity(model: Model) -> float:
     total = zeros = 0
     for layer in model.weighted_layers():
@@ -223,11 +240,9 @@ class _Evaluator:
             key = f"{name} ({threads}t)"
             if key not in stage.latency_ms or not looks_slower(before, stage, key):
                 continue
-            rounds: tuple[list[list[float]], list[list[float]]] = ([], [])
-            for _ in range(3):
-                for runs, path in zip(rounds, (before.path, stage.path), strict=True):
-                    runs.append(latency_runs(path, feeds, threads=threads, repeats=repeats))
-            stage.latency_recheck_ms[key] = side_by_side(*rounds)
+            stage.latency_recheck_ms[key] = latency_side_by_side(
+                before.path, stage.path, feeds, threads=threads, repeats=repeats
+            )
 
 
 @dataclass(frozen=True)

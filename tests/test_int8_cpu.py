@@ -224,15 +224,62 @@ def test_int8_static_follows_the_cpu(monkeypatch, value, qmax):
         min_cosine=None,
         max_relative_error=None,
     )
-    assert (
-        result.provenance.passes[-1]
-        .figures["reduce_range"]
-        .startswith("true (" if value == "0" else "false (")
-    )
-    weights = _int8_weights(result, "DequantizeLinear")
-    assert len(weights) == 3 and max(int(np.abs(w).max()) for w in weights) == qmax
+    figure = result.provenance.passes[-1].figures["reduce_range"]
+    assert figure.startswith("true (" if value == "0" else "false (")
+    # NOTE: the Convs' weights on the 7-bit grid without VNNI; the Gemm's keeps 8-bit scales, kept
+    # from saturating (test_int8_static_keeps_8_bit_gemm_weights_that_cannot_saturate)
+    assert ("but 8-bit scales for 1 MatMul/Gemm weight(s)" in figure) is (value == "0")
+    convs = [
+        result.initializer(f"{name}.weight_q").const_value.numpy() for name in ("conv1", "conv2")
+    ]
+    assert len(_int8_weights(result, "DequantizeLinear")) == 3
+    assert max(int(np.abs(w).max()) for w in convs) == qmax
     sample = sample_inputs(result.signature, batch=2)
     assert np.all(np.isfinite(run(make_session(result), sample)[0]))
+
+
+def _avx2_products(u: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``u @ w`` (uint8 codes [N, K] x int8 codes [K, M]) exactly, and as AVX2 adds it: the products
+    of neighbours along K summed into a saturated int16 first."""
+    products = u.astype(np.int32)[:, :, None] * w.astype(np.int32)[None, :, :]
+    even = products[:, 0::2]
+    odd = np.pad(
+        products[:, 1::2], [(0, 0), (0, even.shape[1] - products[:, 1::2].shape[1]), (0, 0)]
+    )
+    return products.sum(axis=1), np.clip(even + odd, -(2**15), 2**15 - 1).sum(axis=1)
+
+
+def test_int8_static_keeps_8_bit_gemm_weights_that_cannot_saturate(monkeypatch):
+    """Without VNNI, int8-static keeps a Gemm's 8-bit scales, each output channel's widened only as far
+    as its codes need: on the calibrated inputs, the AVX2 sum is the exact one, where the VNNI file's
+    codes overflow int16 on the same inputs; and more of the 8-bit grid is used than 7 bits give."""
+    x = np.random.default_rng(1).standard_normal((256, 8)).astype(np.float32) * 3
+    codes = {}
+    for value in ("0", "1"):
+        monkeypatch.setenv(cpu.ENV_VAR, value)
+        result = modelpress.quantize(
+            tiny_mlp(),
+            "int8-static",
+            calibration={"x": x},
+            sensitivity=False,
+            smoothquant=False,
+            show_progress=False,
+            allow_no_gain=True,
+        )
+        quantize_x = next(
+            n for n in result.graph if n.op_type == "QuantizeLinear" and n.inputs[0].name == "x"
+        )
+        scale, zero = (v.const_value.numpy() for v in quantize_x.inputs[1:3])
+        u = np.clip(np.round(x / scale) + zero.astype(np.int32), 0, 255)
+        w = result.initializer("fc1.weight_q").const_value.numpy().T  # NOTE: Gemm transB: [K, M]
+        codes[value] = (u, w, result.provenance.passes[-1].figures["reduce_range"])
+    u, w, figure = codes["0"]
+    assert "but 8-bit scales for 2 MatMul/Gemm weight(s)" in figure
+    assert 63 < int(np.abs(w).max()) <= 127
+    exact, avx2 = _avx2_products(u, w)
+    assert np.array_equal(exact, avx2)
+    exact, avx2 = _avx2_products(codes["1"][0], codes["1"][1])
+    assert not np.array_equal(exact, avx2)
 
 
 @pytest.mark.torch

@@ -49,12 +49,13 @@ RUN_BUDGET = ACTIVATION_BUDGET // 4
 @dataclass
 class TensorStats:
     """Running statistics of one tensor: ``min``, ``max``, ``absmax``, ``mean`` (over every element
-    seen), ``channel_mean`` (per channel of the axis asked for, else None) and ``hist`` (counts of
+    seen), ``channel_mean`` and ``channel_max`` (per channel of the axis asked for, else None) and ``hist`` (counts of
     ``|x|`` in ``BINS`` bins over ``[0, hist_range]``; zeros unless asked for)."""
 
     min: float = float("inf")
     max: float = float("-inf")
     channel_sum: np.ndarray | None = None
+    channel_max: np.ndarray | None = None
     count: int = 0  # elements per channel seen (for channel_mean)
     hist: np.ndarray = field(default_factory=lambda: np.zeros(BINS, np.int64))
     hist_range: float = 0.0  # the histogram covers |x| in [0, hist_range]
@@ -82,8 +83,11 @@ def observe(s: TensorStats, x: np.ndarray, channel_axis: int | None, histogram: 
     s.elements += int(x.size)
     if channel_axis is not None and x.ndim >= 2:
         channel = channel_axis % x.ndim
-        per_channel = x.sum(axis=tuple(a for a in range(x.ndim) if a != channel), dtype=np.float64)
+        others = tuple(a for a in range(x.ndim) if a != channel)
+        per_channel = x.sum(axis=others, dtype=np.float64)
         s.channel_sum = per_channel if s.channel_sum is None else s.channel_sum + per_channel
+        top = x.max(axis=others)
+        s.channel_max = top if s.channel_max is None else np.maximum(s.channel_max, top)
         s.count += int(x.size // per_channel.size)
     if not histogram or s.absmax <= 0:
         return

@@ -44,6 +44,9 @@ class Plan:
     bias_fix: tuple[str, np.ndarray] | None = (
         None  # a MatMul's bias in the Add after it: (initializer, corrected values)
     )
+    # kept from saturating u8 x s8 kernels (static_plan.pairs_kept): (output channels whose scale
+    # was widened, weight code pairs shrunk); None where not
+    saturation: tuple[int, int] | None = None
 
 
 @dataclass(frozen=True)

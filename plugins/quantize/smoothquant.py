@@ -24,11 +24,10 @@ import numpy as np
 
 from modelpress.plugin_api import Dataset, Model, PassContext
 from modelpress.plugins.quantize.affine import UINT8, QRange, fake_quantize, fake_quantize_weight
-from modelpress.plugins.quantize.cpu import resolve_reduce_range
 from modelpress.plugins.quantize.folding import fold_scale
 from modelpress.plugins.quantize.gptq_int8 import feedback, one_blas_thread
 from modelpress.plugins.quantize.scaling import ScaleGroup, apply_scales, sample_rows, scale_groups
-from modelpress.plugins.quantize.static_plan import gptq_layer, weight_grid
+from modelpress.plugins.quantize.static_plan import gptq_grid, gptq_layer
 
 if TYPE_CHECKING:
     from modelpress.plugins.quantize.static import Int8StaticOptions
@@ -164,11 +163,7 @@ def smooth(
         opts.batch_size,
     )
     max_alpha, steps = opts.smoothquant_max_alpha, opts.smoothquant_steps
-    grid = (
-        weight_grid(resolve_reduce_range(opts.reduce_range)[0])
-        if codes is not None and opts.weight_rounding == "gptq"
-        else None
-    )
+    grid = gptq_grid(opts) if codes is not None and opts.weight_rounding == "gptq" else None
     if not _groups(model, op_types, exclude):
         return model  # NOTE: not cloned to find nothing (a Conv-only model)
     result = model.clone()

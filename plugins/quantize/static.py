@@ -211,7 +211,10 @@ class Int8StaticOptions(Options):
     max_samples: int = Field(512, ge=1, description="calibration samples used (the first N)")
     batch_size: int = Field(64, ge=1, description="batch size for calibration runs")
     reduce_range: bool | None = Field(
-        None, description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP
+        None,
+        description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP + "; where None "
+        "chooses 7 bits, MatMul/Gemm weights keep 8-bit scales instead, each output channel's widened "
+        "only as far as its codes need so that no pair can saturate on the calibrated inputs",
     )
 
 
@@ -580,7 +583,7 @@ def _plan(
         layer.name: weight_plan(
             layer,
             stats,
-            act[layer.node.inputs[0].name or ""][0],
+            act[layer.node.inputs[0].name or ""],
             opts,
             out_tensors[layer.name],
             reduce_range=reduce,
@@ -588,6 +591,13 @@ def _plan(
         )
         for layer in sel.candidates
     }
+    kept = [p.saturation for p in plans.values() if p.saturation is not None]
+    if kept:
+        ctx.figures["reduce_range"] += (
+            f"; but 8-bit scales for {len(kept)} MatMul/Gemm weight(s), {sum(k[0] for k in kept)} "
+            f"output channel(s) widened and {sum(k[1] for k in kept)} code pair(s) shrunk so that u8 x s8 "
+            "int16 sums cannot saturate on the calibrated inputs"
+        )
     for node in sel.act_matmuls:
         plans[node.name] = Plan(
             None, [v.name or "" for v in node.inputs if v is not None], out_tensors[node.name]

@@ -130,7 +130,11 @@ def test_onet_defaults_leave_smoothquant_off_its_dense_layers_and_keep_up_with_o
     result = modelpress.quantize(model, calibration=calibration, show_progress=False)
     figures = result.provenance.passes[-1].figures
     assert set(figures["smoothquant_skipped"]) == {"dense_3", "dense_4", "dense_5", "dense_6"}
-    assert not figures.get("smoothquant_alpha") and figures["quantized_nodes"] == 8
+    # NOTE: without VNNI its Convs are 7-bit; the box head's error then passes 9 % and the fallback
+    # sends conv2d_8 and dense_5 to float (an AVX2 EPYC: 6 of 8 int8, box error 0.083 vs ORT's 0.088)
+    saturating = figures["reduce_range"].startswith("true (")
+    assert not figures.get("smoothquant_alpha")
+    assert figures["quantized_nodes"] >= 6 if saturating else figures["quantized_nodes"] == 8
     ours = modelpress.export(result, tmp_path / "int8.onnx", sample=calibration).path
     quantize_dynamic(str(source), str(tmp_path / "ort.onnx"))
     names = model.signature.output_names

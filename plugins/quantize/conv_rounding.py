@@ -182,9 +182,11 @@ def conv_codes(
     grid: QRange,
     *,
     per_channel: bool,
+    pairs: bool = False,
 ) -> dict[str, np.ndarray]:
     """GPTQ int8 codes (the weight's own ``[N, C, kH, kW]`` layout, on the scales :func:`.static_plan.weight_plan`
-    gives it) of each eligible Conv among ``layers``, by layer name; the others are left out."""
+    gives it; with ``pairs``, those kept from saturating) of each eligible Conv among ``layers``, by layer
+    name; the others are left out."""
     eligible = [layer for layer in layers if _eligible(layer)]
     if not eligible or not len(data):
         return {}
@@ -206,7 +208,7 @@ def conv_codes(
             if fb is None:
                 continue
             w = layer.weight_array().astype(np.float32)
-            scale, _ = weight_scale(layer, w, grid, per_channel)
+            scale, _ = weight_scale(layer, w, grid, per_channel, pairs=pairs)
             w_kn = w.reshape(w.shape[0], -1).T
             codes[layer.name] = np.ascontiguousarray(
                 gptq_codes(w_kn, fb, scale, grid).T.reshape(w.shape)

@@ -69,6 +69,7 @@ from modelpress.plugins.quantize.static_plan import (
     constant_plan,
     fused_output,
     gemm_fused,
+    pairs_kept,
     weight_grid,
     weight_plan,
 )
@@ -213,8 +214,9 @@ class Int8StaticOptions(Options):
     reduce_range: bool | None = Field(
         None,
         description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP + "; where None "
-        "chooses 7 bits, MatMul/Gemm weights keep 8-bit scales instead, each output channel's widened "
-        "only as far as its codes need so that no pair can saturate on the calibrated inputs",
+        "chooses 7 bits, MatMul/Gemm and ungrouped Conv weights keep 8-bit scales instead, each output "
+        "channel's widened only as far as its codes need so that no pair can saturate (a MatMul/Gemm's on "
+        "the calibrated inputs, a Conv's on any)",
     )
 
 
@@ -350,9 +352,19 @@ def _conv_gptq(
     """GPTQ codes of the selected Convs (:mod:`.conv_rounding`) into ``codes`` when ``opts.weight_rounding`` is gptq."""
     if opts.weight_rounding != "gptq":
         return
-    grid = weight_grid(resolve_reduce_range(opts.reduce_range)[0])
+    reduce = resolve_reduce_range(opts.reduce_range)[0]
+    paired = pairs_kept(opts, reduce)
     layers = [layer for layer in sel.candidates if layer.name not in codes]
-    codes.update(conv_codes(model, layers, data, grid, per_channel=opts.per_channel))
+    codes.update(
+        conv_codes(
+            model,
+            layers,
+            data,
+            weight_grid(reduce and not paired),
+            per_channel=opts.per_channel,
+            pairs=paired,
+        )
+    )
 
 
 def _named(model: Model) -> Model:
@@ -594,9 +606,9 @@ def _plan(
     kept = [p.saturation for p in plans.values() if p.saturation is not None]
     if kept:
         ctx.figures["reduce_range"] += (
-            f"; but 8-bit scales for {len(kept)} MatMul/Gemm weight(s), {sum(k[0] for k in kept)} "
+            f"; but 8-bit scales for {len(kept)} MatMul/Gemm/Conv weight(s), {sum(k[0] for k in kept)} "
             f"output channel(s) widened and {sum(k[1] for k in kept)} code pair(s) shrunk so that u8 x s8 "
-            "int16 sums cannot saturate on the calibrated inputs"
+            "int16 sums cannot saturate (on any input for a Conv, on the calibrated ones for a MatMul/Gemm)"
         )
     for node in sel.act_matmuls:
         plans[node.name] = Plan(

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "act_params",
+    "any_input_pairs",
     "constant_plan",
     "fused_output",
     "gemm_fused",
@@ -107,71 +108,107 @@ _PAIR_MARGIN = 1.25
 
 
 def pairs_kept(opts: Int8StaticOptions, saturates: bool) -> bool:
-    """Whether 2-D MatMul/Gemm weights keep 8-bit scales on a CPU whose u8 x s8 kernels saturate
-    (``saturates``: ``reduce_range`` resolved from the CPU, not set by option; activations uint8):
-    an output channel's scale is widened only as far as its codes need so that no pair of them can
-    saturate on the calibrated inputs (:func:`weight_plan`), instead of every weight losing a bit
+    """Whether MatMul/Gemm and (ungrouped) Conv weights keep 8-bit scales on a CPU whose u8 x s8
+    kernels saturate (``saturates``: ``reduce_range`` resolved from the CPU, not set by option;
+    activations uint8): an output channel's scale is widened only as far as its codes need so that no
+    pair of them can saturate (:func:`weight_plan`), instead of every weight losing a bit
     (all-MiniLM-L6-v2 on an AVX2 EPYC: mean sentence cosine 0.9983 against 0.9971 with 7-bit weights
     and 0.9958 with plain 8-bit ones, which saturate)."""
     return saturates and opts.reduce_range is None and opts.activation_type == "uint8"
 
 
 def gptq_grid(opts: Int8StaticOptions) -> QRange:
-    """The grid GPTQ rounds 2-D MatMul/Gemm weights on: 8-bit where :func:`pairs_kept`."""
+    """The grid GPTQ rounds weights on: 8-bit where :func:`pairs_kept`."""
     reduce = resolve_reduce_range(opts.reduce_range)[0]
     return weight_grid(reduce and not pairs_kept(opts, reduce))
+
+
+def any_input_pairs(layer: WeightedLayer) -> bool:
+    """Whether ``layer``'s pairs are kept from saturating on *any* input (codes up to 255) rather than
+    on its calibrated ones: an ungrouped Conv, whose scales GPTQ must round on before the
+    activations' ranges are known (:func:`weight_scale`)."""
+    return layer.op_type == "Conv" and layer.group == 1
+
+
+def _k_rows(layer: WeightedLayer, w: np.ndarray) -> np.ndarray:
+    """``w`` as the ``[K, M]`` matrix ORT's u8 x s8 kernels run: a MatMul/Gemm weight with K first; a
+    Conv's ``[M, C, kh, kw]`` with K in (kh, kw, c) order (checked on QLinearConv: its pairs are
+    neighbouring input channels at one kernel position)."""
+    if layer.op_type == "Conv":
+        return np.moveaxis(w, (0, 1), (-1, -2)).reshape(-1, w.shape[0])
+    return np.moveaxis(w, 1 - layer.out_axis, 0)
+
+
+def _from_k_rows(layer: WeightedLayer, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """The inverse of :func:`_k_rows` for a weight of ``shape``."""
+    if layer.op_type == "Conv":
+        return np.moveaxis(rows.reshape(*shape[2:], shape[1], shape[0]), (-1, -2), (0, 1))
+    return np.moveaxis(rows, 0, 1 - layer.out_axis)
 
 
 def pair_ceiling(
     layer: WeightedLayer, stats: TensorStats | None, act: tuple[np.ndarray, np.ndarray]
 ) -> np.ndarray | None:
-    """The largest uint8 code each input channel (along K) of 2-D MatMul/Gemm ``layer`` takes on the
-    calibration data (its excursion above the zero point widened by ``_PAIR_MARGIN``, at most 255),
-    from the per-channel maxima of its input; None where they are not known."""
+    """The largest uint8 code each row of :func:`_k_rows` meets: 255 for :func:`any_input_pairs`;
+    for a 2-D MatMul/Gemm, its input channel's excursion above the zero point on the calibration
+    data widened by ``_PAIR_MARGIN`` (at most 255), from the per-channel maxima of the input. None
+    where they are not known, and for other layers."""
     w = layer.node.inputs[1] if len(layer.node.inputs) > 1 else None
-    if layer.op_type not in ("MatMul", "Gemm") or w is None or w.shape is None or len(w.shape) != 2:
+    if w is None or w.shape is None or not all(isinstance(d, int) for d in w.shape):
         return None
-    k = w.shape[1 - layer.out_axis]
+    shape = tuple(int(d) for d in w.shape)
+    if any_input_pairs(layer):
+        return np.full(int(np.prod(shape)) // shape[0], 255.0)
+    if layer.op_type not in ("MatMul", "Gemm") or len(shape) != 2:
+        return None
     top = stats.channel_max if stats is not None else None
-    if top is None or top.shape != (k,):
+    if top is None or top.shape != (shape[1 - layer.out_axis],):
         return None
     scale, zero = float(act[0]), float(act[1])
     above = np.maximum(top.astype(np.float64), 0.0) * _PAIR_MARGIN / max(scale, 1e-30)
     return np.minimum(np.ceil(zero + above), 255.0)
 
 
+def _pair_loads(rows: np.ndarray, ceiling: np.ndarray) -> np.ndarray:
+    """``[K // 2, M]``: the largest int16 sum each pair of neighbouring rows can reach on inputs up to
+    ``ceiling`` (0 for pairs of opposite signs: their sum stays under one product)."""
+    even = rows.shape[0] // 2 * 2
+    a, b = rows[0:even:2].astype(np.float64), rows[1:even:2].astype(np.float64)
+    load = ceiling[0:even:2, None] * np.abs(a) + ceiling[1:even:2, None] * np.abs(b)
+    return np.where(a * b > 0, load, 0.0)
+
+
 def _unsaturating_scales(
-    w: np.ndarray, k_axis: int, ceiling: np.ndarray, scale: np.ndarray
+    rows: np.ndarray, ceiling: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per output channel, ``scale`` widened just enough that no same-signed pair of its codes along K
-    can pass the int16 range on inputs up to ``ceiling`` (a code may round half a step up: that is
-    kept free), and which channels were widened. At most the 7-bit scale: ``255 * 63 * 2`` fits."""
-    wk = np.abs(np.moveaxis(w, k_axis, 0).astype(np.float64))
-    signs = np.sign(np.moveaxis(w, k_axis, 0))
-    even = wk.shape[0] // 2 * 2
-    load = ceiling[0:even:2, None] * wk[0:even:2] + ceiling[1:even:2, None] * wk[1:even:2]
-    load = np.where(signs[0:even:2] * signs[1:even:2] > 0, load, 0.0)
-    slack = ceiling[0:even:2, None] * 0.5 + ceiling[1:even:2, None] * 0.5
-    need = np.max(load / (_INT16_MAX - slack), axis=0) if even else np.zeros(wk.shape[1])
+    """``scale`` (per output channel, or one) widened just enough that no same-signed pair of the
+    codes of ``rows`` (:func:`_k_rows` of the float weight) can pass the int16 range on inputs up to
+    ``ceiling`` (a code may round half a step up: that is kept free), and which were widened. At
+    most the 7-bit scale: ``255 * 63 * 2`` fits."""
+    even = rows.shape[0] // 2 * 2
+    slack = 0.5 * (ceiling[0:even:2] + ceiling[1:even:2])[:, None]
+    need = (_pair_loads(rows, ceiling) / (_INT16_MAX - slack)).max(axis=0, initial=0.0)
+    need = need if scale.ndim else np.asarray(need.max(initial=0.0))
     wider = need > scale.astype(np.float64)
     return np.maximum(scale.astype(np.float64), need).astype(np.float32), wider
 
 
-def unsaturated(codes: np.ndarray, k_axis: int, ceiling: np.ndarray) -> tuple[np.ndarray, int]:
-    """``codes`` (int8, 2-D) with each pair of same-signed neighbours along K (``k = 2i, 2i+1``) whose
-    products with inputs up to ``ceiling`` could pass the int16 range shrunk in proportion until
-    they cannot, and how many pairs were."""
-    w = np.moveaxis(codes, k_axis, 0).astype(np.int32)
-    even = w.shape[0] // 2 * 2
-    a, b = w[0:even:2], w[1:even:2]
-    load = ceiling[0:even:2, None] * np.abs(a) + ceiling[1:even:2, None] * np.abs(b)
-    over = (a * b > 0) & (load > _INT16_MAX)
+def unsaturated(
+    layer: WeightedLayer, codes: np.ndarray, ceiling: np.ndarray
+) -> tuple[np.ndarray, int]:
+    """``codes`` (int8) with each pair of same-signed neighbours along K (``k = 2i, 2i+1`` of
+    :func:`_k_rows`) whose products with inputs up to ``ceiling`` could pass the int16 range shrunk
+    in proportion until they cannot, and how many pairs were."""
+    rows = _k_rows(layer, codes).astype(np.int32)
+    load = _pair_loads(rows, ceiling)
+    over = load > _INT16_MAX
     if not over.any():
         return codes, 0
+    even = rows.shape[0] // 2 * 2
     shrink = _INT16_MAX / load[over]
-    a[over] = np.sign(a[over]) * np.floor(np.abs(a[over]) * shrink)
-    b[over] = np.sign(b[over]) * np.floor(np.abs(b[over]) * shrink)
-    return np.moveaxis(w, 0, k_axis).astype(codes.dtype), int(over.sum())
+    for half in (rows[0:even:2], rows[1:even:2]):
+        half[over] = np.sign(half[over]) * np.floor(np.abs(half[over]) * shrink)
+    return _from_k_rows(layer, rows, codes.shape).astype(codes.dtype), int(over.sum())
 
 
 def weight_plan(
@@ -195,25 +232,27 @@ def weight_plan(
     act_in = layer.node.inputs[0].name or ""
     paired = pairs_kept(opts, reduce_range)
     ceiling = pair_ceiling(layer, stats.get(act_in), act) if paired else None
-    if paired and ceiling is None and w.ndim == 2 and layer.op_type in ("MatMul", "Gemm"):
+    if paired and ceiling is None:
         codes = None  # NOTE: GPTQ rounded it on 8 bits (gptq_grid); it goes on 7
     grid = weight_grid(reduce_range and ceiling is None)
     scale, zero = weight_scale(layer, w, grid, opts.per_channel)
     wider = None
-    if ceiling is not None and opts.per_channel:
-        scale, wider = _unsaturating_scales(w, 1 - layer.out_axis, ceiling, scale)
+    if ceiling is not None:
+        scale, wider = _unsaturating_scales(_k_rows(layer, w), ceiling, scale)
     s_b, z_b = scale, zero
     if opts.per_channel:
         s_b = per_axis(scale, w.ndim, layer.out_axis)
         z_b = per_axis(zero, w.ndim, layer.out_axis)
     wq = quantize(w, s_b, z_b, grid)
     if codes is not None and codes.shape == w.shape:
-        # NOTE: GPTQ rounded on the 8-bit scales: its codes for the channels whose scale stayed
-        keep = per_axis(~wider, w.ndim, layer.out_axis) if wider is not None else True
-        wq = np.where(keep, codes, wq)
+        # NOTE: GPTQ rounded a MatMul/Gemm on the 8-bit scales (its rows were sampled before the
+        # calibrated ceilings were known): its codes for the channels whose scale stayed; a Conv's
+        # on the scales of any input (weight_scale), these
+        keep = np.asarray(True) if wider is None or any_input_pairs(layer) else ~wider
+        wq = np.where(per_axis(keep, w.ndim, layer.out_axis) if keep.ndim else keep, codes, wq)
     saturation = None
     if ceiling is not None:
-        wq, shrunk = unsaturated(wq, 1 - layer.out_axis, ceiling)
+        wq, shrunk = unsaturated(layer, wq, ceiling)
         saturation = (int(wider.sum()) if wider is not None else 0, shrunk)
     bias = layer.bias_array()
     bias_q = bias_scale = bias_fix = None
@@ -255,13 +294,20 @@ def weight_grid(reduce_range: bool) -> QRange:
 
 
 def weight_scale(
-    layer: WeightedLayer, w: np.ndarray, grid: QRange, per_channel: bool
+    layer: WeightedLayer, w: np.ndarray, grid: QRange, per_channel: bool, *, pairs: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Scale and zero point of a weight: one per output channel (or one), from ``max |w|``."""
+    """Scale and zero point of a weight: one per output channel (or one), from ``max |w|``; with
+    ``pairs``, for :func:`any_input_pairs`, widened so that no pair of codes can saturate on any
+    input (as :func:`weight_plan` widens them)."""
     if per_channel:
         axes = tuple(a for a in range(w.ndim) if a != layer.out_axis)
-        return symmetric_params(np.abs(w).max(axis=axes), grid)
-    return symmetric_params(float(np.abs(w).max()), grid)
+        scale, zero = symmetric_params(np.abs(w).max(axis=axes), grid)
+    else:
+        scale, zero = symmetric_params(float(np.abs(w).max()), grid)
+    if pairs and any_input_pairs(layer):
+        rows = _k_rows(layer, w)
+        scale = _unsaturating_scales(rows, np.full(rows.shape[0], 255.0), scale)[0]
+    return scale, zero
 
 
 def gptq_layer(

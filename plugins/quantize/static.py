@@ -69,8 +69,8 @@ from modelpress.plugins.quantize.static_plan import (
     constant_plan,
     fused_output,
     gemm_fused,
+    gptq_grid,
     pairs_kept,
-    weight_grid,
     weight_plan,
 )
 from modelpress.plugins.quantize.static_search import Search, choose_configuration
@@ -352,18 +352,10 @@ def _conv_gptq(
     """GPTQ codes of the selected Convs (:mod:`.conv_rounding`) into ``codes`` when ``opts.weight_rounding`` is gptq."""
     if opts.weight_rounding != "gptq":
         return
-    reduce = resolve_reduce_range(opts.reduce_range)[0]
-    paired = pairs_kept(opts, reduce)
+    paired = pairs_kept(opts, resolve_reduce_range(opts.reduce_range)[0])
     layers = [layer for layer in sel.candidates if layer.name not in codes]
     codes.update(
-        conv_codes(
-            model,
-            layers,
-            data,
-            weight_grid(reduce and not paired),
-            per_channel=opts.per_channel,
-            pairs=paired,
-        )
+        conv_codes(model, layers, data, gptq_grid(opts), per_channel=opts.per_channel, pairs=paired)
     )
 
 

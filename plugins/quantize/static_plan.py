@@ -243,13 +243,10 @@ def weight_plan(
     if opts.per_channel:
         s_b = per_axis(scale, w.ndim, layer.out_axis)
         z_b = per_axis(zero, w.ndim, layer.out_axis)
-    wq = quantize(w, s_b, z_b, grid)
-    if codes is not None and codes.shape == w.shape:
-        # NOTE: GPTQ rounded a MatMul/Gemm on the 8-bit scales (its rows were sampled before the
-        # calibrated ceilings were known): its codes for the channels whose scale stayed; a Conv's
-        # on the scales of any input (weight_scale), these
-        keep = np.asarray(True) if wider is None or any_input_pairs(layer) else ~wider
-        wq = np.where(per_axis(keep, w.ndim, layer.out_axis) if keep.ndim else keep, codes, wq)
+    # NOTE: GPTQ rounded a MatMul/Gemm on the 8-bit scales (its rows were sampled before the
+    # calibrated ceilings were known); a Conv's codes are on the scales of any input (weight_scale)
+    stale = wider if wider is not None and not any_input_pairs(layer) else None
+    wq = _rounded(layer, w, (s_b, z_b, grid), codes, stale)
     saturation = None
     if ceiling is not None:
         wq, shrunk = unsaturated(layer, wq, ceiling)
@@ -286,6 +283,24 @@ def weight_plan(
         bias_fix=bias_fix,
         saturation=saturation,
     )
+
+
+def _rounded(
+    layer: WeightedLayer,
+    w: np.ndarray,
+    on: tuple[np.ndarray, np.ndarray, QRange],
+    codes: np.ndarray | None,
+    stale: np.ndarray | None,
+) -> np.ndarray:
+    """``w``'s int8 codes on ``on`` (scale and zero point, broadcast to ``w``, and grid): GPTQ's
+    ``codes`` where given, but rounded to nearest where not and on the output channels ``stale``
+    marks (their scale widened since GPTQ rounded them; one flag for a per-tensor scale)."""
+    if codes is None or codes.shape != w.shape:
+        return quantize(w, *on)
+    if stale is None or not stale.any():
+        return codes
+    at = per_axis(stale, w.ndim, layer.out_axis) if stale.ndim else stale
+    return np.where(at, quantize(w, *on), codes)
 
 
 def weight_grid(reduce_range: bool) -> QRange:

@@ -5,12 +5,13 @@ agreed on 98.05 % of 768 held-out files (``benchmarks/byte_cnn.py``; the slow zo
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 import modelpress
 from modelpress.evaluation.criteria import Bounds, allowed_flips, infer_criteria, judge
 from modelpress.plugin_api import load_dataset
-from modelpress.plugins.quantize.evaluate import ACCEPT_ALPHA, Scorer
+from modelpress.plugins.quantize.evaluate import ACCEPT_ALPHA, ACCEPT_MARGIN, Scorer
 from tests.test_criteria_kinds import flip_winners
 
 
@@ -40,3 +41,38 @@ def test_the_normal_approximation_keeps_the_level(n):
     """Past 1000 expected flips the binomial tail is approximated; the level still applies."""
     assert allowed_flips(n, 0.99, 0.5) == n // 100
     assert n // 100 < allowed_flips(n, 0.99) <= n // 100 + 1.65 * (n * 0.0099) ** 0.5
+
+
+def _with_cosines(ref, cosines, rng):
+    """``ref``'s rows each turned so that its cosine to the original is the one given."""
+    out = ref.astype(np.float64).copy()
+    for i, c in enumerate(cosines):
+        r = out[i]
+        noise = rng.standard_normal(r.shape)
+        noise -= noise @ r / (r @ r) * r  # orthogonal to the row
+        noise *= np.linalg.norm(r) / np.linalg.norm(noise)
+        out[i] = c * r + np.sqrt(1 - c * c) * noise
+    return out.astype(ref.dtype)
+
+
+def test_the_quantizer_judges_a_mean_cosine_by_what_its_spread_leaves(digits, digits_mlp_path):
+    """One far-off sample among perfect ones gives the same mean cosine as a small error spread
+    evenly; held-out samples repeat the first by chance, so the quantizer asks the mean less one
+    standard error to meet the bound (verification judges the mean, as the user's bound reads)."""
+    model = modelpress.load(digits_mlp_path, show_progress=False)
+    data = load_dataset({"x": digits["x_test"][:16]}, model.signature, what="calibration")
+    bounds = Bounds(agreement=0.0, cosine=0.99)
+    scorer = Scorer(model, data, bounds)
+    (logits,) = scorer.expected
+    verification = infer_criteria(scorer.names, scorer.expected, model=model, bounds=bounds)
+    assert ACCEPT_MARGIN == 1.0
+    assert [c.margin for c in scorer.criteria if c.metric == "cosine"] == [1.0]
+    rng = np.random.default_rng(0)
+    even = _with_cosines(logits, [0.992] * 16, rng)  # mean 0.992, no spread
+    one_off = _with_cosines(logits, [1.0] * 15 + [0.872], rng)  # mean 0.992, s.e. 0.008
+    for outputs, accepted in ((even, True), (one_off, False)):
+        assert judge(verification, scorer.expected, [outputs]).met
+        judged = judge(scorer.criteria, scorer.expected, [outputs])
+        assert judged.met is accepted
+    text = judge(scorer.criteria, scorer.expected, [one_off]).summary()
+    assert "cosine (mean - 1 standard error) 0.98400 (needs >= 0.99)" in text

@@ -159,6 +159,12 @@ def dense_error(ref: np.ndarray, out: np.ndarray, value_range: float = 0.0) -> f
     return rms / scale
 
 
+def _standard_error(values: np.ndarray) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    n = len(values)
+    return float(np.std(values, ddof=1) / math.sqrt(n)) if n >= 2 else 0.0
+
+
 def _worst(metric: str) -> float:
     """The figure of an output that is not finite or not of the reference's shape."""
     return float("inf") if metric in LOWER_IS_BETTER else (0.0 if metric == "agreement" else -1.0)
@@ -171,8 +177,10 @@ def measure(
     *,
     axis: int | None = -1,
     value_range: float = 0.0,
+    margin: float = 0.0,
 ) -> float:
-    """One figure of ``out`` against ``ref``; the worst possible value if ``out`` is not finite."""
+    """One figure of ``out`` against ``ref``; the worst possible value if ``out`` is not finite.
+    ``margin`` (cosine only): the per-sample mean less that many standard errors of it."""
     if ref.shape != out.shape or (
         np.issubdtype(out.dtype, np.floating) and not np.all(np.isfinite(out))
     ):
@@ -182,7 +190,8 @@ def measure(
     if metric == "agreement":
         return agreement(ref, out, axis)
     if metric == "cosine":
-        return float(np.mean(_sample_cosines(ref, out)))
+        cosines = _sample_cosines(ref, out)
+        return float(np.mean(cosines) - margin * _standard_error(cosines))
     if metric == "cosine_p5":
         return float(np.percentile(_sample_cosines(ref, out), 5))
     if metric == "relative_error":
@@ -251,7 +260,10 @@ class Criterion:
     (``None``: decisions at 0.5), ``samples`` how many decisions agreement counts (for its binomial
     test), ``value_range`` the known range of a bounded output (for the dense scale), ``alpha`` the
     binomial test's level (:data:`ALPHA`: verification's benefit of the doubt; 0.5: the flips may be no
-    more than the median count at the threshold, i.e. the observed agreement itself must meet it)."""
+    more than the median count at the threshold, i.e. the observed agreement itself must meet it),
+    ``margin`` how many standard errors of the per-sample mean a cosine is judged below that mean
+    (0: the mean itself, as verification judges; a quantizer choosing among candidates asks for a
+    margin, so that the one it keeps meets the bound on samples it was not judged on too)."""
 
     output: str
     kind: str
@@ -263,9 +275,17 @@ class Criterion:
     form: str = ""
     value_range: float = 0.0
     alpha: float = ALPHA
+    margin: float = 0.0
 
     def measure(self, ref: np.ndarray, out: np.ndarray) -> float:
-        return measure(self.metric, ref, out, axis=self.axis, value_range=self.value_range)
+        return measure(
+            self.metric,
+            ref,
+            out,
+            axis=self.axis,
+            value_range=self.value_range,
+            margin=self.margin,
+        )
 
     def allowed(self) -> int | None:
         """Flips the agreement threshold allows among ``samples`` decisions (``None``: not agreement)."""
@@ -313,6 +333,8 @@ class Criterion:
             )
             return f"{self.output} {what} {value:.2%}", f"{bound:.2%}" if bound is not None else ""
         what = "cosine" if self.metric == "cosine" else "5th-percentile cosine"
+        if self.metric == "cosine" and self.margin:
+            what += f" (mean - {self.margin:g} standard error{'' if self.margin == 1 else 's'})"
         return f"{self.output} {what} {value:.5f}", f"{bound:g}" if bound is not None else ""
 
     def describe(self, value: float) -> str:
@@ -450,6 +472,7 @@ class MissBound:
                 else 1.0 - self.sum / max(c.samples, 1) < self.threshold - _MARGIN  # type: ignore[operator]
             )
         elif c.metric == "cosine":
+            # NOTE: a mean that misses decides a miss under any margin too (that only lowers the figure)
             self.sum += float(np.sum(_sample_cosines(ref, out)))
             best = (self.sum + (self.scale - self.rows)) / self.scale
             self.missed = best < self.threshold - _MARGIN  # type: ignore[operator]

@@ -3,8 +3,11 @@
 Each MatMul/Gemm with a constant 2-D weight becomes ONNX Runtime's dynamic-quantization pattern
 ``DynamicQuantizeLinear -> MatMulInteger -> Cast -> Mul(x_scale * w_scale) [-> Add bias]``, which
 ORT fuses into its ``DynamicQuantizeMatMul`` kernel. Weights are int8 symmetric, per output
-column by default; 7-bit (``reduce_range``) by default on x86 CPUs without VNNI, whose u8 x s8
-kernels saturate (:mod:`.cpu`).
+column by default. On x86 CPUs without VNNI, whose u8 x s8 kernels add two products into a saturating
+int16 (:mod:`.cpu`), the weights keep 8-bit scales where they can: each output column's scale is
+widened just as far as needed so that no pair of its codes can saturate on any input (the run-time
+codes reach 255), never past 7-bit's (ORT's ``reduce_range``, which every weight would otherwise
+pay). Setting ``reduce_range`` takes the choice: True, 7-bit; False, plain 8-bit.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from modelpress.plugins.quantize.affine import QRange, symmetric_params
 from modelpress.plugins.quantize.cpu import REDUCE_RANGE_HELP, resolve_reduce_range
 from modelpress.plugins.quantize.embeddings import quantize_tables
 from modelpress.plugins.quantize.emit import replace_matmul
+from modelpress.plugins.quantize.static_plan import any_input_scales
 from modelpress.plugins.quantize.streaming import read_weight
 
 __all__ = ["Int8DynamicOptions", "int8_dynamic"]
@@ -44,12 +48,20 @@ class Int8DynamicOptions(Options):
     )
     exclude: list[str] = Field(default_factory=list, description="node names to keep in float")
     min_elements: int = Field(256, ge=1, description="skip weights smaller than this")
-    reduce_range: bool | None = Field(None, description="MatMul/Gemm weights " + REDUCE_RANGE_HELP)
+    reduce_range: bool | None = Field(
+        None,
+        description="MatMul/Gemm weights "
+        + REDUCE_RANGE_HELP
+        + "; where None chooses 7 bits, the weights keep 8-bit scales instead, each output column's widened "
+        "only as far as its codes need so that no pair can saturate on any input",
+    )
 
 
 def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> None:
     reduce, why = resolve_reduce_range(opts.reduce_range)
-    grid = QRange(7 if reduce else 8, True, restricted=True)
+    # NOTE: pair-safe 8-bit scales where the CPU decided (an explicit reduce_range is the user's)
+    paired = reduce and opts.reduce_range is None
+    grid = QRange(7 if reduce and not paired else 8, True, restricted=True)
     skipped: dict[str, str] = {}
     # NOTE: a weight shared by several layers (same tensor, same orientation) is quantized and stored once.
     users: dict[tuple[int, int], list[WeightedLayer]] = {}
@@ -61,29 +73,7 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
             skipped[layer.name] = reason
         else:
             users.setdefault((id(layer.weight), layer.out_axis), []).append(layer)
-    # NOTE: as in weight-only: a few threads quantize weights side by side (numpy releases the GIL),
-    # each reading one weight from its file and dropping the float copy; results are emitted in order.
-    workers = max(1, min(8, os.cpu_count() or 1))
-    with (
-        ctx.progress("int8-dynamic", total=len(users)) as advance,
-        ThreadPoolExecutor(workers) as pool,
-    ):
-        for group, quantized in zip(
-            users.values(),
-            pool.map(lambda g: _int8_weight(g[0], opts, grid), users.values()),
-            strict=True,
-        ):
-            base = group[0].weight.name or group[0].name
-            wq, scale, zero = quantized
-            values = (
-                model.add_initializer(f"{base}_quantized", wq),
-                model.add_initializer(f"{base}_zero_point", zero),
-                model.add_initializer(f"{base}_scale", scale),
-            )
-            del quantized, wq
-            for layer in group:
-                _replace_layer(model, layer, values)
-            advance(1)
+    widened = _quantize_groups(model, users, opts, grid, paired, ctx)
     done = sum(len(group) for group in users.values())
     tables = quantize_tables(
         model,
@@ -102,9 +92,53 @@ def int8_dynamic(model: Model, opts: Int8DynamicOptions, ctx: PassContext) -> No
             "quantized_nodes": done,
             "float_nodes": skipped,
             "tables_quantized": len(tables.done),
-            "reduce_range": why,
+            "reduce_range": why
+            + (
+                f"; but 8-bit scales for {len(users)} MatMul/Gemm weight(s), {widened} output channel(s) "
+                "widened so that u8 x s8 int16 sums cannot saturate on any input"
+                if paired and users
+                else ""
+            ),
         }
     )
+
+
+def _quantize_groups(
+    model: Model,
+    users: dict[tuple[int, int], list[WeightedLayer]],
+    opts: Int8DynamicOptions,
+    grid: QRange,
+    paired: bool,
+    ctx: PassContext,
+) -> int:
+    """Each weight of ``users`` (its layers) quantized once and every layer reading it replaced;
+    returns how many output channels :func:`_int8_weight` widened."""
+    widened = 0
+    # NOTE: as in weight-only: a few threads quantize weights side by side (numpy releases the GIL),
+    # each reading one weight from its file and dropping the float copy; results are emitted in order.
+    workers = max(1, min(8, os.cpu_count() or 1))
+    with (
+        ctx.progress("int8-dynamic", total=len(users)) as advance,
+        ThreadPoolExecutor(workers) as pool,
+    ):
+        for group, quantized in zip(
+            users.values(),
+            pool.map(lambda g: _int8_weight(g[0], opts, grid, paired), users.values()),
+            strict=True,
+        ):
+            base = group[0].weight.name or group[0].name
+            wq, scale, zero, wider = quantized
+            widened += wider
+            values = (
+                model.add_initializer(f"{base}_quantized", wq),
+                model.add_initializer(f"{base}_zero_point", zero),
+                model.add_initializer(f"{base}_scale", scale),
+            )
+            del quantized, wq
+            for layer in group:
+                _replace_layer(model, layer, values)
+            advance(1)
+    return widened
 
 
 def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:
@@ -128,10 +162,11 @@ def _skip_reason(layer: WeightedLayer, opts: Int8DynamicOptions) -> str | None:
 
 
 def _int8_weight(
-    layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    layer: WeightedLayer, opts: Int8DynamicOptions, grid: QRange, paired: bool
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
     """int8 weight ``[K, N]`` (symmetric), scale and zero point of one layer, in float32 a few rows at
-    a time: one float copy of the weight (read from its file when external) is all it holds."""
+    a time: one float copy of the weight (read from its file when external) is all it holds; with
+    ``paired``, the scales widened so that no pair of codes can saturate (and how many were)."""
     w = read_weight(layer)  # stored layout: [K, N], or [N, K] for a Gemm with transB
     rows_are_channels = layer.out_axis == 0
     if opts.per_channel:
@@ -139,6 +174,10 @@ def _int8_weight(
         scale, zero = symmetric_params(np.maximum(w.max(axis=axis), -w.min(axis=axis)), grid)
     else:
         scale, zero = symmetric_params(max(float(w.max()), -float(w.min()), 0.0), grid)
+    wider = 0
+    if paired:
+        scale, widened = any_input_scales(layer, w, scale)
+        wider = int(np.count_nonzero(widened))
     divisor = scale.reshape(-1, 1) if opts.per_channel and rows_are_channels else scale
     q = np.empty(w.shape, np.int8)
     step = max(1, (1 << 20) // max(w.shape[1], 1))
@@ -149,7 +188,7 @@ def _int8_weight(
         np.clip(x, grid.qmin, grid.qmax, out=x)
         q[rows] = x
     del w
-    return (np.ascontiguousarray(q.T) if rows_are_channels else q), scale, zero
+    return (np.ascontiguousarray(q.T) if rows_are_channels else q), scale, zero, wider
 
 
 def _replace_layer(

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 __all__ = [
     "act_params",
     "any_input_pairs",
+    "any_input_scales",
     "constant_plan",
     "fused_output",
     "gemm_fused",
@@ -191,6 +192,28 @@ def _unsaturating_scales(
     need = need if scale.ndim else np.asarray(need.max(initial=0.0))
     wider = need > scale.astype(np.float64)
     return np.maximum(scale.astype(np.float64), need).astype(np.float32), wider
+
+
+def any_input_scales(
+    layer: WeightedLayer, w: np.ndarray, scale: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_unsaturating_scales` of a MatMul/Gemm weight ``w`` (its stored layout) on *any* uint8
+    input (codes up to 255: int8-dynamic's activations, quantized at run time over their whole
+    range), a block of output channels at a time (a float64 pair sum of a whole large weight would
+    double it); codes rounded to nearest on the result cannot saturate."""
+    rows = _k_rows(layer, w)
+    ceiling = np.full(rows.shape[0], 255.0)
+    step = max(1, (1 << 20) // max(rows.shape[0], 1))
+    blocks = [
+        _unsaturating_scales(
+            rows[:, c0 : c0 + step], ceiling, scale[c0 : c0 + step] if scale.ndim else scale
+        )
+        for c0 in range(0, rows.shape[1], step)
+    ]
+    if not scale.ndim:
+        widest = max(float(b[0]) for b in blocks)
+        return np.asarray(widest, np.float32), np.asarray(widest > float(scale))
+    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
 
 
 def unsaturated(

@@ -327,3 +327,100 @@ def test_int8_qat_folds_back_into_7_bits(monkeypatch):
     figures = result.provenance.passes[-1].figures
     assert figures["trained_weights"] == 3 and figures["reduce_range"].startswith("true (")
     assert max(int(np.abs(w).max()) for w in _int8_weights(result, "DequantizeLinear")) == 63
+
+
+def _qdq_conv(weight_codes: np.ndarray, group: int, size: int, out_scale: float):
+    """``x -> Q/DQ (scale 1, zero point 0) -> Conv(DQ(weight_codes), group) -> Q/DQ(out_scale)``,
+    which ONNX Runtime fuses into a QLinearConv."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    channels = weight_codes.shape[1] * group
+    consts = {
+        "w": weight_codes,
+        "one": np.array(1.0, np.float32),
+        "zero": np.array(0, np.uint8),
+        "ys": np.array(out_scale, np.float32),
+    }
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "one", "zero"], ["xq"]),
+        helper.make_node("DequantizeLinear", ["xq", "one", "zero"], ["xd"]),
+        helper.make_node("DequantizeLinear", ["w", "one"], ["wd"]),
+        helper.make_node("Conv", ["xd", "wd"], ["y"], group=group, kernel_shape=[3, 3]),
+        helper.make_node("QuantizeLinear", ["y", "ys", "zero"], ["yq"]),
+        helper.make_node("DequantizeLinear", ["yq", "ys", "zero"], ["out"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, channels, size, size])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(v, k) for k, v in consts.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+
+
+@pytest.mark.parametrize("per_group", [1, 2])
+def test_ort_sums_a_depthwise_convs_products_in_int32(per_group):
+    """What lets int8-static keep a depthwise Conv's weights in full 8 bits on any CPU: ORT's
+    depthwise kernel (one output channel per group) is exact with codes of 127 on inputs of 255;
+    two output channels per group take ORT's grouped path, whose int16 pairs saturate without
+    VNNI (and are exact with it)."""
+    import onnxruntime as ort
+
+    channels = 8
+    codes = np.full((channels * per_group, 1, 3, 3), 127, np.int8)
+    exact = 9 * 255 * 127  # every output
+    proto = _qdq_conv(codes, channels, 6, out_scale=float(exact) / 200)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(proto.SerializeToString(), options, ["CPUExecutionProvider"])
+    (out,) = session.run(None, {"x": np.full((1, channels, 6, 6), 255.0, np.float32)})
+    assert out.shape == (1, channels * per_group, 4, 4)
+    if per_group == 1 or not cpu.u8s8_saturates().saturates:
+        assert np.allclose(out, exact, rtol=0.01)
+    else:
+        assert np.all(out < 0.9 * exact)  # 4 saturated pairs and one product: 163,452
+
+
+def test_int8_static_keeps_depthwise_conv_weights_8_bit(monkeypatch):
+    """Without VNNI a depthwise Conv's weights use the whole 8-bit grid (no pair to saturate), a
+    grouped Conv with two output channels per group stays 7-bit; the figure says so."""
+    from onnx import TensorProto, helper
+
+    from modelpress.testing import make_model
+
+    rng = np.random.default_rng(0)
+    inits = {
+        "dw.weight": (rng.standard_normal((4, 1, 3, 3)) / 3).astype(np.float32),
+        "gw.weight": (rng.standard_normal((8, 1, 3, 3)) / 3).astype(np.float32),
+    }
+    nodes = [
+        helper.make_node("Conv", ["x", "dw.weight"], ["d"], name="dw", group=4, pads=[1] * 4),
+        helper.make_node("Relu", ["d"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "gw.weight"], ["y"], name="gw", group=4, pads=[1] * 4),
+    ]
+    model = make_model(
+        nodes,
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4, 8, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, 8, 8])],
+        inits,
+    )
+    monkeypatch.setenv(cpu.ENV_VAR, "0")
+    calibration = {"x": rng.standard_normal((32, 4, 8, 8)).astype(np.float32)}
+    result = modelpress.quantize(
+        model,
+        "int8-static",
+        calibration=calibration,
+        sensitivity=False,
+        show_progress=False,
+        allow_no_gain=True,
+    )
+    figure = result.provenance.passes[-1].figures["reduce_range"]
+    assert (
+        "but 8-bit scales for 1 MatMul/Gemm/Conv weight(s), 0 output channel(s) widened" in figure
+    )
+    assert "a depthwise Conv's products ORT sums in int32: full 8 bits" in figure
+    depthwise = result.initializer("dw.weight_q").const_value.numpy()
+    grouped = result.initializer("gw.weight_q").const_value.numpy()
+    assert int(np.abs(depthwise).max()) == 127
+    assert int(np.abs(grouped).max()) == 63

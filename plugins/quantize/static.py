@@ -216,7 +216,8 @@ class Int8StaticOptions(Options):
         description="weights of the integer Conv/Gemm/MatMul " + REDUCE_RANGE_HELP + "; where None "
         "chooses 7 bits, MatMul/Gemm and ungrouped Conv weights keep 8-bit scales instead, each output "
         "channel's widened only as far as its codes need so that no pair can saturate (a MatMul/Gemm's on "
-        "the calibrated inputs, a Conv's on any)",
+        "the calibrated inputs, a Conv's on any), and depthwise Conv weights full 8 bits (ORT's depthwise "
+        "kernel sums in int32)",
     )
 
 
@@ -600,7 +601,8 @@ def _plan(
         ctx.figures["reduce_range"] += (
             f"; but 8-bit scales for {len(kept)} MatMul/Gemm/Conv weight(s), {sum(k[0] for k in kept)} "
             f"output channel(s) widened and {sum(k[1] for k in kept)} code pair(s) shrunk so that u8 x s8 "
-            "int16 sums cannot saturate (on any input for a Conv, on the calibrated ones for a MatMul/Gemm)"
+            "int16 sums cannot saturate (on any input for a Conv, on the calibrated ones for a MatMul/Gemm; "
+            "a depthwise Conv's products ORT sums in int32: full 8 bits)"
         )
     for node in sel.act_matmuls:
         plans[node.name] = Plan(

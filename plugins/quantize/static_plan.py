@@ -30,6 +30,7 @@ __all__ = [
     "any_input_pairs",
     "any_input_scales",
     "constant_plan",
+    "depthwise",
     "fused_output",
     "gemm_fused",
     "gptq_grid",
@@ -129,6 +130,23 @@ def any_input_pairs(layer: WeightedLayer) -> bool:
     on its calibrated ones: an ungrouped Conv, whose scales GPTQ must round on before the
     activations' ranges are known (:func:`weight_scale`)."""
     return layer.op_type == "Conv" and layer.group == 1
+
+
+def depthwise(layer: WeightedLayer) -> bool:
+    """Whether ``layer`` is a depthwise Conv (one input and one output channel per group), whose
+    products ORT's u8 x s8 depthwise kernel sums in int32, with no int16 pairs to saturate: on an
+    AVX2 EPYC a QLinearConv of such a Conv is exact with codes of 127 on inputs of 255, where the
+    same Conv with two output channels per group (ORT's grouped path) overflows by 55 output codes.
+    Its weights keep full 8 bits wherever :func:`pairs_kept`."""
+    w = layer.weight.shape
+    return (
+        layer.op_type == "Conv"
+        and layer.group > 1
+        and w is not None
+        and len(w) >= 2
+        and w[1] == 1
+        and w[0] == layer.group
+    )
 
 
 def _k_rows(layer: WeightedLayer, w: np.ndarray) -> np.ndarray:
@@ -255,9 +273,10 @@ def weight_plan(
     act_in = layer.node.inputs[0].name or ""
     paired = pairs_kept(opts, reduce_range)
     ceiling = pair_ceiling(layer, stats.get(act_in), act) if paired else None
-    if paired and ceiling is None:
+    whole = paired and depthwise(layer)  # NOTE: nothing to saturate: full 8 bits
+    if paired and ceiling is None and not whole:
         codes = None  # NOTE: GPTQ rounded it on 8 bits (gptq_grid); it goes on 7
-    grid = weight_grid(reduce_range and ceiling is None)
+    grid = weight_grid(reduce_range and ceiling is None and not whole)
     scale, zero = weight_scale(layer, w, grid, opts.per_channel)
     wider = None
     if ceiling is not None:
@@ -270,7 +289,7 @@ def weight_plan(
     # calibrated ceilings were known); a Conv's codes are on the scales of any input (weight_scale)
     stale = wider if wider is not None and not any_input_pairs(layer) else None
     wq = _rounded(layer, w, (s_b, z_b, grid), codes, stale)
-    saturation = None
+    saturation = (0, 0) if whole else None
     if ceiling is not None:
         wq, shrunk = unsaturated(layer, wq, ceiling)
         saturation = (int(wider.sum()) if wider is not None else 0, shrunk)

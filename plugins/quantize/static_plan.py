@@ -217,21 +217,23 @@ def any_input_scales(
 ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`_unsaturating_scales` of a MatMul/Gemm weight ``w`` (its stored layout) on *any* uint8
     input (codes up to 255: int8-dynamic's activations, quantized at run time over their whole
-    range), a block of output channels at a time (a float64 pair sum of a whole large weight would
-    double it); codes rounded to nearest on the result cannot saturate."""
+    range), and which channels were widened; codes rounded to nearest on the result cannot saturate.
+
+    With one ceiling for every row it is ``255 * max |w[2i] + w[2i+1]| / (32767 - 255)`` per output
+    channel: for a same-signed pair ``|a + b|`` is the pair's load, and an opposite-signed pair's
+    ``|a + b|`` (at most ``max |w|``) asks less than the 8-bit scale already gives. Rows are taken a
+    block at a time, so a large weight is not copied whole."""
     rows = _k_rows(layer, w)
-    ceiling = np.full(rows.shape[0], 255.0)
-    step = max(1, (1 << 20) // max(rows.shape[0], 1))
-    blocks = [
-        _unsaturating_scales(
-            rows[:, c0 : c0 + step], ceiling, scale[c0 : c0 + step] if scale.ndim else scale
-        )
-        for c0 in range(0, rows.shape[1], step)
-    ]
-    if not scale.ndim:
-        widest = max(float(b[0]) for b in blocks)
-        return np.asarray(widest, np.float32), np.asarray(widest > float(scale))
-    return np.concatenate([b[0] for b in blocks]), np.concatenate([b[1] for b in blocks])
+    even = rows.shape[0] // 2 * 2
+    widest = np.zeros(rows.shape[1], np.float32)
+    step = max(2, (1 << 21) // max(rows.shape[1], 1) // 2 * 2)
+    for r0 in range(0, even, step):
+        block = rows[r0 : min(r0 + step, even)]
+        np.maximum(widest, np.abs(block[0::2] + block[1::2]).max(axis=0), out=widest)
+    need = widest.astype(np.float64) * 255.0 / (_INT16_MAX - 255.0)
+    need = need if scale.ndim else np.asarray(need.max(initial=0.0))
+    wider = need > scale.astype(np.float64)
+    return np.maximum(scale.astype(np.float64), need).astype(np.float32), wider
 
 
 def unsaturated(

@@ -16,8 +16,8 @@ Likewise a cosine criterion is judged on the per-sample mean less one standard e
 (:data:`ACCEPT_MARGIN`): a mean over a few samples is a lucky draw where one sample's cosine is far
 below the rest. On PP-OCR's text-direction classifier (16 calibration crops, a few of them near its
 decision boundary) the candidate kept on the plain mean (0.9929 >= 0.99, one crop at 0.92) showed
-a cosine of 0.9815 on 64 held-out crops; with the margin the search keeps nine more nodes off int8
-and the held-out cosine is 0.9947 (ORT's ``quantize_dynamic``: 0.9919).
+a cosine of 0.9815 on 64 held-out crops; with the margin the search keeps more nodes off int8 and
+the held-out cosine is 0.9943-0.9947 (ORT's ``quantize_dynamic``: 0.9919).
 
 Candidates are judged on the first calibration samples, as many as ``JUDGED_SAMPLES`` and as many as
 those whose model outputs fit ``OUTPUT_BUDGET`` (never fewer than ``MIN_JUDGED``): the float outputs of

@@ -407,19 +407,44 @@ class RayExecutor:
             done += self.ray.wait(rest, num_returns=len(rest), timeout=0)[0]
         outcomes = [self._collect(self.running.pop(ref)) for ref in done]
         now = time.monotonic()
-        for ref, job in list(self.running.items()):
-            if job.timeout_s is not None and now - job.started > job.timeout_s:
-                self.ray.cancel(ref, force=True)
-                self.running.pop(ref)
-                outcomes.append(
-                    Outcome(
-                        job,
-                        False,
-                        error=f"exceeded its time limit of {job.timeout_s:.0f}s (cancelled)",
-                        seconds=now - job.started,
-                    )
+        late = [
+            ref
+            for ref, job in self.running.items()
+            if job.timeout_s is not None and now - job.started > job.timeout_s
+        ]
+        cancelled = self._cancel_unfinished(late)
+        for ref in late:
+            job = self.running.pop(ref)
+            if ref not in cancelled:  # NOTE: its result came in just now: it counts
+                outcomes.append(self._collect(job))
+                continue
+            outcomes.append(
+                Outcome(
+                    job,
+                    False,
+                    error=f"exceeded its time limit of {job.timeout_s:.0f}s (cancelled)",
+                    seconds=now - job.started,
                 )
+            )
         return outcomes
+
+    def _cancel_unfinished(self, refs: list[Any]) -> set[Any]:
+        """Cancel by force those of ``refs`` whose result is not here yet; returns them.
+
+        NOTE: a forced cancel racing the task's own reply aborts Ray's core worker in the driver
+        ("Tried to complete task that was not pending", ray-project/ray#54798; seen with Ray 2.60
+        once in a CI run, which took the whole test session down with exit 1). A task whose
+        result has arrived is not cancelled, which leaves only a reply in flight at that instant."""
+        if not refs:
+            return set()
+        arrived = set(self.ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+        pending = {ref for ref in refs if ref not in arrived}
+        for ref in pending:
+            try:
+                self.ray.cancel(ref, force=True)
+            except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too)
+                pass
+        return pending
 
     def _collect(self, job: Job) -> Outcome:
         seconds = time.monotonic() - job.started
@@ -477,9 +502,9 @@ class RayExecutor:
         racing a task's reply aborted Ray's core worker once, "Tried to complete task that was not
         pending", exit 1 instead of 130)."""
         jobs = list(self.running.values())
-        for ref in [*self.running, *self._warming] if cancel else []:
+        if cancel:
             try:
-                self.ray.cancel(ref, force=True)
+                self._cancel_unfinished([*self.running, *self._warming])
             except Exception:  # NOTE: Ray itself may be gone (Ctrl-C reaches its processes too)
                 pass
         self.running.clear()

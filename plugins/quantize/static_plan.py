@@ -215,9 +215,10 @@ def _unsaturating_scales(
 def any_input_scales(
     layer: WeightedLayer, w: np.ndarray, scale: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
-    """:func:`_unsaturating_scales` of a MatMul/Gemm weight ``w`` (its stored layout) on *any* uint8
-    input (codes up to 255: int8-dynamic's activations, quantized at run time over their whole
-    range), and which channels were widened; codes rounded to nearest on the result cannot saturate.
+    """:func:`_unsaturating_scales` of a weight ``w`` (its stored layout) on *any* uint8 input (codes
+    up to 255: int8-dynamic's activations, quantized at run time over their whole range, and an
+    :func:`any_input_pairs` Conv's), and which channels were widened; codes rounded to nearest on
+    the result cannot saturate.
 
     With one ceiling for every row it is ``255 * max |w[2i] + w[2i+1]| / (32767 - 255)`` per output
     channel: for a same-signed pair ``|a + b|`` is the pair's load, and an opposite-signed pair's
@@ -281,7 +282,10 @@ def weight_plan(
     grid = weight_grid(reduce_range and ceiling is None and not whole)
     scale, zero = weight_scale(layer, w, grid, opts.per_channel)
     wider = None
-    if ceiling is not None:
+    if ceiling is not None and any_input_pairs(layer):
+        # NOTE: the scales conv_codes' GPTQ rounded on (weight_scale with pairs), to the bit
+        scale, wider = any_input_scales(layer, w, scale)
+    elif ceiling is not None:
         scale, wider = _unsaturating_scales(_k_rows(layer, w), ceiling, scale)
     s_b, z_b = scale, zero
     if opts.per_channel:
@@ -364,8 +368,7 @@ def weight_scale(
     else:
         scale, zero = symmetric_params(float(np.abs(w).max()), grid)
     if pairs and any_input_pairs(layer):
-        rows = _k_rows(layer, w)
-        scale = _unsaturating_scales(rows, np.full(rows.shape[0], 255.0), scale)[0]
+        scale = any_input_scales(layer, w, scale)[0]
     return scale, zero
 
 
